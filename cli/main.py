@@ -1,0 +1,50 @@
+"""Entry point of the `potstill` command.
+
+Every user mistake surfaces as a `PotstillError` and is printed here as one line with a
+non-zero exit; heavy imports (torch, transformers) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cli import store_cmd
+from store.errors import PotstillError
+
+app = typer.Typer(
+    name="potstill",
+    help="Offline, two-phase knowledge distillation: capture a teacher once into a store, train students from it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(store_cmd.app, name="store")
+
+
+def _register() -> None:
+    # Imported here so each command module stays independent of the others.
+    from cli import demo_cmd, generate_cmd, train_cmd
+
+    generate_cmd.register(app)
+    train_cmd.register(app)
+    demo_cmd.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except PotstillError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

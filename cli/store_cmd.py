@@ -1,0 +1,55 @@
+"""`potstill store info | verify | export`."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from store import export_store, format_info, open_store, store_info, verify_store
+from store.verify import report_json
+
+app = typer.Typer(help="Inspect, check and export a store.", no_args_is_help=True)
+
+
+@app.command("info")
+def info(
+    store: str = typer.Argument(..., help="Store path or URL (s3://, gs://, file://, memory://)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (with a top-level `records` count)."),
+) -> None:
+    """What a store holds: teacher, tokenizer, K, layers, shards, records, tokens, bytes by field."""
+    data = store_info(open_store(store))
+    typer.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+
+
+@app.command("verify")
+def verify(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    clean: bool = typer.Option(False, "--clean", help="Remove leftovers of crashed writers."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Recompute every checksum and check schema and counts; exit 1 naming each bad shard."""
+    report = verify_store(store, clean=clean)
+    if as_json:
+        typer.echo(report_json(report))
+    else:
+        for problem in report.problems:
+            typer.echo(f"BAD   {problem}", err=True)
+        for left in report.leftovers:
+            state = "in progress" if left.live else ("removed" if left.shard in report.cleaned else "leftover")
+            hint = "" if left.live or left.shard in report.cleaned else " (remove with --clean)"
+            typer.echo(f"{state:<11} shards/{left.shard}: {left.reason}{hint}")
+        verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
+        typer.echo(f"{verdict}: {report.shards} shards, {report.records} records, {report.tokens} tokens checked")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    to: str = typer.Option(..., "--to", help="Output FILE.parquet or FILE.jsonl."),
+) -> None:
+    """One row per record (id, text and token fields) as Parquet or JSONL."""
+    count = export_store(open_store(store), to)
+    typer.echo(f"wrote {count} records to {to}")

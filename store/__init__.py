@@ -1,0 +1,56 @@
+"""potstill's datastore: the sharded Arrow + Zarr format both phases share (docs/store-format.md).
+
+No model is ever loaded here: the store only moves bytes.
+"""
+
+from store.commit import CommitRecord
+from store.errors import FormatVersionError, PotstillError, StoreError
+from store.export import export_store
+from store.info import format_info, store_info
+from store.manifest import (
+    FORMAT_VERSION,
+    HiddenLayer,
+    HiddenSpec,
+    StoreManifest,
+    TargetSpec,
+    TeacherInfo,
+    TokenizerInfo,
+    config_hash,
+    potstill_version,
+    tokenizer_fingerprint,
+)
+from store.reader import ShardReader, Store, create_store, decode_hidden, open_store
+from store.records import Record
+from store.verify import VerifyReport, find_leftovers, verify_store
+from store.writer import ShardWriter, new_writer_id
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CommitRecord",
+    "FormatVersionError",
+    "HiddenLayer",
+    "HiddenSpec",
+    "PotstillError",
+    "Record",
+    "ShardReader",
+    "ShardWriter",
+    "Store",
+    "StoreError",
+    "StoreManifest",
+    "TargetSpec",
+    "TeacherInfo",
+    "TokenizerInfo",
+    "VerifyReport",
+    "config_hash",
+    "create_store",
+    "decode_hidden",
+    "export_store",
+    "find_leftovers",
+    "format_info",
+    "new_writer_id",
+    "open_store",
+    "potstill_version",
+    "store_info",
+    "tokenizer_fingerprint",
+    "verify_store",
+]

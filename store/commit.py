@@ -1,0 +1,109 @@
+"""Shard names and commit records (docs/store-format.md §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from store.errors import StoreError
+from store.fs import check_relative
+from store.manifest import FORMAT_VERSION, FileEntry, check_readable, utc_now
+
+WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+SHARD_RE = re.compile(r"^(?P<writer>[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})-(?P<seq>\d{6,})$")
+
+
+def check_writer_id(writer_id: str) -> str:
+    if not isinstance(writer_id, str) or not WRITER_ID_RE.match(writer_id):
+        raise StoreError(
+            f"invalid writer id {writer_id!r}: use 1-64 of A-Z a-z 0-9 _ . - (not starting with . or -)"
+        )
+    return writer_id
+
+
+def shard_name(writer_id: str, seq: int) -> str:
+    return f"{writer_id}-{seq:06d}"
+
+
+def parse_shard_name(name: str) -> tuple[str, int] | None:
+    m = SHARD_RE.match(name)
+    return (m.group("writer"), int(m.group("seq"))) if m else None
+
+
+@dataclass
+class CommitRecord:
+    shard: str
+    writer_id: str
+    seq: int
+    records: int
+    tokens: int
+    scored_tokens: int
+    hidden_rows: int
+    ids: list[str]
+    files: list[FileEntry]
+    bytes: int
+    field_bytes: dict[str, int] = field(default_factory=dict)
+    created_at: str = field(default_factory=utc_now)
+    format_version: str = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), indent=1).encode()
+
+    @property
+    def arrow_path(self) -> str:
+        return f"shards/{self.shard}/records.arrow"
+
+    @property
+    def hidden_path(self) -> str:
+        return f"shards/{self.shard}/hidden"
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str, expected_shard: str) -> CommitRecord:
+        """Parse and validate a commit record; any path that could escape its shard is refused."""
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise StoreError(f"{where}: torn or invalid commit record (not JSON)") from None
+        if not isinstance(obj, dict):
+            raise StoreError(f"{where}: commit record is not a JSON object")
+        check_readable(obj.get("format_version"), where)
+        try:
+            files = [FileEntry(path=f["path"], bytes=int(f["bytes"]), sha256=str(f["sha256"])) for f in obj["files"]]
+            rec = cls(
+                shard=str(obj["shard"]),
+                writer_id=str(obj["writer_id"]),
+                seq=int(obj["seq"]),
+                records=int(obj["records"]),
+                tokens=int(obj["tokens"]),
+                scored_tokens=int(obj["scored_tokens"]),
+                hidden_rows=int(obj["hidden_rows"]),
+                ids=[str(i) for i in obj["ids"]],
+                files=files,
+                bytes=int(obj["bytes"]),
+                field_bytes={str(k): int(v) for k, v in (obj.get("field_bytes") or {}).items()},
+                created_at=str(obj.get("created_at", "")),
+                format_version=str(obj["format_version"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{where}: malformed commit record ({type(e).__name__}: {e})") from None
+        if rec.shard != expected_shard or parse_shard_name(rec.shard) is None:
+            raise StoreError(f"{where}: commit names shard {rec.shard!r}, expected {expected_shard!r}")
+        prefix = f"shards/{rec.shard}/"
+        for f in rec.files:
+            check_relative(f.path, prefix, where)
+        if rec.arrow_path not in {f.path for f in rec.files}:
+            raise StoreError(f"{where}: commit record does not list {rec.arrow_path}")
+        if len(rec.ids) != rec.records:
+            raise StoreError(f"{where}: commit lists {len(rec.ids)} ids for {rec.records} records")
+        return rec
+
+
+def loads_json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None

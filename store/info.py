@@ -1,0 +1,72 @@
+"""What a store holds, for `potstill store info`: identity, shape and bytes by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from store.reader import Store
+
+
+def store_info(store: Store) -> dict[str, Any]:
+    m = store.manifest
+    field_bytes: dict[str, int] = {}
+    for commit in store.commits:
+        for name, size in commit.field_bytes.items():
+            field_bytes[name] = field_bytes.get(name, 0) + size
+    data_bytes = sum(c.bytes for c in store.commits)
+    meta_bytes = sum(f.bytes for f in m.tokenizer.files) + len(m.to_json())
+    tokens, scored = store.num_tokens, store.num_scored_tokens
+
+    def per(total: int, count: int) -> float | None:
+        return round(total / count, 3) if count else None
+
+    target_fields = [n for n in field_bytes if n.startswith(("topk_", "token_logprob", "tail_mass"))]
+    return {
+        "store": store.url,
+        "format_version": m.format_version,
+        "created_at": m.created_at,
+        "potstill_version": m.potstill_version,
+        "teacher": vars(m.teacher),
+        "tokenizer": {"fingerprint": m.tokenizer.fingerprint, "vocab_size": m.tokenizer.vocab_size},
+        "targets": vars(m.targets),
+        "hidden_layers": [vars(layer) for layer in m.hidden.layers],
+        "rationales": m.rationales,
+        "shards": len(store.commits),
+        "records": store.num_records,
+        "tokens": tokens,
+        "scored_tokens": scored,
+        "bytes": data_bytes + meta_bytes,
+        "bytes_per_token": per(data_bytes, tokens),
+        "bytes_per_scored_token": per(data_bytes, scored),
+        "target_bytes_per_scored_token": per(sum(field_bytes[n] for n in target_fields), scored),
+        "fields": {
+            name: {"bytes": size, "per_token": per(size, tokens), "per_scored_token": per(size, scored)}
+            for name, size in sorted(field_bytes.items())
+        },
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    t = info["teacher"]
+    lines = [
+        f"store        {info['store']}  (format {info['format_version']}, potstill {info['potstill_version']})",
+        f"teacher      {t['name_or_path']}  ({t['architecture']}, {t['dtype']}, config {str(t['config_hash'])[:19]})",
+        f"tokenizer    {info['tokenizer']['fingerprint'][:23]}  vocab {info['tokenizer']['vocab_size']}",
+        f"targets      {info['targets']['kind']} K={info['targets']['k']} ({info['targets']['logprob_dtype']} log-probs + tail mass)",
+        "hidden       "
+        + (", ".join(f"layer {x['index']} [{x['width']}] {x['dtype']}" for x in info["hidden_layers"]) or "none"),
+        f"rationales   {'yes' if info['rationales'] else 'no'}",
+        f"shards       {info['shards']}",
+        f"records      {info['records']}",
+        f"tokens       {info['tokens']} ({info['scored_tokens']} scored)",
+        f"bytes        {info['bytes']} ({info['bytes_per_token']} per token, {info['bytes_per_scored_token']} per scored token)",
+        "",
+        f"{'field':<22}{'bytes':>14}{'B/token':>12}{'B/scored':>12}",
+    ]
+    for name, f in info["fields"].items():
+        lines.append(f"{name:<22}{f['bytes']:>14}{_fmt(f['per_token']):>12}{_fmt(f['per_scored_token']):>12}")
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"

@@ -1,0 +1,357 @@
+"""Opening and reading stores (docs/store-format.md): `create_store`, `open_store`, `Store`,
+`ShardReader`. Readers never write to a store."""
+
+from __future__ import annotations
+
+import bisect
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from store.commit import CommitRecord, check_writer_id, parse_shard_name
+from store.errors import StoreError
+from store.fs import (
+    check_relative,
+    is_local,
+    join,
+    listdir_names,
+    read_bytes,
+    resolve,
+    sha256_bytes,
+    unstrip,
+    write_bytes,
+)
+from store.manifest import FileEntry, StoreManifest
+from store.records import ColumnViews, Record, arrow_schema
+from store.writer import ShardWriter, seqs_for_writer
+
+MANIFEST = "manifest.json"
+_OPEN_SHARDS = 8  # shards kept open for random access
+
+
+def create_store(
+    url: str,
+    manifest: StoreManifest,
+    tokenizer_files: str | dict[str, bytes] | None = None,
+    *,
+    exist_ok: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Store:
+    """Create a store: copy the tokenizer files, then write the manifest, last and once.
+
+    `tokenizer_files` is a folder (e.g. one `tokenizer.save_pretrained` wrote) or a mapping of
+    file name to bytes. With `exist_ok`, an existing store is opened instead if its manifest
+    describes the same teacher, tokenizer, targets and settings; otherwise creation fails
+    naming the differences. Several writers may call this at once.
+    """
+    fs, root = resolve(url, storage_options)
+    manifest_path = join(root, MANIFEST)
+    if fs.exists(manifest_path):
+        if not exist_ok:
+            raise StoreError(f"store {url} already exists")
+        return _open_compatible(url, manifest, storage_options)
+    files = _tokenizer_payload(tokenizer_files)
+    entries = []
+    for name, data in sorted(files.items()):
+        rel = check_relative(f"tokenizer/{name}", "tokenizer/", "tokenizer files")
+        write_bytes(fs, join(root, rel), data)
+        entries.append(FileEntry(rel, len(data), sha256_bytes(data)))
+    manifest.tokenizer.files = entries
+    try:
+        write_bytes(fs, manifest_path, manifest.to_json(), exclusive=True)
+    except FileExistsError:  # another writer created it between our check and our write
+        if not exist_ok:
+            raise StoreError(f"store {url} already exists") from None
+        return _open_compatible(url, manifest, storage_options)
+    return Store(url, storage_options)
+
+
+def _open_compatible(url: str, manifest: StoreManifest, storage_options: dict[str, Any] | None) -> Store:
+    store = Store(url, storage_options)
+    diffs = store.manifest.differences(manifest)
+    if diffs:
+        raise StoreError(f"store {url} was created with other settings: " + "; ".join(diffs))
+    return store
+
+
+def _tokenizer_payload(tokenizer_files: str | dict[str, bytes] | None) -> dict[str, bytes]:
+    if tokenizer_files is None:
+        return {}
+    if isinstance(tokenizer_files, dict):
+        return {str(k): bytes(v) for k, v in tokenizer_files.items()}
+    if not os.path.isdir(tokenizer_files):
+        raise StoreError(f"tokenizer folder {tokenizer_files} does not exist")
+    out = {}
+    for name in sorted(os.listdir(tokenizer_files)):
+        full = os.path.join(tokenizer_files, name)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
+    """Open an existing store by local path or fsspec URL."""
+    return Store(url, storage_options)
+
+
+class Store:
+    """A store opened for reading (and for appending through `writer()`).
+
+    Records are numbered globally in the order of committed shards sorted by name, then by row.
+    The list of committed shards is read once; `refresh()` picks up shards committed since.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, strict: bool = True) -> None:
+        self.url = url
+        self.strict = strict  # False (verify): collect bad commit records instead of raising
+        self.bad_commits: list[tuple[str, str]] = []
+        self.storage_options = storage_options
+        self.fs, self.root = resolve(url, storage_options)
+        manifest_path = join(self.root, MANIFEST)
+        try:
+            data = read_bytes(self.fs, manifest_path)
+        except FileNotFoundError:
+            if not self.fs.exists(self.root):
+                raise StoreError(f"no such store: {url}") from None
+            raise StoreError(f"{url} is not a potstill store (no {MANIFEST})") from None
+        except IsADirectoryError:
+            raise StoreError(f"{url} is not a potstill store ({MANIFEST} is a folder)") from None
+        self.manifest = StoreManifest.from_json(data, f"{url}/{MANIFEST}")
+        for entry in self.manifest.tokenizer.files:
+            check_relative(entry.path, "tokenizer/", f"{url}/{MANIFEST}")
+        self._open: OrderedDict[str, ShardReader] = OrderedDict()
+        self.refresh()
+
+    # -- listing ------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-read the commit records (shards other writers committed since opening)."""
+        commits = []
+        self.bad_commits = []
+        for name in listdir_names(self.fs, join(self.root, "commits")):
+            if not name.endswith(".json") or parse_shard_name(name[:-5]) is None:
+                continue
+            commits.append(self._read_commit(name[:-5]))
+        self.commits: list[CommitRecord] = [c for c in commits if c is not None]
+        self._starts = np.cumsum([0] + [c.records for c in self.commits]).tolist()
+
+    def _read_commit(self, shard: str) -> CommitRecord | None:
+        where = f"{self.url}/commits/{shard}.json"
+        try:
+            data = read_bytes(self.fs, join(self.root, "commits", f"{shard}.json"))
+        except FileNotFoundError:
+            return None
+        try:
+            return CommitRecord.from_json(data, where, shard)
+        except StoreError as e:
+            if "torn" in str(e):  # a commit cut short by a crash: the shard was never committed
+                return None
+            if self.strict:
+                raise
+            self.bad_commits.append((shard, str(e)))
+            return None
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [c.shard for c in self.commits]
+
+    @property
+    def num_records(self) -> int:
+        return self._starts[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.tokens for c in self.commits)
+
+    @property
+    def num_scored_tokens(self) -> int:
+        return sum(c.scored_tokens for c in self.commits)
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def committed_ids(self) -> set[str]:
+        return {i for c in self.commits for i in c.ids}
+
+    def commit(self, shard: str) -> CommitRecord:
+        for c in self.commits:
+            if c.shard == shard:
+                return c
+        raise StoreError(f"{self.url}: no committed shard {shard!r}")
+
+    def next_seq(self, writer_id: str) -> int:
+        """First unused shard counter for a writer: above its commits and its leftovers."""
+        check_writer_id(writer_id)
+        names = listdir_names(self.fs, join(self.root, "commits")) + listdir_names(self.fs, join(self.root, "shards"))
+        return max(seqs_for_writer(names, writer_id), default=-1) + 1
+
+    # -- reading ------------------------------------------------------------------------------
+    def shard(self, name: str) -> ShardReader:
+        """The reader of a committed shard (kept open in a small LRU cache)."""
+        reader = self._open.get(name)
+        if reader is None:
+            reader = ShardReader(self, self.commit(name))
+            self._open[name] = reader
+            if len(self._open) > _OPEN_SHARDS:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(name)
+        return reader
+
+    def locate(self, i: int) -> tuple[str, int]:
+        """(shard name, row) of global record i."""
+        if not -self.num_records <= i < self.num_records:
+            raise IndexError(f"record {i} out of range: {self.url} holds {self.num_records} records")
+        i %= max(self.num_records, 1)
+        s = bisect.bisect_right(self._starts, i) - 1
+        return self.commits[s].shard, i - self._starts[s]
+
+    def record(self, i: int, *, with_hidden: bool = False) -> Record:
+        name, row = self.locate(i)
+        return self.shard(name).record(row, with_hidden=with_hidden)
+
+    __getitem__ = record
+
+    def hidden(self, i: int, layer: int) -> np.ndarray:
+        """Record i's hidden states at a stored layer, as stored (float16, or bfloat16 bits in uint16)."""
+        name, row = self.locate(i)
+        return self.shard(name).hidden(row, layer)
+
+    def iter_shard(self, name: str, *, with_hidden: bool = False) -> Iterator[Record]:
+        reader = ShardReader(self, self.commit(name))
+        for row in range(reader.num_records):
+            yield reader.record(row, with_hidden=with_hidden)
+
+    def iter_records(self, *, with_hidden: bool = False) -> Iterator[Record]:
+        for name in self.shard_names:
+            yield from self.iter_shard(name, with_hidden=with_hidden)
+
+    # -- writing ------------------------------------------------------------------------------
+    def writer(self, writer_id: str | None = None, **kwargs: Any) -> ShardWriter:
+        return ShardWriter(self, writer_id, **kwargs)
+
+    # -- files --------------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        return join(self.root, rel)
+
+    @cached_property
+    def tokenizer_dir(self) -> str:
+        """A local folder holding the stored tokenizer files (downloaded once for remote stores)."""
+        if not self.manifest.tokenizer.files:
+            raise StoreError(f"{self.url}: the store holds no tokenizer files")
+        if is_local(self.fs):
+            return join(self.root, "tokenizer")
+        local = tempfile.mkdtemp(prefix="potstill-tokenizer-")
+        for entry in self.manifest.tokenizer.files:
+            data = read_bytes(self.fs, join(self.root, entry.path))
+            if sha256_bytes(data) != entry.sha256:
+                raise StoreError(f"{self.url}/{entry.path}: checksum mismatch")
+            with open(os.path.join(local, entry.path.split("/", 1)[1]), "wb") as f:
+                f.write(data)
+        return local
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r}, shards={len(self.commits)}, records={self.num_records})"
+
+
+class ShardReader:
+    """One committed shard: zero-copy columns of its Arrow file and lazy access to its Zarr arrays."""
+
+    def __init__(self, store: Store, commit: CommitRecord) -> None:
+        self.store = store
+        self.commit = commit
+        self.name = commit.shard
+        where = f"{store.url}/{commit.arrow_path}"
+        path = store.path(commit.arrow_path)
+        try:
+            if is_local(store.fs):
+                source: Any = pa.memory_map(path, "r")  # zero-copy: columns are views of the page cache
+            else:
+                source = pa.BufferReader(pa.py_buffer(read_bytes(store.fs, path)))
+            reader = pa.ipc.open_file(source)
+            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        except FileNotFoundError:
+            raise StoreError(f"{where}: shard file is missing") from None
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{where}: unreadable Arrow file ({e})") from None
+        expected = arrow_schema(store.manifest)
+        got = reader.schema
+        for f in expected:
+            idx = got.get_field_index(f.name)
+            if idx < 0 or not got.field(idx).type.equals(f.type):
+                have = "missing" if idx < 0 else str(got.field(idx).type)
+                raise StoreError(f"{where}: column {f.name} is {have}, expected {f.type}")
+        if len(batches) == 1:
+            batch = batches[0]
+        else:  # other writers may split a shard into several batches; join them once
+            table = pa.Table.from_batches(batches, schema=got).combine_chunks()
+            batch = table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=got)
+        if batch.num_rows != commit.records:
+            raise StoreError(f"{where}: holds {batch.num_rows} records, its commit says {commit.records}")
+        try:
+            self.views = ColumnViews(batch, store.manifest.targets.k)
+        except (pa.ArrowInvalid, StoreError) as e:
+            raise StoreError(f"{where}: {e}") from None
+        self._group: Any = None
+
+    @property
+    def num_records(self) -> int:
+        return self.commit.records
+
+    @property
+    def ids(self) -> list[str]:
+        return self.commit.ids
+
+    def record(self, row: int, *, with_hidden: bool = False) -> Record:
+        rec = self.views.record(row)
+        if with_hidden:
+            rec.hidden = {layer.index: self.hidden(row, layer.index) for layer in self.store.manifest.hidden.layers}
+        return rec
+
+    def __iter__(self) -> Iterator[Record]:
+        for row in range(self.num_records):
+            yield self.record(row)
+
+    def hidden_rows(self, row: int) -> tuple[int, int]:
+        start = int(self.views.token_offset[row])
+        n = int(self.views.tok_off[row + 1] - self.views.tok_off[row])
+        return start, start + n - int(self.views.hidden_start[row])
+
+    def hidden(self, row: int, layer: int) -> np.ndarray:
+        a, b = self.hidden_rows(row)
+        return self.hidden_block(layer, a, b)
+
+    def hidden_block(self, layer: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a stored layer's array, as stored."""
+        spec = self.store.manifest.hidden.layer(layer)
+        arr = self._zarr_group()[spec.array_name]
+        return np.asarray(arr[start:stop])
+
+    def _zarr_group(self) -> Any:
+        if self._group is None:
+            path = self.store.path(self.commit.hidden_path)
+            try:
+                if is_local(self.store.fs):
+                    zstore: Any = zarr.storage.LocalStore(path, read_only=True)
+                else:
+                    zstore = zarr.storage.FsspecStore.from_url(
+                        unstrip(self.store.fs, path), storage_options=self.store.storage_options, read_only=True
+                    )
+                self._group = zarr.open_group(store=zstore, mode="r")
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
+                raise StoreError(f"{self.store.url}/{self.commit.hidden_path}: hidden states unreadable ({e})") from None
+        return self._group
+
+
+def decode_hidden(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored hidden states as float32 (bfloat16 bits widen exactly)."""
+    if dtype == "bfloat16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32)

@@ -1,0 +1,331 @@
+"""Writing shards (docs/store-format.md §3, §5, §6): `ShardWriter` takes records, rolls them into
+shards, and commits each shard with a commit record written last."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from store.commit import CommitRecord, check_writer_id, parse_shard_name, shard_name
+from store.errors import StoreError
+from store.fs import fsync_file, is_local, join, sha256_bytes, sha256_file, write_bytes
+from store.manifest import FileEntry, HiddenLayer, utc_now
+from store.records import Record, records_to_batch, validate_record
+
+if TYPE_CHECKING:
+    from store.reader import Store
+
+HEARTBEAT_S = 30.0
+
+
+def new_writer_id(prefix: str = "w") -> str:
+    """A writer id unique across hosts and processes: prefix, host, pid and a random nonce."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:20] or "host"
+    return f"{prefix}-{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class WriterLease:
+    """The advisory lease `writers/<id>.json` that marks a writer as alive (format §6)."""
+
+    def __init__(self, store: Store, writer_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
+        self.store = store
+        self.writer_id = writer_id
+        self.path = join(store.root, "writers", f"{writer_id}.json")
+        self.heartbeat_s = heartbeat_s
+        self.started_at = utc_now()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        body = {
+            "writer_id": self.writer_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "heartbeat_at": utc_now(),
+            "heartbeat_unix": time.time(),
+        }
+        with self._lock:
+            write_bytes(self.store.fs, self.path, json.dumps(body).encode())
+
+    def start(self) -> None:
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{self.writer_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.beat()
+            except Exception:  # a missed heartbeat only delays cleanup; never kill the writer for it
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.store.fs.rm(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class _HiddenShard:
+    """The Zarr group of one shard, filled chunk by chunk as records arrive.
+
+    Rows are buffered until a whole chunk is ready, so each chunk file is written exactly once.
+    For a local store the group is written in place; for a remote one it is staged in a local
+    temporary folder and uploaded at commit, so checksums never need a second download.
+    """
+
+    def __init__(self, layers: list[HiddenLayer], chunk_tokens: int, local_dir: str) -> None:
+        self.layers = layers
+        self.chunk = chunk_tokens
+        self.local_dir = local_dir
+        group = zarr.open_group(store=zarr.storage.LocalStore(local_dir), mode="w")
+        self.arrays = {
+            layer.index: group.create_array(
+                layer.array_name,
+                shape=(0, layer.width),
+                chunks=(chunk_tokens, layer.width),
+                dtype="float16" if layer.dtype == "float16" else "uint16",
+                compressors=None,
+                fill_value=0,
+                attributes={"potstill_dtype": layer.dtype, "layer": layer.index, "post_norm": layer.post_norm},
+            )
+            for layer in layers
+        }
+        self.pending: dict[int, list[np.ndarray]] = {layer.index: [] for layer in layers}
+        self.pending_rows = 0
+        self.rows = 0
+
+    def add(self, hidden: dict[int, np.ndarray], rows: int) -> None:
+        for index, arr in hidden.items():
+            self.pending[index].append(arr)
+        self.pending_rows += rows
+        self.rows += rows
+        if self.pending_rows >= self.chunk:
+            self._flush(whole_chunks_only=True)
+
+    def _flush(self, whole_chunks_only: bool) -> None:
+        if self.pending_rows == 0:
+            return
+        take = (self.pending_rows // self.chunk) * self.chunk if whole_chunks_only else self.pending_rows
+        if take == 0:
+            return
+        for index, parts in self.pending.items():
+            block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            self.arrays[index].append(block[:take], axis=0)
+            rest = block[take:]
+            self.pending[index] = [rest] if len(rest) else []
+        self.pending_rows -= take
+
+    def finish(self) -> None:
+        self._flush(whole_chunks_only=False)
+
+    def files(self) -> list[tuple[str, str]]:
+        """(absolute local path, path relative to the group) of every file, sorted."""
+        out = []
+        for dirpath, _, names in os.walk(self.local_dir):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                out.append((full, os.path.relpath(full, self.local_dir).replace(os.sep, "/")))
+        return sorted(out, key=lambda x: x[1])
+
+
+class ShardWriter:
+    """Appends records to a store, one shard at a time, each committed atomically.
+
+    A shard closes when it holds `shard_records` records or `shard_bytes` bytes, or on `commit()`
+    / `close()`. Records are validated against the manifest as they arrive; a bad record raises
+    `StoreError` naming it, and nothing already committed is touched. Use as a context manager:
+    leaving the block commits the records written so far.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        writer_id: str | None = None,
+        *,
+        shard_records: int = 1024,
+        shard_bytes: int = 1 << 30,
+        heartbeat_s: float = HEARTBEAT_S,
+    ) -> None:
+        if shard_records < 1 or shard_bytes < 1:
+            raise StoreError("shard_records and shard_bytes must be positive")
+        self.store = store
+        self.manifest = store.manifest
+        self.writer_id = check_writer_id(writer_id or new_writer_id())
+        self.shard_records = shard_records
+        self.shard_bytes = shard_bytes
+        self.local = is_local(store.fs)
+        self.committed: list[CommitRecord] = []
+        self._lease = WriterLease(store, self.writer_id, heartbeat_s)
+        self._lease.start()
+        self._seq = store.next_seq(self.writer_id)
+        self._records: list[Record] = []
+        self._offsets: list[int] = []
+        self._hidden: _HiddenShard | None = None
+        self._staging: str | None = None
+        self._bytes = 0
+        self._closed = False
+
+    # -- writing ------------------------------------------------------------------------------
+    @property
+    def current_shard(self) -> str:
+        return shard_name(self.writer_id, self._seq)
+
+    def write(self, record: Record) -> None:
+        if self._closed:
+            raise StoreError(f"writer {self.writer_id} is closed")
+        rec = validate_record(record, self.manifest)
+        if self.manifest.hidden.layers:
+            if self._hidden is None:
+                self._hidden = self._open_hidden()
+            self._offsets.append(self._hidden.rows)
+            self._hidden.add(rec.hidden, rec.hidden_rows)
+            self._bytes += sum(a.nbytes for a in rec.hidden.values())
+        else:
+            self._offsets.append(0)
+        rec.hidden = {}  # now owned by the Zarr buffer; keep the Arrow side small
+        self._records.append(rec)
+        self._bytes += rec.input_ids.nbytes + rec.topk_ids.nbytes + rec.topk_logprobs.nbytes + 8 * rec.num_scored
+        if len(self._records) >= self.shard_records or self._bytes >= self.shard_bytes:
+            self.commit()
+
+    def write_many(self, records: Any) -> None:
+        for rec in records:
+            self.write(rec)
+
+    def _shard_dir(self) -> str:
+        return join(self.store.root, "shards", self.current_shard)
+
+    def _open_hidden(self) -> _HiddenShard:
+        if self.local:
+            local_dir = os.path.join(self._shard_dir(), "hidden")
+            if os.path.exists(local_dir):  # a leftover of a crashed writer with our id: ours to replace
+                shutil.rmtree(local_dir)
+        else:
+            self._staging = tempfile.mkdtemp(prefix=f"potstill-{self.current_shard}-")
+            local_dir = os.path.join(self._staging, "hidden")
+        spec = self.manifest.hidden
+        return _HiddenShard(spec.layers, spec.chunk_tokens, local_dir)
+
+    # -- committing ---------------------------------------------------------------------------
+    def commit(self) -> CommitRecord | None:
+        """Close the current shard: write its files, then its commit record, last."""
+        if not self._records:
+            return None
+        fs, name = self.store.fs, self.current_shard
+        prefix = f"shards/{name}"
+        batch = records_to_batch(self._records, self._offsets, self.manifest)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, batch.schema) as ipc_writer:
+            ipc_writer.write_batch(batch)
+        arrow_buf = sink.getvalue()
+        arrow_bytes = memoryview(arrow_buf)
+        files = [FileEntry(f"{prefix}/records.arrow", arrow_buf.size, sha256_bytes(arrow_bytes))]
+        write_bytes(fs, join(self.store.root, files[0].path), arrow_bytes.tobytes() if not self.local else arrow_bytes)
+        field_bytes = {f.name: batch.column(i).nbytes for i, f in enumerate(batch.schema)}
+
+        hidden_rows = 0
+        if self._hidden is not None:
+            self._hidden.finish()
+            hidden_rows = self._hidden.rows
+            for local_path, rel in self._hidden.files():
+                digest, size = sha256_file(_LOCAL, local_path)
+                remote = f"{prefix}/hidden/{rel}"
+                if self.local:
+                    fsync_file(local_path)
+                else:
+                    fs.put_file(local_path, join(self.store.root, remote))
+                files.append(FileEntry(remote, size, digest))
+                top = rel.split("/", 1)[0]
+                if top.startswith("layer_"):
+                    field_bytes[f"hidden/{top}"] = field_bytes.get(f"hidden/{top}", 0) + size
+
+        commit = CommitRecord(
+            shard=name,
+            writer_id=self.writer_id,
+            seq=self._seq,
+            records=len(self._records),
+            tokens=sum(r.num_tokens for r in self._records),
+            scored_tokens=sum(r.num_scored for r in self._records),
+            hidden_rows=hidden_rows,
+            ids=[r.id for r in self._records],
+            files=files,
+            bytes=sum(f.bytes for f in files),
+            field_bytes=field_bytes,
+        )
+        write_bytes(fs, join(self.store.root, "commits", f"{name}.json"), commit.to_json(), exclusive=True)
+        self._lease.beat()
+        self.committed.append(commit)
+        self._reset()
+        self._seq += 1
+        return commit
+
+    def _reset(self) -> None:
+        self._records, self._offsets, self._hidden, self._bytes = [], [], None, 0
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def close(self) -> list[CommitRecord]:
+        """Commit what is pending and release the lease. Returns every commit of this writer."""
+        if self._closed:
+            return self.committed
+        try:
+            self.commit()
+        finally:
+            self._closed = True
+            self._reset()
+            self._lease.release()
+        return self.committed
+
+    def abort(self) -> None:
+        """Drop pending records without committing them (they stay invisible); release the lease."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.local and self._records:
+            shutil.rmtree(self._shard_dir(), ignore_errors=True)
+        self._reset()
+        self._lease.release()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close()
+
+
+class _LocalFS:
+    """Minimal stand-in so `sha256_file` can hash staging files without an fsspec instance."""
+
+    @staticmethod
+    def open(path: str, mode: str = "rb") -> Any:
+        return open(path, mode)
+
+
+_LOCAL = _LocalFS()
+
+
+def seqs_for_writer(names: list[str], writer_id: str) -> list[int]:
+    out = []
+    for name in names:
+        parsed = parse_shard_name(name.removesuffix(".json"))
+        if parsed and parsed[0] == writer_id:
+            out.append(parsed[1])
+    return out

@@ -1,0 +1,1 @@
+"""Student training: stream a store into a student with sparse KD losses."""

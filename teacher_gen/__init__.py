@@ -1,0 +1,1 @@
+"""Teacher generation: run a teacher over prompts and fill a store."""

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (storehelpers, tinymodels)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> str:
+    from tinymodels import build_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tokenizer"))
+    build_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> str:
+    """A 2-layer random Llama teacher with the tiny tokenizer, saved like a real checkpoint."""
+    from tinymodels import build_llama
+    from transformers import AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("teacher"))
+    vocab = len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    build_llama(path, vocab, hidden=32, layers=2, seed=0, tokenizer_dir=tiny_tokenizer_dir)
+    return path
