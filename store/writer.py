@@ -3,6 +3,7 @@ shards, and commits each shard with a commit record written last."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -67,19 +68,15 @@ class WriterLease:
 
     def _run(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            try:
+            with contextlib.suppress(Exception):  # a missed heartbeat only delays cleanup; never kill the writer
                 self.beat()
-            except Exception:  # a missed heartbeat only delays cleanup; never kill the writer for it
-                pass
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.store.fs.rm(self.path)
-        except FileNotFoundError:
-            pass
 
 
 class _HiddenShard:

@@ -1,0 +1,350 @@
+"""The store format end to end: round trips, concurrency, crashes, corruption, escapes, versions."""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from storehelpers import TOKENIZER_FILES, make_manifest, random_record
+
+from store import (
+    FormatVersionError,
+    StoreError,
+    create_store,
+    decode_hidden,
+    find_leftovers,
+    open_store,
+    verify_store,
+)
+
+HERE = os.path.dirname(__file__)
+
+
+def assert_same(got, want, with_hidden=True):
+    assert got.id == want.id
+    for name in ("input_ids", "topk_ids", "topk_logprobs", "token_logprob", "tail_mass"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    for name in ("score_start", "hidden_start", "sample_index", "prompt", "messages", "completion",
+                 "generated", "rationale", "answer", "meta"):
+        assert getattr(got, name) == getattr(want, name), name
+    if with_hidden:
+        assert set(got.hidden) == set(want.hidden)
+        for k in want.hidden:
+            assert got.hidden[k].dtype == want.hidden[k].dtype
+            np.testing.assert_array_equal(got.hidden[k], want.hidden[k])
+
+
+def write_records(store, writer_id, records, **kw):
+    with store.writer(writer_id, **kw) as w:
+        for r in records:
+            w.write(copy.deepcopy(r))
+    return w.committed
+
+
+@pytest.mark.parametrize(
+    "logprob_dtype,layers",
+    [("float16", ((2, 16, "bfloat16"), (0, 8, "float16"))), ("float32", ()), ("float16", ((4, 24, "bfloat16"),))],
+)
+def test_round_trip_every_field(tmp_path, logprob_dtype, layers):
+    m = make_manifest(k=8, layers=layers, logprob_dtype=logprob_dtype, chunk_tokens=16)
+    url = str(tmp_path / "s")
+    store = create_store(url, m, TOKENIZER_FILES)
+    rng = np.random.default_rng(1)
+    recs = [random_record(rng, f"r{i:03d}", m) for i in range(45)]
+    commits = write_records(store, "wA", recs, shard_records=20)
+    assert [c.records for c in commits] == [20, 20, 5]
+
+    store = open_store(url)
+    assert store.num_records == 45
+    assert store.num_tokens == sum(len(r.input_ids) for r in recs)
+    assert store.num_scored_tokens == sum(r.num_scored for r in recs)
+    assert store.shard_names == ["wA-000000", "wA-000001", "wA-000002"]
+    for i, want in enumerate(recs):  # random access by global index, hidden states included
+        assert_same(store.record(i, with_hidden=True), want)
+    got = list(store.iter_records(with_hidden=True))
+    for g, want in zip(got, recs, strict=True):
+        assert_same(g, want)
+    assert [r.id for r in store.iter_shard("wA-000001")] == [r.id for r in recs[20:40]]
+    for layer in m.hidden.layers:  # one record's hidden states, decoded exactly
+        h = store.hidden(7, layer.index)
+        want = recs[7].hidden[layer.index]
+        np.testing.assert_array_equal(decode_hidden(h, layer.dtype), decode_hidden(want, layer.dtype))
+    with open(os.path.join(url, "tokenizer", "tokenizer.json"), "rb") as f:
+        assert f.read() == TOKENIZER_FILES["tokenizer.json"]
+    assert verify_store(url).ok
+
+
+def test_bad_record_is_named_and_nothing_committed_is_touched(tmp_path):
+    m = make_manifest()
+    store = create_store(str(tmp_path / "s"), m, TOKENIZER_FILES)
+    rng = np.random.default_rng(2)
+    good = [random_record(rng, f"g{i}", m) for i in range(3)]
+    write_records(store, "wA", good)
+    bad = random_record(rng, "broken-7", m)
+    bad.topk_ids = bad.topk_ids[:, :3]
+    with store.writer("wB") as w, pytest.raises(StoreError, match="record 'broken-7': topk_ids has shape"):
+        w.write(bad)
+    store = open_store(str(tmp_path / "s"))
+    assert [r.id for r in store.iter_records()] == ["g0", "g1", "g2"]
+    assert verify_store(str(tmp_path / "s")).ok
+
+
+def test_create_refuses_other_settings(tmp_path):
+    url = str(tmp_path / "s")
+    create_store(url, make_manifest(k=8), TOKENIZER_FILES)
+    assert create_store(url, make_manifest(k=8), TOKENIZER_FILES, exist_ok=True).manifest.targets.k == 8
+    with pytest.raises(StoreError, match="already exists"):
+        create_store(url, make_manifest(k=8), TOKENIZER_FILES)
+    with pytest.raises(StoreError, match=r"other settings: targets: store has .*\"k\": 8"):
+        create_store(url, make_manifest(k=4), TOKENIZER_FILES, exist_ok=True)
+
+
+def _writer_process(url: str, writer_id: str, seed: int, count: int) -> None:
+    sys.path.insert(0, HERE)
+    from storehelpers import make_manifest, random_record
+
+    store = open_store(url)
+    rng = np.random.default_rng(seed)
+    m = make_manifest()
+    with store.writer(writer_id, shard_records=7) as w:
+        for i in range(count):
+            w.write(random_record(rng, f"{writer_id}-r{i}", m))
+
+
+def test_several_writer_processes_at_once(tmp_path):
+    url = str(tmp_path / "s")
+    create_store(url, make_manifest(), TOKENIZER_FILES)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer_process, args=(url, f"node{i}", i, 20)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = open_store(url)
+    ids = [r.id for r in store.iter_records()]
+    assert sorted(ids) == sorted(f"node{i}-r{j}" for i in range(3) for j in range(20))
+    assert len(store.commits) == 9  # 20 records in shards of 7: 7 + 7 + 6, per writer
+    report = verify_store(url)
+    assert report.ok and report.records == 60 and not report.leftovers
+    assert not os.listdir(os.path.join(url, "writers"))  # leases released on close
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import copy, sys, time
+    sys.path.insert(0, {here!r})
+    import numpy as np
+    from storehelpers import make_manifest, random_record
+    from store import open_store
+    store = open_store({url!r})
+    m = make_manifest(chunk_tokens=4)
+    rng = np.random.default_rng(5)
+    w = store.writer("crashy", shard_records=10)
+    for i in range(16):          # one committed shard of 10, then 6 pending records
+        w.write(random_record(rng, f"c{{i}}", m, n=30))
+    print("ready", flush=True)   # pending hidden chunks are already on disk now
+    time.sleep(60)
+    """
+)
+
+
+def test_writer_killed_mid_shard_leaves_no_visible_partial_shard(tmp_path):
+    url = str(tmp_path / "s")
+    create_store(url, make_manifest(chunk_tokens=4), TOKENIZER_FILES)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(here=HERE, url=url)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = os.path.join(url, "shards", "crashy-000001")
+    assert os.path.isdir(partial) and os.listdir(partial)  # the crash did leave files behind
+
+    store = open_store(url)
+    assert store.shard_names == ["crashy-000000"]
+    assert [r.id for r in store.iter_records(with_hidden=True)] == [f"c{i}" for i in range(10)]
+    leftovers = find_leftovers(store)
+    assert [(x.shard, x.live) for x in leftovers] == [("crashy-000001", False)]
+
+    report = verify_store(url)  # without --clean: reported, not touched
+    assert report.ok and [x.shard for x in report.leftovers] == ["crashy-000001"] and os.path.isdir(partial)
+    report = verify_store(url, clean=True)
+    assert report.cleaned == ["crashy-000001"] and not os.path.exists(partial)
+    assert verify_store(url).ok and not verify_store(url).leftovers
+    # the same writer id carries on after the crash without reusing a shard name
+    rng = np.random.default_rng(9)
+    write_records(open_store(url), "crashy", [random_record(rng, "later", make_manifest(chunk_tokens=4))])
+    assert open_store(url).shard_names == ["crashy-000000", "crashy-000001"]
+
+
+def test_live_writer_shard_is_not_a_leftover(tmp_path):
+    url = str(tmp_path / "s")
+    store = create_store(url, make_manifest(), TOKENIZER_FILES)
+    w = store.writer("busy", shard_records=100)
+    w.write(random_record(np.random.default_rng(0), "x", store.manifest))
+    os.makedirs(os.path.join(url, "shards", "busy-000000"), exist_ok=True)
+    report = verify_store(url, clean=True)
+    assert [(x.shard, x.live) for x in report.leftovers] == [("busy-000000", True)] and report.cleaned == []
+    w.close()
+    assert open_store(url).num_records == 1
+
+
+def _snapshot(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def _small_store(tmp_path, n=12, layers=((2, 16, "bfloat16"),)):
+    url = str(tmp_path / "s")
+    m = make_manifest(layers=layers, chunk_tokens=8)
+    store = create_store(url, m, TOKENIZER_FILES)
+    rng = np.random.default_rng(3)
+    write_records(store, "wA", [random_record(rng, f"r{i}", m, n=20) for i in range(n)], shard_records=6)
+    return url
+
+
+def test_flipped_byte_and_truncated_file_are_named(tmp_path):
+    url = _small_store(tmp_path)
+    arrow = os.path.join(url, "shards", "wA-000000", "records.arrow")
+    chunk = os.path.join(url, "shards", "wA-000001", "hidden", "layer_2", "c", "0", "0")
+    with open(arrow, "r+b") as f:  # flip one byte in the middle of the data
+        f.seek(os.path.getsize(arrow) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with open(chunk, "r+b") as f:
+        f.truncate(os.path.getsize(chunk) - 10)
+    before = _snapshot(url)
+    report = verify_store(url)
+    assert not report.ok
+    messages = [str(p) for p in report.problems]
+    assert any("wA-000000" in m and "records.arrow" in m and "sha256" in m for m in messages), messages
+    assert any("wA-000001" in m and "layer_2/c/0/0" in m and "truncated" in m for m in messages), messages
+    assert len(messages) == 2
+    assert _snapshot(url) == before  # verify never writes
+
+
+def test_missing_shard_file_is_one_line(tmp_path):
+    url = _small_store(tmp_path)
+    os.remove(os.path.join(url, "shards", "wA-000001", "records.arrow"))
+    store = open_store(url)
+    with pytest.raises(StoreError, match=r"wA-000001/records.arrow: shard file is missing"):
+        store.record(8)
+    assert store.record(2).id == "r2"  # the other shard still reads
+    report = verify_store(url)
+    assert [str(p) for p in report.problems] == ["shard wA-000001: file shards/wA-000001/records.arrow is missing"]
+
+
+@pytest.mark.parametrize(
+    "bad_path",
+    ["../../../etc/passwd", "/etc/passwd", "shards/wA-000000/../../manifest.json", "shards/other/records.arrow",
+     "s3://elsewhere/x", "shards/wA-000000//records.arrow"],
+)
+def test_commit_paths_that_escape_are_rejected(tmp_path, bad_path):
+    url = _small_store(tmp_path)
+    commit_path = os.path.join(url, "commits", "wA-000000.json")
+    with open(commit_path) as f:
+        commit = json.load(f)
+    commit["files"].append({"path": bad_path, "bytes": 1, "sha256": "00"})
+    with open(commit_path, "w") as f:
+        json.dump(commit, f)
+    with pytest.raises(StoreError, match="escapes"):
+        open_store(url)
+    report = verify_store(url)
+    assert not report.ok and any("commits/wA-000000.json" in str(p) and "escapes" in str(p) for p in report.problems)
+
+
+def test_manifest_paths_that_escape_are_rejected(tmp_path):
+    url = _small_store(tmp_path)
+    path = os.path.join(url, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["tokenizer"]["files"][0]["path"] = "tokenizer/../../secret"
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(StoreError, match="escapes"):
+        open_store(url)
+
+
+def test_newer_major_version_is_refused_older_minor_read(tmp_path):
+    url = _small_store(tmp_path)
+    path = os.path.join(url, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["format_version"] = "1.7"  # a newer minor: only additions, still readable
+    manifest["some_future_key"] = {"x": 1}
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    assert open_store(url).num_records == 12
+    manifest["format_version"] = "2.0"
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(FormatVersionError, match=r"uses format 2.0, newer than this potstill .* reads \(1.x\): upgrade"):
+        open_store(url)
+
+
+def test_newer_major_commit_is_refused(tmp_path):
+    url = _small_store(tmp_path)
+    path = os.path.join(url, "commits", "wA-000001.json")
+    with open(path) as f:
+        commit = json.load(f)
+    commit["format_version"] = "3.1"
+    with open(path, "w") as f:
+        json.dump(commit, f)
+    with pytest.raises(FormatVersionError, match="wA-000001.json uses format 3.1"):
+        open_store(url)
+
+
+def test_torn_commit_record_stays_invisible(tmp_path):
+    url = _small_store(tmp_path)
+    path = os.path.join(url, "commits", "wA-000001.json")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    store = open_store(url)
+    assert store.shard_names == ["wA-000000"] and store.num_records == 6
+    assert [x.shard for x in find_leftovers(store)] == ["wA-000001"]
+
+
+def test_memory_store(tmp_path):
+    url = "memory://potstill-tests/mem-store"
+    m = make_manifest(layers=((1, 12, "bfloat16"),), chunk_tokens=8)
+    store = create_store(url, m, TOKENIZER_FILES)
+    rng = np.random.default_rng(4)
+    recs = [random_record(rng, f"m{i}", m) for i in range(9)]
+    write_records(store, "mem", recs, shard_records=4)
+    store = open_store(url)
+    assert store.num_records == 9
+    for i, want in enumerate(recs):
+        assert_same(store.record(i, with_hidden=True), want)
+    assert verify_store(url).ok
+    with open(os.path.join(store.tokenizer_dir, "tokenizer.json"), "rb") as f:
+        assert f.read() == TOKENIZER_FILES["tokenizer.json"]
+    store.fs.rm(store.root, recursive=True)
+
+
+def test_not_a_store_and_missing_store(tmp_path):
+    with pytest.raises(StoreError, match="no such store"):
+        open_store(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="is not a potstill store"):
+        open_store(str(tmp_path / "empty"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="manifest.json: not valid JSON"):
+        open_store(str(tmp_path / "junk"))

@@ -1,0 +1,111 @@
+"""`potstill store info | verify | export` as a user runs them: real subprocesses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from storehelpers import TOKENIZER_FILES, make_manifest, random_record
+
+from store import create_store
+
+
+def potstill(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def store_url(tmp_path):
+    url = str(tmp_path / "cli.store")
+    m = make_manifest(layers=((3, 16, "bfloat16"),), chunk_tokens=8)
+    store = create_store(url, m, TOKENIZER_FILES)
+    rng = np.random.default_rng(11)
+    with store.writer("w0", shard_records=4) as w:
+        for i in range(10):
+            w.write(copy.deepcopy(random_record(rng, f"id{i}", m)))
+    return url
+
+
+def test_info(store_url):
+    out = potstill("store", "info", store_url, "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["records"] == 10 and info["shards"] == 3
+    assert info["targets"]["k"] == 8 and info["hidden_layers"][0]["index"] == 3
+    assert info["fields"]["topk_ids"]["bytes"] > 0 and info["fields"]["hidden/layer_3"]["bytes"] > 0
+    assert info["bytes_per_scored_token"] > 0
+    text = potstill("store", "info", store_url)
+    assert text.returncode == 0 and "records      10" in text.stdout and "topk_ids" in text.stdout
+
+
+def test_verify_and_clean(store_url):
+    out = potstill("store", "verify", store_url)
+    assert out.returncode == 0 and out.stdout.startswith("OK: 3 shards, 10 records"), out.stdout
+    os.makedirs(os.path.join(store_url, "shards", "deadwriter-000000"))
+    out = potstill("store", "verify", store_url)
+    assert out.returncode == 0 and "leftover" in out.stdout and "deadwriter-000000" in out.stdout
+    assert os.path.isdir(os.path.join(store_url, "shards", "deadwriter-000000"))
+    out = potstill("store", "verify", store_url, "--clean")
+    assert out.returncode == 0 and "removed" in out.stdout
+    assert not os.path.exists(os.path.join(store_url, "shards", "deadwriter-000000"))
+
+    path = os.path.join(store_url, "shards", "w0-000002", "records.arrow")
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    out = potstill("store", "verify", store_url)
+    assert out.returncode == 1
+    assert "BAD   shard w0-000002: file shards/w0-000002/records.arrow fails its sha256 check" in out.stderr
+    assert "FAILED: 1 problem(s)" in out.stdout
+
+
+def test_export_parquet_and_jsonl_load_with_datasets(store_url, tmp_path):
+    import datasets
+
+    pq_path, jl_path = str(tmp_path / "out.parquet"), str(tmp_path / "out.jsonl")
+    assert potstill("store", "export", store_url, "--to", pq_path).returncode == 0
+    assert potstill("store", "export", store_url, "--to", jl_path).returncode == 0
+    ds = datasets.load_dataset("parquet", data_files=pq_path, split="train")
+    assert ds.num_rows == 10 and ds[3]["id"] == "id3"
+    assert {"prompt", "messages", "completion", "generated", "rationale", "answer", "input_ids", "score_start"} <= set(ds.column_names)
+    with open(jl_path) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["id"] for r in rows] == [f"id{i}" for i in range(10)]
+    assert rows[0]["meta"]["source"] == "unit"
+    assert rows[0]["input_ids"] == ds[0]["input_ids"]
+    one_line_error(potstill("store", "export", store_url, "--to", str(tmp_path / "x.csv")), ".parquet or .jsonl")
+
+
+def test_user_errors_are_one_line(store_url, tmp_path):
+    one_line_error(potstill("store", "info", str(tmp_path / "missing")), "no such store")
+    (tmp_path / "plain").mkdir()
+    one_line_error(potstill("store", "verify", str(tmp_path / "plain")), "not a potstill store")
+    path = os.path.join(store_url, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["format_version"] = "2.0"
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    one_line_error(potstill("store", "info", store_url), "format 2.0", "upgrade potstill")
+    manifest["format_version"] = "1.0"
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    os.remove(os.path.join(store_url, "shards", "w0-000001", "records.arrow"))
+    one_line_error(potstill("store", "export", store_url, "--to", str(tmp_path / "o.jsonl")), "w0-000001/records.arrow", "missing")
+    assert not os.path.exists(tmp_path / "o.jsonl") and not os.path.exists(tmp_path / "o.jsonl.partial")
+    out = potstill("store", "verify", store_url)
+    assert out.returncode == 1 and "w0-000001" in out.stderr and "Traceback" not in out.stderr
