@@ -212,12 +212,16 @@ class ColumnViews:
         self.hidden_start = batch.column("hidden_start").to_numpy(zero_copy_only=True)
         self.token_offset = batch.column("token_offset").to_numpy(zero_copy_only=True)
         self.sample_index = batch.column("sample_index").to_numpy(zero_copy_only=True)
+        # The offsets again as Python ints: slicing with them costs half of slicing with numpy
+        # scalars, which is most of the per-record overhead of a loader (bench/store_io.py).
+        self._tok_bounds: list[int] = self.tok_off.tolist()
+        self._tgt_bounds: list[int] = self.tgt_off.tolist()
 
     def input_ids_of(self, j: int) -> np.ndarray:
-        return self.input_ids[self.tok_off[j] : self.tok_off[j + 1]]
+        return self.input_ids[self._tok_bounds[j] : self._tok_bounds[j + 1]]
 
     def targets_of(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        a, b = self.tgt_off[j], self.tgt_off[j + 1]
+        a, b = self._tgt_bounds[j], self._tgt_bounds[j + 1]
         return self.topk_ids[a:b], self.topk_logprobs[a:b], self.token_logprob[a:b], self.tail_mass[a:b]
 
     def text_of(self, name: str, j: int) -> str | None:

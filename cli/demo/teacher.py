@@ -1,0 +1,141 @@
+"""The demo teacher: a small Llama trained from scratch on worked additions, by this script.
+
+`potstill demo` ships the checkpoint this makes (cli/demo/teacher_checkpoint/), because training it takes a few
+minutes on a 2-core CPU; rerun it to reproduce that checkpoint:
+
+    python -m cli.demo.teacher --out cli/demo/teacher_checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+from cli.demo import arithmetic
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+TRAIN_SEED, EVAL_SEED = 1234, 99
+
+
+def build_tokenizer(seed: int = 0, vocab_size: int = 300):
+    """Byte-level BPE with one token per digit (so numbers are read digit by digit), BOS added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    corpus = []
+    for _ in range(2000):
+        a, b = rng.randrange(1000, 10000), rng.randrange(1000, 10000)
+        corpus.append(arithmetic.question(a, b) + arithmetic.COT_TRIGGER + arithmetic.worked_solution(a, b))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def model_config(vocab_size: int, hidden: int, layers: int, heads: int = 4):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def train_teacher(out: str, *, steps: int = 1600, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> float:
+    """Train the teacher with plain next-token cross-entropy on worked solutions; returns accuracy."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rng = random.Random(TRAIN_SEED)
+    tok = build_tokenizer()
+    model = LlamaForCausalLM(model_config(len(tok), hidden=128, layers=4))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    start = time.time()
+    for step in range(steps):
+        pairs = [(rng.randrange(1000, 10000), rng.randrange(1000, 10000)) for _ in range(batch)]
+        prompts = [tok(arithmetic.question(a, b) + arithmetic.COT_TRIGGER).input_ids for a, b in pairs]
+        targets = [[*tok(arithmetic.worked_solution(a, b), add_special_tokens=False).input_ids, tok.eos_token_id] for a, b in pairs]
+        width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
+        ids = torch.full((batch, width), tok.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+            ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+            labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
+            mask[i, : len(p) + len(t)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)
+    model.eval()
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    accuracy = solve_accuracy(model, tok, arithmetic.problems(EVAL_SEED, 200), cot=True)
+    print(f"teacher accuracy on 200 held-out problems: {accuracy:.3f}")
+    return accuracy
+
+
+def solve_accuracy(model, tok, pairs: list[tuple[int, int]], *, cot: bool, batch: int = 100, max_new_tokens: int = 96) -> float:
+    """Greedy-decode each problem and compare the parsed answer with the true sum."""
+    import torch
+
+    correct = 0
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i : i + batch]
+        texts = [arithmetic.question(a, b) + (arithmetic.COT_TRIGGER if cot else "") for a, b in chunk]
+        rows = [tok(t).input_ids for t in texts]
+        width = max(map(len, rows))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )
+        for (a, b), row in zip(chunk, out[:, width:], strict=True):
+            correct += arithmetic.parse_answer(tok.decode(row, skip_special_tokens=True)) == a + b
+    return correct / len(pairs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "teacher_checkpoint"))
+    parser.add_argument("--steps", type=int, default=1600)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(2)  # the checkpoint was made with 2 threads; same threads, same numbers
+    train_teacher(args.out, steps=args.steps)
+
+
+if __name__ == "__main__":
+    main()

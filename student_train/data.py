@@ -1,0 +1,551 @@
+"""The training loader: a torch `IterableDataset` streaming a store's records as collated batches.
+
+**Split.** A record is held out for evaluation when sha256(id) mapped to [0, 1) is below
+`eval_fraction` (`is_held_out`); the loader never yields held-out records, `evaluate` uses only them.
+
+**Order** (deterministic in seed and epoch, identical on every rank, no communication):
+
+1. the shards are put in a random order drawn from (seed, epoch);
+2. their training rows, in that shard order, form one flat sequence of N samples;
+3. the sequence is cut into P = world_size × num_workers equal spans of L = ceil(N / P) samples;
+   when P does not divide N the last span wraps around to the start, so P·L − N samples are seen
+   twice per epoch (`repeated_per_epoch`, reported) and nothing is dropped;
+4. span g = rank × num_workers + worker belongs to that loader worker, which reads it mostly
+   sequentially through a bounded shuffle buffer seeded by (seed, epoch, rank, worker).
+
+Each worker's stream runs on through epoch after epoch, cut into batches of `batch_size` records
+(a batch may hold the last samples of one epoch and the first of the next). Every rank therefore
+yields exactly the same number of batches per epoch, whatever the shard sizes: equal step counts,
+no DDP hang. `--epochs E` becomes ceil(E · P·L / world_size / (batch_size · grad_accum)) steps.
+
+**Resume.** The state is the number of batches this rank had consumed at the last optimizer step.
+PyTorch's DataLoader takes batches from its workers round-robin (worker 0, 1, …, W−1, 0, …) and
+every worker's stream is infinite, so batch c came from worker c mod W. On resume each worker
+recomputes its stream (orders are cheap: only indices are shuffled, no data is read) and skips what
+was consumed; worker roles are rotated by c mod W so that the loader's first batch is the one the
+interrupted run would have taken next.
+
+**Collation** pads right and lists, for every position i whose next token is trained, the student
+logit that predicts it (batch b, position i − 1) next to the stored target row i − score_start.
+Hidden states are read only when a hidden-state or relation loss needs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from store import open_store
+from store.reader import ShardReader, Store
+from student_train.errors import TrainError
+
+STATE_VERSION = 1
+MAIN_TASK, RATIONALE_TASK = 0, 1
+
+
+# -- split -------------------------------------------------------------------------------------------
+def id_fraction(record_id: str) -> float:
+    """sha256 of the id, read as a number in [0, 1): the same on every machine, for every order."""
+    return int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def is_held_out(record_id: str, eval_fraction: float) -> bool:
+    return id_fraction(record_id) < eval_fraction
+
+
+# -- order -------------------------------------------------------------------------------------------
+def buffer_shuffle(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a bounded shuffle buffer of `buffer_size` emits a stream of n items.
+
+    The classic streaming shuffle: fill the buffer, then for each arriving item emit a random buffer
+    slot and put the item there; finally emit the rest in random order. An item moves at most about
+    `buffer_size` places early, so reads stay near-sequential. Only indices are shuffled.
+    """
+    if buffer_size <= 1 or n <= 1:
+        return np.arange(n)
+    size = min(buffer_size, n)
+    buffer = np.arange(size)
+    slots = rng.integers(0, size, size=n - size)
+    out = np.empty(n, dtype=np.int64)
+    for k, slot in enumerate(slots.tolist()):
+        out[k] = buffer[slot]
+        buffer[slot] = size + k
+    out[n - size :] = rng.permutation(buffer)
+    return out
+
+
+@dataclass
+class LoaderPlan:
+    """The split and sizes everything else derives from; identical on every rank."""
+
+    shards: list[str]
+    train_rows: list[np.ndarray]  # per shard, the rows training may use (held-out rows removed)
+    eval_records: int
+    world_size: int
+    num_workers: int  # DataLoader workers per rank (0 counts as 1: the main process)
+
+    @property
+    def parts(self) -> int:
+        return self.world_size * max(self.num_workers, 1)
+
+    @property
+    def num_train(self) -> int:
+        return int(sum(len(r) for r in self.train_rows))
+
+    @property
+    def span(self) -> int:
+        return math.ceil(self.num_train / self.parts)
+
+    @property
+    def repeated_per_epoch(self) -> int:
+        return self.parts * self.span - self.num_train
+
+    @property
+    def samples_per_rank_epoch(self) -> int:
+        return self.span * max(self.num_workers, 1)
+
+    def epoch_span(self, seed: int, epoch: int, part: int, shuffle_buffer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, row) of every sample of span `part` in epoch `epoch`, in reading order."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.shards))
+        counts = np.array([len(self.train_rows[s]) for s in order], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        positions = np.arange(part * self.span, (part + 1) * self.span, dtype=np.int64) % self.num_train
+        slot = np.searchsorted(starts, positions, side="right") - 1
+        shard_idx = order[slot]
+        rows = np.empty(self.span, dtype=np.int64)
+        for k in np.unique(slot):
+            here = slot == k
+            rows[here] = self.train_rows[order[k]][positions[here] - starts[k]]
+        rank, worker = divmod(part, max(self.num_workers, 1))
+        perm = buffer_shuffle(self.span, shuffle_buffer, np.random.default_rng([seed, epoch, rank, worker, 1]))
+        return shard_idx[perm], rows[perm]
+
+
+def plan_split(
+    store: Store, eval_fraction: float, world_size: int, num_workers: int, shards: list[str] | None = None
+) -> LoaderPlan:
+    """Split every shard's records by id hash. `shards` pins the shard list (resume: the store may
+    have grown since the run started); by default every committed shard is used."""
+    names = list(shards) if shards is not None else store.shard_names
+    commits = {c.shard: c for c in store.commits}
+    train_rows, held = [], 0
+    for name in names:
+        if name not in commits:
+            raise TrainError(f"{store.url}: shard {name} of this run is no longer in the store")
+        keep = np.array([not is_held_out(i, eval_fraction) for i in commits[name].ids], dtype=bool)
+        train_rows.append(np.flatnonzero(keep))
+        held += int((~keep).sum())
+    plan = LoaderPlan(names, train_rows, held, world_size, num_workers)
+    if plan.num_train == 0:
+        raise TrainError(
+            f"{store.url}: no training records ({store.num_records} records, {held} held out by --eval-fraction {eval_fraction})"
+        )
+    return plan
+
+
+def held_out_rows(store: Store, eval_fraction: float) -> list[tuple[str, int]]:
+    """(shard, row) of every held-out record, in store order."""
+    return [
+        (c.shard, row) for c in store.commits for row, rid in enumerate(c.ids) if is_held_out(rid, eval_fraction)
+    ]
+
+
+# -- sequences and collation -----------------------------------------------------------------------
+@dataclass
+class Sequence:
+    """One token sequence the student reads, tied to the stored record it came from.
+
+    `ids[:shared]` equals the stored `input_ids[:shared]`: teacher targets and hidden states are
+    valid there (they depend only on the tokens up to their position). Position i (predicting
+    ids[i]) is trained when score_start ≤ i and (i < shared, with KD; or i ≥ ce_start, CE only).
+    Tokens in [shared, ce_start) are read but never predicted (the multitask answer marker).
+    """
+
+    record_id: str
+    ids: np.ndarray
+    score_start: int
+    shared: int
+    ce_start: int
+    task: int
+    targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # topk_ids, topk_logprobs, token_logprob, tail
+    hidden_start: int = 0  # first token with stored hidden states
+    reader: ShardReader | None = None  # where the hidden states are read from, at collation
+    hidden_offset: int = 0  # the record's first row in the shard's hidden arrays (token_offset)
+
+    def truncate(self, max_length: int) -> Sequence:
+        if max_length and len(self.ids) > max_length:
+            self.ids = self.ids[:max_length]
+            self.shared = min(self.shared, max_length)
+        return self
+
+    def trained_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(i, has_kd) for every trained position: i indexes the predicted token."""
+        i = np.arange(self.score_start, len(self.ids))
+        has_kd = i < self.shared
+        keep = has_kd | (i >= self.ce_start)
+        return i[keep], has_kd[keep]
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+def collate(
+    seqs: list[Sequence],
+    *,
+    k: int,
+    pad_id: int,
+    student_vocab: int | None = None,
+    hidden_layers: tuple[int, ...] = (),
+    hidden_widths: dict[int, int] | None = None,
+) -> dict[str, Any]:
+    """Pad sequences (right) and align each trained position with the student logit that predicts it.
+
+    Returns tensors: `input_ids`, `attention_mask` [B, T]; per trained position (N of them):
+    `pos_batch`, `pos_index` (the predicting logit), `hard_ids` (the actual next token), `has_kd`,
+    `task`, `topk_ids` [N, K] (−1 = empty), `topk_logprobs` [N, K], `tail_mass` [N]; and with hidden
+    layers `hidden_mask` [B, T] plus `teacher_hidden_<layer>` [B, T, W] as stored (float16/bfloat16),
+    read straight from the store into the padded batch, only for the positions a loss uses.
+    Positions without KD carry empty targets (ids −1, all mass in the tail).
+    Top-K ids the student's vocabulary does not have (a teacher with a padded embedding matrix) are
+    folded into the tail bucket.
+    """
+    batch, longest = len(seqs), max((len(s.ids) for s in seqs), default=1)
+    input_ids = np.full((batch, max(longest, 1)), pad_id, dtype=np.int64)
+    attention = np.zeros_like(input_ids)
+    pos_b, pos_i, hard, has_kd, task = [], [], [], [], []
+    tk_ids, tk_lp, tail = [], [], []
+    lp_dtype = seqs[0].targets[1].dtype if seqs else np.float32
+    for b, seq in enumerate(seqs):
+        n = len(seq.ids)
+        input_ids[b, :n] = seq.ids
+        attention[b, :n] = 1
+        i, kd = seq.trained_positions()
+        pos_b.append(np.full(len(i), b, dtype=np.int64))
+        pos_i.append(i - 1)
+        hard.append(seq.ids[i].astype(np.int64))
+        has_kd.append(kd)
+        task.append(np.full(len(i), seq.task, dtype=np.int64))
+        ids_rows = np.full((len(i), k), -1, dtype=np.int64)
+        lp_rows = np.zeros((len(i), k), dtype=lp_dtype)
+        tail_rows = np.ones(len(i), dtype=np.float32)
+        rows = i[kd] - seq.score_start
+        ids_rows[kd] = seq.targets[0][rows]
+        lp_rows[kd] = seq.targets[1][rows]
+        tail_rows[kd] = seq.targets[3][rows]
+        tk_ids.append(ids_rows)
+        tk_lp.append(lp_rows)
+        tail.append(tail_rows)
+    topk_ids = np.concatenate(tk_ids) if tk_ids else np.zeros((0, k), np.int64)
+    topk_lp = np.concatenate(tk_lp) if tk_lp else np.zeros((0, k), lp_dtype)
+    tail_mass = np.concatenate(tail) if tail else np.zeros(0, np.float32)
+    if student_vocab is not None:
+        _fold_unknown_ids(topk_ids, topk_lp, tail_mass, student_vocab)
+    out: dict[str, Any] = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "pos_batch": torch.from_numpy(_cat(pos_b, np.int64)),
+        "pos_index": torch.from_numpy(_cat(pos_i, np.int64)),
+        "hard_ids": torch.from_numpy(_cat(hard, np.int64)),
+        "has_kd": torch.from_numpy(_cat(has_kd, np.bool_)),
+        "task": torch.from_numpy(_cat(task, np.int64)),
+        "topk_ids": torch.from_numpy(topk_ids),
+        "topk_logprobs": torch.from_numpy(topk_lp),
+        "tail_mass": torch.from_numpy(tail_mass),
+        "record_ids": [s.record_id for s in seqs],
+    }
+    if hidden_layers:
+        out.update(_collate_hidden(seqs, input_ids.shape[1], hidden_layers, hidden_widths or {}))
+    return out
+
+
+def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+
+def _fold_unknown_ids(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, vocab: int) -> None:
+    unknown = ids >= vocab
+    if not unknown.any():
+        return
+    tail += np.where(unknown, np.exp(lp.astype(np.float32)), 0.0).sum(-1).astype(np.float32)
+    np.clip(tail, 0.0, 1.0, out=tail)
+    ids[unknown] = -1
+    lp[unknown] = -np.inf
+
+
+def _collate_hidden(seqs: list[Sequence], length: int, layers: tuple[int, ...], widths: dict[int, int]) -> dict[str, Any]:
+    """Teacher hidden states at tokens [hidden_start, shared): where the sequence is the stored one."""
+    spans = [(s.hidden_start, max(s.hidden_start, min(s.shared, len(s.ids)))) for s in seqs]
+    mask = np.zeros((len(seqs), length), dtype=bool)
+    for b, (lo, hi) in enumerate(spans):
+        mask[b, lo:hi] = True
+    out: dict[str, Any] = {"hidden_mask": torch.from_numpy(mask)}
+    for layer in layers:
+        reader = next(s.reader for s in seqs if s.reader is not None)
+        bf16 = reader.store.manifest.hidden.layer(layer).dtype == "bfloat16"
+        tensor = _batch_tensor((len(seqs), length, widths[layer]), torch.int16 if bf16 else torch.float16)
+        padded = tensor.numpy().view(np.uint16) if bf16 else tensor.numpy()
+        for b, (seq, (lo, hi)) in enumerate(zip(seqs, spans, strict=True)):
+            padded[b, :lo] = 0  # masked positions must still be finite: zero them
+            padded[b, hi:] = 0
+            if hi > lo and seq.reader is not None:
+                seq.reader.hidden_block(layer, seq.hidden_offset, seq.hidden_offset + hi - lo, out=padded[b, lo:hi])
+        out[f"teacher_hidden_{layer}"] = tensor.view(torch.bfloat16) if bf16 else tensor
+    return out
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker it is allocated in shared memory, as torch's own
+    default_collate does, so that handing the batch to the training process copies nothing (hidden
+    states are most of a batch's bytes: 100 MB for 8 × 1024 tokens × 3 layers of width 2048)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    return elem.new(elem._typed_storage()._new_shared(math.prod(shape))).view(shape)
+
+
+# -- multitask (distilling step-by-step) -------------------------------------------------------------
+def split_rationale(tokenizer: Any, ids: np.ndarray, completion_start: int, rationale: str | None) -> int | None:
+    """Token index where the rationale ends in a stored sequence, or None when it cannot be found.
+
+    The completion is taken to start at `completion_start` (the record's score_start: true for
+    generated records whose prompt was not scored). The rationale ends at the first j such that the
+    decoded completion ids[completion_start:j] (special tokens skipped, leading space stripped) is at
+    least as long as the stripped rationale text; that decoded text must start with the rationale.
+    Found by bisection (decoding is monotone in j for byte-level tokenizers).
+    """
+    if rationale is None:
+        return None
+    target = rationale.strip()
+    if not target:
+        return completion_start
+
+    def text(j: int) -> str:
+        return tokenizer.decode(ids[completion_start:j].tolist(), skip_special_tokens=True).lstrip()
+
+    lo, hi = completion_start, len(ids)
+    if len(text(hi)) < len(target):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(text(mid)) >= len(target):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo if text(lo).startswith(target) else None
+
+
+def multitask_sequences(whole: Sequence, rationale_end: int, marker_ids: np.ndarray) -> list[Sequence]:
+    """The two tasks of distilling step-by-step (Hsieh et al. 2023) from one stored record.
+
+    - rationale task: prompt → rationale = the stored ids up to the rationale's end. Every token is
+      the teacher's own sequence, so every scored position keeps its KD target (and hidden states).
+    - answer task: prompt → answer = stored prompt + `marker_ids` + the stored answer tokens (the
+      teacher's ids after the rationale). Its prompt is shared with the stored sequence; the marker
+      is read, never predicted; the answer tokens follow a context the teacher never saw, so they
+      are trained with cross-entropy only.
+    The completion starts at score_start (see `split_rationale`).
+    """
+    ids, c0 = whole.ids, whole.score_start
+    answer_ids = np.concatenate([ids[:c0], marker_ids.astype(ids.dtype), ids[rationale_end:]])
+    answer = dataclasses.replace(
+        whole, record_id=f"{whole.record_id}#answer", ids=answer_ids, shared=common_prefix(answer_ids, ids),
+        ce_start=c0 + len(marker_ids), task=MAIN_TASK,
+    )
+    if rationale_end <= c0:  # an empty rationale: nothing to learn in the rationale task
+        return [answer]
+    rationale = dataclasses.replace(
+        whole, record_id=f"{whole.record_id}#rationale", ids=ids[:rationale_end], shared=rationale_end, task=RATIONALE_TASK
+    )
+    return [answer, rationale]
+
+
+def record_sequence(reader: ShardReader, row: int) -> Sequence:
+    """A stored record as one plain sequence: every scored position trained, with its KD target."""
+    views = reader.views
+    ids = views.input_ids_of(row)
+    s = int(views.score_start[row])
+    return Sequence(reader.ids[row], ids, s, len(ids), s, MAIN_TASK, views.targets_of(row),
+                    int(views.hidden_start[row]), reader, int(views.token_offset[row]))
+
+
+# -- the dataset -------------------------------------------------------------------------------------
+class StoreDataset(IterableDataset):
+    """Batches of a store for one rank: an infinite, deterministic, resumable stream (module doc)."""
+
+    def __init__(
+        self,
+        store_url: str,
+        *,
+        batch_size: int,
+        seed: int = 42,
+        shuffle_buffer: int = 1024,
+        eval_fraction: float = 0.05,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        hidden_layers: tuple[int, ...] = (),
+        max_length: int = 0,
+        student_vocab: int | None = None,
+        pad_id: int = 0,
+        rationale_mode: str = "plain",
+        answer_marker_ids: tuple[int, ...] = (),
+        shards: list[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise TrainError(f"rank {rank} outside world size {world_size}")
+        store = open_store(store_url, storage_options)
+        self.store_url, self.storage_options = store_url, storage_options
+        self.manifest = store.manifest
+        self.plan = plan_split(store, eval_fraction, world_size, num_workers, shards)
+        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        self.eval_fraction, self.rank = eval_fraction, rank
+        self.hidden_layers = tuple(hidden_layers)
+        for layer in self.hidden_layers:
+            self.manifest.hidden.layer(layer)  # raises naming the stored layers
+        self.hidden_widths = {layer.index: layer.width for layer in self.manifest.hidden.layers}
+        self.max_length, self.student_vocab, self.pad_id = max_length, student_vocab, pad_id
+        self.rationale_mode, self.answer_marker_ids = rationale_mode, np.array(answer_marker_ids, dtype=np.int32)
+        self.batches_consumed = 0  # by this rank, at the last optimizer step (set by load_state_dict)
+        self._store: Store | None = None
+        self._tokenizer: Any = None
+        self._fallbacks = 0  # multitask: records of the current batch used whole
+
+    # -- sizes ------------------------------------------------------------------------------------
+    @property
+    def batches_per_epoch(self) -> float:
+        """Batches one rank takes per epoch (fractional: batches run across epoch boundaries)."""
+        return self.plan.samples_per_rank_epoch / self.batch_size
+
+    def steps_for_epochs(self, epochs: float, grad_accum: int) -> int:
+        return max(1, math.ceil(epochs * self.batches_per_epoch / grad_accum))
+
+    def describe(self) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "shards": len(p.shards),
+            "train_records": p.num_train,
+            "eval_records": p.eval_records,
+            "world_size": p.world_size,
+            "num_workers": p.num_workers,
+            "samples_per_rank_per_epoch": p.samples_per_rank_epoch,
+            "repeated_per_epoch": p.repeated_per_epoch,
+            "batches_per_rank_per_epoch": self.batches_per_epoch,
+        }
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _order_spec(self) -> dict[str, Any]:
+        """Everything that fixes the sample order; a resume must match it exactly."""
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "eval_fraction": self.eval_fraction,
+            "world_size": self.plan.world_size,
+            "num_workers": self.plan.num_workers,
+            "rationale_mode": self.rationale_mode,
+            "shards": self.plan.shards,
+        }
+
+    def state_dict(self, batches_consumed: int | None = None) -> dict[str, Any]:
+        consumed = self.batches_consumed if batches_consumed is None else batches_consumed
+        return {"version": STATE_VERSION, "rank": self.rank, "batches_consumed": consumed, **self._order_spec()}
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "loader state") -> None:
+        if state.get("version") != STATE_VERSION:
+            raise TrainError(f"{where}: unknown loader state version {state.get('version')!r}")
+        for key, mine in self._order_spec().items():
+            if state.get(key) != mine:
+                theirs = state.get(key)
+                if key == "shards":
+                    mine, theirs = f"{len(mine)} shards", f"{len(theirs or [])} shards"
+                raise TrainError(
+                    f"{where}: the run was started with {key}={theirs}, now {key}={mine}; "
+                    "an exact resume needs the same value"
+                )
+        self.batches_consumed = int(state["batches_consumed"])
+
+    # -- iteration --------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != max(self.plan.num_workers, 1):
+            raise TrainError(
+                f"StoreDataset was planned for {self.plan.num_workers} workers but runs in {workers}: "
+                "pass the same num_workers to the dataset and the DataLoader"
+            )
+        rotation = self.batches_consumed % workers
+        role = (worker + rotation) % workers  # the worker whose stream this one continues
+        start = self.batches_consumed // workers + (1 if role < rotation else 0)
+        return self.batches(role, start)
+
+    def batches(self, worker: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+        """The infinite batch stream of this rank's worker `worker`, from batch `start_batch`."""
+        samples = self._samples(self.rank * max(self.plan.num_workers, 1) + worker, start_batch * self.batch_size)
+        while True:
+            chunk = list(itertools.islice(samples, self.batch_size))
+            yield self.collate_records(chunk)
+
+    def _samples(self, part: int, start: int) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(start, self.plan.span)
+        while True:
+            shard_idx, rows = self.plan.epoch_span(self.seed, epoch, part, self.shuffle_buffer)
+            yield from zip(shard_idx[offset:].tolist(), rows[offset:].tolist(), strict=True)
+            epoch, offset = epoch + 1, 0
+
+    # -- reading ----------------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:  # opened in each worker process: memory maps are not shared
+            self._store = open_store(self.store_url, self.storage_options)
+        return self._store
+
+    def _shard(self, shard_idx: int) -> ShardReader:
+        return self.store.shard(self.plan.shards[shard_idx])
+
+    def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
+        reader = self._shard(shard_idx)
+        whole = record_sequence(reader, row)
+        if self.rationale_mode == "multitask":
+            views = reader.views
+            end = split_rationale(self.tokenizer, whole.ids, whole.score_start, views.text_of("rationale", row))
+            if end is not None and views.text_of("answer", row) is not None:
+                seqs = multitask_sequences(whole, end, self.answer_marker_ids)
+                return [seq.truncate(self.max_length) for seq in seqs]
+            self._fallbacks += 1  # no rationale/answer found: the record is used whole, as the main task
+        return [whole.truncate(self.max_length)]
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.store.tokenizer_dir)
+        return self._tokenizer
+
+    def collate_records(self, samples: list[tuple[int, int]]) -> dict[str, Any]:
+        self._fallbacks = 0
+        seqs = [seq for shard_idx, row in samples for seq in self.read_sequences(shard_idx, row)]
+        batch = collate(
+            seqs,
+            k=self.manifest.targets.k,
+            pad_id=self.pad_id,
+            student_vocab=self.student_vocab,
+            hidden_layers=self.hidden_layers,
+            hidden_widths=self.hidden_widths,
+        )
+        if self.rationale_mode == "multitask":  # records used whole: no rationale or answer found in them
+            batch["multitask_fallback"] = torch.tensor(self._fallbacks)
+        return batch

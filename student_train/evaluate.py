@@ -1,0 +1,161 @@
+"""`evaluate(store, model_dir)`: how close a student is to the stored teacher, on held-out records.
+
+Held-out = the records whose sha256(id) falls below the eval fraction (`data.is_held_out`), which
+the training loader never yields. Metrics, averaged over every scored position:
+
+- `kd_loss`: forward KL(teacher ‖ student) on the K + 1 buckets (top-K plus tail), T = 1;
+- `top1_agreement`: how often the student's argmax is the teacher's most likely token;
+- `perplexity`: exp(mean cross-entropy) of the student on the stored tokens (the teacher's);
+- `answer_accuracy` (when records hold answers): greedy-generate from each record's prompt
+  (the tokens before score_start), extract the answer with the store's `generation.answer_pattern`
+  or generation's default ("The answer is X" / "#### X"; last match), compare normalised with `answer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any
+
+import torch
+
+from store import Store, open_store
+from student_train import losses
+from student_train.config import TrainConfig
+from student_train.data import collate, held_out_rows, record_sequence
+from student_train.errors import TrainError
+from student_train.model import check_tokenizer, check_vocab, load_tokenizer
+
+# The default of `potstill generate` (teacher_gen/rationale.py), for stores that do not record theirs:
+# the last "The answer is X" / "The final answer is X" / "Final Answer: X" / "#### X".
+DEFAULT_ANSWER_PATTERN = r"(?:[Tt]he (?:final )?answer is|[Ff]inal [Aa]nswer:|####)\s*:?\s*(?P<answer>[^\n]*)"
+
+
+def extract_answer(text: str, pattern: str = DEFAULT_ANSWER_PATTERN) -> str | None:
+    """The answer in a completion, as generation extracts it: the last match (overlaps allowed), its
+    `answer` group (else its first group, else the whole match), without spaces, final period, bold."""
+    regex = re.compile(pattern)
+    last, pos = None, 0
+    while (found := regex.search(text, pos)) is not None:
+        last, pos = found, found.start() + 1
+    if last is None:
+        return None
+    if "answer" in regex.groupindex:
+        answer = last.group("answer")
+    else:
+        answer = last.group(1) if regex.groups else last.group(0)
+    return (answer or "").strip().rstrip(".").strip().strip("*").strip().rstrip(".").strip() or None
+
+
+def normalise_answer(answer: str) -> str:
+    """Compare answers loosely: case, surrounding space, a final period, thousands commas and $ ignored."""
+    return re.sub(r"[\s,$]", "", answer).rstrip(".").casefold()
+
+
+def _eval_fraction_of(model_dir: str | None) -> float:
+    """The fraction the model was trained with (its training report), else the default."""
+    path = os.path.join(model_dir or "", "training_report.json")
+    if model_dir and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return float(json.load(f)["settings"]["eval_fraction"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return TrainConfig.eval_fraction
+
+
+@torch.no_grad()
+def evaluate(
+    store: str | Store,
+    model_dir: str | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    eval_fraction: float | None = None,
+    max_records: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    answers: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a student folder (or an in-memory `model` + `tokenizer`) on the held-out records."""
+    from transformers import AutoModelForCausalLM
+
+    store = open_store(store) if isinstance(store, str) else store
+    if model is None:
+        if not model_dir or not os.path.isdir(model_dir):
+            raise TrainError(f"model folder {model_dir} does not exist")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if device:
+            model.to(device)
+    if tokenizer is None:
+        tokenizer, source = load_tokenizer(model_dir or "", store)
+        check_tokenizer(tokenizer, store, source)
+    vocab = check_vocab(model, store)
+    fraction = _eval_fraction_of(model_dir) if eval_fraction is None else eval_fraction
+    rows = held_out_rows(store, fraction)
+    if max_records:
+        rows = rows[:max_records]
+    result: dict[str, Any] = {"store": store.url, "model": model_dir, "eval_fraction": fraction, "records": len(rows)}
+    if not rows:
+        result.update(scored_tokens=0, kd_loss=None, top1_agreement=None, perplexity=None, answer_accuracy=None)
+        return result
+
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    kd_sum = top1_sum = ce_sum = 0.0
+    tokens = 0
+    for start in range(0, len(rows), batch_size):
+        seqs = [record_sequence(store.shard(name), row) for name, row in rows[start : start + batch_size]]
+        batch = collate(seqs, k=store.manifest.targets.k, pad_id=pad_id, student_vocab=vocab)
+        batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = logits[batch["pos_batch"], batch["pos_index"]].float()
+        lse = torch.logsumexp(logits, dim=-1)
+        kd = losses.sparse_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_mass"], lse=lse)
+        ce = losses.token_cross_entropy(logits, batch["hard_ids"], lse)
+        kd_sum += kd.sum().item()
+        ce_sum += ce.sum().item()
+        top1_sum += (logits.argmax(-1) == batch["topk_ids"][:, 0]).sum().item()
+        tokens += len(kd)
+    result.update(
+        scored_tokens=tokens,
+        kd_loss=kd_sum / tokens if tokens else None,
+        top1_agreement=top1_sum / tokens if tokens else None,
+        perplexity=math.exp(ce_sum / tokens) if tokens else None,
+    )
+    result.update(_answer_accuracy(store, rows, model, tokenizer, max_new_tokens) if answers else {})
+    model.train(was_training)
+    return result
+
+
+def _answer_accuracy(store: Store, rows: list[tuple[str, int]], model: Any, tokenizer: Any, max_new_tokens: int) -> dict[str, Any]:
+    pattern = store.manifest.generation.get("answer_pattern")
+    pattern = pattern if isinstance(pattern, str) and pattern else DEFAULT_ANSWER_PATTERN
+    dev = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    checked = correct = 0
+    for name, row in rows:
+        views = store.shard(name).views
+        expected = views.text_of("answer", row)
+        if expected is None:
+            continue
+        prompt = torch.tensor(views.input_ids_of(row)[: int(views.score_start[row])], dtype=torch.long, device=dev)
+        generated = model.generate(
+            input_ids=prompt.unsqueeze(0),
+            attention_mask=torch.ones_like(prompt).unsqueeze(0),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        text = tokenizer.decode(generated[0, len(prompt) :].tolist(), skip_special_tokens=True)
+        found = extract_answer(text, pattern)
+        checked += 1
+        correct += int(found is not None and normalise_answer(found) == normalise_answer(expected))
+    if not checked:
+        return {"answer_accuracy": None, "answers_checked": 0}
+    return {"answer_accuracy": correct / checked, "answers_checked": checked, "answers_correct": correct}

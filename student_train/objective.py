@@ -1,0 +1,112 @@
+"""The training objective: one function from a collated batch to the total loss and its parts.
+Used by the Trainer's `compute_loss` and by bench/train_step.py, so both time the same step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from student_train import losses
+from student_train.config import TrainConfig
+from student_train.data import MAIN_TASK, RATIONALE_TASK
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Which losses, with which weights (the loss-related part of TrainConfig)."""
+
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.0
+    tail: bool = True
+    hidden_pairs: tuple[tuple[int, int], ...] = ()
+    hidden_loss: str = "mse"
+    hidden_weight: float = 1.0
+    relation_weight: float = 0.0
+    multitask: bool = False
+    rationale_weight: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> Objective:
+        return cls(
+            loss=config.loss,
+            temperature=config.temperature,
+            beta=config.beta,
+            alpha=config.alpha,
+            tail=config.tail,
+            hidden_pairs=tuple(config.hidden_pairs()),
+            hidden_loss=config.hidden_loss,
+            hidden_weight=config.hidden_weight,
+            relation_weight=config.relation_weight,
+            multitask=config.rationale_mode == "multitask",
+            rationale_weight=config.rationale_weight,
+        )
+
+    @property
+    def needs_hidden(self) -> bool:
+        return bool(self.hidden_pairs) and (self.hidden_weight > 0 or self.relation_weight > 0)
+
+    @property
+    def teacher_layers(self) -> tuple[int, ...]:
+        """Stored teacher layers the loader must read (none unless a hidden or relation loss is on)."""
+        return tuple(sorted({t for _, t in self.hidden_pairs})) if self.needs_hidden else ()
+
+
+def distill_loss(model: Any, batch: dict[str, Any], objective: Objective) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss of one micro-batch and its detached parts (for logging).
+
+    total = L_main + λ_rationale · L_rationale + w_hidden · L_hidden + w_relation · L_relation, where
+    L_task is the mean over that task's positions of α·CE + (1 − α)·KD (CE alone where a position has
+    no teacher target). In plain mode every position belongs to the main task.
+    """
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pos_batch=batch["pos_batch"],
+        pos_index=batch["pos_index"],
+        with_hidden=objective.needs_hidden,
+    )
+    logits = out["logits"].float()
+    lse = torch.logsumexp(logits, dim=-1)
+    kd = losses.sparse_kd(
+        logits,
+        batch["topk_ids"],
+        batch["topk_logprobs"],
+        batch["tail_mass"],
+        loss=objective.loss,
+        temperature=objective.temperature,
+        beta=objective.beta,
+        tail=objective.tail,
+        lse=lse,
+    )
+    ce = losses.token_cross_entropy(logits, batch["hard_ids"], lse)
+    has_kd, task = batch["has_kd"], batch["task"]
+    per_position = losses.mix_ce_kd(ce, kd, has_kd, objective.alpha)
+    total = losses.masked_mean(per_position, task == MAIN_TASK)
+    parts = {"kd": losses.masked_mean(kd, has_kd), "ce": losses.masked_mean(ce, torch.ones_like(has_kd))}
+    if objective.multitask:
+        rationale = losses.masked_mean(per_position, task == RATIONALE_TASK)
+        parts["answer_task"], parts["rationale_task"] = total, rationale
+        total = total + objective.rationale_weight * rationale
+        if "multitask_fallback" in batch:
+            parts["multitask_fallback"] = batch["multitask_fallback"].float()
+    if objective.needs_hidden:
+        mask = batch["hidden_mask"]
+        hidden_terms, relation_terms = [], []
+        for s, t in objective.hidden_pairs:
+            teacher = batch[f"teacher_hidden_{t}"].float()
+            if objective.hidden_weight > 0:  # per position on the padded [B, T] grid: no host sync
+                per_position = losses.HIDDEN_LOSSES[objective.hidden_loss](out["projected"][(s, t)].float(), teacher)
+                hidden_terms.append(losses.masked_mean(per_position, mask))
+            if objective.relation_weight > 0:
+                relation_terms.append(losses.relation_loss(out["hidden"][s].float(), teacher, mask))
+        if hidden_terms:
+            parts["hidden"] = torch.stack(hidden_terms).mean()
+            total = total + objective.hidden_weight * parts["hidden"]
+        if relation_terms:
+            parts["relation"] = torch.stack(relation_terms).mean()
+            total = total + objective.relation_weight * parts["relation"]
+    return total, {name: value.detach() for name, value in parts.items()}

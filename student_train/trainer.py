@@ -1,0 +1,342 @@
+"""`train(config)`: a `transformers.Trainer` subclass streaming a store into a student.
+
+Mixed precision, gradient accumulation, checkpoints, resume, DDP/FSDP (torchrun / accelerate launch)
+and tensorboard all come from Trainer and accelerate. What is added here: the loss
+(`compute_loss` → `objective.distill_loss`), the store loader (its own DataLoader: the dataset
+already splits work across ranks, so accelerate must not shard or dispatch it), the loader state in
+every checkpoint, and saving the student with `save_pretrained` instead of the wrapper's state dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainingArguments
+
+from store import Store, open_store, potstill_version
+from student_train.config import TrainConfig
+from student_train.data import StoreDataset
+from student_train.errors import ConfigError, TrainError
+from student_train.model import (
+    DistillModel,
+    check_head,
+    check_hidden_map,
+    check_tokenizer,
+    check_vocab,
+    load_student,
+    load_tokenizer,
+)
+from student_train.objective import Objective, distill_loss
+
+REPORT_FILE = "training_report.json"
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def loader_state_file(rank: int) -> str:
+    return f"loader_state_rank{rank}.json"
+
+
+class DistillTrainer(Trainer):
+    """Trainer with the distillation loss, the store loader and its resumable state."""
+
+    def __init__(self, *args: Any, objective: Objective, tokenizer_to_save: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.tokenizer_to_save = tokenizer_to_save
+        self.batches_consumed = 0  # micro-batches this rank has trained on (its loader position)
+        self._part_sums: dict[str, torch.Tensor] = {}
+        self._part_batches = 0
+
+    # -- data -------------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        dataset: StoreDataset = self.train_dataset  # type: ignore[assignment]
+        workers = dataset.plan.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=None,  # the dataset yields collated batches
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
+            multiprocessing_context=self.args.dataloader_multiprocessing_context if workers else None,
+        )
+
+    # -- loss -------------------------------------------------------------------------------------
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        loss, parts = distill_loss(model, inputs, self.objective)
+        for name, value in parts.items():
+            self._part_sums[name] = self._part_sums.get(name, 0.0) + value
+        self._part_batches += 1
+        return (loss, parts) if return_outputs else loss
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.batches_consumed += 1
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add each loss part, averaged over the micro-batches since the last log and over ranks."""
+        if "loss" in logs and self._part_batches:
+            names = sorted(self._part_sums)
+            values = torch.stack([torch.as_tensor(self._part_sums[n], device=self.args.device) for n in names])
+            values = values / self._part_batches
+            if self.args.world_size > 1:
+                values = self.accelerator.reduce(values, reduction="mean")
+            logs.update(zip(names, values.tolist(), strict=True))
+            self._part_sums, self._part_batches = {}, 0
+        super().log(logs, start_time)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # The loader state goes in first: a checkpoint with a trainer_state.json is then complete.
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        state = self.train_dataset.state_dict(self.batches_consumed)  # type: ignore[union-attr]
+        write_json(os.path.join(folder, loader_state_file(self.args.process_index)), state)
+        super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        if self.args.should_save:
+            self.model.save(output_dir or self.args.output_dir, self.tokenizer_to_save, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        self.model.load(resume_from_checkpoint)
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write a JSON file whole or not at all (temporary file, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out: str, rank: int = 0) -> str | None:
+    """The newest complete checkpoint in `out` (trainer state and this rank's loader state written)."""
+    if not os.path.isdir(out):
+        return None
+    found = []
+    for name in os.listdir(out):
+        match = _CHECKPOINT.match(name)
+        folder = os.path.join(out, name)
+        if match and all(os.path.isfile(os.path.join(folder, f)) for f in (TRAINER_STATE, loader_state_file(rank))):
+            found.append((int(match.group(1)), folder))
+    return max(found)[1] if found else None
+
+
+def resume_point(config: TrainConfig, rank: int) -> tuple[str | None, dict[str, Any] | None]:
+    """(checkpoint folder, this rank's loader state) to resume from, or (None, None)."""
+    if not (config.resume or config.resume_from):
+        if latest_checkpoint(config.out, rank) is not None:  # a fresh run would mix its checkpoints with these
+            raise ConfigError(
+                f"--out {config.out} already holds checkpoints of a run: pass --resume to continue it, "
+                "or choose another --out"
+            )
+        return None, None
+    checkpoint = config.resume_from or latest_checkpoint(config.out, rank)
+    if checkpoint is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {config.out}")
+    path = os.path.join(checkpoint, loader_state_file(rank))
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume-from {checkpoint}: no {loader_state_file(rank)} (not a potstill checkpoint?)")
+    try:
+        with open(path) as f:
+            return checkpoint, json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainError(f"{path}: unreadable loader state ({e})") from None
+
+
+def cpu_only() -> bool:
+    """No CUDA or MPS device: accelerate must be told (its `cpu` flag) to run bf16 autocast on the CPU
+    and, under torchrun, to form a gloo process group instead of running each process as a lone rank."""
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
+def training_arguments(config: TrainConfig, max_steps: int) -> TrainingArguments:
+    report_to = [r.strip() for r in config.report_to.split(",") if r.strip() and r.strip() != "none"]
+    try:
+        return _training_arguments(config, max_steps, report_to)
+    except (ValueError, ImportError) as e:  # e.g. --fp16 without a GPU, an integration not installed
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
+
+
+def _training_arguments(config: TrainConfig, max_steps: int, report_to: list[str]) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=config.out,
+        max_steps=max_steps,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit or None,
+        logging_steps=config.logging_steps,
+        report_to=report_to or "none",
+        seed=config.seed,
+        dataloader_num_workers=config.num_workers,
+        ignore_data_skip=True,  # the loader state skips exactly, without reading the skipped batches
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        use_cpu=cpu_only(),
+    )
+
+
+def _say(message: str) -> None:
+    print(f"potstill train: {message}", file=sys.stderr, flush=True)
+
+
+def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train a student from a store as `config` says; return the training report (main process).
+
+    The teacher is never loaded: everything comes from the store. `callbacks` are extra
+    `transformers.TrainerCallback`s (progress display, early stop).
+    """
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    config.validate()
+    started = time.time()
+    state = PartialState(cpu=cpu_only())  # under torchrun: joins the process group, gives rank and world size
+    rank, world = state.process_index, state.num_processes
+    store = open_store(config.store)
+    checkpoint, loader_state = resume_point(config, rank)
+    objective = Objective.from_config(config)
+
+    set_seed(config.seed)
+    student = load_student(config.student, trust_remote_code=config.trust_remote_code)
+    tokenizer, source = load_tokenizer(config.student, store)
+    check_tokenizer(tokenizer, store, source)
+    vocab = check_vocab(student, store)
+    check_hidden_map(student, store, list(objective.hidden_pairs))
+    check_head(student, vocab)
+    marker_ids: tuple[int, ...] = ()
+    if objective.multitask:
+        if not store.manifest.rationales:
+            raise ConfigError(f"--rationale-mode multitask: {store.url} holds no rationales (manifest rationales=false)")
+        marker_ids = tuple(tokenizer(config.answer_marker, add_special_tokens=False)["input_ids"])
+
+    dataset = StoreDataset(
+        config.store,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        shuffle_buffer=config.shuffle_buffer,
+        eval_fraction=config.eval_fraction,
+        rank=rank,
+        world_size=world,
+        num_workers=config.num_workers,
+        hidden_layers=objective.teacher_layers,
+        max_length=config.max_length,
+        student_vocab=vocab,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        rationale_mode=config.rationale_mode,
+        answer_marker_ids=marker_ids,
+        shards=loader_state["shards"] if loader_state else None,
+    )
+    if loader_state is not None:
+        dataset.load_state_dict(loader_state, where=os.path.join(checkpoint or "", loader_state_file(rank)))
+    max_steps = config.max_steps if config.max_steps > 0 else dataset.steps_for_epochs(config.epochs, config.grad_accum)
+    info = dataset.describe()
+    if state.is_main_process:
+        _say(
+            f"{info['train_records']} training / {info['eval_records']} held-out records in {info['shards']} shards; "
+            f"{world} rank(s) × {max(config.num_workers, 1)} loader worker(s); {info['repeated_per_epoch']} "
+            f"sample(s) repeated per epoch to even the ranks; {max_steps} optimizer steps"
+            + (f"; resuming from {checkpoint}" if checkpoint else "")
+        )
+
+    teacher_widths = {layer.index: layer.width for layer in store.manifest.hidden.layers}
+    model = DistillModel(student, list(objective.hidden_pairs), teacher_widths, project=objective.hidden_weight > 0)
+    trainer = DistillTrainer(
+        model=model,
+        args=training_arguments(config, max_steps),
+        train_dataset=dataset,
+        objective=objective,
+        tokenizer_to_save=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.batches_consumed = dataset.batches_consumed
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+
+    if not state.is_main_process:
+        return {"global_step": trainer.state.global_step, "rank": rank}
+    model.save(config.out, tokenizer)
+    final_eval = _final_eval(config, store, student, tokenizer)
+    report = {
+        "potstill_version": potstill_version(),
+        "settings": config.to_dict(),
+        "store": store_identity(store, dataset.plan.shards),
+        "student": {
+            "source": config.student,
+            "architecture": type(student).__name__,
+            "parameters": sum(p.numel() for p in student.parameters()),
+            "output_logits": vocab,
+            "tokenizer": source,
+        },
+        "loader": info,
+        "world_size": world,
+        "global_step": trainer.state.global_step,
+        "max_steps": max_steps,
+        "resumed_from": checkpoint,
+        "train_loss": output.training_loss,
+        "train_seconds": round(time.time() - started, 3),
+        "loss_curve": [
+            {k: v for k, v in entry.items() if k not in ("epoch",)}
+            for entry in trainer.state.log_history
+            if "loss" in entry
+        ],
+        "final_eval": final_eval,
+    }
+    write_json(os.path.join(config.out, REPORT_FILE), report)
+    return report
+
+
+def store_identity(store: Store, shards: list[str]) -> dict[str, Any]:
+    """Which store and manifest a run trained from, and which of its shards."""
+    m = store.manifest
+    return {
+        "url": store.url,
+        "format_version": m.format_version,
+        "created_at": m.created_at,
+        "teacher": dataclasses.asdict(m.teacher),
+        "tokenizer_fingerprint": m.tokenizer.fingerprint,
+        "targets": dataclasses.asdict(m.targets),
+        "hidden_layers": [layer.index for layer in m.hidden.layers],
+        "shards": len(shards),
+        "shards_sha256": hashlib.sha256("\n".join(shards).encode()).hexdigest(),
+    }
+
+
+def _final_eval(config: TrainConfig, store: Store, student: Any, tokenizer: Any) -> dict[str, Any]:
+    from student_train.evaluate import evaluate
+
+    if config.eval_fraction <= 0:
+        return {"records": 0, "note": "no held-out records (--eval-fraction 0)"}
+    return evaluate(
+        store,
+        model=student,
+        tokenizer=tokenizer,
+        eval_fraction=config.eval_fraction,
+        max_records=config.eval_max_records,
+        batch_size=config.batch_size,
+        max_new_tokens=config.eval_max_new_tokens,
+    )

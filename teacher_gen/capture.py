@@ -1,0 +1,282 @@
+"""Backend-independent capture math: top-k log-probs from final hidden states, and hidden-state taps.
+
+The memory rule: never hold a [batch, seq, vocab] tensor, let alone in fp32. The LM head runs
+on `chunk` positions at a time, and only that chunk's logits are widened to fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from teacher_gen.errors import GenerateError
+
+LogitTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TopKLogprobs:
+    """The teacher's targets at S scored positions (row j: distribution over the j-th scored token).
+
+    `logprobs` holds fp32 values or, when the device already rounded them, the store's dtype;
+    `ids` are padded with -1 (log-prob -inf) when the vocabulary is smaller than K.
+    """
+
+    ids: np.ndarray  # [S, K] int32, by descending probability
+    logprobs: np.ndarray  # [S, K]
+    token_logprob: np.ndarray  # [S] float32: log-prob of the token that actually follows
+    tail_mass: np.ndarray  # [S] float32: 1 - sum(exp(logprobs)), clamped to [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.token_logprob)
+
+
+# -- logits ------------------------------------------------------------------------------------
+def logit_transform(model_config: Any) -> LogitTransform | None:
+    """What the model does to its LM-head output before returning logits, if anything.
+
+    Covers the transforms of transformers' causal LMs: Cohere's `logit_scale` (multiply),
+    Granite's `logits_scaling` (divide) and Gemma 2/3's `final_logit_softcapping` (tanh cap).
+    `HFTeacher` checks the result against the model's own logits at load time, so a model
+    with a transform missing here fails loudly instead of writing wrong targets.
+    """
+    text_config = getattr(model_config, "get_text_config", lambda: model_config)()
+    scale = getattr(text_config, "logit_scale", None)
+    divide = getattr(text_config, "logits_scaling", None)
+    cap = getattr(text_config, "final_logit_softcapping", None)
+    if not (scale or divide or cap):
+        return None
+    if (scale and scale < 0) or (divide and divide < 0) or (cap and cap < 0):
+        # the capture picks the top-k before the transform, which needs it to be increasing
+        raise GenerateError("the teacher's config has a negative logit scale or cap; potstill cannot capture it")
+
+    def apply(logits: torch.Tensor) -> torch.Tensor:
+        if scale:
+            logits = logits * scale
+        if divide:
+            logits = logits / divide
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return apply
+
+
+def choose_block(vocab: int, k: int) -> int | None:
+    """A block length for `block_topk` that divides the vocabulary into plenty of blocks, if any."""
+    for block in (256, 512, 128, 1024, 64):
+        if vocab % block == 0 and vocab // block >= 4 * k:
+            return block
+    return None
+
+
+def block_topk(x: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the last dim, reading a full row once and sorting only k * block candidates.
+
+    Every one of the k largest values lies in one of the k blocks with the largest maxima (if a
+    value's block were not among them, those k blocks would hold k larger values). So: block
+    maxima, top-k blocks, then top-k among their elements. Equal values may come in another
+    order than `torch.topk`'s; the values are the same.
+    """
+    m, v = x.shape
+    blocks = x.view(m, v // block, block)
+    _, block_ids = blocks.amax(dim=-1).topk(k, dim=-1)  # [m, k]
+    candidates = blocks.gather(1, block_ids[..., None].expand(m, k, block)).reshape(m, k * block)
+    values, pos = candidates.topk(k, dim=-1)
+    return values, block_ids.gather(1, pos // block) * block + pos % block
+
+
+def make_logsumexp(transform: LogitTransform | None, compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fp32 logsumexp of (transformed) logits in the model dtype.
+
+    Eager PyTorch materializes an fp32 copy of the chunk; compiled, the widening, the transform
+    and the reduction fuse into one pass that reads the logits once.
+    """
+
+    def lse(logits: torch.Tensor) -> torch.Tensor:
+        x = logits.float()
+        if transform is not None:
+            x = transform(x)
+        return torch.logsumexp(x, dim=-1)
+
+    if not compile:
+        return lse
+    compiled = torch.compile(lse, dynamic=True)
+    state = {"fn": compiled}
+
+    def guarded(logits: torch.Tensor) -> torch.Tensor:
+        try:
+            return state["fn"](logits)
+        except Exception as e:  # a compiler problem must not stop a capture: fall back once, loudly
+            if state["fn"] is lse:
+                raise
+            import warnings
+
+            warnings.warn(f"torch.compile of the logsumexp failed ({type(e).__name__}); using eager", stacklevel=2)
+            state["fn"] = lse
+            return lse(logits)
+
+    return guarded
+
+
+@torch.no_grad()
+def topk_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    k: int,
+    *,
+    chunk: int = 1024,
+    transform: LogitTransform | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    logsumexp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids/log-probs, the target token's log-prob and the tail mass for M positions.
+
+    `hidden` [M, H] are final hidden states (after the final norm) at the positions that predict
+    `targets` [M]. Returns device tensors: ids [M, K] int32, log-probs [M, K] `out_dtype`,
+    token log-probs [M] fp32, tail mass [M] fp32. Log-probs are computed in fp32.
+
+    The top-k and the target's logit are picked from the model-dtype logits and widened
+    afterwards: widening is exact and the logit transforms are increasing, so they are the
+    same values as in an fp32 copy. Only the logsumexp needs all logits in fp32.
+    """
+    m = hidden.shape[0]
+    device = hidden.device
+    lse_fn = logsumexp or make_logsumexp(transform)
+    ids_out = torch.full((m, k), -1, dtype=torch.int32, device=device)
+    lp_out = torch.full((m, k), float("-inf"), dtype=out_dtype, device=device)
+    token_out = torch.empty(m, dtype=torch.float32, device=device)
+    tail_out = torch.empty(m, dtype=torch.float32, device=device)
+
+    def finish(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return transform(x) if transform is not None else x
+
+    for start in range(0, m, chunk):
+        stop = min(start + chunk, m)
+        logits = head(hidden[start:stop])
+        k_eff = min(k, logits.shape[-1])
+        if block is not None and k_eff == k:
+            top_val, top_idx = block_topk(logits, k, block)
+        else:
+            top_val, top_idx = logits.topk(k_eff, dim=-1)
+        lse = lse_fn(logits)
+        top_lp = finish(top_val) - lse[:, None]
+        token_lp = finish(logits.gather(1, targets[start:stop, None].long()).squeeze(1)) - lse
+        del logits
+        ids_out[start:stop, :k_eff] = top_idx.to(torch.int32)
+        lp_out[start:stop, :k_eff] = top_lp.to(out_dtype)
+        token_out[start:stop] = token_lp
+        tail_out[start:stop] = (1.0 - top_lp.exp().sum(-1)).clamp_(0.0, 1.0)
+    return ids_out, lp_out, token_out, tail_out
+
+
+def reference_topk(logprobs: np.ndarray, targets: np.ndarray, k: int) -> TopKLogprobs:
+    """Top-k targets from a full [S, V] log-prob matrix (fp32), for tests and the vLLM adapter's
+    differential check. Ties are broken by lower token id."""
+    s, v = logprobs.shape
+    k_eff = min(k, v)
+    order = np.argsort(-logprobs, axis=-1, kind="stable")[:, :k_eff]
+    top = np.take_along_axis(logprobs, order, -1).astype(np.float32)
+    ids = np.full((s, k), -1, dtype=np.int32)
+    lps = np.full((s, k), -np.inf, dtype=np.float32)
+    ids[:, :k_eff] = order
+    lps[:, :k_eff] = top
+    token = logprobs[np.arange(s), targets].astype(np.float32)
+    tail = np.clip(1.0 - np.exp(top).sum(-1), 0.0, 1.0).astype(np.float32)
+    return TopKLogprobs(ids, lps, token, tail)
+
+
+# -- hidden states -----------------------------------------------------------------------------
+def resolve_layers(indices: list[int], num_layers: int) -> list[int]:
+    """HF `hidden_states` indices (negative from the end) as sorted, distinct, non-negative ones."""
+    out = set()
+    for i in indices:
+        j = i + num_layers + 1 if i < 0 else i
+        if not 0 <= j <= num_layers:
+            raise GenerateError(
+                f"--hidden-layers {i}: the teacher has {num_layers} layers, so indices run from "
+                f"{-(num_layers + 1)} to {num_layers} (0 = embeddings, {num_layers} or -1 = last, after the final norm)"
+            )
+        out.add(j)
+    return sorted(out)
+
+
+def decoder_layers(base_model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The model's list of decoder layers (`layers`, `h`, `blocks`, ... : the ModuleList of length L)."""
+    for name in ("layers", "h", "blocks", "decoder.layers"):
+        module: Any = base_model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    for module in base_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise GenerateError(f"cannot find the {num_layers} decoder layers of {type(base_model).__name__}")
+
+
+def _tensor_of(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple | list) else value
+
+
+class LayerTaps:
+    """Forward hooks on exactly the modules that produce the requested hidden states.
+
+    HF `hidden_states[i]` is the input of decoder layer i (i = 0: the embeddings, as the model
+    passes them on) and, for 1 <= i < L, the output of layer i - 1. Index L is the final
+    hidden state after the norm, which the caller already has: no hook is needed for it.
+    """
+
+    def __init__(self, layers: nn.ModuleList, indices: list[int]) -> None:
+        self.num_layers = len(layers)
+        self.captured: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for i in indices:
+            if i == 0:
+                self._handles.append(layers[0].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True))
+            elif i < self.num_layers:
+                self._handles.append(layers[i - 1].register_forward_hook(self._hook(i)))
+
+    def _hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.captured[index] = _tensor_of(output)
+
+        return hook
+
+    def _pre_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: Any, kwargs: dict) -> None:
+            self.captured[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def take(self, index: int, final_hidden: torch.Tensor) -> torch.Tensor:
+        return final_hidden if index == self.num_layers else self.captured[index]
+
+    def clear(self) -> None:
+        self.captured.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.captured.clear()
+
+
+def to_storage(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Hidden states in the stored element type: float16, or bfloat16 bits as int16 (read back as uint16)."""
+    if dtype == "float16":
+        return t.to(torch.float16)
+    return t.to(torch.bfloat16).view(torch.int16)
+
+
+def storage_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+    arr = t.numpy()
+    return arr.view(np.uint16) if dtype == "bfloat16" else arr

@@ -1,0 +1,319 @@
+"""The Hugging Face transformers backend: scoring with hooks and a chunked LM head, and generation.
+
+Scoring runs the decoder body once per batch (right padding, so pads only ever come after the
+real tokens and cannot change them), taps the requested hidden states with forward hooks, and
+applies the LM head only at the positions that are scored, a chunk at a time. Results are copied
+to pinned host memory without blocking; `score()` returns before they arrive, so the next batch
+is queued on the GPU while the previous one is handed to the writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from store import decode_hidden
+from teacher_gen.capture import (
+    LayerTaps,
+    choose_block,
+    decoder_layers,
+    logit_transform,
+    make_logsumexp,
+    storage_numpy,
+    to_storage,
+    topk_logprobs,
+)
+from teacher_gen.config import GenerateConfig
+from teacher_gen.errors import GenerateError, describe_load_error
+from teacher_gen.jobs import Capture, GenRequest, ScoreJob, TopKLogprobs, batches_by_tokens
+from teacher_gen.model_info import TeacherSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(flag: str) -> torch.device:
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise GenerateError(f"--device {flag!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device {flag}: CUDA is not available on this machine")
+    return device
+
+
+class HFTeacher:
+    def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, hidden_layers: list[int],
+                 model: Any = None) -> None:
+        """Load the teacher (or take an already built `model`, e.g. a benchmark's random one)."""
+        self.config = config
+        self.spec = spec
+        self.device = pick_device(config.device)
+        if model is None:
+            model = load_model(config, spec)
+        self.model = model.to(self.device).eval()
+        self.body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise GenerateError(f"teacher {config.teacher}: the model has no LM head")
+        self.transform = logit_transform(model.config)
+        use_compile = config.compile if config.compile is not None else self.device.type == "cuda"
+        self.logsumexp = make_logsumexp(self.transform, compile=use_compile)
+        # Block top-k (exact) pays off on GPUs, where topk over a 100k+ row is costly; on CPU torch.topk is as fast.
+        vocab = getattr(self.head, "out_features", spec.vocab_size)
+        self.block = choose_block(vocab, config.top_k) if self.device.type == "cuda" else None
+        self.k = config.top_k
+        self.hidden_layers = hidden_layers
+        self.hidden_dtype = config.hidden_dtype
+        self.taps = LayerTaps(decoder_layers(self.body, spec.num_layers), hidden_layers)
+        self.lp_dtype = torch.float16 if config.logprob_dtype == "float16" else torch.float32
+        self.pad_id = _pad_id(tokenizer)
+        self.eos_ids = _eos_ids(tokenizer, model)
+        self.pinned = self.device.type == "cuda"
+        # Device-to-host copies run on their own stream, so they overlap the next batch's compute.
+        self.copy_stream = torch.cuda.Stream(self.device) if self.pinned else None
+        self.self_check()
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score_batches(self, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]:
+        return batches_by_tokens(jobs, len, self.config.batch_tokens)
+
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        if self.pinned:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _to_host(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+        """Start copying device tensors to pinned host memory; returns the copies and a waiter."""
+        if not self.pinned:
+            return tensors, lambda: None
+        assert self.copy_stream is not None
+        computed = torch.cuda.current_stream(self.device).record_event()
+        hosts = {}
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(computed)
+            for name, t in tensors.items():
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(self.copy_stream)  # keep the allocator off it until copied
+                hosts[name] = host
+            copied = self.copy_stream.record_event()
+        return hosts, copied.synchronize
+
+    @torch.inference_mode()
+    def score(self, jobs: list[ScoreJob]) -> Callable[[], list[Capture]]:
+        b, t = len(jobs), max(len(j) for j in jobs)
+        ids = np.full((b, t), self.pad_id, dtype=np.int64)
+        mask = np.zeros((b, t), dtype=np.int64)
+        pred_rows, targets, hidden_rows = [], [], []
+        for row, job in enumerate(jobs):
+            n = len(job)
+            ids[row, :n] = job.input_ids
+            mask[row, :n] = 1
+            # Logits at position p predict token p + 1: scored tokens s..n-1 come from positions s-1..n-2.
+            pred_rows.append(row * t + np.arange(job.score_start - 1, n - 1))
+            targets.append(job.input_ids[job.score_start :])
+            hidden_rows.append(row * t + np.arange(job.hidden_start, n))
+        pred_idx = self._to_device(np.concatenate(pred_rows).astype(np.int64))
+        target_ids = self._to_device(np.concatenate(targets).astype(np.int64))
+        ids_t = self._to_device(ids)
+        mask_t = self._to_device(mask) if not mask.all() else None
+
+        self.taps.clear()
+        out = self.body(input_ids=ids_t, attention_mask=mask_t, use_cache=False)
+        final = out[0].reshape(b * t, -1)
+        top_ids, top_lp, token_lp, tail = topk_logprobs(
+            final.index_select(0, pred_idx), self.head, target_ids, self.k,
+            chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
+            logsumexp=self.logsumexp, block=self.block,
+        )
+        device_out = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
+        if self.hidden_layers:
+            hid_idx = self._to_device(np.concatenate(hidden_rows).astype(np.int64))
+            for index in self.hidden_layers:
+                states = self.taps.take(index, final).reshape(b * t, -1).index_select(0, hid_idx)
+                device_out[f"hidden{index}"] = to_storage(states, self.hidden_dtype)
+        self.taps.clear()
+        host, wait = self._to_host(device_out)
+
+        def collect() -> list[Capture]:
+            wait()
+            return _split(jobs, host, self.hidden_layers, self.hidden_dtype)
+
+        return collect
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate_batches(self, requests: list[GenRequest]) -> Iterator[list[GenRequest]]:
+        # Requests with different token budgets never share a batch, so a sample's length limit
+        # does not depend on its batch-mates.
+        return batches_by_tokens(
+            requests, lambda r: len(r.prompt_ids) + r.max_new_tokens, self.config.batch_tokens,
+            key=lambda r: r.max_new_tokens,
+        )
+
+    @torch.inference_mode()
+    def generate(self, requests: list[GenRequest]) -> list[np.ndarray]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        b, t = len(requests), max(len(r.prompt_ids) for r in requests)
+        ids = np.full((b, t), self.pad_id, dtype=np.int64)
+        mask = np.zeros((b, t), dtype=np.int64)
+        for row, req in enumerate(requests):  # left padding: every row's next token lands at column t
+            n = len(req.prompt_ids)
+            ids[row, t - n :] = req.prompt_ids
+            mask[row, t - n :] = 1
+        gen_config = GenerationConfig(
+            max_new_tokens=max(r.max_new_tokens for r in requests),
+            do_sample=False,  # sampling happens in SeededSampler, row by row
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids) or None,
+        )
+        processors = LogitsProcessorList()
+        if self.config.temperature > 0:
+            processors.append(SeededSampler(self.config.temperature, self.config.top_p,
+                                            [r.seed for r in requests], self.device))
+        out = self.model.generate(
+            input_ids=self._to_device(ids),
+            attention_mask=self._to_device(mask),
+            generation_config=gen_config,
+            logits_processor=processors,
+        )
+        new = out[:, t:].cpu().numpy()
+        return [cut_at_eos(row, self.eos_ids, req.max_new_tokens) for row, req in zip(new, requests, strict=True)]
+
+    # -- checks --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def self_check(self) -> None:
+        """Compare this capture path with the model's own forward on a short probe, once.
+
+        Catches an architecture whose logits get a transform `logit_transform` does not know,
+        or whose hidden states are not where `LayerTaps` looks, before anything is written.
+        """
+        n = 12
+        probe = ((np.arange(n) * 7919 + 3) % self.spec.vocab_size).astype(np.int32)
+        job = ScoreJob("self-check", None, probe, score_start=1, hidden_start=0)  # type: ignore[arg-type]
+        mine = self.score([job])()[0]
+        ref = self.model(input_ids=torch.from_numpy(probe[None].astype(np.int64)).to(self.device),
+                         output_hidden_states=True, use_cache=False)
+        ref_lp = torch.log_softmax(ref.logits[0, :-1].float(), dim=-1).cpu()
+        ref_token = ref_lp.gather(1, torch.from_numpy(probe[1:, None].astype(np.int64))).squeeze(1).numpy()
+        tol = 1e-3 if self.spec.dtype == "float32" else 0.15
+        diff = float(np.abs(ref_token - mine.targets.token_logprob).max())
+        if not diff <= tol:
+            raise GenerateError(
+                f"teacher {self.config.teacher}: the chunked capture does not reproduce the model's logits "
+                f"(max log-prob difference {diff:.3g}); its architecture transforms logits in a way potstill "
+                "does not know"
+            )
+        for index in self.hidden_layers:
+            want = ref.hidden_states[index][0].float().cpu().numpy()
+            got = decode_hidden(mine.hidden[index], self.hidden_dtype)
+            rel = float(np.abs(want - got).max()) / (float(np.abs(want).max()) + 1e-6)
+            if not rel <= (1e-2 if self.spec.dtype == "float32" else 0.1):
+                raise GenerateError(
+                    f"teacher {self.config.teacher}: hidden layer {index} captured by hooks differs from "
+                    f"output_hidden_states[{index}] (relative difference {rel:.3g})"
+                )
+
+    def close(self) -> None:
+        self.taps.remove()
+
+
+def load_model(config: GenerateConfig, spec: TeacherSpec) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            config.teacher,
+            dtype=TORCH_DTYPES[spec.dtype],
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+        )
+    except Exception as e:
+        raise GenerateError(f"teacher {config.teacher}: cannot load the model ({describe_load_error(e)})") from None
+
+
+class SeededSampler:
+    """Samples with one RNG per row, by the Gumbel-max trick, inside HF's greedy search.
+
+    Each row's generator is seeded from (run seed, record id, sample index), so a sample is the
+    same whatever batch it lands in and after a resume. Temperature and top-p are applied here;
+    the greedy argmax of log p + Gumbel noise is then an exact sample of that distribution.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seeds: list[int], device: torch.device) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = []
+        for seed in seeds:
+            g = torch.Generator(device=device)
+            g.manual_seed(seed)
+            self.generators.append(g)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            logp = _top_p_filter(logp, self.top_p)
+        noise = torch.empty_like(logp)
+        for row, g in enumerate(self.generators):
+            noise[row].exponential_(generator=g)
+        # argmax(log p - log E), E ~ Exp(1), picks token i with probability p_i.
+        return logp - noise.clamp_min_(1e-30).log_()
+
+
+def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_lp, order = logp.sort(dim=-1, descending=True)
+    before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()  # mass of the tokens ranked above
+    drop_sorted = before >= top_p  # the top token always stays (its "before" is 0)
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logp.masked_fill(drop, float("-inf"))
+
+
+def cut_at_eos(tokens: np.ndarray, eos_ids: set[int], limit: int) -> np.ndarray:
+    """A row's generated ids up to and including its first EOS (at most `limit` tokens)."""
+    tokens = tokens[:limit]
+    for i, tok in enumerate(tokens.tolist()):
+        if tok in eos_ids:
+            return tokens[: i + 1].astype(np.int32)
+    return tokens.astype(np.int32)
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _split(jobs: list[ScoreJob], host: dict[str, torch.Tensor], layers: list[int], hidden_dtype: str) -> list[Capture]:
+    """Cut the batch's flat host tensors into one `Capture` per job (numpy views, no copies)."""
+    top_ids, top_lp, token_lp, tail = (host[name].numpy() for name in ("ids", "lp", "token", "tail"))
+    hidden = {i: storage_numpy(host[f"hidden{i}"], hidden_dtype) for i in layers}
+    out = []
+    t0 = h0 = 0
+    for job in jobs:
+        t1 = t0 + len(job) - job.score_start
+        h1 = h0 + len(job) - job.hidden_start
+        out.append(Capture(
+            TopKLogprobs(top_ids[t0:t1], top_lp[t0:t1], token_lp[t0:t1], tail[t0:t1]),
+            {i: arr[h0:h1] for i, arr in hidden.items()},
+        ))
+        t0, h0 = t1, h1
+    return out

@@ -1,0 +1,105 @@
+"""The units of work that pass between the runner and a backend, and how they are batched."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from teacher_gen.capture import TopKLogprobs
+from teacher_gen.encode import Encoded
+
+
+@dataclass
+class ScoreJob:
+    """One sequence to score: becomes exactly one record."""
+
+    record_id: str
+    encoded: Encoded
+    input_ids: np.ndarray  # int32 [n]: prompt + completion (given or generated)
+    score_start: int
+    hidden_start: int
+    sample_index: int = 0
+    generated_ids: np.ndarray | None = None  # generate mode: the teacher's completion
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class GenRequest:
+    """One sample to generate: a prompt, a token budget and the seed of this (record, sample)."""
+
+    record_id: str
+    encoded: Encoded
+    sample_index: int
+    seed: int
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        return self.encoded.prompt_ids
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.encoded.max_new_tokens
+
+
+@dataclass
+class Capture:
+    """What the teacher produced for one `ScoreJob`."""
+
+    targets: TopKLogprobs
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # stored layer index -> [rows, width]
+
+
+class Teacher(Protocol):
+    """What the runner needs from a backend."""
+
+    def score(self, jobs: list[ScoreJob]) -> Callable[[], list[Capture]]:
+        """Start scoring one batch; the returned function waits for and returns its captures.
+
+        Splitting launch from collection lets a GPU backend run batch i+1 while batch i is
+        copied to the host and handed to the writer.
+        """
+        ...
+
+    def generate(self, requests: list[GenRequest]) -> list[np.ndarray]:
+        """Completion ids per request (ending with EOS when the teacher stopped by itself)."""
+        ...
+
+    def score_batches(self, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]: ...
+
+    def generate_batches(self, requests: list[GenRequest]) -> Iterator[list[GenRequest]]: ...
+
+    def close(self) -> None: ...
+
+
+def derive_seed(seed: int, record_id: str, sample_index: int) -> int:
+    """A 63-bit seed per (run seed, record, sample): a sample never depends on its batch-mates."""
+    digest = hashlib.sha256(f"{seed}\x00{record_id}\x00{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def batches_by_tokens(items: list, length: Callable[[object], int], budget: int,
+                      key: Callable[[object], object] | None = None) -> Iterator[list]:
+    """Group items, longest first, so that rows x longest row stays within `budget` padded tokens.
+
+    Longest first: the largest batch runs first, so running out of memory shows at once. Items
+    with different `key`s never share a batch (generation budgets, for instance).
+    """
+    order = sorted(items, key=lambda x: (key(x) if key else 0, -length(x)))
+    batch: list = []
+    longest = 0
+    for item in order:
+        n = length(item)
+        same_key = not batch or key is None or key(batch[0]) == key(item)
+        if batch and (not same_key or max(longest, n) * (len(batch) + 1) > budget):
+            yield batch
+            batch, longest = [], 0
+        batch.append(item)
+        longest = max(longest, n)
+    if batch:
+        yield batch

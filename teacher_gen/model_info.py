@@ -1,0 +1,90 @@
+"""What the store must know about a teacher, read from its config alone (no weights loaded).
+
+The store is created (or reopened) before the model is loaded, so a rerun that finds every
+record already committed finishes without touching the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from store import TeacherInfo, config_hash
+from teacher_gen.config import GenerateConfig
+from teacher_gen.errors import GenerateError, describe_load_error
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclass
+class TeacherSpec:
+    hf_config: Any
+    info: TeacherInfo
+    dtype: str  # resolved: float32 / float16 / bfloat16
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+
+
+def _config_json(config: GenerateConfig) -> dict[str, Any] | None:
+    """The teacher's config.json as stored (local folder or hub cache), for `teacher.config_hash`."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(config.teacher, "config.json", revision=config.revision,
+                           _raise_exceptions_for_missing_entries=False)
+    except Exception:  # offline hub, gated repo...: fall back to the parsed config
+        return None
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resolve_dtype(flag: str, hf_config: Any) -> str:
+    if flag != "auto":
+        if flag not in DTYPES:
+            raise GenerateError(f"--dtype must be auto, float32, float16 or bfloat16; got {flag!r}")
+        return DTYPES[flag]
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    for source in (text, hf_config):
+        value = getattr(source, "dtype", None) or getattr(source, "torch_dtype", None)
+        if value is not None:
+            name = str(value).replace("torch.", "")
+            if name in DTYPES:
+                return DTYPES[name]
+    return "float32"
+
+
+def describe_teacher(config: GenerateConfig) -> TeacherSpec:
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(
+            config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+    except Exception as e:  # missing folder, unknown architecture, remote code refused...
+        first = describe_load_error(e)
+        raise GenerateError(f"teacher {config.teacher}: cannot load its config ({first})") from None
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    num_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    hidden_size = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    vocab_size = getattr(text, "vocab_size", None)
+    if not (num_layers and hidden_size and vocab_size):
+        raise GenerateError(f"teacher {config.teacher}: its config names no layer count, width or vocabulary size")
+    raw = _config_json(config) or hf_config.to_dict()
+    dtype = resolve_dtype(config.dtype, hf_config)
+    architectures = getattr(hf_config, "architectures", None) or []
+    info = TeacherInfo(
+        name_or_path=config.teacher,
+        revision=config.revision,
+        config_hash=config_hash(raw),
+        dtype=dtype,
+        architecture=architectures[0] if architectures else None,
+        num_hidden_layers=int(num_layers),
+        hidden_size=int(hidden_size),
+        vocab_size=int(vocab_size),
+    )
+    return TeacherSpec(hf_config, info, dtype, int(num_layers), int(hidden_size), int(vocab_size))

@@ -1,0 +1,273 @@
+"""Reading a prompt set: JSONL, JSON, Parquet, CSV or a saved `datasets` folder.
+
+Every row becomes a `SourceItem` or an `InputError` (line/row number, id when known, reason).
+A bad row never stops the run; only a file that cannot be read at all raises `GenerateError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from teacher_gen.errors import GenerateError, InputError, TooManyInputErrors
+
+FORMATS = ("jsonl", "json", "parquet", "csv", "datasets")
+
+
+@dataclass
+class SourceItem:
+    """One valid input row, fields already mapped to their potstill names."""
+
+    id: str
+    line: int
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    completion: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class FieldMap:
+    id: str = "id"
+    prompt: str = "prompt"
+    messages: str = "messages"
+    completion: str = "completion"
+
+    @property
+    def known(self) -> set[str]:
+        return {self.id, self.prompt, self.messages, self.completion}
+
+
+@dataclass
+class PromptSet:
+    items: list[SourceItem] = field(default_factory=list)
+    errors: list[InputError] = field(default_factory=list)
+    rows: int = 0  # rows read, good and bad, of every worker
+
+
+def detect_format(path: str) -> str:
+    if os.path.isdir(path):
+        return "datasets"
+    lower = path.lower()
+    for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".parquet", "parquet"),
+                        (".pq", "parquet"), (".csv", "csv")):
+        if lower.endswith(suffix):
+            return fmt
+    raise GenerateError(f"prompt file {path}: unknown format; use .jsonl, .json, .parquet, .csv or a datasets folder")
+
+
+# -- raw rows ---------------------------------------------------------------------------------
+RawRow = tuple[int, Any, str | None]  # (line or row number, the row, a parse error)
+
+
+def iter_rows(path: str) -> Iterator[RawRow]:
+    """(line/row number, row object, parse error or None) for every row of a prompt source."""
+    if not os.path.exists(path):
+        raise GenerateError(f"prompt file {path} does not exist")
+    fmt = detect_format(path)
+    if fmt == "jsonl":
+        yield from _jsonl_rows(path)
+    elif fmt == "json":
+        yield from _json_rows(path)
+    elif fmt == "parquet":
+        yield from _parquet_rows(path)
+    elif fmt == "csv":
+        yield from _csv_rows(path)
+    else:
+        yield from _datasets_rows(path)
+
+
+def _jsonl_rows(path: str) -> Iterator[RawRow]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield number, json.loads(raw), None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield number, None, f"malformed JSON ({getattr(e, 'msg', None) or e})"
+
+
+def _json_rows(path: str) -> Iterator[RawRow]:
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GenerateError(f"prompt file {path}: not valid JSON ({getattr(e, 'msg', None) or e})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise GenerateError(f"prompt file {path}: expected a JSON list of records or {{\"data\": [...]}}")
+    for number, row in enumerate(data, start=1):
+        yield number, row, None
+
+
+def _parquet_rows(path: str) -> Iterator[RawRow]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise GenerateError(f"prompt file {path}: unreadable Parquet ({e})") from None
+    number = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row, None
+
+
+def _csv_rows(path: str) -> Iterator[RawRow]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            # CSV has no nulls: an empty cell means "absent"; extra cells land under the None key.
+            extra = row.pop(None, None)  # type: ignore[call-overload]
+            if extra:
+                yield reader.line_num, None, f"row has {len(extra)} more cells than the header"
+                continue
+            yield reader.line_num, {k: (None if v == "" else v) for k, v in row.items()}, None
+
+
+def _datasets_rows(path: str) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise GenerateError(f"prompt folder {path}: not a saved datasets folder ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(splits) == 1:
+            ds = ds[splits[0]]
+        else:
+            raise GenerateError(f"prompt folder {path}: several splits {splits}; save one split (or 'train')")
+    for number, row in enumerate(ds, start=1):
+        yield number, row, None
+
+
+# -- validation -------------------------------------------------------------------------------
+def content_id(prompt: str | None, messages: Any, completion: str | None) -> str:
+    """A stable id for a row without one: a hash of what the teacher will see."""
+    payload = json.dumps({"prompt": prompt, "messages": messages, "completion": completion}, sort_keys=True,
+                         ensure_ascii=False, default=str)
+    return "h" + hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _check_messages(value: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
+    if isinstance(value, str):  # CSV / Parquet columns often hold the chat as a JSON string
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None, "messages is a string that is not a JSON list"
+    if not isinstance(value, list):
+        return None, f"messages must be a list of {{role, content}} objects, got {type(value).__name__}"
+    if not value:
+        return None, "messages is empty"
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            return None, f"messages[{i}] must be an object, got {type(msg).__name__}"
+        if not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+            return None, f"messages[{i}] needs string 'role' and 'content'"
+        out.append({k: v for k, v in msg.items() if v is not None})
+    return out, None
+
+
+def _json_safe(value: Any) -> Any:
+    """Source fields stored in `meta` must survive JSON (dates, bytes, numpy scalars become text)."""
+    return json.loads(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def parse_row(number: int, row: Any, fields: FieldMap) -> SourceItem | InputError:
+    """Validate one row and map its fields; the reason names the first thing wrong."""
+    if not isinstance(row, dict):
+        return InputError(number, None, f"expected an object with a prompt, got {type(row).__name__}")
+    raw_id = row.get(fields.id)
+    if raw_id is None:
+        rid = None
+    elif isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        return InputError(number, None, f"field {fields.id!r} must be a string or an integer, got {type(raw_id).__name__}")
+    else:
+        rid = str(raw_id)
+        if not rid.strip():
+            return InputError(number, None, f"field {fields.id!r} is empty")
+
+    prompt = row.get(fields.prompt)
+    messages_raw = row.get(fields.messages)
+    completion = row.get(fields.completion)
+    if prompt is not None and not isinstance(prompt, str):
+        return InputError(number, rid, f"field {fields.prompt!r} must be a string, got {type(prompt).__name__}")
+    if completion is not None and not isinstance(completion, str):
+        return InputError(number, rid, f"field {fields.completion!r} must be a string, got {type(completion).__name__}")
+    messages = None
+    if messages_raw is not None:
+        messages, problem = _check_messages(messages_raw)
+        if problem:
+            return InputError(number, rid, problem)
+    elif prompt is None:
+        return InputError(number, rid, f"no {fields.prompt!r} or {fields.messages!r} field")
+    elif not prompt.strip():
+        return InputError(number, rid, "empty prompt")
+
+    if rid is None:
+        rid = content_id(prompt, messages, completion)
+    meta = {k: v for k, v in row.items() if k not in fields.known}
+    return SourceItem(
+        id=rid,
+        line=number,
+        prompt=prompt,
+        messages=messages,
+        completion=completion,
+        meta=_json_safe(meta) if meta else None,
+    )
+
+
+def load_prompts(
+    path: str,
+    fields: FieldMap,
+    *,
+    owns: Callable[[str], bool] = lambda key: True,
+    max_errors: int | None = None,
+    forbid_in_id: str | None = None,
+) -> PromptSet:
+    """Read every row; keep the valid ones and the errors this worker `owns` (by id, else line).
+
+    Duplicate ids are checked over the whole file (whoever owns the row): the first one wins.
+    Raises `TooManyInputErrors` as soon as this worker has more than `max_errors` errors.
+    """
+    out = PromptSet()
+    first_line: dict[str, int] = {}
+
+    def reject(err: InputError) -> None:
+        if owns(err.key):
+            out.errors.append(err)
+            if max_errors is not None and len(out.errors) > max_errors:
+                raise TooManyInputErrors(out.errors, max_errors)
+
+    for number, row, problem in iter_rows(path):
+        out.rows += 1
+        if problem is not None:
+            reject(InputError(number, None, problem))
+            continue
+        parsed = parse_row(number, row, fields)
+        if isinstance(parsed, InputError):
+            reject(parsed)
+            continue
+        if forbid_in_id and forbid_in_id in parsed.id:
+            reject(InputError(number, parsed.id, f"id contains {forbid_in_id!r}, which numbers the samples of --num-samples"))
+            continue
+        if parsed.id in first_line:
+            reject(InputError(number, parsed.id, f"duplicate id (first seen at line {first_line[parsed.id]})"))
+            continue
+        first_line[parsed.id] = number
+        if owns(parsed.id):
+            out.items.append(parsed)
+    return out

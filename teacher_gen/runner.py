@@ -1,0 +1,410 @@
+"""`generate(config)`: run a teacher over a prompt set and fill a store, exactly once per record.
+
+The order of a run:
+  1. tokenizer and teacher config (no weights yet); read and validate the prompts, keeping this
+     worker's share (by a hash of the id, so the split does not depend on file order);
+  2. create the store or reopen it (its manifest must match), remove dead writers' leftovers,
+     skip every id already committed, tokenize the rest (bad inputs are collected);
+  3. only if work is left: load the model, then generate / score batch by batch, handing
+     captures to the background writer, which commits shards as they fill;
+  4. write this writer's bad inputs to `errors/<writer>.jsonl` and return a summary.
+
+A crash at any point leaves committed shards (complete) and at most a leftover (invisible,
+cleaned by the next run); rerunning the same command finishes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from store import (
+    HiddenLayer,
+    HiddenSpec,
+    Record,
+    Store,
+    StoreManifest,
+    TargetSpec,
+    create_store,
+    find_leftovers,
+    tokenizer_fingerprint,
+)
+from store.fs import join, write_bytes
+from store.verify import clean_leftovers
+from teacher_gen.capture import resolve_layers
+from teacher_gen.config import GenerateConfig
+from teacher_gen.encode import Encoded, context_length, encode_item
+from teacher_gen.errors import GenerateError, InputError, TooManyInputErrors, describe_load_error
+from teacher_gen.jobs import Capture, GenRequest, ScoreJob, Teacher, derive_seed
+from teacher_gen.model_info import TeacherSpec, describe_teacher
+from teacher_gen.prompts import FieldMap, SourceItem, load_prompts
+from teacher_gen.rationale import split_rationale
+from teacher_gen.writer import WriterPool
+
+SAMPLE_SEP = "#"
+
+
+@dataclass
+class Progress:
+    records: int
+    total: int
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class GenerateSummary:
+    store: str
+    writer_id: str
+    worker_index: int
+    workers: int
+    rows_read: int = 0
+    records: int = 0  # committed by this run
+    tokens: int = 0
+    scored_tokens: int = 0
+    shards: int = 0
+    bytes: int = 0
+    already_done: int = 0  # records of this worker's share found committed at start
+    cleaned_leftovers: list[str] = field(default_factory=list)
+    errors: list[InputError] = field(default_factory=list)
+    errors_file: str | None = None
+    seconds: float = 0.0  # wall time of the whole call, model loading included
+    capture_seconds: float = 0.0  # from the first batch to the last commit
+    stopped: bool = False  # cancelled through `should_stop`
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Throughput while capturing (model loading excluded)."""
+        return self.tokens / self.capture_seconds if self.capture_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store, "writer_id": self.writer_id, "worker_index": self.worker_index,
+            "workers": self.workers, "rows_read": self.rows_read, "records": self.records,
+            "tokens": self.tokens, "scored_tokens": self.scored_tokens, "shards": self.shards,
+            "bytes": self.bytes, "bytes_per_token": round(self.bytes_per_token, 1),
+            "already_done": self.already_done, "cleaned_leftovers": self.cleaned_leftovers,
+            "errors": [e.to_dict() for e in self.errors], "errors_file": self.errors_file,
+            "seconds": round(self.seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "stopped": self.stopped,
+        }
+
+    def format(self, max_errors_shown: int = 10) -> str:
+        worker = f" (worker {self.worker_index}/{self.workers})" if self.workers > 1 else ""
+        lines = [
+            f"wrote {self.records} records, {self.tokens} tokens ({self.scored_tokens} scored) in "
+            f"{self.shards} shard{'' if self.shards == 1 else 's'} to {self.store}{worker}",
+            f"time {self.seconds:.1f} s ({self.capture_seconds:.1f} s capturing), {self.tokens_per_second:,.0f} tokens/s, "
+            f"{self.bytes_per_token:,.0f} bytes per token, writer {self.writer_id}",
+        ]
+        if self.already_done:
+            lines.append(f"already in the store: {self.already_done} records (skipped)")
+        if self.cleaned_leftovers:
+            lines.append(f"removed {len(self.cleaned_leftovers)} leftover shard(s) of crashed writers")
+        if self.stopped:
+            lines.append("stopped before the end: rerun the same command to finish")
+        if self.errors:
+            where = f" (all in {self.errors_file})" if self.errors_file else ""
+            lines.append(f"skipped {len(self.errors)} bad inputs{where}:")
+            lines += [f"  {e}" for e in self.errors[:max_errors_shown]]
+            if len(self.errors) > max_errors_shown:
+                lines.append(f"  ... and {len(self.errors) - max_errors_shown} more")
+        return "\n".join(lines)
+
+
+def owner(key: str, workers: int) -> int:
+    """The worker that handles an id (or an error's line): a hash, not a position in the file."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % workers
+
+
+def record_id(item_id: str, sample_index: int, num_samples: int) -> str:
+    return item_id if num_samples == 1 else f"{item_id}{SAMPLE_SEP}{sample_index}"
+
+
+def load_tokenizer(config: GenerateConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    name = config.tokenizer or config.teacher
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    except Exception as e:
+        first = describe_load_error(e)
+        raise GenerateError(f"tokenizer {name}: cannot load it ({first})") from None
+
+
+def build_manifest(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, layers: list[int]) -> StoreManifest:
+    hidden = [
+        HiddenLayer(index=i, width=spec.hidden_size, dtype=config.hidden_dtype, post_norm=i == spec.num_layers)
+        for i in layers
+    ]
+    return StoreManifest(
+        teacher=spec.info,
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        targets=TargetSpec(k=config.top_k, logprob_dtype=config.logprob_dtype),
+        hidden=HiddenSpec(layers=hidden, chunk_tokens=config.hidden_chunk_tokens),
+        rationales=config.rationale,
+        generation=config.data_settings(getattr(tokenizer, "chat_template", None)),
+    )
+
+
+def open_store_for(config: GenerateConfig, manifest: StoreManifest, tokenizer: Any) -> Store:
+    with tempfile.TemporaryDirectory(prefix="potstill-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return create_store(config.store, manifest, tokenizer_files=tmp, exist_ok=True)
+
+
+def load_teacher(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, layers: list[int],
+                 max_length: int | None) -> Teacher:
+    if config.backend == "vllm":
+        from teacher_gen.vllm_backend import VLLMTeacher
+
+        return VLLMTeacher(config, spec, tokenizer, max_length)
+    from teacher_gen.hf_backend import HFTeacher
+
+    return HFTeacher(config, spec, tokenizer, layers)
+
+
+class RecordBuilder:
+    """(job, capture) -> `Record`; runs in the writer thread."""
+
+    def __init__(self, config: GenerateConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def __call__(self, job: ScoreJob, capture: Capture) -> Record:
+        enc, item = job.encoded, job.encoded.item
+        generated = None
+        if job.generated_ids is not None:
+            generated = self.tokenizer.decode(job.generated_ids.tolist(), skip_special_tokens=True)
+        rationale = answer = None
+        text = generated if generated is not None else enc.completion_text
+        if self.config.rationale and text is not None:
+            rationale, answer = split_rationale(text, self.config.answer_pattern)
+        t = capture.targets
+        return Record(
+            id=job.record_id,
+            input_ids=job.input_ids,
+            score_start=job.score_start,
+            topk_ids=t.ids,
+            topk_logprobs=t.logprobs,
+            token_logprob=t.token_logprob,
+            tail_mass=t.tail_mass,
+            prompt=item.prompt,
+            messages=item.messages,
+            completion=enc.completion_text if job.generated_ids is None else item.completion,
+            generated=generated,
+            rationale=rationale,
+            answer=answer,
+            meta=item.meta,
+            sample_index=job.sample_index,
+            hidden_start=job.hidden_start,
+            hidden=capture.hidden,
+        )
+
+
+def make_job(config: GenerateConfig, enc: Encoded, rid: str, sample_index: int,
+             generated: np.ndarray | None = None) -> ScoreJob:
+    completion = enc.completion_ids if generated is None else generated
+    input_ids = np.concatenate([enc.prompt_ids, completion]).astype(np.int32)
+    score_start = 1 if config.score_prompt else len(enc.prompt_ids)
+    hidden_start = 0 if config.hidden_tokens == "all" else score_start
+    return ScoreJob(rid, enc, input_ids, score_start, hidden_start, sample_index, generated)
+
+
+class Run:
+    """One call of `generate`: the state that its steps share."""
+
+    def __init__(self, config: GenerateConfig, should_stop: Callable[[], bool] | None,
+                 on_progress: Callable[[Progress], None] | None) -> None:
+        self.config = config
+        self.should_stop = should_stop or (lambda: False)
+        self.on_progress = on_progress
+        self.workers, self.index = config.resolve_workers()
+        self.started = time.perf_counter()
+        self.summary = GenerateSummary(
+            store=config.store,
+            writer_id=config.writer_id or f"g{self.index:03d}-{secrets.token_hex(4)}",
+            worker_index=self.index,
+            workers=self.workers,
+        )
+        self.done = self.total = self.tokens_done = 0
+        self.loop_started = self.started
+        self.bar: Any = None
+
+    # -- steps ---------------------------------------------------------------------------------
+    def prepare(self) -> tuple[Any, TeacherSpec, list[int], int | None, list[tuple[Encoded, list[int]]]]:
+        config, summary = self.config, self.summary
+        spec = describe_teacher(config)
+        tokenizer = load_tokenizer(config)
+        if len(tokenizer) > spec.vocab_size:
+            raise GenerateError(
+                f"tokenizer has {len(tokenizer)} tokens but teacher {config.teacher} only {spec.vocab_size}"
+            )
+        layers = resolve_layers(config.hidden_layers, spec.num_layers)
+        max_length = config.max_length or context_length(spec.hf_config, tokenizer)
+        fields = FieldMap(config.id_field, config.prompt_field, config.messages_field, config.completion_field)
+        prompts = load_prompts(
+            config.prompts, fields,
+            owns=lambda key: owner(key, self.workers) == self.index,
+            max_errors=config.max_errors,
+            forbid_in_id=SAMPLE_SEP if config.num_samples > 1 else None,
+        )
+        summary.rows_read = prompts.rows
+        summary.errors = prompts.errors
+
+        store = open_store_for(config, build_manifest(config, spec, tokenizer, layers), tokenizer)
+        self.store = store
+        summary.cleaned_leftovers = clean_leftovers(store, find_leftovers(store))
+        committed = store.committed_ids()
+
+        encoded = []
+        for item in prompts.items:
+            todo = self._samples_to_do(item, committed)
+            summary.already_done += config.num_samples - len(todo)
+            if not todo:
+                continue
+            enc = encode_item(item, tokenizer, config, max_length)
+            if isinstance(enc, InputError):
+                summary.errors.append(enc)
+                if config.max_errors is not None and len(summary.errors) > config.max_errors:
+                    raise TooManyInputErrors(summary.errors, config.max_errors)
+                continue
+            encoded.append((enc, todo))
+        self.total = sum(len(todo) for _, todo in encoded)
+        return tokenizer, spec, layers, max_length, encoded
+
+    def _samples_to_do(self, item: SourceItem, committed: set[str]) -> list[int]:
+        n = self.config.num_samples
+        return [k for k in range(n) if record_id(item.id, k, n) not in committed]
+
+    def execute(self, teacher: Teacher, writer: WriterPool, encoded: list[tuple[Encoded, list[int]]]) -> None:
+        config = self.config
+        self.loop_started = time.perf_counter()
+        n = config.num_samples
+        if config.mode == "score":
+            self._score([make_job(config, enc, record_id(enc.item.id, 0, n), 0) for enc, _ in encoded],
+                        teacher, writer)
+            return
+        requests = [
+            GenRequest(record_id(enc.item.id, k, n), enc, k, derive_seed(config.seed, enc.item.id, k))
+            for enc, todo in encoded
+            for k in todo
+        ]
+        for batch in teacher.generate_batches(requests):
+            if self.should_stop():
+                self.summary.stopped = True
+                return
+            completions = teacher.generate(batch)
+            jobs = [make_job(config, r.encoded, r.record_id, r.sample_index, ids)
+                    for r, ids in zip(batch, completions, strict=True)]
+            self._score(jobs, teacher, writer)
+
+    def _score(self, jobs: list[ScoreJob], teacher: Teacher, writer: WriterPool) -> None:
+        # One batch in flight: batch i+1 is launched before batch i is collected and handed over.
+        waiting: tuple[list[ScoreJob], Callable[[], list[Capture]]] | None = None
+        for batch in teacher.score_batches(jobs):
+            if self.should_stop():
+                self.summary.stopped = True
+                break
+            launched = (batch, teacher.score(batch))
+            if waiting is not None:
+                self._hand_over(*waiting, writer)
+            waiting = launched
+        if waiting is not None:
+            self._hand_over(*waiting, writer)
+
+    def _hand_over(self, batch: list[ScoreJob], collect: Callable[[], list[Capture]], writer: WriterPool) -> None:
+        captures = collect()
+        writer.put(list(zip(batch, captures, strict=True)))
+        tokens = sum(len(j) for j in batch)
+        self.done += len(batch)
+        self.tokens_done += tokens
+        elapsed = time.perf_counter() - self.loop_started  # model loading excluded
+        if self.bar is not None:
+            self.bar.update(len(batch))
+            self.bar.set_postfix(tok_s=f"{self.tokens_done / max(elapsed, 1e-9):,.0f}", refresh=False)
+        if self.on_progress is not None:
+            self.on_progress(Progress(self.done, self.total, self.tokens_done, elapsed))
+
+    def write_errors(self) -> None:
+        errors = self.summary.errors
+        if not errors or not hasattr(self, "store"):
+            return
+        rel = f"errors/{self.summary.writer_id}.jsonl"
+        body = "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in errors).encode()
+        try:  # one whole-file write: object stores cannot append
+            write_bytes(self.store.fs, join(self.store.root, rel), body)
+            self.summary.errors_file = rel
+        except OSError as e:
+            print(f"warning: could not write {rel}: {e}", file=sys.stderr)
+
+    def finish(self, commits: list) -> GenerateSummary:
+        s = self.summary
+        s.shards = len(commits)
+        s.records = sum(c.records for c in commits)
+        s.tokens = sum(c.tokens for c in commits)
+        s.scored_tokens = sum(c.scored_tokens for c in commits)
+        s.bytes = sum(c.bytes for c in commits)
+        now = time.perf_counter()
+        s.seconds = now - self.started
+        s.capture_seconds = now - self.loop_started if self.loop_started != self.started else 0.0
+        return s
+
+
+def generate(
+    config: GenerateConfig,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> GenerateSummary:
+    """Run the teacher over `config.prompts` and fill `config.store`; see the module docstring.
+
+    `should_stop` is polled between batches (what was captured so far is committed, and a rerun
+    goes on from there); `on_progress` is called after each batch.
+    """
+    config.validate()
+    run = Run(config, should_stop, on_progress)
+    tokenizer, spec, layers, max_length, encoded = run.prepare()
+    if not encoded:
+        run.write_errors()
+        return run.finish([])
+
+    teacher = load_teacher(config, spec, tokenizer, layers, max_length)
+    writer = WriterPool(
+        run.store, run.summary.writer_id, RecordBuilder(config, tokenizer), threads=config.writer_threads,
+        shard_records=config.shard_records, shard_bytes=config.shard_bytes, max_batches=config.queue_batches,
+    )
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        run.bar = tqdm(total=run.total, unit="rec", desc="generate", file=sys.stderr, dynamic_ncols=True,
+                       mininterval=1.0)
+    try:
+        try:
+            run.execute(teacher, writer, encoded)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what was captured: it is complete and correct
+                writer.close()
+            raise
+        commits = writer.close()
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+        teacher.close()
+        run.write_errors()
+    return run.finish(commits)

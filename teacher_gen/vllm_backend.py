@@ -1,0 +1,165 @@
+"""The vLLM backend (optional extra: `pip install potstill[vllm]`; vllm is imported lazily).
+
+vLLM is fed token ids (never text) and asked for `prompt_logprobs=K` of the raw distribution
+(`logprobs_mode="raw_logprobs"`), flat, without detokenizing. Generation is a first request;
+the prompt + generated ids are then scored by a second one, exactly like a score-mode record.
+
+vLLM's prompt log-probs, per position j of the sequence, describe token j given tokens < j
+(entry 0 is None: the first token has no context). Each entry holds the actual token first
+(with its true rank) and then the top-K tokens with ranks 1..K; when the actual token is among
+the top-K it appears twice in the flat form and once in the dict form. `topk_from_vllm` turns
+that into `TopKLogprobs`, and is a pure function, tested against fakes of both forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from teacher_gen.config import GenerateConfig
+from teacher_gen.errors import GenerateError, describe_load_error
+from teacher_gen.jobs import Capture, GenRequest, ScoreJob, TopKLogprobs
+from teacher_gen.model_info import TeacherSpec
+
+VLLM_GROUP = 512  # records handed to vLLM per call: it schedules its own batches inside
+
+
+# -- the adapter (pure) --------------------------------------------------------------------------
+Entry = tuple[int, float, int | None]  # (token id, log-prob, rank)
+
+
+def _position_entries(prompt_logprobs: Any, j: int) -> list[Entry] | None:
+    """The entries of position j, actual token first, from either vLLM form."""
+    if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs: flat columns + per-position ranges
+        flat = prompt_logprobs
+        start, end = flat.start_indices[j], flat.end_indices[j]
+        if start == end:
+            return None
+        ranks = flat.ranks
+        return [(int(flat.token_ids[i]), float(flat.logprobs[i]), None if ranks[i] is None else int(ranks[i]))
+                for i in range(start, end)]
+    entry = prompt_logprobs[j]
+    if entry is None:
+        return None
+    return [(int(tok), float(lp.logprob), lp.rank) for tok, lp in entry.items()]
+
+
+def topk_from_vllm(prompt_logprobs: Any, input_ids: Sequence[int], score_start: int, k: int) -> TopKLogprobs:
+    """Targets for tokens `score_start..n-1` from vLLM prompt log-probs (dict or flat form).
+
+    At each position the top-K are the distinct entries other than the actual token, plus the
+    actual token when it is one of them: the extra entry vLLM adds for an actual token outside
+    the top-K is used for `token_logprob` only, never counted in the top-K or the tail mass.
+    Fewer than K entries are padded with id -1 / log-prob -inf.
+    """
+    n = len(input_ids)
+    if len(prompt_logprobs) < n:
+        raise GenerateError(f"vLLM returned prompt log-probs for {len(prompt_logprobs)} of {n} tokens")
+    s = n - score_start
+    ids = np.full((s, k), -1, dtype=np.int32)
+    lps = np.full((s, k), -np.inf, dtype=np.float32)
+    token = np.empty(s, dtype=np.float32)
+    for row, j in enumerate(range(score_start, n)):
+        entries = _position_entries(prompt_logprobs, j)
+        actual = int(input_ids[j])
+        if entries is None:
+            raise GenerateError(f"vLLM returned no log-probs for position {j} (only position 0 may be empty)")
+        distinct: dict[int, tuple[float, int]] = {}
+        for tok, lp, rank in entries:
+            distinct.setdefault(tok, (lp, rank if rank is not None else 1 << 30))
+        if actual not in distinct:
+            raise GenerateError(f"vLLM returned no log-prob for the actual token {actual} at position {j}")
+        token[row] = distinct[actual][0]
+        if len(distinct) > k:  # the actual token is the extra entry beyond the top-K
+            del distinct[actual]
+        top = sorted(distinct.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:k]
+        ids[row, : len(top)] = [tok for tok, _ in top]
+        lps[row, : len(top)] = [lp for _, (lp, _) in top]
+    tail = np.clip(1.0 - np.exp(lps).sum(-1, dtype=np.float32), 0.0, 1.0).astype(np.float32)
+    return TopKLogprobs(ids, lps, token, tail)
+
+
+# -- the engine --------------------------------------------------------------------------------
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError:
+        raise GenerateError("--backend vllm needs vLLM: pip install 'potstill[vllm]'") from None
+    return vllm
+
+
+def sampling_params(vllm: Any, **kwargs: Any) -> Any:
+    """`SamplingParams` with flat, undetokenized log-probs (older vLLM: without `flat_logprobs`)."""
+    try:
+        return vllm.SamplingParams(flat_logprobs=True, detokenize=False, **kwargs)
+    except TypeError:
+        return vllm.SamplingParams(detokenize=False, **kwargs)
+
+
+class VLLMTeacher:
+    def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer, max_length: int | None) -> None:
+        vllm = _import_vllm()
+        self.vllm = vllm
+        self.config = config
+        self.k = config.top_k
+        try:
+            self.llm = vllm.LLM(
+                model=config.teacher,
+                tokenizer=config.tokenizer or config.teacher,
+                revision=config.revision,
+                dtype=spec.dtype,
+                trust_remote_code=config.trust_remote_code,
+                max_logprobs=config.top_k,
+                logprobs_mode="raw_logprobs",  # log-probs of the raw logits, before any sampling transform
+                max_model_len=max_length,
+                seed=config.seed,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                tensor_parallel_size=config.tensor_parallel_size,
+            )
+        except Exception as e:  # vLLM raises many types; the user needs the first line
+            raise GenerateError(f"vLLM cannot start teacher {config.teacher}: {describe_load_error(e)}") from None
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = {int(eos)} if eos is not None else set()
+
+    def _prompt(self, ids: np.ndarray) -> Any:
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=[int(x) for x in ids])
+
+    def score_batches(self, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]:
+        for start in range(0, len(jobs), VLLM_GROUP):
+            yield jobs[start : start + VLLM_GROUP]
+
+    def generate_batches(self, requests: list[GenRequest]) -> Iterator[list[GenRequest]]:
+        for start in range(0, len(requests), VLLM_GROUP):
+            yield requests[start : start + VLLM_GROUP]
+
+    def score(self, jobs: list[ScoreJob]) -> Callable[[], list[Capture]]:
+        params = sampling_params(self.vllm, max_tokens=1, temperature=0.0, prompt_logprobs=self.k)
+        outputs = self.llm.generate([self._prompt(j.input_ids) for j in jobs], params, use_tqdm=False)
+        captures = [
+            Capture(topk_from_vllm(out.prompt_logprobs, job.input_ids, job.score_start, self.k))
+            for job, out in zip(jobs, outputs, strict=True)
+        ]
+        return lambda: captures
+
+    def generate(self, requests: list[GenRequest]) -> list[np.ndarray]:
+        params = [
+            sampling_params(
+                self.vllm, max_tokens=r.max_new_tokens, temperature=self.config.temperature,
+                top_p=self.config.top_p, seed=r.seed,
+            )
+            for r in requests
+        ]
+        outputs = self.llm.generate([self._prompt(r.prompt_ids) for r in requests], params, use_tqdm=False)
+        result = []
+        for out, req in zip(outputs, requests, strict=True):
+            tokens = np.asarray(list(out.outputs[0].token_ids), dtype=np.int32)[: req.max_new_tokens]
+            eos_at = [i for i, t in enumerate(tokens.tolist()) if t in self.eos_ids]
+            result.append(tokens[: eos_at[0] + 1] if eos_at else tokens)
+        return result
+
+    def close(self) -> None:
+        self.llm = None

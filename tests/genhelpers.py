@@ -1,0 +1,89 @@
+"""Helpers shared by the teacher-generation tests (tests/test_generate*.py, test_vllm_adapter.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+TEXT = ("the quick brown fox jumps over the lazy dog a teacher writes what it knows into a store "
+        "students learn from the store without the teacher what is 12 plus 35 the answer is 47")
+WORDS = TEXT.split(" ")
+
+
+def write_jsonl(path: str, rows: list[Any]) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def sentence(rng: np.random.Generator, lo: int = 3, hi: int = 12) -> str:
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(lo, hi))))
+
+
+def prompt_rows(n: int, seed: int = 0, completion: bool = True) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = {"id": f"r{i:04d}", "prompt": sentence(rng)}
+        if completion:
+            row["completion"] = sentence(rng, 1, 8)
+        rows.append(row)
+    return rows
+
+
+def config(teacher: str, prompts: str, store: str, **overrides: Any):
+    from teacher_gen.config import GenerateConfig
+
+    base = {"teacher": teacher, "prompts": prompts, "store": store, "device": "cpu", "progress": False}
+    base.update(overrides)
+    return GenerateConfig.build(**base)
+
+
+def reference_logprobs(model: Any, input_ids: np.ndarray) -> np.ndarray:
+    """Full fp32 log-softmax of the model's own logits, [n - 1, V]: row p is the distribution of
+    token p + 1. The direct reference the chunked capture must match."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(input_ids[None].astype(np.int64))).logits[0, :-1]
+    return torch.log_softmax(logits.float(), dim=-1).numpy()
+
+
+def assert_topk_close(ids_a: np.ndarray, lp_a: np.ndarray, ids_b: np.ndarray, lp_b: np.ndarray,
+                      atol: float) -> None:
+    """Same top-k up to the order of (near-)ties: the sorted values agree, every id on both sides
+    has the same log-prob on both, and an id on one side only sits at the top-k boundary."""
+    lp_a = np.asarray(lp_a, dtype=np.float32)
+    lp_b = np.asarray(lp_b, dtype=np.float32)
+    assert ids_a.shape == ids_b.shape
+    assert np.array_equal(np.isfinite(lp_a), np.isfinite(lp_b))
+    finite = np.isfinite(lp_a)
+    np.testing.assert_allclose(lp_a[finite], lp_b[finite], atol=atol, rtol=0)
+    for r in range(len(ids_a)):
+        a = {int(i): float(v) for i, v in zip(ids_a[r], lp_a[r], strict=True) if np.isfinite(v)}
+        b = {int(i): float(v) for i, v in zip(ids_b[r], lp_b[r], strict=True) if np.isfinite(v)}
+        for i in a.keys() & b.keys():
+            assert abs(a[i] - b[i]) <= atol, f"row {r}: id {i} has {a[i]} vs {b[i]}"
+        boundary = min(a.values())
+        for i in a.keys() ^ b.keys():
+            value = a.get(i, b.get(i))
+            assert value <= boundary + atol, f"row {r}: id {i} ({value}) is in only one top-k, above the boundary"
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def popen_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))

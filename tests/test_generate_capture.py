@@ -1,0 +1,266 @@
+"""The capture math of `potstill generate` against direct references on real tiny models:
+full-softmax top-k, output_hidden_states, batching, chunking, logit transforms, chat prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from genhelpers import assert_topk_close, config, prompt_rows, reference_logprobs, write_jsonl
+
+from store import decode_hidden, open_store
+from teacher_gen.errors import GenerateError
+from teacher_gen.runner import generate
+
+
+@pytest.fixture(scope="module")
+def teacher_model(tiny_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def scored_store(tmp_path_factory, tiny_teacher_dir):
+    """One score-mode run with fp32 log-probs and hidden layers 0, 1 and -1 (= 2, post-norm)."""
+    tmp = tmp_path_factory.mktemp("scored")
+    prompts = write_jsonl(str(tmp / "p.jsonl"), prompt_rows(12, seed=1))
+    cfg = config(tiny_teacher_dir, prompts, str(tmp / "s.store"), hidden_layers="0,1,-1",
+                 logprob_dtype="float32", batch_tokens=64, chunk_positions=7)
+    summary = generate(cfg)
+    assert summary.records == 12 and not summary.errors
+    return open_store(str(tmp / "s.store"))
+
+
+def test_scoring_equals_full_softmax_reference(scored_store, teacher_model):
+    k = scored_store.manifest.targets.k
+    assert k == 64
+    checked = 0
+    for rec in scored_store.iter_records():
+        ref = reference_logprobs(teacher_model, rec.input_ids)  # row p: distribution of token p + 1
+        s, n = rec.score_start, len(rec.input_ids)
+        rows = ref[s - 1 : n - 1]
+        order = np.argsort(-rows, axis=-1, kind="stable")[:, :k]
+        top = np.take_along_axis(rows, order, -1)
+        assert_topk_close(rec.topk_ids, rec.topk_logprobs, order.astype(np.int32), top, atol=1e-4)
+        np.testing.assert_allclose(rec.token_logprob, rows[np.arange(n - s), rec.input_ids[s:]], atol=1e-4)
+        np.testing.assert_allclose(rec.tail_mass, np.clip(1 - np.exp(top).sum(-1), 0, 1), atol=1e-5)
+        assert np.all((rec.tail_mass >= 0) & (rec.tail_mass <= 1))
+        checked += n - s
+    assert checked > 20
+
+
+def test_fp16_logprobs_within_fp16_precision(tmp_path, tiny_teacher_dir, teacher_model):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(4, seed=2))
+    generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s")))  # default: float16 log-probs
+    store = open_store(str(tmp_path / "s"))
+    assert store.manifest.targets.logprob_dtype == "float16"
+    for rec in store.iter_records():
+        assert rec.topk_logprobs.dtype == np.float16
+        rows = reference_logprobs(teacher_model, rec.input_ids)[rec.score_start - 1 :]
+        order = np.argsort(-rows, axis=-1, kind="stable")[:, :64]
+        top = np.take_along_axis(rows, order, -1)
+        # fp16 keeps 11 significant bits: |error| <= 2^-11 |x|
+        tol = float(np.abs(top).max()) * 2.0**-10
+        assert_topk_close(rec.topk_ids, rec.topk_logprobs, order.astype(np.int32), top, atol=tol)
+        # tail mass is computed in fp32 before rounding
+        np.testing.assert_allclose(rec.tail_mass, np.clip(1 - np.exp(top).sum(-1), 0, 1), atol=1e-5)
+
+
+def test_hidden_states_equal_output_hidden_states(scored_store, teacher_model):
+    layers = scored_store.manifest.hidden.layers
+    assert [(x.index, x.post_norm, x.width) for x in layers] == [(0, False, 32), (1, False, 32), (2, True, 32)]
+    raw_last = []  # the last decoder layer's own output, before the final norm
+    hook = teacher_model.model.layers[-1].register_forward_hook(lambda m, a, out: raw_last.append(out))
+    try:
+        for i in range(len(scored_store)):
+            rec = scored_store.record(i, with_hidden=True)
+            assert rec.hidden_start == 0
+            with torch.no_grad():
+                out = teacher_model(input_ids=torch.from_numpy(rec.input_ids[None].astype(np.int64)),
+                                    output_hidden_states=True)
+            for layer in layers:
+                got = decode_hidden(rec.hidden[layer.index], "bfloat16")
+                want = out.hidden_states[layer.index][0].numpy()
+                assert got.shape == want.shape == (len(rec.input_ids), 32)
+                # bfloat16 keeps 8 significant bits
+                np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=1e-6)
+            # index 2 = -1 is after the final norm, which differs from the raw last layer output
+            raw = raw_last[-1][0].numpy()
+            assert not np.allclose(decode_hidden(rec.hidden[2], "bfloat16"), raw, atol=1e-2)
+    finally:
+        hook.remove()
+
+
+def test_float16_hidden_and_scored_rows_only(tmp_path, tiny_teacher_dir, teacher_model):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(3, seed=3))
+    generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s"), hidden_layers="-2",
+                    hidden_dtype="float16", hidden_tokens="scored"))
+    store = open_store(str(tmp_path / "s"))
+    assert [(x.index, x.dtype) for x in store.manifest.hidden.layers] == [(1, "float16")]
+    for i in range(len(store)):
+        rec = store.record(i, with_hidden=True)
+        assert rec.hidden_start == rec.score_start
+        with torch.no_grad():
+            want = teacher_model(input_ids=torch.from_numpy(rec.input_ids[None].astype(np.int64)),
+                                 output_hidden_states=True).hidden_states[1][0, rec.hidden_start :].numpy()
+        assert rec.hidden[1].dtype == np.float16
+        np.testing.assert_allclose(rec.hidden[1].astype(np.float32), want, rtol=2.0**-10, atol=1e-4)
+
+
+def _teacher(tiny_teacher_dir, tokenizer_dir=None, **overrides):
+    from transformers import AutoTokenizer
+
+    from teacher_gen.capture import resolve_layers
+    from teacher_gen.hf_backend import HFTeacher
+    from teacher_gen.model_info import describe_teacher
+
+    cfg = config(tiny_teacher_dir, "unused.jsonl", "unused.store", **overrides)
+    spec = describe_teacher(cfg)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or tiny_teacher_dir)
+    return HFTeacher(cfg, spec, tok, resolve_layers(cfg.hidden_layers, spec.num_layers))
+
+
+def _jobs(n: int, seed: int = 0):
+    from teacher_gen.jobs import ScoreJob
+
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for i in range(n):
+        length = int(rng.integers(4, 40))
+        ids = rng.integers(3, 384, size=length).astype(np.int32)
+        s = int(rng.integers(1, length))
+        jobs.append(ScoreJob(f"j{i}", None, ids, score_start=s, hidden_start=int(rng.integers(0, length))))
+    return jobs
+
+
+def test_batched_equals_one_by_one_and_chunking_is_invisible(tiny_teacher_dir):
+    jobs = _jobs(9)
+    big = _teacher(tiny_teacher_dir, hidden_layers="0,2")
+    small_chunks = _teacher(tiny_teacher_dir, hidden_layers="0,2", chunk_positions=5)
+    batched = big.score(jobs)()
+    chunked = small_chunks.score(jobs)()
+    for job, together, chunk_run in zip(jobs, batched, chunked, strict=True):
+        alone = big.score([job])()[0]
+        assert len(together.targets) == len(job) - job.score_start
+        for other in (alone, chunk_run):
+            assert_topk_close(together.targets.ids, together.targets.logprobs, other.targets.ids,
+                              other.targets.logprobs, atol=1e-5)
+            np.testing.assert_allclose(together.targets.token_logprob, other.targets.token_logprob, atol=1e-5)
+            np.testing.assert_allclose(together.targets.tail_mass, other.targets.tail_mass, atol=1e-5)
+            for index in (0, 2):
+                assert together.hidden[index].shape == (len(job) - job.hidden_start, 32)
+                np.testing.assert_allclose(decode_hidden(together.hidden[index], "bfloat16"),
+                                           decode_hidden(other.hidden[index], "bfloat16"), rtol=2.0**-7, atol=1e-6)
+
+
+def test_top_k_larger_than_vocabulary_is_padded(tmp_path, tiny_teacher_dir, teacher_model):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=4))
+    generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s"), top_k=400, logprob_dtype="float32"))
+    rec = open_store(str(tmp_path / "s")).record(0)
+    vocab = 384
+    assert rec.topk_ids.shape[1] == 400
+    assert np.all(rec.topk_ids[:, vocab:] == -1) and np.all(np.isneginf(rec.topk_logprobs[:, vocab:]))
+    assert np.all(np.sort(rec.topk_ids[:, :vocab], axis=1) == np.arange(vocab))
+    np.testing.assert_allclose(rec.tail_mass, 0.0, atol=1e-5)  # the whole distribution is kept
+
+
+@pytest.fixture(scope="module")
+def softcapped_teacher_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A random Gemma-2 (final_logit_softcapping, scaled embeddings) saved like a checkpoint."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("gemma2"))
+    cfg = Gemma2Config(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                       final_logit_softcapping=3.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)  # big logits, so the soft cap really bends them
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(path)
+    return path
+
+
+def test_logit_softcapping_matches_the_model(tmp_path, softcapped_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(3, seed=5))
+    generate(config(softcapped_teacher_dir, prompts, str(tmp_path / "s"), logprob_dtype="float32",
+                    hidden_layers="0"))
+    model = AutoModelForCausalLM.from_pretrained(softcapped_teacher_dir).eval()
+    store = open_store(str(tmp_path / "s"))
+    for i in range(len(store)):
+        rec = store.record(i, with_hidden=True)
+        rows = reference_logprobs(model, rec.input_ids)[rec.score_start - 1 :]
+        order = np.argsort(-rows, axis=-1, kind="stable")[:, :64]
+        assert_topk_close(rec.topk_ids, rec.topk_logprobs, order.astype(np.int32),
+                          np.take_along_axis(rows, order, -1), atol=1e-4)
+        with torch.no_grad():  # hidden_states[0] of Gemma is the *scaled* embedding
+            want = model(input_ids=torch.from_numpy(rec.input_ids[None].astype(np.int64)),
+                         output_hidden_states=True).hidden_states[0][0].numpy()
+        np.testing.assert_allclose(decode_hidden(rec.hidden[0], "bfloat16"), want, rtol=2.0**-7, atol=1e-6)
+
+
+def test_unknown_logit_transform_is_refused_before_writing(tmp_path, softcapped_teacher_dir, monkeypatch):
+    import teacher_gen.hf_backend as hf
+
+    monkeypatch.setattr(hf, "logit_transform", lambda cfg: None)  # pretend potstill did not know softcapping
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=6))
+    with pytest.raises(GenerateError, match="does not reproduce the model's logits"):
+        generate(config(softcapped_teacher_dir, prompts, str(tmp_path / "s")))
+    assert open_store(str(tmp_path / "s")).num_records == 0
+
+
+def test_chat_prompts_use_the_chat_template(tmp_path, tiny_teacher_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 12 plus 35 ?"}]
+    rows = [
+        {"id": "given", "messages": chat, "completion": "the answer is 47"},
+        {"id": "last-turn", "messages": [*chat, {"role": "assistant", "content": "the answer is 47"}]},
+        {"id": "as-json-string", "messages": __import__("json").dumps(chat), "completion": "the answer is 47"},
+    ]
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), rows)
+    summary = generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s")))
+    assert summary.records == 3 and not summary.errors
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<|system|> be brief\n<|user|> what is 12 plus 35 ?\n<|assistant|> ")
+    prompt_ids = tok(rendered, add_special_tokens=False).input_ids
+    want = [*prompt_ids, *tok("the answer is 47", add_special_tokens=False).input_ids, tok.eos_token_id]
+    store = open_store(str(tmp_path / "s"))
+    by_id = {r.id: r for r in store.iter_records()}
+    for rid in ("given", "last-turn", "as-json-string"):
+        rec = by_id[rid]
+        assert rec.input_ids.tolist() == want
+        assert rec.score_start == len(prompt_ids)
+        assert rec.completion == "the answer is 47"
+        assert rec.messages[1] == {"role": "user", "content": "what is 12 plus 35 ?"}
+    assert store.manifest.generation["chat_template_sha256"]
+
+
+def test_block_topk_is_exact():
+    from teacher_gen.capture import block_topk, choose_block
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 4096)
+    values, ids = block_topk(x, 16, 64)
+    want_values, want_ids = x.topk(16, dim=-1)
+    assert torch.equal(values, want_values) and torch.equal(ids, want_ids)
+    ties = torch.randn(40, 4096).to(torch.bfloat16)  # bf16 holds many equal values
+    values, ids = block_topk(ties, 16, 64)
+    assert torch.equal(values, ties.topk(16, dim=-1).values)
+    assert torch.equal(ties.gather(1, ids), values)  # each id really holds its value
+    assert choose_block(128256, 64) == 256 and choose_block(32000, 64) == 64 and choose_block(384, 64) is None
+
+
+def test_block_topk_path_in_the_backend(tiny_teacher_dir):
+    jobs = _jobs(5, seed=3)
+    plain = _teacher(tiny_teacher_dir, top_k=4)
+    blocked = _teacher(tiny_teacher_dir, top_k=4)
+    blocked.block = 64  # 6 blocks of 64 over the 384-token vocabulary
+    for a, b in zip(plain.score(jobs)(), blocked.score(jobs)(), strict=True):
+        assert_topk_close(a.targets.ids, a.targets.logprobs, b.targets.ids, b.targets.logprobs, atol=0)
+        np.testing.assert_array_equal(a.targets.tail_mass, b.targets.tail_mass)

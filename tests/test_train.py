@@ -1,0 +1,197 @@
+"""`potstill train` / `potstill eval` end to end on a store from a real tiny teacher: the teacher is
+deleted before training, a short run lowers the held-out kd_loss, an interrupted run resumes to the
+same losses, two real ranks (torchrun, gloo) run the same steps, and mismatched students are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from trainhelpers import arithmetic_items, build_student, build_teacher_store, copy_teacher
+from transformers import TrainerCallback
+
+from student_train import CompatibilityError, ConfigError, TrainConfig, build_config, evaluate, train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_teacher_dir, tiny_tokenizer_dir) -> dict:
+    """A store made from a private teacher copy, which is then deleted; a student to train."""
+    root = tmp_path_factory.mktemp("train")
+    teacher = copy_teacher(tiny_teacher_dir, str(root / "teacher"))
+    store = str(root / "store")
+    build_teacher_store(store, teacher, arithmetic_items(48, seed=1), shard_records=20)
+    shutil.rmtree(teacher)  # from here on, only the store knows the teacher
+    student = build_student(str(root / "student"), tiny_tokenizer_dir, hidden=16)
+    return {"root": root, "store": store, "student": student, "tokenizer": tiny_tokenizer_dir}
+
+
+def config(setup: dict, out: str, **overrides) -> TrainConfig:
+    base = dict(store=setup["store"], student=setup["student"], out=str(setup["root"] / out), lr=1e-2, batch_size=4,
+                logging_steps=1, report_to="none", eval_fraction=0.2, num_workers=0, eval_max_new_tokens=8,
+                eval_max_records=8)
+    base.update(overrides)
+    return TrainConfig(**base).validate()
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_a_short_run_without_the_teacher_lowers_the_held_out_kd_loss(setup: dict, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    before = evaluate(setup["store"], setup["student"], eval_fraction=0.2, answers=False)
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("lr: 0.01\nbatch_size: 4\nmax_steps: 25\nhidden_map: {2: 2}\neval_fraction: 0.2\n")
+    out = str(setup["root"] / "short")
+    result = CliRunner().invoke(app, [
+        "train", "--config", str(cfg_file), "--store", setup["store"], "--student", setup["student"], "--out", out,
+        "--report-to", "none", "--num-workers", "1", "--save-steps", "100", "--eval-max-records", "4",
+    ])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = read_json(os.path.join(out, "training_report.json"))
+    assert report["global_step"] == 25 and report["settings"]["hidden_map"] == "2:2"
+    assert report["store"]["teacher"]["name_or_path"].endswith("teacher") and report["loader"]["eval_records"] > 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "projections.safetensors"):
+        assert os.path.isfile(os.path.join(out, name)), name  # 16-wide student, 32-wide teacher: a projection
+    assert {"kd", "ce", "hidden"} <= set(report["loss_curve"][0])
+
+    result = CliRunner().invoke(app, ["eval", "--store", setup["store"], "--model", out, "--json", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    after = json.loads(result.stdout)
+    assert after["eval_fraction"] == 0.2 and after["records"] == before["records"] > 0  # same held-out set
+    assert after["kd_loss"] < 0.9 * before["kd_loss"]
+    assert after["answers_checked"] == after["records"] and 0.0 <= after["answer_accuracy"] <= 1.0
+    assert 0.0 <= after["top1_agreement"] <= 1.0 and after["perplexity"] > 1.0
+
+
+class CrashAt(TrainerCallback):
+    """Dies right after an optimizer step, like a killed job (before that step is logged or saved)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_an_interrupted_run_resumes_to_exactly_the_same_losses(setup: dict) -> None:
+    settings = dict(max_steps=8, save_steps=3, num_workers=2, hidden_map="1:1,2:2", relation_weight=0.5,
+                    shuffle_buffer=4, eval_fraction=0.2, batch_size=6)
+    full = train(config(setup, "full", **settings))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config(setup, "crashed", **settings), callbacks=[CrashAt(5)])
+    resumed = train(config(setup, "crashed", resume=True, **settings))
+    assert resumed["resumed_from"].endswith("checkpoint-3")  # 3 batches consumed by 2 workers: roles rotate
+    assert full["loader"]["batches_per_rank_per_epoch"] < 8  # the run crosses an epoch boundary
+    curve = [{k: v for k, v in e.items() if k != "grad_norm"} for e in resumed["loss_curve"]]
+    assert [e["step"] for e in curve] == list(range(1, 9))
+    assert curve == [{k: v for k, v in e.items() if k != "grad_norm"} for e in full["loss_curve"]]
+    for a, b in zip(resumed["loss_curve"], full["loss_curve"], strict=True):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):  # a fresh run must not mix with them
+        train(config(setup, "full", **settings))
+
+
+def test_two_torchrun_ranks_run_the_same_steps_over_uneven_shards(setup: dict) -> None:
+    out = str(setup["root"] / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cli.main",
+           "train", "--store", setup["store"], "--student", setup["student"], "--out", out, "--epochs", "1",
+           "--batch-size", "3", "--grad-accum", "2", "--num-workers", "1", "--save-steps", "1000",
+           "--report-to", "none", "--eval-fraction", "0.2", "--eval-max-records", "2", "--logging-steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = read_json(os.path.join(out, "training_report.json"))
+    assert report["world_size"] == 2 and report["loader"]["world_size"] == 2
+    steps = report["global_step"]
+    assert steps == report["max_steps"] > 1
+    final = os.path.join(out, f"checkpoint-{steps}")  # the Trainer saves at the end of training
+    consumed = [read_json(os.path.join(final, f"loader_state_rank{r}.json"))["batches_consumed"]
+                for r in (0, 1)]
+    assert consumed == [steps * 2, steps * 2]  # both ranks trained on the same number of micro-batches
+
+
+def test_a_student_with_another_tokenizer_is_refused_in_one_line(setup: dict, tmp_path) -> None:
+    from tinymodels import CORPUS, build_tokenizer
+
+    other = str(tmp_path / "other-student")
+    tok_dir = str(tmp_path / "other-tokenizer")
+    build_tokenizer(tok_dir, corpus=[line[::-1] for line in CORPUS])  # same size, other merges
+    build_student(other, tok_dir, hidden=16)
+    proc = run_cli("train", "--store", setup["store"], "--student", other, "--out", str(tmp_path / "out"),
+                   "--max-steps", "1", "--report-to", "none")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: student tokenizer") and "does not match the store's tokenizer" in lines[-1]
+    assert "token strings differ" in lines[-1] and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "out" / "config.json")
+
+
+def test_a_student_vocabulary_smaller_than_the_store_is_refused(setup: dict, tmp_path) -> None:
+    from tinymodels import build_llama
+
+    small = str(tmp_path / "small")
+    build_llama(small, 100, hidden=16, layers=1, heads=2, tokenizer_dir=setup["tokenizer"])
+    with pytest.raises(CompatibilityError, match=r"student has 100 output logits but the store's tokenizer has \d+ tokens"):
+        train(config(setup, "small-out", student=small, max_steps=1))
+
+
+def test_multitask_trains_an_answer_task_and_a_rationale_task(setup: dict) -> None:
+    report = train(config(setup, "multitask", max_steps=2, rationale_mode="multitask", rationale_weight=0.5,
+                          eval_fraction=0.2, alpha=0.5))
+    entry = report["loss_curve"][0]
+    assert entry["multitask_fallback"] == 0.0  # every record's rationale was found
+    assert entry["loss"] == pytest.approx(entry["answer_task"] + 0.5 * entry["rationale_task"], rel=1e-5)
+
+
+def test_every_setting_has_a_train_flag() -> None:
+    import dataclasses
+
+    import typer.main
+
+    from cli.main import app
+
+    command = next(c for c in typer.main.get_command(app).commands.values() if c.name == "train")
+    options = {p.name for p in command.params}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= options
+
+
+def test_settings_come_from_defaults_then_file_then_flags(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('store = "s"\nstudent = "m"\nout = "o"\nlr = 0.5\nloss = "jsd"\nmax-steps = 7\n')
+    cfg = build_config(str(path), {"lr": 0.25, "batch_size": None})
+    assert (cfg.lr, cfg.loss, cfg.max_steps, cfg.batch_size) == (0.25, "jsd", 7, TrainConfig().batch_size)
+    path.write_text('store = "s"\nlearning_rate = 1\n')
+    with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):
+        build_config(str(path))
+    with pytest.raises(ConfigError, match="--loss must be one of"):
+        build_config(None, {"store": "s", "student": "m", "out": "o", "loss": "kl"})
+    with pytest.raises(ConfigError, match="--hidden-map entry"):
+        build_config(None, {"store": "s", "student": "m", "out": "o", "hidden_map": "4-8"})
+
+
+
+def test_answers_are_extracted_like_generation_does_and_compared_loosely() -> None:
+    from student_train.evaluate import extract_answer, normalise_answer
+
+    assert extract_answer("3 + 4 is 7. the answer is 3? No, The answer is 7.") == "7"  # the last match
+    assert extract_answer("so #### 1,234") == "1,234" and extract_answer("Final Answer: **42**.") == "42"
+    assert extract_answer("no answer here") is None
+    assert extract_answer("A: 9 and A: 10", r"A: (\d+)") == "10"  # a store's own pattern, first group
+    assert normalise_answer("1,234.") == normalise_answer(" 1234 ") and normalise_answer("$5") == "5"

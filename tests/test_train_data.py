@@ -1,0 +1,184 @@
+"""The training loader on a store written from a real tiny teacher: alignment, the split across ranks
+and workers, determinism, exact mid-epoch resume, multitask sequences, hidden states read on demand."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from trainhelpers import arithmetic_items, build_teacher_store
+
+from store import open_store
+from student_train.data import (
+    MAIN_TASK,
+    RATIONALE_TASK,
+    StoreDataset,
+    _fold_unknown_ids,
+    buffer_shuffle,
+    collate,
+    is_held_out,
+    multitask_sequences,
+    record_sequence,
+    split_rationale,
+)
+from student_train.errors import TrainError
+
+RECORDS = 37  # three shards of 16, 16 and 5: uneven on purpose
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory, tiny_teacher_dir) -> str:
+    url = str(tmp_path_factory.mktemp("train-data") / "store")
+    build_teacher_store(url, tiny_teacher_dir, arithmetic_items(RECORDS), shard_records=16)
+    return url
+
+
+def loader_batches(dataset: StoreDataset, count: int, workers: int) -> list[list[str]]:
+    """The record ids of the first `count` batches, through a real DataLoader with worker processes."""
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    return [batch["record_ids"] for batch, _ in zip(loader, range(count), strict=False)]
+
+
+def test_collation_aligns_each_target_with_the_logit_that_predicts_it(store_url: str) -> None:
+    store = open_store(store_url)
+    name = store.shard_names[0]
+    seqs = [record_sequence(store.shard(name), row) for row in (0, 1, 2)]
+    batch = collate(seqs, k=store.manifest.targets.k, pad_id=0)
+    start = 0
+    for b, seq in enumerate(seqs):
+        n, s = len(seq.ids), seq.score_start
+        rows = slice(start, start + n - s)
+        assert batch["pos_batch"][rows].eq(b).all()
+        assert batch["pos_index"][rows].tolist() == list(range(s - 1, n - 1))  # logit p predicts token p + 1
+        assert batch["hard_ids"][rows].tolist() == seq.ids[s:].tolist()
+        assert batch["topk_ids"][rows].numpy().tolist() == seq.targets[0].tolist()  # target row j ↔ token s + j
+        assert batch["input_ids"][b, :n].tolist() == seq.ids.tolist() and batch["attention_mask"][b, n:].eq(0).all()
+        start += n - s
+    assert start == len(batch["hard_ids"]) and batch["has_kd"].all()
+
+
+def test_the_teacher_as_student_has_near_zero_losses_through_the_real_path(store_url: str, tiny_teacher_dir: str) -> None:
+    """If any target were off by one position, the teacher would disagree with its own targets."""
+    from transformers import AutoModelForCausalLM
+
+    from student_train.model import DistillModel
+    from student_train.objective import Objective, distill_loss
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+    dataset = StoreDataset(store_url, batch_size=4, eval_fraction=0.0, hidden_layers=(1, 2))
+    batch = next(dataset.batches(0))
+    objective = Objective(hidden_pairs=((1, 1), (2, 2)), relation_weight=1.0)
+    with torch.no_grad():
+        _, parts = distill_loss(DistillModel(teacher, [(1, 1), (2, 2)], {1: 32, 2: 32}).eval(), batch, objective)
+        student = AutoModelForCausalLM.from_config(teacher.config).eval()  # a random model for scale
+        _, random_parts = distill_loss(DistillModel(student, [(1, 1), (2, 2)], {1: 32, 2: 32}).eval(), batch, objective)
+    assert parts["kd"] < 1e-4 < random_parts["kd"] / 100  # fp16 rounding of the stored log-probs only
+    assert parts["hidden"] < 1e-3 * random_parts["hidden"]  # bf16 rounding of the stored states only
+    assert parts["relation"] < 1e-3 * random_parts["relation"]
+
+
+def test_two_ranks_with_two_workers_each_cover_every_training_record_once(store_url: str) -> None:
+    store = open_store(store_url)
+    fraction = 0.15
+    held = {i for c in store.commits for i in c.ids if is_held_out(i, fraction)}
+    train_ids = {i for c in store.commits for i in c.ids} - held
+    assert held and len(train_ids) % 4  # some held out, and not divisible by 2 ranks × 2 workers
+    seen, per_rank = [], []
+    for rank in (0, 1):
+        ds = StoreDataset(store_url, batch_size=3, eval_fraction=fraction, rank=rank, world_size=2, num_workers=2, seed=5)
+        span = ds.plan.span
+        batches = loader_batches(ds, 2 * (span // 3 + 2), workers=2)
+        # the DataLoader alternates workers: even batches come from worker 0, odd from worker 1
+        for worker in (0, 1):
+            stream = [rid for batch in batches[worker::2] for rid in batch]
+            seen.extend(stream[:span])  # this worker's share of epoch 0
+        per_rank.append((ds.batches_per_epoch, ds.steps_for_epochs(1.0, grad_accum=2)))
+    counts = collections.Counter(seen)
+    assert set(counts) == train_ids  # nothing lost, nothing held out leaks in
+    assert len(seen) == 4 * span
+    assert sum(c - 1 for c in counts.values()) == ds.plan.repeated_per_epoch == 4 * span - len(train_ids)
+    assert per_rank[0] == per_rank[1]  # every rank runs the same number of steps
+
+
+def test_a_restarted_loader_continues_exactly_where_the_state_says(store_url: str) -> None:
+    def dataset() -> StoreDataset:
+        return StoreDataset(store_url, batch_size=4, eval_fraction=0.1, num_workers=2, shuffle_buffer=8, seed=3)
+
+    reference = loader_batches(dataset(), 14, workers=2)  # 14 batches run past the end of epoch 0
+    assert dataset().batches_per_epoch < 14
+    for consumed in (3, 8):  # an odd count rotates the worker roles
+        resumed = dataset()
+        resumed.load_state_dict(dataset().state_dict(consumed))
+        assert loader_batches(resumed, 14 - consumed, workers=2) == reference[consumed:]
+
+
+def test_order_is_deterministic_in_seed_and_epoch(store_url: str) -> None:
+    plan = StoreDataset(store_url, batch_size=2, eval_fraction=0.0).plan
+    a = plan.epoch_span(seed=1, epoch=0, part=0, shuffle_buffer=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, plan.epoch_span(1, 0, 0, 4), strict=True))
+    assert not np.array_equal(a[1], plan.epoch_span(1, 1, 0, 4)[1])
+    assert not np.array_equal(a[1], plan.epoch_span(2, 0, 0, 4)[1])
+
+
+def test_the_shuffle_buffer_is_a_bounded_permutation() -> None:
+    order = buffer_shuffle(1000, 16, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(1000))
+    assert np.all(order <= np.arange(1000) + 16)  # an item leaves at most `buffer` places early
+    assert not np.array_equal(order, np.arange(1000))
+    assert np.array_equal(buffer_shuffle(50, 1, np.random.default_rng(0)), np.arange(50))
+
+
+def test_a_resume_with_other_settings_fails_in_one_line(store_url: str) -> None:
+    state = StoreDataset(store_url, batch_size=4, world_size=2, rank=0).state_dict(5)
+    other = StoreDataset(store_url, batch_size=4, world_size=1)
+    with pytest.raises(TrainError, match=r"world_size=2, now world_size=1") as err:
+        other.load_state_dict(state)
+    assert "\n" not in str(err.value)
+
+
+def test_hidden_states_are_read_only_when_a_loss_needs_them(store_url: str, tmp_path) -> None:
+    copy = tmp_path / "no-hidden"
+    shutil.copytree(store_url, copy)
+    for folder in copy.glob("shards/*/hidden"):
+        shutil.rmtree(folder)  # a store whose hidden states are gone
+    batch = next(StoreDataset(str(copy), batch_size=4, eval_fraction=0.0).batches(0))
+    assert not any(k.startswith("teacher_hidden") for k in batch)
+    with pytest.raises(Exception, match="hidden"):
+        next(StoreDataset(str(copy), batch_size=4, eval_fraction=0.0, hidden_layers=(1,)).batches(0))
+    batch = next(StoreDataset(store_url, batch_size=4, eval_fraction=0.0, hidden_layers=(2,)).batches(0))
+    assert batch["teacher_hidden_2"].dtype == torch.bfloat16 and batch["teacher_hidden_2"].shape[:2] == batch["hidden_mask"].shape
+
+
+def test_multitask_builds_a_rationale_task_and_an_answer_task(store_url: str) -> None:
+    from transformers import AutoTokenizer
+
+    store = open_store(store_url)
+    tok = AutoTokenizer.from_pretrained(store.tokenizer_dir)
+    reader = store.shard(store.shard_names[0])
+    whole = record_sequence(reader, 0)
+    rationale = reader.views.text_of("rationale", 0)
+    end = split_rationale(tok, whole.ids, whole.score_start, rationale)
+    assert end is not None and tok.decode(whole.ids[whole.score_start : end].tolist()).strip() == rationale
+    marker = np.array(tok(" [answer]", add_special_tokens=False)["input_ids"], dtype=np.int32)
+    answer, rat = multitask_sequences(whole, end, marker)
+    s = whole.score_start
+    assert rat.task == RATIONALE_TASK and np.array_equal(rat.ids, whole.ids[:end])
+    assert answer.task == MAIN_TASK and tok.decode(answer.ids[s + len(marker) :].tolist()).strip().startswith("the answer is")
+    batch = collate([answer, rat], k=store.manifest.targets.k, pad_id=0)
+    answer_rows = batch["pos_batch"] == 0
+    assert not batch["has_kd"][answer_rows].any()  # answer tokens follow a context the teacher never saw
+    assert batch["has_kd"][~answer_rows].all() and int((~answer_rows).sum()) == end - s
+    assert int(answer_rows.sum()) == len(answer.ids) - s - len(marker)  # the marker is read, not predicted
+    assert split_rationale(tok, whole.ids, whole.score_start, "text that is not there at all") is None
+
+
+def test_ids_outside_the_student_vocabulary_fold_into_the_tail() -> None:
+    ids = np.array([[3, 9, 1]], dtype=np.int64)
+    lp = np.log(np.array([[0.5, 0.2, 0.1]], dtype=np.float32))
+    tail = np.array([0.2], dtype=np.float32)
+    _fold_unknown_ids(ids, lp, tail, vocab=8)
+    assert ids.tolist() == [[3, -1, 1]] and tail[0] == pytest.approx(0.4)

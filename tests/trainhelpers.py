@@ -1,0 +1,138 @@
+"""Test stores made by a real (tiny, random) teacher: full softmax over real token sequences, then
+top-K, tail mass, the actual token's log-prob and hidden states, written through the store API."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import numpy as np
+
+from store import (
+    HiddenLayer,
+    HiddenSpec,
+    Record,
+    Store,
+    StoreManifest,
+    TargetSpec,
+    TeacherInfo,
+    config_hash,
+    create_store,
+    tokenizer_fingerprint,
+)
+
+
+def arithmetic_items(count: int, seed: int = 0) -> list[dict]:
+    """Prompt / rationale / answer triples in the words of the tiny tokenizer's corpus."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(count):
+        a, b = rng.randrange(10, 50), rng.randrange(10, 50)
+        rationale = f"let us think step by step . first add the ones , then the tens . {a} plus {b} is {a + b} ."
+        items.append({
+            "id": f"q{i:03d}",
+            "prompt": f"what is {a} plus {b} ?",
+            "rationale": rationale,
+            "answer": str(a + b),
+            "completion": f" {rationale} the answer is {a + b}",
+        })
+    return items
+
+
+def teacher_records(teacher_dir: str, items: list[dict], k: int, layers: list[HiddenLayer]) -> list[Record]:
+    """Score prompt + completion with the teacher's full softmax (float32) and keep what the store keeps."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    records = []
+    for item in items:
+        prompt = tok(item["prompt"])["input_ids"]
+        completion = tok(item["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = np.array(prompt + completion, dtype=np.int32)
+        s = len(prompt)
+        with torch.no_grad():
+            out = teacher(input_ids=torch.from_numpy(ids).long()[None], output_hidden_states=True)
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)[s - 1 : len(ids) - 1]  # predicts ids[s:]
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        hidden = {}
+        for layer in layers:
+            h = out.hidden_states[layer.index][0]
+            hidden[layer.index] = (h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if layer.dtype == "bfloat16"
+                                   else h.to(torch.float16).numpy())
+        records.append(Record(
+            id=item["id"],
+            input_ids=ids,
+            score_start=s,
+            topk_ids=top_ids.int().numpy(),
+            topk_logprobs=top_lp.numpy().astype(np.float16),
+            token_logprob=logp[torch.arange(len(ids) - s), torch.from_numpy(ids[s:]).long()].numpy(),
+            tail_mass=(1 - top_lp.exp().sum(-1)).clamp(0, 1).numpy(),
+            prompt=item["prompt"],
+            generated=item["completion"],
+            rationale=item.get("rationale"),
+            answer=item.get("answer"),
+            hidden=hidden,
+        ))
+    return records
+
+
+def build_teacher_store(
+    url: str,
+    teacher_dir: str,
+    items: list[dict],
+    *,
+    k: int = 8,
+    layer_indices: tuple[int, ...] = (1, 2),
+    shard_records: int = 16,
+    generation: dict | None = None,
+) -> Store:
+    """A store as `potstill generate` would write it, from the tiny teacher in `teacher_dir`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(teacher_dir)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    layers = [HiddenLayer(i, config.hidden_size, "bfloat16", post_norm=i == config.num_hidden_layers) for i in layer_indices]
+    manifest = StoreManifest(
+        teacher=TeacherInfo(
+            name_or_path=teacher_dir,
+            config_hash=config_hash(config.to_dict()),
+            dtype="float32",
+            architecture="LlamaForCausalLM",
+            num_hidden_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size,
+        ),
+        tokenizer=tokenizer_fingerprint(tok),
+        targets=TargetSpec(k=k, logprob_dtype="float16"),
+        hidden=HiddenSpec(layers=layers, chunk_tokens=64),
+        rationales=True,
+        generation=generation or {"mode": "test"},
+    )
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tok.save_pretrained(tok_dir)
+        store = create_store(url, manifest, tokenizer_files=tok_dir)
+    with store.writer("t0", shard_records=shard_records) as writer:
+        writer.write_many(teacher_records(teacher_dir, items, k, layers))
+    store.refresh()
+    return store
+
+
+def build_student(path: str, tokenizer_dir: str, *, hidden: int = 16, layers: int = 2, seed: int = 1) -> str:
+    """A random tiny Llama student with the store's tokenizer, saved like a real checkpoint."""
+    from tinymodels import build_llama
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    build_llama(path, vocab, hidden=hidden, layers=layers, heads=2, seed=seed, tokenizer_dir=tokenizer_dir)
+    return path
+
+
+def copy_teacher(src: str, dst: str) -> str:
+    """A private copy of the session teacher, so a test may delete it."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return os.path.abspath(dst)
