@@ -1,4 +1,4 @@
-"""`potstill demo` (placeholder until its issue lands)."""
+"""`potstill demo`: the two-phase story end to end on a built-in task (see cli/demo/run.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import typer
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
-    def demo() -> None:
-        """Not built yet."""
-        typer.echo("potstill demo: not built yet")
-        raise typer.Exit(1)
+    def demo(
+        out: str = typer.Option("potstill-demo", "--out", help="Folder for the stores, students and report.json."),
+        student_steps: int = typer.Option(300, "--student-steps", help="Optimizer steps of each student."),
+        train_problems: int = typer.Option(1200, "--train-problems", help="Problems the teacher solves into the store."),
+        eval_problems: int = typer.Option(300, "--eval-problems", help="Held-out problems every model is scored on."),
+        threads: int = typer.Option(2, "--threads", help="CPU threads for torch."),
+    ) -> None:
+        """Distil a 4-digit-addition teacher into two students (KD vs answers only) and compare them, offline, on CPU."""
+        from cli.demo.run import DemoConfig, run_demo
+
+        run_demo(DemoConfig(out=out, student_steps=student_steps, train_problems=train_problems,
+                            eval_problems=eval_problems, threads=threads))

@@ -35,6 +35,11 @@ def register(app: typer.Typer) -> None:
                                                help="Allow the teacher's own modeling code." + _d(False)),
         top_k: int = typer.Option(None, help="Top-k log-probs kept per position." + _d(D.top_k)),
         logprob_dtype: str = typer.Option(None, help="float16 or float32 storage of log-probs." + _d(D.logprob_dtype)),
+        targets: str = typer.Option(None, help="topk (log-probs), sampled (N draws per position as ids + counts) or both." + _d(D.targets)),
+        samples: int = typer.Option(None, help="Draws per scored position for sampled targets." + _d(D.samples)),
+        codec: str = typer.Option(None, help="none, or packed: bit-packed ids and counts, quantised log-probs (format 2.0)." + _d(D.codec)),
+        logprob_bits: int = typer.Option(None, help="Packed codec: bits per log-prob." + _d(D.logprob_bits)),
+        logprob_min: float = typer.Option(None, help="Packed codec: log-probs are clamped to [MIN, 0]." + _d(D.logprob_min)),
         hidden_layers: str = typer.Option(None, help="Hidden states to store, HF indexing: '4,8,-1' (0 = embeddings, -1 = last, after the final norm)."),
         hidden_dtype: str = typer.Option(None, help="bfloat16 or float16." + _d(D.hidden_dtype)),
         hidden_tokens: str = typer.Option(None, help="Hidden rows for all tokens or only scored ones." + _d(D.hidden_tokens)),
@@ -78,7 +83,7 @@ def register(app: typer.Typer) -> None:
         tensor_parallel_size: int = typer.Option(None, help="vLLM tensor parallel size." + _d(D.tensor_parallel_size)),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
-        """Run a teacher over a prompt set and write top-k log-probs (+ hidden states) into a store."""
+        """Run a teacher over a prompt set and write top-k log-probs or sampled targets (+ hidden states) into a store."""
         overrides = dict(locals())
         for name in ("config", "as_json"):
             overrides.pop(name)

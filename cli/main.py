@@ -25,11 +25,13 @@ app.add_typer(store_cmd.app, name="store")
 
 def _register() -> None:
     # Imported here so each command module stays independent of the others.
-    from cli import demo_cmd, generate_cmd, train_cmd
+    from cli import demo_cmd, generate_cmd, jobs_cmd, serve_cmd, train_cmd
 
     generate_cmd.register(app)
     train_cmd.register(app)
     demo_cmd.register(app)
+    serve_cmd.register(app)
+    jobs_cmd.register(app)
 
 
 _register()

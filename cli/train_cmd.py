@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         temperature: float | None = typer.Option(None, "--temperature", help=_h("Distillation temperature T (loss scaled by T²).", "temperature")),
         alpha: float | None = typer.Option(None, "--alpha", help=_h("Weight of CE on the hard tokens; KD gets 1 - alpha.", "alpha")),
         tail: bool | None = typer.Option(None, "--tail/--no-tail", help=_h("Tail mass as an extra bucket (else renormalise the top-K).", "tail")),
+        targets: str | None = typer.Option(None, "--targets", help=_h("topk | sampled | auto (sampled when the store has them and the loss is forward KL at T=1, else top-k).", "targets")),
         hidden_map: str | None = typer.Option(None, "--hidden-map", help=_h("'s:t,...' student hidden_states index : stored teacher layer.", "hidden_map")),
         hidden_loss: str | None = typer.Option(None, "--hidden-loss", help=_h("mse | cosine.", "hidden_loss")),
         hidden_weight: float | None = typer.Option(None, "--hidden-weight", help=_h("Weight of the hidden-state loss.", "hidden_weight")),
@@ -113,7 +114,7 @@ def register(app: typer.Typer) -> None:
 
 def _format_eval(ev: dict) -> str:
     parts = [
-        f"kd_loss {ev['kd_loss']:.4f}",
+        f"kd_loss {ev['kd_loss']:.4f}" + (" (vs sampled targets)" if ev.get("kd_target") == "sampled" else ""),
         f"top1_agreement {ev['top1_agreement']:.4f}",
         f"perplexity {ev['perplexity']:.3f}",
     ]

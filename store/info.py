@@ -20,7 +20,7 @@ def store_info(store: Store) -> dict[str, Any]:
     def per(total: int, count: int) -> float | None:
         return round(total / count, 3) if count else None
 
-    target_fields = [n for n in field_bytes if n.startswith(("topk_", "token_logprob", "tail_mass"))]
+    target_fields = [n for n in field_bytes if n.startswith(("topk_", "token_logprob", "tail_mass", "sampled_"))]
     return {
         "store": store.url,
         "format_version": m.format_version,
@@ -28,7 +28,7 @@ def store_info(store: Store) -> dict[str, Any]:
         "potstill_version": m.potstill_version,
         "teacher": vars(m.teacher),
         "tokenizer": {"fingerprint": m.tokenizer.fingerprint, "vocab_size": m.tokenizer.vocab_size},
-        "targets": vars(m.targets),
+        "targets": m.targets.to_dict(),
         "hidden_layers": [vars(layer) for layer in m.hidden.layers],
         "rationales": m.rationales,
         "shards": len(store.commits),
@@ -52,7 +52,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"store        {info['store']}  (format {info['format_version']}, potstill {info['potstill_version']})",
         f"teacher      {t['name_or_path']}  ({t['architecture']}, {t['dtype']}, config {str(t['config_hash'])[:19]})",
         f"tokenizer    {info['tokenizer']['fingerprint'][:23]}  vocab {info['tokenizer']['vocab_size']}",
-        f"targets      {info['targets']['kind']} K={info['targets']['k']} ({info['targets']['logprob_dtype']} log-probs + tail mass)",
+        f"targets      {describe_targets(info['targets'])}",
         "hidden       "
         + (", ".join(f"layer {x['index']} [{x['width']}] {x['dtype']}" for x in info["hidden_layers"]) or "none"),
         f"rationales   {'yes' if info['rationales'] else 'no'}",
@@ -66,6 +66,19 @@ def format_info(info: dict[str, Any]) -> str:
     for name, f in info["fields"].items():
         lines.append(f"{name:<22}{f['bytes']:>14}{_fmt(f['per_token']):>12}{_fmt(f['per_scored_token']):>12}")
     return "\n".join(lines)
+
+
+def describe_targets(t: dict[str, Any]) -> str:
+    """One line: what each scored position carries and how it is encoded."""
+    packed = t.get("codec") == "packed"
+    parts = []
+    if t["kind"] in ("topk", "both"):
+        lp = f"{t['logprob_bits']}-bit log-probs (max error {t['logprob_max_error']:.2g})" if packed else f"{t['logprob_dtype']} log-probs"
+        parts.append(f"top-K={t['k']}, {lp} + tail mass" + (" (recomputed)" if packed else ""))
+    if t["kind"] in ("sampled", "both"):
+        parts.append(f"sampled N={t['samples']} (ids + counts, seed {t['seed']})")
+    codec = f"packed codec: {t['id_bits']}-bit ids" + (f", {t['count_bits']}-bit counts" if t.get("count_bits") else "") if packed else "unpacked"
+    return " and ".join(parts) + f"; {codec}"
 
 
 def _fmt(x: float | None) -> str:

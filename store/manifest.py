@@ -13,12 +13,14 @@ from typing import Any
 from store.errors import FormatVersionError, StoreError
 
 FORMAT_NAME = "potstill-store"
-FORMAT_VERSION = "1.0"
-READ_MAJOR = 1  # the newest major version this code reads
+FORMAT_VERSION = "1.0"  # what a plain top-k, unpacked store is written as (readable by every potstill)
+LATEST_FORMAT_VERSION = "2.0"  # sampled targets or the packed codec (docs/store-format.md §4.2, §4.3)
+READ_MAJOR = 2  # the newest major version this code reads
 
 LOGPROB_DTYPES = ("float16", "float32")
 HIDDEN_DTYPES = ("float16", "bfloat16")
-TARGET_KINDS = ("topk",)
+TARGET_KINDS = ("topk", "sampled", "both")
+CODECS = ("none", "packed")
 
 
 def potstill_version() -> str:
@@ -81,19 +83,96 @@ class TokenizerInfo:
 
 @dataclass
 class TargetSpec:
+    """What each scored position carries (format §2 `targets`, §4).
+
+    `kind` "topk": the top-`k` ids and log-probs plus the tail mass; "sampled": `samples` draws from
+    the teacher's distribution as distinct ids with counts; "both". `codec` "none" stores them as
+    plain Arrow lists; "packed" bit-packs ids to `id_bits`, counts to `count_bits` and quantises
+    log-probs to `logprob_bits` over [`logprob_min`, 0] (`store.codec`). Anything beyond a plain
+    top-k, unpacked store needs format 2.0 (`required_version`).
+    """
+
     kind: str = "topk"
-    k: int = 64
-    logprob_dtype: str = "float16"
+    k: int = 64  # 0 when kind is "sampled"
+    logprob_dtype: str = "float16"  # codec "none": how top-k log-probs are stored
     temperature: float = 1.0
     logprobs_from: str = "fp32"
+    samples: int = 0  # N draws per position (kind "sampled" / "both")
+    seed: int | None = None  # the run seed the per-record draws derive from
+    sampling: str | None = None  # how the draws were made, in words
+    codec: str = "none"
+    id_bits: int | None = None  # packed: bits per token id, ceil(log2 vocabulary)
+    count_bits: int | None = None  # packed, sampled: bits per count, ceil(log2(N + 1))
+    logprob_bits: int | None = None  # packed: bits per quantised log-prob
+    logprob_min: float | None = None  # packed: log-probs are clamped to [logprob_min, 0]
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
             raise StoreError(f"unknown target kind {self.kind!r}; expected one of {TARGET_KINDS}")
-        if not isinstance(self.k, int) or self.k < 1:
+        if self.has_topk and (not isinstance(self.k, int) or self.k < 1):
             raise StoreError(f"targets.k must be a positive integer, got {self.k!r}")
+        if not self.has_topk and self.k != 0:
+            raise StoreError(f"targets.k must be 0 when targets.kind is {self.kind!r}, got {self.k!r}")
         if self.logprob_dtype not in LOGPROB_DTYPES:
             raise StoreError(f"targets.logprob_dtype must be one of {LOGPROB_DTYPES}, got {self.logprob_dtype!r}")
+        if self.has_sampled and (not isinstance(self.samples, int) or not 1 <= self.samples <= 65535):
+            raise StoreError(f"targets.samples must be an integer in [1, 65535], got {self.samples!r}")
+        if self.codec not in CODECS:
+            raise StoreError(f"unknown targets.codec {self.codec!r}; expected one of {CODECS}")
+        if self.codec == "packed":
+            from store.codec import MAX_BITS, LogprobQuantizer, bits_for
+
+            if not isinstance(self.id_bits, int) or not 1 <= self.id_bits <= MAX_BITS:
+                raise StoreError(f"targets.id_bits must be an integer in [1, {MAX_BITS}], got {self.id_bits!r}")
+            if self.has_sampled and self.count_bits != bits_for(self.samples):
+                raise StoreError(f"targets.count_bits must be {bits_for(self.samples)} for N={self.samples}, got {self.count_bits!r}")
+            if not isinstance(self.logprob_bits, int) or not isinstance(self.logprob_min, int | float):
+                raise StoreError("targets.logprob_bits and targets.logprob_min are required by the packed codec")
+            LogprobQuantizer(self.logprob_bits, float(self.logprob_min))  # raises on a bad range
+
+    @property
+    def has_topk(self) -> bool:
+        return self.kind in ("topk", "both")
+
+    @property
+    def has_sampled(self) -> bool:
+        return self.kind in ("sampled", "both")
+
+    @property
+    def packed(self) -> bool:
+        return self.codec == "packed"
+
+    def quantizer(self) -> Any:
+        """The packed codec's `store.codec.LogprobQuantizer`."""
+        from store.codec import LogprobQuantizer
+
+        if not self.packed:
+            raise StoreError("only packed stores quantise log-probs")
+        return LogprobQuantizer(int(self.logprob_bits or 0), float(self.logprob_min or 0.0))
+
+    def required_version(self) -> str:
+        """The lowest format version that describes these targets."""
+        return FORMAT_VERSION if self.kind == "topk" and self.codec == "none" else LATEST_FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's `targets` object: a 1.0 store gets exactly the 1.0 keys; others only the
+        keys their kind and codec use, plus the quantiser's step and error bound (informative)."""
+        out: dict[str, Any] = {
+            "kind": self.kind, "k": self.k, "logprob_dtype": self.logprob_dtype,
+            "temperature": self.temperature, "logprobs_from": self.logprobs_from,
+        }
+        if self.required_version() == FORMAT_VERSION:
+            return out
+        out["codec"] = self.codec
+        if self.has_sampled:
+            out.update(samples=self.samples, seed=self.seed, sampling=self.sampling)
+        if self.packed:
+            q = self.quantizer()
+            out.update(id_bits=self.id_bits, logprob_bits=self.logprob_bits, logprob_min=self.logprob_min,
+                       logprob_step=q.step, logprob_max_error=q.max_error, tail_mass="recomputed")
+            if self.has_sampled:
+                out["count_bits"] = self.count_bits
+        return out
 
 
 @dataclass
@@ -143,8 +222,16 @@ class StoreManifest:
     created_at: str = field(default_factory=utc_now)
     potstill_version: str = field(default_factory=potstill_version)
 
+    def __post_init__(self) -> None:
+        # A store carries the lowest version that describes it: 1.0 unless its targets need 2.0.
+        need = self.targets.required_version()
+        if parse_version(self.format_version, "manifest")[0] < parse_version(need, "manifest")[0]:
+            self.format_version = need
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["targets"] = self.targets.to_dict()
+        return out
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
@@ -162,15 +249,22 @@ class StoreManifest:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise StoreError(f"{where}: not a potstill store manifest")
         check_readable(obj.get("format_version"), where)
+        version = str(obj.get("format_version"))
         try:
             tok = dict(obj["tokenizer"])
             tok["files"] = [FileEntry(**_known(FileEntry, f)) for f in tok.get("files", [])]
             hidden = dict(obj.get("hidden") or {})
             hidden["layers"] = [HiddenLayer(**_known(HiddenLayer, x)) for x in hidden.get("layers", [])]
+            targets = TargetSpec(**_known(TargetSpec, obj.get("targets") or {}))
+            if parse_version(version, where)[0] < parse_version(targets.required_version(), where)[0]:
+                raise StoreError(
+                    f"targets of kind {targets.kind!r} with codec {targets.codec!r} need format "
+                    f"{targets.required_version()}, but the manifest says {version}"
+                )
             return cls(
                 teacher=TeacherInfo(**_known(TeacherInfo, obj["teacher"])),
                 tokenizer=TokenizerInfo(**_known(TokenizerInfo, tok)),
-                targets=TargetSpec(**_known(TargetSpec, obj.get("targets") or {})),
+                targets=targets,
                 hidden=HiddenSpec(**_known(HiddenSpec, hidden)),
                 rationales=bool(obj.get("rationales", False)),
                 generation=dict(obj.get("generation") or {}),
@@ -193,7 +287,7 @@ class StoreManifest:
             "teacher.config_hash": (self.teacher.config_hash, other.teacher.config_hash),
             "teacher.dtype": (self.teacher.dtype, other.teacher.dtype),
             "tokenizer.fingerprint": (self.tokenizer.fingerprint, other.tokenizer.fingerprint),
-            "targets": (dataclasses.asdict(self.targets), dataclasses.asdict(other.targets)),
+            "targets": (self.targets.to_dict(), other.targets.to_dict()),
             "hidden": (dataclasses.asdict(self.hidden), dataclasses.asdict(other.hidden)),
             "rationales": (self.rationales, other.rationales),
             "generation": (self.generation, other.generation),

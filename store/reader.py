@@ -297,7 +297,7 @@ class ShardReader:
         if batch.num_rows != commit.records:
             raise StoreError(f"{where}: holds {batch.num_rows} records, its commit says {commit.records}")
         try:
-            self.views = ColumnViews(batch, store.manifest.targets.k)
+            self.views = ColumnViews(batch, store.manifest.targets)
         except (pa.ArrowInvalid, StoreError) as e:
             raise StoreError(f"{where}: {e}") from None
         self._group: Any = None

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from store.codec import check_sampled
 from store.commit import loads_json_object, parse_shard_name
 from store.errors import StoreError
 from store.fs import join, listdir_names, read_bytes, sha256_file
 from store.reader import ShardReader, Store
+from store.records import ColumnViews, packed_lengths_ok, target_vocab
 
 STALE_AFTER_S = 600.0
 
@@ -187,6 +189,8 @@ def _check_content(store: Store, commit, report: VerifyReport) -> None:
     for ok, message in checks:
         if not ok:
             report.problems.append(Problem(where, message))
+    for message in _target_problems(v, store):
+        report.problems.append(Problem(where, message))
     for layer in layers:
         try:
             arr = reader._zarr_group()[layer.array_name]
@@ -199,6 +203,39 @@ def _check_content(store: Store, commit, report: VerifyReport) -> None:
             report.problems.append(
                 Problem(where, f"hidden layer {layer.index} is {tuple(arr.shape)} {arr.dtype}, expected {want} {layer.dtype}")
             )
+
+
+def _target_problems(v: ColumnViews, store: Store) -> list[str]:
+    """Target columns against each other and the format's rules (§4.1–§4.3)."""
+    spec = store.manifest.targets
+    if spec.packed:
+        problems = packed_lengths_ok(v)
+        if problems or not spec.has_sampled:
+            return problems
+    else:
+        problems = []
+        for name in ("tail_mass", "topk_ids", "topk_logprobs") if spec.has_topk else ():
+            if not np.array_equal(v.batch.column(name).offsets.to_numpy(), v.tgt_off):
+                problems.append(f"column {name} has other row counts than token_logprob")
+        if spec.has_sampled:
+            if not np.array_equal(v.sampled_rec_off, v.tgt_off):
+                problems.append("column sampled_ids has other row counts than token_logprob")
+            counts = v.batch.column("sampled_counts")
+            if not (np.array_equal(counts.offsets.to_numpy(), v.sampled_rec_off)
+                    and np.array_equal(counts.values.offsets.to_numpy(), v.sampled_pos_off)):
+                problems.append("columns sampled_ids and sampled_counts have different shapes")
+        if problems or not spec.has_sampled:
+            return problems
+    vocab = target_vocab(store.manifest)
+    for j in range(v.num_rows):  # decoding checks that counts are >= 1 and split into positions of N draws
+        rid = v.text_of("id", j)
+        try:
+            t = v.sampled_of(j)
+            check_sampled(t, v.num_scored_of(j), spec.samples, vocab, f"record {rid!r}")
+        except StoreError as e:
+            problems.append(str(e))
+            break
+    return problems
 
 
 def report_json(report: VerifyReport) -> str:

@@ -24,7 +24,7 @@ from store.commit import CommitRecord, check_writer_id, parse_shard_name, shard_
 from store.errors import StoreError
 from store.fs import fsync_file, is_local, join, sha256_bytes, sha256_file, write_bytes
 from store.manifest import FileEntry, HiddenLayer, utc_now
-from store.records import Record, records_to_batch, validate_record
+from store.records import Record, records_to_batch, target_nbytes, validate_record
 
 if TYPE_CHECKING:
     from store.reader import Store
@@ -223,7 +223,7 @@ class ShardWriter:
             self._offsets.append(0)
         rec.hidden = {}  # now owned by the Zarr buffer; keep the Arrow side small
         self._records.append(rec)
-        self._bytes += rec.input_ids.nbytes + rec.topk_ids.nbytes + rec.topk_logprobs.nbytes + 8 * rec.num_scored
+        self._bytes += rec.input_ids.nbytes + target_nbytes(rec)
         if len(self._records) >= self.shard_records or self._bytes >= self.shard_bytes:
             self.commit()
 
@@ -291,6 +291,7 @@ class ShardWriter:
             files=files,
             bytes=sum(f.bytes for f in files),
             field_bytes=field_bytes,
+            format_version=self.manifest.format_version,  # a 1.x reader then refuses a 2.0 shard too
         )
         write_bytes(fs, join(self.store.root, "commits", f"{name}.json"), commit.to_json(), exclusive=True)
         self._lease.beat()

@@ -12,6 +12,7 @@ from typing import Any
 from student_train.errors import ConfigError
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
+TARGETS = ("auto", "topk", "sampled")
 HIDDEN_LOSSES = ("mse", "cosine")
 RATIONALE_MODES = ("plain", "multitask")
 
@@ -45,6 +46,7 @@ class TrainConfig:
     temperature: float = 1.0
     alpha: float = 0.0  # weight of cross-entropy on the hard tokens; KD gets 1 - alpha
     tail: bool = True  # the tail mass as one extra bucket (False: renormalise over the top-K)
+    targets: str = "auto"  # topk | sampled | auto (sampled when the store has them and the loss can use them)
 
     # hidden-state and relation distillation
     hidden_map: str = ""  # "student_layer:teacher_layer,..." (Hugging Face hidden_states indices)
@@ -80,6 +82,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def sampled_loss_ok(self) -> bool:
+        """Whether the KD loss can use sampled targets: only forward KL at T = 1 is linear in p."""
+        return self.loss == "forward_kl" and self.temperature == 1.0
+
+    def resolve_targets(self, has_topk: bool, has_sampled: bool) -> str:
+        """The target kind to train on for a store holding these kinds ("auto": sampled when the store
+        has them and the loss can use them, else top-k). Whether the store holds it is checked later."""
+        if self.targets != "auto":
+            return self.targets
+        return "sampled" if has_sampled and (self.sampled_loss_ok() or not has_topk) else "topk"
+
     def hidden_pairs(self) -> list[tuple[int, int]]:
         return parse_hidden_map(self.hidden_map)
 
@@ -93,7 +106,7 @@ class TrainConfig:
         for name in ("store", "student", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
-        choices = {"loss": LOSSES, "hidden_loss": HIDDEN_LOSSES, "rationale_mode": RATIONALE_MODES}
+        choices = {"loss": LOSSES, "hidden_loss": HIDDEN_LOSSES, "rationale_mode": RATIONALE_MODES, "targets": TARGETS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -116,6 +129,9 @@ class TrainConfig:
             (self.save_steps >= 1, f"--save-steps must be at least 1, got {self.save_steps}"),
             (self.logging_steps >= 1, f"--logging-steps must be at least 1, got {self.logging_steps}"),
             (self.relation_weight == 0 or bool(self.hidden_map), "--relation-weight needs --hidden-map (the layer pairs)"),
+            (self.targets != "sampled" or self.sampled_loss_ok(),
+             f"--targets sampled trains forward KL at temperature 1 only (the draws estimate the T=1 distribution), "
+             f"got --loss {self.loss} --temperature {self.temperature}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -26,8 +26,10 @@ was consumed; worker roles are rotated by c mod W so that the loader's first bat
 interrupted run would have taken next.
 
 **Collation** pads right and lists, for every position i whose next token is trained, the student
-logit that predicts it (batch b, position i − 1) next to the stored target row i − score_start.
-Hidden states are read only when a hidden-state or relation loss needs them.
+logit that predicts it (batch b, position i − 1) next to the stored target row i − score_start:
+top-k ids / log-probs / tail mass, or (`targets="sampled"`) the sampled ids with their weights
+counts / N, padded to the batch's widest position. Packed stores are decoded per record as they
+are read. Hidden states are read only when a hidden-state or relation loss needs them.
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from store import open_store
+from store.codec import SampledTargets
 from store.reader import ShardReader, Store
 from student_train.errors import TrainError
 
 STATE_VERSION = 1
 MAIN_TASK, RATIONALE_TASK = 0, 1
+TARGET_KINDS = ("topk", "sampled")
 
 
 # -- split -------------------------------------------------------------------------------------------
@@ -176,10 +180,11 @@ class Sequence:
     shared: int
     ce_start: int
     task: int
-    targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # topk_ids, topk_logprobs, token_logprob, tail
+    targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None  # topk_ids, topk_logprobs, token_logprob, tail
     hidden_start: int = 0  # first token with stored hidden states
     reader: ShardReader | None = None  # where the hidden states are read from, at collation
     hidden_offset: int = 0  # the record's first row in the shard's hidden arrays (token_offset)
+    sampled: SampledTargets | None = None  # sampled targets (when training on them)
 
     def truncate(self, max_length: int) -> Sequence:
         if max_length and len(self.ids) > max_length:
@@ -209,18 +214,24 @@ def collate(
     student_vocab: int | None = None,
     hidden_layers: tuple[int, ...] = (),
     hidden_widths: dict[int, int] | None = None,
+    targets: str = "topk",
 ) -> dict[str, Any]:
     """Pad sequences (right) and align each trained position with the student logit that predicts it.
 
     Returns tensors: `input_ids`, `attention_mask` [B, T]; per trained position (N of them):
     `pos_batch`, `pos_index` (the predicting logit), `hard_ids` (the actual next token), `has_kd`,
-    `task`, `topk_ids` [N, K] (−1 = empty), `topk_logprobs` [N, K], `tail_mass` [N]; and with hidden
-    layers `hidden_mask` [B, T] plus `teacher_hidden_<layer>` [B, T, W] as stored (float16/bfloat16),
-    read straight from the store into the padded batch, only for the positions a loss uses.
-    Positions without KD carry empty targets (ids −1, all mass in the tail).
-    Top-K ids the student's vocabulary does not have (a teacher with a padded embedding matrix) are
-    folded into the tail bucket.
+    `task`; with top-k targets `topk_ids` [N, K] (−1 = empty), `topk_logprobs` [N, K], `tail_mass`
+    [N]; with `targets="sampled"` instead `sampled_ids` [N, U] (−1 = empty) and `sampled_probs`
+    [N, U] float32 (count / N), U the most distinct ids any position of the batch has; and with
+    hidden layers `hidden_mask` [B, T] plus `teacher_hidden_<layer>` [B, T, W] as stored
+    (float16/bfloat16), read straight from the store into the padded batch, only for the positions
+    a loss uses. Positions without KD carry empty targets (top-k: ids −1, all mass in the tail;
+    sampled: no ids). Target ids the student's vocabulary does not have (a teacher with a padded
+    embedding matrix) are folded into the tail bucket (top-k) or dropped (sampled).
     """
+    if targets == "sampled":
+        return _collate_sampled(seqs, pad_id=pad_id, student_vocab=student_vocab, hidden_layers=hidden_layers,
+                                hidden_widths=hidden_widths)
     batch, longest = len(seqs), max((len(s.ids) for s in seqs), default=1)
     input_ids = np.full((batch, max(longest, 1)), pad_id, dtype=np.int64)
     attention = np.zeros_like(input_ids)
@@ -267,6 +278,76 @@ def collate(
     }
     if hidden_layers:
         out.update(_collate_hidden(seqs, input_ids.shape[1], hidden_layers, hidden_widths or {}))
+    return out
+
+
+def _pad_sequences(seqs: list[Sequence], pad_id: int) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
+    """The padded token tensors and position lists every target kind shares, and each sequence's
+    (trained positions i, has_kd)."""
+    longest = max((len(s.ids) for s in seqs), default=1)
+    input_ids = np.full((len(seqs), max(longest, 1)), pad_id, dtype=np.int64)
+    attention = np.zeros_like(input_ids)
+    pos_b, pos_i, hard, has_kd, task, trained = [], [], [], [], [], []
+    for b, seq in enumerate(seqs):
+        n = len(seq.ids)
+        input_ids[b, :n] = seq.ids
+        attention[b, :n] = 1
+        i, kd = seq.trained_positions()
+        trained.append((i, kd))
+        pos_b.append(np.full(len(i), b, dtype=np.int64))
+        pos_i.append(i - 1)
+        hard.append(seq.ids[i].astype(np.int64))
+        has_kd.append(kd)
+        task.append(np.full(len(i), seq.task, dtype=np.int64))
+    out = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "pos_batch": torch.from_numpy(_cat(pos_b, np.int64)),
+        "pos_index": torch.from_numpy(_cat(pos_i, np.int64)),
+        "hard_ids": torch.from_numpy(_cat(hard, np.int64)),
+        "has_kd": torch.from_numpy(_cat(has_kd, np.bool_)),
+        "task": torch.from_numpy(_cat(task, np.int64)),
+        "record_ids": [s.record_id for s in seqs],
+    }
+    return out, trained
+
+
+def _collate_sampled(
+    seqs: list[Sequence],
+    *,
+    pad_id: int,
+    student_vocab: int | None,
+    hidden_layers: tuple[int, ...],
+    hidden_widths: dict[int, int] | None,
+) -> dict[str, Any]:
+    """`collate` for sampled targets: each trained position's distinct ids and weights counts / N."""
+    out, trained = _pad_sequences(seqs, pad_id)
+    rows_per_seq = []
+    for seq, (i, kd) in zip(seqs, trained, strict=True):
+        if kd.any() and seq.sampled is None:
+            raise TrainError(f"record {seq.record_id}: no sampled targets to train on")
+        rows_per_seq.append(i[kd] - seq.score_start)
+    width = max((int(s.sampled.lengths()[r].max(initial=0)) for s, r in zip(seqs, rows_per_seq, strict=True)
+                 if s.sampled is not None and len(r)), default=1)
+    ids_parts, prob_parts = [], []
+    for seq, (i, kd), rows in zip(seqs, trained, rows_per_seq, strict=True):
+        ids = np.full((len(i), width), -1, dtype=np.int64)
+        probs = np.zeros((len(i), width), dtype=np.float32)
+        if len(rows):
+            sampled: SampledTargets = seq.sampled  # type: ignore[assignment]
+            got_ids, counts = sampled.padded(rows, width)
+            ids[kd] = got_ids
+            probs[kd] = counts / counts.sum(-1, keepdims=True)  # every position's counts sum to N
+        ids_parts.append(ids)
+        prob_parts.append(probs)
+    ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0, width), np.int64)
+    probs = np.concatenate(prob_parts) if prob_parts else np.zeros((0, width), np.float32)
+    if student_vocab is not None:
+        unknown = ids >= student_vocab
+        ids[unknown], probs[unknown] = -1, 0.0
+    out["sampled_ids"], out["sampled_probs"] = torch.from_numpy(ids), torch.from_numpy(probs)
+    if hidden_layers:
+        out.update(_collate_hidden(seqs, out["input_ids"].shape[1], hidden_layers, hidden_widths or {}))
     return out
 
 
@@ -371,13 +452,27 @@ def multitask_sequences(whole: Sequence, rationale_end: int, marker_ids: np.ndar
     return [answer, rationale]
 
 
-def record_sequence(reader: ShardReader, row: int) -> Sequence:
-    """A stored record as one plain sequence: every scored position trained, with its KD target."""
+def record_sequence(reader: ShardReader, row: int, targets: str = "topk") -> Sequence:
+    """A stored record as one plain sequence: every scored position trained, with its KD target
+    (the top-k targets, or with `targets="sampled"` the sampled ones; a packed store decodes here)."""
     views = reader.views
     ids = views.input_ids_of(row)
     s = int(views.score_start[row])
-    return Sequence(reader.ids[row], ids, s, len(ids), s, MAIN_TASK, views.targets_of(row),
-                    int(views.hidden_start[row]), reader, int(views.token_offset[row]))
+    topk = views.targets_of(row) if targets == "topk" else None
+    sampled = views.sampled_of(row) if targets == "sampled" else None
+    return Sequence(reader.ids[row], ids, s, len(ids), s, MAIN_TASK, topk,
+                    int(views.hidden_start[row]), reader, int(views.token_offset[row]), sampled)
+
+
+def check_targets(store: Store, targets: str) -> None:
+    """Refuse, in one line, training on a target kind the store does not hold."""
+    spec = store.manifest.targets
+    held = {"topk": spec.has_topk, "sampled": spec.has_sampled}
+    if targets not in held:
+        raise TrainError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {targets!r}")
+    if not held[targets]:
+        other = "sampled" if targets == "topk" else "topk"
+        raise TrainError(f"--targets {targets}: store {store.url} holds only {other} targets (manifest targets.kind={spec.kind!r})")
 
 
 # -- the dataset -------------------------------------------------------------------------------------
@@ -403,10 +498,13 @@ class StoreDataset(IterableDataset):
         answer_marker_ids: tuple[int, ...] = (),
         shards: list[str] | None = None,
         storage_options: dict[str, Any] | None = None,
+        targets: str = "topk",
     ) -> None:
         if not 0 <= rank < world_size:
             raise TrainError(f"rank {rank} outside world size {world_size}")
         store = open_store(store_url, storage_options)
+        check_targets(store, targets)
+        self.targets = targets
         self.store_url, self.storage_options = store_url, storage_options
         self.manifest = store.manifest
         self.plan = plan_split(store, eval_fraction, world_size, num_workers, shards)
@@ -517,7 +615,7 @@ class StoreDataset(IterableDataset):
 
     def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
         reader = self._shard(shard_idx)
-        whole = record_sequence(reader, row)
+        whole = record_sequence(reader, row, self.targets)
         if self.rationale_mode == "multitask":
             views = reader.views
             end = split_rationale(self.tokenizer, whole.ids, whole.score_start, views.text_of("rationale", row))
@@ -545,6 +643,7 @@ class StoreDataset(IterableDataset):
             student_vocab=self.student_vocab,
             hidden_layers=self.hidden_layers,
             hidden_widths=self.hidden_widths,
+            targets=self.targets,
         )
         if self.rationale_mode == "multitask":  # records used whole: no rationale or answer found in them
             batch["multitask_fallback"] = torch.tensor(self._fallbacks)

@@ -3,8 +3,14 @@
 Held-out = the records whose sha256(id) falls below the eval fraction (`data.is_held_out`), which
 the training loader never yields. Metrics, averaged over every scored position:
 
-- `kd_loss`: forward KL(teacher ‖ student) on the K + 1 buckets (top-K plus tail), T = 1;
-- `top1_agreement`: how often the student's argmax is the teacher's most likely token;
+- `kd_loss`: forward KL(teacher ‖ student) on the K + 1 buckets (top-K plus tail), T = 1, whenever
+  the store holds top-k targets (`kd_target` "topk"). A store of sampled targets only
+  (`kd_target` "sampled") reports KL(p̂ ‖ student) against the N-draw estimate p̂ = counts / N, the
+  sampled training loss: the full KL plus a constant that depends on the teacher and N only, so
+  differences between students are unbiased estimates of differences in full KL, but the level is
+  not the full KL's;
+- `top1_agreement`: how often the student's argmax is the teacher's most likely token (sampled
+  only: the most frequent of the N draws, a noisy estimate of it);
 - `perplexity`: exp(mean cross-entropy) of the student on the stored tokens (the teacher's);
 - `answer_accuracy` (when records hold answers): greedy-generate from each record's prompt
   (the tokens before score_start), extract the answer with the store's `generation.answer_pattern`
@@ -109,20 +115,27 @@ def evaluate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     kd_sum = top1_sum = ce_sum = 0.0
     tokens = 0
+    target = "topk" if store.manifest.targets.has_topk else "sampled"
     for start in range(0, len(rows), batch_size):
-        seqs = [record_sequence(store.shard(name), row) for name, row in rows[start : start + batch_size]]
-        batch = collate(seqs, k=store.manifest.targets.k, pad_id=pad_id, student_vocab=vocab)
+        seqs = [record_sequence(store.shard(name), row, target) for name, row in rows[start : start + batch_size]]
+        batch = collate(seqs, k=store.manifest.targets.k, pad_id=pad_id, student_vocab=vocab, targets=target)
         batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits = logits[batch["pos_batch"], batch["pos_index"]].float()
         lse = torch.logsumexp(logits, dim=-1)
-        kd = losses.sparse_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_mass"], lse=lse)
+        if target == "topk":
+            kd = losses.sparse_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_mass"], lse=lse)
+            teacher_top1 = batch["topk_ids"][:, 0]
+        else:
+            kd = losses.sampled_kd(logits, batch["sampled_ids"], batch["sampled_probs"], lse=lse)
+            teacher_top1 = batch["sampled_ids"][:, 0]  # the most frequent draw (counts come sorted)
         ce = losses.token_cross_entropy(logits, batch["hard_ids"], lse)
         kd_sum += kd.sum().item()
         ce_sum += ce.sum().item()
-        top1_sum += (logits.argmax(-1) == batch["topk_ids"][:, 0]).sum().item()
+        top1_sum += (logits.argmax(-1) == teacher_top1).sum().item()
         tokens += len(kd)
     result.update(
+        kd_target=target,
         scored_tokens=tokens,
         kd_loss=kd_sum / tokens if tokens else None,
         top1_agreement=top1_sum / tokens if tokens else None,

@@ -177,6 +177,43 @@ def sparse_kd(
     return DIVERGENCES[loss](s, t, valid, temperature=temperature)
 
 
+def sampled_kd(
+    logits: torch.Tensor,
+    sampled_ids: torch.Tensor,
+    sampled_probs: torch.Tensor,
+    *,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Forward KL against sampled targets, per position [N]: KL(p̂ ‖ q) = Σ_u p̂_u (log p̂_u − log q_u).
+
+    The store keeps, per position, N draws x_1..x_N from the teacher's distribution p (temperature
+    1) as distinct ids u with counts c_u; `sampled_probs` holds p̂_u = c_u / N (ids −1 / weight 0
+    pad the rows to a common width and contribute nothing). With q = softmax(z):
+
+        loss(z)   = Σ_u p̂_u log p̂_u − Σ_u p̂_u log q_u              (the first sum does not depend on z)
+        ∂loss/∂z  = (Σ_u p̂_u) q − p̂  =  q − p̂                      (Σ_u p̂_u = 1)
+
+    Each draw is a one-hot sample of p, so E[p̂] = p and E[∂loss/∂z] = q − p, exactly the gradient of
+    the full-vocabulary forward KL(p ‖ q) = Σ_v p_v log p_v − Σ_v p_v log q_v: an **unbiased**
+    estimate of full KD's gradient from N·(bytes per draw) of storage. In value, E[loss] =
+    KL(p ‖ q) + (H(p) − E[H(p̂)]): the full KL plus a constant in z (≥ 0, shrinking as N grows),
+    so the loss is ≥ 0, 0 only when q = p̂, and its differences between students are unbiased
+    estimates of differences in full KL. Contrast top-K: renormalising over K ids or lumping the
+    rest into one bucket changes the target itself, a bias no amount of data removes.
+
+    Only T = 1 is unbiased (the draws are from p, not from p^(1/T)), and only forward KL is linear in
+    p; the trainer refuses other settings for sampled targets. Ids ≥ the student's vocabulary are
+    dropped by the collator (their weight is lost, not renormalised).
+    """
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    valid = sampled_ids >= 0
+    log_q = logits.gather(-1, sampled_ids.clamp(min=0)) - lse.unsqueeze(-1)
+    weight = sampled_probs.to(logits.dtype).masked_fill(~valid, 0.0)
+    log_weight = torch.where(weight > 0, weight, torch.ones_like(weight)).log()  # 0 where the weight is 0
+    return (weight * (log_weight - log_q)).sum(-1)
+
+
 def token_cross_entropy(logits: torch.Tensor, hard_ids: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
     """−log q(x_i) = logsumexp(z_i) − z_i[x_i] per position [N], on the hard (actual) next tokens, at T = 1."""
     if lse is None:

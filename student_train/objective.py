@@ -28,6 +28,7 @@ class Objective:
     relation_weight: float = 0.0
     multitask: bool = False
     rationale_weight: float = 1.0
+    targets: str = "topk"  # which stored targets the KD term uses: topk or sampled (resolved from "auto")
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> Objective:
@@ -43,6 +44,7 @@ class Objective:
             relation_weight=config.relation_weight,
             multitask=config.rationale_mode == "multitask",
             rationale_weight=config.rationale_weight,
+            targets=config.targets if config.targets != "auto" else "topk",
         )
 
     @property
@@ -71,17 +73,20 @@ def distill_loss(model: Any, batch: dict[str, Any], objective: Objective) -> tup
     )
     logits = out["logits"].float()
     lse = torch.logsumexp(logits, dim=-1)
-    kd = losses.sparse_kd(
-        logits,
-        batch["topk_ids"],
-        batch["topk_logprobs"],
-        batch["tail_mass"],
-        loss=objective.loss,
-        temperature=objective.temperature,
-        beta=objective.beta,
-        tail=objective.tail,
-        lse=lse,
-    )
+    if objective.targets == "sampled":  # forward KL at T = 1 (checked when the run starts)
+        kd = losses.sampled_kd(logits, batch["sampled_ids"], batch["sampled_probs"], lse=lse)
+    else:
+        kd = losses.sparse_kd(
+            logits,
+            batch["topk_ids"],
+            batch["topk_logprobs"],
+            batch["tail_mass"],
+            loss=objective.loss,
+            temperature=objective.temperature,
+            beta=objective.beta,
+            tail=objective.tail,
+            lse=lse,
+        )
     ce = losses.token_cross_entropy(logits, batch["hard_ids"], lse)
     has_kd, task = batch["has_kd"], batch["task"]
     per_position = losses.mix_ce_kd(ce, kd, has_kd, objective.alpha)

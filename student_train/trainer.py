@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments
 
 from store import Store, open_store, potstill_version
 from student_train.config import TrainConfig
-from student_train.data import StoreDataset
+from student_train.data import StoreDataset, check_targets
 from student_train.errors import ConfigError, TrainError
 from student_train.model import (
     DistillModel,
@@ -220,7 +220,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
     rank, world = state.process_index, state.num_processes
     store = open_store(config.store)
     checkpoint, loader_state = resume_point(config, rank)
-    objective = Objective.from_config(config)
+    targets = training_targets(config, store)
+    objective = dataclasses.replace(Objective.from_config(config), targets=targets)
 
     set_seed(config.seed)
     student = load_student(config.student, trust_remote_code=config.trust_remote_code)
@@ -251,6 +252,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
         rationale_mode=config.rationale_mode,
         answer_marker_ids=marker_ids,
         shards=loader_state["shards"] if loader_state else None,
+        targets=targets,
     )
     if loader_state is not None:
         dataset.load_state_dict(loader_state, where=os.path.join(checkpoint or "", loader_state_file(rank)))
@@ -258,7 +260,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
     info = dataset.describe()
     if state.is_main_process:
         _say(
-            f"{info['train_records']} training / {info['eval_records']} held-out records in {info['shards']} shards; "
+            f"{info['train_records']} training / {info['eval_records']} held-out records in {info['shards']} shards "
+            f"({targets} targets); "
             f"{world} rank(s) × {max(config.num_workers, 1)} loader worker(s); {info['repeated_per_epoch']} "
             f"sample(s) repeated per epoch to even the ranks; {max_steps} optimizer steps"
             + (f"; resuming from {checkpoint}" if checkpoint else "")
@@ -293,6 +296,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
             "tokenizer": source,
         },
         "loader": info,
+        "targets": targets,
         "world_size": world,
         "global_step": trainer.state.global_step,
         "max_steps": max_steps,
@@ -308,6 +312,19 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
     }
     write_json(os.path.join(config.out, REPORT_FILE), report)
     return report
+
+
+def training_targets(config: TrainConfig, store: Store) -> str:
+    """The stored targets this run trains on (`--targets`, "auto" resolved), or a one-line refusal."""
+    spec = store.manifest.targets
+    targets = config.resolve_targets(spec.has_topk, spec.has_sampled)
+    check_targets(store, targets)
+    if targets == "sampled" and not config.sampled_loss_ok():
+        raise ConfigError(
+            f"store {store.url} holds only sampled targets, which train forward KL at temperature 1 only; "
+            f"got --loss {config.loss} --temperature {config.temperature}"
+        )
+    return targets
 
 
 def store_identity(store: Store, shards: list[str]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ class TopKLogprobs:
     logprobs: np.ndarray  # [S, K]
     token_logprob: np.ndarray  # [S] float32: log-prob of the token that actually follows
     tail_mass: np.ndarray  # [S] float32: 1 - sum(exp(logprobs)), clamped to [0, 1]
+    draws: np.ndarray | None = None  # [S, N] int32: N draws from the distribution (sampled targets)
 
     def __len__(self) -> int:
         return len(self.token_logprob)
@@ -136,12 +137,17 @@ def topk_logprobs(
     out_dtype: torch.dtype = torch.float32,
     logsumexp: Callable[[torch.Tensor], torch.Tensor] | None = None,
     block: int | None = None,
+    uniforms: torch.Tensor | None = None,
+    draws_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids/log-probs, the target token's log-prob and the tail mass for M positions.
 
     `hidden` [M, H] are final hidden states (after the final norm) at the positions that predict
     `targets` [M]. Returns device tensors: ids [M, K] int32, log-probs [M, K] `out_dtype`,
-    token log-probs [M] fp32, tail mass [M] fp32. Log-probs are computed in fp32.
+    token log-probs [M] fp32, tail mass [M] fp32. Log-probs are computed in fp32. K may be 0.
+
+    With `uniforms` [M, N] (float64 in [0, 1)), also fills `draws_out` [M, N] (int32) with N
+    draws per position from the fp32 distribution, inside the same chunk loop (`sample_chunk`).
 
     The top-k and the target's logit are picked from the model-dtype logits and widened
     afterwards: widening is exact and the logit transforms are increasing, so they are the
@@ -163,19 +169,44 @@ def topk_logprobs(
         stop = min(start + chunk, m)
         logits = head(hidden[start:stop])
         k_eff = min(k, logits.shape[-1])
-        if block is not None and k_eff == k:
+        if block is not None and k_eff == k > 0:
             top_val, top_idx = block_topk(logits, k, block)
         else:
             top_val, top_idx = logits.topk(k_eff, dim=-1)
         lse = lse_fn(logits)
         top_lp = finish(top_val) - lse[:, None]
         token_lp = finish(logits.gather(1, targets[start:stop, None].long()).squeeze(1)) - lse
+        if uniforms is not None and draws_out is not None:
+            draws_out[start:stop] = sample_chunk(logits, lse, uniforms[start:stop], transform)
         del logits
         ids_out[start:stop, :k_eff] = top_idx.to(torch.int32)
         lp_out[start:stop, :k_eff] = top_lp.to(out_dtype)
         token_out[start:stop] = token_lp
         tail_out[start:stop] = (1.0 - top_lp.exp().sum(-1)).clamp_(0.0, 1.0)
     return ids_out, lp_out, token_out, tail_out
+
+
+def sample_chunk(logits: torch.Tensor, lse: torch.Tensor, uniforms: torch.Tensor,
+                 transform: LogitTransform | None = None) -> torch.Tensor:
+    """N draws per row from softmax(logits) in fp32, by inverse CDF: [m, V] logits, [m] their fp32
+    logsumexp, [m, N] uniforms in [0, 1) -> [m, N] int32 token ids.
+
+    Draw u picks the first token whose cumulative probability exceeds u · total (total = the last
+    cumulative value, ~1 up to rounding), so a token of probability 0 is never drawn and every
+    token v is drawn with probability p_v (up to fp32 rounding of the cumulative sum). The draws
+    depend only on the row's logits and its uniforms, never on the other rows of the batch.
+    Memory: one [m, V] fp32 tensor, as large as the chunk's widened logits.
+    """
+    x = logits.float()
+    if transform is not None:
+        x = transform(x)
+    cdf = torch.cumsum((x - lse[:, None]).exp_(), dim=-1)
+    del x
+    total = cdf[:, -1:]
+    points = (uniforms.to(cdf.device, torch.float64) * total.double()).to(torch.float32)
+    # Below the total even after rounding, so the first cumulative value above it always exists.
+    points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, points.contiguous(), right=True).to(torch.int32)
 
 
 def reference_topk(logprobs: np.ndarray, targets: np.ndarray, k: int) -> TopKLogprobs:

@@ -37,6 +37,11 @@ class GenerateConfig:
     # -- what is captured ----------------------------------------------------------------------
     top_k: int = 64
     logprob_dtype: Literal["float16", "float32"] = "float16"
+    targets: Literal["topk", "sampled", "both"] = "topk"  # top-k log-probs, N draws per position, or both
+    samples: int = 50  # draws per scored position for sampled targets (from the T=1 distribution)
+    codec: Literal["none", "packed"] = "none"  # packed: bit-packed ids and counts, quantised log-probs
+    logprob_bits: int = 12  # packed codec: bits per log-prob (uniform over [logprob_min, 0])
+    logprob_min: float = -24.0  # packed codec: log-probs are clamped to [logprob_min, 0]
     hidden_layers: list[int] = field(default_factory=list)  # HF indexing: 0 = embeddings, -1 = last (post-norm)
     hidden_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     hidden_tokens: Literal["all", "scored"] = "all"  # rows stored per record: every token, or scored ones
@@ -133,6 +138,11 @@ class GenerateConfig:
                 raise GenerateError(f"--{name} is required")
         checks = [
             (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
+            (self.targets in ("topk", "sampled", "both"), f"--targets must be topk, sampled or both, got {self.targets!r}"),
+            (1 <= self.samples <= 65535, f"--samples must be between 1 and 65535, got {self.samples}"),
+            (self.codec in ("none", "packed"), f"--codec must be none or packed, got {self.codec!r}"),
+            (2 <= self.logprob_bits <= 16, f"--logprob-bits must be between 2 and 16, got {self.logprob_bits}"),
+            (self.logprob_min < 0, f"--logprob-min must be negative, got {self.logprob_min}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
@@ -154,6 +164,11 @@ class GenerateConfig:
         for ok, message in checks:
             if not ok:
                 raise GenerateError(message)
+        if self.backend == "vllm" and self.targets != "topk":
+            raise GenerateError(
+                f"--backend vllm cannot make --targets {self.targets}: vLLM returns only the top log-probs, "
+                "not the full distribution the draws need; use --backend hf"
+            )
         if self.backend == "vllm" and self.hidden_layers:
             raise GenerateError(
                 "--backend vllm cannot capture hidden states: drop --hidden-layers or use --backend hf"
@@ -267,6 +282,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     except (TypeError, ValueError):
         raise GenerateError(f"{flag}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
     return value
+
+
+def coerce_setting(name: str, value: Any, hint: Any = None) -> Any:
+    """A file, CLI or API value turned into a setting's type (by default the `GenerateConfig` field's),
+    or a `GenerateError` naming the flag. Other config classes (`potstill serve`) use it too."""
+    return _coerce(name, value, hint if hint is not None else _field_type(GenerateConfig, name))
 
 
 def parse_int_list(value: Any, flag: str = "--hidden-layers") -> list[int]:

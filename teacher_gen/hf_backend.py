@@ -28,7 +28,7 @@ from teacher_gen.capture import (
 )
 from teacher_gen.config import GenerateConfig
 from teacher_gen.errors import GenerateError, describe_load_error
-from teacher_gen.jobs import Capture, GenRequest, ScoreJob, TopKLogprobs, batches_by_tokens
+from teacher_gen.jobs import Capture, GenRequest, ScoreJob, TopKLogprobs, batches_by_tokens, target_uniforms
 from teacher_gen.model_info import TeacherSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,12 +65,14 @@ class HFTeacher:
         self.logsumexp = make_logsumexp(self.transform, compile=use_compile)
         # Block top-k (exact) pays off on GPUs, where topk over a 100k+ row is costly; on CPU torch.topk is as fast.
         vocab = getattr(self.head, "out_features", spec.vocab_size)
-        self.block = choose_block(vocab, config.top_k) if self.device.type == "cuda" else None
-        self.k = config.top_k
+        self.k = config.top_k if config.targets != "sampled" else 0  # sampled only: no top-k to pick
+        self.samples = config.samples if config.targets != "topk" else 0
+        self.block = choose_block(vocab, self.k) if self.device.type == "cuda" and self.k else None
         self.hidden_layers = hidden_layers
         self.hidden_dtype = config.hidden_dtype
         self.taps = LayerTaps(decoder_layers(self.body, spec.num_layers), hidden_layers)
-        self.lp_dtype = torch.float16 if config.logprob_dtype == "float16" else torch.float32
+        # The packed codec quantises from the fp32 values; only unpacked float16 stores round on the device.
+        self.lp_dtype = torch.float16 if config.logprob_dtype == "float16" and config.codec == "none" else torch.float32
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = _eos_ids(tokenizer, model)
         self.pinned = self.device.type == "cuda"
@@ -127,12 +129,20 @@ class HFTeacher:
         self.taps.clear()
         out = self.body(input_ids=ids_t, attention_mask=mask_t, use_cache=False)
         final = out[0].reshape(b * t, -1)
+        uniforms = draws = None
+        if self.samples:  # per-record uniforms: a record's draws never depend on its batch-mates
+            uniforms = self._to_device(np.concatenate([
+                target_uniforms(self.config.seed, job.record_id, len(job) - job.score_start, self.samples) for job in jobs
+            ]))
+            draws = torch.empty(uniforms.shape, dtype=torch.int32, device=self.device)
         top_ids, top_lp, token_lp, tail = topk_logprobs(
             final.index_select(0, pred_idx), self.head, target_ids, self.k,
             chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
-            logsumexp=self.logsumexp, block=self.block,
+            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws,
         )
         device_out = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
+        if draws is not None:
+            device_out["draws"] = draws
         if self.hidden_layers:
             hid_idx = self._to_device(np.concatenate(hidden_rows).astype(np.int64))
             for index in self.hidden_layers:
@@ -305,6 +315,7 @@ def _eos_ids(tokenizer, model) -> set[int]:
 def _split(jobs: list[ScoreJob], host: dict[str, torch.Tensor], layers: list[int], hidden_dtype: str) -> list[Capture]:
     """Cut the batch's flat host tensors into one `Capture` per job (numpy views, no copies)."""
     top_ids, top_lp, token_lp, tail = (host[name].numpy() for name in ("ids", "lp", "token", "tail"))
+    draws = host["draws"].numpy() if "draws" in host else None
     hidden = {i: storage_numpy(host[f"hidden{i}"], hidden_dtype) for i in layers}
     out = []
     t0 = h0 = 0
@@ -312,7 +323,8 @@ def _split(jobs: list[ScoreJob], host: dict[str, torch.Tensor], layers: list[int
         t1 = t0 + len(job) - job.score_start
         h1 = h0 + len(job) - job.hidden_start
         out.append(Capture(
-            TopKLogprobs(top_ids[t0:t1], top_lp[t0:t1], token_lp[t0:t1], tail[t0:t1]),
+            TopKLogprobs(top_ids[t0:t1], top_lp[t0:t1], token_lp[t0:t1], tail[t0:t1],
+                         None if draws is None else draws[t0:t1]),
             {i: arr[h0:h1] for i, arr in hidden.items()},
         ))
         t0, h0 = t1, h1

@@ -83,6 +83,24 @@ def derive_seed(seed: int, record_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+SAMPLING_METHOD = (
+    "N independent draws with replacement from softmax(fp32 logits) at temperature 1, by inverse CDF "
+    "over the fp32 cumulative sum; uniforms from numpy PCG64 seeded per record by target_seed(seed, record id)"
+)
+
+
+def target_seed(seed: int, record_id: str) -> int:
+    """The seed of a record's sampled-target draws: from the run seed and the record id only, so the
+    draws are the same whatever batch the record lands in, after a resume and on any worker."""
+    digest = hashlib.sha256(f"targets\x00{seed}\x00{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def target_uniforms(seed: int, record_id: str, positions: int, samples: int) -> np.ndarray:
+    """[positions, samples] float64 uniforms in [0, 1) for a record's draws (numpy PCG64)."""
+    return np.random.default_rng(target_seed(seed, record_id)).random((positions, samples))
+
+
 def batches_by_tokens(items: list, length: Callable[[object], int], budget: int,
                       key: Callable[[object], object] | None = None) -> Iterator[list]:
     """Group items, longest first, so that rows x longest row stays within `budget` padded tokens.

@@ -39,13 +39,14 @@ from store import (
     find_leftovers,
     tokenizer_fingerprint,
 )
+from store.codec import sampled_from_draws
 from store.fs import join, write_bytes
 from store.verify import clean_leftovers
 from teacher_gen.capture import resolve_layers
 from teacher_gen.config import GenerateConfig
 from teacher_gen.encode import Encoded, context_length, encode_item
 from teacher_gen.errors import GenerateError, InputError, TooManyInputErrors, describe_load_error
-from teacher_gen.jobs import Capture, GenRequest, ScoreJob, Teacher, derive_seed
+from teacher_gen.jobs import SAMPLING_METHOD, Capture, GenRequest, ScoreJob, Teacher, derive_seed
 from teacher_gen.model_info import TeacherSpec, describe_teacher
 from teacher_gen.prompts import FieldMap, SourceItem, load_prompts
 from teacher_gen.rationale import split_rationale
@@ -60,6 +61,7 @@ class Progress:
     total: int
     tokens: int
     seconds: float
+    already_done: int = 0  # records of this share found committed at start (not counted in `records`)
 
 
 @dataclass
@@ -155,10 +157,30 @@ def build_manifest(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, la
     return StoreManifest(
         teacher=spec.info,
         tokenizer=tokenizer_fingerprint(tokenizer),
-        targets=TargetSpec(k=config.top_k, logprob_dtype=config.logprob_dtype),
+        targets=target_spec(config, max(spec.vocab_size, len(tokenizer))),
         hidden=HiddenSpec(layers=hidden, chunk_tokens=config.hidden_chunk_tokens),
         rationales=config.rationale,
         generation=config.data_settings(getattr(tokenizer, "chat_template", None)),
+    )
+
+
+def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
+    """The manifest's `targets` for a run (format §2): kind, K, N and seed, codec and its bit widths."""
+    from store.codec import bits_for
+
+    topk, sampled, packed = config.targets != "sampled", config.targets != "topk", config.codec == "packed"
+    return TargetSpec(
+        kind=config.targets,
+        k=config.top_k if topk else 0,
+        logprob_dtype=config.logprob_dtype,
+        samples=config.samples if sampled else 0,
+        seed=config.seed if sampled else None,
+        sampling=SAMPLING_METHOD if sampled else None,
+        codec=config.codec,
+        id_bits=bits_for(vocab - 1) if packed else None,
+        count_bits=bits_for(config.samples) if packed and sampled else None,
+        logprob_bits=config.logprob_bits if packed else None,
+        logprob_min=config.logprob_min if packed else None,
     )
 
 
@@ -169,14 +191,15 @@ def open_store_for(config: GenerateConfig, manifest: StoreManifest, tokenizer: A
 
 
 def load_teacher(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, layers: list[int],
-                 max_length: int | None) -> Teacher:
+                 max_length: int | None, preloaded: Any = None) -> Teacher:
+    """The backend for this run; `preloaded` (an HF model or a `vllm.LLM`) is used instead of loading one."""
     if config.backend == "vllm":
         from teacher_gen.vllm_backend import VLLMTeacher
 
-        return VLLMTeacher(config, spec, tokenizer, max_length)
+        return VLLMTeacher(config, spec, tokenizer, max_length, llm=preloaded)
     from teacher_gen.hf_backend import HFTeacher
 
-    return HFTeacher(config, spec, tokenizer, layers)
+    return HFTeacher(config, spec, tokenizer, layers, model=preloaded)
 
 
 class RecordBuilder:
@@ -196,14 +219,16 @@ class RecordBuilder:
         if self.config.rationale and text is not None:
             rationale, answer = split_rationale(text, self.config.answer_pattern)
         t = capture.targets
+        topk = self.config.targets != "sampled"
         return Record(
             id=job.record_id,
             input_ids=job.input_ids,
             score_start=job.score_start,
-            topk_ids=t.ids,
-            topk_logprobs=t.logprobs,
+            topk_ids=t.ids if topk else None,
+            topk_logprobs=t.logprobs if topk else None,
             token_logprob=t.token_logprob,
-            tail_mass=t.tail_mass,
+            tail_mass=t.tail_mass if topk else None,
+            sampled=sampled_from_draws(t.draws) if self.config.targets != "topk" else None,
             prompt=item.prompt,
             messages=item.messages,
             completion=enc.completion_text if job.generated_ids is None else item.completion,
@@ -339,7 +364,7 @@ class Run:
             self.bar.update(len(batch))
             self.bar.set_postfix(tok_s=f"{self.tokens_done / max(elapsed, 1e-9):,.0f}", refresh=False)
         if self.on_progress is not None:
-            self.on_progress(Progress(self.done, self.total, self.tokens_done, elapsed))
+            self.on_progress(Progress(self.done, self.total, self.tokens_done, elapsed, self.summary.already_done))
 
     def write_errors(self) -> None:
         errors = self.summary.errors
@@ -371,11 +396,14 @@ def generate(
     *,
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    preloaded: Any = None,
 ) -> GenerateSummary:
     """Run the teacher over `config.prompts` and fill `config.store`; see the module docstring.
 
     `should_stop` is polled between batches (what was captured so far is committed, and a rerun
-    goes on from there); `on_progress` is called after each batch.
+    goes on from there); `on_progress` is called after each batch. `preloaded` is a teacher that
+    is already loaded (an HF model, or a `vllm.LLM` with `--backend vllm`), so that a long-lived
+    process (`potstill serve`) loads it once for many runs; it must be the model `config` names.
     """
     config.validate()
     run = Run(config, should_stop, on_progress)
@@ -384,7 +412,7 @@ def generate(
         run.write_errors()
         return run.finish([])
 
-    teacher = load_teacher(config, spec, tokenizer, layers, max_length)
+    teacher = load_teacher(config, spec, tokenizer, layers, max_length, preloaded)
     writer = WriterPool(
         run.store, run.summary.writer_id, RecordBuilder(config, tokenizer), threads=config.writer_threads,
         shard_records=config.shard_records, shard_bytes=config.shard_bytes, max_batches=config.queue_batches,

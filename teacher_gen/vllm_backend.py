@@ -99,11 +99,19 @@ def sampling_params(vllm: Any, **kwargs: Any) -> Any:
 
 
 class VLLMTeacher:
-    def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer, max_length: int | None) -> None:
+    def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer, max_length: int | None,
+                 llm: Any = None) -> None:
+        """Start vLLM on the teacher, or use `llm`, an engine already started (its `max_logprobs`
+        must be at least `config.top_k`)."""
         vllm = _import_vllm()
         self.vllm = vllm
         self.config = config
         self.k = config.top_k
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = {int(eos)} if eos is not None else set()
+        if llm is not None:
+            self.llm = llm
+            return
         try:
             self.llm = vllm.LLM(
                 model=config.teacher,
@@ -120,8 +128,6 @@ class VLLMTeacher:
             )
         except Exception as e:  # vLLM raises many types; the user needs the first line
             raise GenerateError(f"vLLM cannot start teacher {config.teacher}: {describe_load_error(e)}") from None
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = {int(eos)} if eos is not None else set()
 
     def _prompt(self, ids: np.ndarray) -> Any:
         from vllm.inputs import TokensPrompt

@@ -290,10 +290,10 @@ def test_newer_major_version_is_refused_older_minor_read(tmp_path):
     with open(path, "w") as f:
         json.dump(manifest, f)
     assert open_store(url).num_records == 12
-    manifest["format_version"] = "2.0"
+    manifest["format_version"] = "3.0"
     with open(path, "w") as f:
         json.dump(manifest, f)
-    with pytest.raises(FormatVersionError, match=r"uses format 2.0, newer than this potstill .* reads \(1.x\): upgrade"):
+    with pytest.raises(FormatVersionError, match=r"uses format 3.0, newer than this potstill .* reads \(2.x\): upgrade"):
         open_store(url)
 
 

@@ -1,0 +1,179 @@
+"""Decode speed of the packed target codec against the loader's need (issue 6).
+
+Builds four stores of the same records through the store API (real Arrow files on disk), shaped
+like the anchor run: 1024-token records, every position scored, a vocabulary of 128,256 (17-bit
+ids), top-64 targets and N = 50 sampled targets drawn from a heavy-tailed distribution:
+
+    top64           top-64, float16 log-probs, unpacked (format 1.0)
+    top64-packed    top-64, 17-bit ids, 12-bit log-probs (format 2.0)
+    sampled50       N = 50 sampled, unpacked list<list<int32>> ids + list<list<uint16>> counts
+    sampled50-packed  N = 50 sampled, 17-bit ids, 6-bit counts
+
+and times, per store, in interleaved rounds (median of the rounds):
+
+- decode: every record's targets out of the shard (`ColumnViews.targets_of` / `sampled_of`);
+- loader: what a loader worker does per batch of 8 records: `record_sequence` (read, decode) and
+  `collate` (pad, align, build tensors), i.e. `StoreDataset`'s per-batch work without the shuffle.
+
+The bar: a loader worker must feed the anchor's offline training step, 144.6k tokens/s (H100,
+docs/training.md), with room to spare.
+
+    python bench/codec_speed.py                # ~1 minute
+    python bench/codec_speed.py --records 16   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from store import (
+    HiddenSpec,
+    Record,
+    StoreManifest,
+    TargetSpec,
+    TeacherInfo,
+    TokenizerInfo,
+    create_store,
+    open_store,
+    store_info,
+)
+from store.codec import bits_for, sampled_from_draws
+from student_train.data import collate, record_sequence
+
+VOCAB = 128_256
+ANCHOR_STEP_TOKENS_PER_S = 144_600
+
+
+def make_records(count: int, length: int, k: int, n: int, seed: int) -> list[Record]:
+    """Records with a valid top-k and N draws from a heavy-tailed teacher-like distribution per position:
+    token ranks are geometric (p = 0.2), so most draws land on a few ids and some on rare ones."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        s = length - 1
+        ranks_lp = np.log(0.2) + np.arange(k) * np.log(0.8)  # geometric probabilities of ranks 0..k-1
+        noise = rng.normal(0, 0.3, size=(s, k)).cumsum(-1) * 0.1
+        top_lp = (ranks_lp[None, :] + noise).astype(np.float32)
+        top_lp -= np.maximum(np.log(np.exp(top_lp).sum(-1, keepdims=True)), 0)  # mass ≤ 1
+        top_lp = -np.sort(-top_lp, axis=-1)
+        top_ids = np.stack([rng.choice(VOCAB, size=k, replace=False) for _ in range(s)]).astype(np.int32)
+        rank_draws = np.minimum(rng.geometric(0.2, size=(s, n)) - 1, k - 1)
+        draws = np.take_along_axis(top_ids, rank_draws, axis=1)
+        ids = rng.integers(0, VOCAB, size=length).astype(np.int32)
+        out.append(Record(
+            id=f"r{i:05d}", input_ids=ids, score_start=1, topk_ids=top_ids, topk_logprobs=top_lp,
+            token_logprob=top_lp[:, 0].copy(), tail_mass=np.clip(1 - np.exp(top_lp).sum(-1), 0, 1).astype(np.float32),
+            sampled=sampled_from_draws(draws),
+        ))
+    return out
+
+
+def spec(name: str, k: int, n: int) -> TargetSpec:
+    packed = name.endswith("packed")
+    kind = "topk" if name.startswith("top") else "sampled"
+    return TargetSpec(kind=kind, k=k if kind == "topk" else 0, samples=n if kind == "sampled" else 0, seed=0,
+                      codec="packed" if packed else "none", id_bits=bits_for(VOCAB - 1) if packed else None,
+                      count_bits=bits_for(n) if packed and kind == "sampled" else None,
+                      logprob_bits=12 if packed else None, logprob_min=-24.0 if packed else None)
+
+
+def build(root: str, name: str, records: list[Record], k: int, n: int) -> str:
+    manifest = StoreManifest(
+        teacher=TeacherInfo(name_or_path="synthetic", vocab_size=VOCAB),
+        tokenizer=TokenizerInfo(fingerprint="sha256:synthetic", vocab_size=VOCAB),
+        targets=spec(name, k, n), hidden=HiddenSpec(), generation={"bench": "codec_speed"},
+    )
+    url = f"{root}/{name}"
+    store = create_store(url, manifest)
+    kind = manifest.targets.kind
+    with store.writer("w0", shard_records=len(records)) as w:
+        for r in records:
+            w.write(Record(id=r.id, input_ids=r.input_ids, score_start=1, token_logprob=r.token_logprob,
+                           topk_ids=r.topk_ids if kind == "topk" else None,
+                           topk_logprobs=r.topk_logprobs if kind == "topk" else None,
+                           tail_mass=r.tail_mass if kind == "topk" else None,
+                           sampled=r.sampled if kind == "sampled" else None))
+    return url
+
+
+def timed(fn: Callable[[], int], min_seconds: float = 0.3) -> float:
+    """Units per second of fn (which returns how many units it processed), repeated for ≥ min_seconds."""
+    done, started = 0, time.perf_counter()
+    while True:
+        done += fn()
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=64)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+
+    records = make_records(args.records, args.length, args.k, args.samples, seed=0)
+    names = ["top64", "top64-packed", "sampled50", "sampled50-packed"]
+    with tempfile.TemporaryDirectory(prefix="potstill-codec-") as root:
+        stores = {name: open_store(build(root, name, records, args.k, args.samples)) for name in names}
+        views = {name: s.shard(s.shard_names[0]).views for name, s in stores.items()}
+        readers = {name: s.shard(s.shard_names[0]) for name, s in stores.items()}
+        positions = sum(r.num_scored for r in records)
+        uniques = np.mean([r.sampled.num_entries / r.sampled.num_positions for r in records])
+
+        def decode(name: str) -> Callable[[], int]:
+            v = views[name]
+            get = v.targets_of if name.startswith("top") else v.sampled_of
+
+            def run() -> int:
+                for j in range(v.num_rows):
+                    get(j)
+                return positions
+
+            return run
+
+        def loader(name: str) -> Callable[[], int]:
+            reader, target = readers[name], ("topk" if name.startswith("top") else "sampled")
+
+            def run() -> int:
+                tokens = 0
+                for start in range(0, reader.num_records, args.batch):
+                    seqs = [record_sequence(reader, j, target) for j in range(start, min(start + args.batch, reader.num_records))]
+                    batch = collate(seqs, k=args.k if target == "topk" else 0, pad_id=0, student_vocab=VOCAB, targets=target)
+                    tokens += int(batch["attention_mask"].sum())
+                return tokens
+
+            return run
+
+        samples: dict[tuple[str, str], list[float]] = {}
+        for _ in range(args.rounds):
+            for name in names:
+                samples.setdefault((name, "decode"), []).append(timed(decode(name)))
+                samples.setdefault((name, "loader"), []).append(timed(loader(name)))
+        print(f"{args.records} records x {args.length} tokens, vocab {VOCAB}, K={args.k}, N={args.samples} "
+              f"({uniques:.1f} distinct ids per position); medians of {args.rounds} rounds\n")
+        print("| store | format | target B/token | decode: positions/s | loader (read + collate, batches of "
+              f"{args.batch}): tokens/s | loader vs anchor step ({ANCHOR_STEP_TOKENS_PER_S / 1000:.1f}k tok/s) |")
+        print("|---|---|---:|---:|---:|---:|")
+        for name in names:
+            info = store_info(stores[name])
+            dec = statistics.median(samples[(name, "decode")])
+            load = statistics.median(samples[(name, "loader")])
+            print(f"| {name} | {stores[name].manifest.format_version} | {info['target_bytes_per_scored_token']:.1f} | "
+                  f"{dec / 1e6:.2f} M | {load / 1e3:.0f} k | {load / ANCHOR_STEP_TOKENS_PER_S:.1f}x |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,482 @@
+"""How much of full knowledge distillation an offline store keeps (issue 6).
+
+1. A corpus that is on every machine: the Python standard library's source (`sysconfig`'s stdlib
+   folder, tests and site-packages left out), split into train / held-out by a hash of each file's
+   path. A byte-level BPE tokenizer is trained on the train split, locally.
+2. A teacher (Llama-shaped, random init) is trained on the train split with cross-entropy.
+3. The stores: `potstill generate` (the library call, the real HF capture path) scores a transfer set
+   (a sample of train-split blocks) with top-K = 8, 32, 64 (float16, unpacked: format 1.0) and with
+   N = 12 and N = 50 sampled targets (packed codec: format 2.0).
+4. Students of one size, from the same initial weights, take the same steps over the same batches
+   (the store loader `student_train.data.StoreDataset`, one seed for the order), with:
+     ce         cross-entropy on the stored tokens only;
+     full       online full-vocabulary forward KL, the teacher in the loop (the reference);
+     topK[-notail]  offline top-K forward KL with the tail bucket (or renormalised over the K ids);
+     sampledN   offline sampled targets (`losses.sampled_kd`, forward KL against counts / N).
+   Offline variants use the project's objective (`student_train.objective.distill_loss`) unchanged.
+5. On held-out blocks (never in the transfer set, never seen by the teacher): the student's
+   cross-entropy, full-vocabulary KL(teacher ‖ student), expected calibration error (15 equal-width
+   bins of the top-1 probability), top-1 agreement with the teacher; the store's bytes per token;
+   and the share of full KD's gain over CE each variant keeps, (CE_ce − CE_x) / (CE_ce − CE_full).
+
+    python bench/fidelity.py                          # CPU scale (~30-40 min on 2 cores), 2 seeds
+    python bench/fidelity.py --scale gpu --device cuda # larger scale for a GPU box
+    python bench/fidelity.py --quick                  # smoke run, a few minutes
+
+The work folder (`--workdir`) keeps the tokenizer, the teacher and the stores between runs of the
+same scale; `--fresh` starts over. Results: a markdown table on stdout and `--json FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from store import open_store, store_info
+from student_train.data import StoreDataset
+from student_train.losses import masked_mean
+from student_train.model import DistillModel
+from student_train.objective import Objective, distill_loss
+
+
+@dataclass
+class Scale:
+    vocab: int = 4096
+    seq: int = 128  # tokens per block
+    teacher_hidden: int = 192
+    teacher_layers: int = 4
+    teacher_steps: int = 600
+    teacher_batch: int = 32
+    teacher_lr: float = 3e-3
+    student_hidden: int = 96
+    student_layers: int = 2
+    student_steps: int = 400
+    student_batch: int = 16
+    student_lr: float = 3e-3
+    transfer_blocks: int = 1024  # blocks the stores score, i.e. the students' whole training set
+    heldout_blocks: int = 256
+    heldout_fraction: float = 0.1  # of the corpus files
+    seeds: int = 2
+    tokenizer_chars: int = 6_000_000  # characters of the train split the tokenizer is trained on
+
+
+SCALES = {
+    "cpu": Scale(),
+    "quick": Scale(teacher_steps=60, student_steps=40, transfer_blocks=128, heldout_blocks=32, seeds=1,
+                   tokenizer_chars=1_000_000),
+    "gpu": Scale(vocab=8192, seq=256, teacher_hidden=512, teacher_layers=8, teacher_steps=6000, teacher_batch=64,
+                 teacher_lr=1e-3, student_hidden=256, student_layers=4, student_steps=3000, student_batch=32,
+                 student_lr=1e-3, transfer_blocks=16384, heldout_blocks=1024, seeds=3, tokenizer_chars=20_000_000),
+}
+
+VARIANTS = ["ce", "full", "top8", "top8-notail", "top32", "top32-notail", "top64", "top64-notail", "sampled12", "sampled50"]
+STORES = {  # store name -> generate settings
+    "top8": dict(targets="topk", top_k=8),
+    "top32": dict(targets="topk", top_k=32),
+    "top64": dict(targets="topk", top_k=64),
+    "sampled12": dict(targets="sampled", samples=12, codec="packed"),
+    "sampled50": dict(targets="sampled", samples=50, codec="packed"),
+}
+BYTES_ONLY_STORES = {  # the other codec of each store above, for the bytes table only (same targets, or
+    "top8-packed": dict(targets="topk", top_k=8, codec="packed"),  # within the quantiser's bound)
+    "top32-packed": dict(targets="topk", top_k=32, codec="packed"),
+    "top64-packed": dict(targets="topk", top_k=64, codec="packed"),
+    "sampled12-unpacked": dict(targets="sampled", samples=12),
+    "sampled50-unpacked": dict(targets="sampled", samples=50),
+}
+
+
+def say(message: str) -> None:
+    print(f"[fidelity {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- corpus and tokenizer ----------------------------------------------------------------------------
+def corpus_files(root: str) -> list[str]:
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "idle_test", "site-packages", "__pycache__"))
+        out += [os.path.join(folder, f) for f in sorted(files) if f.endswith(".py")]
+    return out
+
+
+def is_heldout(path: str, root: str, fraction: float) -> bool:
+    rel = os.path.relpath(path, root)
+    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+def read_texts(files: list[str]) -> list[str]:
+    texts = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read())
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab: int, chars: int, folder: str) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    sample, used = [], 0
+    for text in texts:
+        if used >= chars:
+            break
+        sample.append(text)
+        used += len(text)
+    tok.train_from_iterator(sample, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def blocks_of(texts: list[str], tokenizer: Any, seq: int) -> np.ndarray:
+    """Every text tokenized, files joined by EOS, cut into [blocks, seq] int64."""
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids += [*enc, tokenizer.eos_token_id]
+    n = len(ids) // seq
+    return np.asarray(ids[: n * seq], dtype=np.int64).reshape(n, seq)
+
+
+# -- models --------------------------------------------------------------------------------------------
+def llama(vocab: int, hidden: int, layers: int, seq: int, seed: int) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    heads = max(2, hidden // 48)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 16 * 16,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max(seq, 256), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_teacher(blocks: np.ndarray, scale: Scale, device: str, folder: str, tokenizer: Any) -> Any:
+    model = llama(scale.vocab, scale.teacher_hidden, scale.teacher_layers, scale.seq, seed=1234).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=scale.teacher_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    lr = schedule(optimizer, scale.teacher_steps, max(1, scale.teacher_steps // 20))
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(blocks))
+    started = time.time()
+    for step in range(scale.teacher_steps):
+        take = order[(np.arange(scale.teacher_batch) + step * scale.teacher_batch) % len(order)]
+        x = torch.from_numpy(blocks[take]).to(device)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr.step()
+        if step % 50 == 0 or step == scale.teacher_steps - 1:
+            say(f"teacher step {step + 1}/{scale.teacher_steps} loss {loss.item():.3f} ({time.time() - started:.0f} s)")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval()
+
+
+# -- stores ------------------------------------------------------------------------------------------
+def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale, device: str) -> dict[str, str]:
+    from teacher_gen.config import GenerateConfig
+    from teacher_gen.runner import generate
+
+    prompts = os.path.join(workdir, "transfer.jsonl")
+    with open(prompts, "w", encoding="utf-8") as f:
+        for i, text in enumerate(tokenizer.batch_decode(transfer.tolist())):
+            f.write(json.dumps({"id": f"b{i:06d}", "prompt": text}) + "\n")
+    urls = {}
+    for name, settings in (STORES | BYTES_ONLY_STORES).items():
+        url = os.path.join(workdir, "stores", f"{name}.store")
+        config = GenerateConfig.build(
+            teacher=os.path.join(workdir, "teacher"), prompts=prompts, store=url, score_prompt=True,
+            max_length=scale.seq, truncate=True, device=device, progress=False, writer_threads=1,
+            shard_records=1 << 20, batch_tokens=scale.seq * 32, seed=7, **settings,
+        )
+        summary = generate(config)
+        say(f"store {name}: {summary.records} records written, {summary.already_done} already there")
+        urls[name] = url
+    orders = {name: [i for c in open_store(u).commits for i in c.ids] for name, u in urls.items()}
+    first = next(iter(orders.values()))
+    assert all(o == first for o in orders.values()), "stores hold their records in different orders"
+    return urls
+
+
+def store_bytes(url: str) -> dict[str, float]:
+    store = open_store(url)
+    info = store_info(store)
+    out = {"target_bytes_per_token": info["target_bytes_per_scored_token"], "bytes_per_token": info["bytes_per_token"],
+           "format_version": store.manifest.format_version}
+    if store.manifest.targets.has_sampled:
+        entries = positions = 0
+        for rec in store.iter_records():
+            entries += rec.sampled.num_entries
+            positions += rec.sampled.num_positions
+        out["unique_ids_per_position"] = entries / positions
+    return out
+
+
+# -- students ----------------------------------------------------------------------------------------
+def objective_for(variant: str) -> Objective:
+    if variant == "ce":
+        return Objective(alpha=1.0)
+    if variant.startswith("sampled"):
+        return Objective(targets="sampled")
+    return Objective(tail=not variant.endswith("-notail"))
+
+
+def store_for(variant: str) -> str:
+    return "top8" if variant in ("ce", "full") else variant.removesuffix("-notail")
+
+
+def online_kd(model: DistillModel, teacher: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Full-vocabulary forward KL(teacher ‖ student) at every trained position, the teacher run now."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pos_batch=batch["pos_batch"], pos_index=batch["pos_index"])
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t_log = torch.log_softmax(t_logits[batch["pos_batch"], batch["pos_index"]].float(), -1)
+    s_log = torch.log_softmax(out["logits"].float(), -1)
+    kl = (t_log.exp() * (t_log - s_log)).sum(-1)
+    return masked_mean(kl, batch["has_kd"])
+
+
+def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str, str], teacher: Any, scale: Scale,
+                  seed: int, device: str) -> Any:
+    student = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=0)
+    student.load_state_dict(init)
+    model = DistillModel(student).to(device).train()
+    objective = objective_for(variant)
+    data = StoreDataset(stores[store_for(variant)], batch_size=scale.student_batch, seed=seed, shuffle_buffer=4096,
+                        eval_fraction=0.0, num_workers=0, student_vocab=scale.vocab, pad_id=0,
+                        targets=objective.targets)
+    batches = data.batches(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=scale.student_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    lr = schedule(optimizer, scale.student_steps, max(1, scale.student_steps // 20))
+    started = time.time()
+    for _ in range(scale.student_steps):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+        if variant == "full":
+            loss = online_kd(model, teacher, batch)
+        else:
+            loss, _ = distill_loss(model, batch, objective)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr.step()
+    say(f"student {variant} seed {seed}: {scale.student_steps} steps in {time.time() - started:.0f} s, last loss {loss.item():.3f}")
+    return student.eval()
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins: int = 15) -> dict[str, float]:
+    """Held-out CE, full KL(teacher ‖ student), ECE (top-1, equal-width bins) and top-1 agreement."""
+    ce = kl = agree = 0.0
+    count = 0
+    conf_sum, acc_sum, bin_count = np.zeros(bins), np.zeros(bins), np.zeros(bins)
+    for start in range(0, len(heldout), 32):
+        x = torch.from_numpy(heldout[start : start + 32]).to(device)
+        s_log = torch.log_softmax(student(input_ids=x).logits[:, :-1].float(), -1)
+        t_log = torch.log_softmax(teacher(input_ids=x).logits[:, :-1].float(), -1)
+        target = x[:, 1:]
+        ce += -s_log.gather(-1, target[..., None]).sum().item()
+        kl += (t_log.exp() * (t_log - s_log)).sum().item()
+        conf, pred = s_log.max(-1)
+        agree += (pred == t_log.argmax(-1)).sum().item()
+        conf = conf.exp().flatten().cpu().numpy()
+        correct = (pred == target).flatten().cpu().numpy()
+        which = np.minimum((conf * bins).astype(int), bins - 1)
+        np.add.at(conf_sum, which, conf)
+        np.add.at(acc_sum, which, correct)
+        np.add.at(bin_count, which, 1)
+        count += target.numel()
+    ece = float(np.abs(acc_sum - conf_sum).sum() / count)  # Σ_b (n_b / n) |acc_b − conf_b|
+    return {"ce": ce / count, "kl": kl / count, "ece": ece, "top1": agree / count, "tokens": count}
+
+
+# -- report ------------------------------------------------------------------------------------------
+def summarize(results: dict[str, list[dict[str, float]]], bytes_by_store: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per variant that ran: means (and sample standard deviations over seeds) of every metric."""
+    rows = []
+    ce_ce = np.array([r["ce"] for r in results["ce"]])
+    ce_full = np.array([r["ce"] for r in results["full"]])
+    for variant, runs in results.items():
+        row: dict[str, Any] = {"variant": variant}
+        for key in ("ce", "kl", "ece", "top1"):
+            values = np.array([r[key] for r in runs])
+            row[key], row[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        share = (ce_ce - np.array([r["ce"] for r in runs])) / (ce_ce - ce_full)  # per seed, paired
+        row["gain_share"], row["gain_share_std"] = float(share.mean()), float(share.std(ddof=1)) if len(share) > 1 else 0.0
+        row["gain_shares"] = share.tolist()
+        if variant not in ("ce", "full"):
+            row.update(bytes_by_store[store_for(variant)])
+        rows.append(row)
+    return rows
+
+
+def bytes_table(bytes_by_store: dict[str, dict[str, float]]) -> str:
+    lines = ["| store | format | target B/token | store B/token | distinct ids per position |", "|---|---|---:|---:|---:|"]
+    for name, b in bytes_by_store.items():
+        unique = f"{b['unique_ids_per_position']:.2f}" if "unique_ids_per_position" in b else "-"
+        lines.append(f"| {name} | {b['format_version']} | {b['target_bytes_per_token']:.1f} | {b['bytes_per_token']:.1f} | {unique} |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict[str, Any]], teacher_eval: dict[str, float], seeds: int) -> str:
+    pm = (lambda m, s, f: f"{m:{f}} ± {s:{f}}") if seeds > 1 else (lambda m, s, f: f"{m:{f}}")
+    lines = [
+        "| variant | target B/token | store B/token | held-out CE | KL to teacher | ECE % | top-1 agreement | share of full KD's gain |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| teacher | - | - | {teacher_eval['ce']:.4f} | 0 | {100 * teacher_eval['ece']:.2f} | 1 | - |",
+    ]
+    for r in rows:
+        tb = f"{r['target_bytes_per_token']:.1f}" if "target_bytes_per_token" in r else "-"
+        sb = f"{r['bytes_per_token']:.1f}" if "bytes_per_token" in r else "-"
+        share = "0 % (by definition)" if r["variant"] == "ce" else "100 % (by definition)" if r["variant"] == "full" \
+            else pm(100 * r["gain_share"], 100 * r["gain_share_std"], ".1f") + " %"
+        lines.append(
+            f"| {r['variant']} | {tb} | {sb} | {pm(r['ce'], r['ce_std'], '.4f')} | {pm(r['kl'], r['kl_std'], '.4f')} | "
+            f"{pm(100 * r['ece'], 100 * r['ece_std'], '.2f')} | {pm(r['top1'], r['top1_std'], '.4f')} | {share} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict[str, Any]]) -> list[str]:
+    full = next(r for r in rows if r["variant"] == "full")
+    ce = next(r for r in rows if r["variant"] == "ce")
+    if ce["ce"] - full["ce"] <= 2 * max(ce["ce_std"], full["ce_std"], 1e-9):
+        return [f"full KD did not beat CE-only by more than the seed noise (CE {ce['ce']:.4f} vs {full['ce']:.4f}): "
+                "the shares of its gain mean nothing at this scale"]
+    out = []
+    for r in rows:
+        if "target_bytes_per_token" not in r:
+            continue
+        ok_bytes = r["target_bytes_per_token"] <= 40
+        ok_gain = r["gain_share"] >= 0.95
+        ok_ece = r["ece"] <= full["ece"]
+        out.append(f"{r['variant']}: {r['target_bytes_per_token']:.1f} target B/token ({'≤' if ok_bytes else '>'} 40), "
+                   f"{100 * r['gain_share']:.1f} % of full KD's gain ({'≥' if ok_gain else '<'} 95 %), "
+                   f"ECE {100 * r['ece']:.2f} % vs full KD {100 * full['ece']:.2f} % "
+                   f"({'no worse' if ok_ece else 'worse'}) -> {'MEETS' if ok_bytes and ok_gain and ok_ece else 'misses'} the target")
+    return out
+
+
+def read_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# -- main --------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="same as --scale quick")
+    parser.add_argument("--seeds", type=int, default=None, help="student seeds (default: the scale's)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (ce and full always run)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", default=None, help="default: $TMPDIR/potstill-fidelity-<scale>")
+    parser.add_argument("--corpus", default=sysconfig.get_paths()["stdlib"])
+    parser.add_argument("--fresh", action="store_true", help="retrain the tokenizer and teacher, regenerate the stores")
+    parser.add_argument("--json", default=None, help="write every number to this file")
+    args = parser.parse_args()
+    scale_name = "quick" if args.quick else args.scale
+    scale = dataclasses.replace(SCALES[scale_name], **({"seeds": args.seeds} if args.seeds else {}))
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    workdir = args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")
+    marker = os.path.join(workdir, "settings.json")
+    settings = {k: v for k, v in dataclasses.asdict(scale).items() if k != "seeds"} | {"corpus": args.corpus}
+    if args.fresh or read_json(marker) != settings:
+        shutil.rmtree(workdir, ignore_errors=True)
+        os.makedirs(workdir)
+    started = time.time()
+
+    files = corpus_files(args.corpus)
+    train_files = [f for f in files if not is_heldout(f, args.corpus, scale.heldout_fraction)]
+    held_files = [f for f in files if is_heldout(f, args.corpus, scale.heldout_fraction)]
+    train_texts, held_texts = read_texts(train_files), read_texts(held_files)
+    say(f"corpus {args.corpus}: {len(train_files)} train files ({sum(map(len, train_texts)) / 1e6:.1f} MB), "
+        f"{len(held_files)} held-out files")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok_dir, teacher_dir = os.path.join(workdir, "tokenizer"), os.path.join(workdir, "teacher")
+    if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = train_tokenizer(train_texts, scale.vocab, scale.tokenizer_chars, tok_dir)
+    train_blocks = blocks_of(train_texts, tokenizer, scale.seq)
+    held_blocks = blocks_of(held_texts, tokenizer, scale.seq)
+    rng = np.random.default_rng(0)
+    heldout = held_blocks[rng.permutation(len(held_blocks))[: scale.heldout_blocks]]
+    transfer = train_blocks[rng.permutation(len(train_blocks))[: scale.transfer_blocks]]
+    say(f"{len(train_blocks)} train blocks ({train_blocks.size / 1e6:.2f} M tokens), {len(held_blocks)} held-out blocks; "
+        f"transfer set {len(transfer)} blocks, held-out eval {len(heldout)} blocks of {scale.seq} tokens")
+
+    if os.path.isfile(os.path.join(teacher_dir, "config.json")):
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(args.device).eval()
+    else:
+        teacher = train_teacher(train_blocks, scale, args.device, teacher_dir, tokenizer)
+    teacher_eval = evaluate(teacher, teacher, heldout, args.device)
+    say(f"teacher held-out CE {teacher_eval['ce']:.4f}, ECE {100 * teacher_eval['ece']:.2f} %")
+    with open(marker, "w") as f:
+        json.dump(settings, f)
+
+    stores = make_stores(workdir, transfer, tokenizer, scale, args.device)
+    bytes_by_store = {name: store_bytes(url) for name, url in stores.items()}
+    variants = [v for v in VARIANTS if v in {"ce", "full", *args.variants.split(",")}]
+
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for seed in range(scale.seeds):
+        init = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=100 + seed).state_dict()
+        for variant in variants:
+            student = train_student(variant, init, stores, teacher, scale, seed, args.device)
+            results[variant].append(evaluate(student, teacher, heldout, args.device))
+            say(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[variant][-1].items()))
+    rows = summarize(results, bytes_by_store)
+    table = markdown(rows, teacher_eval, scale.seeds)
+    lines = verdict(rows)
+    print(table)
+    print()
+    print(bytes_table(bytes_by_store))
+    print()
+    print("\n".join(lines))
+    say(f"done in {(time.time() - started) / 60:.1f} min")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"scale": dataclasses.asdict(scale), "scale_name": scale_name, "device": args.device,
+                       "threads": args.threads, "teacher": teacher_eval, "stores": bytes_by_store, "rows": rows,
+                       "runs": results, "verdict": lines, "minutes": (time.time() - started) / 60}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""`potstill demo`: the whole two-phase story, end to end, offline, on a laptop-class CPU.
+
+1. the teacher: a small Llama that solves 4-digit additions by writing out the carries (trained
+   by `cli/demo/teacher.py`, shipped as a checkpoint because training it takes a few minutes);
+2. phase one: `potstill generate --mode generate --rationale` runs the teacher over training
+   problems into a store (top-k log-probs + tail mass + one hidden layer + rationales/answers);
+   a second, answers-only store (`--mode score` over "The answer is N.") feeds the baseline;
+3. phase two: two students of one size from one init, the same steps: `potstill train` with sparse
+   KD + rationales + hidden states from the rationale store, and `potstill train --alpha 1`
+   (cross-entropy only) on the teacher's final answers alone;
+4. every model answers held-out problems none of them trained on; a table and DIR/report.json.
+
+Every step runs the real `potstill` commands in-process — the same code paths a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cli.demo import arithmetic
+from cli.demo.teacher import model_config, solve_accuracy
+
+CHECKPOINT = os.path.join(os.path.dirname(__file__), "teacher_checkpoint")
+
+
+@dataclass
+class DemoConfig:
+    out: str = "potstill-demo"
+    train_problems: int = 1200  # prompts the teacher solves into the store
+    eval_problems: int = 300  # held-out problems every model is scored on
+    student_steps: int = 300  # optimizer steps, the same for both students
+    batch_size: int = 32
+    lr: float = 3e-3
+    student_hidden: int = 64  # both students: 2 layers of this width
+    student_layers: int = 2
+    top_k: int = 16
+    teacher_layer: int = 2  # teacher hidden layer stored and matched (of 4)
+    seed: int = 0
+    threads: int = 2
+
+
+def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    torch.set_num_threads(config.threads)
+    out = os.path.abspath(config.out)
+    os.makedirs(out, exist_ok=True)
+    started = time.time()
+    commands: list[list[str]] = []
+
+    def step(title: str) -> None:
+        log(f"\n[{time.time() - started:5.0f}s] {title}")
+
+    def potstill(*args: str) -> None:
+        commands.append(["potstill", *args])
+        log("  $ " + shlex.join(["potstill", *args]))
+        _run_cli(list(args))
+
+    # -- the task ---------------------------------------------------------------------------------
+    step("1/5  task: 4-digit addition; the teacher is a 4-layer Llama that writes out the carries")
+    train_pairs = arithmetic.problems(config.seed + 1, config.train_problems)
+    eval_pairs = arithmetic.problems(config.seed + 2, config.eval_problems, exclude=set(train_pairs))
+    prompts = os.path.join(out, "train_prompts.jsonl")
+    _write_jsonl(prompts, [{"id": f"p{i:05d}", "prompt": arithmetic.question(a, b)} for i, (a, b) in enumerate(train_pairs)])
+    log(f"  {len(train_pairs)} training problems -> {prompts}; {len(eval_pairs)} held-out problems")
+
+    # -- phase one: the teacher writes the store --------------------------------------------------
+    step("2/5  phase one: the teacher solves the training problems into a store (rationale mode)")
+    store = os.path.join(out, "rationale.store")
+    potstill(
+        "generate", "--teacher", CHECKPOINT, "--prompts", prompts, "--store", store,
+        "--mode", "generate", "--rationale", "--rationale-template", "{prompt}" + arithmetic.COT_TRIGGER,
+        "--temperature", "0", "--max-new-tokens", "96", "--top-k", str(config.top_k),
+        "--hidden-layers", str(config.teacher_layer), "--shard-records", "512", "--hidden-chunk-tokens", "4096",
+        "--device", "cpu", "--no-progress",
+    )
+    answers = _teacher_answers(store)
+    answer_prompts = os.path.join(out, "answer_prompts.jsonl")
+    _write_jsonl(answer_prompts, [
+        {"id": rid, "prompt": prompt, "completion": f"The answer is {answer}."}
+        for rid, (prompt, answer) in sorted(answers.items()) if answer is not None
+    ])
+    answer_store = os.path.join(out, "answers.store")
+    potstill(
+        "generate", "--teacher", CHECKPOINT, "--prompts", answer_prompts, "--store", answer_store,
+        "--mode", "score", "--top-k", str(config.top_k), "--device", "cpu", "--no-progress",
+    )
+
+    # -- phase two: two students from one init -----------------------------------------------------
+    step("3/5  phase two: two students of one size, one init, the same steps (the teacher is not loaded)")
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
+    init = os.path.join(out, "student_init")
+    torch.manual_seed(config.seed)
+    LlamaForCausalLM(model_config(len(tokenizer), config.student_hidden, config.student_layers)).save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    common = [
+        "--student", init, "--max-steps", str(config.student_steps), "--batch-size", str(config.batch_size),
+        "--lr", str(config.lr), "--lr-scheduler", "cosine", "--warmup-steps", str(config.student_steps // 10),
+        "--seed", str(config.seed), "--num-workers", "0", "--save-steps", str(config.student_steps),
+        "--logging-steps", "50", "--report-to", "none", "--eval-max-records", "0", "--no-bf16",
+    ]
+    kd_dir, base_dir = os.path.join(out, "student_kd"), os.path.join(out, "student_baseline")
+    potstill(
+        "train", "--store", store, "--out", kd_dir, *common,
+        "--loss", "forward_kl", "--alpha", "0.2",
+        "--hidden-map", f"{config.student_layers}:{config.teacher_layer}", "--hidden-weight", "0.5",
+    )
+    potstill("train", "--store", answer_store, "--out", base_dir, *common, "--alpha", "1.0")
+
+    # -- held-out accuracy -------------------------------------------------------------------------
+    step(f"4/5  accuracy on {len(eval_pairs)} held-out problems none of the models trained on")
+    results: dict[str, dict[str, Any]] = {}
+    for key, path, cot in (("teacher", CHECKPOINT, True), ("student_kd", kd_dir, True), ("student_baseline", base_dir, False)):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        accuracy = solve_accuracy(model, tokenizer, eval_pairs, cot=cot)
+        results[key] = {"accuracy": accuracy, "params": sum(p.numel() for p in model.parameters()), "model": path}
+        log(f"  {key:<17} accuracy {accuracy:.3f}")
+    results["teacher"]["store"] = None
+    results["student_kd"]["store"] = _store_summary(store)
+    results["student_baseline"]["store"] = _store_summary(answer_store)
+
+    # -- report -----------------------------------------------------------------------------------
+    step("5/5  report")
+    report = {
+        **results,
+        "margin": results["student_kd"]["accuracy"] - results["student_baseline"]["accuracy"],
+        "settings": asdict(config),
+        "seconds": round(time.time() - started, 1),
+        "commands": [shlex.join(c) for c in commands],
+    }
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    log(format_table(report))
+    log(f"\nreport: {os.path.join(out, 'report.json')}  ({report['seconds']:.0f} s in all)")
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = [("teacher", "teacher (writes the store)"), ("student_kd", "student: sparse KD + rationales + hidden"),
+            ("student_baseline", "student: final answers only")]
+    lines = [f"{'model':<42}{'params':>10}{'held-out accuracy':>20}{'store bytes/token':>20}"]
+    for key, label in rows:
+        r = report[key]
+        store = r.get("store")
+        per_token = "-" if store is None else f"{store['bytes_per_token']:.0f}"
+        lines.append(f"{label:<42}{r['params']:>10,}{r['accuracy']:>20.1%}{per_token:>20}")
+    return "\n".join(lines)
+
+
+def _run_cli(args: list[str]) -> None:
+    """Run a `potstill` command in-process, exactly as the console script would."""
+    import click
+
+    from cli.main import app
+    from store.errors import PotstillError
+
+    try:
+        app(args, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        if e.exit_code:
+            raise PotstillError(f"potstill {args[0]} exited with {e.exit_code}") from None
+    except click.ClickException as e:
+        raise PotstillError(f"potstill {args[0]}: {e.format_message()}") from None
+
+
+def _teacher_answers(store_url: str) -> dict[str, tuple[str, str | None]]:
+    from store import open_store
+
+    store = open_store(store_url)
+    return {r.id: (r.prompt, r.answer) for r in store.iter_records()}
+
+
+def _store_summary(store_url: str) -> dict[str, Any]:
+    from store import open_store, store_info
+
+    info = store_info(open_store(store_url))
+    return {"path": store_url, "records": info["records"], "tokens": info["tokens"],
+            "bytes": info["bytes"], "bytes_per_token": info["bytes_per_token"]}
+
+
+def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,50 @@
+"""`potstill serve`: keep a teacher loaded and run generation jobs from a persistent queue over HTTP.
+
+Flags default to None so that only flags actually given override `--config FILE`; the defaults
+live in `ServeConfig`. FastAPI, uvicorn, torch and transformers are imported when it runs.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from teacher_gen.service.settings import TOKEN_ENV, ServeConfig
+
+D = ServeConfig()
+
+
+def _d(value: object) -> str:
+    return f" (default: {value})"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        config: str = typer.Option(None, "--config", help="YAML or TOML file of settings (flags override it)."),
+        teacher: str = typer.Option(None, help="Teacher, loaded once: hub name or local folder."),
+        backend: str = typer.Option(None, help="hf or vllm." + _d(D.backend)),
+        tokenizer: str = typer.Option(None, help="Tokenizer, if not the teacher's."),
+        revision: str = typer.Option(None, help="Model revision (hub branch, tag or commit)."),
+        dtype: str = typer.Option(None, help="auto (the checkpoint's), bfloat16, float16 or float32." + _d(D.dtype)),
+        device: str = typer.Option(None, help="cpu, cuda, cuda:1, or auto." + _d(D.device)),
+        trust_remote_code: bool = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
+                                               help="Allow the teacher's own modeling code (jobs cannot turn it on)."
+                                               + _d(False)),
+        gpu_memory_utilization: float = typer.Option(None, help="vLLM GPU memory share." + _d(D.gpu_memory_utilization)),
+        tensor_parallel_size: int = typer.Option(None, help="vLLM tensor parallel size." + _d(D.tensor_parallel_size)),
+        max_top_k: int = typer.Option(None, help="vLLM: largest --top-k a job may ask for." + _d(D.max_top_k)),
+        host: str = typer.Option(None, help="Address to listen on; anything but loopback needs a token." + _d(D.host)),
+        port: int = typer.Option(None, help="Port (0: any free one, written to <state>/service.json)." + _d(D.port)),
+        state: str = typer.Option(None, help="Folder of the job queue (SQLite) and the service's files." + _d(D.state)),
+        token_file: str = typer.Option(None, help=f"File holding the bearer token (default: ${TOKEN_ENV})."),
+        max_crashes: int = typer.Option(None, help="Fail a job after the service died this often while running it."
+                                        + _d(D.max_crashes)),
+    ) -> None:
+        """Serve a teacher: run `potstill generate` jobs one after another from a queue that survives restarts."""
+        overrides = dict(locals())
+        overrides.pop("config")
+        settings = ServeConfig.build(config, **overrides)
+
+        from teacher_gen.service.server import serve as run_service
+
+        run_service(settings)

@@ -1,0 +1,229 @@
+"""Target encodings of format 2.0 (docs/store-format.md §4.2, §4.3): sampled targets and the packed codec.
+
+- **Sampled targets**: per scored position, N draws with replacement from the teacher's
+  distribution, kept as the distinct ids with their counts (`SampledTargets`, CSR layout).
+- **Bit packing**: unsigned integers of `bits` bits each, concatenated least significant bit
+  first into bytes (value i occupies stream bits [i·bits, (i+1)·bits); stream bit j is bit j mod 8
+  of byte j // 8). `pack_bits` / `unpack_bits`, both vectorised numpy.
+- **Log-prob quantisation** (`LogprobQuantizer`): uniform, `bits` bits, over [lo, 0]. Code 0 means
+  −inf (an empty top-k slot); code c ≥ 1 means lo + (c − 1)·step with step = −lo / (2^bits − 2).
+  A value in [lo, 0] reads back within step / 2 (plus float32 rounding); a value below lo reads
+  back as lo, a value above 0 (rounding noise of a log-softmax) as 0.
+
+Nothing here knows about Arrow: `records.py` stores the byte strings these functions make.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from store.errors import StoreError
+
+MAX_BITS = 32  # a value plus its bit offset must fit the 64-bit window `unpack_bits` reads
+
+
+def bits_for(max_value: int) -> int:
+    """Bits that hold every integer in [0, max_value]: ceil(log2(max_value + 1)), at least 1."""
+    return max(1, int(max_value).bit_length())
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes of `count` values of `bits` bits: ceil(count · bits / 8)."""
+    return (count * bits + 7) // 8
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Non-negative integers < 2**bits as a little-endian bit stream (uint8 array)."""
+    if not 1 <= bits <= MAX_BITS:
+        raise StoreError(f"cannot pack {bits}-bit values (1..{MAX_BITS})")
+    v = np.asarray(values).reshape(-1).astype(np.uint64)
+    if len(v) and int(v.max()) >> bits:
+        raise StoreError(f"value {int(v.max())} does not fit in {bits} bits")
+    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(data: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """The first `count` values of a bit stream made by `pack_bits`, as uint64.
+
+    Each value is read with one unaligned 64-bit load at its byte offset, then shifted and masked:
+    two gathers and three element-wise operations per value, no per-bit expansion.
+    """
+    if not 1 <= bits <= MAX_BITS:
+        raise StoreError(f"cannot unpack {bits}-bit values (1..{MAX_BITS})")
+    need = packed_size(count, bits)
+    if len(data) < need:
+        raise StoreError(f"packed field holds {len(data)} bytes, {count} values of {bits} bits need {need}")
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64)
+    padded = np.zeros(need + 8, dtype=np.uint8)  # room for the last value's 8-byte window
+    padded[:need] = data[:need]
+    words = np.ndarray(shape=(need + 1,), dtype="<u8", buffer=padded, strides=(1,))  # a word at every byte
+    start = np.arange(count, dtype=np.int64) * bits
+    out = words[start >> 3]
+    out >>= (start & 7).astype(np.uint64)
+    out &= np.uint64((1 << bits) - 1)
+    return out
+
+
+@dataclass(frozen=True)
+class LogprobQuantizer:
+    """Uniform `bits`-bit quantisation of log-probs over [lo, 0]; code 0 is −inf (module doc)."""
+
+    bits: int
+    lo: float
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 16:
+            raise StoreError(f"log-prob bits must be between 2 and 16, got {self.bits!r}")
+        if not (isinstance(self.lo, int | float) and math.isfinite(self.lo) and self.lo < 0):
+            raise StoreError(f"log-prob clamp minimum must be a finite negative number, got {self.lo!r}")
+
+    @property
+    def step(self) -> float:
+        return -self.lo / ((1 << self.bits) - 2)
+
+    @property
+    def max_error(self) -> float:
+        """Largest |decoded − original| for an original in [lo, 0] (before float32 rounding)."""
+        return self.step / 2
+
+    def encode(self, logprobs: np.ndarray) -> np.ndarray:
+        lp = np.asarray(logprobs, dtype=np.float64)
+        codes = 1 + np.rint((np.clip(lp, self.lo, 0.0) - self.lo) / self.step)
+        codes = np.where(np.isneginf(lp) | np.isnan(lp), 0, codes)
+        return codes.astype(np.uint32)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        c = np.asarray(codes)
+        values = (self.lo + (c.astype(np.float64) - 1) * self.step).astype(np.float32)
+        values[c == 0] = -np.inf
+        return values
+
+
+# -- sampled targets ---------------------------------------------------------------------------------
+@dataclass
+class SampledTargets:
+    """N teacher draws per scored position, as distinct ids with counts, in CSR layout.
+
+    Position j's entries are `ids[offsets[j]:offsets[j + 1]]` with `counts[...]` (each ≥ 1, summing
+    to N), ordered by descending count, then ascending id. `counts / N` is an unbiased estimate of
+    the teacher's distribution at that position.
+    """
+
+    offsets: np.ndarray  # [S + 1] int64
+    ids: np.ndarray  # [E] int32
+    counts: np.ndarray  # [E] uint16
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.offsets[-1] - self.offsets[0]) if len(self.offsets) else 0
+
+    def position(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = int(self.offsets[j]), int(self.offsets[j + 1])
+        return self.ids[a:b], self.counts[a:b]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def padded(self, rows: np.ndarray | None = None, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """([R, U] int64 ids padded with −1, [R, U] int64 counts padded with 0) for positions `rows`
+        (default: all), U = `width` or the most entries any of them has."""
+        rows = np.arange(self.num_positions) if rows is None else np.asarray(rows, dtype=np.int64)
+        starts = self.offsets[rows] - self.offsets[0]
+        lengths = self.offsets[rows + 1] - self.offsets[rows]
+        u = int(lengths.max(initial=0)) if width is None else width
+        ids = np.full((len(rows), u), -1, dtype=np.int64)
+        counts = np.zeros((len(rows), u), dtype=np.int64)
+        col = np.arange(u)
+        take = col[None, :] < lengths[:, None]
+        src = (starts[:, None] + col[None, :])[take]
+        ids[take] = self.ids[src]
+        counts[take] = self.counts[src]
+        return ids, counts
+
+
+def sampled_from_draws(draws: np.ndarray) -> SampledTargets:
+    """[S, N] draws (token ids) → distinct ids with counts per row, ordered as `SampledTargets` says."""
+    draws = np.asarray(draws)
+    s, n = draws.shape
+    if s == 0 or n == 0:
+        return SampledTargets(np.zeros(s + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.uint16))
+    srt = np.sort(draws, axis=1)
+    first = np.ones((s, n), dtype=bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    starts = np.flatnonzero(first.reshape(-1))
+    ids = srt.reshape(-1)[starts]
+    counts = np.diff(np.append(starts, s * n))
+    per_row = first.sum(axis=1)
+    row = np.repeat(np.arange(s), per_row)
+    order = np.lexsort((ids, -counts, row))
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+    return SampledTargets(offsets, ids[order].astype(np.int32), counts[order].astype(np.uint16))
+
+
+def check_sampled(t: SampledTargets, positions: int, samples: int, vocab: int, where: str) -> None:
+    """Refuse sampled targets that break the format's rules (counts ≥ 1 summing to N, ids in range)."""
+    if len(t.offsets) != positions + 1 or (positions and (t.offsets[0] != 0 or np.any(np.diff(t.offsets) < 1))):
+        raise StoreError(f"{where}: sampled targets must have 1 or more entries for each of {positions} scored positions")
+    e = int(t.offsets[-1]) if len(t.offsets) else 0
+    if len(t.ids) != e or len(t.counts) != e:
+        raise StoreError(f"{where}: sampled offsets say {e} entries but there are {len(t.ids)} ids and {len(t.counts)} counts")
+    if e and (int(t.counts.min()) < 1 or int(t.ids.min()) < 0 or int(t.ids.max()) >= vocab):
+        raise StoreError(f"{where}: sampled counts must be ≥ 1 and ids in [0, {vocab})")
+    sums = np.add.reduceat(t.counts.astype(np.int64), t.offsets[:-1]) if positions else np.zeros(0)
+    if np.any(sums != samples):
+        bad = int(np.flatnonzero(sums != samples)[0])
+        raise StoreError(f"{where}: sampled counts of scored position {bad} sum to {int(sums[bad])}, not N={samples}")
+
+
+# -- packed layouts ----------------------------------------------------------------------------------
+def encode_sampled(t: SampledTargets, id_bits: int, count_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids stream, counts stream) of a record's sampled targets; positions are implicit (below)."""
+    return pack_bits(t.ids, id_bits), pack_bits(t.counts, count_bits)
+
+
+def decode_sampled(
+    ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int, samples: int, id_bits: int,
+    count_bits: int, where: str = "packed sampled targets",
+) -> SampledTargets:
+    """Inverse of `encode_sampled`. Position boundaries need no storage: counts are ≥ 1 and each
+    position's sum to N, so the running sum of counts equals a multiple of N exactly at the last
+    entry of every position."""
+    ids = unpack_bits(ids_data, entries, id_bits).astype(np.int32)
+    counts = unpack_bits(counts_data, entries, count_bits)
+    ends = np.flatnonzero(np.cumsum(counts) % np.uint64(samples) == 0) + 1
+    if len(ends) != positions or (entries and ends[-1] != entries):
+        raise StoreError(f"{where}: counts do not split into {positions} positions of N={samples} draws")
+    offsets = np.zeros(positions + 1, dtype=np.int64)
+    offsets[1:] = ends
+    return SampledTargets(offsets, ids, counts.astype(np.uint16))
+
+
+def encode_topk(ids: np.ndarray, logprobs: np.ndarray, id_bits: int, q: LogprobQuantizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids stream, log-prob codes stream) of [S, K] top-k targets; an empty slot (id −1) stores id 0
+    and log-prob code 0 (−inf), which is how it is recognised on reading."""
+    lp = np.asarray(logprobs, dtype=np.float32)
+    ids = np.where(np.asarray(ids) < 0, 0, ids)
+    return pack_bits(ids, id_bits), pack_bits(q.encode(lp), q.bits)
+
+
+def decode_topk(
+    ids_data: np.ndarray, lp_data: np.ndarray, positions: int, k: int, id_bits: int, q: LogprobQuantizer
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """([S, K] int32 ids, [S, K] float32 log-probs, [S] float32 tail mass) from the packed streams.
+    The tail mass is recomputed from the decoded log-probs: 1 − Σ exp(log-prob), clamped to [0, 1]."""
+    n = positions * k
+    codes = unpack_bits(lp_data, n, q.bits).reshape(positions, k)
+    ids = unpack_bits(ids_data, n, id_bits).astype(np.int32).reshape(positions, k)
+    ids[codes == 0] = -1
+    lp = q.decode(codes)
+    tail = np.clip(1.0 - np.exp(lp).sum(-1, dtype=np.float32), 0.0, 1.0).astype(np.float32)
+    return ids, lp, tail

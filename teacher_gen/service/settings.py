@@ -1,0 +1,132 @@
+"""`ServeConfig`: the settings of `potstill serve`, and the bearer token shared with `potstill jobs`.
+
+A YAML or TOML file (`--config FILE`, keys as flags, optionally under a `serve` section) and CLI
+flags fill the dataclass, flags winning. The teacher settings default to `GenerateConfig`'s, so
+`potstill generate` and a job run on the service resolve a teacher the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from store.errors import PotstillError
+from teacher_gen.config import Backend, GenerateConfig, coerce_setting
+
+TOKEN_ENV = "POTSTILL_TOKEN"
+SERVER_ENV = "POTSTILL_SERVER"
+DEFAULT_PORT = 8000  # as in docker/generate.Dockerfile
+DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
+MIN_TOKEN_CHARS = 16
+
+# `GenerateConfig` settings fixed when the teacher is loaded: a job may repeat the service's value
+# but not ask for another one (that would need another model load).
+LOAD_FIELDS = ("teacher", "backend", "tokenizer", "revision", "dtype", "device", "trust_remote_code",
+               "gpu_memory_utilization", "tensor_parallel_size")
+
+_G = GenerateConfig()
+
+
+class ServiceError(PotstillError):
+    """The service cannot start, or a client cannot talk to it; one line for the user."""
+
+
+@dataclass
+class ServeConfig:
+    # -- the teacher, loaded once (same meaning and defaults as in `potstill generate`) ----------
+    teacher: str = ""
+    backend: Backend = _G.backend
+    tokenizer: str | None = _G.tokenizer
+    revision: str | None = _G.revision
+    dtype: str = _G.dtype
+    device: str = _G.device
+    trust_remote_code: bool = _G.trust_remote_code
+    gpu_memory_utilization: float = _G.gpu_memory_utilization
+    tensor_parallel_size: int = _G.tensor_parallel_size
+    max_top_k: int = 256  # vLLM: the engine's max_logprobs, the largest top_k a job may ask for
+
+    # -- the service ---------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0: any free port (written to <state>/service.json)
+    state: str = ".potstill-serve"  # SQLite queue, lock, fetched prompt sets
+    token_file: str | None = None  # else $POTSTILL_TOKEN; required unless host is loopback
+    max_crashes: int = 3  # a job found running this many times after a crash is failed, not retried
+
+    @classmethod
+    def build(cls, config_file: str | None = None, **overrides: Any) -> ServeConfig:
+        """Defaults, then the file, then the non-None overrides (CLI flags); checked."""
+        values: dict[str, Any] = {}
+        if config_file:
+            data = GenerateConfig.from_file(config_file)
+            if isinstance(data.get("serve"), dict):
+                data = {str(k).replace("-", "_"): v for k, v in data["serve"].items()}
+            values.update(data)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                where = f"config file {config_file}" if config_file else "settings"
+                raise ServiceError(f"{where}: unknown setting {key!r}")
+            kwargs[key] = coerce_setting(key, value, hints[key])
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ServiceError("--teacher is required")
+        if not 0 <= self.port <= 65535:
+            raise ServiceError(f"--port must be in 0..65535, got {self.port}")
+        if self.max_crashes < 1:
+            raise ServiceError("--max-crashes must be at least 1")
+        if self.max_top_k < 1:
+            raise ServiceError("--max-top-k must be at least 1")
+        if not self.host:
+            raise ServiceError("--host is empty")
+
+    def load_settings(self) -> dict[str, Any]:
+        """The `GenerateConfig` values of the loaded teacher (`LOAD_FIELDS`)."""
+        return {name: getattr(self, name) for name in LOAD_FIELDS}
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token: the file's content (stripped) if a file is given, else $POTSTILL_TOKEN."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                text = f.read().strip()
+        except OSError as e:
+            raise ServiceError(f"--token-file {token_file}: cannot read it ({e.strerror})") from None
+        if not text:
+            raise ServiceError(f"--token-file {token_file} is empty")
+        return text
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def server_token(host: str, token_file: str | None) -> str | None:
+    """The token the service demands, or None (loopback only); refuses an open non-loopback bind."""
+    token = read_token(token_file)
+    if token is None and not is_loopback(host):
+        raise ServiceError(
+            f"--host {host} accepts connections from other machines: give a bearer token in ${TOKEN_ENV} "
+            f"or --token-file (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise ServiceError(f"the bearer token has {len(token)} characters; use at least {MIN_TOKEN_CHARS}")
+    return token

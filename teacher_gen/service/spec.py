@@ -1,0 +1,181 @@
+"""A job as the API takes it: `JobSpec`, a pydantic model built from `GenerateConfig`'s fields.
+
+Every `potstill generate` setting is a field of the spec with the same type and default, so a new
+setting of `GenerateConfig` is accepted by the service (and shown in its OpenAPI schema) without
+any change here. `check_spec` then applies what pydantic cannot know:
+
+- the settings of the loaded teacher (`LOAD_FIELDS`) may only repeat the service's values, and
+  `trust_remote_code` can never be turned on by a job;
+- `GenerateConfig.validate` (ranges, combinations);
+- locations: local paths must be absolute (the server's working directory is not the client's),
+  a local prompt set must exist and be readable now, URLs must have a scheme fsspec knows.
+
+Each failure is a `SpecError` naming the field; the API answers it with 422.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+
+from store.errors import PotstillError
+from teacher_gen.config import GenerateConfig
+from teacher_gen.errors import GenerateError
+from teacher_gen.service.settings import LOAD_FIELDS, ServeConfig
+
+# Settings a job cannot set: the service decides them.
+NOT_IN_SPEC = ("progress",)
+
+
+class SpecError(PotstillError):
+    """A job spec the service refuses; `field` is the setting at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+def _spec_field(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
+    try:
+        TypeAdapter(hint)
+    except Exception:  # a type pydantic cannot check: GenerateConfig.build still coerces and checks it
+        hint = Any
+    if f.name == "prompts":
+        return str, Field(min_length=1, description="Prompt set: absolute path on the server, or a URL.")
+    if f.name == "store":
+        return str, Field(min_length=1, description="Output store: absolute path on the server, or a URL.")
+    if f.name in LOAD_FIELDS:
+        return hint | None, Field(None, description="Fixed by the service; may only repeat its value.")
+    if f.default_factory is not dataclasses.MISSING:
+        return hint, Field(default_factory=f.default_factory)
+    return hint, Field(f.default)
+
+
+def build_spec_model() -> type[BaseModel]:
+    """The pydantic model of a job: one field per `GenerateConfig` setting (see the module doc)."""
+    hints = typing.get_type_hints(GenerateConfig)
+    fields = {
+        f.name: _spec_field(f, hints[f.name])
+        for f in dataclasses.fields(GenerateConfig)
+        if f.name not in NOT_IN_SPEC
+    }
+    config = ConfigDict(extra="forbid", title="JobSpec")
+    return create_model("JobSpec", __config__=config, __doc__=(
+        "A generation job: `prompts`, `store` and any `potstill generate` setting (same names with "
+        "'_', same defaults). Settings of the loaded teacher may only repeat the service's values."
+    ), **fields)
+
+
+JobSpec = build_spec_model()
+
+
+def given_settings(spec: BaseModel) -> dict[str, Any]:
+    """The settings the submitter actually gave (defaults left out, so they follow GenerateConfig)."""
+    return spec.model_dump(exclude_unset=True)
+
+
+def job_config(given: dict[str, Any], service: ServeConfig) -> GenerateConfig:
+    """The `GenerateConfig` a job runs with: its settings, with the loaded teacher's (`LOAD_FIELDS`) on top."""
+    values = {**given, **service.load_settings(), "progress": False}
+    try:
+        return GenerateConfig.build(**values)
+    except GenerateError as e:
+        field = _field_named_in(str(e))
+        raise SpecError(field, str(e)) from None
+
+
+def check_spec(given: dict[str, Any], service: ServeConfig, resolved_device: str | None = None) -> GenerateConfig:
+    """Refuse what this service cannot run (see the module doc); returns the job's config."""
+    check_load_settings(given, service, resolved_device)
+    config = job_config(given, service)
+    if service.backend == "vllm" and config.top_k > service.max_top_k:
+        raise SpecError("top_k", f"{config.top_k} is above this vLLM service's --max-top-k {service.max_top_k}")
+    check_location("prompts", config.prompts, must_exist=True)
+    check_location("store", config.store, must_exist=False)
+    return config
+
+
+def check_load_settings(given: dict[str, Any], service: ServeConfig, resolved_device: str | None = None) -> None:
+    if given.get("trust_remote_code") and not service.trust_remote_code:
+        raise SpecError("trust_remote_code",
+                        "this service was started without --trust-remote-code; a job cannot turn it on")
+    for name in LOAD_FIELDS:
+        wanted = given.get(name)
+        have = getattr(service, name)
+        if wanted is None or name == "trust_remote_code" or wanted == have:
+            continue
+        if name == "teacher" and same_local_path(wanted, have):
+            continue
+        if name == "device" and wanted == resolved_device:
+            continue
+        raise SpecError(name, f"this service serves {name} {have!r}, the job asks for {wanted!r}; "
+                              f"submit it to a service started with that {name}")
+
+
+def same_local_path(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def check_location(field: str, location: str, *, must_exist: bool) -> None:
+    """A URL with a known scheme, or an absolute local path (readable when it `must_exist`)."""
+    if is_url(location):
+        _check_url(field, location)
+        return
+    if not os.path.isabs(location):
+        raise SpecError(field, f"{location!r} is a relative path; give an absolute path on the server, or a URL")
+    if must_exist:
+        _check_readable(field, location)
+    else:
+        _check_writable(field, location)
+
+
+def _check_url(field: str, url: str) -> None:
+    import fsspec
+
+    scheme, _, rest = url.partition("://")
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ValueError, ImportError) as e:
+        raise SpecError(field, f"{url!r}: the service cannot open {scheme}:// URLs ({e})") from None
+    if not rest.strip("/"):
+        raise SpecError(field, f"{url!r} names no path")
+
+
+def _check_readable(field: str, path: str) -> None:
+    from teacher_gen.prompts import detect_format
+
+    if not os.path.exists(path):
+        raise SpecError(field, f"{path} does not exist on the server")
+    access = os.R_OK | (os.X_OK if os.path.isdir(path) else 0)
+    if not os.access(path, access):
+        raise SpecError(field, f"{path} is not readable by the service")
+    try:
+        detect_format(path)
+    except GenerateError as e:
+        raise SpecError(field, str(e)) from None
+
+
+def _check_writable(field: str, path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SpecError(field, f"{path} exists and is not a store folder")
+    existing = path
+    while not os.path.exists(existing):  # the store's folders are created by the run
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(field, f"{existing} is not a folder the service can write to")
+
+
+def _field_named_in(message: str) -> str:
+    """The setting a `GenerateConfig` error names ('--top-k must be ...' -> 'top_k')."""
+    for word in message.replace(":", " ").split():
+        if word.startswith("--"):
+            return word[2:].replace("-", "_")
+    return "spec"
