@@ -9,8 +9,8 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         out: str = typer.Option("potstill-demo", "--out", help="Folder for the stores, students and report.json."),
-        student_steps: int = typer.Option(300, "--student-steps", help="Optimizer steps of each student."),
-        train_problems: int = typer.Option(1200, "--train-problems", help="Problems the teacher solves into the store."),
+        student_steps: int = typer.Option(600, "--student-steps", help="Optimizer steps of each student."),
+        train_problems: int = typer.Option(2400, "--train-problems", help="Problems the teacher solves into the store."),
         eval_problems: int = typer.Option(300, "--eval-problems", help="Held-out problems every model is scored on."),
         threads: int = typer.Option(2, "--threads", help="CPU threads for torch."),
     ) -> None:

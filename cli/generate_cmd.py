@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Option(None, "--config", help="YAML or TOML file of settings (flags override it)."),
         teacher: str = typer.Option(None, help="Teacher: hub name or local folder."),
         prompts: str = typer.Option(None, help="Prompts: .jsonl, .json, .parquet, .csv or a saved datasets folder."),
-        store: str = typer.Option(None, help="Store path or URL (created if missing; reruns resume it)."),
+        store: str = typer.Option(None, "--store", "--out", help="Store path or URL (created if missing; reruns resume it)."),
         mode: str = typer.Option(None, help="score (teacher forcing over given completions) or generate." + _d(D.mode)),
         backend: str = typer.Option(None, help="hf or vllm." + _d(D.backend)),
         tokenizer: str = typer.Option(None, help="Tokenizer, if not the teacher's."),

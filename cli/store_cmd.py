@@ -1,4 +1,4 @@
-"""`potstill store info | verify | export`."""
+"""`potstill store info | verify | copy | export`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import typer
 
-from store import export_store, format_info, open_store, store_info, verify_store
+from store import copy_store, export_store, format_info, open_store, store_info, verify_store
 from store.verify import report_json
 
-app = typer.Typer(help="Inspect, check and export a store.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, check, copy and export a store.", no_args_is_help=True)
 
 
 @app.command("info")
@@ -43,6 +43,22 @@ def verify(
         typer.echo(f"{verdict}: {report.shards} shards, {report.records} records, {report.tokens} tokens checked")
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command("copy")
+def copy(
+    source: str = typer.Argument(..., help="Store path or URL to copy from."),
+    destination: str = typer.Argument(..., help="Store path or URL to copy to (created if missing)."),
+) -> None:
+    """Copy the committed shards to another place (e.g. s3://), checking every sha256; reruns resume."""
+
+    def progress(shard: str, done: int, total: int) -> None:
+        typer.echo(f"  [{done}/{total}] {shard}", err=True)
+
+    report = copy_store(source, destination, progress=progress)
+    skipped = f", {len(report.shards_skipped)} already there" if report.shards_skipped else ""
+    typer.echo(f"copied {len(report.shards_copied)} shards ({report.records} records, {report.bytes:,} bytes) "
+               f"to {destination}{skipped}")
 
 
 @app.command("export")

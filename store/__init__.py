@@ -4,6 +4,7 @@ No model is ever loaded here: the store only moves bytes.
 """
 
 from store.commit import CommitRecord
+from store.copy import CopyReport, copy_store
 from store.errors import FormatVersionError, PotstillError, StoreError
 from store.export import export_store
 from store.info import format_info, store_info
@@ -27,6 +28,7 @@ from store.writer import ShardWriter, new_writer_id
 __all__ = [
     "FORMAT_VERSION",
     "CommitRecord",
+    "CopyReport",
     "FormatVersionError",
     "HiddenLayer",
     "HiddenSpec",
@@ -42,6 +44,7 @@ __all__ = [
     "TokenizerInfo",
     "VerifyReport",
     "config_hash",
+    "copy_store",
     "create_store",
     "decode_hidden",
     "export_store",

@@ -232,22 +232,10 @@ def collate(
     if targets == "sampled":
         return _collate_sampled(seqs, pad_id=pad_id, student_vocab=student_vocab, hidden_layers=hidden_layers,
                                 hidden_widths=hidden_widths)
-    batch, longest = len(seqs), max((len(s.ids) for s in seqs), default=1)
-    input_ids = np.full((batch, max(longest, 1)), pad_id, dtype=np.int64)
-    attention = np.zeros_like(input_ids)
-    pos_b, pos_i, hard, has_kd, task = [], [], [], [], []
+    out, trained = _pad_sequences(seqs, pad_id)
     tk_ids, tk_lp, tail = [], [], []
     lp_dtype = seqs[0].targets[1].dtype if seqs else np.float32
-    for b, seq in enumerate(seqs):
-        n = len(seq.ids)
-        input_ids[b, :n] = seq.ids
-        attention[b, :n] = 1
-        i, kd = seq.trained_positions()
-        pos_b.append(np.full(len(i), b, dtype=np.int64))
-        pos_i.append(i - 1)
-        hard.append(seq.ids[i].astype(np.int64))
-        has_kd.append(kd)
-        task.append(np.full(len(i), seq.task, dtype=np.int64))
+    for seq, (i, kd) in zip(seqs, trained, strict=True):
         ids_rows = np.full((len(i), k), -1, dtype=np.int64)
         lp_rows = np.zeros((len(i), k), dtype=lp_dtype)
         tail_rows = np.ones(len(i), dtype=np.float32)
@@ -263,21 +251,10 @@ def collate(
     tail_mass = np.concatenate(tail) if tail else np.zeros(0, np.float32)
     if student_vocab is not None:
         _fold_unknown_ids(topk_ids, topk_lp, tail_mass, student_vocab)
-    out: dict[str, Any] = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention),
-        "pos_batch": torch.from_numpy(_cat(pos_b, np.int64)),
-        "pos_index": torch.from_numpy(_cat(pos_i, np.int64)),
-        "hard_ids": torch.from_numpy(_cat(hard, np.int64)),
-        "has_kd": torch.from_numpy(_cat(has_kd, np.bool_)),
-        "task": torch.from_numpy(_cat(task, np.int64)),
-        "topk_ids": torch.from_numpy(topk_ids),
-        "topk_logprobs": torch.from_numpy(topk_lp),
-        "tail_mass": torch.from_numpy(tail_mass),
-        "record_ids": [s.record_id for s in seqs],
-    }
+    out.update(topk_ids=torch.from_numpy(topk_ids), topk_logprobs=torch.from_numpy(topk_lp),
+               tail_mass=torch.from_numpy(tail_mass))
     if hidden_layers:
-        out.update(_collate_hidden(seqs, input_ids.shape[1], hidden_layers, hidden_widths or {}))
+        out.update(_collate_hidden(seqs, out["input_ids"].shape[1], hidden_layers, hidden_widths or {}))
     return out
 
 

@@ -109,3 +109,42 @@ def test_user_errors_are_one_line(store_url, tmp_path):
     assert not os.path.exists(tmp_path / "o.jsonl") and not os.path.exists(tmp_path / "o.jsonl.partial")
     out = potstill("store", "verify", store_url)
     assert out.returncode == 1 and "w0-000001" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_copy_checks_checksums_and_refuses_other_stores(store_url, tmp_path):
+    dst = str(tmp_path / "copy.store")
+    proc = potstill("store", "copy", store_url, dst)
+    assert proc.returncode == 0, proc.stderr
+    assert "copied 3 shards (10 records" in proc.stdout
+    assert potstill("store", "verify", dst).returncode == 0
+    again = potstill("store", "copy", store_url, dst)
+    assert again.returncode == 0 and "copied 0 shards" in again.stdout and "3 already there" in again.stdout
+
+    # a different store at the destination is never mixed in
+    other = str(tmp_path / "other.store")
+    create_store(other, make_manifest(k=4), TOKENIZER_FILES)
+    one_line_error(potstill("store", "copy", store_url, other), other, "another store")
+    # nor a folder that is not a store
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    one_line_error(potstill("store", "copy", store_url, str(tmp_path / "notes")), "not a potstill store")
+
+    # a corrupted source shard stops the copy before that shard is committed at the destination
+    shard = sorted(os.listdir(os.path.join(store_url, "shards")))[1]
+    arrow = os.path.join(store_url, "shards", shard, "records.arrow")
+    with open(arrow, "rb") as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 0xFF
+    with open(arrow, "wb") as f:
+        f.write(bytes(data))
+    fresh = str(tmp_path / "fresh.store")
+    proc = potstill("store", "copy", store_url, fresh)
+    progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("  [")]
+    assert progress == ["  [1/3] w0-000000"]  # the progress before it, then the error in one line
+    proc.stderr = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("  ["))
+    one_line_error(proc, "records.arrow", "checksum")
+    from store import open_store
+
+    copied = open_store(fresh)
+    assert shard not in copied.shard_names and len(copied.shard_names) == 1
+    assert potstill("store", "verify", fresh).returncode == 0

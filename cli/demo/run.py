@@ -31,15 +31,18 @@ CHECKPOINT = os.path.join(os.path.dirname(__file__), "teacher_checkpoint")
 @dataclass
 class DemoConfig:
     out: str = "potstill-demo"
-    train_problems: int = 1200  # prompts the teacher solves into the store
+    train_problems: int = 2400  # prompts the teacher solves into the store
     eval_problems: int = 300  # held-out problems every model is scored on
-    student_steps: int = 300  # optimizer steps, the same for both students
+    student_steps: int = 600  # optimizer steps, the same for both students
     batch_size: int = 32
     lr: float = 3e-3
     student_hidden: int = 64  # both students: 2 layers of this width
     student_layers: int = 2
+    alpha: float = 0.2  # KD student: weight of cross-entropy on the teacher's tokens (the rest is sparse KD)
     top_k: int = 16
     teacher_layer: int = 2  # teacher hidden layer stored and matched (of 4)
+    student_layer: int = 1  # student layer matched to it (of 2), through a learned projection
+    hidden_weight: float = 0.01  # MSE on raw activations is large next to KL: a small weight keeps it a regulariser
     seed: int = 0
     threads: int = 2
 
@@ -51,6 +54,7 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     torch.set_num_threads(config.threads)
     out = os.path.abspath(config.out)
     os.makedirs(out, exist_ok=True)
+    _clear_previous_run(out)
     started = time.time()
     commands: list[list[str]] = []
 
@@ -108,8 +112,9 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     kd_dir, base_dir = os.path.join(out, "student_kd"), os.path.join(out, "student_baseline")
     potstill(
         "train", "--store", store, "--out", kd_dir, *common,
-        "--loss", "forward_kl", "--alpha", "0.2",
-        "--hidden-map", f"{config.student_layers}:{config.teacher_layer}", "--hidden-weight", "0.5",
+        "--loss", "forward_kl", "--alpha", str(config.alpha),
+        "--hidden-map", f"{config.student_layer}:{config.teacher_layer}", "--hidden-loss", "mse",
+        "--hidden-weight", str(config.hidden_weight),
     )
     potstill("train", "--store", answer_store, "--out", base_dir, *common, "--alpha", "1.0")
 
@@ -167,6 +172,23 @@ def _run_cli(args: list[str]) -> None:
             raise PotstillError(f"potstill {args[0]} exited with {e.exit_code}") from None
     except click.ClickException as e:
         raise PotstillError(f"potstill {args[0]}: {e.format_message()}") from None
+
+
+OUTPUTS = ("train_prompts.jsonl", "answer_prompts.jsonl", "rationale.store", "answers.store", "student_init",
+           "student_kd", "student_baseline", "report.json")
+
+
+def _clear_previous_run(out: str) -> None:
+    """A rerun into the same folder starts over: a store would otherwise resume, not restart, and keep
+    records made with other settings. Only the demo's own outputs are removed, never anything else."""
+    import shutil
+
+    for name in OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def _teacher_answers(store_url: str) -> dict[str, tuple[str, str | None]]:

@@ -1,0 +1,59 @@
+"""`potstill demo` at a small size: the whole two-phase story through the real CLI, and its report.
+
+The full-size demo (2400 problems, 600 steps: KD student ~98% vs baseline ~0%) takes about four
+minutes and is measured in docs/benchmarks.md; here the steps are few, so only the plumbing and the
+shipped teacher are checked, not the margin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from typer.testing import CliRunner
+
+from cli.main import app
+from store import open_store, verify_store
+
+
+def test_demo_small_run_writes_report_and_real_stores(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--student-steps", "3", "--train-problems", "48", "--eval-problems", "20"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    report = json.loads((out / "report.json").read_text())
+    for key in ("teacher", "student_kd", "student_baseline"):
+        assert 0.0 <= report[key]["accuracy"] <= 1.0
+        assert report[key]["params"] > 0
+    # the shipped teacher really solves held-out problems step by step
+    assert report["teacher"]["accuracy"] >= 0.9
+    # same size, same init: the students differ only in what they were trained on
+    assert report["student_kd"]["params"] == report["student_baseline"]["params"]
+    assert report["student_kd"]["params"] < report["teacher"]["params"]
+    assert report["margin"] == report["student_kd"]["accuracy"] - report["student_baseline"]["accuracy"]
+    assert "held-out accuracy" in result.output and "store bytes/token" in result.output
+
+    # phase one wrote a real rationale store: top-k targets, one hidden layer, rationale and answer text
+    assert verify_store(str(out / "rationale.store")).ok
+    store = open_store(str(out / "rationale.store"))
+    assert store.manifest.targets.k == 16 and [layer.index for layer in store.manifest.hidden.layers] == [2]
+    records = list(store.iter_records())
+    assert len(records) == 48
+    assert sum(bool(r.answer) and bool(r.rationale) for r in records) >= 40
+    assert report["student_kd"]["store"]["bytes_per_token"] > 0
+
+    # phase two saved both students where a user finds them
+    for name in ("student_kd", "student_baseline"):
+        assert os.path.exists(out / name / "training_report.json")
+
+
+def test_demo_rerun_into_same_folder_starts_over(tmp_path):
+    out = tmp_path / "demo"
+    base = ["demo", "--out", str(out), "--student-steps", "1", "--eval-problems", "5"]
+    assert CliRunner().invoke(app, [*base, "--train-problems", "20"]).exit_code == 0
+    (out / "keep.txt").write_text("mine")
+    assert CliRunner().invoke(app, [*base, "--train-problems", "12"]).exit_code == 0
+    # the store holds this run's problems only (a resumed store would still hold 20), user files stay
+    assert len(list(open_store(str(out / "rationale.store")).iter_records())) == 12
+    assert (out / "keep.txt").read_text() == "mine"
