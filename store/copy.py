@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from store.errors import StoreError
-from store.fs import check_relative, is_local, join, listdir_names, read_bytes, resolve, write_bytes
+from store.fs import is_local, join, listdir_names, read_bytes, resolve, write_bytes
 from store.manifest import FileEntry
 from store.reader import MANIFEST, Store
 
@@ -88,7 +88,7 @@ def copy_store(
 def _copy_file(src: Store, entry: FileEntry, fs: Any, root: str, where: str) -> None:
     """Stream one file across, hashing on the way. A mismatch stops the copy before the shard's
     commit record is written, so what was written is a leftover no reader sees."""
-    rel = check_relative(entry.path, entry.path.split("/", 1)[0] + "/", where)
+    rel = entry.path  # already checked not to escape the store when the source was opened
     target = join(root, rel)
     digest, size = hashlib.sha256(), 0
     if is_local(fs):
