@@ -79,8 +79,11 @@ def register(app: typer.Typer) -> None:
         queue_batches: int = typer.Option(None, help="Captured batches queued for the writers." + _d(D.queue_batches)),
         writer_threads: int = typer.Option(None, help="Parallel store writers (each its own shards)." + _d(D.writer_threads)),
         progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar on stderr." + _d(True)),
-        gpu_memory_utilization: float = typer.Option(None, help="vLLM GPU memory share." + _d(D.gpu_memory_utilization)),
+        gpu_memory_utilization: float = typer.Option(
+            None, help="vLLM GPU memory share (default: 0.9 on a GPU; on CPU a 1 GiB KV cache, or $VLLM_CPU_KVCACHE_SPACE GiB)."),
         tensor_parallel_size: int = typer.Option(None, help="vLLM tensor parallel size." + _d(D.tensor_parallel_size)),
+        enforce_eager: bool = typer.Option(None, "--enforce-eager/--no-enforce-eager",
+                                           help="vLLM: run eagerly, no compilation at start-up (default: on for CPU, off for GPU)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Run a teacher over a prompt set and write top-k log-probs or sampled targets (+ hidden states) into a store."""

@@ -30,8 +30,11 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
                                                help="Allow the teacher's own modeling code (jobs cannot turn it on)."
                                                + _d(False)),
-        gpu_memory_utilization: float = typer.Option(None, help="vLLM GPU memory share." + _d(D.gpu_memory_utilization)),
+        gpu_memory_utilization: float = typer.Option(
+            None, help="vLLM GPU memory share (default: 0.9 on a GPU; on CPU a 1 GiB KV cache, or $VLLM_CPU_KVCACHE_SPACE GiB)."),
         tensor_parallel_size: int = typer.Option(None, help="vLLM tensor parallel size." + _d(D.tensor_parallel_size)),
+        enforce_eager: bool = typer.Option(None, "--enforce-eager/--no-enforce-eager",
+                                           help="vLLM: run eagerly, no compilation at start-up (default: on for CPU, off for GPU)."),
         max_top_k: int = typer.Option(None, help="vLLM: largest --top-k a job may ask for." + _d(D.max_top_k)),
         host: str = typer.Option(None, help="Address to listen on; anything but loopback needs a token." + _d(D.host)),
         port: int = typer.Option(None, help="Port (0: any free one, written to <state>/service.json)." + _d(D.port)),

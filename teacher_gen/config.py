@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from teacher_gen.errors import GenerateError
+from teacher_gen.gguf import is_gguf
 from teacher_gen.rationale import DEFAULT_ANSWER_PATTERN, DEFAULT_RATIONALE_TEMPLATE
 
 Mode = Literal["score", "generate"]
@@ -82,8 +83,9 @@ class GenerateConfig:
     queue_batches: int = 4  # captured batches waiting for the writer threads before the model waits
     writer_threads: int = 2  # parallel writers (each its own shards): hashing and fsync keep up with the GPU
     progress: bool = True
-    gpu_memory_utilization: float = 0.9  # vLLM
+    gpu_memory_utilization: float | None = None  # vLLM: GPU memory share (None: 0.9 on a GPU; see vllm_backend)
     tensor_parallel_size: int = 1  # vLLM
+    enforce_eager: bool | None = None  # vLLM: skip compilation and graph capture (None: on for CPU, off for GPU)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -152,6 +154,8 @@ class GenerateConfig:
             (self.hidden_chunk_tokens >= 1, "--hidden-chunk-tokens must be positive"),
             (self.shard_records >= 1 and self.shard_bytes >= 1, "--shard-records and --shard-bytes must be positive"),
             (self.queue_batches >= 1, "--queue-batches must be at least 1"),
+            (self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+             f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
             (1 <= self.writer_threads <= 16, "--writer-threads must be between 1 and 16"),
             (self.max_length is None or self.max_length >= 2, "--max-length must be at least 2"),
             (self.max_errors is None or self.max_errors >= 0, "--max-errors must be >= 0"),
@@ -172,6 +176,11 @@ class GenerateConfig:
         if self.backend == "vllm" and self.hidden_layers:
             raise GenerateError(
                 "--backend vllm cannot capture hidden states: drop --hidden-layers or use --backend hf"
+            )
+        if self.backend == "vllm" and (is_gguf(self.teacher) or is_gguf(self.tokenizer)):
+            raise GenerateError(
+                f"--backend vllm cannot load the GGUF file {self.teacher if is_gguf(self.teacher) else self.tokenizer}: "
+                "use --backend hf, or convert it to a model folder first (python -m teacher_gen.gguf FILE.gguf FOLDER)"
             )
         if self.rationale and "{prompt}" not in self.rationale_template:
             raise GenerateError("--rationale-template must contain {prompt}")

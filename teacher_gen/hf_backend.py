@@ -5,6 +5,12 @@ real tokens and cannot change them), taps the requested hidden states with forwa
 applies the LM head only at the positions that are scored, a chunk at a time. Results are copied
 to pinned host memory without blocking; `score()` returns before they arrive, so the next batch
 is queued on the GPU while the previous one is handed to the writer.
+
+Generation runs HF `model.generate` (KV cache, left padding). A pre-hook on the LM head keeps the
+final hidden state that predicts each new token ([rows, width] per step, not the logits), and
+after decoding the completion is scored from those states by the same `topk_logprobs` as score
+mode: no second forward over prompt + completion. That pass is still needed, and run, when the
+record also stores hidden layers or scores the prompt's tokens (`--score-prompt`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,16 @@ from teacher_gen.capture import (
 )
 from teacher_gen.config import GenerateConfig
 from teacher_gen.errors import GenerateError, describe_load_error
-from teacher_gen.jobs import Capture, GenRequest, ScoreJob, TopKLogprobs, batches_by_tokens, target_uniforms
+from teacher_gen.gguf import pretrained_source
+from teacher_gen.jobs import (
+    Capture,
+    Generated,
+    GenRequest,
+    ScoreJob,
+    TopKLogprobs,
+    batches_by_tokens,
+    target_uniforms,
+)
 from teacher_gen.model_info import TeacherSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -153,7 +168,8 @@ class HFTeacher:
 
         def collect() -> list[Capture]:
             wait()
-            return _split(jobs, host, self.hidden_layers, self.hidden_dtype)
+            rows = [(len(job) - job.score_start, len(job) - job.hidden_start) for job in jobs]
+            return _split(rows, host, self.hidden_layers, self.hidden_dtype)
 
         return collect
 
@@ -167,7 +183,7 @@ class HFTeacher:
         )
 
     @torch.inference_mode()
-    def generate(self, requests: list[GenRequest]) -> list[np.ndarray]:
+    def generate(self, requests: list[GenRequest]) -> list[Generated]:
         from transformers import GenerationConfig, LogitsProcessorList
 
         b, t = len(requests), max(len(r.prompt_ids) for r in requests)
@@ -188,14 +204,56 @@ class HFTeacher:
         if self.config.temperature > 0:
             processors.append(SeededSampler(self.config.temperature, self.config.top_p,
                                             [r.seed for r in requests], self.device))
-        out = self.model.generate(
-            input_ids=self._to_device(ids),
-            attention_mask=self._to_device(mask),
-            generation_config=gen_config,
-            logits_processor=processors,
-        )
+        # The completion is scored from the decoder's own final states, unless the record needs
+        # more than the completion's targets (hidden layers, the prompt's tokens).
+        finals: list[torch.Tensor] | None = None
+        hook = None
+        if not self.hidden_layers and not self.config.score_prompt:
+            finals = []
+            hook = self.head.register_forward_pre_hook(lambda module, args: finals.append(args[0][:, -1]))
+        try:
+            out = self.model.generate(
+                input_ids=self._to_device(ids),
+                attention_mask=self._to_device(mask),
+                generation_config=gen_config,
+                logits_processor=processors,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         new = out[:, t:].cpu().numpy()
-        return [cut_at_eos(row, self.eos_ids, req.max_new_tokens) for row, req in zip(new, requests, strict=True)]
+        completions = [cut_at_eos(row, self.eos_ids, req.max_new_tokens) for row, req in zip(new, requests, strict=True)]
+        # One head call per generated token; anything else (a model that calls its head otherwise)
+        # is scored by the second pass instead.
+        if finals is None or len(finals) != new.shape[1]:
+            return [Generated(c) for c in completions]
+        captures = self._score_decoded(requests, torch.stack(finals, dim=1), completions)
+        return [Generated(c, cap) for c, cap in zip(completions, captures, strict=True)]
+
+    def _score_decoded(self, requests: list[GenRequest], finals: torch.Tensor,
+                       completions: list[np.ndarray]) -> list[Capture]:
+        """Targets of each completion from `finals` [rows, steps, width], the final hidden state that
+        predicted generated token `step` of each row: what `score` computes from a second forward."""
+        rows = np.concatenate([row * finals.shape[1] + np.arange(len(c)) for row, c in enumerate(completions)])
+        hidden = finals.reshape(-1, finals.shape[-1]).index_select(0, self._to_device(rows.astype(np.int64)))
+        target_ids = self._to_device(np.concatenate(completions).astype(np.int64))
+        uniforms = draws = None
+        if self.samples:
+            uniforms = self._to_device(np.concatenate([
+                target_uniforms(self.config.seed, r.record_id, len(c), self.samples)
+                for r, c in zip(requests, completions, strict=True)
+            ]))
+            draws = torch.empty(uniforms.shape, dtype=torch.int32, device=self.device)
+        top_ids, top_lp, token_lp, tail = topk_logprobs(
+            hidden, self.head, target_ids, self.k,
+            chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
+            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws,
+        )
+        host = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
+        if draws is not None:
+            host["draws"] = draws
+        host = {name: value.cpu() for name, value in host.items()}
+        return _split([(len(c), 0) for c in completions], host, [], self.hidden_dtype)
 
     # -- checks --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -238,12 +296,14 @@ class HFTeacher:
 def load_model(config: GenerateConfig, spec: TeacherSpec) -> Any:
     from transformers import AutoModelForCausalLM
 
+    source, gguf = pretrained_source(config.teacher)  # a .gguf file is dequantized on load
     try:
         return AutoModelForCausalLM.from_pretrained(
-            config.teacher,
+            source,
             dtype=TORCH_DTYPES[spec.dtype],
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,
+            **gguf,
         )
     except Exception as e:
         raise GenerateError(f"teacher {config.teacher}: cannot load the model ({describe_load_error(e)})") from None
@@ -312,16 +372,18 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-def _split(jobs: list[ScoreJob], host: dict[str, torch.Tensor], layers: list[int], hidden_dtype: str) -> list[Capture]:
-    """Cut the batch's flat host tensors into one `Capture` per job (numpy views, no copies)."""
+def _split(rows: list[tuple[int, int]], host: dict[str, torch.Tensor], layers: list[int],
+           hidden_dtype: str) -> list[Capture]:
+    """Cut the batch's flat host tensors into one `Capture` per sequence, given its (scored rows,
+    hidden rows) (numpy views, no copies)."""
     top_ids, top_lp, token_lp, tail = (host[name].numpy() for name in ("ids", "lp", "token", "tail"))
     draws = host["draws"].numpy() if "draws" in host else None
     hidden = {i: storage_numpy(host[f"hidden{i}"], hidden_dtype) for i in layers}
     out = []
     t0 = h0 = 0
-    for job in jobs:
-        t1 = t0 + len(job) - job.score_start
-        h1 = h0 + len(job) - job.hidden_start
+    for scored, hidden_rows in rows:
+        t1 = t0 + scored
+        h1 = h0 + hidden_rows
         out.append(Capture(
             TopKLogprobs(top_ids[t0:t1], top_lp[t0:t1], token_lp[t0:t1], tail[t0:t1],
                          None if draws is None else draws[t0:t1]),

@@ -55,6 +55,16 @@ class Capture:
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # stored layer index -> [rows, width]
 
 
+@dataclass
+class Generated:
+    """One generated completion: its ids (ending with EOS when the teacher stopped by itself) and,
+    when the backend scored it while decoding, the capture of exactly those tokens (targets of the
+    completion's tokens, no hidden states); None when the runner must score it afterwards."""
+
+    ids: np.ndarray  # int32 [n]
+    capture: Capture | None = None
+
+
 class Teacher(Protocol):
     """What the runner needs from a backend."""
 
@@ -66,8 +76,8 @@ class Teacher(Protocol):
         """
         ...
 
-    def generate(self, requests: list[GenRequest]) -> list[np.ndarray]:
-        """Completion ids per request (ending with EOS when the teacher stopped by itself)."""
+    def generate(self, requests: list[GenRequest]) -> list[Generated]:
+        """One completion per request, scored already when the backend could do it while decoding."""
         ...
 
     def score_batches(self, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]: ...

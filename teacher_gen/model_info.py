@@ -13,6 +13,7 @@ from typing import Any
 from store import TeacherInfo, config_hash
 from teacher_gen.config import GenerateConfig
 from teacher_gen.errors import GenerateError, describe_load_error
+from teacher_gen.gguf import gguf_identity, pretrained_source
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -61,9 +62,10 @@ def resolve_dtype(flag: str, hf_config: Any) -> str:
 def describe_teacher(config: GenerateConfig) -> TeacherSpec:
     from transformers import AutoConfig
 
+    source, gguf = pretrained_source(config.teacher)
     try:
         hf_config = AutoConfig.from_pretrained(
-            config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
+            source, revision=config.revision, trust_remote_code=config.trust_remote_code, **gguf
         )
     except Exception as e:  # missing folder, unknown architecture, remote code refused...
         first = describe_load_error(e)
@@ -74,7 +76,8 @@ def describe_teacher(config: GenerateConfig) -> TeacherSpec:
     vocab_size = getattr(text, "vocab_size", None)
     if not (num_layers and hidden_size and vocab_size):
         raise GenerateError(f"teacher {config.teacher}: its config names no layer count, width or vocabulary size")
-    raw = _config_json(config) or hf_config.to_dict()
+    # A GGUF file has no config.json: its identity is the parsed config and the file's own hash.
+    raw = gguf_identity(config.teacher, hf_config.to_dict()) if gguf else _config_json(config) or hf_config.to_dict()
     dtype = resolve_dtype(config.dtype, hf_config)
     architectures = getattr(hf_config, "architectures", None) or []
     info = TeacherInfo(

@@ -46,6 +46,7 @@ from teacher_gen.capture import resolve_layers
 from teacher_gen.config import GenerateConfig
 from teacher_gen.encode import Encoded, context_length, encode_item
 from teacher_gen.errors import GenerateError, InputError, TooManyInputErrors, describe_load_error
+from teacher_gen.gguf import pretrained_source
 from teacher_gen.jobs import SAMPLING_METHOD, Capture, GenRequest, ScoreJob, Teacher, derive_seed
 from teacher_gen.model_info import TeacherSpec, describe_teacher
 from teacher_gen.prompts import FieldMap, SourceItem, load_prompts
@@ -142,8 +143,10 @@ def load_tokenizer(config: GenerateConfig) -> Any:
     from transformers import AutoTokenizer
 
     name = config.tokenizer or config.teacher
+    source, gguf = pretrained_source(name)  # a .gguf file holds its tokenizer
     try:
-        return AutoTokenizer.from_pretrained(name, revision=config.revision, trust_remote_code=config.trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, revision=config.revision,
+                                             trust_remote_code=config.trust_remote_code, **gguf)
     except Exception as e:
         first = describe_load_error(e)
         raise GenerateError(f"tokenizer {name}: cannot load it ({first})") from None
@@ -335,9 +338,12 @@ class Run:
                 self.summary.stopped = True
                 return
             completions = teacher.generate(batch)
-            jobs = [make_job(config, r.encoded, r.record_id, r.sample_index, ids)
-                    for r, ids in zip(batch, completions, strict=True)]
-            self._score(jobs, teacher, writer)
+            jobs = [make_job(config, r.encoded, r.record_id, r.sample_index, c.ids)
+                    for r, c in zip(batch, completions, strict=True)]
+            if all(c.capture is not None for c in completions):  # scored while decoding
+                self._hand_over(jobs, lambda cs=completions: [c.capture for c in cs], writer)
+            else:
+                self._score(jobs, teacher, writer)
 
     def _score(self, jobs: list[ScoreJob], teacher: Teacher, writer: WriterPool) -> None:
         # One batch in flight: batch i+1 is launched before batch i is collected and handed over.

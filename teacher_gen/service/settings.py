@@ -26,7 +26,7 @@ MIN_TOKEN_CHARS = 16
 # `GenerateConfig` settings fixed when the teacher is loaded: a job may repeat the service's value
 # but not ask for another one (that would need another model load).
 LOAD_FIELDS = ("teacher", "backend", "tokenizer", "revision", "dtype", "device", "trust_remote_code",
-               "gpu_memory_utilization", "tensor_parallel_size")
+               "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager")
 
 _G = GenerateConfig()
 
@@ -45,8 +45,9 @@ class ServeConfig:
     dtype: str = _G.dtype
     device: str = _G.device
     trust_remote_code: bool = _G.trust_remote_code
-    gpu_memory_utilization: float = _G.gpu_memory_utilization
+    gpu_memory_utilization: float | None = _G.gpu_memory_utilization
     tensor_parallel_size: int = _G.tensor_parallel_size
+    enforce_eager: bool | None = _G.enforce_eager
     max_top_k: int = 256  # vLLM: the engine's max_logprobs, the largest top_k a job may ask for
 
     # -- the service ---------------------------------------------------------------------------

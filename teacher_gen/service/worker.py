@@ -54,10 +54,10 @@ class ServiceTeacher:
 
     def load(self) -> None:
         if self.config.backend == "vllm":
-            from teacher_gen.vllm_backend import VLLMTeacher
+            from teacher_gen.vllm_backend import VLLMTeacher, on_cpu
 
             self.model = VLLMTeacher(self.config, self.spec, self.tokenizer, max_length=None).llm
-            self.device = "cuda"
+            self.device = "cpu" if on_cpu() else "cuda"  # where vLLM's platform runs it
             return
         from teacher_gen.hf_backend import load_model, pick_device
 
