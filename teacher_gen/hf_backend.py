@@ -15,6 +15,7 @@ record also stores hidden layers or scores the prompt's tokens (`--score-prompt`
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,6 +48,7 @@ from teacher_gen.jobs import (
 from teacher_gen.model_info import TeacherSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()  # model -> setups checked
 
 
 def pick_device(flag: str) -> torch.device:
@@ -93,7 +95,13 @@ class HFTeacher:
         self.pinned = self.device.type == "cuda"
         # Device-to-host copies run on their own stream, so they overlap the next batch's compute.
         self.copy_stream = torch.cuda.Stream(self.device) if self.pinned else None
-        self.self_check()
+        # Once per loaded model and capture setup: a long-lived process (`potstill serve`, a preloaded
+        # model) runs many jobs on one model.
+        check = (tuple(hidden_layers), self.hidden_dtype, str(self.device), self.k, self.samples, str(self.lp_dtype),
+                 self.block, config.chunk_positions, config.teacher)
+        if check not in _CHECKED.setdefault(self.model, set()):
+            self.self_check()
+            _CHECKED[self.model].add(check)
 
     # -- scoring -------------------------------------------------------------------------------
     def score_batches(self, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]:

@@ -80,6 +80,11 @@ def describe_teacher(config: GenerateConfig) -> TeacherSpec:
     raw = gguf_identity(config.teacher, hf_config.to_dict()) if gguf else _config_json(config) or hf_config.to_dict()
     dtype = resolve_dtype(config.dtype, hf_config)
     architectures = getattr(hf_config, "architectures", None) or []
+    if gguf and not architectures:  # a GGUF file names its model type only: the class that loads it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", ""))
+        architectures = [causal_lm] if causal_lm else []
     info = TeacherInfo(
         name_or_path=config.teacher,
         revision=config.revision,

@@ -302,3 +302,19 @@ def test_generate_mode_scored_while_decoding_equals_the_full_forward(tmp_path, t
         assert_topk_close(rec.topk_ids, rec.topk_logprobs, b[rid].topk_ids, b[rid].topk_logprobs, atol=1e-5)
         # the same uniforms on the same distribution (up to fp32 rounding): the same draws
         assert rec.sampled.ids.tolist() == b[rid].sampled.ids.tolist()
+
+
+def test_a_preloaded_model_is_checked_once_per_capture_setup(tmp_path, tiny_teacher_dir, monkeypatch):
+    """The load-time self-check runs once per model and setup, not once per job on a long-lived model."""
+    from transformers import AutoModelForCausalLM
+
+    from teacher_gen.hf_backend import HFTeacher
+
+    checks = []
+    original = HFTeacher.self_check
+    monkeypatch.setattr(HFTeacher, "self_check", lambda self: (checks.append(tuple(self.hidden_layers)), original(self)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(3, seed=41))
+    for i, layers in enumerate(["", "", "-1", "-1", ""]):
+        generate(config(tiny_teacher_dir, prompts, str(tmp_path / f"s{i}"), hidden_layers=layers), preloaded=model)
+    assert checks == [(), (2,)]

@@ -9,6 +9,7 @@ duplicate key (actual token inside the top-K); `FlatLogprobs` keeps both copies 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -206,3 +207,42 @@ def test_differential_hf_vs_vllm_shaped_records_are_identical(tmp_path, tiny_tea
             np.testing.assert_array_equal(v_rec.topk_logprobs, hf_rec.topk_logprobs)  # fp16, bit for bit
             np.testing.assert_allclose(v_rec.token_logprob, hf_rec.token_logprob, rtol=0, atol=1e-6)
             np.testing.assert_allclose(v_rec.tail_mass, hf_rec.tail_mass, rtol=0, atol=1e-6)
+
+
+def test_engine_defaults_on_cpu_and_gpu(monkeypatch, tmp_path):
+    """vLLM's CPU build gets eager mode, a 1 GiB KV cache and the engine in-process; a GPU gets vLLM's
+    usual memory share; the user's flags and environment win."""
+    from teacher_gen.vllm_backend import engine_defaults
+
+    def cfg(**kw):
+        return config("t", "p", "s", backend="vllm", **kw)
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    assert engine_defaults(cfg(), cpu=True) == {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert engine_defaults(cfg(), cpu=False) == {"enforce_eager": False, "gpu_memory_utilization": 0.9}
+    assert engine_defaults(cfg(enforce_eager=False, gpu_memory_utilization=0.2), cpu=True) == {
+        "enforce_eager": False, "gpu_memory_utilization": 0.2}
+    assert engine_defaults(cfg(enforce_eager=True, gpu_memory_utilization=0.5), cpu=False) == {
+        "enforce_eager": True, "gpu_memory_utilization": 0.5}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # vLLM reads it itself
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    assert engine_defaults(cfg(), cpu=True) == {"enforce_eager": True}
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
+def test_enforce_eager_and_memory_flags_reach_the_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from teacher_gen.service.settings import LOAD_FIELDS, ServeConfig
+
+    assert "enforce_eager" in LOAD_FIELDS
+    assert ServeConfig.build(teacher="t", enforce_eager="true").enforce_eager is True
+    with pytest.raises(GenerateError, match="--gpu-memory-utilization must be in"):
+        config("t", "p", "s", gpu_memory_utilization=1.5)
+    # the flag parses; the run then stops at the missing teacher, in one line
+    result = CliRunner().invoke(app, ["generate", "--teacher", str(tmp_path / "none"), "--prompts", "p", "--out", "s",
+                                      "--backend", "vllm", "--no-enforce-eager", "--gpu-memory-utilization", "0.5"])
+    assert isinstance(result.exception, GenerateError) and "cannot load its config" in str(result.exception)
