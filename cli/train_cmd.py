@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         shuffle_buffer: int | None = typer.Option(None, "--shuffle-buffer", help=_h("Shuffle buffer per loader worker (records).", "shuffle_buffer")),
         eval_fraction: float | None = typer.Option(None, "--eval-fraction", help=_h("Records held out by id hash.", "eval_fraction")),
         num_workers: int | None = typer.Option(None, "--num-workers", help=_h("DataLoader worker processes per rank.", "num_workers")),
+        skip_bad_shards: bool | None = typer.Option(None, "--skip-bad-shards/--no-skip-bad-shards", help=_h("Leave out (and report) shards whose files or values fail their checks, instead of stopping.", "skip_bad_shards")),
         bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help=_h("bfloat16 mixed precision.", "bf16")),
         fp16: bool | None = typer.Option(None, "--fp16/--no-fp16", help=_h("float16 mixed precision.", "fp16")),
         resume: bool | None = typer.Option(None, "--resume/--no-resume", help=_h("Continue from the latest checkpoint in --out.", "resume")),

@@ -21,6 +21,9 @@ def store_info(store: Store) -> dict[str, Any]:
         return round(total / count, 3) if count else None
 
     target_fields = [n for n in field_bytes if n.startswith(("topk_", "token_logprob", "tail_mass", "sampled_"))]
+    problems = [f"commits/{shard}.json: {why}" for shard, why in store.bad_commits]
+    if store.num_duplicates:
+        problems.append(f"{store.num_duplicates} record(s) repeat an id committed earlier (readers skip them)")
     return {
         "store": store.url,
         "format_version": m.format_version,
@@ -32,13 +35,17 @@ def store_info(store: Store) -> dict[str, Any]:
         "hidden_layers": [vars(layer) for layer in m.hidden.layers],
         "rationales": m.rationales,
         "shards": len(store.commits),
-        "records": store.num_records,
+        "records": store.num_records - store.num_duplicates,
+        "duplicates": store.num_duplicates,
         "tokens": tokens,
         "scored_tokens": scored,
         "bytes": data_bytes + meta_bytes,
         "bytes_per_token": per(data_bytes, tokens),
         "bytes_per_scored_token": per(data_bytes, scored),
         "target_bytes_per_scored_token": per(sum(field_bytes[n] for n in target_fields), scored),
+        # info reads only the commit records: it never hashes a file (`potstill store verify` does)
+        "verified": False,
+        "problems": problems,
         "fields": {
             name: {"bytes": size, "per_token": per(size, tokens), "per_scored_token": per(size, scored)}
             for name, size in sorted(field_bytes.items())
@@ -57,9 +64,12 @@ def format_info(info: dict[str, Any]) -> str:
         + (", ".join(f"layer {x['index']} [{x['width']}] {x['dtype']}" for x in info["hidden_layers"]) or "none"),
         f"rationales   {'yes' if info['rationales'] else 'no'}",
         f"shards       {info['shards']}",
-        f"records      {info['records']}",
+        f"records      {info['records']}" + (f" ({info['duplicates']} duplicate rows skipped)" if info["duplicates"] else ""),
         f"tokens       {info['tokens']} ({info['scored_tokens']} scored)",
         f"bytes        {info['bytes']} ({info['bytes_per_token']} per token, {info['bytes_per_scored_token']} per scored token)",
+        "integrity    not verified (`potstill store verify` hashes every file)"
+        + (f"; {len(info['problems'])} problem(s) found:" if info["problems"] else ""),
+        *(f"  BAD  {p}" for p in info["problems"]),
         "",
         f"{'field':<22}{'bytes':>14}{'B/token':>12}{'B/scored':>12}",
     ]

@@ -136,6 +136,35 @@ def target_vocab(manifest: StoreManifest) -> int:
     return max(manifest.teacher.vocab_size or 0, manifest.tokenizer.vocab_size, 1)
 
 
+# Log-probs are ≤ 0; the rounding of a log-softmax may leave a value a hair above 0.
+LOGPROB_SLACK = 1e-3
+
+
+def unsound_logprobs(lp: np.ndarray) -> np.ndarray:
+    """Mask of log-probs that no distribution has: NaN, +inf, or above 0 (−inf is a probability of 0)."""
+    lp = np.asarray(lp, dtype=np.float32)
+    return np.isnan(lp) | (lp > LOGPROB_SLACK)
+
+
+def unsound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> np.ndarray:
+    """[S] mask of top-k rows with an id outside [0, vocab) (−1 marks an empty slot) or a log-prob
+    that is not a finite value ≤ 0 where the slot holds an id, and not −inf where it is empty."""
+    lp = np.asarray(lp, dtype=np.float32)
+    empty = ids == -1
+    bad_ids = (ids < -1) | (ids >= vocab)
+    bad_lp = np.where(empty, ~np.isneginf(lp), ~np.isfinite(lp) | (lp > LOGPROB_SLACK))
+    return (bad_ids | bad_lp).any(-1)
+
+
+def unsound_tail(tail: np.ndarray) -> np.ndarray:
+    return ~((tail >= 0) & (tail <= 1))  # NaN too
+
+
+def input_vocab(manifest: StoreManifest) -> int:
+    """Token ids a sequence may hold: the teacher may generate ids of a padded embedding matrix."""
+    return max(manifest.teacher.vocab_size or 0, manifest.tokenizer.vocab_size, 1)
+
+
 def validate_record(rec: Record, manifest: StoreManifest) -> Record:
     """Check a record against the manifest and return it with arrays in the stored dtypes."""
     where = f"record {rec.id!r}"
@@ -170,6 +199,17 @@ def validate_record(rec: Record, manifest: StoreManifest) -> Record:
     for name, arr, shape in checks:
         if arr.shape != shape:
             raise StoreError(f"{where}: {name} has shape {arr.shape}, expected {shape} ({s} scored tokens, K={k})")
+    # Values no teacher writes: refused before anything is encoded (a packed store would turn a NaN
+    # log-prob into an empty slot), so a store never holds them.
+    vocab = input_vocab(manifest)
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise StoreError(f"{where}: input_ids hold ids outside [0, {vocab})")
+    unsound = unsound_logprobs(token_lp)
+    if spec.has_topk:
+        unsound = unsound | unsound_topk(rec.topk_ids, rec.topk_logprobs, vocab) | unsound_tail(rec.tail_mass)
+    if unsound.any():
+        raise StoreError(f"{where}: the targets of scored position {int(np.flatnonzero(unsound)[0])} are not a "
+                         "distribution (NaN or infinite log-probs, ids outside the vocabulary, or a tail mass outside [0, 1])")
     if spec.has_sampled:
         if rec.sampled is None:
             raise StoreError(f"{where}: the store holds sampled targets but the record has none")

@@ -64,6 +64,7 @@ class TrainConfig:
     shuffle_buffer: int = 1024  # records in the bounded shuffle buffer of each loader worker
     eval_fraction: float = 0.05  # records held out by id hash; training never sees them
     num_workers: int = 2  # dataloader worker processes per rank
+    skip_bad_shards: bool = False  # leave out (and report) shards that fail their checks instead of stopping
 
     # precision, checkpoints, logging
     bf16: bool = False

@@ -48,7 +48,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from store import open_store
 from store.codec import SampledTargets
-from store.reader import ShardReader, Store
+from store.errors import StoreError
+from store.reader import ShardReader, Store, find_duplicates
 from student_train.errors import TrainError
 
 STATE_VERSION = 1
@@ -92,10 +93,11 @@ class LoaderPlan:
     """The split and sizes everything else derives from; identical on every rank."""
 
     shards: list[str]
-    train_rows: list[np.ndarray]  # per shard, the rows training may use (held-out rows removed)
+    train_rows: list[np.ndarray]  # per shard, the rows training may use (held-out rows and duplicates removed)
     eval_records: int
     world_size: int
     num_workers: int  # DataLoader workers per rank (0 counts as 1: the main process)
+    duplicates: int = 0  # rows skipped because an earlier commit holds the same id (format §3)
 
     @property
     def parts(self) -> int:
@@ -141,14 +143,23 @@ def plan_split(
     have grown since the run started); by default every committed shard is used."""
     names = list(shards) if shards is not None else store.shard_names
     commits = {c.shard: c for c in store.commits}
-    train_rows, held = [], 0
+    missing = [name for name in names if name not in commits]
+    if missing:
+        raise TrainError(f"{store.url}: shard {missing[0]} of this run is no longer in the store (or its commit "
+                         "record is damaged)")
+    # Duplicates among exactly these shards, so that a store growing since the run started cannot
+    # change which copy of an id a resumed run trains on.
+    duplicates = find_duplicates([commits[name] for name in names])
+    train_rows, held, skipped = [], 0, 0
     for name in names:
-        if name not in commits:
-            raise TrainError(f"{store.url}: shard {name} of this run is no longer in the store")
         keep = np.array([not is_held_out(i, eval_fraction) for i in commits[name].ids], dtype=bool)
+        eval_keep = ~keep
+        for row, _ in duplicates.get(name, []):
+            keep[row] = eval_keep[row] = False
+            skipped += 1
         train_rows.append(np.flatnonzero(keep))
-        held += int((~keep).sum())
-    plan = LoaderPlan(names, train_rows, held, world_size, num_workers)
+        held += int(eval_keep.sum())
+    plan = LoaderPlan(names, train_rows, held, world_size, num_workers, skipped)
     if plan.num_train == 0:
         raise TrainError(
             f"{store.url}: no training records ({store.num_records} records, {held} held out by --eval-fraction {eval_fraction})"
@@ -157,10 +168,12 @@ def plan_split(
 
 
 def held_out_rows(store: Store, eval_fraction: float) -> list[tuple[str, int]]:
-    """(shard, row) of every held-out record, in store order."""
-    return [
-        (c.shard, row) for c in store.commits for row, rid in enumerate(c.ids) if is_held_out(rid, eval_fraction)
-    ]
+    """(shard, row) of every held-out record, in store order (duplicates skipped: the first committed copy counts)."""
+    rows = []
+    for c in store.commits:
+        skip = store.duplicate_rows(c.shard)
+        rows += [(c.shard, row) for row, rid in enumerate(c.ids) if is_held_out(rid, eval_fraction) and row not in skip]
+    return rows
 
 
 # -- sequences and collation -----------------------------------------------------------------------
@@ -476,11 +489,16 @@ class StoreDataset(IterableDataset):
         shards: list[str] | None = None,
         storage_options: dict[str, Any] | None = None,
         targets: str = "topk",
+        skip_bad_shards: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise TrainError(f"rank {rank} outside world size {world_size}")
-        store = open_store(store_url, storage_options)
+        store = open_store(store_url, storage_options, strict=not skip_bad_shards)
         check_targets(store, targets)
+        self.skip_bad_shards = skip_bad_shards
+        # Shards left out, with why: damaged commit records now; shards whose files or values fail
+        # their checks as each loader process first reads them (reported in the batch that found them).
+        self.bad_shards: dict[str, str] = {shard: f"commit record: {why}" for shard, why in store.bad_commits}
         self.targets = targets
         self.store_url, self.storage_options = store_url, storage_options
         self.manifest = store.manifest
@@ -517,6 +535,7 @@ class StoreDataset(IterableDataset):
             "num_workers": p.num_workers,
             "samples_per_rank_per_epoch": p.samples_per_rank_epoch,
             "repeated_per_epoch": p.repeated_per_epoch,
+            "duplicates_skipped": p.duplicates,
             "batches_per_rank_per_epoch": self.batches_per_epoch,
         }
 
@@ -584,7 +603,9 @@ class StoreDataset(IterableDataset):
     @property
     def store(self) -> Store:
         if self._store is None:  # opened in each worker process: memory maps are not shared
-            self._store = open_store(self.store_url, self.storage_options)
+            # verify_reads: each file's sha256 once per process before its first use, values checked.
+            self._store = open_store(self.store_url, self.storage_options, strict=not self.skip_bad_shards,
+                                     verify_reads=True)
         return self._store
 
     def _shard(self, shard_idx: int) -> ShardReader:
@@ -593,6 +614,8 @@ class StoreDataset(IterableDataset):
     def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
         reader = self._shard(shard_idx)
         whole = record_sequence(reader, row, self.targets)
+        for layer in self.hidden_layers:  # the chunk files this record's states lie in: checked before use
+            reader.check_hidden(row, layer)
         if self.rationale_mode == "multitask":
             views = reader.views
             end = split_rationale(self.tokenizer, whole.ids, whole.score_start, views.text_of("rationale", row))
@@ -611,8 +634,24 @@ class StoreDataset(IterableDataset):
         return self._tokenizer
 
     def collate_records(self, samples: list[tuple[int, int]]) -> dict[str, Any]:
+        """One batch of the given samples. A sample of a shard that fails its checks makes the batch an
+        `{"error": ...}` (the trainer stops with that line), or with `skip_bad_shards` is left out and
+        the shard reported once in `skipped_shards`; a batch left with nothing is `{"empty": True}`."""
         self._fallbacks = 0
-        seqs = [seq for shard_idx, row in samples for seq in self.read_sequences(shard_idx, row)]
+        seqs: list[Sequence] = []
+        found: dict[str, str] = {}
+        for shard_idx, row in samples:
+            name = self.plan.shards[shard_idx]
+            if name in self.bad_shards:
+                continue
+            try:
+                seqs += self.read_sequences(shard_idx, row)
+            except StoreError as e:
+                if not self.skip_bad_shards:
+                    return {"error": f"{e} (--skip-bad-shards trains on without such shards)"}
+                self.bad_shards[name] = found[name] = str(e)
+        if not seqs:
+            return {"empty": True, "skipped_shards": found}
         batch = collate(
             seqs,
             k=self.manifest.targets.k,
@@ -624,4 +663,6 @@ class StoreDataset(IterableDataset):
         )
         if self.rationale_mode == "multitask":  # records used whole: no rationale or answer found in them
             batch["multitask_fallback"] = torch.tensor(self._fallbacks)
+        if found:
+            batch["skipped_shards"] = found
         return batch
