@@ -73,6 +73,8 @@ def export(
     store: str = typer.Argument(..., help="Store path or URL."),
     to: str = typer.Option(..., "--to", help="Output FILE.parquet or FILE.jsonl."),
 ) -> None:
-    """One row per record (id, text and token fields) as Parquet or JSONL."""
-    count = export_store(open_store(store), to)
-    typer.echo(f"wrote {count} records to {to}")
+    """One row per record (id, text and token fields) as Parquet or JSONL; each id once."""
+    opened = open_store(store)
+    count = export_store(opened, to)
+    skipped = f" ({opened.num_duplicates} duplicate rows of earlier-committed ids left out)" if opened.num_duplicates else ""
+    typer.echo(f"wrote {count} records to {to}{skipped}")
