@@ -490,12 +490,14 @@ class StoreDataset(IterableDataset):
         storage_options: dict[str, Any] | None = None,
         targets: str = "topk",
         skip_bad_shards: bool = False,
+        verify_reads: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
             raise TrainError(f"rank {rank} outside world size {world_size}")
         store = open_store(store_url, storage_options, strict=not skip_bad_shards)
         check_targets(store, targets)
         self.skip_bad_shards = skip_bad_shards
+        self.verify_reads = verify_reads  # off only to measure what the checks cost (bench/train_step.py)
         # Shards left out, with why: damaged commit records now; shards whose files or values fail
         # their checks as each loader process first reads them (reported in the batch that found them).
         self.bad_shards: dict[str, str] = {shard: f"commit record: {why}" for shard, why in store.bad_commits}
@@ -605,7 +607,7 @@ class StoreDataset(IterableDataset):
         if self._store is None:  # opened in each worker process: memory maps are not shared
             # verify_reads: each file's sha256 once per process before its first use, values checked.
             self._store = open_store(self.store_url, self.storage_options, strict=not self.skip_bad_shards,
-                                     verify_reads=True)
+                                     verify_reads=self.verify_reads)
         return self._store
 
     def _shard(self, shard_idx: int) -> ShardReader:
