@@ -155,6 +155,21 @@ def test_an_unreadable_prompt_set_fails_its_job_and_the_service_keeps_serving(se
     assert result.returncode == 1 and f"error: job {bad_id} failed: " in result.stderr
 
 
+def test_hostile_prompt_lines_are_skipped_and_the_job_is_done(service, tmp_path):
+    """Lines that crashed a run (and so failed the whole job): a 5,000-digit integer, 100,000 nested
+    brackets, a lone surrogate. Each is one skipped line with its number and reason."""
+    rows = prompt_rows(2, seed=8)
+    lines = [rows[0], '{"id": "big", "prompt": "a", "n": ' + "7" * 5000 + "}", "[" * 100_000,
+             '{"id": "sur", "prompt": "x \\ud800", "completion": "y"}', rows[1]]
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), lines)
+    with service.client() as c:
+        status = wait_job(c, submit(c, prompts=prompts, store=str(tmp_path / "s")))
+    assert status["state"] == "done", status["error"]
+    assert status["input_error_count"] == 3 and [e.split(":")[0] for e in status["input_errors"]] == [
+        "line 2", "line 3", "line 4"]
+    assert sorted(committed_ids(str(tmp_path / "s"))) == sorted(r["id"] for r in rows)
+
+
 def test_bad_specs_get_422_naming_the_field(service, tiny_teacher_dir, tmp_path):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=5))
     store = str(tmp_path / "s")
