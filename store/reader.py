@@ -422,14 +422,15 @@ class ShardReader:
             self._hidden_arrays[layer] = array
         return array
 
-    def _verify_chunk(self, rel: str, dtype: str) -> None:
-        """Check a hidden-state chunk file (its sha256, and that its values are finite) once per process."""
+    def _verify_chunk(self, rel: str, dtype: str) -> bytes | None:
+        """Check a hidden-state chunk file (its sha256, and that its values are finite) once per
+        process; returns its bytes when it was read for that (so the caller need not read it again)."""
         entry = self._files.get(rel)
         path = self.store.path(rel)
         if entry is None:
-            return  # a chunk holding only the fill value is not written (and not listed)
+            return None  # a chunk holding only the fill value is not written (and not listed)
         if (path, entry.sha256) in _VERIFIED:
-            return
+            return None
         where = f"{self.store.url}/{rel}"
         try:
             data = read_bytes(self.store.fs, path)
@@ -440,6 +441,7 @@ class ShardReader:
         if problem is not None:
             raise StoreError(f"{where}: {problem}")
         _VERIFIED.add((path, entry.sha256))
+        return data
 
     def _zarr_group(self) -> Any:
         if self._group is None:
@@ -467,9 +469,12 @@ class HiddenArray:
     An array not laid out that way (written by another tool) or on a remote store goes through zarr.
     """
 
-    def __init__(self, array: Any, folder: str | None, check: Callable[[str], None] | None = None) -> None:
+    def __init__(self, array: Any, folder: str | None, check: Callable[[str], bytes | None] | None = None) -> None:
         self.array = array
-        self.check = check  # called with a chunk's key (e.g. "c/3/0") before rows of that chunk are read
+        # Called with a chunk's key ("c/3/0") before rows of that chunk are read; returns the chunk's
+        # bytes when it read them to check them, which the next read of that chunk then uses.
+        self.check = check
+        self._checked: tuple[int, np.ndarray] | None = None  # (chunk, its rows) as the check read it
         self.rows, self.width = array.shape
         self.dtype = np.dtype(array.dtype)
         self.chunk_rows = array.chunks[0]
@@ -499,13 +504,20 @@ class HiddenArray:
         return out
 
     def check_rows(self, start: int, stop: int) -> None:
-        """Run the chunk check (if any) on every chunk rows [start, stop) touch."""
+        """Run the chunk check (if any) on every chunk rows [start, stop) touch, keeping the last
+        chunk it read."""
         if self.check is not None:
             for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
-                self.check(self.array.metadata.encode_chunk_key((chunk, 0)))
+                data = self.check(self.array.metadata.encode_chunk_key((chunk, 0)))
+                if data is not None and len(data) == self.chunk_rows * self.width * self.dtype.itemsize:
+                    rows = np.frombuffer(data, dtype=self.dtype.newbyteorder("<")).reshape(self.chunk_rows, self.width)
+                    self._checked = (chunk, rows)
 
     def _read_rows(self, chunk: int, first_row: int, rows: np.ndarray) -> None:
         """Fill `rows` (contiguous) from chunk `chunk`, starting at its row `first_row`."""
+        if self._checked is not None and self._checked[0] == chunk:  # read (and hashed) just now: no second read
+            rows[...] = self._checked[1][first_row : first_row + len(rows)]
+            return
         path = os.path.join(self.folder or "", self.array.metadata.encode_chunk_key((chunk, 0)))
         try:
             fd = os.open(path, os.O_RDONLY)
