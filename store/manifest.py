@@ -314,8 +314,9 @@ class StoreManifest:
         """
         diffs = []
         mine, theirs = self.targets.to_dict(), other.targets.to_dict()
-        if self.targets.tail_logprob is None:
-            theirs.pop("tail_logprob", None)
+        tails = mine.pop("tail_logprob", None), theirs.pop("tail_logprob", None)
+        if tails[0] is not None and tails[0] != tails[1]:
+            diffs.append(f"targets.tail_logprob: the store's tails are {tails[0]!r}, this run's would be {tails[1]!r}")
         sampling = mine.pop("sampling", None), theirs.pop("sampling", None)
         if sampling[0] != sampling[1]:
             diffs.append(

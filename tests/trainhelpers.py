@@ -90,8 +90,10 @@ def build_teacher_store(
     layer_indices: tuple[int, ...] = (1, 2),
     shard_records: int = 16,
     generation: dict | None = None,
+    tail_logprob: str | None = "direct",
 ) -> Store:
-    """A store as `potstill generate` would write it, from the tiny teacher in `teacher_dir`."""
+    """A store as `potstill generate` would write it, from the tiny teacher in `teacher_dir`
+    (`tail_logprob=None`: as format 1.0 stores were, with only the tail mass)."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(teacher_dir)
@@ -108,7 +110,7 @@ def build_teacher_store(
             vocab_size=config.vocab_size,
         ),
         tokenizer=tokenizer_fingerprint(tok),
-        targets=TargetSpec(k=k, logprob_dtype="float16"),
+        targets=TargetSpec(k=k, logprob_dtype="float16", tail_logprob=tail_logprob),
         hidden=HiddenSpec(layers=layers, chunk_tokens=64),
         rationales=True,
         generation=generation or {"mode": "test"},
