@@ -71,6 +71,18 @@ def reference_log_tail(model: Any, input_ids: np.ndarray, top_ids: np.ndarray, s
         return np.log(np.where(outside, np.exp(logp), 0.0).sum(-1))
 
 
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic of observed `counts` against `probs` (bins with expectation < 5 merged),
+    and its degrees of freedom."""
+    n = counts.sum()
+    expected = n * probs
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum() - 1)
+
+
 def assert_topk_close(ids_a: np.ndarray, lp_a: np.ndarray, ids_b: np.ndarray, lp_b: np.ndarray,
                       atol: float) -> None:
     """Same top-k up to the order of (near-)ties: the sorted values agree, every id on both sides

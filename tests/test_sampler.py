@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from genhelpers import chi_square
 
 import teacher_gen.capture as capture
 from teacher_gen.capture import sample_chunk, sampling_cdf
@@ -44,16 +45,8 @@ def teacher_logits(rows: int, vocab: int, seed: int = 0, flat: bool = False) -> 
 
 
 def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
-    """Pearson's goodness of fit (bins with expectation < 5 merged); its p-value from the chi-square
-    survival function, Q(dof / 2, stat / 2)."""
-    n = counts.sum()
-    expected = n * probs
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    keep = exp > 0
-    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    dof = int(keep.sum()) - 1
+    """Pearson's goodness of fit; its p-value from the chi-square survival function, Q(dof / 2, stat / 2)."""
+    stat, dof = chi_square(counts, probs)
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
 
 
