@@ -89,7 +89,7 @@ class TokenizerInfo:
 class TargetSpec:
     """What each scored position carries (format §2 `targets`, §4).
 
-    `kind` "topk": the top-`k` ids and log-probs plus the tail mass; "sampled": `samples` draws from
+    `kind` "topk": the top-`k` ids and log-probs plus the tail; "sampled": `samples` draws from
     the teacher's distribution as distinct ids with counts; "both". `codec` "none" stores them as
     plain Arrow lists; "packed" bit-packs ids to `id_bits`, counts to `count_bits` and quantises
     log-probs to `logprob_bits` over [`logprob_min`, 0] (`store.codec`). Anything beyond a plain
