@@ -139,7 +139,7 @@ def write_store(url: str, cfg: BenchConfig, records: int, hidden_layers: int, hi
             h0 = int(rng.integers(0, cfg.seq))
             writer.write(Record(
                 id=f"r{i:06d}", input_ids=ids, score_start=1, topk_ids=top_ids, topk_logprobs=top_lp.astype(np.float16),
-                token_logprob=top_lp[:, 0], tail_mass=np.clip(1 - np.exp(top_lp).sum(1), 0, 1).astype(np.float32),
+                token_logprob=top_lp[:, 0], tail_logprob=np.log(mass[:, cfg.k]).astype(np.float32),
                 hidden={layer.index: pool[h0 : h0 + cfg.seq] for layer in layers},
             ))
 

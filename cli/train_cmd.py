@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         beta: float | None = typer.Option(None, "--beta", help=_h("JSD teacher weight, 0 < beta < 1.", "beta")),
         temperature: float | None = typer.Option(None, "--temperature", help=_h("Distillation temperature T (loss scaled by T²).", "temperature")),
         alpha: float | None = typer.Option(None, "--alpha", help=_h("Weight of CE on the hard tokens; KD gets 1 - alpha.", "alpha")),
-        tail: bool | None = typer.Option(None, "--tail/--no-tail", help=_h("Tail mass as an extra bucket (else renormalise the top-K).", "tail")),
+        tail: bool | None = typer.Option(None, "--tail/--no-tail", help=_h("The tail (mass outside the top-K) as an extra bucket (else renormalise the top-K).", "tail")),
         targets: str | None = typer.Option(None, "--targets", help=_h("topk | sampled | auto (sampled when the store has them and the loss is forward KL at T=1, else top-k).", "targets")),
         hidden_map: str | None = typer.Option(None, "--hidden-map", help=_h("'s:t,...' student hidden_states index : stored teacher layer.", "hidden_map")),
         hidden_loss: str | None = typer.Option(None, "--hidden-loss", help=_h("mse | cosine.", "hidden_loss")),

@@ -13,7 +13,15 @@ import numpy as np
 from store.codec import SampledTargets, check_sampled
 from store.errors import StoreError
 from store.manifest import StoreManifest
-from store.records import ColumnViews, input_vocab, target_vocab, unsound_logprobs, unsound_tail, unsound_topk
+from store.records import (
+    ColumnViews,
+    input_vocab,
+    target_vocab,
+    unsound_log_tail,
+    unsound_logprobs,
+    unsound_tail_mass,
+    unsound_topk,
+)
 
 
 def _first_bad_row(offsets: np.ndarray, bad: np.ndarray) -> int:
@@ -40,7 +48,9 @@ def value_problems(views: ColumnViews, manifest: StoreManifest) -> list[str]:
     if spec.has_topk:
         report(f"top-k ids outside [0, {target_vocab(manifest)}) or log-probs NaN, infinite or above 0",
                views.tgt_off, unsound_topk(views.topk_ids, views.topk_logprobs, target_vocab(manifest)))
-        report("tail_mass is NaN or outside [0, 1]", views.tgt_off, unsound_tail(views.tail_mass))
+        report("tail_mass is NaN or outside [0, 1]", views.tgt_off, unsound_tail_mass(views.tail_mass))
+        if manifest.targets.tail_logprob:
+            report("tail_logprob is NaN or above 0", views.tgt_off, unsound_log_tail(views.tail_logprob))
     if spec.has_sampled:
         s_ids, counts = views.sampled_ids, views.sampled_counts
         entry_rows = views.sampled_pos_off  # entries per position; positions per record below

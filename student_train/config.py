@@ -45,7 +45,7 @@ class TrainConfig:
     beta: float = 0.5  # JSD mixture weight of the teacher, 0 < beta < 1
     temperature: float = 1.0
     alpha: float = 0.0  # weight of cross-entropy on the hard tokens; KD gets 1 - alpha
-    tail: bool = True  # the tail mass as one extra bucket (False: renormalise over the top-K)
+    tail: bool = True  # the tail as one extra bucket (False: renormalise over the top-K)
     targets: str = "auto"  # topk | sampled | auto (sampled when the store has them and the loss can use them)
 
     # hidden-state and relation distillation

@@ -27,7 +27,7 @@ interrupted run would have taken next.
 
 **Collation** pads right and lists, for every position i whose next token is trained, the student
 logit that predicts it (batch b, position i − 1) next to the stored target row i − score_start:
-top-k ids / log-probs / tail mass, or (`targets="sampled"`) the sampled ids with their weights
+top-k ids / log-probs / log tail, or (`targets="sampled"`) the sampled ids with their weights
 counts / N, padded to the batch's widest position. Packed stores are decoded per record as they
 are read. Hidden states are read only when a hidden-state or relation loss needs them.
 """
@@ -193,7 +193,7 @@ class Sequence:
     shared: int
     ce_start: int
     task: int
-    targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None  # topk_ids, topk_logprobs, token_logprob, tail
+    targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None  # topk_ids, topk_logprobs, token_logprob, tail_logprob
     hidden_start: int = 0  # first token with stored hidden states
     reader: ShardReader | None = None  # where the hidden states are read from, at collation
     hidden_offset: int = 0  # the record's first row in the shard's hidden arrays (token_offset)
@@ -233,14 +233,14 @@ def collate(
 
     Returns tensors: `input_ids`, `attention_mask` [B, T]; per trained position (N of them):
     `pos_batch`, `pos_index` (the predicting logit), `hard_ids` (the actual next token), `has_kd`,
-    `task`; with top-k targets `topk_ids` [N, K] (−1 = empty), `topk_logprobs` [N, K], `tail_mass`
-    [N]; with `targets="sampled"` instead `sampled_ids` [N, U] (−1 = empty) and `sampled_probs`
+    `task`; with top-k targets `topk_ids` [N, K] (−1 = empty), `topk_logprobs` [N, K], `tail_logprob`
+    [N] (float32, the log of the teacher's mass outside the top-K); with `targets="sampled"` instead `sampled_ids` [N, U] (−1 = empty) and `sampled_probs`
     [N, U] float32 (count / N), U the most distinct ids any position of the batch has; and with
     hidden layers `hidden_mask` [B, T] plus `teacher_hidden_<layer>` [B, T, W] as stored
     (float16/bfloat16), read straight from the store into the padded batch, only for the positions
-    a loss uses. Positions without KD carry empty targets (top-k: ids −1, all mass in the tail;
-    sampled: no ids). Target ids the student's vocabulary does not have (a teacher with a padded
-    embedding matrix) are folded into the tail bucket (top-k) or dropped (sampled).
+    a loss uses. Positions without KD carry empty targets (top-k: ids −1, all mass in the tail, log
+    tail 0; sampled: no ids). Target ids the student's vocabulary does not have (a teacher with a
+    padded embedding matrix) are folded into the tail bucket (top-k, in log space) or dropped (sampled).
     """
     if targets == "sampled":
         return _collate_sampled(seqs, pad_id=pad_id, student_vocab=student_vocab, hidden_layers=hidden_layers,
@@ -251,7 +251,7 @@ def collate(
     for seq, (i, kd) in zip(seqs, trained, strict=True):
         ids_rows = np.full((len(i), k), -1, dtype=np.int64)
         lp_rows = np.zeros((len(i), k), dtype=lp_dtype)
-        tail_rows = np.ones(len(i), dtype=np.float32)
+        tail_rows = np.zeros(len(i), dtype=np.float32)  # log 1: all the mass in the tail
         rows = i[kd] - seq.score_start
         ids_rows[kd] = seq.targets[0][rows]
         lp_rows[kd] = seq.targets[1][rows]
@@ -261,11 +261,11 @@ def collate(
         tail.append(tail_rows)
     topk_ids = np.concatenate(tk_ids) if tk_ids else np.zeros((0, k), np.int64)
     topk_lp = np.concatenate(tk_lp) if tk_lp else np.zeros((0, k), lp_dtype)
-    tail_mass = np.concatenate(tail) if tail else np.zeros(0, np.float32)
+    tail_logprob = np.concatenate(tail) if tail else np.zeros(0, np.float32)
     if student_vocab is not None:
-        _fold_unknown_ids(topk_ids, topk_lp, tail_mass, student_vocab)
+        _fold_unknown_ids(topk_ids, topk_lp, tail_logprob, student_vocab)
     out.update(topk_ids=torch.from_numpy(topk_ids), topk_logprobs=torch.from_numpy(topk_lp),
-               tail_mass=torch.from_numpy(tail_mass))
+               tail_logprob=torch.from_numpy(tail_logprob))
     if hidden_layers:
         out.update(_collate_hidden(seqs, out["input_ids"].shape[1], hidden_layers, hidden_widths or {}))
     return out
@@ -345,12 +345,16 @@ def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
 
-def _fold_unknown_ids(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, vocab: int) -> None:
+def _fold_unknown_ids(ids: np.ndarray, lp: np.ndarray, tail_logprob: np.ndarray, vocab: int) -> None:
+    """Move top-K entries with ids ≥ `vocab` into the tail, in place: log tail ← log(tail + Σ p of
+    those ids), summed in log space in float64 (exact to one float32 rounding), then the slot is emptied."""
     unknown = ids >= vocab
     if not unknown.any():
         return
-    tail += np.where(unknown, np.exp(lp.astype(np.float32)), 0.0).sum(-1).astype(np.float32)
-    np.clip(tail, 0.0, 1.0, out=tail)
+    rows = np.flatnonzero(unknown.any(-1))
+    terms = np.where(unknown[rows], lp[rows].astype(np.float64), -np.inf)
+    terms = np.concatenate([tail_logprob[rows, None].astype(np.float64), terms], axis=-1)
+    tail_logprob[rows] = np.minimum(np.logaddexp.reduce(terms, axis=-1), 0.0)
     ids[unknown] = -1
     lp[unknown] = -np.inf
 

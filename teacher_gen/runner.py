@@ -183,6 +183,8 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
         count_bits=bits_for(config.samples) if packed and sampled else None,
         logprob_bits=config.logprob_bits if packed else None,
         logprob_min=config.logprob_min if packed else None,
+        # vLLM returns only the top-K, so its tail can only be their complement (format §4.4)
+        tail_logprob=("complement" if config.backend == "vllm" else "direct") if topk else None,
     )
 
 
@@ -263,7 +265,7 @@ class RecordBuilder:
             topk_ids=t.ids if topk else None,
             topk_logprobs=t.logprobs if topk else None,
             token_logprob=t.token_logprob,
-            tail_mass=t.tail_mass if topk else None,
+            tail_logprob=t.tail_logprob if topk else None,
             sampled=sampled_from_draws(t.draws) if self.config.targets != "topk" else None,
             prompt=item.prompt,
             messages=item.messages,

@@ -133,12 +133,11 @@ def test_top_k_targets_decode_to_what_was_encoded(positions, k, vocab, bits, lo,
     ids[empty], lp[empty] = -1, -np.inf
     id_bits = max(1, (vocab - 1).bit_length())
     ids_data, lp_data = encode_topk(ids, lp, id_bits, q)
-    got_ids, got_lp, tail = decode_topk(ids_data, lp_data, positions, k, id_bits, q)
+    got_ids, got_lp = decode_topk(ids_data, lp_data, positions, k, id_bits, q)
     assert np.array_equal(got_ids, ids)
     finite = ~empty
     assert np.all(np.abs(got_lp[finite] - lp[finite]) <= q.max_error * (1 + 1e-6) + 1e-6)
     assert np.all(np.isneginf(got_lp[empty]))
-    assert np.all((tail >= 0) & (tail <= 1))
 
 
 @FUZZ
@@ -162,8 +161,8 @@ def test_decoding_arbitrary_bytes_fails_cleanly_or_gives_well_formed_targets(a, 
     q = LogprobQuantizer(12, -24.0)
     ids_data, other = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)
     try:
-        ids, lp, tail = decode_topk(ids_data, other, positions, k, id_bits, q)
-        assert ids.shape == lp.shape == (positions, k) and tail.shape == (positions,)
+        ids, lp = decode_topk(ids_data, other, positions, k, id_bits, q)
+        assert ids.shape == lp.shape == (positions, k)
         assert np.all(np.isneginf(lp) | ((lp >= -24.0 - 1e-5) & (lp <= 1e-6)))
         assert np.all((ids >= -1) & (ids < (1 << id_bits)))
     except StoreError as e:

@@ -101,7 +101,7 @@ def test_writers_refuse_values_no_teacher_writes(tmp_path):
         "nan log-prob": lambda r: r.topk_logprobs.__setitem__((0, 1), np.nan),
         "positive log-prob": lambda r: r.topk_logprobs.__setitem__((0, 0), 0.5),
         "id beyond the vocabulary": lambda r: r.topk_ids.__setitem__((0, 2), 100),
-        "tail above 1": lambda r: r.tail_mass.__setitem__(0, 1.5),
+        "log tail above 0": lambda r: r.tail_logprob.__setitem__(0, 0.5),
         "nan token log-prob": lambda r: r.token_logprob.__setitem__(0, np.nan),
         "input id beyond the vocabulary": lambda r: r.input_ids.__setitem__(0, 1000),
     }
@@ -110,7 +110,7 @@ def test_writers_refuse_values_no_teacher_writes(tmp_path):
             rec = random_record(rng, name, m, n=12)
             rec.score_start = 2
             rec.topk_ids, rec.topk_logprobs = rec.topk_ids[-10:].copy(), rec.topk_logprobs[-10:].copy()
-            rec.token_logprob, rec.tail_mass = rec.token_logprob[-10:].copy(), rec.tail_mass[-10:].copy()
+            rec.token_logprob, rec.tail_logprob = rec.token_logprob[-10:].copy(), rec.tail_logprob[-10:].copy()
             spoil(rec)
             with pytest.raises(StoreError, match=f"record '{name}'"):
                 w.write(rec)
