@@ -5,10 +5,14 @@ match the anchor run: hidden 2048, 16 layers, vocab 128,256, 8 x 1024 tokens per
 same random batches go through
 
   bare      model(input_ids).logits                         (what any scoring pass costs)
-  capture   HFTeacher.score: hooks on the hidden layers, chunked LM head, fp32 logsumexp,
-            top-k, pinned copies on a side stream; results collected, nothing written
+  capture   HFTeacher.score: hooks on the hidden layers, chunked LM head, top-k, the fp32
+            logsumexp outside the top-k (the direct log tail), pinned copies on a side stream;
+            results collected, nothing written
   store     capture + the background writer filling a real store (Arrow + Zarr, committed)
-  naive     (--naive) full fp32 log_softmax, topk, output_hidden_states, blocking copies
+  naive     (--naive) full fp32 log_softmax, topk, the tail, output_hidden_states, blocking copies
+
+--ablate adds the capture without compile, without the block top-k, and with the previous
+(format 1.0) tail: one logsumexp over every logit and 1 − Σ exp(top-k), no masked reduction.
 
 It prints one JSON object (also written to --out, or $OUT/capture.json when $OUT is set).
 
@@ -70,8 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-records", type=int, default=16)
     p.add_argument("--writer-threads", type=int, default=GenerateConfig.writer_threads)
     p.add_argument("--no-compile", action="store_true", help="eager logsumexp (no torch.compile)")
-    p.add_argument("--ablate", action="store_true", help="also time capture without compile / block top-k")
+    p.add_argument("--ablate", action="store_true",
+                   help="also time capture without compile / block top-k / with the previous (1 − Σ) tail")
     p.add_argument("--naive", action="store_true", help="also time the naive capture")
+    p.add_argument("--rounds", type=int, default=3, help="--ablate: rounds of the variants in turn")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -131,11 +137,18 @@ def run_capture(teacher: HFTeacher, batches: list[np.ndarray], tag: str,
         hand_over(waiting[0], waiting[1]())
 
 
+def previous_tail(lse: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> Callable:
+    """The format 1.0 capture's reductions, for timing only: one logsumexp over every logit (its
+    tail was 1 − Σ exp(top-k), no second look at the logits). The values it leads to are wrong
+    for the current code, which expects the logsumexp outside the top-k; only its cost counts."""
+    return lambda logits, top_idx: lse(logits, None)
+
+
 def naive_capture(model: Any, batch: torch.Tensor, k: int, layers: list[int]) -> None:
     out = model(input_ids=batch, output_hidden_states=True)
     lp = torch.log_softmax(out.logits.float(), dim=-1)
     values, ids = lp.topk(k, dim=-1)
-    tail = (1 - values.exp().sum(-1)).clamp_min(0)
+    tail = torch.logsumexp(lp.scatter_(-1, ids, float("-inf")), dim=-1)
     hidden = torch.stack([out.hidden_states[i] for i in layers], dim=2)
     for t in (values.half(), ids.int(), tail, hidden):
         t.cpu()
@@ -206,14 +219,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds = timed(device, lambda: run_capture(teacher, batches, "cap", discard))
     result["capture_tok_s"] = round(total_tokens / seconds)
 
-    if args.ablate:
+    if args.ablate:  # variants timed in turn, round after round; medians, and ratios within a round
         fast = (teacher.logsumexp, teacher.block)
-        for name, lse, block in (("capture_eager_lse_tok_s", make_logsumexp(teacher.transform), teacher.block),
-                                 ("capture_plain_topk_tok_s", teacher.logsumexp, None)):
-            teacher.logsumexp, teacher.block = lse, block
-            run_capture(teacher, warm, "warm", discard)
-            result[name] = round(total_tokens / timed(device, lambda: run_capture(teacher, batches, "cap", discard)))
+        variants = {
+            "capture": fast,
+            "capture_eager_lse": (make_logsumexp(teacher.transform), teacher.block),
+            "capture_plain_topk": (teacher.logsumexp, None),
+            "capture_previous_tail": (previous_tail(teacher.logsumexp), teacher.block),
+        }
+        seconds_of: dict[str, list[float]] = {name: [] for name in variants}
+        for r in range(args.rounds):
+            for name, (lse, block) in variants.items():
+                teacher.logsumexp, teacher.block = lse, block
+                if r == 0:
+                    run_capture(teacher, warm, "warm", discard)
+                seconds_of[name].append(timed(device, lambda: run_capture(teacher, batches, "cap", discard)))
         teacher.logsumexp, teacher.block = fast
+        for name, secs in seconds_of.items():
+            result[f"ablate_{name}_tok_s"] = round(total_tokens / float(np.median(secs)))
+        ratios = [p / c for p, c in zip(seconds_of["capture_previous_tail"], seconds_of["capture"], strict=True)]
+        result["capture_over_previous_tail"] = round(float(np.median(ratios)), 3)  # > 1: the new capture is faster
 
     # capture + store
     store_dir = args.store or tempfile.mkdtemp(prefix="potstill-bench-")

@@ -69,7 +69,8 @@ def make_records(count: int, length: int, k: int, n: int, seed: int) -> list[Rec
         ids = rng.integers(0, VOCAB, size=length).astype(np.int32)
         out.append(Record(
             id=f"r{i:05d}", input_ids=ids, score_start=1, topk_ids=top_ids, topk_logprobs=top_lp,
-            token_logprob=top_lp[:, 0].copy(), tail_mass=np.clip(1 - np.exp(top_lp).sum(-1), 0, 1).astype(np.float32),
+            token_logprob=top_lp[:, 0].copy(),
+            tail_logprob=np.log1p(-np.minimum(np.exp(top_lp.astype(np.float64)).sum(-1), 1 - 1e-7)).astype(np.float32),
             sampled=sampled_from_draws(draws),
         ))
     return out
@@ -98,7 +99,7 @@ def build(root: str, name: str, records: list[Record], k: int, n: int) -> str:
             w.write(Record(id=r.id, input_ids=r.input_ids, score_start=1, token_logprob=r.token_logprob,
                            topk_ids=r.topk_ids if kind == "topk" else None,
                            topk_logprobs=r.topk_logprobs if kind == "topk" else None,
-                           tail_mass=r.tail_mass if kind == "topk" else None,
+                           tail_logprob=r.tail_logprob if kind == "topk" else None,
                            sampled=r.sampled if kind == "sampled" else None))
     return url
 

@@ -65,11 +65,12 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 # -- load ------------------------------------------------------------------------------------------
-def start_service(teacher: str, state: str, device: str) -> tuple[subprocess.Popen, str]:
+def start_service(teacher: str, state: str, device: str, data_root: str) -> tuple[subprocess.Popen, str]:
     service_file = os.path.join(state, "service.json")
     log = open(os.path.join(state, "serve.log"), "w")  # noqa: SIM115 - the child writes it until stopped
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--teacher", teacher, "--device", device,
-                             "--state", state, "--port", "0"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                             "--state", state, "--port", "0", "--data-root", data_root],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -110,17 +111,18 @@ def client_process(url: str, prompts: str, store: str, jobs: int, seconds: float
 
 
 def run_load(args: argparse.Namespace, teacher: str, work: str) -> dict[str, Any]:
-    state = os.path.join(work, "state")
+    state, data = os.path.join(work, "state"), os.path.join(work, "data")  # jobs may use data/ only
     os.makedirs(state)
-    background = write_jsonl(os.path.join(work, "background.jsonl"), prompt_rows(max(args.background_records, 1), seed=1))
-    small = write_jsonl(os.path.join(work, "small.jsonl"), prompt_rows(4, seed=2))
-    small_store = os.path.join(work, "small.store")
-    proc, url = start_service(teacher, state, args.device)
+    os.makedirs(data)
+    background = write_jsonl(os.path.join(data, "background.jsonl"), prompt_rows(max(args.background_records, 1), seed=1))
+    small = write_jsonl(os.path.join(data, "small.jsonl"), prompt_rows(4, seed=2))
+    small_store = os.path.join(data, "small.store")
+    proc, url = start_service(teacher, state, args.device, data)
     busy = None
     try:
         if args.background_records:
             with ServiceClient(url) as c:
-                busy = c.submit({"prompts": background, "store": os.path.join(work, "background.store"),
+                busy = c.submit({"prompts": background, "store": os.path.join(data, "background.store"),
                                  "batch_tokens": 256, "hidden_layers": [-1]})["id"]
         results: Any = mp.Queue()
         started = time.perf_counter()

@@ -55,9 +55,9 @@ from store import (
     store_info,
 )
 
-# One record's targets, token-major: topk_ids [n, K], topk_logprobs [n, K], token_logprob [n], tail_mass [n].
+# One record's targets, token-major: topk_ids [n, K], topk_logprobs [n, K], token_logprob [n], tail_logprob [n].
 Targets = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprob", "tail_mass")
+TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprob", "tail_logprob")
 MB = 1e6
 
 
@@ -131,8 +131,8 @@ def bench_manifest(cfg: BenchConfig) -> StoreManifest:
 
 
 class RecordMaker:
-    """Random but valid records: distinct top-K ids by descending probability, log-probs and tail
-    mass of a real distribution, the actual token drawn from the top-K. Hidden rows are slices of a
+    """Random but valid records: distinct top-K ids by descending probability, log-probs and log
+    tail of a real distribution, the actual token drawn from the top-K. Hidden rows are slices of a
     random bfloat16 pool so generating them does not dominate the run (nothing is compressed, so
     their content does not change any timing)."""
 
@@ -164,7 +164,7 @@ class RecordMaker:
             topk_ids=topk_ids,
             topk_logprobs=topk_lp.astype(np.float16),
             token_logprob=topk_lp[np.arange(m), pick],
-            tail_mass=np.clip(1.0 - np.exp(topk_lp).sum(axis=1), 0.0, 1.0).astype(np.float32),
+            tail_logprob=np.log(mass[:, cfg.k]).astype(np.float32),
             prompt="lorem ipsum " * (s // 3),
             generated="dolor sit amet " * (m // 4),
             hidden_start=0,  # hidden states of every token
@@ -218,7 +218,7 @@ class Memmaps:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     token_logprob: np.ndarray
-    tail_mass: np.ndarray
+    tail_logprob: np.ndarray
     hidden_offsets: np.ndarray  # [records + 1] into the hidden rows
     hidden: np.ndarray
 
@@ -304,7 +304,7 @@ def store_targets(store: Store) -> Iterator[Targets]:
 
 def memmap_targets(mm: Memmaps) -> Iterator[Targets]:
     off = mm.target_offsets.tolist()  # Python ints slice fastest: the limit should be the best loop
-    ids, lps, tok, tail = mm.topk_ids, mm.topk_logprobs, mm.token_logprob, mm.tail_mass
+    ids, lps, tok, tail = mm.topk_ids, mm.topk_logprobs, mm.token_logprob, mm.tail_logprob
     for j in range(len(off) - 1):
         a, b = off[j], off[j + 1]
         yield ids[a:b], lps[a:b], tok[a:b], tail[a:b]
@@ -339,7 +339,7 @@ def arrow_under_dataset(ds: Any) -> Iterator[Targets]:
         off, ids = flat(batch.column("topk_ids"), k)
         _, lps = flat(batch.column("topk_logprobs"), k)
         _, tok = flat(batch.column("token_logprob"))
-        _, tail = flat(batch.column("tail_mass"))
+        _, tail = flat(batch.column("tail_logprob"))
         bounds = off.tolist()
         for j in range(batch.num_rows):
             a, b = bounds[j], bounds[j + 1]

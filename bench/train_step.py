@@ -6,10 +6,14 @@ Modes (tokens/s = input tokens per second of one process):
 - `memory`: the real potstill step (`objective.distill_loss` on `model.DistillModel`, sparse top-K +
   tail forward KL, backward, AdamW) on batches collated from the store once and kept on the device;
 - `store`: the same step, each batch streamed from the store by `data.StoreDataset` through a
-  DataLoader with worker processes (pinned, non-blocking copies on CUDA) — target ≥ 95% of `memory`;
+  DataLoader with worker processes (pinned, non-blocking copies on CUDA), with the loader's checks
+  on (every shard file's sha256 once per process before its first use, ids and log-probs checked)
+  — target ≥ 95% of `memory`;
+- `store-unchecked`: the same without those checks, to show what they cost;
 - `online`: the anchor's online KD (/work/shared/anchors/gpu_baseline.py): a teacher forward inside
   the loop, then full-vocabulary KL of the student;
-- `loader`: only the DataLoader, no model: the tokens/s it can feed, without and with hidden states.
+- `loader`: only the DataLoader, no model: the tokens/s it can feed, without and with hidden states,
+  with the checks and without them (`(unchecked)`).
 
 Models are random-weight Llamas built from a config; the store is written with random but valid
 targets (their values do not change any timing). Sizes are flags; `--preset anchor` is the anchor
@@ -60,7 +64,7 @@ from student_train.objective import Objective, distill_loss
 class BenchConfig:
     preset: str = "cpu"  # cpu | anchor: sets the sizes below unless a flag gives them
     device: str = "auto"  # auto | cpu | cuda
-    modes: str = "memory,store,online,loader"
+    modes: str = "memory,store,store-unchecked,online,loader"
     vocab: int = 0
     k: int = 64
     batch: int = 0  # records (sequences) per step
@@ -123,7 +127,9 @@ def write_store(url: str, cfg: BenchConfig, records: int, hidden_layers: int, hi
     store = create_store(url, manifest, {"tokenizer.json": b"{}"})
     m = cfg.seq - 1
     pool = (rng.standard_normal((2 * cfg.seq, hidden_width), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    with store.writer("bench", shard_records=64) as writer:
+    # Small shards: the loader meets a new shard every couple of batches, so that hashing each one
+    # before its first use falls inside the timed steps instead of the warm-up.
+    with store.writer("bench", shard_records=8) as writer:
         for i in range(records):
             mass = rng.exponential(size=(m, cfg.k + 1))
             mass /= mass.sum(axis=1, keepdims=True)
@@ -133,7 +139,7 @@ def write_store(url: str, cfg: BenchConfig, records: int, hidden_layers: int, hi
             h0 = int(rng.integers(0, cfg.seq))
             writer.write(Record(
                 id=f"r{i:06d}", input_ids=ids, score_start=1, topk_ids=top_ids, topk_logprobs=top_lp.astype(np.float16),
-                token_logprob=top_lp[:, 0], tail_mass=np.clip(1 - np.exp(top_lp).sum(1), 0, 1).astype(np.float32),
+                token_logprob=top_lp[:, 0], tail_logprob=np.log(mass[:, cfg.k]).astype(np.float32),
                 hidden={layer.index: pool[h0 : h0 + cfg.seq] for layer in layers},
             ))
 
@@ -195,9 +201,9 @@ def interleaved(cfg: BenchConfig, contenders: dict[str, tuple[Any, Any]], tokens
     return {name: sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2] for name, rs in rounds.items()}
 
 
-def dataset(url: str, cfg: BenchConfig, hidden_layers: tuple[int, ...] = ()) -> StoreDataset:
+def dataset(url: str, cfg: BenchConfig, hidden_layers: tuple[int, ...] = (), verify_reads: bool = True) -> StoreDataset:
     return StoreDataset(url, batch_size=cfg.batch, eval_fraction=0.0, num_workers=cfg.workers, seed=cfg.seed,
-                        hidden_layers=hidden_layers, student_vocab=cfg.vocab)
+                        hidden_layers=hidden_layers, student_vocab=cfg.vocab, verify_reads=verify_reads)
 
 
 def loader(ds: StoreDataset, cfg: BenchConfig) -> Any:
@@ -228,6 +234,8 @@ def bench_kd_steps(url: str, cfg: BenchConfig, modes: list[str]) -> dict[str, di
         contenders["memory"] = (kd_step, itertools.cycle(cached))
     if "store" in modes:
         contenders["store"] = (kd_step, loader(dataset(url, cfg), cfg))
+    if "store-unchecked" in modes:
+        contenders["store-unchecked"] = (kd_step, loader(dataset(url, cfg, verify_reads=False), cfg))
     if "online" in modes:
         teacher = llama(cfg, cfg.teacher_hidden, cfg.teacher_layers).eval()
         ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=cfg.device)
@@ -247,15 +255,16 @@ def bench_kd_steps(url: str, cfg: BenchConfig, modes: list[str]) -> dict[str, di
     return results
 
 
-def bench_loader(url: str, cfg: BenchConfig, hidden_layers: tuple[int, ...]) -> dict[str, float]:
-    it = loader(dataset(url, cfg, hidden_layers), cfg)
+def bench_loader(url: str, cfg: BenchConfig, hidden_layers: tuple[int, ...], batches: int,
+                 verify_reads: bool = True) -> dict[str, float]:
+    it = loader(dataset(url, cfg, hidden_layers, verify_reads), cfg)
     next(it)  # workers started
     start = time.perf_counter()
     tokens = 0
-    for _ in range(cfg.loader_batches):
+    for _ in range(batches):
         tokens += int(next(it)["attention_mask"].sum())
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": tokens / seconds, "batch_ms": 1000 * seconds / cfg.loader_batches}
+    return {"tokens_per_s": tokens / seconds, "batch_ms": 1000 * seconds / batches}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -273,13 +282,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             hidden_layers=0, hidden_width=cfg.teacher_hidden)
             results.update(bench_kd_steps(url, cfg, modes))
         if "loader" in modes:
-            url = os.path.join(root, "hidden.store")
-            if not os.path.exists(url):
-                write_store(url, cfg, records=cfg.batch * 8, hidden_layers=cfg.loader_hidden_layers,
-                            hidden_width=cfg.loader_hidden_width)
-            results["loader"] = bench_loader(url, cfg, ())
+            # One epoch's worth of records (no batch read twice), so that with the checks on every byte
+            # the loader hands over was hashed first, in fresh worker processes for each measurement.
+            # (With hidden states a quarter as many batches: 12 KB a token makes a big store.)
+            targets_url, hidden_url = os.path.join(root, "loader.store"), os.path.join(root, "hidden.store")
+            hidden_batches = max(1, cfg.loader_batches // 4)
+            if not os.path.exists(targets_url):
+                write_store(targets_url, cfg, records=cfg.batch * (cfg.loader_batches + 2 * cfg.workers + 1),
+                            hidden_layers=0, hidden_width=cfg.loader_hidden_width)
+            if not os.path.exists(hidden_url):
+                write_store(hidden_url, cfg, records=cfg.batch * (hidden_batches + 2 * cfg.workers + 1),
+                            hidden_layers=cfg.loader_hidden_layers, hidden_width=cfg.loader_hidden_width)
             layers = tuple(range(1, cfg.loader_hidden_layers + 1))
-            results[f"loader+{len(layers)} hidden"] = bench_loader(url, cfg, layers)
+            for checked in (True, False):
+                suffix = "" if checked else " (unchecked)"
+                results["loader" + suffix] = bench_loader(targets_url, cfg, (), cfg.loader_batches, checked)
+                results[f"loader+{len(layers)} hidden{suffix}"] = bench_loader(hidden_url, cfg, layers, hidden_batches,
+                                                                                checked)
     finally:
         if not cfg.store_dir:
             shutil.rmtree(root, ignore_errors=True)
@@ -294,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if "memory" in results and "store" in results:
         report["store_vs_memory"] = results["store"]["tokens_per_s"] / results["memory"]["tokens_per_s"]
+    if "store-unchecked" in results and "store" in results:
+        report["checked_vs_unchecked"] = results["store"]["tokens_per_s"] / results["store-unchecked"]["tokens_per_s"]
     print_table(report)
     if cfg.json:
         with open(cfg.json, "w") as f:
@@ -313,6 +334,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"| {mode} | {r['tokens_per_s']:,.0f} | {ms:.1f} | {peak} |")
     if "store_vs_memory" in report:
         print(f"store / memory: {100 * report['store_vs_memory']:.1f}%")
+    if "checked_vs_unchecked" in report:
+        print(f"store with checks / without: {100 * report['checked_vs_unchecked']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`potstill serve`: keep a teacher loaded and run generation jobs from a persistent queue over HTTP.
 
 Flags default to None so that only flags actually given override `--config FILE`; the defaults
-live in `ServeConfig`. FastAPI, uvicorn, torch and transformers are imported when it runs.
+live in `ServeConfig` (repeatable flags not given at all stay None too). FastAPI, uvicorn, torch
+and transformers are imported when it runs.
 """
 
 from __future__ import annotations
@@ -42,9 +43,19 @@ def register(app: typer.Typer) -> None:
         token_file: str = typer.Option(None, help=f"File holding the bearer token (default: ${TOKEN_ENV})."),
         max_crashes: int = typer.Option(None, help="Fail a job after the service died this often while running it."
                                         + _d(D.max_crashes)),
+        data_root: list[str] = typer.Option(None, metavar="DIR", help="Folder jobs may read prompt sets from and write stores to "
+                                            "(repeatable). Without any root, jobs can name no local path."),
+        read_root: list[str] = typer.Option(None, metavar="DIR", help="Folder jobs may read prompt sets from (repeatable)."),
+        write_root: list[str] = typer.Option(None, metavar="DIR", help="Folder jobs may write (and read) stores in (repeatable)."),
+        allow_url_scheme: list[str] = typer.Option(None, metavar="SCHEME", help="Remote URL scheme jobs may name, e.g. s3 or gs "
+                                                   "(repeatable; default: none)."),
+        max_body_bytes: int = typer.Option(None, help="Largest request body; larger ones get 413."
+                                           + _d(D.max_body_bytes)),
+        allow_host: list[str] = typer.Option(None, metavar="NAME", help="Host name to answer to besides loopback and --host "
+                                             "(repeatable; checked when no token is set, or whenever given)."),
     ) -> None:
         """Serve a teacher: run `potstill generate` jobs one after another from a queue that survives restarts."""
-        overrides = dict(locals())
+        overrides = {k: (v or None) if isinstance(v, list | tuple) else v for k, v in locals().items()}
         overrides.pop("config")
         settings = ServeConfig.build(config, **overrides)
 

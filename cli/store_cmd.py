@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from store import copy_store, export_store, format_info, open_store, store_info, verify_store
+from store import Store, copy_store, export_store, format_info, open_store, store_info, verify_store
 from store.verify import report_json
 
 app = typer.Typer(help="Inspect, check, copy and export a store.", no_args_is_help=True)
@@ -17,15 +17,21 @@ def info(
     store: str = typer.Argument(..., help="Store path or URL (s3://, gs://, file://, memory://)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (with a top-level `records` count)."),
 ) -> None:
-    """What a store holds: teacher, tokenizer, K, layers, shards, records, tokens, bytes by field."""
-    data = store_info(open_store(store))
+    """What a store holds: teacher, tokenizer, K, layers, shards, records, tokens, bytes by field.
+
+    Reads only the manifest and the commit records (no hashing): exit 1 when a commit record is
+    damaged or ids repeat, with the problems listed; `verify` checks every byte."""
+    data = store_info(Store(store, strict=False))
     typer.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+    if data["problems"]:  # damaged commit records or duplicate ids: the store does not verify
+        raise typer.Exit(1)
 
 
 @app.command("verify")
 def verify(
     store: str = typer.Argument(..., help="Store path or URL."),
-    clean: bool = typer.Option(False, "--clean", help="Remove leftovers of crashed writers."),
+    clean: bool = typer.Option(False, "--clean", help="Remove what crashed writers left: uncommitted shards, "
+                               "temporary files, stale leases (never what a commit record names)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Recompute every checksum and check schema and counts; exit 1 naming each bad shard."""
@@ -36,9 +42,9 @@ def verify(
         for problem in report.problems:
             typer.echo(f"BAD   {problem}", err=True)
         for left in report.leftovers:
-            state = "in progress" if left.live else ("removed" if left.shard in report.cleaned else "leftover")
-            hint = "" if left.live or left.shard in report.cleaned else " (remove with --clean)"
-            typer.echo(f"{state:<11} shards/{left.shard}: {left.reason}{hint}")
+            state = "in progress" if left.live else ("removed" if left.path in report.cleaned else "leftover")
+            hint = "" if left.live or left.path in report.cleaned else " (remove with --clean)"
+            typer.echo(f"{state:<11} {left.path}: {left.kind}; {left.reason}{hint}")
         verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
         typer.echo(f"{verdict}: {report.shards} shards, {report.records} records, {report.tokens} tokens checked")
     if not report.ok:
@@ -57,8 +63,9 @@ def copy(
 
     report = copy_store(source, destination, progress=progress)
     skipped = f", {len(report.shards_skipped)} already there" if report.shards_skipped else ""
+    repaired = f", {len(report.shards_repaired)} repaired (their commit record there differed)" if report.shards_repaired else ""
     typer.echo(f"copied {len(report.shards_copied)} shards ({report.records} records, {report.bytes:,} bytes) "
-               f"to {destination}{skipped}")
+               f"to {destination}{skipped}{repaired}")
 
 
 @app.command("export")
@@ -66,6 +73,8 @@ def export(
     store: str = typer.Argument(..., help="Store path or URL."),
     to: str = typer.Option(..., "--to", help="Output FILE.parquet or FILE.jsonl."),
 ) -> None:
-    """One row per record (id, text and token fields) as Parquet or JSONL."""
-    count = export_store(open_store(store), to)
-    typer.echo(f"wrote {count} records to {to}")
+    """One row per record (id, text and token fields) as Parquet or JSONL; each id once."""
+    opened = open_store(store)
+    count = export_store(opened, to)
+    skipped = f" ({opened.num_duplicates} duplicate rows of earlier-committed ids left out)" if opened.num_duplicates else ""
+    typer.echo(f"wrote {count} records to {to}{skipped}")

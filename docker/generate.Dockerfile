@@ -1,12 +1,18 @@
 # The GPU generation box: vLLM + potstill. Build from the repository root:
 #   docker build -f docker/generate.Dockerfile -t potstill-generate .
+# It runs as the unprivileged user `potstill` (uid 10001; --build-arg POTSTILL_UID=$(id -u) to use
+# yours). Mounted folders it writes (stores, --state) must be writable by that uid, e.g.
+#   sudo chown -R 10001:10001 /data/out /srv/potstill-state
 # Run (mount the models and the output; pass S3 credentials as env vars when writing to s3://):
-#   docker run --gpus all -v /models:/models -v /data:/data potstill-generate \
+#   docker run --gpus all -v /models:/models:ro -v /data:/data potstill-generate \
 #     generate --teacher /models/teacher --backend vllm --prompts /data/prompts.jsonl --out /data/run1.store
 # The image also serves generation jobs (`potstill serve`, port 8000):
-#   docker run --gpus all -p 8000:8000 -e POTSTILL_TOKEN=... potstill-generate serve --teacher /models/teacher --host 0.0.0.0
+#   docker run --gpus all -p 8000:8000 -e POTSTILL_TOKEN -v /models:/models:ro -v /data:/data \
+#     -v /srv/potstill-state:/state potstill-generate \
+#     serve --teacher /models/teacher --host 0.0.0.0 --state /state --data-root /data
 FROM vllm/vllm-openai:v0.11.0
 
+ARG POTSTILL_UID=10001
 ENV PYTHONUNBUFFERED=1 HF_HUB_DISABLE_TELEMETRY=1
 WORKDIR /opt/potstill
 COPY pyproject.toml README.md ./
@@ -16,6 +22,16 @@ COPY student_train ./student_train
 COPY cli ./cli
 # vLLM's image already holds a CUDA torch that satisfies potstill's torch requirement.
 RUN pip install --no-cache-dir ".[s3,gcs,serve]"
+
+# Installed as root, run as `potstill`: a job can write only where this user may. /data and /state
+# are owned by it, so named volumes mounted there start writable; its home holds the caches
+# (Hugging Face, torch.compile, Triton).
+RUN useradd --uid "${POTSTILL_UID}" --user-group --create-home --home-dir /home/potstill --shell /usr/sbin/nologin potstill \
+ && mkdir -p /data /state \
+ && chown potstill:potstill /data /state
+ENV HOME=/home/potstill
+USER potstill
+WORKDIR /home/potstill
 
 ENTRYPOINT ["potstill"]
 CMD ["--help"]

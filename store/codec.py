@@ -1,4 +1,4 @@
-"""Target encodings of format 2.0 (docs/store-format.md §4.2, §4.3): sampled targets and the packed codec.
+"""Target encodings of format 2.x (docs/store-format.md §4.2, §4.3): sampled targets and the packed codec.
 
 - **Sampled targets**: per scored position, N draws with replacement from the teacher's
   distribution, kept as the distinct ids with their counts (`SampledTargets`, CSR layout).
@@ -199,8 +199,12 @@ def decode_sampled(
     entry of every position."""
     ids = unpack_bits(ids_data, entries, id_bits).astype(np.int32)
     counts = unpack_bits(counts_data, entries, count_bits)
-    ends = np.flatnonzero(np.cumsum(counts) % np.uint64(samples) == 0) + 1
-    if len(ends) != positions or (entries and ends[-1] != entries):
+    if entries and int(counts.min()) < 1:
+        raise StoreError(f"{where}: a count is 0 (every stored count is at least 1)")
+    running = np.cumsum(counts)
+    ends = np.flatnonzero(running % np.uint64(samples) == 0) + 1
+    if (len(ends) != positions or (entries and ends[-1] != entries)
+            or not np.array_equal(running[ends - 1], np.arange(1, positions + 1, dtype=np.uint64) * np.uint64(samples))):
         raise StoreError(f"{where}: counts do not split into {positions} positions of N={samples} draws")
     offsets = np.zeros(positions + 1, dtype=np.int64)
     offsets[1:] = ends
@@ -217,13 +221,16 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, id_bits: int, q: LogprobQ
 
 def decode_topk(
     ids_data: np.ndarray, lp_data: np.ndarray, positions: int, k: int, id_bits: int, q: LogprobQuantizer
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """([S, K] int32 ids, [S, K] float32 log-probs, [S] float32 tail mass) from the packed streams.
-    The tail mass is recomputed from the decoded log-probs: 1 − Σ exp(log-prob), clamped to [0, 1]."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """([S, K] int32 ids, [S, K] float32 log-probs) from the packed streams; empty slots read as id −1."""
     n = positions * k
     codes = unpack_bits(lp_data, n, q.bits).reshape(positions, k)
     ids = unpack_bits(ids_data, n, id_bits).astype(np.int32).reshape(positions, k)
     ids[codes == 0] = -1
-    lp = q.decode(codes)
-    tail = np.clip(1.0 - np.exp(lp).sum(-1, dtype=np.float32), 0.0, 1.0).astype(np.float32)
-    return ids, lp, tail
+    return ids, q.decode(codes)
+
+
+def recomputed_tail_mass(logprobs: np.ndarray) -> np.ndarray:
+    """The tail mass of a format 2.0 packed store, which stores none (§4.3): 1 − Σ exp(decoded
+    log-probs), clamped to [0, 1], in float32. Approximate: quantisation and float32 cancellation."""
+    return np.clip(1.0 - np.exp(logprobs).sum(-1, dtype=np.float32), 0.0, 1.0).astype(np.float32)

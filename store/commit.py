@@ -66,9 +66,9 @@ class CommitRecord:
         try:
             obj = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise StoreError(f"{where}: torn or invalid commit record (not JSON)") from None
+            raise StoreError(f"{where}: damaged commit record (not JSON)") from None
         if not isinstance(obj, dict):
-            raise StoreError(f"{where}: commit record is not a JSON object")
+            raise StoreError(f"{where}: damaged commit record (not a JSON object)")
         check_readable(obj.get("format_version"), where)
         try:
             files = [FileEntry(path=f["path"], bytes=int(f["bytes"]), sha256=str(f["sha256"])) for f in obj["files"]]
@@ -88,7 +88,7 @@ class CommitRecord:
                 format_version=str(obj["format_version"]),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"{where}: malformed commit record ({type(e).__name__}: {e})") from None
+            raise StoreError(f"{where}: damaged commit record ({type(e).__name__}: {e})") from None
         if rec.shard != expected_shard or parse_shard_name(rec.shard) is None:
             raise StoreError(f"{where}: commit names shard {rec.shard!r}, expected {expected_shard!r}")
         prefix = f"shards/{rec.shard}/"

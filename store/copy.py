@@ -2,10 +2,12 @@
 
 A copy follows the same commit protocol as a writer (docs/store-format.md §3), so it is safe to
 interrupt and to read while it runs: the tokenizer files, then the manifest, then per shard its data
-files and, last, its commit record. Every byte is checked against the source's sha256 on the way, so
-a copy never spreads a corrupted shard. Rerunning the same copy skips the shards already committed
-at the destination, and copying into a store that other writers fill is fine too (shard names are
-unique per writer). Leftovers of crashed writers at the source are never copied.
+files and, last, its commit record (written atomically, so a killed copy never leaves half of one).
+Every byte is checked against the source's sha256 on the way, so a copy never spreads a corrupted
+shard. Rerunning the same copy skips the shards already committed at the destination (and copies
+again a shard whose commit record there differs from the source's), and copying into a store that
+other writers fill is fine too (shard names are unique per writer). Leftovers of crashed writers at
+the source are never copied.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from store.errors import StoreError
 from store.fs import is_local, join, listdir_names, read_bytes, resolve, write_bytes
+from store.leases import WriterLease
 from store.manifest import FileEntry
 from store.reader import MANIFEST, Store
 
@@ -32,6 +35,7 @@ class CopyReport:
     destination: str
     shards_copied: list[str] = field(default_factory=list)
     shards_skipped: list[str] = field(default_factory=list)  # already committed at the destination
+    shards_repaired: list[str] = field(default_factory=list)  # committed there, but its commit record differed
     records: int = 0
     bytes: int = 0
 
@@ -65,23 +69,40 @@ def copy_store(
                              "copy into a new or empty folder")
         for entry in src.manifest.tokenizer.files:
             _copy_file(src, entry, fs, root, f"{source}/{MANIFEST}")
-        write_bytes(fs, manifest_path, manifest_bytes, exclusive=True)
+        write_bytes(fs, manifest_path, manifest_bytes, exclusive=True, atomic=True)
 
-    done = set(listdir_names(fs, join(root, "commits")))
-    for i, commit in enumerate(src.commits):
-        name = f"{commit.shard}.json"
-        if name in done:
-            report.shards_skipped.append(commit.shard)
-        else:
-            for entry in commit.files:
-                _copy_file(src, entry, fs, root, f"{source}/commits/{name}")
-            # the commit record goes last and as it was: a reader sees the whole shard or nothing
-            write_bytes(fs, join(root, "commits", name), read_bytes(src.fs, join(src.root, "commits", name)))
-            report.shards_copied.append(commit.shard)
-            report.records += commit.records
-            report.bytes += commit.bytes
-        if progress is not None:
-            progress(commit.shard, i + 1, len(src.commits))
+    dest = Store(destination, destination_options, strict=False)  # its commits are compared below, not trusted
+    done = {c.shard for c in dest.commits} | {shard for shard, _ in dest.bad_commits}
+    lease: WriterLease | None = None
+    try:
+        for i, commit in enumerate(src.commits):
+            name = f"{commit.shard}.json"
+            record = read_bytes(src.fs, join(src.root, "commits", name))
+            target = join(root, "commits", name)
+            if commit.shard in done and read_bytes(fs, target) == record:
+                report.shards_skipped.append(commit.shard)
+            else:
+                # Hold the shard's writer id at the destination while its files are uncommitted there,
+                # so that a `verify --clean` running meanwhile sees a live writer, not a leftover.
+                if lease is None or lease.writer_id != commit.writer_id:
+                    if lease is not None:
+                        lease.release()
+                    lease = WriterLease(dest, commit.writer_id, extra={"copy_of": source}).start()
+                for entry in commit.files:
+                    _copy_file(src, entry, fs, root, f"{source}/commits/{name}")
+                # The commit record goes last, atomically and as it was: a reader sees the whole shard
+                # or nothing. One that exists but differs from the source's is damage at the
+                # destination: its files were just copied again, and it is replaced.
+                repair = commit.shard in done
+                write_bytes(fs, target, record, exclusive=not repair, atomic=True)
+                (report.shards_repaired if repair else report.shards_copied).append(commit.shard)
+                report.records += commit.records
+                report.bytes += commit.bytes
+            if progress is not None:
+                progress(commit.shard, i + 1, len(src.commits))
+    finally:
+        if lease is not None:
+            lease.release()
     return report
 
 

@@ -21,6 +21,7 @@ EXPORT_FIELDS = (
 
 def export_store(store: Store, to: str, *, batch_rows: int = 4096) -> int:
     """Write every record's id and text/token fields to a .parquet or .jsonl file; returns the count.
+    Each id once: a duplicate of an id committed earlier is left out, as every reader does.
 
     In Parquet, `messages` and `meta` stay JSON strings (their keys vary); in JSONL they are nested.
     The file is written under a temporary name and moved into place, so a failed export never
@@ -63,6 +64,9 @@ def export_store(store: Store, to: str, *, batch_rows: int = 4096) -> int:
 def _tables(store: Store, batch_rows: int) -> Any:
     for name in store.shard_names:
         batch = store.shard(name).views.batch.select(list(EXPORT_FIELDS))
+        skip = store.duplicate_rows(name)
+        if skip:  # an id committed earlier: the first committed copy is the record (format §3)
+            batch = batch.filter(pa.array([row not in skip for row in range(batch.num_rows)]))
         for start in range(0, batch.num_rows, batch_rows):
             yield pa.Table.from_batches([batch.slice(start, batch_rows)])
 

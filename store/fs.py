@@ -3,9 +3,11 @@ in object storage (s3://, gs://) or in memory:// (tests) with the same code."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
+import secrets
 from typing import Any
 
 import fsspec
@@ -72,11 +74,22 @@ def sha256_file(fs: AbstractFileSystem, path: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def write_bytes(fs: AbstractFileSystem, path: str, data: bytes, *, exclusive: bool = False) -> None:
-    """Write a whole file. On a local disk the data is fsynced, so that a commit record written
-    after it never points at data a power cut could still lose; `exclusive` fails if it exists."""
+def write_bytes(fs: AbstractFileSystem, path: str, data: bytes | memoryview, *, exclusive: bool = False,
+                atomic: bool = False) -> None:
+    """Write a whole file.
+
+    On a local disk the data is fsynced, so that a commit record written after it never points at
+    data a power cut could still lose. `exclusive` fails with FileExistsError if the file exists.
+    `atomic`: readers see the old state or the whole file, never a part of it, even after a crash
+    (local: a temporary file in the same folder, fsynced, then linked or renamed into place and the
+    folder fsynced; object stores: one PUT, atomic by the store's own guarantee).
+    """
     if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        if atomic:
+            _write_atomic_local(path, data, exclusive)
+            return
         with open(path, "xb" if exclusive else "wb") as f:
             f.write(data)
             f.flush()
@@ -87,13 +100,62 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes, *, exclusive: bo
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, data)
+    fs.pipe_file(path, bytes(data))
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_name(path: str) -> str:
+    """The temporary file an atomic write of `path` goes through: `.<name>.<pid>-<random>.tmp`
+    beside it. The leading dot keeps it out of every listing readers use."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def _write_atomic_local(path: str, data: bytes | memoryview, exclusive: bool) -> None:
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)  # atomic, and fails if `path` exists: no commit is ever overwritten
+            except FileExistsError:  # (an OSError too: must not reach the fallback below)
+                raise
+            except OSError:  # a file system without hard links: check, then rename (atomic, not exclusive)
+                if os.path.exists(path):
+                    raise FileExistsError(path) from None
+                os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(os.path.dirname(path))
 
 
 def fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a folder's entries (files created or renamed in it) durable; a no-op where folders
+    cannot be opened for fsync."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from store.reader import Store
@@ -20,7 +21,10 @@ def store_info(store: Store) -> dict[str, Any]:
     def per(total: int, count: int) -> float | None:
         return round(total / count, 3) if count else None
 
-    target_fields = [n for n in field_bytes if n.startswith(("topk_", "token_logprob", "tail_mass", "sampled_"))]
+    target_fields = [n for n in field_bytes if n.startswith(("topk_", "token_logprob", "tail_", "sampled_"))]
+    problems = [f"commits/{shard}.json: {why}" for shard, why in store.bad_commits]
+    if store.num_duplicates:
+        problems.append(f"{store.num_duplicates} record(s) repeat an id committed earlier (readers skip them)")
     return {
         "store": store.url,
         "format_version": m.format_version,
@@ -29,16 +33,21 @@ def store_info(store: Store) -> dict[str, Any]:
         "teacher": vars(m.teacher),
         "tokenizer": {"fingerprint": m.tokenizer.fingerprint, "vocab_size": m.tokenizer.vocab_size},
         "targets": m.targets.to_dict(),
+        "tail": describe_tail(m.targets.to_dict()),
         "hidden_layers": [vars(layer) for layer in m.hidden.layers],
         "rationales": m.rationales,
         "shards": len(store.commits),
-        "records": store.num_records,
+        "records": store.num_records - store.num_duplicates,
+        "duplicates": store.num_duplicates,
         "tokens": tokens,
         "scored_tokens": scored,
         "bytes": data_bytes + meta_bytes,
         "bytes_per_token": per(data_bytes, tokens),
         "bytes_per_scored_token": per(data_bytes, scored),
         "target_bytes_per_scored_token": per(sum(field_bytes[n] for n in target_fields), scored),
+        # info reads only the commit records: it never hashes a file (`potstill store verify` does)
+        "verified": False,
+        "problems": problems,
         "fields": {
             name: {"bytes": size, "per_token": per(size, tokens), "per_scored_token": per(size, scored)}
             for name, size in sorted(field_bytes.items())
@@ -53,13 +62,17 @@ def format_info(info: dict[str, Any]) -> str:
         f"teacher      {t['name_or_path']}  ({t['architecture']}, {t['dtype']}, config {str(t['config_hash'])[:19]})",
         f"tokenizer    {info['tokenizer']['fingerprint'][:23]}  vocab {info['tokenizer']['vocab_size']}",
         f"targets      {describe_targets(info['targets'])}",
+        *([f"tail         {info['tail']}"] if info.get("tail") else []),
         "hidden       "
         + (", ".join(f"layer {x['index']} [{x['width']}] {x['dtype']}" for x in info["hidden_layers"]) or "none"),
         f"rationales   {'yes' if info['rationales'] else 'no'}",
         f"shards       {info['shards']}",
-        f"records      {info['records']}",
+        f"records      {info['records']}" + (f" ({info['duplicates']} duplicate rows skipped)" if info["duplicates"] else ""),
         f"tokens       {info['tokens']} ({info['scored_tokens']} scored)",
         f"bytes        {info['bytes']} ({info['bytes_per_token']} per token, {info['bytes_per_scored_token']} per scored token)",
+        "integrity    not verified (`potstill store verify` hashes every file)"
+        + (f"; {len(info['problems'])} problem(s) found:" if info["problems"] else ""),
+        *(f"  BAD  {p}" for p in info["problems"]),
         "",
         f"{'field':<22}{'bytes':>14}{'B/token':>12}{'B/scored':>12}",
     ]
@@ -74,11 +87,29 @@ def describe_targets(t: dict[str, Any]) -> str:
     parts = []
     if t["kind"] in ("topk", "both"):
         lp = f"{t['logprob_bits']}-bit log-probs (max error {t['logprob_max_error']:.2g})" if packed else f"{t['logprob_dtype']} log-probs"
-        parts.append(f"top-K={t['k']}, {lp} + tail mass" + (" (recomputed)" if packed else ""))
+        tail = "log tail" if t.get("tail_logprob") else "tail mass" + (" (recomputed)" if packed else "")
+        parts.append(f"top-K={t['k']}, {lp} + {tail}")
     if t["kind"] in ("sampled", "both"):
         parts.append(f"sampled N={t['samples']} (ids + counts, seed {t['seed']})")
     codec = f"packed codec: {t['id_bits']}-bit ids" + (f", {t['count_bits']}-bit counts" if t.get("count_bits") else "") if packed else "unpacked"
     return " and ".join(parts) + f"; {codec}"
+
+
+def describe_tail(t: dict[str, Any]) -> str | None:
+    """How exact the stored tails (the mass outside the top-K) are, in one line (format §4.4)."""
+    if t["kind"] not in ("topk", "both"):
+        return None
+    method = t.get("tail_logprob")
+    if method == "direct":
+        return "exact: log of the mass outside the top-K, from logsumexp of the other logits (float32)"
+    if method == "complement":
+        return ("log(1 − Σ top-K) in float64 from the top-K log-probs the backend returned: approximate "
+                "below ~1e-6 (their float32 rounding), −inf where it rounds to 0")
+    if t.get("codec") == "packed":
+        return ("approximate (format 2.0): recomputed as 1 − Σ exp(top-K) from the quantised log-probs, "
+                f"off by up to {math.expm1(float(t.get('logprob_max_error') or 0)):.2%} of the top-K mass")
+    return ("approximate (format 1.0 / 2.0): 1 − Σ exp(top-K) in float32, so tails near 1e-5 are off by "
+            "several percent and tails below ~1e-7 are noise or 0")
 
 
 def _fmt(x: float | None) -> str:

@@ -13,14 +13,18 @@ from typing import Any
 from store.errors import FormatVersionError, StoreError
 
 FORMAT_NAME = "potstill-store"
-FORMAT_VERSION = "1.0"  # what a plain top-k, unpacked store is written as (readable by every potstill)
-LATEST_FORMAT_VERSION = "2.0"  # sampled targets or the packed codec (docs/store-format.md §4.2, §4.3)
+FORMAT_VERSION = "1.1"  # what a plain top-k, unpacked store is written as (readable by every potstill)
+LATEST_FORMAT_VERSION = "2.1"  # sampled targets or the packed codec (docs/store-format.md §4.2, §4.3)
 READ_MAJOR = 2  # the newest major version this code reads
 
 LOGPROB_DTYPES = ("float16", "float32")
 HIDDEN_DTYPES = ("float16", "bfloat16")
 TARGET_KINDS = ("topk", "sampled", "both")
 CODECS = ("none", "packed")
+# How the `tail_logprob` column (format 1.1 / 2.1, docs/store-format.md §4.4) was computed:
+# "direct": logsumexp of the logits outside the top-K minus logsumexp of all of them;
+# "complement": log(1 − Σ exp(top-K log-probs)) in float64, when only the top-K are known (vLLM).
+TAIL_METHODS = ("direct", "complement")
 
 
 def potstill_version() -> str:
@@ -85,11 +89,16 @@ class TokenizerInfo:
 class TargetSpec:
     """What each scored position carries (format §2 `targets`, §4).
 
-    `kind` "topk": the top-`k` ids and log-probs plus the tail mass; "sampled": `samples` draws from
+    `kind` "topk": the top-`k` ids and log-probs plus the tail; "sampled": `samples` draws from
     the teacher's distribution as distinct ids with counts; "both". `codec` "none" stores them as
     plain Arrow lists; "packed" bit-packs ids to `id_bits`, counts to `count_bits` and quantises
     log-probs to `logprob_bits` over [`logprob_min`, 0] (`store.codec`). Anything beyond a plain
-    top-k, unpacked store needs format 2.0 (`required_version`).
+    top-k, unpacked store needs format 2.x (`required_version`).
+
+    `tail_logprob` says how the stored log tail (the log of the mass outside the top-K) was made,
+    "direct" or "complement" (`TAIL_METHODS`); None for a store of format 1.0 / 2.0, which has no
+    such column and only the approximate `tail_mass` (and for targets without top-k, which have no
+    tail). A store with it is 1.1 / 2.1.
     """
 
     kind: str = "topk"
@@ -105,8 +114,13 @@ class TargetSpec:
     count_bits: int | None = None  # packed, sampled: bits per count, ceil(log2(N + 1))
     logprob_bits: int | None = None  # packed: bits per quantised log-prob
     logprob_min: float | None = None  # packed: log-probs are clamped to [logprob_min, 0]
+    tail_logprob: str | None = "direct"  # how the log tail was made; None: format 1.0 / 2.0 (no log tail)
 
     def __post_init__(self) -> None:
+        if not self.has_topk:
+            self.tail_logprob = None  # no top-K, no tail
+        if self.tail_logprob is not None and self.tail_logprob not in TAIL_METHODS:
+            raise StoreError(f"targets.tail_logprob must be one of {TAIL_METHODS}, got {self.tail_logprob!r}")
         if self.kind not in TARGET_KINDS:
             raise StoreError(f"unknown target kind {self.kind!r}; expected one of {TARGET_KINDS}")
         if self.has_topk and (not isinstance(self.k, int) or self.k < 1):
@@ -150,18 +164,27 @@ class TargetSpec:
             raise StoreError("only packed stores quantise log-probs")
         return LogprobQuantizer(int(self.logprob_bits or 0), float(self.logprob_min or 0.0))
 
+    @property
+    def major_version(self) -> int:
+        """1 for plain top-k targets without the packed codec, which every 1.x reader reads; else 2."""
+        return 1 if self.kind == "topk" and self.codec == "none" else 2
+
     def required_version(self) -> str:
-        """The lowest format version that describes these targets."""
-        return FORMAT_VERSION if self.kind == "topk" and self.codec == "none" else LATEST_FORMAT_VERSION
+        """The lowest format version that describes these targets: x.1 when they carry the log
+        tail (format §4.4), x.0 when not."""
+        return f"{self.major_version}.{0 if self.tail_logprob is None else 1}"
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's `targets` object: a 1.0 store gets exactly the 1.0 keys; others only the
-        keys their kind and codec use, plus the quantiser's step and error bound (informative)."""
+        """The manifest's `targets` object: a 1.x store gets exactly the 1.0 keys (plus `tail_logprob`
+        in 1.1); others only the keys their kind and codec use, plus the quantiser's step and error
+        bound (informative)."""
         out: dict[str, Any] = {
             "kind": self.kind, "k": self.k, "logprob_dtype": self.logprob_dtype,
             "temperature": self.temperature, "logprobs_from": self.logprobs_from,
         }
-        if self.required_version() == FORMAT_VERSION:
+        if self.tail_logprob is not None:
+            out["tail_logprob"] = self.tail_logprob
+        if self.major_version == 1:
             return out
         out["codec"] = self.codec
         if self.has_sampled:
@@ -218,14 +241,14 @@ class StoreManifest:
     generation: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
-    format_version: str = FORMAT_VERSION
+    format_version: str = "1.0"  # raised to what the targets need (__post_init__)
     created_at: str = field(default_factory=utc_now)
     potstill_version: str = field(default_factory=potstill_version)
 
     def __post_init__(self) -> None:
-        # A store carries the lowest version that describes it: 1.0 unless its targets need 2.0.
+        # A store carries the lowest version that describes it (its targets decide, format §9).
         need = self.targets.required_version()
-        if parse_version(self.format_version, "manifest")[0] < parse_version(need, "manifest")[0]:
+        if parse_version(self.format_version, "manifest") < parse_version(need, "manifest"):
             self.format_version = need
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,11 +278,14 @@ class StoreManifest:
             tok["files"] = [FileEntry(**_known(FileEntry, f)) for f in tok.get("files", [])]
             hidden = dict(obj.get("hidden") or {})
             hidden["layers"] = [HiddenLayer(**_known(HiddenLayer, x)) for x in hidden.get("layers", [])]
-            targets = TargetSpec(**_known(TargetSpec, obj.get("targets") or {}))
-            if parse_version(version, where)[0] < parse_version(targets.required_version(), where)[0]:
+            # A manifest without `tail_logprob` is a 1.0 / 2.0 store: no log tail (not the default).
+            targets = TargetSpec(**{"tail_logprob": None, **_known(TargetSpec, obj.get("targets") or {})})
+            if parse_version(version, where) < parse_version(targets.required_version(), where):
+                what = f"kind {targets.kind!r} with codec {targets.codec!r}"
+                if targets.tail_logprob is not None:
+                    what += " and a log tail"
                 raise StoreError(
-                    f"targets of kind {targets.kind!r} with codec {targets.codec!r} need format "
-                    f"{targets.required_version()}, but the manifest says {version}"
+                    f"targets of {what} need format {targets.required_version()}, but the manifest says {version}"
                 )
             return cls(
                 teacher=TeacherInfo(**_known(TeacherInfo, obj["teacher"])),
@@ -280,14 +306,29 @@ class StoreManifest:
             raise StoreError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 
     def differences(self, other: StoreManifest) -> list[str]:
-        """What would make records written under `other` inconsistent with this store."""
+        """What would make records written under `other` (a new run's manifest) inconsistent with this store.
+
+        A store of an older minor format (1.0 / 2.0, no log tail) is not a difference: the run keeps
+        writing that store's format, since its writer follows the store's own manifest. Sampled
+        draws made by another sampler are: one store must not mix two samplers.
+        """
         diffs = []
+        mine, theirs = self.targets.to_dict(), other.targets.to_dict()
+        tails = mine.pop("tail_logprob", None), theirs.pop("tail_logprob", None)
+        if tails[0] is not None and tails[0] != tails[1]:
+            diffs.append(f"targets.tail_logprob: the store's tails are {tails[0]!r}, this run's would be {tails[1]!r}")
+        sampling = mine.pop("sampling", None), theirs.pop("sampling", None)
+        if sampling[0] != sampling[1]:
+            diffs.append(
+                f"targets.sampling: the store's draws were made by another sampler ({sampling[0]!r}) than this "
+                f"potstill's ({sampling[1]!r}); draws of two samplers must not share a store: write to a new store"
+            )
         pairs = {
             "teacher.name_or_path": (self.teacher.name_or_path, other.teacher.name_or_path),
             "teacher.config_hash": (self.teacher.config_hash, other.teacher.config_hash),
             "teacher.dtype": (self.teacher.dtype, other.teacher.dtype),
             "tokenizer.fingerprint": (self.tokenizer.fingerprint, other.tokenizer.fingerprint),
-            "targets": (self.targets.to_dict(), other.targets.to_dict()),
+            "targets": (mine, theirs),
             "hidden": (dataclasses.asdict(self.hidden), dataclasses.asdict(other.hidden)),
             "rationales": (self.rationales, other.rationales),
             "generation": (self.generation, other.generation),

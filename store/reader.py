@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import Any
 
@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from store.checks import hidden_problem, value_problems
 from store.commit import CommitRecord, check_writer_id, parse_shard_name
-from store.errors import StoreError
+from store.errors import FormatVersionError, StoreError
 from store.fs import (
     check_relative,
     is_local,
@@ -66,7 +67,7 @@ def create_store(
         entries.append(FileEntry(rel, len(data), sha256_bytes(data)))
     manifest.tokenizer.files = entries
     try:
-        write_bytes(fs, manifest_path, manifest.to_json(), exclusive=True)
+        write_bytes(fs, manifest_path, manifest.to_json(), exclusive=True, atomic=True)
     except FileExistsError:  # another writer created it between our check and our write
         if not exist_ok:
             raise StoreError(f"store {url} already exists") from None
@@ -98,9 +99,39 @@ def _tokenizer_payload(tokenizer_files: str | dict[str, bytes] | None) -> dict[s
     return out
 
 
-def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
-    """Open an existing store by local path or fsspec URL."""
-    return Store(url, storage_options)
+def open_store(url: str, storage_options: dict[str, Any] | None = None, *, strict: bool = True,
+               verify_reads: bool = False) -> Store:
+    """Open an existing store by local path or fsspec URL (see `Store` for the options)."""
+    return Store(url, storage_options, strict=strict, verify_reads=verify_reads)
+
+
+# Files whose sha256 this process has checked: (path, sha256). A file is hashed once per process,
+# before its first use, however often its shard reader is closed and opened again.
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+def _check_digest(data: Any, entry: FileEntry, where: str) -> None:
+    """Refuse bytes that are not what the commit record says, in one line naming the file."""
+    view = memoryview(data)
+    if view.nbytes != entry.bytes:
+        raise StoreError(f"{where}: has {view.nbytes} bytes, its commit record says {entry.bytes} (truncated?)")
+    if sha256_bytes(view) != entry.sha256:
+        raise StoreError(f"{where}: fails its sha256 check (corrupted bytes)")
+
+
+def find_duplicates(commits: list[CommitRecord]) -> dict[str, list[tuple[int, str]]]:
+    """Ids stored more than once among `commits` (format §3: ids are unique; readers keep the first
+    committed copy, by the commit's `created_at`, then shard name, and skip the rest). Returns, for
+    each shard holding a later copy, [(row, shard of the first copy)] by row."""
+    first: dict[str, str] = {}
+    found: dict[str, list[tuple[int, str]]] = {}
+    for commit in sorted(commits, key=lambda c: (c.created_at, c.shard)):
+        for row, rid in enumerate(commit.ids):
+            if rid in first:
+                found.setdefault(commit.shard, []).append((row, first[rid]))
+            else:
+                first[rid] = commit.shard
+    return found
 
 
 class Store:
@@ -110,10 +141,14 @@ class Store:
     The list of committed shards is read once; `refresh()` picks up shards committed since.
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, strict: bool = True) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, strict: bool = True,
+                 verify_reads: bool = False) -> None:
         self.url = url
         self.strict = strict  # False (verify): collect bad commit records instead of raising
-        self.bad_commits: list[tuple[str, str]] = []
+        # True (training, eval): every shard file is checked against its commit record's sha256 once per
+        # process before its first use, and a shard's values against the format (`store.checks`).
+        self.verify_reads = verify_reads
+        self.bad_commits: list[tuple[str, str]] = []  # (shard, why its commit record cannot be read)
         self.storage_options = storage_options
         self.fs, self.root = resolve(url, storage_options)
         manifest_path = join(self.root, MANIFEST)
@@ -133,15 +168,22 @@ class Store:
 
     # -- listing ------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Re-read the commit records (shards other writers committed since opening)."""
+        """Re-read the commit records (shards other writers committed since opening).
+
+        A commit record is written atomically (format §3), so one that does not parse is damage,
+        never a crash: it lands in `bad_commits` and its shard is neither read nor ever deleted.
+        A strict store (the default) refuses to open with one; `strict=False` (verify, info,
+        training with --skip-bad-shards) opens the rest and reports it.
+        """
         commits = []
         self.bad_commits = []
         for name in listdir_names(self.fs, join(self.root, "commits")):
             if not name.endswith(".json") or parse_shard_name(name[:-5]) is None:
-                continue
+                continue  # temporary files of atomic writes, strays: never commit records
             commits.append(self._read_commit(name[:-5]))
         self.commits: list[CommitRecord] = [c for c in commits if c is not None]
         self._starts = np.cumsum([0] + [c.records for c in self.commits]).tolist()
+        self._duplicates: dict[str, list[tuple[int, str]]] | None = None
 
     def _read_commit(self, shard: str) -> CommitRecord | None:
         where = f"{self.url}/commits/{shard}.json"
@@ -152,12 +194,27 @@ class Store:
         try:
             return CommitRecord.from_json(data, where, shard)
         except StoreError as e:
-            if "torn" in str(e):  # a commit cut short by a crash: the shard was never committed
+            self.bad_commits.append((shard, str(e).split(f"commits/{shard}.json", 1)[-1].lstrip(": ")))  # the reason
+            if not self.strict:
                 return None
-            if self.strict:
+            if isinstance(e, FormatVersionError):
                 raise
-            self.bad_commits.append((shard, str(e)))
-            return None
+            raise StoreError(f"{e}; shard {shard} is kept but cannot be read: run `potstill store verify {self.url}`") from None
+
+    # -- duplicates ---------------------------------------------------------------------------
+    def duplicates(self) -> dict[str, list[tuple[int, str]]]:
+        """For each shard holding duplicates: [(row, shard of the first committed copy)] (`find_duplicates`)."""
+        if self._duplicates is None:
+            self._duplicates = find_duplicates(self.commits)
+        return self._duplicates
+
+    def duplicate_rows(self, shard: str) -> set[int]:
+        """Rows of a shard that readers skip: ids an earlier commit (or an earlier row) holds."""
+        return {row for row, _ in self.duplicates().get(shard, [])}
+
+    @property
+    def num_duplicates(self) -> int:
+        return sum(len(rows) for rows in self.duplicates().values())
 
     @property
     def shard_names(self) -> list[str]:
@@ -271,12 +328,17 @@ class ShardReader:
         self.name = commit.shard
         where = f"{store.url}/{commit.arrow_path}"
         path = store.path(commit.arrow_path)
+        self._files = {f.path: f for f in commit.files}
         try:
-            if is_local(store.fs):
-                source: Any = pa.memory_map(path, "r")  # zero-copy: columns are views of the page cache
+            if is_local(store.fs):  # zero-copy: columns are views of the page cache
+                buffer = pa.memory_map(path, "r").read_buffer()
             else:
-                source = pa.BufferReader(pa.py_buffer(read_bytes(store.fs, path)))
-            reader = pa.ipc.open_file(source)
+                buffer = pa.py_buffer(read_bytes(store.fs, path))
+            if store.verify_reads and (path, self._files[commit.arrow_path].sha256) not in _VERIFIED:
+                # Hashing reads the file once; its pages are then in the cache the columns read from.
+                _check_digest(buffer, self._files[commit.arrow_path], where)
+                _VERIFIED.add((path, self._files[commit.arrow_path].sha256))
+            reader = pa.ipc.open_file(buffer)
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         except FileNotFoundError:
             raise StoreError(f"{where}: shard file is missing") from None
@@ -300,6 +362,11 @@ class ShardReader:
             self.views = ColumnViews(batch, store.manifest.targets)
         except (pa.ArrowInvalid, StoreError) as e:
             raise StoreError(f"{where}: {e}") from None
+        if store.verify_reads and (path, "values") not in _VERIFIED:
+            problems = value_problems(self.views, store.manifest)
+            if problems:
+                raise StoreError(f"{store.url}: shard {self.name}: {problems[0]}")
+            _VERIFIED.add((path, "values"))
         self._group: Any = None
         self._hidden_arrays: dict[int, HiddenArray] = {}
 
@@ -337,13 +404,44 @@ class ShardReader:
         Returns a new array, or fills and returns `out` (C-contiguous, [rows, width], the stored
         dtype), e.g. a slice of a loader's batch tensor, saving a copy.
         """
+        return self._hidden_array(layer).read(start, stop, out)
+
+    def check_hidden(self, row: int, layer: int) -> None:
+        """With `verify_reads`: check the chunk files record `row`'s states of `layer` lie in, now."""
+        self._hidden_array(layer).check_rows(*self.hidden_rows(row))
+
+    def _hidden_array(self, layer: int) -> HiddenArray:
         array = self._hidden_arrays.get(layer)
         if array is None:
             spec = self.store.manifest.hidden.layer(layer)
-            folder = self.store.path(f"{self.commit.hidden_path}/{spec.array_name}")
-            array = HiddenArray(self._zarr_group()[spec.array_name], folder if is_local(self.store.fs) else None)
+            rel = f"{self.commit.hidden_path}/{spec.array_name}"
+            folder = self.store.path(rel)
+            check = (lambda key, rel=rel, dtype=spec.dtype: self._verify_chunk(f"{rel}/{key}", dtype)) \
+                if self.store.verify_reads else None
+            array = HiddenArray(self._zarr_group()[spec.array_name], folder if is_local(self.store.fs) else None, check)
             self._hidden_arrays[layer] = array
-        return array.read(start, stop, out)
+        return array
+
+    def _verify_chunk(self, rel: str, dtype: str) -> bytes | None:
+        """Check a hidden-state chunk file (its sha256, and that its values are finite) once per
+        process; returns its bytes when it was read for that (so the caller need not read it again)."""
+        entry = self._files.get(rel)
+        path = self.store.path(rel)
+        if entry is None:
+            return None  # a chunk holding only the fill value is not written (and not listed)
+        if (path, entry.sha256) in _VERIFIED:
+            return None
+        where = f"{self.store.url}/{rel}"
+        try:
+            data = read_bytes(self.store.fs, path)
+        except FileNotFoundError:
+            raise StoreError(f"{where}: shard file is missing") from None
+        _check_digest(data, entry, where)
+        problem = hidden_problem(data, dtype)
+        if problem is not None:
+            raise StoreError(f"{where}: {problem}")
+        _VERIFIED.add((path, entry.sha256))
+        return data
 
     def _zarr_group(self) -> Any:
         if self._group is None:
@@ -371,8 +469,12 @@ class HiddenArray:
     An array not laid out that way (written by another tool) or on a remote store goes through zarr.
     """
 
-    def __init__(self, array: Any, folder: str | None) -> None:
+    def __init__(self, array: Any, folder: str | None, check: Callable[[str], bytes | None] | None = None) -> None:
         self.array = array
+        # Called with a chunk's key ("c/3/0") before rows of that chunk are read; returns the chunk's
+        # bytes when it read them to check them, which the next read of that chunk then uses.
+        self.check = check
+        self._checked: tuple[int, np.ndarray] | None = None  # (chunk, its rows) as the check read it
         self.rows, self.width = array.shape
         self.dtype = np.dtype(array.dtype)
         self.chunk_rows = array.chunks[0]
@@ -389,6 +491,7 @@ class HiddenArray:
                 f"out must be a C-contiguous {self.dtype} array of shape {(stop - start, self.width)}, "
                 f"got {out.dtype} {out.shape}"
             )
+        self.check_rows(start, stop)
         if self.folder is None:
             out[...] = self.array[start:stop]
             return out
@@ -400,8 +503,21 @@ class HiddenArray:
             pos = end
         return out
 
+    def check_rows(self, start: int, stop: int) -> None:
+        """Run the chunk check (if any) on every chunk rows [start, stop) touch, keeping the last
+        chunk it read."""
+        if self.check is not None:
+            for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+                data = self.check(self.array.metadata.encode_chunk_key((chunk, 0)))
+                if data is not None and len(data) == self.chunk_rows * self.width * self.dtype.itemsize:
+                    rows = np.frombuffer(data, dtype=self.dtype.newbyteorder("<")).reshape(self.chunk_rows, self.width)
+                    self._checked = (chunk, rows)
+
     def _read_rows(self, chunk: int, first_row: int, rows: np.ndarray) -> None:
         """Fill `rows` (contiguous) from chunk `chunk`, starting at its row `first_row`."""
+        if self._checked is not None and self._checked[0] == chunk:  # read (and hashed) just now: no second read
+            rows[...] = self._checked[1][first_row : first_row + len(rows)]
+            return
         path = os.path.join(self.folder or "", self.array.metadata.encode_chunk_key((chunk, 0)))
         try:
             fd = os.open(path, os.O_RDONLY)

@@ -18,13 +18,14 @@ from store.codec import (
     encode_sampled,
     encode_topk,
     pack_bits,
+    recomputed_tail_mass,
     unpack_bits,
 )
 from store.errors import StoreError
 from store.manifest import StoreManifest, TargetSpec
 
 TEXT_FIELDS = ("prompt", "completion", "generated", "rationale", "answer")
-TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprob", "tail_mass")
+TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprob", "tail_mass", "tail_logprob")
 SAMPLED_COLUMNS = ("sampled_ids", "sampled_counts")
 PACKED_COLUMNS = ("topk_ids_packed", "topk_logprobs_packed", "token_logprob_packed", "sampled_entries",
                   "sampled_ids_packed", "sampled_counts_packed")
@@ -34,11 +35,14 @@ PACKED_COLUMNS = ("topk_ids_packed", "topk_logprobs_packed", "token_logprob_pack
 class Record:
     """One sequence and the teacher's targets for its scored tokens.
 
-    `topk_*`, `token_logprob`, `tail_mass` and `sampled` have one row per scored token: row j is
+    `topk_*`, `token_logprob`, `tail_logprob` and `sampled` have one row per scored token: row j is
     the teacher's distribution over `input_ids[score_start + j]` given the tokens before it. The
     top-k fields are None in a store without top-k targets, `sampled` in one without sampled
-    targets. `hidden` maps a stored layer index to its [len(input_ids) - hidden_start, width]
-    states (float16, or bfloat16 bits as uint16); it is filled only when asked for.
+    targets. `tail_logprob` is the log of the teacher's mass outside the top-K (−inf when the top-K
+    covers the vocabulary); read from a format 1.0 / 2.0 store it is the log of that store's
+    approximate tail mass (format §4.4). `hidden` maps a stored layer index to its
+    [len(input_ids) - hidden_start, width] states (float16, or bfloat16 bits as uint16); it is
+    filled only when asked for.
     """
 
     id: str
@@ -47,7 +51,7 @@ class Record:
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
     token_logprob: np.ndarray | None = None
-    tail_mass: np.ndarray | None = None
+    tail_logprob: np.ndarray | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     completion: str | None = None
@@ -65,6 +69,11 @@ class Record:
         return len(self.input_ids)
 
     @property
+    def tail_mass(self) -> np.ndarray | None:
+        """The mass outside the top-K, exp(tail_logprob) in float32 (what the `tail_mass` column holds)."""
+        return None if self.tail_logprob is None else mass_of_log(self.tail_logprob)
+
+    @property
     def num_scored(self) -> int:
         return len(self.input_ids) - self.score_start
 
@@ -73,15 +82,28 @@ class Record:
         return len(self.input_ids) - self.hidden_start
 
 
+def mass_of_log(tail_logprob: np.ndarray) -> np.ndarray:
+    """exp of a log tail, in float64 rounded once to float32 (how the `tail_mass` column is derived)."""
+    return np.exp(np.asarray(tail_logprob, dtype=np.float64)).astype(np.float32)
+
+
+def log_of_mass(tail_mass: np.ndarray) -> np.ndarray:
+    """log of a stored tail mass, in float64 rounded once to float32; −inf where the mass is 0."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(tail_mass, dtype=np.float64)).astype(np.float32)
+
+
 def _target_fields(t: TargetSpec) -> list[pa.Field]:
     """The target columns a store's `targets` spec calls for (format §4), in column order."""
     nested_u8 = pa.list_(pa.uint8())
+    log_tail = [pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False)] if t.tail_logprob else []
     if t.packed:
         fields = []
         if t.has_topk:
             fields += [pa.field("topk_ids_packed", nested_u8, nullable=False),
                        pa.field("topk_logprobs_packed", nested_u8, nullable=False)]
         fields.append(pa.field("token_logprob_packed", nested_u8, nullable=False))
+        fields += log_tail
         if t.has_sampled:
             fields += [pa.field("sampled_entries", pa.int32(), nullable=False),
                        pa.field("sampled_ids_packed", nested_u8, nullable=False),
@@ -95,6 +117,7 @@ def _target_fields(t: TargetSpec) -> list[pa.Field]:
     fields.append(pa.field("token_logprob", pa.list_(pa.float32()), nullable=False))
     if t.has_topk:
         fields.append(pa.field("tail_mass", pa.list_(pa.float32()), nullable=False))
+        fields += log_tail
     if t.has_sampled:
         fields += [pa.field("sampled_ids", pa.list_(pa.list_(pa.int32())), nullable=False),
                    pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False)]
@@ -136,6 +159,39 @@ def target_vocab(manifest: StoreManifest) -> int:
     return max(manifest.teacher.vocab_size or 0, manifest.tokenizer.vocab_size, 1)
 
 
+# Log-probs are ≤ 0; the rounding of a log-softmax may leave a value a hair above 0.
+LOGPROB_SLACK = 1e-3
+
+
+def unsound_logprobs(lp: np.ndarray) -> np.ndarray:
+    """Mask of log-probs that no distribution has: NaN, +inf, or above 0 (−inf is a probability of 0)."""
+    lp = np.asarray(lp, dtype=np.float32)
+    return np.isnan(lp) | (lp > LOGPROB_SLACK)
+
+
+def unsound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> np.ndarray:
+    """[S] mask of top-k rows with an id outside [0, vocab) (−1 marks an empty slot) or a log-prob
+    that is not a finite value ≤ 0 where the slot holds an id, and not −inf where it is empty."""
+    lp = np.asarray(lp, dtype=np.float32)
+    empty = ids == -1
+    bad_ids = (ids < -1) | (ids >= vocab)
+    bad_lp = np.where(empty, ~np.isneginf(lp), ~np.isfinite(lp) | (lp > LOGPROB_SLACK))
+    return (bad_ids | bad_lp).any(-1)
+
+
+def unsound_tail_mass(tail: np.ndarray) -> np.ndarray:
+    return ~((tail >= 0) & (tail <= 1))  # NaN too
+
+
+def unsound_log_tail(tail_logprob: np.ndarray) -> np.ndarray:
+    return ~(np.asarray(tail_logprob) <= 0)  # NaN too; −inf (an empty tail) is a log-probability
+
+
+def input_vocab(manifest: StoreManifest) -> int:
+    """Token ids a sequence may hold: the teacher may generate ids of a padded embedding matrix."""
+    return max(manifest.teacher.vocab_size or 0, manifest.tokenizer.vocab_size, 1)
+
+
 def validate_record(rec: Record, manifest: StoreManifest) -> Record:
     """Check a record against the manifest and return it with arrays in the stored dtypes."""
     where = f"record {rec.id!r}"
@@ -156,20 +212,31 @@ def validate_record(rec: Record, manifest: StoreManifest) -> Record:
     token_lp = np.ascontiguousarray(rec.token_logprob, dtype=np.float32)
     checks = [("token_logprob", token_lp, (s,))]
     if spec.has_topk:
-        if rec.topk_ids is None or rec.topk_logprobs is None or rec.tail_mass is None:
+        if rec.topk_ids is None or rec.topk_logprobs is None or rec.tail_logprob is None:
             raise StoreError(f"{where}: the store holds top-k targets but the record has none")
         topk_ids = np.ascontiguousarray(rec.topk_ids, dtype=np.int32)
         topk_lp = np.ascontiguousarray(rec.topk_logprobs, dtype=np_logprob_dtype(manifest))
-        tail = np.ascontiguousarray(rec.tail_mass, dtype=np.float32)
-        checks += [("topk_ids", topk_ids, (s, k)), ("topk_logprobs", topk_lp, (s, k)), ("tail_mass", tail, (s,))]
+        tail = np.ascontiguousarray(rec.tail_logprob, dtype=np.float32)
+        checks += [("topk_ids", topk_ids, (s, k)), ("topk_logprobs", topk_lp, (s, k)), ("tail_logprob", tail, (s,))]
         if spec.packed and topk_ids.size and int(topk_ids.max()) >= target_vocab(manifest):
             raise StoreError(f"{where}: top-k id {int(topk_ids.max())} does not fit in {spec.id_bits} bits")
-        rec.topk_ids, rec.topk_logprobs, rec.tail_mass = topk_ids, topk_lp, tail
+        rec.topk_ids, rec.topk_logprobs, rec.tail_logprob = topk_ids, topk_lp, tail
     elif rec.topk_ids is not None:
         raise StoreError(f"{where}: has top-k targets but the store holds only {spec.kind} targets")
     for name, arr, shape in checks:
         if arr.shape != shape:
             raise StoreError(f"{where}: {name} has shape {arr.shape}, expected {shape} ({s} scored tokens, K={k})")
+    # Values no teacher writes: refused before anything is encoded (a packed store would turn a NaN
+    # log-prob into an empty slot), so a store never holds them.
+    vocab = input_vocab(manifest)
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise StoreError(f"{where}: input_ids hold ids outside [0, {vocab})")
+    unsound = unsound_logprobs(token_lp)
+    if spec.has_topk:
+        unsound = unsound | unsound_topk(rec.topk_ids, rec.topk_logprobs, vocab) | unsound_log_tail(rec.tail_logprob)
+    if unsound.any():
+        raise StoreError(f"{where}: the targets of scored position {int(np.flatnonzero(unsound)[0])} are not a "
+                         "distribution (NaN or infinite log-probs, ids outside the vocabulary, or a log tail above 0)")
     if spec.has_sampled:
         if rec.sampled is None:
             raise StoreError(f"{where}: the store holds sampled targets but the record has none")
@@ -203,7 +270,7 @@ def validate_record(rec: Record, manifest: StoreManifest) -> Record:
 def target_nbytes(rec: Record) -> int:
     """Approximate bytes a validated record's targets take (for closing shards by size)."""
     total = rec.token_logprob.nbytes if rec.token_logprob is not None else 0
-    for arr in (rec.topk_ids, rec.topk_logprobs, rec.tail_mass):
+    for arr in (rec.topk_ids, rec.topk_logprobs, rec.tail_logprob):
         total += arr.nbytes if arr is not None else 0
     if rec.sampled is not None:
         total += rec.sampled.ids.nbytes + rec.sampled.counts.nbytes + 4 * rec.sampled.num_positions
@@ -259,6 +326,8 @@ def _target_columns(records: list[Record], manifest: StoreManifest) -> dict[str,
             columns["topk_ids_packed"] = _bytes_list([a for a, _ in streams])
             columns["topk_logprobs_packed"] = _bytes_list([b for _, b in streams])
         columns["token_logprob_packed"] = _bytes_list([pack_bits(q.encode(r.token_logprob), q.bits) for r in records])  # type: ignore[arg-type]
+        if spec.tail_logprob:
+            columns["tail_logprob"] = _list_array(_concat([r.tail_logprob for r in records], np.dtype(np.float32)), n_scored)  # type: ignore[misc]
         if spec.has_sampled:
             streams = [encode_sampled(r.sampled, id_bits, int(spec.count_bits or 0)) for r in records]  # type: ignore[arg-type]
             columns["sampled_entries"] = pa.array([r.sampled.num_entries for r in records], pa.int32())  # type: ignore[union-attr]
@@ -271,7 +340,10 @@ def _target_columns(records: list[Record], manifest: StoreManifest) -> dict[str,
         columns["topk_logprobs"] = _list_array(
             _concat([r.topk_logprobs for r in records], np_logprob_dtype(manifest), (k,)), n_scored, k  # type: ignore[misc]
         )
-        columns["tail_mass"] = _list_array(_concat([r.tail_mass for r in records], np.dtype(np.float32)), n_scored)  # type: ignore[misc]
+        tail = _concat([r.tail_logprob for r in records], np.dtype(np.float32))  # type: ignore[misc]
+        columns["tail_mass"] = _list_array(mass_of_log(tail), n_scored)  # what 1.0 / 2.0 readers read
+        if spec.tail_logprob:
+            columns["tail_logprob"] = _list_array(tail, n_scored)
     columns["token_logprob"] = _list_array(_concat([r.token_logprob for r in records], np.dtype(np.float32)), n_scored)  # type: ignore[misc]
     if spec.has_sampled:
         columns.update(_sampled_columns(records))
@@ -321,7 +393,9 @@ class ColumnViews:
 
     Built once per shard: record j's targets are then plain slices of flat arrays, with no
     per-row Arrow or Python object overhead on the loader's hot path. A packed store's targets
-    are decoded per record, on the fly (`store.codec`, vectorised numpy).
+    are decoded per record, on the fly (`store.codec`, vectorised numpy). The tail is always
+    handed out as a log: the stored `tail_logprob` (format 1.1 / 2.1), else the log of a 1.0 / 2.0
+    store's approximate tail mass (stored, or recomputed in a packed store).
     """
 
     def __init__(self, batch: pa.RecordBatch, targets: TargetSpec | int) -> None:
@@ -344,12 +418,16 @@ class ColumnViews:
                            if name != "sampled_entries" and name in batch.schema.names}
             if spec.has_sampled:
                 self.sampled_entries = batch.column("sampled_entries").to_numpy(zero_copy_only=True)
+            if spec.tail_logprob:
+                _, self.tail_logprob = _flat(batch, "tail_logprob")
         else:
             self.tgt_off, self.token_logprob = _flat(batch, "token_logprob")
             if spec.has_topk:
                 _, self.topk_ids = _flat(batch, "topk_ids", spec.k)
                 _, self.topk_logprobs = _flat(batch, "topk_logprobs", spec.k)
-                _, self.tail_mass = _flat(batch, "tail_mass")
+                _, self.tail_mass = _flat(batch, "tail_mass")  # 1.0 / 2.0: the only tail, an approximate one
+                if spec.tail_logprob:
+                    _, self.tail_logprob = _flat(batch, "tail_logprob")
             if spec.has_sampled:
                 # list<list<...>>: records -> positions -> entries, three levels of zero-copy views
                 ids_col, counts_col = batch.column("sampled_ids"), batch.column("sampled_counts")
@@ -383,16 +461,18 @@ class ColumnViews:
         return self.token_logprob[self._tgt_bounds[j] : self._tgt_bounds[j + 1]]
 
     def targets_of(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Record j's (topk_ids [S, K], topk_logprobs [S, K], token_logprob [S], tail_mass [S])."""
-        if not self.spec.has_topk:
-            raise StoreError(f"the store holds {self.spec.kind} targets, no top-k targets")
-        if self.spec.packed:
-            s = self.num_scored_of(j)
-            ids, lp, tail = decode_topk(self._packed_bytes("topk_ids_packed", j), self._packed_bytes("topk_logprobs_packed", j),
-                                        s, self.k, int(self.spec.id_bits or 0), self._quantizer)
-            return ids, lp, self.token_logprob_of(j), tail
+        """Record j's (topk_ids [S, K], topk_logprobs [S, K], token_logprob [S], tail_logprob [S])."""
+        spec = self.spec
+        if not spec.has_topk:
+            raise StoreError(f"the store holds {spec.kind} targets, no top-k targets")
         a, b = self._tgt_bounds[j], self._tgt_bounds[j + 1]
-        return self.topk_ids[a:b], self.topk_logprobs[a:b], self.token_logprob[a:b], self.tail_mass[a:b]
+        if spec.packed:
+            ids, lp = decode_topk(self._packed_bytes("topk_ids_packed", j), self._packed_bytes("topk_logprobs_packed", j),
+                                  b - a, self.k, int(spec.id_bits or 0), self._quantizer)
+            tail = self.tail_logprob[a:b] if spec.tail_logprob else log_of_mass(recomputed_tail_mass(lp))
+            return ids, lp, self.token_logprob_of(j), tail
+        tail = self.tail_logprob[a:b] if spec.tail_logprob else log_of_mass(self.tail_mass[a:b])
+        return self.topk_ids[a:b], self.topk_logprobs[a:b], self.token_logprob[a:b], tail
 
     def sampled_of(self, j: int) -> SampledTargets:
         """Record j's sampled targets (ids with counts per scored position)."""
@@ -428,7 +508,7 @@ class ColumnViews:
             topk_ids=topk_ids,
             topk_logprobs=topk_lp,
             token_logprob=token_lp,
-            tail_mass=tail,
+            tail_logprob=tail,
             prompt=self.text_of("prompt", j),
             messages=None if messages is None else json.loads(messages),
             completion=self.text_of("completion", j),

@@ -1,23 +1,29 @@
-"""Integrity checks and crash leftovers (docs/store-format.md §6, §8)."""
+"""Integrity checks and crash leftovers (docs/store-format.md §3, §6, §8).
+
+`verify_store` recomputes every checksum and checks schema, counts, values and id uniqueness; it
+never writes, unless asked to `clean`. What it may remove is narrow on purpose: only what no commit
+record names and no live writer owns (format §6). A commit record that does not parse is damage
+(commit records are written atomically, so a crash cannot leave half of one): it is reported BAD
+and its shard is kept, never deleted.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import socket
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from store.codec import check_sampled
-from store.commit import loads_json_object, parse_shard_name
+from store.checks import hidden_problem, value_problems
+from store.commit import parse_shard_name
 from store.errors import StoreError
-from store.fs import join, listdir_names, read_bytes, sha256_file
+from store.fs import TEMP_SUFFIX, join, listdir_names
+from store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
 from store.reader import ShardReader, Store
-from store.records import ColumnViews, packed_lengths_ok, target_vocab
+from store.records import ColumnViews, packed_lengths_ok
 
-STALE_AFTER_S = 600.0
+_BLOCK = 8 << 20
 
 
 @dataclass
@@ -31,9 +37,15 @@ class Problem:
 
 @dataclass
 class Leftover:
-    """An uncommitted shard folder (or torn commit record) and whether its writer still runs."""
+    """Something a crashed writer left behind, and whether its writer still runs.
 
-    shard: str
+    `kind`: "uncommitted shard" (a folder under shards/ with no commit record), "temporary file" (an
+    atomic write cut short) or "stale lease" (the lease of a writer that is gone). `path` is relative
+    to the store.
+    """
+
+    path: str
+    kind: str
     writer_id: str | None
     live: bool
     reason: str
@@ -44,6 +56,7 @@ class VerifyReport:
     shards: int = 0
     records: int = 0
     tokens: int = 0
+    duplicates: int = 0
     problems: list[Problem] = field(default_factory=list)
     leftovers: list[Leftover] = field(default_factory=list)
     cleaned: list[str] = field(default_factory=list)
@@ -53,78 +66,91 @@ class VerifyReport:
         return not self.problems
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def writer_status(store: Store, writer_id: str, stale_after_s: float = STALE_AFTER_S) -> tuple[bool, str]:
-    """(alive, why) for a writer, from its lease (format §6)."""
-    try:
-        lease = loads_json_object(read_bytes(store.fs, join(store.root, "writers", f"{writer_id}.json")))
-    except FileNotFoundError:
-        return False, "its writer holds no lease"
-    if lease is None:
-        return False, "its writer's lease is unreadable"
-    age = time.time() - float(lease.get("heartbeat_unix", 0))
-    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
-        if not _pid_alive(lease["pid"]):
-            return False, f"its writer (pid {lease['pid']} on this host) is not running"
-        return True, f"its writer (pid {lease['pid']}) is running"
-    if age > stale_after_s:
-        return False, f"its writer's last heartbeat was {age:.0f}s ago"
-    return True, f"its writer's heartbeat is {age:.0f}s old"
+# -- leftovers -------------------------------------------------------------------------------------
+def _temp_owner(name: str) -> str | None:
+    """The file a temporary file of an atomic write was to become: `.X.json.<pid>-<hex>.tmp` -> X.json."""
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return None
+    target, _, _ = name[1 : -len(TEMP_SUFFIX)].rpartition(".")
+    return target or None
 
 
 def find_leftovers(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[Leftover]:
-    committed = set(store.shard_names) | {shard for shard, _ in store.bad_commits}
-    commit_files = {n[:-5] for n in listdir_names(store.fs, join(store.root, "commits")) if n.endswith(".json")}
-    names = set(listdir_names(store.fs, join(store.root, "shards"))) | (commit_files - committed)
+    """Uncommitted shard folders, temporary files and leases of dead writers (format §6).
+
+    A shard folder is never a leftover while a commit record of that name exists, whether or not
+    it parses: what a commit names is kept.
+    """
+    status: dict[str, LeaseStatus] = {}
+
+    def writer(writer_id: str | None) -> tuple[bool, str]:
+        if writer_id is None:
+            return False, "not a shard name"
+        if writer_id not in status:
+            status[writer_id] = lease_status(store, writer_id, stale_after_s)
+        return status[writer_id].live, status[writer_id].why
+
+    commit_names = listdir_names(store.fs, join(store.root, "commits"))
+    has_commit = {n[:-5] for n in commit_names if n.endswith(".json")}
     out = []
-    for name in sorted(names - committed):
+    for name in listdir_names(store.fs, join(store.root, "shards")):
+        if name in has_commit:
+            continue
         parsed = parse_shard_name(name)
-        writer = parsed[0] if parsed else None
-        torn = name in commit_files
-        if writer is None:
-            live, why = False, "not a shard name"
-        else:
-            live, why = writer_status(store, writer, stale_after_s)
-        what = "torn commit record" if torn else "uncommitted shard"
-        out.append(Leftover(name, writer, live, f"{what}; {why}"))
+        owner = parsed[0] if parsed else None
+        live, why = writer(owner)
+        out.append(Leftover(f"shards/{name}", "uncommitted shard", owner, live, why))
+    for folder in ("commits", "writers"):  # temporary files of atomic writes cut short
+        for name in listdir_names(store.fs, join(store.root, folder)):
+            target = _temp_owner(name)
+            if target is None or not target.endswith(".json"):
+                continue
+            if folder == "commits":
+                parsed = parse_shard_name(target[:-5])
+                owner = parsed[0] if parsed else None
+            else:
+                owner = target[:-5]
+            live, why = writer(owner)
+            out.append(Leftover(f"{folder}/{name}", "temporary file", owner, live, why))
+    for lease in all_leases(store, stale_after_s):
+        status.setdefault(lease.writer_id, lease)
+        if not lease.live:
+            out.append(Leftover(f"writers/{lease.writer_id}.json", "stale lease", lease.writer_id, False, lease.why))
     return out
 
 
 def clean_leftovers(store: Store, leftovers: list[Leftover]) -> list[str]:
-    """Remove the leftovers of dead writers (never a committed shard, never a live writer's)."""
+    """Remove the leftovers of dead writers; returns their paths. Never a committed (or damaged)
+    shard, never a live writer's folder: `find_leftovers` lists neither as removable."""
     removed = []
     for left in leftovers:
         if left.live:
             continue
-        for path in (join(store.root, "commits", f"{left.shard}.json"), join(store.root, "shards", left.shard)):
-            if store.fs.exists(path):
-                store.fs.rm(path, recursive=True)
-        removed.append(left.shard)
+        path = join(store.root, left.path)
+        if store.fs.exists(path):
+            store.fs.rm(path, recursive=True)
+        removed.append(left.path)
     return removed
 
 
+# -- verify ----------------------------------------------------------------------------------------
 def verify_store(url: str, *, clean: bool = False, storage_options: dict | None = None) -> VerifyReport:
     """Check every committed shard against its commit record and the format; optionally clean."""
     store = Store(url, storage_options, strict=False)
     report = VerifyReport()
-    for shard, message in store.bad_commits:
-        report.problems.append(Problem(f"commits/{shard}.json", message.split(": ", 1)[-1]))
+    for shard, why in store.bad_commits:
+        report.problems.append(Problem(f"commits/{shard}.json", f"{why}; shard {shard} is kept, unread"))
     for entry in store.manifest.tokenizer.files:
         _check_file(store, entry.path, entry.bytes, entry.sha256, "manifest", report)
+    hidden_dtypes = {layer.array_name: layer.dtype for layer in store.manifest.hidden.layers}
     for commit in store.commits:
         report.shards += 1
         before = len(report.problems)
         for entry in commit.files:
-            _check_file(store, entry.path, entry.bytes, entry.sha256, f"shard {commit.shard}", report)
+            parts = entry.path.split("/")
+            is_chunk = len(parts) > 5 and parts[2] == "hidden" and parts[4] == "c"
+            dtype = hidden_dtypes.get(parts[3]) if is_chunk else None
+            _check_file(store, entry.path, entry.bytes, entry.sha256, f"shard {commit.shard}", report, dtype)
         listed = {f.path for f in commit.files}
         for path in _files_under(store, f"shards/{commit.shard}"):
             if path not in listed:
@@ -133,10 +159,25 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
             _check_content(store, commit, report)
         report.records += commit.records
         report.tokens += commit.tokens
+    _check_duplicates(store, report)
     report.leftovers = find_leftovers(store)
     if clean:
         report.cleaned = clean_leftovers(store, report.leftovers)
     return report
+
+
+def _check_duplicates(store: Store, report: VerifyReport) -> None:
+    """Ids are unique within a store (format §4): name each shard that repeats ids of an earlier commit."""
+    for shard, rows in sorted(store.duplicates().items()):
+        ids = store.commit(shard).ids
+        first = sorted({kept for _, kept in rows})
+        shown = ", ".join(repr(ids[row]) for row, _ in rows[:3]) + (", ..." if len(rows) > 3 else "")
+        report.problems.append(Problem(
+            f"shard {shard}",
+            f"{len(rows)} record id(s) already committed in {', '.join(first[:3])}{', ...' if len(first) > 3 else ''} "
+            f"({shown}); readers use the first committed copy and skip these",
+        ))
+        report.duplicates += len(rows)
 
 
 def _files_under(store: Store, rel: str) -> list[str]:
@@ -149,16 +190,26 @@ def _files_under(store: Store, rel: str) -> list[str]:
     return sorted(p[len(prefix) :] if p.startswith(prefix) else p for p in found)
 
 
-def _check_file(store: Store, rel: str, size: int, digest: str, where: str, report: VerifyReport) -> None:
+def _check_file(store: Store, rel: str, size: int, digest: str, where: str, report: VerifyReport,
+                hidden_dtype: str | None = None) -> None:
+    """Size and sha256 of a file (and, for a hidden-state chunk, that its values are finite)."""
+    h, got_size, bad_values = hashlib.sha256(), 0, None
     try:
-        got_digest, got_size = sha256_file(store.fs, join(store.root, rel))
+        with store.fs.open(join(store.root, rel), "rb") as f:
+            while block := f.read(_BLOCK):
+                h.update(block)
+                got_size += len(block)
+                if hidden_dtype is not None and bad_values is None:
+                    bad_values = hidden_problem(block[: len(block) // 2 * 2], hidden_dtype)
     except FileNotFoundError:
         report.problems.append(Problem(where, f"file {rel} is missing"))
         return
     if got_size != size:
         report.problems.append(Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)"))
-    elif got_digest != digest:
+    elif h.hexdigest() != digest:
         report.problems.append(Problem(where, f"file {rel} fails its sha256 check (corrupted bytes)"))
+    elif bad_values is not None:
+        report.problems.append(Problem(where, f"file {rel}: {bad_values}"))
 
 
 def _check_content(store: Store, commit, report: VerifyReport) -> None:
@@ -189,8 +240,12 @@ def _check_content(store: Store, commit, report: VerifyReport) -> None:
     for ok, message in checks:
         if not ok:
             report.problems.append(Problem(where, message))
-    for message in _target_problems(v, store):
+    shape_problems = _target_problems(v, store)
+    for message in shape_problems:
         report.problems.append(Problem(where, message))
+    if not shape_problems:
+        for message in value_problems(v, store.manifest):
+            report.problems.append(Problem(where, message))
     for layer in layers:
         try:
             arr = reader._zarr_group()[layer.array_name]
@@ -206,35 +261,56 @@ def _check_content(store: Store, commit, report: VerifyReport) -> None:
 
 
 def _target_problems(v: ColumnViews, store: Store) -> list[str]:
-    """Target columns against each other and the format's rules (§4.1–§4.3)."""
+    """Target columns against each other and the format's rules (§4.1–§4.4); the values of ids,
+    log-probs and sampled counts are checked by `store.checks.value_problems` once the shapes are sound."""
     spec = store.manifest.targets
     if spec.packed:
         problems = packed_lengths_ok(v)
-        if problems or not spec.has_sampled:
-            return problems
-    else:
-        problems = []
-        for name in ("tail_mass", "topk_ids", "topk_logprobs") if spec.has_topk else ():
-            if not np.array_equal(v.batch.column(name).offsets.to_numpy(), v.tgt_off):
-                problems.append(f"column {name} has other row counts than token_logprob")
-        if spec.has_sampled:
-            if not np.array_equal(v.sampled_rec_off, v.tgt_off):
-                problems.append("column sampled_ids has other row counts than token_logprob")
-            counts = v.batch.column("sampled_counts")
-            if not (np.array_equal(counts.offsets.to_numpy(), v.sampled_rec_off)
-                    and np.array_equal(counts.values.offsets.to_numpy(), v.sampled_pos_off)):
-                problems.append("columns sampled_ids and sampled_counts have different shapes")
-        if problems or not spec.has_sampled:
-            return problems
-    vocab = target_vocab(store.manifest)
-    for j in range(v.num_rows):  # decoding checks that counts are >= 1 and split into positions of N draws
-        rid = v.text_of("id", j)
-        try:
-            t = v.sampled_of(j)
-            check_sampled(t, v.num_scored_of(j), spec.samples, vocab, f"record {rid!r}")
-        except StoreError as e:
-            problems.append(str(e))
-            break
+        if spec.tail_logprob and not np.array_equal(v.batch.column("tail_logprob").offsets.to_numpy(), v.tgt_off):
+            problems.append("column tail_logprob has other row counts than the records' scored tokens")
+        return problems or _tail_problems(v, store)
+    problems = []
+    names = ("tail_mass", "topk_ids", "topk_logprobs") + (("tail_logprob",) if spec.tail_logprob else ())
+    for name in names if spec.has_topk else ():
+        if not np.array_equal(v.batch.column(name).offsets.to_numpy(), v.tgt_off):
+            problems.append(f"column {name} has other row counts than token_logprob")
+    problems += _tail_problems(v, store) if not problems else []
+    if spec.has_sampled:
+        if not np.array_equal(v.sampled_rec_off, v.tgt_off):
+            problems.append("column sampled_ids has other row counts than token_logprob")
+        counts = v.batch.column("sampled_counts")
+        if not (np.array_equal(counts.offsets.to_numpy(), v.sampled_rec_off)
+                and np.array_equal(counts.values.offsets.to_numpy(), v.sampled_pos_off)):
+            problems.append("columns sampled_ids and sampled_counts have different shapes")
+    return problems
+
+
+def _tail_problems(v: ColumnViews, store: Store) -> list[str]:
+    """The log tail against format §4.4: a log-probability (≤ 0, never NaN); −inf, an empty tail, only
+    where the top-K covers the teacher's vocabulary, unless the store says the tails are complements
+    of the top-K (which round to −inf when the top-K holds all the mass to the backend's precision);
+    and in an unpacked store, `tail_mass` = exp(`tail_logprob`) to one float32 rounding."""
+    m = store.manifest
+    spec = m.targets
+    if not spec.tail_logprob:
+        return []
+    tail = v.tail_logprob
+    problems = []
+    if not np.all(tail <= 0.0):
+        bad = int(np.flatnonzero(~(tail <= 0.0))[0])
+        problems.append(f"tail_logprob holds {tail[bad]} (scored position {bad} of the shard), not a log-probability")
+    covers = spec.k >= max(m.teacher.vocab_size or 0, m.tokenizer.vocab_size)
+    if spec.tail_logprob == "direct" and not covers and np.isneginf(tail).any():
+        bad = int(np.flatnonzero(np.isneginf(tail))[0])
+        problems.append(f"tail_logprob is -inf at scored position {bad} of the shard, but K={spec.k} does not cover "
+                        "the vocabulary: a direct tail is empty only when it does")
+    if not spec.packed:
+        mass = v.tail_mass
+        want = np.exp(tail.astype(np.float64)).astype(np.float32)
+        off = np.abs(mass.astype(np.float64) - want) > np.spacing(want)
+        if off.any():
+            bad = int(np.flatnonzero(off)[0])
+            problems.append(f"tail_mass {mass[bad]} differs from exp(tail_logprob) {want[bad]} at scored position {bad} of the shard")
     return problems
 
 
@@ -245,6 +321,7 @@ def report_json(report: VerifyReport) -> str:
             "shards": report.shards,
             "records": report.records,
             "tokens": report.tokens,
+            "duplicates": report.duplicates,
             "problems": [str(p) for p in report.problems],
             "leftovers": [vars(x) for x in report.leftovers],
             "cleaned": report.cleaned,

@@ -3,15 +3,11 @@ shards, and commits each shard with a commit record written last."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import secrets
 import shutil
 import socket
 import tempfile
-import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,14 +18,14 @@ from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
 from store.commit import CommitRecord, check_writer_id, parse_shard_name, shard_name
 from store.errors import StoreError
-from store.fs import fsync_file, is_local, join, sha256_bytes, sha256_file, write_bytes
-from store.manifest import FileEntry, HiddenLayer, utc_now
+from store.fs import fsync_dir, fsync_file, is_local, join, sha256_bytes, sha256_file, write_bytes
+from store.leases import HEARTBEAT_S, WriterLease
+from store.manifest import FileEntry, HiddenLayer
 from store.records import Record, records_to_batch, target_nbytes, validate_record
 
 if TYPE_CHECKING:
     from store.reader import Store
 
-HEARTBEAT_S = 30.0
 _CHUNK_KEYS = DefaultChunkKeyEncoding(separator="/")  # chunk (i, 0) lives at c/<i>/0
 
 
@@ -37,49 +33,6 @@ def new_writer_id(prefix: str = "w") -> str:
     """A writer id unique across hosts and processes: prefix, host, pid and a random nonce."""
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:20] or "host"
     return f"{prefix}-{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-class WriterLease:
-    """The advisory lease `writers/<id>.json` that marks a writer as alive (format §6)."""
-
-    def __init__(self, store: Store, writer_id: str, heartbeat_s: float = HEARTBEAT_S) -> None:
-        self.store = store
-        self.writer_id = writer_id
-        self.path = join(store.root, "writers", f"{writer_id}.json")
-        self.heartbeat_s = heartbeat_s
-        self.started_at = utc_now()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def beat(self) -> None:
-        body = {
-            "writer_id": self.writer_id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "heartbeat_at": utc_now(),
-            "heartbeat_unix": time.time(),
-        }
-        with self._lock:
-            write_bytes(self.store.fs, self.path, json.dumps(body).encode())
-
-    def start(self) -> None:
-        self.beat()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{self.writer_id}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            with contextlib.suppress(Exception):  # a missed heartbeat only delays cleanup; never kill the writer
-                self.beat()
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        with contextlib.suppress(FileNotFoundError):
-            self.store.fs.rm(self.path)
 
 
 class _HiddenShard:
@@ -279,6 +232,9 @@ class ShardWriter:
                 if top.startswith("layer_"):
                     field_bytes[f"hidden/{top}"] = field_bytes.get(f"hidden/{top}", 0) + size
 
+        if self.local:  # the files' folder entries too must be durable before the commit names them
+            for folder in sorted({os.path.dirname(join(self.store.root, f.path)) for f in files}):
+                fsync_dir(folder)
         commit = CommitRecord(
             shard=name,
             writer_id=self.writer_id,
@@ -293,7 +249,9 @@ class ShardWriter:
             field_bytes=field_bytes,
             format_version=self.manifest.format_version,  # a 1.x reader then refuses a 2.0 shard too
         )
-        write_bytes(fs, join(self.store.root, "commits", f"{name}.json"), commit.to_json(), exclusive=True)
+        # Last, atomically and never over another: a commit record that exists is whole, so one that
+        # does not parse can only be damage (never a crash), and its shard is never deleted.
+        write_bytes(fs, join(self.store.root, "commits", f"{name}.json"), commit.to_json(), exclusive=True, atomic=True)
         self._lease.beat()
         self.committed.append(commit)
         self._reset()

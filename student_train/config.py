@@ -45,7 +45,7 @@ class TrainConfig:
     beta: float = 0.5  # JSD mixture weight of the teacher, 0 < beta < 1
     temperature: float = 1.0
     alpha: float = 0.0  # weight of cross-entropy on the hard tokens; KD gets 1 - alpha
-    tail: bool = True  # the tail mass as one extra bucket (False: renormalise over the top-K)
+    tail: bool = True  # the tail as one extra bucket (False: renormalise over the top-K)
     targets: str = "auto"  # topk | sampled | auto (sampled when the store has them and the loss can use them)
 
     # hidden-state and relation distillation
@@ -64,6 +64,7 @@ class TrainConfig:
     shuffle_buffer: int = 1024  # records in the bounded shuffle buffer of each loader worker
     eval_fraction: float = 0.05  # records held out by id hash; training never sees them
     num_workers: int = 2  # dataloader worker processes per rank
+    skip_bad_shards: bool = False  # leave out (and report) shards that fail their checks instead of stopping
 
     # precision, checkpoints, logging
     bf16: bool = False

@@ -27,7 +27,7 @@ interrupted run would have taken next.
 
 **Collation** pads right and lists, for every position i whose next token is trained, the student
 logit that predicts it (batch b, position i − 1) next to the stored target row i − score_start:
-top-k ids / log-probs / tail mass, or (`targets="sampled"`) the sampled ids with their weights
+top-k ids / log-probs / log tail, or (`targets="sampled"`) the sampled ids with their weights
 counts / N, padded to the batch's widest position. Packed stores are decoded per record as they
 are read. Hidden states are read only when a hidden-state or relation loss needs them.
 """
@@ -48,7 +48,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from store import open_store
 from store.codec import SampledTargets
-from store.reader import ShardReader, Store
+from store.errors import StoreError
+from store.reader import ShardReader, Store, find_duplicates
 from student_train.errors import TrainError
 
 STATE_VERSION = 1
@@ -92,10 +93,11 @@ class LoaderPlan:
     """The split and sizes everything else derives from; identical on every rank."""
 
     shards: list[str]
-    train_rows: list[np.ndarray]  # per shard, the rows training may use (held-out rows removed)
+    train_rows: list[np.ndarray]  # per shard, the rows training may use (held-out rows and duplicates removed)
     eval_records: int
     world_size: int
     num_workers: int  # DataLoader workers per rank (0 counts as 1: the main process)
+    duplicates: int = 0  # rows skipped because an earlier commit holds the same id (format §3)
 
     @property
     def parts(self) -> int:
@@ -141,14 +143,23 @@ def plan_split(
     have grown since the run started); by default every committed shard is used."""
     names = list(shards) if shards is not None else store.shard_names
     commits = {c.shard: c for c in store.commits}
-    train_rows, held = [], 0
+    missing = [name for name in names if name not in commits]
+    if missing:
+        raise TrainError(f"{store.url}: shard {missing[0]} of this run is no longer in the store (or its commit "
+                         "record is damaged)")
+    # Duplicates among exactly these shards, so that a store growing since the run started cannot
+    # change which copy of an id a resumed run trains on.
+    duplicates = find_duplicates([commits[name] for name in names])
+    train_rows, held, skipped = [], 0, 0
     for name in names:
-        if name not in commits:
-            raise TrainError(f"{store.url}: shard {name} of this run is no longer in the store")
         keep = np.array([not is_held_out(i, eval_fraction) for i in commits[name].ids], dtype=bool)
+        eval_keep = ~keep
+        for row, _ in duplicates.get(name, []):
+            keep[row] = eval_keep[row] = False
+            skipped += 1
         train_rows.append(np.flatnonzero(keep))
-        held += int((~keep).sum())
-    plan = LoaderPlan(names, train_rows, held, world_size, num_workers)
+        held += int(eval_keep.sum())
+    plan = LoaderPlan(names, train_rows, held, world_size, num_workers, skipped)
     if plan.num_train == 0:
         raise TrainError(
             f"{store.url}: no training records ({store.num_records} records, {held} held out by --eval-fraction {eval_fraction})"
@@ -157,10 +168,12 @@ def plan_split(
 
 
 def held_out_rows(store: Store, eval_fraction: float) -> list[tuple[str, int]]:
-    """(shard, row) of every held-out record, in store order."""
-    return [
-        (c.shard, row) for c in store.commits for row, rid in enumerate(c.ids) if is_held_out(rid, eval_fraction)
-    ]
+    """(shard, row) of every held-out record, in store order (duplicates skipped: the first committed copy counts)."""
+    rows = []
+    for c in store.commits:
+        skip = store.duplicate_rows(c.shard)
+        rows += [(c.shard, row) for row, rid in enumerate(c.ids) if is_held_out(rid, eval_fraction) and row not in skip]
+    return rows
 
 
 # -- sequences and collation -----------------------------------------------------------------------
@@ -180,7 +193,7 @@ class Sequence:
     shared: int
     ce_start: int
     task: int
-    targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None  # topk_ids, topk_logprobs, token_logprob, tail
+    targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None  # topk_ids, topk_logprobs, token_logprob, tail_logprob
     hidden_start: int = 0  # first token with stored hidden states
     reader: ShardReader | None = None  # where the hidden states are read from, at collation
     hidden_offset: int = 0  # the record's first row in the shard's hidden arrays (token_offset)
@@ -220,14 +233,14 @@ def collate(
 
     Returns tensors: `input_ids`, `attention_mask` [B, T]; per trained position (N of them):
     `pos_batch`, `pos_index` (the predicting logit), `hard_ids` (the actual next token), `has_kd`,
-    `task`; with top-k targets `topk_ids` [N, K] (−1 = empty), `topk_logprobs` [N, K], `tail_mass`
-    [N]; with `targets="sampled"` instead `sampled_ids` [N, U] (−1 = empty) and `sampled_probs`
+    `task`; with top-k targets `topk_ids` [N, K] (−1 = empty), `topk_logprobs` [N, K], `tail_logprob`
+    [N] (float32, the log of the teacher's mass outside the top-K); with `targets="sampled"` instead `sampled_ids` [N, U] (−1 = empty) and `sampled_probs`
     [N, U] float32 (count / N), U the most distinct ids any position of the batch has; and with
     hidden layers `hidden_mask` [B, T] plus `teacher_hidden_<layer>` [B, T, W] as stored
     (float16/bfloat16), read straight from the store into the padded batch, only for the positions
-    a loss uses. Positions without KD carry empty targets (top-k: ids −1, all mass in the tail;
-    sampled: no ids). Target ids the student's vocabulary does not have (a teacher with a padded
-    embedding matrix) are folded into the tail bucket (top-k) or dropped (sampled).
+    a loss uses. Positions without KD carry empty targets (top-k: ids −1, all mass in the tail, log
+    tail 0; sampled: no ids). Target ids the student's vocabulary does not have (a teacher with a
+    padded embedding matrix) are folded into the tail bucket (top-k, in log space) or dropped (sampled).
     """
     if targets == "sampled":
         return _collate_sampled(seqs, pad_id=pad_id, student_vocab=student_vocab, hidden_layers=hidden_layers,
@@ -238,7 +251,7 @@ def collate(
     for seq, (i, kd) in zip(seqs, trained, strict=True):
         ids_rows = np.full((len(i), k), -1, dtype=np.int64)
         lp_rows = np.zeros((len(i), k), dtype=lp_dtype)
-        tail_rows = np.ones(len(i), dtype=np.float32)
+        tail_rows = np.zeros(len(i), dtype=np.float32)  # log 1: all the mass in the tail
         rows = i[kd] - seq.score_start
         ids_rows[kd] = seq.targets[0][rows]
         lp_rows[kd] = seq.targets[1][rows]
@@ -248,11 +261,11 @@ def collate(
         tail.append(tail_rows)
     topk_ids = np.concatenate(tk_ids) if tk_ids else np.zeros((0, k), np.int64)
     topk_lp = np.concatenate(tk_lp) if tk_lp else np.zeros((0, k), lp_dtype)
-    tail_mass = np.concatenate(tail) if tail else np.zeros(0, np.float32)
+    tail_logprob = np.concatenate(tail) if tail else np.zeros(0, np.float32)
     if student_vocab is not None:
-        _fold_unknown_ids(topk_ids, topk_lp, tail_mass, student_vocab)
+        _fold_unknown_ids(topk_ids, topk_lp, tail_logprob, student_vocab)
     out.update(topk_ids=torch.from_numpy(topk_ids), topk_logprobs=torch.from_numpy(topk_lp),
-               tail_mass=torch.from_numpy(tail_mass))
+               tail_logprob=torch.from_numpy(tail_logprob))
     if hidden_layers:
         out.update(_collate_hidden(seqs, out["input_ids"].shape[1], hidden_layers, hidden_widths or {}))
     return out
@@ -332,12 +345,16 @@ def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
 
-def _fold_unknown_ids(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, vocab: int) -> None:
+def _fold_unknown_ids(ids: np.ndarray, lp: np.ndarray, tail_logprob: np.ndarray, vocab: int) -> None:
+    """Move top-K entries with ids ≥ `vocab` into the tail, in place: log tail ← log(tail + Σ p of
+    those ids), summed in log space in float64 (exact to one float32 rounding), then the slot is emptied."""
     unknown = ids >= vocab
     if not unknown.any():
         return
-    tail += np.where(unknown, np.exp(lp.astype(np.float32)), 0.0).sum(-1).astype(np.float32)
-    np.clip(tail, 0.0, 1.0, out=tail)
+    rows = np.flatnonzero(unknown.any(-1))
+    terms = np.where(unknown[rows], lp[rows].astype(np.float64), -np.inf)
+    terms = np.concatenate([tail_logprob[rows, None].astype(np.float64), terms], axis=-1)
+    tail_logprob[rows] = np.minimum(np.logaddexp.reduce(terms, axis=-1), 0.0)
     ids[unknown] = -1
     lp[unknown] = -np.inf
 
@@ -476,11 +493,18 @@ class StoreDataset(IterableDataset):
         shards: list[str] | None = None,
         storage_options: dict[str, Any] | None = None,
         targets: str = "topk",
+        skip_bad_shards: bool = False,
+        verify_reads: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
             raise TrainError(f"rank {rank} outside world size {world_size}")
-        store = open_store(store_url, storage_options)
+        store = open_store(store_url, storage_options, strict=not skip_bad_shards)
         check_targets(store, targets)
+        self.skip_bad_shards = skip_bad_shards
+        self.verify_reads = verify_reads  # off only to measure what the checks cost (bench/train_step.py)
+        # Shards left out, with why: damaged commit records now; shards whose files or values fail
+        # their checks as each loader process first reads them (reported in the batch that found them).
+        self.bad_shards: dict[str, str] = {shard: f"commit record: {why}" for shard, why in store.bad_commits}
         self.targets = targets
         self.store_url, self.storage_options = store_url, storage_options
         self.manifest = store.manifest
@@ -517,6 +541,7 @@ class StoreDataset(IterableDataset):
             "num_workers": p.num_workers,
             "samples_per_rank_per_epoch": p.samples_per_rank_epoch,
             "repeated_per_epoch": p.repeated_per_epoch,
+            "duplicates_skipped": p.duplicates,
             "batches_per_rank_per_epoch": self.batches_per_epoch,
         }
 
@@ -584,7 +609,9 @@ class StoreDataset(IterableDataset):
     @property
     def store(self) -> Store:
         if self._store is None:  # opened in each worker process: memory maps are not shared
-            self._store = open_store(self.store_url, self.storage_options)
+            # verify_reads: each file's sha256 once per process before its first use, values checked.
+            self._store = open_store(self.store_url, self.storage_options, strict=not self.skip_bad_shards,
+                                     verify_reads=self.verify_reads)
         return self._store
 
     def _shard(self, shard_idx: int) -> ShardReader:
@@ -593,6 +620,8 @@ class StoreDataset(IterableDataset):
     def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
         reader = self._shard(shard_idx)
         whole = record_sequence(reader, row, self.targets)
+        for layer in self.hidden_layers:  # the chunk files this record's states lie in: checked before use
+            reader.check_hidden(row, layer)
         if self.rationale_mode == "multitask":
             views = reader.views
             end = split_rationale(self.tokenizer, whole.ids, whole.score_start, views.text_of("rationale", row))
@@ -611,8 +640,24 @@ class StoreDataset(IterableDataset):
         return self._tokenizer
 
     def collate_records(self, samples: list[tuple[int, int]]) -> dict[str, Any]:
+        """One batch of the given samples. A sample of a shard that fails its checks makes the batch an
+        `{"error": ...}` (the trainer stops with that line), or with `skip_bad_shards` is left out and
+        the shard reported once in `skipped_shards`; a batch left with nothing is `{"empty": True}`."""
         self._fallbacks = 0
-        seqs = [seq for shard_idx, row in samples for seq in self.read_sequences(shard_idx, row)]
+        seqs: list[Sequence] = []
+        found: dict[str, str] = {}
+        for shard_idx, row in samples:
+            name = self.plan.shards[shard_idx]
+            if name in self.bad_shards:
+                continue
+            try:
+                seqs += self.read_sequences(shard_idx, row)
+            except StoreError as e:
+                if not self.skip_bad_shards:
+                    return {"error": f"{e} (--skip-bad-shards trains on without such shards)"}
+                self.bad_shards[name] = found[name] = str(e)
+        if not seqs:
+            return {"empty": True, "skipped_shards": found}
         batch = collate(
             seqs,
             k=self.manifest.targets.k,
@@ -624,4 +669,6 @@ class StoreDataset(IterableDataset):
         )
         if self.rationale_mode == "multitask":  # records used whole: no rationale or answer found in them
             batch["multitask_fallback"] = torch.tensor(self._fallbacks)
+        if found:
+            batch["skipped_shards"] = found
         return batch

@@ -124,7 +124,7 @@ def evaluate(
         logits = logits[batch["pos_batch"], batch["pos_index"]].float()
         lse = torch.logsumexp(logits, dim=-1)
         if target == "topk":
-            kd = losses.sparse_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_mass"], lse=lse)
+            kd = losses.sparse_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"])
             teacher_top1 = batch["topk_ids"][:, 0]
         else:
             kd = losses.sampled_kd(logits, batch["sampled_ids"], batch["sampled_probs"], lse=lse)

@@ -2,19 +2,32 @@
 
 Shapes: N scored positions (flattened over the batch), V the student's vocabulary, K the store's
 top-K. Row i of every [N, ...] tensor is one position: the student's logits `z[i]` there, and the
-teacher's top-K ids / log-probs and tail mass for the same next token (docs/store-format.md §4).
+teacher's top-K ids / log-probs and log tail for the same next token (docs/store-format.md §4).
 
-**Buckets.** The store keeps the teacher's K most likely tokens and the mass of everything else,
-`m = 1 − Σ_k p_k`. Both distributions are compared on the same K + 1 buckets: the K ids plus one
-*tail* bucket holding all other tokens. For the student, with `q = softmax(z)`:
+**Buckets.** The store keeps the teacher's K most likely tokens and the log of the mass of
+everything else, `log m = log Σ_{v ∉ ids} p_v` (the log tail). Both distributions are compared on
+the same K + 1 buckets: the K ids plus one *tail* bucket holding all other tokens. For the
+student, with `q = softmax(z)`, the buckets are one log-softmax over K + 1 values:
 
-    q_k    = q[id_k]                          (log q_k = z[id_k] − logsumexp(z))
-    q_tail = 1 − Σ_k q_k = Σ_{v ∉ ids} q_v     computed as log1p(−exp(logsumexp_k log q_k))
+    r = logsumexp_{v ∉ ids} z_v                                  (the logits outside the top-K, −inf if none)
+    [log q_{id_1}, …, log q_{id_K}, log q_tail] = log_softmax([z_{id_1}, …, z_{id_K}, r])
+
+because Σ_v exp(z_v) = Σ_k exp(z_{id_k}) + exp(r). The tail is thus formed directly, never as
+`1 − Σ_k q_k`, which cancels in float32 once the top-K holds nearly all the mass (a confident
+teacher); temperature raises the tail to the power 1/T and would turn that rounding noise into a
+large error at T > 1. Every log-softmax here is `exact_log_softmax`: it subtracts the largest
+entry and takes log1p of the rest, so log-probs near 0 (a confident top token, a tail near 1)
+keep float32's relative precision, which x − logsumexp(x) loses to the rounding of a value ~30.
+Tests hold values and gradients to 1e-4 of a float64 full-vocabulary reference at T = 0.5 … 4
+(tests/test_losses.py).
 
 Ids of −1 (the store pads the top-K with −1 / −inf when the vocabulary is smaller than K; the
 collator uses all −1 for positions without a target) are empty buckets: log-prob `EMPTY` (exp = 0)
-on both sides, no contribution, no gradient. The no-tail variant drops the
-tail bucket and renormalises both sides over the K ids.
+on both sides, no contribution, no gradient. The tail bucket is empty (log −inf) on a side whose
+top-K ids cover its whole vocabulary; it exists when at least one side's is not empty, and an
+empty side's tail is then floored at TAIL_FLOOR (`settle_tail`). With equal vocabularies and K = V
+the loss is therefore exactly the full-vocabulary one. The no-tail variant drops the tail bucket
+and renormalises both sides over the K ids.
 
 Every divergence returns one value per position ([N]); callers average (`masked_mean`).
 Computation is in float32 (or float64 in tests): pass `logits.float()`.
@@ -27,70 +40,109 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Smallest tail mass used anywhere. The teacher's stored tail is 0 when its top-K holds all the
-# mass (to fp32 rounding, i.e. the true tail is below ~1e-7); a log of 0 would make reverse KL
-# infinite. Tiny, because temperature raises it to the power 1/T (1e-20 at T = 4 is 1e-5). The
-# student's tail below ~1e-7 is float32 noise anyway.
+# The tail mass that stands in for an empty tail when the other side's tail is not empty: a
+# teacher whose top-K holds its whole vocabulary against a student with more tokens (reverse KL
+# would be infinite), a store of format 1.0 / 2.0 whose float32 tail rounded to 0, or the reverse.
+# Tiny, because temperature raises it to the power 1/T (1e-20 at T = 4 is 1e-5).
 TAIL_FLOOR = 1e-20
 # The log-prob of an empty bucket. Finite on purpose: exp() of it is exactly 0, yet no -inf can
 # turn into inf − inf = NaN in a forward or backward pass (rows with no valid bucket included).
 EMPTY = -1e30
 
 
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x ≤ 0, accurate at both ends (Mächler 2012); x is clamped to ≤ log(1 − TAIL_FLOOR).
-    Each branch only sees inputs it is defined on, so the unused one cannot put NaN in the gradient."""
-    x = x.clamp(max=math.log1p(-TAIL_FLOOR))
-    near_zero = x > -math.log(2.0)
-    small = torch.log(-torch.expm1(torch.where(near_zero, x, -1.0)))
-    large = torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x)))
-    return torch.where(near_zero, small, large)
-
-
 def bucket_valid(topk_ids: torch.Tensor, tail: bool = True) -> torch.Tensor:
-    """[N, K(+1)] bool: which buckets exist (id ≥ 0; the tail bucket always)."""
+    """[N, K(+1)] bool: which top-K buckets exist (id ≥ 0), and the tail bucket (decided by `settle_tail`)."""
     valid = topk_ids >= 0
     if tail:
         valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=-1)
     return valid
 
 
-def student_buckets(
-    logits: torch.Tensor, topk_ids: torch.Tensor, *, tail: bool = True, lse: torch.Tensor | None = None
-) -> torch.Tensor:
+class _ExactLogSoftmax(torch.autograd.Function):
+    """Forward: (x − x_a) − log1p(Σ_{j ≠ a} exp(x_j − x_a)), a = the argmax. Backward: the usual
+    g − softmax · Σ g, which stays accurate where differentiating the forward formula would not
+    (it cancels at the argmax when the largest entry holds little of the mass)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        a = x.argmax(dim=-1, keepdim=True)
+        top = x.gather(-1, a)
+        others = torch.exp(x - top).scatter_(-1, a, 0.0).sum(dim=-1, keepdim=True)
+        out = (x - top) - torch.log1p(others)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return grad - out.exp() * grad.sum(dim=-1, keepdim=True)
+
+
+def exact_log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log softmax over the last dim, with the largest entry taken out of the sum exactly (its exp
+    is 1), so that a result near 0 is not rounded at the resolution of 1 + ε as in
+    x − logsumexp(x). Same values and gradients as torch.log_softmax otherwise; −inf and EMPTY
+    entries stay (near) −inf and get no gradient."""
+    return _ExactLogSoftmax.apply(x)
+
+
+def outside_logsumexp(logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row's logits over the ids NOT in its top-K, [N]; −inf when they cover the row.
+
+    Empty slots (id −1) point at an extra −inf column, so they mask nothing (not token 0); every
+    scattered value is the same −inf, so the result does not depend on the order of the writes.
+    One [N, V + 1] copy of the logits.
+    """
+    v = logits.shape[-1]
+    slots = torch.where(topk_ids >= 0, topk_ids, v)
+    rest = F.pad(logits, (0, 1), value=float("-inf")).scatter_(-1, slots, float("-inf"))
+    return torch.logsumexp(rest, dim=-1)
+
+
+def student_buckets(logits: torch.Tensor, topk_ids: torch.Tensor, *, tail: bool = True) -> torch.Tensor:
     """The student's log-probs on the teacher's buckets, [N, K + 1] (or [N, K] without tail).
 
-    With tail:    [log q_{id_1}, …, log q_{id_K}, log(1 − Σ_k q_{id_k})]
-    Without tail: log q_{id_k} − logsumexp_k log q_{id_k}   (renormalised over the K ids)
+    With tail:    log_softmax([z_{id_1}, …, z_{id_K}, logsumexp_{v ∉ ids} z_v])   (module doc; tail −inf when empty)
+    Without tail: log_softmax([z_{id_1}, …, z_{id_K}])   (renormalised over the K ids)
 
-    `lse` = logsumexp(logits, −1) may be passed when the caller already has it (cross-entropy needs
-    it too). Empty buckets (id −1) hold EMPTY.
+    The top-K ids of a position must be distinct (as a store's are). Empty buckets (id −1) hold EMPTY.
     """
-    if lse is None:
-        lse = torch.logsumexp(logits, dim=-1)
-    valid = topk_ids >= 0
-    top = logits.gather(-1, topk_ids.clamp(min=0)) - lse.unsqueeze(-1)
-    top = top.masked_fill(~valid, EMPTY)
-    top_mass = torch.logsumexp(top, dim=-1)  # log Σ_k q_k
-    if not tail:
-        return top - top_mass.unsqueeze(-1)
-    return torch.cat([top, log1mexp(top_mass).unsqueeze(-1)], dim=-1)
+    top = logits.gather(-1, topk_ids.clamp(min=0)).masked_fill(topk_ids < 0, EMPTY)
+    if tail:
+        top = torch.cat([top, outside_logsumexp(logits, topk_ids).unsqueeze(-1)], dim=-1)
+    return exact_log_softmax(top)
 
 
 def teacher_buckets(
-    topk_logprobs: torch.Tensor, tail_mass: torch.Tensor, topk_ids: torch.Tensor, *, tail: bool = True
+    topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, topk_ids: torch.Tensor, *, tail: bool = True
 ) -> torch.Tensor:
     """The teacher's log-probs on the buckets, [N, K + 1] (or [N, K] without tail), normalised.
 
-    With tail: [log p_1, …, log p_K, log max(m, TAIL_FLOOR)] − logsumexp(same). The stored log-probs
-    are rounded (fp16) while m was computed before rounding, so the K + 1 values do not sum to
-    exactly 1; renormalising makes the loss exactly 0 when the student matches. Without tail:
-    log p_k − logsumexp_k log p_k. Empty buckets (id −1) hold EMPTY.
+    With tail: log_softmax([log p_1, …, log p_K, log m]), log m the stored log tail (−inf when
+    empty). Stored log-probs may be rounded (fp16, or the packed codec) while log m was not, so the
+    K + 1 values need not sum to exactly 1; renormalising makes the loss exactly 0 when the student
+    matches. Without tail: log_softmax over the K log-probs. Empty buckets (id −1) hold EMPTY.
     """
-    lp = topk_logprobs.to(tail_mass.dtype).clamp(min=EMPTY).masked_fill(topk_ids < 0, EMPTY)
+    lp = topk_logprobs.to(tail_logprob.dtype).clamp(min=EMPTY).masked_fill(topk_ids < 0, EMPTY)
     if tail:
-        lp = torch.cat([lp, tail_mass.clamp(min=TAIL_FLOOR).log().unsqueeze(-1)], dim=-1)
-    return lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+        lp = torch.cat([lp, tail_logprob.unsqueeze(-1)], dim=-1)
+    return exact_log_softmax(lp)
+
+
+def settle_tail(s_buckets: torch.Tensor, t_buckets: torch.Tensor, valid: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decide the tail bucket (the last column) of both sides: it exists where at least one side's
+    tail is not empty; there an empty side gets log TAIL_FLOOR, elsewhere both get EMPTY."""
+    s_tail, t_tail = s_buckets[:, -1], t_buckets[:, -1]
+    s_has, t_has = s_tail > EMPTY, t_tail > EMPTY  # −inf and EMPTY both mean empty
+    exists = s_has | t_has
+    floor = torch.full_like(s_tail, math.log(TAIL_FLOOR))
+    empty = torch.full_like(s_tail, EMPTY)
+    s_tail = torch.where(s_has, s_tail, torch.where(exists, floor, empty))
+    t_tail = torch.where(t_has, t_tail, torch.where(exists, floor, empty))
+    valid = torch.cat([valid[:, :-1], exists.unsqueeze(-1)], dim=-1)
+    return (torch.cat([s_buckets[:, :-1], s_tail.unsqueeze(-1)], dim=-1),
+            torch.cat([t_buckets[:, :-1], t_tail.unsqueeze(-1)], dim=-1), valid)
 
 
 def temper(buckets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -104,8 +156,7 @@ def temper(buckets: torch.Tensor, temperature: float) -> torch.Tensor:
     """
     if temperature == 1.0:
         return buckets
-    scaled = buckets / temperature
-    return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    return exact_log_softmax(buckets / temperature)
 
 
 def _kl_terms(p_log: torch.Tensor, q_log: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -144,13 +195,25 @@ def jsd(
         JSD_β = T² · [β KL(p_T ‖ M) + (1 − β) KL(q_T ‖ M)],   0 < β < 1
 
     β = 0.5 is the symmetric JSD (bounded by log 2); small β behaves like forward KL, large β like
-    reverse KL, scaled by β(1 − β). log M is formed in log space (logsumexp).
+    reverse KL, scaled by β(1 − β). The log ratios to M are formed from the difference d of the two
+    log-probs (`_log_mixture_ratio`), exact where p and q nearly agree: log M itself would carry
+    the rounding of log β (~6e-8), a first-order error in a divergence that is second order in d.
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must lie strictly between 0 and 1, got {beta}")
     p, q = temper(t_buckets, temperature), temper(s_buckets, temperature)
-    m = torch.logsumexp(torch.stack([p + math.log(beta), q + math.log1p(-beta)]), dim=0)
-    return temperature**2 * (beta * _kl_terms(p, m, valid) + (1 - beta) * _kl_terms(q, m, valid))
+    p_over_m = -_log_mixture_ratio(q - p, 1.0 - beta)  # log p − log M
+    q_over_m = -_log_mixture_ratio(p - q, beta)  # log q − log M
+    terms = beta * p.exp() * p_over_m + (1 - beta) * q.exp() * q_over_m
+    return temperature**2 * terms.masked_fill(~valid, 0.0).sum(-1)
+
+
+def _log_mixture_ratio(d: torch.Tensor, c: float) -> torch.Tensor:
+    """log((1 − c)·x + c·y) − log x, given d = log y − log x: log1p(c·expm1(d)), exact near d = 0;
+    for large d the equal log(c) + d + log1p((1 − c)/c · e^(−d)), which cannot overflow."""
+    near = torch.log1p(c * torch.expm1(d.clamp(max=30.0)))
+    far = math.log(c) + d + torch.log1p((1 - c) / c * torch.exp(-d.clamp(min=30.0)))
+    return torch.where(d > 30.0, far, near)
 
 
 DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd}
@@ -160,18 +223,20 @@ def sparse_kd(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
-    tail_mass: torch.Tensor,
+    tail_logprob: torch.Tensor,
     *,
     loss: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
     tail: bool = True,
-    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The KD loss per position [N]: buckets on both sides, then the chosen divergence at T."""
-    s = student_buckets(logits, topk_ids, tail=tail, lse=lse)
-    t = teacher_buckets(topk_logprobs, tail_mass.to(logits.dtype), topk_ids, tail=tail)
+    """The KD loss per position [N]: buckets on both sides, then the chosen divergence at T.
+    `tail_logprob` [N] is the teacher's log tail (log of its mass outside the top-K, −inf if none)."""
+    s = student_buckets(logits, topk_ids, tail=tail)
+    t = teacher_buckets(topk_logprobs, tail_logprob.to(logits.dtype), topk_ids, tail=tail)
     valid = bucket_valid(topk_ids, tail)
+    if tail:
+        s, t, valid = settle_tail(s, t, valid)
     if loss == "jsd":
         return jsd(s, t, valid, beta=beta, temperature=temperature)
     return DIVERGENCES[loss](s, t, valid, temperature=temperature)

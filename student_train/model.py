@@ -142,6 +142,14 @@ def head_logits(student: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def check_weights(student: Any, source: str) -> None:
+    """Refuse a student that already holds NaN or infinite weights: training it could only save garbage."""
+    for name, param in student.named_parameters():
+        if not torch.isfinite(param).all():
+            raise CompatibilityError(f"student {source}: weight {name} holds NaN or infinite values")
+
+
+@torch.no_grad()
 def check_head(student: Any, vocab_size: int) -> None:
     """Refuse a student whose logits `head_logits` does not reproduce (an unusual custom head)."""
     was_training = student.training

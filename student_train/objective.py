@@ -80,12 +80,11 @@ def distill_loss(model: Any, batch: dict[str, Any], objective: Objective) -> tup
             logits,
             batch["topk_ids"],
             batch["topk_logprobs"],
-            batch["tail_mass"],
+            batch["tail_logprob"],
             loss=objective.loss,
             temperature=objective.temperature,
             beta=objective.beta,
             tail=objective.tail,
-            lse=lse,
         )
     ce = losses.token_cross_entropy(logits, batch["hard_ids"], lse)
     has_kd, task = batch["has_kd"], batch["task"]

@@ -32,6 +32,7 @@ from student_train.model import (
     check_hidden_map,
     check_tokenizer,
     check_vocab,
+    check_weights,
     load_student,
     load_tokenizer,
 )
@@ -54,8 +55,11 @@ class DistillTrainer(Trainer):
         self.objective = objective
         self.tokenizer_to_save = tokenizer_to_save
         self.batches_consumed = 0  # micro-batches this rank has trained on (its loader position)
+        self.skipped_shards: dict[str, str] = {}  # shards left out (--skip-bad-shards), with why
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_batches = 0
+        self._step_records: list[str] = []  # records of the micro-batches of the current optimizer step
+        self._step_losses: list[torch.Tensor] = []
 
     # -- data -------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -74,6 +78,10 @@ class DistillTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        if inputs.get("empty"):  # every record of the batch was in a skipped shard: train nothing, but
+            # touch every parameter so that DDP ranks still meet in the same all-reduce
+            loss = sum(p.reshape(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
+            return (loss, {}) if return_outputs else loss
         loss, parts = distill_loss(model, inputs, self.objective)
         for name, value in parts.items():
             self._part_sums[name] = self._part_sums.get(name, 0.0) + value
@@ -81,9 +89,41 @@ class DistillTrainer(Trainer):
         return (loss, parts) if return_outputs else loss
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if "error" in inputs:  # the loader found a bad shard (its one line names it)
+            raise TrainError(inputs["error"])
+        for shard, why in inputs.pop("skipped_shards", {}).items():
+            if shard not in self.skipped_shards:
+                self.skipped_shards[shard] = why
+                _say(f"skipping shard {shard}: {why}")
+        self._step_records += inputs.get("record_ids", [])
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.batches_consumed += 1
+        self._step_losses.append(loss)
+        if self.accelerator.sync_gradients:  # the last micro-batch before the optimizer step
+            self._stop_unless_finite(model)
         return loss
+
+    def _stop_unless_finite(self, model: Any) -> None:
+        """Stop before the optimizer step when a loss or a gradient is NaN or infinite: the weights
+        are still the last sound ones, and nothing is saved. One host sync per optimizer step.
+        (With fp16 the grad scaler owns overflowing gradients, so only the losses are checked.)"""
+        losses = torch.stack(self._step_losses)
+        finite = torch.isfinite(losses).all()
+        if not self.args.fp16:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads:
+                finite = finite & torch.isfinite(_total_norm(grads))
+        records, self._step_records, self._step_losses = self._step_records, [], []
+        if bool(finite):
+            return
+        step = self.state.global_step + 1
+        shown = ", ".join(repr(r) for r in records[:8]) + (f" and {len(records) - 8} more" if len(records) > 8 else "")
+        checkpoint = latest_checkpoint(self.args.output_dir, self.args.process_index)
+        kept = f"; its last checkpoint ({os.path.basename(checkpoint)}) is sound" if checkpoint else ""
+        raise TrainError(
+            f"step {step}: the loss or a gradient is not finite (losses {[round(x, 4) for x in losses.tolist()]}) "
+            f"in the batch of records {shown}; stopped before the update, nothing saved{kept}"
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add each loss part, averaged over the micro-batches since the last log and over ranks."""
@@ -114,6 +154,14 @@ class DistillTrainer(Trainer):
         self.model.load(resume_from_checkpoint)
 
 
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all tensors together (inf or NaN when any element is), with fused kernels where torch has them."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
 def write_json(path: str, data: Any) -> None:
     """Write a JSON file whole or not at all (temporary file, then rename)."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -135,6 +183,16 @@ def latest_checkpoint(out: str, rank: int = 0) -> str | None:
         if match and all(os.path.isfile(os.path.join(folder, f)) for f in (TRAINER_STATE, loader_state_file(rank))):
             found.append((int(match.group(1)), folder))
     return max(found)[1] if found else None
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json)."""
+    path = os.path.join(checkpoint, TRAINER_STATE)
+    try:
+        with open(path) as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"{path}: unreadable trainer state ({e})") from None
 
 
 def resume_point(config: TrainConfig, rank: int) -> tuple[str | None, dict[str, Any] | None]:
@@ -218,7 +276,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
     started = time.time()
     state = PartialState(cpu=cpu_only())  # under torchrun: joins the process group, gives rank and world size
     rank, world = state.process_index, state.num_processes
-    store = open_store(config.store)
+    store = open_store(config.store, strict=not config.skip_bad_shards)
     checkpoint, loader_state = resume_point(config, rank)
     targets = training_targets(config, store)
     objective = dataclasses.replace(Objective.from_config(config), targets=targets)
@@ -229,6 +287,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
     check_tokenizer(tokenizer, store, source)
     vocab = check_vocab(student, store)
     check_hidden_map(student, store, list(objective.hidden_pairs))
+    check_weights(student, config.student)
     check_head(student, vocab)
     marker_ids: tuple[int, ...] = ()
     if objective.multitask:
@@ -253,6 +312,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
         answer_marker_ids=marker_ids,
         shards=loader_state["shards"] if loader_state else None,
         targets=targets,
+        skip_bad_shards=config.skip_bad_shards,
     )
     if loader_state is not None:
         dataset.load_state_dict(loader_state, where=os.path.join(checkpoint or "", loader_state_file(rank)))
@@ -278,7 +338,18 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
         callbacks=callbacks,
     )
     trainer.batches_consumed = dataset.batches_consumed
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    for shard, why in dataset.bad_shards.items():  # damaged commit records, found at open
+        trainer.skipped_shards[shard] = why
+        if state.is_main_process:
+            _say(f"skipping shard {shard}: {why}")
+    done = checkpoint_step(checkpoint) if checkpoint else 0
+    if done >= max_steps:  # a finished run: never train past --max-steps, just finish its outputs
+        _say(f"{checkpoint} is at step {done} of {max_steps}: nothing left to train")
+        model.load(checkpoint)
+        trainer.state = trainer.state.load_from_json(os.path.join(checkpoint, TRAINER_STATE))
+        train_loss = None
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=checkpoint).training_loss
 
     if not state.is_main_process:
         return {"global_step": trainer.state.global_step, "rank": rank}
@@ -296,12 +367,13 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
             "tokenizer": source,
         },
         "loader": info,
+        "skipped_shards": trainer.skipped_shards,  # --skip-bad-shards: shards left out, with why (this rank's)
         "targets": targets,
         "world_size": world,
         "global_step": trainer.state.global_step,
         "max_steps": max_steps,
         "resumed_from": checkpoint,
-        "train_loss": output.training_loss,
+        "train_loss": train_loss,
         "train_seconds": round(time.time() - started, 3),
         "loss_curve": [
             {k: v for k, v in entry.items() if k not in ("epoch",)}

@@ -30,7 +30,7 @@ class TopKLogprobs:
     ids: np.ndarray  # [S, K] int32, by descending probability
     logprobs: np.ndarray  # [S, K]
     token_logprob: np.ndarray  # [S] float32: log-prob of the token that actually follows
-    tail_mass: np.ndarray  # [S] float32: 1 - sum(exp(logprobs)), clamped to [0, 1]
+    tail_logprob: np.ndarray  # [S] float32: log of the mass outside the top-K (-inf when K covers the vocabulary)
     draws: np.ndarray | None = None  # [S, N] int32: N draws from the distribution (sampled targets)
 
     def __len__(self) -> int:
@@ -92,17 +92,28 @@ def block_topk(x: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch
     return values, block_ids.gather(1, pos // block) * block + pos % block
 
 
-def make_logsumexp(transform: LogitTransform | None, compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """fp32 logsumexp of (transformed) logits in the model dtype.
+Reduction = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-    Eager PyTorch materializes an fp32 copy of the chunk; compiled, the widening, the transform
-    and the reduction fuse into one pass that reads the logits once.
+
+def make_logsumexp(transform: LogitTransform | None, compile: bool = False) -> Reduction:
+    """`lse(logits, top_idx)`: the fp32 logsumexp of a chunk's (transformed) logits in the model
+    dtype, over the ids NOT in `top_idx` (every id when it is None); −inf when `top_idx` holds them all.
+
+    With the top-K values this is all the capture needs: the logsumexp of every logit is the
+    logsumexp of [top-K logits, this], and the log tail (format §4.4) is this minus that, formed
+    directly rather than as 1 − Σ exp(top-K), which cancels below ~1e-6 (`normalise_topk`).
+    Eager PyTorch materializes an fp32 copy of the chunk; compiled, the widening, the transform,
+    the masking and the reduction fuse into one pass that reads the logits once.
     """
 
-    def lse(logits: torch.Tensor) -> torch.Tensor:
+    def lse(logits: torch.Tensor, top_idx: torch.Tensor | None) -> torch.Tensor:
         x = logits.float()
         if transform is not None:
             x = transform(x)
+        if top_idx is not None:
+            if x is logits:  # an fp32 model: .float() returned the logits themselves, which the caller still needs
+                x = x.clone()
+            x.scatter_(-1, top_idx, float("-inf"))
         return torch.logsumexp(x, dim=-1)
 
     if not compile:
@@ -110,9 +121,9 @@ def make_logsumexp(transform: LogitTransform | None, compile: bool = False) -> C
     compiled = torch.compile(lse, dynamic=True)
     state = {"fn": compiled}
 
-    def guarded(logits: torch.Tensor) -> torch.Tensor:
+    def guarded(logits: torch.Tensor, top_idx: torch.Tensor | None) -> torch.Tensor:
         try:
-            return state["fn"](logits)
+            return state["fn"](logits, top_idx)
         except Exception as e:  # a compiler problem must not stop a capture: fall back once, loudly
             if state["fn"] is lse:
                 raise
@@ -120,7 +131,7 @@ def make_logsumexp(transform: LogitTransform | None, compile: bool = False) -> C
 
             warnings.warn(f"torch.compile of the logsumexp failed ({type(e).__name__}); using eager", stacklevel=2)
             state["fn"] = lse
-            return lse(logits)
+            return lse(logits, top_idx)
 
     return guarded
 
@@ -135,23 +146,25 @@ def topk_logprobs(
     chunk: int = 1024,
     transform: LogitTransform | None = None,
     out_dtype: torch.dtype = torch.float32,
-    logsumexp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    logsumexp: Reduction | None = None,
     block: int | None = None,
     uniforms: torch.Tensor | None = None,
     draws_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids/log-probs, the target token's log-prob and the tail mass for M positions.
+    """Top-k ids/log-probs, the target token's log-prob and the log tail for M positions.
 
     `hidden` [M, H] are final hidden states (after the final norm) at the positions that predict
     `targets` [M]. Returns device tensors: ids [M, K] int32, log-probs [M, K] `out_dtype`,
-    token log-probs [M] fp32, tail mass [M] fp32. Log-probs are computed in fp32. K may be 0.
+    token log-probs [M] fp32, log tail [M] fp32 (the log of the mass outside the top-K, formed
+    directly: `normalise_topk`; −inf when K covers the vocabulary, 0 when K is 0). Log-probs are
+    computed in fp32. K may be 0.
 
     With `uniforms` [M, N] (float64 in [0, 1)), also fills `draws_out` [M, N] (int32) with N
-    draws per position from the fp32 distribution, inside the same chunk loop (`sample_chunk`).
+    draws per position from the distribution, inside the same chunk loop (`sample_chunk`).
 
     The top-k and the target's logit are picked from the model-dtype logits and widened
     afterwards: widening is exact and the logit transforms are increasing, so they are the
-    same values as in an fp32 copy. Only the logsumexp needs all logits in fp32.
+    same values as in an fp32 copy. Only the logsumexp outside the top-K needs all logits in fp32.
     """
     m = hidden.shape[0]
     device = hidden.device
@@ -173,45 +186,91 @@ def topk_logprobs(
             top_val, top_idx = block_topk(logits, k, block)
         else:
             top_val, top_idx = logits.topk(k_eff, dim=-1)
-        lse = lse_fn(logits)
-        top_lp = finish(top_val) - lse[:, None]
-        token_lp = finish(logits.gather(1, targets[start:stop, None].long()).squeeze(1)) - lse
+        token_x = finish(logits.gather(1, targets[start:stop, None].long()).squeeze(1))
+        rest = lse_fn(logits, top_idx if k_eff else None)
         if uniforms is not None and draws_out is not None:
-            draws_out[start:stop] = sample_chunk(logits, lse, uniforms[start:stop], transform)
+            draws_out[start:stop] = sample_chunk(logits, uniforms[start:stop], transform)
         del logits
-        ids_out[start:stop, :k_eff] = top_idx.to(torch.int32)
-        lp_out[start:stop, :k_eff] = top_lp.to(out_dtype)
+        if k_eff:
+            top_lp, token_lp, tail = normalise_topk(finish(top_val), rest, token_x)
+            ids_out[start:stop, :k_eff] = top_idx.to(torch.int32)
+            lp_out[start:stop, :k_eff] = top_lp.to(out_dtype)
+            tail_out[start:stop] = tail
+        else:  # no top-K (sampled targets only): `rest` is the logsumexp of every logit
+            token_lp = token_x - rest
+            tail_out[start:stop] = 0.0
         token_out[start:stop] = token_lp
-        tail_out[start:stop] = (1.0 - top_lp.exp().sum(-1)).clamp_(0.0, 1.0)
     return ids_out, lp_out, token_out, tail_out
 
 
-def sample_chunk(logits: torch.Tensor, lse: torch.Tensor, uniforms: torch.Tensor,
-                 transform: LogitTransform | None = None) -> torch.Tensor:
-    """N draws per row from softmax(logits) in fp32, by inverse CDF: [m, V] logits, [m] their fp32
-    logsumexp, [m, N] uniforms in [0, 1) -> [m, N] int32 token ids.
+def normalise_topk(top_x: torch.Tensor, rest: torch.Tensor, token_x: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs from fp32 logits: the top-K [m, K], the actual token [m], and the log tail [m].
 
-    Draw u picks the first token whose cumulative probability exceeds u · total (total = the last
-    cumulative value, ~1 up to rounding), so a token of probability 0 is never drawn and every
-    token v is drawn with probability p_v (up to fp32 rounding of the cumulative sum). The draws
-    depend only on the row's logits and its uniforms, never on the other rows of the batch.
-    Memory: one [m, V] fp32 tensor, as large as the chunk's widened logits.
+    The logsumexp of all logits is that of the K + 1 values [top-K logits, `rest`] (`rest` = the
+    logsumexp outside the top-K), taken as μ + log1p(Σ_{others} exp(v − μ)) with μ the largest of
+    them, whose exp is exactly 1. Each result is then (value − μ) − log1p(…): exact to float32's
+    relative precision even near 0 (a confident top token, a tail near 1), where x − logsumexp(x)
+    carries the rounding of a value ~30. The tail is `rest` minus that logsumexp: −inf when the
+    top-K covers the vocabulary (`rest` is −inf), never 1 − Σ exp(top-K).
+    """
+    values = torch.cat([top_x, rest.unsqueeze(-1)], dim=-1)
+    mu, big = values.max(dim=-1, keepdim=True)
+    offset = torch.log1p(torch.exp(values - mu).scatter_(-1, big, 0.0).sum(dim=-1, keepdim=True))
+    top_lp = (top_x - mu) - offset
+    mu, offset = mu.squeeze(-1), offset.squeeze(-1)
+    return top_lp, (token_x - mu) - offset, (rest - mu) - offset
+
+
+# Float64 elements of one sampling block: rows of a chunk are sampled this many vocabulary entries
+# at a time (128 MiB: 110 rows at V = 152k), so memory does not grow with the chunk size.
+SAMPLE_BLOCK_ELEMENTS = 1 << 24
+
+
+def sampling_cdf(logits: torch.Tensor, transform: LogitTransform | None = None) -> torch.Tensor:
+    """The float64 cumulative distribution the sampler inverts, [m, V] (format §4.2).
+
+    x = the fp32 logits (after the model's transform, in fp32) widened to float64;
+    p = exp(x − logsumexp(x)), all in float64; the result is the running sum of p in float64.
+    Its consecutive differences are p to float64 rounding: the draws are exact to ~1e-12 in total
+    variation, where an fp32 running sum is 1e-4 to 1e-3 off at V = 32k–152k and never reaches
+    the tokens after the point where it stops growing.
     """
     x = logits.float()
     if transform is not None:
         x = transform(x)
-    cdf = torch.cumsum((x - lse[:, None]).exp_(), dim=-1)
-    del x
-    total = cdf[:, -1:]
-    points = (uniforms.to(cdf.device, torch.float64) * total.double()).to(torch.float32)
-    # Below the total even after rounding, so the first cumulative value above it always exists.
-    points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, points.contiguous(), right=True).to(torch.int32)
+    x = x.double()
+    x -= torch.logsumexp(x, dim=-1, keepdim=True)
+    return x.exp_().cumsum_(dim=-1)
+
+
+def sample_chunk(logits: torch.Tensor, uniforms: torch.Tensor, transform: LogitTransform | None = None) -> torch.Tensor:
+    """N draws per row from softmax(logits) by inverse CDF: [m, V] logits, [m, N] uniforms in
+    [0, 1) -> [m, N] int32 token ids.
+
+    Draw u picks the first token whose cumulative probability (`sampling_cdf`) exceeds u · total
+    (total = the last cumulative value, 1 up to rounding), so a token of probability 0 is never
+    drawn and every token v is drawn with probability p_v to float64 rounding. The draws depend
+    only on the row's logits and its uniforms, never on the other rows of the batch. Rows go
+    through in blocks of SAMPLE_BLOCK_ELEMENTS float64 values.
+    """
+    m, v = logits.shape
+    out = torch.empty(uniforms.shape, dtype=torch.int32, device=logits.device)
+    rows = max(1, SAMPLE_BLOCK_ELEMENTS // max(v, 1))
+    for start in range(0, m, rows):
+        cdf = sampling_cdf(logits[start : start + rows], transform)
+        total = cdf[:, -1:]
+        points = uniforms[start : start + rows].to(cdf.device, torch.float64) * total
+        # Below the total even after rounding, so the first cumulative value above it always exists.
+        points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))
+        out[start : start + rows] = torch.searchsorted(cdf, points.contiguous(), right=True).to(torch.int32)
+        del cdf
+    return out
 
 
 def reference_topk(logprobs: np.ndarray, targets: np.ndarray, k: int) -> TopKLogprobs:
     """Top-k targets from a full [S, V] log-prob matrix (fp32), for tests and the vLLM adapter's
-    differential check. Ties are broken by lower token id."""
+    differential check. Ties are broken by lower token id; the log tail is formed directly in float64."""
     s, v = logprobs.shape
     k_eff = min(k, v)
     order = np.argsort(-logprobs, axis=-1, kind="stable")[:, :k_eff]
@@ -221,7 +280,12 @@ def reference_topk(logprobs: np.ndarray, targets: np.ndarray, k: int) -> TopKLog
     ids[:, :k_eff] = order
     lps[:, :k_eff] = top
     token = logprobs[np.arange(s), targets].astype(np.float32)
-    tail = np.clip(1.0 - np.exp(top).sum(-1), 0.0, 1.0).astype(np.float32)
+    rest = logprobs.astype(np.float64)
+    np.put_along_axis(rest, order, -np.inf, axis=-1)
+    peak = rest.max(-1, keepdims=True, initial=-np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = (np.log(np.exp(rest - peak).sum(-1)) + peak[:, 0]).astype(np.float32)
+    tail[np.isneginf(peak[:, 0])] = -np.inf
     return TopKLogprobs(ids, lps, token, tail)
 
 

@@ -61,7 +61,18 @@ def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
 
 
 def encode_item(item: SourceItem, tokenizer: Any, config: GenerateConfig, max_length: int | None) -> Encoded | InputError:
-    """Tokenize one item for `config.mode`; an `InputError` says why it cannot be used."""
+    """Tokenize one item for `config.mode`; an `InputError` says why it cannot be used. Tokenizers
+    and chat templates raise their own errors on odd input: each becomes this item's `InputError`."""
+    try:
+        return _encode_item(item, tokenizer, config, max_length)
+    except GenerateError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return InputError(item.line, item.id, f"cannot be tokenized ({type(e).__name__}: {first})")
+
+
+def _encode_item(item: SourceItem, tokenizer: Any, config: GenerateConfig, max_length: int | None) -> Encoded | InputError:
 
     def bad(reason: str) -> InputError:
         return InputError(item.line, item.id, reason)

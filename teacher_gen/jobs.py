@@ -93,9 +93,12 @@ def derive_seed(seed: int, record_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+# The manifest's `targets.sampling`: how the draws are made (format §4.2 has the full recipe). A store's
+# draws must all come from one sampler, so a run refuses to resume a store whose text differs.
 SAMPLING_METHOD = (
     "N independent draws with replacement from softmax(fp32 logits) at temperature 1, by inverse CDF "
-    "over the fp32 cumulative sum; uniforms from numpy PCG64 seeded per record by target_seed(seed, record id)"
+    "over the float64 cumulative sum of p = exp(x - logsumexp(x)) computed in float64 (x: the fp32 logits "
+    "widened); uniforms from numpy PCG64 seeded per record by target_seed(seed, record id)"
 )
 
 

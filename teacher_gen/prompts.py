@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class PromptSet:
     items: list[SourceItem] = field(default_factory=list)
     errors: list[InputError] = field(default_factory=list)
     rows: int = 0  # rows read, good and bad, of every worker
+    valid: int = 0  # rows that parsed into an item, of every worker
 
 
 def detect_format(path: str) -> str:
@@ -82,23 +84,40 @@ def iter_rows(path: str) -> Iterator[RawRow]:
         yield from _datasets_rows(path)
 
 
+def parse_json(raw: bytes | str) -> Any:
+    """json.loads, with every way a hostile line can fail turned into a `ValueError` with a short reason:
+    malformed JSON or UTF-8, an integer of more than 4,300 digits, nesting deeper than the parser's
+    recursion limit."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError("not valid UTF-8") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except ValueError as e:  # int() of more than sys.get_int_max_str_digits() digits
+        reason = "a number with too many digits" if "digits" in str(e) else "malformed JSON"
+        raise ValueError(reason) from None
+
+
 def _jsonl_rows(path: str) -> Iterator[RawRow]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
-                yield number, json.loads(raw), None
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                yield number, None, f"malformed JSON ({getattr(e, 'msg', None) or e})"
+                yield number, parse_json(raw), None
+            except ValueError as e:
+                yield number, None, str(e)
 
 
 def _json_rows(path: str) -> Iterator[RawRow]:
     try:
         with open(path, "rb") as f:
-            data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GenerateError(f"prompt file {path}: not valid JSON ({getattr(e, 'msg', None) or e})") from None
+            data = parse_json(f.read())
+    except ValueError as e:
+        raise GenerateError(f"prompt file {path}: not usable as JSON ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -182,14 +201,56 @@ def _check_messages(value: Any) -> tuple[list[dict[str, Any]] | None, str | None
 
 
 def _json_safe(value: Any) -> Any:
-    """Source fields stored in `meta` must survive JSON (dates, bytes, numpy scalars become text)."""
-    return json.loads(json.dumps(value, ensure_ascii=False, default=str))
+    """Source fields stored in `meta` must survive JSON and any JSON reader: dates, bytes and numpy
+    scalars become text, and so do NaN and infinities (which strict JSON has no literal for)."""
+
+    def finite(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return str(x)
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [finite(v) for v in x]
+        return x
+
+    return finite(json.loads(json.dumps(value, ensure_ascii=False, default=str)))
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first string in a row that is not valid Unicode (a lone UTF-16 surrogate such as "\\ud800",
+    which JSON can spell but UTF-8 cannot hold), shown escaped; None when every string is sound.
+    Iterative, so that no nesting depth can exhaust the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return item[e.start : e.end].encode("unicode_escape").decode("ascii")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
 
 
 def parse_row(number: int, row: Any, fields: FieldMap) -> SourceItem | InputError:
-    """Validate one row and map its fields; the reason names the first thing wrong."""
+    """Validate one row and map its fields; the reason names the first thing wrong. Never raises:
+    whatever a row holds, it becomes an item or an `InputError`."""
     if not isinstance(row, dict):
         return InputError(number, None, f"expected an object with a prompt, got {type(row).__name__}")
+    bad = lone_surrogate(row)
+    if bad is not None:
+        return InputError(number, None, f"holds a lone surrogate ({bad}), which is not valid Unicode")
+    try:
+        return _parse_row(number, row, fields)
+    except RecursionError:
+        return InputError(number, None, "nested too deeply")
+
+
+def _parse_row(number: int, row: dict[str, Any], fields: FieldMap) -> SourceItem | InputError:
     raw_id = row.get(fields.id)
     if raw_id is None:
         rid = None
@@ -268,6 +329,7 @@ def load_prompts(
             reject(InputError(number, parsed.id, f"duplicate id (first seen at line {first_line[parsed.id]})"))
             continue
         first_line[parsed.id] = number
+        out.valid += 1
         if owns(parsed.id):
             out.items.append(parsed)
     return out

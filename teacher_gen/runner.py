@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import secrets
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from store import (
 )
 from store.codec import sampled_from_draws
 from store.fs import join, write_bytes
+from store.leases import WriterLease, all_leases
 from store.verify import clean_leftovers
 from teacher_gen.capture import resolve_layers
 from teacher_gen.config import GenerateConfig
@@ -184,6 +186,8 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
         count_bits=bits_for(config.samples) if packed and sampled else None,
         logprob_bits=config.logprob_bits if packed else None,
         logprob_min=config.logprob_min if packed else None,
+        # vLLM returns only the top-K, so its tail can only be their complement (format §4.4)
+        tail_logprob=("complement" if config.backend == "vllm" else "direct") if topk else None,
     )
 
 
@@ -191,6 +195,40 @@ def open_store_for(config: GenerateConfig, manifest: StoreManifest, tokenizer: A
     with tempfile.TemporaryDirectory(prefix="potstill-tokenizer-") as tmp:
         tokenizer.save_pretrained(tmp)
         return create_store(config.store, manifest, tokenizer_files=tmp, exist_ok=True)
+
+
+def partitions_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether shares (workers, index) of two runs can hold the same id: an id goes to worker
+    h mod W, so h ≡ i1 (mod W1) and h ≡ i2 (mod W2) have a common solution iff i1 ≡ i2 (mod gcd)."""
+    g = math.gcd(a[0], b[0])
+    return a[1] % g == b[1] % g
+
+
+def claim_partition(store: Store, writer_id: str, workers: int, index: int) -> WriterLease:
+    """Announce this run's share of the prompts in the store, and refuse (releasing the claim) when
+    a live run already works on an overlapping share: the two would write every record twice.
+
+    The lease is written before the others are read, so of two runs starting at once at least one
+    sees the other (both may refuse; neither ever writes a duplicate)."""
+    mine = (workers, index)
+    claim = WriterLease(store, f"{writer_id}.run", extra={"run": {"workers": workers, "worker_index": index}}).start()
+    for other in all_leases(store):
+        run = (other.lease or {}).get("run")
+        if other.writer_id == claim.writer_id or not other.live or not isinstance(run, dict):
+            continue
+        try:
+            theirs = (int(run["workers"]), int(run["worker_index"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if partitions_overlap(mine, theirs):
+            claim.release()
+            share = "all prompts" if theirs[0] == 1 else f"worker {theirs[1]} of {theirs[0]}"
+            raise GenerateError(
+                f"store {store.url} is being filled by another potstill generate run ({share}; {other.why}), "
+                f"whose share overlaps this run's: both would write the same records. Wait until it ends "
+                f"(its lease is writers/{other.writer_id}.json), or give the runs disjoint --workers/--worker-index shares"
+            )
+    return claim
 
 
 def load_teacher(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, layers: list[int],
@@ -230,7 +268,7 @@ class RecordBuilder:
             topk_ids=t.ids if topk else None,
             topk_logprobs=t.logprobs if topk else None,
             token_logprob=t.token_logprob,
-            tail_mass=t.tail_mass if topk else None,
+            tail_logprob=t.tail_logprob if topk else None,
             sampled=sampled_from_draws(t.draws) if self.config.targets != "topk" else None,
             prompt=item.prompt,
             messages=item.messages,
@@ -270,6 +308,7 @@ class Run:
             worker_index=self.index,
             workers=self.workers,
         )
+        self.claim: WriterLease | None = None  # this run's share of the prompts, announced in the store
         self.done = self.total = self.tokens_done = 0
         self.loop_started = self.started
         self.bar: Any = None
@@ -283,6 +322,9 @@ class Run:
             raise GenerateError(
                 f"tokenizer has {len(tokenizer)} tokens but teacher {config.teacher} only {spec.vocab_size}"
             )
+        if config.targets != "sampled" and config.top_k > spec.vocab_size:
+            raise GenerateError(f"--top-k {config.top_k} is larger than teacher {config.teacher}'s vocabulary "
+                                f"({spec.vocab_size} tokens)")
         layers = resolve_layers(config.hidden_layers, spec.num_layers)
         max_length = config.max_length or context_length(spec.hf_config, tokenizer)
         fields = FieldMap(config.id_field, config.prompt_field, config.messages_field, config.completion_field)
@@ -294,9 +336,14 @@ class Run:
         )
         summary.rows_read = prompts.rows
         summary.errors = prompts.errors
+        if prompts.valid == 0:  # nothing any worker could write: say so, and create no store
+            first = f"; first: {prompts.errors[0]}" if prompts.errors else ""
+            what = "holds no records" if prompts.rows == 0 else f"has no usable record ({prompts.rows} rows, all skipped{first})"
+            raise GenerateError(f"prompt file {config.prompts} {what}")
 
         store = open_store_for(config, build_manifest(config, spec, tokenizer, layers), tokenizer)
         self.store = store
+        self.claim = claim_partition(store, summary.writer_id, self.workers, self.index)
         summary.cleaned_leftovers = clean_leftovers(store, find_leftovers(store))
         committed = store.committed_ids()
 
@@ -413,6 +460,14 @@ def generate(
     """
     config.validate()
     run = Run(config, should_stop, on_progress)
+    try:
+        return _generate(run, config, preloaded)
+    finally:
+        if run.claim is not None:
+            run.claim.release()
+
+
+def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSummary:
     tokenizer, spec, layers, max_length, encoded = run.prepare()
     if not encoded:
         run.write_errors()

@@ -60,8 +60,12 @@ def topk_from_vllm(prompt_logprobs: Any, input_ids: Sequence[int], score_start: 
 
     At each position the top-K are the distinct entries other than the actual token, plus the
     actual token when it is one of them: the extra entry vLLM adds for an actual token outside
-    the top-K is used for `token_logprob` only, never counted in the top-K or the tail mass.
+    the top-K is used for `token_logprob` only, never counted in the top-K or the tail.
     Fewer than K entries are padded with id -1 / log-prob -inf.
+
+    Only the top-K come back, so the log tail is their complement, log(1 − Σ exp(top-K)) in
+    float64 (manifest `tail_logprob` "complement"): −inf where the top-K covers the vocabulary
+    (fewer than K entries came back) or where the complement rounds to 0 or below.
     """
     n = len(input_ids)
     if len(prompt_logprobs) < n:
@@ -86,8 +90,17 @@ def topk_from_vllm(prompt_logprobs: Any, input_ids: Sequence[int], score_start: 
         top = sorted(distinct.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:k]
         ids[row, : len(top)] = [tok for tok, _ in top]
         lps[row, : len(top)] = [lp for _, (lp, _) in top]
-    tail = np.clip(1.0 - np.exp(lps).sum(-1, dtype=np.float32), 0.0, 1.0).astype(np.float32)
-    return TopKLogprobs(ids, lps, token, tail)
+    return TopKLogprobs(ids, lps, token, complement_tail(lps))
+
+
+def complement_tail(logprobs: np.ndarray) -> np.ndarray:
+    """log(1 − Σ exp(top-K log-probs)) per row, in float64, as float32; −inf where a slot is empty
+    (the top-K is the whole vocabulary) or where the sum reaches 1 in rounding."""
+    top_mass = np.exp(logprobs.astype(np.float64)).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.log1p(-np.minimum(top_mass, 1.0))
+    tail[np.isneginf(logprobs).any(-1)] = -np.inf
+    return tail.astype(np.float32)
 
 
 # -- the engine --------------------------------------------------------------------------------

@@ -55,6 +55,34 @@ def reference_logprobs(model: Any, input_ids: np.ndarray) -> np.ndarray:
     return torch.log_softmax(logits.float(), dim=-1).numpy()
 
 
+def reference_log_tail(model: Any, input_ids: np.ndarray, top_ids: np.ndarray, score_start: int) -> np.ndarray:
+    """float64 log of the teacher's mass outside `top_ids` ([S, K], −1 = empty) at the scored
+    positions, from the model's own logits widened to float64: a direct sum over the other tokens."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(input_ids[None].astype(np.int64))).logits[0, score_start - 1 : -1]
+    logp = torch.log_softmax(logits.double(), dim=-1).numpy()
+    outside = np.ones(logp.shape, dtype=bool)
+    rows = np.repeat(np.arange(len(top_ids)), top_ids.shape[1])
+    keep = top_ids.reshape(-1) >= 0
+    outside[rows[keep], top_ids.reshape(-1)[keep]] = False
+    with np.errstate(divide="ignore"):
+        return np.log(np.where(outside, np.exp(logp), 0.0).sum(-1))
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic of observed `counts` against `probs` (bins with expectation < 5 merged),
+    and its degrees of freedom."""
+    n = counts.sum()
+    expected = n * probs
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum() - 1)
+
+
 def assert_topk_close(ids_a: np.ndarray, lp_a: np.ndarray, ids_b: np.ndarray, lp_b: np.ndarray,
                       atol: float) -> None:
     """Same top-k up to the order of (near-)ties: the sorted values agree, every id on both sides

@@ -15,11 +15,13 @@ def make_manifest(
     logprob_dtype: str = "float16",
     vocab: int = 100,
     chunk_tokens: int = 32,
+    tail_logprob: str | None = "direct",
 ) -> StoreManifest:
+    """A manifest for random test records; `tail_logprob=None` makes a format 1.0 store (no log tail)."""
     return StoreManifest(
         teacher=TeacherInfo(name_or_path="test-teacher", config_hash="sha256:abc", dtype="float32", vocab_size=vocab),
         tokenizer=TokenizerInfo(fingerprint="sha256:tok", vocab_size=vocab, special_tokens={"eos_token_id": 1}),
-        targets=TargetSpec(k=k, logprob_dtype=logprob_dtype),
+        targets=TargetSpec(k=k, logprob_dtype=logprob_dtype, tail_logprob=tail_logprob),
         hidden=HiddenSpec(layers=[HiddenLayer(i, w, d) for i, w, d in layers], chunk_tokens=chunk_tokens),
         rationales=True,
         generation={"mode": "test"},
@@ -36,6 +38,10 @@ def random_record(rng: np.random.Generator, rid: str, manifest: StoreManifest, n
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     top = np.argsort(-logp, axis=-1)[:, :k].astype(np.int32)
     top_lp = np.take_along_axis(logp, top, -1)
+    rest = logp.astype(np.float64)
+    np.put_along_axis(rest, top, -np.inf, axis=-1)
+    with np.errstate(divide="ignore"):
+        tail = np.log(np.exp(rest).sum(-1)).astype(np.float32)  # the log tail, formed directly
     ids = rng.integers(0, vocab, size=n).astype(np.int32)
     hidden = {}
     for layer in manifest.hidden.layers:
@@ -51,7 +57,7 @@ def random_record(rng: np.random.Generator, rid: str, manifest: StoreManifest, n
         topk_ids=top,
         topk_logprobs=top_lp.astype(np.float16 if manifest.targets.logprob_dtype == "float16" else np.float32),
         token_logprob=logp[np.arange(n - s), ids[s:]] if n > s else np.zeros(0, np.float32),
-        tail_mass=np.clip(1 - np.exp(top_lp).sum(-1), 0, 1).astype(np.float32),
+        tail_logprob=np.minimum(tail, 0.0),
         prompt=f"prompt {rid} — ünïcode",
         messages=[{"role": "user", "content": f"hi {rid}"}] if rng.random() < 0.5 else None,
         completion=None if rng.random() < 0.3 else f"completion {rid}",

@@ -1,5 +1,5 @@
-"""Format 2.0 on the store side: bit packing, log-prob quantisation, sampled targets, the packed
-codec through real Arrow files, verify / info, and the version rules (docs/store-format.md §4.2-4.3)."""
+"""Format 2.x on the store side: bit packing, log-prob quantisation, sampled targets, the packed
+codec through real Arrow files, verify / info, and the version rules (docs/store-format.md §4.2-4.4)."""
 
 from __future__ import annotations
 
@@ -96,9 +96,9 @@ def test_packed_sampled_targets_need_no_position_lengths() -> None:
 
 
 # -- stores ------------------------------------------------------------------------------------------
-def _spec(kind: str, codec: str, k: int = 8) -> TargetSpec:
+def _spec(kind: str, codec: str, k: int = 8, tail_logprob: str | None = "direct") -> TargetSpec:
     packed = codec == "packed"
-    return TargetSpec(
+    return TargetSpec(tail_logprob=tail_logprob,
         kind=kind, k=k if kind != "sampled" else 0, samples=N if kind != "topk" else 0, seed=7,
         sampling="test draws", codec=codec, id_bits=bits_for(VOCAB - 1) if packed else None,
         count_bits=bits_for(N) if packed and kind != "topk" else None,
@@ -113,16 +113,18 @@ def _records(manifest, count: int = 12, seed: int = 0) -> list:
         rec = random_record(rng, f"r{i:03d}", manifest)
         s = rec.num_scored
         if not manifest.targets.has_topk:
-            rec.topk_ids = rec.topk_logprobs = rec.tail_mass = None
+            rec.topk_ids = rec.topk_logprobs = rec.tail_logprob = None
         if manifest.targets.has_sampled:
             rec.sampled = sampled_from_draws(rng.integers(0, VOCAB, size=(s, N)) // rng.integers(1, 30))
         out.append(rec)
     return out
 
 
-def _make_store(tmp_path, kind: str, codec: str, name: str = "s"):
+def _make_store(tmp_path, kind: str, codec: str, name: str = "s", tail_logprob: str | None = "direct"):
+    """A store of random records; `tail_logprob=None` writes format 1.0 / 2.0 (no log tail)."""
     manifest = make_manifest(k=8, layers=(), vocab=VOCAB)
-    manifest = type(manifest)(teacher=manifest.teacher, tokenizer=manifest.tokenizer, targets=_spec(kind, codec),
+    manifest = type(manifest)(teacher=manifest.teacher, tokenizer=manifest.tokenizer,
+                              targets=_spec(kind, codec, tail_logprob=tail_logprob),
                               hidden=manifest.hidden, generation={"mode": "test"})
     url = str(tmp_path / name)
     store = create_store(url, manifest, tokenizer_files={"tokenizer.json": b"{}"})
@@ -133,11 +135,15 @@ def _make_store(tmp_path, kind: str, codec: str, name: str = "s"):
     return open_store(url), _records(manifest)  # fresh copies: the writer converted its inputs in place
 
 
-@pytest.mark.parametrize("kind,codec", [("topk", "packed"), ("sampled", "none"), ("sampled", "packed"),
-                                        ("both", "none"), ("both", "packed")])
-def test_every_kind_and_codec_round_trips_through_real_files(tmp_path, kind: str, codec: str) -> None:
-    store, expected = _make_store(tmp_path, kind, codec)
-    assert store.manifest.format_version == "2.0"
+@pytest.mark.parametrize("kind,codec,legacy", [("topk", "packed", False), ("sampled", "none", False),
+                                               ("sampled", "packed", False), ("both", "none", False),
+                                               ("both", "packed", False), ("topk", "packed", True),
+                                               ("both", "none", True), ("both", "packed", True)])
+def test_every_kind_and_codec_round_trips_through_real_files(tmp_path, kind: str, codec: str, legacy: bool) -> None:
+    """Format 2.1 (and, `legacy`, 2.0 stores without the log tail, which read their tail from the
+    approximate mass: stored, or recomputed from the quantised log-probs when packed)."""
+    store, expected = _make_store(tmp_path, kind, codec, tail_logprob=None if legacy else "direct")
+    assert store.manifest.format_version == ("2.0" if legacy or kind == "sampled" else "2.1")
     q = store.manifest.targets.quantizer() if codec == "packed" else None
     for i, want in enumerate(expected):
         got = store.record(i)
@@ -150,13 +156,18 @@ def test_every_kind_and_codec_round_trips_through_real_files(tmp_path, kind: str
             if q:
                 lp_want = want.topk_logprobs.astype(np.float32)
                 assert np.abs(got.topk_logprobs - np.maximum(lp_want, -24.0)).max(initial=0) <= tol
-                # the tail is recomputed from the decoded log-probs, within the bound the format states
-                bound = (1 - want.tail_mass) * np.expm1(q.max_error + 1e-5) + 8 * np.exp(-24.0) + 1e-6
-                assert np.all(np.abs(got.tail_mass - want.tail_mass) <= bound + 2e-3 * (want.topk_logprobs.dtype == np.float16))
             else:
                 assert np.array_equal(got.topk_logprobs, want.topk_logprobs)
+            if not legacy:  # the log tail is stored as it was given, in every codec
+                assert got.tail_logprob.dtype == np.float32
+                assert np.array_equal(got.tail_logprob, want.tail_logprob)
+            elif q:  # 2.0 packed: recomputed from the decoded log-probs, within the bound the format states
+                bound = (1 - want.tail_mass) * np.expm1(q.max_error + 1e-5) + 8 * np.exp(-24.0) + 1e-6
+                assert np.all(np.abs(got.tail_mass - want.tail_mass) <= bound + 2e-3 * (want.topk_logprobs.dtype == np.float16))
+            else:  # 2.0 unpacked: the log of the stored float32 mass
+                np.testing.assert_allclose(got.tail_mass, want.tail_mass, rtol=2e-7, atol=0)
         else:
-            assert got.topk_ids is None and got.tail_mass is None
+            assert got.topk_ids is None and got.tail_logprob is None
         if kind in ("sampled", "both"):
             assert np.array_equal(got.sampled.offsets, want.sampled.offsets)
             assert np.array_equal(got.sampled.ids, want.sampled.ids)
@@ -182,28 +193,34 @@ def test_packed_sampled_store_is_far_smaller_and_info_shows_bytes_by_field(tmp_p
     assert "sampled_ids_packed" in out.output
 
 
-def test_a_plain_topk_store_stays_format_1_0_with_exactly_the_1_0_manifest_keys(tmp_path) -> None:
+def test_a_plain_topk_store_stays_format_1_x_with_exactly_the_1_x_manifest_keys(tmp_path) -> None:
     store, _ = _make_store(tmp_path, "topk", "none")
     with open(os.path.join(store.url, "manifest.json")) as f:
         raw = json.load(f)
+    assert raw["format_version"] == "1.1"
+    assert set(raw["targets"]) == {"kind", "k", "logprob_dtype", "temperature", "logprobs_from", "tail_logprob"}
+    assert raw["targets"]["tail_logprob"] == "direct"
+    with open(os.path.join(store.url, "commits", "w0-000000.json")) as f:
+        assert json.load(f)["format_version"] == "1.1"
+    old, _ = _make_store(tmp_path, "topk", "none", "old", tail_logprob=None)  # without the log tail: 1.0, byte for byte
+    with open(os.path.join(old.url, "manifest.json")) as f:
+        raw = json.load(f)
     assert raw["format_version"] == "1.0"
     assert set(raw["targets"]) == {"kind", "k", "logprob_dtype", "temperature", "logprobs_from"}
-    with open(os.path.join(store.url, "commits", "w0-000000.json")) as f:
-        assert json.load(f)["format_version"] == "1.0"
 
 
 def test_a_1_x_reader_refuses_a_2_0_store_in_one_line_and_still_reads_1_0(tmp_path, monkeypatch) -> None:
-    new, _ = _make_store(tmp_path, "sampled", "packed", "new")
+    new, _ = _make_store(tmp_path, "both", "packed", "new")
     old, _ = _make_store(tmp_path, "topk", "none", "old")
     monkeypatch.setattr(manifest_module, "READ_MAJOR", 1)  # what potstill 1.x is
     with pytest.raises(FormatVersionError) as info:
         open_store(new.url)
     message = str(info.value)
-    assert "\n" not in message and "uses format 2.0" in message and "reads (1.x): upgrade potstill" in message
+    assert "\n" not in message and "uses format 2.1" in message and "reads (1.x): upgrade potstill" in message
     assert open_store(old.url).record(0).topk_ids is not None
-    # Every 2.0 shard carries 2.0 too, so reading a shard alone is refused the same way.
+    # Every 2.x shard carries its version too, so reading a shard alone is refused the same way.
     with open(os.path.join(new.url, "commits", "w0-000000.json")) as f:
-        assert json.load(f)["format_version"] == "2.0"
+        assert json.load(f)["format_version"] == "2.1"
 
 
 def test_a_manifest_claiming_1_0_for_sampled_targets_is_refused(tmp_path) -> None:
@@ -240,3 +257,12 @@ def test_target_spec_rejects_inconsistent_settings() -> None:
         TargetSpec(kind="sampled", k=0, samples=N, codec="packed", id_bits=9, count_bits=5, logprob_bits=12, logprob_min=-24.0)
     with pytest.raises(StoreError, match="log-prob bits"):
         TargetSpec(kind="topk", k=8, codec="packed", id_bits=9, logprob_bits=20, logprob_min=-24.0)
+
+
+def test_decoding_refuses_counts_that_break_the_format() -> None:
+    """Found by fuzzing: a count of 0, or counts that overshoot N within a position, decoded silently."""
+    for counts, n in (([0], 1), ([2, 6], 4), ([1, 0, 3], 4)):
+        data = pack_bits(np.array(counts, dtype=np.uint64), 4)
+        ids = pack_bits(np.zeros(len(counts), dtype=np.uint64), 9)
+        with pytest.raises(StoreError, match="count is 0|do not split"):
+            decode_sampled(ids, data, len(counts), 1, n, 9, 4)

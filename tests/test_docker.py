@@ -59,3 +59,24 @@ def test_dockerignore_keeps_the_packages():
         ignored = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     for package in ("store", "teacher_gen", "student_train", "cli"):
         assert package not in ignored
+
+
+def test_the_generation_image_runs_as_an_unprivileged_user_with_writable_volumes():
+    """No Docker engine here: read the Dockerfile. The last USER is a named non-root user, created by a
+    RUN before it and after the install; /data and /state (the documented mount points) belong to it."""
+    steps = instructions(os.path.join(ROOT, "docker", "generate.Dockerfile"))
+    ops = [op for op, _ in steps]
+    users = [i for i, op in enumerate(ops) if op == "USER"]
+    assert users, "the image runs as root: no USER"
+    last_user = users[-1]
+    user = steps[last_user][1].split(":")[0]
+    assert user not in ("root", "0", ""), user
+    assert not any(op in ("RUN", "USER") for op in ops[last_user + 1:]), "steps after the last USER"
+    installs = [i for i, (op, args) in enumerate(steps) if op == "RUN" and "pip install" in args]
+    creates = [i for i, (op, args) in enumerate(steps) if op == "RUN" and "useradd" in args and user in args.split()]
+    assert creates and installs and max(installs) < creates[0] < last_user
+    create = steps[creates[0]][1]
+    assert "--uid" in create and "--create-home" in create
+    assert f"chown {user}:{user} /data /state" in create
+    env = " ".join(args for op, args in steps if op == "ENV")
+    assert f"HOME=/home/{user}" in env  # caches (HF, Triton, torch.compile) go where the user can write

@@ -214,7 +214,7 @@ def test_workers_split_ids_and_errors_deterministically(tmp_path, tiny_teacher_d
         mine = {rid for c in s.commits if c.writer_id.startswith(summ.writer_id) for rid in c.ids}
         assert all(owner(rid, 3) == i for rid in mine)
     errors = [str(e) for summ in summaries for e in summ.errors]
-    assert sorted(errors) == ["line 17: malformed JSON (Expecting property name enclosed in double quotes)",
+    assert sorted(errors) == ["line 17: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
                               "line 18, id 'empty': empty prompt"]
     assert len(os.listdir(os.path.join(store, "errors"))) == sum(1 for x in summaries if x.errors)
 

@@ -6,9 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from genhelpers import assert_topk_close, config, prompt_rows, reference_logprobs, write_jsonl
+from genhelpers import (
+    assert_topk_close,
+    config,
+    prompt_rows,
+    reference_log_tail,
+    reference_logprobs,
+    write_jsonl,
+)
 
-from store import decode_hidden, open_store
+from store import decode_hidden, open_store, verify_store
 from teacher_gen.errors import GenerateError
 from teacher_gen.runner import generate
 
@@ -44,10 +51,14 @@ def test_scoring_equals_full_softmax_reference(scored_store, teacher_model):
         top = np.take_along_axis(rows, order, -1)
         assert_topk_close(rec.topk_ids, rec.topk_logprobs, order.astype(np.int32), top, atol=1e-4)
         np.testing.assert_allclose(rec.token_logprob, rows[np.arange(n - s), rec.input_ids[s:]], atol=1e-4)
-        np.testing.assert_allclose(rec.tail_mass, np.clip(1 - np.exp(top).sum(-1), 0, 1), atol=1e-5)
-        assert np.all((rec.tail_mass >= 0) & (rec.tail_mass <= 1))
+        # the log tail against a float64 sum over the other tokens: exact to float32 (mass relative 1e-5)
+        want = reference_log_tail(teacher_model, rec.input_ids, rec.topk_ids, s)
+        np.testing.assert_allclose(rec.tail_logprob, want, rtol=0, atol=1e-5)
+        assert rec.tail_logprob.dtype == np.float32 and np.all(rec.tail_logprob < 0)
         checked += n - s
     assert checked > 20
+    assert scored_store.manifest.format_version == "1.1" and scored_store.manifest.targets.tail_logprob == "direct"
+    assert verify_store(scored_store.url).ok  # tail_mass = exp(tail_logprob), for 1.0 readers
 
 
 def test_fp16_logprobs_within_fp16_precision(tmp_path, tiny_teacher_dir, teacher_model):
@@ -63,8 +74,9 @@ def test_fp16_logprobs_within_fp16_precision(tmp_path, tiny_teacher_dir, teacher
         # fp16 keeps 11 significant bits: |error| <= 2^-11 |x|
         tol = float(np.abs(top).max()) * 2.0**-10
         assert_topk_close(rec.topk_ids, rec.topk_logprobs, order.astype(np.int32), top, atol=tol)
-        # tail mass is computed in fp32 before rounding
-        np.testing.assert_allclose(rec.tail_mass, np.clip(1 - np.exp(top).sum(-1), 0, 1), atol=1e-5)
+        # the log tail is computed in fp32 and stored as float32, whatever the log-probs' dtype
+        want = reference_log_tail(teacher_model, rec.input_ids, rec.topk_ids, rec.score_start)
+        np.testing.assert_allclose(rec.tail_logprob, want, rtol=0, atol=1e-5)
 
 
 def test_hidden_states_equal_output_hidden_states(scored_store, teacher_model):
@@ -147,22 +159,22 @@ def test_batched_equals_one_by_one_and_chunking_is_invisible(tiny_teacher_dir):
             assert_topk_close(together.targets.ids, together.targets.logprobs, other.targets.ids,
                               other.targets.logprobs, atol=1e-5)
             np.testing.assert_allclose(together.targets.token_logprob, other.targets.token_logprob, atol=1e-5)
-            np.testing.assert_allclose(together.targets.tail_mass, other.targets.tail_mass, atol=1e-5)
+            np.testing.assert_allclose(together.targets.tail_logprob, other.targets.tail_logprob, atol=1e-5)
             for index in (0, 2):
                 assert together.hidden[index].shape == (len(job) - job.hidden_start, 32)
                 np.testing.assert_allclose(decode_hidden(together.hidden[index], "bfloat16"),
                                            decode_hidden(other.hidden[index], "bfloat16"), rtol=2.0**-7, atol=1e-6)
 
 
-def test_top_k_larger_than_vocabulary_is_padded(tmp_path, tiny_teacher_dir, teacher_model):
+def test_top_k_equal_to_the_vocabulary_keeps_the_whole_distribution(tmp_path, tiny_teacher_dir, teacher_model):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=4))
-    generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s"), top_k=400, logprob_dtype="float32"))
+    vocab = 384  # (a larger --top-k is refused before anything is written: tests/test_generate_integrity.py)
+    generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s"), top_k=vocab, logprob_dtype="float32"))
     rec = open_store(str(tmp_path / "s")).record(0)
-    vocab = 384
-    assert rec.topk_ids.shape[1] == 400
-    assert np.all(rec.topk_ids[:, vocab:] == -1) and np.all(np.isneginf(rec.topk_logprobs[:, vocab:]))
-    assert np.all(np.sort(rec.topk_ids[:, :vocab], axis=1) == np.arange(vocab))
-    np.testing.assert_allclose(rec.tail_mass, 0.0, atol=1e-5)  # the whole distribution is kept
+    assert rec.topk_ids.shape[1] == vocab
+    assert np.all(np.sort(rec.topk_ids, axis=1) == np.arange(vocab))
+    assert np.isneginf(rec.tail_logprob).all()  # the whole distribution is kept: no tail at all
+    assert verify_store(str(tmp_path / "s")).ok
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +275,56 @@ def test_block_topk_path_in_the_backend(tiny_teacher_dir):
     blocked.block = 64  # 6 blocks of 64 over the 384-token vocabulary
     for a, b in zip(plain.score(jobs)(), blocked.score(jobs)(), strict=True):
         assert_topk_close(a.targets.ids, a.targets.logprobs, b.targets.ids, b.targets.logprobs, atol=0)
-        np.testing.assert_array_equal(a.targets.tail_mass, b.targets.tail_mass)
+        np.testing.assert_array_equal(a.targets.tail_logprob, b.targets.tail_logprob)
+
+
+def _logits_with_tail(tail: float, dtype: torch.dtype, rows: int = 4, vocab: int = 32_000, k: int = 64, seed: int = 0):
+    """[rows, vocab] logits whose top-k (ids `k` apart) hold all but `tail` of the mass (before
+    rounding to `dtype`), on the scale of a real teacher's (top logits 18-30)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    top_ids = torch.arange(k) * (vocab // k)
+    top = 18 + 12 * torch.rand(rows, k, generator=g, dtype=torch.float64)
+    rest_mass = torch.logsumexp(top, -1) + np.log(tail / (1 - tail))  # log Σ exp(rest) for that tail
+    logits += (rest_mass - torch.logsumexp(logits, -1))[:, None]
+    logits[:, top_ids] = top
+    return logits.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tail", [5e-5, 1e-7, 1e-12])
+def test_the_stored_log_tail_is_exact_where_one_minus_the_top_k_is_noise(tail: float, dtype: torch.dtype):
+    """The capture's chunk loop on logits with a known tail (bfloat16 like a real teacher's, or fp32)
+    against a float64 sum over the tokens outside the top-64: relative 1e-5 in the mass. The
+    complement 1 − Σ exp(top-K) in float32 (format 1.0's tail) is off by percents at 5e-5 and noise below."""
+    from teacher_gen.capture import topk_logprobs
+
+    logits = _logits_with_tail(tail, dtype)
+    ids, lp, _, got = topk_logprobs(logits, torch.nn.Identity(), torch.zeros(4, dtype=torch.long), 64, chunk=3)
+    x = logits.double()
+    outside = torch.ones_like(x, dtype=torch.bool).scatter(-1, ids.long(), False)
+    want = torch.logsumexp(x.masked_fill(~outside, float("-inf")), -1) - torch.logsumexp(x, -1)
+    assert torch.allclose(want.exp(), torch.full((4,), tail, dtype=torch.float64), rtol=0.05)  # the case is what it says
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 1e-5, (got, want)
+    np.testing.assert_allclose(lp.double(), torch.log_softmax(x, -1).gather(-1, ids.long()), rtol=1e-6, atol=1e-6)
+    x32 = logits.float()  # format 1.0's capture: log-probs x − logsumexp(x), then 1 − Σ exp, all in float32
+    old_lp = x32.gather(-1, ids.long()) - torch.logsumexp(x32, -1, keepdim=True)
+    old = (1.0 - old_lp.exp().sum(-1)).clamp(0.0, 1.0).double()
+    assert ((old - want.exp()).abs() / want.exp()).max() > 1e-2
+
+
+def test_a_log_tail_near_zero_keeps_its_relative_precision():
+    """A flat teacher: the top-K holds little, the log tail is ~ −Σ p_k ≈ −6e-3, kept to float32's
+    relative precision (not to the ~1e-6 of a difference of two logsumexps near 10)."""
+    from teacher_gen.capture import topk_logprobs
+
+    logits = torch.randn(4, 32_000, generator=torch.Generator().manual_seed(1))
+    ids, _, _, got = topk_logprobs(logits, torch.nn.Identity(), torch.zeros(4, dtype=torch.long), 8)
+    logp = torch.log_softmax(logits.double(), -1)
+    want = torch.log1p(-logp.gather(-1, ids.long()).exp().sum(-1))
+    assert torch.all(want > -1e-2)
+    assert ((got.double() - want).abs() / want.abs()).max() <= 1e-5
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

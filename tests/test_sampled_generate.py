@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from genhelpers import config, prompt_rows, reference_logprobs, run_cli, write_jsonl
+from genhelpers import chi_square, config, prompt_rows, reference_logprobs, run_cli, write_jsonl
 
 from store import open_store, verify_store
 from teacher_gen.capture import sample_chunk
@@ -78,18 +78,6 @@ def test_a_resumed_run_draws_what_an_uninterrupted_run_draws(tmp_path, tiny_teac
     assert _same(_sampled(open_store(whole)), _sampled(open_store(resumed)))
 
 
-def _chi_square_z(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
-    """Pearson's statistic of observed `counts` against `probs` (bins with expectation < 5 merged),
-    and its degrees of freedom."""
-    n = counts.sum()
-    expected = n * probs
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    keep = exp > 0
-    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum() - 1)
-
-
 def _wilson_hilferty(stat: float, dof: int) -> float:
     """z-score of a chi-square statistic (normal approximation of its cube root)."""
     return ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
@@ -111,9 +99,9 @@ def test_draw_frequencies_match_the_teachers_distribution(tmp_path, tiny_teacher
         observed[ids] = counts
         p = probs[rec.score_start - 1 + j]
         p /= p.sum()
-        s, d = _chi_square_z(observed, p)
+        s, d = chi_square(observed, p)
         wrong = p**0.8 / (p**0.8).sum()  # the same distribution at temperature 1.25: must be told apart
-        stat, dof, stat_wrong = stat + s, dof + d, stat_wrong + _chi_square_z(observed, wrong)[0]
+        stat, dof, stat_wrong = stat + s, dof + d, stat_wrong + chi_square(observed, wrong)[0]
     assert rec.num_scored >= 4 and dof > 20
     assert _wilson_hilferty(stat, dof) < 4.0, (stat, dof)  # p > 3e-5 under the teacher's distribution
     assert _wilson_hilferty(stat_wrong, dof) > 10.0  # and the test has the power to reject a wrong one
@@ -121,9 +109,8 @@ def test_draw_frequencies_match_the_teachers_distribution(tmp_path, tiny_teacher
 
 def test_sampling_never_draws_a_token_of_probability_zero():
     logits = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf")], [float("-inf"), 2.0, float("-inf"), float("-inf")]])
-    lse = torch.logsumexp(logits, -1)
     uniforms = torch.tensor([[0.0, 0.2689, 0.27, 1 - 1e-12], [0.0, 0.5, 1 - 1e-16, 0.999]], dtype=torch.float64)
-    draws = sample_chunk(logits, lse, uniforms)
+    draws = sample_chunk(logits, uniforms)
     assert draws[0].tolist() == [0, 0, 2, 2] and draws[1].tolist() == [1, 1, 1, 1]
 
 

@@ -2,136 +2,46 @@
 port) with the tiny local teacher, driven over HTTP and through the CLI.
 
 One service (no token) is shared by the tests that only submit jobs; auth and kill -9 get their own.
+Each may read and write the test session's temporary folder (`--data-root`). What the service
+refuses (the path policy, request limits, Host check) is tested in test_serve_policy.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import numpy as np
 import pytest
 from genhelpers import config, prompt_rows, run_cli, write_jsonl
+from servehelpers import (
+    REPO,
+    TOKEN,
+    Service,
+    assert_complete,
+    committed_ids,
+    jobs_cli,
+    start_service,
+    submit,
+    wait_job,
+)
 
 from store import open_store, verify_store
 from teacher_gen.config import GenerateConfig
 from teacher_gen.runner import generate
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKEN = "test-token-0123456789abcdef"
-
-
-# -- a real service process ---------------------------------------------------------------------
-@dataclass
-class Service:
-    proc: subprocess.Popen
-    url: str
-    state: str
-    log: str
-
-    def client(self, token: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_text(self) -> str:
-        return _read(self.log)
-
-
-def start_service(teacher: str, state: str, *extra: str, env: dict[str, str] | None = None,
-                  token: str | None = None) -> Service:
-    """Start `potstill serve --port 0` and wait until it listens and the teacher is loaded."""
-    os.makedirs(state, exist_ok=True)
-    log = os.path.join(state, f"serve-{time.monotonic_ns()}.log")
-    service_file = os.path.join(state, "service.json")
-    if os.path.exists(service_file):
-        os.remove(service_file)
-    full_env = {**os.environ, **(env or {})}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--teacher", teacher, "--device", "cpu", "--state", state,
-             "--port", "0", *extra],
-            stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
-        )
-    deadline = time.monotonic() + 120
-    url = None
-    while True:
-        assert proc.poll() is None, _read(log)
-        assert time.monotonic() < deadline, "the service did not start in 120 s:\n" + _read(log)
-        if url is None and os.path.exists(service_file):
-            info = json.loads(_read(service_file))
-            if info["pid"] == proc.pid:
-                url = info["url"]
-        if url is not None:
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            if httpx.get(f"{url}/health", headers=headers, timeout=10).json()["status"] == "ready":
-                return Service(proc, url, state, log)
-        time.sleep(0.1)
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = client.get(f"/jobs/{job_id}").json()
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        assert time.monotonic() < deadline, f"job {job_id} still {status['state']} after {timeout} s"
-        time.sleep(0.1)
-
-
-def submit(client: httpx.Client, **spec) -> str:
-    response = client.post("/jobs", json=spec)
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def committed_ids(store: str) -> list[str]:
-    return [i for c in open_store(store).commits for i in c.ids]
-
-
-def assert_complete(store: str, n: int) -> None:
-    """Every id r0000..r{n-1} exactly once, and the store verifies with no leftovers."""
-    ids = committed_ids(store)
-    assert len(ids) == len(set(ids)) == n
-    assert set(ids) == {f"r{i:04d}" for i in range(n)}
-    report = verify_store(store)
-    assert report.ok, [str(p) for p in report.problems]
-    assert not report.leftovers
-
-
-def jobs_cli(service: Service, *args: str, token: str | None = None) -> subprocess.CompletedProcess:
-    env = {"POTSTILL_SERVER": service.url}
-    if token:
-        env["POTSTILL_TOKEN"] = token
-    return run_cli(["jobs", *args], env=env, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def service(tiny_teacher_dir, tmp_path_factory) -> Iterator[Service]:
     state = str(tmp_path_factory.mktemp("serve-state"))
     env = {k: v for k, v in os.environ.items() if k != "POTSTILL_TOKEN"}
-    svc = start_service(tiny_teacher_dir, state, env=env)
+    svc = start_service(tiny_teacher_dir, state, "--data-root", str(tmp_path_factory.getbasetemp()), env=env)
     yield svc
     svc.stop()
 
@@ -245,6 +155,21 @@ def test_an_unreadable_prompt_set_fails_its_job_and_the_service_keeps_serving(se
     assert result.returncode == 1 and f"error: job {bad_id} failed: " in result.stderr
 
 
+def test_hostile_prompt_lines_are_skipped_and_the_job_is_done(service, tmp_path):
+    """Lines that crashed a run (and so failed the whole job): a 5,000-digit integer, 100,000 nested
+    brackets, a lone surrogate. Each is one skipped line with its number and reason."""
+    rows = prompt_rows(2, seed=8)
+    lines = [rows[0], '{"id": "big", "prompt": "a", "n": ' + "7" * 5000 + "}", "[" * 100_000,
+             '{"id": "sur", "prompt": "x \\ud800", "completion": "y"}', rows[1]]
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), lines)
+    with service.client() as c:
+        status = wait_job(c, submit(c, prompts=prompts, store=str(tmp_path / "s")))
+    assert status["state"] == "done", status["error"]
+    assert status["input_error_count"] == 3 and [e.split(":")[0] for e in status["input_errors"]] == [
+        "line 2", "line 3", "line 4"]
+    assert sorted(committed_ids(str(tmp_path / "s"))) == sorted(r["id"] for r in rows)
+
+
 def test_bad_specs_get_422_naming_the_field(service, tiny_teacher_dir, tmp_path):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=5))
     store = str(tmp_path / "s")
@@ -327,7 +252,8 @@ def test_load_hundreds_of_submissions_and_polls_lose_no_job(service, tmp_path):
 def test_auth_with_a_token_every_request_needs_it(tiny_teacher_dir, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    svc = start_service(tiny_teacher_dir, str(tmp_path / "state"), "--token-file", str(token_file), token=TOKEN)
+    svc = start_service(tiny_teacher_dir, str(tmp_path / "state"), "--token-file", str(token_file),
+                        "--data-root", str(tmp_path), token=TOKEN)
     try:
         for path in ("/health", "/jobs", "/jobs/x", "/openapi.json"):
             assert httpx.get(svc.url + path).status_code == 401
@@ -337,6 +263,8 @@ def test_auth_with_a_token_every_request_needs_it(tiny_teacher_dir, tmp_path):
         assert httpx.get(svc.url + "/jobs", headers={"Authorization": "Basic " + TOKEN}).status_code == 401
         with svc.client(TOKEN) as c:
             assert c.get("/health").json()["auth"] is True
+            # With a token the Host header is not checked: clients reach the service by any name.
+            assert c.get("/health", headers={"Host": "gpu-box.example:8000"}).status_code == 200
             assert c.get("/jobs").json() == []  # the refused POST queued nothing
         no_token = jobs_cli(svc, "list")
         assert no_token.returncode == 1 and "401" in no_token.stderr and "POTSTILL_TOKEN" in no_token.stderr
@@ -368,7 +296,7 @@ def test_kill_9_during_a_job_then_restart_finishes_every_id_exactly_once(tiny_te
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(n, seed=8))
     store, second = str(tmp_path / "s"), str(tmp_path / "s2")
     state = str(tmp_path / "state")
-    svc = start_service(tiny_teacher_dir, state)
+    svc = start_service(tiny_teacher_dir, state, "--data-root", str(tmp_path))
     with svc.client() as c:
         job_id = submit(c, prompts=prompts, store=store, batch_tokens=64, shard_records=2, hidden_layers=[0, -1])
         queued_id = submit(c, prompts=prompts, store=second, top_k=4)
@@ -381,7 +309,7 @@ def test_kill_9_during_a_job_then_restart_finishes_every_id_exactly_once(tiny_te
     done = len(committed_ids(store))
     assert 0 < done < n
 
-    again = start_service(tiny_teacher_dir, state)
+    again = start_service(tiny_teacher_dir, state, "--data-root", str(tmp_path))
     try:
         with again.client() as c:
             first, queued = wait_job(c, job_id), wait_job(c, queued_id)
@@ -443,12 +371,14 @@ def test_queue_resumes_interrupted_jobs_first_and_gives_up_after_repeated_crashe
     q.close()
 
 
-def test_a_prompt_set_given_by_url_is_fetched_by_the_service(service, tmp_path):
+def test_a_file_url_is_a_local_path_under_the_roots(service, tmp_path):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(5, seed=9))
     with service.client() as c:
-        ok = wait_job(c, submit(c, prompts=f"file://{prompts}", store=str(tmp_path / "s")))
-        missing = wait_job(c, submit(c, prompts=f"file://{tmp_path}/gone.jsonl", store=str(tmp_path / "s2")))
+        ok = wait_job(c, submit(c, prompts=f"file://{prompts}", store=f"file://{tmp_path}/s"))
+        missing = c.post("/jobs", json={"prompts": f"file://{tmp_path}/gone.jsonl", "store": str(tmp_path / "s2")})
     assert ok["state"] == "done" and ok["records_done"] == 5
     assert_complete(str(tmp_path / "s"), 5)
-    assert missing["state"] == "failed" and "gone.jsonl: cannot fetch it" in missing["error"]
-    assert not os.listdir(os.path.join(service.state, "inputs"))  # fetched copies are removed
+    assert missing.status_code == 422
+    assert missing.json()["detail"] == f"prompts: file://{tmp_path}/gone.jsonl does not exist on the server"
+    inputs = os.path.join(service.state, "inputs")
+    assert not os.path.exists(inputs) or not os.listdir(inputs)  # read in place, not copied

@@ -17,6 +17,7 @@ from storehelpers import TOKENIZER_FILES, make_manifest, random_record
 
 from store import (
     FormatVersionError,
+    Store,
     StoreError,
     create_store,
     decode_hidden,
@@ -172,14 +173,17 @@ def test_writer_killed_mid_shard_leaves_no_visible_partial_shard(tmp_path):
     store = open_store(url)
     assert store.shard_names == ["crashy-000000"]
     assert [r.id for r in store.iter_records(with_hidden=True)] == [f"c{i}" for i in range(10)]
-    leftovers = find_leftovers(store)
-    assert [(x.shard, x.live) for x in leftovers] == [("crashy-000001", False)]
+    leftovers = find_leftovers(store)  # the folder, and the lease the killed writer could not remove
+    assert [(x.path, x.kind, x.live) for x in leftovers] == [
+        ("shards/crashy-000001", "uncommitted shard", False), ("writers/crashy.json", "stale lease", False)]
 
     report = verify_store(url)  # without --clean: reported, not touched
-    assert report.ok and [x.shard for x in report.leftovers] == ["crashy-000001"] and os.path.isdir(partial)
+    assert report.ok and [x.path for x in report.leftovers] == ["shards/crashy-000001", "writers/crashy.json"]
+    assert os.path.isdir(partial)
     report = verify_store(url, clean=True)
-    assert report.cleaned == ["crashy-000001"] and not os.path.exists(partial)
+    assert report.cleaned == ["shards/crashy-000001", "writers/crashy.json"] and not os.path.exists(partial)
     assert verify_store(url).ok and not verify_store(url).leftovers
+    assert not os.listdir(os.path.join(url, "writers"))
     # the same writer id carries on after the crash without reusing a shard name
     rng = np.random.default_rng(9)
     write_records(open_store(url), "crashy", [random_record(rng, "later", make_manifest(chunk_tokens=4))])
@@ -193,7 +197,7 @@ def test_live_writer_shard_is_not_a_leftover(tmp_path):
     w.write(random_record(np.random.default_rng(0), "x", store.manifest))
     os.makedirs(os.path.join(url, "shards", "busy-000000"), exist_ok=True)
     report = verify_store(url, clean=True)
-    assert [(x.shard, x.live) for x in report.leftovers] == [("busy-000000", True)] and report.cleaned == []
+    assert [(x.path, x.live) for x in report.leftovers] == [("shards/busy-000000", True)] and report.cleaned == []
     w.close()
     assert open_store(url).num_records == 1
 
@@ -309,16 +313,64 @@ def test_newer_major_commit_is_refused(tmp_path):
         open_store(url)
 
 
-def test_torn_commit_record_stays_invisible(tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "not-an-object", "wrong-type"])
+def test_damaged_commit_record_is_bad_and_its_shard_is_kept(tmp_path, damage):
+    """Commit records are written atomically, so one that does not parse is damage, never a crash:
+    verify reports it BAD (exit 1) and nothing (not --clean, not a generate rerun) deletes its shard."""
     url = _small_store(tmp_path)
     path = os.path.join(url, "commits", "wA-000001.json")
     with open(path, "rb") as f:
         data = f.read()
+    damaged = {
+        "truncate": data[: len(data) // 2],
+        "flip": data[:10] + bytes([data[10] ^ 0x55]) + data[11:],
+        "empty": b"",
+        "not-an-object": b"[1, 2, 3]",
+        "wrong-type": data.replace(b'"records": 6', b'"records": "six"'),
+    }[damage]
+    assert damaged != data
     with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
+        f.write(damaged)
+    shard_files = _snapshot(os.path.join(url, "shards", "wA-000001"))
+    with pytest.raises(StoreError, match=r"commits/wA-000001.json: damaged commit record .*kept"):
+        open_store(url)  # a strict reader (training, generate, copy) refuses rather than read less
+    report = verify_store(url, clean=True)
+    assert not report.ok and [p.where for p in report.problems] == ["commits/wA-000001.json"]
+    assert "damaged commit record" in str(report.problems[0]) and "kept" in str(report.problems[0])
+    assert report.leftovers == [] and report.cleaned == []
+    assert _snapshot(os.path.join(url, "shards", "wA-000001")) == shard_files  # nothing deleted
+    lenient = Store(url, strict=False)
+    assert lenient.shard_names == ["wA-000000"] and lenient.bad_commits[0][0] == "wA-000001"
+
+
+def test_temporary_commit_file_of_a_dead_writer_is_a_leftover(tmp_path):
+    url = _small_store(tmp_path)
+    tmp = os.path.join(url, "commits", ".wA-000002.json.4242-abcd1234.tmp")  # an atomic write cut short
+    with open(tmp, "wb") as f:
+        f.write(b'{"shard": "wA-00')
+    os.makedirs(os.path.join(url, "shards", "wA-000002"))
     store = open_store(url)
-    assert store.shard_names == ["wA-000000"] and store.num_records == 6
-    assert [x.shard for x in find_leftovers(store)] == ["wA-000001"]
+    assert store.shard_names == ["wA-000000", "wA-000001"]  # never read as a commit
+    kinds = {(x.path, x.kind) for x in find_leftovers(store)}
+    assert kinds == {("shards/wA-000002", "uncommitted shard"), ("commits/.wA-000002.json.4242-abcd1234.tmp", "temporary file")}
+    report = verify_store(url, clean=True)
+    assert report.ok and not os.path.exists(tmp) and not os.path.exists(os.path.join(url, "shards", "wA-000002"))
+    assert open_store(url).num_records == 12
+
+
+def test_commit_records_are_never_overwritten(tmp_path):
+    from store.fs import write_bytes
+
+    url = _small_store(tmp_path)
+    path = os.path.join(url, "commits", "wA-000000.json")
+    with open(path, "rb") as f:
+        before = f.read()
+    store = open_store(url)
+    with pytest.raises(FileExistsError):
+        write_bytes(store.fs, path, b"{}", exclusive=True, atomic=True)
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert [n for n in os.listdir(os.path.join(url, "commits")) if n.startswith(".")] == []  # no temp left
 
 
 def test_memory_store(tmp_path):

@@ -97,11 +97,12 @@ def test_user_errors_are_one_line(store_url, tmp_path):
     path = os.path.join(store_url, "manifest.json")
     with open(path) as f:
         manifest = json.load(f)
+    written_as = manifest["format_version"]
     manifest["format_version"] = "3.0"
     with open(path, "w") as f:
         json.dump(manifest, f)
     one_line_error(potstill("store", "info", store_url), "format 3.0", "upgrade potstill")
-    manifest["format_version"] = "1.0"
+    manifest["format_version"] = written_as
     with open(path, "w") as f:
         json.dump(manifest, f)
     os.remove(os.path.join(store_url, "shards", "w0-000001", "records.arrow"))

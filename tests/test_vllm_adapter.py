@@ -93,7 +93,8 @@ def test_adapter_matches_the_full_distribution(flat):
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-6)
     np.testing.assert_allclose(got.token_logprob, want.token_logprob, rtol=0, atol=0)
-    np.testing.assert_allclose(got.tail_mass, want.tail_mass, atol=1e-6)
+    # vLLM's complement of the top-K against the direct float64 sum over the other tokens
+    np.testing.assert_allclose(np.exp(got.tail_logprob), np.exp(want.tail_logprob), rtol=0, atol=1e-6)  # fp32 inputs
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -107,7 +108,7 @@ def test_actual_token_outside_the_top_k_is_not_counted(flat):
     got = topk_from_vllm(pl, ids, score_start=1, k=2)
     assert got.ids.tolist() == [[0, 1]]
     np.testing.assert_allclose(got.token_logprob, [np.log(0.04)], rtol=1e-6)
-    np.testing.assert_allclose(got.tail_mass, [0.2], atol=1e-6)  # 1 - 0.5 - 0.3: token 4 not subtracted
+    np.testing.assert_allclose(np.exp(got.tail_logprob), [0.2], atol=1e-6)  # 1 - 0.5 - 0.3: token 4 not subtracted
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -119,7 +120,7 @@ def test_actual_token_tied_with_the_kth_keeps_vllms_top_k(flat):
     got = topk_from_vllm(pl, ids, score_start=1, k=3)
     assert got.ids.tolist() == [[0, 1, 2]]
     np.testing.assert_allclose(got.token_logprob, [np.log(0.15)], rtol=1e-6)
-    np.testing.assert_allclose(got.tail_mass, [0.15], atol=1e-6)
+    np.testing.assert_allclose(np.exp(got.tail_logprob), [0.15], atol=1e-6)
 
 
 def test_duplicate_in_flat_form_is_not_double_counted():
@@ -129,7 +130,7 @@ def test_duplicate_in_flat_form_is_not_double_counted():
     assert pl.token_ids[pl.start_indices[1]: pl.end_indices[1]] == [1, 0, 1]  # the duplicate
     got = topk_from_vllm(pl, ids, score_start=1, k=2)
     assert got.ids.tolist() == [[0, 1]]
-    np.testing.assert_allclose(got.tail_mass, [0.2], atol=1e-6)
+    np.testing.assert_allclose(np.exp(got.tail_logprob), [0.2], atol=1e-6)
     np.testing.assert_allclose(got.token_logprob, [np.log(0.3)], rtol=1e-6)
     dict_form = vllm_prompt_logprobs(full, ids, 2, flat=False)
     assert list(dict_form[1]) == [1, 0]  # merged, actual first
@@ -143,7 +144,7 @@ def test_fewer_than_k_entries_are_padded(flat):
     assert got.ids.shape == (4, 5)
     assert np.all(got.ids[:, 3:] == -1) and np.all(np.isneginf(got.logprobs[:, 3:]))
     assert np.all(np.sort(got.ids[:, :3], axis=1) == [0, 1, 2])
-    np.testing.assert_allclose(got.tail_mass, 0.0, atol=1e-6)
+    assert np.isneginf(got.tail_logprob).all()  # the whole vocabulary came back: no tail
     np.testing.assert_allclose(got.token_logprob, full[np.arange(1, 5), ids[2:]], rtol=1e-6)
 
 
@@ -207,6 +208,24 @@ def test_differential_hf_vs_vllm_shaped_records_are_identical(tmp_path, tiny_tea
             np.testing.assert_array_equal(v_rec.topk_logprobs, hf_rec.topk_logprobs)  # fp16, bit for bit
             np.testing.assert_allclose(v_rec.token_logprob, hf_rec.token_logprob, rtol=0, atol=1e-6)
             np.testing.assert_allclose(v_rec.tail_mass, hf_rec.tail_mass, rtol=0, atol=1e-6)
+
+
+def test_vllm_tails_are_complements_in_float64_and_the_manifest_says_so(tmp_path, tiny_teacher_dir):
+    """vLLM returns only the top-K, so its tail is log(1 − Σ exp(top-K)) in float64 (manifest
+    `tail_logprob` "complement"), −inf where that rounds to 0 although K < V."""
+    from teacher_gen.runner import target_spec
+    from teacher_gen.vllm_backend import complement_tail
+
+    assert target_spec(config(tiny_teacher_dir, "p.jsonl", str(tmp_path / "s"), backend="vllm"), 384).tail_logprob == "complement"
+    assert target_spec(config(tiny_teacher_dir, "p.jsonl", str(tmp_path / "s")), 384).tail_logprob == "direct"
+    lp = np.array([[np.log(0.7), np.log(0.2), np.log(0.1 - 1e-9)], [0.0, -30.0, -30.0], [np.log(0.5), np.log(0.5), -np.inf],
+                   [np.log(0.9), np.log(0.1 - 3e-6), np.log(1e-6)]], dtype=np.float32)
+    got = complement_tail(lp)
+    want = np.log1p(-np.exp(lp[[0, 3]].astype(np.float64)).sum(-1))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got[[0, 3]], want, rtol=1e-6)
+    assert np.isneginf(got[1])  # the top-K holds all the mass, to the rounding of the returned log-probs
+    assert np.isneginf(got[2])  # fewer than K entries came back: they are the whole vocabulary
 
 
 def test_engine_defaults_on_cpu_and_gpu(monkeypatch, tmp_path):

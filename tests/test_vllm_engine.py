@@ -145,11 +145,11 @@ def test_vllm_refuses_what_it_cannot_do_in_one_line(tmp_path, vllm_teacher_dir, 
 
 
 def test_serve_with_the_vllm_backend_runs_jobs(tmp_path, vllm_teacher_dir):
-    from test_serve import assert_complete, start_service, submit, wait_job
+    from servehelpers import assert_complete, start_service, submit, wait_job
 
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(10, seed=54))
     svc = start_service(vllm_teacher_dir, str(tmp_path / "state"), "--backend", "vllm", "--dtype", "float32",
-                        "--max-top-k", "32")
+                        "--max-top-k", "32", "--data-root", str(tmp_path))
     try:
         with svc.client() as c:
             health = c.get("/health").json()

@@ -1,5 +1,5 @@
 """Test stores made by a real (tiny, random) teacher: full softmax over real token sequences, then
-top-K, tail mass, the actual token's log-prob and hidden states, written through the store API."""
+top-K, log tail, the actual token's log-prob and hidden states, written through the store API."""
 
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ def teacher_records(teacher_dir: str, items: list[dict], k: int, layers: list[Hi
             out = teacher(input_ids=torch.from_numpy(ids).long()[None], output_hidden_states=True)
         logp = torch.log_softmax(out.logits[0].float(), dim=-1)[s - 1 : len(ids) - 1]  # predicts ids[s:]
         top_lp, top_ids = logp.topk(k, dim=-1)
+        outside = torch.ones_like(logp, dtype=torch.bool).scatter(-1, top_ids, False)
+        tail = torch.logsumexp(logp.double().masked_fill(~outside, float("-inf")), -1)  # the log tail, directly
         hidden = {}
         for layer in layers:
             h = out.hidden_states[layer.index][0]
@@ -69,7 +71,7 @@ def teacher_records(teacher_dir: str, items: list[dict], k: int, layers: list[Hi
             topk_ids=top_ids.int().numpy(),
             topk_logprobs=top_lp.numpy().astype(np.float16),
             token_logprob=logp[torch.arange(len(ids) - s), torch.from_numpy(ids[s:]).long()].numpy(),
-            tail_mass=(1 - top_lp.exp().sum(-1)).clamp(0, 1).numpy(),
+            tail_logprob=tail.float().numpy(),
             prompt=item["prompt"],
             generated=item["completion"],
             rationale=item.get("rationale"),
@@ -88,8 +90,10 @@ def build_teacher_store(
     layer_indices: tuple[int, ...] = (1, 2),
     shard_records: int = 16,
     generation: dict | None = None,
+    tail_logprob: str | None = "direct",
 ) -> Store:
-    """A store as `potstill generate` would write it, from the tiny teacher in `teacher_dir`."""
+    """A store as `potstill generate` would write it, from the tiny teacher in `teacher_dir`
+    (`tail_logprob=None`: as format 1.0 stores were, with only the tail mass)."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(teacher_dir)
@@ -106,7 +110,7 @@ def build_teacher_store(
             vocab_size=config.vocab_size,
         ),
         tokenizer=tokenizer_fingerprint(tok),
-        targets=TargetSpec(k=k, logprob_dtype="float16"),
+        targets=TargetSpec(k=k, logprob_dtype="float16", tail_logprob=tail_logprob),
         hidden=HiddenSpec(layers=layers, chunk_tokens=64),
         rationales=True,
         generation=generation or {"mode": "test"},

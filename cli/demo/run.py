@@ -3,7 +3,7 @@
 1. the teacher: a small Llama that solves 4-digit additions by writing out the carries (trained
    by `cli/demo/teacher.py`, shipped as a checkpoint because training it takes a few minutes);
 2. phase one: `potstill generate --mode generate --rationale` runs the teacher over training
-   problems into a store (top-k log-probs + tail mass + one hidden layer + rationales/answers);
+   problems into a store (top-k log-probs + log tail + one hidden layer + rationales/answers);
    a second, answers-only store (`--mode score` over "The answer is N.") feeds the baseline;
 3. phase two: two students of one size from one init, the same steps: `potstill train` with sparse
    KD + rationales + hidden states from the rationale store, and `potstill train --alpha 1`

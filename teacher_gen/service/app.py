@@ -7,7 +7,9 @@
     GET    /health      teacher, load status, job counts
 
 With a bearer token every request, /health and the schema included, must carry
-`Authorization: Bearer <token>`, else 401. Every error body is `{"detail": "<one line>"}`.
+`Authorization: Bearer <token>`, else 401. Without one, a request whose Host header is not a name
+of the service gets 400 (DNS rebinding). A body over `--max-body-bytes` gets 413 (guards.py).
+Every error body is `{"detail": "<one line>"}`.
 Handlers are plain functions: FastAPI runs them in its thread pool, next to the job thread.
 """
 
@@ -28,7 +30,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 import teacher_gen.service.spec as specs
+from teacher_gen.service.guards import BodyLimit, HostCheck, allowed_hosts
 from teacher_gen.service.jobqueue import Job, JobQueue
+from teacher_gen.service.paths import PathPolicy
 from teacher_gen.service.settings import ServeConfig
 from teacher_gen.service.worker import JobRunner
 
@@ -66,6 +70,9 @@ class Health(BaseModel):
     running: str | None  # the running job's id
     jobs: dict[str, int]  # jobs per state
     auth: bool  # whether requests need the bearer token
+    read_roots: list[str]  # where jobs may read prompt sets (the write roots included)
+    write_roots: list[str]  # where jobs may write stores
+    url_schemes: list[str]  # remote URL schemes jobs may name
     failure: str | None = None
 
 
@@ -74,7 +81,7 @@ class ErrorBody(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 422)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)
 }
 
 
@@ -84,6 +91,7 @@ class Service:
     queue: JobQueue
     runner: JobRunner
     token: str | None
+    policy: PathPolicy
 
 
 def job_status(job: Job, now: float | None = None) -> JobStatus:
@@ -98,7 +106,7 @@ def job_status(job: Job, now: float | None = None) -> JobStatus:
 
 
 def create_app(service: Service) -> FastAPI:
-    settings, queue, runner = service.settings, service.queue, service.runner
+    settings, queue, runner, policy = service.settings, service.queue, service.runner, service.policy
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,13 +126,18 @@ def create_app(service: Service) -> FastAPI:
     _install_error_format(app)
     if service.token is not None:
         _require_token(app, service.token)
+    # Added last, so they run first: a refused request never reaches the token check or the routes.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if service.token is None or settings.allow_host:  # with a token, rebinding gains nothing: opt-in
+        app.add_middleware(HostCheck, allowed=allowed_hosts(settings.host, settings.allow_host))
 
     @app.post("/jobs", status_code=201, response_model=JobStatus, responses=ERRORS)
     def submit_job(spec: specs.JobSpec) -> JobStatus:  # type: ignore[valid-type]
-        """Queue a generation job; 422 names the first setting that is wrong."""
+        """Queue a generation job; 422 names the first setting that is wrong or not allowed."""
         given = specs.given_settings(spec)
         try:
-            specs.check_spec(given, settings, runner.teacher.device)
+            specs.check_spec(given, settings, policy, resolved_device=runner.teacher.device,
+                             vocab_size=runner.teacher.spec.vocab_size)
         except specs.SpecError as e:
             raise HTTPException(422, str(e)) from None
         job = queue.add(given, settings.teacher)
@@ -163,6 +176,7 @@ def create_app(service: Service) -> FastAPI:
             status=runner.status,  # type: ignore[arg-type]
             teacher=settings.teacher, backend=settings.backend, device=runner.teacher.device,
             running=runner.current, jobs=queue.counts(), auth=service.token is not None, failure=runner.failure,
+            **policy.describe(),
         )
 
     return app

@@ -1,7 +1,8 @@
 """`serve(settings)`: start the generation service and run until SIGINT / SIGTERM.
 
-Order: the bearer-token rule (before anything heavy), the state folder and its lock (one service
-per state folder: two would run the same job twice), a quick teacher check (config and tokenizer:
+Order: the bearer-token rule and the path policy's roots and schemes (before anything is written),
+the state folder and its lock (one service per state folder: two would run the same job twice), a
+quick teacher check (config and tokenizer, which also gives the vocabulary size that caps `top_k`:
 a wrong name fails in one line before the service listens), the socket, then uvicorn. The weights
 load in the job thread while the API already answers (/health says `loading`); if they cannot
 load, the service stops with that reason.
@@ -20,6 +21,7 @@ import socket
 import sys
 from typing import Any
 
+from teacher_gen.service.paths import PathPolicy
 from teacher_gen.service.settings import ServeConfig, ServiceError, server_token
 
 log = logging.getLogger("potstill.serve")
@@ -27,16 +29,17 @@ log = logging.getLogger("potstill.serve")
 
 def serve(settings: ServeConfig) -> None:
     token = server_token(settings.host, settings.token_file)
+    policy = PathPolicy.from_settings(settings)
     _setup_logging()
     os.makedirs(settings.state, exist_ok=True)
     lock = _lock_state(settings.state)
     try:
-        _serve_locked(settings, token)
+        _serve_locked(settings, token, policy)
     finally:
         lock.close()
 
 
-def _serve_locked(settings: ServeConfig, token: str | None) -> None:
+def _serve_locked(settings: ServeConfig, token: str | None, policy: PathPolicy) -> None:
     import uvicorn
 
     from teacher_gen.service.app import Service, create_app
@@ -49,14 +52,15 @@ def _serve_locked(settings: ServeConfig, token: str | None) -> None:
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     url = f"http://{_url_host(settings.host)}:{port}"
-    runner = JobRunner(queue, settings, teacher, os.path.join(settings.state, "inputs"))
-    app = create_app(Service(settings, queue, runner, token))
+    runner = JobRunner(queue, settings, policy, teacher, os.path.join(settings.state, "inputs"))
+    app = create_app(Service(settings, queue, runner, token, policy))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     runner.on_fatal = lambda _reason: setattr(server, "should_exit", True)
     _write_service_file(settings.state, url, settings)
 
     log.info("serving %s on %s (state %s, %s)", settings.teacher, url, os.path.abspath(settings.state),
              "bearer token required" if token else "no token: local connections only")
+    _log_policy(policy)
     try:
         server.run(sockets=[sock])  # the app's lifespan starts and stops the job thread
     finally:
@@ -107,6 +111,15 @@ def _write_service_file(state: str, url: str, settings: ServeConfig) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(info, f)
     os.replace(tmp, os.path.join(state, "service.json"))
+
+
+def _log_policy(policy: PathPolicy) -> None:
+    paths = policy.describe()
+    log.info("jobs may read %s, write %s, open URLs %s", ", ".join(paths["read_roots"]) or "nothing",
+             ", ".join(paths["write_roots"]) or "nothing",
+             ", ".join(s + "://" for s in paths["url_schemes"]) or "of no scheme")
+    if not (paths["read_roots"] or paths["url_schemes"]):
+        log.warning("no --data-root, --read-root or --allow-url-scheme: every job will be refused")
 
 
 def _url_host(host: str) -> str:

@@ -2,7 +2,8 @@
 
 A YAML or TOML file (`--config FILE`, keys as flags, optionally under a `serve` section) and CLI
 flags fill the dataclass, flags winning. The teacher settings default to `GenerateConfig`'s, so
-`potstill generate` and a job run on the service resolve a teacher the same way.
+`potstill generate` and a job run on the service resolve a teacher the same way. Repeatable flags
+(`--data-root`, ...) are lists; a file may give one value or a list.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from store.errors import PotstillError
@@ -22,6 +24,8 @@ SERVER_ENV = "POTSTILL_SERVER"
 DEFAULT_PORT = 8000  # as in docker/generate.Dockerfile
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 MIN_TOKEN_CHARS = 16
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # a job spec is a few hundred bytes; 4 MiB leaves room for long templates
+URL_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*$")
 
 # `GenerateConfig` settings fixed when the teacher is loaded: a job may repeat the service's value
 # but not ask for another one (that would need another model load).
@@ -33,6 +37,15 @@ _G = GenerateConfig()
 
 class ServiceError(PotstillError):
     """The service cannot start, or a client cannot talk to it; one line for the user."""
+
+
+class SpecError(PotstillError):
+    """A job spec the service refuses (422 at submission; the job's `error` at run time).
+    `field` is the setting at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
 
 
 @dataclass
@@ -57,6 +70,16 @@ class ServeConfig:
     token_file: str | None = None  # else $POTSTILL_TOKEN; required unless host is loopback
     max_crashes: int = 3  # a job found running this many times after a crash is failed, not retried
 
+    # -- what a job may touch (the path policy, teacher_gen/service/paths.py) -------------------
+    data_root: list[str] = field(default_factory=list)  # folders jobs may read prompts from and write stores to
+    read_root: list[str] = field(default_factory=list)  # folders jobs may read prompts from
+    write_root: list[str] = field(default_factory=list)  # folders jobs may write (and read) stores in
+    allow_url_scheme: list[str] = field(default_factory=list)  # remote schemes jobs may name (s3, gs...)
+
+    # -- HTTP limits -----------------------------------------------------------------------------
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
+    allow_host: list[str] = field(default_factory=list)  # Host names accepted besides loopback and --host
+
     @classmethod
     def build(cls, config_file: str | None = None, **overrides: Any) -> ServeConfig:
         """Defaults, then the file, then the non-None overrides (CLI flags); checked."""
@@ -74,7 +97,7 @@ class ServeConfig:
             if key not in known:
                 where = f"config file {config_file}" if config_file else "settings"
                 raise ServiceError(f"{where}: unknown setting {key!r}")
-            kwargs[key] = coerce_setting(key, value, hints[key])
+            kwargs[key] = _string_list(key, value) if hints[key] == list[str] else coerce_setting(key, value, hints[key])
         config = cls(**kwargs)
         config.validate()
         return config
@@ -90,6 +113,16 @@ class ServeConfig:
             raise ServiceError("--max-top-k must be at least 1")
         if not self.host:
             raise ServiceError("--host is empty")
+        if self.max_body_bytes < 1024:
+            raise ServiceError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
+        self.allow_url_scheme = [s.lower().removesuffix("://") for s in self.allow_url_scheme]
+        for scheme in self.allow_url_scheme:
+            if not URL_SCHEME_RE.match(scheme):
+                raise ServiceError(f"--allow-url-scheme {scheme!r}: expected a URL scheme such as s3 or gs")
+        self.allow_host = [h.lower() for h in self.allow_host]
+        for name in self.allow_host:
+            if not name or "/" in name or any(c.isspace() for c in name):
+                raise ServiceError(f"--allow-host {name!r}: expected a host name such as gpu-box.internal")
 
     def load_settings(self) -> dict[str, Any]:
         """The `GenerateConfig` values of the loaded teacher (`LOAD_FIELDS`)."""
@@ -131,3 +164,11 @@ def server_token(host: str, token_file: str | None) -> str | None:
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ServiceError(f"the bearer token has {len(token)} characters; use at least {MIN_TOKEN_CHARS}")
     return token
+
+
+def _string_list(key: str, value: Any) -> list[str]:
+    """A repeatable setting: one string, or a list of strings."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(x, str) and x for x in items):
+        raise ServiceError(f"--{key.replace('_', '-')}: expected a string or a list of strings, got {value!r}")
+    return list(items)

@@ -6,9 +6,10 @@ any change here. `check_spec` then applies what pydantic cannot know:
 
 - the settings of the loaded teacher (`LOAD_FIELDS`) may only repeat the service's values, and
   `trust_remote_code` can never be turned on by a job;
-- `GenerateConfig.validate` (ranges, combinations);
-- locations: local paths must be absolute (the server's working directory is not the client's),
-  a local prompt set must exist and be readable now, URLs must have a scheme fsspec knows.
+- `GenerateConfig.validate` (ranges, combinations), `top_k` within the teacher's vocabulary (and
+  a vLLM service's `--max-top-k`), a valid `writer_id`;
+- locations: the path policy (paths.py) first, then a local prompt set must exist, be readable
+  and have a known format, and a local store must be a folder or go where one can be created.
 
 Each failure is a `SpecError` naming the field; the API answers it with 422.
 """
@@ -25,18 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 from store.errors import PotstillError
 from teacher_gen.config import GenerateConfig
 from teacher_gen.errors import GenerateError
-from teacher_gen.service.settings import LOAD_FIELDS, ServeConfig
+from teacher_gen.service.paths import PathPolicy
+from teacher_gen.service.settings import LOAD_FIELDS, ServeConfig, SpecError
 
 # Settings a job cannot set: the service decides them.
 NOT_IN_SPEC = ("progress",)
-
-
-class SpecError(PotstillError):
-    """A job spec the service refuses; `field` is the setting at fault."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(f"{field}: {message}")
+__all__ = ["JobSpec", "SpecError", "check_spec", "given_settings", "job_config"]
 
 
 def _spec_field(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
@@ -45,9 +40,11 @@ def _spec_field(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     except Exception:  # a type pydantic cannot check: GenerateConfig.build still coerces and checks it
         hint = Any
     if f.name == "prompts":
-        return str, Field(min_length=1, description="Prompt set: absolute path on the server, or a URL.")
+        return str, Field(min_length=1, description="Prompt set: absolute path on the server inside its read "
+                                                    "roots, or a URL of a scheme it allows.")
     if f.name == "store":
-        return str, Field(min_length=1, description="Output store: absolute path on the server, or a URL.")
+        return str, Field(min_length=1, description="Output store: absolute path on the server inside its write "
+                                                    "roots, or a URL of a scheme it allows.")
     if f.name in LOAD_FIELDS:
         return hint | None, Field(None, description="Fixed by the service; may only repeat its value.")
     if f.default_factory is not dataclasses.MISSING:
@@ -88,14 +85,28 @@ def job_config(given: dict[str, Any], service: ServeConfig) -> GenerateConfig:
         raise SpecError(field, str(e)) from None
 
 
-def check_spec(given: dict[str, Any], service: ServeConfig, resolved_device: str | None = None) -> GenerateConfig:
-    """Refuse what this service cannot run (see the module doc); returns the job's config."""
+def check_spec(given: dict[str, Any], service: ServeConfig, policy: PathPolicy, *,
+               resolved_device: str | None = None, vocab_size: int | None = None) -> GenerateConfig:
+    """Refuse what this service cannot or may not run (see the module doc); returns the job's config."""
     check_load_settings(given, service, resolved_device)
     config = job_config(given, service)
+    if vocab_size is not None and config.top_k > vocab_size:
+        raise SpecError("top_k", f"{config.top_k} is above the teacher's vocabulary size {vocab_size}")
     if service.backend == "vllm" and config.top_k > service.max_top_k:
         raise SpecError("top_k", f"{config.top_k} is above this vLLM service's --max-top-k {service.max_top_k}")
-    check_location("prompts", config.prompts, must_exist=True)
-    check_location("store", config.store, must_exist=False)
+    if config.writer_id is not None:
+        from store.commit import check_writer_id
+
+        try:
+            check_writer_id(config.writer_id)
+        except PotstillError as e:
+            raise SpecError("writer_id", str(e)) from None
+    prompts = policy.prompts(config.prompts)
+    if not is_url(prompts):
+        _check_readable("prompts", config.prompts, prompts)
+    store = policy.store(config.store)
+    if not is_url(store):
+        _check_writable("store", config.store, store)
     return config
 
 
@@ -124,53 +135,30 @@ def is_url(location: str) -> bool:
     return "://" in location
 
 
-def check_location(field: str, location: str, *, must_exist: bool) -> None:
-    """A URL with a known scheme, or an absolute local path (readable when it `must_exist`)."""
-    if is_url(location):
-        _check_url(field, location)
-        return
-    if not os.path.isabs(location):
-        raise SpecError(field, f"{location!r} is a relative path; give an absolute path on the server, or a URL")
-    if must_exist:
-        _check_readable(field, location)
-    else:
-        _check_writable(field, location)
-
-
-def _check_url(field: str, url: str) -> None:
-    import fsspec
-
-    scheme, _, rest = url.partition("://")
-    try:
-        fsspec.get_filesystem_class(scheme)
-    except (ValueError, ImportError) as e:
-        raise SpecError(field, f"{url!r}: the service cannot open {scheme}:// URLs ({e})") from None
-    if not rest.strip("/"):
-        raise SpecError(field, f"{url!r} names no path")
-
-
-def _check_readable(field: str, path: str) -> None:
+def _check_readable(field: str, given: str, path: str) -> None:
+    """A local prompt set (`path`, resolved inside the roots) exists, is readable and has a known format."""
     from teacher_gen.prompts import detect_format
 
     if not os.path.exists(path):
-        raise SpecError(field, f"{path} does not exist on the server")
+        raise SpecError(field, f"{given} does not exist on the server")
     access = os.R_OK | (os.X_OK if os.path.isdir(path) else 0)
     if not os.access(path, access):
-        raise SpecError(field, f"{path} is not readable by the service")
+        raise SpecError(field, f"{given} is not readable by the service")
     try:
         detect_format(path)
     except GenerateError as e:
         raise SpecError(field, str(e)) from None
 
 
-def _check_writable(field: str, path: str) -> None:
+def _check_writable(field: str, given: str, path: str) -> None:
+    """A local store (`path`, resolved inside the roots) is a folder, or goes where one can be made."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise SpecError(field, f"{path} exists and is not a store folder")
+        raise SpecError(field, f"{given} exists and is not a store folder")
     existing = path
     while not os.path.exists(existing):  # the store's folders are created by the run
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(field, f"{existing} is not a folder the service can write to")
+        raise SpecError(field, f"{given}: {existing} is not a folder the service can write to")
 
 
 def _field_named_in(message: str) -> str:

@@ -6,6 +6,11 @@ generate`. They are not merged into shared batches: bench/serve_load.py --batchi
 job boundary costs about 30 ms (tokenizer, store, self-check, writer threads; torch.compile's cache
 is kept across jobs), which merging could at most save (see docs/benchmarks.md).
 
+Before a job runs, its prompt set and store go through the path policy again (paths.py): files may
+have changed since it was accepted, and a restart may have narrowed the roots. The job then runs on
+the resolved local paths; a prompt set given by an allowed remote URL is copied into the state
+folder first.
+
 Stopping: a cancel (DELETE /jobs/{id}) or a shutdown sets an event that `generate` polls between
 batches; what was captured is committed. A cancelled job ends `cancelled`; a job stopped by a
 shutdown stays `running` and is resumed first at the next start.
@@ -26,6 +31,7 @@ from typing import Any
 from store.errors import PotstillError
 from teacher_gen.config import GenerateConfig
 from teacher_gen.service.jobqueue import Job, JobQueue
+from teacher_gen.service.paths import PathPolicy
 from teacher_gen.service.settings import ServeConfig
 from teacher_gen.service.spec import is_url, job_config
 
@@ -69,9 +75,11 @@ class ServiceTeacher:
 class JobRunner:
     """Takes jobs from the queue, one at a time, and runs them on the loaded teacher."""
 
-    def __init__(self, queue: JobQueue, settings: ServeConfig, teacher: ServiceTeacher, inputs_dir: str) -> None:
+    def __init__(self, queue: JobQueue, settings: ServeConfig, policy: PathPolicy, teacher: ServiceTeacher,
+                 inputs_dir: str) -> None:
         self.queue = queue
         self.settings = settings
+        self.policy = policy
         self.teacher = teacher
         self.inputs_dir = inputs_dir
         self.status = "loading"  # loading | ready | failed
@@ -155,6 +163,8 @@ class JobRunner:
             raise PotstillError(f"the job was accepted by a service serving {job.teacher}; "
                                 f"this one serves {self.settings.teacher}: resubmit it there")
         config = job_config(job.spec, self.settings)
+        config.prompts = self.policy.prompts(config.prompts)
+        config.store = self.policy.store(config.store)
         if is_url(config.prompts):
             config.prompts = fetch_prompts(config.prompts, os.path.join(self.inputs_dir, job.id))
         tokens_before = job.tokens_done if job.attempts > 1 else 0  # counted by earlier attempts
@@ -190,7 +200,7 @@ class JobRunner:
 
 
 def fetch_prompts(url: str, folder: str) -> str:
-    """Copy a prompt set named by URL (a file or a saved datasets folder) into `folder`; its local path."""
+    """Copy a prompt set named by a remote URL (a file or a saved datasets folder) into `folder`; its local path."""
     import fsspec
 
     try:

@@ -1,0 +1,130 @@
+"""Writer leases (docs/store-format.md §6): `writers/<writer>.json` says a writer is alive.
+
+A lease only decides two things: whether an uncommitted shard folder belongs to a writer that is
+still running (then nobody may remove it), and whether a `potstill generate` run already works on
+an overlapping part of a prompt set (then a second run refuses: the two would write every record
+twice). It is rewritten atomically, so a reader never sees a half-written lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from store.commit import loads_json_object
+from store.fs import join, listdir_names, read_bytes, write_bytes
+from store.manifest import utc_now
+
+if TYPE_CHECKING:
+    from store.reader import Store
+
+HEARTBEAT_S = 30.0  # a live writer refreshes its lease at least this often
+STALE_AFTER_S = 600.0  # a lease of another host whose heartbeat is older than this is dead
+
+
+def lease_path(store: Store, writer_id: str) -> str:
+    return join(store.root, "writers", f"{writer_id}.json")
+
+
+class WriterLease:
+    """The advisory lease of one writer: written at start, refreshed by a heartbeat thread and at
+    every commit, removed at close. `extra` adds keys to the lease (a run's partition, say)."""
+
+    def __init__(self, store: Store, writer_id: str, heartbeat_s: float = HEARTBEAT_S,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.store = store
+        self.writer_id = writer_id
+        self.path = lease_path(store, writer_id)
+        self.heartbeat_s = heartbeat_s
+        self.extra = dict(extra or {})
+        self.started_at = utc_now()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "writer_id": self.writer_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "heartbeat_at": utc_now(),
+            "heartbeat_unix": time.time(),
+            **self.extra,
+        }
+
+    def beat(self) -> None:
+        with self._lock:
+            write_bytes(self.store.fs, self.path, json.dumps(self.body()).encode(), atomic=True)
+
+    def start(self) -> WriterLease:
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{self.writer_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            with contextlib.suppress(Exception):  # a missed heartbeat only delays cleanup; never kill the writer
+                self.beat()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(FileNotFoundError):
+            self.store.fs.rm(self.path)
+
+
+@dataclass
+class LeaseStatus:
+    writer_id: str
+    live: bool
+    why: str  # in words, for reports: "its writer (pid 12 on this host) is not running"
+    lease: dict[str, Any] | None  # the lease's content, None when missing or unreadable
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lease_status(store: Store, writer_id: str, stale_after_s: float = STALE_AFTER_S) -> LeaseStatus:
+    """Whether a writer is alive, from its lease: on this host, whether its process runs; on
+    another host, whether its heartbeat is recent."""
+    try:
+        lease = loads_json_object(read_bytes(store.fs, lease_path(store, writer_id)))
+    except FileNotFoundError:
+        return LeaseStatus(writer_id, False, "its writer holds no lease", None)
+    if lease is None:
+        return LeaseStatus(writer_id, False, "its writer's lease is unreadable", None)
+    pid = lease.get("pid")
+    if lease.get("host") == socket.gethostname() and isinstance(pid, int):
+        if not _pid_alive(pid):  # (a reused pid keeps a dead writer "alive": the safe direction)
+            return LeaseStatus(writer_id, False, f"its writer (pid {pid} on this host) is not running", lease)
+        return LeaseStatus(writer_id, True, f"its writer (pid {pid} on this host) is running", lease)
+    try:
+        age = time.time() - float(lease.get("heartbeat_unix", 0))
+    except (TypeError, ValueError):
+        return LeaseStatus(writer_id, False, "its writer's lease has no heartbeat", lease)
+    host = lease.get("host", "another host")
+    if age > stale_after_s:
+        return LeaseStatus(writer_id, False, f"its writer's last heartbeat (on {host}) was {age:.0f} s ago", lease)
+    return LeaseStatus(writer_id, True, f"its writer's heartbeat (on {host}) is {age:.0f} s old", lease)
+
+
+def all_leases(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[LeaseStatus]:
+    """The status of every lease in the store."""
+    names = listdir_names(store.fs, join(store.root, "writers"))
+    return [lease_status(store, n[:-5], stale_after_s) for n in names if n.endswith(".json") and not n.startswith(".")]

@@ -1,0 +1,137 @@
+"""`potstill generate` against hostile input and concurrent runs: every bad line is one skipped line
+with its number and reason (never a traceback), impossible settings fail before anything is
+written, an empty prompt set is an error, and two runs on overlapping shares of one store never
+both write (the second refuses in one line)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from genhelpers import config, popen_cli, prompt_rows, run_cli, write_jsonl
+
+from store import open_store, verify_store
+from teacher_gen.errors import GenerateError
+from teacher_gen.runner import generate, partitions_overlap
+
+HOSTILE_LINES = {  # line number -> (raw line, reason it is skipped)
+    2: ('{"id": "huge", "prompt": "a", "n": ' + "9" * 5000 + "}", "a number with too many digits"),
+    3: ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    4: ('{"id": "surrogate", "prompt": "bad \\ud800 text", "completion": "x"}', "lone surrogate (\\ud800)"),
+    5: ('{"id": "key-surrogate", "prompt": "a", "completion": "b", "\\udfff": 1}', "lone surrogate (\\udfff)"),
+    6: ('{"id": "deep", "prompt": "a", "completion": "b", "meta": ' + "[" * 3000 + "]" * 3000 + "}",
+        "nested too deeply"),
+}
+
+
+def test_hostile_lines_are_skipped_with_their_number_and_reason(tmp_path, tiny_teacher_dir):
+    good = prompt_rows(3, seed=4)
+    lines = [good[0]] + [HOSTILE_LINES[n][0] for n in sorted(HOSTILE_LINES)] + [
+        '{"id": "nan-meta", "prompt": "the quick brown fox", "completion": "jumps", "score": NaN, "big": Infinity}',
+        *good[1:],
+    ]
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), lines)
+    store = str(tmp_path / "s")
+    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store,
+                      "--device", "cpu", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for number, (_, reason) in HOSTILE_LINES.items():
+        assert f"line {number}" in result.stdout and reason in result.stdout, (number, result.stdout)
+    s = open_store(store)
+    assert sorted(i for c in s.commits for i in c.ids) == sorted([r["id"] for r in good] + ["nan-meta"])
+    meta = next(r for r in s.iter_records() if r.id == "nan-meta").meta
+    assert meta == {"score": "nan", "big": "inf"}  # valid JSON in the store, nothing lost
+    assert verify_store(store).ok
+
+
+def test_top_k_larger_than_the_vocabulary_fails_before_anything_is_written(tmp_path, tiny_teacher_dir):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2))
+    store = str(tmp_path / "s")
+    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store,
+                      "--device", "cpu", "--top-k", "100000000", "--no-progress"])
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--top-k 100000000 is larger than" in lines[0] and "vocabulary" in lines[0]
+    assert not os.path.exists(store)
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([], "holds no records"),
+    (["{broken", {"id": "x", "prompt": ""}], "has no usable record (2 rows, all skipped; first: line 1"),
+])
+def test_a_prompt_set_with_nothing_to_write_is_an_error(tmp_path, tiny_teacher_dir, rows, expected):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), rows)
+    store = str(tmp_path / "s")
+    with pytest.raises(GenerateError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        generate(config(tiny_teacher_dir, prompts, store))
+    assert not os.path.exists(store)  # no empty store left behind
+
+
+def test_partitions_overlap():
+    assert partitions_overlap((1, 0), (2, 1)) and partitions_overlap((2, 0), (4, 2))
+    assert not partitions_overlap((2, 0), (2, 1)) and not partitions_overlap((2, 0), (4, 1))
+    assert partitions_overlap((3, 1), (2, 0))  # gcd 1: every pair of shares shares ids
+
+
+HOLD_CLAIM = textwrap.dedent("""
+    import sys, time
+    from store import open_store
+    from store.leases import WriterLease
+    store = open_store(sys.argv[1])
+    WriterLease(store, "other-run.run", extra={"run": {"workers": int(sys.argv[2]), "worker_index": int(sys.argv[3])}}).start()
+    print("holding", flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.parametrize("theirs,mine,refused", [
+    ((1, 0), (1, 0), True),   # the same command twice
+    ((1, 0), (2, 1), True),   # another --workers count: shares overlap
+    ((2, 0), (2, 1), False),  # disjoint shares of one job: both run
+])
+def test_a_live_run_on_an_overlapping_share_makes_a_second_run_refuse(tmp_path, tiny_teacher_dir, theirs, mine,
+                                                                        refused):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(12, seed=6))
+    store = str(tmp_path / "s")
+    generate(config(tiny_teacher_dir, prompts, store, max_length=None, workers=2, worker_index=1, top_k=4))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, store, *map(str, theirs)], stdout=subprocess.PIPE,
+                              text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store,
+                          "--device", "cpu", "--top-k", "4", "--no-progress", "--workers", str(mine[0]),
+                          "--worker-index", str(mine[1])])
+    finally:
+        holder.kill()
+        holder.wait()
+    if refused:
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert "another potstill generate run" in lines[0] and "writers/other-run.run.json" in lines[0]
+    else:
+        assert result.returncode == 0, result.stderr
+    ids = [i for c in open_store(store).commits for i in c.ids]
+    assert len(ids) == len(set(ids))
+    assert [n for n in os.listdir(os.path.join(store, "writers")) if "other-run" not in n] == []  # our claim is gone
+
+
+def test_two_identical_runs_started_at_once_never_write_a_record_twice(tmp_path, tiny_teacher_dir):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(80, seed=7))
+    store = str(tmp_path / "s")
+    args = ["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store, "--device", "cpu",
+            "--no-progress", "--shard-records", "4", "--batch-tokens", "64"]
+    procs = [popen_cli(args), popen_cli(args)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0 or (p.returncode == 1 and "another potstill generate run" in err), err[-2000:]
+    rerun = run_cli(args)  # whatever happened, one more run completes the store
+    assert rerun.returncode == 0, rerun.stderr
+    s = open_store(store)
+    ids = [i for c in s.commits for i in c.ids]
+    assert len(ids) == len(set(ids)) == 80
+    report = verify_store(store)
+    assert report.ok and report.duplicates == 0 and not report.leftovers
