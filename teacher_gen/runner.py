@@ -16,9 +16,11 @@ cleaned by the next run); rerunning the same command finishes the rest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
+import os
 import secrets
 import sys
 import tempfile
@@ -142,13 +144,34 @@ def record_id(item_id: str, sample_index: int, num_samples: int) -> str:
 
 
 def load_tokenizer(config: GenerateConfig) -> Any:
-    from transformers import AutoTokenizer
-
+    """The run's tokenizer. A long-lived process (`potstill serve`, a preloaded model) loads it once:
+    it is kept while its local files are unchanged (a large tokenizer takes ~0.3 s to parse)."""
     name = config.tokenizer or config.teacher
     source, gguf = pretrained_source(name)  # a .gguf file holds its tokenizer
+    return _tokenizer(name, source, config.revision, config.trust_remote_code, gguf.get("gguf_file"),
+                      _local_stamp(source, gguf.get("gguf_file")))
+
+
+def _local_stamp(source: str, file: str | None) -> tuple:
+    """(name, size, mtime) of a local tokenizer's files, so that a changed folder is loaded again."""
+    paths = [os.path.join(source, file)] if file else (
+        [os.path.join(source, n) for n in sorted(os.listdir(source))] if os.path.isdir(source) else [])
+    stamp = []
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            stamp.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str, source: str, revision: str | None, trust_remote_code: bool, gguf_file: str | None,
+               stamp: tuple) -> Any:
+    from transformers import AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(source, revision=config.revision,
-                                             trust_remote_code=config.trust_remote_code, **gguf)
+        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, **extra)
     except Exception as e:
         first = describe_load_error(e)
         raise GenerateError(f"tokenizer {name}: cannot load it ({first})") from None

@@ -420,3 +420,18 @@ def test_writer_failure_stops_the_run_and_commits_nothing(tmp_path):
         writer.close()
     assert open_store(str(tmp_path / "s")).num_records == 0
     assert not os.listdir(os.path.join(str(tmp_path / "s"), "writers"))  # lease released
+
+
+def test_the_tokenizer_is_loaded_once_per_process_until_its_files_change(tmp_path, tiny_tokenizer_dir):
+    import shutil
+
+    from teacher_gen.runner import load_tokenizer
+
+    folder = str(tmp_path / "tok")
+    shutil.copytree(tiny_tokenizer_dir, folder)
+    cfg = GenerateConfig(teacher=folder, prompts="p", store="s")
+    first = load_tokenizer(cfg)
+    assert load_tokenizer(cfg) is first  # a long-lived process (serve) does not parse it per job
+    path = os.path.join(folder, "tokenizer_config.json")
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
+    assert load_tokenizer(cfg) is not first  # changed files are read again
