@@ -72,3 +72,45 @@ def test_a_manifest_temporary_file_of_a_killed_generate_is_a_leftover_verify_cle
     cleaned = run_cli(["store", "verify", "--clean", store])
     assert cleaned.returncode == 0 and f"removed     {temp[0]}" in cleaned.stdout, cleaned.stdout
     assert strays(store) == [] and os.path.exists(os.path.join(store, "manifest.json"))
+
+
+# -- train: regression -----------------------------------------------------------------------------
+def _checkpoint(out: str, step: int, torn: bool = False) -> str:
+    """A checkpoint folder's two state files as the Trainer and the loader write them; `torn`: the
+    trainer state cut in half, as a kill while the Trainer writes it (in place) leaves it."""
+    import json
+
+    from transformers import TrainerState
+
+    folder = os.path.join(out, f"checkpoint-{step}")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "loader_state_rank0.json"), "w") as f:
+        json.dump({"batches_consumed": step}, f)
+    path = os.path.join(folder, "trainer_state.json")
+    TrainerState(global_step=step, max_steps=8, log_history=[{"loss": 1.0, "step": s} for s in range(1, step + 1)]
+                 ).save_to_json(path)
+    if torn:
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+    return folder
+
+
+def test_a_checkpoint_whose_trainer_state_was_cut_short_is_never_resumed_from(tmp_path):
+    """A job killed while the Trainer wrote a checkpoint's trainer_state.json left a checkpoint that
+    `--resume` took for the newest complete one (and failed on: "unreadable trainer state"), and
+    that made a fresh start refuse ("already holds checkpoints"): no way on without deleting it by hand."""
+    from student_train import TrainConfig
+    from student_train.trainer import latest_checkpoint, resume_point
+
+    out = str(tmp_path / "out")
+    good = _checkpoint(out, 2)
+    _checkpoint(out, 4, torn=True)
+    assert latest_checkpoint(out) == good
+    assert resume_point(TrainConfig(store="s", student="m", out=out, resume=True), 0)[0] == good
+
+    only_torn = str(tmp_path / "out2")
+    _checkpoint(only_torn, 2, torn=True)
+    assert latest_checkpoint(only_torn) is None
+    assert resume_point(TrainConfig(store="s", student="m", out=only_torn), 0) == (None, None)  # a fresh start
