@@ -36,6 +36,7 @@ KILLPOINTS = os.path.join(REPO, "tests", "killpoints.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": REPO}
 POLL_S = 0.003
+FINAL = "after the final run"
 
 
 # -- running and killing ---------------------------------------------------------------------------
@@ -233,7 +234,7 @@ class Campaign:
     outcomes: list[Outcome] = field(default_factory=list)
     final: Outcome | None = None
     violations: list[str] = field(default_factory=list)
-    left_behind: list[list[str]] = field(default_factory=list)  # `strays` of the store after each kill
+    left_behind: list[list[str]] = field(default_factory=list)  # after each kill: `strays`, cut-short checkpoints
     lost: int = 0  # records (or steps) the finished run lacks
     doubled: int = 0  # records committed more than once
     checks: int = 0  # kills after which the invariants were checked
@@ -242,6 +243,18 @@ class Campaign:
     def landed(self) -> int:
         return sum(o.killed for o in self.outcomes)
 
+    def where(self) -> str:
+        """How violations found after the latest kill begin (`survived` relies on it)."""
+        return f"after kill {len(self.outcomes)} ({self.outcomes[-1].trigger.what})"
+
+    @property
+    def survived(self) -> int:
+        """Kills that landed, after which nothing was found wrong, in a campaign that ended well."""
+        if any(v.startswith(FINAL) for v in self.violations):
+            return 0
+        return sum(o.killed and not any(v.startswith(f"after kill {i + 1} (") for v in self.violations)
+                   for i, o in enumerate(self.outcomes))
+
     def kill(self, args: list[str], trigger: Trigger, log: Callable[[str], None] | None = None,
              store: str | None = None) -> Outcome:
         outcome = run_potstill(args, trigger)
@@ -249,8 +262,7 @@ class Campaign:
         if store is not None:
             self.left_behind.append(strays(store))
         if not outcome.killed and outcome.returncode != 0:
-            self.violations.append(f"{self.name}: run ({trigger.what}) failed with exit {outcome.returncode}: "
-                                   f"{outcome.tail(3)}")
+            self.violations.append(f"{self.where()}: the run failed with exit {outcome.returncode}: {outcome.tail(3)}")
         if log is not None:
             state = "killed" if outcome.killed else f"ended first (exit {outcome.returncode})"
             log(f"  {self.name} kill {len(self.outcomes)}: {trigger.what}: {state} after {outcome.seconds:.1f} s")
@@ -332,15 +344,14 @@ def generate_campaign(teacher: str, prompts: str, workdir: str, kinds: list[str]
     reference = reference or generate_reference(teacher, prompts, workdir)
     store = os.path.join(workdir, f"killed-{seed}.store")
     args = generate_args(teacher, prompts, store)
-    for i, kind in enumerate(kinds):
+    for kind in kinds:
         remaining = len(set(reference.records) - set(_committed_ids(store)))
         trigger = generate_trigger(rng, kind, store, remaining, reference)
         campaign.kill(args, trigger, log, store)
-        campaign.violations += _generate_invariants(store, reference.records, f"after kill {i + 1} ({trigger.what})",
-                                                    leftovers_allowed=True)
+        campaign.violations += _generate_invariants(store, reference.records, campaign.where(), leftovers_allowed=True)
         campaign.checks += 1
     campaign.final = run_potstill(args)
-    where = "after the final run"
+    where = FINAL
     if campaign.final.returncode != 0:
         campaign.violations.append(f"{where}: exit {campaign.final.returncode}: {campaign.final.tail(3)}")
     campaign.violations += _generate_invariants(store, reference.records, where, leftovers_allowed=False)
@@ -436,13 +447,13 @@ def copy_campaign(source: str, workdir: str, kinds: list[str], seed: int,
     dest = os.path.join(workdir, f"copy-{seed}.store")
     args = ["store", "copy", source, dest]
     want = files_under(source)
-    for i, kind in enumerate(kinds):
+    for kind in kinds:
         trigger = copy_trigger(rng, kind, source, dest, span)
         campaign.kill(args, trigger, log, dest)
-        campaign.violations += _copy_invariants(source, dest, want, f"after kill {i + 1} ({trigger.what})")
+        campaign.violations += _copy_invariants(source, dest, want, campaign.where())
         campaign.checks += 1
     campaign.final = run_potstill(args)
-    where = "after the final run"
+    where = FINAL
     if campaign.final.returncode != 0:
         campaign.violations.append(f"{where}: exit {campaign.final.returncode}: {campaign.final.tail(3)}")
     got = files_under(dest)
@@ -580,15 +591,18 @@ def train_campaign(setup: TrainSetup, workdir: str, kinds: list[str], seed: int,
             raise RuntimeError(f"the reference run failed: {ref.tail()}")
         reference = train_result(ref_out)
     out = os.path.join(workdir, f"killed-out-{seed}")
-    for i, kind in enumerate(kinds):
+    for kind in kinds:
         trigger = train_trigger(rng, kind, setup, out)
         before = complete_checkpoints(out)
         outcome = campaign.kill(_resume_args(setup, out), trigger, log)
-        campaign.violations += _resumed_from_newest(outcome, f"kill {i + 1} ({trigger.what})", before)
+        complete = {f"checkpoint-{step}" for step in complete_checkpoints(out)}
+        campaign.left_behind.append([f"{n}/ (cut short)" for n in _listdir(out)
+                                     if n.startswith("checkpoint-") and n not in complete])
+        campaign.violations += _resumed_from_newest(outcome, campaign.where(), before)
         campaign.checks += 1
     before = complete_checkpoints(out)
     campaign.final = run_potstill(_resume_args(setup, out))
-    where = "after the final run"
+    where = FINAL
     if campaign.final.returncode != 0:
         campaign.violations.append(f"{where}: exit {campaign.final.returncode}: {campaign.final.tail(3)}")
         return campaign, reference
