@@ -303,7 +303,7 @@ def generate_trigger(rng: random.Random, kind: str, store: str, remaining: int, 
     if kind == "manifest":
         return Trigger("kill point: the manifest's temporary file written, not linked", point="manifest")
     if kind == "delay":  # measured from a new writer lease: the model is loaded and records flow
-        delay = round(rng.uniform(0.0, reference.span * remaining / len(reference.records) / 2), 3)
+        delay = round(rng.uniform(0.0, reference.span * remaining / len(reference.records) / 3), 3)
         return Trigger(f"kill -9 {delay:.3f} s after the writers start", delay=delay,
                        ready=new_entry(os.path.join(store, "writers"), _writer_lease))
     if kind == "commits":
@@ -416,7 +416,7 @@ def copy_trigger(rng: random.Random, kind: str, source: str, dest: str, span: fl
     if kind == "manifest":
         return Trigger("kill point: the destination manifest's temporary file written, not linked", point="manifest")
     if kind == "delay":
-        delay = round(rng.uniform(0.0, span * len(todo) / len(src.commits) / 2), 3)
+        delay = round(rng.uniform(0.0, span * len(todo) / len(src.commits) / 3), 3)
         return Trigger(f"kill -9 {delay:.3f} s after the copy starts a new shard", delay=delay,
                        ready=new_entry(os.path.join(dest, "shards")))
     if kind == "commits":
