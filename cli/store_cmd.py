@@ -64,8 +64,9 @@ def copy(
     report = copy_store(source, destination, progress=progress)
     skipped = f", {len(report.shards_skipped)} already there" if report.shards_skipped else ""
     repaired = f", {len(report.shards_repaired)} repaired (their commit record there differed)" if report.shards_repaired else ""
+    cleaned = f"; removed {len(report.cleaned)} leftover(s) of interrupted runs there" if report.cleaned else ""
     typer.echo(f"copied {len(report.shards_copied)} shards ({report.records} records, {report.bytes:,} bytes) "
-               f"to {destination}{skipped}{repaired}")
+               f"to {destination}{skipped}{repaired}{cleaned}")
 
 
 @app.command("export")

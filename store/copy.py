@@ -4,10 +4,11 @@ A copy follows the same commit protocol as a writer (docs/store-format.md §3), 
 interrupt and to read while it runs: the tokenizer files, then the manifest, then per shard its data
 files and, last, its commit record (written atomically, so a killed copy never leaves half of one).
 Every byte is checked against the source's sha256 on the way, so a copy never spreads a corrupted
-shard. Rerunning the same copy skips the shards already committed at the destination (and copies
-again a shard whose commit record there differs from the source's), and copying into a store that
-other writers fill is fine too (shard names are unique per writer). Leftovers of crashed writers at
-the source are never copied.
+shard. Rerunning the same copy first removes what an interrupted copy (or any dead writer) left at
+the destination, exactly as `potstill store verify --clean` would, then skips the shards already
+committed there (and copies again a shard whose commit record there differs from the source's).
+Copying into a store that other writers fill is fine too (shard names are unique per writer, and
+what live writers own is left alone). Leftovers of crashed writers at the source are never copied.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from store.errors import StoreError
-from store.fs import is_local, join, listdir_names, read_bytes, resolve, write_bytes
+from store.fs import is_local, join, listdir_names, read_bytes, resolve, temp_target, write_bytes
 from store.leases import WriterLease
 from store.manifest import FileEntry
 from store.reader import MANIFEST, Store
+from store.verify import clean_leftovers, find_leftovers
 
 _BLOCK = 8 << 20
 Progress = Callable[[str, int, int], None]  # (shard, shards done, shards in all)
@@ -36,6 +38,7 @@ class CopyReport:
     shards_copied: list[str] = field(default_factory=list)
     shards_skipped: list[str] = field(default_factory=list)  # already committed at the destination
     shards_repaired: list[str] = field(default_factory=list)  # committed there, but its commit record differed
+    cleaned: list[str] = field(default_factory=list)  # leftovers of interrupted runs removed at the destination
     records: int = 0
     bytes: int = 0
 
@@ -63,7 +66,8 @@ def copy_store(
         if read_bytes(fs, manifest_path) != manifest_bytes:
             raise StoreError(f"{destination} is another store (its manifest differs from {source}'s); not copying into it")
     else:
-        strays = [n for n in listdir_names(fs, root) if n != "tokenizer"]
+        # (a temporary manifest is what a copy killed while creating the destination leaves)
+        strays = [n for n in listdir_names(fs, root) if n != "tokenizer" and temp_target(n) != MANIFEST]
         if strays:
             raise StoreError(f"{destination} exists and is not a potstill store (it holds {', '.join(strays[:3])}); "
                              "copy into a new or empty folder")
@@ -72,6 +76,7 @@ def copy_store(
         write_bytes(fs, manifest_path, manifest_bytes, exclusive=True, atomic=True)
 
     dest = Store(destination, destination_options, strict=False)  # its commits are compared below, not trusted
+    report.cleaned = clean_leftovers(dest, find_leftovers(dest))
     done = {c.shard for c in dest.commits} | {shard for shard, _ in dest.bad_commits}
     lease: WriterLease | None = None
     try:

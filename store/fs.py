@@ -113,6 +113,15 @@ def temp_name(path: str) -> str:
     return os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
+def temp_target(name: str) -> str | None:
+    """The file a temporary file of an atomic write was to become (`.X.json.<pid>-<hex>.tmp` -> X.json),
+    or None when `name` is not such a file."""
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return None
+    target, _, _ = name[1 : -len(TEMP_SUFFIX)].rpartition(".")
+    return target or None
+
+
 def _write_atomic_local(path: str, data: bytes | memoryview, exclusive: bool) -> None:
     tmp = temp_name(path)
     try:

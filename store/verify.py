@@ -18,9 +18,9 @@ import numpy as np
 from store.checks import hidden_problem, value_problems
 from store.commit import parse_shard_name
 from store.errors import StoreError
-from store.fs import TEMP_SUFFIX, join, listdir_names
+from store.fs import join, listdir_names, temp_target
 from store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
-from store.reader import ShardReader, Store
+from store.reader import MANIFEST, ShardReader, Store
 from store.records import ColumnViews, packed_lengths_ok
 
 _BLOCK = 8 << 20
@@ -67,14 +67,6 @@ class VerifyReport:
 
 
 # -- leftovers -------------------------------------------------------------------------------------
-def _temp_owner(name: str) -> str | None:
-    """The file a temporary file of an atomic write was to become: `.X.json.<pid>-<hex>.tmp` -> X.json."""
-    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-        return None
-    target, _, _ = name[1 : -len(TEMP_SUFFIX)].rpartition(".")
-    return target or None
-
-
 def find_leftovers(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[Leftover]:
     """Uncommitted shard folders, temporary files and leases of dead writers (format §6).
 
@@ -102,7 +94,7 @@ def find_leftovers(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[L
         out.append(Leftover(f"shards/{name}", "uncommitted shard", owner, live, why))
     for folder in ("commits", "writers"):  # temporary files of atomic writes cut short
         for name in listdir_names(store.fs, join(store.root, folder)):
-            target = _temp_owner(name)
+            target = temp_target(name)
             if target is None or not target.endswith(".json"):
                 continue
             if folder == "commits":
@@ -112,6 +104,12 @@ def find_leftovers(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[L
                 owner = target[:-5]
             live, why = writer(owner)
             out.append(Leftover(f"{folder}/{name}", "temporary file", owner, live, why))
+    # A store's creator killed between its manifest's temporary file and the link leaves that file at
+    # the root. Once the manifest exists it is useless: a creator still racing for the manifest fails
+    # to link either way (the link is exclusive), and opens the store that won.
+    for name in listdir_names(store.fs, store.root):
+        if temp_target(name) == MANIFEST:
+            out.append(Leftover(name, "temporary file", None, False, f"never linked; the store's {MANIFEST} exists"))
     for lease in all_leases(store, stale_after_s):
         status.setdefault(lease.writer_id, lease)
         if not lease.live:

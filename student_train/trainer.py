@@ -173,16 +173,30 @@ def write_json(path: str, data: Any) -> None:
 
 
 def latest_checkpoint(out: str, rank: int = 0) -> str | None:
-    """The newest complete checkpoint in `out` (trainer state and this rank's loader state written)."""
+    """The newest complete checkpoint in `out` (see `checkpoint_complete`)."""
     if not os.path.isdir(out):
         return None
     found = []
     for name in os.listdir(out):
         match = _CHECKPOINT.match(name)
         folder = os.path.join(out, name)
-        if match and all(os.path.isfile(os.path.join(folder, f)) for f in (TRAINER_STATE, loader_state_file(rank))):
+        if match and checkpoint_complete(folder, rank):
             found.append((int(match.group(1)), folder))
     return max(found)[1] if found else None
+
+
+def checkpoint_complete(folder: str, rank: int = 0) -> bool:
+    """Whether a checkpoint was written to the end: this rank's loader state (written first) and the
+    trainer state (written last, after the weights, optimizer and RNG states) both parse. The Trainer
+    writes trainer_state.json in place, not atomically, so a job killed while writing it leaves the
+    file cut short: such a checkpoint is never resumed from, nor does it block a fresh start."""
+    for name in (loader_state_file(rank), TRAINER_STATE):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                json.load(f)
+        except (OSError, ValueError):  # missing, unreadable, cut short (JSONDecodeError, UnicodeDecodeError)
+            return False
+    return True
 
 
 def checkpoint_step(checkpoint: str) -> int:

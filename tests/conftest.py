@@ -9,6 +9,11 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (sto
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread per process: tests run CLI subprocesses and loader workers beside the pytest
+# process, and OpenMP threads that outnumber the cores spin against each other (a 2-thread generate
+# was 100x slower than a 1-thread one on a busy 2-core machine). Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -71,8 +71,11 @@ def start_service(teacher: str, state: str, *extra: str, env: dict[str, str] | N
                 url = info["url"]
         if url is not None:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            if httpx.get(f"{url}/health", headers=headers, timeout=10).json()["status"] == "ready":
-                return Service(proc, url, state, log)
+            try:
+                if httpx.get(f"{url}/health", headers=headers, timeout=10).json()["status"] == "ready":
+                    return Service(proc, url, state, log)
+            except httpx.TransportError:  # bound, but the app not serving yet
+                pass
         time.sleep(0.1)
 
 

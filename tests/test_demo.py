@@ -18,7 +18,8 @@ from store import open_store, verify_store
 
 def test_demo_small_run_writes_report_and_real_stores(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--student-steps", "3", "--train-problems", "48", "--eval-problems", "20"]
+    args = ["demo", "--out", str(out), "--student-steps", "3", "--train-problems", "48", "--eval-problems", "20",
+            "--threads", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
 
@@ -50,7 +51,7 @@ def test_demo_small_run_writes_report_and_real_stores(tmp_path):
 
 def test_demo_rerun_into_same_folder_starts_over(tmp_path):
     out = tmp_path / "demo"
-    base = ["demo", "--out", str(out), "--student-steps", "1", "--eval-problems", "5"]
+    base = ["demo", "--out", str(out), "--student-steps", "1", "--eval-problems", "5", "--threads", "1"]
     assert CliRunner().invoke(app, [*base, "--train-problems", "20"]).exit_code == 0
     (out / "keep.txt").write_text("mine")
     assert CliRunner().invoke(app, [*base, "--train-problems", "12"]).exit_code == 0

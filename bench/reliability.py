@@ -1,0 +1,453 @@
+"""Reliability: the fault campaigns of tests/test_faults.py at a larger scale, and damaged stores and
+hostile prompt files, with a table of what was injected and what survived.
+
+kills     `kill -9` of `potstill generate` (HF backend, tiny random teacher, hidden layers, two-record
+          shards, two writer threads), `potstill store copy` (a store of many one-record shards with
+          hidden states) and `potstill train` (hidden-state loss, one loader worker, frequent
+          checkpoints), each at kill points inside the process (mid-shard, between a commit record's
+          temporary file and its link, mid-checkpoint, ...) and from outside (seeded delays, the N-th
+          new commit record or a checkpoint appearing). Each kill is followed by a rerun of the same
+          command, each campaign by an uninterrupted run compared with an uninterrupted reference:
+          a kill survived when every committed record was the reference's, once, the store verified,
+          and the campaign ended identical to the reference with nothing left behind.
+flips     Flipped bytes in every kind of store file (manifest, tokenizer, commit record, Arrow file,
+          Zarr metadata, hidden-state chunk), and commit records truncated, emptied or listing a
+          wrong checksum, and a shard file deleted: `potstill store verify` must exit 1 naming the
+          damaged file or shard and nothing else, `verify --clean` must remove nothing, and
+          `generate` and `train` must refuse (or, with --skip-bad-shards, skip and name) the shard.
+prompts   Hostile prompt lines: each bad one skipped with its line number and reason, never a
+          traceback; the odd but valid ones written exactly as given; every good record written.
+
+    python bench/reliability.py                    # the full run, about 9 minutes on 2 cores
+    python bench/reliability.py --quick            # a smoke run, about 2 minutes
+    python bench/reliability.py --only flips,prompts --json reliability.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout
+sys.path.insert(0, os.path.join(REPO, "tests"))  # the campaigns and the tiny models
+
+from faultcampaigns import (  # noqa: E402
+    COPY_POINTS,
+    GENERATE_POINTS,
+    TRAIN_POINTS,
+    Campaign,
+    TrainSetup,
+    build_copy_source,
+    copy_campaign,
+    files_under,
+    generate_args,
+    generate_campaign,
+    run_potstill,
+    store_contents,
+    train_campaign,
+)
+from faults import flip_bytes, rewrite_column  # noqa: E402
+from genhelpers import prompt_rows, write_jsonl  # noqa: E402
+
+
+@dataclass
+class Row:
+    fault: str
+    injected: int
+    survived: int
+    lost: int = 0  # records (for train: logged steps) lost
+    doubled: int = 0  # records stored twice
+    failures: list[str] = field(default_factory=list)  # what went wrong, first few
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- kill campaigns --------------------------------------------------------------------------------
+def kind_rounds(kinds: list[str], per_round: int, first: tuple[str, ...] = (),
+                last: tuple[str, ...] = ()) -> Iterator[list[str]]:
+    """Rounds of `per_round` kill kinds, cycling through `kinds`; every other round starts with
+    `first` (the store's creation), every round ends with `last` (a kill after which nothing is left)."""
+    cycle = itertools.cycle(kinds)
+    for number in itertools.count():
+        head = list(first) if number % 2 == 0 else []
+        yield head + [next(cycle) for _ in range(per_round - len(head) - len(last))] + list(last)
+
+
+def campaign_row(fault: str, campaigns: list[Campaign], note: str = "") -> Row:
+    landed = [o for c in campaigns for o in c.outcomes if o.killed]
+    inside = sum(1 for o in landed if o.trigger is not None and o.trigger.point)
+    fault += f" ({inside} at kill points, {len(landed) - inside} from outside{'; ' + note if note else ''})"
+    return Row(fault, len(landed), sum(c.survived for c in campaigns),
+               sum(c.lost for c in campaigns), sum(c.doubled for c in campaigns),
+               [v for c in campaigns for v in c.violations][:5])
+
+
+def until_landed(kills: int, kinds: Iterator[list[str]], run: Callable[[int, list[str]], Campaign]) -> list[Campaign]:
+    """Campaigns, one a round, until `kills` kills have landed (a kill whose run ended first, with
+    nothing left to do, does not count)."""
+    campaigns: list[Campaign] = []
+    for number, round_kinds in enumerate(kinds):
+        landed = sum(c.landed for c in campaigns)
+        if landed >= kills:
+            break
+        say(f"round {number + 1}: {', '.join(round_kinds[: kills - landed])}")
+        campaigns.append(run(number, round_kinds[: kills - landed]))
+    return campaigns
+
+
+def kill_generate(ctx: dict[str, Any], kills: int, seed: int) -> Row:
+    workdir = os.path.join(ctx["work"], "kill-generate")
+    os.makedirs(workdir)
+    reference = None
+
+    def one(number: int, kinds: list[str]) -> Campaign:
+        nonlocal reference
+        campaign, reference = generate_campaign(ctx["teacher"], ctx["prompts"], workdir, kinds, seed + number,
+                                                reference, log=say)
+        return campaign
+
+    campaigns = until_landed(kills, kind_rounds(["delay", "commits", *GENERATE_POINTS], 6, first=("manifest",)), one)
+    return campaign_row("kill -9 of `potstill generate`", campaigns)
+
+
+def kill_copy(ctx: dict[str, Any], kills: int, seed: int, shards: int) -> Row:
+    workdir = os.path.join(ctx["work"], "kill-copy")
+    os.makedirs(workdir)
+    source = os.path.join(workdir, "source.store")
+    build_copy_source(source, shards, seed)
+    campaigns = until_landed(kills, kind_rounds(["delay", "commits", *COPY_POINTS], 10, first=("manifest",)),
+                             lambda number, kinds: copy_campaign(source, workdir, kinds, seed + number, log=say))
+    return campaign_row(f"kill -9 of `potstill store copy`, {shards} shards", campaigns)
+
+
+def kill_train(ctx: dict[str, Any], kills: int, seed: int) -> Row:
+    workdir = os.path.join(ctx["work"], "kill-train")
+    os.makedirs(workdir)
+    setup = TrainSetup(ctx["train_store"], ctx["student"], max_steps=24, save_steps=3, save_total_limit=2)
+    reference = None
+
+    def one(number: int, kinds: list[str]) -> Campaign:
+        nonlocal reference
+        campaign, reference = train_campaign(setup, workdir, kinds, seed + number, reference, log=say)
+        return campaign
+
+    campaigns = until_landed(kills, kind_rounds(["checkpoint", "delay", *(p for p in TRAIN_POINTS if p != "final-save")], 5,
+                                               last=("final-save",)), one)
+    return campaign_row("kill -9 of `potstill train`", campaigns, note="lost = logged steps")
+
+
+# -- damaged stores --------------------------------------------------------------------------------
+FILE_KINDS: dict[str, Callable[[str], bool]] = {
+    "manifest.json": lambda rel: rel == "manifest.json",
+    "tokenizer file": lambda rel: rel.startswith("tokenizer/"),
+    "commit record": lambda rel: rel.startswith("commits/"),
+    "records.arrow": lambda rel: rel.endswith("/records.arrow"),
+    "Zarr group metadata": lambda rel: rel.endswith("/hidden/zarr.json"),
+    "Zarr array metadata": lambda rel: "/hidden/layer_" in rel and rel.endswith("/zarr.json"),
+    "hidden-state chunk": lambda rel: "/hidden/layer_" in rel and "/c/" in rel,
+}
+
+
+def _shard_of(rel: str) -> str | None:
+    parts = rel.split("/")
+    if parts[0] == "commits":
+        return parts[1][: -len(".json")]
+    return parts[1] if parts[0] == "shards" else None
+
+
+def _truncate(path: str, rng: random.Random) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: rng.randrange(0, len(data))])
+
+
+def _wrong_checksum(path: str, rng: random.Random) -> None:
+    """A commit record that parses but lists a wrong sha256 for one of its files."""
+    with open(path) as f:
+        commit = json.load(f)
+    entry = rng.choice(commit["files"])
+    entry["sha256"] = "0" * 64
+    with open(path, "w") as f:
+        json.dump(commit, f, indent=1)
+
+
+DAMAGES: list[tuple[str, str, Callable[[str, random.Random], None]]] = [  # (what, file kind, how)
+    *[(f"flipped bytes: {kind}", kind, lambda p, r: flip_bytes(p, r.randint(1, 8), r.randrange(1 << 30)))
+      for kind in FILE_KINDS],
+    ("commit record truncated", "commit record", _truncate),
+    ("commit record lists a wrong sha256", "commit record", _wrong_checksum),
+    ("shard file deleted", "records.arrow", lambda p, r: os.remove(p)),
+]
+
+
+def damage_trial(pristine: str, scratch: str, kind: str, how: Callable[[str, random.Random], None],
+                 rng: random.Random, records: dict[str, int]) -> tuple[bool, int, str]:
+    """Damage one file of a copy of `pristine`; returns (named correctly and kept, records of other
+    shards that verify flagged or clean removed, what went wrong)."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(pristine, scratch)
+    before = files_under(scratch)
+    rel = rng.choice(sorted(r for r in before if FILE_KINDS[kind](r)))
+    how(os.path.join(scratch, rel), rng)
+    target = _shard_of(rel) or rel
+    check = run_potstill(["store", "verify", "--json", scratch])
+    if kind == "manifest.json":  # the store itself cannot be read: one line naming the file
+        lines = [ln for ln in check.stderr.splitlines() if ln.strip()]
+        ok = check.returncode == 1 and len(lines) == 1 and "manifest.json" in lines[0] and "Traceback" not in check.stderr
+        return ok, 0, "" if ok else f"{rel}: exit {check.returncode}: {check.tail(3)}"
+    try:
+        report = json.loads(check.stdout)
+    except json.JSONDecodeError:
+        return False, 0, f"{rel}: verify printed no report (exit {check.returncode}): {check.tail(3)}"
+    innocent = [p for p in report["problems"] if target not in p]
+    lost = sum(n for shard, n in records.items() if shard != target and any(shard in p for p in innocent))
+    clean = run_potstill(["store", "verify", "--clean", scratch])
+    after = files_under(scratch)
+    removed = sorted(set(before) - set(after) - {rel})
+    lost += sum(n for shard, n in records.items() if any(_shard_of(r) == shard for r in removed))
+    ok = (check.returncode == 1 and report["problems"] and not innocent and not removed
+          and clean.returncode == 1 and "Traceback" not in check.stderr + clean.stderr)
+    why = "" if ok else (f"{rel}: exit {check.returncode}, problems {report['problems'][:3]}, "
+                         f"removed by --clean {removed[:3]}")
+    return bool(ok), lost, why
+
+
+def damaged_stores(ctx: dict[str, Any], trials: int, seed: int) -> list[Row]:
+    rng = random.Random(seed)
+    pristine, scratch = ctx["train_store"], os.path.join(ctx["work"], "damaged.store")
+    from store import open_store
+
+    records = {c.shard: c.records for c in open_store(pristine).commits}
+    rows = []
+    for what, kind, how in DAMAGES:
+        results = [damage_trial(pristine, scratch, kind, how, rng, records) for _ in range(trials)]
+        say(f"{what}: {sum(ok for ok, _, _ in results)}/{trials} named correctly")
+        rows.append(Row(f"{what} → `store verify`", trials, sum(ok for ok, _, _ in results),
+                        sum(lost for _, lost, _ in results), 0, [why for ok, _, why in results if not ok][:3]))
+    return rows
+
+
+def refusals(ctx: dict[str, Any], seed: int, quick: bool) -> list[Row]:
+    """Readers and writers on a damaged store: `train` (one epoch, so that every shard is read) stops
+    in one line naming the shard (or, with --skip-bad-shards, leaves it out and names it); `generate`
+    refuses a store with a damaged commit record without touching it."""
+    rng = random.Random(seed)
+    store = ctx["train_store"]
+    scratch = os.path.join(ctx["work"], "refusal.store")
+    from store import open_store
+
+    shard = rng.choice(open_store(store).shard_names)
+
+    def nan_logprobs(path: str) -> None:
+        import numpy as np
+
+        def change(flat: np.ndarray) -> None:
+            flat[rng.randrange(len(flat))] = np.nan
+        rewrite_column(path, shard, "topk_logprobs", change)
+
+    damages: list[tuple[str, Callable[[str], None]]] = [
+        ("flipped bytes in records.arrow", lambda p: flip_bytes(f"{p}/shards/{shard}/records.arrow", 4, seed)),
+        ("flipped bytes in a hidden-state chunk", lambda p: flip_bytes(f"{p}/shards/{shard}/hidden/layer_2/c/0/0", 4, seed)),
+        ("NaN log-probs, checksums rewritten to match", nan_logprobs),
+        ("commit record truncated", lambda p: _truncate(f"{p}/commits/{shard}.json", rng)),
+    ]
+    if quick:
+        damages = damages[:1]
+    train = ["train", "--student", ctx["student"], "--epochs", "1", "--batch-size", "8", "--num-workers", "1",
+             "--hidden-map", "2:2", "--report-to", "none", "--eval-fraction", "0", "--save-steps", "100"]
+    rows = []
+    for what, damage in damages:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.copytree(store, scratch)
+        damage(scratch)
+        failures = []
+        stop = run_potstill([*train, "--store", scratch, "--out", os.path.join(ctx["work"], "refused-out")])
+        errors = [ln for ln in stop.stderr.splitlines() if "error: " in ln]
+        if not (stop.returncode == 1 and len(errors) == 1 and shard in errors[0] and "Traceback" not in stop.stderr):
+            failures.append(f"train: exit {stop.returncode}: {stop.tail(3)}")
+        out = os.path.join(ctx["work"], "skipped-out")
+        shutil.rmtree(out, ignore_errors=True)
+        skip = run_potstill([*train, "--store", scratch, "--out", out, "--skip-bad-shards"])
+        if skip.returncode != 0:
+            failures.append(f"train --skip-bad-shards: exit {skip.returncode}: {skip.tail(3)}")
+        else:
+            with open(os.path.join(out, "training_report.json")) as f:
+                if shard not in json.load(f)["skipped_shards"]:
+                    failures.append("train --skip-bad-shards: the report does not name the shard")
+        tried = 2
+        if what.startswith("commit record"):
+            before = files_under(scratch)
+            gen = run_potstill(generate_args(ctx["teacher"], ctx["prompts"], scratch))
+            lines = [ln for ln in gen.stderr.splitlines() if ln.strip()]
+            if not (gen.returncode == 1 and len(lines) == 1 and shard in lines[0]) or files_under(scratch) != before:
+                failures.append(f"generate: exit {gen.returncode}, store changed: {files_under(scratch) != before}: "
+                                f"{gen.tail(3)}")
+            tried += 1
+        say(f"{what}: train, train --skip-bad-shards{', generate' if tried == 3 else ''}: "
+            f"{failures or 'ok'}")
+        rows.append(Row(f"{what} → `train` stops / skips{', `generate` refuses' if tried == 3 else ''}",
+                        tried, tried - len(failures), 0, 0, failures))
+    return rows
+
+
+# -- hostile prompts -------------------------------------------------------------------------------
+def hostile_lines() -> list[tuple[bytes, str | None]]:
+    """(raw line, reason it is skipped for; None: odd but valid, written as given)."""
+    from test_generate_integrity import HOSTILE_LINES
+
+    lines: list[tuple[bytes, str | None]] = [(raw.encode(), reason) for raw, reason in HOSTILE_LINES.values()]
+    lines += [
+        (b'{"id": "latin-1", "prompt": "caf\xe9"}', "not valid UTF-8"),
+        (b'\xff\xfe{"id": "utf-16-bom", "prompt": "a"}', "malformed JSON"),
+        (b'{"id": "cut", "prompt": "a"', "malformed JSON"),
+        (b"[1, 2, 3]", "expected an object"),
+        (b'"a string"', "expected an object"),
+        (b"null", "expected an object"),
+        (b'{"id": "no-prompt"}', "no 'prompt'"),
+        (b'{"id": "", "prompt": "a"}', "is empty"),
+        (b'{"id": {"a": 1}, "prompt": "a"}', "must be a string or an integer"),
+        (b'{"id": "int-prompt", "prompt": 5}', "must be a string"),
+        (b'{"id": "empty-prompt", "prompt": ""}', "empty prompt"),
+        (b'{"id": "r0001", "prompt": "again"}', "duplicate id"),
+        (b'{"id": "long", "prompt": "' + b"the quick brown fox " * 20000 + b'", "completion": "x"}', "tokens"),
+        (b'{"id": "controls", "prompt": "tab\\t nul \\u0000 bidi \\u202e end", "completion": "x"}', None),
+        (b'{"id": "emoji", "prompt": "a \\ud83d\\ude00 pair", "completion": "x"}', None),
+        (b'{"id": 123456789012345678901234567890, "prompt": "an integer id", "completion": "x"}', None),
+        (b'{"id": "nan", "prompt": "a", "completion": "b", "score": NaN}', None),
+    ]
+    return lines
+
+
+def hostile_prompts(ctx: dict[str, Any], seed: int) -> Row:
+    good = prompt_rows(24, seed=seed)
+    rng = random.Random(seed)
+    hostile = hostile_lines()
+    lines: list[tuple[bytes, str | None, bool]] = [(json.dumps(r).encode(), None, True) for r in good]
+    for raw, reason in hostile:
+        lines.insert(rng.randrange(2, len(lines) + 1), (raw, reason, False))  # after r0001's first line
+    path = os.path.join(ctx["work"], "hostile.jsonl")
+    with open(path, "wb") as f:
+        f.write(b"\n".join(raw for raw, _, _ in lines) + b"\n")
+    store = os.path.join(ctx["work"], "hostile.store")
+    run = run_potstill([*generate_args(ctx["teacher"], path, store), "--json"])
+    failures = []
+    if run.returncode != 0 or "Traceback" in run.stderr:
+        return Row("hostile prompt lines → `generate`", len(hostile), 0, len(good), 0,
+                   [f"exit {run.returncode}: {run.tail(3)}"])
+    errors = {e["line"]: e for e in json.loads(run.stdout)["errors"]}
+    ids, records = store_contents(store)
+    kept = {rid: content for rid, content in records.items()}
+    survived = 0
+    for number, (raw, reason, is_good) in enumerate(lines, start=1):
+        if is_good:
+            continue
+        if reason is not None:
+            error = errors.get(number)
+            if error is not None and reason in error["reason"]:
+                survived += 1
+            else:
+                failures.append(f"line {number}: expected skipped for {reason!r}, got {error}")
+            continue
+        row = json.loads(raw)
+        written = kept.get(str(row["id"]))
+        prompt = dict(written).get("prompt") if written is not None else None
+        if prompt == row["prompt"]:
+            survived += 1
+        else:
+            failures.append(f"line {number}: expected written as given, got prompt {prompt!r}")
+    lost = sum(1 for r in good if r["id"] not in kept)
+    return Row("hostile prompt lines → `generate` (skipped with line and reason, or written as given)",
+               len(hostile), survived, lost, len(ids) - len(set(ids)), failures[:5])
+
+
+# -- main ------------------------------------------------------------------------------------------
+def prepare(work: str, seed: int) -> dict[str, Any]:
+    """The tiny teacher and student of the tests, a prompt file, and a store generated from it."""
+    from tinymodels import build_llama, build_tokenizer
+    from trainhelpers import build_student
+    from transformers import AutoTokenizer
+
+    tok, teacher = os.path.join(work, "tokenizer"), os.path.join(work, "teacher")
+    build_tokenizer(tok)
+    build_llama(teacher, len(AutoTokenizer.from_pretrained(tok)), hidden=32, layers=2, seed=0, tokenizer_dir=tok)
+    student = build_student(os.path.join(work, "student"), tok, hidden=16)
+    prompts = write_jsonl(os.path.join(work, "prompts.jsonl"), prompt_rows(48, seed=seed))
+    train_store = os.path.join(work, "train.store")
+    made = run_potstill(generate_args(teacher, prompts, train_store))
+    if made.returncode != 0:
+        raise SystemExit(f"could not generate the store: {made.tail()}")
+    return {"work": work, "teacher": teacher, "student": student, "prompts": prompts, "train_store": train_store}
+
+
+def table(rows: list[Row]) -> str:
+    out = ["| fault | injected | survived | records lost | records doubled |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {r.fault} | {r.injected} | {r.survived} | {r.lost} | {r.doubled} |" for r in rows]
+    total = Row("**all**", sum(r.injected for r in rows), sum(r.survived for r in rows),
+                sum(r.lost for r in rows), sum(r.doubled for r in rows))
+    out.append(f"| {total.fault} | {total.injected} | {total.survived} | {total.lost} | {total.doubled} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few of each, to check the script runs")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--only", default="kills,flips,prompts", help="kills, flips, prompts (comma separated)")
+    parser.add_argument("--generate-kills", type=int, default=40)
+    parser.add_argument("--copy-kills", type=int, default=20)
+    parser.add_argument("--train-kills", type=int, default=10)
+    parser.add_argument("--copy-shards", type=int, default=120)
+    parser.add_argument("--flip-trials", type=int, default=6, help="damaged copies of the store per kind of damage")
+    parser.add_argument("--json", help="also write the rows (and their failures) to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder (printed)")
+    args = parser.parse_args()
+    if args.quick:
+        args.generate_kills, args.copy_kills, args.train_kills, args.copy_shards, args.flip_trials = 5, 5, 2, 30, 1
+    only = set(args.only.split(","))
+    started = time.monotonic()
+    work = tempfile.mkdtemp(prefix="potstill-reliability-")
+    try:
+        ctx = prepare(work, args.seed)
+        rows: list[Row] = []
+        if "kills" in only:
+            rows.append(kill_generate(ctx, args.generate_kills, args.seed))
+            rows.append(kill_copy(ctx, args.copy_kills, args.seed, args.copy_shards))
+            rows.append(kill_train(ctx, args.train_kills, args.seed))
+        if "flips" in only:
+            rows += damaged_stores(ctx, args.flip_trials, args.seed)
+            rows += refusals(ctx, args.seed, args.quick)
+        if "prompts" in only:
+            rows.append(hostile_prompts(ctx, args.seed))
+    finally:
+        if args.keep:
+            say(f"working folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(table(rows))
+    failures = [f"{r.fault}: {f}" for r in rows for f in r.failures]
+    for failure in failures:
+        print(f"FAILED {failure}")
+    print(f"({time.monotonic() - started:.0f} s, seed {args.seed}{', --quick' if args.quick else ''})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seed": args.seed, "quick": args.quick, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    if failures or any(r.survived < r.injected or r.lost or r.doubled for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
