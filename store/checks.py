@@ -84,13 +84,3 @@ def _packed_problems(views: ColumnViews, manifest: StoreManifest) -> list[str]:
         except StoreError as e:
             return [str(e)]
     return []
-
-
-def hidden_problem(data: bytes | memoryview | np.ndarray, dtype: str) -> str | None:
-    """Non-finite values in a hidden-state chunk file's bytes (float16, or bfloat16 bits as uint16)."""
-    raw = np.frombuffer(data, dtype="<u2") if not isinstance(data, np.ndarray) else data.view("<u2")
-    if dtype == "float16":
-        bad = (raw & 0x7C00) == 0x7C00  # exponent all ones: inf or NaN
-    else:
-        bad = (raw & 0x7F80) == 0x7F80
-    return f"{int(bad.sum())} non-finite value(s) (inf or NaN)" if bad.any() else None

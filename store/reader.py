@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from store.checks import hidden_problem, value_problems
+from store.checks import value_problems
 from store.commit import CommitRecord, check_writer_id, parse_shard_name
 from store.errors import FormatVersionError, StoreError
 from store.fs import (
@@ -31,7 +31,7 @@ from store.fs import (
     write_bytes,
 )
 from store.manifest import FileEntry, StoreManifest
-from store.records import ColumnViews, Record, arrow_schema
+from store.records import ColumnViews, Record, arrow_schema, hidden_problem
 from store.writer import ShardWriter, seqs_for_writer
 
 MANIFEST = "manifest.json"

@@ -192,6 +192,16 @@ def input_vocab(manifest: StoreManifest) -> int:
     return max(manifest.teacher.vocab_size or 0, manifest.tokenizer.vocab_size, 1)
 
 
+def hidden_problem(data: bytes | memoryview | np.ndarray, dtype: str) -> str | None:
+    """Non-finite values in a hidden-state chunk file's bytes (float16, or bfloat16 bits as uint16):
+    an all-ones exponent is inf or NaN, i.e. the bits without the sign are at least the infinity's."""
+    raw = np.frombuffer(data, dtype="<u2") if not isinstance(data, np.ndarray) else data.view("<u2")
+    infinity = 0x7C00 if dtype == "float16" else 0x7F80
+    if raw.size == 0 or int(np.bitwise_and(raw, 0x7FFF).max()) < infinity:
+        return None
+    return f"{int((np.bitwise_and(raw, 0x7FFF) >= infinity).sum())} non-finite value(s) (inf or NaN)"
+
+
 def validate_record(rec: Record, manifest: StoreManifest) -> Record:
     """Check a record against the manifest and return it with arrays in the stored dtypes."""
     where = f"record {rec.id!r}"
@@ -262,6 +272,9 @@ def validate_record(rec: Record, manifest: StoreManifest) -> Record:
                 f"{where}: hidden layer {index} has dtype {arr.dtype}, expected {np.dtype(want)}"
                 + (" (bfloat16 bits)" if layer.dtype == "bfloat16" else "")
             )
+        problem = hidden_problem(np.ascontiguousarray(arr), layer.dtype)
+        if problem is not None:
+            raise StoreError(f"{where}: hidden layer {index} holds {problem}")
         hidden[index] = np.ascontiguousarray(arr)
     rec.input_ids, rec.token_logprob, rec.hidden = ids, token_lp, hidden
     return rec

@@ -67,3 +67,24 @@ def rewrite_column(store_url: str, shard: str, column: str, change: Callable[[np
     commit["bytes"] = sum(e["bytes"] for e in commit["files"])
     with open(commit_path, "w") as f:
         json.dump(commit, f, indent=1)
+
+
+def rewrite_file(store_url: str, rel: str, change: Callable[[bytearray], None]) -> None:
+    """Change a shard file's bytes in place (`change` edits them) and update its size and sha256 in
+    its commit record: the checksums hold, only the content is wrong."""
+    path = os.path.join(store_url, *rel.split("/"))
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    change(data)
+    with open(path, "wb") as f:
+        f.write(data)
+    shard = rel.split("/")[1]
+    commit_path = os.path.join(store_url, "commits", f"{shard}.json")
+    with open(commit_path) as f:
+        commit = json.load(f)
+    for entry in commit["files"]:
+        if entry["path"] == rel:
+            entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(bytes(data)).hexdigest()
+    commit["bytes"] = sum(e["bytes"] for e in commit["files"])
+    with open(commit_path, "w") as f:
+        json.dump(commit, f, indent=1)

@@ -117,6 +117,15 @@ def test_writers_refuse_values_no_teacher_writes(tmp_path):
         w.write(random_record(rng, "fine", m))
     assert [r.id for r in open_store(str(tmp_path / "s")).iter_records()] == ["fine"]
 
+    hidden = make_manifest(layers=((2, 8, "bfloat16"), (3, 8, "float16")))
+    store = create_store(str(tmp_path / "h"), hidden, TOKENIZER_FILES)
+    with store.writer("w") as w:
+        for layer, infinity in ((2, np.uint16(0x7F80)), (3, np.float16(np.inf))):
+            rec = random_record(rng, f"inf-{layer}", hidden, n=6)
+            rec.hidden[layer][0, 0] = infinity
+            with pytest.raises(StoreError, match=f"record 'inf-{layer}': hidden layer {layer} holds 1 non-finite"):
+                w.write(rec)
+
 
 def test_copy_commits_atomically_and_repairs_a_damaged_copy(tmp_path):
     src = str(tmp_path / "src")

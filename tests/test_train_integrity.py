@@ -14,7 +14,7 @@ import shutil
 
 import numpy as np
 import pytest
-from faults import flip_bytes, rewrite_column
+from faults import flip_bytes, rewrite_column, rewrite_file
 from trainhelpers import arithmetic_items, build_student, build_teacher_store, teacher_records
 from transformers import AutoConfig
 
@@ -122,6 +122,25 @@ def test_flipped_bytes_in_a_zarr_chunk_stop_training(base, tmp_path) -> None:
     message = one_line(str(err.value))
     assert "shards/t0-000000/hidden/layer_2/c/" in message and "sha256" in message
     assert_nothing_saved(str(tmp_path / "out"))
+
+
+def test_non_finite_hidden_states_stop_training_and_fail_verify(base, tmp_path) -> None:
+    """A chunk holding inf (bfloat16 0x7F80) whose checksum matches: a teacher that overflowed."""
+    from store import verify_store
+
+    store = fresh_store(base, tmp_path)
+    chunk = sorted(glob.glob(os.path.join(store, "shards", "t0-000001", "hidden", "layer_2", "c", "*", "0")))[0]
+    rel = os.path.relpath(chunk, store).replace(os.sep, "/")
+
+    def infinity(data: bytearray) -> None:
+        data[64:66] = (0x7F80).to_bytes(2, "little")
+
+    rewrite_file(store, rel, infinity)
+    problems = [str(p) for p in verify_store(store).problems]
+    assert problems == [f"shard t0-000001: file {rel}: 1 non-finite value(s) (inf or NaN)"]
+    with pytest.raises(TrainError) as err:
+        train(cfg(base, store, str(tmp_path / "out"), hidden_map="2:2", max_steps=12))
+    assert rel in one_line(str(err.value)) and "non-finite" in str(err.value)
 
 
 def test_flipped_byte_in_records_arrow_stops_training(base, tmp_path) -> None:
