@@ -10,7 +10,7 @@ Modes (tokens/s = input tokens per second of one process):
   on (every shard file's sha256 once per process before its first use, ids and log-probs checked)
   — target ≥ 95% of `memory`;
 - `store-unchecked`: the same without those checks, to show what they cost;
-- `online`: the anchor's online KD (/work/shared/anchors/gpu_baseline.py): a teacher forward inside
+- `online`: the anchor's online KD (the reference script gpu_baseline.py): a teacher forward inside
   the loop, then full-vocabulary KL of the student;
 - `loader`: only the DataLoader, no model: the tokens/s it can feed, without and with hidden states,
   with the checks and without them (`(unchecked)`).
