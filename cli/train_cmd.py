@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     ) -> None:
         """Held-out metrics of a student against the stored teacher: kd_loss, top-1 agreement, perplexity, answer accuracy."""
-        from student_train.evaluate import evaluate
+        from student_train.evaluation import evaluate
 
         result = evaluate(
             store,

@@ -19,8 +19,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
 
 
 def evaluate(store: Any, model_dir: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Evaluate a student on a store's held-out records (see student_train.evaluate.evaluate)."""
-    from student_train.evaluate import evaluate as _evaluate
+    """Evaluate a student on a store's held-out records (see student_train.evaluation.evaluate)."""
+    from student_train.evaluation import evaluate as _evaluate
 
     return _evaluate(store, model_dir, **kwargs)
 

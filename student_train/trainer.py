@@ -290,7 +290,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
     started = time.time()
     state = PartialState(cpu=cpu_only())  # under torchrun: joins the process group, gives rank and world size
     rank, world = state.process_index, state.num_processes
-    store = open_store(config.store, strict=not config.skip_bad_shards)
+    store = open_store(config.store, strict=not config.skip_bad_shards, verify_reads=True)  # (the final eval reads it)
     checkpoint, loader_state = resume_point(config, rank)
     targets = training_targets(config, store)
     objective = dataclasses.replace(Objective.from_config(config), targets=targets)
@@ -430,7 +430,7 @@ def store_identity(store: Store, shards: list[str]) -> dict[str, Any]:
 
 
 def _final_eval(config: TrainConfig, store: Store, student: Any, tokenizer: Any) -> dict[str, Any]:
-    from student_train.evaluate import evaluate
+    from student_train.evaluation import evaluate
 
     if config.eval_fraction <= 0:
         return {"records": 0, "note": "no held-out records (--eval-fraction 0)"}

@@ -107,10 +107,7 @@ def test_a_2_0_packed_store_recomputes_its_tail_and_is_called_approximate(tmp_pa
 def test_a_1_0_store_trains_and_evaluates(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir) -> None:
     from trainhelpers import arithmetic_items, build_student, build_teacher_store
 
-    # from the modules: once student_train.evaluate is imported, the package's `evaluate` name is that module
-    from student_train import TrainConfig
-    from student_train.evaluate import evaluate
-    from student_train.trainer import train
+    from student_train import TrainConfig, evaluate, train
 
     url = str(tmp_path / "old")
     store = build_teacher_store(url, tiny_teacher_dir, arithmetic_items(12, seed=3), tail_logprob=None)

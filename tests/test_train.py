@@ -188,7 +188,7 @@ def test_settings_come_from_defaults_then_file_then_flags(tmp_path) -> None:
 
 
 def test_answers_are_extracted_like_generation_does_and_compared_loosely() -> None:
-    from student_train.evaluate import extract_answer, normalise_answer
+    from student_train.evaluation import extract_answer, normalise_answer
 
     assert extract_answer("3 + 4 is 7. the answer is 3? No, The answer is 7.") == "7"  # the last match
     assert extract_answer("so #### 1,234") == "1,234" and extract_answer("Final Answer: **42**.") == "42"

@@ -234,3 +234,13 @@ def test_duplicate_records_are_trained_on_once(base, tmp_path) -> None:
     assert report["loader"]["train_records"] == 36 and report["loader"]["duplicates_skipped"] == 10
     with open(os.path.join(str(tmp_path / "out"), "training_report.json")) as f:
         assert json.load(f)["loader"]["duplicates_skipped"] == 10
+
+
+def test_eval_checks_what_it_reads(base, tmp_path) -> None:
+    from store import StoreError
+    from student_train import evaluate
+
+    store = fresh_store(base, tmp_path)
+    flip_bytes(os.path.join(store, "shards", "t0-000000", "records.arrow"), count=1, seed=4)
+    with pytest.raises(StoreError, match=r"shards/t0-000000/records.arrow: fails its sha256 check"):
+        evaluate(store, base["student"], eval_fraction=0.5, answers=False)

@@ -89,7 +89,8 @@ def evaluate(
     """Evaluate a student folder (or an in-memory `model` + `tokenizer`) on the held-out records."""
     from transformers import AutoModelForCausalLM
 
-    store = open_store(store) if isinstance(store, str) else store
+    # Every file read is checked against its commit record's sha256 first, and its values (as in training).
+    store = open_store(store, verify_reads=True) if isinstance(store, str) else store
     if model is None:
         if not model_dir or not os.path.isdir(model_dir):
             raise TrainError(f"model folder {model_dir} does not exist")
