@@ -71,32 +71,40 @@ class Scale:
     heldout_fraction: float = 0.1  # of the corpus files
     seeds: int = 2
     tokenizer_chars: int = 6_000_000  # characters of the train split the tokenizer is trained on
+    eval_steps: tuple[int, ...] = (50, 100, 200, 300)  # held-out CE during training (share of the gain vs steps)
 
 
 SCALES = {
     "cpu": Scale(),
     "quick": Scale(teacher_steps=60, student_steps=40, transfer_blocks=128, heldout_blocks=32, seeds=1,
-                   tokenizer_chars=1_000_000),
+                   tokenizer_chars=1_000_000, eval_steps=(10, 20, 30)),
+    # What 2 busy CPU cores finish in about 40 minutes: a shorter-trained teacher, half the batch.
+    "small": Scale(teacher_steps=120, teacher_batch=16, student_steps=150, student_batch=8, transfer_blocks=256,
+                   heldout_blocks=64, tokenizer_chars=2_000_000, eval_steps=(25, 50, 100)),
     "gpu": Scale(vocab=8192, seq=256, teacher_hidden=512, teacher_layers=8, teacher_steps=6000, teacher_batch=64,
                  teacher_lr=1e-3, student_hidden=256, student_layers=4, student_steps=3000, student_batch=32,
                  student_lr=1e-3, transfer_blocks=16384, heldout_blocks=1024, seeds=3, tokenizer_chars=20_000_000),
 }
 
-VARIANTS = ["ce", "full", "top8", "top8-notail", "top32", "top32-notail", "top64", "top64-notail", "sampled12", "sampled50"]
-STORES = {  # store name -> generate settings
+STORES = {  # store name (= variant name) -> generate settings; every sampled store uses the packed codec
     "top8": dict(targets="topk", top_k=8),
     "top32": dict(targets="topk", top_k=32),
     "top64": dict(targets="topk", top_k=64),
     "sampled12": dict(targets="sampled", samples=12, codec="packed"),
     "sampled50": dict(targets="sampled", samples=50, codec="packed"),
+    "systematic12": dict(targets="sampled", samples=12, sampler="systematic", codec="packed"),
+    "stratified12": dict(targets="sampled", samples=12, sampler="stratified", codec="packed"),
+    "systematic24": dict(targets="sampled", samples=24, sampler="systematic", codec="packed"),
+    "hybrid2-systematic12": dict(targets="hybrid", top_k=2, samples=12, sampler="systematic", codec="packed"),
+    "hybrid4-systematic8": dict(targets="hybrid", top_k=4, samples=8, sampler="systematic", codec="packed"),
 }
-BYTES_ONLY_STORES = {  # the other codec of each store above, for the bytes table only (same targets, or
-    "top8-packed": dict(targets="topk", top_k=8, codec="packed"),  # within the quantiser's bound)
-    "top32-packed": dict(targets="topk", top_k=32, codec="packed"),
-    "top64-packed": dict(targets="topk", top_k=64, codec="packed"),
-    "sampled12-unpacked": dict(targets="sampled", samples=12),
-    "sampled50-unpacked": dict(targets="sampled", samples=50),
-}
+# Every variant the bench knows; the default runs the sampled ones (top-K lost to sampled targets in
+# earlier runs of this bench: pass them with --variants to compare again).
+ALL_VARIANTS = ["ce", "full", "top8", "top8-notail", "top32", "top32-notail", "top64", "top64-notail", *STORES.keys()]
+ALL_VARIANTS = list(dict.fromkeys(ALL_VARIANTS))
+VARIANTS = ["ce", "full", "sampled12", "systematic12", "stratified12", "systematic24", "hybrid2-systematic12",
+            "hybrid4-systematic8"]
+GRAD_BLOCKS, GRAD_REPEATS = 8, 16  # gradient variance: held-out blocks, target draws per variant
 
 
 def say(message: str) -> None:
@@ -201,7 +209,8 @@ def train_teacher(blocks: np.ndarray, scale: Scale, device: str, folder: str, to
 
 
 # -- stores ------------------------------------------------------------------------------------------
-def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale, device: str) -> dict[str, str]:
+def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale, device: str,
+                names: list[str]) -> dict[str, str]:
     from teacher_gen.config import GenerateConfig
     from teacher_gen.runner import generate
 
@@ -210,7 +219,8 @@ def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale
         for i, text in enumerate(tokenizer.batch_decode(transfer.tolist())):
             f.write(json.dumps({"id": f"b{i:06d}", "prompt": text}) + "\n")
     urls = {}
-    for name, settings in (STORES | BYTES_ONLY_STORES).items():
+    for name in names:
+        settings = STORES[name]
         url = os.path.join(workdir, "stores", f"{name}.store")
         config = GenerateConfig.build(
             teacher=os.path.join(workdir, "teacher"), prompts=prompts, store=url, score_prompt=True,
@@ -242,15 +252,15 @@ def store_bytes(url: str) -> dict[str, float]:
 
 # -- students ----------------------------------------------------------------------------------------
 def objective_for(variant: str) -> Objective:
-    if variant == "ce":
-        return Objective(alpha=1.0)
-    if variant.startswith("sampled"):
-        return Objective(targets="sampled")
+    if variant in ("ce", "full"):  # their store gives the tokens only: CE (alpha = 1), or online KD
+        return Objective(alpha=1.0 if variant == "ce" else 0.0, targets=objective_for(store_for(variant)).targets)
+    if STORES.get(variant, {}).get("targets") in ("sampled", "hybrid"):
+        return Objective(targets="sampled")  # hybrid stores: top-K exactly, draws from the rest, unbiased
     return Objective(tail=not variant.endswith("-notail"))
 
 
 def store_for(variant: str) -> str:
-    return "top8" if variant in ("ce", "full") else variant.removesuffix("-notail")
+    return "sampled12" if variant in ("ce", "full") else variant.removesuffix("-notail")
 
 
 def online_kd(model: DistillModel, teacher: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -266,7 +276,8 @@ def online_kd(model: DistillModel, teacher: Any, batch: dict[str, Any]) -> torch
 
 
 def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str, str], teacher: Any, scale: Scale,
-                  seed: int, device: str) -> Any:
+                  seed: int, device: str, heldout: np.ndarray) -> tuple[Any, dict[int, float]]:
+    """The student after `scale.student_steps` steps, and its held-out CE at `scale.eval_steps` on the way."""
     student = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=0)
     student.load_state_dict(init)
     model = DistillModel(student).to(device).train()
@@ -278,7 +289,11 @@ def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str,
     optimizer = torch.optim.AdamW(model.parameters(), lr=scale.student_lr, weight_decay=0.1, betas=(0.9, 0.95))
     lr = schedule(optimizer, scale.student_steps, max(1, scale.student_steps // 20))
     started = time.time()
-    for _ in range(scale.student_steps):
+    curve: dict[int, float] = {}
+    for step in range(scale.student_steps):
+        if step in scale.eval_steps:
+            curve[step] = heldout_ce(student, heldout, device)
+            model.train()
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
         if variant == "full":
             loss = online_kd(model, teacher, batch)
@@ -290,7 +305,83 @@ def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str,
         optimizer.zero_grad(set_to_none=True)
         lr.step()
     say(f"student {variant} seed {seed}: {scale.student_steps} steps in {time.time() - started:.0f} s, last loss {loss.item():.3f}")
-    return student.eval()
+    return student.eval(), curve
+
+
+@torch.no_grad()
+def heldout_ce(student: Any, heldout: np.ndarray, device: str) -> float:
+    """The student's held-out cross-entropy (all `evaluate` needs for the share of full KD's gain)."""
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(heldout), 32):
+        x = torch.from_numpy(heldout[start : start + 32]).to(device)
+        s_log = torch.log_softmax(student(input_ids=x).logits[:, :-1].float(), -1)
+        total += -s_log.gather(-1, x[:, 1:, None]).sum().item()
+        count += x[:, 1:].numel()
+    student.train(was_training)
+    return total / count
+
+
+# -- gradient variance -------------------------------------------------------------------------------
+def target_weights(variant: str, teacher: Any, x: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Dense [P, V] target weights of one draw of `variant`'s targets at every next-token position of
+    blocks `x`, made by the capture code itself (`teacher_gen.capture.topk_logprobs`, the sampler and
+    its uniforms as `potstill generate` makes them, seeded by `repeat`) and weighted as the loader does."""
+    from store.codec import sampled_from_draws
+    from student_train.data import hybrid_weights
+    from teacher_gen.capture import topk_logprobs
+
+    settings = STORES[variant]
+    with torch.no_grad():
+        hidden = teacher.model(input_ids=x).last_hidden_state[:, :-1].reshape(-1, teacher.config.hidden_size)
+        targets = x[:, 1:].reshape(-1)
+        n, k = settings["samples"], settings.get("top_k", 0) if settings["targets"] == "hybrid" else 0
+        uniforms = torch.from_numpy(np.random.default_rng([repeat, 12345]).random((len(targets), n)))
+        draws = torch.empty(uniforms.shape, dtype=torch.int32)
+        ids, lp, _, tail = topk_logprobs(hidden, teacher.lm_head, targets, k, uniforms=uniforms, draws_out=draws,
+                                         sampler=settings.get("sampler", "iid"),
+                                         draw_from_rest=settings["targets"] == "hybrid")
+    sampled = sampled_from_draws(draws.numpy())
+    rows = np.arange(len(targets))
+    if k:
+        w_ids, w = hybrid_weights(ids.numpy(), lp.float().numpy(), tail.numpy(), sampled, rows)
+    else:
+        w_ids, counts = sampled.padded(rows)
+        w = (counts / n).astype(np.float32)
+    dense = torch.zeros(len(targets), teacher.config.vocab_size, dtype=torch.float64)
+    valid = w_ids >= 0
+    dense.index_put_((torch.from_numpy(np.nonzero(valid)[0]), torch.from_numpy(w_ids[valid])),
+                     torch.from_numpy(w[valid].astype(np.float64)), accumulate=True)
+    return dense
+
+
+def gradient_variance(student: Any, teacher: Any, heldout: np.ndarray, variants: list[str], device: str
+                      ) -> dict[str, float]:
+    """E‖g − g*‖² / ‖g*‖² over GRAD_REPEATS target draws, per variant: g the gradient of the variant's
+    loss on GRAD_BLOCKS held-out blocks with respect to every student parameter, g* full KD's exact
+    gradient there (forward KL against the teacher's full distribution). CE: its one (biased) gradient."""
+    x = torch.from_numpy(heldout[:GRAD_BLOCKS]).to(device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    with torch.no_grad():
+        p_teacher = torch.softmax(teacher(input_ids=x).logits[:, :-1].double(), -1).reshape(-1, teacher.config.vocab_size)
+
+    def grad(weights: torch.Tensor) -> torch.Tensor:
+        s_log = torch.log_softmax(student(input_ids=x).logits[:, :-1].double(), -1).reshape(weights.shape)
+        loss = -(weights * s_log).sum() / len(weights)  # cross-entropy form: the same gradient as the KL
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    was_training = student.training
+    student.eval()  # no dropout: the only randomness is the targets'
+    exact = grad(p_teacher)
+    norm = exact.square().sum().item()
+    out = {"ce": (grad(torch.nn.functional.one_hot(x[:, 1:].reshape(-1), p_teacher.shape[1]).double()) - exact)
+           .square().sum().item() / norm}
+    for variant in variants:
+        errors = [(grad(target_weights(variant, teacher, x, r)) - exact).square().sum().item() for r in range(GRAD_REPEATS)]
+        out[variant] = float(np.mean(errors)) / norm
+    student.train(was_training)
+    return out
 
 
 # -- evaluation --------------------------------------------------------------------------------------
@@ -338,6 +429,85 @@ def summarize(results: dict[str, list[dict[str, float]]], bytes_by_store: dict[s
             row.update(bytes_by_store[store_for(variant)])
         rows.append(row)
     return rows
+
+
+def share_curves(curves: dict[str, list[dict[int, float]]]) -> dict[str, dict[str, list[float]]]:
+    """Per variant and step: the share of full KD's gain over CE at that step, one value per seed
+    (paired: CE-only and full KD of the same seed, at the same step)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for variant, runs in curves.items():
+        if variant in ("ce", "full"):
+            continue
+        out[variant] = {}
+        for step in sorted(runs[0]):
+            values = []
+            for seed, run in enumerate(runs):
+                ce, full = curves["ce"][seed][step], curves["full"][seed][step]
+                values.append((ce - run[step]) / (ce - full))
+            out[variant][str(step)] = values
+    return out
+
+
+def _pm(values: list[float], scale: float = 1.0, fmt: str = ".1f") -> str:
+    a = np.asarray(values) * scale
+    return f"{a.mean():{fmt}} ± {a.std(ddof=1):{fmt}}" if len(a) > 1 else f"{a.mean():{fmt}}"
+
+
+def curve_table(shares: dict[str, dict[str, list[float]]], seeds: int) -> str:
+    steps = list(next(iter(shares.values())).keys()) if shares else []
+    lines = ["| variant | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for variant, by_step in shares.items():
+        lines.append(f"| {variant} | " + " | ".join(_pm(by_step[s], 100) + " %" for s in steps) + " |")
+    return "\n".join(lines)
+
+
+def grad_table(grad_var: dict[str, list[dict[str, float]]], seeds: int) -> str:
+    names = list(grad_var["initial student"][0].keys())
+    lines = ["| target | " + " | ".join(f"E‖g − g*‖² / ‖g*‖², {k}" for k in grad_var) + " |", "|---|" + "---:|" * len(grad_var)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(_pm([r[name] for r in runs], 1, ".4g") for runs in grad_var.values()) + " |")
+    return "\n".join(lines)
+
+
+def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dict[str, float]]], folder: str,
+         scale_name: str) -> None:
+    """docs/fidelity-share-vs-steps.png and docs/fidelity-gradient-variance.png (or under `folder`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for variant, by_step in shares.items():
+        steps = [int(s) for s in by_step]
+        mean = [100 * np.mean(v) for v in by_step.values()]
+        std = [100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in by_step.values()]
+        ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=variant)
+    ax.axhline(100, color="black", lw=0.8)
+    ax.axhline(95, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("student training steps")
+    ax.set_ylabel("share of full KD's gain over CE (%)")
+    ax.set_title(f"Offline targets vs online full KD, against steps ({scale_name} scale)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "fidelity-share-vs-steps.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = list(grad_var["initial student"][0].keys())
+    width = 0.8 / len(grad_var)
+    for i, (which, runs) in enumerate(grad_var.items()):
+        values = [np.mean([r[n] for r in runs]) for n in names]
+        ax.bar(np.arange(len(names)) + i * width, values, width, label=which)
+    ax.set_xticks(np.arange(len(names)) + width * (len(grad_var) - 1) / 2, names, rotation=25, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("E‖g − g*‖² / ‖g*‖²")
+    ax.set_title("Gradient error against full KD's exact gradient (held-out positions)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "fidelity-gradient-variance.png"), dpi=110)
+    plt.close(fig)
 
 
 def bytes_table(bytes_by_store: dict[str, dict[str, float]]) -> str:
@@ -407,6 +577,8 @@ def main() -> None:
     parser.add_argument("--corpus", default=sysconfig.get_paths()["stdlib"])
     parser.add_argument("--fresh", action="store_true", help="retrain the tokenizer and teacher, regenerate the stores")
     parser.add_argument("--json", default=None, help="write every number to this file")
+    parser.add_argument("--plots", default=None,
+                        help="folder for the PNG plots (share of full KD's gain against steps, gradient variance)")
     args = parser.parse_args()
     scale_name = "quick" if args.quick else args.scale
     scale = dataclasses.replace(SCALES[scale_name], **({"seeds": args.seeds} if args.seeds else {}))
@@ -414,7 +586,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workdir = args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")
     marker = os.path.join(workdir, "settings.json")
-    settings = {k: v for k, v in dataclasses.asdict(scale).items() if k != "seeds"} | {"corpus": args.corpus}
+    settings = {k: v for k, v in dataclasses.asdict(scale).items() if k not in ("seeds", "eval_steps")} | {"corpus": args.corpus}
     if args.fresh or read_json(marker) != settings:
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(workdir)
@@ -451,31 +623,55 @@ def main() -> None:
     with open(marker, "w") as f:
         json.dump(settings, f)
 
-    stores = make_stores(workdir, transfer, tokenizer, scale, args.device)
+    unknown = sorted(set(args.variants.split(",")) - set(ALL_VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(ALL_VARIANTS)}")
+    variants = [v for v in ALL_VARIANTS if v in {"ce", "full", *args.variants.split(",")}]
+    stores = make_stores(workdir, transfer, tokenizer, scale, args.device, sorted({store_for(v) for v in variants}))
     bytes_by_store = {name: store_bytes(url) for name, url in stores.items()}
-    variants = [v for v in VARIANTS if v in {"ce", "full", *args.variants.split(",")}]
 
+    # Gradient variance needs no store and no training: every sampled kind, trained here or not.
+    grad_variants = [v for v in STORES if STORES[v]["targets"] != "topk"]
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
+    grad_var: dict[str, list[dict[str, float]]] = {"initial student": [], "full-KD student": []}
     for seed in range(scale.seeds):
         init = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=100 + seed).state_dict()
         for variant in variants:
-            student = train_student(variant, init, stores, teacher, scale, seed, args.device)
+            student, curve = train_student(variant, init, stores, teacher, scale, seed, args.device, heldout)
             results[variant].append(evaluate(student, teacher, heldout, args.device))
+            curves[variant].append(curve | {scale.student_steps: results[variant][-1]["ce"]})
             say(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[variant][-1].items()))
+            if variant == "full":
+                grad_var["full-KD student"].append(gradient_variance(student, teacher, heldout, grad_variants, args.device))
+        initial = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=0)
+        initial.load_state_dict(init)
+        grad_var["initial student"].append(gradient_variance(initial.to(args.device), teacher, heldout, grad_variants,
+                                                             args.device))
+        say(f"  gradient variance seed {seed}: " + json.dumps({k: v[-1] for k, v in grad_var.items()}))
     rows = summarize(results, bytes_by_store)
+    shares = share_curves(curves)
     table = markdown(rows, teacher_eval, scale.seeds)
     lines = verdict(rows)
     print(table)
     print()
     print(bytes_table(bytes_by_store))
     print()
+    print(curve_table(shares, scale.seeds))
+    print()
+    print(grad_table(grad_var, scale.seeds))
+    print()
     print("\n".join(lines))
+    if args.plots:
+        plot(shares, grad_var, args.plots, scale_name)
     say(f"done in {(time.time() - started) / 60:.1f} min")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"scale": dataclasses.asdict(scale), "scale_name": scale_name, "device": args.device,
                        "threads": args.threads, "teacher": teacher_eval, "stores": bytes_by_store, "rows": rows,
-                       "runs": results, "verdict": lines, "minutes": (time.time() - started) / 60}, f, indent=2)
+                       "runs": results, "curves": {v: [{str(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()},
+                       "share_curves": shares, "gradient_variance": grad_var, "verdict": lines,
+                       "minutes": (time.time() - started) / 60}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -85,19 +85,21 @@ def describe_targets(t: dict[str, Any]) -> str:
     """One line: what each scored position carries and how it is encoded."""
     packed = t.get("codec") == "packed"
     parts = []
-    if t["kind"] in ("topk", "both"):
+    if t["kind"] in ("topk", "both", "hybrid"):
         lp = f"{t['logprob_bits']}-bit log-probs (max error {t['logprob_max_error']:.2g})" if packed else f"{t['logprob_dtype']} log-probs"
         tail = "log tail" if t.get("tail_logprob") else "tail mass" + (" (recomputed)" if packed else "")
         parts.append(f"top-K={t['k']}, {lp} + {tail}")
-    if t["kind"] in ("sampled", "both"):
-        parts.append(f"sampled N={t['samples']} (ids + counts, seed {t['seed']})")
+    if t["kind"] in ("sampled", "both", "hybrid"):
+        sampler = t.get("sampler", "iid")
+        rest = " from the rest" if t["kind"] == "hybrid" else ""
+        parts.append(f"sampled N={t['samples']}{rest} ({sampler} draws, ids + counts, seed {t['seed']})")
     codec = f"packed codec: {t['id_bits']}-bit ids" + (f", {t['count_bits']}-bit counts" if t.get("count_bits") else "") if packed else "unpacked"
     return " and ".join(parts) + f"; {codec}"
 
 
 def describe_tail(t: dict[str, Any]) -> str | None:
     """How exact the stored tails (the mass outside the top-K) are, in one line (format §4.4)."""
-    if t["kind"] not in ("topk", "both"):
+    if t["kind"] not in ("topk", "both", "hybrid"):
         return None
     method = t.get("tail_logprob")
     if method == "direct":

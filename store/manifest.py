@@ -14,12 +14,16 @@ from store.errors import FormatVersionError, StoreError
 
 FORMAT_NAME = "potstill-store"
 FORMAT_VERSION = "1.1"  # what a plain top-k, unpacked store is written as (readable by every potstill)
-LATEST_FORMAT_VERSION = "2.1"  # sampled targets or the packed codec (docs/store-format.md §4.2, §4.3)
+LATEST_FORMAT_VERSION = "2.2"  # sampled / hybrid targets or the packed codec (docs/store-format.md §4.2, §4.3)
 READ_MAJOR = 2  # the newest major version this code reads
 
 LOGPROB_DTYPES = ("float16", "float32")
 HIDDEN_DTYPES = ("float16", "bfloat16")
-TARGET_KINDS = ("topk", "sampled", "both")
+# "hybrid" (format 2.2): the exact top-K plus N draws from the rest. A 2.0 / 2.1 reader refuses it as
+# an unknown kind, where reading it as "both" would weight its draws wrongly.
+TARGET_KINDS = ("topk", "sampled", "both", "hybrid")
+# How a position's N draws are placed (format §4.2); "iid" is what stores before 2.2 hold.
+SAMPLERS = ("iid", "systematic", "stratified")
 CODECS = ("none", "packed")
 # How the `tail_logprob` column (format 1.1 / 2.1, docs/store-format.md §4.4) was computed:
 # "direct": logsumexp of the logits outside the top-K minus logsumexp of all of them;
@@ -90,7 +94,11 @@ class TargetSpec:
     """What each scored position carries (format §2 `targets`, §4).
 
     `kind` "topk": the top-`k` ids and log-probs plus the tail; "sampled": `samples` draws from
-    the teacher's distribution as distinct ids with counts; "both". `codec` "none" stores them as
+    the teacher's distribution as distinct ids with counts; "both"; "hybrid": the top-`k` ids and
+    log-probs, the log tail, and `samples` draws from the teacher's distribution restricted to the
+    ids outside the top-k (weights: p_v for the top-k, exp(tail) · count / N for the draws).
+    `sampler` says how the draws are placed: "iid", "systematic" or "stratified" (format §4.2);
+    stores before 2.2 are "iid". `codec` "none" stores them as
     plain Arrow lists; "packed" bit-packs ids to `id_bits`, counts to `count_bits` and quantises
     log-probs to `logprob_bits` over [`logprob_min`, 0] (`store.codec`). Anything beyond a plain
     top-k, unpacked store needs format 2.x (`required_version`).
@@ -109,6 +117,7 @@ class TargetSpec:
     samples: int = 0  # N draws per position (kind "sampled" / "both")
     seed: int | None = None  # the run seed the per-record draws derive from
     sampling: str | None = None  # how the draws were made, in words
+    sampler: str = "iid"  # iid, systematic or stratified draws (format 2.2 when not iid)
     codec: str = "none"
     id_bits: int | None = None  # packed: bits per token id, ceil(log2 vocabulary)
     count_bits: int | None = None  # packed, sampled: bits per count, ceil(log2(N + 1))
@@ -131,6 +140,8 @@ class TargetSpec:
             raise StoreError(f"targets.logprob_dtype must be one of {LOGPROB_DTYPES}, got {self.logprob_dtype!r}")
         if self.has_sampled and (not isinstance(self.samples, int) or not 1 <= self.samples <= 65535):
             raise StoreError(f"targets.samples must be an integer in [1, 65535], got {self.samples!r}")
+        if self.sampler not in SAMPLERS:
+            raise StoreError(f"targets.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.codec not in CODECS:
             raise StoreError(f"unknown targets.codec {self.codec!r}; expected one of {CODECS}")
         if self.codec == "packed":
@@ -146,11 +157,16 @@ class TargetSpec:
 
     @property
     def has_topk(self) -> bool:
-        return self.kind in ("topk", "both")
+        return self.kind in ("topk", "both", "hybrid")
 
     @property
     def has_sampled(self) -> bool:
-        return self.kind in ("sampled", "both")
+        return self.kind in ("sampled", "both", "hybrid")
+
+    @property
+    def draws_from_rest(self) -> bool:
+        """Hybrid targets: the draws come from the distribution outside the top-K, weighted by the tail."""
+        return self.kind == "hybrid"
 
     @property
     def packed(self) -> bool:
@@ -171,7 +187,9 @@ class TargetSpec:
 
     def required_version(self) -> str:
         """The lowest format version that describes these targets: x.1 when they carry the log
-        tail (format §4.4), x.0 when not."""
+        tail (format §4.4), x.0 when not; 2.2 for hybrid targets or draws that are not i.i.d."""
+        if self.kind == "hybrid" or (self.has_sampled and self.sampler != "iid"):
+            return "2.2"
         return f"{self.major_version}.{0 if self.tail_logprob is None else 1}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +207,8 @@ class TargetSpec:
         out["codec"] = self.codec
         if self.has_sampled:
             out.update(samples=self.samples, seed=self.seed, sampling=self.sampling)
+            if self.required_version() == "2.2":
+                out["sampler"] = self.sampler
         if self.packed:
             q = self.quantizer()
             out.update(id_bits=self.id_bits, logprob_bits=self.logprob_bits, logprob_min=self.logprob_min,

@@ -198,6 +198,9 @@ class Sequence:
     reader: ShardReader | None = None  # where the hidden states are read from, at collation
     hidden_offset: int = 0  # the record's first row in the shard's hidden arrays (token_offset)
     sampled: SampledTargets | None = None  # sampled targets (when training on them)
+    # Hybrid targets (format 2.2): `targets` holds the exact top-K and the log tail, `sampled` the
+    # draws from the rest; the weights are p_v for the top-K and exp(tail) · count / N for the draws.
+    hybrid: bool = False
 
     def truncate(self, max_length: int) -> Sequence:
         if max_length and len(self.ids) > max_length:
@@ -317,17 +320,21 @@ def _collate_sampled(
         if kd.any() and seq.sampled is None:
             raise TrainError(f"record {seq.record_id}: no sampled targets to train on")
         rows_per_seq.append(i[kd] - seq.score_start)
-    width = max((int(s.sampled.lengths()[r].max(initial=0)) for s, r in zip(seqs, rows_per_seq, strict=True)
-                 if s.sampled is not None and len(r)), default=1)
+    width = max((int(s.sampled.lengths()[r].max(initial=0)) + (s.targets[0].shape[1] if s.hybrid else 0)  # type: ignore[index]
+                 for s, r in zip(seqs, rows_per_seq, strict=True) if s.sampled is not None and len(r)), default=1)
     ids_parts, prob_parts = [], []
     for seq, (i, kd), rows in zip(seqs, trained, rows_per_seq, strict=True):
         ids = np.full((len(i), width), -1, dtype=np.int64)
         probs = np.zeros((len(i), width), dtype=np.float32)
         if len(rows):
             sampled: SampledTargets = seq.sampled  # type: ignore[assignment]
-            got_ids, counts = sampled.padded(rows, width)
-            ids[kd] = got_ids
-            probs[kd] = counts / counts.sum(-1, keepdims=True)  # every position's counts sum to N
+            if seq.hybrid:
+                top_ids, top_lp, _, tail = seq.targets  # type: ignore[misc]
+                ids[kd], probs[kd] = hybrid_weights(top_ids[rows], top_lp[rows], tail[rows], sampled, rows, width)
+            else:
+                got_ids, counts = sampled.padded(rows, width)
+                ids[kd] = got_ids
+                probs[kd] = counts / counts.sum(-1, keepdims=True)  # every position's counts sum to N
         ids_parts.append(ids)
         prob_parts.append(probs)
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0, width), np.int64)
@@ -339,6 +346,23 @@ def _collate_sampled(
     if hidden_layers:
         out.update(_collate_hidden(seqs, out["input_ids"].shape[1], hidden_layers, hidden_widths or {}))
     return out
+
+
+def hybrid_weights(top_ids: np.ndarray, top_logprobs: np.ndarray, tail_logprob: np.ndarray, sampled: SampledTargets,
+                   rows: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The unbiased target of hybrid targets at positions `rows`: ([R, W] int64 ids padded with −1,
+    [R, W] float32 weights): the top-K ids with weight p_v = exp(log-prob), then the draws from the
+    rest with weight exp(tail) · count / N, so that Σ_v w_v f(v) estimates Σ_v p_v f(v) without bias
+    (E[count / N] is p_v / tail for v outside the top-K). W = `width` or K + the most distinct draws.
+    The tail is the stored log tail, formed directly (never 1 − Σ top-K), in float64 here."""
+    k = top_ids.shape[1]
+    got_ids, counts = sampled.padded(rows, None if width is None else width - k)
+    n = counts.sum(-1, keepdims=True)
+    rest = np.exp(np.asarray(tail_logprob, np.float64))[:, None] * counts / np.maximum(n, 1)
+    ids = np.concatenate([np.where(top_ids >= 0, top_ids, -1).astype(np.int64), got_ids], axis=1)
+    weights = np.concatenate([np.exp(np.asarray(top_logprobs, np.float64)), rest], axis=1)
+    weights[ids < 0] = 0.0
+    return ids, weights.astype(np.float32)
 
 
 def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
@@ -452,10 +476,11 @@ def record_sequence(reader: ShardReader, row: int, targets: str = "topk") -> Seq
     views = reader.views
     ids = views.input_ids_of(row)
     s = int(views.score_start[row])
-    topk = views.targets_of(row) if targets == "topk" else None
+    hybrid = targets == "sampled" and reader.store.manifest.targets.draws_from_rest
+    topk = views.targets_of(row) if targets == "topk" or hybrid else None
     sampled = views.sampled_of(row) if targets == "sampled" else None
     return Sequence(reader.ids[row], ids, s, len(ids), s, MAIN_TASK, topk,
-                    int(views.hidden_start[row]), reader, int(views.token_offset[row]), sampled)
+                    int(views.hidden_start[row]), reader, int(views.token_offset[row]), sampled, hybrid)
 
 
 def check_targets(store: Store, targets: str) -> None:

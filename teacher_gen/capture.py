@@ -150,6 +150,8 @@ def topk_logprobs(
     block: int | None = None,
     uniforms: torch.Tensor | None = None,
     draws_out: torch.Tensor | None = None,
+    sampler: str = "iid",
+    draw_from_rest: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids/log-probs, the target token's log-prob and the log tail for M positions.
 
@@ -160,7 +162,9 @@ def topk_logprobs(
     computed in fp32. K may be 0.
 
     With `uniforms` [M, N] (float64 in [0, 1)), also fills `draws_out` [M, N] (int32) with N
-    draws per position from the distribution, inside the same chunk loop (`sample_chunk`).
+    draws per position from the distribution, inside the same chunk loop (`sample_chunk`), placed
+    by `sampler` (`sampling_points`); with `draw_from_rest` (hybrid targets) from the distribution
+    restricted to the ids outside the top-K.
 
     The top-k and the target's logit are picked from the model-dtype logits and widened
     afterwards: widening is exact and the logit transforms are increasing, so they are the
@@ -189,7 +193,8 @@ def topk_logprobs(
         token_x = finish(logits.gather(1, targets[start:stop, None].long()).squeeze(1))
         rest = lse_fn(logits, top_idx if k_eff else None)
         if uniforms is not None and draws_out is not None:
-            draws_out[start:stop] = sample_chunk(logits, uniforms[start:stop], transform)
+            exclude = top_idx if draw_from_rest and k_eff else None
+            draws_out[start:stop] = sample_chunk(logits, uniforms[start:stop], transform, sampler=sampler, exclude=exclude)
         del logits
         if k_eff:
             top_lp, token_lp, tail = normalise_topk(finish(top_val), rest, token_x)
@@ -227,43 +232,78 @@ def normalise_topk(top_x: torch.Tensor, rest: torch.Tensor, token_x: torch.Tenso
 SAMPLE_BLOCK_ELEMENTS = 1 << 24
 
 
-def sampling_cdf(logits: torch.Tensor, transform: LogitTransform | None = None) -> torch.Tensor:
+def sampling_cdf(logits: torch.Tensor, transform: LogitTransform | None = None,
+                 exclude: torch.Tensor | None = None) -> torch.Tensor:
     """The float64 cumulative distribution the sampler inverts, [m, V] (format §4.2).
 
     x = the fp32 logits (after the model's transform, in fp32) widened to float64;
     p = exp(x − logsumexp(x)), all in float64; the result is the running sum of p in float64.
     Its consecutive differences are p to float64 rounding: the draws are exact to ~1e-12 in total
     variation, where an fp32 running sum is 1e-4 to 1e-3 off at V = 32k–152k and never reaches
-    the tokens after the point where it stops growing.
+    the tokens after the point where it stops growing. `exclude` [m, H]: ids whose p is set to 0
+    before the running sum (hybrid targets draw from the rest only).
     """
     x = logits.float()
     if transform is not None:
         x = transform(x)
     x = x.double()
     x -= torch.logsumexp(x, dim=-1, keepdim=True)
-    return x.exp_().cumsum_(dim=-1)
+    p = x.exp_()
+    if exclude is not None:
+        p.scatter_(-1, exclude.long(), 0.0)
+    return p.cumsum_(dim=-1)
 
 
-def sample_chunk(logits: torch.Tensor, uniforms: torch.Tensor, transform: LogitTransform | None = None) -> torch.Tensor:
+SAMPLERS = ("iid", "systematic", "stratified")
+
+
+def sampling_points(uniforms: torch.Tensor, sampler: str = "iid") -> torch.Tensor:
+    """Where a row's N draws fall in [0, 1), from its N uniforms u_0 … u_{N−1} (format §4.2).
+
+    "iid": the uniforms themselves (N independent draws). "systematic": (j + u_0) / N for
+    j = 0 … N−1, one uniform per row, evenly spaced points. "stratified": (j + u_j) / N, one point
+    in each of the N strata [j/N, (j+1)/N). Each point is uniform on [0, 1), so every token's
+    expected count is N · p_v under all three and counts / N stays an unbiased estimate of p; the
+    spaced points make the counts far less variable (systematic: within floor/ceil of N · p_v).
+    """
+    if sampler == "iid":
+        return uniforms
+    n = uniforms.shape[-1]
+    j = torch.arange(n, dtype=torch.float64, device=uniforms.device)
+    u = uniforms.to(torch.float64)
+    if sampler == "systematic":
+        return (j + u[..., :1]) / n
+    if sampler == "stratified":
+        return (j + u) / n
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+
+
+def sample_chunk(logits: torch.Tensor, uniforms: torch.Tensor, transform: LogitTransform | None = None, *,
+                 sampler: str = "iid", exclude: torch.Tensor | None = None) -> torch.Tensor:
     """N draws per row from softmax(logits) by inverse CDF: [m, V] logits, [m, N] uniforms in
     [0, 1) -> [m, N] int32 token ids.
 
-    Draw u picks the first token whose cumulative probability (`sampling_cdf`) exceeds u · total
-    (total = the last cumulative value, 1 up to rounding), so a token of probability 0 is never
-    drawn and every token v is drawn with probability p_v to float64 rounding. The draws depend
-    only on the row's logits and its uniforms, never on the other rows of the batch. Rows go
-    through in blocks of SAMPLE_BLOCK_ELEMENTS float64 values.
+    Point t (`sampling_points` of the uniforms) picks the first token whose cumulative probability
+    (`sampling_cdf`) exceeds t · total (total = the last cumulative value, 1 up to rounding), so a
+    token of probability 0 is never drawn and every token v is drawn with probability p_v to
+    float64 rounding. With `exclude` [m, H] (the row's top-H ids), those tokens get probability 0
+    before the running sum: the draws come from p restricted to the rest, renormalised by the rest's
+    mass (total). A row whose rest is empty draws its last token (weight 0 in the hybrid estimate).
+    The draws depend only on the row's logits and its uniforms, never on the other rows of the
+    batch. Rows go through in blocks of SAMPLE_BLOCK_ELEMENTS float64 values.
     """
     m, v = logits.shape
     out = torch.empty(uniforms.shape, dtype=torch.int32, device=logits.device)
     rows = max(1, SAMPLE_BLOCK_ELEMENTS // max(v, 1))
     for start in range(0, m, rows):
-        cdf = sampling_cdf(logits[start : start + rows], transform)
+        cdf = sampling_cdf(logits[start : start + rows], transform,
+                           None if exclude is None else exclude[start : start + rows])
         total = cdf[:, -1:]
-        points = uniforms[start : start + rows].to(cdf.device, torch.float64) * total
+        points = sampling_points(uniforms[start : start + rows].to(cdf.device, torch.float64), sampler) * total
         # Below the total even after rounding, so the first cumulative value above it always exists.
         points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))
-        out[start : start + rows] = torch.searchsorted(cdf, points.contiguous(), right=True).to(torch.int32)
+        found = torch.searchsorted(cdf, points.contiguous(), right=True)
+        out[start : start + rows] = found.clamp_(max=v - 1).to(torch.int32)  # only an empty rest reaches v
         del cdf
     return out
 

@@ -38,8 +38,10 @@ class GenerateConfig:
     # -- what is captured ----------------------------------------------------------------------
     top_k: int = 64
     logprob_dtype: Literal["float16", "float32"] = "float16"
-    targets: Literal["topk", "sampled", "both"] = "topk"  # top-k log-probs, N draws per position, or both
+    # top-k log-probs, N draws per position, both, or hybrid (the exact top-k plus N draws from the rest)
+    targets: Literal["topk", "sampled", "both", "hybrid"] = "topk"
     samples: int = 50  # draws per scored position for sampled targets (from the T=1 distribution)
+    sampler: Literal["iid", "systematic", "stratified"] = "iid"  # how the N draws are placed (format §4.2)
     codec: Literal["none", "packed"] = "none"  # packed: bit-packed ids and counts, quantised log-probs
     logprob_bits: int = 12  # packed codec: bits per log-prob (uniform over [logprob_min, 0])
     logprob_min: float = -24.0  # packed codec: log-probs are clamped to [logprob_min, 0]
@@ -140,7 +142,8 @@ class GenerateConfig:
                 raise GenerateError(f"--{name} is required")
         checks = [
             (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
-            (self.targets in ("topk", "sampled", "both"), f"--targets must be topk, sampled or both, got {self.targets!r}"),
+            (self.targets in ("topk", "sampled", "both", "hybrid"),
+             f"--targets must be topk, sampled, both or hybrid, got {self.targets!r}"),
             (1 <= self.samples <= 65535, f"--samples must be between 1 and 65535, got {self.samples}"),
             (self.codec in ("none", "packed"), f"--codec must be none or packed, got {self.codec!r}"),
             (2 <= self.logprob_bits <= 16, f"--logprob-bits must be between 2 and 16, got {self.logprob_bits}"),

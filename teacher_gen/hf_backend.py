@@ -162,6 +162,7 @@ class HFTeacher:
             final.index_select(0, pred_idx), self.head, target_ids, self.k,
             chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
             logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws,
+            sampler=self.config.sampler, draw_from_rest=self.config.targets == "hybrid",
         )
         device_out = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
         if draws is not None:
@@ -256,6 +257,7 @@ class HFTeacher:
             hidden, self.head, target_ids, self.k,
             chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
             logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws,
+            sampler=self.config.sampler, draw_from_rest=self.config.targets == "hybrid",
         )
         host = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
         if draws is not None:

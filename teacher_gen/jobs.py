@@ -100,6 +100,21 @@ SAMPLING_METHOD = (
     "over the float64 cumulative sum of p = exp(x - logsumexp(x)) computed in float64 (x: the fp32 logits "
     "widened); uniforms from numpy PCG64 seeded per record by target_seed(seed, record id)"
 )
+_POINTS = {
+    "systematic": "N systematic draws (points (j + u_0) / N, j = 0..N-1, one uniform per position)",
+    "stratified": "N stratified draws (points (j + u_j) / N, j = 0..N-1, one per stratum)",
+}
+
+
+def sampling_method(sampler: str = "iid", from_rest: bool = False) -> str:
+    """The manifest's `targets.sampling` text for a sampler (`teacher_gen.capture.SAMPLERS`); with
+    `from_rest` (hybrid targets) the draws come from p with the top-K ids set to 0."""
+    text = SAMPLING_METHOD
+    if sampler != "iid":
+        text = text.replace("N independent draws with replacement", _POINTS[sampler])
+    if from_rest:
+        text = text.replace("computed in float64", "computed in float64, the top-K ids' p set to 0 (draws from the rest)")
+    return text
 
 
 def target_seed(seed: int, record_id: str) -> int:

@@ -51,7 +51,15 @@ from teacher_gen.config import GenerateConfig
 from teacher_gen.encode import Encoded, context_length, encode_item
 from teacher_gen.errors import GenerateError, InputError, TooManyInputErrors, describe_load_error
 from teacher_gen.gguf import pretrained_source
-from teacher_gen.jobs import SAMPLING_METHOD, Capture, GenRequest, ScoreJob, Teacher, derive_seed
+from teacher_gen.jobs import (
+    SAMPLING_METHOD,
+    Capture,
+    GenRequest,
+    ScoreJob,
+    Teacher,
+    derive_seed,
+    sampling_method,
+)
 from teacher_gen.model_info import TeacherSpec, describe_teacher
 from teacher_gen.prompts import FieldMap, SourceItem, load_prompts
 from teacher_gen.rationale import split_rationale
@@ -203,7 +211,9 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
         logprob_dtype=config.logprob_dtype,
         samples=config.samples if sampled else 0,
         seed=config.seed if sampled else None,
-        sampling=SAMPLING_METHOD if sampled else None,
+        sampling=(SAMPLING_METHOD if config.sampler == "iid" and config.targets != "hybrid"
+                  else sampling_method(config.sampler, from_rest=config.targets == "hybrid")) if sampled else None,
+        sampler=config.sampler if sampled else "iid",
         codec=config.codec,
         id_bits=bits_for(vocab - 1) if packed else None,
         count_bits=bits_for(config.samples) if packed and sampled else None,
