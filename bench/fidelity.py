@@ -78,12 +78,13 @@ SCALES = {
     "cpu": Scale(),
     "quick": Scale(teacher_steps=60, student_steps=40, transfer_blocks=128, heldout_blocks=32, seeds=1,
                    tokenizer_chars=1_000_000, eval_steps=(10, 20, 30)),
-    # What 2 busy CPU cores finish in about 40 minutes: a shorter-trained teacher, half the batch.
-    "small": Scale(teacher_steps=120, teacher_batch=16, student_steps=150, student_batch=8, transfer_blocks=256,
-                   heldout_blocks=64, tokenizer_chars=2_000_000, eval_steps=(25, 50, 100)),
+    # What 2 busy, shared CPU cores finish in well under an hour: a shorter-trained teacher, shorter students.
+    "small": Scale(teacher_steps=120, teacher_batch=16, student_steps=100, student_batch=8, transfer_blocks=256,
+                   heldout_blocks=64, tokenizer_chars=2_000_000, eval_steps=(25, 50, 75)),
     "gpu": Scale(vocab=8192, seq=256, teacher_hidden=512, teacher_layers=8, teacher_steps=6000, teacher_batch=64,
                  teacher_lr=1e-3, student_hidden=256, student_layers=4, student_steps=3000, student_batch=32,
-                 student_lr=1e-3, transfer_blocks=16384, heldout_blocks=1024, seeds=3, tokenizer_chars=20_000_000),
+                 student_lr=1e-3, transfer_blocks=16384, heldout_blocks=1024, seeds=3, tokenizer_chars=20_000_000,
+                 eval_steps=(250, 500, 1000, 2000)),
 }
 
 STORES = {  # store name (= variant name) -> generate settings; every sampled store uses the packed codec
@@ -104,7 +105,7 @@ ALL_VARIANTS = ["ce", "full", "top8", "top8-notail", "top32", "top32-notail", "t
 ALL_VARIANTS = list(dict.fromkeys(ALL_VARIANTS))
 VARIANTS = ["ce", "full", "sampled12", "systematic12", "stratified12", "systematic24", "hybrid2-systematic12",
             "hybrid4-systematic8"]
-GRAD_BLOCKS, GRAD_REPEATS = 8, 16  # gradient variance: held-out blocks, target draws per variant
+GRAD_BLOCKS, GRAD_REPEATS = 4, 6  # gradient variance: held-out blocks, target draws per variant
 
 
 def say(message: str) -> None:
@@ -349,10 +350,10 @@ def target_weights(variant: str, teacher: Any, x: torch.Tensor, repeat: int) -> 
     else:
         w_ids, counts = sampled.padded(rows)
         w = (counts / n).astype(np.float32)
-    dense = torch.zeros(len(targets), teacher.config.vocab_size, dtype=torch.float64)
+    dense = torch.zeros(len(targets), teacher.config.vocab_size, dtype=torch.float32)
     valid = w_ids >= 0
     dense.index_put_((torch.from_numpy(np.nonzero(valid)[0]), torch.from_numpy(w_ids[valid])),
-                     torch.from_numpy(w[valid].astype(np.float64)), accumulate=True)
+                     torch.from_numpy(w[valid]), accumulate=True)
     return dense
 
 
@@ -364,10 +365,10 @@ def gradient_variance(student: Any, teacher: Any, heldout: np.ndarray, variants:
     x = torch.from_numpy(heldout[:GRAD_BLOCKS]).to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     with torch.no_grad():
-        p_teacher = torch.softmax(teacher(input_ids=x).logits[:, :-1].double(), -1).reshape(-1, teacher.config.vocab_size)
+        p_teacher = torch.softmax(teacher(input_ids=x).logits[:, :-1].float(), -1).reshape(-1, teacher.config.vocab_size)
 
     def grad(weights: torch.Tensor) -> torch.Tensor:
-        s_log = torch.log_softmax(student(input_ids=x).logits[:, :-1].double(), -1).reshape(weights.shape)
+        s_log = torch.log_softmax(student(input_ids=x).logits[:, :-1].float(), -1).reshape(weights.shape)
         loss = -(weights * s_log).sum() / len(weights)  # cross-entropy form: the same gradient as the KL
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
@@ -375,7 +376,7 @@ def gradient_variance(student: Any, teacher: Any, heldout: np.ndarray, variants:
     student.eval()  # no dropout: the only randomness is the targets'
     exact = grad(p_teacher)
     norm = exact.square().sum().item()
-    out = {"ce": (grad(torch.nn.functional.one_hot(x[:, 1:].reshape(-1), p_teacher.shape[1]).double()) - exact)
+    out = {"ce": (grad(torch.nn.functional.one_hot(x[:, 1:].reshape(-1), p_teacher.shape[1]).float()) - exact)
            .square().sum().item() / norm}
     for variant in variants:
         errors = [(grad(target_weights(variant, teacher, x, r)) - exact).square().sum().item() for r in range(GRAD_REPEATS)]
@@ -462,7 +463,7 @@ def curve_table(shares: dict[str, dict[str, list[float]]], seeds: int) -> str:
 
 
 def grad_table(grad_var: dict[str, list[dict[str, float]]], seeds: int) -> str:
-    names = list(grad_var["initial student"][0].keys())
+    names = list(grad_var["full-KD student"][0].keys())
     lines = ["| target | " + " | ".join(f"E‖g − g*‖² / ‖g*‖², {k}" for k in grad_var) + " |", "|---|" + "---:|" * len(grad_var)]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(_pm([r[name] for r in runs], 1, ".4g") for runs in grad_var.values()) + " |")
@@ -495,7 +496,7 @@ def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dic
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = list(grad_var["initial student"][0].keys())
+    names = list(grad_var["full-KD student"][0].keys())
     width = 0.8 / len(grad_var)
     for i, (which, runs) in enumerate(grad_var.items()):
         values = [np.mean([r[n] for r in runs]) for n in names]
@@ -586,7 +587,10 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workdir = args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")
     marker = os.path.join(workdir, "settings.json")
-    settings = {k: v for k, v in dataclasses.asdict(scale).items() if k not in ("seeds", "eval_steps")} | {"corpus": args.corpus}
+    # What the cached tokenizer, teacher and stores depend on (not the students' settings).
+    settings = {k: v for k, v in dataclasses.asdict(scale).items()
+                if k == "vocab" or k == "seq" or k.startswith(("teacher_", "transfer_", "heldout_", "tokenizer_"))}
+    settings["corpus"] = args.corpus
     if args.fresh or read_json(marker) != settings:
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(workdir)
@@ -634,7 +638,7 @@ def main() -> None:
     grad_variants = [v for v in STORES if STORES[v]["targets"] != "topk"]
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
-    grad_var: dict[str, list[dict[str, float]]] = {"initial student": [], "full-KD student": []}
+    grad_var: dict[str, list[dict[str, float]]] = {"full-KD student": []}
     for seed in range(scale.seeds):
         init = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=100 + seed).state_dict()
         for variant in variants:
@@ -644,10 +648,6 @@ def main() -> None:
             say(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[variant][-1].items()))
             if variant == "full":
                 grad_var["full-KD student"].append(gradient_variance(student, teacher, heldout, grad_variants, args.device))
-        initial = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=0)
-        initial.load_state_dict(init)
-        grad_var["initial student"].append(gradient_variance(initial.to(args.device), teacher, heldout, grad_variants,
-                                                             args.device))
         say(f"  gradient variance seed {seed}: " + json.dumps({k: v[-1] for k, v in grad_var.items()}))
     rows = summarize(results, bytes_by_store)
     shares = share_curves(curves)
