@@ -75,6 +75,7 @@ class GenerateConfig:
     batch_tokens: int = 16384  # padded tokens per forward batch
     chunk_positions: int = 1024  # positions per LM-head chunk (bounds the [positions, vocab] logits)
     compile: bool | None = None  # fuse the fp32 logsumexp with torch.compile (None: on for CUDA)
+    capture_kernel: Literal["auto", "triton", "torch"] = "auto"  # auto: the fused Triton kernel on CUDA if installed
     workers: int | None = None  # None: WORLD_SIZE from torchrun, else 1
     worker_index: int | None = None  # None: RANK from torchrun, else 0
     writer_id: str | None = None
@@ -143,6 +144,8 @@ class GenerateConfig:
             (self.targets in ("topk", "sampled", "both"), f"--targets must be topk, sampled or both, got {self.targets!r}"),
             (1 <= self.samples <= 65535, f"--samples must be between 1 and 65535, got {self.samples}"),
             (self.codec in ("none", "packed"), f"--codec must be none or packed, got {self.codec!r}"),
+            (self.capture_kernel in ("auto", "triton", "torch"),
+             f"--capture-kernel must be auto, triton or torch, got {self.capture_kernel!r}"),
             (2 <= self.logprob_bits <= 16, f"--logprob-bits must be between 2 and 16, got {self.logprob_bits}"),
             (self.logprob_min < 0, f"--logprob-min must be negative, got {self.logprob_min}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
