@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -75,15 +76,16 @@ def _kernel() -> Any:
         logits_ptr, row_stride, vocab,
         keys_ptr, outside_ptr, num_blocks,
         scale, divide, cap,
-        K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+        K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_DIVIDE: tl.constexpr, HAS_CAP: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
-        offs = tl.arange(0, BLOCK)
-        ids = blk * BLOCK + offs
+        start = blk * BLOCK
+        row_ptr = logits_ptr + row * row_stride
+        ids = start + tl.arange(0, BLOCK)
         valid = ids < vocab
-        raw = tl.load(logits_ptr + row * row_stride + ids, mask=valid, other=float("-inf")).to(tl.float32)
+        raw = tl.load(row_ptr + ids, mask=valid, other=float("-inf")).to(tl.float32)
 
         # Sort key: the fp32 bits made order-preserving as a signed int (negative floats count down),
         # in the high word; the low word is 2^32 − 1 − id, so equal logits rank the lower id first.
@@ -92,7 +94,23 @@ def _kernel() -> Any:
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
         ordered = tl.where(valid, ordered, -2147483647 - 1)
         keys = (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - ids.to(tl.int64))
-        top = tl.topk(keys, KP)  # descending
+
+        # The block's K largest keys lie in the KP groups (of GROUP consecutive entries) with the
+        # largest maxima: a key outside them is below KP group maxima, so below K larger keys. A
+        # bitonic top-K over the group maxima, then over those groups' entries (read again: they
+        # were just loaded, from cache), costs a fraction of one over the whole block.
+        group_max = tl.max(tl.reshape(keys, [BLOCK // GROUP, GROUP]), axis=1)
+        top_groups = tl.topk(group_max, KP)
+        group_ids = 0xFFFFFFFF - (top_groups & 0xFFFFFFFF)
+        first = group_ids - (group_ids - start) % GROUP  # the first id of each chosen group
+        cand_ids = tl.reshape(first[:, None] + tl.arange(0, GROUP)[None, :], [KP * GROUP])
+        cand_valid = cand_ids < vocab
+        cand = tl.load(row_ptr + cand_ids, mask=cand_valid, other=float("-inf")).to(tl.float32)
+        cand_bits = cand.to(tl.int32, bitcast=True)
+        cand_ordered = tl.where(cand_bits < 0, cand_bits ^ 0x7FFFFFFF, cand_bits)
+        cand_ordered = tl.where(cand_valid, cand_ordered, -2147483647 - 1)
+        cand_keys = (cand_ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cand_ids)
+        top = tl.topk(cand_keys, KP)  # descending
         tl.store(keys_ptr + (row * num_blocks + blk) * K + tl.arange(0, KP), top, mask=tl.arange(0, KP) < K)
 
         # Everything below the K-th key is outside the block's candidates.
@@ -164,6 +182,9 @@ class FusedTopK:
             logits = logits.contiguous()
         kp = max(2, next_pow2(k))  # tl.topk of a single element reduces to a scalar
         block = max(min(self.block, next_pow2(vocab)), 2 * kp)  # a small vocabulary needs no padded block
+        # groups of about sqrt(block / kp) entries balance the two top-Ks (block / group maxima,
+        # kp · group entries); at least kp groups
+        group = min(next_pow2(math.isqrt(block // kp)), block // kp)
         num_blocks = -(-vocab // block)
         keys = torch.empty((m, num_blocks, k), dtype=torch.int64, device=logits.device)
         outside = torch.empty((m, num_blocks), dtype=torch.float32, device=logits.device)
@@ -172,7 +193,7 @@ class FusedTopK:
             _kernel()[(m, num_blocks)](
                 logits, logits.stride(0), vocab, keys, outside, num_blocks,
                 float(p.scale or 1.0), float(p.divide or 1.0), float(p.cap or 1.0),
-                K=k, KP=kp, BLOCK=block,
+                K=k, KP=kp, BLOCK=block, GROUP=group,
                 HAS_SCALE=bool(p.scale), HAS_DIVIDE=bool(p.divide), HAS_CAP=bool(p.cap),
                 num_warps=8 if block >= 2048 else 4,
             )

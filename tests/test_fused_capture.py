@@ -50,6 +50,7 @@ CASES = [  # (K, block, vocab, dtype, transform): vocabularies not a multiple of
     (5, 256, 600, torch.bfloat16, LogitParams(scale=1.5, cap=3.0)),
     (64, 256, 520, torch.float16, LogitParams(divide=2.5)),
     (128, 256, 300, torch.float32, LogitParams(scale=0.7, cap=30.0)),
+    (5, 1024, 2500, torch.bfloat16, LogitParams(cap=30.0)),  # groups of 16: the two-level top-K
 ]
 
 
