@@ -144,8 +144,6 @@ class GenerateConfig:
             (self.targets in ("topk", "sampled", "both"), f"--targets must be topk, sampled or both, got {self.targets!r}"),
             (1 <= self.samples <= 65535, f"--samples must be between 1 and 65535, got {self.samples}"),
             (self.codec in ("none", "packed"), f"--codec must be none or packed, got {self.codec!r}"),
-            (self.capture_kernel in ("auto", "triton", "torch"),
-             f"--capture-kernel must be auto, triton or torch, got {self.capture_kernel!r}"),
             (2 <= self.logprob_bits <= 16, f"--logprob-bits must be between 2 and 16, got {self.logprob_bits}"),
             (self.logprob_min < 0, f"--logprob-min must be negative, got {self.logprob_min}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),

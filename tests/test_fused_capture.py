@@ -142,3 +142,13 @@ def test_teacher_capture_is_the_same_with_the_fused_kernel(tiny_teacher_dir):
         np.testing.assert_allclose(a.targets.logprobs, b.targets.logprobs, rtol=1e-3)  # float16 storage
         np.testing.assert_allclose(a.targets.tail_logprob, b.targets.tail_logprob, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.targets.token_logprob, b.targets.token_logprob, rtol=1e-5, atol=1e-6)
+
+
+
+def test_teacher_refuses_triton_where_it_cannot_run(tiny_teacher_dir, monkeypatch):
+    from test_generate_capture import _teacher
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(GenerateError, match=r"--capture-kernel triton needs a CUDA device \(the teacher runs on cpu\)"):
+        _teacher(tiny_teacher_dir, capture_kernel="triton")
+    assert _teacher(tiny_teacher_dir, capture_kernel="auto").fused is None  # CPU: the torch path, as before
