@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import train_step  # noqa: E402
 
 from store import HiddenLayer, HiddenSpec, StoreManifest, TargetSpec, TeacherInfo, TokenizerInfo, create_store  # noqa: E402
-from teacher_gen.capture import make_logsumexp, resolve_layers, topk_logprobs  # noqa: E402
+from teacher_gen.capture import block_topk, make_logsumexp, resolve_layers, topk_logprobs  # noqa: E402
 from teacher_gen.config import GenerateConfig  # noqa: E402
 from teacher_gen.fused_capture import FusedTopK, interpreting, triton_available  # noqa: E402
 from teacher_gen.hf_backend import HFTeacher  # noqa: E402
@@ -265,6 +265,38 @@ def check_fused(run: CaptureRun) -> dict[str, Any]:
     return result
 
 
+def time_kernel(run: CaptureRun, reps: int = 20) -> dict[str, Any]:
+    """One LM-head chunk of the teacher's logits (`--chunk-positions` rows): the fused kernel against
+    the torch path's two reductions (block / plain top-k, then the compiled logsumexp outside it),
+    median of `reps` event-timed calls each, and the fused kernel's read rate of the logits."""
+    if run.fused is None:
+        return {"skipped": "the fused kernel needs CUDA (or TRITON_INTERPRET=1) and Triton"}
+    args, teacher = run.args, run.teacher
+    if args.device.type != "cuda":  # Triton's interpreter: once, to see it run
+        reps = 1
+    with torch.inference_mode():
+        final = run.model.get_decoder()(input_ids=run.device_batches[0]).last_hidden_state.reshape(-1, args.hidden)
+        logits = teacher.head(final[: args.chunk_positions])
+
+        def torch_path() -> None:
+            if teacher.block is not None:
+                _, idx = block_topk(logits, args.top_k, teacher.block)
+            else:
+                _, idx = logits.topk(args.top_k, dim=-1)
+            teacher.logsumexp(logits, idx)
+
+        def fused() -> None:
+            run.fused(logits, args.top_k)
+
+        result: dict[str, Any] = {"rows": int(logits.shape[0]), "vocab": int(logits.shape[1])}
+        for name, fn in (("fused", fused), ("torch", torch_path)):
+            for _ in range(3 if args.device.type == "cuda" else 0):
+                fn()
+            result[f"{name}_ms"] = round(1000 * statistics.median(clock(args.device, fn) for _ in range(reps)), 3)
+        result["fused_read_GB_per_s"] = round(logits.numel() * logits.element_size() / (result["fused_ms"] / 1000) / 1e9, 1)
+    return result
+
+
 # -- training -----------------------------------------------------------------------------------
 def time_training(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
     """`bench/train_step.py` at the same sizes: KD from the store vs in memory vs online KD."""
@@ -307,6 +339,7 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"| {label} | {tok} | {ratio} | {met} | {peak} |")
     check = report["fused_check"]
     print("fused vs reference on real logits:", json.dumps(check))
+    print("one logits chunk, fused kernel vs torch path:", json.dumps(report["kernel_per_chunk"]))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -321,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         rows = time_capture(run)
         check = check_fused(run)
+        kernel = time_kernel(run)
     finally:
         run.close()
     teacher_params = round(sum(p.numel() for p in run.model.parameters()) / 1e6, 1)
@@ -343,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "teacher_params_M": teacher_params, "vocab": args.vocab, "batch": f"{args.batch} x {args.seq}",
         "top_k": args.top_k, "hidden_layers": resolve_layers([args.layers // 4, args.layers // 2, -1], args.layers),
         "timed_batches": args.batches, "rounds": args.rounds, "quick": args.quick,
-        "rows": rows, "fused_check": check,
+        "rows": rows, "fused_check": check, "kernel_per_chunk": kernel,
         "goals_met": {f"{name} {key}": rows[name][key] >= goal for (name, key), goal in GOALS.items()
                       if name in rows and key in rows[name]},
         "seconds": round(time.perf_counter() - started, 1),
