@@ -207,24 +207,63 @@ class FusedTopK:
         return top_val, top_idx, rest
 
 
-def pick_fused(kernel: str, device: torch.device, params: LogitParams | None, k: int) -> FusedTopK | None:
+def probe(fused: FusedTopK, device: torch.device, dtype: torch.dtype, vocab: int, k: int) -> str | None:
+    """Run the kernel once on random logits of the teacher's shape and dtype against torch.topk and
+    the fp32 logsumexp: None when they agree, else what went wrong (a compiler error on this GPU,
+    a result that differs)."""
+    key = (type(fused), str(device), dtype, vocab, k, fused.params, fused.block)
+    if key not in _PROBED:
+        generator = torch.Generator(device=device).manual_seed(0)
+        logits = (torch.randn(4, vocab, generator=generator, device=device) * 4).to(dtype)
+        try:
+            top_val, _, rest = fused(logits, k)
+            ref_val, ref_idx = logits.topk(k, dim=-1)
+            ref_rest = torch.logsumexp(fused.transform(logits.float()).scatter(-1, ref_idx, float("-inf")), dim=-1)
+            # sorted values: the same up to the order of equal logits; `rest` to fp32 rounding
+            same = torch.equal(top_val.sort(-1).values, ref_val.float().sort(-1).values) and torch.allclose(
+                rest, ref_rest, rtol=1e-5, atol=1e-5)
+            _PROBED[key] = None if same else "its top-k or logsumexp differs from torch's"
+        except Exception as e:  # whatever Triton raises on a machine it cannot compile for
+            _PROBED[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return _PROBED[key]
+
+
+_PROBED: dict[tuple, str | None] = {}
+
+
+def pick_fused(kernel: str, device: torch.device, params: LogitParams | None, k: int, vocab: int,
+               dtype: torch.dtype) -> FusedTopK | None:
     """The fused kernel to use for `--capture-kernel` (auto | triton | torch), or None for the torch path.
 
-    auto: Triton on a CUDA device when it is installed and 1 ≤ K ≤ 128; torch otherwise.
-    triton: the same, and an error when it cannot run (no Triton, no CUDA device, K out of range);
-    on a CPU it runs under Triton's interpreter when TRITON_INTERPRET=1 (for tests: slow).
+    auto: Triton on a CUDA device when it is installed, 1 ≤ K ≤ 128 and the kernel passes its probe
+    (`probe`; if not, a warning and the torch path); torch otherwise.
+    triton: the same, and an error when it cannot run (no Triton, no CUDA device, K out of range,
+    a failed probe); on a CPU it runs under Triton's interpreter when TRITON_INTERPRET=1 (tests: slow).
     """
     from teacher_gen.errors import GenerateError
 
     if kernel == "torch" or k == 0:
         return None
-    runnable = device.type == "cuda" or (device.type == "cpu" and interpreting())
     if kernel == "auto":
-        return FusedTopK(params) if device.type == "cuda" and triton_available() and k <= MAX_K else None
+        if not (device.type == "cuda" and triton_available() and k <= min(MAX_K, vocab)):
+            return None
+        fused = FusedTopK(params)
+        problem = probe(fused, device, dtype, vocab, k)
+        if problem is None:
+            return fused
+        import warnings
+
+        warnings.warn(f"the fused capture kernel failed its check on {device} ({problem}); using the torch path",
+                      stacklevel=2)
+        return None
     if not triton_available():
         raise GenerateError("--capture-kernel triton: Triton is not installed (pip install 'potstill[gpu]')")
-    if not runnable:
+    if not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
         raise GenerateError(f"--capture-kernel triton needs a CUDA device (the teacher runs on {device})")
-    if k > MAX_K:
-        raise GenerateError(f"--capture-kernel triton takes --top-k up to {MAX_K}, got {k}")
-    return FusedTopK(params)
+    if not k <= min(MAX_K, vocab):
+        raise GenerateError(f"--capture-kernel triton takes --top-k up to {min(MAX_K, vocab)}, got {k}")
+    fused = FusedTopK(params)
+    problem = probe(fused, device, dtype, vocab, k)
+    if problem is not None:
+        raise GenerateError(f"--capture-kernel triton: the fused kernel failed its check on {device} ({problem})")
+    return fused

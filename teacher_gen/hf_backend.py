@@ -89,7 +89,7 @@ class HFTeacher:
         self.block = choose_block(vocab, self.k) if self.device.type == "cuda" and self.k else None
         # The fused Triton kernel (one read of the logits) when chosen; None: the torch path, its reference.
         self.fused = pick_fused(config.capture_kernel, self.device, LogitParams(*logit_transform_params(model.config)),
-                                self.k)
+                                self.k, vocab, self.head.weight.dtype)
         self.hidden_layers = hidden_layers
         self.hidden_dtype = config.hidden_dtype
         self.taps = LayerTaps(decoder_layers(self.body, spec.num_layers), hidden_layers)

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from teacher_gen.capture import topk_logprobs
 from teacher_gen.errors import GenerateError
-from teacher_gen.fused_capture import FusedTopK, LogitParams, pick_fused
+from teacher_gen.fused_capture import FusedTopK, LogitParams, pick_fused, probe
 
 
 def transformed64(logits: torch.Tensor, p: LogitParams) -> np.ndarray:
@@ -122,16 +122,29 @@ def test_all_masked_but_k_gives_minus_inf_tail_not_nan():
 
 
 def test_pick_fused(monkeypatch):
-    cpu = torch.device("cpu")
-    assert pick_fused("torch", cpu, None, 64) is None
-    assert pick_fused("auto", cpu, None, 64) is None  # auto is Triton on CUDA only
-    assert pick_fused("triton", cpu, None, 0) is None  # sampled targets only: nothing to fuse
-    assert isinstance(pick_fused("triton", cpu, None, 64), FusedTopK)  # the interpreter is on
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert pick_fused("torch", cpu, None, 64, 300, f32) is None
+    assert pick_fused("auto", cpu, None, 64, 300, f32) is None  # auto is Triton on CUDA only
+    assert pick_fused("triton", cpu, None, 0, 300, f32) is None  # sampled targets only: nothing to fuse
+    assert isinstance(pick_fused("triton", cpu, None, 4, 300, f32), FusedTopK)  # the interpreter is on
     with pytest.raises(GenerateError, match="up to 128"):
-        pick_fused("triton", cpu, None, 129)
+        pick_fused("triton", cpu, None, 129, 300, f32)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(GenerateError, match="needs a CUDA device"):
-        pick_fused("triton", cpu, None, 64)
+        pick_fused("triton", cpu, None, 64, 300, f32)
+
+
+def test_probe_catches_a_kernel_that_is_wrong():
+    """The check `auto` and `triton` run once before trusting the kernel: it fails a kernel that
+    drops a block (as a miscompiled one might) and passes the real one."""
+
+    class DropsLastBlock(FusedTopK):
+        def __call__(self, logits, k):
+            return super().__call__(logits[:, :256], k)
+
+    cpu = torch.device("cpu")
+    assert probe(FusedTopK(block=256), cpu, torch.float32, 600, 4) is None
+    assert "differs" in probe(DropsLastBlock(block=256), cpu, torch.float32, 600, 4)
 
 
 def test_teacher_capture_is_the_same_with_the_fused_kernel(tiny_teacher_dir):
