@@ -57,7 +57,7 @@ import train_step  # noqa: E402
 from store import HiddenLayer, HiddenSpec, StoreManifest, TargetSpec, TeacherInfo, TokenizerInfo, create_store  # noqa: E402
 from teacher_gen.capture import block_topk, make_logsumexp, resolve_layers, topk_logprobs  # noqa: E402
 from teacher_gen.config import GenerateConfig  # noqa: E402
-from teacher_gen.fused_capture import FusedTopK, interpreting, triton_available  # noqa: E402
+from teacher_gen.fused_capture import FusedTopK, interpreting, probe, triton_available  # noqa: E402
 from teacher_gen.hf_backend import HFTeacher  # noqa: E402
 from teacher_gen.jobs import ScoreJob  # noqa: E402
 from teacher_gen.model_info import TeacherSpec  # noqa: E402
@@ -145,6 +145,11 @@ class CaptureRun:
         # The fused kernel runs on CUDA, and on a CPU only under Triton's interpreter (slow: --quick sizes).
         can_fuse = triton_available() and (device.type == "cuda" or interpreting())
         self.fused = FusedTopK() if can_fuse else None
+        # a kernel that does not compile or disagrees with torch here is reported, and the rest still runs
+        self.fused_problem = (probe(self.fused, device, self.model.dtype, args.vocab, args.top_k)
+                              if self.fused is not None else "needs CUDA (or TRITON_INTERPRET=1) and Triton")
+        if self.fused_problem is not None:
+            self.fused = None
         self.warm = capture_bench.make_batches(args, args.warmup, seed=1)
         self.batches = capture_bench.make_batches(args, args.batches, seed=2)
         self.device_batches = [torch.from_numpy(b.astype(np.int64)).to(device) for b in self.batches]
@@ -228,7 +233,7 @@ def check_fused(run: CaptureRun) -> dict[str, Any]:
     """The fused kernel against the torch path (torch.topk + eager fp32 logsumexp) and float64, on
     the teacher's own logits of one batch (`check_rows` positions; bf16 logits tie a lot)."""
     if run.fused is None:
-        return {"skipped": "the fused kernel needs CUDA (or TRITON_INTERPRET=1) and Triton"}
+        return {"skipped": f"the fused kernel {run.fused_problem}"}
     args, model = run.args, run.model
     with torch.inference_mode():
         body = model.get_decoder()
@@ -270,7 +275,7 @@ def time_kernel(run: CaptureRun, reps: int = 20) -> dict[str, Any]:
     the torch path's two reductions (block / plain top-k, then the compiled logsumexp outside it),
     median of `reps` event-timed calls each, and the fused kernel's read rate of the logits."""
     if run.fused is None:
-        return {"skipped": "the fused kernel needs CUDA (or TRITON_INTERPRET=1) and Triton"}
+        return {"skipped": f"the fused kernel {run.fused_problem}"}
     args, teacher = run.args, run.teacher
     if args.device.type != "cuda":  # Triton's interpreter: once, to see it run
         reps = 1

@@ -27,5 +27,6 @@ def test_gpu_bench_runs_end_to_end_on_cpu(tmp_path):
     # what a token costs in the store: top-8 ids + log-probs, token + tail, 3 hidden layers of 32 bf16
     assert rows["store"]["bytes_per_token"] >= 8 * (4 + 2) + 3 * 32 * 2  # (+ file overheads, large at 48 tokens)
     assert report["fused_check"] == {"skipped": "the fused kernel needs CUDA (or TRITON_INTERPRET=1) and Triton"}
+    assert report["kernel_per_chunk"] == report["fused_check"]
     assert report["hidden_layers"] == [1, 2, 4] and report["goals_met"]["store of_bare"] is False
     assert "| bare |" in proc.stdout
