@@ -74,10 +74,14 @@ def copy(
 def export(
     store: str = typer.Argument(..., help="Store path or URL."),
     to: str = typer.Option(..., "--to", help="Output FILE.parquet or FILE.jsonl."),
+    with_targets: bool = typer.Option(False, "--with-targets", help="Parquet: add the teacher's targets per scored "
+                                      "position (top-K ids, log-probs, log tail, token log-prob; sampled ids and counts)."),
 ) -> None:
-    """One row per record (id, text and token fields) as Parquet or JSONL; each id once."""
-    opened = open_store(store)
-    count = export_store(opened, to)
+    """One row per record (id, text and token fields) as Parquet or JSONL; each id once.
+
+    Without --with-targets the file holds no teacher targets; hidden states are never exported."""
+    opened = open_store(store, verify_reads=with_targets)
+    count = export_store(opened, to, with_targets=with_targets)
     skipped = f" ({opened.num_duplicates} duplicate rows of earlier-committed ids left out)" if opened.num_duplicates else ""
     typer.echo(f"wrote {count} records to {to}{skipped}")
 

@@ -3,7 +3,6 @@ sampling, answers, damaged stores, the CLI, and the page in a real headless Chro
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import subprocess
@@ -12,47 +11,12 @@ import sys
 import numpy as np
 import pytest
 from browser import find_chromium, load_page
-from storehelpers import TOKENIZER_FILES, make_manifest, random_record
+from storehelpers import build_store
 
-from store import StoreError, TargetSpec, create_store, open_store
-from store.codec import bits_for, sampled_from_draws
+from store import StoreError, open_store
 from store.report import ReportConfig, collect_stats, render_html, write_report
 
-VOCAB = 300
-N = 40
-
-
-def _spec(kind: str, codec: str, tail_logprob: str | None) -> TargetSpec:
-    packed = codec == "packed"
-    return TargetSpec(
-        kind=kind, k=8 if kind != "sampled" else 0, samples=N if kind != "topk" else 0, seed=7,
-        sampling="test draws" if kind != "topk" else None, codec=codec, tail_logprob=tail_logprob if kind != "sampled" else None,
-        id_bits=bits_for(VOCAB - 1) if packed else None, count_bits=bits_for(N) if packed and kind != "topk" else None,
-        logprob_bits=12 if packed else None, logprob_min=-24.0 if packed else None,
-    )
-
-
-def build_store(path: str, kind: str = "topk", codec: str = "none", *, tail_logprob: str | None = "direct",
-                layers: tuple = ((2, 16, "bfloat16"), (4, 24, "float16")), records: int = 14,
-                meta_answer: bool = True) -> str:
-    base = make_manifest(k=8, layers=layers, vocab=VOCAB, tail_logprob=tail_logprob)
-    manifest = type(base)(teacher=base.teacher, tokenizer=base.tokenizer, targets=_spec(kind, codec, tail_logprob),
-                          hidden=base.hidden, rationales=True, generation={"mode": "test"})
-    store = create_store(path, manifest, TOKENIZER_FILES)
-    rng = np.random.default_rng(3)
-    with store.writer("w0", shard_records=5) as w:
-        for i in range(records):
-            rec = random_record(rng, f"r{i:03d}", manifest)
-            if not manifest.targets.has_topk:
-                rec.topk_ids = rec.topk_logprobs = rec.tail_logprob = None
-            if manifest.targets.has_sampled:
-                rec.sampled = sampled_from_draws(rng.integers(0, VOCAB, size=(rec.num_scored, N)) // rng.integers(1, 30))
-            rec.rationale = f"step one for {i}.\nstep two <b>&</b>."
-            rec.answer = None if i % 7 == 3 else str(i)
-            # the prompt file's reference answer, which generation keeps in meta
-            rec.meta = {"answer": f"work #### {i}" if i % 4 else "wrong"} if meta_answer else {"source": "unit"}
-            w.write(copy.deepcopy(rec))
-    return path
+N = 40  # draws per position in build_store's sampled stores
 
 
 def _reference_entropy(store_url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
