@@ -44,14 +44,16 @@ class DemoConfig:
     student_layer: int = 1  # student layer matched to it (of 2), through a learned projection
     hidden_weight: float = 0.01  # MSE on raw activations is large next to KL: a small weight keeps it a regulariser
     seed: int = 0
-    threads: int = 2
+    threads: int = 0  # torch threads of every step; 0: auto (cli/threads.py)
 
 
 def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
+    from cli.threads import apply_threads, auto_threads
+
+    threads = apply_threads(config.threads or auto_threads())  # before torch is imported
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    torch.set_num_threads(config.threads)
     out = os.path.abspath(config.out)
     os.makedirs(out, exist_ok=True)
     _clear_previous_run(out)
@@ -78,11 +80,11 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     step("2/5  phase one: the teacher solves the training problems into a store (rationale mode)")
     store = os.path.join(out, "rationale.store")
     potstill(
-        "generate", "--teacher", CHECKPOINT, "--prompts", prompts, "--store", store,
+        "generate", "--teacher", CHECKPOINT, "--prompts", prompts, "--out", store,
         "--mode", "generate", "--rationale", "--rationale-template", "{prompt}" + arithmetic.COT_TRIGGER,
         "--temperature", "0", "--max-new-tokens", "96", "--top-k", str(config.top_k),
         "--hidden-layers", str(config.teacher_layer), "--shard-records", "512", "--hidden-chunk-tokens", "4096",
-        "--device", "cpu", "--no-progress",
+        "--device", "cpu", "--threads", str(threads),
     )
     answers = _teacher_answers(store)
     answer_prompts = os.path.join(out, "answer_prompts.jsonl")
@@ -92,8 +94,8 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     ])
     answer_store = os.path.join(out, "answers.store")
     potstill(
-        "generate", "--teacher", CHECKPOINT, "--prompts", answer_prompts, "--store", answer_store,
-        "--mode", "score", "--top-k", str(config.top_k), "--device", "cpu", "--no-progress",
+        "generate", "--teacher", CHECKPOINT, "--prompts", answer_prompts, "--out", answer_store,
+        "--mode", "score", "--top-k", str(config.top_k), "--device", "cpu", "--threads", str(threads),
     )
 
     # -- phase two: two students from one init -----------------------------------------------------
@@ -108,6 +110,7 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
         "--lr", str(config.lr), "--lr-scheduler", "cosine", "--warmup-steps", str(config.student_steps // 10),
         "--seed", str(config.seed), "--num-workers", "0", "--save-steps", str(config.student_steps),
         "--logging-steps", "50", "--report-to", "none", "--eval-max-records", "0", "--no-bf16",
+        "--threads", str(threads),
     ]
     kd_dir, base_dir = os.path.join(out, "student_kd"), os.path.join(out, "student_baseline")
     potstill(
@@ -135,7 +138,7 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     report = {
         **results,
         "margin": results["student_kd"]["accuracy"] - results["student_baseline"]["accuracy"],
-        "settings": asdict(config),
+        "settings": {**asdict(config), "threads": threads},
         "seconds": round(time.time() - started, 1),
         "commands": [shlex.join(c) for c in commands],
     }
