@@ -150,11 +150,11 @@ def prepare_environment() -> None:
 
 def quiet_library_progress() -> None:
     """Turn off the Hub's and transformers' bars in modules already imported (the env var covers later ones)."""
-    if "huggingface_hub" in sys.modules:
+    if sys.modules.get("huggingface_hub") is not None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    if "transformers" in sys.modules:
+    if sys.modules.get("transformers") is not None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
