@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Option(None, "--config", help="YAML or TOML file of settings (flags override it)."),
         teacher: str = typer.Option(None, help="Teacher, loaded once: hub name, local folder or .gguf file.  " + REQUIRED_OR_CONFIG),
         backend: str = typer.Option(None, help="hf or vllm." + _d(D.backend)),
-        tokenizer: str = typer.Option(None, help="Tokenizer, if not the teacher's."),
-        revision: str = typer.Option(None, help="Model revision (hub branch, tag or commit)."),
+        tokenizer: str = typer.Option(None, help="Tokenizer, if not the teacher's.  [default: the teacher's]"),
+        revision: str = typer.Option(None, help="Model revision (hub branch, tag or commit).  [default: the hub's default branch]"),
         dtype: str = typer.Option(None, help="auto (the checkpoint's), bfloat16, float16 or float32." + _d(D.dtype)),
         device: str = typer.Option(None, help="cpu, cuda, cuda:1, or auto." + _d(D.device)),
         trust_remote_code: bool = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
@@ -46,15 +46,15 @@ def register(app: typer.Typer) -> None:
         max_crashes: int = typer.Option(None, help="Fail a job after the service died this often while running it."
                                         + _d(D.max_crashes)),
         data_root: list[str] = typer.Option(None, metavar="DIR", help="Folder jobs may read prompt sets from and write stores to "
-                                            "(repeatable). Without any root, jobs can name no local path."),
-        read_root: list[str] = typer.Option(None, metavar="DIR", help="Folder jobs may read prompt sets from (repeatable)."),
-        write_root: list[str] = typer.Option(None, metavar="DIR", help="Folder jobs may write (and read) stores in (repeatable)."),
+                                            "(repeatable). Without any root, jobs can name no local path.  [default: none]"),
+        read_root: list[str] = typer.Option(None, metavar="DIR", help="Folder jobs may read prompt sets from (repeatable).  [default: none]"),
+        write_root: list[str] = typer.Option(None, metavar="DIR", help="Folder jobs may write (and read) stores in (repeatable).  [default: none]"),
         allow_url_scheme: list[str] = typer.Option(None, metavar="SCHEME", help="Remote URL scheme jobs may name, e.g. s3 or gs "
                                                    "(repeatable).  [default: none]"),
         max_body_bytes: int = typer.Option(None, help="Largest request body; larger ones get 413."
                                            + _d(D.max_body_bytes)),
         allow_host: list[str] = typer.Option(None, metavar="NAME", help="Host name to answer to besides loopback and --host "
-                                             "(repeatable; checked when no token is set, or whenever given)."),
+                                             "(repeatable; checked when no token is set, or whenever given).  [default: none]"),
         threads: str = threads_option(),
     ) -> None:
         """Serve a teacher: run `potstill generate` jobs one after another from a queue that survives restarts."""

@@ -12,6 +12,7 @@ import typer
 
 from cli.options import REQUIRED, REQUIRED_OR_CONFIG, alias, pick, threads_option, with_default
 from cli.threads import use_threads
+from store.errors import PotstillError
 from student_train.config import TrainConfig, build_config
 
 D = TrainConfig()  # the defaults, shown in --help
@@ -61,7 +62,7 @@ def register(app: typer.Typer) -> None:
         bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help=_h("bfloat16 mixed precision.", "bf16", "--bf16/--no-bf16")),
         fp16: bool | None = typer.Option(None, "--fp16/--no-fp16", help=_h("float16 mixed precision.", "fp16", "--fp16/--no-fp16")),
         resume: bool | None = typer.Option(None, "--resume/--no-resume", help=_h("Continue from the latest checkpoint in --out.", "resume", "--resume/--no-resume")),
-        resume_from: str | None = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
+        resume_from: str | None = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder.  [default: none]"),
         save_steps: int | None = typer.Option(None, "--save-steps", help=_h("Checkpoint every N steps.", "save_steps")),
         save_total_limit: int | None = typer.Option(None, "--save-total-limit", help=_h("Checkpoints kept (0: all).", "save_total_limit")),
         logging_steps: int | None = typer.Option(None, "--logging-steps", help=_h("Log every N steps.", "logging_steps")),
@@ -104,7 +105,7 @@ def register(app: typer.Typer) -> None:
         """Held-out metrics of a student against the stored teacher: kd_loss, top-1 agreement, perplexity, answer accuracy."""
         student = pick("--student", student, "--model", model)
         if not student:
-            raise typer.BadParameter("--student is required", param_hint="--student")
+            raise PotstillError("--student is required")
         use_threads(threads)
         from student_train.evaluation import evaluate
 

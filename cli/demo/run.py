@@ -163,17 +163,19 @@ def format_table(report: dict[str, Any]) -> str:
 
 def _run_cli(args: list[str]) -> None:
     """Run a `potstill` command in-process, exactly as the console script would."""
-    import click
+    import typer
+    from typer.exceptions import TyperException
 
     from cli.main import app
     from store.errors import PotstillError
 
     try:
         app(args, standalone_mode=False)
-    except click.exceptions.Exit as e:
-        if e.exit_code:
-            raise PotstillError(f"potstill {args[0]} exited with {e.exit_code}") from None
-    except click.ClickException as e:
+    except typer.Exit as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 1))
+        if code:
+            raise PotstillError(f"potstill {args[0]} exited with {code}") from None
+    except TyperException as e:  # a flag typer refused (typer carries its own click)
         raise PotstillError(f"potstill {args[0]}: {e.format_message()}") from None
 
 
