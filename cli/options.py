@@ -18,6 +18,9 @@ from cli.threads import threads_help
 APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "pretty_exceptions_enable": False,
                                 "add_completion": False, "no_args_is_help": True,
                                 "context_settings": {"max_content_width": 120}}
+# The base class of the usage errors typer raises (a flag it refused): click's ClickException, which
+# typer >= 0.29 carries in its own copy of click, so it is found through a class both versions have.
+UsageErrorBase: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 REQUIRED = "[required]"
 REQUIRED_OR_CONFIG = "[required, here or in --config]"
 

@@ -16,9 +16,9 @@ import click
 import pytest
 import typer
 from genhelpers import prompt_rows, run_cli, write_jsonl
-from typer.exceptions import TyperException
 
 from cli.main import app
+from cli.options import UsageErrorBase
 from cli.threads import auto_threads, cgroup_cpu_limit, resolve_threads, usable_cpus
 from store.errors import PotstillError
 from student_train.config import TrainConfig
@@ -164,7 +164,7 @@ def invoke(args: list[str]) -> str:
         app(args, standalone_mode=False)
     except PotstillError as e:
         return str(e)
-    except TyperException as e:  # a flag typer refused
+    except UsageErrorBase as e:  # a flag typer refused
         return e.format_message()
     return ""
 

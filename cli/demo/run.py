@@ -164,9 +164,9 @@ def format_table(report: dict[str, Any]) -> str:
 def _run_cli(args: list[str]) -> None:
     """Run a `potstill` command in-process, exactly as the console script would."""
     import typer
-    from typer.exceptions import TyperException
 
     from cli.main import app
+    from cli.options import UsageErrorBase
     from store.errors import PotstillError
 
     try:
@@ -175,7 +175,7 @@ def _run_cli(args: list[str]) -> None:
         code = getattr(e, "exit_code", getattr(e, "code", 1))
         if code:
             raise PotstillError(f"potstill {args[0]} exited with {code}") from None
-    except TyperException as e:  # a flag typer refused (typer carries its own click)
+    except UsageErrorBase as e:  # a flag typer refused
         raise PotstillError(f"potstill {args[0]}: {e.format_message()}") from None
 
 
