@@ -135,9 +135,9 @@ class GenerateConfig:
         return config
 
     def validate(self) -> None:
-        for name in ("teacher", "prompts", "store"):
-            if not getattr(self, name):
-                raise GenerateError(f"--{name} is required")
+        for name, flag in (("teacher", "--teacher"), ("prompts", "--prompts"), ("store", "--out")):
+            if not getattr(self, name):  # `store` is the setting's name in a --config file
+                raise GenerateError(f"{flag} is required")
         checks = [
             (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
             (self.targets in ("topk", "sampled", "both"), f"--targets must be topk, sampled or both, got {self.targets!r}"),
