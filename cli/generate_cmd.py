@@ -76,6 +76,8 @@ def register(app: typer.Typer) -> None:
         chunk_positions: int = typer.Option(None, help="Positions per LM-head chunk." + _d(D.chunk_positions)),
         compile: bool = typer.Option(None, "--compile/--no-compile",
                                      help="Fuse the fp32 logsumexp with torch.compile.  [default: on for CUDA]"),
+        capture_kernel: str = typer.Option(None, help="Top-k and log tail: auto (the fused Triton kernel on CUDA "
+                                           "when Triton is installed), triton, or torch." + _d(D.capture_kernel)),
         workers: int = typer.Option(None, help="Workers filling the store.  [default: WORLD_SIZE or 1]"),
         worker_index: int = typer.Option(None, help="This worker's index.  [default: RANK or 0]"),
         writer_id: str = typer.Option(None, help="Writer id.  [default: g<worker>-<random>]"),

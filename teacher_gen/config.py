@@ -75,6 +75,7 @@ class GenerateConfig:
     batch_tokens: int = 16384  # padded tokens per forward batch
     chunk_positions: int = 1024  # positions per LM-head chunk (bounds the [positions, vocab] logits)
     compile: bool | None = None  # fuse the fp32 logsumexp with torch.compile (None: on for CUDA)
+    capture_kernel: Literal["auto", "triton", "torch"] = "auto"  # auto: the fused Triton kernel on CUDA if installed
     workers: int | None = None  # None: WORLD_SIZE from torchrun, else 1
     worker_index: int | None = None  # None: RANK from torchrun, else 0
     writer_id: str | None = None
