@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
                                        help="Chain-of-thought prompting; split output into rationale and answer." + _d(False, "--rationale/--no-rationale")),
         rationale_template: str = typer.Option(None, help="Prompt template with {prompt}." + _d(repr(D.rationale_template))),
         answer_pattern: str = typer.Option(None, help="Regex finding the answer (group 'answer')." + _d(repr(D.answer_pattern))),
+        answer_match: str = typer.Option(None, help="Which match of the answer pattern names the answer: last or first." + _d(D.answer_match)),
         id_field: str = typer.Option(None, help="Input field holding the id." + _d(D.id_field)),
         prompt_field: str = typer.Option(None, help="Input field holding the prompt text." + _d(D.prompt_field)),
         messages_field: str = typer.Option(None, help="Input field holding chat messages." + _d(D.messages_field)),

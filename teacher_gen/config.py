@@ -59,6 +59,7 @@ class GenerateConfig:
     rationale: bool = False
     rationale_template: str = DEFAULT_RATIONALE_TEMPLATE
     answer_pattern: str = DEFAULT_ANSWER_PATTERN
+    answer_match: Literal["last", "first"] = "last"  # which match of answer_pattern names the answer
 
     # -- input ---------------------------------------------------------------------------------
     id_field: str = "id"
@@ -225,6 +226,7 @@ class GenerateConfig:
         if self.rationale:
             settings["rationale_template"] = self.rationale_template
             settings["answer_pattern"] = self.answer_pattern
+            settings["answer_match"] = self.answer_match
         if self.mode == "generate":
             settings.update(
                 max_new_tokens=self.max_new_tokens,
