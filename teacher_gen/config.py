@@ -59,6 +59,7 @@ class GenerateConfig:
     rationale: bool = False
     rationale_template: str = DEFAULT_RATIONALE_TEMPLATE
     answer_pattern: str = DEFAULT_ANSWER_PATTERN
+    answer_match: Literal["last", "first"] = "last"  # which match of answer_pattern names the answer
 
     # -- input ---------------------------------------------------------------------------------
     id_field: str = "id"
@@ -136,9 +137,9 @@ class GenerateConfig:
         return config
 
     def validate(self) -> None:
-        for name in ("teacher", "prompts", "store"):
-            if not getattr(self, name):
-                raise GenerateError(f"--{name} is required")
+        for name, flag in (("teacher", "--teacher"), ("prompts", "--prompts"), ("store", "--out")):
+            if not getattr(self, name):  # `store` is the setting's name in a --config file
+                raise GenerateError(f"{flag} is required")
         checks = [
             (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
             (self.targets in ("topk", "sampled", "both"), f"--targets must be topk, sampled or both, got {self.targets!r}"),
@@ -225,6 +226,7 @@ class GenerateConfig:
         if self.rationale:
             settings["rationale_template"] = self.rationale_template
             settings["answer_pattern"] = self.answer_pattern
+            settings["answer_match"] = self.answer_match
         if self.mode == "generate":
             settings.update(
                 max_new_tokens=self.max_new_tokens,

@@ -196,8 +196,8 @@ class HFTeacher:
         )
 
     @torch.inference_mode()
-    def generate(self, requests: list[GenRequest]) -> list[Generated]:
-        from transformers import GenerationConfig, LogitsProcessorList
+    def generate(self, requests: list[GenRequest], on_tokens: Callable[[int], None] | None = None) -> list[Generated]:
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         b, t = len(requests), max(len(r.prompt_ids) for r in requests)
         ids = np.full((b, t), self.pad_id, dtype=np.int64)
@@ -224,12 +224,14 @@ class HFTeacher:
         if not self.hidden_layers and not self.config.score_prompt:
             finals = []
             hook = self.head.register_forward_pre_hook(lambda module, args: finals.append(args[0][:, -1]))
+        criteria = StoppingCriteriaList([TokenCounter(b, self.eos_ids, self.device, on_tokens)] if on_tokens else [])
         try:
             out = self.model.generate(
                 input_ids=self._to_device(ids),
                 attention_mask=self._to_device(mask),
                 generation_config=gen_config,
                 logits_processor=processors,
+                stopping_criteria=criteria,
             )
         finally:
             if hook is not None:
@@ -320,6 +322,23 @@ def load_model(config: GenerateConfig, spec: TeacherSpec) -> Any:
         )
     except Exception as e:
         raise GenerateError(f"teacher {config.teacher}: cannot load the model ({describe_load_error(e)})") from None
+
+
+class TokenCounter:
+    """A stopping criterion that never stops: after each decoding step it tells `on_tokens` how many
+    rows got a real token (rows past their EOS get padding, not counted). Its one host read per step
+    adds nothing to HF's loop, which reads its own stop flag every step anyway."""
+
+    def __init__(self, rows: int, eos_ids: set[int], device: torch.device, on_tokens: Callable[[int], None]) -> None:
+        self.running = torch.ones(rows, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=device)
+        self.on_tokens = on_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        new = int(self.running.sum())
+        self.running &= ~torch.isin(input_ids[:, -1], self.eos)
+        self.on_tokens(new)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class SeededSampler:
