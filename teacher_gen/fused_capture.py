@@ -11,7 +11,8 @@ reading the logits from device memory once instead of three times (top-k, fp32 c
 
 Stage 1 (Triton, grid = rows × vocabulary blocks): a program loads one block of one row, keys
 every element by (logit, lower id first) packed into one int64 so that keys are distinct and order
-like the logits, keeps the block's K largest keys (`tl.topk`, a bitonic top-K), and sums
+like the logits, keeps the block's K largest keys (a bitonic top-K, `tl.topk`, over the maxima of
+small groups of entries, then over the entries of the K best groups, which hold them all), and sums
 exp(transformed logit) over the block's other elements (its "outside" logsumexp). The logit
 transforms (scale, divide, tanh softcap) are applied in fp32 there, as the model applies them.
 Stage 2 (torch, on num_blocks · K keys per row, a few percent of the logits): the row's top-K
@@ -36,8 +37,8 @@ from typing import Any
 import torch
 
 # Vocabulary entries per program. Bigger blocks mean fewer candidates for stage 2 (num_blocks · K
-# per row); the bitonic top-K inside a block costs log2(K)·(log2(K)+1)/2 compare-exchange rounds
-# over the block, independent of its length.
+# per row, 2,048 at V = 128,256 and K = 64) and fewer programs; the two bitonic top-Ks inside a
+# block run over about 2·sqrt(block · K) keys, not the whole block.
 DEFAULT_BLOCK = 4096
 MAX_K = 128  # K is rounded up to a power of two inside the kernel; 128 keeps the block's registers in bounds
 
