@@ -157,6 +157,18 @@ def test_a_manifest_that_claims_an_older_version_for_hybrid_targets_is_refused(t
         StoreManifest.from_dict(obj, "m")
 
 
+def test_a_2_1_reader_refuses_a_hybrid_store_in_one_line(tmp_path, tiny_teacher_dir, monkeypatch) -> None:
+    import store.manifest as manifest_module
+
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=1))
+    url = str(tmp_path / "h.store")
+    generate(config(tiny_teacher_dir, prompts, url, targets="hybrid", top_k=2, samples=6))
+    monkeypatch.setattr(manifest_module, "TARGET_KINDS", ("topk", "sampled", "both"))  # what a 2.1 reader knows
+    with pytest.raises(StoreError) as info:
+        open_store(url)
+    assert "\n" not in str(info.value) and "unknown target kind 'hybrid'" in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> str:
     return write_jsonl(str(tmp_path_factory.mktemp("lowvar") / "p.jsonl"), prompt_rows(6, seed=4))
