@@ -635,7 +635,7 @@ def main() -> None:
     bytes_by_store = {name: store_bytes(url) for name, url in stores.items()}
 
     # Gradient variance needs no store and no training: every sampled kind, trained here or not.
-    grad_variants = [v for v in STORES if STORES[v]["targets"] != "topk"]
+    grad_variants = [v for v in STORES if STORES[v]["targets"] != "topk" and v != "systematic24"]
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
     grad_var: dict[str, list[dict[str, float]]] = {"full-KD student": []}
@@ -648,6 +648,11 @@ def main() -> None:
             say(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[variant][-1].items()))
             if variant == "full":
                 grad_var["full-KD student"].append(gradient_variance(student, teacher, heldout, grad_variants, args.device))
+            if args.json:  # what has finished so far, should the run be stopped before the end
+                with open(args.json + ".partial", "w") as f:
+                    json.dump({"stores": bytes_by_store, "runs": results, "gradient_variance": grad_var,
+                               "curves": {v: [{str(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()}},
+                              f, indent=2)
         say(f"  gradient variance seed {seed}: " + json.dumps({k: v[-1] for k, v in grad_var.items()}))
     rows = summarize(results, bytes_by_store)
     shares = share_curves(curves)
