@@ -385,6 +385,82 @@ def gradient_variance(student: Any, teacher: Any, heldout: np.ndarray, variants:
     return out
 
 
+# -- a real teacher's targets -------------------------------------------------------------------------
+@torch.no_grad()
+def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: int, repeats: int, variants: list[str]
+                          ) -> list[dict[str, Any]]:
+    """Per sampled variant, on a real teacher's distributions over held-out text: the distinct ids per
+    position, the packed target bytes per token (the codec's bit widths, without the per-record
+    padding to whole bytes), and E‖p̂ − p‖² per position, p̂ the variant's weights as the loader makes
+    them, p the exact float64 distribution. With Σ p̂ = 1 that is E‖∇_z L̂ − ∇_z KL(p ‖ softmax z)‖²,
+    the error of the gradient any student's logits get from the targets: no student needed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from store.codec import bits_for, sampled_from_draws
+    from student_train.data import hybrid_weights
+    from teacher_gen.capture import logit_transform, topk_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    transform = logit_transform(model.config)
+    data = blocks_of(texts, tokenizer, seq)
+    data = data[np.random.default_rng(0).permutation(len(data))[:blocks]]
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    id_bits, lp_bits = bits_for(vocab - 1), 12
+    sums = {v: {"sq_error": 0.0, "entries": 0, "bits": 0.0} for v in variants}
+    positions = 0
+    for b, block in enumerate(data):
+        x = torch.from_numpy(block[None])
+        hidden = model.model(input_ids=x).last_hidden_state[0, :-1]
+        logits = head(hidden).float()
+        p = torch.softmax((transform(logits) if transform else logits).double(), -1)
+        targets = x[0, 1:]
+        positions += len(targets)
+        for variant in variants:
+            settings = STORES[variant]
+            n = settings["samples"]
+            k = settings.get("top_k", 0) if settings["targets"] == "hybrid" else 0
+            for r in range(repeats):
+                uniforms = torch.from_numpy(np.random.default_rng([b, r, 99]).random((len(targets), n)))
+                draws = torch.empty(uniforms.shape, dtype=torch.int32)
+                ids, lp, _, tail = topk_logprobs(hidden, head, targets, k, uniforms=uniforms, draws_out=draws,
+                                                 transform=transform, sampler=settings.get("sampler", "iid"),
+                                                 draw_from_rest=k > 0)
+                sampled = sampled_from_draws(draws.numpy())
+                rows = np.arange(len(targets))
+                if k:
+                    w_ids, w = hybrid_weights(ids.numpy(), lp.float().numpy(), tail.numpy(), sampled, rows)
+                else:
+                    w_ids, counts = sampled.padded(rows)
+                    w = counts / n
+                dense = torch.zeros_like(p)
+                valid = w_ids >= 0
+                dense.index_put_((torch.from_numpy(np.nonzero(valid)[0]), torch.from_numpy(w_ids[valid])),
+                                 torch.from_numpy(w[valid].astype(np.float64)), accumulate=True)
+                s = sums[variant]
+                s["sq_error"] += (dense - p).square().sum().item() / repeats
+                s["entries"] += sampled.num_entries / repeats
+                # packed: token log-prob; top-k ids + log-probs + float32 log tail; draws' ids + counts
+                s["bits"] += (len(targets) * (lp_bits + (k * (id_bits + lp_bits) + 32 if k else 0))
+                              + sampled.num_entries * (id_bits + bits_for(n))) / repeats
+        say(f"real teacher: block {b + 1}/{len(data)}")
+    return [{"variant": v, "distinct_ids_per_position": s["entries"] / positions,
+             "packed_target_bytes_per_token": s["bits"] / 8 / positions, "grad_sq_error": s["sq_error"] / positions,
+             "positions": positions} for v, s in sums.items()]
+
+
+def real_teacher_table(rows: list[dict[str, Any]]) -> str:
+    base = next((r["grad_sq_error"] for r in rows if r["variant"] == "sampled12"), None)
+    lines = ["| targets | packed target B/token | distinct ids per position | E‖p̂ − p‖² per position | vs sampled12 (i.i.d.) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['grad_sq_error'] / base:.3f}" if base else "-"
+        lines.append(f"| {r['variant']} | {r['packed_target_bytes_per_token']:.1f} | {r['distinct_ids_per_position']:.2f} | "
+                     f"{r['grad_sq_error']:.5f} | {ratio} |")
+    return "\n".join(lines)
+
+
 # -- evaluation --------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins: int = 15) -> dict[str, float]:
@@ -426,6 +502,11 @@ def summarize(results: dict[str, list[dict[str, float]]], bytes_by_store: dict[s
         share = (ce_ce - np.array([r["ce"] for r in runs])) / (ce_ce - ce_full)  # per seed, paired
         row["gain_share"], row["gain_share_std"] = float(share.mean()), float(share.std(ddof=1)) if len(share) > 1 else 0.0
         row["gain_shares"] = share.tolist()
+        # The same share of the KL to the teacher: what distillation moves even where the teacher is no
+        # better than the student at predicting the text (then the CE share means nothing).
+        kl_ce, kl_full = np.array([r["kl"] for r in results["ce"]]), np.array([r["kl"] for r in results["full"]])
+        kl_share = (kl_ce - np.array([r["kl"] for r in runs])) / (kl_ce - kl_full)
+        row["kl_share"], row["kl_share_std"] = float(kl_share.mean()), float(kl_share.std(ddof=1)) if len(kl_share) > 1 else 0.0
         if variant not in ("ce", "full"):
             row.update(bytes_by_store[store_for(variant)])
         rows.append(row)
@@ -522,18 +603,21 @@ def bytes_table(bytes_by_store: dict[str, dict[str, float]]) -> str:
 def markdown(rows: list[dict[str, Any]], teacher_eval: dict[str, float], seeds: int) -> str:
     pm = (lambda m, s, f: f"{m:{f}} ± {s:{f}}") if seeds > 1 else (lambda m, s, f: f"{m:{f}}")
     lines = [
-        "| variant | target B/token | store B/token | held-out CE | KL to teacher | ECE % | top-1 agreement | share of full KD's gain |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| teacher | - | - | {teacher_eval['ce']:.4f} | 0 | {100 * teacher_eval['ece']:.2f} | 1 | - |",
+        "| variant | target B/token | store B/token | held-out CE | KL to teacher | ECE % | top-1 agreement "
+        "| share of full KD's gain (CE) | share of full KD's KL reduction |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| teacher | - | - | {teacher_eval['ce']:.4f} | 0 | {100 * teacher_eval['ece']:.2f} | 1 | - | - |",
     ]
     for r in rows:
         tb = f"{r['target_bytes_per_token']:.1f}" if "target_bytes_per_token" in r else "-"
         sb = f"{r['bytes_per_token']:.1f}" if "bytes_per_token" in r else "-"
         share = "0 % (by definition)" if r["variant"] == "ce" else "100 % (by definition)" if r["variant"] == "full" \
             else pm(100 * r["gain_share"], 100 * r["gain_share_std"], ".1f") + " %"
+        kl_share = "0 %" if r["variant"] == "ce" else "100 %" if r["variant"] == "full" \
+            else pm(100 * r["kl_share"], 100 * r["kl_share_std"], ".1f") + " %"
         lines.append(
             f"| {r['variant']} | {tb} | {sb} | {pm(r['ce'], r['ce_std'], '.4f')} | {pm(r['kl'], r['kl_std'], '.4f')} | "
-            f"{pm(100 * r['ece'], 100 * r['ece_std'], '.2f')} | {pm(r['top1'], r['top1_std'], '.4f')} | {share} |"
+            f"{pm(100 * r['ece'], 100 * r['ece_std'], '.2f')} | {pm(r['top1'], r['top1_std'], '.4f')} | {share} | {kl_share} |"
         )
     return "\n".join(lines)
 
@@ -558,6 +642,28 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def report(results: dict[str, list[dict[str, float]]], bytes_by_store: dict[str, dict[str, float]],
+           teacher_eval: dict[str, float], curves: dict[str, list[dict[int, float]]],
+           grad_var: dict[str, list[dict[str, float]]], seeds: int, plots: str | None, scale_name: str
+           ) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]], list[str]]:
+    """Print every table of a run (and draw its plots into `plots`); returns the rows, curves and verdict."""
+    rows = summarize(results, bytes_by_store)
+    shares = share_curves(curves)
+    lines = verdict(rows)
+    print(markdown(rows, teacher_eval, seeds))
+    print()
+    print(bytes_table(bytes_by_store))
+    print()
+    print(curve_table(shares, seeds))
+    print()
+    print(grad_table(grad_var, seeds))
+    print()
+    print("\n".join(lines))
+    if plots:
+        plot(shares, grad_var, plots, scale_name)
+    return rows, shares, lines
+
+
 def read_json(path: str) -> Any:
     if not os.path.isfile(path):
         return None
@@ -578,9 +684,22 @@ def main() -> None:
     parser.add_argument("--corpus", default=sysconfig.get_paths()["stdlib"])
     parser.add_argument("--fresh", action="store_true", help="retrain the tokenizer and teacher, regenerate the stores")
     parser.add_argument("--json", default=None, help="write every number to this file")
+    parser.add_argument("--report", default=None, metavar="JSON",
+                        help="print the tables (and with --plots draw the plots) of a finished run's --json file, no run")
+    parser.add_argument("--real-teacher", default=None, metavar="DIR",
+                        help="only measure the sampled targets' error against a real teacher's exact distributions "
+                             "(a save_pretrained folder) on held-out text, no training")
+    parser.add_argument("--real-blocks", type=int, default=8, help="--real-teacher: held-out blocks of --real-seq tokens")
+    parser.add_argument("--real-seq", type=int, default=128)
     parser.add_argument("--plots", default=None,
                         help="folder for the PNG plots (share of full KD's gain against steps, gradient variance)")
     args = parser.parse_args()
+    if args.report:
+        saved = read_json(args.report)
+        report(saved["runs"], saved["stores"], saved["teacher"],
+               {v: [{int(k): x for k, x in c.items()} for c in cs] for v, cs in saved["curves"].items()},
+               saved["gradient_variance"], saved["scale"]["seeds"], args.plots, saved["scale_name"])
+        return
     scale_name = "quick" if args.quick else args.scale
     scale = dataclasses.replace(SCALES[scale_name], **({"seeds": args.seeds} if args.seeds else {}))
     torch.set_num_threads(args.threads)
@@ -591,7 +710,7 @@ def main() -> None:
     settings = {k: v for k, v in dataclasses.asdict(scale).items()
                 if k == "vocab" or k == "seq" or k.startswith(("teacher_", "transfer_", "heldout_", "tokenizer_"))}
     settings["corpus"] = args.corpus
-    if args.fresh or read_json(marker) != settings:
+    if not args.real_teacher and (args.fresh or read_json(marker) != settings):  # --real-teacher uses no work folder
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(workdir)
     started = time.time()
@@ -602,6 +721,17 @@ def main() -> None:
     train_texts, held_texts = read_texts(train_files), read_texts(held_files)
     say(f"corpus {args.corpus}: {len(train_files)} train files ({sum(map(len, train_texts)) / 1e6:.1f} MB), "
         f"{len(held_files)} held-out files")
+
+    if args.real_teacher:
+        real = real_teacher_variance(args.real_teacher, held_texts, args.real_blocks, args.real_seq, repeats=GRAD_REPEATS,
+                                     variants=[v for v in STORES if STORES[v]["targets"] != "topk"])
+        print(real_teacher_table(real))
+        say(f"done in {(time.time() - started) / 60:.1f} min")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"real_teacher": os.path.basename(args.real_teacher.rstrip("/")), "blocks": args.real_blocks,
+                           "seq": args.real_seq, "repeats": GRAD_REPEATS, "rows": real}, f, indent=2)
+        return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -654,21 +784,7 @@ def main() -> None:
                                "curves": {v: [{str(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()}},
                               f, indent=2)
         say(f"  gradient variance seed {seed}: " + json.dumps({k: v[-1] for k, v in grad_var.items()}))
-    rows = summarize(results, bytes_by_store)
-    shares = share_curves(curves)
-    table = markdown(rows, teacher_eval, scale.seeds)
-    lines = verdict(rows)
-    print(table)
-    print()
-    print(bytes_table(bytes_by_store))
-    print()
-    print(curve_table(shares, scale.seeds))
-    print()
-    print(grad_table(grad_var, scale.seeds))
-    print()
-    print("\n".join(lines))
-    if args.plots:
-        plot(shares, grad_var, args.plots, scale_name)
+    rows, shares, lines = report(results, bytes_by_store, teacher_eval, curves, grad_var, scale.seeds, args.plots, scale_name)
     say(f"done in {(time.time() - started) / 60:.1f} min")
     if args.json:
         with open(args.json, "w") as f:
