@@ -387,13 +387,14 @@ def gradient_variance(student: Any, teacher: Any, heldout: np.ndarray, variants:
 
 # -- a real teacher's targets -------------------------------------------------------------------------
 @torch.no_grad()
-def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: int, repeats: int, variants: list[str]
-                          ) -> list[dict[str, Any]]:
+def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: int, repeats: int, variants: list[str],
+                          seed: int = 0) -> list[dict[str, Any]]:
     """Per sampled variant, on a real teacher's distributions over held-out text: the distinct ids per
     position, the packed target bytes per token (the codec's bit widths, without the per-record
     padding to whole bytes), and E‖p̂ − p‖² per position, p̂ the variant's weights as the loader makes
     them, p the exact float64 distribution. With Σ p̂ = 1 that is E‖∇_z L̂ − ∇_z KL(p ‖ softmax z)‖²,
-    the error of the gradient any student's logits get from the targets: no student needed."""
+    the error of the gradient any student's logits get from the targets: no student needed. `seed` picks
+    the held-out blocks and the uniforms."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from store.codec import bits_for, sampled_from_draws
@@ -404,7 +405,7 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     transform = logit_transform(model.config)
     data = blocks_of(texts, tokenizer, seq)
-    data = data[np.random.default_rng(0).permutation(len(data))[:blocks]]
+    data = data[np.random.default_rng(seed).permutation(len(data))[:blocks]]
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
     id_bits, lp_bits = bits_for(vocab - 1), 12
@@ -422,7 +423,7 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
             n = settings["samples"]
             k = settings.get("top_k", 0) if settings["targets"] == "hybrid" else 0
             for r in range(repeats):
-                uniforms = torch.from_numpy(np.random.default_rng([b, r, 99]).random((len(targets), n)))
+                uniforms = torch.from_numpy(np.random.default_rng([seed, b, r, 99]).random((len(targets), n)))
                 draws = torch.empty(uniforms.shape, dtype=torch.int32)
                 ids, lp, _, tail = topk_logprobs(hidden, head, targets, k, uniforms=uniforms, draws_out=draws,
                                                  transform=transform, sampler=settings.get("sampler", "iid"),
@@ -450,14 +451,17 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
              "positions": positions} for v, s in sums.items()]
 
 
-def real_teacher_table(rows: list[dict[str, Any]]) -> str:
-    base = next((r["grad_sq_error"] for r in rows if r["variant"] == "sampled12"), None)
+def real_teacher_table(runs: list[list[dict[str, Any]]]) -> str:
+    """Mean ± standard deviation over seeds (held-out blocks and uniforms) of `real_teacher_variance`."""
+    base = [next(r["grad_sq_error"] for r in rows if r["variant"] == "sampled12") for rows in runs]
     lines = ["| targets | packed target B/token | distinct ids per position | E‖p̂ − p‖² per position | vs sampled12 (i.i.d.) |",
              "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r['grad_sq_error'] / base:.3f}" if base else "-"
-        lines.append(f"| {r['variant']} | {r['packed_target_bytes_per_token']:.1f} | {r['distinct_ids_per_position']:.2f} | "
-                     f"{r['grad_sq_error']:.5f} | {ratio} |")
+    for i, first in enumerate(runs[0]):
+        rows = [run[i] for run in runs]
+        lines.append(f"| {first['variant']} | {_pm([r['packed_target_bytes_per_token'] for r in rows])} | "
+                     f"{_pm([r['distinct_ids_per_position'] for r in rows], fmt='.2f')} | "
+                     f"{_pm([r['grad_sq_error'] for r in rows], fmt='.5f')} | "
+                     f"{_pm([r['grad_sq_error'] / b for r, b in zip(rows, base, strict=True)], fmt='.3f')} |")
     return "\n".join(lines)
 
 
@@ -723,14 +727,15 @@ def main() -> None:
         f"{len(held_files)} held-out files")
 
     if args.real_teacher:
-        real = real_teacher_variance(args.real_teacher, held_texts, args.real_blocks, args.real_seq, repeats=GRAD_REPEATS,
-                                     variants=[v for v in STORES if STORES[v]["targets"] != "topk"])
+        real = [real_teacher_variance(args.real_teacher, held_texts, args.real_blocks, args.real_seq, repeats=GRAD_REPEATS,
+                                      variants=[v for v in STORES if STORES[v]["targets"] != "topk"], seed=seed)
+                for seed in range(args.seeds or 2)]
         print(real_teacher_table(real))
         say(f"done in {(time.time() - started) / 60:.1f} min")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"real_teacher": os.path.basename(args.real_teacher.rstrip("/")), "blocks": args.real_blocks,
-                           "seq": args.real_seq, "repeats": GRAD_REPEATS, "rows": real}, f, indent=2)
+                           "seq": args.real_seq, "repeats": GRAD_REPEATS, "runs": real}, f, indent=2)
         return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
