@@ -79,8 +79,8 @@ SCALES = {
     "quick": Scale(teacher_steps=60, student_steps=40, transfer_blocks=128, heldout_blocks=32, seeds=1,
                    tokenizer_chars=1_000_000, eval_steps=(10, 20, 30)),
     # The quick students with a teacher trained long enough to predict held-out text better than they do.
-    "short": Scale(teacher_steps=200, student_steps=40, transfer_blocks=128, heldout_blocks=32, tokenizer_chars=1_000_000,
-                   eval_steps=(10, 20, 30)),
+    "short": Scale(teacher_steps=200, student_steps=120, transfer_blocks=128, heldout_blocks=32, tokenizer_chars=1_000_000,
+                   eval_steps=(10, 20, 40, 80)),
     # What 2 busy, shared CPU cores finish in well under an hour: a shorter-trained teacher, shorter students.
     "small": Scale(teacher_steps=120, teacher_batch=16, student_steps=100, student_batch=8, transfer_blocks=256,
                    heldout_blocks=64, tokenizer_chars=2_000_000, eval_steps=(25, 50, 75)),
