@@ -63,6 +63,7 @@ class DistillTrainer(Trainer):
         self._step_losses: list[torch.Tensor] = []
         self._grad_share: dict[str, torch.Tensor] = {}  # of the step about to be logged (`_measure_grad_share`)
         self._share_step = -1  # the optimizer step whose grad share is measured
+        self._share_off = False  # set when the model cannot give per-term gradients (said once)
 
     # -- data -------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -98,7 +99,7 @@ class DistillTrainer(Trainer):
         """Whether the optimizer step being computed is a logging step and its gradient share is not
         yet measured (it is measured on the step's first micro-batch only)."""
         step = self.state.global_step + 1
-        return step % self.args.logging_steps == 0 and self._share_step != step
+        return not self._share_off and step % self.args.logging_steps == 0 and self._share_step != step
 
     def _share_terms(self) -> list[str]:
         """The loss terms whose gradient share is logged: fixed by the objective, the same on every
@@ -125,7 +126,12 @@ class DistillTrainer(Trainer):
             if term is None or not term.requires_grad:
                 norms[name] = torch.zeros((), device=self.args.device)
                 continue
-            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            try:
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            except RuntimeError as e:  # a wrapper whose parameters are not the graph's leaves: train on
+                self._share_off = True
+                _say(f"grad_share is not logged: the gradient of one loss term alone cannot be taken here ({e})")
+                return
             present = [g.detach().float() for g in grads if g is not None]
             norms[name] = _total_norm(present) if present else torch.zeros((), device=self.args.device)
         if not norms:
@@ -177,8 +183,7 @@ class DistillTrainer(Trainer):
         gradient share of each loss term (`_measure_grad_share`), and `epoch` as the passes the loader
         made over this rank's share of the training records."""
         if "loss" in logs and self._part_batches:
-            measured = {**self._part_sums}
-            sums = {n: torch.as_tensor(v, device=self.args.device) / self._part_batches for n, v in measured.items()}
+            sums = {n: torch.as_tensor(v, device=self.args.device) / self._part_batches for n, v in self._part_sums.items()}
             shares = self._grad_share
             if self.args.world_size > 1 and not shares:  # not measured here (an empty batch): every rank
                 # must reduce the same names; a 0 share stands in
