@@ -230,8 +230,9 @@ def test_the_default_hidden_loss_does_not_swamp_kd_on_massive_activations(real_t
     assert TrainConfig().hidden_loss == "standardized_mse"
     assert raw[0]["kd"] == pytest.approx(default[0]["kd"], rel=1e-5)  # the same student, batch and KD term
     assert raw[0]["hidden"] > 300 * raw[0]["kd"] and default[0]["hidden"] < default[0]["kd"]
-    assert raw[-1]["grad_share/hidden"] > 0.8 and raw[-1]["grad_norm"] > 2 * raw[0]["grad_norm"], raw
+    assert raw[-1]["grad_share/hidden"] > 0.8 and raw[-1]["grad_norm"] > raw[0]["grad_norm"], raw
     assert max(e["grad_share/hidden"] for e in default) < 0.5 and default[-1]["grad_norm"] < default[0]["grad_norm"], default
+    assert raw[-1]["grad_norm"] > 5 * default[-1]["grad_norm"]
 
 
 def test_a_smaller_student_with_the_same_tokenizer_learns_from_the_store(real_teacher, stores, tmp_path):
