@@ -161,15 +161,21 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 
 def _choose_rows(store: Store, max_records: int, seed: int) -> dict[str, list[int]]:
     """{shard: rows} of the records to read, in store order: all of them, or a seeded uniform sample
-    of `max_records` (duplicate rows, which every reader skips, are never chosen)."""
-    candidates = [(name, row) for name in store.shard_names
-                  for row in sorted(set(range(store.commit(name).records)) - store.duplicate_rows(name))]
-    if len(candidates) > max_records:
-        keep = np.sort(np.random.default_rng(seed).choice(len(candidates), size=max_records, replace=False))
-        candidates = [candidates[i] for i in keep]
+    of `max_records` global record numbers. Duplicate rows, which every reader skips, are left out
+    (a sample of a store holding some may come out a little smaller)."""
+    total = store.num_records
+    if total > max_records:
+        picked = np.sort(np.random.default_rng(seed).choice(total, size=max_records, replace=False)).tolist()
+    else:
+        picked = range(total)
     chosen: dict[str, list[int]] = {}
-    for name, row in candidates:
-        chosen.setdefault(name, []).append(row)
+    skip: dict[str, set[int]] = {}
+    for i in picked:
+        name, row = store.locate(int(i))
+        if name not in skip:
+            skip[name] = store.duplicate_rows(name)
+        if row not in skip[name]:
+            chosen.setdefault(name, []).append(row)
     return chosen
 
 

@@ -200,3 +200,18 @@ def test_the_browser_check_catches_a_broken_page(tmp_path) -> None:
     joined = "\n".join(result.errors)
     assert "console.error: boom" in joined and "notDefined is not defined" in joined
     assert "missing.png" in joined
+
+
+def test_an_id_stored_twice_is_read_once_and_the_page_says_so(tmp_path) -> None:
+    import copy
+
+    url = build_store(str(tmp_path / "s"), records=6, layers=())
+    again = copy.deepcopy(open_store(url).record(2))
+    with open_store(url).writer("w1") as w:  # a second writer stores record r002 again
+        w.write(again)
+    store = open_store(url, verify_reads=True)
+    assert store.num_records == 7 and store.num_duplicates == 1
+    stats = collect_stats(store, ReportConfig())
+    assert stats.records_total == stats.records_read == 6 and not stats.sampled
+    page = render_html(stats, ReportConfig(examples=0))
+    assert "1 record(s) repeat an id committed earlier" in page and "(1 duplicate rows, skipped by every reader)" in page
