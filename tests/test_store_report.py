@@ -136,6 +136,13 @@ def test_an_empty_store_gets_a_page_without_plots(tmp_path) -> None:
     assert stats.records_read == 0 and "no committed records yet" in page and "<img" not in page
 
 
+def test_a_sample_of_no_records_is_refused_in_one_line(tmp_path) -> None:
+    url = build_store(str(tmp_path / "s"), records=2, layers=())
+    with pytest.raises(StoreError, match=r"^--max-records must be at least 1, got 0$"):
+        write_report(url, str(tmp_path / "r.html"), ReportConfig(max_records=0))
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_a_damaged_shard_stops_the_report_in_one_line_and_keeps_the_old_page(tmp_path) -> None:
     url = build_store(str(tmp_path / "s"), records=6, layers=())
     out = tmp_path / "r.html"
