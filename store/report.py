@@ -434,7 +434,9 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
     rows = [
         ("store", info["store"]),
         ("format", f"{info['format_version']} (written by potstill {info['potstill_version']}, {info['created_at']})"),
-        ("teacher", f"{t['name_or_path']} ({t.get('architecture')}, {t.get('dtype')}, vocabulary {t.get('vocab_size')})"),
+        ("teacher", f"{t['name_or_path']} (" + ", ".join(
+            str(x) for x in (t.get("architecture"), t.get("dtype"), t.get("vocab_size") and f"vocabulary {t['vocab_size']}") if x
+        ) + ")"),
         ("tokenizer", f"{info['tokenizer']['fingerprint']} (vocabulary {info['tokenizer']['vocab_size']})"),
         ("targets", describe_targets(info["targets"])),
         *([("tail", info["tail"])] if info.get("tail") else []),
