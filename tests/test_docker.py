@@ -141,6 +141,7 @@ def _pins(path: str) -> dict[str, str]:
 @pytest.mark.parametrize("image,extras", [("generate", ("s3", "gcs", "serve")), ("train", ("s3", "gcs"))])
 def test_the_images_pin_every_dependency_within_the_projects_bounds(image: str, extras: tuple[str, ...]):
     import tomllib
+
     from packaging.requirements import Requirement
 
     steps = instructions(os.path.join(ROOT, "docker", f"{image}.Dockerfile"))
