@@ -120,12 +120,16 @@ def collect_stats(store: Store, config: ReportConfig) -> StoreStats:
             if spec.has_sampled and s:
                 distinct.append(rec.sampled.lengths().astype(np.float64))  # type: ignore[union-attr]
             for layer in manifest.hidden.layers:
-                if hidden_tokens[layer.index] >= config.max_hidden_tokens or rec.hidden_rows == 0:
+                budget = config.max_hidden_tokens - hidden_tokens[layer.index]
+                if budget <= 0 or rec.hidden_rows == 0:
                     continue
-                states = decode_hidden(reader.hidden(row, layer.index), layer.dtype).astype(np.float64)
+                first, stop = reader.hidden_rows(row)  # only the rows the budget allows are read
+                stored = reader.hidden_block(layer.index, first, min(stop, first + budget))
+                states = decode_hidden(stored, layer.dtype)
                 finite = np.isfinite(states).all(axis=1)
                 nonfinite[layer.index] += int((~finite).sum())
-                norms[layer.index].append(np.linalg.norm(states[finite], axis=1))
+                kept = states[finite]
+                norms[layer.index].append(np.sqrt(np.einsum("ij,ij->i", kept, kept, dtype=np.float64)))
                 hidden_tokens[layer.index] += len(states)
             _count_answer(stats, rec, config, pattern)
             if len(stats.examples) < config.examples and (rec.rationale is not None or not manifest.rationales):

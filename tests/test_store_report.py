@@ -222,3 +222,10 @@ def test_an_id_stored_twice_is_read_once_and_the_page_says_so(tmp_path) -> None:
     assert stats.records_total == stats.records_read == 6 and not stats.sampled
     page = render_html(stats, ReportConfig(examples=0))
     assert "1 record(s) repeat an id committed earlier" in page and "(1 duplicate rows, skipped by every reader)" in page
+
+
+def test_hidden_norms_stop_at_their_token_budget(tmp_path) -> None:
+    url = build_store(str(tmp_path / "s"), layers=((2, 16, "float16"),), records=8)
+    stats = collect_stats(open_store(url, verify_reads=True), ReportConfig(max_hidden_tokens=10))
+    first = np.concatenate([r.hidden[2] for r in open_store(url).iter_records(with_hidden=True)])[:10]
+    np.testing.assert_allclose(stats.hidden_norms[2], np.linalg.norm(first.astype(np.float64), axis=1), rtol=1e-12)
