@@ -109,7 +109,7 @@ def _docker_runs() -> list[tuple[str, str]]:
             lines = [line.rstrip("\n").lstrip("# ").rstrip() for line in f]
         i = 0
         while i < len(lines):
-            if "docker run" in lines[i]:
+            if lines[i].lstrip().startswith("docker run"):  # a command, not prose that names one
                 command = lines[i]
                 while command.endswith("\\") and i + 1 < len(lines):
                     i += 1
