@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from cli.options import threads_option
+from cli.threads import resolve_threads
+
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
@@ -12,10 +15,10 @@ def register(app: typer.Typer) -> None:
         student_steps: int = typer.Option(600, "--student-steps", help="Optimizer steps of each student."),
         train_problems: int = typer.Option(2400, "--train-problems", help="Problems the teacher solves into the store."),
         eval_problems: int = typer.Option(300, "--eval-problems", help="Held-out problems every model is scored on."),
-        threads: int = typer.Option(2, "--threads", help="CPU threads for torch."),
+        threads: str = threads_option(),  # the demo's students train with no loader workers
     ) -> None:
         """Distil a 4-digit-addition teacher into two students (KD vs answers only) and compare them, offline, on CPU."""
         from cli.demo.run import DemoConfig, run_demo
 
         run_demo(DemoConfig(out=out, student_steps=student_steps, train_problems=train_problems,
-                            eval_problems=eval_problems, threads=threads))
+                            eval_problems=eval_problems, threads=resolve_threads(threads)))

@@ -19,13 +19,14 @@ from typing import Any
 
 import typer
 
+from cli.options import APP_SETTINGS, alias, pick
 from teacher_gen.config import GenerateConfig, coerce_setting
 from teacher_gen.service.settings import DEFAULT_SERVER, SERVER_ENV, TOKEN_ENV, ServiceError, read_token
 
-app = typer.Typer(help="Submit generation jobs to a `potstill serve` and follow them.", no_args_is_help=True)
+app = typer.Typer(help="Submit generation jobs to a `potstill serve` and follow them.", **APP_SETTINGS)
 
 ServerOpt = typer.Option(DEFAULT_SERVER, "--server", envvar=SERVER_ENV, help="URL of the potstill service.")
-TokenFileOpt = typer.Option(None, "--token-file", help=f"File holding the bearer token (default: ${TOKEN_ENV}).")
+TokenFileOpt = typer.Option(None, "--token-file", help=f"File holding the bearer token.  [default: ${TOKEN_ENV}]")
 JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 # Settings the service decides: a client cannot send them.
 NOT_SENT = ("progress",)
@@ -97,8 +98,10 @@ def _absolute(location: str) -> str:
 @app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(
     ctx: typer.Context,
-    prompts: str = typer.Option(None, help="Prompt set on the server (path or URL); a relative path is made absolute."),
-    out: str = typer.Option(None, "--out", "--store", help="Output store on the server (path or URL)."),
+    prompts: str = typer.Option(None, help="Prompt set on the server (path or URL); a relative path is made absolute.  "
+                                "[required]"),
+    out: str = typer.Option(None, "--out", help="Store the job writes on the server, path or URL.  [required]"),
+    store: str = alias("--store"),
     config: str = typer.Option(None, "--config", help="YAML or TOML file of generate settings (flags override it)."),
     server: str = ServerOpt,
     token_file: str = TokenFileOpt,
@@ -110,6 +113,7 @@ def submit(
     if config:
         spec.update({k: v for k, v in GenerateConfig.from_file(config).items() if k not in NOT_SENT})
     spec.update(parse_generate_flags(list(ctx.args)))
+    out = pick("--out", out, "--store", store)
     if prompts:
         spec["prompts"] = prompts
     if out:

@@ -1,7 +1,8 @@
 """Entry point of the `potstill` command.
 
 Every user mistake surfaces as a `PotstillError` and is printed here as one line with a
-non-zero exit; heavy imports (torch, transformers) happen inside the commands that need them.
+non-zero exit; heavy imports (torch, transformers) happen inside the commands that need them, after
+`--threads` is applied (cli/threads.py).
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ import sys
 
 import typer
 
-from cli import store_cmd
-from store.errors import PotstillError
+from cli.threads import prepare_environment
+
+prepare_environment()  # OpenMP's wait policy is read once, when torch loads: set it before any import of torch
+
+from cli import store_cmd  # noqa: E402
+from cli.options import APP_SETTINGS  # noqa: E402
+from store.errors import PotstillError  # noqa: E402
 
 app = typer.Typer(
     name="potstill",
     help="Offline, two-phase knowledge distillation: capture a teacher once into a store, train students from it.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+    **APP_SETTINGS,
 )
 app.add_typer(store_cmd.app, name="store")
 

@@ -35,7 +35,7 @@ def potstill_version() -> str:
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_version(version: Any, where: str) -> tuple[int, int]:
@@ -334,9 +334,24 @@ class StoreManifest:
             "generation": (self.generation, other.generation),
         }
         for name, (mine, theirs) in pairs.items():
-            if _normalise(mine) != _normalise(theirs):
-                diffs.append(f"{name}: store has {_short(mine)}, this run has {_short(theirs)}")
+            for key, old, new in _leaf_differences(name, _normalise(mine), _normalise(theirs)):
+                diffs.append(f"{key}: store has {_short(old)}, this run has {_short(new)}")
         return diffs
+
+
+_ABSENT = object()
+
+
+def _leaf_differences(name: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """The differing keys of two JSON values, by dotted name (`generation.backend`), not whole objects."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            found += _leaf_differences(f"{name}.{key}", old.get(key, _ABSENT), new.get(key, _ABSENT))
+        return found
+    if old == new:
+        return []
+    return [(name, "(not set)" if old is _ABSENT else old, "(not set)" if new is _ABSENT else new)]
 
 
 def _known(cls: type, obj: Any) -> dict[str, Any]:
@@ -352,6 +367,8 @@ def _normalise(value: Any) -> Any:
 
 
 def _short(value: Any) -> str:
+    if value == "(not set)":
+        return value
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= 120 else text[:117] + "..."
 

@@ -38,6 +38,7 @@ from student_train.model import (
     load_tokenizer,
 )
 from student_train.objective import Objective, distill_loss
+from student_train.plots import LOSS_CURVE_FILE, write_loss_curve
 
 REPORT_FILE = "training_report.json"
 TRAINER_STATE = "trainer_state.json"
@@ -522,6 +523,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
         "final_eval": final_eval,
     }
     write_json(os.path.join(config.out, REPORT_FILE), report)
+    write_loss_curve(os.path.join(config.out, LOSS_CURVE_FILE), trainer.state.log_history, final_eval)
     return report
 
 

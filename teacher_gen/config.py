@@ -76,6 +76,7 @@ class GenerateConfig:
     batch_tokens: int = 16384  # padded tokens per forward batch
     chunk_positions: int = 1024  # positions per LM-head chunk (bounds the [positions, vocab] logits)
     compile: bool | None = None  # fuse the fp32 logsumexp with torch.compile (None: on for CUDA)
+    capture_kernel: Literal["auto", "triton", "torch"] = "auto"  # auto: the fused Triton kernel on CUDA if installed
     workers: int | None = None  # None: WORLD_SIZE from torchrun, else 1
     worker_index: int | None = None  # None: RANK from torchrun, else 0
     writer_id: str | None = None
@@ -136,9 +137,9 @@ class GenerateConfig:
         return config
 
     def validate(self) -> None:
-        for name in ("teacher", "prompts", "store"):
-            if not getattr(self, name):
-                raise GenerateError(f"--{name} is required")
+        for name, flag in (("teacher", "--teacher"), ("prompts", "--prompts"), ("store", "--out")):
+            if not getattr(self, name):  # `store` is the setting's name in a --config file
+                raise GenerateError(f"{flag} is required")
         checks = [
             (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
             (self.targets in ("topk", "sampled", "both"), f"--targets must be topk, sampled or both, got {self.targets!r}"),

@@ -28,6 +28,7 @@ from teacher_gen.capture import (
     choose_block,
     decoder_layers,
     logit_transform,
+    logit_transform_params,
     make_logsumexp,
     storage_numpy,
     to_storage,
@@ -35,6 +36,7 @@ from teacher_gen.capture import (
 )
 from teacher_gen.config import GenerateConfig
 from teacher_gen.errors import GenerateError, describe_load_error
+from teacher_gen.fused_capture import LogitParams, pick_fused
 from teacher_gen.gguf import pretrained_source
 from teacher_gen.jobs import (
     Capture,
@@ -85,6 +87,9 @@ class HFTeacher:
         self.k = config.top_k if config.targets != "sampled" else 0  # sampled only: no top-k to pick
         self.samples = config.samples if config.targets != "topk" else 0
         self.block = choose_block(vocab, self.k) if self.device.type == "cuda" and self.k else None
+        # The fused Triton kernel (one read of the logits) when chosen; None: the torch path, its reference.
+        self.fused = pick_fused(config.capture_kernel, self.device, LogitParams(*logit_transform_params(model.config)),
+                                self.k, vocab, self.head.weight.dtype)
         self.hidden_layers = hidden_layers
         self.hidden_dtype = config.hidden_dtype
         self.taps = LayerTaps(decoder_layers(self.body, spec.num_layers), hidden_layers)
@@ -98,7 +103,7 @@ class HFTeacher:
         # Once per loaded model and capture setup: a long-lived process (`potstill serve`, a preloaded
         # model) runs many jobs on one model.
         check = (tuple(hidden_layers), self.hidden_dtype, str(self.device), self.k, self.samples, str(self.lp_dtype),
-                 self.block, config.chunk_positions, config.teacher)
+                 self.block, config.chunk_positions, config.teacher, self.fused is not None)
         if check not in _CHECKED.setdefault(self.model, set()):
             self.self_check()
             _CHECKED[self.model].add(check)
@@ -161,7 +166,7 @@ class HFTeacher:
         top_ids, top_lp, token_lp, tail = topk_logprobs(
             final.index_select(0, pred_idx), self.head, target_ids, self.k,
             chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
-            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws,
+            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws, fused=self.fused,
         )
         device_out = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
         if draws is not None:
@@ -257,7 +262,7 @@ class HFTeacher:
         top_ids, top_lp, token_lp, tail = topk_logprobs(
             hidden, self.head, target_ids, self.k,
             chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
-            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws,
+            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws, fused=self.fused,
         )
         host = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
         if draws is not None:

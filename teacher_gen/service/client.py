@@ -6,10 +6,12 @@ knows no such job, or refused the spec (its 422 message names the setting).
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Any
-
-import httpx
 
 from teacher_gen.service.settings import TOKEN_ENV, ServiceError
 
@@ -17,15 +19,19 @@ FINISHED = ("done", "failed", "cancelled")
 
 
 class ServiceClient:
+    """Standard library only (urllib): `potstill jobs` works on the base install, without the `[serve]` extra."""
+
     def __init__(self, server: str, token: str | None = None, timeout: float = 30.0) -> None:
         if not server.startswith(("http://", "https://")):
             raise ServiceError(f"--server {server!r}: expected an http:// or https:// URL")
         self.server = server.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+        self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # No proxy from the environment: the service is named directly, as a plain HTTP client would.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def close(self) -> None:
-        self._http.close()
+        """Nothing held open between calls (one connection per request)."""
 
     def __enter__(self) -> ServiceClient:
         return self
@@ -33,40 +39,53 @@ class ServiceClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None) -> Any:
+        url = self.server + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        headers = dict(self._headers)
+        data = None
+        if json_body is not None:
+            data = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            status, reason, body = e.code, e.reason, e.read().decode(errors="replace")
+        except TimeoutError:
             raise ServiceError(f"the service at {self.server} did not answer {method} {path} in time") from None
-        except httpx.HTTPError as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ServiceError(f"cannot reach the potstill service at {self.server} ({reason}); "
+        except (urllib.error.URLError, OSError) as e:
+            cause = getattr(e, "reason", e)
+            if isinstance(cause, TimeoutError):
+                raise ServiceError(f"the service at {self.server} did not answer {method} {path} in time") from None
+            text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            raise ServiceError(f"cannot reach the potstill service at {self.server} ({text}); "
                                "is `potstill serve` running there?") from None
-        if response.status_code < 400:
-            return response.json()
-        try:
-            detail = response.json().get("detail", response.text)
         except ValueError:
-            detail = response.text.strip() or response.reason_phrase
-        if response.status_code == 401:
+            raise ServiceError(f"the service at {self.server} answered {method} {path} with something not JSON") from None
+        try:
+            detail = json.loads(body).get("detail", body)
+        except (ValueError, AttributeError):
+            detail = body.strip() or str(reason)
+        if status == 401:
             raise ServiceError(f"the service at {self.server} refused the request (401: {detail}); "
                                f"set ${TOKEN_ENV} or --token-file to its token")
-        if response.status_code == 422:
+        if status == 422:
             raise ServiceError(f"the service refused the job: {detail}")
-        raise ServiceError(f"{detail} ({method} {path}: HTTP {response.status_code})")
+        raise ServiceError(f"{detail} ({method} {path}: HTTP {status})")
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/jobs", json=spec)
+        return self._call("POST", "/jobs", json_body=spec)
 
     def status(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/jobs/{job_id}")
+        return self._call("GET", f"/jobs/{urllib.parse.quote(job_id, safe='')}")
 
     def list(self, state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         params = {k: v for k, v in (("state", state), ("limit", limit)) if v is not None}
         return self._call("GET", "/jobs", params=params)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._call("DELETE", f"/jobs/{job_id}")
+        return self._call("DELETE", f"/jobs/{urllib.parse.quote(job_id, safe='')}")
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/health")

@@ -27,7 +27,24 @@ from teacher_gen.service.settings import ServeConfig, ServiceError, server_token
 log = logging.getLogger("potstill.serve")
 
 
+def require_serve_extra() -> None:
+    """`potstill serve` needs FastAPI and uvicorn: say so in one line, before anything is written."""
+    import importlib.util
+
+    missing = []
+    for name in ("fastapi", "uvicorn"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules, or a broken one
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise ServiceError(f"potstill serve needs {' and '.join(missing)}: pip install 'potstill[serve]'")
+
+
 def serve(settings: ServeConfig) -> None:
+    require_serve_extra()
     token = server_token(settings.host, settings.token_file)
     policy = PathPolicy.from_settings(settings)
     _setup_logging()

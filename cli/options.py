@@ -1,0 +1,62 @@
+"""What every `potstill` command shares in its options: one way to show defaults, `--threads`, hidden aliases.
+
+Flags whose value may also come from `--config FILE` default to None in typer (so that only typed
+flags override the file); their real default lives in the config dataclass and is written into the
+help here in click's own format, `[default: X]`, the same text click prints for options with a
+plain default. Help is plain text (no rich markup), so brackets and quotes show as typed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from cli.threads import threads_help
+
+# Plain click help on every (sub)command: rich markup would eat "[default: …]" and "[answer]".
+APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "pretty_exceptions_enable": False,
+                                "add_completion": False, "no_args_is_help": True,
+                                "context_settings": {"max_content_width": 120}}
+# The base class of the usage errors typer raises (a flag it refused): click's ClickException, which
+# typer >= 0.29 carries in its own copy of click, so it is found through a class both versions have.
+UsageErrorBase: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+REQUIRED = "[required]"
+REQUIRED_OR_CONFIG = "[required, here or in --config]"
+
+
+def default_text(value: object, flag: str | None = None) -> str:
+    """How a default is shown: booleans as the flag that is on (`tail`, `no-tail`), like click; strings
+    with outer spaces, and empty ones, quoted so they can be seen."""
+    if isinstance(value, bool) and flag and "/" in flag:
+        on, off = (part.strip().lstrip("-") for part in flag.split("/", 1))
+        return on if value else off
+    if isinstance(value, str) and (value == "" or value != value.strip()):
+        return repr(value)
+    return "none" if value is None else str(value)
+
+
+def with_default(help_text: str, value: object, flag: str | None = None) -> str:
+    """`help_text  [default: X]`, exactly as click writes a plain default."""
+    return f"{help_text}  [default: {default_text(value, flag)}]"
+
+
+def threads_option(loader_workers: int = 0) -> Any:
+    """`--threads N|auto` (default auto), the same on every command that runs torch."""
+    return typer.Option("auto", "--threads", metavar="N|auto", help=threads_help(loader_workers))
+
+
+def alias(flag: str) -> Any:
+    """An old spelling of a flag, still accepted (scripts keep working) but not shown in --help."""
+    return typer.Option(None, flag, hidden=True)
+
+
+def pick(name: str, value: Any, old_flag: str, old_value: Any) -> Any:
+    """The value of a flag that may also be given under its old spelling; both at once is a mistake."""
+    from store.errors import PotstillError
+
+    if old_value is None:
+        return value
+    if value is not None and value != old_value:
+        raise PotstillError(f"{name} and {old_flag} (its old spelling) were both given, with different values")
+    return old_value
