@@ -106,7 +106,7 @@ def build_init(teacher: str, workdir: str) -> str:
     return init
 
 
-def run_variant(variant: str, store: str, init: str, workdir: str, steps: int) -> dict[str, Any]:
+def run_variant(variant: str, store: str, init: str, workdir: str, steps: int, seed: int = 0) -> dict[str, Any]:
     from student_train import TrainConfig, evaluate, train
 
     out = os.path.join(workdir, f"student-{variant}")
@@ -119,7 +119,7 @@ def run_variant(variant: str, store: str, init: str, workdir: str, steps: int) -
     report = train(TrainConfig(
         store=store, student=init, out=out, max_steps=steps, batch_size=4, lr=1e-3, lr_scheduler="cosine",
         warmup_steps=steps // 10, eval_fraction=0.2, report_to="none", num_workers=0, save_steps=10 * steps,
-        logging_steps=10, eval_max_records=0, eval_max_new_tokens=1, seed=0, **hidden,
+        logging_steps=10, eval_max_records=0, eval_max_new_tokens=1, seed=seed, **hidden,
     ).validate())
     seconds = time.time() - started
     metrics = evaluate(store, out, eval_fraction=0.2, answers=False)
@@ -127,6 +127,7 @@ def run_variant(variant: str, store: str, init: str, workdir: str, steps: int) -
     first = curve[0]
     return {
         "variant": variant,
+        "seed": seed,
         "kd_loss": metrics["kd_loss"],
         "top1_agreement": metrics["top1_agreement"],
         "eval_records": metrics["records"],
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "potstill", "bench-hidden-loss"))
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0", help="training seeds (batch order), comma-separated; one row each")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -154,19 +156,20 @@ def main() -> None:
     store = build_store(teacher, args.workdir)
     init = build_init(teacher, args.workdir)
     results = []
-    for variant in args.variants.split(","):
-        result = run_variant(variant, store, init, args.workdir, args.steps)
-        print(json.dumps(result), file=sys.stderr, flush=True)
-        results.append(result)
+    for seed in (int(x) for x in args.seeds.split(",")):
+        for variant in args.variants.split(","):
+            result = run_variant(variant, store, init, args.workdir, args.steps, seed)
+            print(json.dumps(result), file=sys.stderr, flush=True)
+            results.append(result)
     print(f"\n{args.steps} steps, hidden map {HIDDEN_MAP}, weight 1, held-out records: {results[0]['eval_records']}\n")
-    print("| --hidden-loss | held-out kd_loss | top-1 agreement | hidden / kd at step 10 | largest grad norm | hidden's grad share (mean) |")
-    print("|---|---|---|---|---|---|")
+    print("| --hidden-loss | seed | held-out kd_loss | top-1 agreement | hidden / kd at step 10 | largest grad norm | hidden's grad share (mean) |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         f = r["first_log"]
         ratio = f"{f['hidden']:.4g} / {f['kd']:.3g}" if f.get("hidden") is not None else f"— / {f['kd']:.3g}"
         share = f"{r['mean_grad_share_hidden']:.3f}" if r["mean_grad_share_hidden"] is not None else "—"
         name = "(no hidden matching)" if r["variant"] == "none" else r["variant"]
-        print(f"| {name} | {r['kd_loss']:.3f} | {r['top1_agreement']:.3f} | {ratio} | {r['max_grad_norm']:.4g} | {share} |")
+        print(f"| {name} | {r['seed']} | {r['kd_loss']:.3f} | {r['top1_agreement']:.3f} | {ratio} | {r['max_grad_norm']:.4g} | {share} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"steps": args.steps, "hidden_map": HIDDEN_MAP, "results": results}, f, indent=2)

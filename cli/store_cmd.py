@@ -21,7 +21,7 @@ def info(
 ) -> None:
     """What a store holds: teacher, tokenizer, K, layers, shards, records, tokens, bytes by field.
 
-    Reads only the manifest and the commit records (no hashing): exit 1 when a commit record is
+    Reads the manifest, the commit records and a rationale store's answers (no hashing): exit 1 when a commit record is
     damaged or ids repeat, with the problems listed; `verify` checks every byte."""
     data = store_info(Store(store, strict=False))
     typer.echo(json.dumps(data, indent=2) if as_json else format_info(data))

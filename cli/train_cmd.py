@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         tail: bool | None = typer.Option(None, "--tail/--no-tail", help=_h("The tail (mass outside the top-K) as an extra bucket (else renormalise the top-K).", "tail", "--tail/--no-tail")),
         targets: str | None = typer.Option(None, "--targets", help=_h("topk | sampled | auto (sampled when the store has them and the loss is forward KL at T=1, else top-k).", "targets")),
         hidden_map: str | None = typer.Option(None, "--hidden-map", help=_h("'s:t,...' student hidden_states index : stored teacher layer.", "hidden_map")),
-        hidden_loss: str | None = typer.Option(None, "--hidden-loss", help=_h("mse | cosine.", "hidden_loss")),
+        hidden_loss: str | None = typer.Option(None, "--hidden-loss", help=_h("standardized_mse | cosine | mse (raw states: scale-dependent).", "hidden_loss")),
         hidden_weight: float | None = typer.Option(None, "--hidden-weight", help=_h("Weight of the hidden-state loss.", "hidden_weight")),
         relation_weight: float | None = typer.Option(None, "--relation-weight", help=_h("Weight of the token-relation loss (on the --hidden-map pairs).", "relation_weight")),
         rationale_mode: str | None = typer.Option(None, "--rationale-mode", help=_h("plain | multitask (distilling step-by-step).", "rationale_mode")),

@@ -120,12 +120,16 @@ def collect_stats(store: Store, config: ReportConfig) -> StoreStats:
             if spec.has_sampled and s:
                 distinct.append(rec.sampled.lengths().astype(np.float64))  # type: ignore[union-attr]
             for layer in manifest.hidden.layers:
-                if hidden_tokens[layer.index] >= config.max_hidden_tokens or rec.hidden_rows == 0:
+                budget = config.max_hidden_tokens - hidden_tokens[layer.index]
+                if budget <= 0 or rec.hidden_rows == 0:
                     continue
-                states = decode_hidden(reader.hidden(row, layer.index), layer.dtype).astype(np.float64)
+                first, stop = reader.hidden_rows(row)  # only the rows the budget allows are read
+                stored = reader.hidden_block(layer.index, first, min(stop, first + budget))
+                states = decode_hidden(stored, layer.dtype)
                 finite = np.isfinite(states).all(axis=1)
                 nonfinite[layer.index] += int((~finite).sum())
-                norms[layer.index].append(np.linalg.norm(states[finite], axis=1))
+                kept = states[finite]
+                norms[layer.index].append(np.sqrt(np.einsum("ij,ij->i", kept, kept, dtype=np.float64)))
                 hidden_tokens[layer.index] += len(states)
             _count_answer(stats, rec, config, pattern)
             if len(stats.examples) < config.examples and (rec.rationale is not None or not manifest.rationales):
@@ -161,15 +165,21 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 
 def _choose_rows(store: Store, max_records: int, seed: int) -> dict[str, list[int]]:
     """{shard: rows} of the records to read, in store order: all of them, or a seeded uniform sample
-    of `max_records` (duplicate rows, which every reader skips, are never chosen)."""
-    candidates = [(name, row) for name in store.shard_names
-                  for row in sorted(set(range(store.commit(name).records)) - store.duplicate_rows(name))]
-    if len(candidates) > max_records:
-        keep = np.sort(np.random.default_rng(seed).choice(len(candidates), size=max_records, replace=False))
-        candidates = [candidates[i] for i in keep]
+    of `max_records` global record numbers. Duplicate rows, which every reader skips, are left out
+    (a sample of a store holding some may come out a little smaller)."""
+    total = store.num_records
+    if total > max_records:
+        picked = np.sort(np.random.default_rng(seed).choice(total, size=max_records, replace=False)).tolist()
+    else:
+        picked = range(total)
     chosen: dict[str, list[int]] = {}
-    for name, row in candidates:
-        chosen.setdefault(name, []).append(row)
+    skip: dict[str, set[int]] = {}
+    for i in picked:
+        name, row = store.locate(int(i))
+        if name not in skip:
+            skip[name] = store.duplicate_rows(name)
+        if row not in skip[name]:
+            chosen.setdefault(name, []).append(row)
     return chosen
 
 
@@ -428,7 +438,9 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
     rows = [
         ("store", info["store"]),
         ("format", f"{info['format_version']} (written by potstill {info['potstill_version']}, {info['created_at']})"),
-        ("teacher", f"{t['name_or_path']} ({t.get('architecture')}, {t.get('dtype')}, vocabulary {t.get('vocab_size')})"),
+        ("teacher", f"{t['name_or_path']} (" + ", ".join(
+            str(x) for x in (t.get("architecture"), t.get("dtype"), t.get("vocab_size") and f"vocabulary {t['vocab_size']}") if x
+        ) + ")"),
         ("tokenizer", f"{info['tokenizer']['fingerprint']} (vocabulary {info['tokenizer']['vocab_size']})"),
         ("targets", describe_targets(info["targets"])),
         *([("tail", info["tail"])] if info.get("tail") else []),

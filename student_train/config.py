@@ -13,7 +13,7 @@ from student_train.errors import ConfigError
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TARGETS = ("auto", "topk", "sampled")
-HIDDEN_LOSSES = ("cosine", "standardized_mse", "mse")
+HIDDEN_LOSSES = ("standardized_mse", "cosine", "mse")
 RATIONALE_MODES = ("plain", "multitask")
 
 
@@ -50,7 +50,9 @@ class TrainConfig:
 
     # hidden-state and relation distillation
     hidden_map: str = ""  # "student_layer:teacher_layer,..." (Hugging Face hidden_states indices)
-    hidden_loss: str = "mse"  # mse | cosine
+    # standardized_mse | cosine | mse. Scale-free by default: real LLMs' massive activations (a few
+    # coordinates in the tens of thousands) make a raw MSE swamp KD (docs/training.md, bench/hidden_loss.py).
+    hidden_loss: str = "standardized_mse"
     hidden_weight: float = 1.0  # used when hidden_map is set
     relation_weight: float = 0.0  # token-token similarity matching on the hidden_map pairs
 

@@ -23,7 +23,7 @@ class Objective:
     alpha: float = 0.0
     tail: bool = True
     hidden_pairs: tuple[tuple[int, int], ...] = ()
-    hidden_loss: str = "cosine"
+    hidden_loss: str = "standardized_mse"
     hidden_weight: float = 1.0
     relation_weight: float = 0.0
     multitask: bool = False

@@ -64,6 +64,7 @@ class DistillTrainer(Trainer):
         self._step_losses: list[torch.Tensor] = []
         self._grad_share: dict[str, torch.Tensor] = {}  # of the step about to be logged (`_measure_grad_share`)
         self._share_step = -1  # the optimizer step whose grad share is measured
+        self._share_off = False  # set when the model cannot give per-term gradients (said once)
 
     # -- data -------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -88,7 +89,7 @@ class DistillTrainer(Trainer):
             return (loss, {}) if return_outputs else loss
         terms: dict[str, torch.Tensor] | None = {} if self._logs_next_step() else None
         loss, parts = distill_loss(model, inputs, self.objective, terms)
-        if terms and model.training:
+        if terms is not None and model.training:
             self._measure_grad_share(model, terms)
         for name, value in parts.items():
             self._part_sums[name] = self._part_sums.get(name, 0.0) + value
@@ -99,29 +100,46 @@ class DistillTrainer(Trainer):
         """Whether the optimizer step being computed is a logging step and its gradient share is not
         yet measured (it is measured on the step's first micro-batch only)."""
         step = self.state.global_step + 1
-        return step % self.args.logging_steps == 0 and self._share_step != step
+        return not self._share_off and step % self.args.logging_steps == 0 and self._share_step != step
+
+    def _share_terms(self) -> list[str]:
+        """The loss terms whose gradient share is logged: fixed by the objective, the same on every
+        rank. CE is left out in plain mode at α = 0 (it is then exactly 0), KD at α = 1."""
+        o = self.objective
+        names = ["kd"] if o.alpha < 1 else []
+        if o.alpha > 0 or o.multitask:  # multitask: answer tokens are trained by CE alone
+            names.append("ce")
+        if o.hidden_pairs and o.hidden_weight > 0:
+            names.append("hidden")
+        if o.hidden_pairs and o.relation_weight > 0:
+            names.append("relation")
+        return names
 
     def _measure_grad_share(self, model: Any, terms: dict[str, torch.Tensor]) -> None:
         """grad_share/<term> = ‖∂term/∂θ‖ / Σ_terms ‖∂term/∂θ‖, θ all trained parameters, each term
         weighted as it enters the total loss (`distill_loss`), on the first micro-batch of a logging
-        step: one extra backward pass per term, at logging steps only. Terms that are exactly 0
-        (e.g. CE at α = 0) are left out."""
+        step: one extra backward pass per term, at logging steps only."""
         self._share_step = self.state.global_step + 1
         params = [p for p in model.parameters() if p.requires_grad]
         norms: dict[str, torch.Tensor] = {}
-        for name, term in terms.items():
-            if not isinstance(term, torch.Tensor) or not term.requires_grad:
+        for name in self._share_terms():
+            term = terms.get(name)
+            if term is None or not term.requires_grad:
+                norms[name] = torch.zeros((), device=self.args.device)
                 continue
-            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-            present = [g for g in grads if g is not None]
-            if present:
-                norms[name] = _total_norm([g.detach().float() for g in present])
-        total = sum(norms.values()) if norms else None
-        if total is None:
+            try:
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            except RuntimeError as e:  # a wrapper whose parameters are not the graph's leaves: train on
+                self._share_off = True
+                _say(f"grad_share is not logged: the gradient of one loss term alone cannot be taken here ({e})")
+                return
+            present = [g.detach().float() for g in grads if g is not None]
+            norms[name] = _total_norm(present) if present else torch.zeros((), device=self.args.device)
+        if not norms:
             return
+        total = torch.stack(list(norms.values())).sum()
         self._grad_share = {
-            f"grad_share/{name}": torch.where(total > 0, norm / total, torch.zeros_like(norm))
-            for name, norm in norms.items() if bool(norm > 0)
+            f"grad_share/{name}": torch.where(total > 0, norm / total, torch.zeros_like(norm)) for name, norm in norms.items()
         }
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
@@ -166,9 +184,12 @@ class DistillTrainer(Trainer):
         gradient share of each loss term (`_measure_grad_share`), and `epoch` as the passes the loader
         made over this rank's share of the training records."""
         if "loss" in logs and self._part_batches:
-            measured = {**self._part_sums}
-            sums = {n: torch.as_tensor(v, device=self.args.device) / self._part_batches for n, v in measured.items()}
-            sums.update({n: torch.as_tensor(v, device=self.args.device) for n, v in self._grad_share.items()})
+            sums = {n: torch.as_tensor(v, device=self.args.device) / self._part_batches for n, v in self._part_sums.items()}
+            shares = self._grad_share
+            if self.args.world_size > 1 and not shares:  # not measured here (an empty batch): every rank
+                # must reduce the same names; a 0 share stands in
+                shares = {f"grad_share/{n}": torch.zeros((), device=self.args.device) for n in self._share_terms()}
+            sums.update({n: torch.as_tensor(v, device=self.args.device) for n, v in shares.items()})
             names = sorted(sums)
             values = torch.stack([sums[n].float() for n in names])
             if self.args.world_size > 1:

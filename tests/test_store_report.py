@@ -136,6 +136,13 @@ def test_an_empty_store_gets_a_page_without_plots(tmp_path) -> None:
     assert stats.records_read == 0 and "no committed records yet" in page and "<img" not in page
 
 
+def test_a_sample_of_no_records_is_refused_in_one_line(tmp_path) -> None:
+    url = build_store(str(tmp_path / "s"), records=2, layers=())
+    with pytest.raises(StoreError, match=r"^--max-records must be at least 1, got 0$"):
+        write_report(url, str(tmp_path / "r.html"), ReportConfig(max_records=0))
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_a_damaged_shard_stops_the_report_in_one_line_and_keeps_the_old_page(tmp_path) -> None:
     url = build_store(str(tmp_path / "s"), records=6, layers=())
     out = tmp_path / "r.html"
@@ -200,3 +207,25 @@ def test_the_browser_check_catches_a_broken_page(tmp_path) -> None:
     joined = "\n".join(result.errors)
     assert "console.error: boom" in joined and "notDefined is not defined" in joined
     assert "missing.png" in joined
+
+
+def test_an_id_stored_twice_is_read_once_and_the_page_says_so(tmp_path) -> None:
+    import copy
+
+    url = build_store(str(tmp_path / "s"), records=6, layers=())
+    again = copy.deepcopy(open_store(url).record(2))
+    with open_store(url).writer("w1") as w:  # a second writer stores record r002 again
+        w.write(again)
+    store = open_store(url, verify_reads=True)
+    assert store.num_records == 7 and store.num_duplicates == 1
+    stats = collect_stats(store, ReportConfig())
+    assert stats.records_total == stats.records_read == 6 and not stats.sampled
+    page = render_html(stats, ReportConfig(examples=0))
+    assert "1 record(s) repeat an id committed earlier" in page and "(1 duplicate rows, skipped by every reader)" in page
+
+
+def test_hidden_norms_stop_at_their_token_budget(tmp_path) -> None:
+    url = build_store(str(tmp_path / "s"), layers=((2, 16, "float16"),), records=8)
+    stats = collect_stats(open_store(url, verify_reads=True), ReportConfig(max_hidden_tokens=10))
+    first = np.concatenate([r.hidden[2] for r in open_store(url).iter_records(with_hidden=True)])[:10]
+    np.testing.assert_allclose(stats.hidden_norms[2], np.linalg.norm(first.astype(np.float64), axis=1), rtol=1e-12)

@@ -139,3 +139,27 @@ def test_format_log_line() -> None:
     assert line == ("step 40/200  loss 3.21  kd 3.1  hidden 0.11  lr 4.0e-04  grad_norm 1.2  epoch 2.6  "
                     "grad_share hidden 0.07 kd 0.93")
     assert math.isclose(0.931 + 0.069, 1.0)
+
+
+def test_standardized_mse_matches_its_definition_and_ignores_scale_and_offset() -> None:
+    import torch
+
+    from student_train import losses
+
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(6, 16, generator=g, dtype=torch.float64).requires_grad_()
+    t = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    t[:, 3] *= 3000.0  # a massive activation, as in real LLMs' middle layers
+
+    def standardized(x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / torch.sqrt((centred**2).mean(-1, keepdim=True) + 1e-6)
+
+    ref = ((standardized(s) - standardized(t)) ** 2).mean(-1)
+    got = losses.hidden_standardized_mse(s, t)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), s)[0], torch.autograd.grad(ref.sum(), s)[0])
+    pearson = torch.stack([torch.corrcoef(torch.stack([a, b]))[0, 1] for a, b in zip(s.detach(), t, strict=True)])
+    torch.testing.assert_close(got.detach(), 2 * (1 - pearson), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.hidden_standardized_mse(s, 50.0 * t + 7.0), got)  # scale and offset: none
+    assert losses.hidden_mse(s, 50.0 * t).mean() > 1e6 * losses.hidden_standardized_mse(s, 50.0 * t).mean()
