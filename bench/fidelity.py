@@ -1,30 +1,42 @@
-"""How much of full knowledge distillation an offline store keeps (issue 6).
+"""How much of full knowledge distillation an offline store keeps.
 
 1. A corpus that is on every machine: the Python standard library's source (`sysconfig`'s stdlib
    folder, tests and site-packages left out), split into train / held-out by a hash of each file's
    path. A byte-level BPE tokenizer is trained on the train split, locally.
 2. A teacher (Llama-shaped, random init) is trained on the train split with cross-entropy.
 3. The stores: `potstill generate` (the library call, the real HF capture path) scores a transfer set
-   (a sample of train-split blocks) with top-K = 8, 32, 64 (float16, unpacked: format 1.0) and with
-   N = 12 and N = 50 sampled targets (packed codec: format 2.0).
+   (a sample of train-split blocks) for each offline variant (`STORES`): i.i.d. sampled targets
+   (`sampledN`), systematic / stratified draws (`systematicN`, `stratifiedN`), hybrid targets
+   (`hybridH-systematicN`: the exact top-H plus N draws from the rest), all packed; top-K (`topK`,
+   unpacked) on request.
 4. Students of one size, from the same initial weights, take the same steps over the same batches
    (the store loader `student_train.data.StoreDataset`, one seed for the order), with:
      ce         cross-entropy on the stored tokens only;
      full       online full-vocabulary forward KL, the teacher in the loop (the reference);
      topK[-notail]  offline top-K forward KL with the tail bucket (or renormalised over the K ids);
-     sampledN   offline sampled targets (`losses.sampled_kd`, forward KL against counts / N).
+     the sampled kinds: offline forward KL against the loader's unbiased weights (`losses.sampled_kd`).
    Offline variants use the project's objective (`student_train.objective.distill_loss`) unchanged.
 5. On held-out blocks (never in the transfer set, never seen by the teacher): the student's
    cross-entropy, full-vocabulary KL(teacher ‖ student), expected calibration error (15 equal-width
    bins of the top-1 probability), top-1 agreement with the teacher; the store's bytes per token;
-   and the share of full KD's gain over CE each variant keeps, (CE_ce − CE_x) / (CE_ce − CE_full).
+   the share of full KD's gain over CE each variant keeps, (CE_ce − CE_x) / (CE_ce − CE_full), and
+   the same share of the KL to the teacher; the CE share at `eval_steps` during training (the share
+   against steps); and, on the full-KD student, E‖g − g*‖² / ‖g*‖² of each sampled kind's parameter
+   gradient g on held-out blocks against full KD's exact gradient g*.
+6. `--real-teacher DIR`: no training; each sampled kind's error E‖p̂ − p‖² against a real teacher's
+   exact distributions on held-out text, with its packed bytes (the gradient error any student's
+   logits get).
 
-    python bench/fidelity.py                          # CPU scale (~30-40 min on 2 cores), 2 seeds
+    python bench/fidelity.py                          # CPU scale (~30-40 min on 2 quiet cores), 2 seeds
+    python bench/fidelity.py --scale short            # a 200-step teacher, 80-step students: minutes
     python bench/fidelity.py --scale gpu --device cuda # larger scale for a GPU box
     python bench/fidelity.py --quick                  # smoke run, a few minutes
+    python bench/fidelity.py --real-teacher DIR --seeds 2 --threads 1
 
-The work folder (`--workdir`) keeps the tokenizer, the teacher and the stores between runs of the
-same scale; `--fresh` starts over. Results: a markdown table on stdout and `--json FILE`.
+The work folder (`--workdir`) keeps the tokenizer, the teacher and the stores between runs with the
+same teacher and transfer settings; `--fresh` starts over. Results: markdown tables on stdout,
+`--json FILE` (and FILE.partial after each student), PNG plots with `--plots FOLDER`; `--report FILE`
+prints the tables (and plots) of a saved run again.
 """
 
 from __future__ import annotations
@@ -79,8 +91,8 @@ SCALES = {
     "quick": Scale(teacher_steps=60, student_steps=40, transfer_blocks=128, heldout_blocks=32, seeds=1,
                    tokenizer_chars=1_000_000, eval_steps=(10, 20, 30)),
     # The quick students with a teacher trained long enough to predict held-out text better than they do.
-    "short": Scale(teacher_steps=200, student_steps=120, transfer_blocks=128, heldout_blocks=32, tokenizer_chars=1_000_000,
-                   eval_steps=(10, 20, 40, 80)),
+    "short": Scale(teacher_steps=200, student_steps=80, transfer_blocks=128, heldout_blocks=32, tokenizer_chars=1_000_000,
+                   eval_steps=(10, 20, 40, 60)),
     # What 2 busy, shared CPU cores finish in well under an hour: a shorter-trained teacher, shorter students.
     "small": Scale(teacher_steps=120, teacher_batch=16, student_steps=100, student_batch=8, transfer_blocks=256,
                    heldout_blocks=64, tokenizer_chars=2_000_000, eval_steps=(25, 50, 75)),
