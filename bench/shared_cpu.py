@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     store_dir = tempfile.mkdtemp(prefix="potstill-bench-shared-")
     results: dict[str, dict[str, list[float]]] = {}
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     try:
         for workload in workloads:
             for beside in [b.strip() for b in args.beside.split(",") if b.strip()]:
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "auto_threads": {"demo": auto_threads(0, environ={}), "train": auto_threads(2, environ={})},
         "hog": args.hog,
         "machine": platform.processor() or platform.machine(),
+        "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "seconds": round(time.time() - started, 1),
         "args": vars(args),
@@ -162,7 +163,8 @@ def print_table(report: dict[str, Any]) -> None:
     auto = report["auto_threads"]
     print(f"{report['cpus']} CPUs ({report['usable_cpus']} usable), hog: {report['hog']} busy processes; "
           f"auto = {auto['demo']} threads for the demo, {auto['train']} beside 2 loader workers; "
-          f"{report['seconds']:.0f} s in all")
+          f"{report['seconds']:.0f} s in all; load average {report['load_average_before'][0]:.1f} before, "
+          f"{report['load_average_after'][0]:.1f} after")
     names = list(next(iter(report["results"].values())))
     label = {"old": "old: 2 threads, OpenMP default wait", "auto": "auto threads, passive wait"}
     heads = [label.get(n, f"{n} thread(s), passive wait") for n in names]
