@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
                                        help="Chain-of-thought prompting; split output into rationale and answer." + _d(False, "--rationale/--no-rationale")),
         rationale_template: str = typer.Option(None, help="Prompt template with {prompt}." + _d(repr(D.rationale_template))),
         answer_pattern: str = typer.Option(None, help="Regex finding the answer (group 'answer')." + _d(repr(D.answer_pattern))),
+        answer_match: str = typer.Option(None, help="Which match of the answer pattern names the answer: last or first." + _d(D.answer_match)),
         id_field: str = typer.Option(None, help="Input field holding the id." + _d(D.id_field)),
         prompt_field: str = typer.Option(None, help="Input field holding the prompt text." + _d(D.prompt_field)),
         messages_field: str = typer.Option(None, help="Input field holding chat messages." + _d(D.messages_field)),
@@ -76,6 +77,8 @@ def register(app: typer.Typer) -> None:
         chunk_positions: int = typer.Option(None, help="Positions per LM-head chunk." + _d(D.chunk_positions)),
         compile: bool = typer.Option(None, "--compile/--no-compile",
                                      help="Fuse the fp32 logsumexp with torch.compile.  [default: on for CUDA]"),
+        capture_kernel: str = typer.Option(None, help="Top-k and log tail: auto (the fused Triton kernel on CUDA "
+                                           "when Triton is installed), triton, or torch." + _d(D.capture_kernel)),
         workers: int = typer.Option(None, help="Workers filling the store.  [default: WORLD_SIZE or 1]"),
         worker_index: int = typer.Option(None, help="This worker's index.  [default: RANK or 0]"),
         writer_id: str = typer.Option(None, help="Writer id.  [default: g<worker>-<random>]"),

@@ -1,4 +1,4 @@
-"""`potstill store info | verify | copy | export`."""
+"""`potstill store info | verify | copy | export | report`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import typer
 
 from cli.options import APP_SETTINGS
 from store import Store, copy_store, export_store, format_info, open_store, store_info, verify_store
+from store.report import ReportConfig, write_report
 from store.verify import report_json
 
-app = typer.Typer(help="Inspect, check, copy and export a store.", **APP_SETTINGS)
+app = typer.Typer(help="Inspect, check, copy, export and report on a store.", **APP_SETTINGS)
 
 
 @app.command("info")
@@ -74,9 +75,32 @@ def copy(
 def export(
     store: str = typer.Argument(..., help="Store path or URL."),
     to: str = typer.Option(..., "--to", help="Output FILE.parquet or FILE.jsonl."),
+    with_targets: bool = typer.Option(False, "--with-targets", help="Parquet: add the teacher's targets per scored "
+                                      "position (top-K ids, log-probs, log tail, token log-prob; sampled ids and counts)."),
 ) -> None:
-    """One row per record (id, text and token fields) as Parquet or JSONL; each id once."""
-    opened = open_store(store)
-    count = export_store(opened, to)
+    """One row per record (id, text and token fields) as Parquet or JSONL; each id once.
+
+    Without --with-targets the file holds no teacher targets; hidden states are never exported."""
+    opened = open_store(store, verify_reads=with_targets)
+    count = export_store(opened, to, with_targets=with_targets)
     skipped = f" ({opened.num_duplicates} duplicate rows of earlier-committed ids left out)" if opened.num_duplicates else ""
     typer.echo(f"wrote {count} records to {to}{skipped}")
+
+
+@app.command("report")
+def report(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    out: str = typer.Option("report.html", "--out", help="The HTML file to write (self-contained: plots inline)."),
+    max_records: int = typer.Option(ReportConfig.max_records, "--max-records",
+                                    help="Records read for the statistics; a bigger store is sampled at random (seeded)."),
+    examples: int = typer.Option(ReportConfig.examples, "--examples", help="Example records shown (rationales when the store has them)."),
+    reference_field: str = typer.Option(ReportConfig.reference_field, "--reference-field",
+                                        help="Key of a record's meta holding a reference answer (a field of the prompt file)."),
+    seed: int = typer.Option(ReportConfig.seed, "--seed", help="Seed of the record sample."),
+) -> None:
+    """An HTML page of what the store holds: teacher, targets, plots of entropy, top-1, tail mass, lengths,
+    sampled ids, hidden-state norms, answers and examples; every file read is checked first."""
+    stats = write_report(store, out, ReportConfig(max_records=max_records, examples=examples,
+                                                  reference_field=reference_field, seed=seed))
+    scope = f"a sample of {stats.records_read} of {stats.records_total}" if stats.sampled else f"{stats.records_read}"
+    typer.echo(f"wrote {out} ({scope} records)")

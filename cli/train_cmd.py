@@ -86,7 +86,9 @@ def register(app: typer.Typer) -> None:
         ev = report["final_eval"]
         typer.echo(f"trained {report['global_step']} steps; saved the student to {cfg.out} ({REPORT_FILE})")
         if ev.get("kd_loss") is not None:
-            typer.echo(f"held-out: {_format_eval(ev)}")
+            typer.echo(f"held-out: {_format_eval(ev)}" + (f"; {ev['note']}" if ev.get("note") else ""))
+        else:
+            typer.echo(f"held-out: {ev.get('note') or 'none'}")
 
     @app.command("eval")
     def eval_(

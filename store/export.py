@@ -1,5 +1,11 @@
 """`potstill store export`: one row per record, for teams without potstill and for
-`datasets.load_dataset("parquet" | "json", ...)`."""
+`datasets.load_dataset("parquet" | "json", ...)`.
+
+A plain export keeps the text and token fields only: no teacher targets, no hidden states.
+`with_targets` adds the teacher's targets per scored position, decoded (packed stores unpacked,
+log-probs widened to float32) into plain nested lists any Parquet reader understands (Parquet only).
+Hidden states are never exported: they stay in the store's Zarr arrays (docs/store-format.md §5).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -19,29 +26,38 @@ EXPORT_FIELDS = (
 )
 
 
-def export_store(store: Store, to: str, *, batch_rows: int = 4096) -> int:
+# Columns `with_targets` adds, one entry per scored position (row j: the teacher's distribution over
+# input_ids[score_start + j]); which of them depends on the store's targets.
+TOPK_EXPORT = ("topk_ids", "topk_logprobs", "tail_logprob")
+SAMPLED_EXPORT = ("sampled_ids", "sampled_counts")
+MANIFEST_KEY = b"potstill.manifest"  # Parquet schema metadata: the store's manifest (teacher, tokenizer, targets)
+
+
+def export_store(store: Store, to: str, *, batch_rows: int = 4096, with_targets: bool = False) -> int:
     """Write every record's id and text/token fields to a .parquet or .jsonl file; returns the count.
     Each id once: a duplicate of an id committed earlier is left out, as every reader does.
 
     In Parquet, `messages` and `meta` stay JSON strings (their keys vary); in JSONL they are nested.
-    The file is written under a temporary name and moved into place, so a failed export never
-    leaves a half file where a good one was.
+    `with_targets` (Parquet only) adds `token_logprob` and, as the store holds them, `topk_ids`,
+    `topk_logprobs`, `tail_logprob` and `sampled_ids`, `sampled_counts`, and keeps the store's
+    manifest in the file's metadata. The file is written under a temporary name and moved into
+    place, so a failed export never leaves a half file where a good one was.
     """
     kind = "parquet" if to.endswith(".parquet") else "jsonl" if to.endswith((".jsonl", ".json")) else None
     if kind is None:
         raise StoreError(f"--to {to}: the file name must end in .parquet or .jsonl")
+    if with_targets and kind != "parquet":
+        raise StoreError(f"--to {to}: teacher targets are exported to Parquet only; name the file .parquet")
     tmp = f"{to}.partial"
     count = 0
     try:
         if kind == "parquet":
-            writer = None
-            for table in _tables(store, batch_rows):
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
+            schema = _schema(store, with_targets)
+            writer = pq.ParquetWriter(tmp, schema)
+            tables = _target_tables(store, min(batch_rows, 256), schema) if with_targets else _tables(store, batch_rows)
+            for table in tables:
                 writer.write_table(table)
                 count += table.num_rows
-            if writer is None:  # empty store: still a valid, empty file
-                writer = pq.ParquetWriter(tmp, _empty_schema(store))
             writer.close()
         else:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -71,8 +87,79 @@ def _tables(store: Store, batch_rows: int) -> Any:
             yield pa.Table.from_batches([batch.slice(start, batch_rows)])
 
 
-def _empty_schema(store: Store) -> pa.Schema:
+def _schema(store: Store, with_targets: bool) -> pa.Schema:
     from store.records import arrow_schema
 
     full = arrow_schema(store.manifest)
-    return pa.schema([full.field(n) for n in EXPORT_FIELDS])
+    fields = [full.field(n) for n in EXPORT_FIELDS]
+    if not with_targets:
+        return pa.schema(fields)
+    spec = store.manifest.targets
+    nested = pa.list_(pa.list_(pa.int32()))
+    fields.append(pa.field("token_logprob", pa.list_(pa.float32()), nullable=False))
+    if spec.has_topk:
+        fields += [pa.field("topk_ids", nested, nullable=False),
+                   pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32())), nullable=False),
+                   pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False)]
+    if spec.has_sampled:
+        fields += [pa.field("sampled_ids", nested, nullable=False),
+                   pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False)]
+    return pa.schema(fields, metadata={MANIFEST_KEY: store.manifest.to_json()})
+
+
+def _nested(rows: list[np.ndarray], inner: list[np.ndarray], dtype: type) -> pa.Array:
+    """list<list<dtype>>: per record, per position, the values `inner` splits by its offsets.
+    `rows[i]` holds record i's per-position offsets into `inner[i]` (length positions + 1)."""
+    values = np.concatenate(inner).astype(dtype) if inner else np.zeros(0, dtype)
+    pos_offsets, base = [np.zeros(1, np.int64)], 0
+    for offsets, vals in zip(rows, inner, strict=True):
+        pos_offsets.append(offsets[1:] - offsets[0] + base)
+        base += len(vals)
+    positions = np.concatenate(pos_offsets).astype(np.int32)
+    rec_offsets = np.concatenate([[0], np.cumsum([len(o) - 1 for o in rows])]).astype(np.int32)
+    per_position = pa.ListArray.from_arrays(pa.array(positions), pa.array(values))
+    return pa.ListArray.from_arrays(pa.array(rec_offsets), per_position)
+
+
+def _flat_lists(parts: list[np.ndarray], dtype: type) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in parts])]).astype(np.int32)
+    values = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _target_tables(store: Store, batch_rows: int, schema: pa.Schema) -> Any:
+    """The export columns plus the decoded targets, `batch_rows` records at a time."""
+    spec = store.manifest.targets
+    for name in store.shard_names:
+        views = store.shard(name).views
+        skip = store.duplicate_rows(name)
+        rows = [row for row in range(views.num_rows) if row not in skip]
+        for start in range(0, len(rows), batch_rows):
+            chunk = rows[start : start + batch_rows]
+            base = views.batch.select(list(EXPORT_FIELDS)).take(pa.array(chunk, pa.int64()))
+            columns: dict[str, pa.Array] = {n: base.column(n) for n in EXPORT_FIELDS}
+            token_lp, ids, lps, tails, s_off, s_ids, s_counts = [], [], [], [], [], [], []
+            for row in chunk:
+                if spec.has_topk:
+                    topk_ids, topk_lp, tok, tail = views.targets_of(row)
+                    ids.append(np.asarray(topk_ids).reshape(-1))
+                    lps.append(np.asarray(topk_lp, dtype=np.float32).reshape(-1))
+                    tails.append(np.asarray(tail, dtype=np.float32))
+                    token_lp.append(np.asarray(tok, dtype=np.float32))
+                else:
+                    token_lp.append(np.asarray(views.token_logprob_of(row), dtype=np.float32))
+                if spec.has_sampled:
+                    sampled = views.sampled_of(row)
+                    s_off.append(np.asarray(sampled.offsets, dtype=np.int64))
+                    s_ids.append(np.asarray(sampled.ids))
+                    s_counts.append(np.asarray(sampled.counts))
+            columns["token_logprob"] = _flat_lists(token_lp, np.float32)
+            if spec.has_topk:
+                k_offsets = [np.arange(0, len(t) * spec.k + 1, spec.k, dtype=np.int64) for t in token_lp]
+                columns["topk_ids"] = _nested(k_offsets, ids, np.int32)
+                columns["topk_logprobs"] = _nested(k_offsets, lps, np.float32)
+                columns["tail_logprob"] = _flat_lists(tails, np.float32)
+            if spec.has_sampled:
+                columns["sampled_ids"] = _nested(s_off, s_ids, np.int32)
+                columns["sampled_counts"] = _nested(s_off, s_counts, np.uint16)
+            yield pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)

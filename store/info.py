@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from store.errors import StoreError
 from store.reader import Store
 
 
@@ -36,6 +37,7 @@ def store_info(store: Store) -> dict[str, Any]:
         "tail": describe_tail(m.targets.to_dict()),
         "hidden_layers": [vars(layer) for layer in m.hidden.layers],
         "rationales": m.rationales,
+        "answers": count_answers(store) if m.rationales else None,
         "shards": len(store.commits),
         "records": store.num_records - store.num_duplicates,
         "duplicates": store.num_duplicates,
@@ -66,6 +68,7 @@ def format_info(info: dict[str, Any]) -> str:
         "hidden       "
         + (", ".join(f"layer {x['index']} [{x['width']}] {x['dtype']}" for x in info["hidden_layers"]) or "none"),
         f"rationales   {'yes' if info['rationales'] else 'no'}",
+        *([f"answers      {describe_answers(info['answers'])}"] if info.get("answers") else []),
         f"shards       {info['shards']}",
         f"records      {info['records']}" + (f" ({info['duplicates']} duplicate rows skipped)" if info["duplicates"] else ""),
         f"tokens       {info['tokens']} ({info['scored_tokens']} scored)",
@@ -79,6 +82,35 @@ def format_info(info: dict[str, Any]) -> str:
     for name, f in info["fields"].items():
         lines.append(f"{name:<22}{f['bytes']:>14}{_fmt(f['per_token']):>12}{_fmt(f['per_scored_token']):>12}")
     return "\n".join(lines)
+
+
+def count_answers(store: Store) -> dict[str, Any]:
+    """How many records of a rationale store hold an answer (the rest are all rationale: no answer
+    line was found in their completion). Reads the `answer` column of each shard (no hashing);
+    duplicate rows are not counted."""
+    with_answer = records = 0
+    unreadable: list[str] = []
+    for commit in store.commits:
+        try:
+            column = store.shard(commit.shard).views.batch.column("answer")
+        except StoreError as e:
+            unreadable.append(f"{commit.shard}: {e}")
+            continue
+        present = column.is_valid().to_numpy(zero_copy_only=False)
+        for row in store.duplicate_rows(commit.shard):
+            present[row] = False
+        records += commit.records - len(store.duplicate_rows(commit.shard))
+        with_answer += int(present.sum())
+    return {"with_answer": with_answer, "records": records, "unreadable_shards": unreadable}
+
+
+def describe_answers(a: dict[str, Any]) -> str:
+    line = f"{a['with_answer']} of {a['records']} records hold an answer"
+    if a["records"] > a["with_answer"]:
+        line += " (the others: no answer found, the whole completion is their rationale)"
+    if a["unreadable_shards"]:
+        line += f"; {len(a['unreadable_shards'])} shard(s) unreadable, not counted"
+    return line
 
 
 def describe_targets(t: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from student_train.errors import ConfigError
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TARGETS = ("auto", "topk", "sampled")
-HIDDEN_LOSSES = ("mse", "cosine")
+HIDDEN_LOSSES = ("cosine", "standardized_mse", "mse")
 RATIONALE_MODES = ("plain", "multitask")
 
 

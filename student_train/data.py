@@ -1,7 +1,9 @@
 """The training loader: a torch `IterableDataset` streaming a store's records as collated batches.
 
-**Split.** A record is held out for evaluation when sha256(id) mapped to [0, 1) is below
-`eval_fraction` (`is_held_out`); the loader never yields held-out records, `evaluate` uses only them.
+**Split.** A record is held out for evaluation when sha256(id) mapped to [0, 1) is below a cut
+(`is_held_out`): `eval_fraction`, raised so that at least MIN_EVAL_RECORDS distinct ids fall below
+it when the store has enough records to keep 3/4 of them for training (`eval_cut`); the loader never
+yields held-out records, `evaluate` uses only them.
 
 **Order** (deterministic in seed and epoch, identical on every rank, no communication):
 
@@ -34,11 +36,12 @@ are read. Hidden states are read only when a hidden-state or relation loss needs
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +66,41 @@ def id_fraction(record_id: str) -> float:
     return int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def is_held_out(record_id: str, eval_fraction: float) -> bool:
-    return id_fraction(record_id) < eval_fraction
+def is_held_out(record_id: str, cut: float) -> bool:
+    """Whether a record is held out at this cut (`eval_cut`; the eval fraction itself when no floor applies)."""
+    return id_fraction(record_id) < cut
+
+
+# Held-out sets smaller than this measure little (one record's tokens); the floor applies only when
+# the training records keep at least MIN_TRAIN_SHARE of the store.
+MIN_EVAL_RECORDS = 8
+MIN_TRAIN_SHARE = 0.75
+
+
+def eval_cut(record_ids: Iterable[str], eval_fraction: float) -> float:
+    """The id fraction below which records are held out: `eval_fraction`, or — when that holds out
+    fewer than MIN_EVAL_RECORDS distinct ids and the store has at least MIN_EVAL_RECORDS /
+    (1 − MIN_TRAIN_SHARE) of them (32) — the cut that holds out the MIN_EVAL_RECORDS ids of smallest
+    hash. The raised set contains the fraction's own, and depends only on the set of ids."""
+    if eval_fraction <= 0:
+        return 0.0
+    fractions = sorted({id_fraction(i) for i in record_ids})
+    held = bisect.bisect_left(fractions, eval_fraction)
+    if held >= MIN_EVAL_RECORDS or len(fractions) * (1 - MIN_TRAIN_SHARE) < MIN_EVAL_RECORDS:
+        return eval_fraction
+    return fractions[MIN_EVAL_RECORDS]  # ids strictly below it: the MIN_EVAL_RECORDS smallest
+
+
+def held_out_note(records: int, held: int, eval_fraction: float) -> str | None:
+    """One line saying why the held-out set is empty or below the minimum (None when it is not)."""
+    if held >= MIN_EVAL_RECORDS:
+        return None
+    if eval_fraction <= 0:
+        return "none (--eval-fraction 0)"
+    needed = math.ceil(MIN_EVAL_RECORDS / (1 - MIN_TRAIN_SHARE))
+    why = (f"store has {records} records, fewer than the {needed} needed to hold out {MIN_EVAL_RECORDS} and keep "
+           f"{MIN_TRAIN_SHARE:.0%} for training; --eval-fraction {eval_fraction} holds out {held}")
+    return f"none ({why})" if held == 0 else f"only {held} record{'s' if held > 1 else ''} ({why})"
 
 
 # -- order -------------------------------------------------------------------------------------------
@@ -98,6 +134,7 @@ class LoaderPlan:
     world_size: int
     num_workers: int  # DataLoader workers per rank (0 counts as 1: the main process)
     duplicates: int = 0  # rows skipped because an earlier commit holds the same id (format §3)
+    eval_cut: float = 0.0  # ids whose hash fraction is below this are held out (`eval_cut`)
 
     @property
     def parts(self) -> int:
@@ -150,16 +187,17 @@ def plan_split(
     # Duplicates among exactly these shards, so that a store growing since the run started cannot
     # change which copy of an id a resumed run trains on.
     duplicates = find_duplicates([commits[name] for name in names])
+    cut = eval_cut((i for name in names for i in commits[name].ids), eval_fraction)
     train_rows, held, skipped = [], 0, 0
     for name in names:
-        keep = np.array([not is_held_out(i, eval_fraction) for i in commits[name].ids], dtype=bool)
+        keep = np.array([not is_held_out(i, cut) for i in commits[name].ids], dtype=bool)
         eval_keep = ~keep
         for row, _ in duplicates.get(name, []):
             keep[row] = eval_keep[row] = False
             skipped += 1
         train_rows.append(np.flatnonzero(keep))
         held += int(eval_keep.sum())
-    plan = LoaderPlan(names, train_rows, held, world_size, num_workers, skipped)
+    plan = LoaderPlan(names, train_rows, held, world_size, num_workers, skipped, cut)
     if plan.num_train == 0:
         raise TrainError(
             f"{store.url}: no training records ({store.num_records} records, {held} held out by --eval-fraction {eval_fraction})"
@@ -170,9 +208,10 @@ def plan_split(
 def held_out_rows(store: Store, eval_fraction: float) -> list[tuple[str, int]]:
     """(shard, row) of every held-out record, in store order (duplicates skipped: the first committed copy counts)."""
     rows = []
+    cut = eval_cut((i for c in store.commits for i in c.ids), eval_fraction)
     for c in store.commits:
         skip = store.duplicate_rows(c.shard)
-        rows += [(c.shard, row) for row, rid in enumerate(c.ids) if is_held_out(rid, eval_fraction) and row not in skip]
+        rows += [(c.shard, row) for row, rid in enumerate(c.ids) if is_held_out(rid, cut) and row not in skip]
     return rows
 
 
@@ -520,7 +559,7 @@ class StoreDataset(IterableDataset):
         self.batches_consumed = 0  # by this rank, at the last optimizer step (set by load_state_dict)
         self._store: Store | None = None
         self._tokenizer: Any = None
-        self._fallbacks = 0  # multitask: records of the current batch used whole
+        self._fallbacks = 0  # multitask: records of the current batch used whole (logged as their share)
 
     # -- sizes ------------------------------------------------------------------------------------
     @property
@@ -543,6 +582,7 @@ class StoreDataset(IterableDataset):
             "repeated_per_epoch": p.repeated_per_epoch,
             "duplicates_skipped": p.duplicates,
             "batches_per_rank_per_epoch": self.batches_per_epoch,
+            "eval_note": held_out_note(p.num_train + p.eval_records, p.eval_records, self.eval_fraction),
         }
 
     # -- resume -----------------------------------------------------------------------------------
@@ -646,12 +686,14 @@ class StoreDataset(IterableDataset):
         self._fallbacks = 0
         seqs: list[Sequence] = []
         found: dict[str, str] = {}
+        records = 0
         for shard_idx, row in samples:
             name = self.plan.shards[shard_idx]
             if name in self.bad_shards:
                 continue
             try:
                 seqs += self.read_sequences(shard_idx, row)
+                records += 1
             except StoreError as e:
                 if not self.skip_bad_shards:
                     return {"error": f"{e} (--skip-bad-shards trains on without such shards)"}
@@ -667,8 +709,8 @@ class StoreDataset(IterableDataset):
             hidden_widths=self.hidden_widths,
             targets=self.targets,
         )
-        if self.rationale_mode == "multitask":  # records used whole: no rationale or answer found in them
-            batch["multitask_fallback"] = torch.tensor(self._fallbacks)
+        if self.rationale_mode == "multitask":  # the share of records used whole: no rationale or answer found in them
+            batch["multitask_fallback"] = torch.tensor(self._fallbacks / records)
         if found:
             batch["skipped_shards"] = found
         return batch

@@ -1,7 +1,8 @@
 """`evaluate(store, model_dir)`: how close a student is to the stored teacher, on held-out records.
 
-Held-out = the records whose sha256(id) falls below the eval fraction (`data.is_held_out`), which
-the training loader never yields. Metrics, averaged over every scored position:
+Held-out = the records whose sha256(id) falls below the eval fraction, raised to hold out at least
+8 records when the store has 32 or more (`data.eval_cut`): the records the training loader never
+yields. Metrics, averaged over every scored position:
 
 - `kd_loss`: forward KL(teacher ‖ student) on the K + 1 buckets (top-K plus tail), T = 1, whenever
   the store holds top-k targets (`kd_target` "topk"). A store of sampled targets only
@@ -14,7 +15,8 @@ the training loader never yields. Metrics, averaged over every scored position:
 - `perplexity`: exp(mean cross-entropy) of the student on the stored tokens (the teacher's);
 - `answer_accuracy` (when records hold answers): greedy-generate from each record's prompt
   (the tokens before score_start), extract the answer with the store's `generation.answer_pattern`
-  or generation's default ("The answer is X" / "#### X"; last match), compare normalised with `answer`.
+  and `generation.answer_match` (last or first match), or generation's defaults ("The answer is X" /
+  "#### X"; last match), compare normalised with `answer`.
 """
 
 from __future__ import annotations
@@ -30,22 +32,29 @@ import torch
 from store import Store, open_store
 from student_train import losses
 from student_train.config import TrainConfig
-from student_train.data import collate, held_out_rows, record_sequence
+from student_train.data import collate, held_out_note, held_out_rows, record_sequence
 from student_train.errors import TrainError
 from student_train.model import check_tokenizer, check_vocab, load_tokenizer
 
 # The default of `potstill generate` (teacher_gen/rationale.py), for stores that do not record theirs:
-# the last "The answer is X" / "The final answer is X" / "Final Answer: X" / "#### X".
-DEFAULT_ANSWER_PATTERN = r"(?:[Tt]he (?:final )?answer is|[Ff]inal [Aa]nswer:|####)\s*:?\s*(?P<answer>[^\n]*)"
+# "The answer is X" / "The final answer is X" / "Final Answer: X" / "#### X", to the end of its
+# sentence, never the template's placeholder X itself.
+DEFAULT_ANSWER_PATTERN = (
+    r"(?:[Tt]he (?:final )?answer is|[Ff]inal [Aa]nswer:|####)(?![ \t]*:?[ \t]*[\"'*]*X\b)[ \t]*:?[ \t]*"
+    r"(?P<answer>[^\n]*?)(?=[.,;!?]?[ \t]*(?:\n|$)|[.,;!?][ \t])"
+)
 
 
-def extract_answer(text: str, pattern: str = DEFAULT_ANSWER_PATTERN) -> str | None:
-    """The answer in a completion, as generation extracts it: the last match (overlaps allowed), its
-    `answer` group (else its first group, else the whole match), without spaces, final period, bold."""
+def extract_answer(text: str, pattern: str = DEFAULT_ANSWER_PATTERN, match: str = "last") -> str | None:
+    """The answer in a completion, as generation extracts it: the last (or first) match, overlaps
+    allowed, its `answer` group (else its first group, else the whole match), without spaces, final
+    period, bold."""
     regex = re.compile(pattern)
     last, pos = None, 0
     while (found := regex.search(text, pos)) is not None:
         last, pos = found, found.start() + 1
+        if match == "first":
+            break
     if last is None:
         return None
     if "answer" in regex.groupindex:
@@ -103,9 +112,12 @@ def evaluate(
     vocab = check_vocab(model, store)
     fraction = _eval_fraction_of(model_dir) if eval_fraction is None else eval_fraction
     rows = held_out_rows(store, fraction)
+    note = held_out_note(len({i for c in store.commits for i in c.ids}), len(rows), fraction)
     if max_records:
         rows = rows[:max_records]
     result: dict[str, Any] = {"store": store.url, "model": model_dir, "eval_fraction": fraction, "records": len(rows)}
+    if note:  # empty, or below the floor: say why
+        result["note"] = note
     if not rows:
         result.update(scored_tokens=0, kd_loss=None, top1_agreement=None, perplexity=None, answer_accuracy=None)
         return result
@@ -150,6 +162,7 @@ def evaluate(
 def _answer_accuracy(store: Store, rows: list[tuple[str, int]], model: Any, tokenizer: Any, max_new_tokens: int) -> dict[str, Any]:
     pattern = store.manifest.generation.get("answer_pattern")
     pattern = pattern if isinstance(pattern, str) and pattern else DEFAULT_ANSWER_PATTERN
+    match = "first" if store.manifest.generation.get("answer_match") == "first" else "last"
     dev = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     checked = correct = 0
@@ -167,7 +180,7 @@ def _answer_accuracy(store: Store, rows: list[tuple[str, int]], model: Any, toke
             pad_token_id=pad_id,
         )
         text = tokenizer.decode(generated[0, len(prompt) :].tolist(), skip_special_tokens=True)
-        found = extract_answer(text, pattern)
+        found = extract_answer(text, pattern, match)
         checked += 1
         correct += int(found is not None and normalise_answer(found) == normalise_answer(expected))
     if not checked:

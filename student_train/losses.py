@@ -303,7 +303,21 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
 
 
-HIDDEN_LOSSES = {"mse": hidden_mse, "cosine": hidden_cosine}
+def standardize(hidden: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each token's vector with its mean over the width removed and divided by its standard deviation
+    (a layer norm without weights): (h − mean(h)) / sqrt(var(h) + eps), the variance the biased one."""
+    centred = hidden - hidden.mean(-1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def hidden_standardized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE per position, [M], after standardising each side per token (`standardize`): scale-free,
+    0 when the two vectors are equal up to an offset and a positive scale, at most 4. It equals
+    2 · (1 − the Pearson correlation of the two vectors over the width)."""
+    return (standardize(student) - standardize(teacher)).pow(2).mean(-1)
+
+
+HIDDEN_LOSSES = {"mse": hidden_mse, "cosine": hidden_cosine, "standardized_mse": hidden_standardized_mse}
 
 
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

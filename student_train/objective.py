@@ -23,7 +23,7 @@ class Objective:
     alpha: float = 0.0
     tail: bool = True
     hidden_pairs: tuple[tuple[int, int], ...] = ()
-    hidden_loss: str = "mse"
+    hidden_loss: str = "cosine"
     hidden_weight: float = 1.0
     relation_weight: float = 0.0
     multitask: bool = False
@@ -57,12 +57,19 @@ class Objective:
         return tuple(sorted({t for _, t in self.hidden_pairs})) if self.needs_hidden else ()
 
 
-def distill_loss(model: Any, batch: dict[str, Any], objective: Objective) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def distill_loss(
+    model: Any, batch: dict[str, Any], objective: Objective, terms: dict[str, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss of one micro-batch and its detached parts (for logging).
 
     total = L_main + λ_rationale · L_rationale + w_hidden · L_hidden + w_relation · L_relation, where
     L_task is the mean over that task's positions of α·CE + (1 − α)·KD (CE alone where a position has
     no teacher target). In plain mode every position belongs to the main task.
+
+    `terms`, when given, is filled with the additive terms of the total, each with its weight and
+    still attached to the graph (their sum is the total): `kd` = the (1 − α)·KD parts of the tasks,
+    `ce` = their CE parts, `hidden` = w_hidden · L_hidden, `relation` = w_relation · L_relation. The
+    trainer takes the gradient of each to log its share (`grad_share/…`).
     """
     out = model(
         input_ids=batch["input_ids"],
@@ -91,11 +98,16 @@ def distill_loss(model: Any, batch: dict[str, Any], objective: Objective) -> tup
     per_position = losses.mix_ce_kd(ce, kd, has_kd, objective.alpha)
     total = losses.masked_mean(per_position, task == MAIN_TASK)
     parts = {"kd": losses.masked_mean(kd, has_kd), "ce": losses.masked_mean(ce, torch.ones_like(has_kd))}
+    if terms is not None:  # the KD and CE shares of per_position, weighted as the tasks are in the total
+        kd_part = torch.where(has_kd, (1 - objective.alpha) * kd, torch.zeros_like(kd))
+        weights = [(MAIN_TASK, 1.0)] + ([(RATIONALE_TASK, objective.rationale_weight)] if objective.multitask else [])
+        terms["kd"] = sum(w * losses.masked_mean(kd_part, task == t) for t, w in weights)
+        terms["ce"] = sum(w * losses.masked_mean(per_position - kd_part, task == t) for t, w in weights)
     if objective.multitask:
         rationale = losses.masked_mean(per_position, task == RATIONALE_TASK)
         parts["answer_task"], parts["rationale_task"] = total, rationale
         total = total + objective.rationale_weight * rationale
-        if "multitask_fallback" in batch:
+        if "multitask_fallback" in batch:  # the share of this batch's records used whole
             parts["multitask_fallback"] = batch["multitask_fallback"].float()
     if objective.needs_hidden:
         mask = batch["hidden_mask"]
@@ -110,7 +122,11 @@ def distill_loss(model: Any, batch: dict[str, Any], objective: Objective) -> tup
         if hidden_terms:
             parts["hidden"] = torch.stack(hidden_terms).mean()
             total = total + objective.hidden_weight * parts["hidden"]
+            if terms is not None:
+                terms["hidden"] = objective.hidden_weight * parts["hidden"]
         if relation_terms:
             parts["relation"] = torch.stack(relation_terms).mean()
             total = total + objective.relation_weight * parts["relation"]
+            if terms is not None:
+                terms["relation"] = objective.relation_weight * parts["relation"]
     return total, {name: value.detach() for name, value in parts.items()}

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from store import Store, open_store, potstill_version
 from student_train.config import TrainConfig
@@ -37,6 +38,7 @@ from student_train.model import (
     load_tokenizer,
 )
 from student_train.objective import Objective, distill_loss
+from student_train.plots import LOSS_CURVE_FILE, write_loss_curve
 
 REPORT_FILE = "training_report.json"
 TRAINER_STATE = "trainer_state.json"
@@ -60,6 +62,8 @@ class DistillTrainer(Trainer):
         self._part_batches = 0
         self._step_records: list[str] = []  # records of the micro-batches of the current optimizer step
         self._step_losses: list[torch.Tensor] = []
+        self._grad_share: dict[str, torch.Tensor] = {}  # of the step about to be logged (`_measure_grad_share`)
+        self._share_step = -1  # the optimizer step whose grad share is measured
 
     # -- data -------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -82,11 +86,43 @@ class DistillTrainer(Trainer):
             # touch every parameter so that DDP ranks still meet in the same all-reduce
             loss = sum(p.reshape(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
             return (loss, {}) if return_outputs else loss
-        loss, parts = distill_loss(model, inputs, self.objective)
+        terms: dict[str, torch.Tensor] | None = {} if self._logs_next_step() else None
+        loss, parts = distill_loss(model, inputs, self.objective, terms)
+        if terms and model.training:
+            self._measure_grad_share(model, terms)
         for name, value in parts.items():
             self._part_sums[name] = self._part_sums.get(name, 0.0) + value
         self._part_batches += 1
         return (loss, parts) if return_outputs else loss
+
+    def _logs_next_step(self) -> bool:
+        """Whether the optimizer step being computed is a logging step and its gradient share is not
+        yet measured (it is measured on the step's first micro-batch only)."""
+        step = self.state.global_step + 1
+        return step % self.args.logging_steps == 0 and self._share_step != step
+
+    def _measure_grad_share(self, model: Any, terms: dict[str, torch.Tensor]) -> None:
+        """grad_share/<term> = ‖∂term/∂θ‖ / Σ_terms ‖∂term/∂θ‖, θ all trained parameters, each term
+        weighted as it enters the total loss (`distill_loss`), on the first micro-batch of a logging
+        step: one extra backward pass per term, at logging steps only. Terms that are exactly 0
+        (e.g. CE at α = 0) are left out."""
+        self._share_step = self.state.global_step + 1
+        params = [p for p in model.parameters() if p.requires_grad]
+        norms: dict[str, torch.Tensor] = {}
+        for name, term in terms.items():
+            if not isinstance(term, torch.Tensor) or not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            present = [g for g in grads if g is not None]
+            if present:
+                norms[name] = _total_norm([g.detach().float() for g in present])
+        total = sum(norms.values()) if norms else None
+        if total is None:
+            return
+        self._grad_share = {
+            f"grad_share/{name}": torch.where(total > 0, norm / total, torch.zeros_like(norm))
+            for name, norm in norms.items() if bool(norm > 0)
+        }
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         if "error" in inputs:  # the loader found a bad shard (its one line names it)
@@ -126,15 +162,24 @@ class DistillTrainer(Trainer):
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add each loss part, averaged over the micro-batches since the last log and over ranks."""
+        """Add each loss part, averaged over the micro-batches since the last log and over ranks, the
+        gradient share of each loss term (`_measure_grad_share`), and `epoch` as the passes the loader
+        made over this rank's share of the training records."""
         if "loss" in logs and self._part_batches:
-            names = sorted(self._part_sums)
-            values = torch.stack([torch.as_tensor(self._part_sums[n], device=self.args.device) for n in names])
-            values = values / self._part_batches
+            measured = {**self._part_sums}
+            sums = {n: torch.as_tensor(v, device=self.args.device) / self._part_batches for n, v in measured.items()}
+            sums.update({n: torch.as_tensor(v, device=self.args.device) for n, v in self._grad_share.items()})
+            names = sorted(sums)
+            values = torch.stack([sums[n].float() for n in names])
             if self.args.world_size > 1:
                 values = self.accelerator.reduce(values, reduction="mean")
             logs.update(zip(names, values.tolist(), strict=True))
-            self._part_sums, self._part_batches = {}, 0
+            self._part_sums, self._part_batches, self._grad_share = {}, 0, {}
+        dataset = self.train_dataset
+        if isinstance(dataset, StoreDataset) and self.state.epoch is not None:
+            # The Trainer's own epoch counts optimizer steps over a length it cannot know for a
+            # stream; the loader's position is exact: micro-batches consumed / batches per epoch.
+            self.state.epoch = self.batches_consumed / dataset.batches_per_epoch
         super().log(logs, start_time)
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -152,6 +197,61 @@ class DistillTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         self.model.load(resume_from_checkpoint)
+
+
+# The order of the numbers in a log line; the others follow in name order.
+_LINE_ORDER = ("loss", "kd", "ce", "hidden", "relation", "answer_task", "rationale_task", "multitask_fallback",
+               "learning_rate", "grad_norm", "epoch")
+_LINE_NAMES = {"learning_rate": "lr"}
+_LINE_SKIP = ("total_flos", "step")
+
+
+def format_log_line(logs: dict[str, Any], step: int, max_steps: int) -> str:
+    """One readable line for one log step: `step 40/200  loss 3.21  kd 3.1  …  grad_share kd 0.93 hidden 0.07`
+    (4 significant digits; the learning rate in exponent form)."""
+    def number(name: str, value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)
+        if name == "learning_rate":
+            return f"{value:.1e}"
+        if isinstance(value, int):
+            return str(value)
+        return f"{value:.4g}"
+
+    plain = {k: v for k, v in logs.items() if k not in _LINE_SKIP and not k.startswith("grad_share/")}
+    names = [k for k in _LINE_ORDER if k in plain] + sorted(k for k in plain if k not in _LINE_ORDER)
+    parts = [f"step {step}/{max_steps}"] + [f"{_LINE_NAMES.get(k, k)} {number(k, plain[k])}" for k in names]
+    shares = sorted((k.split("/", 1)[1], v) for k, v in logs.items() if k.startswith("grad_share/"))
+    if shares:
+        parts.append("grad_share " + " ".join(f"{name} {value:.2f}" for name, value in shares))
+    return "  ".join(parts)
+
+
+class LogLines(ProgressCallback):
+    """The Trainer's progress bar, with each log step written as one readable line (`format_log_line`)
+    instead of a dict of strings; without a bar (`disable_tqdm`), the lines go to stderr alone.
+    The numbers themselves are kept as they are in the trainer state, tensorboard and the report."""
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not args.disable_tqdm:
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        line = format_log_line(logs, state.global_step, state.max_steps)
+        if self.training_bar is not None:
+            self.training_bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -340,6 +440,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
             f"sample(s) repeated per epoch to even the ranks; {max_steps} optimizer steps"
             + (f"; resuming from {checkpoint}" if checkpoint else "")
         )
+        if info["eval_note"]:
+            _say(f"held-out: {info['eval_note']}")
 
     teacher_widths = {layer.index: layer.width for layer in store.manifest.hidden.layers}
     model = DistillModel(student, list(objective.hidden_pairs), teacher_widths, project=objective.hidden_weight > 0)
@@ -351,6 +453,9 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
         tokenizer_to_save=tokenizer,
         callbacks=callbacks,
     )
+    for default_printer in (ProgressCallback, PrinterCallback):  # they print dicts of strings
+        trainer.remove_callback(default_printer)
+    trainer.add_callback(LogLines())
     trainer.batches_consumed = dataset.batches_consumed
     for shard, why in dataset.bad_shards.items():  # damaged commit records, found at open
         trainer.skipped_shards[shard] = why
@@ -390,13 +495,14 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
         "train_loss": train_loss,
         "train_seconds": round(time.time() - started, 3),
         "loss_curve": [
-            {k: v for k, v in entry.items() if k not in ("epoch",)}
+            dict(entry)  # every loss part, lr, grad_norm, grad_share/*, epoch (passes over the store)
             for entry in trainer.state.log_history
             if "loss" in entry
         ],
         "final_eval": final_eval,
     }
     write_json(os.path.join(config.out, REPORT_FILE), report)
+    write_loss_curve(os.path.join(config.out, LOSS_CURVE_FILE), trainer.state.log_history, final_eval)
     return report
 
 
@@ -433,7 +539,7 @@ def _final_eval(config: TrainConfig, store: Store, student: Any, tokenizer: Any)
     from student_train.evaluation import evaluate
 
     if config.eval_fraction <= 0:
-        return {"records": 0, "note": "no held-out records (--eval-fraction 0)"}
+        return {"records": 0, "note": "none (--eval-fraction 0)"}
     return evaluate(
         store,
         model=student,

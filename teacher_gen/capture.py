@@ -38,6 +38,13 @@ class TopKLogprobs:
 
 
 # -- logits ------------------------------------------------------------------------------------
+def logit_transform_params(model_config: Any) -> tuple[float | None, float | None, float | None]:
+    """(scale, divide, cap) of `logit_transform`, as numbers (the fused kernel applies them itself)."""
+    text_config = getattr(model_config, "get_text_config", lambda: model_config)()
+    return (getattr(text_config, "logit_scale", None), getattr(text_config, "logits_scaling", None),
+            getattr(text_config, "final_logit_softcapping", None))
+
+
 def logit_transform(model_config: Any) -> LogitTransform | None:
     """What the model does to its LM-head output before returning logits, if anything.
 
@@ -46,10 +53,7 @@ def logit_transform(model_config: Any) -> LogitTransform | None:
     `HFTeacher` checks the result against the model's own logits at load time, so a model
     with a transform missing here fails loudly instead of writing wrong targets.
     """
-    text_config = getattr(model_config, "get_text_config", lambda: model_config)()
-    scale = getattr(text_config, "logit_scale", None)
-    divide = getattr(text_config, "logits_scaling", None)
-    cap = getattr(text_config, "final_logit_softcapping", None)
+    scale, divide, cap = logit_transform_params(model_config)
     if not (scale or divide or cap):
         return None
     if (scale and scale < 0) or (divide and divide < 0) or (cap and cap < 0):
@@ -93,6 +97,7 @@ def block_topk(x: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch
 
 
 Reduction = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+FusedTopKFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def make_logsumexp(transform: LogitTransform | None, compile: bool = False) -> Reduction:
@@ -150,6 +155,7 @@ def topk_logprobs(
     block: int | None = None,
     uniforms: torch.Tensor | None = None,
     draws_out: torch.Tensor | None = None,
+    fused: FusedTopKFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids/log-probs, the target token's log-prob and the log tail for M positions.
 
@@ -161,6 +167,9 @@ def topk_logprobs(
 
     With `uniforms` [M, N] (float64 in [0, 1)), also fills `draws_out` [M, N] (int32) with N
     draws per position from the distribution, inside the same chunk loop (`sample_chunk`).
+
+    `fused(logits, k) -> (top logits, top ids, rest)` (`fused_capture.FusedTopK`) replaces the
+    top-k and `logsumexp` with one read of each chunk's logits; the results are the same.
 
     The top-k and the target's logit are picked from the model-dtype logits and widened
     afterwards: widening is exact and the logit transforms are increasing, so they are the
@@ -182,12 +191,16 @@ def topk_logprobs(
         stop = min(start + chunk, m)
         logits = head(hidden[start:stop])
         k_eff = min(k, logits.shape[-1])
-        if block is not None and k_eff == k > 0:
+        rest = None
+        if fused is not None and k_eff == k > 0:
+            top_val, top_idx, rest = fused(logits, k)
+        elif block is not None and k_eff == k > 0:
             top_val, top_idx = block_topk(logits, k, block)
         else:
             top_val, top_idx = logits.topk(k_eff, dim=-1)
         token_x = finish(logits.gather(1, targets[start:stop, None].long()).squeeze(1))
-        rest = lse_fn(logits, top_idx if k_eff else None)
+        if rest is None:
+            rest = lse_fn(logits, top_idx if k_eff else None)
         if uniforms is not None and draws_out is not None:
             draws_out[start:stop] = sample_chunk(logits, uniforms[start:stop], transform)
         del logits

@@ -59,6 +59,7 @@ class GenerateConfig:
     rationale: bool = False
     rationale_template: str = DEFAULT_RATIONALE_TEMPLATE
     answer_pattern: str = DEFAULT_ANSWER_PATTERN
+    answer_match: Literal["last", "first"] = "last"  # which match of answer_pattern names the answer
 
     # -- input ---------------------------------------------------------------------------------
     id_field: str = "id"
@@ -75,6 +76,7 @@ class GenerateConfig:
     batch_tokens: int = 16384  # padded tokens per forward batch
     chunk_positions: int = 1024  # positions per LM-head chunk (bounds the [positions, vocab] logits)
     compile: bool | None = None  # fuse the fp32 logsumexp with torch.compile (None: on for CUDA)
+    capture_kernel: Literal["auto", "triton", "torch"] = "auto"  # auto: the fused Triton kernel on CUDA if installed
     workers: int | None = None  # None: WORLD_SIZE from torchrun, else 1
     worker_index: int | None = None  # None: RANK from torchrun, else 0
     writer_id: str | None = None
@@ -224,6 +226,7 @@ class GenerateConfig:
         if self.rationale:
             settings["rationale_template"] = self.rationale_template
             settings["answer_pattern"] = self.answer_pattern
+            settings["answer_match"] = self.answer_match
         if self.mode == "generate":
             settings.update(
                 max_new_tokens=self.max_new_tokens,

@@ -28,6 +28,7 @@ from teacher_gen.capture import (
     choose_block,
     decoder_layers,
     logit_transform,
+    logit_transform_params,
     make_logsumexp,
     storage_numpy,
     to_storage,
@@ -35,6 +36,7 @@ from teacher_gen.capture import (
 )
 from teacher_gen.config import GenerateConfig
 from teacher_gen.errors import GenerateError, describe_load_error
+from teacher_gen.fused_capture import LogitParams, pick_fused
 from teacher_gen.gguf import pretrained_source
 from teacher_gen.jobs import (
     Capture,
@@ -85,6 +87,9 @@ class HFTeacher:
         self.k = config.top_k if config.targets != "sampled" else 0  # sampled only: no top-k to pick
         self.samples = config.samples if config.targets != "topk" else 0
         self.block = choose_block(vocab, self.k) if self.device.type == "cuda" and self.k else None
+        # The fused Triton kernel (one read of the logits) when chosen; None: the torch path, its reference.
+        self.fused = pick_fused(config.capture_kernel, self.device, LogitParams(*logit_transform_params(model.config)),
+                                self.k, vocab, self.head.weight.dtype)
         self.hidden_layers = hidden_layers
         self.hidden_dtype = config.hidden_dtype
         self.taps = LayerTaps(decoder_layers(self.body, spec.num_layers), hidden_layers)
@@ -98,7 +103,7 @@ class HFTeacher:
         # Once per loaded model and capture setup: a long-lived process (`potstill serve`, a preloaded
         # model) runs many jobs on one model.
         check = (tuple(hidden_layers), self.hidden_dtype, str(self.device), self.k, self.samples, str(self.lp_dtype),
-                 self.block, config.chunk_positions, config.teacher)
+                 self.block, config.chunk_positions, config.teacher, self.fused is not None)
         if check not in _CHECKED.setdefault(self.model, set()):
             self.self_check()
             _CHECKED[self.model].add(check)
@@ -161,7 +166,7 @@ class HFTeacher:
         top_ids, top_lp, token_lp, tail = topk_logprobs(
             final.index_select(0, pred_idx), self.head, target_ids, self.k,
             chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
-            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws,
+            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws, fused=self.fused,
         )
         device_out = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
         if draws is not None:
@@ -191,8 +196,8 @@ class HFTeacher:
         )
 
     @torch.inference_mode()
-    def generate(self, requests: list[GenRequest]) -> list[Generated]:
-        from transformers import GenerationConfig, LogitsProcessorList
+    def generate(self, requests: list[GenRequest], on_tokens: Callable[[int], None] | None = None) -> list[Generated]:
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         b, t = len(requests), max(len(r.prompt_ids) for r in requests)
         ids = np.full((b, t), self.pad_id, dtype=np.int64)
@@ -219,12 +224,14 @@ class HFTeacher:
         if not self.hidden_layers and not self.config.score_prompt:
             finals = []
             hook = self.head.register_forward_pre_hook(lambda module, args: finals.append(args[0][:, -1]))
+        criteria = StoppingCriteriaList([TokenCounter(b, self.eos_ids, self.device, on_tokens)] if on_tokens else [])
         try:
             out = self.model.generate(
                 input_ids=self._to_device(ids),
                 attention_mask=self._to_device(mask),
                 generation_config=gen_config,
                 logits_processor=processors,
+                stopping_criteria=criteria,
             )
         finally:
             if hook is not None:
@@ -255,7 +262,7 @@ class HFTeacher:
         top_ids, top_lp, token_lp, tail = topk_logprobs(
             hidden, self.head, target_ids, self.k,
             chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
-            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws,
+            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws, fused=self.fused,
         )
         host = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
         if draws is not None:
@@ -315,6 +322,23 @@ def load_model(config: GenerateConfig, spec: TeacherSpec) -> Any:
         )
     except Exception as e:
         raise GenerateError(f"teacher {config.teacher}: cannot load the model ({describe_load_error(e)})") from None
+
+
+class TokenCounter:
+    """A stopping criterion that never stops: after each decoding step it tells `on_tokens` how many
+    rows got a real token (rows past their EOS get padding, not counted). Its one host read per step
+    adds nothing to HF's loop, which reads its own stop flag every step anyway."""
+
+    def __init__(self, rows: int, eos_ids: set[int], device: torch.device, on_tokens: Callable[[int], None]) -> None:
+        self.running = torch.ones(rows, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=device)
+        self.on_tokens = on_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        new = int(self.running.sum())
+        self.running &= ~torch.isin(input_ids[:, -1], self.eos)
+        self.on_tokens(new)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class SeededSampler:

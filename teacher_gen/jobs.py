@@ -76,8 +76,10 @@ class Teacher(Protocol):
         """
         ...
 
-    def generate(self, requests: list[GenRequest]) -> list[Generated]:
-        """One completion per request, scored already when the backend could do it while decoding."""
+    def generate(self, requests: list[GenRequest], on_tokens: Callable[[int], None] | None = None) -> list[Generated]:
+        """One completion per request, scored already when the backend could do it while decoding.
+        `on_tokens(n)` is told of n more generated tokens (EOS included, padding after it not) as
+        they come, where the backend can (HF: every decoding step), else once at the end."""
         ...
 
     def score_batches(self, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]: ...

@@ -11,9 +11,13 @@ DEFAULT_RATIONALE_TEMPLATE = (
     '"The answer is X".'
 )
 
-# The last "The answer is X" (or "final answer is", "answer:") or GSM8K-style "#### X" line.
+# "The answer is X" (or "The final answer is X", "Final answer: X") or GSM8K-style "#### X". The
+# answer runs to the end of its sentence (a period, comma, semicolon, ! or ? followed by a space, or
+# the end of the line), and is never the literal placeholder X of the prompt template: small models
+# repeat the template's "The answer is X" line, which names no answer.
 DEFAULT_ANSWER_PATTERN = (
-    r"(?:[Tt]he (?:final )?answer is|[Ff]inal [Aa]nswer:|####)\s*:?\s*(?P<answer>[^\n]*)"
+    r"(?:[Tt]he (?:final )?answer is|[Ff]inal [Aa]nswer:|####)(?![ \t]*:?[ \t]*[\"'*]*X\b)[ \t]*:?[ \t]*"
+    r"(?P<answer>[^\n]*?)(?=[.,;!?]?[ \t]*(?:\n|$)|[.,;!?][ \t])"
 )
 
 
@@ -27,22 +31,21 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def split_rationale(text: str, pattern: str = DEFAULT_ANSWER_PATTERN) -> tuple[str, str | None]:
-    """(rationale, answer): the text before the last answer match, and the answer it names.
-
-    The answer is the pattern's `answer` group (else its first group, else the whole match),
-    stripped of spaces, a trailing period and markdown bold. With no match the whole text is the
-    rationale and the answer is None.
-    """
+def find_answer(text: str, pattern: str = DEFAULT_ANSWER_PATTERN, match: str = "last") -> tuple[int, str | None] | None:
+    """(where the match starts, the answer it names) of the last (or first) match of `pattern` in
+    `text`, overlaps allowed ("the answer is 3? No, the answer is 5": last 5, first 3); None when
+    nothing matches. The answer is the pattern's `answer` group (else its first group, else the whole
+    match), stripped of spaces, a trailing period and markdown bold; None when that leaves nothing."""
     regex = compile_pattern(pattern)
     m = None
     pos = 0
-    # The last match, overlaps allowed: "the answer is 3? No, the answer is 5" answers 5.
     while (found := regex.search(text, pos)) is not None:
         m = found
+        if match == "first":
+            break
         pos = found.start() + 1
     if m is None:
-        return text.strip(), None
+        return None
     if "answer" in m.re.groupindex:
         answer = m.group("answer")
     elif m.re.groups:
@@ -50,4 +53,15 @@ def split_rationale(text: str, pattern: str = DEFAULT_ANSWER_PATTERN) -> tuple[s
     else:
         answer = m.group(0)
     answer = (answer or "").strip().rstrip(".").strip().strip("*").strip().rstrip(".").strip()
-    return text[: m.start()].strip(), answer or None
+    return m.start(), answer or None
+
+
+def split_rationale(text: str, pattern: str = DEFAULT_ANSWER_PATTERN, match: str = "last") -> tuple[str, str | None]:
+    """(rationale, answer): the text before the last (`match="first"`: the first) answer match, and
+    the answer it names (`find_answer`). With no match the whole text is the rationale and the answer
+    is None."""
+    found = find_answer(text, pattern, match)
+    if found is None:
+        return text.strip(), None
+    start, answer = found
+    return text[:start].strip(), answer

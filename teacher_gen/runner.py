@@ -59,6 +59,7 @@ from teacher_gen.rationale import split_rationale
 from teacher_gen.writer import WriterPool
 
 SAMPLE_SEP = "#"
+PROGRESS_INTERVAL_S = 0.5  # generate mode: how often the progress is shown within a batch
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Progress:
     tokens: int
     seconds: float
     already_done: int = 0  # records of this share found committed at start (not counted in `records`)
+    generated_tokens: int = 0  # generate mode: completion tokens decoded so far, the batch in progress included
 
 
 @dataclass
@@ -78,8 +80,9 @@ class GenerateSummary:
     workers: int
     rows_read: int = 0
     records: int = 0  # committed by this run
-    tokens: int = 0
+    tokens: int = 0  # of the committed records: prompt and completion
     scored_tokens: int = 0
+    generated_tokens: int = 0  # generate mode: completion tokens the teacher decoded in this run
     shards: int = 0
     bytes: int = 0
     already_done: int = 0  # records of this worker's share found committed at start
@@ -96,8 +99,13 @@ class GenerateSummary:
 
     @property
     def tokens_per_second(self) -> float:
-        """Throughput while capturing (model loading excluded)."""
+        """Stored tokens (prompt and completion) per second while capturing (model loading excluded)."""
         return self.tokens / self.capture_seconds if self.capture_seconds else 0.0
+
+    @property
+    def generated_tokens_per_second(self) -> float:
+        """Generate mode: decoded completion tokens per second while capturing (model loading excluded)."""
+        return self.generated_tokens / self.capture_seconds if self.capture_seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +117,8 @@ class GenerateSummary:
             "errors": [e.to_dict() for e in self.errors], "errors_file": self.errors_file,
             "seconds": round(self.seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
             "tokens_per_second": round(self.tokens_per_second, 1),
+            "generated_tokens": self.generated_tokens,
+            "generated_tokens_per_second": round(self.generated_tokens_per_second, 1),
             "stopped": self.stopped,
         }
 
@@ -117,9 +127,12 @@ class GenerateSummary:
         lines = [
             f"wrote {self.records} records, {self.tokens} tokens ({self.scored_tokens} scored) in "
             f"{self.shards} shard{'' if self.shards == 1 else 's'} to {self.store}{worker}",
-            f"time {self.seconds:.1f} s ({self.capture_seconds:.1f} s capturing), {self.tokens_per_second:,.0f} tokens/s, "
+            f"time {self.seconds:.1f} s ({self.capture_seconds:.1f} s capturing), "
+            f"{self.tokens_per_second:,.0f} stored tokens/s (prompt + completion), "
             f"{self.bytes_per_token:,.0f} bytes per token, writer {self.writer_id}",
         ]
+        if self.generated_tokens:
+            lines.insert(1, f"generated {self.generated_tokens} tokens, {self.generated_tokens_per_second:,.1f} generated tokens/s")
         if self.already_done:
             lines.append(f"already in the store: {self.already_done} records (skipped)")
         if self.cleaned_leftovers:
@@ -303,7 +316,7 @@ class RecordBuilder:
         rationale = answer = None
         text = generated if generated is not None else enc.completion_text
         if self.config.rationale and text is not None:
-            rationale, answer = split_rationale(text, self.config.answer_pattern)
+            rationale, answer = split_rationale(text, self.config.answer_pattern, self.config.answer_match)
         t = capture.targets
         topk = self.config.targets != "sampled"
         return Record(
@@ -357,6 +370,8 @@ class Run:
         self.store: Store | None = None  # opened in `prepare` when it exists, else created after the teacher loads
         self.manifest: StoreManifest | None = None
         self.done = self.total = self.tokens_done = 0
+        self.generated_done = 0  # generate mode: completion tokens decoded, the batch in progress included
+        self.last_shown = 0.0  # when the progress was last shown within a batch
         self.loop_started = self.started
         self.bar: Any = None
 
@@ -439,13 +454,33 @@ class Run:
             if self.should_stop():
                 self.summary.stopped = True
                 return
-            completions = teacher.generate(batch)
+            completions = teacher.generate(batch, on_tokens=self._on_tokens)
             jobs = [make_job(config, r.encoded, r.record_id, r.sample_index, c.ids)
                     for r, c in zip(batch, completions, strict=True)]
             if all(c.capture is not None for c in completions):  # scored while decoding
                 self._hand_over(jobs, lambda cs=completions: [c.capture for c in cs], writer)
             else:
                 self._score(jobs, teacher, writer)
+
+    def _on_tokens(self, count: int) -> None:
+        """Generated tokens as the backend decodes them: shown (bar, `on_progress`) at most every
+        PROGRESS_INTERVAL_S within a batch, so that one long batch does not look stuck."""
+        self.generated_done += count
+        now = time.perf_counter()
+        if now - self.last_shown >= PROGRESS_INTERVAL_S:
+            self.last_shown = now
+            self._show_progress(refresh=True)
+
+    def _show_progress(self, refresh: bool = False) -> None:
+        elapsed = time.perf_counter() - self.loop_started  # model loading excluded
+        if self.bar is not None:
+            rates = {"tok_s": f"{self.tokens_done / max(elapsed, 1e-9):,.0f}"}
+            if self.config.mode == "generate":
+                rates = {"generated": f"{self.generated_done:,}", "gen_tok_s": f"{self.generated_done / max(elapsed, 1e-9):,.1f}"}
+            self.bar.set_postfix(rates, refresh=refresh)
+        if self.on_progress is not None:
+            self.on_progress(Progress(self.done, self.total, self.tokens_done, elapsed, self.summary.already_done,
+                                      self.generated_done))
 
     def _score(self, jobs: list[ScoreJob], teacher: Teacher, writer: WriterPool) -> None:
         # One batch in flight: batch i+1 is launched before batch i is collected and handed over.
@@ -467,12 +502,9 @@ class Run:
         tokens = sum(len(j) for j in batch)
         self.done += len(batch)
         self.tokens_done += tokens
-        elapsed = time.perf_counter() - self.loop_started  # model loading excluded
         if self.bar is not None:
             self.bar.update(len(batch))
-            self.bar.set_postfix(tok_s=f"{self.tokens_done / max(elapsed, 1e-9):,.0f}", refresh=False)
-        if self.on_progress is not None:
-            self.on_progress(Progress(self.done, self.total, self.tokens_done, elapsed, self.summary.already_done))
+        self._show_progress()
 
     def write_errors(self) -> None:
         errors = self.summary.errors
@@ -492,6 +524,7 @@ class Run:
         s.records = sum(c.records for c in commits)
         s.tokens = sum(c.tokens for c in commits)
         s.scored_tokens = sum(c.scored_tokens for c in commits)
+        s.generated_tokens = self.generated_done
         s.bytes = sum(c.bytes for c in commits)
         now = time.perf_counter()
         s.seconds = now - self.started

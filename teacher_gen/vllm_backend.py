@@ -199,7 +199,7 @@ class VLLMTeacher:
         ]
         return lambda: captures
 
-    def generate(self, requests: list[GenRequest]) -> list[Generated]:
+    def generate(self, requests: list[GenRequest], on_tokens: Callable[[int], None] | None = None) -> list[Generated]:
         # The raw distribution at each generated token comes with the tokens (`logprobs=K`): the
         # completion is scored while it is decoded. --score-prompt needs the prompt's too: those
         # completions are scored afterwards by `score`, prompt and all.
@@ -222,6 +222,8 @@ class VLLMTeacher:
             if while_decoding:  # entry i: the distribution of generated token i (no leading None)
                 capture = Capture(topk_from_vllm(out.outputs[0].logprobs, tokens, 0, self.k))
             result.append(Generated(tokens, capture))
+        if on_tokens is not None:  # LLM.generate returns the whole batch at once: no count before its end
+            on_tokens(sum(len(g.ids) for g in result))
         return result
 
     def close(self) -> None:

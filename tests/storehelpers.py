@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
-from store import HiddenLayer, HiddenSpec, Record, StoreManifest, TargetSpec, TeacherInfo, TokenizerInfo
+from store import (
+    HiddenLayer,
+    HiddenSpec,
+    Record,
+    StoreManifest,
+    TargetSpec,
+    TeacherInfo,
+    TokenizerInfo,
+    create_store,
+)
+from store.codec import bits_for, sampled_from_draws
 
 TOKENIZER_FILES = {"tokenizer.json": b'{"version": "1.0", "model": {"type": "WordLevel"}}', "tokenizer_config.json": b"{}"}
 
@@ -69,3 +81,43 @@ def random_record(rng: np.random.Generator, rid: str, manifest: StoreManifest, n
         hidden_start=h,
         hidden=hidden,
     )
+
+
+KIND_VOCAB = 300
+KIND_SAMPLES = 40
+
+
+def kind_spec(kind: str, codec: str, tail_logprob: str | None) -> TargetSpec:
+    packed = codec == "packed"
+    return TargetSpec(
+        kind=kind, k=8 if kind != "sampled" else 0, samples=KIND_SAMPLES if kind != "topk" else 0, seed=7,
+        sampling="test draws" if kind != "topk" else None, codec=codec, tail_logprob=tail_logprob if kind != "sampled" else None,
+        id_bits=bits_for(KIND_VOCAB - 1) if packed else None, count_bits=bits_for(KIND_SAMPLES) if packed and kind != "topk" else None,
+        logprob_bits=12 if packed else None, logprob_min=-24.0 if packed else None,
+    )
+
+
+def build_store(path: str, kind: str = "topk", codec: str = "none", *, tail_logprob: str | None = "direct",
+                layers: tuple = ((2, 16, "bfloat16"), (4, 24, "float16")), records: int = 14,
+                meta_answer: bool = True) -> str:
+    """A store of any target kind and codec (`tail_logprob=None`: format 1.0 / 2.0) with rationale
+    records: `answer` i (none when i % 7 == 3) and, with `meta_answer`, a reference answer in
+    `meta["answer"]` ("work #### i", or "wrong" when i % 4 == 0)."""
+    base = make_manifest(k=8, layers=layers, vocab=KIND_VOCAB, tail_logprob=tail_logprob)
+    manifest = type(base)(teacher=base.teacher, tokenizer=base.tokenizer, targets=kind_spec(kind, codec, tail_logprob),
+                          hidden=base.hidden, rationales=True, generation={"mode": "test"})
+    store = create_store(path, manifest, TOKENIZER_FILES)
+    rng = np.random.default_rng(3)
+    with store.writer("w0", shard_records=5) as w:
+        for i in range(records):
+            rec = random_record(rng, f"r{i:03d}", manifest)
+            if not manifest.targets.has_topk:
+                rec.topk_ids = rec.topk_logprobs = rec.tail_logprob = None
+            if manifest.targets.has_sampled:
+                rec.sampled = sampled_from_draws(rng.integers(0, KIND_VOCAB, size=(rec.num_scored, KIND_SAMPLES)) // rng.integers(1, 30))
+            rec.rationale = f"step one for {i}.\nstep two <b>&</b>."
+            rec.answer = None if i % 7 == 3 else str(i)
+            # the prompt file's reference answer, which generation keeps in meta
+            rec.meta = {"answer": f"work #### {i}" if i % 4 else "wrong"} if meta_answer else {"source": "unit"}
+            w.write(copy.deepcopy(rec))
+    return path

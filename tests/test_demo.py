@@ -47,6 +47,15 @@ def test_demo_small_run_writes_report_and_real_stores(tmp_path):
     # phase two saved both students where a user finds them
     for name in ("student_kd", "student_baseline"):
         assert os.path.exists(out / name / "training_report.json")
+        assert (out / name / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the report as a picture: both students' curves (3 steps, each logged), the bars and the table
+    from matplotlib import image as mimage
+    from matplotlib.colors import to_rgb
+
+    pixels = mimage.imread(str(out / "report.png"))
+    assert pixels.shape[:2] == (640, 1100)
+    for colour in ("#3b6ea5", "#c0504d", "#8c8c8c"):
+        assert (abs(pixels[..., :3] - to_rgb(colour)) < 0.02).all(axis=-1).sum() > 50, colour
 
 
 def test_demo_rerun_into_same_folder_starts_over(tmp_path):

@@ -26,6 +26,11 @@ TOP_K = 16
 GENERATED = [*EXPECTED, "sort-words", "email-subject", "dog-name", "add-numbers", "photosynthesis", "sleep-tips",
              "haiku-autumn", "python-list"]
 
+# Arithmetic prompts (tests/data/arithmetic_prompts.jsonl) the model answers within 40 tokens (greedy).
+ARITHMETIC = ["arith-00", "arith-06", "arith-08", "arith-09", "story-02"]
+# The default answer pattern of earlier versions: the rest of the line after the last "The answer is".
+LOOSE_ANSWER_PATTERN = r"(?:[Tt]he (?:final )?answer is|[Ff]inal [Aa]nswer:|####)\s*:?\s*(?P<answer>[^\n]*)"
+
 
 @pytest.fixture(scope="module")
 def teacher_model(real_teacher):
@@ -57,6 +62,10 @@ def stores(real_teacher, teacher_model, tmp_path_factory) -> dict[str, str]:
             {"id": "sum-2", "messages": [{"role": "user", "content": "Tom has 3 apples and buys 4 more. "
                                                                       "How many apples does he have?"}]},
         ]), str(root / "rationale"), mode="generate", rationale=True, max_new_tokens=64, temperature=0.0, **common),
+        # short arithmetic answers (greedy): the model repeats the template's "The answer is X" line
+        "arithmetic": config(real_teacher.folder, write_jsonl(str(root / "arith.jsonl"), [
+            row for row in chat_prompts(name="arithmetic_prompts.jsonl") if row["id"] in ARITHMETIC
+        ]), str(root / "arithmetic"), mode="generate", rationale=True, max_new_tokens=40, temperature=0.0, **common),
     }
     for name, cfg in runs.items():
         summary = generate(cfg, preloaded=teacher_model)
@@ -131,6 +140,34 @@ def test_rationale_mode_prompts_step_by_step_and_splits_the_answer(stores, token
     assert any(rec.answer is not None for rec in records), [rec.generated for rec in records]
     settings = open_store(stores["rationale"]).manifest.generation
     assert settings["rationale"] is True and "{prompt}" in settings["rationale_template"]
+
+
+def test_the_default_answer_pattern_skips_the_template_placeholder_on_real_answers(stores):
+    """The model often ends with the template's own "The answer is X." line: the loose rule of earlier
+    versions took 'X' as the answer; the default pattern takes the real one before it, or none."""
+    from store import store_info
+    from store.info import format_info
+    from teacher_gen.rationale import split_rationale
+
+    store = open_store(stores["arithmetic"])
+    records = list(store.iter_records())
+    assert len(records) == len(ARITHMETIC)
+    loose = [split_rationale(r.generated, LOOSE_ANSWER_PATTERN)[1] for r in records]
+    assert sum(a is not None and a.strip('"').startswith("X") for a in loose) >= 2, loose  # the problem
+    answers = [r.answer for r in records]
+    assert sum(a is not None for a in answers) >= 2, [r.generated for r in records]
+    for rec in records:
+        assert rec.answer == split_rationale(rec.generated)[1]  # what the store holds is the default's split
+        if rec.answer is not None:
+            assert re.fullmatch(r"-?[\d,]+(\.\d+)?", rec.answer), (rec.answer, rec.generated)  # a number
+            assert rec.generated.startswith(rec.rationale)
+        first = split_rationale(rec.generated, match="first")[1]
+        assert first is None or re.fullmatch(r"-?[\d,]+(\.\d+)?", first), (first, rec.generated)
+    info = store_info(store)
+    with_answer = sum(a is not None for a in answers)
+    assert info["answers"] == {"with_answer": with_answer, "records": len(records), "unreadable_shards": []}
+    assert f"answers      {with_answer} of {len(records)} records hold an answer" in format_info(info)
+    assert store.manifest.generation["answer_match"] == "last"
 
 
 def test_a_gguf_file_is_a_teacher_as_it_is(real_teacher, stores, tmp_path):

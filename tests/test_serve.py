@@ -273,6 +273,10 @@ def test_auth_with_a_token_every_request_needs_it(tiny_teacher_dir, tmp_path):
         assert "done, 3/3 records" in result.stdout
         by_file = run_cli(["jobs", "list", "--server", svc.url, "--token-file", str(token_file)])
         assert by_file.returncode == 0 and "done" in by_file.stdout
+        # the generation image's HEALTHCHECK finds the service from its command line and sends its token
+        health = subprocess.run([sys.executable, os.path.join(REPO, "docker", "healthcheck.py"), str(svc.proc.pid)],
+                                capture_output=True, text=True, timeout=60)
+        assert health.returncode == 0, health.stdout
     finally:
         svc.stop()
 

@@ -69,6 +69,8 @@ def test_a_short_run_without_the_teacher_lowers_the_held_out_kd_loss(setup: dict
     for name in ("config.json", "model.safetensors", "tokenizer.json", "projections.safetensors"):
         assert os.path.isfile(os.path.join(out, name)), name  # 16-wide student, 32-wide teacher: a projection
     assert {"kd", "ce", "hidden"} <= set(report["loss_curve"][0])
+    with open(os.path.join(out, "loss_curve.png"), "rb") as f:  # the picture of those losses, beside the student
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
     result = CliRunner().invoke(app, ["eval", "--store", setup["store"], "--model", out, "--json", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output

@@ -8,7 +8,8 @@
 3. phase two: two students of one size from one init, the same steps: `potstill train` with sparse
    KD + rationales + hidden states from the rationale store, and `potstill train --alpha 1`
    (cross-entropy only) on the teacher's final answers alone;
-4. every model answers held-out problems none of them trained on; a table and DIR/report.json.
+4. every model answers held-out problems none of them trained on; a table, DIR/report.json and
+   DIR/report.png (the students' loss curves, the accuracies and the table as a picture).
 
 Every step runs the real `potstill` commands in-process — the same code paths a user runs.
 """
@@ -109,7 +110,8 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
         "--student", init, "--max-steps", str(config.student_steps), "--batch-size", str(config.batch_size),
         "--lr", str(config.lr), "--lr-scheduler", "cosine", "--warmup-steps", str(config.student_steps // 10),
         "--seed", str(config.seed), "--num-workers", "0", "--save-steps", str(config.student_steps),
-        "--logging-steps", "50", "--report-to", "none", "--eval-max-records", "0", "--no-bf16",
+        "--logging-steps", str(max(1, min(50, config.student_steps // 12))),  # 50 at the default 600 steps
+        "--report-to", "none", "--eval-max-records", "0", "--no-bf16",
         "--threads", str(threads),
     ]
     kd_dir, base_dir = os.path.join(out, "student_kd"), os.path.join(out, "student_baseline")
@@ -144,14 +146,14 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     }
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    _write_picture(report, os.path.join(out, "report.png"))
     log(format_table(report))
-    log(f"\nreport: {os.path.join(out, 'report.json')}  ({report['seconds']:.0f} s in all)")
+    log(f"\nreport: {os.path.join(out, 'report.json')} and report.png  ({report['seconds']:.0f} s in all)")
     return report
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = [("teacher", "teacher (writes the store)"), ("student_kd", "student: sparse KD + rationales + hidden"),
-            ("student_baseline", "student: final answers only")]
+    rows = ROWS
     lines = [f"{'model':<42}{'params':>10}{'held-out accuracy':>20}{'store bytes/token':>20}"]
     for key, label in rows:
         r = report[key]
@@ -159,6 +161,29 @@ def format_table(report: dict[str, Any]) -> str:
         per_token = "-" if store is None else f"{store['bytes_per_token']:.0f}"
         lines.append(f"{label:<42}{r['params']:>10,}{r['accuracy']:>20.1%}{per_token:>20}")
     return "\n".join(lines)
+
+
+ROWS = (("teacher", "teacher (writes the store)"), ("student_kd", "student: sparse KD + rationales + hidden"),
+        ("student_baseline", "student: final answers only"))
+
+
+def _write_picture(report: dict[str, Any], path: str) -> None:
+    """report.png: both students' loss curves (from their training reports), the accuracies as bars
+    and the table `format_table` prints."""
+    from student_train.plots import write_comparison
+
+    curves = {}
+    for key, label in (("student_kd", "KD student"), ("student_baseline", "baseline")):
+        with open(os.path.join(report[key]["model"], "training_report.json")) as f:
+            curves[label] = json.load(f)["loss_curve"]
+    table = []
+    for key, label in ROWS:
+        r = report[key]
+        per_token = "-" if r.get("store") is None else f"{r['store']['bytes_per_token']:.0f}"
+        table.append([label, f"{r['params']:,}", f"{r['accuracy']:.1%}", per_token])
+    write_comparison(path, curves, table, ["model", "params", "held-out accuracy", "store bytes/token"],
+                     {"teacher": report["teacher"]["accuracy"], "KD student": report["student_kd"]["accuracy"],
+                      "baseline": report["student_baseline"]["accuracy"]})
 
 
 def _run_cli(args: list[str]) -> None:
@@ -180,7 +205,7 @@ def _run_cli(args: list[str]) -> None:
 
 
 OUTPUTS = ("train_prompts.jsonl", "answer_prompts.jsonl", "rationale.store", "answers.store", "student_init",
-           "student_kd", "student_baseline", "report.json")
+           "student_kd", "student_baseline", "report.json", "report.png")
 
 
 def _clear_previous_run(out: str) -> None:
