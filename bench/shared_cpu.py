@@ -17,8 +17,10 @@ Each runs alone (no hog started by this script; other processes on the machine a
 and beside a hog: `--hog` processes of `while True: pass`, started here and stopped after each
 measurement. Contenders alternate within each pair, so drift on the machine hits both alike.
 
-    python bench/shared_cpu.py                                    # the table in docs/benchmarks.md
-    python bench/shared_cpu.py --workloads train --repeats 3
+    python bench/shared_cpu.py --workloads demo,train --contenders old,auto --hog 2 \
+        --demo-args "--train-problems 200 --student-steps 40 --eval-problems 40"   # docs/benchmarks.md
+    python bench/shared_cpu.py --workloads demo --contenders auto --beside alone  # the demo at its defaults
+    python bench/shared_cpu.py --workloads train --contenders old,auto,1 --repeats 3
 """
 
 from __future__ import annotations
