@@ -102,7 +102,7 @@ def submit(
                                 "[required]"),
     out: str = typer.Option(None, "--out", help="Store the job writes on the server, path or URL.  [required]"),
     store: str = alias("--store"),
-    config: str = typer.Option(None, "--config", help="YAML or TOML file of generate settings (flags override it)."),
+    config: str = typer.Option(None, "--config", help="YAML or TOML file of generate settings (flags override it).  [default: none]"),
     server: str = ServerOpt,
     token_file: str = TokenFileOpt,
     wait: bool = typer.Option(False, "--wait", help="Wait for the job to finish (exit 1 unless it is done)."),
@@ -148,8 +148,8 @@ def status(
 
 @app.command("list")
 def list_jobs(
-    state: str = typer.Option(None, help="Only jobs in this state (queued, running, done, failed, cancelled)."),
-    limit: int = typer.Option(None, help="Only the newest N jobs."),
+    state: str = typer.Option(None, help="Only jobs in this state (queued, running, done, failed, cancelled).  [default: all]"),
+    limit: int = typer.Option(None, help="Only the newest N jobs.  [default: all]"),
     server: str = ServerOpt,
     token_file: str = TokenFileOpt,
     as_json: bool = JsonOpt,
@@ -180,7 +180,7 @@ def cancel(
 @app.command("wait")
 def wait_for(
     job_id: str = typer.Argument(..., help="Job id."),
-    timeout: float = typer.Option(None, help="Give up after this many seconds (exit 1)."),
+    timeout: float = typer.Option(None, help="Give up after this many seconds (exit 1).  [default: never]"),
     poll: float = typer.Option(2.0, help="Seconds between status calls."),
     server: str = ServerOpt,
     token_file: str = TokenFileOpt,
