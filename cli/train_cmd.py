@@ -124,7 +124,8 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         elif result["records"] == 0:
-            typer.echo(f"no held-out records in {store} at eval fraction {result['eval_fraction']}")
+            typer.echo(f"no held-out records in {store} at eval fraction {result['eval_fraction']}"
+                       + (f": {result['note']}" if result.get("note") else ""))
         else:
             typer.echo(_format_eval(result))
 

@@ -79,6 +79,9 @@ def test_twenty_records_hold_out_none_and_one_line_says_why(stores: dict, capsys
     held_lines = [line for line in result.output.splitlines() if line.startswith("held-out:")]
     assert held_lines == ["held-out: none (store has 20 records, fewer than the 32 needed to hold out 8 and keep "
                           "75% for training; --eval-fraction 0.05 holds out 0)"], result.output
+    result = CliRunner().invoke(app, ["eval", "--store", stores["s20"], "--student", out, "--no-answers"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "no held-out records" in result.output and "store has 20 records, fewer than the 32" in result.output
 
 
 def test_epoch_is_the_passes_the_loader_made_and_fallback_the_share_of_records_used_whole(stores: dict) -> None:
