@@ -343,6 +343,9 @@ class StoreManifest:
                 f"targets.sampling: the store's draws were made by another sampler ({sampling[0]!r}) than this "
                 f"potstill's ({sampling[1]!r}); draws of two samplers must not share a store: write to a new store"
             )
+        generation = dict(self.generation)
+        if generation.get("rationale") and "answer_match" not in generation:
+            generation["answer_match"] = "last"  # the only rule before --answer-match existed
         pairs = {
             "teacher.name_or_path": (self.teacher.name_or_path, other.teacher.name_or_path),
             "teacher.config_hash": (self.teacher.config_hash, other.teacher.config_hash),
@@ -351,7 +354,7 @@ class StoreManifest:
             "targets": (mine, theirs),
             "hidden": (dataclasses.asdict(self.hidden), dataclasses.asdict(other.hidden)),
             "rationales": (self.rationales, other.rationales),
-            "generation": (self.generation, other.generation),
+            "generation": (generation, other.generation),
         }
         for name, (mine, theirs) in pairs.items():
             for key, old, new in _leaf_differences(name, _normalise(mine), _normalise(theirs)):

@@ -7,6 +7,7 @@ import pytest
 from genhelpers import config, write_jsonl
 
 from store import open_store, store_info
+from store.errors import PotstillError
 from teacher_gen.errors import GenerateError
 from teacher_gen.rationale import split_rationale
 from teacher_gen.runner import generate
@@ -69,3 +70,21 @@ def test_potstill_generate_takes_answer_match_and_store_info_counts_answers(tmp_
     result = runner.invoke(app, ["store", "info", store])
     assert result.exit_code == 0, result.output
     assert "answers      3 of 4 records hold an answer (the others: no answer found" in result.output
+
+
+def test_a_rationale_store_from_before_answer_match_resumes_with_the_last_match_rule(tmp_path, tiny_teacher_dir) -> None:
+    import json
+
+    rows = [{"id": f"r{i}", "prompt": f"what is {i} plus 1 ?", "completion": f"The answer is {i + 1}."}
+            for i in range(4)]
+    store = str(tmp_path / "s")
+    generate(config(tiny_teacher_dir, write_jsonl(str(tmp_path / "p2.jsonl"), rows[:2]), store, rationale=True))
+    manifest_path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["generation"]["answer_match"]  # as written before the option existed: always the last match
+    manifest_path.write_text(json.dumps(manifest))
+    generate(config(tiny_teacher_dir, write_jsonl(str(tmp_path / "p4.jsonl"), rows), store, rationale=True))
+    assert sorted(r.id for r in open_store(store).iter_records()) == ["r0", "r1", "r2", "r3"]
+    with pytest.raises(PotstillError, match='generation.answer_match: store has "last", this run has "first"'):
+        generate(config(tiny_teacher_dir, write_jsonl(str(tmp_path / "p4.jsonl"), rows), store, rationale=True,
+                        answer_match="first"))
