@@ -38,6 +38,9 @@ def store_info(store: Store) -> dict[str, Any]:
         "hidden_layers": [vars(layer) for layer in m.hidden.layers],
         "rationales": m.rationales,
         "answers": count_answers(store) if m.rationales else None,
+        "answer_rule": ({"pattern": m.generation.get("answer_pattern"),
+                         "match": m.generation.get("answer_match", "last")}  # "last": the rule before the option
+                        if m.rationales and m.generation.get("answer_pattern") else None),
         "shards": len(store.commits),
         "records": store.num_records - store.num_duplicates,
         "duplicates": store.num_duplicates,
@@ -69,6 +72,8 @@ def format_info(info: dict[str, Any]) -> str:
         + (", ".join(f"layer {x['index']} [{x['width']}] {x['dtype']}" for x in info["hidden_layers"]) or "none"),
         f"rationales   {'yes' if info['rationales'] else 'no'}",
         *([f"answers      {describe_answers(info['answers'])}"] if info.get("answers") else []),
+        *([f"answer rule  the {info['answer_rule']['match']} match of {info['answer_rule']['pattern']!r}"]
+          if info.get("answer_rule") else []),
         f"shards       {info['shards']}",
         f"records      {info['records']}" + (f" ({info['duplicates']} duplicate rows skipped)" if info["duplicates"] else ""),
         f"tokens       {info['tokens']} ({info['scored_tokens']} scored)",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from genhelpers import config, write_jsonl
 
-from store import open_store, store_info
+from store import format_info, open_store, store_info
 from store.errors import PotstillError
 from teacher_gen.errors import GenerateError
 from teacher_gen.rationale import split_rationale
@@ -85,6 +85,9 @@ def test_a_rationale_store_from_before_answer_match_resumes_with_the_last_match_
     manifest_path.write_text(json.dumps(manifest))
     generate(config(tiny_teacher_dir, write_jsonl(str(tmp_path / "p4.jsonl"), rows), store, rationale=True))
     assert sorted(r.id for r in open_store(store).iter_records()) == ["r0", "r1", "r2", "r3"]
+    info = store_info(open_store(store))
+    assert info["answer_rule"] == {"pattern": manifest["generation"]["answer_pattern"], "match": "last"}
+    assert "answer rule  the last match of " in format_info(info)
     with pytest.raises(PotstillError, match='generation.answer_match: store has "last", this run has "first"'):
         generate(config(tiny_teacher_dir, write_jsonl(str(tmp_path / "p4.jsonl"), rows), store, rationale=True,
                         answer_match="first"))
