@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from store.errors import StoreError
+from store.fs import resolve, write_bytes
 from store.info import describe_targets, store_info
 from store.reader import Store, decode_hidden, open_store
 from store.records import Record
@@ -548,14 +549,9 @@ def write_report(url: str, out: str, config: ReportConfig | None = None,
     store = open_store(url, storage_options, verify_reads=True)
     stats = collect_stats(store, config)
     page = render_html(stats, config)
-    tmp = f"{out}.partial"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, out)
+    try:  # atomic: an existing page is replaced whole or kept
+        fs, path = resolve(os.path.abspath(out))
+        write_bytes(fs, path, page.encode("utf-8"), atomic=True)
     except OSError as e:
         raise StoreError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return stats
