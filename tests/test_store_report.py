@@ -155,7 +155,7 @@ def test_a_damaged_shard_stops_the_report_in_one_line_and_keeps_the_old_page(tmp
     with pytest.raises(StoreError, match=rf"{shard}/records.arrow: fails its sha256 check"):
         write_report(url, str(out))
     assert out.read_text() == "previous report"
-    assert not os.path.exists(f"{out}.partial")
+    assert sorted(os.listdir(tmp_path)) == ["r.html", "s"]  # no temporary file left beside the page
 
 
 def potstill(*args: str) -> subprocess.CompletedProcess:
