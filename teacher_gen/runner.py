@@ -443,6 +443,20 @@ class Run:
         self.summary.cleaned_leftovers = clean_leftovers(self.store, find_leftovers(self.store))
         return self.store
 
+    def skip_committed(self, encoded: list[tuple[Encoded, list[int]]],
+                       committed: set[str]) -> list[tuple[Encoded, list[int]]]:
+        """`encoded` without the samples found committed (counted as already done)."""
+        if not committed:
+            return encoded
+        n, kept = self.config.num_samples, []
+        for enc, todo in encoded:
+            left = [k for k in todo if record_id(enc.item.id, k, n) not in committed]
+            self.summary.already_done += len(todo) - len(left)
+            if left:
+                kept.append((enc, left))
+        self.total = sum(len(todo) for _, todo in kept)
+        return kept
+
     def _samples_to_do(self, item: SourceItem, committed: set[str]) -> list[int]:
         n = self.config.num_samples
         return [k for k in range(n) if record_id(item.id, k, n) not in committed]
@@ -575,10 +589,18 @@ def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSumma
         run.on_progress(Progress(0, run.total, 0, 0.0, run.summary.already_done))
     teacher = load_teacher(config, spec, tokenizer, layers, max_length, preloaded)
     try:
-        store = run.store or run.attach_store(tokenizer)
+        if run.store is None:
+            store = run.attach_store(tokenizer)
+            # Another run may have created and filled the store while this one loaded its teacher: what
+            # it committed is read after this run's claim, so no record can slip in between and be written twice.
+            encoded = run.skip_committed(encoded, store.committed_ids())
+        store = run.store
     except BaseException:
         teacher.close()
         raise
+    if not encoded:
+        teacher.close()
+        return run.finish([])
     writer = WriterPool(
         store, run.summary.writer_id, RecordBuilder(config, tokenizer), threads=config.writer_threads,
         shard_records=config.shard_records, shard_bytes=config.shard_bytes, max_batches=config.queue_batches,

@@ -119,6 +119,27 @@ def test_a_live_run_on_an_overlapping_share_makes_a_second_run_refuse(tmp_path, 
     assert [n for n in os.listdir(os.path.join(store, "writers")) if "other-run" not in n] == []  # our claim is gone
 
 
+def test_a_run_that_fills_the_store_while_another_loads_its_teacher_is_not_written_twice(tmp_path, tiny_teacher_dir):
+    """The interleaving two runs started at once can take: both find no store, the faster one
+    creates and fills it (and ends) while the slower one is still loading its teacher. The slower
+    one must read what was committed after its claim and write nothing twice."""
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(10, seed=8))
+    store = str(tmp_path / "s")
+    cfg = config(tiny_teacher_dir, prompts, store, max_length=None, top_k=4, shard_records=3)
+    first: list = []
+
+    def other_run_finishes_first(progress) -> None:  # called once the total is known, before the teacher loads
+        if not first:
+            first.append(generate(cfg))
+
+    late = generate(cfg, on_progress=other_run_finishes_first)
+    assert first[0].records == 10
+    assert late.records == 0 and late.already_done == 10 and late.shards == 0
+    ids = [i for c in open_store(store).commits for i in c.ids]
+    assert len(ids) == len(set(ids)) == 10
+    assert verify_store(store).ok
+
+
 def test_two_identical_runs_started_at_once_never_write_a_record_twice(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(80, seed=7))
     store = str(tmp_path / "s")
