@@ -1,6 +1,6 @@
-"""Decode speed of the packed target codec against the loader's need (issue 6).
+"""Decode speed of the packed and compact target codecs against the loader's need.
 
-Builds four stores of the same records through the store API (real Arrow files on disk), shaped
+Builds five stores of the same records through the store API (real Arrow files on disk), shaped
 like the anchor run: 1024-token records, every position scored, a vocabulary of 128,256 (17-bit
 ids), top-64 targets and N = 50 sampled targets drawn from a heavy-tailed distribution:
 
@@ -8,6 +8,7 @@ ids), top-64 targets and N = 50 sampled targets drawn from a heavy-tailed distri
     top64-packed    top-64, 17-bit ids, 12-bit log-probs (format 2.0)
     sampled50       N = 50 sampled, unpacked list<list<int32>> ids + list<list<uint16>> counts
     sampled50-packed  N = 50 sampled, 17-bit ids, 6-bit counts
+    sampled50-compact N = 50 sampled, ids gap-coded, counts gamma-coded (format 2.3)
 
 and times, per store, in interleaved rounds (median of the rounds):
 
@@ -77,11 +78,12 @@ def make_records(count: int, length: int, k: int, n: int, seed: int) -> list[Rec
 
 
 def spec(name: str, k: int, n: int) -> TargetSpec:
-    packed = name.endswith("packed")
+    codec = name.rpartition("-")[2] if name.endswith(("-packed", "-compact")) else "none"
+    packed = codec != "none"
     kind = "topk" if name.startswith("top") else "sampled"
     return TargetSpec(kind=kind, k=k if kind == "topk" else 0, samples=n if kind == "sampled" else 0, seed=0,
-                      codec="packed" if packed else "none", id_bits=bits_for(VOCAB - 1) if packed else None,
-                      count_bits=bits_for(n) if packed and kind == "sampled" else None,
+                      codec=codec, id_bits=bits_for(VOCAB - 1) if packed else None,
+                      count_bits=bits_for(n) if codec == "packed" and kind == "sampled" else None,
                       logprob_bits=12 if packed else None, logprob_min=-24.0 if packed else None)
 
 
@@ -125,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
 
     records = make_records(args.records, args.length, args.k, args.samples, seed=0)
-    names = ["top64", "top64-packed", "sampled50", "sampled50-packed"]
+    names = ["top64", "top64-packed", "sampled50", "sampled50-packed", "sampled50-compact"]
     with tempfile.TemporaryDirectory(prefix="potstill-codec-") as root:
         stores = {name: open_store(build(root, name, records, args.k, args.samples)) for name in names}
         views = {name: s.shard(s.shard_names[0]).views for name, s in stores.items()}

@@ -7,8 +7,8 @@
 3. The stores: `potstill generate` (the library call, the real HF capture path) scores a transfer set
    (a sample of train-split blocks) for each offline variant (`STORES`): i.i.d. sampled targets
    (`sampledN`), systematic / stratified draws (`systematicN`, `stratifiedN`), hybrid targets
-   (`hybridH-systematicN`: the exact top-H plus N draws from the rest), all packed; top-K (`topK`,
-   unpacked) on request.
+   (`hybridH-systematicN`: the exact top-H plus N draws from the rest), all packed (`--codec compact`:
+   the compact codec, which holds the same draws in fewer bytes); top-K (`topK`, unpacked) on request.
 4. Students of one size, from the same initial weights, take the same steps over the same batches
    (the store loader `student_train.data.StoreDataset`, one seed for the order), with:
      ce         cross-entropy on the stored tokens only;
@@ -111,6 +111,8 @@ STORES = {  # store name (= variant name) -> generate settings; every sampled st
     "systematic12": dict(targets="sampled", samples=12, sampler="systematic", codec="packed"),
     "stratified12": dict(targets="sampled", samples=12, sampler="stratified", codec="packed"),
     "systematic24": dict(targets="sampled", samples=24, sampler="systematic", codec="packed"),
+    "systematic48": dict(targets="sampled", samples=48, sampler="systematic", codec="packed"),
+    "systematic64": dict(targets="sampled", samples=64, sampler="systematic", codec="packed"),
     "hybrid2-systematic12": dict(targets="hybrid", top_k=2, samples=12, sampler="systematic", codec="packed"),
     "hybrid4-systematic8": dict(targets="hybrid", top_k=4, samples=8, sampler="systematic", codec="packed"),
 }
@@ -226,7 +228,9 @@ def train_teacher(blocks: np.ndarray, scale: Scale, device: str, folder: str, to
 
 # -- stores ------------------------------------------------------------------------------------------
 def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale, device: str,
-                names: list[str]) -> dict[str, str]:
+                names: list[str], codec: str = "packed") -> dict[str, str]:
+    """One store per name; `codec` is the codec of the sampled and hybrid stores (the draws are the
+    same in both: the compact codec is lossless), top-K stores stay unpacked."""
     from teacher_gen.config import GenerateConfig
     from teacher_gen.runner import generate
 
@@ -237,7 +241,9 @@ def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale
     urls = {}
     for name in names:
         settings = STORES[name]
-        url = os.path.join(workdir, "stores", f"{name}.store")
+        if settings["targets"] != "topk":
+            settings = {**settings, "codec": codec}
+        url = os.path.join(workdir, "stores", f"{name}.store" if settings.get("codec") != "compact" else f"{name}.compact.store")
         config = GenerateConfig.build(
             teacher=os.path.join(workdir, "teacher"), prompts=prompts, store=url, score_prompt=True,
             max_length=scale.seq, truncate=True, device=device, progress=False, writer_threads=1,
@@ -412,7 +418,7 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
     the held-out blocks and the uniforms."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from store.codec import bits_for, sampled_from_draws
+    from store.codec import bits_for, encode_sampled_compact, sampled_from_draws
     from student_train.data import hybrid_weights
     from teacher_gen.capture import logit_transform, topk_logprobs
 
@@ -424,7 +430,7 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
     id_bits, lp_bits = bits_for(vocab - 1), 12
-    sums = {v: {"sq_error": 0.0, "entries": 0, "bits": 0.0} for v in variants}
+    sums = {v: {"sq_error": 0.0, "entries": 0, "bits": 0.0, "compact_bits": 0.0} for v in variants}
     positions = 0
     for b, block in enumerate(data):
         x = torch.from_numpy(block[None])
@@ -458,22 +464,27 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
                 s["sq_error"] += (dense - p).square().sum().item() / repeats
                 s["entries"] += sampled.num_entries / repeats
                 # packed: token log-prob; top-k ids + log-probs + float32 log tail; draws' ids + counts
-                s["bits"] += (len(targets) * (lp_bits + (k * (id_bits + lp_bits) + 32 if k else 0))
-                              + sampled.num_entries * (id_bits + bits_for(n))) / repeats
+                fixed = len(targets) * (lp_bits + (k * (id_bits + lp_bits) + 32 if k else 0))
+                s["bits"] += (fixed + sampled.num_entries * (id_bits + bits_for(n))) / repeats
+                # compact: the draws' two streams as the codec writes them for this block (one record)
+                s["compact_bits"] += (fixed + 8 * sum(map(len, encode_sampled_compact(sampled)))) / repeats
         say(f"real teacher: block {b + 1}/{len(data)}")
     return [{"variant": v, "distinct_ids_per_position": s["entries"] / positions,
-             "packed_target_bytes_per_token": s["bits"] / 8 / positions, "grad_sq_error": s["sq_error"] / positions,
+             "packed_target_bytes_per_token": s["bits"] / 8 / positions,
+             "compact_target_bytes_per_token": s["compact_bits"] / 8 / positions, "grad_sq_error": s["sq_error"] / positions,
              "positions": positions} for v, s in sums.items()]
 
 
 def real_teacher_table(runs: list[list[dict[str, Any]]]) -> str:
     """Mean ± standard deviation over seeds (held-out blocks and uniforms) of `real_teacher_variance`."""
     base = [next(r["grad_sq_error"] for r in rows if r["variant"] == "sampled12") for rows in runs]
-    lines = ["| targets | packed target B/token | distinct ids per position | E‖p̂ − p‖² per position | vs sampled12 (i.i.d.) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| targets | packed target B/token | compact target B/token | distinct ids per position | "
+             "E‖p̂ − p‖² per position | vs sampled12 (i.i.d.) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for i, first in enumerate(runs[0]):
         rows = [run[i] for run in runs]
         lines.append(f"| {first['variant']} | {_pm([r['packed_target_bytes_per_token'] for r in rows])} | "
+                     f"{_pm([r.get('compact_target_bytes_per_token', math.nan) for r in rows])} | "
                      f"{_pm([r['distinct_ids_per_position'] for r in rows], fmt='.2f')} | "
                      f"{_pm([r['grad_sq_error'] for r in rows], fmt='.5f')} | "
                      f"{_pm([r['grad_sq_error'] / b for r, b in zip(rows, base, strict=True)], fmt='.3f')} |")
@@ -724,6 +735,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="student seeds (default: the scale's)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (ce and full always run)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--codec", choices=("packed", "compact"), default="packed",
+                        help="codec of the sampled stores (top-K stores are unpacked)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="default: $TMPDIR/potstill-fidelity-<scale>")
     parser.add_argument("--corpus", default=sysconfig.get_paths()["stdlib"])
@@ -814,11 +827,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(ALL_VARIANTS)}")
     variants = [v for v in ALL_VARIANTS if v in {"ce", "full", *args.variants.split(",")}]
-    stores = make_stores(workdir, transfer, tokenizer, scale, args.device, sorted({store_for(v) for v in variants}))
+    stores = make_stores(workdir, transfer, tokenizer, scale, args.device, sorted({store_for(v) for v in variants}),
+                         args.codec)
     bytes_by_store = {name: store_bytes(url) for name, url in stores.items()}
 
     # Gradient variance needs no store and no training: every sampled kind, trained here or not.
-    grad_variants = [v for v in STORES if STORES[v]["targets"] != "topk" and v != "systematic24"]
+    grad_variants = [v for v in STORES if STORES[v]["targets"] != "topk"]
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
     grad_var: dict[str, list[dict[str, float]]] = {"full-KD student": []}
@@ -841,7 +855,7 @@ def main() -> None:
     say(f"done in {(time.time() - started) / 60:.1f} min")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"scale": dataclasses.asdict(scale), "scale_name": scale_name, "device": args.device,
+            json.dump({"scale": dataclasses.asdict(scale), "scale_name": scale_name, "device": args.device, "codec": args.codec,
                        "threads": args.threads, "teacher": teacher_eval, "stores": bytes_by_store, "rows": rows,
                        "runs": results, "curves": {v: [{str(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()},
                        "share_curves": shares, "gradient_variance": grad_var, "verdict": lines,

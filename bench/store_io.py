@@ -593,7 +593,7 @@ def markdown(report: dict[str, Any]) -> str:
             read_table(report["read_hidden"], "tokens"),
             "**Bytes per token by field** (`store_info`)",
             markdown_table(["field", "bytes", "B/token", "B/scored token"], field_rows),
-            f"**Bars** (issue 2): store {bars['store_vs_memmap']:.0%} of the memmap limit (need ≥ 80%), "
+            f"**Bars**: store {bars['store_vs_memmap']:.0%} of the memmap limit (need ≥ 80%), "
             f"{bars['store_vs_datasets']:.1f}× {bars['datasets_reader']} (need ≥ 3×): "
             + ("met." if bars["met"] else "NOT met."),
         ]

@@ -120,7 +120,7 @@ def describe_answers(a: dict[str, Any]) -> str:
 
 def describe_targets(t: dict[str, Any]) -> str:
     """One line: what each scored position carries and how it is encoded."""
-    packed = t.get("codec") == "packed"
+    packed = t.get("codec") in ("packed", "compact")
     parts = []
     if t["kind"] in ("topk", "both", "hybrid"):
         lp = f"{t['logprob_bits']}-bit log-probs (max error {t['logprob_max_error']:.2g})" if packed else f"{t['logprob_dtype']} log-probs"
@@ -130,7 +130,12 @@ def describe_targets(t: dict[str, Any]) -> str:
         sampler = t.get("sampler", "iid")
         rest = " from the rest" if t["kind"] == "hybrid" else ""
         parts.append(f"sampled N={t['samples']}{rest} ({sampler} draws, ids + counts, seed {t['seed']})")
-    codec = f"packed codec: {t['id_bits']}-bit ids" + (f", {t['count_bits']}-bit counts" if t.get("count_bits") else "") if packed else "unpacked"
+    if t.get("codec") == "compact":
+        codec = f"compact codec: sampled ids gap-coded, counts gamma-coded, {t['id_bits']}-bit top-K ids"
+    elif packed:
+        codec = f"packed codec: {t['id_bits']}-bit ids" + (f", {t['count_bits']}-bit counts" if t.get("count_bits") else "")
+    else:
+        codec = "unpacked"
     return " and ".join(parts) + f"; {codec}"
 
 
@@ -144,7 +149,7 @@ def describe_tail(t: dict[str, Any]) -> str | None:
     if method == "complement":
         return ("log(1 − Σ top-K) in float64 from the top-K log-probs the backend returned: approximate "
                 "below ~1e-6 (their float32 rounding), −inf where it rounds to 0")
-    if t.get("codec") == "packed":
+    if t.get("codec") in ("packed", "compact"):
         return ("approximate (format 2.0): recomputed as 1 − Σ exp(top-K) from the quantised log-probs, "
                 f"off by up to {math.expm1(float(t.get('logprob_max_error') or 0)):.2%} of the top-K mass")
     return ("approximate (format 1.0 / 2.0): 1 − Σ exp(top-K) in float32, so tails near 1e-5 are off by "

@@ -14,7 +14,7 @@ from store.errors import FormatVersionError, StoreError
 
 FORMAT_NAME = "potstill-store"
 FORMAT_VERSION = "1.1"  # what a plain top-k, unpacked store is written as (readable by every potstill)
-LATEST_FORMAT_VERSION = "2.2"  # sampled / hybrid targets or the packed codec (docs/store-format.md §4.2, §4.3)
+LATEST_FORMAT_VERSION = "2.3"  # sampled / hybrid targets or the packed codecs (docs/store-format.md §4.2, §4.3)
 READ_MAJOR = 2  # the newest major version this code reads
 
 LOGPROB_DTYPES = ("float16", "float32")
@@ -24,7 +24,9 @@ HIDDEN_DTYPES = ("float16", "bfloat16")
 TARGET_KINDS = ("topk", "sampled", "both", "hybrid")
 # How a position's N draws are placed (format §4.2); "iid" is what stores before 2.2 hold.
 SAMPLERS = ("iid", "systematic", "stratified")
-CODECS = ("none", "packed")
+# "compact" (format 2.3): "packed", with the sampled draws' ids gap-coded and counts gamma-coded (§4.3.1).
+# A reader before 2.3 refuses it as an unknown codec.
+CODECS = ("none", "packed", "compact")
 # How the `tail_logprob` column (format 1.1 / 2.1, docs/store-format.md §4.4) was computed:
 # "direct": logsumexp of the logits outside the top-K minus logsumexp of all of them;
 # "complement": log(1 − Σ exp(top-K log-probs)) in float64, when only the top-K are known (vLLM).
@@ -144,12 +146,14 @@ class TargetSpec:
             raise StoreError(f"targets.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.codec not in CODECS:
             raise StoreError(f"unknown targets.codec {self.codec!r}; expected one of {CODECS}")
-        if self.codec == "packed":
+        if self.codec == "compact" and not self.has_sampled:
+            raise StoreError(f"targets.codec compact codes sampled draws; {self.kind} targets use the packed codec")
+        if self.packed:
             from store.codec import MAX_BITS, LogprobQuantizer, bits_for
 
             if not isinstance(self.id_bits, int) or not 1 <= self.id_bits <= MAX_BITS:
                 raise StoreError(f"targets.id_bits must be an integer in [1, {MAX_BITS}], got {self.id_bits!r}")
-            if self.has_sampled and self.count_bits != bits_for(self.samples):
+            if self.codec == "packed" and self.has_sampled and self.count_bits != bits_for(self.samples):
                 raise StoreError(f"targets.count_bits must be {bits_for(self.samples)} for N={self.samples}, got {self.count_bits!r}")
             if not isinstance(self.logprob_bits, int) or not isinstance(self.logprob_min, int | float):
                 raise StoreError("targets.logprob_bits and targets.logprob_min are required by the packed codec")
@@ -170,7 +174,7 @@ class TargetSpec:
 
     @property
     def packed(self) -> bool:
-        return self.codec == "packed"
+        return self.codec in ("packed", "compact")
 
     def quantizer(self) -> Any:
         """The packed codec's `store.codec.LogprobQuantizer`."""
@@ -187,7 +191,10 @@ class TargetSpec:
 
     def required_version(self) -> str:
         """The lowest format version that describes these targets: x.1 when they carry the log
-        tail (format §4.4), x.0 when not; 2.2 for hybrid targets or draws that are not i.i.d."""
+        tail (format §4.4), x.0 when not; 2.2 for hybrid targets or draws that are not i.i.d.; 2.3
+        for the compact codec."""
+        if self.codec == "compact":
+            return "2.3"
         if self.kind == "hybrid" or (self.has_sampled and self.sampler != "iid"):
             return "2.2"
         return f"{self.major_version}.{0 if self.tail_logprob is None else 1}"
@@ -207,13 +214,13 @@ class TargetSpec:
         out["codec"] = self.codec
         if self.has_sampled:
             out.update(samples=self.samples, seed=self.seed, sampling=self.sampling)
-            if self.required_version() == "2.2":
+            if parse_version(self.required_version(), "targets") >= (2, 2):
                 out["sampler"] = self.sampler
         if self.packed:
             q = self.quantizer()
             out.update(id_bits=self.id_bits, logprob_bits=self.logprob_bits, logprob_min=self.logprob_min,
                        logprob_step=q.step, logprob_max_error=q.max_error, tail_mass="recomputed")
-            if self.has_sampled:
+            if self.codec == "packed" and self.has_sampled:
                 out["count_bits"] = self.count_bits
         return out
 

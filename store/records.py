@@ -14,8 +14,10 @@ from store.codec import (
     SampledTargets,
     check_sampled,
     decode_sampled,
+    decode_sampled_compact,
     decode_topk,
     encode_sampled,
+    encode_sampled_compact,
     encode_topk,
     pack_bits,
     recomputed_tail_mass,
@@ -342,7 +344,8 @@ def _target_columns(records: list[Record], manifest: StoreManifest) -> dict[str,
         if spec.tail_logprob:
             columns["tail_logprob"] = _list_array(_concat([r.tail_logprob for r in records], np.dtype(np.float32)), n_scored)  # type: ignore[misc]
         if spec.has_sampled:
-            streams = [encode_sampled(r.sampled, id_bits, int(spec.count_bits or 0)) for r in records]  # type: ignore[arg-type]
+            streams = [encode_sampled_compact(r.sampled) if spec.codec == "compact"  # type: ignore[arg-type]
+                       else encode_sampled(r.sampled, id_bits, int(spec.count_bits or 0)) for r in records]  # type: ignore[arg-type]
             columns["sampled_entries"] = pa.array([r.sampled.num_entries for r in records], pa.int32())  # type: ignore[union-attr]
             columns["sampled_ids_packed"] = _bytes_list([a for a, _ in streams])
             columns["sampled_counts_packed"] = _bytes_list([b for _, b in streams])
@@ -491,6 +494,12 @@ class ColumnViews:
         """Record j's sampled targets (ids with counts per scored position)."""
         if not self.spec.has_sampled:
             raise StoreError(f"the store holds {self.spec.kind} targets, no sampled targets")
+        if self.spec.codec == "compact":
+            return decode_sampled_compact(
+                self._packed_bytes("sampled_ids_packed", j), self._packed_bytes("sampled_counts_packed", j),
+                int(self.sampled_entries[j]), self.num_scored_of(j), self.spec.samples, 1 << int(self.spec.id_bits or 0),
+                where=f"record {self.text_of('id', j)!r}",
+            )
         if self.spec.packed:
             return decode_sampled(
                 self._packed_bytes("sampled_ids_packed", j), self._packed_bytes("sampled_counts_packed", j),
@@ -543,7 +552,7 @@ def packed_lengths_ok(views: ColumnViews) -> list[str]:
     if spec.has_topk:
         expect["topk_ids_packed"] = scored * spec.k * int(spec.id_bits or 0)
         expect["topk_logprobs_packed"] = scored * spec.k * int(spec.logprob_bits or 0)
-    if spec.has_sampled:
+    if spec.has_sampled and spec.codec == "packed":  # (compact streams have no fixed length: decoding checks them)
         entries = views.sampled_entries.astype(np.int64)
         expect["sampled_ids_packed"] = entries * int(spec.id_bits or 0)
         expect["sampled_counts_packed"] = entries * int(spec.count_bits or 0)

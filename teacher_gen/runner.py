@@ -218,7 +218,7 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
     """The manifest's `targets` for a run (format §2): kind, K, N and seed, codec and its bit widths."""
     from store.codec import bits_for
 
-    topk, sampled, packed = config.targets != "sampled", config.targets != "topk", config.codec == "packed"
+    topk, sampled, packed = config.targets != "sampled", config.targets != "topk", config.codec in ("packed", "compact")
     return TargetSpec(
         kind=config.targets,
         k=config.top_k if topk else 0,
@@ -230,7 +230,7 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
         sampler=config.sampler if sampled else "iid",
         codec=config.codec,
         id_bits=bits_for(vocab - 1) if packed else None,
-        count_bits=bits_for(config.samples) if packed and sampled else None,
+        count_bits=bits_for(config.samples) if config.codec == "packed" and sampled else None,
         logprob_bits=config.logprob_bits if packed else None,
         logprob_min=config.logprob_min if packed else None,
         # vLLM returns only the top-K, so its tail can only be their complement (format §4.4)
