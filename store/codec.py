@@ -1,4 +1,5 @@
-"""Target encodings of format 2.x (docs/store-format.md §4.2, §4.3): sampled targets and the packed codec.
+"""Target encodings of format 2.x (docs/store-format.md §4.2, §4.3): sampled targets, the packed codec
+and the compact coding of sampled draws (§4.3.1).
 
 - **Sampled targets**: per scored position, N draws with replacement from the teacher's
   distribution, kept as the distinct ids with their counts (`SampledTargets`, CSR layout).
@@ -9,6 +10,10 @@
   −inf (an empty top-k slot); code c ≥ 1 means lo + (c − 1)·step with step = −lo / (2^bits − 2).
   A value in [lo, 0] reads back within step / 2 (plus float32 rounding); a value below lo reads
   back as lo, a value above 0 (rounding noise of a log-softmax) as 0.
+
+- **Compact sampled coding** (`encode_sampled_compact` / `decode_sampled_compact`): the ids of a
+  position sorted and stored as Rice-coded gaps, the counts Elias-gamma-coded, each code split into
+  a fixed-width stream and a unary stream so that decoding stays vectorised.
 
 Nothing here knows about Arrow: `records.py` stores the byte strings these functions make.
 """
