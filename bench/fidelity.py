@@ -43,6 +43,7 @@ prints the tables (and plots) of a saved run again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -52,6 +53,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -498,6 +500,23 @@ def real_teacher_table(runs: list[list[dict[str, Any]]]) -> str:
 
 def plot_real(runs: list[list[dict[str, Any]]], folder: str, teacher: str) -> None:
     """docs/fidelity-real-teacher.png: each sampled variant's target error against its packed bytes."""
+    with figure(folder, "fidelity-real-teacher.png") as ax:
+        for i, first in enumerate(runs[0]):
+            rows = [run[i] for run in runs]
+            x = np.mean([r["packed_target_bytes_per_token"] for r in rows])
+            y = [r["grad_sq_error"] for r in rows]
+            ax.errorbar(x, np.mean(y), yerr=np.std(y, ddof=1) if len(y) > 1 else 0, marker="o", capsize=3,
+                        label=first["variant"])
+        ax.axvline(40, color="grey", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xlabel("packed target bytes per token")
+        ax.set_ylabel("E‖p̂ − p‖² per position")
+        ax.set_title(f"Sampled targets of {teacher}: error against bytes")
+
+
+@contextlib.contextmanager
+def figure(folder: str, name: str) -> Iterator[Any]:
+    """The axes of a new figure; on leaving the block: legend, saved as folder/name, closed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -505,21 +524,13 @@ def plot_real(runs: list[list[dict[str, Any]]], folder: str, teacher: str) -> No
 
     os.makedirs(folder, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, first in enumerate(runs[0]):
-        rows = [run[i] for run in runs]
-        x = np.mean([r["packed_target_bytes_per_token"] for r in rows])
-        y = [r["grad_sq_error"] for r in rows]
-        ax.errorbar(x, np.mean(y), yerr=np.std(y, ddof=1) if len(y) > 1 else 0, marker="o", capsize=3,
-                    label=first["variant"])
-    ax.axvline(40, color="grey", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_xlabel("packed target bytes per token")
-    ax.set_ylabel("E‖p̂ − p‖² per position")
-    ax.set_title(f"Sampled targets of {teacher}: error against bytes")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "fidelity-real-teacher.png"), dpi=110)
-    plt.close(fig)
+    try:
+        yield ax
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, name), dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # -- evaluation --------------------------------------------------------------------------------------
@@ -615,42 +626,28 @@ def grad_table(grad_var: dict[str, list[dict[str, float]]], seeds: int) -> str:
 def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dict[str, float]]], folder: str,
          scale_name: str) -> None:
     """docs/fidelity-share-vs-steps.png and docs/fidelity-gradient-variance.png (or under `folder`)."""
-    import matplotlib
+    with figure(folder, "fidelity-share-vs-steps.png") as ax:
+        for variant, by_step in shares.items():
+            steps = [int(s) for s in by_step]
+            mean = [100 * np.mean(v) for v in by_step.values()]
+            std = [100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in by_step.values()]
+            ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=variant)
+        ax.axhline(100, color="black", lw=0.8)
+        ax.axhline(95, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("student training steps")
+        ax.set_ylabel("share of full KD's gain over CE (%)")
+        ax.set_title(f"Offline targets vs online full KD, against steps ({scale_name} scale)")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(folder, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for variant, by_step in shares.items():
-        steps = [int(s) for s in by_step]
-        mean = [100 * np.mean(v) for v in by_step.values()]
-        std = [100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in by_step.values()]
-        ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=variant)
-    ax.axhline(100, color="black", lw=0.8)
-    ax.axhline(95, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("student training steps")
-    ax.set_ylabel("share of full KD's gain over CE (%)")
-    ax.set_title(f"Offline targets vs online full KD, against steps ({scale_name} scale)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "fidelity-share-vs-steps.png"), dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = list(grad_var["full-KD student"][0].keys())
-    width = 0.8 / len(grad_var)
-    for i, (which, runs) in enumerate(grad_var.items()):
-        values = [np.mean([r[n] for r in runs]) for n in names]
-        ax.bar(np.arange(len(names)) + i * width, values, width, label=which)
-    ax.set_xticks(np.arange(len(names)) + width * (len(grad_var) - 1) / 2, names, rotation=25, ha="right", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("E‖g − g*‖² / ‖g*‖²")
-    ax.set_title("Gradient error against full KD's exact gradient (held-out positions)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "fidelity-gradient-variance.png"), dpi=110)
-    plt.close(fig)
+    with figure(folder, "fidelity-gradient-variance.png") as ax:
+        names = list(grad_var["full-KD student"][0].keys())
+        width = 0.8 / len(grad_var)
+        for i, (which, runs) in enumerate(grad_var.items()):
+            values = [np.mean([r[n] for r in runs]) for n in names]
+            ax.bar(np.arange(len(names)) + i * width, values, width, label=which)
+        ax.set_xticks(np.arange(len(names)) + width * (len(grad_var) - 1) / 2, names, rotation=25, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("E‖g − g*‖² / ‖g*‖²")
+        ax.set_title("Gradient error against full KD's exact gradient (held-out positions)")
 
 
 def bytes_table(bytes_by_store: dict[str, dict[str, float]]) -> str:
