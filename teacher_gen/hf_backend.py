@@ -157,21 +157,8 @@ class HFTeacher:
         self.taps.clear()
         out = self.body(input_ids=ids_t, attention_mask=mask_t, use_cache=False)
         final = out[0].reshape(b * t, -1)
-        uniforms = draws = None
-        if self.samples:  # per-record uniforms: a record's draws never depend on its batch-mates
-            uniforms = self._to_device(np.concatenate([
-                target_uniforms(self.config.seed, job.record_id, len(job) - job.score_start, self.samples) for job in jobs
-            ]))
-            draws = torch.empty(uniforms.shape, dtype=torch.int32, device=self.device)
-        top_ids, top_lp, token_lp, tail = topk_logprobs(
-            final.index_select(0, pred_idx), self.head, target_ids, self.k,
-            chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
-            logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws, fused=self.fused,
-            sampler=self.config.sampler, draw_from_rest=self.config.targets == "hybrid",
-        )
-        device_out = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
-        if draws is not None:
-            device_out["draws"] = draws
+        device_out = self._targets(final.index_select(0, pred_idx), target_ids,
+                                   [(job.record_id, len(job) - job.score_start) for job in jobs])
         if self.hidden_layers:
             hid_idx = self._to_device(np.concatenate(hidden_rows).astype(np.int64))
             for index in self.hidden_layers:
@@ -253,11 +240,20 @@ class HFTeacher:
         rows = np.concatenate([row * finals.shape[1] + np.arange(len(c)) for row, c in enumerate(completions)])
         hidden = finals.reshape(-1, finals.shape[-1]).index_select(0, self._to_device(rows.astype(np.int64)))
         target_ids = self._to_device(np.concatenate(completions).astype(np.int64))
+        targets = self._targets(hidden, target_ids,
+                                [(r.record_id, len(c)) for r, c in zip(requests, completions, strict=True)])
+        host = {name: value.cpu() for name, value in targets.items()}
+        return _split([(len(c), 0) for c in completions], host, [], self.hidden_dtype)
+
+    def _targets(self, hidden: torch.Tensor, target_ids: torch.Tensor,
+                 records: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        """Top-k ids and log-probs, the token's log-prob, the log tail and (sampled targets) the draws
+        of the positions whose final hidden states are `hidden`; `records`: (record id, scored
+        positions) of each record, in order, whose own uniforms make its draws (never its batch-mates')."""
         uniforms = draws = None
         if self.samples:
             uniforms = self._to_device(np.concatenate([
-                target_uniforms(self.config.seed, r.record_id, len(c), self.samples)
-                for r, c in zip(requests, completions, strict=True)
+                target_uniforms(self.config.seed, record_id, n, self.samples) for record_id, n in records
             ]))
             draws = torch.empty(uniforms.shape, dtype=torch.int32, device=self.device)
         top_ids, top_lp, token_lp, tail = topk_logprobs(
@@ -266,11 +262,10 @@ class HFTeacher:
             logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws, fused=self.fused,
             sampler=self.config.sampler, draw_from_rest=self.config.targets == "hybrid",
         )
-        host = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
+        out = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
         if draws is not None:
-            host["draws"] = draws
-        host = {name: value.cpu() for name, value in host.items()}
-        return _split([(len(c), 0) for c in completions], host, [], self.hidden_dtype)
+            out["draws"] = draws
+        return out
 
     # -- checks --------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -590,10 +590,9 @@ def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSumma
     teacher = load_teacher(config, spec, tokenizer, layers, max_length, preloaded)
     try:
         if run.store is None:
-            store = run.attach_store(tokenizer)
             # Another run may have created and filled the store while this one loaded its teacher: what
             # it committed is read after this run's claim, so no record can slip in between and be written twice.
-            encoded = run.skip_committed(encoded, store.committed_ids())
+            encoded = run.skip_committed(encoded, run.attach_store(tokenizer).committed_ids())
         store = run.store
     except BaseException:
         teacher.close()
