@@ -1,6 +1,6 @@
 """Decode speed of the packed and compact target codecs against the loader's need.
 
-Builds five stores of the same records through the store API (real Arrow files on disk), shaped
+Builds seven stores of the same records through the store API (real Arrow files on disk), shaped
 like the anchor run: 1024-token records, every position scored, a vocabulary of 128,256 (17-bit
 ids), top-64 targets and N = 50 sampled targets drawn from a heavy-tailed distribution:
 
@@ -9,6 +9,8 @@ ids), top-64 targets and N = 50 sampled targets drawn from a heavy-tailed distri
     sampled50       N = 50 sampled, unpacked list<list<int32>> ids + list<list<uint16>> counts
     sampled50-packed  N = 50 sampled, 17-bit ids, 6-bit counts
     sampled50-compact N = 50 sampled, ids gap-coded, counts gamma-coded (format 2.3)
+    sampled50-compact2 N = 50 sampled, compact with a Rice parameter per rank bucket (format 2.4)
+    sampled50-compact2-order  the same with an id order of 4,096 listed ids (its slowest case)
 
 and times, per store, in interleaved rounds (median of the rounds):
 
@@ -45,7 +47,7 @@ from store import (
     open_store,
     store_info,
 )
-from store.codec import bits_for, sampled_from_draws
+from store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws
 from student_train.data import collate, record_sequence
 
 VOCAB = 128_256
@@ -78,13 +80,15 @@ def make_records(count: int, length: int, k: int, n: int, seed: int) -> list[Rec
 
 
 def spec(name: str, k: int, n: int) -> TargetSpec:
-    codec = name.rpartition("-")[2] if name.endswith(("-packed", "-compact")) else "none"
+    codec = next((c for c in ("packed", "compact2", "compact") if f"-{c}" in name), "none")
     packed = codec != "none"
+    # The draws' ids are uniform here, so no order makes them smaller: the store times its mapping.
+    order = list(range(0, VOCAB, VOCAB // MAX_ID_ORDER))[:MAX_ID_ORDER][::-1] if name.endswith("-order") else None
     kind = "topk" if name.startswith("top") else "sampled"
     return TargetSpec(kind=kind, k=k if kind == "topk" else 0, samples=n if kind == "sampled" else 0, seed=0,
                       codec=codec, id_bits=bits_for(VOCAB - 1) if packed else None,
                       count_bits=bits_for(n) if codec == "packed" and kind == "sampled" else None,
-                      logprob_bits=12 if packed else None, logprob_min=-24.0 if packed else None)
+                      logprob_bits=12 if packed else None, logprob_min=-24.0 if packed else None, id_order=order)
 
 
 def build(root: str, name: str, records: list[Record], k: int, n: int) -> str:
@@ -127,7 +131,8 @@ def main() -> None:
     args = parser.parse_args()
 
     records = make_records(args.records, args.length, args.k, args.samples, seed=0)
-    names = ["top64", "top64-packed", "sampled50", "sampled50-packed", "sampled50-compact"]
+    names = ["top64", "top64-packed", "sampled50", "sampled50-packed", "sampled50-compact", "sampled50-compact2",
+             "sampled50-compact2-order"]
     with tempfile.TemporaryDirectory(prefix="potstill-codec-") as root:
         stores = {name: open_store(build(root, name, records, args.k, args.samples)) for name in names}
         views = {name: s.shard(s.shard_names[0]).views for name, s in stores.items()}

@@ -7,8 +7,9 @@
 3. The stores: `potstill generate` (the library call, the real HF capture path) scores a transfer set
    (a sample of train-split blocks) for each offline variant (`STORES`): i.i.d. sampled targets
    (`sampledN`), systematic / stratified draws (`systematicN`, `stratifiedN`), hybrid targets
-   (`hybridH-systematicN`: the exact top-H plus N draws from the rest), all packed (`--codec compact`:
-   the compact codec, which holds the same draws in fewer bytes); top-K (`topK`, unpacked) on request.
+   (`hybridH-systematicN`: the exact top-H plus N draws from the rest), all packed (`--codec compact`
+   or `compact2`: the compact codecs, which hold the same draws in fewer bytes); top-K (`topK`,
+   unpacked) on request.
 4. Students of one size, from the same initial weights, take the same steps over the same batches
    (the store loader `student_train.data.StoreDataset`, one seed for the order), with:
      ce         cross-entropy on the stored tokens only;
@@ -24,8 +25,8 @@
    against steps); and, on the full-KD student, E‖g − g*‖² / ‖g*‖² of each sampled kind's parameter
    gradient g on held-out blocks against full KD's exact gradient g*.
 6. `--real-teacher DIR`: no training; each sampled kind's error E‖p̂ − p‖² against a real teacher's
-   exact distributions on held-out text, with its packed bytes (the gradient error any student's
-   logits get).
+   exact distributions on held-out text, with its packed, compact and compact2 bytes (the gradient
+   error any student's logits get).
 
     python bench/fidelity.py                          # CPU scale (~30-40 min on 2 quiet cores), 2 seeds
     python bench/fidelity.py --scale short            # a 200-step teacher, 80-step students: minutes
@@ -120,6 +121,11 @@ STORES = {  # store name (= variant name) -> generate settings; every sampled st
     "systematic48": dict(targets="sampled", samples=48, sampler="systematic", codec="packed"),
     "systematic56": dict(targets="sampled", samples=56, sampler="systematic", codec="packed"),
     "systematic64": dict(targets="sampled", samples=64, sampler="systematic", codec="packed"),
+    "systematic72": dict(targets="sampled", samples=72, sampler="systematic", codec="packed"),
+    "systematic76": dict(targets="sampled", samples=76, sampler="systematic", codec="packed"),
+    "systematic80": dict(targets="sampled", samples=80, sampler="systematic", codec="packed"),
+    # Far more draws than any byte budget allows: how close do unbiased draws get when variance is ~0?
+    "systematic1024": dict(targets="sampled", samples=1024, sampler="systematic", codec="packed"),
     "hybrid2-systematic12": dict(targets="hybrid", top_k=2, samples=12, sampler="systematic", codec="packed"),
     "hybrid4-systematic8": dict(targets="hybrid", top_k=4, samples=8, sampler="systematic", codec="packed"),
 }
@@ -250,7 +256,8 @@ def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale
         settings = STORES[name]
         if settings["targets"] != "topk":
             settings = {**settings, "codec": codec}
-        url = os.path.join(workdir, "stores", f"{name}.store" if settings.get("codec") != "compact" else f"{name}.compact.store")
+        suffix = f".{settings['codec']}" if settings.get("codec") in ("compact", "compact2") else ""
+        url = os.path.join(workdir, "stores", f"{name}{suffix}.store")
         config = GenerateConfig.build(
             teacher=os.path.join(workdir, "teacher"), prompts=prompts, store=url, score_prompt=True,
             max_length=scale.seq, truncate=True, device=device, progress=False, writer_threads=1,
@@ -277,6 +284,49 @@ def store_bytes(url: str) -> dict[str, float]:
             positions += rec.sampled.num_positions
         out["unique_ids_per_position"] = entries / positions
     return out
+
+
+def codec_sizes(workdir: str) -> str:
+    """Markdown: the target bytes per token of every sampled store in the work folder, written again
+    in each codec (real stores, `store_info`'s count). The draws are the same in every codec: they
+    are lossless, which this checks record by record. compact2's id order is made as `potstill
+    generate` makes it, from the tokens of the text the store scores."""
+    import tempfile
+
+    from store import create_store
+    from store.codec import IdOrder, bits_for
+
+    found = {}
+    for entry in sorted(os.listdir(os.path.join(workdir, "stores"))):
+        name = entry.split(".")[0]
+        if STORES.get(name, {}).get("targets") == "sampled" and name not in found:
+            found[name] = os.path.join(workdir, "stores", entry)
+    lines = ["| store | distinct ids per position | packed | compact | compact2 | compact2 / compact |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, url in sorted(found.items(), key=lambda kv: STORES[kv[0]]["samples"]):
+        source = open_store(url)
+        records = list(source.iter_records())
+        spec = source.manifest.targets
+        sizes = {}
+        for codec in ("packed", "compact", "compact2"):
+            order = IdOrder.from_tokens([r.input_ids for r in records]) if codec == "compact2" else None
+            targets = dataclasses.replace(spec, codec=codec, count_bits=bits_for(spec.samples) if codec == "packed" else None,
+                                          id_order=order)
+            with tempfile.TemporaryDirectory(prefix="potstill-sizes-") as tmp:
+                store = create_store(os.path.join(tmp, "s.store"), dataclasses.replace(source.manifest, targets=targets,
+                                                                                       format_version="1.0"))
+                with store.writer("w0", shard_records=1 << 20) as w:
+                    for r in records:
+                        w.write(r)
+                sizes[codec] = store_info(open_store(store.url))["target_bytes_per_scored_token"]
+                for a, b in zip(records, open_store(store.url).iter_records(), strict=True):
+                    assert a.id == b.id and np.array_equal(a.sampled.ids, b.sampled.ids) and np.array_equal(
+                        a.sampled.counts, b.sampled.counts), f"{name} in {codec}: record {a.id} reads back otherwise"
+        distinct = sum(r.sampled.num_entries for r in records) / sum(r.sampled.num_positions for r in records)
+        lines.append(f"| {name} | {distinct:.2f} | {sizes['packed']:.1f} | {sizes['compact']:.1f} | {sizes['compact2']:.1f} | "
+                     f"{sizes['compact2'] / sizes['compact']:.2f} |")
+        say(f"sizes: {lines[-1]}")
+    return "\n".join(lines)
 
 
 # -- students ----------------------------------------------------------------------------------------
@@ -425,19 +475,27 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
     the held-out blocks and the uniforms."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from store.codec import bits_for, encode_sampled_compact, sampled_from_draws
+    from store.codec import (
+        IdOrder,
+        bits_for,
+        encode_sampled_compact,
+        encode_sampled_compact2,
+        sampled_from_draws,
+    )
     from student_train.data import hybrid_weights
     from teacher_gen.capture import logit_transform, topk_logprobs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     transform = logit_transform(model.config)
-    data = blocks_of(texts, tokenizer, seq)
-    data = data[np.random.default_rng(seed).permutation(len(data))[:blocks]]
+    every_block = blocks_of(texts, tokenizer, seq)
+    data = every_block[np.random.default_rng(seed).permutation(len(every_block))[:blocks]]
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
     id_bits, lp_bits = bits_for(vocab - 1), 12
-    sums = {v: {"sq_error": 0.0, "entries": 0, "bits": 0.0, "compact_bits": 0.0} for v in variants}
+    # compact2's id order, as `potstill generate` makes it from the text it scores: here, all the held-out text
+    order = IdOrder(IdOrder.from_tokens(list(every_block)), vocab=1 << id_bits)
+    sums = {v: {"sq_error": 0.0, "entries": 0, "bits": 0.0, "compact_bits": 0.0, "compact2_bits": 0.0} for v in variants}
     positions = 0
     for b, block in enumerate(data):
         x = torch.from_numpy(block[None])
@@ -475,23 +533,26 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
                 s["bits"] += (fixed + sampled.num_entries * (id_bits + bits_for(n))) / repeats
                 # compact: the draws' two streams as the codec writes them for this block (one record)
                 s["compact_bits"] += (fixed + 8 * sum(map(len, encode_sampled_compact(sampled)))) / repeats
+                s["compact2_bits"] += (fixed + 8 * sum(map(len, encode_sampled_compact2(sampled, order)))) / repeats
         say(f"real teacher: block {b + 1}/{len(data)}")
     return [{"variant": v, "distinct_ids_per_position": s["entries"] / positions,
              "packed_target_bytes_per_token": s["bits"] / 8 / positions,
-             "compact_target_bytes_per_token": s["compact_bits"] / 8 / positions, "grad_sq_error": s["sq_error"] / positions,
+             "compact_target_bytes_per_token": s["compact_bits"] / 8 / positions,
+             "compact2_target_bytes_per_token": s["compact2_bits"] / 8 / positions, "grad_sq_error": s["sq_error"] / positions,
              "positions": positions} for v, s in sums.items()]
 
 
 def real_teacher_table(runs: list[list[dict[str, Any]]]) -> str:
     """Mean ± standard deviation over seeds (held-out blocks and uniforms) of `real_teacher_variance`."""
     base = [next(r["grad_sq_error"] for r in rows if r["variant"] == "sampled12") for rows in runs]
-    lines = ["| targets | packed target B/token | compact target B/token | distinct ids per position | "
-             "E‖p̂ − p‖² per position | vs sampled12 (i.i.d.) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| targets | packed target B/token | compact target B/token | compact2 target B/token | "
+             "distinct ids per position | E‖p̂ − p‖² per position | vs sampled12 (i.i.d.) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for i, first in enumerate(runs[0]):
         rows = [run[i] for run in runs]
         lines.append(f"| {first['variant']} | {_pm([r['packed_target_bytes_per_token'] for r in rows])} | "
                      f"{_pm([r.get('compact_target_bytes_per_token', math.nan) for r in rows])} | "
+                     f"{_pm([r.get('compact2_target_bytes_per_token', math.nan) for r in rows])} | "
                      f"{_pm([r['distinct_ids_per_position'] for r in rows], fmt='.2f')} | "
                      f"{_pm([r['grad_sq_error'] for r in rows], fmt='.5f')} | "
                      f"{_pm([r['grad_sq_error'] / b for r, b in zip(rows, base, strict=True)], fmt='.3f')} |")
@@ -737,7 +798,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="student seeds (default: the scale's)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (ce and full always run)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--codec", choices=("packed", "compact"), default="packed",
+    parser.add_argument("--codec", choices=("packed", "compact", "compact2"), default="packed",
                         help="codec of the sampled stores (top-K stores are unpacked)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="default: $TMPDIR/potstill-fidelity-<scale>")
@@ -751,6 +812,9 @@ def main() -> None:
                              "(a save_pretrained folder) on held-out text, no training")
     parser.add_argument("--real-blocks", type=int, default=8, help="--real-teacher: held-out blocks of --real-seq tokens")
     parser.add_argument("--real-seq", type=int, default=128)
+    parser.add_argument("--codec-sizes", action="store_true",
+                        help="only write every sampled store of the work folder again in each codec and print the "
+                             "target bytes per token (no training)")
     parser.add_argument("--plots", default=None,
                         help="folder for the PNG plots (share of full KD's gain against steps, gradient variance)")
     args = parser.parse_args()
@@ -767,6 +831,9 @@ def main() -> None:
         return
     scale_name = "quick" if args.quick else args.scale
     scale = dataclasses.replace(SCALES[scale_name], **({"seeds": args.seeds} if args.seeds else {}))
+    if args.codec_sizes:
+        print(codec_sizes(args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")))
+        return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workdir = args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")

@@ -14,6 +14,9 @@ and the compact coding of sampled draws (§4.3.1).
 - **Compact sampled coding** (`encode_sampled_compact` / `decode_sampled_compact`): the ids of a
   position sorted and stored as Rice-coded gaps, the counts Elias-gamma-coded, each code split into
   a fixed-width stream and a unary stream so that decoding stays vectorised.
+- **Compact2** (`encode_sampled_compact2` / `decode_sampled_compact2`, §4.3.2): a position's
+  entries split into head (count ≥ 2) and tail (count 1, no count stored), ids replaced by their
+  place in the store's frequency order (`IdOrder`), and a Rice parameter per part and rank bucket.
 
 Nothing here knows about Arrow: `records.py` stores the byte strings these functions make.
 """
@@ -308,6 +311,57 @@ def _rice_k(gaps: np.ndarray) -> int:
     return int(np.argmin(costs))
 
 
+def _by_id(t: SampledTargets) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(order, row, ids, gaps): the entries sorted by id within each position (`order` indexes `t`),
+    and each id's gap to the one before it in its position (the first: its id), gap = id − prev − 1."""
+    e = t.num_entries
+    row = np.repeat(np.arange(t.num_positions), t.lengths())
+    order = np.lexsort((t.ids, row))
+    ids = t.ids[order].astype(np.int64)
+    first = np.ones(e, dtype=bool)
+    first[1:] = row[1:] != row[:-1]
+    return order, row, ids, ids - np.where(first, -1, np.roll(ids, 1)) - 1
+
+
+def _gamma_stream(counts: np.ndarray) -> np.ndarray:
+    """The counts in Elias gamma, split in two: L = bit_length(count) − 1 for every count in unary
+    (padded to a whole byte), then each count's low L bits (`pack_varbits`)."""
+    lengths = np.floor(np.log2(counts)).astype(np.int64) if len(counts) else np.zeros(0, dtype=np.int64)
+    return np.concatenate([pack_unary(lengths), pack_varbits(counts - (1 << lengths), lengths)])
+
+
+def _decode_counts(counts_data: np.ndarray, entries: int, positions: int, samples: int, where: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, offsets) from a gamma counts stream: positions end where the running count reaches a
+    multiple of N; refuses a stream that does not split into `positions` positions of N draws."""
+    lengths, used = unpack_unary(counts_data, entries, where)
+    if entries and int(lengths.max()) > 16:
+        raise StoreError(f"{where}: a count longer than 16 bits")
+    counts = (np.uint64(1) << lengths.astype(np.uint64)) + unpack_varbits(counts_data[used:], lengths, where)
+    running = np.cumsum(counts)
+    ends = np.flatnonzero(running % np.uint64(samples) == 0) + 1
+    if (len(ends) != positions or (entries and ends[-1] != entries)
+            or not np.array_equal(running[ends - 1], np.arange(1, positions + 1, dtype=np.uint64) * np.uint64(samples))):
+        raise StoreError(f"{where}: counts do not split into {positions} positions of N={samples} draws")
+    offsets = np.zeros(positions + 1, dtype=np.int64)
+    offsets[1:] = ends
+    return counts.astype(np.int64), offsets
+
+
+def _ids_from_gaps(gaps: np.ndarray, offsets: np.ndarray, vocab: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(row, ids) of entries whose gaps (id − previous − 1 within a position) are given in order.
+    Positions may be empty."""
+    positions = len(offsets) - 1
+    total = np.cumsum(gaps.astype(np.int64) + 1)
+    starts = offsets[:-1]  # the running total before each position's first entry
+    before = np.where(starts > 0, total[np.maximum(starts - 1, 0)], 0) if len(total) else np.zeros(positions, np.int64)
+    row = np.repeat(np.arange(positions), np.diff(offsets))
+    ids = total - before[row] - 1
+    if len(ids) and int(ids.max()) >= vocab:  # (every step is ≥ 1: ids rise within a position by construction)
+        raise StoreError(f"{where}: an id is outside the vocabulary of {vocab} tokens")
+    return row, ids
+
+
 def encode_sampled_compact(t: SampledTargets) -> tuple[np.ndarray, np.ndarray]:
     """(ids stream, counts stream) of a record's sampled targets in the compact coding (format §4.3.1).
 
@@ -319,21 +373,12 @@ def encode_sampled_compact(t: SampledTargets) -> tuple[np.ndarray, np.ndarray]:
       every entry in unary (padded to a whole byte), then each count's low L bits (`pack_varbits`).
     Position boundaries are implicit, as in the packed layout: the counts of a position sum to N.
     """
-    e = t.num_entries
-    row = np.repeat(np.arange(t.num_positions), t.lengths())
-    order = np.lexsort((t.ids, row))
-    ids = t.ids[order].astype(np.int64)
-    first = np.ones(e, dtype=bool)
-    first[1:] = row[1:] != row[:-1]
-    gaps = ids - np.where(first, -1, np.roll(ids, 1)) - 1
+    order, _, _, gaps = _by_id(t)
     k = _rice_k(gaps)
     head = np.array([k], dtype=np.uint8)
-    low = pack_bits(gaps & ((1 << k) - 1), k) if k and e else np.zeros(0, dtype=np.uint8)
+    low = pack_bits(gaps & ((1 << k) - 1), k) if k and len(gaps) else np.zeros(0, dtype=np.uint8)
     ids_stream = np.concatenate([head, low, pack_unary(gaps >> k)])
-    counts = t.counts[order].astype(np.int64)
-    lengths = np.floor(np.log2(counts)).astype(np.int64) if e else np.zeros(0, dtype=np.int64)
-    counts_stream = np.concatenate([pack_unary(lengths), pack_varbits(counts - (1 << lengths), lengths)])
-    return ids_stream, counts_stream
+    return ids_stream, _gamma_stream(t.counts[order].astype(np.int64))
 
 
 def decode_sampled_compact(
@@ -342,15 +387,7 @@ def decode_sampled_compact(
 ) -> SampledTargets:
     """Inverse of `encode_sampled_compact`, in the order `SampledTargets` promises. Refuses a stream
     that does not decode to valid targets (ids in [0, vocab), counts of each position summing to N)."""
-    lengths, used = unpack_unary(counts_data, entries, where)
-    if entries and int(lengths.max()) > 16:
-        raise StoreError(f"{where}: a count longer than 16 bits")
-    counts = (np.uint64(1) << lengths.astype(np.uint64)) + unpack_varbits(counts_data[used:], lengths, where)
-    running = np.cumsum(counts)
-    ends = np.flatnonzero(running % np.uint64(samples) == 0) + 1
-    if (len(ends) != positions or (entries and ends[-1] != entries)
-            or not np.array_equal(running[ends - 1], np.arange(1, positions + 1, dtype=np.uint64) * np.uint64(samples))):
-        raise StoreError(f"{where}: counts do not split into {positions} positions of N={samples} draws")
+    counts, offsets = _decode_counts(counts_data, entries, positions, samples, where)
     if len(ids_data) < 1:
         raise StoreError(f"{where}: the ids stream is empty")
     k = int(ids_data[0])
@@ -361,17 +398,201 @@ def decode_sampled_compact(
         raise StoreError(f"{where}: the ids stream holds {len(ids_data)} bytes, its gaps' low bits need {1 + low_bytes}")
     low = unpack_bits(ids_data[1:], entries, k) if k else np.zeros(entries, dtype=np.uint64)
     quotients, _ = unpack_unary(ids_data[1 + low_bytes:], entries, where)
-    steps = ((quotients.astype(np.uint64) << np.uint64(k)) | low).astype(np.int64) + 1
-    offsets = np.zeros(positions + 1, dtype=np.int64)
-    offsets[1:] = ends
-    total = np.cumsum(steps)
-    before = np.zeros(positions, dtype=np.int64)  # the running total before each position's first entry
-    before[1:] = total[ends[:-1] - 1]
-    row = np.repeat(np.arange(positions), np.diff(offsets))
-    ids = total - before[row] - 1
-    if entries and int(ids.max()) >= vocab:  # (every step is ≥ 1: ids rise within a position by construction)
-        raise StoreError(f"{where}: an id is outside the vocabulary of {vocab} tokens")
-    return SampledTargets(offsets, *_canonical_order(row, ids, counts.astype(np.int64), samples))
+    row, ids = _ids_from_gaps((quotients.astype(np.uint64) << np.uint64(k)) | low, offsets, vocab, where)
+    return SampledTargets(offsets, *_canonical_order(row, ids, counts, samples))
+
+
+RANK_BUCKETS = 8  # compact2: Rice parameters per record, one for each eighth of a position's ids
+MAX_RANK_BUCKETS = 64
+MAX_ID_ORDER = 4096  # compact2: at most this many ids are listed in a store's id order
+
+
+class IdOrder:
+    """A store's id order (compact2, format §4.3.2): the listed ids first, in the order given (the
+    writer lists the teacher's most frequent tokens first), then every other id in ascending order.
+    `rank` maps ids to their place in that order and `ids` maps places back, both vectorised: by
+    binary search over the listed ids, or, given a `vocab` of at most `TABLE_VOCAB` ids, by two
+    lookup tables (~8 bytes per id, several times faster)."""
+
+    TABLE_VOCAB = 1 << 22
+
+    def __init__(self, listed: list[int] | np.ndarray, vocab: int | None = None) -> None:
+        self.listed = np.asarray(listed, dtype=np.int64).reshape(-1)
+        by_id = np.argsort(self.listed, kind="stable")
+        self.sorted = self.listed[by_id]
+        self.place_of_sorted = by_id  # place in the order of the listed id self.sorted[i]
+        # unlisted ids below self.sorted[i]: the n-th unlisted id is n + #{i : below[i] <= n}
+        self.below = self.sorted - np.arange(len(self.sorted))
+        self.id_at = self.place_of = None
+        if vocab is not None and vocab <= self.TABLE_VOCAB and (len(self.listed) == 0 or self.sorted[-1] < vocab):
+            self.id_at = self._ids_by_search(np.arange(vocab))
+            self.place_of = np.empty(vocab, dtype=np.int64)
+            self.place_of[self.id_at] = np.arange(vocab)
+
+    @staticmethod
+    def from_tokens(token_arrays: list[np.ndarray], limit: int = MAX_ID_ORDER) -> list[int]:
+        """The ids to list for text like `token_arrays`: the `limit` most frequent of the tokens that
+        occur, most frequent first (ties: lower id first). A teacher's draws follow its text's token
+        frequencies, so these are the ids its draws hold most often."""
+        tokens = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in token_arrays] or [np.zeros(0, np.int64)])
+        if len(tokens) == 0:
+            return []
+        freq = np.bincount(tokens)
+        seen = np.flatnonzero(freq)
+        return seen[np.argsort(-freq[seen], kind="stable")][:limit].tolist()
+
+    def rank(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.place_of is not None:
+            return self.place_of[ids]
+        m = len(self.sorted)
+        if m == 0:
+            return ids
+        pos = np.searchsorted(self.sorted, ids)
+        hit = self.sorted[np.minimum(pos, m - 1)] == ids
+        return np.where(hit, self.place_of_sorted[np.minimum(pos, m - 1)], m + ids - pos)
+
+    def ids(self, ranks: np.ndarray) -> np.ndarray:
+        ranks = np.asarray(ranks, dtype=np.int64)
+        if self.id_at is not None:
+            return self.id_at[ranks]
+        return self._ids_by_search(ranks)
+
+    def _ids_by_search(self, ranks: np.ndarray) -> np.ndarray:
+        m = len(self.sorted)
+        if m == 0:
+            return ranks
+        n = np.maximum(ranks - m, 0)
+        return np.where(ranks < m, self.listed[np.minimum(ranks, m - 1)], n + np.searchsorted(self.below, n, side="right"))
+
+
+def _within(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, j) of every entry of a CSR layout: its position and its index within the position."""
+    d = np.diff(offsets)
+    row = np.repeat(np.arange(len(d)), d)
+    return row, np.arange(int(offsets[-1])) - offsets[:-1][row]
+
+
+def _rank_bucket(offsets: np.ndarray, buckets: int) -> np.ndarray:
+    """Each entry's bucket by its rank among its position's entries: min(B·j // d, B − 1) for the
+    j-th smallest of d. Gaps are small among the first places of an id order (a tokenizer's low ids,
+    or the listed frequent tokens) and large above them, so each bucket gets its own Rice parameter."""
+    row, j = _within(offsets)
+    return np.minimum(buckets * j // np.maximum(np.diff(offsets)[row], 1), buckets - 1)
+
+
+def _gaps(offsets: np.ndarray, places: np.ndarray) -> np.ndarray:
+    """Gaps of places that rise within each position: place − previous − 1 (the first: its place)."""
+    first = np.zeros(len(places), dtype=bool)
+    first[offsets[:-1][np.diff(offsets) > 0]] = True
+    return places - np.where(first, -1, np.roll(places, 1)) - 1
+
+
+def _decode_gamma(data: np.ndarray, count: int, where: str) -> tuple[np.ndarray, int]:
+    """`count` values ≥ 1 of a `_gamma_stream`, and the bytes it takes."""
+    lengths, used = unpack_unary(data, count, where)
+    if count and int(lengths.max()) > 16:
+        raise StoreError(f"{where}: a count longer than 16 bits")
+    values = (np.uint64(1) << lengths.astype(np.uint64)) + unpack_varbits(data[used:], lengths, where)
+    return values.astype(np.int64), used + (int(lengths.sum()) + 7) // 8
+
+
+def _csr(lengths: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def encode_sampled_compact2(t: SampledTargets, id_order: IdOrder | None = None,
+                            buckets: int = RANK_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+    """(ids stream, counts stream) of a record's sampled targets in the compact2 coding (format §4.3.2).
+
+    Each position's entries are split into its **head** (count ≥ 2) and its **tail** (count 1:
+    most entries, whose counts then cost nothing), and ids are replaced by their place in the
+    store's `id_order` (identity without one). Each part is kept in ascending place order and coded
+    as gaps, with a Rice parameter per part and rank bucket (`_rank_bucket`).
+    - counts stream: every position's head size h + 1, then the head counts − 1, each in Elias
+      gamma (`_gamma_stream`). A position's tail size is N − the sum of its head counts.
+    - ids stream: one byte B, B bytes (the head's parameters), B bytes (the tail's), the low bits
+      of the head's gaps then the tail's (`pack_varbits`, padded to a whole byte), then their
+      quotients in unary, in the same order.
+    """
+    row = np.repeat(np.arange(t.num_positions), t.lengths())
+    places = id_order.rank(t.ids) if id_order is not None else t.ids.astype(np.int64)
+    counts = t.counts.astype(np.int64)
+    parts, ks = [], []
+    for part in (counts >= 2, counts == 1):
+        order = np.lexsort((places[part], row[part]))
+        offsets = _csr(np.bincount(row[part], minlength=t.num_positions))
+        gaps = _gaps(offsets, places[part][order])
+        bucket = _rank_bucket(offsets, buckets)
+        k = np.array([_rice_k(gaps[bucket == b]) for b in range(buckets)], dtype=np.int64)
+        parts.append((gaps, k[bucket], counts[part][order], offsets))
+        ks.append(k)
+    gaps = np.concatenate([parts[0][0], parts[1][0]])
+    width = np.concatenate([parts[0][1], parts[1][1]])
+    head = np.concatenate([[buckets], *ks]).astype(np.uint8)
+    ids_stream = np.concatenate([head, pack_varbits(gaps & ((1 << width) - 1), width), pack_unary(gaps >> width)])
+    counts_stream = np.concatenate([_gamma_stream(np.diff(parts[0][3]) + 1), _gamma_stream(parts[0][2] - 1)])
+    return ids_stream, counts_stream
+
+
+def decode_sampled_compact2(
+    ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int, samples: int, vocab: int,
+    where: str = "compact2 sampled targets", id_order: IdOrder | None = None,
+) -> SampledTargets:
+    """Inverse of `encode_sampled_compact2` (given the same `id_order`), in the order `SampledTargets`
+    promises. Refuses streams that do not decode to valid targets: counts of each position summing
+    to N, `entries` entries, places in [0, vocab), distinct within a position."""
+    h, used = _decode_gamma(counts_data, positions, where)
+    h -= 1
+    if positions and int(h.max()) > samples // 2:  # every head count is ≥ 2
+        raise StoreError(f"{where}: a position's head holds more than N/2 = {samples // 2} ids")
+    h_off = _csr(h)
+    head_counts = _decode_gamma(counts_data[used:], int(h_off[-1]), where)[0] + 1
+    h_row = _within(h_off)[0]
+    tails = samples - np.bincount(h_row, weights=head_counts, minlength=positions).astype(np.int64)
+    if np.any(tails < 0) or int(h_off[-1] + tails.sum()) != entries:
+        raise StoreError(f"{where}: counts do not split into {positions} positions of N={samples} draws "
+                         f"in {entries} entries")
+    t_off = _csr(tails)
+    if len(ids_data) < 1 or not 1 <= int(ids_data[0]) <= MAX_RANK_BUCKETS:
+        raise StoreError(f"{where}: the ids stream does not start with a bucket count in [1, {MAX_RANK_BUCKETS}]")
+    buckets = int(ids_data[0])
+    if len(ids_data) < 1 + 2 * buckets:
+        raise StoreError(f"{where}: the ids stream ends inside its {2 * buckets} Rice parameters")
+    ks = ids_data[1 : 1 + 2 * buckets].astype(np.int64)
+    if int(ks.max()) > MAX_RICE_K:
+        raise StoreError(f"{where}: Rice parameter {int(ks.max())} is out of range")
+    width = np.concatenate([ks[:buckets][_rank_bucket(h_off, buckets)], ks[buckets:][_rank_bucket(t_off, buckets)]])
+    low = unpack_varbits(ids_data[1 + 2 * buckets:], width, where)
+    quotients, _ = unpack_unary(ids_data[1 + 2 * buckets + (int(width.sum()) + 7) // 8:], entries, where)
+    gaps = (quotients.astype(np.uint64) << width.astype(np.uint64)) | low
+    nh = int(h_off[-1])
+    h_row, h_places = _ids_from_gaps(gaps[:nh], h_off, vocab, where)
+    t_row, t_places = _ids_from_gaps(gaps[nh:], t_off, vocab, where)
+    # Each part rises within a position; a place in both would be one id twice.
+    t_keys = t_row * vocab + t_places
+    h_keys = h_row * vocab + h_places
+    at = np.minimum(np.searchsorted(t_keys, h_keys), max(len(t_keys) - 1, 0))
+    if len(t_keys) and np.any(t_keys[at] == h_keys):
+        raise StoreError(f"{where}: an id is both in a position's head and in its tail")
+    h_ids = id_order.ids(h_places) if id_order is not None else h_places
+    t_ids = id_order.ids(t_places) if id_order is not None else t_places
+    if id_order is not None:  # places back to ids: ascending id order within each position again
+        t_ids = t_ids[np.argsort(t_row * vocab + t_ids)]
+    if positions * (samples + 1) * vocab < 1 << 62:  # one sort on a unique int64 key: (row, descending count, id)
+        head_order = np.argsort(h_row * ((samples + 1) * vocab) + (samples - head_counts) * vocab + h_ids)
+    else:
+        head_order = np.lexsort((h_ids, samples - head_counts, h_row))
+    offsets = _csr(h + tails)
+    ids = np.empty(entries, dtype=np.int32)
+    counts = np.ones(entries, dtype=np.uint16)
+    h_row, h_j = h_row[head_order], _within(h_off)[1]
+    ids[offsets[:-1][h_row] + h_j] = h_ids[head_order]
+    counts[offsets[:-1][h_row] + h_j] = head_counts[head_order]
+    ids[offsets[:-1][t_row] + h[t_row] + _within(t_off)[1]] = t_ids
+    return SampledTargets(offsets, ids, counts)
 
 
 def _canonical_order(row: np.ndarray, ids: np.ndarray, counts: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from store.errors import StoreError
+from store.manifest import COMPACT_CODECS
 from store.reader import Store
 
 
@@ -120,7 +121,7 @@ def describe_answers(a: dict[str, Any]) -> str:
 
 def describe_targets(t: dict[str, Any]) -> str:
     """One line: what each scored position carries and how it is encoded."""
-    packed = t.get("codec") in ("packed", "compact")
+    packed = t.get("codec") in ("packed", *COMPACT_CODECS)
     parts = []
     if t["kind"] in ("topk", "both", "hybrid"):
         lp = f"{t['logprob_bits']}-bit log-probs (max error {t['logprob_max_error']:.2g})" if packed else f"{t['logprob_dtype']} log-probs"
@@ -130,8 +131,11 @@ def describe_targets(t: dict[str, Any]) -> str:
         sampler = t.get("sampler", "iid")
         rest = " from the rest" if t["kind"] == "hybrid" else ""
         parts.append(f"sampled N={t['samples']}{rest} ({sampler} draws, ids + counts, seed {t['seed']})")
-    if t.get("codec") == "compact":
-        codec = f"compact codec: sampled ids gap-coded, counts gamma-coded, {t['id_bits']}-bit top-K ids"
+    if t.get("codec") in COMPACT_CODECS:
+        how = " (Rice parameter by rank)" if t["codec"] == "compact2" else ""
+        if t.get("id_order"):
+            how += f" in an id order of {len(t['id_order'])} frequent tokens first"
+        codec = f"{t['codec']} codec: sampled ids gap-coded{how}, counts gamma-coded, {t['id_bits']}-bit top-K ids"
     elif packed:
         codec = f"packed codec: {t['id_bits']}-bit ids" + (f", {t['count_bits']}-bit counts" if t.get("count_bits") else "")
     else:
@@ -149,7 +153,7 @@ def describe_tail(t: dict[str, Any]) -> str | None:
     if method == "complement":
         return ("log(1 − Σ top-K) in float64 from the top-K log-probs the backend returned: approximate "
                 "below ~1e-6 (their float32 rounding), −inf where it rounds to 0")
-    if t.get("codec") in ("packed", "compact"):
+    if t.get("codec") in ("packed", *COMPACT_CODECS):
         return ("approximate (format 2.0): recomputed as 1 − Σ exp(top-K) from the quantised log-probs, "
                 f"off by up to {math.expm1(float(t.get('logprob_max_error') or 0)):.2%} of the top-K mass")
     return ("approximate (format 1.0 / 2.0): 1 − Σ exp(top-K) in float32, so tails near 1e-5 are off by "

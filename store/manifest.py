@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from store.errors import FormatVersionError, StoreError
 
 FORMAT_NAME = "potstill-store"
 FORMAT_VERSION = "1.1"  # what a plain top-k, unpacked store is written as (readable by every potstill)
-LATEST_FORMAT_VERSION = "2.3"  # sampled / hybrid targets or the packed codecs (docs/store-format.md §4.2, §4.3)
+LATEST_FORMAT_VERSION = "2.4"  # sampled / hybrid targets or the packed codecs (docs/store-format.md §4.2, §4.3)
 READ_MAJOR = 2  # the newest major version this code reads
 
 LOGPROB_DTYPES = ("float16", "float32")
@@ -26,7 +27,11 @@ TARGET_KINDS = ("topk", "sampled", "both", "hybrid")
 SAMPLERS = ("iid", "systematic", "stratified")
 # "compact" (format 2.3): "packed", with the sampled draws' ids gap-coded and counts gamma-coded (§4.3.1).
 # A reader before 2.3 refuses it as an unknown codec.
-CODECS = ("none", "packed", "compact")
+# "compact2" (format 2.4): "packed", with the sampled draws split into head (count ≥ 2) and tail
+# (count 1), coded by their place in a frequency order (`id_order`) with a Rice parameter per rank
+# bucket (§4.3.2). A reader before 2.4 refuses it as an unknown codec.
+CODECS = ("none", "packed", "compact", "compact2")
+COMPACT_CODECS = ("compact", "compact2")  # codecs that gap-code sampled draws (no fixed count width)
 # How the `tail_logprob` column (format 1.1 / 2.1, docs/store-format.md §4.4) was computed:
 # "direct": logsumexp of the logits outside the top-K minus logsumexp of all of them;
 # "complement": log(1 − Σ exp(top-K log-probs)) in float64, when only the top-K are known (vLLM).
@@ -126,6 +131,7 @@ class TargetSpec:
     logprob_bits: int | None = None  # packed: bits per quantised log-prob
     logprob_min: float | None = None  # packed: log-probs are clamped to [logprob_min, 0]
     tail_logprob: str | None = "direct"  # how the log tail was made; None: format 1.0 / 2.0 (no log tail)
+    id_order: list[int] | None = None  # compact2: ids coded first, most frequent first (format §4.3.2)
 
     def __post_init__(self) -> None:
         if not self.has_topk:
@@ -146,8 +152,8 @@ class TargetSpec:
             raise StoreError(f"targets.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.codec not in CODECS:
             raise StoreError(f"unknown targets.codec {self.codec!r}; expected one of {CODECS}")
-        if self.codec == "compact" and not self.has_sampled:
-            raise StoreError(f"targets.codec compact codes sampled draws; {self.kind} targets use the packed codec")
+        if self.codec in COMPACT_CODECS and not self.has_sampled:
+            raise StoreError(f"targets.codec {self.codec} codes sampled draws; {self.kind} targets use the packed codec")
         if self.packed:
             from store.codec import MAX_BITS, LogprobQuantizer, bits_for
 
@@ -158,6 +164,27 @@ class TargetSpec:
             if not isinstance(self.logprob_bits, int) or not isinstance(self.logprob_min, int | float):
                 raise StoreError("targets.logprob_bits and targets.logprob_min are required by the packed codec")
             LogprobQuantizer(self.logprob_bits, float(self.logprob_min))  # raises on a bad range
+        if self.id_order is not None:
+            self._check_id_order()
+
+    def _check_id_order(self) -> None:
+        from store.codec import MAX_ID_ORDER
+
+        order = self.id_order
+        if self.codec != "compact2":
+            raise StoreError(f"targets.id_order is a compact2 setting; the codec is {self.codec!r}")
+        if (not isinstance(order, list) or len(order) > MAX_ID_ORDER
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in order)):
+            raise StoreError(f"targets.id_order must be a list of at most {MAX_ID_ORDER} token ids")
+        if order and (min(order) < 0 or max(order) >= 1 << int(self.id_bits or 0) or len(set(order)) != len(order)):
+            raise StoreError(f"targets.id_order must list distinct token ids in [0, 2^{self.id_bits})")
+
+    @functools.cached_property
+    def id_order_map(self) -> Any:
+        """The compact2 codec's `store.codec.IdOrder` (None without an id order), built once."""
+        from store.codec import IdOrder
+
+        return IdOrder(self.id_order, vocab=1 << int(self.id_bits or 0)) if self.id_order else None
 
     @property
     def has_topk(self) -> bool:
@@ -174,7 +201,7 @@ class TargetSpec:
 
     @property
     def packed(self) -> bool:
-        return self.codec in ("packed", "compact")
+        return self.codec in ("packed", *COMPACT_CODECS)
 
     def quantizer(self) -> Any:
         """The packed codec's `store.codec.LogprobQuantizer`."""
@@ -192,7 +219,9 @@ class TargetSpec:
     def required_version(self) -> str:
         """The lowest format version that describes these targets: x.1 when they carry the log
         tail (format §4.4), x.0 when not; 2.2 for hybrid targets or draws that are not i.i.d.; 2.3
-        for the compact codec."""
+        for the compact codec, 2.4 for compact2."""
+        if self.codec == "compact2":
+            return "2.4"
         if self.codec == "compact":
             return "2.3"
         if self.kind == "hybrid" or (self.has_sampled and self.sampler != "iid"):
@@ -222,6 +251,8 @@ class TargetSpec:
                        logprob_step=q.step, logprob_max_error=q.max_error, tail_mass="recomputed")
             if self.codec == "packed" and self.has_sampled:
                 out["count_bits"] = self.count_bits
+            if self.id_order:
+                out["id_order"] = list(self.id_order)
         return out
 
 
@@ -344,6 +375,8 @@ class StoreManifest:
         tails = mine.pop("tail_logprob", None), theirs.pop("tail_logprob", None)
         if tails[0] is not None and tails[0] != tails[1]:
             diffs.append(f"targets.tail_logprob: the store's tails are {tails[0]!r}, this run's would be {tails[1]!r}")
+        # The store's id order is its own choice (from the first run's prompts): a run writes in it.
+        mine.pop("id_order", None), theirs.pop("id_order", None)
         sampling = mine.pop("sampling", None), theirs.pop("sampling", None)
         if sampling[0] != sampling[1]:
             diffs.append(

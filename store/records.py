@@ -15,16 +15,18 @@ from store.codec import (
     check_sampled,
     decode_sampled,
     decode_sampled_compact,
+    decode_sampled_compact2,
     decode_topk,
     encode_sampled,
     encode_sampled_compact,
+    encode_sampled_compact2,
     encode_topk,
     pack_bits,
     recomputed_tail_mass,
     unpack_bits,
 )
 from store.errors import StoreError
-from store.manifest import StoreManifest, TargetSpec
+from store.manifest import COMPACT_CODECS, StoreManifest, TargetSpec
 
 TEXT_FIELDS = ("prompt", "completion", "generated", "rationale", "answer")
 TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprob", "tail_mass", "tail_logprob")
@@ -344,8 +346,12 @@ def _target_columns(records: list[Record], manifest: StoreManifest) -> dict[str,
         if spec.tail_logprob:
             columns["tail_logprob"] = _list_array(_concat([r.tail_logprob for r in records], np.dtype(np.float32)), n_scored)  # type: ignore[misc]
         if spec.has_sampled:
-            streams = [encode_sampled_compact(r.sampled) if spec.codec == "compact"  # type: ignore[arg-type]
-                       else encode_sampled(r.sampled, id_bits, int(spec.count_bits or 0)) for r in records]  # type: ignore[arg-type]
+            if spec.codec == "compact2":
+                streams = [encode_sampled_compact2(r.sampled, spec.id_order_map) for r in records]  # type: ignore[arg-type]
+            elif spec.codec == "compact":
+                streams = [encode_sampled_compact(r.sampled) for r in records]  # type: ignore[arg-type]
+            else:
+                streams = [encode_sampled(r.sampled, id_bits, int(spec.count_bits or 0)) for r in records]  # type: ignore[arg-type]
             columns["sampled_entries"] = pa.array([r.sampled.num_entries for r in records], pa.int32())  # type: ignore[union-attr]
             columns["sampled_ids_packed"] = _bytes_list([a for a, _ in streams])
             columns["sampled_counts_packed"] = _bytes_list([b for _, b in streams])
@@ -494,12 +500,14 @@ class ColumnViews:
         """Record j's sampled targets (ids with counts per scored position)."""
         if not self.spec.has_sampled:
             raise StoreError(f"the store holds {self.spec.kind} targets, no sampled targets")
-        if self.spec.codec == "compact":
-            return decode_sampled_compact(
-                self._packed_bytes("sampled_ids_packed", j), self._packed_bytes("sampled_counts_packed", j),
-                int(self.sampled_entries[j]), self.num_scored_of(j), self.spec.samples, 1 << int(self.spec.id_bits or 0),
-                where=f"record {self.text_of('id', j)!r}",
-            )
+        if self.spec.codec in COMPACT_CODECS:
+            streams = (self._packed_bytes("sampled_ids_packed", j), self._packed_bytes("sampled_counts_packed", j),
+                       int(self.sampled_entries[j]), self.num_scored_of(j), self.spec.samples,
+                       1 << int(self.spec.id_bits or 0))
+            if self.spec.codec == "compact2":
+                return decode_sampled_compact2(*streams, where=f"record {self.text_of('id', j)!r}",
+                                               id_order=self.spec.id_order_map)
+            return decode_sampled_compact(*streams, where=f"record {self.text_of('id', j)!r}")
         if self.spec.packed:
             return decode_sampled(
                 self._packed_bytes("sampled_ids_packed", j), self._packed_bytes("sampled_counts_packed", j),

@@ -42,8 +42,9 @@ class GenerateConfig:
     targets: Literal["topk", "sampled", "both", "hybrid"] = "topk"
     samples: int = 50  # draws per scored position for sampled targets (from the T=1 distribution)
     sampler: Literal["iid", "systematic", "stratified"] = "iid"  # how the N draws are placed (format §4.2)
-    codec: Literal["none", "packed", "compact"] = "none"  # packed: bit-packed ids and counts, quantised log-probs;
-    # compact: packed, with sampled ids gap-coded and counts gamma-coded (about 0.6x the sampled bytes)
+    codec: Literal["none", "packed", "compact", "compact2"] = "none"  # packed: bit-packed ids and counts, quantised
+    # log-probs; compact: packed, with sampled ids gap-coded and counts gamma-coded (about 0.6x the sampled bytes);
+    # compact2: draws split into head and tail, ids in the prompts' frequency order (about 0.85x compact)
     logprob_bits: int = 12  # packed codec: bits per log-prob (uniform over [logprob_min, 0])
     logprob_min: float = -24.0  # packed codec: log-probs are clamped to [logprob_min, 0]
     hidden_layers: list[int] = field(default_factory=list)  # HF indexing: 0 = embeddings, -1 = last (post-norm)
@@ -148,9 +149,10 @@ class GenerateConfig:
             (self.targets in ("topk", "sampled", "both", "hybrid"),
              f"--targets must be topk, sampled, both or hybrid, got {self.targets!r}"),
             (1 <= self.samples <= 65535, f"--samples must be between 1 and 65535, got {self.samples}"),
-            (self.codec in ("none", "packed", "compact"), f"--codec must be none, packed or compact, got {self.codec!r}"),
-            (self.codec != "compact" or self.targets != "topk",
-             "--codec compact codes sampled draws: use it with --targets sampled, both or hybrid (top-k targets: --codec packed)"),
+            (self.codec in ("none", "packed", "compact", "compact2"),
+             f"--codec must be none, packed, compact or compact2, got {self.codec!r}"),
+            (self.codec not in ("compact", "compact2") or self.targets != "topk",
+             f"--codec {self.codec} codes sampled draws: use it with --targets sampled, both or hybrid (top-k targets: --codec packed)"),
             (2 <= self.logprob_bits <= 16, f"--logprob-bits must be between 2 and 16, got {self.logprob_bits}"),
             (self.logprob_min < 0, f"--logprob-min must be negative, got {self.logprob_min}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ from store import (
     find_leftovers,
     tokenizer_fingerprint,
 )
-from store.codec import sampled_from_draws
+from store.codec import IdOrder, sampled_from_draws
 from store.fs import join, resolve, write_bytes
 from store.leases import WriterLease, all_leases
 from store.reader import MANIFEST
@@ -218,7 +218,7 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
     """The manifest's `targets` for a run (format §2): kind, K, N and seed, codec and its bit widths."""
     from store.codec import bits_for
 
-    topk, sampled, packed = config.targets != "sampled", config.targets != "topk", config.codec in ("packed", "compact")
+    topk, sampled, packed = config.targets != "sampled", config.targets != "topk", config.codec in ("packed", "compact", "compact2")
     return TargetSpec(
         kind=config.targets,
         k=config.top_k if topk else 0,
@@ -236,6 +236,15 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
         # vLLM returns only the top-K, so its tail can only be their complement (format §4.4)
         tail_logprob=("complement" if config.backend == "vllm" else "direct") if topk else None,
     )
+
+
+def with_id_order(manifest: StoreManifest, encoded: list[tuple[Encoded, list[int]]]) -> StoreManifest:
+    """`manifest` with the compact2 id order of the run's text: its most frequent tokens first. The
+    store keeps the order of the run that created it; later runs write in that order."""
+    tokens = [a for enc, _ in encoded for a in (enc.prompt_ids, enc.completion_ids) if a is not None]
+    vocab = 1 << int(manifest.targets.id_bits or 0)
+    order = [v for v in IdOrder.from_tokens(tokens) if v < vocab]
+    return replace(manifest, targets=replace(manifest.targets, id_order=order or None))
 
 
 def open_store_for(config: GenerateConfig, manifest: StoreManifest, tokenizer: Any) -> Store:
@@ -434,6 +443,8 @@ class Run:
                 continue
             encoded.append((enc, todo))
         self.total = sum(len(todo) for _, todo in encoded)
+        if self.store is None and config.codec == "compact2":  # a new store: its id order (format §4.3.2)
+            self.manifest = with_id_order(self.manifest, encoded)
         return tokenizer, spec, layers, max_length, encoded
 
     def attach_store(self, tokenizer: Any) -> Store:

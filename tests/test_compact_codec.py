@@ -1,9 +1,11 @@
-"""The compact codec (docs/store-format.md §4.3.1): sampled ids gap-coded (Rice), counts gamma-coded.
+"""The compact codecs (docs/store-format.md §4.3.1, §4.3.2): sampled ids gap-coded (Rice; compact2 with
+a Rice parameter per rank bucket), counts gamma-coded.
 
-It is lossless: every record reads back exactly what the packed codec reads back, in the same order;
-damaged streams are refused in one line naming the record, never read as other targets; a store
-that uses it is format 2.3, and older readers refuse it; `potstill generate` and `potstill train`
-carry it end to end, with fewer bytes than the packed codec."""
+They are lossless: every record reads back exactly what the packed codec reads back, in the same
+order; damaged streams are refused in one line naming the record, never read as other targets; a
+store that uses compact is format 2.3 and one that uses compact2 is 2.4, and older readers refuse
+them; `potstill generate` and `potstill train` carry them end to end, with fewer bytes than the
+packed codec (compact2 fewer than compact)."""
 
 from __future__ import annotations
 
@@ -15,12 +17,16 @@ from genhelpers import config, prompt_rows, run_cli, write_jsonl
 
 from store import open_store, store_info, verify_store
 from store.codec import (
+    MAX_ID_ORDER,
+    IdOrder,
     SampledTargets,
     check_sampled,
     decode_sampled,
     decode_sampled_compact,
+    decode_sampled_compact2,
     encode_sampled,
     encode_sampled_compact,
+    encode_sampled_compact2,
     pack_unary,
     pack_varbits,
     sampled_from_draws,
@@ -32,6 +38,10 @@ from store.info import describe_targets
 from store.manifest import StoreManifest, TargetSpec
 from teacher_gen.errors import GenerateError
 from teacher_gen.runner import generate
+
+CODECS = {"compact": (encode_sampled_compact, decode_sampled_compact),
+          "compact2": (encode_sampled_compact2, decode_sampled_compact2)}
+each_codec = pytest.mark.parametrize("codec", sorted(CODECS))
 
 
 def _random_targets(rng: np.random.Generator) -> tuple[SampledTargets, int, int]:
@@ -63,12 +73,14 @@ def test_bit_streams_round_trip() -> None:
     assert np.array_equal(got, q) and used == len(stream)
 
 
-def test_every_record_reads_back_exactly_what_the_packed_codec_reads_back() -> None:
+@each_codec
+def test_every_record_reads_back_exactly_what_the_packed_codec_reads_back(codec: str) -> None:
+    encode, decode = CODECS[codec]
     rng = np.random.default_rng(0)
     for trial in range(400):
         t, n, vocab = _random_targets(rng)
-        ids_stream, counts_stream = encode_sampled_compact(t)
-        got = decode_sampled_compact(ids_stream, counts_stream, t.num_entries, t.num_positions, n, vocab)
+        ids_stream, counts_stream = encode(t)
+        got = decode(ids_stream, counts_stream, t.num_entries, t.num_positions, n, vocab)
         assert _same(got, t), trial
         check_sampled(got, t.num_positions, n, vocab, "t")
         if vocab <= 1 << 20 and n < 65535:
@@ -86,15 +98,84 @@ def test_it_takes_fewer_bytes_than_the_packed_codec_on_peaked_draws() -> None:
     compact = sum(map(len, encode_sampled_compact(t)))
     packed = sum(map(len, encode_sampled(t, 12, 5)))
     assert compact < 0.75 * packed, (compact, packed)
+    assert sum(map(len, encode_sampled_compact2(t))) < 0.75 * packed
 
 
-def test_damaged_streams_are_refused_or_still_valid_never_anything_else() -> None:
+def test_compact2_takes_fewer_bytes_than_compact_where_low_ids_are_the_frequent_ones() -> None:
+    """A tokenizer gives its frequent tokens the low ids: a position's few low ids lie close
+    together and its high ones far apart, which one Rice parameter per rank bucket codes tighter.
+    Spread uniformly over the vocabulary, compact2 costs compact's bytes plus its B − 1 extra
+    header bytes at most (each bucket's parameter can be the record's one)."""
+    rng = np.random.default_rng(5)
+    vocab, n = 4096, 64
+    zipf = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    probs = rng.dirichlet(np.full(vocab, 0.3), size=128) * zipf
+    probs /= probs.sum(1, keepdims=True)
+    points = (np.arange(n) + rng.random((128, 1))) / n  # systematic draws, as the capture code makes them
+    t = sampled_from_draws(np.stack([np.searchsorted(np.cumsum(p), u) for p, u in zip(probs, points, strict=True)]).clip(0, vocab - 1))
+    compact, compact2 = (sum(map(len, CODECS[c][0](t))) for c in ("compact", "compact2"))
+    assert compact2 < 0.95 * compact, (compact2, compact)
+    flat = sampled_from_draws(rng.integers(0, vocab, size=(128, n)))
+    assert sum(map(len, encode_sampled_compact2(flat))) <= sum(map(len, encode_sampled_compact(flat))) + 7
+
+
+def test_an_id_order_maps_every_id_to_one_place_and_back() -> None:
+    rng = np.random.default_rng(6)
+    for vocab in (1, 2, 50, 4096):
+        for listed in sorted({min(m, vocab) for m in (0, 1, 7, vocab)}):
+            order = IdOrder(rng.permutation(vocab)[:listed])
+            ranks = order.rank(np.arange(vocab))
+            assert np.array_equal(np.sort(ranks), np.arange(vocab))  # a permutation of [0, V)
+            assert np.array_equal(ranks[order.listed], np.arange(listed))  # the listed ids first, in order
+            rest = np.setdiff1d(np.arange(vocab), order.listed)
+            assert np.array_equal(ranks[rest], np.arange(listed, vocab))  # then the others, ascending
+            assert np.array_equal(order.ids(ranks), np.arange(vocab))
+            tables = IdOrder(order.listed, vocab=vocab)  # the lookup tables agree with the search
+            assert tables.id_at is not None
+            assert np.array_equal(tables.rank(np.arange(vocab)), ranks) and np.array_equal(tables.ids(ranks), np.arange(vocab))
+    big = IdOrder(rng.choice(1 << 31, size=MAX_ID_ORDER, replace=False))  # no table the size of the vocabulary
+    ids = np.concatenate([big.listed[:100], rng.integers(0, 1 << 31, size=1000)])
+    assert np.array_equal(big.ids(big.rank(ids)), ids)
+    assert IdOrder.from_tokens([np.array([5, 3, 5, 9, 3, 5]), np.array([9, 1])]) == [5, 3, 9, 1]
+    assert IdOrder.from_tokens([np.array([4, 4, 2])], limit=1) == [4] and IdOrder.from_tokens([]) == []
+
+
+def test_compact2_with_an_id_order_reads_back_exactly_in_fewer_bytes() -> None:
+    """Draws of a teacher whose frequent tokens are scattered over the vocabulary: listed first,
+    in the order of their frequency in the text, they code tighter, and read back exactly."""
+    rng = np.random.default_rng(7)
+    vocab, n, positions = 4096, 48, 256
+    scatter = rng.permutation(vocab)  # the frequent tokens' ids, not low ones
+    zipf = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    probs = (rng.dirichlet(np.full(vocab, 0.3), size=positions) * zipf)[:, np.argsort(scatter)]
+    probs /= probs.sum(1, keepdims=True)
+    points = (np.arange(n) + rng.random((positions, 1))) / n
+    t = sampled_from_draws(np.stack([np.searchsorted(np.cumsum(p), u) for p, u in zip(probs, points, strict=True)]).clip(0, vocab - 1))
+    text = [rng.choice(vocab, size=20_000, p=probs.mean(0))]
+    order = IdOrder(IdOrder.from_tokens(text))
+    plain, ordered = encode_sampled_compact2(t), encode_sampled_compact2(t, order)
+    assert sum(map(len, ordered)) < 0.85 * sum(map(len, plain)), (sum(map(len, ordered)), sum(map(len, plain)))
+    got = decode_sampled_compact2(*ordered, t.num_entries, t.num_positions, n, vocab, id_order=order)
+    assert _same(got, t)
+    check_sampled(got, t.num_positions, n, vocab, "t")
+    for trial in range(100):  # random records, random orders
+        t, n, vocab = _random_targets(rng)
+        listed = rng.choice(vocab, size=min(vocab, int(rng.integers(0, 200))), replace=False)
+        order = IdOrder(listed)
+        got = decode_sampled_compact2(*encode_sampled_compact2(t, order), t.num_entries, t.num_positions, n, vocab,
+                                      id_order=order)
+        assert _same(got, t), trial
+
+
+@each_codec
+def test_damaged_streams_are_refused_or_still_valid_never_anything_else(codec: str) -> None:
     """A flipped byte either decodes to targets that obey every rule of the format (the checksums,
     not the codec, are what catch such damage) or raises one StoreError naming the record."""
+    encode, decode = CODECS[codec]
     rng = np.random.default_rng(3)
     vocab, n = 4096, 24
     t = sampled_from_draws(np.minimum(rng.geometric(0.02, size=(40, n)) - 1, vocab - 1))
-    ids_stream, counts_stream = encode_sampled_compact(t)
+    ids_stream, counts_stream = encode(t)
     refused = 0
     for trial in range(300):
         a, b = ids_stream.copy(), counts_stream.copy()
@@ -105,7 +186,7 @@ def test_damaged_streams_are_refused_or_still_valid_never_anything_else() -> Non
         else:
             target[int(rng.integers(0, len(target)))] ^= np.uint8(1 << int(rng.integers(0, 8)))
         try:
-            got = decode_sampled_compact(a, b, t.num_entries, t.num_positions, n, vocab, where="record 'r7'")
+            got = decode(a, b, t.num_entries, t.num_positions, n, vocab, where="record 'r7'")
         except StoreError as e:
             assert str(e).startswith("record 'r7': ") and "\n" not in str(e)
             refused += 1
@@ -123,6 +204,20 @@ def test_manifest_versions_and_refusals() -> None:
     assert "compact codec: sampled ids gap-coded" in describe_targets(d)
     with pytest.raises(StoreError, match="targets.codec compact codes sampled draws; topk targets use the packed codec"):
         TargetSpec(kind="topk", k=4, codec="compact", id_bits=12, logprob_bits=12, logprob_min=-24.0)
+    spec2 = TargetSpec(kind="hybrid", k=2, samples=24, seed=1, sampler="systematic", codec="compact2", id_bits=12,
+                       logprob_bits=12, logprob_min=-24.0)
+    assert spec2.required_version() == "2.4" and spec2.packed and "count_bits" not in spec2.to_dict()
+    assert "compact2 codec: sampled ids gap-coded (Rice parameter by rank)" in describe_targets(spec2.to_dict())
+    with pytest.raises(StoreError, match="targets.codec compact2 codes sampled draws"):
+        TargetSpec(kind="topk", k=4, codec="compact2", id_bits=12, logprob_bits=12, logprob_min=-24.0)
+    ordered = dict(kind="sampled", k=0, samples=24, seed=1, codec="compact2", id_bits=12, logprob_bits=12,
+                   logprob_min=-24.0)
+    assert TargetSpec(**ordered, id_order=[7, 3, 4095]).to_dict()["id_order"] == [7, 3, 4095]
+    for bad in ([7, 7], [4096], [-1], [1.5], list(range(MAX_ID_ORDER + 1)), "7,3"):
+        with pytest.raises(StoreError, match="targets.id_order must"):
+            TargetSpec(**ordered, id_order=bad)
+    with pytest.raises(StoreError, match="targets.id_order is a compact2 setting; the codec is 'compact'"):
+        TargetSpec(**{**ordered, "codec": "compact"}, id_order=[1])
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +229,7 @@ def prompts(tmp_path_factory) -> str:
 def test_generated_stores_hold_the_same_targets_as_packed_ones_in_fewer_bytes(tmp_path, tiny_teacher_dir, prompts,
                                                                               targets) -> None:
     records, sizes = {}, {}
-    for codec in ("packed", "compact"):
+    for codec in ("packed", "compact", "compact2"):
         url = str(tmp_path / f"{codec}.store")
         generate(config(tiny_teacher_dir, prompts, url, targets=targets, top_k=2, samples=24, sampler="systematic",
                         codec=codec, seed=5))
@@ -143,34 +238,67 @@ def test_generated_stores_hold_the_same_targets_as_packed_ones_in_fewer_bytes(tm
         records[codec] = {r.id: r for r in s.iter_records()}
         sizes[codec] = store_info(s)["target_bytes_per_scored_token"]
     assert open_store(str(tmp_path / "compact.store")).manifest.format_version == "2.3"
-    assert records["packed"].keys() == records["compact"].keys()
-    for rid, packed in records["packed"].items():
-        compact = records["compact"][rid]
-        assert _same(compact.sampled, packed.sampled), rid
-        if targets == "hybrid":
-            assert np.array_equal(compact.topk_ids, packed.topk_ids)
-            assert np.array_equal(compact.tail_logprob, packed.tail_logprob)
+    assert open_store(str(tmp_path / "compact2.store")).manifest.format_version == "2.4"
+    for codec in ("compact", "compact2"):
+        assert records["packed"].keys() == records[codec].keys()
+        for rid, packed in records["packed"].items():
+            compact = records[codec][rid]
+            assert _same(compact.sampled, packed.sampled), rid
+            if targets == "hybrid":
+                assert np.array_equal(compact.topk_ids, packed.topk_ids)
+                assert np.array_equal(compact.tail_logprob, packed.tail_logprob)
     assert sizes["compact"] < sizes["packed"], sizes
 
 
-def test_a_2_2_reader_refuses_a_compact_store_in_one_line(tmp_path, tiny_teacher_dir, prompts, monkeypatch) -> None:
+@pytest.mark.parametrize("codec, version, older", [("compact", "2.3", ("none", "packed")),
+                                                   ("compact2", "2.4", ("none", "packed", "compact"))])
+def test_an_older_reader_refuses_a_compact_store_in_one_line(tmp_path, tiny_teacher_dir, prompts, monkeypatch,
+                                                             codec, version, older) -> None:
     import store.manifest as manifest_module
 
     url = str(tmp_path / "c.store")
-    generate(config(tiny_teacher_dir, prompts, url, targets="sampled", samples=8, codec="compact"))
+    generate(config(tiny_teacher_dir, prompts, url, targets="sampled", samples=8, codec=codec))
     obj = json.loads(open_store(url).manifest.to_json())
+    assert obj["format_version"] == version
     obj["format_version"] = "2.2"
-    with pytest.raises(StoreError, match="need format 2.3, but the manifest says 2.2"):
+    with pytest.raises(StoreError, match=f"need format {version}, but the manifest says 2.2"):
         StoreManifest.from_dict(obj, "m")
-    monkeypatch.setattr(manifest_module, "CODECS", ("none", "packed"))  # what a 2.2 reader knows
+    monkeypatch.setattr(manifest_module, "CODECS", older)  # what the reader before `version` knows
     with pytest.raises(StoreError) as info:
         open_store(url)
-    assert "\n" not in str(info.value) and "unknown targets.codec 'compact'" in str(info.value)
+    assert "\n" not in str(info.value) and f"unknown targets.codec '{codec}'" in str(info.value)
+
+
+def test_a_compact2_store_keeps_the_id_order_of_the_run_that_made_it(tmp_path, tiny_teacher_dir, prompts) -> None:
+    """The order comes from the text of the run that creates the store; a run that adds records
+    to it later, with other text, writes in the store's order, and every record reads back exactly
+    what a packed store of the same draws holds."""
+    more = write_jsonl(str(tmp_path / "more.jsonl"), [{**r, "id": f"m{i}"} for i, r in enumerate(prompt_rows(4, seed=9))])
+    urls = {codec: str(tmp_path / f"{codec}.store") for codec in ("packed", "compact2")}
+    for codec, url in urls.items():
+        for source in (prompts, more):
+            generate(config(tiny_teacher_dir, source, url, targets="sampled", samples=24, sampler="systematic",
+                            codec=codec, seed=5))
+    store = open_store(urls["compact2"])
+    order = store.manifest.targets.id_order
+    assert order and len(order) == len(set(order)) and store.manifest.to_dict()["targets"]["id_order"] == order
+    first = open_store(urls["packed"])
+    tokens = [np.asarray(r.input_ids) for r in first.iter_records() if not r.id.startswith("m")]
+    assert order == IdOrder.from_tokens(tokens)  # the first run's text, most frequent token first
+    assert f"in an id order of {len(order)} frequent tokens first" in describe_targets(store.manifest.targets.to_dict())
+    packed = {r.id: r for r in first.iter_records()}
+    got = {r.id: r for r in store.iter_records()}
+    assert got.keys() == packed.keys() and len(got) == 10
+    for rid, rec in packed.items():
+        assert _same(got[rid].sampled, rec.sampled), rid
+    assert verify_store(urls["compact2"]).ok
 
 
 def test_compact_top_k_targets_are_refused_before_anything_is_written(tmp_path, tiny_teacher_dir, prompts) -> None:
     with pytest.raises(GenerateError, match="--codec compact codes sampled draws"):
         config(tiny_teacher_dir, prompts, str(tmp_path / "x"), targets="topk", codec="compact")
+    with pytest.raises(GenerateError, match="--codec compact2 codes sampled draws"):
+        config(tiny_teacher_dir, prompts, str(tmp_path / "x"), targets="topk", codec="compact2")
     out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", str(tmp_path / "y"),
                    "--codec", "compact", "--device", "cpu", "--no-progress"])
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
@@ -178,15 +306,15 @@ def test_compact_top_k_targets_are_refused_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "y").exists()
 
 
-def test_generate_compact_then_train_through_the_cli(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir, prompts) -> None:
+def test_generate_compact2_then_train_through_the_cli(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir, prompts) -> None:
     from trainhelpers import build_student
 
     url = str(tmp_path / "cli.store")
     out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", url, "--targets", "sampled",
-                   "--samples", "24", "--sampler", "systematic", "--codec", "compact", "--device", "cpu", "--no-progress"])
+                   "--samples", "24", "--sampler", "systematic", "--codec", "compact2", "--device", "cpu", "--no-progress"])
     assert out.returncode == 0, out.stderr
     info = run_cli(["store", "info", url])
-    assert info.returncode == 0 and "compact codec" in info.stdout, info.stdout
+    assert info.returncode == 0 and "compact2 codec" in info.stdout, info.stdout
     student = build_student(str(tmp_path / "student"), tiny_tokenizer_dir, hidden=16)
     run = run_cli(["train", "--store", url, "--student", student, "--out", str(tmp_path / "run"), "--max-steps", "3",
                    "--batch-size", "2", "--eval-fraction", "0", "--report-to", "none", "--num-workers", "0"])
