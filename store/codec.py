@@ -348,18 +348,17 @@ def _decode_counts(counts_data: np.ndarray, entries: int, positions: int, sample
     return counts.astype(np.int64), offsets
 
 
-def _ids_from_gaps(gaps: np.ndarray, offsets: np.ndarray, vocab: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(row, ids) of entries whose gaps (id − previous − 1 within a position) are given in order.
-    Positions may be empty."""
+def _ids_from_gaps(gaps: np.ndarray, offsets: np.ndarray, vocab: int, where: str, row: np.ndarray) -> np.ndarray:
+    """The ids of entries whose gaps (id − previous − 1 within a position) are given in order, `row`
+    their positions (positions may be empty)."""
     positions = len(offsets) - 1
     total = np.cumsum(gaps.astype(np.int64) + 1)
     starts = offsets[:-1]  # the running total before each position's first entry
     before = np.where(starts > 0, total[np.maximum(starts - 1, 0)], 0) if len(total) else np.zeros(positions, np.int64)
-    row = np.repeat(np.arange(positions), np.diff(offsets))
     ids = total - before[row] - 1
     if len(ids) and int(ids.max()) >= vocab:  # (every step is ≥ 1: ids rise within a position by construction)
         raise StoreError(f"{where}: an id is outside the vocabulary of {vocab} tokens")
-    return row, ids
+    return ids
 
 
 def encode_sampled_compact(t: SampledTargets) -> tuple[np.ndarray, np.ndarray]:
@@ -398,7 +397,8 @@ def decode_sampled_compact(
         raise StoreError(f"{where}: the ids stream holds {len(ids_data)} bytes, its gaps' low bits need {1 + low_bytes}")
     low = unpack_bits(ids_data[1:], entries, k) if k else np.zeros(entries, dtype=np.uint64)
     quotients, _ = unpack_unary(ids_data[1 + low_bytes:], entries, where)
-    row, ids = _ids_from_gaps((quotients.astype(np.uint64) << np.uint64(k)) | low, offsets, vocab, where)
+    row = _within(offsets)[0]
+    ids = _ids_from_gaps((quotients.astype(np.uint64) << np.uint64(k)) | low, offsets, vocab, where, row)
     return SampledTargets(offsets, *_canonical_order(row, ids, counts, samples))
 
 
@@ -473,11 +473,12 @@ def _within(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return row, np.arange(int(offsets[-1])) - offsets[:-1][row]
 
 
-def _rank_bucket(offsets: np.ndarray, buckets: int) -> np.ndarray:
+def _rank_bucket(offsets: np.ndarray, buckets: int, within: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Each entry's bucket by its rank among its position's entries: min(B·j // d, B − 1) for the
-    j-th smallest of d. Gaps are small among the first places of an id order (a tokenizer's low ids,
-    or the listed frequent tokens) and large above them, so each bucket gets its own Rice parameter."""
-    row, j = _within(offsets)
+    j-th smallest of d (`within`: `_within(offsets)`, when known). Gaps are small among the first
+    places of an id order (a tokenizer's low ids, or the listed frequent tokens) and large above
+    them, so each bucket gets its own Rice parameter."""
+    row, j = within if within is not None else _within(offsets)
     return np.minimum(buckets * j // np.maximum(np.diff(offsets)[row], 1), buckets - 1)
 
 
@@ -550,12 +551,13 @@ def decode_sampled_compact2(
         raise StoreError(f"{where}: a position's head holds more than N/2 = {samples // 2} ids")
     h_off = _csr(h)
     head_counts = _decode_gamma(counts_data[used:], int(h_off[-1]), where)[0] + 1
-    h_row = _within(h_off)[0]
+    h_row, h_j = _within(h_off)
     tails = samples - np.bincount(h_row, weights=head_counts, minlength=positions).astype(np.int64)
     if np.any(tails < 0) or int(h_off[-1] + tails.sum()) != entries:
         raise StoreError(f"{where}: counts do not split into {positions} positions of N={samples} draws "
                          f"in {entries} entries")
     t_off = _csr(tails)
+    t_row, t_j = _within(t_off)
     if len(ids_data) < 1 or not 1 <= int(ids_data[0]) <= MAX_RANK_BUCKETS:
         raise StoreError(f"{where}: the ids stream does not start with a bucket count in [1, {MAX_RANK_BUCKETS}]")
     buckets = int(ids_data[0])
@@ -564,13 +566,14 @@ def decode_sampled_compact2(
     ks = ids_data[1 : 1 + 2 * buckets].astype(np.int64)
     if int(ks.max()) > MAX_RICE_K:
         raise StoreError(f"{where}: Rice parameter {int(ks.max())} is out of range")
-    width = np.concatenate([ks[:buckets][_rank_bucket(h_off, buckets)], ks[buckets:][_rank_bucket(t_off, buckets)]])
+    width = np.concatenate([ks[:buckets][_rank_bucket(h_off, buckets, (h_row, h_j))],
+                            ks[buckets:][_rank_bucket(t_off, buckets, (t_row, t_j))]])
     low = unpack_varbits(ids_data[1 + 2 * buckets:], width, where)
     quotients, _ = unpack_unary(ids_data[1 + 2 * buckets + (int(width.sum()) + 7) // 8:], entries, where)
     gaps = (quotients.astype(np.uint64) << width.astype(np.uint64)) | low
     nh = int(h_off[-1])
-    h_row, h_places = _ids_from_gaps(gaps[:nh], h_off, vocab, where)
-    t_row, t_places = _ids_from_gaps(gaps[nh:], t_off, vocab, where)
+    h_places = _ids_from_gaps(gaps[:nh], h_off, vocab, where, h_row)
+    t_places = _ids_from_gaps(gaps[nh:], t_off, vocab, where, t_row)
     # Each part rises within a position; a place in both would be one id twice.
     t_keys = t_row * vocab + t_places
     h_keys = h_row * vocab + h_places
@@ -585,13 +588,15 @@ def decode_sampled_compact2(
         head_order = np.argsort(h_row * ((samples + 1) * vocab) + (samples - head_counts) * vocab + h_ids)
     else:
         head_order = np.lexsort((h_ids, samples - head_counts, h_row))
+    # The order of §4.2 within each position: the head (descending count, then id), then the tail
+    # (count 1, by id). `head_order` keeps the rows in place, so h_row still gives each one's position.
     offsets = _csr(h + tails)
+    head_at = offsets[:-1][h_row] + h_j
+    tail_at = offsets[:-1][t_row] + h[t_row] + t_j
     ids = np.empty(entries, dtype=np.int32)
+    ids[head_at], ids[tail_at] = h_ids[head_order], t_ids
     counts = np.ones(entries, dtype=np.uint16)
-    h_row, h_j = h_row[head_order], _within(h_off)[1]
-    ids[offsets[:-1][h_row] + h_j] = h_ids[head_order]
-    counts[offsets[:-1][h_row] + h_j] = head_counts[head_order]
-    ids[offsets[:-1][t_row] + h[t_row] + _within(t_off)[1]] = t_ids
+    counts[head_at] = head_counts[head_order]
     return SampledTargets(offsets, ids, counts)
 
 
