@@ -315,7 +315,16 @@ class StoreManifest:
         return out
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
+        obj = self.to_dict()
+        order = obj["targets"].get("id_order")
+        if not order:
+            return json.dumps(obj, indent=2, sort_keys=True).encode()
+        # Up to 4,096 ids: one line, not one line per id, so that the manifest stays readable.
+        obj["targets"]["id_order"] = "@"
+        text = json.dumps(obj, indent=2, sort_keys=True)
+        at = text.index('"id_order": "@"', text.index('"targets": {'))
+        one_line = json.dumps(order, separators=(",", ":"))
+        return (text[:at] + f'"id_order": {one_line}' + text[at + len('"id_order": "@"'):]).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> StoreManifest:

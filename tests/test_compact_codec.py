@@ -282,6 +282,8 @@ def test_a_compact2_store_keeps_the_id_order_of_the_run_that_made_it(tmp_path, t
     store = open_store(urls["compact2"])
     order = store.manifest.targets.id_order
     assert order and len(order) == len(set(order)) and store.manifest.to_dict()["targets"]["id_order"] == order
+    text = store.manifest.to_json().decode()
+    assert json.loads(text)["targets"]["id_order"] == order and len(text.splitlines()) < 100  # the ids on one line
     first = open_store(urls["packed"])
     tokens = [np.asarray(r.input_ids) for r in first.iter_records() if not r.id.startswith("m")]
     assert order == IdOrder.from_tokens(tokens)  # the first run's text, most frequent token first
