@@ -209,14 +209,21 @@ def decode_sampled(
     counts = unpack_bits(counts_data, entries, count_bits)
     if entries and int(counts.min()) < 1:
         raise StoreError(f"{where}: a count is 0 (every stored count is at least 1)")
-    running = np.cumsum(counts)
+    return SampledTargets(_split_positions(counts, entries, positions, samples, where), ids, counts.astype(np.uint16))
+
+
+def _split_positions(counts: np.ndarray, entries: int, positions: int, samples: int, where: str) -> np.ndarray:
+    """The offsets of the positions of entries whose counts (≥ 1) are given in order: the running sum
+    of counts is a multiple of N exactly at each position's last entry. Refuses counts that do not
+    split into `positions` positions of N draws."""
+    running = np.cumsum(counts.astype(np.uint64))
     ends = np.flatnonzero(running % np.uint64(samples) == 0) + 1
     if (len(ends) != positions or (entries and ends[-1] != entries)
             or not np.array_equal(running[ends - 1], np.arange(1, positions + 1, dtype=np.uint64) * np.uint64(samples))):
         raise StoreError(f"{where}: counts do not split into {positions} positions of N={samples} draws")
     offsets = np.zeros(positions + 1, dtype=np.int64)
     offsets[1:] = ends
-    return SampledTargets(offsets, ids, counts.astype(np.uint16))
+    return offsets
 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, id_bits: int, q: LogprobQuantizer) -> tuple[np.ndarray, np.ndarray]:
@@ -330,22 +337,20 @@ def _gamma_stream(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([pack_unary(lengths), pack_varbits(counts - (1 << lengths), lengths)])
 
 
+def _decode_gamma(data: np.ndarray, count: int, where: str) -> tuple[np.ndarray, int]:
+    """`count` values ≥ 1 of a `_gamma_stream`, and the bytes it takes."""
+    lengths, used = unpack_unary(data, count, where)
+    if count and int(lengths.max()) > 16:
+        raise StoreError(f"{where}: a count longer than 16 bits")
+    values = (np.uint64(1) << lengths.astype(np.uint64)) + unpack_varbits(data[used:], lengths, where)
+    return values.astype(np.int64), used + (int(lengths.sum()) + 7) // 8
+
+
 def _decode_counts(counts_data: np.ndarray, entries: int, positions: int, samples: int, where: str
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(counts, offsets) from a gamma counts stream: positions end where the running count reaches a
-    multiple of N; refuses a stream that does not split into `positions` positions of N draws."""
-    lengths, used = unpack_unary(counts_data, entries, where)
-    if entries and int(lengths.max()) > 16:
-        raise StoreError(f"{where}: a count longer than 16 bits")
-    counts = (np.uint64(1) << lengths.astype(np.uint64)) + unpack_varbits(counts_data[used:], lengths, where)
-    running = np.cumsum(counts)
-    ends = np.flatnonzero(running % np.uint64(samples) == 0) + 1
-    if (len(ends) != positions or (entries and ends[-1] != entries)
-            or not np.array_equal(running[ends - 1], np.arange(1, positions + 1, dtype=np.uint64) * np.uint64(samples))):
-        raise StoreError(f"{where}: counts do not split into {positions} positions of N={samples} draws")
-    offsets = np.zeros(positions + 1, dtype=np.int64)
-    offsets[1:] = ends
-    return counts.astype(np.int64), offsets
+    """(counts, offsets) from a gamma counts stream (`_split_positions`)."""
+    counts, _ = _decode_gamma(counts_data, entries, where)
+    return counts, _split_positions(counts, entries, positions, samples, where)
 
 
 def _ids_from_gaps(gaps: np.ndarray, offsets: np.ndarray, vocab: int, where: str, row: np.ndarray) -> np.ndarray:
@@ -487,15 +492,6 @@ def _gaps(offsets: np.ndarray, places: np.ndarray) -> np.ndarray:
     first = np.zeros(len(places), dtype=bool)
     first[offsets[:-1][np.diff(offsets) > 0]] = True
     return places - np.where(first, -1, np.roll(places, 1)) - 1
-
-
-def _decode_gamma(data: np.ndarray, count: int, where: str) -> tuple[np.ndarray, int]:
-    """`count` values ≥ 1 of a `_gamma_stream`, and the bytes it takes."""
-    lengths, used = unpack_unary(data, count, where)
-    if count and int(lengths.max()) > 16:
-        raise StoreError(f"{where}: a count longer than 16 bits")
-    values = (np.uint64(1) << lengths.astype(np.uint64)) + unpack_varbits(data[used:], lengths, where)
-    return values.astype(np.int64), used + (int(lengths.sum()) + 7) // 8
 
 
 def _csr(lengths: np.ndarray) -> np.ndarray:
