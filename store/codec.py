@@ -318,18 +318,6 @@ def _rice_k(gaps: np.ndarray) -> int:
     return int(np.argmin(costs))
 
 
-def _by_id(t: SampledTargets) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(order, row, ids, gaps): the entries sorted by id within each position (`order` indexes `t`),
-    and each id's gap to the one before it in its position (the first: its id), gap = id − prev − 1."""
-    e = t.num_entries
-    row = np.repeat(np.arange(t.num_positions), t.lengths())
-    order = np.lexsort((t.ids, row))
-    ids = t.ids[order].astype(np.int64)
-    first = np.ones(e, dtype=bool)
-    first[1:] = row[1:] != row[:-1]
-    return order, row, ids, ids - np.where(first, -1, np.roll(ids, 1)) - 1
-
-
 def _gamma_stream(counts: np.ndarray) -> np.ndarray:
     """The counts in Elias gamma, split in two: L = bit_length(count) − 1 for every count in unary
     (padded to a whole byte), then each count's low L bits (`pack_varbits`)."""
@@ -377,7 +365,8 @@ def encode_sampled_compact(t: SampledTargets) -> tuple[np.ndarray, np.ndarray]:
       every entry in unary (padded to a whole byte), then each count's low L bits (`pack_varbits`).
     Position boundaries are implicit, as in the packed layout: the counts of a position sum to N.
     """
-    order, _, _, gaps = _by_id(t)
+    order = np.lexsort((t.ids, _within(t.offsets)[0]))
+    gaps = _gaps(t.offsets, t.ids[order].astype(np.int64))
     k = _rice_k(gaps)
     head = np.array([k], dtype=np.uint8)
     low = pack_bits(gaps & ((1 << k) - 1), k) if k and len(gaps) else np.zeros(0, dtype=np.uint8)
@@ -473,6 +462,7 @@ class IdOrder:
 
 def _within(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row, j) of every entry of a CSR layout: its position and its index within the position."""
+    offsets = np.asarray(offsets, dtype=np.int64)
     d = np.diff(offsets)
     row = np.repeat(np.arange(len(d)), d)
     return row, np.arange(int(offsets[-1])) - offsets[:-1][row]
@@ -514,7 +504,7 @@ def encode_sampled_compact2(t: SampledTargets, id_order: IdOrder | None = None,
       of the head's gaps then the tail's (`pack_varbits`, padded to a whole byte), then their
       quotients in unary, in the same order.
     """
-    row = np.repeat(np.arange(t.num_positions), t.lengths())
+    row = _within(t.offsets)[0]
     places = id_order.rank(t.ids) if id_order is not None else t.ids.astype(np.int64)
     counts = t.counts.astype(np.int64)
     parts, ks = [], []

@@ -121,7 +121,7 @@ def describe_answers(a: dict[str, Any]) -> str:
 
 def describe_targets(t: dict[str, Any]) -> str:
     """One line: what each scored position carries and how it is encoded."""
-    packed = t.get("codec") in ("packed", *COMPACT_CODECS)
+    packed = t.get("codec", "none") != "none"
     parts = []
     if t["kind"] in ("topk", "both", "hybrid"):
         lp = f"{t['logprob_bits']}-bit log-probs (max error {t['logprob_max_error']:.2g})" if packed else f"{t['logprob_dtype']} log-probs"
@@ -153,7 +153,7 @@ def describe_tail(t: dict[str, Any]) -> str | None:
     if method == "complement":
         return ("log(1 − Σ top-K) in float64 from the top-K log-probs the backend returned: approximate "
                 "below ~1e-6 (their float32 rounding), −inf where it rounds to 0")
-    if t.get("codec") in ("packed", *COMPACT_CODECS):
+    if t.get("codec", "none") != "none":
         return ("approximate (format 2.0): recomputed as 1 − Σ exp(top-K) from the quantised log-probs, "
                 f"off by up to {math.expm1(float(t.get('logprob_max_error') or 0)):.2%} of the top-K mass")
     return ("approximate (format 1.0 / 2.0): 1 − Σ exp(top-K) in float32, so tails near 1e-5 are off by "

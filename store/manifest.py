@@ -201,7 +201,7 @@ class TargetSpec:
 
     @property
     def packed(self) -> bool:
-        return self.codec in ("packed", *COMPACT_CODECS)
+        return self.codec != "none"
 
     def quantizer(self) -> Any:
         """The packed codec's `store.codec.LogprobQuantizer`."""

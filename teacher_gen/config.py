@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from store.manifest import CODECS, COMPACT_CODECS
 from teacher_gen.errors import GenerateError
 from teacher_gen.gguf import is_gguf
 from teacher_gen.rationale import DEFAULT_ANSWER_PATTERN, DEFAULT_RATIONALE_TEMPLATE
@@ -149,9 +150,8 @@ class GenerateConfig:
             (self.targets in ("topk", "sampled", "both", "hybrid"),
              f"--targets must be topk, sampled, both or hybrid, got {self.targets!r}"),
             (1 <= self.samples <= 65535, f"--samples must be between 1 and 65535, got {self.samples}"),
-            (self.codec in ("none", "packed", "compact", "compact2"),
-             f"--codec must be none, packed, compact or compact2, got {self.codec!r}"),
-            (self.codec not in ("compact", "compact2") or self.targets != "topk",
+            (self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}"),
+            (self.codec not in COMPACT_CODECS or self.targets != "topk",
              f"--codec {self.codec} codes sampled draws: use it with --targets sampled, both or hybrid (top-k targets: --codec packed)"),
             (2 <= self.logprob_bits <= 16, f"--logprob-bits must be between 2 and 16, got {self.logprob_bits}"),
             (self.logprob_min < 0, f"--logprob-min must be negative, got {self.logprob_min}"),

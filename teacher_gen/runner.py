@@ -218,7 +218,7 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
     """The manifest's `targets` for a run (format §2): kind, K, N and seed, codec and its bit widths."""
     from store.codec import bits_for
 
-    topk, sampled, packed = config.targets != "sampled", config.targets != "topk", config.codec in ("packed", "compact", "compact2")
+    topk, sampled, packed = config.targets != "sampled", config.targets != "topk", config.codec != "none"
     return TargetSpec(
         kind=config.targets,
         k=config.top_k if topk else 0,
@@ -242,9 +242,7 @@ def with_id_order(manifest: StoreManifest, encoded: list[tuple[Encoded, list[int
     """`manifest` with the compact2 id order of the run's text: its most frequent tokens first. The
     store keeps the order of the run that created it; later runs write in that order."""
     tokens = [a for enc, _ in encoded for a in (enc.prompt_ids, enc.completion_ids) if a is not None]
-    vocab = 1 << int(manifest.targets.id_bits or 0)
-    order = [v for v in IdOrder.from_tokens(tokens) if v < vocab]
-    return replace(manifest, targets=replace(manifest.targets, id_order=order or None))
+    return replace(manifest, targets=replace(manifest.targets, id_order=IdOrder.from_tokens(tokens) or None))
 
 
 def open_store_for(config: GenerateConfig, manifest: StoreManifest, tokenizer: Any) -> Store:
