@@ -27,6 +27,11 @@
 6. `--real-teacher DIR`: no training; each sampled kind's error E‖p̂ − p‖² against a real teacher's
    exact distributions on held-out text, with its packed, compact and compact2 bytes (the gradient
    error any student's logits get).
+7. `--real-teacher DIR --students` (scale `real`): steps 3-5 with a real teacher (a save_pretrained
+   folder, its tokenizer and vocabulary) and no teacher training. Full KD trains against the teacher's
+   exact log-probabilities at the same positions, computed once and kept as float16 in the work
+   folder (`CachedTeacher`): the teacher is fixed, so that is the online loss without a teacher
+   forward at every step.
 
     python bench/fidelity.py                          # CPU scale (~30-40 min on 2 quiet cores), 2 seeds
     python bench/fidelity.py --scale short            # a 200-step teacher, 80-step students: minutes
@@ -34,6 +39,7 @@
     python bench/fidelity.py --scale gpu --device cuda # larger scale for a GPU box
     python bench/fidelity.py --quick                  # smoke run, a few minutes
     python bench/fidelity.py --real-teacher DIR --seeds 2 --threads 1
+    python bench/fidelity.py --real-teacher DIR --students --variants systematic24,systematic64 --codec compact2
 
 The work folder (`--workdir`) keeps the tokenizer, the teacher and the stores between runs with the
 same teacher and transfer settings; `--fresh` starts over. Results: markdown tables on stdout,
@@ -107,6 +113,12 @@ SCALES = {
                  teacher_lr=1e-3, student_hidden=256, student_layers=4, student_steps=3000, student_batch=32,
                  student_lr=1e-3, transfer_blocks=16384, heldout_blocks=1024, seeds=3, tokenizer_chars=20_000_000,
                  eval_steps=(250, 500, 1000, 2000)),
+    # `--real-teacher DIR --students`: the teacher is DIR's (its tokenizer and vocabulary; the teacher and
+    # tokenizer fields are unused), the student a small Llama over that vocabulary.
+    "real": Scale(student_hidden=128, student_steps=300, student_batch=8, transfer_blocks=512, heldout_blocks=64,
+                  eval_steps=(50, 100, 200)),
+    "real-quick": Scale(student_hidden=64, student_steps=20, student_batch=4, transfer_blocks=16, heldout_blocks=4,
+                        seeds=1, eval_steps=(10,)),
 }
 
 STORES = {  # store name (= variant name) -> generate settings; every sampled store uses the packed codec
@@ -194,6 +206,18 @@ def blocks_of(texts: list[str], tokenizer: Any, seq: int) -> np.ndarray:
     return np.asarray(ids[: n * seq], dtype=np.int64).reshape(n, seq)
 
 
+def split_blocks(train_texts: list[str], held_texts: list[str], tokenizer: Any, scale: Scale
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(every train block, the transfer set, the held-out eval blocks): random draws, the same for a
+    given tokenizer and scale."""
+    train_blocks = blocks_of(train_texts, tokenizer, scale.seq)
+    held_blocks = blocks_of(held_texts, tokenizer, scale.seq)
+    rng = np.random.default_rng(0)
+    heldout = held_blocks[rng.permutation(len(held_blocks))[: scale.heldout_blocks]]
+    transfer = train_blocks[rng.permutation(len(train_blocks))[: scale.transfer_blocks]]
+    return train_blocks, transfer, heldout
+
+
 # -- models --------------------------------------------------------------------------------------------
 def llama(vocab: int, hidden: int, layers: int, seq: int, seed: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -241,9 +265,10 @@ def train_teacher(blocks: np.ndarray, scale: Scale, device: str, folder: str, to
 
 # -- stores ------------------------------------------------------------------------------------------
 def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale, device: str,
-                names: list[str], codec: str = "packed") -> dict[str, str]:
+                names: list[str], codec: str = "packed", teacher: str | None = None) -> dict[str, str]:
     """One store per name; `codec` is the codec of the sampled and hybrid stores (the draws are the
-    same in both: the compact codec is lossless), top-K stores stay unpacked."""
+    same in both: the compact codec is lossless), top-K stores stay unpacked. `teacher`: a
+    save_pretrained folder (default: the work folder's trained teacher)."""
     from teacher_gen.config import GenerateConfig
     from teacher_gen.runner import generate
 
@@ -259,7 +284,7 @@ def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale
         suffix = f".{settings['codec']}" if settings.get("codec") in ("compact", "compact2") else ""
         url = os.path.join(workdir, "stores", f"{name}{suffix}.store")
         config = GenerateConfig.build(
-            teacher=os.path.join(workdir, "teacher"), prompts=prompts, store=url, score_prompt=True,
+            teacher=teacher or os.path.join(workdir, "teacher"), prompts=prompts, store=url, score_prompt=True,
             max_length=scale.seq, truncate=True, device=device, progress=False, writer_threads=1,
             shard_records=1 << 20, batch_tokens=scale.seq * 32, seed=7, **settings,
         )
@@ -356,7 +381,8 @@ def online_kd(model: DistillModel, teacher: Any, batch: dict[str, Any]) -> torch
 
 def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str, str], teacher: Any, scale: Scale,
                   seed: int, device: str, heldout: np.ndarray) -> tuple[Any, dict[int, float]]:
-    """The student after `scale.student_steps` steps, and its held-out CE at `scale.eval_steps` on the way."""
+    """The student after `scale.student_steps` steps, and its held-out CE at `scale.eval_steps` on the way.
+    `teacher`: a model, or a `CachedTeacher` (anything whose call gives `.logits`)."""
     student = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=0)
     student.load_state_dict(init)
     model = DistillModel(student).to(device).train()
@@ -542,6 +568,102 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
              "positions": positions} for v, s in sums.items()]
 
 
+class CachedTeacher:
+    """A real teacher's log-probabilities at every position of a fixed set of blocks, computed once and
+    kept as float16 in a memmap in the work folder. Called like a model (`teacher(input_ids=x,
+    attention_mask=m).logits`) it gives them back as float32 (log-softmax leaves log-probabilities as
+    they are), so online full KD over a fixed transfer set and the held-out metrics need no teacher
+    forward per step. Rows are found by their tokens (right-padded rows by their unpadded tokens)."""
+
+    def __init__(self, path: str, blocks: list[np.ndarray], model: Any | None) -> None:
+        self.rows = {np.asarray(b, dtype=np.int64).tobytes(): i for i, b in enumerate(blocks)}
+        seq = max(len(b) for b in blocks)
+        vocab = model.config.vocab_size if model is not None else None
+        meta = path + ".json"
+        keys = hashlib.sha256(b"".join(sorted(self.rows))).hexdigest()
+        saved = read_json(meta)
+        if saved and saved["keys"] == keys:
+            self.table = np.memmap(path, dtype=np.float16, mode="r", shape=tuple(saved["shape"]))
+            return
+        if model is None:
+            raise SystemExit(f"{path}: no cached teacher log-probabilities for these blocks")
+        from teacher_gen.capture import logit_transform
+
+        transform = logit_transform(model.config)
+        table = np.memmap(path, dtype=np.float16, mode="w+", shape=(len(blocks), seq, vocab))
+        started = time.time()
+        with torch.no_grad():
+            for start in range(0, len(blocks), 8):
+                group = [np.asarray(b, dtype=np.int64) for b in blocks[start : start + 8]]
+                # A batch when the blocks are of one length (almost always), else one at a time.
+                parts = [np.stack(group)] if len({len(b) for b in group}) == 1 else [b[None] for b in group]
+                row = start
+                for x in parts:
+                    logits = model(input_ids=torch.from_numpy(x)).logits.float()
+                    logits = transform(logits) if transform else logits
+                    table[row : row + len(x), : x.shape[1]] = torch.log_softmax(logits, -1).numpy().astype(np.float16)
+                    row += len(x)
+                say(f"teacher log-probs: {row}/{len(blocks)} blocks ({time.time() - started:.0f} s)")
+        table.flush()
+        with open(meta, "w") as f:
+            json.dump({"keys": keys, "shape": list(table.shape)}, f)
+        self.table = np.memmap(path, dtype=np.float16, mode="r", shape=table.shape)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        from types import SimpleNamespace
+
+        batch, length = input_ids.shape
+        logits = torch.zeros(batch, length, self.table.shape[2], dtype=torch.float32)
+        for b in range(batch):
+            n = int(attention_mask[b].sum()) if attention_mask is not None else length
+            row = self.rows[input_ids[b, :n].cpu().numpy().astype(np.int64).tobytes()]
+            logits[b, :n] = torch.from_numpy(np.asarray(self.table[row, :n], dtype=np.float32))
+        return SimpleNamespace(logits=logits.to(input_ids.device))
+
+
+def real_students(model_dir: str, train_texts: list[str], held_texts: list[str], scale: Scale, variants: list[str],
+                  workdir: str, codec: str, device: str, first_seed: int = 0) -> dict[str, Any]:
+    """The student comparison with a real teacher: `potstill generate` runs the teacher over the
+    transfer set into one store per offline variant; full KD (the reference) trains against the
+    teacher's exact log-probabilities at the same positions (`CachedTeacher`, the teacher computed
+    once: the same loss as an online teacher, which is fixed, at float16 precision of its log-probs);
+    the held-out metrics use the teacher's exact distributions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    scale = dataclasses.replace(scale, vocab=model.config.vocab_size)
+    _, transfer, heldout = split_blocks(train_texts, held_texts, tokenizer, scale)
+    say(f"real teacher {model_dir}: vocabulary {scale.vocab}; transfer set {len(transfer)} blocks, held-out eval "
+        f"{len(heldout)} blocks of {scale.seq} tokens")
+    offline = sorted({store_for(v) for v in variants if v not in ("ce", "full")})
+    stores = make_stores(workdir, transfer, tokenizer, scale, device, offline or ["sampled12"], codec, teacher=model_dir)
+    bytes_by_store = {name: store_bytes(url) for name, url in stores.items()}
+    # ce and full read only the tokens: every store holds the same records in the same order, so they
+    # need no store of their own (the teacher is run once less).
+    stores.setdefault(store_for("full"), stores[(offline or ["sampled12"])[0]])
+    # The records as the stores hold them (the prompts' text tokenized again by `potstill generate`).
+    scored = [np.asarray(r.input_ids, dtype=np.int64) for r in open_store(next(iter(stores.values()))).iter_records()]
+    on_transfer = CachedTeacher(os.path.join(workdir, "teacher-transfer.f16"), scored, model)
+    on_heldout = CachedTeacher(os.path.join(workdir, "teacher-heldout.f16"), list(heldout), model)
+    del model
+    teacher_eval = evaluate(on_heldout, on_heldout, heldout, device)
+    say(f"teacher held-out CE {teacher_eval['ce']:.4f}, ECE {100 * teacher_eval['ece']:.2f} %")
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
+    for seed in range(first_seed, first_seed + scale.seeds):
+        init = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=100 + seed).state_dict()
+        for variant in variants:
+            student, curve = train_student(variant, init, stores, on_transfer, scale, seed, device, heldout)
+            results[variant].append(evaluate(student, on_heldout, heldout, device))
+            curves[variant].append(curve | {scale.student_steps: results[variant][-1]["ce"]})
+            say(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[variant][-1].items()))
+    return {"real_teacher_students": os.path.basename(model_dir.rstrip("/")), "scale": dataclasses.asdict(scale),
+            "teacher": teacher_eval, "stores": bytes_by_store, "runs": results,
+            "curves": {v: [{str(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()},
+            "gradient_variance": {}}
+
+
 def real_teacher_table(runs: list[list[dict[str, Any]]]) -> str:
     """Mean ± standard deviation over seeds (held-out blocks and uniforms) of `real_teacher_variance`."""
     base = [next(r["grad_sq_error"] for r in rows if r["variant"] == "sampled12") for rows in runs]
@@ -686,8 +808,10 @@ def grad_table(grad_var: dict[str, list[dict[str, float]]], seeds: int) -> str:
 
 def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dict[str, float]]], folder: str,
          scale_name: str) -> None:
-    """docs/fidelity-share-vs-steps.png and docs/fidelity-gradient-variance.png (or under `folder`)."""
-    with figure(folder, "fidelity-share-vs-steps.png") as ax:
+    """docs/fidelity-share-vs-steps.png (fidelity-real-share-vs-steps.png for a real teacher's students) and
+    docs/fidelity-gradient-variance.png (or under `folder`)."""
+    name = "fidelity-real-share-vs-steps.png" if scale_name.startswith("real") else "fidelity-share-vs-steps.png"
+    with figure(folder, name) as ax:
         for variant, by_step in shares.items():
             steps = [int(s) for s in by_step]
             mean = [100 * np.mean(v) for v in by_step.values()]
@@ -699,6 +823,8 @@ def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dic
         ax.set_ylabel("share of full KD's gain over CE (%)")
         ax.set_title(f"Offline targets vs online full KD, against steps ({scale_name} scale)")
 
+    if not grad_var:  # students of a real teacher: its target error is `real_teacher_variance`'s
+        return
     with figure(folder, "fidelity-gradient-variance.png") as ax:
         names = list(grad_var["full-KD student"][0].keys())
         width = 0.8 / len(grad_var)
@@ -775,12 +901,30 @@ def report(results: dict[str, list[dict[str, float]]], bytes_by_store: dict[str,
     print()
     print(curve_table(shares, seeds))
     print()
-    print(grad_table(grad_var, seeds))
-    print()
+    if grad_var:
+        print(grad_table(grad_var, seeds))
+        print()
     print("\n".join(lines))
     if plots:
         plot(shares, grad_var, plots, scale_name)
     return rows, shares, lines
+
+
+def merged_runs(paths: list[str]) -> dict[str, Any]:
+    """Saved training runs (`--json`) of the same teacher, stores and variants and different student
+    seeds (`--first-seed`), as one run: the per-seed lists joined in the order given."""
+    runs = [read_json(p) for p in paths]
+    if any(r is None for r in runs):
+        raise SystemExit(f"--report: no such file among {', '.join(paths)}")
+    out = runs[0]
+    for path, run in zip(paths[1:], runs[1:], strict=True):
+        if "real_teacher" in run or run["teacher"] != out["teacher"] or run["stores"] != out["stores"] \
+                or set(run["runs"]) != set(out["runs"]):
+            raise SystemExit(f"--report: {path} is not a run of the same teacher, stores and variants as {paths[0]}")
+        for key in ("runs", "curves"):
+            out[key] = {v: out[key][v] + run[key][v] for v in out[key]}
+        out["gradient_variance"] = {k: v + run["gradient_variance"][k] for k, v in out["gradient_variance"].items()}
+    return out
 
 
 def read_json(path: str) -> Any:
@@ -793,7 +937,7 @@ def read_json(path: str) -> Any:
 # -- main --------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--scale", choices=sorted(SCALES), default=None, help="default: cpu (real with --students)")
     parser.add_argument("--quick", action="store_true", help="same as --scale quick")
     parser.add_argument("--seeds", type=int, default=None, help="student seeds (default: the scale's)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (ce and full always run)")
@@ -805,11 +949,17 @@ def main() -> None:
     parser.add_argument("--corpus", default=sysconfig.get_paths()["stdlib"])
     parser.add_argument("--fresh", action="store_true", help="retrain the tokenizer and teacher, regenerate the stores")
     parser.add_argument("--json", default=None, help="write every number to this file")
-    parser.add_argument("--report", default=None, metavar="JSON",
-                        help="print the tables (and with --plots draw the plots) of a finished run's --json file, no run")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first student seed: runs of seeds 0..k-1 and k..n-1 together are a run of n seeds")
+    parser.add_argument("--report", default=None, metavar="JSON[,JSON...]",
+                        help="print the tables (and with --plots draw the plots) of a finished run's --json file, no "
+                             "run; several files of the same settings and other seeds report as one run")
     parser.add_argument("--real-teacher", default=None, metavar="DIR",
                         help="only measure the sampled targets' error against a real teacher's exact distributions "
                              "(a save_pretrained folder) on held-out text, no training")
+    parser.add_argument("--students", action="store_true",
+                        help="with --real-teacher: train students from the real teacher's stores (scale real) "
+                             "instead of measuring target error only")
     parser.add_argument("--real-blocks", type=int, default=8, help="--real-teacher: held-out blocks of --real-seq tokens")
     parser.add_argument("--real-seq", type=int, default=128)
     parser.add_argument("--codec-sizes", action="store_true",
@@ -819,17 +969,23 @@ def main() -> None:
                         help="folder for the PNG plots (share of full KD's gain against steps, gradient variance)")
     args = parser.parse_args()
     if args.report:
-        saved = read_json(args.report)
-        if "real_teacher" in saved:
+        saved = merged_runs(args.report.split(","))
+        if "real_teacher" in saved:  # target error only (no students)
             print(real_teacher_table(saved["runs"]))
             if args.plots:
                 plot_real(saved["runs"], args.plots, saved["real_teacher"])
             return
         report(saved["runs"], saved["stores"], saved["teacher"],
                {v: [{int(k): x for k, x in c.items()} for c in cs] for v, cs in saved["curves"].items()},
-               saved["gradient_variance"], saved["scale"]["seeds"], args.plots, saved["scale_name"])
+               saved["gradient_variance"], len(saved["runs"]["ce"]), args.plots, saved["scale_name"])
         return
-    scale_name = "quick" if args.quick else args.scale
+    unknown = sorted(set(args.variants.split(",")) - set(ALL_VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(ALL_VARIANTS)}")
+    variants = [v for v in ALL_VARIANTS if v in {"ce", "full", *args.variants.split(",")}]
+    if args.students and not args.real_teacher:
+        parser.error("--students needs --real-teacher DIR")
+    scale_name = "quick" if args.quick else args.scale or ("real" if args.students else "cpu")
     scale = dataclasses.replace(SCALES[scale_name], **({"seeds": args.seeds} if args.seeds else {}))
     if args.codec_sizes:
         print(codec_sizes(args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")))
@@ -842,7 +998,10 @@ def main() -> None:
     settings = {k: v for k, v in dataclasses.asdict(scale).items()
                 if k == "vocab" or k == "seq" or k.startswith(("teacher_", "transfer_", "heldout_", "tokenizer_"))}
     settings["corpus"] = args.corpus
-    if not args.real_teacher and (args.fresh or read_json(marker) != settings):  # --real-teacher uses no work folder
+    if args.students:
+        settings["real_teacher"] = os.path.abspath(args.real_teacher)
+    # --real-teacher without --students uses no work folder
+    if (args.students or not args.real_teacher) and (args.fresh or read_json(marker) != settings):
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(workdir)
     started = time.time()
@@ -854,6 +1013,21 @@ def main() -> None:
     say(f"corpus {args.corpus}: {len(train_files)} train files ({sum(map(len, train_texts)) / 1e6:.1f} MB), "
         f"{len(held_files)} held-out files")
 
+    if args.students:
+        run = real_students(args.real_teacher, train_texts, held_texts, scale, variants, workdir, args.codec, args.device,
+                            args.first_seed)
+        with open(marker, "w") as f:
+            json.dump(settings, f)
+        rows, shares, lines = report(run["runs"], run["stores"], run["teacher"],
+                                     {v: [{int(k): x for k, x in c.items()} for c in cs] for v, cs in run["curves"].items()},
+                                     {}, scale.seeds, args.plots, scale_name)
+        say(f"done in {(time.time() - started) / 60:.1f} min")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(run | {"scale_name": scale_name, "codec": args.codec, "threads": args.threads, "rows": rows,
+                                 "share_curves": shares, "verdict": lines, "minutes": (time.time() - started) / 60},
+                          f, indent=2)
+        return
     if args.real_teacher:
         real = [real_teacher_variance(args.real_teacher, held_texts, args.real_blocks, args.real_seq, repeats=GRAD_REPEATS,
                                       variants=[v for v in STORES if STORES[v]["targets"] != "topk"], seed=seed)
@@ -875,12 +1049,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     else:
         tokenizer = train_tokenizer(train_texts, scale.vocab, scale.tokenizer_chars, tok_dir)
-    train_blocks = blocks_of(train_texts, tokenizer, scale.seq)
-    held_blocks = blocks_of(held_texts, tokenizer, scale.seq)
-    rng = np.random.default_rng(0)
-    heldout = held_blocks[rng.permutation(len(held_blocks))[: scale.heldout_blocks]]
-    transfer = train_blocks[rng.permutation(len(train_blocks))[: scale.transfer_blocks]]
-    say(f"{len(train_blocks)} train blocks ({train_blocks.size / 1e6:.2f} M tokens), {len(held_blocks)} held-out blocks; "
+    train_blocks, transfer, heldout = split_blocks(train_texts, held_texts, tokenizer, scale)
+    say(f"{len(train_blocks)} train blocks ({train_blocks.size / 1e6:.2f} M tokens); "
         f"transfer set {len(transfer)} blocks, held-out eval {len(heldout)} blocks of {scale.seq} tokens")
 
     if os.path.isfile(os.path.join(teacher_dir, "config.json")):
@@ -892,10 +1062,6 @@ def main() -> None:
     with open(marker, "w") as f:
         json.dump(settings, f)
 
-    unknown = sorted(set(args.variants.split(",")) - set(ALL_VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; known: {', '.join(ALL_VARIANTS)}")
-    variants = [v for v in ALL_VARIANTS if v in {"ce", "full", *args.variants.split(",")}]
     stores = make_stores(workdir, transfer, tokenizer, scale, args.device, sorted({store_for(v) for v in variants}),
                          args.codec)
     bytes_by_store = {name: store_bytes(url) for name, url in stores.items()}
@@ -905,7 +1071,7 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
     grad_var: dict[str, list[dict[str, float]]] = {"full-KD student": []}
-    for seed in range(scale.seeds):
+    for seed in range(args.first_seed, args.first_seed + scale.seeds):
         init = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=100 + seed).state_dict()
         for variant in variants:
             student, curve = train_student(variant, init, stores, teacher, scale, seed, args.device, heldout)
