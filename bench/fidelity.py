@@ -60,7 +60,7 @@ import shutil
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -413,6 +413,34 @@ def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str,
     return student.eval(), curve
 
 
+def train_students(variants: list[str], stores: dict[str, str], teacher: Any, scale: Scale, seeds: range, device: str,
+                   heldout: np.ndarray, after: Callable[[str, Any, dict, dict], None] | None = None
+                   ) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[int, float]]]]:
+    """(results, curves): every variant's student for every seed, each seed's students from the same
+    initial weights, evaluated on `heldout` against `teacher`. `after(variant, student, results,
+    curves)` runs after each student (the gradient variance, the partial JSON)."""
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
+    for seed in seeds:
+        init = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=100 + seed).state_dict()
+        for variant in variants:
+            student, curve = train_student(variant, init, stores, teacher, scale, seed, device, heldout)
+            results[variant].append(evaluate(student, teacher, heldout, device))
+            curves[variant].append(curve | {scale.student_steps: results[variant][-1]["ce"]})
+            say(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[variant][-1].items()))
+            if after:
+                after(variant, student, results, curves)
+    return results, curves
+
+
+def curves_json(curves: dict[str, list[dict[int, float]]]) -> dict[str, list[dict[str, float]]]:
+    return {v: [{str(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()}
+
+
+def curves_from_json(curves: dict[str, list[dict[str, float]]]) -> dict[str, list[dict[int, float]]]:
+    return {v: [{int(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()}
+
+
 @torch.no_grad()
 def heldout_ce(student: Any, heldout: np.ndarray, device: str) -> float:
     """The student's held-out cross-entropy (all `evaluate` needs for the share of full KD's gain)."""
@@ -644,23 +672,14 @@ def real_students(model_dir: str, train_texts: list[str], held_texts: list[str],
     stores.setdefault(store_for("full"), stores[(offline or ["sampled12"])[0]])
     # The records as the stores hold them (the prompts' text tokenized again by `potstill generate`).
     scored = [np.asarray(r.input_ids, dtype=np.int64) for r in open_store(next(iter(stores.values()))).iter_records()]
-    on_transfer = CachedTeacher(os.path.join(workdir, "teacher-transfer.f16"), scored, model)
-    on_heldout = CachedTeacher(os.path.join(workdir, "teacher-heldout.f16"), list(heldout), model)
+    teacher = CachedTeacher(os.path.join(workdir, "teacher-log-probs.f16"), [*scored, *heldout], model)
     del model
-    teacher_eval = evaluate(on_heldout, on_heldout, heldout, device)
+    teacher_eval = evaluate(teacher, teacher, heldout, device)
     say(f"teacher held-out CE {teacher_eval['ce']:.4f}, ECE {100 * teacher_eval['ece']:.2f} %")
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-    curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
-    for seed in range(first_seed, first_seed + scale.seeds):
-        init = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=100 + seed).state_dict()
-        for variant in variants:
-            student, curve = train_student(variant, init, stores, on_transfer, scale, seed, device, heldout)
-            results[variant].append(evaluate(student, on_heldout, heldout, device))
-            curves[variant].append(curve | {scale.student_steps: results[variant][-1]["ce"]})
-            say(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[variant][-1].items()))
+    results, curves = train_students(variants, stores, teacher, scale, range(first_seed, first_seed + scale.seeds), device,
+                                     heldout)
     return {"real_teacher_students": os.path.basename(model_dir.rstrip("/")), "scale": dataclasses.asdict(scale),
-            "teacher": teacher_eval, "stores": bytes_by_store, "runs": results,
-            "curves": {v: [{str(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()},
+            "teacher": teacher_eval, "stores": bytes_by_store, "runs": results, "curves": curves_json(curves),
             "gradient_variance": {}}
 
 
@@ -976,7 +995,7 @@ def main() -> None:
                 plot_real(saved["runs"], args.plots, saved["real_teacher"])
             return
         report(saved["runs"], saved["stores"], saved["teacher"],
-               {v: [{int(k): x for k, x in c.items()} for c in cs] for v, cs in saved["curves"].items()},
+               curves_from_json(saved["curves"]),
                saved["gradient_variance"], len(saved["runs"]["ce"]), args.plots, saved["scale_name"])
         return
     unknown = sorted(set(args.variants.split(",")) - set(ALL_VARIANTS))
@@ -1018,9 +1037,8 @@ def main() -> None:
                             args.first_seed)
         with open(marker, "w") as f:
             json.dump(settings, f)
-        rows, shares, lines = report(run["runs"], run["stores"], run["teacher"],
-                                     {v: [{int(k): x for k, x in c.items()} for c in cs] for v, cs in run["curves"].items()},
-                                     {}, scale.seeds, args.plots, scale_name)
+        rows, shares, lines = report(run["runs"], run["stores"], run["teacher"], curves_from_json(run["curves"]), {},
+                                     scale.seeds, args.plots, scale_name)
         say(f"done in {(time.time() - started) / 60:.1f} min")
         if args.json:
             with open(args.json, "w") as f:
@@ -1068,31 +1086,27 @@ def main() -> None:
 
     # Gradient variance needs no store and no training: every sampled kind, trained here or not.
     grad_variants = [v for v in STORES if STORES[v]["targets"] != "topk"]
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-    curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
     grad_var: dict[str, list[dict[str, float]]] = {"full-KD student": []}
-    for seed in range(args.first_seed, args.first_seed + scale.seeds):
-        init = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=100 + seed).state_dict()
-        for variant in variants:
-            student, curve = train_student(variant, init, stores, teacher, scale, seed, args.device, heldout)
-            results[variant].append(evaluate(student, teacher, heldout, args.device))
-            curves[variant].append(curve | {scale.student_steps: results[variant][-1]["ce"]})
-            say(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[variant][-1].items()))
-            if variant == "full":
-                grad_var["full-KD student"].append(gradient_variance(student, teacher, heldout, grad_variants, args.device))
-            if args.json:  # what has finished so far, should the run be stopped before the end
-                with open(args.json + ".partial", "w") as f:
-                    json.dump({"stores": bytes_by_store, "runs": results, "gradient_variance": grad_var,
-                               "curves": {v: [{str(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()}},
-                              f, indent=2)
-        say(f"  gradient variance seed {seed}: " + json.dumps({k: v[-1] for k, v in grad_var.items()}))
+
+    def after(variant: str, student: Any, results: dict[str, list[dict[str, float]]],
+              curves: dict[str, list[dict[int, float]]]) -> None:
+        if variant == "full":
+            grad_var["full-KD student"].append(gradient_variance(student, teacher, heldout, grad_variants, args.device))
+            say("  gradient variance: " + json.dumps(grad_var["full-KD student"][-1]))
+        if args.json:  # what has finished so far, should the run be stopped before the end
+            with open(args.json + ".partial", "w") as f:
+                json.dump({"stores": bytes_by_store, "runs": results, "gradient_variance": grad_var,
+                           "curves": curves_json(curves)}, f, indent=2)
+
+    results, curves = train_students(variants, stores, teacher, scale,
+                                     range(args.first_seed, args.first_seed + scale.seeds), args.device, heldout, after)
     rows, shares, lines = report(results, bytes_by_store, teacher_eval, curves, grad_var, scale.seeds, args.plots, scale_name)
     say(f"done in {(time.time() - started) / 60:.1f} min")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"scale": dataclasses.asdict(scale), "scale_name": scale_name, "device": args.device, "codec": args.codec,
                        "threads": args.threads, "teacher": teacher_eval, "stores": bytes_by_store, "rows": rows,
-                       "runs": results, "curves": {v: [{str(k): x for k, x in c.items()} for c in cs] for v, cs in curves.items()},
+                       "runs": results, "curves": curves_json(curves),
                        "share_curves": shares, "gradient_variance": grad_var, "verdict": lines,
                        "minutes": (time.time() - started) / 60}, f, indent=2)
 
