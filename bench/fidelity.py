@@ -41,6 +41,10 @@
     python bench/fidelity.py --real-teacher DIR --seeds 2 --threads 1
     python bench/fidelity.py --real-teacher DIR --students --variants systematic24,systematic64 --codec compact2
 
+The students train with AdamW (β = 0.9, 0.95) and a cosine schedule down to 0.1 × the peak learning
+rate; `--student-final-lr` and `--student-beta2` change that for every variant alike. The verdict
+holds a variant to the goal on every seed (docs/benchmarks.md, Fidelity).
+
 The work folder (`--workdir`) keeps the tokenizer, the teacher and the stores between runs with the
 same teacher and transfer settings; `--fresh` starts over. Results: markdown tables on stdout,
 `--json FILE` (and FILE.partial after each student), PNG plots with `--plots FOLDER`; `--report FILE`
@@ -88,6 +92,8 @@ class Scale:
     student_steps: int = 400
     student_batch: int = 16
     student_lr: float = 3e-3
+    student_final_lr: float = 0.1  # the cosine schedule ends at this fraction of student_lr
+    student_beta2: float = 0.95  # AdamW's second-moment decay
     transfer_blocks: int = 1024  # blocks the stores score, i.e. the students' whole training set
     heldout_blocks: int = 256
     heldout_fraction: float = 0.1  # of the corpus files
@@ -231,11 +237,13 @@ def llama(vocab: int, hidden: int, layers: int, seq: int, seed: int) -> Any:
     return LlamaForCausalLM(config)
 
 
-def schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+def schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int, final: float = 0.1
+             ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then a cosine from the peak down to `final` × the peak."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -391,8 +399,9 @@ def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str,
                         eval_fraction=0.0, num_workers=0, student_vocab=scale.vocab, pad_id=0,
                         targets=objective.targets)
     batches = data.batches(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=scale.student_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    lr = schedule(optimizer, scale.student_steps, max(1, scale.student_steps // 20))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=scale.student_lr, weight_decay=0.1,
+                                  betas=(0.9, scale.student_beta2))
+    lr = schedule(optimizer, scale.student_steps, max(1, scale.student_steps // 20), scale.student_final_lr)
     started = time.time()
     curve: dict[int, float] = {}
     for step in range(scale.student_steps):
@@ -776,6 +785,7 @@ def summarize(results: dict[str, list[dict[str, float]]], bytes_by_store: dict[s
         share = (ce_ce - np.array([r["ce"] for r in runs])) / (ce_ce - ce_full)  # per seed, paired
         row["gain_share"], row["gain_share_std"] = float(share.mean()), float(share.std(ddof=1)) if len(share) > 1 else 0.0
         row["gain_shares"] = share.tolist()
+        row["eces"] = [r["ece"] for r in runs]
         # The same share of the KL to the teacher: what distillation moves even where the teacher is no
         # better than the student at predicting the text (then the CE share means nothing).
         kl_ce, kl_full = np.array([r["kl"] for r in results["ce"]]), np.array([r["kl"] for r in results["full"]])
@@ -887,6 +897,11 @@ def markdown(rows: list[dict[str, Any]], teacher_eval: dict[str, float], seeds: 
 
 
 def verdict(rows: list[dict[str, Any]]) -> list[str]:
+    """Each stored variant against the goal: ≤ 40 target B/token, ≥ 95 % of full KD's gain on every
+    seed, and a mean ECE no worse than full KD's (compared as printed, to 0.01 %, so that a verdict
+    never contradicts the numbers beside it). The seeds whose ECE is above the same seed's full-KD
+    student are counted too: at these scales that count is mostly seed noise (near-exact targets,
+    N = 1024 draws, are above full KD on 3 of 4 seeds), so it informs and does not decide."""
     full = next(r for r in rows if r["variant"] == "full")
     ce = next(r for r in rows if r["variant"] == "ce")
     if ce["ce"] - full["ce"] <= 2 * max(ce["ce_std"], full["ce_std"], 1e-9):
@@ -896,13 +911,16 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if "target_bytes_per_token" not in r:
             continue
+        shares = r["gain_shares"]
+        ece_worse = sum(round(100 * e, 2) > round(100 * f, 2) for e, f in zip(r["eces"], full["eces"], strict=True))
         ok_bytes = r["target_bytes_per_token"] <= 40
-        ok_gain = r["gain_share"] >= 0.95
-        ok_ece = r["ece"] <= full["ece"]
+        ok_gain = min(shares) >= 0.95
+        ok_ece = round(100 * r["ece"], 2) <= round(100 * full["ece"], 2)
         out.append(f"{r['variant']}: {r['target_bytes_per_token']:.1f} target B/token ({'≤' if ok_bytes else '>'} 40), "
-                   f"{100 * r['gain_share']:.1f} % of full KD's gain ({'≥' if ok_gain else '<'} 95 %), "
-                   f"ECE {100 * r['ece']:.2f} % vs full KD {100 * full['ece']:.2f} % "
-                   f"({'no worse' if ok_ece else 'worse'}) -> {'MEETS' if ok_bytes and ok_gain and ok_ece else 'misses'} the target")
+                   f"{100 * r['gain_share']:.1f} % of full KD's gain, {100 * min(shares):.1f} % on its worst of "
+                   f"{len(shares)} seeds ({'≥' if ok_gain else '<'} 95 %), ECE {100 * r['ece']:.2f} % vs full KD "
+                   f"{100 * full['ece']:.2f} % ({'no worse' if ok_ece else 'worse'}; above it on {ece_worse} of {len(shares)} seeds) "
+                   f"-> {'MEETS' if ok_bytes and ok_gain and ok_ece else 'misses'} the target")
     return out
 
 
@@ -936,10 +954,15 @@ def merged_runs(paths: list[str]) -> dict[str, Any]:
     if any(r is None for r in runs):
         raise SystemExit(f"--report: no such file among {', '.join(paths)}")
     out = runs[0]
+
+    def settings(run: dict[str, Any]) -> dict[str, Any]:  # the scale, older files' missing fields at their defaults
+        return dataclasses.asdict(Scale()) | run.get("scale", {}) | {"seeds": None, "eval_steps": None}
+
     for path, run in zip(paths[1:], runs[1:], strict=True):
         if "real_teacher" in run or run["teacher"] != out["teacher"] or run["stores"] != out["stores"] \
-                or set(run["runs"]) != set(out["runs"]):
-            raise SystemExit(f"--report: {path} is not a run of the same teacher, stores and variants as {paths[0]}")
+                or set(run["runs"]) != set(out["runs"]) or settings(run) != settings(out):
+            raise SystemExit(f"--report: {path} is not a run of the same teacher, stores, variants and student "
+                             f"settings as {paths[0]}")
         for key in ("runs", "curves"):
             out[key] = {v: out[key][v] + run[key][v] for v in out[key]}
         out["gradient_variance"] = {k: v + run["gradient_variance"][k] for k, v in out["gradient_variance"].items()}
@@ -959,6 +982,10 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default=None, help="default: cpu (real with --students)")
     parser.add_argument("--quick", action="store_true", help="same as --scale quick")
     parser.add_argument("--seeds", type=int, default=None, help="student seeds (default: the scale's)")
+    parser.add_argument("--student-final-lr", type=float, default=None,
+                        help="the students' learning rate at the end, a fraction of the peak (default: the scale's, 0.1)")
+    parser.add_argument("--student-beta2", type=float, default=None,
+                        help="the students' AdamW second-moment decay (default: the scale's, 0.95)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (ce and full always run)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--codec", choices=("packed", "compact", "compact2"), default="packed",
@@ -1005,7 +1032,8 @@ def main() -> None:
     if args.students and not args.real_teacher:
         parser.error("--students needs --real-teacher DIR")
     scale_name = "quick" if args.quick else args.scale or ("real" if args.students else "cpu")
-    scale = dataclasses.replace(SCALES[scale_name], **({"seeds": args.seeds} if args.seeds else {}))
+    overrides = {"seeds": args.seeds, "student_final_lr": args.student_final_lr, "student_beta2": args.student_beta2}
+    scale = dataclasses.replace(SCALES[scale_name], **{k: v for k, v in overrides.items() if v is not None})
     if args.codec_sizes:
         print(codec_sizes(args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")))
         return

@@ -26,7 +26,7 @@ from store.codec import (
     unpack_bits,
 )
 from store.errors import StoreError
-from store.manifest import COMPACT_CODECS, StoreManifest, TargetSpec
+from store.manifest import StoreManifest, TargetSpec
 
 TEXT_FIELDS = ("prompt", "completion", "generated", "rationale", "answer")
 TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprob", "tail_mass", "tail_logprob")
@@ -500,24 +500,28 @@ class ColumnViews:
         """Record j's sampled targets (ids with counts per scored position)."""
         if not self.spec.has_sampled:
             raise StoreError(f"the store holds {self.spec.kind} targets, no sampled targets")
-        if self.spec.codec in COMPACT_CODECS:
-            streams = (self._packed_bytes("sampled_ids_packed", j), self._packed_bytes("sampled_counts_packed", j),
-                       int(self.sampled_entries[j]), self.num_scored_of(j), self.spec.samples,
-                       1 << int(self.spec.id_bits or 0))
-            if self.spec.codec == "compact2":
-                return decode_sampled_compact2(*streams, where=f"record {self.text_of('id', j)!r}",
-                                               id_order=self.spec.id_order_map)
-            return decode_sampled_compact(*streams, where=f"record {self.text_of('id', j)!r}")
         if self.spec.packed:
-            return decode_sampled(
-                self._packed_bytes("sampled_ids_packed", j), self._packed_bytes("sampled_counts_packed", j),
-                int(self.sampled_entries[j]), self.num_scored_of(j), self.spec.samples,
-                int(self.spec.id_bits or 0), int(self.spec.count_bits or 0), where=f"record {self.text_of('id', j)!r}",
-            )
+            # The record's name is looked up only when its streams fail to decode, not for every record.
+            try:
+                return self._decode_sampled(j)
+            except StoreError as e:
+                raise StoreError(f"record {self.text_of('id', j)!r}: {e}") from None
         a, b = int(self.sampled_rec_off[j]), int(self.sampled_rec_off[j + 1])
         pos = self.sampled_pos_off[a : b + 1]
         e0, e1 = int(pos[0]), int(pos[-1])
         return SampledTargets(pos - e0, self.sampled_ids[e0:e1], self.sampled_counts[e0:e1])
+
+    def _decode_sampled(self, j: int) -> SampledTargets:
+        """Record j's packed or compact sampled streams, decoded."""
+        ids_data, counts_data = self._packed_bytes("sampled_ids_packed", j), self._packed_bytes("sampled_counts_packed", j)
+        entries, positions, samples = int(self.sampled_entries[j]), self.num_scored_of(j), self.spec.samples
+        if self.spec.codec == "compact2":
+            return decode_sampled_compact2(ids_data, counts_data, entries, positions, samples,
+                                           1 << int(self.spec.id_bits or 0), id_order=self.spec.id_order_map)
+        if self.spec.codec == "compact":
+            return decode_sampled_compact(ids_data, counts_data, entries, positions, samples, 1 << int(self.spec.id_bits or 0))
+        return decode_sampled(ids_data, counts_data, entries, positions, samples, int(self.spec.id_bits or 0),
+                              int(self.spec.count_bits or 0))
 
     def text_of(self, name: str, j: int) -> str | None:
         return self.batch.column(name)[j].as_py()

@@ -323,3 +323,31 @@ def test_generate_compact2_then_train_through_the_cli(tmp_path, tiny_teacher_dir
     assert run.returncode == 0, run.stderr[-2000:]
     with open(tmp_path / "run" / "training_report.json") as f:
         assert json.load(f)["global_step"] == 3
+
+
+@pytest.mark.parametrize("codec", ["packed", "compact", "compact2"])
+def test_a_record_whose_streams_do_not_decode_is_named_in_one_line(tmp_path, tiny_teacher_dir, prompts, codec) -> None:
+    """The reader names a record only when its streams fail to decode; the other records of the
+    shard still read."""
+    import glob
+
+    import pyarrow as pa
+
+    from store.records import ColumnViews
+
+    url = str(tmp_path / "c.store")
+    generate(config(tiny_teacher_dir, prompts, url, targets="sampled", samples=12, sampler="systematic", codec=codec))
+    s = open_store(url)
+    (path,) = glob.glob(f"{url}/**/*.arrow", recursive=True)
+    batch = pa.ipc.open_file(pa.memory_map(path)).get_batch(0)
+    name = "sampled_ids_packed"
+    streams = batch.column(name).to_pylist()
+    streams[1] = streams[1][:1]  # record 1's ids stream cut after its first byte
+    damaged = batch.set_column(batch.schema.get_field_index(name), name, pa.array(streams, type=batch.column(name).type))
+    views = ColumnViews(damaged, s.manifest.targets)
+    rid = batch.column("id")[1].as_py()
+    with pytest.raises(StoreError) as info:
+        views.sampled_of(1)
+    assert str(info.value).startswith(f"record {rid!r}: ") and "\n" not in str(info.value)
+    whole = ColumnViews(batch, s.manifest.targets)
+    assert _same(views.sampled_of(0), whole.sampled_of(0))
