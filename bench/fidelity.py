@@ -142,6 +142,8 @@ STORES = {  # store name (= variant name) -> generate settings; every sampled st
     "systematic72": dict(targets="sampled", samples=72, sampler="systematic", codec="packed"),
     "systematic76": dict(targets="sampled", samples=76, sampler="systematic", codec="packed"),
     "systematic80": dict(targets="sampled", samples=80, sampler="systematic", codec="packed"),
+    "systematic128": dict(targets="sampled", samples=128, sampler="systematic", codec="packed"),
+    "systematic256": dict(targets="sampled", samples=256, sampler="systematic", codec="packed"),
     # Far more draws than any byte budget allows: how close do unbiased draws get when variance is ~0?
     "systematic1024": dict(targets="sampled", samples=1024, sampler="systematic", codec="packed"),
     "hybrid2-systematic12": dict(targets="hybrid", top_k=2, samples=12, sampler="systematic", codec="packed"),

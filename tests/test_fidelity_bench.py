@@ -153,3 +153,16 @@ def test_report_merges_runs_of_other_seeds_only_with_the_same_settings(tmp_path)
     assert [r["ce"] for r in merged["runs"]["ce"]] == [5.0, 5.1]
     with pytest.raises(SystemExit, match="student settings"):
         fidelity.merged_runs(paths[1:])
+
+
+@pytest.mark.parametrize("final", [0.1, 0.0])
+def test_student_schedule_warms_up_then_ends_at_its_final_fraction(final):
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    lr = fidelity.schedule(optimizer, steps=100, warmup=5, final=final)
+    seen = []
+    for _ in range(100):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        lr.step()
+    assert seen[0] == pytest.approx(2.0 / 5) and seen[4] == pytest.approx(2.0)
+    assert seen[-1] == pytest.approx(2.0 * final, abs=2e-3) and min(seen[5:]) >= 2.0 * final
