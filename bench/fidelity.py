@@ -961,7 +961,8 @@ def merged_runs(paths: list[str]) -> dict[str, Any]:
         return dataclasses.asdict(Scale()) | run.get("scale", {}) | {"seeds": None, "eval_steps": None}
 
     for path, run in zip(paths[1:], runs[1:], strict=True):
-        if "real_teacher" in run or run["teacher"] != out["teacher"] or run["stores"] != out["stores"] \
+        if "real_teacher" in run or "real_teacher" in out or run["teacher"] != out["teacher"] \
+                or run["stores"] != out["stores"] \
                 or set(run["runs"]) != set(out["runs"]) or settings(run) != settings(out):
             raise SystemExit(f"--report: {path} is not a run of the same teacher, stores, variants and student "
                              f"settings as {paths[0]}")

@@ -158,7 +158,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
     files = fidelity.corpus_files(args.corpus)
-    held = fidelity.read_texts([f for f in files if fidelity.is_heldout(f, args.corpus, 0.1)])
+    held = fidelity.read_texts([f for f in files if fidelity.is_heldout(f, args.corpus, fidelity.Scale.heldout_fraction)])
     every = fidelity.blocks_of(held, tokenizer, args.seq)
     blocks = every[np.random.default_rng(0).permutation(len(every))[: args.blocks]]
     h, p, y, w = teacher_outputs(args.teacher, blocks)

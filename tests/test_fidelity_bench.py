@@ -153,6 +153,13 @@ def test_report_merges_runs_of_other_seeds_only_with_the_same_settings(tmp_path)
     assert [r["ce"] for r in merged["runs"]["ce"]] == [5.0, 5.1]
     with pytest.raises(SystemExit, match="student settings"):
         fidelity.merged_runs(paths[1:])
+    # a target-error run (no students) merges with nothing, whichever file comes first
+    target_error = str(tmp_path / "t.json")
+    with open(target_error, "w") as f:
+        json.dump({"real_teacher": "t", "runs": []}, f)
+    for pair in ([target_error, paths[0]], [paths[0], target_error]):
+        with pytest.raises(SystemExit, match="is not a run of the same teacher"):
+            fidelity.merged_runs(pair)
 
 
 @pytest.mark.parametrize("final", [0.1, 0.0])
