@@ -42,8 +42,11 @@
     python bench/fidelity.py --real-teacher DIR --students --variants systematic24,systematic64 --codec compact2
 
 The students train with AdamW (β = 0.9, 0.95) and a cosine schedule down to 0.1 × the peak learning
-rate; `--student-final-lr` and `--student-beta2` change that for every variant alike. The verdict
-holds a variant to the goal on every seed (docs/benchmarks.md, Fidelity).
+rate; `--student-final-lr`, `--student-beta2` and `--student-head-lr` (the output layer's learning
+rate, a multiple of the others') change that for every variant alike. The verdict holds a variant to
+the goal on every seed (docs/benchmarks.md, Fidelity). Where a gap comes from: the KL to the teacher
+is also split by the ids' frequency in the transfer set (`FREQUENCY_BANDS`), next to the output
+layer's AdamW second moments in the same bands.
 
 The work folder (`--workdir`) keeps the tokenizer, the teacher and the stores between runs with the
 same teacher and transfer settings; `--fresh` starts over. Results: markdown tables on stdout,
@@ -57,6 +60,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -94,6 +98,7 @@ class Scale:
     student_lr: float = 3e-3
     student_final_lr: float = 0.1  # the cosine schedule ends at this fraction of student_lr
     student_beta2: float = 0.95  # AdamW's second-moment decay
+    student_head_lr: float = 1.0  # the output layer's learning rate, a multiple of student_lr
     transfer_blocks: int = 1024  # blocks the stores score, i.e. the students' whole training set
     heldout_blocks: int = 256
     heldout_fraction: float = 0.1  # of the corpus files
@@ -156,6 +161,16 @@ ALL_VARIANTS = list(dict.fromkeys(ALL_VARIANTS))
 VARIANTS = ["ce", "full", "sampled12", "systematic12", "stratified12", "systematic24", "hybrid2-systematic12",
             "hybrid4-systematic8"]
 GRAD_BLOCKS, GRAD_REPEATS = 4, 6  # gradient variance: held-out blocks, target draws per variant
+# Ids by their rank among the transfer set's token frequencies: the 16 most frequent, 16-256, 256-1024,
+# the rest. Where a variant's KL to the teacher differs from full KD's says which ids its draws hurt.
+FREQUENCY_BANDS = (16, 256, 1024)
+
+
+def frequency_bands(tokens: np.ndarray, vocab: int) -> np.ndarray:
+    """Each id's band (`FREQUENCY_BANDS`) by its rank among the token frequencies of `tokens` (ties: lower id first)."""
+    rank = np.empty(vocab, dtype=np.int64)
+    rank[np.argsort(-np.bincount(tokens.reshape(-1), minlength=vocab)[:vocab], kind="stable")] = np.arange(vocab)
+    return np.searchsorted(np.array(FREQUENCY_BANDS), rank, side="right")
 
 
 def say(message: str) -> None:
@@ -389,9 +404,19 @@ def online_kd(model: DistillModel, teacher: Any, batch: dict[str, Any]) -> torch
     return masked_mean(kl, batch["has_kd"])
 
 
+def student_optimizer(model: torch.nn.Module, head: torch.nn.Parameter, scale: Scale) -> torch.optim.AdamW:
+    """The students' AdamW over `model`'s parameters: `scale.student_lr`, with the output layer's weight
+    (`head`) in a group of its own at `student_head_lr` times that."""
+    groups = [{"params": [p for p in model.parameters() if p is not head]},
+              {"params": [head], "lr": scale.student_lr * scale.student_head_lr}]
+    return torch.optim.AdamW(groups, lr=scale.student_lr, weight_decay=0.1, betas=(0.9, scale.student_beta2))
+
+
 def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str, str], teacher: Any, scale: Scale,
-                  seed: int, device: str, heldout: np.ndarray) -> tuple[Any, dict[int, float]]:
-    """The student after `scale.student_steps` steps, and its held-out CE at `scale.eval_steps` on the way.
+                  seed: int, device: str, heldout: np.ndarray) -> tuple[Any, dict[int, float], np.ndarray]:
+    """The student after `scale.student_steps` steps, its held-out CE at `scale.eval_steps` on the way,
+    and the RMS of each output-layer row's AdamW second moment at the end (noise there slows the row's
+    steps).
     `teacher`: a model, or a `CachedTeacher` (anything whose call gives `.logits`)."""
     student = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=0)
     student.load_state_dict(init)
@@ -401,8 +426,8 @@ def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str,
                         eval_fraction=0.0, num_workers=0, student_vocab=scale.vocab, pad_id=0,
                         targets=objective.targets)
     batches = data.batches(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=scale.student_lr, weight_decay=0.1,
-                                  betas=(0.9, scale.student_beta2))
+    head = student.get_output_embeddings().weight
+    optimizer = student_optimizer(model, head, scale)
     lr = schedule(optimizer, scale.student_steps, max(1, scale.student_steps // 20), scale.student_final_lr)
     started = time.time()
     curve: dict[int, float] = {}
@@ -421,22 +446,24 @@ def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str,
         optimizer.zero_grad(set_to_none=True)
         lr.step()
     say(f"student {variant} seed {seed}: {scale.student_steps} steps in {time.time() - started:.0f} s, last loss {loss.item():.3f}")
-    return student.eval(), curve
+    return student.eval(), curve, optimizer.state[head]["exp_avg_sq"].mean(1).sqrt().cpu().numpy()
 
 
 def train_students(variants: list[str], stores: dict[str, str], teacher: Any, scale: Scale, seeds: range, device: str,
-                   heldout: np.ndarray, after: Callable[[str, Any, dict, dict], None] | None = None
+                   heldout: np.ndarray, after: Callable[[str, Any, dict, dict], None] | None = None,
+                   bands: np.ndarray | None = None
                    ) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[int, float]]]]:
     """(results, curves): every variant's student for every seed, each seed's students from the same
-    initial weights, evaluated on `heldout` against `teacher`. `after(variant, student, results,
-    curves)` runs after each student (the gradient variance, the partial JSON)."""
+    initial weights, evaluated on `heldout` against `teacher` (by frequency band too, given `bands`).
+    `after(variant, student, results, curves)` runs after each student (the gradient variance, the
+    partial JSON)."""
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     curves: dict[str, list[dict[int, float]]] = {v: [] for v in variants}
     for seed in seeds:
         init = llama(scale.vocab, scale.student_hidden, scale.student_layers, scale.seq, seed=100 + seed).state_dict()
         for variant in variants:
-            student, curve = train_student(variant, init, stores, teacher, scale, seed, device, heldout)
-            results[variant].append(evaluate(student, teacher, heldout, device))
+            student, curve, head_rms = train_student(variant, init, stores, teacher, scale, seed, device, heldout)
+            results[variant].append(evaluate(student, teacher, heldout, device, bands=bands, head_rms=head_rms))
             curves[variant].append(curve | {scale.student_steps: results[variant][-1]["ce"]})
             say(f"  {variant} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[variant][-1].items()))
             if after:
@@ -688,7 +715,7 @@ def real_students(model_dir: str, train_texts: list[str], held_texts: list[str],
     teacher_eval = evaluate(teacher, teacher, heldout, device)
     say(f"teacher held-out CE {teacher_eval['ce']:.4f}, ECE {100 * teacher_eval['ece']:.2f} %")
     results, curves = train_students(variants, stores, teacher, scale, range(first_seed, first_seed + scale.seeds), device,
-                                     heldout)
+                                     heldout, bands=frequency_bands(np.concatenate(scored), scale.vocab))
     return {"real_teacher_students": os.path.basename(model_dir.rstrip("/")), "scale": dataclasses.asdict(scale),
             "teacher": teacher_eval, "stores": bytes_by_store, "runs": results, "curves": curves_json(curves),
             "gradient_variance": {}}
@@ -748,10 +775,17 @@ def figure(folder: str, name: str) -> Iterator[Any]:
 
 # -- evaluation --------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins: int = 15) -> dict[str, float]:
-    """Held-out CE, full KL(teacher ‖ student), ECE (top-1, equal-width bins) and top-1 agreement."""
+def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins: int = 15,
+             bands: np.ndarray | None = None, head_rms: np.ndarray | None = None) -> dict[str, float]:
+    """Held-out CE, full KL(teacher ‖ student), ECE (top-1, equal-width bins) and top-1 agreement. Given
+    each id's frequency band (`frequency_bands`): the KL's terms summed per band of the id (`kl_band<b>`)
+    and, given the RMS of each output-layer row's AdamW second moment (`train_student`), its median over
+    the band's rows (`head_rms_band<b>`)."""
     ce = kl = agree = 0.0
     count = 0
+    n_bands = len(FREQUENCY_BANDS) + 1
+    kl_bands = np.zeros(n_bands)
+    band_index = torch.from_numpy(bands).to(device) if bands is not None else None
     conf_sum, acc_sum, bin_count = np.zeros(bins), np.zeros(bins), np.zeros(bins)
     for start in range(0, len(heldout), 32):
         x = torch.from_numpy(heldout[start : start + 32]).to(device)
@@ -759,7 +793,11 @@ def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins:
         t_log = torch.log_softmax(teacher(input_ids=x).logits[:, :-1].float(), -1)
         target = x[:, 1:]
         ce += -s_log.gather(-1, target[..., None]).sum().item()
-        kl += (t_log.exp() * (t_log - s_log)).sum().item()
+        terms = t_log.exp() * (t_log - s_log)
+        kl += terms.sum().item()
+        if band_index is not None:
+            kl_bands += torch.zeros(n_bands, dtype=torch.float64, device=device).index_add_(
+                0, band_index, terms.reshape(-1, terms.shape[-1]).sum(0).double()).cpu().numpy()
         conf, pred = s_log.max(-1)
         agree += (pred == t_log.argmax(-1)).sum().item()
         conf = conf.exp().flatten().cpu().numpy()
@@ -770,7 +808,12 @@ def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins:
         np.add.at(bin_count, which, 1)
         count += target.numel()
     ece = float(np.abs(acc_sum - conf_sum).sum() / count)  # Σ_b (n_b / n) |acc_b − conf_b|
-    return {"ce": ce / count, "kl": kl / count, "ece": ece, "top1": agree / count, "tokens": count}
+    out = {"ce": ce / count, "kl": kl / count, "ece": ece, "top1": agree / count, "tokens": count}
+    if bands is not None:
+        out |= {f"kl_band{b}": float(kl_bands[b] / count) for b in range(n_bands)}
+        if head_rms is not None:
+            out |= {f"head_rms_band{b}": float(np.median(head_rms[bands == b])) for b in range(n_bands)}
+    return out
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -868,6 +911,31 @@ def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dic
         ax.set_title("Gradient error against full KD's exact gradient (held-out positions)")
 
 
+def band_table(results: dict[str, list[dict[str, float]]]) -> str:
+    """Where each variant's students differ from full KD's, by the ids' frequency band: the KL to the
+    teacher's terms of the band's ids minus full KD's, and the RMS of the output layer's AdamW second
+    moment over the band's rows as a multiple of full KD's (both paired per seed). Empty for runs
+    saved before these were measured."""
+    if "kl_band0" not in results["full"][0]:
+        return ""
+    edges = [0, *FREQUENCY_BANDS, None]
+    names = [f"{a:,}–{b:,}" if b else f"{a:,}+" for a, b in itertools.pairwise(edges)]
+    full = results["full"]
+    lines = ["| variant | " + " | ".join(f"KL − full KD's, ids {n}" for n in names) + " | "
+             + " | ".join(f"head RMS / full KD's, ids {n}" for n in names) + " |", "|---|" + "---:|" * 2 * len(names)]
+    for variant, runs in results.items():
+        if variant == "full":
+            continue
+        kl = []
+        for b in range(len(names)):
+            gap = np.array([r[f"kl_band{b}"] - f[f"kl_band{b}"] for r, f in zip(runs, full, strict=True)])
+            kl.append(f"{gap.mean():+.4f} ± {gap.std(ddof=1):.4f}" if len(gap) > 1 else f"{gap.mean():+.4f}")
+        rms = [_pm([r[f"head_rms_band{b}"] / f[f"head_rms_band{b}"] for r, f in zip(runs, full, strict=True)], 1, ".2f")
+               for b in range(len(names))]
+        lines.append(f"| {variant} | " + " | ".join(kl) + " | " + " | ".join(rms) + " |")
+    return "\n".join(lines)
+
+
 def bytes_table(bytes_by_store: dict[str, dict[str, float]]) -> str:
     lines = ["| store | format | target B/token | store B/token | distinct ids per position |", "|---|---|---:|---:|---:|"]
     for name, b in bytes_by_store.items():
@@ -938,6 +1006,9 @@ def report(results: dict[str, list[dict[str, float]]], bytes_by_store: dict[str,
     print()
     print(bytes_table(bytes_by_store))
     print()
+    if band_table(results):
+        print(band_table(results))
+        print()
     print(curve_table(shares, seeds))
     print()
     if grad_var:
@@ -989,6 +1060,8 @@ def main() -> None:
                         help="the students' learning rate at the end, a fraction of the peak (default: the scale's, 0.1)")
     parser.add_argument("--student-beta2", type=float, default=None,
                         help="the students' AdamW second-moment decay (default: the scale's, 0.95)")
+    parser.add_argument("--student-head-lr", type=float, default=None,
+                        help="the students' output-layer learning rate, a multiple of the others' (default: the scale's, 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (ce and full always run)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--codec", choices=("packed", "compact", "compact2"), default="packed",
@@ -1035,7 +1108,8 @@ def main() -> None:
     if args.students and not args.real_teacher:
         parser.error("--students needs --real-teacher DIR")
     scale_name = "quick" if args.quick else args.scale or ("real" if args.students else "cpu")
-    overrides = {"seeds": args.seeds, "student_final_lr": args.student_final_lr, "student_beta2": args.student_beta2}
+    overrides = {"seeds": args.seeds, "student_final_lr": args.student_final_lr, "student_beta2": args.student_beta2,
+                 "student_head_lr": args.student_head_lr}
     scale = dataclasses.replace(SCALES[scale_name], **{k: v for k, v in overrides.items() if v is not None})
     if args.codec_sizes:
         print(codec_sizes(args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")))
@@ -1130,7 +1204,8 @@ def main() -> None:
                            "curves": curves_json(curves)}, f, indent=2)
 
     results, curves = train_students(variants, stores, teacher, scale,
-                                     range(args.first_seed, args.first_seed + scale.seeds), args.device, heldout, after)
+                                     range(args.first_seed, args.first_seed + scale.seeds), args.device, heldout, after,
+                                     bands=frequency_bands(transfer, scale.vocab))
     rows, shares, lines = report(results, bytes_by_store, teacher_eval, curves, grad_var, scale.seeds, args.plots, scale_name)
     say(f"done in {(time.time() - started) / 60:.1f} min")
     if args.json:

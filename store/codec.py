@@ -504,8 +504,15 @@ def encode_sampled_compact2(t: SampledTargets, id_order: IdOrder | None = None,
       of the head's gaps then the tail's (`pack_varbits`, padded to a whole byte), then their
       quotients in unary, in the same order.
     """
-    row = _within(t.offsets)[0]
     places = id_order.rank(t.ids) if id_order is not None else t.ids.astype(np.int64)
+    return encode_compact2_places(t, places, buckets)
+
+
+def encode_compact2_places(t: SampledTargets, places: np.ndarray, buckets: int = RANK_BUCKETS
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """`encode_sampled_compact2`'s streams with each entry's place given (distinct within a position):
+    the coding proper, apart from the id order (benches measure other orders with it)."""
+    row = _within(t.offsets)[0]
     counts = t.counts.astype(np.int64)
     parts, ks = [], []
     for part in (counts >= 2, counts == 1):

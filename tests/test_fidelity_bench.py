@@ -5,6 +5,7 @@ its verdict against the goal."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -173,3 +174,100 @@ def test_student_schedule_warms_up_then_ends_at_its_final_fraction(final):
         lr.step()
     assert seen[0] == pytest.approx(2.0 / 5) and seen[4] == pytest.approx(2.0)
     assert seen[-1] == pytest.approx(2.0 * final, abs=2e-3) and min(seen[5:]) >= 2.0 * final
+
+
+def test_student_optimizer_gives_the_output_layer_its_own_learning_rate(teacher):
+    scale = dataclasses.replace(fidelity.Scale(), student_lr=0.01, student_head_lr=5.0)
+    head = teacher.get_output_embeddings().weight
+    optimizer = fidelity.student_optimizer(teacher, head, scale)
+    lr = fidelity.schedule(optimizer, steps=10, warmup=1, final=0.1)
+    rest, head_group = optimizer.param_groups
+    assert head_group["params"] == [head] and all(p is not head for p in rest["params"])
+    assert len(rest["params"]) + 1 == len(list(teacher.parameters()))
+    optimizer.step()  # no gradients: changes nothing
+    lr.step()  # past the warmup: the peak rates
+    assert rest["lr"] == pytest.approx(0.01) and head_group["lr"] == pytest.approx(0.05)
+
+
+def test_frequency_bands_rank_ids_by_their_count_in_the_text():
+    counts = np.arange(2000)[::-1]  # id i occurs 2000 - i times: rank = id
+    tokens = np.repeat(np.arange(2000), counts)
+    bands = fidelity.frequency_bands(tokens, 2048)
+    assert bands[:16].tolist() == [0] * 16 and bands[16:256].tolist() == [1] * 240
+    assert set(bands[256:1024].tolist()) == {2} and set(bands[1024:].tolist()) == {3}
+    # ids that never occur rank last, after every id that does
+    swapped = fidelity.frequency_bands(np.concatenate([tokens, np.full(5000, 1999)]), 2048)
+    assert swapped[1999] == 0 and swapped[15] == 1
+
+
+def test_kl_by_band_adds_up_to_the_kl_and_the_band_table_pairs_seeds(teacher):
+    torch.manual_seed(1)
+    student = fidelity.llama(97, 32, 1, 64, seed=5).eval()
+    head_rms = np.linspace(1.0, 2.0, 97)
+    heldout = np.stack(_blocks()[:3])
+    bands = np.arange(97) % 4
+    out = fidelity.evaluate(student, teacher, heldout, "cpu", bands=bands, head_rms=head_rms)
+    assert sum(out[f"kl_band{b}"] for b in range(4)) == pytest.approx(out["kl"], rel=1e-5)
+    with torch.no_grad():  # float64 reference: Σ over the band's ids of p·(log p − log q), per position
+        x = torch.from_numpy(heldout)
+        t_log = torch.log_softmax(teacher(input_ids=x).logits[:, :-1].double(), -1)
+        s_log = torch.log_softmax(student(input_ids=x).logits[:, :-1].double(), -1)
+        terms = (t_log.exp() * (t_log - s_log)).reshape(-1, 97)
+    for b in range(4):
+        want = terms[:, torch.from_numpy(bands == b)].sum().item() / terms.shape[0]
+        assert out[f"kl_band{b}"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert out["head_rms_band1"] == pytest.approx(float(np.median(head_rms[bands == 1])))
+    assert "kl_band0" not in fidelity.evaluate(student, teacher, heldout, "cpu")
+
+    def run(kl: float, rms: float) -> dict[str, float]:
+        return {f"kl_band{b}": kl * (b + 1) for b in range(4)} | {f"head_rms_band{b}": rms for b in range(4)}
+
+    table = fidelity.band_table({"ce": [run(0.5, 1.0), run(0.7, 1.0)], "full": [run(0.1, 1.0), run(0.2, 2.0)],
+                                 "systematic64": [run(0.2, 2.0), run(0.3, 4.0)]})
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    # paired per seed: band 0's KL gap is +0.1 on both seeds; the RMS ratio is 2 on both
+    assert "| +0.1000 ± 0.0000 | +0.2000 ± 0.0000 |" in rows["systematic64"] and "2.00 ± 0.00" in rows["systematic64"]
+    assert "full" not in rows and "KL − full KD's, ids 1,024+" in table
+    assert fidelity.band_table({"ce": [{"ce": 1.0}], "full": [{"ce": 1.0}]}) == ""
+
+
+def _records_with_context_draws(n: int = 40) -> list:
+    """Records whose draws depend on the current token only: after token c, ids 200 + 3c .. 200 + 3c + 5,
+    far from the small places of the text's own frequent tokens."""
+    from types import SimpleNamespace
+
+    from store.codec import sampled_from_draws
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(0, 20, size=33)
+        ctx = ids[:-1]  # score_start 1: position j's current token is ids[j]
+        draws = 200 + 3 * ctx[:, None] + rng.integers(0, 6, size=(len(ctx), 8))
+        out.append(SimpleNamespace(input_ids=ids, score_start=1, sampled=sampled_from_draws(draws)))
+    return out
+
+
+def test_context_order_lists_and_sizes():
+    import context_order
+
+    from store.codec import IdOrder, encode_sampled_compact2
+
+    records = _records_with_context_draws()
+    order = IdOrder(IdOrder.from_tokens([r.input_ids for r in records]), vocab=512)
+    plain = sum(sum(len(s) for s in encode_sampled_compact2(r.sampled, order)) for r in records)
+    assert context_order.coded_bytes(records, 512, order, None) == plain  # compact2 itself, byte for byte
+    listed, rank, length = context_order.context_lists(records, 512, order, min_hits=2, max_list=4)
+    assert length.max() == 4 and set(np.flatnonzero(length)) <= set(range(20))
+    # each listed id was drawn after its context in ≥ 2 positions; rank 0 is the one drawn after it most
+    keys, hits = np.unique(context_order.entry_keys(records, 512), return_counts=True)
+    hits_of = dict(zip(keys.tolist(), hits.tolist(), strict=True))
+    assert all(hits_of[k] >= 2 for k in listed.tolist())
+    for c in np.flatnonzero(length):
+        in_list = sorted((int(r), hits_of[int(k)]) for k, r in zip(listed, rank, strict=True) if k // 512 == c)
+        assert [r for r, _ in in_list] == list(range(length[c]))
+        assert all(a[1] >= b[1] for a, b in itertools.pairwise(in_list))  # most hits first
+        assert in_list[0][1] == max(h for k, h in hits_of.items() if k // 512 == c)
+    # draws that follow their context are coded in fewer bytes by their place in its list
+    full_lists = context_order.context_lists(records, 512, order, min_hits=1, max_list=1024)
+    assert context_order.coded_bytes(records, 512, order, full_lists) < 0.8 * plain
