@@ -26,23 +26,22 @@ import time
 
 import numpy as np
 
-from store import open_store
+from store import Record, open_store
 from store.codec import IdOrder, encode_compact2_places
 
 
-def contexts(record: object) -> np.ndarray:
+def contexts(record: Record) -> np.ndarray:
     """Each scored position's current token: entry j predicts input_ids[s + j] after input_ids[s + j − 1]."""
-    ids = np.asarray(record.input_ids, dtype=np.int64)  # type: ignore[attr-defined]
-    start = int(record.score_start)  # type: ignore[attr-defined]
-    return ids[start - 1 : len(ids) - 1]
+    ids = np.asarray(record.input_ids, dtype=np.int64)
+    return ids[record.score_start - 1 : len(ids) - 1]
 
 
-def entry_keys(records: list, vocab: int) -> np.ndarray:
+def entry_keys(records: list[Record], vocab: int) -> np.ndarray:
     """context · vocab + id for every drawn entry of `records`."""
     return np.concatenate([np.repeat(contexts(r), np.diff(r.sampled.offsets)) * vocab + r.sampled.ids for r in records])
 
 
-def context_lists(records: list, vocab: int, order: IdOrder, min_hits: int, max_list: int
+def context_lists(records: list[Record], vocab: int, order: IdOrder, min_hits: int, max_list: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sorted keys context · vocab + id of the listed ids, their ranks in their list, each context's list length)."""
     keys, hits = np.unique(entry_keys(records, vocab), return_counts=True)
@@ -57,7 +56,7 @@ def context_lists(records: list, vocab: int, order: IdOrder, min_hits: int, max_
     return key[at], rank[at], np.bincount(ctx, minlength=vocab)
 
 
-def coded_bytes(records: list, vocab: int, order: IdOrder, lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+def coded_bytes(records: list[Record], vocab: int, order: IdOrder, lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None
                 ) -> int:
     """The records' ids and counts streams in compact2's coding, with places from `lists` (None: compact2's own)."""
     total = 0

@@ -785,7 +785,6 @@ def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins:
     count = 0
     n_bands = len(FREQUENCY_BANDS) + 1
     kl_bands = np.zeros(n_bands)
-    band_index = torch.from_numpy(bands).to(device) if bands is not None else None
     conf_sum, acc_sum, bin_count = np.zeros(bins), np.zeros(bins), np.zeros(bins)
     for start in range(0, len(heldout), 32):
         x = torch.from_numpy(heldout[start : start + 32]).to(device)
@@ -795,9 +794,9 @@ def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins:
         ce += -s_log.gather(-1, target[..., None]).sum().item()
         terms = t_log.exp() * (t_log - s_log)
         kl += terms.sum().item()
-        if band_index is not None:
-            kl_bands += torch.zeros(n_bands, dtype=torch.float64, device=device).index_add_(
-                0, band_index, terms.reshape(-1, terms.shape[-1]).sum(0).double()).cpu().numpy()
+        if bands is not None:  # each id's terms over the batch's positions, then summed per band
+            per_id = terms.reshape(-1, terms.shape[-1]).sum(0).double().cpu().numpy()
+            kl_bands += np.bincount(bands, weights=per_id, minlength=n_bands)
         conf, pred = s_log.max(-1)
         agree += (pred == t_log.argmax(-1)).sum().item()
         conf = conf.exp().flatten().cpu().numpy()
@@ -861,7 +860,8 @@ def share_curves(curves: dict[str, list[dict[int, float]]]) -> dict[str, dict[st
 
 def _pm(values: list[float], scale: float = 1.0, fmt: str = ".1f") -> str:
     a = np.asarray(values) * scale
-    return f"{a.mean():{fmt}} ± {a.std(ddof=1):{fmt}}" if len(a) > 1 else f"{a.mean():{fmt}}"
+    # a signed format ("+.4f") signs the mean only
+    return f"{a.mean():{fmt}} ± {a.std(ddof=1):{fmt.lstrip('+')}}" if len(a) > 1 else f"{a.mean():{fmt}}"
 
 
 def curve_table(shares: dict[str, dict[str, list[float]]], seeds: int) -> str:
@@ -926,10 +926,8 @@ def band_table(results: dict[str, list[dict[str, float]]]) -> str:
     for variant, runs in results.items():
         if variant == "full":
             continue
-        kl = []
-        for b in range(len(names)):
-            gap = np.array([r[f"kl_band{b}"] - f[f"kl_band{b}"] for r, f in zip(runs, full, strict=True)])
-            kl.append(f"{gap.mean():+.4f} ± {gap.std(ddof=1):.4f}" if len(gap) > 1 else f"{gap.mean():+.4f}")
+        kl = [_pm([r[f"kl_band{b}"] - f[f"kl_band{b}"] for r, f in zip(runs, full, strict=True)], 1, "+.4f")
+              for b in range(len(names))]
         rms = [_pm([r[f"head_rms_band{b}"] / f[f"head_rms_band{b}"] for r, f in zip(runs, full, strict=True)], 1, ".2f")
                for b in range(len(names))]
         lines.append(f"| {variant} | " + " | ".join(kl) + " | " + " | ".join(rms) + " |")
@@ -1006,8 +1004,9 @@ def report(results: dict[str, list[dict[str, float]]], bytes_by_store: dict[str,
     print()
     print(bytes_table(bytes_by_store))
     print()
-    if band_table(results):
-        print(band_table(results))
+    bands = band_table(results)
+    if bands:
+        print(bands)
         print()
     print(curve_table(shares, seeds))
     print()
