@@ -42,11 +42,13 @@
     python bench/fidelity.py --real-teacher DIR --students --variants systematic24,systematic64 --codec compact2
 
 The students train with AdamW (β = 0.9, 0.95) and a cosine schedule down to 0.1 × the peak learning
-rate; `--student-final-lr`, `--student-beta2` and `--student-head-lr` (the output layer's learning
-rate, a multiple of the others') change that for every variant alike. The verdict holds a variant to
+rate; `--student-final-lr`, `--student-beta2`, `--student-head-lr` (the output layer's learning
+rate, a multiple of the others'), `--student-head-beta2` (its β₂) and `--student-head-wd` (its
+weight decay) change that for every variant alike. The verdict holds a variant to
 the goal on every seed (docs/benchmarks.md, Fidelity). Where a gap comes from: the KL to the teacher
 is also split by the ids' frequency in the transfer set (`FREQUENCY_BANDS`), next to the output
-layer's AdamW second moments in the same bands.
+layer's AdamW second moments in the same bands, the students' probability mass on each band against
+the teacher's, and their signed calibration gap (mean top-1 probability − accuracy).
 
 The work folder (`--workdir`) keeps the tokenizer, the teacher and the stores between runs with the
 same teacher and transfer settings; `--fresh` starts over. Results: markdown tables on stdout,
@@ -99,6 +101,8 @@ class Scale:
     student_final_lr: float = 0.1  # the cosine schedule ends at this fraction of student_lr
     student_beta2: float = 0.95  # AdamW's second-moment decay
     student_head_lr: float = 1.0  # the output layer's learning rate, a multiple of student_lr
+    student_head_beta2: float | None = None  # the output layer's AdamW second-moment decay (None: student_beta2)
+    student_head_wd: float = 0.1  # the output layer's AdamW weight decay (the others': 0.1)
     transfer_blocks: int = 1024  # blocks the stores score, i.e. the students' whole training set
     heldout_blocks: int = 256
     heldout_fraction: float = 0.1  # of the corpus files
@@ -406,9 +410,12 @@ def online_kd(model: DistillModel, teacher: Any, batch: dict[str, Any]) -> torch
 
 def student_optimizer(model: torch.nn.Module, head: torch.nn.Parameter, scale: Scale) -> torch.optim.AdamW:
     """The students' AdamW over `model`'s parameters: `scale.student_lr`, with the output layer's weight
-    (`head`) in a group of its own at `student_head_lr` times that."""
+    (`head`) in a group of its own at `student_head_lr` times that, β₂ `student_head_beta2` and weight
+    decay `student_head_wd`."""
+    head_beta2 = scale.student_beta2 if scale.student_head_beta2 is None else scale.student_head_beta2
     groups = [{"params": [p for p in model.parameters() if p is not head]},
-              {"params": [head], "lr": scale.student_lr * scale.student_head_lr}]
+              {"params": [head], "lr": scale.student_lr * scale.student_head_lr, "betas": (0.9, head_beta2),
+               "weight_decay": scale.student_head_wd}]
     return torch.optim.AdamW(groups, lr=scale.student_lr, weight_decay=0.1, betas=(0.9, scale.student_beta2))
 
 
@@ -777,14 +784,16 @@ def figure(folder: str, name: str) -> Iterator[Any]:
 @torch.no_grad()
 def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins: int = 15,
              bands: np.ndarray | None = None, head_rms: np.ndarray | None = None) -> dict[str, float]:
-    """Held-out CE, full KL(teacher ‖ student), ECE (top-1, equal-width bins) and top-1 agreement. Given
-    each id's frequency band (`frequency_bands`): the KL's terms summed per band of the id (`kl_band<b>`)
+    """Held-out CE, full KL(teacher ‖ student), ECE (top-1, equal-width bins), the signed calibration gap
+    (mean top-1 probability − accuracy: > 0 is over-confident) and top-1 agreement. Given each id's
+    frequency band (`frequency_bands`): the KL's terms summed per band of the id (`kl_band<b>`), the
+    student's probability mass on the band's ids minus the teacher's (`mass_band<b>`), both per position,
     and, given the RMS of each output-layer row's AdamW second moment (`train_student`), its median over
     the band's rows (`head_rms_band<b>`)."""
     ce = kl = agree = 0.0
     count = 0
     n_bands = len(FREQUENCY_BANDS) + 1
-    kl_bands = np.zeros(n_bands)
+    kl_bands, mass_bands = np.zeros(n_bands), np.zeros(n_bands)
     conf_sum, acc_sum, bin_count = np.zeros(bins), np.zeros(bins), np.zeros(bins)
     for start in range(0, len(heldout), 32):
         x = torch.from_numpy(heldout[start : start + 32]).to(device)
@@ -797,6 +806,8 @@ def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins:
         if bands is not None:  # each id's terms over the batch's positions, then summed per band
             per_id = terms.reshape(-1, terms.shape[-1]).sum(0).double().cpu().numpy()
             kl_bands += np.bincount(bands, weights=per_id, minlength=n_bands)
+            excess = (s_log.exp() - t_log.exp()).reshape(-1, terms.shape[-1]).sum(0).double().cpu().numpy()
+            mass_bands += np.bincount(bands, weights=excess, minlength=n_bands)
         conf, pred = s_log.max(-1)
         agree += (pred == t_log.argmax(-1)).sum().item()
         conf = conf.exp().flatten().cpu().numpy()
@@ -807,9 +818,11 @@ def evaluate(student: Any, teacher: Any, heldout: np.ndarray, device: str, bins:
         np.add.at(bin_count, which, 1)
         count += target.numel()
     ece = float(np.abs(acc_sum - conf_sum).sum() / count)  # Σ_b (n_b / n) |acc_b − conf_b|
-    out = {"ce": ce / count, "kl": kl / count, "ece": ece, "top1": agree / count, "tokens": count}
+    out = {"ce": ce / count, "kl": kl / count, "ece": ece, "top1": agree / count, "tokens": count,
+           "overconfidence": float((conf_sum.sum() - acc_sum.sum()) / count)}
     if bands is not None:
         out |= {f"kl_band{b}": float(kl_bands[b] / count) for b in range(n_bands)}
+        out |= {f"mass_band{b}": float(mass_bands[b] / count) for b in range(n_bands)}
         if head_rms is not None:
             out |= {f"head_rms_band{b}": float(np.median(head_rms[bands == b])) for b in range(n_bands)}
     return out
@@ -914,8 +927,9 @@ def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dic
 def band_table(results: dict[str, list[dict[str, float]]]) -> str:
     """Where each variant's students differ from full KD's, by the ids' frequency band: the KL to the
     teacher's terms of the band's ids minus full KD's, and the RMS of the output layer's AdamW second
-    moment over the band's rows as a multiple of full KD's (both paired per seed). Empty for runs
-    saved before these were measured."""
+    moment over the band's rows as a multiple of full KD's (both paired per seed); then each variant's
+    signed calibration gap and its students' probability mass per band minus the teacher's. Empty (or
+    without the second table) for runs saved before these were measured."""
     if "kl_band0" not in results["full"][0]:
         return ""
     edges = [0, *FREQUENCY_BANDS, None]
@@ -931,6 +945,15 @@ def band_table(results: dict[str, list[dict[str, float]]]) -> str:
         rms = [_pm([r[f"head_rms_band{b}"] / f[f"head_rms_band{b}"] for r, f in zip(runs, full, strict=True)], 1, ".2f")
                for b in range(len(names))]
         lines.append(f"| {variant} | " + " | ".join(kl) + " | " + " | ".join(rms) + " |")
+    if "mass_band0" not in full[0]:
+        return "\n".join(lines)
+    # Where each variant's students put their probability against the teacher, and whether they are
+    # over-confident (mean top-1 probability above the accuracy) or under-confident.
+    lines += ["", "| variant | top-1 probability − accuracy, % | "
+              + " | ".join(f"mass − teacher's, ids {n}, %" for n in names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for variant, runs in results.items():
+        mass = [_pm([r[f"mass_band{b}"] for r in runs], 100, "+.2f") for b in range(len(names))]
+        lines.append(f"| {variant} | {_pm([r['overconfidence'] for r in runs], 100, '+.2f')} | " + " | ".join(mass) + " |")
     return "\n".join(lines)
 
 
@@ -1061,6 +1084,10 @@ def main() -> None:
                         help="the students' AdamW second-moment decay (default: the scale's, 0.95)")
     parser.add_argument("--student-head-lr", type=float, default=None,
                         help="the students' output-layer learning rate, a multiple of the others' (default: the scale's, 1)")
+    parser.add_argument("--student-head-beta2", type=float, default=None,
+                        help="the output layer's AdamW second-moment decay (default: the others')")
+    parser.add_argument("--student-head-wd", type=float, default=None,
+                        help="the output layer's AdamW weight decay (default: the scale's, 0.1, as the others')")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (ce and full always run)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--codec", choices=("packed", "compact", "compact2"), default="packed",
@@ -1108,7 +1135,8 @@ def main() -> None:
         parser.error("--students needs --real-teacher DIR")
     scale_name = "quick" if args.quick else args.scale or ("real" if args.students else "cpu")
     overrides = {"seeds": args.seeds, "student_final_lr": args.student_final_lr, "student_beta2": args.student_beta2,
-                 "student_head_lr": args.student_head_lr}
+                 "student_head_lr": args.student_head_lr, "student_head_beta2": args.student_head_beta2,
+                 "student_head_wd": args.student_head_wd}
     scale = dataclasses.replace(SCALES[scale_name], **{k: v for k, v in overrides.items() if v is not None})
     if args.codec_sizes:
         print(codec_sizes(args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")))

@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         warmup_steps: int | None = typer.Option(None, "--warmup-steps", help=_h("Warm-up steps.", "warmup_steps")),
         weight_decay: float | None = typer.Option(None, "--weight-decay", help=_h("AdamW weight decay.", "weight_decay")),
         max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help=_h("Gradient clipping norm (0: off).", "max_grad_norm")),
+        head_lr_scale: float | None = typer.Option(None, "--head-lr-scale", help=_h("The output layer's learning rate, a multiple of --lr.", "head_lr_scale")),
         batch_size: int | None = typer.Option(None, "--batch-size", help=_h("Records per micro-batch per rank.", "batch_size")),
         grad_accum: int | None = typer.Option(None, "--grad-accum", help=_h("Micro-batches per optimizer step.", "grad_accum")),
         max_length: int | None = typer.Option(None, "--max-length", help=_h("Truncate sequences to this many tokens (0: never).", "max_length")),

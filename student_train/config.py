@@ -36,6 +36,9 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # The output layer's learning rate, a multiple of lr. Sampled targets give its rows of rare ids
+    # noisy gradients, so AdamW takes small steps there (docs/training.md, "The output layer").
+    head_lr_scale: float = 1.0
     batch_size: int = 8  # records per micro-batch per rank
     grad_accum: int = 1
     max_length: int = 0  # truncate sequences to this many tokens (0: never)
@@ -116,6 +119,7 @@ class TrainConfig:
         checks = [
             (self.max_steps > 0 or self.epochs > 0, "--max-steps or --epochs must be positive"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.head_lr_scale > 0, f"--head-lr-scale must be positive, got {self.head_lr_scale}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
             (self.max_length >= 0, f"--max-length must be 0 or positive, got {self.max_length}"),

@@ -52,7 +52,9 @@ def loader_state_file(rank: int) -> str:
 class DistillTrainer(Trainer):
     """Trainer with the distillation loss, the store loader and its resumable state."""
 
-    def __init__(self, *args: Any, objective: Objective, tokenizer_to_save: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, objective: Objective, tokenizer_to_save: Any = None, head_lr_scale: float = 1.0,
+                 **kwargs: Any) -> None:
+        self.head_lr_scale = head_lr_scale  # read by create_optimizer
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.tokenizer_to_save = tokenizer_to_save
@@ -202,6 +204,34 @@ class DistillTrainer(Trainer):
             # stream; the loader's position is exact: micro-batches consumed / batches per epoch.
             self.state.epoch = self.batches_consumed / dataset.batches_per_epoch
         super().log(logs, start_time)
+
+    # -- optimizer --------------------------------------------------------------------------------
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, with the student's output layer in a parameter group of its own at
+        `head_lr_scale` times the learning rate. The scheduler, created after this, scales each group
+        from its own rate."""
+        optimizer = super().create_optimizer(model)
+        if self.head_lr_scale == 1.0:
+            return optimizer
+        head = self.model.student.get_output_embeddings().weight
+        holding = [g for g in optimizer.param_groups if any(p is head for p in g["params"])]
+        if not holding:
+            raise ConfigError("--head-lr-scale: the output layer's weight is not a parameter of its own in this model "
+                              "(e.g. FSDP's flattened parameters); leave it at 1")
+        group = holding[0]
+        group["params"] = [p for p in group["params"] if p is not head]
+        optimizer.add_param_group({"params": [head], "lr": group["lr"] * self.head_lr_scale,
+                                   "weight_decay": group["weight_decay"]})
+        return optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as e:  # torch: "loaded state dict has a different number of parameter groups"
+            if "parameter group" not in str(e):
+                raise
+            raise ConfigError(f"--resume: {checkpoint}'s optimizer has other parameter groups than this run's "
+                              "(one of the two has --head-lr-scale 1 and the other not); resume with that run's settings") from None
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -473,6 +503,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
         objective=objective,
         tokenizer_to_save=tokenizer,
         callbacks=callbacks,
+        head_lr_scale=config.head_lr_scale,
     )
     for default_printer in (ProgressCallback, PrinterCallback):  # they print dicts of strings
         trainer.remove_callback(default_printer)

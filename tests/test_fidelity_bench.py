@@ -187,6 +187,12 @@ def test_student_optimizer_gives_the_output_layer_its_own_learning_rate(teacher)
     optimizer.step()  # no gradients: changes nothing
     lr.step()  # past the warmup: the peak rates
     assert rest["lr"] == pytest.approx(0.01) and head_group["lr"] == pytest.approx(0.05)
+    assert rest["betas"] == head_group["betas"] == (0.9, 0.95)  # the head's β₂ is the others' unless set
+    assert rest["weight_decay"] == head_group["weight_decay"] == 0.1
+    rest, head_group = fidelity.student_optimizer(
+        teacher, head, dataclasses.replace(scale, student_head_beta2=0.999, student_head_wd=0.0)).param_groups
+    assert rest["betas"] == (0.9, 0.95) and head_group["betas"] == (0.9, 0.999)
+    assert rest["weight_decay"] == 0.1 and head_group["weight_decay"] == 0.0
 
 
 def test_frequency_bands_rank_ids_by_their_count_in_the_text():
@@ -217,6 +223,14 @@ def test_kl_by_band_adds_up_to_the_kl_and_the_band_table_pairs_seeds(teacher):
         want = terms[:, torch.from_numpy(bands == b)].sum().item() / terms.shape[0]
         assert out[f"kl_band{b}"] == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert out["head_rms_band1"] == pytest.approx(float(np.median(head_rms[bands == 1])))
+    # the student's mass on each band's ids minus the teacher's, per position; the bands' sum is 0
+    for b in range(4):
+        want = (s_log.exp() - t_log.exp()).reshape(-1, 97)[:, torch.from_numpy(bands == b)].sum().item() / terms.shape[0]
+        assert out[f"mass_band{b}"] == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert abs(sum(out[f"mass_band{b}"] for b in range(4))) < 1e-6
+    # mean top-1 probability minus the accuracy on the text's next tokens
+    top, pred = s_log.exp().max(-1)
+    assert out["overconfidence"] == pytest.approx((top.mean() - (pred == x[:, 1:]).double().mean()).item(), abs=1e-6)
     assert "kl_band0" not in fidelity.evaluate(student, teacher, heldout, "cpu")
 
     def run(kl: float, rms: float) -> dict[str, float]:
@@ -229,6 +243,18 @@ def test_kl_by_band_adds_up_to_the_kl_and_the_band_table_pairs_seeds(teacher):
     assert "| +0.1000 ± 0.0000 | +0.2000 ± 0.0000 |" in rows["systematic64"] and "2.00 ± 0.00" in rows["systematic64"]
     assert "full" not in rows and "KL − full KD's, ids 1,024+" in table
     assert fidelity.band_table({"ce": [{"ce": 1.0}], "full": [{"ce": 1.0}]}) == ""
+    assert "accuracy" not in table  # runs saved before the mass by band: no calibration table
+
+    def calibrated(kl: float, rms: float, over: float) -> dict[str, float]:
+        return run(kl, rms) | {"overconfidence": over} | {f"mass_band{b}": (1.5 - b) * over for b in range(4)}
+
+    table = fidelity.band_table({"ce": [calibrated(0.5, 1.0, 0.01), calibrated(0.7, 1.0, 0.03)],
+                                 "full": [calibrated(0.1, 1.0, 0.0), calibrated(0.2, 2.0, 0.0)]})
+    second = table.split("\n\n")[1].splitlines()
+    # band b holds (1.5 − b) × the gap: seeds 1 % and 3 % give band 0 1.5 % and 4.5 %
+    assert second[0].startswith("| variant | top-1 probability − accuracy, % |")
+    assert second[2] == "| ce | +2.00 ± 1.41 | +3.00 ± 2.12 | +1.00 ± 0.71 | -1.00 ± 0.71 | -3.00 ± 2.12 |"
+    assert second[3].startswith("| full | +0.00 ± 0.00 |")
 
 
 def _records_with_context_draws(n: int = 40) -> list:

@@ -110,6 +110,37 @@ def test_an_interrupted_run_resumes_to_exactly_the_same_losses(setup: dict) -> N
         train(config(setup, "full", **settings))
 
 
+class OptimizerGroups(TrainerCallback):
+    """Each step's parameter groups as (learning rate, weight decay, whether it holds the output layer)."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[float, float, bool]]] = []
+
+    def on_step_end(self, args, state, control, optimizer=None, model=None, **kwargs):
+        head = model.student.get_output_embeddings().weight
+        self.steps.append([(g["lr"], g["weight_decay"], any(p is head for p in g["params"]))
+                           for g in optimizer.param_groups])
+
+
+def test_the_output_layer_gets_its_own_learning_rate(setup: dict) -> None:
+    settings = dict(max_steps=4, save_steps=2, weight_decay=0.1, lr_scheduler="linear", warmup_steps=1)
+    seen = OptimizerGroups()
+    train(config(setup, "head", head_lr_scale=5.0, **settings), callbacks=[seen])
+    for groups in seen.steps:  # the scheduler scales every group alike: the head stays at 5× the others
+        (lr, wd, _), (_, no_wd, _), (head_lr, head_wd, holds) = groups
+        assert holds and not any(g[2] for g in groups[:2]) and (wd, no_wd, head_wd) == (0.1, 0.0, 0.1)
+        assert head_lr == pytest.approx(5.0 * lr)
+    assert [g[0][0] for g in seen.steps] == pytest.approx([1e-2 * (4 - s) / 3 for s in range(1, 5)])
+
+    plain = OptimizerGroups()
+    train(config(setup, "plain", **settings), callbacks=[plain])
+    assert len(plain.steps[0]) == 2 and any(g[2] and g[1] == 0.1 for g in plain.steps[0])  # Trainer's own groups
+
+    # resuming with other groups than the checkpoint's is refused in one line, not a torch traceback
+    with pytest.raises(ConfigError, match="optimizer has other parameter groups"):
+        train(config(setup, "head", resume=True, max_steps=6, save_steps=2, weight_decay=0.1))
+
+
 def test_two_torchrun_ranks_run_the_same_steps_over_uneven_shards(setup: dict) -> None:
     out = str(setup["root"] / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cli.main",
