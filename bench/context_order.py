@@ -90,7 +90,7 @@ def main() -> None:
     order = IdOrder(IdOrder.from_tokens([r.input_ids for r in records]), vocab=vocab)
     half = len(records) // 2
     print(f"{args.store}: {len(records)} records, "
-          f"{sum(r.sampled.num_entries for r in records) / sum(r.sampled.num_positions for r in records):.2f} "
+          f"{sum(r.sampled.num_entries for r in records) / scored:.2f} "
           f"distinct ids per position, N = {store.manifest.targets.samples}\n")
     print("| fit | min hits | max list | listed ids | coded draws, B/token | lists, B/token | total, B/token | total / compact2 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
