@@ -1079,6 +1079,11 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default=None, help="default: cpu (real with --students)")
     parser.add_argument("--quick", action="store_true", help="same as --scale quick")
     parser.add_argument("--seeds", type=int, default=None, help="student seeds (default: the scale's)")
+    parser.add_argument("--student-batch", type=int, default=None,
+                        help="blocks per student step (default: the scale's, 16 at CPU scale)")
+    parser.add_argument("--student-steps", type=int, default=None,
+                        help="the students' steps (default: the scale's, 400 at CPU scale); held-out CE on the way at "
+                             "1/8, 1/4, 1/2 and 3/4 of them")
     parser.add_argument("--student-final-lr", type=float, default=None,
                         help="the students' learning rate at the end, a fraction of the peak (default: the scale's, 0.1)")
     parser.add_argument("--student-beta2", type=float, default=None,
@@ -1135,10 +1140,13 @@ def main() -> None:
     if args.students and not args.real_teacher:
         parser.error("--students needs --real-teacher DIR")
     scale_name = "quick" if args.quick else args.scale or ("real" if args.students else "cpu")
-    overrides = {"seeds": args.seeds, "student_final_lr": args.student_final_lr, "student_beta2": args.student_beta2,
+    overrides = {"seeds": args.seeds, "student_batch": args.student_batch, "student_steps": args.student_steps,
+                 "student_final_lr": args.student_final_lr, "student_beta2": args.student_beta2,
                  "student_head_lr": args.student_head_lr, "student_head_beta2": args.student_head_beta2,
                  "student_head_wd": args.student_head_wd}
     scale = dataclasses.replace(SCALES[scale_name], **{k: v for k, v in overrides.items() if v is not None})
+    if args.student_steps:
+        scale = dataclasses.replace(scale, eval_steps=tuple(sorted({max(1, args.student_steps * k // 8) for k in (1, 2, 4, 6)})))
     if args.codec_sizes:
         print(codec_sizes(args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")))
         return

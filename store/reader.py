@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from collections import OrderedDict
@@ -35,6 +37,7 @@ from store.records import ColumnViews, Record, arrow_schema, hidden_problem
 from store.writer import ShardWriter, seqs_for_writer
 
 MANIFEST = "manifest.json"
+CACHE_ENV = "POTSTILL_CACHE_DIR"
 _OPEN_SHARDS = 8  # shards kept open for random access
 
 
@@ -133,6 +136,26 @@ def find_duplicates(commits: list[CommitRecord]) -> dict[str, list[tuple[int, st
                 first[rid] = commit.shard
     return found
 
+
+
+def cache_dir() -> str:
+    """Where potstill keeps what it downloads for reading remote stores (their tokenizers):
+    $POTSTILL_CACHE_DIR, else $XDG_CACHE_HOME/potstill, else ~/.cache/potstill."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")), "potstill")
+
+
+def _holds_files(folder: str, entries: list[FileEntry]) -> bool:
+    """Whether `folder` holds every file of `entries` (by the name after `tokenizer/`) with its checksum."""
+    for entry in entries:
+        try:
+            with open(os.path.join(folder, entry.path.split("/", 1)[1]), "rb") as f:
+                if sha256_bytes(f.read()) != entry.sha256:
+                    return False
+        except OSError:
+            return False
+    return True
 
 class Store:
     """A store opened for reading (and for appending through `writer()`).
@@ -301,19 +324,43 @@ class Store:
 
     @cached_property
     def tokenizer_dir(self) -> str:
-        """A local folder holding the stored tokenizer files (downloaded once for remote stores)."""
-        if not self.manifest.tokenizer.files:
+        """A local folder holding the stored tokenizer files: the store's own for a local store, else a
+        copy in the user's cache (`cache_dir()`), downloaded and checked once per tokenizer and shared
+        by every store, run and process that names the same files."""
+        entries = sorted(self.manifest.tokenizer.files, key=lambda e: e.path)
+        if not entries:
             raise StoreError(f"{self.url}: the store holds no tokenizer files")
         if is_local(self.fs):
             return join(self.root, "tokenizer")
-        local = tempfile.mkdtemp(prefix="potstill-tokenizer-")
-        for entry in self.manifest.tokenizer.files:
-            data = read_bytes(self.fs, join(self.root, entry.path))
-            if sha256_bytes(data) != entry.sha256:
-                raise StoreError(f"{self.url}/{entry.path}: checksum mismatch")
-            with open(os.path.join(local, entry.path.split("/", 1)[1]), "wb") as f:
-                f.write(data)
-        return local
+        key = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()[:32]
+        folder = os.path.join(cache_dir(), "tokenizers", key)
+        if not _holds_files(folder, entries):
+            self._download_tokenizer(entries, folder)
+        return folder
+
+    def _download_tokenizer(self, entries: list[FileEntry], folder: str) -> None:
+        """Download and check `entries` into a private folder, then rename it to `folder` (readers never
+        see a half-written copy; of two processes racing, the second finds the first's copy)."""
+        parent = os.path.dirname(folder)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".download-", dir=parent)
+        try:
+            for entry in entries:
+                data = read_bytes(self.fs, join(self.root, entry.path))
+                if sha256_bytes(data) != entry.sha256:
+                    raise StoreError(f"{self.url}/{entry.path}: checksum mismatch")
+                with open(os.path.join(staging, entry.path.split("/", 1)[1]), "wb") as f:
+                    f.write(data)
+            os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+            if os.path.isdir(folder):  # a damaged or partial copy (its files did not match)
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.rename(staging, folder)
+            except OSError:
+                if not _holds_files(folder, entries):  # not another process's good copy
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r}, shards={len(self.commits)}, records={self.num_records})"

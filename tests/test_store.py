@@ -6,9 +6,11 @@ import copy
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -388,6 +390,45 @@ def test_memory_store(tmp_path):
     with open(os.path.join(store.tokenizer_dir, "tokenizer.json"), "rb") as f:
         assert f.read() == TOKENIZER_FILES["tokenizer.json"]
     store.fs.rm(store.root, recursive=True)
+
+
+def test_a_remote_stores_tokenizer_is_cached_once_and_checked(tmp_path, monkeypatch):
+    """A remote store's tokenizer is downloaded into the user cache once, by content: a second store
+    with the same files reuses the copy, a damaged copy is replaced, nothing is left in the temp dir."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("POTSTILL_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    m = make_manifest(layers=(), chunk_tokens=8)
+    urls = ["memory://potstill-tests/tok-a", "memory://potstill-tests/tok-b"]
+    folders = []
+    for url in urls:
+        create_store(url, m, TOKENIZER_FILES)
+        folders.append(open_store(url).tokenizer_dir)
+    assert folders[0] == folders[1] and folders[0].startswith(str(cache / "tokenizers"))
+    assert sorted(os.listdir(folders[0])) == sorted(TOKENIZER_FILES)
+    assert os.listdir(cache / "tokenizers") == [os.path.basename(folders[0])]  # no staging folder left
+    assert os.listdir(tmp_path / "tmp") == []
+
+    with open(os.path.join(folders[0], "tokenizer.json"), "wb") as f:  # a damaged cached copy
+        f.write(b"{}")
+    assert open_store(urls[0]).tokenizer_dir == folders[0]
+    with open(os.path.join(folders[0], "tokenizer.json"), "rb") as f:
+        assert f.read() == TOKENIZER_FILES["tokenizer.json"]
+
+    other = {**TOKENIZER_FILES, "tokenizer.json": TOKENIZER_FILES["tokenizer.json"] + b" "}
+    create_store("memory://potstill-tests/tok-c", m, other)  # other files: a folder of their own
+    assert open_store("memory://potstill-tests/tok-c").tokenizer_dir != folders[0]
+
+    store = open_store(urls[1])  # the store's own file damaged: refused, the cache left alone
+    store.fs.pipe(store.root + "/tokenizer/tokenizer.json", b"{}")
+    shutil.rmtree(cache)
+    with pytest.raises(StoreError, match="tokenizer/tokenizer.json: checksum mismatch"):
+        _ = store.tokenizer_dir
+    assert os.listdir(cache / "tokenizers") == []
+    for url in [*urls, "memory://potstill-tests/tok-c"]:
+        store.fs.rm(url.removeprefix("memory://"), recursive=True)
 
 
 def test_not_a_store_and_missing_store(tmp_path):
