@@ -42,9 +42,9 @@
     python bench/fidelity.py --real-teacher DIR --students --variants systematic24,systematic64 --codec compact2
 
 The students train with AdamW (β = 0.9, 0.95) and a cosine schedule down to 0.1 × the peak learning
-rate; `--student-final-lr`, `--student-beta2`, `--student-head-lr` (the output layer's learning
-rate, a multiple of the others'), `--student-head-beta2` (its β₂) and `--student-head-wd` (its
-weight decay) change that for every variant alike. The verdict holds a variant to
+rate; `--student-batch`, `--student-steps`, `--student-final-lr`, `--student-beta2`, `--student-head-lr`
+(the output layer's learning rate, a multiple of the others'), `--student-head-beta2` (its β₂) and
+`--student-head-wd` (its weight decay) change that for every variant alike. The verdict holds a variant to
 the goal on every seed (docs/benchmarks.md, Fidelity). Where a gap comes from: the KL to the teacher
 is also split by the ids' frequency in the transfer set (`FREQUENCY_BANDS`), next to the output
 layer's AdamW second moments in the same bands, the students' probability mass on each band against
@@ -176,6 +176,12 @@ def frequency_bands(tokens: np.ndarray, vocab: int) -> np.ndarray:
     rank = np.empty(vocab, dtype=np.int64)
     rank[np.argsort(-np.bincount(tokens.reshape(-1), minlength=vocab)[:vocab], kind="stable")] = np.arange(vocab)
     return np.searchsorted(np.array(FREQUENCY_BANDS), rank, side="right")
+
+
+def eval_steps_for(steps: int) -> tuple[int, ...]:
+    """Where a run of `steps` student steps measures its held-out CE on the way: at 1/8, 1/4, 1/2 and
+    3/4 of it (the CPU scale's 50, 100, 200 and 300 of 400)."""
+    return tuple(sorted({steps * k // 8 for k in (1, 2, 4, 6)} - {0, steps}))
 
 
 def say(message: str) -> None:
@@ -1146,7 +1152,7 @@ def main() -> None:
                  "student_head_wd": args.student_head_wd}
     scale = dataclasses.replace(SCALES[scale_name], **{k: v for k, v in overrides.items() if v is not None})
     if args.student_steps:
-        scale = dataclasses.replace(scale, eval_steps=tuple(sorted({max(1, args.student_steps * k // 8) for k in (1, 2, 4, 6)})))
+        scale = dataclasses.replace(scale, eval_steps=eval_steps_for(args.student_steps))
     if args.codec_sizes:
         print(codec_sizes(args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")))
         return

@@ -176,6 +176,12 @@ def test_student_schedule_warms_up_then_ends_at_its_final_fraction(final):
     assert seen[-1] == pytest.approx(2.0 * final, abs=2e-3) and min(seen[5:]) >= 2.0 * final
 
 
+def test_eval_steps_for_other_run_lengths_are_the_cpu_scales_fractions():
+    assert fidelity.eval_steps_for(400) == fidelity.SCALES["cpu"].eval_steps
+    assert fidelity.eval_steps_for(100) == (12, 25, 50, 75)
+    assert fidelity.eval_steps_for(4) == (1, 2, 3)  # never step 0 or the last step (measured at the end)
+
+
 def test_student_optimizer_gives_the_output_layer_its_own_learning_rate(teacher):
     scale = dataclasses.replace(fidelity.Scale(), student_lr=0.01, student_head_lr=5.0)
     head = teacher.get_output_embeddings().weight
