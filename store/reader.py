@@ -137,7 +137,6 @@ def find_duplicates(commits: list[CommitRecord]) -> dict[str, list[tuple[int, st
     return found
 
 
-
 def cache_dir() -> str:
     """Where potstill keeps what it downloads for reading remote stores (their tokenizers):
     $POTSTILL_CACHE_DIR, else $XDG_CACHE_HOME/potstill, else ~/.cache/potstill."""
@@ -156,6 +155,7 @@ def _holds_files(folder: str, entries: list[FileEntry]) -> bool:
         except OSError:
             return False
     return True
+
 
 class Store:
     """A store opened for reading (and for appending through `writer()`).
@@ -342,8 +342,12 @@ class Store:
         """Download and check `entries` into a private folder, then rename it to `folder` (readers never
         see a half-written copy; of two processes racing, the second finds the first's copy)."""
         parent = os.path.dirname(folder)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".download-", dir=parent)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".download-", dir=parent)
+        except OSError as e:
+            raise StoreError(f"{self.url}: cannot keep its tokenizer in {parent} ({e.strerror}); set "
+                             f"${CACHE_ENV} to a folder you can write") from None
         try:
             for entry in entries:
                 data = read_bytes(self.fs, join(self.root, entry.path))

@@ -417,6 +417,12 @@ def test_a_remote_stores_tokenizer_is_cached_once_and_checked(tmp_path, monkeypa
     with open(os.path.join(folders[0], "tokenizer.json"), "rb") as f:
         assert f.read() == TOKENIZER_FILES["tokenizer.json"]
 
+    (tmp_path / "file").write_text("")  # a cache that cannot be made: one line, naming it
+    monkeypatch.setenv("POTSTILL_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.raises(StoreError, match=r"tok-b: cannot keep its tokenizer in .*file/cache/tokenizers .*POTSTILL_CACHE_DIR"):
+        _ = open_store(urls[1]).tokenizer_dir
+    monkeypatch.setenv("POTSTILL_CACHE_DIR", str(cache))
+
     other = {**TOKENIZER_FILES, "tokenizer.json": TOKENIZER_FILES["tokenizer.json"] + b" "}
     create_store("memory://potstill-tests/tok-c", m, other)  # other files: a folder of their own
     assert open_store("memory://potstill-tests/tok-c").tokenizer_dir != folders[0]
