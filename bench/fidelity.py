@@ -1145,13 +1145,15 @@ def main() -> None:
     variants = [v for v in ALL_VARIANTS if v in {"ce", "full", *args.variants.split(",")}]
     if args.students and not args.real_teacher:
         parser.error("--students needs --real-teacher DIR")
+    if any(n is not None and n < 1 for n in (args.seeds, args.student_batch, args.student_steps)):
+        parser.error("--seeds, --student-batch and --student-steps must be at least 1")
     scale_name = "quick" if args.quick else args.scale or ("real" if args.students else "cpu")
     overrides = {"seeds": args.seeds, "student_batch": args.student_batch, "student_steps": args.student_steps,
                  "student_final_lr": args.student_final_lr, "student_beta2": args.student_beta2,
                  "student_head_lr": args.student_head_lr, "student_head_beta2": args.student_head_beta2,
                  "student_head_wd": args.student_head_wd}
     scale = dataclasses.replace(SCALES[scale_name], **{k: v for k, v in overrides.items() if v is not None})
-    if args.student_steps:
+    if args.student_steps is not None:
         scale = dataclasses.replace(scale, eval_steps=eval_steps_for(args.student_steps))
     if args.codec_sizes:
         print(codec_sizes(args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"potstill-fidelity-{scale_name}")))

@@ -114,10 +114,11 @@ _VERIFIED: set[tuple[str, str]] = set()
 
 
 def _check_digest(data: Any, entry: FileEntry, where: str) -> None:
-    """Refuse bytes that are not what the commit record says, in one line naming the file."""
+    """Refuse bytes that are not what the store lists for them (a commit record or the manifest), in
+    one line naming the file."""
     view = memoryview(data)
     if view.nbytes != entry.bytes:
-        raise StoreError(f"{where}: has {view.nbytes} bytes, its commit record says {entry.bytes} (truncated?)")
+        raise StoreError(f"{where}: has {view.nbytes} bytes, the store lists {entry.bytes} (truncated?)")
     if sha256_bytes(view) != entry.sha256:
         raise StoreError(f"{where}: fails its sha256 check (corrupted bytes)")
 
@@ -145,14 +146,18 @@ def cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")), "potstill")
 
 
+def _tokenizer_file(folder: str, entry: FileEntry) -> str:
+    """Where a stored tokenizer file (`tokenizer/<name>`) lies in a local copy of the folder."""
+    return os.path.join(folder, entry.path.split("/", 1)[1])
+
+
 def _holds_files(folder: str, entries: list[FileEntry]) -> bool:
-    """Whether `folder` holds every file of `entries` (by the name after `tokenizer/`) with its checksum."""
+    """Whether `folder` holds every tokenizer file of `entries` with its checksum."""
     for entry in entries:
         try:
-            with open(os.path.join(folder, entry.path.split("/", 1)[1]), "rb") as f:
-                if sha256_bytes(f.read()) != entry.sha256:
-                    return False
-        except OSError:
+            with open(_tokenizer_file(folder, entry), "rb") as f:
+                _check_digest(f.read(), entry, entry.path)
+        except (OSError, StoreError):
             return False
     return True
 
@@ -351,9 +356,8 @@ class Store:
         try:
             for entry in entries:
                 data = read_bytes(self.fs, join(self.root, entry.path))
-                if sha256_bytes(data) != entry.sha256:
-                    raise StoreError(f"{self.url}/{entry.path}: checksum mismatch")
-                with open(os.path.join(staging, entry.path.split("/", 1)[1]), "wb") as f:
+                _check_digest(data, entry, f"{self.url}/{entry.path}")
+                with open(_tokenizer_file(staging, entry), "wb") as f:
                     f.write(data)
             os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
             if os.path.isdir(folder):  # a damaged or partial copy (its files did not match)

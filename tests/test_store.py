@@ -428,10 +428,14 @@ def test_a_remote_stores_tokenizer_is_cached_once_and_checked(tmp_path, monkeypa
     assert open_store("memory://potstill-tests/tok-c").tokenizer_dir != folders[0]
 
     store = open_store(urls[1])  # the store's own file damaged: refused, the cache left alone
-    store.fs.pipe(store.root + "/tokenizer/tokenizer.json", b"{}")
+    good = TOKENIZER_FILES["tokenizer.json"]
+    store.fs.pipe(store.root + "/tokenizer/tokenizer.json", good[:-1] + b"!")
     shutil.rmtree(cache)
-    with pytest.raises(StoreError, match="tokenizer/tokenizer.json: checksum mismatch"):
+    with pytest.raises(StoreError, match="tok-b/tokenizer/tokenizer.json: fails its sha256 check"):
         _ = store.tokenizer_dir
+    store.fs.pipe(store.root + "/tokenizer/tokenizer.json", good[:-1])
+    with pytest.raises(StoreError, match=f"tokenizer.json: has {len(good) - 1} bytes, the store lists {len(good)}"):
+        _ = open_store(urls[1]).tokenizer_dir
     assert os.listdir(cache / "tokenizers") == []
     for url in [*urls, "memory://potstill-tests/tok-c"]:
         store.fs.rm(url.removeprefix("memory://"), recursive=True)
