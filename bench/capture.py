@@ -40,16 +40,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from store import HiddenLayer, HiddenSpec, StoreManifest, TargetSpec, TeacherInfo, TokenizerInfo, create_store
-from teacher_gen.capture import make_logsumexp, resolve_layers
-from teacher_gen.config import GenerateConfig
-from teacher_gen.encode import Encoded
-from teacher_gen.hf_backend import HFTeacher
-from teacher_gen.jobs import ScoreJob
-from teacher_gen.model_info import TeacherSpec
-from teacher_gen.prompts import SourceItem
-from teacher_gen.runner import RecordBuilder
-from teacher_gen.writer import WriterPool
+from potstill.store import (
+    HiddenLayer,
+    HiddenSpec,
+    StoreManifest,
+    TargetSpec,
+    TeacherInfo,
+    TokenizerInfo,
+    create_store,
+)
+from potstill.teacher_gen.capture import make_logsumexp, resolve_layers
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.encode import Encoded
+from potstill.teacher_gen.hf_backend import HFTeacher
+from potstill.teacher_gen.jobs import ScoreJob
+from potstill.teacher_gen.model_info import TeacherSpec
+from potstill.teacher_gen.prompts import SourceItem
+from potstill.teacher_gen.runner import RecordBuilder
+from potstill.teacher_gen.writer import WriterPool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from store import (
+from potstill.store import (
     HiddenSpec,
     Record,
     StoreManifest,
@@ -47,8 +47,8 @@ from store import (
     open_store,
     store_info,
 )
-from store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws
-from student_train.data import collate, record_sequence
+from potstill.store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws
+from potstill.student_train.data import collate, record_sequence
 
 VOCAB = 128_256
 ANCHOR_STEP_TOKENS_PER_S = 144_600

@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from store import Record, open_store
-from store.codec import IdOrder, encode_compact2_places
+from potstill.store import Record, open_store
+from potstill.store.codec import IdOrder, encode_compact2_places
 
 
 def contexts(record: Record) -> np.ndarray:

@@ -77,11 +77,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from store import open_store, store_info
-from student_train.data import StoreDataset
-from student_train.losses import masked_mean
-from student_train.model import DistillModel
-from student_train.objective import Objective, distill_loss
+from potstill.store import open_store, store_info
+from potstill.student_train.data import StoreDataset
+from potstill.student_train.losses import masked_mean
+from potstill.student_train.model import DistillModel
+from potstill.student_train.objective import Objective, distill_loss
 
 
 @dataclass
@@ -305,8 +305,8 @@ def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale
     """One store per name; `codec` is the codec of the sampled and hybrid stores (the draws are the
     same in both: the compact codec is lossless), top-K stores stay unpacked. `teacher`: a
     save_pretrained folder (default: the work folder's trained teacher)."""
-    from teacher_gen.config import GenerateConfig
-    from teacher_gen.runner import generate
+    from potstill.teacher_gen.config import GenerateConfig
+    from potstill.teacher_gen.runner import generate
 
     prompts = os.path.join(workdir, "transfer.jsonl")
     with open(prompts, "w", encoding="utf-8") as f:
@@ -354,8 +354,8 @@ def codec_sizes(workdir: str) -> str:
     generate` makes it, from the tokens of the text the store scores."""
     import tempfile
 
-    from store import create_store
-    from store.codec import IdOrder, bits_for
+    from potstill.store import create_store
+    from potstill.store.codec import IdOrder, bits_for
 
     found = {}
     for entry in sorted(os.listdir(os.path.join(workdir, "stores"))):
@@ -513,9 +513,9 @@ def target_weights(variant: str, teacher: Any, x: torch.Tensor, repeat: int) -> 
     """Dense [P, V] target weights of one draw of `variant`'s targets at every next-token position of
     blocks `x`, made by the capture code itself (`teacher_gen.capture.topk_logprobs`, the sampler and
     its uniforms as `potstill generate` makes them, seeded by `repeat`) and weighted as the loader does."""
-    from store.codec import sampled_from_draws
-    from student_train.data import hybrid_weights
-    from teacher_gen.capture import topk_logprobs
+    from potstill.store.codec import sampled_from_draws
+    from potstill.student_train.data import hybrid_weights
+    from potstill.teacher_gen.capture import topk_logprobs
 
     settings = STORES[variant]
     with torch.no_grad():
@@ -581,15 +581,15 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
     the held-out blocks and the uniforms."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from store.codec import (
+    from potstill.store.codec import (
         IdOrder,
         bits_for,
         encode_sampled_compact,
         encode_sampled_compact2,
         sampled_from_draws,
     )
-    from student_train.data import hybrid_weights
-    from teacher_gen.capture import logit_transform, topk_logprobs
+    from potstill.student_train.data import hybrid_weights
+    from potstill.teacher_gen.capture import logit_transform, topk_logprobs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -667,7 +667,7 @@ class CachedTeacher:
             return
         if model is None:
             raise SystemExit(f"{path}: no cached teacher log-probabilities for these blocks")
-        from teacher_gen.capture import logit_transform
+        from potstill.teacher_gen.capture import logit_transform
 
         transform = logit_transform(model.config)
         table = np.memmap(path, dtype=np.float16, mode="w+", shape=(len(blocks), seq, vocab))

@@ -57,10 +57,10 @@ class Bench:
     """The prompts, encoded once, and one fresh store per potstill call."""
 
     def __init__(self, args: argparse.Namespace, workdir: str) -> None:
-        from teacher_gen.encode import encode_item
-        from teacher_gen.jobs import GenRequest
-        from teacher_gen.prompts import FieldMap, load_prompts
-        from teacher_gen.runner import load_tokenizer
+        from potstill.teacher_gen.encode import encode_item
+        from potstill.teacher_gen.jobs import GenRequest
+        from potstill.teacher_gen.prompts import FieldMap, load_prompts
+        from potstill.teacher_gen.runner import load_tokenizer
 
         self.args = args
         self.workdir = workdir
@@ -73,7 +73,7 @@ class Bench:
         self.eos = int(self.tokenizer.eos_token_id)
 
     def config(self, backend: str, mode: str, prompts: str | None = None, **extra: Any) -> Any:
-        from teacher_gen.config import GenerateConfig
+        from potstill.teacher_gen.config import GenerateConfig
 
         self.calls += 1
         return GenerateConfig.build(
@@ -92,7 +92,7 @@ class Bench:
         import torch
         from transformers import GenerationConfig
 
-        from teacher_gen.jobs import batches_by_tokens
+        from potstill.teacher_gen.jobs import batches_by_tokens
 
         torch.set_num_threads(self.args.threads)
         out: dict[str, list[int]] = {}
@@ -129,8 +129,8 @@ class Bench:
     def potstill(self, backend: str, preloaded: Any, **extra: Any) -> tuple[float, dict[str, list[int]]]:
         import torch
 
-        from store import open_store
-        from teacher_gen.runner import generate
+        from potstill.store import open_store
+        from potstill.teacher_gen.runner import generate
 
         torch.set_num_threads(self.args.threads)
         cfg = self.config(backend, "generate", **extra)
@@ -142,7 +142,7 @@ class Bench:
     def score(self, backend: str, preloaded: Any, prompts: str) -> tuple[float, int]:
         import torch
 
-        from teacher_gen.runner import generate
+        from potstill.teacher_gen.runner import generate
 
         torch.set_num_threads(self.args.threads)
         cfg = self.config(backend, "score", prompts=prompts)
@@ -161,18 +161,18 @@ class Bench:
 
 
 def load_hf(args: argparse.Namespace) -> Any:
-    from teacher_gen.config import GenerateConfig
-    from teacher_gen.hf_backend import load_model
-    from teacher_gen.model_info import describe_teacher
+    from potstill.teacher_gen.config import GenerateConfig
+    from potstill.teacher_gen.hf_backend import load_model
+    from potstill.teacher_gen.model_info import describe_teacher
 
     cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", dtype="float32", device="cpu")
     return load_model(cfg, describe_teacher(cfg)).eval()
 
 
 def load_vllm(args: argparse.Namespace, bench: Bench) -> Any:
-    from teacher_gen.config import GenerateConfig
-    from teacher_gen.model_info import describe_teacher
-    from teacher_gen.vllm_backend import VLLMTeacher
+    from potstill.teacher_gen.config import GenerateConfig
+    from potstill.teacher_gen.model_info import describe_teacher
+    from potstill.teacher_gen.vllm_backend import VLLMTeacher
 
     cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", backend="vllm", dtype="float32",
                                top_k=args.top_k)

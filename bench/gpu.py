@@ -54,15 +54,23 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import train_step  # noqa: E402
 
-from store import HiddenLayer, HiddenSpec, StoreManifest, TargetSpec, TeacherInfo, TokenizerInfo, create_store  # noqa: E402
-from teacher_gen.capture import block_topk, make_logsumexp, resolve_layers, topk_logprobs  # noqa: E402
-from teacher_gen.config import GenerateConfig  # noqa: E402
-from teacher_gen.fused_capture import FusedTopK, interpreting, probe, triton_available  # noqa: E402
-from teacher_gen.hf_backend import HFTeacher  # noqa: E402
-from teacher_gen.jobs import ScoreJob  # noqa: E402
-from teacher_gen.model_info import TeacherSpec  # noqa: E402
-from teacher_gen.runner import RecordBuilder  # noqa: E402
-from teacher_gen.writer import WriterPool  # noqa: E402
+from potstill.store import (  # noqa: E402
+    HiddenLayer,
+    HiddenSpec,
+    StoreManifest,
+    TargetSpec,
+    TeacherInfo,
+    TokenizerInfo,
+    create_store,
+)
+from potstill.teacher_gen.capture import block_topk, make_logsumexp, resolve_layers, topk_logprobs  # noqa: E402
+from potstill.teacher_gen.config import GenerateConfig  # noqa: E402
+from potstill.teacher_gen.fused_capture import FusedTopK, interpreting, probe, triton_available  # noqa: E402
+from potstill.teacher_gen.hf_backend import HFTeacher  # noqa: E402
+from potstill.teacher_gen.jobs import ScoreJob  # noqa: E402
+from potstill.teacher_gen.model_info import TeacherSpec  # noqa: E402
+from potstill.teacher_gen.runner import RecordBuilder  # noqa: E402
+from potstill.teacher_gen.writer import WriterPool  # noqa: E402
 
 ANCHOR = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, batch=8, seq=1024,
               student_hidden=768, student_layers=12, batches=8, rounds=3, warmup=2, check_rows=1024)

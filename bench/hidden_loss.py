@@ -69,8 +69,8 @@ def teacher_path(given: str | None) -> str:
 
 
 def build_store(teacher: str, workdir: str) -> str:
-    from teacher_gen.config import GenerateConfig
-    from teacher_gen.runner import generate
+    from potstill.teacher_gen.config import GenerateConfig
+    from potstill.teacher_gen.runner import generate
 
     store = os.path.join(workdir, "smollm2.store")
     if os.path.isfile(os.path.join(store, "manifest.json")) and os.path.isfile(os.path.join(workdir, "store.done")):
@@ -107,7 +107,7 @@ def build_init(teacher: str, workdir: str) -> str:
 
 
 def run_variant(variant: str, store: str, init: str, workdir: str, steps: int, seed: int = 0) -> dict[str, Any]:
-    from student_train import TrainConfig, evaluate, train
+    from potstill.student_train import TrainConfig, evaluate, train
 
     out = os.path.join(workdir, f"student-{variant}")
     if os.path.isdir(out):

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from store.codec import LogprobQuantizer
+from potstill.store.codec import LogprobQuantizer
 
 RANGES = [(-0.5, 0.0), (-1.0, -0.5), (-2.0, -1.0), (-4.0, -2.0), (-8.0, -4.0), (-16.0, -8.0), (-24.0, -16.0)]
 

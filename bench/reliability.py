@@ -229,7 +229,7 @@ def damage_trial(pristine: str, scratch: str, kind: str, how: Callable[[str, ran
 def damaged_stores(ctx: dict[str, Any], trials: int, seed: int) -> list[Row]:
     rng = random.Random(seed)
     pristine, scratch = ctx["train_store"], os.path.join(ctx["work"], "damaged.store")
-    from store import open_store
+    from potstill.store import open_store
 
     records = {c.shard: c.records for c in open_store(pristine).commits}
     rows = []
@@ -248,7 +248,7 @@ def refusals(ctx: dict[str, Any], seed: int, quick: bool) -> list[Row]:
     rng = random.Random(seed)
     store = ctx["train_store"]
     scratch = os.path.join(ctx["work"], "refusal.store")
-    from store import open_store
+    from potstill.store import open_store
 
     shard = rng.choice(open_store(store).shard_names)
 

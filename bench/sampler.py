@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from teacher_gen.capture import SAMPLE_BLOCK_ELEMENTS, sample_chunk, sampling_cdf
+from potstill.teacher_gen.capture import SAMPLE_BLOCK_ELEMENTS, sample_chunk, sampling_cdf
 
 
 def fp32_sample_chunk(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # tinymodels, genhelpers
 
 from genhelpers import prompt_rows, write_jsonl  # noqa: E402
 
-from teacher_gen.service.client import ServiceClient  # noqa: E402
+from potstill.teacher_gen.service.client import ServiceClient  # noqa: E402
 
 
 def build_teacher(folder: str, hidden: int, layers: int) -> str:
@@ -68,7 +68,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def start_service(teacher: str, state: str, device: str, data_root: str) -> tuple[subprocess.Popen, str]:
     service_file = os.path.join(state, "service.json")
     log = open(os.path.join(state, "serve.log"), "w")  # noqa: SIM115 - the child writes it until stopped
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--teacher", teacher, "--device", device,
+    proc = subprocess.Popen([sys.executable, "-m", "potstill.cli.main", "serve", "--teacher", teacher, "--device", device,
                              "--state", state, "--port", "0", "--data-root", data_root],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + 300
@@ -145,7 +145,7 @@ def run_load(args: argparse.Namespace, teacher: str, work: str) -> dict[str, Any
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=180)
-    from store import open_store
+    from potstill.store import open_store
 
     stored = [i for commit in open_store(small_store).commits for i in commit.ids]
     status_s = [s for o in outcomes for s in o["status_s"]]
@@ -161,10 +161,10 @@ def run_load(args: argparse.Namespace, teacher: str, work: str) -> dict[str, Any
 
 # -- batching --------------------------------------------------------------------------------------
 def run_batching(args: argparse.Namespace, teacher: str, work: str) -> dict[str, Any]:
-    from teacher_gen.config import GenerateConfig
-    from teacher_gen.runner import generate
-    from teacher_gen.service.settings import ServeConfig
-    from teacher_gen.service.worker import ServiceTeacher
+    from potstill.teacher_gen.config import GenerateConfig
+    from potstill.teacher_gen.runner import generate
+    from potstill.teacher_gen.service.settings import ServeConfig
+    from potstill.teacher_gen.service.worker import ServiceTeacher
 
     loaded = ServiceTeacher(ServeConfig(teacher=teacher, device=args.device))
     loaded.check()

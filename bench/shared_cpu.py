@@ -39,7 +39,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli.threads import auto_threads, usable_cpus  # noqa: E402
+from potstill.cli.threads import auto_threads, usable_cpus  # noqa: E402
 
 # OpenMP / MKL settings a contender must not inherit from the shell running the bench.
 CLEARED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
@@ -83,7 +83,7 @@ def run_demo(name: str, demo_args: list[str], timeout: float) -> float:
     out = tempfile.mkdtemp(prefix="potstill-bench-demo-")
     try:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cli.main", "demo", "--out", out, "--threads", threads, *demo_args],
+        subprocess.run([sys.executable, "-m", "potstill.cli.main", "demo", "--out", out, "--threads", threads, *demo_args],
                        env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=timeout)
         return time.perf_counter() - start

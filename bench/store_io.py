@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from store import (
+from potstill.store import (
     HiddenLayer,
     HiddenSpec,
     Record,

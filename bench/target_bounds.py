@@ -42,7 +42,7 @@ def teacher_outputs(model_dir: str, blocks: np.ndarray) -> tuple[torch.Tensor, t
     float64 distribution there, the next token, and the output layer's weight (float64)."""
     from transformers import AutoModelForCausalLM
 
-    from teacher_gen.capture import logit_transform
+    from potstill.teacher_gen.capture import logit_transform
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if logit_transform(model.config) is not None:

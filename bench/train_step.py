@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from store import (
+from potstill.store import (
     HiddenLayer,
     HiddenSpec,
     Record,
@@ -55,9 +55,9 @@ from store import (
     TokenizerInfo,
     create_store,
 )
-from student_train.data import StoreDataset
-from student_train.model import DistillModel
-from student_train.objective import Objective, distill_loss
+from potstill.student_train.data import StoreDataset
+from potstill.student_train.model import DistillModel
+from potstill.student_train.objective import Objective, distill_loss
 
 
 @dataclass

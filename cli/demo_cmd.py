@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from cli.options import threads_option
-from cli.threads import resolve_threads
+from potstill.cli.options import threads_option
+from potstill.cli.threads import resolve_threads
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         threads: str = threads_option(),  # the demo's students train with no loader workers
     ) -> None:
         """Distil a 4-digit-addition teacher into two students (KD vs answers only) and compare them, offline, on CPU."""
-        from cli.demo.run import DemoConfig, run_demo
+        from potstill.cli.demo.run import DemoConfig, run_demo
 
         run_demo(DemoConfig(out=out, student_steps=student_steps, train_problems=train_problems,
                             eval_problems=eval_problems, threads=resolve_threads(threads)))

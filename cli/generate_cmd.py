@@ -11,9 +11,9 @@ import json
 
 import typer
 
-from cli.options import REQUIRED_OR_CONFIG, alias, default_text, pick, threads_option
-from cli.threads import use_threads
-from teacher_gen.config import GenerateConfig
+from potstill.cli.options import REQUIRED_OR_CONFIG, alias, default_text, pick, threads_option
+from potstill.cli.threads import use_threads
+from potstill.teacher_gen.config import GenerateConfig
 
 D = GenerateConfig()
 
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         settings = GenerateConfig.build(config, **overrides)
         use_threads(threads)
 
-        from teacher_gen.runner import generate as run_generate
+        from potstill.teacher_gen.runner import generate as run_generate
 
         summary = run_generate(settings)
         typer.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.format())

@@ -19,9 +19,15 @@ from typing import Any
 
 import typer
 
-from cli.options import APP_SETTINGS, alias, pick
-from teacher_gen.config import GenerateConfig, coerce_setting
-from teacher_gen.service.settings import DEFAULT_SERVER, SERVER_ENV, TOKEN_ENV, ServiceError, read_token
+from potstill.cli.options import APP_SETTINGS, alias, pick
+from potstill.teacher_gen.config import GenerateConfig, coerce_setting
+from potstill.teacher_gen.service.settings import (
+    DEFAULT_SERVER,
+    SERVER_ENV,
+    TOKEN_ENV,
+    ServiceError,
+    read_token,
+)
 
 app = typer.Typer(help="Submit generation jobs to a `potstill serve` and follow them.", **APP_SETTINGS)
 
@@ -37,13 +43,13 @@ def register(main_app: typer.Typer) -> None:
 
 
 def _client(server: str, token_file: str | None) -> Any:
-    from teacher_gen.service.client import ServiceClient
+    from potstill.teacher_gen.service.client import ServiceClient
 
     return ServiceClient(server, read_token(token_file))
 
 
 def _print_status(status: dict[str, Any], as_json: bool) -> None:
-    from teacher_gen.service.client import describe
+    from potstill.teacher_gen.service.client import describe
 
     typer.echo(json.dumps(status, indent=2) if as_json else describe(status))
 

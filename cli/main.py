@@ -11,13 +11,13 @@ import sys
 
 import typer
 
-from cli.threads import prepare_environment
+from potstill.cli.threads import prepare_environment
 
 prepare_environment()  # OpenMP's wait policy is read once, when torch loads: set it before any import of torch
 
-from cli import store_cmd  # noqa: E402
-from cli.options import APP_SETTINGS  # noqa: E402
-from store.errors import PotstillError  # noqa: E402
+from potstill.cli import store_cmd  # noqa: E402
+from potstill.cli.options import APP_SETTINGS  # noqa: E402
+from potstill.store.errors import PotstillError  # noqa: E402
 
 app = typer.Typer(
     name="potstill",
@@ -27,9 +27,25 @@ app = typer.Typer(
 app.add_typer(store_cmd.app, name="store")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from potstill import __version__
+
+        typer.echo(f"potstill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_print_version,
+                                 help="Print potstill's version and exit."),
+) -> None:
+    pass
+
+
 def _register() -> None:
     # Imported here so each command module stays independent of the others.
-    from cli import demo_cmd, generate_cmd, jobs_cmd, serve_cmd, train_cmd
+    from potstill.cli import demo_cmd, generate_cmd, jobs_cmd, serve_cmd, train_cmd
 
     generate_cmd.register(app)
     train_cmd.register(app)

@@ -12,12 +12,12 @@ from typing import Any
 
 import typer
 
-from cli.threads import threads_help
+from potstill.cli.threads import threads_help
 
 # Plain click help on every (sub)command: rich markup would eat "[default: …]" and "[answer]".
 APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "pretty_exceptions_enable": False,
                                 "add_completion": False, "no_args_is_help": True,
-                                "context_settings": {"max_content_width": 120}}
+                                "context_settings": {"max_content_width": 120, "help_option_names": ["-h", "--help"]}}
 # The base class of the usage errors typer raises (a flag it refused): click's ClickException, which
 # typer >= 0.29 carries in its own copy of click, so it is found through a class both versions have.
 UsageErrorBase: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -53,7 +53,7 @@ def alias(flag: str) -> Any:
 
 def pick(name: str, value: Any, old_flag: str, old_value: Any) -> Any:
     """The value of a flag that may also be given under its old spelling; both at once is a mistake."""
-    from store.errors import PotstillError
+    from potstill.store.errors import PotstillError
 
     if old_value is None:
         return value

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import typer
 
-from cli.options import REQUIRED_OR_CONFIG, default_text, threads_option
-from cli.threads import use_threads
-from teacher_gen.service.settings import TOKEN_ENV, ServeConfig
+from potstill.cli.options import REQUIRED_OR_CONFIG, default_text, threads_option
+from potstill.cli.threads import use_threads
+from potstill.teacher_gen.service.settings import TOKEN_ENV, ServeConfig
 
 D = ServeConfig()
 
@@ -64,6 +64,6 @@ def register(app: typer.Typer) -> None:
         settings = ServeConfig.build(config, **overrides)
         use_threads(threads)
 
-        from teacher_gen.service.server import serve as run_service
+        from potstill.teacher_gen.service.server import serve as run_service
 
         run_service(settings)

@@ -6,10 +6,10 @@ import json
 
 import typer
 
-from cli.options import APP_SETTINGS
-from store import Store, copy_store, export_store, format_info, open_store, store_info, verify_store
-from store.report import ReportConfig, write_report
-from store.verify import report_json
+from potstill.cli.options import APP_SETTINGS
+from potstill.store import Store, copy_store, export_store, format_info, open_store, store_info, verify_store
+from potstill.store.report import ReportConfig, write_report
+from potstill.store.verify import report_json
 
 app = typer.Typer(help="Inspect, check, copy, export and report on a store.", **APP_SETTINGS)
 

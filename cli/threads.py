@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from store.errors import PotstillError
+from potstill.store.errors import PotstillError
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"

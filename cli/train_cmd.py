@@ -10,10 +10,10 @@ import json
 
 import typer
 
-from cli.options import REQUIRED, REQUIRED_OR_CONFIG, alias, pick, threads_option, with_default
-from cli.threads import use_threads
-from store.errors import PotstillError
-from student_train.config import TrainConfig, build_config
+from potstill.cli.options import REQUIRED, REQUIRED_OR_CONFIG, alias, pick, threads_option, with_default
+from potstill.cli.threads import use_threads
+from potstill.store.errors import PotstillError
+from potstill.student_train.config import TrainConfig, build_config
 
 D = TrainConfig()  # the defaults, shown in --help
 
@@ -78,8 +78,8 @@ def register(app: typer.Typer) -> None:
         cfg = build_config(config, flags)
         use_threads(threads, loader_workers=cfg.num_workers)  # before torch starts: the loader's workers need CPUs too
 
-        from student_train.trainer import REPORT_FILE
-        from student_train.trainer import train as run_training
+        from potstill.student_train.trainer import REPORT_FILE
+        from potstill.student_train.trainer import train as run_training
 
         report = run_training(cfg)
         if "final_eval" not in report:  # a non-main rank: the main one reports
@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
         if not student:
             raise PotstillError("--student is required")
         use_threads(threads)
-        from student_train.evaluation import evaluate
+        from potstill.student_train.evaluation import evaluate
 
         result = evaluate(
             store,

@@ -25,6 +25,7 @@ COPY store ./store
 COPY teacher_gen ./teacher_gen
 COPY student_train ./student_train
 COPY cli ./cli
+COPY potstill ./potstill
 # vLLM's image already holds a CUDA torch that satisfies potstill's torch requirement.
 RUN pip install --no-cache-dir -c constraints.txt ".[s3,gcs,serve]"
 

@@ -9,7 +9,7 @@
 #     train --store /data/run1.store --student /data/student-init --out /data/student
 # Several GPUs (torchrun inside the container):
 #   docker run --gpus all --ipc=host -v /data:/data --entrypoint torchrun potstill-train \
-#     --nproc-per-node 8 -m cli.main train --store /data/run1.store --student /data/student-init --out /data/student
+#     --nproc-per-node 8 -m potstill.cli.main train --store /data/run1.store --student /data/student-init --out /data/student
 # docker/constraints-train.txt pins every dependency but torch to the version the tests ran with.
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 
@@ -22,6 +22,7 @@ COPY store ./store
 COPY teacher_gen ./teacher_gen
 COPY student_train ./student_train
 COPY cli ./cli
+COPY potstill ./potstill
 RUN pip install --no-cache-dir -c constraints.txt ".[s3,gcs]"
 
 # Installed as root, run as `potstill`; /data belongs to it, so a named volume mounted there starts

@@ -3,12 +3,12 @@
 No model is ever loaded here: the store only moves bytes.
 """
 
-from store.commit import CommitRecord
-from store.copy import CopyReport, copy_store
-from store.errors import FormatVersionError, PotstillError, StoreError
-from store.export import export_store
-from store.info import format_info, store_info
-from store.manifest import (
+from potstill.store.commit import CommitRecord
+from potstill.store.copy import CopyReport, copy_store
+from potstill.store.errors import FormatVersionError, PotstillError, StoreError
+from potstill.store.export import export_store
+from potstill.store.info import format_info, store_info
+from potstill.store.manifest import (
     FORMAT_VERSION,
     HiddenLayer,
     HiddenSpec,
@@ -20,10 +20,10 @@ from store.manifest import (
     potstill_version,
     tokenizer_fingerprint,
 )
-from store.reader import ShardReader, Store, create_store, decode_hidden, open_store
-from store.records import Record
-from store.verify import VerifyReport, find_leftovers, verify_store
-from store.writer import ShardWriter, new_writer_id
+from potstill.store.reader import ShardReader, Store, create_store, decode_hidden, open_store
+from potstill.store.records import Record
+from potstill.store.verify import VerifyReport, find_leftovers, verify_store
+from potstill.store.writer import ShardWriter, new_writer_id
 
 __all__ = [
     "FORMAT_VERSION",

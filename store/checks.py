@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from store.codec import SampledTargets, check_sampled
-from store.errors import StoreError
-from store.manifest import StoreManifest
-from store.records import (
+from potstill.store.codec import SampledTargets, check_sampled
+from potstill.store.errors import StoreError
+from potstill.store.manifest import StoreManifest
+from potstill.store.records import (
     ColumnViews,
     input_vocab,
     target_vocab,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from store.errors import StoreError
+from potstill.store.errors import StoreError
 
 MAX_BITS = 32  # a value plus its bit offset must fit the 64-bit window `unpack_bits` reads
 

@@ -8,9 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from store.errors import StoreError
-from store.fs import check_relative
-from store.manifest import FORMAT_VERSION, FileEntry, check_readable, utc_now
+from potstill.store.errors import StoreError
+from potstill.store.fs import check_relative
+from potstill.store.manifest import FORMAT_VERSION, FileEntry, check_readable, utc_now
 
 WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SHARD_RE = re.compile(r"^(?P<writer>[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})-(?P<seq>\d{6,})$")

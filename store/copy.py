@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from store.errors import StoreError
-from store.fs import is_local, join, listdir_names, read_bytes, resolve, temp_target, write_bytes
-from store.leases import WriterLease
-from store.manifest import FileEntry
-from store.reader import MANIFEST, Store
-from store.verify import clean_leftovers, find_leftovers
+from potstill.store.errors import StoreError
+from potstill.store.fs import is_local, join, listdir_names, read_bytes, resolve, temp_target, write_bytes
+from potstill.store.leases import WriterLease
+from potstill.store.manifest import FileEntry
+from potstill.store.reader import MANIFEST, Store
+from potstill.store.verify import clean_leftovers, find_leftovers
 
 _BLOCK = 8 << 20
 Progress = Callable[[str, int, int], None]  # (shard, shards done, shards in all)

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.errors import StoreError
-from store.reader import Store
+from potstill.store.errors import StoreError
+from potstill.store.reader import Store
 
 EXPORT_FIELDS = (
     "id", "prompt", "messages", "completion", "generated", "rationale", "answer", "meta",
@@ -88,7 +88,7 @@ def _tables(store: Store, batch_rows: int) -> Any:
 
 
 def _schema(store: Store, with_targets: bool) -> pa.Schema:
-    from store.records import arrow_schema
+    from potstill.store.records import arrow_schema
 
     full = arrow_schema(store.manifest)
     fields = [full.field(n) for n in EXPORT_FIELDS]

@@ -13,7 +13,7 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from store.errors import StoreError
+from potstill.store.errors import StoreError
 
 _CHUNK = 8 << 20
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from store.errors import StoreError
-from store.manifest import COMPACT_CODECS
-from store.reader import Store
+from potstill.store.errors import StoreError
+from potstill.store.manifest import COMPACT_CODECS
+from potstill.store.reader import Store
 
 
 def store_info(store: Store) -> dict[str, Any]:

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from store.commit import loads_json_object
-from store.fs import join, listdir_names, read_bytes, write_bytes
-from store.manifest import utc_now
+from potstill.store.commit import loads_json_object
+from potstill.store.fs import join, listdir_names, read_bytes, write_bytes
+from potstill.store.manifest import utc_now
 
 if TYPE_CHECKING:
-    from store.reader import Store
+    from potstill.store.reader import Store
 
 HEARTBEAT_S = 30.0  # a live writer refreshes its lease at least this often
 STALE_AFTER_S = 600.0  # a lease of another host whose heartbeat is older than this is dead

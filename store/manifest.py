@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from store.errors import FormatVersionError, StoreError
+from potstill.store.errors import FormatVersionError, StoreError
 
 FORMAT_NAME = "potstill-store"
 FORMAT_VERSION = "1.1"  # what a plain top-k, unpacked store is written as (readable by every potstill)
@@ -155,7 +155,7 @@ class TargetSpec:
         if self.codec in COMPACT_CODECS and not self.has_sampled:
             raise StoreError(f"targets.codec {self.codec} codes sampled draws; {self.kind} targets use the packed codec")
         if self.packed:
-            from store.codec import MAX_BITS, LogprobQuantizer, bits_for
+            from potstill.store.codec import MAX_BITS, LogprobQuantizer, bits_for
 
             if not isinstance(self.id_bits, int) or not 1 <= self.id_bits <= MAX_BITS:
                 raise StoreError(f"targets.id_bits must be an integer in [1, {MAX_BITS}], got {self.id_bits!r}")
@@ -168,7 +168,7 @@ class TargetSpec:
             self._check_id_order()
 
     def _check_id_order(self) -> None:
-        from store.codec import MAX_ID_ORDER
+        from potstill.store.codec import MAX_ID_ORDER
 
         order = self.id_order
         if self.codec != "compact2":
@@ -182,7 +182,7 @@ class TargetSpec:
     @functools.cached_property
     def id_order_map(self) -> Any:
         """The compact2 codec's `store.codec.IdOrder` (None without an id order), built once."""
-        from store.codec import IdOrder
+        from potstill.store.codec import IdOrder
 
         return IdOrder(self.id_order, vocab=1 << int(self.id_bits or 0)) if self.id_order else None
 
@@ -205,7 +205,7 @@ class TargetSpec:
 
     def quantizer(self) -> Any:
         """The packed codec's `store.codec.LogprobQuantizer`."""
-        from store.codec import LogprobQuantizer
+        from potstill.store.codec import LogprobQuantizer
 
         if not self.packed:
             raise StoreError("only packed stores quantise log-probs")

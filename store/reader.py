@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from store.checks import value_problems
-from store.commit import CommitRecord, check_writer_id, parse_shard_name
-from store.errors import FormatVersionError, StoreError
-from store.fs import (
+from potstill.store.checks import value_problems
+from potstill.store.commit import CommitRecord, check_writer_id, parse_shard_name
+from potstill.store.errors import FormatVersionError, StoreError
+from potstill.store.fs import (
     check_relative,
     is_local,
     join,
@@ -32,9 +32,9 @@ from store.fs import (
     unstrip,
     write_bytes,
 )
-from store.manifest import FileEntry, StoreManifest
-from store.records import ColumnViews, Record, arrow_schema, hidden_problem
-from store.writer import ShardWriter, seqs_for_writer
+from potstill.store.manifest import FileEntry, StoreManifest
+from potstill.store.records import ColumnViews, Record, arrow_schema, hidden_problem
+from potstill.store.writer import ShardWriter, seqs_for_writer
 
 MANIFEST = "manifest.json"
 CACHE_ENV = "POTSTILL_CACHE_DIR"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store.codec import (
+from potstill.store.codec import (
     SampledTargets,
     check_sampled,
     decode_sampled,
@@ -25,8 +25,8 @@ from store.codec import (
     recomputed_tail_mass,
     unpack_bits,
 )
-from store.errors import StoreError
-from store.manifest import StoreManifest, TargetSpec
+from potstill.store.errors import StoreError
+from potstill.store.manifest import StoreManifest, TargetSpec
 
 TEXT_FIELDS = ("prompt", "completion", "generated", "rationale", "answer")
 TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "token_logprob", "tail_mass", "tail_logprob")

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from store.checks import value_problems
-from store.commit import parse_shard_name
-from store.errors import StoreError
-from store.fs import join, listdir_names, temp_target
-from store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
-from store.reader import MANIFEST, ShardReader, Store
-from store.records import ColumnViews, hidden_problem, packed_lengths_ok
+from potstill.store.checks import value_problems
+from potstill.store.commit import parse_shard_name
+from potstill.store.errors import StoreError
+from potstill.store.fs import join, listdir_names, temp_target
+from potstill.store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
+from potstill.store.reader import MANIFEST, ShardReader, Store
+from potstill.store.records import ColumnViews, hidden_problem, packed_lengths_ok
 
 _BLOCK = 8 << 20
 

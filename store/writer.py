@@ -16,15 +16,15 @@ import zarr
 from zarr.codecs import BytesCodec
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
-from store.commit import CommitRecord, check_writer_id, parse_shard_name, shard_name
-from store.errors import StoreError
-from store.fs import fsync_dir, fsync_file, is_local, join, sha256_bytes, sha256_file, write_bytes
-from store.leases import HEARTBEAT_S, WriterLease
-from store.manifest import FileEntry, HiddenLayer
-from store.records import Record, records_to_batch, target_nbytes, validate_record
+from potstill.store.commit import CommitRecord, check_writer_id, parse_shard_name, shard_name
+from potstill.store.errors import StoreError
+from potstill.store.fs import fsync_dir, fsync_file, is_local, join, sha256_bytes, sha256_file, write_bytes
+from potstill.store.leases import HEARTBEAT_S, WriterLease
+from potstill.store.manifest import FileEntry, HiddenLayer
+from potstill.store.records import Record, records_to_batch, target_nbytes, validate_record
 
 if TYPE_CHECKING:
-    from store.reader import Store
+    from potstill.store.reader import Store
 
 _CHUNK_KEYS = DefaultChunkKeyEncoding(separator="/")  # chunk (i, 0) lives at c/<i>/0
 

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from student_train.errors import ConfigError
+from potstill.student_train.errors import ConfigError
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TARGETS = ("auto", "topk", "sampled")

@@ -49,11 +49,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from store import open_store
-from store.codec import SampledTargets
-from store.errors import StoreError
-from store.reader import ShardReader, Store, find_duplicates
-from student_train.errors import TrainError
+from potstill.store import open_store
+from potstill.store.codec import SampledTargets
+from potstill.store.errors import StoreError
+from potstill.store.reader import ShardReader, Store, find_duplicates
+from potstill.student_train.errors import TrainError
 
 STATE_VERSION = 1
 MAIN_TASK, RATIONALE_TASK = 0, 1

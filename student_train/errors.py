@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from store.errors import PotstillError
+from potstill.store.errors import PotstillError
 
 
 class TrainError(PotstillError):

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from store import Store, open_store
-from student_train import losses
-from student_train.config import TrainConfig
-from student_train.data import collate, held_out_note, held_out_rows, record_sequence
-from student_train.errors import TrainError
-from student_train.model import check_tokenizer, check_vocab, load_tokenizer
+from potstill.store import Store, open_store
+from potstill.student_train import losses
+from potstill.student_train.config import TrainConfig
+from potstill.student_train.data import collate, held_out_note, held_out_rows, record_sequence
+from potstill.student_train.errors import TrainError
+from potstill.student_train.model import check_tokenizer, check_vocab, load_tokenizer
 
 # The default of `potstill generate` (teacher_gen/rationale.py), for stores that do not record theirs:
 # "The answer is X" / "The final answer is X" / "Final Answer: X" / "#### X", to the end of its

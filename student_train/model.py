@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from store import Store, tokenizer_fingerprint
-from student_train.errors import CompatibilityError, TrainError
+from potstill.store import Store, tokenizer_fingerprint
+from potstill.student_train.errors import CompatibilityError, TrainError
 
 PROJECTIONS_FILE = "projections.safetensors"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")

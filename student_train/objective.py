@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from student_train import losses
-from student_train.config import TrainConfig
-from student_train.data import MAIN_TASK, RATIONALE_TASK
+from potstill.student_train import losses
+from potstill.student_train.config import TrainConfig
+from potstill.student_train.data import MAIN_TASK, RATIONALE_TASK
 
 
 @dataclass(frozen=True)

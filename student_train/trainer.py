@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from store import Store, open_store, potstill_version
-from student_train.config import TrainConfig
-from student_train.data import StoreDataset, check_targets
-from student_train.errors import ConfigError, TrainError
-from student_train.model import (
+from potstill.store import Store, open_store, potstill_version
+from potstill.student_train.config import TrainConfig
+from potstill.student_train.data import StoreDataset, check_targets
+from potstill.student_train.errors import ConfigError, TrainError
+from potstill.student_train.model import (
     DistillModel,
     check_head,
     check_hidden_map,
@@ -37,8 +37,8 @@ from student_train.model import (
     load_student,
     load_tokenizer,
 )
-from student_train.objective import Objective, distill_loss
-from student_train.plots import LOSS_CURVE_FILE, write_loss_curve
+from potstill.student_train.objective import Objective, distill_loss
+from potstill.student_train.plots import LOSS_CURVE_FILE, write_loss_curve
 
 REPORT_FILE = "training_report.json"
 TRAINER_STATE = "trainer_state.json"
@@ -588,7 +588,7 @@ def store_identity(store: Store, shards: list[str]) -> dict[str, Any]:
 
 
 def _final_eval(config: TrainConfig, store: Store, student: Any, tokenizer: Any) -> dict[str, Any]:
-    from student_train.evaluation import evaluate
+    from potstill.student_train.evaluation import evaluate
 
     if config.eval_fraction <= 0:
         return {"records": 0, "note": "none (--eval-fraction 0)"}

@@ -1,6 +1,6 @@
 """Teacher generation: run a teacher over prompts and fill a store (`potstill generate`).
 
-    from teacher_gen import GenerateConfig, generate
+    from potstill.teacher_gen import GenerateConfig, generate
     summary = generate(GenerateConfig.build(teacher="...", prompts="p.jsonl", store="run.store"))
 
 `GenerateConfig` is light to import; `generate` (torch, transformers) is imported on first use.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from teacher_gen.config import GenerateConfig
-from teacher_gen.errors import GenerateError, InputError, TooManyInputErrors
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.errors import GenerateError, InputError, TooManyInputErrors
 
 __all__ = ["GenerateConfig", "GenerateError", "GenerateSummary", "InputError", "Progress", "TooManyInputErrors",
            "generate"]
@@ -19,7 +19,7 @@ __all__ = ["GenerateConfig", "GenerateError", "GenerateSummary", "InputError", "
 
 def __getattr__(name: str) -> Any:
     if name in ("generate", "GenerateSummary", "Progress"):
-        from teacher_gen import runner
+        from potstill.teacher_gen import runner
 
         return getattr(runner, name)
     raise AttributeError(f"module 'teacher_gen' has no attribute {name!r}")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from teacher_gen.errors import GenerateError
+from potstill.teacher_gen.errors import GenerateError
 
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
 

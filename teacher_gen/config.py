@@ -15,10 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from store.manifest import CODECS, COMPACT_CODECS
-from teacher_gen.errors import GenerateError
-from teacher_gen.gguf import is_gguf
-from teacher_gen.rationale import DEFAULT_ANSWER_PATTERN, DEFAULT_RATIONALE_TEMPLATE
+from potstill.store.manifest import CODECS, COMPACT_CODECS
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.gguf import is_gguf
+from potstill.teacher_gen.rationale import DEFAULT_ANSWER_PATTERN, DEFAULT_RATIONALE_TEMPLATE
 
 Mode = Literal["score", "generate"]
 Backend = Literal["hf", "vllm"]
@@ -190,7 +190,7 @@ class GenerateConfig:
         if self.backend == "vllm" and (is_gguf(self.teacher) or is_gguf(self.tokenizer)):
             raise GenerateError(
                 f"--backend vllm cannot load the GGUF file {self.teacher if is_gguf(self.teacher) else self.tokenizer}: "
-                "use --backend hf, or convert it to a model folder first (python -m teacher_gen.gguf FILE.gguf FOLDER)"
+                "use --backend hf, or convert it to a model folder first (python -m potstill.teacher_gen.gguf FILE.gguf FOLDER)"
             )
         if self.rationale and "{prompt}" not in self.rationale_template:
             raise GenerateError("--rationale-template must contain {prompt}")

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from teacher_gen.config import GenerateConfig
-from teacher_gen.errors import GenerateError, InputError
-from teacher_gen.prompts import SourceItem
-from teacher_gen.rationale import apply_template
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.errors import GenerateError, InputError
+from potstill.teacher_gen.prompts import SourceItem
+from potstill.teacher_gen.rationale import apply_template
 
 
 @dataclass

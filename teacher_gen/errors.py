@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from store.errors import PotstillError
+from potstill.store.errors import PotstillError
 
 
 class GenerateError(PotstillError):

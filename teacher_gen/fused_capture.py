@@ -241,7 +241,7 @@ def pick_fused(kernel: str, device: torch.device, params: LogitParams | None, k:
     triton: the same, and an error when it cannot run (no Triton, no CUDA device, K out of range,
     a failed probe); on a CPU it runs under Triton's interpreter when TRITON_INTERPRET=1 (tests: slow).
     """
-    from teacher_gen.errors import GenerateError
+    from potstill.teacher_gen.errors import GenerateError
 
     if kernel == "torch" or k == 0:
         return None

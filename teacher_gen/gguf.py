@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from teacher_gen.errors import GenerateError
+from potstill.teacher_gen.errors import GenerateError
 
 GGUF_SUFFIX = ".gguf"
 _HASH_BLOCK = 1 << 22
@@ -104,11 +104,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m teacher_gen.gguf MODEL.gguf FOLDER [--dtype float32]`: convert, one line on error."""
+    """`python -m potstill.teacher_gen.gguf MODEL.gguf FOLDER [--dtype float32]`: convert, one line on error."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m teacher_gen.gguf", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m potstill.teacher_gen.gguf", description=main.__doc__)
     parser.add_argument("gguf", help="the .gguf file")
     parser.add_argument("folder", help="the model folder to write (must not exist)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from store import decode_hidden
-from teacher_gen.capture import (
+from potstill.store import decode_hidden
+from potstill.teacher_gen.capture import (
     LayerTaps,
     choose_block,
     decoder_layers,
@@ -34,11 +34,11 @@ from teacher_gen.capture import (
     to_storage,
     topk_logprobs,
 )
-from teacher_gen.config import GenerateConfig
-from teacher_gen.errors import GenerateError, describe_load_error
-from teacher_gen.fused_capture import LogitParams, pick_fused
-from teacher_gen.gguf import pretrained_source
-from teacher_gen.jobs import (
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.errors import GenerateError, describe_load_error
+from potstill.teacher_gen.fused_capture import LogitParams, pick_fused
+from potstill.teacher_gen.gguf import pretrained_source
+from potstill.teacher_gen.jobs import (
     Capture,
     Generated,
     GenRequest,
@@ -47,7 +47,7 @@ from teacher_gen.jobs import (
     batches_by_tokens,
     target_uniforms,
 )
-from teacher_gen.model_info import TeacherSpec
+from potstill.teacher_gen.model_info import TeacherSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()  # model -> setups checked

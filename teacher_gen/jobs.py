@@ -9,8 +9,8 @@ from typing import Protocol
 
 import numpy as np
 
-from teacher_gen.capture import TopKLogprobs
-from teacher_gen.encode import Encoded
+from potstill.teacher_gen.capture import TopKLogprobs
+from potstill.teacher_gen.encode import Encoded
 
 
 @dataclass

@@ -10,10 +10,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from store import TeacherInfo, config_hash
-from teacher_gen.config import GenerateConfig
-from teacher_gen.errors import GenerateError, describe_load_error
-from teacher_gen.gguf import gguf_identity, pretrained_source
+from potstill.store import TeacherInfo, config_hash
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.errors import GenerateError, describe_load_error
+from potstill.teacher_gen.gguf import gguf_identity, pretrained_source
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}

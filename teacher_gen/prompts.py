@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from teacher_gen.errors import GenerateError, InputError, TooManyInputErrors
+from potstill.teacher_gen.errors import GenerateError, InputError, TooManyInputErrors
 
 FORMATS = ("jsonl", "json", "parquet", "csv", "datasets")
 

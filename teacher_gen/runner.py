@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from store import (
+from potstill.store import (
     HiddenLayer,
     HiddenSpec,
     Record,
@@ -42,17 +42,17 @@ from store import (
     find_leftovers,
     tokenizer_fingerprint,
 )
-from store.codec import IdOrder, sampled_from_draws
-from store.fs import join, resolve, write_bytes
-from store.leases import WriterLease, all_leases
-from store.reader import MANIFEST
-from store.verify import clean_leftovers
-from teacher_gen.capture import resolve_layers
-from teacher_gen.config import GenerateConfig
-from teacher_gen.encode import Encoded, context_length, encode_item
-from teacher_gen.errors import GenerateError, InputError, TooManyInputErrors, describe_load_error
-from teacher_gen.gguf import pretrained_source
-from teacher_gen.jobs import (
+from potstill.store.codec import IdOrder, sampled_from_draws
+from potstill.store.fs import join, resolve, write_bytes
+from potstill.store.leases import WriterLease, all_leases
+from potstill.store.reader import MANIFEST
+from potstill.store.verify import clean_leftovers
+from potstill.teacher_gen.capture import resolve_layers
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.encode import Encoded, context_length, encode_item
+from potstill.teacher_gen.errors import GenerateError, InputError, TooManyInputErrors, describe_load_error
+from potstill.teacher_gen.gguf import pretrained_source
+from potstill.teacher_gen.jobs import (
     SAMPLING_METHOD,
     Capture,
     GenRequest,
@@ -61,10 +61,10 @@ from teacher_gen.jobs import (
     derive_seed,
     sampling_method,
 )
-from teacher_gen.model_info import TeacherSpec, describe_teacher
-from teacher_gen.prompts import FieldMap, SourceItem, load_prompts
-from teacher_gen.rationale import split_rationale
-from teacher_gen.writer import WriterPool
+from potstill.teacher_gen.model_info import TeacherSpec, describe_teacher
+from potstill.teacher_gen.prompts import FieldMap, SourceItem, load_prompts
+from potstill.teacher_gen.rationale import split_rationale
+from potstill.teacher_gen.writer import WriterPool
 
 SAMPLE_SEP = "#"
 PROGRESS_INTERVAL_S = 0.5  # generate mode: how often the progress is shown within a batch
@@ -216,7 +216,7 @@ def build_manifest(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, la
 
 def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
     """The manifest's `targets` for a run (format §2): kind, K, N and seed, codec and its bit widths."""
-    from store.codec import bits_for
+    from potstill.store.codec import bits_for
 
     topk, sampled, packed = config.targets != "sampled", config.targets != "topk", config.codec != "none"
     return TargetSpec(
@@ -310,10 +310,10 @@ def load_teacher(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, laye
                  max_length: int | None, preloaded: Any = None) -> Teacher:
     """The backend for this run; `preloaded` (an HF model or a `vllm.LLM`) is used instead of loading one."""
     if config.backend == "vllm":
-        from teacher_gen.vllm_backend import VLLMTeacher
+        from potstill.teacher_gen.vllm_backend import VLLMTeacher
 
         return VLLMTeacher(config, spec, tokenizer, max_length, llm=preloaded)
-    from teacher_gen.hf_backend import HFTeacher
+    from potstill.teacher_gen.hf_backend import HFTeacher
 
     return HFTeacher(config, spec, tokenizer, layers, model=preloaded)
 

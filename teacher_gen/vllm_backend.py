@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from teacher_gen.config import GenerateConfig
-from teacher_gen.errors import GenerateError, describe_load_error
-from teacher_gen.jobs import Capture, Generated, GenRequest, ScoreJob, TopKLogprobs
-from teacher_gen.model_info import TeacherSpec
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.errors import GenerateError, describe_load_error
+from potstill.teacher_gen.jobs import Capture, Generated, GenRequest, ScoreJob, TopKLogprobs
+from potstill.teacher_gen.model_info import TeacherSpec
 
 VLLM_GROUP = 512  # records handed to vLLM per call: it schedules its own batches inside
 GPU_MEMORY_SHARE = 0.9  # vLLM's own default, on a GPU

@@ -13,8 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from store import CommitRecord, Record, Store
-from teacher_gen.errors import GenerateError
+from potstill.store import CommitRecord, Record, Store
+from potstill.teacher_gen.errors import GenerateError
 
 _STOP = object()
 

@@ -71,7 +71,7 @@ def run_potstill(args: list[str], trigger: Trigger | None = None, timeout: float
     if trigger is not None and trigger.point is not None:
         cmd = [sys.executable, KILLPOINTS, trigger.point, str(trigger.nth), "--", *args]
     else:
-        cmd = [sys.executable, "-m", "cli.main", *args]
+        cmd = [sys.executable, "-m", "potstill.cli.main", *args]
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # (pipes could fill up and block)
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=ENV, cwd=REPO, start_new_session=True)
@@ -183,7 +183,7 @@ def canonical(value: Any) -> Any:
 def store_contents(url: str) -> tuple[list[str], dict[str, Any]]:
     """(every committed id, in commit order, repeats included; id -> the record's exact content, hidden
     states too). Opens strictly: a damaged commit record raises."""
-    from store import open_store
+    from potstill.store import open_store
 
     store = open_store(url)
     ids = [i for c in store.commits for i in c.ids]
@@ -211,7 +211,7 @@ def repeated(ids: list[str]) -> list[str]:
 def verify_problems(url: str, where: str, *, leftovers_allowed: bool) -> list[str]:
     """`potstill store verify` through the library: its problems, live leftovers of dead runs, and
     (when not allowed) any leftover at all."""
-    from store import verify_store
+    from potstill.store import verify_store
 
     if not os.path.exists(os.path.join(url, "manifest.json")):
         return [f"{where}: {url} is not a store (no manifest.json)"]
@@ -392,7 +392,7 @@ def build_copy_source(url: str, shards: int, seed: int = 0) -> None:
     (several chunk files per shard): many small files, as a long-running teacher job leaves them."""
     from storehelpers import TOKENIZER_FILES, make_manifest, random_record
 
-    from store import create_store
+    from potstill.store import create_store
 
     rng = np.random.default_rng(seed)
     manifest = make_manifest(layers=((1, 8, "bfloat16"), (2, 8, "float16")), chunk_tokens=4)
@@ -406,7 +406,7 @@ def build_copy_source(url: str, shards: int, seed: int = 0) -> None:
 
 def copy_trigger(rng: random.Random, kind: str, source: str, dest: str, span: float) -> Trigger:
     """A kill of one `store copy` run; `span` is how long an uninterrupted copy copies."""
-    from store import open_store
+    from potstill.store import open_store
 
     src = open_store(source)
     done = set(_listdir(os.path.join(dest, "commits")))
@@ -474,7 +474,7 @@ def copy_campaign(source: str, workdir: str, kinds: list[str], seed: int,
 def _copy_invariants(source: str, dest: str, want: dict[str, bytes], where: str) -> list[str]:
     """Every commit record at the destination is the source's, and every file it names is the
     source's, byte for byte (a reader never sees a half-copied shard); the destination verifies."""
-    from store import open_store
+    from potstill.store import open_store
 
     if not os.path.exists(os.path.join(dest, "manifest.json")):
         return []

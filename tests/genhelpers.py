@@ -38,7 +38,7 @@ def prompt_rows(n: int, seed: int = 0, completion: bool = True) -> list[dict[str
 
 
 def config(teacher: str, prompts: str, store: str, **overrides: Any):
-    from teacher_gen.config import GenerateConfig
+    from potstill.teacher_gen.config import GenerateConfig
 
     base = {"teacher": teacher, "prompts": prompts, "store": store, "device": "cpu", "progress": False}
     base.update(overrides)
@@ -106,12 +106,12 @@ def assert_topk_close(ids_a: np.ndarray, lp_a: np.ndarray, ids_b: np.ndarray, lp
 
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "potstill.cli.main", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
 def popen_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "potstill.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=full_env,
                             cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -84,13 +84,13 @@ def _torn_write(path: str, data: bytes | str) -> None:
 
 # -- the points -------------------------------------------------------------------------------------
 def _hidden_chunk(c: Counter) -> None:  # generate: mid-shard, some hidden-state chunks on disk
-    from store import writer
+    from potstill.store import writer
 
     _wrap(writer._HiddenShard, "_write_chunk", c, "after")
 
 
 def _shard_files(c: Counter) -> None:  # generate: records.arrow and the Zarr group whole, no commit yet
-    from store import writer
+    from potstill.store import writer
 
     _wrap(writer._HiddenShard, "finish", c, "after")
 
@@ -112,14 +112,14 @@ def _manifest(c: Counter) -> None:  # a store being created (generate, copy): th
 
 
 def _copy_file(c: Counter) -> None:  # store copy: after the N-th data file of a shard is copied
-    from store import copy
+    from potstill.store import copy
 
     _wrap(copy, "_copy_file", c, "after")
 
 
 def _copy_file_torn(c: Counter) -> None:  # store copy: during the N-th file copy, half of it written
-    from store import copy
-    from store.fs import join
+    from potstill.store import copy
+    from potstill.store.fs import join
 
     real = copy._copy_file
 
@@ -135,13 +135,13 @@ def _copy_file_torn(c: Counter) -> None:  # store copy: during the N-th file cop
 
 
 def _train_step(c: Counter) -> None:  # train: after the N-th micro-batch's backward, before its optimizer step
-    from student_train import trainer
+    from potstill.student_train import trainer
 
     _wrap(trainer.DistillTrainer, "training_step", c, "after")
 
 
 def _checkpoint_model(c: Counter) -> None:  # train: the N-th checkpoint holds the student, nothing else yet
-    from student_train import model
+    from potstill.student_train import model
 
     _wrap(model.DistillModel, "save", c, "after", lambda self, folder, *a, **k: "checkpoint-" in str(folder))
 
@@ -170,7 +170,7 @@ def _checkpoint_state_torn(c: Counter) -> None:  # train: killed while trainer_s
 
 
 def _final_save(c: Counter) -> None:  # train: killed while the finished student is saved to --out
-    from student_train import model
+    from potstill.student_train import model
 
     real = model.DistillModel.save
 
@@ -209,7 +209,7 @@ def main(argv: list[str]) -> None:
     point, nth, args = argv[0], int(argv[1]), argv[3:]
     sys.path.insert(0, REPO)
     POINTS[point](Counter(nth))
-    from cli.main import main as potstill
+    from potstill.cli.main import main as potstill
 
     sys.argv = ["potstill", *args]
     potstill()

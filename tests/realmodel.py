@@ -53,7 +53,7 @@ def fetch_real_teacher() -> RealTeacher:
         if not os.path.isfile(gguf):
             _download_gguf(gguf)
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            from teacher_gen.gguf import convert_gguf
+            from potstill.teacher_gen.gguf import convert_gguf
 
             convert_gguf(gguf, folder)
     return RealTeacher(folder, gguf)

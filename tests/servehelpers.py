@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import httpx
 from genhelpers import run_cli
 
-from store import open_store, verify_store
+from potstill.store import open_store, verify_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "test-token-0123456789abcdef"
@@ -56,7 +56,7 @@ def start_service(teacher: str, state: str, *extra: str, env: dict[str, str] | N
     full_env = {**os.environ, **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--teacher", teacher, "--device", "cpu", "--state", state,
+            [sys.executable, "-m", "potstill.cli.main", "serve", "--teacher", teacher, "--device", "cpu", "--state", state,
              "--port", "0", *extra],
             stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
         )

@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 
-from store import (
+from potstill.store import (
     HiddenLayer,
     HiddenSpec,
     Record,
@@ -16,7 +16,7 @@ from store import (
     TokenizerInfo,
     create_store,
 )
-from store.codec import bits_for, sampled_from_draws
+from potstill.store.codec import bits_for, sampled_from_draws
 
 TOKENIZER_FILES = {"tokenizer.json": b'{"version": "1.0", "model": {"type": "WordLevel"}}', "tokenizer_config.json": b"{}"}
 

@@ -18,13 +18,13 @@ import typer
 from genhelpers import prompt_rows, run_cli, write_jsonl
 from typer.testing import CliRunner
 
-from cli.main import app
-from cli.options import UsageErrorBase
-from cli.threads import auto_threads, cgroup_cpu_limit, resolve_threads, usable_cpus
-from store.errors import PotstillError
-from student_train.config import TrainConfig
-from teacher_gen.config import GenerateConfig
-from teacher_gen.service.settings import ServeConfig
+from potstill.cli.main import app
+from potstill.cli.options import UsageErrorBase
+from potstill.cli.threads import auto_threads, cgroup_cpu_limit, resolve_threads, usable_cpus
+from potstill.store.errors import PotstillError
+from potstill.student_train.config import TrainConfig
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.service.settings import ServeConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,8 +81,8 @@ def test_threads_reach_torch_auto_follows_the_affinity_and_openmp_waits_passivel
     store = str(tmp_path / "s")
     script = textwrap.dedent(f"""
         import json, os, sys
-        from cli.main import app
-        from cli.threads import usable_cpus
+        from potstill.cli.main import app
+        from potstill.cli.threads import usable_cpus
         import torch
         seen = {{"usable": usable_cpus()}}
         base = ["generate", "--teacher", {tiny_teacher_dir!r}, "--prompts", {prompts!r}, "--out", {store!r},

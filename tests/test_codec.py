@@ -11,8 +11,8 @@ import pytest
 from storehelpers import make_manifest, random_record
 from typer.testing import CliRunner
 
-import store.manifest as manifest_module
-from store import (
+import potstill.store.manifest as manifest_module
+from potstill.store import (
     FormatVersionError,
     StoreError,
     TargetSpec,
@@ -21,7 +21,7 @@ from store import (
     store_info,
     verify_store,
 )
-from store.codec import (
+from potstill.store.codec import (
     LogprobQuantizer,
     bits_for,
     check_sampled,
@@ -32,7 +32,7 @@ from store.codec import (
     sampled_from_draws,
     unpack_bits,
 )
-from store.fs import write_bytes
+from potstill.store.fs import write_bytes
 
 VOCAB = 300
 N = 50
@@ -185,7 +185,7 @@ def test_packed_sampled_store_is_far_smaller_and_info_shows_bytes_by_field(tmp_p
     assert b["target_bytes_per_scored_token"] < 0.6 * a["target_bytes_per_scored_token"]
     assert {"sampled_ids_packed", "sampled_counts_packed", "token_logprob_packed", "sampled_entries"} <= set(b["fields"])
     assert {"sampled_ids", "sampled_counts", "token_logprob"} <= set(a["fields"])
-    from cli.main import app
+    from potstill.cli.main import app
 
     out = CliRunner().invoke(app, ["store", "info", packed.url])
     assert out.exit_code == 0, out.output

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from genhelpers import config, prompt_rows, run_cli, write_jsonl
 
-from store import open_store, store_info, verify_store
-from store.codec import (
+from potstill.store import open_store, store_info, verify_store
+from potstill.store.codec import (
     MAX_ID_ORDER,
     IdOrder,
     SampledTargets,
@@ -33,11 +33,11 @@ from store.codec import (
     unpack_unary,
     unpack_varbits,
 )
-from store.errors import StoreError
-from store.info import describe_targets
-from store.manifest import StoreManifest, TargetSpec
-from teacher_gen.errors import GenerateError
-from teacher_gen.runner import generate
+from potstill.store.errors import StoreError
+from potstill.store.info import describe_targets
+from potstill.store.manifest import StoreManifest, TargetSpec
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.runner import generate
 
 CODECS = {"compact": (encode_sampled_compact, decode_sampled_compact),
           "compact2": (encode_sampled_compact2, decode_sampled_compact2)}
@@ -254,7 +254,7 @@ def test_generated_stores_hold_the_same_targets_as_packed_ones_in_fewer_bytes(tm
                                                    ("compact2", "2.4", ("none", "packed", "compact"))])
 def test_an_older_reader_refuses_a_compact_store_in_one_line(tmp_path, tiny_teacher_dir, prompts, monkeypatch,
                                                              codec, version, older) -> None:
-    import store.manifest as manifest_module
+    import potstill.store.manifest as manifest_module
 
     url = str(tmp_path / "c.store")
     generate(config(tiny_teacher_dir, prompts, url, targets="sampled", samples=8, codec=codec))
@@ -333,7 +333,7 @@ def test_a_record_whose_streams_do_not_decode_is_named_in_one_line(tmp_path, tin
 
     import pyarrow as pa
 
-    from store.records import ColumnViews
+    from potstill.store.records import ColumnViews
 
     url = str(tmp_path / "c.store")
     generate(config(tiny_teacher_dir, prompts, url, targets="sampled", samples=12, sampler="systematic", codec=codec))

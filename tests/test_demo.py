@@ -12,8 +12,8 @@ import os
 
 from typer.testing import CliRunner
 
-from cli.main import app
-from store import open_store, verify_store
+from potstill.cli.main import app
+from potstill.store import open_store, verify_store
 
 
 def test_demo_small_run_writes_report_and_real_stores(tmp_path):

@@ -116,8 +116,8 @@ def test_a_checkpoint_whose_trainer_state_was_cut_short_is_never_resumed_from(tm
     """A job killed while the Trainer wrote a checkpoint's trainer_state.json left a checkpoint that
     `--resume` took for the newest complete one (and failed on: "unreadable trainer state"), and
     that made a fresh start refuse ("already holds checkpoints"): no way on without deleting it by hand."""
-    from student_train import TrainConfig
-    from student_train.trainer import latest_checkpoint, resume_point
+    from potstill.student_train import TrainConfig
+    from potstill.student_train.trainer import latest_checkpoint, resume_point
 
     out = str(tmp_path / "out")
     good = _checkpoint(out, 2)

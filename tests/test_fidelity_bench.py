@@ -107,7 +107,7 @@ def test_target_bounds_systematic_marginals_match_the_sampler():
     against potstill's own sampler, over many uniforms."""
     import target_bounds
 
-    from teacher_gen.capture import sample_chunk
+    from potstill.teacher_gen.capture import sample_chunk
 
     torch.manual_seed(0)
     logits = torch.randn(6, 50, dtype=torch.float64) * 2.5
@@ -268,7 +268,7 @@ def _records_with_context_draws(n: int = 40) -> list:
     far from the small places of the text's own frequent tokens."""
     from types import SimpleNamespace
 
-    from store.codec import sampled_from_draws
+    from potstill.store.codec import sampled_from_draws
 
     rng = np.random.default_rng(0)
     out = []
@@ -283,7 +283,7 @@ def _records_with_context_draws(n: int = 40) -> list:
 def test_context_order_lists_and_sizes():
     import context_order
 
-    from store.codec import IdOrder, encode_sampled_compact2
+    from potstill.store.codec import IdOrder, encode_sampled_compact2
 
     records = _records_with_context_draws()
     order = IdOrder(IdOrder.from_tokens([r.input_ids for r in records]), vocab=512)

@@ -17,9 +17,9 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from teacher_gen.capture import topk_logprobs
-from teacher_gen.errors import GenerateError
-from teacher_gen.fused_capture import FusedTopK, LogitParams, pick_fused, probe
+from potstill.teacher_gen.capture import topk_logprobs
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.fused_capture import FusedTopK, LogitParams, pick_fused, probe
 
 
 def transformed64(logits: torch.Tensor, p: LogitParams) -> np.ndarray:
@@ -151,7 +151,7 @@ def test_teacher_capture_is_the_same_with_the_fused_kernel(tiny_teacher_dir):
     """HFTeacher with --capture-kernel triton (interpreted) scores like the torch path, self-check included."""
     from test_generate_capture import _teacher
 
-    from teacher_gen.jobs import ScoreJob
+    from potstill.teacher_gen.jobs import ScoreJob
 
     # few scored positions: the interpreter runs one program per position (plus the 11 of the self-check)
     jobs = [ScoreJob("a", None, np.array([5, 17, 200, 33, 9, 250], dtype=np.int32), score_start=2, hidden_start=0)]

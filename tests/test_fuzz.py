@@ -15,7 +15,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from store.codec import (
+from potstill.store.codec import (
     LogprobQuantizer,
     decode_sampled,
     decode_topk,
@@ -25,9 +25,9 @@ from store.codec import (
     sampled_from_draws,
     unpack_bits,
 )
-from store.errors import StoreError
-from teacher_gen.errors import InputError
-from teacher_gen.prompts import FieldMap, SourceItem, load_prompts, parse_json, parse_row
+from potstill.store.errors import StoreError
+from potstill.teacher_gen.errors import InputError
+from potstill.teacher_gen.prompts import FieldMap, SourceItem, load_prompts, parse_json, parse_row
 
 FUZZ = settings(derandomize=True, deadline=None, max_examples=300,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from genhelpers import config, prompt_rows, run_cli, write_jsonl
 
-from store import StoreError, open_store, verify_store
-from teacher_gen.config import GenerateConfig
-from teacher_gen.errors import GenerateError, TooManyInputErrors
-from teacher_gen.rationale import DEFAULT_RATIONALE_TEMPLATE, split_rationale
-from teacher_gen.runner import generate, owner
+from potstill.store import StoreError, open_store, verify_store
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.errors import GenerateError, TooManyInputErrors
+from potstill.teacher_gen.rationale import DEFAULT_RATIONALE_TEMPLATE, split_rationale
+from potstill.teacher_gen.runner import generate, owner
 
 # -- bad inputs -------------------------------------------------------------------------------
 BAD_ROWS = [
@@ -408,8 +408,8 @@ def test_remote_code_is_refused_unless_allowed(tmp_path, tiny_tokenizer_dir):
 def test_writer_failure_stops_the_run_and_commits_nothing(tmp_path):
     from storehelpers import TOKENIZER_FILES, make_manifest
 
-    from store import create_store
-    from teacher_gen.writer import BackgroundWriter
+    from potstill.store import create_store
+    from potstill.teacher_gen.writer import BackgroundWriter
 
     store = create_store(str(tmp_path / "s"), make_manifest(), TOKENIZER_FILES)
 
@@ -429,7 +429,7 @@ def test_writer_failure_stops_the_run_and_commits_nothing(tmp_path):
 def test_the_tokenizer_is_loaded_once_per_process_until_its_files_change(tmp_path, tiny_tokenizer_dir):
     import shutil
 
-    from teacher_gen.runner import load_tokenizer
+    from potstill.teacher_gen.runner import load_tokenizer
 
     folder = str(tmp_path / "tok")
     shutil.copytree(tiny_tokenizer_dir, folder)

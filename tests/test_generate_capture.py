@@ -15,9 +15,9 @@ from genhelpers import (
     write_jsonl,
 )
 
-from store import decode_hidden, open_store, verify_store
-from teacher_gen.errors import GenerateError
-from teacher_gen.runner import generate
+from potstill.store import decode_hidden, open_store, verify_store
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.runner import generate
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +123,9 @@ def test_float16_hidden_and_scored_rows_only(tmp_path, tiny_teacher_dir, teacher
 def _teacher(tiny_teacher_dir, tokenizer_dir=None, **overrides):
     from transformers import AutoTokenizer
 
-    from teacher_gen.capture import resolve_layers
-    from teacher_gen.hf_backend import HFTeacher
-    from teacher_gen.model_info import describe_teacher
+    from potstill.teacher_gen.capture import resolve_layers
+    from potstill.teacher_gen.hf_backend import HFTeacher
+    from potstill.teacher_gen.model_info import describe_teacher
 
     cfg = config(tiny_teacher_dir, "unused.jsonl", "unused.store", **overrides)
     spec = describe_teacher(cfg)
@@ -134,7 +134,7 @@ def _teacher(tiny_teacher_dir, tokenizer_dir=None, **overrides):
 
 
 def _jobs(n: int, seed: int = 0):
-    from teacher_gen.jobs import ScoreJob
+    from potstill.teacher_gen.jobs import ScoreJob
 
     rng = np.random.default_rng(seed)
     jobs = []
@@ -216,7 +216,7 @@ def test_logit_softcapping_matches_the_model(tmp_path, softcapped_teacher_dir):
 
 
 def test_unknown_logit_transform_is_refused_before_writing(tmp_path, softcapped_teacher_dir, monkeypatch):
-    import teacher_gen.hf_backend as hf
+    import potstill.teacher_gen.hf_backend as hf
 
     monkeypatch.setattr(hf, "logit_transform", lambda cfg: None)  # pretend potstill did not know softcapping
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=6))
@@ -254,7 +254,7 @@ def test_chat_prompts_use_the_chat_template(tmp_path, tiny_teacher_dir):
 
 
 def test_block_topk_is_exact():
-    from teacher_gen.capture import block_topk, choose_block
+    from potstill.teacher_gen.capture import block_topk, choose_block
 
     torch.manual_seed(0)
     x = torch.randn(40, 4096)
@@ -297,7 +297,7 @@ def test_the_stored_log_tail_is_exact_where_one_minus_the_top_k_is_noise(tail: f
     """The capture's chunk loop on logits with a known tail (bfloat16 like a real teacher's, or fp32)
     against a float64 sum over the tokens outside the top-64: relative 1e-5 in the mass. The
     complement 1 − Σ exp(top-K) in float32 (format 1.0's tail) is off by percents at 5e-5 and noise below."""
-    from teacher_gen.capture import topk_logprobs
+    from potstill.teacher_gen.capture import topk_logprobs
 
     logits = _logits_with_tail(tail, dtype)
     ids, lp, _, got = topk_logprobs(logits, torch.nn.Identity(), torch.zeros(4, dtype=torch.long), 64, chunk=3)
@@ -317,7 +317,7 @@ def test_the_stored_log_tail_is_exact_where_one_minus_the_top_k_is_noise(tail: f
 def test_a_log_tail_near_zero_keeps_its_relative_precision():
     """A flat teacher: the top-K holds little, the log tail is ~ −Σ p_k ≈ −6e-3, kept to float32's
     relative precision (not to the ~1e-6 of a difference of two logsumexps near 10)."""
-    from teacher_gen.capture import topk_logprobs
+    from potstill.teacher_gen.capture import topk_logprobs
 
     logits = torch.randn(4, 32_000, generator=torch.Generator().manual_seed(1))
     ids, _, _, got = topk_logprobs(logits, torch.nn.Identity(), torch.zeros(4, dtype=torch.long), 8)
@@ -332,7 +332,7 @@ def test_generate_mode_scored_while_decoding_equals_the_full_forward(tmp_path, t
                                                                      temperature, monkeypatch):
     """Generate mode scores the completion from the decoder's own states (no second forward) unless
     hidden layers are stored; both ways give the same records, equal to a direct full softmax."""
-    from teacher_gen.hf_backend import HFTeacher
+    from potstill.teacher_gen.hf_backend import HFTeacher
 
     scored: list[str] = []  # record ids that went through a second forward
     original = HFTeacher.score
@@ -369,7 +369,7 @@ def test_a_preloaded_model_is_checked_once_per_capture_setup(tmp_path, tiny_teac
     """The load-time self-check runs once per model and setup, not once per job on a long-lived model."""
     from transformers import AutoModelForCausalLM
 
-    from teacher_gen.hf_backend import HFTeacher
+    from potstill.teacher_gen.hf_backend import HFTeacher
 
     checks = []
     original = HFTeacher.self_check

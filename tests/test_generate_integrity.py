@@ -13,9 +13,9 @@ import textwrap
 import pytest
 from genhelpers import config, popen_cli, prompt_rows, run_cli, write_jsonl
 
-from store import open_store, verify_store
-from teacher_gen.errors import GenerateError
-from teacher_gen.runner import generate, partitions_overlap
+from potstill.store import open_store, verify_store
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.runner import generate, partitions_overlap
 
 HOSTILE_LINES = {  # line number -> (raw line, reason it is skipped)
     2: ('{"id": "huge", "prompt": "a", "n": ' + "9" * 5000 + "}", "a number with too many digits"),
@@ -79,8 +79,8 @@ def test_partitions_overlap():
 
 HOLD_CLAIM = textwrap.dedent("""
     import sys, time
-    from store import open_store
-    from store.leases import WriterLease
+    from potstill.store import open_store
+    from potstill.store.leases import WriterLease
     store = open_store(sys.argv[1])
     WriterLease(store, "other-run.run", extra={"run": {"workers": int(sys.argv[2]), "worker_index": int(sys.argv[3])}}).start()
     print("holding", flush=True)

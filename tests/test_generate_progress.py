@@ -7,9 +7,9 @@ import itertools
 
 from genhelpers import config, prompt_rows, write_jsonl
 
-from store import open_store
-from teacher_gen.jobs import GenRequest, derive_seed
-from teacher_gen.runner import Run, generate, load_teacher, record_id
+from potstill.store import open_store
+from potstill.teacher_gen.jobs import GenRequest, derive_seed
+from potstill.teacher_gen.runner import Run, generate, load_teacher, record_id
 
 
 def test_the_hf_backend_counts_tokens_at_every_decoding_step_of_one_batch(tmp_path, tiny_teacher_dir):

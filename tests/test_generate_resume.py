@@ -8,7 +8,7 @@ import time
 
 from genhelpers import popen_cli, prompt_rows, run_cli, write_jsonl
 
-from store import open_store, verify_store
+from potstill.store import open_store, verify_store
 
 N = 60
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 from genhelpers import config, prompt_rows, run_cli, write_jsonl
 
-from store import open_store, verify_store
-from teacher_gen.errors import GenerateError
-from teacher_gen.runner import generate
+from potstill.store import open_store, verify_store
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.runner import generate
 
 
 def generate_args(teacher: str, prompts: str, store: str, *extra: str) -> list[str]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student_train import losses
-from teacher_gen.capture import topk_logprobs
+from potstill.student_train import losses
+from potstill.teacher_gen.capture import topk_logprobs
 
 N, V, K = 7, 40, 6
 

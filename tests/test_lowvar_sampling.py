@@ -14,17 +14,17 @@ import pytest
 import torch
 from genhelpers import config, prompt_rows, run_cli, write_jsonl
 
-from store import open_store, verify_store
-from store.codec import sampled_from_draws
-from store.errors import StoreError
-from store.info import describe_targets
-from store.manifest import StoreManifest, TargetSpec
-from student_train.data import hybrid_weights
-from student_train.losses import sampled_kd
-from teacher_gen.capture import sample_chunk, topk_logprobs
-from teacher_gen.config import GenerateConfig
-from teacher_gen.errors import GenerateError
-from teacher_gen.runner import generate
+from potstill.store import open_store, verify_store
+from potstill.store.codec import sampled_from_draws
+from potstill.store.errors import StoreError
+from potstill.store.info import describe_targets
+from potstill.store.manifest import StoreManifest, TargetSpec
+from potstill.student_train.data import hybrid_weights
+from potstill.student_train.losses import sampled_kd
+from potstill.teacher_gen.capture import sample_chunk, topk_logprobs
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.runner import generate
 
 V, N, REPEATS = 40, 8, 4000
 
@@ -159,7 +159,7 @@ def test_a_manifest_that_claims_an_older_version_for_hybrid_targets_is_refused(t
 
 
 def test_a_2_1_reader_refuses_a_hybrid_store_in_one_line(tmp_path, tiny_teacher_dir, monkeypatch) -> None:
-    import store.manifest as manifest_module
+    import potstill.store.manifest as manifest_module
 
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=1))
     url = str(tmp_path / "h.store")

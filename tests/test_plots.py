@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib import image as mimage
 
-from student_train.plots import write_comparison, write_loss_curve
+from potstill.student_train.plots import write_comparison, write_loss_curve
 
 
 def png_size(path: str) -> tuple[int, int]:

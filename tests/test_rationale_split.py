@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from genhelpers import config, write_jsonl
 
-from store import format_info, open_store, store_info
-from store.errors import PotstillError
-from teacher_gen.errors import GenerateError
-from teacher_gen.rationale import split_rationale
-from teacher_gen.runner import generate
+from potstill.store import format_info, open_store, store_info
+from potstill.store.errors import PotstillError
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.rationale import split_rationale
+from potstill.teacher_gen.runner import generate
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_answer_match_is_checked_recorded_and_used(tmp_path, tiny_teacher_dir) -
 def test_potstill_generate_takes_answer_match_and_store_info_counts_answers(tmp_path, tiny_teacher_dir) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from potstill.cli.main import app
 
     rows = [{"id": f"r{i}", "prompt": "what is 2 plus 3 ?", "completion": f"add . The answer is {i}."} for i in range(3)]
     rows.append({"id": "none", "prompt": "hello", "completion": "no answer line here"})

@@ -14,9 +14,9 @@ import torch
 from genhelpers import config, reference_logprobs, write_jsonl
 from realmodel import EXPECTED, chat_prompts
 
-from store import decode_hidden, open_store, verify_store
-from student_train import TrainConfig, evaluate, train
-from teacher_gen.runner import generate
+from potstill.store import decode_hidden, open_store, verify_store
+from potstill.student_train import TrainConfig, evaluate, train
+from potstill.teacher_gen.runner import generate
 
 pytestmark = pytest.mark.slow
 
@@ -145,9 +145,9 @@ def test_rationale_mode_prompts_step_by_step_and_splits_the_answer(stores, token
 def test_the_default_answer_pattern_skips_the_template_placeholder_on_real_answers(stores):
     """The model often ends with the template's own "The answer is X." line: the loose rule of earlier
     versions took 'X' as the answer; the default pattern takes the real one before it, or none."""
-    from store import store_info
-    from store.info import format_info
-    from teacher_gen.rationale import split_rationale
+    from potstill.store import store_info
+    from potstill.store.info import format_info
+    from potstill.teacher_gen.rationale import split_rationale
 
     store = open_store(stores["arithmetic"])
     records = list(store.iter_records())

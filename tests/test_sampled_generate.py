@@ -11,10 +11,10 @@ import pytest
 import torch
 from genhelpers import chi_square, config, prompt_rows, reference_logprobs, run_cli, write_jsonl
 
-from store import open_store, verify_store
-from teacher_gen.capture import sample_chunk
-from teacher_gen.errors import GenerateError
-from teacher_gen.runner import generate
+from potstill.store import open_store, verify_store
+from potstill.teacher_gen.capture import sample_chunk
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.runner import generate
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import torch
 from genhelpers import write_jsonl
 from trainhelpers import arithmetic_items, build_student
 
-from store import open_store
-from student_train import ConfigError, TrainConfig, evaluate, train
-from student_train.data import StoreDataset, collate, record_sequence
-from student_train.errors import TrainError
-from student_train.losses import sampled_kd, sparse_kd
-from teacher_gen.runner import generate
+from potstill.store import open_store
+from potstill.student_train import ConfigError, TrainConfig, evaluate, train
+from potstill.student_train.data import StoreDataset, collate, record_sequence
+from potstill.student_train.errors import TrainError
+from potstill.student_train.losses import sampled_kd, sparse_kd
+from potstill.teacher_gen.runner import generate
 
 V, N, DRAWS = 24, 12, 20_000
 
@@ -32,7 +32,7 @@ def _teacher_and_student(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _draw_targets(p: torch.Tensor, rows: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`rows` independent sets of n draws from p, as (ids [rows, U], probs [rows, U]) like the collator's."""
-    from store.codec import sampled_from_draws
+    from potstill.store.codec import sampled_from_draws
 
     draws = np.random.default_rng(seed).choice(V, size=(rows, n), p=p.numpy())
     ids, counts = sampled_from_draws(draws).padded()
@@ -158,7 +158,7 @@ def test_wrong_target_requests_are_refused_in_one_line(stores) -> None:
 def test_eval_on_a_sampled_only_store_says_what_it_measures(stores) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from potstill.cli.main import app
 
     result = CliRunner().invoke(app, ["eval", "--store", stores["sampled"], "--model", stores["student"],
                                       "--eval-fraction", "0.2", "--no-answers", "--json"])

@@ -12,9 +12,9 @@ import pytest
 import torch
 from genhelpers import chi_square
 
-import teacher_gen.capture as capture
-from teacher_gen.capture import sample_chunk, sampling_cdf
-from teacher_gen.jobs import target_uniforms
+import potstill.teacher_gen.capture as capture
+from potstill.teacher_gen.capture import sample_chunk, sampling_cdf
+from potstill.teacher_gen.jobs import target_uniforms
 
 
 def exact_probs(logits: torch.Tensor) -> np.ndarray:

@@ -32,9 +32,9 @@ from servehelpers import (
     wait_job,
 )
 
-from store import open_store, verify_store
-from teacher_gen.config import GenerateConfig
-from teacher_gen.runner import generate
+from potstill.store import open_store, verify_store
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.runner import generate
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ def test_auth_off_on_loopback_and_a_public_bind_without_token_is_refused(service
     assert health["auth"] is False and health["teacher"] == tiny_teacher_dir
     env = {k: v for k, v in os.environ.items() if k != "POTSTILL_TOKEN"}
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "serve", "--teacher", tiny_teacher_dir, "--host", "0.0.0.0",
+        [sys.executable, "-m", "potstill.cli.main", "serve", "--teacher", tiny_teacher_dir, "--host", "0.0.0.0",
          "--state", str(tmp_path / "state")], capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
     )
     assert result.returncode == 1
@@ -330,9 +330,9 @@ def test_kill_9_during_a_job_then_restart_finishes_every_id_exactly_once(tiny_te
 
 # -- pieces without a server --------------------------------------------------------------------
 def test_generate_flags_are_read_from_the_config_fields():
-    from cli.jobs_cmd import parse_generate_flags
-    from teacher_gen.errors import GenerateError
-    from teacher_gen.service.settings import ServiceError
+    from potstill.cli.jobs_cmd import parse_generate_flags
+    from potstill.teacher_gen.errors import GenerateError
+    from potstill.teacher_gen.service.settings import ServiceError
 
     got = parse_generate_flags(["--top-k", "8", "--hidden-layers=4,8,-1", "--no-append-eos", "--rationale",
                                 "--compile", "--max-length", "128", "--temperature", "0.5", "--mode", "generate"])
@@ -349,7 +349,7 @@ def test_generate_flags_are_read_from_the_config_fields():
 
 
 def test_queue_resumes_interrupted_jobs_first_and_gives_up_after_repeated_crashes(tmp_path):
-    from teacher_gen.service.jobqueue import JobQueue
+    from potstill.teacher_gen.service.jobqueue import JobQueue
 
     path = str(tmp_path / "jobs.sqlite")
     q = JobQueue(path)

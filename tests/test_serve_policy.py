@@ -28,8 +28,8 @@ import pytest
 from genhelpers import prompt_rows, write_jsonl
 from servehelpers import REPO, Service, assert_complete, start_service, submit, wait_job
 
-from teacher_gen.service.paths import PathPolicy
-from teacher_gen.service.settings import ServeConfig, ServiceError, SpecError
+from potstill.teacher_gen.service.paths import PathPolicy
+from potstill.teacher_gen.service.settings import ServeConfig, ServiceError, SpecError
 
 SECRET = "AKIA-SECRET-0f9e8d7c6b5a"
 
@@ -205,7 +205,7 @@ def test_serve_refuses_a_missing_root_in_one_line_before_writing_anything(tiny_t
                         (["--allow-url-scheme", "FILE://"], "error: --allow-url-scheme file: file:// reaches the local "
                                                             "disk or wraps another filesystem; local paths (and "
                                                             "file:// URLs) follow the roots instead")]:
-        result = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--teacher", tiny_teacher_dir,
+        result = subprocess.run([sys.executable, "-m", "potstill.cli.main", "serve", "--teacher", tiny_teacher_dir,
                                  "--state", str(state), *flags], capture_output=True, text=True, env=env, cwd=REPO,
                                 timeout=120)
         assert result.returncode == 1
@@ -243,9 +243,9 @@ def in_process(tiny_teacher_dir, tmp_path) -> Iterator[callable]:
     """Build the service's app as `serve` does, without a socket; its job thread starts on demand."""
     from starlette.testclient import TestClient
 
-    from teacher_gen.service.app import Service, create_app
-    from teacher_gen.service.jobqueue import JobQueue
-    from teacher_gen.service.worker import JobRunner, ServiceTeacher
+    from potstill.teacher_gen.service.app import Service, create_app
+    from potstill.teacher_gen.service.jobqueue import JobQueue
+    from potstill.teacher_gen.service.worker import JobRunner, ServiceTeacher
 
     opened: list[InProcess] = []
 

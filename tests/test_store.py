@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from storehelpers import TOKENIZER_FILES, make_manifest, random_record
 
-from store import (
+from potstill.store import (
     FormatVersionError,
     Store,
     StoreError,
@@ -149,7 +149,7 @@ KILLED_WRITER = textwrap.dedent(
     sys.path.insert(0, {here!r})
     import numpy as np
     from storehelpers import make_manifest, random_record
-    from store import open_store
+    from potstill.store import open_store
     store = open_store({url!r})
     m = make_manifest(chunk_tokens=4)
     rng = np.random.default_rng(5)
@@ -361,7 +361,7 @@ def test_temporary_commit_file_of_a_dead_writer_is_a_leftover(tmp_path):
 
 
 def test_commit_records_are_never_overwritten(tmp_path):
-    from store.fs import write_bytes
+    from potstill.store.fs import write_bytes
 
     url = _small_store(tmp_path)
     path = os.path.join(url, "commits", "wA-000000.json")

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from storehelpers import TOKENIZER_FILES, make_manifest, random_record
 
-from store import create_store
+from potstill.store import create_store
 
 
 def potstill(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "potstill.cli.main", *args], capture_output=True, text=True, timeout=120)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -144,7 +144,7 @@ def test_copy_checks_checksums_and_refuses_other_stores(store_url, tmp_path):
     assert progress == ["  [1/3] w0-000000"]  # the progress before it, then the error in one line
     proc.stderr = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("  ["))
     one_line_error(proc, "records.arrow", "checksum")
-    from store import open_store
+    from potstill.store import open_store
 
     copied = open_store(fresh)
     assert shard not in copied.shard_names and len(copied.shard_names) == 1

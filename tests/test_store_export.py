@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from storehelpers import build_store
 
-from store import StoreError, open_store
-from store.export import MANIFEST_KEY, export_store
+from potstill.store import StoreError, open_store
+from potstill.store.export import MANIFEST_KEY, export_store
 
 
 def load(path: str, tmp_path) -> datasets.Dataset:
@@ -58,7 +58,7 @@ def test_exported_targets_equal_the_stores(tmp_path, kind: str, codec: str, tail
 
 
 def potstill(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "potstill.cli.main", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_plain_export_has_no_targets_and_with_targets_adds_them(tmp_path) -> None:

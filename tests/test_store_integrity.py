@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from storehelpers import TOKENIZER_FILES, make_manifest, random_record
 
-from store import StoreError, copy_store, create_store, open_store, verify_store
+from potstill.store import StoreError, copy_store, create_store, open_store, verify_store
 
 
 def potstill(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "potstill.cli.main", *args], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -13,8 +13,8 @@ import pytest
 from browser import find_chromium, load_page
 from storehelpers import build_store
 
-from store import StoreError, open_store
-from store.report import ReportConfig, collect_stats, render_html, write_report
+from potstill.store import StoreError, open_store
+from potstill.store.report import ReportConfig, collect_stats, render_html, write_report
 
 N = 40  # draws per position in build_store's sampled stores
 
@@ -159,7 +159,7 @@ def test_a_damaged_shard_stops_the_report_in_one_line_and_keeps_the_old_page(tmp
 
 
 def potstill(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "potstill.cli.main", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_writes_the_page_and_refuses_a_missing_store_in_one_line(tmp_path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from storehelpers import TOKENIZER_FILES, make_manifest, random_record
 
-from store import create_store, open_store, verify_store
+from potstill.store import create_store, open_store, verify_store
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -76,10 +76,10 @@ def test_s3_round_trip_verify_and_cli(s3_env, tmp_path):
     assert verify_store(url).ok
 
     env = {**os.environ, **s3_env}
-    out = subprocess.run([sys.executable, "-m", "cli.main", "store", "info", url, "--json"],
+    out = subprocess.run([sys.executable, "-m", "potstill.cli.main", "store", "info", url, "--json"],
                          capture_output=True, text=True, env=env, check=True)
     assert json.loads(out.stdout)["records"] == 11
-    out = subprocess.run([sys.executable, "-m", "cli.main", "store", "verify", url],
+    out = subprocess.run([sys.executable, "-m", "potstill.cli.main", "store", "verify", url],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "OK: 3 shards, 11 records" in out.stdout
@@ -87,7 +87,7 @@ def test_s3_round_trip_verify_and_cli(s3_env, tmp_path):
 
 def test_copy_local_store_to_s3_and_back(s3_env, tmp_path):
     """Sharing a store: `potstill store copy` to s3:// and back, checksums checked, reruns resume."""
-    from store import copy_store
+    from potstill.store import copy_store
 
     local = str(tmp_path / "made-here.store")
     m = make_manifest(layers=((2, 16, "bfloat16"),), chunk_tokens=8)
@@ -100,7 +100,7 @@ def test_copy_local_store_to_s3_and_back(s3_env, tmp_path):
 
     url = "s3://potstill-test/shared.store"
     env = {**os.environ, **s3_env}
-    out = subprocess.run([sys.executable, "-m", "cli.main", "store", "copy", local, url],
+    out = subprocess.run([sys.executable, "-m", "potstill.cli.main", "store", "copy", local, url],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "copied 3 shards (9 records" in out.stdout

@@ -14,11 +14,11 @@ import pytest
 from genhelpers import config, prompt_rows, run_cli, write_jsonl
 from storehelpers import TOKENIZER_FILES, make_manifest, random_record
 
-import store.records as records_module
-import teacher_gen.runner as runner_module
-from store import StoreError, TargetSpec, create_store, open_store, store_info, verify_store
-from store.records import log_of_mass
-from teacher_gen.runner import generate
+import potstill.store.records as records_module
+import potstill.teacher_gen.runner as runner_module
+from potstill.store import StoreError, TargetSpec, create_store, open_store, store_info, verify_store
+from potstill.store.records import log_of_mass
+from potstill.teacher_gen.runner import generate
 
 COLUMNS_1_0 = ["id", "prompt", "messages", "completion", "generated", "rationale", "answer", "meta", "sample_index",
                "input_ids", "score_start", "hidden_start", "token_offset", "topk_ids", "topk_logprobs", "token_logprob",
@@ -107,7 +107,7 @@ def test_a_2_0_packed_store_recomputes_its_tail_and_is_called_approximate(tmp_pa
 def test_a_1_0_store_trains_and_evaluates(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir) -> None:
     from trainhelpers import arithmetic_items, build_student, build_teacher_store
 
-    from student_train import TrainConfig, evaluate, train
+    from potstill.student_train import TrainConfig, evaluate, train
 
     url = str(tmp_path / "old")
     store = build_teacher_store(url, tiny_teacher_dir, arithmetic_items(12, seed=3), tail_logprob=None)

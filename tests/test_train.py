@@ -14,7 +14,7 @@ import pytest
 from trainhelpers import arithmetic_items, build_student, build_teacher_store, copy_teacher
 from transformers import TrainerCallback
 
-from student_train import CompatibilityError, ConfigError, TrainConfig, build_config, evaluate, train
+from potstill.student_train import CompatibilityError, ConfigError, TrainConfig, build_config, evaluate, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -45,14 +45,14 @@ def read_json(path: str) -> dict:
 
 
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=ENV,
+    return subprocess.run([sys.executable, "-m", "potstill.cli.main", *args], capture_output=True, text=True, env=ENV,
                           timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_a_short_run_without_the_teacher_lowers_the_held_out_kd_loss(setup: dict, tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from potstill.cli.main import app
 
     before = evaluate(setup["store"], setup["student"], eval_fraction=0.2, answers=False)
     cfg_file = tmp_path / "train.yaml"
@@ -143,7 +143,7 @@ def test_the_output_layer_gets_its_own_learning_rate(setup: dict) -> None:
 
 def test_two_torchrun_ranks_run_the_same_steps_over_uneven_shards(setup: dict) -> None:
     out = str(setup["root"] / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cli.main",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "potstill.cli.main",
            "train", "--store", setup["store"], "--student", setup["student"], "--out", out, "--epochs", "1",
            "--batch-size", "3", "--grad-accum", "2", "--num-workers", "1", "--save-steps", "1000",
            "--report-to", "none", "--eval-fraction", "0.2", "--eval-max-records", "2", "--logging-steps", "1"]
@@ -198,7 +198,7 @@ def test_every_setting_has_a_train_flag() -> None:
 
     import typer.main
 
-    from cli.main import app
+    from potstill.cli.main import app
 
     command = next(c for c in typer.main.get_command(app).commands.values() if c.name == "train")
     options = {p.name for p in command.params}
@@ -221,7 +221,7 @@ def test_settings_come_from_defaults_then_file_then_flags(tmp_path) -> None:
 
 
 def test_answers_are_extracted_like_generation_does_and_compared_loosely() -> None:
-    from student_train.evaluation import extract_answer, normalise_answer
+    from potstill.student_train.evaluation import extract_answer, normalise_answer
 
     assert extract_answer("3 + 4 is 7. the answer is 3? No, The answer is 7.") == "7"  # the last match
     assert extract_answer("so #### 1,234") == "1,234" and extract_answer("Final Answer: **42**.") == "42"

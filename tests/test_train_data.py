@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 from trainhelpers import arithmetic_items, build_teacher_store
 
-from store import open_store
-from student_train.data import (
+from potstill.store import open_store
+from potstill.student_train.data import (
     MAIN_TASK,
     RATIONALE_TASK,
     StoreDataset,
@@ -26,7 +26,7 @@ from student_train.data import (
     record_sequence,
     split_rationale,
 )
-from student_train.errors import TrainError
+from potstill.student_train.errors import TrainError
 
 RECORDS = 37  # three shards of 16, 16 and 5: uneven on purpose
 
@@ -66,8 +66,8 @@ def test_the_teacher_as_student_has_near_zero_losses_through_the_real_path(store
     """If any target were off by one position, the teacher would disagree with its own targets."""
     from transformers import AutoModelForCausalLM
 
-    from student_train.model import DistillModel
-    from student_train.objective import Objective, distill_loss
+    from potstill.student_train.model import DistillModel
+    from potstill.student_train.objective import Objective, distill_loss
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
     dataset = StoreDataset(store_url, batch_size=4, eval_fraction=0.0, hidden_layers=(1, 2))

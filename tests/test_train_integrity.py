@@ -18,9 +18,9 @@ from faults import flip_bytes, rewrite_column, rewrite_file
 from trainhelpers import arithmetic_items, build_student, build_teacher_store, teacher_records
 from transformers import AutoConfig
 
-from store import HiddenLayer, open_store
-from student_train import TrainConfig, train
-from student_train.errors import TrainError
+from potstill.store import HiddenLayer, open_store
+from potstill.student_train import TrainConfig, train
+from potstill.student_train.errors import TrainError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -126,7 +126,7 @@ def test_flipped_bytes_in_a_zarr_chunk_stop_training(base, tmp_path) -> None:
 
 def test_non_finite_hidden_states_stop_training_and_fail_verify(base, tmp_path) -> None:
     """A chunk holding inf (bfloat16 0x7F80) whose checksum matches: a teacher that overflowed."""
-    from store import verify_store
+    from potstill.store import verify_store
 
     store = fresh_store(base, tmp_path)
     chunk = sorted(glob.glob(os.path.join(store, "shards", "t0-000001", "hidden", "layer_2", "c", "*", "0")))[0]
@@ -152,7 +152,7 @@ def test_flipped_byte_in_records_arrow_stops_training(base, tmp_path) -> None:
 
 
 def test_a_damaged_commit_record_stops_training_unless_skipped(base, tmp_path) -> None:
-    from store import StoreError
+    from potstill.store import StoreError
 
     store = fresh_store(base, tmp_path)
     with open(os.path.join(store, "commits", "t0-000002.json"), "r+b") as f:
@@ -166,7 +166,7 @@ def test_a_damaged_commit_record_stops_training_unless_skipped(base, tmp_path) -
 def test_a_student_with_nan_weights_is_refused(base, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from student_train import CompatibilityError
+    from potstill.student_train import CompatibilityError
 
     student = str(tmp_path / "student")
     shutil.copytree(base["student"], student)
@@ -237,8 +237,8 @@ def test_duplicate_records_are_trained_on_once(base, tmp_path) -> None:
 
 
 def test_eval_checks_what_it_reads(base, tmp_path) -> None:
-    from store import StoreError
-    from student_train import evaluate
+    from potstill.store import StoreError
+    from potstill.student_train import evaluate
 
     store = fresh_store(base, tmp_path)
     flip_bytes(os.path.join(store, "shards", "t0-000000", "records.arrow"), count=1, seed=4)

@@ -12,10 +12,10 @@ import shutil
 import pytest
 from trainhelpers import arithmetic_items, build_student, build_teacher_store, copy_teacher
 
-from store import open_store
-from student_train import TrainConfig, evaluate, train
-from student_train.data import MIN_EVAL_RECORDS, StoreDataset, held_out_rows, id_fraction
-from student_train.trainer import format_log_line
+from potstill.store import open_store
+from potstill.student_train import TrainConfig, evaluate, train
+from potstill.student_train.data import MIN_EVAL_RECORDS, StoreDataset, held_out_rows, id_fraction
+from potstill.student_train.trainer import format_log_line
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_sixty_records_hold_out_at_least_the_floor_at_the_default_fraction(store
 def test_twenty_records_hold_out_none_and_one_line_says_why(stores: dict, capsys) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from potstill.cli.main import app
 
     dataset = StoreDataset(stores["s20"], batch_size=4, eval_fraction=0.05, num_workers=0)
     info = dataset.describe()
@@ -118,7 +118,7 @@ def test_each_log_step_prints_one_readable_line(stores: dict) -> None:
     out = str(stores["root"] / "lines")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "train", "--store", stores["s20"], "--student", stores["student"],
+        [sys.executable, "-m", "potstill.cli.main", "train", "--store", stores["s20"], "--student", stores["student"],
          "--out", out, "--max-steps", "4", "--logging-steps", "2", "--hidden-map", "2:2", "--report-to", "none",
          "--num-workers", "0", "--eval-fraction", "0", "--batch-size", "4"],
         capture_output=True, text=True, env=env, timeout=240,
@@ -147,7 +147,7 @@ def test_format_log_line() -> None:
 def test_standardized_mse_matches_its_definition_and_ignores_scale_and_offset() -> None:
     import torch
 
-    from student_train import losses
+    from potstill.student_train import losses
 
     g = torch.Generator().manual_seed(11)
     s = torch.randn(6, 16, generator=g, dtype=torch.float64).requires_grad_()

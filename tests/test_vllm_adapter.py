@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from genhelpers import assert_topk_close, config, prompt_rows, write_jsonl
 
-from store import StoreManifest
-from store.records import validate_record
-from teacher_gen.capture import reference_topk
-from teacher_gen.errors import GenerateError
-from teacher_gen.vllm_backend import topk_from_vllm
+from potstill.store import StoreManifest
+from potstill.store.records import validate_record
+from potstill.teacher_gen.capture import reference_topk
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.vllm_backend import topk_from_vllm
 
 
 @dataclass
@@ -168,12 +168,12 @@ def test_differential_hf_vs_vllm_shaped_records_are_identical(tmp_path, tiny_tea
     backend's own full distribution (top_k = vocabulary), in both forms."""
     from transformers import AutoTokenizer
 
-    from teacher_gen.capture import resolve_layers
-    from teacher_gen.encode import encode_item
-    from teacher_gen.hf_backend import HFTeacher
-    from teacher_gen.model_info import describe_teacher
-    from teacher_gen.prompts import FieldMap, load_prompts
-    from teacher_gen.runner import RecordBuilder, build_manifest, make_job
+    from potstill.teacher_gen.capture import resolve_layers
+    from potstill.teacher_gen.encode import encode_item
+    from potstill.teacher_gen.hf_backend import HFTeacher
+    from potstill.teacher_gen.model_info import describe_teacher
+    from potstill.teacher_gen.prompts import FieldMap, load_prompts
+    from potstill.teacher_gen.runner import RecordBuilder, build_manifest, make_job
 
     k = 16
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=30))
@@ -198,7 +198,7 @@ def test_differential_hf_vs_vllm_shaped_records_are_identical(tmp_path, tiny_tea
         full[rows[:, None], full_cap.targets.ids] = full_cap.targets.logprobs
         hf_rec = validate_record(build(job, hf_cap), manifest)
         for flat in (False, True):
-            from teacher_gen.jobs import Capture
+            from potstill.teacher_gen.jobs import Capture
 
             adapted = topk_from_vllm(vllm_prompt_logprobs(full, job.input_ids, k, flat), job.input_ids, s, k)
             v_rec = validate_record(build(job, Capture(adapted)), manifest)
@@ -213,8 +213,8 @@ def test_differential_hf_vs_vllm_shaped_records_are_identical(tmp_path, tiny_tea
 def test_vllm_tails_are_complements_in_float64_and_the_manifest_says_so(tmp_path, tiny_teacher_dir):
     """vLLM returns only the top-K, so its tail is log(1 − Σ exp(top-K)) in float64 (manifest
     `tail_logprob` "complement"), −inf where that rounds to 0 although K < V."""
-    from teacher_gen.runner import target_spec
-    from teacher_gen.vllm_backend import complement_tail
+    from potstill.teacher_gen.runner import target_spec
+    from potstill.teacher_gen.vllm_backend import complement_tail
 
     assert target_spec(config(tiny_teacher_dir, "p.jsonl", str(tmp_path / "s"), backend="vllm"), 384).tail_logprob == "complement"
     assert target_spec(config(tiny_teacher_dir, "p.jsonl", str(tmp_path / "s")), 384).tail_logprob == "direct"
@@ -231,7 +231,7 @@ def test_vllm_tails_are_complements_in_float64_and_the_manifest_says_so(tmp_path
 def test_engine_defaults_on_cpu_and_gpu(monkeypatch, tmp_path):
     """vLLM's CPU build gets eager mode, a 1 GiB KV cache and the engine in-process; a GPU gets vLLM's
     usual memory share; the user's flags and environment win."""
-    from teacher_gen.vllm_backend import engine_defaults
+    from potstill.teacher_gen.vllm_backend import engine_defaults
 
     def cfg(**kw):
         return config("t", "p", "s", backend="vllm", **kw)
@@ -254,8 +254,8 @@ def test_engine_defaults_on_cpu_and_gpu(monkeypatch, tmp_path):
 def test_enforce_eager_and_memory_flags_reach_the_config(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
-    from teacher_gen.service.settings import LOAD_FIELDS, ServeConfig
+    from potstill.cli.main import app
+    from potstill.teacher_gen.service.settings import LOAD_FIELDS, ServeConfig
 
     assert "enforce_eager" in LOAD_FIELDS
     assert ServeConfig.build(teacher="t", enforce_eager="true").enforce_eager is True

@@ -25,8 +25,8 @@ from genhelpers import (
     write_jsonl,
 )
 
-from store import open_store, verify_store
-from teacher_gen.runner import generate
+from potstill.store import open_store, verify_store
+from potstill.teacher_gen.runner import generate
 
 vllm = pytest.importorskip("vllm")
 
@@ -39,8 +39,8 @@ def engine(vllm_teacher_dir):
     """The tiny teacher in a vLLM engine started by potstill itself (CPU defaults), shared."""
     from transformers import AutoTokenizer
 
-    from teacher_gen.model_info import describe_teacher
-    from teacher_gen.vllm_backend import VLLMTeacher
+    from potstill.teacher_gen.model_info import describe_teacher
+    from potstill.teacher_gen.vllm_backend import VLLMTeacher
 
     cfg = config(vllm_teacher_dir, "-", "-", backend="vllm", dtype="float32", top_k=64)
     teacher = VLLMTeacher(cfg, describe_teacher(cfg), AutoTokenizer.from_pretrained(vllm_teacher_dir), None)

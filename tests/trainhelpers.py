@@ -9,7 +9,7 @@ import tempfile
 
 import numpy as np
 
-from store import (
+from potstill.store import (
     HiddenLayer,
     HiddenSpec,
     Record,

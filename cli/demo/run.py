@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cli.demo import arithmetic
-from cli.demo.teacher import model_config, solve_accuracy
+from potstill.cli.demo import arithmetic
+from potstill.cli.demo.teacher import model_config, solve_accuracy
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "teacher_checkpoint")
 
@@ -49,7 +49,7 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
-    from cli.threads import apply_threads, auto_threads
+    from potstill.cli.threads import apply_threads, auto_threads
 
     threads = apply_threads(config.threads or auto_threads())  # before torch is imported
     import torch
@@ -170,7 +170,7 @@ ROWS = (("teacher", "teacher (writes the store)"), ("student_kd", "student: spar
 def _write_picture(report: dict[str, Any], path: str) -> None:
     """report.png: both students' loss curves (from their training reports), the accuracies as bars
     and the table `format_table` prints."""
-    from student_train.plots import write_comparison
+    from potstill.student_train.plots import write_comparison
 
     curves = {}
     for key, label in (("student_kd", "KD student"), ("student_baseline", "baseline")):
@@ -190,9 +190,9 @@ def _run_cli(args: list[str]) -> None:
     """Run a `potstill` command in-process, exactly as the console script would."""
     import typer
 
-    from cli.main import app
-    from cli.options import UsageErrorBase
-    from store.errors import PotstillError
+    from potstill.cli.main import app
+    from potstill.cli.options import UsageErrorBase
+    from potstill.store.errors import PotstillError
 
     try:
         app(args, standalone_mode=False)
@@ -222,14 +222,14 @@ def _clear_previous_run(out: str) -> None:
 
 
 def _teacher_answers(store_url: str) -> dict[str, tuple[str, str | None]]:
-    from store import open_store
+    from potstill.store import open_store
 
     store = open_store(store_url)
     return {r.id: (r.prompt, r.answer) for r in store.iter_records()}
 
 
 def _store_summary(store_url: str) -> dict[str, Any]:
-    from store import open_store, store_info
+    from potstill.store import open_store, store_info
 
     info = store_info(open_store(store_url))
     return {"path": store_url, "records": info["records"], "tokens": info["tokens"],

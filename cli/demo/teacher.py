@@ -3,7 +3,7 @@
 `potstill demo` ships the checkpoint this makes (cli/demo/teacher_checkpoint/), because training it takes a few
 minutes on a 2-core CPU; rerun it to reproduce that checkpoint:
 
-    python -m cli.demo.teacher --out cli/demo/teacher_checkpoint
+    python -m potstill.cli.demo.teacher --out cli/demo/teacher_checkpoint
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import random
 import time
 
-from cli.demo import arithmetic
+from potstill.cli.demo import arithmetic
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 TRAIN_SEED, EVAL_SEED = 1234, 99

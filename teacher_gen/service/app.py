@@ -29,12 +29,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-import teacher_gen.service.spec as specs
-from teacher_gen.service.guards import BodyLimit, HostCheck, allowed_hosts
-from teacher_gen.service.jobqueue import Job, JobQueue
-from teacher_gen.service.paths import PathPolicy
-from teacher_gen.service.settings import ServeConfig
-from teacher_gen.service.worker import JobRunner
+import potstill.teacher_gen.service.spec as specs
+from potstill.teacher_gen.service.guards import BodyLimit, HostCheck, allowed_hosts
+from potstill.teacher_gen.service.jobqueue import Job, JobQueue
+from potstill.teacher_gen.service.paths import PathPolicy
+from potstill.teacher_gen.service.settings import ServeConfig
+from potstill.teacher_gen.service.worker import JobRunner
 
 log = logging.getLogger("potstill.serve")
 SHUTDOWN_WAIT_S = 120.0  # how long a shutdown waits for the running job's batch to finish

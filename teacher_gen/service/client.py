@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from teacher_gen.service.settings import TOKEN_ENV, ServiceError
+from potstill.teacher_gen.service.settings import TOKEN_ENV, ServiceError
 
 FINISHED = ("done", "failed", "cancelled")
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from teacher_gen.service.settings import ServiceError
+from potstill.teacher_gen.service.settings import ServiceError
 
 SCHEMA_VERSION = 1
 STATES = ("queued", "running", "done", "failed", "cancelled")

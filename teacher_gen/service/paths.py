@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from teacher_gen.service.settings import ServeConfig, ServiceError, SpecError
+from potstill.teacher_gen.service.settings import ServeConfig, ServiceError, SpecError
 
 # Schemes that read the local disk or another filesystem given in the URL: never allowed, since
 # they would step around the roots.

@@ -21,8 +21,8 @@ import socket
 import sys
 from typing import Any
 
-from teacher_gen.service.paths import PathPolicy
-from teacher_gen.service.settings import ServeConfig, ServiceError, server_token
+from potstill.teacher_gen.service.paths import PathPolicy
+from potstill.teacher_gen.service.settings import ServeConfig, ServiceError, server_token
 
 log = logging.getLogger("potstill.serve")
 
@@ -59,9 +59,9 @@ def serve(settings: ServeConfig) -> None:
 def _serve_locked(settings: ServeConfig, token: str | None, policy: PathPolicy) -> None:
     import uvicorn
 
-    from teacher_gen.service.app import Service, create_app
-    from teacher_gen.service.jobqueue import JobQueue
-    from teacher_gen.service.worker import JobRunner, ServiceTeacher
+    from potstill.teacher_gen.service.app import Service, create_app
+    from potstill.teacher_gen.service.jobqueue import JobQueue
+    from potstill.teacher_gen.service.worker import JobRunner, ServiceTeacher
 
     teacher = ServiceTeacher(settings)
     teacher.check()

@@ -16,8 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from store.errors import PotstillError
-from teacher_gen.config import Backend, GenerateConfig, coerce_setting
+from potstill.store.errors import PotstillError
+from potstill.teacher_gen.config import Backend, GenerateConfig, coerce_setting
 
 TOKEN_ENV = "POTSTILL_TOKEN"
 SERVER_ENV = "POTSTILL_SERVER"

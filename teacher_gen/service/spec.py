@@ -23,11 +23,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
-from store.errors import PotstillError
-from teacher_gen.config import GenerateConfig
-from teacher_gen.errors import GenerateError
-from teacher_gen.service.paths import PathPolicy
-from teacher_gen.service.settings import LOAD_FIELDS, ServeConfig, SpecError
+from potstill.store.errors import PotstillError
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.errors import GenerateError
+from potstill.teacher_gen.service.paths import PathPolicy
+from potstill.teacher_gen.service.settings import LOAD_FIELDS, ServeConfig, SpecError
 
 # Settings a job cannot set: the service decides them.
 NOT_IN_SPEC = ("progress",)
@@ -95,7 +95,7 @@ def check_spec(given: dict[str, Any], service: ServeConfig, policy: PathPolicy, 
     if service.backend == "vllm" and config.top_k > service.max_top_k:
         raise SpecError("top_k", f"{config.top_k} is above this vLLM service's --max-top-k {service.max_top_k}")
     if config.writer_id is not None:
-        from store.commit import check_writer_id
+        from potstill.store.commit import check_writer_id
 
         try:
             check_writer_id(config.writer_id)
@@ -137,7 +137,7 @@ def is_url(location: str) -> bool:
 
 def _check_readable(field: str, given: str, path: str) -> None:
     """A local prompt set (`path`, resolved inside the roots) exists, is readable and has a known format."""
-    from teacher_gen.prompts import detect_format
+    from potstill.teacher_gen.prompts import detect_format
 
     if not os.path.exists(path):
         raise SpecError(field, f"{given} does not exist on the server")

@@ -28,12 +28,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from store.errors import PotstillError
-from teacher_gen.config import GenerateConfig
-from teacher_gen.service.jobqueue import Job, JobQueue
-from teacher_gen.service.paths import PathPolicy
-from teacher_gen.service.settings import ServeConfig
-from teacher_gen.service.spec import is_url, job_config
+from potstill.store.errors import PotstillError
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.service.jobqueue import Job, JobQueue
+from potstill.teacher_gen.service.paths import PathPolicy
+from potstill.teacher_gen.service.settings import ServeConfig
+from potstill.teacher_gen.service.spec import is_url, job_config
 
 log = logging.getLogger("potstill.serve")
 
@@ -52,20 +52,20 @@ class ServiceTeacher:
 
     def check(self) -> None:
         """Fail in one line, before anything is loaded, when the teacher or its tokenizer cannot be read."""
-        from teacher_gen.model_info import describe_teacher
-        from teacher_gen.runner import load_tokenizer
+        from potstill.teacher_gen.model_info import describe_teacher
+        from potstill.teacher_gen.runner import load_tokenizer
 
         self.spec = describe_teacher(self.config)
         self.tokenizer = load_tokenizer(self.config)
 
     def load(self) -> None:
         if self.config.backend == "vllm":
-            from teacher_gen.vllm_backend import VLLMTeacher, on_cpu
+            from potstill.teacher_gen.vllm_backend import VLLMTeacher, on_cpu
 
             self.model = VLLMTeacher(self.config, self.spec, self.tokenizer, max_length=None).llm
             self.device = "cpu" if on_cpu() else "cuda"  # where vLLM's platform runs it
             return
-        from teacher_gen.hf_backend import load_model, pick_device
+        from potstill.teacher_gen.hf_backend import load_model, pick_device
 
         device = pick_device(self.config.device)
         self.model = load_model(self.config, self.spec).to(device).eval()
@@ -157,7 +157,7 @@ class JobRunner:
             shutil.rmtree(os.path.join(self.inputs_dir, job.id), ignore_errors=True)
 
     def _execute(self, job: Job) -> None:
-        from teacher_gen.runner import Progress, generate
+        from potstill.teacher_gen.runner import Progress, generate
 
         if job.teacher != self.settings.teacher:
             raise PotstillError(f"the job was accepted by a service serving {job.teacher}; "
