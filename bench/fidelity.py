@@ -77,7 +77,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from potstill.store import open_store, store_info
+from potstill.share import store_info
+from potstill.store import open_store
 from potstill.student_train.data import StoreDataset
 from potstill.student_train.losses import masked_mean
 from potstill.student_train.model import DistillModel

@@ -12,13 +12,13 @@ from storehelpers import make_manifest, random_record
 from typer.testing import CliRunner
 
 import potstill.store.manifest as manifest_module
+from potstill.share import store_info
 from potstill.store import (
     FormatVersionError,
     StoreError,
     TargetSpec,
     create_store,
     open_store,
-    store_info,
     verify_store,
 )
 from potstill.store.codec import (

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from genhelpers import config, prompt_rows, run_cli, write_jsonl
 
-from potstill.store import open_store, store_info, verify_store
+from potstill.share import store_info
+from potstill.share.info import describe_targets
+from potstill.store import open_store, verify_store
 from potstill.store.codec import (
     MAX_ID_ORDER,
     IdOrder,
@@ -34,7 +36,6 @@ from potstill.store.codec import (
     unpack_varbits,
 )
 from potstill.store.errors import StoreError
-from potstill.store.info import describe_targets
 from potstill.store.manifest import StoreManifest, TargetSpec
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.runner import generate

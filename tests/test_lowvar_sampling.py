@@ -14,10 +14,10 @@ import pytest
 import torch
 from genhelpers import config, prompt_rows, run_cli, write_jsonl
 
+from potstill.share.info import describe_targets
 from potstill.store import open_store, verify_store
 from potstill.store.codec import sampled_from_draws
 from potstill.store.errors import StoreError
-from potstill.store.info import describe_targets
 from potstill.store.manifest import StoreManifest, TargetSpec
 from potstill.student_train.data import hybrid_weights
 from potstill.student_train.losses import sampled_kd

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from genhelpers import config, write_jsonl
 
-from potstill.store import format_info, open_store, store_info
+from potstill.share import format_info, store_info
+from potstill.store import open_store
 from potstill.store.errors import PotstillError
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.rationale import split_rationale

@@ -16,7 +16,8 @@ from storehelpers import TOKENIZER_FILES, make_manifest, random_record
 
 import potstill.store.records as records_module
 import potstill.teacher_gen.runner as runner_module
-from potstill.store import StoreError, TargetSpec, create_store, open_store, store_info, verify_store
+from potstill.share import store_info
+from potstill.store import StoreError, TargetSpec, create_store, open_store, verify_store
 from potstill.store.records import log_of_mass
 from potstill.teacher_gen.runner import generate
 

@@ -229,7 +229,8 @@ def _teacher_answers(store_url: str) -> dict[str, tuple[str, str | None]]:
 
 
 def _store_summary(store_url: str) -> dict[str, Any]:
-    from potstill.store import open_store, store_info
+    from potstill.share import store_info
+    from potstill.store import open_store
 
     info = store_info(open_store(store_url))
     return {"path": store_url, "records": info["records"], "tokens": info["tokens"],
