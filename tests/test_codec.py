@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from storehelpers import make_manifest, random_record
+from common import make_manifest, random_record
 from typer.testing import CliRunner
 
 import potstill.store.manifest as manifest_module

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from common import build_student, prompt_rows, write_jsonl
 from faultcampaigns import (
     TrainSetup,
     Trigger,
@@ -28,8 +29,8 @@ from faultcampaigns import (
     train_campaign,
     train_result,
 )
-from genhelpers import prompt_rows, run_cli, write_jsonl
-from trainhelpers import arithmetic_items, build_student, build_teacher_store
+from genhelpers import run_cli
+from trainhelpers import arithmetic_items, build_teacher_store
 
 SEED = 11
 

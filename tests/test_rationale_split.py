@@ -4,7 +4,8 @@ never takes the template's placeholder X; `answer_match` picks the first or the 
 from __future__ import annotations
 
 import pytest
-from genhelpers import config, write_jsonl
+from common import write_jsonl
+from genhelpers import config
 
 from potstill.share import format_info, store_info
 from potstill.store import open_store

@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from genhelpers import config, reference_logprobs, write_jsonl
+from common import write_jsonl
+from genhelpers import config, reference_logprobs
 from realmodel import EXPECTED, chat_prompts
 
 from potstill.store import decode_hidden, open_store, verify_store
