@@ -39,8 +39,6 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
 from potstill.share import store_info
 from potstill.store import (
     HiddenLayer,
