@@ -12,7 +12,6 @@ from fidelity_common import STORES, pm
 GRAD_BLOCKS, GRAD_REPEATS = 4, 6  # gradient variance: held-out blocks, target draws per variant
 
 
-# -- gradient variance -------------------------------------------------------------------------------
 def target_weights(variant: str, teacher: Any, x: torch.Tensor, repeat: int) -> torch.Tensor:
     """Dense [P, V] target weights of one draw of `variant`'s targets at every next-token position of
     blocks `x`, made by the capture code itself (`teacher_gen.capture.topk_logprobs`, the sampler and
