@@ -51,8 +51,8 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig, app: typer.Typer, log: Any = print) -> dict[str, Any]:
-    """Run the demo; each step is a `potstill` command run in-process through `app`, the command's own
-    app (the caller passes it: the demo is one of its commands)."""
+    """Run the demo. Each step runs a `potstill` command in-process through `app`, the app the demo
+    command is registered on (passed in, not imported: the demo is one of that app's commands)."""
     from potstill.cli.threads import apply_threads, auto_threads
 
     threads = apply_threads(config.threads or auto_threads())  # before torch is imported
