@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from potstill.share import store_info
 from potstill.store import (
     HiddenSpec,
     Record,
@@ -45,7 +46,6 @@ from potstill.store import (
     TokenizerInfo,
     create_store,
     open_store,
-    store_info,
 )
 from potstill.store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws
 from potstill.student_train.data import collate, record_sequence

@@ -29,12 +29,9 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PROMPTS = os.path.join(ROOT, "tests", "data", "chat_prompts.jsonl")

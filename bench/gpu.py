@@ -45,9 +45,27 @@ from types import SimpleNamespace
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the checkout's packages
 sys.path.insert(0, HERE)  # capture.py, train_step.py
 sys.path.append(os.path.join(HERE, "_gpu_deps"))  # carried packages, used only where the machine has none
+
+
+def _import_checkout() -> None:
+    """The GPU machine installs nothing: where potstill is not installed, import this checkout's
+    folders as pyproject.toml's package-dir maps them (store/ is potstill.store, ...)."""
+    try:
+        import potstill.store
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("potstill"):
+            raise
+        root = os.path.dirname(HERE)
+        sys.path.insert(0, root)
+        sys.modules.pop("potstill", None)
+        import potstill
+
+        potstill.__path__.append(root)  # potstill.X: the checkout's X/ folder
+
+
+_import_checkout()
 
 import capture as capture_bench  # noqa: E402
 import numpy as np  # noqa: E402

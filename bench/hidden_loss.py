@@ -7,7 +7,7 @@ times larger than the KD loss and takes over the gradient; cosine and the standa
 depend on the scale.
 
 1. A store: the teacher (SmolLM2-135M-Instruct, 30 layers of width 576; `--teacher` a GGUF file or a
-   model folder; by default the tests' copy, fetched once by tests/realmodel.py) answers 60 prompts
+   model folder; by default the tests' copy, fetched once by bench/common.py, the tests' copy) answers 60 prompts
    (the 20 chat prompts of tests/data/chat_prompts.jsonl and 40 short questions made here), greedy,
    up to 64 new tokens, top-K 16, with its hidden states after layer 15 and after the final norm (30).
 2. One student init: Llama, 4 layers of width 256, the teacher's tokenizer (≈15.7M parameters, most
@@ -36,7 +36,6 @@ import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 VARIANTS = ("none", "mse", "cosine", "standardized_mse")
 HIDDEN_MAP = "2:15,4:30"
@@ -62,8 +61,7 @@ def questions() -> list[dict[str, Any]]:
 def teacher_path(given: str | None) -> str:
     if given:
         return given
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from realmodel import fetch_real_teacher
+    from common import fetch_real_teacher
 
     return fetch_real_teacher().folder
 

@@ -12,12 +12,8 @@ absolute error of each, in nats, and which is smaller. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from potstill.store.codec import LogprobQuantizer
 

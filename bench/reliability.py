@@ -38,11 +38,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from a checkout
-sys.path.insert(0, os.path.join(REPO, "tests"))  # the campaigns and the tiny models
-
-from faultcampaigns import (  # noqa: E402
+from common import HOSTILE_LINES, build_llama, build_student, build_tokenizer, prompt_rows, write_jsonl
+from faultcampaigns import (
     COPY_POINTS,
     GENERATE_POINTS,
     TRAIN_POINTS,
@@ -57,8 +54,7 @@ from faultcampaigns import (  # noqa: E402
     store_contents,
     train_campaign,
 )
-from faults import flip_bytes, rewrite_column  # noqa: E402
-from genhelpers import prompt_rows, write_jsonl  # noqa: E402
+from faults import flip_bytes, rewrite_column
 
 
 @dataclass
@@ -307,8 +303,6 @@ def refusals(ctx: dict[str, Any], seed: int, quick: bool) -> list[Row]:
 # -- hostile prompts -------------------------------------------------------------------------------
 def hostile_lines() -> list[tuple[bytes, str | None]]:
     """(raw line, reason it is skipped for; None: odd but valid, written as given)."""
-    from test_generate_integrity import HOSTILE_LINES
-
     lines: list[tuple[bytes, str | None]] = [(raw.encode(), reason) for raw, reason in HOSTILE_LINES.values()]
     lines += [
         (b'{"id": "latin-1", "prompt": "caf\xe9"}', "not valid UTF-8"),
@@ -376,9 +370,7 @@ def hostile_prompts(ctx: dict[str, Any], seed: int) -> Row:
 
 # -- main ------------------------------------------------------------------------------------------
 def prepare(work: str, seed: int) -> dict[str, Any]:
-    """The tiny teacher and student of the tests, a prompt file, and a store generated from it."""
-    from tinymodels import build_llama, build_tokenizer
-    from trainhelpers import build_student
+    """The tiny teacher and student (the tests' too, bench/common.py), a prompt file, and a store generated from it."""
     from transformers import AutoTokenizer
 
     tok, teacher = os.path.join(work, "tokenizer"), os.path.join(work, "teacher")

@@ -18,13 +18,10 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from potstill.teacher_gen.capture import SAMPLE_BLOCK_ELEMENTS, sample_chunk, sampling_cdf
 

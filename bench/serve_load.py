@@ -11,7 +11,7 @@ load (default)  Starts a real `potstill serve` (a subprocess on 127.0.0.1), give
                 difference over K is what a job boundary costs, i.e. the most that merging queued
                 jobs into shared batches could save.
 
-The teacher is --teacher (a local folder), or a random Llama built from tests/tinymodels.py
+The teacher is --teacher (a local folder), or a random Llama built from bench/common.py
 (--hidden, --layers). Prints JSON (also to --out).
 
     python bench/serve_load.py                                 # load: 8 clients x 50 jobs, 20 s
@@ -34,17 +34,14 @@ import tempfile
 import time
 from typing import Any
 
+from common import build_llama, build_tokenizer, prompt_rows, write_jsonl
+
+from potstill.teacher_gen.service.client import ServiceClient
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from a checkout
-sys.path.insert(0, os.path.join(REPO, "tests"))  # tinymodels, genhelpers
-
-from genhelpers import prompt_rows, write_jsonl  # noqa: E402
-
-from potstill.teacher_gen.service.client import ServiceClient  # noqa: E402
 
 
 def build_teacher(folder: str, hidden: int, layers: int) -> str:
-    from tinymodels import build_llama, build_tokenizer
     from transformers import AutoTokenizer
 
     tok_dir, teacher = os.path.join(folder, "tokenizer"), os.path.join(folder, "teacher")

@@ -36,10 +36,9 @@ import tempfile
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from potstill.cli.threads import auto_threads, usable_cpus
 
-from potstill.cli.threads import auto_threads, usable_cpus  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # OpenMP / MKL settings a contender must not inherit from the shell running the bench.
 CLEARED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")

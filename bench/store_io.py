@@ -39,8 +39,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
+from potstill.share import store_info
 from potstill.store import (
     HiddenLayer,
     HiddenSpec,
@@ -52,7 +51,6 @@ from potstill.store import (
     TokenizerInfo,
     create_store,
     open_store,
-    store_info,
 )
 
 # One record's targets, token-major: topk_ids [n, K], topk_logprobs [n, K], token_logprob [n], tail_logprob [n].

@@ -25,16 +25,12 @@ both on a real teacher's exact distributions over held-out text, with no trainin
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import sysconfig
 import time
 
+import fidelity_common  # the fidelity bench's corpus helpers
 import numpy as np
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fidelity  # the bench's corpus helpers
 
 
 def teacher_outputs(model_dir: str, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,12 +153,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
-    files = fidelity.corpus_files(args.corpus)
-    held = fidelity.read_texts([f for f in files if fidelity.is_heldout(f, args.corpus, fidelity.Scale.heldout_fraction)])
-    every = fidelity.blocks_of(held, tokenizer, args.seq)
+    files = fidelity_common.corpus_files(args.corpus)
+    held = fidelity_common.read_texts([f for f in files if fidelity_common.is_heldout(f, args.corpus, fidelity_common.Scale.heldout_fraction)])
+    every = fidelity_common.blocks_of(held, tokenizer, args.seq)
     blocks = every[np.random.default_rng(0).permutation(len(every))[: args.blocks]]
     h, p, y, w = teacher_outputs(args.teacher, blocks)
-    fidelity.say(f"{len(p)} positions, hidden size {h.shape[1]}, vocabulary {p.shape[1]}; "
+    fidelity_common.say(f"{len(p)} positions, hidden size {h.shape[1]}, vocabulary {p.shape[1]}; "
                  f"mean p of the next token {p[torch.arange(len(y)), y].mean().item():.3f}")
 
     print("| coefficients r | bits | target B/token | KL(p ‖ p̃) | ‖p − p̃‖² |")
@@ -179,7 +175,7 @@ def main() -> None:
         plain = f"{at_distinct(rows, r['distinct_exact_y']):.5f}" if r["distinct_exact_y"] <= top else "-"
         print(f"| {r['samples']} | {r['distinct']:.2f} | {r['sq_error']:.5f} | {r['distinct_exact_y']:.2f} | "
               f"{r['sq_error_exact_y']:.5f} | {plain} |")
-    fidelity.say(f"done in {(time.time() - started) / 60:.1f} min")
+    fidelity_common.say(f"done in {(time.time() - started) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -21,4 +21,4 @@ def register(app: typer.Typer) -> None:
         from potstill.cli.demo.run import DemoConfig, run_demo
 
         run_demo(DemoConfig(out=out, student_steps=student_steps, train_problems=train_problems,
-                            eval_problems=eval_problems, threads=resolve_threads(threads)))
+                            eval_problems=eval_problems, threads=resolve_threads(threads)), app)

@@ -7,8 +7,8 @@ import json
 import typer
 
 from potstill.cli.options import APP_SETTINGS
-from potstill.store import Store, copy_store, export_store, format_info, open_store, store_info, verify_store
-from potstill.store.report import ReportConfig, write_report
+from potstill.share import ReportConfig, export_store, format_info, store_info, write_report
+from potstill.store import Store, copy_store, open_store, verify_store
 from potstill.store.verify import report_json
 
 app = typer.Typer(help="Inspect, check, copy, export and report on a store.", **APP_SETTINGS)

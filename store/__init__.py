@@ -6,8 +6,6 @@ No model is ever loaded here: the store only moves bytes.
 from potstill.store.commit import CommitRecord
 from potstill.store.copy import CopyReport, copy_store
 from potstill.store.errors import FormatVersionError, PotstillError, StoreError
-from potstill.store.export import export_store
-from potstill.store.info import format_info, store_info
 from potstill.store.manifest import (
     FORMAT_VERSION,
     HiddenLayer,
@@ -47,13 +45,10 @@ __all__ = [
     "copy_store",
     "create_store",
     "decode_hidden",
-    "export_store",
     "find_leftovers",
-    "format_info",
     "new_writer_id",
     "open_store",
     "potstill_version",
-    "store_info",
     "tokenizer_fingerprint",
     "verify_store",
 ]

@@ -33,6 +33,16 @@ def parse_shard_name(name: str) -> tuple[str, int] | None:
     return (m.group("writer"), int(m.group("seq"))) if m else None
 
 
+def seqs_for_writer(names: list[str], writer_id: str) -> list[int]:
+    """The shard counters of one writer among shard or commit-record names."""
+    out = []
+    for name in names:
+        parsed = parse_shard_name(name.removesuffix(".json"))
+        if parsed and parsed[0] == writer_id:
+            out.append(parsed[1])
+    return out
+
+
 @dataclass
 class CommitRecord:
     shard: str

@@ -8,7 +8,7 @@ import hashlib
 import os
 import posixpath
 import secrets
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -16,6 +16,14 @@ from fsspec import AbstractFileSystem
 from potstill.store.errors import StoreError
 
 _CHUNK = 8 << 20
+
+
+class StoreLocation(Protocol):
+    """Where a store lives: its filesystem and root path. A `Store` is one; the modules the reader
+    builds on (leases, writer) ask for no more than this, so they never import the reader."""
+
+    fs: AbstractFileSystem
+    root: str
 
 
 def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:

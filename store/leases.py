@@ -15,20 +15,17 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from potstill.store.commit import loads_json_object
-from potstill.store.fs import join, listdir_names, read_bytes, write_bytes
+from potstill.store.fs import StoreLocation, join, listdir_names, read_bytes, write_bytes
 from potstill.store.manifest import utc_now
-
-if TYPE_CHECKING:
-    from potstill.store.reader import Store
 
 HEARTBEAT_S = 30.0  # a live writer refreshes its lease at least this often
 STALE_AFTER_S = 600.0  # a lease of another host whose heartbeat is older than this is dead
 
 
-def lease_path(store: Store, writer_id: str) -> str:
+def lease_path(store: StoreLocation, writer_id: str) -> str:
     return join(store.root, "writers", f"{writer_id}.json")
 
 
@@ -36,7 +33,7 @@ class WriterLease:
     """The advisory lease of one writer: written at start, refreshed by a heartbeat thread and at
     every commit, removed at close. `extra` adds keys to the lease (a run's partition, say)."""
 
-    def __init__(self, store: Store, writer_id: str, heartbeat_s: float = HEARTBEAT_S,
+    def __init__(self, store: StoreLocation, writer_id: str, heartbeat_s: float = HEARTBEAT_S,
                  extra: dict[str, Any] | None = None) -> None:
         self.store = store
         self.writer_id = writer_id
@@ -100,7 +97,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def lease_status(store: Store, writer_id: str, stale_after_s: float = STALE_AFTER_S) -> LeaseStatus:
+def lease_status(store: StoreLocation, writer_id: str, stale_after_s: float = STALE_AFTER_S) -> LeaseStatus:
     """Whether a writer is alive, from its lease: on this host, whether its process runs; on
     another host, whether its heartbeat is recent."""
     try:
@@ -124,7 +121,7 @@ def lease_status(store: Store, writer_id: str, stale_after_s: float = STALE_AFTE
     return LeaseStatus(writer_id, True, f"its writer's heartbeat (on {host}) is {age:.0f} s old", lease)
 
 
-def all_leases(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[LeaseStatus]:
+def all_leases(store: StoreLocation, stale_after_s: float = STALE_AFTER_S) -> list[LeaseStatus]:
     """The status of every lease in the store."""
     names = listdir_names(store.fs, join(store.root, "writers"))
     return [lease_status(store, n[:-5], stale_after_s) for n in names if n.endswith(".json") and not n.startswith(".")]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import zarr
 
 from potstill.store.checks import value_problems
-from potstill.store.commit import CommitRecord, check_writer_id, parse_shard_name
+from potstill.store.commit import CommitRecord, check_writer_id, parse_shard_name, seqs_for_writer
 from potstill.store.errors import FormatVersionError, StoreError
 from potstill.store.fs import (
     check_relative,
@@ -34,7 +34,7 @@ from potstill.store.fs import (
 )
 from potstill.store.manifest import FileEntry, StoreManifest
 from potstill.store.records import ColumnViews, Record, arrow_schema, hidden_problem
-from potstill.store.writer import ShardWriter, seqs_for_writer
+from potstill.store.writer import ShardWriter
 
 MANIFEST = "manifest.json"
 CACHE_ENV = "POTSTILL_CACHE_DIR"

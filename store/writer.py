@@ -8,7 +8,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -16,17 +16,31 @@ import zarr
 from zarr.codecs import BytesCodec
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
-from potstill.store.commit import CommitRecord, check_writer_id, parse_shard_name, shard_name
+from potstill.store.commit import CommitRecord, check_writer_id, shard_name
 from potstill.store.errors import StoreError
-from potstill.store.fs import fsync_dir, fsync_file, is_local, join, sha256_bytes, sha256_file, write_bytes
+from potstill.store.fs import (
+    StoreLocation,
+    fsync_dir,
+    fsync_file,
+    is_local,
+    join,
+    sha256_bytes,
+    sha256_file,
+    write_bytes,
+)
 from potstill.store.leases import HEARTBEAT_S, WriterLease
-from potstill.store.manifest import FileEntry, HiddenLayer
+from potstill.store.manifest import FileEntry, HiddenLayer, StoreManifest
 from potstill.store.records import Record, records_to_batch, target_nbytes, validate_record
 
-if TYPE_CHECKING:
-    from potstill.store.reader import Store
-
 _CHUNK_KEYS = DefaultChunkKeyEncoding(separator="/")  # chunk (i, 0) lives at c/<i>/0
+
+
+class WritableStore(StoreLocation, Protocol):
+    """What a `ShardWriter` needs of a `Store` (which builds writers, so the writer does not import it)."""
+
+    manifest: StoreManifest
+
+    def next_seq(self, writer_id: str) -> int: ...
 
 
 def new_writer_id(prefix: str = "w") -> str:
@@ -131,7 +145,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        store: Store,
+        store: WritableStore,
         writer_id: str | None = None,
         *,
         shard_records: int = 1024,
@@ -302,12 +316,3 @@ class _LocalFS:
 
 
 _LOCAL = _LocalFS()
-
-
-def seqs_for_writer(names: list[str], writer_id: str) -> list[int]:
-    out = []
-    for name in names:
-        parsed = parse_shard_name(name.removesuffix(".json"))
-        if parsed and parsed[0] == writer_id:
-            out.append(parsed[1])
-    return out

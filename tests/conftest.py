@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (storehelpers, tinymodels)
+sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (storehelpers, genhelpers)
+# ... and the bench's shared set-up (bench/common.py: tiny models, prompts) and fault campaigns
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,7 +27,7 @@ def _private_cache(tmp_path_factory) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> str:
-    from tinymodels import build_tokenizer
+    from common import build_tokenizer
 
     path = str(tmp_path_factory.mktemp("tokenizer"))
     build_tokenizer(path)
@@ -35,7 +37,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> str:
     """A 2-layer random Llama teacher with the tiny tokenizer, saved like a real checkpoint."""
-    from tinymodels import build_llama
+    from common import build_llama
     from transformers import AutoTokenizer
 
     path = str(tmp_path_factory.mktemp("teacher"))
@@ -47,7 +49,7 @@ def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> str:
 @pytest.fixture(scope="session")
 def vllm_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> str:
     """A 2-layer random Llama with attention heads of width 32, the smallest vLLM's CPU attention runs."""
-    from tinymodels import build_llama
+    from common import build_llama
     from transformers import AutoTokenizer
 
     path = str(tmp_path_factory.mktemp("vllm_teacher"))

@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from typing import Any
 
 import numpy as np
-
-TEXT = ("the quick brown fox jumps over the lazy dog a teacher writes what it knows into a store "
-        "students learn from the store without the teacher what is 12 plus 35 the answer is 47")
-WORDS = TEXT.split(" ")
-
-
-def write_jsonl(path: str, rows: list[Any]) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
-    return path
-
-
-def sentence(rng: np.random.Generator, lo: int = 3, hi: int = 12) -> str:
-    return " ".join(rng.choice(WORDS, size=int(rng.integers(lo, hi))))
-
-
-def prompt_rows(n: int, seed: int = 0, completion: bool = True) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        row: dict[str, Any] = {"id": f"r{i:04d}", "prompt": sentence(rng)}
-        if completion:
-            row["completion"] = sentence(rng, 1, 8)
-        rows.append(row)
-    return rows
 
 
 def config(teacher: str, prompts: str, store: str, **overrides: Any):

@@ -15,7 +15,8 @@ import textwrap
 import click
 import pytest
 import typer
-from genhelpers import prompt_rows, run_cli, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import run_cli
 from typer.testing import CliRunner
 
 from potstill.cli.main import app

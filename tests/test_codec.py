@@ -8,17 +8,17 @@ import os
 
 import numpy as np
 import pytest
-from storehelpers import make_manifest, random_record
+from common import make_manifest, random_record
 from typer.testing import CliRunner
 
 import potstill.store.manifest as manifest_module
+from potstill.share import store_info
 from potstill.store import (
     FormatVersionError,
     StoreError,
     TargetSpec,
     create_store,
     open_store,
-    store_info,
     verify_store,
 )
 from potstill.store.codec import (

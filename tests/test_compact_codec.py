@@ -13,9 +13,12 @@ import json
 
 import numpy as np
 import pytest
-from genhelpers import config, prompt_rows, run_cli, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import config, run_cli
 
-from potstill.store import open_store, store_info, verify_store
+from potstill.share import store_info
+from potstill.share.info import describe_targets
+from potstill.store import open_store, verify_store
 from potstill.store.codec import (
     MAX_ID_ORDER,
     IdOrder,
@@ -34,7 +37,6 @@ from potstill.store.codec import (
     unpack_varbits,
 )
 from potstill.store.errors import StoreError
-from potstill.store.info import describe_targets
 from potstill.store.manifest import StoreManifest, TargetSpec
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.runner import generate
@@ -309,7 +311,7 @@ def test_compact_top_k_targets_are_refused_before_anything_is_written(tmp_path, 
 
 
 def test_generate_compact2_then_train_through_the_cli(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir, prompts) -> None:
-    from trainhelpers import build_student
+    from common import build_student
 
     url = str(tmp_path / "cli.store")
     out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", url, "--targets", "sampled",

@@ -2,8 +2,8 @@
 seeded random moments (from outside, and at kill points inside: mid-shard, mid-commit-record,
 mid-checkpoint), each followed by a rerun of the same command, then compared with an uninterrupted
 reference run: every record exactly once and byte for byte the same, every copied file the same,
-the same loss curve and weights; nothing left behind. The campaigns live in tests/faultcampaigns.py
-(bench/reliability.py runs them at a larger scale); the kill points in tests/killpoints.py.
+the same loss curve and weights; nothing left behind. The campaigns live in bench/faultcampaigns.py
+(bench/reliability.py runs them at a larger scale); the kill points in bench/killpoints.py.
 
 Each campaign collects what it finds as `violations`, one sentence each, so that a failure says
 which kill broke what.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from common import build_student, prompt_rows, write_jsonl
 from faultcampaigns import (
     TrainSetup,
     Trigger,
@@ -28,8 +29,8 @@ from faultcampaigns import (
     train_campaign,
     train_result,
 )
-from genhelpers import prompt_rows, run_cli, write_jsonl
-from trainhelpers import arithmetic_items, build_student, build_teacher_store
+from genhelpers import run_cli
+from trainhelpers import arithmetic_items, build_teacher_store
 
 SEED = 11
 

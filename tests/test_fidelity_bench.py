@@ -1,4 +1,4 @@
-"""bench/fidelity.py: its cached teacher (the reference, full KD, of the real-teacher student comparison
+"""bench/fidelity_common.py: its cached teacher (the reference, full KD, of the real-teacher student comparison
 trains against log-probabilities computed once, so they must be the teacher's own, row for row), and
 its verdict against the goal."""
 
@@ -7,15 +7,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
-import sys
 
+import fidelity_bands
+import fidelity_common
+import fidelity_real_students
+import fidelity_students
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import fidelity
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def _blocks() -> list[np.ndarray]:
 
 def test_cached_log_probs_are_the_teachers_row_for_row(tmp_path, teacher):
     blocks = _blocks()
-    cache = fidelity.CachedTeacher(str(tmp_path / "t.f16"), blocks, teacher)
+    cache = fidelity_real_students.CachedTeacher(str(tmp_path / "t.f16"), blocks, teacher)
     # a right-padded batch in another order, as the store loader makes them
     order = [3, 0, 9]
     x = torch.zeros(3, 12, dtype=torch.int64)
@@ -67,12 +66,12 @@ def test_cached_log_probs_are_the_teachers_row_for_row(tmp_path, teacher):
 def test_cache_is_reused_only_for_the_same_blocks(tmp_path, teacher):
     blocks = _blocks()
     path = str(tmp_path / "t.f16")
-    first = fidelity.CachedTeacher(path, blocks, teacher)
-    again = fidelity.CachedTeacher(path, blocks, None)  # no teacher needed: read from the work folder
+    first = fidelity_real_students.CachedTeacher(path, blocks, teacher)
+    again = fidelity_real_students.CachedTeacher(path, blocks, None)  # no teacher needed: read from the work folder
     x = torch.from_numpy(np.stack([blocks[0], blocks[1]]))
     assert torch.equal(first(input_ids=x).logits, again(input_ids=x).logits)
     with pytest.raises(SystemExit, match="no cached teacher log-probabilities"):
-        fidelity.CachedTeacher(path, blocks[:5], None)
+        fidelity_real_students.CachedTeacher(path, blocks[:5], None)
     with pytest.raises(KeyError):  # a row the cache never saw is not silently zero
         first(input_ids=torch.full((1, 12), 5, dtype=torch.int64))
 
@@ -92,8 +91,8 @@ def test_verdict_needs_every_seed_and_compares_ece_as_printed():
         "miscalibrated": [_run(4.0, 0.0201)] * 3,
     }
     sizes = {"steady": 30.0, "one-bad-seed": 30.0, "dear": 40.1, "miscalibrated": 30.0}
-    rows = fidelity.summarize(results, {k: {"target_bytes_per_token": v} for k, v in sizes.items()})
-    lines = dict(line.split(": ", 1) for line in fidelity.verdict(rows))
+    rows = fidelity_students.summarize(results, {k: {"target_bytes_per_token": v} for k, v in sizes.items()})
+    lines = dict(line.split(": ", 1) for line in fidelity_students.verdict(rows))
     assert lines["steady"].endswith("MEETS the target"), lines["steady"]
     assert "94.0 % on its worst of 3 seeds (< 95 %)" in lines["one-bad-seed"]
     assert lines["one-bad-seed"].endswith("misses the target")
@@ -143,30 +142,30 @@ def test_report_merges_runs_of_other_seeds_only_with_the_same_settings(tmp_path)
     def run(seed_ce: float, **scale: float) -> dict:
         runs = {"ce": [_run(seed_ce, 0.03)], "full": [_run(4.0, 0.02)]}
         return {"teacher": {"ce": 3.9}, "stores": {}, "runs": runs, "curves": {"ce": [{}], "full": [{}]},
-                "gradient_variance": {}, "scale": dataclasses.asdict(fidelity.Scale()) | scale}
+                "gradient_variance": {}, "scale": dataclasses.asdict(fidelity_common.Scale()) | scale}
 
     paths = []
     for name, saved in {"a": run(5.0), "b": run(5.1), "c": run(5.2, student_beta2=0.999)}.items():
         paths.append(str(tmp_path / f"{name}.json"))
         with open(paths[-1], "w") as f:
             json.dump(saved, f)
-    merged = fidelity.merged_runs(paths[:2])
+    merged = fidelity_students.merged_runs(paths[:2])
     assert [r["ce"] for r in merged["runs"]["ce"]] == [5.0, 5.1]
     with pytest.raises(SystemExit, match="student settings"):
-        fidelity.merged_runs(paths[1:])
+        fidelity_students.merged_runs(paths[1:])
     # a target-error run (no students) merges with nothing, whichever file comes first
     target_error = str(tmp_path / "t.json")
     with open(target_error, "w") as f:
         json.dump({"real_teacher": "t", "runs": []}, f)
     for pair in ([target_error, paths[0]], [paths[0], target_error]):
         with pytest.raises(SystemExit, match="is not a run of the same teacher"):
-            fidelity.merged_runs(pair)
+            fidelity_students.merged_runs(pair)
 
 
 @pytest.mark.parametrize("final", [0.1, 0.0])
 def test_student_schedule_warms_up_then_ends_at_its_final_fraction(final):
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    lr = fidelity.schedule(optimizer, steps=100, warmup=5, final=final)
+    lr = fidelity_common.schedule(optimizer, steps=100, warmup=5, final=final)
     seen = []
     for _ in range(100):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -177,16 +176,16 @@ def test_student_schedule_warms_up_then_ends_at_its_final_fraction(final):
 
 
 def test_eval_steps_for_other_run_lengths_are_the_cpu_scales_fractions():
-    assert fidelity.eval_steps_for(400) == fidelity.SCALES["cpu"].eval_steps
-    assert fidelity.eval_steps_for(100) == (12, 25, 50, 75)
-    assert fidelity.eval_steps_for(4) == (1, 2, 3)  # never step 0 or the last step (measured at the end)
+    assert fidelity_common.eval_steps_for(400) == fidelity_common.SCALES["cpu"].eval_steps
+    assert fidelity_common.eval_steps_for(100) == (12, 25, 50, 75)
+    assert fidelity_common.eval_steps_for(4) == (1, 2, 3)  # never step 0 or the last step (measured at the end)
 
 
 def test_student_optimizer_gives_the_output_layer_its_own_learning_rate(teacher):
-    scale = dataclasses.replace(fidelity.Scale(), student_lr=0.01, student_head_lr=5.0)
+    scale = dataclasses.replace(fidelity_common.Scale(), student_lr=0.01, student_head_lr=5.0)
     head = teacher.get_output_embeddings().weight
-    optimizer = fidelity.student_optimizer(teacher, head, scale)
-    lr = fidelity.schedule(optimizer, steps=10, warmup=1, final=0.1)
+    optimizer = fidelity_common.student_optimizer(teacher, head, scale)
+    lr = fidelity_common.schedule(optimizer, steps=10, warmup=1, final=0.1)
     rest, head_group = optimizer.param_groups
     assert head_group["params"] == [head] and all(p is not head for p in rest["params"])
     assert len(rest["params"]) + 1 == len(list(teacher.parameters()))
@@ -195,7 +194,7 @@ def test_student_optimizer_gives_the_output_layer_its_own_learning_rate(teacher)
     assert rest["lr"] == pytest.approx(0.01) and head_group["lr"] == pytest.approx(0.05)
     assert rest["betas"] == head_group["betas"] == (0.9, 0.95)  # the head's β₂ is the others' unless set
     assert rest["weight_decay"] == head_group["weight_decay"] == 0.1
-    rest, head_group = fidelity.student_optimizer(
+    rest, head_group = fidelity_common.student_optimizer(
         teacher, head, dataclasses.replace(scale, student_head_beta2=0.999, student_head_wd=0.0)).param_groups
     assert rest["betas"] == (0.9, 0.95) and head_group["betas"] == (0.9, 0.999)
     assert rest["weight_decay"] == 0.1 and head_group["weight_decay"] == 0.0
@@ -204,21 +203,21 @@ def test_student_optimizer_gives_the_output_layer_its_own_learning_rate(teacher)
 def test_frequency_bands_rank_ids_by_their_count_in_the_text():
     counts = np.arange(2000)[::-1]  # id i occurs 2000 - i times: rank = id
     tokens = np.repeat(np.arange(2000), counts)
-    bands = fidelity.frequency_bands(tokens, 2048)
+    bands = fidelity_common.frequency_bands(tokens, 2048)
     assert bands[:16].tolist() == [0] * 16 and bands[16:256].tolist() == [1] * 240
     assert set(bands[256:1024].tolist()) == {2} and set(bands[1024:].tolist()) == {3}
     # ids that never occur rank last, after every id that does
-    swapped = fidelity.frequency_bands(np.concatenate([tokens, np.full(5000, 1999)]), 2048)
+    swapped = fidelity_common.frequency_bands(np.concatenate([tokens, np.full(5000, 1999)]), 2048)
     assert swapped[1999] == 0 and swapped[15] == 1
 
 
 def test_kl_by_band_adds_up_to_the_kl_and_the_band_table_pairs_seeds(teacher):
     torch.manual_seed(1)
-    student = fidelity.llama(97, 32, 1, 64, seed=5).eval()
+    student = fidelity_common.llama(97, 32, 1, 64, seed=5).eval()
     head_rms = np.linspace(1.0, 2.0, 97)
     heldout = np.stack(_blocks()[:3])
     bands = np.arange(97) % 4
-    out = fidelity.evaluate(student, teacher, heldout, "cpu", bands=bands, head_rms=head_rms)
+    out = fidelity_common.evaluate(student, teacher, heldout, "cpu", bands=bands, head_rms=head_rms)
     assert sum(out[f"kl_band{b}"] for b in range(4)) == pytest.approx(out["kl"], rel=1e-5)
     with torch.no_grad():  # float64 reference: Σ over the band's ids of p·(log p − log q), per position
         x = torch.from_numpy(heldout)
@@ -237,24 +236,24 @@ def test_kl_by_band_adds_up_to_the_kl_and_the_band_table_pairs_seeds(teacher):
     # mean top-1 probability minus the accuracy on the text's next tokens
     top, pred = s_log.exp().max(-1)
     assert out["overconfidence"] == pytest.approx((top.mean() - (pred == x[:, 1:]).double().mean()).item(), abs=1e-6)
-    assert "kl_band0" not in fidelity.evaluate(student, teacher, heldout, "cpu")
+    assert "kl_band0" not in fidelity_common.evaluate(student, teacher, heldout, "cpu")
 
     def run(kl: float, rms: float) -> dict[str, float]:
         return {f"kl_band{b}": kl * (b + 1) for b in range(4)} | {f"head_rms_band{b}": rms for b in range(4)}
 
-    table = fidelity.band_table({"ce": [run(0.5, 1.0), run(0.7, 1.0)], "full": [run(0.1, 1.0), run(0.2, 2.0)],
+    table = fidelity_bands.band_table({"ce": [run(0.5, 1.0), run(0.7, 1.0)], "full": [run(0.1, 1.0), run(0.2, 2.0)],
                                  "systematic64": [run(0.2, 2.0), run(0.3, 4.0)]})
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     # paired per seed: band 0's KL gap is +0.1 on both seeds; the RMS ratio is 2 on both
     assert "| +0.1000 ± 0.0000 | +0.2000 ± 0.0000 |" in rows["systematic64"] and "2.00 ± 0.00" in rows["systematic64"]
     assert "full" not in rows and "KL − full KD's, ids 1,024+" in table
-    assert fidelity.band_table({"ce": [{"ce": 1.0}], "full": [{"ce": 1.0}]}) == ""
+    assert fidelity_bands.band_table({"ce": [{"ce": 1.0}], "full": [{"ce": 1.0}]}) == ""
     assert "accuracy" not in table  # runs saved before the mass by band: no calibration table
 
     def calibrated(kl: float, rms: float, over: float) -> dict[str, float]:
         return run(kl, rms) | {"overconfidence": over} | {f"mass_band{b}": (1.5 - b) * over for b in range(4)}
 
-    table = fidelity.band_table({"ce": [calibrated(0.5, 1.0, 0.01), calibrated(0.7, 1.0, 0.03)],
+    table = fidelity_bands.band_table({"ce": [calibrated(0.5, 1.0, 0.01), calibrated(0.7, 1.0, 0.03)],
                                  "full": [calibrated(0.1, 1.0, 0.0), calibrated(0.2, 2.0, 0.0)]})
     second = table.split("\n\n")[1].splitlines()
     # band b holds (1.5 − b) × the gap: seeds 1 % and 3 % give band 0 1.5 % and 4.5 %

@@ -7,7 +7,8 @@ import os
 
 import numpy as np
 import pytest
-from genhelpers import config, prompt_rows, run_cli, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import config, run_cli
 
 from potstill.store import StoreError, open_store, verify_store
 from potstill.teacher_gen.config import GenerateConfig
@@ -406,7 +407,7 @@ def test_remote_code_is_refused_unless_allowed(tmp_path, tiny_tokenizer_dir):
 
 
 def test_writer_failure_stops_the_run_and_commits_nothing(tmp_path):
-    from storehelpers import TOKENIZER_FILES, make_manifest
+    from common import TOKENIZER_FILES, make_manifest
 
     from potstill.store import create_store
     from potstill.teacher_gen.writer import BackgroundWriter

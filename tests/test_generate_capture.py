@@ -6,14 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from genhelpers import (
-    assert_topk_close,
-    config,
-    prompt_rows,
-    reference_log_tail,
-    reference_logprobs,
-    write_jsonl,
-)
+from common import prompt_rows, write_jsonl
+from genhelpers import assert_topk_close, config, reference_log_tail, reference_logprobs
 
 from potstill.store import decode_hidden, open_store, verify_store
 from potstill.teacher_gen.errors import GenerateError

@@ -11,20 +11,12 @@ import sys
 import textwrap
 
 import pytest
-from genhelpers import config, popen_cli, prompt_rows, run_cli, write_jsonl
+from common import HOSTILE_LINES, prompt_rows, write_jsonl
+from genhelpers import config, popen_cli, run_cli
 
 from potstill.store import open_store, verify_store
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.runner import generate, partitions_overlap
-
-HOSTILE_LINES = {  # line number -> (raw line, reason it is skipped)
-    2: ('{"id": "huge", "prompt": "a", "n": ' + "9" * 5000 + "}", "a number with too many digits"),
-    3: ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
-    4: ('{"id": "surrogate", "prompt": "bad \\ud800 text", "completion": "x"}', "lone surrogate (\\ud800)"),
-    5: ('{"id": "key-surrogate", "prompt": "a", "completion": "b", "\\udfff": 1}', "lone surrogate (\\udfff)"),
-    6: ('{"id": "deep", "prompt": "a", "completion": "b", "meta": ' + "[" * 3000 + "]" * 3000 + "}",
-        "nested too deeply"),
-}
 
 
 def test_hostile_lines_are_skipped_with_their_number_and_reason(tmp_path, tiny_teacher_dir):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import itertools
 
-from genhelpers import config, prompt_rows, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import config
 
 from potstill.store import open_store
 from potstill.teacher_gen.jobs import GenRequest, derive_seed

@@ -6,7 +6,8 @@ import os
 import signal
 import time
 
-from genhelpers import popen_cli, prompt_rows, run_cli, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import popen_cli, run_cli
 
 from potstill.store import open_store, verify_store
 

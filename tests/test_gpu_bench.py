@@ -30,3 +30,30 @@ def test_gpu_bench_runs_end_to_end_on_cpu(tmp_path):
     assert report["kernel_per_chunk"] == report["fused_check"]
     assert report["hidden_layers"] == [1, 2, 4] and report["goals_met"]["store of_bare"] is False
     assert "| bare |" in proc.stdout
+
+
+# As on the GPU machine, which installs nothing: potstill's installed finder (the editable install's)
+# is taken away, so only bench/gpu.py's own mapping of the checkout's folders can import potstill.
+UNINSTALLED = """
+import runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in (getattr(f, "__module__", "") + repr(f)).lower()]
+try:
+    import potstill.store
+    raise SystemExit("potstill is still importable: this run would not show an uninstalled checkout")
+except ModuleNotFoundError:
+    pass
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+sys.path.insert(0, {bench!r})
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_gpu_bench_runs_from_a_checkout_where_potstill_is_not_installed(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    script = UNINSTALLED.format(bench=os.path.join(ROOT, "bench"))
+    proc = subprocess.run([sys.executable, "-c", script, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu",
+                           "--quick", "--skip-train", "--out", str(out)], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["rows"]["store"]["tokens_per_s"] > 0

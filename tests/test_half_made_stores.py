@@ -8,7 +8,8 @@ import shutil
 import sys
 
 import pytest
-from genhelpers import config, prompt_rows, run_cli, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import config, run_cli
 
 from potstill.store import open_store, verify_store
 from potstill.teacher_gen.errors import GenerateError

@@ -12,12 +12,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from genhelpers import config, prompt_rows, run_cli, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import config, run_cli
 
+from potstill.share.info import describe_targets
 from potstill.store import open_store, verify_store
 from potstill.store.codec import sampled_from_draws
 from potstill.store.errors import StoreError
-from potstill.store.info import describe_targets
 from potstill.store.manifest import StoreManifest, TargetSpec
 from potstill.student_train.data import hybrid_weights
 from potstill.student_train.losses import sampled_kd
@@ -223,7 +224,7 @@ def test_bad_sampler_settings_are_refused_in_one_line(tmp_path, tiny_teacher_dir
 
 
 def test_generate_hybrid_then_train_through_the_cli(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir, prompts) -> None:
-    from trainhelpers import build_student
+    from common import build_student
 
     url = str(tmp_path / "cli.store")
     out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", url, "--targets", "hybrid",

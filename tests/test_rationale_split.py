@@ -4,9 +4,11 @@ never takes the template's placeholder X; `answer_match` picks the first or the 
 from __future__ import annotations
 
 import pytest
-from genhelpers import config, write_jsonl
+from common import write_jsonl
+from genhelpers import config
 
-from potstill.store import format_info, open_store, store_info
+from potstill.share import format_info, store_info
+from potstill.store import open_store
 from potstill.store.errors import PotstillError
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.rationale import split_rationale

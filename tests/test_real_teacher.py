@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from genhelpers import config, reference_logprobs, write_jsonl
+from common import write_jsonl
+from genhelpers import config, reference_logprobs
 from realmodel import EXPECTED, chat_prompts
 
 from potstill.store import decode_hidden, open_store, verify_store
@@ -145,8 +146,7 @@ def test_rationale_mode_prompts_step_by_step_and_splits_the_answer(stores, token
 def test_the_default_answer_pattern_skips_the_template_placeholder_on_real_answers(stores):
     """The model often ends with the template's own "The answer is X." line: the loose rule of earlier
     versions took 'X' as the answer; the default pattern takes the real one before it, or none."""
-    from potstill.store import store_info
-    from potstill.store.info import format_info
+    from potstill.share import format_info, store_info
     from potstill.teacher_gen.rationale import split_rationale
 
     store = open_store(stores["arithmetic"])

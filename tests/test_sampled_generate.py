@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from genhelpers import chi_square, config, prompt_rows, reference_logprobs, run_cli, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import chi_square, config, reference_logprobs, run_cli
 
 from potstill.store import open_store, verify_store
 from potstill.teacher_gen.capture import sample_chunk

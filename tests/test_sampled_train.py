@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from genhelpers import write_jsonl
-from trainhelpers import arithmetic_items, build_student
+from common import build_student, write_jsonl
+from trainhelpers import arithmetic_items
 
 from potstill.store import open_store
 from potstill.student_train import ConfigError, TrainConfig, evaluate, train

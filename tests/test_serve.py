@@ -19,7 +19,8 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from genhelpers import config, prompt_rows, run_cli, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import config, run_cli
 from servehelpers import (
     REPO,
     TOKEN,

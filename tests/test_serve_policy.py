@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import httpx
 import pytest
-from genhelpers import prompt_rows, write_jsonl
+from common import prompt_rows, write_jsonl
 from servehelpers import REPO, Service, assert_complete, start_service, submit, wait_job
 
 from potstill.teacher_gen.service.paths import PathPolicy

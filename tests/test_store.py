@@ -15,7 +15,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from storehelpers import TOKENIZER_FILES, make_manifest, random_record
+from common import TOKENIZER_FILES, make_manifest, random_record
 
 from potstill.store import (
     FormatVersionError,
@@ -28,7 +28,7 @@ from potstill.store import (
     verify_store,
 )
 
-HERE = os.path.dirname(__file__)
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")  # bench/common.py
 
 
 def assert_same(got, want, with_hidden=True):
@@ -113,8 +113,8 @@ def test_create_refuses_other_settings(tmp_path):
 
 
 def _writer_process(url: str, writer_id: str, seed: int, count: int) -> None:
-    sys.path.insert(0, HERE)
-    from storehelpers import make_manifest, random_record
+    sys.path.insert(0, BENCH)
+    from common import make_manifest, random_record
 
     store = open_store(url)
     rng = np.random.default_rng(seed)
@@ -146,9 +146,9 @@ def test_several_writer_processes_at_once(tmp_path):
 KILLED_WRITER = textwrap.dedent(
     """
     import copy, sys, time
-    sys.path.insert(0, {here!r})
+    sys.path.insert(0, {bench!r})
     import numpy as np
-    from storehelpers import make_manifest, random_record
+    from common import make_manifest, random_record
     from potstill.store import open_store
     store = open_store({url!r})
     m = make_manifest(chunk_tokens=4)
@@ -165,7 +165,7 @@ KILLED_WRITER = textwrap.dedent(
 def test_writer_killed_mid_shard_leaves_no_visible_partial_shard(tmp_path):
     url = str(tmp_path / "s")
     create_store(url, make_manifest(chunk_tokens=4), TOKENIZER_FILES)
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(here=HERE, url=url)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(bench=BENCH, url=url)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from storehelpers import build_store
 
+from potstill.share.export import MANIFEST_KEY, export_store
 from potstill.store import StoreError, open_store
-from potstill.store.export import MANIFEST_KEY, export_store
 
 
 def load(path: str, tmp_path) -> datasets.Dataset:

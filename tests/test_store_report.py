@@ -13,8 +13,8 @@ import pytest
 from browser import find_chromium, load_page
 from storehelpers import build_store
 
+from potstill.share.report import ReportConfig, collect_stats, render_html, write_report
 from potstill.store import StoreError, open_store
-from potstill.store.report import ReportConfig, collect_stats, render_html, write_report
 
 N = 40  # draws per position in build_store's sampled stores
 

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from storehelpers import TOKENIZER_FILES, make_manifest, random_record
+from common import TOKENIZER_FILES, make_manifest, random_record
 
 from potstill.store import create_store, open_store, verify_store
 

@@ -11,12 +11,13 @@ import os
 import numpy as np
 import pyarrow as pa
 import pytest
-from genhelpers import config, prompt_rows, run_cli, write_jsonl
-from storehelpers import TOKENIZER_FILES, make_manifest, random_record
+from common import TOKENIZER_FILES, make_manifest, prompt_rows, random_record, write_jsonl
+from genhelpers import config, run_cli
 
 import potstill.store.records as records_module
 import potstill.teacher_gen.runner as runner_module
-from potstill.store import StoreError, TargetSpec, create_store, open_store, store_info, verify_store
+from potstill.share import store_info
+from potstill.store import StoreError, TargetSpec, create_store, open_store, verify_store
 from potstill.store.records import log_of_mass
 from potstill.teacher_gen.runner import generate
 
@@ -105,7 +106,8 @@ def test_a_2_0_packed_store_recomputes_its_tail_and_is_called_approximate(tmp_pa
 
 
 def test_a_1_0_store_trains_and_evaluates(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir) -> None:
-    from trainhelpers import arithmetic_items, build_student, build_teacher_store
+    from common import build_student
+    from trainhelpers import arithmetic_items, build_teacher_store
 
     from potstill.student_train import TrainConfig, evaluate, train
 

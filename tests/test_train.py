@@ -11,7 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from trainhelpers import arithmetic_items, build_student, build_teacher_store, copy_teacher
+from common import build_student
+from trainhelpers import arithmetic_items, build_teacher_store, copy_teacher
 from transformers import TrainerCallback
 
 from potstill.student_train import CompatibilityError, ConfigError, TrainConfig, build_config, evaluate, train
@@ -161,7 +162,7 @@ def test_two_torchrun_ranks_run_the_same_steps_over_uneven_shards(setup: dict) -
 
 
 def test_a_student_with_another_tokenizer_is_refused_in_one_line(setup: dict, tmp_path) -> None:
-    from tinymodels import CORPUS, build_tokenizer
+    from common import CORPUS, build_tokenizer
 
     other = str(tmp_path / "other-student")
     tok_dir = str(tmp_path / "other-tokenizer")
@@ -177,7 +178,7 @@ def test_a_student_with_another_tokenizer_is_refused_in_one_line(setup: dict, tm
 
 
 def test_a_student_vocabulary_smaller_than_the_store_is_refused(setup: dict, tmp_path) -> None:
-    from tinymodels import build_llama
+    from common import build_llama
 
     small = str(tmp_path / "small")
     build_llama(small, 100, hidden=16, layers=1, heads=2, tokenizer_dir=setup["tokenizer"])

@@ -14,8 +14,9 @@ import shutil
 
 import numpy as np
 import pytest
+from common import build_student
 from faults import flip_bytes, rewrite_column, rewrite_file
-from trainhelpers import arithmetic_items, build_student, build_teacher_store, teacher_records
+from trainhelpers import arithmetic_items, build_teacher_store, teacher_records
 from transformers import AutoConfig
 
 from potstill.store import HiddenLayer, open_store

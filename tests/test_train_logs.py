@@ -10,7 +10,8 @@ import os
 import shutil
 
 import pytest
-from trainhelpers import arithmetic_items, build_student, build_teacher_store, copy_teacher
+from common import build_student
+from trainhelpers import arithmetic_items, build_teacher_store, copy_teacher
 
 from potstill.store import open_store
 from potstill.student_train import TrainConfig, evaluate, train

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from genhelpers import assert_topk_close, config, prompt_rows, write_jsonl
+from common import prompt_rows, write_jsonl
+from genhelpers import assert_topk_close, config
 
 from potstill.store import StoreManifest
 from potstill.store.records import validate_record

@@ -15,15 +15,8 @@ import time
 
 import numpy as np
 import pytest
-from genhelpers import (
-    assert_topk_close,
-    config,
-    popen_cli,
-    prompt_rows,
-    reference_logprobs,
-    run_cli,
-    write_jsonl,
-)
+from common import prompt_rows, write_jsonl
+from genhelpers import assert_topk_close, config, popen_cli, reference_logprobs, run_cli
 
 from potstill.store import open_store, verify_store
 from potstill.teacher_gen.runner import generate

@@ -124,16 +124,6 @@ def build_teacher_store(
     return store
 
 
-def build_student(path: str, tokenizer_dir: str, *, hidden: int = 16, layers: int = 2, seed: int = 1) -> str:
-    """A random tiny Llama student with the store's tokenizer, saved like a real checkpoint."""
-    from tinymodels import build_llama
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    build_llama(path, vocab, hidden=hidden, layers=layers, heads=2, seed=seed, tokenizer_dir=tokenizer_dir)
-    return path
-
-
 def copy_teacher(src: str, dst: str) -> str:
     """A private copy of the session teacher, so a test may delete it."""
     import shutil

@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import typer
+
 from potstill.cli.demo import arithmetic
 from potstill.cli.demo.teacher import model_config, solve_accuracy
 
@@ -48,7 +50,9 @@ class DemoConfig:
     threads: int = 0  # torch threads of every step; 0: auto (cli/threads.py)
 
 
-def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
+def run_demo(config: DemoConfig, app: typer.Typer, log: Any = print) -> dict[str, Any]:
+    """Run the demo. Each step runs a `potstill` command in-process through `app`, the app the demo
+    command is registered on (passed in, not imported: the demo is one of that app's commands)."""
     from potstill.cli.threads import apply_threads, auto_threads
 
     threads = apply_threads(config.threads or auto_threads())  # before torch is imported
@@ -67,7 +71,7 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     def potstill(*args: str) -> None:
         commands.append(["potstill", *args])
         log("  $ " + shlex.join(["potstill", *args]))
-        _run_cli(list(args))
+        _run_cli(app, list(args))
 
     # -- the task ---------------------------------------------------------------------------------
     step("1/5  task: 4-digit addition; the teacher is a 4-layer Llama that writes out the carries")
@@ -186,11 +190,8 @@ def _write_picture(report: dict[str, Any], path: str) -> None:
                       "baseline": report["student_baseline"]["accuracy"]})
 
 
-def _run_cli(args: list[str]) -> None:
+def _run_cli(app: typer.Typer, args: list[str]) -> None:
     """Run a `potstill` command in-process, exactly as the console script would."""
-    import typer
-
-    from potstill.cli.main import app
     from potstill.cli.options import UsageErrorBase
     from potstill.store.errors import PotstillError
 
@@ -229,7 +230,8 @@ def _teacher_answers(store_url: str) -> dict[str, tuple[str, str | None]]:
 
 
 def _store_summary(store_url: str) -> dict[str, Any]:
-    from potstill.store import open_store, store_info
+    from potstill.share import store_info
+    from potstill.store import open_store
 
     info = store_info(open_store(store_url))
     return {"path": store_url, "records": info["records"], "tokens": info["tokens"],

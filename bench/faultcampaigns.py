@@ -2,12 +2,12 @@
 check the store (or training output) after every kill, finish with one uninterrupted run, and
 compare everything with an uninterrupted reference run of the same command.
 
-Shared by tests/test_faults.py (a few kills, in CI) and bench/reliability.py (many). A campaign
+Shared by bench/reliability.py (many kills) and tests/test_faults.py (a few, in CI). A campaign
 collects what it finds as `violations`, one sentence each; an empty list is the pass.
 
 Kills come two ways (`Trigger`): from outside, at a seeded delay after something appears on disk
 (the run's writer lease, the N-th new commit record, a checkpoint folder), like an operator's or a
-scheduler's kill; or at a kill point inside the process (tests/killpoints.py), which lands exactly
+scheduler's kill; or at a kill point inside the process (bench/killpoints.py), which lands exactly
 in the middle of a shard, between a commit record's temporary file and its link, or in the middle of
 a checkpoint. Either way the whole process group gets SIGKILL.
 """
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KILLPOINTS = os.path.join(REPO, "tests", "killpoints.py")
+KILLPOINTS = os.path.join(REPO, "bench", "killpoints.py")
 # One torch thread per process: frugal on a shared machine, and the same arithmetic in every run.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": REPO}
@@ -390,7 +390,7 @@ COPY_POINTS = ("copy-file", "copy-file-torn", "commit-record", "after-commit", "
 def build_copy_source(url: str, shards: int, seed: int = 0) -> None:
     """A store of `shards` one-record shards from three writers, hidden states in 4-row chunks
     (several chunk files per shard): many small files, as a long-running teacher job leaves them."""
-    from storehelpers import TOKENIZER_FILES, make_manifest, random_record
+    from common import TOKENIZER_FILES, make_manifest, random_record
 
     from potstill.store import create_store
 

@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from potstill.share.info import describe_targets, store_info
 from potstill.store.errors import StoreError
 from potstill.store.fs import resolve, write_bytes
-from potstill.store.info import describe_targets, store_info
 from potstill.store.reader import Store, decode_hidden, open_store
 from potstill.store.records import Record
+from potstill.teacher_gen.rationale import DEFAULT_ANSWER_PATTERN, split_rationale
 
 
 @dataclass
@@ -214,8 +215,6 @@ def _sampled_position_stats(rec: Record, samples: int) -> tuple[np.ndarray, np.n
 
 # -- answers -------------------------------------------------------------------------------------------
 def _answer_pattern(generation: dict[str, Any]) -> str:
-    from potstill.teacher_gen.rationale import DEFAULT_ANSWER_PATTERN
-
     pattern = generation.get("answer_pattern")
     return pattern if isinstance(pattern, str) and pattern else DEFAULT_ANSWER_PATTERN
 
@@ -224,8 +223,6 @@ def _reference(rec: Record, config: ReportConfig, pattern: str) -> str | None:
     """The record's reference answer: `meta[reference_field]` (a field of the prompt file that
     generation kept), read with the store's answer pattern when it holds a worked solution
     ("… #### 72"), else as it is."""
-    from potstill.teacher_gen.rationale import split_rationale
-
     value = (rec.meta or {}).get(config.reference_field)
     if value is None or isinstance(value, (dict, list)):
         return None

@@ -1,6 +1,6 @@
 """Run the potstill command line and SIGKILL it at one precise moment: a *kill point*.
 
-    python tests/killpoints.py POINT N -- generate --teacher ... --store ...
+    python bench/killpoints.py POINT N -- generate --teacher ... --store ...
 
 runs `potstill generate ...` and kills its whole process group (`kill -9`, loader workers included)
 the N-th time (1-based) the process reaches POINT. A kill from outside lands wherever the process
@@ -22,8 +22,6 @@ import signal
 import sys
 from collections.abc import Callable
 from typing import Any
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def die() -> None:
@@ -207,7 +205,6 @@ def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[2] != "--" or argv[0] not in POINTS:
         raise SystemExit(f"usage: killpoints.py POINT N -- potstill args (POINT: {', '.join(POINTS)})")
     point, nth, args = argv[0], int(argv[1]), argv[3:]
-    sys.path.insert(0, REPO)
     POINTS[point](Counter(nth))
     from potstill.cli.main import main as potstill
 
