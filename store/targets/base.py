@@ -174,14 +174,19 @@ class TargetKind:
         return total
 
     # -- capture ---------------------------------------------------------------------------------
-    def capture_needs(self, spec: TargetSpec) -> CaptureNeeds:
-        return CaptureNeeds(top_k=spec.k if self.holds_topk else 0, samples=spec.samples if self.holds_sampled else 0,
+    def capture_needs(self, top_k: int, samples: int) -> CaptureNeeds:
+        """What the standard capture must make for a run of `--top-k top_k --samples samples`."""
+        if self.capture_chunk is not None:
+            return CaptureNeeds()
+        return CaptureNeeds(top_k=top_k if self.holds_topk else 0, samples=samples if self.holds_sampled else 0,
                             draw_from_rest=self.draws_from_rest)
 
-    # A kind whose targets the standard capture does not make defines
+    # A kind whose targets the standard capture does not make defines a method
     #     capture_chunk(logits: Tensor [m, V] float32, token_ids: Tensor [m] int64) -> dict[str, Tensor]
-    # of per-position tensors: `logits` are one chunk of the teacher's, widened to float32 with the
-    # model's logit transform applied. `record_targets` then gets the record's rows of each.
+    # of per-position tensors, one of them "token_logprob" (the backend checks it against the model's
+    # own forward): `logits` are one chunk of the teacher's, widened to float32 with the model's
+    # logit transform applied (the HF backend). `record_targets` then gets an object with the
+    # record's rows of each as attributes.
     capture_chunk: Any = None
 
     def record_targets(self, captured: Any, draws: np.ndarray | None) -> dict[str, Any]:
