@@ -15,6 +15,7 @@ from genhelpers import config, prompt_rows, run_cli, write_jsonl
 from storehelpers import TOKENIZER_FILES, make_manifest, random_record
 
 import potstill.store.targets.codecs as codecs_module
+import potstill.teacher_gen.jobs as jobs_module
 import potstill.teacher_gen.runner as runner_module
 from potstill.store import StoreError, TargetSpec, create_store, open_store, store_info, verify_store
 from potstill.store.records import log_of_mass
@@ -153,7 +154,7 @@ def test_a_run_resuming_a_store_of_the_fp32_sampler_refuses_in_one_line(tmp_path
     half, whole = prompts
     url = str(tmp_path / "s")
     with monkeypatch.context() as m:
-        m.setattr(runner_module, "SAMPLING_METHOD", SAMPLING_2_0)
+        m.setattr(jobs_module, "SAMPLING_METHOD", SAMPLING_2_0)  # what the run writes as targets.sampling
         generate(config(tiny_teacher_dir, half, url, targets="sampled", samples=8))
     with pytest.raises(StoreError) as info:
         generate(config(tiny_teacher_dir, whole, url, targets="sampled", samples=8))

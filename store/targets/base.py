@@ -21,8 +21,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from potstill.store.codec import SampledTargets, check_sampled
-from potstill.store.columns import input_vocab, target_vocab, unsound_log_tail, unsound_logprobs, unsound_topk
+from potstill.store.codec import SampledTargets
 from potstill.store.errors import StoreError
 
 # Objects of the modules above this package (which import it), typed loosely here:
@@ -108,17 +107,22 @@ class TargetColumns:
 
 
 class TargetKind:
-    """A target kind: subclass, set the class attributes, override what differs, then
-    `register_kind(MyKind())` (store/targets/__init__.py). The built-in kinds are made of parts
-    (`holds_topk`, `holds_sampled`) that the manifest's codec lays out; a kind with columns of its
-    own overrides `arrow_fields`, `encode`, `open` and `validate`."""
+    """A target kind: what each scored position of a store carries. Subclass, set the class
+    attributes, implement the methods that raise here, then `register_kind(MyKind())`. The built-in
+    kinds derive from `store.targets.parts.PartsKind`, which implements them from parts the
+    manifest's codec lays out; a kind with columns of its own implements them itself
+    (tests/test_target_kind_registry.py).
 
-    name: ClassVar[str]
-    holds_topk: ClassVar[bool] = False  # Record.topk_ids / topk_logprobs / tail_logprob are filled
-    holds_sampled: ClassVar[bool] = False  # Record.sampled is filled
+    A kind fills the `Record` fields it holds: `token_logprob` always; `topk_ids` [S, K],
+    `topk_logprobs` [S, K] and `tail_logprob` [S] when `holds_topk`; `sampled` when `holds_sampled`.
+    """
+
+    name: ClassVar[str]  # what the manifest's `targets.kind` records
+    holds_topk: ClassVar[bool] = False
+    holds_sampled: ClassVar[bool] = False
     draws_from_rest: ClassVar[bool] = False  # the draws come from the ids outside the top-K
     codecs: ClassVar[tuple[str, ...]] = ("none",)  # codecs this kind may be stored with
-    train_targets: ClassVar[tuple[str, ...]] = ()  # TRAIN_TARGETS it offers the loader
+    train_targets: ClassVar[tuple[str, ...]] = ()  # TRAIN_TARGETS it offers the loader, the default first
     min_version: ClassVar[tuple[int, int]] = (2, 0)  # the lowest format version that describes it
 
     @property
@@ -126,44 +130,36 @@ class TargetKind:
         """Whether the kind stores a log tail (then `targets.tail_logprob` says how it was made)."""
         return self.holds_topk
 
-    # -- manifest --------------------------------------------------------------------------------
+    # -- manifest: the `targets` fields it uses --------------------------------------------------------
     def check_spec(self, spec: TargetSpec) -> None:
         """Refuse `targets` fields this kind cannot use, in one line naming the field."""
-        if self.holds_topk and (not isinstance(spec.k, int) or spec.k < 1):
-            raise StoreError(f"targets.k must be a positive integer, got {spec.k!r}")
-        if not self.holds_topk and spec.k != 0:
-            raise StoreError(f"targets.k must be 0 when targets.kind is {self.name!r}, got {spec.k!r}")
-        if self.holds_sampled and (not isinstance(spec.samples, int) or not 1 <= spec.samples <= 65535):
-            raise StoreError(f"targets.samples must be an integer in [1, 65535], got {spec.samples!r}")
 
     def required_version(self, spec: TargetSpec) -> tuple[int, int]:
         """The lowest format version whose readers read these targets (before the codec's own)."""
         return self.min_version
 
     def manifest_keys(self, spec: TargetSpec) -> dict[str, Any]:
-        """The kind's own keys of the manifest's `targets` object, beyond kind, k, dtype and the codec's."""
-        if not self.holds_sampled:
-            return {}
-        out: dict[str, Any] = {"samples": spec.samples, "seed": spec.seed, "sampling": spec.sampling}
-        if spec.version >= (2, 2):
-            out["sampler"] = spec.sampler
-        return out
+        """The kind's keys of the manifest's `targets` object beyond kind, k, logprob_dtype,
+        temperature, logprobs_from, tail_logprob and the codec's."""
+        return {}
 
-    # -- columns ---------------------------------------------------------------------------------
+    # -- columns: writing, reading, checking ------------------------------------------------------
     def arrow_fields(self, spec: TargetSpec) -> list[pa.Field]:
         """The target columns, in column order (format §4)."""
-        return spec.codec_impl.fields(spec, self)
+        raise NotImplementedError
 
     def encode(self, records: list[Record], spec: TargetSpec) -> dict[str, pa.Array]:
-        """The target columns of validated records."""
-        return spec.codec_impl.encode(records, spec, self)
+        """The target columns of validated records, by name."""
+        raise NotImplementedError
 
     def open(self, batch: pa.RecordBatch, spec: TargetSpec, views: ColumnViews) -> TargetColumns:
-        return spec.codec_impl.open(batch, spec, self, views)
+        """One record batch's target columns, for reading and checking."""
+        raise NotImplementedError
 
     def validate(self, rec: Record, manifest: StoreManifest, where: str) -> None:
-        """Check a record's targets against the manifest and put them in the stored dtypes, in place."""
-        validate_parts(rec, manifest, self, where)
+        """Check a record's targets before writing and put them in the stored dtypes, in place;
+        refuse a record at fault in one line starting with `where`."""
+        raise NotImplementedError
 
     def nbytes(self, rec: Record) -> int:
         """Approximate bytes a validated record's targets take (for closing shards by size)."""
@@ -173,35 +169,26 @@ class TargetKind:
             total += rec.sampled.ids.nbytes + rec.sampled.counts.nbytes + 4 * rec.sampled.num_positions
         return total
 
-    # -- capture ---------------------------------------------------------------------------------
-    def capture_needs(self, top_k: int, samples: int) -> CaptureNeeds:
-        """What the standard capture must make for a run of `--top-k top_k --samples samples`."""
-        if self.capture_chunk is not None:
-            return CaptureNeeds()
-        return CaptureNeeds(top_k=top_k if self.holds_topk else 0, samples=samples if self.holds_sampled else 0,
-                            draw_from_rest=self.draws_from_rest)
-
-    # A kind whose targets the standard capture does not make defines a method
+    # -- capture: what the teacher must compute ---------------------------------------------------
+    # A kind defines a method
     #     capture_chunk(logits: Tensor [m, V] float32, token_ids: Tensor [m] int64) -> dict[str, Tensor]
     # of per-position tensors, one of them "token_logprob" (the backend checks it against the model's
     # own forward): `logits` are one chunk of the teacher's, widened to float32 with the model's
     # logit transform applied (the HF backend). `record_targets` then gets an object with the
-    # record's rows of each as attributes.
+    # record's rows of each as attributes. Or, like the built-in kinds, it leaves capture_chunk None
+    # and asks for the standard capture (`capture_needs`).
     capture_chunk: Any = None
+
+    def capture_needs(self, top_k: int, samples: int) -> CaptureNeeds:
+        """What the standard capture must make for a run of `--top-k top_k --samples samples`."""
+        return CaptureNeeds()
 
     def record_targets(self, captured: Any, draws: np.ndarray | None) -> dict[str, Any]:
         """`Record` target fields from one record's capture: the standard capture's `TopKLogprobs`
         and its draws [S, N], or the record's rows of `capture_chunk`'s arrays."""
-        from potstill.store.codec import sampled_from_draws  # (the bit coding's module; imported where used)
+        raise NotImplementedError
 
-        out: dict[str, Any] = {"token_logprob": captured.token_logprob}
-        if self.holds_topk:
-            out.update(topk_ids=captured.ids, topk_logprobs=captured.logprobs, tail_logprob=captured.tail_logprob)
-        if self.holds_sampled:
-            out["sampled"] = sampled_from_draws(draws)
-        return out
-
-    # -- training --------------------------------------------------------------------------------
+    # -- training: the rows the loader collates ---------------------------------------------------
     def default_train_target(self, sampled_loss_ok: bool) -> str:
         """The loader shape `--targets auto` trains on: the sampled one where the loss can use it
         (forward KL at T = 1, which is linear in p) or where there is no other."""
@@ -424,54 +411,3 @@ class TargetSpec:
         out.update(kind.manifest_keys(self))
         out.update(self.codec_impl.manifest_keys(self, kind))
         return out
-
-
-
-def np_logprob_dtype(t: TargetSpec) -> np.dtype:
-    """Top-k log-probs as a writer keeps them: the stored dtype, or float32 until a packed store quantises them."""
-    return np.dtype(np.float16 if t.logprob_dtype == "float16" and not t.packed else np.float32)
-
-
-def validate_parts(rec: Record, manifest: StoreManifest, kind: TargetKind, where: str) -> None:
-    """`TargetKind.validate` of the built-in kinds: the token's log-prob, then the parts the kind
-    holds (top-k with the log tail, sampled draws), checked and put in the stored dtypes."""
-    spec = manifest.targets
-    s, k = rec.num_scored, spec.k
-    if rec.token_logprob is None:
-        raise StoreError(f"{where}: token_logprob is missing")
-    token_lp = np.ascontiguousarray(rec.token_logprob, dtype=np.float32)
-    checks = [("token_logprob", token_lp, (s,))]
-    if kind.holds_topk:
-        if rec.topk_ids is None or rec.topk_logprobs is None or rec.tail_logprob is None:
-            raise StoreError(f"{where}: the store holds top-k targets but the record has none")
-        topk_ids = np.ascontiguousarray(rec.topk_ids, dtype=np.int32)
-        topk_lp = np.ascontiguousarray(rec.topk_logprobs, dtype=np_logprob_dtype(spec))
-        tail = np.ascontiguousarray(rec.tail_logprob, dtype=np.float32)
-        checks += [("topk_ids", topk_ids, (s, k)), ("topk_logprobs", topk_lp, (s, k)), ("tail_logprob", tail, (s,))]
-        if spec.packed and topk_ids.size and int(topk_ids.max()) >= target_vocab(manifest):
-            raise StoreError(f"{where}: top-k id {int(topk_ids.max())} does not fit in {spec.id_bits} bits")
-        rec.topk_ids, rec.topk_logprobs, rec.tail_logprob = topk_ids, topk_lp, tail
-    elif rec.topk_ids is not None:
-        raise StoreError(f"{where}: has top-k targets but the store holds only {spec.kind} targets")
-    for name, arr, shape in checks:
-        if arr.shape != shape:
-            raise StoreError(f"{where}: {name} has shape {arr.shape}, expected {shape} ({s} scored tokens, K={k})")
-    # Values no teacher writes: refused before anything is encoded (a packed store would turn a NaN
-    # log-prob into an empty slot), so a store never holds them.
-    unsound = unsound_logprobs(token_lp)
-    if kind.holds_topk:
-        unsound = unsound | unsound_topk(rec.topk_ids, rec.topk_logprobs, input_vocab(manifest)) | unsound_log_tail(rec.tail_logprob)
-    if unsound.any():
-        raise StoreError(f"{where}: the targets of scored position {int(np.flatnonzero(unsound)[0])} are not a "
-                         "distribution (NaN or infinite log-probs, ids outside the vocabulary, or a log tail above 0)")
-    if kind.holds_sampled:
-        if rec.sampled is None:
-            raise StoreError(f"{where}: the store holds sampled targets but the record has none")
-        t = rec.sampled
-        t = SampledTargets(np.asarray(t.offsets, dtype=np.int64), np.ascontiguousarray(t.ids, dtype=np.int32),
-                           np.ascontiguousarray(t.counts, dtype=np.uint16))
-        check_sampled(t, s, spec.samples, target_vocab(manifest), where)
-        rec.sampled = t
-    elif rec.sampled is not None:
-        raise StoreError(f"{where}: has sampled targets but the store holds only {spec.kind} targets")
-    rec.token_logprob = token_lp

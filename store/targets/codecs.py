@@ -63,8 +63,8 @@ from potstill.store.targets.base import (
     TargetKind,
     TargetSpec,
     TopKRows,
-    np_logprob_dtype,
 )
+from potstill.store.targets.parts import np_logprob_dtype
 
 NESTED_U8 = pa.list_(pa.uint8())
 

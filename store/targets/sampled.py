@@ -4,10 +4,11 @@ is an unbiased estimate of the teacher's distribution; trained with forward KL a
 
 from __future__ import annotations
 
-from potstill.store.targets.base import TargetKind, TargetSpec
+from potstill.store.targets.base import TargetSpec
+from potstill.store.targets.parts import PartsKind
 
 
-class Sampled(TargetKind):
+class Sampled(PartsKind):
     name = "sampled"
     holds_sampled = True
     codecs = ("none", "packed", "compact", "compact2")

@@ -4,10 +4,10 @@ Stored plain (readable by every 1.x reader) or packed; trained with bucket KD (t
 
 from __future__ import annotations
 
-from potstill.store.targets.base import TargetKind
+from potstill.store.targets.parts import PartsKind
 
 
-class TopK(TargetKind):
+class TopK(PartsKind):
     name = "topk"
     holds_topk = True
     codecs = ("none", "packed")
