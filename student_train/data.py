@@ -28,10 +28,12 @@ was consumed; worker roles are rotated by c mod W so that the loader's first bat
 interrupted run would have taken next.
 
 **Collation** pads right and lists, for every position i whose next token is trained, the student
-logit that predicts it (batch b, position i − 1) next to the stored target row i − score_start:
-top-k ids / log-probs / log tail, or (`targets="sampled"`) the sampled ids with their weights
-counts / N, padded to the batch's widest position. Packed stores are decoded per record as they
-are read. Hidden states are read only when a hidden-state or relation loss needs them.
+logit that predicts it (batch b, position i − 1) next to the stored target row i − score_start, in
+one of the loader's two shapes (`store.targets.TRAIN_TARGETS`), whose rows the store's kind makes
+(`TargetKind.train_rows`): top-k ids / log-probs / log tail (`TopKRows`), or (`targets="sampled"`)
+weighted ids (`WeightedRows`: sampled draws with counts / N, or hybrid targets), padded to the
+batch's widest position. Packed stores are decoded per record as they are read. Hidden states are
+read only when a hidden-state or relation loss needs them.
 """
 
 from __future__ import annotations

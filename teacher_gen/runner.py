@@ -230,7 +230,7 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
         sampler=config.sampler if sampled else "iid",
         codec=config.codec,
         id_bits=bits_for(vocab - 1) if codec.packed else None,
-        count_bits=bits_for(config.samples) if codec.packed and not codec.sampled_only and sampled else None,
+        count_bits=codec.count_bits(config.samples) if sampled else None,
         logprob_bits=config.logprob_bits if codec.packed else None,
         logprob_min=config.logprob_min if codec.packed else None,
         # vLLM returns only the top-K, so its tail can only be their complement (format §4.4)
@@ -436,7 +436,7 @@ class Run:
                 continue
             encoded.append((enc, todo))
         self.total = sum(len(todo) for _, todo in encoded)
-        if self.store is None and config.codec == "compact2":  # a new store: its id order (format §4.3.2)
+        if self.store is None and codec_named(config.codec).uses_id_order:  # a new store: its id order (format §4.3.2)
             self.manifest = with_id_order(self.manifest, encoded)
         return tokenizer, spec, layers, max_length, encoded
 

@@ -16,7 +16,9 @@ import pyarrow as pa
 import pytest
 from genhelpers import reference_log_tail, reference_logprobs, write_jsonl
 from trainhelpers import arithmetic_items, build_student
+from typer.testing import CliRunner
 
+from potstill.cli.main import app
 from potstill.store import open_store
 from potstill.store.columns import first_bad_row, flat, input_vocab, list_array
 from potstill.store.errors import StoreError
@@ -169,6 +171,11 @@ def test_verify_reads_the_toy_columns(top1_store, tmp_path, monkeypatch) -> None
         w.write(rec)
     problems = [str(p) for p in verify_store(url).problems]
     assert len(problems) == 1 and "record 'bad-top1': top-1 targets are not a distribution" in problems[0], problems
+    # `potstill store verify`, in this process (where the kind is registered): the same verdict
+    cli = CliRunner()
+    assert cli.invoke(app, ["store", "verify", top1_store["url"]]).exit_code == 0
+    result = cli.invoke(app, ["store", "verify", url])
+    assert result.exit_code == 1 and "top-1 targets are not a distribution" in result.output
 
 
 def test_a_student_trains_and_evaluates_on_the_toy_targets(top1_store, tiny_tokenizer_dir) -> None:

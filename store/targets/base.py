@@ -223,6 +223,11 @@ class Codec:
     def manifest_keys(self, spec: TargetSpec, kind: TargetKind) -> dict[str, Any]:
         return {}
 
+    def count_bits(self, samples: int) -> int | None:
+        """`targets.count_bits` of sampled targets of N = `samples` draws: None where counts have no
+        fixed width (unpacked, or coded by value)."""
+        return None
+
     def fields(self, spec: TargetSpec, kind: TargetKind) -> list[pa.Field]:
         raise NotImplementedError
 

@@ -277,6 +277,9 @@ class PackedCodec(Codec):
             raise StoreError("targets.logprob_bits and targets.logprob_min are required by the packed codec")
         LogprobQuantizer(spec.logprob_bits, float(spec.logprob_min))  # raises on a bad range
 
+    def count_bits(self, samples: int) -> int | None:
+        return bits_for(samples)
+
     def check_counts(self, spec: TargetSpec, kind: TargetKind) -> None:
         if kind.holds_sampled and spec.count_bits != bits_for(spec.samples):
             raise StoreError(f"targets.count_bits must be {bits_for(spec.samples)} for N={spec.samples}, got {spec.count_bits!r}")
@@ -443,8 +446,11 @@ class CompactCodec(PackedCodec):
     min_version = (2, 3)
     sampled_only = True
 
+    def count_bits(self, samples: int) -> int | None:
+        return None  # counts are gamma-coded: no fixed width
+
     def check_counts(self, spec: TargetSpec, kind: TargetKind) -> None:
-        pass  # counts are gamma-coded: no fixed width
+        pass
 
     def count_keys(self, spec: TargetSpec) -> dict[str, Any]:
         return {}
