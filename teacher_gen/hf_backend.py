@@ -287,6 +287,7 @@ class HFTeacher:
                 logits = self.transform(logits)
             parts.append(self.kind.capture_chunk(logits, target_ids[start:stop]))
             del logits
+        # Prefixed: the batch's host dict holds the hidden states too (`_split` tells them apart).
         return {f"kind:{name}": torch.cat([p[name] for p in parts]) for name in parts[0]}
 
     # -- checks --------------------------------------------------------------------------------

@@ -287,22 +287,22 @@ def codec_names() -> tuple[str, ...]:
 # -- the manifest's `targets` -------------------------------------------------------------------------
 @dataclass
 class TargetSpec:
-    """What each scored position carries (format §2 `targets`, §4).
+    """The manifest's `targets` section (format §2, §4): what each scored position carries.
 
-    `kind` "topk": the top-`k` ids and log-probs plus the tail; "sampled": `samples` draws from
-    the teacher's distribution as distinct ids with counts; "both"; "hybrid": the top-`k` ids and
-    log-probs, the log tail, and `samples` draws from the teacher's distribution restricted to the
-    ids outside the top-k (weights: p_v for the top-k, exp(tail) · count / N for the draws).
-    `sampler` says how the draws are placed: "iid", "systematic" or "stratified" (format §4.2);
-    stores before 2.2 are "iid". `codec` "none" stores them as
-    plain Arrow lists; "packed" bit-packs ids to `id_bits`, counts to `count_bits` and quantises
-    log-probs to `logprob_bits` over [`logprob_min`, 0] (`store.codec`). Anything beyond a plain
-    top-k, unpacked store needs format 2.x (`required_version`).
+    One flat record of every field any kind or codec uses, as the manifest stores it; which fields
+    apply, their checks and the keys written back are the kind's (`target_kind`, found by `kind`)
+    and the codec's (`codec_impl`, found by `codec`). The built-in kinds: "topk", the top-`k` ids
+    and log-probs plus the log tail; "sampled", `samples` draws from the teacher's distribution as
+    distinct ids with counts, placed by `sampler` ("iid", "systematic" or "stratified", §4.2);
+    "both"; "hybrid", the top-`k`, the log tail and `samples` draws from the ids outside the top-k.
+    Codecs: "none" (plain Arrow lists), "packed" (ids in `id_bits`, counts in `count_bits`,
+    log-probs quantised to `logprob_bits` over [`logprob_min`, 0]), "compact" and "compact2"
+    (sampled draws coded by value, the latter in the order `id_order`). `version` is the lowest
+    format version that describes them.
 
     `tail_logprob` says how the stored log tail (the log of the mass outside the top-K) was made,
     "direct" or "complement" (`TAIL_METHODS`); None for a store of format 1.0 / 2.0, which has no
-    such column and only the approximate `tail_mass` (and for targets without top-k, which have no
-    tail). A store with it is 1.1 / 2.1.
+    such column and only the approximate `tail_mass` (and for kinds without a tail).
     """
 
     kind: str = "topk"

@@ -347,10 +347,6 @@ class PackedCodec(Codec):
         return PackedColumns(batch, spec, kind, self, views)
 
 
-PACKED_COLUMNS = ("topk_ids_packed", "topk_logprobs_packed", "token_logprob_packed", "sampled_ids_packed",
-                  "sampled_counts_packed")
-
-
 class PackedColumns(TargetColumns):
     """A packed store's target columns: each record's byte streams, decoded on demand (vectorised
     numpy). Scored positions are not stored: they follow from the tokens. The tail is the stored
@@ -362,7 +358,7 @@ class PackedColumns(TargetColumns):
         self.spec, self.kind, self.codec, self.batch, self.views = spec, kind, codec, batch, views
         self.quantizer = spec.quantizer()
         self.tgt_off = np.concatenate([[0], np.cumsum(np.diff(views.tok_off) - views.score_start)]).astype(np.int64)
-        self.streams = {name: flat(batch, name) for name in PACKED_COLUMNS if name in batch.schema.names}
+        self.streams = {f.name: flat(batch, f.name) for f in codec.fields(spec, kind) if f.type == NESTED_U8}
         if kind.holds_sampled:
             self.sampled_entries = batch.column("sampled_entries").to_numpy(zero_copy_only=True)
         if spec.tail_logprob:
