@@ -189,3 +189,19 @@ def test_a_student_trains_and_evaluates_on_the_toy_targets(top1_store, tiny_toke
     report = train(config)
     assert report["targets"] == "topk" and report["global_step"] == 20  # "auto": what the kind offers
     assert report["final_eval"]["kd_loss"] < 0.8 * before["kd_loss"]
+
+
+def test_the_registry_refuses_in_one_line(top1_store) -> None:
+    class Other(Top1):
+        pass
+
+    with pytest.raises(StoreError, match="target kind 'top1' is already registered"):
+        register_kind(Other())  # another kind of the same name: a store could not tell them apart
+    register_kind(Top1())  # the same kind again: a module imported twice
+    with pytest.raises(StoreError, match=r"targets.codec packed cannot store top1 targets \(they take: none\)"):
+        TargetSpec(kind="top1", k=1, codec="packed", id_bits=9, logprob_bits=12, logprob_min=-24.0)
+    with pytest.raises(StoreError, match="targets.k must be 1 for top1 targets, got 2"):
+        TargetSpec(kind="top1", k=2)
+    with pytest.raises(StoreError, match="unknown target kind 'top2'; expected one of"):
+        TargetSpec(kind="top2")
+    assert TargetSpec(kind="top1", k=1).required_version() == "2.1"  # its minimum, with a log tail
