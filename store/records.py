@@ -1,5 +1,6 @@
 """Per-record data (docs/store-format.md §4): the `Record` type, the Arrow schema, and the
-conversion between a batch of records and one Arrow record batch."""
+conversion between a batch of records and one Arrow record batch. The columns every store has are
+here; the target columns, their checks and their reading are the store's kind's (store/targets)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class Record:
     `topk_*`, `token_logprob`, `tail_logprob` and `sampled` have one row per scored token: row j is
     the teacher's distribution over `input_ids[score_start + j]` given the tokens before it. The
     top-k fields are None in a store without top-k targets, `sampled` in one without sampled
-    targets. `tail_logprob` is the log of the teacher's mass outside the top-K (−inf when the top-K
+    targets (the store's kind fills the fields it holds: `TargetKind.holds_topk`, `holds_sampled`). `tail_logprob` is the log of the teacher's mass outside the top-K (−inf when the top-K
     covers the vocabulary); read from a format 1.0 / 2.0 store it is the log of that store's
     approximate tail mass (format §4.4). `hidden` maps a stored layer index to its
     [len(input_ids) - hidden_start, width] states (float16, or bfloat16 bits as uint16); it is
