@@ -21,7 +21,7 @@ from potstill.store.errors import StoreError
 from potstill.store.fs import join, listdir_names, temp_target
 from potstill.store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
 from potstill.store.reader import MANIFEST, ShardReader, Store
-from potstill.store.records import ColumnViews, hidden_problem, packed_lengths_ok
+from potstill.store.records import hidden_problem
 
 _BLOCK = 8 << 20
 
@@ -238,7 +238,7 @@ def _check_content(store: Store, commit, report: VerifyReport) -> None:
     for ok, message in checks:
         if not ok:
             report.problems.append(Problem(where, message))
-    shape_problems = _target_problems(v, store)
+    shape_problems = v.columns.shape_problems(v, store.manifest)
     for message in shape_problems:
         report.problems.append(Problem(where, message))
     if not shape_problems:
@@ -256,60 +256,6 @@ def _check_content(store: Store, commit, report: VerifyReport) -> None:
             report.problems.append(
                 Problem(where, f"hidden layer {layer.index} is {tuple(arr.shape)} {arr.dtype}, expected {want} {layer.dtype}")
             )
-
-
-def _target_problems(v: ColumnViews, store: Store) -> list[str]:
-    """Target columns against each other and the format's rules (§4.1–§4.4); the values of ids,
-    log-probs and sampled counts are checked by `store.checks.value_problems` once the shapes are sound."""
-    spec = store.manifest.targets
-    if spec.packed:
-        problems = packed_lengths_ok(v)
-        if spec.tail_logprob and not np.array_equal(v.batch.column("tail_logprob").offsets.to_numpy(), v.tgt_off):
-            problems.append("column tail_logprob has other row counts than the records' scored tokens")
-        return problems or _tail_problems(v, store)
-    problems = []
-    names = ("tail_mass", "topk_ids", "topk_logprobs") + (("tail_logprob",) if spec.tail_logprob else ())
-    for name in names if spec.has_topk else ():
-        if not np.array_equal(v.batch.column(name).offsets.to_numpy(), v.tgt_off):
-            problems.append(f"column {name} has other row counts than token_logprob")
-    problems += _tail_problems(v, store) if not problems else []
-    if spec.has_sampled:
-        if not np.array_equal(v.sampled_rec_off, v.tgt_off):
-            problems.append("column sampled_ids has other row counts than token_logprob")
-        counts = v.batch.column("sampled_counts")
-        if not (np.array_equal(counts.offsets.to_numpy(), v.sampled_rec_off)
-                and np.array_equal(counts.values.offsets.to_numpy(), v.sampled_pos_off)):
-            problems.append("columns sampled_ids and sampled_counts have different shapes")
-    return problems
-
-
-def _tail_problems(v: ColumnViews, store: Store) -> list[str]:
-    """The log tail against format §4.4: a log-probability (≤ 0, never NaN); −inf, an empty tail, only
-    where the top-K covers the teacher's vocabulary, unless the store says the tails are complements
-    of the top-K (which round to −inf when the top-K holds all the mass to the backend's precision);
-    and in an unpacked store, `tail_mass` = exp(`tail_logprob`) to one float32 rounding."""
-    m = store.manifest
-    spec = m.targets
-    if not spec.tail_logprob:
-        return []
-    tail = v.tail_logprob
-    problems = []
-    if not np.all(tail <= 0.0):
-        bad = int(np.flatnonzero(~(tail <= 0.0))[0])
-        problems.append(f"tail_logprob holds {tail[bad]} (scored position {bad} of the shard), not a log-probability")
-    covers = spec.k >= max(m.teacher.vocab_size or 0, m.tokenizer.vocab_size)
-    if spec.tail_logprob == "direct" and not covers and np.isneginf(tail).any():
-        bad = int(np.flatnonzero(np.isneginf(tail))[0])
-        problems.append(f"tail_logprob is -inf at scored position {bad} of the shard, but K={spec.k} does not cover "
-                        "the vocabulary: a direct tail is empty only when it does")
-    if not spec.packed:
-        mass = v.tail_mass
-        want = np.exp(tail.astype(np.float64)).astype(np.float32)
-        off = np.abs(mass.astype(np.float64) - want) > np.spacing(want)
-        if off.any():
-            bad = int(np.flatnonzero(off)[0])
-            problems.append(f"tail_mass {mass[bad]} differs from exp(tail_logprob) {want[bad]} at scored position {bad} of the shard")
-    return problems
 
 
 def report_json(report: VerifyReport) -> str:

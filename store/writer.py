@@ -190,7 +190,7 @@ class ShardWriter:
             self._offsets.append(0)
         rec.hidden = {}  # now owned by the Zarr buffer; keep the Arrow side small
         self._records.append(rec)
-        self._bytes += rec.input_ids.nbytes + target_nbytes(rec)
+        self._bytes += rec.input_ids.nbytes + target_nbytes(rec, self.manifest)
         if len(self._records) >= self.shard_records or self._bytes >= self.shard_bytes:
             self.commit()
 

@@ -9,10 +9,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from potstill.store.targets import TRAIN_TARGETS
 from potstill.student_train.errors import ConfigError
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
-TARGETS = ("auto", "topk", "sampled")
+TARGETS = ("auto", *TRAIN_TARGETS)  # the loader's shapes; "auto": the store's kind chooses
 HIDDEN_LOSSES = ("standardized_mse", "cosine", "mse")
 RATIONALE_MODES = ("plain", "multitask")
 
@@ -91,13 +92,6 @@ class TrainConfig:
     def sampled_loss_ok(self) -> bool:
         """Whether the KD loss can use sampled targets: only forward KL at T = 1 is linear in p."""
         return self.loss == "forward_kl" and self.temperature == 1.0
-
-    def resolve_targets(self, has_topk: bool, has_sampled: bool) -> str:
-        """The target kind to train on for a store holding these kinds ("auto": sampled when the store
-        has them and the loss can use them, else top-k). Whether the store holds it is checked later."""
-        if self.targets != "auto":
-            return self.targets
-        return "sampled" if has_sampled and (self.sampled_loss_ok() or not has_topk) else "topk"
 
     def hidden_pairs(self) -> list[tuple[int, int]]:
         return parse_hidden_map(self.hidden_map)

@@ -28,10 +28,12 @@ was consumed; worker roles are rotated by c mod W so that the loader's first bat
 interrupted run would have taken next.
 
 **Collation** pads right and lists, for every position i whose next token is trained, the student
-logit that predicts it (batch b, position i − 1) next to the stored target row i − score_start:
-top-k ids / log-probs / log tail, or (`targets="sampled"`) the sampled ids with their weights
-counts / N, padded to the batch's widest position. Packed stores are decoded per record as they
-are read. Hidden states are read only when a hidden-state or relation loss needs them.
+logit that predicts it (batch b, position i − 1) next to the stored target row i − score_start, in
+one of the loader's two shapes (`store.targets.TRAIN_TARGETS`), whose rows the store's kind makes
+(`TargetKind.train_rows`): top-k ids / log-probs / log tail (`TopKRows`), or (`targets="sampled"`)
+weighted ids (`WeightedRows`: sampled draws with counts / N, or hybrid targets), padded to the
+batch's widest position. Packed stores are decoded per record as they are read. Hidden states are
+read only when a hidden-state or relation loss needs them.
 """
 
 from __future__ import annotations
@@ -50,14 +52,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from potstill.store import open_store
-from potstill.store.codec import SampledTargets
 from potstill.store.errors import StoreError
 from potstill.store.reader import ShardReader, Store, find_duplicates
+from potstill.store.targets import TRAIN_TARGETS, TopKRows, WeightedRows
+from potstill.store.targets.hybrid import hybrid_weights  # noqa: F401 (where benches and tests find it)
 from potstill.student_train.errors import TrainError
 
 STATE_VERSION = 1
 MAIN_TASK, RATIONALE_TASK = 0, 1
-TARGET_KINDS = ("topk", "sampled")
 
 
 # -- split -------------------------------------------------------------------------------------------
@@ -232,14 +234,12 @@ class Sequence:
     shared: int
     ce_start: int
     task: int
-    targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None  # topk_ids, topk_logprobs, token_logprob, tail_logprob
+    # The record's KD targets, one row per scored position, in the loader shape trained on: the
+    # top-k with the log tail, or weighted ids (the store's kind makes them: `TargetKind.train_rows`).
+    targets: TopKRows | WeightedRows | None
     hidden_start: int = 0  # first token with stored hidden states
     reader: ShardReader | None = None  # where the hidden states are read from, at collation
     hidden_offset: int = 0  # the record's first row in the shard's hidden arrays (token_offset)
-    sampled: SampledTargets | None = None  # sampled targets (when training on them)
-    # Hybrid targets (format 2.2): `targets` holds the exact top-K and the log tail, `sampled` the
-    # draws from the rest; the weights are p_v for the top-K and exp(tail) · count / N for the draws.
-    hybrid: bool = False
 
     def truncate(self, max_length: int) -> Sequence:
         if max_length and len(self.ids) > max_length:
@@ -284,20 +284,32 @@ def collate(
     tail 0; sampled: no ids). Target ids the student's vocabulary does not have (a teacher with a
     padded embedding matrix) are folded into the tail bucket (top-k, in log space) or dropped (sampled).
     """
-    if targets == "sampled":
-        return _collate_sampled(seqs, pad_id=pad_id, student_vocab=student_vocab, hidden_layers=hidden_layers,
-                                hidden_widths=hidden_widths)
     out, trained = _pad_sequences(seqs, pad_id)
+    if targets not in COLLATORS:
+        raise TrainError(f"--targets must be one of {', '.join(TRAIN_TARGETS)}, got {targets!r}")
+    out.update(COLLATORS[targets](seqs, trained, k=k, student_vocab=student_vocab))
+    if hidden_layers:
+        out.update(_collate_hidden(seqs, out["input_ids"].shape[1], hidden_layers, hidden_widths or {}))
+    return out
+
+
+def _collate_topk(seqs: list[Sequence], trained: list[tuple[np.ndarray, np.ndarray]], *, k: int,
+                  student_vocab: int | None) -> dict[str, torch.Tensor]:
+    """`collate` for top-k targets (`TopKRows`): each trained position's ids, log-probs and log tail."""
     tk_ids, tk_lp, tail = [], [], []
-    lp_dtype = seqs[0].targets[1].dtype if seqs else np.float32
+    lp_dtype = seqs[0].targets.logprobs.dtype if seqs and seqs[0].targets is not None else np.float32
     for seq, (i, kd) in zip(seqs, trained, strict=True):
         ids_rows = np.full((len(i), k), -1, dtype=np.int64)
         lp_rows = np.zeros((len(i), k), dtype=lp_dtype)
         tail_rows = np.zeros(len(i), dtype=np.float32)  # log 1: all the mass in the tail
-        rows = i[kd] - seq.score_start
-        ids_rows[kd] = seq.targets[0][rows]
-        lp_rows[kd] = seq.targets[1][rows]
-        tail_rows[kd] = seq.targets[3][rows]
+        if kd.any():
+            t = seq.targets
+            if not isinstance(t, TopKRows):
+                raise TrainError(f"record {seq.record_id}: no top-k targets to train on")
+            rows = i[kd] - seq.score_start
+            ids_rows[kd] = t.ids[rows]
+            lp_rows[kd] = t.logprobs[rows]
+            tail_rows[kd] = t.tail_logprob[rows]
         tk_ids.append(ids_rows)
         tk_lp.append(lp_rows)
         tail.append(tail_rows)
@@ -306,11 +318,8 @@ def collate(
     tail_logprob = np.concatenate(tail) if tail else np.zeros(0, np.float32)
     if student_vocab is not None:
         _fold_unknown_ids(topk_ids, topk_lp, tail_logprob, student_vocab)
-    out.update(topk_ids=torch.from_numpy(topk_ids), topk_logprobs=torch.from_numpy(topk_lp),
-               tail_logprob=torch.from_numpy(tail_logprob))
-    if hidden_layers:
-        out.update(_collate_hidden(seqs, out["input_ids"].shape[1], hidden_layers, hidden_widths or {}))
-    return out
+    return {"topk_ids": torch.from_numpy(topk_ids), "topk_logprobs": torch.from_numpy(topk_lp),
+            "tail_logprob": torch.from_numpy(tail_logprob)}
 
 
 def _pad_sequences(seqs: list[Sequence], pad_id: int) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
@@ -344,36 +353,25 @@ def _pad_sequences(seqs: list[Sequence], pad_id: int) -> tuple[dict[str, Any], l
     return out, trained
 
 
-def _collate_sampled(
-    seqs: list[Sequence],
-    *,
-    pad_id: int,
-    student_vocab: int | None,
-    hidden_layers: tuple[int, ...],
-    hidden_widths: dict[int, int] | None,
-) -> dict[str, Any]:
-    """`collate` for sampled targets: each trained position's distinct ids and weights counts / N."""
-    out, trained = _pad_sequences(seqs, pad_id)
+def _collate_weighted(seqs: list[Sequence], trained: list[tuple[np.ndarray, np.ndarray]], *, k: int,
+                      student_vocab: int | None) -> dict[str, torch.Tensor]:
+    """`collate` for weighted ids (`WeightedRows`: sampled or hybrid targets): each trained position's
+    ids and weights, padded to the widest trained position of the batch."""
     rows_per_seq = []
     for seq, (i, kd) in zip(seqs, trained, strict=True):
-        if kd.any() and seq.sampled is None:
+        if kd.any() and not isinstance(seq.targets, WeightedRows):
             raise TrainError(f"record {seq.record_id}: no sampled targets to train on")
         rows_per_seq.append(i[kd] - seq.score_start)
-    width = max((int(s.sampled.lengths()[r].max(initial=0)) + (s.targets[0].shape[1] if s.hybrid else 0)  # type: ignore[index]
-                 for s, r in zip(seqs, rows_per_seq, strict=True) if s.sampled is not None and len(r)), default=1)
+    width = max((int(s.targets.lengths[r].max(initial=0)) for s, r in zip(seqs, rows_per_seq, strict=True)  # type: ignore[union-attr]
+                 if len(r)), default=1)
     ids_parts, prob_parts = [], []
     for seq, (i, kd), rows in zip(seqs, trained, rows_per_seq, strict=True):
         ids = np.full((len(i), width), -1, dtype=np.int64)
         probs = np.zeros((len(i), width), dtype=np.float32)
         if len(rows):
-            sampled: SampledTargets = seq.sampled  # type: ignore[assignment]
-            if seq.hybrid:
-                top_ids, top_lp, _, tail = seq.targets  # type: ignore[misc]
-                ids[kd], probs[kd] = hybrid_weights(top_ids[rows], top_lp[rows], tail[rows], sampled, rows, width)
-            else:
-                got_ids, counts = sampled.padded(rows, width)
-                ids[kd] = got_ids
-                probs[kd] = counts / counts.sum(-1, keepdims=True)  # every position's counts sum to N
+            t: WeightedRows = seq.targets  # type: ignore[assignment]
+            m = min(width, t.ids.shape[1])  # columns past a row's length are padding
+            ids[kd, :m], probs[kd, :m] = t.ids[rows, :m], t.weights[rows, :m]
         ids_parts.append(ids)
         prob_parts.append(probs)
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0, width), np.int64)
@@ -381,27 +379,13 @@ def _collate_sampled(
     if student_vocab is not None:
         unknown = ids >= student_vocab
         ids[unknown], probs[unknown] = -1, 0.0
-    out["sampled_ids"], out["sampled_probs"] = torch.from_numpy(ids), torch.from_numpy(probs)
-    if hidden_layers:
-        out.update(_collate_hidden(seqs, out["input_ids"].shape[1], hidden_layers, hidden_widths or {}))
-    return out
+    return {"sampled_ids": torch.from_numpy(ids), "sampled_probs": torch.from_numpy(probs)}
 
 
-def hybrid_weights(top_ids: np.ndarray, top_logprobs: np.ndarray, tail_logprob: np.ndarray, sampled: SampledTargets,
-                   rows: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The unbiased target of hybrid targets at positions `rows`: ([R, W] int64 ids padded with −1,
-    [R, W] float32 weights): the top-K ids with weight p_v = exp(log-prob), then the draws from the
-    rest with weight exp(tail) · count / N, so that Σ_v w_v f(v) estimates Σ_v p_v f(v) without bias
-    (E[count / N] is p_v / tail for v outside the top-K). W = `width` or K + the most distinct draws.
-    The tail is the stored log tail, formed directly (never 1 − Σ top-K), in float64 here."""
-    k = top_ids.shape[1]
-    got_ids, counts = sampled.padded(rows, None if width is None else width - k)
-    n = counts.sum(-1, keepdims=True)
-    rest = np.exp(np.asarray(tail_logprob, np.float64))[:, None] * counts / np.maximum(n, 1)
-    ids = np.concatenate([np.where(top_ids >= 0, top_ids, -1).astype(np.int64), got_ids], axis=1)
-    weights = np.concatenate([np.exp(np.asarray(top_logprobs, np.float64)), rest], axis=1)
-    weights[ids < 0] = 0.0
-    return ids, weights.astype(np.float32)
+# How each loader shape (`store.targets.TRAIN_TARGETS`) is collated, and which batch key holds the
+# teacher's ids in order of weight (the first: its most likely token, or most frequent draw).
+COLLATORS = {"topk": _collate_topk, "sampled": _collate_weighted}
+TEACHER_IDS = {"topk": "topk_ids", "sampled": "sampled_ids"}
 
 
 def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
@@ -510,27 +494,25 @@ def multitask_sequences(whole: Sequence, rationale_end: int, marker_ids: np.ndar
 
 
 def record_sequence(reader: ShardReader, row: int, targets: str = "topk") -> Sequence:
-    """A stored record as one plain sequence: every scored position trained, with its KD target
-    (the top-k targets, or with `targets="sampled"` the sampled ones; a packed store decodes here)."""
+    """A stored record as one plain sequence: every scored position trained, with its KD targets in
+    the loader shape `targets` (made by the store's kind; a packed store decodes here)."""
     views = reader.views
     ids = views.input_ids_of(row)
     s = int(views.score_start[row])
-    hybrid = targets == "sampled" and reader.store.manifest.targets.draws_from_rest
-    topk = views.targets_of(row) if targets == "topk" or hybrid else None
-    sampled = views.sampled_of(row) if targets == "sampled" else None
-    return Sequence(reader.ids[row], ids, s, len(ids), s, MAIN_TASK, topk,
-                    int(views.hidden_start[row]), reader, int(views.token_offset[row]), sampled, hybrid)
+    rows = views.kind.train_rows(views.columns, row, targets)
+    return Sequence(reader.ids[row], ids, s, len(ids), s, MAIN_TASK, rows,
+                    int(views.hidden_start[row]), reader, int(views.token_offset[row]))
 
 
 def check_targets(store: Store, targets: str) -> None:
-    """Refuse, in one line, training on a target kind the store does not hold."""
+    """Refuse, in one line, training on a loader shape the store's kind does not offer."""
     spec = store.manifest.targets
-    held = {"topk": spec.has_topk, "sampled": spec.has_sampled}
-    if targets not in held:
-        raise TrainError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {targets!r}")
-    if not held[targets]:
-        other = "sampled" if targets == "topk" else "topk"
-        raise TrainError(f"--targets {targets}: store {store.url} holds only {other} targets (manifest targets.kind={spec.kind!r})")
+    if targets not in TRAIN_TARGETS:
+        raise TrainError(f"--targets must be one of {', '.join(TRAIN_TARGETS)}, got {targets!r}")
+    offered = spec.target_kind.train_targets
+    if targets not in offered:
+        raise TrainError(f"--targets {targets}: store {store.url} holds only {' and '.join(offered)} targets "
+                         f"(manifest targets.kind={spec.kind!r})")
 
 
 # -- the dataset -------------------------------------------------------------------------------------

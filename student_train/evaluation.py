@@ -32,13 +32,16 @@ import torch
 from potstill.store import Store, open_store
 from potstill.student_train import losses
 from potstill.student_train.config import TrainConfig
-from potstill.student_train.data import collate, held_out_note, held_out_rows, record_sequence
+from potstill.student_train.data import TEACHER_IDS, collate, held_out_note, held_out_rows, record_sequence
 from potstill.student_train.errors import TrainError
 from potstill.student_train.model import check_tokenizer, check_vocab, load_tokenizer
+from potstill.student_train.objective import KD_LOSSES, Objective
 
 # The default of `potstill generate` (teacher_gen/rationale.py), for stores that do not record theirs:
 # "The answer is X" / "The final answer is X" / "Final Answer: X" / "#### X", to the end of its
 # sentence, never the template's placeholder X itself.
+# KD is measured at T = 1 with forward KL on the K + 1 buckets, whatever the run trained with.
+EVAL_OBJECTIVE = Objective()
 DEFAULT_ANSWER_PATTERN = (
     r"(?:[Tt]he (?:final )?answer is|[Ff]inal [Aa]nswer:|####)(?![ \t]*:?[ \t]*[\"'*]*X\b)[ \t]*:?[ \t]*"
     r"(?P<answer>[^\n]*?)(?=[.,;!?]?[ \t]*(?:\n|$)|[.,;!?][ \t])"
@@ -128,7 +131,8 @@ def evaluate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     kd_sum = top1_sum = ce_sum = 0.0
     tokens = 0
-    target = "topk" if store.manifest.targets.has_topk else "sampled"
+    offered = store.manifest.targets.target_kind.train_targets
+    target = "topk" if "topk" in offered else offered[0]  # measured against the top-k where the store has them
     for start in range(0, len(rows), batch_size):
         seqs = [record_sequence(store.shard(name), row, target) for name, row in rows[start : start + batch_size]]
         batch = collate(seqs, k=store.manifest.targets.k, pad_id=pad_id, student_vocab=vocab, targets=target)
@@ -136,12 +140,8 @@ def evaluate(
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits = logits[batch["pos_batch"], batch["pos_index"]].float()
         lse = torch.logsumexp(logits, dim=-1)
-        if target == "topk":
-            kd = losses.sparse_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"])
-            teacher_top1 = batch["topk_ids"][:, 0]
-        else:
-            kd = losses.sampled_kd(logits, batch["sampled_ids"], batch["sampled_probs"], lse=lse)
-            teacher_top1 = batch["sampled_ids"][:, 0]  # the most frequent draw (counts come sorted)
+        kd = KD_LOSSES[target](logits, batch, EVAL_OBJECTIVE, lse)
+        teacher_top1 = batch[TEACHER_IDS[target]][:, 0]  # top-k: the most likely id; draws: the most frequent
         ce = losses.token_cross_entropy(logits, batch["hard_ids"], lse)
         kd_sum += kd.sum().item()
         ce_sum += ce.sum().item()

@@ -57,6 +57,22 @@ class Objective:
         return tuple(sorted({t for _, t in self.hidden_pairs})) if self.needs_hidden else ()
 
 
+def topk_kd(logits: torch.Tensor, batch: dict[str, Any], objective: Objective, lse: torch.Tensor) -> torch.Tensor:
+    """KD on top-k targets: the chosen divergence on the K + 1 buckets (`losses.sparse_kd`)."""
+    return losses.sparse_kd(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], loss=objective.loss,
+                            temperature=objective.temperature, beta=objective.beta, tail=objective.tail)
+
+
+def weighted_kd(logits: torch.Tensor, batch: dict[str, Any], objective: Objective, lse: torch.Tensor) -> torch.Tensor:
+    """KD on weighted ids (sampled or hybrid targets): forward KL at T = 1, the only loss linear in
+    the teacher's distribution (checked when the run starts; `losses.sampled_kd`)."""
+    return losses.sampled_kd(logits, batch["sampled_ids"], batch["sampled_probs"], lse=lse)
+
+
+# The KD loss per position of each loader shape (`store.targets.TRAIN_TARGETS`).
+KD_LOSSES = {"topk": topk_kd, "sampled": weighted_kd}
+
+
 def distill_loss(
     model: Any, batch: dict[str, Any], objective: Objective, terms: dict[str, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -80,19 +96,7 @@ def distill_loss(
     )
     logits = out["logits"].float()
     lse = torch.logsumexp(logits, dim=-1)
-    if objective.targets == "sampled":  # forward KL at T = 1 (checked when the run starts)
-        kd = losses.sampled_kd(logits, batch["sampled_ids"], batch["sampled_probs"], lse=lse)
-    else:
-        kd = losses.sparse_kd(
-            logits,
-            batch["topk_ids"],
-            batch["topk_logprobs"],
-            batch["tail_logprob"],
-            loss=objective.loss,
-            temperature=objective.temperature,
-            beta=objective.beta,
-            tail=objective.tail,
-        )
+    kd = KD_LOSSES[objective.targets](logits, batch, objective, lse)
     ce = losses.token_cross_entropy(logits, batch["hard_ids"], lse)
     has_kd, task = batch["has_kd"], batch["task"]
     per_position = losses.mix_ce_kd(ce, kd, has_kd, objective.alpha)

@@ -560,8 +560,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
 
 def training_targets(config: TrainConfig, store: Store) -> str:
     """The stored targets this run trains on (`--targets`, "auto" resolved), or a one-line refusal."""
-    spec = store.manifest.targets
-    targets = config.resolve_targets(spec.has_topk, spec.has_sampled)
+    kind = store.manifest.targets.target_kind
+    targets = config.targets if config.targets != "auto" else kind.default_train_target(config.sampled_loss_ok())
     check_targets(store, targets)
     if targets == "sampled" and not config.sampled_loss_ok():
         raise ConfigError(

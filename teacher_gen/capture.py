@@ -31,7 +31,6 @@ class TopKLogprobs:
     logprobs: np.ndarray  # [S, K]
     token_logprob: np.ndarray  # [S] float32: log-prob of the token that actually follows
     tail_logprob: np.ndarray  # [S] float32: log of the mass outside the top-K (-inf when K covers the vocabulary)
-    draws: np.ndarray | None = None  # [S, N] int32: N draws from the distribution (sampled targets)
 
     def __len__(self) -> int:
         return len(self.token_logprob)

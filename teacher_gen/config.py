@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from potstill.store.manifest import CODECS, COMPACT_CODECS
+from potstill.store.targets import codec_named, codec_names, kind_named, kind_names
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.gguf import is_gguf
 from potstill.teacher_gen.rationale import DEFAULT_ANSWER_PATTERN, DEFAULT_RATIONALE_TEMPLATE
@@ -147,12 +147,13 @@ class GenerateConfig:
                 raise GenerateError(f"{flag} is required")
         checks = [
             (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
-            (self.targets in ("topk", "sampled", "both", "hybrid"),
-             f"--targets must be topk, sampled, both or hybrid, got {self.targets!r}"),
+            (self.targets in kind_names(), f"--targets must be one of {', '.join(kind_names())}, got {self.targets!r}"),
             (1 <= self.samples <= 65535, f"--samples must be between 1 and 65535, got {self.samples}"),
-            (self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}"),
-            (self.codec not in COMPACT_CODECS or self.targets != "topk",
-             f"--codec {self.codec} codes sampled draws: use it with --targets sampled, both or hybrid (top-k targets: --codec packed)"),
+            (self.codec in codec_names(), f"--codec must be one of {', '.join(codec_names())}, got {self.codec!r}"),
+            (self.codec not in codec_names() or self.targets not in kind_names() or self.codec in kind_named(self.targets).codecs,
+             f"--codec {self.codec} codes sampled draws: use it with --targets sampled, both or hybrid (top-k targets: --codec packed)"
+             if self.codec in codec_names() and codec_named(self.codec).sampled_only
+             else f"--codec {self.codec} cannot store --targets {self.targets} targets"),
             (2 <= self.logprob_bits <= 16, f"--logprob-bits must be between 2 and 16, got {self.logprob_bits}"),
             (self.logprob_min < 0, f"--logprob-min must be negative, got {self.logprob_min}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from potstill.store import decode_hidden
+from potstill.store.targets import codec_named, kind_named
 from potstill.teacher_gen.capture import (
     LayerTaps,
     choose_block,
@@ -84,8 +86,11 @@ class HFTeacher:
         self.logsumexp = make_logsumexp(self.transform, compile=use_compile)
         # Block top-k (exact) pays off on GPUs, where topk over a 100k+ row is costly; on CPU torch.topk is as fast.
         vocab = getattr(self.head, "out_features", spec.vocab_size)
-        self.k = config.top_k if config.targets != "sampled" else 0  # sampled only: no top-k to pick
-        self.samples = config.samples if config.targets != "topk" else 0
+        # What the store's kind asks of the capture: its own function of each chunk's logits, or the
+        # standard one's top-k with the log tail and N draws.
+        self.kind = kind_named(config.targets)
+        needs = self.kind.capture_needs(config.top_k, config.samples)
+        self.k, self.samples, self.draw_from_rest = needs.top_k, needs.samples, needs.draw_from_rest
         self.block = choose_block(vocab, self.k) if self.device.type == "cuda" and self.k else None
         # The fused Triton kernel (one read of the logits) when chosen; None: the torch path, its reference.
         self.fused = pick_fused(config.capture_kernel, self.device, LogitParams(*logit_transform_params(model.config)),
@@ -94,7 +99,8 @@ class HFTeacher:
         self.hidden_dtype = config.hidden_dtype
         self.taps = LayerTaps(decoder_layers(self.body, spec.num_layers), hidden_layers)
         # The packed codec quantises from the fp32 values; only unpacked float16 stores round on the device.
-        self.lp_dtype = torch.float16 if config.logprob_dtype == "float16" and config.codec == "none" else torch.float32
+        self.lp_dtype = (torch.float16 if config.logprob_dtype == "float16" and not codec_named(config.codec).packed
+                         else torch.float32)
         self.pad_id = _pad_id(tokenizer)
         self.eos_ids = _eos_ids(tokenizer, model)
         self.pinned = self.device.type == "cuda"
@@ -249,7 +255,10 @@ class HFTeacher:
                  records: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
         """Top-k ids and log-probs, the token's log-prob, the log tail and (sampled targets) the draws
         of the positions whose final hidden states are `hidden`; `records`: (record id, scored
-        positions) of each record, in order, whose own uniforms make its draws (never its batch-mates')."""
+        positions) of each record, in order, whose own uniforms make its draws (never its batch-mates').
+        A kind with a capture of its own gets each chunk's fp32 logits instead (`capture_chunk`)."""
+        if self.kind.capture_chunk is not None:
+            return self._kind_targets(hidden, target_ids)
         uniforms = draws = None
         if self.samples:
             uniforms = self._to_device(np.concatenate([
@@ -260,12 +269,26 @@ class HFTeacher:
             hidden, self.head, target_ids, self.k,
             chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
             logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws, fused=self.fused,
-            sampler=self.config.sampler, draw_from_rest=self.config.targets == "hybrid",
+            sampler=self.config.sampler, draw_from_rest=self.draw_from_rest,
         )
         out = {"ids": top_ids, "lp": top_lp, "token": token_lp, "tail": tail}
         if draws is not None:
             out["draws"] = draws
         return out
+
+    def _kind_targets(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The kind's `capture_chunk` on `chunk_positions` positions at a time: their logits widened to
+        fp32 with the model's transform applied, never the whole [positions, vocab] matrix."""
+        parts = []
+        for start in range(0, hidden.shape[0], self.config.chunk_positions):
+            stop = min(start + self.config.chunk_positions, hidden.shape[0])
+            logits = self.head(hidden[start:stop]).float()
+            if self.transform is not None:
+                logits = self.transform(logits)
+            parts.append(self.kind.capture_chunk(logits, target_ids[start:stop]))
+            del logits
+        # Prefixed: the batch's host dict holds the hidden states too (`_split` tells them apart).
+        return {f"kind:{name}": torch.cat([p[name] for p in parts]) for name in parts[0]}
 
     # -- checks --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -405,7 +428,9 @@ def _split(rows: list[tuple[int, int]], host: dict[str, torch.Tensor], layers: l
            hidden_dtype: str) -> list[Capture]:
     """Cut the batch's flat host tensors into one `Capture` per sequence, given its (scored rows,
     hidden rows) (numpy views, no copies)."""
-    top_ids, top_lp, token_lp, tail = (host[name].numpy() for name in ("ids", "lp", "token", "tail"))
+    own = {name.removeprefix("kind:"): t.numpy() for name, t in host.items() if name.startswith("kind:")}
+    if not own:
+        top_ids, top_lp, token_lp, tail = (host[name].numpy() for name in ("ids", "lp", "token", "tail"))
     draws = host["draws"].numpy() if "draws" in host else None
     hidden = {i: storage_numpy(host[f"hidden{i}"], hidden_dtype) for i in layers}
     out = []
@@ -413,10 +438,9 @@ def _split(rows: list[tuple[int, int]], host: dict[str, torch.Tensor], layers: l
     for scored, hidden_rows in rows:
         t1 = t0 + scored
         h1 = h0 + hidden_rows
-        out.append(Capture(
-            TopKLogprobs(top_ids[t0:t1], top_lp[t0:t1], token_lp[t0:t1], tail[t0:t1],
-                         None if draws is None else draws[t0:t1]),
-            {i: arr[h0:h1] for i, arr in hidden.items()},
-        ))
+        targets = (SimpleNamespace(**{name: arr[t0:t1] for name, arr in own.items()}) if own
+                   else TopKLogprobs(top_ids[t0:t1], top_lp[t0:t1], token_lp[t0:t1], tail[t0:t1]))
+        out.append(Capture(targets, {i: arr[h0:h1] for i, arr in hidden.items()},
+                           None if draws is None else draws[t0:t1]))
         t0, h0 = t1, h1
     return out

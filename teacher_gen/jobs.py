@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -49,10 +49,14 @@ class GenRequest:
 
 @dataclass
 class Capture:
-    """What the teacher produced for one `ScoreJob`."""
+    """What the teacher produced for one `ScoreJob`: its targets (the standard capture's `TopKLogprobs`,
+    or the rows of a kind's own `capture_chunk` by name), the N draws per scored position [S, N] of
+    sampled targets, and its hidden states. The store's kind turns them into a record's targets
+    (`TargetKind.record_targets`)."""
 
-    targets: TopKLogprobs
+    targets: TopKLogprobs | Any
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # stored layer index -> [rows, width]
+    draws: np.ndarray | None = None
 
 
 @dataclass

@@ -42,10 +42,11 @@ from potstill.store import (
     find_leftovers,
     tokenizer_fingerprint,
 )
-from potstill.store.codec import IdOrder, sampled_from_draws
+from potstill.store.codec import IdOrder
 from potstill.store.fs import join, resolve, write_bytes
 from potstill.store.leases import WriterLease, all_leases
 from potstill.store.reader import MANIFEST
+from potstill.store.targets import codec_named, kind_named
 from potstill.store.verify import clean_leftovers
 from potstill.teacher_gen.capture import resolve_layers
 from potstill.teacher_gen.config import GenerateConfig
@@ -53,7 +54,6 @@ from potstill.teacher_gen.encode import Encoded, context_length, encode_item
 from potstill.teacher_gen.errors import GenerateError, InputError, TooManyInputErrors, describe_load_error
 from potstill.teacher_gen.gguf import pretrained_source
 from potstill.teacher_gen.jobs import (
-    SAMPLING_METHOD,
     Capture,
     GenRequest,
     ScoreJob,
@@ -218,23 +218,23 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
     """The manifest's `targets` for a run (format §2): kind, K, N and seed, codec and its bit widths."""
     from potstill.store.codec import bits_for
 
-    topk, sampled, packed = config.targets != "sampled", config.targets != "topk", config.codec != "none"
+    kind, codec = kind_named(config.targets), codec_named(config.codec)
+    sampled = kind.holds_sampled
     return TargetSpec(
         kind=config.targets,
-        k=config.top_k if topk else 0,
+        k=config.top_k if kind.holds_topk else 0,
         logprob_dtype=config.logprob_dtype,
         samples=config.samples if sampled else 0,
         seed=config.seed if sampled else None,
-        sampling=(SAMPLING_METHOD if config.sampler == "iid" and config.targets != "hybrid"
-                  else sampling_method(config.sampler, from_rest=config.targets == "hybrid")) if sampled else None,
+        sampling=sampling_method(config.sampler, from_rest=kind.draws_from_rest) if sampled else None,
         sampler=config.sampler if sampled else "iid",
         codec=config.codec,
-        id_bits=bits_for(vocab - 1) if packed else None,
-        count_bits=bits_for(config.samples) if config.codec == "packed" and sampled else None,
-        logprob_bits=config.logprob_bits if packed else None,
-        logprob_min=config.logprob_min if packed else None,
+        id_bits=bits_for(vocab - 1) if codec.packed else None,
+        count_bits=codec.count_bits(config.samples) if sampled else None,
+        logprob_bits=config.logprob_bits if codec.packed else None,
+        logprob_min=config.logprob_min if codec.packed else None,
         # vLLM returns only the top-K, so its tail can only be their complement (format §4.4)
-        tail_logprob=("complement" if config.backend == "vllm" else "direct") if topk else None,
+        tail_logprob=("complement" if config.backend == "vllm" else "direct") if kind.holds_tail else None,
     )
 
 
@@ -324,6 +324,7 @@ class RecordBuilder:
     def __init__(self, config: GenerateConfig, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.kind = kind_named(config.targets)
 
     def __call__(self, job: ScoreJob, capture: Capture) -> Record:
         enc, item = job.encoded, job.encoded.item
@@ -334,17 +335,11 @@ class RecordBuilder:
         text = generated if generated is not None else enc.completion_text
         if self.config.rationale and text is not None:
             rationale, answer = split_rationale(text, self.config.answer_pattern, self.config.answer_match)
-        t = capture.targets
-        topk = self.config.targets != "sampled"
         return Record(
             id=job.record_id,
             input_ids=job.input_ids,
             score_start=job.score_start,
-            topk_ids=t.ids if topk else None,
-            topk_logprobs=t.logprobs if topk else None,
-            token_logprob=t.token_logprob,
-            tail_logprob=t.tail_logprob if topk else None,
-            sampled=sampled_from_draws(t.draws) if self.config.targets != "topk" else None,
+            **self.kind.record_targets(capture.targets, capture.draws),
             prompt=item.prompt,
             messages=item.messages,
             completion=enc.completion_text if job.generated_ids is None else item.completion,
@@ -401,7 +396,7 @@ class Run:
             raise GenerateError(
                 f"tokenizer has {len(tokenizer)} tokens but teacher {config.teacher} only {spec.vocab_size}"
             )
-        if config.targets != "sampled" and config.top_k > spec.vocab_size:
+        if kind_named(config.targets).holds_topk and config.top_k > spec.vocab_size:
             raise GenerateError(f"--top-k {config.top_k} is larger than teacher {config.teacher}'s vocabulary "
                                 f"({spec.vocab_size} tokens)")
         layers = resolve_layers(config.hidden_layers, spec.num_layers)
@@ -441,7 +436,7 @@ class Run:
                 continue
             encoded.append((enc, todo))
         self.total = sum(len(todo) for _, todo in encoded)
-        if self.store is None and config.codec == "compact2":  # a new store: its id order (format §4.3.2)
+        if self.store is None and codec_named(config.codec).uses_id_order:  # a new store: its id order (format §4.3.2)
             self.manifest = with_id_order(self.manifest, encoded)
         return tokenizer, spec, layers, max_length, encoded
 

@@ -160,12 +160,12 @@ def test_a_manifest_that_claims_an_older_version_for_hybrid_targets_is_refused(t
 
 
 def test_a_2_1_reader_refuses_a_hybrid_store_in_one_line(tmp_path, tiny_teacher_dir, monkeypatch) -> None:
-    import potstill.store.manifest as manifest_module
+    from potstill.store import targets
 
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=1))
     url = str(tmp_path / "h.store")
     generate(config(tiny_teacher_dir, prompts, url, targets="hybrid", top_k=2, samples=6))
-    monkeypatch.setattr(manifest_module, "TARGET_KINDS", ("topk", "sampled", "both"))  # what a 2.1 reader knows
+    monkeypatch.delitem(targets.KINDS, "hybrid")  # a 2.1 reader knows topk, sampled and both
     with pytest.raises(StoreError) as info:
         open_store(url)
     assert "\n" not in str(info.value) and "unknown target kind 'hybrid'" in str(info.value)

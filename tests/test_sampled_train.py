@@ -14,6 +14,7 @@ from common import build_student, write_jsonl
 from trainhelpers import arithmetic_items
 
 from potstill.store import open_store
+from potstill.store.targets import kind_named
 from potstill.student_train import ConfigError, TrainConfig, evaluate, train
 from potstill.student_train.data import StoreDataset, collate, record_sequence
 from potstill.student_train.errors import TrainError
@@ -106,8 +107,9 @@ def test_collation_aligns_sampled_targets_with_the_logits_that_predict_them(stor
     assert "topk_ids" not in batch and batch["sampled_ids"].shape == batch["sampled_probs"].shape
     row = 0
     for b, seq in enumerate(seqs):
-        for j in range(seq.sampled.num_positions):
-            ids, counts = seq.sampled.position(j)
+        sampled = reader.views.sampled_of(b)
+        for j in range(sampled.num_positions):
+            ids, counts = sampled.position(j)
             assert batch["pos_batch"][row] == b and batch["pos_index"][row] == seq.score_start + j - 1
             assert batch["hard_ids"][row] == seq.ids[seq.score_start + j]
             keep = ids < 200  # ids the student has no logit for are dropped (emptied in place)
@@ -140,8 +142,10 @@ def test_training_on_sampled_targets_from_a_packed_store_lowers_the_held_out_kd_
 
 def test_auto_picks_sampled_targets_only_where_the_loss_can_use_them(stores) -> None:
     cfg = _config(stores, "both", "auto")
-    assert cfg.resolve_targets(True, True) == "sampled" and cfg.resolve_targets(True, False) == "topk"
-    assert _config(stores, "both", "auto-jsd", loss="jsd").resolve_targets(True, True) == "topk"
+    both, topk = kind_named("both"), kind_named("topk")
+    assert both.default_train_target(cfg.sampled_loss_ok()) == "sampled"
+    assert topk.default_train_target(cfg.sampled_loss_ok()) == "topk"
+    assert both.default_train_target(_config(stores, "both", "auto-jsd", loss="jsd").sampled_loss_ok()) == "topk"
     data = StoreDataset(stores["both"], batch_size=2, targets="topk", eval_fraction=0.2)
     assert "topk_ids" in next(data.batches(0)) and "sampled_ids" not in next(data.batches(0))
 

@@ -14,7 +14,8 @@ import pytest
 from common import TOKENIZER_FILES, make_manifest, prompt_rows, random_record, write_jsonl
 from genhelpers import config, run_cli
 
-import potstill.store.records as records_module
+import potstill.store.targets.codecs as codecs_module
+import potstill.teacher_gen.jobs as jobs_module
 import potstill.teacher_gen.runner as runner_module
 from potstill.share import store_info
 from potstill.store import StoreError, TargetSpec, create_store, open_store, verify_store
@@ -72,7 +73,7 @@ def test_a_1_0_store_keeps_its_layout_reads_its_tail_as_a_log_verifies_and_is_ca
     views = store.shard("w0-000000").views
     for i, want in enumerate(written):
         got = store.record(i)
-        mass = views.tail_mass[views._tgt_bounds[i] : views._tgt_bounds[i + 1]] if i < 4 else got.tail_mass
+        mass = views.columns.tail_mass[views._tgt_bounds[i] : views._tgt_bounds[i + 1]] if i < 4 else got.tail_mass
         np.testing.assert_array_equal(got.tail_logprob, log_of_mass(mass))  # the log of the stored mass
         np.testing.assert_allclose(got.tail_mass, want.tail_mass, rtol=2e-7)
     assert np.isneginf(store.record(0).tail_logprob).all()  # a mass of 0 reads as an empty tail
@@ -155,7 +156,7 @@ def test_a_run_resuming_a_store_of_the_fp32_sampler_refuses_in_one_line(tmp_path
     half, whole = prompts
     url = str(tmp_path / "s")
     with monkeypatch.context() as m:
-        m.setattr(runner_module, "SAMPLING_METHOD", SAMPLING_2_0)
+        m.setattr(jobs_module, "SAMPLING_METHOD", SAMPLING_2_0)  # what the run writes as targets.sampling
         generate(config(tiny_teacher_dir, half, url, targets="sampled", samples=8))
     with pytest.raises(StoreError) as info:
         generate(config(tiny_teacher_dir, whole, url, targets="sampled", samples=8))
@@ -198,7 +199,7 @@ def test_verify_checks_the_log_tail(tmp_path, monkeypatch) -> None:
     assert verify_store(covered).ok
     mismatch = str(tmp_path / "mismatch")  # a writer whose tail_mass is not exp(tail_logprob)
     with monkeypatch.context() as m:
-        m.setattr(records_module, "mass_of_log", lambda t: (np.exp(np.asarray(t, np.float64)) * 1.001).astype(np.float32))
+        m.setattr(codecs_module, "mass_of_log", lambda t: (np.exp(np.asarray(t, np.float64)) * 1.001).astype(np.float32))
         _write(mismatch, make_manifest(k=8, layers=()))
     problems = [str(p) for p in verify_store(mismatch).problems]
     assert any("tail_mass" in p and "differs from exp(tail_logprob)" in p for p in problems), problems

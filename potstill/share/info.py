@@ -6,8 +6,8 @@ import math
 from typing import Any
 
 from potstill.store.errors import StoreError
-from potstill.store.manifest import COMPACT_CODECS
 from potstill.store.reader import Store
+from potstill.store.targets import codec_named
 
 
 def store_info(store: Store) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def describe_targets(t: dict[str, Any]) -> str:
         sampler = t.get("sampler", "iid")
         rest = " from the rest" if t["kind"] == "hybrid" else ""
         parts.append(f"sampled N={t['samples']}{rest} ({sampler} draws, ids + counts, seed {t['seed']})")
-    if t.get("codec") in COMPACT_CODECS:
+    if t.get("codec") and codec_named(t["codec"]).sampled_only:
         how = " (Rice parameter by rank)" if t["codec"] == "compact2" else ""
         if t.get("id_order"):
             how += f" in an id order of {len(t['id_order'])} frequent tokens first"

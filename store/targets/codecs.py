@@ -1,0 +1,496 @@
+"""The codecs of format 2.x (docs/store-format.md §4.3): how the built-in kinds' parts are laid out
+in Arrow columns, one class per codec, registered by the name the manifest records.
+
+- "none": plain Arrow lists (fixed-size lists for the top-k), log-probs in `logprob_dtype`.
+- "packed": ids bit-packed to `id_bits`, counts to `count_bits`, log-probs quantised to
+  `logprob_bits` over [`logprob_min`, 0] (`store.codec`), one byte string per record and field.
+- "compact" (2.3): "packed", with the sampled draws' ids gap-coded and counts gamma-coded (§4.3.1).
+- "compact2" (2.4): "packed", with the sampled draws split into head and tail and coded by their
+  place in the store's frequency order `id_order` (§4.3.2).
+
+The bit-level coding itself is `store.codec`; the classes here choose and place it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from potstill.store.codec import (
+    MAX_BITS,
+    MAX_ID_ORDER,
+    LogprobQuantizer,
+    SampledTargets,
+    bits_for,
+    check_sampled,
+    decode_sampled,
+    decode_sampled_compact,
+    decode_sampled_compact2,
+    decode_topk,
+    encode_sampled,
+    encode_sampled_compact,
+    encode_sampled_compact2,
+    encode_topk,
+    pack_bits,
+    recomputed_tail_mass,
+    unpack_bits,
+)
+from potstill.store.columns import (
+    bytes_list,
+    concat,
+    first_bad_row,
+    flat,
+    input_vocab,
+    list_array,
+    log_of_mass,
+    mass_of_log,
+    offsets_array,
+    target_vocab,
+    unsound_log_tail,
+    unsound_logprobs,
+    unsound_tail_mass,
+    unsound_topk,
+)
+from potstill.store.errors import StoreError
+from potstill.store.targets.base import (
+    Codec,
+    ColumnViews,
+    Record,
+    StoreManifest,
+    TargetColumns,
+    TargetKind,
+    TargetSpec,
+    TopKRows,
+)
+from potstill.store.targets.parts import np_logprob_dtype
+
+NESTED_U8 = pa.list_(pa.uint8())
+
+
+# -- "none" -----------------------------------------------------------------------------------------
+class PlainCodec(Codec):
+    name = "none"
+    packed = False
+    min_version = (1, 0)
+
+    def fields(self, spec: TargetSpec, kind: TargetKind) -> list[pa.Field]:
+        lp = pa.float16() if spec.logprob_dtype == "float16" else pa.float32()
+        out = []
+        if kind.holds_topk:
+            out += [pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), spec.k)), nullable=False),
+                    pa.field("topk_logprobs", pa.list_(pa.list_(lp, spec.k)), nullable=False)]
+        out.append(pa.field("token_logprob", pa.list_(pa.float32()), nullable=False))
+        if kind.holds_topk:
+            out.append(pa.field("tail_mass", pa.list_(pa.float32()), nullable=False))
+            if spec.tail_logprob:
+                out.append(pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False))
+        if kind.holds_sampled:
+            out += [pa.field("sampled_ids", pa.list_(pa.list_(pa.int32())), nullable=False),
+                    pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False)]
+        return out
+
+    def encode(self, records: list[Record], spec: TargetSpec, kind: TargetKind) -> dict[str, pa.Array]:
+
+        n_scored = [r.num_scored for r in records]
+        k = spec.k
+        columns: dict[str, pa.Array] = {}
+        if kind.holds_topk:
+            columns["topk_ids"] = list_array(concat([r.topk_ids for r in records], np.dtype(np.int32), (k,)), n_scored, k)  # type: ignore[misc]
+            columns["topk_logprobs"] = list_array(
+                concat([r.topk_logprobs for r in records], np_logprob_dtype(spec), (k,)), n_scored, k  # type: ignore[misc]
+            )
+            tail = concat([r.tail_logprob for r in records], np.dtype(np.float32))  # type: ignore[misc]
+            columns["tail_mass"] = list_array(mass_of_log(tail), n_scored)  # what 1.0 / 2.0 readers read
+            if spec.tail_logprob:
+                columns["tail_logprob"] = list_array(tail, n_scored)
+        columns["token_logprob"] = list_array(concat([r.token_logprob for r in records], np.dtype(np.float32)), n_scored)  # type: ignore[misc]
+        if kind.holds_sampled:
+            columns.update(_sampled_lists(records))
+        return columns
+
+    def open(self, batch: pa.RecordBatch, spec: TargetSpec, kind: TargetKind, views: ColumnViews) -> TargetColumns:
+        return PlainColumns(batch, spec, kind)
+
+
+def _sampled_lists(records: list[Record]) -> dict[str, pa.Array]:
+    """`sampled_ids` / `sampled_counts` as list<list<...>>: records → positions → entries."""
+    sampled: list[SampledTargets] = [r.sampled for r in records]  # type: ignore[misc]
+    per_position = np.concatenate([t.lengths() for t in sampled]) if records else np.zeros(0, np.int64)
+    outer = offsets_array([t.num_positions for t in sampled])
+    inner = offsets_array(per_position)
+    ids = pa.ListArray.from_arrays(inner, pa.array(concat([t.ids for t in sampled], np.dtype(np.int32))))
+    counts = pa.ListArray.from_arrays(inner, pa.array(concat([t.counts for t in sampled], np.dtype(np.uint16))))
+    return {"sampled_ids": pa.ListArray.from_arrays(outer, ids), "sampled_counts": pa.ListArray.from_arrays(outer, counts)}
+
+
+class PlainColumns(TargetColumns):
+    """Zero-copy numpy views of an unpacked store's target columns: record j's targets are slices.
+    The tail is handed out as a log: the stored `tail_logprob` (format 1.1 / 2.1), else the log of
+    a 1.0 / 2.0 store's approximate `tail_mass`."""
+
+    def __init__(self, batch: pa.RecordBatch, spec: TargetSpec, kind: TargetKind) -> None:
+
+        self.spec, self.kind, self.batch = spec, kind, batch
+        self.tgt_off, self.token_lp = flat(batch, "token_logprob")
+        if kind.holds_topk:
+            _, self.topk_ids = flat(batch, "topk_ids", spec.k)
+            _, self.topk_logprobs = flat(batch, "topk_logprobs", spec.k)
+            _, self.tail_mass = flat(batch, "tail_mass")  # 1.0 / 2.0: the only tail, an approximate one
+            if spec.tail_logprob:
+                _, self.tail_logprob = flat(batch, "tail_logprob")
+        if kind.holds_sampled:
+            # list<list<...>>: records -> positions -> entries, three levels of zero-copy views
+            ids_col, counts_col = batch.column("sampled_ids"), batch.column("sampled_counts")
+            for col, name in ((ids_col, "sampled_ids"), (counts_col, "sampled_counts")):
+                if col.offset != 0 or col.null_count or col.values.null_count:
+                    raise StoreError(f"column {name} is sliced or has nulls")
+            self.sampled_rec_off = ids_col.offsets.to_numpy(zero_copy_only=True)
+            self.sampled_pos_off = ids_col.values.offsets.to_numpy(zero_copy_only=True)
+            self.sampled_ids = ids_col.values.values.to_numpy(zero_copy_only=True)
+            self.sampled_counts = counts_col.values.values.to_numpy(zero_copy_only=True)
+        # The offsets as Python ints: slicing with them costs half of slicing with numpy scalars,
+        # which is most of the per-record overhead of a loader (bench/store_io.py).
+        self.bounds: list[int] = self.tgt_off.tolist()
+
+    def token_logprob(self, j: int) -> np.ndarray:
+        return self.token_lp[self.bounds[j] : self.bounds[j + 1]]
+
+    def topk(self, j: int) -> TopKRows:
+        if not self.kind.holds_topk:
+            raise StoreError(f"the store holds {self.kind.name} targets, no top-k targets")
+
+        a, b = self.bounds[j], self.bounds[j + 1]
+        tail = self.tail_logprob[a:b] if self.spec.tail_logprob else log_of_mass(self.tail_mass[a:b])
+        return TopKRows(self.topk_ids[a:b], self.topk_logprobs[a:b], self.token_lp[a:b], tail)
+
+    def sampled(self, j: int) -> SampledTargets:
+        if not self.kind.holds_sampled:
+            raise StoreError(f"the store holds {self.kind.name} targets, no sampled targets")
+        a, b = int(self.sampled_rec_off[j]), int(self.sampled_rec_off[j + 1])
+        pos = self.sampled_pos_off[a : b + 1]
+        e0, e1 = int(pos[0]), int(pos[-1])
+        return SampledTargets(pos - e0, self.sampled_ids[e0:e1], self.sampled_counts[e0:e1])
+
+    def record_fields(self, j: int) -> dict[str, Any]:
+        return _part_fields(self, j, self.kind)
+
+    def shape_problems(self, views: ColumnViews, manifest: StoreManifest) -> list[str]:
+        spec, problems = self.spec, []
+        names = ("tail_mass", "topk_ids", "topk_logprobs") + (("tail_logprob",) if spec.tail_logprob else ())
+        for name in names if self.kind.holds_topk else ():
+            if not np.array_equal(self.batch.column(name).offsets.to_numpy(), self.tgt_off):
+                problems.append(f"column {name} has other row counts than token_logprob")
+        problems += tail_problems(self, manifest) if not problems and self.kind.holds_topk else []
+        if self.kind.holds_sampled:
+            if not np.array_equal(self.sampled_rec_off, self.tgt_off):
+                problems.append("column sampled_ids has other row counts than token_logprob")
+            counts = self.batch.column("sampled_counts")
+            if not (np.array_equal(counts.offsets.to_numpy(), self.sampled_rec_off)
+                    and np.array_equal(counts.values.offsets.to_numpy(), self.sampled_pos_off)):
+                problems.append("columns sampled_ids and sampled_counts have different shapes")
+        return problems
+
+    def value_problems(self, views: ColumnViews, manifest: StoreManifest) -> list[str]:
+        problems: list[str] = []
+
+        def report(what: str, offsets: np.ndarray, bad: np.ndarray) -> None:
+            if bad.any():
+                problems.append(f"record {views.text_of('id', first_bad_row(offsets, bad))!r}: {what} "
+                                f"({int(bad.sum())} value(s) in the shard)")
+
+        spec, vocab = self.spec, target_vocab(manifest)
+        report("token_logprob is NaN or above 0", self.tgt_off, unsound_logprobs(self.token_lp))
+        if self.kind.holds_topk:
+            report(f"top-k ids outside [0, {vocab}) or log-probs NaN, infinite or above 0",
+                   self.tgt_off, unsound_topk(self.topk_ids, self.topk_logprobs, vocab))
+            report("tail_mass is NaN or outside [0, 1]", self.tgt_off, unsound_tail_mass(self.tail_mass))
+            if spec.tail_logprob:
+                report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
+        if self.kind.holds_sampled:
+            s_ids, counts = self.sampled_ids, self.sampled_counts
+            entry_rows = self.sampled_pos_off  # entries per position; positions per record below
+            bad_entry = (s_ids < 0) | (s_ids >= vocab) | (counts < 1)
+            if bad_entry.any():
+                position = int(np.searchsorted(entry_rows, int(np.flatnonzero(bad_entry)[0]), side="right") - 1)
+                row = int(np.searchsorted(self.sampled_rec_off, position, side="right") - 1)
+                problems.append(f"record {views.text_of('id', row)!r}: sampled ids outside the vocabulary or counts below 1")
+            elif len(counts):
+                sums = np.add.reduceat(counts.astype(np.int64), entry_rows[:-1]) if len(entry_rows) > 1 else np.zeros(0)
+                report(f"sampled counts of a position do not sum to N={spec.samples}", self.sampled_rec_off,
+                       sums != spec.samples)
+        return problems
+
+
+def _part_fields(columns: TargetColumns, j: int, kind: TargetKind) -> dict[str, Any]:
+    """Record j's `Record` target fields from the parts a built-in kind holds."""
+    if kind.holds_topk:
+        rows = columns.topk(j)
+        out: dict[str, Any] = {"topk_ids": rows.ids, "topk_logprobs": rows.logprobs,
+                               "token_logprob": rows.token_logprob, "tail_logprob": rows.tail_logprob}
+    else:
+        out = {"token_logprob": columns.token_logprob(j)}
+    if kind.holds_sampled:
+        out["sampled"] = columns.sampled(j)
+    return out
+
+
+def tail_problems(columns: Any, manifest: StoreManifest) -> list[str]:
+    """The log tail against format §4.4: a log-probability (≤ 0, never NaN); −inf, an empty tail, only
+    where the top-K covers the teacher's vocabulary, unless the store says the tails are complements
+    of the top-K (which round to −inf when the top-K holds all the mass to the backend's precision);
+    and in an unpacked store, `tail_mass` = exp(`tail_logprob`) to one float32 rounding."""
+    spec = manifest.targets
+    if not spec.tail_logprob:
+        return []
+    tail = columns.tail_logprob
+    problems = []
+    if not np.all(tail <= 0.0):
+        bad = int(np.flatnonzero(~(tail <= 0.0))[0])
+        problems.append(f"tail_logprob holds {tail[bad]} (scored position {bad} of the shard), not a log-probability")
+    covers = spec.k >= max(manifest.teacher.vocab_size or 0, manifest.tokenizer.vocab_size)
+    if spec.tail_logprob == "direct" and not covers and np.isneginf(tail).any():
+        bad = int(np.flatnonzero(np.isneginf(tail))[0])
+        problems.append(f"tail_logprob is -inf at scored position {bad} of the shard, but K={spec.k} does not cover "
+                        "the vocabulary: a direct tail is empty only when it does")
+    mass = getattr(columns, "tail_mass", None)
+    if mass is not None:
+        want = np.exp(tail.astype(np.float64)).astype(np.float32)
+        off = np.abs(mass.astype(np.float64) - want) > np.spacing(want)
+        if off.any():
+            bad = int(np.flatnonzero(off)[0])
+            problems.append(f"tail_mass {mass[bad]} differs from exp(tail_logprob) {want[bad]} at scored position {bad} of the shard")
+    return problems
+
+
+# -- "packed" ---------------------------------------------------------------------------------------
+class PackedCodec(Codec):
+    name = "packed"
+
+    def check_spec(self, spec: TargetSpec, kind: TargetKind) -> None:
+        super().check_spec(spec, kind)
+        if not isinstance(spec.id_bits, int) or not 1 <= spec.id_bits <= MAX_BITS:
+            raise StoreError(f"targets.id_bits must be an integer in [1, {MAX_BITS}], got {spec.id_bits!r}")
+        self.check_counts(spec, kind)
+        if not isinstance(spec.logprob_bits, int) or not isinstance(spec.logprob_min, int | float):
+            raise StoreError("targets.logprob_bits and targets.logprob_min are required by the packed codec")
+        LogprobQuantizer(spec.logprob_bits, float(spec.logprob_min))  # raises on a bad range
+
+    def count_bits(self, samples: int) -> int | None:
+        return bits_for(samples)
+
+    def check_counts(self, spec: TargetSpec, kind: TargetKind) -> None:
+        if kind.holds_sampled and spec.count_bits != bits_for(spec.samples):
+            raise StoreError(f"targets.count_bits must be {bits_for(spec.samples)} for N={spec.samples}, got {spec.count_bits!r}")
+
+    def manifest_keys(self, spec: TargetSpec, kind: TargetKind) -> dict[str, Any]:
+        q = spec.quantizer()
+        out = dict(id_bits=spec.id_bits, logprob_bits=spec.logprob_bits, logprob_min=spec.logprob_min,
+                   logprob_step=q.step, logprob_max_error=q.max_error, tail_mass="recomputed")
+        if kind.holds_sampled:
+            out.update(self.count_keys(spec))
+        return out
+
+    def count_keys(self, spec: TargetSpec) -> dict[str, Any]:
+        return {"count_bits": spec.count_bits}
+
+    def fields(self, spec: TargetSpec, kind: TargetKind) -> list[pa.Field]:
+        out = []
+        if kind.holds_topk:
+            out += [pa.field("topk_ids_packed", NESTED_U8, nullable=False),
+                    pa.field("topk_logprobs_packed", NESTED_U8, nullable=False)]
+        out.append(pa.field("token_logprob_packed", NESTED_U8, nullable=False))
+        if spec.tail_logprob:
+            out.append(pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False))
+        if kind.holds_sampled:
+            out += [pa.field("sampled_entries", pa.int32(), nullable=False),
+                    pa.field("sampled_ids_packed", NESTED_U8, nullable=False),
+                    pa.field("sampled_counts_packed", NESTED_U8, nullable=False)]
+        return out
+
+    def encode(self, records: list[Record], spec: TargetSpec, kind: TargetKind) -> dict[str, pa.Array]:
+
+        q = spec.quantizer()
+        id_bits = int(spec.id_bits or 0)
+        columns: dict[str, pa.Array] = {}
+        if kind.holds_topk:
+            streams = [encode_topk(r.topk_ids, r.topk_logprobs, id_bits, q) for r in records]  # type: ignore[arg-type]
+            columns["topk_ids_packed"] = bytes_list([a for a, _ in streams])
+            columns["topk_logprobs_packed"] = bytes_list([b for _, b in streams])
+        columns["token_logprob_packed"] = bytes_list([pack_bits(q.encode(r.token_logprob), q.bits) for r in records])  # type: ignore[arg-type]
+        if spec.tail_logprob:
+            columns["tail_logprob"] = list_array(concat([r.tail_logprob for r in records], np.dtype(np.float32)),  # type: ignore[misc]
+                                                 [r.num_scored for r in records])
+        if kind.holds_sampled:
+            streams = [self.encode_sampled(r.sampled, spec) for r in records]  # type: ignore[arg-type]
+            columns["sampled_entries"] = pa.array([r.sampled.num_entries for r in records], pa.int32())  # type: ignore[union-attr]
+            columns["sampled_ids_packed"] = bytes_list([a for a, _ in streams])
+            columns["sampled_counts_packed"] = bytes_list([b for _, b in streams])
+        return columns
+
+    def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
+        """(ids stream, counts stream) of a record's sampled targets."""
+        return encode_sampled(t, int(spec.id_bits or 0), int(spec.count_bits or 0))
+
+    def decode_sampled(self, ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int,
+                       spec: TargetSpec) -> SampledTargets:
+        return decode_sampled(ids_data, counts_data, entries, positions, spec.samples, int(spec.id_bits or 0),
+                              int(spec.count_bits or 0))
+
+    def sampled_bits(self, entries: np.ndarray, spec: TargetSpec) -> dict[str, np.ndarray]:
+        """verify: the bits each record's sampled streams take (none where they have no fixed length)."""
+        return {"sampled_ids_packed": entries * int(spec.id_bits or 0),
+                "sampled_counts_packed": entries * int(spec.count_bits or 0)}
+
+    def open(self, batch: pa.RecordBatch, spec: TargetSpec, kind: TargetKind, views: ColumnViews) -> TargetColumns:
+        return PackedColumns(batch, spec, kind, self, views)
+
+
+class PackedColumns(TargetColumns):
+    """A packed store's target columns: each record's byte streams, decoded on demand (vectorised
+    numpy). Scored positions are not stored: they follow from the tokens. The tail is the stored
+    `tail_logprob` (format 2.1), else the log of the tail mass recomputed from the top-K (2.0)."""
+
+    def __init__(self, batch: pa.RecordBatch, spec: TargetSpec, kind: TargetKind, codec: PackedCodec,
+                 views: ColumnViews) -> None:
+
+        self.spec, self.kind, self.codec, self.batch, self.views = spec, kind, codec, batch, views
+        self.quantizer = spec.quantizer()
+        self.tgt_off = np.concatenate([[0], np.cumsum(np.diff(views.tok_off) - views.score_start)]).astype(np.int64)
+        self.streams = {f.name: flat(batch, f.name) for f in codec.fields(spec, kind) if f.type == NESTED_U8}
+        if kind.holds_sampled:
+            self.sampled_entries = batch.column("sampled_entries").to_numpy(zero_copy_only=True)
+        if spec.tail_logprob:
+            _, self.tail_logprob = flat(batch, "tail_logprob")
+        self.bounds: list[int] = self.tgt_off.tolist()
+
+    def _bytes(self, name: str, j: int) -> np.ndarray:
+        offsets, values = self.streams[name]
+        return values[offsets[j] : offsets[j + 1]]
+
+    def token_logprob(self, j: int) -> np.ndarray:
+        q = self.quantizer
+        return q.decode(unpack_bits(self._bytes("token_logprob_packed", j), self.bounds[j + 1] - self.bounds[j], q.bits))
+
+    def topk(self, j: int) -> TopKRows:
+        if not self.kind.holds_topk:
+            raise StoreError(f"the store holds {self.kind.name} targets, no top-k targets")
+
+        a, b = self.bounds[j], self.bounds[j + 1]
+        ids, lp = decode_topk(self._bytes("topk_ids_packed", j), self._bytes("topk_logprobs_packed", j),
+                              b - a, self.spec.k, int(self.spec.id_bits or 0), self.quantizer)
+        tail = self.tail_logprob[a:b] if self.spec.tail_logprob else log_of_mass(recomputed_tail_mass(lp))
+        return TopKRows(ids, lp, self.token_logprob(j), tail)
+
+    def sampled(self, j: int) -> SampledTargets:
+        if not self.kind.holds_sampled:
+            raise StoreError(f"the store holds {self.kind.name} targets, no sampled targets")
+        # The record's name is looked up only when its streams fail to decode, not for every record.
+        try:
+            return self.codec.decode_sampled(self._bytes("sampled_ids_packed", j), self._bytes("sampled_counts_packed", j),
+                                             int(self.sampled_entries[j]), self.bounds[j + 1] - self.bounds[j], self.spec)
+        except StoreError as e:
+            raise StoreError(f"record {self.views.text_of('id', j)!r}: {e}") from None
+
+    def record_fields(self, j: int) -> dict[str, Any]:
+        return _part_fields(self, j, self.kind)
+
+    def shape_problems(self, views: ColumnViews, manifest: StoreManifest) -> list[str]:
+        spec = self.spec
+        scored = np.diff(self.tgt_off)
+        expect: dict[str, np.ndarray] = {"token_logprob_packed": scored * int(spec.logprob_bits or 0)}
+        if self.kind.holds_topk:
+            expect["topk_ids_packed"] = scored * spec.k * int(spec.id_bits or 0)
+            expect["topk_logprobs_packed"] = scored * spec.k * int(spec.logprob_bits or 0)
+        if self.kind.holds_sampled:
+            expect.update(self.codec.sampled_bits(self.sampled_entries.astype(np.int64), spec))
+        problems = []
+        for name, bits in expect.items():
+            offsets, _ = self.streams[name]
+            if not np.array_equal(np.diff(offsets), (bits + 7) // 8):
+                problems.append(f"column {name}: a record's byte length differs from what its counts need")
+        if spec.tail_logprob and not np.array_equal(self.batch.column("tail_logprob").offsets.to_numpy(), self.tgt_off):
+            problems.append("column tail_logprob has other row counts than the records' scored tokens")
+        return problems or tail_problems(self, manifest)
+
+    def value_problems(self, views: ColumnViews, manifest: StoreManifest) -> list[str]:
+        """Quantised log-probs are finite by construction, so what can be wrong is an id beyond the
+        vocabulary (id_bits may hold more) or a sampled layout."""
+
+        tv = input_vocab(manifest)
+        for j in range(views.num_rows):
+            rid = views.text_of("id", j)
+            try:
+                if self.kind.holds_topk:
+                    ids = self.topk(j).ids
+                    if ids.size and (int(ids.max()) >= tv or int(ids.min()) < -1):
+                        return [f"record {rid!r}: top-k ids outside [0, {tv})"]
+                if self.kind.holds_sampled:
+                    check_sampled(self.sampled(j), self.bounds[j + 1] - self.bounds[j], self.spec.samples, tv,
+                                  f"record {rid!r}")
+            except StoreError as e:
+                return [str(e)]
+        return []
+
+
+# -- "compact" and "compact2" -----------------------------------------------------------------------
+class CompactCodec(PackedCodec):
+    """Sampled draws with ids gap-coded (Rice) and counts gamma-coded (format §4.3.1)."""
+
+    name = "compact"
+    min_version = (2, 3)
+    sampled_only = True
+
+    def count_bits(self, samples: int) -> int | None:
+        return None  # counts are gamma-coded: no fixed width
+
+    def check_counts(self, spec: TargetSpec, kind: TargetKind) -> None:
+        pass
+
+    def count_keys(self, spec: TargetSpec) -> dict[str, Any]:
+        return {}
+
+    def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
+        return encode_sampled_compact(t)
+
+    def decode_sampled(self, ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int,
+                       spec: TargetSpec) -> SampledTargets:
+        return decode_sampled_compact(ids_data, counts_data, entries, positions, spec.samples, 1 << int(spec.id_bits or 0))
+
+    def sampled_bits(self, entries: np.ndarray, spec: TargetSpec) -> dict[str, np.ndarray]:
+        return {}  # no fixed length: decoding checks the streams
+
+
+class Compact2Codec(CompactCodec):
+    """Sampled draws split into head (count ≥ 2) and tail (count 1), coded by their place in the
+    store's id order with a Rice parameter per rank bucket (format §4.3.2)."""
+
+    name = "compact2"
+    min_version = (2, 4)
+    uses_id_order = True
+
+    def check_spec(self, spec: TargetSpec, kind: TargetKind) -> None:
+        super().check_spec(spec, kind)
+        order = spec.id_order
+        if order is None:
+            return
+        if (not isinstance(order, list) or len(order) > MAX_ID_ORDER
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in order)):
+            raise StoreError(f"targets.id_order must be a list of at most {MAX_ID_ORDER} token ids")
+        if order and (min(order) < 0 or max(order) >= 1 << int(spec.id_bits or 0) or len(set(order)) != len(order)):
+            raise StoreError(f"targets.id_order must list distinct token ids in [0, 2^{spec.id_bits})")
+
+    def manifest_keys(self, spec: TargetSpec, kind: TargetKind) -> dict[str, Any]:
+        out = super().manifest_keys(spec, kind)
+        if spec.id_order:
+            out["id_order"] = list(spec.id_order)
+        return out
+
+    def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
+        return encode_sampled_compact2(t, spec.id_order_map)
+
+    def decode_sampled(self, ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int,
+                       spec: TargetSpec) -> SampledTargets:
+        return decode_sampled_compact2(ids_data, counts_data, entries, positions, spec.samples,
+                                       1 << int(spec.id_bits or 0), id_order=spec.id_order_map)
