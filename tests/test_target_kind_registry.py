@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-from genhelpers import reference_log_tail, reference_logprobs, write_jsonl
-from trainhelpers import arithmetic_items, build_student
+from common import build_student, write_jsonl
+from genhelpers import reference_log_tail, reference_logprobs
+from trainhelpers import arithmetic_items
 from typer.testing import CliRunner
 
 from potstill.cli.main import app
