@@ -79,7 +79,7 @@ class Bench:
         return GenerateConfig.build(
             teacher=self.args.teacher, prompts=prompts or self.args.prompts,
             store=os.path.join(self.workdir, f"s{self.calls}"), backend=backend, mode=mode,
-            max_new_tokens=self.args.max_new_tokens, temperature=0.0, top_k=self.args.top_k, dtype="float32",
+            max_new_tokens=self.args.max_new_tokens, sampling_temperature=0.0, top_k=self.args.top_k, dtype="float32",
             device="cpu", progress=False, **extra,
         )
 

@@ -226,7 +226,7 @@ def test_generate_hybrid_then_train_through_the_cli(tmp_path, tiny_teacher_dir, 
     from trainhelpers import build_student
 
     url = str(tmp_path / "cli.store")
-    out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", url, "--targets", "hybrid",
+    out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", url, "--targets", "hybrid",
                    "--top-k", "2", "--samples", "12", "--sampler", "systematic", "--codec", "packed", "--device", "cpu",
                    "--no-progress"])
     assert out.returncode == 0, out.stderr

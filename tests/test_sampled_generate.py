@@ -118,7 +118,7 @@ def test_both_kinds_in_one_packed_store_through_the_cli(tmp_path, tiny_teacher_d
     plain = str(tmp_path / "plain.store")
     generate(config(tiny_teacher_dir, prompts, plain, targets="both", samples=50, top_k=16, logprob_dtype="float32"))
     packed = str(tmp_path / "packed.store")
-    proc = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", packed,
+    proc = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", packed,
                     "--targets", "both", "--samples", "50", "--top-k", "16", "--codec", "packed",
                     "--logprob-bits", "12", "--device", "cpu", "--no-progress"])
     assert proc.returncode == 0, proc.stderr

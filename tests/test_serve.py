@@ -52,7 +52,7 @@ def test_two_jobs_submitted_at_once_both_complete_and_match_generate(service, ti
     specs = [
         {"prompts": prompts, "store": str(tmp_path / "a"), "top_k": 8, "hidden_layers": [0, -1], "shard_records": 5},
         {"prompts": prompts, "store": str(tmp_path / "b"), "mode": "generate", "max_new_tokens": 4,
-         "temperature": 0.0},
+         "sampling_temperature": 0.0},
     ]
     ids: list[str] = [""] * 2
 
@@ -335,9 +335,10 @@ def test_generate_flags_are_read_from_the_config_fields():
     from potstill.teacher_gen.service.settings import ServiceError
 
     got = parse_generate_flags(["--top-k", "8", "--hidden-layers=4,8,-1", "--no-append-eos", "--rationale",
-                                "--compile", "--max-length", "128", "--temperature", "0.5", "--mode", "generate"])
+                                "--compile", "--max-length", "128", "--sampling-temperature", "0.5", "--mode", "generate"])
     assert got == {"top_k": 8, "hidden_layers": [4, 8, -1], "append_eos": False, "rationale": True,
-                   "compile": True, "max_length": 128, "temperature": 0.5, "mode": "generate"}
+                   "compile": True, "max_length": 128, "sampling_temperature": 0.5, "mode": "generate"}
+    assert parse_generate_flags(["--temperature=0.5"]) == {"sampling_temperature": 0.5}  # the old spelling
     with pytest.raises(ServiceError, match="unknown option --colour"):
         parse_generate_flags(["--colour", "blue"])
     with pytest.raises(ServiceError, match="unknown option --progress"):  # the service decides it

@@ -83,7 +83,7 @@ def run_demo(config: DemoConfig, log: Any = print) -> dict[str, Any]:
     potstill(
         "generate", "--teacher", CHECKPOINT, "--prompts", prompts, "--out", store,
         "--mode", "generate", "--rationale", "--rationale-template", "{prompt}" + arithmetic.COT_TRIGGER,
-        "--temperature", "0", "--max-new-tokens", "96", "--top-k", str(config.top_k),
+        "--sampling-temperature", "0", "--max-new-tokens", "96", "--top-k", str(config.top_k),
         "--hidden-layers", str(config.teacher_layer), "--shard-records", "512", "--hidden-chunk-tokens", "4096",
         "--device", "cpu", "--threads", str(threads),
     )
