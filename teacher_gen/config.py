@@ -50,16 +50,20 @@ class GenerateConfig:
     # -- what is captured ----------------------------------------------------------------------
     top_k: int = setting(64, help="Top-k log-probs kept per position.")
     logprob_dtype: Literal["float16", "float32"] = setting("float16", help="Storage of log-probs.")
+    # The defaults are the measured best (docs/benchmarks.md, "Fidelity"): N = 64 systematic draws in compact2 keep
+    # 97-99% of full KD's gain at about 35 target bytes per token, where top-64 keeps 44%.
     targets: Literal["topk", "sampled", "both", "hybrid"] = setting(
-        "topk", help="topk (log-probs), sampled (N draws per position as ids + counts), both, or hybrid "
-                     "(the exact top-k plus N draws from the rest).")
-    samples: int = setting(50, help="Draws per scored position for sampled targets (from the T=1 distribution).")
+        "sampled", help="sampled (N draws per position as ids + counts), topk (log-probs), both, or hybrid "
+                        "(the exact top-k plus N draws from the rest).")
+    samples: int = setting(64, help="Draws per scored position for sampled targets (from the T=1 distribution).")
     sampler: Literal["iid", "systematic", "stratified"] = setting(
-        "iid", help="How the N draws are placed: iid, or systematic or stratified (lower variance, still unbiased).")
-    codec: Literal["none", "packed", "compact", "compact2"] = setting(
-        "none", help="none; packed: bit-packed ids and counts, quantised log-probs (format 2.0); compact: packed, "
-                     "with sampled ids gap-coded and counts gamma-coded, for sampled targets (format 2.3); compact2: "
-                     "the same draws in about 0.85x the compact bytes (format 2.4).")
+        "systematic", help="How the N draws are placed: systematic or stratified (lower variance, still unbiased), "
+                           "or iid.")
+    codec: Literal["none", "packed", "compact", "compact2"] | None = setting(
+        None, shown_default="compact2; none with --targets topk",
+        help="none; packed: bit-packed ids and counts, quantised log-probs (format 2.0); compact: packed, "
+             "with sampled ids gap-coded and counts gamma-coded, for sampled targets (format 2.3); compact2: "
+             "the same draws in about 0.85x the compact bytes (format 2.4).")
     logprob_bits: int = setting(12, help="Packed codec: bits per log-prob (uniform over [--logprob-min, 0]).")
     logprob_min: float = setting(-24.0, help="Packed codec: log-probs are clamped to [MIN, 0].")
     hidden_layers: list[int] = setting(
@@ -123,6 +127,10 @@ class GenerateConfig:
     enforce_eager: bool | None = setting(None, shown_default="on for CPU, off for GPU",
                                          help="vLLM: run eagerly, no compilation at start-up.")
 
+    def __post_init__(self) -> None:
+        if self.codec is None:  # the compact codecs code draws; top-k targets alone keep the plain layout
+            self.codec = "none" if self.targets == "topk" else "compact2"
+
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def build(cls, config_file: str | None = None, **overrides: Any) -> GenerateConfig:
@@ -162,10 +170,10 @@ class GenerateConfig:
         for ok, message in checks:
             if not ok:
                 raise GenerateError(message)
-        if self.backend == "vllm" and self.targets != "topk":
-            raise GenerateError(
-                f"--backend vllm cannot make --targets {self.targets}: vLLM returns only the top log-probs, "
-                "not the full distribution the draws need; use --backend hf"
+        if self.backend == "vllm" and self.targets != "topk":  # it returns only the top log-probs, not the
+            raise GenerateError(  # full distribution the draws need
+                f"--backend vllm captures top-k targets only, not --targets {self.targets}: add --targets topk, "
+                "or use --backend hf"
             )
         if self.backend == "vllm" and self.hidden_layers:
             raise GenerateError(

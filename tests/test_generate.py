@@ -379,7 +379,7 @@ def test_data_settings_exclude_per_worker_settings():
 
 def test_vllm_with_hidden_layers_is_refused_in_one_line(tmp_path):
     result = run_cli(["generate", "--teacher", "t", "--prompts", "p.jsonl", "--out", str(tmp_path / "s"),
-                      "--backend", "vllm", "--hidden-layers", "4"])
+                      "--backend", "vllm", "--targets", "topk", "--hidden-layers", "4"])
     assert result.returncode == 1
     assert result.stderr.strip() == ("error: --backend vllm cannot capture hidden states: drop --hidden-layers "
                                      "or use --backend hf")

@@ -52,7 +52,7 @@ def test_top_k_larger_than_the_vocabulary_fails_before_anything_is_written(tmp_p
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2))
     store = str(tmp_path / "s")
     result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
-                      "--device", "cpu", "--top-k", "100000000", "--no-progress"])
+                      "--device", "cpu", "--targets", "topk", "--top-k", "100000000", "--no-progress"])
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "--top-k 100000000 is larger than" in lines[0] and "vocabulary" in lines[0]
@@ -103,7 +103,7 @@ def test_a_live_run_on_an_overlapping_share_makes_a_second_run_refuse(tmp_path, 
     try:
         assert holder.stdout.readline().strip() == "holding"
         result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
-                          "--device", "cpu", "--top-k", "4", "--no-progress", "--workers", str(mine[0]),
+                          "--device", "cpu", "--targets", "topk", "--top-k", "4", "--no-progress", "--workers", str(mine[0]),
                           "--worker-index", str(mine[1])])
     finally:
         holder.kill()

@@ -217,7 +217,7 @@ def test_a_resumed_run_refuses_another_sampler_and_writes_nothing(tmp_path, tiny
 def test_bad_sampler_settings_are_refused_in_one_line(tmp_path, tiny_teacher_dir, prompts) -> None:
     with pytest.raises(GenerateError, match="--sampler must be one of iid, systematic, stratified; got 'sobol'"):
         config(tiny_teacher_dir, prompts, str(tmp_path / "x"), targets="sampled", sampler="sobol")
-    with pytest.raises(GenerateError, match="--backend vllm cannot make --targets hybrid"):
+    with pytest.raises(GenerateError, match="--backend vllm captures top-k targets only, not --targets hybrid"):
         GenerateConfig.build(teacher=tiny_teacher_dir, prompts=prompts, store=str(tmp_path / "y"), targets="hybrid",
                              backend="vllm")
 

@@ -50,7 +50,8 @@ def service(tiny_teacher_dir, tmp_path_factory) -> Iterator[Service]:
 def test_two_jobs_submitted_at_once_both_complete_and_match_generate(service, tiny_teacher_dir, tmp_path):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(24, seed=1))
     specs = [
-        {"prompts": prompts, "store": str(tmp_path / "a"), "top_k": 8, "hidden_layers": [0, -1], "shard_records": 5},
+        {"prompts": prompts, "store": str(tmp_path / "a"), "targets": "topk", "top_k": 8, "hidden_layers": [0, -1],
+         "shard_records": 5},
         {"prompts": prompts, "store": str(tmp_path / "b"), "mode": "generate", "max_new_tokens": 4,
          "sampling_temperature": 0.0},
     ]
@@ -214,7 +215,8 @@ def test_load_hundreds_of_submissions_and_polls_lose_no_job(service, tmp_path):
     """4 client threads submit 60 jobs each and poll statuses meanwhile; every job is kept and done."""
     rows = prompt_rows(4, seed=6)
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), rows)
-    store = str(tmp_path / "s")  # one store: the first job writes it, the others find it done
+    store = str(tmp_path / "s")  # one store: the first job writes it, the others find it done (top-k
+    # targets: the seed, which differs between the jobs, decides only sampled ones)
     submitted: list[list[str]] = [[] for _ in range(4)]
     failures: list[str] = []
 
@@ -222,7 +224,7 @@ def test_load_hundreds_of_submissions_and_polls_lose_no_job(service, tmp_path):
         try:
             with service.client() as c:
                 for i in range(60):
-                    submitted[k].append(submit(c, prompts=prompts, store=store, seed=i))
+                    submitted[k].append(submit(c, prompts=prompts, store=store, targets="topk", seed=i))
                     polled = c.get(f"/jobs/{submitted[k][i // 2]}")
                     assert polled.status_code == 200 and polled.json()["state"] in (
                         "queued", "running", "done"), polled.text
