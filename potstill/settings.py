@@ -115,7 +115,8 @@ def read_config_file(path: str, error: type[Exception] = PotstillError, section:
 
             data = yaml.safe_load(raw)
     except Exception as e:  # each parser has its own error types; all mean "malformed file" to a user
-        raise error(f"config file {path}: cannot parse ({type(e).__name__}: {e})") from None
+        detail = " ".join(str(e).split())  # YAML's messages span lines, with a caret under the column
+        raise error(f"config file {path}: cannot parse ({type(e).__name__}: {detail})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -361,12 +362,25 @@ def type_text(hint: Any) -> str:
     return {bool: "flag", int: "integer", float: "number", str: "text"}.get(base, str(base))
 
 
+def _reference_default(f: dataclasses.Field) -> str:
+    info = info_of(f)
+    if info.required:
+        return "required"
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    shown = shown_default(f)
+    empty = f.default_factory is not MISSING or f.default is None  # shown as "none" or in words
+    prose = empty or (info.shown_default is not None and not shown.startswith("'"))
+    return shown if prose else f"`{shown}`"
+
+
 def options_reference(commands: list[tuple[str, type, str]]) -> str:
     """Markdown: for each (command, settings class, intro), a table of its settings."""
     lines = ["# Options reference", "",
              "Every setting of `potstill generate`, `potstill train` and `potstill serve`: its flag, the key",
              "that sets it in a `--config` file (YAML, TOML or JSON; `-` may stand for `_`), what it takes,",
-             "its default and what it does. A flag given on the command line wins over the file.",
+             "its default and what it does. A flag given on the command line wins over the file. An old",
+             "name (\"was\") still works and prints a note naming the new one.",
              "Written from the settings themselves by `python -m potstill.cli.reference`.", ""]
     for command, cls, intro in commands:
         lines += [f"## potstill {command}", "", intro, "",
@@ -375,10 +389,12 @@ def options_reference(commands: list[tuple[str, type, str]]) -> str:
             info = info_of(f)
             flag = flag_of(f)
             shown = f"`{flag}` / `--no-{flag[2:]}`" if cli_type(hint) is bool else f"`{flag}`"
+            key = f"`{f.name}`"
             if info.aliases:
                 shown += " (was " + ", ".join(f"`{a}`" for a in info.aliases) + ")"
-            default = "required" if info.required else shown_default(f)
-            cells = [shown, f"`{f.name}`", type_text(hint), default, info.help]
+                old_keys = [_key(a) for a in info.aliases if _key(a) != f.name]
+                key += " (was " + ", ".join(f"`{k}`" for k in old_keys) + ")" if old_keys else ""
+            cells = [shown, key, type_text(hint), _reference_default(f), info.help]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
