@@ -19,8 +19,9 @@ from typing import Any
 import typer
 
 from potstill.cli.options import APP_SETTINGS, alias, pick
-from potstill.settings import cli_type, fields_of, flag_of, info_of, note
+from potstill.settings import by_field_name, cli_type, fields_of, flag_of, info_of, note
 from potstill.teacher_gen.config import GenerateConfig, coerce_setting
+from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.service.settings import (
     DEFAULT_SERVER,
     SERVER_ENV,
@@ -114,7 +115,8 @@ def submit(
     """Submit a job and print its id. Any `potstill generate` flag may follow (--top-k 8, --mode generate, ...)."""
     spec: dict[str, Any] = {}
     if config:
-        spec.update({k: v for k, v in GenerateConfig.from_file(config).items() if k not in NOT_SENT})
+        given = by_field_name(GenerateConfig, GenerateConfig.from_file(config), f"config file {config}", GenerateError)
+        spec.update({k: v for k, v in given.items() if k not in NOT_SENT})
     spec.update(parse_generate_flags(list(ctx.args)))
     out = pick("--out", out, "--store", store)
     if prompts:

@@ -13,6 +13,8 @@ from typing import Any
 import typer
 
 from potstill.cli.threads import threads_help
+from potstill.settings import note
+from potstill.store.errors import PotstillError
 
 # Plain click help on every (sub)command: rich markup would eat "[default: …]" and "[answer]".
 APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "pretty_exceptions_enable": False,
@@ -36,11 +38,11 @@ def alias(flag: str) -> Any:
 
 
 def pick(name: str, value: Any, old_flag: str, old_value: Any) -> Any:
-    """The value of a flag that may also be given under its old spelling; both at once is a mistake."""
-    from potstill.store.errors import PotstillError
-
+    """The value of a flag that may also be given under its old spelling (which prints a note, as an old
+    setting's flag does); both at once, with different values, is a mistake."""
     if old_value is None:
         return value
     if value is not None and value != old_value:
         raise PotstillError(f"{name} and {old_flag} (its old spelling) were both given, with different values")
+    note(f"{old_flag} is now {name}")
     return old_value

@@ -133,9 +133,9 @@ def load_settings(cls: type, config_file: str | None = None, overrides: dict[str
     names = {f.name: (f, hint) for f, hint in fields_of(cls)}
     values: dict[str, Any] = {}
     if config_file:
-        values = _renamed(cls, read_config_file(config_file, error, section), f"config file {config_file}", error)
+        values = by_field_name(cls, read_config_file(config_file, error, section), f"config file {config_file}", error)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    values.update(_renamed(cls, given, "settings", error))
+    values.update(by_field_name(cls, given, "settings", error))
     kwargs = {name: coerce(name, value, names[name][1], error, info_of(names[name][0]))
               for name, value in values.items()}
     config = cls(**kwargs)
@@ -143,8 +143,9 @@ def load_settings(cls: type, config_file: str | None = None, overrides: dict[str
     return config
 
 
-def _renamed(cls: type, values: dict[str, Any], where: str, error: type[Exception]) -> dict[str, Any]:
-    """`values` keyed by field names: an old key becomes its field's, with a note; an unknown key fails."""
+def by_field_name(cls: type, values: dict[str, Any], where: str, error: type[Exception]) -> dict[str, Any]:
+    """`values` keyed by `cls`'s field names: an old key becomes its field's, with a note; an unknown key
+    fails, naming `where` the values came from."""
     known = {f.name for f in dataclasses.fields(cls)}
     old = {_key(a): f for f in dataclasses.fields(cls) for a in info_of(f).aliases if _key(a) not in known}
     out: dict[str, Any] = {}

@@ -189,6 +189,13 @@ def test_old_flags_and_keys_still_work_with_a_note(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == ["note: --store is now --out",
                                                     "note: --temperature is now --sampling-temperature"]
     assert "--temperature" not in {o for p in command("train")[0].params if not p.hidden for o in p.opts}
+    # old spellings of options that are not settings follow the same rule
+    unreachable = tmp_path / "c.yaml"
+    unreachable.write_text("prompts: /p\ntemperature: 0.5\n")
+    message = invoke(["jobs", "submit", "--server", "http://127.0.0.1:9", "--config", str(unreachable), "--store", "/s"])
+    assert message.startswith("cannot reach the potstill service")  # the spec was complete
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: config file {unreachable}: temperature is now sampling_temperature", "note: --store is now --out"]
 
 
 # -- the defaults ----------------------------------------------------------------------------------
