@@ -1,5 +1,6 @@
-"""Settings of a training run: one dataclass, filled from defaults, then a YAML/TOML file
-(`--config FILE`), then command-line flags — the same defaults everywhere."""
+"""Settings of a training run: one dataclass, filled from defaults, then a YAML, TOML or JSON file
+(`--config FILE`), then command-line flags — the same defaults everywhere. Each field's flag, help and
+shown default are declared with it (potstill/settings.py)."""
 
 from __future__ import annotations
 

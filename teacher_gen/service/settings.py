@@ -1,9 +1,10 @@
 """`ServeConfig`: the settings of `potstill serve`, and the bearer token shared with `potstill jobs`.
 
-A YAML or TOML file (`--config FILE`, keys as flags, optionally under a `serve` section) and CLI
-flags fill the dataclass, flags winning. The teacher settings default to `GenerateConfig`'s, so
-`potstill generate` and a job run on the service resolve a teacher the same way. Repeatable flags
-(`--data-root`, ...) are lists; a file may give one value or a list.
+A YAML, TOML or JSON file (`--config FILE`, keys as the fields, optionally under a `serve` section)
+and CLI flags fill the dataclass, flags winning (potstill/settings.py). The teacher settings are
+`GenerateConfig`'s, with its defaults and help, so `potstill generate` and a job run on the service
+resolve a teacher the same way. Repeatable flags (`--data-root`, ...) are lists; a file may give one
+value or a list.
 """
 
 from __future__ import annotations
