@@ -23,7 +23,6 @@ APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "pretty_exceptions_ena
 # The base class of the usage errors typer raises (a flag it refused): click's ClickException, which
 # typer >= 0.29 carries in its own copy of click, so it is found through a class both versions have.
 UsageErrorBase: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-REQUIRED = "[required]"
 CONFIG_HELP = "YAML, TOML or JSON file of settings (flags override it)."
 
 

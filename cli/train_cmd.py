@@ -1,6 +1,6 @@
 """`potstill train` and `potstill eval`.
 
-Train's settings, with their flags, help and defaults, are `TrainConfig`'s fields
+Their settings, with their flags, help and defaults, are `TrainConfig`'s and `EvalConfig`'s fields
 (student_train/config.py); only the options that are not settings are declared here.
 """
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import typer
 
-from potstill.cli.options import CONFIG_HELP, REQUIRED, alias, pick, threads_option
+from potstill.cli.options import CONFIG_HELP, threads_option
 from potstill.cli.threads import use_threads
-from potstill.settings import settings_options
-from potstill.store.errors import PotstillError
-from potstill.student_train.config import TrainConfig
+from potstill.settings import load_settings, settings_options
+from potstill.student_train.config import EvalConfig, TrainConfig
+from potstill.student_train.errors import ConfigError
 
 
 def register(app: typer.Typer) -> None:
@@ -45,40 +45,32 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"held-out: {ev.get('note') or 'none'}")
 
     @app.command("eval")
+    @settings_options(EvalConfig)
     def eval_(
-        store: str = typer.Option(..., "--store", help="Store to evaluate against, path or URL."),
-        student: str | None = typer.Option(None, "--student", help="Student folder (what potstill train wrote).  " + REQUIRED),
-        model: str | None = alias("--model"),
-        eval_fraction: float | None = typer.Option(None, "--eval-fraction", help="Held-out fraction.  [default: the model's training report, else 0.05]"),
-        max_records: int = typer.Option(0, "--max-records", help="Evaluate at most N held-out records (0: all)."),
-        batch_size: int = typer.Option(8, "--batch-size", help="Records per forward pass."),
-        max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Greedy generation length for answer accuracy."),
-        no_answers: bool = typer.Option(False, "--no-answers", help="Skip answer accuracy (no generation)."),
-        device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ...  [default: where the model loads]"),
         threads: str = threads_option(),
         as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+        *,
+        flags: dict[str, Any],
     ) -> None:
         """Held-out metrics of a student against the stored teacher: kd_loss, top-1 agreement, perplexity, answer accuracy."""
-        student = pick("--student", student, "--model", model)
-        if not student:
-            raise PotstillError("--student is required")
+        cfg = load_settings(EvalConfig, None, flags, error=ConfigError)
         use_threads(threads)
         from potstill.student_train.evaluation import evaluate
 
         result = evaluate(
-            store,
-            student,
-            eval_fraction=eval_fraction,
-            max_records=max_records,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            answers=not no_answers,
-            device=device,
+            cfg.store,
+            cfg.student,
+            eval_fraction=cfg.eval_fraction,
+            max_records=cfg.max_records,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            answers=cfg.answers,
+            device=cfg.device,
         )
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         elif result["records"] == 0:
-            typer.echo(f"no held-out records in {store} at eval fraction {result['eval_fraction']}"
+            typer.echo(f"no held-out records in {cfg.store} at eval fraction {result['eval_fraction']}"
                        + (f": {result['note']}" if result.get("note") else ""))
         else:
             typer.echo(_format_eval(result))

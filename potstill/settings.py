@@ -32,6 +32,7 @@ import typer
 
 from potstill.store.errors import PotstillError
 
+REQUIRED = "[required]"
 REQUIRED_OR_CONFIG = "[required, here or in --config]"
 _META = "potstill.setting"
 
@@ -280,10 +281,12 @@ def shown_default(f: dataclasses.Field) -> str:
     return default_text(f.default, f"{flag}/--no-{flag[2:]}" if isinstance(f.default, bool) else None)
 
 
-def help_text(f: dataclasses.Field) -> str:
-    """The help line of a setting's option, ending in `[default: X]` or the required mark."""
+def help_text(f: dataclasses.Field, config_file: bool = True) -> str:
+    """The help line of a setting's option, ending in `[default: X]` or the required mark (which names
+    --config where the command has one)."""
     info = info_of(f)
-    tail = REQUIRED_OR_CONFIG if info.required else f"[default: {shown_default(f)}]"
+    required = REQUIRED_OR_CONFIG if config_file else REQUIRED
+    tail = required if info.required else f"[default: {shown_default(f)}]"
     return f"{info.help}  {tail}" if info.help else tail
 
 
@@ -300,11 +303,11 @@ def metavar_of(f: dataclasses.Field, hint: Any) -> str | None:
     return info_of(f).metavar or (f"[{'|'.join(map(str, choices))}]" if choices else None)
 
 
-def option_of(f: dataclasses.Field, hint: Any) -> Any:
+def option_of(f: dataclasses.Field, hint: Any, config_file: bool = True) -> Any:
     """The typer option of a setting. Its default is None so that only typed flags override a file."""
     flag = flag_of(f)
     decl = f"{flag}/--no-{flag[2:]}" if cli_type(hint) is bool else flag
-    return typer.Option(None, decl, help=help_text(f), metavar=metavar_of(f, hint), show_default=False)
+    return typer.Option(None, decl, help=help_text(f, config_file), metavar=metavar_of(f, hint), show_default=False)
 
 
 def settings_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -314,11 +317,12 @@ def settings_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., 
     command line, by field name (old spellings mapped, with a note), for `load_settings`."""
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         own = inspect.signature(fn, eval_str=True)
+        config_file = "config" in own.parameters  # the command takes --config
         generated: list[inspect.Parameter] = []
         old_flags: dict[str, tuple[str, str]] = {}  # parameter -> (field, old flag)
         for f, hint in fields_of(cls):
             generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                               default=option_of(f, hint), annotation=cli_type(hint)))
+                                               default=option_of(f, hint, config_file), annotation=cli_type(hint)))
             for i, old in enumerate(info_of(f).aliases):
                 param = f"{f.name}__old{i}"
                 old_flags[param] = (f.name, old)
@@ -375,26 +379,26 @@ def _reference_default(f: dataclasses.Field) -> str:
     return shown if prose else f"`{shown}`"
 
 
-def options_reference(commands: list[tuple[str, type, str]]) -> str:
-    """Markdown: for each (command, settings class, intro), a table of its settings."""
+def options_reference(commands: list[tuple[str, type, str, bool]]) -> str:
+    """Markdown: for each (command, settings class, intro, whether it takes --config), a table of its settings."""
     lines = ["# Options reference", "",
-             "Every setting of `potstill generate`, `potstill train` and `potstill serve`: its flag, the key",
-             "that sets it in a `--config` file (YAML, TOML or JSON; `-` may stand for `_`), what it takes,",
+             "Every setting of each command below: its flag, the key that sets it in a `--config` file",
+             "(YAML, TOML or JSON; `-` may stand for `_`), what it takes,",
              "its default and what it does. A flag given on the command line wins over the file. An old",
              "name (\"was\") still works and prints a note naming the new one.",
              "Written from the settings themselves by `python -m potstill.cli.reference`.", ""]
-    for command, cls, intro in commands:
+    for command, cls, intro, config_file in commands:
         lines += [f"## potstill {command}", "", intro, "",
                   "| Flag | Config key | Takes | Default | What it does |", "|---|---|---|---|---|"]
         for f, hint in fields_of(cls):
             info = info_of(f)
             flag = flag_of(f)
             shown = f"`{flag}` / `--no-{flag[2:]}`" if cli_type(hint) is bool else f"`{flag}`"
-            key = f"`{f.name}`"
+            key = f"`{f.name}`" if config_file else "—"
             if info.aliases:
                 shown += " (was " + ", ".join(f"`{a}`" for a in info.aliases) + ")"
                 old_keys = [_key(a) for a in info.aliases if _key(a) != f.name]
-                key += " (was " + ", ".join(f"`{k}`" for k in old_keys) + ")" if old_keys else ""
+                key += " (was " + ", ".join(f"`{k}`" for k in old_keys) + ")" if old_keys and key != "—" else ""
             cells = [shown, key, type_text(hint), _reference_default(f), info.help]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")

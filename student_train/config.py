@@ -164,6 +164,35 @@ class TrainConfig:
         return self
 
 
+@dataclass
+class EvalConfig:
+    """Every setting of `potstill eval` (no config file: flags only)."""
+
+    store: str = setting("", required=True, help="Store to evaluate against, path or URL.")
+    student: str = setting("", required=True, aliases=("--model",), help="Student folder (what potstill train wrote).")
+    eval_fraction: float | None = setting(None, shown_default="the model's training report, else 0.05",
+                                          help="Held-out fraction.")
+    max_records: int = setting(0, help="Evaluate at most N held-out records (0: all).")
+    batch_size: int = setting(8, help="Records per forward pass.")
+    max_new_tokens: int = setting(128, help="Greedy generation length for answer accuracy.")
+    answers: bool = setting(True, help="Answer accuracy (greedy generation); --no-answers skips it.")
+    device: str | None = setting(None, shown_default="where the model loads", help="cpu, cuda, cuda:1, ...")
+
+    def validate(self) -> EvalConfig:
+        check_settings(self, ConfigError)
+        checks = [
+            (self.eval_fraction is None or 0 <= self.eval_fraction < 1,
+             f"--eval-fraction must lie in [0, 1), got {self.eval_fraction}"),
+            (self.max_records >= 0, f"--max-records must not be negative, got {self.max_records}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
 def parse_hidden_map(text: str) -> list[tuple[int, int]]:
     """`"4:8,8:-1"` → [(4, 8), (8, -1)]: (student hidden_states index, teacher layer index). A negative
     teacher index counts from the teacher's last layer, as `potstill generate --hidden-layers` does;

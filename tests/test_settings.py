@@ -27,7 +27,7 @@ from potstill.settings import (
     shown_default,
 )
 from potstill.store.errors import PotstillError
-from potstill.student_train.config import TrainConfig, resolve_hidden_pairs
+from potstill.student_train.config import EvalConfig, TrainConfig, resolve_hidden_pairs
 from potstill.student_train.errors import ConfigError
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.errors import GenerateError
@@ -35,7 +35,7 @@ from potstill.teacher_gen.service.settings import ServeConfig, ServiceError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = [("generate", GenerateConfig, GenerateError), ("train", TrainConfig, ConfigError),
-            ("serve", ServeConfig, ServiceError)]
+            ("eval", EvalConfig, ConfigError), ("serve", ServeConfig, ServiceError)]
 # A value other than the default for every setting that a plain rule below cannot pick validly.
 SAMPLES = {"rationale_template": "Q: {prompt}", "beta": 0.25, "alpha": 0.5, "eval_fraction": 0.1,
            "hidden_map": "1:2", "workers": 2, "worker_index": 1, "gpu_memory_utilization": 0.5, "port": 8123,
@@ -88,7 +88,7 @@ def test_every_setting_has_one_flag_help_default_choices_and_key(tmp_path, name,
         assert option.secondary_opts == ([f"--no-{flag_of(f)[2:]}"] if is_bool else []), f.name
         help_line = option.get_help_record(ctx)[1]
         if info.required:
-            assert help_line.endswith(REQUIRED_OR_CONFIG), f.name
+            assert help_line.endswith(REQUIRED_OR_CONFIG if cls is not EvalConfig else "[required]"), f.name
         else:
             assert help_line.endswith(f"[default: {shown_default(f)}]"), (f.name, help_line)
             if info.shown_default is None and f.default_factory is dataclasses.MISSING:  # the value itself
@@ -248,6 +248,6 @@ def test_the_options_reference_is_current():
     with open(os.path.join(ROOT, reference.DEFAULT_PATH), encoding="utf-8") as f:
         assert f.read() == reference.render(), "run: python -m potstill.cli.reference"
     text = reference.render()
-    for _, cls, _ in reference.COMMANDS:
+    for _, cls, _, config_file in reference.COMMANDS:
         for f in dataclasses.fields(cls):
-            assert f"| `{f.name}`" in text, f.name
+            assert f"| `{flag_of(f)}`" in text and (not config_file or f"| `{f.name}`" in text), f.name
