@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 
 import click
@@ -57,8 +58,8 @@ def sample(f: dataclasses.Field, hint: typing.Any) -> typing.Any:
     """A valid value of a setting, other than its default."""
     if f.name in SAMPLES:
         return SAMPLES[f.name]
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if typing.get_origin(hint) in (
-        typing.Union, __import__("types").UnionType) else hint
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     if typing.get_origin(base) is typing.Literal:
         return next(c for c in typing.get_args(base) if c != f.default)
     if typing.get_origin(base) is list:
@@ -95,8 +96,8 @@ def test_every_setting_has_one_flag_help_default_choices_and_key(tmp_path, name,
                 flag = f"{flag_of(f)}/--no-{flag_of(f)[2:]}" if is_bool else None
                 assert shown_default(f) == default_text(f.default, flag) and f.default is not None, f.name
         assert help_line.startswith(info.help), f.name
-        choices = typing.get_args(hint if typing.get_origin(hint) is typing.Literal
-                                  else next((a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Literal), None))
+        literal = next((h for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is typing.Literal), None)
+        choices = typing.get_args(literal) if literal else ()
         if choices:
             assert option.metavar == "[" + "|".join(choices) + "]", f.name
         for old in info.aliases:  # an old spelling: accepted, not shown
