@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               else [int(x) for x in args.hidden_layers.split(",") if x])
     layers = resolve_layers(wanted, args.layers)
     config = GenerateConfig.build(
-        teacher="bench-random-llama", prompts="-", store="-", device=str(device), top_k=args.top_k,
+        teacher="bench-random-llama", prompts="-", store="-", device=str(device), targets="topk", top_k=args.top_k,
         chunk_positions=args.chunk_positions, compile=not args.no_compile and device.type == "cuda",
         batch_tokens=tokens_per_batch,
     )

@@ -278,9 +278,9 @@ def generate_args(teacher: str, prompts: str, store: str) -> list[str]:
     """Small shards, two writer threads, hidden layers with small chunks (so that chunk files are
     written in the middle of a shard), one record per forward batch (so that a record's bytes do not
     depend on which other records share its batch)."""
-    return ["generate", "--teacher", teacher, "--prompts", prompts, "--store", store, "--device", "cpu",
+    return ["generate", "--teacher", teacher, "--prompts", prompts, "--out", store, "--device", "cpu",
             "--shard-records", "2", "--writer-threads", "2", "--batch-tokens", "1", "--hidden-layers", "0,-1",
-            "--hidden-chunk-tokens", "8", "--top-k", "8", "--no-progress"]
+            "--hidden-chunk-tokens", "8", "--targets", "topk", "--top-k", "8", "--no-progress"]
 
 
 GENERATE_POINTS = ("hidden-chunk", "shard-files", "commit-record", "after-commit", "lease")

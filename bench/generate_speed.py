@@ -76,7 +76,8 @@ class Bench:
         return GenerateConfig.build(
             teacher=self.args.teacher, prompts=prompts or self.args.prompts,
             store=os.path.join(self.workdir, f"s{self.calls}"), backend=backend, mode=mode,
-            max_new_tokens=self.args.max_new_tokens, temperature=0.0, top_k=self.args.top_k, dtype="float32",
+            max_new_tokens=self.args.max_new_tokens, sampling_temperature=0.0, targets="topk", top_k=self.args.top_k,
+            dtype="float32",
             device="cpu", progress=False, **extra,
         )
 
@@ -162,7 +163,8 @@ def load_hf(args: argparse.Namespace) -> Any:
     from potstill.teacher_gen.hf_backend import load_model
     from potstill.teacher_gen.model_info import describe_teacher
 
-    cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", dtype="float32", device="cpu")
+    cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", targets="topk", dtype="float32",
+                               device="cpu")
     return load_model(cfg, describe_teacher(cfg)).eval()
 
 
@@ -172,7 +174,7 @@ def load_vllm(args: argparse.Namespace, bench: Bench) -> Any:
     from potstill.teacher_gen.vllm_backend import VLLMTeacher
 
     cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", backend="vllm", dtype="float32",
-                               top_k=args.top_k)
+                               targets="topk", top_k=args.top_k)
     return VLLMTeacher(cfg, describe_teacher(cfg), bench.tokenizer, None).llm
 
 

@@ -158,7 +158,7 @@ class CaptureRun:
         self.layers = resolve_layers([args.layers // 4, args.layers // 2, -1], args.layers)
         self.tokens_per_batch = args.batch * args.seq
         self.config = GenerateConfig.build(
-            teacher="bench-random-llama", prompts="-", store="-", device=str(device), top_k=args.top_k,
+            teacher="bench-random-llama", prompts="-", store="-", device=str(device), targets="topk", top_k=args.top_k,
             chunk_positions=args.chunk_positions, batch_tokens=self.tokens_per_batch, capture_kernel="torch",
             writer_threads=args.writer_threads,
         )

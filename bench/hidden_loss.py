@@ -79,8 +79,8 @@ def build_store(teacher: str, workdir: str) -> str:
     with open(prompts, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     summary = generate(GenerateConfig.build(
-        teacher=teacher, prompts=prompts, store=store, mode="generate", max_new_tokens=64, temperature=0.0,
-        top_k=16, hidden_layers=[15, 30], device="cpu", dtype="float32", progress=False,
+        teacher=teacher, prompts=prompts, store=store, mode="generate", max_new_tokens=64, sampling_temperature=0.0,
+        targets="topk", top_k=16, hidden_layers=[15, 30], device="cpu", dtype="float32", progress=False,
     ))
     print(f"store: {summary.records} records, {summary.tokens} tokens in {summary.seconds:.0f} s", file=sys.stderr)
     open(os.path.join(workdir, "store.done"), "w").close()

@@ -173,7 +173,7 @@ def run_batching(args: argparse.Namespace, teacher: str, work: str) -> dict[str,
 
     def run(prompts: str, store: str) -> float:
         config = GenerateConfig.build(teacher=teacher, prompts=prompts, store=store, device=args.device,
-                                      progress=False, hidden_layers=[-1])
+                                      progress=False, targets="topk", hidden_layers=[-1])
         t = time.perf_counter()
         generate(config, preloaded=loaded.model)
         return time.perf_counter() - t

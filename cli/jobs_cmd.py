@@ -4,8 +4,9 @@
     potstill jobs status ID [--json]      potstill jobs list      potstill jobs cancel ID      potstill jobs wait ID
 
 The server is --server or $POTSTILL_SERVER; the bearer token $POTSTILL_TOKEN or --token-file.
-Generate flags are read generically from `GenerateConfig`'s fields (--top-k 8, --hidden-layers 4,8,-1,
---no-append-eos, ...), so every `potstill generate` setting works here without a list to keep in sync.
+Generate flags are read from `GenerateConfig`'s settings (--top-k 8, --hidden-layers 4,8,-1,
+--no-append-eos, old spellings too), so every `potstill generate` setting works here without a list to
+keep in sync.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
-import typing
 from typing import Any
 
 import typer
 
 from potstill.cli.options import APP_SETTINGS, alias, pick
+from potstill.settings import by_field_name, cli_type, fields_of, flag_of, info_of, note
 from potstill.teacher_gen.config import GenerateConfig, coerce_setting
+from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.service.settings import (
     DEFAULT_SERVER,
     SERVER_ENV,
@@ -62,8 +63,11 @@ def _fail_unless_done(status: dict[str, Any]) -> None:
 
 def parse_generate_flags(args: list[str]) -> dict[str, Any]:
     """`--top-k 8 --no-append-eos --hidden-layers=4,8` -> {"top_k": 8, "append_eos": False, ...}."""
-    hints = typing.get_type_hints(GenerateConfig)
-    names = {f.name for f in dataclasses.fields(GenerateConfig)} - set(NOT_SENT)
+    flags: dict[str, tuple[str, Any, bool]] = {}  # flag -> (setting, type hint, an old spelling)
+    for f, hint in fields_of(GenerateConfig):
+        if f.name not in NOT_SENT:
+            flags[flag_of(f)] = (f.name, hint, False)
+            flags.update({old: (f.name, hint, True) for old in info_of(f).aliases})
     settings: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -71,29 +75,23 @@ def parse_generate_flags(args: list[str]) -> dict[str, Any]:
         i += 1
         if not arg.startswith("--"):
             raise ServiceError(f"unexpected argument {arg!r}")
-        flag, has_value, value = arg[2:].partition("=")
-        name = flag.replace("-", "_")
-        negated = name.startswith("no_") and name[3:] in names and _is_bool(hints[name[3:]])
-        if negated:
-            settings[name[3:]] = False
-            continue
-        if name not in names:
-            raise ServiceError(f"unknown option --{flag}: not a potstill generate setting (see potstill generate --help)")
-        if _is_bool(hints[name]) and not has_value:
-            settings[name] = True
+        flag, has_value, value = arg.partition("=")
+        negated = flag.startswith("--no-") and "--" + flag[5:] in flags and cli_type(flags["--" + flag[5:]][1]) is bool
+        if flag not in flags and not negated:
+            raise ServiceError(f"unknown option {flag}: not a potstill generate setting (see potstill generate --help)")
+        name, hint, old = flags["--" + flag[5:]] if negated else flags[flag]
+        if old:
+            note(f"{flag} is now {flag_of(next(f for f in dataclasses.fields(GenerateConfig) if f.name == name))}")
+        if negated or (cli_type(hint) is bool and not has_value):
+            settings[name] = not negated
             continue
         if not has_value:
             if i >= len(args):
-                raise ServiceError(f"--{flag} needs a value")
+                raise ServiceError(f"{flag} needs a value")
             value = args[i]
             i += 1
         settings[name] = coerce_setting(name, value)
     return settings
-
-
-def _is_bool(hint: Any) -> bool:
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    return hint is bool or (optional and bool in typing.get_args(hint))
 
 
 def _absolute(location: str) -> str:
@@ -117,7 +115,8 @@ def submit(
     """Submit a job and print its id. Any `potstill generate` flag may follow (--top-k 8, --mode generate, ...)."""
     spec: dict[str, Any] = {}
     if config:
-        spec.update({k: v for k, v in GenerateConfig.from_file(config).items() if k not in NOT_SENT})
+        given = by_field_name(GenerateConfig, GenerateConfig.from_file(config), f"config file {config}", GenerateError)
+        spec.update({k: v for k, v in given.items() if k not in NOT_SENT})
     spec.update(parse_generate_flags(list(ctx.args)))
     out = pick("--out", out, "--store", store)
     if prompts:

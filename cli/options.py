@@ -1,9 +1,9 @@
-"""What every `potstill` command shares in its options: one way to show defaults, `--threads`, hidden aliases.
+"""What every `potstill` command shares in its options besides its settings: `--threads`, `--config`,
+hidden aliases of options that are not settings, plain help.
 
-Flags whose value may also come from `--config FILE` default to None in typer (so that only typed
-flags override the file); their real default lives in the config dataclass and is written into the
-help here in click's own format, `[default: X]`, the same text click prints for options with a
-plain default. Help is plain text (no rich markup), so brackets and quotes show as typed.
+A command's settings become options through potstill/settings.py, with their defaults written into
+the help in click's own format, `[default: X]`. Help is plain text (no rich markup), so brackets and
+quotes show as typed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 import typer
 
 from potstill.cli.threads import threads_help
+from potstill.settings import note
+from potstill.store.errors import PotstillError
 
 # Plain click help on every (sub)command: rich markup would eat "[default: …]" and "[answer]".
 APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "pretty_exceptions_enable": False,
@@ -21,24 +23,7 @@ APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "pretty_exceptions_ena
 # The base class of the usage errors typer raises (a flag it refused): click's ClickException, which
 # typer >= 0.29 carries in its own copy of click, so it is found through a class both versions have.
 UsageErrorBase: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-REQUIRED = "[required]"
-REQUIRED_OR_CONFIG = "[required, here or in --config]"
-
-
-def default_text(value: object, flag: str | None = None) -> str:
-    """How a default is shown: booleans as the flag that is on (`tail`, `no-tail`), like click; strings
-    with outer spaces, and empty ones, quoted so they can be seen."""
-    if isinstance(value, bool) and flag and "/" in flag:
-        on, off = (part.strip().lstrip("-") for part in flag.split("/", 1))
-        return on if value else off
-    if isinstance(value, str) and (value == "" or value != value.strip()):
-        return repr(value)
-    return "none" if value is None else str(value)
-
-
-def with_default(help_text: str, value: object, flag: str | None = None) -> str:
-    """`help_text  [default: X]`, exactly as click writes a plain default."""
-    return f"{help_text}  [default: {default_text(value, flag)}]"
+CONFIG_HELP = "YAML, TOML or JSON file of settings (flags override it)."
 
 
 def threads_option(loader_workers: int = 0) -> Any:
@@ -52,11 +37,11 @@ def alias(flag: str) -> Any:
 
 
 def pick(name: str, value: Any, old_flag: str, old_value: Any) -> Any:
-    """The value of a flag that may also be given under its old spelling; both at once is a mistake."""
-    from potstill.store.errors import PotstillError
-
+    """The value of a flag that may also be given under its old spelling (which prints a note, as an old
+    setting's flag does); both at once, with different values, is a mistake."""
     if old_value is None:
         return value
     if value is not None and value != old_value:
         raise PotstillError(f"{name} and {old_flag} (its old spelling) were both given, with different values")
+    note(f"{old_flag} is now {name}")
     return old_value

@@ -1,97 +1,119 @@
-"""Settings of a training run: one dataclass, filled from defaults, then a YAML/TOML file
-(`--config FILE`), then command-line flags — the same defaults everywhere."""
+"""Settings of a training run: one dataclass, filled from defaults, then a YAML, TOML or JSON file
+(`--config FILE`), then command-line flags — the same defaults everywhere. Each field's flag, help and
+shown default are declared with it (potstill/settings.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from potstill.store.targets import TRAIN_TARGETS
+from potstill.settings import check_settings, load_settings, setting
 from potstill.student_train.errors import ConfigError
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd")
-TARGETS = ("auto", *TRAIN_TARGETS)  # the loader's shapes; "auto": the store's kind chooses
-HIDDEN_LOSSES = ("standardized_mse", "cosine", "mse")
-RATIONALE_MODES = ("plain", "multitask")
+Loss = Literal["forward_kl", "reverse_kl", "jsd"]
+Targets = Literal["auto", "topk", "sampled"]  # "auto" and the loader's shapes (store.targets.TRAIN_TARGETS)
+HiddenLoss = Literal["standardized_mse", "cosine", "mse"]
+RationaleMode = Literal["plain", "multitask"]
+
+
+def _hidden_map_text(value: Any) -> Any:
+    """A file may give `hidden_map` as a mapping {student: teacher} or a list of "s:t" entries."""
+    if isinstance(value, dict):
+        return ",".join(f"{s}:{t}" for s, t in value.items())
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return value
 
 
 @dataclass
 class TrainConfig:
     """Every setting of `potstill train`. Field names are the config-file keys; flags are the same
-    names with dashes (`max_steps` ↔ `--max-steps`)."""
+    names with dashes (`max_steps` <-> `--max-steps`) unless a field names its own."""
 
     # what to train, from what, into where
-    store: str = ""  # store path or fsspec URL
-    student: str = ""  # a model folder to start from, or a config (folder or .json file) to build one from
-    out: str = ""  # output folder: the student, its tokenizer, projections, checkpoints, training_report.json
-    trust_remote_code: bool = False
+    store: str = setting("", required=True, help="Store to train from, path or URL.")
+    student: str = setting("", required=True, help=(
+        "Student: model folder to start from, or a config (folder or .json) to build one."))
+    out: str = setting("", required=True, help=(
+        "Folder to write: student, tokenizer, projections, checkpoints, training_report.json."))
+    trust_remote_code: bool = setting(False, help="Allow the student's own modelling code.")
 
     # schedule
-    max_steps: int = -1  # optimizer steps; > 0 overrides `epochs`
-    epochs: float = 1.0
-    lr: float = 1e-4
-    lr_scheduler: str = "linear"  # any transformers scheduler name (linear, cosine, constant, ...)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # The output layer's learning rate, a multiple of lr. Sampled targets give its rows of rare ids
-    # noisy gradients, so AdamW takes small steps there (docs/training.md, "The output layer").
-    head_lr_scale: float = 1.0
-    batch_size: int = 8  # records per micro-batch per rank
-    grad_accum: int = 1
-    max_length: int = 0  # truncate sequences to this many tokens (0: never)
+    max_steps: int = setting(-1, help="Optimizer steps (> 0 overrides --epochs).")
+    epochs: float = setting(1.0, help="Passes over the training records.")
+    lr: float = setting(1e-4, help="Peak learning rate.")
+    lr_scheduler: str = setting("linear", help="transformers scheduler name (linear, cosine, constant, ...).")
+    warmup_steps: int = setting(0, help="Warm-up steps.")
+    weight_decay: float = setting(0.0, help="AdamW weight decay.")
+    max_grad_norm: float = setting(1.0, help="Gradient clipping norm (0: off).")
+    # Sampled targets give the output layer's rows of rare ids noisy gradients, so AdamW takes small
+    # steps there (docs/training.md, "The output layer").
+    head_lr_scale: float = setting(1.0, help="The output layer's learning rate, a multiple of --lr.")
+    batch_size: int = setting(8, help="Records per micro-batch per rank.")
+    grad_accum: int = setting(1, help="Micro-batches per optimizer step.")
+    max_length: int = setting(0, help="Truncate sequences to this many tokens (0: never).")
 
     # logit distillation
-    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
-    beta: float = 0.5  # JSD mixture weight of the teacher, 0 < beta < 1
-    temperature: float = 1.0
-    alpha: float = 0.0  # weight of cross-entropy on the hard tokens; KD gets 1 - alpha
-    tail: bool = True  # the tail as one extra bucket (False: renormalise over the top-K)
-    targets: str = "auto"  # topk | sampled | auto (sampled when the store has them and the loss can use them)
+    loss: Loss = setting("forward_kl", help="The KD divergence.")
+    beta: float = setting(0.5, help="JSD teacher weight, 0 < beta < 1.")
+    kd_temperature: float = setting(1.0, aliases=("--temperature",),
+                                    help="Distillation temperature T (the KD loss is scaled by T²).")
+    alpha: float = setting(0.0, help="Weight of CE on the hard tokens; KD gets 1 - alpha.")
+    tail: bool = setting(True, help="The tail (mass outside the top-K) as an extra bucket (else renormalise the top-K).")
+    targets: Targets = setting("auto", help=(
+        "Stored targets to train on; auto: sampled when the store has them and the loss is forward KL "
+        "at T=1, else top-k."))
 
     # hidden-state and relation distillation
-    hidden_map: str = ""  # "student_layer:teacher_layer,..." (Hugging Face hidden_states indices)
-    # standardized_mse | cosine | mse. Scale-free by default: real LLMs' massive activations (a few
-    # coordinates in the tens of thousands) make a raw MSE swamp KD (docs/training.md, bench/hidden_loss.py).
-    hidden_loss: str = "standardized_mse"
-    hidden_weight: float = 1.0  # used when hidden_map is set
-    relation_weight: float = 0.0  # token-token similarity matching on the hidden_map pairs
+    hidden_map: str = setting("", parse=_hidden_map_text, metavar="S:T,...", shown_default="none", help=(
+        "Student hidden_states index : stored teacher layer, e.g. '4:8,8:-1' (-1 = the teacher's last, "
+        "as in generate --hidden-layers)."))
+    # Scale-free by default: real LLMs' massive activations (a few coordinates in the tens of
+    # thousands) make a raw MSE swamp KD (docs/training.md, bench/hidden_loss.py).
+    hidden_loss: HiddenLoss = setting("standardized_mse", help="Hidden-state loss (mse: raw states, scale-dependent).")
+    hidden_weight: float = setting(1.0, help="Weight of the hidden-state loss.")
+    relation_weight: float = setting(0.0, help="Weight of the token-relation loss (on the --hidden-map pairs).")
 
     # rationales
-    rationale_mode: str = "plain"  # plain | multitask
-    rationale_weight: float = 1.0  # multitask: weight of the prompt -> rationale task
-    answer_marker: str = " [answer]"  # multitask: text between prompt and answer in the answer task
+    rationale_mode: RationaleMode = setting("plain", help="plain, or multitask (distilling step-by-step).")
+    rationale_weight: float = setting(1.0, help="Multitask: weight of the prompt -> rationale task.")
+    answer_marker: str = setting(" [answer]", help="Multitask: text between prompt and answer in the answer task.")
 
     # data
-    seed: int = 42
-    shuffle_buffer: int = 1024  # records in the bounded shuffle buffer of each loader worker
-    eval_fraction: float = 0.05  # records held out by id hash; training never sees them
-    num_workers: int = 2  # dataloader worker processes per rank
-    skip_bad_shards: bool = False  # leave out (and report) shards that fail their checks instead of stopping
+    seed: int = setting(42, help="Seed of init, shard order and shuffle.")
+    shuffle_buffer: int = setting(1024, help="Shuffle buffer per loader worker (records).")
+    eval_fraction: float = setting(0.05, help="Records held out by id hash; training never sees them.")
+    num_workers: int = setting(2, help="DataLoader worker processes per rank.")
+    skip_bad_shards: bool = setting(False, help=(
+        "Leave out (and report) shards whose files or values fail their checks, instead of stopping."))
 
     # precision, checkpoints, logging
-    bf16: bool = False
-    fp16: bool = False
-    resume: bool = False  # continue from the latest complete checkpoint in `out`
-    resume_from: str = ""  # or from this checkpoint folder
-    save_steps: int = 500
-    save_total_limit: int = 3  # checkpoints kept (0: all)
-    logging_steps: int = 10
-    report_to: str = "tensorboard"  # tensorboard | none | any transformers integration
+    bf16: bool = setting(False, help="bfloat16 mixed precision.")
+    fp16: bool = setting(False, help="float16 mixed precision.")
+    resume: bool = setting(False, help="Continue from the latest complete checkpoint in --out.")
+    resume_from: str = setting("", shown_default="none", help="Continue from this checkpoint folder.")
+    save_steps: int = setting(500, help="Checkpoint every N steps.")
+    save_total_limit: int = setting(3, help="Checkpoints kept (0: all).")
+    logging_steps: int = setting(10, help="Log every N steps.")
+    report_to: str = setting("tensorboard", help="tensorboard, none, or another transformers integration.")
 
     # final evaluation on the held-out records
-    eval_max_records: int = 512  # 0: all held-out records
-    eval_max_new_tokens: int = 128  # greedy generation length for answer accuracy
+    eval_max_records: int = setting(512, help="Held-out records in the final eval (0: all).")
+    eval_max_new_tokens: int = setting(128, help="Final eval: greedy generation length for answers.")
+
+    @classmethod
+    def build(cls, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Defaults, then the file (keys as the fields, optionally under `[train]`), then the overrides
+        (flags given on the command line; None = not given); checked."""
+        return load_settings(cls, config_file, overrides, error=ConfigError, section="train")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def sampled_loss_ok(self) -> bool:
         """Whether the KD loss can use sampled targets: only forward KL at T = 1 is linear in p."""
-        return self.loss == "forward_kl" and self.temperature == 1.0
+        return self.loss == "forward_kl" and self.kd_temperature == 1.0
 
     def hidden_pairs(self) -> list[tuple[int, int]]:
         return parse_hidden_map(self.hidden_map)
@@ -103,13 +125,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check each setting on its own; checks against the store and student happen at start."""
-        for name in ("store", "student", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"--{name} is required")
-        choices = {"loss": LOSSES, "hidden_loss": HIDDEN_LOSSES, "rationale_mode": RATIONALE_MODES, "targets": TARGETS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_settings(self, ConfigError)
         checks = [
             (self.max_steps > 0 or self.epochs > 0, "--max-steps or --epochs must be positive"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
@@ -118,7 +134,7 @@ class TrainConfig:
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
             (self.max_length >= 0, f"--max-length must be 0 or positive, got {self.max_length}"),
             (0 < self.beta < 1, f"--beta must lie strictly between 0 and 1, got {self.beta}"),
-            (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
+            (self.kd_temperature > 0, f"--kd-temperature must be positive, got {self.kd_temperature}"),
             (0 <= self.alpha <= 1, f"--alpha must lie in [0, 1], got {self.alpha}"),
             (self.hidden_weight >= 0, f"--hidden-weight must not be negative, got {self.hidden_weight}"),
             (self.relation_weight >= 0, f"--relation-weight must not be negative, got {self.relation_weight}"),
@@ -132,7 +148,7 @@ class TrainConfig:
             (self.relation_weight == 0 or bool(self.hidden_map), "--relation-weight needs --hidden-map (the layer pairs)"),
             (self.targets != "sampled" or self.sampled_loss_ok(),
              f"--targets sampled trains forward KL at temperature 1 only (the draws estimate the T=1 distribution), "
-             f"got --loss {self.loss} --temperature {self.temperature}"),
+             f"got --loss {self.loss} --kd-temperature {self.kd_temperature}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -141,15 +157,39 @@ class TrainConfig:
         return self
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+@dataclass
+class EvalConfig:
+    """Every setting of `potstill eval` (no config file: flags only)."""
 
+    store: str = setting("", required=True, help="Store to evaluate against, path or URL.")
+    student: str = setting("", required=True, aliases=("--model",), help="Student folder (what potstill train wrote).")
+    eval_fraction: float | None = setting(None, shown_default="the model's training report, else 0.05",
+                                          help="Held-out fraction.")
+    max_records: int = setting(0, help="Evaluate at most N held-out records (0: all).")
+    batch_size: int = setting(8, help="Records per forward pass.")
+    max_new_tokens: int = setting(128, help="Greedy generation length for answer accuracy.")
+    answers: bool = setting(True, help="Answer accuracy (greedy generation); --no-answers skips it.")
+    device: str | None = setting(None, shown_default="where the model loads", help="cpu, cuda, cuda:1, ...")
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    def validate(self) -> EvalConfig:
+        check_settings(self, ConfigError)
+        checks = [
+            (self.eval_fraction is None or 0 <= self.eval_fraction < 1,
+             f"--eval-fraction must lie in [0, 1), got {self.eval_fraction}"),
+            (self.max_records >= 0, f"--max-records must not be negative, got {self.max_records}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
 
 
 def parse_hidden_map(text: str) -> list[tuple[int, int]]:
-    """`"4:8,8:16"` → [(4, 8), (8, 16)]: (student hidden_states index, stored teacher layer index)."""
+    """`"4:8,8:-1"` → [(4, 8), (8, -1)]: (student hidden_states index, teacher layer index). A negative
+    teacher index counts from the teacher's last layer, as `potstill generate --hidden-layers` does;
+    `resolve_hidden_pairs` turns it into the absolute index the store records."""
     pairs: list[tuple[int, int]] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -159,77 +199,33 @@ def parse_hidden_map(text: str) -> list[tuple[int, int]]:
             pair = (int(s), int(t))
         except ValueError:
             raise ConfigError(f"--hidden-map entry {part!r} is not STUDENT_LAYER:TEACHER_LAYER (e.g. 4:8)") from None
-        if pair[0] < 0 or pair[1] < 0:
-            raise ConfigError(f"--hidden-map entry {part!r}: layer indices must not be negative")
+        if pair[0] < 0:
+            raise ConfigError(f"--hidden-map entry {part!r}: the student layer index must not be negative")
         if pair in pairs:
             raise ConfigError(f"--hidden-map lists {part!r} twice")
         pairs.append(pair)
     return pairs
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON file into a dict of TrainConfig fields."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
-    with open(path, "rb") as f:
-        raw = f.read()
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            data = tomllib.loads(raw.decode())
-        elif ext == ".json":
-            data = json.loads(raw)
-        else:
-            import yaml
-
-            data = yaml.safe_load(raw)
-    except ImportError as e:
-        raise ConfigError(f"{path}: cannot read {ext} files here ({e})") from None
-    except Exception as e:  # each parser has its own error type; all mean "malformed file"
-        raise ConfigError(f"{path}: not valid {ext.lstrip('.') or 'YAML'} ({type(e).__name__}: {e})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def _coerce(name: str, value: Any, where: str) -> Any:
-    """Check a value from a file against the field's type (a YAML `hidden_map` may be a mapping)."""
-    default = FIELDS[name].default
-    if name == "hidden_map" and isinstance(value, dict):
-        return ",".join(f"{s}:{t}" for s, t in value.items())
-    if name == "hidden_map" and isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(default, str) and isinstance(value, str):
-        return value
-    raise ConfigError(f"{where}: {name} must be a {type(default).__name__}, got {value!r}")
+def resolve_hidden_pairs(pairs: list[tuple[int, int]], teacher_layers: int | None) -> list[tuple[int, int]]:
+    """`pairs` with negative teacher indices made absolute against the teacher's `teacher_layers`
+    (-1 = hidden_states[teacher_layers], the last, as generate maps it)."""
+    resolved: list[tuple[int, int]] = []
+    for s, t in pairs:
+        if t < 0:
+            if not teacher_layers:
+                raise ConfigError(f"--hidden-map {s}:{t}: the store does not record the teacher's layer count, "
+                                  "so a negative layer cannot be resolved; give the absolute index")
+            if t < -(teacher_layers + 1):
+                raise ConfigError(f"--hidden-map {s}:{t}: the teacher has hidden_states 0..{teacher_layers} "
+                                  f"({-(teacher_layers + 1)}..-1 from the end)")
+            t += teacher_layers + 1
+        if (s, t) in resolved:
+            raise ConfigError(f"--hidden-map lists {s}:{t} twice")
+        resolved.append((s, t))
+    return resolved
 
 
 def build_config(config_file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the file, then the overrides (flags given on the command line; None = not given)."""
-    values: dict[str, Any] = {}
-    if config_file:
-        for name, value in load_config_file(config_file).items():
-            if name not in FIELDS:
-                raise ConfigError(f"{config_file}: unknown setting {name!r}")
-            values[name] = _coerce(name, value, config_file)
-    for name, value in (overrides or {}).items():
-        if name not in FIELDS:
-            raise ConfigError(f"unknown setting {name!r}")
-        if value is not None:
-            values[name] = value
-    return TrainConfig(**values).validate()
+    return TrainConfig.build(config_file, overrides)

@@ -34,7 +34,7 @@ class Objective:
     def from_config(cls, config: TrainConfig) -> Objective:
         return cls(
             loss=config.loss,
-            temperature=config.temperature,
+            temperature=config.kd_temperature,
             beta=config.beta,
             alpha=config.alpha,
             tail=config.tail,

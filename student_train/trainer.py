@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from potstill.store import Store, open_store, potstill_version
-from potstill.student_train.config import TrainConfig
+from potstill.student_train.config import TrainConfig, resolve_hidden_pairs
 from potstill.student_train.data import StoreDataset, check_targets
 from potstill.student_train.errors import ConfigError, TrainError
 from potstill.student_train.model import (
@@ -444,7 +444,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
     store = open_store(config.store, strict=not config.skip_bad_shards, verify_reads=True)  # (the final eval reads it)
     checkpoint, loader_state = resume_point(config, rank)
     targets = training_targets(config, store)
-    objective = dataclasses.replace(Objective.from_config(config), targets=targets)
+    pairs = resolve_hidden_pairs(config.hidden_pairs(), store.manifest.teacher.num_hidden_layers)
+    objective = dataclasses.replace(Objective.from_config(config), targets=targets, hidden_pairs=tuple(pairs))
 
     set_seed(config.seed)
     student = load_student(config.student, trust_remote_code=config.trust_remote_code)
@@ -566,7 +567,7 @@ def training_targets(config: TrainConfig, store: Store) -> str:
     if targets == "sampled" and not config.sampled_loss_ok():
         raise ConfigError(
             f"store {store.url} holds only sampled targets, which train forward KL at temperature 1 only; "
-            f"got --loss {config.loss} --temperature {config.temperature}"
+            f"got --loss {config.loss} --kd-temperature {config.kd_temperature}"
         )
     return targets
 

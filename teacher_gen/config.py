@@ -1,7 +1,8 @@
 """`GenerateConfig`: every setting of a teacher run, with its default, in one place.
 
-A YAML or TOML file (`--config FILE`) and CLI flags fill the same dataclass; a flag given on the
-command line wins over the file, and anything given nowhere keeps the default below.
+A YAML, TOML or JSON file (`--config FILE`) and CLI flags fill the same dataclass; a flag given on
+the command line wins over the file, and anything given nowhere keeps the default below. Each
+field's flag, help and shown default are declared with it (potstill/settings.py).
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from potstill.settings import (
+    check_settings,
+    coerce,
+    fields_of,
+    info_of,
+    load_settings,
+    read_config_file,
+    setting,
+)
 from potstill.store.targets import codec_named, codec_names, kind_named, kind_names
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.gguf import is_gguf
@@ -27,124 +35,117 @@ Backend = Literal["hf", "vllm"]
 @dataclass
 class GenerateConfig:
     # -- what to run ---------------------------------------------------------------------------
-    teacher: str = ""  # hub name or local folder of the teacher (required)
-    prompts: str = ""  # JSONL / JSON / Parquet / CSV file, or a saved `datasets` folder (required)
-    store: str = ""  # store path or URL; created if missing (required)
-    mode: Mode = "score"
-    backend: Backend = "hf"
-    tokenizer: str | None = None  # defaults to the teacher's
-    revision: str | None = None
-    trust_remote_code: bool = False
+    teacher: str = setting("", required=True, help="Teacher: hub name, local folder or .gguf file.")
+    prompts: str = setting("", required=True,
+                           help="Prompts: .jsonl, .json, .parquet, .csv or a saved datasets folder.")
+    store: str = setting("", required=True, flag="--out", aliases=("--store",),
+                         help="Store to write, path or URL (created if missing; reruns resume it).")
+    mode: Mode = setting("score", help="score (teacher forcing over given completions) or generate.")
+    backend: Backend = setting("hf", help="hf (transformers) or vllm.")
+    tokenizer: str | None = setting(None, shown_default="the teacher's", help="Tokenizer, if not the teacher's.")
+    revision: str | None = setting(None, shown_default="the hub's default branch",
+                                   help="Model revision (hub branch, tag or commit).")
+    trust_remote_code: bool = setting(False, help="Allow the teacher's own modeling code.")
 
     # -- what is captured ----------------------------------------------------------------------
-    top_k: int = 64
-    logprob_dtype: Literal["float16", "float32"] = "float16"
-    # top-k log-probs, N draws per position, both, or hybrid (the exact top-k plus N draws from the rest)
-    targets: Literal["topk", "sampled", "both", "hybrid"] = "topk"
-    samples: int = 50  # draws per scored position for sampled targets (from the T=1 distribution)
-    sampler: Literal["iid", "systematic", "stratified"] = "iid"  # how the N draws are placed (format §4.2)
-    codec: Literal["none", "packed", "compact", "compact2"] = "none"  # packed: bit-packed ids and counts, quantised
-    # log-probs; compact: packed, with sampled ids gap-coded and counts gamma-coded (about 0.6x the sampled bytes);
-    # compact2: draws split into head and tail, ids in the prompts' frequency order (about 0.85x compact)
-    logprob_bits: int = 12  # packed codec: bits per log-prob (uniform over [logprob_min, 0])
-    logprob_min: float = -24.0  # packed codec: log-probs are clamped to [logprob_min, 0]
-    hidden_layers: list[int] = field(default_factory=list)  # HF indexing: 0 = embeddings, -1 = last (post-norm)
-    hidden_dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    hidden_tokens: Literal["all", "scored"] = "all"  # rows stored per record: every token, or scored ones
-    hidden_chunk_tokens: int = 1024  # Zarr chunk length along tokens
-    score_prompt: bool = False  # score every token, not only the completion's
-    append_eos: bool = True  # score mode: end a given completion with EOS, as a generated one ends
+    top_k: int = setting(64, help="Top-k log-probs kept per position.")
+    logprob_dtype: Literal["float16", "float32"] = setting("float16", help="Storage of log-probs.")
+    # The defaults are the measured best (docs/benchmarks.md, "Fidelity"): N = 64 systematic draws in compact2 keep
+    # 97-99% of full KD's gain at about 35 target bytes per token, where top-64 keeps 44%.
+    targets: str = setting(
+        "sampled", choices=kind_names, help="sampled (N draws per position as ids + counts), topk (log-probs), both, or hybrid "
+                        "(the exact top-k plus N draws from the rest).")
+    samples: int = setting(64, help="Draws per scored position for sampled targets (from the T=1 distribution).")
+    sampler: Literal["iid", "systematic", "stratified"] = setting(
+        "systematic", help="How the N draws are placed: systematic or stratified (lower variance, still unbiased), "
+                           "or iid.")
+    codec: str | None = setting(
+        None, choices=codec_names, shown_default="compact2; none with --targets topk",
+        help="none; packed: bit-packed ids and counts, quantised log-probs (format 2.0); compact: packed, "
+             "with sampled ids gap-coded and counts gamma-coded, for sampled targets (format 2.3); compact2: "
+             "the same draws in about 0.85x the compact bytes (format 2.4).")
+    logprob_bits: int = setting(12, help="Packed codec: bits per log-prob (uniform over [--logprob-min, 0]).")
+    logprob_min: float = setting(-24.0, help="Packed codec: log-probs are clamped to [MIN, 0].")
+    hidden_layers: list[int] = setting(
+        factory=list, metavar="LAYERS", shown_default="none",
+        help="Hidden states to store, HF indexing: '4,8,-1' (0 = embeddings, -1 = last, after the final norm).")
+    hidden_dtype: Literal["bfloat16", "float16"] = setting("bfloat16", help="Storage of hidden states.")
+    hidden_tokens: Literal["all", "scored"] = setting("all", help="Hidden rows for all tokens or only scored ones.")
+    hidden_chunk_tokens: int = setting(1024, help="Zarr chunk length along tokens.")
+    score_prompt: bool = setting(False, help="Score every token, not only the completion.")
+    append_eos: bool = setting(True, help="Score mode: end given completions with EOS, as a generated one ends.")
 
     # -- generation ----------------------------------------------------------------------------
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    num_samples: int = 1
-    seed: int = 0
-    rationale: bool = False
-    rationale_template: str = DEFAULT_RATIONALE_TEMPLATE
-    answer_pattern: str = DEFAULT_ANSWER_PATTERN
-    answer_match: Literal["last", "first"] = "last"  # which match of answer_pattern names the answer
+    max_new_tokens: int = setting(256, help="Generate mode: tokens per completion.")
+    sampling_temperature: float = setting(1.0, aliases=("--temperature",),
+                                          help="Generate mode: sampling temperature (0 = greedy).")
+    top_p: float = setting(1.0, help="Generate mode: nucleus sampling.")
+    num_samples: int = setting(1, help="Completions per prompt (ids become ID#k).")
+    seed: int = setting(0, help="Sampling seed (each sample's RNG derives from it and its id).")
+    rationale: bool = setting(False, help="Chain-of-thought prompting; split output into rationale and answer.")
+    rationale_template: str = setting(DEFAULT_RATIONALE_TEMPLATE, shown_default=repr(DEFAULT_RATIONALE_TEMPLATE),
+                                      help="Prompt template with {prompt}.")
+    answer_pattern: str = setting(DEFAULT_ANSWER_PATTERN, shown_default=repr(DEFAULT_ANSWER_PATTERN),
+                                  help="Regex finding the answer (group 'answer').")
+    answer_match: Literal["last", "first"] = setting(
+        "last", help="Which match of the answer pattern names the answer.")
 
     # -- input ---------------------------------------------------------------------------------
-    id_field: str = "id"
-    prompt_field: str = "prompt"
-    messages_field: str = "messages"
-    completion_field: str = "completion"
-    max_length: int | None = None  # defaults to the teacher's context length
-    truncate: bool = False
-    max_errors: int | None = None  # fail fast after this many bad inputs (None = never)
+    id_field: str = setting("id", help="Input field holding the id.")
+    prompt_field: str = setting("prompt", help="Input field holding the prompt text.")
+    messages_field: str = setting("messages", help="Input field holding chat messages.")
+    completion_field: str = setting("completion", help="Input field holding the completion.")
+    max_length: int | None = setting(None, shown_default="the teacher's context", help="Longest sequence in tokens.")
+    truncate: bool = setting(False, help="Cut sequences longer than the context instead of skipping them.")
+    max_errors: int | None = setting(None, shown_default="never", help="Fail after more than N bad inputs.")
 
     # -- how it runs ---------------------------------------------------------------------------
-    device: str = "auto"  # auto = cuda when available
-    dtype: str = "auto"  # auto = the checkpoint's dtype
-    batch_tokens: int = 16384  # padded tokens per forward batch
-    chunk_positions: int = 1024  # positions per LM-head chunk (bounds the [positions, vocab] logits)
-    compile: bool | None = None  # fuse the fp32 logsumexp with torch.compile (None: on for CUDA)
-    capture_kernel: Literal["auto", "triton", "torch"] = "auto"  # auto: the fused Triton kernel on CUDA if installed
-    workers: int | None = None  # None: WORLD_SIZE from torchrun, else 1
-    worker_index: int | None = None  # None: RANK from torchrun, else 0
-    writer_id: str | None = None
-    shard_records: int = 1024
-    shard_bytes: int = 1 << 30
-    queue_batches: int = 4  # captured batches waiting for the writer threads before the model waits
-    writer_threads: int = 2  # parallel writers (each its own shards): hashing and fsync keep up with the GPU
-    progress: bool = True
-    gpu_memory_utilization: float | None = None  # vLLM: GPU memory share (None: 0.9 on a GPU; see vllm_backend)
-    tensor_parallel_size: int = 1  # vLLM
-    enforce_eager: bool | None = None  # vLLM: skip compilation and graph capture (None: on for CPU, off for GPU)
+    device: str = setting("auto", help="cpu, cuda, cuda:1, or auto (cuda when available).")
+    dtype: str = setting("auto", help="auto (the checkpoint's), bfloat16, float16 or float32.")
+    batch_tokens: int = setting(16384, help="Padded tokens per forward batch.")
+    chunk_positions: int = setting(
+        1024, help="Positions per LM-head chunk (bounds the [positions, vocab] logits).")
+    compile: bool | None = setting(None, shown_default="on for CUDA",
+                                   help="Fuse the fp32 logsumexp with torch.compile.")
+    capture_kernel: Literal["auto", "triton", "torch"] = setting(
+        "auto", help="Top-k and log tail: auto (the fused Triton kernel on CUDA when Triton is installed), "
+                     "triton, or torch.")
+    workers: int | None = setting(None, shown_default="WORLD_SIZE or 1", help="Workers filling the store.")
+    worker_index: int | None = setting(None, shown_default="RANK or 0", help="This worker's index.")
+    writer_id: str | None = setting(None, shown_default="g<worker>-<random>", help="Writer id.")
+    shard_records: int = setting(1024, help="Records per shard.")
+    shard_bytes: int = setting(1 << 30, help="Bytes per shard (approximate).")
+    queue_batches: int = setting(
+        4, help="Captured batches queued for the writers before the model waits.")
+    writer_threads: int = setting(
+        2, help="Parallel store writers, each its own shards (hashing and fsync keep up with the GPU).")
+    progress: bool = setting(True, help="Progress bar on stderr.")
+    gpu_memory_utilization: float | None = setting(
+        None, shown_default="0.9 on a GPU; on CPU a 1 GiB KV cache, or $VLLM_CPU_KVCACHE_SPACE GiB",
+        help="vLLM: GPU memory share.")
+    tensor_parallel_size: int = setting(1, help="vLLM: tensor parallel size.")
+    enforce_eager: bool | None = setting(None, shown_default="on for CPU, off for GPU",
+                                         help="vLLM: run eagerly, no compilation at start-up.")
+
+    def __post_init__(self) -> None:
+        if self.codec is None:  # the compact codec codes draws; targets without draws keep the plain layout
+            allowed = kind_named(self.targets).codecs if self.targets in kind_names() else ()
+            self.codec = "compact2" if "compact2" in allowed else "none"
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def from_file(cls, path: str) -> dict[str, Any]:
-        """The settings a YAML or TOML file holds (keys as in this class; '-' may stand for '_')."""
-        if not os.path.isfile(path):
-            raise GenerateError(f"config file {path} does not exist")
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            if path.endswith(".toml"):
-                import tomllib
-
-                data = tomllib.loads(raw.decode())
-            else:
-                import yaml
-
-                data = yaml.safe_load(raw) or {}
-        except Exception as e:  # yaml and toml raise their own types; all mean the same to a user
-            raise GenerateError(f"config file {path}: cannot parse ({type(e).__name__}: {e})") from None
-        if not isinstance(data, dict):
-            raise GenerateError(f"config file {path}: expected a mapping of settings at the top level")
-        if isinstance(data.get("generate"), dict):  # allow a [generate] section / generate: block
-            data = data["generate"]
-        return {str(k).replace("-", "_"): v for k, v in data.items()}
+    def build(cls, config_file: str | None = None, **overrides: Any) -> GenerateConfig:
+        """Defaults, then the file (keys as the fields, optionally under `[generate]`), then the
+        non-None overrides (CLI flags); checked."""
+        return load_settings(cls, config_file, overrides, error=GenerateError, section="generate")
 
     @classmethod
-    def build(cls, config_file: str | None = None, **overrides: Any) -> GenerateConfig:
-        """Defaults, then the file, then the non-None overrides (CLI flags); checked."""
-        values: dict[str, Any] = {}
-        source = "settings"
-        if config_file:
-            values.update(cls.from_file(config_file))
-            source = f"config file {config_file}"
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise GenerateError(f"{source}: unknown setting {key!r}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        kwargs = {}
-        for key, value in values.items():
-            if key not in known:
-                raise GenerateError(f"unknown setting {key!r}")
-            kwargs[key] = _coerce(key, value, _field_type(cls, key))
-        config = cls(**kwargs)
-        config.validate()
-        return config
+    def from_file(cls, path: str) -> dict[str, Any]:
+        """The settings a YAML, TOML or JSON file holds (keys as in this class; '-' may stand for '_')."""
+        return read_config_file(path, GenerateError, section="generate")
 
     def validate(self) -> None:
-        for name, flag in (("teacher", "--teacher"), ("prompts", "--prompts"), ("store", "--out")):
-            if not getattr(self, name):  # `store` is the setting's name in a --config file
-                raise GenerateError(f"{flag} is required")
+        check_settings(self, GenerateError)
         checks = [
             (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
             (self.targets in kind_names(), f"--targets must be one of {', '.join(kind_names())}, got {self.targets!r}"),
@@ -157,7 +158,7 @@ class GenerateConfig:
             (2 <= self.logprob_bits <= 16, f"--logprob-bits must be between 2 and 16, got {self.logprob_bits}"),
             (self.logprob_min < 0, f"--logprob-min must be negative, got {self.logprob_min}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}"),
+            (self.sampling_temperature >= 0, f"--sampling-temperature must be >= 0, got {self.sampling_temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}"),
             (self.batch_tokens >= 1, f"--batch-tokens must be positive, got {self.batch_tokens}"),
@@ -170,19 +171,14 @@ class GenerateConfig:
             (1 <= self.writer_threads <= 16, "--writer-threads must be between 1 and 16"),
             (self.max_length is None or self.max_length >= 2, "--max-length must be at least 2"),
             (self.max_errors is None or self.max_errors >= 0, "--max-errors must be >= 0"),
-            (self.mode in ("score", "generate"), f"--mode must be score or generate, got {self.mode!r}"),
-            (self.backend in ("hf", "vllm"), f"--backend must be hf or vllm, got {self.backend!r}"),
-            (self.logprob_dtype in ("float16", "float32"), "--logprob-dtype must be float16 or float32"),
-            (self.hidden_dtype in ("bfloat16", "float16"), "--hidden-dtype must be bfloat16 or float16"),
-            (self.hidden_tokens in ("all", "scored"), "--hidden-tokens must be all or scored"),
         ]
         for ok, message in checks:
             if not ok:
                 raise GenerateError(message)
-        if self.backend == "vllm" and self.targets != "topk":
-            raise GenerateError(
-                f"--backend vllm cannot make --targets {self.targets}: vLLM returns only the top log-probs, "
-                "not the full distribution the draws need; use --backend hf"
+        if self.backend == "vllm" and self.targets != "topk":  # it returns only the top log-probs, not the
+            raise GenerateError(  # full distribution the draws need
+                f"--backend vllm captures top-k targets only, not --targets {self.targets}: add --targets topk, "
+                "or use --backend hf"
             )
         if self.backend == "vllm" and self.hidden_layers:
             raise GenerateError(
@@ -239,7 +235,7 @@ class GenerateConfig:
         if self.mode == "generate":
             settings.update(
                 max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature,
+                temperature=self.sampling_temperature,  # the store's key since format 1
                 top_p=self.top_p,
                 num_samples=self.num_samples,
                 seed=self.seed,
@@ -260,65 +256,8 @@ def _template_hash(template: Any) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Turn a file or CLI value into the field's type, or fail naming the setting."""
-    flag = "--" + name.replace("_", "-")
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner[0])
-    if origin is Literal:
-        if value not in args:
-            raise GenerateError(f"{flag} must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is list:
-        return parse_int_list(value, flag)
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if hint is float:
-            return float(value)
-        if hint is str:
-            if not isinstance(value, str | int | float):
-                raise ValueError(value)
-            return str(value)
-    except (TypeError, ValueError):
-        raise GenerateError(f"{flag}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
-    return value
-
-
-def coerce_setting(name: str, value: Any, hint: Any = None) -> Any:
-    """A file, CLI or API value turned into a setting's type (by default the `GenerateConfig` field's),
-    or a `GenerateError` naming the flag. Other config classes (`potstill serve`) use it too."""
-    return _coerce(name, value, hint if hint is not None else _field_type(GenerateConfig, name))
-
-
-def parse_int_list(value: Any, flag: str = "--hidden-layers") -> list[int]:
-    """'4,8,-1', '4 8 -1', [4, 8, -1] or 4 -> [4, 8, -1]."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    items = value.replace(",", " ").split() if isinstance(value, str) else value
-    try:
-        return [int(x) for x in items]
-    except (TypeError, ValueError):
-        raise GenerateError(f"{flag}: expected integers such as '4,8,-1', got {value!r}") from None
+def coerce_setting(name: str, value: Any) -> Any:
+    """A CLI or API value turned into the type of `GenerateConfig`'s field `name`, or a `GenerateError`
+    naming its flag (`potstill jobs submit` reads generate flags with it)."""
+    f, hint = next((f, hint) for f, hint in fields_of(GenerateConfig) if f.name == name)
+    return coerce(name, value, hint, GenerateError, info_of(f))

@@ -208,8 +208,8 @@ class HFTeacher:
             eos_token_id=sorted(self.eos_ids) or None,
         )
         processors = LogitsProcessorList()
-        if self.config.temperature > 0:
-            processors.append(SeededSampler(self.config.temperature, self.config.top_p,
+        if self.config.sampling_temperature > 0:
+            processors.append(SeededSampler(self.config.sampling_temperature, self.config.top_p,
                                             [r.seed for r in requests], self.device))
         # The completion is scored from the decoder's own final states, unless the record needs
         # more than the completion's targets (hidden layers, the prompt's tokens).

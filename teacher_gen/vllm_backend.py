@@ -206,7 +206,7 @@ class VLLMTeacher:
         while_decoding = not self.config.score_prompt
         params = [
             sampling_params(
-                self.vllm, max_tokens=r.max_new_tokens, temperature=self.config.temperature,
+                self.vllm, max_tokens=r.max_new_tokens, temperature=self.config.sampling_temperature,
                 top_p=self.config.top_p, seed=r.seed, logprobs=self.k if while_decoding else None,
             )
             for r in requests

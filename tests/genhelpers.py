@@ -13,7 +13,10 @@ import numpy as np
 def config(teacher: str, prompts: str, store: str, **overrides: Any):
     from potstill.teacher_gen.config import GenerateConfig
 
-    base = {"teacher": teacher, "prompts": prompts, "store": store, "device": "cpu", "progress": False}
+    # The settings these tests were written for, unless a test asks for others (`potstill generate`'s
+    # own defaults are sampled targets, systematic N = 64, compact2): most check top-k capture exactly.
+    base = {"teacher": teacher, "prompts": prompts, "store": store, "device": "cpu", "progress": False,
+            "targets": "topk", "samples": 50, "sampler": "iid", "codec": "none"}
     base.update(overrides)
     return GenerateConfig.build(**base)
 

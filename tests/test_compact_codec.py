@@ -305,7 +305,7 @@ def test_compact_top_k_targets_are_refused_before_anything_is_written(tmp_path, 
     with pytest.raises(GenerateError, match="--codec compact2 codes sampled draws"):
         config(tiny_teacher_dir, prompts, str(tmp_path / "x"), targets="topk", codec="compact2")
     out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", str(tmp_path / "y"),
-                   "--codec", "compact", "--device", "cpu", "--no-progress"])
+                   "--targets", "topk", "--codec", "compact", "--device", "cpu", "--no-progress"])
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert out.returncode != 0 and len(lines) == 1 and "--codec compact codes sampled draws" in lines[0], out.stderr
     assert not (tmp_path / "y").exists()

@@ -50,7 +50,7 @@ BAD_REASONS = {
 def test_every_kind_of_bad_input_is_skipped_and_reported(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), BAD_ROWS)
     store = str(tmp_path / "s")
-    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store,
+    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
                       "--max-length", "64", "--device", "cpu", "--no-progress"])
     assert result.returncode == 0, result.stderr
     assert "wrote 2 records" in result.stdout
@@ -87,7 +87,7 @@ def test_truncate_keeps_a_too_long_record(tmp_path, tiny_teacher_dir):
 def test_max_errors_fails_fast_in_one_line(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), BAD_ROWS)
     store = str(tmp_path / "s")
-    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store,
+    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
                       "--max-errors", "2", "--device", "cpu", "--no-progress"])
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -289,7 +289,7 @@ def eos_teacher_dir(tmp_path_factory, tiny_teacher_dir):
 
 def test_generated_eos_is_kept_and_scored(tmp_path, eos_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(3, seed=14, completion=False))
-    generate(config(eos_teacher_dir, prompts, str(tmp_path / "s"), mode="generate", temperature=0,
+    generate(config(eos_teacher_dir, prompts, str(tmp_path / "s"), mode="generate", sampling_temperature=0,
                     max_new_tokens=5))
     for rec in open_store(str(tmp_path / "s")).iter_records():
         assert rec.input_ids[rec.score_start :].tolist() == [0]  # EOS, then nothing
@@ -379,8 +379,8 @@ def test_data_settings_exclude_per_worker_settings():
 
 
 def test_vllm_with_hidden_layers_is_refused_in_one_line(tmp_path):
-    result = run_cli(["generate", "--teacher", "t", "--prompts", "p.jsonl", "--store", str(tmp_path / "s"),
-                      "--backend", "vllm", "--hidden-layers", "4"])
+    result = run_cli(["generate", "--teacher", "t", "--prompts", "p.jsonl", "--out", str(tmp_path / "s"),
+                      "--backend", "vllm", "--targets", "topk", "--hidden-layers", "4"])
     assert result.returncode == 1
     assert result.stderr.strip() == ("error: --backend vllm cannot capture hidden states: drop --hidden-layers "
                                      "or use --backend hf")

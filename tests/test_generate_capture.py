@@ -333,7 +333,7 @@ def test_generate_mode_scored_while_decoding_equals_the_full_forward(tmp_path, t
     monkeypatch.setattr(HFTeacher, "score", lambda self, jobs: (scored.extend(j.record_id for j in jobs),
                                                                  original(self, jobs))[1])
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(8, seed=40, completion=False))
-    common = dict(mode="generate", max_new_tokens=12, temperature=temperature, seed=3, top_k=16,
+    common = dict(mode="generate", max_new_tokens=12, sampling_temperature=temperature, seed=3, top_k=16,
                   logprob_dtype="float32", targets="both", samples=8)
     decoded = generate(config(tiny_teacher_dir, prompts, str(tmp_path / "decoded"), **common))
     assert scored == ["self-check"]  # the load-time check only

@@ -27,7 +27,7 @@ def test_hostile_lines_are_skipped_with_their_number_and_reason(tmp_path, tiny_t
     ]
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), lines)
     store = str(tmp_path / "s")
-    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store,
+    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
                       "--device", "cpu", "--no-progress"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -43,8 +43,8 @@ def test_hostile_lines_are_skipped_with_their_number_and_reason(tmp_path, tiny_t
 def test_top_k_larger_than_the_vocabulary_fails_before_anything_is_written(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2))
     store = str(tmp_path / "s")
-    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store,
-                      "--device", "cpu", "--top-k", "100000000", "--no-progress"])
+    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
+                      "--device", "cpu", "--targets", "topk", "--top-k", "100000000", "--no-progress"])
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "--top-k 100000000 is larger than" in lines[0] and "vocabulary" in lines[0]
@@ -94,8 +94,8 @@ def test_a_live_run_on_an_overlapping_share_makes_a_second_run_refuse(tmp_path, 
                               text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         assert holder.stdout.readline().strip() == "holding"
-        result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store,
-                          "--device", "cpu", "--top-k", "4", "--no-progress", "--workers", str(mine[0]),
+        result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
+                          "--device", "cpu", "--targets", "topk", "--top-k", "4", "--no-progress", "--workers", str(mine[0]),
                           "--worker-index", str(mine[1])])
     finally:
         holder.kill()
@@ -135,7 +135,7 @@ def test_a_run_that_fills_the_store_while_another_loads_its_teacher_is_not_writt
 def test_two_identical_runs_started_at_once_never_write_a_record_twice(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(80, seed=7))
     store = str(tmp_path / "s")
-    args = ["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store, "--device", "cpu",
+    args = ["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store, "--device", "cpu",
             "--no-progress", "--shard-records", "4", "--batch-tokens", "64"]
     procs = [popen_cli(args), popen_cli(args)]
     results = [p.communicate(timeout=300) for p in procs]

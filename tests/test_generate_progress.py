@@ -16,7 +16,7 @@ from potstill.teacher_gen.runner import Run, generate, load_teacher, record_id
 def test_the_hf_backend_counts_tokens_at_every_decoding_step_of_one_batch(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(12, seed=21, completion=False))
     cfg = config(tiny_teacher_dir, prompts, str(tmp_path / "s"), mode="generate", max_new_tokens=24,
-                 temperature=1.0, batch_tokens=1 << 16)
+                 sampling_temperature=1.0, batch_tokens=1 << 16)
     run = Run(cfg, None, None)
     tokenizer, spec, layers, max_length, encoded = run.prepare()
     teacher = load_teacher(cfg, spec, tokenizer, layers, max_length)
@@ -41,7 +41,7 @@ def test_the_summary_reports_generated_tokens_apart_from_stored_ones(tmp_path, t
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=22, completion=False))
     store = str(tmp_path / "s")
     seen = []
-    summary = generate(config(tiny_teacher_dir, prompts, store, mode="generate", max_new_tokens=10, temperature=1.0),
+    summary = generate(config(tiny_teacher_dir, prompts, store, mode="generate", max_new_tokens=10, sampling_temperature=1.0),
                        on_progress=seen.append)
     records = list(open_store(store).iter_records())
     generated = sum(len(r.input_ids) - r.score_start for r in records)

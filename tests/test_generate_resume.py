@@ -22,7 +22,7 @@ def _commits(store: str) -> int:
 
 
 def _args(teacher: str, prompts: str, store: str, *extra: str, shard_records: int = 2) -> list[str]:
-    return ["generate", "--teacher", teacher, "--prompts", prompts, "--store", store, "--device", "cpu",
+    return ["generate", "--teacher", teacher, "--prompts", prompts, "--out", store, "--device", "cpu",
             "--shard-records", str(shard_records), "--batch-tokens", "64", "--hidden-layers", "0,-1",
             "--no-progress", *extra]
 

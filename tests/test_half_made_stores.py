@@ -59,7 +59,7 @@ def test_a_differing_setting_is_named_in_one_line(tmp_path, tiny_teacher_dir):
     store = str(tmp_path / "s")
     assert generate(config(tiny_teacher_dir, prompts, store)).records == 2
     before = sorted(os.listdir(store))
-    refused = run_cli(generate_args(tiny_teacher_dir, prompts, store, "--no-append-eos", "--top-k", "8"))
+    refused = run_cli(generate_args(tiny_teacher_dir, prompts, store, "--targets", "topk", "--no-append-eos", "--top-k", "8"))
     line = one_error_line(refused)
     assert line == (f"error: store {store} was created with other settings: "
                     "targets.k: store has 64, this run has 8; "

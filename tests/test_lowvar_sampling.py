@@ -218,7 +218,7 @@ def test_a_resumed_run_refuses_another_sampler_and_writes_nothing(tmp_path, tiny
 def test_bad_sampler_settings_are_refused_in_one_line(tmp_path, tiny_teacher_dir, prompts) -> None:
     with pytest.raises(GenerateError, match="--sampler must be one of iid, systematic, stratified; got 'sobol'"):
         config(tiny_teacher_dir, prompts, str(tmp_path / "x"), targets="sampled", sampler="sobol")
-    with pytest.raises(GenerateError, match="--backend vllm cannot make --targets hybrid"):
+    with pytest.raises(GenerateError, match="--backend vllm captures top-k targets only, not --targets hybrid"):
         GenerateConfig.build(teacher=tiny_teacher_dir, prompts=prompts, store=str(tmp_path / "y"), targets="hybrid",
                              backend="vllm")
 
@@ -227,7 +227,7 @@ def test_generate_hybrid_then_train_through_the_cli(tmp_path, tiny_teacher_dir, 
     from common import build_student
 
     url = str(tmp_path / "cli.store")
-    out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", url, "--targets", "hybrid",
+    out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", url, "--targets", "hybrid",
                    "--top-k", "2", "--samples", "12", "--sampler", "systematic", "--codec", "packed", "--device", "cpu",
                    "--no-progress"])
     assert out.returncode == 0, out.stderr

@@ -66,7 +66,7 @@ def test_potstill_generate_takes_answer_match_and_store_info_counts_answers(tmp_
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), rows)
     store = str(tmp_path / "s")
     runner = CliRunner()
-    result = runner.invoke(app, ["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", store,
+    result = runner.invoke(app, ["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
                                  "--rationale", "--answer-match", "last", "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["store", "info", store])

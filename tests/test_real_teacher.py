@@ -57,16 +57,16 @@ def stores(real_teacher, teacher_model, tmp_path_factory) -> dict[str, str]:
         "score": config(real_teacher.folder, os.path.join(DATA, "chat_scored.jsonl"), str(root / "score"),
                         hidden_layers="15,-1", **common),
         "generate": config(real_teacher.folder, prompts, str(root / "generate"), mode="generate",
-                           max_new_tokens=40, temperature=0.0, **common),
+                           max_new_tokens=40, sampling_temperature=0.0, **common),
         "rationale": config(real_teacher.folder, write_jsonl(str(root / "sums.jsonl"), [
             {"id": "sum-1", "messages": [{"role": "user", "content": "What is 15 plus 27?"}]},
             {"id": "sum-2", "messages": [{"role": "user", "content": "Tom has 3 apples and buys 4 more. "
                                                                       "How many apples does he have?"}]},
-        ]), str(root / "rationale"), mode="generate", rationale=True, max_new_tokens=64, temperature=0.0, **common),
+        ]), str(root / "rationale"), mode="generate", rationale=True, max_new_tokens=64, sampling_temperature=0.0, **common),
         # short arithmetic answers (greedy): the model repeats the template's "The answer is X" line
         "arithmetic": config(real_teacher.folder, write_jsonl(str(root / "arith.jsonl"), [
             row for row in chat_prompts(name="arithmetic_prompts.jsonl") if row["id"] in ARITHMETIC
-        ]), str(root / "arithmetic"), mode="generate", rationale=True, max_new_tokens=48, temperature=0.0, **common),
+        ]), str(root / "arithmetic"), mode="generate", rationale=True, max_new_tokens=48, sampling_temperature=0.0, **common),
     }
     for name, cfg in runs.items():
         summary = generate(cfg, preloaded=teacher_model)

@@ -119,8 +119,8 @@ def test_both_kinds_in_one_packed_store_through_the_cli(tmp_path, tiny_teacher_d
     plain = str(tmp_path / "plain.store")
     generate(config(tiny_teacher_dir, prompts, plain, targets="both", samples=50, top_k=16, logprob_dtype="float32"))
     packed = str(tmp_path / "packed.store")
-    proc = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--store", packed,
-                    "--targets", "both", "--samples", "50", "--top-k", "16", "--codec", "packed",
+    proc = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", packed,
+                    "--targets", "both", "--samples", "50", "--sampler", "iid", "--top-k", "16", "--codec", "packed",
                     "--logprob-bits", "12", "--device", "cpu", "--no-progress"])
     assert proc.returncode == 0, proc.stderr
     a, b = open_store(plain), open_store(packed)
@@ -140,7 +140,7 @@ def test_both_kinds_in_one_packed_store_through_the_cli(tmp_path, tiny_teacher_d
 
 
 def test_vllm_refuses_sampled_targets_in_one_line(tmp_path, tiny_teacher_dir, prompts):
-    with pytest.raises(GenerateError, match="vLLM returns only the top log-probs") as info:
+    with pytest.raises(GenerateError, match="--backend vllm captures top-k targets only, not --targets sampled: add --targets topk") as info:
         config(tiny_teacher_dir, prompts, str(tmp_path / "s"), backend="vllm", targets="sampled")
     assert "\n" not in str(info.value)
     with pytest.raises(GenerateError, match="--samples must be between 1 and 65535"):

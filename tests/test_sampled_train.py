@@ -154,7 +154,7 @@ def test_wrong_target_requests_are_refused_in_one_line(stores) -> None:
     with pytest.raises(TrainError, match=r"--targets topk: store .* holds only sampled targets"):
         train(_config(stores, "sampled", "bad1", targets="topk"))
     with pytest.raises(ConfigError, match="--targets sampled trains forward KL at temperature 1 only"):
-        _config(stores, "sampled", "bad2", targets="sampled", temperature=2.0)
+        _config(stores, "sampled", "bad2", targets="sampled", kd_temperature=2.0)
     with pytest.raises(ConfigError, match="holds only sampled targets, which train forward KL at temperature 1 only"):
         train(_config(stores, "sampled", "bad3", loss="jsd"))
 

@@ -51,9 +51,10 @@ def service(tiny_teacher_dir, tmp_path_factory) -> Iterator[Service]:
 def test_two_jobs_submitted_at_once_both_complete_and_match_generate(service, tiny_teacher_dir, tmp_path):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(24, seed=1))
     specs = [
-        {"prompts": prompts, "store": str(tmp_path / "a"), "top_k": 8, "hidden_layers": [0, -1], "shard_records": 5},
+        {"prompts": prompts, "store": str(tmp_path / "a"), "targets": "topk", "top_k": 8, "hidden_layers": [0, -1],
+         "shard_records": 5},
         {"prompts": prompts, "store": str(tmp_path / "b"), "mode": "generate", "max_new_tokens": 4,
-         "temperature": 0.0},
+         "sampling_temperature": 0.0},
     ]
     ids: list[str] = [""] * 2
 
@@ -215,7 +216,8 @@ def test_load_hundreds_of_submissions_and_polls_lose_no_job(service, tmp_path):
     """4 client threads submit 60 jobs each and poll statuses meanwhile; every job is kept and done."""
     rows = prompt_rows(4, seed=6)
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), rows)
-    store = str(tmp_path / "s")  # one store: the first job writes it, the others find it done
+    store = str(tmp_path / "s")  # one store: the first job writes it, the others find it done (top-k
+    # targets: the seed, which differs between the jobs, decides only sampled ones)
     submitted: list[list[str]] = [[] for _ in range(4)]
     failures: list[str] = []
 
@@ -223,7 +225,7 @@ def test_load_hundreds_of_submissions_and_polls_lose_no_job(service, tmp_path):
         try:
             with service.client() as c:
                 for i in range(60):
-                    submitted[k].append(submit(c, prompts=prompts, store=store, seed=i))
+                    submitted[k].append(submit(c, prompts=prompts, store=store, targets="topk", seed=i))
                     polled = c.get(f"/jobs/{submitted[k][i // 2]}")
                     assert polled.status_code == 200 and polled.json()["state"] in (
                         "queued", "running", "done"), polled.text
@@ -336,9 +338,10 @@ def test_generate_flags_are_read_from_the_config_fields():
     from potstill.teacher_gen.service.settings import ServiceError
 
     got = parse_generate_flags(["--top-k", "8", "--hidden-layers=4,8,-1", "--no-append-eos", "--rationale",
-                                "--compile", "--max-length", "128", "--temperature", "0.5", "--mode", "generate"])
+                                "--compile", "--max-length", "128", "--sampling-temperature", "0.5", "--mode", "generate"])
     assert got == {"top_k": 8, "hidden_layers": [4, 8, -1], "append_eos": False, "rationale": True,
-                   "compile": True, "max_length": 128, "temperature": 0.5, "mode": "generate"}
+                   "compile": True, "max_length": 128, "sampling_temperature": 0.5, "mode": "generate"}
+    assert parse_generate_flags(["--temperature=0.5"]) == {"sampling_temperature": 0.5}  # the old spelling
     with pytest.raises(ServiceError, match="unknown option --colour"):
         parse_generate_flags(["--colour", "blue"])
     with pytest.raises(ServiceError, match="unknown option --progress"):  # the service decides it

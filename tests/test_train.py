@@ -111,6 +111,19 @@ def test_an_interrupted_run_resumes_to_exactly_the_same_losses(setup: dict) -> N
         train(config(setup, "full", **settings))
 
 
+def test_a_negative_teacher_layer_counts_from_the_last_as_generate_does(setup: dict) -> None:
+    """--hidden-map 1:-1 is 1:2 on this two-layer teacher (the store records absolute layer indices)."""
+    settings = dict(max_steps=2, num_workers=0, eval_fraction=0.2, batch_size=4, eval_max_records=0)
+    negative = train(config(setup, "neg", hidden_map="1:-1", **settings))
+    absolute = train(config(setup, "abs", hidden_map="1:2", **settings))
+    assert [e["loss"] for e in negative["loss_curve"]] == [e["loss"] for e in absolute["loss_curve"]]
+    assert "hidden" in negative["loss_curve"][0]
+    with pytest.raises(ConfigError, match=r"--hidden-map 1:-4: the teacher has hidden_states 0\.\.2"):
+        train(config(setup, "far", hidden_map="1:-4", **settings))
+    with pytest.raises(ConfigError, match="the student layer index must not be negative"):
+        config(setup, "student", hidden_map="-1:2")
+
+
 class OptimizerGroups(TrainerCallback):
     """Each step's parameter groups as (learning rate, weight decay, whether it holds the output layer)."""
 

@@ -265,7 +265,8 @@ def test_enforce_eager_and_memory_flags_reach_the_config(tmp_path):
     # the flags parse; the run then stops, in one line, at the missing teacher (or, where vLLM is not
     # installed, at that: the backend is checked first)
     result = CliRunner().invoke(app, ["generate", "--teacher", str(tmp_path / "none"), "--prompts", "p", "--out", "s",
-                                      "--backend", "vllm", "--no-enforce-eager", "--gpu-memory-utilization", "0.5"])
+                                      "--backend", "vllm", "--targets", "topk", "--no-enforce-eager",
+                                      "--gpu-memory-utilization", "0.5"])
     message = str(result.exception)
     assert isinstance(result.exception, GenerateError)
     assert "cannot load its config" in message or "vLLM is not installed here" in message, message

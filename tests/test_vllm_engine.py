@@ -80,7 +80,7 @@ def test_generate_mode_matches_the_hf_backend(tmp_path, vllm_teacher_dir, engine
     """Greedy: the same completions; targets scored while decoding (or, with --score-prompt, by a
     second request over prompt + completion) equal the HF backend's."""
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(8, seed=51, completion=False))
-    common = dict(mode="generate", max_new_tokens=10, temperature=0.0, top_k=TOP_K, logprob_dtype="float32",
+    common = dict(mode="generate", max_new_tokens=10, sampling_temperature=0.0, top_k=TOP_K, logprob_dtype="float32",
                   dtype="float32", score_prompt=score_prompt)
     generate(config(vllm_teacher_dir, prompts, str(tmp_path / "hf"), **common))
     summary = generate(config(vllm_teacher_dir, prompts, str(tmp_path / "vllm"), backend="vllm", **common),
@@ -97,8 +97,8 @@ def test_kill_9_of_a_vllm_run_then_rerun_finishes_exactly_once(tmp_path, vllm_te
     n = 60
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(n, seed=52))
     store = str(tmp_path / "s")
-    args = ["generate", "--backend", "vllm", "--teacher", vllm_teacher_dir, "--prompts", prompts, "--store", store,
-            "--top-k", "8", "--shard-records", "2", "--writer-threads", "1", "--no-progress"]
+    args = ["generate", "--backend", "vllm", "--teacher", vllm_teacher_dir, "--prompts", prompts, "--out", store,
+            "--targets", "topk", "--top-k", "8", "--shard-records", "2", "--writer-threads", "1", "--no-progress"]
     proc = popen_cli(args)
     commits = os.path.join(store, "commits")
     deadline = time.monotonic() + 300
@@ -124,11 +124,14 @@ def test_kill_9_of_a_vllm_run_then_rerun_finishes_exactly_once(tmp_path, vllm_te
 
 def test_vllm_refuses_what_it_cannot_do_in_one_line(tmp_path, vllm_teacher_dir, real_teacher):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=53))
-    base = ["generate", "--backend", "vllm", "--prompts", prompts, "--store", str(tmp_path / "s"), "--no-progress"]
+    base = ["generate", "--backend", "vllm", "--prompts", prompts, "--out", str(tmp_path / "s"), "--no-progress"]
     for extra, message in (
-        (["--teacher", vllm_teacher_dir, "--targets", "both"], "--backend vllm cannot make --targets both"),
-        (["--teacher", vllm_teacher_dir, "--hidden-layers", "-1"], "--backend vllm cannot capture hidden states"),
-        (["--teacher", real_teacher.gguf], "--backend vllm cannot load the GGUF file"),
+        (["--teacher", vllm_teacher_dir], "--backend vllm captures top-k targets only, not --targets sampled: "
+                                          "add --targets topk"),  # the default targets
+        (["--teacher", vllm_teacher_dir, "--targets", "both"], "--backend vllm captures top-k targets only"),
+        (["--teacher", vllm_teacher_dir, "--targets", "topk", "--hidden-layers", "-1"],
+         "--backend vllm cannot capture hidden states"),
+        (["--teacher", real_teacher.gguf, "--targets", "topk"], "--backend vllm cannot load the GGUF file"),
     ):
         result = run_cli(base + extra)
         assert result.returncode == 1
@@ -147,10 +150,12 @@ def test_serve_with_the_vllm_backend_runs_jobs(tmp_path, vllm_teacher_dir):
         with svc.client() as c:
             health = c.get("/health").json()
             assert (health["backend"], health["device"]) == ("vllm", "cpu")
-            score_id = submit(c, prompts=prompts, store=str(tmp_path / "score"), top_k=TOP_K, logprob_dtype="float32")
-            gen_id = submit(c, prompts=prompts, store=str(tmp_path / "gen"), mode="generate", max_new_tokens=6,
-                            temperature=0.0, top_k=8)
-            too_big = c.post("/jobs", json={"prompts": prompts, "store": str(tmp_path / "x"), "top_k": 64})
+            score_id = submit(c, prompts=prompts, store=str(tmp_path / "score"), targets="topk", top_k=TOP_K,
+                              logprob_dtype="float32")
+            gen_id = submit(c, prompts=prompts, store=str(tmp_path / "gen"), targets="topk", mode="generate",
+                            max_new_tokens=6, sampling_temperature=0.0, top_k=8)
+            too_big = c.post("/jobs", json={"prompts": prompts, "store": str(tmp_path / "x"), "targets": "topk",
+                                            "top_k": 64})
             assert too_big.status_code == 422 and "32" in too_big.text
             for job_id in (score_id, gen_id):
                 status = wait_job(c, job_id, timeout=300)
@@ -174,7 +179,7 @@ def test_real_teacher_stops_at_eos_and_matches_hf(tmp_path, real_teacher):
 
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), [row for row in chat_prompts() if row["id"] in EXPECTED])
     summary = generate(config(real_teacher.folder, prompts, str(tmp_path / "vllm"), backend="vllm", mode="generate",
-                              max_new_tokens=128, temperature=0.0, top_k=TOP_K, logprob_dtype="float32",
+                              max_new_tokens=128, sampling_temperature=0.0, top_k=TOP_K, logprob_dtype="float32",
                               dtype="float32"))
     assert summary.records == len(EXPECTED)
     tok = AutoTokenizer.from_pretrained(real_teacher.folder)

@@ -87,7 +87,7 @@ def run_demo(config: DemoConfig, app: typer.Typer, log: Any = print) -> dict[str
     potstill(
         "generate", "--teacher", CHECKPOINT, "--prompts", prompts, "--out", store,
         "--mode", "generate", "--rationale", "--rationale-template", "{prompt}" + arithmetic.COT_TRIGGER,
-        "--temperature", "0", "--max-new-tokens", "96", "--top-k", str(config.top_k),
+        "--sampling-temperature", "0", "--max-new-tokens", "96", "--targets", "topk", "--top-k", str(config.top_k),
         "--hidden-layers", str(config.teacher_layer), "--shard-records", "512", "--hidden-chunk-tokens", "4096",
         "--device", "cpu", "--threads", str(threads),
     )
@@ -100,7 +100,8 @@ def run_demo(config: DemoConfig, app: typer.Typer, log: Any = print) -> dict[str
     answer_store = os.path.join(out, "answers.store")
     potstill(
         "generate", "--teacher", CHECKPOINT, "--prompts", answer_prompts, "--out", answer_store,
-        "--mode", "score", "--top-k", str(config.top_k), "--device", "cpu", "--threads", str(threads),
+        "--mode", "score", "--targets", "topk", "--top-k", str(config.top_k), "--device", "cpu",
+        "--threads", str(threads),
     )
 
     # -- phase two: two students from one init -----------------------------------------------------

@@ -1,23 +1,23 @@
 """`ServeConfig`: the settings of `potstill serve`, and the bearer token shared with `potstill jobs`.
 
-A YAML or TOML file (`--config FILE`, keys as flags, optionally under a `serve` section) and CLI
-flags fill the dataclass, flags winning. The teacher settings default to `GenerateConfig`'s, so
-`potstill generate` and a job run on the service resolve a teacher the same way. Repeatable flags
-(`--data-root`, ...) are lists; a file may give one value or a list.
+A YAML, TOML or JSON file (`--config FILE`, keys as the fields, optionally under a `serve` section)
+and CLI flags fill the dataclass, flags winning (potstill/settings.py). The teacher settings are
+`GenerateConfig`'s, with its defaults and help, so `potstill generate` and a job run on the service
+resolve a teacher the same way. Repeatable flags (`--data-root`, ...) are lists; a file may give one
+value or a list.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from potstill.settings import check_settings, load_settings, same_as, setting
 from potstill.store.errors import PotstillError
-from potstill.teacher_gen.config import Backend, GenerateConfig, coerce_setting
+from potstill.teacher_gen.config import Backend, GenerateConfig
 
 TOKEN_ENV = "POTSTILL_TOKEN"
 SERVER_ENV = "POTSTILL_SERVER"
@@ -31,8 +31,6 @@ URL_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*$")
 # but not ask for another one (that would need another model load).
 LOAD_FIELDS = ("teacher", "backend", "tokenizer", "revision", "dtype", "device", "trust_remote_code",
                "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager")
-
-_G = GenerateConfig()
 
 
 class ServiceError(PotstillError):
@@ -51,60 +49,50 @@ class SpecError(PotstillError):
 @dataclass
 class ServeConfig:
     # -- the teacher, loaded once (same meaning and defaults as in `potstill generate`) ----------
-    teacher: str = ""
-    backend: Backend = _G.backend
-    tokenizer: str | None = _G.tokenizer
-    revision: str | None = _G.revision
-    dtype: str = _G.dtype
-    device: str = _G.device
-    trust_remote_code: bool = _G.trust_remote_code
-    gpu_memory_utilization: float | None = _G.gpu_memory_utilization
-    tensor_parallel_size: int = _G.tensor_parallel_size
-    enforce_eager: bool | None = _G.enforce_eager
-    max_top_k: int = 256  # vLLM: the engine's max_logprobs, the largest top_k a job may ask for
+    teacher: str = same_as(GenerateConfig, "teacher", help="Teacher, loaded once: hub name, local folder or .gguf file.")
+    backend: Backend = same_as(GenerateConfig, "backend")
+    tokenizer: str | None = same_as(GenerateConfig, "tokenizer")
+    revision: str | None = same_as(GenerateConfig, "revision")
+    dtype: str = same_as(GenerateConfig, "dtype")
+    device: str = same_as(GenerateConfig, "device")
+    trust_remote_code: bool = same_as(GenerateConfig, "trust_remote_code", help="Allow the teacher's own modeling code (jobs cannot turn it on).")
+    gpu_memory_utilization: float | None = same_as(GenerateConfig, "gpu_memory_utilization")
+    tensor_parallel_size: int = same_as(GenerateConfig, "tensor_parallel_size")
+    enforce_eager: bool | None = same_as(GenerateConfig, "enforce_eager")
+    max_top_k: int = setting(256, help="vLLM: largest --top-k a job may ask for (the engine's max_logprobs).")
 
     # -- the service ---------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT  # 0: any free port (written to <state>/service.json)
-    state: str = ".potstill-serve"  # SQLite queue, lock, fetched prompt sets
-    token_file: str | None = None  # else $POTSTILL_TOKEN; required unless host is loopback
-    max_crashes: int = 3  # a job found running this many times after a crash is failed, not retried
+    host: str = setting("127.0.0.1", help="Address to listen on; anything but loopback needs a token.")
+    port: int = setting(DEFAULT_PORT, help="Port (0: any free one, written to <state>/service.json).")
+    state: str = setting(".potstill-serve", help="Folder of the job queue (SQLite) and the service's files.")
+    token_file: str | None = setting(None, shown_default=f"${TOKEN_ENV}", help="File holding the bearer token.")
+    max_crashes: int = setting(3, help="Fail a job after the service died this often while running it.")
 
     # -- what a job may touch (the path policy, teacher_gen/service/paths.py) -------------------
-    data_root: list[str] = field(default_factory=list)  # folders jobs may read prompts from and write stores to
-    read_root: list[str] = field(default_factory=list)  # folders jobs may read prompts from
-    write_root: list[str] = field(default_factory=list)  # folders jobs may write (and read) stores in
-    allow_url_scheme: list[str] = field(default_factory=list)  # remote schemes jobs may name (s3, gs...)
+    data_root: list[str] = setting(factory=list, metavar="DIR", help=(
+        "Folder jobs may read prompt sets from and write stores to (repeatable). Without any root, "
+        "jobs can name no local path."))
+    read_root: list[str] = setting(factory=list, metavar="DIR",
+                                   help="Folder jobs may read prompt sets from (repeatable).")
+    write_root: list[str] = setting(factory=list, metavar="DIR",
+                                    help="Folder jobs may write (and read) stores in (repeatable).")
+    allow_url_scheme: list[str] = setting(factory=list, metavar="SCHEME",
+                                          help="Remote URL scheme jobs may name, e.g. s3 or gs (repeatable).")
 
     # -- HTTP limits -----------------------------------------------------------------------------
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
-    allow_host: list[str] = field(default_factory=list)  # Host names accepted besides loopback and --host
+    max_body_bytes: int = setting(DEFAULT_MAX_BODY_BYTES, help="Largest request body; larger ones get 413.")
+    allow_host: list[str] = setting(factory=list, metavar="NAME", help=(
+        "Host name to answer to besides loopback and --host (repeatable; checked when no token is set, "
+        "or whenever given)."))
 
     @classmethod
     def build(cls, config_file: str | None = None, **overrides: Any) -> ServeConfig:
-        """Defaults, then the file, then the non-None overrides (CLI flags); checked."""
-        values: dict[str, Any] = {}
-        if config_file:
-            data = GenerateConfig.from_file(config_file)
-            if isinstance(data.get("serve"), dict):
-                data = {str(k).replace("-", "_"): v for k, v in data["serve"].items()}
-            values.update(data)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in values.items():
-            if key not in known:
-                where = f"config file {config_file}" if config_file else "settings"
-                raise ServiceError(f"{where}: unknown setting {key!r}")
-            kwargs[key] = _string_list(key, value) if hints[key] == list[str] else coerce_setting(key, value, hints[key])
-        config = cls(**kwargs)
-        config.validate()
-        return config
+        """Defaults, then the file (keys as the fields, optionally under `serve`), then the non-None
+        overrides (CLI flags); checked."""
+        return load_settings(cls, config_file, overrides, error=ServiceError, section="serve")
 
     def validate(self) -> None:
-        if not self.teacher:
-            raise ServiceError("--teacher is required")
+        check_settings(self, ServiceError)
         if not 0 <= self.port <= 65535:
             raise ServiceError(f"--port must be in 0..65535, got {self.port}")
         if self.max_crashes < 1:
@@ -164,11 +152,3 @@ def server_token(host: str, token_file: str | None) -> str | None:
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ServiceError(f"the bearer token has {len(token)} characters; use at least {MIN_TOKEN_CHARS}")
     return token
-
-
-def _string_list(key: str, value: Any) -> list[str]:
-    """A repeatable setting: one string, or a list of strings."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not all(isinstance(x, str) and x for x in items):
-        raise ServiceError(f"--{key.replace('_', '-')}: expected a string or a list of strings, got {value!r}")
-    return list(items)

@@ -1,8 +1,8 @@
 """A job as the API takes it: `JobSpec`, a pydantic model built from `GenerateConfig`'s fields.
 
-Every `potstill generate` setting is a field of the spec with the same type and default, so a new
-setting of `GenerateConfig` is accepted by the service (and shown in its OpenAPI schema) without
-any change here. `check_spec` then applies what pydantic cannot know:
+Every `potstill generate` setting is a field of the spec with the same type, default and help (an
+old name of a setting still accepted), so a new setting of `GenerateConfig` is accepted by the
+service (and shown in its OpenAPI schema) without any change here. `check_spec` then applies what pydantic cannot know:
 
 - the settings of the loaded teacher (`LOAD_FIELDS`) may only repeat the service's values, and
   `trust_remote_code` can never be turned on by a job;
@@ -21,8 +21,9 @@ import os
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, create_model
 
+from potstill.settings import info_of
 from potstill.store.errors import PotstillError
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.errors import GenerateError
@@ -35,10 +36,16 @@ __all__ = ["JobSpec", "SpecError", "check_spec", "given_settings", "job_config"]
 
 
 def _spec_field(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
+    """The spec's field of a setting: its type, default and help; an old name is still accepted."""
     try:
         TypeAdapter(hint)
     except Exception:  # a type pydantic cannot check: GenerateConfig.build still coerces and checks it
         hint = Any
+    info = info_of(f)
+    names = [f.name, *(a.lstrip("-").replace("-", "_") for a in info.aliases)]
+    extra: dict[str, Any] = {"description": info.help}
+    if len(names) > 1:
+        extra["validation_alias"] = AliasChoices(*dict.fromkeys(names))
     if f.name == "prompts":
         return str, Field(min_length=1, description="Prompt set: absolute path on the server inside its read "
                                                     "roots, or a URL of a scheme it allows.")
@@ -46,10 +53,10 @@ def _spec_field(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
         return str, Field(min_length=1, description="Output store: absolute path on the server inside its write "
                                                     "roots, or a URL of a scheme it allows.")
     if f.name in LOAD_FIELDS:
-        return hint | None, Field(None, description="Fixed by the service; may only repeat its value.")
+        return hint | None, Field(None, description=f"{info.help} Fixed by the service; may only repeat its value.")
     if f.default_factory is not dataclasses.MISSING:
-        return hint, Field(default_factory=f.default_factory)
-    return hint, Field(f.default)
+        return hint, Field(default_factory=f.default_factory, **extra)
+    return hint, Field(f.default, **extra)
 
 
 def build_spec_model() -> type[BaseModel]:
