@@ -102,7 +102,8 @@ def test_the_generation_image_checks_the_service_health_and_the_train_image_says
 def _docker_runs() -> list[tuple[str, str]]:
     """(file, command) for every `docker run` in the README, the docs and the Dockerfiles' comments,
     continuation lines joined."""
-    files = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md")), *DOCKERFILES]
+    files = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True),
+             *DOCKERFILES]
     found = []
     for path in files:
         with open(path, encoding="utf-8") as f:
