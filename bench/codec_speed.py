@@ -19,7 +19,7 @@ and times, per store, in interleaved rounds (median of the rounds):
   `collate` (pad, align, build tensors), i.e. `StoreDataset`'s per-batch work without the shuffle.
 
 The bar: a loader worker must feed the anchor's offline training step, 144.6k tokens/s (H100,
-docs/training.md), with room to spare.
+docs/guides/train.md), with room to spare.
 
     python bench/codec_speed.py                # ~1 minute
     python bench/codec_speed.py --records 16   # smoke run

@@ -1,6 +1,6 @@
 """How many bytes would a per-context id order save on a sampled store's draws?
 
-compact2 (docs/store-format.md §4.3.2) codes each drawn id by its place in one order for the whole
+compact2 (docs/reference/store-format.md §4.3.2) codes each drawn id by its place in one order for the whole
 store: the text's most frequent tokens first. A teacher's draws depend on the context, so an order per
 context could put the ids it draws at smaller places. This bench measures the simplest such order,
 before building it into the format: for each current token c (the token before the predicted one),

@@ -45,7 +45,7 @@ The students train with AdamW (β = 0.9, 0.95) and a cosine schedule down to 0.1
 rate; `--student-batch`, `--student-steps`, `--student-final-lr`, `--student-beta2`, `--student-head-lr`
 (the output layer's learning rate, a multiple of the others'), `--student-head-beta2` (its β₂) and
 `--student-head-wd` (its weight decay) change that for every variant alike. The verdict holds a variant to
-the goal on every seed (docs/benchmarks.md, Fidelity). Where a gap comes from: the KL to the teacher
+the goal on every seed (docs/results.md, Fidelity). Where a gap comes from: the KL to the teacher
 is also split by the ids' frequency in the transfer set (`FREQUENCY_BANDS`), next to the output
 layer's AdamW second moments in the same bands, the students' probability mass on each band against
 the teacher's, and their signed calibration gap (mean top-1 probability − accuracy).

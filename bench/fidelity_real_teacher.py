@@ -112,7 +112,7 @@ def real_teacher_table(runs: list[list[dict[str, Any]]]) -> str:
 
 
 def plot_real(runs: list[list[dict[str, Any]]], folder: str, teacher: str) -> None:
-    """docs/fidelity-real-teacher.png: each sampled variant's target error against its packed bytes."""
+    """docs/images/fidelity-real-teacher.png: each sampled variant's target error against its packed bytes."""
     with figure(folder, "fidelity-real-teacher.png") as ax:
         for i, first in enumerate(runs[0]):
             rows = [run[i] for run in runs]

@@ -87,8 +87,8 @@ def curve_table(shares: dict[str, dict[str, list[float]]], seeds: int) -> str:
 
 def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dict[str, float]]], folder: str,
          scale_name: str) -> None:
-    """docs/fidelity-share-vs-steps.png (fidelity-real-share-vs-steps.png for a real teacher's students) and
-    docs/fidelity-gradient-variance.png (or under `folder`)."""
+    """docs/images/fidelity-share-vs-steps.png (fidelity-real-share-vs-steps.png for a real teacher's students) and
+    docs/images/fidelity-gradient-variance.png (or under `folder`)."""
     name = "fidelity-real-share-vs-steps.png" if scale_name.startswith("real") else "fidelity-share-vs-steps.png"
     with figure(folder, name) as ax:
         for variant, by_step in shares.items():

@@ -1,5 +1,5 @@
 """Rounding error of stored log-probs, by range: float16 (unpacked stores) against the packed codec's
-uniform quantiser (docs/store-format.md §4.3), on the same values.
+uniform quantiser (docs/reference/store-format.md §4.3), on the same values.
 
 For each range of log-probs, 200,000 values spread uniformly over it (float32, as the capture
 computes them) are rounded both ways and read back; the table gives the largest and the mean

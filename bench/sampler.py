@@ -1,4 +1,4 @@
-"""Cost of the sampled-target sampler: the float64 inverse CDF (format 2.x, docs/store-format.md §4.2)
+"""Cost of the sampled-target sampler: the float64 inverse CDF (format 2.x, docs/reference/store-format.md §4.2)
 against the fp32 one it replaced, on the same chunk of logits, in the same run.
 
 A chunk of `--rows` positions of bfloat16 logits shaped like a teacher's (a bulk of spread 2, a few

@@ -18,7 +18,7 @@ and beside a hog: `--hog` processes of `while True: pass`, started here and stop
 measurement. Contenders alternate within each pair, so drift on the machine hits both alike.
 
     python bench/shared_cpu.py --workloads demo,train --contenders old,auto --hog 2 \
-        --demo-args "--train-problems 200 --student-steps 40 --eval-problems 40"   # docs/benchmarks.md
+        --demo-args "--train-problems 200 --student-steps 40 --eval-problems 40"   # docs/results.md
     python bench/shared_cpu.py --workloads demo --contenders auto --beside alone  # the demo at its defaults
     python bench/shared_cpu.py --workloads train --contenders old,auto,1 --repeats 3
 """

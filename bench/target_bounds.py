@@ -1,7 +1,7 @@
 """Two cheaper kinds of targets, measured against a real teacher before building them into the store.
 
 Systematic draws are close to the least error an unbiased sparse target can have for its number of
-distinct ids (docs/benchmarks.md, Fidelity). Two ideas promise more per byte; this bench measures
+distinct ids (docs/results.md, Fidelity). Two ideas promise more per byte; this bench measures
 both on a real teacher's exact distributions over held-out text, with no training:
 
 1. **A low-rank code of the final hidden state.** The teacher's logits are W·h (h: the input of the

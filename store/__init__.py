@@ -1,4 +1,4 @@
-"""potstill's datastore: the sharded Arrow + Zarr format both phases share (docs/store-format.md).
+"""potstill's datastore: the sharded Arrow + Zarr format both phases share (docs/reference/store-format.md).
 
 No model is ever loaded here: the store only moves bytes.
 """

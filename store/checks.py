@@ -1,4 +1,4 @@
-"""What a shard's values must satisfy beyond its checksums (docs/store-format.md §8).
+"""What a shard's values must satisfy beyond its checksums (docs/reference/store-format.md §8).
 
 A sha256 proves the bytes are the ones the writer committed, not that the writer wrote sound
 values. `verify` and the training loader both run these checks, so a NaN log-prob or an id outside

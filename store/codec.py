@@ -1,4 +1,4 @@
-"""Target encodings of format 2.x (docs/store-format.md §4.2, §4.3): sampled targets, the packed codec
+"""Target encodings of format 2.x (docs/reference/store-format.md §4.2, §4.3): sampled targets, the packed codec
 and the compact coding of sampled draws (§4.3.1).
 
 - **Sampled targets**: per scored position, N draws with replacement from the teacher's

@@ -1,4 +1,4 @@
-"""Arrow and numpy helpers of the store's columns (docs/store-format.md §4): list columns built from
+"""Arrow and numpy helpers of the store's columns (docs/reference/store-format.md §4): list columns built from
 flat arrays and read back as zero-copy views, the tail's two forms, and the value checks that
 the writer, `verify` and the loader share. Below the target kinds and the records that use them.
 

@@ -1,4 +1,4 @@
-"""Shard names and commit records (docs/store-format.md §3)."""
+"""Shard names and commit records (docs/reference/store-format.md §3)."""
 
 from __future__ import annotations
 

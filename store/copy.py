@@ -1,6 +1,6 @@
 """Copying a store between places (local disk, s3://, gs://, ...): `potstill store copy`.
 
-A copy follows the same commit protocol as a writer (docs/store-format.md §3), so it is safe to
+A copy follows the same commit protocol as a writer (docs/reference/store-format.md §3), so it is safe to
 interrupt and to read while it runs: the tokenizer files, then the manifest, then per shard its data
 files and, last, its commit record (written atomically, so a killed copy never leaves half of one).
 Every byte is checked against the source's sha256 on the way, so a copy never spreads a corrupted

@@ -1,4 +1,4 @@
-"""Writer leases (docs/store-format.md §6): `writers/<writer>.json` says a writer is alive.
+"""Writer leases (docs/reference/store-format.md §6): `writers/<writer>.json` says a writer is alive.
 
 A lease only decides two things: whether an uncommitted shard folder belongs to a writer that is
 still running (then nobody may remove it), and whether a `potstill generate` run already works on

@@ -1,4 +1,4 @@
-"""The store manifest (docs/store-format.md §2): what a store holds and who made it."""
+"""The store manifest (docs/reference/store-format.md §2): what a store holds and who made it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from potstill.store.targets import LOGPROB_DTYPES, SAMPLERS, TAIL_METHODS, Targe
 
 FORMAT_NAME = "potstill-store"
 FORMAT_VERSION = "1.1"  # what a plain top-k, unpacked store is written as (readable by every potstill)
-LATEST_FORMAT_VERSION = "2.4"  # sampled / hybrid targets or the packed codecs (docs/store-format.md §4.2, §4.3)
+LATEST_FORMAT_VERSION = "2.4"  # sampled / hybrid targets or the packed codecs (docs/reference/store-format.md §4.2, §4.3)
 READ_MAJOR = 2  # the newest major version this code reads
 
 HIDDEN_DTYPES = ("float16", "bfloat16")
@@ -271,7 +271,7 @@ def _short(value: Any) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> TokenizerInfo:
-    """Fingerprint a Hugging Face tokenizer (docs/store-format.md §7), without its files.
+    """Fingerprint a Hugging Face tokenizer (docs/reference/store-format.md §7), without its files.
 
     Duck-typed so that `store/` never imports transformers: needs `get_vocab()`, the
     `*_token_id` attributes and, when present, `added_tokens_decoder`.

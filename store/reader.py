@@ -1,4 +1,4 @@
-"""Opening and reading stores (docs/store-format.md): `create_store`, `open_store`, `Store`,
+"""Opening and reading stores (docs/reference/store-format.md): `create_store`, `open_store`, `Store`,
 `ShardReader`. Readers never write to a store."""
 
 from __future__ import annotations

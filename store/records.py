@@ -1,4 +1,4 @@
-"""Per-record data (docs/store-format.md §4): the `Record` type, the Arrow schema, and the
+"""Per-record data (docs/reference/store-format.md §4): the `Record` type, the Arrow schema, and the
 conversion between a batch of records and one Arrow record batch. The columns every store has are
 here; the target columns, their checks and their reading are the store's kind's (store/targets)."""
 

@@ -1,4 +1,4 @@
-"""Integrity checks and crash leftovers (docs/store-format.md §3, §6, §8).
+"""Integrity checks and crash leftovers (docs/reference/store-format.md §3, §6, §8).
 
 `verify_store` recomputes every checksum and checks schema, counts, values and id uniqueness; it
 never writes, unless asked to `clean`. What it may remove is narrow on purpose: only what no commit

@@ -1,4 +1,4 @@
-"""Writing shards (docs/store-format.md §3, §5, §6): `ShardWriter` takes records, rolls them into
+"""Writing shards (docs/reference/store-format.md §3, §5, §6): `ShardWriter` takes records, rolls them into
 shards, and commits each shard with a commit record written last."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Student training: stream a store into a student with sparse KD losses (docs/training.md).
+"""Student training: stream a store into a student with sparse KD losses (docs/guides/train.md).
 
 Heavy modules (torch, transformers) load on first use of `train` / `evaluate`.
 """

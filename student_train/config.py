@@ -48,7 +48,7 @@ class TrainConfig:
     weight_decay: float = setting(0.0, help="AdamW weight decay.")
     max_grad_norm: float = setting(1.0, help="Gradient clipping norm (0: off).")
     # Sampled targets give the output layer's rows of rare ids noisy gradients, so AdamW takes small
-    # steps there (docs/training.md, "The output layer").
+    # steps there (docs/guides/train.md, "The output layer").
     head_lr_scale: float = setting(1.0, help="The output layer's learning rate, a multiple of --lr.")
     batch_size: int = setting(8, help="Records per micro-batch per rank.")
     grad_accum: int = setting(1, help="Micro-batches per optimizer step.")
@@ -70,7 +70,7 @@ class TrainConfig:
         "Student hidden_states index : stored teacher layer, e.g. '4:8,8:-1' (-1 = the teacher's last, "
         "as in generate --hidden-layers)."))
     # Scale-free by default: real LLMs' massive activations (a few coordinates in the tens of
-    # thousands) make a raw MSE swamp KD (docs/training.md, bench/hidden_loss.py).
+    # thousands) make a raw MSE swamp KD (docs/guides/train.md, bench/hidden_loss.py).
     hidden_loss: HiddenLoss = setting("standardized_mse", help="Hidden-state loss (mse: raw states, scale-dependent).")
     hidden_weight: float = setting(1.0, help="Weight of the hidden-state loss.")
     relation_weight: float = setting(0.0, help="Weight of the token-relation loss (on the --hidden-map pairs).")

@@ -2,7 +2,7 @@
 
 Shapes: N scored positions (flattened over the batch), V the student's vocabulary, K the store's
 top-K. Row i of every [N, ...] tensor is one position: the student's logits `z[i]` there, and the
-teacher's top-K ids / log-probs and log tail for the same next token (docs/store-format.md §4).
+teacher's top-K ids / log-probs and log tail for the same next token (docs/reference/store-format.md §4).
 
 **Buckets.** The store keeps the teacher's K most likely tokens and the log of the mass of
 everything else, `log m = log Σ_{v ∉ ids} p_v` (the log tail). Both distributions are compared on

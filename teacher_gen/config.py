@@ -50,7 +50,7 @@ class GenerateConfig:
     # -- what is captured ----------------------------------------------------------------------
     top_k: int = setting(64, help="Top-k log-probs kept per position.")
     logprob_dtype: Literal["float16", "float32"] = setting("float16", help="Storage of log-probs.")
-    # The defaults are the measured best (docs/benchmarks.md, "Fidelity"): N = 64 systematic draws in compact2 keep
+    # The defaults are the measured best (docs/results.md, "Fidelity"): N = 64 systematic draws in compact2 keep
     # 97-99% of full KD's gain at about 35 target bytes per token, where top-64 keeps 44%.
     targets: str = setting(
         "sampled", choices=kind_names, help="sampled (N draws per position as ids + counts), topk (log-probs), both, or hybrid "

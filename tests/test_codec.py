@@ -1,5 +1,5 @@
 """Format 2.x on the store side: bit packing, log-prob quantisation, sampled targets, the packed
-codec through real Arrow files, verify / info, and the version rules (docs/store-format.md §4.2-4.4)."""
+codec through real Arrow files, verify / info, and the version rules (docs/reference/store-format.md §4.2-4.4)."""
 
 from __future__ import annotations
 

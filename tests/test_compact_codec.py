@@ -1,4 +1,4 @@
-"""The compact codecs (docs/store-format.md §4.3.1, §4.3.2): sampled ids gap-coded (Rice; compact2 with
+"""The compact codecs (docs/reference/store-format.md §4.3.1, §4.3.2): sampled ids gap-coded (Rice; compact2 with
 a Rice parameter per rank bucket), counts gamma-coded.
 
 They are lossless: every record reads back exactly what the packed codec reads back, in the same

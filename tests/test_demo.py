@@ -1,7 +1,7 @@
 """`potstill demo` at a small size: the whole two-phase story through the real CLI, and its report.
 
 The full-size demo (2400 problems, 600 steps: KD student 99% vs baseline 33%) takes about 85 s and
-is measured in docs/benchmarks.md; here the steps are few, so only the plumbing and the
+is measured in docs/results.md; here the steps are few, so only the plumbing and the
 shipped teacher are checked, not the margin.
 """
 

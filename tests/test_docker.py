@@ -48,7 +48,7 @@ def test_copy_sources_exist_and_entrypoint_is_cli(dockerfile):
             assert matches, f"{os.path.basename(dockerfile)}: COPY source {src} does not exist"
             copied.add(src.rstrip("/"))
     # the packages pyproject installs must all be copied, or `pip install .` breaks in the image
-    for package in ("store", "teacher_gen", "student_train", "cli", "pyproject.toml", "README.md"):
+    for package in ("potstill", "store", "teacher_gen", "student_train", "cli", "pyproject.toml", "README.md"):
         assert package in copied, f"{os.path.basename(dockerfile)} does not COPY {package}"
     entry = [args for op, args in steps if op == "ENTRYPOINT"]
     assert entry and json.loads(entry[-1]) == ["potstill"]

@@ -1,4 +1,4 @@
-"""Lower-variance sampled targets (docs/store-format.md §4.2, §4.5): systematic and stratified draws
+"""Lower-variance sampled targets (docs/reference/store-format.md §4.2, §4.5): systematic and stratified draws
 and hybrid targets (the exact top-H plus draws from the rest). Each estimate of the teacher's
 distribution, and so each gradient of the sampled KD loss, is unbiased against the exact float64
 value (mean over many seeded draws, tolerance from the standard error); systematic counts stay within

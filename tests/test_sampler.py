@@ -1,4 +1,4 @@
-"""The sampled-target sampler (docs/store-format.md §4.2) against exact float64 computations: draws
+"""The sampled-target sampler (docs/reference/store-format.md §4.2) against exact float64 computations: draws
 match p in a chi-square test on a small vocabulary, the distribution it implies is within 1e-9 in
 total variation of the exact one on a 128k vocabulary (where an fp32 running sum is 1e-4 off), and
 every token, however unlikely, can be drawn."""

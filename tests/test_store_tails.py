@@ -1,4 +1,4 @@
-"""Format 1.1 / 2.1, the stored log tail (docs/store-format.md §4.4), and the stores before it: new
+"""Format 1.1 / 2.1, the stored log tail (docs/reference/store-format.md §4.4), and the stores before it: new
 stores carry `tail_logprob`; 1.0 and 2.0 stores keep their layout, still read, train and verify, and
 `store info` calls their tails approximate; a run resuming an older store keeps writing its format;
 a run resuming a store of the old fp32 sampler refuses; verify checks the new column."""

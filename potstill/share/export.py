@@ -4,7 +4,7 @@
 A plain export keeps the text and token fields only: no teacher targets, no hidden states.
 `with_targets` adds the teacher's targets per scored position, decoded (packed stores unpacked,
 log-probs widened to float32) into plain nested lists any Parquet reader understands (Parquet only).
-Hidden states are never exported: they stay in the store's Zarr arrays (docs/store-format.md §5).
+Hidden states are never exported: they stay in the store's Zarr arrays (docs/reference/store-format.md §5).
 """
 
 from __future__ import annotations

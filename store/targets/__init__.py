@@ -1,4 +1,4 @@
-"""Target kinds and codecs, found by the names a store's manifest records (docs/extending.md).
+"""Target kinds and codecs, found by the names a store's manifest records (docs/guides/extending.md).
 
     kind_named("hybrid")      -> the `TargetKind` that reads, writes, checks and captures hybrid targets
     codec_named("compact2")   -> the `Codec` that lays out its parts

@@ -1,4 +1,4 @@
-"""What a target kind and a codec are (docs/extending.md): the base classes every kind and codec
+"""What a target kind and a codec are (docs/guides/extending.md): the base classes every kind and codec
 module derives from, and the named structures they hand to the loader and the teacher.
 
 A **target kind** (`TargetKind`) is what each scored position of a store carries: which fields of
@@ -32,7 +32,7 @@ ColumnViews = Any  # store.records.ColumnViews
 LOGPROB_DTYPES = ("float16", "float32")
 # How a position's N draws are placed (format §4.2); "iid" is what stores before 2.2 hold.
 SAMPLERS = ("iid", "systematic", "stratified")
-# How the `tail_logprob` column (format 1.1 / 2.1, docs/store-format.md §4.4) was computed:
+# How the `tail_logprob` column (format 1.1 / 2.1, docs/reference/store-format.md §4.4) was computed:
 # "direct": logsumexp of the logits outside the top-K minus logsumexp of all of them;
 # "complement": log(1 − Σ exp(top-K log-probs)) in float64, when only the top-K are known (vLLM).
 TAIL_METHODS = ("direct", "complement")

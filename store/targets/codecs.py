@@ -1,4 +1,4 @@
-"""The codecs of format 2.x (docs/store-format.md §4.3): how the built-in kinds' parts are laid out
+"""The codecs of format 2.x (docs/reference/store-format.md §4.3): how the built-in kinds' parts are laid out
 in Arrow columns, one class per codec, registered by the name the manifest records.
 
 - "none": plain Arrow lists (fixed-size lists for the top-k), log-probs in `logprob_dtype`.

@@ -1,4 +1,4 @@
-"""The built-in kinds' parts (docs/store-format.md §4): the log-prob of the token that follows,
+"""The built-in kinds' parts (docs/reference/store-format.md §4): the log-prob of the token that follows,
 the top-k ids and log-probs with the log tail (§4.1, §4.4), the sampled draws (§4.2). `PartsKind`
 is a kind made of them: the manifest's codec lays them out in columns (store/targets/codecs.py),
 the standard capture makes them (teacher_gen/capture.py), and the checks here refuse a record

@@ -4,7 +4,7 @@ Jobs run one after another through `teacher_gen.runner.generate`, handed the loa
 (`preloaded=`), so each job gets the same capture, resume and bad-input handling as `potstill
 generate`. They are not merged into shared batches: bench/serve_load.py --batching measured that a
 job boundary costs about 30 ms (tokenizer, store, self-check, writer threads; torch.compile's cache
-is kept across jobs), which merging could at most save (see docs/benchmarks.md).
+is kept across jobs), which merging could at most save (see docs/results.md).
 
 Before a job runs, its prompt set and store go through the path policy again (paths.py): files may
 have changed since it was accepted, and a restart may have narrowed the roots. The job then runs on
