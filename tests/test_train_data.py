@@ -4,6 +4,7 @@ and workers, determinism, exact mid-epoch resume, multitask sequences, hidden st
 from __future__ import annotations
 
 import collections
+import pickle
 import shutil
 
 import numpy as np
@@ -38,9 +39,9 @@ def store_url(tmp_path_factory, tiny_teacher_dir) -> str:
     return url
 
 
-def loader_batches(dataset: StoreDataset, count: int, workers: int) -> list[list[str]]:
+def loader_batches(dataset: StoreDataset, count: int, workers: int, context: str | None = None) -> list[list[str]]:
     """The record ids of the first `count` batches, through a real DataLoader with worker processes."""
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=context)
     return [batch["record_ids"] for batch, _ in zip(loader, range(count), strict=False)]
 
 
@@ -116,6 +117,19 @@ def test_a_restarted_loader_continues_exactly_where_the_state_says(store_url: st
         resumed = dataset()
         resumed.load_state_dict(dataset().state_dict(consumed))
         assert loader_batches(resumed, 14 - consumed, workers=2) == reference[consumed:]
+
+
+def test_loader_workers_read_through_their_own_store_handle_forked_or_spawned(store_url: str) -> None:
+    """The handle the dataset was given serves its own process only: a forked worker reopens the store
+    from its URL, a spawned one gets a copy without the handle; both yield the in-process order."""
+    dataset = StoreDataset.open(store_url, batch_size=4, eval_fraction=0.1, num_workers=2, seed=3)
+    given = dataset.store
+    assert pickle.loads(pickle.dumps(dataset))._store is None
+    streams = [dataset.batches(worker) for worker in (0, 1)]  # the DataLoader takes them round-robin
+    in_process = [next(streams[worker])["record_ids"] for _ in range(2) for worker in (0, 1)]
+    for context in ("fork", "spawn"):
+        assert loader_batches(dataset, 4, workers=2, context=context) == in_process, context
+    assert dataset.store is given  # the main process still reads through the handle it was given
 
 
 def test_order_is_deterministic_in_seed_and_epoch(store_url: str) -> None:
