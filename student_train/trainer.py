@@ -1,10 +1,16 @@
 """`train(config)`: a `transformers.Trainer` subclass streaming a store into a student.
 
+`train` is a recipe of small steps: `open_run` (settings, rank, the store opened once, the resume
+point, the split and order planned once), `load_student_for` (the student and its checks against the
+store), `Run.dataset` (this rank's loader over that store and plan), `make_trainer`,
+`train_or_resume`, and `finish` (save, final evaluation on the plan's held-out records, report).
+
 Mixed precision, gradient accumulation, checkpoints, resume, DDP/FSDP (torchrun / accelerate launch)
 and tensorboard all come from Trainer and accelerate. What is added here: the loss
 (`compute_loss` → `objective.distill_loss`), the store loader (its own DataLoader: the dataset
 already splits work across ranks, so accelerate must not shard or dispatch it), the loader state in
-every checkpoint, and saving the student with `save_pretrained` instead of the wrapper's state dict.
+every checkpoint (`SaveLoaderState`), and saving the student with `save_pretrained` instead of the
+wrapper's state dict.
 """
 
 from __future__ import annotations
