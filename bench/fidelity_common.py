@@ -336,9 +336,9 @@ def train_student(variant: str, init: dict[str, torch.Tensor], stores: dict[str,
     student.load_state_dict(init)
     model = DistillModel(student).to(device).train()
     objective = objective_for(variant)
-    data = StoreDataset(stores[store_for(variant)], batch_size=scale.student_batch, seed=seed, shuffle_buffer=4096,
-                        eval_fraction=0.0, num_workers=0, student_vocab=scale.vocab, pad_id=0,
-                        targets=objective.targets)
+    data = StoreDataset.open(stores[store_for(variant)], batch_size=scale.student_batch, seed=seed, shuffle_buffer=4096,
+                             eval_fraction=0.0, num_workers=0, student_vocab=scale.vocab, pad_id=0,
+                             targets=objective.targets)
     batches = data.batches(0)
     head = student.get_output_embeddings().weight
     optimizer = student_optimizer(model, head, scale)

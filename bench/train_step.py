@@ -199,8 +199,8 @@ def interleaved(cfg: BenchConfig, contenders: dict[str, tuple[Any, Any]], tokens
 
 
 def dataset(url: str, cfg: BenchConfig, hidden_layers: tuple[int, ...] = (), verify_reads: bool = True) -> StoreDataset:
-    return StoreDataset(url, batch_size=cfg.batch, eval_fraction=0.0, num_workers=cfg.workers, seed=cfg.seed,
-                        hidden_layers=hidden_layers, student_vocab=cfg.vocab, verify_reads=verify_reads)
+    return StoreDataset.open(url, batch_size=cfg.batch, eval_fraction=0.0, num_workers=cfg.workers, seed=cfg.seed,
+                             hidden_layers=hidden_layers, student_vocab=cfg.vocab, verify_reads=verify_reads)
 
 
 def loader(ds: StoreDataset, cfg: BenchConfig) -> Any:

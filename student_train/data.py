@@ -43,6 +43,7 @@ import dataclasses
 import hashlib
 import itertools
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +138,9 @@ class LoaderPlan:
     num_workers: int  # DataLoader workers per rank (0 counts as 1: the main process)
     duplicates: int = 0  # rows skipped because an earlier commit holds the same id (format §3)
     eval_cut: float = 0.0  # ids whose hash fraction is below this are held out (`eval_cut`)
+    eval_fraction: float = 0.0  # the fraction asked for (`eval_cut` may raise it to a floor)
+    # (shard, row) of every held-out record, in shard order: what the final evaluation measures
+    held_out: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
     @property
     def parts(self) -> int:
@@ -190,7 +194,7 @@ def plan_split(
     # change which copy of an id a resumed run trains on.
     duplicates = find_duplicates([commits[name] for name in names])
     cut = eval_cut((i for name in names for i in commits[name].ids), eval_fraction)
-    train_rows, held, skipped = [], 0, 0
+    train_rows, held_out, skipped = [], [], 0
     for name in names:
         keep = np.array([not is_held_out(i, cut) for i in commits[name].ids], dtype=bool)
         eval_keep = ~keep
@@ -198,17 +202,19 @@ def plan_split(
             keep[row] = eval_keep[row] = False
             skipped += 1
         train_rows.append(np.flatnonzero(keep))
-        held += int(eval_keep.sum())
-    plan = LoaderPlan(names, train_rows, held, world_size, num_workers, skipped, cut)
+        held_out += [(name, int(row)) for row in np.flatnonzero(eval_keep)]
+    plan = LoaderPlan(names, train_rows, len(held_out), world_size, num_workers, skipped, cut, eval_fraction, held_out)
     if plan.num_train == 0:
         raise TrainError(
-            f"{store.url}: no training records ({store.num_records} records, {held} held out by --eval-fraction {eval_fraction})"
+            f"{store.url}: no training records ({store.num_records} records, {len(held_out)} held out by "
+            f"--eval-fraction {eval_fraction})"
         )
     return plan
 
 
 def held_out_rows(store: Store, eval_fraction: float) -> list[tuple[str, int]]:
-    """(shard, row) of every held-out record, in store order (duplicates skipped: the first committed copy counts)."""
+    """(shard, row) of every held-out record, in store order (duplicates skipped: the first committed copy counts).
+    For a model evaluated on its own (`potstill eval`); a training run takes its plan's `held_out`."""
     rows = []
     cut = eval_cut((i for c in store.commits for i in c.ids), eval_fraction)
     for c in store.commits:
@@ -521,42 +527,36 @@ class StoreDataset(IterableDataset):
 
     def __init__(
         self,
-        store_url: str,
+        store: Store,
+        plan: LoaderPlan,
         *,
         batch_size: int,
         seed: int = 42,
         shuffle_buffer: int = 1024,
-        eval_fraction: float = 0.05,
         rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
         hidden_layers: tuple[int, ...] = (),
         max_length: int = 0,
         student_vocab: int | None = None,
         pad_id: int = 0,
         rationale_mode: str = "plain",
         answer_marker_ids: tuple[int, ...] = (),
-        shards: list[str] | None = None,
-        storage_options: dict[str, Any] | None = None,
         targets: str = "topk",
         skip_bad_shards: bool = False,
-        verify_reads: bool = True,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise TrainError(f"rank {rank} outside world size {world_size}")
-        store = open_store(store_url, storage_options, strict=not skip_bad_shards)
+        """Batches of `store` in the order `plan` fixes (`plan_split` of this store). The store handle
+        is used as is in this process; shards are read through it with its `verify_reads`."""
+        if not 0 <= rank < plan.world_size:
+            raise TrainError(f"rank {rank} outside world size {plan.world_size}")
         check_targets(store, targets)
         self.skip_bad_shards = skip_bad_shards
-        self.verify_reads = verify_reads  # off only to measure what the checks cost (bench/train_step.py)
         # Shards left out, with why: damaged commit records now; shards whose files or values fail
         # their checks as each loader process first reads them (reported in the batch that found them).
         self.bad_shards: dict[str, str] = {shard: f"commit record: {why}" for shard, why in store.bad_commits}
         self.targets = targets
-        self.store_url, self.storage_options = store_url, storage_options
         self.manifest = store.manifest
-        self.plan = plan_split(store, eval_fraction, world_size, num_workers, shards)
+        self.plan = plan
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
-        self.eval_fraction, self.rank = eval_fraction, rank
+        self.eval_fraction, self.rank = plan.eval_fraction, rank
         self.hidden_layers = tuple(hidden_layers)
         for layer in self.hidden_layers:
             self.manifest.hidden.layer(layer)  # raises naming the stored layers
@@ -564,9 +564,39 @@ class StoreDataset(IterableDataset):
         self.max_length, self.student_vocab, self.pad_id = max_length, student_vocab, pad_id
         self.rationale_mode, self.answer_marker_ids = rationale_mode, np.array(answer_marker_ids, dtype=np.int32)
         self.batches_consumed = 0  # by this rank, at the last optimizer step (set by load_state_dict)
-        self._store: Store | None = None
+        self._store: Store | None = store
+        self._store_pid = os.getpid()
+        self._reopen = (store.url, store.storage_options, store.strict, store.verify_reads)
         self._tokenizer: Any = None
         self._fallbacks = 0  # multitask: records of the current batch used whole (logged as their share)
+
+    @classmethod
+    def open(
+        cls,
+        store_url: str,
+        *,
+        batch_size: int,
+        eval_fraction: float = 0.05,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shards: list[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        skip_bad_shards: bool = False,
+        verify_reads: bool = True,
+        targets: str = "topk",
+        **settings: Any,
+    ) -> StoreDataset:
+        """Open a store and plan its split in one go, for a loader used on its own (benchmarks, tests);
+        a training run opens and plans once itself and hands both over. `verify_reads` off only to
+        measure what the checks cost (bench/train_step.py); `settings` are the constructor's."""
+        store = open_store(store_url, storage_options, strict=not skip_bad_shards, verify_reads=verify_reads)
+        check_targets(store, targets)
+        plan = plan_split(store, eval_fraction, world_size, num_workers, shards)
+        return cls(store, plan, batch_size=batch_size, skip_bad_shards=skip_bad_shards, targets=targets, **settings)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A spawned loader worker gets a pickled copy: it opens its own store handle (`store`).
+        return {**self.__dict__, "_store": None, "_tokenizer": None}
 
     # -- sizes ------------------------------------------------------------------------------------
     @property
@@ -655,10 +685,14 @@ class StoreDataset(IterableDataset):
     # -- reading ----------------------------------------------------------------------------------
     @property
     def store(self) -> Store:
-        if self._store is None:  # opened in each worker process: memory maps are not shared
-            # verify_reads: each file's sha256 once per process before its first use, values checked.
-            self._store = open_store(self.store_url, self.storage_options, strict=not self.skip_bad_shards,
-                                     verify_reads=self.verify_reads)
+        """The store handle of this process: the one handed over in the process that built the dataset,
+        reopened from its URL (same options) in a loader worker. Memory maps, open zarr arrays and
+        fsspec file objects are not safe to share across fork or pickle, and each process checks each
+        file's sha256 once before its first use (`verify_reads`)."""
+        if self._store is None or self._store_pid != os.getpid():
+            url, options, strict, verify_reads = self._reopen
+            self._store = open_store(url, options, strict=strict, verify_reads=verify_reads)
+            self._store_pid = os.getpid()
         return self._store
 
     def _shard(self, shard_idx: int) -> ShardReader:

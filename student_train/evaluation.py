@@ -32,7 +32,14 @@ import torch
 from potstill.store import Store, open_store
 from potstill.student_train import losses
 from potstill.student_train.config import TrainConfig
-from potstill.student_train.data import TEACHER_IDS, collate, held_out_note, held_out_rows, record_sequence
+from potstill.student_train.data import (
+    TEACHER_IDS,
+    LoaderPlan,
+    collate,
+    held_out_note,
+    held_out_rows,
+    record_sequence,
+)
 from potstill.student_train.errors import TrainError
 from potstill.student_train.model import check_tokenizer, check_vocab, load_tokenizer
 from potstill.student_train.objective import KD_LOSSES, Objective
@@ -97,8 +104,11 @@ def evaluate(
     max_new_tokens: int = 128,
     answers: bool = True,
     device: str | None = None,
+    plan: LoaderPlan | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a student folder (or an in-memory `model` + `tokenizer`) on the held-out records."""
+    """Evaluate a student folder (or an in-memory `model` + `tokenizer`) on the held-out records: those of
+    `plan` when given (a training run's own split, so that nothing is recomputed), else the store's at
+    `eval_fraction` (default: the fraction the model's training report names)."""
     from transformers import AutoModelForCausalLM
 
     # Every file read is checked against its commit record's sha256 first, and its values (as in training).
@@ -113,9 +123,13 @@ def evaluate(
         tokenizer, source = load_tokenizer(model_dir or "", store)
         check_tokenizer(tokenizer, store, source)
     vocab = check_vocab(model, store)
-    fraction = _eval_fraction_of(model_dir) if eval_fraction is None else eval_fraction
-    rows = held_out_rows(store, fraction)
-    note = held_out_note(len({i for c in store.commits for i in c.ids}), len(rows), fraction)
+    if plan is not None:
+        fraction, rows = plan.eval_fraction, list(plan.held_out)
+        note = held_out_note(plan.num_train + plan.eval_records, plan.eval_records, fraction)
+    else:
+        fraction = _eval_fraction_of(model_dir) if eval_fraction is None else eval_fraction
+        rows = held_out_rows(store, fraction)
+        note = held_out_note(len({i for c in store.commits for i in c.ids}), len(rows), fraction)
     if max_records:
         rows = rows[:max_records]
     result: dict[str, Any] = {"store": store.url, "model": model_dir, "eval_fraction": fraction, "records": len(rows)}

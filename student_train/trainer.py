@@ -1,10 +1,16 @@
 """`train(config)`: a `transformers.Trainer` subclass streaming a store into a student.
 
+`train` is a recipe of small steps: `open_run` (settings, rank, the store opened once, the resume
+point, the split and order planned once), `load_student_for` (the student and its checks against the
+store), `Run.dataset` (this rank's loader over that store and plan), `make_trainer`,
+`train_or_resume`, and `finish` (save, final evaluation on the plan's held-out records, report).
+
 Mixed precision, gradient accumulation, checkpoints, resume, DDP/FSDP (torchrun / accelerate launch)
 and tensorboard all come from Trainer and accelerate. What is added here: the loss
 (`compute_loss` → `objective.distill_loss`), the store loader (its own DataLoader: the dataset
 already splits work across ranks, so accelerate must not shard or dispatch it), the loader state in
-every checkpoint, and saving the student with `save_pretrained` instead of the wrapper's state dict.
+every checkpoint (`SaveLoaderState`), and saving the student with `save_pretrained` instead of the
+wrapper's state dict.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from potstill.store import Store, open_store, potstill_version
 from potstill.student_train.config import TrainConfig, resolve_hidden_pairs
-from potstill.student_train.data import StoreDataset, check_targets
+from potstill.student_train.data import LoaderPlan, StoreDataset, check_targets, plan_split
 from potstill.student_train.errors import ConfigError, TrainError
 from potstill.student_train.model import (
     DistillModel,
@@ -224,30 +232,51 @@ class DistillTrainer(Trainer):
                                    "weight_decay": group["weight_decay"]})
         return optimizer
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        try:
-            super()._load_optimizer_and_scheduler(checkpoint)
-        except ValueError as e:  # torch: "loaded state dict has a different number of parameter groups"
-            if "parameter group" not in str(e):
-                raise
-            raise ConfigError(f"--resume: {checkpoint}'s optimizer has other parameter groups than this run's "
-                              "(one of the two has --head-lr-scale 1 and the other not); resume with that run's settings") from None
-
-    # -- checkpoints ------------------------------------------------------------------------------
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        # The loader state goes in first: a checkpoint with a trainer_state.json is then complete.
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        state = self.train_dataset.state_dict(self.batches_consumed)  # type: ignore[union-attr]
-        write_json(os.path.join(folder, loader_state_file(self.args.process_index)), state)
-        super()._save_checkpoint(model, trial)
-
+    # -- saving ---------------------------------------------------------------------------------
+    # Two private Trainer methods are overridden, because no public hook sets the format of the saved
+    # weights: `_save` is where `save_model` (public, used for checkpoints and by users) hands over the
+    # state dict, gathered first under FSDP/DeepSpeed; the student is saved as a model folder
+    # (save_pretrained + tokenizer, projections beside it) instead of the wrapper's state dict. And
+    # `_load_from_checkpoint` reads that folder back on resume. (The loader state is written by
+    # `SaveLoaderState`, a callback.)
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         if self.args.should_save:
             self.model.save(output_dir or self.args.output_dir, self.tokenizer_to_save, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         self.model.load(resume_from_checkpoint)
+
+
+class SaveLoaderState(TrainerCallback):
+    """Writes this rank's loader position (`StoreDataset.state_dict`) into every checkpoint folder, first.
+
+    At the end of an optimizer step the Trainer is about to save when `control.should_save` is set
+    (by its flow callback, which runs before this one): writing then puts the loader state in before
+    the weights and trainer_state.json, so a checkpoint with a trainer state is complete
+    (`checkpoint_complete`). Writing in `on_save` would come after the Trainer has already rotated
+    old checkpoints away (`--save-total-limit`), and a kill in between would leave no complete one;
+    `on_save` only covers a save that a later callback asked for."""
+
+    def __init__(self, trainer: DistillTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_save:
+            self._write(args, state)
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not os.path.isfile(self._path(args, state)):
+            self._write(args, state)
+
+    def _path(self, args: TrainingArguments, state: Any) -> str:
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        return os.path.join(folder, loader_state_file(args.process_index))
+
+    def _write(self, args: TrainingArguments, state: Any) -> None:
+        path = self._path(args, state)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        dataset: StoreDataset = self.trainer.train_dataset  # type: ignore[assignment]
+        write_json(path, dataset.state_dict(self.trainer.batches_consumed))
 
 
 # The order of the numbers in a log line; the others follow in name order.
@@ -434,119 +463,214 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, 
     The teacher is never loaded: everything comes from the store. `callbacks` are extra
     `transformers.TrainerCallback`s (progress display, early stop).
     """
+    run = open_run(config)
+    student = load_student_for(run)
+    dataset = run.dataset(student)
+    max_steps = run.max_steps(dataset)
+    announce(run, dataset, max_steps)
+    trainer = make_trainer(run, student, dataset, max_steps, callbacks)
+    train_loss = train_or_resume(run, trainer, max_steps)
+    if not run.is_main:
+        return {"global_step": trainer.state.global_step, "rank": run.rank}
+    return finish(run, trainer, student, dataset, max_steps, train_loss)
+
+
+@dataclass
+class Run:
+    """What one `train` call fixes before any model is loaded, shared by every later step: this
+    process's rank, the store (opened once per process), the split and sample order (planned once:
+    the loader and the final evaluation both take it), where the run resumes, what it trains on."""
+
+    config: TrainConfig
+    rank: int
+    world_size: int
+    is_main: bool
+    store: Store
+    plan: LoaderPlan
+    checkpoint: str | None  # the checkpoint resumed from
+    loader_state: dict[str, Any] | None  # this rank's loader state in it
+    targets: str  # the loader shape trained on (`training_targets`)
+    objective: Objective
+    started: float  # time.time() at the start, for the report's train_seconds
+
+    def dataset(self, student: Student) -> StoreDataset:
+        """This rank's loader over the run's store and plan, at the resumed position when resuming."""
+        c = self.config
+        dataset = StoreDataset(
+            self.store,
+            self.plan,
+            batch_size=c.batch_size,
+            seed=c.seed,
+            shuffle_buffer=c.shuffle_buffer,
+            rank=self.rank,
+            hidden_layers=self.objective.teacher_layers,
+            max_length=c.max_length,
+            student_vocab=student.vocab,
+            pad_id=student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0,
+            rationale_mode=c.rationale_mode,
+            answer_marker_ids=student.marker_ids,
+            targets=self.targets,
+            skip_bad_shards=c.skip_bad_shards,
+        )
+        if self.loader_state is not None:
+            where = os.path.join(self.checkpoint or "", loader_state_file(self.rank))
+            dataset.load_state_dict(self.loader_state, where=where)
+        return dataset
+
+    def max_steps(self, dataset: StoreDataset) -> int:
+        """--max-steps, else the optimizer steps that make --epochs passes over this rank's share."""
+        c = self.config
+        return c.max_steps if c.max_steps > 0 else dataset.steps_for_epochs(c.epochs, c.grad_accum)
+
+    def say(self, message: str) -> None:
+        """One line on stderr, from the main process only."""
+        if self.is_main:
+            _say(message)
+
+
+@dataclass
+class Student:
+    """The student as loaded and checked against the store (`load_student_for`)."""
+
+    model: Any  # the causal LM
+    tokenizer: Any
+    tokenizer_source: str  # where the tokenizer came from (the student's folder or the store)
+    vocab: int  # the student's output logits
+    marker_ids: tuple[int, ...]  # --rationale-mode multitask: the answer marker's tokens
+
+
+def open_run(config: TrainConfig) -> Run:
+    """Validate the settings, join the process group (torchrun), open the store, find the resume
+    point and plan the split: everything that can refuse the run before a model is loaded."""
     from accelerate import PartialState
-    from transformers import set_seed
 
     config.validate()
     started = time.time()
     state = PartialState(cpu=cpu_only())  # under torchrun: joins the process group, gives rank and world size
     rank, world = state.process_index, state.num_processes
-    store = open_store(config.store, strict=not config.skip_bad_shards, verify_reads=True)  # (the final eval reads it)
+    store = open_store(config.store, strict=not config.skip_bad_shards, verify_reads=True)
     checkpoint, loader_state = resume_point(config, rank)
     targets = training_targets(config, store)
     pairs = resolve_hidden_pairs(config.hidden_pairs(), store.manifest.teacher.num_hidden_layers)
     objective = dataclasses.replace(Objective.from_config(config), targets=targets, hidden_pairs=tuple(pairs))
+    # A resumed run keeps the shards it started with: the store may have grown since.
+    plan = plan_split(store, config.eval_fraction, world, config.num_workers,
+                      loader_state["shards"] if loader_state else None)
+    return Run(config, rank, world, state.is_main_process, store, plan, checkpoint, loader_state, targets,
+               objective, started)
 
+
+def load_student_for(run: Run) -> Student:
+    """Load the student (seeded, so a random init is reproducible) and its tokenizer, and refuse in one
+    line any that cannot learn from this store: another tokenizer, too few output logits, hidden layers
+    that do not map, untrained weights where trained ones were meant, a head that does not fit."""
+    from transformers import set_seed
+
+    config, store = run.config, run.store
     set_seed(config.seed)
-    student = load_student(config.student, trust_remote_code=config.trust_remote_code)
+    model = load_student(config.student, trust_remote_code=config.trust_remote_code)
     tokenizer, source = load_tokenizer(config.student, store)
     check_tokenizer(tokenizer, store, source)
-    vocab = check_vocab(student, store)
-    check_hidden_map(student, store, list(objective.hidden_pairs))
-    check_weights(student, config.student)
-    check_head(student, vocab)
+    vocab = check_vocab(model, store)
+    check_hidden_map(model, store, list(run.objective.hidden_pairs))
+    check_weights(model, config.student)
+    check_head(model, vocab)
     marker_ids: tuple[int, ...] = ()
-    if objective.multitask:
+    if run.objective.multitask:
         if not store.manifest.rationales:
             raise ConfigError(f"--rationale-mode multitask: {store.url} holds no rationales (manifest rationales=false)")
         marker_ids = tuple(tokenizer(config.answer_marker, add_special_tokens=False)["input_ids"])
+    return Student(model, tokenizer, source, vocab, marker_ids)
 
-    dataset = StoreDataset(
-        config.store,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
-        eval_fraction=config.eval_fraction,
-        rank=rank,
-        world_size=world,
-        num_workers=config.num_workers,
-        hidden_layers=objective.teacher_layers,
-        max_length=config.max_length,
-        student_vocab=vocab,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        rationale_mode=config.rationale_mode,
-        answer_marker_ids=marker_ids,
-        shards=loader_state["shards"] if loader_state else None,
-        targets=targets,
-        skip_bad_shards=config.skip_bad_shards,
-    )
-    if loader_state is not None:
-        dataset.load_state_dict(loader_state, where=os.path.join(checkpoint or "", loader_state_file(rank)))
-    max_steps = config.max_steps if config.max_steps > 0 else dataset.steps_for_epochs(config.epochs, config.grad_accum)
+
+def announce(run: Run, dataset: StoreDataset, max_steps: int) -> None:
+    """Say what the run will do: records, shards, ranks × workers, repeats, steps, the resume point."""
     info = dataset.describe()
-    if state.is_main_process:
-        _say(
-            f"{info['train_records']} training / {info['eval_records']} held-out records in {info['shards']} shards "
-            f"({targets} targets); "
-            f"{world} rank(s) × {max(config.num_workers, 1)} loader worker(s); {info['repeated_per_epoch']} "
-            f"sample(s) repeated per epoch to even the ranks; {max_steps} optimizer steps"
-            + (f"; resuming from {checkpoint}" if checkpoint else "")
-        )
-        if info["eval_note"]:
-            _say(f"held-out: {info['eval_note']}")
+    run.say(
+        f"{info['train_records']} training / {info['eval_records']} held-out records in {info['shards']} shards "
+        f"({run.targets} targets); "
+        f"{run.world_size} rank(s) × {max(run.config.num_workers, 1)} loader worker(s); {info['repeated_per_epoch']} "
+        f"sample(s) repeated per epoch to even the ranks; {max_steps} optimizer steps"
+        + (f"; resuming from {run.checkpoint}" if run.checkpoint else "")
+    )
+    if info["eval_note"]:
+        run.say(f"held-out: {info['eval_note']}")
 
-    teacher_widths = {layer.index: layer.width for layer in store.manifest.hidden.layers}
-    model = DistillModel(student, list(objective.hidden_pairs), teacher_widths, project=objective.hidden_weight > 0)
+
+def make_trainer(run: Run, student: Student, dataset: StoreDataset, max_steps: int,
+                 callbacks: list[Any] | None) -> DistillTrainer:
+    """The Trainer around the student (with the hidden-state projections the objective needs), its log
+    lines, the loader state in every checkpoint, and the loader's position and skipped shards so far."""
+    config, objective = run.config, run.objective
+    teacher_widths = {layer.index: layer.width for layer in run.store.manifest.hidden.layers}
+    model = DistillModel(student.model, list(objective.hidden_pairs), teacher_widths, project=objective.hidden_weight > 0)
     trainer = DistillTrainer(
         model=model,
         args=training_arguments(config, max_steps),
         train_dataset=dataset,
         objective=objective,
-        tokenizer_to_save=tokenizer,
+        tokenizer_to_save=student.tokenizer,
         callbacks=callbacks,
         head_lr_scale=config.head_lr_scale,
     )
     for default_printer in (ProgressCallback, PrinterCallback):  # they print dicts of strings
         trainer.remove_callback(default_printer)
     trainer.add_callback(LogLines())
+    trainer.add_callback(SaveLoaderState(trainer))  # last: it must see every callback's should_save
     trainer.batches_consumed = dataset.batches_consumed
     for shard, why in dataset.bad_shards.items():  # damaged commit records, found at open
         trainer.skipped_shards[shard] = why
-        if state.is_main_process:
-            _say(f"skipping shard {shard}: {why}")
-    done = checkpoint_step(checkpoint) if checkpoint else 0
-    if done >= max_steps:  # a finished run: never train past --max-steps, just finish its outputs
-        _say(f"{checkpoint} is at step {done} of {max_steps}: nothing left to train")
-        model.load(checkpoint)
-        trainer.state = trainer.state.load_from_json(os.path.join(checkpoint, TRAINER_STATE))
-        train_loss = None
-    else:
-        train_loss = trainer.train(resume_from_checkpoint=checkpoint).training_loss
+        run.say(f"skipping shard {shard}: {why}")
+    return trainer
 
-    if not state.is_main_process:
-        return {"global_step": trainer.state.global_step, "rank": rank}
-    model.save(config.out, tokenizer)
-    final_eval = _final_eval(config, store, student, tokenizer)
+
+def train_or_resume(run: Run, trainer: DistillTrainer, max_steps: int) -> float | None:
+    """Train to `max_steps` (from the resume point); the training loss, or None for a run that had
+    already finished: it never trains past --max-steps, it only loads its last checkpoint to finish
+    its outputs."""
+    checkpoint = run.checkpoint
+    done = checkpoint_step(checkpoint) if checkpoint else 0
+    if checkpoint and done >= max_steps:
+        _say(f"{checkpoint} is at step {done} of {max_steps}: nothing left to train")
+        trainer.model.load(checkpoint)
+        trainer.state = trainer.state.load_from_json(os.path.join(checkpoint, TRAINER_STATE))
+        return None
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint).training_loss
+    except ValueError as e:  # torch, loading the optimizer: "loaded state dict has a different number of parameter groups"
+        if not checkpoint or "parameter group" not in str(e):
+            raise
+        raise ConfigError(f"--resume: {checkpoint}'s optimizer has other parameter groups than this run's "
+                          "(one of the two has --head-lr-scale 1 and the other not); resume with that run's settings") from None
+
+
+def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDataset, max_steps: int,
+           train_loss: float | None) -> dict[str, Any]:
+    """Main process: save the student to --out, evaluate it on the plan's held-out records, write the
+    training report and the loss curve; return the report."""
+    config = run.config
+    trainer.model.save(config.out, student.tokenizer)
+    final_eval = final_evaluation(run, student)
     report = {
         "potstill_version": potstill_version(),
         "settings": config.to_dict(),
-        "store": store_identity(store, dataset.plan.shards),
+        "store": store_identity(run.store, run.plan.shards),
         "student": {
             "source": config.student,
-            "architecture": type(student).__name__,
-            "parameters": sum(p.numel() for p in student.parameters()),
-            "output_logits": vocab,
-            "tokenizer": source,
+            "architecture": type(student.model).__name__,
+            "parameters": sum(p.numel() for p in student.model.parameters()),
+            "output_logits": student.vocab,
+            "tokenizer": student.tokenizer_source,
         },
-        "loader": info,
+        "loader": dataset.describe(),
         "skipped_shards": trainer.skipped_shards,  # --skip-bad-shards: shards left out, with why (this rank's)
-        "targets": targets,
-        "world_size": world,
+        "targets": run.targets,
+        "world_size": run.world_size,
         "global_step": trainer.state.global_step,
         "max_steps": max_steps,
-        "resumed_from": checkpoint,
+        "resumed_from": run.checkpoint,
         "train_loss": train_loss,
-        "train_seconds": round(time.time() - started, 3),
+        "train_seconds": round(time.time() - run.started, 3),
         "loss_curve": [
             dict(entry)  # every loss part, lr, grad_norm, grad_share/*, epoch (passes over the store)
             for entry in trainer.state.log_history
@@ -588,16 +712,18 @@ def store_identity(store: Store, shards: list[str]) -> dict[str, Any]:
     }
 
 
-def _final_eval(config: TrainConfig, store: Store, student: Any, tokenizer: Any) -> dict[str, Any]:
+def final_evaluation(run: Run, student: Student) -> dict[str, Any]:
+    """The trained student on the held-out records of the run's own plan (never trained on)."""
     from potstill.student_train.evaluation import evaluate
 
+    config = run.config
     if config.eval_fraction <= 0:
         return {"records": 0, "note": "none (--eval-fraction 0)"}
     return evaluate(
-        store,
-        model=student,
-        tokenizer=tokenizer,
-        eval_fraction=config.eval_fraction,
+        run.store,
+        model=student.model,
+        tokenizer=student.tokenizer,
+        plan=run.plan,
         max_records=config.eval_max_records,
         batch_size=config.batch_size,
         max_new_tokens=config.eval_max_new_tokens,

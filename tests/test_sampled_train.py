@@ -146,7 +146,7 @@ def test_auto_picks_sampled_targets_only_where_the_loss_can_use_them(stores) -> 
     assert both.default_train_target(cfg.sampled_loss_ok()) == "sampled"
     assert topk.default_train_target(cfg.sampled_loss_ok()) == "topk"
     assert both.default_train_target(_config(stores, "both", "auto-jsd", loss="jsd").sampled_loss_ok()) == "topk"
-    data = StoreDataset(stores["both"], batch_size=2, targets="topk", eval_fraction=0.2)
+    data = StoreDataset.open(stores["both"], batch_size=2, targets="topk", eval_fraction=0.2)
     assert "topk_ids" in next(data.batches(0)) and "sampled_ids" not in next(data.batches(0))
 
 

@@ -111,6 +111,36 @@ def test_an_interrupted_run_resumes_to_exactly_the_same_losses(setup: dict) -> N
         train(config(setup, "full", **settings))
 
 
+def test_a_run_opens_the_store_once_and_splits_it_once_in_its_process(setup: dict, monkeypatch) -> None:
+    """The loader (reading in this process: no workers) and the final evaluation take the handle and
+    the held-out records the run opened and planned at its start."""
+    from potstill.store.reader import Store
+    from potstill.student_train import data
+
+    opened: list[str] = []
+    cuts: list[float] = []
+    real_init, real_cut = Store.__init__, data.eval_cut
+
+    def counting_init(self: Store, url: str, *args, **kwargs) -> None:
+        opened.append(url)
+        real_init(self, url, *args, **kwargs)
+
+    def counting_cut(record_ids, eval_fraction: float) -> float:
+        cuts.append(real_cut(record_ids, eval_fraction))
+        return cuts[-1]
+
+    monkeypatch.setattr(Store, "__init__", counting_init)
+    monkeypatch.setattr(data, "eval_cut", counting_cut)
+    out = str(setup["root"] / "once")
+    report = train(config(setup, "once", max_steps=2, save_steps=1, eval_max_records=0, num_workers=0))
+    assert opened == [setup["store"]] and len(cuts) == 1
+    assert report["final_eval"]["records"] == report["loader"]["eval_records"] > 0
+    opened.clear()  # `potstill eval` on its own opens and splits the store itself, to the same records
+    alone = evaluate(setup["store"], out, answers=False)
+    assert opened == [setup["store"]] and alone["records"] == report["final_eval"]["records"]
+    assert alone["kd_loss"] == pytest.approx(report["final_eval"]["kd_loss"], rel=1e-5)
+
+
 def test_a_negative_teacher_layer_counts_from_the_last_as_generate_does(setup: dict) -> None:
     """--hidden-map 1:-1 is 1:2 on this two-layer teacher (the store records absolute layer indices)."""
     settings = dict(max_steps=2, num_workers=0, eval_fraction=0.2, batch_size=4, eval_max_records=0)

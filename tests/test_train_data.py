@@ -4,6 +4,7 @@ and workers, determinism, exact mid-epoch resume, multitask sequences, hidden st
 from __future__ import annotations
 
 import collections
+import pickle
 import shutil
 
 import numpy as np
@@ -38,9 +39,9 @@ def store_url(tmp_path_factory, tiny_teacher_dir) -> str:
     return url
 
 
-def loader_batches(dataset: StoreDataset, count: int, workers: int) -> list[list[str]]:
+def loader_batches(dataset: StoreDataset, count: int, workers: int, context: str | None = None) -> list[list[str]]:
     """The record ids of the first `count` batches, through a real DataLoader with worker processes."""
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=context)
     return [batch["record_ids"] for batch, _ in zip(loader, range(count), strict=False)]
 
 
@@ -70,7 +71,7 @@ def test_the_teacher_as_student_has_near_zero_losses_through_the_real_path(store
     from potstill.student_train.objective import Objective, distill_loss
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
-    dataset = StoreDataset(store_url, batch_size=4, eval_fraction=0.0, hidden_layers=(1, 2))
+    dataset = StoreDataset.open(store_url, batch_size=4, eval_fraction=0.0, hidden_layers=(1, 2))
     batch = next(dataset.batches(0))
     objective = Objective(hidden_pairs=((1, 1), (2, 2)), relation_weight=1.0)
     with torch.no_grad():
@@ -91,7 +92,7 @@ def test_two_ranks_with_two_workers_each_cover_every_training_record_once(store_
     assert held and len(train_ids) % 4  # some held out, and not divisible by 2 ranks × 2 workers
     seen, per_rank = [], []
     for rank in (0, 1):
-        ds = StoreDataset(store_url, batch_size=3, eval_fraction=fraction, rank=rank, world_size=2, num_workers=2, seed=5)
+        ds = StoreDataset.open(store_url, batch_size=3, eval_fraction=fraction, rank=rank, world_size=2, num_workers=2, seed=5)
         span = ds.plan.span
         batches = loader_batches(ds, 2 * (span // 3 + 2), workers=2)
         # the DataLoader alternates workers: even batches come from worker 0, odd from worker 1
@@ -108,7 +109,7 @@ def test_two_ranks_with_two_workers_each_cover_every_training_record_once(store_
 
 def test_a_restarted_loader_continues_exactly_where_the_state_says(store_url: str) -> None:
     def dataset() -> StoreDataset:
-        return StoreDataset(store_url, batch_size=4, eval_fraction=0.1, num_workers=2, shuffle_buffer=8, seed=3)
+        return StoreDataset.open(store_url, batch_size=4, eval_fraction=0.1, num_workers=2, shuffle_buffer=8, seed=3)
 
     reference = loader_batches(dataset(), 14, workers=2)  # 14 batches run past the end of epoch 0
     assert dataset().batches_per_epoch < 14
@@ -118,8 +119,21 @@ def test_a_restarted_loader_continues_exactly_where_the_state_says(store_url: st
         assert loader_batches(resumed, 14 - consumed, workers=2) == reference[consumed:]
 
 
+def test_loader_workers_read_through_their_own_store_handle_forked_or_spawned(store_url: str) -> None:
+    """The handle the dataset was given serves its own process only: a forked worker reopens the store
+    from its URL, a spawned one gets a copy without the handle; both yield the in-process order."""
+    dataset = StoreDataset.open(store_url, batch_size=4, eval_fraction=0.1, num_workers=2, seed=3)
+    given = dataset.store
+    assert pickle.loads(pickle.dumps(dataset))._store is None
+    streams = [dataset.batches(worker) for worker in (0, 1)]  # the DataLoader takes them round-robin
+    in_process = [next(streams[worker])["record_ids"] for _ in range(2) for worker in (0, 1)]
+    for context in ("fork", "spawn"):
+        assert loader_batches(dataset, 4, workers=2, context=context) == in_process, context
+    assert dataset.store is given  # the main process still reads through the handle it was given
+
+
 def test_order_is_deterministic_in_seed_and_epoch(store_url: str) -> None:
-    plan = StoreDataset(store_url, batch_size=2, eval_fraction=0.0).plan
+    plan = StoreDataset.open(store_url, batch_size=2, eval_fraction=0.0).plan
     a = plan.epoch_span(seed=1, epoch=0, part=0, shuffle_buffer=4)
     assert all(np.array_equal(x, y) for x, y in zip(a, plan.epoch_span(1, 0, 0, 4), strict=True))
     assert not np.array_equal(a[1], plan.epoch_span(1, 1, 0, 4)[1])
@@ -135,8 +149,8 @@ def test_the_shuffle_buffer_is_a_bounded_permutation() -> None:
 
 
 def test_a_resume_with_other_settings_fails_in_one_line(store_url: str) -> None:
-    state = StoreDataset(store_url, batch_size=4, world_size=2, rank=0).state_dict(5)
-    other = StoreDataset(store_url, batch_size=4, world_size=1)
+    state = StoreDataset.open(store_url, batch_size=4, world_size=2, rank=0).state_dict(5)
+    other = StoreDataset.open(store_url, batch_size=4, world_size=1)
     with pytest.raises(TrainError, match=r"world_size=2, now world_size=1") as err:
         other.load_state_dict(state)
     assert "\n" not in str(err.value)
@@ -147,12 +161,12 @@ def test_hidden_states_are_read_only_when_a_loss_needs_them(store_url: str, tmp_
     shutil.copytree(store_url, copy)
     for folder in copy.glob("shards/*/hidden"):
         shutil.rmtree(folder)  # a store whose hidden states are gone
-    batch = next(StoreDataset(str(copy), batch_size=4, eval_fraction=0.0).batches(0))
+    batch = next(StoreDataset.open(str(copy), batch_size=4, eval_fraction=0.0).batches(0))
     assert not any(k.startswith("teacher_hidden") for k in batch)
     # a shard that fails to read is a one-line error batch (the trainer stops with it), never garbage
-    bad = next(StoreDataset(str(copy), batch_size=4, eval_fraction=0.0, hidden_layers=(1,)).batches(0))
+    bad = next(StoreDataset.open(str(copy), batch_size=4, eval_fraction=0.0, hidden_layers=(1,)).batches(0))
     assert set(bad) == {"error"} and "hidden" in bad["error"] and "\n" not in bad["error"]
-    batch = next(StoreDataset(store_url, batch_size=4, eval_fraction=0.0, hidden_layers=(2,)).batches(0))
+    batch = next(StoreDataset.open(store_url, batch_size=4, eval_fraction=0.0, hidden_layers=(2,)).batches(0))
     assert batch["teacher_hidden_2"].dtype == torch.bfloat16 and batch["teacher_hidden_2"].shape[:2] == batch["hidden_mask"].shape
 
 

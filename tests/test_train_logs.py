@@ -47,7 +47,7 @@ def test_sixty_records_hold_out_at_least_the_floor_at_the_default_fraction(store
     store = open_store(stores["s60"])
     ids = [i for c in store.commits for i in c.ids]
     assert sum(id_fraction(i) < 0.05 for i in ids) < MIN_EVAL_RECORDS  # the fraction alone holds out too few
-    dataset = StoreDataset(stores["s60"], batch_size=4, eval_fraction=0.05, num_workers=0)
+    dataset = StoreDataset.open(stores["s60"], batch_size=4, eval_fraction=0.05, num_workers=0)
     info = dataset.describe()
     assert info["eval_records"] == MIN_EVAL_RECORDS and info["train_records"] == 60 - MIN_EVAL_RECORDS
     assert info["eval_note"] is None
@@ -67,7 +67,7 @@ def test_twenty_records_hold_out_none_and_one_line_says_why(stores: dict, capsys
 
     from potstill.cli.main import app
 
-    dataset = StoreDataset(stores["s20"], batch_size=4, eval_fraction=0.05, num_workers=0)
+    dataset = StoreDataset.open(stores["s20"], batch_size=4, eval_fraction=0.05, num_workers=0)
     info = dataset.describe()
     assert (info["train_records"], info["eval_records"]) == (20, 0)
     assert info["eval_note"].startswith("none (store has 20 records, fewer than the 32 needed to hold out 8")
