@@ -130,6 +130,25 @@ def temp_target(name: str) -> str | None:
     return target or None
 
 
+def temp_pid(name: str) -> int | None:
+    """The process that writes a temporary file (`.X.json.<pid>-<hex>.tmp` -> pid), or None."""
+    if temp_target(name) is None:
+        return None
+    pid, _, _ = name[1 : -len(TEMP_SUFFIX)].rpartition(".")[2].partition("-")
+    return int(pid) if pid.isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs under `pid` (a reused pid reads as alive: the safe direction)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write_atomic_local(path: str, data: bytes | memoryview, exclusive: bool) -> None:
     tmp = temp_name(path)
     try:

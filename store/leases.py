@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from potstill.store.commit import loads_json_object
-from potstill.store.fs import StoreLocation, join, listdir_names, read_bytes, write_bytes
+from potstill.store.fs import StoreLocation, join, listdir_names, pid_alive, read_bytes, write_bytes
 from potstill.store.manifest import utc_now
 
 HEARTBEAT_S = 30.0  # a live writer refreshes its lease at least this often
@@ -87,16 +87,6 @@ class LeaseStatus:
     lease: dict[str, Any] | None  # the lease's content, None when missing or unreadable
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lease_status(store: StoreLocation, writer_id: str, stale_after_s: float = STALE_AFTER_S) -> LeaseStatus:
     """Whether a writer is alive, from its lease: on this host, whether its process runs; on
     another host, whether its heartbeat is recent."""
@@ -108,7 +98,7 @@ def lease_status(store: StoreLocation, writer_id: str, stale_after_s: float = ST
         return LeaseStatus(writer_id, False, "its writer's lease is unreadable", None)
     pid = lease.get("pid")
     if lease.get("host") == socket.gethostname() and isinstance(pid, int):
-        if not _pid_alive(pid):  # (a reused pid keeps a dead writer "alive": the safe direction)
+        if not pid_alive(pid):  # (a reused pid keeps a dead writer "alive": the safe direction)
             return LeaseStatus(writer_id, False, f"its writer (pid {pid} on this host) is not running", lease)
         return LeaseStatus(writer_id, True, f"its writer (pid {pid} on this host) is running", lease)
     try:

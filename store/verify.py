@@ -18,7 +18,7 @@ import numpy as np
 from potstill.store.checks import value_problems
 from potstill.store.commit import parse_shard_name
 from potstill.store.errors import StoreError
-from potstill.store.fs import join, listdir_names, temp_target
+from potstill.store.fs import is_local, join, listdir_names, pid_alive, temp_pid, temp_target
 from potstill.store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
 from potstill.store.reader import MANIFEST, ShardReader, Store
 from potstill.store.records import hidden_problem
@@ -103,6 +103,11 @@ def find_leftovers(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[L
             else:
                 owner = target[:-5]
             live, why = writer(owner)
+            pid = temp_pid(name)
+            # A writer's first lease is a temporary file before its lease exists: the process writing it
+            # (its pid is in the name; atomic writes through temporary files are local only) decides.
+            if not live and pid is not None and is_local(store.fs) and pid_alive(pid):
+                live, why = True, f"its writing process (pid {pid} on this host) is running"
             out.append(Leftover(f"{folder}/{name}", "temporary file", owner, live, why))
     # A store's creator killed between its manifest's temporary file and the link leaves that file at
     # the root. Once the manifest exists it is useless: a creator still racing for the manifest fails

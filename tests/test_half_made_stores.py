@@ -76,3 +76,32 @@ def test_a_rerun_with_nothing_to_do_writes_no_new_errors_file(tmp_path, tiny_tea
     again = generate(config(tiny_teacher_dir, prompts, store))
     assert (again.records, again.already_done, len(again.errors), again.errors_file) == (0, 3, 2, None)
     assert len(os.listdir(os.path.join(store, "errors"))) == 1
+
+
+def test_a_first_lease_being_written_by_a_live_process_is_not_a_leftover(tmp_path):
+    """A writer's first lease goes through a temporary file before any lease of that writer exists: a
+    second run cleaning leftovers meanwhile must leave it (else the first run's rename fails). The
+    temporary file of a process that has died is a leftover, cleaned."""
+    import subprocess
+
+    from storehelpers import build_store
+
+    from potstill.store.verify import clean_leftovers, find_leftovers
+
+    path = str(tmp_path / "s")
+    build_store(path)
+    store = open_store(path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    writers = os.path.join(path, "writers")
+    os.makedirs(writers, exist_ok=True)
+    live_tmp = f".g000-1a2b3c4d.run.json.{os.getpid()}-0123abcd.tmp"
+    dead_tmp = f".g001-1a2b3c4d.run.json.{dead.pid}-0123abcd.tmp"
+    for name in (live_tmp, dead_tmp):
+        with open(os.path.join(writers, name), "w") as f:
+            f.write("{}")
+    found = {left.path: left for left in find_leftovers(store)}
+    assert found[f"writers/{live_tmp}"].live and "is running" in found[f"writers/{live_tmp}"].reason
+    assert not found[f"writers/{dead_tmp}"].live
+    assert clean_leftovers(store, list(found.values())) == [f"writers/{dead_tmp}"]
+    assert sorted(os.listdir(writers)) == [live_tmp]
