@@ -159,10 +159,10 @@ def _absolute(location: str) -> str:
 @app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @settings_options(SubmitConfig)
 def submit(
-    ctx: typer.Context,
     config: str = typer.Option(None, "--config", help="YAML, TOML or JSON file of generate settings (flags override it)."),
     as_json: bool = JsonOpt,
     *,
+    ctx: typer.Context,
     flags: dict[str, Any],
 ) -> None:
     """Submit a job and print its id. Any `potstill generate` flag may follow (--top-k 8, --mode generate, ...)."""
