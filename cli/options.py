@@ -1,5 +1,5 @@
 """What every `potstill` command shares in its options besides its settings: `--threads`, `--config`,
-hidden aliases of options that are not settings, plain help.
+plain help.
 
 A command's settings become options through potstill/settings.py, with their defaults written into
 the help in click's own format, `[default: X]`. Help is plain text (no rich markup), so brackets and
@@ -13,8 +13,6 @@ from typing import Any
 import typer
 
 from potstill.cli.threads import threads_help
-from potstill.settings import note
-from potstill.store.errors import PotstillError
 
 # Plain click help on every (sub)command: rich markup would eat "[default: …]" and "[answer]".
 APP_SETTINGS: dict[str, Any] = {"rich_markup_mode": None, "pretty_exceptions_enable": False,
@@ -29,19 +27,3 @@ CONFIG_HELP = "YAML, TOML or JSON file of settings (flags override it)."
 def threads_option(loader_workers: int = 0) -> Any:
     """`--threads N|auto` (default auto), the same on every command that runs torch."""
     return typer.Option("auto", "--threads", metavar="N|auto", help=threads_help(loader_workers))
-
-
-def alias(flag: str) -> Any:
-    """An old spelling of a flag, still accepted (scripts keep working) but not shown in --help."""
-    return typer.Option(None, flag, hidden=True)
-
-
-def pick(name: str, value: Any, old_flag: str, old_value: Any) -> Any:
-    """The value of a flag that may also be given under its old spelling (which prints a note, as an old
-    setting's flag does); both at once, with different values, is a mistake."""
-    if old_value is None:
-        return value
-    if value is not None and value != old_value:
-        raise PotstillError(f"{name} and {old_flag} (its old spelling) were both given, with different values")
-    note(f"{old_flag} is now {name}")
-    return old_value

@@ -1,17 +1,51 @@
-"""`potstill store info | verify | copy | export | report`."""
+"""`potstill store info | verify | copy | export | report`.
+
+The settings of verify and export are the dataclasses here (the store package sits below the
+settings machinery, so their options live with the commands); report's are `ReportConfig`
+(potstill/share/report.py). info and copy take no settings: a store path, and info's --json.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import typer
 
 from potstill.cli.options import APP_SETTINGS
+from potstill.settings import check_settings, load_settings, setting, settings_options
 from potstill.share import ReportConfig, export_store, format_info, store_info, write_report
 from potstill.store import Store, copy_store, open_store, verify_store
+from potstill.store.errors import StoreError
 from potstill.store.verify import report_json
 
 app = typer.Typer(help="Inspect, check, copy, export and report on a store.", **APP_SETTINGS)
+
+
+@dataclass
+class VerifyConfig:
+    """Settings of `potstill store verify`."""
+
+    clean: bool = setting(False, help="Remove what crashed writers left: uncommitted shards, temporary files, "
+                          "stale leases (never what a commit record names).")
+
+    def validate(self) -> VerifyConfig:
+        check_settings(self, StoreError)
+        return self
+
+
+@dataclass
+class ExportConfig:
+    """Settings of `potstill store export`."""
+
+    to: str = setting("", required=True, help="Output FILE.parquet or FILE.jsonl.")
+    with_targets: bool = setting(False, help="Parquet: add the teacher's targets per scored position (top-K ids, "
+                                 "log-probs, log tail, token log-prob; sampled ids and counts).")
+
+    def validate(self) -> ExportConfig:
+        check_settings(self, StoreError)
+        return self
 
 
 @app.command("info")
@@ -30,14 +64,15 @@ def info(
 
 
 @app.command("verify")
+@settings_options(VerifyConfig)
 def verify(
     store: str = typer.Argument(..., help="Store path or URL."),
-    clean: bool = typer.Option(False, "--clean", help="Remove what crashed writers left: uncommitted shards, "
-                               "temporary files, stale leases (never what a commit record names)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Recompute every checksum and check schema and counts; exit 1 naming each bad shard."""
-    report = verify_store(store, clean=clean)
+    report = verify_store(store, clean=load_settings(VerifyConfig, None, flags, error=StoreError).clean)
     if as_json:
         typer.echo(report_json(report))
     else:
@@ -72,35 +107,24 @@ def copy(
 
 
 @app.command("export")
-def export(
-    store: str = typer.Argument(..., help="Store path or URL."),
-    to: str = typer.Option(..., "--to", help="Output FILE.parquet or FILE.jsonl."),
-    with_targets: bool = typer.Option(False, "--with-targets", help="Parquet: add the teacher's targets per scored "
-                                      "position (top-K ids, log-probs, log tail, token log-prob; sampled ids and counts)."),
-) -> None:
+@settings_options(ExportConfig)
+def export(store: str = typer.Argument(..., help="Store path or URL."), *, flags: dict[str, Any]) -> None:
     """One row per record (id, text and token fields) as Parquet or JSONL; each id once.
 
     Without --with-targets the file holds no teacher targets; hidden states are never exported."""
-    opened = open_store(store, verify_reads=with_targets)
-    count = export_store(opened, to, with_targets=with_targets)
+    cfg = load_settings(ExportConfig, None, flags, error=StoreError)
+    opened = open_store(store, verify_reads=cfg.with_targets)
+    count = export_store(opened, cfg.to, with_targets=cfg.with_targets)
     skipped = f" ({opened.num_duplicates} duplicate rows of earlier-committed ids left out)" if opened.num_duplicates else ""
-    typer.echo(f"wrote {count} records to {to}{skipped}")
+    typer.echo(f"wrote {count} records to {cfg.to}{skipped}")
 
 
 @app.command("report")
-def report(
-    store: str = typer.Argument(..., help="Store path or URL."),
-    out: str = typer.Option("report.html", "--out", help="The HTML file to write (self-contained: plots inline)."),
-    max_records: int = typer.Option(ReportConfig.max_records, "--max-records",
-                                    help="Records read for the statistics; a bigger store is sampled at random (seeded)."),
-    examples: int = typer.Option(ReportConfig.examples, "--examples", help="Example records shown (rationales when the store has them)."),
-    reference_field: str = typer.Option(ReportConfig.reference_field, "--reference-field",
-                                        help="Key of a record's meta holding a reference answer (a field of the prompt file)."),
-    seed: int = typer.Option(ReportConfig.seed, "--seed", help="Seed of the record sample."),
-) -> None:
+@settings_options(ReportConfig)
+def report(store: str = typer.Argument(..., help="Store path or URL."), *, flags: dict[str, Any]) -> None:
     """An HTML page of what the store holds: teacher, targets, plots of entropy, top-1, tail mass, lengths,
     sampled ids, hidden-state norms, answers and examples; every file read is checked first."""
-    stats = write_report(store, out, ReportConfig(max_records=max_records, examples=examples,
-                                                  reference_field=reference_field, seed=seed))
+    cfg = load_settings(ReportConfig, None, flags, error=StoreError)
+    stats = write_report(store, config=cfg)
     scope = f"a sample of {stats.records_read} of {stats.records_total}" if stats.sampled else f"{stats.records_read}"
-    typer.echo(f"wrote {out} ({scope} records)")
+    typer.echo(f"wrote {cfg.out} ({scope} records)")

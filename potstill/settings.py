@@ -51,16 +51,17 @@ class Setting:
     # The valid values, asked when needed, for a text setting whose values a registry holds (target kinds,
     # codecs: a kind registered at run time is a valid choice); a `Literal` type says fixed ones itself.
     choices: Callable[[], tuple[str, ...]] | None = None
+    env: str | None = None  # an environment variable that stands for the flag when it is not typed
 
 
 def setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None, help: str,
             flag: str | None = None, aliases: tuple[str, ...] = (), metavar: str | None = None,
             shown_default: str | None = None, required: bool = False,
             parse: Callable[[Any], Any] | None = None,
-            choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
+            choices: Callable[[], tuple[str, ...]] | None = None, env: str | None = None) -> Any:
     """A dataclass field that is a setting: its default (or `factory`) and how it shows on the command line."""
     info = Setting(help=help, flag=flag, aliases=aliases, metavar=metavar, shown_default=shown_default,
-                   required=required, parse=parse, choices=choices)
+                   required=required, parse=parse, choices=choices, env=env)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={_META: info})
     return dataclasses.field(default=default, metadata={_META: info})
@@ -316,10 +317,12 @@ def metavar_of(f: dataclasses.Field, hint: Any) -> str | None:
 
 
 def option_of(f: dataclasses.Field, hint: Any, config_file: bool = True) -> Any:
-    """The typer option of a setting. Its default is None so that only typed flags override a file."""
+    """The typer option of a setting. Its default is None so that only typed flags override a file. Its
+    environment variable, if any, counts as typed; the shown default names it (`Setting.shown_default`)."""
     flag = flag_of(f)
     decl = f"{flag}/--no-{flag[2:]}" if cli_type(hint) is bool else flag
-    return typer.Option(None, decl, help=help_text(f, config_file), metavar=metavar_of(f, hint), show_default=False)
+    return typer.Option(None, decl, help=help_text(f, config_file), metavar=metavar_of(f, hint), show_default=False,
+                        envvar=info_of(f).env, show_envvar=False)
 
 
 def settings_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -18,7 +18,10 @@ from common import prompt_rows, write_jsonl
 from genhelpers import run_cli
 
 from potstill.cli import reference
+from potstill.cli.demo.run import DemoConfig
+from potstill.cli.jobs_cmd import JobsConfig, ListConfig, SubmitConfig, WaitConfig
 from potstill.cli.main import app
+from potstill.cli.store_cmd import ExportConfig, VerifyConfig
 from potstill.settings import (
     REQUIRED_OR_CONFIG,
     choices_of,
@@ -29,16 +32,22 @@ from potstill.settings import (
     load_settings,
     shown_default,
 )
-from potstill.store.errors import PotstillError
+from potstill.share.report import ReportConfig
+from potstill.store.errors import PotstillError, StoreError
 from potstill.student_train.config import EvalConfig, TrainConfig, resolve_hidden_pairs
 from potstill.student_train.errors import ConfigError
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.errors import GenerateError
-from potstill.teacher_gen.service.settings import ServeConfig, ServiceError
+from potstill.teacher_gen.service.settings import DEFAULT_SERVER, ServeConfig, ServiceError, read_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = [("generate", GenerateConfig, GenerateError), ("train", TrainConfig, ConfigError),
-            ("eval", EvalConfig, ConfigError), ("serve", ServeConfig, ServiceError)]
+            ("eval", EvalConfig, ConfigError), ("serve", ServeConfig, ServiceError),
+            ("store verify", VerifyConfig, StoreError), ("store export", ExportConfig, StoreError),
+            ("store report", ReportConfig, StoreError), ("demo", DemoConfig, PotstillError),
+            ("jobs submit", SubmitConfig, ServiceError), ("jobs status", JobsConfig, ServiceError),
+            ("jobs list", ListConfig, ServiceError), ("jobs cancel", JobsConfig, ServiceError),
+            ("jobs wait", WaitConfig, ServiceError)]
 # A value other than the default for every setting that a plain rule below cannot pick validly.
 SAMPLES = {"rationale_template": "Q: {prompt}", "beta": 0.25, "alpha": 0.5, "eval_fraction": 0.1,
            "hidden_map": "1:2", "workers": 2, "worker_index": 1, "gpu_memory_utilization": 0.5, "port": 8123,
@@ -50,10 +59,13 @@ CONTEXT = {"backend": {"targets": "topk"}, "relation_weight": {"hidden_map": "1:
 
 
 def command(name: str) -> tuple[click.Command, click.Context]:
-    root = typer.main.get_command(app)
-    ctx = click.Context(root, info_name="potstill")
-    cmd = root.get_command(ctx, name)  # type: ignore[attr-defined]
-    return cmd, click.Context(cmd, info_name=name, parent=ctx)
+    """The click command `name` ("train", "store verify") and a context to read its help in."""
+    cmd: click.Command = typer.main.get_command(app)
+    ctx = click.Context(cmd, info_name="potstill")
+    for part in name.split():
+        cmd = cmd.get_command(ctx, part)  # type: ignore[attr-defined]
+        ctx = click.Context(cmd, info_name=part, parent=ctx)
+    return cmd, ctx
 
 
 def sample(f: dataclasses.Field, hint: typing.Any) -> typing.Any:
@@ -82,7 +94,8 @@ def cli_args(flag: str, value: typing.Any, is_bool: bool) -> list[str]:
 def test_every_setting_has_one_flag_help_default_choices_and_key(tmp_path, name, cls, error):
     cmd, ctx = command(name)
     options = {p.name: p for p in cmd.params if p.param_type_name == "option"}
-    required = {"teacher": "t", "prompts": "p", "store": "s", "student": "m", "out": "o"}
+    required = {"teacher": "t", "prompts": "p", "store": "s", "student": "m", "out": "o", "to": "t.jsonl"}
+    takes_config = any(p.name == "config" for p in cmd.params)
     for f, hint in fields_of(cls):
         info = info_of(f)
         option = options[f.name]  # the option's name is the field's: the flag feeds the key
@@ -91,7 +104,7 @@ def test_every_setting_has_one_flag_help_default_choices_and_key(tmp_path, name,
         assert option.secondary_opts == ([f"--no-{flag_of(f)[2:]}"] if is_bool else []), f.name
         help_line = option.get_help_record(ctx)[1]
         if info.required:
-            assert help_line.endswith(REQUIRED_OR_CONFIG if cls is not EvalConfig else "[required]"), f.name
+            assert help_line.endswith(REQUIRED_OR_CONFIG if takes_config else "[required]"), f.name
         else:
             assert help_line.endswith(f"[default: {shown_default(f)}]"), (f.name, help_line)
             if info.shown_default is None and f.default_factory is dataclasses.MISSING:  # the value itself
@@ -108,10 +121,11 @@ def test_every_setting_has_one_flag_help_default_choices_and_key(tmp_path, name,
         value = sample(f, hint)
         base = {k: v for k, v in required.items() if k in {g.name for g in dataclasses.fields(cls)}}
         base.update(CONTEXT.get(f.name, {}) if cls is not ServeConfig else {})
-        path = tmp_path / f"{name}-{f.name}.yaml"
+        path = tmp_path / f"{name.replace(' ', '-')}-{f.name}.yaml"
         path.write_text(yaml.safe_dump({**base, f.name: value}))
         from_file = getattr(load_settings(cls, str(path), error=error), f.name)
-        parsed = cmd.make_context(name, cli_args(flag_of(f), value, is_bool), parent=ctx.parent)
+        positional = ["x" for p in cmd.params if p.param_type_name == "argument"]  # a store path, a job id
+        parsed = cmd.make_context(name.split()[-1], positional + cli_args(flag_of(f), value, is_bool), parent=ctx.parent)
         from_flag = getattr(load_settings(cls, None, {**base, f.name: parsed.params[f.name]}, error=error), f.name)
         assert from_file == from_flag != getattr(load_settings(cls, None, base, error=error), f.name), f.name
 
@@ -196,8 +210,29 @@ def test_old_flags_and_keys_still_work_with_a_note(tmp_path, capsys):
     unreachable.write_text("prompts: /p\ntemperature: 0.5\n")
     message = invoke(["jobs", "submit", "--server", "http://127.0.0.1:9", "--config", str(unreachable), "--store", "/s"])
     assert message.startswith("cannot reach the potstill service")  # the spec was complete
-    assert capsys.readouterr().err.splitlines() == [
-        f"note: config file {unreachable}: temperature is now sampling_temperature", "note: --store is now --out"]
+    assert capsys.readouterr().err.splitlines() == [  # flags first, then the file, as generate says them
+        "note: --store is now --out", f"note: config file {unreachable}: temperature is now sampling_temperature"]
+
+
+# -- defaults from the environment -------------------------------------------------------------
+def test_the_jobs_server_and_token_defaults_are_the_ones_used(monkeypatch):
+    cmd, ctx = command("jobs status")
+    monkeypatch.delenv("POTSTILL_SERVER", raising=False)
+    parsed = cmd.make_context("status", ["j1"], parent=ctx.parent)
+    assert load_settings(JobsConfig, None, {"server": parsed.params["server"]}).server == DEFAULT_SERVER
+    monkeypatch.setenv("POTSTILL_SERVER", "http://gpu-box:9000")
+    parsed = cmd.make_context("status", ["j1"], parent=ctx.parent)
+    assert parsed.params["server"] == "http://gpu-box:9000"  # the variable stands for the flag
+    assert cmd.make_context("status", ["j1", "--server", "http://a:1"], parent=ctx.parent).params["server"] == "http://a:1"
+    # no --token-file: the token is $POTSTILL_TOKEN itself, as both commands' help says
+    for name in ("jobs status", "jobs submit", "serve"):
+        option = next(p for p in command(name)[0].params if p.name == "token_file")
+        assert option.get_help_record(command(name)[1])[1].endswith(
+            "[default: none: the token is $POTSTILL_TOKEN, if set]"), name
+    monkeypatch.setenv("POTSTILL_TOKEN", " s3cret-token-value-0123 \n")
+    assert read_token(None) == "s3cret-token-value-0123"
+    monkeypatch.delenv("POTSTILL_TOKEN")
+    assert read_token(None) is None
 
 
 # -- the defaults ----------------------------------------------------------------------------------

@@ -27,35 +27,48 @@ import typer
 
 from potstill.cli.demo import arithmetic
 from potstill.cli.demo.teacher import model_config, solve_accuracy
+from potstill.settings import check_settings, setting
+from potstill.store.errors import PotstillError
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "teacher_checkpoint")
 
 
 @dataclass
 class DemoConfig:
-    out: str = "potstill-demo"
-    train_problems: int = 2400  # prompts the teacher solves into the store
-    eval_problems: int = 300  # held-out problems every model is scored on
-    student_steps: int = 600  # optimizer steps, the same for both students
-    batch_size: int = 32
-    lr: float = 3e-3
-    student_hidden: int = 64  # both students: 2 layers of this width
-    student_layers: int = 2
-    alpha: float = 0.2  # KD student: weight of cross-entropy on the teacher's tokens (the rest is sparse KD)
-    top_k: int = 16
-    teacher_layer: int = 2  # teacher hidden layer stored and matched (of 4)
-    student_layer: int = 1  # student layer matched to it (of 2), through a learned projection
-    hidden_weight: float = 0.01  # MSE on raw activations is large next to KL: a small weight keeps it a regulariser
-    seed: int = 0
-    threads: int = 0  # torch threads of every step; 0: auto (cli/threads.py)
+    """Settings of `potstill demo`: each field is its flag, help and default (the tuned demo)."""
+
+    out: str = setting("potstill-demo", help="Folder for the stores, students and report.json.")
+    train_problems: int = setting(2400, help="Problems the teacher solves into the store.")
+    eval_problems: int = setting(300, help="Held-out problems every model is scored on.")
+    student_steps: int = setting(600, help="Optimizer steps of each student.")
+    batch_size: int = setting(32, help="Records per optimizer step of each student.")
+    lr: float = setting(3e-3, help="Peak learning rate of each student (cosine schedule).")
+    student_hidden: int = setting(64, help="Width of both students.")
+    student_layers: int = setting(2, help="Layers of both students.")
+    alpha: float = setting(0.2, help="KD student: weight of cross-entropy on the teacher's tokens (the rest is sparse KD).")
+    top_k: int = setting(16, help="Teacher log-probs stored per position.")
+    teacher_layer: int = setting(2, help="Teacher hidden layer stored and matched (of 4).")
+    student_layer: int = setting(1, help="Student layer matched to it, through a learned projection.")
+    # MSE on raw activations is large next to KL: a small weight keeps it a regulariser
+    hidden_weight: float = setting(0.01, help="Weight of the hidden-state loss of the KD student.")
+    seed: int = setting(0, help="Seed of the problems and the students' init.")
+
+    def validate(self) -> DemoConfig:
+        check_settings(self)
+        for flag, value in (("--train-problems", self.train_problems), ("--eval-problems", self.eval_problems),
+                            ("--student-steps", self.student_steps), ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise PotstillError(f"{flag} must be at least 1, got {value}")
+        return self
 
 
-def run_demo(config: DemoConfig, app: typer.Typer, log: Any = print) -> dict[str, Any]:
+def run_demo(config: DemoConfig, app: typer.Typer, threads: int = 0, log: Any = print) -> dict[str, Any]:
     """Run the demo. Each step runs a `potstill` command in-process through `app`, the app the demo
-    command is registered on (passed in, not imported: the demo is one of that app's commands)."""
+    command is registered on (passed in, not imported: the demo is one of that app's commands), with
+    torch on `threads` threads (0: auto, cli/threads.py)."""
     from potstill.cli.threads import apply_threads, auto_threads
 
-    threads = apply_threads(config.threads or auto_threads())  # before torch is imported
+    threads = apply_threads(threads or auto_threads())  # before torch is imported
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from potstill.settings import check_settings, setting
 from potstill.share.info import describe_targets, store_info
 from potstill.store.errors import StoreError
 from potstill.store.fs import resolve, write_bytes
@@ -35,14 +36,25 @@ from potstill.teacher_gen.rationale import DEFAULT_ANSWER_PATTERN, split_rationa
 
 @dataclass
 class ReportConfig:
-    """Settings of `potstill store report` (the CLI flags, with the same defaults)."""
+    """Settings of `potstill store report`: each field is its flag, help and default."""
 
-    max_records: int = 1000  # records read for the statistics; more are sampled down to this many
-    max_hidden_tokens: int = 20000  # tokens per layer whose hidden-state norms are computed
-    examples: int = 3  # rationale (or plain) examples shown
-    reference_field: str = "answer"  # key in a record's `meta` holding the reference answer, if any
-    seed: int = 0  # which records the sample takes
-    example_chars: int = 1200  # longer texts are cut on the page (and marked so)
+    out: str = setting("report.html", help="The HTML file to write (self-contained: plots inline).")
+    max_records: int = setting(1000, help="Records read for the statistics; a bigger store is sampled at random (seeded).")
+    max_hidden_tokens: int = setting(20000, help="Tokens per layer whose hidden-state norms are computed.")
+    examples: int = setting(3, help="Example records shown (rationales when the store has them).")
+    reference_field: str = setting("answer", help="Key of a record's meta holding a reference answer "
+                                   "(a field of the prompt file).")
+    seed: int = setting(0, help="Seed of the record sample.")
+    example_chars: int = setting(1200, help="Longer example texts are cut on the page (and marked so).")
+
+    def validate(self) -> ReportConfig:
+        check_settings(self, StoreError)
+        for flag, value, least in (("--max-records", self.max_records, 1), ("--examples", self.examples, 0),
+                                   ("--max-hidden-tokens", self.max_hidden_tokens, 0),
+                                   ("--example-chars", self.example_chars, 1)):
+            if value < least:
+                raise StoreError(f"{flag} must be at least {least}, got {value}")
+        return self
 
 
 @dataclass
@@ -81,8 +93,7 @@ class StoreStats:
 
 def collect_stats(store: Store, config: ReportConfig) -> StoreStats:
     """Read (a seeded sample of) the store's records and compute the page's statistics."""
-    if config.max_records < 1:
-        raise StoreError(f"--max-records must be at least 1, got {config.max_records}")
+    config.validate()  # built in code too, not only from flags
     manifest = store.manifest
     spec = manifest.targets
     info = store_info(store)
@@ -539,10 +550,11 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:,.1f}"
 
 
-def write_report(url: str, out: str, config: ReportConfig | None = None,
+def write_report(url: str, out: str | None = None, config: ReportConfig | None = None,
                  storage_options: dict[str, Any] | None = None) -> StoreStats:
-    """Read the store (verified reads) and write the page to `out`, atomically."""
+    """Read the store (verified reads) and write the page to `out` (default `config.out`), atomically."""
     config = config or ReportConfig()
+    out = out or config.out
     store = open_store(url, storage_options, verify_reads=True)
     stats = collect_stats(store, config)
     page = render_html(stats, config)

@@ -65,7 +65,8 @@ class ServeConfig:
     host: str = setting("127.0.0.1", help="Address to listen on; anything but loopback needs a token.")
     port: int = setting(DEFAULT_PORT, help="Port (0: any free one, written to <state>/service.json).")
     state: str = setting(".potstill-serve", help="Folder of the job queue (SQLite) and the service's files.")
-    token_file: str | None = setting(None, shown_default=f"${TOKEN_ENV}", help="File holding the bearer token.")
+    token_file: str | None = setting(None, shown_default=f"none: the token is ${TOKEN_ENV}, if set",
+                                     help="File holding the bearer token.")
     max_crashes: int = setting(3, help="Fail a job after the service died this often while running it.")
 
     # -- what a job may touch (the path policy, teacher_gen/service/paths.py) -------------------
