@@ -148,3 +148,15 @@ def test_two_identical_runs_started_at_once_never_write_a_record_twice(tmp_path,
     assert len(ids) == len(set(ids)) == 80
     report = verify_store(store)
     assert report.ok and report.duplicates == 0 and not report.leftovers
+
+
+def test_a_fifo_prompt_set_is_refused_in_one_line_without_opening_it(tmp_path, tiny_teacher_dir):
+    fifo = str(tmp_path / "pipe.jsonl")
+    os.mkfifo(fifo)  # nobody writes to it: opening it for reading would block forever
+    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", fifo, "--out", str(tmp_path / "s"),
+                      "--device", "cpu", "--no-progress"], timeout=120)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].endswith(f"prompt file {fifo} is not a regular file (a FIFO, device or socket cannot be read "
+                             "as a prompt set)")
+    assert not os.path.exists(tmp_path / "s")

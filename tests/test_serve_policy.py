@@ -446,3 +446,27 @@ def test_an_allowed_scheme_is_fetched_and_nothing_else_reaches_out(hardened, san
     assert_complete(f"{sandbox.root}/fetched", 4)
     inputs = os.path.join(hardened.state, "inputs")
     assert not os.path.exists(inputs) or not os.listdir(inputs)  # the fetched copy is removed
+
+
+def test_a_fifo_is_never_a_prompt_set(in_process, tmp_path):
+    """A FIFO named like a prompt file would block the job thread in open() forever: it is refused at
+    submission (422 naming the field) and again when the job runs, and the service keeps serving."""
+    root = tmp_path / "data"
+    root.mkdir()
+    good = write_jsonl(str(root / "p.jsonl"), prompt_rows(2, seed=16))
+    fifo = str(root / "pipe.jsonl")
+    os.mkfifo(fifo)
+    app = in_process(data_root=[str(root)])
+    refused = app.client.post("/jobs", json={"prompts": fifo, "store": str(root / "s0")})
+    assert refused.status_code == 422
+    assert refused.json() == {"detail": f"prompts: {fifo} is not a regular file or a datasets folder"}
+
+    later = str(root / "later.jsonl")
+    swapped = submit(app.client, prompts=write_jsonl(later, prompt_rows(2, seed=17)), store=str(root / "s1"))
+    after = submit(app.client, prompts=good, store=str(root / "s2"))
+    os.remove(later)
+    os.mkfifo(later)  # replaced by a FIFO between submission and run
+    app.runner.start()
+    assert wait_job(app.client, swapped, timeout=60)["error"] == (
+        f"prompts: {later} is not a regular file or a datasets folder")
+    assert wait_job(app.client, after, timeout=120)["state"] == "done"

@@ -7,6 +7,8 @@ starts (files can change in between; a restart may narrow the roots):
 
 - a local path must be absolute and, both as written (after removing `.` and `..`) and after
   resolving every symlink, lie inside a root of its kind;
+- a local prompt set is a regular file or a folder: a FIFO, device or socket would block the job
+  thread that opens it;
 - a prompt folder (a saved `datasets` folder) may hold no symlink that resolves outside the read
   roots;
 - the service's own files (its `--state` folder and token file) are never a job's prompts or store,
@@ -90,6 +92,9 @@ class PathPolicy:
         path = self._resolve(field, local, self.read_roots, "read", "--data-root or --read-root")
         if os.path.isdir(path):
             self._check_folder(field, local, path)
+        elif os.path.exists(path) and not os.path.isfile(path):
+            # a FIFO, device or socket would block (or never end) the job thread that opens it
+            raise SpecError(field, f"{local} is not a regular file or a datasets folder")
         return path
 
     def store(self, location: str, field: str = "store") -> str:
