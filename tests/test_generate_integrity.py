@@ -160,3 +160,16 @@ def test_a_fifo_prompt_set_is_refused_in_one_line_without_opening_it(tmp_path, t
     assert lines[0].endswith(f"prompt file {fifo} is not a regular file (a FIFO, device or socket cannot be read "
                              "as a prompt set)")
     assert not os.path.exists(tmp_path / "s")
+
+
+@pytest.mark.parametrize("pattern,reason", [
+    ("(", "is not a valid regular expression (missing ), unterminated subpattern at position 0)"),
+    ("(?P<x>a)(b)", "has 2 groups and none named 'answer': name the answer's group (?P<answer>...)"),
+])
+def test_a_bad_answer_pattern_is_refused_before_any_model_loads(tmp_path, pattern, reason):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2))
+    result = run_cli(["generate", "--teacher", str(tmp_path / "no-such-teacher"), "--prompts", prompts,
+                      "--out", str(tmp_path / "s"), "--rationale", "--answer-pattern", pattern, "--no-progress"])
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].endswith(f"--answer-pattern {pattern!r} {reason}"), lines[0]
