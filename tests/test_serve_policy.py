@@ -211,6 +211,17 @@ def test_serve_refuses_a_missing_root_in_one_line_before_writing_anything(tiny_t
         assert result.returncode == 1
         assert result.stderr.strip().splitlines() == [line]
         assert not state.exists()
+    state_file = tmp_path / "state.txt"
+    state_file.write_text("not a folder")
+    for state_flag, line in [(state_file, f"error: --state {state_file}: exists and is not a folder (the service "
+                                          "keeps its queue in it)"),
+                             (state_file / "sub", f"error: --state {state_file}/sub: cannot create the state folder "
+                                                  "(Not a directory)")]:
+        result = subprocess.run([sys.executable, "-m", "potstill.cli.main", "serve", "--teacher", tiny_teacher_dir,
+                                 "--state", str(state_flag)], capture_output=True, text=True, env=env, cwd=REPO,
+                                timeout=120)
+        assert (result.returncode, result.stderr.strip().splitlines()) == (1, [line])
+    assert state_file.read_text() == "not a folder"
 
 
 def test_roots_and_schemes_come_from_the_config_file_too(tmp_path):
