@@ -20,6 +20,10 @@ from typing import Any
 from potstill.teacher_gen.errors import GenerateError, InputError, TooManyInputErrors
 
 FORMATS = ("jsonl", "json", "parquet", "csv", "datasets")
+# A text of more than this many UTF-8 bytes per token of the context cannot fit it, so it is refused by
+# its length before a tokenizer sees it (tokenizing 10 MB takes gigabytes). Generous on purpose: text
+# averages about 4 bytes a token, and even long whitespace or code tokens rarely pass 16 bytes.
+MAX_BYTES_PER_TOKEN = 32
 
 
 @dataclass
@@ -63,6 +67,15 @@ def detect_format(path: str) -> str:
         if lower.endswith(suffix):
             return fmt
     raise GenerateError(f"prompt file {path}: unknown format; use .jsonl, .json, .parquet, .csv or a datasets folder")
+
+
+def text_limit(max_length: int | None) -> int | None:
+    """The most UTF-8 bytes of text that can still fit `max_length` tokens; None when unbounded."""
+    return None if max_length is None else max_length * MAX_BYTES_PER_TOKEN
+
+
+def utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 # -- raw rows ---------------------------------------------------------------------------------
