@@ -471,6 +471,13 @@ def test_a_fifo_is_never_a_prompt_set(in_process, tmp_path):
     refused = app.client.post("/jobs", json={"prompts": fifo, "store": str(root / "s0")})
     assert refused.status_code == 422
     assert refused.json() == {"detail": f"prompts: {fifo} is not a regular file or a datasets folder"}
+    folder = root / "saved"
+    folder.mkdir()
+    os.mkfifo(folder / "data-00000-of-00001.arrow")  # datasets.load_from_disk would block on it too
+    in_folder = app.client.post("/jobs", json={"prompts": str(folder), "store": str(root / "s0")})
+    assert in_folder.status_code == 422
+    assert in_folder.json() == {"detail": f"prompts: {folder}: data-00000-of-00001.arrow is not a regular file "
+                                          "or a folder"}
 
     later = str(root / "later.jsonl")
     swapped = submit(app.client, prompts=write_jsonl(later, prompt_rows(2, seed=17)), store=str(root / "s1"))
