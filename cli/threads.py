@@ -4,6 +4,7 @@ On a shared machine torch's default (one OpenMP thread per core it sees, each sp
 waits for the others) can make a job several times slower than one thread: the threads wait on a
 core someone else holds. So every command takes `--threads` (default "auto"):
 
+  N    = that many threads, 1 to 4 per CPU this process may run on (`max_threads`);
   auto = the CPUs this process may run on (its affinity mask), capped by its cgroup CPU quota
          (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), minus the data-loader workers that need CPUs too;
          `$OMP_NUM_THREADS`, when set, is taken as the user's choice instead.
@@ -115,6 +116,13 @@ def usable_cpus(cgroup_root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) 
     return max(1, cpus)
 
 
+def max_threads() -> int:
+    """The most `--threads` accepted: 4 per CPU this process may run on. More only queue on each other,
+    and absurd counts (99999) make OpenMP and the tokenizers' thread pool fail to start (a Rust panic,
+    then a segfault) instead of failing in one line."""
+    return 4 * affinity_cpus()
+
+
 def env_threads(environ: Mapping[str, str] = os.environ) -> int | None:
     """$OMP_NUM_THREADS when it is a positive whole number."""
     value = environ.get("OMP_NUM_THREADS", "").strip()
@@ -129,10 +137,15 @@ def auto_threads(loader_workers: int = 0, environ: Mapping[str, str] = os.enviro
 def resolve_threads(value: str | int | None, loader_workers: int = 0) -> int:
     """`--threads` as given ("auto", "3", 3) -> a thread count; a bad value is one line."""
     if value is None or str(value).strip().lower() == "auto":
-        return auto_threads(loader_workers)
+        threads = auto_threads(loader_workers)
+        if threads > max_threads():
+            raise PotstillError(f"$OMP_NUM_THREADS {threads}: too many threads for --threads auto; expected "
+                                f"1 to {max_threads()} (4 per CPU this process may use)")
+        return threads
     text = str(value).strip()
-    if not text.isdigit() or int(text) < 1:
-        raise PotstillError(f"--threads {value!r}: expected a whole number >= 1 or auto")
+    if not text.isdigit() or not 1 <= int(text) <= max_threads():
+        raise PotstillError(f"--threads {value!r}: expected a whole number from 1 to {max_threads()} "
+                            "(4 per CPU this process may use) or auto")
     return int(text)
 
 

@@ -5,11 +5,15 @@ shown default are declared with it (potstill/settings.py)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from potstill.settings import check_settings, load_settings, setting
 from potstill.student_train.errors import ConfigError
+
+# The shortest --max-length that trains anything: position 0 is never predicted (nothing precedes it).
+MIN_TRAIN_LENGTH = 2
 
 Loss = Literal["forward_kl", "reverse_kl", "jsd"]
 Targets = Literal["auto", "topk", "sampled"]  # "auto" and the loader's shapes (store.targets.TRAIN_TARGETS)
@@ -126,13 +130,18 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check each setting on its own; checks against the store and student happen at start."""
         check_settings(self, ConfigError)
+        check_finite(self)
         checks = [
             (self.max_steps > 0 or self.epochs > 0, "--max-steps or --epochs must be positive"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.head_lr_scale > 0, f"--head-lr-scale must be positive, got {self.head_lr_scale}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
-            (self.max_length >= 0, f"--max-length must be 0 or positive, got {self.max_length}"),
+            (self.max_length == 0 or self.max_length >= MIN_TRAIN_LENGTH,
+             f"--max-length must be 0 (never truncate) or at least {MIN_TRAIN_LENGTH}, got {self.max_length}: "
+             "a shorter sequence has no token to predict"),
+            (self.max_grad_norm >= 0, f"--max-grad-norm must be 0 (off) or positive, got {self.max_grad_norm}"),
+            (self.weight_decay >= 0, f"--weight-decay must not be negative, got {self.weight_decay}"),
             (0 < self.beta < 1, f"--beta must lie strictly between 0 and 1, got {self.beta}"),
             (self.kd_temperature > 0, f"--kd-temperature must be positive, got {self.kd_temperature}"),
             (0 <= self.alpha <= 1, f"--alpha must lie in [0, 1], got {self.alpha}"),
@@ -173,6 +182,7 @@ class EvalConfig:
 
     def validate(self) -> EvalConfig:
         check_settings(self, ConfigError)
+        check_finite(self)
         checks = [
             (self.eval_fraction is None or 0 <= self.eval_fraction < 1,
              f"--eval-fraction must lie in [0, 1), got {self.eval_fraction}"),
@@ -184,6 +194,15 @@ class EvalConfig:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+def check_finite(config: Any) -> None:
+    """Every float setting is a finite number: NaN fails every comparison, so a check such as
+    `max_grad_norm > 0` would read NaN as "off" and infinities slip through range checks."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
 def parse_hidden_map(text: str) -> list[tuple[int, int]]:

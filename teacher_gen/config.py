@@ -26,7 +26,11 @@ from potstill.settings import (
 from potstill.store.targets import codec_named, codec_names, kind_named, kind_names
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.gguf import is_gguf
-from potstill.teacher_gen.rationale import DEFAULT_ANSWER_PATTERN, DEFAULT_RATIONALE_TEMPLATE
+from potstill.teacher_gen.rationale import (
+    DEFAULT_ANSWER_PATTERN,
+    DEFAULT_RATIONALE_TEMPLATE,
+    check_answer_pattern,
+)
 
 Mode = Literal["score", "generate"]
 Backend = Literal["hf", "vllm"]
@@ -191,6 +195,7 @@ class GenerateConfig:
             )
         if self.rationale and "{prompt}" not in self.rationale_template:
             raise GenerateError("--rationale-template must contain {prompt}")
+        check_answer_pattern(self.answer_pattern)
         workers, index = self.resolve_workers()
         if workers < 1 or not 0 <= index < workers:
             raise GenerateError(f"--worker-index {index} is outside [0, --workers {workers})")
@@ -261,3 +266,4 @@ def coerce_setting(name: str, value: Any) -> Any:
     naming its flag (`potstill jobs submit` reads generate flags with it)."""
     f, hint = next((f, hint) for f, hint in fields_of(GenerateConfig) if f.name == name)
     return coerce(name, value, hint, GenerateError, info_of(f))
+

@@ -15,7 +15,7 @@ import numpy as np
 
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.errors import GenerateError, InputError
-from potstill.teacher_gen.prompts import SourceItem
+from potstill.teacher_gen.prompts import SourceItem, text_limit, utf8_length
 from potstill.teacher_gen.rationale import apply_template
 
 
@@ -99,12 +99,16 @@ def _encode_item(item: SourceItem, tokenizer: Any, config: GenerateConfig, max_l
             raise
         except Exception as e:  # chat templates raise their own errors (e.g. roles must alternate)
             return bad(f"chat template failed: {e}")
-        prompt_ids = _ids(tokenizer, text, special=False)
     else:
         text = item.prompt or ""
         if config.rationale:
             text = apply_template(config.rationale_template, text)
-        prompt_ids = _ids(tokenizer, text, special=True)
+    limit = text_limit(max_length)
+    if limit is not None and utf8_length(text) > limit:
+        if not (config.truncate and config.mode == "score" and config.score_prompt):  # else it is cut anyway
+            return bad(_too_long(utf8_length(text), max_length, limit))
+        text = text[:limit]  # at least `limit` bytes: still more than the context, which --truncate cuts
+    prompt_ids = _ids(tokenizer, text, special=item.messages is None)
     if not prompt_ids:
         return bad("prompt encodes to no tokens")
 
@@ -135,7 +139,13 @@ def _encode_score(item: SourceItem, prompt_ids: list[int], completion_text: str 
                   config: GenerateConfig, max_length: int | None,
                   bad: Callable[[str], InputError]) -> Encoded | InputError:
     if completion_text is not None:
-        completion_ids = _ids(tokenizer, completion_text, special=False)
+        limit = text_limit(max_length)
+        to_tokenize = completion_text
+        if limit is not None and utf8_length(completion_text) > limit:  # measured before it is tokenized
+            if not config.truncate:
+                return bad(_too_long(utf8_length(completion_text), max_length, limit, "completion"))
+            to_tokenize = completion_text[:limit]  # still more than the context: --truncate cuts the tokens
+        completion_ids = _ids(tokenizer, to_tokenize, special=False)
         if config.append_eos and tokenizer.eos_token_id is not None:
             completion_ids.append(int(tokenizer.eos_token_id))
         if not completion_ids:
@@ -166,3 +176,8 @@ def _encode_score(item: SourceItem, prompt_ids: list[int], completion_text: str 
         completion_text=completion_text,
         truncated=truncated,
     )
+
+
+def _too_long(size: int, max_length: int | None, limit: int, what: str = "text") -> str:
+    return (f"too long: {size:,} bytes of {what} cannot fit the teacher's context of {max_length} tokens "
+            f"(at most {limit:,} bytes); skipped without tokenizing")

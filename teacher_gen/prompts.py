@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,10 @@ from typing import Any
 from potstill.teacher_gen.errors import GenerateError, InputError, TooManyInputErrors
 
 FORMATS = ("jsonl", "json", "parquet", "csv", "datasets")
+# A text of more than this many UTF-8 bytes per token of the context cannot fit it, so it is refused by
+# its length before a tokenizer sees it (tokenizing 10 MB takes gigabytes). Generous on purpose: text
+# averages about 4 bytes a token, and even long whitespace or code tokens rarely pass 16 bytes.
+MAX_BYTES_PER_TOKEN = 32
 
 
 @dataclass
@@ -63,6 +69,15 @@ def detect_format(path: str) -> str:
     raise GenerateError(f"prompt file {path}: unknown format; use .jsonl, .json, .parquet, .csv or a datasets folder")
 
 
+def text_limit(max_length: int | None) -> int | None:
+    """The most UTF-8 bytes of text that can still fit `max_length` tokens; None when unbounded."""
+    return None if max_length is None else max_length * MAX_BYTES_PER_TOKEN
+
+
+def utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 # -- raw rows ---------------------------------------------------------------------------------
 RawRow = tuple[int, Any, str | None]  # (line or row number, the row, a parse error)
 
@@ -71,6 +86,9 @@ def iter_rows(path: str) -> Iterator[RawRow]:
     """(line/row number, row object, parse error or None) for every row of a prompt source."""
     if not os.path.exists(path):
         raise GenerateError(f"prompt file {path} does not exist")
+    if not os.path.isdir(path) and not os.path.isfile(path):
+        raise GenerateError(f"prompt file {path} is not a regular file (a FIFO, device or socket cannot be read "
+                            "as a prompt set)")
     fmt = detect_format(path)
     if fmt == "jsonl":
         yield from _jsonl_rows(path)
@@ -101,8 +119,24 @@ def parse_json(raw: bytes | str) -> Any:
         raise ValueError(reason) from None
 
 
+def open_regular(path: str) -> io.BufferedReader:
+    """`path` opened for reading, refused when it is not a regular file. Opened without blocking and
+    checked on the open descriptor, so a file swapped for a FIFO after `iter_rows` looked cannot hang
+    the reader in open()."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise GenerateError(f"prompt file {path} is not a regular file (a FIFO, device or socket cannot be "
+                                "read as a prompt set)")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _jsonl_rows(path: str) -> Iterator[RawRow]:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -114,7 +148,7 @@ def _jsonl_rows(path: str) -> Iterator[RawRow]:
 
 def _json_rows(path: str) -> Iterator[RawRow]:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = parse_json(f.read())
     except ValueError as e:
         raise GenerateError(f"prompt file {path}: not usable as JSON ({e})") from None
@@ -130,19 +164,20 @@ def _parquet_rows(path: str) -> Iterator[RawRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise GenerateError(f"prompt file {path}: unreadable Parquet ({e})") from None
-    number = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            number += 1
-            yield number, row, None
+    with open_regular(path) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise GenerateError(f"prompt file {path}: unreadable Parquet ({e})") from None
+        number = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row, None
 
 
 def _csv_rows(path: str) -> Iterator[RawRow]:
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with io.TextIOWrapper(open_regular(path), newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.DictReader(f)
         for row in reader:
             # CSV has no nulls: an empty cell means "absent"; extra cells land under the None key.

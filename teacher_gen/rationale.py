@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from potstill.teacher_gen.errors import GenerateError
+
 DEFAULT_RATIONALE_TEMPLATE = (
     "{prompt}\n\n"
     "Let's think step by step. Explain your reasoning, then end with a final line of the form "
@@ -24,6 +26,18 @@ DEFAULT_ANSWER_PATTERN = (
 def apply_template(template: str, prompt: str) -> str:
     # str.replace, not str.format: prompts are full of braces (code, JSON, LaTeX).
     return template.replace("{prompt}", prompt)
+
+
+def check_answer_pattern(pattern: str) -> None:
+    """--answer-pattern compiles, and says which group is the answer: one named `answer`, else its only
+    group (else the whole match); with several groups and no `answer`, the pick would be a guess."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise GenerateError(f"--answer-pattern {pattern!r} is not a valid regular expression ({e})") from None
+    if regex.groups > 1 and "answer" not in regex.groupindex:
+        raise GenerateError(f"--answer-pattern {pattern!r} has {regex.groups} groups and none named 'answer': "
+                            "name the answer's group (?P<answer>...)")
 
 
 @lru_cache(maxsize=16)

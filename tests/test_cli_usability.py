@@ -69,9 +69,25 @@ def test_threads_values():
     assert resolve_threads("3") == 3 and resolve_threads(2) == 2
     assert auto_threads(0, environ={"OMP_NUM_THREADS": "5"}) == 5  # the user's own setting wins
     assert auto_threads(10_000, environ={}) == 1
-    for bad in ("0", "-1", "two"):
+    for bad in ("0", "-1", "two", "99999", str(4 * len(os.sched_getaffinity(0)) + 1)):
         with pytest.raises(PotstillError, match="--threads"):
             resolve_threads(bad)
+    assert resolve_threads(str(4 * len(os.sched_getaffinity(0)))) == 4 * len(os.sched_getaffinity(0))
+
+
+def test_an_absurd_thread_count_is_refused_in_one_line_before_torch_starts(tmp_path, tiny_teacher_dir):
+    """--threads 99999 used to reach OpenMP and the tokenizers' pool: a Rust panic, then a segfault."""
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=5))
+    cpus = len(os.sched_getaffinity(0))
+    for command in (["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", str(tmp_path / "s"),
+                     "--device", "cpu", "--no-progress"],
+                    ["train", "--store", str(tmp_path / "s"), "--student", tiny_teacher_dir, "--out", str(tmp_path / "o")]):
+        result = subprocess.run([sys.executable, "-m", "potstill.cli.main", *command, "--threads", "99999"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert (result.returncode, result.stderr.strip().splitlines()) == (1, [
+            f"error: --threads '99999': expected a whole number from 1 to {4 * cpus} (4 per CPU this process may "
+            "use) or auto"]), result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "s") and not os.path.exists(tmp_path / "o")
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")

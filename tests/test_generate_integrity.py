@@ -148,3 +148,78 @@ def test_two_identical_runs_started_at_once_never_write_a_record_twice(tmp_path,
     assert len(ids) == len(set(ids)) == 80
     report = verify_store(store)
     assert report.ok and report.duplicates == 0 and not report.leftovers
+
+
+def test_a_fifo_prompt_set_is_refused_in_one_line_without_opening_it(tmp_path, tiny_teacher_dir):
+    fifo = str(tmp_path / "pipe.jsonl")
+    os.mkfifo(fifo)  # nobody writes to it: opening it for reading would block forever
+    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", fifo, "--out", str(tmp_path / "s"),
+                      "--device", "cpu", "--no-progress"], timeout=120)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].endswith(f"prompt file {fifo} is not a regular file (a FIFO, device or socket cannot be read "
+                             "as a prompt set)")
+    assert not os.path.exists(tmp_path / "s")
+
+
+@pytest.mark.parametrize("pattern,reason", [
+    ("(", "is not a valid regular expression (missing ), unterminated subpattern at position 0)"),
+    ("(?P<x>a)(b)", "has 2 groups and none named 'answer': name the answer's group (?P<answer>...)"),
+])
+def test_a_bad_answer_pattern_is_refused_before_any_model_loads(tmp_path, pattern, reason):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2))
+    result = run_cli(["generate", "--teacher", str(tmp_path / "no-such-teacher"), "--prompts", prompts,
+                      "--out", str(tmp_path / "s"), "--rationale", "--answer-pattern", pattern, "--no-progress"])
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].endswith(f"--answer-pattern {pattern!r} {reason}"), lines[0]
+
+
+def test_a_huge_prompt_is_skipped_by_its_length_before_it_is_tokenized(tmp_path, tiny_teacher_dir):
+    """A 10 MB one-line prompt used to be tokenized (gigabytes of memory) before being skipped as too long:
+    its byte length alone rules it out, and it is reported by line like any other bad line."""
+    good = prompt_rows(2, seed=9)
+    huge = {"id": "huge", "prompt": "tok " * (10 * 2**20 // 4), "completion": " done"}
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), [good[0], huge, good[1]])
+    store = str(tmp_path / "s")
+    script = textwrap.dedent("""
+        import resource, sys
+        from potstill.cli.main import main
+        sys.argv = ["potstill", *sys.argv[1:]]
+        try:
+            main()
+        finally:
+            print(f"MAXRSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+    """)
+    result = subprocess.run([sys.executable, "-c", script, "generate", "--teacher", tiny_teacher_dir, "--prompts",
+                             prompts, "--out", store, "--device", "cpu", "--no-progress", "--max-length", "64"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("line 2, id 'huge': too long: 10,485,760 bytes of text cannot fit the teacher's context of 64 tokens "
+            "(at most 2,048 bytes); skipped without tokenizing") in result.stdout, result.stdout
+    maxrss_mib = int(result.stderr.split("MAXRSS ")[1].split()[0]) / 1024
+    assert maxrss_mib < 1500, maxrss_mib  # the tokenizer's copy of 10 MB of text would take gigabytes
+    assert sorted(i for c in open_store(store).commits for i in c.ids) == sorted(r["id"] for r in good)
+
+
+def test_a_huge_completion_is_cut_before_tokenizing_with_truncate_and_skipped_without(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from potstill.teacher_gen.config import GenerateConfig
+    from potstill.teacher_gen.encode import Encoded, encode_item
+    from potstill.teacher_gen.prompts import SourceItem
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    item = SourceItem(id="big", line=7, prompt="the quick brown fox", completion=" jumps" * 100_000)
+    base = {"teacher": "t", "prompts": "p.jsonl", "store": "s"}
+    skipped = encode_item(item, tokenizer, GenerateConfig.build(**base), 64)
+    assert not isinstance(skipped, Encoded) and (skipped.line, skipped.id) == (7, "big")
+    assert skipped.reason == ("too long: 600,000 bytes of completion cannot fit the teacher's context of 64 tokens "
+                              "(at most 2,048 bytes); skipped without tokenizing")
+    cut = encode_item(item, tokenizer, GenerateConfig.build(**base, truncate=True), 64)
+    assert isinstance(cut, Encoded) and cut.truncated
+    assert len(cut.prompt_ids) + len(cut.completion_ids) == 64
+    assert cut.completion_text == item.completion  # the record keeps its text; only the tokens are cut
+    scored_prompt = SourceItem(id="p", line=8, prompt="the quick brown fox " * 50_000)
+    whole = encode_item(scored_prompt, tokenizer, GenerateConfig.build(**base, truncate=True, score_prompt=True), 64)
+    assert isinstance(whole, Encoded) and whole.truncated and len(whole.prompt_ids) == 64

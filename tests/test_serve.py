@@ -191,6 +191,8 @@ def test_bad_specs_get_422_naming_the_field(service, tiny_teacher_dir, tmp_path)
         ({"prompts": prompts, "store": "relative/store"}, "store"),
         ({"prompts": prompts, "store": "nosuchscheme://bucket/x"}, "store"),
         ({"prompts": prompts, "store": prompts}, "store"),
+        ({"prompts": prompts, "store": store, "answer_pattern": "("}, "answer_pattern"),
+        ({"prompts": prompts, "store": store, "answer_pattern": "(?P<x>a)(b)"}, "answer_pattern"),
     ]
     (tmp_path / "p.txt").write_text("x")
     with service.client() as c:
@@ -204,6 +206,11 @@ def test_bad_specs_get_422_naming_the_field(service, tiny_teacher_dir, tmp_path)
         # Repeating the service's own teacher (or leaving it out) is fine.
         assert wait_job(c, submit(c, prompts=prompts, store=store, teacher=tiny_teacher_dir))["state"] == "done"
         assert c.get("/jobs/nosuchjob").status_code == 404
+        for limit in ("1e23", str(10**23), "0", "-1"):
+            response = c.get(f"/jobs?limit={limit}")
+            assert response.status_code == 422, (limit, response.text)
+            assert response.json()["detail"].startswith("query.limit: "), response.text
+        assert "1,000,000" in c.get("/jobs?limit=" + str(10**23)).json()["detail"]
         schema = c.get("/openapi.json").json()
         fields = schema["components"]["schemas"]["JobSpec"]["properties"]
         assert set(fields) == {f for f in GenerateConfig.__dataclass_fields__ if f != "progress"}
@@ -256,7 +263,7 @@ def test_auth_with_a_token_every_request_needs_it(tiny_teacher_dir, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     svc = start_service(tiny_teacher_dir, str(tmp_path / "state"), "--token-file", str(token_file),
-                        "--data-root", str(tmp_path), token=TOKEN)
+                        "--data-root", str(tmp_path), "--max-body-bytes", "65536", token=TOKEN)
     try:
         for path in ("/health", "/jobs", "/jobs/x", "/openapi.json"):
             assert httpx.get(svc.url + path).status_code == 401
@@ -269,6 +276,12 @@ def test_auth_with_a_token_every_request_needs_it(tiny_teacher_dir, tmp_path):
             # With a token the Host header is not checked: clients reach the service by any name.
             assert c.get("/health", headers={"Host": "gpu-box.example:8000"}).status_code == 200
             assert c.get("/jobs").json() == []  # the refused POST queued nothing
+            # A chunked body (no Content-Length) over the limit is a 413 behind the token check too.
+            big = json.dumps({"prompts": prompts, "store": str(tmp_path / "x"), "rationale_template": "x" * 2**17})
+            chunked = c.post("/jobs", content=iter([big[:1000].encode(), big[1000:].encode()]),
+                             headers={"content-type": "application/json"})
+            assert chunked.request.headers.get("transfer-encoding") == "chunked"
+            assert chunked.status_code == 413 and chunked.json()["detail"].startswith("request body larger than")
         no_token = jobs_cli(svc, "list")
         assert no_token.returncode == 1 and "401" in no_token.stderr and "POTSTILL_TOKEN" in no_token.stderr
         result = jobs_cli(svc, "submit", "--prompts", prompts, "--out", str(tmp_path / "s"), "--wait", token=TOKEN)

@@ -211,6 +211,17 @@ def test_serve_refuses_a_missing_root_in_one_line_before_writing_anything(tiny_t
         assert result.returncode == 1
         assert result.stderr.strip().splitlines() == [line]
         assert not state.exists()
+    state_file = tmp_path / "state.txt"
+    state_file.write_text("not a folder")
+    for state_flag, line in [(state_file, f"error: --state {state_file}: exists and is not a folder (the service "
+                                          "keeps its queue in it)"),
+                             (state_file / "sub", f"error: --state {state_file}/sub: cannot create the state folder "
+                                                  "(Not a directory)")]:
+        result = subprocess.run([sys.executable, "-m", "potstill.cli.main", "serve", "--teacher", tiny_teacher_dir,
+                                 "--state", str(state_flag)], capture_output=True, text=True, env=env, cwd=REPO,
+                                timeout=120)
+        assert (result.returncode, result.stderr.strip().splitlines()) == (1, [line])
+    assert state_file.read_text() == "not a folder"
 
 
 def test_roots_and_schemes_come_from_the_config_file_too(tmp_path):
@@ -446,3 +457,34 @@ def test_an_allowed_scheme_is_fetched_and_nothing_else_reaches_out(hardened, san
     assert_complete(f"{sandbox.root}/fetched", 4)
     inputs = os.path.join(hardened.state, "inputs")
     assert not os.path.exists(inputs) or not os.listdir(inputs)  # the fetched copy is removed
+
+
+def test_a_fifo_is_never_a_prompt_set(in_process, tmp_path):
+    """A FIFO named like a prompt file would block the job thread in open() forever: it is refused at
+    submission (422 naming the field) and again when the job runs, and the service keeps serving."""
+    root = tmp_path / "data"
+    root.mkdir()
+    good = write_jsonl(str(root / "p.jsonl"), prompt_rows(2, seed=16))
+    fifo = str(root / "pipe.jsonl")
+    os.mkfifo(fifo)
+    app = in_process(data_root=[str(root)])
+    refused = app.client.post("/jobs", json={"prompts": fifo, "store": str(root / "s0")})
+    assert refused.status_code == 422
+    assert refused.json() == {"detail": f"prompts: {fifo} is not a regular file or a datasets folder"}
+    folder = root / "saved"
+    folder.mkdir()
+    os.mkfifo(folder / "data-00000-of-00001.arrow")  # datasets.load_from_disk would block on it too
+    in_folder = app.client.post("/jobs", json={"prompts": str(folder), "store": str(root / "s0")})
+    assert in_folder.status_code == 422
+    assert in_folder.json() == {"detail": f"prompts: {folder}: data-00000-of-00001.arrow is not a regular file "
+                                          "or a folder"}
+
+    later = str(root / "later.jsonl")
+    swapped = submit(app.client, prompts=write_jsonl(later, prompt_rows(2, seed=17)), store=str(root / "s1"))
+    after = submit(app.client, prompts=good, store=str(root / "s2"))
+    os.remove(later)
+    os.mkfifo(later)  # replaced by a FIFO between submission and run
+    app.runner.start()
+    assert wait_job(app.client, swapped, timeout=60)["error"] == (
+        f"prompts: {later} is not a regular file or a datasets folder")
+    assert wait_job(app.client, after, timeout=120)["state"] == "done"

@@ -52,7 +52,7 @@ COMMANDS = [("generate", GenerateConfig, GenerateError), ("train", TrainConfig, 
 SAMPLES = {"rationale_template": "Q: {prompt}", "beta": 0.25, "alpha": 0.5, "eval_fraction": 0.1,
            "hidden_map": "1:2", "workers": 2, "worker_index": 1, "gpu_memory_utilization": 0.5, "port": 8123,
            "max_body_bytes": 8192, "writer_threads": 3, "logprob_bits": 10, "codec": "packed",
-           "head_lr_scale": 2.0, "host": "127.0.0.2", "allow_url_scheme": ["s3"],
+           "head_lr_scale": 2.0, "host": "127.0.0.2", "allow_url_scheme": ["s3"], "max_length": 64,
            "allow_host": ["gpu-box"], "data_root": ["/d"], "read_root": ["/r"], "write_root": ["/w"]}
 # other settings a sample needs (vLLM captures top-k only; a relation loss needs layer pairs)
 CONTEXT = {"backend": {"targets": "topk"}, "relation_weight": {"hidden_map": "1:2"}, "worker_index": {"workers": 2}}
@@ -288,3 +288,25 @@ def test_the_options_reference_is_current():
     for _, cls, _, config_file in reference.COMMANDS:
         for f in dataclasses.fields(cls):
             assert f"| `{flag_of(f)}`" in text and (not config_file or f"| `{f.name}`" in text), f.name
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--epochs", "inf"], "--epochs must be a finite number, got inf"),
+    (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
+    (["--hidden-weight", "-inf"], "--hidden-weight must be a finite number, got -inf"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be 0 (off) or positive, got -1.0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must not be negative, got -0.1"),
+    (["--max-length", "1"], "--max-length must be 0 (never truncate) or at least 2, got 1: a shorter sequence "
+                            "has no token to predict"),
+])
+def test_train_settings_that_would_train_nothing_or_silently_off_are_refused(flags, expected):
+    """NaN fails every comparison: --max-grad-norm nan used to turn clipping off without a word, and
+    --max-length 1 trained every step on a loss of 0."""
+    assert invoke(["train", "--store", "s", "--student", "m", "--out", "o", *flags]) == expected
+
+
+def test_eval_settings_must_be_finite():
+    assert invoke(["eval", "--store", "s", "--student", "m", "--eval-fraction", "nan"]) == (
+        "--eval-fraction must be a finite number, got nan")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,33 @@ def test_copy_checks_checksums_and_refuses_other_stores(store_url, tmp_path):
     copied = open_store(fresh)
     assert shard not in copied.shard_names and len(copied.shard_names) == 1
     assert potstill("store", "verify", fresh).returncode == 0
+
+
+def test_export_never_writes_inside_the_store_and_names_the_accepted_suffixes(store_url, tmp_path):
+    manifest = os.path.join(store_url, "manifest.json")
+    commit = os.path.join(store_url, "commits", sorted(os.listdir(os.path.join(store_url, "commits")))[0])
+    before = {p: Path(p).read_bytes() for p in (manifest, commit)}
+    os.symlink(store_url, tmp_path / "via-link")
+    for to in (manifest, commit, os.path.join(store_url, "export.parquet"), os.path.join(store_url, "shards", "x.jsonl"),
+               str(tmp_path / "via-link" / "manifest.jsonl")):
+        one_line_error(potstill("store", "export", store_url, "--to", to),
+                       f"--to {to}: is inside the store {store_url}; write the export outside it")
+    assert {p: Path(p).read_bytes() for p in before} == before
+    assert not os.path.exists(os.path.join(store_url, "export.parquet"))
+    assert not os.path.exists(os.path.join(store_url, "shards", "x.jsonl"))
+    assert potstill("store", "verify", store_url).returncode == 0
+    for name in ("x.json", "x.JSONL.gz", "x"):
+        one_line_error(potstill("store", "export", store_url, "--to", str(tmp_path / name)),
+                       "the file name must end in .parquet or .jsonl (one JSON record a line)")
+        assert not os.path.exists(tmp_path / name)
+
+
+def test_info_on_an_empty_store_says_it_holds_no_records_yet(tmp_path):
+    url = str(tmp_path / "empty.store")
+    create_store(url, make_manifest(chunk_tokens=8), TOKENIZER_FILES)
+    text = potstill("store", "info", url)
+    assert text.returncode == 0, text.stderr
+    assert "None per token" not in text.stdout and "records      0 (no records yet)" in text.stdout, text.stdout
+    assert "bytes        " in text.stdout and "field" not in text.stdout
+    info = json.loads(potstill("store", "info", url, "--json").stdout)
+    assert info["records"] == 0

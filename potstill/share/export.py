@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from potstill.store.errors import StoreError
+from potstill.store.fs import is_local
 from potstill.store.reader import Store
 
 EXPORT_FIELDS = (
@@ -43,9 +44,10 @@ def export_store(store: Store, to: str, *, batch_rows: int = 4096, with_targets:
     manifest in the file's metadata. The file is written under a temporary name and moved into
     place, so a failed export never leaves a half file where a good one was.
     """
-    kind = "parquet" if to.endswith(".parquet") else "jsonl" if to.endswith((".jsonl", ".json")) else None
-    if kind is None:
-        raise StoreError(f"--to {to}: the file name must end in .parquet or .jsonl")
+    check_outside_store(store, to)
+    kind = "parquet" if to.endswith(".parquet") else "jsonl" if to.endswith(".jsonl") else None
+    if kind is None:  # .json too: a JSON-lines file named .json would read as broken JSON elsewhere
+        raise StoreError(f"--to {to}: the file name must end in .parquet or .jsonl (one JSON record a line)")
     if with_targets and kind != "parquet":
         raise StoreError(f"--to {to}: teacher targets are exported to Parquet only; name the file .parquet")
     tmp = f"{to}.partial"
@@ -75,6 +77,17 @@ def export_store(store: Store, to: str, *, batch_rows: int = 4096, with_targets:
         if os.path.exists(tmp):
             os.remove(tmp)
     return count
+
+
+def check_outside_store(store: Store, to: str) -> None:
+    """The export never lands inside the store it reads: it would replace the store's own files
+    (its manifest, a commit record) or leave a stray file among them."""
+    if not is_local(store.fs):
+        return
+    root = os.path.realpath(store.root)
+    target = os.path.realpath(to)
+    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+        raise StoreError(f"--to {to}: is inside the store {store.url}; write the export outside it")
 
 
 def _tables(store: Store, batch_rows: int) -> Any:

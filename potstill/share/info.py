@@ -63,6 +63,9 @@ def store_info(store: Store) -> dict[str, Any]:
 
 def format_info(info: dict[str, Any]) -> str:
     t = info["teacher"]
+    empty = not info["tokens"]  # nothing committed yet: no per-token sizes, no answers, no field table
+    per_token = "" if empty else (f" ({info['bytes_per_token']} per token, "
+                                  f"{info['bytes_per_scored_token']} per scored token)")
     lines = [
         f"store        {info['store']}  (format {info['format_version']}, potstill {info['potstill_version']})",
         f"teacher      {t['name_or_path']}  ({t['architecture']}, {t['dtype']}, config {str(t['config_hash'])[:19]})",
@@ -72,19 +75,21 @@ def format_info(info: dict[str, Any]) -> str:
         "hidden       "
         + (", ".join(f"layer {x['index']} [{x['width']}] {x['dtype']}" for x in info["hidden_layers"]) or "none"),
         f"rationales   {'yes' if info['rationales'] else 'no'}",
-        *([f"answers      {describe_answers(info['answers'])}"] if info.get("answers") else []),
+        *([f"answers      {describe_answers(info['answers'])}"] if info.get("answers") and not empty else []),
         *([f"answer rule  the {info['answer_rule']['match']} match of {info['answer_rule']['pattern']!r}"]
           if info.get("answer_rule") else []),
         f"shards       {info['shards']}",
-        f"records      {info['records']}" + (f" ({info['duplicates']} duplicate rows skipped)" if info["duplicates"] else ""),
+        f"records      {info['records']}" + (f" ({info['duplicates']} duplicate rows skipped)" if info["duplicates"] else "")
+        + (" (no records yet)" if empty else ""),
         f"tokens       {info['tokens']} ({info['scored_tokens']} scored)",
-        f"bytes        {info['bytes']} ({info['bytes_per_token']} per token, {info['bytes_per_scored_token']} per scored token)",
+        f"bytes        {info['bytes']}{per_token}",
         "integrity    not verified (`potstill store verify` hashes every file)"
         + (f"; {len(info['problems'])} problem(s) found:" if info["problems"] else ""),
         *(f"  BAD  {p}" for p in info["problems"]),
-        "",
-        f"{'field':<22}{'bytes':>14}{'B/token':>12}{'B/scored':>12}",
     ]
+    if empty:
+        return "\n".join(lines)
+    lines += ["", f"{'field':<22}{'bytes':>14}{'B/token':>12}{'B/scored':>12}"]
     for name, f in info["fields"].items():
         lines.append(f"{name:<22}{f['bytes']:>14}{_fmt(f['per_token']):>12}{_fmt(f['per_scored_token']):>12}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The HTTP API of `potstill serve` (FastAPI; the OpenAPI schema is at /openapi.json, docs at /docs).
 
     POST   /jobs        submit a job (a `JobSpec`)             201 -> JobStatus, 422 bad spec
-    GET    /jobs        every job, oldest first (?state=; ?limit=N: the newest N)
+    GET    /jobs        every job, oldest first (?state=; ?limit=N: the newest N, 1 <= N <= 1,000,000)
     GET    /jobs/{id}   one job: state, records and tokens done, errors, ETA      404 unknown
     DELETE /jobs/{id}   cancel: a queued job at once, a running one after its batch; 409 if finished
     GET    /health      teacher, load status, job counts
@@ -15,7 +15,6 @@ Handlers are plain functions: FastAPI runs them in its thread pool, next to the 
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -30,7 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 import potstill.teacher_gen.service.spec as specs
-from potstill.teacher_gen.service.guards import BodyLimit, HostCheck, allowed_hosts
+from potstill.teacher_gen.service.guards import BodyLimit, HostCheck, TokenCheck, allowed_hosts
 from potstill.teacher_gen.service.jobqueue import Job, JobQueue
 from potstill.teacher_gen.service.paths import PathPolicy
 from potstill.teacher_gen.service.settings import ServeConfig
@@ -38,6 +37,7 @@ from potstill.teacher_gen.service.worker import JobRunner
 
 log = logging.getLogger("potstill.serve")
 SHUTDOWN_WAIT_S = 120.0  # how long a shutdown waits for the running job's batch to finish
+MAX_LIST_LIMIT = 1_000_000  # ?limit= above this is refused: SQLite integers end at 2**63
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 
 
@@ -125,7 +125,7 @@ def create_app(service: Service) -> FastAPI:
     )
     _install_error_format(app)
     if service.token is not None:
-        _require_token(app, service.token)
+        app.add_middleware(TokenCheck, token=service.token)
     # Added last, so they run first: a refused request never reaches the token check or the routes.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if service.token is None or settings.allow_host:  # with a token, rebinding gains nothing: opt-in
@@ -145,7 +145,8 @@ def create_app(service: Service) -> FastAPI:
         return job_status(job)
 
     @app.get("/jobs", response_model=list[JobStatus], responses=ERRORS)
-    def list_jobs(state: State | None = None, limit: int | None = Query(None, ge=1)) -> list[JobStatus]:
+    def list_jobs(state: State | None = None,
+                  limit: int | None = Query(None, ge=1, le=MAX_LIST_LIMIT)) -> list[JobStatus]:
         """Every job (or those in `state`), oldest first; with `limit`, the newest `limit` of them."""
         now = time.time()
         return [job_status(j, now) for j in queue.list_jobs(state, limit)]
@@ -193,17 +194,7 @@ def _install_error_format(app: FastAPI) -> None:
             message = err.get("msg", "invalid")
             if err.get("type") == "extra_forbidden":
                 message = "unknown setting (not a potstill generate option)"
+            if tuple(err.get("loc", ())) == ("query", "limit"):
+                message = f"{message}; give a whole number from 1 to {MAX_LIST_LIMIT:,}"
             parts.append(f"{where}: {message}")
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
-
-
-def _require_token(app: FastAPI, token: str) -> None:
-    expected = token.encode()
-
-    @app.middleware("http")
-    async def check_bearer_token(request: Request, call_next: Any) -> Any:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)

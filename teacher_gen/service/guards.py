@@ -1,4 +1,5 @@
-"""ASGI middlewares that refuse a request before the app reads it: too large a body, a foreign Host.
+"""ASGI middlewares that refuse a request before the app reads it: too large a body, a foreign Host,
+a missing bearer token.
 
 `BodyLimit` answers 413 to a body over `--max-body-bytes`: at once when Content-Length says so,
 else as soon as the bytes read (a chunked body has no Content-Length) pass the limit, so a client
@@ -6,7 +7,11 @@ cannot make the service buffer an unbounded body. `HostCheck` answers 400 to a H
 is not one of the service's names: a web page a browser on the service's machine visits cannot
 reach a token-less service through DNS rebinding (its requests carry the attacker's host name).
 
-Both answer with the service's usual `{"detail": "<one line>"}` body. They are written here, not
+`TokenCheck` answers 401 to a request without the service's bearer token. All three are plain ASGI
+middlewares: Starlette's `BaseHTTPMiddleware` (`@app.middleware("http")`) would wrap the body stream
+and turn `BodyLimit`'s 413 into FastAPI's 400 "error parsing the body".
+
+All answer with the service's usual `{"detail": "<one line>"}` body. They are written here, not
 taken from Starlette: its `TrustedHostMiddleware` answers in plain text, and its body limit (like
 FastAPI's `max_body_size`) needs newer Starlette / FastAPI releases than potstill requires and
 than the vLLM image ships.
@@ -14,6 +19,7 @@ than the vLLM image ships.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 from typing import Any
 
@@ -86,6 +92,24 @@ class HostCheck:
             detail = (f"host {shown!r} is not a name of this service; a service without a token answers only "
                       "to its loopback names and --host (add others with --allow-host)")
             await _answer(scope, receive, send, HTTPException(400, detail))
+            return
+        await self.app(scope, receive, send)
+
+
+class TokenCheck:
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.expected = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scheme, _, given = (_header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), self.expected):
+            response = JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

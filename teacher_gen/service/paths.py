@@ -7,8 +7,10 @@ starts (files can change in between; a restart may narrow the roots):
 
 - a local path must be absolute and, both as written (after removing `.` and `..`) and after
   resolving every symlink, lie inside a root of its kind;
+- a local prompt set is a regular file or a folder: a FIFO, device or socket would block the job
+  thread that opens it;
 - a prompt folder (a saved `datasets` folder) may hold no symlink that resolves outside the read
-  roots;
+  roots, nor a FIFO, device or socket;
 - the service's own files (its `--state` folder and token file) are never a job's prompts or store,
   nor inside or around one, even when a root holds them;
 - `file://` URLs are local paths and follow the same rules;
@@ -90,6 +92,9 @@ class PathPolicy:
         path = self._resolve(field, local, self.read_roots, "read", "--data-root or --read-root")
         if os.path.isdir(path):
             self._check_folder(field, local, path)
+        elif os.path.exists(path) and not os.path.isfile(path):
+            # a FIFO, device or socket would block (or never end) the job thread that opens it
+            raise SpecError(field, f"{local} is not a regular file or a datasets folder")
         return path
 
     def store(self, location: str, field: str = "store") -> str:
@@ -160,12 +165,14 @@ class PathPolicy:
                     raise SpecError(field, f"{given} holds more than {MAX_FOLDER_ENTRIES:,} entries; "
                                            "a prompt folder is a saved datasets folder")
                 entry = os.path.join(parent, name)
+                rel = os.path.relpath(entry, folder)
                 if os.path.islink(entry):
                     real = os.path.realpath(entry)
                     if not any(root.holds_resolved(real) for root in self.read_roots) or self._touches_own_files(real):
-                        rel = os.path.relpath(entry, folder)
                         raise SpecError(field, f"{given}: {rel} is a symlink leading outside the folders "
                                                "this service may read")
+                if os.path.exists(entry) and not (os.path.isfile(entry) or os.path.isdir(entry)):
+                    raise SpecError(field, f"{given}: {rel} is not a regular file or a folder")
 
 
 def check_allowable_scheme(scheme: str) -> None:

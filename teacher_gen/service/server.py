@@ -48,7 +48,10 @@ def serve(settings: ServeConfig) -> None:
     token = server_token(settings.host, settings.token_file)
     policy = PathPolicy.from_settings(settings)
     _setup_logging()
-    os.makedirs(settings.state, exist_ok=True)
+    try:
+        os.makedirs(settings.state, exist_ok=True)
+    except OSError as e:
+        raise ServiceError(f"--state {settings.state}: cannot create the state folder ({e.strerror})") from None
     lock = _lock_state(settings.state)
     try:
         _serve_locked(settings, token, policy)

@@ -102,6 +102,8 @@ class ServeConfig:
             raise ServiceError("--max-top-k must be at least 1")
         if not self.host:
             raise ServiceError("--host is empty")
+        if os.path.exists(self.state) and not os.path.isdir(self.state):
+            raise ServiceError(f"--state {self.state}: exists and is not a folder (the service keeps its queue in it)")
         if self.max_body_bytes < 1024:
             raise ServiceError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
         self.allow_url_scheme = [s.lower().removesuffix("://") for s in self.allow_url_scheme]
