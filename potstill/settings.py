@@ -211,7 +211,7 @@ def coerce(name: str, value: Any, hint: Any, error: type[Exception] = PotstillEr
         if hint is str:
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise ValueError(value)
-            return str(value)
+            return _sound_text(str(value), flag, error)
     except (TypeError, ValueError):
         raise error(f"{flag}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
     return value
@@ -223,7 +223,18 @@ def _coerce_list(value: Any, item: Any, flag: str, error: type[Exception]) -> li
     items = [value] if isinstance(value, str) else value  # a repeatable flag: one value, or a list
     if not isinstance(items, list | tuple) or not all(isinstance(x, str) and x for x in items):
         raise error(f"{flag}: expected a string or a list of strings, got {value!r}")
-    return list(items)
+    return [_sound_text(x, flag, error) for x in items]
+
+
+def _sound_text(text: str, flag: str, error: type[Exception]) -> str:
+    """`text`, refused when no file name or UTF-8 file can hold it: a lone surrogate such as "\\ud800",
+    which JSON and YAML can spell (the undecodable bytes of a typed file name, "\\udc80".."\\udcff", pass)."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as e:
+        bad = text[e.start : e.end].encode("unicode_escape").decode("ascii")
+        raise error(f"{flag}: {text!r} holds a lone surrogate ({bad}), which is not valid Unicode") from None
+    return text
 
 
 def parse_int_list(value: Any, flag: str, error: type[Exception] = PotstillError) -> list[int]:
