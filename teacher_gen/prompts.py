@@ -24,6 +24,7 @@ FORMATS = ("jsonl", "json", "parquet", "csv", "datasets")
 # its length before a tokenizer sees it (tokenizing 10 MB takes gigabytes). Generous on purpose: text
 # averages about 4 bytes a token, and even long whitespace or code tokens rarely pass 16 bytes.
 MAX_BYTES_PER_TOKEN = 32
+CSV_FIELD_LIMIT = 2**31 - 1  # the most a CSV cell may hold (the csv module's own limit is 128 KiB)
 
 
 @dataclass
@@ -177,15 +178,21 @@ def _parquet_rows(path: str) -> Iterator[RawRow]:
 
 
 def _csv_rows(path: str) -> Iterator[RawRow]:
+    # The csv module refuses cells over 128 KiB by default; a long document is a prompt like any other
+    # (too long for the teacher's context is decided later, by its length, as for JSONL).
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     with io.TextIOWrapper(open_regular(path), newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.DictReader(f)
-        for row in reader:
-            # CSV has no nulls: an empty cell means "absent"; extra cells land under the None key.
-            extra = row.pop(None, None)  # type: ignore[call-overload]
-            if extra:
-                yield reader.line_num, None, f"row has {len(extra)} more cells than the header"
-                continue
-            yield reader.line_num, {k: (None if v == "" else v) for k, v in row.items()}, None
+        try:
+            for row in reader:
+                # CSV has no nulls: an empty cell means "absent"; extra cells land under the None key.
+                extra = row.pop(None, None)  # type: ignore[call-overload]
+                if extra:
+                    yield reader.line_num, None, f"row has {len(extra)} more cells than the header"
+                    continue
+                yield reader.line_num, {k: (None if v == "" else v) for k, v in row.items()}, None
+        except csv.Error as e:
+            raise GenerateError(f"prompt file {path}: unreadable CSV at line {reader.line_num} ({e})") from None
 
 
 def _datasets_rows(path: str) -> Iterator[RawRow]:
