@@ -15,12 +15,17 @@ import os
 import tempfile
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from potstill.teacher_gen.prompts import FieldMap, PromptSet, load_prompts
+from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.encode import encode_item
+from potstill.teacher_gen.errors import InputError
+from potstill.teacher_gen.prompts import FieldMap, PromptSet, SourceItem, load_prompts
 
 PROPS = settings(derandomize=True, deadline=None, max_examples=150, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -192,3 +197,51 @@ def test_parquet_rows_come_back_exactly_or_are_named_by_row(rows) -> None:
     _check_set(prompts, expect, list(range(1, len(rows) + 1)))
     for item in prompts.items:
         assert item.meta == {"n": rows[item.line - 1][2]}
+
+
+# -- from a record to the teacher's tokens (teacher_gen/encode.py) ----------------------------------
+roles = st.sampled_from(["user", "assistant", "system", "tool", ""])
+messages = st.lists(st.fixed_dictionaries({"role": roles, "content": sound_text}), min_size=1, max_size=4)
+
+
+@st.composite
+def encode_case(draw: st.DrawFn) -> tuple[SourceItem, GenerateConfig, int | None]:
+    chat = draw(st.booleans())
+    item = SourceItem(id="r", line=3, prompt=None if chat else draw(prompt_text | st.just("word " * 2000)),
+                      messages=draw(messages) if chat else None, completion=draw(st.none() | sound_text | st.just("x " * 3000)))
+    config = GenerateConfig(teacher="t", prompts="p", store="s", mode=draw(st.sampled_from(["score", "generate"])),
+                            truncate=draw(st.booleans()), score_prompt=draw(st.booleans()), append_eos=draw(st.booleans()),
+                            rationale=draw(st.booleans()), max_new_tokens=draw(st.integers(1, 40)))
+    return item, config, draw(st.none() | st.integers(2, 64))
+
+
+@settings(PROPS, max_examples=150)
+@given(case=encode_case())
+def test_any_record_encodes_within_the_context_or_gets_a_one_line_reason(tiny_tokenizer, case) -> None:
+    item, config, max_length = case
+    got = encode_item(item, tiny_tokenizer, config, max_length)
+    if isinstance(got, InputError):
+        assert got.line == 3 and got.id == "r" and got.reason and "\n" not in got.reason, got
+        return
+    assert got.item is item and got.prompt_ids.dtype == np.int32 and len(got.prompt_ids) >= 1
+    if config.mode == "generate":
+        assert got.completion_ids is None and got.max_new_tokens >= 1
+        assert max_length is None or len(got.prompt_ids) + got.max_new_tokens <= max_length
+        assert got.truncated == (got.max_new_tokens < config.max_new_tokens) and (config.truncate or not got.truncated)
+    else:
+        assert got.completion_ids is not None
+        total = len(got.prompt_ids) + len(got.completion_ids)
+        assert max_length is None or total <= max_length
+        assert len(got.completion_ids) >= 1 or config.score_prompt
+        assert config.truncate or not got.truncated
+        if not got.truncated and item.completion is not None and item.completion.strip() and not config.rationale:
+            # the completion is the record's own text, token for token
+            eos = 1 if config.append_eos else 0
+            assert tiny_tokenizer.decode(got.completion_ids[: len(got.completion_ids) - eos]) == item.completion
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
