@@ -218,7 +218,7 @@ def _split_positions(counts: np.ndarray, entries: int, positions: int, samples: 
     split into `positions` positions of N draws."""
     running = np.cumsum(counts.astype(np.uint64))
     ends = np.flatnonzero(running % np.uint64(samples) == 0) + 1
-    if (len(ends) != positions or (entries and ends[-1] != entries)
+    if (len(ends) != positions or (entries and (not len(ends) or ends[-1] != entries))
             or not np.array_equal(running[ends - 1], np.arange(1, positions + 1, dtype=np.uint64) * np.uint64(samples))):
         raise StoreError(f"{where}: counts do not split into {positions} positions of N={samples} draws")
     offsets = np.zeros(positions + 1, dtype=np.int64)

@@ -13,7 +13,7 @@ import tempfile
 
 import numpy as np
 from common import make_manifest, random_record
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from potstill.store import create_store, open_store
@@ -25,6 +25,7 @@ from potstill.store.codec import (
     _decode_gamma,
     _gamma_stream,
     bits_for,
+    check_sampled,
     decode_sampled,
     decode_sampled_compact,
     decode_sampled_compact2,
@@ -41,6 +42,7 @@ from potstill.store.codec import (
     unpack_unary,
     unpack_varbits,
 )
+from potstill.store.errors import StoreError
 from potstill.store.manifest import TargetSpec
 
 PROPS = settings(derandomize=True, deadline=None, max_examples=250, database=None,
@@ -237,3 +239,29 @@ def test_records_read_back_from_real_store_files_in_every_codec(case) -> None:
                 assert np.array_equal(got.tail_logprob, want.tail_logprob)
             if spec.has_sampled:
                 assert _same(got.sampled, want.sampled)
+
+
+# -- streams that no encoder made -------------------------------------------------------------------
+@settings(PROPS, max_examples=400)
+@given(st.binary(max_size=48), st.binary(max_size=48), st.integers(0, 40), st.integers(0, 6),
+       st.integers(1, 65535) | st.sampled_from([1, 2, 3]), st.integers(1, 1 << 20) | st.sampled_from([1, 2]),
+       st.lists(st.integers(0, 63), unique=True, max_size=8), st.sampled_from(["packed", "compact", "compact2"]))
+# found: entries but no positions (a record with nothing scored) raised IndexError, not a StoreError
+@example(ids_bytes=b"", counts_bytes=b"\x01", entries=1, positions=0, samples=2, vocab=1, listed=[], codec="compact")
+@example(ids_bytes=b"\x00", counts_bytes=b"\x01", entries=1, positions=0, samples=2, vocab=1, listed=[], codec="packed")
+def test_sampled_streams_that_no_encoder_made_fail_in_one_line_or_decode_to_valid_targets(
+        ids_bytes, counts_bytes, entries, positions, samples, vocab, listed, codec) -> None:
+    ids_data, counts_data = np.frombuffer(ids_bytes, np.uint8), np.frombuffer(counts_bytes, np.uint8)
+    try:
+        if codec == "packed":
+            t = decode_sampled(ids_data, counts_data, entries, positions, samples, bits_for(vocab - 1), bits_for(samples))
+        elif codec == "compact":
+            t = decode_sampled_compact(ids_data, counts_data, entries, positions, samples, vocab)
+        else:
+            order = IdOrder([v for v in listed if v < vocab])
+            t = decode_sampled_compact2(ids_data, counts_data, entries, positions, samples, vocab, id_order=order)
+    except StoreError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    check_sampled(t, positions, samples, vocab, "decoded")  # raises unless every rule of the format holds
+    assert t.num_entries == entries and t.ids.dtype == np.int32 and t.counts.dtype == np.uint16
