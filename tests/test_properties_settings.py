@@ -185,3 +185,39 @@ def test_a_lone_surrogate_in_a_text_setting_is_refused_in_one_line(tmp_path) -> 
         load_settings(ServeConfig, str(path), error=ServiceError)
     # the undecodable bytes of a file name, as the command line hands them over, are a valid path
     assert load_settings(TrainConfig, None, {"store": "s\udcff", "student": "m", "out": "o"}).store == "s\udcff"
+
+
+SECTIONS = {GenerateConfig: "generate", TrainConfig: "train", ServeConfig: "serve"}
+
+
+@PROPS
+@given(config_case(), st.booleans())
+def test_the_same_values_as_flags_or_under_the_commands_section_load_the_same(tmp_path_factory, case, nested) -> None:
+    """Typed flags and a file's `[generate]` / `train:` / `serve:` table are the same settings as top-level keys:
+    the same result, or the same one-line refusal (file names aside)."""
+    cls, error, mapping, fmt = case
+    folder = tmp_path_factory.mktemp("cfg")
+    flat_path, nested_path = str(folder / f"flat.{fmt}"), str(folder / f"nested.{fmt}")
+    write_config(flat_path, mapping, fmt)
+    write_config(nested_path, {SECTIONS[cls]: mapping} if nested and cls in SECTIONS else mapping, fmt)
+
+    def outcome(path: str | None, overrides: dict[str, Any] | None) -> Any:
+        try:
+            return load_settings(cls, path, overrides, error=error, section=SECTIONS.get(cls))
+        except PotstillError as e:
+            assert isinstance(e, error) and "\n" not in str(e), (type(e), str(e))
+            return str(e).replace(str(path), "FILE")
+
+    from_file = outcome(flat_path, None)
+    assert _same_outcome(outcome(nested_path, None), from_file)
+    if fmt != "toml" and not isinstance(from_file, str):  # flags: no None (an untyped flag), so no TOML-less keys
+        flags = {k: v for k, v in mapping.items() if v is not None}
+        from_flags = outcome(None, flags)
+        dropped = any(v is None for v in mapping.values())
+        assert dropped or _same_outcome(from_flags, from_file), (from_flags, from_file)
+
+
+def _same_outcome(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str):  # a parser's message says where in the file: that may differ
+        return a.split(" cannot parse (")[0] == b.split(" cannot parse (")[0]
+    return a == b if isinstance(a, str) or isinstance(b, str) else _same(a, b)
