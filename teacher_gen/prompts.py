@@ -165,14 +165,28 @@ def _parquet_rows(path: str) -> Iterator[RawRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    def unreadable(e: Exception, where: str = "") -> GenerateError:
+        detail = " ".join(str(e).split())  # Arrow's messages span lines
+        return GenerateError(f"prompt file {path}: unreadable Parquet{where} ({type(e).__name__}: {detail})")
+
+    # A damaged file can fail anywhere: its footer when opened, a page or a string's UTF-8 when read.
+    damaged = (pa.ArrowException, OSError, UnicodeDecodeError)
     with open_regular(path) as f:
         try:
             pf = pq.ParquetFile(f)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise GenerateError(f"prompt file {path}: unreadable Parquet ({e})") from None
+        except damaged as e:
+            raise unreadable(e) from None
         number = 0
-        for batch in pf.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
+        batches = pf.iter_batches(batch_size=4096)
+        while True:
+            try:
+                batch = next(batches, None)
+                rows = [] if batch is None else batch.to_pylist()
+            except damaged as e:
+                raise unreadable(e, f" after row {number}") from None
+            if batch is None:
+                return
+            for row in rows:
                 number += 1
                 yield number, row, None
 

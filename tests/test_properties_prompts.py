@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.encode import encode_item
-from potstill.teacher_gen.errors import InputError
+from potstill.teacher_gen.errors import GenerateError, InputError
 from potstill.teacher_gen.prompts import FieldMap, PromptSet, SourceItem, load_prompts
 
 PROPS = settings(derandomize=True, deadline=None, max_examples=150, database=None,
@@ -245,3 +245,36 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def _parquet_bytes() -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": [f"g{i}" for i in range(20)], "prompt": [f"p {i} " * 5 for i in range(20)]}), sink)
+    return sink.getvalue().to_pybytes()
+
+
+PARQUET = _parquet_bytes()
+
+
+@settings(PROPS, max_examples=200)
+@given(st.sampled_from(["json", "csv", "parquet"]), st.binary(max_size=200) | st.just(b"") | st.tuples(
+    st.integers(0, len(PARQUET) - 1), st.binary(min_size=1, max_size=4), st.booleans()).map(
+    lambda d: PARQUET[: d[0]] + d[1] + (PARQUET[d[0] + len(d[1]):] if d[2] else b"")))
+# found: a damaged page or string raised ArrowInvalid, OSError (a multi-line message) or UnicodeDecodeError while
+# the rows were read, not one GenerateError line
+@example(fmt="parquet", data=PARQUET[:75] + b"\x80" + PARQUET[76:])
+@example(fmt="parquet", data=PARQUET[:14] + b"\x00" + PARQUET[15:])
+@example(fmt="parquet", data=PARQUET[:4] + b"\x00" + PARQUET[5:])
+def test_a_damaged_file_of_any_format_loads_or_fails_in_one_line(fmt, data) -> None:
+    """Arbitrary bytes, and a Parquet file with bytes overwritten or cut off: rows, or one `GenerateError` line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"p.{fmt}")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            prompts = load_prompts(path, FieldMap())
+        except GenerateError as e:
+            assert str(e) and "\n" not in str(e), str(e)
+            return
+    assert len(prompts.items) + len(prompts.errors) == prompts.rows
+    assert all(e.reason and "\n" not in e.reason for e in prompts.errors)
