@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import sys
 import types
@@ -207,12 +208,15 @@ def coerce(name: str, value: Any, hint: Any, error: type[Exception] = PotstillEr
         if hint is float:
             if isinstance(value, bool):
                 raise ValueError(value)
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # no setting means anything by NaN or infinity ("never" is none)
+                raise error(f"{flag} must be a finite number, got {number}")
+            return number
         if hint is str:
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise ValueError(value)
             return _sound_text(str(value), flag, error)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond any float
         raise error(f"{flag}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
     return value
 

@@ -46,7 +46,7 @@ FORMATS = ("yaml", "toml", "json")
 # and mappings of them, and text with control characters, astral planes and (JSON only) lone surrogates.
 LONE_SURROGATES = ["\ud800", "a\udfffb", "\udc80"]  # JSON spells them; UTF-8 (files, paths) cannot hold them
 sound_text = st.text(st.characters(codec="utf-8", exclude_characters="\x85\u2028\u2029"), max_size=12)
-scalars = (st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70)
+scalars = (st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70) | st.integers(10**308, 10**400)
            | st.floats(allow_nan=True, allow_infinity=True) | sound_text | st.sampled_from(["yes", "off", "1", "0.5", ""]) | st.sampled_from(LONE_SURROGATES))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(sound_text, inner, max_size=2),
                       max_leaves=6)
@@ -137,6 +137,10 @@ def _same(a: Any, b: Any) -> bool:
 @given(config_case())
 # found: a lone surrogate in a path loaded, and `potstill train` then died in open() with a traceback
 @example(case=(TrainConfig, ConfigError, {"store": "s\ud800", "student": "m", "out": "o"}, "json"))
+# found: NaN and infinities were taken for any float setting (`jobs wait --poll nan`), and an integer
+# beyond any float raised OverflowError
+@example(case=(WaitConfig, ServiceError, {"poll": math.nan, "timeout": math.inf}, "yaml"))
+@example(case=(WaitConfig, ServiceError, {"poll": 10**400}, "json"))
 def test_a_config_file_loads_into_typed_settings_that_round_trip_or_fails_in_one_line(tmp_path_factory, case) -> None:
     cls, error, mapping, fmt = case
     folder = tmp_path_factory.mktemp("cfg")
@@ -156,6 +160,7 @@ def test_a_config_file_loads_into_typed_settings_that_round_trip_or_fails_in_one
     for f, hint in fields_of(cls):
         value = getattr(loaded, f.name)
         assert _has_type(value, hint), (f.name, value)
+        assert not isinstance(value, float) or math.isfinite(value), (f.name, value)
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):  # a path, a host, a template: text the OS and UTF-8 files can hold
                 os.fsencode(text)
