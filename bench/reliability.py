@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import bytedamage
 from common import HOSTILE_LINES, build_llama, build_student, build_tokenizer, prompt_rows, write_jsonl
 from faultcampaigns import (
     COPY_POINTS,
@@ -64,6 +65,7 @@ class Row:
     survived: int
     lost: int = 0  # records (for train: logged steps) lost
     doubled: int = 0  # records stored twice
+    altered: int = 0  # records whose bytes differ from the reference run's
     failures: list[str] = field(default_factory=list)  # what went wrong, first few
 
 
@@ -86,25 +88,39 @@ def campaign_row(fault: str, campaigns: list[Campaign], note: str = "") -> Row:
     landed = [o for c in campaigns for o in c.outcomes if o.killed]
     inside = sum(1 for o in landed if o.trigger is not None and o.trigger.point)
     fault += f" ({inside} at kill points, {len(landed) - inside} from outside{'; ' + note if note else ''})"
+    violations = [f"{c.name}: {v}" for c in campaigns for v in c.violations]
+    altered = sum(1 for v in violations if "differs from the" in v)
     return Row(fault, len(landed), sum(c.survived for c in campaigns),
-               sum(c.lost for c in campaigns), sum(c.doubled for c in campaigns),
-               [v for c in campaigns for v in c.violations][:5])
+               sum(c.lost for c in campaigns), sum(c.doubled for c in campaigns), altered, violations[:5])
 
 
-def until_landed(kills: int, kinds: Iterator[list[str]], run: Callable[[int, list[str]], Campaign]) -> list[Campaign]:
+def until_landed(kills: int, kinds: Iterator[list[str]], run: Callable[[int, list[str]], Campaign],
+                 only_round: int | None = None) -> list[Campaign]:
     """Campaigns, one a round, until `kills` kills have landed (a kill whose run ended first, with
-    nothing left to do, does not count)."""
+    nothing left to do, does not count); or round `only_round` alone (the same kills, the same seed).
+    Round N runs with seed (campaign seed + N), so any round reruns alone."""
     campaigns: list[Campaign] = []
     for number, round_kinds in enumerate(kinds):
         landed = sum(c.landed for c in campaigns)
+        if only_round is not None:
+            if number == only_round:
+                say(f"round {number}: {', '.join(round_kinds)}")
+                return [_named(run(number, round_kinds), number)]
+            continue
         if landed >= kills:
             break
-        say(f"round {number + 1}: {', '.join(round_kinds[: kills - landed])}")
-        campaigns.append(run(number, round_kinds[: kills - landed]))
+        say(f"round {number}: {', '.join(round_kinds[: kills - landed])}")
+        campaigns.append(_named(run(number, round_kinds[: kills - landed]), number))
     return campaigns
 
 
-def kill_generate(ctx: dict[str, Any], kills: int, seed: int) -> Row:
+def _named(campaign: Campaign, number: int) -> Campaign:
+    """The campaign names its round, and so each violation reported (`--trial N` reruns it)."""
+    campaign.name = f"{campaign.name} round {number}"
+    return campaign
+
+
+def kill_generate(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
     workdir = os.path.join(ctx["work"], "kill-generate")
     os.makedirs(workdir)
     reference = None
@@ -115,21 +131,23 @@ def kill_generate(ctx: dict[str, Any], kills: int, seed: int) -> Row:
                                                 reference, log=say)
         return campaign
 
-    campaigns = until_landed(kills, kind_rounds(["delay", "commits", *GENERATE_POINTS], 6, first=("manifest",)), one)
+    campaigns = until_landed(kills, kind_rounds(["delay", "commits", *GENERATE_POINTS], 6, first=("manifest",)), one,
+                             only_round)
     return campaign_row("kill -9 of `potstill generate`", campaigns)
 
 
-def kill_copy(ctx: dict[str, Any], kills: int, seed: int, shards: int) -> Row:
+def kill_copy(ctx: dict[str, Any], kills: int, seed: int, shards: int, only_round: int | None = None) -> Row:
     workdir = os.path.join(ctx["work"], "kill-copy")
     os.makedirs(workdir)
     source = os.path.join(workdir, "source.store")
     build_copy_source(source, shards, seed)
     campaigns = until_landed(kills, kind_rounds(["delay", "commits", *COPY_POINTS], 10, first=("manifest",)),
-                             lambda number, kinds: copy_campaign(source, workdir, kinds, seed + number, log=say))
+                             lambda number, kinds: copy_campaign(source, workdir, kinds, seed + number, log=say),
+                             only_round)
     return campaign_row(f"kill -9 of `potstill store copy`, {shards} shards", campaigns)
 
 
-def kill_train(ctx: dict[str, Any], kills: int, seed: int) -> Row:
+def kill_train(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
     workdir = os.path.join(ctx["work"], "kill-train")
     os.makedirs(workdir)
     setup = TrainSetup(ctx["train_store"], ctx["student"], max_steps=24, save_steps=3, save_total_limit=2)
@@ -141,7 +159,7 @@ def kill_train(ctx: dict[str, Any], kills: int, seed: int) -> Row:
         return campaign
 
     campaigns = until_landed(kills, kind_rounds(["checkpoint", "delay", *(p for p in TRAIN_POINTS if p != "final-save")], 5,
-                                               last=("final-save",)), one)
+                                               last=("final-save",)), one, only_round)
     return campaign_row("kill -9 of `potstill train`", campaigns, note="lost = logged steps")
 
 
@@ -222,18 +240,20 @@ def damage_trial(pristine: str, scratch: str, kind: str, how: Callable[[str, ran
     return bool(ok), lost, why
 
 
-def damaged_stores(ctx: dict[str, Any], trials: int, seed: int) -> list[Row]:
-    rng = random.Random(seed)
+def damaged_stores(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | None = None) -> list[Row]:
     pristine, scratch = ctx["train_store"], os.path.join(ctx["work"], "damaged.store")
     from potstill.store import open_store
 
     records = {c.shard: c.records for c in open_store(pristine).commits}
     rows = []
     for what, kind, how in DAMAGES:
-        results = [damage_trial(pristine, scratch, kind, how, rng, records) for _ in range(trials)]
-        say(f"{what}: {sum(ok for ok, _, _ in results)}/{trials} named correctly")
-        rows.append(Row(f"{what} → `store verify`", trials, sum(ok for ok, _, _ in results),
-                        sum(lost for _, lost, _ in results), 0, [why for ok, _, why in results if not ok][:3]))
+        results = []
+        for n in range(trials) if only_trial is None else [only_trial]:  # trial n: its own seeded randomness
+            ok, lost, why = damage_trial(pristine, scratch, kind, how, bytedamage.trial_rng(seed, what, n), records)
+            results.append((ok, lost, f"trial {n}: {why}" if why else ""))
+        say(f"{what}: {sum(ok for ok, _, _ in results)}/{len(results)} named correctly")
+        rows.append(Row(f"{what} → `store verify`", len(results), sum(ok for ok, _, _ in results),
+                        sum(lost for _, lost, _ in results), 0, 0, [why for ok, _, why in results if not ok][:3]))
     return rows
 
 
@@ -296,7 +316,34 @@ def refusals(ctx: dict[str, Any], seed: int, quick: bool) -> list[Row]:
         say(f"{what}: train, train --skip-bad-shards{', generate' if tried == 3 else ''}: "
             f"{failures or 'ok'}")
         rows.append(Row(f"{what} → `train` stops / skips{', `generate` refuses' if tried == 3 else ''}",
-                        tried, tried - len(failures), 0, 0, failures))
+                        tried, tried - len(failures), 0, 0, 0, failures))
+    return rows
+
+
+def byte_damage(ctx: dict[str, Any], seed: int, files_per_kind: int, only_trial: int | None) -> list[Row]:
+    """bench/bytedamage.py over a copy of the generated store: one row per file kind."""
+    from potstill.store import open_store
+
+    pristine, scratch = ctx["train_store"], os.path.join(ctx["work"], "bytes.store")
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(pristine, scratch)
+    records = {c.shard: c.records for c in open_store(pristine).commits}
+    plan = bytedamage.trial_plan(pristine, seed, files_per_kind)
+    if only_trial is not None:
+        plan = [t for t in plan if t.index == only_trial]
+    by_kind: dict[str, list[bytedamage.Result]] = {}
+    for trial in plan:
+        result = bytedamage.run_trial(scratch, trial, seed, records, pristine)
+        by_kind.setdefault(result.kind, []).append(result)
+        if only_trial is not None:
+            say(f"{trial.name}: {'survived' if result.survived else result.why}")
+    rows = []
+    for kind, results in by_kind.items():
+        files = len({r.trial.rel for r in results})
+        bad = [f"{r.trial.name}: {r.why}" for r in results if not r.survived]
+        say(f"byte damage, {kind}: {len(results) - len(bad)}/{len(results)} named correctly")
+        rows.append(Row(f"{kind} ({files} files) flipped/zeroed/cut/extended → `store verify`, checked read",
+                        len(results), len(results) - len(bad), sum(r.lost for r in results), 0, 0, bad[:5]))
     return rows
 
 
@@ -340,7 +387,7 @@ def hostile_prompts(ctx: dict[str, Any], seed: int) -> Row:
     run = run_potstill([*generate_args(ctx["teacher"], path, store), "--json"])
     failures = []
     if run.returncode != 0 or "Traceback" in run.stderr:
-        return Row("hostile prompt lines → `generate`", len(hostile), 0, len(good), 0,
+        return Row("hostile prompt lines → `generate`", len(hostile), 0, len(good), 0, 0,
                    [f"exit {run.returncode}: {run.tail(3)}"])
     errors = {e["line"]: e for e in json.loads(run.stdout)["errors"]}
     ids, records = store_contents(store)
@@ -365,7 +412,7 @@ def hostile_prompts(ctx: dict[str, Any], seed: int) -> Row:
             failures.append(f"line {number}: expected written as given, got prompt {prompt!r}")
     lost = sum(1 for r in good if r["id"] not in kept)
     return Row("hostile prompt lines → `generate` (skipped with line and reason, or written as given)",
-               len(hostile), survived, lost, len(ids) - len(set(ids)), failures[:5])
+               len(hostile), survived, lost, len(ids) - len(set(ids)), 0, failures[:5])
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -386,11 +433,11 @@ def prepare(work: str, seed: int) -> dict[str, Any]:
 
 
 def table(rows: list[Row]) -> str:
-    out = ["| fault | injected | survived | records lost | records doubled |", "|---|---:|---:|---:|---:|"]
-    out += [f"| {r.fault} | {r.injected} | {r.survived} | {r.lost} | {r.doubled} |" for r in rows]
+    out = ["| fault | injected | survived | lost | doubled | altered |", "|---|---:|---:|---:|---:|---:|"]
     total = Row("**all**", sum(r.injected for r in rows), sum(r.survived for r in rows),
-                sum(r.lost for r in rows), sum(r.doubled for r in rows))
-    out.append(f"| {total.fault} | {total.injected} | {total.survived} | {total.lost} | {total.doubled} |")
+                sum(r.lost for r in rows), sum(r.doubled for r in rows), sum(r.altered for r in rows))
+    out += [f"| {r.fault} | {r.injected} | {r.survived} | {r.lost} | {r.doubled} | {r.altered} |"
+            for r in [*rows, total]]
     return "\n".join(out)
 
 
@@ -398,7 +445,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few of each, to check the script runs")
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--only", default="kills,flips,prompts", help="kills, flips, prompts (comma separated)")
+    parser.add_argument("--only", default="kills,flips,bytes,prompts",
+                        help="kills, flips, bytes, prompts (comma separated)")
+    parser.add_argument("--trial", type=int, help="rerun trial N of each campaign of --only alone (a kill round, "
+                        "a damaged copy of each kind, a byte-damage trial), as the table's failures name them")
+    parser.add_argument("--bytes-files", type=int, default=16, help="files of each kind damaged byte by byte")
     parser.add_argument("--generate-kills", type=int, default=40)
     parser.add_argument("--copy-kills", type=int, default=20)
     parser.add_argument("--train-kills", type=int, default=10)
@@ -409,19 +460,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.generate_kills, args.copy_kills, args.train_kills, args.copy_shards, args.flip_trials = 5, 5, 2, 30, 1
+        args.bytes_files = 2
     only = set(args.only.split(","))
     started = time.monotonic()
+    say(f"seed {args.seed}")
     work = tempfile.mkdtemp(prefix="potstill-reliability-")
     try:
         ctx = prepare(work, args.seed)
         rows: list[Row] = []
         if "kills" in only:
-            rows.append(kill_generate(ctx, args.generate_kills, args.seed))
-            rows.append(kill_copy(ctx, args.copy_kills, args.seed, args.copy_shards))
-            rows.append(kill_train(ctx, args.train_kills, args.seed))
+            rows.append(kill_generate(ctx, args.generate_kills, args.seed, args.trial))
+            rows.append(kill_copy(ctx, args.copy_kills, args.seed, args.copy_shards, args.trial))
+            rows.append(kill_train(ctx, args.train_kills, args.seed, args.trial))
         if "flips" in only:
-            rows += damaged_stores(ctx, args.flip_trials, args.seed)
+            rows += damaged_stores(ctx, args.flip_trials, args.seed, args.trial)
             rows += refusals(ctx, args.seed, args.quick)
+        if "bytes" in only:
+            rows += byte_damage(ctx, args.seed, args.bytes_files, args.trial)
         if "prompts" in only:
             rows.append(hostile_prompts(ctx, args.seed))
     finally:
@@ -437,7 +492,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seed": args.seed, "quick": args.quick, "rows": [asdict(r) for r in rows]}, f, indent=2)
-    if failures or any(r.survived < r.injected or r.lost or r.doubled for r in rows):
+    if failures or any(r.survived < r.injected or r.lost or r.doubled or r.altered for r in rows):
         sys.exit(1)
 
 
