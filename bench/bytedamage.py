@@ -1,5 +1,6 @@
-"""Byte damage, file by file: every file of a store flipped, zeroed, cut short and extended at seeded
-offsets in each third of it, each checked in-process (hundreds a second, no CLI start-up).
+"""Byte damage, file by file: every file of a store flipped, zeroed, cut short (a torn write) and
+extended at seeded offsets in each third of it, and deleted (a reordered write: the commit record
+on disk, a file it lists not), each checked in-process (hundreds a second, no CLI start-up).
 
 A trial survives when `verify_store` names the damaged file (or its shard) and nothing else, never
 raising anything but a one-line `PotstillError` naming `manifest.json` when that file is the one
@@ -18,7 +19,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-HOWS = ("flip", "zero", "truncate", "extend")
+HOWS = ("flip", "zero", "truncate", "extend", "delete")
 THIRDS = ("head", "middle", "tail")
 
 FILE_KINDS: dict[str, Callable[[str], bool]] = {
@@ -68,7 +69,8 @@ class Trial:
 def trial_plan(root: str, seed: int, files_per_kind: int) -> list[Trial]:
     """Up to `files_per_kind` files of each kind (a seeded choice; every one of a smaller kind), each
     damaged each way, in each third (an extension only at the end): a fixed order for a seed."""
-    ways = [(how, third) for how in HOWS if how != "extend" for third in THIRDS] + [("extend", "end")]
+    ways = [(how, third) for how in ("flip", "zero", "truncate") for third in THIRDS]
+    ways += [("extend", "end"), ("delete", "whole")]
     by_kind: dict[str, list[str]] = {}
     for rel in store_files(root):
         by_kind.setdefault(file_kind(rel), []).append(rel)
@@ -124,8 +126,11 @@ def run_trial(store: str, trial: Trial, seed: int, records: dict[str, int], pris
     before = store_files(store)
     problems: list[str] = []
     try:
-        with open(path, "wb") as f:
-            f.write(damage(original, trial.how, trial.third, rng))
+        if trial.how == "delete":  # as a reordered write leaves it: the commit record without its file
+            os.remove(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(damage(original, trial.how, trial.third, rng))
         try:
             report = verify_store(store, clean=True)  # the report is the same; cleaning must remove nothing
         except PotstillError as e:

@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,11 +43,14 @@ import bytedamage
 from common import HOSTILE_LINES, build_llama, build_student, build_tokenizer, prompt_rows, write_jsonl
 from faultcampaigns import (
     COPY_POINTS,
+    ENV,
     GENERATE_POINTS,
+    REPO,
     TRAIN_POINTS,
     Campaign,
     TrainSetup,
     build_copy_source,
+    canonical,
     copy_campaign,
     files_under,
     generate_args,
@@ -54,6 +58,7 @@ from faultcampaigns import (
     run_potstill,
     store_contents,
     train_campaign,
+    verify_problems,
 )
 from faults import flip_bytes, rewrite_column
 
@@ -161,6 +166,70 @@ def kill_train(ctx: dict[str, Any], kills: int, seed: int, only_round: int | Non
     campaigns = until_landed(kills, kind_rounds(["checkpoint", "delay", *(p for p in TRAIN_POINTS if p != "final-save")], 5,
                                                last=("final-save",)), one, only_round)
     return campaign_row("kill -9 of `potstill train`", campaigns, note="lost = logged steps")
+
+
+def readable_contents(url: str) -> tuple[list[str], dict[str, Any], list[str]]:
+    """`store_contents` of every shard that reads, and the shards that do not."""
+    from potstill.store import open_store
+
+    if not os.path.exists(os.path.join(url, "manifest.json")):
+        return [], {}, ["(no manifest.json)"]
+    store = open_store(url, strict=False)
+    ids: list[str] = []
+    records: dict[str, Any] = {}
+    unreadable = [shard for shard, _ in store.bad_commits]
+    for name in store.shard_names:
+        try:
+            got = {rec.id: canonical(rec) for rec in store.iter_shard(name, with_hidden=True)}
+        except Exception:
+            unreadable.append(name)
+            continue
+        ids += store.commit(name).ids
+        records.update(got)
+    return ids, records, unreadable
+
+
+def writer_clash(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | None = None) -> Row:
+    """Two `generate` runs of the same prompts into one new store with the same --writer-id, the
+    second started a seeded 0-3 s after the first. Either may refuse (one line, no traceback); what
+    the store ends holding must be the reference's records (the store `prepare` generated with the
+    same command), each once, byte for byte, and it must verify."""
+    ids_ref, reference = store_contents(ctx["train_store"])
+    injected = survived = lost = doubled = altered = 0
+    failures: list[str] = []
+    for n in range(trials) if only_trial is None else [only_trial]:
+        rng = bytedamage.trial_rng(seed, "clash", n)
+        store = os.path.join(ctx["work"], f"clash-{n}.store")
+        shutil.rmtree(store, ignore_errors=True)
+        args = [*generate_args(ctx["teacher"], ctx["prompts"], store), "--writer-id", "clash"]
+        cmd = [sys.executable, "-m", "potstill.cli.main", *args]
+        with tempfile.TemporaryFile("w+") as err1, tempfile.TemporaryFile("w+") as err2:
+            first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err1, text=True, env=ENV, cwd=REPO)
+            time.sleep(rng.uniform(0, 3))
+            second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err2, text=True, env=ENV, cwd=REPO)
+            codes = first.wait(600), second.wait(600)
+            err1.seek(0)
+            err2.seek(0)
+            errs = err1.read() + err2.read()
+        injected += 1
+        problems = [f"a run raised: {errs[-300:]}"] if "Traceback" in errs else []
+        ids, records, unreadable = readable_contents(store)
+        if unreadable:
+            refusal = [ln for ln in errs.splitlines() if "error" in ln.lower()][-1:]
+            problems.append(f"shards {', '.join(unreadable[:3])} do not read (exits {codes}; {refusal})")
+        missing = len(set(reference) - set(ids))
+        twice = len(ids) - len(set(ids))
+        changed = sum(1 for rid, content in records.items() if rid in reference and content != reference[rid])
+        if os.path.exists(store):
+            problems += verify_problems(store, "after both runs", leftovers_allowed=False)[:2]
+        if missing or twice or changed:
+            problems.append(f"{missing} lost, {twice} doubled, {changed} altered (exits {codes})")
+        lost, doubled, altered = lost + missing, doubled + twice, altered + changed
+        survived += not problems
+        failures += [f"trial {n}: {p}" for p in problems[:2]]
+        say(f"writer clash {n}: exits {codes}: {problems[:3] or 'ok'}")
+    return Row(f"two `generate` runs with one --writer-id at once ({len(ids_ref)} records each)", injected,
+               survived, lost, doubled, altered, failures[:5])
 
 
 # -- damaged stores --------------------------------------------------------------------------------
@@ -445,8 +514,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few of each, to check the script runs")
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--only", default="kills,flips,bytes,prompts",
-                        help="kills, flips, bytes, prompts (comma separated)")
+    parser.add_argument("--only", default="kills,clash,flips,bytes,prompts",
+                        help="kills, clash, flips, bytes, prompts (comma separated)")
+    parser.add_argument("--clash-trials", type=int, default=3, help="pairs of runs sharing one --writer-id")
     parser.add_argument("--trial", type=int, help="rerun trial N of each campaign of --only alone (a kill round, "
                         "a damaged copy of each kind, a byte-damage trial), as the table's failures name them")
     parser.add_argument("--bytes-files", type=int, default=16, help="files of each kind damaged byte by byte")
@@ -460,7 +530,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.generate_kills, args.copy_kills, args.train_kills, args.copy_shards, args.flip_trials = 5, 5, 2, 30, 1
-        args.bytes_files = 2
+        args.bytes_files, args.clash_trials = 2, 1
     only = set(args.only.split(","))
     started = time.monotonic()
     say(f"seed {args.seed}")
@@ -472,6 +542,8 @@ def main() -> None:
             rows.append(kill_generate(ctx, args.generate_kills, args.seed, args.trial))
             rows.append(kill_copy(ctx, args.copy_kills, args.seed, args.copy_shards, args.trial))
             rows.append(kill_train(ctx, args.train_kills, args.seed, args.trial))
+        if "clash" in only:
+            rows.append(writer_clash(ctx, args.clash_trials, args.seed, args.trial))
         if "flips" in only:
             rows += damaged_stores(ctx, args.flip_trials, args.seed, args.trial)
             rows += refusals(ctx, args.seed, args.quick)
