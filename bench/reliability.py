@@ -15,11 +15,20 @@ flips     Flipped bytes in every kind of store file (manifest, tokenizer, commit
           wrong checksum, and a shard file deleted: `potstill store verify` must exit 1 naming the
           damaged file or shard and nothing else, `verify --clean` must remove nothing, and
           `generate` and `train` must refuse (or, with --skip-bad-shards, skip and name) the shard.
+clash     Two `potstill generate` runs of the same prompts into one new store with the same
+          --writer-id, the second a seeded 0-3 s after the first: the store must end with every
+          record of the reference once, byte for byte, and verify (either run may refuse).
+bytes     bench/bytedamage.py: files of every kind flipped, zeroed, cut short and extended at seeded
+          offsets in each third, and deleted, checked in-process: `store verify` names the file or
+          its shard and nothing else, `--clean` removes nothing, the loader's checked read refuses.
 prompts   Hostile prompt lines: each bad one skipped with its line number and reason, never a
           traceback; the odd but valid ones written exactly as given; every good record written.
 
-    python bench/reliability.py                    # the full run, about 9 minutes on 2 cores
-    python bench/reliability.py --quick            # a smoke run, about 2 minutes
+Every trial draws its randomness from (--seed, campaign, trial number) and failures name their
+trial, so one reruns alone: `--only bytes --trial 2702 --seed 2026`.
+
+    python bench/reliability.py                    # the full run, about 20 minutes on 2 cores
+    python bench/reliability.py --quick            # a smoke run, a few minutes
     python bench/reliability.py --only flips,prompts --json reliability.json
 """
 
