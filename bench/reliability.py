@@ -25,7 +25,7 @@ prompts   Hostile prompt lines: each bad one skipped with its line number and re
           traceback; the odd but valid ones written exactly as given; every good record written.
 
 Every trial draws its randomness from (--seed, campaign, trial number) and failures name their
-trial, so one reruns alone: `--only bytes --trial 2702 --seed 2026`.
+trial, so one reruns alone: `--only bytes --trial 17 --seed 2026`.
 
     python bench/reliability.py                    # the full run, about 20 minutes on 2 cores
     python bench/reliability.py --quick            # a smoke run, a few minutes
