@@ -420,7 +420,8 @@ def byte_damage(ctx: dict[str, Any], seed: int, files_per_kind: int, only_trial:
         files = len({r.trial.rel for r in results})
         bad = [f"{r.trial.name}: {r.why}" for r in results if not r.survived]
         say(f"byte damage, {kind}: {len(results) - len(bad)}/{len(results)} named correctly")
-        rows.append(Row(f"{kind} ({files} files) flipped/zeroed/cut/extended → `store verify`, checked read",
+        label = f"{files} file{'s' if files > 1 else ''}"
+        rows.append(Row(f"{kind} ({label}) flipped, zeroed, cut, extended, deleted → `store verify`, checked read",
                         len(results), len(results) - len(bad), sum(r.lost for r in results), 0, 0, bad[:5]))
     return rows
 
