@@ -15,11 +15,20 @@ flips     Flipped bytes in every kind of store file (manifest, tokenizer, commit
           wrong checksum, and a shard file deleted: `potstill store verify` must exit 1 naming the
           damaged file or shard and nothing else, `verify --clean` must remove nothing, and
           `generate` and `train` must refuse (or, with --skip-bad-shards, skip and name) the shard.
+clash     Two `potstill generate` runs of the same prompts into one new store with the same
+          --writer-id, the second a seeded 0-3 s after the first: the store must end with every
+          record of the reference once, byte for byte, and verify (either run may refuse).
+bytes     bench/bytedamage.py: files of every kind flipped, zeroed, cut short and extended at seeded
+          offsets in each third, and deleted, checked in-process: `store verify` names the file or
+          its shard and nothing else, `--clean` removes nothing, the loader's checked read refuses.
 prompts   Hostile prompt lines: each bad one skipped with its line number and reason, never a
           traceback; the odd but valid ones written exactly as given; every good record written.
 
-    python bench/reliability.py                    # the full run, about 9 minutes on 2 cores
-    python bench/reliability.py --quick            # a smoke run, about 2 minutes
+Every trial draws its randomness from (--seed, campaign, trial number) and failures name their
+trial, so one reruns alone: `--only bytes --trial 17 --seed 2026`.
+
+    python bench/reliability.py                    # the full run, about 20 minutes on 2 cores
+    python bench/reliability.py --quick            # a smoke run, a few minutes
     python bench/reliability.py --only flips,prompts --json reliability.json
 """
 
@@ -31,6 +40,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,14 +48,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import bytedamage
 from common import HOSTILE_LINES, build_llama, build_student, build_tokenizer, prompt_rows, write_jsonl
 from faultcampaigns import (
     COPY_POINTS,
+    ENV,
     GENERATE_POINTS,
+    REPO,
     TRAIN_POINTS,
     Campaign,
     TrainSetup,
     build_copy_source,
+    canonical,
     copy_campaign,
     files_under,
     generate_args,
@@ -53,6 +67,7 @@ from faultcampaigns import (
     run_potstill,
     store_contents,
     train_campaign,
+    verify_problems,
 )
 from faults import flip_bytes, rewrite_column
 
@@ -64,6 +79,7 @@ class Row:
     survived: int
     lost: int = 0  # records (for train: logged steps) lost
     doubled: int = 0  # records stored twice
+    altered: int = 0  # records whose bytes differ from the reference run's
     failures: list[str] = field(default_factory=list)  # what went wrong, first few
 
 
@@ -86,25 +102,39 @@ def campaign_row(fault: str, campaigns: list[Campaign], note: str = "") -> Row:
     landed = [o for c in campaigns for o in c.outcomes if o.killed]
     inside = sum(1 for o in landed if o.trigger is not None and o.trigger.point)
     fault += f" ({inside} at kill points, {len(landed) - inside} from outside{'; ' + note if note else ''})"
+    violations = [f"{c.name}: {v}" for c in campaigns for v in c.violations]
+    altered = sum(1 for v in violations if "differs from the" in v)
     return Row(fault, len(landed), sum(c.survived for c in campaigns),
-               sum(c.lost for c in campaigns), sum(c.doubled for c in campaigns),
-               [v for c in campaigns for v in c.violations][:5])
+               sum(c.lost for c in campaigns), sum(c.doubled for c in campaigns), altered, violations[:5])
 
 
-def until_landed(kills: int, kinds: Iterator[list[str]], run: Callable[[int, list[str]], Campaign]) -> list[Campaign]:
+def until_landed(kills: int, kinds: Iterator[list[str]], run: Callable[[int, list[str]], Campaign],
+                 only_round: int | None = None) -> list[Campaign]:
     """Campaigns, one a round, until `kills` kills have landed (a kill whose run ended first, with
-    nothing left to do, does not count)."""
+    nothing left to do, does not count); or round `only_round` alone (the same kills, the same seed).
+    Round N runs with seed (campaign seed + N), so any round reruns alone."""
     campaigns: list[Campaign] = []
     for number, round_kinds in enumerate(kinds):
         landed = sum(c.landed for c in campaigns)
+        if only_round is not None:
+            if number == only_round:
+                say(f"round {number}: {', '.join(round_kinds)}")
+                return [_named(run(number, round_kinds), number)]
+            continue
         if landed >= kills:
             break
-        say(f"round {number + 1}: {', '.join(round_kinds[: kills - landed])}")
-        campaigns.append(run(number, round_kinds[: kills - landed]))
+        say(f"round {number}: {', '.join(round_kinds[: kills - landed])}")
+        campaigns.append(_named(run(number, round_kinds[: kills - landed]), number))
     return campaigns
 
 
-def kill_generate(ctx: dict[str, Any], kills: int, seed: int) -> Row:
+def _named(campaign: Campaign, number: int) -> Campaign:
+    """The campaign names its round, and so each violation reported (`--trial N` reruns it)."""
+    campaign.name = f"{campaign.name} round {number}"
+    return campaign
+
+
+def kill_generate(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
     workdir = os.path.join(ctx["work"], "kill-generate")
     os.makedirs(workdir)
     reference = None
@@ -115,21 +145,23 @@ def kill_generate(ctx: dict[str, Any], kills: int, seed: int) -> Row:
                                                 reference, log=say)
         return campaign
 
-    campaigns = until_landed(kills, kind_rounds(["delay", "commits", *GENERATE_POINTS], 6, first=("manifest",)), one)
+    campaigns = until_landed(kills, kind_rounds(["delay", "commits", *GENERATE_POINTS], 6, first=("manifest",)), one,
+                             only_round)
     return campaign_row("kill -9 of `potstill generate`", campaigns)
 
 
-def kill_copy(ctx: dict[str, Any], kills: int, seed: int, shards: int) -> Row:
+def kill_copy(ctx: dict[str, Any], kills: int, seed: int, shards: int, only_round: int | None = None) -> Row:
     workdir = os.path.join(ctx["work"], "kill-copy")
     os.makedirs(workdir)
     source = os.path.join(workdir, "source.store")
     build_copy_source(source, shards, seed)
     campaigns = until_landed(kills, kind_rounds(["delay", "commits", *COPY_POINTS], 10, first=("manifest",)),
-                             lambda number, kinds: copy_campaign(source, workdir, kinds, seed + number, log=say))
+                             lambda number, kinds: copy_campaign(source, workdir, kinds, seed + number, log=say),
+                             only_round)
     return campaign_row(f"kill -9 of `potstill store copy`, {shards} shards", campaigns)
 
 
-def kill_train(ctx: dict[str, Any], kills: int, seed: int) -> Row:
+def kill_train(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
     workdir = os.path.join(ctx["work"], "kill-train")
     os.makedirs(workdir)
     setup = TrainSetup(ctx["train_store"], ctx["student"], max_steps=24, save_steps=3, save_total_limit=2)
@@ -141,8 +173,72 @@ def kill_train(ctx: dict[str, Any], kills: int, seed: int) -> Row:
         return campaign
 
     campaigns = until_landed(kills, kind_rounds(["checkpoint", "delay", *(p for p in TRAIN_POINTS if p != "final-save")], 5,
-                                               last=("final-save",)), one)
+                                               last=("final-save",)), one, only_round)
     return campaign_row("kill -9 of `potstill train`", campaigns, note="lost = logged steps")
+
+
+def readable_contents(url: str) -> tuple[list[str], dict[str, Any], list[str]]:
+    """`store_contents` of every shard that reads, and the shards that do not."""
+    from potstill.store import open_store
+
+    if not os.path.exists(os.path.join(url, "manifest.json")):
+        return [], {}, ["(no manifest.json)"]
+    store = open_store(url, strict=False)
+    ids: list[str] = []
+    records: dict[str, Any] = {}
+    unreadable = [shard for shard, _ in store.bad_commits]
+    for name in store.shard_names:
+        try:
+            got = {rec.id: canonical(rec) for rec in store.iter_shard(name, with_hidden=True)}
+        except Exception:
+            unreadable.append(name)
+            continue
+        ids += store.commit(name).ids
+        records.update(got)
+    return ids, records, unreadable
+
+
+def writer_clash(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | None = None) -> Row:
+    """Two `generate` runs of the same prompts into one new store with the same --writer-id, the
+    second started a seeded 0-3 s after the first. Either may refuse (one line, no traceback); what
+    the store ends holding must be the reference's records (the store `prepare` generated with the
+    same command), each once, byte for byte, and it must verify."""
+    ids_ref, reference = store_contents(ctx["train_store"])
+    injected = survived = lost = doubled = altered = 0
+    failures: list[str] = []
+    for n in range(trials) if only_trial is None else [only_trial]:
+        rng = bytedamage.trial_rng(seed, "clash", n)
+        store = os.path.join(ctx["work"], f"clash-{n}.store")
+        shutil.rmtree(store, ignore_errors=True)
+        args = [*generate_args(ctx["teacher"], ctx["prompts"], store), "--writer-id", "clash"]
+        cmd = [sys.executable, "-m", "potstill.cli.main", *args]
+        with tempfile.TemporaryFile("w+") as err1, tempfile.TemporaryFile("w+") as err2:
+            first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err1, text=True, env=ENV, cwd=REPO)
+            time.sleep(rng.uniform(0, 3))
+            second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err2, text=True, env=ENV, cwd=REPO)
+            codes = first.wait(600), second.wait(600)
+            err1.seek(0)
+            err2.seek(0)
+            errs = err1.read() + err2.read()
+        injected += 1
+        problems = [f"a run raised: {errs[-300:]}"] if "Traceback" in errs else []
+        ids, records, unreadable = readable_contents(store)
+        if unreadable:
+            refusal = [ln for ln in errs.splitlines() if "error" in ln.lower()][-1:]
+            problems.append(f"shards {', '.join(unreadable[:3])} do not read (exits {codes}; {refusal})")
+        missing = len(set(reference) - set(ids))
+        twice = len(ids) - len(set(ids))
+        changed = sum(1 for rid, content in records.items() if rid in reference and content != reference[rid])
+        if os.path.exists(store):
+            problems += verify_problems(store, "after both runs", leftovers_allowed=False)[:2]
+        if missing or twice or changed:
+            problems.append(f"{missing} lost, {twice} doubled, {changed} altered (exits {codes})")
+        lost, doubled, altered = lost + missing, doubled + twice, altered + changed
+        survived += not problems
+        failures += [f"trial {n}: {p}" for p in problems[:2]]
+        say(f"writer clash {n}: exits {codes}: {problems[:3] or 'ok'}")
+    return Row(f"two `generate` runs with one --writer-id at once ({len(ids_ref)} records each)", injected,
+               survived, lost, doubled, altered, failures[:5])
 
 
 # -- damaged stores --------------------------------------------------------------------------------
@@ -222,18 +318,20 @@ def damage_trial(pristine: str, scratch: str, kind: str, how: Callable[[str, ran
     return bool(ok), lost, why
 
 
-def damaged_stores(ctx: dict[str, Any], trials: int, seed: int) -> list[Row]:
-    rng = random.Random(seed)
+def damaged_stores(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | None = None) -> list[Row]:
     pristine, scratch = ctx["train_store"], os.path.join(ctx["work"], "damaged.store")
     from potstill.store import open_store
 
     records = {c.shard: c.records for c in open_store(pristine).commits}
     rows = []
     for what, kind, how in DAMAGES:
-        results = [damage_trial(pristine, scratch, kind, how, rng, records) for _ in range(trials)]
-        say(f"{what}: {sum(ok for ok, _, _ in results)}/{trials} named correctly")
-        rows.append(Row(f"{what} → `store verify`", trials, sum(ok for ok, _, _ in results),
-                        sum(lost for _, lost, _ in results), 0, [why for ok, _, why in results if not ok][:3]))
+        results = []
+        for n in range(trials) if only_trial is None else [only_trial]:  # trial n: its own seeded randomness
+            ok, lost, why = damage_trial(pristine, scratch, kind, how, bytedamage.trial_rng(seed, what, n), records)
+            results.append((ok, lost, f"trial {n}: {why}" if why else ""))
+        say(f"{what}: {sum(ok for ok, _, _ in results)}/{len(results)} named correctly")
+        rows.append(Row(f"{what} → `store verify`", len(results), sum(ok for ok, _, _ in results),
+                        sum(lost for _, lost, _ in results), 0, 0, [why for ok, _, why in results if not ok][:3]))
     return rows
 
 
@@ -296,7 +394,35 @@ def refusals(ctx: dict[str, Any], seed: int, quick: bool) -> list[Row]:
         say(f"{what}: train, train --skip-bad-shards{', generate' if tried == 3 else ''}: "
             f"{failures or 'ok'}")
         rows.append(Row(f"{what} → `train` stops / skips{', `generate` refuses' if tried == 3 else ''}",
-                        tried, tried - len(failures), 0, 0, failures))
+                        tried, tried - len(failures), 0, 0, 0, failures))
+    return rows
+
+
+def byte_damage(ctx: dict[str, Any], seed: int, files_per_kind: int, only_trial: int | None) -> list[Row]:
+    """bench/bytedamage.py over a copy of the generated store: one row per file kind."""
+    from potstill.store import open_store
+
+    pristine, scratch = ctx["train_store"], os.path.join(ctx["work"], "bytes.store")
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(pristine, scratch)
+    records = {c.shard: c.records for c in open_store(pristine).commits}
+    plan = bytedamage.trial_plan(pristine, seed, files_per_kind)
+    if only_trial is not None:
+        plan = [t for t in plan if t.index == only_trial]
+    by_kind: dict[str, list[bytedamage.Result]] = {}
+    for trial in plan:
+        result = bytedamage.run_trial(scratch, trial, seed, records, pristine)
+        by_kind.setdefault(result.kind, []).append(result)
+        if only_trial is not None:
+            say(f"{trial.name}: {'survived' if result.survived else result.why}")
+    rows = []
+    for kind, results in by_kind.items():
+        files = len({r.trial.rel for r in results})
+        bad = [f"{r.trial.name}: {r.why}" for r in results if not r.survived]
+        say(f"byte damage, {kind}: {len(results) - len(bad)}/{len(results)} named correctly")
+        label = f"{files} file{'s' if files > 1 else ''}"
+        rows.append(Row(f"{kind} ({label}) flipped, zeroed, cut, extended, deleted → `store verify`, checked read",
+                        len(results), len(results) - len(bad), sum(r.lost for r in results), 0, 0, bad[:5]))
     return rows
 
 
@@ -340,7 +466,7 @@ def hostile_prompts(ctx: dict[str, Any], seed: int) -> Row:
     run = run_potstill([*generate_args(ctx["teacher"], path, store), "--json"])
     failures = []
     if run.returncode != 0 or "Traceback" in run.stderr:
-        return Row("hostile prompt lines → `generate`", len(hostile), 0, len(good), 0,
+        return Row("hostile prompt lines → `generate`", len(hostile), 0, len(good), 0, 0,
                    [f"exit {run.returncode}: {run.tail(3)}"])
     errors = {e["line"]: e for e in json.loads(run.stdout)["errors"]}
     ids, records = store_contents(store)
@@ -365,7 +491,7 @@ def hostile_prompts(ctx: dict[str, Any], seed: int) -> Row:
             failures.append(f"line {number}: expected written as given, got prompt {prompt!r}")
     lost = sum(1 for r in good if r["id"] not in kept)
     return Row("hostile prompt lines → `generate` (skipped with line and reason, or written as given)",
-               len(hostile), survived, lost, len(ids) - len(set(ids)), failures[:5])
+               len(hostile), survived, lost, len(ids) - len(set(ids)), 0, failures[:5])
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -386,11 +512,11 @@ def prepare(work: str, seed: int) -> dict[str, Any]:
 
 
 def table(rows: list[Row]) -> str:
-    out = ["| fault | injected | survived | records lost | records doubled |", "|---|---:|---:|---:|---:|"]
-    out += [f"| {r.fault} | {r.injected} | {r.survived} | {r.lost} | {r.doubled} |" for r in rows]
+    out = ["| fault | injected | survived | lost | doubled | altered |", "|---|---:|---:|---:|---:|---:|"]
     total = Row("**all**", sum(r.injected for r in rows), sum(r.survived for r in rows),
-                sum(r.lost for r in rows), sum(r.doubled for r in rows))
-    out.append(f"| {total.fault} | {total.injected} | {total.survived} | {total.lost} | {total.doubled} |")
+                sum(r.lost for r in rows), sum(r.doubled for r in rows), sum(r.altered for r in rows))
+    out += [f"| {r.fault} | {r.injected} | {r.survived} | {r.lost} | {r.doubled} | {r.altered} |"
+            for r in [*rows, total]]
     return "\n".join(out)
 
 
@@ -398,7 +524,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few of each, to check the script runs")
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--only", default="kills,flips,prompts", help="kills, flips, prompts (comma separated)")
+    parser.add_argument("--only", default="kills,clash,flips,bytes,prompts",
+                        help="kills, clash, flips, bytes, prompts (comma separated)")
+    parser.add_argument("--clash-trials", type=int, default=3, help="pairs of runs sharing one --writer-id")
+    parser.add_argument("--trial", type=int, help="rerun trial N of each campaign of --only alone (a kill round, "
+                        "a damaged copy of each kind, a byte-damage trial), as the table's failures name them")
+    parser.add_argument("--bytes-files", type=int, default=16, help="files of each kind damaged byte by byte")
     parser.add_argument("--generate-kills", type=int, default=40)
     parser.add_argument("--copy-kills", type=int, default=20)
     parser.add_argument("--train-kills", type=int, default=10)
@@ -409,19 +540,25 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.generate_kills, args.copy_kills, args.train_kills, args.copy_shards, args.flip_trials = 5, 5, 2, 30, 1
+        args.bytes_files, args.clash_trials = 2, 1
     only = set(args.only.split(","))
     started = time.monotonic()
+    say(f"seed {args.seed}")
     work = tempfile.mkdtemp(prefix="potstill-reliability-")
     try:
         ctx = prepare(work, args.seed)
         rows: list[Row] = []
         if "kills" in only:
-            rows.append(kill_generate(ctx, args.generate_kills, args.seed))
-            rows.append(kill_copy(ctx, args.copy_kills, args.seed, args.copy_shards))
-            rows.append(kill_train(ctx, args.train_kills, args.seed))
+            rows.append(kill_generate(ctx, args.generate_kills, args.seed, args.trial))
+            rows.append(kill_copy(ctx, args.copy_kills, args.seed, args.copy_shards, args.trial))
+            rows.append(kill_train(ctx, args.train_kills, args.seed, args.trial))
+        if "clash" in only:
+            rows.append(writer_clash(ctx, args.clash_trials, args.seed, args.trial))
         if "flips" in only:
-            rows += damaged_stores(ctx, args.flip_trials, args.seed)
+            rows += damaged_stores(ctx, args.flip_trials, args.seed, args.trial)
             rows += refusals(ctx, args.seed, args.quick)
+        if "bytes" in only:
+            rows += byte_damage(ctx, args.seed, args.bytes_files, args.trial)
         if "prompts" in only:
             rows.append(hostile_prompts(ctx, args.seed))
     finally:
@@ -437,7 +574,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seed": args.seed, "quick": args.quick, "rows": [asdict(r) for r in rows]}, f, indent=2)
-    if failures or any(r.survived < r.injected or r.lost or r.doubled for r in rows):
+    if failures or any(r.survived < r.injected or r.lost or r.doubled or r.altered for r in rows):
         sys.exit(1)
 
 
