@@ -473,7 +473,12 @@ class ShardReader:
             folder = self.store.path(rel)
             check = (lambda key, rel=rel, dtype=spec.dtype: self._verify_chunk(f"{rel}/{key}", dtype)) \
                 if self.store.verify_reads else None
-            array = HiddenArray(self._zarr_group()[spec.array_name], folder if is_local(self.store.fs) else None, check)
+            group = self._zarr_group()
+            try:
+                zarray = group[spec.array_name]
+            except Exception as e:  # zarr's own errors for a damaged array (its metadata checked first above)
+                raise StoreError(f"{self.store.url}/{rel}: hidden states unreadable ({type(e).__name__}: {e})") from None
+            array = HiddenArray(zarray, folder if is_local(self.store.fs) else None, check)
             self._hidden_arrays[layer] = array
         return array
 
@@ -498,8 +503,29 @@ class ShardReader:
         _VERIFIED.add((path, entry.sha256))
         return data
 
+    def _verify_metadata(self) -> None:
+        """With `verify_reads`: the shard's Zarr metadata files (the group's and each array's
+        zarr.json) against the sha256 its commit record lists, once per process, before zarr parses
+        them: a damaged one would otherwise be a parser's traceback, or read as good."""
+        prefix = self.commit.hidden_path + "/"
+        for rel, entry in self._files.items():
+            if not (rel.startswith(prefix) and rel.endswith("zarr.json")):
+                continue
+            path = self.store.path(rel)
+            if (path, entry.sha256) in _VERIFIED:
+                continue
+            where = f"{self.store.url}/{rel}"
+            try:
+                data = read_bytes(self.store.fs, path)
+            except FileNotFoundError:
+                raise StoreError(f"{where}: shard file is missing") from None
+            _check_digest(data, entry, where)
+            _VERIFIED.add((path, entry.sha256))
+
     def _zarr_group(self) -> Any:
         if self._group is None:
+            if self.store.verify_reads:
+                self._verify_metadata()
             path = self.store.path(self.commit.hidden_path)
             try:
                 if is_local(self.store.fs):
@@ -509,8 +535,9 @@ class ShardReader:
                         unstrip(self.store.fs, path), storage_options=self.store.storage_options, read_only=True
                     )
                 self._group = zarr.open_group(store=zstore, mode="r")
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
-                raise StoreError(f"{self.store.url}/{self.commit.hidden_path}: hidden states unreadable ({e})") from None
+            except Exception as e:  # zarr raises many types for a damaged or missing group (its metadata checked first above)
+                raise StoreError(f"{self.store.url}/{self.commit.hidden_path}: hidden states unreadable "
+                                 f"({type(e).__name__}: {e})") from None
         return self._group
 
 

@@ -15,7 +15,6 @@ import os
 import shutil
 
 import bytedamage
-import pytest
 from common import build_student, prompt_rows, write_jsonl
 from faultcampaigns import (
     TrainSetup,
@@ -241,8 +240,6 @@ def test_every_damaged_byte_is_named_by_verify_and_loses_nothing_else(tmp_path):
     assert sum(r.lost for r in results) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a checked read of a shard whose Zarr metadata is damaged raises "
-                   "JSONDecodeError, UnicodeDecodeError or TypeError (a traceback), not a StoreError naming it")
 def test_a_checked_read_refuses_every_damaged_shard_file(tmp_path):
     results = _byte_slice(tmp_path)
     assert [f"{r.trial.name}: {r.why}" for r in results if not r.survived] == []
