@@ -44,7 +44,7 @@ from potstill.store import (
 )
 from potstill.store.codec import IdOrder
 from potstill.store.fs import join, resolve, write_bytes
-from potstill.store.leases import WriterLease, all_leases
+from potstill.store.leases import WriterIdInUse, WriterLease, all_leases
 from potstill.store.reader import MANIFEST
 from potstill.store.targets import codec_named, kind_named
 from potstill.store.verify import clean_leftovers
@@ -265,7 +265,13 @@ def claim_partition(store: Store, writer_id: str, workers: int, index: int) -> W
     The lease is written before the others are read, so of two runs starting at once at least one
     sees the other (both may refuse; neither ever writes a duplicate)."""
     mine = (workers, index)
-    claim = WriterLease(store, f"{writer_id}.run", extra={"run": {"workers": workers, "worker_index": index}}).start()
+    try:
+        claim = WriterLease(store, f"{writer_id}.run", extra={"run": {"workers": workers, "worker_index": index}}).start()
+    except WriterIdInUse as e:  # two runs given one writer id would name their shards alike and overwrite them
+        raise GenerateError(
+            f"--writer-id {writer_id} is in use by another live potstill generate run on store {store.url} "
+            f"({e.why}): give each run its own --writer-id (or none), or wait until that one ends"
+        ) from None
     for other in all_leases(store):
         run = (other.lease or {}).get("run")
         if other.writer_id == claim.writer_id or not other.live or not isinstance(run, dict):
