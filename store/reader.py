@@ -69,6 +69,8 @@ def create_store(
         write_bytes(fs, join(root, rel), data)
         entries.append(FileEntry(rel, len(data), sha256_bytes(data)))
     manifest.tokenizer.files = entries
+    if is_local(fs):  # a local store always has its commits folder: one missing is damage (`commits_problem`)
+        os.makedirs(join(root, "commits"), exist_ok=True)
     try:
         write_bytes(fs, manifest_path, manifest.to_json(), exclusive=True, atomic=True)
     except FileExistsError:  # another writer created it between our check and our write
@@ -76,6 +78,19 @@ def create_store(
             raise StoreError(f"store {url} already exists") from None
         return _open_compatible(url, manifest, storage_options)
     return Store(url, storage_options)
+
+
+def commits_problem(fs: Any, root: str) -> str | None:
+    """Damage to the `commits` folder, in words, or None. With no readable commit records every
+    shard would look uncommitted, so a store with this damage is read by nobody and cleaned by
+    nobody. (A local store is created with its commits folder; an object store has no empty
+    folders, so there only a file in its place is told apart.)"""
+    path = join(root, "commits")
+    if fs.isfile(path):
+        return "its commits folder is a file"
+    if is_local(fs) and not fs.isdir(path) and listdir_names(fs, join(root, "shards")):
+        return "its commits folder is missing while shards/ holds data"
+    return None
 
 
 def _open_compatible(url: str, manifest: StoreManifest, storage_options: dict[str, Any] | None) -> Store:
@@ -205,6 +220,10 @@ class Store:
         """
         commits = []
         self.bad_commits = []
+        self.damage = commits_problem(self.fs, self.root)
+        if self.damage is not None and self.strict:
+            raise StoreError(f"store {self.url} is damaged: {self.damage}; no shard is read or removed until it is "
+                             f"restored (`potstill store verify {self.url}` lists what is there)")
         for name in listdir_names(self.fs, join(self.root, "commits")):
             if not name.endswith(".json") or parse_shard_name(name[:-5]) is None:
                 continue  # temporary files of atomic writes, strays: never commit records

@@ -52,3 +52,27 @@ def test_a_writer_id_held_in_this_process_is_refused_and_free_once_closed(tmp_pa
         ShardWriter(store, "same")
     first.close()
     ShardWriter(store, "same").close()
+
+
+@pytest.mark.parametrize("damage", ["a file", "missing"])
+def test_a_damaged_commits_folder_is_damage_and_no_shard_is_deleted(tmp_path, tiny_teacher_dir, damage):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=12))
+    store = str(tmp_path / "s")
+    args = ["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store, "--device", "cpu",
+            "--no-progress", "--shard-records", "2"]
+    assert run_cli(args).returncode == 0
+    os.rename(os.path.join(store, "commits"), str(tmp_path / "commits-away"))
+    if damage == "a file":
+        with open(os.path.join(store, "commits"), "w") as f:
+            f.write("not a folder")
+    shard_files = _all_files(os.path.join(store, "shards"))
+    assert len(shard_files) >= 3
+
+    for command in (["store", "verify", store], ["store", "verify", "--clean", store], args):
+        result = run_cli(command)
+        out = (result.stdout + result.stderr).strip()
+        assert result.returncode == 1 and "Traceback" not in out, (command, out)
+        assert "commits" in out and "OK" not in out and "leftover" not in out, (command, out)
+        if command[-2] == "--clean" or command is args:
+            assert len([ln for ln in result.stderr.splitlines() if ln.strip()]) == 1, (command, result.stderr)
+        assert _all_files(os.path.join(store, "shards")) == shard_files, command
