@@ -76,3 +76,45 @@ def test_a_damaged_commits_folder_is_damage_and_no_shard_is_deleted(tmp_path, ti
         if command[-2] == "--clean" or command is args:
             assert len([ln for ln in result.stderr.splitlines() if ln.strip()]) == 1, (command, result.stderr)
         assert _all_files(os.path.join(store, "shards")) == shard_files, command
+
+
+@pytest.mark.parametrize("codec", ["none", "packed"])
+@pytest.mark.parametrize("damage,what", [
+    ("mass", "tail probabilities sum to"),
+    ("same-id", "a top-k id is in two slots"),
+    ("ascending", "not in descending order"),
+])
+def test_impossible_top_k_written_by_a_buggy_producer_fails_verify(tmp_path, codec, damage, what):
+    """Values the writer takes (each a finite log-prob, each id in the vocabulary) that no
+    distribution has: verify names the record and what is wrong, in either codec."""
+    import copy
+
+    import numpy as np
+    from common import random_record
+    from storehelpers import build_store
+
+    store = open_store(build_store(str(tmp_path / "s"), "topk", codec, layers=(), records=3))
+    rec = random_record(np.random.default_rng(5), "bad", store.manifest)
+    k = store.manifest.targets.k
+    if damage == "mass":
+        rec.topk_logprobs[1] = np.log(7.9 / k)
+    elif damage == "same-id":
+        rec.topk_ids[1] = rec.topk_ids[1][0]
+    else:
+        rec.topk_logprobs[1] = np.sort(rec.topk_logprobs[1])
+    with store.writer("w1") as w:
+        w.write(copy.deepcopy(rec))
+    problems = [str(p) for p in verify_store(store.url).problems]
+    assert len(problems) == 1 and "record 'bad'" in problems[0] and what in problems[0], problems
+
+
+@pytest.mark.parametrize("value", ["-1e-300", "-1e300", "-0.001"])
+def test_a_logprob_min_the_quantiser_cannot_hold_is_refused_in_one_line(tmp_path, value):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=13))
+    store = str(tmp_path / "s")
+    result = run_cli(["generate", "--teacher", str(tmp_path / "no-model"), "--prompts", prompts, "--out", store,
+                      "--targets", "topk", "--codec", "packed", f"--logprob-min={value}", "--no-progress"])
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "--logprob-min" in lines[0] and "must lie in [-1e+06, -0.004094]" in lines[0], lines[0]
+    assert not os.path.exists(store)
