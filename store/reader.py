@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import os
 import shutil
@@ -29,6 +30,7 @@ from potstill.store.fs import (
     read_bytes,
     resolve,
     sha256_bytes,
+    temp_target,
     unstrip,
     write_bytes,
 )
@@ -57,11 +59,18 @@ def create_store(
     naming the differences. Several writers may call this at once.
     """
     fs, root = resolve(url, storage_options)
+    problem = location_problem(fs, root)
+    if problem is not None:
+        raise StoreError(f"{url} {problem}: no store can be created there")
     manifest_path = join(root, MANIFEST)
     if fs.exists(manifest_path):
         if not exist_ok:
             raise StoreError(f"store {url} already exists")
         return _open_compatible(url, manifest, storage_options)
+    strays = foreign_entries(fs, root)
+    if strays:
+        raise StoreError(f"{url} exists and is not a potstill store (it holds {', '.join(strays[:3])}): "
+                         "create a store in a new or empty folder")
     files = _tokenizer_payload(tokenizer_files)
     entries = []
     for name, data in sorted(files.items()):
@@ -78,6 +87,35 @@ def create_store(
             raise StoreError(f"store {url} already exists") from None
         return _open_compatible(url, manifest, storage_options)
     return Store(url, storage_options)
+
+
+def location_problem(fs: Any, root: str) -> str | None:
+    """Why nothing can be a store at `root`, in words to follow its name, or None: a file, a path
+    under a file, a symbolic link loop."""
+    if not is_local(fs):
+        return "is a file, not a folder" if fs.isfile(root) else None
+    try:
+        if not os.path.isdir(root) and os.path.exists(root):
+            return "is a file, not a folder"
+        os.stat(root)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        above = os.path.dirname(root)
+        while above and not os.path.isfile(above) and above != os.path.dirname(above):
+            above = os.path.dirname(above)
+        return f"lies under {above}, which is a file"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        return f"cannot be read ({e.strerror})"
+    return None
+
+
+def foreign_entries(fs: Any, root: str) -> list[str]:
+    """What a folder without a manifest holds that no store's creation leaves (its tokenizer files,
+    commits folder, manifest's temporary file): a folder holding any is someone else's."""
+    return [n for n in listdir_names(fs, root) if n not in ("tokenizer", "commits") and temp_target(n) != MANIFEST]
 
 
 def commits_problem(fs: Any, root: str) -> str | None:
@@ -194,6 +232,9 @@ class Store:
         self.bad_commits: list[tuple[str, str]] = []  # (shard, why its commit record cannot be read)
         self.storage_options = storage_options
         self.fs, self.root = resolve(url, storage_options)
+        problem = location_problem(self.fs, self.root)
+        if problem is not None:
+            raise StoreError(f"{url} {problem}: not a potstill store")
         manifest_path = join(self.root, MANIFEST)
         try:
             data = read_bytes(self.fs, manifest_path)

@@ -118,3 +118,53 @@ def test_a_logprob_min_the_quantiser_cannot_hold_is_refused_in_one_line(tmp_path
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "--logprob-min" in lines[0] and "must lie in [-1e+06, -0.004094]" in lines[0], lines[0]
     assert not os.path.exists(store)
+
+
+def _out_mistake(tmp_path, mistake: str) -> str:
+    if mistake == "a file":
+        out = tmp_path / "out.txt"
+        out.write_text("my notes\n")
+    elif mistake == "under a file":
+        (tmp_path / "notes.txt").write_text("my notes\n")
+        out = tmp_path / "notes.txt" / "store"
+    elif mistake == "a symlink loop":
+        out = tmp_path / "loop"
+        os.symlink(str(tmp_path / "loop"), str(out))
+    else:  # a folder of other files
+        out = tmp_path / "docs"
+        out.mkdir()
+        (out / "thesis.tex").write_text("keep me\n")
+    return str(out)
+
+
+@pytest.mark.parametrize("mistake,what", [
+    ("a file", "is a file"),
+    ("under a file", "is a file"),
+    ("a symlink loop", "symbolic link"),
+    ("other files", "is not a potstill store (it holds thesis.tex)"),
+])
+def test_an_out_that_cannot_be_a_store_is_refused_in_one_line(tmp_path, tiny_teacher_dir, mistake, what):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=14))
+    out = _out_mistake(tmp_path, mistake)
+    before = _all_files(str(tmp_path))
+    commands = [["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", out, "--device", "cpu",
+                 "--no-progress"], ["store", "info", out], ["store", "verify", out]]
+    for command in commands if mistake != "other files" else commands[:1]:
+        result = run_cli(command)
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, (command, result.stderr)
+        assert out in lines[0] and what in lines[0], (command, lines[0])
+        if command[0] == "generate":
+            assert "--out" in lines[0], lines[0]
+    assert _all_files(str(tmp_path)) == before
+
+
+def test_a_run_that_writes_nothing_fails_saying_why(tmp_path, tiny_teacher_dir):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(3, seed=15))
+    store = str(tmp_path / "s")
+    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store, "--device", "cpu",
+                      "--no-progress", "--max-length", "2"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    last = [ln for ln in result.stderr.splitlines() if ln.strip()][-1]
+    assert "nothing was written" in last and "all 3 prompt(s) were skipped" in last and "longer than" in last, last
+    assert not os.path.exists(store)
