@@ -21,6 +21,11 @@ def test_two_runs_with_one_writer_id_never_destroy_committed_shards(tmp_path, ti
     store = str(tmp_path / "s")
     args = ["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store, "--device", "cpu",
             "--no-progress", "--shard-records", "4", "--batch-tokens", "64", "--workers", "2"]
+    # The store exists first, so each run claims its share right after reading its tokenizer and holds
+    # the claim through its teacher's loading and scoring: the two runs surely overlap.
+    seed_prompts = write_jsonl(str(tmp_path / "seed.jsonl"), [{"id": "seed", "prompt": "one seed", "completion": "prompt"}])
+    seeded = run_cli([*args[:4], seed_prompts, *args[5:-2]])
+    assert seeded.returncode == 0, seeded.stderr[-2000:]
     procs = [popen_cli([*args, "--writer-id", "shared", "--worker-index", str(i)]) for i in (0, 1)]
     results = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
@@ -35,7 +40,7 @@ def test_two_runs_with_one_writer_id_never_destroy_committed_shards(tmp_path, ti
         rerun = run_cli([*args, "--worker-index", str(i)])
         assert rerun.returncode == 0, rerun.stderr[-3000:]
     ids = [i for c in open_store(store).commits for i in c.ids]
-    assert len(ids) == len(set(ids)) == 80
+    assert len(ids) == len(set(ids)) == 81  # the seed's and the 80
     report = verify_store(store)
     assert report.ok and not report.leftovers, [str(p) for p in report.problems]
 
