@@ -101,8 +101,10 @@ def _after_commit(c: Counter) -> None:  # generate, copy: just after a commit re
     _wrap(os, "link", c, "after", lambda src, dst, *a, **k: _is_temp(src) and _in_folder("commits")(src))
 
 
-def _lease(c: Counter) -> None:  # any writer: between a lease's temporary file and its rename
-    _wrap(os, "replace", c, "before", lambda src, dst, *a, **k: _is_temp(src) and _in_folder("writers")(src))
+def _lease(c: Counter) -> None:  # any writer: between a lease's temporary file and its link (first) or rename
+    in_writers = lambda src, dst, *a, **k: _is_temp(src) and _in_folder("writers")(src)  # noqa: E731
+    _wrap(os, "link", c, "before", in_writers)
+    _wrap(os, "replace", c, "before", in_writers)
 
 
 def _manifest(c: Counter) -> None:  # a store being created (generate, copy): the manifest's temporary file, not linked

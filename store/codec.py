@@ -77,6 +77,24 @@ def unpack_bits(data: np.ndarray, count: int, bits: int) -> np.ndarray:
     return out
 
 
+# The quantiser's step must be one float32 log-probs hold: finer than a float32 log-prob's own rounding
+# (its spacing is 9.5e-7 at −8) every code decodes to the floor, and a floor beyond −1e6 nats is
+# no probability float32 can tell from 0 anyway.
+LOGPROB_STEP_MIN = 1e-6
+LOGPROB_MIN_FLOOR = -1e6
+
+
+def logprob_min_problem(bits: int, lo: float) -> str | None:
+    """Why `lo` cannot be the floor of a `bits`-bit quantiser, in words naming the valid range, or None."""
+    if not 2 <= bits <= 16:
+        return None  # (the bits are checked on their own)
+    high = -LOGPROB_STEP_MIN * ((1 << bits) - 2)
+    if math.isfinite(lo) and LOGPROB_MIN_FLOOR <= lo <= high:
+        return None
+    return (f"log-prob minimum {lo:g} with {bits} bits gives a quantiser step of {-lo / ((1 << bits) - 2):.3g} nats, "
+            f"which float32 log-probs cannot hold: it must lie in [{LOGPROB_MIN_FLOOR:g}, {high:.4g}]")
+
+
 @dataclass(frozen=True)
 class LogprobQuantizer:
     """Uniform `bits`-bit quantisation of log-probs over [lo, 0]; code 0 is −inf (module doc)."""

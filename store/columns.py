@@ -46,6 +46,41 @@ def unsound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> np.ndarray:
     return (bad_ids | bad_lp).any(-1)
 
 
+# What a float32 log-softmax's own rounding may add to a distribution's total mass, over a top-K and tail.
+MASS_SLACK = 1e-4
+
+
+def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | float, tail_logprob: np.ndarray,
+                    clipped: float | None = None) -> list[tuple[str, np.ndarray]]:
+    """[S] masks of top-k rows that no distribution has (format §4), each with what is wrong: an id
+    in two slots, log-probs rising (the top-K is by descending probability), or more mass than 1.
+
+    `lp_error` bounds how far a stored log-prob may lie above the true one (float16's or the
+    quantiser's rounding), so the mass checked, Σ exp(lp − lp_error) + the tail's, is a lower bound of
+    the true one. `clipped`: the quantiser's floor; a slot there may hold any smaller value, so it
+    adds nothing to that bound."""
+    lp = np.asarray(lp, dtype=np.float64)
+    tail = np.asarray(tail_logprob, dtype=np.float64)
+    ordered = np.sort(ids, axis=-1)
+    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        rising = (lp[:, 1:] > lp[:, :-1]).any(-1)
+        low = lp - lp_error if clipped is None else np.where(lp <= clipped, -np.inf, lp - lp_error)
+        too_much = np.exp(low).sum(-1) + np.exp(tail - np.abs(tail) * 2.0**-24) > 1 + MASS_SLACK
+    stored = np.exp(lp[too_much]).sum(-1) + np.exp(tail[too_much])
+    worst = float(stored.max()) if stored.size else 0.0
+    return [("a top-k id is in two slots of one position", repeated),
+            ("top-k log-probs are not in descending order", rising),
+            (f"top-k and tail probabilities sum to {worst:.4g} (more than 1 beyond their rounding)", too_much)]
+
+
+def float_rounding(lp: np.ndarray) -> np.ndarray:
+    """How far a stored float16 / float32 log-prob may lie from the value it rounds (half an ulp)."""
+    unit = 2.0**-11 if lp.dtype == np.float16 else 2.0**-24
+    with np.errstate(invalid="ignore"):
+        return np.abs(lp.astype(np.float64)) * unit
+
+
 def unsound_tail_mass(tail: np.ndarray) -> np.ndarray:
     return ~((tail >= 0) & (tail <= 1))  # NaN too
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from potstill.store.errors import StoreError
-from potstill.store.fs import is_local, join, listdir_names, read_bytes, resolve, temp_target, write_bytes
+from potstill.store.fs import is_local, join, read_bytes, resolve, write_bytes
 from potstill.store.leases import WriterLease
 from potstill.store.manifest import FileEntry
-from potstill.store.reader import MANIFEST, Store
+from potstill.store.reader import MANIFEST, Store, foreign_entries, location_problem
 from potstill.store.verify import clean_leftovers, find_leftovers
 
 _BLOCK = 8 << 20
@@ -61,13 +61,16 @@ def copy_store(
     manifest_bytes = read_bytes(src.fs, join(src.root, MANIFEST))
     report = CopyReport(source=source, destination=destination)
 
+    problem = location_problem(fs, root)
+    if problem is not None:
+        raise StoreError(f"{destination} {problem}: not copying there")
     manifest_path = join(root, MANIFEST)
     if fs.exists(manifest_path):
         if read_bytes(fs, manifest_path) != manifest_bytes:
             raise StoreError(f"{destination} is another store (its manifest differs from {source}'s); not copying into it")
     else:
         # (a temporary manifest is what a copy killed while creating the destination leaves)
-        strays = [n for n in listdir_names(fs, root) if n != "tokenizer" and temp_target(n) != MANIFEST]
+        strays = foreign_entries(fs, root)
         if strays:
             raise StoreError(f"{destination} exists and is not a potstill store (it holds {', '.join(strays[:3])}); "
                              "copy into a new or empty folder")

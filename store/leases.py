@@ -1,9 +1,12 @@
 """Writer leases (docs/reference/store-format.md §6): `writers/<writer>.json` says a writer is alive.
 
-A lease only decides two things: whether an uncommitted shard folder belongs to a writer that is
-still running (then nobody may remove it), and whether a `potstill generate` run already works on
-an overlapping part of a prompt set (then a second run refuses: the two would write every record
-twice). It is rewritten atomically, so a reader never sees a half-written lease.
+A lease decides three things: whether an uncommitted shard folder belongs to a writer that is
+still running (then nobody may remove it), whether a `potstill generate` run already works on an
+overlapping part of a prompt set (then a second run refuses: the two would write every record
+twice), and who holds a writer id. A lease is created exclusively, so of two writers given one id
+(a shared config file does it) the second refuses before it writes anything: both would name their
+shards alike and overwrite each other's. It is rewritten atomically, so a reader never sees a
+half-written lease.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from potstill.store.commit import loads_json_object
+from potstill.store.errors import StoreError
 from potstill.store.fs import StoreLocation, join, listdir_names, pid_alive, read_bytes, write_bytes
 from potstill.store.manifest import utc_now
 
@@ -27,6 +31,19 @@ STALE_AFTER_S = 600.0  # a lease of another host whose heartbeat is older than t
 
 def lease_path(store: StoreLocation, writer_id: str) -> str:
     return join(store.root, "writers", f"{writer_id}.json")
+
+
+class WriterIdInUse(StoreError):
+    """Another live writer holds the lease of this writer id (`why`: which process, in words)."""
+
+    def __init__(self, writer_id: str, why: str) -> None:
+        super().__init__(f"writer id {writer_id} is in use by a live writer ({why}; its lease is "
+                         f"writers/{writer_id}.json): give each run its own writer id, or wait until that one ends")
+        self.writer_id, self.why = writer_id, why
+
+
+_HELD: set[tuple[str, str]] = set()  # (store root, lease path) of the leases this process holds now
+_HELD_LOCK = threading.Lock()
 
 
 class WriterLease:
@@ -61,10 +78,36 @@ class WriterLease:
             write_bytes(self.store.fs, self.path, json.dumps(self.body()).encode(), atomic=True)
 
     def start(self) -> WriterLease:
-        self.beat()
+        self._acquire()
         self._thread = threading.Thread(target=self._run, name=f"lease-{self.writer_id}", daemon=True)
         self._thread.start()
         return self
+
+    def _acquire(self) -> None:
+        """Create the lease, never over a live writer's. A dead writer's lease is removed and the
+        exclusive creation retried. (Two writers taking over one dead lease in the same instant can
+        both succeed: a narrow window, only for a writer id whose last writer crashed.)"""
+        key = (self.store.root, self.path)
+        for _ in range(3):
+            with self._lock:
+                try:
+                    write_bytes(self.store.fs, self.path, json.dumps(self.body()).encode(), exclusive=True, atomic=True)
+                except FileExistsError:
+                    pass
+                else:
+                    with _HELD_LOCK:
+                        _HELD.add(key)
+                    return
+            status = lease_status(self.store, self.writer_id)
+            lease = status.lease or {}
+            ours = lease.get("host") == socket.gethostname() and lease.get("pid") == os.getpid()
+            with _HELD_LOCK:
+                held_here = key in _HELD
+            if status.live and not (ours and not held_here):  # a lease of this process not held: a writer it abandoned
+                raise WriterIdInUse(self.writer_id, status.why)
+            with contextlib.suppress(FileNotFoundError):
+                self.store.fs.rm(self.path)
+        raise WriterIdInUse(self.writer_id, "other writers keep creating its lease")
 
     def _run(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -77,6 +120,8 @@ class WriterLease:
             self._thread.join()
         with contextlib.suppress(FileNotFoundError):
             self.store.fs.rm(self.path)
+        with _HELD_LOCK:
+            _HELD.discard((self.store.root, self.path))
 
 
 @dataclass

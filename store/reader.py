@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import os
 import shutil
@@ -29,6 +30,7 @@ from potstill.store.fs import (
     read_bytes,
     resolve,
     sha256_bytes,
+    temp_target,
     unstrip,
     write_bytes,
 )
@@ -57,11 +59,18 @@ def create_store(
     naming the differences. Several writers may call this at once.
     """
     fs, root = resolve(url, storage_options)
+    problem = location_problem(fs, root)
+    if problem is not None:
+        raise StoreError(f"{url} {problem}: no store can be created there")
     manifest_path = join(root, MANIFEST)
     if fs.exists(manifest_path):
         if not exist_ok:
             raise StoreError(f"store {url} already exists")
         return _open_compatible(url, manifest, storage_options)
+    strays = foreign_entries(fs, root)
+    if strays:
+        raise StoreError(f"{url} exists and is not a potstill store (it holds {', '.join(strays[:3])}): "
+                         "create a store in a new or empty folder")
     files = _tokenizer_payload(tokenizer_files)
     entries = []
     for name, data in sorted(files.items()):
@@ -69,6 +78,8 @@ def create_store(
         write_bytes(fs, join(root, rel), data)
         entries.append(FileEntry(rel, len(data), sha256_bytes(data)))
     manifest.tokenizer.files = entries
+    if is_local(fs):  # a local store always has its commits folder: one missing is damage (`commits_problem`)
+        os.makedirs(join(root, "commits"), exist_ok=True)
     try:
         write_bytes(fs, manifest_path, manifest.to_json(), exclusive=True, atomic=True)
     except FileExistsError:  # another writer created it between our check and our write
@@ -76,6 +87,48 @@ def create_store(
             raise StoreError(f"store {url} already exists") from None
         return _open_compatible(url, manifest, storage_options)
     return Store(url, storage_options)
+
+
+def location_problem(fs: Any, root: str) -> str | None:
+    """Why nothing can be a store at `root`, in words to follow its name, or None: a file, a path
+    under a file, a symbolic link loop."""
+    if not is_local(fs):
+        return "is a file, not a folder" if fs.isfile(root) else None
+    try:
+        if not os.path.isdir(root) and os.path.exists(root):
+            return "is a file, not a folder"
+        os.stat(root)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        above = os.path.dirname(root)
+        while above and not os.path.isfile(above) and above != os.path.dirname(above):
+            above = os.path.dirname(above)
+        return f"lies under {above}, which is a file"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        return f"cannot be read ({e.strerror})"
+    return None
+
+
+def foreign_entries(fs: Any, root: str) -> list[str]:
+    """What a folder without a manifest holds that no store's creation leaves (its tokenizer files,
+    commits folder, manifest's temporary file): a folder holding any is someone else's."""
+    return [n for n in listdir_names(fs, root) if n not in ("tokenizer", "commits") and temp_target(n) != MANIFEST]
+
+
+def commits_problem(fs: Any, root: str) -> str | None:
+    """Damage to the `commits` folder, in words, or None. With no readable commit records every
+    shard would look uncommitted, so a store with this damage is read by nobody and cleaned by
+    nobody. (A local store is created with its commits folder; an object store has no empty
+    folders, so there only a file in its place is told apart.)"""
+    path = join(root, "commits")
+    if fs.isfile(path):
+        return "its commits folder is a file"
+    if is_local(fs) and not fs.isdir(path) and listdir_names(fs, join(root, "shards")):
+        return "its commits folder is missing while shards/ holds data"
+    return None
 
 
 def _open_compatible(url: str, manifest: StoreManifest, storage_options: dict[str, Any] | None) -> Store:
@@ -179,6 +232,9 @@ class Store:
         self.bad_commits: list[tuple[str, str]] = []  # (shard, why its commit record cannot be read)
         self.storage_options = storage_options
         self.fs, self.root = resolve(url, storage_options)
+        problem = location_problem(self.fs, self.root)
+        if problem is not None:
+            raise StoreError(f"{url} {problem}: not a potstill store")
         manifest_path = join(self.root, MANIFEST)
         try:
             data = read_bytes(self.fs, manifest_path)
@@ -205,6 +261,10 @@ class Store:
         """
         commits = []
         self.bad_commits = []
+        self.damage = commits_problem(self.fs, self.root)
+        if self.damage is not None and self.strict:
+            raise StoreError(f"store {self.url} is damaged: {self.damage}; no shard is read or removed until it is "
+                             f"restored (`potstill store verify {self.url}` lists what is there)")
         for name in listdir_names(self.fs, join(self.root, "commits")):
             if not name.endswith(".json") or parse_shard_name(name[:-5]) is None:
                 continue  # temporary files of atomic writes, strays: never commit records

@@ -20,7 +20,7 @@ from potstill.store.commit import parse_shard_name
 from potstill.store.errors import StoreError
 from potstill.store.fs import is_local, join, listdir_names, pid_alive, temp_pid, temp_target
 from potstill.store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
-from potstill.store.reader import MANIFEST, ShardReader, Store
+from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
 from potstill.store.records import hidden_problem
 
 _BLOCK = 8 << 20
@@ -71,7 +71,8 @@ def find_leftovers(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[L
     """Uncommitted shard folders, temporary files and leases of dead writers (format §6).
 
     A shard folder is never a leftover while a commit record of that name exists, whether or not
-    it parses: what a commit names is kept.
+    it parses: what a commit names is kept. With the commits folder damaged (`commits_problem`) no
+    shard folder or commit record's temporary file is one: which shards are committed is unknown.
     """
     status: dict[str, LeaseStatus] = {}
 
@@ -82,10 +83,11 @@ def find_leftovers(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[L
             status[writer_id] = lease_status(store, writer_id, stale_after_s)
         return status[writer_id].live, status[writer_id].why
 
-    commit_names = listdir_names(store.fs, join(store.root, "commits"))
+    damaged = commits_problem(store.fs, store.root) is not None
+    commit_names = [] if damaged else listdir_names(store.fs, join(store.root, "commits"))
     has_commit = {n[:-5] for n in commit_names if n.endswith(".json")}
     out = []
-    for name in listdir_names(store.fs, join(store.root, "shards")):
+    for name in [] if damaged else listdir_names(store.fs, join(store.root, "shards")):
         if name in has_commit:
             continue
         parsed = parse_shard_name(name)
@@ -140,7 +142,12 @@ def clean_leftovers(store: Store, leftovers: list[Leftover]) -> list[str]:
 def verify_store(url: str, *, clean: bool = False, storage_options: dict | None = None) -> VerifyReport:
     """Check every committed shard against its commit record and the format; optionally clean."""
     store = Store(url, storage_options, strict=False)
+    if store.damage is not None and clean:
+        raise StoreError(f"store {url} is damaged: {store.damage}; verify --clean removes nothing from it "
+                         f"(every shard would look uncommitted): restore the commits folder first")
     report = VerifyReport()
+    if store.damage is not None:
+        report.problems.append(Problem("commits", f"{store.damage}; no shard is read, every shard is kept"))
     for shard, why in store.bad_commits:
         report.problems.append(Problem(f"commits/{shard}.json", f"{why}; shard {shard} is kept, unread"))
     for entry in store.manifest.tokenizer.files:

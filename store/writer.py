@@ -201,9 +201,14 @@ class ShardWriter:
     def _shard_dir(self) -> str:
         return join(self.store.root, "shards", self.current_shard)
 
+    def _commit_path(self) -> str:
+        return join(self.store.root, "commits", f"{self.current_shard}.json")
+
     def _open_hidden(self) -> _HiddenShard:
         if self.local:
             local_dir = os.path.join(self._shard_dir(), "hidden")
+            if self.store.fs.exists(self._commit_path()):
+                raise self._taken()
             if os.path.exists(local_dir):  # a leftover of a crashed writer with our id: ours to replace
                 shutil.rmtree(local_dir)
         else:
@@ -218,6 +223,8 @@ class ShardWriter:
         if not self._records:
             return None
         fs, name = self.store.fs, self.current_shard
+        if fs.exists(self._commit_path()):  # what another writer committed is never overwritten
+            raise self._taken()
         prefix = f"shards/{name}"
         batch = records_to_batch(self._records, self._offsets, self.manifest)
         sink = pa.BufferOutputStream()
@@ -265,12 +272,16 @@ class ShardWriter:
         )
         # Last, atomically and never over another: a commit record that exists is whole, so one that
         # does not parse can only be damage (never a crash), and its shard is never deleted.
-        write_bytes(fs, join(self.store.root, "commits", f"{name}.json"), commit.to_json(), exclusive=True, atomic=True)
+        write_bytes(fs, self._commit_path(), commit.to_json(), exclusive=True, atomic=True)
         self._lease.beat()
         self.committed.append(commit)
         self._reset()
         self._seq += 1
         return commit
+
+    def _taken(self) -> StoreError:
+        return StoreError(f"shard {self.current_shard} of store {self.store.url} is already committed by another "
+                          f"writer with id {self.writer_id}: writer ids must be unique; nothing of it was changed")
 
     def _reset(self) -> None:
         self._records, self._offsets, self._hidden, self._bytes = [], [], None, 0
@@ -295,7 +306,7 @@ class ShardWriter:
         if self._closed:
             return
         self._closed = True
-        if self.local and self._records:
+        if self.local and self._records and not self.store.fs.exists(self._commit_path()):
             shutil.rmtree(self._shard_dir(), ignore_errors=True)
         self._reset()
         self._lease.release()

@@ -23,6 +23,7 @@ from potstill.settings import (
     read_config_file,
     setting,
 )
+from potstill.store.codec import logprob_min_problem
 from potstill.store.targets import codec_named, codec_names, kind_named, kind_names
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.gguf import is_gguf
@@ -161,6 +162,8 @@ class GenerateConfig:
              else f"--codec {self.codec} cannot store --targets {self.targets} targets"),
             (2 <= self.logprob_bits <= 16, f"--logprob-bits must be between 2 and 16, got {self.logprob_bits}"),
             (self.logprob_min < 0, f"--logprob-min must be negative, got {self.logprob_min}"),
+            (logprob_min_problem(self.logprob_bits, self.logprob_min) is None,
+             f"--logprob-min: {logprob_min_problem(self.logprob_bits, self.logprob_min)}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
             (self.sampling_temperature >= 0, f"--sampling-temperature must be >= 0, got {self.sampling_temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),

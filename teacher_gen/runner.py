@@ -44,8 +44,8 @@ from potstill.store import (
 )
 from potstill.store.codec import IdOrder
 from potstill.store.fs import join, resolve, write_bytes
-from potstill.store.leases import WriterLease, all_leases
-from potstill.store.reader import MANIFEST
+from potstill.store.leases import WriterIdInUse, WriterLease, all_leases
+from potstill.store.reader import MANIFEST, foreign_entries, location_problem
 from potstill.store.targets import codec_named, kind_named
 from potstill.store.verify import clean_leftovers
 from potstill.teacher_gen.capture import resolve_layers
@@ -265,7 +265,13 @@ def claim_partition(store: Store, writer_id: str, workers: int, index: int) -> W
     The lease is written before the others are read, so of two runs starting at once at least one
     sees the other (both may refuse; neither ever writes a duplicate)."""
     mine = (workers, index)
-    claim = WriterLease(store, f"{writer_id}.run", extra={"run": {"workers": workers, "worker_index": index}}).start()
+    try:
+        claim = WriterLease(store, f"{writer_id}.run", extra={"run": {"workers": workers, "worker_index": index}}).start()
+    except WriterIdInUse as e:  # two runs given one writer id would name their shards alike and overwrite them
+        raise GenerateError(
+            f"--writer-id {writer_id} is in use by another live potstill generate run on store {store.url} "
+            f"({e.why}): give each run its own --writer-id (or none), or wait until that one ends"
+        ) from None
     for other in all_leases(store):
         run = (other.lease or {}).get("run")
         if other.writer_id == claim.writer_id or not other.live or not isinstance(run, dict):
@@ -283,6 +289,18 @@ def claim_partition(store: Store, writer_id: str, workers: int, index: int) -> W
                 f"(its lease is writers/{other.writer_id}.json), or give the runs disjoint --workers/--worker-index shares"
             )
     return claim
+
+
+def check_out(url: str) -> None:
+    """`--out` can hold this run's store, checked before anything loads: it is not a file, under a
+    file or a loop of links, and a folder that exists is a store or empty (never someone's files)."""
+    fs, root = resolve(url)
+    problem = location_problem(fs, root)
+    if problem is not None:
+        raise GenerateError(f"--out {url} {problem}: give a folder for the store")
+    if not fs.exists(join(root, MANIFEST)) and fs.isdir(root) and (strays := foreign_entries(fs, root)):
+        raise GenerateError(f"--out {url} exists and is not a potstill store (it holds {', '.join(strays[:3])}): "
+                            "give a new or empty folder, or an existing store")
 
 
 def store_exists(url: str) -> bool:
@@ -390,6 +408,7 @@ class Run:
     # -- steps ---------------------------------------------------------------------------------
     def prepare(self) -> tuple[Any, TeacherSpec, list[int], int | None, list[tuple[Encoded, list[int]]]]:
         config, summary = self.config, self.summary
+        check_out(config.store)
         spec = describe_teacher(config)
         tokenizer = load_tokenizer(config)
         if len(tokenizer) > spec.vocab_size:
@@ -586,6 +605,10 @@ def generate(
 def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSummary:
     check_backend(config, preloaded)
     tokenizer, spec, layers, max_length, encoded = run.prepare()
+    if not encoded and not run.summary.already_done and run.summary.errors:  # every prompt of its share skipped
+        errors = run.summary.errors
+        raise GenerateError(f"nothing was written to {config.store}: all {len(errors)} prompt(s) were skipped "
+                            f"(first: {errors[0]})")
     if not encoded:  # nothing to do: write nothing (its bad inputs were reported when they were first read)
         return run.finish([])
 

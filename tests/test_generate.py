@@ -300,9 +300,10 @@ def test_generated_eos_is_kept_and_scored(tmp_path, eos_teacher_dir):
 def test_generation_longer_than_context_needs_truncate(tmp_path, tiny_teacher_dir):
     rows = [{"id": "a", "prompt": "the quick brown fox jumps over the lazy dog"}]
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), rows)
-    refused = generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s1"), mode="generate",
-                              max_new_tokens=40, max_length=20))
-    assert refused.records == 0 and "exceeds the teacher's context (20)" in str(refused.errors[0])
+    with pytest.raises(GenerateError, match=r"nothing was written .* exceeds the teacher's context \(20\)"):
+        generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s1"), mode="generate", max_new_tokens=40,
+                        max_length=20))
+    assert not os.path.exists(str(tmp_path / "s1"))
     kept = generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s2"), mode="generate",
                            max_new_tokens=40, max_length=20, truncate=True))
     assert kept.records == 1

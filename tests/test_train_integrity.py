@@ -112,6 +112,47 @@ def test_values_no_teacher_writes_stop_training(base, tmp_path, column, value, w
     assert_nothing_saved(str(tmp_path / "out"))
 
 
+def _first_position(k: int, change):
+    """Edit the K slots of the shard's first scored position (a [K] view of the flat values)."""
+    def edit(flat: np.ndarray) -> None:
+        change(flat[:k])
+    return edit
+
+
+def _too_much_mass(lp: np.ndarray) -> None:
+    lp[:] = np.log(7.9 / len(lp))  # a distribution of mass 7.9 (checksums re-made: a buggy producer)
+
+
+def _same_id(ids: np.ndarray) -> None:
+    ids[:] = ids[0]
+
+
+def _ascending(lp: np.ndarray) -> None:
+    lp[:] = lp[::-1].copy()
+
+
+@pytest.mark.parametrize("column,change,what", [
+    ("topk_logprobs", _too_much_mass, "tail probabilities sum to 8."),  # 7.9 and the tail
+    ("topk_ids", _same_id, "a top-k id is in two slots"),
+    ("topk_logprobs", _ascending, "not in descending order"),
+])
+def test_impossible_top_k_fails_verify_and_stops_training(base, tmp_path, column, change, what) -> None:
+    """Sound numbers that no distribution has: verify names the record, training refuses in one line."""
+    from potstill.store import verify_store
+
+    store = fresh_store(base, tmp_path)
+    k = open_store(store).manifest.targets.k
+    first_id = open_store(store).commit("t0-000002").ids[0]
+    rewrite_column(store, "t0-000002", column, _first_position(k, change))
+    problems = [str(p) for p in verify_store(store).problems]
+    assert len(problems) == 1 and "shard t0-000002" in problems[0], problems
+    assert f"record {first_id!r}" in problems[0] and what in problems[0], problems
+    with pytest.raises(TrainError) as err:
+        train(cfg(base, store, str(tmp_path / "out"), max_steps=12))
+    assert "shard t0-000002" in one_line(str(err.value)) and what in str(err.value)
+    assert_nothing_saved(str(tmp_path / "out"))
+
+
 def test_flipped_bytes_in_a_zarr_chunk_stop_training(base, tmp_path) -> None:
     """8 flipped bytes in a hidden-state chunk showed only as one loss spike; now the chunk file's
     sha256 is checked before its first use."""

@@ -42,6 +42,8 @@ from potstill.store.columns import (
     concat,
     first_bad_row,
     flat,
+    float_rounding,
+    impossible_topk,
     input_vocab,
     list_array,
     log_of_mass,
@@ -208,6 +210,11 @@ class PlainColumns(TargetColumns):
             report("tail_mass is NaN or outside [0, 1]", self.tgt_off, unsound_tail_mass(self.tail_mass))
             if spec.tail_logprob:
                 report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
+            if not problems:  # sound values: now whether they can be one distribution
+                tail = self.tail_logprob if spec.tail_logprob else log_of_mass(self.tail_mass)
+                for what, bad in impossible_topk(self.topk_ids, self.topk_logprobs,
+                                                 float_rounding(self.topk_logprobs), tail):
+                    report(what, self.tgt_off, bad)
         if self.kind.holds_sampled:
             s_ids, counts = self.sampled_ids, self.sampled_counts
             entry_rows = self.sampled_pos_off  # entries per position; positions per record below
@@ -423,9 +430,16 @@ class PackedColumns(TargetColumns):
             rid = views.text_of("id", j)
             try:
                 if self.kind.holds_topk:
-                    ids = self.topk(j).ids
+                    rows = self.topk(j)
+                    ids = rows.ids
                     if ids.size and (int(ids.max()) >= tv or int(ids.min()) < -1):
                         return [f"record {rid!r}: top-k ids outside [0, {tv})"]
+                    q = self.quantizer
+                    err = q.max_error + np.abs(rows.logprobs.astype(np.float64)) * 2.0**-24  # (+ float32's rounding)
+                    for what, bad in impossible_topk(ids, rows.logprobs, err, rows.tail_logprob,
+                                                     clipped=q.lo + q.step / 2):
+                        if bad.any():
+                            return [f"record {rid!r}: {what} ({int(bad.sum())} position(s))"]
                 if self.kind.holds_sampled:
                     check_sampled(self.sampled(j), self.bounds[j + 1] - self.bounds[j], self.spec.samples, tv,
                                   f"record {rid!r}")
