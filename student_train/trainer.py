@@ -650,7 +650,7 @@ def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDa
     training report and the loss curve; return the report."""
     config = run.config
     trainer.model.save(config.out, student.tokenizer)
-    final_eval = final_evaluation(run, student)
+    final_eval = final_evaluation(run, student, trainer.skipped_shards)
     report = {
         "potstill_version": potstill_version(),
         "settings": config.to_dict(),
@@ -712,8 +712,9 @@ def store_identity(store: Store, shards: list[str]) -> dict[str, Any]:
     }
 
 
-def final_evaluation(run: Run, student: Student) -> dict[str, Any]:
-    """The trained student on the held-out records of the run's own plan (never trained on)."""
+def final_evaluation(run: Run, student: Student, skipped_shards: dict[str, str]) -> dict[str, Any]:
+    """The trained student on the held-out records of the run's own plan (never trained on), less those
+    of the shards the run skipped (--skip-bad-shards: and of any other shard that fails its checks)."""
     from potstill.student_train.evaluation import evaluate
 
     config = run.config
@@ -727,4 +728,6 @@ def final_evaluation(run: Run, student: Student) -> dict[str, Any]:
         max_records=config.eval_max_records,
         batch_size=config.batch_size,
         max_new_tokens=config.eval_max_new_tokens,
+        skip_shards=skipped_shards,
+        skip_bad_shards=config.skip_bad_shards,
     )

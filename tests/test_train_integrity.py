@@ -21,6 +21,7 @@ from transformers import AutoConfig
 
 from potstill.store import HiddenLayer, open_store
 from potstill.student_train import TrainConfig, train
+from potstill.student_train.data import plan_split
 from potstill.student_train.errors import TrainError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -245,3 +246,24 @@ def test_eval_checks_what_it_reads(base, tmp_path) -> None:
     flip_bytes(os.path.join(store, "shards", "t0-000000", "records.arrow"), count=1, seed=4)
     with pytest.raises(StoreError, match=r"shards/t0-000000/records.arrow: fails its sha256 check"):
         evaluate(store, base["student"], eval_fraction=0.5, answers=False)
+
+
+def test_skip_bad_shards_leaves_the_skipped_shard_out_of_the_final_evaluation(base, tmp_path) -> None:
+    """The final evaluation read the shard training had skipped and the run failed with no report."""
+    from genhelpers import run_cli
+
+    store = fresh_store(base, tmp_path)
+    rewrite_column(store, "t0-000001", "topk_logprobs", set_first(np.nan))
+    held = [row for shard, row in plan_split(open_store(store), 0.25, 1, 0).held_out if shard == "t0-000001"]
+    assert held, "the damaged shard must hold held-out records for this test to mean anything"
+    out = str(tmp_path / "out")
+    proc = run_cli(["train", "--store", store, "--student", base["student"], "--out", out, "--max-steps", "9",
+                    "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--eval-fraction", "0.25",
+                    "--eval-max-new-tokens", "2", "--skip-bad-shards"], env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(out, "training_report.json")) as f:
+        report = json.load(f)
+    assert list(report["skipped_shards"]) == ["t0-000001"]
+    final = report["final_eval"]
+    assert final["skipped_shards"] == ["t0-000001"] and final["records_left_out"] == len(held)
+    assert final["records"] > 0 and np.isfinite(final["kd_loss"])
