@@ -549,6 +549,7 @@ def open_run(config: TrainConfig) -> Run:
     state = PartialState(cpu=cpu_only())  # under torchrun: joins the process group, gives rank and world size
     rank, world = state.process_index, state.num_processes
     store = open_store(config.store, strict=not config.skip_bad_shards, verify_reads=True)
+    store.check_tokenizer_files()  # as verify does, whether or not the student brings its own tokenizer
     checkpoint, loader_state = resume_point(config, rank)
     targets = training_targets(config, store)
     pairs = resolve_hidden_pairs(config.hidden_pairs(), store.manifest.teacher.num_hidden_layers)

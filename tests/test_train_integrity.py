@@ -267,3 +267,38 @@ def test_skip_bad_shards_leaves_the_skipped_shard_out_of_the_final_evaluation(ba
     final = report["final_eval"]
     assert final["skipped_shards"] == ["t0-000001"] and final["records_left_out"] == len(held)
     assert final["records"] > 0 and np.isfinite(final["kd_loss"])
+
+
+def test_a_tampered_store_tokenizer_file_is_refused_in_one_line(base, tmp_path) -> None:
+    """verify catches an edited tokenizer file; train used to load it (or never look) and exit 0."""
+    from potstill.store import StoreError
+
+    store = fresh_store(base, tmp_path)
+    entry = sorted(open_store(store).manifest.tokenizer.files, key=lambda e: e.path)[0]
+    flip_bytes(os.path.join(store, entry.path), count=1, seed=5)  # same size, other bytes
+    with pytest.raises(StoreError) as err:
+        train(cfg(base, store, str(tmp_path / "out"), max_steps=2))
+    assert entry.path in one_line(str(err.value)) and "sha256" in str(err.value)
+    assert_nothing_saved(str(tmp_path / "out"))
+
+
+def test_commit_ids_that_disagree_with_the_shard_are_refused_in_one_line(base, tmp_path) -> None:
+    """verify compares a commit record's ids with the shard's id column; train did not."""
+    from potstill.store import StoreError
+
+    store = fresh_store(base, tmp_path)
+    path = os.path.join(store, "commits", "t0-000001.json")
+    with open(path) as f:
+        record = json.load(f)
+    record["ids"][0], record["ids"][1] = record["ids"][1], record["ids"][0]
+    with open(path, "w") as f:
+        json.dump(record, f)
+    with pytest.raises(TrainError) as err:
+        train(cfg(base, store, str(tmp_path / "out"), max_steps=9))
+    message = one_line(str(err.value))
+    assert "t0-000001" in message and "ids" in message and "commit record" in message, message
+    assert_nothing_saved(str(tmp_path / "out"))
+    report = train(cfg(base, store, str(tmp_path / "skip"), max_steps=9, skip_bad_shards=True))
+    assert list(report["skipped_shards"]) == ["t0-000001"]
+    with pytest.raises(StoreError, match="t0-000001"):
+        open_store(store, verify_reads=True).shard("t0-000001")
