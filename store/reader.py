@@ -32,7 +32,7 @@ from potstill.store.fs import (
     unstrip,
     write_bytes,
 )
-from potstill.store.manifest import FileEntry, StoreManifest
+from potstill.store.manifest import FileEntry, StoreManifest, check_manifest_checksum
 from potstill.store.records import ColumnViews, Record, arrow_schema, hidden_problem
 from potstill.store.writer import ShardWriter
 
@@ -191,6 +191,7 @@ class Store:
         self.manifest = StoreManifest.from_json(data, f"{url}/{MANIFEST}")
         for entry in self.manifest.tokenizer.files:
             check_relative(entry.path, "tokenizer/", f"{url}/{MANIFEST}")
+        check_manifest_checksum(data, f"{url}/{MANIFEST}")
         self._open: OrderedDict[str, ShardReader] = OrderedDict()
         self.refresh()
 
