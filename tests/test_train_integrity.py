@@ -302,3 +302,59 @@ def test_commit_ids_that_disagree_with_the_shard_are_refused_in_one_line(base, t
     assert list(report["skipped_shards"]) == ["t0-000001"]
     with pytest.raises(StoreError, match="t0-000001"):
         open_store(store, verify_reads=True).shard("t0-000001")
+
+
+def two_checkpoints(base: dict, tmp_path) -> str:
+    out = str(tmp_path / "out")
+    train(cfg(base, base["store"], out, max_steps=2, save_steps=1))
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))
+    return out
+
+
+def test_a_checkpoint_with_nan_weights_is_not_called_sound(base, tmp_path) -> None:
+    """After a non-finite loss the message named the last checkpoint sound without looking at it."""
+    from safetensors.torch import load_file, save_file
+
+    out = two_checkpoints(base, tmp_path)
+    path = os.path.join(out, "checkpoint-2", "model.safetensors")
+    weights = load_file(path)
+    weights["model.norm.weight"][:] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(TrainError) as err:
+        train(cfg(base, base["store"], out, max_steps=4, save_steps=1, resume=True))
+    message = one_line(str(err.value))
+    assert message.startswith("step 3: the loss or a gradient is not finite"), message
+    assert "sound" not in message and "checkpoint-2" in message and "model.norm.weight" in message, message
+
+
+def test_a_sound_checkpoint_is_said_to_hold_finite_weights(base, tmp_path) -> None:
+    out = str(tmp_path / "out")
+    with pytest.raises(TrainError) as err:
+        train(cfg(base, base["store"], out, lr=1e30, max_grad_norm=0.0, save_steps=1, max_steps=40))
+    step = int(one_line(str(err.value)).split(":")[0].split()[1])
+    assert f"checkpoint-{step - 1}) holds finite weights" in str(err.value), str(err.value)
+
+
+def test_resume_without_the_optimizer_state_is_refused_in_one_line(base, tmp_path) -> None:
+    from potstill.student_train import ConfigError
+
+    out = two_checkpoints(base, tmp_path)
+    os.remove(os.path.join(out, "checkpoint-2", "optimizer.pt"))
+    with pytest.raises(ConfigError) as err:
+        train(cfg(base, base["store"], out, max_steps=4, save_steps=1, resume=True))
+    assert "checkpoint-2/optimizer.pt" in one_line(str(err.value)) and "missing" in str(err.value)
+    assert not os.path.exists(os.path.join(out, "checkpoint-3"))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "scheduler.pt"])
+def test_resume_from_a_truncated_checkpoint_file_is_refused_in_one_line(base, tmp_path, name) -> None:
+    from potstill.student_train import ConfigError
+
+    out = two_checkpoints(base, tmp_path)
+    path = os.path.join(out, "checkpoint-2", name)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ConfigError) as err:
+        train(cfg(base, base["store"], out, max_steps=4, save_steps=1, resume=True))
+    assert f"checkpoint-2/{name}" in one_line(str(err.value)) and "damaged" in str(err.value), str(err.value)
+    assert not os.path.exists(os.path.join(out, "checkpoint-3"))
