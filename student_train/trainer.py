@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -458,6 +459,23 @@ def resume_point(config: TrainConfig, rank: int) -> tuple[str | None, dict[str, 
         raise TrainError(f"{path}: unreadable loader state ({e})") from None
 
 
+def check_writable(folder: str, flag: str) -> None:
+    """Refuse, in one line, a folder nothing can be written in (it, or the nearest folder above it that
+    exists, since the run creates it), before any model loads: the Trainer would fail at its first save.
+    A real file is written and removed: permission bits say nothing to root or on read-only mounts."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{flag} {folder}: cannot write there ({probe} is a file, not a folder)")
+    try:
+        fd, path = tempfile.mkstemp(prefix=".potstill-write-check-", dir=probe)
+        os.close(fd)
+        os.remove(path)
+    except OSError as e:
+        raise ConfigError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
+
+
 def cpu_only() -> bool:
     """No CUDA or MPS device: accelerate must be told (its `cpu` flag) to run bf16 autocast on the CPU
     and, under torchrun, to form a gloo process group instead of running each process as a lone rank."""
@@ -592,6 +610,7 @@ def open_run(config: TrainConfig) -> Run:
     from accelerate import PartialState
 
     config.validate()
+    check_writable(config.out, "--out")
     started = time.time()
     state = PartialState(cpu=cpu_only())  # under torchrun: joins the process group, gives rank and world size
     rank, world = state.process_index, state.num_processes
