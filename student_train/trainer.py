@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from potstill.store import Store, open_store, potstill_version
+from potstill.store.fs import write_problem
 from potstill.student_train.config import TrainConfig, resolve_hidden_pairs
 from potstill.student_train.data import LoaderPlan, StoreDataset, check_targets, plan_split
 from potstill.student_train.errors import ConfigError, TrainError
@@ -460,20 +460,11 @@ def resume_point(config: TrainConfig, rank: int) -> tuple[str | None, dict[str, 
 
 
 def check_writable(folder: str, flag: str) -> None:
-    """Refuse, in one line, a folder nothing can be written in (it, or the nearest folder above it that
-    exists, since the run creates it), before any model loads: the Trainer would fail at its first save.
-    A real file is written and removed: permission bits say nothing to root or on read-only mounts."""
-    probe = os.path.abspath(folder)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ConfigError(f"{flag} {folder}: cannot write there ({probe} is a file, not a folder)")
-    try:
-        fd, path = tempfile.mkstemp(prefix=".potstill-write-check-", dir=probe)
-        os.close(fd)
-        os.remove(path)
-    except OSError as e:
-        raise ConfigError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
+    """Refuse, in one line, a folder nothing can be written in, before any model loads: the Trainer
+    would fail at its first save."""
+    problem = write_problem(folder)
+    if problem:
+        raise ConfigError(f"{flag} {folder}: cannot write there ({problem})")
 
 
 def cpu_only() -> bool:

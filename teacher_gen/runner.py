@@ -43,7 +43,7 @@ from potstill.store import (
     tokenizer_fingerprint,
 )
 from potstill.store.codec import IdOrder
-from potstill.store.fs import join, resolve, write_bytes
+from potstill.store.fs import join, resolve, write_bytes, write_problem
 from potstill.store.leases import WriterLease, all_leases
 from potstill.store.reader import MANIFEST
 from potstill.store.targets import codec_named, kind_named
@@ -585,6 +585,9 @@ def generate(
 
 def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSummary:
     check_backend(config, preloaded)
+    problem = write_problem(config.store)  # before the teacher loads, not at the first commit
+    if problem:
+        raise GenerateError(f"--out {config.store}: cannot write there ({problem})")
     tokenizer, spec, layers, max_length, encoded = run.prepare()
     if not encoded:  # nothing to do: write nothing (its bad inputs were reported when they were first read)
         return run.finish([])
