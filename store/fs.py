@@ -8,6 +8,7 @@ import hashlib
 import os
 import posixpath
 import secrets
+import tempfile
 from typing import Any, Protocol
 
 import fsspec
@@ -222,3 +223,23 @@ def listdir_names(fs: AbstractFileSystem, path: str) -> list[str]:
 def unstrip(fs: AbstractFileSystem, path: str) -> str:
     """A full URL for a path of `fs` (for libraries such as zarr that open by URL)."""
     return fs.unstrip_protocol(path)
+
+
+def write_problem(folder: str) -> str | None:
+    """Why nothing can be written in a local `folder` (or, when it does not exist yet, in the nearest
+    folder above it that does, since a run creates it), or None; remote URLs are not probed. A real
+    file is written and removed: permission bits say nothing to root or on a read-only mount."""
+    if "://" in folder and not folder.startswith("file://"):
+        return None
+    probe = os.path.abspath(folder.removeprefix("file://"))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, path = tempfile.mkstemp(prefix=".potstill-write-check-", dir=probe)
+        os.close(fd)
+        os.remove(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None

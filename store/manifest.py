@@ -16,6 +16,7 @@ from potstill.store.errors import FormatVersionError, StoreError
 from potstill.store.targets import LOGPROB_DTYPES, SAMPLERS, TAIL_METHODS, TargetSpec  # noqa: F401
 
 FORMAT_NAME = "potstill-store"
+CHECKSUM_KEY = "checksum"  # manifest.json's own checksum (`manifest_checksum`)
 FORMAT_VERSION = "1.1"  # what a plain top-k, unpacked store is written as (readable by every potstill)
 LATEST_FORMAT_VERSION = "2.4"  # sampled / hybrid targets or the packed codecs (docs/reference/store-format.md §4.2, §4.3)
 READ_MAJOR = 2  # the newest major version this code reads
@@ -114,6 +115,22 @@ class HiddenSpec:
         raise StoreError(f"hidden layer {index} is not in this store (stored layers: {stored})")
 
 
+def manifest_checksum(obj: dict[str, Any]) -> str:
+    """`"sha256:<hex>"` of a manifest's content less its checksum: the JSON with sorted keys and no
+    spaces (format §8). Whitespace and key order do not count; any changed value does."""
+    body = {key: value for key, value in obj.items() if key != CHECKSUM_KEY}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_manifest_checksum(data: bytes, where: str) -> None:
+    """Refuse, in one line naming the file, a manifest whose content is not what its checksum says (one
+    edited by hand after the store was made). A manifest without one, from before it existed, passes."""
+    obj = json.loads(data)
+    stated = obj.get(CHECKSUM_KEY)
+    if stated is not None and stated != manifest_checksum(obj):
+        raise StoreError(f"{where}: fails its checksum (its content was changed after the store was created)")
+
+
 @dataclass
 class StoreManifest:
     teacher: TeacherInfo
@@ -141,6 +158,7 @@ class StoreManifest:
 
     def to_json(self) -> bytes:
         obj = self.to_dict()
+        obj[CHECKSUM_KEY] = manifest_checksum(obj)
         order = obj["targets"].get("id_order")
         if not order:
             return json.dumps(obj, indent=2, sort_keys=True).encode()

@@ -34,7 +34,7 @@ from potstill.store.fs import (
     unstrip,
     write_bytes,
 )
-from potstill.store.manifest import FileEntry, StoreManifest
+from potstill.store.manifest import FileEntry, StoreManifest, check_manifest_checksum
 from potstill.store.records import ColumnViews, Record, arrow_schema, hidden_problem
 from potstill.store.writer import ShardWriter
 
@@ -247,6 +247,7 @@ class Store:
         self.manifest = StoreManifest.from_json(data, f"{url}/{MANIFEST}")
         for entry in self.manifest.tokenizer.files:
             check_relative(entry.path, "tokenizer/", f"{url}/{MANIFEST}")
+        check_manifest_checksum(data, f"{url}/{MANIFEST}")
         self._open: OrderedDict[str, ShardReader] = OrderedDict()
         self.refresh()
 
@@ -396,12 +397,28 @@ class Store:
         if not entries:
             raise StoreError(f"{self.url}: the store holds no tokenizer files")
         if is_local(self.fs):
+            if self.verify_reads:
+                self.check_tokenizer_files()
             return join(self.root, "tokenizer")
         key = hashlib.sha256("".join(f"{e.path}\0{e.sha256}\n" for e in entries).encode()).hexdigest()[:32]
         folder = os.path.join(cache_dir(), "tokenizers", key)
         if not _holds_files(folder, entries):
             self._download_tokenizer(entries, folder)
         return folder
+
+    def check_tokenizer_files(self) -> None:
+        """Refuse, in one line naming the file, a stored tokenizer file that is missing or is not what
+        the manifest lists (bytes, sha256); each file is hashed once per process."""
+        for entry in self.manifest.tokenizer.files:
+            path = join(self.root, entry.path)
+            if (path, entry.sha256) in _VERIFIED:
+                continue
+            try:
+                data = read_bytes(self.fs, path)
+            except FileNotFoundError:
+                raise StoreError(f"{self.url}/{entry.path}: tokenizer file is missing") from None
+            _check_digest(data, entry, f"{self.url}/{entry.path}")
+            _VERIFIED.add((path, entry.sha256))
 
     def _download_tokenizer(self, entries: list[FileEntry], folder: str) -> None:
         """Download and check `entries` into a private folder, then rename it to `folder` (readers never
@@ -481,6 +498,9 @@ class ShardReader:
             problems = value_problems(self.views, store.manifest)
             if problems:
                 raise StoreError(f"{store.url}: shard {self.name}: {problems[0]}")
+            stored = self.views.batch.column("id")
+            if not stored.equals(pa.array(commit.ids, type=stored.type)):  # the split and reports go by the commit's ids
+                raise StoreError(f"{where}: record ids differ from its commit record commits/{self.name}.json")
             _VERIFIED.add((path, "values"))
         self._group: Any = None
         self._hidden_arrays: dict[int, HiddenArray] = {}

@@ -25,11 +25,12 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from potstill.store import Store, open_store
+from potstill.store import Store, StoreError, open_store
 from potstill.student_train import losses
 from potstill.student_train.config import TrainConfig
 from potstill.student_train.data import (
@@ -105,10 +106,15 @@ def evaluate(
     answers: bool = True,
     device: str | None = None,
     plan: LoaderPlan | None = None,
+    skip_shards: Iterable[str] = (),
+    skip_bad_shards: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a student folder (or an in-memory `model` + `tokenizer`) on the held-out records: those of
     `plan` when given (a training run's own split, so that nothing is recomputed), else the store's at
-    `eval_fraction` (default: the fraction the model's training report names)."""
+    `eval_fraction` (default: the fraction the model's training report names). The held-out records of
+    `skip_shards` (shards a --skip-bad-shards run left out) are not read, and with `skip_bad_shards`
+    neither are those of a shard that fails its checks here: the result names such shards and how many
+    held-out records that removed."""
     from transformers import AutoModelForCausalLM
 
     # Every file read is checked against its commit record's sha256 first, and its values (as in training).
@@ -132,9 +138,16 @@ def evaluate(
         note = held_out_note(len({i for c in store.commits for i in c.ids}), len(rows), fraction)
     if max_records:
         rows = rows[:max_records]
+    skipped = set(skip_shards)
+    if skip_bad_shards:
+        skipped |= _failing_shards(store, {name for name, _ in rows} - skipped)
+    held = len(rows)
+    rows = [(name, row) for name, row in rows if name not in skipped]
     result: dict[str, Any] = {"store": store.url, "model": model_dir, "eval_fraction": fraction, "records": len(rows)}
     if note:  # empty, or below the floor: say why
         result["note"] = note
+    if skipped:
+        result.update(skipped_shards=sorted(skipped), records_left_out=held - len(rows))
     if not rows:
         result.update(scored_tokens=0, kd_loss=None, top1_agreement=None, perplexity=None, answer_accuracy=None)
         return result
@@ -171,6 +184,18 @@ def evaluate(
     result.update(_answer_accuracy(store, rows, model, tokenizer, max_new_tokens) if answers else {})
     model.train(was_training)
     return result
+
+
+def _failing_shards(store: Store, names: set[str]) -> set[str]:
+    """The shards among `names` whose files or values fail the store's checks (read once each here, so
+    that the evaluation loop never meets one halfway through a batch)."""
+    failing = set()
+    for name in sorted(names):
+        try:
+            store.shard(name)  # opening a shard runs its file and value checks
+        except StoreError:
+            failing.add(name)
+    return failing
 
 
 def _answer_accuracy(store: Store, rows: list[tuple[str, int]], model: Any, tokenizer: Any, max_new_tokens: int) -> dict[str, Any]:

@@ -16,12 +16,14 @@ wrapper's state dict.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import re
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from potstill.store import Store, open_store, potstill_version
+from potstill.store.fs import write_problem
 from potstill.student_train.config import TrainConfig, resolve_hidden_pairs
 from potstill.student_train.data import LoaderPlan, StoreDataset, check_targets, plan_split
 from potstill.student_train.errors import ConfigError, TrainError
@@ -183,7 +186,7 @@ class DistillTrainer(Trainer):
         step = self.state.global_step + 1
         shown = ", ".join(repr(r) for r in records[:8]) + (f" and {len(records) - 8} more" if len(records) > 8 else "")
         checkpoint = latest_checkpoint(self.args.output_dir, self.args.process_index)
-        kept = f"; its last checkpoint ({os.path.basename(checkpoint)}) is sound" if checkpoint else ""
+        kept = f"; {checkpoint_weights_note(checkpoint)}" if checkpoint else ""
         raise TrainError(
             f"step {step}: the loss or a gradient is not finite (losses {[round(x, 4) for x in losses.tolist()]}) "
             f"in the batch of records {shown}; stopped before the update, nothing saved{kept}"
@@ -379,6 +382,50 @@ def checkpoint_complete(folder: str, rank: int = 0) -> bool:
     return True
 
 
+def checkpoint_weights_note(checkpoint: str) -> str:
+    """What the weights of `checkpoint` are, read rather than assumed: finite, or the first tensor that is not."""
+    from safetensors import SafetensorError, safe_open
+
+    name = os.path.basename(checkpoint)
+    try:
+        for path in sorted(glob.glob(os.path.join(checkpoint, "*.safetensors"))):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 -- safe_open is not a mapping
+                    if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                        return f"its last checkpoint ({name}) holds non-finite weights too ({key}): do not resume from it"
+    except (OSError, SafetensorError) as e:
+        return f"its last checkpoint ({name}) is unreadable ({e})"
+    return f"its last checkpoint ({name}) holds finite weights"
+
+
+# The files an exact resume reads besides the weights, as the Trainer saves them (torch zip archives).
+RESUME_STATES = ("optimizer.pt", "scheduler.pt")
+
+
+def check_checkpoint_files(checkpoint: str) -> None:
+    """Refuse, in one line naming the file, a checkpoint an exact resume cannot read: no optimizer or
+    scheduler state (the Trainer would silently start them afresh), or a weights or state file cut
+    short. Its trainer state is written last, so in a checkpoint that has one such a file is damage, not
+    an interrupted save: never skipped for an older checkpoint."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in RESUME_STATES:
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume: {path} is missing: an exact resume needs it (restore it, or "
+                              "--resume-from an earlier checkpoint)")
+        try:
+            zipfile.ZipFile(path).close()  # reads the archive's directory, which a cut-short file has lost
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"--resume: {path} is damaged ({e}); --resume-from an earlier checkpoint") from None
+    for path in sorted(glob.glob(os.path.join(checkpoint, "*.safetensors"))):
+        try:
+            with safe_open(path, framework="pt"):  # checks the header against the file's size
+                pass
+        except (OSError, SafetensorError) as e:
+            raise ConfigError(f"--resume: {path} is damaged ({e}); --resume-from an earlier checkpoint") from None
+
+
 def checkpoint_step(checkpoint: str) -> int:
     """The optimizer step a checkpoint was saved at (its trainer_state.json)."""
     path = os.path.join(checkpoint, TRAINER_STATE)
@@ -404,11 +451,20 @@ def resume_point(config: TrainConfig, rank: int) -> tuple[str | None, dict[str, 
     path = os.path.join(checkpoint, loader_state_file(rank))
     if not os.path.isfile(path):
         raise ConfigError(f"--resume-from {checkpoint}: no {loader_state_file(rank)} (not a potstill checkpoint?)")
+    check_checkpoint_files(checkpoint)
     try:
         with open(path) as f:
             return checkpoint, json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise TrainError(f"{path}: unreadable loader state ({e})") from None
+
+
+def check_writable(folder: str, flag: str) -> None:
+    """Refuse, in one line, a folder nothing can be written in, before any model loads: the Trainer
+    would fail at its first save."""
+    problem = write_problem(folder)
+    if problem:
+        raise ConfigError(f"{flag} {folder}: cannot write there ({problem})")
 
 
 def cpu_only() -> bool:
@@ -545,10 +601,12 @@ def open_run(config: TrainConfig) -> Run:
     from accelerate import PartialState
 
     config.validate()
+    check_writable(config.out, "--out")
     started = time.time()
     state = PartialState(cpu=cpu_only())  # under torchrun: joins the process group, gives rank and world size
     rank, world = state.process_index, state.num_processes
     store = open_store(config.store, strict=not config.skip_bad_shards, verify_reads=True)
+    store.check_tokenizer_files()  # as verify does, whether or not the student brings its own tokenizer
     checkpoint, loader_state = resume_point(config, rank)
     targets = training_targets(config, store)
     pairs = resolve_hidden_pairs(config.hidden_pairs(), store.manifest.teacher.num_hidden_layers)
@@ -650,7 +708,7 @@ def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDa
     training report and the loss curve; return the report."""
     config = run.config
     trainer.model.save(config.out, student.tokenizer)
-    final_eval = final_evaluation(run, student)
+    final_eval = final_evaluation(run, student, trainer.skipped_shards)
     report = {
         "potstill_version": potstill_version(),
         "settings": config.to_dict(),
@@ -712,8 +770,9 @@ def store_identity(store: Store, shards: list[str]) -> dict[str, Any]:
     }
 
 
-def final_evaluation(run: Run, student: Student) -> dict[str, Any]:
-    """The trained student on the held-out records of the run's own plan (never trained on)."""
+def final_evaluation(run: Run, student: Student, skipped_shards: dict[str, str]) -> dict[str, Any]:
+    """The trained student on the held-out records of the run's own plan (never trained on), less those
+    of the shards the run skipped (--skip-bad-shards: and of any other shard that fails its checks)."""
     from potstill.student_train.evaluation import evaluate
 
     config = run.config
@@ -727,4 +786,6 @@ def final_evaluation(run: Run, student: Student) -> dict[str, Any]:
         max_records=config.eval_max_records,
         batch_size=config.batch_size,
         max_new_tokens=config.eval_max_new_tokens,
+        skip_shards=skipped_shards,
+        skip_bad_shards=config.skip_bad_shards,
     )

@@ -43,7 +43,7 @@ from potstill.store import (
     tokenizer_fingerprint,
 )
 from potstill.store.codec import IdOrder
-from potstill.store.fs import join, resolve, write_bytes
+from potstill.store.fs import join, resolve, write_bytes, write_problem
 from potstill.store.leases import WriterIdInUse, WriterLease, all_leases
 from potstill.store.reader import MANIFEST, foreign_entries, location_problem
 from potstill.store.targets import codec_named, kind_named
@@ -293,7 +293,8 @@ def claim_partition(store: Store, writer_id: str, workers: int, index: int) -> W
 
 def check_out(url: str) -> None:
     """`--out` can hold this run's store, checked before anything loads: it is not a file, under a
-    file or a loop of links, and a folder that exists is a store or empty (never someone's files)."""
+    file or a loop of links, a folder that exists is a store or empty (never someone's files), and
+    this process can write there."""
     fs, root = resolve(url)
     problem = location_problem(fs, root)
     if problem is not None:
@@ -301,6 +302,9 @@ def check_out(url: str) -> None:
     if not fs.exists(join(root, MANIFEST)) and fs.isdir(root) and (strays := foreign_entries(fs, root)):
         raise GenerateError(f"--out {url} exists and is not a potstill store (it holds {', '.join(strays[:3])}): "
                             "give a new or empty folder, or an existing store")
+    problem = write_problem(url)  # before the teacher loads, not at the first commit
+    if problem:
+        raise GenerateError(f"--out {url}: cannot write there ({problem})")
 
 
 def store_exists(url: str) -> bool:

@@ -27,6 +27,7 @@ from potstill.store import (
     open_store,
     verify_store,
 )
+from potstill.store.manifest import manifest_checksum
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")  # bench/common.py
 
@@ -293,6 +294,7 @@ def test_newer_major_version_is_refused_older_minor_read(tmp_path):
         manifest = json.load(f)
     manifest["format_version"] = "1.7"  # a newer minor: only additions, still readable
     manifest["some_future_key"] = {"x": 1}
+    manifest["checksum"] = manifest_checksum(manifest)  # as that newer potstill writes it
     with open(path, "w") as f:
         json.dump(manifest, f)
     assert open_store(url).num_records == 12

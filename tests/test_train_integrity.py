@@ -21,6 +21,7 @@ from transformers import AutoConfig
 
 from potstill.store import HiddenLayer, open_store
 from potstill.student_train import TrainConfig, train
+from potstill.student_train.data import plan_split
 from potstill.student_train.errors import TrainError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -286,3 +287,133 @@ def test_eval_checks_what_it_reads(base, tmp_path) -> None:
     flip_bytes(os.path.join(store, "shards", "t0-000000", "records.arrow"), count=1, seed=4)
     with pytest.raises(StoreError, match=r"shards/t0-000000/records.arrow: fails its sha256 check"):
         evaluate(store, base["student"], eval_fraction=0.5, answers=False)
+
+
+def test_skip_bad_shards_leaves_the_skipped_shard_out_of_the_final_evaluation(base, tmp_path) -> None:
+    """The final evaluation read the shard training had skipped and the run failed with no report."""
+    from genhelpers import run_cli
+
+    store = fresh_store(base, tmp_path)
+    rewrite_column(store, "t0-000001", "topk_logprobs", set_first(np.nan))
+    held = [row for shard, row in plan_split(open_store(store), 0.25, 1, 0).held_out if shard == "t0-000001"]
+    assert held, "the damaged shard must hold held-out records for this test to mean anything"
+    out = str(tmp_path / "out")
+    proc = run_cli(["train", "--store", store, "--student", base["student"], "--out", out, "--max-steps", "9",
+                    "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--eval-fraction", "0.25",
+                    "--eval-max-new-tokens", "2", "--skip-bad-shards"], env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(out, "training_report.json")) as f:
+        report = json.load(f)
+    assert list(report["skipped_shards"]) == ["t0-000001"]
+    final = report["final_eval"]
+    assert final["skipped_shards"] == ["t0-000001"] and final["records_left_out"] == len(held)
+    assert final["records"] > 0 and np.isfinite(final["kd_loss"])
+
+
+def test_a_tampered_store_tokenizer_file_is_refused_in_one_line(base, tmp_path) -> None:
+    """verify catches an edited tokenizer file; train used to load it (or never look) and exit 0."""
+    from potstill.store import StoreError
+
+    store = fresh_store(base, tmp_path)
+    entry = sorted(open_store(store).manifest.tokenizer.files, key=lambda e: e.path)[0]
+    flip_bytes(os.path.join(store, entry.path), count=1, seed=5)  # same size, other bytes
+    with pytest.raises(StoreError) as err:
+        train(cfg(base, store, str(tmp_path / "out"), max_steps=2))
+    assert entry.path in one_line(str(err.value)) and "sha256" in str(err.value)
+    assert_nothing_saved(str(tmp_path / "out"))
+
+
+def test_commit_ids_that_disagree_with_the_shard_are_refused_in_one_line(base, tmp_path) -> None:
+    """verify compares a commit record's ids with the shard's id column; train did not."""
+    from potstill.store import StoreError
+
+    store = fresh_store(base, tmp_path)
+    path = os.path.join(store, "commits", "t0-000001.json")
+    with open(path) as f:
+        record = json.load(f)
+    record["ids"][0], record["ids"][1] = record["ids"][1], record["ids"][0]
+    with open(path, "w") as f:
+        json.dump(record, f)
+    with pytest.raises(TrainError) as err:
+        train(cfg(base, store, str(tmp_path / "out"), max_steps=9))
+    message = one_line(str(err.value))
+    assert "t0-000001" in message and "ids" in message and "commit record" in message, message
+    assert_nothing_saved(str(tmp_path / "out"))
+    report = train(cfg(base, store, str(tmp_path / "skip"), max_steps=9, skip_bad_shards=True))
+    assert list(report["skipped_shards"]) == ["t0-000001"]
+    with pytest.raises(StoreError, match="t0-000001"):
+        open_store(store, verify_reads=True).shard("t0-000001")
+
+
+def two_checkpoints(base: dict, tmp_path) -> str:
+    out = str(tmp_path / "out")
+    train(cfg(base, base["store"], out, max_steps=2, save_steps=1))
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))
+    return out
+
+
+def test_a_checkpoint_with_nan_weights_is_not_called_sound(base, tmp_path) -> None:
+    """After a non-finite loss the message named the last checkpoint sound without looking at it."""
+    from safetensors.torch import load_file, save_file
+
+    out = two_checkpoints(base, tmp_path)
+    path = os.path.join(out, "checkpoint-2", "model.safetensors")
+    weights = load_file(path)
+    weights["model.norm.weight"][:] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(TrainError) as err:
+        train(cfg(base, base["store"], out, max_steps=4, save_steps=1, resume=True))
+    message = one_line(str(err.value))
+    assert message.startswith("step 3: the loss or a gradient is not finite"), message
+    assert "sound" not in message and "checkpoint-2" in message and "model.norm.weight" in message, message
+
+
+def test_a_sound_checkpoint_is_said_to_hold_finite_weights(base, tmp_path) -> None:
+    out = str(tmp_path / "out")
+    with pytest.raises(TrainError) as err:
+        train(cfg(base, base["store"], out, lr=1e30, max_grad_norm=0.0, save_steps=1, max_steps=40))
+    step = int(one_line(str(err.value)).split(":")[0].split()[1])
+    assert f"checkpoint-{step - 1}) holds finite weights" in str(err.value), str(err.value)
+
+
+def test_resume_without_the_optimizer_state_is_refused_in_one_line(base, tmp_path) -> None:
+    from potstill.student_train import ConfigError
+
+    out = two_checkpoints(base, tmp_path)
+    os.remove(os.path.join(out, "checkpoint-2", "optimizer.pt"))
+    with pytest.raises(ConfigError) as err:
+        train(cfg(base, base["store"], out, max_steps=4, save_steps=1, resume=True))
+    assert "checkpoint-2/optimizer.pt" in one_line(str(err.value)) and "missing" in str(err.value)
+    assert not os.path.exists(os.path.join(out, "checkpoint-3"))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "scheduler.pt"])
+def test_resume_from_a_truncated_checkpoint_file_is_refused_in_one_line(base, tmp_path, name) -> None:
+    from potstill.student_train import ConfigError
+
+    out = two_checkpoints(base, tmp_path)
+    path = os.path.join(out, "checkpoint-2", name)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ConfigError) as err:
+        train(cfg(base, base["store"], out, max_steps=4, save_steps=1, resume=True))
+    assert f"checkpoint-2/{name}" in one_line(str(err.value)) and "damaged" in str(err.value), str(err.value)
+    assert not os.path.exists(os.path.join(out, "checkpoint-3"))
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_an_unwritable_out_is_refused_before_any_model_loads(base, tmp_path, where) -> None:
+    """train --out where nothing can be written failed only when the Trainer first saved."""
+    from genhelpers import run_cli
+
+    if where == "under-a-file":
+        (tmp_path / "a-file").write_text("x")
+        out = str(tmp_path / "a-file" / "out")
+    else:
+        out = "/proc/potstill-out"  # not writable, even by root
+    proc = run_cli(["train", "--store", base["store"], "--student", base["student"], "--out", out,
+                    "--max-steps", "1", "--report-to", "none"], env=ENV, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
+    assert f"--out {out}" in errors[0] and "write" in errors[0], errors[0]
+    assert "Loading weights" not in proc.stderr, proc.stderr[-2000:]  # refused before the student loaded
