@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import zipfile
@@ -368,6 +369,23 @@ def latest_checkpoint(out: str, rank: int = 0) -> str | None:
     return max(found)[1] if found else None
 
 
+def prune_checkpoints(out: str, keep: int, rank: int = 0) -> list[str]:
+    """Remove what the Trainer's rotation would have after the newest complete checkpoint of `out`:
+    the complete ones beyond the newest `keep` (0: keep all) and those cut short before it. Returns
+    the folders removed."""
+    newest = latest_checkpoint(out, rank)
+    if newest is None:
+        return []
+    older = sorted((int(m.group(1)), os.path.join(out, name)) for name in os.listdir(out)
+                   if (m := _CHECKPOINT.match(name)) and int(m.group(1)) <= checkpoint_step(newest))
+    complete = [folder for _, folder in older if checkpoint_complete(folder, rank)]
+    kept = set(complete[-keep:] if keep else complete)
+    removed = [folder for _, folder in older if folder not in kept]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
 def checkpoint_complete(folder: str, rank: int = 0) -> bool:
     """Whether a checkpoint was written to the end: this rank's loader state (written first) and the
     trainer state (written last, after the weights, optimizer and RNG states) both parse. The Trainer
@@ -692,6 +710,8 @@ def train_or_resume(run: Run, trainer: DistillTrainer, max_steps: int) -> float 
         _say(f"{checkpoint} is at step {done} of {max_steps}: nothing left to train")
         trainer.model.load(checkpoint)
         trainer.state = trainer.state.load_from_json(os.path.join(checkpoint, TRAINER_STATE))
+        if run.is_main:  # a job killed after its last checkpoint's state, before the Trainer pruned the older ones
+            prune_checkpoints(run.config.out, run.config.save_total_limit, run.rank)
         return None
     try:
         return trainer.train(resume_from_checkpoint=checkpoint).training_loss

@@ -272,3 +272,17 @@ def test_answers_are_extracted_like_generation_does_and_compared_loosely() -> No
     assert extract_answer("no answer here") is None
     assert extract_answer("A: 9 and A: 10", r"A: (\d+)") == "10"  # a store's own pattern, first group
     assert normalise_answer("1,234.") == normalise_answer(" 1234 ") and normalise_answer("$5") == "5"
+
+
+def test_a_finished_run_resumed_prunes_what_its_kill_left(setup: dict) -> None:
+    """A job killed after its last checkpoint's trainer state was written, before the Trainer removed
+    the checkpoints beyond --save-total-limit: the rerun has nothing to train, and removes them."""
+    settings = dict(max_steps=6, save_steps=2, save_total_limit=2, num_workers=0)
+    train(config(setup, "pruned", **settings))
+    out = str(setup["root"] / "pruned")
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-4", "checkpoint-6"]
+    shutil.copytree(os.path.join(out, "checkpoint-4"), os.path.join(out, "checkpoint-2"))  # not yet rotated away
+    os.makedirs(os.path.join(out, "checkpoint-5"))  # cut short: no trainer state
+    report = train(config(setup, "pruned", resume=True, **settings))
+    assert report["resumed_from"].endswith("checkpoint-6") and report["global_step"] == 6
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-4", "checkpoint-6"]
