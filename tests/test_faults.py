@@ -94,14 +94,18 @@ def test_a_manifest_temporary_file_of_a_killed_generate_is_a_leftover_verify_cle
 
 # -- train: regression -----------------------------------------------------------------------------
 def _checkpoint(out: str, step: int, torn: bool = False) -> str:
-    """A checkpoint folder's two state files as the Trainer and the loader write them; `torn`: the
-    trainer state cut in half, as a kill while the Trainer writes it (in place) leaves it."""
+    """A checkpoint folder's state files as the Trainer and the loader write them (the optimizer and
+    scheduler states empty); `torn`: the trainer state cut in half, as a kill while the Trainer writes
+    it (in place) leaves it."""
     import json
 
+    import torch
     from transformers import TrainerState
 
     folder = os.path.join(out, f"checkpoint-{step}")
     os.makedirs(folder)
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({}, os.path.join(folder, name))
     with open(os.path.join(folder, "loader_state_rank0.json"), "w") as f:
         json.dump({"batches_consumed": step}, f)
     path = os.path.join(folder, "trainer_state.json")
