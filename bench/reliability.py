@@ -242,15 +242,7 @@ def writer_clash(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | 
 
 
 # -- damaged stores --------------------------------------------------------------------------------
-FILE_KINDS: dict[str, Callable[[str], bool]] = {
-    "manifest.json": lambda rel: rel == "manifest.json",
-    "tokenizer file": lambda rel: rel.startswith("tokenizer/"),
-    "commit record": lambda rel: rel.startswith("commits/"),
-    "records.arrow": lambda rel: rel.endswith("/records.arrow"),
-    "Zarr group metadata": lambda rel: rel.endswith("/hidden/zarr.json"),
-    "Zarr array metadata": lambda rel: "/hidden/layer_" in rel and rel.endswith("/zarr.json"),
-    "hidden-state chunk": lambda rel: "/hidden/layer_" in rel and "/c/" in rel,
-}
+FILE_KINDS = bytedamage.FILE_KINDS  # which store file is which kind, one list for both campaigns
 
 
 def _shard_of(rel: str) -> str | None:
