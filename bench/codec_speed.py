@@ -1,16 +1,15 @@
 """Decode speed of the packed and compact target codecs against the loader's need.
 
-Builds seven stores of the same records through the store API (real Arrow files on disk), shaped
+Builds six stores of the same records through the store API (real Arrow files on disk), shaped
 like the anchor run: 1024-token records, every position scored, a vocabulary of 128,256 (17-bit
 ids), top-64 targets and N = 50 sampled targets drawn from a heavy-tailed distribution:
 
-    top64           top-64, float16 log-probs, unpacked (format 1.0)
-    top64-packed    top-64, 17-bit ids, 12-bit log-probs (format 2.0)
+    top64           top-64, float16 log-probs, unpacked
+    top64-packed    top-64, 17-bit ids, 12-bit log-probs
     sampled50       N = 50 sampled, unpacked list<list<int32>> ids + list<list<uint16>> counts
     sampled50-packed  N = 50 sampled, 17-bit ids, 6-bit counts
-    sampled50-compact N = 50 sampled, ids gap-coded, counts gamma-coded (format 2.3)
-    sampled50-compact2 N = 50 sampled, compact with a Rice parameter per rank bucket (format 2.4)
-    sampled50-compact2-order  the same with an id order of 4,096 listed ids (its slowest case)
+    sampled50-compact N = 50 sampled, ids Rice-coded with a parameter per rank bucket, counts gamma-coded
+    sampled50-compact-order  the same with an id order of 4,096 listed ids (its slowest case)
 
 and times, per store, in interleaved rounds (median of the rounds):
 
@@ -80,7 +79,7 @@ def make_records(count: int, length: int, k: int, n: int, seed: int) -> list[Rec
 
 
 def spec(name: str, k: int, n: int) -> TargetSpec:
-    codec = next((c for c in ("packed", "compact2", "compact") if f"-{c}" in name), "none")
+    codec = next((c for c in ("packed", "compact") if f"-{c}" in name), "none")
     packed = codec != "none"
     # The draws' ids are uniform here, so no order makes them smaller: the store times its mapping.
     order = list(range(0, VOCAB, VOCAB // MAX_ID_ORDER))[:MAX_ID_ORDER][::-1] if name.endswith("-order") else None
@@ -131,8 +130,7 @@ def main() -> None:
     args = parser.parse_args()
 
     records = make_records(args.records, args.length, args.k, args.samples, seed=0)
-    names = ["top64", "top64-packed", "sampled50", "sampled50-packed", "sampled50-compact", "sampled50-compact2",
-             "sampled50-compact2-order"]
+    names = ["top64", "top64-packed", "sampled50", "sampled50-packed", "sampled50-compact", "sampled50-compact-order"]
     with tempfile.TemporaryDirectory(prefix="potstill-codec-") as root:
         stores = {name: open_store(build(root, name, records, args.k, args.samples)) for name in names}
         views = {name: s.shard(s.shard_names[0]).views for name, s in stores.items()}
@@ -171,14 +169,14 @@ def main() -> None:
                 samples.setdefault((name, "loader"), []).append(timed(loader(name)))
         print(f"{args.records} records x {args.length} tokens, vocab {VOCAB}, K={args.k}, N={args.samples} "
               f"({uniques:.1f} distinct ids per position); medians of {args.rounds} rounds\n")
-        print("| store | format | target B/token | decode: positions/s | loader (read + collate, batches of "
+        print("| store | codec | target B/token | decode: positions/s | loader (read + collate, batches of "
               f"{args.batch}): tokens/s | loader vs anchor step ({ANCHOR_STEP_TOKENS_PER_S / 1000:.1f}k tok/s) |")
         print("|---|---|---:|---:|---:|---:|")
         for name in names:
             info = store_info(stores[name])
             dec = statistics.median(samples[(name, "decode")])
             load = statistics.median(samples[(name, "loader")])
-            print(f"| {name} | {stores[name].manifest.format_version} | {info['target_bytes_per_scored_token']:.1f} | "
+            print(f"| {name} | {stores[name].manifest.targets.codec} | {info['target_bytes_per_scored_token']:.1f} | "
                   f"{dec / 1e6:.2f} M | {load / 1e3:.0f} k | {load / ANCHOR_STEP_TOKENS_PER_S:.1f}x |")
     sys.stdout.flush()
 

@@ -1,13 +1,13 @@
 """How many bytes would a per-context id order save on a sampled store's draws?
 
-compact2 (docs/reference/store-format.md §4.3.2) codes each drawn id by its place in one order for the whole
+The compact codec (docs/reference/store-format.md §4.3.2) codes each drawn id by its place in one order for the whole
 store: the text's most frequent tokens first. A teacher's draws depend on the context, so an order per
 context could put the ids it draws at smaller places. This bench measures the simplest such order,
 before building it into the format: for each current token c (the token before the predicted one),
 a list of the ids drawn after c in at least `min_hits` positions of the store, most often first (at
 most `max_list`); an id's place at a position is its rank in its context's list, or, for an id not
-listed, the list's length plus its compact2 place. Everything else is compact2's coding exactly (head
-and tail, Rice parameters by rank bucket: `store.codec.encode_compact2_places`), so the sizes are
+listed, the list's length plus its compact place. Everything else is the compact coding exactly (head
+and tail, Rice parameters by rank bucket: `store.codec.encode_compact_places`), so the sizes are
 real stream bytes.
 
 The lists are part of the store, so their bytes count: 2 bytes per listed id (a lower bound for any
@@ -16,7 +16,7 @@ counted from: `all` (the store's own draws: what a rewrite of a finished store c
 (the first half of the records, measured on the second half: what a table made from the first part
 of a run could do for the rest).
 
-    python bench/context_order.py --store $TMPDIR/potstill-fidelity-cpu/stores/systematic128.compact2.store
+    python bench/context_order.py --store $TMPDIR/potstill-fidelity-cpu/stores/systematic128.compact.store
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from potstill.store import Record, open_store
-from potstill.store.codec import IdOrder, encode_compact2_places
+from potstill.store.codec import IdOrder, encode_compact_places
 
 
 def contexts(record: Record) -> np.ndarray:
@@ -47,7 +47,7 @@ def context_lists(records: list[Record], vocab: int, order: IdOrder, min_hits: i
     keys, hits = np.unique(entry_keys(records, vocab), return_counts=True)
     keep = hits >= min_hits
     ctx, ids, hits = keys[keep] // vocab, keys[keep] % vocab, hits[keep]
-    by_rank = np.lexsort((order.rank(ids), -hits, ctx))  # most hits first, then the compact2 order
+    by_rank = np.lexsort((order.rank(ids), -hits, ctx))  # most hits first, then the compact order
     ctx, ids = ctx[by_rank], ids[by_rank]
     rank = np.arange(len(ctx)) - np.searchsorted(ctx, ctx, side="left")
     ctx, ids, rank = ctx[rank < max_list], ids[rank < max_list], rank[rank < max_list]
@@ -58,7 +58,7 @@ def context_lists(records: list[Record], vocab: int, order: IdOrder, min_hits: i
 
 def coded_bytes(records: list[Record], vocab: int, order: IdOrder, lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None
                 ) -> int:
-    """The records' ids and counts streams in compact2's coding, with places from `lists` (None: compact2's own)."""
+    """The records' ids and counts streams in the compact coding, with places from `lists` (None: the store's id order)."""
     total = 0
     for r in records:
         t = r.sampled
@@ -69,7 +69,7 @@ def coded_bytes(records: list[Record], vocab: int, order: IdOrder, lists: tuple[
             key = ctx * vocab + t.ids
             at = np.minimum(np.searchsorted(listed, key), len(listed) - 1)
             places = np.where(listed[at] == key, rank[at], length[ctx] + places)
-        total += sum(len(s) for s in encode_compact2_places(t, places))
+        total += sum(len(s) for s in encode_compact_places(t, places))
     return total
 
 
@@ -92,12 +92,12 @@ def main() -> None:
     print(f"{args.store}: {len(records)} records, "
           f"{sum(r.sampled.num_entries for r in records) / scored:.2f} "
           f"distinct ids per position, N = {store.manifest.targets.samples}\n")
-    print("| fit | min hits | max list | listed ids | coded draws, B/token | lists, B/token | total, B/token | total / compact2 |")
+    print("| fit | min hits | max list | listed ids | coded draws, B/token | lists, B/token | total, B/token | total / compact |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for fit, fitted, measured in (("all", records, records), ("half", records[:half], records[half:])):
         positions = sum(r.sampled.num_positions for r in measured)
         base = coded_bytes(measured, vocab, order, None) / positions
-        print(f"| {fit} | compact2 | - | - | {base:.2f} | - | {base:.2f} | 1.00 |")
+        print(f"| {fit} | compact | - | - | {base:.2f} | - | {base:.2f} | 1.00 |")
         for min_hits in map(int, args.min_hits.split(",")):
             for max_list in map(int, args.max_list.split(",")):
                 lists = context_lists(fitted, vocab, order, min_hits, max_list)

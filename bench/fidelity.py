@@ -7,8 +7,8 @@
 3. The stores: `potstill generate` (the library call, the real HF capture path) scores a transfer set
    (a sample of train-split blocks) for each offline variant (`STORES`): i.i.d. sampled targets
    (`sampledN`), systematic / stratified draws (`systematicN`, `stratifiedN`), hybrid targets
-   (`hybridH-systematicN`: the exact top-H plus N draws from the rest), all packed (`--codec compact`
-   or `compact2`: the compact codecs, which hold the same draws in fewer bytes); top-K (`topK`,
+   (`hybridH-systematicN`: the exact top-H plus N draws from the rest), all packed (`--codec compact`:
+   the compact codec, which holds the same draws in fewer bytes); top-K (`topK`,
    unpacked) on request.
 4. Students of one size, from the same initial weights, take the same steps over the same batches
    (the store loader `student_train.data.StoreDataset`, one seed for the order), with:
@@ -25,7 +25,7 @@
    against steps); and, on the full-KD student, E‖g − g*‖² / ‖g*‖² of each sampled kind's parameter
    gradient g on held-out blocks against full KD's exact gradient g*.
 6. `--real-teacher DIR`: no training; each sampled kind's error E‖p̂ − p‖² against a real teacher's
-   exact distributions on held-out text, with its packed, compact and compact2 bytes (the gradient
+   exact distributions on held-out text, with its packed and compact bytes (the gradient
    error any student's logits get).
 7. `--real-teacher DIR --students` (scale `real`): steps 3-5 with a real teacher (a save_pretrained
    folder, its tokenizer and vocabulary) and no teacher training. Full KD trains against the teacher's
@@ -39,7 +39,7 @@
     python bench/fidelity.py --scale gpu --device cuda # larger scale for a GPU box
     python bench/fidelity.py --quick                  # smoke run, a few minutes
     python bench/fidelity.py --real-teacher DIR --seeds 2 --threads 1
-    python bench/fidelity.py --real-teacher DIR --students --variants systematic24,systematic64 --codec compact2
+    python bench/fidelity.py --real-teacher DIR --students --variants systematic24,systematic64 --codec compact
 
 The students train with AdamW (β = 0.9, 0.95) and a cosine schedule down to 0.1 × the peak learning
 rate; `--student-batch`, `--student-steps`, `--student-final-lr`, `--student-beta2`, `--student-head-lr`
@@ -109,7 +109,7 @@ def main() -> None:
                         help="the output layer's AdamW weight decay (default: the scale's, 0.1, as the others')")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (ce and full always run)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--codec", choices=("packed", "compact", "compact2"), default="packed",
+    parser.add_argument("--codec", choices=("packed", "compact"), default="packed",
                         help="codec of the sampled stores (top-K stores are unpacked)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="default: $TMPDIR/potstill-fidelity-<scale>")

@@ -15,7 +15,7 @@ from potstill.store import open_store
 def codec_sizes(workdir: str) -> str:
     """Markdown: the target bytes per token of every sampled store in the work folder, written again
     in each codec (real stores, `store_info`'s count). The draws are the same in every codec: they
-    are lossless, which this checks record by record. compact2's id order is made as `potstill
+    are lossless, which this checks record by record. The compact codec's id order is made as `potstill
     generate` makes it, from the tokens of the text the store scores."""
     import tempfile
 
@@ -27,20 +27,19 @@ def codec_sizes(workdir: str) -> str:
         name = entry.split(".")[0]
         if STORES.get(name, {}).get("targets") == "sampled" and name not in found:
             found[name] = os.path.join(workdir, "stores", entry)
-    lines = ["| store | distinct ids per position | packed | compact | compact2 | compact2 / compact |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| store | distinct ids per position | packed | compact | compact / packed |",
+             "|---|---:|---:|---:|---:|"]
     for name, url in sorted(found.items(), key=lambda kv: STORES[kv[0]]["samples"]):
         source = open_store(url)
         records = list(source.iter_records())
         spec = source.manifest.targets
         sizes = {}
-        for codec in ("packed", "compact", "compact2"):
-            order = IdOrder.from_tokens([r.input_ids for r in records]) if codec == "compact2" else None
+        for codec in ("packed", "compact"):
+            order = IdOrder.from_tokens([r.input_ids for r in records]) if codec == "compact" else None
             targets = dataclasses.replace(spec, codec=codec, count_bits=bits_for(spec.samples) if codec == "packed" else None,
                                           id_order=order)
             with tempfile.TemporaryDirectory(prefix="potstill-sizes-") as tmp:
-                store = create_store(os.path.join(tmp, "s.store"), dataclasses.replace(source.manifest, targets=targets,
-                                                                                       format_version="1.0"))
+                store = create_store(os.path.join(tmp, "s.store"), dataclasses.replace(source.manifest, targets=targets))
                 with store.writer("w0", shard_records=1 << 20) as w:
                     for r in records:
                         w.write(r)
@@ -49,7 +48,7 @@ def codec_sizes(workdir: str) -> str:
                     assert a.id == b.id and np.array_equal(a.sampled.ids, b.sampled.ids) and np.array_equal(
                         a.sampled.counts, b.sampled.counts), f"{name} in {codec}: record {a.id} reads back otherwise"
         distinct = sum(r.sampled.num_entries for r in records) / sum(r.sampled.num_positions for r in records)
-        lines.append(f"| {name} | {distinct:.2f} | {sizes['packed']:.1f} | {sizes['compact']:.1f} | {sizes['compact2']:.1f} | "
-                     f"{sizes['compact2'] / sizes['compact']:.2f} |")
+        lines.append(f"| {name} | {distinct:.2f} | {sizes['packed']:.1f} | {sizes['compact']:.1f} | "
+                     f"{sizes['compact'] / sizes['packed']:.2f} |")
         say(f"sizes: {lines[-1]}")
     return "\n".join(lines)

@@ -260,7 +260,7 @@ def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale
         settings = STORES[name]
         if settings["targets"] != "topk":
             settings = {**settings, "codec": codec}
-        suffix = f".{settings['codec']}" if settings.get("codec") in ("compact", "compact2") else ""
+        suffix = f".{settings['codec']}" if settings.get("codec") == "compact" else ""
         url = os.path.join(workdir, "stores", f"{name}{suffix}.store")
         config = GenerateConfig.build(
             teacher=teacher or os.path.join(workdir, "teacher"), prompts=prompts, store=url, score_prompt=True,
@@ -280,7 +280,7 @@ def store_bytes(url: str) -> dict[str, float]:
     store = open_store(url)
     info = store_info(store)
     out = {"target_bytes_per_token": info["target_bytes_per_scored_token"], "bytes_per_token": info["bytes_per_token"],
-           "format_version": store.manifest.format_version}
+           "codec": store.manifest.targets.codec}
     if store.manifest.targets.has_sampled:
         entries = positions = 0
         for rec in store.iter_records():

@@ -1,5 +1,5 @@
 """Fidelity bench, `--real-teacher DIR`: no training; each sampled kind's error E‖p̂ − p‖² against a
-real teacher's exact distributions on held-out text, with its packed, compact and compact2 bytes (the
+real teacher's exact distributions on held-out text, with its packed and compact bytes (the
 gradient error any student's logits get)."""
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
         IdOrder,
         bits_for,
         encode_sampled_compact,
-        encode_sampled_compact2,
         sampled_from_draws,
     )
     from potstill.student_train.data import hybrid_weights
@@ -45,9 +44,9 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
     id_bits, lp_bits = bits_for(vocab - 1), 12
-    # compact2's id order, as `potstill generate` makes it from the text it scores: here, all the held-out text
+    # the compact codec's id order, as `potstill generate` makes it from the text it scores: here, all the held-out text
     order = IdOrder(IdOrder.from_tokens(list(every_block)), vocab=1 << id_bits)
-    sums = {v: {"sq_error": 0.0, "entries": 0, "bits": 0.0, "compact_bits": 0.0, "compact2_bits": 0.0} for v in variants}
+    sums = {v: {"sq_error": 0.0, "entries": 0, "bits": 0.0, "compact_bits": 0.0} for v in variants}
     positions = 0
     for b, block in enumerate(data):
         x = torch.from_numpy(block[None])
@@ -84,27 +83,24 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
                 fixed = len(targets) * (lp_bits + (k * (id_bits + lp_bits) + 32 if k else 0))
                 s["bits"] += (fixed + sampled.num_entries * (id_bits + bits_for(n))) / repeats
                 # compact: the draws' two streams as the codec writes them for this block (one record)
-                s["compact_bits"] += (fixed + 8 * sum(map(len, encode_sampled_compact(sampled)))) / repeats
-                s["compact2_bits"] += (fixed + 8 * sum(map(len, encode_sampled_compact2(sampled, order)))) / repeats
+                s["compact_bits"] += (fixed + 8 * sum(map(len, encode_sampled_compact(sampled, order)))) / repeats
         say(f"real teacher: block {b + 1}/{len(data)}")
     return [{"variant": v, "distinct_ids_per_position": s["entries"] / positions,
              "packed_target_bytes_per_token": s["bits"] / 8 / positions,
-             "compact_target_bytes_per_token": s["compact_bits"] / 8 / positions,
-             "compact2_target_bytes_per_token": s["compact2_bits"] / 8 / positions, "grad_sq_error": s["sq_error"] / positions,
+             "compact_target_bytes_per_token": s["compact_bits"] / 8 / positions, "grad_sq_error": s["sq_error"] / positions,
              "positions": positions} for v, s in sums.items()]
 
 
 def real_teacher_table(runs: list[list[dict[str, Any]]]) -> str:
     """Mean ± standard deviation over seeds (held-out blocks and uniforms) of `real_teacher_variance`."""
     base = [next(r["grad_sq_error"] for r in rows if r["variant"] == "sampled12") for rows in runs]
-    lines = ["| targets | packed target B/token | compact target B/token | compact2 target B/token | "
+    lines = ["| targets | packed target B/token | compact target B/token | "
              "distinct ids per position | E‖p̂ − p‖² per position | vs sampled12 (i.i.d.) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|"]
     for i, first in enumerate(runs[0]):
         rows = [run[i] for run in runs]
         lines.append(f"| {first['variant']} | {pm([r['packed_target_bytes_per_token'] for r in rows])} | "
                      f"{pm([r.get('compact_target_bytes_per_token', math.nan) for r in rows])} | "
-                     f"{pm([r.get('compact2_target_bytes_per_token', math.nan) for r in rows])} | "
                      f"{pm([r['distinct_ids_per_position'] for r in rows], fmt='.2f')} | "
                      f"{pm([r['grad_sq_error'] for r in rows], fmt='.5f')} | "
                      f"{pm([r['grad_sq_error'] / b for r, b in zip(rows, base, strict=True)], fmt='.3f')} |")

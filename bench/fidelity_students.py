@@ -117,10 +117,10 @@ def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dic
 
 
 def bytes_table(bytes_by_store: dict[str, dict[str, float]]) -> str:
-    lines = ["| store | format | target B/token | store B/token | distinct ids per position |", "|---|---|---:|---:|---:|"]
+    lines = ["| store | codec | target B/token | store B/token | distinct ids per position |", "|---|---|---:|---:|---:|"]
     for name, b in bytes_by_store.items():
         unique = f"{b['unique_ids_per_position']:.2f}" if "unique_ids_per_position" in b else "-"
-        lines.append(f"| {name} | {b['format_version']} | {b['target_bytes_per_token']:.1f} | {b['bytes_per_token']:.1f} | {unique} |")
+        lines.append(f"| {name} | {b.get('codec', '-')} | {b['target_bytes_per_token']:.1f} | {b['bytes_per_token']:.1f} | {unique} |")
     return "\n".join(lines)
 
 

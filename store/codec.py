@@ -1,5 +1,5 @@
-"""Target encodings of format 2.x (docs/reference/store-format.md §4.2, §4.3): sampled targets, the packed codec
-and the compact coding of sampled draws (§4.3.1).
+"""Target encodings (docs/reference/store-format.md §4.2, §4.3): sampled targets, the packed codec and the
+compact coding of sampled draws (§4.3.2).
 
 - **Sampled targets**: per scored position, N draws with replacement from the teacher's
   distribution, kept as the distinct ids with their counts (`SampledTargets`, CSR layout).
@@ -11,12 +11,11 @@ and the compact coding of sampled draws (§4.3.1).
   A value in [lo, 0] reads back within step / 2 (plus float32 rounding); a value below lo reads
   back as lo, a value above 0 (rounding noise of a log-softmax) as 0.
 
-- **Compact sampled coding** (`encode_sampled_compact` / `decode_sampled_compact`): the ids of a
-  position sorted and stored as Rice-coded gaps, the counts Elias-gamma-coded, each code split into
-  a fixed-width stream and a unary stream so that decoding stays vectorised.
-- **Compact2** (`encode_sampled_compact2` / `decode_sampled_compact2`, §4.3.2): a position's
-  entries split into head (count ≥ 2) and tail (count 1, no count stored), ids replaced by their
-  place in the store's frequency order (`IdOrder`), and a Rice parameter per part and rank bucket.
+- **Compact sampled coding** (`encode_sampled_compact` / `decode_sampled_compact`, §4.3.2): a
+  position's entries split into head (count ≥ 2) and tail (count 1, no count stored), ids replaced
+  by their place in the store's frequency order (`IdOrder`) and stored as Rice-coded gaps with a
+  parameter per part and rank bucket, counts Elias-gamma-coded; each code split into a fixed-width
+  stream and a unary stream so that decoding stays vectorised.
 
 Nothing here knows about Arrow: `records.py` stores the byte strings these functions make.
 """
@@ -263,13 +262,7 @@ def decode_topk(
     return ids, q.decode(codes)
 
 
-def recomputed_tail_mass(logprobs: np.ndarray) -> np.ndarray:
-    """The tail mass of a format 2.0 packed store, which stores none (§4.3): 1 − Σ exp(decoded
-    log-probs), clamped to [0, 1], in float32. Approximate: quantisation and float32 cancellation."""
-    return np.clip(1.0 - np.exp(logprobs).sum(-1, dtype=np.float32), 0.0, 1.0).astype(np.float32)
-
-
-# -- compact sampled coding (format 2.3, §4.3.1) ------------------------------------------------------
+# -- compact sampled coding (§4.3.2) ------------------------------------------------------------------
 # Sampled ids are few and scattered over a large vocabulary: sorted within a position, the gaps
 # between them are small numbers, and most counts are 1. The compact codec stores the gaps Rice-coded
 # and the counts Elias-gamma-coded, each split into a fixed-width stream and a unary stream so that
@@ -352,13 +345,6 @@ def _decode_gamma(data: np.ndarray, count: int, where: str) -> tuple[np.ndarray,
     return values.astype(np.int64), used + (int(lengths.sum()) + 7) // 8
 
 
-def _decode_counts(counts_data: np.ndarray, entries: int, positions: int, samples: int, where: str
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(counts, offsets) from a gamma counts stream (`_split_positions`)."""
-    counts, _ = _decode_gamma(counts_data, entries, where)
-    return counts, _split_positions(counts, entries, positions, samples, where)
-
-
 def _ids_from_gaps(gaps: np.ndarray, offsets: np.ndarray, vocab: int, where: str, row: np.ndarray) -> np.ndarray:
     """The ids of entries whose gaps (id − previous − 1 within a position) are given in order, `row`
     their positions (positions may be empty)."""
@@ -372,55 +358,13 @@ def _ids_from_gaps(gaps: np.ndarray, offsets: np.ndarray, vocab: int, where: str
     return ids
 
 
-def encode_sampled_compact(t: SampledTargets) -> tuple[np.ndarray, np.ndarray]:
-    """(ids stream, counts stream) of a record's sampled targets in the compact coding (format §4.3.1).
-
-    Within each position the entries are sorted by id and each id is coded as its gap to the one
-    before (the first: its id): gap = id − previous − 1 ≥ 0.
-    - ids stream: one byte k (the record's Rice parameter), the gaps' low k bits (`pack_bits`,
-      padded to a whole byte), then the quotients gap >> k in unary.
-    - counts stream: the counts in Elias gamma, split the same way: L = bit_length(count) − 1 for
-      every entry in unary (padded to a whole byte), then each count's low L bits (`pack_varbits`).
-    Position boundaries are implicit, as in the packed layout: the counts of a position sum to N.
-    """
-    order = np.lexsort((t.ids, _within(t.offsets)[0]))
-    gaps = _gaps(t.offsets, t.ids[order].astype(np.int64))
-    k = _rice_k(gaps)
-    head = np.array([k], dtype=np.uint8)
-    low = pack_bits(gaps & ((1 << k) - 1), k) if k and len(gaps) else np.zeros(0, dtype=np.uint8)
-    ids_stream = np.concatenate([head, low, pack_unary(gaps >> k)])
-    return ids_stream, _gamma_stream(t.counts[order].astype(np.int64))
-
-
-def decode_sampled_compact(
-    ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int, samples: int, vocab: int,
-    where: str = "compact sampled targets",
-) -> SampledTargets:
-    """Inverse of `encode_sampled_compact`, in the order `SampledTargets` promises. Refuses a stream
-    that does not decode to valid targets (ids in [0, vocab), counts of each position summing to N)."""
-    counts, offsets = _decode_counts(counts_data, entries, positions, samples, where)
-    if len(ids_data) < 1:
-        raise StoreError(f"{where}: the ids stream is empty")
-    k = int(ids_data[0])
-    if k > MAX_RICE_K:
-        raise StoreError(f"{where}: Rice parameter {k} is out of range")
-    low_bytes = packed_size(entries, k) if k else 0
-    if len(ids_data) < 1 + low_bytes:
-        raise StoreError(f"{where}: the ids stream holds {len(ids_data)} bytes, its gaps' low bits need {1 + low_bytes}")
-    low = unpack_bits(ids_data[1:], entries, k) if k else np.zeros(entries, dtype=np.uint64)
-    quotients, _ = unpack_unary(ids_data[1 + low_bytes:], entries, where)
-    row = _within(offsets)[0]
-    ids = _ids_from_gaps((quotients.astype(np.uint64) << np.uint64(k)) | low, offsets, vocab, where, row)
-    return SampledTargets(offsets, *_canonical_order(row, ids, counts, samples))
-
-
-RANK_BUCKETS = 8  # compact2: Rice parameters per record, one for each eighth of a position's ids
+RANK_BUCKETS = 8  # compact: Rice parameters per record, one for each eighth of a position's ids
 MAX_RANK_BUCKETS = 64
-MAX_ID_ORDER = 4096  # compact2: at most this many ids are listed in a store's id order
+MAX_ID_ORDER = 4096  # compact: at most this many ids are listed in a store's id order
 
 
 class IdOrder:
-    """A store's id order (compact2, format §4.3.2): the listed ids first, in the order given (the
+    """A store's id order (compact codec, format §4.3.2): the listed ids first, in the order given (the
     writer lists the teacher's most frequent tokens first), then every other id in ascending order.
     `rank` maps ids to their place in that order and `ids` maps places back, both vectorised: by
     binary search over the listed ids, or, given a `vocab` of at most `TABLE_VOCAB` ids, by two
@@ -508,9 +452,9 @@ def _csr(lengths: np.ndarray) -> np.ndarray:
     return offsets
 
 
-def encode_sampled_compact2(t: SampledTargets, id_order: IdOrder | None = None,
+def encode_sampled_compact(t: SampledTargets, id_order: IdOrder | None = None,
                             buckets: int = RANK_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
-    """(ids stream, counts stream) of a record's sampled targets in the compact2 coding (format §4.3.2).
+    """(ids stream, counts stream) of a record's sampled targets in the compact coding (format §4.3.2).
 
     Each position's entries are split into its **head** (count ≥ 2) and its **tail** (count 1:
     most entries, whose counts then cost nothing), and ids are replaced by their place in the
@@ -523,12 +467,12 @@ def encode_sampled_compact2(t: SampledTargets, id_order: IdOrder | None = None,
       quotients in unary, in the same order.
     """
     places = id_order.rank(t.ids) if id_order is not None else t.ids.astype(np.int64)
-    return encode_compact2_places(t, places, buckets)
+    return encode_compact_places(t, places, buckets)
 
 
-def encode_compact2_places(t: SampledTargets, places: np.ndarray, buckets: int = RANK_BUCKETS
+def encode_compact_places(t: SampledTargets, places: np.ndarray, buckets: int = RANK_BUCKETS
                            ) -> tuple[np.ndarray, np.ndarray]:
-    """`encode_sampled_compact2`'s streams with each entry's place given (distinct within a position):
+    """`encode_sampled_compact`'s streams with each entry's place given (distinct within a position):
     the coding proper, apart from the id order (benches measure other orders with it)."""
     row = _within(t.offsets)[0]
     counts = t.counts.astype(np.int64)
@@ -549,11 +493,11 @@ def encode_compact2_places(t: SampledTargets, places: np.ndarray, buckets: int =
     return ids_stream, counts_stream
 
 
-def decode_sampled_compact2(
+def decode_sampled_compact(
     ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int, samples: int, vocab: int,
-    where: str = "compact2 sampled targets", id_order: IdOrder | None = None,
+    where: str = "compact sampled targets", id_order: IdOrder | None = None,
 ) -> SampledTargets:
-    """Inverse of `encode_sampled_compact2` (given the same `id_order`), in the order `SampledTargets`
+    """Inverse of `encode_sampled_compact` (given the same `id_order`), in the order `SampledTargets`
     promises. Refuses streams that do not decode to valid targets: counts of each position summing
     to N, `entries` entries, places in [0, vocab), distinct within a position."""
     h, used = _decode_gamma(counts_data, positions, where)
@@ -609,11 +553,3 @@ def decode_sampled_compact2(
     counts = np.ones(entries, dtype=np.uint16)
     counts[head_at] = head_counts[head_order]
     return SampledTargets(offsets, ids, counts)
-
-
-def _canonical_order(row: np.ndarray, ids: np.ndarray, counts: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, counts), given in ascending id order within each row, in the order of `SampledTargets`:
-    by row, descending count, ascending id. A stable sort on (row, descending count) keeps the id
-    order, and is ~15× faster than sorting on all three keys."""
-    order = np.argsort(row * (samples + 1) + (samples - counts), kind="stable")
-    return ids[order].astype(np.int32), counts[order].astype(np.uint16)

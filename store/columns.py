@@ -20,12 +20,6 @@ def mass_of_log(tail_logprob: np.ndarray) -> np.ndarray:
     return np.exp(np.asarray(tail_logprob, dtype=np.float64)).astype(np.float32)
 
 
-def log_of_mass(tail_mass: np.ndarray) -> np.ndarray:
-    """log of a stored tail mass, in float64 rounded once to float32; −inf where the mass is 0."""
-    with np.errstate(divide="ignore"):
-        return np.log(np.asarray(tail_mass, dtype=np.float64)).astype(np.float32)
-
-
 # Log-probs are ≤ 0; the rounding of a log-softmax may leave a value a hair above 0.
 LOGPROB_SLACK = 1e-3
 

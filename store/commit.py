@@ -10,7 +10,7 @@ from typing import Any
 
 from potstill.store.errors import StoreError
 from potstill.store.fs import check_relative
-from potstill.store.manifest import FORMAT_VERSION, FileEntry, check_readable, utc_now
+from potstill.store.manifest import FORMAT_VERSION, FileEntry, check_commit_version, utc_now
 
 WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SHARD_RE = re.compile(r"^(?P<writer>[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})-(?P<seq>\d{6,})$")
@@ -79,7 +79,7 @@ class CommitRecord:
             raise StoreError(f"{where}: damaged commit record (not JSON)") from None
         if not isinstance(obj, dict):
             raise StoreError(f"{where}: damaged commit record (not a JSON object)")
-        check_readable(obj.get("format_version"), where)
+        check_commit_version(obj.get("format_version"), where)
         try:
             files = [FileEntry(path=f["path"], bytes=int(f["bytes"]), sha256=str(f["sha256"])) for f in obj["files"]]
             rec = cls(

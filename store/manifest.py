@@ -17,9 +17,10 @@ from potstill.store.targets import LOGPROB_DTYPES, SAMPLERS, TAIL_METHODS, Targe
 
 FORMAT_NAME = "potstill-store"
 CHECKSUM_KEY = "checksum"  # manifest.json's own checksum (`manifest_checksum`)
-FORMAT_VERSION = "1.1"  # what a plain top-k, unpacked store is written as (readable by every potstill)
-LATEST_FORMAT_VERSION = "2.4"  # sampled / hybrid targets or the packed codecs (docs/reference/store-format.md §4.2, §4.3)
-READ_MAJOR = 2  # the newest major version this code reads
+FORMAT_VERSION = "1.0"  # what this potstill writes (docs/reference/store-format.md §9)
+# What a reader must understand beyond its major version to read a store right (format §9): a store whose
+# manifest lists a feature not here is refused. 1.0 knows none and writes none.
+KNOWN_FEATURES: frozenset[str] = frozenset()
 
 HIDDEN_DTYPES = ("float16", "bfloat16")
 
@@ -43,16 +44,36 @@ def parse_version(version: Any, where: str) -> tuple[int, int]:
         raise StoreError(f"{where}: malformed format_version {version!r}") from None
 
 
-def check_readable(version: Any, where: str) -> None:
-    """Refuse a newer major version in one line; accept every older or same-major one."""
-    major, _ = parse_version(version, where)
-    if major > READ_MAJOR:
-        raise FormatVersionError(
-            f"{where} uses format {version}, newer than this potstill ({potstill_version()}) reads "
-            f"({READ_MAJOR}.x): upgrade potstill"
-        )
+def _pre_1_0(what: str, version: Any) -> FormatVersionError:
+    return FormatVersionError(f"{what} uses the pre-1.0 format {version} (an experimental layout this potstill no "
+                              "longer reads): regenerate it with this potstill")
+
+
+def check_manifest_version(obj: dict[str, Any], store: str) -> None:
+    """Refuse, in one line naming the store, a manifest this potstill cannot read (format §9): one of
+    before 1.0 (no `features`), of a newer major version, or listing a feature it does not know."""
+    version = obj.get("format_version")
+    major, _ = parse_version(version, f"store {store}")
+    if "features" not in obj:
+        raise _pre_1_0(f"store {store}", version)
+    if major > 1:
+        raise FormatVersionError(f"store {store} uses format {version}, newer than this potstill "
+                                 f"({potstill_version()}) reads (1.x): upgrade potstill")
     if major < 1:
-        raise StoreError(f"{where}: unknown format_version {version!r}")
+        raise StoreError(f"store {store}: unknown format_version {version!r}")
+    features = obj["features"]
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise StoreError(f"store {store}: features must be a list of strings, got {features!r}")
+    unknown = [f for f in features if f not in KNOWN_FEATURES]
+    if unknown:
+        raise FormatVersionError(f"store {store} needs the format feature {', '.join(map(repr, unknown))}, which this "
+                                 f"potstill ({potstill_version()}) does not know: upgrade potstill")
+
+
+def check_commit_version(version: Any, where: str) -> None:
+    """Refuse a commit record that is not of format 1.x (one from before 1.0), in one line naming it."""
+    if parse_version(version, where)[0] != 1:
+        raise _pre_1_0(where, version)
 
 
 @dataclass
@@ -141,15 +162,10 @@ class StoreManifest:
     generation: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
-    format_version: str = "1.0"  # raised to what the targets need (__post_init__)
+    format_version: str = FORMAT_VERSION
+    features: list[str] = field(default_factory=list)  # what a reader must know to read it (format §9)
     created_at: str = field(default_factory=utc_now)
     potstill_version: str = field(default_factory=potstill_version)
-
-    def __post_init__(self) -> None:
-        # A store carries the lowest version that describes it (its targets decide, format §9).
-        need = self.targets.required_version()
-        if parse_version(self.format_version, "manifest") < parse_version(need, "manifest"):
-            self.format_version = need
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -181,22 +197,17 @@ class StoreManifest:
     def from_dict(cls, obj: Any, where: str) -> StoreManifest:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise StoreError(f"{where}: not a potstill store manifest")
-        check_readable(obj.get("format_version"), where)
-        version = str(obj.get("format_version"))
+        check_manifest_version(obj, where.removesuffix("/manifest.json"))
         try:
             tok = dict(obj["tokenizer"])
             tok["files"] = [FileEntry(**_known(FileEntry, f)) for f in tok.get("files", [])]
             hidden = dict(obj.get("hidden") or {})
             hidden["layers"] = [HiddenLayer(**_known(HiddenLayer, x)) for x in hidden.get("layers", [])]
-            # A manifest without `tail_logprob` is a 1.0 / 2.0 store: no log tail (not the default).
-            targets = TargetSpec(**{"tail_logprob": None, **_known(TargetSpec, obj.get("targets") or {})})
-            if parse_version(version, where) < parse_version(targets.required_version(), where):
-                what = f"kind {targets.kind!r} with codec {targets.codec!r}"
-                if targets.tail_logprob is not None:
-                    what += " and a log tail"
-                raise StoreError(
-                    f"targets of {what} need format {targets.required_version()}, but the manifest says {version}"
-                )
+            raw_targets = obj["targets"]
+            targets = TargetSpec(**_known(TargetSpec, raw_targets))
+            missing = sorted(set(targets.to_dict()) - set(raw_targets) - OPTIONAL_TARGET_KEYS)
+            if missing:
+                raise StoreError(f"targets lack the required key(s) {', '.join(missing)}")
             return cls(
                 teacher=TeacherInfo(**_known(TeacherInfo, obj["teacher"])),
                 tokenizer=TokenizerInfo(**_known(TokenizerInfo, tok)),
@@ -207,6 +218,7 @@ class StoreManifest:
                 extra=dict(obj.get("extra") or {}),
                 format=obj["format"],
                 format_version=str(obj["format_version"]),
+                features=list(obj["features"]),
                 created_at=str(obj.get("created_at", "")),
                 potstill_version=str(obj.get("potstill_version", "")),
             )
@@ -218,14 +230,17 @@ class StoreManifest:
     def differences(self, other: StoreManifest) -> list[str]:
         """What would make records written under `other` (a new run's manifest) inconsistent with this store.
 
-        A store of an older minor format (1.0 / 2.0, no log tail) is not a difference: the run keeps
-        writing that store's format, since its writer follows the store's own manifest. Sampled
-        draws made by another sampler are: one store must not mix two samplers.
+        A store of a newer minor version is one: its optional parts this potstill does not know it
+        would not write (format §9). Sampled draws made by another sampler are: one store must not mix
+        two samplers.
         """
         diffs = []
+        if parse_version(self.format_version, "store") > parse_version(other.format_version, "run"):
+            diffs.append(f"format_version: the store is of format {self.format_version}, newer than this potstill "
+                         f"writes ({other.format_version}): upgrade potstill to add to it")
         mine, theirs = self.targets.to_dict(), other.targets.to_dict()
         tails = mine.pop("tail_logprob", None), theirs.pop("tail_logprob", None)
-        if tails[0] is not None and tails[0] != tails[1]:
+        if tails[0] != tails[1]:
             diffs.append(f"targets.tail_logprob: the store's tails are {tails[0]!r}, this run's would be {tails[1]!r}")
         # The store's id order is its own choice (from the first run's prompts): a run writes in it.
         mine.pop("id_order", None), theirs.pop("id_order", None)
@@ -267,6 +282,11 @@ def _leaf_differences(name: str, old: Any, new: Any) -> list[tuple[str, Any, Any
     if old == new:
         return []
     return [(name, "(not set)" if old is _ABSENT else old, "(not set)" if new is _ABSENT else new)]
+
+
+# Keys of the manifest's `targets` a 1.0 store may leave out: informative ones and the compact codec's
+# id order (absent: no listed ids). Every other key `TargetSpec.to_dict` writes is required.
+OPTIONAL_TARGET_KEYS = frozenset({"id_order", "logprob_step", "logprob_max_error"})
 
 
 def _known(cls: type, obj: Any) -> dict[str, Any]:

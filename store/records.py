@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from potstill.store.codec import SampledTargets
-from potstill.store.columns import concat, flat, input_vocab, list_array, log_of_mass, mass_of_log  # noqa: F401
+from potstill.store.columns import concat, flat, input_vocab, list_array, mass_of_log
 from potstill.store.errors import StoreError
 from potstill.store.manifest import StoreManifest, TargetSpec
 from potstill.store.targets import TopKRows
@@ -28,8 +28,7 @@ class Record:
     the teacher's distribution over `input_ids[score_start + j]` given the tokens before it. The
     top-k fields are None in a store without top-k targets, `sampled` in one without sampled
     targets (the store's kind fills the fields it holds: `TargetKind.holds_topk`, `holds_sampled`). `tail_logprob` is the log of the teacher's mass outside the top-K (−inf when the top-K
-    covers the vocabulary); read from a format 1.0 / 2.0 store it is the log of that store's
-    approximate tail mass (format §4.4). `hidden` maps a stored layer index to its
+    covers the vocabulary, format §4.4). `hidden` maps a stored layer index to its
     [len(input_ids) - hidden_start, width] states (float16, or bfloat16 bits as uint16); it is
     filled only when asked for.
     """

@@ -20,6 +20,7 @@ from potstill.settings import (
     fields_of,
     info_of,
     load_settings,
+    note,
     read_config_file,
     setting,
 )
@@ -35,6 +36,14 @@ from potstill.teacher_gen.rationale import (
 
 Mode = Literal["score", "generate"]
 Backend = Literal["hf", "vllm"]
+
+
+def _codec_name(value: Any) -> Any:
+    """`--codec`: the compact codec's old name still selects it, with a note."""
+    if value == "compact2":
+        note("--codec compact2 is now called compact")
+        return "compact"
+    return value
 
 
 @dataclass
@@ -55,7 +64,7 @@ class GenerateConfig:
     # -- what is captured ----------------------------------------------------------------------
     top_k: int = setting(64, help="Top-k log-probs kept per position.")
     logprob_dtype: Literal["float16", "float32"] = setting("float16", help="Storage of log-probs.")
-    # The defaults are the measured best (docs/results.md, "Fidelity"): N = 64 systematic draws in compact2 keep
+    # The defaults are the measured best (docs/results.md, "Fidelity"): N = 64 systematic draws in compact keep
     # 97-99% of full KD's gain at about 35 target bytes per token, where top-64 keeps 44%.
     targets: str = setting(
         "sampled", choices=kind_names, help="sampled (N draws per position as ids + counts), topk (log-probs), both, or hybrid "
@@ -65,10 +74,10 @@ class GenerateConfig:
         "systematic", help="How the N draws are placed: systematic or stratified (lower variance, still unbiased), "
                            "or iid.")
     codec: str | None = setting(
-        None, choices=codec_names, shown_default="compact2; none with --targets topk",
-        help="none; packed: bit-packed ids and counts, quantised log-probs (format 2.0); compact: packed, "
-             "with sampled ids gap-coded and counts gamma-coded, for sampled targets (format 2.3); compact2: "
-             "the same draws in about 0.85x the compact bytes (format 2.4).")
+        None, choices=codec_names, parse=_codec_name, shown_default="compact; none with --targets topk",
+        help="none; packed: bit-packed ids and counts, quantised log-probs; compact: packed, with the sampled "
+             "draws coded by value (ids as Rice-coded gaps in an order of frequent tokens, counts gamma-coded), "
+             "for sampled targets.")
     logprob_bits: int = setting(12, help="Packed codec: bits per log-prob (uniform over [--logprob-min, 0]).")
     logprob_min: float = setting(-24.0, help="Packed codec: log-probs are clamped to [MIN, 0].")
     hidden_layers: list[int] = setting(
@@ -135,7 +144,7 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.codec is None:  # the compact codec codes draws; targets without draws keep the plain layout
             allowed = kind_named(self.targets).codecs if self.targets in kind_names() else ()
-            self.codec = "compact2" if "compact2" in allowed else "none"
+            self.codec = "compact" if "compact" in allowed else "none"
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod

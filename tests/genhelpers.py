@@ -14,7 +14,7 @@ def config(teacher: str, prompts: str, store: str, **overrides: Any):
     from potstill.teacher_gen.config import GenerateConfig
 
     # The settings these tests were written for, unless a test asks for others (`potstill generate`'s
-    # own defaults are sampled targets, systematic N = 64, compact2): most check top-k capture exactly.
+    # own defaults are sampled targets, systematic N = 64, compact): most check top-k capture exactly.
     base = {"teacher": teacher, "prompts": prompts, "store": store, "device": "cpu", "progress": False,
             "targets": "topk", "samples": 50, "sampler": "iid", "codec": "none"}
     base.update(overrides)

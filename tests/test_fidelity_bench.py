@@ -282,12 +282,12 @@ def _records_with_context_draws(n: int = 40) -> list:
 def test_context_order_lists_and_sizes():
     import context_order
 
-    from potstill.store.codec import IdOrder, encode_sampled_compact2
+    from potstill.store.codec import IdOrder, encode_sampled_compact
 
     records = _records_with_context_draws()
     order = IdOrder(IdOrder.from_tokens([r.input_ids for r in records]), vocab=512)
-    plain = sum(sum(len(s) for s in encode_sampled_compact2(r.sampled, order)) for r in records)
-    assert context_order.coded_bytes(records, 512, order, None) == plain  # compact2 itself, byte for byte
+    plain = sum(sum(len(s) for s in encode_sampled_compact(r.sampled, order)) for r in records)
+    assert context_order.coded_bytes(records, 512, order, None) == plain  # the compact codec itself, byte for byte
     listed, rank, length = context_order.context_lists(records, 512, order, min_hits=2, max_list=4)
     assert length.max() == 4 and set(np.flatnonzero(length)) <= set(range(20))
     # each listed id was drawn after its context in ≥ 2 positions; rank 0 is the one drawn after it most

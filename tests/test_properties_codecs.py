@@ -1,9 +1,9 @@
 """Property-based tests (hypothesis) of every codec's round trip (docs/reference/store-format.md §4.2, §4.3):
 for any valid top-K targets (distinct ids, descending log-probs, any K, vocabularies up to 2^20, empty
 slots, log tails) and any sampled draws (distinct ids with counts summing to any N up to 65535, any id
-order for compact2), decoding what was encoded gives the ids and counts back exactly and the log-probs
+order for compact), decoding what was encoded gives the ids and counts back exactly and the log-probs
 within the quantiser's `max_error` of their clamped values; directly, and through real Arrow files of
-the codecs "none", "packed", "compact" and "compact2". Derandomised: CI runs the same cases every time."""
+the codecs "none", "packed" and "compact". Derandomised: CI runs the same cases every time."""
 
 from __future__ import annotations
 
@@ -28,11 +28,9 @@ from potstill.store.codec import (
     check_sampled,
     decode_sampled,
     decode_sampled_compact,
-    decode_sampled_compact2,
     decode_topk,
     encode_sampled,
     encode_sampled_compact,
-    encode_sampled_compact2,
     encode_topk,
     pack_bits,
     pack_unary,
@@ -162,25 +160,24 @@ def test_sampled_targets_read_back_exactly_in_every_codec(case, data) -> None:
     packed = decode_sampled(*encode_sampled(t, id_bits, bits_for(samples)), e, s, samples, id_bits, bits_for(samples))
     assert _same(packed, t)
     assert _same(decode_sampled_compact(*encode_sampled_compact(t), e, s, samples, 1 << id_bits), t)
-    assert _same(decode_sampled_compact2(*encode_sampled_compact2(t), e, s, samples, 1 << id_bits), t)
     listed = data.draw(st.lists(st.integers(0, vocab - 1), unique=True, max_size=min(vocab, 50)), "id order")
     if data.draw(st.booleans(), "list the targets' ids too"):
         listed = list(dict.fromkeys(listed + t.ids.tolist()))[:MAX_ID_ORDER]
     for order in (IdOrder(listed), IdOrder(listed, vocab=1 << id_bits)):  # binary search and lookup tables
-        got = decode_sampled_compact2(*encode_sampled_compact2(t, order), e, s, samples, 1 << id_bits, id_order=order)
+        got = decode_sampled_compact(*encode_sampled_compact(t, order), e, s, samples, 1 << id_bits, id_order=order)
         assert _same(got, t), listed
 
 
 # -- through real Arrow files -----------------------------------------------------------------------
 @st.composite
 def store_case(draw: st.DrawFn) -> tuple[str, str, int, int, int, int, float, list[int], int]:
-    codec = draw(st.sampled_from(["none", "packed", "compact", "compact2"]))
-    kind = draw(st.sampled_from(["sampled", "both", "hybrid"] if codec.startswith("compact") else
+    codec = draw(st.sampled_from(["none", "packed", "compact"]))
+    kind = draw(st.sampled_from(["sampled", "both", "hybrid"] if codec == "compact" else
                                 ["topk", "sampled", "both", "hybrid"]))
     vocab = draw(st.integers(8, 1 << 20) | st.sampled_from([8, 1 << 20]))
     k = draw(st.integers(1, 8)) if kind != "sampled" else 0
     samples = draw(st.integers(1, 65535) | st.sampled_from([1, 65535])) if kind != "topk" else 0
-    order = draw(st.lists(st.integers(0, vocab - 1), unique=True, max_size=20)) if codec == "compact2" else []
+    order = draw(st.lists(st.integers(0, vocab - 1), unique=True, max_size=20)) if codec == "compact" else []
     return (kind, codec, vocab, k, samples, draw(st.integers(2, 16)), draw(st.floats(-60, -1)), order,
             draw(st.integers(0, 2**32 - 1)))
 
@@ -245,7 +242,7 @@ def test_records_read_back_from_real_store_files_in_every_codec(case) -> None:
 @settings(PROPS, max_examples=400)
 @given(st.binary(max_size=48), st.binary(max_size=48), st.integers(0, 40), st.integers(0, 6),
        st.integers(1, 65535) | st.sampled_from([1, 2, 3]), st.integers(1, 1 << 20) | st.sampled_from([1, 2]),
-       st.lists(st.integers(0, 63), unique=True, max_size=8), st.sampled_from(["packed", "compact", "compact2"]))
+       st.lists(st.integers(0, 63), unique=True, max_size=8), st.sampled_from(["packed", "compact", "compact-ordered"]))
 # found: entries but no positions (a record with nothing scored) raised IndexError, not a StoreError
 @example(ids_bytes=b"", counts_bytes=b"\x01", entries=1, positions=0, samples=2, vocab=1, listed=[], codec="compact")
 @example(ids_bytes=b"\x00", counts_bytes=b"\x01", entries=1, positions=0, samples=2, vocab=1, listed=[], codec="packed")
@@ -255,11 +252,11 @@ def test_sampled_streams_that_no_encoder_made_fail_in_one_line_or_decode_to_vali
     try:
         if codec == "packed":
             t = decode_sampled(ids_data, counts_data, entries, positions, samples, bits_for(vocab - 1), bits_for(samples))
-        elif codec == "compact":
+        elif codec == "compact":  # without an id order
             t = decode_sampled_compact(ids_data, counts_data, entries, positions, samples, vocab)
-        else:
+        else:  # with one
             order = IdOrder([v for v in listed if v < vocab])
-            t = decode_sampled_compact2(ids_data, counts_data, entries, positions, samples, vocab, id_order=order)
+            t = decode_sampled_compact(ids_data, counts_data, entries, positions, samples, vocab, id_order=order)
     except StoreError as e:
         assert str(e) and "\n" not in str(e)
         return

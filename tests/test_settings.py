@@ -238,11 +238,11 @@ def test_the_jobs_server_and_token_defaults_are_the_ones_used(monkeypatch):
 # -- the defaults ----------------------------------------------------------------------------------
 def test_generate_defaults_to_the_measured_best_and_help_says_so():
     d = GenerateConfig()
-    assert (d.targets, d.sampler, d.samples, d.codec) == ("sampled", "systematic", 64, "compact2")
-    assert GenerateConfig(targets="topk").codec == "none" and GenerateConfig(targets="hybrid").codec == "compact2"
+    assert (d.targets, d.sampler, d.samples, d.codec) == ("sampled", "systematic", 64, "compact")
+    assert GenerateConfig(targets="topk").codec == "none" and GenerateConfig(targets="hybrid").codec == "compact"
     text = run_cli(["generate", "--help"]).stdout
     flat = " ".join(text.split())
-    for shown in ("[default: sampled]", "[default: systematic]", "[default: 64]", "[default: compact2; none with --targets topk]"):
+    for shown in ("[default: sampled]", "[default: systematic]", "[default: 64]", "[default: compact; none with --targets topk]"):
         assert shown in flat, shown
     assert invoke(["generate", "--teacher", "t", "--prompts", "p", "--out", "s", "--backend", "vllm"]) == (
         "--backend vllm captures top-k targets only, not --targets sampled: add --targets topk, or use --backend hf")
@@ -259,7 +259,7 @@ def test_train_auto_picks_sampled_targets_from_a_default_store(tmp_path, tiny_te
                     "--no-progress", "--threads", "1"])
     assert made.returncode == 0, made.stderr
     t = open_store(store).manifest.targets
-    assert (t.kind, t.sampler, t.samples, t.codec) == ("sampled", "systematic", 64, "compact2")
+    assert (t.kind, t.sampler, t.samples, t.codec) == ("sampled", "systematic", 64, "compact")
     student = build_student(str(tmp_path / "student"), tiny_tokenizer_dir, hidden=16)
     out = tmp_path / "run"
     run = run_cli(["train", "--store", store, "--student", student, "--out", str(out), "--max-steps", "2",

@@ -30,9 +30,9 @@ Record = Any  # store.records.Record
 ColumnViews = Any  # store.records.ColumnViews
 
 LOGPROB_DTYPES = ("float16", "float32")
-# How a position's N draws are placed (format §4.2); "iid" is what stores before 2.2 hold.
+# How a position's N draws are placed (format §4.2).
 SAMPLERS = ("iid", "systematic", "stratified")
-# How the `tail_logprob` column (format 1.1 / 2.1, docs/reference/store-format.md §4.4) was computed:
+# How the `tail_logprob` column (docs/reference/store-format.md §4.4) was computed:
 # "direct": logsumexp of the logits outside the top-K minus logsumexp of all of them;
 # "complement": log(1 − Σ exp(top-K log-probs)) in float64, when only the top-K are known (vLLM).
 TAIL_METHODS = ("direct", "complement")
@@ -123,7 +123,6 @@ class TargetKind:
     draws_from_rest: ClassVar[bool] = False  # the draws come from the ids outside the top-K
     codecs: ClassVar[tuple[str, ...]] = ("none",)  # codecs this kind may be stored with
     train_targets: ClassVar[tuple[str, ...]] = ()  # TRAIN_TARGETS it offers the loader, the default first
-    min_version: ClassVar[tuple[int, int]] = (2, 0)  # the lowest format version that describes it
 
     @property
     def holds_tail(self) -> bool:
@@ -133,10 +132,6 @@ class TargetKind:
     # -- manifest: the `targets` fields it uses --------------------------------------------------------
     def check_spec(self, spec: TargetSpec) -> None:
         """Refuse `targets` fields this kind cannot use, in one line naming the field."""
-
-    def required_version(self, spec: TargetSpec) -> tuple[int, int]:
-        """The lowest format version whose readers read these targets (before the codec's own)."""
-        return self.min_version
 
     def manifest_keys(self, spec: TargetSpec) -> dict[str, Any]:
         """The kind's keys of the manifest's `targets` object beyond kind, k, logprob_dtype,
@@ -212,13 +207,12 @@ class Codec:
 
     name: ClassVar[str]
     packed: ClassVar[bool] = True  # log-probs are quantised (`TargetSpec.quantizer`)
-    min_version: ClassVar[tuple[int, int]] = (2, 0)
     sampled_only: ClassVar[bool] = False  # codes sampled draws only (no fixed count width)
     uses_id_order: ClassVar[bool] = False
 
     def check_spec(self, spec: TargetSpec, kind: TargetKind) -> None:
         if spec.id_order is not None and not self.uses_id_order:
-            raise StoreError(f"targets.id_order is a compact2 setting; the codec is {spec.codec!r}")
+            raise StoreError(f"targets.id_order is a setting of the compact codec; the codec is {spec.codec!r}")
 
     def manifest_keys(self, spec: TargetSpec, kind: TargetKind) -> dict[str, Any]:
         return {}
@@ -296,13 +290,11 @@ class TargetSpec:
     distinct ids with counts, placed by `sampler` ("iid", "systematic" or "stratified", §4.2);
     "both"; "hybrid", the top-`k`, the log tail and `samples` draws from the ids outside the top-k.
     Codecs: "none" (plain Arrow lists), "packed" (ids in `id_bits`, counts in `count_bits`,
-    log-probs quantised to `logprob_bits` over [`logprob_min`, 0]), "compact" and "compact2"
-    (sampled draws coded by value, the latter in the order `id_order`). `version` is the lowest
-    format version that describes them.
+    log-probs quantised to `logprob_bits` over [`logprob_min`, 0]), "compact" (sampled draws coded
+    by their place in the order `id_order`).
 
     `tail_logprob` says how the stored log tail (the log of the mass outside the top-K) was made,
-    "direct" or "complement" (`TAIL_METHODS`); None for a store of format 1.0 / 2.0, which has no
-    such column and only the approximate `tail_mass` (and for kinds without a tail).
+    "direct" or "complement" (`TAIL_METHODS`); None for kinds without a tail.
     """
 
     kind: str = "topk"
@@ -313,21 +305,21 @@ class TargetSpec:
     samples: int = 0  # N draws per position (kind "sampled" / "both")
     seed: int | None = None  # the run seed the per-record draws derive from
     sampling: str | None = None  # how the draws were made, in words
-    sampler: str = "iid"  # iid, systematic or stratified draws (format 2.2 when not iid)
+    sampler: str = "iid"  # iid, systematic or stratified draws
     codec: str = "none"
     id_bits: int | None = None  # packed: bits per token id, ceil(log2 vocabulary)
     count_bits: int | None = None  # packed, sampled: bits per count, ceil(log2(N + 1))
     logprob_bits: int | None = None  # packed: bits per quantised log-prob
     logprob_min: float | None = None  # packed: log-probs are clamped to [logprob_min, 0]
-    tail_logprob: str | None = "direct"  # how the log tail was made; None: format 1.0 / 2.0 (no log tail)
-    id_order: list[int] | None = None  # compact2: ids coded first, most frequent first (format §4.3.2)
+    tail_logprob: str | None = "direct"  # how the log tail was made; None for kinds without one
+    id_order: list[int] | None = None  # compact: ids coded first, most frequent first (format §4.3.2)
 
     def __post_init__(self) -> None:
-        if self.tail_logprob is not None and self.tail_logprob not in TAIL_METHODS:
-            raise StoreError(f"targets.tail_logprob must be one of {TAIL_METHODS}, got {self.tail_logprob!r}")
         kind = self.target_kind  # raises on an unknown kind
         if not kind.holds_tail:
             self.tail_logprob = None  # no top-K, no tail
+        elif self.tail_logprob not in TAIL_METHODS:
+            raise StoreError(f"targets.tail_logprob must be one of {TAIL_METHODS}, got {self.tail_logprob!r}")
         kind.check_spec(self)
         if self.logprob_dtype not in LOGPROB_DTYPES:
             raise StoreError(f"targets.logprob_dtype must be one of {LOGPROB_DTYPES}, got {self.logprob_dtype!r}")
@@ -352,7 +344,7 @@ class TargetSpec:
 
     @functools.cached_property
     def id_order_map(self) -> Any:
-        """The compact2 codec's `store.codec.IdOrder` (None without an id order), built once."""
+        """The compact codec's `store.codec.IdOrder` (None without an id order), built once."""
         from potstill.store.codec import IdOrder
 
         return IdOrder(self.id_order, vocab=1 << int(self.id_bits or 0)) if self.id_order else None
@@ -382,36 +374,15 @@ class TargetSpec:
             raise StoreError("only packed stores quantise log-probs")
         return LogprobQuantizer(int(self.logprob_bits or 0), float(self.logprob_min or 0.0))
 
-    @property
-    def version(self) -> tuple[int, int]:
-        """The lowest format version that describes these targets: the later of what the kind and
-        the codec need (1.0 for plain top-k, unpacked; 2.2 for hybrid targets or draws that are not
-        i.i.d.; 2.3 for the compact codec, 2.4 for compact2), with minor version 1 instead of 0 when
-        they carry the log tail (format §4.4)."""
-        major, minor = max(self.target_kind.required_version(self), self.codec_impl.min_version)
-        return major, 1 if minor == 0 and self.tail_logprob is not None else minor
-
-    @property
-    def major_version(self) -> int:
-        """1 for plain top-k targets without the packed codec, which every 1.x reader reads; else 2."""
-        return self.version[0]
-
-    def required_version(self) -> str:
-        return "{}.{}".format(*self.version)
-
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's `targets` object: a 1.x store gets exactly the 1.0 keys (plus `tail_logprob`
-        in 1.1); others only the keys their kind and codec use, plus the quantiser's step and error
-        bound (informative)."""
+        """The manifest's `targets` object: the keys every kind has, then only the keys the kind and
+        its codec use (the packed codecs add the quantiser's step and error bound, informative)."""
         out: dict[str, Any] = {
             "kind": self.kind, "k": self.k, "logprob_dtype": self.logprob_dtype,
-            "temperature": self.temperature, "logprobs_from": self.logprobs_from,
+            "temperature": self.temperature, "logprobs_from": self.logprobs_from, "codec": self.codec,
         }
         if self.tail_logprob is not None:
             out["tail_logprob"] = self.tail_logprob
-        if self.major_version == 1:
-            return out
-        out["codec"] = self.codec
         kind = self.target_kind
         out.update(kind.manifest_keys(self))
         out.update(self.codec_impl.manifest_keys(self, kind))

@@ -1,12 +1,11 @@
-"""The codecs of format 2.x (docs/reference/store-format.md §4.3): how the built-in kinds' parts are laid out
-in Arrow columns, one class per codec, registered by the name the manifest records.
+"""The codecs (docs/reference/store-format.md §4.3): how the built-in kinds' parts are laid out in Arrow
+columns, one class per codec, registered by the name the manifest records.
 
 - "none": plain Arrow lists (fixed-size lists for the top-k), log-probs in `logprob_dtype`.
 - "packed": ids bit-packed to `id_bits`, counts to `count_bits`, log-probs quantised to
   `logprob_bits` over [`logprob_min`, 0] (`store.codec`), one byte string per record and field.
-- "compact" (2.3): "packed", with the sampled draws' ids gap-coded and counts gamma-coded (§4.3.1).
-- "compact2" (2.4): "packed", with the sampled draws split into head and tail and coded by their
-  place in the store's frequency order `id_order` (§4.3.2).
+- "compact": "packed", with the sampled draws split into head and tail and coded by their place in
+  the store's frequency order `id_order` (§4.3.2).
 
 The bit-level coding itself is `store.codec`; the classes here choose and place it.
 """
@@ -27,14 +26,11 @@ from potstill.store.codec import (
     check_sampled,
     decode_sampled,
     decode_sampled_compact,
-    decode_sampled_compact2,
     decode_topk,
     encode_sampled,
     encode_sampled_compact,
-    encode_sampled_compact2,
     encode_topk,
     pack_bits,
-    recomputed_tail_mass,
     unpack_bits,
 )
 from potstill.store.columns import (
@@ -46,7 +42,6 @@ from potstill.store.columns import (
     impossible_topk,
     input_vocab,
     list_array,
-    log_of_mass,
     mass_of_log,
     offsets_array,
     target_vocab,
@@ -75,7 +70,6 @@ NESTED_U8 = pa.list_(pa.uint8())
 class PlainCodec(Codec):
     name = "none"
     packed = False
-    min_version = (1, 0)
 
     def fields(self, spec: TargetSpec, kind: TargetKind) -> list[pa.Field]:
         lp = pa.float16() if spec.logprob_dtype == "float16" else pa.float32()
@@ -85,9 +79,8 @@ class PlainCodec(Codec):
                     pa.field("topk_logprobs", pa.list_(pa.list_(lp, spec.k)), nullable=False)]
         out.append(pa.field("token_logprob", pa.list_(pa.float32()), nullable=False))
         if kind.holds_topk:
-            out.append(pa.field("tail_mass", pa.list_(pa.float32()), nullable=False))
-            if spec.tail_logprob:
-                out.append(pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False))
+            out += [pa.field("tail_mass", pa.list_(pa.float32()), nullable=False),
+                    pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False)]
         if kind.holds_sampled:
             out += [pa.field("sampled_ids", pa.list_(pa.list_(pa.int32())), nullable=False),
                     pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False)]
@@ -104,9 +97,8 @@ class PlainCodec(Codec):
                 concat([r.topk_logprobs for r in records], np_logprob_dtype(spec), (k,)), n_scored, k  # type: ignore[misc]
             )
             tail = concat([r.tail_logprob for r in records], np.dtype(np.float32))  # type: ignore[misc]
-            columns["tail_mass"] = list_array(mass_of_log(tail), n_scored)  # what 1.0 / 2.0 readers read
-            if spec.tail_logprob:
-                columns["tail_logprob"] = list_array(tail, n_scored)
+            columns["tail_mass"] = list_array(mass_of_log(tail), n_scored)  # the mass, for readers of plain columns
+            columns["tail_logprob"] = list_array(tail, n_scored)
         columns["token_logprob"] = list_array(concat([r.token_logprob for r in records], np.dtype(np.float32)), n_scored)  # type: ignore[misc]
         if kind.holds_sampled:
             columns.update(_sampled_lists(records))
@@ -128,9 +120,7 @@ def _sampled_lists(records: list[Record]) -> dict[str, pa.Array]:
 
 
 class PlainColumns(TargetColumns):
-    """Zero-copy numpy views of an unpacked store's target columns: record j's targets are slices.
-    The tail is handed out as a log: the stored `tail_logprob` (format 1.1 / 2.1), else the log of
-    a 1.0 / 2.0 store's approximate `tail_mass`."""
+    """Zero-copy numpy views of an unpacked store's target columns: record j's targets are slices."""
 
     def __init__(self, batch: pa.RecordBatch, spec: TargetSpec, kind: TargetKind) -> None:
 
@@ -139,9 +129,8 @@ class PlainColumns(TargetColumns):
         if kind.holds_topk:
             _, self.topk_ids = flat(batch, "topk_ids", spec.k)
             _, self.topk_logprobs = flat(batch, "topk_logprobs", spec.k)
-            _, self.tail_mass = flat(batch, "tail_mass")  # 1.0 / 2.0: the only tail, an approximate one
-            if spec.tail_logprob:
-                _, self.tail_logprob = flat(batch, "tail_logprob")
+            _, self.tail_mass = flat(batch, "tail_mass")
+            _, self.tail_logprob = flat(batch, "tail_logprob")
         if kind.holds_sampled:
             # list<list<...>>: records -> positions -> entries, three levels of zero-copy views
             ids_col, counts_col = batch.column("sampled_ids"), batch.column("sampled_counts")
@@ -164,8 +153,7 @@ class PlainColumns(TargetColumns):
             raise StoreError(f"the store holds {self.kind.name} targets, no top-k targets")
 
         a, b = self.bounds[j], self.bounds[j + 1]
-        tail = self.tail_logprob[a:b] if self.spec.tail_logprob else log_of_mass(self.tail_mass[a:b])
-        return TopKRows(self.topk_ids[a:b], self.topk_logprobs[a:b], self.token_lp[a:b], tail)
+        return TopKRows(self.topk_ids[a:b], self.topk_logprobs[a:b], self.token_lp[a:b], self.tail_logprob[a:b])
 
     def sampled(self, j: int) -> SampledTargets:
         if not self.kind.holds_sampled:
@@ -179,9 +167,8 @@ class PlainColumns(TargetColumns):
         return _part_fields(self, j, self.kind)
 
     def shape_problems(self, views: ColumnViews, manifest: StoreManifest) -> list[str]:
-        spec, problems = self.spec, []
-        names = ("tail_mass", "topk_ids", "topk_logprobs") + (("tail_logprob",) if spec.tail_logprob else ())
-        for name in names if self.kind.holds_topk else ():
+        problems: list[str] = []
+        for name in ("tail_mass", "tail_logprob", "topk_ids", "topk_logprobs") if self.kind.holds_topk else ():
             if not np.array_equal(self.batch.column(name).offsets.to_numpy(), self.tgt_off):
                 problems.append(f"column {name} has other row counts than token_logprob")
         problems += tail_problems(self, manifest) if not problems and self.kind.holds_topk else []
@@ -208,12 +195,10 @@ class PlainColumns(TargetColumns):
             report(f"top-k ids outside [0, {vocab}) or log-probs NaN, infinite or above 0",
                    self.tgt_off, unsound_topk(self.topk_ids, self.topk_logprobs, vocab))
             report("tail_mass is NaN or outside [0, 1]", self.tgt_off, unsound_tail_mass(self.tail_mass))
-            if spec.tail_logprob:
-                report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
+            report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
             if not problems:  # sound values: now whether they can be one distribution
-                tail = self.tail_logprob if spec.tail_logprob else log_of_mass(self.tail_mass)
                 for what, bad in impossible_topk(self.topk_ids, self.topk_logprobs,
-                                                 float_rounding(self.topk_logprobs), tail):
+                                                 float_rounding(self.topk_logprobs), self.tail_logprob):
                     report(what, self.tgt_off, bad)
         if self.kind.holds_sampled:
             s_ids, counts = self.sampled_ids, self.sampled_counts
@@ -249,8 +234,6 @@ def tail_problems(columns: Any, manifest: StoreManifest) -> list[str]:
     of the top-K (which round to −inf when the top-K holds all the mass to the backend's precision);
     and in an unpacked store, `tail_mass` = exp(`tail_logprob`) to one float32 rounding."""
     spec = manifest.targets
-    if not spec.tail_logprob:
-        return []
     tail = columns.tail_logprob
     problems = []
     if not np.all(tail <= 0.0):
@@ -294,7 +277,7 @@ class PackedCodec(Codec):
     def manifest_keys(self, spec: TargetSpec, kind: TargetKind) -> dict[str, Any]:
         q = spec.quantizer()
         out = dict(id_bits=spec.id_bits, logprob_bits=spec.logprob_bits, logprob_min=spec.logprob_min,
-                   logprob_step=q.step, logprob_max_error=q.max_error, tail_mass="recomputed")
+                   logprob_step=q.step, logprob_max_error=q.max_error)
         if kind.holds_sampled:
             out.update(self.count_keys(spec))
         return out
@@ -308,7 +291,7 @@ class PackedCodec(Codec):
             out += [pa.field("topk_ids_packed", NESTED_U8, nullable=False),
                     pa.field("topk_logprobs_packed", NESTED_U8, nullable=False)]
         out.append(pa.field("token_logprob_packed", NESTED_U8, nullable=False))
-        if spec.tail_logprob:
+        if kind.holds_tail:
             out.append(pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False))
         if kind.holds_sampled:
             out += [pa.field("sampled_entries", pa.int32(), nullable=False),
@@ -326,7 +309,7 @@ class PackedCodec(Codec):
             columns["topk_ids_packed"] = bytes_list([a for a, _ in streams])
             columns["topk_logprobs_packed"] = bytes_list([b for _, b in streams])
         columns["token_logprob_packed"] = bytes_list([pack_bits(q.encode(r.token_logprob), q.bits) for r in records])  # type: ignore[arg-type]
-        if spec.tail_logprob:
+        if kind.holds_tail:
             columns["tail_logprob"] = list_array(concat([r.tail_logprob for r in records], np.dtype(np.float32)),  # type: ignore[misc]
                                                  [r.num_scored for r in records])
         if kind.holds_sampled:
@@ -356,8 +339,7 @@ class PackedCodec(Codec):
 
 class PackedColumns(TargetColumns):
     """A packed store's target columns: each record's byte streams, decoded on demand (vectorised
-    numpy). Scored positions are not stored: they follow from the tokens. The tail is the stored
-    `tail_logprob` (format 2.1), else the log of the tail mass recomputed from the top-K (2.0)."""
+    numpy). Scored positions are not stored: they follow from the tokens."""
 
     def __init__(self, batch: pa.RecordBatch, spec: TargetSpec, kind: TargetKind, codec: PackedCodec,
                  views: ColumnViews) -> None:
@@ -368,7 +350,7 @@ class PackedColumns(TargetColumns):
         self.streams = {f.name: flat(batch, f.name) for f in codec.fields(spec, kind) if f.type == NESTED_U8}
         if kind.holds_sampled:
             self.sampled_entries = batch.column("sampled_entries").to_numpy(zero_copy_only=True)
-        if spec.tail_logprob:
+        if kind.holds_tail:
             _, self.tail_logprob = flat(batch, "tail_logprob")
         self.bounds: list[int] = self.tgt_off.tolist()
 
@@ -387,8 +369,7 @@ class PackedColumns(TargetColumns):
         a, b = self.bounds[j], self.bounds[j + 1]
         ids, lp = decode_topk(self._bytes("topk_ids_packed", j), self._bytes("topk_logprobs_packed", j),
                               b - a, self.spec.k, int(self.spec.id_bits or 0), self.quantizer)
-        tail = self.tail_logprob[a:b] if self.spec.tail_logprob else log_of_mass(recomputed_tail_mass(lp))
-        return TopKRows(ids, lp, self.token_logprob(j), tail)
+        return TopKRows(ids, lp, self.token_logprob(j), self.tail_logprob[a:b])
 
     def sampled(self, j: int) -> SampledTargets:
         if not self.kind.holds_sampled:
@@ -417,7 +398,7 @@ class PackedColumns(TargetColumns):
             offsets, _ = self.streams[name]
             if not np.array_equal(np.diff(offsets), (bits + 7) // 8):
                 problems.append(f"column {name}: a record's byte length differs from what its counts need")
-        if spec.tail_logprob and not np.array_equal(self.batch.column("tail_logprob").offsets.to_numpy(), self.tgt_off):
+        if self.kind.holds_tail and not np.array_equal(self.batch.column("tail_logprob").offsets.to_numpy(), self.tgt_off):
             problems.append("column tail_logprob has other row counts than the records' scored tokens")
         return problems or tail_problems(self, manifest)
 
@@ -448,40 +429,13 @@ class PackedColumns(TargetColumns):
         return []
 
 
-# -- "compact" and "compact2" -----------------------------------------------------------------------
+# -- "compact" ------------------------------------------------------------------------------------------
 class CompactCodec(PackedCodec):
-    """Sampled draws with ids gap-coded (Rice) and counts gamma-coded (format §4.3.1)."""
+    """"packed", with the sampled draws split into head (count ≥ 2) and tail (count 1), coded by their
+    place in the store's id order with a Rice parameter per rank bucket (format §4.3.2)."""
 
     name = "compact"
-    min_version = (2, 3)
     sampled_only = True
-
-    def count_bits(self, samples: int) -> int | None:
-        return None  # counts are gamma-coded: no fixed width
-
-    def check_counts(self, spec: TargetSpec, kind: TargetKind) -> None:
-        pass
-
-    def count_keys(self, spec: TargetSpec) -> dict[str, Any]:
-        return {}
-
-    def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
-        return encode_sampled_compact(t)
-
-    def decode_sampled(self, ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int,
-                       spec: TargetSpec) -> SampledTargets:
-        return decode_sampled_compact(ids_data, counts_data, entries, positions, spec.samples, 1 << int(spec.id_bits or 0))
-
-    def sampled_bits(self, entries: np.ndarray, spec: TargetSpec) -> dict[str, np.ndarray]:
-        return {}  # no fixed length: decoding checks the streams
-
-
-class Compact2Codec(CompactCodec):
-    """Sampled draws split into head (count ≥ 2) and tail (count 1), coded by their place in the
-    store's id order with a Rice parameter per rank bucket (format §4.3.2)."""
-
-    name = "compact2"
-    min_version = (2, 4)
     uses_id_order = True
 
     def check_spec(self, spec: TargetSpec, kind: TargetKind) -> None:
@@ -495,6 +449,15 @@ class Compact2Codec(CompactCodec):
         if order and (min(order) < 0 or max(order) >= 1 << int(spec.id_bits or 0) or len(set(order)) != len(order)):
             raise StoreError(f"targets.id_order must list distinct token ids in [0, 2^{spec.id_bits})")
 
+    def count_bits(self, samples: int) -> int | None:
+        return None  # counts are gamma-coded: no fixed width
+
+    def check_counts(self, spec: TargetSpec, kind: TargetKind) -> None:
+        pass
+
+    def count_keys(self, spec: TargetSpec) -> dict[str, Any]:
+        return {}
+
     def manifest_keys(self, spec: TargetSpec, kind: TargetKind) -> dict[str, Any]:
         out = super().manifest_keys(spec, kind)
         if spec.id_order:
@@ -502,9 +465,12 @@ class Compact2Codec(CompactCodec):
         return out
 
     def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
-        return encode_sampled_compact2(t, spec.id_order_map)
+        return encode_sampled_compact(t, spec.id_order_map)
 
     def decode_sampled(self, ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int,
                        spec: TargetSpec) -> SampledTargets:
-        return decode_sampled_compact2(ids_data, counts_data, entries, positions, spec.samples,
+        return decode_sampled_compact(ids_data, counts_data, entries, positions, spec.samples,
                                        1 << int(spec.id_bits or 0), id_order=spec.id_order_map)
+
+    def sampled_bits(self, entries: np.ndarray, spec: TargetSpec) -> dict[str, np.ndarray]:
+        return {}  # no fixed length: decoding checks the streams

@@ -1,23 +1,20 @@
-"""Target kind "hybrid" (format 2.2): the exact top-K with its log tail, plus N draws from the
+"""Target kind "hybrid" (format §4.2): the exact top-K with its log tail, plus N draws from the
 teacher's distribution restricted to the ids outside the top-K. The weights p_v for the top-K and
-exp(tail) · count / N for the draws give an unbiased estimate of the whole distribution. A 2.0 /
-2.1 reader refuses the kind, where reading it as "both" would weight its draws wrongly."""
+exp(tail) · count / N for the draws give an unbiased estimate of the whole distribution (reading it
+as "both" would weight its draws wrongly)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from potstill.store.codec import SampledTargets
-from potstill.store.targets.base import TargetColumns, TargetSpec, TopKRows, WeightedRows
+from potstill.store.targets.base import TargetColumns, TopKRows, WeightedRows
 from potstill.store.targets.both import Both
 
 
 class Hybrid(Both):
     name = "hybrid"
     draws_from_rest = True
-
-    def required_version(self, spec: TargetSpec) -> tuple[int, int]:
-        return (2, 2)
 
     def train_rows(self, columns: TargetColumns, j: int, target: str) -> TopKRows | WeightedRows:
         if target == "topk":

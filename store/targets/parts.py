@@ -39,10 +39,7 @@ class PartsKind(TargetKind):
     def manifest_keys(self, spec: TargetSpec) -> dict[str, Any]:
         if not self.holds_sampled:
             return {}
-        out: dict[str, Any] = {"samples": spec.samples, "seed": spec.seed, "sampling": spec.sampling}
-        if spec.version >= (2, 2):
-            out["sampler"] = spec.sampler
-        return out
+        return {"samples": spec.samples, "seed": spec.seed, "sampling": spec.sampling, "sampler": spec.sampler}
 
     def arrow_fields(self, spec: TargetSpec) -> list[pa.Field]:
         return spec.codec_impl.fields(spec, self)

@@ -4,15 +4,11 @@ is an unbiased estimate of the teacher's distribution; trained with forward KL a
 
 from __future__ import annotations
 
-from potstill.store.targets.base import TargetSpec
 from potstill.store.targets.parts import PartsKind
 
 
 class Sampled(PartsKind):
     name = "sampled"
     holds_sampled = True
-    codecs = ("none", "packed", "compact", "compact2")
+    codecs = ("none", "packed", "compact")
     train_targets = ("sampled",)
-
-    def required_version(self, spec: TargetSpec) -> tuple[int, int]:
-        return (2, 2) if spec.sampler != "iid" else (2, 0)  # stratified / systematic draws: format 2.2

@@ -1,6 +1,6 @@
 """Target kind "topk" (format §4.1): each scored position's top-`k` ids and log-probs, the log-prob
 of the token that follows, and the log tail (the log of the mass outside the top-K, §4.4).
-Stored plain (readable by every 1.x reader) or packed; trained with bucket KD (top-K + tail)."""
+Stored plain or packed; trained with bucket KD (top-K + tail)."""
 
 from __future__ import annotations
 
@@ -12,4 +12,3 @@ class TopK(PartsKind):
     holds_topk = True
     codecs = ("none", "packed")
     train_targets = ("topk",)
-    min_version = (1, 0)
