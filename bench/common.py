@@ -164,7 +164,7 @@ def make_manifest(
     chunk_tokens: int = 32,
     tail_logprob: str | None = "direct",
 ) -> StoreManifest:
-    """A manifest for random test records; `tail_logprob=None` makes a format 1.0 store (no log tail)."""
+    """A manifest for random test records (top-k targets, their tails made as `tail_logprob` says)."""
     return StoreManifest(
         teacher=TeacherInfo(name_or_path="test-teacher", config_hash="sha256:abc", dtype="float32", vocab_size=vocab),
         tokenizer=TokenizerInfo(fingerprint="sha256:tok", vocab_size=vocab, special_tokens={"eos_token_id": 1}),

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 # The tail mass that stands in for an empty tail when the other side's tail is not empty: a
 # teacher whose top-K holds its whole vocabulary against a student with more tokens (reverse KL
-# would be infinite), a store of format 1.0 / 2.0 whose float32 tail rounded to 0, or the reverse.
+# would be infinite), a complement tail (vLLM) that rounded to 0, or the reverse.
 # Tiny, because temperature raises it to the power 1/T (1e-20 at T = 4 is 1e-5).
 TAIL_FLOOR = 1e-20
 # The log-prob of an empty bucket. Finite on purpose: exp() of it is exactly 0, yet no -inf can

@@ -252,7 +252,7 @@ class GenerateConfig:
         if self.mode == "generate":
             settings.update(
                 max_new_tokens=self.max_new_tokens,
-                temperature=self.sampling_temperature,  # the store's key since format 1
+                temperature=self.sampling_temperature,  # the store's key
                 top_p=self.top_p,
                 num_samples=self.num_samples,
                 seed=self.seed,

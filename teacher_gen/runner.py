@@ -239,7 +239,7 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
 
 
 def with_id_order(manifest: StoreManifest, encoded: list[tuple[Encoded, list[int]]]) -> StoreManifest:
-    """`manifest` with the compact2 id order of the run's text: its most frequent tokens first. The
+    """`manifest` with the compact codec's id order of the run's text: its most frequent tokens first. The
     store keeps the order of the run that created it; later runs write in that order."""
     tokens = [a for enc, _ in encoded for a in (enc.prompt_ids, enc.completion_ids) if a is not None]
     return replace(manifest, targets=replace(manifest.targets, id_order=IdOrder.from_tokens(tokens) or None))

@@ -30,7 +30,7 @@ def kind_spec(kind: str, codec: str, tail_logprob: str | None) -> TargetSpec:
 def build_store(path: str, kind: str = "topk", codec: str = "none", *, tail_logprob: str | None = "direct",
                 layers: tuple = ((2, 16, "bfloat16"), (4, 24, "float16")), records: int = 14,
                 meta_answer: bool = True) -> str:
-    """A store of any target kind and codec (`tail_logprob=None`: format 1.0 / 2.0) with rationale
+    """A store of any target kind and codec (tails made as `tail_logprob` says) with rationale
     records: `answer` i (none when i % 7 == 3) and, with `meta_answer`, a reference answer in
     `meta["answer"]` ("work #### i", or "wrong" when i % 4 == 0)."""
     base = make_manifest(k=8, layers=layers, vocab=KIND_VOCAB, tail_logprob=tail_logprob)

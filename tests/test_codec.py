@@ -11,10 +11,8 @@ import pytest
 from common import make_manifest, random_record
 from typer.testing import CliRunner
 
-import potstill.store.manifest as manifest_module
 from potstill.share import store_info
 from potstill.store import (
-    FormatVersionError,
     StoreError,
     TargetSpec,
     create_store,
@@ -32,7 +30,6 @@ from potstill.store.codec import (
     sampled_from_draws,
     unpack_bits,
 )
-from potstill.store.fs import write_bytes
 
 VOCAB = 300
 N = 50
@@ -121,7 +118,7 @@ def _records(manifest, count: int = 12, seed: int = 0) -> list:
 
 
 def _make_store(tmp_path, kind: str, codec: str, name: str = "s", tail_logprob: str | None = "direct"):
-    """A store of random records; `tail_logprob=None` writes format 1.0 / 2.0 (no log tail)."""
+    """A store of random records."""
     manifest = make_manifest(k=8, layers=(), vocab=VOCAB)
     manifest = type(manifest)(teacher=manifest.teacher, tokenizer=manifest.tokenizer,
                               targets=_spec(kind, codec, tail_logprob=tail_logprob),
@@ -135,15 +132,11 @@ def _make_store(tmp_path, kind: str, codec: str, name: str = "s", tail_logprob: 
     return open_store(url), _records(manifest)  # fresh copies: the writer converted its inputs in place
 
 
-@pytest.mark.parametrize("kind,codec,legacy", [("topk", "packed", False), ("sampled", "none", False),
-                                               ("sampled", "packed", False), ("both", "none", False),
-                                               ("both", "packed", False), ("topk", "packed", True),
-                                               ("both", "none", True), ("both", "packed", True)])
-def test_every_kind_and_codec_round_trips_through_real_files(tmp_path, kind: str, codec: str, legacy: bool) -> None:
-    """Format 2.1 (and, `legacy`, 2.0 stores without the log tail, which read their tail from the
-    approximate mass: stored, or recomputed from the quantised log-probs when packed)."""
-    store, expected = _make_store(tmp_path, kind, codec, tail_logprob=None if legacy else "direct")
-    assert store.manifest.format_version == ("2.0" if legacy or kind == "sampled" else "2.1")
+@pytest.mark.parametrize("kind,codec", [("topk", "none"), ("topk", "packed"), ("sampled", "none"), ("sampled", "packed"),
+                                        ("both", "none"), ("both", "packed")])
+def test_every_kind_and_codec_round_trips_through_real_files(tmp_path, kind: str, codec: str) -> None:
+    store, expected = _make_store(tmp_path, kind, codec)
+    assert store.manifest.format_version == "1.0" and store.manifest.features == []
     q = store.manifest.targets.quantizer() if codec == "packed" else None
     for i, want in enumerate(expected):
         got = store.record(i)
@@ -158,14 +151,9 @@ def test_every_kind_and_codec_round_trips_through_real_files(tmp_path, kind: str
                 assert np.abs(got.topk_logprobs - np.maximum(lp_want, -24.0)).max(initial=0) <= tol
             else:
                 assert np.array_equal(got.topk_logprobs, want.topk_logprobs)
-            if not legacy:  # the log tail is stored as it was given, in every codec
-                assert got.tail_logprob.dtype == np.float32
-                assert np.array_equal(got.tail_logprob, want.tail_logprob)
-            elif q:  # 2.0 packed: recomputed from the decoded log-probs, within the bound the format states
-                bound = (1 - want.tail_mass) * np.expm1(q.max_error + 1e-5) + 8 * np.exp(-24.0) + 1e-6
-                assert np.all(np.abs(got.tail_mass - want.tail_mass) <= bound + 2e-3 * (want.topk_logprobs.dtype == np.float16))
-            else:  # 2.0 unpacked: the log of the stored float32 mass
-                np.testing.assert_allclose(got.tail_mass, want.tail_mass, rtol=2e-7, atol=0)
+            # the log tail is stored as it was given, in every codec
+            assert got.tail_logprob.dtype == np.float32
+            assert np.array_equal(got.tail_logprob, want.tail_logprob)
         else:
             assert got.topk_ids is None and got.tail_logprob is None
         if kind in ("sampled", "both"):
@@ -193,45 +181,21 @@ def test_packed_sampled_store_is_far_smaller_and_info_shows_bytes_by_field(tmp_p
     assert "sampled_ids_packed" in out.output
 
 
-def test_a_plain_topk_store_stays_format_1_x_with_exactly_the_1_x_manifest_keys(tmp_path) -> None:
-    store, _ = _make_store(tmp_path, "topk", "none")
+@pytest.mark.parametrize("kind,codec,keys", [
+    ("topk", "none", set()),
+    ("sampled", "packed", {"samples", "seed", "sampling", "sampler", "id_bits", "count_bits", "logprob_bits",
+                           "logprob_min", "logprob_step", "logprob_max_error"}),
+])
+def test_every_store_is_format_1_0_with_the_keys_of_its_kind_and_codec(tmp_path, kind: str, codec: str,
+                                                                       keys: set[str]) -> None:
+    store, _ = _make_store(tmp_path, kind, codec)
     with open(os.path.join(store.url, "manifest.json")) as f:
         raw = json.load(f)
-    assert raw["format_version"] == "1.1"
-    assert set(raw["targets"]) == {"kind", "k", "logprob_dtype", "temperature", "logprobs_from", "tail_logprob"}
-    assert raw["targets"]["tail_logprob"] == "direct"
+    assert raw["format_version"] == "1.0" and raw["features"] == []
+    tail = {"tail_logprob"} if kind != "sampled" else set()
+    assert set(raw["targets"]) == {"kind", "k", "logprob_dtype", "temperature", "logprobs_from", "codec"} | tail | keys
     with open(os.path.join(store.url, "commits", "w0-000000.json")) as f:
-        assert json.load(f)["format_version"] == "1.1"
-    old, _ = _make_store(tmp_path, "topk", "none", "old", tail_logprob=None)  # without the log tail: 1.0, byte for byte
-    with open(os.path.join(old.url, "manifest.json")) as f:
-        raw = json.load(f)
-    assert raw["format_version"] == "1.0"
-    assert set(raw["targets"]) == {"kind", "k", "logprob_dtype", "temperature", "logprobs_from"}
-
-
-def test_a_1_x_reader_refuses_a_2_0_store_in_one_line_and_still_reads_1_0(tmp_path, monkeypatch) -> None:
-    new, _ = _make_store(tmp_path, "both", "packed", "new")
-    old, _ = _make_store(tmp_path, "topk", "none", "old")
-    monkeypatch.setattr(manifest_module, "READ_MAJOR", 1)  # what potstill 1.x is
-    with pytest.raises(FormatVersionError) as info:
-        open_store(new.url)
-    message = str(info.value)
-    assert "\n" not in message and "uses format 2.1" in message and "reads (1.x): upgrade potstill" in message
-    assert open_store(old.url).record(0).topk_ids is not None
-    # Every 2.x shard carries its version too, so reading a shard alone is refused the same way.
-    with open(os.path.join(new.url, "commits", "w0-000000.json")) as f:
-        assert json.load(f)["format_version"] == "2.1"
-
-
-def test_a_manifest_claiming_1_0_for_sampled_targets_is_refused(tmp_path) -> None:
-    store, _ = _make_store(tmp_path, "sampled", "none")
-    path = os.path.join(store.url, "manifest.json")
-    with open(path) as f:
-        raw = json.load(f)
-    raw["format_version"] = "1.0"
-    write_bytes(store.fs, path, json.dumps(raw).encode())
-    with pytest.raises(StoreError, match="kind 'sampled' with codec 'none' need format 2.0"):
-        open_store(store.url)
+        assert json.load(f)["format_version"] == "1.0"
 
 
 def test_records_that_do_not_fit_the_store_are_refused_naming_them(tmp_path) -> None:

@@ -22,7 +22,7 @@ def load(path: str, tmp_path) -> datasets.Dataset:
 
 
 @pytest.mark.parametrize("kind,codec,tail", [
-    ("topk", "none", "direct"), ("topk", "packed", None), ("topk", "none", None), ("sampled", "packed", None),
+    ("topk", "none", "direct"), ("topk", "packed", "complement"), ("topk", "none", "complement"), ("sampled", "packed", None),
     ("both", "none", "direct"), ("both", "packed", "direct"),
 ])
 def test_exported_targets_equal_the_stores(tmp_path, kind: str, codec: str, tail: str | None) -> None:

@@ -92,8 +92,7 @@ def build_teacher_store(
     generation: dict | None = None,
     tail_logprob: str | None = "direct",
 ) -> Store:
-    """A store as `potstill generate` would write it, from the tiny teacher in `teacher_dir`
-    (`tail_logprob=None`: as format 1.0 stores were, with only the tail mass)."""
+    """A store as `potstill generate` would write it, from the tiny teacher in `teacher_dir`."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(teacher_dir)

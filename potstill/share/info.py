@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from potstill.store.errors import StoreError
@@ -130,14 +129,13 @@ def describe_targets(t: dict[str, Any]) -> str:
     parts = []
     if t["kind"] in ("topk", "both", "hybrid"):
         lp = f"{t['logprob_bits']}-bit log-probs (max error {t['logprob_max_error']:.2g})" if packed else f"{t['logprob_dtype']} log-probs"
-        tail = "log tail" if t.get("tail_logprob") else "tail mass" + (" (recomputed)" if packed else "")
-        parts.append(f"top-K={t['k']}, {lp} + {tail}")
+        parts.append(f"top-K={t['k']}, {lp} + log tail")
     if t["kind"] in ("sampled", "both", "hybrid"):
-        sampler = t.get("sampler", "iid")
+        sampler = t["sampler"]
         rest = " from the rest" if t["kind"] == "hybrid" else ""
         parts.append(f"sampled N={t['samples']}{rest} ({sampler} draws, ids + counts, seed {t['seed']})")
     if t.get("codec") and codec_named(t["codec"]).sampled_only:
-        how = " (Rice parameter by rank)" if t["codec"] == "compact2" else ""
+        how = " (Rice parameter by rank)"
         if t.get("id_order"):
             how += f" in an id order of {len(t['id_order'])} frequent tokens first"
         codec = f"{t['codec']} codec: sampled ids gap-coded{how}, counts gamma-coded, {t['id_bits']}-bit top-K ids"
@@ -152,17 +150,10 @@ def describe_tail(t: dict[str, Any]) -> str | None:
     """How exact the stored tails (the mass outside the top-K) are, in one line (format §4.4)."""
     if t["kind"] not in ("topk", "both", "hybrid"):
         return None
-    method = t.get("tail_logprob")
-    if method == "direct":
+    if t["tail_logprob"] == "direct":
         return "exact: log of the mass outside the top-K, from logsumexp of the other logits (float32)"
-    if method == "complement":
-        return ("log(1 − Σ top-K) in float64 from the top-K log-probs the backend returned: approximate "
-                "below ~1e-6 (their float32 rounding), −inf where it rounds to 0")
-    if t.get("codec", "none") != "none":
-        return ("approximate (format 2.0): recomputed as 1 − Σ exp(top-K) from the quantised log-probs, "
-                f"off by up to {math.expm1(float(t.get('logprob_max_error') or 0)):.2%} of the top-K mass")
-    return ("approximate (format 1.0 / 2.0): 1 − Σ exp(top-K) in float32, so tails near 1e-5 are off by "
-            "several percent and tails below ~1e-7 are noise or 0")
+    return ("log(1 − Σ top-K) in float64 from the top-K log-probs the backend returned: approximate "
+            "below ~1e-6 (their float32 rounding), −inf where it rounds to 0")
 
 
 def _fmt(x: float | None) -> str:
