@@ -71,8 +71,13 @@ def check_manifest_version(obj: dict[str, Any], store: str) -> None:
 
 
 def check_commit_version(version: Any, where: str) -> None:
-    """Refuse a commit record that is not of format 1.x (one from before 1.0), in one line naming it."""
-    if parse_version(version, where)[0] != 1:
+    """Refuse, in one line naming it, a commit record that is not of format 1.x: one of 2.x is from before
+    1.0 (whose versions ran to 2.4; a newer store's manifest is refused first), a later one is newer."""
+    major, _ = parse_version(version, where)
+    if major > 2:
+        raise FormatVersionError(f"{where} uses format {version}, newer than this potstill ({potstill_version()}) "
+                                 "reads (1.x): upgrade potstill")
+    if major != 1:
         raise _pre_1_0(where, version)
 
 

@@ -51,8 +51,8 @@ def test_scoring_equals_full_softmax_reference(scored_store, teacher_model):
         assert rec.tail_logprob.dtype == np.float32 and np.all(rec.tail_logprob < 0)
         checked += n - s
     assert checked > 20
-    assert scored_store.manifest.format_version == "1.1" and scored_store.manifest.targets.tail_logprob == "direct"
-    assert verify_store(scored_store.url).ok  # tail_mass = exp(tail_logprob), for 1.0 readers
+    assert scored_store.manifest.format_version == "1.0" and scored_store.manifest.targets.tail_logprob == "direct"
+    assert verify_store(scored_store.url).ok  # tail_mass = exp(tail_logprob)
 
 
 def test_fp16_logprobs_within_fp16_precision(tmp_path, tiny_teacher_dir, teacher_model):

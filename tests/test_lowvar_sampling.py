@@ -19,7 +19,7 @@ from potstill.share.info import describe_targets
 from potstill.store import open_store, verify_store
 from potstill.store.codec import sampled_from_draws
 from potstill.store.errors import StoreError
-from potstill.store.manifest import StoreManifest, TargetSpec
+from potstill.store.manifest import TargetSpec
 from potstill.student_train.data import hybrid_weights
 from potstill.student_train.losses import sampled_kd
 from potstill.teacher_gen.capture import sample_chunk, topk_logprobs
@@ -134,38 +134,24 @@ def test_points_follow_the_recipe_and_draws_depend_only_on_their_row() -> None:
     assert not (rest[..., None] == top[:, None, :]).any()
 
 
-def test_manifest_round_trip_versions_and_refusals() -> None:
+def test_manifest_round_trip_and_refusals() -> None:
     spec = TargetSpec(kind="hybrid", k=3, samples=12, seed=1, sampling="s", sampler="systematic")
-    assert spec.required_version() == "2.2" and spec.has_topk and spec.has_sampled and spec.draws_from_rest
+    assert spec.has_topk and spec.has_sampled and spec.draws_from_rest
     d = spec.to_dict()
     assert d["sampler"] == "systematic" and d["kind"] == "hybrid"
     assert TargetSpec(**{k: v for k, v in d.items() if k in TargetSpec.__dataclass_fields__}) == spec
-    assert TargetSpec(kind="sampled", k=0, samples=12, sampler="stratified").required_version() == "2.2"
-    iid = TargetSpec(kind="sampled", k=0, samples=12)
-    assert iid.required_version() == "2.0" and "sampler" not in iid.to_dict()  # unchanged for older readers
+    assert TargetSpec(kind="sampled", k=0, samples=12).to_dict()["sampler"] == "iid"  # written for every sampler
     with pytest.raises(StoreError, match="targets.sampler must be one of"):
         TargetSpec(kind="sampled", k=0, samples=12, sampler="antithetic")
 
 
-def test_a_manifest_that_claims_an_older_version_for_hybrid_targets_is_refused(tmp_path, tiny_teacher_dir) -> None:
-    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=1))
-    url = str(tmp_path / "h.store")
-    generate(config(tiny_teacher_dir, prompts, url, targets="hybrid", top_k=2, samples=6, sampler="systematic"))
-    obj = json.loads(open_store(url).manifest.to_json())
-    assert obj["format_version"] == "2.2"
-    StoreManifest.from_dict(obj, "m")
-    obj["format_version"] = "2.1"
-    with pytest.raises(StoreError, match="need format 2.2, but the manifest says 2.1"):
-        StoreManifest.from_dict(obj, "m")
-
-
-def test_a_2_1_reader_refuses_a_hybrid_store_in_one_line(tmp_path, tiny_teacher_dir, monkeypatch) -> None:
+def test_a_reader_without_the_hybrid_kind_refuses_a_hybrid_store_in_one_line(tmp_path, tiny_teacher_dir, monkeypatch) -> None:
     from potstill.store import targets
 
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=1))
     url = str(tmp_path / "h.store")
     generate(config(tiny_teacher_dir, prompts, url, targets="hybrid", top_k=2, samples=6))
-    monkeypatch.delitem(targets.KINDS, "hybrid")  # a 2.1 reader knows topk, sampled and both
+    monkeypatch.delitem(targets.KINDS, "hybrid")  # a reader that knows topk, sampled and both
     with pytest.raises(StoreError) as info:
         open_store(url)
     assert "\n" not in str(info.value) and "unknown target kind 'hybrid'" in str(info.value)

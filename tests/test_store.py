@@ -301,7 +301,7 @@ def test_newer_major_version_is_refused_older_minor_read(tmp_path):
     manifest["format_version"] = "3.0"
     with open(path, "w") as f:
         json.dump(manifest, f)
-    with pytest.raises(FormatVersionError, match=r"uses format 3.0, newer than this potstill .* reads \(2.x\): upgrade"):
+    with pytest.raises(FormatVersionError, match=r"uses format 3.0, newer than this potstill .* reads \(1.x\): upgrade"):
         open_store(url)
 
 

@@ -90,7 +90,7 @@ def test_verify_of_a_newer_format_commit_gives_the_whole_message(tmp_path):
     out = potstill("store", "verify", url)
     line = next(ln for ln in out.stderr.splitlines() if "wA-000000.json" in ln)
     assert out.returncode == 1
-    assert "uses format 9.0, newer than this potstill" in line and "reads (2.x): upgrade potstill" in line, line
+    assert "uses format 9.0, newer than this potstill" in line and "reads (1.x): upgrade potstill" in line, line
 
 
 def test_writers_refuse_values_no_teacher_writes(tmp_path):

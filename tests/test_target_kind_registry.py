@@ -205,4 +205,4 @@ def test_the_registry_refuses_in_one_line(top1_store) -> None:
         TargetSpec(kind="top1", k=2)
     with pytest.raises(StoreError, match="unknown target kind 'top2'; expected one of"):
         TargetSpec(kind="top2")
-    assert TargetSpec(kind="top1", k=1).required_version() == "2.1"  # its minimum, with a log tail
+    assert TargetSpec(kind="top1", k=1).to_dict()["tail_logprob"] == "direct"  # it holds a log tail

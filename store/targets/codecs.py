@@ -400,7 +400,7 @@ class PackedColumns(TargetColumns):
                 problems.append(f"column {name}: a record's byte length differs from what its counts need")
         if self.kind.holds_tail and not np.array_equal(self.batch.column("tail_logprob").offsets.to_numpy(), self.tgt_off):
             problems.append("column tail_logprob has other row counts than the records' scored tokens")
-        return problems or tail_problems(self, manifest)
+        return problems or (tail_problems(self, manifest) if self.kind.holds_tail else [])
 
     def value_problems(self, views: ColumnViews, manifest: StoreManifest) -> list[str]:
         """Quantised log-probs are finite by construction, so what can be wrong is an id beyond the
