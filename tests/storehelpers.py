@@ -33,7 +33,7 @@ def build_store(path: str, kind: str = "topk", codec: str = "none", *, tail_logp
     """A store of any target kind and codec (tails made as `tail_logprob` says) with rationale
     records: `answer` i (none when i % 7 == 3) and, with `meta_answer`, a reference answer in
     `meta["answer"]` ("work #### i", or "wrong" when i % 4 == 0)."""
-    base = make_manifest(k=8, layers=layers, vocab=KIND_VOCAB, tail_logprob=tail_logprob)
+    base = make_manifest(k=8, layers=layers, vocab=KIND_VOCAB)  # its teacher and tokenizer
     manifest = type(base)(teacher=base.teacher, tokenizer=base.tokenizer, targets=kind_spec(kind, codec, tail_logprob),
                           hidden=base.hidden, rationales=True, generation={"mode": "test"})
     store = create_store(path, manifest, TOKENIZER_FILES)
