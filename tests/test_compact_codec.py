@@ -269,6 +269,13 @@ def test_compact_top_k_targets_are_refused_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "y").exists()
 
 
+def test_the_old_name_compact2_selects_the_compact_codec_with_a_note(tmp_path, tiny_teacher_dir, prompts, capsys) -> None:
+    cfg = config(tiny_teacher_dir, prompts, str(tmp_path / "x"), targets="sampled", codec="compact2")
+    assert cfg.codec == "compact"
+    err = capsys.readouterr().err
+    assert err.count("note: --codec compact2 is now called compact") == 1, err
+
+
 def test_generate_compact_then_train_through_the_cli(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir, prompts) -> None:
     from common import build_student
 
