@@ -143,7 +143,7 @@ def test_impossible_top_k_fails_verify_and_stops_training(base, tmp_path, column
 
     store = fresh_store(base, tmp_path)
     k = open_store(store).manifest.targets.k
-    first_id = open_store(store).commit("t0-000002").ids[0]
+    first_id = open_store(store).shard_ids("t0-000002")[0].as_py()
     rewrite_column(store, "t0-000002", column, _first_position(k, change))
     problems = [str(p) for p in verify_store(store).problems]
     assert len(problems) == 1 and "shard t0-000002" in problems[0], problems
