@@ -34,8 +34,8 @@ def id_key(record_id: str) -> int:
 def id_keys(ids: Iterable[str]) -> np.ndarray:
     """`id_key` of every id, as uint64."""
     sha = hashlib.sha256
-    packed = b"".join(sha(i.encode("utf-8")).digest()[:8] for i in ids)
-    return np.frombuffer(packed, dtype=">u8").astype(np.uint64)
+    digests = np.frombuffer(b"".join([sha(e).digest() for e in map(str.encode, ids)]), dtype=">u8")
+    return digests[::4].astype(np.uint64)  # each digest is 4 big-endian words: its first
 
 
 def key_fractions(keys: np.ndarray) -> np.ndarray:
@@ -124,20 +124,26 @@ def repeated(keys: np.ndarray, ids_at: Callable[[np.ndarray], pa.Array]) -> tupl
     return positions[later][result].astype(np.int64), positions[first_at[later]][result].astype(np.int64)
 
 
-def contained(query_ids: list[str], query_keys: np.ndarray, keys: np.ndarray,
-              ids_at: Callable[[np.ndarray], pa.Array]) -> np.ndarray:
-    """Which of `query_ids` (with their `query_keys`) are among the ids whose keys are `keys`:
-    keys first, then the ids of the candidates compared exactly (`ids_at(positions)` gives the ids
-    behind `keys`)."""
-    hit = np.isin(query_keys, keys)
+def contained(query_ids: list[str], query_keys: np.ndarray, index: IdIndex) -> np.ndarray:
+    """Which of `query_ids` (whose keys are `query_keys`) the index holds: keys first (a sorted search),
+    then each candidate's id compared exactly with the ids stored under its key."""
+    order, ranked = index.by_key()
+    asked_order = np.argsort(query_keys)  # sorted queries search far faster (memory order)
+    lo, hi = np.empty(len(query_keys), dtype=np.int64), np.empty(len(query_keys), dtype=np.int64)
+    lo[asked_order] = np.searchsorted(ranked, query_keys[asked_order], side="left")
+    hi[asked_order] = np.searchsorted(ranked, query_keys[asked_order], side="right")
     mask = np.zeros(len(query_ids), dtype=bool)
-    if not hit.any():
-        return mask
-    asked = np.flatnonzero(hit)
-    behind = np.flatnonzero(np.isin(keys, query_keys[asked]))
-    values = ids_at(behind)
-    mask[asked] = pc.is_in(pa.array([query_ids[i] for i in asked], pa.string()),
-                                   value_set=values).to_numpy(zero_copy_only=False)
+    one = np.flatnonzero(hi - lo == 1)  # the usual case: one stored id under the key, compared in place
+    if len(one):
+        asked = pa.array([query_ids[i] for i in one.tolist()], pa.string())
+        mask[one] = pc.equal(asked, index.ids_at(order[lo[one]])).to_numpy(zero_copy_only=False)
+    many = np.flatnonzero(hi - lo > 1)  # a key stored more than once: repeated ids, or a collision
+    if len(many):
+        counts = (hi - lo)[many]
+        starts = np.repeat(lo[many] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        behind = order[starts + np.arange(int(counts.sum()))]
+        asked = pa.array([query_ids[i] for i in many.tolist()], pa.string())
+        mask[many] = pc.is_in(asked, value_set=index.ids_at(behind)).to_numpy(zero_copy_only=False)
     return mask
 
 
@@ -153,6 +159,7 @@ class IdIndex:
     row: np.ndarray  # int32
     read_ids: Callable[[str], pa.Array] = field(repr=False)
     _ids: pa.ChunkedArray | None = field(default=None, repr=False)
+    _by_key: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, shards: list[str], keys: list[np.ndarray], read_ids: Callable[[str], pa.Array]) -> IdIndex:
@@ -165,6 +172,13 @@ class IdIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def by_key(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions sorted by key, the keys in that order), computed once."""
+        if self._by_key is None:
+            order = np.argsort(self.keys, kind="stable")
+            self._by_key = (order, self.keys[order])
+        return self._by_key
 
     def ids(self) -> pa.ChunkedArray:
         """Every id, one chunk per shard (memory-mapped for a local store), read once."""
@@ -189,8 +203,3 @@ class IdIndex:
         back = np.empty(len(positions), dtype=np.int64)
         back[np.concatenate(where)] = np.arange(len(positions))
         return ids.take(pa.array(back, pa.int64()))
-
-    def positions(self, shard_indices: Iterable[int]) -> np.ndarray:
-        """The positions of every row of these shards, shard by shard in the order given."""
-        ranges = [np.arange(self.starts[s], self.starts[s + 1], dtype=np.int64) for s in shard_indices]
-        return np.concatenate(ranges) if ranges else np.empty(0, dtype=np.int64)

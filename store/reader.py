@@ -305,19 +305,30 @@ class Store:
             _VERIFIED.add((path, entry.sha256))
         return read_ids_file(buffer, where, commit.records)
 
-    def id_index(self) -> IdIndex:
-        """Keys, shard and row of every committed record, read once (ids read only when asked for)."""
+    def id_index(self, shards: list[str] | None = None) -> IdIndex:
+        """Keys, shard and row of every committed record, read once (ids read only when asked for); or
+        of the records of `shards` alone, in that order (reading only their ids files, unless the
+        whole index was read)."""
+        if shards is not None and (self._index is not None or len(set(shards)) < len(self.commits)):
+            full = self._index
+            if full is None:
+                keys = [self.shard_keys(name) for name in shards]
+            else:
+                at = {name: i for i, name in enumerate(full.shards)}
+                keys = [full.keys[full.starts[at[name]] : full.starts[at[name] + 1]] for name in shards]
+            return IdIndex.build(list(shards), keys, self.shard_ids)
         if self._index is None:
             names = self.shard_names
             self._index = IdIndex.build(names, [self.shard_keys(name) for name in names], self.shard_ids)
+        if shards is not None and list(shards) != self._index.shards:
+            return self.id_index(shards)  # all shards, in another order
         return self._index
 
     def committed_mask(self, ids: Sequence[str]) -> np.ndarray:
         """Which of `ids` some committed shard holds (resume: what not to write again). Keys find the
         candidates; their ids are compared exactly, so a 64-bit key collision never skips a record."""
         ids = list(ids)
-        index = self.id_index()
-        return contained(ids, id_keys(ids), index.keys, index.ids_at)
+        return contained(ids, id_keys(ids), self.id_index())
 
     def committed_ids(self) -> set[str]:
         """Every committed id (a set of every id: for small stores and tests; resume uses `committed_mask`)."""
@@ -331,14 +342,11 @@ class Store:
         each shard holding a later copy, [(row, shard of the first copy)] by row."""
         if shards is None and self._duplicates is not None:
             return self._duplicates
-        index = self.id_index()
-        at = {name: i for i, name in enumerate(index.shards)}
-        chosen = index.shards if shards is None else list(shards)
-        ranked = sorted(chosen, key=lambda name: (self.commit(name).created_at, name))
-        positions = index.positions(at[name] for name in ranked)  # in order of precedence
-        later, first = repeated(index.keys[positions], lambda p: index.ids_at(positions[p]))
+        chosen = self.shard_names if shards is None else list(shards)
+        # in order of precedence: the shards by commit time, then name; rows in order
+        index = self.id_index(sorted(chosen, key=lambda name: (self.commit(name).created_at, name)))
+        later, first = repeated(index.keys, index.ids_at)
         found: dict[str, list[tuple[int, str]]] = {}
-        later, first = positions[later], positions[first]
         order = np.lexsort((index.row[later], index.shard[later]))
         for p, f in zip(later[order].tolist(), first[order].tolist(), strict=True):
             found.setdefault(index.shards[index.shard[p]], []).append((int(index.row[p]), index.shards[index.shard[f]]))

@@ -214,12 +214,10 @@ def _split(store: Store, names: list[str], duplicates: dict[str, list[tuple[int,
            ) -> tuple[list[np.ndarray], list[tuple[str, int]], int, float]:
     """Per shard of `names`, its training rows; the held-out (shard, row)s; the duplicate rows left out of
     both; the cut. Vectorised on the ids' keys (`Store.id_index`)."""
-    index = store.id_index()
-    at = {name: i for i, name in enumerate(index.shards)}
-    cut = eval_cut(index.keys[index.positions(at[name] for name in names)], eval_fraction)
+    index = store.id_index(names)
+    cut = eval_cut(index.keys, eval_fraction)
     train_rows, held_out, skipped = [], [], 0
-    for name in names:
-        s = at[name]
+    for s, name in enumerate(names):
         eval_keep = key_fractions(index.keys[index.starts[s] : index.starts[s + 1]]) < cut
         keep = ~eval_keep
         rows = [row for row, _ in duplicates.get(name, [])]
