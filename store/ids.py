@@ -188,18 +188,14 @@ class IdIndex:
 
     def ids_at(self, positions: np.ndarray) -> pa.Array:
         """The ids at these positions (reading only the shards they lie in, unless all ids are read)."""
-        if self._ids is not None or not len(positions):
-            return self.ids().take(pa.array(positions, pa.int64())).combine_chunks() if len(positions) \
-                else pa.array([], pa.string())
+        if not len(positions):
+            return pa.array([], pa.string())
+        if self._ids is not None:
+            return self.ids().take(pa.array(positions, pa.int64())).combine_chunks()
         shards = self.shard[positions]
         order = np.argsort(shards, kind="stable")
-        pieces, where = [], []
-        bounds = np.flatnonzero(np.diff(shards[order])) + 1
-        for group in np.split(order, bounds):
-            s = int(shards[group[0]])
-            pieces.append(self.read_ids(self.shards[s]).take(pa.array(self.row[positions[group]], pa.int32())))
-            where.append(group)
-        ids = pa.concat_arrays(pieces)
+        groups = np.split(order, np.flatnonzero(np.diff(shards[order])) + 1)
+        pieces = [self.read_ids(self.shards[int(shards[g[0]])]).take(pa.array(self.row[positions[g]])) for g in groups]
         back = np.empty(len(positions), dtype=np.int64)
-        back[np.concatenate(where)] = np.arange(len(positions))
-        return ids.take(pa.array(back, pa.int64()))
+        back[order] = np.arange(len(positions))
+        return pa.concat_arrays(pieces).take(pa.array(back))

@@ -306,23 +306,21 @@ class Store:
         return read_ids_file(buffer, where, commit.records)
 
     def id_index(self, shards: list[str] | None = None) -> IdIndex:
-        """Keys, shard and row of every committed record, read once (ids read only when asked for); or
-        of the records of `shards` alone, in that order (reading only their ids files, unless the
-        whole index was read)."""
-        if shards is not None and (self._index is not None or len(set(shards)) < len(self.commits)):
-            full = self._index
-            if full is None:
-                keys = [self.shard_keys(name) for name in shards]
-            else:
-                at = {name: i for i, name in enumerate(full.shards)}
-                keys = [full.keys[full.starts[at[name]] : full.starts[at[name] + 1]] for name in shards]
-            return IdIndex.build(list(shards), keys, self.shard_ids)
-        if self._index is None:
+        """Keys, shard and row of every committed record, in store order, read once (ids only when
+        asked for); or of the records of `shards` alone, in that order (reading only their ids files,
+        unless every shard's are read already)."""
+        if self._index is None and (shards is None or len(set(shards)) == len(self.commits)):
             names = self.shard_names
             self._index = IdIndex.build(names, [self.shard_keys(name) for name in names], self.shard_ids)
-        if shards is not None and list(shards) != self._index.shards:
-            return self.id_index(shards)  # all shards, in another order
-        return self._index
+        full = self._index
+        if shards is None or (full is not None and list(shards) == full.shards):
+            return full
+        if full is None:
+            keys = [self.shard_keys(name) for name in shards]
+        else:
+            at = {name: i for i, name in enumerate(full.shards)}
+            keys = [full.keys[full.starts[at[name]] : full.starts[at[name] + 1]] for name in shards]
+        return IdIndex.build(list(shards), keys, self.shard_ids)
 
     def committed_mask(self, ids: Sequence[str]) -> np.ndarray:
         """Which of `ids` some committed shard holds (resume: what not to write again). Keys find the
