@@ -27,6 +27,7 @@ FILE_KINDS: dict[str, Callable[[str], bool]] = {
     "tokenizer file": lambda rel: rel.startswith("tokenizer/"),
     "commit record": lambda rel: rel.startswith("commits/"),
     "records.arrow": lambda rel: rel.endswith("/records.arrow"),
+    "ids.arrow": lambda rel: rel.endswith("/ids.arrow"),
     "Zarr group metadata": lambda rel: rel.endswith("/hidden/zarr.json"),
     "Zarr array metadata": lambda rel: "/hidden/layer_" in rel and rel.endswith("/zarr.json"),
     "hidden-state chunk": lambda rel: "/hidden/layer_" in rel and "/c/" in rel,

@@ -186,7 +186,7 @@ def store_contents(url: str) -> tuple[list[str], dict[str, Any]]:
     from potstill.store import open_store
 
     store = open_store(url)
-    ids = [i for c in store.commits for i in c.ids]
+    ids = store.id_index().ids().to_pylist()
     records = {rec.id: canonical(rec) for rec in store.iter_records(with_hidden=True)}
     return ids, records
 

@@ -270,7 +270,7 @@ def make_stores(workdir: str, transfer: np.ndarray, tokenizer: Any, scale: Scale
         summary = generate(config)
         say(f"store {name}: {summary.records} records written, {summary.already_done} already there")
         urls[name] = url
-    orders = {name: [i for c in open_store(u).commits for i in c.ids] for name, u in urls.items()}
+    orders = {name: open_store(u).id_index().ids().to_pylist() for name, u in urls.items()}
     first = next(iter(orders.values()))
     assert all(o == first for o in orders.values()), "stores hold their records in different orders"
     return urls

@@ -193,7 +193,7 @@ def readable_contents(url: str) -> tuple[list[str], dict[str, Any], list[str]]:
         except Exception:
             unreadable.append(name)
             continue
-        ids += store.commit(name).ids
+        ids += store.shard_ids(name).to_pylist()
         records.update(got)
     return ids, records, unreadable
 

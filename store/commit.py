@@ -10,6 +10,7 @@ from typing import Any
 
 from potstill.store.errors import StoreError
 from potstill.store.fs import check_relative
+from potstill.store.ids import IDS_FILE
 from potstill.store.manifest import FORMAT_VERSION, FileEntry, check_commit_version, utc_now
 
 WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -52,7 +53,6 @@ class CommitRecord:
     tokens: int
     scored_tokens: int
     hidden_rows: int
-    ids: list[str]
     files: list[FileEntry]
     bytes: int
     field_bytes: dict[str, int] = field(default_factory=dict)
@@ -65,6 +65,10 @@ class CommitRecord:
     @property
     def arrow_path(self) -> str:
         return f"shards/{self.shard}/records.arrow"
+
+    @property
+    def ids_path(self) -> str:
+        return f"shards/{self.shard}/{IDS_FILE}"
 
     @property
     def hidden_path(self) -> str:
@@ -90,7 +94,6 @@ class CommitRecord:
                 tokens=int(obj["tokens"]),
                 scored_tokens=int(obj["scored_tokens"]),
                 hidden_rows=int(obj["hidden_rows"]),
-                ids=[str(i) for i in obj["ids"]],
                 files=files,
                 bytes=int(obj["bytes"]),
                 field_bytes={str(k): int(v) for k, v in (obj.get("field_bytes") or {}).items()},
@@ -104,10 +107,10 @@ class CommitRecord:
         prefix = f"shards/{rec.shard}/"
         for f in rec.files:
             check_relative(f.path, prefix, where)
-        if rec.arrow_path not in {f.path for f in rec.files}:
-            raise StoreError(f"{where}: commit record does not list {rec.arrow_path}")
-        if len(rec.ids) != rec.records:
-            raise StoreError(f"{where}: commit lists {len(rec.ids)} ids for {rec.records} records")
+        listed = {f.path for f in rec.files}
+        for path in (rec.arrow_path, rec.ids_path):
+            if path not in listed:
+                raise StoreError(f"{where}: commit record does not list {path}")
         return rec
 
 

@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -34,6 +34,7 @@ from potstill.store.fs import (
     unstrip,
     write_bytes,
 )
+from potstill.store.ids import IdIndex, contained, id_keys, ids_problem, read_ids_file, repeated
 from potstill.store.manifest import FileEntry, StoreManifest, check_manifest_checksum
 from potstill.store.records import ColumnViews, Record, arrow_schema, hidden_problem
 from potstill.store.writer import ShardWriter
@@ -176,21 +177,6 @@ def _check_digest(data: Any, entry: FileEntry, where: str) -> None:
         raise StoreError(f"{where}: fails its sha256 check (corrupted bytes)")
 
 
-def find_duplicates(commits: list[CommitRecord]) -> dict[str, list[tuple[int, str]]]:
-    """Ids stored more than once among `commits` (format §3: ids are unique; readers keep the first
-    committed copy, by the commit's `created_at`, then shard name, and skip the rest). Returns, for
-    each shard holding a later copy, [(row, shard of the first copy)] by row."""
-    first: dict[str, str] = {}
-    found: dict[str, list[tuple[int, str]]] = {}
-    for commit in sorted(commits, key=lambda c: (c.created_at, c.shard)):
-        for row, rid in enumerate(commit.ids):
-            if rid in first:
-                found.setdefault(commit.shard, []).append((row, first[rid]))
-            else:
-                first[rid] = commit.shard
-    return found
-
-
 def cache_dir() -> str:
     """Where potstill keeps what it downloads for reading remote stores (their tokenizers):
     $POTSTILL_CACHE_DIR, else $XDG_CACHE_HOME/potstill, else ~/.cache/potstill."""
@@ -271,8 +257,10 @@ class Store:
                 continue  # temporary files of atomic writes, strays: never commit records
             commits.append(self._read_commit(name[:-5]))
         self.commits: list[CommitRecord] = [c for c in commits if c is not None]
+        self._by_name = {c.shard: c for c in self.commits}
         self._starts = np.cumsum([0] + [c.records for c in self.commits]).tolist()
         self._duplicates: dict[str, list[tuple[int, str]]] | None = None
+        self._index: IdIndex | None = None
 
     def _read_commit(self, shard: str) -> CommitRecord | None:
         where = f"{self.url}/commits/{shard}.json"
@@ -290,12 +278,79 @@ class Store:
                 raise
             raise StoreError(f"{e}; shard {shard} is kept but cannot be read: run `potstill store verify {self.url}`") from None
 
+    # -- ids ----------------------------------------------------------------------------------------
+    def shard_ids(self, name: str) -> pa.StringArray:
+        """The ids of a committed shard's records, in row order (its ids file, memory-mapped when local)."""
+        return self._ids_batch(name).column(0)
+
+    def shard_keys(self, name: str) -> np.ndarray:
+        """The keys (`potstill.store.ids.id_key`) of a committed shard's records, in row order."""
+        return self._ids_batch(name).column(1).to_numpy()
+
+    def _ids_batch(self, name: str) -> pa.RecordBatch:
+        """A shard's ids file, its sha256 checked against the commit record once per process before
+        first use: the split, resume and duplicates go by it, so damage must be named, never read."""
+        commit = self.commit(name)
+        entry = next(f for f in commit.files if f.path == commit.ids_path)
+        path, where = self.path(entry.path), f"{self.url}/{entry.path}"
+        try:
+            if is_local(self.fs):
+                buffer = pa.memory_map(path, "r").read_buffer()
+            else:
+                buffer = pa.py_buffer(read_bytes(self.fs, path))
+        except FileNotFoundError:
+            raise StoreError(f"{where}: shard file is missing") from None
+        if (path, entry.sha256) not in _VERIFIED:
+            _check_digest(buffer, entry, where)
+            _VERIFIED.add((path, entry.sha256))
+        return read_ids_file(buffer, where, commit.records)
+
+    def id_index(self, shards: list[str] | None = None) -> IdIndex:
+        """Keys, shard and row of every committed record, in store order, read once (ids only when
+        asked for); or of the records of `shards` alone, in that order (reading only their ids files,
+        unless every shard's are read already)."""
+        if self._index is None and (shards is None or len(set(shards)) == len(self.commits)):
+            names = self.shard_names
+            self._index = IdIndex.build(names, [self.shard_keys(name) for name in names], self.shard_ids)
+        full = self._index
+        if shards is None or (full is not None and list(shards) == full.shards):
+            return full
+        if full is None:
+            keys = [self.shard_keys(name) for name in shards]
+        else:
+            at = {name: i for i, name in enumerate(full.shards)}
+            keys = [full.keys[full.starts[at[name]] : full.starts[at[name] + 1]] for name in shards]
+        return IdIndex.build(list(shards), keys, self.shard_ids)
+
+    def committed_mask(self, ids: Sequence[str]) -> np.ndarray:
+        """Which of `ids` some committed shard holds (resume: what not to write again). Keys find the
+        candidates; their ids are compared exactly, so a 64-bit key collision never skips a record."""
+        ids = list(ids)
+        return contained(ids, id_keys(ids), self.id_index())
+
+    def committed_ids(self) -> set[str]:
+        """Every committed id (a set of every id: for small stores and tests; resume uses `committed_mask`)."""
+        return set(self.id_index().ids().to_pylist())
+
     # -- duplicates ---------------------------------------------------------------------------
-    def duplicates(self) -> dict[str, list[tuple[int, str]]]:
-        """For each shard holding duplicates: [(row, shard of the first committed copy)] (`find_duplicates`)."""
-        if self._duplicates is None:
-            self._duplicates = find_duplicates(self.commits)
-        return self._duplicates
+    def duplicates(self, shards: list[str] | None = None) -> dict[str, list[tuple[int, str]]]:
+        """Ids stored more than once among `shards` (default: every committed shard). Ids are unique
+        (format §3): readers keep the copy in the shard committed first, by its commit record's
+        `created_at`, then shard name (the first row within a shard), and skip the rest. Returns, for
+        each shard holding a later copy, [(row, shard of the first copy)] by row."""
+        if shards is None and self._duplicates is not None:
+            return self._duplicates
+        chosen = self.shard_names if shards is None else list(shards)
+        # in order of precedence: the shards by commit time, then name; rows in order
+        index = self.id_index(sorted(chosen, key=lambda name: (self.commit(name).created_at, name)))
+        later, first = repeated(index.keys, index.ids_at)
+        found: dict[str, list[tuple[int, str]]] = {}
+        order = np.lexsort((index.row[later], index.shard[later]))
+        for p, f in zip(later[order].tolist(), first[order].tolist(), strict=True):
+            found.setdefault(index.shards[index.shard[p]], []).append((int(index.row[p]), index.shards[index.shard[f]]))
+        if shards is None:
+            self._duplicates = found
+        return found
 
     def duplicate_rows(self, shard: str) -> set[int]:
         """Rows of a shard that readers skip: ids an earlier commit (or an earlier row) holds."""
@@ -324,14 +379,11 @@ class Store:
     def __len__(self) -> int:
         return self.num_records
 
-    def committed_ids(self) -> set[str]:
-        return {i for c in self.commits for i in c.ids}
-
     def commit(self, shard: str) -> CommitRecord:
-        for c in self.commits:
-            if c.shard == shard:
-                return c
-        raise StoreError(f"{self.url}: no committed shard {shard!r}")
+        commit = self._by_name.get(shard)
+        if commit is None:
+            raise StoreError(f"{self.url}: no committed shard {shard!r}")
+        return commit
 
     def next_seq(self, writer_id: str) -> int:
         """First unused shard counter for a writer: above its commits and its leftovers."""
@@ -498,9 +550,9 @@ class ShardReader:
             problems = value_problems(self.views, store.manifest)
             if problems:
                 raise StoreError(f"{store.url}: shard {self.name}: {problems[0]}")
-            stored = self.views.batch.column("id")
-            if not stored.equals(pa.array(commit.ids, type=stored.type)):  # the split and reports go by the commit's ids
-                raise StoreError(f"{where}: record ids differ from its commit record commits/{self.name}.json")
+            problem = ids_problem(store._ids_batch(self.name), self.views.batch.column("id"))
+            if problem is not None:  # the split, resume and reports go by the ids file
+                raise StoreError(f"{store.url}/{commit.ids_path}: {problem}")
             _VERIFIED.add((path, "values"))
         self._group: Any = None
         self._hidden_arrays: dict[int, HiddenArray] = {}
@@ -509,9 +561,9 @@ class ShardReader:
     def num_records(self) -> int:
         return self.commit.records
 
-    @property
+    @cached_property
     def ids(self) -> list[str]:
-        return self.commit.ids
+        return self.views.batch.column("id").to_pylist()
 
     def record(self, row: int, *, with_hidden: bool = False) -> Record:
         rec = self.views.record(row)

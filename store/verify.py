@@ -19,6 +19,7 @@ from potstill.store.checks import value_problems
 from potstill.store.commit import parse_shard_name
 from potstill.store.errors import StoreError
 from potstill.store.fs import is_local, join, listdir_names, pid_alive, temp_pid, temp_target
+from potstill.store.ids import ids_problem
 from potstill.store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
 from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
 from potstill.store.records import hidden_problem
@@ -153,6 +154,7 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
     for entry in store.manifest.tokenizer.files:
         _check_file(store, entry.path, entry.bytes, entry.sha256, "manifest", report)
     hidden_dtypes = {layer.array_name: layer.dtype for layer in store.manifest.hidden.layers}
+    sound = []  # shards whose files match their commit records: their ids files can be read
     for commit in store.commits:
         report.shards += 1
         before = len(report.problems)
@@ -165,23 +167,25 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
         for path in _files_under(store, f"shards/{commit.shard}"):
             if path not in listed:
                 report.problems.append(Problem(f"shard {commit.shard}", f"file {path} is not in its commit record"))
-        if len(report.problems) == before:  # bytes are sound: check content against the format
-            _check_content(store, commit, report)
+        # bytes are sound: check content against the format
+        if len(report.problems) == before and _check_content(store, commit, report):
+            sound.append(commit.shard)
         report.records += commit.records
         report.tokens += commit.tokens
-    _check_duplicates(store, report)
+    _check_duplicates(store, report, sound)
     report.leftovers = find_leftovers(store)
     if clean:
         report.cleaned = clean_leftovers(store, report.leftovers)
     return report
 
 
-def _check_duplicates(store: Store, report: VerifyReport) -> None:
-    """Ids are unique within a store (format §4): name each shard that repeats ids of an earlier commit."""
-    for shard, rows in sorted(store.duplicates().items()):
-        ids = store.commit(shard).ids
+def _check_duplicates(store: Store, report: VerifyReport, shards: list[str]) -> None:
+    """Ids are unique within a store (format §4): name each shard that repeats ids of an earlier commit
+    (among `shards`, those whose files are sound)."""
+    for shard, rows in sorted(store.duplicates(shards).items()):
+        ids = store.shard_ids(shard)
         first = sorted({kept for _, kept in rows})
-        shown = ", ".join(repr(ids[row]) for row, _ in rows[:3]) + (", ..." if len(rows) > 3 else "")
+        shown = ", ".join(repr(ids[row].as_py()) for row, _ in rows[:3]) + (", ..." if len(rows) > 3 else "")
         report.problems.append(Problem(
             f"shard {shard}",
             f"{len(rows)} record id(s) already committed in {', '.join(first[:3])}{', ...' if len(first) > 3 else ''} "
@@ -222,19 +226,24 @@ def _check_file(store: Store, rel: str, size: int, digest: str, where: str, repo
         report.problems.append(Problem(where, f"file {rel}: {bad_values}"))
 
 
-def _check_content(store: Store, commit, report: VerifyReport) -> None:
+def _check_content(store: Store, commit, report: VerifyReport) -> bool:
+    """Check a shard's content against the format; returns whether its ids file could be read."""
     where = f"shard {commit.shard}"
     try:
         reader = ShardReader(store, commit)
     except StoreError as e:
         report.problems.append(Problem(where, str(e).split(": ", 1)[-1]))
-        return
+        return False
     v = reader.views
     n = np.diff(v.tok_off)
     scored = np.diff(v.tgt_off)
-    ids = v.batch.column("id").to_pylist()
+    ids_read = True
+    try:
+        ids_wrong = ids_problem(store._ids_batch(commit.shard), v.batch.column("id"))
+    except StoreError as e:  # sound bytes that are no ids file: another tool wrote it
+        ids_wrong, ids_read = str(e).split(": ", 1)[-1], False
     checks = [
-        (ids == commit.ids, "record ids differ from its commit record"),
+        (ids_wrong is None, f"{ids_wrong} ({commit.ids_path})"),
         (int(n.sum()) == commit.tokens, f"holds {int(n.sum())} tokens, its commit says {commit.tokens}"),
         (int(scored.sum()) == commit.scored_tokens, f"holds {int(scored.sum())} scored tokens, its commit says {commit.scored_tokens}"),
         (bool(np.all((v.score_start >= 1) & (v.score_start <= n))), "a record's score_start is out of range"),
@@ -268,6 +277,7 @@ def _check_content(store: Store, commit, report: VerifyReport) -> None:
             report.problems.append(
                 Problem(where, f"hidden layer {layer.index} is {tuple(arr.shape)} {arr.dtype}, expected {want} {layer.dtype}")
             )
+    return ids_read
 
 
 def report_json(report: VerifyReport) -> str:

@@ -28,6 +28,7 @@ from potstill.store.fs import (
     sha256_file,
     write_bytes,
 )
+from potstill.store.ids import IDS_FILE, ids_file_bytes
 from potstill.store.leases import HEARTBEAT_S, WriterLease
 from potstill.store.manifest import FileEntry, HiddenLayer, StoreManifest
 from potstill.store.records import Record, records_to_batch, target_nbytes, validate_record
@@ -235,6 +236,9 @@ class ShardWriter:
         files = [FileEntry(f"{prefix}/records.arrow", arrow_buf.size, sha256_bytes(arrow_bytes))]
         write_bytes(fs, join(self.store.root, files[0].path), arrow_bytes.tobytes() if not self.local else arrow_bytes)
         field_bytes = {f.name: batch.column(i).nbytes for i, f in enumerate(batch.schema)}
+        ids_buf = ids_file_bytes([r.id for r in self._records])
+        files.append(FileEntry(f"{prefix}/{IDS_FILE}", ids_buf.size, sha256_bytes(memoryview(ids_buf))))
+        write_bytes(fs, join(self.store.root, files[-1].path), ids_buf.to_pybytes() if not self.local else memoryview(ids_buf))
 
         hidden_rows = 0
         if self._hidden is not None:
@@ -264,7 +268,6 @@ class ShardWriter:
             tokens=sum(r.num_tokens for r in self._records),
             scored_tokens=sum(r.num_scored for r in self._records),
             hidden_rows=hidden_rows,
-            ids=[r.id for r in self._records],
             files=files,
             bytes=sum(f.bytes for f in files),
             field_bytes=field_bytes,

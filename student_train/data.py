@@ -38,9 +38,7 @@ read only when a hidden-state or relation loss needs them.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import hashlib
 import itertools
 import math
 import os
@@ -54,7 +52,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from potstill.store import open_store
 from potstill.store.errors import StoreError
-from potstill.store.reader import ShardReader, Store, find_duplicates
+from potstill.store.ids import id_key, id_keys, key_fractions
+from potstill.store.reader import ShardReader, Store
 from potstill.store.targets import TRAIN_TARGETS, TopKRows, WeightedRows
 from potstill.store.targets.hybrid import hybrid_weights  # noqa: F401 (where benches and tests find it)
 from potstill.student_train.errors import TrainError
@@ -66,7 +65,7 @@ MAIN_TASK, RATIONALE_TASK = 0, 1
 # -- split -------------------------------------------------------------------------------------------
 def id_fraction(record_id: str) -> float:
     """sha256 of the id, read as a number in [0, 1): the same on every machine, for every order."""
-    return int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return id_key(record_id) / 2.0**64
 
 
 def is_held_out(record_id: str, cut: float) -> bool:
@@ -80,18 +79,21 @@ MIN_EVAL_RECORDS = 8
 MIN_TRAIN_SHARE = 0.75
 
 
-def eval_cut(record_ids: Iterable[str], eval_fraction: float) -> float:
+def eval_cut(keys: np.ndarray | Iterable[str], eval_fraction: float) -> float:
     """The id fraction below which records are held out: `eval_fraction`, or — when that holds out
     fewer than MIN_EVAL_RECORDS distinct ids and the store has at least MIN_EVAL_RECORDS /
     (1 − MIN_TRAIN_SHARE) of them (32) — the cut that holds out the MIN_EVAL_RECORDS ids of smallest
-    hash. The raised set contains the fraction's own, and depends only on the set of ids."""
+    hash. The raised set contains the fraction's own, and depends only on the set of ids. Takes the
+    ids' keys (`potstill.store.ids.id_keys`), or the ids."""
     if eval_fraction <= 0:
         return 0.0
-    fractions = sorted({id_fraction(i) for i in record_ids})
-    held = bisect.bisect_left(fractions, eval_fraction)
-    if held >= MIN_EVAL_RECORDS or len(fractions) * (1 - MIN_TRAIN_SHARE) < MIN_EVAL_RECORDS:
+    fractions = key_fractions(keys if isinstance(keys, np.ndarray) else id_keys(keys))
+    if len(np.unique(fractions[fractions < eval_fraction])) >= MIN_EVAL_RECORDS:
         return eval_fraction
-    return fractions[MIN_EVAL_RECORDS]  # ids strictly below it: the MIN_EVAL_RECORDS smallest
+    distinct = np.unique(fractions)  # only when the floor may apply: few ids, or a tiny fraction
+    if len(distinct) * (1 - MIN_TRAIN_SHARE) < MIN_EVAL_RECORDS:
+        return eval_fraction
+    return float(distinct[MIN_EVAL_RECORDS])  # ids strictly below it: the MIN_EVAL_RECORDS smallest
 
 
 def held_out_note(records: int, held: int, eval_fraction: float) -> str | None:
@@ -185,24 +187,14 @@ def plan_split(
     """Split every shard's records by id hash. `shards` pins the shard list (resume: the store may
     have grown since the run started); by default every committed shard is used."""
     names = list(shards) if shards is not None else store.shard_names
-    commits = {c.shard: c for c in store.commits}
-    missing = [name for name in names if name not in commits]
+    committed = set(store.shard_names)
+    missing = [name for name in names if name not in committed]
     if missing:
         raise TrainError(f"{store.url}: shard {missing[0]} of this run is no longer in the store (or its commit "
                          "record is damaged)")
     # Duplicates among exactly these shards, so that a store growing since the run started cannot
     # change which copy of an id a resumed run trains on.
-    duplicates = find_duplicates([commits[name] for name in names])
-    cut = eval_cut((i for name in names for i in commits[name].ids), eval_fraction)
-    train_rows, held_out, skipped = [], [], 0
-    for name in names:
-        keep = np.array([not is_held_out(i, cut) for i in commits[name].ids], dtype=bool)
-        eval_keep = ~keep
-        for row, _ in duplicates.get(name, []):
-            keep[row] = eval_keep[row] = False
-            skipped += 1
-        train_rows.append(np.flatnonzero(keep))
-        held_out += [(name, int(row)) for row in np.flatnonzero(eval_keep)]
+    train_rows, held_out, skipped, cut = _split(store, names, store.duplicates(names), eval_fraction)
     plan = LoaderPlan(names, train_rows, len(held_out), world_size, num_workers, skipped, cut, eval_fraction, held_out)
     if plan.num_train == 0:
         raise TrainError(
@@ -215,12 +207,25 @@ def plan_split(
 def held_out_rows(store: Store, eval_fraction: float) -> list[tuple[str, int]]:
     """(shard, row) of every held-out record, in store order (duplicates skipped: the first committed copy counts).
     For a model evaluated on its own (`potstill eval`); a training run takes its plan's `held_out`."""
-    rows = []
-    cut = eval_cut((i for c in store.commits for i in c.ids), eval_fraction)
-    for c in store.commits:
-        skip = store.duplicate_rows(c.shard)
-        rows += [(c.shard, row) for row, rid in enumerate(c.ids) if is_held_out(rid, cut) and row not in skip]
-    return rows
+    return _split(store, store.shard_names, store.duplicates(), eval_fraction)[1]
+
+
+def _split(store: Store, names: list[str], duplicates: dict[str, list[tuple[int, str]]], eval_fraction: float,
+           ) -> tuple[list[np.ndarray], list[tuple[str, int]], int, float]:
+    """Per shard of `names`, its training rows; the held-out (shard, row)s; the duplicate rows left out of
+    both; the cut. Vectorised on the ids' keys (`Store.id_index`)."""
+    index = store.id_index(names)
+    cut = eval_cut(index.keys, eval_fraction)
+    train_rows, held_out, skipped = [], [], 0
+    for s, name in enumerate(names):
+        eval_keep = key_fractions(index.keys[index.starts[s] : index.starts[s + 1]]) < cut
+        keep = ~eval_keep
+        rows = [row for row, _ in duplicates.get(name, [])]
+        keep[rows] = eval_keep[rows] = False
+        skipped += len(rows)
+        train_rows.append(np.flatnonzero(keep))
+        held_out += [(name, row) for row in np.flatnonzero(eval_keep).tolist()]
+    return train_rows, held_out, skipped, cut
 
 
 # -- sequences and collation -----------------------------------------------------------------------

@@ -135,7 +135,7 @@ def evaluate(
     else:
         fraction = _eval_fraction_of(model_dir) if eval_fraction is None else eval_fraction
         rows = held_out_rows(store, fraction)
-        note = held_out_note(len({i for c in store.commits for i in c.ids}), len(rows), fraction)
+        note = held_out_note(store.num_records - store.num_duplicates, len(rows), fraction)  # distinct ids
     if max_records:
         rows = rows[:max_records]
     skipped = set(skip_shards)

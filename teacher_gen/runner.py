@@ -62,7 +62,7 @@ from potstill.teacher_gen.jobs import (
     sampling_method,
 )
 from potstill.teacher_gen.model_info import TeacherSpec, describe_teacher
-from potstill.teacher_gen.prompts import FieldMap, SourceItem, load_prompts
+from potstill.teacher_gen.prompts import FieldMap, load_prompts
 from potstill.teacher_gen.rationale import split_rationale
 from potstill.teacher_gen.writer import WriterPool
 
@@ -163,6 +163,13 @@ def owner(key: str, workers: int) -> int:
 
 def record_id(item_id: str, sample_index: int, num_samples: int) -> str:
     return item_id if num_samples == 1 else f"{item_id}{SAMPLE_SEP}{sample_index}"
+
+
+def committed_mask(store: Store | None, ids: list[str]) -> list[bool]:
+    """Which of `ids` the store holds committed (none without a store): what a rerun skips."""
+    if store is None or not store.commits:
+        return [False] * len(ids)
+    return store.committed_mask(ids).tolist()
 
 
 def load_tokenizer(config: GenerateConfig) -> Any:
@@ -441,13 +448,13 @@ class Run:
         # Nothing is written before everything that can be checked was: a new store is created only
         # once the teacher has loaded; an existing one is opened (its settings must match) to skip its records.
         self.manifest = build_manifest(config, spec, tokenizer, layers)
-        committed: set[str] = set()
-        if store_exists(config.store):
-            committed = self.attach_store(tokenizer).committed_ids()
+        store = self.attach_store(tokenizer) if store_exists(config.store) else None
+        n = config.num_samples
+        done = iter(committed_mask(store, [record_id(item.id, k, n) for item in prompts.items for k in range(n)]))
 
         encoded = []
         for item in prompts.items:
-            todo = self._samples_to_do(item, committed)
+            todo = [k for k in range(n) if not next(done)]
             summary.already_done += config.num_samples - len(todo)
             if not todo:
                 continue
@@ -470,23 +477,19 @@ class Run:
         self.summary.cleaned_leftovers = clean_leftovers(self.store, find_leftovers(self.store))
         return self.store
 
-    def skip_committed(self, encoded: list[tuple[Encoded, list[int]]],
-                       committed: set[str]) -> list[tuple[Encoded, list[int]]]:
-        """`encoded` without the samples found committed (counted as already done)."""
-        if not committed:
+    def skip_committed(self, encoded: list[tuple[Encoded, list[int]]], store: Store) -> list[tuple[Encoded, list[int]]]:
+        """`encoded` without the samples found committed in `store` (counted as already done)."""
+        if not store.commits:
             return encoded
         n, kept = self.config.num_samples, []
+        done = iter(committed_mask(store, [record_id(enc.item.id, k, n) for enc, todo in encoded for k in todo]))
         for enc, todo in encoded:
-            left = [k for k in todo if record_id(enc.item.id, k, n) not in committed]
+            left = [k for k in todo if not next(done)]
             self.summary.already_done += len(todo) - len(left)
             if left:
                 kept.append((enc, left))
         self.total = sum(len(todo) for _, todo in kept)
         return kept
-
-    def _samples_to_do(self, item: SourceItem, committed: set[str]) -> list[int]:
-        n = self.config.num_samples
-        return [k for k in range(n) if record_id(item.id, k, n) not in committed]
 
     def execute(self, teacher: Teacher, writer: WriterPool, encoded: list[tuple[Encoded, list[int]]]) -> None:
         config = self.config
@@ -623,7 +626,7 @@ def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSumma
         if run.store is None:
             # Another run may have created and filled the store while this one loaded its teacher: what
             # it committed is read after this run's claim, so no record can slip in between and be written twice.
-            encoded = run.skip_committed(encoded, run.attach_store(tokenizer).committed_ids())
+            encoded = run.skip_committed(encoded, run.attach_store(tokenizer))
         store = run.store
     except BaseException:
         teacher.close()

@@ -306,7 +306,7 @@ def test_a_record_whose_streams_do_not_decode_is_named_in_one_line(tmp_path, tin
     url = str(tmp_path / "c.store")
     generate(config(tiny_teacher_dir, prompts, url, targets="sampled", samples=12, sampler="systematic", codec=codec))
     s = open_store(url)
-    (path,) = glob.glob(f"{url}/**/*.arrow", recursive=True)
+    (path,) = glob.glob(f"{url}/**/records.arrow", recursive=True)
     batch = pa.ipc.open_file(pa.memory_map(path)).get_batch(0)
     name = "sampled_ids_packed"
     streams = batch.column(name).to_pylist()

@@ -34,7 +34,7 @@ def test_hostile_lines_are_skipped_with_their_number_and_reason(tmp_path, tiny_t
     for number, (_, reason) in HOSTILE_LINES.items():
         assert f"line {number}" in result.stdout and reason in result.stdout, (number, result.stdout)
     s = open_store(store)
-    assert sorted(i for c in s.commits for i in c.ids) == sorted([r["id"] for r in good] + ["nan-meta"])
+    assert sorted(s.id_index().ids().to_pylist()) == sorted([r["id"] for r in good] + ["nan-meta"])
     meta = next(r for r in s.iter_records() if r.id == "nan-meta").meta
     assert meta == {"score": "nan", "big": "inf"}  # valid JSON in the store, nothing lost
     assert verify_store(store).ok
@@ -106,7 +106,7 @@ def test_a_live_run_on_an_overlapping_share_makes_a_second_run_refuse(tmp_path, 
         assert "another potstill generate run" in lines[0] and "writers/other-run.run.json" in lines[0]
     else:
         assert result.returncode == 0, result.stderr
-    ids = [i for c in open_store(store).commits for i in c.ids]
+    ids = open_store(store).id_index().ids().to_pylist()
     assert len(ids) == len(set(ids))
     assert [n for n in os.listdir(os.path.join(store, "writers")) if "other-run" not in n] == []  # our claim is gone
 
@@ -127,7 +127,7 @@ def test_a_run_that_fills_the_store_while_another_loads_its_teacher_is_not_writt
     late = generate(cfg, on_progress=other_run_finishes_first)
     assert first[0].records == 10
     assert late.records == 0 and late.already_done == 10 and late.shards == 0
-    ids = [i for c in open_store(store).commits for i in c.ids]
+    ids = open_store(store).id_index().ids().to_pylist()
     assert len(ids) == len(set(ids)) == 10
     assert verify_store(store).ok
 
@@ -144,7 +144,7 @@ def test_two_identical_runs_started_at_once_never_write_a_record_twice(tmp_path,
     rerun = run_cli(args)  # whatever happened, one more run completes the store
     assert rerun.returncode == 0, rerun.stderr
     s = open_store(store)
-    ids = [i for c in s.commits for i in c.ids]
+    ids = s.id_index().ids().to_pylist()
     assert len(ids) == len(set(ids)) == 80
     report = verify_store(store)
     assert report.ok and report.duplicates == 0 and not report.leftovers
@@ -199,7 +199,7 @@ def test_a_huge_prompt_is_skipped_by_its_length_before_it_is_tokenized(tmp_path,
             "(at most 2,048 bytes); skipped without tokenizing") in result.stdout, result.stdout
     maxrss_mib = int(result.stderr.split("MAXRSS ")[1].split()[0]) / 1024
     assert maxrss_mib < 1500, maxrss_mib  # the tokenizer's copy of 10 MB of text would take gigabytes
-    assert sorted(i for c in open_store(store).commits for i in c.ids) == sorted(r["id"] for r in good)
+    assert sorted(open_store(store).id_index().ids().to_pylist()) == sorted(r["id"] for r in good)
 
 
 def test_a_huge_completion_is_cut_before_tokenizing_with_truncate_and_skipped_without(tiny_tokenizer_dir):

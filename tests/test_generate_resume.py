@@ -29,7 +29,7 @@ def _args(teacher: str, prompts: str, store: str, *extra: str, shard_records: in
 
 def _assert_complete(store: str) -> None:
     s = open_store(store)
-    ids = [i for c in s.commits for i in c.ids]
+    ids = s.id_index().ids().to_pylist()
     assert len(ids) == len(set(ids)) == N  # every id exactly once
     assert set(ids) == {f"r{i:04d}" for i in range(N)}
     report = verify_store(store)

@@ -39,7 +39,7 @@ def test_two_runs_with_one_writer_id_never_destroy_committed_shards(tmp_path, ti
     for i in (0, 1):  # a rerun of each share completes the store
         rerun = run_cli([*args, "--worker-index", str(i)])
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-    ids = [i for c in open_store(store).commits for i in c.ids]
+    ids = open_store(store).id_index().ids().to_pylist()
     assert len(ids) == len(set(ids)) == 81  # the seed's and the 80
     report = verify_store(store)
     assert report.ok and not report.leftovers, [str(p) for p in report.problems]

@@ -86,9 +86,9 @@ def test_the_teacher_as_student_has_near_zero_losses_through_the_real_path(store
 def test_two_ranks_with_two_workers_each_cover_every_training_record_once(store_url: str) -> None:
     store = open_store(store_url)
     fraction = 0.15
-    cut = eval_cut([i for c in store.commits for i in c.ids], fraction)  # raised to hold out at least 8
-    held = {i for c in store.commits for i in c.ids if is_held_out(i, cut)}
-    train_ids = {i for c in store.commits for i in c.ids} - held
+    cut = eval_cut(store.id_index().ids().to_pylist(), fraction)  # raised to hold out at least 8
+    held = {i for i in store.id_index().ids().to_pylist() if is_held_out(i, cut)}
+    train_ids = set(store.id_index().ids().to_pylist()) - held
     assert held and len(train_ids) % 4  # some held out, and not divisible by 2 ranks × 2 workers
     seen, per_rank = [], []
     for rank in (0, 1):

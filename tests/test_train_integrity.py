@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -143,7 +144,7 @@ def test_impossible_top_k_fails_verify_and_stops_training(base, tmp_path, column
 
     store = fresh_store(base, tmp_path)
     k = open_store(store).manifest.targets.k
-    first_id = open_store(store).commit("t0-000002").ids[0]
+    first_id = open_store(store).shard_ids("t0-000002")[0].as_py()
     rewrite_column(store, "t0-000002", column, _first_position(k, change))
     problems = [str(p) for p in verify_store(store).problems]
     assert len(problems) == 1 and "shard t0-000002" in problems[0], problems
@@ -323,21 +324,30 @@ def test_a_tampered_store_tokenizer_file_is_refused_in_one_line(base, tmp_path) 
     assert_nothing_saved(str(tmp_path / "out"))
 
 
-def test_commit_ids_that_disagree_with_the_shard_are_refused_in_one_line(base, tmp_path) -> None:
-    """verify compares a commit record's ids with the shard's id column; train did not."""
+def test_ids_files_that_disagree_with_the_shard_are_refused_in_one_line(base, tmp_path) -> None:
+    """verify compares a shard's ids file with its id column; so does train (the ids file's checksum
+    is made to match, as a faulty writer would leave it)."""
     from potstill.store import StoreError
+    from potstill.store.ids import ids_file_bytes
 
     store = fresh_store(base, tmp_path)
+    ids = open_store(store).shard_ids("t0-000001").to_pylist()
+    ids[0], ids[1] = ids[1], ids[0]
+    data = ids_file_bytes(ids).to_pybytes()
+    with open(os.path.join(store, "shards", "t0-000001", "ids.arrow"), "wb") as f:
+        f.write(data)
     path = os.path.join(store, "commits", "t0-000001.json")
     with open(path) as f:
         record = json.load(f)
-    record["ids"][0], record["ids"][1] = record["ids"][1], record["ids"][0]
+    for entry in record["files"]:
+        if entry["path"].endswith("/ids.arrow"):
+            entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
     with open(path, "w") as f:
         json.dump(record, f)
     with pytest.raises(TrainError) as err:
         train(cfg(base, store, str(tmp_path / "out"), max_steps=9))
     message = one_line(str(err.value))
-    assert "t0-000001" in message and "ids" in message and "commit record" in message, message
+    assert "t0-000001/ids.arrow" in message and "ids file differs from the records' ids at row 0" in message, message
     assert_nothing_saved(str(tmp_path / "out"))
     report = train(cfg(base, store, str(tmp_path / "skip"), max_steps=9, skip_bad_shards=True))
     assert list(report["skipped_shards"]) == ["t0-000001"]

@@ -45,13 +45,13 @@ def _config(stores: dict, store: str, out: str, **overrides) -> TrainConfig:
 
 def test_sixty_records_hold_out_at_least_the_floor_at_the_default_fraction(stores: dict) -> None:
     store = open_store(stores["s60"])
-    ids = [i for c in store.commits for i in c.ids]
+    ids = store.id_index().ids().to_pylist()
     assert sum(id_fraction(i) < 0.05 for i in ids) < MIN_EVAL_RECORDS  # the fraction alone holds out too few
     dataset = StoreDataset.open(stores["s60"], batch_size=4, eval_fraction=0.05, num_workers=0)
     info = dataset.describe()
     assert info["eval_records"] == MIN_EVAL_RECORDS and info["train_records"] == 60 - MIN_EVAL_RECORDS
     assert info["eval_note"] is None
-    ids_of = {c.shard: c.ids for c in store.commits}
+    ids_of = {c.shard: store.shard_ids(c.shard).to_pylist() for c in store.commits}
     held = {ids_of[name][row] for name, row in held_out_rows(store, 0.05)}
     smallest = sorted(ids, key=id_fraction)[:MIN_EVAL_RECORDS]  # the floor takes the ids of smallest hash
     assert held == set(smallest)

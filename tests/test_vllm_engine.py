@@ -116,7 +116,7 @@ def test_kill_9_of_a_vllm_run_then_rerun_finishes_exactly_once(tmp_path, vllm_te
     assert f"already in the store: {done} records" in result.stdout
     assert f"wrote {n - done} records" in result.stdout
     s = open_store(store)
-    ids = [i for c in s.commits for i in c.ids]
+    ids = s.id_index().ids().to_pylist()
     assert len(ids) == len(set(ids)) == n
     report = verify_store(store)
     assert report.ok and not report.leftovers, [str(p) for p in report.problems]
