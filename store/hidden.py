@@ -249,6 +249,7 @@ class HiddenArray:
         self.fs, self.local, self.potstill_dtype = fs, local, dtype
         self.verified = verified
         self._checked: tuple[int, np.ndarray] | None = None  # (chunk, its rows) as the check read them
+        self._file: BinaryIO | None = None
         self.offsets = self._read_index(listed_bytes) if self.layout.chunks else np.zeros(0, dtype=np.uint64)
 
     def _read_index(self, listed_bytes: int | None) -> np.ndarray:
@@ -330,22 +331,22 @@ class HiddenArray:
             for b in buffers:
                 b[:], data = data[: len(b)], data[len(b) :]
             return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            done = 0
-            while buffers:
-                n = os.preadv(fd, buffers, offset + done)
-                if n == 0:
-                    raise StoreError(f"{self.where}: is truncated")
-                done += n
-                while buffers and n >= len(buffers[0]):  # drop what is filled, keep reading the rest
-                    n -= len(buffers.pop(0))
-                if n:
-                    buffers[0] = buffers[0][n:]
-        except FileNotFoundError:
-            raise StoreError(f"{self.where}: shard file is missing") from None
-        finally:
-            os.close(fd)
+        if self._file is None:  # kept open: one open per array, not per read (a committed file never changes)
+            try:
+                self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed with the array)
+            except FileNotFoundError:
+                raise StoreError(f"{self.where}: shard file is missing") from None
+        fd = self._file.fileno()
+        done = 0
+        while buffers:
+            n = os.preadv(fd, buffers, offset + done)
+            if n == 0:
+                raise StoreError(f"{self.where}: is truncated")
+            done += n
+            while buffers and n >= len(buffers[0]):  # drop what is filled, keep reading the rest
+                n -= len(buffers.pop(0))
+            if n:
+                buffers[0] = buffers[0][n:]
 
     def check_rows(self, start: int, stop: int) -> None:
         """With `verified`: check every inner chunk rows [start, stop) lie in that this process has
