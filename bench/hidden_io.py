@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, url: str) -> None:
     files = sum(len(names) for _, _, names in os.walk(hidden_dir))
     print(f"records {args.records} x {args.tokens} tokens, width {args.width}, chunk_tokens {args.chunk_tokens}: "
           f"{hidden_bytes / 1e6:.0f} MB of hidden states in one shard")
-    print(f"files of the layer in the shard: {files} ({files * 1000 / args.records:.0f} per 1,000 records)")
+    print(f"files of the layer in the shard of {args.records} records: {files}")
     print(f"write: {write_s:.2f} s, {args.records * args.tokens / write_s / 1e3:.0f}k tokens/s, "
           f"{hidden_bytes / write_s / 1e6:.0f} MB/s of hidden states; peak RSS grew {grown:.0f} MB")
 
