@@ -557,6 +557,8 @@ class ShardReader:
             except Exception as e:  # zarr's own errors for a damaged array (its metadata checked first above)
                 raise StoreError(f"{where}: hidden states unreadable ({type(e).__name__}: {e})") from None
             listed = self._files.get(f"{rel}/{DATA_KEY}")
+            if listed is None and self.commit.hidden_rows and self.store.verify_reads:
+                raise StoreError(f"{where}/{DATA_KEY}: not in its commit record commits/{self.name}.json")
             array = HiddenArray(zarray, self.store.path(rel), where, self.store.fs, is_local(self.store.fs), spec.dtype,
                                 listed.bytes if listed is not None else None,
                                 _VERIFIED if self.store.verify_reads else None)
