@@ -114,7 +114,6 @@ class HiddenShardWriter:
         self.pending: dict[int, list[np.ndarray]] = {index: [] for index in self.layers}
         self.pending_rows = 0
         self.rows = 0
-        self.chunks_written = 0
         self._files: dict[int, BinaryIO] = {}
         self._hashes: dict[int, Any] = {index: hashlib.sha256() for index in self.layers}
         self.digests: dict[str, tuple[str, int]] = {}  # file path relative to the group -> (sha256, bytes)
@@ -137,7 +136,6 @@ class HiddenShardWriter:
                 self._write_chunk(self.layers[index], block[start : min(take, start + self.chunk)])
             rest = block[take:]
             self.pending[index] = [rest] if len(rest) else []
-        self.chunks_written += -(-take // self.chunk)
         self.pending_rows -= take
 
     def _write_chunk(self, layer: HiddenLayer, rows: np.ndarray) -> None:
