@@ -30,7 +30,7 @@ FILE_KINDS: dict[str, Callable[[str], bool]] = {
     "ids.arrow": lambda rel: rel.endswith("/ids.arrow"),
     "Zarr group metadata": lambda rel: rel.endswith("/hidden/zarr.json"),
     "Zarr array metadata": lambda rel: "/hidden/layer_" in rel and rel.endswith("/zarr.json"),
-    "hidden-state chunk": lambda rel: "/hidden/layer_" in rel and "/c/" in rel,
+    "hidden-state data file": lambda rel: "/hidden/layer_" in rel and "/c/" in rel,
 }
 
 

@@ -69,6 +69,18 @@ def rewrite_column(store_url: str, shard: str, column: str, change: Callable[[np
         json.dump(commit, f, indent=1)
 
 
+def _reseal_hidden(store_url: str, rel: str, data: bytearray) -> None:
+    """A hidden-state data file's inner chunks carry their own crc32c (format §5): recompute each."""
+    from potstill.store.hidden import CRC, crc32c
+
+    with open(os.path.join(store_url, "manifest.json")) as f:
+        hidden = json.load(f)["hidden"]
+    width = next(layer["width"] for layer in hidden["layers"] if f"layer_{layer['index']}" == rel.split("/")[3])
+    stride = hidden["chunk_tokens"] * width * 2 + CRC
+    for start in range(0, (len(data) - CRC) // (stride + 16) * stride, stride):
+        data[start + stride - CRC : start + stride] = crc32c(bytes(data[start : start + stride - CRC]))
+
+
 def rewrite_file(store_url: str, rel: str, change: Callable[[bytearray], None]) -> None:
     """Change a shard file's bytes in place (`change` edits them) and update its size and sha256 in
     its commit record: the checksums hold, only the content is wrong."""
@@ -76,6 +88,8 @@ def rewrite_file(store_url: str, rel: str, change: Callable[[bytearray], None]) 
     with open(path, "rb") as f:
         data = bytearray(f.read())
     change(data)
+    if "/hidden/layer_" in rel and rel.endswith("/c/0/0"):
+        _reseal_hidden(store_url, rel, data)
     with open(path, "wb") as f:
         f.write(data)
     shard = rel.split("/")[1]

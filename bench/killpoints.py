@@ -82,15 +82,15 @@ def _torn_write(path: str, data: bytes | str) -> None:
 
 # -- the points -------------------------------------------------------------------------------------
 def _hidden_chunk(c: Counter) -> None:  # generate: mid-shard, some hidden-state chunks on disk
-    from potstill.store import writer
+    from potstill.store import hidden
 
-    _wrap(writer._HiddenShard, "_write_chunk", c, "after")
+    _wrap(hidden.HiddenShardWriter, "_write_chunk", c, "after")
 
 
 def _shard_files(c: Counter) -> None:  # generate: records.arrow and the Zarr group whole, no commit yet
-    from potstill.store import writer
+    from potstill.store import hidden
 
-    _wrap(writer._HiddenShard, "finish", c, "after")
+    _wrap(hidden.HiddenShardWriter, "finish", c, "after")
 
 
 def _commit_record(c: Counter) -> None:  # generate, copy: the commit record's temporary file is whole, not linked

@@ -11,7 +11,7 @@ kills     `kill -9` of `potstill generate` (HF backend, tiny random teacher, hid
           a kill survived when every committed record was the reference's, once, the store verified,
           and the campaign ended identical to the reference with nothing left behind.
 flips     Flipped bytes in every kind of store file (manifest, tokenizer, commit record, Arrow file,
-          Zarr metadata, hidden-state chunk), and commit records truncated, emptied or listing a
+          Zarr metadata, hidden-state data file), and commit records truncated, emptied or listing a
           wrong checksum, and a shard file deleted: `potstill store verify` must exit 1 naming the
           damaged file or shard and nothing else, `verify --clean` must remove nothing, and
           `generate` and `train` must refuse (or, with --skip-bad-shards, skip and name) the shard.
@@ -347,7 +347,7 @@ def refusals(ctx: dict[str, Any], seed: int, quick: bool) -> list[Row]:
 
     damages: list[tuple[str, Callable[[str], None]]] = [
         ("flipped bytes in records.arrow", lambda p: flip_bytes(f"{p}/shards/{shard}/records.arrow", 4, seed)),
-        ("flipped bytes in a hidden-state chunk", lambda p: flip_bytes(f"{p}/shards/{shard}/hidden/layer_2/c/0/0", 4, seed)),
+        ("flipped bytes in a hidden-state data file", lambda p: flip_bytes(f"{p}/shards/{shard}/hidden/layer_2/c/0/0", 4, seed)),
         ("NaN log-probs, checksums rewritten to match", nan_logprobs),
         ("commit record truncated", lambda p: _truncate(f"{p}/commits/{shard}.json", rng)),
     ]

@@ -8,10 +8,9 @@ import errno
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -34,9 +33,10 @@ from potstill.store.fs import (
     unstrip,
     write_bytes,
 )
+from potstill.store.hidden import DATA_KEY, HiddenArray
 from potstill.store.ids import IdIndex, contained, id_keys, ids_problem, read_ids_file, repeated
 from potstill.store.manifest import FileEntry, StoreManifest, check_manifest_checksum
-from potstill.store.records import ColumnViews, Record, arrow_schema, hidden_problem
+from potstill.store.records import ColumnViews, Record, arrow_schema
 from potstill.store.writer import ShardWriter
 
 MANIFEST = "manifest.json"
@@ -594,7 +594,7 @@ class ShardReader:
         return self._hidden_array(layer).read(start, stop, out)
 
     def check_hidden(self, row: int, layer: int) -> None:
-        """With `verify_reads`: check the chunk files record `row`'s states of `layer` lie in, now."""
+        """With `verify_reads`: check the inner chunks record `row`'s states of `layer` lie in, now."""
         self._hidden_array(layer).check_rows(*self.hidden_rows(row))
 
     def _hidden_array(self, layer: int) -> HiddenArray:
@@ -602,38 +602,20 @@ class ShardReader:
         if array is None:
             spec = self.store.manifest.hidden.layer(layer)
             rel = f"{self.commit.hidden_path}/{spec.array_name}"
-            folder = self.store.path(rel)
-            check = (lambda key, rel=rel, dtype=spec.dtype: self._verify_chunk(f"{rel}/{key}", dtype)) \
-                if self.store.verify_reads else None
+            where = f"{self.store.url}/{rel}"
             group = self._zarr_group()
             try:
                 zarray = group[spec.array_name]
             except Exception as e:  # zarr's own errors for a damaged array (its metadata checked first above)
-                raise StoreError(f"{self.store.url}/{rel}: hidden states unreadable ({type(e).__name__}: {e})") from None
-            array = HiddenArray(zarray, folder if is_local(self.store.fs) else None, check)
+                raise StoreError(f"{where}: hidden states unreadable ({type(e).__name__}: {e})") from None
+            listed = self._files.get(f"{rel}/{DATA_KEY}")
+            if listed is None and self.commit.hidden_rows and self.store.verify_reads:
+                raise StoreError(f"{where}/{DATA_KEY}: not in its commit record commits/{self.name}.json")
+            array = HiddenArray(zarray, self.store.path(rel), where, self.store.fs, is_local(self.store.fs), spec.dtype,
+                                listed.bytes if listed is not None else None,
+                                _VERIFIED if self.store.verify_reads else None)
             self._hidden_arrays[layer] = array
         return array
-
-    def _verify_chunk(self, rel: str, dtype: str) -> bytes | None:
-        """Check a hidden-state chunk file (its sha256, and that its values are finite) once per
-        process; returns its bytes when it was read for that (so the caller need not read it again)."""
-        entry = self._files.get(rel)
-        path = self.store.path(rel)
-        if entry is None:
-            return None  # a chunk holding only the fill value is not written (and not listed)
-        if (path, entry.sha256) in _VERIFIED:
-            return None
-        where = f"{self.store.url}/{rel}"
-        try:
-            data = read_bytes(self.store.fs, path)
-        except FileNotFoundError:
-            raise StoreError(f"{where}: shard file is missing") from None
-        _check_digest(data, entry, where)
-        problem = hidden_problem(data, dtype)
-        if problem is not None:
-            raise StoreError(f"{where}: {problem}")
-        _VERIFIED.add((path, entry.sha256))
-        return data
 
     def _verify_metadata(self) -> None:
         """With `verify_reads`: the shard's Zarr metadata files (the group's and each array's
@@ -671,106 +653,6 @@ class ShardReader:
                 raise StoreError(f"{self.store.url}/{self.commit.hidden_path}: hidden states unreadable "
                                  f"({type(e).__name__}: {e})") from None
         return self._group
-
-
-class HiddenArray:
-    """One stored layer of one shard, read by row ranges.
-
-    On a local disk, rows are read straight from the chunk files into the destination with one
-    `preadv` each: format §5 fixes the layout (uncompressed little-endian chunks of
-    [chunk_tokens, width], C order), so a chunk file is just rows of bytes. Going through zarr
-    costs about a millisecond per call and decodes whole chunks, 10-20x slower for one record.
-    An array not laid out that way (written by another tool) or on a remote store goes through zarr.
-    """
-
-    def __init__(self, array: Any, folder: str | None, check: Callable[[str], bytes | None] | None = None) -> None:
-        self.array = array
-        # Called with a chunk's key ("c/3/0") before rows of that chunk are read; returns the chunk's
-        # bytes when it read them to check them, which the next read of that chunk then uses.
-        self.check = check
-        self._checked: tuple[int, np.ndarray] | None = None  # (chunk, its rows) as the check read it
-        self.rows, self.width = array.shape
-        self.dtype = np.dtype(array.dtype)
-        self.chunk_rows = array.chunks[0]
-        self.folder = folder if folder is not None and _plain_row_chunks(array) else None
-        self.fill = np.array(array.fill_value, dtype=self.dtype)
-
-    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        start, stop, _ = slice(start, stop).indices(self.rows)  # clamp like numpy slicing
-        stop = max(start, stop)
-        if out is None:
-            out = np.empty((stop - start, self.width), dtype=self.dtype)
-        elif out.shape != (stop - start, self.width) or out.dtype != self.dtype or not out.flags.c_contiguous:
-            raise ValueError(
-                f"out must be a C-contiguous {self.dtype} array of shape {(stop - start, self.width)}, "
-                f"got {out.dtype} {out.shape}"
-            )
-        self.check_rows(start, stop)
-        if self.folder is None:
-            out[...] = self.array[start:stop]
-            return out
-        pos = start
-        while pos < stop:  # one read per chunk the rows touch
-            chunk, first = divmod(pos, self.chunk_rows)
-            end = min(stop, (chunk + 1) * self.chunk_rows)
-            self._read_rows(chunk, first, out[pos - start : end - start])
-            pos = end
-        return out
-
-    def check_rows(self, start: int, stop: int) -> None:
-        """Run the chunk check (if any) on every chunk rows [start, stop) touch, keeping the last
-        chunk it read."""
-        if self.check is not None:
-            for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
-                data = self.check(self.array.metadata.encode_chunk_key((chunk, 0)))
-                if data is not None and len(data) == self.chunk_rows * self.width * self.dtype.itemsize:
-                    rows = np.frombuffer(data, dtype=self.dtype.newbyteorder("<")).reshape(self.chunk_rows, self.width)
-                    self._checked = (chunk, rows)
-
-    def _read_rows(self, chunk: int, first_row: int, rows: np.ndarray) -> None:
-        """Fill `rows` (contiguous) from chunk `chunk`, starting at its row `first_row`."""
-        if self._checked is not None and self._checked[0] == chunk:  # read (and hashed) just now: no second read
-            rows[...] = self._checked[1][first_row : first_row + len(rows)]
-            return
-        path = os.path.join(self.folder or "", self.array.metadata.encode_chunk_key((chunk, 0)))
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # zarr leaves chunks that hold only the fill value unwritten
-            rows[...] = self.fill
-            return
-        dest = memoryview(rows.reshape(-1).view(np.uint8))
-        offset = first_row * self.width * self.dtype.itemsize
-        try:
-            done = 0
-            while done < len(dest):
-                n = os.preadv(fd, [dest[done:]], offset + done)
-                if n == 0:
-                    raise StoreError(f"{path}: chunk file is truncated")
-                done += n
-        finally:
-            os.close(fd)
-
-
-def _plain_row_chunks(array: Any) -> bool:
-    """Whether a Zarr array is stored as format §5 says: v3, regular [rows, full width] chunks,
-    the single little-endian `bytes` codec, no storage transformer, on a little-endian machine."""
-    from zarr.codecs import BytesCodec
-    from zarr.core.chunk_grids import RegularChunkGrid
-
-    md = array.metadata
-    return (
-        sys.byteorder == "little"
-        and getattr(md, "zarr_format", None) == 3
-        and not getattr(md, "storage_transformers", ())
-        and isinstance(md.chunk_grid, RegularChunkGrid)
-        and len(array.shape) == 2
-        and tuple(md.chunk_grid.chunk_shape)[1] == array.shape[1]
-        and len(md.codecs) == 1
-        and isinstance(md.codecs[0], BytesCodec)
-        and md.codecs[0].endian is not None
-        and md.codecs[0].endian.value == "little"
-        and np.dtype(array.dtype).byteorder in ("<", "=", "|")
-    )
 
 
 def decode_hidden(arr: np.ndarray, dtype: str) -> np.ndarray:

@@ -19,10 +19,10 @@ from potstill.store.checks import value_problems
 from potstill.store.commit import parse_shard_name
 from potstill.store.errors import StoreError
 from potstill.store.fs import is_local, join, listdir_names, pid_alive, temp_pid, temp_target
+from potstill.store.hidden import DATA_KEY, Layout, layout_problem, scan_data_file, stored_dtype
 from potstill.store.ids import ids_problem
 from potstill.store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
 from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
-from potstill.store.records import hidden_problem
 
 _BLOCK = 8 << 20
 
@@ -153,16 +153,16 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
         report.problems.append(Problem(f"commits/{shard}.json", f"{why}; shard {shard} is kept, unread"))
     for entry in store.manifest.tokenizer.files:
         _check_file(store, entry.path, entry.bytes, entry.sha256, "manifest", report)
-    hidden_dtypes = {layer.array_name: layer.dtype for layer in store.manifest.hidden.layers}
+    hidden = store.manifest.hidden
     sound = []  # shards whose files match their commit records: their ids files can be read
     for commit in store.commits:
         report.shards += 1
         before = len(report.problems)
+        data_files = {f"{commit.hidden_path}/{layer.array_name}/{DATA_KEY}": layer for layer in hidden.layers}
         for entry in commit.files:
-            parts = entry.path.split("/")
-            is_chunk = len(parts) > 5 and parts[2] == "hidden" and parts[4] == "c"
-            dtype = hidden_dtypes.get(parts[3]) if is_chunk else None
-            _check_file(store, entry.path, entry.bytes, entry.sha256, f"shard {commit.shard}", report, dtype)
+            layer = data_files.get(entry.path)
+            layout = None if layer is None else (Layout(commit.hidden_rows, layer.width, hidden.chunk_tokens), layer.dtype)
+            _check_file(store, entry.path, entry.bytes, entry.sha256, f"shard {commit.shard}", report, layout)
         listed = {f.path for f in commit.files}
         for path in _files_under(store, f"shards/{commit.shard}"):
             if path not in listed:
@@ -205,25 +205,28 @@ def _files_under(store: Store, rel: str) -> list[str]:
 
 
 def _check_file(store: Store, rel: str, size: int, digest: str, where: str, report: VerifyReport,
-                hidden_dtype: str | None = None) -> None:
-    """Size and sha256 of a file (and, for a hidden-state chunk, that its values are finite)."""
-    h, got_size, bad_values = hashlib.sha256(), 0, None
+                hidden: tuple[Layout, str] | None = None) -> None:
+    """Size and sha256 of a file; for a hidden-state data file (its layout and dtype given) also each
+    inner chunk's crc32c and finite values, and its index, in the same pass."""
+    h, got_size, inside = hashlib.sha256(), 0, None
     try:
         with store.fs.open(join(store.root, rel), "rb") as f:
-            while block := f.read(_BLOCK):
-                h.update(block)
-                got_size += len(block)
-                if hidden_dtype is not None and bad_values is None:
-                    bad_values = hidden_problem(block[: len(block) // 2 * 2], hidden_dtype)
+            if hidden is not None:
+                got_size, inside = scan_data_file(f.read, *hidden, h)
+            else:
+                while block := f.read(_BLOCK):
+                    h.update(block)
+                    got_size += len(block)
     except FileNotFoundError:
         report.problems.append(Problem(where, f"file {rel} is missing"))
         return
     if got_size != size:
         report.problems.append(Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)"))
     elif h.hexdigest() != digest:
-        report.problems.append(Problem(where, f"file {rel} fails its sha256 check (corrupted bytes)"))
-    elif bad_values is not None:
-        report.problems.append(Problem(where, f"file {rel}: {bad_values}"))
+        found = f": {inside}" if inside is not None else ""
+        report.problems.append(Problem(where, f"file {rel} fails its sha256 check (corrupted bytes){found}"))
+    elif inside is not None:
+        report.problems.append(Problem(where, f"file {rel}: {inside}"))
 
 
 def _check_content(store: Store, commit, report: VerifyReport) -> bool:
@@ -251,6 +254,7 @@ def _check_content(store: Store, commit, report: VerifyReport) -> bool:
         (bool(np.all((v.hidden_start >= 0) & (v.hidden_start <= n))), "a record's hidden_start is out of range"),
     ]
     layers = store.manifest.hidden.layers
+    listed = {f.path for f in commit.files}
     if layers:
         rows = n - v.hidden_start
         expect = np.concatenate([[0], np.cumsum(rows)[:-1]]) if len(rows) else rows
@@ -272,11 +276,16 @@ def _check_content(store: Store, commit, report: VerifyReport) -> bool:
             report.problems.append(Problem(where, f"hidden layer {layer.index} unreadable ({e})"))
             continue
         want = (commit.hidden_rows, layer.width)
-        dtype = "float16" if layer.dtype == "float16" else "uint16"
-        if tuple(arr.shape) != want or str(arr.dtype) != dtype or arr.attrs.get("potstill_dtype") != layer.dtype:
+        if tuple(arr.shape) != want or str(arr.dtype) != stored_dtype(layer.dtype) \
+                or arr.attrs.get("potstill_dtype") != layer.dtype:
             report.problems.append(
                 Problem(where, f"hidden layer {layer.index} is {tuple(arr.shape)} {arr.dtype}, expected {want} {layer.dtype}")
             )
+        elif (problem := layout_problem(arr, store.manifest.hidden.chunk_tokens)) is not None:
+            report.problems.append(Problem(where, f"hidden layer {layer.index}: {problem} (format §5)"))
+        elif commit.hidden_rows and f"{commit.hidden_path}/{layer.array_name}/{DATA_KEY}" not in listed:
+            report.problems.append(Problem(where, f"hidden layer {layer.index}: its data file {DATA_KEY} is not in its "
+                                                  "commit record"))
     return ids_read
 
 

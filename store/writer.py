@@ -10,11 +10,7 @@ import socket
 import tempfile
 from typing import Any, Protocol
 
-import numpy as np
 import pyarrow as pa
-import zarr
-from zarr.codecs import BytesCodec
-from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
 from potstill.store.commit import CommitRecord, check_writer_id, shard_name
 from potstill.store.errors import StoreError
@@ -28,12 +24,11 @@ from potstill.store.fs import (
     sha256_file,
     write_bytes,
 )
+from potstill.store.hidden import HiddenShardWriter
 from potstill.store.ids import IDS_FILE, ids_file_bytes
 from potstill.store.leases import HEARTBEAT_S, WriterLease
-from potstill.store.manifest import FileEntry, HiddenLayer, StoreManifest
+from potstill.store.manifest import FileEntry, StoreManifest
 from potstill.store.records import Record, records_to_batch, target_nbytes, validate_record
-
-_CHUNK_KEYS = DefaultChunkKeyEncoding(separator="/")  # chunk (i, 0) lives at c/<i>/0
 
 
 class WritableStore(StoreLocation, Protocol):
@@ -48,91 +43,6 @@ def new_writer_id(prefix: str = "w") -> str:
     """A writer id unique across hosts and processes: prefix, host, pid and a random nonce."""
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:20] or "host"
     return f"{prefix}-{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-class _HiddenShard:
-    """The Zarr group of one shard, filled chunk by chunk as records arrive.
-
-    Rows are buffered until a whole chunk is ready, and each chunk file is written exactly once,
-    straight to disk in the layout format §5 fixes: the raw little-endian bytes of a C-order
-    [chunk_tokens, width] block, which is what zarr's single `bytes` codec stores (the last chunk
-    full size too, padded with the fill value, as zarr does). It is hashed on the way, so the commit
-    needs no second read. zarr itself writes the metadata: the group's at once, each array's at
-    `finish()`, once the row count is known. (zarr's own `append` cost tens of milliseconds per
-    4 MB chunk, in resizes, metadata rewrites and async round trips: most of the writer's time.)
-    For a local store the group is written in place; for a remote one it is staged in a local
-    temporary folder and uploaded at commit.
-    """
-
-    def __init__(self, layers: list[HiddenLayer], chunk_tokens: int, local_dir: str) -> None:
-        self.layers = {layer.index: layer for layer in layers}
-        self.chunk = chunk_tokens
-        self.local_dir = local_dir
-        self.group = zarr.open_group(store=zarr.storage.LocalStore(local_dir), mode="w")
-        self.pending: dict[int, list[np.ndarray]] = {index: [] for index in self.layers}
-        self.pending_rows = 0
-        self.rows = 0
-        self.chunks_written = 0
-        self.digests: dict[str, tuple[str, int]] = {}  # chunk path relative to the group -> (sha256, bytes)
-
-    def add(self, hidden: dict[int, np.ndarray], rows: int) -> None:
-        for index, arr in hidden.items():
-            self.pending[index].append(arr)
-        self.pending_rows += rows
-        self.rows += rows
-        if self.pending_rows >= self.chunk:
-            self._flush(whole_chunks_only=True)
-
-    def _flush(self, whole_chunks_only: bool) -> None:
-        take = (self.pending_rows // self.chunk) * self.chunk if whole_chunks_only else self.pending_rows
-        if take == 0:
-            return
-        for index, parts in self.pending.items():
-            block = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            for i, start in enumerate(range(0, take, self.chunk)):
-                self._write_chunk(self.layers[index], self.chunks_written + i, block[start : min(take, start + self.chunk)])
-            rest = block[take:]
-            self.pending[index] = [rest] if len(rest) else []
-        self.chunks_written += -(-take // self.chunk)
-        self.pending_rows -= take
-
-    def _write_chunk(self, layer: HiddenLayer, number: int, rows: np.ndarray) -> None:
-        if len(rows) < self.chunk:
-            padded = np.zeros((self.chunk, layer.width), dtype=rows.dtype)  # 0 is the arrays' fill value
-            padded[: len(rows)] = rows
-            rows = padded
-        data = memoryview(np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))).cast("B")
-        rel = f"{layer.array_name}/{_CHUNK_KEYS.encode_chunk_key((number, 0))}"
-        path = os.path.join(self.local_dir, *rel.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-        self.digests[rel] = (sha256_bytes(data), len(data))
-
-    def finish(self) -> None:
-        """Write the last, partial chunk, then the arrays' metadata (no chunk data goes through zarr)."""
-        self._flush(whole_chunks_only=False)
-        for layer in self.layers.values():
-            self.group.create_array(
-                layer.array_name,
-                shape=(self.rows, layer.width),
-                chunks=(self.chunk, layer.width),
-                dtype="float16" if layer.dtype == "float16" else "uint16",
-                serializer=BytesCodec(endian="little"),
-                compressors=None,
-                fill_value=0,
-                chunk_key_encoding={"name": "default", "separator": "/"},
-                attributes={"potstill_dtype": layer.dtype, "layer": layer.index, "post_norm": layer.post_norm},
-            )
-
-    def files(self) -> list[tuple[str, str]]:
-        """(absolute local path, path relative to the group) of every file, sorted."""
-        out = []
-        for dirpath, _, names in os.walk(self.local_dir):
-            for name in names:
-                full = os.path.join(dirpath, name)
-                out.append((full, os.path.relpath(full, self.local_dir).replace(os.sep, "/")))
-        return sorted(out, key=lambda x: x[1])
 
 
 class ShardWriter:
@@ -167,7 +77,7 @@ class ShardWriter:
         self._seq = store.next_seq(self.writer_id)
         self._records: list[Record] = []
         self._offsets: list[int] = []
-        self._hidden: _HiddenShard | None = None
+        self._hidden: HiddenShardWriter | None = None
         self._staging: str | None = None
         self._bytes = 0
         self._closed = False
@@ -205,7 +115,7 @@ class ShardWriter:
     def _commit_path(self) -> str:
         return join(self.store.root, "commits", f"{self.current_shard}.json")
 
-    def _open_hidden(self) -> _HiddenShard:
+    def _open_hidden(self) -> HiddenShardWriter:
         if self.local:
             local_dir = os.path.join(self._shard_dir(), "hidden")
             if self.store.fs.exists(self._commit_path()):
@@ -216,7 +126,7 @@ class ShardWriter:
             self._staging = tempfile.mkdtemp(prefix=f"potstill-{self.current_shard}-")
             local_dir = os.path.join(self._staging, "hidden")
         spec = self.manifest.hidden
-        return _HiddenShard(spec.layers, spec.chunk_tokens, local_dir)
+        return HiddenShardWriter(spec.layers, spec.chunk_tokens, local_dir)
 
     # -- committing ---------------------------------------------------------------------------
     def commit(self) -> CommitRecord | None:
@@ -245,7 +155,7 @@ class ShardWriter:
             self._hidden.finish()
             hidden_rows = self._hidden.rows
             for local_path, rel in self._hidden.files():
-                known = self._hidden.digests.get(rel)  # chunks were hashed as they were written
+                known = self._hidden.digests.get(rel)  # data files were hashed as they were written
                 digest, size = known if known is not None else sha256_file(_LOCAL, local_path)
                 remote = f"{prefix}/hidden/{rel}"
                 if self.local:
@@ -287,6 +197,8 @@ class ShardWriter:
                           f"writer with id {self.writer_id}: writer ids must be unique; nothing of it was changed")
 
     def _reset(self) -> None:
+        if self._hidden is not None:
+            self._hidden.close()
         self._records, self._offsets, self._hidden, self._bytes = [], [], None, 0
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)

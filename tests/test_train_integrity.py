@@ -156,15 +156,15 @@ def test_impossible_top_k_fails_verify_and_stops_training(base, tmp_path, column
 
 
 def test_flipped_bytes_in_a_zarr_chunk_stop_training(base, tmp_path) -> None:
-    """8 flipped bytes in a hidden-state chunk showed only as one loss spike; now the chunk file's
-    sha256 is checked before its first use."""
+    """8 flipped bytes in a hidden-state chunk showed only as one loss spike; now each inner chunk's
+    crc32c is checked before its first use."""
     store = fresh_store(base, tmp_path)
     chunk = sorted(glob.glob(os.path.join(store, "shards", "t0-000000", "hidden", "layer_2", "c", "*", "0")))[0]
     flip_bytes(chunk, count=8, seed=1)
     with pytest.raises(TrainError) as err:
         train(cfg(base, store, str(tmp_path / "out"), hidden_map="2:2", max_steps=12))
     message = one_line(str(err.value))
-    assert "shards/t0-000000/hidden/layer_2/c/" in message and "sha256" in message
+    assert "shards/t0-000000/hidden/layer_2/c/0/0" in message and "crc32c" in message
     assert_nothing_saved(str(tmp_path / "out"))
 
 
@@ -181,7 +181,8 @@ def test_non_finite_hidden_states_stop_training_and_fail_verify(base, tmp_path) 
 
     rewrite_file(store, rel, infinity)
     problems = [str(p) for p in verify_store(store).problems]
-    assert problems == [f"shard t0-000001: file {rel}: 1 non-finite value(s) (inf or NaN)"]
+    assert len(problems) == 1 and problems[0].startswith(f"shard t0-000001: file {rel}: inner chunk 0 (rows 0-")
+    assert problems[0].endswith("holds 1 non-finite value(s) (inf or NaN)")
     with pytest.raises(TrainError) as err:
         train(cfg(base, store, str(tmp_path / "out"), hidden_map="2:2", max_steps=12))
     assert rel in one_line(str(err.value)) and "non-finite" in str(err.value)
