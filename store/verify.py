@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from potstill.store.checks import value_problems
 from potstill.store.commit import parse_shard_name
@@ -24,6 +30,26 @@ from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
 from potstill.store.records import hidden_problem
 
 _BLOCK = 8 << 20
+
+
+def hash_file(path: str, opener: Callable[[str, str], Any] = open,
+              on_block: Callable[[memoryview], None] | None = None) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a file, read in 8 MiB blocks into one reused buffer; `on_block` sees
+    each block (verify's check of hidden-state values)."""
+    h, size = hashlib.sha256(), 0
+    with opener(path, "rb") as f:
+        try:  # a buffer no larger than the file: zeroing 8 MiB costs more than hashing a small file
+            want = os.fstat(f.fileno()).st_size
+        except (AttributeError, OSError, ValueError):
+            want = _BLOCK
+        buf = bytearray(max(1, min(want, _BLOCK)))
+        view = memoryview(buf)
+        while got := f.readinto(buf):
+            h.update(view[:got])
+            size += got
+            if on_block is not None:
+                on_block(view[:got])
+    return size, h.hexdigest()
 
 
 @dataclass
@@ -60,6 +86,7 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     leftovers: list[Leftover] = field(default_factory=list)
     cleaned: list[str] = field(default_factory=list)
+    hashed: bool = True  # False: a quick verify (sizes and commit records only)
 
     @property
     def ok(self) -> bool:
@@ -139,34 +166,39 @@ def clean_leftovers(store: Store, leftovers: list[Leftover]) -> list[str]:
 
 
 # -- verify ----------------------------------------------------------------------------------------
-def verify_store(url: str, *, clean: bool = False, storage_options: dict | None = None) -> VerifyReport:
-    """Check every committed shard against its commit record and the format; optionally clean."""
+MAX_JOBS = 8
+
+
+def default_jobs() -> int:
+    """Processes `verify` checks shards with: one per core this process may use, at most `MAX_JOBS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_JOBS))
+
+
+def verify_store(url: str, *, clean: bool = False, storage_options: dict | None = None, jobs: int | None = None,
+                 quick: bool = False) -> VerifyReport:
+    """Check every committed shard against its commit record and the format; optionally clean.
+
+    `jobs`: processes that check shards at once (None: `default_jobs()`); the report is the same
+    for any number, its problems in shard order. `quick`: only the commit records, the manifest and
+    each listed file's presence and size; nothing is hashed and no value is read."""
     store = Store(url, storage_options, strict=False)
     if store.damage is not None and clean:
         raise StoreError(f"store {url} is damaged: {store.damage}; verify --clean removes nothing from it "
                          f"(every shard would look uncommitted): restore the commits folder first")
-    report = VerifyReport()
+    report = VerifyReport(hashed=not quick)
     if store.damage is not None:
         report.problems.append(Problem("commits", f"{store.damage}; no shard is read, every shard is kept"))
     for shard, why in store.bad_commits:
         report.problems.append(Problem(f"commits/{shard}.json", f"{why}; shard {shard} is kept, unread"))
     for entry in store.manifest.tokenizer.files:
-        _check_file(store, entry.path, entry.bytes, entry.sha256, "manifest", report)
-    hidden_dtypes = {layer.array_name: layer.dtype for layer in store.manifest.hidden.layers}
-    for commit in store.commits:
+        report.problems += _file_problems(store, entry.path, entry.bytes, entry.sha256, "manifest", quick)
+    for commit, problems in zip(store.commits, _each_shard(store, quick, jobs), strict=True):
         report.shards += 1
-        before = len(report.problems)
-        for entry in commit.files:
-            parts = entry.path.split("/")
-            is_chunk = len(parts) > 5 and parts[2] == "hidden" and parts[4] == "c"
-            dtype = hidden_dtypes.get(parts[3]) if is_chunk else None
-            _check_file(store, entry.path, entry.bytes, entry.sha256, f"shard {commit.shard}", report, dtype)
-        listed = {f.path for f in commit.files}
-        for path in _files_under(store, f"shards/{commit.shard}"):
-            if path not in listed:
-                report.problems.append(Problem(f"shard {commit.shard}", f"file {path} is not in its commit record"))
-        if len(report.problems) == before:  # bytes are sound: check content against the format
-            _check_content(store, commit, report)
+        report.problems += problems
         report.records += commit.records
         report.tokens += commit.tokens
     _check_duplicates(store, report)
@@ -174,6 +206,61 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
     if clean:
         report.cleaned = clean_leftovers(store, report.leftovers)
     return report
+
+
+def _each_shard(store: Store, quick: bool, jobs: int | None) -> Iterator[list[Problem]]:
+    """Each committed shard's problems, in commit order: here, or in `jobs` processes (each opens the
+    store once, or inherits this process's where processes fork)."""
+    jobs = min(default_jobs() if jobs is None else jobs, len(store.commits))
+    if jobs <= 1:
+        for commit in store.commits:
+            yield shard_problems(store, commit, quick)
+        return
+    global _WORKER_STORE
+    # Forking copies this process's opened store; a remote file system's event loop thread must not be
+    # forked, so such a store is opened afresh in each spawned process.
+    method = "fork" if is_local(store.fs) and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    _WORKER_STORE = store if method == "fork" else None
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method), initializer=_open_in_worker,
+                                 initargs=(store.url, store.storage_options)) as pool:
+            yield from pool.map(_worker_shard_problems, [(c.shard, quick) for c in store.commits])
+    finally:
+        _WORKER_STORE = None
+
+
+_WORKER_STORE: Store | None = None
+
+
+def _open_in_worker(url: str, storage_options: dict | None) -> None:
+    global _WORKER_STORE
+    if _WORKER_STORE is None or _WORKER_STORE.url != url:
+        _WORKER_STORE = Store(url, storage_options, strict=False)
+
+
+def _worker_shard_problems(task: tuple[str, bool]) -> list[Problem]:
+    assert _WORKER_STORE is not None
+    return shard_problems(_WORKER_STORE, _WORKER_STORE.commit(task[0]), task[1])
+
+
+def shard_problems(store: Store, commit, quick: bool = False) -> list[Problem]:
+    """One committed shard against its commit record: its files (sizes; unless `quick`, their sha256),
+    no file beside them, then (unless `quick`, and only when its bytes are sound) its content."""
+    where = f"shard {commit.shard}"
+    hidden_dtypes = {layer.array_name: layer.dtype for layer in store.manifest.hidden.layers}
+    problems: list[Problem] = []
+    for entry in commit.files:
+        parts = entry.path.split("/")
+        is_chunk = len(parts) > 5 and parts[2] == "hidden" and parts[4] == "c"
+        dtype = hidden_dtypes.get(parts[3]) if is_chunk else None
+        problems += _file_problems(store, entry.path, entry.bytes, entry.sha256, where, quick, dtype)
+    listed = {f.path for f in commit.files}
+    for path in _files_under(store, f"shards/{commit.shard}"):
+        if path not in listed:
+            problems.append(Problem(where, f"file {path} is not in its commit record"))
+    if not problems and not quick:  # bytes are sound: check content against the format
+        problems += _content_problems(store, commit)
+    return problems
 
 
 def _check_duplicates(store: Store, report: VerifyReport) -> None:
@@ -200,41 +287,51 @@ def _files_under(store: Store, rel: str) -> list[str]:
     return sorted(p[len(prefix) :] if p.startswith(prefix) else p for p in found)
 
 
-def _check_file(store: Store, rel: str, size: int, digest: str, where: str, report: VerifyReport,
-                hidden_dtype: str | None = None) -> None:
-    """Size and sha256 of a file (and, for a hidden-state chunk, that its values are finite)."""
-    h, got_size, bad_values = hashlib.sha256(), 0, None
+def _file_problems(store: Store, rel: str, size: int, digest: str, where: str, quick: bool = False,
+                   hidden_dtype: str | None = None) -> list[Problem]:
+    """Size and sha256 of a file (`quick`: its size alone; for a hidden-state chunk, also that its
+    values are finite)."""
+    path = join(store.root, rel)
+    if quick:
+        try:
+            got_size = store.fs.size(path)
+        except FileNotFoundError:
+            return [Problem(where, f"file {rel} is missing")]
+        if got_size != size:
+            return [Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)")]
+        return []
+    found: list[str] = []
+
+    def check_values(block: memoryview) -> None:
+        if not found and (bad := hidden_problem(block[: len(block) // 2 * 2], hidden_dtype)) is not None:
+            found.append(bad)
+
     try:
-        with store.fs.open(join(store.root, rel), "rb") as f:
-            while block := f.read(_BLOCK):
-                h.update(block)
-                got_size += len(block)
-                if hidden_dtype is not None and bad_values is None:
-                    bad_values = hidden_problem(block[: len(block) // 2 * 2], hidden_dtype)
+        got_size, got_digest = hash_file(path, store.fs.open, None if hidden_dtype is None else check_values)
     except FileNotFoundError:
-        report.problems.append(Problem(where, f"file {rel} is missing"))
-        return
+        return [Problem(where, f"file {rel} is missing")]
     if got_size != size:
-        report.problems.append(Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)"))
-    elif h.hexdigest() != digest:
-        report.problems.append(Problem(where, f"file {rel} fails its sha256 check (corrupted bytes)"))
-    elif bad_values is not None:
-        report.problems.append(Problem(where, f"file {rel}: {bad_values}"))
+        return [Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)")]
+    if got_digest != digest:
+        return [Problem(where, f"file {rel} fails its sha256 check (corrupted bytes)")]
+    if found:
+        return [Problem(where, f"file {rel}: {found[0]}")]
+    return []
 
 
-def _check_content(store: Store, commit, report: VerifyReport) -> None:
+def _content_problems(store: Store, commit) -> list[Problem]:
     where = f"shard {commit.shard}"
+    problems: list[Problem] = []
     try:
         reader = ShardReader(store, commit)
     except StoreError as e:
-        report.problems.append(Problem(where, str(e).split(": ", 1)[-1]))
-        return
+        return [Problem(where, str(e).split(": ", 1)[-1])]
     v = reader.views
     n = np.diff(v.tok_off)
     scored = np.diff(v.tgt_off)
-    ids = v.batch.column("id").to_pylist()
     checks = [
-        (ids == commit.ids, "record ids differ from its commit record"),
+        (v.batch.column("id").equals(pa.array(commit.ids, type=v.batch.column("id").type)),
+         "record ids differ from its commit record"),
         (int(n.sum()) == commit.tokens, f"holds {int(n.sum())} tokens, its commit says {commit.tokens}"),
         (int(scored.sum()) == commit.scored_tokens, f"holds {int(scored.sum())} scored tokens, its commit says {commit.scored_tokens}"),
         (bool(np.all((v.score_start >= 1) & (v.score_start <= n))), "a record's score_start is out of range"),
@@ -249,25 +346,26 @@ def _check_content(store: Store, commit, report: VerifyReport) -> None:
         checks.append((int(rows.sum()) == commit.hidden_rows, f"records need {int(rows.sum())} hidden rows, its commit says {commit.hidden_rows}"))
     for ok, message in checks:
         if not ok:
-            report.problems.append(Problem(where, message))
+            problems.append(Problem(where, message))
     shape_problems = v.columns.shape_problems(v, store.manifest)
     for message in shape_problems:
-        report.problems.append(Problem(where, message))
+        problems.append(Problem(where, message))
     if not shape_problems:
         for message in value_problems(v, store.manifest):
-            report.problems.append(Problem(where, message))
+            problems.append(Problem(where, message))
     for layer in layers:
         try:
             arr = reader._zarr_group()[layer.array_name]
         except (StoreError, KeyError) as e:
-            report.problems.append(Problem(where, f"hidden layer {layer.index} unreadable ({e})"))
+            problems.append(Problem(where, f"hidden layer {layer.index} unreadable ({e})"))
             continue
         want = (commit.hidden_rows, layer.width)
         dtype = "float16" if layer.dtype == "float16" else "uint16"
         if tuple(arr.shape) != want or str(arr.dtype) != dtype or arr.attrs.get("potstill_dtype") != layer.dtype:
-            report.problems.append(
+            problems.append(
                 Problem(where, f"hidden layer {layer.index} is {tuple(arr.shape)} {arr.dtype}, expected {want} {layer.dtype}")
             )
+    return problems
 
 
 def report_json(report: VerifyReport) -> str:
@@ -281,6 +379,7 @@ def report_json(report: VerifyReport) -> str:
             "problems": [str(p) for p in report.problems],
             "leftovers": [vars(x) for x in report.leftovers],
             "cleaned": report.cleaned,
+            "hashed": report.hashed,
         },
         indent=2,
     )
