@@ -23,8 +23,10 @@ Nothing here knows about Arrow: `records.py` stores the byte strings these funct
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -659,26 +661,33 @@ def unpack_bits_shard(values: np.ndarray, offsets: np.ndarray, counts: np.ndarra
     return _read_bits(_windows(values), offsets[seg] * 8 + i * bits, bits)
 
 
-class _Unary:
-    """Unary values of many records' byte-aligned regions of one buffer: the one bits found once."""
-
-    def __init__(self, values: np.ndarray) -> None:
-        self.ones = np.flatnonzero(np.unpackbits(values, bitorder="little"))
-
-    def read(self, start: np.ndarray, end: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(values flat, count[r] per region, garbage where short; whether region r holds them; the bytes
-        each takes, as `unpack_unary` counts them) of regions of bytes [start[r], end[r])."""
-        first = np.searchsorted(self.ones, start * 8)
-        ok = np.searchsorted(self.ones, end * 8) - first >= count
-        seg, i = _segments(count)
-        top = max(len(self.ones) - 1, 0)
-        at = self.ones[np.minimum(first[seg] + i, top)] if len(self.ones) else np.zeros(len(seg), np.int64)
-        prev = np.where(i > 0, np.roll(at, 1), start[seg] * 8 - 1)
-        last = np.zeros(len(count), dtype=np.int64)
-        has = count > 0
-        last[has] = at[np.cumsum(count)[has] - 1]
-        used = np.where(has, (last - start * 8 + 8) // 8, 0)
-        return at - prev - 1, ok, used
+def _unary(values: np.ndarray, start: np.ndarray, end: np.ndarray, count: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first count[r] unary values of each region of bytes [start[r], end[r]) of `values`, flat
+    (garbage for a region that holds fewer); whether region r holds them; the bytes each takes, as
+    `unpack_unary` counts them. Only the regions' bytes are unpacked, once."""
+    start = np.minimum(start, end)
+    seg, i = _segments(end - start)
+    packed_start = _csr(end - start)[:-1] * 8  # each region's first bit among the regions' bits
+    ones = np.flatnonzero(np.unpackbits(values[start[seg] + i], bitorder="little"))
+    first = np.searchsorted(ones, packed_start)
+    held = np.searchsorted(ones, packed_start + (end - start) * 8) - first
+    ok = held >= count
+    if np.array_equal(held, count):  # (a sound stream: its regions hold just their values' ones)
+        q = np.diff(ones, prepend=-1) - 1
+        has = np.flatnonzero(count > 0)
+        q[first[has]] = ones[first[has]] - packed_start[has]
+        used = np.zeros(len(count), dtype=np.int64)
+        used[has] = (ones[first[has] + count[has] - 1] - packed_start[has] + 8) // 8
+        return q, ok, used
+    seg, i = _segments(count)
+    at = ones[np.minimum(first[seg] + i, len(ones) - 1)] if len(ones) else np.zeros(len(seg), np.int64)
+    prev = np.where(i > 0, np.roll(at, 1), packed_start[seg] - 1)
+    last = np.zeros(len(count), dtype=np.int64)
+    has = count > 0
+    last[has] = at[np.cumsum(count)[has] - 1]
+    used = np.where(has, (last - packed_start + 8) // 8, 0)
+    return at - prev - 1, ok, used
 
 
 def _varbits(words: np.ndarray, start: np.ndarray, end: np.ndarray, seg: np.ndarray, widths: np.ndarray
@@ -686,12 +695,11 @@ def _varbits(words: np.ndarray, start: np.ndarray, end: np.ndarray, seg: np.ndar
     """(values, whether region r holds them, bytes each region takes) of `pack_varbits` regions of
     bytes [start[r], end[r]); item t of region seg[t] has widths[t] bits (clipped to ≤ 32)."""
     widths = np.clip(widths, 0, MAX_BITS)
-    total = np.bincount(seg, weights=widths, minlength=len(start)).astype(np.int64)
-    need = (total + 7) // 8
-    ends = np.cumsum(widths)
-    before = np.zeros(len(start), dtype=np.int64)  # bits of the regions before each one, in `ends`' terms
-    before[1:] = np.cumsum(total)[:-1]
-    bit = start[seg] * 8 + (ends - widths - before[seg])
+    ends = np.zeros(len(widths) + 1, dtype=np.int64)
+    np.cumsum(widths, out=ends[1:])
+    first = _csr(np.bincount(seg, minlength=len(start)))  # (items are in region order)
+    need = (ends[first[1:]] - ends[first[:-1]] + 7) // 8
+    bit = (start * 8 - ends[first[:-1]])[seg] + ends[:-1]
     return _read_bits(words, bit, widths), start + need <= end, need
 
 
@@ -717,23 +725,98 @@ class ShardSampled:
         return SampledTargets(pos - a, self.ids[a:b].astype(np.int32), self.counts[a:b].astype(np.uint16))
 
 
+class _Compact2(NamedTuple):
+    """A group of records' compact2 streams decoded to places, by part (module §4.3.2)."""
+
+    bad: np.ndarray  # [R] records the per-record decoder refuses
+    positions: np.ndarray  # [R]
+    p_rec: np.ndarray  # [P] each position's record
+    h: np.ndarray  # [P] head sizes (0 in a bad record)
+    tails: np.ndarray  # [P] tail sizes (0 in a bad record)
+    h_pos: np.ndarray  # [H] each head entry's position, its index there, its record, place and count
+    h_j: np.ndarray
+    h_rec: np.ndarray
+    h_places: np.ndarray
+    head_counts: np.ndarray
+    t_pos: np.ndarray  # [T] the same of the tail entries (count 1)
+    t_j: np.ndarray
+    t_rec: np.ndarray
+    t_places: np.ndarray
+
+
 def decode_compact2_shard(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,
                           counts_offsets: np.ndarray, entries: np.ndarray, positions: np.ndarray, samples: int,
-                          vocab: int, id_order: IdOrder | None = None, places: bool = False) -> ShardSampled:
+                          vocab: int, id_order: IdOrder | None = None) -> ShardSampled:
     """`decode_sampled_compact2` of every record of a shard at once (their byte strings as Arrow keeps
     them: flat `values` with `offsets` [R + 1]). Record r is `bad` exactly where the per-record decoder
-    refuses its streams (which says why); a good record's targets are what that decoder returns
-    (`places`: its ids left as places in the id order, unordered within a position: what checks need)."""
+    refuses its streams (which says why); a good record's targets are what that decoder returns."""
+    d = _compact2_places(ids_values, ids_offsets, counts_values, counts_offsets, entries, positions, samples, vocab)
+    bad, h, n = d.bad, d.h, samples
+    pos_off = _csr(np.where(bad[d.p_rec], 0, h + d.tails))
+    ids = np.empty(int(pos_off[-1]), dtype=np.int64)
+    counts = np.ones(int(pos_off[-1]), dtype=np.int64)
+    h_keep, t_keep = ~bad[d.h_rec], ~bad[d.t_rec]
+    h_pos, h_j, h_places, head_counts = d.h_pos[h_keep], d.h_j[h_keep], d.h_places[h_keep], d.head_counts[h_keep]
+    t_pos, t_j, t_places = d.t_pos[t_keep], d.t_j[t_keep], d.t_places[t_keep]
+    h_ids = id_order.ids(h_places) if id_order is not None else h_places
+    t_ids = id_order.ids(t_places) if id_order is not None else t_places
+    if id_order is not None:
+        t_ids = t_ids[np.lexsort((t_ids, t_pos))]
+    head_order = np.lexsort((h_ids, n - head_counts, h_pos))
+    ids[pos_off[h_pos] + h_j] = h_ids[head_order]
+    counts[pos_off[h_pos] + h_j] = head_counts[head_order]
+    ids[pos_off[t_pos] + h[t_pos] + t_j] = t_ids
+    return ShardSampled(_csr(d.positions), pos_off, ids, counts, bad)
+
+
+# Records are checked in groups of about this many entries: a group's arrays stay in the CPU's cache
+# through the dozen passes over them, where a whole shard's would go to memory and back for each.
+CHECK_GROUP_ENTRIES = 1 << 15
+
+
+def compact2_shard_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,
+                       counts_offsets: np.ndarray, entries: np.ndarray, positions: np.ndarray, samples: int,
+                       vocab: int, id_order: IdOrder | None, input_vocab: int) -> np.ndarray:
+    """[R] mask of the records of a shard whose compact2 streams the per-record decoder refuses or
+    that hold an id ≥ `input_vocab` (what `check_sampled` refuses of decoded targets)."""
+    ids_offsets = np.asarray(ids_offsets, dtype=np.int64)
+    counts_offsets = np.asarray(counts_offsets, dtype=np.int64)
+    entries = np.asarray(entries, dtype=np.int64)
+    positions = np.asarray(positions, dtype=np.int64)
+    # The order maps the places below input_vocab onto the ids below it when it lists only such ids
+    # (the others keep their order after the listed ones): then places say which ids are too large.
+    by_place = id_order is None or not len(id_order.listed) or int(id_order.listed.max()) < input_vocab
+    done = np.cumsum(entries)
+    cuts = np.unique(np.concatenate([[0], np.searchsorted(done, np.arange(CHECK_GROUP_ENTRIES, int(done[-1]) if len(done)
+                                                                          else 0, CHECK_GROUP_ENTRIES)) + 1,
+                                     [len(entries)]]))
+    bad = np.zeros(len(entries), dtype=bool)
+    for a, b in itertools.pairwise(cuts.tolist()):
+        io, co = ids_offsets[a : b + 1], counts_offsets[a : b + 1]
+        d = _compact2_places(ids_values[io[0] : io[-1]], io - io[0], counts_values[co[0] : co[-1]], co - co[0],
+                             entries[a:b], positions[a:b], samples, vocab)
+        group_bad = d.bad
+        for rec, places in ((d.h_rec, d.h_places), (d.t_rec, d.t_places)):
+            ids = places if by_place else id_order.ids(np.minimum(places, vocab - 1))  # type: ignore[union-attr]
+            group_bad |= _any_by(rec, ids >= input_vocab, b - a)
+        bad[a:b] = group_bad
+    return bad
+
+
+def _compact2_places(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,
+                     counts_offsets: np.ndarray, entries: np.ndarray, positions: np.ndarray, samples: int,
+                     vocab: int) -> _Compact2:
+    """The places and counts of a group of records' compact2 streams, and which records are bad."""
     ids_offsets = np.asarray(ids_offsets, dtype=np.int64)
     counts_offsets = np.asarray(counts_offsets, dtype=np.int64)
     entries = np.asarray(entries, dtype=np.int64)
     positions = np.asarray(positions, dtype=np.int64)
     records, n = len(positions), samples
-    cw, cu = _windows(counts_values), _Unary(counts_values)
+    cw = _windows(counts_values)
     c_start, c_end = counts_offsets[:-1], counts_offsets[1:]
     p_rec, _ = _segments(positions)  # each position's record
     # the head sizes h + 1, gamma-coded: lengths in unary, then their low bits
-    lengths, ok, used = cu.read(c_start, c_end, positions)
+    lengths, ok, used = _unary(counts_values, c_start, c_end, positions)
     bad = ~ok | _any_by(p_rec, lengths > 16, records)
     low, ok, need = _varbits(cw, c_start + used, c_end, p_rec, lengths)
     bad |= ~ok
@@ -745,7 +828,7 @@ def decode_compact2_shard(ids_values: np.ndarray, ids_offsets: np.ndarray, count
     h_rec = p_rec[h_pos]
     per_rec_h = np.bincount(p_rec, weights=h, minlength=records).astype(np.int64)
     start2 = c_start + used + need
-    lengths2, ok, used2 = cu.read(np.minimum(start2, c_end), c_end, per_rec_h)
+    lengths2, ok, used2 = _unary(counts_values, start2, c_end, per_rec_h)
     bad |= ~ok | _any_by(h_rec, lengths2 > 16, records)
     low2, ok, _ = _varbits(cw, start2 + used2, c_end, h_rec, lengths2)
     bad |= ~ok
@@ -776,18 +859,22 @@ def decode_compact2_shard(ids_values: np.ndarray, ids_offsets: np.ndarray, count
     h_bucket = np.minimum(buckets[h_rec] * h_j // np.maximum(h[h_pos], 1), buckets[h_rec] - 1)
     t_bucket = np.minimum(buckets[t_rec] * t_j // np.maximum(tails[t_pos], 1), buckets[t_rec] - 1)
     # stream order within a record: its head entries, then its tail entries
-    e_rec = np.concatenate([h_rec, t_rec])
-    order = np.argsort(e_rec, kind="stable")
-    e_rec = e_rec[order]
-    width = np.concatenate([ks[k_base[h_rec] + h_bucket], ks[k_base[t_rec] + buckets[t_rec] + t_bucket]])[order]
+    per_rec_h, per_rec_t = np.bincount(h_rec, minlength=records), np.bincount(t_rec, minlength=records)
+    per_rec_e = per_rec_h + per_rec_t
+    e_base = _csr(per_rec_e)[:-1]
+    h_at = np.arange(len(h_rec)) + (e_base - _csr(per_rec_h)[:-1])[h_rec]
+    t_at = np.arange(len(t_rec)) + (e_base + per_rec_h - _csr(per_rec_t)[:-1])[t_rec]
+    width = np.empty(len(h_rec) + len(t_rec), dtype=np.int64)
+    width[h_at] = ks[k_base[h_rec] + h_bucket]
+    width[t_at] = ks[k_base[t_rec] + buckets[t_rec] + t_bucket]
+    e_rec = np.repeat(np.arange(records), per_rec_e)
     lo_start = i_start + 1 + 2 * buckets
     low, ok, need = _varbits(_windows(ids_values), lo_start, i_end, e_rec, width)
     bad |= ~ok
-    per_rec_e = np.bincount(e_rec, minlength=records)
-    q, ok, _ = _Unary(ids_values).read(np.minimum(lo_start + need, i_end), i_end, per_rec_e)
+    q, ok, _ = _unary(ids_values, lo_start + need, i_end, per_rec_e)
     bad |= ~ok
-    gaps = np.empty(len(order), dtype=np.int64)
-    gaps[order] = (q << width) | low  # back to: every head entry, then every tail entry
+    stream_gaps = (q << width) | low
+    gaps = np.concatenate([stream_gaps[h_at], stream_gaps[t_at]])  # every head entry, then every tail entry
     nh = len(h_rec)
     h_places = _places(gaps[:nh], h_pos, h_j)
     t_places = _places(gaps[nh:], t_pos, t_j)
@@ -800,26 +887,8 @@ def decode_compact2_shard(ids_values: np.ndarray, ids_offsets: np.ndarray, count
     if len(t_keys):
         at = np.minimum(np.searchsorted(t_keys, h_keys), len(t_keys) - 1)
         bad |= _any_by(h_rec[h_sound], t_keys[at] == h_keys, records)
-    pos_off = _csr(np.where(bad[p_rec], 0, h + tails))
-    rec_off = _csr(positions)
-    ids = np.empty(int(pos_off[-1]), dtype=np.int64)
-    counts = np.ones(int(pos_off[-1]), dtype=np.int64)
-    h_keep, t_keep = ~bad[h_rec], ~bad[t_rec]
-    h_pos, h_j, h_places, head_counts = h_pos[h_keep], h_j[h_keep], h_places[h_keep], head_counts[h_keep]
-    t_pos, t_j, t_places = t_pos[t_keep], t_j[t_keep], t_places[t_keep]
-    if places:
-        ids[pos_off[h_pos] + h_j], ids[pos_off[t_pos] + h[t_pos] + t_j] = h_places, t_places
-        counts[pos_off[h_pos] + h_j] = head_counts
-        return ShardSampled(rec_off, pos_off, ids, counts, bad)
-    h_ids = id_order.ids(h_places) if id_order is not None else h_places
-    t_ids = id_order.ids(t_places) if id_order is not None else t_places
-    if id_order is not None:
-        t_ids = t_ids[np.lexsort((t_ids, t_pos))]
-    head_order = np.lexsort((h_ids, n - head_counts, h_pos))
-    ids[pos_off[h_pos] + h_j] = h_ids[head_order]
-    counts[pos_off[h_pos] + h_j] = head_counts[head_order]
-    ids[pos_off[t_pos] + h[t_pos] + t_j] = t_ids
-    return ShardSampled(rec_off, pos_off, ids, counts, bad)
+    return _Compact2(bad, positions, p_rec, h, tails, h_pos, h_j, h_rec, h_places, head_counts, t_pos, t_j, t_rec,
+                     t_places)
 
 
 def _places(gaps: np.ndarray, pos: np.ndarray, j: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from potstill.store.codec import (
     SampledTargets,
     bits_for,
     check_sampled,
-    decode_compact2_shard,
+    compact2_shard_bad,
     decode_sampled,
     decode_sampled_compact,
     decode_sampled_compact2,
@@ -568,12 +568,5 @@ class Compact2Codec(CompactCodec):
         spec = columns.spec
         ids_off, ids_values = columns.streams["sampled_ids_packed"]
         counts_off, counts_values = columns.streams["sampled_counts_packed"]
-        order = spec.id_order_map
-        got = decode_compact2_shard(ids_values, ids_off, counts_values, counts_off, columns.sampled_entries,
-                                    np.diff(columns.tgt_off), spec.samples, 1 << int(spec.id_bits or 0), order,
-                                    places=True)
-        # The order maps the places below tv onto the ids below tv when it lists only such ids (the
-        # unlisted ones keep their order after them): then the places say which ids are too large.
-        ids = got.ids if order is None or not len(order.listed) or int(order.listed.max()) < tv else order.ids(got.ids)
-        rec = np.repeat(np.arange(len(got.bad)), np.diff(got.pos_off[got.rec_off]))
-        return got.bad | np.bincount(rec[ids >= tv], minlength=len(got.bad)).astype(bool)
+        return compact2_shard_bad(ids_values, ids_off, counts_values, counts_off, columns.sampled_entries,
+                                  np.diff(columns.tgt_off), spec.samples, 1 << int(spec.id_bits or 0), spec.id_order_map, tv)
