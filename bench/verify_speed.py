@@ -8,7 +8,9 @@ interleaved rounds (median of the rounds):
 
 - hash:   sha256 of every file of the store (8 MiB reads, `store.verify.hash_file`), one process;
 - verify: `verify_store` with --jobs 1 (and --jobs 2), every checksum plus the value checks;
-- quick:  `verify_store(quick=True)`: commit records, manifest, file presence and sizes.
+- quick:  `verify_store(quick=True)`: commit records, manifest, file presence and sizes;
+- values by shard / by record: the value checks alone on opened shards, as verify runs them (a
+  shard at once) and record by record (how the packed codecs' checks ran before).
 
 Prints each as seconds and as a multiple of the hash time (the bar: verify --jobs 1 <= 2x).
 
@@ -35,8 +37,12 @@ from potstill.store import (
     TeacherInfo,
     TokenizerInfo,
     create_store,
+    open_store,
 )
+from potstill.store.checks import value_problems
 from potstill.store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws
+from potstill.store.columns import input_vocab
+from potstill.store.targets.codecs import PackedColumns
 from potstill.store.verify import hash_file, verify_store
 
 VOCAB = 128_256
@@ -89,7 +95,7 @@ def build(root: str, name: str, records: int, length: int, k: int, n: int) -> st
     url = os.path.join(root, name)
     store = create_store(url, manifest)
     rng = np.random.default_rng(0)
-    with store.writer("w0", shard_records=1024) as w:
+    with store.writer("w0", shard_records=256) as w:
         for i in range(records):
             w.write(make_record(rng, i, length, name, k, n))
     return url
@@ -101,6 +107,19 @@ def hash_store(url: str) -> int:
         for f in files:
             total += hash_file(os.path.join(folder, f))[0]
     return total
+
+
+def value_checks(url: str, by_record: bool) -> None:
+    """The value checks alone (shards already open): over each shard at once, as verify runs them, or
+    record by record (the packed codecs' checks before they were vectorised; a plain store has none)."""
+    store = open_store(url)
+    tv = input_vocab(store.manifest)
+    for name in store.shard_names:
+        views = store.shard(name).views
+        if not by_record:
+            assert not value_problems(views, store.manifest)
+        elif isinstance(views.columns, PackedColumns):
+            assert all(views.columns.record_problem(j, tv) is None for j in range(views.num_rows))
 
 
 def timed(fn, url: str) -> float:
@@ -136,20 +155,27 @@ def main() -> None:
             "verify --jobs 1": lambda url: verify_store(url, jobs=1),
             "verify --jobs 2": lambda url: verify_store(url, jobs=2),
             "verify --quick": lambda url: verify_store(url, quick=True),
+            "values by shard": lambda url: value_checks(url, by_record=False),
+            "values by record": lambda url: value_checks(url, by_record=True),
         }
         times: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.rounds):
             for name, url in urls.items():
                 for what, fn in contenders.items():
+                    if what == "values by record" and not name.startswith(("sampled", "top64-packed")):
+                        continue  # (plain columns were checked a shard at once before too)
                     times.setdefault((name, what), []).append(timed(fn, url))
-        print(f"{'store':<28} {'MB':>7} " + " ".join(f"{w:>22}" for w in contenders))
+        print(f"{'store':<28} {'MB':>7} " + " ".join(f"{w:>20}" for w in contenders))
         for name, url in urls.items():
             base = statistics.median(times[(name, "hash")])
             cells = []
             for what in contenders:
+                if (name, what) not in times:
+                    cells.append("-")
+                    continue
                 t = statistics.median(times[(name, what)])
-                cells.append(f"{t * 1e3:9.1f} ms {t / base:6.2f}x ")
-            print(f"{name:<28} {hash_store(url) / 1e6:7.1f} " + " ".join(f"{c:>22}" for c in cells))
+                cells.append(f"{t * 1e3:8.1f} ms {t / base:6.1f}x")
+            print(f"{name:<28} {hash_store(url) / 1e6:7.1f} " + " ".join(f"{c:>20}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -653,10 +653,10 @@ def unpack_bits_shard(values: np.ndarray, offsets: np.ndarray, counts: np.ndarra
         raise StoreError(f"cannot unpack {bits}-bit values (1..{MAX_BITS})")
     counts = np.asarray(counts, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
-    total = int(counts.sum())
-    if np.array_equal(offsets - offsets[0], _csr(counts * bits // 8)) and not np.any(counts * bits % 8):
+    values, offsets = values[offsets[0] : offsets[-1]], offsets - offsets[0]  # (the records' bytes alone)
+    if np.array_equal(offsets, _csr(counts * bits // 8)) and not np.any(counts * bits % 8):
         # no record's stream ends inside a byte (top-K rows of K = 8m values, say): one stream
-        return _read_bits(_windows(values[offsets[0]:]), np.arange(total, dtype=np.int64) * bits, bits)
+        return _read_bits(_windows(values), np.arange(int(counts.sum()), dtype=np.int64) * bits, bits)
     seg, i = _segments(counts)
     return _read_bits(_windows(values), offsets[seg] * 8 + i * bits, bits)
 

@@ -14,12 +14,11 @@ import json
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from potstill.store.checks import value_problems
 from potstill.store.commit import parse_shard_name
@@ -209,17 +208,20 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
 
 
 def _each_shard(store: Store, quick: bool, jobs: int | None) -> Iterator[list[Problem]]:
-    """Each committed shard's problems, in commit order: here, or in `jobs` processes (each opens the
-    store once, or inherits this process's where processes fork)."""
+    """Each committed shard's problems, in commit order: here, or in `jobs` processes (each inherits
+    this process's opened store where processes fork, else opens it once), or threads for a remote
+    store (its time goes to the network, and its file system's event loop must not be forked)."""
     jobs = min(default_jobs() if jobs is None else jobs, len(store.commits))
     if jobs <= 1:
         for commit in store.commits:
             yield shard_problems(store, commit, quick)
         return
+    if not is_local(store.fs):
+        with ThreadPoolExecutor(jobs) as threads:
+            yield from threads.map(lambda commit: shard_problems(store, commit, quick), store.commits)
+        return
     global _WORKER_STORE
-    # Forking copies this process's opened store; a remote file system's event loop thread must not be
-    # forked, so such a store is opened afresh in each spawned process.
-    method = "fork" if is_local(store.fs) and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     _WORKER_STORE = store if method == "fork" else None
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method), initializer=_open_in_worker,
@@ -330,8 +332,7 @@ def _content_problems(store: Store, commit) -> list[Problem]:
     n = np.diff(v.tok_off)
     scored = np.diff(v.tgt_off)
     checks = [
-        (v.batch.column("id").equals(pa.array(commit.ids, type=v.batch.column("id").type)),
-         "record ids differ from its commit record"),
+        (v.batch.column("id").to_pylist() == commit.ids, "record ids differ from its commit record"),
         (int(n.sum()) == commit.tokens, f"holds {int(n.sum())} tokens, its commit says {commit.tokens}"),
         (int(scored.sum()) == commit.scored_tokens, f"holds {int(scored.sum())} scored tokens, its commit says {commit.scored_tokens}"),
         (bool(np.all((v.score_start >= 1) & (v.score_start <= n))), "a record's score_start is out of range"),

@@ -124,7 +124,8 @@ def _store(path: str, codec: str, kind: str = "sampled", records: int = 8, shard
                 rec.topk_ids = rec.topk_logprobs = rec.tail_logprob = None
             if kind != "topk":
                 draws = rng.integers(0, VOCAB, size=(rec.num_scored, 40)) // rng.integers(1, 30)
-                draws[0, 0] = 400 if i == bad_id_in else draws[0, 0]
+                if i == bad_id_in:
+                    draws[0, 0] = 400
                 rec.sampled = sampled_from_draws(draws)
             w.write(copy.deepcopy(rec))
     return path

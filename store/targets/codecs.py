@@ -13,6 +13,7 @@ The bit-level coding itself is `store.codec`; the classes here choose and place 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -40,17 +41,19 @@ from potstill.store.codec import (
     unpack_bits_shard,
 )
 from potstill.store.columns import (
+    CHECK_ROWS,
     bytes_list,
     concat,
     first_bad_row,
     flat,
-    float_rounding,
     impossible_topk,
+    impossible_topk_rows,
     input_vocab,
     list_array,
     log_of_mass,
     mass_of_log,
     offsets_array,
+    row_blocks,
     target_vocab,
     unsound_log_tail,
     unsound_logprobs,
@@ -207,15 +210,16 @@ class PlainColumns(TargetColumns):
         spec, vocab = self.spec, target_vocab(manifest)
         report("token_logprob is NaN or above 0", self.tgt_off, unsound_logprobs(self.token_lp))
         if self.kind.holds_topk:
+            ids, lp = self.topk_ids, self.topk_logprobs
+            unsound = [unsound_topk(ids[a:b], lp[a:b], vocab) for a, b in row_blocks(len(ids))]
             report(f"top-k ids outside [0, {vocab}) or log-probs NaN, infinite or above 0",
-                   self.tgt_off, unsound_topk(self.topk_ids, self.topk_logprobs, vocab))
+                   self.tgt_off, np.concatenate(unsound) if unsound else np.zeros(0, bool))
             report("tail_mass is NaN or outside [0, 1]", self.tgt_off, unsound_tail_mass(self.tail_mass))
             if spec.tail_logprob:
                 report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
             if not problems:  # sound values: now whether they can be one distribution
                 tail = self.tail_logprob if spec.tail_logprob else log_of_mass(self.tail_mass)
-                for what, bad in impossible_topk(self.topk_ids, self.topk_logprobs,
-                                                 float_rounding(self.topk_logprobs), tail):
+                for what, bad in impossible_topk_rows(self.topk_ids, self.topk_logprobs, tail):
                     report(what, self.tgt_off, bad)
         if self.kind.holds_sampled:
             s_ids, counts = self.sampled_ids, self.sampled_counts
@@ -466,15 +470,23 @@ class PackedColumns(TargetColumns):
         scored = np.diff(self.tgt_off)
         id_off, id_values = self.streams["topk_ids_packed"]
         lp_off, lp_values = self.streams["topk_logprobs_packed"]
-        codes = unpack_bits_shard(lp_values, lp_off, scored * k, q.bits).reshape(-1, k)
-        ids = unpack_bits_shard(id_values, id_off, scored * k, int(spec.id_bits or 0)).reshape(-1, k)
-        ids[codes == 0] = -1
-        lp = q.decode(codes)
-        tail = self.tail_logprob if spec.tail_logprob else log_of_mass(recomputed_tail_mass(lp))
-        err = q.max_error + np.abs(lp.astype(np.float64)) * 2.0**-24  # (+ float32's rounding)
-        bad = (ids >= tv).any(-1)
-        for _, mask in impossible_topk(ids, lp, err, tail, clipped=q.lo + q.step / 2):
-            bad |= mask
+        bad_rows = []
+        # records in groups of about CHECK_ROWS positions (their temporaries stay in the CPU's cache)
+        cuts = np.unique(np.concatenate([[0], np.searchsorted(self.tgt_off, np.arange(0, int(self.tgt_off[-1]), CHECK_ROWS),
+                                                              side="right"), [len(scored)]]))
+        for a, b in itertools.pairwise(cuts.tolist()):
+            codes = unpack_bits_shard(lp_values, lp_off[a : b + 1], scored[a:b] * k, q.bits).reshape(-1, k)
+            ids = unpack_bits_shard(id_values, id_off[a : b + 1], scored[a:b] * k, int(spec.id_bits or 0)).reshape(-1, k)
+            ids[codes == 0] = -1
+            lp = q.decode(codes)
+            rows = slice(int(self.tgt_off[a]), int(self.tgt_off[b]))
+            tail = self.tail_logprob[rows] if spec.tail_logprob else log_of_mass(recomputed_tail_mass(lp))
+            err = q.max_error + np.abs(lp.astype(np.float64)) * 2.0**-24  # (+ float32's rounding)
+            bad = (ids >= tv).any(-1)
+            for _, mask in impossible_topk(ids, lp, err, tail, clipped=q.lo + q.step / 2):
+                bad |= mask
+            bad_rows.append(bad)
+        bad = np.concatenate(bad_rows) if bad_rows else np.zeros(0, bool)
         return np.bincount(np.repeat(np.arange(len(scored)), scored)[bad], minlength=len(scored)) > 0
 
     def record_problem(self, j: int, tv: int) -> str | None:
