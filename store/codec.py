@@ -673,6 +673,10 @@ def _unary(values: np.ndarray, start: np.ndarray, end: np.ndarray, count: np.nda
     first = np.searchsorted(ones, packed_start)
     held = np.searchsorted(ones, packed_start + (end - start) * 8) - first
     ok = held >= count
+    if ok.all() and not np.array_equal(held, count):  # the regions' first count[r] ones alone
+        region = np.repeat(np.arange(len(count)), held)
+        ones = ones[np.arange(len(ones)) - first[region] < count[region]]
+        first, held = _csr(count)[:-1], count
     if np.array_equal(held, count):  # (a sound stream: its regions hold just their values' ones)
         q = np.diff(ones, prepend=-1) - 1
         has = np.flatnonzero(count > 0)
