@@ -22,8 +22,10 @@ Nothing here knows about Arrow: `records.py` stores the byte strings these funct
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -553,3 +555,296 @@ def decode_sampled_compact(
     counts = np.ones(entries, dtype=np.uint16)
     counts[head_at] = head_counts[head_order]
     return SampledTargets(offsets, ids, counts)
+
+
+def _canonical_order(row: np.ndarray, ids: np.ndarray, counts: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, counts), given in ascending id order within each row, in the order of `SampledTargets`:
+    by row, descending count, ascending id. A stable sort on (row, descending count) keeps the id
+    order, and is ~15× faster than sorting on all three keys."""
+    order = np.argsort(row * (samples + 1) + (samples - counts), kind="stable")
+    return ids[order].astype(np.int32), counts[order].astype(np.uint16)
+
+
+# -- whole shards at once (verify, checked reads) -----------------------------------------------------
+# A shard's records keep one byte string per record and field, each byte-aligned, so value i of record
+# r sits at a bit offset computable from the column's offsets: one gather decodes every record.
+def _windows(values: np.ndarray) -> np.ndarray:
+    """A little-endian 64-bit word at every byte of `values` (zero past its end)."""
+    padded = np.zeros(len(values) + 8, dtype=np.uint8)
+    padded[: len(values)] = values
+    return np.ndarray(shape=(len(values) + 1,), dtype="<u8", buffer=padded, strides=(1,))
+
+
+def _segments(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(segment, index within it) of every item of segments holding `counts` items each."""
+    counts = np.asarray(counts, dtype=np.int64)
+    seg = np.repeat(np.arange(len(counts)), counts)
+    return seg, np.arange(len(seg)) - (np.cumsum(counts) - counts)[seg]
+
+
+def _read_bits(words: np.ndarray, bit: np.ndarray, width: np.ndarray | int) -> np.ndarray:
+    """Values of `width` bits (≤ 32) starting at stream bit `bit` of `_windows`' bytes, as int64."""
+    out = words[np.minimum(bit >> 3, len(words) - 1)]
+    out >>= (bit & 7).astype(np.uint64)
+    out &= (np.uint64(1) << np.asarray(width, dtype=np.uint64)) - np.uint64(1)
+    return out.view(np.int64)  # (values of at most 32 bits: the same numbers)
+
+
+def unpack_bits_shard(values: np.ndarray, offsets: np.ndarray, counts: np.ndarray, bits: int) -> np.ndarray:
+    """`unpack_bits` of every record at once: record r's first `counts[r]` values of `bits` bits from
+    its bytes `values[offsets[r]:offsets[r + 1]]` (which the caller has checked are long enough), flat."""
+    if not 1 <= bits <= MAX_BITS:
+        raise StoreError(f"cannot unpack {bits}-bit values (1..{MAX_BITS})")
+    counts = np.asarray(counts, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    values, offsets = values[offsets[0] : offsets[-1]], offsets - offsets[0]  # (the records' bytes alone)
+    if np.array_equal(offsets, _csr(counts * bits // 8)) and not np.any(counts * bits % 8):
+        # no record's stream ends inside a byte (top-K rows of K = 8m values, say): one stream
+        return _read_bits(_windows(values), np.arange(int(counts.sum()), dtype=np.int64) * bits, bits)
+    seg, i = _segments(counts)
+    return _read_bits(_windows(values), offsets[seg] * 8 + i * bits, bits)
+
+
+def _unary(values: np.ndarray, start: np.ndarray, end: np.ndarray, count: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first count[r] unary values of each region of bytes [start[r], end[r]) of `values`, flat
+    (garbage for a region that holds fewer); whether region r holds them; the bytes each takes, as
+    `unpack_unary` counts them. Only the regions' bytes are unpacked, once."""
+    start = np.minimum(start, end)
+    seg, i = _segments(end - start)
+    packed_start = _csr(end - start)[:-1] * 8  # each region's first bit among the regions' bits
+    ones = np.flatnonzero(np.unpackbits(values[start[seg] + i], bitorder="little"))
+    first = np.searchsorted(ones, packed_start)
+    held = np.searchsorted(ones, packed_start + (end - start) * 8) - first
+    ok = held >= count
+    if ok.all() and not np.array_equal(held, count):  # the regions' first count[r] ones alone
+        region = np.repeat(np.arange(len(count)), held)
+        ones = ones[np.arange(len(ones)) - first[region] < count[region]]
+        first, held = _csr(count)[:-1], count
+    if np.array_equal(held, count):  # (a sound stream: its regions hold just their values' ones)
+        q = np.diff(ones, prepend=-1) - 1
+        has = np.flatnonzero(count > 0)
+        q[first[has]] = ones[first[has]] - packed_start[has]
+        used = np.zeros(len(count), dtype=np.int64)
+        used[has] = (ones[first[has] + count[has] - 1] - packed_start[has] + 8) // 8
+        return q, ok, used
+    seg, i = _segments(count)
+    at = ones[np.minimum(first[seg] + i, len(ones) - 1)] if len(ones) else np.zeros(len(seg), np.int64)
+    prev = np.where(i > 0, np.roll(at, 1), packed_start[seg] - 1)
+    last = np.zeros(len(count), dtype=np.int64)
+    has = count > 0
+    last[has] = at[np.cumsum(count)[has] - 1]
+    used = np.where(has, (last - packed_start + 8) // 8, 0)
+    return at - prev - 1, ok, used
+
+
+def _varbits(words: np.ndarray, start: np.ndarray, end: np.ndarray, seg: np.ndarray, widths: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, whether region r holds them, bytes each region takes) of `pack_varbits` regions of
+    bytes [start[r], end[r]); item t of region seg[t] has widths[t] bits (clipped to ≤ 32)."""
+    widths = np.clip(widths, 0, MAX_BITS)
+    ends = np.zeros(len(widths) + 1, dtype=np.int64)
+    np.cumsum(widths, out=ends[1:])
+    first = _csr(np.bincount(seg, minlength=len(start)))  # (items are in region order)
+    need = (ends[first[1:]] - ends[first[:-1]] + 7) // 8
+    bit = (start * 8 - ends[first[:-1]])[seg] + ends[:-1]
+    return _read_bits(words, bit, widths), start + need <= end, need
+
+
+def _any_by(seg: np.ndarray, bad: np.ndarray, records: int) -> np.ndarray:
+    return np.bincount(seg[bad], minlength=records) > 0
+
+
+@dataclass
+class ShardSampled:
+    """Every record's sampled targets of a shard, flat: record r's positions are
+    `pos_off[rec_off[r]:rec_off[r + 1] + 1]` (global entry offsets), its entries `ids` / `counts`
+    there. `bad`: records whose streams do not decode (their entries are empty, not their targets)."""
+
+    rec_off: np.ndarray  # [R + 1]
+    pos_off: np.ndarray  # [P + 1]
+    ids: np.ndarray  # [E] int64 (places in the id order where the decoder was asked for places)
+    counts: np.ndarray  # [E] int64
+    bad: np.ndarray  # [R] bool
+
+    def record(self, r: int) -> SampledTargets:
+        pos = self.pos_off[self.rec_off[r] : self.rec_off[r + 1] + 1]
+        a, b = int(pos[0]), int(pos[-1])
+        return SampledTargets(pos - a, self.ids[a:b].astype(np.int32), self.counts[a:b].astype(np.uint16))
+
+
+class _CompactGroup(NamedTuple):
+    """A group of records' compact streams decoded to places, by part (module §4.3.2)."""
+
+    bad: np.ndarray  # [R] records the per-record decoder refuses
+    positions: np.ndarray  # [R]
+    p_rec: np.ndarray  # [P] each position's record
+    h: np.ndarray  # [P] head sizes (0 in a bad record)
+    tails: np.ndarray  # [P] tail sizes (0 in a bad record)
+    h_pos: np.ndarray  # [H] each head entry's position, its index there, its record, place and count
+    h_j: np.ndarray
+    h_rec: np.ndarray
+    h_places: np.ndarray
+    head_counts: np.ndarray
+    t_pos: np.ndarray  # [T] the same of the tail entries (count 1)
+    t_j: np.ndarray
+    t_rec: np.ndarray
+    t_places: np.ndarray
+
+
+def decode_compact_shard(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,
+                          counts_offsets: np.ndarray, entries: np.ndarray, positions: np.ndarray, samples: int,
+                          vocab: int, id_order: IdOrder | None = None) -> ShardSampled:
+    """`decode_sampled_compact` of every record of a shard at once (their byte strings as Arrow keeps
+    them: flat `values` with `offsets` [R + 1]). Record r is `bad` exactly where the per-record decoder
+    refuses its streams (which says why); a good record's targets are what that decoder returns."""
+    d = _compact_places(ids_values, ids_offsets, counts_values, counts_offsets, entries, positions, samples, vocab)
+    bad, h, n = d.bad, d.h, samples
+    pos_off = _csr(np.where(bad[d.p_rec], 0, h + d.tails))
+    ids = np.empty(int(pos_off[-1]), dtype=np.int64)
+    counts = np.ones(int(pos_off[-1]), dtype=np.int64)
+    h_keep, t_keep = ~bad[d.h_rec], ~bad[d.t_rec]
+    h_pos, h_j, h_places, head_counts = d.h_pos[h_keep], d.h_j[h_keep], d.h_places[h_keep], d.head_counts[h_keep]
+    t_pos, t_j, t_places = d.t_pos[t_keep], d.t_j[t_keep], d.t_places[t_keep]
+    h_ids = id_order.ids(h_places) if id_order is not None else h_places
+    t_ids = id_order.ids(t_places) if id_order is not None else t_places
+    if id_order is not None:
+        t_ids = t_ids[np.lexsort((t_ids, t_pos))]
+    head_order = np.lexsort((h_ids, n - head_counts, h_pos))
+    ids[pos_off[h_pos] + h_j] = h_ids[head_order]
+    counts[pos_off[h_pos] + h_j] = head_counts[head_order]
+    ids[pos_off[t_pos] + h[t_pos] + t_j] = t_ids
+    return ShardSampled(_csr(d.positions), pos_off, ids, counts, bad)
+
+
+# Records are checked in groups of about this many entries: a group's arrays stay in the CPU's cache
+# through the dozen passes over them, where a whole shard's would go to memory and back for each.
+CHECK_GROUP_ENTRIES = 1 << 15
+
+
+def compact_shard_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,
+                       counts_offsets: np.ndarray, entries: np.ndarray, positions: np.ndarray, samples: int,
+                       vocab: int, id_order: IdOrder | None, input_vocab: int) -> np.ndarray:
+    """[R] mask of the records of a shard whose compact streams the per-record decoder refuses or
+    that hold an id ≥ `input_vocab` (what `check_sampled` refuses of decoded targets)."""
+    ids_offsets = np.asarray(ids_offsets, dtype=np.int64)
+    counts_offsets = np.asarray(counts_offsets, dtype=np.int64)
+    entries = np.asarray(entries, dtype=np.int64)
+    positions = np.asarray(positions, dtype=np.int64)
+    # The order maps the places below input_vocab onto the ids below it when it lists only such ids
+    # (the others keep their order after the listed ones): then places say which ids are too large.
+    by_place = id_order is None or not len(id_order.listed) or int(id_order.listed.max()) < input_vocab
+    done = np.cumsum(entries)
+    cuts = np.unique(np.concatenate([[0], np.searchsorted(done, np.arange(CHECK_GROUP_ENTRIES, int(done[-1]) if len(done)
+                                                                          else 0, CHECK_GROUP_ENTRIES)) + 1,
+                                     [len(entries)]]))
+    bad = np.zeros(len(entries), dtype=bool)
+    for a, b in itertools.pairwise(cuts.tolist()):
+        io, co = ids_offsets[a : b + 1], counts_offsets[a : b + 1]
+        d = _compact_places(ids_values[io[0] : io[-1]], io - io[0], counts_values[co[0] : co[-1]], co - co[0],
+                             entries[a:b], positions[a:b], samples, vocab)
+        group_bad = d.bad
+        for rec, places in ((d.h_rec, d.h_places), (d.t_rec, d.t_places)):
+            ids = places if by_place else id_order.ids(np.minimum(places, vocab - 1))  # type: ignore[union-attr]
+            group_bad |= _any_by(rec, ids >= input_vocab, b - a)
+        bad[a:b] = group_bad
+    return bad
+
+
+def _compact_places(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,
+                     counts_offsets: np.ndarray, entries: np.ndarray, positions: np.ndarray, samples: int,
+                     vocab: int) -> _CompactGroup:
+    """The places and counts of a group of records' compact streams, and which records are bad."""
+    ids_offsets = np.asarray(ids_offsets, dtype=np.int64)
+    counts_offsets = np.asarray(counts_offsets, dtype=np.int64)
+    entries = np.asarray(entries, dtype=np.int64)
+    positions = np.asarray(positions, dtype=np.int64)
+    records, n = len(positions), samples
+    cw = _windows(counts_values)
+    c_start, c_end = counts_offsets[:-1], counts_offsets[1:]
+    p_rec, _ = _segments(positions)  # each position's record
+    # the head sizes h + 1, gamma-coded: lengths in unary, then their low bits
+    lengths, ok, used = _unary(counts_values, c_start, c_end, positions)
+    bad = ~ok | _any_by(p_rec, lengths > 16, records)
+    low, ok, need = _varbits(cw, c_start + used, c_end, p_rec, lengths)
+    bad |= ~ok
+    h = (np.int64(1) << np.clip(lengths, 0, 16)) + low - 1
+    bad |= _any_by(p_rec, h > n // 2, records)
+    h = np.where(bad[p_rec], 0, h)
+    # the head counts − 1, gamma-coded the same way after them
+    h_pos, h_j = _segments(h)
+    h_rec = p_rec[h_pos]
+    per_rec_h = np.bincount(p_rec, weights=h, minlength=records).astype(np.int64)
+    start2 = c_start + used + need
+    lengths2, ok, used2 = _unary(counts_values, start2, c_end, per_rec_h)
+    bad |= ~ok | _any_by(h_rec, lengths2 > 16, records)
+    low2, ok, _ = _varbits(cw, start2 + used2, c_end, h_rec, lengths2)
+    bad |= ~ok
+    head_counts = (np.int64(1) << np.clip(lengths2, 0, 16)) + low2 + 1
+    tails = n - np.bincount(h_pos, weights=head_counts, minlength=len(h)).astype(np.int64)
+    per_rec_t = np.bincount(p_rec, weights=tails, minlength=records).astype(np.int64)
+    bad |= _any_by(p_rec, tails < 0, records) | (per_rec_h + per_rec_t != entries)
+    # the ids stream: B, the 2B Rice parameters, the gaps' low bits, their quotients in unary
+    i_start, i_end = ids_offsets[:-1], ids_offsets[1:]
+    has = i_end > i_start
+    byte = np.append(ids_values, np.uint8(0))  # (a gather past the end reads 0, in a record already bad)
+    buckets = np.where(has, byte[np.minimum(i_start, len(ids_values))], 0).astype(np.int64)
+    bad |= ~has | (buckets < 1) | (buckets > MAX_RANK_BUCKETS)
+    bad |= i_end - i_start < 1 + 2 * buckets
+    buckets = np.where(bad, 1, buckets)
+    k_rec, k_i = _segments(2 * buckets)
+    ks = byte[np.minimum(i_start[k_rec] + 1 + k_i, len(ids_values))].astype(np.int64)
+    bad |= _any_by(k_rec, ks > MAX_RICE_K, records)
+    # from here on a bad record has no entries, so nothing below reads garbage lengths
+    head_counts = head_counts[~bad[h_rec]]
+    h = np.where(bad[p_rec], 0, h)
+    tails = np.where(bad[p_rec], 0, tails)
+    h_pos, h_j = _segments(h)
+    h_rec = p_rec[h_pos]
+    t_pos, t_j = _segments(tails)
+    t_rec = p_rec[t_pos]
+    k_base = np.cumsum(2 * buckets) - 2 * buckets  # each record's first Rice parameter in `ks`
+    h_bucket = np.minimum(buckets[h_rec] * h_j // np.maximum(h[h_pos], 1), buckets[h_rec] - 1)
+    t_bucket = np.minimum(buckets[t_rec] * t_j // np.maximum(tails[t_pos], 1), buckets[t_rec] - 1)
+    # stream order within a record: its head entries, then its tail entries
+    per_rec_h, per_rec_t = np.bincount(h_rec, minlength=records), np.bincount(t_rec, minlength=records)
+    per_rec_e = per_rec_h + per_rec_t
+    e_base = _csr(per_rec_e)[:-1]
+    h_at = np.arange(len(h_rec)) + (e_base - _csr(per_rec_h)[:-1])[h_rec]
+    t_at = np.arange(len(t_rec)) + (e_base + per_rec_h - _csr(per_rec_t)[:-1])[t_rec]
+    width = np.empty(len(h_rec) + len(t_rec), dtype=np.int64)
+    width[h_at] = ks[k_base[h_rec] + h_bucket]
+    width[t_at] = ks[k_base[t_rec] + buckets[t_rec] + t_bucket]
+    e_rec = np.repeat(np.arange(records), per_rec_e)
+    lo_start = i_start + 1 + 2 * buckets
+    low, ok, need = _varbits(_windows(ids_values), lo_start, i_end, e_rec, width)
+    bad |= ~ok
+    q, ok, _ = _unary(ids_values, lo_start + need, i_end, per_rec_e)
+    bad |= ~ok
+    stream_gaps = (q << width) | low
+    gaps = np.concatenate([stream_gaps[h_at], stream_gaps[t_at]])  # every head entry, then every tail entry
+    nh = len(h_rec)
+    h_places = _places(gaps[:nh], h_pos, h_j)
+    t_places = _places(gaps[nh:], t_pos, t_j)
+    bad |= _any_by(h_rec, h_places >= vocab, records) | _any_by(t_rec, t_places >= vocab, records)
+    # a place in both parts of one position would be one id twice (each part rises within a position)
+    # (of sound records only: a bad one's places need not rise, and the search needs sorted keys)
+    t_sound, h_sound = ~bad[t_rec], np.flatnonzero(~bad[h_rec])
+    t_keys = t_pos[t_sound] * vocab + t_places[t_sound]
+    h_keys = h_pos[h_sound] * vocab + h_places[h_sound]
+    if len(t_keys):
+        at = np.minimum(np.searchsorted(t_keys, h_keys), len(t_keys) - 1)
+        bad |= _any_by(h_rec[h_sound], t_keys[at] == h_keys, records)
+    return _CompactGroup(bad, positions, p_rec, h, tails, h_pos, h_j, h_rec, h_places, head_counts, t_pos, t_j, t_rec,
+                     t_places)
+
+
+def _places(gaps: np.ndarray, pos: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Places from gaps (place − previous − 1 within a position; the first: its place)."""
+    total = np.cumsum(gaps + 1)
+    first = np.flatnonzero(j == 0)
+    base = np.zeros(len(gaps), dtype=np.int64)
+    if len(first):
+        starts = np.where(first > 0, total[np.maximum(first - 1, 0)], 0)
+        base = np.repeat(starts, np.diff(np.append(first, len(gaps))))
+    return total - base - 1

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +30,26 @@ from potstill.store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_
 from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
 
 _BLOCK = 8 << 20
+
+
+def hash_file(path: str, opener: Callable[[str, str], Any] = open,
+              on_block: Callable[[memoryview], None] | None = None) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a file, read in 8 MiB blocks into one reused buffer; `on_block` sees
+    each block (verify's check of hidden-state values)."""
+    h, size = hashlib.sha256(), 0
+    with opener(path, "rb") as f:
+        try:  # a buffer no larger than the file: zeroing 8 MiB costs more than hashing a small file
+            want = os.fstat(f.fileno()).st_size
+        except (AttributeError, OSError, ValueError):
+            want = _BLOCK
+        buf = bytearray(max(1, min(want, _BLOCK)))
+        view = memoryview(buf)
+        while got := f.readinto(buf):
+            h.update(view[:got])
+            size += got
+            if on_block is not None:
+                on_block(view[:got])
+    return size, h.hexdigest()
 
 
 @dataclass
@@ -61,6 +86,7 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     leftovers: list[Leftover] = field(default_factory=list)
     cleaned: list[str] = field(default_factory=list)
+    hashed: bool = True  # False: a quick verify (sizes and commit records only)
 
     @property
     def ok(self) -> bool:
@@ -140,35 +166,41 @@ def clean_leftovers(store: Store, leftovers: list[Leftover]) -> list[str]:
 
 
 # -- verify ----------------------------------------------------------------------------------------
-def verify_store(url: str, *, clean: bool = False, storage_options: dict | None = None) -> VerifyReport:
-    """Check every committed shard against its commit record and the format; optionally clean."""
+MAX_JOBS = 8
+
+
+def default_jobs() -> int:
+    """Processes `verify` checks shards with: one per core this process may use, at most `MAX_JOBS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_JOBS))
+
+
+def verify_store(url: str, *, clean: bool = False, storage_options: dict | None = None, jobs: int | None = None,
+                 quick: bool = False) -> VerifyReport:
+    """Check every committed shard against its commit record and the format; optionally clean.
+
+    `jobs`: processes that check shards at once (None: `default_jobs()`); the report is the same
+    for any number, its problems in shard order. `quick`: only the commit records, the manifest and
+    each listed file's presence and size; nothing is hashed and no value is read."""
     store = Store(url, storage_options, strict=False)
     if store.damage is not None and clean:
         raise StoreError(f"store {url} is damaged: {store.damage}; verify --clean removes nothing from it "
                          f"(every shard would look uncommitted): restore the commits folder first")
-    report = VerifyReport()
+    report = VerifyReport(hashed=not quick)
     if store.damage is not None:
         report.problems.append(Problem("commits", f"{store.damage}; no shard is read, every shard is kept"))
     for shard, why in store.bad_commits:
         report.problems.append(Problem(f"commits/{shard}.json", f"{why}; shard {shard} is kept, unread"))
     for entry in store.manifest.tokenizer.files:
-        _check_file(store, entry.path, entry.bytes, entry.sha256, "manifest", report)
-    hidden = store.manifest.hidden
+        report.problems += _file_problems(store, entry.path, entry.bytes, entry.sha256, "manifest", quick)
     sound = []  # shards whose files match their commit records: their ids files can be read
-    for commit in store.commits:
+    for commit, (problems, ids_readable) in zip(store.commits, _each_shard(store, quick, jobs), strict=True):
         report.shards += 1
-        before = len(report.problems)
-        data_files = {f"{commit.hidden_path}/{layer.array_name}/{DATA_KEY}": layer for layer in hidden.layers}
-        for entry in commit.files:
-            layer = data_files.get(entry.path)
-            layout = None if layer is None else (Layout(commit.hidden_rows, layer.width, hidden.chunk_tokens), layer.dtype)
-            _check_file(store, entry.path, entry.bytes, entry.sha256, f"shard {commit.shard}", report, layout)
-        listed = {f.path for f in commit.files}
-        for path in _files_under(store, f"shards/{commit.shard}"):
-            if path not in listed:
-                report.problems.append(Problem(f"shard {commit.shard}", f"file {path} is not in its commit record"))
-        # bytes are sound: check content against the format
-        if len(report.problems) == before and _check_content(store, commit, report):
+        report.problems += problems
+        if ids_readable:
             sound.append(commit.shard)
         report.records += commit.records
         report.tokens += commit.tokens
@@ -177,6 +209,65 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
     if clean:
         report.cleaned = clean_leftovers(store, report.leftovers)
     return report
+
+
+def _each_shard(store: Store, quick: bool, jobs: int | None) -> Iterator[tuple[list[Problem], bool]]:
+    """Each committed shard's problems, in commit order: here, or in `jobs` processes (each inherits
+    this process's opened store where processes fork, else opens it once), or threads for a remote
+    store (its time goes to the network, and its file system's event loop must not be forked)."""
+    jobs = min(default_jobs() if jobs is None else jobs, len(store.commits))
+    if jobs <= 1:
+        for commit in store.commits:
+            yield shard_problems(store, commit, quick)
+        return
+    if not is_local(store.fs):
+        with ThreadPoolExecutor(jobs) as threads:
+            yield from threads.map(lambda commit: shard_problems(store, commit, quick), store.commits)
+        return
+    global _WORKER_STORE
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    _WORKER_STORE = store if method == "fork" else None
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method), initializer=_open_in_worker,
+                                 initargs=(store.url, store.storage_options)) as pool:
+            yield from pool.map(_worker_shard_problems, [(c.shard, quick) for c in store.commits])
+    finally:
+        _WORKER_STORE = None
+
+
+_WORKER_STORE: Store | None = None
+
+
+def _open_in_worker(url: str, storage_options: dict | None) -> None:
+    global _WORKER_STORE
+    if _WORKER_STORE is None or _WORKER_STORE.url != url:
+        _WORKER_STORE = Store(url, storage_options, strict=False)
+
+
+def _worker_shard_problems(task: tuple[str, bool]) -> tuple[list[Problem], bool]:
+    assert _WORKER_STORE is not None
+    return shard_problems(_WORKER_STORE, _WORKER_STORE.commit(task[0]), task[1])
+
+
+def shard_problems(store: Store, commit, quick: bool = False) -> tuple[list[Problem], bool]:
+    """One committed shard against its commit record: its files (sizes; unless `quick`, their sha256),
+    no file beside them, then (unless `quick`, and only when its bytes are sound) its content. Also
+    whether its ids file was read sound (what the duplicates check may then read)."""
+    where = f"shard {commit.shard}"
+    hidden = store.manifest.hidden
+    data_files = {f"{commit.hidden_path}/{layer.array_name}/{DATA_KEY}": layer for layer in hidden.layers}
+    problems: list[Problem] = []
+    for entry in commit.files:
+        layer = data_files.get(entry.path)
+        layout = None if layer is None else (Layout(commit.hidden_rows, layer.width, hidden.chunk_tokens), layer.dtype)
+        problems += _file_problems(store, entry.path, entry.bytes, entry.sha256, where, quick, layout)
+    listed = {f.path for f in commit.files}
+    for path in _files_under(store, f"shards/{commit.shard}"):
+        if path not in listed:
+            problems.append(Problem(where, f"file {path} is not in its commit record"))
+    if problems or quick:
+        return problems, False
+    return _content_problems(store, commit)  # bytes are sound: check content against the format
 
 
 def _check_duplicates(store: Store, report: VerifyReport, shards: list[str]) -> None:
@@ -204,39 +295,48 @@ def _files_under(store: Store, rel: str) -> list[str]:
     return sorted(p[len(prefix) :] if p.startswith(prefix) else p for p in found)
 
 
-def _check_file(store: Store, rel: str, size: int, digest: str, where: str, report: VerifyReport,
-                hidden: tuple[Layout, str] | None = None) -> None:
-    """Size and sha256 of a file; for a hidden-state data file (its layout and dtype given) also each
-    inner chunk's crc32c and finite values, and its index, in the same pass."""
-    h, got_size, inside = hashlib.sha256(), 0, None
+def _file_problems(store: Store, rel: str, size: int, digest: str, where: str, quick: bool = False,
+                   hidden: tuple[Layout, str] | None = None) -> list[Problem]:
+    """Size and sha256 of a file (`quick`: its size alone); for a hidden-state data file (its layout and
+    dtype given) also each inner chunk's crc32c and finite values, and its index, in the same pass."""
+    path = join(store.root, rel)
+    if quick:
+        try:
+            got_size = store.fs.size(path)
+        except FileNotFoundError:
+            return [Problem(where, f"file {rel} is missing")]
+        if got_size != size:
+            return [Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)")]
+        return []
+    inside = None
     try:
-        with store.fs.open(join(store.root, rel), "rb") as f:
-            if hidden is not None:
+        if hidden is not None:
+            h = hashlib.sha256()
+            with store.fs.open(path, "rb") as f:
                 got_size, inside = scan_data_file(f.read, *hidden, h)
-            else:
-                while block := f.read(_BLOCK):
-                    h.update(block)
-                    got_size += len(block)
+            got_digest = h.hexdigest()
+        else:
+            got_size, got_digest = hash_file(path, store.fs.open)
     except FileNotFoundError:
-        report.problems.append(Problem(where, f"file {rel} is missing"))
-        return
+        return [Problem(where, f"file {rel} is missing")]
     if got_size != size:
-        report.problems.append(Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)"))
-    elif h.hexdigest() != digest:
+        return [Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)")]
+    if got_digest != digest:
         found = f": {inside}" if inside is not None else ""
-        report.problems.append(Problem(where, f"file {rel} fails its sha256 check (corrupted bytes){found}"))
-    elif inside is not None:
-        report.problems.append(Problem(where, f"file {rel}: {inside}"))
+        return [Problem(where, f"file {rel} fails its sha256 check (corrupted bytes){found}")]
+    if inside is not None:
+        return [Problem(where, f"file {rel}: {inside}")]
+    return []
 
 
-def _check_content(store: Store, commit, report: VerifyReport) -> bool:
-    """Check a shard's content against the format; returns whether its ids file could be read."""
+def _content_problems(store: Store, commit) -> tuple[list[Problem], bool]:
+    """A shard's content against the format, and whether its ids file could be read."""
     where = f"shard {commit.shard}"
+    problems: list[Problem] = []
     try:
         reader = ShardReader(store, commit)
     except StoreError as e:
-        report.problems.append(Problem(where, str(e).split(": ", 1)[-1]))
-        return False
+        return [Problem(where, str(e).split(": ", 1)[-1])], False
     v = reader.views
     n = np.diff(v.tok_off)
     scored = np.diff(v.tgt_off)
@@ -262,31 +362,31 @@ def _check_content(store: Store, commit, report: VerifyReport) -> bool:
         checks.append((int(rows.sum()) == commit.hidden_rows, f"records need {int(rows.sum())} hidden rows, its commit says {commit.hidden_rows}"))
     for ok, message in checks:
         if not ok:
-            report.problems.append(Problem(where, message))
+            problems.append(Problem(where, message))
     shape_problems = v.columns.shape_problems(v, store.manifest)
     for message in shape_problems:
-        report.problems.append(Problem(where, message))
+        problems.append(Problem(where, message))
     if not shape_problems:
         for message in value_problems(v, store.manifest):
-            report.problems.append(Problem(where, message))
+            problems.append(Problem(where, message))
     for layer in layers:
         try:
             arr = reader._zarr_group()[layer.array_name]
         except (StoreError, KeyError) as e:
-            report.problems.append(Problem(where, f"hidden layer {layer.index} unreadable ({e})"))
+            problems.append(Problem(where, f"hidden layer {layer.index} unreadable ({e})"))
             continue
         want = (commit.hidden_rows, layer.width)
         if tuple(arr.shape) != want or str(arr.dtype) != stored_dtype(layer.dtype) \
                 or arr.attrs.get("potstill_dtype") != layer.dtype:
-            report.problems.append(
+            problems.append(
                 Problem(where, f"hidden layer {layer.index} is {tuple(arr.shape)} {arr.dtype}, expected {want} {layer.dtype}")
             )
         elif (problem := layout_problem(arr, store.manifest.hidden.chunk_tokens)) is not None:
-            report.problems.append(Problem(where, f"hidden layer {layer.index}: {problem} (format §5)"))
+            problems.append(Problem(where, f"hidden layer {layer.index}: {problem} (format §5)"))
         elif commit.hidden_rows and f"{commit.hidden_path}/{layer.array_name}/{DATA_KEY}" not in listed:
-            report.problems.append(Problem(where, f"hidden layer {layer.index}: its data file {DATA_KEY} is not in its "
-                                                  "commit record"))
-    return ids_read
+            problems.append(Problem(where, f"hidden layer {layer.index}: its data file {DATA_KEY} is not in its "
+                                           "commit record"))
+    return problems, ids_read
 
 
 def report_json(report: VerifyReport) -> str:
@@ -300,6 +400,7 @@ def report_json(report: VerifyReport) -> str:
             "problems": [str(p) for p in report.problems],
             "leftovers": [vars(x) for x in report.leftovers],
             "cleaned": report.cleaned,
+            "hashed": report.hashed,
         },
         indent=2,
     )

@@ -12,6 +12,7 @@ The bit-level coding itself is `store.codec`; the classes here choose and place 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from potstill.store.codec import (
     SampledTargets,
     bits_for,
     check_sampled,
+    compact_shard_bad,
     decode_sampled,
     decode_sampled_compact,
     decode_topk,
@@ -32,18 +34,21 @@ from potstill.store.codec import (
     encode_topk,
     pack_bits,
     unpack_bits,
+    unpack_bits_shard,
 )
 from potstill.store.columns import (
+    CHECK_ROWS,
     bytes_list,
     concat,
     first_bad_row,
     flat,
-    float_rounding,
     impossible_topk,
+    impossible_topk_rows,
     input_vocab,
     list_array,
     mass_of_log,
     offsets_array,
+    row_blocks,
     target_vocab,
     unsound_log_tail,
     unsound_logprobs,
@@ -192,13 +197,14 @@ class PlainColumns(TargetColumns):
         spec, vocab = self.spec, target_vocab(manifest)
         report("token_logprob is NaN or above 0", self.tgt_off, unsound_logprobs(self.token_lp))
         if self.kind.holds_topk:
+            ids, lp = self.topk_ids, self.topk_logprobs
+            unsound = [unsound_topk(ids[a:b], lp[a:b], vocab) for a, b in row_blocks(len(ids))]
             report(f"top-k ids outside [0, {vocab}) or log-probs NaN, infinite or above 0",
-                   self.tgt_off, unsound_topk(self.topk_ids, self.topk_logprobs, vocab))
+                   self.tgt_off, np.concatenate(unsound) if unsound else np.zeros(0, bool))
             report("tail_mass is NaN or outside [0, 1]", self.tgt_off, unsound_tail_mass(self.tail_mass))
             report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
             if not problems:  # sound values: now whether they can be one distribution
-                for what, bad in impossible_topk(self.topk_ids, self.topk_logprobs,
-                                                 float_rounding(self.topk_logprobs), self.tail_logprob):
+                for what, bad in impossible_topk_rows(self.topk_ids, self.topk_logprobs, self.tail_logprob):
                     report(what, self.tgt_off, bad)
         if self.kind.holds_sampled:
             s_ids, counts = self.sampled_ids, self.sampled_counts
@@ -336,6 +342,27 @@ class PackedCodec(Codec):
     def open(self, batch: pa.RecordBatch, spec: TargetSpec, kind: TargetKind, views: ColumnViews) -> TargetColumns:
         return PackedColumns(batch, spec, kind, self, views)
 
+    def sampled_bad(self, columns: PackedColumns, tv: int) -> np.ndarray:
+        """[records] mask of the records whose sampled streams do not decode to sound targets with ids
+        below `tv`, over the whole shard at once: counts ≥ 1 whose running sum within a record meets
+        N, 2N, ... exactly at the ends of its scored positions."""
+        spec, entries = columns.spec, columns.sampled_entries.astype(np.int64)
+        records, n = len(entries), spec.samples
+        ids_off, ids_values = columns.streams["sampled_ids_packed"]
+        counts_off, counts_values = columns.streams["sampled_counts_packed"]
+        ids = unpack_bits_shard(ids_values, ids_off, entries, int(spec.id_bits or 0))
+        counts = unpack_bits_shard(counts_values, counts_off, entries, int(spec.count_bits or 0))
+        rec = np.repeat(np.arange(records), entries)
+        running = np.cumsum(counts)
+        before = np.zeros(records, dtype=np.int64)
+        before[1:] = np.cumsum(np.bincount(rec, weights=counts, minlength=records).astype(np.int64))[:-1]
+        running -= before[rec]
+        total = np.bincount(rec, weights=counts, minlength=records).astype(np.int64)
+        ends = np.bincount(rec, weights=(running % n == 0), minlength=records).astype(np.int64)
+        positions = np.diff(columns.tgt_off)
+        bad = (ends != positions) | (total != positions * n)
+        return bad | np.bincount(rec[(counts < 1) | (ids >= tv)], minlength=records).astype(bool)
+
 
 class PackedColumns(TargetColumns):
     """A packed store's target columns: each record's byte streams, decoded on demand (vectorised
@@ -404,29 +431,65 @@ class PackedColumns(TargetColumns):
 
     def value_problems(self, views: ColumnViews, manifest: StoreManifest) -> list[str]:
         """Quantised log-probs are finite by construction, so what can be wrong is an id beyond the
-        vocabulary (id_bits may hold more) or a sampled layout."""
-
+        vocabulary (id_bits may hold more), a top-K no distribution has, or a sampled layout. Checked
+        over the whole shard at once; the first record at fault is then named by `record_problem`."""
         tv = input_vocab(manifest)
-        for j in range(views.num_rows):
-            rid = views.text_of("id", j)
-            try:
-                if self.kind.holds_topk:
-                    rows = self.topk(j)
-                    ids = rows.ids
-                    if ids.size and (int(ids.max()) >= tv or int(ids.min()) < -1):
-                        return [f"record {rid!r}: top-k ids outside [0, {tv})"]
-                    q = self.quantizer
-                    err = q.max_error + np.abs(rows.logprobs.astype(np.float64)) * 2.0**-24  # (+ float32's rounding)
-                    for what, bad in impossible_topk(ids, rows.logprobs, err, rows.tail_logprob,
-                                                     clipped=q.lo + q.step / 2):
-                        if bad.any():
-                            return [f"record {rid!r}: {what} ({int(bad.sum())} position(s))"]
-                if self.kind.holds_sampled:
-                    check_sampled(self.sampled(j), self.bounds[j + 1] - self.bounds[j], self.spec.samples, tv,
-                                  f"record {rid!r}")
-            except StoreError as e:
-                return [str(e)]
+        bad = np.zeros(views.num_rows, dtype=bool)
+        if self.kind.holds_topk:
+            bad |= self._topk_bad(tv)
+        if self.kind.holds_sampled:
+            bad |= self.codec.sampled_bad(self, tv)
+        for j in np.flatnonzero(bad):
+            problem = self.record_problem(int(j), tv)
+            if problem is not None:
+                return [problem]
         return []
+
+    def _topk_bad(self, tv: int) -> np.ndarray:
+        """[records] mask: top-k ids outside [0, tv) or a top-K that no distribution has."""
+        spec, q, k = self.spec, self.quantizer, self.spec.k
+        scored = np.diff(self.tgt_off)
+        id_off, id_values = self.streams["topk_ids_packed"]
+        lp_off, lp_values = self.streams["topk_logprobs_packed"]
+        bad_rows = []
+        # records in groups of about CHECK_ROWS positions (their temporaries stay in the CPU's cache)
+        cuts = np.unique(np.concatenate([[0], np.searchsorted(self.tgt_off, np.arange(0, int(self.tgt_off[-1]), CHECK_ROWS),
+                                                              side="right"), [len(scored)]]))
+        for a, b in itertools.pairwise(cuts.tolist()):
+            codes = unpack_bits_shard(lp_values, lp_off[a : b + 1], scored[a:b] * k, q.bits).reshape(-1, k)
+            ids = unpack_bits_shard(id_values, id_off[a : b + 1], scored[a:b] * k, int(spec.id_bits or 0)).reshape(-1, k)
+            ids[codes == 0] = -1
+            lp = q.decode(codes)
+            rows = slice(int(self.tgt_off[a]), int(self.tgt_off[b]))
+            tail = self.tail_logprob[rows]
+            err = q.max_error + np.abs(lp.astype(np.float64)) * 2.0**-24  # (+ float32's rounding)
+            bad = (ids >= tv).any(-1)
+            for _, mask in impossible_topk(ids, lp, err, tail, clipped=q.lo + q.step / 2):
+                bad |= mask
+            bad_rows.append(bad)
+        bad = np.concatenate(bad_rows) if bad_rows else np.zeros(0, bool)
+        return np.bincount(np.repeat(np.arange(len(scored)), scored)[bad], minlength=len(scored)) > 0
+
+    def record_problem(self, j: int, tv: int) -> str | None:
+        """What is wrong with record j's targets (the first thing), or None."""
+        rid = self.views.text_of("id", j)
+        try:
+            if self.kind.holds_topk:
+                rows = self.topk(j)
+                ids = rows.ids
+                if ids.size and (int(ids.max()) >= tv or int(ids.min()) < -1):
+                    return f"record {rid!r}: top-k ids outside [0, {tv})"
+                q = self.quantizer
+                err = q.max_error + np.abs(rows.logprobs.astype(np.float64)) * 2.0**-24  # (+ float32's rounding)
+                for what, bad in impossible_topk(ids, rows.logprobs, err, rows.tail_logprob, clipped=q.lo + q.step / 2):
+                    if bad.any():
+                        return f"record {rid!r}: {what} ({int(bad.sum())} position(s))"
+            if self.kind.holds_sampled:
+                check_sampled(self.sampled(j), self.bounds[j + 1] - self.bounds[j], self.spec.samples, tv,
+                              f"record {rid!r}")
+        except StoreError as e:
+            return str(e)
+        return None
 
 
 # -- "compact" ------------------------------------------------------------------------------------------
@@ -474,3 +537,10 @@ class CompactCodec(PackedCodec):
 
     def sampled_bits(self, entries: np.ndarray, spec: TargetSpec) -> dict[str, np.ndarray]:
         return {}  # no fixed length: decoding checks the streams
+
+    def sampled_bad(self, columns: PackedColumns, tv: int) -> np.ndarray:
+        spec = columns.spec
+        ids_off, ids_values = columns.streams["sampled_ids_packed"]
+        counts_off, counts_values = columns.streams["sampled_counts_packed"]
+        return compact_shard_bad(ids_values, ids_off, counts_values, counts_off, columns.sampled_entries,
+                                  np.diff(columns.tgt_off), spec.samples, 1 << int(spec.id_bits or 0), spec.id_order_map, tv)

@@ -1,0 +1,182 @@
+"""`store verify` against hashing the same files, side by side.
+
+Writes stores through the real `ShardWriter` (records of `--length` tokens, every position but the
+first scored, a vocabulary of 128,256 with 17-bit ids): the default targets of `potstill generate`
+(sampled, systematic draws, N = 64, codec compact with an id order of 4,096 listed ids) and top-64
+targets plain and packed, plus a short-record variant of the default. Then, per store, in
+interleaved rounds (median of the rounds):
+
+- hash:   sha256 of every file of the store (8 MiB reads, `store.verify.hash_file`), one process;
+- verify: `verify_store` with --jobs 1 (and --jobs 2), every checksum plus the value checks;
+- quick:  `verify_store(quick=True)`: commit records, manifest, file presence and sizes;
+- values by shard / by record: the value checks alone on opened shards, as verify runs them (a
+  shard at once) and record by record (how the packed codecs' checks ran before).
+
+Prints each as seconds and as a multiple of the hash time (the bar: verify --jobs 1 <= 2x).
+
+    python bench/verify_speed.py                         # ~1 minute
+    python bench/verify_speed.py --records 64 --rounds 1 # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from potstill.store import (
+    HiddenSpec,
+    Record,
+    StoreManifest,
+    TargetSpec,
+    TeacherInfo,
+    TokenizerInfo,
+    create_store,
+    open_store,
+)
+from potstill.store.checks import value_problems
+from potstill.store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws
+from potstill.store.columns import input_vocab
+from potstill.store.targets.codecs import PackedColumns
+from potstill.store.verify import hash_file, verify_store
+
+VOCAB = 128_256
+ID_BITS = bits_for(VOCAB - 1)
+
+
+def spec(name: str, k: int, n: int) -> TargetSpec:
+    if name.startswith("sampled"):
+        order = list(range(MAX_ID_ORDER))  # the listed ids: the draws' most frequent ones (below)
+        return TargetSpec(kind="sampled", k=0, samples=n, sampler="systematic", seed=0, codec="compact",
+                          id_bits=ID_BITS, logprob_bits=12, logprob_min=-24.0, id_order=order)
+    packed = name.endswith("-packed")
+    return TargetSpec(kind="topk", k=k, codec="packed" if packed else "none", tail_logprob="direct",
+                      id_bits=ID_BITS if packed else None, logprob_bits=12 if packed else None,
+                      logprob_min=-24.0 if packed else None)
+
+
+def make_record(rng: np.random.Generator, i: int, length: int, name: str, k: int, n: int) -> Record:
+    """A record with a teacher-like distribution per position: token ranks geometric (p = 0.2) over a
+    position's own ids, frequent ids low (most of them in the id order's listed ids)."""
+    s = length - 1
+    ids = rng.integers(0, VOCAB, size=length).astype(np.int32)
+    ranks_lp = np.log(0.2) + np.arange(k) * np.log(0.8)
+    top_lp = (ranks_lp[None, :] - np.abs(rng.normal(0, 0.05, size=(s, k))).cumsum(-1) * 0.1).astype(np.float32)
+    top_lp = -np.sort(-top_lp, axis=-1)
+    base = rng.integers(0, VOCAB, size=(s, 1))
+    j = np.arange(k)[None, :]
+    # distinct within a position: the likelier half among the id order's listed ids, the rest above them
+    top_ids = np.where(j < k // 2, (base % 61 + j * 67) % MAX_ID_ORDER,
+                       MAX_ID_ORDER + (base + j * 977) % (VOCAB - MAX_ID_ORDER)).astype(np.int32)
+    tail = np.log1p(-np.minimum(np.exp(top_lp.astype(np.float64)).sum(-1), 1 - 1e-7)).astype(np.float32)
+    rec = Record(id=f"r{i:07d}", input_ids=ids, score_start=1, token_logprob=top_lp[:, 0].copy())
+    if name.startswith("sampled"):
+        u = (rng.random((s, 1)) + np.arange(n)[None, :]) / n  # systematic: one uniform per position
+        cdf = np.cumsum(np.exp(top_lp.astype(np.float64)), axis=-1)
+        cdf /= cdf[:, -1:]
+        rank = np.minimum((u[:, :, None] > cdf[:, None, :]).sum(-1), k - 1)
+        rec.sampled = sampled_from_draws(np.take_along_axis(top_ids, rank, axis=1))
+    else:
+        rec.topk_ids, rec.topk_logprobs, rec.tail_logprob = top_ids, top_lp, tail
+    return rec
+
+
+def build(root: str, name: str, records: int, length: int, k: int, n: int) -> str:
+    manifest = StoreManifest(
+        teacher=TeacherInfo(name_or_path="synthetic", vocab_size=VOCAB),
+        tokenizer=TokenizerInfo(fingerprint="sha256:synthetic", vocab_size=VOCAB),
+        targets=spec(name, k, n), hidden=HiddenSpec(), generation={"bench": "verify_speed"},
+    )
+    url = os.path.join(root, name)
+    store = create_store(url, manifest)
+    rng = np.random.default_rng(0)
+    with store.writer("w0", shard_records=256) as w:
+        for i in range(records):
+            w.write(make_record(rng, i, length, name, k, n))
+    return url
+
+
+def hash_store(url: str) -> int:
+    total = 0
+    for folder, _, files in os.walk(url):
+        for f in files:
+            total += hash_file(os.path.join(folder, f))[0]
+    return total
+
+
+def value_checks(url: str, by_record: bool) -> None:
+    """The value checks alone (shards already open): over each shard at once, as verify runs them, or
+    record by record (the packed codecs' checks before they were vectorised; a plain store has none)."""
+    store = open_store(url)
+    tv = input_vocab(store.manifest)
+    for name in store.shard_names:
+        views = store.shard(name).views
+        if not by_record:
+            assert not value_problems(views, store.manifest)
+        elif isinstance(views.columns, PackedColumns):
+            assert all(views.columns.record_problem(j, tv) is None for j in range(views.num_rows))
+
+
+def timed(fn, url: str) -> float:
+    started = time.perf_counter()
+    fn(url)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=2048)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--short", type=int, default=32, help="tokens of the short records' store")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    plan = [("sampled64-compact2", args.records, args.length), ("top64", args.records, args.length),
+            ("top64-packed", args.records, args.length),
+            (f"sampled64-compact2-short{args.short}", args.records * (args.length // args.short), args.short)]
+    with tempfile.TemporaryDirectory(prefix="potstill-verify-") as root:
+        urls = {}
+        for name, records, length in plan:
+            started = time.perf_counter()
+            urls[name] = build(root, name, records, length, args.k, args.samples)
+            print(f"built {name}: {records} records x {length} tokens, {hash_store(urls[name]) / 1e6:.1f} MB "
+                  f"in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        for url in urls.values():  # every check must pass: a bench of a failing verify times the wrong thing
+            assert verify_store(url).ok, url
+        contenders = {
+            "hash": lambda url: hash_store(url),
+            "verify --jobs 1": lambda url: verify_store(url, jobs=1),
+            "verify --jobs 2": lambda url: verify_store(url, jobs=2),
+            "verify --quick": lambda url: verify_store(url, quick=True),
+            "values by shard": lambda url: value_checks(url, by_record=False),
+            "values by record": lambda url: value_checks(url, by_record=True),
+        }
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(args.rounds):
+            for name, url in urls.items():
+                for what, fn in contenders.items():
+                    if what == "values by record" and not name.startswith(("sampled", "top64-packed")):
+                        continue  # (plain columns were checked a shard at once before too)
+                    times.setdefault((name, what), []).append(timed(fn, url))
+        print(f"{'store':<28} {'MB':>7} " + " ".join(f"{w:>20}" for w in contenders))
+        for name, url in urls.items():
+            base = statistics.median(times[(name, "hash")])
+            cells = []
+            for what in contenders:
+                if (name, what) not in times:
+                    cells.append("-")
+                    continue
+                t = statistics.median(times[(name, what)])
+                cells.append(f"{t * 1e3:8.1f} ms {t / base:6.1f}x")
+            print(f"{name:<28} {hash_store(url) / 1e6:7.1f} " + " ".join(f"{c:>20}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
