@@ -138,9 +138,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    plan = [("sampled64-compact2", args.records, args.length), ("top64", args.records, args.length),
+    plan = [("sampled64-compact", args.records, args.length), ("top64", args.records, args.length),
             ("top64-packed", args.records, args.length),
-            (f"sampled64-compact2-short{args.short}", args.records * (args.length // args.short), args.short)]
+            (f"sampled64-compact-short{args.short}", args.records * (args.length // args.short), args.short)]
     with tempfile.TemporaryDirectory(prefix="potstill-verify-") as root:
         urls = {}
         for name, records, length in plan:
