@@ -71,6 +71,7 @@ def build_store(url: str, records: int, length: int) -> dict[str, float]:
     write_s = time.perf_counter() - started
     # baseline: the same tables as plain Arrow IPC files (no encoding, hashing or syncing)
     plain = tempfile.mkdtemp(prefix="plain-", dir=os.path.dirname(url))
+    store.refresh()
     tables = [pa.ipc.open_file(pa.memory_map(store.path(c.arrow_path))).read_all() for c in store.commits]
     started = time.perf_counter()
     for j, table in enumerate(tables):
