@@ -1,0 +1,162 @@
+"""The writer's files byte for byte: the same records give the same `records.arrow` (and hidden chunks)
+as the writer before its encode / validate / batch path was vectorised.
+
+The digests below were computed with that earlier writer (row-by-row encoding, one Arrow array per
+record) from the records `_records` makes; any change to the bytes a store holds shows here. Each
+case covers a kind and codec, with records of every shape the writer must handle: no scored
+position, empty top-k slots, −inf tails, texts and messages present or not, hidden states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from potstill.store import (
+    HiddenLayer,
+    HiddenSpec,
+    Record,
+    StoreManifest,
+    TargetSpec,
+    TeacherInfo,
+    TokenizerInfo,
+    create_store,
+)
+from potstill.store.codec import IdOrder, bits_for, sampled_from_draws
+
+VOCAB = 300
+TOKENIZER = {"tokenizer.json": b'{"version": "1.0", "model": {"type": "WordLevel"}}', "tokenizer_config.json": b"{}"}
+
+
+def _spec(kind: str, codec: str, *, order: bool = False, dtype: str = "float16") -> TargetSpec:
+    topk, sampled = kind in ("topk", "both", "hybrid"), kind != "topk"
+    packed = codec != "none"
+    return TargetSpec(
+        kind=kind, k=8 if topk else 0, logprob_dtype=dtype, samples=64 if sampled else 0, seed=1 if sampled else None,
+        sampler="systematic" if sampled else "iid", codec=codec,
+        id_bits=bits_for(VOCAB - 1) if packed else None,
+        count_bits=(None if codec == "compact2" else bits_for(64)) if sampled and packed else None,
+        logprob_bits=12 if packed else None, logprob_min=-24.0 if packed else None,
+        tail_logprob="direct" if topk else None,
+        id_order=IdOrder.from_tokens([np.arange(VOCAB) % 37 * 7], limit=40) if order else None,
+    )
+
+
+def _manifest(spec: TargetSpec, hidden: bool) -> StoreManifest:
+    layers = [HiddenLayer(1, 8, "bfloat16"), HiddenLayer(3, 4, "float16")] if hidden else []
+    return StoreManifest(
+        teacher=TeacherInfo(name_or_path="t", config_hash="sha256:abc", dtype="float32", vocab_size=VOCAB),
+        tokenizer=TokenizerInfo(fingerprint="sha256:tok", vocab_size=VOCAB, special_tokens={"eos_token_id": 1}),
+        targets=spec, hidden=HiddenSpec(layers=layers, chunk_tokens=16), rationales=True, generation={"mode": "test"},
+    )
+
+
+def _records(manifest: StoreManifest, count: int = 23, seed: int = 7) -> list[Record]:
+    rng = np.random.default_rng(seed)
+    spec = manifest.targets
+    out = []
+    for i in range(count):
+        n = int(rng.integers(1, 50))
+        s = int(rng.integers(1, n + 1))  # s == n: no scored position
+        m = n - s
+        logits = rng.normal(size=(m, VOCAB)) * rng.uniform(0.5, 4.0)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        ids = rng.integers(0, VOCAB, size=n).astype(np.int32)
+        rec = Record(
+            id=f"rec-{i:03d}", input_ids=ids, score_start=s,
+            token_logprob=logp[np.arange(m), ids[s:]].astype(np.float32),
+            prompt=None if i % 4 == 1 else f"prompt {i} ünïcode", messages=[{"role": "user", "content": f"hi {i}"}] if i % 3 else None,
+            completion=None if i % 5 == 2 else f"c{i}", generated="g" if i % 2 else None, rationale=None,
+            answer=str(i), meta={"i": i} if i % 2 else None, sample_index=i % 3, hidden_start=int(rng.integers(0, n + 1)),
+        )
+        if spec.has_topk:
+            k = spec.k
+            top = np.argsort(-logp, axis=-1, kind="stable")[:, :k].astype(np.int32)
+            top_lp = np.take_along_axis(logp, top, -1)
+            rest = logp.copy()
+            np.put_along_axis(rest, top, -np.inf, axis=-1)
+            with np.errstate(divide="ignore"):
+                tail = np.log(np.exp(rest).sum(-1))
+            if m > 1:  # a row with empty slots and an empty tail
+                top[0, k // 2:], top_lp[0, k // 2:], tail[0] = -1, -np.inf, -np.inf
+            rec.topk_ids = top
+            rec.topk_logprobs = top_lp.astype(np.float16 if spec.logprob_dtype == "float16" else np.float32)
+            rec.tail_logprob = np.minimum(tail, 0.0).astype(np.float32)
+        if spec.has_sampled:
+            p = np.exp(logp)
+            cdf = np.cumsum(p, -1)
+            points = (np.arange(64) + rng.random((m, 1))) / 64
+            draws = np.array([np.searchsorted(cdf[r], points[r] * cdf[r, -1], side="right") for r in range(m)],
+                             dtype=np.int64).reshape(m, 64)
+            rec.sampled = sampled_from_draws(np.minimum(draws, VOCAB - 1))
+        if manifest.hidden.layers:
+            rows = n - rec.hidden_start
+            rec.hidden = {1: rng.integers(0, 0x3F00, size=(rows, 8)).astype(np.uint16),
+                          3: rng.normal(size=(rows, 4)).astype(np.float16)}
+        out.append(rec)
+    return out
+
+
+CASES = {
+    # case: (kind, codec, id order, logprob dtype, hidden) -> sha256 of each shard's records.arrow
+    "topk-none-f16": ("topk", "none", False, "float16", True),
+    "topk-none-f32": ("topk", "none", False, "float32", False),
+    "topk-packed": ("topk", "packed", False, "float16", False),
+    "sampled-none": ("sampled", "none", False, "float16", False),
+    "sampled-packed": ("sampled", "packed", False, "float16", False),
+    "sampled-compact2": ("sampled", "compact2", False, "float16", True),
+    "sampled-compact2-order": ("sampled", "compact2", True, "float16", False),
+    "both-packed": ("both", "packed", False, "float16", False),
+    "both-compact2": ("both", "compact2", True, "float16", False),
+    "hybrid-compact2": ("hybrid", "compact2", False, "float16", False),
+}
+
+EXPECTED: dict[str, list[str]] = {
+    'both-compact2': ['362c8082c191fc068bb650cf984aeba83a0e27a7c182adb87d3f0a1e90dac0b2', '8d6cb4f15d9ebe8e22ea2597736a69c38bebea10834e317ea926dc8661b49016', 'a2994a2358d102b8634aec9c50fb560997ae5f11025c78a3d8303ba6cf453ab5'],
+    'both-packed': ['e4fa40c7dc5a5216155f57b7340af277941c58b6558e9e8c30ba2dbd30f1164c', '20f8d6884c53d3135c727bdcc31279c2e17577c60304a3e788dbdf1a63b61a69', 'fab2c493b0a696ad736c316c8344c7922b2393b576e2091ab80ae9cccd9ad385'],
+    'hybrid-compact2': ['8b4e2e572d5a28fcf893bf36b4ee13a68929df6417647e105b614d897cca7fdf', '0fe66cf948800f4791b1b11aab55a7a618738855959cca69c28e61f7a4c1bc35', '56c8f3bcf2ac8fcd7c6f52da2df201156b92246151488d6354136da5346f29b0'],
+    'sampled-compact2': ['93fb315142ae26b75ef236282f192dc9fc3d26c6770533d42939b456a61e0a65', '8f47a61cdd878b53782876cfb7cabb4277ef8695dd5f2e0653405fbf969f51ec', 'a11515798f392a98b1162939e636db171cb1b956969213084a2ac36513dd0a4c'],
+    'sampled-compact2/hidden': ['40eafe3d9d131f4211ffe620dcdf1841d161b2dcef0eadaa0fc5c1e82402553a'],
+    'sampled-compact2-order': ['780426a08738380edcd323afd457bf9fa59e3e1d3ae0604aa1d6230796771fe9', 'b27b56386e96846c947bad1a9ca0ee7729e7a473e10c99055087c325166e87dd', 'cec7801930c0d8f9a20d34f995d980feea864525feb8fd1a01d3c472624a55be'],
+    'sampled-none': ['8c32fb606e2edf802814b5f457a1efb520d579ed925c1d0c31ecbb4ba8b996c8', 'f0c4ec65d595312123679a20de8850c44d9687c60156d4ac695c29c076e25243', '4d455307ec3f9a40264e3ec8256f2afe5beb6d29ea3cc6eb0fa48e4e6baf8c7c'],
+    'sampled-packed': ['34c6d0af453db10316432f559939ed10c53c5f07c2e3b4eff826d939815432f3', 'bf53bd8d982d8e7ac17810b87c15cffabc9f8f4b92a491c0e31aa0b2cc201020', '341d7fbfff88ca378b0456828ca133ac5bb3ee1a90a0d75e8579e83a980504db'],
+    'topk-none-f16': ['bb8bf87f29d7754c0fff346fe342230fc8d339732865eb024f3929835e0cd081', '5a5b3c79e56ad081685cf7d0b420bda630a37bac0225bf9085b23da6456da958', '5a748603cadaec688bc0efb67e2bae6ec854a53f8eb1ec86365d19db9d384ace'],
+    'topk-none-f16/hidden': ['64f5caedae4def768414f6c474ac1586807af86a0b1fd58feb9cb0d88e21ba14'],
+    'topk-none-f32': ['a73955b120777fde4b68a0556aae872b4ff884183ed487c1bf3e346f77b5499f', 'e8268b103dc9ab280550d3dc29e21015d0a634fc6ede84a81b4d6184644ad26c', 'c1ea609eaa0c08e757df7512004b0e923d2732ab09e8db07731b40ef2cf6baec'],
+    'topk-packed': ['99ac37842e8c0d77736d78bee7e1d5358f36d4914739aa8887726d184c970ca0', '9ddae8ad5dc577402ab88b3ac2d3da3b77a571eda1a83fad346a16123a84ae6f', '39c0899647d6bfe576a26b24697e8194dbf459a5b86aa245ab9806ecd777e08b'],
+}
+
+
+def _write(tmp_path: str, case: str) -> dict[str, str]:
+    kind, codec, order, dtype, hidden = CASES[case]
+    manifest = _manifest(_spec(kind, codec, order=order, dtype=dtype), hidden)
+    store = create_store(os.path.join(tmp_path, case), manifest, TOKENIZER)
+    with store.writer("w-fixed", shard_records=10) as w:
+        w.write_many(_records(manifest))
+    digests = {}
+    for commit in w.committed:
+        for f in commit.files:
+            with open(os.path.join(tmp_path, case, f.path), "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()
+            assert digest == f.sha256  # the commit record lists what is on disk
+            digests[f.path] = digest
+    return digests
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_records_same_bytes(tmp_path, case):
+    digests = _write(str(tmp_path), case)
+    arrow = [d for p, d in sorted(digests.items()) if p.endswith("records.arrow")]
+    assert len(arrow) == 3  # 23 records: shards of 10, 10, 3
+    assert arrow == EXPECTED[case]
+    hidden = {p: d for p, d in digests.items() if "/hidden/" in p and "/c/" in p}
+    assert bool(hidden) == CASES[case][4]
+    if hidden:
+        assert _digest_of(hidden) == EXPECTED[f"{case}/hidden"][0]
+
+
+def _digest_of(digests: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{p}={d}\n" for p, d in sorted(digests.items())).encode()).hexdigest()
