@@ -128,6 +128,12 @@ def concat(arrays: list[np.ndarray], dtype: np.dtype, tail_shape: tuple[int, ...
     return np.concatenate(arrays)
 
 
+def bytes_column(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """One list<uint8> row per record from the records' byte streams laid end to end (record r's is
+    data[offsets[r]:offsets[r + 1]])."""
+    return pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(data))
+
+
 def bytes_list(parts: list[np.ndarray]) -> pa.Array:
     """One list<uint8> row per record from each record's byte stream."""
     return list_array(concat(parts, np.dtype(np.uint8)), [len(p) for p in parts])

@@ -25,7 +25,22 @@ from potstill.store import (
     TokenizerInfo,
     create_store,
 )
-from potstill.store.codec import IdOrder, bits_for, sampled_from_draws
+from potstill.store.codec import (
+    RANK_BUCKETS,
+    IdOrder,
+    SampledTargets,
+    _csr,
+    _gamma_stream,
+    _gaps,
+    _rank_bucket,
+    _rice_k,
+    _within,
+    bits_for,
+    encode_sampled_compact2_many,
+    pack_unary,
+    pack_varbits,
+    sampled_from_draws,
+)
 
 VOCAB = 300
 TOKENIZER = {"tokenizer.json": b'{"version": "1.0", "model": {"type": "WordLevel"}}', "tokenizer_config.json": b"{}"}
@@ -160,3 +175,51 @@ def test_same_records_same_bytes(tmp_path, case):
 
 def _digest_of(digests: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{p}={d}\n" for p, d in sorted(digests.items())).encode()).hexdigest()
+
+
+# -- the compact2 encoder of many records against the earlier one-record encoder ------------------------
+def _reference_compact2(t, places, buckets=RANK_BUCKETS):
+    """The compact2 encoder as it was, one record at a time (format §4.3.2)."""
+    row = _within(t.offsets)[0]
+    counts = t.counts.astype(np.int64)
+    parts, ks = [], []
+    for part in (counts >= 2, counts == 1):
+        order = np.lexsort((places[part], row[part]))
+        offsets = _csr(np.bincount(row[part], minlength=t.num_positions))
+        gaps = _gaps(offsets, places[part][order])
+        bucket = _rank_bucket(offsets, buckets)
+        k = np.array([_rice_k(gaps[bucket == b]) for b in range(buckets)], dtype=np.int64)
+        parts.append((gaps, k[bucket], counts[part][order], offsets))
+        ks.append(k)
+    gaps = np.concatenate([parts[0][0], parts[1][0]])
+    width = np.concatenate([parts[0][1], parts[1][1]])
+    head = np.concatenate([[buckets], *ks]).astype(np.uint8)
+    ids_stream = np.concatenate([head, pack_varbits(gaps & ((1 << width) - 1), width), pack_unary(gaps >> width)])
+    counts_stream = np.concatenate([_gamma_stream(np.diff(parts[0][3]) + 1), _gamma_stream(parts[0][2] - 1)])
+    return ids_stream, counts_stream
+
+
+def _random_targets(rng: np.random.Generator, vocab: int, samples: int) -> SampledTargets:
+    s = int(rng.integers(0, 40))
+    if s == 0:
+        return sampled_from_draws(np.zeros((0, samples), np.int64))
+    spread = rng.choice([1, 3, 50, vocab])  # from one id per position to draws all over the vocabulary
+    centre = rng.integers(0, vocab, size=(s, 1))
+    draws = (centre + rng.integers(0, spread, size=(s, samples)) ** rng.integers(1, 3)) % vocab
+    return sampled_from_draws(draws)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compact2_of_many_records_is_the_one_record_coding(seed):
+    rng = np.random.default_rng(seed)
+    vocab = int(rng.choice([2, 300, 1 << 17]))
+    samples = int(rng.choice([1, 2, 64, 1000]))
+    targets = [_random_targets(rng, vocab, samples) for _ in range(int(rng.integers(1, 30)))]
+    order = IdOrder(rng.permutation(vocab)[: min(vocab, 500)].tolist(), vocab=vocab) if seed % 2 else None
+    buckets = int(rng.choice([1, RANK_BUCKETS, 13]))
+    ids_data, ids_off, counts_data, counts_off = encode_sampled_compact2_many(targets, order, buckets)
+    for r, t in enumerate(targets):
+        places = order.rank(t.ids) if order is not None else t.ids.astype(np.int64)
+        want_ids, want_counts = _reference_compact2(t, places, buckets)
+        assert ids_data[ids_off[r] : ids_off[r + 1]].tobytes() == want_ids.tobytes()
+        assert counts_data[counts_off[r] : counts_off[r + 1]].tobytes() == want_counts.tobytes()

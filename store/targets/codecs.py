@@ -32,12 +32,14 @@ from potstill.store.codec import (
     encode_sampled,
     encode_sampled_compact,
     encode_sampled_compact2,
+    encode_sampled_compact2_many,
     encode_topk,
     pack_bits,
     recomputed_tail_mass,
     unpack_bits,
 )
 from potstill.store.columns import (
+    bytes_column,
     bytes_list,
     concat,
     first_bad_row,
@@ -330,11 +332,15 @@ class PackedCodec(Codec):
             columns["tail_logprob"] = list_array(concat([r.tail_logprob for r in records], np.dtype(np.float32)),  # type: ignore[misc]
                                                  [r.num_scored for r in records])
         if kind.holds_sampled:
-            streams = [self.encode_sampled(r.sampled, spec) for r in records]  # type: ignore[arg-type]
-            columns["sampled_entries"] = pa.array([r.sampled.num_entries for r in records], pa.int32())  # type: ignore[union-attr]
-            columns["sampled_ids_packed"] = bytes_list([a for a, _ in streams])
-            columns["sampled_counts_packed"] = bytes_list([b for _, b in streams])
+            sampled: list[SampledTargets] = [r.sampled for r in records]  # type: ignore[misc]
+            columns["sampled_entries"] = pa.array(np.array([len(t.ids) for t in sampled], dtype=np.int32))
+            columns["sampled_ids_packed"], columns["sampled_counts_packed"] = self.sampled_columns(sampled, spec)
         return columns
+
+    def sampled_columns(self, sampled: list[SampledTargets], spec: TargetSpec) -> tuple[pa.Array, pa.Array]:
+        """The `sampled_ids_packed` and `sampled_counts_packed` columns of validated records' draws."""
+        streams = [self.encode_sampled(t, spec) for t in sampled]
+        return bytes_list([a for a, _ in streams]), bytes_list([b for _, b in streams])
 
     def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
         """(ids stream, counts stream) of a record's sampled targets."""
@@ -503,6 +509,10 @@ class Compact2Codec(CompactCodec):
 
     def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
         return encode_sampled_compact2(t, spec.id_order_map)
+
+    def sampled_columns(self, sampled: list[SampledTargets], spec: TargetSpec) -> tuple[pa.Array, pa.Array]:
+        ids, ids_off, counts, counts_off = encode_sampled_compact2_many(sampled, spec.id_order_map)
+        return bytes_column(ids, ids_off), bytes_column(counts, counts_off)
 
     def decode_sampled(self, ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int,
                        spec: TargetSpec) -> SampledTargets:
