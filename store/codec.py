@@ -537,11 +537,32 @@ def encode_compact2_places(t: SampledTargets, places: np.ndarray, buckets: int =
 def encode_sampled_compact2_many(targets: list[SampledTargets], id_order: IdOrder | None = None,
                                  buckets: int = RANK_BUCKETS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`encode_sampled_compact2` of many records at once: (ids data, ids offsets, counts data, counts
-    offsets), record r's streams being data[offsets[r]:offsets[r + 1]]. The same bytes, in one pass of
-    whole-shard numpy operations instead of a few dozen small ones per record."""
-    ids = np.concatenate([t.ids for t in targets]) if targets else np.zeros(0, np.int32)
-    places = id_order.rank(ids) if id_order is not None else ids.astype(np.int64)
-    return encode_compact2_many(targets, places, buckets)
+    offsets), record r's streams being data[offsets[r]:offsets[r + 1]]. The same bytes, coded a few
+    records at a time (`COMPACT2_BLOCK_ENTRIES` entries): whole-array numpy passes over a block that
+    stays in the CPU's cache, ~2x faster than over a whole shard and than record by record."""
+    ids_parts, counts_parts, ids_lens, counts_lens = [], [], [], []
+    start = 0
+    while start < len(targets):
+        end, size = start, 0
+        while end < len(targets) and (end == start or size + len(targets[end].ids) <= COMPACT2_BLOCK_ENTRIES):
+            size += len(targets[end].ids)
+            end += 1
+        block = targets[start:end]
+        ids = np.concatenate([t.ids for t in block])
+        places = id_order.rank(ids) if id_order is not None else ids.astype(np.int64)
+        ids_data, ids_off, counts_data, counts_off = encode_compact2_many(block, places, buckets)
+        ids_parts.append(ids_data)
+        counts_parts.append(counts_data)
+        ids_lens.append(np.diff(ids_off))
+        counts_lens.append(np.diff(counts_off))
+        start = end
+    if not targets:
+        return np.zeros(0, np.uint8), np.zeros(1, np.int64), np.zeros(0, np.uint8), np.zeros(1, np.int64)
+    return (np.concatenate(ids_parts), _csr(np.concatenate(ids_lens)),
+            np.concatenate(counts_parts), _csr(np.concatenate(counts_lens)))
+
+
+COMPACT2_BLOCK_ENTRIES = 1 << 14
 
 
 def encode_compact2_many(targets: list[SampledTargets], places: np.ndarray, buckets: int = RANK_BUCKETS
