@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             prof.enable()
             runs[0].sample(workdir)
             prof.disable()
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
+            pstats.Stats(prof).sort_stats(os.environ.get("SORT", "cumulative")).print_stats(35)
             return {}
         for c in runs:
             c.sample(workdir)  # warm-up round, not counted

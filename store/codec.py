@@ -575,62 +575,61 @@ def encode_compact2_many(targets: list[SampledTargets], places: np.ndarray, buck
     follows from running sums, and the fields are OR-ed into 64-bit words (`_scatter_bits`)."""
     n_rec = len(targets)
     positions = np.array([t.num_positions for t in targets], dtype=np.int64)
-    entries = np.array([len(t.ids) for t in targets], dtype=np.int64)
-    pos_base, ent_base = _csr(positions), _csr(entries)
-    n_pos, n_ent = int(pos_base[-1]), int(ent_base[-1])
-    # global CSR of positions -> entries
-    pos_off = np.empty(n_pos + 1, dtype=np.int64)
-    pos_off[-1] = n_ent
-    for r, t in enumerate(targets):
-        o = np.asarray(t.offsets, dtype=np.int64)
-        pos_off[pos_base[r] : pos_base[r + 1]] = o[:-1] - o[0] + ent_base[r]
-    counts = np.concatenate([t.counts for t in targets]).astype(np.int64) if n_rec else np.zeros(0, np.int64)
-    places = np.asarray(places, dtype=np.int64)
-    pos = np.repeat(np.arange(n_pos, dtype=np.int64), np.diff(pos_off))
+    pos_base = _csr(positions)
+    n_pos = int(pos_base[-1])
+    # entries per position: the records' offsets laid end to end, less the steps from one record to the next
+    steps = np.diff(np.concatenate([np.asarray(t.offsets, dtype=np.int64) for t in targets]))
+    per_pos = np.delete(steps, pos_base[1:-1] + np.arange(n_rec - 1))
+    ent_base = _csr(np.array([len(t.ids) for t in targets], dtype=np.int64))
+    n_ent = int(ent_base[-1])
+    pos = np.repeat(np.arange(n_pos, dtype=np.int64), per_pos)
     rec_of_pos = np.repeat(np.arange(n_rec, dtype=np.int64), positions)
+    counts = np.concatenate([t.counts for t in targets]).astype(np.int64)
+    places = np.asarray(places, dtype=np.int64)
     part = (counts == 1).astype(np.int64)  # 0: head (count >= 2), 1: tail (count 1)
 
-    # (record, part, position, place): positions are global, so the record is the position's
+    # Sorted by (record, part, position, place) (positions are global, so the record is the position's):
+    # one sort of the key with each entry's index in its low bits, faster than an argsort.
     rec = rec_of_pos[pos]
-    local = pos - pos_base[rec]
     span = int(places.max()) + 1 if n_ent else 1
-    width_local = int(positions.max(initial=0)) + 1
-    if (2 * n_rec + 2) * width_local * span < 1 << 62:
-        order = np.argsort(((rec * 2 + part) * width_local + local) * span + places, kind="stable")
+    index_bits = max(n_ent - 1, 1).bit_length()
+    if (2 * n_rec * max(n_pos, 1) * span) << index_bits < 1 << 63:
+        key = (((rec * 2 + part) * n_pos + pos) * span + places) << index_bits
+        key |= np.arange(n_ent, dtype=np.int64)
+        order = np.sort(key) & ((1 << index_bits) - 1)
     else:
-        order = np.lexsort((places, local, part, rec))
+        order = np.lexsort((places, pos, part, rec))
     pos, part, places, counts, rec = pos[order], part[order], places[order], counts[order], rec[order]
 
     # gaps within each (part, position) group, and each entry's rank bucket in its group
-    idx = np.arange(n_ent, dtype=np.int64)
     new = np.ones(n_ent, dtype=bool)
-    new[1:] = (pos[1:] != pos[:-1]) | (part[1:] != part[:-1])
+    np.not_equal(pos[1:], pos[:-1], out=new[1:])
+    new[1:] |= part[1:] != part[:-1]
     starts = np.flatnonzero(new)
     prev = np.empty(n_ent, dtype=np.int64)
     prev[1:] = places[:-1]
     prev[starts] = -1
     gaps = places - prev - 1
     group = np.cumsum(new) - 1
-    j = idx - starts[group]
+    j = np.arange(n_ent, dtype=np.int64) - starts[group]
     size = np.diff(np.append(starts, n_ent))[group]
-    bucket = np.minimum(buckets * j // size, buckets - 1)
-    rice_group = (rec * 2 + part) * buckets + bucket
+    rice_group = (rec * 2 + part) * buckets + np.minimum(buckets * j // size, buckets - 1)
     ks = _rice_ks(gaps, rice_group, n_rec * 2 * buckets)
     width = ks[rice_group]
-    low = (gaps & ((np.int64(1) << width) - 1)).astype(np.uint64)
     quotient = gaps >> width
 
     # ids stream of record r: 1 + 2B header bytes, the low bits (padded to a byte), the quotients in unary
     head_len = 1 + 2 * buckets
-    var_bits = _per_record_sum(width, ent_base)
-    una_bits = _per_record_sum(quotient + 1, ent_base)
-    var_bytes, una_bytes = (var_bits + 7) // 8, (una_bits + 7) // 8
-    ids_off = _csr(head_len + var_bytes + una_bytes)
+    var_bits, var_before = _runs(width, ent_base, rec)
+    una_bits, una_before = _runs(quotient + 1, ent_base, rec)
+    var_bytes = (var_bits + 7) // 8
+    ids_off = _csr(head_len + var_bytes + (una_bits + 7) // 8)
     words = np.zeros(int(ids_off[-1]) // 8 + 2, dtype=np.uint64)
     var_at = 8 * (ids_off[:-1] + head_len)
-    _scatter_bits(words, var_at[rec] + _exclusive_within(width, ent_base, rec), low, width)
+    low = (gaps & ((np.int64(1) << width) - 1)).astype(np.uint64)
+    _scatter_bits(words, var_at[rec] + var_before, low, width)
     una_at = 8 * (ids_off[:-1] + head_len + var_bytes)
-    _scatter_unary(words, una_at[rec] + _exclusive_within(quotient + 1, ent_base, rec) + quotient)
+    _scatter_bits(words, una_at[rec] + una_before + quotient, None, None)
     ids_data = _bytes_of(words, int(ids_off[-1]))
     header = np.empty((n_rec, head_len), dtype=np.uint8)
     header[:, 0] = buckets
@@ -639,21 +638,21 @@ def encode_compact2_many(targets: list[SampledTargets], places: np.ndarray, buck
 
     # counts stream of record r: gamma(h + 1) of each position, then gamma(count − 1) of each head entry
     head = part == 0
-    h = np.bincount(pos[head], minlength=n_pos).astype(np.int64)
-    sizes = [h + 1, counts[head] - 1]
+    values = [np.bincount(pos[head], minlength=n_pos) + 1, counts[head] - 1]
     owners = [rec_of_pos, rec[head]]
-    bases = [pos_base, _csr(np.bincount(rec[head], minlength=n_rec))]
-    lengths = [np.floor(np.log2(v)).astype(np.int64) if len(v) else np.zeros(0, np.int64) for v in sizes]
-    region_bytes = []
-    for base, L in zip(bases, lengths, strict=True):
-        region_bytes += [(_per_record_sum(L + 1, base) + 7) // 8, (_per_record_sum(L, base) + 7) // 8]
+    bases = [pos_base, _csr(np.bincount(owners[1], minlength=n_rec))]
+    fields = []
+    for v, owner, base in zip(values, owners, bases, strict=True):
+        length = np.floor(np.log2(v)).astype(np.int64) if len(v) else np.zeros(0, np.int64)
+        fields.append((v, owner, length, *_runs(length + 1, base, owner), *_runs(length, base, owner)))
+    region_bytes = [(bits + 7) // 8 for f in fields for bits in (f[3], f[5])]
     counts_off = _csr(sum(region_bytes))
     words = np.zeros(int(counts_off[-1]) // 8 + 2, dtype=np.uint64)
     at = 8 * counts_off[:-1]
-    for i, (v, owner, base, L) in enumerate(zip(sizes, owners, bases, lengths, strict=True)):
-        _scatter_unary(words, at[owner] + _exclusive_within(L + 1, base, owner) + L)
+    for i, (v, owner, length, _, una_before, _, var_before) in enumerate(fields):
+        _scatter_bits(words, at[owner] + una_before + length, None, None)
         at = at + 8 * region_bytes[2 * i]
-        _scatter_bits(words, at[owner] + _exclusive_within(L, base, owner), (v - (np.int64(1) << L)).astype(np.uint64), L)
+        _scatter_bits(words, at[owner] + var_before, (v - (np.int64(1) << length)).astype(np.uint64), length)
         at = at + 8 * region_bytes[2 * i + 1]
     return ids_data, ids_off, _bytes_of(words, int(counts_off[-1])), counts_off
 
@@ -667,12 +666,10 @@ def _rice_ks(gaps: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
     if len(gaps) and float(gaps.max()) * len(gaps) >= 2.0**53:  # float64 sums would round: one group at a time
         return np.array([_rice_k(gaps[group == g]) for g in range(n_groups)], dtype=np.int64)
     total = np.bincount(group, weights=gaps, minlength=n_groups)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        k = np.where(n > 0, np.floor(np.log2(np.maximum(total / np.maximum(n, 1), 1))), 0).astype(np.int64)
-    u = gaps.astype(np.uint64)
+    k = np.floor(np.log2(np.maximum(total / np.maximum(n, 1), 1))).astype(np.int64)
 
     def cost(kk: np.ndarray) -> np.ndarray:
-        return n * (kk + 1) + np.bincount(group, weights=u >> kk[group].astype(np.uint64), minlength=n_groups)
+        return n * (kk + 1) + np.bincount(group, weights=gaps >> kk[group], minlength=n_groups)
 
     here = cost(k)
     while True:
@@ -686,40 +683,34 @@ def _rice_ks(gaps: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
         here = np.where(go_left, left, np.where(go_right, right, here))
 
 
-def _per_record_sum(values: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Σ of `values` over each record's slice base[r]:base[r + 1]."""
+def _runs(values: np.ndarray, base: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ of `values` over each record's slice base[r]:base[r + 1], the running sum of `values` before
+    each element within its record), `owner` being each element's record."""
     c = np.zeros(len(values) + 1, dtype=np.int64)
     np.cumsum(values, out=c[1:])
-    return c[base[1:]] - c[base[:-1]]
+    return c[base[1:]] - c[base[:-1]], c[:-1] - c[base[:-1]][owner]
 
 
-def _exclusive_within(values: np.ndarray, base: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """Running sum of `values` before each element, restarting at each record (`owner`: its record)."""
-    c = np.zeros(len(values) + 1, dtype=np.int64)
-    np.cumsum(values, out=c[1:])
-    return c[:-1] - c[base[:-1]][owner]
-
-
-def _scatter_bits(words: np.ndarray, at: np.ndarray, values: np.ndarray, widths: np.ndarray) -> None:
-    """OR each value (< 2**width, width ≤ 32) into the little-endian bit stream `words` at bit `at`.
-    Fields do not overlap and `at` does not fall, so the values landing in one word are OR-reduced
-    in one pass; a value crossing into the next word is the only one to spill into it."""
+def _scatter_bits(words: np.ndarray, at: np.ndarray, values: np.ndarray | None, widths: np.ndarray | None) -> None:
+    """OR each value (< 2**width, width ≤ 32) into the little-endian bit stream `words` at bit `at`
+    (values None: a single 1 bit, the end of a unary code). Fields do not overlap and `at` does not
+    fall, so the values landing in one word are OR-reduced in one pass; a value crossing into the
+    next word is the only one to spill into it."""
     if len(at) == 0:
         return
     word = at >> 6
     shift = (at & 63).astype(np.uint64)
-    first = np.ones(len(word), dtype=bool)
-    first[1:] = word[1:] != word[:-1]
+    first = np.empty(len(word), dtype=bool)
+    first[0] = True
+    np.not_equal(word[1:], word[:-1], out=first[1:])
     starts = np.flatnonzero(first)
-    words[word[starts]] |= np.bitwise_or.reduceat(values << shift, starts)
+    shifted = np.left_shift(np.uint64(1), shift) if values is None else values << shift
+    words[word[starts]] |= np.bitwise_or.reduceat(shifted, starts)
+    if values is None:
+        return
     spill = (at & 63) + widths > 64
     if spill.any():
         words[word[spill] + 1] |= values[spill] >> (np.uint64(64) - shift[spill])
-
-
-def _scatter_unary(words: np.ndarray, ones: np.ndarray) -> None:
-    """Set the bits `ones` (rising) of `words`: the terminating one of each unary code."""
-    _scatter_bits(words, ones, np.ones(len(ones), dtype=np.uint64), np.ones(len(ones), dtype=np.int64))
 
 
 def _bytes_of(words: np.ndarray, size: int) -> np.ndarray:
