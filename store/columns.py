@@ -46,6 +46,31 @@ def unsound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> np.ndarray:
     return (bad_ids | bad_lp).any(-1)
 
 
+def _largest_float16_at_most(x: float) -> int:
+    f = np.float16(x)
+    if float(f) > x:
+        f = np.nextafter(f, np.float16(-np.inf))
+    return int(np.array(f).view(np.int16))
+
+
+_F16_SLACK_BITS = _largest_float16_at_most(float(np.float32(LOGPROB_SLACK)))
+
+
+def surely_sound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> bool:
+    """True only where `unsound_topk` flags no row, in a few whole-array reductions (the writer's fast
+    path): every id in [0, vocab) (no empty slot) and every log-prob finite and ≤ the slack. float16
+    log-probs are checked on their bits, which order like the values among non-negative ones. False
+    means only that the full check must decide."""
+    if ids.size == 0:
+        return True
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        return False
+    if lp.dtype == np.float16:
+        bits = lp.view(np.int16)
+        return int((bits & 0x7FFF).max()) < 0x7C00 and int(bits.max()) <= _F16_SLACK_BITS
+    return bool(np.isfinite(lp).all()) and float(lp.max()) <= LOGPROB_SLACK
+
+
 # What a float32 log-softmax's own rounding may add to a distribution's total mass, over a top-K and tail.
 MASS_SLACK = 1e-4
 
