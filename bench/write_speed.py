@@ -281,19 +281,25 @@ class Contender:
     def __init__(self, name: str, tokens: int, run: Callable[[list[Record], str], int], records: list[Record]) -> None:
         self.name, self.tokens, self.run, self.records = name, tokens, run, records
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.bytes = 0
 
     def sample(self, workdir: str) -> None:
         folder = tempfile.mkdtemp(dir=workdir)
         records = fresh(self.records)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.bytes = self.run(records, folder)
         self.times.append(time.perf_counter() - t0)
+        self.cpu_times.append(time.process_time() - c0)
         shutil.rmtree(folder)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / statistics.median(self.times)
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.tokens / statistics.median(self.cpu_times)
 
 
 def contenders(count: int, length: int, only: set[str] | None) -> list[Contender]:
@@ -314,6 +320,46 @@ def contenders(count: int, length: int, only: set[str] | None) -> list[Contender
     return [c for c in out if only is None or c.name in only]
 
 
+def breakdown(records: list[Record], manifest: StoreManifest, folder: str) -> dict[str, float]:
+    """Seconds the writer's phases take on these records, each timed alone (wall clock), shard by shard as
+    `ShardWriter` does them: validate, encode (the target codec), Arrow batch (the other columns and
+    the record batch), IPC (serialising the batch), sha256, write + fsync."""
+    import hashlib
+
+    from potstill.store.records import records_to_batch, validate_record
+
+    spec = manifest.targets
+    spec.target_kind.encode([validate_record(r, manifest) for r in fresh(records[:2])], spec)  # warm: id order tables
+    out = dict.fromkeys(("validate", "encode", "arrow batch", "ipc", "sha256", "write+fsync"), 0.0)
+    t0 = time.perf_counter()
+    records = [validate_record(r, manifest) for r in fresh(records)]
+    out["validate"] = time.perf_counter() - t0
+    for lo in range(0, len(records), SHARD_RECORDS):
+        shard = records[lo : lo + SHARD_RECORDS]
+        t0 = time.perf_counter()
+        batch = records_to_batch(shard, [0] * len(shard), manifest)
+        t1 = time.perf_counter()
+        spec.target_kind.encode(shard, spec)  # what records_to_batch spent encoding, subtracted from it
+        t2 = time.perf_counter()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, batch.schema) as ipc_writer:
+            ipc_writer.write_batch(batch)
+        data = memoryview(sink.getvalue())
+        t3 = time.perf_counter()
+        hashlib.sha256(data).hexdigest()
+        t4 = time.perf_counter()
+        with open(os.path.join(folder, f"{lo}.arrow"), "wb", buffering=0) as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        t5 = time.perf_counter()
+        out["encode"] += t2 - t1
+        out["arrow batch"] += (t1 - t0) - (t2 - t1)
+        out["ipc"] += t3 - t2
+        out["sha256"] += t4 - t3
+        out["write+fsync"] += t5 - t4
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=2048)
@@ -322,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--only", default=None, help="comma-separated contender names")
     ap.add_argument("--profile", default=None, help="cProfile one contender (one run) and print its top functions")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--breakdown", action="store_true", help="also time the writer's phases apart (median of the rounds)")
     args = ap.parse_args(argv)
     where = _pin_one_core()
     only = set(args.only.split(",")) if args.only else ({args.profile} if args.profile else None)
@@ -341,29 +388,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             prof.disable()
             pstats.Stats(prof).sort_stats(os.environ.get("SORT", "cumulative")).print_stats(35)
             return {}
+        if args.breakdown:
+            _print_breakdown(args, workdir)
         for c in runs:
             c.sample(workdir)  # warm-up round, not counted
             c.times.clear()
+            c.cpu_times.clear()
         for _ in range(args.rounds):
             for c in runs:
                 c.sample(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    figures = {c.name: {"tokens_per_s": round(c.tokens_per_s), "bytes": c.bytes, "median_s": statistics.median(c.times),
+    figures = {c.name: {"tokens_per_s": round(c.tokens_per_s), "tokens_per_cpu_s": round(c.tokens_per_cpu_s),
+                        "bytes": c.bytes, "median_s": statistics.median(c.times),
                         "bytes_per_token": round(c.bytes / c.tokens, 2)} for c in runs}
-    print(f"{'contender':24s} {'tokens/s':>12s} {'bytes/token':>12s} {'median s':>9s}")
+    print(f"{'contender':24s} {'tokens/s':>12s} {'tokens/CPU-s':>13s} {'bytes/token':>12s} {'median s':>9s}")
     for name, f in figures.items():
-        print(f"{name:24s} {f['tokens_per_s']:12,d} {f['bytes_per_token']:12.2f} {f['median_s']:9.3f}")
+        print(f"{name:24s} {f['tokens_per_s']:12,d} {f['tokens_per_cpu_s']:13,d} {f['bytes_per_token']:12.2f} "
+              f"{f['median_s']:9.3f}")
     for a, b in (("potstill-default", "mds-sampled"), ("potstill-top64", "mds-top64"),
                  ("potstill-top64-packed", "mds-top64"), ("potstill-default", "arrow-ipc-sampled"),
                  ("potstill-default", "parquet-sampled"), ("potstill-top64", "arrow-ipc-top64"),
                  ("potstill-top64", "parquet-top64")):
         if a in figures and b in figures:
-            print(f"{a} / {b}: {figures[a]['tokens_per_s'] / figures[b]['tokens_per_s']:.2f}x")
+            print(f"{a} / {b}: {figures[a]['tokens_per_s'] / figures[b]['tokens_per_s']:.2f}x wall, "
+                  f"{figures[a]['tokens_per_cpu_s'] / figures[b]['tokens_per_cpu_s']:.2f}x CPU")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
     return figures
+
+
+def _print_breakdown(args: argparse.Namespace, workdir: str) -> None:
+    print("where the writer's time goes (seconds per 1M tokens, median of the rounds):")
+    for kind, codec, name in (("sampled", "compact2", "potstill-default"), ("topk", "none", "potstill-top64"),
+                              ("topk", "packed", "potstill-top64-packed")):
+        records = make_records(args.records, args.length, kind)
+        tokens = sum(r.num_tokens for r in records)
+        manifest = manifest_for(kind, codec, records)
+        rounds = []
+        for _ in range(max(args.rounds, 1)):
+            folder = tempfile.mkdtemp(dir=workdir)
+            rounds.append(breakdown(records, manifest, folder))
+            shutil.rmtree(folder)
+        phases = {p: statistics.median(r[p] for r in rounds) * 1e6 / tokens for p in rounds[0]}
+        total = sum(phases.values())
+        print(f"  {name:22s} " + "  ".join(f"{p} {v:.3f} ({100 * v / total:.0f}%)" for p, v in phases.items())
+              + f"  = {total:.3f} s, {1e6 / total:,.0f} tokens/s")
 
 
 if __name__ == "__main__":
