@@ -37,10 +37,14 @@ from potstill.store.codec import (
     _within,
     bits_for,
     encode_sampled_compact2_many,
+    pack_bits,
+    pack_bits_many,
     pack_unary,
     pack_varbits,
     sampled_from_draws,
 )
+from potstill.store.columns import surely_sound_topk, unsound_topk
+from potstill.store.errors import StoreError
 
 VOCAB = 300
 TOKENIZER = {"tokenizer.json": b'{"version": "1.0", "model": {"type": "WordLevel"}}', "tokenizer_config.json": b"{}"}
@@ -223,3 +227,33 @@ def test_compact2_of_many_records_is_the_one_record_coding(seed):
         want_ids, want_counts = _reference_compact2(t, places, buckets)
         assert ids_data[ids_off[r] : ids_off[r + 1]].tobytes() == want_ids.tobytes()
         assert counts_data[counts_off[r] : counts_off[r + 1]].tobytes() == want_counts.tobytes()
+
+
+@pytest.mark.parametrize("bits", [1, 7, 12, 17, 32])
+def test_packing_many_records_is_packing_each(bits):
+    rng = np.random.default_rng(bits)
+    for counts in (rng.integers(0, 300, 25), np.full(6, 64 * 5), np.zeros(3, np.int64)):
+        values = rng.integers(0, 1 << bits, int(counts.sum()), dtype=np.uint64)
+        data, offsets = pack_bits_many(values, counts, bits)
+        first = np.concatenate([[0], np.cumsum(counts)])
+        for r in range(len(counts)):
+            assert data[offsets[r] : offsets[r + 1]].tobytes() == pack_bits(values[first[r] : first[r + 1]], bits).tobytes()
+    with pytest.raises(StoreError, match="does not fit"):
+        pack_bits_many(np.array([1 << bits], dtype=np.uint64), np.array([1]), bits)
+
+
+def test_the_fast_top_k_check_passes_only_what_the_full_check_passes():
+    rng = np.random.default_rng(3)
+    edge = [-np.inf, np.nan, np.inf, -3.0, 0.0, -0.0, 1e-3, 0.0009765625, 0.001000047, 2e-3, -1e-3]
+    passed = 0
+    for trial in range(3000):
+        ids = rng.integers(-2, 12, (3, 4)).astype(np.int32) if trial % 2 else rng.integers(0, 10, (3, 4)).astype(np.int32)
+        lp = -rng.random((3, 4)).astype(np.float16 if trial % 3 else np.float32)
+        if trial % 5:  # one value at an edge: only some of them pass
+            lp[rng.integers(3), rng.integers(4)] = rng.choice(edge)
+        if surely_sound_topk(ids, lp, 10):
+            passed += 1
+            assert not unsound_topk(ids, lp, 10).any()
+    assert passed  # the fast path is taken
+    fine = (-np.arange(12, dtype=np.float16) / 3).reshape(3, 4)
+    assert surely_sound_topk(np.arange(12, dtype=np.int32).reshape(3, 4), fine, 12)

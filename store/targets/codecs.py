@@ -33,8 +33,8 @@ from potstill.store.codec import (
     encode_sampled_compact,
     encode_sampled_compact2,
     encode_sampled_compact2_many,
-    encode_topk,
-    pack_bits,
+    encode_topk_many,
+    pack_bits_many,
     recomputed_tail_mass,
     unpack_bits,
 )
@@ -323,11 +323,16 @@ class PackedCodec(Codec):
         q = spec.quantizer()
         id_bits = int(spec.id_bits or 0)
         columns: dict[str, pa.Array] = {}
+        scored = np.array([r.num_scored for r in records], dtype=np.int64)
         if kind.holds_topk:
-            streams = [encode_topk(r.topk_ids, r.topk_logprobs, id_bits, q) for r in records]  # type: ignore[arg-type]
-            columns["topk_ids_packed"] = bytes_list([a for a, _ in streams])
-            columns["topk_logprobs_packed"] = bytes_list([b for _, b in streams])
-        columns["token_logprob_packed"] = bytes_list([pack_bits(q.encode(r.token_logprob), q.bits) for r in records])  # type: ignore[arg-type]
+            k = spec.k
+            ids_data, ids_off, lp_data, lp_off = encode_topk_many(
+                concat([r.topk_ids for r in records], np.dtype(np.int32), (k,)),  # type: ignore[misc]
+                concat([r.topk_logprobs for r in records], np.dtype(np.float32), (k,)), scored, id_bits, q)  # type: ignore[misc]
+            columns["topk_ids_packed"] = bytes_column(ids_data, ids_off)
+            columns["topk_logprobs_packed"] = bytes_column(lp_data, lp_off)
+        token_lp = concat([r.token_logprob for r in records], np.dtype(np.float32))  # type: ignore[misc]
+        columns["token_logprob_packed"] = bytes_column(*pack_bits_many(q.encode(token_lp), scored, q.bits))
         if spec.tail_logprob:
             columns["tail_logprob"] = list_array(concat([r.tail_logprob for r in records], np.dtype(np.float32)),  # type: ignore[misc]
                                                  [r.num_scored for r in records])
