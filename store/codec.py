@@ -293,12 +293,22 @@ def _split_positions(counts: np.ndarray, entries: int, positions: int, samples: 
 def encode_topk_many(ids: np.ndarray, logprobs: np.ndarray, positions: np.ndarray, id_bits: int, q: LogprobQuantizer
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`encode_topk` of many records at once: [P, K] ids and log-probs of the records' positions end to end
-    (record r's: `positions[r]` rows) -> (ids data, ids offsets, log-prob data, log-prob offsets)."""
+    (record r's: `positions[r]` rows) -> (ids data, ids offsets, log-prob data, log-prob offsets). A few
+    records at a time, so that the quantiser's float64 temporaries stay small."""
+    positions = np.asarray(positions, dtype=np.int64)
     k = ids.shape[1] if ids.ndim == 2 else 0
-    per_record = np.asarray(positions, dtype=np.int64) * k
-    ids_data, ids_off = pack_bits_many(np.where(ids < 0, 0, ids), per_record, id_bits)
-    lp_data, lp_off = pack_bits_many(q.encode(np.asarray(logprobs, dtype=np.float32)), per_record, q.bits)
-    return ids_data, ids_off, lp_data, lp_off
+    row = _csr(positions)
+    ids_parts, lp_parts = [], []
+    r0 = 0
+    while r0 < len(positions):
+        r1 = min(max(int(np.searchsorted(row, row[r0] + PACK_BLOCK_ROWS, side="right")) - 1, r0 + 1), len(positions))
+        block_ids, block_lp = ids[row[r0] : row[r1]], logprobs[row[r0] : row[r1]]
+        ids_parts.append(pack_bits_many(np.where(block_ids < 0, 0, block_ids), positions[r0:r1] * k, id_bits)[0])
+        lp_parts.append(pack_bits_many(q.encode(np.asarray(block_lp, dtype=np.float32)), positions[r0:r1] * k, q.bits)[0])
+        r0 = r1
+    empty = np.zeros(0, dtype=np.uint8)
+    return (np.concatenate(ids_parts) if ids_parts else empty, _csr((positions * k * id_bits + 7) // 8),
+            np.concatenate(lp_parts) if lp_parts else empty, _csr((positions * k * q.bits + 7) // 8))
 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, id_bits: int, q: LogprobQuantizer) -> tuple[np.ndarray, np.ndarray]:
