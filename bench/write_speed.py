@@ -93,7 +93,7 @@ TOKENIZER = {"tokenizer.json": b'{"version": "1.0", "model": {"type": "WordLevel
 SHARD_RECORDS = 1024  # potstill generate's default --shard-records; the Arrow files split the same way
 
 
-def _pin_one_core() -> str:
+def _pin_one_core(core: int | None) -> str:
     try:
         import torch
 
@@ -101,7 +101,7 @@ def _pin_one_core() -> str:
     except ImportError:
         pass
     if hasattr(os, "sched_setaffinity"):
-        core = min(os.sched_getaffinity(0))
+        core = min(os.sched_getaffinity(0)) if core is None else core
         os.sched_setaffinity(0, {core})
         return f"core {core}"
     return "all cores (no sched_setaffinity)"
@@ -370,12 +370,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--records", type=int, default=2048)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--core", type=int, default=None, help="the core to run on (default: the first this process may use)")
     ap.add_argument("--only", default=None, help="comma-separated contender names")
     ap.add_argument("--profile", default=None, help="cProfile one contender (one run) and print its top functions")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--breakdown", action="store_true", help="also time the writer's phases apart (median of the rounds)")
     args = ap.parse_args(argv)
-    where = _pin_one_core()
+    where = _pin_one_core(args.core)
     only = set(args.only.split(",")) if args.only else ({args.profile} if args.profile else None)
     t0 = time.perf_counter()
     runs = contenders(args.records, args.length, only)

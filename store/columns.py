@@ -148,9 +148,15 @@ def offsets_array(lengths: list[int] | np.ndarray) -> pa.Array:
 
 
 def concat(arrays: list[np.ndarray], dtype: np.dtype, tail_shape: tuple[int, ...] = ()) -> np.ndarray:
+    """The arrays end to end (a column's values), in memory from Arrow's pool: a shard's columns are
+    allocated again for every shard, and the pool keeps its pages where numpy's allocator hands
+    large blocks back to the system and then pays a page fault for every 4 KB of the next one."""
     if not arrays:
         return np.zeros((0, *tail_shape), dtype=dtype)
-    return np.concatenate(arrays)
+    kind = np.result_type(*arrays)
+    shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])
+    out = np.frombuffer(pa.allocate_buffer(int(np.prod(shape)) * kind.itemsize), dtype=kind).reshape(shape)
+    return np.concatenate(arrays, out=out)
 
 
 def bytes_column(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
