@@ -9,6 +9,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 from typing import Any, Protocol
 
 import numpy as np
@@ -323,22 +324,30 @@ class ShardWriter:
         self.close()
 
 
-_WRITE_CHUNK = 1 << 20  # small enough that a chunk hashed is still in the CPU's cache when it is written
-
-
 def _write_hashed(path: str, data: memoryview) -> str:
-    """Write a whole local file and return its sha256, hashing each chunk as it is written (one pass
-    over the bytes from memory, not one to hash and one to write), then fsync it once."""
+    """Write a whole local file, fsync it once, and return the sha256 of the bytes written: hashed from
+    memory while a second thread writes and fsyncs them (both release the GIL), so the disk's fsync
+    wait and the hashing overlap even on one core."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    h = hashlib.sha256()
-    with open(path, "wb", buffering=0) as f:
-        for start in range(0, len(data), _WRITE_CHUNK):
-            chunk = data[start : start + _WRITE_CHUNK]
-            h.update(chunk)
-            while chunk:  # a raw file may take part of a chunk
-                chunk = chunk[f.write(chunk) :]
-        os.fsync(f.fileno())
-    return h.hexdigest()
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with open(path, "wb", buffering=0) as f:
+                rest = data
+                while rest:  # a raw file may take part of what it is given
+                    rest = rest[f.write(rest) :]
+                os.fsync(f.fileno())
+        except BaseException as e:  # handed to the caller below
+            failed.append(e)
+
+    writer = threading.Thread(target=write, name="potstill-write", daemon=True)
+    writer.start()
+    digest = hashlib.sha256(data).hexdigest()
+    writer.join()
+    if failed:
+        raise failed[0]
+    return digest
 
 
 class _LocalFS:
