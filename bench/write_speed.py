@@ -37,6 +37,7 @@ has installed. Without mosaicml-streaming the MDS rows are left out.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import importlib.util
 import json
@@ -61,6 +62,7 @@ def _this_checkout_first() -> None:
     """Import potstill from this repository whatever the interpreter has installed: a folder of links
     laid out as the installed package (potstill/ with store/, teacher_gen/, ... inside it)."""
     root = tempfile.mkdtemp(prefix="potstill-src-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     pkg = os.path.join(root, "potstill")
     os.makedirs(pkg)
     for name in os.listdir(os.path.join(REPO, "potstill")):
