@@ -40,6 +40,31 @@ def unsound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> np.ndarray:
     return (bad_ids | bad_lp).any(-1)
 
 
+def _largest_float16_at_most(x: float) -> int:
+    f = np.float16(x)
+    if float(f) > x:
+        f = np.nextafter(f, np.float16(-np.inf))
+    return int(np.array(f).view(np.int16))
+
+
+_F16_SLACK_BITS = _largest_float16_at_most(float(np.float32(LOGPROB_SLACK)))
+
+
+def surely_sound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> bool:
+    """True only where `unsound_topk` flags no row, in a few whole-array reductions (the writer's fast
+    path): every id in [0, vocab) (no empty slot) and every log-prob finite and ≤ the slack. float16
+    log-probs are checked on their bits, which order like the values among non-negative ones. False
+    means only that the full check must decide."""
+    if ids.size == 0:
+        return True
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        return False
+    if lp.dtype == np.float16:
+        bits = lp.view(np.int16)
+        return int((bits & 0x7FFF).max()) < 0x7C00 and int(bits.max()) <= _F16_SLACK_BITS
+    return bool(np.isfinite(lp).all()) and float(lp.max()) <= LOGPROB_SLACK
+
+
 # What a float32 log-softmax's own rounding may add to a distribution's total mass, over a top-K and tail.
 MASS_SLACK = 1e-4
 
@@ -140,9 +165,21 @@ def offsets_array(lengths: list[int] | np.ndarray) -> pa.Array:
 
 
 def concat(arrays: list[np.ndarray], dtype: np.dtype, tail_shape: tuple[int, ...] = ()) -> np.ndarray:
+    """The arrays end to end (a column's values), in memory from Arrow's pool: a shard's columns are
+    allocated again for every shard, and the pool keeps its pages where numpy's allocator hands
+    large blocks back to the system and then pays a page fault for every 4 KB of the next one."""
     if not arrays:
         return np.zeros((0, *tail_shape), dtype=dtype)
-    return np.concatenate(arrays)
+    kind = np.result_type(*arrays)
+    shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])
+    out = np.frombuffer(pa.allocate_buffer(int(np.prod(shape)) * kind.itemsize), dtype=kind).reshape(shape)
+    return np.concatenate(arrays, out=out)
+
+
+def bytes_column(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """One list<uint8> row per record from the records' byte streams laid end to end (record r's is
+    data[offsets[r]:offsets[r + 1]])."""
+    return pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(data))
 
 
 def bytes_list(parts: list[np.ndarray]) -> pa.Array:

@@ -31,13 +31,15 @@ from potstill.store.codec import (
     decode_topk,
     encode_sampled,
     encode_sampled_compact,
-    encode_topk,
-    pack_bits,
+    encode_sampled_compact_many,
+    encode_topk_many,
+    pack_bits_many,
     unpack_bits,
     unpack_bits_shard,
 )
 from potstill.store.columns import (
     CHECK_ROWS,
+    bytes_column,
     bytes_list,
     concat,
     first_bad_row,
@@ -310,20 +312,29 @@ class PackedCodec(Codec):
         q = spec.quantizer()
         id_bits = int(spec.id_bits or 0)
         columns: dict[str, pa.Array] = {}
+        scored = np.array([r.num_scored for r in records], dtype=np.int64)
         if kind.holds_topk:
-            streams = [encode_topk(r.topk_ids, r.topk_logprobs, id_bits, q) for r in records]  # type: ignore[arg-type]
-            columns["topk_ids_packed"] = bytes_list([a for a, _ in streams])
-            columns["topk_logprobs_packed"] = bytes_list([b for _, b in streams])
-        columns["token_logprob_packed"] = bytes_list([pack_bits(q.encode(r.token_logprob), q.bits) for r in records])  # type: ignore[arg-type]
+            k = spec.k
+            ids_data, ids_off, lp_data, lp_off = encode_topk_many(
+                concat([r.topk_ids for r in records], np.dtype(np.int32), (k,)),  # type: ignore[misc]
+                concat([r.topk_logprobs for r in records], np.dtype(np.float32), (k,)), scored, id_bits, q)  # type: ignore[misc]
+            columns["topk_ids_packed"] = bytes_column(ids_data, ids_off)
+            columns["topk_logprobs_packed"] = bytes_column(lp_data, lp_off)
+        token_lp = concat([r.token_logprob for r in records], np.dtype(np.float32))  # type: ignore[misc]
+        columns["token_logprob_packed"] = bytes_column(*pack_bits_many(q.encode(token_lp), scored, q.bits))
         if kind.holds_tail:
             columns["tail_logprob"] = list_array(concat([r.tail_logprob for r in records], np.dtype(np.float32)),  # type: ignore[misc]
                                                  [r.num_scored for r in records])
         if kind.holds_sampled:
-            streams = [self.encode_sampled(r.sampled, spec) for r in records]  # type: ignore[arg-type]
-            columns["sampled_entries"] = pa.array([r.sampled.num_entries for r in records], pa.int32())  # type: ignore[union-attr]
-            columns["sampled_ids_packed"] = bytes_list([a for a, _ in streams])
-            columns["sampled_counts_packed"] = bytes_list([b for _, b in streams])
+            sampled: list[SampledTargets] = [r.sampled for r in records]  # type: ignore[misc]
+            columns["sampled_entries"] = pa.array(np.array([len(t.ids) for t in sampled], dtype=np.int32))
+            columns["sampled_ids_packed"], columns["sampled_counts_packed"] = self.sampled_columns(sampled, spec)
         return columns
+
+    def sampled_columns(self, sampled: list[SampledTargets], spec: TargetSpec) -> tuple[pa.Array, pa.Array]:
+        """The `sampled_ids_packed` and `sampled_counts_packed` columns of validated records' draws."""
+        streams = [self.encode_sampled(t, spec) for t in sampled]
+        return bytes_list([a for a, _ in streams]), bytes_list([b for _, b in streams])
 
     def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
         """(ids stream, counts stream) of a record's sampled targets."""
@@ -529,6 +540,10 @@ class CompactCodec(PackedCodec):
 
     def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
         return encode_sampled_compact(t, spec.id_order_map)
+
+    def sampled_columns(self, sampled: list[SampledTargets], spec: TargetSpec) -> tuple[pa.Array, pa.Array]:
+        ids, ids_off, counts, counts_off = encode_sampled_compact_many(sampled, spec.id_order_map)
+        return bytes_column(ids, ids_off), bytes_column(counts, counts_off)
 
     def decode_sampled(self, ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int,
                        spec: TargetSpec) -> SampledTargets:

@@ -12,7 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 from potstill.store.codec import SampledTargets, check_sampled, sampled_from_draws
-from potstill.store.columns import input_vocab, target_vocab, unsound_log_tail, unsound_logprobs, unsound_topk
+from potstill.store.columns import (
+    input_vocab,
+    surely_sound_topk,
+    target_vocab,
+    unsound_log_tail,
+    unsound_logprobs,
+    unsound_topk,
+)
 from potstill.store.errors import StoreError
 from potstill.store.targets.base import (
     CaptureNeeds,
@@ -99,7 +106,9 @@ def validate_parts(rec: Record, manifest: StoreManifest, kind: TargetKind, where
     # log-prob into an empty slot), so a store never holds them.
     unsound = unsound_logprobs(token_lp)
     if kind.holds_topk:
-        unsound = unsound | unsound_topk(rec.topk_ids, rec.topk_logprobs, input_vocab(manifest)) | unsound_log_tail(rec.tail_logprob)
+        unsound = unsound | unsound_log_tail(rec.tail_logprob)
+        if not surely_sound_topk(rec.topk_ids, rec.topk_logprobs, input_vocab(manifest)):
+            unsound = unsound | unsound_topk(rec.topk_ids, rec.topk_logprobs, input_vocab(manifest))
     if unsound.any():
         raise StoreError(f"{where}: the targets of scored position {int(np.flatnonzero(unsound)[0])} are not a "
                          "distribution (NaN or infinite log-probs, ids outside the vocabulary, or a log tail above 0)")
