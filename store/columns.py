@@ -133,17 +133,30 @@ def bytes_list(parts: list[np.ndarray]) -> pa.Array:
     return list_array(concat(parts, np.dtype(np.uint8)), [len(p) for p in parts])
 
 
+def numpy_view(arr: pa.Array) -> np.ndarray:
+    """A zero-copy numpy view of a primitive Arrow array without nulls. pyarrow's own `to_numpy`
+    imports pandas on its first call, 0.5 s in every loader process before its first batch."""
+    if arr.null_count:
+        raise StoreError(f"a {arr.type} column has nulls")
+    dtype = np.dtype(_NUMPY_TYPES[arr.type.id])
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
+
+
+_NUMPY_TYPES = {pa.type_for_alias(name).id: name for name in
+                ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64")}
+
+
 def flat(batch: pa.RecordBatch, name: str, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, values) of a list column as zero-copy numpy views; `width`: values are
     fixed_size_list rows, returned as [rows, width]."""
     col = batch.column(name)
     if col.offset != 0 or col.null_count:
         raise StoreError(f"column {name} is sliced or has nulls")
-    offsets = col.offsets.to_numpy(zero_copy_only=True)
+    offsets = numpy_view(col.offsets)
     values = col.values
     if width is not None:
         values = values.values
-    arr = values.to_numpy(zero_copy_only=True)
+    arr = numpy_view(values)
     if width is not None:
         arr = arr.reshape(-1, width)
     return offsets, arr

@@ -340,11 +340,13 @@ class Store:
         return max(seqs_for_writer(names, writer_id), default=-1) + 1
 
     # -- reading ------------------------------------------------------------------------------
-    def shard(self, name: str) -> ShardReader:
-        """The reader of a committed shard (kept open in a small LRU cache)."""
+    def shard(self, name: str, *, checked: bool = False) -> ShardReader:
+        """The reader of a committed shard (kept open in a small LRU cache). `checked`: another process
+        of the same job has already checked its records file and values (`verify_reads`), so this one
+        does not again (a training loader's workers share what they checked)."""
         reader = self._open.get(name)
         if reader is None:
-            reader = ShardReader(self, self.commit(name))
+            reader = ShardReader(self, self.commit(name), checked=checked)
             self._open[name] = reader
             if len(self._open) > _OPEN_SHARDS:
                 self._open.popitem(last=False)
@@ -454,19 +456,23 @@ class Store:
 class ShardReader:
     """One committed shard: zero-copy columns of its Arrow file and lazy access to its Zarr arrays."""
 
-    def __init__(self, store: Store, commit: CommitRecord) -> None:
+    def __init__(self, store: Store, commit: CommitRecord, *, checked: bool = False) -> None:
+        """Open a shard's records file; with the store's `verify_reads`, unless `checked` (by another
+        process of the same job) or checked before in this process, check it first: its sha256, then
+        its values (`store.checks`) and ids."""
         self.store = store
         self.commit = commit
         self.name = commit.shard
         where = f"{store.url}/{commit.arrow_path}"
         path = store.path(commit.arrow_path)
         self._files = {f.path: f for f in commit.files}
+        verify = store.verify_reads and not checked
         try:
             if is_local(store.fs):  # zero-copy: columns are views of the page cache
                 buffer = pa.memory_map(path, "r").read_buffer()
             else:
                 buffer = pa.py_buffer(read_bytes(store.fs, path))
-            if store.verify_reads and (path, self._files[commit.arrow_path].sha256) not in _VERIFIED:
+            if verify and (path, self._files[commit.arrow_path].sha256) not in _VERIFIED:
                 # Hashing reads the file once; its pages are then in the cache the columns read from.
                 _check_digest(buffer, self._files[commit.arrow_path], where)
                 _VERIFIED.add((path, self._files[commit.arrow_path].sha256))
@@ -494,12 +500,12 @@ class ShardReader:
             self.views = ColumnViews(batch, store.manifest.targets)
         except (pa.ArrowInvalid, StoreError) as e:
             raise StoreError(f"{where}: {e}") from None
-        if store.verify_reads and (path, "values") not in _VERIFIED:
+        if verify and (path, "values") not in _VERIFIED:
             problems = value_problems(self.views, store.manifest)
             if problems:
                 raise StoreError(f"{store.url}: shard {self.name}: {problems[0]}")
             stored = self.views.batch.column("id")
-            if not stored.equals(pa.array(commit.ids, type=stored.type)):  # the split and reports go by the commit's ids
+            if stored.to_pylist() != commit.ids:  # the split and reports go by the commit's ids (pa.array(list) imports pandas: 0.5 s)
                 raise StoreError(f"{where}: record ids differ from its commit record commits/{self.name}.json")
             _VERIFIED.add((path, "values"))
         self._group: Any = None

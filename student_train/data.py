@@ -39,11 +39,15 @@ read only when a hidden-state or relation loss needs them.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import math
 import os
+import tempfile
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -522,6 +526,41 @@ def check_targets(store: Store, targets: str) -> None:
 
 
 # -- the dataset -------------------------------------------------------------------------------------
+class CheckedShards:
+    """Which of a plan's shards a process of one loader has checked (`verify_reads`: the records file's
+    sha256 and the values), in memory its worker processes share, forked or spawned: each shard is
+    checked once per job, by the first process to read it, and not again by every worker that meets
+    it in a later epoch. Two workers meeting an unchecked shard at once take turns (a lock per shard,
+    a byte-range lock on one temporary file): the second finds it checked."""
+
+    def __init__(self, count: int) -> None:
+        self.flags = torch.zeros(count, dtype=torch.bool).share_memory_()
+        fd, self.lock_path = tempfile.mkstemp(prefix="potstill-checked-shards-")
+        os.close(fd)
+        weakref.finalize(self, _remove_owned, self.lock_path, os.getpid())
+        self._fd: tuple[int, int] | None = None  # (pid, descriptor): locks belong to the process holding them
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"flags": self.flags, "lock_path": self.lock_path, "_fd": None}
+
+    @contextlib.contextmanager
+    def claim(self, index: int) -> Iterator[None]:
+        if self._fd is None or self._fd[0] != os.getpid():
+            self._fd = (os.getpid(), os.open(self.lock_path, os.O_RDWR))
+        fd = self._fd[1]
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, index)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, index)
+
+
+def _remove_owned(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # not from a forked worker's exit
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
 class StoreDataset(IterableDataset):
     """Batches of a store for one rank: an infinite, deterministic, resumable stream (module doc)."""
 
@@ -566,6 +605,7 @@ class StoreDataset(IterableDataset):
         self.batches_consumed = 0  # by this rank, at the last optimizer step (set by load_state_dict)
         self._store: Store | None = store
         self._store_pid = os.getpid()
+        self._checked = CheckedShards(len(plan.shards))
         self._reopen = (store.url, store.storage_options, store.strict, store.verify_reads)
         self._tokenizer: Any = None
         self._fallbacks = 0  # multitask: records of the current batch used whole (logged as their share)
@@ -687,8 +727,8 @@ class StoreDataset(IterableDataset):
     def store(self) -> Store:
         """The store handle of this process: the one handed over in the process that built the dataset,
         reopened from its URL (same options) in a loader worker. Memory maps, open zarr arrays and
-        fsspec file objects are not safe to share across fork or pickle, and each process checks each
-        file's sha256 once before its first use (`verify_reads`)."""
+        fsspec file objects are not safe to share across fork or pickle. A shard's records file and
+        values are checked once per job before their first use (`verify_reads`, `_shard`)."""
         if self._store is None or self._store_pid != os.getpid():
             url, options, strict, verify_reads = self._reopen
             self._store = open_store(url, options, strict=strict, verify_reads=verify_reads)
@@ -696,7 +736,14 @@ class StoreDataset(IterableDataset):
         return self._store
 
     def _shard(self, shard_idx: int) -> ShardReader:
-        return self.store.shard(self.plan.shards[shard_idx])
+        name = self.plan.shards[shard_idx]
+        if self._checked.flags[shard_idx] or not self.store.verify_reads:
+            return self.store.shard(name, checked=True)
+        with self._checked.claim(shard_idx):  # another worker checking it now: wait for its result
+            checked = bool(self._checked.flags[shard_idx])
+            reader = self.store.shard(name, checked=checked)
+            self._checked.flags[shard_idx] = True  # opened without raising: its checks passed
+        return reader
 
     def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
         reader = self._shard(shard_idx)

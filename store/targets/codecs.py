@@ -48,6 +48,7 @@ from potstill.store.columns import (
     list_array,
     log_of_mass,
     mass_of_log,
+    numpy_view,
     offsets_array,
     target_vocab,
     unsound_log_tail,
@@ -148,10 +149,10 @@ class PlainColumns(TargetColumns):
             for col, name in ((ids_col, "sampled_ids"), (counts_col, "sampled_counts")):
                 if col.offset != 0 or col.null_count or col.values.null_count:
                     raise StoreError(f"column {name} is sliced or has nulls")
-            self.sampled_rec_off = ids_col.offsets.to_numpy(zero_copy_only=True)
-            self.sampled_pos_off = ids_col.values.offsets.to_numpy(zero_copy_only=True)
-            self.sampled_ids = ids_col.values.values.to_numpy(zero_copy_only=True)
-            self.sampled_counts = counts_col.values.values.to_numpy(zero_copy_only=True)
+            self.sampled_rec_off = numpy_view(ids_col.offsets)
+            self.sampled_pos_off = numpy_view(ids_col.values.offsets)
+            self.sampled_ids = numpy_view(ids_col.values.values)
+            self.sampled_counts = numpy_view(counts_col.values.values)
         # The offsets as Python ints: slicing with them costs half of slicing with numpy scalars,
         # which is most of the per-record overhead of a loader (bench/store_io.py).
         self.bounds: list[int] = self.tgt_off.tolist()
@@ -367,7 +368,7 @@ class PackedColumns(TargetColumns):
         self.tgt_off = np.concatenate([[0], np.cumsum(np.diff(views.tok_off) - views.score_start)]).astype(np.int64)
         self.streams = {f.name: flat(batch, f.name) for f in codec.fields(spec, kind) if f.type == NESTED_U8}
         if kind.holds_sampled:
-            self.sampled_entries = batch.column("sampled_entries").to_numpy(zero_copy_only=True)
+            self.sampled_entries = numpy_view(batch.column("sampled_entries"))
         if spec.tail_logprob:
             _, self.tail_logprob = flat(batch, "tail_logprob")
         self.bounds: list[int] = self.tgt_off.tolist()
