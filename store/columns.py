@@ -36,14 +36,31 @@ def unsound_logprobs(lp: np.ndarray) -> np.ndarray:
     return np.isnan(lp) | (lp > LOGPROB_SLACK)
 
 
+# Rows of top-k targets checked at a time: the temporaries of a block stay in the CPU's cache (a whole
+# shard's would be hundreds of MB of fresh memory per check, several times slower).
+CHECK_BLOCK = 8192
+
+
+def _by_blocks(rows: int, check: Any) -> np.ndarray:
+    """[rows] mask: `check(lo, hi)` of every block of CHECK_BLOCK rows, joined."""
+    return np.concatenate([check(lo, min(lo + CHECK_BLOCK, rows)) for lo in range(0, rows, CHECK_BLOCK)] or
+                          [np.zeros(0, dtype=bool)])
+
+
 def unsound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> np.ndarray:
     """[S] mask of top-k rows with an id outside [0, vocab) (−1 marks an empty slot) or a log-prob
     that is not a finite value ≤ 0 where the slot holds an id, and not −inf where it is empty."""
-    lp = np.asarray(lp, dtype=np.float32)
-    empty = ids == -1
-    bad_ids = (ids < -1) | (ids >= vocab)
-    bad_lp = np.where(empty, ~np.isneginf(lp), ~np.isfinite(lp) | (lp > LOGPROB_SLACK))
-    return (bad_ids | bad_lp).any(-1)
+
+    def check(lo: int, hi: int) -> np.ndarray:
+        block_ids = ids[lo:hi]
+        block_lp = np.asarray(lp[lo:hi], dtype=np.float32)  # exact for float16, whose arithmetic numpy emulates slowly
+        empty = block_ids == -1
+        bad_ids = ((block_ids < -1) | (block_ids >= vocab)).any(-1)
+        # a slot holding an id: NaN, ±inf or above the slack; an empty one: anything but −inf
+        neg_inf = block_lp == -np.inf
+        return bad_ids | np.where(empty, ~neg_inf, neg_inf | ~(block_lp <= LOGPROB_SLACK)).any(-1)
+
+    return _by_blocks(len(ids), check)
 
 
 # What a float32 log-softmax's own rounding may add to a distribution's total mass, over a top-K and tail.
@@ -59,26 +76,48 @@ def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | floa
     quantiser's rounding), so the mass checked, Σ exp(lp − lp_error) + the tail's, is a lower bound of
     the true one. `clipped`: the quantiser's floor; a slot there may hold any smaller value, so it
     adds nothing to that bound."""
-    lp = np.asarray(lp, dtype=np.float64)
     tail = np.asarray(tail_logprob, dtype=np.float64)
-    ordered = np.sort(ids, axis=-1)
-    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        rising = (lp[:, 1:] > lp[:, :-1]).any(-1)
-        low = lp - lp_error if clipped is None else np.where(lp <= clipped, -np.inf, lp - lp_error)
-        too_much = np.exp(low).sum(-1) + np.exp(tail - np.abs(tail) * 2.0**-24) > 1 + MASS_SLACK
-    stored = np.exp(lp[too_much]).sum(-1) + np.exp(tail[too_much])
+    per_row = isinstance(lp_error, np.ndarray) and lp_error.ndim > 0
+
+    def check(lo: int, hi: int) -> np.ndarray:  # [rows, 3]: repeated, rising, too much
+        lp32 = np.asarray(lp[lo:hi], dtype=np.float32)  # exact for float16 and float32 log-probs
+        err = lp_error[lo:hi] if per_row else lp_error  # type: ignore[index]
+        ordered = np.sort(ids[lo:hi], axis=-1)
+        out = np.zeros((hi - lo, 3), dtype=bool)
+        out[:, 0] = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            out[:, 1] = (lp32[:, 1:] > lp32[:, :-1]).any(-1)
+            # The mass in float32 first: off from the float64 bound by far less than half the slack,
+            # so only the rows it puts above 1 + MASS_SLACK / 2 need the float64 bound.
+            low = lp32 - np.asarray(err, dtype=np.float32)
+            if clipped is not None:
+                low[lp32 <= clipped] = -np.inf
+            t = tail[lo:hi]
+            screen = np.exp(low, out=low).sum(-1) + np.exp(t.astype(np.float32))
+            rows = np.flatnonzero(screen > 1 + MASS_SLACK / 2)
+            if len(rows):
+                lp64 = lp32[rows].astype(np.float64)
+                e = err[rows] if per_row else err
+                low64 = lp64 - e if clipped is None else np.where(lp64 <= clipped, -np.inf, lp64 - e)
+                out[rows, 2] = np.exp(low64).sum(-1) + np.exp(t[rows] - np.abs(t[rows]) * 2.0**-24) > 1 + MASS_SLACK
+        return out
+
+    blocks = [check(lo, min(lo + CHECK_BLOCK, len(tail))) for lo in range(0, len(tail), CHECK_BLOCK)]
+    masks = np.concatenate(blocks) if blocks else np.zeros((0, 3), dtype=bool)
+    too_much = masks[:, 2]
+    stored = np.exp(np.asarray(lp[too_much], dtype=np.float64)).sum(-1) + np.exp(tail[too_much])
     worst = float(stored.max()) if stored.size else 0.0
-    return [("a top-k id is in two slots of one position", repeated),
-            ("top-k log-probs are not in descending order", rising),
+    return [("a top-k id is in two slots of one position", masks[:, 0]),
+            ("top-k log-probs are not in descending order", masks[:, 1]),
             (f"top-k and tail probabilities sum to {worst:.4g} (more than 1 beyond their rounding)", too_much)]
 
 
 def float_rounding(lp: np.ndarray) -> np.ndarray:
-    """How far a stored float16 / float32 log-prob may lie from the value it rounds (half an ulp)."""
+    """How far a stored float16 / float32 log-prob may lie from the value it rounds (half an ulp);
+    float32, exact (a power-of-two multiple of the value)."""
     unit = 2.0**-11 if lp.dtype == np.float16 else 2.0**-24
     with np.errstate(invalid="ignore"):
-        return np.abs(lp.astype(np.float64)) * unit
+        return np.abs(np.asarray(lp, dtype=np.float32)) * np.float32(unit)
 
 
 def unsound_tail_mass(tail: np.ndarray) -> np.ndarray:
