@@ -7,6 +7,7 @@ the writer, `verify` and the loader share. Below the target kinds and the record
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,13 +68,13 @@ def unsound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> np.ndarray:
 MASS_SLACK = 1e-4
 
 
-def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | float, tail_logprob: np.ndarray,
-                    clipped: float | None = None) -> list[tuple[str, np.ndarray]]:
+def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | float | Callable[[np.ndarray], np.ndarray],
+                    tail_logprob: np.ndarray, clipped: float | None = None) -> list[tuple[str, np.ndarray]]:
     """[S] masks of top-k rows that no distribution has (format §4), each with what is wrong: an id
     in two slots, log-probs rising (the top-K is by descending probability), or more mass than 1.
 
     `lp_error` bounds how far a stored log-prob may lie above the true one (float16's or the
-    quantiser's rounding), so the mass checked, Σ exp(lp − lp_error) + the tail's, is a lower bound of
+    quantiser's rounding; a function of the log-probs, such as `float_rounding`, or its values), so the mass checked, Σ exp(lp − lp_error) + the tail's, is a lower bound of
     the true one. `clipped`: the quantiser's floor; a slot there may hold any smaller value, so it
     adds nothing to that bound."""
     tail = np.asarray(tail_logprob, dtype=np.float64)
@@ -81,7 +82,7 @@ def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | floa
 
     def check(lo: int, hi: int) -> np.ndarray:  # [rows, 3]: repeated, rising, too much
         lp32 = np.asarray(lp[lo:hi], dtype=np.float32)  # exact for float16 and float32 log-probs
-        err = lp_error[lo:hi] if per_row else lp_error  # type: ignore[index]
+        err = lp_error(lp[lo:hi]) if callable(lp_error) else lp_error[lo:hi] if per_row else lp_error  # type: ignore[index]
         ordered = np.sort(ids[lo:hi], axis=-1)
         out = np.zeros((hi - lo, 3), dtype=bool)
         out[:, 0] = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
@@ -97,7 +98,7 @@ def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | floa
             rows = np.flatnonzero(screen > 1 + MASS_SLACK / 2)
             if len(rows):
                 lp64 = lp32[rows].astype(np.float64)
-                e = err[rows] if per_row else err
+                e = err[rows] if isinstance(err, np.ndarray) and err.ndim else err
                 low64 = lp64 - e if clipped is None else np.where(lp64 <= clipped, -np.inf, lp64 - e)
                 out[rows, 2] = np.exp(low64).sum(-1) + np.exp(t[rows] - np.abs(t[rows]) * 2.0**-24) > 1 + MASS_SLACK
         return out

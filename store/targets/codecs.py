@@ -214,7 +214,7 @@ class PlainColumns(TargetColumns):
             if not problems:  # sound values: now whether they can be one distribution
                 tail = self.tail_logprob if spec.tail_logprob else log_of_mass(self.tail_mass)
                 for what, bad in impossible_topk(self.topk_ids, self.topk_logprobs,
-                                                 float_rounding(self.topk_logprobs), tail):
+                                                 float_rounding, tail):
                     report(what, self.tgt_off, bad)
         if self.kind.holds_sampled:
             s_ids, counts = self.sampled_ids, self.sampled_counts
