@@ -39,6 +39,8 @@ read only when a hidden-state or relation loss needs them.
 from __future__ import annotations
 
 import bisect
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -64,6 +66,7 @@ from potstill.store.targets.hybrid import hybrid_weights  # noqa: F401 (where be
 from potstill.student_train.errors import TrainError
 
 STATE_VERSION = 1
+CHECK_AHEAD = 2  # shards a loader process checks ahead of the one it reads (`CheckAhead`)
 MAIN_TASK, RATIONALE_TASK = 0, 1
 
 
@@ -555,6 +558,42 @@ class CheckedShards:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, index)
 
 
+class CheckAhead:
+    """One process's checks of the shards it reads, run in a background thread, one shard at a time, up
+    to CHECK_AHEAD shards ahead of the one being read, so that on a machine with a core to spare the
+    reading does not wait for them after its first shard. `upcoming` lists the shards in the order
+    the process first reads them (`StoreDataset._samples` extends it epoch by epoch); `wait` returns
+    once a shard has passed its checks, or raises what is wrong with it. Nothing of a shard is read
+    before it has passed them (`StoreDataset._shard`)."""
+
+    def __init__(self, store: Store, shards: list[str], checked: CheckedShards) -> None:
+        self.pid = os.getpid()
+        self.store, self.shards, self.checked = store, shards, checked
+        self.upcoming: collections.deque[int] = collections.deque()
+        self._pending: dict[int, concurrent.futures.Future[None]] = {}
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="potstill-check")
+
+    def wait(self, index: int) -> None:
+        future = self._pending.pop(index, None) or self._thread.submit(self._check, index)
+        self._schedule()
+        future.result()
+
+    def _schedule(self) -> None:
+        # (a shard found bad is not read again, so its finished check may stay here)
+        while sum(not f.done() for f in self._pending.values()) < CHECK_AHEAD and self.upcoming:
+            index = self.upcoming.popleft()
+            if not self.checked.flags[index] and index not in self._pending:
+                self._pending[index] = self._thread.submit(self._check, index)
+
+    def _check(self, index: int) -> None:
+        if self.checked.flags[index]:
+            return
+        with self.checked.claim(index):  # another process checking it now: wait for its result
+            if not self.checked.flags[index]:
+                ShardReader(self.store, self.store.commit(self.shards[index]))  # raises naming what is wrong
+                self.checked.flags[index] = True
+
+
 def _remove_owned(path: str, owner: int) -> None:
     if os.getpid() == owner:  # not from a forked worker's exit
         with contextlib.suppress(OSError):
@@ -609,6 +648,7 @@ class StoreDataset(IterableDataset):
         self._reopen = (store.url, store.storage_options, store.strict, store.verify_reads)
         self._tokenizer: Any = None
         self._fallbacks = 0  # multitask: records of the current batch used whole (logged as their share)
+        self._ahead: CheckAhead | None = None  # this process's checks of the shards it reads next
 
     @classmethod
     def open(
@@ -636,7 +676,7 @@ class StoreDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         # A spawned loader worker gets a pickled copy: it opens its own store handle (`store`).
-        return {**self.__dict__, "_store": None, "_tokenizer": None}
+        return {**self.__dict__, "_store": None, "_tokenizer": None, "_ahead": None}
 
     # -- sizes ------------------------------------------------------------------------------------
     @property
@@ -719,6 +759,9 @@ class StoreDataset(IterableDataset):
         epoch, offset = divmod(start, self.plan.span)
         while True:
             shard_idx, rows = self.plan.epoch_span(self.seed, epoch, part, self.shuffle_buffer)
+            if self.store.verify_reads:  # the shards in the order this stream first reads them
+                _, first = np.unique(shard_idx[offset:], return_index=True)
+                self.check_ahead.upcoming.extend(shard_idx[offset:][np.sort(first)].tolist())
             yield from zip(shard_idx[offset:].tolist(), rows[offset:].tolist(), strict=True)
             epoch, offset = epoch + 1, 0
 
@@ -735,15 +778,19 @@ class StoreDataset(IterableDataset):
             self._store_pid = os.getpid()
         return self._store
 
+    @property
+    def check_ahead(self) -> CheckAhead:
+        """This process's checks of the shards it reads (`verify_reads`), run in a background thread
+        ahead of the reading."""
+        if self._ahead is None or self._ahead.pid != os.getpid():
+            self._ahead = CheckAhead(self.store, self.plan.shards, self._checked)
+        return self._ahead
+
     def _shard(self, shard_idx: int) -> ShardReader:
         name = self.plan.shards[shard_idx]
-        if self._checked.flags[shard_idx] or not self.store.verify_reads:
-            return self.store.shard(name, checked=True)
-        with self._checked.claim(shard_idx):  # another worker checking it now: wait for its result
-            checked = bool(self._checked.flags[shard_idx])
-            reader = self.store.shard(name, checked=checked)
-            self._checked.flags[shard_idx] = True  # opened without raising: its checks passed
-        return reader
+        if self.store.verify_reads and not self._checked.flags[shard_idx]:
+            self.check_ahead.wait(shard_idx)  # raises what is wrong with the shard
+        return self.store.shard(name, checked=True)
 
     def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
         reader = self._shard(shard_idx)
