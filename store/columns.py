@@ -7,7 +7,6 @@ the writer, `verify` and the loader share. Below the target kinds and the record
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,42 +54,52 @@ def unsound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> np.ndarray:
     def check(lo: int, hi: int) -> np.ndarray:
         block_ids = ids[lo:hi]
         block_lp = np.asarray(lp[lo:hi], dtype=np.float32)  # exact for float16, whose arithmetic numpy emulates slowly
-        empty = block_ids == -1
-        bad_ids = ((block_ids < -1) | (block_ids >= vocab)).any(-1)
-        # a slot holding an id: NaN, ±inf or above the slack; an empty one: anything but −inf
-        neg_inf = block_lp == -np.inf
-        return bad_ids | np.where(empty, ~neg_inf, neg_inf | ~(block_lp <= LOGPROB_SLACK)).any(-1)
+        # ids in [-1, vocab) are exactly those with id + 1 in [0, vocab + 1) as unsigned numbers
+        bad = block_ids.astype(np.uint32) + np.uint32(1) >= np.uint32(vocab + 1)
+        # an empty slot must hold −inf; one with an id a value ≤ 0 (up to the slack), not −inf; NaN nowhere
+        bad |= (block_ids == -1) != (block_lp == -np.inf)
+        bad |= ~(block_lp <= LOGPROB_SLACK)
+        return _any_rows(bad)
 
     return _by_blocks(len(ids), check)
+
+
+def _any_rows(mask: np.ndarray) -> np.ndarray:
+    """mask.any(-1), eight bytes at a time where the rows allow it."""
+    if mask.ndim == 2 and mask.shape[1] % 8 == 0 and mask.flags.c_contiguous:
+        return mask.view(np.uint64).any(-1)
+    return mask.any(-1)
 
 
 # What a float32 log-softmax's own rounding may add to a distribution's total mass, over a top-K and tail.
 MASS_SLACK = 1e-4
 
 
-def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | float | Callable[[np.ndarray], np.ndarray],
-                    tail_logprob: np.ndarray, clipped: float | None = None) -> list[tuple[str, np.ndarray]]:
+def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | float, tail_logprob: np.ndarray,
+                    clipped: float | None = None, rel_error: float = 0.0) -> list[tuple[str, np.ndarray]]:
     """[S] masks of top-k rows that no distribution has (format §4), each with what is wrong: an id
     in two slots, log-probs rising (the top-K is by descending probability), or more mass than 1.
 
-    `lp_error` bounds how far a stored log-prob may lie above the true one (float16's or the
-    quantiser's rounding; a function of the log-probs, such as `float_rounding`, or its values), so the mass checked, Σ exp(lp − lp_error) + the tail's, is a lower bound of
-    the true one. `clipped`: the quantiser's floor; a slot there may hold any smaller value, so it
-    adds nothing to that bound."""
+    `lp_error` + |lp| · `rel_error` bounds how far a stored log-prob may lie above the true one
+    (float16's rounding: `float_rounding_unit`, the quantiser's), so the mass checked,
+    Σ exp(lp − that) + the tail's, is a lower bound of the true one. `clipped`: the quantiser's
+    floor; a slot there may hold any smaller value, so it adds nothing to that bound."""
     tail = np.asarray(tail_logprob, dtype=np.float64)
     per_row = isinstance(lp_error, np.ndarray) and lp_error.ndim > 0
 
     def check(lo: int, hi: int) -> np.ndarray:  # [rows, 3]: repeated, rising, too much
         lp32 = np.asarray(lp[lo:hi], dtype=np.float32)  # exact for float16 and float32 log-probs
-        err = lp_error(lp[lo:hi]) if callable(lp_error) else lp_error[lo:hi] if per_row else lp_error  # type: ignore[index]
+        err = lp_error[lo:hi] if per_row else lp_error  # type: ignore[index]
         ordered = np.sort(ids[lo:hi], axis=-1)
         out = np.zeros((hi - lo, 3), dtype=bool)
         out[:, 0] = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
         with np.errstate(invalid="ignore", over="ignore"):
             out[:, 1] = (lp32[:, 1:] > lp32[:, :-1]).any(-1)
-            # The mass in float32 first: off from the float64 bound by far less than half the slack,
-            # so only the rows it puts above 1 + MASS_SLACK / 2 need the float64 bound.
-            low = lp32 - np.asarray(err, dtype=np.float32)
+            # The mass in float32 first: at or above the float64 bound up to far less than half the
+            # slack, so only the rows it puts above 1 + MASS_SLACK / 2 need the float64 bound.
+            low = lp32 * np.float32(1 + rel_error)  # lp − |lp| · rel_error where lp ≤ 0, more above
+            if per_row or err:
+                low -= np.asarray(err, dtype=np.float32)
             if clipped is not None:
                 low[lp32 <= clipped] = -np.inf
             t = tail[lo:hi]
@@ -98,7 +107,7 @@ def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | floa
             rows = np.flatnonzero(screen > 1 + MASS_SLACK / 2)
             if len(rows):
                 lp64 = lp32[rows].astype(np.float64)
-                e = err[rows] if isinstance(err, np.ndarray) and err.ndim else err
+                e = (err[rows] if per_row else err) + np.abs(lp64) * rel_error
                 low64 = lp64 - e if clipped is None else np.where(lp64 <= clipped, -np.inf, lp64 - e)
                 out[rows, 2] = np.exp(low64).sum(-1) + np.exp(t[rows] - np.abs(t[rows]) * 2.0**-24) > 1 + MASS_SLACK
         return out
@@ -113,12 +122,15 @@ def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | floa
             (f"top-k and tail probabilities sum to {worst:.4g} (more than 1 beyond their rounding)", too_much)]
 
 
+def float_rounding_unit(dtype: np.dtype) -> float:
+    """How far a stored float16 / float32 log-prob may lie from the value it rounds, relative to it (half an ulp)."""
+    return 2.0**-11 if dtype == np.float16 else 2.0**-24
+
+
 def float_rounding(lp: np.ndarray) -> np.ndarray:
-    """How far a stored float16 / float32 log-prob may lie from the value it rounds (half an ulp);
-    float32, exact (a power-of-two multiple of the value)."""
-    unit = 2.0**-11 if lp.dtype == np.float16 else 2.0**-24
+    """How far a stored float16 / float32 log-prob may lie from the value it rounds (half an ulp)."""
     with np.errstate(invalid="ignore"):
-        return np.abs(np.asarray(lp, dtype=np.float32)) * np.float32(unit)
+        return np.abs(lp.astype(np.float64)) * float_rounding_unit(lp.dtype)
 
 
 def unsound_tail_mass(tail: np.ndarray) -> np.ndarray:

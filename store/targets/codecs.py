@@ -42,7 +42,7 @@ from potstill.store.columns import (
     concat,
     first_bad_row,
     flat,
-    float_rounding,
+    float_rounding_unit,
     impossible_topk,
     input_vocab,
     list_array,
@@ -213,8 +213,8 @@ class PlainColumns(TargetColumns):
                 report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
             if not problems:  # sound values: now whether they can be one distribution
                 tail = self.tail_logprob if spec.tail_logprob else log_of_mass(self.tail_mass)
-                for what, bad in impossible_topk(self.topk_ids, self.topk_logprobs,
-                                                 float_rounding, tail):
+                for what, bad in impossible_topk(self.topk_ids, self.topk_logprobs, 0.0, tail,
+                                                 rel_error=float_rounding_unit(self.topk_logprobs.dtype)):
                     report(what, self.tgt_off, bad)
         if self.kind.holds_sampled:
             s_ids, counts = self.sampled_ids, self.sampled_counts
