@@ -308,27 +308,30 @@ def collate(
 
 def _collate_topk(seqs: list[Sequence], trained: list[tuple[np.ndarray, np.ndarray]], *, k: int,
                   student_vocab: int | None) -> dict[str, torch.Tensor]:
-    """`collate` for top-k targets (`TopKRows`): each trained position's ids, log-probs and log tail."""
-    tk_ids, tk_lp, tail = [], [], []
+    """`collate` for top-k targets (`TopKRows`): each trained position's ids, log-probs and log tail,
+    copied once from the stored rows into the batch's arrays (a slice where the rows are consecutive)."""
     lp_dtype = seqs[0].targets.logprobs.dtype if seqs and seqs[0].targets is not None else np.float32
+    total = sum(len(i) for i, _ in trained)
+    topk_ids = np.empty((total, k), dtype=np.int64)
+    topk_lp = np.empty((total, k), dtype=lp_dtype)
+    tail_logprob = np.empty(total, dtype=np.float32)
+    end = 0
     for seq, (i, kd) in zip(seqs, trained, strict=True):
-        ids_rows = np.full((len(i), k), -1, dtype=np.int64)
-        lp_rows = np.zeros((len(i), k), dtype=lp_dtype)
-        tail_rows = np.zeros(len(i), dtype=np.float32)  # log 1: all the mass in the tail
-        if kd.any():
-            t = seq.targets
-            if not isinstance(t, TopKRows):
-                raise TrainError(f"record {seq.record_id}: no top-k targets to train on")
-            rows = i[kd] - seq.score_start
-            ids_rows[kd] = t.ids[rows]
-            lp_rows[kd] = t.logprobs[rows]
-            tail_rows[kd] = t.tail_logprob[rows]
-        tk_ids.append(ids_rows)
-        tk_lp.append(lp_rows)
-        tail.append(tail_rows)
-    topk_ids = np.concatenate(tk_ids) if tk_ids else np.zeros((0, k), np.int64)
-    topk_lp = np.concatenate(tk_lp) if tk_lp else np.zeros((0, k), lp_dtype)
-    tail_logprob = np.concatenate(tail) if tail else np.zeros(0, np.float32)
+        start, end = end, end + len(i)
+        ids_rows, lp_rows, tail_rows = topk_ids[start:end], topk_lp[start:end], tail_logprob[start:end]
+        rows = i[kd] - seq.score_start
+        if len(rows) and not isinstance(seq.targets, TopKRows):
+            raise TrainError(f"record {seq.record_id}: no top-k targets to train on")
+        t: TopKRows = seq.targets  # type: ignore[assignment]
+        if len(rows) == len(i) and len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # every position, in order
+            ids_rows[...], lp_rows[...], tail_rows[...] = (t.ids[rows[0] : rows[-1] + 1], t.logprobs[rows[0] : rows[-1] + 1],
+                                                           t.tail_logprob[rows[0] : rows[-1] + 1])
+            continue
+        ids_rows.fill(-1)  # positions without KD: no ids, all the mass in the tail (log 1)
+        lp_rows.fill(0)
+        tail_rows.fill(0)
+        if len(rows):
+            ids_rows[kd], lp_rows[kd], tail_rows[kd] = t.ids[rows], t.logprobs[rows], t.tail_logprob[rows]
     if student_vocab is not None:
         _fold_unknown_ids(topk_ids, topk_lp, tail_logprob, student_vocab)
     return {"topk_ids": torch.from_numpy(topk_ids), "topk_logprobs": torch.from_numpy(topk_lp),
