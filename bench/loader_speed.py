@@ -16,9 +16,12 @@ or the draws as ids and weights padded to the batch's widest position). Both shu
 default buffer of 1,024 samples, MDS its default algorithm. A pass reads every record once.
 
 Reported per contender: tokens/s over the whole pass (input tokens / seconds from creating the
-dataset to the last batch) and the time to the first batch (from creating the dataset), medians of
-`--rounds` rounds interleaved contender by contender so that load from others slows each alike. The
-checks are run afresh in every round (their per-process memory is cleared).
+dataset to the last batch), tokens per CPU-second (of the process, its threads and its worker
+processes: what a pass costs, whatever else the machine runs) and the time to the first batch (from
+creating the dataset), medians of `--rounds` rounds interleaved contender by contender so that load
+from others slows each alike. The checks are run afresh in every round (their per-process memory is
+cleared). potstill's first batch waits for the check of its first shard, so it grows with the shard
+size (`--shard-records`; MDS's shards are 64 MB, 320 top-64 records of 512 tokens).
 
 It imports potstill from the checkout it lives in, whatever the interpreter has installed, so a
 Python that has mosaicml-streaming (and torch) installed measures this checkout's code:
@@ -36,6 +39,7 @@ import importlib.abc
 import importlib.util
 import math
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -160,7 +164,7 @@ def write_both(root: str, target: str, args: argparse.Namespace) -> dict[str, fl
     url, mds = os.path.join(root, f"{target}.store"), os.path.join(root, f"{target}.mds")
     started = time.perf_counter()
     store = create_store(url, manifest(target, args.k, args.samples), {"tokenizer.json": b"{}"})
-    with store.writer("bench") as writer:
+    with store.writer("bench", **({"shard_records": args.shard_records} if args.shard_records else {})) as writer:
         for rec in records:
             writer.write(rec)
     potstill_s = time.perf_counter() - started
@@ -206,6 +210,12 @@ def mds_collate(target: str) -> Callable[[list[dict[str, Any]]], dict[str, torch
     return collate
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its finished children (loader workers)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
 def potstill_pass(url: str, target: str, workers: int, args: argparse.Namespace) -> tuple[float, float]:
     """(seconds to the first batch, seconds for the whole pass): every record read once."""
     store_reader._VERIFIED.clear()  # each round checks afresh
@@ -225,6 +235,7 @@ def potstill_pass(url: str, target: str, workers: int, args: argparse.Namespace)
             break
     total = time.perf_counter() - started
     del loader
+    gc.collect()
     return first or 0.0, total
 
 
@@ -268,10 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts, comma-separated")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-records", type=int, default=0, help="potstill's shard size (default: the writer's)")
     parser.add_argument("--keep", help="write the stores here and keep them (reused when present)")
     parser.add_argument("--profile", choices=TARGETS, help="profile potstill's pass of these targets instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    streaming()  # imported before anything is timed
     root = args.keep or tempfile.mkdtemp(prefix="potstill-loader-speed-")
     os.makedirs(root, exist_ok=True)
     try:
@@ -287,22 +300,23 @@ def main(argv: list[str] | None = None) -> None:
             profile(root, args.profile, args)
             return
         print(f"\n{args.records} records of {args.length} tokens, batch {args.batch}, medians of {args.rounds} rounds\n")
-        print("| targets | workers | loader | tokens/s | first batch, s | potstill / MDS speed | first batch / MDS's |")
-        print("|---|---|---|---|---|---|---|")
+        print("| targets | workers | loader | tokens/s | tokens/CPU-s | first batch, s | speed / MDS's | first batch / MDS's |")
+        print("|---|---|---|---|---|---|---|---|")
         for target in targets:
             for workers in (int(w) for w in args.workers.split(",")):
-                runs: dict[str, list[tuple[float, float]]] = {"potstill": [], "MDS": []}
+                runs: dict[str, list[tuple[float, float, float]]] = {"potstill": [], "MDS": []}
+                passes = {"potstill": (potstill_pass, os.path.join(root, f"{target}.store")),
+                          "MDS": (mds_pass, os.path.join(root, f"{target}.mds"))}
                 for _ in range(args.rounds):
-                    runs["potstill"].append(potstill_pass(os.path.join(root, f"{target}.store"), target, workers, args))
-                    runs["MDS"].append(mds_pass(os.path.join(root, f"{target}.mds"), target, workers, args))
+                    for name, (run, path) in passes.items():
+                        cpu = cpu_seconds()
+                        first, total = run(path, target, workers, args)
+                        runs[name].append((first, total, cpu_seconds() - cpu))
                 tokens = args.records * args.length
-                med = {name: (statistics.median(f for f, _ in r), statistics.median(t for _, t in r))
-                       for name, r in runs.items()}
-                for name, (first, total) in med.items():
-                    ratio = med["MDS"][1] / total
-                    first_ratio = first / med["MDS"][0]
-                    print(f"| {target} | {workers} | {name} | {tokens / total / 1e3:,.0f}k | {first:.3f} | "
-                          f"{ratio:.2f} | {first_ratio:.2f} |", flush=True)
+                med = {name: [statistics.median(x[i] for x in r) for i in range(3)] for name, r in runs.items()}
+                for name, (first, total, cpu) in med.items():
+                    print(f"| {target} | {workers} | {name} | {tokens / total / 1e3:,.0f}k | {tokens / cpu / 1e3:,.0f}k | "
+                          f"{first:.3f} | {med['MDS'][1] / total:.2f} | {first / med['MDS'][0]:.2f} |", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
