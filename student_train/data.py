@@ -48,7 +48,9 @@ import hashlib
 import itertools
 import math
 import os
+import queue
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -574,19 +576,37 @@ class CheckAhead:
         self.store, self.shards, self.checked = store, shards, checked
         self.upcoming: collections.deque[int] = collections.deque()
         self._pending: dict[int, concurrent.futures.Future[None]] = {}
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="potstill-check")
+        self._queue: queue.SimpleQueue[tuple[int, concurrent.futures.Future[None]]] = queue.SimpleQueue()
+        # A daemon thread: a loader worker told to stop exits at once, not after the checks queued ahead.
+        threading.Thread(target=self._run, name="potstill-check", daemon=True).start()
 
     def wait(self, index: int) -> None:
-        future = self._pending.pop(index, None) or self._thread.submit(self._check, index)
+        future = self._pending.pop(index, None) or self._submit(index)
         self._schedule()
         future.result()
+
+    def _submit(self, index: int) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((index, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            index, future = self._queue.get()
+            future.set_running_or_notify_cancel()
+            try:
+                self._check(index)
+            except BaseException as e:  # handed to the reader that waits for this shard
+                future.set_exception(e)
+            else:
+                future.set_result(None)
 
     def _schedule(self) -> None:
         # (a shard found bad is not read again, so its finished check may stay here)
         while sum(not f.done() for f in self._pending.values()) < CHECK_AHEAD and self.upcoming:
             index = self.upcoming.popleft()
             if not self.checked.flags[index] and index not in self._pending:
-                self._pending[index] = self._thread.submit(self._check, index)
+                self._pending[index] = self._submit(index)
 
     def _check(self, index: int) -> None:
         if self.checked.flags[index]:
