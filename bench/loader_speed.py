@@ -34,6 +34,7 @@ Python that has mosaicml-streaming (and torch) installed measures this checkout'
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.abc
 import importlib.util
@@ -216,12 +217,13 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
-def potstill_pass(url: str, target: str, workers: int, args: argparse.Namespace) -> tuple[float, float]:
+def potstill_pass(url: str, target: str, workers: int, args: argparse.Namespace,
+                  verify_reads: bool = True) -> tuple[float, float]:
     """(seconds to the first batch, seconds for the whole pass): every record read once."""
     store_reader._VERIFIED.clear()  # each round checks afresh
     started = time.perf_counter()
     ds = StoreDataset.open(url, batch_size=args.batch, eval_fraction=0.0, num_workers=workers,
-                           targets="topk" if target == "top64" else "sampled")
+                           targets="topk" if target == "top64" else "sampled", verify_reads=verify_reads)
     batches = math.ceil(ds.plan.num_train / args.batch)  # = one epoch: every worker's span in whole batches
     loader = DataLoader(ds, batch_size=None, num_workers=workers)
     first, tokens = None, 0
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts, comma-separated")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unchecked", action="store_true", help="also potstill with its checks off (what they cost)")
     parser.add_argument("--shard-records", type=int, default=0, help="potstill's shard size (default: the writer's)")
     parser.add_argument("--keep", help="write the stores here and keep them (reused when present)")
     parser.add_argument("--profile", choices=TARGETS, help="profile potstill's pass of these targets instead")
@@ -304,9 +307,13 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---|---|---|---|---|---|")
         for target in targets:
             for workers in (int(w) for w in args.workers.split(",")):
-                runs: dict[str, list[tuple[float, float, float]]] = {"potstill": [], "MDS": []}
-                passes = {"potstill": (potstill_pass, os.path.join(root, f"{target}.store")),
-                          "MDS": (mds_pass, os.path.join(root, f"{target}.mds"))}
+                passes: dict[str, tuple[Callable[..., tuple[float, float]], str]] = {
+                    "potstill": (potstill_pass, os.path.join(root, f"{target}.store")),
+                    "MDS": (mds_pass, os.path.join(root, f"{target}.mds"))}
+                if args.unchecked:
+                    passes["potstill, no checks"] = (functools.partial(potstill_pass, verify_reads=False),
+                                                     os.path.join(root, f"{target}.store"))
+                runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in passes}
                 for _ in range(args.rounds):
                     for name, (run, path) in passes.items():
                         cpu = cpu_seconds()
