@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from typing import Any
 
@@ -249,6 +249,7 @@ class Store:
             check_relative(entry.path, "tokenizer/", f"{url}/{MANIFEST}")
         check_manifest_checksum(data, f"{url}/{MANIFEST}")
         self._open: OrderedDict[str, ShardReader] = OrderedDict()
+        self._checked_elsewhere: set[str] = set()  # `mark_checked`
         self.refresh()
 
     # -- listing ------------------------------------------------------------------------------
@@ -343,16 +344,21 @@ class Store:
     def shard(self, name: str, *, checked: bool = False) -> ShardReader:
         """The reader of a committed shard (kept open in a small LRU cache). `checked`: another process
         of the same job has already checked its records file and values (`verify_reads`), so this one
-        does not again (a training loader's workers share what they checked)."""
+        does not again (a training loader's workers share what they checked; `mark_checked`)."""
         reader = self._open.get(name)
         if reader is None:
-            reader = ShardReader(self, self.commit(name), checked=checked)
+            reader = ShardReader(self, self.commit(name), checked=checked or name in self._checked_elsewhere)
             self._open[name] = reader
             if len(self._open) > _OPEN_SHARDS:
                 self._open.popitem(last=False)
         else:
             self._open.move_to_end(name)
         return reader
+
+    def mark_checked(self, names: Iterable[str]) -> None:
+        """Shards whose records file and values other processes of this job have checked (a training
+        run's loader workers, before its final evaluation reads them here): not checked again."""
+        self._checked_elsewhere.update(names)
 
     def locate(self, i: int) -> tuple[str, int]:
         """(shard name, row) of global record i."""

@@ -801,6 +801,10 @@ class StoreDataset(IterableDataset):
             self._store_pid = os.getpid()
         return self._store
 
+    def checked_shards(self) -> list[str]:
+        """The plan's shards that this loader's processes have checked so far (`Store.mark_checked`)."""
+        return [self.plan.shards[i] for i in np.flatnonzero(self._checked.flags.numpy())]
+
     @property
     def check_ahead(self) -> CheckAhead:
         """This process's checks of the shards it reads (`verify_reads`), run in a background thread

@@ -160,6 +160,13 @@ def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(s
     checks = collections.Counter(line.split()[0] for line in lines)
     assert checks == {"hash": 3, "values": 3}, lines  # three shards, each once
     assert len(set(lines)) == 6, lines
+    # the run's final evaluation reads them in the main process: told what the workers checked, it
+    # checks nothing again, and still checks a shard they did not
+    store = open_store(store_url, verify_reads=True)
+    store.mark_checked(ds.checked_shards()[1:])
+    for name in store.shard_names:
+        store.shard(name)
+    assert len(log.read_text().splitlines()) == 6 + 2, log.read_text()
 
 
 def test_order_is_deterministic_in_seed_and_epoch(store_url: str) -> None:
