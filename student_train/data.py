@@ -567,7 +567,7 @@ class CheckAhead:
     """One process's checks of the shards it reads, run in a background thread, one shard at a time, up
     to CHECK_AHEAD shards ahead of the one being read, so that on a machine with a core to spare the
     reading does not wait for them after its first shard. `upcoming` lists the shards in the order
-    the process first reads them (`StoreDataset._samples` extends it epoch by epoch); `wait` returns
+    the process first reads them (`StoreDataset._samples` extends it epoch by epoch); `use` returns
     once a shard has passed its checks, or raises what is wrong with it. Nothing of a shard is read
     before it has passed them (`StoreDataset._shard`)."""
 
@@ -576,14 +576,23 @@ class CheckAhead:
         self.store, self.shards, self.checked = store, shards, checked
         self.upcoming: collections.deque[int] = collections.deque()
         self._pending: dict[int, concurrent.futures.Future[None]] = {}
+        self._current = -1  # the shard being read, checked
         self._queue: queue.SimpleQueue[tuple[int, concurrent.futures.Future[None]]] = queue.SimpleQueue()
         # A daemon thread: a loader worker told to stop exits at once, not after the checks queued ahead.
         threading.Thread(target=self._run, name="potstill-check", daemon=True).start()
 
-    def wait(self, index: int) -> None:
-        future = self._pending.pop(index, None) or self._submit(index)
-        self._schedule()
-        future.result()
+    def use(self, index: int) -> None:
+        """Return once shard `index`, about to be read, has passed its checks (or raise what is wrong
+        with it); on reaching a new shard, check the next ones ahead."""
+        if index == self._current:
+            return
+        if self.checked.flags[index]:
+            self._schedule()
+        else:
+            future = self._pending.pop(index, None) or self._submit(index)
+            self._schedule()
+            future.result()
+        self._current = index
 
     def _submit(self, index: int) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -815,8 +824,8 @@ class StoreDataset(IterableDataset):
 
     def _shard(self, shard_idx: int) -> ShardReader:
         name = self.plan.shards[shard_idx]
-        if self.store.verify_reads and not self._checked.flags[shard_idx]:
-            self.check_ahead.wait(shard_idx)  # raises what is wrong with the shard
+        if self.store.verify_reads:
+            self.check_ahead.use(shard_idx)  # raises what is wrong with the shard
         return self.store.shard(name, checked=True)
 
     def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
