@@ -17,8 +17,9 @@ default buffer of 1,024 samples, MDS its default algorithm. A pass reads every r
 
 Reported per contender: tokens/s over the whole pass (input tokens / seconds from creating the
 dataset to the last batch), tokens per CPU-second (of the process, its threads and its worker
-processes: what a pass costs, whatever else the machine runs) and the time to the first batch (from
-creating the dataset), medians of `--rounds` rounds interleaved contender by contender so that load
+processes: what a pass costs, whatever else the machine runs), the time to the first batch (from
+creating the dataset) and, with `--step-ms` (a training step's time, spent sleeping after each batch
+while the loader works on), the time spent waiting for batches; medians of `--rounds` rounds interleaved contender by contender so that load
 from others slows each alike. The checks are run afresh in every round (their per-process memory is
 cleared). potstill's first batch waits for the check of its first shard, so it grows with the shard
 size (`--shard-records`; MDS's shards are 64 MB, 320 top-64 records of 512 tokens).
@@ -28,6 +29,7 @@ Python that has mosaicml-streaming (and torch) installed measures this checkout'
 
     python bench/loader_speed.py                       # 2,048 records, ~2 minutes on 2 cores
     python bench/loader_speed.py --records 256 --rounds 1   # smoke run
+    python bench/loader_speed.py --step-ms 10 --shard-records 320 --targets top64   # a paced consumer
     python bench/loader_speed.py --profile top64       # cProfile of potstill's pass, one process
 """
 
@@ -217,45 +219,51 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
+def consume(loader: Any, started: float, batches: int | None, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(seconds to the first batch, seconds for the pass, seconds spent waiting for batches) of reading
+    `batches` batches (None: all), with a training step of `args.step_ms` after each."""
+    first, waited, asked = None, 0.0, started
+    for i, batch in enumerate(loader):
+        if "error" in batch:
+            raise SystemExit(batch["error"])
+        int(batch["attention_mask"].sum())
+        now = time.perf_counter()
+        first = now - started if first is None else first
+        waited += now - asked
+        if args.step_ms:
+            time.sleep(args.step_ms / 1e3)
+        asked = time.perf_counter()
+        if batches is not None and i + 1 == batches:
+            break
+    return first or 0.0, time.perf_counter() - started, waited
+
+
 def potstill_pass(url: str, target: str, workers: int, args: argparse.Namespace,
-                  verify_reads: bool = True) -> tuple[float, float]:
-    """(seconds to the first batch, seconds for the whole pass): every record read once."""
+                  verify_reads: bool = True) -> tuple[float, float, float]:
+    """`consume` of one pass of potstill's loader: every record read once."""
     store_reader._VERIFIED.clear()  # each round checks afresh
     started = time.perf_counter()
     ds = StoreDataset.open(url, batch_size=args.batch, eval_fraction=0.0, num_workers=workers,
                            targets="topk" if target == "top64" else "sampled", verify_reads=verify_reads)
     batches = math.ceil(ds.plan.num_train / args.batch)  # = one epoch: every worker's span in whole batches
     loader = DataLoader(ds, batch_size=None, num_workers=workers)
-    first, tokens = None, 0
-    for i, batch in enumerate(loader):
-        if "error" in batch:
-            raise SystemExit(batch["error"])
-        tokens += int(batch["attention_mask"].sum())
-        if first is None:
-            first = time.perf_counter() - started
-        if i + 1 == batches:
-            break
-    total = time.perf_counter() - started
+    out = consume(loader, started, batches, args)
     del loader
     gc.collect()
-    return first or 0.0, total
+    return out
 
 
-def mds_pass(mds: str, target: str, workers: int, args: argparse.Namespace) -> tuple[float, float]:
+def mds_pass(mds: str, target: str, workers: int, args: argparse.Namespace) -> tuple[float, float, float]:
+    """`consume` of one pass of MDS's StreamingDataset."""
     mds_module = streaming()
     mds_module.base.util.clean_stale_shared_memory()
     started = time.perf_counter()
     ds = mds_module.StreamingDataset(local=mds, shuffle=True, batch_size=args.batch, shuffle_seed=args.seed)
     loader = DataLoader(ds, batch_size=args.batch, num_workers=workers, collate_fn=mds_collate(target))
-    first = None
-    for batch in loader:
-        if first is None:
-            first = time.perf_counter() - started
-        int(batch["attention_mask"].sum())
-    total = time.perf_counter() - started
+    out = consume(loader, started, None, args)
     del loader, ds
     gc.collect()
-    return first or 0.0, total
+    return out
 
 
 def profile(root: str, target: str, args: argparse.Namespace) -> None:
@@ -281,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts, comma-separated")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="a training step's time after each batch: the loader then works while the step runs")
     parser.add_argument("--unchecked", action="store_true", help="also potstill with its checks off (what they cost)")
     parser.add_argument("--shard-records", type=int, default=0, help="potstill's shard size (default: the writer's)")
     parser.add_argument("--keep", help="write the stores here and keep them (reused when present)")
@@ -302,28 +312,31 @@ def main(argv: list[str] | None = None) -> None:
         if args.profile:
             profile(root, args.profile, args)
             return
-        print(f"\n{args.records} records of {args.length} tokens, batch {args.batch}, medians of {args.rounds} rounds\n")
-        print("| targets | workers | loader | tokens/s | tokens/CPU-s | first batch, s | speed / MDS's | first batch / MDS's |")
-        print("|---|---|---|---|---|---|---|---|")
+        step = f" and a {args.step_ms:g} ms step after each batch" if args.step_ms else ""
+        print(f"\n{args.records} records of {args.length} tokens, batch {args.batch}{step}, medians of {args.rounds} rounds\n")
+        print("| targets | workers | loader | tokens/s | tokens/CPU-s | first batch, s | waiting for batches, s "
+              "| speed / MDS's | first batch / MDS's |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for target in targets:
             for workers in (int(w) for w in args.workers.split(",")):
-                passes: dict[str, tuple[Callable[..., tuple[float, float]], str]] = {
+                passes: dict[str, tuple[Callable[..., tuple[float, float, float]], str]] = {
                     "potstill": (potstill_pass, os.path.join(root, f"{target}.store")),
                     "MDS": (mds_pass, os.path.join(root, f"{target}.mds"))}
                 if args.unchecked:
                     passes["potstill, no checks"] = (functools.partial(potstill_pass, verify_reads=False),
                                                      os.path.join(root, f"{target}.store"))
-                runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in passes}
+                runs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in passes}
                 for _ in range(args.rounds):
                     for name, (run, path) in passes.items():
                         cpu = cpu_seconds()
-                        first, total = run(path, target, workers, args)
-                        runs[name].append((first, total, cpu_seconds() - cpu))
+                        first, total, waited = run(path, target, workers, args)
+                        runs[name].append((first, total, cpu_seconds() - cpu, waited))
                 tokens = args.records * args.length
-                med = {name: [statistics.median(x[i] for x in r) for i in range(3)] for name, r in runs.items()}
-                for name, (first, total, cpu) in med.items():
+                med = {name: [statistics.median(x[i] for x in r) for i in range(4)] for name, r in runs.items()}
+                for name, (first, total, cpu, waited) in med.items():
                     print(f"| {target} | {workers} | {name} | {tokens / total / 1e3:,.0f}k | {tokens / cpu / 1e3:,.0f}k | "
-                          f"{first:.3f} | {med['MDS'][1] / total:.2f} | {first / med['MDS'][0]:.2f} |", flush=True)
+                          f"{first:.3f} | {waited:.2f} | {med['MDS'][1] / total:.2f} | {first / med['MDS'][0]:.2f} |",
+                          flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
