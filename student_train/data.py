@@ -586,12 +586,14 @@ class CheckAhead:
         with it); on reaching a new shard, check the next ones ahead."""
         if index == self._current:
             return
-        if self.checked.flags[index]:
-            self._schedule()
-        else:
-            future = self._pending.pop(index, None) or self._submit(index)
+        if not self.checked.flags[index]:
+            future = self._pending.get(index)
+            if future is None:  # (listed before the shards scheduled after it)
+                future = self._pending[index] = self._submit(index)
             self._schedule()
             future.result()
+            del self._pending[index]
+        self._schedule()
         self._current = index
 
     def _submit(self, index: int) -> concurrent.futures.Future[None]:
