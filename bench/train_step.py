@@ -7,7 +7,7 @@ Modes (tokens/s = input tokens per second of one process):
   tail forward KL, backward, AdamW) on batches collated from the store once and kept on the device;
 - `store`: the same step, each batch streamed from the store by `data.StoreDataset` through a
   DataLoader with worker processes (pinned, non-blocking copies on CUDA), with the loader's checks
-  on (every shard file's sha256 once per process before its first use, ids and log-probs checked)
+  on (each shard file's sha256, ids and values checked once per run before their first use)
   — target ≥ 95% of `memory`;
 - `store-unchecked`: the same without those checks, to show what they cost;
 - `online`: the anchor's online KD (the reference script gpu_baseline.py): a teacher forward inside

@@ -30,14 +30,39 @@ def unsound_logprobs(lp: np.ndarray) -> np.ndarray:
     return np.isnan(lp) | (lp > LOGPROB_SLACK)
 
 
+# Rows of top-k targets checked at a time: the temporaries of a block stay in the CPU's cache (a whole
+# shard's would be hundreds of MB of fresh memory per check, several times slower).
+CHECK_BLOCK = 8192
+
+
+def _by_blocks(rows: int, check: Any) -> np.ndarray:
+    """[rows] mask: `check(lo, hi)` of every block of CHECK_BLOCK rows, joined."""
+    return np.concatenate([check(lo, min(lo + CHECK_BLOCK, rows)) for lo in range(0, rows, CHECK_BLOCK)] or
+                          [np.zeros(0, dtype=bool)])
+
+
 def unsound_topk(ids: np.ndarray, lp: np.ndarray, vocab: int) -> np.ndarray:
     """[S] mask of top-k rows with an id outside [0, vocab) (−1 marks an empty slot) or a log-prob
     that is not a finite value ≤ 0 where the slot holds an id, and not −inf where it is empty."""
-    lp = np.asarray(lp, dtype=np.float32)
-    empty = ids == -1
-    bad_ids = (ids < -1) | (ids >= vocab)
-    bad_lp = np.where(empty, ~np.isneginf(lp), ~np.isfinite(lp) | (lp > LOGPROB_SLACK))
-    return (bad_ids | bad_lp).any(-1)
+
+    def check(lo: int, hi: int) -> np.ndarray:
+        block_ids = ids[lo:hi]
+        block_lp = np.asarray(lp[lo:hi], dtype=np.float32)  # exact for float16, whose arithmetic numpy emulates slowly
+        # ids in [-1, vocab) are exactly those with id + 1 in [0, vocab + 1) as unsigned numbers
+        bad = block_ids.astype(np.uint32) + np.uint32(1) >= np.uint32(vocab + 1)
+        # an empty slot must hold −inf; one with an id a value ≤ 0 (up to the slack), not −inf; NaN nowhere
+        bad |= (block_ids == -1) != (block_lp == -np.inf)
+        bad |= ~(block_lp <= LOGPROB_SLACK)
+        return _any_rows(bad)
+
+    return _by_blocks(len(ids), check)
+
+
+def _any_rows(mask: np.ndarray) -> np.ndarray:
+    """mask.any(-1), eight bytes at a time where the rows allow it."""
+    if mask.ndim == 2 and mask.shape[1] % 8 == 0 and mask.flags.c_contiguous:
+        return mask.view(np.uint64).any(-1)
+    return mask.any(-1)
 
 
 def _largest_float16_at_most(x: float) -> int:
@@ -70,57 +95,66 @@ MASS_SLACK = 1e-4
 
 
 def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | float, tail_logprob: np.ndarray,
-                    clipped: float | None = None) -> list[tuple[str, np.ndarray]]:
+                    clipped: float | None = None, rel_error: float = 0.0) -> list[tuple[str, np.ndarray]]:
     """[S] masks of top-k rows that no distribution has (format §4), each with what is wrong: an id
     in two slots, log-probs rising (the top-K is by descending probability), or more mass than 1.
 
-    `lp_error` bounds how far a stored log-prob may lie above the true one (float16's or the
-    quantiser's rounding), so the mass checked, Σ exp(lp − lp_error) + the tail's, is a lower bound of
-    the true one. `clipped`: the quantiser's floor; a slot there may hold any smaller value, so it
-    adds nothing to that bound."""
-    lp = np.asarray(lp, dtype=np.float64)
+    `lp_error` + |lp| · `rel_error` bounds how far a stored log-prob may lie above the true one
+    (float16's rounding: `float_rounding_unit`, the quantiser's), so the mass checked,
+    Σ exp(lp − that) + the tail's, is a lower bound of the true one. `clipped`: the quantiser's
+    floor; a slot there may hold any smaller value, so it adds nothing to that bound."""
     tail = np.asarray(tail_logprob, dtype=np.float64)
-    ordered = np.sort(ids, axis=-1)
-    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        rising = (lp[:, 1:] > lp[:, :-1]).any(-1)
-        low = lp - lp_error if clipped is None else np.where(lp <= clipped, -np.inf, lp - lp_error)
-        too_much = np.exp(low).sum(-1) + np.exp(tail - np.abs(tail) * 2.0**-24) > 1 + MASS_SLACK
-    stored = np.exp(lp[too_much]).sum(-1) + np.exp(tail[too_much])
+    per_row = isinstance(lp_error, np.ndarray) and lp_error.ndim > 0
+
+    def check(lo: int, hi: int) -> np.ndarray:  # [rows, 3]: repeated, rising, too much
+        lp32 = np.asarray(lp[lo:hi], dtype=np.float32)  # exact for float16 and float32 log-probs
+        err = lp_error[lo:hi] if per_row else lp_error  # type: ignore[index]
+        ordered = np.sort(ids[lo:hi], axis=-1)
+        out = np.zeros((hi - lo, 3), dtype=bool)
+        out[:, 0] = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            out[:, 1] = (lp32[:, 1:] > lp32[:, :-1]).any(-1)
+            # The mass in float32 first: at or above the float64 bound up to far less than half the
+            # slack, so only the rows it puts above 1 + MASS_SLACK / 2 need the float64 bound.
+            low = lp32 * np.float32(1 + rel_error)  # lp − |lp| · rel_error where lp ≤ 0, more above
+            if per_row or err:
+                low -= np.asarray(err, dtype=np.float32)
+            if clipped is not None:
+                low[lp32 <= clipped] = -np.inf
+            t = tail[lo:hi]
+            screen = np.exp(low, out=low).sum(-1) + np.exp(t.astype(np.float32))
+            rows = np.flatnonzero(screen > 1 + MASS_SLACK / 2)
+            if len(rows):
+                lp64 = lp32[rows].astype(np.float64)
+                e = (err[rows] if per_row else err) + np.abs(lp64) * rel_error
+                low64 = lp64 - e if clipped is None else np.where(lp64 <= clipped, -np.inf, lp64 - e)
+                out[rows, 2] = np.exp(low64).sum(-1) + np.exp(t[rows] - np.abs(t[rows]) * 2.0**-24) > 1 + MASS_SLACK
+        return out
+
+    blocks = [check(lo, min(lo + CHECK_BLOCK, len(tail))) for lo in range(0, len(tail), CHECK_BLOCK)]
+    masks = np.concatenate(blocks) if blocks else np.zeros((0, 3), dtype=bool)
+    too_much = masks[:, 2]
+    stored = np.exp(np.asarray(lp[too_much], dtype=np.float64)).sum(-1) + np.exp(tail[too_much])
     worst = float(stored.max()) if stored.size else 0.0
-    return [("a top-k id is in two slots of one position", repeated),
-            ("top-k log-probs are not in descending order", rising),
+    return [("a top-k id is in two slots of one position", masks[:, 0]),
+            ("top-k log-probs are not in descending order", masks[:, 1]),
             (f"top-k and tail probabilities sum to {worst:.4g} (more than 1 beyond their rounding)", too_much)]
 
 
-# Row-wise checks of a shard's top-k run over this many rows at a time: a block's temporaries stay in
-# the CPU's cache through the checks' passes, where a whole shard's would go to memory for each.
+# Packed top-k records are checked in groups of about this many positions: a group's temporaries stay
+# in the CPU's cache through the checks' passes, where a whole shard's would go to memory for each.
 CHECK_ROWS = 1024
 
 
-def row_blocks(rows: int, size: int = CHECK_ROWS) -> list[tuple[int, int]]:
-    return [(a, min(a + size, rows)) for a in range(0, rows, size)]
-
-
-def impossible_topk_rows(ids: np.ndarray, lp: np.ndarray, tail_logprob: np.ndarray, lp_error: Any = None,
-                         clipped: float | None = None) -> list[tuple[str, np.ndarray]]:
-    """`impossible_topk` of a whole shard's rows, computed block by block (`lp_error`: a function of
-    a block's log-probs, `float_rounding` when None); the messages are the whole shard's."""
-    error = float_rounding if lp_error is None else lp_error
-    blocks = [[mask for _, mask in impossible_topk(ids[a:b], lp[a:b], error(lp[a:b]), tail_logprob[a:b], clipped)]
-              for a, b in row_blocks(len(ids))]
-    masks = [np.concatenate(parts) for parts in zip(*blocks, strict=True)] if blocks else [np.zeros(0, bool)] * 3
-    flagged = np.flatnonzero(masks[0] | masks[1] | masks[2])
-    # the messages (the largest mass among them) from the flagged rows alone
-    whats = impossible_topk(ids[flagged], lp[flagged], error(lp[flagged]), tail_logprob[flagged], clipped)
-    return [(what, mask) for (what, _), mask in zip(whats, masks, strict=True)]
+def float_rounding_unit(dtype: np.dtype) -> float:
+    """How far a stored float16 / float32 log-prob may lie from the value it rounds, relative to it (half an ulp)."""
+    return 2.0**-11 if dtype == np.float16 else 2.0**-24
 
 
 def float_rounding(lp: np.ndarray) -> np.ndarray:
     """How far a stored float16 / float32 log-prob may lie from the value it rounds (half an ulp)."""
-    unit = 2.0**-11 if lp.dtype == np.float16 else 2.0**-24
     with np.errstate(invalid="ignore"):
-        return np.abs(lp.astype(np.float64)) * unit
+        return np.abs(lp.astype(np.float64)) * float_rounding_unit(lp.dtype)
 
 
 def unsound_tail_mass(tail: np.ndarray) -> np.ndarray:
@@ -187,17 +221,30 @@ def bytes_list(parts: list[np.ndarray]) -> pa.Array:
     return list_array(concat(parts, np.dtype(np.uint8)), [len(p) for p in parts])
 
 
+def numpy_view(arr: pa.Array) -> np.ndarray:
+    """A zero-copy numpy view of a primitive Arrow array without nulls. pyarrow's own `to_numpy`
+    imports pandas on its first call, 0.5 s in every loader process before its first batch."""
+    if arr.null_count:
+        raise StoreError(f"a {arr.type} column has nulls")
+    dtype = np.dtype(_NUMPY_TYPES[arr.type.id])
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
+
+
+_NUMPY_TYPES = {pa.type_for_alias(name).id: name for name in
+                ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64")}
+
+
 def flat(batch: pa.RecordBatch, name: str, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, values) of a list column as zero-copy numpy views; `width`: values are
     fixed_size_list rows, returned as [rows, width]."""
     col = batch.column(name)
     if col.offset != 0 or col.null_count:
         raise StoreError(f"column {name} is sliced or has nulls")
-    offsets = col.offsets.to_numpy(zero_copy_only=True)
+    offsets = numpy_view(col.offsets)
     values = col.values
     if width is not None:
         values = values.values
-    arr = values.to_numpy(zero_copy_only=True)
+    arr = numpy_view(values)
     if width is not None:
         arr = arr.reshape(-1, width)
     return offsets, arr

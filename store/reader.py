@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -235,6 +235,7 @@ class Store:
             check_relative(entry.path, "tokenizer/", f"{url}/{MANIFEST}")
         check_manifest_checksum(data, f"{url}/{MANIFEST}")
         self._open: OrderedDict[str, ShardReader] = OrderedDict()
+        self._checked_elsewhere: set[str] = set()  # `mark_checked`
         self.refresh()
 
     # -- listing ------------------------------------------------------------------------------
@@ -392,17 +393,24 @@ class Store:
         return max(seqs_for_writer(names, writer_id), default=-1) + 1
 
     # -- reading ------------------------------------------------------------------------------
-    def shard(self, name: str) -> ShardReader:
-        """The reader of a committed shard (kept open in a small LRU cache)."""
+    def shard(self, name: str, *, checked: bool = False) -> ShardReader:
+        """The reader of a committed shard (kept open in a small LRU cache). `checked`: another process
+        of the same job has already checked its records file and values (`verify_reads`), so this one
+        does not again (a training loader's workers share what they checked; `mark_checked`)."""
         reader = self._open.get(name)
         if reader is None:
-            reader = ShardReader(self, self.commit(name))
+            reader = ShardReader(self, self.commit(name), checked=checked or name in self._checked_elsewhere)
             self._open[name] = reader
             if len(self._open) > _OPEN_SHARDS:
                 self._open.popitem(last=False)
         else:
             self._open.move_to_end(name)
         return reader
+
+    def mark_checked(self, names: Iterable[str]) -> None:
+        """Shards whose records file and values other processes of this job have checked (a training
+        run's loader workers, before its final evaluation reads them here): not checked again."""
+        self._checked_elsewhere.update(names)
 
     def locate(self, i: int) -> tuple[str, int]:
         """(shard name, row) of global record i."""
@@ -506,19 +514,23 @@ class Store:
 class ShardReader:
     """One committed shard: zero-copy columns of its Arrow file and lazy access to its Zarr arrays."""
 
-    def __init__(self, store: Store, commit: CommitRecord) -> None:
+    def __init__(self, store: Store, commit: CommitRecord, *, checked: bool = False) -> None:
+        """Open a shard's records file; with the store's `verify_reads`, unless `checked` (by another
+        process of the same job) or checked before in this process, check it first: its sha256, then
+        its values (`store.checks`) and ids."""
         self.store = store
         self.commit = commit
         self.name = commit.shard
         where = f"{store.url}/{commit.arrow_path}"
         path = store.path(commit.arrow_path)
         self._files = {f.path: f for f in commit.files}
+        verify = store.verify_reads and not checked
         try:
             if is_local(store.fs):  # zero-copy: columns are views of the page cache
                 buffer = pa.memory_map(path, "r").read_buffer()
             else:
                 buffer = pa.py_buffer(read_bytes(store.fs, path))
-            if store.verify_reads and (path, self._files[commit.arrow_path].sha256) not in _VERIFIED:
+            if verify and (path, self._files[commit.arrow_path].sha256) not in _VERIFIED:
                 # Hashing reads the file once; its pages are then in the cache the columns read from.
                 _check_digest(buffer, self._files[commit.arrow_path], where)
                 _VERIFIED.add((path, self._files[commit.arrow_path].sha256))
@@ -546,7 +558,7 @@ class ShardReader:
             self.views = ColumnViews(batch, store.manifest.targets)
         except (pa.ArrowInvalid, StoreError) as e:
             raise StoreError(f"{where}: {e}") from None
-        if store.verify_reads and (path, "values") not in _VERIFIED:
+        if verify and (path, "values") not in _VERIFIED:
             problems = value_problems(self.views, store.manifest)
             if problems:
                 raise StoreError(f"{store.url}: shard {self.name}: {problems[0]}")

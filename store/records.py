@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from potstill.store.codec import SampledTargets
-from potstill.store.columns import concat, flat, input_vocab, list_array, mass_of_log
+from potstill.store.columns import concat, flat, input_vocab, list_array, mass_of_log, numpy_view
 from potstill.store.errors import StoreError
 from potstill.store.manifest import StoreManifest, TargetSpec
 from potstill.store.targets import TopKRows
@@ -187,10 +187,10 @@ class ColumnViews:
         self.num_rows = batch.num_rows
 
         self.tok_off, self.input_ids = flat(batch, "input_ids")
-        self.score_start = batch.column("score_start").to_numpy(zero_copy_only=True)
-        self.hidden_start = batch.column("hidden_start").to_numpy(zero_copy_only=True)
-        self.token_offset = batch.column("token_offset").to_numpy(zero_copy_only=True)
-        self.sample_index = batch.column("sample_index").to_numpy(zero_copy_only=True)
+        self.score_start = numpy_view(batch.column("score_start"))
+        self.hidden_start = numpy_view(batch.column("hidden_start"))
+        self.token_offset = numpy_view(batch.column("token_offset"))
+        self.sample_index = numpy_view(batch.column("sample_index"))
         self.columns = self.kind.open(batch, spec, self)
         self.tgt_off = self.columns.tgt_off
         # The offsets again as Python ints: slicing with them costs half of slicing with numpy

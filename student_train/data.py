@@ -38,10 +38,18 @@ read only when a hidden-state or relation loss needs them.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import itertools
 import math
 import os
+import queue
+import tempfile
+import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +67,7 @@ from potstill.store.targets.hybrid import hybrid_weights  # noqa: F401 (where be
 from potstill.student_train.errors import TrainError
 
 STATE_VERSION = 1
+CHECK_AHEAD = 2  # shards a loader process checks ahead of the one it reads (`CheckAhead`)
 MAIN_TASK, RATIONALE_TASK = 0, 1
 
 
@@ -306,27 +315,30 @@ def collate(
 
 def _collate_topk(seqs: list[Sequence], trained: list[tuple[np.ndarray, np.ndarray]], *, k: int,
                   student_vocab: int | None) -> dict[str, torch.Tensor]:
-    """`collate` for top-k targets (`TopKRows`): each trained position's ids, log-probs and log tail."""
-    tk_ids, tk_lp, tail = [], [], []
+    """`collate` for top-k targets (`TopKRows`): each trained position's ids, log-probs and log tail,
+    copied once from the stored rows into the batch's arrays (a slice where the rows are consecutive)."""
     lp_dtype = seqs[0].targets.logprobs.dtype if seqs and seqs[0].targets is not None else np.float32
+    total = sum(len(i) for i, _ in trained)
+    topk_ids = np.empty((total, k), dtype=np.int64)
+    topk_lp = np.empty((total, k), dtype=lp_dtype)
+    tail_logprob = np.empty(total, dtype=np.float32)
+    end = 0
     for seq, (i, kd) in zip(seqs, trained, strict=True):
-        ids_rows = np.full((len(i), k), -1, dtype=np.int64)
-        lp_rows = np.zeros((len(i), k), dtype=lp_dtype)
-        tail_rows = np.zeros(len(i), dtype=np.float32)  # log 1: all the mass in the tail
-        if kd.any():
-            t = seq.targets
-            if not isinstance(t, TopKRows):
-                raise TrainError(f"record {seq.record_id}: no top-k targets to train on")
-            rows = i[kd] - seq.score_start
-            ids_rows[kd] = t.ids[rows]
-            lp_rows[kd] = t.logprobs[rows]
-            tail_rows[kd] = t.tail_logprob[rows]
-        tk_ids.append(ids_rows)
-        tk_lp.append(lp_rows)
-        tail.append(tail_rows)
-    topk_ids = np.concatenate(tk_ids) if tk_ids else np.zeros((0, k), np.int64)
-    topk_lp = np.concatenate(tk_lp) if tk_lp else np.zeros((0, k), lp_dtype)
-    tail_logprob = np.concatenate(tail) if tail else np.zeros(0, np.float32)
+        start, end = end, end + len(i)
+        ids_rows, lp_rows, tail_rows = topk_ids[start:end], topk_lp[start:end], tail_logprob[start:end]
+        rows = i[kd] - seq.score_start
+        if len(rows) and not isinstance(seq.targets, TopKRows):
+            raise TrainError(f"record {seq.record_id}: no top-k targets to train on")
+        t: TopKRows = seq.targets  # type: ignore[assignment]
+        if len(rows) == len(i) and len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # every position, in order
+            ids_rows[...], lp_rows[...], tail_rows[...] = (t.ids[rows[0] : rows[-1] + 1], t.logprobs[rows[0] : rows[-1] + 1],
+                                                           t.tail_logprob[rows[0] : rows[-1] + 1])
+            continue
+        ids_rows.fill(-1)  # positions without KD: no ids, all the mass in the tail (log 1)
+        lp_rows.fill(0)
+        tail_rows.fill(0)
+        if len(rows):
+            ids_rows[kd], lp_rows[kd], tail_rows[kd] = t.ids[rows], t.logprobs[rows], t.tail_logprob[rows]
     if student_vocab is not None:
         _fold_unknown_ids(topk_ids, topk_lp, tail_logprob, student_vocab)
     return {"topk_ids": torch.from_numpy(topk_ids), "topk_logprobs": torch.from_numpy(topk_lp),
@@ -527,6 +539,106 @@ def check_targets(store: Store, targets: str) -> None:
 
 
 # -- the dataset -------------------------------------------------------------------------------------
+class CheckedShards:
+    """Which of a plan's shards a process of one loader has checked (`verify_reads`: the records file's
+    sha256 and the values), in memory its worker processes share, forked or spawned: each shard is
+    checked once per job, by the first process to read it, and not again by every worker that meets
+    it in a later epoch. Two workers meeting an unchecked shard at once take turns (a lock per shard,
+    a byte-range lock on one temporary file): the second finds it checked."""
+
+    def __init__(self, count: int) -> None:
+        self.flags = torch.zeros(count, dtype=torch.bool).share_memory_()
+        fd, self.lock_path = tempfile.mkstemp(prefix="potstill-checked-shards-")
+        os.close(fd)
+        weakref.finalize(self, _remove_owned, self.lock_path, os.getpid())
+        self._fd: tuple[int, int] | None = None  # (pid, descriptor): locks belong to the process holding them
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"flags": self.flags, "lock_path": self.lock_path, "_fd": None}
+
+    @contextlib.contextmanager
+    def claim(self, index: int) -> Iterator[None]:
+        if self._fd is None or self._fd[0] != os.getpid():
+            self._fd = (os.getpid(), os.open(self.lock_path, os.O_RDWR))
+        fd = self._fd[1]
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, index)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, index)
+
+
+class CheckAhead:
+    """One process's checks of the shards it reads, run in a background thread, one shard at a time, up
+    to CHECK_AHEAD shards ahead of the one being read, so that on a machine with a core to spare the
+    reading does not wait for them after its first shard. `upcoming` lists the shards in the order
+    the process first reads them (`StoreDataset._samples` extends it epoch by epoch); `use` returns
+    once a shard has passed its checks, or raises what is wrong with it. Nothing of a shard is read
+    before it has passed them (`StoreDataset._shard`)."""
+
+    def __init__(self, store: Store, shards: list[str], checked: CheckedShards) -> None:
+        self.pid = os.getpid()
+        self.store, self.shards, self.checked = store, shards, checked
+        self.upcoming: collections.deque[int] = collections.deque()
+        self._pending: dict[int, concurrent.futures.Future[None]] = {}
+        self._current = -1  # the shard being read, checked
+        self._queue: queue.SimpleQueue[tuple[int, concurrent.futures.Future[None]]] = queue.SimpleQueue()
+        # A daemon thread: a loader worker told to stop exits at once, not after the checks queued ahead.
+        threading.Thread(target=self._run, name="potstill-check", daemon=True).start()
+
+    def use(self, index: int) -> None:
+        """Return once shard `index`, about to be read, has passed its checks (or raise what is wrong
+        with it); on reaching a new shard, check the next ones ahead."""
+        if index == self._current:
+            return
+        if not self.checked.flags[index]:
+            future = self._pending.get(index)
+            if future is None:  # (listed before the shards scheduled after it)
+                future = self._pending[index] = self._submit(index)
+            self._schedule()
+            future.result()
+            del self._pending[index]
+        self._schedule()
+        self._current = index
+
+    def _submit(self, index: int) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((index, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            index, future = self._queue.get()
+            future.set_running_or_notify_cancel()
+            try:
+                self._check(index)
+            except BaseException as e:  # handed to the reader that waits for this shard
+                future.set_exception(e)
+            else:
+                future.set_result(None)
+
+    def _schedule(self) -> None:
+        # (a shard found bad is not read again, so its finished check may stay here)
+        while sum(not f.done() for f in self._pending.values()) < CHECK_AHEAD and self.upcoming:
+            index = self.upcoming.popleft()
+            if not self.checked.flags[index] and index not in self._pending:
+                self._pending[index] = self._submit(index)
+
+    def _check(self, index: int) -> None:
+        if self.checked.flags[index]:
+            return
+        with self.checked.claim(index):  # another process checking it now: wait for its result
+            if not self.checked.flags[index]:
+                ShardReader(self.store, self.store.commit(self.shards[index]))  # raises naming what is wrong
+                self.checked.flags[index] = True
+
+
+def _remove_owned(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # not from a forked worker's exit
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
 class StoreDataset(IterableDataset):
     """Batches of a store for one rank: an infinite, deterministic, resumable stream (module doc)."""
 
@@ -571,9 +683,11 @@ class StoreDataset(IterableDataset):
         self.batches_consumed = 0  # by this rank, at the last optimizer step (set by load_state_dict)
         self._store: Store | None = store
         self._store_pid = os.getpid()
+        self._checked = CheckedShards(len(plan.shards))
         self._reopen = (store.url, store.storage_options, store.strict, store.verify_reads)
         self._tokenizer: Any = None
         self._fallbacks = 0  # multitask: records of the current batch used whole (logged as their share)
+        self._ahead: CheckAhead | None = None  # this process's checks of the shards it reads next
 
     @classmethod
     def open(
@@ -601,7 +715,7 @@ class StoreDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         # A spawned loader worker gets a pickled copy: it opens its own store handle (`store`).
-        return {**self.__dict__, "_store": None, "_tokenizer": None}
+        return {**self.__dict__, "_store": None, "_tokenizer": None, "_ahead": None}
 
     # -- sizes ------------------------------------------------------------------------------------
     @property
@@ -684,6 +798,9 @@ class StoreDataset(IterableDataset):
         epoch, offset = divmod(start, self.plan.span)
         while True:
             shard_idx, rows = self.plan.epoch_span(self.seed, epoch, part, self.shuffle_buffer)
+            if self.store.verify_reads:  # the shards in the order this stream first reads them
+                _, first = np.unique(shard_idx[offset:], return_index=True)
+                self.check_ahead.upcoming.extend(shard_idx[offset:][np.sort(first)].tolist())
             yield from zip(shard_idx[offset:].tolist(), rows[offset:].tolist(), strict=True)
             epoch, offset = epoch + 1, 0
 
@@ -692,16 +809,31 @@ class StoreDataset(IterableDataset):
     def store(self) -> Store:
         """The store handle of this process: the one handed over in the process that built the dataset,
         reopened from its URL (same options) in a loader worker. Memory maps, open zarr arrays and
-        fsspec file objects are not safe to share across fork or pickle, and each process checks each
-        file's sha256 once before its first use (`verify_reads`)."""
+        fsspec file objects are not safe to share across fork or pickle. A shard's records file and
+        values are checked once per job before their first use (`verify_reads`, `_shard`)."""
         if self._store is None or self._store_pid != os.getpid():
             url, options, strict, verify_reads = self._reopen
             self._store = open_store(url, options, strict=strict, verify_reads=verify_reads)
             self._store_pid = os.getpid()
         return self._store
 
+    def checked_shards(self) -> list[str]:
+        """The plan's shards that this loader's processes have checked so far (`Store.mark_checked`)."""
+        return [self.plan.shards[i] for i in np.flatnonzero(self._checked.flags.numpy())]
+
+    @property
+    def check_ahead(self) -> CheckAhead:
+        """This process's checks of the shards it reads (`verify_reads`), run in a background thread
+        ahead of the reading."""
+        if self._ahead is None or self._ahead.pid != os.getpid():
+            self._ahead = CheckAhead(self.store, self.plan.shards, self._checked)
+        return self._ahead
+
     def _shard(self, shard_idx: int) -> ShardReader:
-        return self.store.shard(self.plan.shards[shard_idx])
+        name = self.plan.shards[shard_idx]
+        if self.store.verify_reads:
+            self.check_ahead.use(shard_idx)  # raises what is wrong with the shard
+        return self.store.shard(name, checked=True)
 
     def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
         reader = self._shard(shard_idx)

@@ -728,6 +728,7 @@ def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDa
     training report and the loss curve; return the report."""
     config = run.config
     trainer.model.save(config.out, student.tokenizer)
+    run.store.mark_checked(dataset.checked_shards())  # by the loader's workers: checked once per run
     final_eval = final_evaluation(run, student, trainer.skipped_shards)
     report = {
         "potstill_version": potstill_version(),

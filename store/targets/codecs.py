@@ -44,13 +44,13 @@ from potstill.store.columns import (
     concat,
     first_bad_row,
     flat,
+    float_rounding_unit,
     impossible_topk,
-    impossible_topk_rows,
     input_vocab,
     list_array,
     mass_of_log,
+    numpy_view,
     offsets_array,
-    row_blocks,
     target_vocab,
     unsound_log_tail,
     unsound_logprobs,
@@ -144,10 +144,10 @@ class PlainColumns(TargetColumns):
             for col, name in ((ids_col, "sampled_ids"), (counts_col, "sampled_counts")):
                 if col.offset != 0 or col.null_count or col.values.null_count:
                     raise StoreError(f"column {name} is sliced or has nulls")
-            self.sampled_rec_off = ids_col.offsets.to_numpy(zero_copy_only=True)
-            self.sampled_pos_off = ids_col.values.offsets.to_numpy(zero_copy_only=True)
-            self.sampled_ids = ids_col.values.values.to_numpy(zero_copy_only=True)
-            self.sampled_counts = counts_col.values.values.to_numpy(zero_copy_only=True)
+            self.sampled_rec_off = numpy_view(ids_col.offsets)
+            self.sampled_pos_off = numpy_view(ids_col.values.offsets)
+            self.sampled_ids = numpy_view(ids_col.values.values)
+            self.sampled_counts = numpy_view(counts_col.values.values)
         # The offsets as Python ints: slicing with them costs half of slicing with numpy scalars,
         # which is most of the per-record overhead of a loader (bench/store_io.py).
         self.bounds: list[int] = self.tgt_off.tolist()
@@ -199,14 +199,13 @@ class PlainColumns(TargetColumns):
         spec, vocab = self.spec, target_vocab(manifest)
         report("token_logprob is NaN or above 0", self.tgt_off, unsound_logprobs(self.token_lp))
         if self.kind.holds_topk:
-            ids, lp = self.topk_ids, self.topk_logprobs
-            unsound = [unsound_topk(ids[a:b], lp[a:b], vocab) for a, b in row_blocks(len(ids))]
             report(f"top-k ids outside [0, {vocab}) or log-probs NaN, infinite or above 0",
-                   self.tgt_off, np.concatenate(unsound) if unsound else np.zeros(0, bool))
+                   self.tgt_off, unsound_topk(self.topk_ids, self.topk_logprobs, vocab))
             report("tail_mass is NaN or outside [0, 1]", self.tgt_off, unsound_tail_mass(self.tail_mass))
             report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
             if not problems:  # sound values: now whether they can be one distribution
-                for what, bad in impossible_topk_rows(self.topk_ids, self.topk_logprobs, self.tail_logprob):
+                for what, bad in impossible_topk(self.topk_ids, self.topk_logprobs, 0.0, self.tail_logprob,
+                                                 rel_error=float_rounding_unit(self.topk_logprobs.dtype)):
                     report(what, self.tgt_off, bad)
         if self.kind.holds_sampled:
             s_ids, counts = self.sampled_ids, self.sampled_counts
@@ -387,7 +386,7 @@ class PackedColumns(TargetColumns):
         self.tgt_off = np.concatenate([[0], np.cumsum(np.diff(views.tok_off) - views.score_start)]).astype(np.int64)
         self.streams = {f.name: flat(batch, f.name) for f in codec.fields(spec, kind) if f.type == NESTED_U8}
         if kind.holds_sampled:
-            self.sampled_entries = batch.column("sampled_entries").to_numpy(zero_copy_only=True)
+            self.sampled_entries = numpy_view(batch.column("sampled_entries"))
         if kind.holds_tail:
             _, self.tail_logprob = flat(batch, "tail_logprob")
         self.bounds: list[int] = self.tgt_off.tolist()
