@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from potstill.store import kernels
 from potstill.store.codec import (
     MAX_BITS,
     MAX_ID_ORDER,
@@ -25,7 +26,6 @@ from potstill.store.codec import (
     SampledTargets,
     bits_for,
     check_sampled,
-    compact_shard_bad,
     decode_sampled,
     decode_sampled_compact,
     decode_topk,
@@ -557,5 +557,12 @@ class CompactCodec(PackedCodec):
         spec = columns.spec
         ids_off, ids_values = columns.streams["sampled_ids_packed"]
         counts_off, counts_values = columns.streams["sampled_counts_packed"]
-        return compact_shard_bad(ids_values, ids_off, counts_values, counts_off, columns.sampled_entries,
-                                  np.diff(columns.tgt_off), spec.samples, 1 << int(spec.id_bits or 0), spec.id_order_map, tv)
+        order = spec.id_order_map
+        listed = order.listed if order is not None else np.zeros(0, np.int64)
+        below = order.below if order is not None else np.zeros(0, np.int64)
+        # The order maps the places below tv onto the ids below it when it lists only such ids (the
+        # others keep their order after the listed ones): then places say which ids are too large.
+        by_place = not len(listed) or int(listed.max()) < tv
+        return kernels.compact_bad(ids_values, ids_off.astype(np.int64), counts_values, counts_off.astype(np.int64),
+                                   columns.sampled_entries.astype(np.int64), np.diff(columns.tgt_off), spec.samples,
+                                   1 << int(spec.id_bits or 0), listed, below, by_place, tv)
