@@ -93,29 +93,6 @@ def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | floa
             (f"top-k and tail probabilities sum to {worst:.4g} (more than 1 beyond their rounding)", too_much)]
 
 
-# Row-wise checks of a shard's top-k run over this many rows at a time: a block's temporaries stay in
-# the CPU's cache through the checks' passes, where a whole shard's would go to memory for each.
-CHECK_ROWS = 1024
-
-
-def row_blocks(rows: int, size: int = CHECK_ROWS) -> list[tuple[int, int]]:
-    return [(a, min(a + size, rows)) for a in range(0, rows, size)]
-
-
-def impossible_topk_rows(ids: np.ndarray, lp: np.ndarray, tail_logprob: np.ndarray, lp_error: Any = None,
-                         clipped: float | None = None) -> list[tuple[str, np.ndarray]]:
-    """`impossible_topk` of a whole shard's rows, computed block by block (`lp_error`: a function of
-    a block's log-probs, `float_rounding` when None); the messages are the whole shard's."""
-    error = float_rounding if lp_error is None else lp_error
-    blocks = [[mask for _, mask in impossible_topk(ids[a:b], lp[a:b], error(lp[a:b]), tail_logprob[a:b], clipped)]
-              for a, b in row_blocks(len(ids))]
-    masks = [np.concatenate(parts) for parts in zip(*blocks, strict=True)] if blocks else [np.zeros(0, bool)] * 3
-    flagged = np.flatnonzero(masks[0] | masks[1] | masks[2])
-    # the messages (the largest mass among them) from the flagged rows alone
-    whats = impossible_topk(ids[flagged], lp[flagged], error(lp[flagged]), tail_logprob[flagged], clipped)
-    return [(what, mask) for (what, _), mask in zip(whats, masks, strict=True)]
-
-
 def float_rounding(lp: np.ndarray) -> np.ndarray:
     """How far a stored float16 / float32 log-prob may lie from the value it rounds (half an ulp)."""
     unit = 2.0**-11 if lp.dtype == np.float16 else 2.0**-24

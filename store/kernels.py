@@ -200,3 +200,151 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
                                      counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
                                      vocab, listed, below, by_place, tv, h, tails, hc, hp)
     return bad
+
+
+# -- top-k rows (format §4.1, `store.columns.unsound_topk` / `impossible_topk`) ------------------------
+@_jit
+def _block_sum(a: np.ndarray, start: int, n: int) -> float:
+    """numpy's sum of at most 128 values: eight running sums, added pairwise, then the rest."""
+    if n < 8:
+        res = -0.0
+        for i in range(n):
+            res += a[start + i]
+        return res
+    r = a[start : start + 8].copy()
+    i = 8
+    while i < n - n % 8:
+        for m in range(8):
+            r[m] += a[start + i + m]
+        i += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        res += a[start + i]
+        i += 1
+    return res
+
+
+@_jit
+def _pairwise(a: np.ndarray, start: int, n: int) -> float:
+    """Σ a[start:start + n] in numpy's order (pairwise: halves, cut at a multiple of 8, down to blocks
+    of ≤ 128), so a mass at the bound is judged as the numpy check judges it. The recursion runs on
+    an explicit stack: numba's cache cannot reload a recursive function."""
+    if n <= 128:
+        return _block_sum(a, start, n)
+    starts = np.empty(64, dtype=np.int64)
+    sizes = np.empty(64, dtype=np.int64)
+    left = np.empty(64, dtype=np.float64)
+    done_left = np.zeros(64, dtype=np.bool_)
+    depth = 0
+    starts[0], sizes[0], done_left[0] = start, n, False
+    while True:
+        s, m = starts[depth], sizes[depth]
+        if m > 128:  # descend into the left half
+            half = m // 2 - (m // 2) % 8
+            depth += 1
+            starts[depth], sizes[depth], done_left[depth] = s, half, False
+            continue
+        v = _block_sum(a, s, m)
+        depth -= 1
+        while depth >= 0 and done_left[depth]:  # right halves done: add them to their left halves
+            v = left[depth] + v
+            depth -= 1
+        if depth < 0:
+            return v
+        left[depth], done_left[depth] = v, True  # a left half done: now its right half
+        half = sizes[depth] // 2 - (sizes[depth] // 2) % 8
+        depth += 1
+        starts[depth], sizes[depth], done_left[depth] = starts[depth - 1] + half, sizes[depth - 1] - half, False
+
+
+@_jit
+def _repeated(ids: np.ndarray, row: int, seen: np.ndarray) -> bool:
+    """Whether an id ≥ 0 is in two slots of `ids` (one row): `seen[id]` holds the last row that had
+    id, so a row costs one look-up per slot (ids beyond `seen` are compared with the row's others)."""
+    for j in range(len(ids)):
+        v = ids[j]
+        if v < 0:
+            continue
+        if v < len(seen):
+            if seen[v] == row:
+                return True
+            seen[v] = row
+        else:
+            for i in range(j):
+                if ids[i] == v:
+                    return True
+    return False
+
+
+@_jit
+def _too_much(lp: np.ndarray, low: np.ndarray, tail: float) -> bool:
+    """Σ exp(low) + the tail's, lowered by float32's rounding, above 1 + MASS_SLACK (NaN: no)."""
+    for j in range(len(lp)):
+        low[j] = np.exp(low[j])
+    t = np.float64(tail)
+    return 0.0 + _pairwise(low, 0, len(low)) + np.exp(t - abs(t) * 2.0**-24) > MASS_BOUND
+
+
+@_jit
+def topk_plain_flags(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, vocab: int, unit: float) -> np.ndarray:
+    """[S] flags of plain top-k rows [S, K] (float32 log-probs; `unit`: their rounding, 2^-11 for
+    float16 ones, else 2^-24): UNSOUND as `unsound_topk` (ids outside [-1, vocab), log-probs NaN,
+    infinite or above the slack, an empty slot not −inf), then REPEATED, RISING and TOO_MUCH as
+    `impossible_topk` with `float_rounding` errors."""
+    rows, k = ids.shape
+    seen = np.full(vocab, -1, dtype=np.int64)
+    low = np.empty(k, dtype=np.float64)
+    flags = np.zeros(rows, dtype=np.uint8)
+    for r in range(rows):
+        f = 0
+        for j in range(k):
+            v, x = ids[r, j], lp[r, j]
+            if v < -1 or v >= vocab or (x != -np.inf if v == -1 else not np.isfinite(x) or x > LOGPROB_SLACK32):
+                f |= UNSOUND
+            x64 = np.float64(x)
+            if j and x64 > np.float64(lp[r, j - 1]):
+                f |= RISING
+            low[j] = x64 - abs(x64) * unit
+        if _repeated(ids[r], r, seen):
+            f |= REPEATED
+        if _too_much(lp[r], low, tail[r]):
+            f |= TOO_MUCH
+        flags[r] = f
+    return flags
+
+
+@_jit
+def topk_packed_bad(id_values: np.ndarray, id_offsets: np.ndarray, lp_values: np.ndarray, lp_offsets: np.ndarray,
+                    tgt_offsets: np.ndarray, tail: np.ndarray, k: int, id_bits: int, lp_bits: int, lo: float,
+                    step: float, max_error: float, tv: int) -> np.ndarray:
+    """[R] records of packed top-k streams with an id ≥ tv or a row `impossible_topk` flags, the
+    quantiser's codes decoded as `LogprobQuantizer.decode` does (code 0: an empty slot, id −1,
+    log-prob −inf) and their error its step / 2 plus float32's rounding; slots at the floor add
+    nothing to the mass (they may hold any smaller log-prob)."""
+    records = len(tgt_offsets) - 1
+    clipped = lo + step / 2
+    seen = np.full(tv, -1, dtype=np.int64)
+    ids = np.empty(k, dtype=np.int64)
+    lp = np.empty(k, dtype=np.float64)
+    low = np.empty(k, dtype=np.float64)
+    bad = np.zeros(records, dtype=np.bool_)
+    for r in range(records):
+        i0, i1, l0, l1 = id_offsets[r], id_offsets[r + 1], lp_offsets[r], lp_offsets[r + 1]
+        for p in range(tgt_offsets[r + 1] - tgt_offsets[r]):
+            row = tgt_offsets[r] + p
+            for j in range(k):
+                at = p * k + j
+                code = _bits(lp_values, l0, l1, at * lp_bits, lp_bits)
+                if code == 0:
+                    ids[j], lp[j], low[j] = -1, -np.inf, -np.inf
+                    continue
+                ids[j] = _bits(id_values, i0, i1, at * id_bits, id_bits)
+                lp[j] = np.float64(np.float32(lo + (np.float64(code) - 1.0) * step))
+                low[j] = -np.inf if lp[j] <= clipped else lp[j] - (max_error + abs(lp[j]) * 2.0**-24)
+            rising = False
+            for j in range(1, k):
+                rising |= lp[j] > lp[j - 1]
+            if rising or ids.max() >= tv or _repeated(ids, row, seen) or _too_much(lp, low, tail[row]):
+                bad[r] = True
+                break
+    return bad

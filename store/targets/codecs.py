@@ -12,7 +12,6 @@ The bit-level coding itself is `store.codec`; the classes here choose and place 
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -38,24 +37,21 @@ from potstill.store.codec import (
     unpack_bits_shard,
 )
 from potstill.store.columns import (
-    CHECK_ROWS,
     bytes_column,
     bytes_list,
     concat,
     first_bad_row,
     flat,
+    float_rounding,
     impossible_topk,
-    impossible_topk_rows,
     input_vocab,
     list_array,
     mass_of_log,
     offsets_array,
-    row_blocks,
     target_vocab,
     unsound_log_tail,
     unsound_logprobs,
     unsound_tail_mass,
-    unsound_topk,
 )
 from potstill.store.errors import StoreError
 from potstill.store.targets.base import (
@@ -199,15 +195,19 @@ class PlainColumns(TargetColumns):
         spec, vocab = self.spec, target_vocab(manifest)
         report("token_logprob is NaN or above 0", self.tgt_off, unsound_logprobs(self.token_lp))
         if self.kind.holds_topk:
-            ids, lp = self.topk_ids, self.topk_logprobs
-            unsound = [unsound_topk(ids[a:b], lp[a:b], vocab) for a, b in row_blocks(len(ids))]
+            ids, lp, tail = self.topk_ids, self.topk_logprobs, self.tail_logprob
+            unit = 2.0**-11 if lp.dtype == np.float16 else 2.0**-24  # (`float_rounding`)
+            flags = kernels.topk_plain_flags(ids, lp.astype(np.float32, copy=False), tail, vocab, unit)
             report(f"top-k ids outside [0, {vocab}) or log-probs NaN, infinite or above 0",
-                   self.tgt_off, np.concatenate(unsound) if unsound else np.zeros(0, bool))
+                   self.tgt_off, (flags & kernels.UNSOUND) > 0)
             report("tail_mass is NaN or outside [0, 1]", self.tgt_off, unsound_tail_mass(self.tail_mass))
             report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
             if not problems:  # sound values: now whether they can be one distribution
-                for what, bad in impossible_topk_rows(self.topk_ids, self.topk_logprobs, self.tail_logprob):
-                    report(what, self.tgt_off, bad)
+                rows = np.flatnonzero(flags & (kernels.REPEATED | kernels.RISING | kernels.TOO_MUCH))
+                # the messages (the largest mass among them) from the flagged rows alone
+                whats = impossible_topk(ids[rows], lp[rows], float_rounding(lp[rows]), tail[rows])
+                for (what, _), flag in zip(whats, (kernels.REPEATED, kernels.RISING, kernels.TOO_MUCH), strict=True):
+                    report(what, self.tgt_off, (flags & flag) > 0)
         if self.kind.holds_sampled:
             s_ids, counts = self.sampled_ids, self.sampled_counts
             entry_rows = self.sampled_pos_off  # entries per position; positions per record below
@@ -458,28 +458,12 @@ class PackedColumns(TargetColumns):
 
     def _topk_bad(self, tv: int) -> np.ndarray:
         """[records] mask: top-k ids outside [0, tv) or a top-K that no distribution has."""
-        spec, q, k = self.spec, self.quantizer, self.spec.k
-        scored = np.diff(self.tgt_off)
+        spec, q = self.spec, self.quantizer
         id_off, id_values = self.streams["topk_ids_packed"]
         lp_off, lp_values = self.streams["topk_logprobs_packed"]
-        bad_rows = []
-        # records in groups of about CHECK_ROWS positions (their temporaries stay in the CPU's cache)
-        cuts = np.unique(np.concatenate([[0], np.searchsorted(self.tgt_off, np.arange(0, int(self.tgt_off[-1]), CHECK_ROWS),
-                                                              side="right"), [len(scored)]]))
-        for a, b in itertools.pairwise(cuts.tolist()):
-            codes = unpack_bits_shard(lp_values, lp_off[a : b + 1], scored[a:b] * k, q.bits).reshape(-1, k)
-            ids = unpack_bits_shard(id_values, id_off[a : b + 1], scored[a:b] * k, int(spec.id_bits or 0)).reshape(-1, k)
-            ids[codes == 0] = -1
-            lp = q.decode(codes)
-            rows = slice(int(self.tgt_off[a]), int(self.tgt_off[b]))
-            tail = self.tail_logprob[rows]
-            err = q.max_error + np.abs(lp.astype(np.float64)) * 2.0**-24  # (+ float32's rounding)
-            bad = (ids >= tv).any(-1)
-            for _, mask in impossible_topk(ids, lp, err, tail, clipped=q.lo + q.step / 2):
-                bad |= mask
-            bad_rows.append(bad)
-        bad = np.concatenate(bad_rows) if bad_rows else np.zeros(0, bool)
-        return np.bincount(np.repeat(np.arange(len(scored)), scored)[bad], minlength=len(scored)) > 0
+        return kernels.topk_packed_bad(id_values, id_off.astype(np.int64), lp_values, lp_off.astype(np.int64),
+                                       self.tgt_off, self.tail_logprob, spec.k, int(spec.id_bits or 0), q.bits,
+                                       float(q.lo), q.step, q.max_error, tv)
 
     def record_problem(self, j: int, tv: int) -> str | None:
         """What is wrong with record j's targets (the first thing), or None."""
