@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from potstill.store import kernels
 from potstill.store.codec import (
     MAX_BITS,
     MAX_ID_ORDER,
@@ -195,6 +194,8 @@ class PlainColumns(TargetColumns):
         spec, vocab = self.spec, target_vocab(manifest)
         report("token_logprob is NaN or above 0", self.tgt_off, unsound_logprobs(self.token_lp))
         if self.kind.holds_topk:
+            from potstill.store import kernels  # (here: numba takes 0.2 s to import, which only checks need)
+
             ids, lp, tail = self.topk_ids, self.topk_logprobs, self.tail_logprob
             unit = 2.0**-11 if lp.dtype == np.float16 else 2.0**-24  # (`float_rounding`)
             flags = kernels.topk_plain_flags(ids, lp.astype(np.float32, copy=False), tail, vocab, unit)
@@ -458,6 +459,8 @@ class PackedColumns(TargetColumns):
 
     def _topk_bad(self, tv: int) -> np.ndarray:
         """[records] mask: top-k ids outside [0, tv) or a top-K that no distribution has."""
+        from potstill.store import kernels  # (here: numba takes 0.2 s to import, which only checks need)
+
         spec, q = self.spec, self.quantizer
         id_off, id_values = self.streams["topk_ids_packed"]
         lp_off, lp_values = self.streams["topk_logprobs_packed"]
@@ -541,6 +544,8 @@ class CompactCodec(PackedCodec):
         spec = columns.spec
         ids_off, ids_values = columns.streams["sampled_ids_packed"]
         counts_off, counts_values = columns.streams["sampled_counts_packed"]
+        from potstill.store import kernels  # (here: numba takes 0.2 s to import, which only checks need)
+
         order = spec.id_order_map
         listed = order.listed if order is not None else np.zeros(0, np.int64)
         below = order.below if order is not None else np.zeros(0, np.int64)
