@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros  # (llvm.cttz; in numba since 0.47)
 
 MASS_BOUND = 1 + 1e-4  # store.columns: 1 + MASS_SLACK
 LOGPROB_SLACK32 = np.float32(1e-3)  # store.columns.LOGPROB_SLACK, compared in float32 as numpy does
@@ -22,65 +23,55 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 # -- bit reading ------------------------------------------------------------------------------------
+# A stream is read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
+# byte to load), topped up to more than 48 bits a byte at a time, so the buffer never reaches the sign
+# bit of an int64 and a value of up to 32 bits is there after one top-up. The reads are written out
+# where they are used: numba calls a helper per value returning (value, buffer) ~10× slower.
 @_jit
-def _bits(data: np.ndarray, start: int, end: int, bit: int, width: int) -> int:
-    """`width` (≤ 32) bits at bit `bit` of the bytes data[start:end], least significant first; bytes
-    past `end` read as 0 (the callers check lengths themselves, as the numpy decoders do)."""
-    at = start + (bit >> 3)
-    shift = bit & 7
-    out = np.int64(0)
-    for i in range((shift + width + 7) >> 3):
-        if at + i < end:
-            out |= np.int64(data[at + i]) << (8 * i)
-    return (out >> shift) & ((np.int64(1) << width) - 1)
-
-
-@_jit
-def _unary(data: np.ndarray, start: int, end: int, bit: int) -> tuple[int, int]:
-    """The unary value at bit `bit` of data[start:end] (zeros before a one): (value, the bit after its
-    one), or (-1, bit) when the bytes end before a one."""
-    at = start + (bit >> 3)
-    if at >= end:
-        return -1, bit
-    v = np.int64(data[at]) >> (bit & 7)
-    q = 0
-    if v == 0:  # skip whole zero bytes
-        q = 8 - (bit & 7)
-        at += 1
-        while at < end and data[at] == 0:
-            q += 8
-            at += 1
-        if at >= end:
-            return -1, bit
-        v = np.int64(data[at])
-    while (v & 1) == 0:
-        v >>= 1
-        q += 1
-    return q, bit + q + 1
+def _fill(data: np.ndarray, pos: int, end: int, acc: int, nb: int) -> tuple[int, int, int]:
+    """The buffer topped up from data[pos:end] (bytes past `end` read as 0)."""
+    while nb <= 48:
+        if pos < end:
+            acc |= np.int64(data[pos]) << nb
+        pos += 1
+        nb += 8
+    return pos, acc, nb
 
 
 @_jit
 def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> int:
-    """`count` Elias-gamma values of a `_gamma_stream` at byte `start` (< `end`) into out[:count]: the
-    lengths in unary, byte-padded, then the low bits. The byte after them, or -1 where
+    """`count` Elias-gamma values of a `_gamma_stream` at byte `start` into out[:count]: the lengths in
+    unary, byte-padded, then the low bits. The byte after them, or -1 where
     `store.codec._decode_gamma` refuses the stream (too short, a length above 16)."""
-    bit = 0
+    pos, acc, nb = start, 0, 0
     total = 0
     for i in range(count):
-        q, bit = _unary(data, start, end, bit)
-        if q < 0 or q > 16:
+        q = 0
+        while acc == 0:  # (unary: zeros, then a one)
+            q += nb
+            if pos >= end:
+                return -1
+            pos, acc, nb = _fill(data, pos, end, 0, 0)
+        zeros = trailing_zeros(acc)
+        acc >>= zeros + 1
+        nb -= zeros + 1
+        q += zeros
+        if q > 16:
             return -1
         out[i] = q
         total += q
-    low = start + ((bit + 7) >> 3)  # (0 bytes for no values)
+    low = start + (((pos - start) * 8 - nb + 7) >> 3)  # the byte after the last length's one
     need = (total + 7) >> 3
     if low + need > end:
         return -1
-    bit = 0
+    pos, acc, nb = low, 0, 0
     for i in range(count):
         length = out[i]
-        out[i] = (np.int64(1) << length) + _bits(data, low, end, bit, length)
-        bit += length
+        if nb < length:
+            pos, acc, nb = _fill(data, pos, end, acc, nb)
+        out[i] = (np.int64(1) << length) + (acc & ((np.int64(1) << length) - 1))
+        acc >>= length
+        nb -= length
     return low + need
 
 
@@ -94,14 +85,24 @@ def _id_at(place: int, listed: np.ndarray, below: np.ndarray) -> int:
     return n + np.searchsorted(below, n, side="right")
 
 
+@_jit
+def _bucket_starts(buckets: int, table: np.ndarray) -> None:
+    """table[d, b]: the first of d entries in rank bucket b, ceil(b·d / B) (entry j's bucket is
+    min(B·j // d, B − 1)); table[d, B] = d. Looked up so that no entry costs a division."""
+    for d in range(table.shape[0]):
+        for b in range(buckets + 1):
+            table[d, b] = (b * d + buckets - 1) // buckets
+
+
 # -- compact sampled streams (format §4.3.2) ----------------------------------------------------------
 @_jit
 def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.ndarray, c0: int, c1: int,
                         entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
                         below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
-                        hc: np.ndarray, hp: np.ndarray) -> bool:
+                        hc: np.ndarray, hp: np.ndarray, table: np.ndarray, table_of: np.ndarray) -> bool:
     """Whether `decode_sampled_compact` refuses one record's streams or it holds an id ≥ tv. Scratch:
-    h, tails [positions]; hc, hp [positions · N/2] (head counts, then head places)."""
+    h, tails [positions]; hc, hp [positions · N/2] (head counts, then head places); table
+    [N + 1, 65]: `_bucket_starts` of the B in table_of[0]."""
     # counts stream: head sizes h + 1, then the head counts − 1, both gamma-coded
     at = _gamma(counts_values, c0, c1, positions, h)
     if at < 0:
@@ -128,7 +129,7 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
     if total != entries:
         return True
     # ids stream: B, the 2B Rice parameters (head buckets, tail buckets), the gaps' low bits, their
-    # quotients in unary; a gap's width is its bucket's parameter, min(B·j // d, B − 1) for entry j of d
+    # quotients in unary; a gap's width is its rank bucket's parameter
     if i1 - i0 < 1:
         return True
     buckets = np.int64(ids_values[i0])
@@ -138,18 +139,20 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
     for b in range(2 * buckets):
         if ids_values[ks + b] > 31:
             return True
+    if table_of[0] != buckets:
+        _bucket_starts(buckets, table)
+        table_of[0] = buckets
     width_sum = 0
     for i in range(positions):
-        for j in range(h[i]):
-            width_sum += ids_values[ks + min(buckets * j // h[i], buckets - 1)]
-        for j in range(tails[i]):
-            width_sum += ids_values[ks + buckets + min(buckets * j // tails[i], buckets - 1)]
+        for b in range(buckets):
+            width_sum += np.int64(ids_values[ks + b]) * (table[h[i], b + 1] - table[h[i], b])
+            width_sum += np.int64(ids_values[ks + buckets + b]) * (table[tails[i], b + 1] - table[tails[i], b])
     low0 = ks + 2 * buckets
     q0 = low0 + ((width_sum + 7) >> 3)
     if q0 > i1:
         return True
-    lbit = 0
-    qbit = 0
+    lpos, lacc, lnb = low0, 0, 0  # the low bits
+    qpos, qacc, qnb = q0, 0, 0  # the quotients
     for part in range(2):  # the head entries of every position, then the tail entries
         head_end = 0
         for i in range(positions):
@@ -157,25 +160,35 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
             head_at = head_end  # this position's head places: hp[head_at:head_end]
             head_end += h[i]
             place = np.int64(-1)
-            for j in range(d):
-                w = np.int64(ids_values[ks + part * buckets + min(buckets * j // d, buckets - 1)])
-                low = _bits(ids_values, low0, i1, lbit, w)
-                lbit += w
-                q, qbit = _unary(ids_values, q0, i1, qbit)
-                if q < 0:
-                    return True
-                place += ((q << w) | low) + 1
-                if place >= vocab:
-                    return True
-                if (place if by_place else _id_at(place, listed, below)) >= tv:
-                    return True
-                if part == 0:
-                    hp[head_at + j] = place
-                else:  # both parts rise within a position: a merge finds a place in both
-                    while head_at < head_end and hp[head_at] < place:
-                        head_at += 1
-                    if head_at < head_end and hp[head_at] == place:
+            for b in range(buckets):
+                w = np.int64(ids_values[ks + part * buckets + b])
+                for j in range(table[d, b], table[d, b + 1]):
+                    if lnb < w:
+                        lpos, lacc, lnb = _fill(ids_values, lpos, i1, lacc, lnb)
+                    low = lacc & ((np.int64(1) << w) - 1)
+                    lacc >>= w
+                    lnb -= w
+                    q = 0
+                    while qacc == 0:
+                        q += qnb
+                        if qpos >= i1:
+                            return True  # fewer quotients than entries
+                        qpos, qacc, qnb = _fill(ids_values, qpos, i1, 0, 0)
+                    zeros = trailing_zeros(qacc)
+                    qacc >>= zeros + 1
+                    qnb -= zeros + 1
+                    place += (((q + zeros) << w) | low) + 1
+                    if place >= vocab:
                         return True
+                    if (place if by_place else _id_at(place, listed, below)) >= tv:
+                        return True
+                    if part == 0:
+                        hp[head_at + j] = place
+                    else:  # both parts rise within a position: a merge finds a place in both
+                        while head_at < head_end and hp[head_at] < place:
+                            head_at += 1
+                        if head_at < head_end and hp[head_at] == place:
+                            return True
     return False
 
 
@@ -183,9 +196,9 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
 def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,
                 counts_offsets: np.ndarray, entries: np.ndarray, positions: np.ndarray, samples: int, vocab: int,
                 listed: np.ndarray, below: np.ndarray, by_place: bool, tv: int) -> np.ndarray:
-    """`store.codec.compact_shard_bad` of a shard: [R] records whose streams the per-record decoder
-    refuses or that hold an id ≥ tv (`listed` / `below`: the id order's arrays, empty for none;
-    `by_place`: places below tv are the ids below tv, so the places alone say which are too large)."""
+    """[R] records of a shard whose compact streams `decode_sampled_compact` refuses or that hold an
+    id ≥ tv (`listed` / `below`: the id order's arrays, empty for none; `by_place`: places below tv
+    are the ids below tv, so the places alone say which are too large)."""
     records = len(positions)
     most = 0
     for r in range(records):
@@ -194,11 +207,13 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
     tails = np.empty(most, dtype=np.int64)
     hc = np.empty(most * (samples // 2) + 1, dtype=np.int64)
     hp = np.empty(most * (samples // 2) + 1, dtype=np.int64)
+    table = np.empty((samples + 1, 65), dtype=np.int64)
+    table_of = np.zeros(1, dtype=np.int64)
     bad = np.zeros(records, dtype=np.bool_)
     for r in range(records):
         bad[r] = _compact_record_bad(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
                                      counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
-                                     vocab, listed, below, by_place, tv, h, tails, hc, hp)
+                                     vocab, listed, below, by_place, tv, h, tails, hc, hp, table, table_of)
     return bad
 
 
@@ -329,16 +344,25 @@ def topk_packed_bad(id_values: np.ndarray, id_offsets: np.ndarray, lp_values: np
     low = np.empty(k, dtype=np.float64)
     bad = np.zeros(records, dtype=np.bool_)
     for r in range(records):
-        i0, i1, l0, l1 = id_offsets[r], id_offsets[r + 1], lp_offsets[r], lp_offsets[r + 1]
+        i1, l1 = id_offsets[r + 1], lp_offsets[r + 1]
+        ipos, iacc, inb = id_offsets[r], 0, 0
+        lpos, lacc, lnb = lp_offsets[r], 0, 0
         for p in range(tgt_offsets[r + 1] - tgt_offsets[r]):
             row = tgt_offsets[r] + p
             for j in range(k):
-                at = p * k + j
-                code = _bits(lp_values, l0, l1, at * lp_bits, lp_bits)
+                if lnb < lp_bits:
+                    lpos, lacc, lnb = _fill(lp_values, lpos, l1, lacc, lnb)
+                code = lacc & ((np.int64(1) << lp_bits) - 1)
+                lacc >>= lp_bits
+                lnb -= lp_bits
+                if inb < id_bits:
+                    ipos, iacc, inb = _fill(id_values, ipos, i1, iacc, inb)
+                ids[j] = iacc & ((np.int64(1) << id_bits) - 1)
+                iacc >>= id_bits
+                inb -= id_bits
                 if code == 0:
                     ids[j], lp[j], low[j] = -1, -np.inf, -np.inf
                     continue
-                ids[j] = _bits(id_values, i0, i1, at * id_bits, id_bits)
                 lp[j] = np.float64(np.float32(lo + (np.float64(code) - 1.0) * step))
                 low[j] = -np.inf if lp[j] <= clipped else lp[j] - (max_error + abs(lp[j]) * 2.0**-24)
             rising = False
