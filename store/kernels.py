@@ -301,30 +301,57 @@ def _too_much(lp: np.ndarray, low: np.ndarray, tail: float) -> bool:
 
 
 @_jit
-def topk_plain_flags(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, vocab: int, unit: float) -> np.ndarray:
-    """[S] flags of plain top-k rows [S, K] (float32 log-probs; `unit`: their rounding, 2^-11 for
-    float16 ones, else 2^-24): UNSOUND as `unsound_topk` (ids outside [-1, vocab), log-probs NaN,
-    infinite or above the slack, an empty slot not −inf), then REPEATED, RISING and TOO_MUCH as
-    `impossible_topk` with `float_rounding` errors."""
+def _plain_row(ids: np.ndarray, lp: np.ndarray, tail: float, vocab: int, unit: float, seen: np.ndarray, row: int,
+               low: np.ndarray) -> int:
+    """The flags of one plain top-k row (float32 log-probs; `low`: scratch [K])."""
+    f = 0
+    for j in range(len(ids)):
+        v, x = ids[j], lp[j]
+        if v < -1 or v >= vocab or (x != -np.inf if v == -1 else not np.isfinite(x) or x > LOGPROB_SLACK32):
+            f |= UNSOUND
+        x64 = np.float64(x)
+        if j and x64 > np.float64(lp[j - 1]):
+            f |= RISING
+        low[j] = x64 - abs(x64) * unit
+    if _repeated(ids, row, seen):
+        f |= REPEATED
+    if _too_much(lp, low, tail):
+        f |= TOO_MUCH
+    return f
+
+
+@_jit
+def topk_plain_flags(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, vocab: int) -> np.ndarray:
+    """[S] flags of plain top-k rows [S, K] with float32 log-probs: UNSOUND as `unsound_topk` (ids
+    outside [-1, vocab), log-probs NaN, infinite or above the slack, an empty slot not −inf), then
+    REPEATED, RISING and TOO_MUCH as `impossible_topk` with `float_rounding`'s errors."""
     rows, k = ids.shape
     seen = np.full(vocab, -1, dtype=np.int64)
     low = np.empty(k, dtype=np.float64)
     flags = np.zeros(rows, dtype=np.uint8)
     for r in range(rows):
-        f = 0
+        flags[r] = _plain_row(ids[r], lp[r], tail[r], vocab, 2.0**-24, seen, r, low)
+    return flags
+
+
+def half_table() -> np.ndarray:
+    """Every float16 as float32, by its bits: `topk_half_flags` reads float16 log-probs through it."""
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@_jit
+def topk_half_flags(ids: np.ndarray, lp_bits: np.ndarray, tail: np.ndarray, vocab: int, half: np.ndarray) -> np.ndarray:
+    """`topk_plain_flags` of float16 log-probs, given as their bits (`lp.view(np.uint16)`) and read
+    through `half_table()`: no float32 copy of the column is made."""
+    rows, k = ids.shape
+    seen = np.full(vocab, -1, dtype=np.int64)
+    low = np.empty(k, dtype=np.float64)
+    lp = np.empty(k, dtype=np.float32)
+    flags = np.zeros(rows, dtype=np.uint8)
+    for r in range(rows):
         for j in range(k):
-            v, x = ids[r, j], lp[r, j]
-            if v < -1 or v >= vocab or (x != -np.inf if v == -1 else not np.isfinite(x) or x > LOGPROB_SLACK32):
-                f |= UNSOUND
-            x64 = np.float64(x)
-            if j and x64 > np.float64(lp[r, j - 1]):
-                f |= RISING
-            low[j] = x64 - abs(x64) * unit
-        if _repeated(ids[r], r, seen):
-            f |= REPEATED
-        if _too_much(lp[r], low, tail[r]):
-            f |= TOO_MUCH
-        flags[r] = f
+            lp[j] = half[lp_bits[r, j]]
+        flags[r] = _plain_row(ids[r], lp, tail[r], vocab, 2.0**-11, seen, r, low)
     return flags
 
 

@@ -122,8 +122,10 @@ def test_the_plain_top_k_kernel_flags_the_rows_the_numpy_checks_flag(dtype, k: i
     vocab = 1000
     ids, lp, tail = _topk_rows(rng, 3000, k, vocab)
     lp = lp.astype(dtype)
-    unit = 2.0**-11 if dtype == np.float16 else 2.0**-24
-    flags = kernels.topk_plain_flags(ids, lp.astype(np.float32), tail, vocab, unit)
+    if dtype == np.float16:
+        flags = kernels.topk_half_flags(ids, lp.view(np.uint16), tail, vocab, kernels.half_table())
+    else:
+        flags = kernels.topk_plain_flags(ids, lp, tail, vocab)
     np.testing.assert_array_equal((flags & kernels.UNSOUND) > 0, unsound_topk(ids, lp, vocab))
     masks = [mask for _, mask in impossible_topk(ids, lp, float_rounding(lp), tail)]
     for flag, mask in zip((kernels.REPEATED, kernels.RISING, kernels.TOO_MUCH), masks, strict=True):

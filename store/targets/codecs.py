@@ -12,6 +12,7 @@ The bit-level coding itself is `store.codec`; the classes here choose and place 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -197,8 +198,10 @@ class PlainColumns(TargetColumns):
             from potstill.store import kernels  # (here: numba takes 0.2 s to import, which only checks need)
 
             ids, lp, tail = self.topk_ids, self.topk_logprobs, self.tail_logprob
-            unit = 2.0**-11 if lp.dtype == np.float16 else 2.0**-24  # (`float_rounding`)
-            flags = kernels.topk_plain_flags(ids, lp.astype(np.float32, copy=False), tail, vocab, unit)
+            if lp.dtype == np.float16:
+                flags = kernels.topk_half_flags(ids, lp.view(np.uint16), tail, vocab, _half_table())
+            else:
+                flags = kernels.topk_plain_flags(ids, lp.astype(np.float32, copy=False), tail, vocab)
             report(f"top-k ids outside [0, {vocab}) or log-probs NaN, infinite or above 0",
                    self.tgt_off, (flags & kernels.UNSOUND) > 0)
             report("tail_mass is NaN or outside [0, 1]", self.tgt_off, unsound_tail_mass(self.tail_mass))
@@ -222,6 +225,13 @@ class PlainColumns(TargetColumns):
                 report(f"sampled counts of a position do not sum to N={spec.samples}", self.sampled_rec_off,
                        sums != spec.samples)
         return problems
+
+
+@functools.cache
+def _half_table() -> np.ndarray:
+    from potstill.store import kernels
+
+    return kernels.half_table()
 
 
 def _part_fields(columns: TargetColumns, j: int, kind: TargetKind) -> dict[str, Any]:
