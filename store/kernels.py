@@ -292,30 +292,27 @@ def _repeated(ids: np.ndarray, row: int, seen: np.ndarray) -> bool:
 
 
 @_jit
-def _too_much(lp: np.ndarray, low: np.ndarray, tail: float) -> bool:
-    """Σ exp(low) + the tail's, lowered by float32's rounding, above 1 + MASS_SLACK (NaN: no)."""
-    for j in range(len(lp)):
-        low[j] = np.exp(low[j])
+def _too_much(mass: np.ndarray, tail: float) -> bool:
+    """Σ mass (each slot's exp(lp − its error)) + the tail's, lowered by float32's rounding, above
+    1 + MASS_SLACK (NaN: no)."""
     t = np.float64(tail)
-    return 0.0 + _pairwise(low, 0, len(low)) + np.exp(t - abs(t) * 2.0**-24) > MASS_BOUND
+    return 0.0 + _pairwise(mass, 0, len(mass)) + np.exp(t - abs(t) * 2.0**-24) > MASS_BOUND
 
 
 @_jit
-def _plain_row(ids: np.ndarray, lp: np.ndarray, tail: float, vocab: int, unit: float, seen: np.ndarray, row: int,
-               low: np.ndarray) -> int:
-    """The flags of one plain top-k row (float32 log-probs; `low`: scratch [K])."""
+def _plain_row(ids: np.ndarray, lp: np.ndarray, mass: np.ndarray, tail: float, vocab: int, seen: np.ndarray,
+               row: int) -> int:
+    """The flags of one plain top-k row (float32 log-probs, `mass`: exp(lp − its rounding) of each)."""
     f = 0
     for j in range(len(ids)):
         v, x = ids[j], lp[j]
         if v < -1 or v >= vocab or (x != -np.inf if v == -1 else not np.isfinite(x) or x > LOGPROB_SLACK32):
             f |= UNSOUND
-        x64 = np.float64(x)
-        if j and x64 > np.float64(lp[j - 1]):
+        if j and x > lp[j - 1]:
             f |= RISING
-        low[j] = x64 - abs(x64) * unit
     if _repeated(ids, row, seen):
         f |= REPEATED
-    if _too_much(lp, low, tail):
+    if _too_much(mass, tail):
         f |= TOO_MUCH
     return f
 
@@ -327,10 +324,13 @@ def topk_plain_flags(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, vocab: i
     REPEATED, RISING and TOO_MUCH as `impossible_topk` with `float_rounding`'s errors."""
     rows, k = ids.shape
     seen = np.full(vocab, -1, dtype=np.int64)
-    low = np.empty(k, dtype=np.float64)
+    mass = np.empty(k, dtype=np.float64)
     flags = np.zeros(rows, dtype=np.uint8)
     for r in range(rows):
-        flags[r] = _plain_row(ids[r], lp[r], tail[r], vocab, 2.0**-24, seen, r, low)
+        for j in range(k):
+            x = np.float64(lp[r, j])
+            mass[j] = np.exp(x - abs(x) * 2.0**-24)
+        flags[r] = _plain_row(ids[r], lp[r], mass, tail[r], vocab, seen, r)
     return flags
 
 
@@ -342,16 +342,20 @@ def half_table() -> np.ndarray:
 @_jit
 def topk_half_flags(ids: np.ndarray, lp_bits: np.ndarray, tail: np.ndarray, vocab: int, half: np.ndarray) -> np.ndarray:
     """`topk_plain_flags` of float16 log-probs, given as their bits (`lp.view(np.uint16)`) and read
-    through `half_table()`: no float32 copy of the column is made."""
+    through `half_table()`, each one's mass too: no float32 copy of the column, no exp per slot."""
     rows, k = ids.shape
+    mass_of = np.empty(len(half), dtype=np.float64)
+    for b in range(len(half)):
+        x = np.float64(half[b])
+        mass_of[b] = np.exp(x - abs(x) * 2.0**-11)
     seen = np.full(vocab, -1, dtype=np.int64)
-    low = np.empty(k, dtype=np.float64)
     lp = np.empty(k, dtype=np.float32)
+    mass = np.empty(k, dtype=np.float64)
     flags = np.zeros(rows, dtype=np.uint8)
     for r in range(rows):
         for j in range(k):
-            lp[j] = half[lp_bits[r, j]]
-        flags[r] = _plain_row(ids[r], lp, tail[r], vocab, 2.0**-11, seen, r, low)
+            lp[j], mass[j] = half[lp_bits[r, j]], mass_of[lp_bits[r, j]]
+        flags[r] = _plain_row(ids[r], lp, mass, tail[r], vocab, seen, r)
     return flags
 
 
@@ -364,11 +368,20 @@ def topk_packed_bad(id_values: np.ndarray, id_offsets: np.ndarray, lp_values: np
     log-prob −inf) and their error its step / 2 plus float32's rounding; slots at the floor add
     nothing to the mass (they may hold any smaller log-prob)."""
     records = len(tgt_offsets) - 1
+    # each code's log-prob and mass, once (code 0: −inf; at the floor: no mass, it may be any smaller)
     clipped = lo + step / 2
+    lp_of = np.empty(1 << lp_bits, dtype=np.float64)
+    mass_of = np.zeros(1 << lp_bits, dtype=np.float64)
+    lp_of[0] = -np.inf
+    for code in range(1, 1 << lp_bits):
+        v = np.float64(np.float32(lo + (np.float64(code) - 1.0) * step))
+        lp_of[code] = v
+        if v > clipped:
+            mass_of[code] = np.exp(v - (max_error + abs(v) * 2.0**-24))
     seen = np.full(tv, -1, dtype=np.int64)
     ids = np.empty(k, dtype=np.int64)
     lp = np.empty(k, dtype=np.float64)
-    low = np.empty(k, dtype=np.float64)
+    mass = np.empty(k, dtype=np.float64)
     bad = np.zeros(records, dtype=np.bool_)
     for r in range(records):
         i1, l1 = id_offsets[r + 1], lp_offsets[r + 1]
@@ -384,18 +397,14 @@ def topk_packed_bad(id_values: np.ndarray, id_offsets: np.ndarray, lp_values: np
                 lnb -= lp_bits
                 if inb < id_bits:
                     ipos, iacc, inb = _fill(id_values, ipos, i1, iacc, inb)
-                ids[j] = iacc & ((np.int64(1) << id_bits) - 1)
+                ids[j] = iacc & ((np.int64(1) << id_bits) - 1) if code else -1
                 iacc >>= id_bits
                 inb -= id_bits
-                if code == 0:
-                    ids[j], lp[j], low[j] = -1, -np.inf, -np.inf
-                    continue
-                lp[j] = np.float64(np.float32(lo + (np.float64(code) - 1.0) * step))
-                low[j] = -np.inf if lp[j] <= clipped else lp[j] - (max_error + abs(lp[j]) * 2.0**-24)
+                lp[j], mass[j] = lp_of[code], mass_of[code]
             rising = False
             for j in range(1, k):
                 rising |= lp[j] > lp[j - 1]
-            if rising or ids.max() >= tv or _repeated(ids, row, seen) or _too_much(lp, low, tail[row]):
+            if rising or ids.max() >= tv or _repeated(ids, row, seen) or _too_much(mass, tail[row]):
                 bad[r] = True
                 break
     return bad
