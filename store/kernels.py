@@ -16,7 +16,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros  # (llvm.cttz; in numba 
 MASS_BOUND = 1 + 1e-4  # store.columns: 1 + MASS_SLACK
 LOGPROB_SLACK32 = np.float32(1e-3)  # store.columns.LOGPROB_SLACK, compared in float32 as numpy does
 
-# top-k row flags (`topk_plain_flags`, `topk_packed_flags`)
+# top-k row flags (`topk_plain_flags`, `topk_half_flags`)
 UNSOUND, REPEATED, RISING, TOO_MUCH = 1, 2, 4, 8
 
 _jit = numba.njit(cache=True, nogil=True)
@@ -221,20 +221,21 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
 @_jit
 def _block_sum(a: np.ndarray, start: int, n: int) -> float:
     """numpy's sum of at most 128 values: eight running sums, added pairwise, then the rest."""
+    a = a[start : start + n]
     if n < 8:
         res = -0.0
         for i in range(n):
-            res += a[start + i]
+            res += a[i]
         return res
-    r = a[start : start + 8].copy()
+    r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
     i = 8
     while i < n - n % 8:
-        for m in range(8):
-            r[m] += a[start + i + m]
+        r0, r1, r2, r3 = r0 + a[i], r1 + a[i + 1], r2 + a[i + 2], r3 + a[i + 3]
+        r4, r5, r6, r7 = r4 + a[i + 4], r5 + a[i + 5], r6 + a[i + 6], r7 + a[i + 7]
         i += 8
-    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
     while i < n:
-        res += a[start + i]
+        res += a[i]
         i += 1
     return res
 
