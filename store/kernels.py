@@ -151,6 +151,7 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
     q0 = low0 + ((width_sum + 7) >> 3)
     if q0 > i1:
         return True
+    bound = min(vocab, tv) if by_place else vocab  # (places from here on: below it, or the record is bad)
     lpos, lacc, lnb = low0, 0, 0  # the low bits
     qpos, qacc, qnb = q0, 0, 0  # the quotients
     for part in range(2):  # the head entries of every position, then the tail entries
@@ -178,9 +179,7 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
                     qacc >>= zeros + 1
                     qnb -= zeros + 1
                     place += (((q + zeros) << w) | low) + 1
-                    if place >= vocab:
-                        return True
-                    if (place if by_place else _id_at(place, listed, below)) >= tv:
+                    if place >= bound or (not by_place and _id_at(place, listed, below) >= tv):
                         return True
                     if part == 0:
                         hp[head_at + j] = place
