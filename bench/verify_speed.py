@@ -12,7 +12,9 @@ interleaved rounds (median of the rounds):
 - values by shard / by record: the value checks alone on opened shards, as verify runs them (a
   shard at once) and record by record (how the packed codecs' checks ran before).
 
-Prints each as seconds and as a multiple of the hash time (the bar: verify --jobs 1 <= 2x).
+Prints each as seconds and as a multiple of the hash time (the bar: verify --jobs 1 <= 2x). The value
+checks are compiled (numba, `store.kernels`) on their first call after an install, a few seconds, and
+loaded from numba's cache after that: the untimed verify before the rounds takes that cost.
 
     python bench/verify_speed.py                         # ~1 minute
     python bench/verify_speed.py --records 64 --rounds 1 # smoke run

@@ -22,7 +22,6 @@ Nothing here knows about Arrow: `records.py` stores the byte strings these funct
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -954,40 +953,6 @@ def decode_compact_shard(ids_values: np.ndarray, ids_offsets: np.ndarray, counts
     counts[pos_off[h_pos] + h_j] = head_counts[head_order]
     ids[pos_off[t_pos] + h[t_pos] + t_j] = t_ids
     return ShardSampled(_csr(d.positions), pos_off, ids, counts, bad)
-
-
-# Records are checked in groups of about this many entries: a group's arrays stay in the CPU's cache
-# through the dozen passes over them, where a whole shard's would go to memory and back for each.
-CHECK_GROUP_ENTRIES = 1 << 15
-
-
-def compact_shard_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,
-                       counts_offsets: np.ndarray, entries: np.ndarray, positions: np.ndarray, samples: int,
-                       vocab: int, id_order: IdOrder | None, input_vocab: int) -> np.ndarray:
-    """[R] mask of the records of a shard whose compact streams the per-record decoder refuses or
-    that hold an id ≥ `input_vocab` (what `check_sampled` refuses of decoded targets)."""
-    ids_offsets = np.asarray(ids_offsets, dtype=np.int64)
-    counts_offsets = np.asarray(counts_offsets, dtype=np.int64)
-    entries = np.asarray(entries, dtype=np.int64)
-    positions = np.asarray(positions, dtype=np.int64)
-    # The order maps the places below input_vocab onto the ids below it when it lists only such ids
-    # (the others keep their order after the listed ones): then places say which ids are too large.
-    by_place = id_order is None or not len(id_order.listed) or int(id_order.listed.max()) < input_vocab
-    done = np.cumsum(entries)
-    cuts = np.unique(np.concatenate([[0], np.searchsorted(done, np.arange(CHECK_GROUP_ENTRIES, int(done[-1]) if len(done)
-                                                                          else 0, CHECK_GROUP_ENTRIES)) + 1,
-                                     [len(entries)]]))
-    bad = np.zeros(len(entries), dtype=bool)
-    for a, b in itertools.pairwise(cuts.tolist()):
-        io, co = ids_offsets[a : b + 1], counts_offsets[a : b + 1]
-        d = _compact_places(ids_values[io[0] : io[-1]], io - io[0], counts_values[co[0] : co[-1]], co - co[0],
-                             entries[a:b], positions[a:b], samples, vocab)
-        group_bad = d.bad
-        for rec, places in ((d.h_rec, d.h_places), (d.t_rec, d.t_places)):
-            ids = places if by_place else id_order.ids(np.minimum(places, vocab - 1))  # type: ignore[union-attr]
-            group_bad |= _any_by(rec, ids >= input_vocab, b - a)
-        bad[a:b] = group_bad
-    return bad
 
 
 def _compact_places(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,

@@ -141,11 +141,6 @@ def impossible_topk(ids: np.ndarray, lp: np.ndarray, lp_error: np.ndarray | floa
             (f"top-k and tail probabilities sum to {worst:.4g} (more than 1 beyond their rounding)", too_much)]
 
 
-# Packed top-k records are checked in groups of about this many positions: a group's temporaries stay
-# in the CPU's cache through the checks' passes, where a whole shard's would go to memory for each.
-CHECK_ROWS = 1024
-
-
 def float_rounding_unit(dtype: np.dtype) -> float:
     """How far a stored float16 / float32 log-prob may lie from the value it rounds, relative to it (half an ulp)."""
     return 2.0**-11 if dtype == np.float16 else 2.0**-24

@@ -12,7 +12,7 @@ The bit-level coding itself is `store.codec`; the classes here choose and place 
 
 from __future__ import annotations
 
-import itertools
+import functools
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,6 @@ from potstill.store.codec import (
     SampledTargets,
     bits_for,
     check_sampled,
-    compact_shard_bad,
     decode_sampled,
     decode_sampled_compact,
     decode_topk,
@@ -38,13 +37,12 @@ from potstill.store.codec import (
     unpack_bits_shard,
 )
 from potstill.store.columns import (
-    CHECK_ROWS,
     bytes_column,
     bytes_list,
     concat,
     first_bad_row,
     flat,
-    float_rounding_unit,
+    float_rounding,
     impossible_topk,
     input_vocab,
     list_array,
@@ -55,7 +53,6 @@ from potstill.store.columns import (
     unsound_log_tail,
     unsound_logprobs,
     unsound_tail_mass,
-    unsound_topk,
 )
 from potstill.store.errors import StoreError
 from potstill.store.targets.base import (
@@ -199,14 +196,23 @@ class PlainColumns(TargetColumns):
         spec, vocab = self.spec, target_vocab(manifest)
         report("token_logprob is NaN or above 0", self.tgt_off, unsound_logprobs(self.token_lp))
         if self.kind.holds_topk:
+            from potstill.store import kernels  # (here: numba takes 0.2 s to import, which only checks need)
+
+            ids, lp, tail = self.topk_ids, self.topk_logprobs, self.tail_logprob
+            if lp.dtype == np.float16:
+                flags = kernels.topk_half_flags(ids, lp.view(np.uint16), tail, vocab, _half_table())
+            else:
+                flags = kernels.topk_plain_flags(ids, lp.astype(np.float32, copy=False), tail, vocab)
             report(f"top-k ids outside [0, {vocab}) or log-probs NaN, infinite or above 0",
-                   self.tgt_off, unsound_topk(self.topk_ids, self.topk_logprobs, vocab))
+                   self.tgt_off, (flags & kernels.UNSOUND) > 0)
             report("tail_mass is NaN or outside [0, 1]", self.tgt_off, unsound_tail_mass(self.tail_mass))
             report("tail_logprob is NaN or above 0", self.tgt_off, unsound_log_tail(self.tail_logprob))
             if not problems:  # sound values: now whether they can be one distribution
-                for what, bad in impossible_topk(self.topk_ids, self.topk_logprobs, 0.0, self.tail_logprob,
-                                                 rel_error=float_rounding_unit(self.topk_logprobs.dtype)):
-                    report(what, self.tgt_off, bad)
+                rows = np.flatnonzero(flags & (kernels.REPEATED | kernels.RISING | kernels.TOO_MUCH))
+                # the messages (the largest mass among them) from the flagged rows alone
+                whats = impossible_topk(ids[rows], lp[rows], float_rounding(lp[rows]), tail[rows])
+                for (what, _), flag in zip(whats, (kernels.REPEATED, kernels.RISING, kernels.TOO_MUCH), strict=True):
+                    report(what, self.tgt_off, (flags & flag) > 0)
         if self.kind.holds_sampled:
             s_ids, counts = self.sampled_ids, self.sampled_counts
             entry_rows = self.sampled_pos_off  # entries per position; positions per record below
@@ -220,6 +226,13 @@ class PlainColumns(TargetColumns):
                 report(f"sampled counts of a position do not sum to N={spec.samples}", self.sampled_rec_off,
                        sums != spec.samples)
         return problems
+
+
+@functools.cache
+def _half_table() -> np.ndarray:
+    from potstill.store import kernels
+
+    return kernels.half_table()
 
 
 def _part_fields(columns: TargetColumns, j: int, kind: TargetKind) -> dict[str, Any]:
@@ -457,28 +470,14 @@ class PackedColumns(TargetColumns):
 
     def _topk_bad(self, tv: int) -> np.ndarray:
         """[records] mask: top-k ids outside [0, tv) or a top-K that no distribution has."""
-        spec, q, k = self.spec, self.quantizer, self.spec.k
-        scored = np.diff(self.tgt_off)
+        from potstill.store import kernels  # (here: numba takes 0.2 s to import, which only checks need)
+
+        spec, q = self.spec, self.quantizer
         id_off, id_values = self.streams["topk_ids_packed"]
         lp_off, lp_values = self.streams["topk_logprobs_packed"]
-        bad_rows = []
-        # records in groups of about CHECK_ROWS positions (their temporaries stay in the CPU's cache)
-        cuts = np.unique(np.concatenate([[0], np.searchsorted(self.tgt_off, np.arange(0, int(self.tgt_off[-1]), CHECK_ROWS),
-                                                              side="right"), [len(scored)]]))
-        for a, b in itertools.pairwise(cuts.tolist()):
-            codes = unpack_bits_shard(lp_values, lp_off[a : b + 1], scored[a:b] * k, q.bits).reshape(-1, k)
-            ids = unpack_bits_shard(id_values, id_off[a : b + 1], scored[a:b] * k, int(spec.id_bits or 0)).reshape(-1, k)
-            ids[codes == 0] = -1
-            lp = q.decode(codes)
-            rows = slice(int(self.tgt_off[a]), int(self.tgt_off[b]))
-            tail = self.tail_logprob[rows]
-            err = q.max_error + np.abs(lp.astype(np.float64)) * 2.0**-24  # (+ float32's rounding)
-            bad = (ids >= tv).any(-1)
-            for _, mask in impossible_topk(ids, lp, err, tail, clipped=q.lo + q.step / 2):
-                bad |= mask
-            bad_rows.append(bad)
-        bad = np.concatenate(bad_rows) if bad_rows else np.zeros(0, bool)
-        return np.bincount(np.repeat(np.arange(len(scored)), scored)[bad], minlength=len(scored)) > 0
+        return kernels.topk_packed_bad(id_values, id_off.astype(np.int64), lp_values, lp_off.astype(np.int64),
+                                       self.tgt_off, self.tail_logprob, spec.k, int(spec.id_bits or 0), q.bits,
+                                       float(q.lo), q.step, q.max_error, tv)
 
     def record_problem(self, j: int, tv: int) -> str | None:
         """What is wrong with record j's targets (the first thing), or None."""
@@ -556,5 +555,14 @@ class CompactCodec(PackedCodec):
         spec = columns.spec
         ids_off, ids_values = columns.streams["sampled_ids_packed"]
         counts_off, counts_values = columns.streams["sampled_counts_packed"]
-        return compact_shard_bad(ids_values, ids_off, counts_values, counts_off, columns.sampled_entries,
-                                  np.diff(columns.tgt_off), spec.samples, 1 << int(spec.id_bits or 0), spec.id_order_map, tv)
+        from potstill.store import kernels  # (here: numba takes 0.2 s to import, which only checks need)
+
+        order = spec.id_order_map
+        listed = order.listed if order is not None else np.zeros(0, np.int64)
+        below = order.below if order is not None else np.zeros(0, np.int64)
+        # The order maps the places below tv onto the ids below it when it lists only such ids (the
+        # others keep their order after the listed ones): then places say which ids are too large.
+        by_place = not len(listed) or int(listed.max()) < tv
+        return kernels.compact_bad(ids_values, ids_off.astype(np.int64), counts_values, counts_off.astype(np.int64),
+                                   columns.sampled_entries.astype(np.int64), np.diff(columns.tgt_off), spec.samples,
+                                   1 << int(spec.id_bits or 0), listed, below, by_place, tv)

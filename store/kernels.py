@@ -1,0 +1,410 @@
+"""Compiled shard checks (numba): one pass over a shard's bytes per check, where the numpy versions
+make a dozen or more passes over every entry. Each kernel returns exactly the mask of the numpy
+check it replaces (tests/test_kernels.py compares them); the first record at fault is still named
+by the per-record decoders, so the messages are theirs.
+
+The kernels take flat numpy arrays and plain numbers only. `cache=True` keeps their machine code in
+__pycache__, so a process compiles each signature once per installation, not once per run.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros  # (llvm.cttz; in numba since 0.47)
+
+MASS_BOUND = 1 + 1e-4  # store.columns: 1 + MASS_SLACK
+LOGPROB_SLACK32 = np.float32(1e-3)  # store.columns.LOGPROB_SLACK, compared in float32 as numpy does
+
+# top-k row flags (`topk_plain_flags`, `topk_half_flags`)
+UNSOUND, REPEATED, RISING, TOO_MUCH = 1, 2, 4, 8
+
+_jit = numba.njit(cache=True, nogil=True)
+
+
+# -- bit reading ------------------------------------------------------------------------------------
+# A stream is read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
+# byte to load), topped up to more than 48 bits a byte at a time, so the buffer never reaches the sign
+# bit of an int64 and a value of up to 32 bits is there after one top-up. The reads are written out
+# where they are used: numba calls a helper per value returning (value, buffer) ~10× slower.
+@_jit
+def _fill(data: np.ndarray, pos: int, end: int, acc: int, nb: int) -> tuple[int, int, int]:
+    """The buffer topped up from data[pos:end] (bytes past `end` read as 0)."""
+    while nb <= 48:
+        if pos < end:
+            acc |= np.int64(data[pos]) << nb
+        pos += 1
+        nb += 8
+    return pos, acc, nb
+
+
+@_jit
+def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> int:
+    """`count` Elias-gamma values of a `_gamma_stream` at byte `start` into out[:count]: the lengths in
+    unary, byte-padded, then the low bits. The byte after them, or -1 where
+    `store.codec._decode_gamma` refuses the stream (too short, a length above 16)."""
+    pos, acc, nb = start, 0, 0
+    total = 0
+    for i in range(count):
+        q = 0
+        while acc == 0:  # (unary: zeros, then a one)
+            q += nb
+            if pos >= end:
+                return -1
+            pos, acc, nb = _fill(data, pos, end, 0, 0)
+        zeros = trailing_zeros(acc)
+        acc >>= zeros + 1
+        nb -= zeros + 1
+        q += zeros
+        if q > 16:
+            return -1
+        out[i] = q
+        total += q
+    low = start + (((pos - start) * 8 - nb + 7) >> 3)  # the byte after the last length's one
+    need = (total + 7) >> 3
+    if low + need > end:
+        return -1
+    pos, acc, nb = low, 0, 0
+    for i in range(count):
+        length = out[i]
+        if nb < length:
+            pos, acc, nb = _fill(data, pos, end, acc, nb)
+        out[i] = (np.int64(1) << length) + (acc & ((np.int64(1) << length) - 1))
+        acc >>= length
+        nb -= length
+    return low + need
+
+
+@_jit
+def _id_at(place: int, listed: np.ndarray, below: np.ndarray) -> int:
+    """`IdOrder.ids` of one place: the listed ids first, then every other id in ascending order."""
+    m = len(listed)
+    if place < m:
+        return listed[place]
+    n = place - m
+    return n + np.searchsorted(below, n, side="right")
+
+
+@_jit
+def _bucket_starts(buckets: int, table: np.ndarray) -> None:
+    """table[d, b]: the first of d entries in rank bucket b, ceil(b·d / B) (entry j's bucket is
+    min(B·j // d, B − 1)); table[d, B] = d. Looked up so that no entry costs a division."""
+    for d in range(table.shape[0]):
+        for b in range(buckets + 1):
+            table[d, b] = (b * d + buckets - 1) // buckets
+
+
+# -- compact sampled streams (format §4.3.2) ----------------------------------------------------------
+@_jit
+def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.ndarray, c0: int, c1: int,
+                        entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
+                        below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
+                        hc: np.ndarray, hp: np.ndarray, table: np.ndarray, table_of: np.ndarray) -> bool:
+    """Whether `decode_sampled_compact` refuses one record's streams or it holds an id ≥ tv. Scratch:
+    h, tails [positions]; hc, hp [positions · N/2] (head counts, then head places); table
+    [N + 1, 65]: `_bucket_starts` of the B in table_of[0]."""
+    # counts stream: head sizes h + 1, then the head counts − 1, both gamma-coded
+    at = _gamma(counts_values, c0, c1, positions, h)
+    if at < 0:
+        return True
+    heads = 0
+    for i in range(positions):
+        h[i] -= 1
+        if h[i] > samples // 2:  # every head count is ≥ 2
+            return True
+        heads += h[i]
+    if _gamma(counts_values, at, c1, heads, hc) < 0:
+        return True
+    e = 0
+    total = heads
+    for i in range(positions):
+        drawn = 0
+        for _ in range(h[i]):
+            drawn += hc[e] + 1
+            e += 1
+        tails[i] = samples - drawn
+        if tails[i] < 0:
+            return True
+        total += tails[i]
+    if total != entries:
+        return True
+    # ids stream: B, the 2B Rice parameters (head buckets, tail buckets), the gaps' low bits, their
+    # quotients in unary; a gap's width is its rank bucket's parameter
+    if i1 - i0 < 1:
+        return True
+    buckets = np.int64(ids_values[i0])
+    if buckets < 1 or buckets > 64 or i1 - i0 < 1 + 2 * buckets:
+        return True
+    ks = i0 + 1
+    for b in range(2 * buckets):
+        if ids_values[ks + b] > 31:
+            return True
+    if table_of[0] != buckets:
+        _bucket_starts(buckets, table)
+        table_of[0] = buckets
+    width_sum = 0
+    for i in range(positions):
+        for b in range(buckets):
+            width_sum += np.int64(ids_values[ks + b]) * (table[h[i], b + 1] - table[h[i], b])
+            width_sum += np.int64(ids_values[ks + buckets + b]) * (table[tails[i], b + 1] - table[tails[i], b])
+    low0 = ks + 2 * buckets
+    q0 = low0 + ((width_sum + 7) >> 3)
+    if q0 > i1:
+        return True
+    bound = min(vocab, tv) if by_place else vocab  # (places from here on: below it, or the record is bad)
+    lpos, lacc, lnb = low0, 0, 0  # the low bits
+    qpos, qacc, qnb = q0, 0, 0  # the quotients
+    for part in range(2):  # the head entries of every position, then the tail entries
+        head_end = 0
+        for i in range(positions):
+            d = h[i] if part == 0 else tails[i]
+            head_at = head_end  # this position's head places: hp[head_at:head_end]
+            head_end += h[i]
+            place = np.int64(-1)
+            for b in range(buckets):
+                w = np.int64(ids_values[ks + part * buckets + b])
+                for j in range(table[d, b], table[d, b + 1]):
+                    if lnb < w:
+                        lpos, lacc, lnb = _fill(ids_values, lpos, i1, lacc, lnb)
+                    low = lacc & ((np.int64(1) << w) - 1)
+                    lacc >>= w
+                    lnb -= w
+                    q = 0
+                    while qacc == 0:
+                        q += qnb
+                        if qpos >= i1:
+                            return True  # fewer quotients than entries
+                        qpos, qacc, qnb = _fill(ids_values, qpos, i1, 0, 0)
+                    zeros = trailing_zeros(qacc)
+                    qacc >>= zeros + 1
+                    qnb -= zeros + 1
+                    place += (((q + zeros) << w) | low) + 1
+                    if place >= bound or (not by_place and _id_at(place, listed, below) >= tv):
+                        return True
+                    if part == 0:
+                        hp[head_at + j] = place
+                    else:  # both parts rise within a position: a merge finds a place in both
+                        while head_at < head_end and hp[head_at] < place:
+                            head_at += 1
+                        if head_at < head_end and hp[head_at] == place:
+                            return True
+    return False
+
+
+@_jit
+def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: np.ndarray,
+                counts_offsets: np.ndarray, entries: np.ndarray, positions: np.ndarray, samples: int, vocab: int,
+                listed: np.ndarray, below: np.ndarray, by_place: bool, tv: int) -> np.ndarray:
+    """[R] records of a shard whose compact streams `decode_sampled_compact` refuses or that hold an
+    id ≥ tv (`listed` / `below`: the id order's arrays, empty for none; `by_place`: places below tv
+    are the ids below tv, so the places alone say which are too large)."""
+    records = len(positions)
+    most = 0
+    for r in range(records):
+        most = max(most, positions[r])
+    h = np.empty(most, dtype=np.int64)
+    tails = np.empty(most, dtype=np.int64)
+    hc = np.empty(most * (samples // 2) + 1, dtype=np.int64)
+    hp = np.empty(most * (samples // 2) + 1, dtype=np.int64)
+    table = np.empty((samples + 1, 65), dtype=np.int64)
+    table_of = np.zeros(1, dtype=np.int64)
+    bad = np.zeros(records, dtype=np.bool_)
+    for r in range(records):
+        bad[r] = _compact_record_bad(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
+                                     counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
+                                     vocab, listed, below, by_place, tv, h, tails, hc, hp, table, table_of)
+    return bad
+
+
+# -- top-k rows (format §4.1, `store.columns.unsound_topk` / `impossible_topk`) ------------------------
+@_jit
+def _block_sum(a: np.ndarray, start: int, n: int) -> float:
+    """numpy's sum of at most 128 values: eight running sums, added pairwise, then the rest."""
+    a = a[start : start + n]
+    if n < 8:
+        res = -0.0
+        for i in range(n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    i = 8
+    while i < n - n % 8:
+        r0, r1, r2, r3 = r0 + a[i], r1 + a[i + 1], r2 + a[i + 2], r3 + a[i + 3]
+        r4, r5, r6, r7 = r4 + a[i + 4], r5 + a[i + 5], r6 + a[i + 6], r7 + a[i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[i]
+        i += 1
+    return res
+
+
+@_jit
+def _pairwise(a: np.ndarray, start: int, n: int) -> float:
+    """Σ a[start:start + n] in numpy's order (pairwise: halves, cut at a multiple of 8, down to blocks
+    of ≤ 128), so a mass at the bound is judged as the numpy check judges it. The recursion runs on
+    an explicit stack: numba's cache cannot reload a recursive function."""
+    if n <= 128:
+        return _block_sum(a, start, n)
+    starts = np.empty(64, dtype=np.int64)
+    sizes = np.empty(64, dtype=np.int64)
+    left = np.empty(64, dtype=np.float64)
+    done_left = np.zeros(64, dtype=np.bool_)
+    depth = 0
+    starts[0], sizes[0], done_left[0] = start, n, False
+    while True:
+        s, m = starts[depth], sizes[depth]
+        if m > 128:  # descend into the left half
+            half = m // 2 - (m // 2) % 8
+            depth += 1
+            starts[depth], sizes[depth], done_left[depth] = s, half, False
+            continue
+        v = _block_sum(a, s, m)
+        depth -= 1
+        while depth >= 0 and done_left[depth]:  # right halves done: add them to their left halves
+            v = left[depth] + v
+            depth -= 1
+        if depth < 0:
+            return v
+        left[depth], done_left[depth] = v, True  # a left half done: now its right half
+        half = sizes[depth] // 2 - (sizes[depth] // 2) % 8
+        depth += 1
+        starts[depth], sizes[depth], done_left[depth] = starts[depth - 1] + half, sizes[depth - 1] - half, False
+
+
+@_jit
+def _repeated(ids: np.ndarray, row: int, seen: np.ndarray) -> bool:
+    """Whether an id ≥ 0 is in two slots of `ids` (one row): `seen[id]` holds the last row that had
+    id, so a row costs one look-up per slot (ids beyond `seen` are compared with the row's others)."""
+    for j in range(len(ids)):
+        v = ids[j]
+        if v < 0:
+            continue
+        if v < len(seen):
+            if seen[v] == row:
+                return True
+            seen[v] = row
+        else:
+            for i in range(j):
+                if ids[i] == v:
+                    return True
+    return False
+
+
+@_jit
+def _too_much(mass: np.ndarray, tail: float) -> bool:
+    """Σ mass (each slot's exp(lp − its error)) + the tail's, lowered by float32's rounding, above
+    1 + MASS_SLACK (NaN: no)."""
+    t = np.float64(tail)
+    return 0.0 + _pairwise(mass, 0, len(mass)) + np.exp(t - abs(t) * 2.0**-24) > MASS_BOUND
+
+
+@_jit
+def _plain_row(ids: np.ndarray, lp: np.ndarray, mass: np.ndarray, tail: float, vocab: int, seen: np.ndarray,
+               row: int) -> int:
+    """The flags of one plain top-k row (float32 log-probs, `mass`: exp(lp − its rounding) of each)."""
+    f = 0
+    for j in range(len(ids)):
+        v, x = ids[j], lp[j]
+        if v < -1 or v >= vocab or (x != -np.inf if v == -1 else not np.isfinite(x) or x > LOGPROB_SLACK32):
+            f |= UNSOUND
+        if j and x > lp[j - 1]:
+            f |= RISING
+    if _repeated(ids, row, seen):
+        f |= REPEATED
+    if _too_much(mass, tail):
+        f |= TOO_MUCH
+    return f
+
+
+@_jit
+def topk_plain_flags(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, vocab: int) -> np.ndarray:
+    """[S] flags of plain top-k rows [S, K] with float32 log-probs: UNSOUND as `unsound_topk` (ids
+    outside [-1, vocab), log-probs NaN, infinite or above the slack, an empty slot not −inf), then
+    REPEATED, RISING and TOO_MUCH as `impossible_topk` with `float_rounding`'s errors."""
+    rows, k = ids.shape
+    seen = np.full(vocab, -1, dtype=np.int64)
+    mass = np.empty(k, dtype=np.float64)
+    flags = np.zeros(rows, dtype=np.uint8)
+    for r in range(rows):
+        for j in range(k):
+            x = np.float64(lp[r, j])
+            mass[j] = np.exp(x - abs(x) * 2.0**-24)
+        flags[r] = _plain_row(ids[r], lp[r], mass, tail[r], vocab, seen, r)
+    return flags
+
+
+def half_table() -> np.ndarray:
+    """Every float16 as float32, by its bits: `topk_half_flags` reads float16 log-probs through it."""
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@_jit
+def topk_half_flags(ids: np.ndarray, lp_bits: np.ndarray, tail: np.ndarray, vocab: int, half: np.ndarray) -> np.ndarray:
+    """`topk_plain_flags` of float16 log-probs, given as their bits (`lp.view(np.uint16)`) and read
+    through `half_table()`, each one's mass too: no float32 copy of the column, no exp per slot."""
+    rows, k = ids.shape
+    mass_of = np.empty(len(half), dtype=np.float64)
+    for b in range(len(half)):
+        x = np.float64(half[b])
+        mass_of[b] = np.exp(x - abs(x) * 2.0**-11)
+    seen = np.full(vocab, -1, dtype=np.int64)
+    lp = np.empty(k, dtype=np.float32)
+    mass = np.empty(k, dtype=np.float64)
+    flags = np.zeros(rows, dtype=np.uint8)
+    for r in range(rows):
+        for j in range(k):
+            lp[j], mass[j] = half[lp_bits[r, j]], mass_of[lp_bits[r, j]]
+        flags[r] = _plain_row(ids[r], lp, mass, tail[r], vocab, seen, r)
+    return flags
+
+
+@_jit
+def topk_packed_bad(id_values: np.ndarray, id_offsets: np.ndarray, lp_values: np.ndarray, lp_offsets: np.ndarray,
+                    tgt_offsets: np.ndarray, tail: np.ndarray, k: int, id_bits: int, lp_bits: int, lo: float,
+                    step: float, max_error: float, tv: int) -> np.ndarray:
+    """[R] records of packed top-k streams with an id ≥ tv or a row `impossible_topk` flags, the
+    quantiser's codes decoded as `LogprobQuantizer.decode` does (code 0: an empty slot, id −1,
+    log-prob −inf) and their error its step / 2 plus float32's rounding; slots at the floor add
+    nothing to the mass (they may hold any smaller log-prob)."""
+    records = len(tgt_offsets) - 1
+    # each code's log-prob and mass, once (code 0: −inf; at the floor: no mass, it may be any smaller)
+    clipped = lo + step / 2
+    lp_of = np.empty(1 << lp_bits, dtype=np.float64)
+    mass_of = np.zeros(1 << lp_bits, dtype=np.float64)
+    lp_of[0] = -np.inf
+    for code in range(1, 1 << lp_bits):
+        v = np.float64(np.float32(lo + (np.float64(code) - 1.0) * step))
+        lp_of[code] = v
+        if v > clipped:
+            mass_of[code] = np.exp(v - (max_error + abs(v) * 2.0**-24))
+    seen = np.full(tv, -1, dtype=np.int64)
+    ids = np.empty(k, dtype=np.int64)
+    lp = np.empty(k, dtype=np.float64)
+    mass = np.empty(k, dtype=np.float64)
+    bad = np.zeros(records, dtype=np.bool_)
+    for r in range(records):
+        i1, l1 = id_offsets[r + 1], lp_offsets[r + 1]
+        ipos, iacc, inb = id_offsets[r], 0, 0
+        lpos, lacc, lnb = lp_offsets[r], 0, 0
+        for p in range(tgt_offsets[r + 1] - tgt_offsets[r]):
+            row = tgt_offsets[r] + p
+            for j in range(k):
+                if lnb < lp_bits:
+                    lpos, lacc, lnb = _fill(lp_values, lpos, l1, lacc, lnb)
+                code = lacc & ((np.int64(1) << lp_bits) - 1)
+                lacc >>= lp_bits
+                lnb -= lp_bits
+                if inb < id_bits:
+                    ipos, iacc, inb = _fill(id_values, ipos, i1, iacc, inb)
+                ids[j] = iacc & ((np.int64(1) << id_bits) - 1) if code else -1
+                iacc >>= id_bits
+                inb -= id_bits
+                lp[j], mass[j] = lp_of[code], mass_of[code]
+            rising = False
+            for j in range(1, k):
+                rising |= lp[j] > lp[j - 1]
+            if rising or ids.max() >= tv or _repeated(ids, row, seen) or _too_much(mass, tail[row]):
+                bad[r] = True
+                break
+    return bad
