@@ -19,7 +19,9 @@ that into `TopKLogprobs`, and is a pure function, tested against fakes of both f
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -146,6 +148,24 @@ def engine_defaults(config: GenerateConfig, cpu: bool) -> dict[str, Any]:
     return args
 
 
+@contextlib.contextmanager
+def _outside_vllm_kernel_scan() -> Iterator[None]:
+    """Hide llvmlite's ctypes library module from sys.modules while an engine starts.
+
+    vLLM 0.32 looks through every loaded module for Triton kernels as its engine starts, reading each
+    attribute's `vars()`; llvmlite's library wrapper answers every attribute lookup with a C function,
+    so the scan fails (`'_lib_fn_wrapper' object has no attribute 'get'`) in any process that has
+    imported numba before, as potstill's value checks do. The module object stays alive (every
+    importer holds it); it is only absent from the scan's list, and put back at once.
+    """
+    hidden = sys.modules.pop("llvmlite.binding.ffi", None)
+    try:
+        yield
+    finally:
+        if hidden is not None:
+            sys.modules["llvmlite.binding.ffi"] = hidden
+
+
 class VLLMTeacher:
     def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer, max_length: int | None,
                  llm: Any = None) -> None:
@@ -161,19 +181,20 @@ class VLLMTeacher:
             self.llm = llm
             return
         try:
-            self.llm = vllm.LLM(
-                model=config.teacher,
-                tokenizer=config.tokenizer or config.teacher,
-                revision=config.revision,
-                dtype=spec.dtype,
-                trust_remote_code=config.trust_remote_code,
-                max_logprobs=config.top_k,
-                logprobs_mode="raw_logprobs",  # log-probs of the raw logits, before any sampling transform
-                max_model_len=max_length,
-                seed=config.seed,
-                tensor_parallel_size=config.tensor_parallel_size,
-                **engine_defaults(config, on_cpu()),
-            )
+            with _outside_vllm_kernel_scan():
+                self.llm = vllm.LLM(
+                    model=config.teacher,
+                    tokenizer=config.tokenizer or config.teacher,
+                    revision=config.revision,
+                    dtype=spec.dtype,
+                    trust_remote_code=config.trust_remote_code,
+                    max_logprobs=config.top_k,
+                    logprobs_mode="raw_logprobs",  # log-probs of the raw logits, before any sampling transform
+                    max_model_len=max_length,
+                    seed=config.seed,
+                    tensor_parallel_size=config.tensor_parallel_size,
+                    **engine_defaults(config, on_cpu()),
+                )
         except Exception as e:  # vLLM raises many types; the user needs the first line
             raise GenerateError(f"vLLM cannot start teacher {config.teacher}: {describe_load_error(e)}") from None
 

@@ -177,6 +177,10 @@ def test_real_teacher_stops_at_eos_and_matches_hf(tmp_path, real_teacher):
     from realmodel import EXPECTED, chat_prompts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # the store's compiled checks loaded in this process first (numba, llvmlite): vLLM's start-up scan of
+    # every module must still work (teacher_gen/vllm_backend.py `_outside_vllm_kernel_scan`)
+    import numba  # noqa: F401
+
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), [row for row in chat_prompts() if row["id"] in EXPECTED])
     summary = generate(config(real_teacher.folder, prompts, str(tmp_path / "vllm"), backend="vllm", mode="generate",
                               max_new_tokens=128, sampling_temperature=0.0, top_k=TOP_K, logprob_dtype="float32",
