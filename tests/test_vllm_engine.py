@@ -174,12 +174,11 @@ def test_serve_with_the_vllm_backend_runs_jobs(tmp_path, vllm_teacher_dir):
 def test_real_teacher_stops_at_eos_and_matches_hf(tmp_path, real_teacher):
     """SmolLM2-135M-Instruct in vLLM: chat completions end with the model's own EOS, read as text,
     and every stored target equals a direct float32 forward of the HF model on the same ids."""
-    from realmodel import EXPECTED, chat_prompts
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     # the store's compiled checks loaded in this process first (numba, llvmlite): vLLM's start-up scan of
     # every module must still work (teacher_gen/vllm_backend.py `_outside_vllm_kernel_scan`)
     import numba  # noqa: F401
+    from realmodel import EXPECTED, chat_prompts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), [row for row in chat_prompts() if row["id"] in EXPECTED])
     summary = generate(config(real_teacher.folder, prompts, str(tmp_path / "vllm"), backend="vllm", mode="generate",
