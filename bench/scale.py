@@ -82,11 +82,6 @@ def build_store(url: str, records: int, length: int) -> dict[str, float]:
     return {"write_s": write_s, "write_plain_arrow_s": plain_s, "tokens": records * length}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def measure(url: str, with_records: bool) -> dict[str, float]:
     """Every step of the module docstring on the store at `url` (run in a fresh process)."""
     import pyarrow as pa
