@@ -19,10 +19,7 @@ from typer.testing import CliRunner
 from potstill.cli.main import app
 from potstill.store import StoreError, TargetSpec, create_store, open_store, verify_store
 from potstill.store.codec import (
-    IdOrder,
-    decode_compact_shard,
     decode_sampled_compact,
-    encode_sampled_compact,
     pack_bits,
     sampled_from_draws,
     unpack_bits,
@@ -52,44 +49,6 @@ def _damaged(rng: np.random.Generator, a: np.ndarray, b: np.ndarray) -> tuple[np
 def _flat(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     values = np.concatenate([np.zeros(0, np.uint8), *parts]).astype(np.uint8)
     return values, np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int32)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_the_shard_decoder_reads_and_refuses_each_record_as_the_record_decoder_does(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    refused = accepted = 0
-    for _ in range(60):
-        n = int(rng.choice([1, 2, 12, 64, 1000]))
-        vocab = int(rng.choice([2, 50, 4096, 1 << 17]))
-        order = IdOrder(rng.permutation(vocab)[:40].tolist(), vocab=vocab) if vocab >= 50 and rng.random() < 0.5 else None
-        records = []
-        for _ in range(int(rng.integers(1, 8))):
-            s = int(rng.integers(0, 12))
-            spread = rng.random() < 0.5
-            draws = rng.integers(0, vocab, size=(s, n)) if spread else np.minimum(rng.geometric(0.2, size=(s, n)) - 1, vocab - 1)
-            t = sampled_from_draws(draws)
-            a, b = encode_sampled_compact(t, order)
-            if rng.random() < 0.4:
-                a, b = _damaged(rng, a, b)
-            records.append((a, b, t.num_entries, s))
-        ids_values, ids_off = _flat([r[0] for r in records])
-        counts_values, counts_off = _flat([r[1] for r in records])
-        entries, positions = np.array([r[2] for r in records]), np.array([r[3] for r in records])
-        got = decode_compact_shard(ids_values, ids_off, counts_values, counts_off, entries, positions, n, vocab, order)
-        for j, (a, b, e, s) in enumerate(records):
-            try:
-                want = decode_sampled_compact(a, b, e, s, n, vocab, id_order=order)
-            except StoreError:
-                assert got.bad[j]
-                refused += 1
-                continue
-            assert not got.bad[j]
-            accepted += 1
-            mine = got.record(j)
-            assert np.array_equal(mine.offsets, want.offsets)
-            assert np.array_equal(mine.ids, want.ids) and mine.ids.dtype == want.ids.dtype
-            assert np.array_equal(mine.counts, want.counts) and mine.counts.dtype == want.counts.dtype
-    assert refused > 10 and accepted > 100
 
 
 @pytest.mark.parametrize("bits", [1, 5, 12, 17, 32])
