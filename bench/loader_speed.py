@@ -38,54 +38,20 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import importlib.abc
-import importlib.util
 import math
 import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from checkout import import_this_checkout, streaming
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _import_this_checkout() -> None:
-    """Map the `potstill` packages to this checkout (pyproject's package-dir) ahead of any installed copy."""
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        mapping = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
-
-    class Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-            if name not in mapping:
-                return None
-            folder = os.path.join(ROOT, mapping[name])
-            return importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
-                                                          submodule_search_locations=[folder])
-
-    sys.meta_path.insert(0, Finder())
-
-
-def streaming() -> Any:
-    """mosaicml-streaming, without its image datasets (`streaming.vision`): they import torchvision,
-    which fails to load in an environment whose torchvision was built for another torch."""
-    import types
-
-    if "streaming" not in sys.modules:
-        sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
-    import streaming as mds
-
-    return mds
-
-
-_import_this_checkout()
+import_this_checkout()
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402

@@ -23,10 +23,8 @@ one process, pinned to one core, torch at one thread. The writer's own phases (v
 Arrow batch, IPC serialise, sha256, write + fsync) are timed apart with `--breakdown`.
 
 MDS needs mosaicml-streaming, which needs an environment of its own (its pins clash with
-potstill's). Run the bench with that environment's Python: the bench puts the potstill of the
-repository it lives in first on `sys.path` (a temporary folder of links laid out as pyproject.toml's
-package-dir maps it), so that interpreter writes with this checkout's code, whatever potstill it
-has installed. Without mosaicml-streaming the MDS rows are left out.
+potstill's). Run the bench with that environment's Python: it imports the potstill of the
+repository it lives in (`bench/checkout.py`), whatever potstill that environment has installed. Without mosaicml-streaming the MDS rows are left out.
 
     python bench/write_speed.py                         # 2,048 records, 3 rounds, ~3 minutes
     python bench/write_speed.py --records 256 --rounds 1  # smoke run
@@ -37,43 +35,20 @@ has installed. Without mosaicml-streaming the MDS rows are left out.
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from checkout import import_this_checkout, streaming
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE_DIRS = {"potstill": "potstill", "store": "store", "teacher_gen": "teacher_gen",
-                "student_train": "student_train", "cli": "cli"}
-
-
-def _this_checkout_first() -> None:
-    """Import potstill from this repository whatever the interpreter has installed: a folder of links
-    laid out as the installed package (potstill/ with store/, teacher_gen/, ... inside it)."""
-    root = tempfile.mkdtemp(prefix="potstill-src-")
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    pkg = os.path.join(root, "potstill")
-    os.makedirs(pkg)
-    for name in os.listdir(os.path.join(REPO, "potstill")):
-        os.symlink(os.path.join(REPO, "potstill", name), os.path.join(pkg, name))
-    for sub, folder in PACKAGE_DIRS.items():
-        if sub != "potstill":
-            os.symlink(os.path.join(REPO, folder), os.path.join(pkg, sub))
-    sys.path.insert(0, root)
-
-
-_this_checkout_first()
+import_this_checkout()
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pyarrow as pa  # noqa: E402
@@ -244,18 +219,9 @@ def _fsync_one(path: str) -> int:
 
 
 def _mds_writer() -> Any:
-    """MDSWriter, imported without `streaming/__init__`, which pulls in torchvision (whose build may not
-    match the installed torch) for datasets this bench does not use."""
-    if "streaming" not in sys.modules:
-        spec = importlib.util.find_spec("streaming")
-        if spec is None:
-            return None
-        package = types.ModuleType("streaming")
-        package.__path__ = list(spec.submodule_search_locations or [])
-        sys.modules["streaming"] = package
-    from streaming.base.format.mds.writer import MDSWriter
-
-    return MDSWriter
+    """MDSWriter, or None where mosaicml-streaming is not installed."""
+    mds = streaming()
+    return None if mds is None else mds.MDSWriter
 
 
 def write_mds(records: list[Record], kind: str, folder: str) -> int:
