@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         *,
         flags: dict[str, Any],
     ) -> None:
-        """Train a student from a store with sparse KD (the teacher is never loaded)."""
+        """Train a student from a store (or several teachers' stores) with sparse KD (no teacher is loaded)."""
         cfg = TrainConfig.build(config, flags)
         use_threads(threads, loader_workers=cfg.num_workers)  # before torch starts: the loader's workers need CPUs too
 
