@@ -284,7 +284,9 @@ class Teachers:
         if position < 0:
             raise TrainError(f"record {row} of shard {name} is not in {partner.url}")
         shard = partner.shards[int(partner.shard[position])]
-        return store.shard(shard), int(partner.row[position])
+        reader = store.shard(shard)  # opening it checks its files and values once (verify_reads)
+        store.mark_checked((shard,))  # so that reopening it after the reader cache let it go does not check again
+        return reader, int(partner.row[position])
 
     def sequence(self, whole: Sequence, name: str, row: int, targets: str) -> Sequence:
         """The primary's record `whole` (shard `name`, `row`) with the targets of every teacher mixed in."""

@@ -319,9 +319,11 @@ def test_a_store_made_over_other_prompts_a_store_given_twice_and_another_tokeniz
 def test_two_stores_train_one_student_from_the_cli_and_eval_takes_both(setup: dict) -> None:
     out = str(setup["root"] / "cli")
     config_file = setup["root"] / "two.yaml"
-    config_file.write_text(f"store: [{setup['a']}, {setup['b']}]\nteacher_weights: [3, 1]\nmax_steps: 6\nlr: 0.01\n"
+    config_file.write_text("teacher_weights: [3, 1]\nmax_steps: 6\nlr: 0.01\n"
                            "batch_size: 4\neval_fraction: 0.2\nhidden_map: '1:1'\nlogging_steps: 1\n")
-    result = _cli("train", "--config", str(config_file), "--student", setup["student"], "--out", out, "--report-to", "none",
+    # --store given twice on the command line: both teachers train the student (not the last one alone)
+    result = _cli("train", "--config", str(config_file), "--store", setup["a"], "--store", setup["b"],
+                  "--student", setup["student"], "--out", out, "--report-to", "none",
                   "--num-workers", "0", "--eval-max-new-tokens", "4", "--eval-max-records", "4", "--hidden-from", setup["b"])
     assert result.returncode == 0, result.stderr  # only b holds hidden states: they come from it, and its sequences
     assert f"teacher {setup['a']} (weight 0.75): 0 record(s)" in result.stderr
@@ -366,3 +368,17 @@ def test_an_interrupted_two_teacher_run_resumes_to_the_same_weights_bit_for_bit(
     with pytest.raises(Exception, match="teacher_weights"):  # another mixture cannot resume this run
         train(_config(setup, "crashed", ["a", "b"], resume=True, **{**settings, "teacher_weights": "1,1"}))
     shutil.rmtree(setup["root"] / "crashed")
+
+
+def test_a_config_file_lists_the_stores_with_their_weights(tmp_path) -> None:
+    from potstill.student_train import ConfigError, build_config
+
+    path = tmp_path / "train.yaml"
+    path.write_text("store: [a.store, b.store]\nteacher_weights: [2, 1]\nhidden_from: b.store\n")
+    cfg = build_config(str(path), {"student": "m", "out": "o"})
+    assert cfg.stores == ["a.store", "b.store"] and cfg.weights() == pytest.approx([2 / 3, 1 / 3])
+    assert build_config(None, {"store": "a.store", "student": "m", "out": "o"}).weights() == [1.0]
+    for bad, why in (({"teacher_weights": "1"}, "1 weight"), ({"teacher_weights": "1,0"}, "positive"),
+                     ({"teacher_weights": "1,x"}, "numbers"), ({"hidden_from": "c.store"}, "not one of")):
+        with pytest.raises(ConfigError, match=why):
+            build_config(str(path), {"student": "m", "out": "o", **bad})
