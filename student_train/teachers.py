@@ -36,6 +36,7 @@ completions that differ between teachers, or a record whose prompt differs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -161,8 +162,63 @@ def joined_plan(plan: LoaderPlan, partners: list[Partner]) -> LoaderPlan:
 # -- mixing --------------------------------------------------------------------------------------------
 def merge_rows(ids: np.ndarray, weights: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the distinct ids ≥ 0 of `ids` [S, C] with their `weights` summed (float64), in order of
-    weight, largest first. Returns (ids [S, W] −1 padded, weights [S, W] 0 padded, lengths [S]); W =
-    `width`, else the most distinct ids a row has. Sorts within rows only (C is a few hundred)."""
+    weight, largest first (ties: smaller id first). Returns (ids [S, W] −1 padded, weights [S, W] 0
+    padded, lengths [S]); W = `width`, else the most distinct ids a row has. Compiled (`_merge_kernel`);
+    `merge_rows_numpy` is the same in numpy, its reference in the tests."""
+    rows, cols = ids.shape
+    out_ids = np.full((rows, max(cols, 1)), -1, dtype=np.int64)
+    out_w = np.zeros((rows, max(cols, 1)), dtype=np.float64)
+    lengths = np.zeros(rows, dtype=np.int64)
+    _merge_kernel()(np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(weights, dtype=np.float64),
+                    out_ids, out_w, lengths)
+    wide = max(int(lengths.max(initial=0)) if width is None else width, 1)
+    if wide > out_ids.shape[1]:
+        out_ids = np.pad(out_ids, ((0, 0), (0, wide - out_ids.shape[1])), constant_values=-1)
+        out_w = np.pad(out_w, ((0, 0), (0, wide - out_w.shape[1])))
+    return out_ids[:, :wide], out_w[:, :wide], lengths
+
+
+@functools.cache
+def _merge_kernel() -> Any:
+    """The row merge of `merge_rows`, compiled on first use (numba, cached on disk like store/kernels.py):
+    a few hundred entries per row, sorted by id, runs summed, then sorted by weight."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def merge(ids: np.ndarray, weights: np.ndarray, out_ids: np.ndarray, out_w: np.ndarray, lengths: np.ndarray) -> None:
+        rows, cols = ids.shape
+        keys = np.empty(cols, dtype=np.int64)
+        mass = np.empty(cols, dtype=np.float64)
+        run_ids = np.empty(cols, dtype=np.int64)
+        run_w = np.empty(cols, dtype=np.float64)
+        for r in range(rows):
+            n = 0
+            for c in range(cols):
+                if ids[r, c] >= 0 and weights[r, c] > 0:
+                    keys[n] = ids[r, c]
+                    mass[n] = weights[r, c]
+                    n += 1
+            order = np.argsort(keys[:n], kind="mergesort")
+            m = 0
+            for j in range(n):
+                i = order[j]
+                if m > 0 and run_ids[m - 1] == keys[i]:
+                    run_w[m - 1] += mass[i]
+                else:
+                    run_ids[m] = keys[i]
+                    run_w[m] = mass[i]
+                    m += 1
+            by_weight = np.argsort(-run_w[:m], kind="mergesort")  # ties keep the smaller id first
+            for j in range(m):
+                out_ids[r, j] = run_ids[by_weight[j]]
+                out_w[r, j] = run_w[by_weight[j]]
+            lengths[r] = m
+
+    return merge
+
+
+def merge_rows_numpy(ids: np.ndarray, weights: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`merge_rows` in numpy (its reference): sorts within rows only."""
     rows, cols = ids.shape
     valid = (ids >= 0) & (weights > 0)
     empty = np.iinfo(np.int64).max  # sorts after every id

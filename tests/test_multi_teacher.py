@@ -24,7 +24,14 @@ from potstill.store.targets import TopKRows, WeightedRows
 from potstill.student_train import TrainConfig, evaluate, train
 from potstill.student_train.data import plan_split
 from potstill.student_train.losses import sparse_kd, student_buckets, teacher_buckets
-from potstill.student_train.teachers import MixedDataset, Teachers, merge_rows, mix_topk, mix_weighted
+from potstill.student_train.teachers import (
+    MixedDataset,
+    Teachers,
+    merge_rows,
+    merge_rows_numpy,
+    mix_topk,
+    mix_weighted,
+)
 from potstill.teacher_gen.runner import generate
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -160,11 +167,22 @@ def test_sampled_teachers_mix_as_the_weighted_union_of_their_draws_unbiased() ->
     assert np.abs((got.mean(0) - p) / se).max() < 5.0
 
 
-def test_merge_rows_sums_each_id_once_per_row() -> None:
-    ids = np.array([[3, 1, 3, -1], [2, 2, 2, 0]])
-    w = np.array([[0.1, 0.2, 0.3, 0.9], [0.1, 0.1, 0.1, 0.5]])
-    out_ids, out_w, lengths = merge_rows(ids, w)
-    assert out_ids.tolist() == [[3, 1], [0, 2]] and np.allclose(out_w, [[0.4, 0.2], [0.5, 0.3]]) and lengths.tolist() == [2, 2]
+def test_merge_rows_sums_each_id_once_per_row_compiled_as_in_numpy() -> None:
+    ids = np.array([[3, 1, 3, -1], [2, 2, 2, 0], [5, 4, -1, -1]])
+    w = np.array([[0.1, 0.2, 0.3, 0.9], [0.1, 0.1, 0.1, 0.5], [0.25, 0.25, 0.0, 0.0]])
+    for merge in (merge_rows, merge_rows_numpy):
+        out_ids, out_w, lengths = merge(ids, w)
+        assert out_ids.tolist() == [[3, 1], [0, 2], [4, 5]] and lengths.tolist() == [2, 2, 2]
+        assert np.allclose(out_w, [[0.4, 0.2], [0.5, 0.3], [0.25, 0.25]])
+    rng = np.random.default_rng(0)
+    ids = np.where(rng.random((64, 40)) < 0.2, -1, rng.integers(0, 30, (64, 40)))
+    w = np.round(rng.random((64, 40)), 2)  # ties in weight too
+    (ids_a, w_a, len_a), (ids_b, w_b, len_b) = merge_rows(ids, w, 40), merge_rows_numpy(ids, w, 40)
+    assert np.array_equal(len_a, len_b) and np.all(np.diff(w_a, axis=1) <= 1e-12)
+    for row in range(len(ids)):  # (sums may differ in the last bit, and so the order of equal weights)
+        got = dict(zip(ids_a[row].tolist(), w_a[row].tolist(), strict=True))
+        want = dict(zip(ids_b[row].tolist(), w_b[row].tolist(), strict=True))
+        assert got.keys() == want.keys() and all(abs(got[i] - want[i]) < 1e-12 for i in got)
 
 
 # -- stores from real tiny teachers ----------------------------------------------------------------------
