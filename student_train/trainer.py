@@ -641,6 +641,9 @@ def open_run(config: TrainConfig) -> Run:
     plan = plan_split(store, config.eval_fraction, world, config.num_workers,
                       loader_state["shards"] if loader_state else None)
     teachers = None
+    if loader_state and loader_state.get("teachers") and len(stores) == 1:
+        raise ConfigError(f"--resume: {checkpoint} is a run of several teachers ({', '.join(loader_state['teachers'])} "
+                          "besides this store); an exact resume needs the same --store values")
     if len(stores) > 1:
         teachers, plan = Teachers.open(store, plan, stores[1:], weights[1:],
                                        loader_state.get("teacher_shards") if loader_state else None)

@@ -385,6 +385,8 @@ def test_an_interrupted_two_teacher_run_resumes_to_the_same_weights_bit_for_bit(
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(Exception, match="teacher_weights"):  # another mixture cannot resume this run
         train(_config(setup, "crashed", ["a", "b"], resume=True, **{**settings, "teacher_weights": "1,1"}))
+    with pytest.raises(Exception, match="several teachers"):  # nor one teacher alone
+        train(_config(setup, "crashed", ["a"], resume=True, **{**settings, "teacher_weights": ""}))
     shutil.rmtree(setup["root"] / "crashed")
 
 
