@@ -202,13 +202,17 @@ def setup(tmp_path_factory, tiny_teacher_dir, tiny_tokenizer_dir) -> dict:
     prompts = write_jsonl(str(root / "p.jsonl"), rows)
     other = write_jsonl(str(root / "other.jsonl"), [{**r, "prompt": r["prompt"].replace("what", "so what")} for r in rows])
     subset = write_jsonl(str(root / "subset.jsonl"), rows[::2])
-    stores = {name: str(root / f"{name}.store") for name in ("a", "b", "a_sampled", "b_sampled", "other", "subset", "tokenizer")}
+    # every other record's completion ends otherwise: the teachers scored other tokens from there on
+    diverged = write_jsonl(str(root / "diverged.jsonl"), [
+        {**r, "completion": r["completion"].rsplit(" ", 1)[0] + " 99"} if i % 2 else r for i, r in enumerate(rows)])
+    stores = {name: str(root / f"{name}.store") for name in ("a", "b", "a_sampled", "b_sampled", "other", "subset", "diverged", "tokenizer")}
     generate(config(tiny_teacher_dir, prompts, stores["a"], top_k=8, seed=3))
     generate(config(second, prompts, stores["b"], top_k=6, seed=3, hidden_layers="1"))
     generate(config(tiny_teacher_dir, prompts, stores["a_sampled"], targets="sampled", samples=16, seed=3))
     generate(config(second, prompts, stores["b_sampled"], targets="sampled", samples=16, seed=4))
     generate(config(second, other, stores["other"], top_k=6, seed=3))
     generate(config(second, subset, stores["subset"], top_k=6, seed=3))
+    generate(config(second, diverged, stores["diverged"], top_k=6, seed=3))
     tok2 = str(root / "tok2")
     build_tokenizer(tok2, vocab_size=320)
     third = str(root / "teacher3")
@@ -308,6 +312,36 @@ def test_sampled_stores_mix_their_draws_and_a_sampled_with_a_top_k_store_is_refu
     assert position == len(batch["hard_ids"])
     with pytest.raises(ConfigError, match="do not mix"):
         train(_config(setup, "mixed-kinds", ["a", "b_sampled"]))
+
+
+def test_where_a_teacher_scored_other_tokens_the_others_alone_are_mixed_and_it_is_counted(setup: dict) -> None:
+    """Past the first token where the second store's sequence differs, the first teacher's target alone
+    (its weight renormalised to 1); before it, the union of both; the share of such positions logged."""
+    dataset = _joined(setup, ["a", "diverged"], [0.5, 0.5])
+    batches = dataset.batches(0)
+    diverged_records = 0
+    while diverged_records < 2:
+        batch = next(batches)
+        position = alone = 0
+        for record_id in batch["record_ids"]:
+            ids_a, s, rows_a = _stored(setup["a"], record_id, "topk")
+            ids_d, _, rows_d = _stored(setup["diverged"], record_id, "topk")
+            shared = min(len(ids_a), len(ids_d))
+            differ = np.flatnonzero(ids_a[:shared] != ids_d[:shared])
+            cp = int(differ[0]) if len(differ) else shared
+            for j in range(len(ids_a) - s):
+                got_ids = batch["topk_ids"][position].numpy()
+                got = set(got_ids[got_ids >= 0].tolist())
+                if s + j > cp:  # the first teacher alone, weight 1
+                    assert got == set(rows_a.ids[j].tolist())
+                    lp = batch["topk_logprobs"][position].numpy()[got_ids >= 0]
+                    assert np.allclose(np.sort(lp), np.sort(rows_a.logprobs[j].astype(np.float32)), atol=1e-6)
+                    alone += 1
+                else:
+                    assert got == set(rows_a.ids[j].tolist()) | set(rows_d.ids[j].tolist())
+                position += 1
+            diverged_records += int(cp < len(ids_a))
+        assert float(batch["teachers_partial"]) == pytest.approx(alone / position)
 
 
 def test_records_some_stores_lack_are_left_out_and_counted(setup: dict) -> None:
