@@ -132,17 +132,17 @@ def join(primary: Store, plan: LoaderPlan, other: Store, weight: float, shards: 
     candidates = np.flatnonzero(usable)
     order = candidates[np.argsort(index_o.keys[candidates], kind="stable")]
     ranked = index_o.keys[order]
-    slot = np.searchsorted(ranked, index_p.keys).clip(max=max(len(ranked) - 1, 0))
-    found = (len(ranked) > 0) & (ranked[slot] == index_p.keys) if len(ranked) else np.zeros(len(index_p), bool)
-    position = np.where(found, order[slot] if len(ranked) else 0, -1).astype(np.int64)
-    hit = np.flatnonzero(found)
-    if len(hit):  # equal keys: compare the ids themselves (a 64-bit collision is no match)
-        same = pc.equal(index_p.ids_at(hit), index_o.ids_at(position[hit])).to_numpy(zero_copy_only=False)
-        position[hit[~same]] = -1
+    position = np.full(len(index_p), -1, dtype=np.int64)
+    if len(ranked):
+        slot = np.searchsorted(ranked, index_p.keys).clip(max=len(ranked) - 1)
+        hit = np.flatnonzero(ranked[slot] == index_p.keys)
+        # equal keys: the ids themselves compared (a 64-bit collision is no match)
+        same = pc.equal(index_p.ids_at(hit), index_o.ids_at(order[slot[hit]])).to_numpy(zero_copy_only=False)
+        position[hit[same]] = order[slot[hit[same]]]
     at = {name: position[index_p.starts[s] : index_p.starts[s + 1]] for s, name in enumerate(plan.shards)}
-    matched = int((position >= 0).sum())
+    matched = position[position >= 0]
     return Partner(other.url, weight, names, index_o.shard, index_o.row, at,
-                   missing=len(position) - matched, extra=int(usable.sum()) - matched)
+                   missing=len(position) - len(matched), extra=int(usable.sum()) - len(np.unique(matched)))
 
 
 def joined_plan(plan: LoaderPlan, partners: list[Partner]) -> LoaderPlan:
