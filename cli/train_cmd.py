@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         *,
         flags: dict[str, Any],
     ) -> None:
-        """Train a student from a store with sparse KD (the teacher is never loaded)."""
+        """Train a student from a store (or several teachers' stores) with sparse KD (no teacher is loaded)."""
         cfg = TrainConfig.build(config, flags)
         use_threads(threads, loader_workers=cfg.num_workers)  # before torch starts: the loader's workers need CPUs too
 
@@ -58,8 +58,9 @@ def register(app: typer.Typer) -> None:
         from potstill.student_train.evaluation import evaluate
 
         result = evaluate(
-            cfg.store,
+            cfg.stores if len(cfg.stores) > 1 else cfg.stores[0],
             cfg.student,
+            teacher_weights=TrainConfig.weights(cfg),  # type: ignore[arg-type]
             eval_fraction=cfg.eval_fraction,
             max_records=cfg.max_records,
             batch_size=cfg.batch_size,
@@ -70,7 +71,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         elif result["records"] == 0:
-            typer.echo(f"no held-out records in {cfg.store} at eval fraction {result['eval_fraction']}"
+            typer.echo(f"no held-out records in {', '.join(cfg.stores)} at eval fraction {result['eval_fraction']}"
                        + (f": {result['note']}" if result.get("note") else ""))
         else:
             typer.echo(_format_eval(result))

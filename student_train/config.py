@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from potstill.settings import check_settings, load_settings, setting
+from potstill.settings import check_settings, load_settings, same_as, setting
 from potstill.student_train.errors import ConfigError
 
 # The shortest --max-length that trains anything: position 0 is never predicted (nothing precedes it).
@@ -30,13 +30,27 @@ def _hidden_map_text(value: Any) -> Any:
     return value
 
 
+def _number_list_text(value: Any) -> Any:
+    """A file may give `teacher_weights` as a list of numbers."""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
 @dataclass
 class TrainConfig:
     """Every setting of `potstill train`. Field names are the config-file keys; flags are the same
     names with dashes (`max_steps` <-> `--max-steps`) unless a field names its own."""
 
     # what to train, from what, into where
-    store: str = setting("", required=True, help="Store to train from, path or URL.")
+    store: list[str] = setting(factory=list, required=True, help=(
+        "Store to train from, path or URL; repeat it to distill several teachers at once (their stores "
+        "made over the same prompts, with one tokenizer): the target is their weighted mixture."))
+    teacher_weights: str = setting("", parse=_number_list_text, metavar="W,...", shown_default="equal", help=(
+        "Several stores: each teacher's weight in the mixture, in --store order (normalised to sum 1)."))
+    hidden_from: str = setting("", shown_default="the first --store", help=(
+        "Several stores: the one whose token sequences, rationales and hidden states the student reads "
+        "(the others add their targets where their sequence agrees)."))
     student: str = setting("", required=True, help=(
         "Student: model folder to start from, or a config (folder or .json) to build one."))
     out: str = setting("", required=True, help=(
@@ -127,8 +141,30 @@ class TrainConfig:
         """Whether the teacher's hidden states must be read from the store."""
         return bool(self.hidden_map) and (self.hidden_weight > 0 or self.relation_weight > 0)
 
+    @property
+    def stores(self) -> list[str]:
+        """The stores to train from, in --store order (a single path given as text counts as one)."""
+        return [self.store] if isinstance(self.store, str) else list(self.store)
+
+    def weights(self) -> list[float]:
+        """Each store's weight in the mixture, in --store order, summing to 1."""
+        n = len(self.stores)
+        if not self.teacher_weights.strip():
+            return [1.0 / n] * n
+        try:
+            raw = [float(w) for w in self.teacher_weights.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"--teacher-weights: expected numbers such as '2,1', got {self.teacher_weights!r}") from None
+        if len(raw) != n:
+            raise ConfigError(f"--teacher-weights gives {len(raw)} weight(s) for {n} store(s)")
+        if not all(math.isfinite(w) and w > 0 for w in raw):
+            raise ConfigError(f"--teacher-weights must all be positive finite numbers, got {self.teacher_weights!r}")
+        return [w / sum(raw) for w in raw]
+
     def validate(self) -> TrainConfig:
         """Check each setting on its own; checks against the store and student happen at start."""
+        if isinstance(self.store, str):  # built in code with one path
+            self.store = [self.store] if self.store else []
         check_settings(self, ConfigError)
         check_finite(self)
         checks = [
@@ -163,6 +199,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         self.hidden_pairs()  # parse errors surface now
+        self.weights()
+        if self.hidden_from and self.hidden_from not in self.stores:
+            raise ConfigError(f"--hidden-from {self.hidden_from} is not one of the --store values")
         return self
 
 
@@ -170,7 +209,9 @@ class TrainConfig:
 class EvalConfig:
     """Every setting of `potstill eval` (no config file: flags only)."""
 
-    store: str = setting("", required=True, help="Store to evaluate against, path or URL.")
+    store: list[str] = setting(factory=list, required=True, help=(
+        "Store to evaluate against, path or URL; repeat it for several teachers (against their mixture)."))
+    teacher_weights: str = same_as(TrainConfig, "teacher_weights")
     student: str = setting("", required=True, aliases=("--model",), help="Student folder (what potstill train wrote).")
     eval_fraction: float | None = setting(None, shown_default="the model's training report, else 0.05",
                                           help="Held-out fraction.")
@@ -181,6 +222,8 @@ class EvalConfig:
     device: str | None = setting(None, shown_default="where the model loads", help="cpu, cuda, cuda:1, ...")
 
     def validate(self) -> EvalConfig:
+        if isinstance(self.store, str):
+            self.store = [self.store] if self.store else []
         check_settings(self, ConfigError)
         check_finite(self)
         checks = [
@@ -193,7 +236,12 @@ class EvalConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        TrainConfig.weights(self)  # type: ignore[arg-type]
         return self
+
+    @property
+    def stores(self) -> list[str]:
+        return [self.store] if isinstance(self.store, str) else list(self.store)
 
 
 def check_finite(config: Any) -> None:

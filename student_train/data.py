@@ -837,7 +837,7 @@ class StoreDataset(IterableDataset):
 
     def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
         reader = self._shard(shard_idx)
-        whole = record_sequence(reader, row, self.targets)
+        whole = self.record(reader, shard_idx, row)
         for layer in self.hidden_layers:  # the chunk files this record's states lie in: checked before use
             reader.check_hidden(row, layer)
         if self.rationale_mode == "multitask":
@@ -848,6 +848,15 @@ class StoreDataset(IterableDataset):
                 return [seq.truncate(self.max_length) for seq in seqs]
             self._fallbacks += 1  # no rationale/answer found: the record is used whole, as the main task
         return [whole.truncate(self.max_length)]
+
+    def record(self, reader: ShardReader, shard_idx: int, row: int) -> Sequence:
+        """A stored record as one sequence with its targets (several teachers: mixed, student_train/teachers.py)."""
+        return record_sequence(reader, row, self.targets)
+
+    @property
+    def target_width(self) -> int:
+        """Columns of a batch's top-k targets: the store's K (several teachers: their union's)."""
+        return self.manifest.targets.k
 
     @property
     def tokenizer(self) -> Any:
@@ -880,7 +889,7 @@ class StoreDataset(IterableDataset):
             return {"empty": True, "skipped_shards": found}
         batch = collate(
             seqs,
-            k=self.manifest.targets.k,
+            k=self.target_width,
             pad_id=self.pad_id,
             student_vocab=self.student_vocab,
             hidden_layers=self.hidden_layers,

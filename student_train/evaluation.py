@@ -39,11 +39,13 @@ from potstill.student_train.data import (
     collate,
     held_out_note,
     held_out_rows,
+    plan_split,
     record_sequence,
 )
 from potstill.student_train.errors import TrainError
 from potstill.student_train.model import check_tokenizer, check_vocab, load_tokenizer
 from potstill.student_train.objective import KD_LOSSES, Objective
+from potstill.student_train.teachers import Teachers, order_stores
 
 # The default of `potstill generate` (teacher_gen/rationale.py), for stores that do not record theirs:
 # "The answer is X" / "The final answer is X" / "Final Answer: X" / "#### X", to the end of its
@@ -94,7 +96,7 @@ def _eval_fraction_of(model_dir: str | None) -> float:
 
 @torch.no_grad()
 def evaluate(
-    store: str | Store,
+    store: str | list[str] | Store,
     model_dir: str | None = None,
     *,
     model: Any = None,
@@ -108,6 +110,8 @@ def evaluate(
     plan: LoaderPlan | None = None,
     skip_shards: Iterable[str] = (),
     skip_bad_shards: bool = False,
+    teachers: Teachers | None = None,
+    teacher_weights: list[float] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a student folder (or an in-memory `model` + `tokenizer`) on the held-out records: those of
     `plan` when given (a training run's own split, so that nothing is recomputed), else the store's at
@@ -118,6 +122,15 @@ def evaluate(
     from transformers import AutoModelForCausalLM
 
     # Every file read is checked against its commit record's sha256 first, and its values (as in training).
+    if isinstance(store, list) and len(store) > 1:  # several teachers: against their mixture, on the held-out
+        # records every store holds (the first store's split; student_train/teachers.py)
+        urls, weights = order_stores(store, teacher_weights or [1 / len(store)] * len(store), "")
+        stores = [open_store(url, verify_reads=True) for url in urls]
+        fraction = _eval_fraction_of(model_dir) if eval_fraction is None else eval_fraction
+        teachers, plan = Teachers.open(stores[0], plan_split(stores[0], fraction, 1, 0), stores[1:], weights[1:])
+        store = stores[0]
+    elif isinstance(store, list):
+        store = store[0]
     store = open_store(store, verify_reads=True) if isinstance(store, str) else store
     if model is None:
         if not model_dir or not os.path.isdir(model_dir):
@@ -144,6 +157,8 @@ def evaluate(
     held = len(rows)
     rows = [(name, row) for name, row in rows if name not in skipped]
     result: dict[str, Any] = {"store": store.url, "model": model_dir, "eval_fraction": fraction, "records": len(rows)}
+    if teachers:
+        result["teachers"] = teachers.describe(store.url)
     if note:  # empty, or below the floor: say why
         result["note"] = note
     if skipped:
@@ -158,11 +173,16 @@ def evaluate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     kd_sum = top1_sum = ce_sum = 0.0
     tokens = 0
-    offered = store.manifest.targets.target_kind.train_targets
-    target = "topk" if "topk" in offered else offered[0]  # measured against the top-k where the store has them
+    stores = [store, *(teachers.stores if teachers else [])]
+    offered = set.intersection(*(set(s.manifest.targets.target_kind.train_targets) for s in stores))
+    target = "topk" if "topk" in offered else "sampled"  # measured against the top-k where the stores have them
+    width = teachers.width if teachers else store.manifest.targets.k
     for start in range(0, len(rows), batch_size):
         seqs = [record_sequence(store.shard(name), row, target) for name, row in rows[start : start + batch_size]]
-        batch = collate(seqs, k=store.manifest.targets.k, pad_id=pad_id, student_vocab=vocab, targets=target)
+        if teachers:  # several stores: against their mixture (student_train/teachers.py)
+            seqs = [teachers.sequence(seq, name, row, target)
+                    for seq, (name, row) in zip(seqs, rows[start : start + batch_size], strict=True)]
+        batch = collate(seqs, k=width, pad_id=pad_id, student_vocab=vocab, targets=target)
         batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits = logits[batch["pos_batch"], batch["pos_index"]].float()

@@ -51,6 +51,7 @@ from potstill.student_train.model import (
 )
 from potstill.student_train.objective import Objective, distill_loss
 from potstill.student_train.plots import LOSS_CURVE_FILE, write_loss_curve
+from potstill.student_train.teachers import MixedDataset, Teachers, order_stores, resolve_targets
 
 REPORT_FILE = "training_report.json"
 TRAINER_STATE = "trainer_state.json"
@@ -103,6 +104,8 @@ class DistillTrainer(Trainer):
             return (loss, {}) if return_outputs else loss
         terms: dict[str, torch.Tensor] | None = {} if self._logs_next_step() else None
         loss, parts = distill_loss(model, inputs, self.objective, terms)
+        if "teachers_partial" in inputs:  # several stores: the share of positions not every teacher scored
+            parts["teachers_partial"] = inputs["teachers_partial"].float()
         if terms is not None and model.training:
             self._measure_grad_share(model, terms)
         for name, value in parts.items():
@@ -285,7 +288,7 @@ class SaveLoaderState(TrainerCallback):
 
 # The order of the numbers in a log line; the others follow in name order.
 _LINE_ORDER = ("loss", "kd", "ce", "hidden", "relation", "answer_task", "rationale_task", "multitask_fallback",
-               "learning_rate", "grad_norm", "epoch")
+               "teachers_partial", "learning_rate", "grad_norm", "epoch")
 _LINE_NAMES = {"learning_rate": "lr"}
 _LINE_SKIP = ("total_flos", "step")
 
@@ -566,13 +569,16 @@ class Run:
     targets: str  # the loader shape trained on (`training_targets`)
     objective: Objective
     started: float  # time.time() at the start, for the report's train_seconds
+    teachers: Teachers | None = None  # several stores: the ones besides `store`, joined to its plan
 
     def dataset(self, student: Student) -> StoreDataset:
         """This rank's loader over the run's store and plan, at the resumed position when resuming."""
         c = self.config
-        dataset = StoreDataset(
+        kind, extra = (StoreDataset, {}) if self.teachers is None else (MixedDataset, {"teachers": self.teachers})
+        dataset = kind(
             self.store,
             self.plan,
+            **extra,
             batch_size=c.batch_size,
             seed=c.seed,
             shuffle_buffer=c.shuffle_buffer,
@@ -623,17 +629,26 @@ def open_run(config: TrainConfig) -> Run:
     started = time.time()
     state = PartialState(cpu=cpu_only())  # under torchrun: joins the process group, gives rank and world size
     rank, world = state.process_index, state.num_processes
-    store = open_store(config.store, strict=not config.skip_bad_shards, verify_reads=True)
+    urls, weights = order_stores(config.stores, config.weights(), config.hidden_from)
+    stores = [open_store(url, strict=not config.skip_bad_shards, verify_reads=True) for url in urls]
+    store = stores[0]  # the primary: sequences, split, hidden states, rationales (student_train/teachers.py)
     store.check_tokenizer_files()  # as verify does, whether or not the student brings its own tokenizer
     checkpoint, loader_state = resume_point(config, rank)
-    targets = training_targets(config, store)
+    targets = training_targets(config, *stores)
     pairs = resolve_hidden_pairs(config.hidden_pairs(), store.manifest.teacher.num_hidden_layers)
     objective = dataclasses.replace(Objective.from_config(config), targets=targets, hidden_pairs=tuple(pairs))
     # A resumed run keeps the shards it started with: the store may have grown since.
     plan = plan_split(store, config.eval_fraction, world, config.num_workers,
                       loader_state["shards"] if loader_state else None)
+    teachers = None
+    if loader_state and loader_state.get("teachers") and len(stores) == 1:
+        raise ConfigError(f"--resume: {checkpoint} is a run of several teachers ({', '.join(loader_state['teachers'])} "
+                          "besides this store); an exact resume needs the same --store values")
+    if len(stores) > 1:
+        teachers, plan = Teachers.open(store, plan, stores[1:], weights[1:],
+                                       loader_state.get("teacher_shards") if loader_state else None)
     return Run(config, rank, world, state.is_main_process, store, plan, checkpoint, loader_state, targets,
-               objective, started)
+               objective, started, teachers)
 
 
 def load_student_for(run: Run) -> Student:
@@ -671,6 +686,10 @@ def announce(run: Run, dataset: StoreDataset, max_steps: int) -> None:
     )
     if info["eval_note"]:
         run.say(f"held-out: {info['eval_note']}")
+    for teacher in info.get("teachers", [])[1:]:  # several stores: what the join by id left out
+        run.say(f"teacher {teacher['store']} (weight {teacher['weight']:.3g}): {teacher['missing_records']} record(s) "
+                f"of {run.store.url} missing there and left out; {teacher['extra_records']} of its record(s) not in "
+                f"{run.store.url}, unused")
 
 
 def make_trainer(run: Run, student: Student, dataset: StoreDataset, max_steps: int,
@@ -734,6 +753,9 @@ def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDa
         "potstill_version": potstill_version(),
         "settings": config.to_dict(),
         "store": store_identity(run.store, run.plan.shards),
+        **({"teachers": [{**store_identity(store, partner.shards), "weight": partner.weight}
+                         for partner, store in zip(run.teachers.partners, run.teachers.stores, strict=True)]}
+           if run.teachers else {}),
         "student": {
             "source": config.student,
             "architecture": type(student.model).__name__,
@@ -762,11 +784,15 @@ def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDa
     return report
 
 
-def training_targets(config: TrainConfig, store: Store) -> str:
-    """The stored targets this run trains on (`--targets`, "auto" resolved), or a one-line refusal."""
-    kind = store.manifest.targets.target_kind
-    targets = config.targets if config.targets != "auto" else kind.default_train_target(config.sampled_loss_ok())
-    check_targets(store, targets)
+def training_targets(config: TrainConfig, store: Store, *others: Store) -> str:
+    """The stored targets this run trains on (`--targets`, "auto" resolved; with several stores, the
+    shape they all train on), or a one-line refusal."""
+    if others:
+        targets = resolve_targets(config.targets, [store, *others], config.sampled_loss_ok())
+    else:
+        kind = store.manifest.targets.target_kind
+        targets = config.targets if config.targets != "auto" else kind.default_train_target(config.sampled_loss_ok())
+        check_targets(store, targets)
     if targets == "sampled" and not config.sampled_loss_ok():
         raise ConfigError(
             f"store {store.url} holds only sampled targets, which train forward KL at temperature 1 only; "
@@ -804,6 +830,7 @@ def final_evaluation(run: Run, student: Student, skipped_shards: dict[str, str])
         model=student.model,
         tokenizer=student.tokenizer,
         plan=run.plan,
+        teachers=run.teachers,
         max_records=config.eval_max_records,
         batch_size=config.batch_size,
         max_new_tokens=config.eval_max_new_tokens,

@@ -189,7 +189,7 @@ def test_a_lone_surrogate_in_a_text_setting_is_refused_in_one_line(tmp_path) -> 
     with pytest.raises(ServiceError, match=r"^--allow-host: '\\udfff' holds a lone surrogate"):
         load_settings(ServeConfig, str(path), error=ServiceError)
     # the undecodable bytes of a file name, as the command line hands them over, are a valid path
-    assert load_settings(TrainConfig, None, {"store": "s\udcff", "student": "m", "out": "o"}).store == "s\udcff"
+    assert load_settings(TrainConfig, None, {"store": "s\udcff", "student": "m", "out": "o"}).store == ["s\udcff"]
 
 
 SECTIONS = {GenerateConfig: "generate", TrainConfig: "train", ServeConfig: "serve"}

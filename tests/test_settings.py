@@ -53,9 +53,11 @@ SAMPLES = {"rationale_template": "Q: {prompt}", "beta": 0.25, "alpha": 0.5, "eva
            "hidden_map": "1:2", "workers": 2, "worker_index": 1, "gpu_memory_utilization": 0.5, "port": 8123,
            "max_body_bytes": 8192, "writer_threads": 3, "logprob_bits": 10, "codec": "packed",
            "head_lr_scale": 2.0, "host": "127.0.0.2", "allow_url_scheme": ["s3"], "max_length": 64,
-           "allow_host": ["gpu-box"], "data_root": ["/d"], "read_root": ["/r"], "write_root": ["/w"]}
+           "allow_host": ["gpu-box"], "data_root": ["/d"], "read_root": ["/r"], "write_root": ["/w"],
+           "teacher_weights": "2,1", "hidden_from": "s"}
 # other settings a sample needs (vLLM captures top-k only; a relation loss needs layer pairs)
-CONTEXT = {"backend": {"targets": "topk"}, "relation_weight": {"hidden_map": "1:2"}, "worker_index": {"workers": 2}}
+CONTEXT = {"backend": {"targets": "topk"}, "relation_weight": {"hidden_map": "1:2"}, "worker_index": {"workers": 2},
+           "teacher_weights": {"store": ["s", "t"]}}
 
 
 def command(name: str) -> tuple[click.Command, click.Context]:
@@ -77,7 +79,7 @@ def sample(f: dataclasses.Field, hint: typing.Any) -> typing.Any:
     if choices_of(f, hint):
         return next(c for c in choices_of(f, hint) if c != f.default)
     if typing.get_origin(base) is list:
-        return [0, 2]
+        return [0, 2] if typing.get_args(base)[0] is int else ["s1", "s2"]
     default = f.default if f.default is not None else {bool: False, int: 3, float: 1.0, str: "x"}[base]
     return {bool: lambda d: not d, int: lambda d: d + 1, float: lambda d: d / 2 if d > 0 else d - 0.5 if d < 0 else 0.5, str: lambda d: d + "x"}[base](default)
 
