@@ -548,188 +548,35 @@ def encode_compact_places(t: SampledTargets, places: np.ndarray, buckets: int = 
 def encode_sampled_compact_many(targets: list[SampledTargets], id_order: IdOrder | None = None,
                                  buckets: int = RANK_BUCKETS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`encode_sampled_compact` of many records at once: (ids data, ids offsets, counts data, counts
-    offsets), record r's streams being data[offsets[r]:offsets[r + 1]]. The same bytes, coded a few
-    records at a time (`COMPACT2_BLOCK_ENTRIES` entries): whole-array numpy passes over a block that
-    stays in the CPU's cache, ~2x faster than over a whole shard and than record by record."""
-    ids_parts, counts_parts, ids_lens, counts_lens = [], [], [], []
-    start = 0
-    while start < len(targets):
-        end, size = start, 0
-        while end < len(targets) and (end == start or size + len(targets[end].ids) <= COMPACT2_BLOCK_ENTRIES):
-            size += len(targets[end].ids)
-            end += 1
-        block = targets[start:end]
-        ids = np.concatenate([t.ids for t in block])
-        places = id_order.rank(ids) if id_order is not None else ids.astype(np.int64)
-        ids_data, ids_off, counts_data, counts_off = encode_compact_many(block, places, buckets)
-        ids_parts.append(ids_data)
-        counts_parts.append(counts_data)
-        ids_lens.append(np.diff(ids_off))
-        counts_lens.append(np.diff(counts_off))
-        start = end
-    if not targets:
-        return np.zeros(0, np.uint8), np.zeros(1, np.int64), np.zeros(0, np.uint8), np.zeros(1, np.int64)
-    return (np.concatenate(ids_parts), _csr(np.concatenate(ids_lens)),
-            np.concatenate(counts_parts), _csr(np.concatenate(counts_lens)))
-
-
-COMPACT2_BLOCK_ENTRIES = 1 << 14
+    offsets), record r's streams being data[offsets[r]:offsets[r + 1]]."""
+    ids = np.concatenate([t.ids for t in targets]) if targets else np.zeros(0, np.int64)
+    places = id_order.rank(ids) if id_order is not None else ids.astype(np.int64)
+    return encode_compact_many(targets, places, buckets)
 
 
 def encode_compact_many(targets: list[SampledTargets], places: np.ndarray, buckets: int = RANK_BUCKETS
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The compact streams (format §4.3.2, `encode_sampled_compact`) of many records, each entry's place
-    given (`places`: the records' entries concatenated).
+    given (`places`: the records' entries concatenated), by the compiled coder (`store.encode_kernels`):
+    a first pass over each record's entries finds its Rice parameters and stream lengths, a second
+    writes the streams."""
+    from potstill.store import encode_kernels  # (here: numba takes 0.2 s to import, which only writing needs)
 
-    Every record's entries are sorted at once by (record, part, position, place); each (record, part,
-    rank bucket) gets its Rice parameter (`_rice_ks`); then every field's bit position in the output
-    follows from running sums, and the fields are OR-ed into 64-bit words (`_scatter_bits`)."""
-    n_rec = len(targets)
     positions = np.array([t.num_positions for t in targets], dtype=np.int64)
-    pos_base = _csr(positions)
-    n_pos = int(pos_base[-1])
-    # entries per position: the records' offsets laid end to end, less the steps from one record to the next
-    steps = np.diff(np.concatenate([np.asarray(t.offsets, dtype=np.int64) for t in targets]))
-    per_pos = np.delete(steps, pos_base[1:-1] + np.arange(n_rec - 1))
-    ent_base = _csr(np.array([len(t.ids) for t in targets], dtype=np.int64))
-    n_ent = int(ent_base[-1])
-    pos = np.repeat(np.arange(n_pos, dtype=np.int64), per_pos)
-    rec_of_pos = np.repeat(np.arange(n_rec, dtype=np.int64), positions)
-    counts = np.concatenate([t.counts for t in targets]).astype(np.int64)
-    places = np.asarray(places, dtype=np.int64)
-    part = (counts == 1).astype(np.int64)  # 0: head (count >= 2), 1: tail (count 1)
-
-    # Sorted by (record, part, position, place) (positions are global, so the record is the position's):
-    # one sort of the key with each entry's index in its low bits, faster than an argsort.
-    rec = rec_of_pos[pos]
-    span = int(places.max()) + 1 if n_ent else 1
-    index_bits = max(n_ent - 1, 1).bit_length()
-    if (2 * n_rec * max(n_pos, 1) * span) << index_bits < 1 << 63:
-        key = (((rec * 2 + part) * n_pos + pos) * span + places) << index_bits
-        key |= np.arange(n_ent, dtype=np.int64)
-        order = np.sort(key) & ((1 << index_bits) - 1)
-    else:
-        order = np.lexsort((places, pos, part, rec))
-    pos, part, places, counts, rec = pos[order], part[order], places[order], counts[order], rec[order]
-
-    # gaps within each (part, position) group, and each entry's rank bucket in its group
-    new = np.ones(n_ent, dtype=bool)
-    np.not_equal(pos[1:], pos[:-1], out=new[1:])
-    new[1:] |= part[1:] != part[:-1]
-    starts = np.flatnonzero(new)
-    prev = np.empty(n_ent, dtype=np.int64)
-    prev[1:] = places[:-1]
-    prev[starts] = -1
-    gaps = places - prev - 1
-    group = np.cumsum(new) - 1
-    j = np.arange(n_ent, dtype=np.int64) - starts[group]
-    size = np.diff(np.append(starts, n_ent))[group]
-    rice_group = (rec * 2 + part) * buckets + np.minimum(buckets * j // size, buckets - 1)
-    ks = _rice_ks(gaps, rice_group, n_rec * 2 * buckets)
-    width = ks[rice_group]
-    quotient = gaps >> width
-
-    # ids stream of record r: 1 + 2B header bytes, the low bits (padded to a byte), the quotients in unary
-    head_len = 1 + 2 * buckets
-    var_bits, var_before = _runs(width, ent_base, rec)
-    una_bits, una_before = _runs(quotient + 1, ent_base, rec)
-    var_bytes = (var_bits + 7) // 8
-    ids_off = _csr(head_len + var_bytes + (una_bits + 7) // 8)
-    words = np.zeros(int(ids_off[-1]) // 8 + 2, dtype=np.uint64)
-    var_at = 8 * (ids_off[:-1] + head_len)
-    low = (gaps & ((np.int64(1) << width) - 1)).astype(np.uint64)
-    _scatter_bits(words, var_at[rec] + var_before, low, width)
-    una_at = 8 * (ids_off[:-1] + head_len + var_bytes)
-    _scatter_bits(words, una_at[rec] + una_before + quotient, None, None)
-    ids_data = _bytes_of(words, int(ids_off[-1]))
-    header = np.empty((n_rec, head_len), dtype=np.uint8)
-    header[:, 0] = buckets
-    header[:, 1:] = ks.reshape(n_rec, 2 * buckets)  # (record, part, bucket): the head's B, then the tail's
-    ids_data[(ids_off[:-1, None] + np.arange(head_len)).reshape(-1)] = header.reshape(-1)
-
-    # counts stream of record r: gamma(h + 1) of each position, then gamma(count − 1) of each head entry
-    head = part == 0
-    values = [np.bincount(pos[head], minlength=n_pos) + 1, counts[head] - 1]
-    owners = [rec_of_pos, rec[head]]
-    bases = [pos_base, _csr(np.bincount(owners[1], minlength=n_rec))]
-    fields = []
-    for v, owner, base in zip(values, owners, bases, strict=True):
-        length = np.floor(np.log2(v)).astype(np.int64) if len(v) else np.zeros(0, np.int64)
-        fields.append((v, owner, length, *_runs(length + 1, base, owner), *_runs(length, base, owner)))
-    region_bytes = [(bits + 7) // 8 for f in fields for bits in (f[3], f[5])]
-    counts_off = _csr(sum(region_bytes))
-    words = np.zeros(int(counts_off[-1]) // 8 + 2, dtype=np.uint64)
-    at = 8 * counts_off[:-1]
-    for i, (v, owner, length, _, una_before, _, var_before) in enumerate(fields):
-        _scatter_bits(words, at[owner] + una_before + length, None, None)
-        at = at + 8 * region_bytes[2 * i]
-        _scatter_bits(words, at[owner] + var_before, (v - (np.int64(1) << length)).astype(np.uint64), length)
-        at = at + 8 * region_bytes[2 * i + 1]
-    return ids_data, ids_off, _bytes_of(words, int(counts_off[-1])), counts_off
-
-
-def _rice_ks(gaps: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    """`_rice_k` of every group of gaps at once: the k minimising C(k) = n·(k + 1) + Σ gap >> k, the
-    smallest on ties. C is convex in k (C(k + 1) − C(k) = n − Σ ceil((gap >> k) / 2) never falls), so
-    starting from log2 of the mean gap and stepping while a neighbour is no worse (left) or better
-    (right) reaches it in a few whole-array passes."""
-    n = np.bincount(group, minlength=n_groups).astype(np.float64)
-    if len(gaps) and float(gaps.max()) * len(gaps) >= 2.0**53:  # float64 sums would round: one group at a time
-        return np.array([_rice_k(gaps[group == g]) for g in range(n_groups)], dtype=np.int64)
-    total = np.bincount(group, weights=gaps, minlength=n_groups)
-    k = np.floor(np.log2(np.maximum(total / np.maximum(n, 1), 1))).astype(np.int64)  # the optimum ~95% of the time
-
-    def cost(kk: np.ndarray, group: np.ndarray, gaps: np.ndarray) -> np.ndarray:
-        return n * (kk + 1) + np.bincount(group, weights=gaps >> kk[group], minlength=n_groups)
-
-    here = cost(k, group, gaps)
-    active = np.ones(n_groups, dtype=bool)
-    while True:  # each round over the entries of the groups that moved in the last one
-        left = cost(np.maximum(k - 1, 0), group, gaps)
-        go_left = active & (k > 0) & (left <= here)
-        right = cost(k + 1, group, gaps)
-        go_right = active & ~go_left & (right < here)
-        active = go_left | go_right
-        if not active.any():
-            return k
-        k = k - go_left + go_right
-        here = np.where(go_left, left, np.where(go_right, right, here))
-        keep = active[group]
-        group, gaps = group[keep], gaps[keep]
-
-
-def _runs(values: np.ndarray, base: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ of `values` over each record's slice base[r]:base[r + 1], the running sum of `values` before
-    each element within its record), `owner` being each element's record."""
-    c = np.zeros(len(values) + 1, dtype=np.int64)
-    np.cumsum(values, out=c[1:])
-    return c[base[1:]] - c[base[:-1]], c[:-1] - c[base[:-1]][owner]
-
-
-def _scatter_bits(words: np.ndarray, at: np.ndarray, values: np.ndarray | None, widths: np.ndarray | None) -> None:
-    """OR each value (< 2**width, width ≤ 32) into the little-endian bit stream `words` at bit `at`
-    (values None: a single 1 bit, the end of a unary code). Fields do not overlap and `at` does not
-    fall, so the values landing in one word are OR-reduced in one pass; a value crossing into the
-    next word is the only one to spill into it."""
-    if len(at) == 0:
-        return
-    word = at >> 6
-    shift = (at & 63).astype(np.uint64)
-    first = np.empty(len(word), dtype=bool)
-    first[0] = True
-    np.not_equal(word[1:], word[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    shifted = np.left_shift(np.uint64(1), shift) if values is None else values << shift
-    words[word[starts]] |= np.bitwise_or.reduceat(shifted, starts)
-    if values is None:
-        return
-    spill = (at & 63) + widths > 64
-    if spill.any():
-        words[word[spill] + 1] |= values[spill] >> (np.uint64(64) - shift[spill])
-
-
-def _bytes_of(words: np.ndarray, size: int) -> np.ndarray:
-    return words.astype("<u8", copy=False).view(np.uint8)[:size].copy()
+    rec_pos = _csr(positions)
+    pos_off = _csr(np.concatenate([np.diff(t.offsets) for t in targets]) if targets else np.zeros(0, np.int64))
+    counts = np.concatenate([t.counts for t in targets]) if targets else np.zeros(0, np.uint16)
+    places = np.ascontiguousarray(places, dtype=np.int64)
+    ks = np.zeros((len(targets), 2 * buckets), dtype=np.int64)
+    ids_len = np.zeros(len(targets), dtype=np.int64)
+    counts_len = np.zeros(len(targets), dtype=np.int64)
+    encode_kernels.compact_sizes(pos_off, rec_pos, places, counts, buckets, ks, ids_len, counts_len)
+    ids_off, counts_off = _csr(ids_len), _csr(counts_len)
+    ids_data = np.zeros(int(ids_off[-1]), dtype=np.uint8)
+    counts_data = np.zeros(int(counts_off[-1]), dtype=np.uint8)
+    encode_kernels.compact_write(pos_off, rec_pos, places, counts, buckets, ks, ids_data, ids_off, counts_data,
+                                 counts_off)
+    return ids_data, ids_off, counts_data, counts_off
 
 
 def decode_sampled_compact(
