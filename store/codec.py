@@ -550,32 +550,31 @@ def encode_sampled_compact_many(targets: list[SampledTargets], id_order: IdOrder
     """`encode_sampled_compact` of many records at once: (ids data, ids offsets, counts data, counts
     offsets), record r's streams being data[offsets[r]:offsets[r + 1]]."""
     ids = np.concatenate([t.ids for t in targets]) if targets else np.zeros(0, np.int64)
-    places = id_order.rank(ids) if id_order is not None else ids.astype(np.int64)
-    return encode_compact_many(targets, places, buckets)
+    if id_order is not None and id_order.place_of is not None:  # the coder looks the places up itself
+        return _compact_many(targets, ids, id_order.place_of, buckets)
+    return encode_compact_many(targets, id_order.rank(ids) if id_order is not None else ids, buckets)
 
 
 def encode_compact_many(targets: list[SampledTargets], places: np.ndarray, buckets: int = RANK_BUCKETS
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The compact streams (format §4.3.2, `encode_sampled_compact`) of many records, each entry's place
-    given (`places`: the records' entries concatenated), by the compiled coder (`store.encode_kernels`):
-    a first pass over each record's entries finds its Rice parameters and stream lengths, a second
-    writes the streams."""
+    given (`places`: the records' entries concatenated)."""
+    return _compact_many(targets, np.asarray(places), np.zeros(0, np.int64), buckets)
+
+
+def _compact_many(targets: list[SampledTargets], ids: np.ndarray, table: np.ndarray, buckets: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The compiled compact coder (`store.encode_kernels.compact_encode`) of records whose entries' places
+    are table[ids] (ids themselves where the table is empty)."""
     from potstill.store import encode_kernels  # (here: numba takes 0.2 s to import, which only writing needs)
 
-    positions = np.array([t.num_positions for t in targets], dtype=np.int64)
-    rec_pos = _csr(positions)
+    rec_pos = _csr(np.array([t.num_positions for t in targets], dtype=np.int64))
     pos_off = _csr(np.concatenate([np.diff(t.offsets) for t in targets]) if targets else np.zeros(0, np.int64))
     counts = np.concatenate([t.counts for t in targets]) if targets else np.zeros(0, np.uint16)
-    places = np.ascontiguousarray(places, dtype=np.int64)
-    ks = np.zeros((len(targets), 2 * buckets), dtype=np.int64)
-    ids_len = np.zeros(len(targets), dtype=np.int64)
-    counts_len = np.zeros(len(targets), dtype=np.int64)
-    encode_kernels.compact_sizes(pos_off, rec_pos, places, counts, buckets, ks, ids_len, counts_len)
-    ids_off, counts_off = _csr(ids_len), _csr(counts_len)
-    ids_data = np.zeros(int(ids_off[-1]), dtype=np.uint8)
-    counts_data = np.zeros(int(counts_off[-1]), dtype=np.uint8)
-    encode_kernels.compact_write(pos_off, rec_pos, places, counts, buckets, ks, ids_data, ids_off, counts_data,
-                                 counts_off)
+    ids_off = np.zeros(len(targets) + 1, dtype=np.int64)
+    counts_off = np.zeros(len(targets) + 1, dtype=np.int64)
+    ids_data, counts_data = encode_kernels.compact_encode(
+        pos_off, rec_pos, np.ascontiguousarray(ids), table, counts, buckets, ids_off, counts_off)
     return ids_data, ids_off, counts_data, counts_off
 
 

@@ -4,8 +4,8 @@ array numpy makes a dozen passes with a temporary array each. `store.codec` impo
 lazily (numba takes ~0.2 s to import, which only writing such a store needs); the bytes are those
 format §4.3 defines (tests/test_writer_bytes.py compares them with a one-record reference coder).
 
-Streams are written least significant bit first through a bit buffer (acc: its `nb` pending bits),
-flushed a byte at a time, so a value of up to 32 bits never pushes it past 40 bits. `cache=True`
+Streams are written least significant bit first through a bit buffer (acc: its `nb` pending bits, an
+int64), flushed a byte at a time, so a value of up to 32 bits never pushes it past 40 bits. `cache=True`
 keeps the machine code in __pycache__: a process compiles each signature once per installation.
 """
 
@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import leading_zeros  # (llvm.ctlz; in numba since 0.47)
 
 _jit = numba.njit(cache=True, nogil=True)
+# The bit writers run per field: inlined by numba itself, no call (and no reference counting of the
+# output array) is left in the loops.
+_inline = numba.njit(cache=True, nogil=True, inline="always")
 
 
 # -- fixed-width packing (packed codec) -------------------------------------------------------------------
@@ -65,26 +69,19 @@ def clamp_ids(ids: np.ndarray, out: np.ndarray) -> None:
 
 
 # -- compact coding of sampled draws (§4.3.2) -------------------------------------------------------------
-@_jit
-def _bit_length(v: int) -> int:
-    n = 0
-    while v > 0:
-        v >>= 1
-        n += 1
-    return n
-
-
-@_jit
-def _sort_record(pos_off: np.ndarray, p0: int, p1: int, places: np.ndarray, counts: np.ndarray,
+@_inline
+def _sort_record(pos_off: np.ndarray, p0: int, p1: int, ids: np.ndarray, table: np.ndarray, counts: np.ndarray,
                  sp: np.ndarray, sc: np.ndarray, heads: np.ndarray) -> None:
     """A record's entries, position by position, in (part, place) order into sp (places) and sc (counts),
-    each position at its own entries' slice; heads[p - p0]: how many have a count ≥ 2 (the head)."""
+    each position at its own entries' slice; heads[p - p0]: how many have a count ≥ 2 (the head).
+    An id's place is table[id] (ids as they are where the table is empty)."""
     base = pos_off[p0]
     for p in range(p0, p1):
         a, b = pos_off[p] - base, pos_off[p + 1] - base
         h = 0
         for i in range(a, b):  # insertion sort on (tail?, place): positions hold a few dozen entries
-            pl, c = places[base + i], counts[base + i]
+            pl = table[ids[base + i]] if len(table) else np.int64(ids[base + i])
+            c = np.int64(counts[base + i])
             tail = 1 if c == 1 else 0
             j = i
             while j > a:
@@ -98,177 +95,199 @@ def _sort_record(pos_off: np.ndarray, p0: int, p1: int, places: np.ndarray, coun
         heads[p - p0] = h
 
 
-@_jit
-def _bucket(j: int, size: int, buckets: int) -> int:
-    return min(buckets * j // size, buckets - 1)
-
-
-@_jit
-def _record_ks(pos_off: np.ndarray, p0: int, p1: int, sp: np.ndarray, heads: np.ndarray, buckets: int,
-               cost: np.ndarray, ks: np.ndarray) -> None:
-    """The Rice parameter of each (part, rank bucket) of a sorted record: the k minimising
-    n·(k + 1) + Σ gap >> k, the smallest on ties (0 for an empty group); cost: [2B, 64] scratch."""
-    cost[:, :] = 0
-    n = np.zeros(2 * buckets, dtype=np.int64)
-    base = pos_off[p0]
-    for p in range(p0, p1):
-        a, b = pos_off[p] - base, pos_off[p + 1] - base
-        h = heads[p - p0]
-        for part in range(2):
-            lo, hi = (a, a + h) if part == 0 else (a + h, b)
-            prev = -1
-            for i in range(lo, hi):
-                g = sp[i] - prev - 1
-                prev = sp[i]
-                row = part * buckets + _bucket(i - lo, hi - lo, buckets)
-                n[row] += 1
-                k = 0
-                while g >> k:  # (the terms past the gap's bit length are 0)
-                    cost[row, k] += g >> k
-                    k += 1
-    for row in range(2 * buckets):
-        best, best_cost = 0, cost[row, 0] + n[row]
-        for k in range(1, 64):
-            c = cost[row, k] + n[row] * (k + 1)
-            if c < best_cost:
-                best, best_cost = k, c
-        ks[row] = best
-
-
-@_jit
-def _put(out: np.ndarray, pos: int, acc: np.uint64, nb: np.uint64, v: np.uint64, w: np.uint64
-         ) -> tuple[int, np.uint64, np.uint64]:
+@_inline
+def _put(out: np.ndarray, pos: int, acc: int, nb: int, v: int, w: int) -> tuple[int, int, int]:
+    """v (< 2**w, w ≤ 32) after the buffer's nb (< 8) bits; whole bytes go out."""
     acc |= v << nb
     nb += w
     while nb >= 8:
-        out[pos] = np.uint8(acc & np.uint64(0xFF))
+        out[pos] = acc & 0xFF
         pos += 1
-        acc >>= np.uint64(8)
-        nb -= np.uint64(8)
+        acc >>= 8
+        nb -= 8
     return pos, acc, nb
 
 
-@_jit
-def _unary(out: np.ndarray, pos: int, acc: np.uint64, nb: np.uint64, q: int) -> tuple[int, np.uint64, np.uint64]:
+@_inline
+def _unary(out: np.ndarray, pos: int, acc: int, nb: int, q: int) -> tuple[int, int, int]:
     """q zero bits, then a one."""
     while q >= 32:
-        pos, acc, nb = _put(out, pos, acc, nb, np.uint64(0), np.uint64(32))
+        pos, acc, nb = _put(out, pos, acc, nb, 0, 32)
         q -= 32
-    return _put(out, pos, acc, nb, np.uint64(1) << np.uint64(q), np.uint64(q + 1))
+    return _put(out, pos, acc, nb, 1 << q, q + 1)
 
 
-@_jit
-def _flush(out: np.ndarray, pos: int, acc: np.uint64, nb: np.uint64) -> int:
-    """Pad to a whole byte: the position after the last byte written."""
+@_inline
+def _flush(out: np.ndarray, pos: int, acc: int, nb: int) -> None:
+    """The last, partial byte of a region (zero-padded)."""
     if nb > 0:
-        out[pos] = np.uint8(acc & np.uint64(0xFF))
-        pos += 1
-    return pos
+        out[pos] = acc & 0xFF
+
+
+@_inline
+def _bit_length(v: int) -> int:
+    return 64 - leading_zeros(np.uint64(v)) if v else 0
 
 
 @_jit
-def compact_sizes(pos_off: np.ndarray, rec_pos: np.ndarray, places: np.ndarray, counts: np.ndarray, buckets: int,
-                  ks: np.ndarray, ids_len: np.ndarray, counts_len: np.ndarray) -> None:
-    """Pass 1 of the compact coder: each record's Rice parameters (ks: [records, 2B], the head's then the
-    tail's) and the byte lengths of its ids and counts streams."""
-    n = len(places)
-    sp = np.empty(n, dtype=np.int64)
-    sc = np.empty(n, dtype=np.int64)
+def _grown(out: np.ndarray, need: int) -> np.ndarray:
+    if need <= len(out):
+        return out
+    bigger = np.zeros(max(need, 2 * len(out)), dtype=np.uint8)
+    bigger[: len(out)] = out
+    return bigger
+
+
+@_jit
+def compact_encode(pos_off: np.ndarray, rec_pos: np.ndarray, ids: np.ndarray, table: np.ndarray,
+                   counts: np.ndarray, buckets: int, ids_off: np.ndarray, counts_off: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The compact streams (format §4.3.2) of records whose positions are rec_pos[r]:rec_pos[r + 1] and a
+    position's entries pos_off[p]:pos_off[p + 1] (ids, places table[id], counts). Returns (ids data,
+    counts data), filling in the offsets of each record's streams.
+
+    Per record: its entries sorted by (part, place) within each position (`_sort_record`), then one pass
+    in stream order (the head's entries, position by position, then the tail's) takes each gap and
+    Rice group (part, rank bucket) and each group's cost Σ gap >> k for every k; the parameter of a
+    group is its cheapest k (the smallest on ties), which also gives the streams' lengths; a last pass
+    writes them. ids: B, the 2B parameters, the gaps' low bits (byte-padded), then the quotients in
+    unary (byte-padded). counts: each position's gamma(h + 1) (the lengths in unary, byte-padded,
+    then the low bits, byte-padded), then each head entry's gamma(count − 1) the same way."""
+    n_rec = len(rec_pos) - 1
+    most = 0
+    for r in range(n_rec):
+        most = max(most, pos_off[rec_pos[r + 1]] - pos_off[rec_pos[r]])
+    sp = np.empty(most, dtype=np.int64)
+    sc = np.empty(most, dtype=np.int64)
+    gap = np.empty(most, dtype=np.int64)
+    group = np.empty(most, dtype=np.int64)
     heads = np.empty(len(pos_off), dtype=np.int64)
-    cost = np.empty((2 * buckets, 64), dtype=np.int64)
-    for r in range(len(rec_pos) - 1):
+    groups = 2 * buckets
+    cost = np.zeros((groups, 3), dtype=np.int64)
+    size = np.zeros(groups, dtype=np.int64)
+    total = np.zeros(groups, dtype=np.int64)
+    ks = np.zeros(groups, dtype=np.int64)
+    ids_out = np.zeros(len(ids) * 2 + n_rec * (1 + groups) + 64, dtype=np.uint8)
+    counts_out = np.zeros(len(pos_off) + 64, dtype=np.uint8)
+    ids_at = counts_at = 0
+    for r in range(n_rec):
         p0, p1 = rec_pos[r], rec_pos[r + 1]
-        _sort_record(pos_off, p0, p1, places, counts, sp, sc, heads)
-        _record_ks(pos_off, p0, p1, sp, heads, buckets, cost, ks[r])
         base = pos_off[p0]
-        var_bits = una_bits = 0
-        c_una = c_var = h_una = h_var = 0
-        for p in range(p0, p1):
-            a, b = pos_off[p] - base, pos_off[p + 1] - base
-            h = heads[p - p0]
-            length = _bit_length(h + 1) - 1
-            c_una += length + 1
-            c_var += length
-            for part in range(2):
+        _sort_record(pos_off, p0, p1, ids, table, counts, sp, sc, heads)
+        size[:] = 0
+        total[:] = 0
+        e = 0
+        c_bits = np.zeros(4, dtype=np.int64)  # the counts stream's four regions
+        for part in range(2):
+            for p in range(p0, p1):
+                a, b = pos_off[p] - base, pos_off[p + 1] - base
+                h = heads[p - p0]
                 lo, hi = (a, a + h) if part == 0 else (a + h, b)
+                if part == 0:
+                    length = _bit_length(h + 1) - 1
+                    c_bits[0] += length + 1
+                    c_bits[1] += length
                 prev = -1
                 for i in range(lo, hi):
                     g = sp[i] - prev - 1
                     prev = sp[i]
-                    k = ks[r, part * buckets + _bucket(i - lo, hi - lo, buckets)]
-                    var_bits += k
-                    una_bits += (g >> k) + 1
+                    row = part * buckets + min(buckets * (i - lo) // (hi - lo), buckets - 1)
+                    gap[e], group[e] = g, row
+                    e += 1
+                    size[row] += 1
+                    total[row] += g
                     if part == 0:
                         length = _bit_length(sc[i] - 1) - 1
-                        h_una += length + 1
-                        h_var += length
-        ids_len[r] = 1 + 2 * buckets + (var_bits + 7) // 8 + (una_bits + 7) // 8
-        counts_len[r] = (c_una + 7) // 8 + (c_var + 7) // 8 + (h_una + 7) // 8 + (h_var + 7) // 8
+                        c_bits[2] += length + 1
+                        c_bits[3] += length
+        _rice_ks(gap, group, e, size, total, cost, ks)
+        var_bits = una_bits = 0
+        for row in range(groups):
+            var_bits += size[row] * ks[row]
+            una_bits += cost[row, 1] + size[row]
+
+        # the ids stream
+        var_len = (var_bits + 7) // 8
+        ids_out = _grown(ids_out, ids_at + 1 + groups + var_len + (una_bits + 7) // 8)
+        ids_out[ids_at] = buckets
+        for row in range(groups):
+            ids_out[ids_at + 1 + row] = ks[row]
+        pos = ids_at + 1 + groups
+        upos = pos + var_len
+        acc, nb, uacc, unb = 0, 0, 0, 0
+        for i in range(e):
+            k = ks[group[i]]
+            g = gap[i]
+            if k:
+                pos, acc, nb = _put(ids_out, pos, acc, nb, g & ((1 << k) - 1), k)
+            upos, uacc, unb = _unary(ids_out, upos, uacc, unb, g >> k)
+        _flush(ids_out, pos, acc, nb)
+        _flush(ids_out, upos, uacc, unb)
+        ids_at += 1 + groups + var_len + (una_bits + 7) // 8
+        ids_off[r + 1] = ids_at
+
+        # the counts stream
+        region = (c_bits + 7) // 8
+        counts_out = _grown(counts_out, counts_at + region.sum())
+        upos, pos = counts_at, counts_at + region[0]
+        acc, nb, uacc, unb = 0, 0, 0, 0
+        for p in range(p0, p1):
+            upos, uacc, unb, pos, acc, nb = _gamma(counts_out, upos, uacc, unb, pos, acc, nb, heads[p - p0] + 1)
+        _flush(counts_out, upos, uacc, unb)
+        _flush(counts_out, pos, acc, nb)
+        upos, pos = counts_at + region[0] + region[1], counts_at + region[0] + region[1] + region[2]
+        acc, nb, uacc, unb = 0, 0, 0, 0
+        for p in range(p0, p1):
+            a = pos_off[p] - base
+            for i in range(a, a + heads[p - p0]):
+                upos, uacc, unb, pos, acc, nb = _gamma(counts_out, upos, uacc, unb, pos, acc, nb, sc[i] - 1)
+        _flush(counts_out, upos, uacc, unb)
+        _flush(counts_out, pos, acc, nb)
+        counts_at += region.sum()
+        counts_off[r + 1] = counts_at
+    return ids_out[:ids_at], counts_out[:counts_at]
 
 
 @_jit
-def compact_write(pos_off: np.ndarray, rec_pos: np.ndarray, places: np.ndarray, counts: np.ndarray, buckets: int,
-                  ks: np.ndarray, ids_out: np.ndarray, ids_off: np.ndarray, counts_out: np.ndarray,
-                  counts_off: np.ndarray) -> None:
-    """Pass 2: each record's streams into ids_out[ids_off[r]:...] and counts_out[counts_off[r]:...] (format
-    §4.3.2). ids: B, the 2B parameters, the gaps' low bits (the head's entries, position by position,
-    then the tail's; byte-padded), then their quotients in unary in the same order (byte-padded).
-    counts: each position's gamma(h + 1) (the lengths in unary, byte-padded, then the low bits,
-    byte-padded), then each head entry's gamma(count − 1) the same way."""
-    n = len(places)
-    sp = np.empty(n, dtype=np.int64)
-    sc = np.empty(n, dtype=np.int64)
-    heads = np.empty(len(pos_off), dtype=np.int64)
-    for r in range(len(rec_pos) - 1):
-        p0, p1 = rec_pos[r], rec_pos[r + 1]
-        _sort_record(pos_off, p0, p1, places, counts, sp, sc, heads)
-        base = pos_off[p0]
-        pos = ids_off[r]
-        ids_out[pos] = buckets
-        for i in range(2 * buckets):
-            ids_out[pos + 1 + i] = ks[r, i]
-        pos += 1 + 2 * buckets
-        for unary in range(2):  # the low bits, then the quotients
-            acc, nb = np.uint64(0), np.uint64(0)
-            for part in range(2):
-                for p in range(p0, p1):
-                    a, b = pos_off[p] - base, pos_off[p + 1] - base
-                    h = heads[p - p0]
-                    lo, hi = (a, a + h) if part == 0 else (a + h, b)
-                    prev = -1
-                    for i in range(lo, hi):
-                        g = sp[i] - prev - 1
-                        prev = sp[i]
-                        k = ks[r, part * buckets + _bucket(i - lo, hi - lo, buckets)]
-                        if unary:
-                            pos, acc, nb = _unary(ids_out, pos, acc, nb, g >> k)
-                        elif k:
-                            mask = (np.uint64(1) << np.uint64(k)) - np.uint64(1)
-                            pos, acc, nb = _put(ids_out, pos, acc, nb, np.uint64(g) & mask, np.uint64(k))
-            pos = _flush(ids_out, pos, acc, nb)
-
-        pos = counts_off[r]
-        for unary in (1, 0):  # gamma(h + 1) of each position
-            acc, nb = np.uint64(0), np.uint64(0)
-            for p in range(p0, p1):
-                pos, acc, nb = _gamma_part(counts_out, pos, acc, nb, heads[p - p0] + 1, unary)
-            pos = _flush(counts_out, pos, acc, nb)
-        for unary in (1, 0):  # then gamma(count − 1) of each head entry
-            acc, nb = np.uint64(0), np.uint64(0)
-            for p in range(p0, p1):
-                a = pos_off[p] - base
-                for i in range(a, a + heads[p - p0]):
-                    pos, acc, nb = _gamma_part(counts_out, pos, acc, nb, sc[i] - 1, unary)
-            pos = _flush(counts_out, pos, acc, nb)
+def _rice_ks(gap: np.ndarray, group: np.ndarray, e: int, size: np.ndarray, total: np.ndarray, cost: np.ndarray,
+             ks: np.ndarray) -> None:
+    """Each group's Rice parameter: the k minimising C(k) = n·(k + 1) + Σ gap >> k over its gaps, the
+    smallest on ties (0 for no gaps); on return cost[g, 1] = Σ gap >> k at that k. C is convex
+    (C(k + 1) − C(k) = n − Σ ceil((gap >> k) / 2) never falls), so from log2 of the mean gap, a pass
+    over the gaps costing k − 1, k and k + 1 for every group shows which way each must go, if any:
+    most are there after one pass."""
+    groups = len(size)
+    for row in range(groups):
+        ks[row] = max(_bit_length(total[row] // size[row]) - 1, 0) if size[row] else 0
+    moving = True
+    while moving:
+        cost[:, :] = 0
+        for i in range(e):
+            row, g = group[i], gap[i]
+            k = ks[row]
+            if k:
+                cost[row, 0] += g >> (k - 1)
+            cost[row, 1] += g >> k
+            cost[row, 2] += g >> (k + 1)
+        moving = False
+        for row in range(groups):
+            n, k = size[row], ks[row]
+            here = n * (k + 1) + cost[row, 1]
+            if k and n * k + cost[row, 0] <= here:
+                ks[row] = k - 1
+                moving = True
+            elif n * (k + 2) + cost[row, 2] < here:
+                ks[row] = k + 1
+                moving = True
 
 
-@_jit
-def _gamma_part(out: np.ndarray, pos: int, acc: np.uint64, nb: np.uint64, v: int, unary: int
-                ) -> tuple[int, np.uint64, np.uint64]:
-    """Elias gamma of v ≥ 1, split: its length L = bit_length(v) − 1 in unary, or its low L bits."""
+@_inline
+def _gamma(out: np.ndarray, upos: int, uacc: int, unb: int, pos: int, acc: int, nb: int, v: int
+           ) -> tuple[int, int, int, int, int, int]:
+    """Elias gamma of v ≥ 1, split: its length L = bit_length(v) − 1 in unary (the first writer), its low
+    L bits (the second)."""
     length = _bit_length(v) - 1
-    if unary:
-        return _unary(out, pos, acc, nb, length)
+    upos, uacc, unb = _unary(out, upos, uacc, unb, length)
     if length:
-        return _put(out, pos, acc, nb, np.uint64(v - (1 << length)), np.uint64(length))
-    return pos, acc, nb
+        pos, acc, nb = _put(out, pos, acc, nb, v - (1 << length), length)
+    return upos, uacc, unb, pos, acc, nb
