@@ -22,6 +22,7 @@ Nothing here knows about Arrow: `records.py` stores the byte strings these funct
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -56,47 +57,38 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 def pack_bits_many(values: np.ndarray, counts: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """`pack_bits` of many records at once: `values` holds the records' values end to end, record r's
     `counts[r]` of them; returns (data, offsets), record r's stream (padded to a whole byte, as
-    `pack_bits` pads it) being data[offsets[r]:offsets[r + 1]].
+    `pack_bits` pads it) being data[offsets[r]:offsets[r + 1]]."""
+    return _pack_many(np.asarray(values).reshape(-1), counts, bits, 0)
 
-    64 values of `bits` bits fill exactly `bits` 64-bit words, so each record's values are laid in
-    rows of 64 (the last row padded with zeros) and every row is packed at once, one column of
-    values at a time: three whole-array operations per column, over a cache-sized block of rows."""
+
+def _pack_many(values: np.ndarray, counts: np.ndarray, bits: int, mode: int, q: LogprobQuantizer | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_bits_many` by the compiled packer (`store.encode_kernels.pack_fixed`) of values that it first
+    maps (`mode`: as they are, top-k ids, or log-probs quantised by `q`)."""
+    # (imported here: numba takes 0.2 s to import, which only writing needs)
+    from potstill.store import encode_kernels as ek
+
     if not 1 <= bits <= MAX_BITS:
         raise StoreError(f"cannot pack {bits}-bit values (1..{MAX_BITS})")
-    v = np.asarray(values).reshape(-1)
-    if len(v) and int(v.max()) >> bits:
-        raise StoreError(f"value {int(v.max())} does not fit in {bits} bits")
     counts = np.asarray(counts, dtype=np.int64)
-    lengths = (counts * bits + 7) // 8
-    offsets = _csr(lengths)
-    rows = (counts + 63) // 64
-    row_base = _csr(rows)
-    exact = bool(np.all(counts % 64 == 0))
-    if exact:
-        grid = v.reshape(-1, 64)
-    else:  # each record from a row of its own
-        grid = np.zeros((int(row_base[-1]), 64), dtype=v.dtype)
-        rec = np.repeat(np.arange(len(counts)), counts)
-        grid.reshape(-1)[row_base[rec] * 64 + np.arange(len(v)) - _csr(counts)[rec]] = v
-    packed = np.zeros((len(grid), bits), dtype="<u8")
-    for lo in range(0, len(grid), PACK_BLOCK_ROWS):
-        block = grid[lo : lo + PACK_BLOCK_ROWS].astype(np.uint64)
-        out = packed[lo : lo + PACK_BLOCK_ROWS]
-        for j in range(64):
-            at = j * bits
-            word, shift = at >> 6, at & 63
-            out[:, word] |= block[:, j] << np.uint64(shift)
-            if shift + bits > 64:
-                out[:, word + 1] |= block[:, j] >> np.uint64(64 - shift)
-    data = packed.view(np.uint8).reshape(-1)
-    if exact and np.all(lengths == rows * 8 * bits):
-        return data, offsets
-    starts = row_base[:-1] * 8 * bits  # each record's first `lengths[r]` bytes of its rows
-    owner = np.repeat(np.arange(len(counts)), lengths)
-    return data[starts[owner] + np.arange(int(offsets[-1])) - offsets[:-1][owner]], offsets
+    offsets = _csr((counts * bits + 7) // 8)
+    out = np.empty(int(offsets[-1]), dtype=np.uint8)
+    table = np.zeros(0, np.int64)
+    if mode == ek.LOGPROBS and values.dtype == np.float16:  # a float16's code from a table of all 65,536
+        mode, values, table = ek.HALF_CODES, values.view(np.uint16), _half_codes(q)
+    elif mode == ek.LOGPROBS:
+        values = values.astype(np.float32, copy=False)
+    lo, step = (float(q.lo), q.step) if q is not None else (0.0, 1.0)
+    bad = ek.pack_fixed(np.ascontiguousarray(values), counts, bits, mode, lo, step, table, out, offsets)
+    if bad >= 0:
+        raise StoreError(f"value {values[bad]} does not fit in {bits} bits")
+    return out, offsets
 
 
-PACK_BLOCK_ROWS = 1 << 11
+@functools.cache
+def _half_codes(q: LogprobQuantizer) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # (the NaN halves: code 0, as any NaN)
+        return q.encode(np.arange(1 << 16, dtype=np.uint16).view(np.float16)).astype(np.int64)
 
 
 def unpack_bits(data: np.ndarray, count: int, bits: int) -> np.ndarray:
@@ -291,23 +283,22 @@ def _split_positions(counts: np.ndarray, entries: int, positions: int, samples: 
 
 def encode_topk_many(ids: np.ndarray, logprobs: np.ndarray, positions: np.ndarray, id_bits: int, q: LogprobQuantizer
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`encode_topk` of many records at once: [P, K] ids and log-probs of the records' positions end to end
-    (record r's: `positions[r]` rows) -> (ids data, ids offsets, log-prob data, log-prob offsets). A few
-    records at a time, so that the quantiser's float64 temporaries stay small."""
-    positions = np.asarray(positions, dtype=np.int64)
+    """`encode_topk` of many records at once: [P, K] ids and log-probs (float16 or float32) of the records'
+    positions end to end (record r's: `positions[r]` rows) -> (ids data, ids offsets, log-prob data,
+    log-prob offsets)."""
+    from potstill.store import encode_kernels as ek
+
     k = ids.shape[1] if ids.ndim == 2 else 0
-    row = _csr(positions)
-    ids_parts, lp_parts = [], []
-    r0 = 0
-    while r0 < len(positions):
-        r1 = min(max(int(np.searchsorted(row, row[r0] + PACK_BLOCK_ROWS, side="right")) - 1, r0 + 1), len(positions))
-        block_ids, block_lp = ids[row[r0] : row[r1]], logprobs[row[r0] : row[r1]]
-        ids_parts.append(pack_bits_many(np.where(block_ids < 0, 0, block_ids), positions[r0:r1] * k, id_bits)[0])
-        lp_parts.append(pack_bits_many(q.encode(np.asarray(block_lp, dtype=np.float32)), positions[r0:r1] * k, q.bits)[0])
-        r0 = r1
-    empty = np.zeros(0, dtype=np.uint8)
-    return (np.concatenate(ids_parts) if ids_parts else empty, _csr((positions * k * id_bits + 7) // 8),
-            np.concatenate(lp_parts) if lp_parts else empty, _csr((positions * k * q.bits + 7) // 8))
+    values = np.asarray(positions, dtype=np.int64) * k
+    return (*_pack_many(ids.reshape(-1), values, id_bits, ek.IDS),
+            *_pack_many(np.asarray(logprobs).reshape(-1), values, q.bits, ek.LOGPROBS, q))
+
+
+def encode_logprobs_many(logprobs: np.ndarray, counts: np.ndarray, q: LogprobQuantizer) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_bits_many` of log-probs' codes (`LogprobQuantizer.encode`), quantised as they are packed."""
+    from potstill.store import encode_kernels as ek
+
+    return _pack_many(np.asarray(logprobs).reshape(-1), counts, q.bits, ek.LOGPROBS, q)
 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, id_bits: int, q: LogprobQuantizer) -> tuple[np.ndarray, np.ndarray]:

@@ -21,80 +21,7 @@ _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
 
 
-# -- fixed-width packing (packed codec) -------------------------------------------------------------------
-@_jit
-def pack_fixed(values: np.ndarray, counts: np.ndarray, bits: int, out: np.ndarray, offsets: np.ndarray) -> int:
-    """Record r's `counts[r]` values (unsigned, < 2**bits) into out[offsets[r]:offsets[r + 1]], each record's
-    stream padded to a whole byte. Returns the index of a value that does not fit, or -1."""
-    limit = np.uint64(1) << np.uint64(bits)
-    at = 0
-    for r in range(len(counts)):
-        pos = offsets[r]
-        acc = np.uint64(0)
-        nb = np.uint64(0)
-        for i in range(at, at + counts[r]):
-            v = np.uint64(values[i])
-            if v >= limit:
-                return i
-            acc |= v << nb
-            nb += np.uint64(bits)
-            while nb >= 8:
-                out[pos] = np.uint8(acc & np.uint64(0xFF))
-                pos += 1
-                acc >>= np.uint64(8)
-                nb -= np.uint64(8)
-        if nb > 0:
-            out[pos] = np.uint8(acc & np.uint64(0xFF))
-        at += counts[r]
-    return -1
-
-
-@_jit
-def quantize(logprobs: np.ndarray, lo: float, step: float, out: np.ndarray) -> None:
-    """`LogprobQuantizer.encode` in place of its float64 temporaries: the same float64 arithmetic per value
-    (clip to [lo, 0], minus lo, over step, rounded half to even, plus 1; −inf and NaN give code 0)."""
-    for i in range(len(logprobs)):
-        lp = np.float64(logprobs[i])
-        if np.isnan(lp) or lp == -np.inf:
-            out[i] = 0
-        else:
-            out[i] = np.uint32(1.0 + np.rint((min(max(lp, lo), 0.0) - lo) / step))
-
-
-@_jit
-def clamp_ids(ids: np.ndarray, out: np.ndarray) -> None:
-    """Top-k ids with an empty slot's −1 stored as 0 (its log-prob code 0 marks it)."""
-    for i in range(len(ids)):
-        out[i] = 0 if ids[i] < 0 else ids[i]
-
-
-# -- compact coding of sampled draws (§4.3.2) -------------------------------------------------------------
-@_inline
-def _sort_record(pos_off: np.ndarray, p0: int, p1: int, ids: np.ndarray, table: np.ndarray, counts: np.ndarray,
-                 sp: np.ndarray, sc: np.ndarray, heads: np.ndarray) -> None:
-    """A record's entries, position by position, in (part, place) order into sp (places) and sc (counts),
-    each position at its own entries' slice; heads[p - p0]: how many have a count ≥ 2 (the head).
-    An id's place is table[id] (ids as they are where the table is empty)."""
-    base = pos_off[p0]
-    for p in range(p0, p1):
-        a, b = pos_off[p] - base, pos_off[p + 1] - base
-        h = 0
-        for i in range(a, b):  # insertion sort on (tail?, place): positions hold a few dozen entries
-            pl = table[ids[base + i]] if len(table) else np.int64(ids[base + i])
-            c = np.int64(counts[base + i])
-            tail = 1 if c == 1 else 0
-            j = i
-            while j > a:
-                t = 1 if sc[j - 1] == 1 else 0
-                if t < tail or (t == tail and sp[j - 1] <= pl):
-                    break
-                sp[j], sc[j] = sp[j - 1], sc[j - 1]
-                j -= 1
-            sp[j], sc[j] = pl, c
-            h += 1 - tail
-        heads[p - p0] = h
-
-
+# -- bit writing ------------------------------------------------------------------------------------------
 @_inline
 def _put(out: np.ndarray, pos: int, acc: int, nb: int, v: int, w: int) -> tuple[int, int, int]:
     """v (< 2**w, w ≤ 32) after the buffer's nb (< 8) bits; whole bytes go out."""
@@ -122,6 +49,74 @@ def _flush(out: np.ndarray, pos: int, acc: int, nb: int) -> None:
     """The last, partial byte of a region (zero-padded)."""
     if nb > 0:
         out[pos] = acc & 0xFF
+
+
+# -- fixed-width packing (packed codec) -------------------------------------------------------------------
+# What is packed (`mode`): the values as they are; top-k ids (an empty slot's −1 stored as 0); or float32
+# log-probs quantised (`LogprobQuantizer.encode`: the same float64 arithmetic per value, clipped to
+# [lo, 0], minus lo, over step, rounded half to even, plus 1; −inf and NaN give code 0), or float16
+# log-probs' bits looked up in a table of their codes.
+VALUES, IDS, LOGPROBS, HALF_CODES = 0, 1, 2, 3
+
+
+@_inline
+def _value(x: float, mode: int, lo: float, step: float, table: np.ndarray) -> int:
+    if mode == IDS:
+        return 0 if x < 0 else np.int64(x)
+    if mode == LOGPROBS:
+        lp = np.float64(x)
+        if np.isnan(lp) or lp == -np.inf:
+            return 0
+        return np.int64(1.0 + np.rint((min(max(lp, lo), 0.0) - lo) / step))
+    if mode == HALF_CODES:
+        return table[np.int64(x)]
+    return np.int64(x)  # (a uint64 above 2**63 turns negative: refused as not fitting)
+
+
+@_jit
+def pack_fixed(values: np.ndarray, counts: np.ndarray, bits: int, mode: int, lo: float, step: float,
+               table: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> int:
+    """Record r's `counts[r]` values (`mode`, above) into out[offsets[r]:offsets[r + 1]] in `bits` bits each,
+    least significant bit first, each record's stream padded to a whole byte. Returns the index of a
+    value that is negative or does not fit, or -1."""
+    at = 0
+    for r in range(len(counts)):
+        pos, acc, nb = offsets[r], 0, 0
+        for i in range(at, at + counts[r]):
+            v = _value(values[i], mode, lo, step, table)
+            if v < 0 or v >> bits:
+                return i
+            pos, acc, nb = _put(out, pos, acc, nb, v, bits)
+        _flush(out, pos, acc, nb)
+        at += counts[r]
+    return -1
+
+
+# -- compact coding of sampled draws (§4.3.2) -------------------------------------------------------------
+@_inline
+def _sort_record(pos_off: np.ndarray, p0: int, p1: int, ids: np.ndarray, table: np.ndarray, counts: np.ndarray,
+                 sp: np.ndarray, sc: np.ndarray, heads: np.ndarray) -> None:
+    """A record's entries, position by position, in (part, place) order into sp (places) and sc (counts),
+    each position at its own entries' slice; heads[p - p0]: how many have a count ≥ 2 (the head).
+    An id's place is table[id] (ids as they are where the table is empty)."""
+    base = pos_off[p0]
+    for p in range(p0, p1):
+        a, b = pos_off[p] - base, pos_off[p + 1] - base
+        h = 0
+        for i in range(a, b):  # insertion sort on (tail?, place): positions hold a few dozen entries
+            pl = table[ids[base + i]] if len(table) else np.int64(ids[base + i])
+            c = np.int64(counts[base + i])
+            tail = 1 if c == 1 else 0
+            j = i
+            while j > a:
+                t = 1 if sc[j - 1] == 1 else 0
+                if t < tail or (t == tail and sp[j - 1] <= pl):
+                    break
+                sp[j], sc[j] = sp[j - 1], sc[j - 1]
+                j -= 1
+            sp[j], sc[j] = pl, c
+            h += 1 - tail
+        heads[p - p0] = h
 
 
 @_inline

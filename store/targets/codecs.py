@@ -28,11 +28,11 @@ from potstill.store.codec import (
     decode_sampled,
     decode_sampled_compact,
     decode_topk,
+    encode_logprobs_many,
     encode_sampled,
     encode_sampled_compact,
     encode_sampled_compact_many,
     encode_topk_many,
-    pack_bits_many,
     unpack_bits,
     unpack_bits_shard,
 )
@@ -333,7 +333,7 @@ class PackedCodec(Codec):
             columns["topk_ids_packed"] = bytes_column(ids_data, ids_off)
             columns["topk_logprobs_packed"] = bytes_column(lp_data, lp_off)
         token_lp = concat([r.token_logprob for r in records], np.dtype(np.float32))  # type: ignore[misc]
-        columns["token_logprob_packed"] = bytes_column(*pack_bits_many(q.encode(token_lp), scored, q.bits))
+        columns["token_logprob_packed"] = bytes_column(*encode_logprobs_many(token_lp, scored, q))
         if kind.holds_tail:
             columns["tail_logprob"] = list_array(concat([r.tail_logprob for r in records], np.dtype(np.float32)),  # type: ignore[misc]
                                                  [r.num_scored for r in records])
