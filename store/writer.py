@@ -243,17 +243,17 @@ def _write_batch_file(path: str, batch: pa.RecordBatch) -> tuple[int, str]:
     """Serialise `batch` as an Arrow IPC file straight into the local file `path` and fsync it; returns its
     size and sha256. No copy of the file is made in memory: each piece the IPC writer hands over (the
     columns' own buffers) is hashed and written, and the disk is asked to start writing it at once
-    (`_HashedFile`), so the disk works while the rest is hashed and written, and the fsync at the end
+    (`HashedFile`), so the disk works while the rest is hashed and written, and the fsync at the end
     waits only for the last pieces."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _HashedFile(path) as out:
+    with HashedFile(path) as out:
         with pa.ipc.new_file(out, batch.schema) as ipc_writer:
             ipc_writer.write_batch(batch)
         os.fsync(out.fd)
     return out.size, out.sha256.hexdigest()
 
 
-class _HashedFile:
+class HashedFile:
     """A write-only local file for pyarrow's IPC writer that hashes what it writes and starts the disk's
     writeback every `KICK` bytes (`sync_file_range`, where the platform has it: a hint, the fsync
     after is what makes the file durable)."""
@@ -293,7 +293,7 @@ class _HashedFile:
             self.closed = True
             os.close(self.fd)
 
-    def __enter__(self) -> _HashedFile:
+    def __enter__(self) -> HashedFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
