@@ -5,7 +5,8 @@ compact coding of sampled draws (§4.3.2).
   distribution, kept as the distinct ids with their counts (`SampledTargets`, CSR layout).
 - **Bit packing**: unsigned integers of `bits` bits each, concatenated least significant bit
   first into bytes (value i occupies stream bits [i·bits, (i+1)·bits); stream bit j is bit j mod 8
-  of byte j // 8). `pack_bits` / `unpack_bits`, both vectorised numpy.
+  of byte j // 8). `pack_bits` / `unpack_bits`, vectorised numpy; a shard's records are packed at
+  once by the compiled packer (`pack_bits_many`, `encode_topk_many`: `store.encode_kernels`).
 - **Log-prob quantisation** (`LogprobQuantizer`): uniform, `bits` bits, over [lo, 0]. Code 0 means
   −inf (an empty top-k slot); code c ≥ 1 means lo + (c − 1)·step with step = −lo / (2^bits − 2).
   A value in [lo, 0] reads back within step / 2 (plus float32 rounding); a value below lo reads
@@ -15,7 +16,10 @@ compact coding of sampled draws (§4.3.2).
   position's entries split into head (count ≥ 2) and tail (count 1, no count stored), ids replaced
   by their place in the store's frequency order (`IdOrder`) and stored as Rice-coded gaps with a
   parameter per part and rank bucket, counts Elias-gamma-coded; each code split into a fixed-width
-  stream and a unary stream so that decoding stays vectorised.
+  stream and a unary stream so that decoding stays vectorised. The writer codes a shard's records
+  with the compiled coder (`encode_sampled_compact_many`, `store.encode_kernels`); the numpy
+  one-record coders below (`pack_varbits`, `pack_unary`, `_gamma_stream`, `_rice_k`) are the
+  reference the tests check it and the decoders against.
 
 Nothing here knows about Arrow: `records.py` stores the byte strings these functions make.
 """
