@@ -5,7 +5,8 @@ compact coding of sampled draws (§4.3.2).
   distribution, kept as the distinct ids with their counts (`SampledTargets`, CSR layout).
 - **Bit packing**: unsigned integers of `bits` bits each, concatenated least significant bit
   first into bytes (value i occupies stream bits [i·bits, (i+1)·bits); stream bit j is bit j mod 8
-  of byte j // 8). `pack_bits` / `unpack_bits`, both vectorised numpy.
+  of byte j // 8). `pack_bits` / `unpack_bits`, vectorised numpy; a shard's records are packed at
+  once by the compiled packer (`pack_bits_many`, `encode_topk_many`: `store.encode_kernels`).
 - **Log-prob quantisation** (`LogprobQuantizer`): uniform, `bits` bits, over [lo, 0]. Code 0 means
   −inf (an empty top-k slot); code c ≥ 1 means lo + (c − 1)·step with step = −lo / (2^bits − 2).
   A value in [lo, 0] reads back within step / 2 (plus float32 rounding); a value below lo reads
@@ -15,13 +16,17 @@ compact coding of sampled draws (§4.3.2).
   position's entries split into head (count ≥ 2) and tail (count 1, no count stored), ids replaced
   by their place in the store's frequency order (`IdOrder`) and stored as Rice-coded gaps with a
   parameter per part and rank bucket, counts Elias-gamma-coded; each code split into a fixed-width
-  stream and a unary stream so that decoding stays vectorised.
+  stream and a unary stream so that decoding stays vectorised. The writer codes a shard's records
+  with the compiled coder (`encode_sampled_compact_many`, `store.encode_kernels`); the numpy
+  one-record coders below (`pack_varbits`, `pack_unary`, `_gamma_stream`, `_rice_k`) are the
+  reference the tests check it and the decoders against.
 
 Nothing here knows about Arrow: `records.py` stores the byte strings these functions make.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -56,47 +61,38 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 def pack_bits_many(values: np.ndarray, counts: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """`pack_bits` of many records at once: `values` holds the records' values end to end, record r's
     `counts[r]` of them; returns (data, offsets), record r's stream (padded to a whole byte, as
-    `pack_bits` pads it) being data[offsets[r]:offsets[r + 1]].
+    `pack_bits` pads it) being data[offsets[r]:offsets[r + 1]]."""
+    return _pack_many(np.asarray(values).reshape(-1), counts, bits, 0)
 
-    64 values of `bits` bits fill exactly `bits` 64-bit words, so each record's values are laid in
-    rows of 64 (the last row padded with zeros) and every row is packed at once, one column of
-    values at a time: three whole-array operations per column, over a cache-sized block of rows."""
+
+def _pack_many(values: np.ndarray, counts: np.ndarray, bits: int, mode: int, q: LogprobQuantizer | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_bits_many` by the compiled packer (`store.encode_kernels.pack_fixed`) of values that it first
+    maps (`mode`: as they are, top-k ids, or log-probs quantised by `q`)."""
+    # (imported here: numba takes 0.2 s to import, which only writing needs)
+    from potstill.store import encode_kernels as ek
+
     if not 1 <= bits <= MAX_BITS:
         raise StoreError(f"cannot pack {bits}-bit values (1..{MAX_BITS})")
-    v = np.asarray(values).reshape(-1)
-    if len(v) and int(v.max()) >> bits:
-        raise StoreError(f"value {int(v.max())} does not fit in {bits} bits")
     counts = np.asarray(counts, dtype=np.int64)
-    lengths = (counts * bits + 7) // 8
-    offsets = _csr(lengths)
-    rows = (counts + 63) // 64
-    row_base = _csr(rows)
-    exact = bool(np.all(counts % 64 == 0))
-    if exact:
-        grid = v.reshape(-1, 64)
-    else:  # each record from a row of its own
-        grid = np.zeros((int(row_base[-1]), 64), dtype=v.dtype)
-        rec = np.repeat(np.arange(len(counts)), counts)
-        grid.reshape(-1)[row_base[rec] * 64 + np.arange(len(v)) - _csr(counts)[rec]] = v
-    packed = np.zeros((len(grid), bits), dtype="<u8")
-    for lo in range(0, len(grid), PACK_BLOCK_ROWS):
-        block = grid[lo : lo + PACK_BLOCK_ROWS].astype(np.uint64)
-        out = packed[lo : lo + PACK_BLOCK_ROWS]
-        for j in range(64):
-            at = j * bits
-            word, shift = at >> 6, at & 63
-            out[:, word] |= block[:, j] << np.uint64(shift)
-            if shift + bits > 64:
-                out[:, word + 1] |= block[:, j] >> np.uint64(64 - shift)
-    data = packed.view(np.uint8).reshape(-1)
-    if exact and np.all(lengths == rows * 8 * bits):
-        return data, offsets
-    starts = row_base[:-1] * 8 * bits  # each record's first `lengths[r]` bytes of its rows
-    owner = np.repeat(np.arange(len(counts)), lengths)
-    return data[starts[owner] + np.arange(int(offsets[-1])) - offsets[:-1][owner]], offsets
+    offsets = _csr((counts * bits + 7) // 8)
+    out = np.empty(int(offsets[-1]), dtype=np.uint8)
+    table = np.zeros(0, np.int64)
+    if mode == ek.LOGPROBS and values.dtype == np.float16:  # a float16's code from a table of all 65,536
+        mode, values, table = ek.HALF_CODES, values.view(np.uint16), _half_codes(q)
+    elif mode == ek.LOGPROBS:
+        values = values.astype(np.float32, copy=False)
+    lo, step = (float(q.lo), q.step) if q is not None else (0.0, 1.0)
+    bad = ek.pack_fixed(np.ascontiguousarray(values), counts, bits, mode, lo, step, table, out, offsets)
+    if bad >= 0:
+        raise StoreError(f"value {values[bad]} does not fit in {bits} bits")
+    return out, offsets
 
 
-PACK_BLOCK_ROWS = 1 << 11
+@functools.cache
+def _half_codes(q: LogprobQuantizer) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # (the NaN halves: code 0, as any NaN)
+        return q.encode(np.arange(1 << 16, dtype=np.uint16).view(np.float16)).astype(np.int64)
 
 
 def unpack_bits(data: np.ndarray, count: int, bits: int) -> np.ndarray:
@@ -291,23 +287,22 @@ def _split_positions(counts: np.ndarray, entries: int, positions: int, samples: 
 
 def encode_topk_many(ids: np.ndarray, logprobs: np.ndarray, positions: np.ndarray, id_bits: int, q: LogprobQuantizer
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`encode_topk` of many records at once: [P, K] ids and log-probs of the records' positions end to end
-    (record r's: `positions[r]` rows) -> (ids data, ids offsets, log-prob data, log-prob offsets). A few
-    records at a time, so that the quantiser's float64 temporaries stay small."""
-    positions = np.asarray(positions, dtype=np.int64)
+    """`encode_topk` of many records at once: [P, K] ids and log-probs (float16 or float32) of the records'
+    positions end to end (record r's: `positions[r]` rows) -> (ids data, ids offsets, log-prob data,
+    log-prob offsets)."""
+    from potstill.store import encode_kernels as ek
+
     k = ids.shape[1] if ids.ndim == 2 else 0
-    row = _csr(positions)
-    ids_parts, lp_parts = [], []
-    r0 = 0
-    while r0 < len(positions):
-        r1 = min(max(int(np.searchsorted(row, row[r0] + PACK_BLOCK_ROWS, side="right")) - 1, r0 + 1), len(positions))
-        block_ids, block_lp = ids[row[r0] : row[r1]], logprobs[row[r0] : row[r1]]
-        ids_parts.append(pack_bits_many(np.where(block_ids < 0, 0, block_ids), positions[r0:r1] * k, id_bits)[0])
-        lp_parts.append(pack_bits_many(q.encode(np.asarray(block_lp, dtype=np.float32)), positions[r0:r1] * k, q.bits)[0])
-        r0 = r1
-    empty = np.zeros(0, dtype=np.uint8)
-    return (np.concatenate(ids_parts) if ids_parts else empty, _csr((positions * k * id_bits + 7) // 8),
-            np.concatenate(lp_parts) if lp_parts else empty, _csr((positions * k * q.bits + 7) // 8))
+    values = np.asarray(positions, dtype=np.int64) * k
+    return (*_pack_many(ids.reshape(-1), values, id_bits, ek.IDS),
+            *_pack_many(np.asarray(logprobs).reshape(-1), values, q.bits, ek.LOGPROBS, q))
+
+
+def encode_logprobs_many(logprobs: np.ndarray, counts: np.ndarray, q: LogprobQuantizer) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_bits_many` of log-probs' codes (`LogprobQuantizer.encode`), quantised as they are packed."""
+    from potstill.store import encode_kernels as ek
+
+    return _pack_many(np.asarray(logprobs).reshape(-1), counts, q.bits, ek.LOGPROBS, q)
 
 
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, id_bits: int, q: LogprobQuantizer) -> tuple[np.ndarray, np.ndarray]:
@@ -548,188 +543,34 @@ def encode_compact_places(t: SampledTargets, places: np.ndarray, buckets: int = 
 def encode_sampled_compact_many(targets: list[SampledTargets], id_order: IdOrder | None = None,
                                  buckets: int = RANK_BUCKETS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`encode_sampled_compact` of many records at once: (ids data, ids offsets, counts data, counts
-    offsets), record r's streams being data[offsets[r]:offsets[r + 1]]. The same bytes, coded a few
-    records at a time (`COMPACT2_BLOCK_ENTRIES` entries): whole-array numpy passes over a block that
-    stays in the CPU's cache, ~2x faster than over a whole shard and than record by record."""
-    ids_parts, counts_parts, ids_lens, counts_lens = [], [], [], []
-    start = 0
-    while start < len(targets):
-        end, size = start, 0
-        while end < len(targets) and (end == start or size + len(targets[end].ids) <= COMPACT2_BLOCK_ENTRIES):
-            size += len(targets[end].ids)
-            end += 1
-        block = targets[start:end]
-        ids = np.concatenate([t.ids for t in block])
-        places = id_order.rank(ids) if id_order is not None else ids.astype(np.int64)
-        ids_data, ids_off, counts_data, counts_off = encode_compact_many(block, places, buckets)
-        ids_parts.append(ids_data)
-        counts_parts.append(counts_data)
-        ids_lens.append(np.diff(ids_off))
-        counts_lens.append(np.diff(counts_off))
-        start = end
-    if not targets:
-        return np.zeros(0, np.uint8), np.zeros(1, np.int64), np.zeros(0, np.uint8), np.zeros(1, np.int64)
-    return (np.concatenate(ids_parts), _csr(np.concatenate(ids_lens)),
-            np.concatenate(counts_parts), _csr(np.concatenate(counts_lens)))
-
-
-COMPACT2_BLOCK_ENTRIES = 1 << 14
+    offsets), record r's streams being data[offsets[r]:offsets[r + 1]]."""
+    ids = np.concatenate([t.ids for t in targets]) if targets else np.zeros(0, np.int64)
+    if id_order is not None and id_order.place_of is not None:  # the coder looks the places up itself
+        return _compact_many(targets, ids, id_order.place_of, buckets)
+    return encode_compact_many(targets, id_order.rank(ids) if id_order is not None else ids, buckets)
 
 
 def encode_compact_many(targets: list[SampledTargets], places: np.ndarray, buckets: int = RANK_BUCKETS
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The compact streams (format §4.3.2, `encode_sampled_compact`) of many records, each entry's place
-    given (`places`: the records' entries concatenated).
-
-    Every record's entries are sorted at once by (record, part, position, place); each (record, part,
-    rank bucket) gets its Rice parameter (`_rice_ks`); then every field's bit position in the output
-    follows from running sums, and the fields are OR-ed into 64-bit words (`_scatter_bits`)."""
-    n_rec = len(targets)
-    positions = np.array([t.num_positions for t in targets], dtype=np.int64)
-    pos_base = _csr(positions)
-    n_pos = int(pos_base[-1])
-    # entries per position: the records' offsets laid end to end, less the steps from one record to the next
-    steps = np.diff(np.concatenate([np.asarray(t.offsets, dtype=np.int64) for t in targets]))
-    per_pos = np.delete(steps, pos_base[1:-1] + np.arange(n_rec - 1))
-    ent_base = _csr(np.array([len(t.ids) for t in targets], dtype=np.int64))
-    n_ent = int(ent_base[-1])
-    pos = np.repeat(np.arange(n_pos, dtype=np.int64), per_pos)
-    rec_of_pos = np.repeat(np.arange(n_rec, dtype=np.int64), positions)
-    counts = np.concatenate([t.counts for t in targets]).astype(np.int64)
-    places = np.asarray(places, dtype=np.int64)
-    part = (counts == 1).astype(np.int64)  # 0: head (count >= 2), 1: tail (count 1)
-
-    # Sorted by (record, part, position, place) (positions are global, so the record is the position's):
-    # one sort of the key with each entry's index in its low bits, faster than an argsort.
-    rec = rec_of_pos[pos]
-    span = int(places.max()) + 1 if n_ent else 1
-    index_bits = max(n_ent - 1, 1).bit_length()
-    if (2 * n_rec * max(n_pos, 1) * span) << index_bits < 1 << 63:
-        key = (((rec * 2 + part) * n_pos + pos) * span + places) << index_bits
-        key |= np.arange(n_ent, dtype=np.int64)
-        order = np.sort(key) & ((1 << index_bits) - 1)
-    else:
-        order = np.lexsort((places, pos, part, rec))
-    pos, part, places, counts, rec = pos[order], part[order], places[order], counts[order], rec[order]
-
-    # gaps within each (part, position) group, and each entry's rank bucket in its group
-    new = np.ones(n_ent, dtype=bool)
-    np.not_equal(pos[1:], pos[:-1], out=new[1:])
-    new[1:] |= part[1:] != part[:-1]
-    starts = np.flatnonzero(new)
-    prev = np.empty(n_ent, dtype=np.int64)
-    prev[1:] = places[:-1]
-    prev[starts] = -1
-    gaps = places - prev - 1
-    group = np.cumsum(new) - 1
-    j = np.arange(n_ent, dtype=np.int64) - starts[group]
-    size = np.diff(np.append(starts, n_ent))[group]
-    rice_group = (rec * 2 + part) * buckets + np.minimum(buckets * j // size, buckets - 1)
-    ks = _rice_ks(gaps, rice_group, n_rec * 2 * buckets)
-    width = ks[rice_group]
-    quotient = gaps >> width
-
-    # ids stream of record r: 1 + 2B header bytes, the low bits (padded to a byte), the quotients in unary
-    head_len = 1 + 2 * buckets
-    var_bits, var_before = _runs(width, ent_base, rec)
-    una_bits, una_before = _runs(quotient + 1, ent_base, rec)
-    var_bytes = (var_bits + 7) // 8
-    ids_off = _csr(head_len + var_bytes + (una_bits + 7) // 8)
-    words = np.zeros(int(ids_off[-1]) // 8 + 2, dtype=np.uint64)
-    var_at = 8 * (ids_off[:-1] + head_len)
-    low = (gaps & ((np.int64(1) << width) - 1)).astype(np.uint64)
-    _scatter_bits(words, var_at[rec] + var_before, low, width)
-    una_at = 8 * (ids_off[:-1] + head_len + var_bytes)
-    _scatter_bits(words, una_at[rec] + una_before + quotient, None, None)
-    ids_data = _bytes_of(words, int(ids_off[-1]))
-    header = np.empty((n_rec, head_len), dtype=np.uint8)
-    header[:, 0] = buckets
-    header[:, 1:] = ks.reshape(n_rec, 2 * buckets)  # (record, part, bucket): the head's B, then the tail's
-    ids_data[(ids_off[:-1, None] + np.arange(head_len)).reshape(-1)] = header.reshape(-1)
-
-    # counts stream of record r: gamma(h + 1) of each position, then gamma(count − 1) of each head entry
-    head = part == 0
-    values = [np.bincount(pos[head], minlength=n_pos) + 1, counts[head] - 1]
-    owners = [rec_of_pos, rec[head]]
-    bases = [pos_base, _csr(np.bincount(owners[1], minlength=n_rec))]
-    fields = []
-    for v, owner, base in zip(values, owners, bases, strict=True):
-        length = np.floor(np.log2(v)).astype(np.int64) if len(v) else np.zeros(0, np.int64)
-        fields.append((v, owner, length, *_runs(length + 1, base, owner), *_runs(length, base, owner)))
-    region_bytes = [(bits + 7) // 8 for f in fields for bits in (f[3], f[5])]
-    counts_off = _csr(sum(region_bytes))
-    words = np.zeros(int(counts_off[-1]) // 8 + 2, dtype=np.uint64)
-    at = 8 * counts_off[:-1]
-    for i, (v, owner, length, _, una_before, _, var_before) in enumerate(fields):
-        _scatter_bits(words, at[owner] + una_before + length, None, None)
-        at = at + 8 * region_bytes[2 * i]
-        _scatter_bits(words, at[owner] + var_before, (v - (np.int64(1) << length)).astype(np.uint64), length)
-        at = at + 8 * region_bytes[2 * i + 1]
-    return ids_data, ids_off, _bytes_of(words, int(counts_off[-1])), counts_off
+    given (`places`: the records' entries concatenated)."""
+    return _compact_many(targets, np.asarray(places), np.zeros(0, np.int64), buckets)
 
 
-def _rice_ks(gaps: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    """`_rice_k` of every group of gaps at once: the k minimising C(k) = n·(k + 1) + Σ gap >> k, the
-    smallest on ties. C is convex in k (C(k + 1) − C(k) = n − Σ ceil((gap >> k) / 2) never falls), so
-    starting from log2 of the mean gap and stepping while a neighbour is no worse (left) or better
-    (right) reaches it in a few whole-array passes."""
-    n = np.bincount(group, minlength=n_groups).astype(np.float64)
-    if len(gaps) and float(gaps.max()) * len(gaps) >= 2.0**53:  # float64 sums would round: one group at a time
-        return np.array([_rice_k(gaps[group == g]) for g in range(n_groups)], dtype=np.int64)
-    total = np.bincount(group, weights=gaps, minlength=n_groups)
-    k = np.floor(np.log2(np.maximum(total / np.maximum(n, 1), 1))).astype(np.int64)  # the optimum ~95% of the time
+def _compact_many(targets: list[SampledTargets], ids: np.ndarray, table: np.ndarray, buckets: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The compiled compact coder (`store.encode_kernels.compact_encode`) of records whose entries' places
+    are table[ids] (ids themselves where the table is empty)."""
+    from potstill.store import encode_kernels  # (here: numba takes 0.2 s to import, which only writing needs)
 
-    def cost(kk: np.ndarray, group: np.ndarray, gaps: np.ndarray) -> np.ndarray:
-        return n * (kk + 1) + np.bincount(group, weights=gaps >> kk[group], minlength=n_groups)
-
-    here = cost(k, group, gaps)
-    active = np.ones(n_groups, dtype=bool)
-    while True:  # each round over the entries of the groups that moved in the last one
-        left = cost(np.maximum(k - 1, 0), group, gaps)
-        go_left = active & (k > 0) & (left <= here)
-        right = cost(k + 1, group, gaps)
-        go_right = active & ~go_left & (right < here)
-        active = go_left | go_right
-        if not active.any():
-            return k
-        k = k - go_left + go_right
-        here = np.where(go_left, left, np.where(go_right, right, here))
-        keep = active[group]
-        group, gaps = group[keep], gaps[keep]
-
-
-def _runs(values: np.ndarray, base: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ of `values` over each record's slice base[r]:base[r + 1], the running sum of `values` before
-    each element within its record), `owner` being each element's record."""
-    c = np.zeros(len(values) + 1, dtype=np.int64)
-    np.cumsum(values, out=c[1:])
-    return c[base[1:]] - c[base[:-1]], c[:-1] - c[base[:-1]][owner]
-
-
-def _scatter_bits(words: np.ndarray, at: np.ndarray, values: np.ndarray | None, widths: np.ndarray | None) -> None:
-    """OR each value (< 2**width, width ≤ 32) into the little-endian bit stream `words` at bit `at`
-    (values None: a single 1 bit, the end of a unary code). Fields do not overlap and `at` does not
-    fall, so the values landing in one word are OR-reduced in one pass; a value crossing into the
-    next word is the only one to spill into it."""
-    if len(at) == 0:
-        return
-    word = at >> 6
-    shift = (at & 63).astype(np.uint64)
-    first = np.empty(len(word), dtype=bool)
-    first[0] = True
-    np.not_equal(word[1:], word[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    shifted = np.left_shift(np.uint64(1), shift) if values is None else values << shift
-    words[word[starts]] |= np.bitwise_or.reduceat(shifted, starts)
-    if values is None:
-        return
-    spill = (at & 63) + widths > 64
-    if spill.any():
-        words[word[spill] + 1] |= values[spill] >> (np.uint64(64) - shift[spill])
-
-
-def _bytes_of(words: np.ndarray, size: int) -> np.ndarray:
-    return words.astype("<u8", copy=False).view(np.uint8)[:size].copy()
+    rec_pos = _csr(np.array([t.num_positions for t in targets], dtype=np.int64))
+    pos_off = _csr(np.concatenate([np.diff(t.offsets) for t in targets]) if targets else np.zeros(0, np.int64))
+    counts = np.concatenate([t.counts for t in targets]) if targets else np.zeros(0, np.uint16)
+    ids_off = np.zeros(len(targets) + 1, dtype=np.int64)
+    counts_off = np.zeros(len(targets) + 1, dtype=np.int64)
+    ids_data, counts_data = encode_kernels.compact_encode(
+        pos_off, rec_pos, np.ascontiguousarray(ids), table, counts, buckets, ids_off, counts_off)
+    return ids_data, ids_off, counts_data, counts_off
 
 
 def decode_sampled_compact(

@@ -3,13 +3,13 @@ shards, and commits each shard with a commit record written last."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import secrets
 import shutil
 import socket
 import tempfile
-import threading
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -140,17 +140,17 @@ class ShardWriter:
             raise self._taken()
         prefix = f"shards/{name}"
         batch = records_to_batch(self._records, self._offsets, self.manifest)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, batch.schema) as ipc_writer:
-            ipc_writer.write_batch(batch)
-        arrow_bytes = memoryview(sink.getvalue())
         arrow_path = join(self.store.root, prefix, "records.arrow")
         if self.local:
-            digest = _write_hashed(arrow_path, arrow_bytes)
+            size, digest = _write_batch_file(arrow_path, batch)
         else:
-            digest = sha256_bytes(arrow_bytes)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, batch.schema) as ipc_writer:
+                ipc_writer.write_batch(batch)
+            arrow_bytes = memoryview(sink.getvalue())
+            size, digest = arrow_bytes.nbytes, sha256_bytes(arrow_bytes)
             write_bytes(fs, arrow_path, arrow_bytes.tobytes())
-        files = [FileEntry(f"{prefix}/records.arrow", arrow_bytes.nbytes, digest)]
+        files = [FileEntry(f"{prefix}/records.arrow", size, digest)]
         field_bytes = {f.name: batch.column(i).nbytes for i, f in enumerate(batch.schema)}
         ids_buf = ids_file_bytes([r.id for r in self._records])
         files.append(FileEntry(f"{prefix}/{IDS_FILE}", ids_buf.size, sha256_bytes(memoryview(ids_buf))))
@@ -239,30 +239,83 @@ class ShardWriter:
         self.close()
 
 
-def _write_hashed(path: str, data: memoryview) -> str:
-    """Write a whole local file, fsync it once, and return the sha256 of the bytes written: hashed from
-    memory while a second thread writes and fsyncs them (both release the GIL), so the disk's fsync
-    wait and the hashing overlap even on one core."""
+def _write_batch_file(path: str, batch: pa.RecordBatch) -> tuple[int, str]:
+    """Serialise `batch` as an Arrow IPC file straight into the local file `path` and fsync it; returns its
+    size and sha256. No copy of the file is made in memory: each piece the IPC writer hands over (the
+    columns' own buffers) is hashed and written, and the disk is asked to start writing it at once
+    (`HashedFile`), so the disk works while the rest is hashed and written, and the fsync at the end
+    waits only for the last pieces."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    failed: list[BaseException] = []
+    with HashedFile(path) as out:
+        with pa.ipc.new_file(out, batch.schema) as ipc_writer:
+            ipc_writer.write_batch(batch)
+        os.fsync(out.fd)
+    return out.size, out.sha256.hexdigest()
 
-    def write() -> None:
-        try:
-            with open(path, "wb", buffering=0) as f:
-                rest = data
-                while rest:  # a raw file may take part of what it is given
-                    rest = rest[f.write(rest) :]
-                os.fsync(f.fileno())
-        except BaseException as e:  # handed to the caller below
-            failed.append(e)
 
-    writer = threading.Thread(target=write, name="potstill-write", daemon=True)
-    writer.start()
-    digest = hashlib.sha256(data).hexdigest()
-    writer.join()
-    if failed:
-        raise failed[0]
-    return digest
+class HashedFile:
+    """A write-only local file for pyarrow's IPC writer that hashes what it writes and starts the disk's
+    writeback every `KICK` bytes (`sync_file_range`, where the platform has it: a hint, the fsync
+    after is what makes the file durable)."""
+
+    KICK = 8 << 20
+    closed = False
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.sha256 = hashlib.sha256()
+        self.size = self._kicked = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        for at in range(0, len(view), self.KICK):
+            piece = view[at : at + self.KICK]
+            self.sha256.update(piece)
+            while piece:  # a raw write may take part of what it is given
+                piece = piece[os.write(self.fd, piece) :]
+            self.size += min(self.KICK, len(view) - at)
+            if self.size - self._kicked >= self.KICK:
+                _start_writeback(self.fd, self._kicked, self.size - self._kicked)
+                self._kicked = self.size
+        return len(view)
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def __enter__(self) -> HashedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sync_file_range() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return call
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE: start writing, do not wait
 
 
 class _LocalFS:

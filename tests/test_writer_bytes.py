@@ -29,6 +29,7 @@ from potstill.store import (
 from potstill.store.codec import (
     RANK_BUCKETS,
     IdOrder,
+    LogprobQuantizer,
     SampledTargets,
     _csr,
     _gamma_stream,
@@ -37,7 +38,10 @@ from potstill.store.codec import (
     _rice_k,
     _within,
     bits_for,
+    encode_logprobs_many,
     encode_sampled_compact_many,
+    encode_topk,
+    encode_topk_many,
     pack_bits,
     pack_bits_many,
     pack_unary,
@@ -241,6 +245,28 @@ def test_packing_many_records_is_packing_each(bits):
             assert data[offsets[r] : offsets[r + 1]].tobytes() == pack_bits(values[first[r] : first[r + 1]], bits).tobytes()
     with pytest.raises(StoreError, match="does not fit"):
         pack_bits_many(np.array([1 << bits], dtype=np.uint64), np.array([1]), bits)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_the_compiled_quantiser_is_the_quantiser(dtype):
+    q = LogprobQuantizer(12, -24.0)
+    rng = np.random.default_rng(5)
+    edges = [-np.inf, np.nan, np.inf, 0.0, -0.0, 1e-3, -24.0, -24.001, -6e4, -q.step / 2, -q.step * 1.5, -q.step * 2.5]
+    lp = np.concatenate([edges, -rng.exponential(3.0, 3000), -np.arange(0, 24, q.step / 2)]).astype(dtype)
+    counts = np.array([len(edges), 1000, 0, len(lp) - len(edges) - 1000])
+    data, offsets = encode_logprobs_many(lp, counts, q)
+    first = np.concatenate([[0], np.cumsum(counts)])
+    for r in range(len(counts)):
+        want = pack_bits(q.encode(lp[first[r] : first[r + 1]].astype(np.float32)), q.bits)
+        assert data[offsets[r] : offsets[r + 1]].tobytes() == want.tobytes()
+    if dtype == np.float16:  # whole top-k rows, empty slots included
+        ids = rng.integers(-1, 300, (40, 8)).astype(np.int32)
+        rows = lp[: 320].reshape(40, 8)
+        ids_data, ids_off, lp_data, lp_off = encode_topk_many(ids, rows, np.array([0, 15, 25]), 9, q)
+        for r, (a, b) in enumerate([(0, 0), (0, 15), (15, 40)]):
+            want_ids, want_lp = encode_topk(ids[a:b], rows[a:b], 9, q)
+            assert ids_data[ids_off[r] : ids_off[r + 1]].tobytes() == want_ids.tobytes()
+            assert lp_data[lp_off[r] : lp_off[r + 1]].tobytes() == want_lp.tobytes()
 
 
 def test_the_fast_top_k_check_passes_only_what_the_full_check_passes():

@@ -28,8 +28,7 @@ from potstill.store.codec import (
     decode_sampled,
     decode_sampled_compact,
     decode_topk,
-    encode_sampled,
-    encode_sampled_compact,
+    encode_logprobs_many,
     encode_sampled_compact_many,
     encode_topk_many,
     pack_bits_many,
@@ -38,7 +37,6 @@ from potstill.store.codec import (
 )
 from potstill.store.columns import (
     bytes_column,
-    bytes_list,
     concat,
     first_bad_row,
     flat,
@@ -333,7 +331,7 @@ class PackedCodec(Codec):
             columns["topk_ids_packed"] = bytes_column(ids_data, ids_off)
             columns["topk_logprobs_packed"] = bytes_column(lp_data, lp_off)
         token_lp = concat([r.token_logprob for r in records], np.dtype(np.float32))  # type: ignore[misc]
-        columns["token_logprob_packed"] = bytes_column(*pack_bits_many(q.encode(token_lp), scored, q.bits))
+        columns["token_logprob_packed"] = bytes_column(*encode_logprobs_many(token_lp, scored, q))
         if kind.holds_tail:
             columns["tail_logprob"] = list_array(concat([r.tail_logprob for r in records], np.dtype(np.float32)),  # type: ignore[misc]
                                                  [r.num_scored for r in records])
@@ -345,12 +343,11 @@ class PackedCodec(Codec):
 
     def sampled_columns(self, sampled: list[SampledTargets], spec: TargetSpec) -> tuple[pa.Array, pa.Array]:
         """The `sampled_ids_packed` and `sampled_counts_packed` columns of validated records' draws."""
-        streams = [self.encode_sampled(t, spec) for t in sampled]
-        return bytes_list([a for a, _ in streams]), bytes_list([b for _, b in streams])
-
-    def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
-        """(ids stream, counts stream) of a record's sampled targets."""
-        return encode_sampled(t, int(spec.id_bits or 0), int(spec.count_bits or 0))
+        entries = np.array([len(t.ids) for t in sampled], dtype=np.int64)
+        ids = concat([t.ids for t in sampled], np.dtype(np.int32))
+        counts = concat([t.counts for t in sampled], np.dtype(np.uint16))
+        return (bytes_column(*pack_bits_many(ids, entries, int(spec.id_bits or 0))),
+                bytes_column(*pack_bits_many(counts, entries, int(spec.count_bits or 0))))
 
     def decode_sampled(self, ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int,
                        spec: TargetSpec) -> SampledTargets:
@@ -535,9 +532,6 @@ class CompactCodec(PackedCodec):
         if spec.id_order:
             out["id_order"] = list(spec.id_order)
         return out
-
-    def encode_sampled(self, t: SampledTargets, spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
-        return encode_sampled_compact(t, spec.id_order_map)
 
     def sampled_columns(self, sampled: list[SampledTargets], spec: TargetSpec) -> tuple[pa.Array, pa.Array]:
         ids, ids_off, counts, counts_off = encode_sampled_compact_many(sampled, spec.id_order_map)
