@@ -211,11 +211,6 @@ def bytes_column(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(data))
 
 
-def bytes_list(parts: list[np.ndarray]) -> pa.Array:
-    """One list<uint8> row per record from each record's byte stream."""
-    return list_array(concat(parts, np.dtype(np.uint8)), [len(p) for p in parts])
-
-
 def numpy_view(arr: pa.Array) -> np.ndarray:
     """A zero-copy numpy view of a primitive Arrow array without nulls. pyarrow's own `to_numpy`
     imports pandas on its first call, 0.5 s in every loader process before its first batch."""
