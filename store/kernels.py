@@ -24,12 +24,19 @@ _jit = numba.njit(cache=True, nogil=True)
 
 # -- bit reading ------------------------------------------------------------------------------------
 # A stream is read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
-# byte to load), topped up to more than 48 bits a byte at a time, so the buffer never reaches the sign
-# bit of an int64 and a value of up to 32 bits is there after one top-up. The reads are written out
-# where they are used: numba calls a helper per value returning (value, buffer) ~10× slower.
+# byte to load), topped up to more than 48 bits, so the buffer never reaches the sign bit of an int64
+# and a value of up to 32 bits is there after one top-up. A top-up is one 8-byte load away from the
+# stream's end (LLVM fuses the byte loads), byte by byte near it. The reads are written out where they
+# are used: numba calls a helper per value returning (value, buffer) ~10× slower.
 @_jit
 def _fill(data: np.ndarray, pos: int, end: int, acc: int, nb: int) -> tuple[int, int, int]:
     """The buffer topped up from data[pos:end] (bytes past `end` read as 0)."""
+    if pos + 8 <= end:
+        word = (np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8) | (np.int64(data[pos + 2]) << 16)
+                | (np.int64(data[pos + 3]) << 24) | (np.int64(data[pos + 4]) << 32) | (np.int64(data[pos + 5]) << 40)
+                | (np.int64(data[pos + 6]) << 48) | (np.int64(data[pos + 7]) << 56))
+        n = (56 - nb) >> 3  # whole bytes that fit below bit 56
+        return pos + n, acc | ((word & ((np.int64(1) << (n << 3)) - 1)) << nb), nb + (n << 3)
     while nb <= 48:
         if pos < end:
             acc |= np.int64(data[pos]) << nb
@@ -95,26 +102,34 @@ def _bucket_starts(buckets: int, table: np.ndarray) -> None:
 
 
 # -- compact sampled streams (format §4.3.2) ----------------------------------------------------------
+# What `_compact_record` finds wrong with a record's streams (0: nothing); `store.codec` words each.
+(COUNTS_SHORT, HEAD_TOO_BIG, NO_SPLIT, NO_BUCKETS, PARAMS_SHORT, PARAM_TOO_BIG, IDS_SHORT, OUTSIDE,
+ TWICE) = range(1, 10)
+
+
 @_jit
-def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.ndarray, c0: int, c1: int,
-                        entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
-                        below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
-                        hc: np.ndarray, hp: np.ndarray, table: np.ndarray, table_of: np.ndarray) -> bool:
-    """Whether `decode_sampled_compact` refuses one record's streams or it holds an id ≥ tv. Scratch:
-    h, tails [positions]; hc, hp [positions · N/2] (head counts, then head places); table
-    [N + 1, 65]: `_bucket_starts` of the B in table_of[0]."""
+def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.ndarray, c0: int, c1: int,
+                    entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
+                    below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
+                    hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, table: np.ndarray, table_of: np.ndarray) -> int:
+    """What `decode_sampled_compact` finds wrong with one record's streams, OUTSIDE for an id ≥ tv too,
+    or 0. Leaves the record decoded in the scratch: h, tails [positions] (head and tail sizes); hc,
+    hp [entries] (head counts − 1, head places); tp [entries] (tail places); table
+    [min(N, entries) + 1, 65]: `_bucket_starts` of the B in table_of[0]."""
     # counts stream: head sizes h + 1, then the head counts − 1, both gamma-coded
     at = _gamma(counts_values, c0, c1, positions, h)
     if at < 0:
-        return True
+        return COUNTS_SHORT
     heads = 0
     for i in range(positions):
         h[i] -= 1
         if h[i] > samples // 2:  # every head count is ≥ 2
-            return True
+            return HEAD_TOO_BIG
         heads += h[i]
+    if heads > entries:  # (before the scratch of `entries` head counts overflows)
+        return NO_SPLIT
     if _gamma(counts_values, at, c1, heads, hc) < 0:
-        return True
+        return COUNTS_SHORT
     e = 0
     total = heads
     for i in range(positions):
@@ -124,21 +139,23 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
             e += 1
         tails[i] = samples - drawn
         if tails[i] < 0:
-            return True
+            return NO_SPLIT
         total += tails[i]
     if total != entries:
-        return True
+        return NO_SPLIT
     # ids stream: B, the 2B Rice parameters (head buckets, tail buckets), the gaps' low bits, their
     # quotients in unary; a gap's width is its rank bucket's parameter
     if i1 - i0 < 1:
-        return True
+        return NO_BUCKETS
     buckets = np.int64(ids_values[i0])
-    if buckets < 1 or buckets > 64 or i1 - i0 < 1 + 2 * buckets:
-        return True
+    if buckets < 1 or buckets > 64:
+        return NO_BUCKETS
+    if i1 - i0 < 1 + 2 * buckets:
+        return PARAMS_SHORT
     ks = i0 + 1
     for b in range(2 * buckets):
         if ids_values[ks + b] > 31:
-            return True
+            return PARAM_TOO_BIG
     if table_of[0] != buckets:
         _bucket_starts(buckets, table)
         table_of[0] = buckets
@@ -150,10 +167,11 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
     low0 = ks + 2 * buckets
     q0 = low0 + ((width_sum + 7) >> 3)
     if q0 > i1:
-        return True
+        return IDS_SHORT
     bound = min(vocab, tv) if by_place else vocab  # (places from here on: below it, or the record is bad)
     lpos, lacc, lnb = low0, 0, 0  # the low bits
     qpos, qacc, qnb = q0, 0, 0  # the quotients
+    tail_at = 0
     for part in range(2):  # the head entries of every position, then the tail entries
         head_end = 0
         for i in range(positions):
@@ -173,22 +191,24 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
                     while qacc == 0:
                         q += qnb
                         if qpos >= i1:
-                            return True  # fewer quotients than entries
+                            return IDS_SHORT  # fewer quotients than entries
                         qpos, qacc, qnb = _fill(ids_values, qpos, i1, 0, 0)
                     zeros = trailing_zeros(qacc)
                     qacc >>= zeros + 1
                     qnb -= zeros + 1
                     place += (((q + zeros) << w) | low) + 1
                     if place >= bound or (not by_place and _id_at(place, listed, below) >= tv):
-                        return True
+                        return OUTSIDE
                     if part == 0:
                         hp[head_at + j] = place
                     else:  # both parts rise within a position: a merge finds a place in both
+                        tp[tail_at] = place
+                        tail_at += 1
                         while head_at < head_end and hp[head_at] < place:
                             head_at += 1
                         if head_at < head_end and hp[head_at] == place:
-                            return True
-    return False
+                            return TWICE
+    return 0
 
 
 @_jit
@@ -199,21 +219,116 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
     id ≥ tv (`listed` / `below`: the id order's arrays, empty for none; `by_place`: places below tv
     are the ids below tv, so the places alone say which are too large)."""
     records = len(positions)
-    most = 0
+    most = most_entries = 0
     for r in range(records):
         most = max(most, positions[r])
-    h = np.empty(most, dtype=np.int64)
-    tails = np.empty(most, dtype=np.int64)
-    hc = np.empty(most * (samples // 2) + 1, dtype=np.int64)
-    hp = np.empty(most * (samples // 2) + 1, dtype=np.int64)
-    table = np.empty((samples + 1, 65), dtype=np.int64)
-    table_of = np.zeros(1, dtype=np.int64)
+        most_entries = max(most_entries, entries[r])
+    h, tails, hc, hp, tp, table, table_of = _compact_scratch(most, most_entries, samples)
     bad = np.zeros(records, dtype=np.bool_)
     for r in range(records):
-        bad[r] = _compact_record_bad(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
-                                     counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
-                                     vocab, listed, below, by_place, tv, h, tails, hc, hp, table, table_of)
+        bad[r] = _compact_record(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
+                                 counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
+                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, table, table_of) != 0
     return bad
+
+
+@_jit
+def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
+    """The scratch `_compact_record` needs for records of up to these positions and entries (a
+    position's entries, head or tail, are at most N and at most the record's)."""
+    entries = max(entries, 0)
+    heads = min(positions * (samples // 2), entries) + 1
+    return (np.empty(positions, dtype=np.int64), np.empty(positions, dtype=np.int64),
+            np.empty(heads, dtype=np.int64), np.empty(heads, dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
+            np.empty((min(samples, entries) + 1, 65), dtype=np.int64), np.zeros(1, dtype=np.int64))
+
+
+@_jit
+def _sort_entries(ids: np.ndarray, counts: np.ndarray, a: int, b: int) -> None:
+    """ids[a:b], counts[a:b] in the order of format §4.2 (descending count, then ascending id), by
+    insertion: a position's head or tail is a few dozen entries, mostly in order already."""
+    for x in range(a + 1, b):
+        v, c = ids[x], counts[x]
+        y = x
+        while y > a and (counts[y - 1] < c or (counts[y - 1] == c and ids[y - 1] > v)):
+            ids[y], counts[y] = ids[y - 1], counts[y - 1]
+            y -= 1
+        ids[y], counts[y] = v, c
+
+
+@_jit
+def _compact_place(ids: np.ndarray, counts: np.ndarray, stride: int, positions: int, h: np.ndarray,
+                   tails: np.ndarray, hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, listed: np.ndarray,
+                   below: np.ndarray, id_at: np.ndarray) -> None:
+    """A decoded record (`_compact_record`'s scratch) into ids, counts: position i's entries from
+    i · stride (stride 0: right after position i − 1's), in the order of format §4.2, places mapped
+    to ids by the id order (`id_at`: its table, or empty to search `listed` / `below`)."""
+    at = e = t = 0
+    for i in range(positions):
+        start = i * stride if stride else at
+        at = start
+        for _ in range(h[i]):
+            p = hp[e]
+            ids[at] = id_at[p] if len(id_at) else _id_at(p, listed, below)
+            counts[at] = hc[e] + 1
+            at += 1
+            e += 1
+        _sort_entries(ids, counts, start, at)
+        tail_start = at
+        for _ in range(tails[i]):
+            p = tp[t]
+            ids[at] = id_at[p] if len(id_at) else _id_at(p, listed, below)
+            counts[at] = 1
+            at += 1
+            t += 1
+        if len(listed):  # places map back to ids out of order
+            _sort_entries(ids, counts, tail_start, at)
+
+
+@_jit
+def compact_sampled(ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int, samples: int,
+                    vocab: int, listed: np.ndarray, below: np.ndarray, id_at: np.ndarray
+                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """One record's compact streams decoded: (0, offsets [positions + 1], ids int32, counts uint16) as
+    `SampledTargets` holds them, or (what is wrong, empty arrays)."""
+    h, tails, hc, hp, tp, table, table_of = _compact_scratch(positions, entries, samples)
+    offsets = np.zeros(positions + 1, dtype=np.int64)
+    wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of)
+    if wrong:
+        return wrong, offsets, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint16)
+    ids = np.empty(entries, dtype=np.int64)
+    counts = np.empty(entries, dtype=np.int64)
+    _compact_place(ids, counts, 0, positions, h, tails, hc, hp, tp, listed, below, id_at)
+    for i in range(positions):
+        offsets[i + 1] = offsets[i] + h[i] + tails[i]
+    return 0, offsets, ids.astype(np.int32), counts.astype(np.uint16)
+
+
+@_jit
+def compact_weighted(ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int, samples: int,
+                     vocab: int, listed: np.ndarray, below: np.ndarray, id_at: np.ndarray
+                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """One record's compact streams decoded into the loader's rows: (0, ids [positions, U] int64
+    padded with −1, weights [positions, U] float32 = count / N padded with 0, entries per position),
+    U the most entries a position has; or (what is wrong, empty arrays)."""
+    h, tails, hc, hp, tp, table, table_of = _compact_scratch(positions, entries, samples)
+    lengths = np.zeros(positions, dtype=np.int64)
+    wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of)
+    if wrong:
+        return wrong, np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32), lengths
+    width = 0
+    for i in range(positions):
+        lengths[i] = h[i] + tails[i]
+        width = max(width, lengths[i])
+    ids = np.full(positions * width, -1, dtype=np.int64)
+    counts = np.zeros(positions * width, dtype=np.int64)
+    _compact_place(ids, counts, width, positions, h, tails, hc, hp, tp, listed, below, id_at)
+    weights = np.empty(positions * width, dtype=np.float32)
+    for x in range(positions * width):
+        weights[x] = np.float32(counts[x] / samples)
+    return 0, ids.reshape((positions, width)), weights.reshape((positions, width)), lengths
 
 
 # -- top-k rows (format §4.1, `store.columns.unsound_topk` / `impossible_topk`) ------------------------
