@@ -23,6 +23,7 @@ LOGPROB_SLACK32 = np.float32(1e-3)  # store.columns.LOGPROB_SLACK, compared in f
 UNSOUND, REPEATED, RISING, TOO_MUCH = 1, 2, 4, 8
 
 _jit = numba.njit(cache=True, nogil=True)
+_inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba calls a jitted function, never inlines it)
 
 
 # -- bit reading ------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def _word(typingctx, data, at):  # type: ignore[no-untyped-def]
     return types.int64(data, types.intp), codegen
 
 
-@_jit
+@_inline
 def _fill(data: np.ndarray, pos: int, end: int, acc: int, nb: int) -> tuple[int, int, int]:
     """The buffer topped up from data[pos:end] (bytes past `end` read as 0)."""
     if pos + 8 <= end:
@@ -289,45 +290,49 @@ def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
 
 
 @_jit
-def _sort_entries(ids: np.ndarray, counts: np.ndarray, a: int, b: int) -> None:
-    """ids[a:b], counts[a:b] in the order of format §4.2 (descending count, then ascending id), by
-    insertion: a position's head or tail is a few dozen entries, mostly in order already."""
+def _sort(keys: np.ndarray, a: int, b: int) -> None:
+    """keys[a:b] ascending, by insertion: a position's head or tail is a few dozen entries."""
     for x in range(a + 1, b):
-        v, c = ids[x], counts[x]
+        v = keys[x]
         y = x
-        while y > a and (counts[y - 1] < c or (counts[y - 1] == c and ids[y - 1] > v)):
-            ids[y], counts[y] = ids[y - 1], counts[y - 1]
+        while y > a and keys[y - 1] > v:
+            keys[y] = keys[y - 1]
             y -= 1
-        ids[y], counts[y] = v, c
+        keys[y] = v
 
 
 @_jit
-def _compact_place(ids: np.ndarray, counts: np.ndarray, stride: int, positions: int, h: np.ndarray,
-                   tails: np.ndarray, hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, listed: np.ndarray,
-                   below: np.ndarray, id_at: np.ndarray) -> None:
-    """A decoded record (`_compact_record`'s scratch) into ids, counts: position i's entries from
-    i · stride (stride 0: right after position i − 1's), in the order of format §4.2, places mapped
-    to ids by the id order (`id_at`: its table, or empty to search `listed` / `below`)."""
+def _compact_place(ids: np.ndarray, counts: np.ndarray, stride: int, positions: int, samples: int,
+                   h: np.ndarray, tails: np.ndarray, hc: np.ndarray, hp: np.ndarray, tp: np.ndarray,
+                   listed: np.ndarray, below: np.ndarray, id_at: np.ndarray) -> None:
+    """A decoded record (`_compact_record`'s scratch) into ids, counts (any dtypes that hold them):
+    position i's entries from i · stride (stride 0: right after position i − 1's), in the order of
+    format §4.2 (descending count, then ascending id), places mapped to ids by the id order (`id_at`:
+    its table, or empty to search `listed` / `below`). A head is sorted as one key per entry,
+    (N − count) · 2^32 + id; a tail (count 1) as its ids."""
+    keys = np.empty(len(tp), dtype=np.int64)  # (a position has at most all the entries)
     at = e = t = 0
     for i in range(positions):
-        start = i * stride if stride else at
-        at = start
-        for _ in range(h[i]):
-            p = hp[e]
-            ids[at] = id_at[p] if len(id_at) else _id_at(p, listed, below)
-            counts[at] = hc[e] + 1
-            at += 1
-            e += 1
-        _sort_entries(ids, counts, start, at)
-        tail_start = at
-        for _ in range(tails[i]):
-            p = tp[t]
-            ids[at] = id_at[p] if len(id_at) else _id_at(p, listed, below)
-            counts[at] = 1
-            at += 1
-            t += 1
+        at = i * stride if stride else at
+        for x in range(h[i]):
+            p = hp[e + x]
+            keys[x] = ((samples - hc[e + x] - 1) << 32) | (id_at[p] if len(id_at) else _id_at(p, listed, below))
+        _sort(keys, 0, h[i])
+        for x in range(h[i]):
+            ids[at + x] = keys[x] & 0xFFFFFFFF
+            counts[at + x] = samples - (keys[x] >> 32)
+        at += h[i]
+        e += h[i]
+        for x in range(tails[i]):
+            p = tp[t + x]
+            keys[x] = id_at[p] if len(id_at) else _id_at(p, listed, below)
         if len(listed):  # places map back to ids out of order
-            _sort_entries(ids, counts, tail_start, at)
+            _sort(keys, 0, tails[i])
+        for x in range(tails[i]):
+            ids[at + x] = keys[x]
+            counts[at + x] = 1
+        at += tails[i]
+        t += tails[i]
 
 
 @_jit
@@ -339,15 +344,16 @@ def compact_sampled(ids_data: np.ndarray, counts_data: np.ndarray, entries: int,
     h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(positions, entries, samples)
     offsets = np.zeros(positions + 1, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip, sums)
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip,
+                            sums)
     if wrong:
         return wrong, offsets, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint16)
-    ids = np.empty(entries, dtype=np.int64)
-    counts = np.empty(entries, dtype=np.int64)
-    _compact_place(ids, counts, 0, positions, h, tails, hc, hp, tp, listed, below, id_at)
+    ids = np.empty(entries, dtype=np.int32)
+    counts = np.empty(entries, dtype=np.uint16)
+    _compact_place(ids, counts, 0, positions, samples, h, tails, hc, hp, tp, listed, below, id_at)
     for i in range(positions):
         offsets[i + 1] = offsets[i] + h[i] + tails[i]
-    return 0, offsets, ids.astype(np.int32), counts.astype(np.uint16)
+    return 0, offsets, ids, counts
 
 
 @_jit
@@ -360,7 +366,8 @@ def compact_weighted(ids_data: np.ndarray, counts_data: np.ndarray, entries: int
     h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(positions, entries, samples)
     lengths = np.zeros(positions, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip, sums)
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip,
+                            sums)
     if wrong:
         return wrong, np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32), lengths
     width = 0
@@ -368,11 +375,10 @@ def compact_weighted(ids_data: np.ndarray, counts_data: np.ndarray, entries: int
         lengths[i] = h[i] + tails[i]
         width = max(width, lengths[i])
     ids = np.full(positions * width, -1, dtype=np.int64)
-    counts = np.zeros(positions * width, dtype=np.int64)
-    _compact_place(ids, counts, width, positions, h, tails, hc, hp, tp, listed, below, id_at)
-    weights = np.empty(positions * width, dtype=np.float32)
+    weights = np.zeros(positions * width, dtype=np.float32)  # the counts first (exact in float32: ≤ 2^16)
+    _compact_place(ids, weights, width, positions, samples, h, tails, hc, hp, tp, listed, below, id_at)
     for x in range(positions * width):
-        weights[x] = np.float32(counts[x] / samples)
+        weights[x] = np.float32(np.float64(weights[x]) / samples)  # (as numpy's count / N, then float32)
     return 0, ids.reshape((positions, width)), weights.reshape((positions, width)), lengths
 
 
