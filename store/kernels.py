@@ -316,7 +316,11 @@ def _compact_place(ids: np.ndarray, counts: np.ndarray, stride: int, positions: 
         at = i * stride if stride else at
         for x in range(h[i]):
             p = hp[e + x]
-            keys[x] = ((samples - hc[e + x] - 1) << 32) | (id_at[p] if len(id_at) else _id_at(p, listed, below))
+            if len(id_at):  # (written out: a call per entry costs more than the entry, arrays passed are counted)
+                p = id_at[p]
+            elif len(listed):
+                p = _id_at(p, listed, below)
+            keys[x] = ((samples - hc[e + x] - 1) << 32) | p
         _sort(keys, 0, h[i])
         for x in range(h[i]):
             ids[at + x] = keys[x] & 0xFFFFFFFF
@@ -325,7 +329,11 @@ def _compact_place(ids: np.ndarray, counts: np.ndarray, stride: int, positions: 
         e += h[i]
         for x in range(tails[i]):
             p = tp[t + x]
-            keys[x] = id_at[p] if len(id_at) else _id_at(p, listed, below)
+            if len(id_at):
+                p = id_at[p]
+            elif len(listed):
+                p = _id_at(p, listed, below)
+            keys[x] = p
         if len(listed):  # places map back to ids out of order
             _sort(keys, 0, tails[i])
         for x in range(tails[i]):
