@@ -1,7 +1,8 @@
-"""Compiled shard checks (numba): one pass over a shard's bytes per check, where the numpy versions
-make a dozen or more passes over every entry. Each kernel returns exactly the mask of the numpy
-check it replaces (tests/test_kernels.py compares them); the first record at fault is still named
-by the per-record decoders, so the messages are theirs.
+"""Compiled shard checks and the compact codec's decoder (numba): one pass over a shard's bytes per
+check, where the numpy versions make a dozen or more passes over every entry. Each check returns
+exactly the mask of the numpy check it replaces, and the decoder the numpy reference's targets
+(tests/test_kernels.py compares them); the first record at fault is still named by the per-record
+decoders, so the messages are theirs.
 
 The kernels take flat numpy arrays and plain numbers only. `cache=True` keeps their machine code in
 __pycache__, so a process compiles each signature once per installation, not once per run.
@@ -23,15 +24,16 @@ LOGPROB_SLACK32 = np.float32(1e-3)  # store.columns.LOGPROB_SLACK, compared in f
 UNSOUND, REPEATED, RISING, TOO_MUCH = 1, 2, 4, 8
 
 _jit = numba.njit(cache=True, nogil=True)
-_inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba calls a jitted function, never inlines it)
+_inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba inlines no jitted function it is not told to)
 
 
 # -- bit reading ------------------------------------------------------------------------------------
 # A stream is read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
 # byte to load), topped up to more than 48 bits, so the buffer never reaches the sign bit of an int64
-# and a value of up to 32 bits is there after one top-up. A top-up is one 8-byte load away from the
-# stream's end (LLVM fuses the byte loads), byte by byte near it. The reads are written out where they
-# are used: numba calls a helper per value returning (value, buffer) ~10× slower.
+# and a value of up to 32 bits is there after one top-up. A top-up is one unaligned 8-byte load
+# (`_word`) away from the stream's end, byte by byte near it. The reads are written out where they
+# are used, or inlined (`_inline`): numba calls a jitted helper, counting every array passed to it,
+# which per value costs more than the value.
 @intrinsic
 def _word(typingctx, data, at):  # type: ignore[no-untyped-def]
     """The little-endian int64 at byte `at` of a uint8 array: one unaligned load (the caller keeps
@@ -75,9 +77,9 @@ def _bits_at(data: np.ndarray, bit: int, width: int, end: int) -> int:
 @_jit
 def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> int:
     """`count` Elias-gamma values of a `_gamma_stream` at byte `start` into out[:count]: the lengths in
-    unary, byte-padded, then the low bits. The byte after them, or -1 where
-    `store.codec._decode_gamma` refuses the stream (too short, a length above 16). Read as the ids'
-    Rice codes are (`_compact_record`)."""
+    unary, byte-padded, then the low bits. The byte after them, or -1 where the stream cannot be
+    one (too short, a length above 16). The lengths through a bit buffer, the low bits at a bit
+    position, as the ids' Rice codes are read (`_compact_record`)."""
     pos, acc, nb = start, 0, 0
     total = 0
     for i in range(count):
