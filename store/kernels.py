@@ -1,7 +1,8 @@
-"""Compiled shard checks (numba): one pass over a shard's bytes per check, where the numpy versions
-make a dozen or more passes over every entry. Each kernel returns exactly the mask of the numpy
-check it replaces (tests/test_kernels.py compares them); the first record at fault is still named
-by the per-record decoders, so the messages are theirs.
+"""Compiled shard checks and the compact codec's decoder (numba): one pass over a shard's bytes per
+check, where the numpy versions make a dozen or more passes over every entry. Each check returns
+exactly the mask of the numpy check it replaces, and the decoder the numpy reference's targets
+(tests/test_kernels.py compares them); the first record at fault is still named by the per-record
+decoders, so the messages are theirs.
 
 The kernels take flat numpy arrays and plain numbers only. `cache=True` keeps their machine code in
 __pycache__, so a process compiles each signature once per installation, not once per run.
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
 from numba.cpython.unsafe.numbers import trailing_zeros  # (llvm.cttz; in numba since 0.47)
+from numba.extending import intrinsic
 
 MASS_BOUND = 1 + 1e-4  # store.columns: 1 + MASS_SLACK
 LOGPROB_SLACK32 = np.float32(1e-3)  # store.columns.LOGPROB_SLACK, compared in float32 as numpy does
@@ -20,16 +24,36 @@ LOGPROB_SLACK32 = np.float32(1e-3)  # store.columns.LOGPROB_SLACK, compared in f
 UNSOUND, REPEATED, RISING, TOO_MUCH = 1, 2, 4, 8
 
 _jit = numba.njit(cache=True, nogil=True)
+_inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba inlines no jitted function it is not told to)
 
 
 # -- bit reading ------------------------------------------------------------------------------------
 # A stream is read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
-# byte to load), topped up to more than 48 bits a byte at a time, so the buffer never reaches the sign
-# bit of an int64 and a value of up to 32 bits is there after one top-up. The reads are written out
-# where they are used: numba calls a helper per value returning (value, buffer) ~10× slower.
-@_jit
+# byte to load), topped up to more than 48 bits, so the buffer never reaches the sign bit of an int64
+# and a value of up to 32 bits is there after one top-up. A top-up is one unaligned 8-byte load
+# (`_word`) away from the stream's end, byte by byte near it. The reads are written out where they
+# are used, or inlined (`_inline`): numba calls a jitted helper, counting every array passed to it,
+# which per value costs more than the value.
+@intrinsic
+def _word(typingctx, data, at):  # type: ignore[no-untyped-def]
+    """The little-endian int64 at byte `at` of a uint8 array: one unaligned load (the caller keeps
+    at + 8 within the array)."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(array.data, [args[1]]), ir.IntType(64).as_pointer())
+        return builder.load(ptr, align=1)
+
+    return types.int64(data, types.intp), codegen
+
+
+@_inline
 def _fill(data: np.ndarray, pos: int, end: int, acc: int, nb: int) -> tuple[int, int, int]:
     """The buffer topped up from data[pos:end] (bytes past `end` read as 0)."""
+    if pos + 8 <= end:
+        word = _word(data, pos)
+        n = (56 - nb) >> 3  # whole bytes that fit below bit 56
+        return pos + n, acc | ((word & ((np.int64(1) << (n << 3)) - 1)) << nb), nb + (n << 3)
     while nb <= 48:
         if pos < end:
             acc |= np.int64(data[pos]) << nb
@@ -39,10 +63,23 @@ def _fill(data: np.ndarray, pos: int, end: int, acc: int, nb: int) -> tuple[int,
 
 
 @_jit
+def _bits_at(data: np.ndarray, bit: int, width: int, end: int) -> int:
+    """The `width` (≤ 32) bits from stream bit `bit` on (bytes from `end` on read as 0): near a
+    stream's end, where an 8-byte load would pass it."""
+    value = np.int64(0)
+    for k in range(width):
+        at = (bit + k) >> 3
+        if at < end:
+            value |= np.int64((data[at] >> ((bit + k) & 7)) & 1) << k
+    return value
+
+
+@_jit
 def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> int:
     """`count` Elias-gamma values of a `_gamma_stream` at byte `start` into out[:count]: the lengths in
-    unary, byte-padded, then the low bits. The byte after them, or -1 where
-    `store.codec._decode_gamma` refuses the stream (too short, a length above 16)."""
+    unary, byte-padded, then the low bits. The byte after them, or -1 where the stream cannot be
+    one (too short, a length above 16). The lengths through a bit buffer, the low bits at a bit
+    position, as the ids' Rice codes are read (`_compact_record`)."""
     pos, acc, nb = start, 0, 0
     total = 0
     for i in range(count):
@@ -61,18 +98,18 @@ def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) 
         out[i] = q
         total += q
     low = start + (((pos - start) * 8 - nb + 7) >> 3)  # the byte after the last length's one
-    need = (total + 7) >> 3
-    if low + need > end:
+    if low + ((total + 7) >> 3) > end:
         return -1
-    pos, acc, nb = low, 0, 0
+    bit = low * 8
     for i in range(count):
         length = out[i]
-        if nb < length:
-            pos, acc, nb = _fill(data, pos, end, acc, nb)
-        out[i] = (np.int64(1) << length) + (acc & ((np.int64(1) << length) - 1))
-        acc >>= length
-        nb -= length
-    return low + need
+        if (bit >> 3) + 8 <= end:
+            value = (_word(data, bit >> 3) >> (bit & 7)) & ((np.int64(1) << length) - 1)
+        else:
+            value = _bits_at(data, bit, length, end)
+        out[i] = (np.int64(1) << length) + value
+        bit += length
+    return low + ((total + 7) >> 3)
 
 
 @_jit
@@ -95,26 +132,38 @@ def _bucket_starts(buckets: int, table: np.ndarray) -> None:
 
 
 # -- compact sampled streams (format §4.3.2) ----------------------------------------------------------
+# What `_compact_record` finds wrong with a record's streams (0: nothing); `store.codec` words each.
+(COUNTS_SHORT, HEAD_TOO_BIG, NO_SPLIT, NO_BUCKETS, PARAMS_SHORT, PARAM_TOO_BIG, IDS_SHORT, OUTSIDE,
+ TWICE) = range(1, 10)
+
+
 @_jit
-def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.ndarray, c0: int, c1: int,
-                        entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
-                        below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
-                        hc: np.ndarray, hp: np.ndarray, table: np.ndarray, table_of: np.ndarray) -> bool:
-    """Whether `decode_sampled_compact` refuses one record's streams or it holds an id ≥ tv. Scratch:
-    h, tails [positions]; hc, hp [positions · N/2] (head counts, then head places); table
-    [N + 1, 65]: `_bucket_starts` of the B in table_of[0]."""
+def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.ndarray, c0: int, c1: int,
+                    entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
+                    below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
+                    hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, table: np.ndarray, table_of: np.ndarray,
+                    recip: np.ndarray, sums: np.ndarray) -> int:
+    """What `decode_sampled_compact` finds wrong with one record's streams, OUTSIDE for an id ≥ tv too,
+    or 0. Leaves the record decoded in the scratch: h, tails [positions] (head and tail sizes); hc,
+    hp [entries] (head counts − 1, head places); tp [entries] (tail places); table
+    [min(N, entries) + 1, 65]: `_bucket_starts` of the B in table_of[0]; recip [min(N, entries) + 1]:
+    ceil(2^40 / d), so that entry j of d is in bucket min(B·j · recip[d] >> 40, B − 1) = min(B·j // d,
+    B − 1) without a division (exact for B·j < 2^22, d < 2^17) nor a branch per bucket; sums
+    [min(N, entries) + 1, 2]: the low bits of d head / tail entries."""
     # counts stream: head sizes h + 1, then the head counts − 1, both gamma-coded
     at = _gamma(counts_values, c0, c1, positions, h)
     if at < 0:
-        return True
+        return COUNTS_SHORT
     heads = 0
     for i in range(positions):
         h[i] -= 1
         if h[i] > samples // 2:  # every head count is ≥ 2
-            return True
+            return HEAD_TOO_BIG
         heads += h[i]
+    if heads > entries:  # (before the scratch of `entries` head counts overflows)
+        return NO_SPLIT
     if _gamma(counts_values, at, c1, heads, hc) < 0:
-        return True
+        return COUNTS_SHORT
     e = 0
     total = heads
     for i in range(positions):
@@ -124,71 +173,86 @@ def _compact_record_bad(ids_values: np.ndarray, i0: int, i1: int, counts_values:
             e += 1
         tails[i] = samples - drawn
         if tails[i] < 0:
-            return True
+            return NO_SPLIT
         total += tails[i]
     if total != entries:
-        return True
+        return NO_SPLIT
     # ids stream: B, the 2B Rice parameters (head buckets, tail buckets), the gaps' low bits, their
     # quotients in unary; a gap's width is its rank bucket's parameter
     if i1 - i0 < 1:
-        return True
+        return NO_BUCKETS
     buckets = np.int64(ids_values[i0])
-    if buckets < 1 or buckets > 64 or i1 - i0 < 1 + 2 * buckets:
-        return True
+    if buckets < 1 or buckets > 64:
+        return NO_BUCKETS
+    if i1 - i0 < 1 + 2 * buckets:
+        return PARAMS_SHORT
     ks = i0 + 1
     for b in range(2 * buckets):
         if ids_values[ks + b] > 31:
-            return True
+            return PARAM_TOO_BIG
     if table_of[0] != buckets:
         _bucket_starts(buckets, table)
         table_of[0] = buckets
+    for part in range(2):  # the bits of d entries' low parts, for every d this record has
+        for d in range(len(sums)):
+            sums[d, part] = 0
+            for b in range(buckets):
+                sums[d, part] += np.int64(ids_values[ks + part * buckets + b]) * (table[d, b + 1] - table[d, b])
     width_sum = 0
     for i in range(positions):
-        for b in range(buckets):
-            width_sum += np.int64(ids_values[ks + b]) * (table[h[i], b + 1] - table[h[i], b])
-            width_sum += np.int64(ids_values[ks + buckets + b]) * (table[tails[i], b + 1] - table[tails[i], b])
+        width_sum += sums[h[i], 0] + sums[tails[i], 1]
     low0 = ks + 2 * buckets
     q0 = low0 + ((width_sum + 7) >> 3)
     if q0 > i1:
-        return True
+        return IDS_SHORT
     bound = min(vocab, tv) if by_place else vocab  # (places from here on: below it, or the record is bad)
-    lpos, lacc, lnb = low0, 0, 0  # the low bits
+    # The low bits are read at a bit position, one 8-byte load each (its bits are in the load's first
+    # 39: w ≤ 31 after a shift ≤ 7): no buffer to refill at unforeseeable times, and the loads wait
+    # for nothing but the widths. The quotients (a few bits each) through a bit buffer: a load at a
+    # position would put its latency between one quotient and the next.
+    lbit = low0 * 8  # the next low bits
     qpos, qacc, qnb = q0, 0, 0  # the quotients
+    tail_at = 0
     for part in range(2):  # the head entries of every position, then the tail entries
         head_end = 0
+        kw = ks + part * buckets  # this part's Rice parameters
         for i in range(positions):
             d = h[i] if part == 0 else tails[i]
             head_at = head_end  # this position's head places: hp[head_at:head_end]
             head_end += h[i]
             place = np.int64(-1)
-            for b in range(buckets):
-                w = np.int64(ids_values[ks + part * buckets + b])
-                for j in range(table[d, b], table[d, b + 1]):
-                    if lnb < w:
-                        lpos, lacc, lnb = _fill(ids_values, lpos, i1, lacc, lnb)
-                    low = lacc & ((np.int64(1) << w) - 1)
-                    lacc >>= w
-                    lnb -= w
-                    q = 0
-                    while qacc == 0:
-                        q += qnb
-                        if qpos >= i1:
-                            return True  # fewer quotients than entries
-                        qpos, qacc, qnb = _fill(ids_values, qpos, i1, 0, 0)
-                    zeros = trailing_zeros(qacc)
-                    qacc >>= zeros + 1
-                    qnb -= zeros + 1
-                    place += (((q + zeros) << w) | low) + 1
-                    if place >= bound or (not by_place and _id_at(place, listed, below) >= tv):
-                        return True
-                    if part == 0:
-                        hp[head_at + j] = place
-                    else:  # both parts rise within a position: a merge finds a place in both
-                        while head_at < head_end and hp[head_at] < place:
-                            head_at += 1
-                        if head_at < head_end and hp[head_at] == place:
-                            return True
-    return False
+            c = recip[d]
+            x = 0  # B·j
+            for j in range(d):
+                w = np.int64(ids_values[kw + min((x * c) >> 40, buckets - 1)])
+                x += buckets
+                if (lbit >> 3) + 8 <= i1:
+                    low = (_word(ids_values, lbit >> 3) >> (lbit & 7)) & ((np.int64(1) << w) - 1)
+                else:
+                    low = _bits_at(ids_values, lbit, w, i1)
+                lbit += w
+                q = 0
+                while qacc == 0:
+                    q += qnb
+                    if qpos >= i1:
+                        return IDS_SHORT  # fewer quotients than entries
+                    qpos, qacc, qnb = _fill(ids_values, qpos, i1, 0, 0)
+                zeros = trailing_zeros(qacc)
+                qacc >>= zeros + 1
+                qnb -= zeros + 1
+                place += (((q + zeros) << w) | low) + 1
+                if place >= bound or (not by_place and _id_at(place, listed, below) >= tv):
+                    return OUTSIDE
+                if part == 0:
+                    hp[head_at + j] = place
+                else:  # both parts rise within a position: a merge finds a place in both
+                    tp[tail_at] = place
+                    tail_at += 1
+                    while head_at < head_end and hp[head_at] < place:
+                        head_at += 1
+                    if head_at < head_end and hp[head_at] == place:
+                        return TWICE
+    return 0
 
 
 @_jit
@@ -199,21 +263,133 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
     id ≥ tv (`listed` / `below`: the id order's arrays, empty for none; `by_place`: places below tv
     are the ids below tv, so the places alone say which are too large)."""
     records = len(positions)
-    most = 0
+    most = most_entries = 0
     for r in range(records):
         most = max(most, positions[r])
-    h = np.empty(most, dtype=np.int64)
-    tails = np.empty(most, dtype=np.int64)
-    hc = np.empty(most * (samples // 2) + 1, dtype=np.int64)
-    hp = np.empty(most * (samples // 2) + 1, dtype=np.int64)
-    table = np.empty((samples + 1, 65), dtype=np.int64)
-    table_of = np.zeros(1, dtype=np.int64)
+        most_entries = max(most_entries, entries[r])
+    h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(most, most_entries, samples)
     bad = np.zeros(records, dtype=np.bool_)
     for r in range(records):
-        bad[r] = _compact_record_bad(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
-                                     counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
-                                     vocab, listed, below, by_place, tv, h, tails, hc, hp, table, table_of)
+        bad[r] = _compact_record(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
+                                 counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
+                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, table, table_of, recip, sums) != 0
     return bad
+
+
+@_jit
+def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
+    """The scratch `_compact_record` needs for records of up to these positions and entries (a
+    position's entries, head or tail, are at most N and at most the record's)."""
+    entries = max(entries, 0)
+    recip = np.zeros(min(samples, entries) + 1, dtype=np.int64)
+    for d in range(1, len(recip)):
+        recip[d] = ((np.int64(1) << 40) + d - 1) // d
+    heads = min(positions * (samples // 2), entries) + 1
+    return (np.empty(positions, dtype=np.int64), np.empty(positions, dtype=np.int64),
+            np.empty(heads, dtype=np.int64), np.empty(heads, dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
+            np.empty((min(samples, entries) + 1, 65), dtype=np.int64), np.zeros(1, dtype=np.int64), recip,
+            np.empty((len(recip), 2), dtype=np.int64))
+
+
+@_jit
+def _sort(keys: np.ndarray, a: int, b: int) -> None:
+    """keys[a:b] ascending, by insertion: a position's head or tail is a few dozen entries."""
+    for x in range(a + 1, b):
+        v = keys[x]
+        y = x
+        while y > a and keys[y - 1] > v:
+            keys[y] = keys[y - 1]
+            y -= 1
+        keys[y] = v
+
+
+@_jit
+def _compact_place(ids: np.ndarray, counts: np.ndarray, stride: int, positions: int, samples: int,
+                   h: np.ndarray, tails: np.ndarray, hc: np.ndarray, hp: np.ndarray, tp: np.ndarray,
+                   listed: np.ndarray, below: np.ndarray, id_at: np.ndarray) -> None:
+    """A decoded record (`_compact_record`'s scratch) into ids, counts (any dtypes that hold them):
+    position i's entries from i · stride (stride 0: right after position i − 1's), in the order of
+    format §4.2 (descending count, then ascending id), places mapped to ids by the id order (`id_at`:
+    its table, or empty to search `listed` / `below`). A head is sorted as one key per entry,
+    (N − count) · 2^32 + id; a tail (count 1) as its ids."""
+    keys = np.empty(len(tp), dtype=np.int64)  # (a position has at most all the entries)
+    at = e = t = 0
+    for i in range(positions):
+        at = i * stride if stride else at
+        for x in range(h[i]):
+            p = hp[e + x]
+            if len(id_at):  # (written out: a call per entry costs more than the entry, arrays passed are counted)
+                p = id_at[p]
+            elif len(listed):
+                p = _id_at(p, listed, below)
+            keys[x] = ((samples - hc[e + x] - 1) << 32) | p
+        _sort(keys, 0, h[i])
+        for x in range(h[i]):
+            ids[at + x] = keys[x] & 0xFFFFFFFF
+            counts[at + x] = samples - (keys[x] >> 32)
+        at += h[i]
+        e += h[i]
+        for x in range(tails[i]):
+            p = tp[t + x]
+            if len(id_at):
+                p = id_at[p]
+            elif len(listed):
+                p = _id_at(p, listed, below)
+            keys[x] = p
+        if len(listed):  # places map back to ids out of order
+            _sort(keys, 0, tails[i])
+        for x in range(tails[i]):
+            ids[at + x] = keys[x]
+            counts[at + x] = 1
+        at += tails[i]
+        t += tails[i]
+
+
+@_jit
+def compact_sampled(ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int, samples: int,
+                    vocab: int, listed: np.ndarray, below: np.ndarray, id_at: np.ndarray
+                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """One record's compact streams decoded: (0, offsets [positions + 1], ids int32, counts uint16) as
+    `SampledTargets` holds them, or (what is wrong, empty arrays)."""
+    h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(positions, entries, samples)
+    offsets = np.zeros(positions + 1, dtype=np.int64)
+    wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip,
+                            sums)
+    if wrong:
+        return wrong, offsets, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint16)
+    ids = np.empty(entries, dtype=np.int32)
+    counts = np.empty(entries, dtype=np.uint16)
+    _compact_place(ids, counts, 0, positions, samples, h, tails, hc, hp, tp, listed, below, id_at)
+    for i in range(positions):
+        offsets[i + 1] = offsets[i] + h[i] + tails[i]
+    return 0, offsets, ids, counts
+
+
+@_jit
+def compact_weighted(ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int, samples: int,
+                     vocab: int, listed: np.ndarray, below: np.ndarray, id_at: np.ndarray
+                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """One record's compact streams decoded into the loader's rows: (0, ids [positions, U] int64
+    padded with −1, weights [positions, U] float32 = count / N padded with 0, entries per position),
+    U the most entries a position has; or (what is wrong, empty arrays)."""
+    h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(positions, entries, samples)
+    lengths = np.zeros(positions, dtype=np.int64)
+    wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip,
+                            sums)
+    if wrong:
+        return wrong, np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32), lengths
+    width = 0
+    for i in range(positions):
+        lengths[i] = h[i] + tails[i]
+        width = max(width, lengths[i])
+    ids = np.full(positions * width, -1, dtype=np.int64)
+    weights = np.zeros(positions * width, dtype=np.float32)  # the counts first (exact in float32: ≤ 2^16)
+    _compact_place(ids, weights, width, positions, samples, h, tails, hc, hp, tp, listed, below, id_at)
+    for x in range(positions * width):
+        weights[x] = np.float32(np.float64(weights[x]) / samples)  # (as numpy's count / N, then float32)
+    return 0, ids.reshape((positions, width)), weights.reshape((positions, width)), lengths
 
 
 # -- top-k rows (format §4.1, `store.columns.unsound_topk` / `impossible_topk`) ------------------------

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 from common import prompt_rows, write_jsonl
+from compact_reference import unpack_unary, unpack_varbits
 from genhelpers import config, run_cli
 
 from potstill.share import store_info
@@ -32,8 +33,6 @@ from potstill.store.codec import (
     pack_unary,
     pack_varbits,
     sampled_from_draws,
-    unpack_unary,
-    unpack_varbits,
 )
 from potstill.store.errors import StoreError
 from potstill.store.manifest import TargetSpec

@@ -8,12 +8,14 @@ import itertools
 
 import numpy as np
 import pytest
+from compact_reference import reference_decode_compact
 from test_shard_checks import _damaged, _flat
 
 from potstill.store import StoreError, kernels
 from potstill.store.codec import (
     IdOrder,
     LogprobQuantizer,
+    compact_order,
     decode_sampled_compact,
     encode_sampled_compact,
     pack_bits,
@@ -58,8 +60,8 @@ def _record_by_record(ids_values, ids_off, counts_values, counts_off, entries, p
     bad = np.zeros(len(entries), dtype=bool)
     for r in range(len(entries)):
         try:
-            t = decode_sampled_compact(ids_values[ids_off[r]:ids_off[r + 1]], counts_values[counts_off[r]:counts_off[r + 1]],
-                                       int(entries[r]), int(positions[r]), n, vocab, id_order=order)
+            t = reference_decode_compact(ids_values[ids_off[r]:ids_off[r + 1]], counts_values[counts_off[r]:counts_off[r + 1]],
+                                         int(entries[r]), int(positions[r]), n, vocab, id_order=order)
             bad[r] = bool(len(t.ids)) and int(t.ids.max()) >= tv
         except StoreError:
             bad[r] = True
@@ -81,6 +83,40 @@ def test_the_compact_kernel_flags_the_records_the_numpy_check_flags(seed: int) -
         np.testing.assert_array_equal(got, want)
         flagged, total = flagged + int(want.sum()), total + len(want)
     assert 0 < flagged < total  # both kinds of record were there
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_compiled_compact_decoders_read_what_the_numpy_reference_reads(seed: int) -> None:
+    """Record by record, sound and damaged: `decode_sampled_compact` (CSR) and `compact_weighted` (the
+    loader's padded rows) give the reference's targets exactly, and refuse what it refuses."""
+    rng = np.random.default_rng(100 + seed)
+    decoded = refused = 0
+    for _ in range(60):
+        n = int(rng.choice([1, 2, 12, 64, 1000]))
+        vocab = int(rng.choice([2, 50, 4096, 1 << 17]))
+        order = IdOrder(rng.permutation(vocab)[:40].tolist(), vocab=vocab if rng.random() < 0.5 else None) \
+            if vocab >= 50 and rng.random() < 0.6 else None
+        ids_values, ids_off, counts_values, counts_off, entries, positions = _compact_shard(rng, n, vocab, order)
+        for r in range(len(entries)):
+            args = (ids_values[ids_off[r]:ids_off[r + 1]], counts_values[counts_off[r]:counts_off[r + 1]],
+                    int(entries[r]), int(positions[r]), n, vocab)
+            try:
+                want = reference_decode_compact(*args, id_order=order)
+            except StoreError:
+                with pytest.raises(StoreError):
+                    decode_sampled_compact(*args, id_order=order)
+                assert kernels.compact_weighted(*args, *compact_order(order, vocab))[0] != 0
+                refused += 1
+                continue
+            got = decode_sampled_compact(*args, id_order=order)
+            for a, b in ((got.offsets, want.offsets), (got.ids, want.ids), (got.counts, want.counts)):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+            wrong, ids, weights, lengths = kernels.compact_weighted(*args, *compact_order(order, vocab))
+            padded_ids, counts = want.padded()
+            assert wrong == 0 and np.array_equal(lengths, want.lengths()) and np.array_equal(ids, padded_ids)
+            assert weights.dtype == np.float32 and np.array_equal(weights, (counts / n).astype(np.float32))
+            decoded += 1
+    assert decoded and refused
 
 
 # -- top-k rows --------------------------------------------------------------------------------------

@@ -95,12 +95,17 @@ def stores(tmp_path_factory, tiny_teacher_dir, tiny_tokenizer_dir) -> dict:
     generate(config(tiny_teacher_dir, prompts, both, targets="both", samples=50, top_k=8, codec="packed", seed=3))
     sampled = str(root / "sampled.store")
     generate(config(tiny_teacher_dir, prompts, sampled, targets="sampled", samples=12, seed=3))
+    compact = str(root / "compact.store")
+    generate(config(tiny_teacher_dir, prompts, compact, targets="sampled", samples=12, codec="compact", seed=3))
     student = build_student(str(root / "student"), tiny_tokenizer_dir, hidden=16)
-    return {"root": root, "both": both, "sampled": sampled, "student": student}
+    return {"root": root, "both": both, "sampled": sampled, "compact": compact, "student": student}
 
 
-def test_collation_aligns_sampled_targets_with_the_logits_that_predict_them(stores) -> None:
-    store = open_store(stores["both"])
+@pytest.mark.parametrize("name", ["both", "sampled", "compact"])  # compact: decoded straight into the rows
+def test_collation_aligns_sampled_targets_with_the_logits_that_predict_them(stores, name: str) -> None:
+    store = open_store(stores[name])
+    assert store.manifest.targets.codec == {"both": "packed", "sampled": "none", "compact": "compact"}[name]
+    n = store.manifest.targets.samples
     reader = store.shard(store.shard_names[0])
     seqs = [record_sequence(reader, row, "sampled") for row in range(3)]
     batch = collate(seqs, k=0, pad_id=0, targets="sampled", student_vocab=200)
@@ -116,7 +121,7 @@ def test_collation_aligns_sampled_targets_with_the_logits_that_predict_them(stor
             got, probs = batch["sampled_ids"][row].numpy(), batch["sampled_probs"][row].numpy()
             u = len(ids)
             assert np.array_equal(got[:u], np.where(keep, ids, -1)) and np.all(got[u:] == -1)
-            assert np.allclose(probs[:u], np.where(keep, counts / 50.0, 0.0)) and np.all(probs[u:] == 0)
+            assert np.array_equal(probs[:u], np.where(keep, (counts / n).astype(np.float32), 0.0)) and np.all(probs[u:] == 0)
             row += 1
     assert row == len(batch["hard_ids"])
 

@@ -116,6 +116,9 @@ def _break_compact_record(url: str, shard: str, row: int) -> str:
             rewrite_column(url, shard, "sampled_counts_packed", flip)
             with pytest.raises(StoreError) as err:
                 open_store(url).shard(shard).views.sampled_of(row)
+            with pytest.raises(StoreError) as rows_err:  # the loader's rows, decoded on their own path
+                open_store(url).shard(shard).views.columns.sampled_rows(row)
+            assert str(rows_err.value) == str(err.value)
             return str(err.value)
         counts[a + bit // 8] ^= np.uint8(1 << (bit % 8))
     raise AssertionError("no single flipped bit is refused")

@@ -93,6 +93,14 @@ class TargetColumns:
     def sampled(self, j: int) -> SampledTargets:
         raise StoreError("the store holds no sampled targets")
 
+    def sampled_rows(self, j: int) -> WeightedRows:
+        """Record j's sampled targets as the loader trains on them: each position's ids, weighted
+        count / N. A codec may decode straight into these rows."""
+        sampled = self.sampled(j)
+        ids, counts = sampled.padded()
+        weights = counts / np.maximum(counts.sum(-1, keepdims=True), 1)  # every position's counts sum to N
+        return WeightedRows(ids, weights.astype(np.float32), sampled.lengths())
+
     def record_fields(self, j: int) -> dict[str, Any]:
         """Record j's target fields of `Record` (token_logprob, topk_*, tail_logprob, sampled)."""
         raise NotImplementedError
@@ -195,10 +203,7 @@ class TargetKind:
         """Record j's targets in the loader's shape `target` (one of `train_targets`)."""
         if target == "topk":
             return columns.topk(j)
-        sampled = columns.sampled(j)
-        ids, counts = sampled.padded()
-        weights = counts / np.maximum(counts.sum(-1, keepdims=True), 1)  # every position's counts sum to N
-        return WeightedRows(ids, weights.astype(np.float32), sampled.lengths())
+        return columns.sampled_rows(j)
 
 
 class Codec:

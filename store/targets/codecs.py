@@ -25,6 +25,8 @@ from potstill.store.codec import (
     SampledTargets,
     bits_for,
     check_sampled,
+    compact_order,
+    compact_problem,
     decode_sampled,
     decode_sampled_compact,
     decode_topk,
@@ -62,6 +64,7 @@ from potstill.store.targets.base import (
     TargetKind,
     TargetSpec,
     TopKRows,
+    WeightedRows,
 )
 from potstill.store.targets.parts import np_logprob_dtype
 
@@ -354,6 +357,10 @@ class PackedCodec(Codec):
         return decode_sampled(ids_data, counts_data, entries, positions, spec.samples, int(spec.id_bits or 0),
                               int(spec.count_bits or 0))
 
+    def sampled_rows(self, columns: PackedColumns, j: int) -> WeightedRows:
+        """`PackedColumns.sampled_rows`: the decoded targets (`sampled`) padded into rows."""
+        return TargetColumns.sampled_rows(columns, j)
+
     def sampled_bits(self, entries: np.ndarray, spec: TargetSpec) -> dict[str, np.ndarray]:
         """verify: the bits each record's sampled streams take (none where they have no fixed length)."""
         return {"sampled_ids_packed": entries * int(spec.id_bits or 0),
@@ -427,6 +434,11 @@ class PackedColumns(TargetColumns):
                                              int(self.sampled_entries[j]), self.bounds[j + 1] - self.bounds[j], self.spec)
         except StoreError as e:
             raise StoreError(f"record {self.views.text_of('id', j)!r}: {e}") from None
+
+    def sampled_rows(self, j: int) -> WeightedRows:
+        if not self.kind.holds_sampled:
+            raise StoreError(f"the store holds {self.kind.name} targets, no sampled targets")
+        return self.codec.sampled_rows(self, j)
 
     def record_fields(self, j: int) -> dict[str, Any]:
         return _part_fields(self, j, self.kind)
@@ -541,6 +553,21 @@ class CompactCodec(PackedCodec):
                        spec: TargetSpec) -> SampledTargets:
         return decode_sampled_compact(ids_data, counts_data, entries, positions, spec.samples,
                                        1 << int(spec.id_bits or 0), id_order=spec.id_order_map)
+
+    def sampled_rows(self, columns: PackedColumns, j: int) -> WeightedRows:
+        """`PackedColumns.sampled_rows`: record j decoded straight into the loader's rows (compiled)."""
+        from potstill.store import kernels  # (here: numba takes 0.2 s to import)
+
+        spec = columns.spec
+        vocab = 1 << int(spec.id_bits or 0)
+        entries, positions = int(columns.sampled_entries[j]), columns.bounds[j + 1] - columns.bounds[j]
+        wrong, ids, weights, lengths = kernels.compact_weighted(
+            columns._bytes("sampled_ids_packed", j), columns._bytes("sampled_counts_packed", j), entries, positions,
+            spec.samples, vocab, *compact_order(spec.id_order_map, vocab))
+        if wrong:
+            problem = compact_problem(wrong, entries, positions, spec.samples, vocab)
+            raise StoreError(f"record {columns.views.text_of('id', j)!r}: compact sampled targets: {problem}")
+        return WeightedRows(ids, weights, lengths)
 
     def sampled_bits(self, entries: np.ndarray, spec: TargetSpec) -> dict[str, np.ndarray]:
         return {}  # no fixed length: decoding checks the streams
