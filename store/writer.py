@@ -30,6 +30,7 @@ from potstill.store.hidden import HiddenShardWriter
 from potstill.store.ids import IDS_FILE, ids_file_bytes
 from potstill.store.leases import HEARTBEAT_S, WriterLease
 from potstill.store.manifest import FileEntry, StoreManifest
+from potstill.store.pieces import PIECES_FILE, body_bounds, piece_starts, pieces_file_bytes
 from potstill.store.records import Record, records_to_batch, target_nbytes, validate_record
 
 
@@ -145,12 +146,15 @@ class ShardWriter:
             ipc_writer.write_batch(batch)
         arrow_bytes = memoryview(sink.getvalue())
         arrow_path = join(self.store.root, prefix, "records.arrow")
+        starts = piece_starts(arrow_bytes.nbytes, body_bounds(arrow_bytes))
         if self.local:
-            digest = _write_hashed(arrow_path, arrow_bytes)
+            digest, pieces = _write_hashed(arrow_path, arrow_bytes, starts)
         else:
-            digest = sha256_bytes(arrow_bytes)
+            digest, pieces = sha256_bytes(arrow_bytes), pieces_file_bytes(arrow_bytes, starts)
             write_bytes(fs, arrow_path, arrow_bytes.tobytes())
         files = [FileEntry(f"{prefix}/records.arrow", arrow_bytes.nbytes, digest)]
+        files.append(FileEntry(f"{prefix}/{PIECES_FILE}", pieces.size, sha256_bytes(memoryview(pieces))))
+        write_bytes(fs, join(self.store.root, files[-1].path), pieces.to_pybytes() if not self.local else memoryview(pieces))
         field_bytes = {f.name: batch.column(i).nbytes for i, f in enumerate(batch.schema)}
         ids_buf = ids_file_bytes([r.id for r in self._records])
         files.append(FileEntry(f"{prefix}/{IDS_FILE}", ids_buf.size, sha256_bytes(memoryview(ids_buf))))
@@ -239,12 +243,14 @@ class ShardWriter:
         self.close()
 
 
-def _write_hashed(path: str, data: memoryview) -> str:
-    """Write a whole local file, fsync it once, and return the sha256 of the bytes written: hashed from
-    memory while a second thread writes and fsyncs them (both release the GIL), so the disk's fsync
-    wait and the hashing overlap even on one core."""
+def _write_hashed(path: str, data: memoryview, starts: list[int]) -> tuple[str, pa.Buffer]:
+    """Write a whole local file, fsync it once, and return the sha256 of the bytes written and its
+    pieces file (`store.pieces`, cut at `starts`): the whole hashed from memory while a second thread
+    writes the bytes, hashes the pieces and fsyncs (both release the GIL), so the disk's fsync wait
+    and the hashing overlap even on one core, and the two hashes run at once on two."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     failed: list[BaseException] = []
+    pieces: list[pa.Buffer] = []
 
     def write() -> None:
         try:
@@ -252,6 +258,7 @@ def _write_hashed(path: str, data: memoryview) -> str:
                 rest = data
                 while rest:  # a raw file may take part of what it is given
                     rest = rest[f.write(rest) :]
+                pieces.append(pieces_file_bytes(data, starts))
                 os.fsync(f.fileno())
         except BaseException as e:  # handed to the caller below
             failed.append(e)
@@ -262,7 +269,7 @@ def _write_hashed(path: str, data: memoryview) -> str:
     writer.join()
     if failed:
         raise failed[0]
-    return digest
+    return digest, pieces[0]
 
 
 class _LocalFS:

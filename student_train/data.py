@@ -570,36 +570,41 @@ class CheckedShards:
 
 class CheckAhead:
     """One process's checks of the shards it reads, run in a background thread, one shard at a time, up
-    to CHECK_AHEAD shards ahead of the one being read, so that on a machine with a core to spare the
-    reading does not wait for them after its first shard. `upcoming` lists the shards in the order
-    the process first reads them (`StoreDataset._samples` extends it epoch by epoch); `use` returns
-    once a shard has passed its checks, or raises what is wrong with it. Nothing of a shard is read
-    before it has passed them (`StoreDataset._shard`)."""
+    to CHECK_AHEAD shards ahead of the one being read. `upcoming` lists the shards in the order the
+    process first reads them (`StoreDataset._samples` extends it epoch by epoch). Until a shard has
+    passed, its records are checked one by one as they are read (`ShardReader.check_record`), so the
+    reading never waits for a whole shard's check; a shard that fails is refused from then on
+    (`use`)."""
 
     def __init__(self, store: Store, shards: list[str], checked: CheckedShards) -> None:
         self.pid = os.getpid()
         self.store, self.shards, self.checked = store, shards, checked
         self.upcoming: collections.deque[int] = collections.deque()
         self._pending: dict[int, concurrent.futures.Future[None]] = {}
-        self._current = -1  # the shard being read, checked
+        self._current = -1  # the shard being read
         self._queue: queue.SimpleQueue[tuple[int, concurrent.futures.Future[None]]] = queue.SimpleQueue()
         # A daemon thread: a loader worker told to stop exits at once, not after the checks queued ahead.
         threading.Thread(target=self._run, name="potstill-check", daemon=True).start()
 
-    def use(self, index: int) -> None:
-        """Return once shard `index`, about to be read, has passed its checks (or raise what is wrong
-        with it); on reaching a new shard, check the next ones ahead."""
-        if index == self._current:
-            return
-        if not self.checked.flags[index]:
-            future = self._pending.get(index)
-            if future is None:  # (listed before the shards scheduled after it)
-                future = self._pending[index] = self._submit(index)
+    def use(self, index: int) -> bool:
+        """Whether shard `index`, about to be read, has passed its whole check (else its records must
+        be checked as they are read); raises what is wrong with it once its check has failed. On
+        reaching a new shard, check it and the next ones ahead."""
+        if index != self._current:
+            self._current = index
+            if not self.checked.flags[index] and index not in self._pending:  # (listed before the ones after it)
+                self._pending[index] = self._submit(index)
             self._schedule()
-            future.result()
-            del self._pending[index]
-        self._schedule()
-        self._current = index
+        if self.checked.flags[index]:
+            return True
+        future = self._pending.get(index)
+        if future is None:  # (defensive: every unflagged shard this process reached has its check queued)
+            future = self._pending[index] = self._submit(index)
+        if not future.done():
+            return False
+        future.result()  # raises what the check found: the shard is refused at every read from now on
+        del self._pending[index]
+        return True
 
     def _submit(self, index: int) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -612,7 +617,7 @@ class CheckAhead:
             future.set_running_or_notify_cancel()
             try:
                 self._check(index)
-            except BaseException as e:  # handed to the reader that waits for this shard
+            except BaseException as e:  # handed to the reader that reads this shard next
                 future.set_exception(e)
             else:
                 future.set_result(None)
@@ -829,14 +834,18 @@ class StoreDataset(IterableDataset):
             self._ahead = CheckAhead(self.store, self.plan.shards, self._checked)
         return self._ahead
 
-    def _shard(self, shard_idx: int) -> ShardReader:
+    def _shard(self, shard_idx: int, row: int) -> ShardReader:
+        """The reader of a shard whose record `row` is about to be read, that record checked: by its
+        shard's whole check, or on its own while that runs (`CheckAhead`)."""
         name = self.plan.shards[shard_idx]
-        if self.store.verify_reads:
-            self.check_ahead.use(shard_idx)  # raises what is wrong with the shard
-        return self.store.shard(name, checked=True)
+        if not self.store.verify_reads or self.check_ahead.use(shard_idx):  # (raises what is wrong with the shard)
+            return self.store.shard(name, checked=True)
+        reader = self.store.shard(name, by_record=True)
+        reader.check_record(row)
+        return reader
 
     def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
-        reader = self._shard(shard_idx)
+        reader = self._shard(shard_idx, row)
         whole = record_sequence(reader, row, self.targets)
         for layer in self.hidden_layers:  # the chunk files this record's states lie in: checked before use
             reader.check_hidden(row, layer)
