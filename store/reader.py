@@ -545,6 +545,7 @@ class ShardReader:
                 # Hashing reads the file once; its pages are then in the cache the columns read from.
                 _check_digest(buffer, self._files[commit.arrow_path], where)
                 _VERIFIED.add((path, self._files[commit.arrow_path].sha256))
+                self._pieces_file()  # unused here, but a checked read passes no damaged file of its shard
             reader = pa.ipc.open_file(buffer)
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
             if self._pieces is not None:
@@ -585,13 +586,7 @@ class ShardReader:
     def _open_pieces(self, buffer: pa.Buffer, where: str) -> PieceChecks:
         """The pieces file (its sha256 checked against the commit record), and the records file's head
         and tail pieces checked: the bytes Arrow parses before anything else is read."""
-        entry = self._files[self.commit.pieces_path]
-        pieces_where = f"{self.store.url}/{entry.path}"
-        try:
-            data = read_bytes(self.store.fs, self.store.path(entry.path))
-        except FileNotFoundError:
-            raise StoreError(f"{pieces_where}: shard file is missing") from None
-        _check_digest(data, entry, pieces_where)
+        data, pieces_where = self._pieces_file()
         if buffer.size != self._files[self.commit.arrow_path].bytes:
             raise StoreError(f"{where}: has {buffer.size} bytes, the store lists "
                              f"{self._files[self.commit.arrow_path].bytes} (truncated?)")
@@ -599,6 +594,17 @@ class ShardReader:
         pieces.check(0, pieces.head)
         pieces.check(pieces.tail, buffer.size)
         return pieces
+
+    def _pieces_file(self) -> tuple[bytes, str]:
+        """The shard's pieces file, its sha256 checked against the commit record, and its name."""
+        entry = self._files[self.commit.pieces_path]
+        where = f"{self.store.url}/{entry.path}"
+        try:
+            data = read_bytes(self.store.fs, self.store.path(entry.path))
+        except FileNotFoundError:
+            raise StoreError(f"{where}: shard file is missing") from None
+        _check_digest(data, entry, where)
+        return data, where
 
     def _check_metadata(self, buffer: pa.Buffer, batches: list[pa.RecordBatch], path: str, where: str) -> None:
         """By record: check every byte outside the record batch's body (what Arrow parsed: the writer's
