@@ -398,7 +398,7 @@ class Store:
         """The reader of a committed shard (kept open in a small LRU cache). `checked`: another process
         of the same job has already checked its records file and values (`verify_reads`), so this one
         does not again (a training loader's workers share what they checked; `mark_checked`).
-        `by_record`: instead of the whole shard now, each record as it is read (`ShardReader.check_record`),
+        `by_record`: instead of the whole shard now, each record as it is read (`ShardReader.check_records`),
         while another thread checks the whole (a training loader's first shards)."""
         reader = self._open.get(name)
         if reader is None:
@@ -523,7 +523,7 @@ class ShardReader:
         process of the same job) or checked before in this process, check it first: its sha256, then
         its values (`store.checks`) and ids. `by_record`: check now only the bytes Arrow parses and
         every record's offsets (against the pieces file, `store.pieces`), and each record's bytes and
-        values when it is first read (`check_record`)."""
+        values when it is first read (`check_records`)."""
         self.store = store
         self.commit = commit
         self.name = commit.shard
@@ -622,31 +622,37 @@ class ShardReader:
         for column in batches[0].columns:
             pieces.check_row_buffers(column)
 
-    def check_record(self, row: int) -> None:
-        """A reader opened `by_record`: check record `row`'s bytes (the pieces holding them) and values,
-        and its id against the ids file, once, before it is used; nothing otherwise."""
-        if self._pieces is None or row in self._rows_checked:
+    def check_records(self, rows: list[int]) -> None:
+        """A reader opened `by_record`: check records `rows`' bytes (the pieces holding them) and values,
+        and their ids against the ids file, once each, before they are used; nothing otherwise. The
+        values of several records are checked together (a check has a fixed cost per call)."""
+        if self._pieces is None:
+            return
+        rows = sorted({row for row in rows if row not in self._rows_checked})
+        if not rows:
             return
         store, batch = self.store, self.views.batch
-        for column in batch.columns:
-            self._pieces.check_rows(column, row, row + 1)
-        one = pa.RecordBatch.from_arrays([pa.concat_arrays([c.slice(row, 1)]) for c in batch.columns],
-                                         schema=batch.schema)
+        for row in rows:
+            for column in batch.columns:
+                self._pieces.check_rows(column, row, row + 1)
+        chosen = batch.take(pa.array(rows, pa.int64()))  # (a copy: the views need columns that start at 0)
         try:
-            problems = value_problems(ColumnViews(one, store.manifest.targets), store.manifest)
+            problems = value_problems(ColumnViews(chosen, store.manifest.targets), store.manifest)
         except (pa.ArrowInvalid, StoreError) as e:
             raise StoreError(f"{store.url}/{self.commit.arrow_path}: {e}") from None
         if problems:
             raise StoreError(f"{store.url}: shard {self.name}: {problems[0]}")
         ids = store._ids_batch(self.name)
-        record_id, listed = one.column("id")[0].as_py(), ids.column(0)[row].as_py()
-        if listed != record_id:
-            raise StoreError(f"{store.url}/{self.commit.ids_path}: ids file differs from the records' ids at row "
-                             f"{row} ({listed!r}, record {record_id!r})")
-        if ids.column(1)[row].as_py() != int(id_keys([listed])[0]):
-            raise StoreError(f"{store.url}/{self.commit.ids_path}: ids file's key of id {listed!r} (row {row}) "
-                             "is not its id's key")
-        self._rows_checked.add(row)
+        listed = ids.column(0).take(pa.array(rows, pa.int64())).to_pylist()
+        for row, record_id, listed_id, key in zip(rows, chosen.column("id").to_pylist(), listed,
+                                                  id_keys(listed).tolist(), strict=True):
+            if listed_id != record_id:
+                raise StoreError(f"{store.url}/{self.commit.ids_path}: ids file differs from the records' ids at "
+                                 f"row {row} ({listed_id!r}, record {record_id!r})")
+            if ids.column(1)[row].as_py() != key:
+                raise StoreError(f"{store.url}/{self.commit.ids_path}: ids file's key of id {listed_id!r} (row {row}) "
+                                 "is not its id's key")
+        self._rows_checked.update(rows)
 
     @property
     def num_records(self) -> int:

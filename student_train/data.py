@@ -572,7 +572,7 @@ class CheckAhead:
     """One process's checks of the shards it reads, run in a background thread, one shard at a time, up
     to CHECK_AHEAD shards ahead of the one being read. `upcoming` lists the shards in the order the
     process first reads them (`StoreDataset._samples` extends it epoch by epoch). Until a shard has
-    passed, its records are checked one by one as they are read (`ShardReader.check_record`), so the
+    passed, its records are checked one by one as they are read (`ShardReader.check_records`), so the
     reading never waits for a whole shard's check; a shard that fails is refused from then on
     (`use`)."""
 
@@ -583,8 +583,15 @@ class CheckAhead:
         self._pending: dict[int, concurrent.futures.Future[None]] = {}
         self._current = -1  # the shard being read
         self._queue: queue.SimpleQueue[tuple[int, concurrent.futures.Future[None]]] = queue.SimpleQueue()
+        # The thread starts checking once the process has made its first batch (`start`): checked
+        # alongside, the reading of that batch would wait for the GIL behind it, for no gain.
+        self._started = threading.Event()
         # A daemon thread: a loader worker told to stop exits at once, not after the checks queued ahead.
         threading.Thread(target=self._run, name="potstill-check", daemon=True).start()
+
+    def start(self) -> None:
+        """Let the thread check the shards queued (the process has made its first batch)."""
+        self._started.set()
 
     def use(self, index: int) -> bool:
         """Whether shard `index`, about to be read, has passed its whole check (else its records must
@@ -612,6 +619,7 @@ class CheckAhead:
         return future
 
     def _run(self) -> None:
+        self._started.wait()
         while True:
             index, future = self._queue.get()
             future.set_running_or_notify_cancel()
@@ -798,6 +806,8 @@ class StoreDataset(IterableDataset):
         while True:
             chunk = list(itertools.islice(samples, self.batch_size))
             yield self.collate_records(chunk)
+            if self.store.verify_reads:
+                self.check_ahead.start()  # (the whole checks wait for the first batch: `CheckAhead`)
 
     def _samples(self, part: int, start: int) -> Iterator[tuple[int, int]]:
         epoch, offset = divmod(start, self.plan.span)
@@ -834,18 +844,20 @@ class StoreDataset(IterableDataset):
             self._ahead = CheckAhead(self.store, self.plan.shards, self._checked)
         return self._ahead
 
-    def _shard(self, shard_idx: int, row: int) -> ShardReader:
-        """The reader of a shard whose record `row` is about to be read, that record checked: by its
-        shard's whole check, or on its own while that runs (`CheckAhead`)."""
+    def _shard(self, shard_idx: int, rows: list[int]) -> ShardReader:
+        """The reader of a shard whose records `rows` are about to be read, those records checked: by
+        their shard's whole check, or on their own while that runs (`CheckAhead`)."""
         name = self.plan.shards[shard_idx]
         if not self.store.verify_reads or self.check_ahead.use(shard_idx):  # (raises what is wrong with the shard)
             return self.store.shard(name, checked=True)
         reader = self.store.shard(name, by_record=True)
-        reader.check_record(row)
+        reader.check_records(rows)
         return reader
 
-    def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
-        reader = self._shard(shard_idx, row)
+    def read_sequences(self, shard_idx: int, row: int, batch_rows: list[int] | None = None) -> list[Sequence]:
+        """The sequences of one record; `batch_rows`: the rows of its shard the batch reads, checked
+        together when their shard's whole check is not done."""
+        reader = self._shard(shard_idx, batch_rows or [row])
         whole = record_sequence(reader, row, self.targets)
         for layer in self.hidden_layers:  # the chunk files this record's states lie in: checked before use
             reader.check_hidden(row, layer)
@@ -874,12 +886,15 @@ class StoreDataset(IterableDataset):
         seqs: list[Sequence] = []
         found: dict[str, str] = {}
         records = 0
+        rows: dict[int, list[int]] = collections.defaultdict(list)
+        for shard_idx, row in samples:
+            rows[shard_idx].append(row)
         for shard_idx, row in samples:
             name = self.plan.shards[shard_idx]
             if name in self.bad_shards:
                 continue
             try:
-                seqs += self.read_sequences(shard_idx, row)
+                seqs += self.read_sequences(shard_idx, row, rows[shard_idx])
                 records += 1
             except StoreError as e:
                 if not self.skip_bad_shards:

@@ -63,11 +63,11 @@ def test_a_record_is_checked_alone_and_damage_elsewhere_is_refused_when_reached(
     reader = open_store(store_url, verify_reads=True).shard("w-000000", by_record=True)
     assert reader._pieces is not None and len(reader._pieces.starts) > RECORDS * 40_000 // PIECE_BYTES
     for row in range(BATCH):  # far from the damage: their own pieces pass
-        reader.check_record(row)
+        reader.check_records([row])
         assert reader.record(row).id == f"r{row:03d}" == reader.ids[row]
     assert reader._pieces.passed.sum() < len(reader._pieces.passed) // 2  # not the whole file
     with pytest.raises(StoreError, match=r"w-000000/records.arrow: fails its sha256 check \(corrupted bytes "):
-        reader.check_record(DAMAGED)
+        reader.check_records([DAMAGED])
     with pytest.raises(StoreError, match=r"w-000000/records.arrow: fails its sha256 check \(corrupted bytes\)"):
         open_store(store_url, verify_reads=True).shard("w-000000")  # the whole check
 
