@@ -145,3 +145,24 @@ def test_values_of_a_record_in_the_first_batch_are_checked(store_url, held_check
     rewrite_column(store_url, "w-000000", "topk_logprobs", nan)
     batch = next(_loader(store_url).batches(0))
     assert "shard w-000000: record 'r002'" in batch["error"] and "NaN" in batch["error"], batch.get("error")
+
+
+def test_verify_names_a_pieces_file_that_does_not_tile_the_records_file(store_url: str) -> None:
+    from faults import rewrite_file
+
+    from potstill.store import verify_store
+    from potstill.store.pieces import pieces_file_bytes
+
+    with open(_records_file(store_url), "rb") as f:
+        records = f.read()
+    wrong = pieces_file_bytes(memoryview(records), [0, 100, 50]).to_pybytes()  # checksums re-made: a buggy writer
+
+    def replace(data: bytearray) -> None:
+        data[:] = wrong
+
+    rewrite_file(store_url, "shards/w-000000/pieces.arrow", replace)
+    problems = [str(p) for p in verify_store(store_url).problems]
+    assert problems == ["shard w-000000: shards/w-000000/pieces.arrow: its pieces do not tile records.arrow "
+                        f"({len(records)} bytes)"], problems
+    with pytest.raises(StoreError, match="pieces.arrow: its pieces do not tile records.arrow"):
+        open_store(store_url, verify_reads=True).shard("w-000000", by_record=True)
