@@ -571,10 +571,11 @@ class CheckedShards:
 class CheckAhead:
     """One process's checks of the shards it reads, run in a background thread, one shard at a time, up
     to CHECK_AHEAD shards ahead of the one being read. `upcoming` lists the shards in the order the
-    process first reads them (`StoreDataset._samples` extends it epoch by epoch). Until a shard has
-    passed, its records are checked one by one as they are read (`ShardReader.check_records`), so the
-    reading never waits for a whole shard's check; a shard that fails is refused from then on
-    (`use`)."""
+    process first reads them (`StoreDataset._samples` extends it epoch by epoch). The process's first
+    batch does not wait for them: its records are checked alone (`ShardReader.check_records`), and the
+    thread starts once it is made (`start`). From then on the reading of a shard waits for its whole
+    check, as checking record by record until that check is done costs about three times as much per
+    record, on top of the whole check (bench/loader_speed.py); a shard that fails is refused (`use`)."""
 
     def __init__(self, store: Store, shards: list[str], checked: CheckedShards) -> None:
         self.pid = os.getpid()
@@ -584,7 +585,7 @@ class CheckAhead:
         self._current = -1  # the shard being read
         self._queue: queue.SimpleQueue[tuple[int, concurrent.futures.Future[None]]] = queue.SimpleQueue()
         # The thread starts checking once the process has made its first batch (`start`): checked
-        # alongside, the reading of that batch would wait for the GIL behind it, for no gain.
+        # alongside, the reading of that batch would wait for the GIL behind it.
         self._started = threading.Event()
         # A daemon thread: a loader worker told to stop exits at once, not after the checks queued ahead.
         threading.Thread(target=self._run, name="potstill-check", daemon=True).start()
@@ -594,9 +595,10 @@ class CheckAhead:
         self._started.set()
 
     def use(self, index: int) -> bool:
-        """Whether shard `index`, about to be read, has passed its whole check (else its records must
-        be checked as they are read); raises what is wrong with it once its check has failed. On
-        reaching a new shard, check it and the next ones ahead."""
+        """Whether shard `index`, about to be read, has passed its whole check: before the first batch
+        is made (`start`), at once (False: its records must be checked as they are read), after it
+        once the check is done (it is waited for); raises what is wrong with the shard once its check
+        has failed. On reaching a new shard, check it and the next ones ahead."""
         if index != self._current:
             self._current = index
             if not self.checked.flags[index] and index not in self._pending:  # (listed before the ones after it)
@@ -607,9 +609,9 @@ class CheckAhead:
         future = self._pending.get(index)
         if future is None:  # (defensive: every unflagged shard this process reached has its check queued)
             future = self._pending[index] = self._submit(index)
-        if not future.done():
+        if not future.done() and not self._started.is_set():
             return False
-        future.result()  # raises what the check found: the shard is refused at every read from now on
+        future.result()  # waits; raises what the check found: the shard is refused at every read from now on
         del self._pending[index]
         return True
 
@@ -846,7 +848,7 @@ class StoreDataset(IterableDataset):
 
     def _shard(self, shard_idx: int, rows: list[int]) -> ShardReader:
         """The reader of a shard whose records `rows` are about to be read, those records checked: by
-        their shard's whole check, or on their own while that runs (`CheckAhead`)."""
+        their shard's whole check, or, in the process's first batch, on their own (`CheckAhead`)."""
         name = self.plan.shards[shard_idx]
         if not self.store.verify_reads or self.check_ahead.use(shard_idx):  # (raises what is wrong with the shard)
             return self.store.shard(name, checked=True)
