@@ -166,3 +166,23 @@ def test_verify_names_a_pieces_file_that_does_not_tile_the_records_file(store_ur
                         f"({len(records)} bytes)"], problems
     with pytest.raises(StoreError, match="pieces.arrow: its pieces do not tile records.arrow"):
         open_store(store_url, verify_reads=True).shard("w-000000", by_record=True)
+
+
+def test_the_pieces_file_is_the_one_the_format_describes(store_url: str) -> None:
+    """Format §3.1, computed here from the spec alone: the head up to the batch's first body byte, the
+    body in 65,536-byte pieces up to its last buffer's end, the tail; each piece's sha256."""
+    import hashlib
+
+    with open(_records_file(store_url), "rb") as f:
+        records = f.read()
+    buffer = pa.py_buffer(records)
+    batch = pa.ipc.open_file(buffer).get_batch(0)
+    spans = [(b.address - buffer.address, b.address - buffer.address + b.size)
+             for column in batch.columns for b in column.buffers() if b is not None and b.size]
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
+    starts = [0, *range(first, last, 65536), last]
+    ends = [*starts[1:], len(records)]
+    table = pa.ipc.open_file(pa.memory_map(os.path.join(store_url, "shards", "w-000000", "pieces.arrow"))).read_all()
+    assert table.schema.names == ["offset", "sha256"] and str(table.schema.field("sha256").type) == "fixed_size_binary[32]"
+    assert table.column("offset").to_pylist() == starts
+    assert table.column("sha256").to_pylist() == [hashlib.sha256(records[a:b]).digest() for a, b in zip(starts, ends, strict=True)]
