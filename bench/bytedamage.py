@@ -28,6 +28,7 @@ FILE_KINDS: dict[str, Callable[[str], bool]] = {
     "commit record": lambda rel: rel.startswith("commits/"),
     "records.arrow": lambda rel: rel.endswith("/records.arrow"),
     "ids.arrow": lambda rel: rel.endswith("/ids.arrow"),
+    "pieces.arrow": lambda rel: rel.endswith("/pieces.arrow"),
     "Zarr group metadata": lambda rel: rel.endswith("/hidden/zarr.json"),
     "Zarr array metadata": lambda rel: "/hidden/layer_" in rel and rel.endswith("/zarr.json"),
     "hidden-state data file": lambda rel: "/hidden/layer_" in rel and "/c/" in rel,

@@ -61,12 +61,24 @@ def rewrite_column(store_url: str, shard: str, column: str, change: Callable[[np
     commit_path = os.path.join(store_url, "commits", f"{shard}.json")
     with open(commit_path) as f:
         commit = json.load(f)
+    changed = {f"shards/{shard}/records.arrow": data, **_repieced(store_url, shard, data)}
     for entry in commit["files"]:
-        if entry["path"] == f"shards/{shard}/records.arrow":
-            entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        if entry["path"] in changed:
+            entry["bytes"], entry["sha256"] = len(changed[entry["path"]]), hashlib.sha256(changed[entry["path"]]).hexdigest()
     commit["bytes"] = sum(e["bytes"] for e in commit["files"])
     with open(commit_path, "w") as f:
         json.dump(commit, f, indent=1)
+
+
+def _repieced(store_url: str, shard: str, records: bytes) -> dict[str, bytes]:
+    """A rewritten records file's pieces file (format §3.1), written: {its path: its bytes}."""
+    from potstill.store.pieces import PIECES_FILE, piece_crcs, pieces_file_bytes
+
+    rel = f"shards/{shard}/{PIECES_FILE}"
+    data = pieces_file_bytes(piece_crcs(memoryview(records)))
+    with open(os.path.join(store_url, *rel.split("/")), "wb") as f:
+        f.write(data.to_pybytes())
+    return {rel: data.to_pybytes()}
 
 
 def _reseal_hidden(store_url: str, rel: str, data: bytearray) -> None:
@@ -96,9 +108,10 @@ def rewrite_file(store_url: str, rel: str, change: Callable[[bytearray], None]) 
     commit_path = os.path.join(store_url, "commits", f"{shard}.json")
     with open(commit_path) as f:
         commit = json.load(f)
+    changed = {rel: bytes(data), **(_repieced(store_url, shard, bytes(data)) if rel.endswith("/records.arrow") else {})}
     for entry in commit["files"]:
-        if entry["path"] == rel:
-            entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(bytes(data)).hexdigest()
+        if entry["path"] in changed:
+            entry["bytes"], entry["sha256"] = len(changed[entry["path"]]), hashlib.sha256(changed[entry["path"]]).hexdigest()
     commit["bytes"] = sum(e["bytes"] for e in commit["files"])
     with open(commit_path, "w") as f:
         json.dump(commit, f, indent=1)

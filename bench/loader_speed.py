@@ -21,8 +21,9 @@ processes: what a pass costs, whatever else the machine runs), the time to the f
 creating the dataset) and, with `--step-ms` (a training step's time, spent sleeping after each batch
 while the loader works on), the time spent waiting for batches; medians of `--rounds` rounds interleaved contender by contender so that load
 from others slows each alike. The checks are run afresh in every round (their per-process memory is
-cleared). potstill's first batch waits for the check of its first shard, so it grows with the shard
-size (`--shard-records`; MDS's shards are 64 MB, 320 top-64 records of 512 tokens).
+cleared). potstill's first batch checks only the records it reads (their pieces of the Arrow file
+and their values), not its whole first shard (`--shard-records`; MDS's shards are 64 MB, 320 top-64
+records of 512 tokens).
 
 It imports potstill from the checkout it lives in, whatever the interpreter has installed, so a
 Python that has mosaicml-streaming (and torch) installed measures this checkout's code:

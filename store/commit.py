@@ -12,6 +12,7 @@ from potstill.store.errors import StoreError
 from potstill.store.fs import check_relative
 from potstill.store.ids import IDS_FILE
 from potstill.store.manifest import FORMAT_VERSION, FileEntry, check_commit_version, utc_now
+from potstill.store.pieces import PIECES_FILE
 
 WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 SHARD_RE = re.compile(r"^(?P<writer>[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})-(?P<seq>\d{6,})$")
@@ -71,6 +72,10 @@ class CommitRecord:
         return f"shards/{self.shard}/{IDS_FILE}"
 
     @property
+    def pieces_path(self) -> str:
+        return f"shards/{self.shard}/{PIECES_FILE}"
+
+    @property
     def hidden_path(self) -> str:
         return f"shards/{self.shard}/hidden"
 
@@ -108,7 +113,7 @@ class CommitRecord:
         for f in rec.files:
             check_relative(f.path, prefix, where)
         listed = {f.path for f in rec.files}
-        for path in (rec.arrow_path, rec.ids_path):
+        for path in (rec.arrow_path, rec.ids_path, rec.pieces_path):
             if path not in listed:
                 raise StoreError(f"{where}: commit record does not list {path}")
         return rec

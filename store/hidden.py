@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
@@ -29,6 +28,7 @@ from zarr.core.chunk_grids import RegularChunkGrid
 
 from potstill.store.errors import StoreError
 from potstill.store.manifest import HiddenLayer
+from potstill.store.pieces import crc32c_of
 from potstill.store.records import hidden_problem
 
 DATA_KEY = "c/0/0"  # the key of an array's one shard (default chunk key encoding, "/" separator)
@@ -43,9 +43,7 @@ def stored_dtype(dtype: str) -> str:
 
 def crc32c(data: Any) -> bytes:
     """The crc32c of a buffer as Zarr's crc32c codec stores it: 4 bytes, little-endian."""
-    view = np.frombuffer(data, dtype=np.uint8)
-    view.flags.writeable = False  # google_crc32c takes read-only buffers only, and bytes() would copy
-    return int(google_crc32c.value(view)).to_bytes(4, "little")
+    return crc32c_of(data).to_bytes(4, "little")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from potstill.store.fs import (
 from potstill.store.hidden import DATA_KEY, HiddenArray
 from potstill.store.ids import IdIndex, contained, id_keys, ids_problem, read_ids_file, repeated
 from potstill.store.manifest import FileEntry, StoreManifest, check_manifest_checksum
+from potstill.store.pieces import PieceChecks, body_bounds, read_pieces
 from potstill.store.records import ColumnViews, Record, arrow_schema
 from potstill.store.writer import ShardWriter
 
@@ -393,13 +394,16 @@ class Store:
         return max(seqs_for_writer(names, writer_id), default=-1) + 1
 
     # -- reading ------------------------------------------------------------------------------
-    def shard(self, name: str, *, checked: bool = False) -> ShardReader:
+    def shard(self, name: str, *, checked: bool = False, by_record: bool = False) -> ShardReader:
         """The reader of a committed shard (kept open in a small LRU cache). `checked`: another process
         of the same job has already checked its records file and values (`verify_reads`), so this one
-        does not again (a training loader's workers share what they checked; `mark_checked`)."""
+        does not again (a training loader's workers share what they checked; `mark_checked`).
+        `by_record`: instead of the whole shard now, each record as it is read (`ShardReader.check_records`),
+        while another thread checks the whole (a training loader's first shards)."""
         reader = self._open.get(name)
         if reader is None:
-            reader = ShardReader(self, self.commit(name), checked=checked or name in self._checked_elsewhere)
+            reader = ShardReader(self, self.commit(name), checked=checked or name in self._checked_elsewhere,
+                                 by_record=by_record)
             self._open[name] = reader
             if len(self._open) > _OPEN_SHARDS:
                 self._open.popitem(last=False)
@@ -514,28 +518,38 @@ class Store:
 class ShardReader:
     """One committed shard: zero-copy columns of its Arrow file and lazy access to its Zarr arrays."""
 
-    def __init__(self, store: Store, commit: CommitRecord, *, checked: bool = False) -> None:
+    def __init__(self, store: Store, commit: CommitRecord, *, checked: bool = False, by_record: bool = False) -> None:
         """Open a shard's records file; with the store's `verify_reads`, unless `checked` (by another
         process of the same job) or checked before in this process, check it first: its sha256, then
-        its values (`store.checks`) and ids."""
+        its values (`store.checks`) and ids. `by_record`: check now only the bytes Arrow parses and
+        every record's offsets (against the pieces file, `store.pieces`), and each record's bytes and
+        values when it is first read (`check_records`)."""
         self.store = store
         self.commit = commit
         self.name = commit.shard
         where = f"{store.url}/{commit.arrow_path}"
         path = store.path(commit.arrow_path)
         self._files = {f.path: f for f in commit.files}
-        verify = store.verify_reads and not checked
+        verify = store.verify_reads and not checked and (path, "values") not in _VERIFIED
+        whole = verify and (path, self._files[commit.arrow_path].sha256) not in _VERIFIED
+        self._pieces: PieceChecks | None = None  # by record: the pieces checked so far
+        self._rows_checked: set[int] = set()
         try:
             if is_local(store.fs):  # zero-copy: columns are views of the page cache
                 buffer = pa.memory_map(path, "r").read_buffer()
             else:
                 buffer = pa.py_buffer(read_bytes(store.fs, path))
-            if verify and (path, self._files[commit.arrow_path].sha256) not in _VERIFIED:
+            if whole and by_record:
+                self._pieces = self._open_pieces(buffer, where)
+            elif whole:
                 # Hashing reads the file once; its pages are then in the cache the columns read from.
                 _check_digest(buffer, self._files[commit.arrow_path], where)
                 _VERIFIED.add((path, self._files[commit.arrow_path].sha256))
+                self._pieces_file()  # unused here, but a checked read passes no damaged file of its shard
             reader = pa.ipc.open_file(buffer)
             batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            if self._pieces is not None:
+                self._check_metadata(buffer, batches, path, where)
         except FileNotFoundError:
             raise StoreError(f"{where}: shard file is missing") from None
         except (pa.ArrowInvalid, OSError) as e:
@@ -558,7 +572,7 @@ class ShardReader:
             self.views = ColumnViews(batch, store.manifest.targets)
         except (pa.ArrowInvalid, StoreError) as e:
             raise StoreError(f"{where}: {e}") from None
-        if verify and (path, "values") not in _VERIFIED:
+        if verify and self._pieces is None:
             problems = value_problems(self.views, store.manifest)
             if problems:
                 raise StoreError(f"{store.url}: shard {self.name}: {problems[0]}")
@@ -569,12 +583,84 @@ class ShardReader:
         self._group: Any = None
         self._hidden_arrays: dict[int, HiddenArray] = {}
 
+    def _open_pieces(self, buffer: pa.Buffer, where: str) -> PieceChecks:
+        """The pieces file (its sha256 checked against the commit record), and the records file's framing
+        checked against it: the bytes Arrow parses before anything else is read."""
+        data, pieces_where = self._pieces_file()
+        if buffer.size != self._files[self.commit.arrow_path].bytes:
+            raise StoreError(f"{where}: has {buffer.size} bytes, the store lists "
+                             f"{self._files[self.commit.arrow_path].bytes} (truncated?)")
+        pieces = PieceChecks(buffer, read_pieces(pa.py_buffer(data), pieces_where, buffer.size), where)
+        pieces.check_framing()
+        return pieces
+
+    def _pieces_file(self) -> tuple[bytes, str]:
+        """The shard's pieces file, its sha256 checked against the commit record, and its name."""
+        entry = self._files[self.commit.pieces_path]
+        where = f"{self.store.url}/{entry.path}"
+        try:
+            data = read_bytes(self.store.fs, self.store.path(entry.path))
+        except FileNotFoundError:
+            raise StoreError(f"{where}: shard file is missing") from None
+        _check_digest(data, entry, where)
+        return data, where
+
+    def _check_metadata(self, buffer: pa.Buffer, batches: list[pa.RecordBatch], path: str, where: str) -> None:
+        """By record: check every byte outside the record batch's body (what Arrow parsed: the writer's
+        head and tail pieces hold it) and every record's offsets; a file of several batches is checked whole."""
+        pieces = self._pieces
+        assert pieces is not None
+        bounds = body_bounds(buffer) if len(batches) == 1 else None
+        if bounds is None:
+            self._pieces = None
+            _check_digest(buffer, self._files[self.commit.arrow_path], where)
+            _VERIFIED.add((path, self._files[self.commit.arrow_path].sha256))
+            return
+        pieces.check(0, bounds[0])
+        pieces.check(bounds[1], buffer.size)
+        for column in batches[0].columns:
+            pieces.check_row_buffers(column)
+
+    def check_records(self, rows: list[int]) -> None:
+        """A reader opened `by_record`: check records `rows`' bytes (the pieces holding them) and values,
+        and their ids against the ids file, once each, before they are used; nothing otherwise. The
+        values of several records are checked together (a check has a fixed cost per call)."""
+        if self._pieces is None:
+            return
+        rows = sorted({row for row in rows if row not in self._rows_checked})
+        if not rows:
+            return
+        store, batch = self.store, self.views.batch
+        for row in rows:
+            for column in batch.columns:
+                self._pieces.check_rows(column, row, row + 1)
+        chosen = batch.take(pa.array(rows, pa.int64()))  # (a copy: the views need columns that start at 0)
+        try:
+            problems = value_problems(ColumnViews(chosen, store.manifest.targets), store.manifest)
+        except (pa.ArrowInvalid, StoreError) as e:
+            raise StoreError(f"{store.url}/{self.commit.arrow_path}: {e}") from None
+        if problems:
+            raise StoreError(f"{store.url}: shard {self.name}: {problems[0]}")
+        ids = store._ids_batch(self.name)
+        listed = ids.column(0).take(pa.array(rows, pa.int64())).to_pylist()
+        for row, record_id, listed_id, key in zip(rows, chosen.column("id").to_pylist(), listed,
+                                                  id_keys(listed).tolist(), strict=True):
+            if listed_id != record_id:
+                raise StoreError(f"{store.url}/{self.commit.ids_path}: ids file differs from the records' ids at "
+                                 f"row {row} ({listed_id!r}, record {record_id!r})")
+            if ids.column(1)[row].as_py() != key:
+                raise StoreError(f"{store.url}/{self.commit.ids_path}: ids file's key of id {listed_id!r} (row {row}) "
+                                 "is not its id's key")
+        self._rows_checked.update(rows)
+
     @property
     def num_records(self) -> int:
         return self.commit.records
 
     @cached_property
     def ids(self) -> list[str]:
+        if self._pieces is not None:  # by record: the ids file (checked whole) holds them, row for row
+            return self.store.shard_ids(self.name).to_pylist()
         return self.views.batch.column("id").to_pylist()
 
     def record(self, row: int, *, with_hidden: bool = False) -> Record:

@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from potstill.store.checks import value_problems
 from potstill.store.commit import parse_shard_name
 from potstill.store.errors import StoreError
-from potstill.store.fs import is_local, join, listdir_names, pid_alive, temp_pid, temp_target
+from potstill.store.fs import is_local, join, listdir_names, pid_alive, read_bytes, temp_pid, temp_target
 from potstill.store.hidden import DATA_KEY, Layout, layout_problem, scan_data_file, stored_dtype
 from potstill.store.ids import ids_problem
 from potstill.store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
+from potstill.store.pieces import read_pieces
 from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
 
 _BLOCK = 8 << 20
@@ -363,6 +365,11 @@ def _content_problems(store: Store, commit) -> tuple[list[Problem], bool]:
     for ok, message in checks:
         if not ok:
             problems.append(Problem(where, message))
+    try:  # (its sha256 is checked above; its pieces' digests are not hashed again: records.arrow's own covers them)
+        size = next(f.bytes for f in commit.files if f.path == commit.arrow_path)
+        read_pieces(pa.py_buffer(read_bytes(store.fs, store.path(commit.pieces_path))), commit.pieces_path, size)
+    except StoreError as e:
+        problems.append(Problem(where, str(e)))
     shape_problems = v.columns.shape_problems(v, store.manifest)
     for message in shape_problems:
         problems.append(Problem(where, message))

@@ -30,6 +30,7 @@ from potstill.store.hidden import HiddenShardWriter
 from potstill.store.ids import IDS_FILE, ids_file_bytes
 from potstill.store.leases import HEARTBEAT_S, WriterLease
 from potstill.store.manifest import FileEntry, StoreManifest
+from potstill.store.pieces import PIECES_FILE, PieceCrcs, piece_crcs, pieces_file_bytes
 from potstill.store.records import Record, records_to_batch, target_nbytes, validate_record
 
 
@@ -142,15 +143,18 @@ class ShardWriter:
         batch = records_to_batch(self._records, self._offsets, self.manifest)
         arrow_path = join(self.store.root, prefix, "records.arrow")
         if self.local:
-            size, digest = _write_batch_file(arrow_path, batch)
+            size, digest, crcs = _write_batch_file(arrow_path, batch)
         else:
             sink = pa.BufferOutputStream()
             with pa.ipc.new_file(sink, batch.schema) as ipc_writer:
                 ipc_writer.write_batch(batch)
             arrow_bytes = memoryview(sink.getvalue())
-            size, digest = arrow_bytes.nbytes, sha256_bytes(arrow_bytes)
+            size, digest, crcs = arrow_bytes.nbytes, sha256_bytes(arrow_bytes), piece_crcs(arrow_bytes)
             write_bytes(fs, arrow_path, arrow_bytes.tobytes())
         files = [FileEntry(f"{prefix}/records.arrow", size, digest)]
+        pieces = pieces_file_bytes(crcs)
+        files.append(FileEntry(f"{prefix}/{PIECES_FILE}", pieces.size, sha256_bytes(memoryview(pieces))))
+        write_bytes(fs, join(self.store.root, files[-1].path), pieces.to_pybytes() if not self.local else memoryview(pieces))
         field_bytes = {f.name: batch.column(i).nbytes for i, f in enumerate(batch.schema)}
         ids_buf = ids_file_bytes([r.id for r in self._records])
         files.append(FileEntry(f"{prefix}/{IDS_FILE}", ids_buf.size, sha256_bytes(memoryview(ids_buf))))
@@ -239,9 +243,9 @@ class ShardWriter:
         self.close()
 
 
-def _write_batch_file(path: str, batch: pa.RecordBatch) -> tuple[int, str]:
+def _write_batch_file(path: str, batch: pa.RecordBatch) -> tuple[int, str, list[int]]:
     """Serialise `batch` as an Arrow IPC file straight into the local file `path` and fsync it; returns its
-    size and sha256. No copy of the file is made in memory: each piece the IPC writer hands over (the
+    size, sha256 and pieces' CRC-32Cs (`store.pieces`). No copy of the file is made in memory: each piece the IPC writer hands over (the
     columns' own buffers) is hashed and written, and the disk is asked to start writing it at once
     (`HashedFile`), so the disk works while the rest is hashed and written, and the fsync at the end
     waits only for the last pieces."""
@@ -250,11 +254,12 @@ def _write_batch_file(path: str, batch: pa.RecordBatch) -> tuple[int, str]:
         with pa.ipc.new_file(out, batch.schema) as ipc_writer:
             ipc_writer.write_batch(batch)
         os.fsync(out.fd)
-    return out.size, out.sha256.hexdigest()
+    return out.size, out.sha256.hexdigest(), out.pieces.finish()
 
 
 class HashedFile:
-    """A write-only local file for pyarrow's IPC writer that hashes what it writes and starts the disk's
+    """A write-only local file for pyarrow's IPC writer that hashes what it writes (sha256, and the CRC-32C
+    of each piece for the pieces file) and starts the disk's
     writeback every `KICK` bytes (`sync_file_range`, where the platform has it: a hint, the fsync
     after is what makes the file durable)."""
 
@@ -264,6 +269,7 @@ class HashedFile:
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.sha256 = hashlib.sha256()
+        self.pieces = PieceCrcs()
         self.size = self._kicked = 0
 
     def write(self, data: Any) -> int:
@@ -271,6 +277,7 @@ class HashedFile:
         for at in range(0, len(view), self.KICK):
             piece = view[at : at + self.KICK]
             self.sha256.update(piece)
+            self.pieces.update(piece)
             while piece:  # a raw write may take part of what it is given
                 piece = piece[os.write(self.fd, piece) :]
             self.size += min(self.KICK, len(view) - at)

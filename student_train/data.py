@@ -570,36 +570,50 @@ class CheckedShards:
 
 class CheckAhead:
     """One process's checks of the shards it reads, run in a background thread, one shard at a time, up
-    to CHECK_AHEAD shards ahead of the one being read, so that on a machine with a core to spare the
-    reading does not wait for them after its first shard. `upcoming` lists the shards in the order
-    the process first reads them (`StoreDataset._samples` extends it epoch by epoch); `use` returns
-    once a shard has passed its checks, or raises what is wrong with it. Nothing of a shard is read
-    before it has passed them (`StoreDataset._shard`)."""
+    to CHECK_AHEAD shards ahead of the one being read. `upcoming` lists the shards in the order the
+    process first reads them (`StoreDataset._samples` extends it epoch by epoch). The process's first
+    batch does not wait for them: its records are checked alone (`ShardReader.check_records`), and the
+    thread starts once it is made (`start`). From then on the reading of a shard waits for its whole
+    check, as checking record by record until that check is done costs about three times as much per
+    record, on top of the whole check (bench/loader_speed.py); a shard that fails is refused (`use`)."""
 
     def __init__(self, store: Store, shards: list[str], checked: CheckedShards) -> None:
         self.pid = os.getpid()
         self.store, self.shards, self.checked = store, shards, checked
         self.upcoming: collections.deque[int] = collections.deque()
         self._pending: dict[int, concurrent.futures.Future[None]] = {}
-        self._current = -1  # the shard being read, checked
+        self._current = -1  # the shard being read
         self._queue: queue.SimpleQueue[tuple[int, concurrent.futures.Future[None]]] = queue.SimpleQueue()
+        # The thread starts checking once the process has made its first batch (`start`): checked
+        # alongside, the reading of that batch would wait for the GIL behind it.
+        self._started = threading.Event()
         # A daemon thread: a loader worker told to stop exits at once, not after the checks queued ahead.
         threading.Thread(target=self._run, name="potstill-check", daemon=True).start()
 
-    def use(self, index: int) -> None:
-        """Return once shard `index`, about to be read, has passed its checks (or raise what is wrong
-        with it); on reaching a new shard, check the next ones ahead."""
-        if index == self._current:
-            return
-        if not self.checked.flags[index]:
-            future = self._pending.get(index)
-            if future is None:  # (listed before the shards scheduled after it)
-                future = self._pending[index] = self._submit(index)
+    def start(self) -> None:
+        """Let the thread check the shards queued (the process has made its first batch)."""
+        self._started.set()
+
+    def use(self, index: int) -> bool:
+        """Whether shard `index`, about to be read, has passed its whole check: before the first batch
+        is made (`start`), at once (False: its records must be checked as they are read), after it
+        once the check is done (it is waited for); raises what is wrong with the shard once its check
+        has failed. On reaching a new shard, check it and the next ones ahead."""
+        if index != self._current:
+            self._current = index
+            if not self.checked.flags[index] and index not in self._pending:  # (listed before the ones after it)
+                self._pending[index] = self._submit(index)
             self._schedule()
-            future.result()
-            del self._pending[index]
-        self._schedule()
-        self._current = index
+        if self.checked.flags[index]:
+            return True
+        future = self._pending.get(index)
+        if future is None:  # (defensive: every unflagged shard this process reached has its check queued)
+            future = self._pending[index] = self._submit(index)
+        if not future.done() and not self._started.is_set():
+            return False
+        future.result()  # waits; raises what the check found: the shard is refused at every read from now on
+        del self._pending[index]
+        return True
 
     def _submit(self, index: int) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -607,12 +621,13 @@ class CheckAhead:
         return future
 
     def _run(self) -> None:
+        self._started.wait()
         while True:
             index, future = self._queue.get()
             future.set_running_or_notify_cancel()
             try:
                 self._check(index)
-            except BaseException as e:  # handed to the reader that waits for this shard
+            except BaseException as e:  # handed to the reader that reads this shard next
                 future.set_exception(e)
             else:
                 future.set_result(None)
@@ -793,6 +808,8 @@ class StoreDataset(IterableDataset):
         while True:
             chunk = list(itertools.islice(samples, self.batch_size))
             yield self.collate_records(chunk)
+            if self.store.verify_reads:
+                self.check_ahead.start()  # (the whole checks wait for the first batch: `CheckAhead`)
 
     def _samples(self, part: int, start: int) -> Iterator[tuple[int, int]]:
         epoch, offset = divmod(start, self.plan.span)
@@ -829,14 +846,20 @@ class StoreDataset(IterableDataset):
             self._ahead = CheckAhead(self.store, self.plan.shards, self._checked)
         return self._ahead
 
-    def _shard(self, shard_idx: int) -> ShardReader:
+    def _shard(self, shard_idx: int, rows: list[int]) -> ShardReader:
+        """The reader of a shard whose records `rows` are about to be read, those records checked: by
+        their shard's whole check, or, in the process's first batch, on their own (`CheckAhead`)."""
         name = self.plan.shards[shard_idx]
-        if self.store.verify_reads:
-            self.check_ahead.use(shard_idx)  # raises what is wrong with the shard
-        return self.store.shard(name, checked=True)
+        if not self.store.verify_reads or self.check_ahead.use(shard_idx):  # (raises what is wrong with the shard)
+            return self.store.shard(name, checked=True)
+        reader = self.store.shard(name, by_record=True)
+        reader.check_records(rows)
+        return reader
 
-    def read_sequences(self, shard_idx: int, row: int) -> list[Sequence]:
-        reader = self._shard(shard_idx)
+    def read_sequences(self, shard_idx: int, row: int, batch_rows: list[int] | None = None) -> list[Sequence]:
+        """The sequences of one record; `batch_rows`: the rows of its shard the batch reads, checked
+        together when their shard's whole check is not done."""
+        reader = self._shard(shard_idx, batch_rows or [row])
         whole = self.record(reader, shard_idx, row)
         for layer in self.hidden_layers:  # the chunk files this record's states lie in: checked before use
             reader.check_hidden(row, layer)
@@ -874,12 +897,15 @@ class StoreDataset(IterableDataset):
         seqs: list[Sequence] = []
         found: dict[str, str] = {}
         records = 0
+        rows: dict[int, list[int]] = collections.defaultdict(list)
+        for shard_idx, row in samples:
+            rows[shard_idx].append(row)
         for shard_idx, row in samples:
             name = self.plan.shards[shard_idx]
             if name in self.bad_shards:
                 continue
             try:
-                seqs += self.read_sequences(shard_idx, row)
+                seqs += self.read_sequences(shard_idx, row, rows[shard_idx])
                 records += 1
             except StoreError as e:
                 if not self.skip_bad_shards:

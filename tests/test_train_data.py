@@ -135,16 +135,20 @@ def test_loader_workers_read_through_their_own_store_handle_forked_or_spawned(st
 def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(store_url: str, tmp_path,
                                                                               monkeypatch) -> None:
     """Over several epochs each of two workers meets most shards; a shard's file is hashed and its values
-    checked once in all, by the first worker process to read it, and every read still sees checked data."""
+    checked whole once in all, by the first worker process to read it, and every read still sees checked
+    data (the records read before that check is done are checked one by one: `test_shard_checks`)."""
     from potstill.store import reader
 
     log = tmp_path / "checked.log"
     hash_file, check_values = reader._check_digest, reader.value_problems
+    store = open_store(store_url)  # what a shard's whole check logs
+    whole = {f"values {store.shard_ids(c.shard)[0]} {c.records}" for c in store.commits}
 
     def logged(name: str, check):  # the workers are forked: they append to one file
         def run(*args, **kwargs):
             with open(log, "a") as f:
-                f.write(f"{name} {args[-1] if name == 'hash' else args[0].batch.column('id')[0]}\n")
+                what = args[-1] if name == "hash" else f"{args[0].batch.column('id')[0]} {args[0].num_rows}"
+                f.write(f"{name} {what}\n")
             return check(*args, **kwargs)
         return run
 
@@ -156,19 +160,23 @@ def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(s
     batches = loader_batches(ds, epochs * 2 * (ds.plan.span // 4 + 1), workers=2, context="fork")
     seen = collections.Counter(rid for batch in batches for rid in batch)
     assert set(seen) == set(open_store(store_url).id_index().ids().to_pylist()) and min(seen.values()) >= epochs
-    lines = log.read_text().splitlines()
-    checks = collections.Counter(line.split()[0] for line in lines)
+
+    def whole_checks() -> list[str]:  # (not the pieces files, nor the values of the records of one batch)
+        lines = log.read_text().splitlines()
+        return [ln for ln in lines if ln.endswith(("records.arrow", "ids.arrow")) or ln in whole]
+
+    checks = whole_checks()
     # three shards, each file once: the ids files by the plan, the records by the first worker to read them
-    assert checks == {"hash": 6, "values": 3}, lines
-    assert sum(line.endswith("ids.arrow") for line in lines) == 3, lines
-    assert len(set(lines)) == 9, lines
+    assert collections.Counter(line.split()[0] for line in checks) == {"hash": 6, "values": 3}, checks
+    assert sum(line.endswith("ids.arrow") for line in checks) == 3, checks
+    assert len(set(checks)) == 9, checks
     # the run's final evaluation reads them in the main process: told what the workers checked, it
     # checks nothing again, and still checks a shard they did not
     store = open_store(store_url, verify_reads=True)
     store.mark_checked(ds.checked_shards()[1:])
     for name in store.shard_names:
         store.shard(name)
-    assert len(log.read_text().splitlines()) == 9 + 2, log.read_text()
+    assert len(whole_checks()) == 9 + 2, log.read_text()
 
 
 def test_order_is_deterministic_in_seed_and_epoch(store_url: str) -> None:
