@@ -12,8 +12,9 @@ import typer
 from potstill.cli.options import APP_SETTINGS, threads_option
 from potstill.cli.threads import use_threads
 from potstill.settings import load_settings, settings_options
-from potstill.student_train.errors import ConfigError
+from potstill.student_train.errors import ConfigError, TrainError
 from potstill.student_train.student_init import StudentInitConfig
+from potstill.teacher_gen.model_info import check_hub_teacher
 
 app = typer.Typer(help="Make a student to train: from its teacher, sharing the teacher's tokenizer.", **APP_SETTINGS)
 
@@ -24,6 +25,7 @@ def init(threads: str = threads_option(), *, flags: dict[str, Any]) -> None:
     """Write a student checkpoint made from the teacher: its embeddings, head and the kept layers copied,
     optionally narrower; it loads in plain transformers and trains with `potstill train --student`."""
     cfg = load_settings(StudentInitConfig, None, flags, error=ConfigError)
+    check_hub_teacher(cfg.teacher, cfg.revision or None, error=TrainError)  # offline: refused before torch loads
     use_threads(threads)
     from potstill.student_train.student_init import init_student
 

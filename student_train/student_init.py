@@ -170,10 +170,12 @@ def _head_dim(config: Any) -> int | None:
 
 def read_teacher_config(cfg: StudentInitConfig) -> Any:
     """The teacher's config (no weights): from a folder, the hub, or a GGUF file's header."""
-    from transformers import AutoConfig
-
     from potstill.teacher_gen.errors import describe_load_error
     from potstill.teacher_gen.gguf import pretrained_source
+    from potstill.teacher_gen.model_info import check_hub_teacher
+
+    check_hub_teacher(cfg.teacher, cfg.revision, error=TrainError)
+    from transformers import AutoConfig
 
     source, gguf = pretrained_source(cfg.teacher)
     try:
