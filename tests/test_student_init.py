@@ -201,3 +201,21 @@ def test_a_gguf_teacher_gives_a_student_of_its_dequantized_weights(real_teacher,
                                      return_tensors="pt", return_dict=True)
     with torch.no_grad():
         assert torch.isfinite(s(**prompt).logits).all()
+
+
+@pytest.mark.slow
+def test_the_bench_runs_end_to_end_at_a_tiny_size(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "student_init.py")
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, bench, "--workdir", str(tmp_path / "w"), "--problems", "24",
+                           "--eval-problems", "4", "--steps", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert results["teacher"]["accuracy"] == 1.0
+    for name in ("from teacher", "random"):
+        assert results[name]["kd_loss"] > 0 and 0 <= results[name]["accuracy"] <= 1
+    assert "| from teacher, trained |" in proc.stdout
