@@ -78,18 +78,16 @@ def check_hub_teacher(name: str, revision: str | None = None, error: type[Except
     from huggingface_hub import constants, try_to_load_from_cache
 
     cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision or None), str)
+    missing = f"teacher {name} is neither a local folder nor in the local Hugging Face cache"
+    fix = f"download it where there is a network (`hf download {name}`), or give a local folder or .gguf file"
     if constants.HF_HUB_OFFLINE:
         if not cached:
-            raise error(f"teacher {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                        f"download it where there is a network (`hf download {name}`), unset HF_HUB_OFFLINE, "
-                        "or give a local folder or .gguf file")
+            raise error(f"{missing}, and HF_HUB_OFFLINE is set: {fix}, or unset HF_HUB_OFFLINE")
         return
     if _behind_proxy() or _reachable(constants.ENDPOINT):
         return
     if not cached:
-        raise error(f"teacher {name} is not in the local Hugging Face cache and {constants.ENDPOINT} cannot be "
-                    f"reached: download it where there is a network (`hf download {name}`), or give a local "
-                    "folder or .gguf file")
+        raise error(f"{missing}, and {constants.ENDPOINT} cannot be reached: {fix}")
     constants.HF_HUB_OFFLINE = True  # what the hub client reads before each request
     os.environ["HF_HUB_OFFLINE"] = "1"  # and the processes this one starts
 

@@ -36,8 +36,8 @@ def test_an_uncached_hub_teacher_is_refused_in_one_line(tmp_path, command, env) 
     proc = run_cli([*args, "--teacher", "nobody/no-such-model"], env={**env, "HF_HUB_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: teacher nobody/no-such-model is not in the local "
-                                                   "Hugging Face cache"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: teacher nobody/no-such-model is neither a local folder "
+                                                   "nor in the local Hugging Face cache"), proc.stderr
     assert ("HF_HUB_OFFLINE is set" if env.get("HF_HUB_OFFLINE") == "1" else "http://127.0.0.1:9 cannot be reached") \
         in lines[0]
     assert "hf download nobody/no-such-model" in lines[0]
