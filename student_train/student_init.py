@@ -38,8 +38,9 @@ from potstill.student_train.errors import ConfigError, TrainError
 REPORT_FILE = "student_init.json"
 # Config entries that hold one value per layer: a depth-pruned student keeps the kept layers' values.
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
-WIDTH_KEYS = {"hidden_size": "--hidden-size", "intermediate_size": "--intermediate-size",
-              "num_attention_heads": "--heads", "num_key_value_heads": "--kv-heads"}
+WIDTHS = (  # (setting, the config's key, flag) of each width option
+    ("hidden_size", "hidden_size", "--hidden-size"), ("intermediate_size", "intermediate_size", "--intermediate-size"),
+    ("heads", "num_attention_heads", "--heads"), ("kv_heads", "num_key_value_heads", "--kv-heads"))
 SavedDtype = Literal["float32", "bfloat16"]
 
 
@@ -71,17 +72,18 @@ class StudentInitConfig:
         if not self.layers and not self.student_config:
             raise ConfigError("--layers is required (or a --config file that gives the student's shape)")
         parse_layers(self.layers)  # syntax now; the range once the teacher's config is read
-        widths = {flag: getattr(self, name) for name, flag in
-                  (("hidden_size", "--hidden-size"), ("intermediate_size", "--intermediate-size"),
-                   ("heads", "--heads"), ("kv_heads", "--kv-heads"))}
-        for flag, value in widths.items():
-            if value < 0:
-                raise ConfigError(f"{flag} must be positive (0: the teacher's), got {value}")
-        if self.student_config and any(widths.values()):
+        for name, _, flag in WIDTHS:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag} must be positive (0: the teacher's), got {getattr(self, name)}")
+        if self.student_config and self.narrower():
             raise ConfigError("--config gives the student's shape: leave out --hidden-size, --intermediate-size, "
                               "--heads and --kv-heads")
         check_out(self.out)
         return self
+
+    def narrower(self) -> list[str]:
+        """The width flags given, with their values ("--heads 2")."""
+        return [f"{flag} {getattr(self, name)}" for name, _, flag in WIDTHS if getattr(self, name)]
 
 
 @dataclass
@@ -243,10 +245,7 @@ def _check_valid(cfg: StudentInitConfig, config: Any) -> None:
     except Exception as e:  # the family's validators raise ValueError, wrapped by huggingface_hub
         cause = e.__cause__ or e
         detail = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-        flags = [f"{flag} {getattr(cfg, name)}" for name, flag in
-                 (("hidden_size", "--hidden-size"), ("intermediate_size", "--intermediate-size"),
-                  ("heads", "--heads"), ("kv_heads", "--kv-heads")) if getattr(cfg, name)]
-        where = f"--config {cfg.student_config}" if cfg.student_config else " ".join(flags) or "the student's config"
+        where = f"--config {cfg.student_config}" if cfg.student_config else " ".join(cfg.narrower()) or "the student's config"
         raise ConfigError(f"{where}: not a valid {config.model_type} shape ({detail})") from None
 
 
@@ -255,13 +254,12 @@ def _narrow(cfg: StudentInitConfig, student: Any) -> None:
     text = _text(student)
     derived_head_dim = getattr(text, "head_dim", None) in (None, text.hidden_size // text.num_attention_heads)
     ratio = text.num_attention_heads // (getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-    wanted = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-              "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads}
-    for key, value in wanted.items():
+    for name, key, flag in WIDTHS:
+        value = getattr(cfg, name)
         if not value:
             continue
         if not hasattr(text, key):
-            raise ConfigError(f"{WIDTH_KEYS[key]}: a {text.model_type} config has no {key}")
+            raise ConfigError(f"{flag}: a {text.model_type} config has no {key}")
         setattr(text, key, value)
     if cfg.heads and not cfg.kv_heads and hasattr(text, "num_key_value_heads"):
         if cfg.heads % ratio:
@@ -279,7 +277,7 @@ def _narrow(cfg: StudentInitConfig, student: Any) -> None:
 
 def _check_width(cfg: StudentInitConfig, teacher: Any, student: Any) -> None:
     where = f"--config {cfg.student_config}" if cfg.student_config else None
-    for key, flag in WIDTH_KEYS.items():
+    for _, key, flag in WIDTHS:
         mine, theirs = getattr(student, key, None), getattr(teacher, key, None)
         if isinstance(mine, int) and isinstance(theirs, int) and mine > theirs:
             raise ConfigError(f"{where or flag}: {key} {mine} is larger than the teacher's ({theirs}); "
@@ -370,8 +368,7 @@ def init_student(cfg: StudentInitConfig, log: Any = None) -> InitReport:
     torch.manual_seed(cfg.seed)
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     copied, sliced, initialised = transfer(teacher, student, kept)
-    if not (cfg.student_config or any((cfg.hidden_size, cfg.intermediate_size, cfg.heads, cfg.kv_heads))) \
-            and (sliced or initialised):  # same width: every tensor has a teacher's to copy
+    if not (cfg.student_config or cfg.narrower()) and (sliced or initialised):  # same width: every tensor has a teacher's to copy
         raise TrainError(f"{type(student).__name__}: tensors {(sliced + initialised)[:3]} could not be copied "
                          "from the teacher; its layout is not one potstill can prune")
     generation = getattr(teacher, "generation_config", None)  # its end-of-turn tokens, sampling defaults
