@@ -15,7 +15,7 @@ from potstill.cli.threads import prepare_environment
 
 prepare_environment()  # OpenMP's wait policy is read once, when torch loads: set it before any import of torch
 
-from potstill.cli import store_cmd  # noqa: E402
+from potstill.cli import store_cmd, student_cmd  # noqa: E402
 from potstill.cli.options import APP_SETTINGS  # noqa: E402
 from potstill.store.errors import PotstillError  # noqa: E402
 
@@ -25,6 +25,7 @@ app = typer.Typer(
     **APP_SETTINGS,
 )
 app.add_typer(store_cmd.app, name="store")
+app.add_typer(student_cmd.app, name="student")
 
 
 def _print_version(value: bool) -> None:

@@ -12,6 +12,7 @@ from potstill.cli.store_cmd import ExportConfig, VerifyConfig
 from potstill.settings import options_reference
 from potstill.share.report import ReportConfig
 from potstill.student_train.config import EvalConfig, TrainConfig
+from potstill.student_train.student_init import StudentInitConfig
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.service.settings import ServeConfig
 
@@ -25,6 +26,10 @@ COMMANDS: list[tuple[str, type, str, bool]] = [  # (command, its settings, intro
      "Trains a student from a store. A config file may keep the settings under a `train` table.", True),
     ("eval", EvalConfig,
      "Scores a trained student against the stored teacher on the held-out records. It takes flags only.", False),
+    ("student init", StudentInitConfig,
+     "Writes a student made from its teacher: the teacher's architecture with fewer layers (and optionally "
+     "narrower), its tensors copied where the student keeps them, its tokenizer and chat template. "
+     "It takes flags only; `--config` is the student's shape, not a file of settings.", False),
     ("serve", ServeConfig,
      "Keeps a teacher loaded and runs generation jobs from a queue. A config file may keep the settings "
      "under a `serve` table; a repeatable flag takes one value or a list there.", True),

@@ -7,6 +7,9 @@ record already committed finishes without touching the GPU.
 from __future__ import annotations
 
 import json
+import os
+import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +54,7 @@ def resolve_dtype(flag: str, hf_config: Any) -> str:
         return DTYPES[flag]
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     for source in (text, hf_config):
-        value = getattr(source, "dtype", None) or getattr(source, "torch_dtype", None)
+        value = getattr(source, "dtype", None)  # (`torch_dtype` is its deprecated alias: reading it warns)
         if value is not None:
             name = str(value).replace("torch.", "")
             if name in DTYPES:
@@ -59,7 +62,66 @@ def resolve_dtype(flag: str, hf_config: Any) -> str:
     return "float32"
 
 
+# A hub id: `name` or `owner/name` (a local path that does not exist is left to the loader's message).
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+PROBE_SECONDS = 2.0
+
+
+def check_hub_teacher(name: str, revision: str | None = None, error: type[Exception] = GenerateError) -> None:
+    """Refuse at once, in one line, a hub teacher that is not in the local cache when the hub cannot be
+    reached (`HF_HUB_OFFLINE`, or no connection): the hub client would otherwise retry for half a minute.
+
+    When the hub cannot be reached but the teacher is cached, offline mode is switched on for this
+    process, so that every later load reads the cache without trying the network first."""
+    if os.path.exists(name) or not _HUB_ID.match(name) or name.lower().endswith(".gguf"):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision or None), str)
+    missing = f"teacher {name} is neither a local folder nor in the local Hugging Face cache"
+    fix = f"download it where there is a network (`hf download {name}`), or give a local folder or .gguf file"
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise error(f"{missing}, and HF_HUB_OFFLINE is set: {fix}, or unset HF_HUB_OFFLINE")
+        return
+    if _behind_proxy() or _reachable(constants.ENDPOINT):
+        return
+    if not cached:
+        raise error(f"{missing}, and {constants.ENDPOINT} cannot be reached: {fix}")
+    constants.HF_HUB_OFFLINE = True  # what the hub client reads before each request
+    os.environ["HF_HUB_OFFLINE"] = "1"  # and the processes this one starts
+
+
+def _behind_proxy() -> bool:
+    """A proxy may reach the hub where a direct connection cannot: then the hub client decides."""
+    return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+
+
+def _reachable(endpoint: str, seconds: float = PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the endpoint's host opens within `seconds` (name lookup included,
+    which a socket timeout does not bound: it runs in a thread that is given up on)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(seconds)
+    return bool(result and result[0])
+
+
 def describe_teacher(config: GenerateConfig) -> TeacherSpec:
+    check_hub_teacher(config.teacher, config.revision)
     from transformers import AutoConfig
 
     source, gguf = pretrained_source(config.teacher)

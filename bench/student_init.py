@@ -1,0 +1,159 @@
+"""A student made from its teacher (`potstill student init`) against the same architecture at random,
+both trained from one store for the same steps.
+
+1. The teacher: the demo's 4-layer Llama (width 128) that solves 4-digit additions by writing out the
+   carries (`potstill demo`'s checkpoint). It answers `--problems` training problems into a store
+   (rationale mode, greedy, top-16 log-probs + log tail), as `potstill demo` does.
+2. Two students of one architecture (the teacher's, `--layers` layers: ≈0.6M parameters at 2):
+   `potstill student init --teacher T --layers N` (the embeddings, the head, the final norm and layers
+   spread evenly copied from the teacher), and the same config initialised at random (seeded).
+3. The same `potstill train` run for each (`--steps`, batch 32, `--lr` cosine with 10% warm-up,
+   forward KL on the stored top-K + tail, `--alpha` CE on the teacher's tokens, 1 thread).
+4. Held-out KD loss and top-1 agreement (`potstill train`'s final eval over the store's held-out
+   records, eval fraction 0.1) and the task's accuracy: greedy answers to `--eval-problems` problems
+   none of the models saw, parsed and compared with the true sum. The student made from the teacher is
+   also scored before any training.
+
+    python bench/student_init.py               # ~8 min on 2 busy CPU cores (the store, ~1 min, is made once)
+    python bench/student_init.py --steps 50    # a quick look
+
+Results: a markdown table on stdout and `--json FILE`. The store stays in `--workdir` between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def potstill(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "potstill.cli.main", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"potstill {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+
+
+def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def make_store(workdir: str, teacher: str, problems: int) -> str:
+    from potstill.cli.demo import arithmetic
+
+    store = os.path.join(workdir, f"store-{problems}")
+    if os.path.isdir(store):
+        return store
+    prompts = os.path.join(workdir, "train_prompts.jsonl")
+    pairs = arithmetic.problems(1, problems)
+    write_jsonl(prompts, [{"id": f"p{i:05d}", "prompt": arithmetic.question(a, b)} for i, (a, b) in enumerate(pairs)])
+    potstill("generate", "--teacher", teacher, "--prompts", prompts, "--out", store, "--mode", "generate",
+             "--rationale", "--rationale-template", "{prompt}" + arithmetic.COT_TRIGGER,
+             "--sampling-temperature", "0", "--max-new-tokens", "96", "--targets", "topk", "--top-k", "16",
+             "--shard-records", "512", "--device", "cpu", "--threads", "1", "--no-progress")
+    return store
+
+
+def random_twin(init_dir: str, out: str, seed: int) -> None:
+    """The architecture of `init_dir` with the family's own random init, and the same tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(init_dir)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(init_dir).save_pretrained(out)
+
+
+def accuracy(model_dir: str, pairs: list[tuple[int, int]]) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from potstill.cli.demo.teacher import solve_accuracy
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return solve_accuracy(model, AutoTokenizer.from_pretrained(model_dir), pairs, cot=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/potstill-bench-student-init")
+    parser.add_argument("--problems", type=int, default=600, help="training problems in the store")
+    parser.add_argument("--eval-problems", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--layers", default="2", help="potstill student init --layers")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--alpha", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    import torch
+    from transformers.utils import logging
+
+    torch.set_num_threads(1)
+    logging.disable_progress_bar()
+    from potstill.cli.demo import arithmetic
+    from potstill.cli.demo.run import CHECKPOINT
+
+    os.makedirs(args.workdir, exist_ok=True)
+    started = time.time()
+    store = make_store(args.workdir, CHECKPOINT, args.problems)
+    print(f"store: {store} ({time.time() - started:.0f} s)", file=sys.stderr)
+    eval_pairs = arithmetic.problems(2, args.eval_problems, exclude=set(arithmetic.problems(1, args.problems)))
+
+    inits = {"from teacher": os.path.join(args.workdir, "init-teacher"), "random": os.path.join(args.workdir, "init-random")}
+    for path in inits.values():
+        shutil.rmtree(path, ignore_errors=True)
+    potstill("student", "init", "--teacher", CHECKPOINT, "--layers", args.layers, "--out", inits["from teacher"],
+             "--seed", str(args.seed))
+    random_twin(inits["from teacher"], inits["random"], args.seed)
+
+    results: dict[str, Any] = {"teacher": {"accuracy": accuracy(CHECKPOINT, eval_pairs)},
+                               "from teacher, untrained": {"accuracy": accuracy(inits["from teacher"], eval_pairs)}}
+    for name, init in inits.items():
+        out = os.path.join(args.workdir, "trained-" + name.replace(" ", "-"))
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.time()
+        potstill("train", "--store", store, "--student", init, "--out", out, "--max-steps", str(args.steps),
+                 "--batch-size", "32", "--lr", str(args.lr), "--lr-scheduler", "cosine",
+                 "--warmup-steps", str(args.steps // 10), "--alpha", str(args.alpha), "--seed", str(args.seed),
+                 "--num-workers", "0", "--save-steps", str(args.steps), "--report-to", "none",
+                 "--eval-fraction", "0.1", "--eval-max-records", "0", "--eval-max-new-tokens", "1",
+                 "--no-bf16", "--threads", "1")
+        with open(os.path.join(out, "training_report.json")) as f:
+            ev = json.load(f)["final_eval"]
+        results[name] = {"kd_loss": ev["kd_loss"], "top1_agreement": ev["top1_agreement"],
+                         "held_out_records": ev["records"], "train_seconds": round(time.time() - t0, 1),
+                         "accuracy": accuracy(out, eval_pairs)}
+        print(f"{name}: {results[name]}", file=sys.stderr)
+
+    from safetensors.torch import load_file
+
+    params = sum(t.numel() for t in load_file(os.path.join(inits["random"], "model.safetensors")).values())
+    report = {"settings": vars(args), "student_parameters": params, "results": results,
+              "seconds": round(time.time() - started, 1)}
+    print(f"\nstudent: {args.layers} layers of the demo teacher, {params:,} parameters; {args.steps} steps, "
+          f"lr {args.lr}, {args.problems} stored problems, {args.eval_problems} held-out problems\n")
+    print("| student | held-out KD loss | top-1 agreement | task accuracy |")
+    print("|---|---|---|---|")
+    print(f"| teacher (4 layers) | — | — | {results['teacher']['accuracy']:.1%} |")
+    print(f"| from the teacher, before training | — | — | {results['from teacher, untrained']['accuracy']:.1%} |")
+    for name in inits:
+        r = results[name]
+        print(f"| {name}, trained | {r['kd_loss']:.4f} | {r['top1_agreement']:.3f} | {r['accuracy']:.1%} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
