@@ -7,6 +7,7 @@ non-zero exit; heavy imports (torch, transformers) happen inside the commands th
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
@@ -57,11 +58,21 @@ def _register() -> None:
 _register()
 
 
+# What the machine, not potstill or the user's input, can make any write fail with: said in one line
+# naming the file (what was committed stays whole; a rerun with room or permissions back goes on).
+DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main() -> None:
     try:
         app()
     except PotstillError as e:
         typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        typer.echo(f"error: {e.strerror}: {e.filename}" if e.filename else f"error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
