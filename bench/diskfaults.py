@@ -105,8 +105,9 @@ def run_faulted(args: list[str], fault: DiskFault, store: str, timeout: float = 
 
 def one_line_refusal(outcome: Outcome) -> str | None:
     """What is wrong with how a failed run reported its failure, or None (one `error:` line)."""
-    lines = [ln for ln in outcome.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
-    if "Traceback" in outcome.stderr or len(lines) != 1 or not lines[0].startswith("error: "):
+    lines = [ln for ln in outcome.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    if "Traceback" in outcome.stderr or len(errors) != 1 or lines[-1] != errors[0]:  # (after any progress lines)
         return f"exit {outcome.returncode} without one error line: {outcome.tail(4)}"
     return None
 

@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import bytedamage
+import diskfaults
 from common import HOSTILE_LINES, build_llama, build_student, build_tokenizer, prompt_rows, write_jsonl
 from faultcampaigns import (
     COPY_POINTS,
@@ -61,6 +62,7 @@ from faultcampaigns import (
     build_copy_source,
     canonical,
     copy_campaign,
+    export_campaign,
     files_under,
     generate_args,
     generate_campaign,
@@ -112,7 +114,7 @@ def until_landed(kills: int, kinds: Iterator[list[str]], run: Callable[[int, lis
                  only_round: int | None = None) -> list[Campaign]:
     """Campaigns, one a round, until `kills` kills have landed (a kill whose run ended first, with
     nothing left to do, does not count); or round `only_round` alone (the same kills, the same seed).
-    Round N runs with seed (campaign seed + N), so any round reruns alone."""
+    Round N runs with a seed drawn from (--seed, campaign, N) (`round_seed`), so any round reruns alone."""
     campaigns: list[Campaign] = []
     for number, round_kinds in enumerate(kinds):
         landed = sum(c.landed for c in campaigns)
@@ -128,6 +130,11 @@ def until_landed(kills: int, kinds: Iterator[list[str]], run: Callable[[int, lis
     return campaigns
 
 
+def round_seed(seed: int, campaign: str, number: int) -> int:
+    """The seed of round `number` of a kill campaign, as every other trial's: from (seed, campaign, index)."""
+    return bytedamage.trial_rng(seed, campaign, number).randrange(1 << 31)
+
+
 def _named(campaign: Campaign, number: int) -> Campaign:
     """The campaign names its round, and so each violation reported (`--trial N` reruns it)."""
     campaign.name = f"{campaign.name} round {number}"
@@ -141,8 +148,8 @@ def kill_generate(ctx: dict[str, Any], kills: int, seed: int, only_round: int | 
 
     def one(number: int, kinds: list[str]) -> Campaign:
         nonlocal reference
-        campaign, reference = generate_campaign(ctx["teacher"], ctx["prompts"], workdir, kinds, seed + number,
-                                                reference, log=say)
+        campaign, reference = generate_campaign(ctx["teacher"], ctx["prompts"], workdir, kinds,
+                                                round_seed(seed, "kill-generate", number), reference, log=say)
         return campaign
 
     campaigns = until_landed(kills, kind_rounds(["delay", "commits", *GENERATE_POINTS], 6, first=("manifest",)), one,
@@ -156,7 +163,8 @@ def kill_copy(ctx: dict[str, Any], kills: int, seed: int, shards: int, only_roun
     source = os.path.join(workdir, "source.store")
     build_copy_source(source, shards, seed)
     campaigns = until_landed(kills, kind_rounds(["delay", "commits", *COPY_POINTS], 10, first=("manifest",)),
-                             lambda number, kinds: copy_campaign(source, workdir, kinds, seed + number, log=say),
+                             lambda number, kinds: copy_campaign(source, workdir, kinds,
+                                                                 round_seed(seed, "kill-copy", number), log=say),
                              only_round)
     return campaign_row(f"kill -9 of `potstill store copy`, {shards} shards", campaigns)
 
@@ -169,12 +177,71 @@ def kill_train(ctx: dict[str, Any], kills: int, seed: int, only_round: int | Non
 
     def one(number: int, kinds: list[str]) -> Campaign:
         nonlocal reference
-        campaign, reference = train_campaign(setup, workdir, kinds, seed + number, reference, log=say)
+        campaign, reference = train_campaign(setup, workdir, kinds, round_seed(seed, "kill-train", number),
+                                             reference, log=say)
         return campaign
 
     campaigns = until_landed(kills, kind_rounds(["checkpoint", "delay", *(p for p in TRAIN_POINTS if p != "final-save")], 5,
                                                last=("final-save",)), one, only_round)
     return campaign_row("kill -9 of `potstill train`", campaigns, note="lost = logged steps")
+
+
+def kill_export(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
+    workdir = os.path.join(ctx["work"], "kill-export")
+    os.makedirs(workdir)
+    reference = None
+
+    def one(number: int, kinds: list[str]) -> Campaign:
+        nonlocal reference
+        campaign, reference = export_campaign(ctx["train_store"], workdir, len(kinds),
+                                              round_seed(seed, "kill-export", number), reference, log=say)
+        return campaign
+
+    campaigns = until_landed(kills, kind_rounds(["outside"], 4), one, only_round)
+    return campaign_row("kill -9 of `potstill store export` to Parquet", campaigns)
+
+
+# -- disk faults -----------------------------------------------------------------------------------
+def disk_faults(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | None = None) -> list[Row]:
+    """bench/diskfaults.py: each trial two seeded faults, then a rerun with room and permissions back."""
+    from potstill.store import open_store
+
+    _, reference = store_contents(ctx["train_store"])
+    store, dest = os.path.join(ctx["work"], "disk.store"), os.path.join(ctx["work"], "disk-copy.store")
+    shards = len(open_store(ctx["train_store"]).commits)
+    to = os.path.join(ctx["work"], "disk-export.parquet")
+    made = run_potstill(["store", "export", ctx["train_store"], "--to", to])
+    if made.returncode != 0:
+        raise SystemExit(f"could not export the store: {made.tail()}")
+    with open(to, "rb") as f:
+        exported = f.read()
+    # (shards of 12 records: their hidden-state files outgrow the tokenizer's 14 KB, so that a limit
+    # above it lands mid-shard, one below it while the store is created)
+    big_shards = [*generate_args(ctx["teacher"], ctx["prompts"], store), "--shard-records", "12"]
+    small_shards = generate_args(ctx["teacher"], ctx["prompts"], store)
+    plans: list[tuple[str, Callable[[random.Random, int], diskfaults.DiskTrial]]] = [
+        ("full disk (`RLIMIT_FSIZE` 1–22 KB) under `generate`, then a rerun", lambda rng, n: diskfaults.generate_trial(
+            big_shards, store, reference, [diskfaults.draw_fault(rng, ("fsize",), 1_000, 22_000, 0) for _ in range(2)],
+            f"trial {n}")),
+        ("shards/ or commits/ made read-only mid-`generate`, then a rerun", lambda rng, n: diskfaults.generate_trial(
+            small_shards, store, reference,
+            [diskfaults.draw_fault(rng, ("shards", "commits"), 0, 0, shards // 6) for _ in range(2)], f"trial {n}")),
+        ("full disk (0.2–20 KB) or a read-only folder under `store copy`, then a rerun",
+         lambda rng, n: diskfaults.copy_trial(
+             ctx["train_store"], dest, [diskfaults.draw_fault(rng, ("fsize", "shards", "commits"), 200, 20_000,
+                                                              shards // 3) for _ in range(2)], f"trial {n}")),
+        ("full disk under `store export`, then a rerun", lambda rng, n: diskfaults.export_trial(
+            ctx["train_store"], to, exported, rng.randint(len(exported) // 10, len(exported) - 1), f"trial {n}")),
+    ]
+    rows = []
+    for what, trial in plans:
+        done = [trial(bytedamage.trial_rng(seed, f"disk {what}", n), n)
+                for n in (range(trials) if only_trial is None else [only_trial])]
+        failures = [f"{t.name}: {v}" for t in done for v in t.violations]
+        say(f"{what}: {sum(t.survived for t in done)}/{sum(t.injected for t in done)} survived {failures[:2]}")
+        rows.append(Row(what, sum(t.injected for t in done), sum(t.survived for t in done), sum(t.lost for t in done),
+                        sum(t.doubled for t in done), sum(t.altered for t in done), failures[:5]))
+    return rows
 
 
 def readable_contents(url: str) -> tuple[list[str], dict[str, Any], list[str]]:
@@ -516,8 +583,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few of each, to check the script runs")
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--only", default="kills,clash,flips,bytes,prompts",
-                        help="kills, clash, flips, bytes, prompts (comma separated)")
+    parser.add_argument("--only", default="kills,disk,clash,flips,bytes,prompts",
+                        help="kills (export among them), export, disk, clash, flips, bytes, prompts (comma separated)")
     parser.add_argument("--clash-trials", type=int, default=3, help="pairs of runs sharing one --writer-id")
     parser.add_argument("--trial", type=int, help="rerun trial N of each campaign of --only alone (a kill round, "
                         "a damaged copy of each kind, a byte-damage trial), as the table's failures name them")
@@ -525,6 +592,8 @@ def main() -> None:
     parser.add_argument("--generate-kills", type=int, default=40)
     parser.add_argument("--copy-kills", type=int, default=20)
     parser.add_argument("--train-kills", type=int, default=10)
+    parser.add_argument("--export-kills", type=int, default=8)
+    parser.add_argument("--disk-trials", type=int, default=3, help="trials of each disk fault row, two faults each")
     parser.add_argument("--copy-shards", type=int, default=120)
     parser.add_argument("--flip-trials", type=int, default=6, help="damaged copies of the store per kind of damage")
     parser.add_argument("--json", help="also write the rows (and their failures) to this file")
@@ -532,7 +601,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.generate_kills, args.copy_kills, args.train_kills, args.copy_shards, args.flip_trials = 5, 5, 2, 30, 1
-        args.bytes_files, args.clash_trials = 2, 1
+        args.bytes_files, args.clash_trials, args.export_kills, args.disk_trials = 2, 1, 2, 1
     only = set(args.only.split(","))
     started = time.monotonic()
     say(f"seed {args.seed}")
@@ -544,6 +613,10 @@ def main() -> None:
             rows.append(kill_generate(ctx, args.generate_kills, args.seed, args.trial))
             rows.append(kill_copy(ctx, args.copy_kills, args.seed, args.copy_shards, args.trial))
             rows.append(kill_train(ctx, args.train_kills, args.seed, args.trial))
+        if only & {"kills", "export"}:  # (`export` alone: only this kill campaign)
+            rows.append(kill_export(ctx, args.export_kills, args.seed, args.trial))
+        if "disk" in only:
+            rows += disk_faults(ctx, args.disk_trials, args.seed, args.trial)
         if "clash" in only:
             rows.append(writer_clash(ctx, args.clash_trials, args.seed, args.trial))
         if "flips" in only:

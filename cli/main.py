@@ -7,7 +7,6 @@ non-zero exit; heavy imports (torch, transformers) happen inside the commands th
 
 from __future__ import annotations
 
-import errno
 import sys
 
 import typer
@@ -58,9 +57,16 @@ def _register() -> None:
 _register()
 
 
-# What the machine, not potstill or the user's input, can make any write fail with: said in one line
-# naming the file (what was committed stays whole; a rerun with room or permissions back goes on).
-DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+def storage_failure(e: BaseException) -> str | None:
+    """One line for a failure of the disk or the object store under any command (full, read-only,
+    S3 errors after the client's retries, timeouts), or None for anything else. What was committed
+    stays whole; a rerun goes on from there."""
+    if isinstance(e, OSError):  # (TimeoutError, and s3fs's translation of S3 errors, among them)
+        return f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e) or type(e).__name__
+    boto = sys.modules.get("botocore.exceptions")  # (loaded only when an object store was used)
+    if boto is not None and isinstance(e, boto.BotoCoreError):
+        return f"the object store failed: {e}"
+    return None
 
 
 def main() -> None:
@@ -69,10 +75,11 @@ def main() -> None:
     except PotstillError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
-    except OSError as e:
-        if e.errno not in DISK_ERRORS:
+    except Exception as e:
+        line = storage_failure(e)
+        if line is None:
             raise
-        typer.echo(f"error: {e.strerror}: {e.filename}" if e.filename else f"error: {e}", err=True)
+        typer.echo(f"error: {line}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
