@@ -9,7 +9,18 @@ kills     `kill -9` of `potstill generate` (HF backend, tiny random teacher, hid
           new commit record or a checkpoint appearing). Each kill is followed by a rerun of the same
           command, each campaign by an uninterrupted run compared with an uninterrupted reference:
           a kill survived when every committed record was the reference's, once, the store verified,
-          and the campaign ended identical to the reference with nothing left behind.
+          and the campaign ended identical to the reference with nothing left behind. Also from
+          outside: `store export` (the file absent or whole after each kill, the rerun's equal to an
+          uninterrupted export's) and `potstill serve` mid-job (bench/servefaults.py: restarted on its
+          state, the job finishes once, one attempt per kill, its store the reference's).
+disk      bench/diskfaults.py: `generate`, `store copy` and `store export` under a full disk
+          (`RLIMIT_FSIZE`, seeded sizes: while the store is created and mid-shard) or with the store's
+          shards/ or commits/ folder made read-only after a seeded number of commits; each run fails
+          in one line, keeps what it committed whole, and a rerun with room back completes exactly.
+s3        bench/s3faults.py: `generate` and `store copy` to s3:// (moto's server) through a seeded
+          fault proxy (500, 503 SlowDown, held past the read timeout, connections dropped before or
+          after S3 applied the request), then a clean rerun: nothing lost, doubled or altered.
+          Injected counts the faulty answers that reached the client (most are retried unseen).
 flips     Flipped bytes in every kind of store file (manifest, tokenizer, commit record, Arrow file,
           Zarr metadata, hidden-state data file), and commit records truncated, emptied or listing a
           wrong checksum, and a shard file deleted: `potstill store verify` must exit 1 naming the
@@ -27,7 +38,7 @@ prompts   Hostile prompt lines: each bad one skipped with its line number and re
 Every trial draws its randomness from (--seed, campaign, trial number) and failures name their
 trial, so one reruns alone: `--only bytes --trial 17 --seed 2026`.
 
-    python bench/reliability.py                    # the full run, about 20 minutes on 2 cores
+    python bench/reliability.py                    # the full run, about 30 minutes on 2 cores
     python bench/reliability.py --quick            # a smoke run, a few minutes
     python bench/reliability.py --only flips,prompts --json reliability.json
 """
@@ -201,6 +212,34 @@ def kill_export(ctx: dict[str, Any], kills: int, seed: int, only_round: int | No
     return campaign_row("kill -9 of `potstill store export` to Parquet", campaigns)
 
 
+def kill_serve(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
+    """bench/servefaults.py: rounds of up to 3 kills of the service mid-job, each with its own job."""
+    import servefaults
+
+    workdir = os.path.join(ctx["work"], "kill-serve")
+    os.makedirs(workdir)
+    # (a job of 96 prompts, inside the service's data root: long enough for three kills to land)
+    prompts = write_jsonl(os.path.join(workdir, "prompts.jsonl"), prompt_rows(96, seed=seed))
+    made = run_potstill(generate_args(ctx["teacher"], prompts, os.path.join(workdir, "reference.store")))
+    if made.returncode != 0:
+        raise SystemExit(f"could not generate the serve reference: {made.tail()}")
+    _, reference = store_contents(os.path.join(workdir, "reference.store"))
+    rounds: list[servefaults.ServeRound] = []
+    for number in itertools.count() if only_round is None else [only_round]:
+        landed = sum(len(r.kills) for r in rounds)
+        if only_round is None and landed >= kills:
+            break
+        rng = bytedamage.trial_rng(seed, "kill-serve", number)
+        rounds.append(servefaults.serve_round(ctx["teacher"], prompts, workdir, reference, min(3, kills - landed)
+                                              if only_round is None else 3, rng, f"round-{number}", log=say))
+        say(f"serve round {number}: {len(rounds[-1].kills)} kills, {rounds[-1].violations[:3] or 'ok'}")
+    failures = [f"{r.name}: {v}" for r in rounds for v in r.violations]
+    return Row("kill -9 of `potstill serve` mid-job, restarted: the job done once (0 at kill points, "
+               f"{sum(len(r.kills) for r in rounds)} from outside)", sum(len(r.kills) for r in rounds),
+               sum(r.survived for r in rounds), sum(r.lost for r in rounds), sum(r.doubled for r in rounds),
+               sum(r.altered for r in rounds), failures[:5])
+
+
 # -- disk faults -----------------------------------------------------------------------------------
 def disk_faults(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | None = None) -> list[Row]:
     """bench/diskfaults.py: each trial two seeded faults, then a rerun with room and permissions back."""
@@ -242,6 +281,39 @@ def disk_faults(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | N
         rows.append(Row(what, sum(t.injected for t in done), sum(t.survived for t in done), sum(t.lost for t in done),
                         sum(t.doubled for t in done), sum(t.altered for t in done), failures[:5]))
     return rows
+
+
+# -- S3 faults -------------------------------------------------------------------------------------
+def s3_faults(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | None = None) -> list[Row]:
+    """bench/s3faults.py: `generate` and `store copy` to s3:// (moto) through a seeded fault proxy,
+    twice, then straight to S3; injected counts the faulty answers that reached the client."""
+    import s3faults
+
+    _, reference = store_contents(ctx["train_store"])
+    s3 = s3faults.S3Server()
+    try:
+        plans = [
+            ("`generate`", lambda url: generate_args(ctx["teacher"], ctx["prompts"], url)),
+            ("`store copy`", lambda url: ["store", "copy", ctx["train_store"], url]),
+        ]
+        rows = []
+        for what, args in plans:
+            done = []
+            for n in range(trials) if only_trial is None else [only_trial]:
+                url = f"s3://{s3.bucket}/{what.strip('`').replace(' ', '-')}-{n}.store"
+                rng = bytedamage.trial_rng(seed, f"s3 {what}", n)
+                done.append(s3faults.s3_trial(s3, args(url), url, reference, rng, f"trial {n}"))
+            failures = [f"{t.name}: {v}" for t in done for v in t.violations]
+            gave_up = sum(t.failed_runs for t in done)
+            say(f"S3 faults under {what}: {sum(t.survived for t in done)}/{sum(t.injected for t in done)} survived, "
+                f"{gave_up} runs gave up {failures[:2]}")
+            rows.append(Row(f"S3 500, 503 SlowDown, timeouts, dropped connections under {what} to s3:// "
+                            f"({gave_up} of {2 * len(done)} runs gave up, in one line), then a clean rerun",
+                            sum(t.injected for t in done), sum(t.survived for t in done), sum(t.lost for t in done),
+                            sum(t.doubled for t in done), sum(t.altered for t in done), failures[:5]))
+        return rows
+    finally:
+        s3.stop()
 
 
 def readable_contents(url: str) -> tuple[list[str], dict[str, Any], list[str]]:
@@ -583,8 +655,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few of each, to check the script runs")
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--only", default="kills,disk,clash,flips,bytes,prompts",
-                        help="kills (export among them), export, disk, clash, flips, bytes, prompts (comma separated)")
+    parser.add_argument("--only", default="kills,disk,s3,clash,flips,bytes,prompts",
+                        help="kills (export, serve among them), export, serve, disk, s3, clash, flips, bytes, prompts (comma separated)")
     parser.add_argument("--clash-trials", type=int, default=3, help="pairs of runs sharing one --writer-id")
     parser.add_argument("--trial", type=int, help="rerun trial N of each campaign of --only alone (a kill round, "
                         "a damaged copy of each kind, a byte-damage trial), as the table's failures name them")
@@ -593,7 +665,9 @@ def main() -> None:
     parser.add_argument("--copy-kills", type=int, default=20)
     parser.add_argument("--train-kills", type=int, default=10)
     parser.add_argument("--export-kills", type=int, default=8)
+    parser.add_argument("--serve-kills", type=int, default=6)
     parser.add_argument("--disk-trials", type=int, default=3, help="trials of each disk fault row, two faults each")
+    parser.add_argument("--s3-trials", type=int, default=2, help="trials of each S3 row, two faulted runs each")
     parser.add_argument("--copy-shards", type=int, default=120)
     parser.add_argument("--flip-trials", type=int, default=6, help="damaged copies of the store per kind of damage")
     parser.add_argument("--json", help="also write the rows (and their failures) to this file")
@@ -602,6 +676,7 @@ def main() -> None:
     if args.quick:
         args.generate_kills, args.copy_kills, args.train_kills, args.copy_shards, args.flip_trials = 5, 5, 2, 30, 1
         args.bytes_files, args.clash_trials, args.export_kills, args.disk_trials = 2, 1, 2, 1
+        args.s3_trials, args.serve_kills = 1, 2
     only = set(args.only.split(","))
     started = time.monotonic()
     say(f"seed {args.seed}")
@@ -613,10 +688,14 @@ def main() -> None:
             rows.append(kill_generate(ctx, args.generate_kills, args.seed, args.trial))
             rows.append(kill_copy(ctx, args.copy_kills, args.seed, args.copy_shards, args.trial))
             rows.append(kill_train(ctx, args.train_kills, args.seed, args.trial))
-        if only & {"kills", "export"}:  # (`export` alone: only this kill campaign)
+        if only & {"kills", "export"}:  # (`export`, `serve` alone: only that kill campaign)
             rows.append(kill_export(ctx, args.export_kills, args.seed, args.trial))
+        if only & {"kills", "serve"}:
+            rows.append(kill_serve(ctx, args.serve_kills, args.seed, args.trial))
         if "disk" in only:
             rows += disk_faults(ctx, args.disk_trials, args.seed, args.trial)
+        if "s3" in only:
+            rows += s3_faults(ctx, args.s3_trials, args.seed, args.trial)
         if "clash" in only:
             rows.append(writer_clash(ctx, args.clash_trials, args.seed, args.trial))
         if "flips" in only:

@@ -19,6 +19,7 @@ import contextlib
 import http.client
 import http.server
 import json
+import logging
 import os
 import random
 import socket
@@ -193,6 +194,7 @@ class S3Server:
     def __init__(self, bucket: str = "potstill-faults") -> None:
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # (a line a request otherwise)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
