@@ -229,12 +229,12 @@ def run_through(args: list[str], endpoint: str, timeout: float = 600) -> Outcome
 def s3_trial(s3: S3Server, args: list[str], url: str, reference: dict[str, Any], rng: random.Random, name: str,
              faulted_runs: int = 2) -> S3Trial:
     """`potstill ARGS` (writing the store `url`) through a fault proxy `faulted_runs` times, each at a
-    seeded fault rate (5-30% of requests), then once straight to S3: the store must end holding every
+    seeded fault rate (5-40% of requests), then once straight to S3: the store must end holding every
     record of `reference` once, byte for byte, and verify with nothing left behind. A faulted run
     may give up, in one line; after it what is committed must be the reference's, each once."""
     trial = S3Trial(name)
     for number in range(faulted_runs):
-        proxy = FaultProxy(s3.endpoint, seed=rng.randrange(1 << 31), rate=rng.uniform(0.05, 0.3))
+        proxy = FaultProxy(s3.endpoint, seed=rng.randrange(1 << 31), rate=rng.uniform(0.05, 0.4))
         endpoint = proxy.start()
         try:
             outcome = run_through(args, endpoint)
