@@ -640,3 +640,53 @@ def _resumed_from_newest(outcome: Outcome, where: str, checkpoints: list[int]) -
     if named != newest:
         return [f"{where}: resumed from {named or 'the start'}, the newest complete checkpoint is {newest or 'none'}"]
     return []
+
+
+# -- store export ----------------------------------------------------------------------------------
+def export_campaign(store: str, workdir: str, kills: int, seed: int, reference: tuple[bytes, float] | None = None,
+                    log: Callable[[str], None] | None = None) -> tuple[Campaign, tuple[bytes, float]]:
+    """Kill `potstill store export STORE --to FILE.parquet` `kills` times from outside (a seeded delay
+    after the start, or after its partial file appears), rerunning it each time, then once more
+    without a kill. After each kill FILE is absent or the reference run's, byte for byte (never a
+    part of it); the final run's FILE is the reference's and no partial file is left.
+    `reference`: (the uninterrupted run's file, its duration), measured when None."""
+    rng = random.Random(seed)
+    campaign = Campaign("store export")
+    if reference is None:
+        ref_to = os.path.join(workdir, "reference.parquet")
+        ref = run_potstill(["store", "export", store, "--to", ref_to])
+        if ref.returncode != 0:
+            raise RuntimeError(f"the reference export failed: {ref.tail()}")
+        with open(ref_to, "rb") as f:
+            reference = (f.read(), ref.seconds)
+    want, span = reference
+    to = os.path.join(workdir, f"export-{seed}.parquet")
+    args = ["store", "export", store, "--to", to]
+    for _ in range(kills):
+        if rng.random() < 0.5:
+            delay = round(rng.uniform(0.0, span), 3)
+            trigger = Trigger(f"kill -9 {delay:.3f} s after the start", ready=lambda: True, delay=delay)
+        else:
+            delay = round(rng.uniform(0.0, 0.05), 4)
+            partial = f"{to}.partial"
+            trigger = Trigger(f"kill -9 {delay * 1000:.0f} ms after the partial file appears", delay=delay,
+                              ready=lambda partial=partial: os.path.exists(partial))
+        campaign.kill(args, trigger, log)
+        if os.path.exists(to):
+            with open(to, "rb") as f:
+                if f.read() != want:
+                    campaign.violations.append(f"{campaign.where()}: {to} is there and differs from the reference")
+        campaign.checks += 1
+    campaign.final = run_potstill(args)
+    if campaign.final.returncode != 0:
+        campaign.violations.append(f"{FINAL}: exit {campaign.final.returncode}: {campaign.final.tail(3)}")
+    got = None
+    if os.path.exists(to):
+        with open(to, "rb") as f:
+            got = f.read()
+    if got != want:
+        campaign.violations.append(f"{FINAL}: the export {'is missing' if got is None else 'differs from the reference'}")
+        campaign.lost = int(got is None)
+    if os.path.exists(f"{to}.partial"):
+        campaign.violations.append(f"{FINAL}: {to}.partial remains")
+    return campaign, reference

@@ -9,7 +9,18 @@ kills     `kill -9` of `potstill generate` (HF backend, tiny random teacher, hid
           new commit record or a checkpoint appearing). Each kill is followed by a rerun of the same
           command, each campaign by an uninterrupted run compared with an uninterrupted reference:
           a kill survived when every committed record was the reference's, once, the store verified,
-          and the campaign ended identical to the reference with nothing left behind.
+          and the campaign ended identical to the reference with nothing left behind. Also from
+          outside: `store export` (the file absent or whole after each kill, the rerun's equal to an
+          uninterrupted export's) and `potstill serve` mid-job (bench/servefaults.py: restarted on its
+          state, the job finishes once, one attempt per kill, its store the reference's).
+disk      bench/diskfaults.py: `generate`, `store copy` and `store export` under a full disk
+          (`RLIMIT_FSIZE`, seeded sizes: while the store is created and mid-shard) or with the store's
+          shards/ or commits/ folder made read-only after a seeded number of commits; each run fails
+          in one line, keeps what it committed whole, and a rerun with room back completes exactly.
+s3        bench/s3faults.py: `generate` and `store copy` to s3:// (moto's server) through a seeded
+          fault proxy (500, 503 SlowDown, held past the read timeout, connections dropped before or
+          after S3 applied the request), then a clean rerun: nothing lost, doubled or altered.
+          Injected counts the faulty answers that reached the client (most are retried unseen).
 flips     Flipped bytes in every kind of store file (manifest, tokenizer, commit record, Arrow file,
           Zarr metadata, hidden-state data file), and commit records truncated, emptied or listing a
           wrong checksum, and a shard file deleted: `potstill store verify` must exit 1 naming the
@@ -27,7 +38,7 @@ prompts   Hostile prompt lines: each bad one skipped with its line number and re
 Every trial draws its randomness from (--seed, campaign, trial number) and failures name their
 trial, so one reruns alone: `--only bytes --trial 17 --seed 2026`.
 
-    python bench/reliability.py                    # the full run, about 20 minutes on 2 cores
+    python bench/reliability.py                    # the full run, about 30 minutes on 2 cores
     python bench/reliability.py --quick            # a smoke run, a few minutes
     python bench/reliability.py --only flips,prompts --json reliability.json
 """
@@ -49,6 +60,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import bytedamage
+import diskfaults
 from common import HOSTILE_LINES, build_llama, build_student, build_tokenizer, prompt_rows, write_jsonl
 from faultcampaigns import (
     COPY_POINTS,
@@ -61,6 +73,7 @@ from faultcampaigns import (
     build_copy_source,
     canonical,
     copy_campaign,
+    export_campaign,
     files_under,
     generate_args,
     generate_campaign,
@@ -112,7 +125,7 @@ def until_landed(kills: int, kinds: Iterator[list[str]], run: Callable[[int, lis
                  only_round: int | None = None) -> list[Campaign]:
     """Campaigns, one a round, until `kills` kills have landed (a kill whose run ended first, with
     nothing left to do, does not count); or round `only_round` alone (the same kills, the same seed).
-    Round N runs with seed (campaign seed + N), so any round reruns alone."""
+    Round N runs with a seed drawn from (--seed, campaign, N) (`round_seed`), so any round reruns alone."""
     campaigns: list[Campaign] = []
     for number, round_kinds in enumerate(kinds):
         landed = sum(c.landed for c in campaigns)
@@ -128,6 +141,11 @@ def until_landed(kills: int, kinds: Iterator[list[str]], run: Callable[[int, lis
     return campaigns
 
 
+def round_seed(seed: int, campaign: str, number: int) -> int:
+    """The seed of round `number` of a kill campaign, as every other trial's: from (seed, campaign, index)."""
+    return bytedamage.trial_rng(seed, campaign, number).randrange(1 << 31)
+
+
 def _named(campaign: Campaign, number: int) -> Campaign:
     """The campaign names its round, and so each violation reported (`--trial N` reruns it)."""
     campaign.name = f"{campaign.name} round {number}"
@@ -141,8 +159,8 @@ def kill_generate(ctx: dict[str, Any], kills: int, seed: int, only_round: int | 
 
     def one(number: int, kinds: list[str]) -> Campaign:
         nonlocal reference
-        campaign, reference = generate_campaign(ctx["teacher"], ctx["prompts"], workdir, kinds, seed + number,
-                                                reference, log=say)
+        campaign, reference = generate_campaign(ctx["teacher"], ctx["prompts"], workdir, kinds,
+                                                round_seed(seed, "kill-generate", number), reference, log=say)
         return campaign
 
     campaigns = until_landed(kills, kind_rounds(["delay", "commits", *GENERATE_POINTS], 6, first=("manifest",)), one,
@@ -156,7 +174,8 @@ def kill_copy(ctx: dict[str, Any], kills: int, seed: int, shards: int, only_roun
     source = os.path.join(workdir, "source.store")
     build_copy_source(source, shards, seed)
     campaigns = until_landed(kills, kind_rounds(["delay", "commits", *COPY_POINTS], 10, first=("manifest",)),
-                             lambda number, kinds: copy_campaign(source, workdir, kinds, seed + number, log=say),
+                             lambda number, kinds: copy_campaign(source, workdir, kinds,
+                                                                 round_seed(seed, "kill-copy", number), log=say),
                              only_round)
     return campaign_row(f"kill -9 of `potstill store copy`, {shards} shards", campaigns)
 
@@ -169,12 +188,132 @@ def kill_train(ctx: dict[str, Any], kills: int, seed: int, only_round: int | Non
 
     def one(number: int, kinds: list[str]) -> Campaign:
         nonlocal reference
-        campaign, reference = train_campaign(setup, workdir, kinds, seed + number, reference, log=say)
+        campaign, reference = train_campaign(setup, workdir, kinds, round_seed(seed, "kill-train", number),
+                                             reference, log=say)
         return campaign
 
     campaigns = until_landed(kills, kind_rounds(["checkpoint", "delay", *(p for p in TRAIN_POINTS if p != "final-save")], 5,
                                                last=("final-save",)), one, only_round)
     return campaign_row("kill -9 of `potstill train`", campaigns, note="lost = logged steps")
+
+
+def kill_export(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
+    workdir = os.path.join(ctx["work"], "kill-export")
+    os.makedirs(workdir)
+    reference = None
+
+    def one(number: int, kinds: list[str]) -> Campaign:
+        nonlocal reference
+        campaign, reference = export_campaign(ctx["train_store"], workdir, len(kinds),
+                                              round_seed(seed, "kill-export", number), reference, log=say)
+        return campaign
+
+    campaigns = until_landed(kills, kind_rounds(["outside"], 4), one, only_round)
+    return campaign_row("kill -9 of `potstill store export` to Parquet", campaigns)
+
+
+def kill_serve(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
+    """bench/servefaults.py: rounds of up to 3 kills of the service mid-job, each with its own job."""
+    import servefaults
+
+    workdir = os.path.join(ctx["work"], "kill-serve")
+    os.makedirs(workdir)
+    # (a job of 96 prompts, inside the service's data root: long enough for three kills to land)
+    prompts = write_jsonl(os.path.join(workdir, "prompts.jsonl"), prompt_rows(96, seed=seed))
+    made = run_potstill(generate_args(ctx["teacher"], prompts, os.path.join(workdir, "reference.store")))
+    if made.returncode != 0:
+        raise SystemExit(f"could not generate the serve reference: {made.tail()}")
+    _, reference = store_contents(os.path.join(workdir, "reference.store"))
+    rounds: list[servefaults.ServeRound] = []
+    for number in itertools.count() if only_round is None else [only_round]:
+        landed = sum(len(r.kills) for r in rounds)
+        if only_round is None and landed >= kills:
+            break
+        rng = bytedamage.trial_rng(seed, "kill-serve", number)
+        rounds.append(servefaults.serve_round(ctx["teacher"], prompts, workdir, reference, min(3, kills - landed)
+                                              if only_round is None else 3, rng, f"round-{number}", log=say))
+        say(f"serve round {number}: {len(rounds[-1].kills)} kills, {rounds[-1].violations[:3] or 'ok'}")
+    failures = [f"{r.name}: {v}" for r in rounds for v in r.violations]
+    return Row("kill -9 of `potstill serve` mid-job, restarted: the job done once (0 at kill points, "
+               f"{sum(len(r.kills) for r in rounds)} from outside)", sum(len(r.kills) for r in rounds),
+               sum(r.survived for r in rounds), sum(r.lost for r in rounds), sum(r.doubled for r in rounds),
+               sum(r.altered for r in rounds), failures[:5])
+
+
+# -- disk faults -----------------------------------------------------------------------------------
+def disk_faults(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | None = None) -> list[Row]:
+    """bench/diskfaults.py: each trial two seeded faults, then a rerun with room and permissions back."""
+    from potstill.store import open_store
+
+    _, reference = store_contents(ctx["train_store"])
+    store, dest = os.path.join(ctx["work"], "disk.store"), os.path.join(ctx["work"], "disk-copy.store")
+    shards = len(open_store(ctx["train_store"]).commits)
+    to = os.path.join(ctx["work"], "disk-export.parquet")
+    made = run_potstill(["store", "export", ctx["train_store"], "--to", to])
+    if made.returncode != 0:
+        raise SystemExit(f"could not export the store: {made.tail()}")
+    with open(to, "rb") as f:
+        exported = f.read()
+    # (shards of 12 records: their hidden-state files outgrow the tokenizer's 14 KB, so that a limit
+    # above it lands mid-shard, one below it while the store is created)
+    big_shards = [*generate_args(ctx["teacher"], ctx["prompts"], store), "--shard-records", "12"]
+    small_shards = generate_args(ctx["teacher"], ctx["prompts"], store)
+    plans: list[tuple[str, Callable[[random.Random, int], diskfaults.DiskTrial]]] = [
+        ("full disk (`RLIMIT_FSIZE` 1–22 KB) under `generate`, then a rerun", lambda rng, n: diskfaults.generate_trial(
+            big_shards, store, reference, [diskfaults.draw_fault(rng, ("fsize",), 1_000, 22_000, 0) for _ in range(2)],
+            f"trial {n}")),
+        ("shards/ or commits/ made read-only mid-`generate`, then a rerun", lambda rng, n: diskfaults.generate_trial(
+            small_shards, store, reference,
+            [diskfaults.draw_fault(rng, ("shards", "commits"), 0, 0, shards // 6) for _ in range(2)], f"trial {n}")),
+        ("full disk (0.2–20 KB) or a read-only folder under `store copy`, then a rerun",
+         lambda rng, n: diskfaults.copy_trial(
+             ctx["train_store"], dest, [diskfaults.draw_fault(rng, ("fsize", "shards", "commits"), 200, 20_000,
+                                                              shards // 3) for _ in range(2)], f"trial {n}")),
+        ("full disk under `store export`, then a rerun", lambda rng, n: diskfaults.export_trial(
+            ctx["train_store"], to, exported, rng.randint(len(exported) // 10, len(exported) - 1), f"trial {n}")),
+    ]
+    rows = []
+    for what, trial in plans:
+        done = [trial(bytedamage.trial_rng(seed, f"disk {what}", n), n)
+                for n in (range(trials) if only_trial is None else [only_trial])]
+        failures = [f"{t.name}: {v}" for t in done for v in t.violations]
+        say(f"{what}: {sum(t.survived for t in done)}/{sum(t.injected for t in done)} survived {failures[:2]}")
+        rows.append(Row(what, sum(t.injected for t in done), sum(t.survived for t in done), sum(t.lost for t in done),
+                        sum(t.doubled for t in done), sum(t.altered for t in done), failures[:5]))
+    return rows
+
+
+# -- S3 faults -------------------------------------------------------------------------------------
+def s3_faults(ctx: dict[str, Any], trials: int, seed: int, only_trial: int | None = None) -> list[Row]:
+    """bench/s3faults.py: `generate` and `store copy` to s3:// (moto) through a seeded fault proxy,
+    twice, then straight to S3; injected counts the faulty answers that reached the client."""
+    import s3faults
+
+    _, reference = store_contents(ctx["train_store"])
+    s3 = s3faults.S3Server()
+    try:
+        plans = [
+            ("`generate`", lambda url: generate_args(ctx["teacher"], ctx["prompts"], url)),
+            ("`store copy`", lambda url: ["store", "copy", ctx["train_store"], url]),
+        ]
+        rows = []
+        for what, args in plans:
+            done = []
+            for n in range(trials) if only_trial is None else [only_trial]:
+                url = f"s3://{s3.bucket}/{what.strip('`').replace(' ', '-')}-{n}.store"
+                rng = bytedamage.trial_rng(seed, f"s3 {what}", n)
+                done.append(s3faults.s3_trial(s3, args(url), url, reference, rng, f"trial {n}"))
+            failures = [f"{t.name}: {v}" for t in done for v in t.violations]
+            gave_up = sum(t.failed_runs for t in done)
+            say(f"S3 faults under {what}: {sum(t.survived for t in done)}/{sum(t.injected for t in done)} survived, "
+                f"{gave_up} runs gave up {failures[:2]}")
+            rows.append(Row(f"S3 500, 503 SlowDown, timeouts, dropped connections under {what} to s3:// "
+                            f"({gave_up} of {2 * len(done)} runs gave up, in one line), then a clean rerun",
+                            sum(t.injected for t in done), sum(t.survived for t in done), sum(t.lost for t in done),
+                            sum(t.doubled for t in done), sum(t.altered for t in done), failures[:5]))
+        return rows
+    finally:
+        s3.stop()
 
 
 def readable_contents(url: str) -> tuple[list[str], dict[str, Any], list[str]]:
@@ -516,8 +655,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few of each, to check the script runs")
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--only", default="kills,clash,flips,bytes,prompts",
-                        help="kills, clash, flips, bytes, prompts (comma separated)")
+    parser.add_argument("--only", default="kills,disk,s3,clash,flips,bytes,prompts",
+                        help="kills (export, serve among them), export, serve, disk, s3, clash, flips, bytes, prompts (comma separated)")
     parser.add_argument("--clash-trials", type=int, default=3, help="pairs of runs sharing one --writer-id")
     parser.add_argument("--trial", type=int, help="rerun trial N of each campaign of --only alone (a kill round, "
                         "a damaged copy of each kind, a byte-damage trial), as the table's failures name them")
@@ -525,6 +664,10 @@ def main() -> None:
     parser.add_argument("--generate-kills", type=int, default=40)
     parser.add_argument("--copy-kills", type=int, default=20)
     parser.add_argument("--train-kills", type=int, default=10)
+    parser.add_argument("--export-kills", type=int, default=8)
+    parser.add_argument("--serve-kills", type=int, default=6)
+    parser.add_argument("--disk-trials", type=int, default=3, help="trials of each disk fault row, two faults each")
+    parser.add_argument("--s3-trials", type=int, default=2, help="trials of each S3 row, two faulted runs each")
     parser.add_argument("--copy-shards", type=int, default=120)
     parser.add_argument("--flip-trials", type=int, default=6, help="damaged copies of the store per kind of damage")
     parser.add_argument("--json", help="also write the rows (and their failures) to this file")
@@ -532,7 +675,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.generate_kills, args.copy_kills, args.train_kills, args.copy_shards, args.flip_trials = 5, 5, 2, 30, 1
-        args.bytes_files, args.clash_trials = 2, 1
+        args.bytes_files, args.clash_trials, args.export_kills, args.disk_trials = 2, 1, 2, 1
+        args.s3_trials, args.serve_kills = 1, 2
     only = set(args.only.split(","))
     started = time.monotonic()
     say(f"seed {args.seed}")
@@ -544,6 +688,14 @@ def main() -> None:
             rows.append(kill_generate(ctx, args.generate_kills, args.seed, args.trial))
             rows.append(kill_copy(ctx, args.copy_kills, args.seed, args.copy_shards, args.trial))
             rows.append(kill_train(ctx, args.train_kills, args.seed, args.trial))
+        if only & {"kills", "export"}:  # (`export`, `serve` alone: only that kill campaign)
+            rows.append(kill_export(ctx, args.export_kills, args.seed, args.trial))
+        if only & {"kills", "serve"}:
+            rows.append(kill_serve(ctx, args.serve_kills, args.seed, args.trial))
+        if "disk" in only:
+            rows += disk_faults(ctx, args.disk_trials, args.seed, args.trial)
+        if "s3" in only:
+            rows += s3_faults(ctx, args.s3_trials, args.seed, args.trial)
         if "clash" in only:
             rows.append(writer_clash(ctx, args.clash_trials, args.seed, args.trial))
         if "flips" in only:

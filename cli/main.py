@@ -58,11 +58,29 @@ def _register() -> None:
 _register()
 
 
+def storage_failure(e: BaseException) -> str | None:
+    """One line for a failure of the disk or the object store under any command (full, read-only,
+    S3 errors after the client's retries, timeouts), or None for anything else. What was committed
+    stays whole; a rerun goes on from there."""
+    if isinstance(e, OSError):  # (TimeoutError, and s3fs's translation of S3 errors, among them)
+        return f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e) or type(e).__name__
+    boto = sys.modules.get("botocore.exceptions")  # (loaded only when an object store was used)
+    if boto is not None and isinstance(e, boto.BotoCoreError):
+        return f"the object store failed: {e}"
+    return None
+
+
 def main() -> None:
     try:
         app()
     except PotstillError as e:
         typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except Exception as e:
+        line = storage_failure(e)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

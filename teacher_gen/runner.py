@@ -254,7 +254,10 @@ def with_id_order(manifest: StoreManifest, encoded: list[tuple[Encoded, list[int
 
 def open_store_for(config: GenerateConfig, manifest: StoreManifest, tokenizer: Any) -> Store:
     with tempfile.TemporaryDirectory(prefix="potstill-tokenizer-") as tmp:
-        tokenizer.save_pretrained(tmp)
+        try:
+            tokenizer.save_pretrained(tmp)
+        except Exception as e:  # (a full disk: the Rust tokenizer's save raises a plain Exception)
+            raise GenerateError(f"cannot save the teacher's tokenizer for {config.store} in {tmp}: {e}") from None
         return create_store(config.store, manifest, tokenizer_files=tmp, exist_ok=True)
 
 

@@ -22,6 +22,7 @@ from faultcampaigns import (
     build_copy_source,
     complete_checkpoints,
     copy_campaign,
+    export_campaign,
     files_under,
     generate_args,
     generate_campaign,
@@ -216,6 +217,17 @@ def test_train_killed_at_random_moments_resumes_to_the_same_loss_curve_and_weigh
     assert weights == ref_weights
     assert complete_checkpoints(out) == [15, 16]  # what the uninterrupted run keeps; nothing cut short is left
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-15", "checkpoint-16"]
+
+
+def test_store_export_killed_at_random_moments_leaves_no_part_file_and_ends_whole(tmp_path):
+    """Three kills of `store export` from outside (seeded delays after the start or after its partial
+    file appears): the file is absent or whole after each, and the rerun's equals an uninterrupted export."""
+    source = str(tmp_path / "source.store")
+    build_copy_source(source, shards=24, seed=SEED)
+    campaign, _ = export_campaign(source, str(tmp_path), kills=3, seed=SEED, log=print)
+    assert campaign.violations == [], _report(campaign)
+    assert campaign.landed >= 2, _report(campaign)
+    assert not os.path.exists(str(tmp_path / f"export-{SEED}.parquet.partial"))
 
 
 # -- byte damage: a seeded slice of bench/bytedamage.py ---------------------------------------------
