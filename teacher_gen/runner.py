@@ -558,7 +558,7 @@ class Run:
             from tqdm.auto import tqdm
 
             # Tokens, so the rate is tokens/s and the ETA holds within a batch; records in the postfix.
-            self.bar = tqdm(total=self.token_total, unit="tok", unit_scale=True, desc="generate", file=sys.stderr,
+            self.bar = tqdm(total=self.token_total, unit="tok", desc="generate", file=sys.stderr,
                             dynamic_ncols=True, mininterval=1.0)
         else:
             self.bar = _NoBar()
