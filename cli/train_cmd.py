@@ -7,12 +7,14 @@ Their settings, with their flags, help and defaults, are `TrainConfig`'s and `Ev
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import typer
 
 from potstill.cli.options import CONFIG_HELP, threads_option
-from potstill.cli.threads import use_threads
+from potstill.cli.threads import apply_threads, resolve_threads, use_threads
+from potstill.phases import Phases
 from potstill.settings import load_settings, settings_options
 from potstill.student_train.config import EvalConfig, TrainConfig
 from potstill.student_train.errors import ConfigError
@@ -29,16 +31,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a student from a store (or several teachers' stores) with sparse KD (no teacher is loaded)."""
         cfg = TrainConfig.build(config, flags)
-        use_threads(threads, loader_workers=cfg.num_workers)  # before torch starts: the loader's workers need CPUs too
+        count = resolve_threads(threads, loader_workers=cfg.num_workers)  # the loader's workers need CPUs too
+        # Each start-up phase on stderr as it begins, the first within a second; under torchrun, rank 0's alone.
+        phases = Phases(show=os.environ.get("RANK", "0") == "0")
+        with phases.phase("import torch, transformers"):
+            apply_threads(count)  # before torch starts
+            from potstill.student_train.trainer import REPORT_FILE
+            from potstill.student_train.trainer import train as run_training
 
-        from potstill.student_train.trainer import REPORT_FILE
-        from potstill.student_train.trainer import train as run_training
-
-        report = run_training(cfg)
+        report = run_training(cfg, phases=phases)
         if "final_eval" not in report:  # a non-main rank: the main one reports
             return
         ev = report["final_eval"]
         typer.echo(f"trained {report['global_step']} steps; saved the student to {cfg.out} ({REPORT_FILE})")
+        typer.echo("start-up: " + phases.format())
         if ev.get("kd_loss") is not None:
             typer.echo(f"held-out: {_format_eval(ev)}" + (f"; {ev['note']}" if ev.get("note") else ""))
         else:

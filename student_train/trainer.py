@@ -34,6 +34,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from potstill.phases import Phases
 from potstill.store import Store, open_store, potstill_version
 from potstill.store.fs import write_problem
 from potstill.student_train.config import TrainConfig, resolve_hidden_pairs
@@ -317,15 +318,24 @@ def format_log_line(logs: dict[str, Any], step: int, max_steps: int) -> str:
 class LogLines(ProgressCallback):
     """The Trainer's progress bar, with each log step written as one readable line (`format_log_line`)
     instead of a dict of strings; without a bar (`disable_tqdm`), the lines go to stderr alone.
-    The numbers themselves are kept as they are in the trainer state, tensorboard and the report."""
+    The numbers themselves are kept as they are in the trainer state, tensorboard and the report.
+    The last start-up phase (`phases`) is the first step: it ends, and the bar starts, when that step does."""
+
+    def __init__(self, phases: Phases | None = None) -> None:
+        super().__init__()
+        self.phases = phases
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if not args.disable_tqdm:
-            super().on_train_begin(args, state, control, **kwargs)
+        pass  # the bar starts after the first step, below the start-up phase lines
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.training_bar is not None:
-            super().on_step_end(args, state, control, **kwargs)
+        if self.phases is not None:
+            self.phases.end()
+        if args.disable_tqdm:
+            return
+        if self.training_bar is None:
+            super().on_train_begin(args, state, control, **kwargs)
+        super().on_step_end(args, state, control, **kwargs)
 
     def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if self.training_bar is not None:
@@ -534,19 +544,32 @@ def _say(message: str) -> None:
     print(f"potstill train: {message}", file=sys.stderr, flush=True)
 
 
-def train(config: TrainConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
+def train(config: TrainConfig, callbacks: list[Any] | None = None, phases: Phases | None = None) -> dict[str, Any]:
     """Train a student from a store as `config` says; return the training report (main process).
 
     The teacher is never loaded: everything comes from the store. `callbacks` are extra
-    `transformers.TrainerCallback`s (progress display, early stop).
+    `transformers.TrainerCallback`s (progress display, early stop). `phases` names the start-up
+    phases as they begin (the CLI's, shown on stderr; by default they are timed only); the report
+    gives their times.
     """
-    run = open_run(config)
-    student = load_student_for(run)
-    dataset = run.dataset(student)
-    max_steps = run.max_steps(dataset)
-    announce(run, dataset, max_steps)
-    trainer = make_trainer(run, student, dataset, max_steps, callbacks)
-    train_loss = train_or_resume(run, trainer, max_steps)
+    phases = phases or Phases(show=False)
+    try:
+        phases.begin("open store")
+        run = open_run(config)
+        run.phases = phases
+        phases.begin("load student")
+        student = load_student_for(run)
+        dataset = run.dataset(student)
+        max_steps = run.max_steps(dataset)
+        phases.end()
+        announce(run, dataset, max_steps)
+        phases.begin("first step")  # ended by LogLines when the step is done
+        trainer = make_trainer(run, student, dataset, max_steps, callbacks)
+        train_loss = train_or_resume(run, trainer, max_steps)
+        phases.end()  # a run that had already finished takes no step
+    except BaseException:
+        phases.end(failed=True)  # the error's line starts on a line of its own
+        raise
     if not run.is_main:
         return {"global_step": trainer.state.global_step, "rank": run.rank}
     return finish(run, trainer, student, dataset, max_steps, train_loss)
@@ -570,6 +593,7 @@ class Run:
     objective: Objective
     started: float  # time.time() at the start, for the report's train_seconds
     teachers: Teachers | None = None  # several stores: the ones besides `store`, joined to its plan
+    phases: Phases | None = None  # the start-up phases, timed for the report
 
     def dataset(self, student: Student) -> StoreDataset:
         """This rank's loader over the run's store and plan, at the resumed position when resuming."""
@@ -710,7 +734,7 @@ def make_trainer(run: Run, student: Student, dataset: StoreDataset, max_steps: i
     )
     for default_printer in (ProgressCallback, PrinterCallback):  # they print dicts of strings
         trainer.remove_callback(default_printer)
-    trainer.add_callback(LogLines())
+    trainer.add_callback(LogLines(run.phases))
     trainer.add_callback(SaveLoaderState(trainer))  # last: it must see every callback's should_save
     trainer.batches_consumed = dataset.batches_consumed
     for shard, why in dataset.bad_shards.items():  # damaged commit records, found at open
@@ -772,6 +796,7 @@ def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDa
         "resumed_from": run.checkpoint,
         "train_loss": train_loss,
         "train_seconds": round(time.time() - run.started, 3),
+        "phases": {name: round(s, 3) for name, s in (run.phases.seconds if run.phases else {}).items()},
         "loss_curve": [
             dict(entry)  # every loss part, lr, grad_norm, grad_share/*, epoch (passes over the store)
             for entry in trainer.state.log_history

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from potstill.phases import Phases
 from potstill.store import (
     HiddenLayer,
     HiddenSpec,
@@ -52,7 +53,7 @@ from potstill.teacher_gen.capture import resolve_layers
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.encode import Encoded, context_length, encode_item
 from potstill.teacher_gen.errors import GenerateError, InputError, TooManyInputErrors, describe_load_error
-from potstill.teacher_gen.gguf import pretrained_source
+from potstill.teacher_gen.gguf import is_gguf, pretrained_source
 from potstill.teacher_gen.jobs import (
     Capture,
     GenRequest,
@@ -67,7 +68,7 @@ from potstill.teacher_gen.rationale import split_rationale
 from potstill.teacher_gen.writer import WriterPool
 
 SAMPLE_SEP = "#"
-PROGRESS_INTERVAL_S = 0.5  # generate mode: how often the progress is shown within a batch
+PROGRESS_INTERVAL_S = 0.5  # generate mode: how often `on_progress` is called within a batch
 
 
 @dataclass
@@ -100,6 +101,7 @@ class GenerateSummary:
     seconds: float = 0.0  # wall time of the whole call, model loading included
     capture_seconds: float = 0.0  # from the first batch to the last commit
     stopped: bool = False  # cancelled through `should_stop`
+    phases: dict[str, float] = field(default_factory=dict)  # start-up phase -> seconds, in order
 
     @property
     def bytes_per_token(self) -> float:
@@ -128,6 +130,7 @@ class GenerateSummary:
             "generated_tokens": self.generated_tokens,
             "generated_tokens_per_second": round(self.generated_tokens_per_second, 1),
             "stopped": self.stopped,
+            "phases": {name: round(s, 3) for name, s in self.phases.items()},
         }
 
     def format(self, max_errors_shown: int = 10) -> str:
@@ -139,6 +142,8 @@ class GenerateSummary:
             f"{self.tokens_per_second:,.0f} stored tokens/s (prompt + completion), "
             f"{self.bytes_per_token:,.0f} bytes per token, writer {self.writer_id}",
         ]
+        if self.phases:
+            lines.insert(1, "start-up: " + ", ".join(f"{name} {s:.1f} s" for name, s in self.phases.items()))
         if self.generated_tokens:
             lines.insert(1, f"generated {self.generated_tokens} tokens, {self.generated_tokens_per_second:,.1f} generated tokens/s")
         if self.already_done:
@@ -398,10 +403,11 @@ class Run:
     """One call of `generate`: the state that its steps share."""
 
     def __init__(self, config: GenerateConfig, should_stop: Callable[[], bool] | None,
-                 on_progress: Callable[[Progress], None] | None) -> None:
+                 on_progress: Callable[[Progress], None] | None, phases: Phases | None = None) -> None:
         self.config = config
         self.should_stop = should_stop or (lambda: False)
         self.on_progress = on_progress
+        self.phases = phases or Phases(show=False)
         self.workers, self.index = config.resolve_workers()
         self.started = time.perf_counter()
         self.summary = GenerateSummary(
@@ -417,13 +423,18 @@ class Run:
         self.generated_done = 0  # generate mode: completion tokens decoded, the batch in progress included
         self.last_shown = 0.0  # when the progress was last shown within a batch
         self.loop_started = self.started
-        self.bar: Any = None
+        self.bar: Any = None  # counts tokens: stored ones in score mode, generated ones in generate mode
+        # The bar's total: exact in score mode; in generate mode every request's max_new_tokens, less
+        # what rows that stopped early left unused, so the ETA is an upper bound that tightens.
+        self.token_total = 0
 
     # -- steps ---------------------------------------------------------------------------------
     def prepare(self) -> tuple[Any, TeacherSpec, list[int], int | None, list[tuple[Encoded, list[int]]]]:
-        config, summary = self.config, self.summary
+        config, summary, phases = self.config, self.summary, self.phases
+        phases.begin("resolve teacher")
         check_out(config.store)
         spec = describe_teacher(config)
+        phases.begin("tokenizer")
         tokenizer = load_tokenizer(config)
         if len(tokenizer) > spec.vocab_size:
             raise GenerateError(
@@ -435,6 +446,7 @@ class Run:
         layers = resolve_layers(config.hidden_layers, spec.num_layers)
         max_length = config.max_length or context_length(spec.hf_config, tokenizer)
         fields = FieldMap(config.id_field, config.prompt_field, config.messages_field, config.completion_field)
+        phases.begin("read prompts")
         prompts = load_prompts(
             config.prompts, fields,
             owns=lambda key: owner(key, self.workers) == self.index,
@@ -450,6 +462,7 @@ class Run:
 
         # Nothing is written before everything that can be checked was: a new store is created only
         # once the teacher has loaded; an existing one is opened (its settings must match) to skip its records.
+        phases.begin("skip committed, tokenize")
         self.manifest = build_manifest(config, spec, tokenizer, layers)
         store = self.attach_store(tokenizer) if store_exists(config.store) else None
         n = config.num_samples
@@ -471,6 +484,7 @@ class Run:
         self.total = sum(len(todo) for _, todo in encoded)
         if self.store is None and codec_named(config.codec).uses_id_order:  # a new store: its id order (format §4.3.2)
             self.manifest = with_id_order(self.manifest, encoded)
+        phases.end()
         return tokenizer, spec, layers, max_length, encoded
 
     def attach_store(self, tokenizer: Any) -> Store:
@@ -499,19 +513,26 @@ class Run:
         self.loop_started = time.perf_counter()
         n = config.num_samples
         if config.mode == "score":
-            self._score([make_job(config, enc, record_id(enc.item.id, 0, n), 0) for enc, _ in encoded],
-                        teacher, writer)
+            jobs = [make_job(config, enc, record_id(enc.item.id, 0, n), 0) for enc, _ in encoded]
+            self.token_total = sum(len(j) for j in jobs)
+            self.phases.begin("first batch")
+            self._score(jobs, teacher, writer)
             return
         requests = [
             GenRequest(record_id(enc.item.id, k, n), enc, k, derive_seed(config.seed, enc.item.id, k))
             for enc, todo in encoded
             for k in todo
         ]
+        self.token_total = sum(r.max_new_tokens for r in requests)
+        self.phases.begin("warm-up (first step)")
         for batch in teacher.generate_batches(requests):
             if self.should_stop():
                 self.summary.stopped = True
                 return
             completions = teacher.generate(batch, on_tokens=self._on_tokens)
+            self.token_total -= sum(r.max_new_tokens - len(c.ids) for r, c in zip(batch, completions, strict=True))
+            if self.bar is not None:
+                self.bar.total = self.token_total
             jobs = [make_job(config, r.encoded, r.record_id, r.sample_index, c.ids)
                     for r, c in zip(batch, completions, strict=True)]
             if all(c.capture is not None for c in completions):  # scored while decoding
@@ -520,21 +541,34 @@ class Run:
                 self._score(jobs, teacher, writer)
 
     def _on_tokens(self, count: int) -> None:
-        """Generated tokens as the backend decodes them: shown (bar, `on_progress`) at most every
-        PROGRESS_INTERVAL_S within a batch, so that one long batch does not look stuck."""
+        """Generated tokens as the backend decodes them (the HF backend: after every decoding step),
+        so that one long batch does not look stuck: the bar moves with them (tqdm redraws at most
+        once a second), `on_progress` is called at most every PROGRESS_INTERVAL_S."""
         self.generated_done += count
+        self._started()
+        self.bar.update(count)
         now = time.perf_counter()
         if now - self.last_shown >= PROGRESS_INTERVAL_S:
             self.last_shown = now
-            self._show_progress(refresh=True)
+            self._show_progress()
 
-    def _show_progress(self, refresh: bool = False) -> None:
-        elapsed = time.perf_counter() - self.loop_started  # model loading excluded
+    def _started(self) -> None:
+        """The first output came: the last start-up phase ends and the progress bar starts."""
         if self.bar is not None:
-            rates = {"tok_s": f"{self.tokens_done / max(elapsed, 1e-9):,.0f}"}
-            if self.config.mode == "generate":
-                rates = {"generated": f"{self.generated_done:,}", "gen_tok_s": f"{self.generated_done / max(elapsed, 1e-9):,.1f}"}
-            self.bar.set_postfix(rates, refresh=refresh)
+            return
+        self.phases.end()
+        if self.config.progress:
+            from tqdm.auto import tqdm
+
+            # Tokens, so the rate is tokens/s and the ETA holds within a batch; records in the postfix.
+            self.bar = tqdm(total=self.token_total, unit="tok", desc="generate", file=sys.stderr,
+                            dynamic_ncols=True, mininterval=1.0)
+        else:
+            self.bar = _NoBar()
+
+    def _show_progress(self) -> None:
+        elapsed = time.perf_counter() - self.loop_started  # model loading excluded
+        self.bar.set_postfix_str(f"{self.done}/{self.total} records", refresh=False)
         if self.on_progress is not None:
             self.on_progress(Progress(self.done, self.total, self.tokens_done, elapsed, self.summary.already_done,
                                       self.generated_done))
@@ -559,8 +593,8 @@ class Run:
         tokens = sum(len(j) for j in batch)
         self.done += len(batch)
         self.tokens_done += tokens
-        if self.bar is not None:
-            self.bar.update(len(batch))
+        self._started()
+        self.bar.update(tokens if self.config.mode == "score" else 0)  # generate mode: counted as decoded
         self._show_progress()
 
     def write_errors(self) -> None:
@@ -586,6 +620,7 @@ class Run:
         now = time.perf_counter()
         s.seconds = now - self.started
         s.capture_seconds = now - self.loop_started if self.loop_started != self.started else 0.0
+        s.phases = dict(self.phases.seconds)
         return s
 
 
@@ -594,19 +629,24 @@ def generate(
     *,
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    phases: Phases | None = None,
     preloaded: Any = None,
 ) -> GenerateSummary:
     """Run the teacher over `config.prompts` and fill `config.store`; see the module docstring.
 
     `should_stop` is polled between batches (what was captured so far is committed, and a rerun
-    goes on from there); `on_progress` is called after each batch. `preloaded` is a teacher that
+    goes on from there); `on_progress` is called after each batch. `phases` names the start-up
+    phases as they begin (the CLI's, shown on stderr; by default they are timed only). `preloaded` is a teacher that
     is already loaded (an HF model, or a `vllm.LLM` with `--backend vllm`), so that a long-lived
     process (`potstill serve`) loads it once for many runs; it must be the model `config` names.
     """
     config.validate()
-    run = Run(config, should_stop, on_progress)
+    run = Run(config, should_stop, on_progress, phases)
     try:
         return _generate(run, config, preloaded)
+    except BaseException:
+        run.phases.end(failed=True)  # the error's line starts on a line of its own
+        raise
     finally:
         if run.claim is not None:
             run.claim.release()
@@ -624,12 +664,16 @@ def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSumma
 
     if run.on_progress is not None:  # the total is known now: a job's status shows 0/N while the model loads
         run.on_progress(Progress(0, run.total, 0, 0.0, run.summary.already_done))
+    if preloaded is None:
+        run.phases.begin("load teacher" + (" (read + dequantize GGUF)" if is_gguf(config.teacher) else ""))
     teacher = load_teacher(config, spec, tokenizer, layers, max_length, preloaded)
     try:
         if run.store is None:
             # Another run may have created and filled the store while this one loaded its teacher: what
             # it committed is read after this run's claim, so no record can slip in between and be written twice.
+            run.phases.begin("create store")
             encoded = run.skip_committed(encoded, run.attach_store(tokenizer))
+        run.phases.end()
         store = run.store
     except BaseException:
         teacher.close()
@@ -641,11 +685,6 @@ def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSumma
         store, run.summary.writer_id, RecordBuilder(config, tokenizer), threads=config.writer_threads,
         shard_records=config.shard_records, shard_bytes=config.shard_bytes, max_batches=config.queue_batches,
     )
-    if config.progress:
-        from tqdm.auto import tqdm
-
-        run.bar = tqdm(total=run.total, unit="rec", desc="generate", file=sys.stderr, dynamic_ncols=True,
-                       mininterval=1.0)
     try:
         try:
             run.execute(teacher, writer, encoded)
@@ -655,8 +694,24 @@ def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSumma
             raise
         commits = writer.close()
     finally:
+        run.phases.end()  # stopped before its first batch
         if run.bar is not None:
             run.bar.close()
         teacher.close()
         run.write_errors()
     return run.finish(commits)
+
+
+class _NoBar:
+    """The bar's calls with `--no-progress`: nothing is drawn."""
+
+    total = 0
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, s: str, refresh: bool = False) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -56,7 +56,7 @@ def _pre_1_0(obj: dict, version: str) -> None:
 
 
 def _one_line_error(proc) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and " ... " not in ln]  # less train's start-up phases
     assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     return lines[0]
 
