@@ -3,7 +3,7 @@
 For each size N it builds a store's metadata directly, without a model or any record data: N ids in
 shards of 1,024 (the writer's default), each shard's ids file written by the store's own writer
 (`potstill.store.ids.ids_file_bytes`) and its commit record, with 0.1% of the ids repeated in a later
-shard. records.arrow is an empty placeholder: nothing timed here reads records. Then, in a fresh
+shard. records.arrow (with its pieces file) is an empty placeholder: nothing timed here reads records. Then, in a fresh
 process per size (so that its RSS is the store's alone), it times
 
 - `open`: `open_store` (reads every commit record), and the RSS it adds;
@@ -42,6 +42,7 @@ def build_metadata(url: str, records: int, repeated: float = REPEATED) -> list[s
     from potstill.store.fs import sha256_bytes, write_bytes
     from potstill.store.ids import IDS_FILE, id_keys, ids_file_bytes
     from potstill.store.manifest import FileEntry
+    from potstill.store.pieces import PIECES_FILE, pieces_file_bytes
 
     store = create_store(url, make_manifest(k=8, layers=()), TOKENIZER_FILES)
     ids = [f"prompt-{i:010d}" for i in range(records)]
@@ -56,9 +57,12 @@ def build_metadata(url: str, records: int, repeated: float = REPEATED) -> list[s
         write_bytes(store.fs, store.path(ids_entry.path), memoryview(data))
         arrow = FileEntry(f"shards/{shard}/records.arrow", 0, sha256_bytes(b""))
         write_bytes(store.fs, store.path(arrow.path), b"")
+        no_pieces = pieces_file_bytes([])
+        pieces = FileEntry(f"shards/{shard}/{PIECES_FILE}", no_pieces.size, sha256_bytes(memoryview(no_pieces)))
+        write_bytes(store.fs, store.path(pieces.path), memoryview(no_pieces))
         commit = CommitRecord(shard=shard, writer_id="bench", seq=seq, records=len(chunk), tokens=512 * len(chunk),
-                              scored_tokens=500 * len(chunk), hidden_rows=0, files=[arrow, ids_entry],
-                              bytes=data.size, created_at=f"2030-01-01T00:00:{seq:09d}Z")
+                              scored_tokens=500 * len(chunk), hidden_rows=0, files=[arrow, pieces, ids_entry],
+                              bytes=data.size + no_pieces.size, created_at=f"2030-01-01T00:00:{seq:09d}Z")
         write_bytes(store.fs, store.path(f"commits/{shard}.json"), commit.to_json(), atomic=True)
     return ids
 

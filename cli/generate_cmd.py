@@ -33,6 +33,10 @@ def register(app: typer.Typer) -> None:
         settings = GenerateConfig.build(config, **flags)
         settings.validate()  # a mistake in the options is one line, before any phase starts
         count = resolve_threads(threads)  # checked before any phase starts, like the settings
+        # An uncached hub teacher with no network: one line at once, not after the imports and retries.
+        from potstill.teacher_gen.model_info import check_hub_teacher
+
+        check_hub_teacher(settings.teacher, settings.revision)
         # Within a second of starting: importing torch and transformers alone takes seconds.
         phases = Phases(show=settings.progress)
         with phases.phase("import torch, transformers"):

@@ -23,6 +23,6 @@ def test_scale_bench_measures_every_step_at_a_tiny_size(tmp_path) -> None:
     for key in ("write_s", "open_s", "split_s", "resume_s", "duplicates_s", "verify_s", "verify_quick_s", "hash_s"):
         assert real[key] > 0, key
     assert "verify_s" not in meta and meta["duplicates"] == 3  # the metadata store repeats 0.1 % of its ids
-    # records, ids and commit record per shard, and the manifest
-    assert round(real["files_per_1k_records"] * real["records"] / 1000) == 3 * real["shards"] + 1
+    # records, pieces, ids and commit record per shard, and the manifest
+    assert round(real["files_per_1k_records"] * real["records"] / 1000) == 4 * real["shards"] + 1
     assert "| verify --jobs 1 |" in run.stdout and "| open |" in run.stdout
