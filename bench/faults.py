@@ -66,7 +66,15 @@ def rewrite_column(store_url: str, shard: str, column: str, change: Callable[[np
         if entry["path"] in changed:
             entry["bytes"], entry["sha256"] = len(changed[entry["path"]]), hashlib.sha256(changed[entry["path"]]).hexdigest()
     commit["bytes"] = sum(e["bytes"] for e in commit["files"])
-    with open(commit_path, "w") as f:
+    write_commit(commit_path, commit)
+
+
+def write_commit(path: str, commit: dict) -> None:
+    """A commit record as a writer writes it, with its own checksum (format §3)."""
+    from potstill.store.manifest import CHECKSUM_KEY, manifest_checksum
+
+    commit[CHECKSUM_KEY] = manifest_checksum(commit)
+    with open(path, "w") as f:
         json.dump(commit, f, indent=1)
 
 
@@ -113,5 +121,4 @@ def rewrite_file(store_url: str, rel: str, change: Callable[[bytearray], None]) 
         if entry["path"] in changed:
             entry["bytes"], entry["sha256"] = len(changed[entry["path"]]), hashlib.sha256(changed[entry["path"]]).hexdigest()
     commit["bytes"] = sum(e["bytes"] for e in commit["files"])
-    with open(commit_path, "w") as f:
-        json.dump(commit, f, indent=1)
+    write_commit(commit_path, commit)

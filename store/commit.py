@@ -11,7 +11,14 @@ from typing import Any
 from potstill.store.errors import StoreError
 from potstill.store.fs import check_relative
 from potstill.store.ids import IDS_FILE
-from potstill.store.manifest import FORMAT_VERSION, FileEntry, check_commit_version, utc_now
+from potstill.store.manifest import (
+    CHECKSUM_KEY,
+    FORMAT_VERSION,
+    FileEntry,
+    check_commit_version,
+    manifest_checksum,
+    utc_now,
+)
 from potstill.store.pieces import PIECES_FILE
 
 WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -61,7 +68,9 @@ class CommitRecord:
     format_version: str = FORMAT_VERSION
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), indent=1).encode()
+        obj = dataclasses.asdict(self)
+        obj[CHECKSUM_KEY] = manifest_checksum(obj)  # the record's own checksum, as the manifest's (format §3)
+        return json.dumps(obj, indent=1).encode()
 
     @property
     def arrow_path(self) -> str:
@@ -116,6 +125,8 @@ class CommitRecord:
         for path in (rec.arrow_path, rec.ids_path, rec.pieces_path):
             if path not in listed:
                 raise StoreError(f"{where}: commit record does not list {path}")
+        if obj.get(CHECKSUM_KEY) != manifest_checksum(obj):
+            raise StoreError(f"{where}: damaged commit record (fails its checksum: changed after it was written)")
         return rec
 
 

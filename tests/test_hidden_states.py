@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zarr
 from common import TOKENIZER_FILES, make_manifest, random_record
+from faults import write_commit
 
 from potstill.store import StoreError, create_store, decode_hidden, open_store, verify_store
 from potstill.store.hidden import CRC
@@ -171,8 +172,7 @@ def test_non_finite_values_written_whole_are_refused(tmp_path, layer, infinity):
     for entry in commit["files"]:
         if entry["path"].endswith(f"layer_{layer}/c/0/0"):
             entry["sha256"] = digest
-    with open(commit_path, "w") as f:
-        json.dump(commit, f)
+    write_commit(commit_path, commit)  # resealed, as a buggy writer would
     messages = [str(p) for p in verify_store(url).problems]
     assert len(messages) == 1 and f"layer_{layer}/c/0/0: inner chunk 1 (rows 8-15) holds 1 non-finite" in messages[0]
     reader = open_store(url, verify_reads=True).shard("w-000000")

@@ -305,6 +305,27 @@ def test_newer_major_version_is_refused_older_minor_read(tmp_path):
         open_store(url)
 
 
+@pytest.mark.parametrize("edit", ["created_at", "field_bytes key", "key renamed"])
+def test_a_commit_record_edited_after_it_was_written_fails_its_checksum(tmp_path, edit):
+    """Fields no reader needs (a creation time, a report's byte counts) are covered too: any edit is damage."""
+    url = _small_store(tmp_path)
+    path = os.path.join(url, "commits", "wA-000001.json")
+    with open(path) as f:
+        commit = json.load(f)
+    if edit == "created_at":
+        commit["created_at"] = "2001-01-01T00:00:00Z"
+    elif edit == "field_bytes key":
+        commit["field_bytes"]["renamed"] = commit["field_bytes"].pop(next(iter(commit["field_bytes"])))
+    else:
+        commit["created_by"] = commit.pop("created_at")
+    with open(path, "w") as f:
+        json.dump(commit, f)
+    with pytest.raises(StoreError, match=r"commits/wA-000001.json: damaged commit record \(fails its checksum"):
+        open_store(url)
+    report = verify_store(url)
+    assert not report.ok and [p.where for p in report.problems] == ["commits/wA-000001.json"], report.problems
+
+
 def test_newer_major_commit_is_refused(tmp_path):
     url = _small_store(tmp_path)
     path = os.path.join(url, "commits", "wA-000001.json")

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from common import TOKENIZER_FILES, make_manifest, random_record
+from faults import write_commit
 
 from potstill.store import StoreError, create_store, open_store, verify_store
 from potstill.store import ids as ids_module
@@ -95,8 +96,7 @@ def build(tmp_path, shards: list[list[str]], created: list[str] | None = None, n
         with open(path) as f:
             obj = json.load(f)
         obj["created_at"] = stamp
-        with open(path, "w") as f:
-            json.dump(obj, f)
+        write_commit(path, obj)  # (its checksum recomputed)
     return url
 
 
@@ -177,8 +177,7 @@ def test_ids_that_differ_from_the_records_are_named_though_their_checksum_matche
         if entry["path"].endswith("ids.arrow"):
             entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
     obj["bytes"] = sum(e["bytes"] for e in obj["files"])
-    with open(path, "w") as f:
-        json.dump(obj, f)
+    write_commit(path, obj)  # resealed, as a buggy writer would
     report = verify_store(url)
     assert [str(p) for p in report.problems] == [
         "shard w-000000: ids file differs from the records' ids at row 1 ('rX', record 'r1') "
@@ -193,8 +192,7 @@ def test_a_commit_record_without_its_ids_file_is_damage(tmp_path):
     with open(path) as f:
         obj = json.load(f)
     obj["files"] = [e for e in obj["files"] if not e["path"].endswith("ids.arrow")]
-    with open(path, "w") as f:
-        json.dump(obj, f)
+    write_commit(path, obj)  # resealed, as a buggy writer would
     with pytest.raises(StoreError, match="commit record does not list shards/w-000000/ids.arrow"):
         open_store(url)
 

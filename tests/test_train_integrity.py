@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 import pytest
 from common import build_student
-from faults import flip_bytes, rewrite_column, rewrite_file
+from faults import flip_bytes, rewrite_column, rewrite_file, write_commit
 from trainhelpers import arithmetic_items, build_teacher_store, teacher_records
 from transformers import AutoConfig
 
@@ -343,8 +343,7 @@ def test_ids_files_that_disagree_with_the_shard_are_refused_in_one_line(base, tm
     for entry in record["files"]:
         if entry["path"].endswith("/ids.arrow"):
             entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    with open(path, "w") as f:
-        json.dump(record, f)
+    write_commit(path, record)  # resealed, as a buggy writer would
     with pytest.raises(TrainError) as err:
         train(cfg(base, store, str(tmp_path / "out"), max_steps=9))
     message = one_line(str(err.value))
