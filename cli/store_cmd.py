@@ -1,4 +1,4 @@
-"""`potstill store info | verify | copy | export | report`.
+"""`potstill store info | verify | copy | export | report | publish`.
 
 The settings of verify and export are the dataclasses here (the store package sits below the
 settings machinery, so their options live with the commands); report's are `ReportConfig`
@@ -16,6 +16,7 @@ import typer
 from potstill.cli.options import APP_SETTINGS
 from potstill.settings import check_settings, load_settings, setting, settings_options
 from potstill.share import ReportConfig, export_store, format_info, store_info, write_report
+from potstill.share.publish import check_repo_id, publish_store, push_folder
 from potstill.store import Store, copy_store, open_store, verify_store
 from potstill.store.errors import StoreError
 from potstill.store.verify import MAX_JOBS, report_json
@@ -125,6 +126,47 @@ def export(store: str = typer.Argument(..., help="Store path or URL."), *, flags
     count = export_store(opened, cfg.to, with_targets=cfg.with_targets)
     skipped = f" ({opened.num_duplicates} duplicate rows of earlier-committed ids left out)" if opened.num_duplicates else ""
     typer.echo(f"wrote {count} records to {cfg.to}{skipped}")
+
+
+@dataclass
+class PublishConfig:
+    """Settings of `potstill store publish`."""
+
+    license: str = setting("", help="The dataset's licence for its card, a Hub licence id such as apache-2.0 or "
+                           "cc-by-4.0; default: the licence the store's provenance records. A store with neither "
+                           "is refused.")
+    push: str = setting("", help="Then upload the folder to this Hub dataset repository, OWNER/NAME (created "
+                        "private if missing), through huggingface_hub: needs `hf auth login`; a rerun resumes.")
+
+    def validate(self) -> PublishConfig:
+        check_settings(self, StoreError)
+        if self.push:
+            check_repo_id(self.push)
+        return self
+
+
+@app.command("publish")
+@settings_options(PublishConfig)
+def publish(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    out: str = typer.Argument(..., help="Folder to write (new or empty): a Hugging Face Hub dataset repository."),
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """A folder laid out as a Hub dataset: Parquet records with their targets decoded into plain columns,
+    hidden states as a second config, the manifest, the tokenizer and a README.md dataset card.
+
+    Read with `datasets.load_dataset(FOLDER)` without potstill, upload with `hf upload OWNER/NAME FOLDER
+    --repo-type dataset` (or --push), train from it with `potstill train --store FOLDER`."""
+    cfg = load_settings(PublishConfig, None, flags, error=StoreError)
+    index = publish_store(open_store(store, verify_reads=True), out, license=cfg.license or None,
+                          repo_id=cfg.push or None)
+    records = sum(s["records"] for s in index["shards"])
+    size = sum(f["bytes"] for f in index["files"].values())
+    typer.echo(f"wrote {out}: {records} records in {len(index['shards'])} Parquet files, {size:,} bytes, "
+               f"licence {index['license']}")
+    if cfg.push:
+        typer.echo(f"uploaded to {push_folder(out, cfg.push)}")
 
 
 @app.command("report")

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a student from a store (or several teachers' stores) with sparse KD (no teacher is loaded)."""
         cfg = TrainConfig.build(config, flags)
+        _read_published(cfg)
         count = resolve_threads(threads, loader_workers=cfg.num_workers)  # the loader's workers need CPUs too
         # Each start-up phase on stderr as it begins, the first within a second; under torchrun, rank 0's alone.
         phases = Phases(show=os.environ.get("RANK", "0") == "0")
@@ -81,6 +82,17 @@ def register(app: typer.Typer) -> None:
                        + (f": {result['note']}" if result.get("note") else ""))
         else:
             typer.echo(_format_eval(result))
+
+
+def _read_published(cfg: TrainConfig) -> None:
+    """A --store that is a published folder (`potstill store publish`, local, any fsspec URL or
+    hf://datasets/OWNER/NAME) trains from the store it was made from, rebuilt once in the cache."""
+    from potstill.store.published import is_published, store_from_published
+
+    local = {url: store_from_published(url) for url in cfg.stores if is_published(url)}
+    if local:
+        cfg.store = [local.get(url, url) for url in cfg.stores]
+        cfg.hidden_from = local.get(cfg.hidden_from, cfg.hidden_from)
 
 
 def _format_eval(ev: dict) -> str:

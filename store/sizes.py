@@ -7,7 +7,7 @@ Every byte of the files a store lists falls in exactly one of four parts, so the
   log-probs, log tails, the token's log-prob, sampled draws), as each commit record's `field_bytes`
   gives them;
 - **hidden**: every file under a shard's `hidden/` (the Zarr arrays and their metadata);
-- **records**: the rest of each `records.arrow`: ids, texts, token ids, offsets and Arrow framing;
+- **sequences**: the rest of each `records.arrow`: ids, texts, token ids, offsets and Arrow framing;
 - **overhead**: the manifest, the commit records, the tokenizer files, and each shard's ids and
   pieces files.
 
@@ -22,14 +22,14 @@ from typing import Any
 
 from potstill.store.reader import Store
 
-PARTS = ("targets", "hidden", "records", "overhead")
+PARTS = ("targets", "hidden", "sequences", "overhead")
 
 
 @dataclass(frozen=True)
 class StoreSizes:
     targets: int
     hidden: int
-    records: int
+    sequences: int  # the rest of records.arrow: ids, texts, token ids, offsets, Arrow framing
     overhead: int
     tokenizer: int  # of the overhead: the tokenizer files (a fixed cost, large beside a small store)
     tokens: int
@@ -37,7 +37,7 @@ class StoreSizes:
 
     @property
     def total(self) -> int:
-        return self.targets + self.hidden + self.records + self.overhead
+        return self.targets + self.hidden + self.sequences + self.overhead
 
     def per_token(self, part: str = "total") -> float | None:
         return _per(getattr(self, part), self.tokens)
@@ -61,7 +61,7 @@ class StoreSizes:
                 f"targets {self.targets:,} ({_num(self.per_scored_token('targets'))} per scored token)")
         if self.hidden:
             line += f", hidden {self.hidden:,} ({_num(self.per_token('hidden'))} per token)"
-        return (line + f", records {self.records:,}, overhead {self.overhead:,} "
+        return (line + f", ids, texts and token ids {self.sequences:,}, overhead {self.overhead:,} "
                 f"(tokenizer {self.tokenizer:,})")
 
 
@@ -69,7 +69,7 @@ def store_sizes(store: Store) -> StoreSizes:
     """The byte figures of a store's committed shards (duplicate rows included: they are stored)."""
     m = store.manifest
     target_columns = {f.name for f in m.targets.target_kind.arrow_fields(m.targets)}
-    targets = hidden = records = overhead = 0
+    targets = hidden = sequences = overhead = 0
     tokenizer = sum(f.bytes for f in m.tokenizer.files)
     overhead += tokenizer + len(m.to_json())
     for commit in store.commits:
@@ -78,12 +78,12 @@ def store_sizes(store: Store) -> StoreSizes:
         targets += shard_targets
         for f in commit.files:
             if f.path == commit.arrow_path:
-                records += f.bytes - shard_targets
+                sequences += f.bytes - shard_targets
             elif f.path.startswith(commit.hidden_path + "/"):
                 hidden += f.bytes
             else:
                 overhead += f.bytes
-    return StoreSizes(targets, hidden, records, overhead, tokenizer, store.num_tokens, store.num_scored_tokens)
+    return StoreSizes(targets, hidden, sequences, overhead, tokenizer, store.num_tokens, store.num_scored_tokens)
 
 
 def _per(total: int, count: int) -> float | None:

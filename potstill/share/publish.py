@@ -204,7 +204,7 @@ def dataset_card(store: Store, raw: dict[str, Any], provenance: dict[str, Any], 
         f"# Teacher targets of {name}",
         "",
         f"{records:,} sequences with the per-token targets of the teacher `{name}`, written by "
-        f"[potstill](https://github.com/potstill/potstill) {m.potstill_version} for offline knowledge "
+        f"potstill {m.potstill_version} for offline knowledge "
         "distillation: a student learns from these columns without running the teacher. "
         "Nothing here needs potstill to read: the records and targets are plain Parquet columns.",
         "",
@@ -364,3 +364,44 @@ def loss_snippet(store: Store, repo_id: str | None) -> list[str]:
         lines += ["    loss = loss - (w * q[j, i]).sum() / len(q)  # cross-entropy against the teacher's estimate"]
     lines += ["print(float(loss))"]
     return lines
+
+
+# -- the Hub ---------------------------------------------------------------------------------------
+def check_repo_id(repo_id: str) -> str:
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in repo_id):
+        raise StoreError(f"--push {repo_id}: a Hub dataset repository is named OWNER/NAME")
+    return repo_id
+
+
+def push_folder(folder: str, repo_id: str) -> str:
+    """Upload a published folder to the Hub dataset repository `repo_id` (created private when missing)
+    through huggingface_hub; a rerun resumes an interrupted upload. Returns the dataset's URL."""
+    check_repo_id(repo_id)
+    by_hand = f"upload it yourself with `hf upload {repo_id} {folder} --repo-type dataset`"
+    try:
+        from huggingface_hub import HfApi, constants, get_token
+    except ImportError:
+        raise StoreError(f"--push needs huggingface_hub (pip install huggingface_hub); the folder {folder} is written: "
+                         f"{by_hand}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise StoreError(f"--push {repo_id}: the Hugging Face Hub is offline here (HF_HUB_OFFLINE is set); the folder "
+                         f"{folder} is written: {by_hand} where the Hub can be reached")
+    if not get_token():
+        raise StoreError(f"--push {repo_id}: not logged in to the Hugging Face Hub (run `hf auth login` or set HF_TOKEN); "
+                         f"the folder {folder} is written: push again, or {by_hand}")
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True)
+        # huggingface_hub 0.x-1.x: upload_large_folder resumes; from 2.0 upload_folder commits a large folder
+        # in parts and resumes on its own (upload_large_folder is gone).
+        upload_large = getattr(api, "upload_large_folder", None)
+        if upload_large is not None:
+            upload_large(repo_id=repo_id, folder_path=folder, repo_type="dataset")
+        else:
+            api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="dataset",
+                              commit_message="potstill store publish")
+    except Exception as e:  # the Hub client raises many kinds (HTTP, network, auth): each is one line here
+        raise StoreError(f"--push {repo_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; the folder "
+                         f"{folder} is written: rerun to resume, or {by_hand}") from None
+    return str(url)
