@@ -132,10 +132,10 @@ def export(store: str = typer.Argument(..., help="Store path or URL."), *, flags
 class PublishConfig:
     """Settings of `potstill store publish`."""
 
-    license: str = setting("", help="The dataset's licence for its card, a Hub licence id such as apache-2.0 or "
+    license: str = setting("", shown_default="the store's provenance licence", help="The dataset's licence for its card, a Hub licence id such as apache-2.0 or "
                            "cc-by-4.0; default: the licence the store's provenance records. A store with neither "
                            "is refused.")
-    push: str = setting("", help="Then upload the folder to this Hub dataset repository, OWNER/NAME (created "
+    push: str = setting("", shown_default="no upload", help="Then upload the folder to this Hub dataset repository, OWNER/NAME (created "
                         "private if missing), through huggingface_hub: needs `hf auth login`; a rerun resumes.")
 
     def validate(self) -> PublishConfig:

@@ -6,6 +6,7 @@ Their settings, with their flags, help and defaults, are `TrainConfig`'s and `Ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -31,10 +32,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a student from a store (or several teachers' stores) with sparse KD (no teacher is loaded)."""
         cfg = TrainConfig.build(config, flags)
-        _read_published(cfg)
         count = resolve_threads(threads, loader_workers=cfg.num_workers)  # the loader's workers need CPUs too
         # Each start-up phase on stderr as it begins, the first within a second; under torchrun, rank 0's alone.
         phases = Phases(show=os.environ.get("RANK", "0") == "0")
+        _read_published(cfg, phases)
         with phases.phase("import torch, transformers"):
             apply_threads(count)  # before torch starts
             from potstill.student_train.trainer import REPORT_FILE
@@ -84,13 +85,21 @@ def register(app: typer.Typer) -> None:
             typer.echo(_format_eval(result))
 
 
-def _read_published(cfg: TrainConfig) -> None:
+def _read_published(cfg: TrainConfig, phases: Phases | None = None) -> None:
     """A --store that is a published folder (`potstill store publish`, local, any fsspec URL or
     hf://datasets/OWNER/NAME) trains from the store it was made from, rebuilt once in the cache."""
+    def local_store(url: str) -> bool:  # told apart without importing the store package (start-up stays quick)
+        path = url.removeprefix("file://")
+        return "://" not in path and not os.path.isfile(os.path.join(path, "published.json"))
+
+    if all(local_store(url) for url in cfg.stores):
+        return
     from potstill.store.published import is_published, store_from_published
 
-    local = {url: store_from_published(url) for url in cfg.stores if is_published(url)}
-    if local:
+    published = [url for url in cfg.stores if is_published(url)]
+    if published:
+        with phases.phase("rebuild the published dataset's store") if phases else contextlib.nullcontext():
+            local = {url: store_from_published(url) for url in published}
         cfg.store = [local.get(url, url) for url in cfg.stores]
         cfg.hidden_from = local.get(cfg.hidden_from, cfg.hidden_from)
 

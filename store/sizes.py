@@ -1,5 +1,5 @@
 """A store's byte figures: the one definition `store info`, the report, the demo and a published
-dataset card all print (docs/reference/store-format.md §9).
+dataset card all print (docs/guides/share.md, "What the byte figures mean").
 
 Every byte of the files a store lists falls in exactly one of four parts, so they sum to `total`:
 

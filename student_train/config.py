@@ -44,7 +44,8 @@ class TrainConfig:
 
     # what to train, from what, into where
     store: list[str] = setting(factory=list, required=True, help=(
-        "Store to train from, path or URL; repeat it to distill several teachers at once (their stores "
+        "Store to train from, path or URL, or a folder `potstill store publish` wrote (also "
+        "hf://datasets/OWNER/NAME); repeat it to distill several teachers at once (their stores "
         "made over the same prompts, with one tokenizer): the target is their weighted mixture."))
     teacher_weights: str = setting("", parse=_number_list_text, metavar="W,...", shown_default="equal", help=(
         "Several stores: each teacher's weight in the mixture, in --store order (normalised to sum 1)."))

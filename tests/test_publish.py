@@ -243,3 +243,24 @@ def test_info_report_and_demo_print_the_same_byte_figures(tmp_path):
                           "student_kd": {"params": 1, "accuracy": 0.5, "store": summary},
                           "student_baseline": {"params": 1, "accuracy": 0.5, "store": None}})
     assert line in table and f"{summary['bytes_per_token']:.0f}" in table
+
+
+def test_potstill_train_from_the_published_folder_matches_training_from_the_store(tmp_path, tiny_teacher_dir,
+                                                                                 tiny_tokenizer_dir):
+    from common import build_student
+    from trainhelpers import arithmetic_items, build_teacher_store
+
+    url = str(tmp_path / "t.store")
+    build_teacher_store(url, tiny_teacher_dir, arithmetic_items(24), shard_records=8)
+    folder = str(tmp_path / "pub")
+    assert potstill("store", "publish", url, folder, "--license", "mit").returncode == 0
+    student = build_student(str(tmp_path / "student"), tiny_tokenizer_dir, hidden=16)
+    curves = []
+    for source, out in ((url, "from-store"), (folder, "from-folder")):
+        run = potstill("train", "--store", source, "--student", student, "--out", str(tmp_path / out), "--max-steps", "3",
+                       "--batch-size", "2", "--eval-fraction", "0", "--report-to", "none", "--num-workers", "0",
+                       "--threads", "1", "--logging-steps", "1", env={"POTSTILL_CACHE_DIR": str(tmp_path / "cache")})
+        assert run.returncode == 0, run.stderr[-2000:]
+        curve = json.loads(Path(tmp_path, out, "training_report.json").read_text())["loss_curve"]
+        curves.append([(e["loss"], e.get("grad_norm")) for e in curve])
+    assert len(curves[0]) == 3 and curves[0] == curves[1]  # the same batches, the same steps, the same losses

@@ -24,7 +24,7 @@ from potstill.share.info import describe_tail, describe_targets
 from potstill.store.errors import StoreError
 from potstill.store.fs import read_bytes
 from potstill.store.published import DATA_DIR, HIDDEN_DIR, LAYOUT, PUBLISHED_FILE, sha256_file
-from potstill.store.reader import MANIFEST, Store, decode_hidden
+from potstill.store.reader import MANIFEST, Store, decode_hidden, open_store
 from potstill.store.sizes import store_sizes
 
 ROW_GROUP = 256  # records per Parquet row group: what a streaming reader fetches at a time
@@ -35,6 +35,8 @@ def publish_store(store: Store, out: str, *, license: str | None = None, repo_id
     """Write the published folder of `store` to `out` (a new or empty folder); returns what
     `published.json` holds. A store without a licence (`--license`, else the manifest's
     provenance) is refused before anything is written."""
+    if not store.verify_reads:  # the card says every file read was checked: make it so
+        store = open_store(store.url, store.storage_options, verify_reads=True)
     raw = json.loads(read_bytes(store.fs, store.path(MANIFEST)))
     provenance = raw.get("provenance") if isinstance(raw.get("provenance"), dict) else {}
     license = license or provenance.get("license")
