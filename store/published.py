@@ -26,7 +26,7 @@ from potstill.store.codec import SampledTargets
 from potstill.store.errors import StoreError
 from potstill.store.fs import join, read_bytes, resolve
 from potstill.store.manifest import StoreManifest
-from potstill.store.reader import MANIFEST, cache_dir, create_store
+from potstill.store.reader import MANIFEST, Store, cache_dir, create_store
 from potstill.store.records import Record
 
 LAYOUT = "potstill-published/1"
@@ -106,9 +106,15 @@ def _read_checked(fs: Any, root: str, url: str, index: dict[str, Any], rel: str)
 
 
 def _rebuild(fs: Any, root: str, url: str, index: dict[str, Any], path: str) -> None:
-    manifest = StoreManifest.from_json(_read_checked(fs, root, url, index, MANIFEST), f"{url}/{MANIFEST}")
+    manifest_bytes = _read_checked(fs, root, url, index, MANIFEST)
+    manifest = StoreManifest.from_json(manifest_bytes, f"{url}/{MANIFEST}")
     tokenizer = {e.path.split("/", 1)[1]: _read_checked(fs, root, url, index, e.path) for e in manifest.tokenizer.files}
-    store = create_store(path, manifest, tokenizer)
+    create_store(path, manifest, tokenizer)
+    # The store's own manifest, byte for byte (keys this potstill does not model, provenance among them,
+    # included): the tokenizer files it lists are the ones just written, checked against the same sha256.
+    with open(os.path.join(path, MANIFEST), "wb") as f:
+        f.write(manifest_bytes)
+    store = Store(path)
     with store.writer(WRITER_ID, shard_records=1 << 30, shard_bytes=1 << 62) as writer:
         for shard in index["shards"]:
             if not shard["records"]:

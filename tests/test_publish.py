@@ -20,7 +20,7 @@ from storehelpers import build_store
 from potstill.cli.demo.run import _store_summary, format_table
 from potstill.share import store_info
 from potstill.share.publish import publish_store
-from potstill.store import Store, open_store
+from potstill.store import Store, open_store, verify_store
 from potstill.store.errors import StoreError
 from potstill.store.manifest import manifest_checksum
 from potstill.store.published import hub_repo, is_published, store_from_published
@@ -111,7 +111,9 @@ def test_a_published_store_of_each_kind_and_codec_reads_with_datasets_and_back_e
         want = next(r for r in store.iter_records(with_hidden=True) if r.id == first["id"]).hidden[4]
         assert np.array_equal(np.float32(first["states"]), want.astype(np.float32))
 
-    assert_same_records(store, open_store(store_from_published(folder), verify_reads=True))
+    rebuilt = store_from_published(folder)
+    assert verify_store(rebuilt).ok
+    assert_same_records(store, open_store(rebuilt, verify_reads=True))
 
 
 @pytest.mark.parametrize(("kind", "codec", "targets"), [("topk", "packed", "topk"), ("sampled", "compact", "sampled"),
@@ -184,6 +186,9 @@ def test_the_licence_and_provenance_of_the_manifest_reach_the_card_unchanged(tmp
     assert "license: apache-2.0" in card and "revision `abc123`" in card and "teacher licence: llama3" in card
     assert Path(out, "manifest.json").read_bytes() == Path(path).read_bytes()
     assert publish_store(open_store(url), str(tmp_path / "pub2"), license="mit")["license"] == "mit"  # --license wins
+    rebuilt = store_from_published(out)  # training's store: the manifest, provenance included, byte for byte
+    assert Path(rebuilt, "manifest.json").read_bytes() == Path(path).read_bytes()
+    assert_same_records(open_store(url), open_store(rebuilt, verify_reads=True))
 
 
 def test_push_is_refused_in_one_line_offline_or_logged_out_after_the_folder_is_written(tmp_path):
@@ -197,6 +202,19 @@ def test_push_is_refused_in_one_line_offline_or_logged_out_after_the_folder_is_w
                             env=logged_out), "not logged in", "hf auth login")
     one_line_error(potstill("store", "publish", url, str(tmp_path / "p3"), "--license", "mit", "--push", "nope"),
                    "OWNER/NAME")
+
+
+def test_a_damaged_published_file_is_named_in_one_line_and_nothing_is_cached(tmp_path):
+    url = make_store(str(tmp_path / "s.store"), "topk", "packed", True)
+    folder = str(tmp_path / "pub")
+    index = publish_store(open_store(url), folder, license="mit")
+    victim = os.path.join(folder, index["shards"][1]["hidden"])
+    data = bytearray(Path(victim).read_bytes())
+    data[len(data) // 2] ^= 1
+    Path(victim).write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"{index['shards'][1]['hidden']}: fails its sha256 check"):
+        store_from_published(folder)
+    assert os.listdir(tmp_path / "cache" / "published") == []  # no half-built store left to be found
 
 
 def test_hub_urls_are_parsed_and_dispatched_to_the_published_reader():
