@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Held-out metrics of a student against the stored teacher: kd_loss, top-1 agreement, perplexity, answer accuracy."""
         cfg = load_settings(EvalConfig, None, flags, error=ConfigError)
+        _read_published(cfg)
         use_threads(threads)
         from potstill.student_train.evaluation import evaluate
 
@@ -85,7 +86,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(_format_eval(result))
 
 
-def _read_published(cfg: TrainConfig, phases: Phases | None = None) -> None:
+def _read_published(cfg: TrainConfig | EvalConfig, phases: Phases | None = None) -> None:
     """A --store that is a published folder (`potstill store publish`, local, any fsspec URL or
     hf://datasets/OWNER/NAME) trains from the store it was made from, rebuilt once in the cache."""
     def local_store(url: str) -> bool:  # told apart without importing the store package (start-up stays quick)
@@ -101,7 +102,8 @@ def _read_published(cfg: TrainConfig, phases: Phases | None = None) -> None:
         with phases.phase("rebuild the published dataset's store") if phases else contextlib.nullcontext():
             local = {url: store_from_published(url) for url in published}
         cfg.store = [local.get(url, url) for url in cfg.stores]
-        cfg.hidden_from = local.get(cfg.hidden_from, cfg.hidden_from)
+        if isinstance(cfg, TrainConfig):
+            cfg.hidden_from = local.get(cfg.hidden_from, cfg.hidden_from)
 
 
 def _format_eval(ev: dict) -> str:

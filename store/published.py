@@ -70,6 +70,8 @@ def store_from_published(url: str, storage_options: dict[str, Any] | None = None
         index_bytes = read_bytes(fs, join(root, PUBLISHED_FILE))
     except FileNotFoundError:
         raise StoreError(f"{url}: no {PUBLISHED_FILE}: not a folder `potstill store publish` wrote") from None
+    except OSError as e:  # the Hub or a bucket out of reach (offline, no login, no such repository)
+        raise StoreError(f"{url}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     index = json.loads(index_bytes)
     if not isinstance(index, dict) or index.get("layout") != LAYOUT:
         raise StoreError(f"{url}/{PUBLISHED_FILE}: layout {index.get('layout')!r} is not {LAYOUT!r}")

@@ -211,7 +211,8 @@ class EvalConfig:
     """Every setting of `potstill eval` (no config file: flags only)."""
 
     store: list[str] = setting(factory=list, required=True, help=(
-        "Store to evaluate against, path or URL; repeat it for several teachers (against their mixture)."))
+        "Store to evaluate against, path or URL, or a folder `potstill store publish` wrote; repeat it for "
+        "several teachers (against their mixture)."))
     teacher_weights: str = same_as(TrainConfig, "teacher_weights")
     student: str = setting("", required=True, aliases=("--model",), help="Student folder (what potstill train wrote).")
     eval_fraction: float | None = setting(None, shown_default="the model's training report, else 0.05",

@@ -225,11 +225,17 @@ def test_hub_urls_are_parsed_and_dispatched_to_the_published_reader():
     for bad in ("hf://models/me/x", "hf://datasets/me"):
         with pytest.raises(StoreError, match="hf://datasets/OWNER/NAME"):
             store_from_published(bad)
+    # through huggingface_hub's file system: offline, a one-line error naming the URL, never a traceback
+    train = potstill("train", "--store", "hf://datasets/me/targets", "--student", "x", "--out", "y")
+    assert train.returncode != 0 and "Traceback" not in train.stderr, train.stderr
+    phase, error = train.stderr.strip().splitlines()  # the start-up phase that failed, then the error
+    assert phase.startswith("rebuild the published dataset's store ... failed"), phase
+    assert error.startswith("error: hf://datasets/me/targets: cannot be read") and "offline" in error, error
 
 
 def test_train_reads_a_published_folder_given_as_its_store(tmp_path):
     from potstill.cli.train_cmd import _read_published
-    from potstill.student_train.config import TrainConfig
+    from potstill.student_train.config import EvalConfig, TrainConfig
 
     url = make_store(str(tmp_path / "s.store"), "topk", "none", False)
     folder = str(tmp_path / "pub")
@@ -239,6 +245,9 @@ def test_train_reads_a_published_folder_given_as_its_store(tmp_path):
     rebuilt = store_from_published(folder)  # the same rebuilt store every time: a resumed run finds its shards
     assert cfg.stores == [rebuilt, url] and cfg.hidden_from == rebuilt
     assert rebuilt.startswith(str(tmp_path / "cache"))
+    evaluation = EvalConfig(store=[folder])
+    _read_published(evaluation)
+    assert evaluation.stores == [rebuilt]
 
 
 def test_info_report_and_demo_print_the_same_byte_figures(tmp_path):
