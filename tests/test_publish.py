@@ -160,6 +160,36 @@ def test_the_card_snippet_runs_with_plain_torch_and_datasets(tmp_path):
         assert math.isfinite(loss) and loss > 0, kind
 
 
+def test_messages_and_meta_become_nested_columns_or_stay_json_where_their_values_share_no_type(tmp_path):
+    import copy
+
+    import datasets
+    from common import TOKENIZER_FILES, make_manifest, random_record
+
+    from potstill.store import create_store
+
+    url = str(tmp_path / "mixed.store")
+    m = make_manifest(layers=())
+    store = create_store(url, m, TOKENIZER_FILES)
+    rng = np.random.default_rng(2)
+    metas = [{"n": 1, "src": "a"}, {"n": "one"}, None]  # `n` a number here, text there: no one Arrow type
+    messages = [[{"role": "user", "content": "hi"}], None, [{"role": "user", "content": "yo", "name": "b"}]]
+    with store.writer("w0") as w:
+        for i in range(3):
+            rec = random_record(rng, f"m{i}", m)
+            rec.meta, rec.messages = metas[i], messages[i]
+            w.write(copy.deepcopy(rec))
+    folder = str(tmp_path / "pub")
+    assert publish_store(open_store(url), folder, license="mit")["nested"] == {"messages": True, "meta": False}
+    rows = {r["id"]: r for r in datasets.load_dataset(folder, split="train", streaming=True)}
+    assert rows["m2"]["messages"] == [{"role": "user", "content": "yo", "name": "b"}]
+    assert rows["m0"]["messages"] == [{"role": "user", "content": "hi", "name": None}]  # every key any record has
+    assert json.loads(rows["m1"]["meta"]) == {"n": "one"}
+    back = {r.id: r for r in open_store(store_from_published(folder)).iter_records()}
+    assert [back[f"m{i}"].meta for i in range(3)] == metas
+    assert [back[f"m{i}"].messages for i in range(3)] == messages
+
+
 def test_publish_without_a_licence_is_refused_in_one_line_and_writes_nothing(tmp_path):
     url = make_store(str(tmp_path / "s.store"), "topk", "none", False)
     out = str(tmp_path / "pub")
@@ -168,6 +198,7 @@ def test_publish_without_a_licence_is_refused_in_one_line_and_writes_nothing(tmp
     done = potstill("store", "publish", url, out, "--license", "cc-by-4.0")
     assert done.returncode == 0 and "14 records" in done.stdout, done.stderr
     one_line_error(potstill("store", "publish", url, out, "--license", "mit"), "not an empty folder")
+    one_line_error(potstill("store", "publish", url, str(tmp_path / "p2"), "--license", "MIT: or not"), "licence id")
 
 
 def test_the_licence_and_provenance_of_the_manifest_reach_the_card_unchanged(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -28,6 +29,7 @@ from potstill.store.reader import MANIFEST, Store, decode_hidden, open_store
 from potstill.store.sizes import store_sizes
 
 ROW_GROUP = 256  # records per Parquet row group: what a streaming reader fetches at a time
+LICENSE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$")  # the Hub's licence ids (the card's YAML holds it bare)
 JSON_FIELDS = ("messages", "meta")  # JSON strings in the store, nested columns when published
 
 
@@ -43,6 +45,8 @@ def publish_store(store: Store, out: str, *, license: str | None = None, repo_id
     if not license:
         raise StoreError(f"{store.url} names no licence (its manifest has no provenance.license): pass "
                          "--license ID, e.g. --license apache-2.0, for the dataset card")
+    if not LICENSE_ID.match(license):
+        raise StoreError(f"licence {license!r}: give a licence id such as apache-2.0, mit, cc-by-4.0 or other")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise StoreError(f"{out} exists and is not an empty folder: publish into a new folder")
     if os.path.realpath(out).startswith(os.path.realpath(store.root).rstrip(os.sep) + os.sep):

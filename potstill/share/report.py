@@ -545,10 +545,6 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.1f}"
-
-
 def write_report(url: str, out: str | None = None, config: ReportConfig | None = None,
                  storage_options: dict[str, Any] | None = None) -> StoreStats:
     """Read the store (verified reads) and write the page to `out` (default `config.out`), atomically."""
