@@ -199,6 +199,8 @@ def test_publish_without_a_licence_is_refused_in_one_line_and_writes_nothing(tmp
     assert done.returncode == 0 and "14 records" in done.stdout, done.stderr
     one_line_error(potstill("store", "publish", url, out, "--license", "mit"), "not an empty folder")
     one_line_error(potstill("store", "publish", url, str(tmp_path / "p2"), "--license", "MIT: or not"), "licence id")
+    for command in ("info", "verify"):  # the folder has the manifest but no shards: never taken for an empty store
+        one_line_error(potstill("store", command, out), "is a published dataset folder", "potstill train --store")
 
 
 def test_the_licence_and_provenance_of_the_manifest_reach_the_card_unchanged(tmp_path):
