@@ -72,13 +72,18 @@ def store_from_published(url: str, storage_options: dict[str, Any] | None = None
         raise StoreError(f"{url}: no {PUBLISHED_FILE}: not a folder `potstill store publish` wrote") from None
     except OSError as e:  # the Hub or a bucket out of reach (offline, no login, no such repository)
         raise StoreError(f"{url}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    index = json.loads(index_bytes)
-    if not isinstance(index, dict) or index.get("layout") != LAYOUT:
-        raise StoreError(f"{url}/{PUBLISHED_FILE}: layout {index.get('layout')!r} is not {LAYOUT!r}")
+    try:
+        index = json.loads(index_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        index = None
+    layout = index.get("layout") if isinstance(index, dict) else None
+    if layout != LAYOUT:
+        raise StoreError(f"{url}/{PUBLISHED_FILE}: not a {LAYOUT} index (layout {layout!r})")
     folder = os.path.join(cache_dir(), "published", hashlib.sha256(index_bytes).hexdigest()[:32])
     store_path = os.path.join(folder, "store")
     if os.path.isdir(store_path):
         return store_path
+    _remove_dead_builds(folder)
     building = f"{folder}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     os.makedirs(building)
@@ -92,6 +97,25 @@ def store_from_published(url: str, storage_options: dict[str, Any] | None = None
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return store_path
+
+
+def _remove_dead_builds(folder: str) -> None:
+    """What a rebuild of `folder` killed part-way left (`<folder>.building-<pid>` of a process that is gone)."""
+    parent, name = os.path.split(folder)
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        pid = entry.removeprefix(f"{name}.building-")
+        if pid != entry and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _read_checked(fs: Any, root: str, url: str, index: dict[str, Any], rel: str) -> bytes:

@@ -238,16 +238,32 @@ def test_push_is_refused_in_one_line_offline_or_logged_out_after_the_folder_is_w
 
 
 def test_a_damaged_published_file_is_named_in_one_line_and_nothing_is_cached(tmp_path):
+    import hashlib
+
     url = make_store(str(tmp_path / "s.store"), "topk", "packed", True)
     folder = str(tmp_path / "pub")
     index = publish_store(open_store(url), folder, license="mit")
-    victim = os.path.join(folder, index["shards"][1]["hidden"])
-    data = bytearray(Path(victim).read_bytes())
-    data[len(data) // 2] ^= 1
-    Path(victim).write_bytes(bytes(data))
+    victim = Path(folder, index["shards"][1]["hidden"])
+    good = victim.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 1
+    victim.write_bytes(bytes(damaged))
     with pytest.raises(StoreError, match=f"{index['shards'][1]['hidden']}: fails its sha256 check"):
         store_from_published(folder)
-    assert os.listdir(tmp_path / "cache" / "published") == []  # no half-built store left to be found
+    cache = tmp_path / "cache" / "published"
+    assert os.listdir(cache) == []  # no half-built store left to be found
+
+    # what a rebuild killed part-way left (its process gone) is removed by the next rebuild
+    victim.write_bytes(good)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    key = hashlib.sha256(Path(folder, "published.json").read_bytes()).hexdigest()[:32]
+    os.makedirs(cache / f"{key}.building-{int(dead.stdout)}" / "store")
+    assert store_from_published(folder) == str(cache / key / "store")
+    assert os.listdir(cache) == [key]
+
+    Path(folder, "published.json").write_text("not json")
+    with pytest.raises(StoreError, match="published.json: not a potstill-published/1 index"):
+        store_from_published(folder)
 
 
 def test_hub_urls_are_parsed_and_dispatched_to_the_published_reader():
