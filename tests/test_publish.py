@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from storehelpers import build_store
 
 from potstill.cli.demo.run import _store_summary, format_table
@@ -149,7 +150,9 @@ def test_the_card_snippet_runs_with_plain_torch_and_datasets(tmp_path):
         publish_store(open_store(make_store(str(tmp_path / f"{kind}.store"), kind, codec, False)), folder,
                       license="mit", repo_id="me/targets")
         card = Path(folder, "README.md").read_text()
-        assert card.startswith("---\nlicense: mit\n") and "config_name: default" in card
+        front = yaml.safe_load(card.split("---\n")[1])  # the card's YAML, as the Hub reads it
+        assert front["license"] == "mit" and front["configs"] == [
+            {"config_name": "default", "default": True, "data_files": [{"split": "train", "path": "data/*.parquet"}]}]
         snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
         assert "potstill" not in snippet and 'REPO = "me/targets"' in snippet
         snippet = snippet.replace('REPO = "me/targets"', f"REPO = {folder!r}")

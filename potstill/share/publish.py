@@ -203,7 +203,7 @@ def dataset_card(store: Store, raw: dict[str, Any], provenance: dict[str, Any], 
         "---",
         f"license: {index['license']}",
         "tags:", "- knowledge-distillation", "- potstill",
-        f"pretty_name: Teacher targets of {name}",
+        f"pretty_name: {json.dumps(f'Teacher targets of {name}')}",  # a JSON string is YAML, whatever the name holds
         *configs,
         "---",
         "",
