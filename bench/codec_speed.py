@@ -169,7 +169,7 @@ def main() -> None:
                 samples.setdefault((name, "loader"), []).append(timed(loader(name)))
         print(f"{args.records} records x {args.length} tokens, vocab {VOCAB}, K={args.k}, N={args.samples} "
               f"({uniques:.1f} distinct ids per position); medians of {args.rounds} rounds\n")
-        print("| store | codec | target B/token | decode: positions/s | loader (read + collate, batches of "
+        print("| store | codec | target B/scored token | decode: positions/s | loader (read + collate, batches of "
               f"{args.batch}): tokens/s | loader vs anchor step ({ANCHOR_STEP_TOKENS_PER_S / 1000:.1f}k tok/s) |")
         print("|---|---|---:|---:|---:|---:|")
         for name in names:

@@ -94,7 +94,7 @@ def real_teacher_variance(model_dir: str, texts: list[str], blocks: int, seq: in
 def real_teacher_table(runs: list[list[dict[str, Any]]]) -> str:
     """Mean ± standard deviation over seeds (held-out blocks and uniforms) of `real_teacher_variance`."""
     base = [next(r["grad_sq_error"] for r in rows if r["variant"] == "sampled12") for rows in runs]
-    lines = ["| targets | packed target B/token | compact target B/token | "
+    lines = ["| targets | packed target B/scored token | compact target B/scored token | "
              "distinct ids per position | E‖p̂ − p‖² per position | vs sampled12 (i.i.d.) |",
              "|---|---:|---:|---:|---:|---:|"]
     for i, first in enumerate(runs[0]):

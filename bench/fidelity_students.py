@@ -117,7 +117,7 @@ def plot(shares: dict[str, dict[str, list[float]]], grad_var: dict[str, list[dic
 
 
 def bytes_table(bytes_by_store: dict[str, dict[str, float]]) -> str:
-    lines = ["| store | codec | target B/token | store B/token | distinct ids per position |", "|---|---|---:|---:|---:|"]
+    lines = ["| store | codec | target B/scored token | store B/token | distinct ids per position |", "|---|---|---:|---:|---:|"]
     for name, b in bytes_by_store.items():
         unique = f"{b['unique_ids_per_position']:.2f}" if "unique_ids_per_position" in b else "-"
         lines.append(f"| {name} | {b.get('codec', '-')} | {b['target_bytes_per_token']:.1f} | {b['bytes_per_token']:.1f} | {unique} |")
@@ -127,7 +127,7 @@ def bytes_table(bytes_by_store: dict[str, dict[str, float]]) -> str:
 def markdown(rows: list[dict[str, Any]], teacher_eval: dict[str, float], seeds: int) -> str:
     pm = (lambda m, s, f: f"{m:{f}} ± {s:{f}}") if seeds > 1 else (lambda m, s, f: f"{m:{f}}")
     lines = [
-        "| variant | target B/token | store B/token | held-out CE | KL to teacher | ECE % | top-1 agreement "
+        "| variant | target B/scored token | store B/token | held-out CE | KL to teacher | ECE % | top-1 agreement "
         "| share of full KD's gain (CE) | share of full KD's KL reduction |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| teacher | - | - | {teacher_eval['ce']:.4f} | 0 | {100 * teacher_eval['ece']:.2f} | 1 | - | - |",
@@ -166,7 +166,7 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
         ok_bytes = r["target_bytes_per_token"] <= 40
         ok_gain = min(shares) >= 0.95
         ok_ece = round(100 * r["ece"], 2) <= round(100 * full["ece"], 2)
-        out.append(f"{r['variant']}: {r['target_bytes_per_token']:.1f} target B/token ({'≤' if ok_bytes else '>'} 40), "
+        out.append(f"{r['variant']}: {r['target_bytes_per_token']:.1f} target B/scored token ({'≤' if ok_bytes else '>'} 40), "
                    f"{100 * r['gain_share']:.1f} % of full KD's gain, {100 * min(shares):.1f} % on its worst of "
                    f"{len(shares)} seeds ({'≥' if ok_gain else '<'} 95 %), ECE {100 * r['ece']:.2f} % vs full KD "
                    f"{100 * full['ece']:.2f} % ({'no worse' if ok_ece else 'worse'}; above it on {ece_worse} of {len(shares)} seeds) "

@@ -161,7 +161,7 @@ def main() -> None:
     fidelity_common.say(f"{len(p)} positions, hidden size {h.shape[1]}, vocabulary {p.shape[1]}; "
                  f"mean p of the next token {p[torch.arange(len(y)), y].mean().item():.3f}")
 
-    print("| coefficients r | bits | target B/token | KL(p ‖ p̃) | ‖p − p̃‖² |")
+    print("| coefficients r | bits | target B/scored token | KL(p ‖ p̃) | ‖p − p̃‖² |")
     print("|---:|---:|---:|---:|---:|")
     for r in low_rank_rows(h, p, w, [int(x) for x in args.ranks.split(",")], [int(x) for x in args.bits.split(",")]):
         print(f"| {r['rank']} | {r['bits']} | {r['bytes']:.0f} | {r['kl']:.4f} | {r['sq_error']:.5f} |")

@@ -8,7 +8,7 @@ import sys
 
 from potstill.cli.demo.run import DemoConfig
 from potstill.cli.jobs_cmd import JobsConfig, ListConfig, SubmitConfig, WaitConfig
-from potstill.cli.store_cmd import ExportConfig, VerifyConfig
+from potstill.cli.store_cmd import ExportConfig, PublishConfig, VerifyConfig
 from potstill.settings import options_reference
 from potstill.share.report import ReportConfig
 from potstill.student_train.config import EvalConfig, TrainConfig
@@ -38,6 +38,8 @@ COMMANDS: list[tuple[str, type, str, bool]] = [  # (command, its settings, intro
      "`store info` and `store copy` take no settings besides their store paths (and info's `--json`).", False),
     ("store export", ExportConfig, "Writes one row per record of a store as Parquet or JSONL.", False),
     ("store report", ReportConfig, "Writes one self-contained HTML page about what a store holds.", False),
+    ("store publish", PublishConfig, "Writes a store as a Hugging Face Hub dataset folder (Parquet, a dataset card).",
+     False),
     ("demo", DemoConfig,
      "Distils a built-in 4-digit-addition teacher into two students and compares them, on CPU. "
      "The defaults are the tuned demo.", False),

@@ -1,4 +1,4 @@
-"""`potstill store info | verify | copy | export | report`.
+"""`potstill store info | verify | copy | export | report | publish`.
 
 The settings of verify and export are the dataclasses here (the store package sits below the
 settings machinery, so their options live with the commands); report's are `ReportConfig`
@@ -8,6 +8,7 @@ settings machinery, so their options live with the commands); report's are `Repo
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,10 @@ import typer
 from potstill.cli.options import APP_SETTINGS
 from potstill.settings import check_settings, load_settings, setting, settings_options
 from potstill.share import ReportConfig, export_store, format_info, store_info, write_report
+from potstill.share.publish import check_repo_id, publish_store, push_folder
 from potstill.store import Store, copy_store, open_store, verify_store
 from potstill.store.errors import StoreError
+from potstill.store.published import PUBLISHED_FILE, is_published
 from potstill.store.verify import MAX_JOBS, report_json
 
 app = typer.Typer(help="Inspect, check, copy, export and report on a store.", **APP_SETTINGS)
@@ -54,6 +57,16 @@ class ExportConfig:
         return self
 
 
+def refuse_published(url: str) -> None:
+    """A published folder holds the store's manifest but none of its shards: no store command reads it
+    (it would find an empty store)."""
+    if not url.startswith("hf://") and "://" not in url and not os.path.isfile(os.path.join(url, PUBLISHED_FILE)):
+        return  # a local store: told apart without asking a file system
+    if is_published(url):
+        raise StoreError(f"{url} is a published dataset folder (`potstill store publish`), not a store: read it with "
+                         "`datasets`, train from it with `potstill train --store`")
+
+
 @app.command("info")
 def info(
     store: str = typer.Argument(..., help="Store path or URL (s3://, gs://, file://, memory://)."),
@@ -63,6 +76,7 @@ def info(
 
     Reads the manifest, the commit records and a rationale store's answers (no hashing): exit 1 when a commit record is
     damaged or ids repeat, with the problems listed; `verify` checks every byte."""
+    refuse_published(store)
     data = store_info(Store(store, strict=False))
     typer.echo(json.dumps(data, indent=2) if as_json else format_info(data))
     if data["problems"]:  # damaged commit records or duplicate ids: the store does not verify
@@ -79,6 +93,7 @@ def verify(
 ) -> None:
     """Recompute every checksum and check schema and counts; exit 1 naming each bad shard."""
     cfg = load_settings(VerifyConfig, None, flags, error=StoreError)
+    refuse_published(store)
     report = verify_store(store, clean=cfg.clean, jobs=cfg.jobs or None, quick=cfg.quick)
     if as_json:
         typer.echo(report_json(report))
@@ -106,6 +121,7 @@ def copy(
     def progress(shard: str, done: int, total: int) -> None:
         typer.echo(f"  [{done}/{total}] {shard}", err=True)
 
+    refuse_published(source)
     report = copy_store(source, destination, progress=progress)
     skipped = f", {len(report.shards_skipped)} already there" if report.shards_skipped else ""
     repaired = f", {len(report.shards_repaired)} repaired (their commit record there differed)" if report.shards_repaired else ""
@@ -121,10 +137,53 @@ def export(store: str = typer.Argument(..., help="Store path or URL."), *, flags
 
     Without --with-targets the file holds no teacher targets; hidden states are never exported."""
     cfg = load_settings(ExportConfig, None, flags, error=StoreError)
+    refuse_published(store)
     opened = open_store(store, verify_reads=cfg.with_targets)
     count = export_store(opened, cfg.to, with_targets=cfg.with_targets)
     skipped = f" ({opened.num_duplicates} duplicate rows of earlier-committed ids left out)" if opened.num_duplicates else ""
     typer.echo(f"wrote {count} records to {cfg.to}{skipped}")
+
+
+@dataclass
+class PublishConfig:
+    """Settings of `potstill store publish`."""
+
+    license: str = setting("", shown_default="the store's provenance licence", help="The dataset's licence for its card, a Hub licence id such as apache-2.0 or "
+                           "cc-by-4.0; default: the licence the store's provenance records. A store with neither "
+                           "is refused.")
+    push: str = setting("", shown_default="no upload", help="Then upload the folder to this Hub dataset repository, OWNER/NAME (created "
+                        "private if missing), through huggingface_hub: needs `hf auth login`; a rerun resumes.")
+
+    def validate(self) -> PublishConfig:
+        check_settings(self, StoreError)
+        if self.push:
+            check_repo_id(self.push)
+        return self
+
+
+@app.command("publish")
+@settings_options(PublishConfig)
+def publish(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    out: str = typer.Argument(..., help="Folder to write (new or empty): a Hugging Face Hub dataset repository."),
+    *,
+    flags: dict[str, Any],
+) -> None:
+    """A folder laid out as a Hub dataset: Parquet records with their targets decoded into plain columns,
+    hidden states as a second config, the manifest, the tokenizer and a README.md dataset card.
+
+    Read with `datasets.load_dataset(FOLDER)` without potstill, upload with `hf upload OWNER/NAME FOLDER
+    --repo-type dataset` (or --push), train from it with `potstill train --store FOLDER`."""
+    cfg = load_settings(PublishConfig, None, flags, error=StoreError)
+    refuse_published(store)
+    index = publish_store(open_store(store, verify_reads=True), out, license=cfg.license or None,
+                          repo_id=cfg.push or None)
+    records = sum(s["records"] for s in index["shards"])
+    size = sum(f["bytes"] for f in index["files"].values())
+    typer.echo(f"wrote {out}: {records} records in {len(index['shards'])} Parquet files, {size:,} bytes, "
+               f"licence {index['license']}")
+    if cfg.push:
+        typer.echo(f"uploaded to {push_folder(out, cfg.push)}")
 
 
 @app.command("report")
@@ -133,6 +192,7 @@ def report(store: str = typer.Argument(..., help="Store path or URL."), *, flags
     """An HTML page of what the store holds: teacher, targets, plots of entropy, top-1, tail mass, lengths,
     sampled ids, hidden-state norms, answers and examples; every file read is checked first."""
     cfg = load_settings(ReportConfig, None, flags, error=StoreError)
+    refuse_published(store)
     stats = write_report(store, config=cfg)
     scope = f"a sample of {stats.records_read} of {stats.records_total}" if stats.sampled else f"{stats.records_read}"
     typer.echo(f"wrote {cfg.out} ({scope} records)")

@@ -6,6 +6,7 @@ Their settings, with their flags, help and defaults, are `TrainConfig`'s and `Ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -34,6 +35,7 @@ def register(app: typer.Typer) -> None:
         count = resolve_threads(threads, loader_workers=cfg.num_workers)  # the loader's workers need CPUs too
         # Each start-up phase on stderr as it begins, the first within a second; under torchrun, rank 0's alone.
         phases = Phases(show=os.environ.get("RANK", "0") == "0")
+        _read_published(cfg, phases)
         with phases.phase("import torch, transformers"):
             apply_threads(count)  # before torch starts
             from potstill.student_train.trainer import REPORT_FILE
@@ -60,6 +62,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Held-out metrics of a student against the stored teacher: kd_loss, top-1 agreement, perplexity, answer accuracy."""
         cfg = load_settings(EvalConfig, None, flags, error=ConfigError)
+        _read_published(cfg)
         use_threads(threads)
         from potstill.student_train.evaluation import evaluate
 
@@ -81,6 +84,26 @@ def register(app: typer.Typer) -> None:
                        + (f": {result['note']}" if result.get("note") else ""))
         else:
             typer.echo(_format_eval(result))
+
+
+def _read_published(cfg: TrainConfig | EvalConfig, phases: Phases | None = None) -> None:
+    """A --store that is a published folder (`potstill store publish`, local, any fsspec URL or
+    hf://datasets/OWNER/NAME) trains from the store it was made from, rebuilt once in the cache."""
+    def local_store(url: str) -> bool:  # told apart without importing the store package (start-up stays quick)
+        path = url.removeprefix("file://")
+        return "://" not in path and not os.path.isfile(os.path.join(path, "published.json"))
+
+    if all(local_store(url) for url in cfg.stores):
+        return
+    from potstill.store.published import is_published, store_from_published
+
+    published = [url for url in cfg.stores if is_published(url)]
+    if published:
+        with phases.phase("rebuild the published dataset's store") if phases else contextlib.nullcontext():
+            local = {url: store_from_published(url) for url in published}
+        cfg.store = [local.get(url, url) for url in cfg.stores]
+        if isinstance(cfg, TrainConfig):
+            cfg.hidden_from = local.get(cfg.hidden_from, cfg.hidden_from)
 
 
 def _format_eval(ev: dict) -> str:

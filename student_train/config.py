@@ -44,7 +44,8 @@ class TrainConfig:
 
     # what to train, from what, into where
     store: list[str] = setting(factory=list, required=True, help=(
-        "Store to train from, path or URL; repeat it to distill several teachers at once (their stores "
+        "Store to train from, path or URL, or a folder `potstill store publish` wrote (also "
+        "hf://datasets/OWNER/NAME); repeat it to distill several teachers at once (their stores "
         "made over the same prompts, with one tokenizer): the target is their weighted mixture."))
     teacher_weights: str = setting("", parse=_number_list_text, metavar="W,...", shown_default="equal", help=(
         "Several stores: each teacher's weight in the mixture, in --store order (normalised to sum 1)."))
@@ -210,7 +211,8 @@ class EvalConfig:
     """Every setting of `potstill eval` (no config file: flags only)."""
 
     store: list[str] = setting(factory=list, required=True, help=(
-        "Store to evaluate against, path or URL; repeat it for several teachers (against their mixture)."))
+        "Store to evaluate against, path or URL, or a folder `potstill store publish` wrote; repeat it for "
+        "several teachers (against their mixture)."))
     teacher_weights: str = same_as(TrainConfig, "teacher_weights")
     student: str = setting("", required=True, aliases=("--model",), help="Student folder (what potstill train wrote).")
     eval_fraction: float | None = setting(None, shown_default="the model's training report, else 0.05",

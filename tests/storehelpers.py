@@ -18,7 +18,7 @@ KIND_SAMPLES = 40
 
 
 def kind_spec(kind: str, codec: str, tail_logprob: str | None) -> TargetSpec:
-    packed = codec == "packed"
+    packed = codec in ("packed", "compact")  # compact codes top-K ids and log-probs as packed does
     return TargetSpec(
         kind=kind, k=8 if kind != "sampled" else 0, samples=KIND_SAMPLES if kind != "topk" else 0, seed=7,
         sampling="test draws" if kind != "topk" else None, codec=codec, tail_logprob=tail_logprob if kind != "sampled" else None,

@@ -13,6 +13,7 @@ import os
 from typer.testing import CliRunner
 
 from potstill.cli.main import app
+from potstill.share import store_info
 from potstill.store import open_store, verify_store
 
 
@@ -34,6 +35,8 @@ def test_demo_small_run_writes_report_and_real_stores(tmp_path):
     assert report["student_kd"]["params"] < report["teacher"]["params"]
     assert report["margin"] == report["student_kd"]["accuracy"] - report["student_baseline"]["accuracy"]
     assert "held-out accuracy" in result.output and "store bytes/token" in result.output
+    # the store's byte figures, as `potstill store info` prints them (`potstill.store.sizes`)
+    assert f"student_kd store: {store_info(open_store(str(out / 'rationale.store')))['sizes_line']}" in result.output
 
     # phase one wrote a real rationale store: top-k targets, one hidden layer, rationale and answer text
     assert verify_store(str(out / "rationale.store")).ok

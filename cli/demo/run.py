@@ -178,6 +178,10 @@ def format_table(report: dict[str, Any]) -> str:
         store = r.get("store")
         per_token = "-" if store is None else f"{store['bytes_per_token']:.0f}"
         lines.append(f"{label:<42}{r['params']:>10,}{r['accuracy']:>20.1%}{per_token:>20}")
+    for key, _label in rows:  # the store's byte figures, as `potstill store info` prints them
+        store = report[key].get("store")
+        if store is not None and store.get("sizes"):
+            lines.append(f"{key} store: {store['sizes']}")
     return "\n".join(lines)
 
 
@@ -249,7 +253,8 @@ def _store_summary(store_url: str) -> dict[str, Any]:
 
     info = store_info(open_store(store_url))
     return {"path": store_url, "records": info["records"], "tokens": info["tokens"],
-            "bytes": info["bytes"], "bytes_per_token": info["bytes_per_token"]}
+            "bytes": info["bytes"], "bytes_per_token": info["bytes_per_token"],
+            "target_bytes_per_scored_token": info["target_bytes_per_scored_token"], "sizes": info["sizes_line"]}
 
 
 def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:

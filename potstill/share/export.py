@@ -107,9 +107,13 @@ def _schema(store: Store, with_targets: bool) -> pa.Schema:
     fields = [full.field(n) for n in EXPORT_FIELDS]
     if not with_targets:
         return pa.schema(fields)
-    spec = store.manifest.targets
+    return pa.schema(fields + target_fields(store.manifest.targets), metadata={MANIFEST_KEY: store.manifest.to_json()})
+
+
+def target_fields(spec: Any) -> list[pa.Field]:
+    """The decoded target columns (`decoded_targets`) of a store whose `targets` are `spec`."""
     nested = pa.list_(pa.list_(pa.int32()))
-    fields.append(pa.field("token_logprob", pa.list_(pa.float32()), nullable=False))
+    fields = [pa.field("token_logprob", pa.list_(pa.float32()), nullable=False)]
     if spec.has_topk:
         fields += [pa.field("topk_ids", nested, nullable=False),
                    pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32())), nullable=False),
@@ -117,7 +121,7 @@ def _schema(store: Store, with_targets: bool) -> pa.Schema:
     if spec.has_sampled:
         fields += [pa.field("sampled_ids", nested, nullable=False),
                    pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False)]
-    return pa.schema(fields, metadata={MANIFEST_KEY: store.manifest.to_json()})
+    return fields
 
 
 def _nested(rows: list[np.ndarray], inner: list[np.ndarray], dtype: type) -> pa.Array:
@@ -142,7 +146,6 @@ def _flat_lists(parts: list[np.ndarray], dtype: type) -> pa.Array:
 
 def _target_tables(store: Store, batch_rows: int, schema: pa.Schema) -> Any:
     """The export columns plus the decoded targets, `batch_rows` records at a time."""
-    spec = store.manifest.targets
     for name in store.shard_names:
         views = store.shard(name).views
         skip = store.duplicate_rows(name)
@@ -151,28 +154,36 @@ def _target_tables(store: Store, batch_rows: int, schema: pa.Schema) -> Any:
             chunk = rows[start : start + batch_rows]
             base = views.batch.select(list(EXPORT_FIELDS)).take(pa.array(chunk, pa.int64()))
             columns: dict[str, pa.Array] = {n: base.column(n) for n in EXPORT_FIELDS}
-            token_lp, ids, lps, tails, s_off, s_ids, s_counts = [], [], [], [], [], [], []
-            for row in chunk:
-                if spec.has_topk:
-                    topk_ids, topk_lp, tok, tail = views.targets_of(row)
-                    ids.append(np.asarray(topk_ids).reshape(-1))
-                    lps.append(np.asarray(topk_lp, dtype=np.float32).reshape(-1))
-                    tails.append(np.asarray(tail, dtype=np.float32))
-                    token_lp.append(np.asarray(tok, dtype=np.float32))
-                else:
-                    token_lp.append(np.asarray(views.token_logprob_of(row), dtype=np.float32))
-                if spec.has_sampled:
-                    sampled = views.sampled_of(row)
-                    s_off.append(np.asarray(sampled.offsets, dtype=np.int64))
-                    s_ids.append(np.asarray(sampled.ids))
-                    s_counts.append(np.asarray(sampled.counts))
-            columns["token_logprob"] = _flat_lists(token_lp, np.float32)
-            if spec.has_topk:
-                k_offsets = [np.arange(0, len(t) * spec.k + 1, spec.k, dtype=np.int64) for t in token_lp]
-                columns["topk_ids"] = _nested(k_offsets, ids, np.int32)
-                columns["topk_logprobs"] = _nested(k_offsets, lps, np.float32)
-                columns["tail_logprob"] = _flat_lists(tails, np.float32)
-            if spec.has_sampled:
-                columns["sampled_ids"] = _nested(s_off, s_ids, np.int32)
-                columns["sampled_counts"] = _nested(s_off, s_counts, np.uint16)
+            columns.update(decoded_targets(views, chunk, store.manifest.targets))
             yield pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def decoded_targets(views: Any, rows: list[int], spec: Any) -> dict[str, pa.Array]:
+    """Records `rows` of a shard's `ColumnViews`: their targets decoded whatever the codec, one list
+    entry per scored position (`token_logprob`; `topk_ids`, `topk_logprobs`, `tail_logprob`;
+    `sampled_ids`, `sampled_counts`, as the store's targets hold them)."""
+    token_lp, ids, lps, tails, s_off, s_ids, s_counts = [], [], [], [], [], [], []
+    for row in rows:
+        if spec.has_topk:
+            topk_ids, topk_lp, tok, tail = views.targets_of(row)
+            ids.append(np.asarray(topk_ids).reshape(-1))
+            lps.append(np.asarray(topk_lp, dtype=np.float32).reshape(-1))
+            tails.append(np.asarray(tail, dtype=np.float32))
+            token_lp.append(np.asarray(tok, dtype=np.float32))
+        else:
+            token_lp.append(np.asarray(views.token_logprob_of(row), dtype=np.float32))
+        if spec.has_sampled:
+            sampled = views.sampled_of(row)
+            s_off.append(np.asarray(sampled.offsets, dtype=np.int64))
+            s_ids.append(np.asarray(sampled.ids))
+            s_counts.append(np.asarray(sampled.counts))
+    columns = {"token_logprob": _flat_lists(token_lp, np.float32)}
+    if spec.has_topk:
+        k_offsets = [np.arange(0, len(t) * spec.k + 1, spec.k, dtype=np.int64) for t in token_lp]
+        columns["topk_ids"] = _nested(k_offsets, ids, np.int32)
+        columns["topk_logprobs"] = _nested(k_offsets, lps, np.float32)
+        columns["tail_logprob"] = _flat_lists(tails, np.float32)
+    if spec.has_sampled:
+        columns["sampled_ids"] = _nested(s_off, s_ids, np.int32)
+        columns["sampled_counts"] = _nested(s_off, s_counts, np.uint16)
+    return columns

@@ -6,6 +6,7 @@ from typing import Any
 
 from potstill.store.errors import StoreError
 from potstill.store.reader import Store
+from potstill.store.sizes import store_sizes
 from potstill.store.targets import codec_named
 
 
@@ -15,14 +16,12 @@ def store_info(store: Store) -> dict[str, Any]:
     for commit in store.commits:
         for name, size in commit.field_bytes.items():
             field_bytes[name] = field_bytes.get(name, 0) + size
-    data_bytes = sum(c.bytes for c in store.commits)
-    meta_bytes = sum(f.bytes for f in m.tokenizer.files) + len(m.to_json())
+    sizes = store_sizes(store)
     tokens, scored = store.num_tokens, store.num_scored_tokens
 
     def per(total: int, count: int) -> float | None:
         return round(total / count, 3) if count else None
 
-    target_fields = [n for n in field_bytes if n.startswith(("topk_", "token_logprob", "tail_", "sampled_"))]
     problems = [f"commits/{shard}.json: {why}" for shard, why in store.bad_commits]
     if store.num_duplicates:
         problems.append(f"{store.num_duplicates} record(s) repeat an id committed earlier (readers skip them)")
@@ -46,10 +45,13 @@ def store_info(store: Store) -> dict[str, Any]:
         "duplicates": store.num_duplicates,
         "tokens": tokens,
         "scored_tokens": scored,
-        "bytes": data_bytes + meta_bytes,
-        "bytes_per_token": per(data_bytes, tokens),
-        "bytes_per_scored_token": per(data_bytes, scored),
-        "target_bytes_per_scored_token": per(sum(field_bytes[n] for n in target_fields), scored),
+        # the one meaning of each byte figure (`potstill.store.sizes`): everything the store lists, per token
+        "bytes": sizes.total,
+        "bytes_per_token": sizes.per_token(),
+        "bytes_per_scored_token": sizes.per_scored_token(),
+        "target_bytes_per_scored_token": sizes.per_scored_token("targets"),
+        "sizes": sizes.to_dict(),
+        "sizes_line": sizes.describe(),
         # info reads only the commit records: it never hashes a file (`potstill store verify` does)
         "verified": False,
         "problems": problems,
@@ -63,8 +65,6 @@ def store_info(store: Store) -> dict[str, Any]:
 def format_info(info: dict[str, Any]) -> str:
     t = info["teacher"]
     empty = not info["tokens"]  # nothing committed yet: no per-token sizes, no answers, no field table
-    per_token = "" if empty else (f" ({info['bytes_per_token']} per token, "
-                                  f"{info['bytes_per_scored_token']} per scored token)")
     lines = [
         f"store        {info['store']}  (format {info['format_version']}, potstill {info['potstill_version']})",
         f"teacher      {t['name_or_path']}  ({t['architecture']}, {t['dtype']}, config {str(t['config_hash'])[:19]})",
@@ -81,7 +81,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"records      {info['records']}" + (f" ({info['duplicates']} duplicate rows skipped)" if info["duplicates"] else "")
         + (" (no records yet)" if empty else ""),
         f"tokens       {info['tokens']} ({info['scored_tokens']} scored)",
-        f"bytes        {info['bytes']}{per_token}",
+        f"bytes        {info['sizes_line']}",
         "integrity    not verified (`potstill store verify` hashes every file)"
         + (f"; {len(info['problems'])} problem(s) found:" if info["problems"] else ""),
         *(f"  BAD  {p}" for p in info["problems"]),

@@ -459,8 +459,7 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
         ("shards / records", f"{info['shards']:,} / {info['records']:,}"
          + (f" ({info['duplicates']:,} duplicate rows, skipped by every reader)" if info["duplicates"] else "")),
         ("tokens", f"{info['tokens']:,} ({info['scored_tokens']:,} scored)"),
-        ("bytes", f"{info['bytes']:,} ({_num(info['bytes_per_token'])} per token, "
-                  f"{_num(info['target_bytes_per_scored_token'])} of targets per scored token)"),
+        ("bytes", info["sizes_line"]),
     ]
     parts = [
         "<!DOCTYPE html>",
@@ -544,10 +543,6 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
                 parts.append("".join(block))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.1f}"
 
 
 def write_report(url: str, out: str | None = None, config: ReportConfig | None = None,
