@@ -37,6 +37,7 @@ from potstill.teacher_gen.capture import (
     topk_logprobs,
 )
 from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.devices import pick_device
 from potstill.teacher_gen.errors import GenerateError, describe_load_error
 from potstill.teacher_gen.fused_capture import LogitParams, pick_fused
 from potstill.teacher_gen.gguf import pretrained_source
@@ -55,25 +56,13 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 _CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()  # model -> setups checked
 
 
-def pick_device(flag: str) -> torch.device:
-    if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise GenerateError(f"--device {flag!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerateError(f"--device {flag}: CUDA is not available on this machine")
-    return device
-
-
 class HFTeacher:
     def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, hidden_layers: list[int],
                  model: Any = None) -> None:
         """Load the teacher (or take an already built `model`, e.g. a benchmark's random one)."""
         self.config = config
         self.spec = spec
-        self.device = pick_device(config.device)
+        self.device = pick_device(config.device)  # under torchrun, the rank's own GPU
         if model is None:
             model = load_model(config, spec)
         self.model = model.to(self.device).eval()
