@@ -7,7 +7,9 @@ own encoder), in the same batches, greedy:
   hf plain          model.generate on the left-padded batch (KV cache), nothing else
   hf potstill       potstill's `generate` in generate mode with that model preloaded: generation,
                     the top-K targets of every generated token, records written to a fresh store
-  hf potstill+hid   the same with --hidden-layers -1: the completion is scored by a second forward
+  hf potstill+hid   the same with --hidden-layers -1: that layer's states kept while decoding
+  hf potstill+hid2  (with --second-forward) the same, the completion scored by a second forward
+                    over prompt + completion instead, as before the states were kept while decoding
   vllm plain        vllm.LLM.generate on the same token ids
   vllm potstill     potstill's `generate --backend vllm` with that engine preloaded
 
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backends", default="hf", help="hf, vllm or hf,vllm")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the HF backend")
+    p.add_argument("--second-forward", action="store_true",
+                   help="also time hf potstill+hid with a second forward instead of capture while decoding")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -124,16 +128,22 @@ class Bench:
                                                                                            strict=True)}
 
     # -- potstill ------------------------------------------------------------------------------
-    def potstill(self, backend: str, preloaded: Any, **extra: Any) -> tuple[float, dict[str, list[int]]]:
+    def potstill(self, backend: str, preloaded: Any, second_forward: bool = False,
+                 **extra: Any) -> tuple[float, dict[str, list[int]]]:
         import torch
 
         from potstill.store import open_store
+        from potstill.teacher_gen.hf_backend import HFTeacher
         from potstill.teacher_gen.runner import generate
 
         torch.set_num_threads(self.args.threads)
         cfg = self.config(backend, "generate", **extra)
+        HFTeacher.capture_while_decoding = not second_forward
         start = time.perf_counter()
-        generate(cfg, preloaded=preloaded)
+        try:
+            generate(cfg, preloaded=preloaded)
+        finally:
+            HFTeacher.capture_while_decoding = True
         seconds = time.perf_counter() - start
         return seconds, {r.id: r.input_ids[r.score_start :].tolist() for r in open_store(cfg.store).iter_records()}
 
@@ -196,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             contenders += [("hf plain", lambda: bench.hf_plain(engines["hf"])),
                            ("hf potstill", lambda: bench.potstill("hf", engines["hf"])),
                            ("hf potstill+hid", lambda: bench.potstill("hf", engines["hf"], hidden_layers="-1"))]
+            if args.second_forward:
+                contenders.append(("hf potstill+hid2", lambda: bench.potstill("hf", engines["hf"], second_forward=True,
+                                                                              hidden_layers="-1")))
         if "vllm" in backends:
             contenders += [("vllm plain", lambda: bench.vllm_plain(engines["vllm"])),
                            ("vllm potstill", lambda: bench.potstill("vllm", engines["vllm"]))]
