@@ -13,7 +13,9 @@ own encoder), in the same batches, greedy:
   vllm plain        vllm.LLM.generate on the same token ids
   vllm potstill     potstill's `generate --backend vllm` with that engine preloaded
 
-tokens/s counts generated tokens (up to and including EOS) over the wall time of the call. The
+tokens/s counts generated tokens (up to and including EOS) over the wall time of the call; `cpu vs
+plain` compares the CPU time of this process in each call instead (every thread: torch's, the
+writers'), which other programs on a busy machine change far less than the wall time. The
 bench checks that each backend's potstill completions equal its plain ones. With both backends it
 also times score mode (teacher forcing over prompt + the HF completions) on each: the capture
 throughput of the two backends on the same tokens.
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _, run in contenders:  # warm-up: first-call allocations, lazy imports
             run()
         seconds: dict[str, list[float]] = {name: [] for name, _ in contenders}
+        cpu: dict[str, list[float]] = {name: [] for name, _ in contenders}
         tokens: dict[str, int] = {}
         completions: dict[str, dict[str, list[int]]] = {}
         score_seconds: dict[str, list[float]] = {b: [] for b in backends}
@@ -222,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for round_ in range(args.rounds):
             order = contenders if round_ % 2 == 0 else contenders[::-1]
             for name, run in order:
+                cpu_start = time.process_time()
                 took, done = run()
+                cpu[name].append(time.process_time() - cpu_start)
                 seconds[name].append(took)
                 tokens[name] = sum(len(c) for c in done.values())
                 completions[name] = done
@@ -243,10 +248,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         identical = sum(completions[name][rid] == completions[plain][rid] for rid in completions[plain])
         rates = [tokens[name] / s for s in seconds[name]]
         ratios = [p / s for p, s in zip(seconds[plain], seconds[name], strict=True)]  # same round, same tokens
+        cpu_ratios = [p / s for p, s in zip(cpu[plain], cpu[name], strict=True)]
         result["generate"][name] = {
             "tokens": tokens[name], "seconds": [round(s, 3) for s in seconds[name]],
             "tokens_per_s": round(statistics.median(rates), 2),
             "vs_plain": round(statistics.median(ratios), 3), "identical_completions": f"{identical}/{len(completions[plain])}",
+            "cpu_seconds": [round(s, 3) for s in cpu[name]], "cpu_vs_plain": round(statistics.median(cpu_ratios), 3),
         }
     if len(backends) == 2:
         result["score"] = {
@@ -255,10 +262,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "vllm_vs_hf": round(statistics.median(h / v for h, v in zip(score_seconds["hf"], score_seconds["vllm"],
                                                                            strict=True)), 3),
         }
-    print(f"{'contender':<18} {'tokens':>7} {'tokens/s':>9} {'vs plain':>9} {'identical':>10}")
+    print(f"{'contender':<18} {'tokens':>7} {'tokens/s':>9} {'vs plain':>9} {'cpu vs plain':>13} {'identical':>10}")
     for name, row in result["generate"].items():
         print(f"{name:<18} {row['tokens']:>7} {row['tokens_per_s']:>9.2f} {row['vs_plain']:>8.2f}x "
-              f"{row['identical_completions']:>10}")
+              f"{row['cpu_vs_plain']:>12.2f}x {row['identical_completions']:>10}")
     if "score" in result:
         print(f"score mode, {result['score']['tokens']} tokens: hf {result['score']['hf_tokens_per_s']} tokens/s, "
               f"vllm {result['score']['vllm_tokens_per_s']} tokens/s, vllm/hf {result['score']['vllm_vs_hf']}x")
