@@ -7,11 +7,15 @@ own encoder), in the same batches, greedy:
   hf plain          model.generate on the left-padded batch (KV cache), nothing else
   hf potstill       potstill's `generate` in generate mode with that model preloaded: generation,
                     the top-K targets of every generated token, records written to a fresh store
-  hf potstill+hid   the same with --hidden-layers -1: the completion is scored by a second forward
+  hf potstill+hid   the same with --hidden-layers -1: that layer's states kept while decoding
+  hf potstill+hid2  (with --second-forward) the same, the completion scored by a second forward
+                    over prompt + completion instead, as before the states were kept while decoding
   vllm plain        vllm.LLM.generate on the same token ids
   vllm potstill     potstill's `generate --backend vllm` with that engine preloaded
 
-tokens/s counts generated tokens (up to and including EOS) over the wall time of the call. The
+tokens/s counts generated tokens (up to and including EOS) over the wall time of the call; `cpu vs
+plain` compares the CPU time of this process in each call instead (every thread: torch's, the
+writers'), which other programs on a busy machine change far less than the wall time. The
 bench checks that each backend's potstill completions equal its plain ones. With both backends it
 also times score mode (teacher forcing over prompt + the HF completions) on each: the capture
 throughput of the two backends on the same tokens.
@@ -46,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backends", default="hf", help="hf, vllm or hf,vllm")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the HF backend")
+    p.add_argument("--second-forward", action="store_true",
+                   help="also time hf potstill+hid with a second forward instead of capture while decoding")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -124,16 +130,22 @@ class Bench:
                                                                                            strict=True)}
 
     # -- potstill ------------------------------------------------------------------------------
-    def potstill(self, backend: str, preloaded: Any, **extra: Any) -> tuple[float, dict[str, list[int]]]:
+    def potstill(self, backend: str, preloaded: Any, second_forward: bool = False,
+                 **extra: Any) -> tuple[float, dict[str, list[int]]]:
         import torch
 
         from potstill.store import open_store
+        from potstill.teacher_gen.hf_backend import HFTeacher
         from potstill.teacher_gen.runner import generate
 
         torch.set_num_threads(self.args.threads)
         cfg = self.config(backend, "generate", **extra)
+        HFTeacher.capture_while_decoding = not second_forward
         start = time.perf_counter()
-        generate(cfg, preloaded=preloaded)
+        try:
+            generate(cfg, preloaded=preloaded)
+        finally:
+            HFTeacher.capture_while_decoding = True
         seconds = time.perf_counter() - start
         return seconds, {r.id: r.input_ids[r.score_start :].tolist() for r in open_store(cfg.store).iter_records()}
 
@@ -196,12 +208,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             contenders += [("hf plain", lambda: bench.hf_plain(engines["hf"])),
                            ("hf potstill", lambda: bench.potstill("hf", engines["hf"])),
                            ("hf potstill+hid", lambda: bench.potstill("hf", engines["hf"], hidden_layers="-1"))]
+            if args.second_forward:
+                contenders.append(("hf potstill+hid2", lambda: bench.potstill("hf", engines["hf"], second_forward=True,
+                                                                              hidden_layers="-1")))
         if "vllm" in backends:
             contenders += [("vllm plain", lambda: bench.vllm_plain(engines["vllm"])),
                            ("vllm potstill", lambda: bench.potstill("vllm", engines["vllm"]))]
         for _, run in contenders:  # warm-up: first-call allocations, lazy imports
             run()
         seconds: dict[str, list[float]] = {name: [] for name, _ in contenders}
+        cpu: dict[str, list[float]] = {name: [] for name, _ in contenders}
         tokens: dict[str, int] = {}
         completions: dict[str, dict[str, list[int]]] = {}
         score_seconds: dict[str, list[float]] = {b: [] for b in backends}
@@ -209,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for round_ in range(args.rounds):
             order = contenders if round_ % 2 == 0 else contenders[::-1]
             for name, run in order:
+                cpu_start = time.process_time()
                 took, done = run()
+                cpu[name].append(time.process_time() - cpu_start)
                 seconds[name].append(took)
                 tokens[name] = sum(len(c) for c in done.values())
                 completions[name] = done
@@ -230,10 +248,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         identical = sum(completions[name][rid] == completions[plain][rid] for rid in completions[plain])
         rates = [tokens[name] / s for s in seconds[name]]
         ratios = [p / s for p, s in zip(seconds[plain], seconds[name], strict=True)]  # same round, same tokens
+        cpu_ratios = [p / s for p, s in zip(cpu[plain], cpu[name], strict=True)]
         result["generate"][name] = {
             "tokens": tokens[name], "seconds": [round(s, 3) for s in seconds[name]],
             "tokens_per_s": round(statistics.median(rates), 2),
             "vs_plain": round(statistics.median(ratios), 3), "identical_completions": f"{identical}/{len(completions[plain])}",
+            "cpu_seconds": [round(s, 3) for s in cpu[name]], "cpu_vs_plain": round(statistics.median(cpu_ratios), 3),
         }
     if len(backends) == 2:
         result["score"] = {
@@ -242,10 +262,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "vllm_vs_hf": round(statistics.median(h / v for h, v in zip(score_seconds["hf"], score_seconds["vllm"],
                                                                            strict=True)), 3),
         }
-    print(f"{'contender':<18} {'tokens':>7} {'tokens/s':>9} {'vs plain':>9} {'identical':>10}")
+    print(f"{'contender':<18} {'tokens':>7} {'tokens/s':>9} {'vs plain':>9} {'cpu vs plain':>13} {'identical':>10}")
     for name, row in result["generate"].items():
         print(f"{name:<18} {row['tokens']:>7} {row['tokens_per_s']:>9.2f} {row['vs_plain']:>8.2f}x "
-              f"{row['identical_completions']:>10}")
+              f"{row['cpu_vs_plain']:>12.2f}x {row['identical_completions']:>10}")
     if "score" in result:
         print(f"score mode, {result['score']['tokens']} tokens: hf {result['score']['hf_tokens_per_s']} tokens/s, "
               f"vllm {result['score']['vllm_tokens_per_s']} tokens/s, vllm/hf {result['score']['vllm_vs_hf']}x")

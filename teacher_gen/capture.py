@@ -6,7 +6,8 @@ on `chunk` positions at a time, and only that chunk's logits are widened to fp32
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -384,7 +385,9 @@ class LayerTaps:
 
     def __init__(self, layers: nn.ModuleList, indices: list[int]) -> None:
         self.num_layers = len(layers)
+        self.indices = indices
         self.captured: dict[int, torch.Tensor] = {}
+        self.steps: dict[int, list[torch.Tensor]] | None = None  # while `over_steps`: every forward's states
         self._handles = []
         for i in indices:
             if i == 0:
@@ -394,15 +397,36 @@ class LayerTaps:
 
     def _hook(self, index: int) -> Callable:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self.captured[index] = _tensor_of(output)
+            self._keep(index, _tensor_of(output))
 
         return hook
 
     def _pre_hook(self, index: int) -> Callable:
         def hook(module: nn.Module, args: Any, kwargs: dict) -> None:
-            self.captured[index] = args[0] if args else kwargs["hidden_states"]
+            self._keep(index, args[0] if args else kwargs["hidden_states"])
 
         return hook
+
+    def _keep(self, index: int, states: torch.Tensor) -> None:
+        if self.steps is not None:
+            self.steps[index].append(states)
+        else:
+            self.captured[index] = states
+
+    @contextmanager
+    def over_steps(self, body: nn.Module) -> Iterator[dict[int, list[torch.Tensor]]]:
+        """Keep the states of every forward inside (one per decoding step of `generate`), in order,
+        instead of the last one's; index L, the final state after the norm, from `body`'s output."""
+        self.steps = {i: [] for i in self.indices}
+        handle = None
+        if self.num_layers in self.indices:
+            handle = body.register_forward_hook(lambda module, args, output: self._keep(self.num_layers, output[0]))
+        try:
+            yield self.steps
+        finally:
+            self.steps = None
+            if handle is not None:
+                handle.remove()
 
     def take(self, index: int, final_hidden: torch.Tensor) -> torch.Tensor:
         return final_hidden if index == self.num_layers else self.captured[index]

@@ -9,12 +9,16 @@ is queued on the GPU while the previous one is handed to the writer.
 Generation runs HF `model.generate` (KV cache, left padding). A pre-hook on the LM head keeps the
 final hidden state that predicts each new token ([rows, width] per step, not the logits), and
 after decoding the completion is scored from those states by the same `topk_logprobs` as score
-mode: no second forward over prompt + completion. That pass is still needed, and run, when the
-record also stores hidden layers or scores the prompt's tokens (`--score-prompt`).
+mode. The hidden layers come from the same forwards: the taps keep each step's rows (the prompt's
+at the first step, then one token per step), and one extra decoder step over the last generated
+token, which `generate` never feeds back, gives its row. So there is no second forward over
+prompt + completion; it still runs when the record scores the prompt's tokens (`--score-prompt`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -37,6 +41,7 @@ from potstill.teacher_gen.capture import (
     topk_logprobs,
 )
 from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.devices import pick_device
 from potstill.teacher_gen.errors import GenerateError, describe_load_error
 from potstill.teacher_gen.fused_capture import LogitParams, pick_fused
 from potstill.teacher_gen.gguf import pretrained_source
@@ -55,25 +60,17 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 _CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()  # model -> setups checked
 
 
-def pick_device(flag: str) -> torch.device:
-    if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise GenerateError(f"--device {flag!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerateError(f"--device {flag}: CUDA is not available on this machine")
-    return device
-
-
 class HFTeacher:
+    # Generate mode captures a completion's targets and hidden layers during decoding; False makes it
+    # score every completion by a second forward instead (`--score-prompt` always does): a test's reference.
+    capture_while_decoding = True
+
     def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, hidden_layers: list[int],
                  model: Any = None) -> None:
         """Load the teacher (or take an already built `model`, e.g. a benchmark's random one)."""
         self.config = config
         self.spec = spec
-        self.device = pick_device(config.device)
+        self.device = pick_device(config.device)  # under torchrun, the rank's own GPU
         if model is None:
             model = load_model(config, spec)
         self.model = model.to(self.device).eval()
@@ -206,50 +203,93 @@ class HFTeacher:
             num_beams=1,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
+            return_dict_in_generate=True,  # with the KV cache, for the last token's hidden layers
         )
         processors = LogitsProcessorList()
         if self.config.sampling_temperature > 0:
             processors.append(SeededSampler(self.config.sampling_temperature, self.config.top_p,
                                             [r.seed for r in requests], self.device))
-        # The completion is scored from the decoder's own final states, unless the record needs
-        # more than the completion's targets (hidden layers, the prompt's tokens).
+        # The completion is scored from the decoder's own final states, and its hidden layers are
+        # taken from the same forwards, unless the record scores the prompt's tokens too.
         finals: list[torch.Tensor] | None = None
         hook = None
-        if not self.hidden_layers and not self.config.score_prompt:
+        if self.capture_while_decoding and not self.config.score_prompt:
             finals = []
             hook = self.head.register_forward_pre_hook(lambda module, args: finals.append(args[0][:, -1]))
         criteria = StoppingCriteriaList([TokenCounter(b, self.eos_ids, self.device, on_tokens)] if on_tokens else [])
-        try:
-            out = self.model.generate(
-                input_ids=self._to_device(ids),
-                attention_mask=self._to_device(mask),
-                generation_config=gen_config,
-                logits_processor=processors,
-                stopping_criteria=criteria,
-            )
-        finally:
-            if hook is not None:
-                hook.remove()
-        new = out[:, t:].cpu().numpy()
+        steps: dict[int, list[torch.Tensor]] = {}
+        ids_t, mask_t = self._to_device(ids), self._to_device(mask)
+        with contextlib.ExitStack() as stack:
+            if finals is not None and self.hidden_layers:
+                steps = stack.enter_context(self.taps.over_steps(self.body))
+            try:
+                out = self.model.generate(
+                    input_ids=ids_t,
+                    attention_mask=mask_t,
+                    generation_config=gen_config,
+                    logits_processor=processors,
+                    stopping_criteria=criteria,
+                )
+            finally:
+                if hook is not None:
+                    hook.remove()
+            sequences = out.sequences
+            new = sequences[:, t:].cpu().numpy()
+            if steps and new.shape[1]:
+                self._last_step(sequences, mask_t, out)
         completions = [cut_at_eos(row, self.eos_ids, req.max_new_tokens) for row, req in zip(new, requests, strict=True)]
-        # One head call per generated token; anything else (a model that calls its head otherwise)
-        # is scored by the second pass instead.
-        if finals is None or len(finals) != new.shape[1]:
+        # One head call per generated token, and one forward per token for the hidden layers; anything
+        # else (a model that calls its head otherwise) is scored by the second pass instead.
+        if (finals is None or len(finals) != new.shape[1]
+                or any(len(states) != new.shape[1] + 1 for states in steps.values())):
             return [Generated(c) for c in completions]
-        captures = self._score_decoded(requests, torch.stack(finals, dim=1), completions)
+        captures = self._score_decoded(requests, torch.stack(finals, dim=1), completions, steps)
         return [Generated(c, cap) for c, cap in zip(completions, captures, strict=True)]
 
-    def _score_decoded(self, requests: list[GenRequest], finals: torch.Tensor,
-                       completions: list[np.ndarray]) -> list[Capture]:
+    def _last_step(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, out: Any) -> None:
+        """One more decoder step, over the last generated token, which `generate` never feeds back:
+        its hidden layers (the record stores a row per token). Positions as `generate` gives them
+        under left padding: the count of real tokens before, from the attention mask."""
+        b, length = sequences.shape
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, length - prompt_mask.shape[1])], dim=1)
+        # transformers 5.25 renamed the KV cache `cache` (it was `past_key_values`, with `cache_position`)
+        if "cache" in inspect.signature(self.body.forward).parameters:
+            cache = {"cache": out.cache}
+        else:
+            cache = {"past_key_values": out.past_key_values,
+                     "cache_position": torch.tensor([length - 1], device=self.device)}
+        self.body(input_ids=sequences[:, -1:], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                  use_cache=True, **cache)
+
+    def _score_decoded(self, requests: list[GenRequest], finals: torch.Tensor, completions: list[np.ndarray],
+                       steps: dict[int, list[torch.Tensor]]) -> list[Capture]:
         """Targets of each completion from `finals` [rows, steps, width], the final hidden state that
-        predicted generated token `step` of each row: what `score` computes from a second forward."""
+        predicted generated token `step` of each row, and its hidden layers from `steps` (each layer's
+        states of every forward of the left-padded batch: prompt, then one token per step): what
+        `score` computes from a second forward over prompt + completion."""
         rows = np.concatenate([row * finals.shape[1] + np.arange(len(c)) for row, c in enumerate(completions)])
         hidden = finals.reshape(-1, finals.shape[-1]).index_select(0, self._to_device(rows.astype(np.int64)))
         target_ids = self._to_device(np.concatenate(completions).astype(np.int64))
-        targets = self._targets(hidden, target_ids,
-                                [(r.record_id, len(c)) for r, c in zip(requests, completions, strict=True)])
-        host = {name: value.cpu() for name, value in targets.items()}
-        return _split([(len(c), 0) for c in completions], host, [], self.hidden_dtype)
+        out = self._targets(hidden, target_ids,
+                            [(r.record_id, len(c)) for r, c in zip(requests, completions, strict=True)])
+        # Rows of token i of a record whose prompt has n tokens: column t - n + i of the padded batch,
+        # from its hidden start (the runner's `make_job`: 0, or the first scored token) to its end.
+        t = max(len(r.prompt_ids) for r in requests)
+        starts = [0 if self.config.hidden_tokens == "all" else len(r.prompt_ids) for r in requests]
+        rows_of = []
+        for row, (req, c, start) in enumerate(zip(requests, completions, starts, strict=True)):
+            n = len(req.prompt_ids)
+            rows_of.append(row * (t + finals.shape[1]) + t - n + np.arange(start, n + len(c)))
+        if steps:
+            hid_idx = self._to_device(np.concatenate(rows_of).astype(np.int64))
+            for index in self.hidden_layers:
+                states = torch.cat(steps[index], dim=1)
+                out[f"hidden{index}"] = to_storage(states.reshape(-1, states.shape[-1]).index_select(0, hid_idx),
+                                                   self.hidden_dtype)
+        host = {name: value.cpu() for name, value in out.items()}
+        return _split([(len(c), len(req.prompt_ids) + len(c) - start if steps else 0)
+                       for req, c, start in zip(requests, completions, starts, strict=True)],
+                      host, self.hidden_layers if steps else [], self.hidden_dtype)
 
     def _targets(self, hidden: torch.Tensor, target_ids: torch.Tensor,
                  records: list[tuple[str, int]]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from potstill.teacher_gen.config import GenerateConfig
+from potstill.teacher_gen.devices import vllm_visible_devices
 from potstill.teacher_gen.errors import GenerateError, describe_load_error
 from potstill.teacher_gen.jobs import Capture, Generated, GenRequest, ScoreJob, TopKLogprobs
 from potstill.teacher_gen.model_info import TeacherSpec
@@ -166,6 +167,17 @@ def _outside_vllm_kernel_scan() -> Iterator[None]:
             sys.modules["llvmlite.binding.ffi"] = hidden
 
 
+def confine_to_own_gpus(config: GenerateConfig) -> None:
+    """Narrow `CUDA_VISIBLE_DEVICES` to this process's GPUs (`--device cuda:K`, or its `LOCAL_RANK`
+    under torchrun) before the engine starts: vLLM takes the first visible ones, its engine process
+    inherits the variable, and the device count read here (NVML) does not initialise CUDA."""
+    import torch
+
+    visible = vllm_visible_devices(config.device, torch.cuda.device_count(), os.environ, config.tensor_parallel_size)
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
 class VLLMTeacher:
     def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer, max_length: int | None,
                  llm: Any = None) -> None:
@@ -180,6 +192,7 @@ class VLLMTeacher:
         if llm is not None:
             self.llm = llm
             return
+        confine_to_own_gpus(config)
         try:
             with _outside_vllm_kernel_scan():
                 self.llm = vllm.LLM(

@@ -324,8 +324,9 @@ def test_a_log_tail_near_zero_keeps_its_relative_precision():
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_generate_mode_scored_while_decoding_equals_the_full_forward(tmp_path, tiny_teacher_dir, teacher_model,
                                                                      temperature, monkeypatch):
-    """Generate mode scores the completion from the decoder's own states (no second forward) unless
-    hidden layers are stored; both ways give the same records, equal to a direct full softmax."""
+    """Generate mode scores the completion and takes its hidden layers from the decoder's own forwards
+    (no second forward); the second forward over prompt + completion (the path `--score-prompt` takes)
+    gives the same records, equal to a direct full softmax and to `output_hidden_states`."""
     from potstill.teacher_gen.hf_backend import HFTeacher
 
     scored: list[str] = []  # record ids that went through a second forward
@@ -334,15 +335,16 @@ def test_generate_mode_scored_while_decoding_equals_the_full_forward(tmp_path, t
                                                                  original(self, jobs))[1])
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(8, seed=40, completion=False))
     common = dict(mode="generate", max_new_tokens=12, sampling_temperature=temperature, seed=3, top_k=16,
-                  logprob_dtype="float32", targets="both", samples=8)
+                  logprob_dtype="float32", targets="both", samples=8, hidden_layers="0,1,-1", batch_tokens=200)
     decoded = generate(config(tiny_teacher_dir, prompts, str(tmp_path / "decoded"), **common))
     assert scored == ["self-check"]  # the load-time check only
-    second = generate(config(tiny_teacher_dir, prompts, str(tmp_path / "second"), hidden_layers="-1", **common))
+    monkeypatch.setattr(HFTeacher, "capture_while_decoding", False)
+    second = generate(config(tiny_teacher_dir, prompts, str(tmp_path / "second"), **common))
     assert len(scored) == 1 + 1 + 8
     assert decoded.records == second.records == 8
-    a = {r.id: r for r in open_store(str(tmp_path / "decoded")).iter_records()}
+    a = {r.id: r for r in open_store(str(tmp_path / "decoded")).iter_records(with_hidden=True)}
     b = {r.id: r for r in open_store(str(tmp_path / "second")).iter_records(with_hidden=True)}
-    assert a.keys() == b.keys() and not a["r0000"].hidden and b["r0000"].hidden
+    assert a.keys() == b.keys()
     for rid, rec in a.items():
         assert rec.input_ids.tolist() == b[rid].input_ids.tolist() and rec.score_start == b[rid].score_start
         ref = reference_logprobs(teacher_model, rec.input_ids)[rec.score_start - 1 :]
@@ -357,6 +359,33 @@ def test_generate_mode_scored_while_decoding_equals_the_full_forward(tmp_path, t
         assert_topk_close(rec.topk_ids, rec.topk_logprobs, b[rid].topk_ids, b[rid].topk_logprobs, atol=1e-5)
         # the same uniforms on the same distribution (up to fp32 rounding): the same draws
         assert rec.sampled.ids.tolist() == b[rid].sampled.ids.tolist()
+        with torch.no_grad():
+            want = teacher_model(input_ids=torch.from_numpy(rec.input_ids[None].astype(np.int64)),
+                                 output_hidden_states=True).hidden_states
+        assert rec.hidden_start == b[rid].hidden_start == 0 and sorted(rec.hidden) == [0, 1, 2]
+        for index in (0, 1, 2):  # every token's row, the last generated one included
+            got, other = (decode_hidden(r.hidden[index], "bfloat16") for r in (rec, b[rid]))
+            assert got.shape == (len(rec.input_ids), 32)
+            # stored in bfloat16: equal to the float32 states within its rounding (2^-8 relative)
+            np.testing.assert_allclose(got, want[index][0].numpy(), rtol=2.0**-7, atol=1e-6)
+            np.testing.assert_allclose(got, other, rtol=2.0**-7, atol=1e-6)
+
+
+def test_generate_mode_hidden_rows_of_the_completion_only(tmp_path, tiny_teacher_dir, teacher_model):
+    """`--hidden-tokens scored` in generate mode: rows from the first generated token to the last, in
+    float16, equal to the full forward's states, for prompts of different lengths in one batch."""
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=42, completion=False))
+    generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s"), mode="generate", max_new_tokens=9,
+                    hidden_layers="-2", hidden_dtype="float16", hidden_tokens="scored", batch_tokens=400))
+    records = list(open_store(str(tmp_path / "s")).iter_records(with_hidden=True))
+    assert len({rec.score_start for rec in records}) > 1
+    for rec in records:
+        assert rec.hidden_start == rec.score_start
+        with torch.no_grad():
+            want = teacher_model(input_ids=torch.from_numpy(rec.input_ids[None].astype(np.int64)),
+                                 output_hidden_states=True).hidden_states[1][0, rec.hidden_start :].numpy()
+        assert rec.hidden[1].dtype == np.float16 and rec.hidden[1].shape == want.shape
+        np.testing.assert_allclose(rec.hidden[1].astype(np.float32), want, rtol=2.0**-10, atol=1e-4)
 
 
 def test_a_preloaded_model_is_checked_once_per_capture_setup(tmp_path, tiny_teacher_dir, monkeypatch):
@@ -373,3 +402,35 @@ def test_a_preloaded_model_is_checked_once_per_capture_setup(tmp_path, tiny_teac
     for i, layers in enumerate(["", "", "-1", "-1", ""]):
         generate(config(tiny_teacher_dir, prompts, str(tmp_path / f"s{i}"), hidden_layers=layers), preloaded=model)
     assert checks == [(), (2,)]
+
+
+def test_generate_mode_hidden_rows_when_rows_stop_early(tmp_path, tiny_teacher_dir, teacher_model, monkeypatch):
+    """Rows that reach EOS before the batch's last step: the EOS token's own row comes from the step
+    after it, the batch's last token's from the extra step; every row equals the full forward's."""
+    from collections import Counter
+
+    from potstill.teacher_gen import hf_backend
+
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(8, seed=43, completion=False))
+    common = dict(mode="generate", max_new_tokens=10, sampling_temperature=1.0, seed=5)
+    generate(config(tiny_teacher_dir, prompts, str(tmp_path / "free"), **common))
+    free = [r.input_ids[r.score_start :] for r in open_store(str(tmp_path / "free")).iter_records()]
+    # The most frequent generated token, made the EOS: most rows now stop at different steps.
+    stop = Counter(int(x) for ids in free for x in ids[:-1]).most_common(1)[0][0]
+    monkeypatch.setattr(hf_backend, "_eos_ids", lambda tokenizer, model: {stop})
+    scored: list[str] = []
+    original = hf_backend.HFTeacher.score
+    monkeypatch.setattr(hf_backend.HFTeacher, "score", lambda self, jobs: (scored.extend(j.record_id for j in jobs),
+                                                                          original(self, jobs))[1])
+    generate(config(tiny_teacher_dir, prompts, str(tmp_path / "s"), hidden_layers="1,-1", **common))
+    assert scored == ["self-check"]  # captured while decoding
+    records = list(open_store(str(tmp_path / "s")).iter_records(with_hidden=True))
+    lengths = {len(r.input_ids) - r.score_start for r in records}
+    assert len(lengths) > 1 and min(lengths) < 10
+    for rec in records:
+        with torch.no_grad():
+            want = teacher_model(input_ids=torch.from_numpy(rec.input_ids[None].astype(np.int64)),
+                                 output_hidden_states=True).hidden_states
+        for index in (1, 2):
+            np.testing.assert_allclose(decode_hidden(rec.hidden[index], "bfloat16"), want[index][0].numpy(),
+                                       rtol=2.0**-7, atol=1e-6)

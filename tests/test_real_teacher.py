@@ -57,7 +57,7 @@ def stores(real_teacher, teacher_model, tmp_path_factory) -> dict[str, str]:
         "score": config(real_teacher.folder, os.path.join(DATA, "chat_scored.jsonl"), str(root / "score"),
                         hidden_layers="15,-1", **common),
         "generate": config(real_teacher.folder, prompts, str(root / "generate"), mode="generate",
-                           max_new_tokens=40, sampling_temperature=0.0, **common),
+                           max_new_tokens=40, sampling_temperature=0.0, hidden_layers="15,-1", **common),
         "rationale": config(real_teacher.folder, write_jsonl(str(root / "sums.jsonl"), [
             {"id": "sum-1", "messages": [{"role": "user", "content": "What is 15 plus 27?"}]},
             {"id": "sum-2", "messages": [{"role": "user", "content": "Tom has 3 apples and buys 4 more. "
@@ -107,7 +107,7 @@ def test_score_mode_targets_and_hidden_states_equal_a_direct_forward(stores, tea
 
 
 def test_generated_completions_are_real_answers_that_end_at_eos(stores, teacher_model, tokenizer):
-    records = {r.id: r for r in open_store(stores["generate"]).iter_records()}
+    records = {r.id: r for r in open_store(stores["generate"]).iter_records(with_hidden=True)}
     assert len(records) == len(GENERATED)
     eos = tokenizer.eos_token_id
     ended = worded = 0
@@ -123,6 +123,15 @@ def test_generated_completions_are_real_answers_that_end_at_eos(stores, teacher_
         if rid in EXPECTED:
             assert completion[-1] == eos and EXPECTED[rid] in rec.generated, (rid, rec.generated)
         _assert_targets_equal_a_direct_forward(rec, teacher_model)
+        # the hidden layers, kept while decoding (rows stopping at EOS at different steps), as a full forward's
+        with torch.no_grad():
+            states = teacher_model(input_ids=torch.from_numpy(rec.input_ids[None].astype(np.int64)),
+                                   output_hidden_states=True).hidden_states
+        assert sorted(rec.hidden) == [15, 30] and rec.hidden_start == 0
+        for index, stored in rec.hidden.items():
+            want, got = states[index][0].numpy(), decode_hidden(stored, "bfloat16")
+            assert got.shape == want.shape == (len(rec.input_ids), 576)
+            assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()  # bfloat16 rounding
     assert ended >= 8 and worded >= 10, {rid: rec.generated for rid, rec in records.items()}
 
 

@@ -1,0 +1,98 @@
+"""Training across nodes: two torchrun "nodes" on this machine (`--nnodes 2`, c10d rendezvous over
+localhost, gloo, one process each) train to the same weights as one process with the same global batch.
+
+Why the two runs see the same records in the same steps: the loader cuts an epoch into
+world_size × num_workers spans (student_train/data.py), so 2 nodes × 1 loader worker and 1 process
+× 2 loader workers read the same two spans, and with `--shuffle-buffer 0` in the same order. Each
+optimizer step then takes one micro-batch of each span: on the two nodes one per rank, averaged by
+DDP's all-reduce; in the one process both, one after the other, under `--grad-accum 2`. The loss
+is a mean per micro-batch, so both gradients are (g0 + g1) / 2: the same two float32 terms, whose
+sum does not depend on their order and whose halving is exact. So the weights are expected to be
+bitwise equal, and the test asserts exactly that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from common import build_student
+from trainhelpers import arithmetic_items, build_teacher_store, copy_teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_teacher_dir, tiny_tokenizer_dir) -> dict:
+    root = tmp_path_factory.mktemp("nodes")
+    teacher = copy_teacher(tiny_teacher_dir, str(root / "teacher"))
+    store = str(root / "store")
+    build_teacher_store(store, teacher, arithmetic_items(48, seed=2), shard_records=20)
+    shutil.rmtree(teacher)
+    student = build_student(str(root / "student"), tiny_tokenizer_dir, hidden=16)
+    return {"root": root, "store": store, "student": student}
+
+
+def train_args(setup: dict, out: str, *, grad_accum: int, workers: int) -> list[str]:
+    return ["-m", "potstill.cli.main", "train", "--store", setup["store"], "--student", setup["student"],
+            "--out", out, "--max-steps", str(STEPS), "--batch-size", "3", "--grad-accum", str(grad_accum),
+            "--num-workers", str(workers), "--shuffle-buffer", "0", "--lr", "1e-2", "--save-steps", "1000",
+            "--report-to", "none", "--eval-fraction", "0.2", "--eval-max-records", "2", "--logging-steps", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def weights(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_two_nodes_train_to_the_weights_of_one_process_with_the_same_global_batch(setup: dict) -> None:
+    one = str(setup["root"] / "one")
+    proc = subprocess.run([sys.executable, *train_args(setup, one, grad_accum=2, workers=2)], capture_output=True,
+                          text=True, env=ENV, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two = str(setup["root"] / "two")
+    port = free_port()
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                          "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+                          "--rdzv-id", "potstill-nodes-test", *train_args(setup, two, grad_accum=1, workers=1)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+        for rank in (0, 1)
+    ]
+    try:
+        results = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for node, (_, err) in zip(nodes, results, strict=True):
+        assert node.returncode == 0, err[-3000:]
+
+    import json
+
+    with open(os.path.join(two, "training_report.json")) as f:
+        report = json.load(f)
+    assert report["world_size"] == 2 and report["global_step"] == STEPS
+    with open(os.path.join(one, "training_report.json")) as f:
+        assert json.load(f)["world_size"] == 1
+
+    start, a, b = weights(setup["student"]), weights(one), weights(two)
+    assert a.keys() == b.keys()
+    assert any(not a[name].equal(start[name]) for name in a)  # the runs did train
+    unequal = [name for name in a if not a[name].equal(b[name])]
+    assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[0]}: max |Δ| " \
+                        f"{(a[unequal[0]] - b[unequal[0]]).abs().max().item():.3g}"
