@@ -1,5 +1,7 @@
 """A student made from its teacher (`potstill student init`) against the same architecture at random,
-both trained from one store for the same steps.
+both trained from one store for the same steps. Two teachers (`--teacher`):
+
+`--teacher demo` (the default):
 
 1. The teacher: the demo's 4-layer Llama (width 128) that solves 4-digit additions by writing out the
    carries (`potstill demo`'s checkpoint). It answers `--problems` training problems into a store
@@ -16,6 +18,16 @@ both trained from one store for the same steps.
 
     python bench/student_init.py               # ~8 min on 2 busy CPU cores (the store, ~1 min, is made once)
     python bench/student_init.py --steps 50    # a quick look
+
+`--teacher smollm2`: SmolLM2-135M-Instruct (30 layers, width 576; the test suite's real teacher, from
+its GGUF file) scores `--records` passages of English prose (the module docstrings of Python's
+standard library: a prompt of about 80 characters, its next ≤ 320 as the completion) into a store
+with the default targets (64 systematic draws, compact codec). The students keep `--layers` of its
+layers (4: 42.5M parameters, most of them the tied embedding); the same `potstill train` run each
+(batch 8, forward KL on the draws, no CE). Held-out KD loss and top-1 agreement as above; the prose
+has no task with checkable answers, so no task accuracy.
+
+    python bench/student_init.py --teacher smollm2     # ~25 min on 2 busy CPU cores (each student ~10)
 
 Results: a markdown table on stdout and `--json FILE`. The store stays in `--workdir` between runs.
 """
@@ -64,6 +76,42 @@ def make_store(workdir: str, teacher: str, problems: int) -> str:
     return store
 
 
+def prose_rows(records: int) -> list[dict[str, Any]]:
+    """Passages of English: the module docstrings of the standard library, a prompt and its continuation."""
+    import ast
+    import sysconfig
+
+    from fidelity_common import corpus_files
+
+    rows: list[dict[str, Any]] = []
+    for path in corpus_files(sysconfig.get_paths()["stdlib"]):
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = ast.get_docstring(ast.parse(f.read()))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        text = " ".join((doc or "").split())
+        if len(text) < 240:
+            continue
+        cut = text.rfind(" ", 0, 80)
+        rows.append({"id": os.path.relpath(path, sysconfig.get_paths()["stdlib"]),
+                     "prompt": text[:cut], "completion": text[cut:cut + 320]})
+        if len(rows) == records:
+            break
+    return rows
+
+
+def make_prose_store(workdir: str, teacher: str, records: int) -> str:
+    store = os.path.join(workdir, f"store-prose-{records}")
+    if os.path.isdir(store):
+        return store
+    prompts = os.path.join(workdir, "prose.jsonl")
+    write_jsonl(prompts, prose_rows(records))
+    potstill("generate", "--teacher", teacher, "--prompts", prompts, "--out", store,
+             "--device", "cpu", "--threads", "1", "--no-progress")
+    return store
+
+
 def random_twin(init_dir: str, out: str, seed: int) -> None:
     """The architecture of `init_dir` with the family's own random init, and the same tokenizer."""
     import torch
@@ -85,16 +133,24 @@ def accuracy(model_dir: str, pairs: list[tuple[int, int]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", choices=("demo", "smollm2"), default="demo")
     parser.add_argument("--workdir", default="/tmp/potstill-bench-student-init")
+    parser.add_argument("--records", type=int, default=180, help="smollm2: prose passages in the store")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (demo), 8 (smollm2)")
     parser.add_argument("--problems", type=int, default=600, help="training problems in the store")
     parser.add_argument("--eval-problems", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--layers", default="2", help="potstill student init --layers")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--alpha", type=float, default=0.2)
+    parser.add_argument("--steps", type=int, default=None, help="default: 200 (demo), 60 (smollm2)")
+    parser.add_argument("--layers", default=None, help="potstill student init --layers; default: 2 (demo), 4 (smollm2)")
+    parser.add_argument("--lr", type=float, default=None, help="default: 3e-3 (demo), 1e-3 (smollm2)")
+    parser.add_argument("--alpha", type=float, default=None, help="default: 0.2 (demo), 0 (smollm2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    demo = args.teacher == "demo"
+    for name, for_demo, for_smollm2 in (("steps", 200, 60), ("layers", "2", "4"), ("lr", 3e-3, 1e-3),
+                                        ("alpha", 0.2, 0.0), ("batch_size", 32, 8)):
+        if getattr(args, name) is None:
+            setattr(args, name, for_demo if demo else for_smollm2)
 
     import torch
     from transformers.utils import logging
@@ -106,25 +162,36 @@ def main() -> None:
 
     os.makedirs(args.workdir, exist_ok=True)
     started = time.time()
-    store = make_store(args.workdir, CHECKPOINT, args.problems)
+    if demo:
+        teacher = CHECKPOINT
+        store = make_store(args.workdir, teacher, args.problems)
+        eval_pairs = arithmetic.problems(2, args.eval_problems, exclude=set(arithmetic.problems(1, args.problems)))
+    else:
+        from common import fetch_real_teacher
+
+        teacher = fetch_real_teacher().folder
+        store = make_prose_store(args.workdir, teacher, args.records)
+        eval_pairs = []
     print(f"store: {store} ({time.time() - started:.0f} s)", file=sys.stderr)
-    eval_pairs = arithmetic.problems(2, args.eval_problems, exclude=set(arithmetic.problems(1, args.problems)))
+
+    def task_accuracy(model_dir: str) -> float | None:
+        return accuracy(model_dir, eval_pairs) if demo else None  # prose: no task with answers
 
     inits = {"from teacher": os.path.join(args.workdir, "init-teacher"), "random": os.path.join(args.workdir, "init-random")}
     for path in inits.values():
         shutil.rmtree(path, ignore_errors=True)
-    potstill("student", "init", "--teacher", CHECKPOINT, "--layers", args.layers, "--out", inits["from teacher"],
+    potstill("student", "init", "--teacher", teacher, "--layers", args.layers, "--out", inits["from teacher"],
              "--seed", str(args.seed))
     random_twin(inits["from teacher"], inits["random"], args.seed)
 
-    results: dict[str, Any] = {"teacher": {"accuracy": accuracy(CHECKPOINT, eval_pairs)},
-                               "from teacher, untrained": {"accuracy": accuracy(inits["from teacher"], eval_pairs)}}
+    results: dict[str, Any] = {"teacher": {"accuracy": task_accuracy(teacher)},
+                               "from teacher, untrained": {"accuracy": task_accuracy(inits["from teacher"])}}
     for name, init in inits.items():
         out = os.path.join(args.workdir, "trained-" + name.replace(" ", "-"))
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
         potstill("train", "--store", store, "--student", init, "--out", out, "--max-steps", str(args.steps),
-                 "--batch-size", "32", "--lr", str(args.lr), "--lr-scheduler", "cosine",
+                 "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-scheduler", "cosine",
                  "--warmup-steps", str(args.steps // 10), "--alpha", str(args.alpha), "--seed", str(args.seed),
                  "--num-workers", "0", "--save-steps", str(args.steps), "--report-to", "none",
                  "--eval-fraction", "0.1", "--eval-max-records", "0", "--eval-max-new-tokens", "1",
@@ -133,7 +200,7 @@ def main() -> None:
             ev = json.load(f)["final_eval"]
         results[name] = {"kd_loss": ev["kd_loss"], "top1_agreement": ev["top1_agreement"],
                          "held_out_records": ev["records"], "train_seconds": round(time.time() - t0, 1),
-                         "accuracy": accuracy(out, eval_pairs)}
+                         "accuracy": task_accuracy(out)}
         print(f"{name}: {results[name]}", file=sys.stderr)
 
     from safetensors.torch import load_file
@@ -141,15 +208,21 @@ def main() -> None:
     params = sum(t.numel() for t in load_file(os.path.join(inits["random"], "model.safetensors")).values())
     report = {"settings": vars(args), "student_parameters": params, "results": results,
               "seconds": round(time.time() - started, 1)}
-    print(f"\nstudent: {args.layers} layers of the demo teacher, {params:,} parameters; {args.steps} steps, "
-          f"lr {args.lr}, {args.problems} stored problems, {args.eval_problems} held-out problems\n")
+    data = (f"{args.problems} stored problems, {args.eval_problems} held-out problems" if demo
+            else f"{args.records} stored prose passages")
+    print(f"\nstudent: {args.layers} layers of the {args.teacher} teacher, {params:,} parameters; {args.steps} steps, "
+          f"batch {args.batch_size}, lr {args.lr}, {data}\n")
     print("| student | held-out KD loss | top-1 agreement | task accuracy |")
     print("|---|---|---|---|")
-    print(f"| teacher (4 layers) | — | — | {results['teacher']['accuracy']:.1%} |")
-    print(f"| from the teacher, before training | — | — | {results['from teacher, untrained']['accuracy']:.1%} |")
+
+    def shown(value: float | None) -> str:
+        return "— (no task)" if value is None else f"{value:.1%}"
+
+    print(f"| teacher | — | — | {shown(results['teacher']['accuracy'])} |")
+    print(f"| from the teacher, before training | — | — | {shown(results['from teacher, untrained']['accuracy'])} |")
     for name in inits:
         r = results[name]
-        print(f"| {name}, trained | {r['kd_loss']:.4f} | {r['top1_agreement']:.3f} | {r['accuracy']:.1%} |")
+        print(f"| {name}, trained | {r['kd_loss']:.4f} | {r['top1_agreement']:.3f} | {shown(r['accuracy'])} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

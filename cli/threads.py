@@ -26,7 +26,7 @@ from potstill.store.errors import PotstillError
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_CGROUP = "/proc/self/cgroup"
 THREADS_HELP = ("CPU threads for torch: a number, or auto = the CPUs this process may use (affinity and cgroup "
-                "quota) minus loader workers, or $OMP_NUM_THREADS when set")
+                "quota){loaders}, or $OMP_NUM_THREADS when set")
 # Set before torch loads OpenMP (it reads them once); a value the user exported wins.
 WAIT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 # The Hub's and transformers' own bars ("Loading weights", "Writing model shards", downloads) would
@@ -150,8 +150,10 @@ def resolve_threads(value: str | int | None, loader_workers: int = 0) -> int:
 
 
 def threads_help(loader_workers: int = 0) -> str:
-    """The help text, with what auto comes to on this machine."""
-    return f"{THREADS_HELP} (auto = {auto_threads(loader_workers)} here)."
+    """The help text, with what auto comes to on this machine; the data loader's workers are named only
+    by a command that starts them (train's --num-workers)."""
+    loaders = " minus the data loader's --num-workers" if loader_workers else ""
+    return f"{THREADS_HELP.format(loaders=loaders)} (auto = {auto_threads(loader_workers)} here)."
 
 
 def prepare_environment() -> None:

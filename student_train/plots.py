@@ -77,8 +77,13 @@ def _finish(ax: Any, title: str) -> None:
     if ys and max(ys) / min(ys) > 30:  # parts of very different size (hidden MSE next to KL): log scale
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    legend_outside(ax)
     ax.set_title(title, fontsize=10)
+
+
+def legend_outside(ax: Any, fontsize: float = 8) -> None:
+    """The legend right of the axes, where it covers no curve (constrained layout makes room for it)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=fontsize)
 
 
 def _save(fig: Any, path: str) -> None:
@@ -91,19 +96,27 @@ def write_loss_curve(path: str, log_history: Sequence[dict[str, Any]], final_eva
                      title: str = "training losses") -> bool:
     """The loss parts of a run against the step, as a PNG at `path`. Returns False when the run logged
     no loss (fewer steps than --logging-steps): the picture then says so."""
+    fig, drawn = loss_curve_figure(log_history, final_eval, title)
+    _save(fig, path)
+    return drawn
+
+
+def loss_curve_figure(log_history: Sequence[dict[str, Any]], final_eval: dict[str, Any] | None = None,
+                      title: str = "training losses") -> tuple[Any, bool]:
+    """The figure `write_loss_curve` saves, and whether any loss was drawn."""
     fig = _figure(8.0, 4.5)
     ax = fig.subplots()
     drawn = draw_losses(ax, log_history, final_eval)
     if drawn:
         _finish(ax, title)
     else:
-        _nothing_logged(ax)
-    _save(fig, path)
-    return drawn
+        _nothing_logged(ax, title)
+    return fig, drawn
 
 
-def _nothing_logged(ax: Any) -> None:
+def _nothing_logged(ax: Any, title: str = "") -> None:
     ax.axis("off")
+    ax.set_title(title, fontsize=10)
     ax.text(0.5, 0.5, "no loss was logged: the run had fewer steps than --logging-steps",
             ha="center", va="center", fontsize=11, transform=ax.transAxes)
 
@@ -112,9 +125,16 @@ def write_comparison(path: str, curves: dict[str, Sequence[dict[str, Any]]], tab
                      columns: list[str], accuracy: dict[str, float]) -> None:
     """The demo's picture: each student's logged loss curve, the held-out accuracy of every model as
     bars, and the results table under them."""
+    _save(comparison_figure(curves, table, columns, accuracy), path)
+
+
+def comparison_figure(curves: dict[str, Sequence[dict[str, Any]]], table: list[list[str]],
+                      columns: list[str], accuracy: dict[str, float]) -> Any:
+    """The figure `write_comparison` saves."""
     from matplotlib.gridspec import GridSpec
 
     fig = _figure(11.0, 6.4)
+    fig.suptitle("potstill demo: two students of one size, trained from the teacher's store", fontsize=12)
     grid = GridSpec(2, 2, figure=fig, height_ratios=[3, 1.3], width_ratios=[1.6, 1])
     ax = fig.add_subplot(grid[0, 0])
     colors = ("#3b6ea5", "#c0504d", "#4f8f4f", "#8064a2")
@@ -138,11 +158,13 @@ def write_comparison(path: str, curves: dict[str, Sequence[dict[str, Any]]], tab
     bars.bar_label(shown, labels=[f"{100 * accuracy[n]:.1f}%" for n in names[::-1]], padding=3, fontsize=9)
     bars.set_xlim(0, 115)
     bars.set_xlabel("held-out accuracy (%)")
+    bars.set_ylabel("model")
     bars.set_title("held-out accuracy", fontsize=10)
     tab = fig.add_subplot(grid[1, :])
     tab.axis("off")
     drawn = tab.table(cellText=table, colLabels=columns, loc="center", cellLoc="left", colLoc="left")
     drawn.auto_set_font_size(False)
     drawn.set_fontsize(9)
+    drawn.auto_set_column_width(list(range(len(columns))))  # every cell as wide as its longest text
     drawn.scale(1, 1.35)
-    _save(fig, path)
+    return fig

@@ -34,7 +34,10 @@ def find_chromium() -> str | None:
 class PageResult:
     title: str
     errors: list[str] = field(default_factory=list)  # console errors, exceptions, failed loads
-    images: list[dict[str, Any]] = field(default_factory=list)  # {alt, complete, width, height, shown_width}
+    # {alt, complete, width, height (natural), shown_width, shown_height, left, right (page pixels)}
+    images: list[dict[str, Any]] = field(default_factory=list)
+    page_width: int = 0  # the viewport's, without a scroll bar
+    scroll_width: int = 0  # the page's: wider than page_width when something sticks out sideways
     svgs: int = 0
     text: str = ""
     screenshot: bytes | None = None
@@ -89,8 +92,10 @@ class _Pipe:
 _INSPECT = """(() => {
   const images = Array.from(document.images).map(img => ({
     alt: img.alt, complete: img.complete, width: img.naturalWidth, height: img.naturalHeight,
-    shown_width: img.getBoundingClientRect().width}));
+    shown_width: img.getBoundingClientRect().width, shown_height: img.getBoundingClientRect().height,
+    left: img.getBoundingClientRect().left + window.scrollX, right: img.getBoundingClientRect().right + window.scrollX}));
   return JSON.stringify({title: document.title, images: images,
+    page_width: document.documentElement.clientWidth, scroll_width: document.documentElement.scrollWidth,
     svgs: document.querySelectorAll('svg').length, text: document.body ? document.body.innerText : ''});
 })()"""
 
@@ -128,7 +133,8 @@ def load_page(path: str, chromium: str, *, width: int = 1100, screenshot: bool =
             pipe.wait_event("Page.loadEventFired", timeout=timeout)
             inspected = pipe.send("Runtime.evaluate", {"expression": _INSPECT, "returnByValue": True}, session=session)
             value = json.loads(inspected["result"]["value"])
-            result = PageResult(title=value["title"], images=value["images"], svgs=value["svgs"], text=value["text"])
+            result = PageResult(title=value["title"], images=value["images"], svgs=value["svgs"], text=value["text"],
+                                page_width=value["page_width"], scroll_width=value["scroll_width"])
             if screenshot:
                 import base64
 

