@@ -56,6 +56,9 @@ class TrainConfig:
     out: str = setting("", required=True, help=(
         "Folder to write: student, tokenizer, projections, checkpoints, training_report.json."))
     trust_remote_code: bool = setting(False, help="Allow the student's own modelling code.")
+    cross_tokenizer: bool = setting(False, help=(
+        "Let a student with its own tokenizer learn from a store made with another: tokens aligned by the "
+        "text they cover, exact targets where they match, ULD elsewhere."))
 
     # schedule
     max_steps: int = setting(-1, help="Optimizer steps (> 0 overrides --epochs).")
