@@ -157,8 +157,9 @@ class Alignment:
     """One record in the student's tokens, tied to the teacher's.
 
     `ids` the student's ids; `score_start` its first predicted token; per student token its byte span
-    [`starts`, `ends`) and `partner` (the matching teacher token, −1 if none); `row` per student token:
-    the teacher target row (teacher token − teacher score_start) it trains on, −1 for none."""
+    [`starts`, `ends`) and `partner` (the matching teacher token, −1 if none); `chunk_end` (a student
+    token that covers whole teacher tokens j..j′, j′ > j, exactly: the row of j′, else −1); `row` per student
+    token: the teacher target row (teacher token − teacher score_start) it trains on, −1 for none."""
 
     ids: np.ndarray
     score_start: int
@@ -168,6 +169,7 @@ class Alignment:
     row: np.ndarray
     teacher_starts: np.ndarray
     teacher_ends: np.ndarray
+    chunk_end: np.ndarray
 
 
 def align(teacher_tok: Any, teacher: TokenTable, student_tok: Any, student: TokenTable,
@@ -229,7 +231,15 @@ def align(teacher_tok: Any, teacher: TokenTable, student_tok: Any, student: Toke
     holder = np.where(cover >= 0, ordinary[cover.clip(min=0)], -1) if len(ordinary) else np.full(m, -1)
     source = np.where(part >= 0, part, holder)
     row = np.where((np.arange(m) >= s0) & (source >= score_start), source - score_start, -1)
-    return Alignment(np.array(s_ids, np.int64), max(s0, 1), starts, ends, part, row.astype(np.int64), t_start, t_end)
+    # A chunk: an unmatched student token that starts where a teacher token starts and ends where a later
+    # one ends (the first is its `holder`).
+    by_end = {int(t_end[q]): int(q) for q in ordinary}
+    last = np.array([by_end.get(int(e), -1) for e in ends], dtype=np.int64)
+    chunk = (part < 0) & (ends > starts) & (holder >= 0) & (last > holder)
+    chunk &= t_start[holder.clip(min=0)] == starts if n else False
+    chunk_end = np.where(chunk & (row >= 0), last - score_start, -1)
+    return Alignment(np.array(s_ids, np.int64), max(s0, 1), starts, ends, part, row.astype(np.int64), t_start, t_end,
+                     chunk_end)
 
 
 def check_alignment(al: Alignment, teacher: TokenTable, student: TokenTable, teacher_ids: np.ndarray) -> None:
@@ -253,14 +263,17 @@ def check_alignment(al: Alignment, teacher: TokenTable, student: TokenTable, tea
 @dataclass
 class CrossRows:
     """Per student position from its score_start: `matched` (exact target), `has_target`; the exact
-    target in student ids (`topk`: ids −1 where not matched); the teacher's own row for ULD
-    (`uld_logprobs` its top-K log-probs, `uld_tail` its log tail)."""
+    target in student ids (`topk`: ids −1 where not matched); `chunk_logprob`, at a chunk, the teacher's
+    log-probability of the teacher tokens it covers in turn (the sum of their stored token log-probs;
+    −inf elsewhere); the teacher's own row for ULD (`uld_logprobs` its top-K log-probs, `uld_tail` its
+    log tail) at the other positions."""
 
     matched: np.ndarray
     has_target: np.ndarray
     topk: TopKRows
     uld_logprobs: np.ndarray
     uld_tail: np.ndarray
+    chunk_logprob: np.ndarray
 
 
 def project_rows(rows: TopKRows, take: np.ndarray, vmap: np.ndarray) -> TopKRows:
@@ -293,9 +306,15 @@ def cross_sequence(al: Alignment, rows: TopKRows, vmap: np.ndarray, record_id: s
     exact = project_rows(rows, take, vmap)
     exact = TopKRows(np.where(matched[:, None], exact.ids, -1), np.where(matched[:, None], exact.logprobs, 0.0),
                      exact.token_logprob, np.where(matched, exact.tail_logprob, 0.0).astype(np.float32))
-    uld_lp = np.where((has & ~matched)[:, None] & (rows.ids[take] >= 0), rows.logprobs[take].astype(np.float32), -np.inf)
-    uld_tail = np.where(has & ~matched, rows.tail_logprob[take], -np.inf).astype(np.float32)
-    targets = CrossRows(matched, has, exact, uld_lp.astype(np.float32), uld_tail)
+    end = al.chunk_end[al.score_start :]  # the chunk's last teacher row
+    chunk = has & ~matched & (end >= 0)
+    cumulative = np.concatenate([[0.0], np.cumsum(rows.token_logprob.astype(np.float64))])
+    chain = cumulative[np.where(chunk, end + 1, 0)] - cumulative[np.where(chunk, take, 0)]
+    chunk_lp = np.where(chunk, np.minimum(chain, 0.0), -np.inf).astype(np.float32)
+    other = has & ~matched & ~chunk
+    uld_lp = np.where(other[:, None] & (rows.ids[take] >= 0), rows.logprobs[take].astype(np.float32), -np.inf)
+    uld_tail = np.where(other, rows.tail_logprob[take], -np.inf).astype(np.float32)
+    targets = CrossRows(matched, has, exact, uld_lp.astype(np.float32), uld_tail, chunk_lp)
     n = len(al.ids)
     return Sequence(record_id, al.ids, al.score_start, n, al.score_start, MAIN_TASK, targets)  # type: ignore[arg-type]
 
@@ -303,8 +322,10 @@ def cross_sequence(al: Alignment, rows: TopKRows, vmap: np.ndarray, record_id: s
 def collate_cross(seqs: list[Sequence], trained: list[tuple[np.ndarray, np.ndarray]], *, k: int,
                   student_vocab: int | None) -> dict[str, torch.Tensor]:
     """`data.collate` for cross-tokenizer targets: the exact targets as top-k rows (in student ids), the
-    ULD rows, `matched`, and `has_kd` restricted to positions with a teacher row."""
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in ("ids", "lp", "tail", "uld", "uld_tail", "matched", "has")}
+    chunks' log-probabilities, the ULD rows, `matched`, and `has_kd` restricted to positions with a
+    teacher row."""
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in ("ids", "lp", "tail", "uld", "uld_tail", "chunk", "matched",
+                                                           "has")}
     for seq, (i, kd) in zip(seqs, trained, strict=True):
         t: CrossRows = seq.targets  # type: ignore[assignment]
         r = i - seq.score_start
@@ -313,6 +334,7 @@ def collate_cross(seqs: list[Sequence], trained: list[tuple[np.ndarray, np.ndarr
         parts["tail"].append(t.topk.tail_logprob[r])
         parts["uld"].append(t.uld_logprobs[r])
         parts["uld_tail"].append(t.uld_tail[r])
+        parts["chunk"].append(t.chunk_logprob[r])
         parts["matched"].append(t.matched[r] & kd)
         parts["has"].append(t.has_target[r] & kd)
     ids = np.concatenate(parts["ids"]).astype(np.int64) if parts["ids"] else np.zeros((0, k), np.int64)
@@ -325,6 +347,7 @@ def collate_cross(seqs: list[Sequence], trained: list[tuple[np.ndarray, np.ndarr
         "topk_ids": torch.from_numpy(ids), "topk_logprobs": torch.from_numpy(lp), "tail_logprob": torch.from_numpy(tail),
         "uld_logprobs": torch.from_numpy(cat(parts["uld"]).astype(np.float32) if parts["uld"] else np.zeros((0, k), np.float32)),
         "uld_tail": torch.from_numpy(cat(parts["uld_tail"]).astype(np.float32) if parts["uld_tail"] else np.zeros(0, np.float32)),
+        "chunk_logprob": torch.from_numpy(cat(parts["chunk"]).astype(np.float32) if parts["chunk"] else np.zeros(0, np.float32)),
         "matched": torch.from_numpy(cat(parts["matched"]) if parts["matched"] else np.zeros(0, bool)),
         "has_kd": torch.from_numpy(cat(parts["has"]) if parts["has"] else np.zeros(0, bool)),
     }

@@ -373,3 +373,27 @@ def uld(logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tail: torc
     m_q = (outside_logsumexp(logits, idx) - lse).exp()
     m_p = teacher_tail.to(logits.dtype).exp()
     return (p - q).abs().sum(-1) + (m_p - m_q).abs()
+
+
+def chunk_kl(logits: torch.Tensor, hard_ids: torch.Tensor, teacher_logprob: torch.Tensor,
+             lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward KL between two-bucket distributions, per position [N]: the student's actual next token
+    u against everything else.
+
+        P = exp(teacher_logprob)   (the teacher's probability of the text of u, token by token)
+        q = softmax(z)[u]
+        KL = P (log P − log q) + (1 − P) (log(1 − P) − log(1 − q)),   0 · log 0 = 0
+
+    log(1 − q) is formed as logsumexp of the other logits − lse and log(1 − P) as log(−expm1(log P)),
+    never as a difference near 1. A teacher_logprob of −inf (no chunk) gives P = 0."""
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    ids = hard_ids.unsqueeze(-1)
+    log_q = logits.gather(-1, ids).squeeze(-1) - lse
+    log_not_q = outside_logsumexp(logits, ids) - lse
+    log_p = teacher_logprob.to(logits.dtype).clamp(min=EMPTY, max=0.0)
+    p, not_p = log_p.exp(), -torch.expm1(log_p)
+    log_not_p = torch.log(not_p.clamp(min=torch.finfo(logits.dtype).tiny))
+    on = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    off = torch.where(not_p > 0, not_p * (log_not_p - log_not_q), torch.zeros_like(p))
+    return on + off

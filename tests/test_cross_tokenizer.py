@@ -31,7 +31,8 @@ from potstill.student_train.data import collate, record_sequence
 from potstill.student_train.objective import Objective, cross_kd
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-STUDENT_CORPUS = [line[::-1] for line in CORPUS] + ["what is 12 plus 35 ? let us think step by step", "the answer is 47"]
+# Other merges than the teacher's (reversed lines), and words the teacher splits made whole by repetition
+STUDENT_CORPUS = [line[::-1] for line in CORPUS] + ["let us think step by step , the answer is first"] * 20
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,8 @@ def test_the_exact_target_matches_its_float64_definition(loss: str) -> None:
     z = rng.normal(0, 2, (n, sv)).astype(np.float32)
     batch = {"topk_ids": torch.tensor(exact.ids), "topk_logprobs": torch.tensor(exact.logprobs),
              "tail_logprob": torch.tensor(exact.tail_logprob), "matched": torch.ones(n, dtype=torch.bool),
-             "uld_logprobs": torch.full((n, k), -np.inf), "uld_tail": torch.full((n,), -np.inf)}
+             "uld_logprobs": torch.full((n, k), -np.inf), "uld_tail": torch.full((n,), -np.inf),
+             "chunk_logprob": torch.full((n,), -np.inf), "hard_ids": torch.zeros(n, dtype=torch.long)}
     logits = torch.tensor(z)
     got = cross_kd(logits, batch, Objective(loss=loss, targets="cross"), torch.logsumexp(logits, -1)).numpy()
     for r in range(n):  # the definition: buckets = the mapped student ids + everything else
@@ -131,6 +133,25 @@ def test_the_exact_target_matches_its_float64_definition(loss: str) -> None:
         assert got[r] == pytest.approx(ref, rel=1e-4)
 
 
+def test_the_chunk_loss_matches_its_float64_definition_in_value_and_gradient() -> None:
+    rng = np.random.default_rng(3)
+    n, v = 10, 30
+    logits = rng.normal(0, 3, (n, v)).astype(np.float32)
+    hard = rng.integers(0, v, n)
+    log_p = np.log(rng.uniform(0.01, 1.0, n))
+    log_p[0], log_p[1] = 0.0, np.log(1 - 1e-6)  # a certain chunk (no second bucket), a nearly certain one
+    z = torch.tensor(logits, requires_grad=True)
+    got = losses.chunk_kl(z, torch.tensor(hard), torch.tensor(log_p, dtype=torch.float32))
+    got.sum().backward()
+    z64 = torch.tensor(logits, dtype=torch.float64, requires_grad=True)  # the definition, in float64
+    q = torch.softmax(z64, -1)[torch.arange(n), torch.tensor(hard)]
+    p = torch.tensor(np.exp(log_p))
+    ref = p * (p.log() - q.log()) + torch.where(p < 1, (1 - p) * ((1 - p).log() - (1 - q).log()), torch.zeros_like(p))
+    ref.sum().backward()
+    np.testing.assert_allclose(got.detach().numpy(), ref.detach().numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(z.grad.numpy(), z64.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_each_position_takes_its_own_loss() -> None:
     rng = np.random.default_rng(2)
     n, v, k = 6, 20, 4
@@ -138,11 +159,14 @@ def test_each_position_takes_its_own_loss() -> None:
     lp = torch.log_softmax(torch.tensor(rng.normal(0, 2, (n, v)), dtype=torch.float32), -1).topk(k)
     tail = torch.log1p(-lp.values.exp().sum(-1))
     matched = torch.tensor([True, False, True, False, False, True])
+    chunk = torch.tensor([-np.inf, -0.5, -np.inf, -np.inf, -0.1, -np.inf], dtype=torch.float32)
+    hard = torch.arange(n)
     batch = {"topk_ids": lp.indices, "topk_logprobs": lp.values, "tail_logprob": tail, "matched": matched,
-             "uld_logprobs": lp.values, "uld_tail": tail}
+             "uld_logprobs": lp.values, "uld_tail": tail, "chunk_logprob": chunk, "hard_ids": hard}
     got = cross_kd(logits, batch, Objective(targets="cross"), torch.logsumexp(logits, -1))
     kd = losses.sparse_kd(logits, lp.indices, lp.values, tail)
-    assert torch.equal(got, torch.where(matched, kd, losses.uld(logits, lp.values, tail)))
+    other = torch.where(chunk > -1e30, losses.chunk_kl(logits, hard, chunk), losses.uld(logits, lp.values, tail))
+    assert torch.equal(got, torch.where(matched, kd, other))
 
 
 # -- alignment ---------------------------------------------------------------------------------------
@@ -166,8 +190,10 @@ def misaligned(setup: dict, al, teacher_ids: np.ndarray) -> list[int]:
 
 def test_matched_tokens_share_their_context_and_token_and_a_misaligned_span_is_caught(setup: dict) -> None:
     t, tt, s, st = tokenizers(setup)
+    chunks = 0
     for seq in stored(setup):
         al = align(t, tt, s, st, seq.ids, seq.score_start, seq.record_id)
+        chunks += int((al.chunk_end >= 0).sum())
         assert s.decode(al.ids.tolist()) == t.decode(seq.ids.tolist())  # the same text, the student's tokens
         matched = np.flatnonzero(al.partner >= 0)
         assert 0 < len(matched) < len(al.ids)  # the tokenizers differ: some tokens match, some do not
@@ -175,7 +201,15 @@ def test_matched_tokens_share_their_context_and_token_and_a_misaligned_span_is_c
         assert misaligned(setup, al, seq.ids) == []
         scored = np.arange(len(al.ids)) >= al.score_start
         assert (al.row[scored] >= 0).all() and (al.row[~scored] == -1).all()
+        for i in np.flatnonzero(al.chunk_end >= 0):  # a chunk: the student token's text is its teacher tokens' text
+            first, last = seq.score_start + al.row[i], seq.score_start + al.chunk_end[i]
+            assert last > first and al.partner[i] == -1
+            assert s.decode(al.ids[i : i + 1].tolist()) == t.decode(seq.ids[first : last + 1].tolist())
+            chain = seq.targets.token_logprob[al.row[i] : al.chunk_end[i] + 1].astype(np.float64).sum()
+            row = cross_sequence(al, seq.targets, vocabulary_map(tt, st), "r").targets.chunk_logprob[i - al.score_start]
+            assert row == pytest.approx(chain, rel=1e-6)
         assert s.decode(al.ids[: al.score_start].tolist()) == t.decode(seq.ids[: seq.score_start].tolist())
+    assert chunks > 0  # the student's tokenizer merges some of the teacher's tokens
     # a span off by one: the pair's check fails, and so does the check by the text
     i = int(matched[len(matched) // 2])
     shifted = al.partner.copy()
