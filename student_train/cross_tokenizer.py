@@ -15,10 +15,13 @@ cover the same non-empty bytes (or are the same special token). Then the two con
 text (bytes [0, c_i) = [0, a_j)) and the next token is the same string, so the teacher's stored
 distribution of t_j is the target of the student's position predicting u_i, carried into the student's
 vocabulary through the tokens of identical bytes (`vocabulary_map`); mass on teacher ids with no
-student twin goes into the tail bucket. Every other student token takes the teacher row of the
-teacher token that covers its first byte, trained with ULD (`losses.uld`), which compares sorted
-probabilities and needs no vocabulary correspondence. Student tokens before the teacher's first scored
-token (the prompt) are context only.
+student twin goes into the tail bucket. A student token that covers several whole teacher tokens
+t_j..t_j′ exactly (a *chunk*) trains on the teacher's probability of that text, Π p(t_l | t_<l) from
+the stored token log-probs, against the student's probability of its token (`losses.chunk_kl`, two
+buckets: the token and the rest). Every other student token (its span crosses a teacher token's)
+takes the teacher row of the teacher token that covers its first byte, trained with ULD
+(`losses.uld`), which compares sorted probabilities and needs no vocabulary correspondence. Student
+tokens before the teacher's first scored token (the prompt) are context only.
 """
 
 from __future__ import annotations
