@@ -242,6 +242,19 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.parametrize(("overrides", "named"), [
+    ({"hidden_map": "1:1"}, "--hidden-map"), ({"rationale_mode": "multitask"}, "--rationale-mode multitask"),
+    ({"targets": "sampled"}, "--targets sampled"), ({"store": "twice"}, "several --store values")])
+def test_what_cross_tokenizer_does_not_combine_with_is_refused_in_one_line(setup: dict, overrides: dict, named: str) -> None:
+    from potstill.student_train.cross_tokenizer import check_cross_settings
+    from potstill.student_train.errors import ConfigError
+
+    stores = [open_store(setup["store"])] * (2 if overrides.pop("store", None) else 1)
+    cfg = TrainConfig(store=[setup["store"]], student=setup["student"], out="x", cross_tokenizer=True, **overrides)
+    with pytest.raises(ConfigError, match="^--cross-tokenizer does not combine with " + named):
+        check_cross_settings(cfg, stores)
+
+
 def test_another_tokenizer_without_the_flag_is_refused_in_one_line_naming_it(setup: dict, tmp_path) -> None:
     proc = run_cli("train", "--store", setup["store"], "--student", setup["student"], "--out", str(tmp_path / "out"),
                    "--max-steps", "1", "--report-to", "none")
