@@ -184,8 +184,8 @@ def step_cost(args: argparse.Namespace, store_url: str, tok_dir: str, teacher_to
             opt.zero_grad(set_to_none=True)
 
         contenders[name] = (step, loader(ds, cfg))
-        first = next(ds.batches(0))
-        tokens[name] = int(first["attention_mask"].sum())
+        stream = ds.batches(0)  # the mean tokens per batch, over the batches of the first worker's stream
+        tokens[name] = sum(int(next(stream)["attention_mask"].sum()) for _ in range(10)) / 10
     steps = interleaved(cfg, contenders, 1)
 
     def loader_rate(ds: StoreDataset) -> float:
@@ -200,6 +200,8 @@ def step_cost(args: argparse.Namespace, store_url: str, tok_dir: str, teacher_to
     return {"steps_ms": {n: s["step_ms"] for n, s in steps.items()}, "loader_batches_per_s": loaders,
             "tokens_per_batch": tokens,
             "step_ratio": steps["cross tokenizer"]["step_ms"] / steps["same tokenizer"]["step_ms"],
+            "per_token_ratio": (steps["cross tokenizer"]["step_ms"] / tokens["cross tokenizer"])
+            / (steps["same tokenizer"]["step_ms"] / tokens["same tokenizer"]),
             "loader_ratio": loaders["same tokenizer"] / loaders["cross tokenizer"]}
 
 
@@ -249,10 +251,11 @@ def main() -> None:
             print(f"| {name} | {r['nats_per_byte']:.4f} | {r['accuracy']:.1%} | {share} | {r['train_seconds']:.0f} |")
     s = report["step"]
     print(f"batch {args.batch}, {args.workers} loader workers, 1 torch thread, load {report['load_average'][0]:.1f}")
-    print("| | step ms (median round) | loader batches/s | tokens in the first batch |\n|---|---:|---:|---:|")
+    print("| | step ms (median round) | loader batches/s | tokens per batch (mean) |\n|---|---:|---:|---:|")
     for name in s["steps_ms"]:
-        print(f"| {name} | {s['steps_ms'][name]:.1f} | {s['loader_batches_per_s'][name]:.1f} | {s['tokens_per_batch'][name]} |")
-    print(f"cross / same tokenizer: step {s['step_ratio']:.3f}x, loader time {s['loader_ratio']:.2f}x")
+        print(f"| {name} | {s['steps_ms'][name]:.1f} | {s['loader_batches_per_s'][name]:.1f} | {s['tokens_per_batch'][name]:.0f} |")
+    print(f"cross / same tokenizer: step {s['step_ratio']:.3f}x, per token {s['per_token_ratio']:.3f}x, "
+          f"loader time {s['loader_ratio']:.2f}x")
     assert math.isfinite(s["step_ratio"])
 
 
