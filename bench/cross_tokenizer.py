@@ -247,7 +247,7 @@ def main() -> None:
         print(f"teacher accuracy {report['teacher_accuracy']:.1%}")
         print("| student | held-out nats/byte | task accuracy | exact-target share | train s |\n|---|---:|---:|---:|---:|")
         for name, r in report["quality"].items():
-            share = f"{r['matched_share']:.2f}" if "matched_share" in r else "1 (all)" if "same" in name else "–"
+            share = "–" if "answers" in name else f"{r['matched_share']:.2f}" if "matched_share" in r else "1 (all)"
             print(f"| {name} | {r['nats_per_byte']:.4f} | {r['accuracy']:.1%} | {share} | {r['train_seconds']:.0f} |")
     s = report["step"]
     print(f"batch {args.batch}, {args.workers} loader workers, 1 torch thread, load {report['load_average'][0]:.1f}")
