@@ -139,8 +139,14 @@ def token_spans(tok: Any, table: TokenTable, ids: list[int], text: bytes) -> np.
     into the next one (an empty span, never matched). Raises TrainError when the tokens do not
     reproduce `text` whole."""
     pieces = [table.pieces[i] if 0 <= i < len(table.pieces) else None for i in ids]
-    if all(p is not None for p in pieces) and b"".join(pieces) == text:  # type: ignore[arg-type]
-        return np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)  # type: ignore[arg-type]
+    if all(p is not None for p in pieces):
+        lengths = [len(p) for p in pieces]  # type: ignore[arg-type]
+        joined = b"".join(pieces)  # type: ignore[arg-type]
+        if joined != text and joined[:1] == b" " and joined[1:] == text:  # a decoder that drops the first
+            lengths[0] -= 1  # piece's leading space (SentencePiece's Metaspace)
+            joined = joined[1:]
+        if joined == text:
+            return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     bounds = np.zeros(len(ids) + 1, dtype=np.int64)
     last = 0
     for k in range(1, len(ids) + 1):
