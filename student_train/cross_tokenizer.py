@@ -351,7 +351,7 @@ def collate_cross(seqs: list[Sequence], trained: list[tuple[np.ndarray, np.ndarr
     tail = np.concatenate(parts["tail"]).astype(np.float32) if parts["tail"] else np.zeros(0, np.float32)
     if student_vocab is not None:
         data._fold_unknown_ids(ids, lp, tail, student_vocab)
-    cat = functools.partial(np.concatenate)
+    cat = np.concatenate
     return {
         "topk_ids": torch.from_numpy(ids), "topk_logprobs": torch.from_numpy(lp), "tail_logprob": torch.from_numpy(tail),
         "uld_logprobs": torch.from_numpy(cat(parts["uld"]).astype(np.float32) if parts["uld"] else np.zeros((0, k), np.float32)),
