@@ -20,7 +20,7 @@ teacher's tokenizer; and the cost of a cross-tokenizer training step against a s
    (`CrossTokenizerDataset`: alignment in the workers), timed in turn round after round
    (bench/train_step.py `interleaved`); and the loaders alone.
 
-    python bench/cross_tokenizer.py                     # ~10 min on 2 busy CPU cores
+    python bench/cross_tokenizer.py                     # ~20 min on 2 busy CPU cores (and --seed 1)
     python bench/cross_tokenizer.py --steps 0           # the step cost only
 """
 
@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--eval-problems", type=int, default=100)
     parser.add_argument("--eval-records", type=int, default=32, help="held-out records for nats per byte")
     parser.add_argument("--student-vocab", type=int, default=320)
-    parser.add_argument("--steps", type=int, default=150, help="training steps per student (0: step cost only)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per student (0: step cost only)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--alpha", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
