@@ -57,6 +57,10 @@ class TrainConfig:
     out: str = setting("", required=True, help=(
         "Folder to write: student, tokenizer, projections, checkpoints, training_report.json."))
     trust_remote_code: bool = setting(False, help="Allow the student's own modelling code.")
+    cross_tokenizer: bool = setting(False, help=(
+        "Let a student with its own tokenizer learn from a store made with another: tokens aligned by the "
+        "text they cover; exact targets where tokens match, the teacher's probability of the text where a "
+        "student token spans whole teacher tokens, ULD elsewhere."))
 
     # schedule
     max_steps: int = setting(-1, help="Optimizer steps (> 0 overrides --epochs).")

@@ -344,3 +344,56 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` is true; 0 (with a gradient path) when nothing is selected."""
     total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
     return total / mask.sum().clamp(min=1).to(values.dtype)
+
+
+def uld(logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tail: torch.Tensor,
+        lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024) on a stored top-K, per position [N]:
+
+        ULD = Σ_{r=1..K} |p_(r) − q_(r)| + |m_p − m_q|
+
+    p_(r), q_(r): the teacher's and the student's r-th largest probabilities (each side sorted on its
+    own: no vocabulary correspondence is needed); m_p = the teacher's stored tail (its mass outside its
+    top-K), m_q = the student's mass outside its own K largest. ULD is the Wasserstein-1 distance
+    between the two sorted distributions, Σ_r |p_(r) − q_(r)| over the whole vocabulary; the ranks past
+    K, which the store does not keep, are lumped into one bucket on each side, which by the triangle
+    inequality gives a lower bound of it, equal to it when the ranks past K agree in sign. Teacher
+    entries of −inf (or ids the store padded) are probability 0. q_(r) are the student's top-K by value
+    (`torch.topk`: the gradient flows to the logits holding them), m_q formed as exp(logsumexp of the
+    other logits − lse), not 1 − Σ q.
+    """
+    k = teacher_logprobs.shape[-1]
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    p = teacher_logprobs.to(logits.dtype).exp().sort(dim=-1, descending=True).values
+    top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    q = (top - lse.unsqueeze(-1)).exp()
+    if q.shape[-1] < k:
+        q = F.pad(q, (0, k - q.shape[-1]))
+    m_q = (outside_logsumexp(logits, idx) - lse).exp()
+    m_p = teacher_tail.to(logits.dtype).exp()
+    return (p - q).abs().sum(-1) + (m_p - m_q).abs()
+
+
+def chunk_kl(logits: torch.Tensor, hard_ids: torch.Tensor, teacher_logprob: torch.Tensor,
+             lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward KL between two-bucket distributions, per position [N]: the student's actual next token
+    u against everything else.
+
+        P = exp(teacher_logprob)   (the teacher's probability of the text of u, token by token)
+        q = softmax(z)[u]
+        KL = P (log P − log q) + (1 − P) (log(1 − P) − log(1 − q)),   0 · log 0 = 0
+
+    log(1 − q) is formed as logsumexp of the other logits − lse and log(1 − P) as log(−expm1(log P)),
+    never as a difference near 1. A teacher_logprob of −inf (no chunk) gives P = 0."""
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    ids = hard_ids.unsqueeze(-1)
+    log_q = logits.gather(-1, ids).squeeze(-1) - lse
+    log_not_q = outside_logsumexp(logits, ids) - lse
+    log_p = teacher_logprob.to(logits.dtype).clamp(min=EMPTY, max=0.0)
+    p, not_p = log_p.exp(), -torch.expm1(log_p)
+    log_not_p = torch.log(not_p.clamp(min=torch.finfo(logits.dtype).tiny))
+    on = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    off = torch.where(not_p > 0, not_p * (log_not_p - log_not_q), torch.zeros_like(p))
+    return on + off

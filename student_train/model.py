@@ -63,8 +63,9 @@ def load_tokenizer(student_path: str, store: Store) -> tuple[Any, str]:
 
 
 # -- compatibility ---------------------------------------------------------------------------------
-def check_tokenizer(tokenizer: Any, store: Store, source: str) -> None:
-    """Fail in one line, saying what differs, unless the tokenizer is the store's (format §7)."""
+def check_tokenizer(tokenizer: Any, store: Store, source: str, hint: str = "") -> None:
+    """Fail in one line, saying what differs (and `hint`, what to do), unless the tokenizer is the store's
+    (format §7)."""
     mine = tokenizer_fingerprint(tokenizer)
     stored = store.manifest.tokenizer
     if mine.fingerprint == stored.fingerprint:
@@ -79,7 +80,7 @@ def check_tokenizer(tokenizer: Any, store: Store, source: str) -> None:
     if not diffs:
         diffs.append(_vocab_difference(tokenizer, store))
     raise CompatibilityError(
-        f"student tokenizer ({source}) does not match the store's tokenizer ({store.url}): " + "; ".join(diffs)
+        f"student tokenizer ({source}) does not match the store's tokenizer ({store.url}): " + "; ".join(diffs) + hint
     )
 
 

@@ -69,8 +69,21 @@ def weighted_kd(logits: torch.Tensor, batch: dict[str, Any], objective: Objectiv
     return losses.sampled_kd(logits, batch["sampled_ids"], batch["sampled_probs"], lse=lse)
 
 
-# The KD loss per position of each loader shape (`store.targets.TRAIN_TARGETS`).
-KD_LOSSES = {"topk": topk_kd, "sampled": weighted_kd}
+def cross_kd(logits: torch.Tensor, batch: dict[str, Any], objective: Objective, lse: torch.Tensor) -> torch.Tensor:
+    """KD across tokenizers (student_train/cross_tokenizer.py): at positions whose token matches a
+    teacher token's span (`matched`), the chosen divergence on the exact target carried into the
+    student's vocabulary; at a token covering several whole teacher tokens (a chunk), the two-bucket KL
+    on the teacher's probability of its text (`losses.chunk_kl`); elsewhere ULD on the teacher's stored
+    row (`losses.uld`)."""
+    exact = topk_kd(logits, batch, objective, lse)
+    chunk = batch["chunk_logprob"] > losses.EMPTY
+    chain = losses.chunk_kl(logits, batch["hard_ids"], batch["chunk_logprob"], lse)
+    sorted_distance = losses.uld(logits, batch["uld_logprobs"], batch["uld_tail"], lse)
+    return torch.where(batch["matched"], exact, torch.where(chunk, chain, sorted_distance))
+
+
+# The KD loss per position of each loader shape (`store.targets.TRAIN_TARGETS`; "cross": --cross-tokenizer).
+KD_LOSSES = {"topk": topk_kd, "sampled": weighted_kd, "cross": cross_kd}
 
 
 def distill_loss(

@@ -38,6 +38,13 @@ from potstill.phases import Phases
 from potstill.store import Store, open_store, potstill_version
 from potstill.store.fs import write_problem
 from potstill.student_train.config import TrainConfig, resolve_hidden_pairs
+from potstill.student_train.cross_tokenizer import (
+    CrossTokenizer,
+    CrossTokenizerDataset,
+    check_cross_settings,
+    evaluate_cross,
+    student_fingerprint,
+)
 from potstill.student_train.data import LoaderPlan, StoreDataset, check_targets, plan_split
 from potstill.student_train.errors import ConfigError, TrainError
 from potstill.student_train.model import (
@@ -107,6 +114,8 @@ class DistillTrainer(Trainer):
         loss, parts = distill_loss(model, inputs, self.objective, terms)
         if "teachers_partial" in inputs:  # several stores: the share of positions not every teacher scored
             parts["teachers_partial"] = inputs["teachers_partial"].float()
+        if "cross_matched" in inputs:  # --cross-tokenizer: the share of positions with an exact target
+            parts["cross_matched"] = inputs["cross_matched"].float()
         if terms is not None and model.training:
             self._measure_grad_share(model, terms)
         for name, value in parts.items():
@@ -289,7 +298,7 @@ class SaveLoaderState(TrainerCallback):
 
 # The order of the numbers in a log line; the others follow in name order.
 _LINE_ORDER = ("loss", "kd", "ce", "hidden", "relation", "answer_task", "rationale_task", "multitask_fallback",
-               "teachers_partial", "learning_rate", "grad_norm", "epoch")
+               "teachers_partial", "cross_matched", "learning_rate", "grad_norm", "epoch")
 _LINE_NAMES = {"learning_rate": "lr"}
 _LINE_SKIP = ("total_flos", "step")
 
@@ -599,6 +608,9 @@ class Run:
         """This rank's loader over the run's store and plan, at the resumed position when resuming."""
         c = self.config
         kind, extra = (StoreDataset, {}) if self.teachers is None else (MixedDataset, {"teachers": self.teachers})
+        if c.cross_tokenizer:  # the student's own tokens, aligned to the teacher's (student_train/cross_tokenizer.py)
+            kind, extra = CrossTokenizerDataset, {"cross": CrossTokenizer(self.store, student.tokenizer_dir),
+                                                  "student_fingerprint": student_fingerprint(student.tokenizer)}
         dataset = kind(
             self.store,
             self.plan,
@@ -641,6 +653,7 @@ class Student:
     tokenizer_source: str  # where the tokenizer came from (the student's folder or the store)
     vocab: int  # the student's output logits
     marker_ids: tuple[int, ...]  # --rationale-mode multitask: the answer marker's tokens
+    tokenizer_dir: str = ""  # --cross-tokenizer: the folder the student's tokenizer loads from
 
 
 def open_run(config: TrainConfig) -> Run:
@@ -658,7 +671,11 @@ def open_run(config: TrainConfig) -> Run:
     store = stores[0]  # the primary: sequences, split, hidden states, rationales (student_train/teachers.py)
     store.check_tokenizer_files()  # as verify does, whether or not the student brings its own tokenizer
     checkpoint, loader_state = resume_point(config, rank)
-    targets = training_targets(config, *stores)
+    if config.cross_tokenizer:
+        check_cross_settings(config, stores)
+        targets = "cross"  # the store's top-k rows, aligned to the student's tokens
+    else:
+        targets = training_targets(config, *stores)
     pairs = resolve_hidden_pairs(config.hidden_pairs(), store.manifest.teacher.num_hidden_layers)
     objective = dataclasses.replace(Objective.from_config(config), targets=targets, hidden_pairs=tuple(pairs))
     # A resumed run keeps the shards it started with: the store may have grown since.
@@ -685,7 +702,11 @@ def load_student_for(run: Run) -> Student:
     set_seed(config.seed)
     model = load_student(config.student, trust_remote_code=config.trust_remote_code)
     tokenizer, source = load_tokenizer(config.student, store)
-    check_tokenizer(tokenizer, store, source)
+    if config.cross_tokenizer:
+        vocab = check_cross_vocab(model, tokenizer, source)
+        own = source == config.student  # else the store's tokenizer (load_tokenizer)
+        return Student(model, tokenizer, source, vocab, (), config.student if own else store.tokenizer_dir)
+    check_tokenizer(tokenizer, store, source, hint=" (--cross-tokenizer distills into a student with its own tokenizer)")
     vocab = check_vocab(model, store)
     check_hidden_map(model, store, list(run.objective.hidden_pairs))
     check_weights(model, config.student)
@@ -696,6 +717,16 @@ def load_student_for(run: Run) -> Student:
             raise ConfigError(f"--rationale-mode multitask: {store.url} holds no rationales (manifest rationales=false)")
         marker_ids = tuple(tokenizer(config.answer_marker, add_special_tokens=False)["input_ids"])
     return Student(model, tokenizer, source, vocab, marker_ids)
+
+
+def check_cross_vocab(model: Any, tokenizer: Any, source: str) -> int:
+    """--cross-tokenizer: the student must have a logit for every id of its own tokenizer."""
+    from potstill.student_train.model import output_rows
+
+    rows = output_rows(model)
+    if rows < len(tokenizer):
+        raise ConfigError(f"student has {rows} output logits but its tokenizer ({source}) has {len(tokenizer)} tokens")
+    return rows
 
 
 def announce(run: Run, dataset: StoreDataset, max_steps: int) -> None:
@@ -850,6 +881,11 @@ def final_evaluation(run: Run, student: Student, skipped_shards: dict[str, str])
     config = run.config
     if config.eval_fraction <= 0:
         return {"records": 0, "note": "none (--eval-fraction 0)"}
+    if config.cross_tokenizer:
+        plan = dataclasses.replace(run.plan, held_out=[(n, r) for n, r in run.plan.held_out if n not in skipped_shards])
+        return evaluate_cross(run.store, plan, student.model, student.tokenizer,
+                              CrossTokenizer(run.store, student.tokenizer_dir), max_records=config.eval_max_records,
+                              batch_size=config.batch_size, max_new_tokens=config.eval_max_new_tokens)
     return evaluate(
         run.store,
         model=student.model,
