@@ -17,8 +17,9 @@ same in every attempt and every rerun that forms the block again, so:
     committed and removes that attempt's uncommitted leftovers, which are its own now;
   - a rerun driver waits until no block writer of an earlier run is alive before it reads what is
     committed, so a dying actor of a killed driver cannot commit behind its back.
-Ray's own retries are not relied on (they are at-least-once): a block whose actor died is queued
-again by the driver, and the actor is restarted by Ray (`max_restarts`).
+Ray restarts an actor that died and runs its blocks again (`max_restarts`, `max_task_retries`): at
+least once, which the protocol above makes exactly once; an actor Ray gives up on is dropped and its
+blocks go to the others.
 
 Plain actors and `ray.wait`, not Ray Data: blocks must be runs of whole forward batches, decided by
 the driver, and each must be tracked until its commit records exist; Ray Data's blocks are its own and
@@ -42,8 +43,8 @@ from typing import Any
 from potstill.phases import Phases
 from potstill.store import CommitRecord, Store
 from potstill.store.commit import parse_shard_name
-from potstill.store.fs import join, listdir_names
-from potstill.store.leases import STALE_AFTER_S, WriterIdInUse, all_leases
+from potstill.store.fs import join, listdir_names, temp_pid, temp_target
+from potstill.store.leases import STALE_AFTER_S, WriterIdInUse, all_leases, lease_path
 from potstill.teacher_gen.capture import resolve_layers
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.encode import Encoded, context_length
@@ -67,7 +68,7 @@ from potstill.teacher_gen.writer import WriterPool
 BLOCK_PREFIX = "ray-"  # block writer ids: ray-<hash of the block's record ids>
 IN_FLIGHT = 2  # blocks queued on one actor: the next is there when the current one ends
 MAX_RESTARTS = 4  # restarts of one actor by Ray (a process that died: out of memory, a lost node)
-MAX_ATTEMPTS = 4  # attempts of one block that ended with its actor's death, before the run gives up
+MAX_ATTEMPTS = 4  # attempts of one block on one actor (Ray's retries after the actor died and was restarted)
 DEFER_S = 5.0  # a block whose writer lease is held by a live attempt waits this long before it is tried again
 WAIT_S = 0.5  # the driver's poll: progress and deferred blocks
 
@@ -80,7 +81,7 @@ class Block:
     encoded: list[tuple[Encoded, list[int]]]  # (item, its sample indices here), in the prompt file's order
     records: int
     first_id: str
-    attempts: int = 0  # attempts that ended with the actor's death
+    attempts: int = 0  # actors dropped while they held the block (each after Ray's own retries)
     not_before: float = 0.0
 
 
@@ -90,6 +91,7 @@ class BlockResult:
     commits: list[CommitRecord] = field(default_factory=list)  # the block's shards, earlier attempts' included
     generated_tokens: int = 0
     deferred: str | None = None  # a live attempt holds the block's lease (in words); nothing was done
+    retried: bool = False  # an earlier attempt of the block died (its lease was left behind)
     protocol_s: float = 0.0  # leases, the look for earlier attempts' commits, the writers' close (commits)
     compute_s: float = 0.0  # the batches, the writing that overlaps them included
 
@@ -174,13 +176,15 @@ class BlockWorker:
         store = self.store
         ids = ([block.writer_id] if config.writer_threads == 1
                else [f"{block.writer_id}.{j}" for j in range(config.writer_threads)])
+        # (a lease left behind: an attempt of this block died; this one takes the block over)
+        retried = any(store.fs.exists(lease_path(store, wid)) for wid in ids)
         try:  # the leases first: what is read below cannot change while they are held
             pool = WriterPool(store, block.writer_id, self.build, threads=config.writer_threads,
                               shard_records=config.shard_records, shard_bytes=config.shard_bytes,
                               max_batches=config.queue_batches)
         except WriterIdInUse as e:
             return BlockResult(block.writer_id, deferred=e.why)
-        result = BlockResult(block.writer_id)
+        result = BlockResult(block.writer_id, retried=retried)
         try:
             earlier, done = _earlier_attempts(store, set(ids))
             result.commits = earlier
@@ -218,13 +222,23 @@ class _Skipping:
 
 def _earlier_attempts(store: Store, writer_ids: set[str]) -> tuple[list[CommitRecord], set[str]]:
     """The commits of earlier attempts of a block (its writer ids' shards) and their record ids; their
-    uncommitted shard folders are removed: this attempt holds the leases, so they are its own leftovers."""
+    uncommitted shard folders and cut-short temporary files are removed: this attempt holds the leases,
+    so they are its own leftovers."""
     commits_dir, shards_dir = join(store.root, "commits"), join(store.root, "shards")
     committed = {n[:-5] for n in listdir_names(store.fs, commits_dir) if n.endswith(".json")}
     mine = {n for n in committed | set(listdir_names(store.fs, shards_dir))
             if (parsed := parse_shard_name(n)) is not None and parsed[0] in writer_ids}
-    for name in sorted(mine - committed):
-        path = join(shards_dir, name)
+    dead = [join(shards_dir, name) for name in sorted(mine - committed)]
+    for folder in ("commits", "writers"):  # temporary files of atomic writes the dead attempt cut short
+        for name in listdir_names(store.fs, join(store.root, folder)):
+            target = temp_target(name)
+            if target is None or temp_pid(name) == os.getpid():
+                continue
+            stem = target.removesuffix(".json")
+            parsed = parse_shard_name(stem) if folder == "commits" else (stem, 0)
+            if parsed is not None and parsed[0] in writer_ids:
+                dead.append(join(store.root, folder, name))
+    for path in dead:
         if store.fs.exists(path):
             store.fs.rm(path, recursive=True)
     names = sorted(mine & committed)
@@ -349,12 +363,13 @@ class ActorPool:
             actor_config = replace(actor_config, tensor_parallel_size=int(gpus))
         if gpus > 0 and config.device.startswith("cuda:"):  # Ray shows each actor its own GPUs only
             actor_config = replace(actor_config, device="cuda")
+        # Ray restarts a dead actor and runs the blocks it held again (at least once: the commit protocol
+        # makes a repeat harmless); a block that fails more often than that comes back to the driver.
         remote = ray.remote(BlockWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=MAX_RESTARTS,
-                                                 max_task_retries=0)
+                                                 max_task_retries=MAX_ATTEMPTS - 1)
         self.actors = [remote.remote(actor_config) for _ in range(count)]
         self.pending = {actor.ready.remote(): actor for actor in self.actors}  # ready refs not answered yet
         self.ready: list[Any] = []
-        self.failures: dict[Any, int] = {}
         self.errors: list[str] = []
 
     def poll(self, timeout: float = 0.0) -> None:
@@ -381,11 +396,12 @@ class ActorPool:
                 raise GenerateError(f"no Ray actor could load the teacher: {self.errors[0] if self.errors else 'unknown'}")
             self.poll(timeout=WAIT_S)
 
-    def died(self, actor: Any) -> None:
-        """An actor's block ended with its death; Ray restarts it, up to `MAX_RESTARTS` times."""
-        self.failures[actor] = self.failures.get(actor, 0) + 1
-        if self.failures[actor] > MAX_RESTARTS and actor in self.ready:
+    def drop(self, actor: Any) -> None:
+        """An actor Ray could not keep alive (restarted too often, its node gone): no more blocks go to it."""
+        if actor in self.ready:
             self.ready.remove(actor)
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor, no_restart=True)
 
 
 def _first_line(error: BaseException) -> str:
@@ -426,11 +442,11 @@ def _dispatch(run: Run, pool: ActorPool, blocks: list[Block], stats: dict[str, f
                 load[actor] -= 1
                 try:
                     result: BlockResult = ray.get(ref)
-                except ray.exceptions.RayActorError as e:  # the actor died in the block: queued again
-                    pool.died(actor)
+                except ray.exceptions.RayActorError as e:  # Ray's retries spent: another actor takes the block
+                    pool.drop(actor)
                     block.attempts += 1
                     retried += 1
-                    if block.attempts >= MAX_ATTEMPTS:
+                    if block.attempts >= 2:
                         raise GenerateError(f"block of {block.records} records from {block.first_id!r} "
                                             f"({block.writer_id}): its actor died {block.attempts} times, last: "
                                             f"{_first_line(e)}") from None
@@ -438,6 +454,7 @@ def _dispatch(run: Run, pool: ActorPool, blocks: list[Block], stats: dict[str, f
                     continue
                 except ray.exceptions.RayTaskError as e:
                     raise GenerateError(f"block from {block.first_id!r} ({block.writer_id}) failed: {_first_line(e)}") from None
+                retried += result.retried
                 if result.deferred is not None:
                     block.not_before = time.monotonic() + DEFER_S
                     queue.append(block)
