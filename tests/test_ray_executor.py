@@ -176,7 +176,7 @@ def test_a_block_written_twice_leaves_one_copy(tmp_path, tiny_teacher_dir, promp
 
     # A live attempt holds the next block's lease: this one is deferred and writes nothing.
     s = open_store(store)
-    lease = WriterLease(s, blocks[1].writer_id).start()
+    lease = WriterLease(s, f"{blocks[1].writer_id}.0").start()  # (two writer threads: ids W.0 and W.1)
     try:
         assert worker.run_block(blocks[1]).deferred
     finally:
@@ -190,7 +190,7 @@ def test_a_store_started_by_workers_is_finished_by_ray_and_the_reverse(tmp_path,
                                                                        reference, ray_address):
     by_workers = str(tmp_path / "a")
     first = generate(config(tiny_teacher_dir, prompts, by_workers, workers=2, worker_index=0, **SETTINGS))
-    rest = generate_on_ray(config(tiny_teacher_dir, prompts, by_workers, executor="ray", num_actors=2, **SETTINGS))
+    rest = generate_on_ray(config(tiny_teacher_dir, prompts, by_workers, executor="ray", num_actors=1, **SETTINGS))
     assert rest.already_done == first.records and rest.records == N - first.records
     _assert_complete(by_workers, reference)
 
