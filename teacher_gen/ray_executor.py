@@ -41,10 +41,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from potstill.phases import Phases
-from potstill.store import CommitRecord, Store
+from potstill.store import CommitRecord, Store, find_leftovers
 from potstill.store.commit import parse_shard_name
 from potstill.store.fs import join, listdir_names, temp_pid, temp_target
 from potstill.store.leases import STALE_AFTER_S, WriterIdInUse, all_leases, lease_path
+from potstill.store.verify import clean_leftovers
 from potstill.teacher_gen.capture import resolve_layers
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.encode import Encoded, context_length
@@ -92,8 +93,9 @@ class BlockResult:
     generated_tokens: int = 0
     deferred: str | None = None  # a live attempt holds the block's lease (in words); nothing was done
     retried: bool = False  # an earlier attempt of the block died (its lease was left behind)
-    protocol_s: float = 0.0  # leases, the look for earlier attempts' commits, the writers' close (commits)
+    protocol_s: float = 0.0  # the block's own protocol: its leases taken, the look for earlier attempts' commits
     compute_s: float = 0.0  # the batches, the writing that overlaps them included
+    close_s: float = 0.0  # the writers' close: the last records written, the commit records, the leases released
 
 
 # -- planning ----------------------------------------------------------------------------------------
@@ -200,7 +202,7 @@ class BlockWorker:
                 result.compute_s = time.perf_counter() - computing
             closing = time.perf_counter()
             result.commits = earlier + pool.close()
-            result.protocol_s += time.perf_counter() - closing
+            result.close_s = time.perf_counter() - closing
         except BaseException:
             with contextlib.suppress(Exception):
                 pool.abort()
@@ -256,8 +258,8 @@ def generate_on_ray(config: GenerateConfig, *, phases: Phases | None = None,
     """Fill `config.store` as `runner.generate` does, with the teacher on Ray actors; returns the same
     summary. Joins the Ray instance this process is connected to, else `config.ray_address`, else
     starts a local one (and stops it at the end). `block_records`: records per block (default
-    `--shard-records`, so that a block is one shard). `stats`, when given, is filled with the blocks,
-    their retries and the seconds the actors spent computing and in the commit protocol."""
+    `--shard-records`: a block is a shard per writer thread). `stats`, when given, is filled with the blocks,
+    their retries and the seconds the actors spent in each block's protocol, computing and closing."""
     config.validate()
     check_backend(config)
     ray = _import_ray()
@@ -269,7 +271,8 @@ def generate_on_ray(config: GenerateConfig, *, phases: Phases | None = None,
     try:
         tokenizer, _, _, _, encoded = run.prepare()
         if run.store is not None:
-            wait_for_block_writers(run.store, run.phases)
+            if wait_for_block_writers(run.store, run.phases):  # their leftovers were theirs until now
+                run.summary.cleaned_leftovers += clean_leftovers(run.store, find_leftovers(run.store))
             run.store.refresh()
             encoded = run.skip_committed(encoded, run.store)
         refuse_all_skipped(run, encoded)
@@ -329,16 +332,17 @@ def _connect(ray: Any, config: GenerateConfig) -> bool:
     return True
 
 
-def wait_for_block_writers(store: Store, phases: Phases) -> None:
+def wait_for_block_writers(store: Store, phases: Phases) -> bool:
     """Wait until no block writer of an earlier run holds a live lease (an actor of a killed driver that
-    has not died yet): its records would otherwise be planned again and could be committed twice."""
+    has not died yet): its records would otherwise be planned again and could be committed twice.
+    Returns whether there was one to wait for."""
     deadline = time.monotonic() + STALE_AFTER_S + 60
     shown = False
     while True:
         live = [lease for lease in all_leases(store)
                 if lease.live and lease.writer_id.startswith(BLOCK_PREFIX) and not lease.writer_id.endswith(".run")]
         if not live:
-            return
+            return shown
         if not shown:
             phases.begin(f"wait for {len(live)} block writer(s) of an earlier run to end ({live[0].why})")
             shown = True
@@ -422,7 +426,7 @@ def _dispatch(run: Run, pool: ActorPool, blocks: list[Block], stats: dict[str, f
     bar = _bar(config, run.total)
     run.loop_started = time.perf_counter()
     retried = 0
-    protocol = compute = 0.0
+    protocol = compute = close = 0.0
     try:
         while queue or in_flight:
             pool.poll()
@@ -462,6 +466,7 @@ def _dispatch(run: Run, pool: ActorPool, blocks: list[Block], stats: dict[str, f
                 commits += result.commits
                 protocol += result.protocol_s
                 compute += result.compute_s
+                close += result.close_s
                 records = sum(c.records for c in result.commits)
                 tokens = sum(c.tokens for c in result.commits)
                 run.done += records
@@ -475,7 +480,7 @@ def _dispatch(run: Run, pool: ActorPool, blocks: list[Block], stats: dict[str, f
                                              run.summary.already_done, run.generated_done))
     finally:
         bar.close()
-    stats.update(blocks=len(blocks), retried=retried, protocol_s=protocol, compute_s=compute)
+    stats.update(blocks=len(blocks), retried=retried, protocol_s=protocol, compute_s=compute, close_s=close)
     return commits
 
 
