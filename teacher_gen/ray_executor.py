@@ -171,6 +171,12 @@ class BlockWorker:
         return {"error": self.error, "host": socket.gethostname(), "pid": os.getpid()}
 
     def run_block(self, block: Block) -> BlockResult:
+        started = self.start_block(block)
+        return started if isinstance(started, BlockResult) else self.finish_block(*started)
+
+    def start_block(self, block: Block) -> BlockResult | tuple[BlockResult, WriterPool]:
+        """Take the block's leases, skip what earlier attempts committed, compute the rest and hand it to
+        the writers; a deferred block's result at once. `finish_block` then closes the writers."""
         started = time.perf_counter()
         config = self.config
         if self.store is None:
@@ -188,8 +194,7 @@ class BlockWorker:
             return BlockResult(block.writer_id, deferred=e.why)
         result = BlockResult(block.writer_id, retried=retried)
         try:
-            earlier, done = _earlier_attempts(store, set(ids))
-            result.commits = earlier
+            result.commits, done = _earlier_attempts(store, set(ids))
             wanted = [record_id(enc.item.id, k, config.num_samples) for enc, todo in block.encoded for k in todo]
             result.protocol_s = time.perf_counter() - started
             if any(rid not in done for rid in wanted):
@@ -200,14 +205,37 @@ class BlockWorker:
                 run.execute(self.teacher, _Skipping(pool, done), block.encoded)
                 result.generated_tokens = run.generated_done
                 result.compute_s = time.perf_counter() - computing
-            closing = time.perf_counter()
-            result.commits = earlier + pool.close()
-            result.close_s = time.perf_counter() - closing
         except BaseException:
             with contextlib.suppress(Exception):
                 pool.abort()
             raise
+        return result, pool
+
+    def finish_block(self, result: BlockResult, pool: WriterPool) -> BlockResult:
+        """Write what the writers hold, commit it and release the leases."""
+        closing = time.perf_counter()
+        try:
+            result.commits = result.commits + pool.close()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                pool.abort()
+            raise
+        result.close_s = time.perf_counter() - closing
         return result
+
+
+class _OverlappingBlockWorker(BlockWorker):
+    """The actor: an asyncio actor whose block closes its writers in a thread while the next block (queued
+    on the actor) computes, as the local executor's writers run beside its model. Computing is not
+    awaited, so one block computes at a time."""
+
+    async def run_block(self, block: Block) -> BlockResult:  # type: ignore[override]
+        import asyncio
+
+        started = self.start_block(block)
+        if isinstance(started, BlockResult):
+            return started
+        return await asyncio.get_running_loop().run_in_executor(None, self.finish_block, *started)
 
 
 class _Skipping:
@@ -369,7 +397,7 @@ class ActorPool:
             actor_config = replace(actor_config, device="cuda")
         # Ray restarts a dead actor and runs the blocks it held again (at least once: the commit protocol
         # makes a repeat harmless); a block that fails more often than that comes back to the driver.
-        remote = ray.remote(BlockWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=MAX_RESTARTS,
+        remote = ray.remote(_OverlappingBlockWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                                                  max_task_retries=MAX_ATTEMPTS - 1)
         self.actors = [remote.remote(actor_config) for _ in range(count)]
         self.pending = {actor.ready.remote(): actor for actor in self.actors}  # ready refs not answered yet
