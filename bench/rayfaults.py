@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import faultcampaigns
 from faultcampaigns import (
     FINAL,
     Campaign,
@@ -67,6 +68,9 @@ def kill_an_actor(store: str, stop: threading.Event, killed: list[int]) -> None:
 
 def ray_round(teacher: str, prompts: str, workdir: str, reference: dict[str, Any], address: str,
               rng: random.Random, name: str, log: Callable[[str], None] | None = None) -> Campaign:
+    # The drivers join this process's Ray instance: they need what `ray.init` put in the environment
+    # (RAY_AUTH_MODE: Ray's token authentication).
+    faultcampaigns.ENV.update({k: v for k, v in os.environ.items() if k.startswith("RAY_")})
     campaign = Campaign("generate --executor ray")
     store = os.path.join(workdir, f"{name}.store")
     args = ray_args(teacher, prompts, store, address)
