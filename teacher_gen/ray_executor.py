@@ -299,7 +299,7 @@ def generate_on_ray(config: GenerateConfig, *, phases: Phases | None = None,
     try:
         tokenizer, _, _, _, encoded = run.prepare()
         if run.store is not None:
-            if wait_for_block_writers(run.store, run.phases):  # their leftovers were theirs until now
+            if wait_for_block_writers(run.store, run.phases, run.claim.writer_id):  # (their leftovers were theirs)
                 run.summary.cleaned_leftovers += clean_leftovers(run.store, find_leftovers(run.store))
             run.store.refresh()
             encoded = run.skip_committed(encoded, run.store)
@@ -360,15 +360,20 @@ def _connect(ray: Any, config: GenerateConfig) -> bool:
     return True
 
 
-def wait_for_block_writers(store: Store, phases: Phases) -> bool:
+def wait_for_block_writers(store: Store, phases: Phases, own_claim: str) -> bool:
     """Wait until no block writer of an earlier run holds a live lease (an actor of a killed driver that
     has not died yet): its records would otherwise be planned again and could be committed twice.
-    Returns whether there was one to wait for."""
+    Returns whether there was one to wait for. While another run is live (on a disjoint share: its
+    claim was checked) its block writers cannot be told from those of a dead run, so none is waited
+    for: Ray ends a dead driver's actors within seconds."""
     deadline = time.monotonic() + STALE_AFTER_S + 60
     shown = False
     while True:
-        live = [lease for lease in all_leases(store)
-                if lease.live and lease.writer_id.startswith(BLOCK_PREFIX) and not lease.writer_id.endswith(".run")]
+        leases = [lease for lease in all_leases(store) if lease.live]
+        if any(lease.writer_id.endswith(".run") and lease.writer_id != own_claim for lease in leases):
+            return shown
+        live = [lease for lease in leases
+                if lease.writer_id.startswith(BLOCK_PREFIX) and not lease.writer_id.endswith(".run")]
         if not live:
             return shown
         if not shown:
