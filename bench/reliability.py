@@ -12,7 +12,10 @@ kills     `kill -9` of `potstill generate` (HF backend, tiny random teacher, hid
           and the campaign ended identical to the reference with nothing left behind. Also from
           outside: `store export` (the file absent or whole after each kill, the rerun's equal to an
           uninterrupted export's) and `potstill serve` mid-job (bench/servefaults.py: restarted on its
-          state, the job finishes once, one attempt per kill, its store the reference's).
+          state, the job finishes once, one attempt per kill, its store the reference's), and
+          `generate --executor ray` (bench/rayfaults.py: its driver killed at a seeded delay after its
+          first commit, then the rerun's actor killed mid-block, Ray restarting it: every record the
+          local executor's, once, nothing left behind).
 disk      bench/diskfaults.py: `generate`, `store copy` and `store export` under a full disk
           (`RLIMIT_FSIZE`, seeded sizes: while the store is created and mid-shard) or with the store's
           shards/ or commits/ folder made read-only after a seeded number of commits; each run fails
@@ -238,6 +241,32 @@ def kill_serve(ctx: dict[str, Any], kills: int, seed: int, only_round: int | Non
                f"{sum(len(r.kills) for r in rounds)} from outside)", sum(len(r.kills) for r in rounds),
                sum(r.survived for r in rounds), sum(r.lost for r in rounds), sum(r.doubled for r in rounds),
                sum(r.altered for r in rounds), failures[:5])
+
+
+def kill_ray(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
+    """bench/rayfaults.py: rounds of a driver kill and an actor kill of `generate --executor ray`."""
+    import ray
+    import rayfaults
+
+    workdir = os.path.join(ctx["work"], "kill-ray")
+    os.makedirs(workdir)
+    reference_store = os.path.join(workdir, "reference.store")
+    made = run_potstill(generate_args(ctx["teacher"], ctx["prompts"], reference_store))  # the local executor
+    if made.returncode != 0:
+        raise SystemExit(f"could not generate the Ray reference: {made.tail()}")
+    _, reference = store_contents(reference_store)
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="WARNING", configure_logging=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        campaigns = until_landed(kills, kind_rounds(["driver", "actor"], 2),
+                                 lambda number, kinds: rayfaults.ray_round(
+                                     ctx["teacher"], ctx["prompts"], workdir, reference, address,
+                                     bytedamage.trial_rng(seed, "kill-ray", number), f"round-{number}", log=say),
+                                 only_round)
+    finally:
+        ray.shutdown()
+    return campaign_row("kill -9 of `potstill generate --executor ray`: its driver, and an actor mid-block",
+                        campaigns)
 
 
 # -- disk faults -----------------------------------------------------------------------------------
@@ -656,7 +685,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few of each, to check the script runs")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--only", default="kills,disk,s3,clash,flips,bytes,prompts",
-                        help="kills (export, serve among them), export, serve, disk, s3, clash, flips, bytes, prompts (comma separated)")
+                        help="kills (export, serve, ray among them), export, serve, ray, disk, s3, clash, flips, bytes, "
+                             "prompts (comma separated)")
     parser.add_argument("--clash-trials", type=int, default=3, help="pairs of runs sharing one --writer-id")
     parser.add_argument("--trial", type=int, help="rerun trial N of each campaign of --only alone (a kill round, "
                         "a damaged copy of each kind, a byte-damage trial), as the table's failures name them")
@@ -666,6 +696,7 @@ def main() -> None:
     parser.add_argument("--train-kills", type=int, default=10)
     parser.add_argument("--export-kills", type=int, default=8)
     parser.add_argument("--serve-kills", type=int, default=6)
+    parser.add_argument("--ray-kills", type=int, default=8, help="kills of generate --executor ray (driver, actor)")
     parser.add_argument("--disk-trials", type=int, default=3, help="trials of each disk fault row, two faults each")
     parser.add_argument("--s3-trials", type=int, default=2, help="trials of each S3 row, two faulted runs each")
     parser.add_argument("--copy-shards", type=int, default=120)
@@ -676,7 +707,7 @@ def main() -> None:
     if args.quick:
         args.generate_kills, args.copy_kills, args.train_kills, args.copy_shards, args.flip_trials = 5, 5, 2, 30, 1
         args.bytes_files, args.clash_trials, args.export_kills, args.disk_trials = 2, 1, 2, 1
-        args.s3_trials, args.serve_kills = 1, 2
+        args.s3_trials, args.serve_kills, args.ray_kills = 1, 2, 2
     only = set(args.only.split(","))
     started = time.monotonic()
     say(f"seed {args.seed}")
@@ -692,6 +723,8 @@ def main() -> None:
             rows.append(kill_export(ctx, args.export_kills, args.seed, args.trial))
         if only & {"kills", "serve"}:
             rows.append(kill_serve(ctx, args.serve_kills, args.seed, args.trial))
+        if only & {"kills", "ray"}:
+            rows.append(kill_ray(ctx, args.ray_kills, args.seed, args.trial))
         if "disk" in only:
             rows += disk_faults(ctx, args.disk_trials, args.seed, args.trial)
         if "s3" in only:

@@ -46,5 +46,10 @@ def register(app: typer.Typer) -> None:
 
             from potstill.teacher_gen.runner import generate as run_generate
 
-        summary = run_generate(settings, phases=phases)
+        if settings.executor == "ray":
+            from potstill.teacher_gen.ray_executor import generate_on_ray
+
+            summary = generate_on_ray(settings, phases=phases)
+        else:
+            summary = run_generate(settings, phases=phases)
         typer.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.format())

@@ -134,6 +134,16 @@ class GenerateConfig:
     writer_threads: int = setting(
         2, help="Parallel store writers, each its own shards (hashing and fsync keep up with the GPU).")
     progress: bool = setting(True, help="Progress bar on stderr.")
+    executor: Literal["local", "ray"] = setting(
+        "local", help="local: this process runs the teacher (one share of the prompts with --workers); ray: a pool "
+                      "of Ray actors does, each block of records going to whichever actor is free "
+                      "(pip install 'potstill[ray]').")
+    ray_address: str | None = setting(None, shown_default="a new local Ray instance",
+                                      help="--executor ray: the Ray cluster to run on (host:6379, ray://host:10001, auto).")
+    num_actors: int | None = setting(None, shown_default="one per --gpus-per-actor GPUs of the cluster, else 1",
+                                     help="--executor ray: teacher actors (more than fit wait for the autoscaler).")
+    gpus_per_actor: float | None = setting(None, shown_default="1 when the cluster has GPUs, else 0",
+                                           help="--executor ray: GPUs per actor (above 1: vLLM's tensor parallel).")
     gpu_memory_utilization: float | None = setting(
         None, shown_default="0.9 on a GPU; on CPU a 1 GiB KV cache, or $VLLM_CPU_KVCACHE_SPACE GiB",
         help="vLLM: GPU memory share.")
@@ -187,6 +197,9 @@ class GenerateConfig:
             (1 <= self.writer_threads <= 16, "--writer-threads must be between 1 and 16"),
             (self.max_length is None or self.max_length >= 2, "--max-length must be at least 2"),
             (self.max_errors is None or self.max_errors >= 0, "--max-errors must be >= 0"),
+            (self.num_actors is None or self.num_actors >= 1, f"--num-actors must be at least 1, got {self.num_actors}"),
+            (self.gpus_per_actor is None or self.gpus_per_actor >= 0,
+             f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -205,6 +218,13 @@ class GenerateConfig:
                 f"--backend vllm cannot load the GGUF file {self.teacher if is_gguf(self.teacher) else self.tokenizer}: "
                 "use --backend hf, or convert it to a model folder first (python -m potstill.teacher_gen.gguf FILE.gguf FOLDER)"
             )
+        if self.executor == "local" and (given := [flag for flag, value in (
+                ("--ray-address", self.ray_address), ("--num-actors", self.num_actors),
+                ("--gpus-per-actor", self.gpus_per_actor)) if value is not None]):
+            raise GenerateError(f"{', '.join(given)} only apply with --executor ray")
+        if self.backend == "hf" and (self.gpus_per_actor or 0) > 1:
+            raise GenerateError(f"--gpus-per-actor {self.gpus_per_actor}: an HF teacher runs on one GPU; "
+                                "tensor parallel needs --backend vllm")
         if self.rationale and "{prompt}" not in self.rationale_template:
             raise GenerateError("--rationale-template must contain {prompt}")
         check_answer_pattern(self.answer_pattern)

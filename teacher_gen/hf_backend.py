@@ -113,7 +113,7 @@ class HFTeacher:
 
     # -- scoring -------------------------------------------------------------------------------
     def score_batches(self, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]:
-        return batches_by_tokens(jobs, len, self.config.batch_tokens)
+        return score_batches(self.config, jobs)
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
@@ -179,12 +179,7 @@ class HFTeacher:
 
     # -- generation ----------------------------------------------------------------------------
     def generate_batches(self, requests: list[GenRequest]) -> Iterator[list[GenRequest]]:
-        # Requests with different token budgets never share a batch, so a sample's length limit
-        # does not depend on its batch-mates.
-        return batches_by_tokens(
-            requests, lambda r: len(r.prompt_ids) + r.max_new_tokens, self.config.batch_tokens,
-            key=lambda r: r.max_new_tokens,
-        )
+        return generate_batches(self.config, requests)
 
     @torch.inference_mode()
     def generate(self, requests: list[GenRequest], on_tokens: Callable[[int], None] | None = None) -> list[Generated]:
@@ -366,6 +361,21 @@ class HFTeacher:
 
     def close(self) -> None:
         self.taps.remove()
+
+
+def score_batches(config: GenerateConfig, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]:
+    """The forward batches of `jobs` (a function of the settings alone: `--executor ray` plans its blocks
+    as runs of these batches, so that every record is computed in the batch the local executor gives it)."""
+    return batches_by_tokens(jobs, len, config.batch_tokens)
+
+
+def generate_batches(config: GenerateConfig, requests: list[GenRequest]) -> Iterator[list[GenRequest]]:
+    # Requests with different token budgets never share a batch, so a sample's length limit
+    # does not depend on its batch-mates.
+    return batches_by_tokens(
+        requests, lambda r: len(r.prompt_ids) + r.max_new_tokens, config.batch_tokens,
+        key=lambda r: r.max_new_tokens,
+    )
 
 
 def load_model(config: GenerateConfig, spec: TeacherSpec) -> Any:

@@ -652,13 +652,18 @@ def generate(
             run.claim.release()
 
 
+def refuse_all_skipped(run: Run, encoded: list[tuple[Encoded, list[int]]]) -> None:
+    """Nothing to write and nothing written before, because every prompt of the share was skipped: an error."""
+    if not encoded and not run.summary.already_done and run.summary.errors:
+        errors = run.summary.errors
+        raise GenerateError(f"nothing was written to {run.config.store}: all {len(errors)} prompt(s) were skipped "
+                            f"(first: {errors[0]})")
+
+
 def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSummary:
     check_backend(config, preloaded)
     tokenizer, spec, layers, max_length, encoded = run.prepare()
-    if not encoded and not run.summary.already_done and run.summary.errors:  # every prompt of its share skipped
-        errors = run.summary.errors
-        raise GenerateError(f"nothing was written to {config.store}: all {len(errors)} prompt(s) were skipped "
-                            f"(first: {errors[0]})")
+    refuse_all_skipped(run, encoded)
     if not encoded:  # nothing to do: write nothing (its bad inputs were reported when they were first read)
         return run.finish([])
 

@@ -38,6 +38,12 @@ GPU_MEMORY_SHARE = 0.9  # vLLM's own default, on a GPU
 CPU_KV_CACHE_GIB = 1  # on CPU: vLLM's memory share is of all RAM, and 0.9 of it cannot be had
 
 
+def groups(items: list) -> Iterator[list]:
+    """What one call of vLLM gets (its batches are its own): `VLLM_GROUP` items at a time, in order."""
+    for start in range(0, len(items), VLLM_GROUP):
+        yield items[start : start + VLLM_GROUP]
+
+
 # -- the adapter (pure) --------------------------------------------------------------------------
 Entry = tuple[int, float, int | None]  # (token id, log-prob, rank)
 
@@ -217,12 +223,10 @@ class VLLMTeacher:
         return TokensPrompt(prompt_token_ids=[int(x) for x in ids])
 
     def score_batches(self, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]:
-        for start in range(0, len(jobs), VLLM_GROUP):
-            yield jobs[start : start + VLLM_GROUP]
+        return groups(jobs)
 
     def generate_batches(self, requests: list[GenRequest]) -> Iterator[list[GenRequest]]:
-        for start in range(0, len(requests), VLLM_GROUP):
-            yield requests[start : start + VLLM_GROUP]
+        return groups(requests)
 
     def score(self, jobs: list[ScoreJob]) -> Callable[[], list[Capture]]:
         params = sampling_params(self.vllm, max_tokens=1, temperature=0.0, prompt_logprobs=self.k)

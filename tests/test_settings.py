@@ -57,6 +57,7 @@ SAMPLES = {"rationale_template": "Q: {prompt}", "beta": 0.25, "alpha": 0.5, "eva
            "teacher_weights": "2,1", "hidden_from": "s"}
 # other settings a sample needs (vLLM captures top-k only; a relation loss needs layer pairs)
 CONTEXT = {"backend": {"targets": "topk"}, "relation_weight": {"hidden_map": "1:2"}, "worker_index": {"workers": 2},
+           **{name: {"executor": "ray"} for name in ("ray_address", "num_actors", "gpus_per_actor")},
            "teacher_weights": {"store": ["s", "t"]}}
 
 

@@ -31,7 +31,7 @@ from potstill.teacher_gen.service.paths import PathPolicy
 from potstill.teacher_gen.service.settings import LOAD_FIELDS, ServeConfig, SpecError
 
 # Settings a job cannot set: the service decides them.
-NOT_IN_SPEC = ("progress",)
+NOT_IN_SPEC = ("progress", "executor", "ray_address", "num_actors", "gpus_per_actor")
 __all__ = ["JobSpec", "SpecError", "check_spec", "given_settings", "job_config"]
 
 
