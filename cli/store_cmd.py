@@ -18,6 +18,7 @@ from potstill.settings import check_settings, load_settings, setting, settings_o
 from potstill.share import ReportConfig, export_store, format_info, store_info, write_report
 from potstill.store import Store, copy_store, open_store, verify_store
 from potstill.store.errors import StoreError
+from potstill.store.provenance import JobStatus
 from potstill.store.verify import MAX_JOBS, report_json
 
 app = typer.Typer(help="Inspect, check, copy, export and report on a store.", **APP_SETTINGS)
@@ -33,6 +34,9 @@ class VerifyConfig:
                         "The report is the same for any number.")
     quick: bool = setting(False, help="Check only the commit records, the manifest and each file's presence and "
                           "size: no checksum is computed and no value read.")
+    complete: bool = setting(False, help="Also fail while the job is incomplete: records of the latest run's prompt "
+                             "set missing, a --workers share that never ran or is behind (one line each), or no "
+                             "run records to tell.")
 
     def validate(self) -> VerifyConfig:
         check_settings(self, StoreError)
@@ -89,11 +93,25 @@ def verify(
             state = "in progress" if left.live else ("removed" if left.path in report.cleaned else "leftover")
             hint = "" if left.live or left.path in report.cleaned else " (remove with --clean)"
             typer.echo(f"{state:<11} {left.path}: {left.kind}; {left.reason}{hint}")
+        for warning in report.run_warnings:
+            typer.echo(f"warning     {warning}", err=True)
+        for line in job_lines(report.job, cfg.complete):
+            typer.echo(line)
         verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
         how = "" if report.hashed else " (quick: commit records and file sizes only; no checksum computed, no value read)"
         typer.echo(f"{verdict}: {report.shards} shards, {report.records} records, {report.tokens} tokens checked{how}")
-    if not report.ok:
+    if not report.ok or (cfg.complete and (report.job is None or not report.job.complete)):
         raise typer.Exit(1)
+
+
+def job_lines(job: JobStatus | None, complete: bool) -> list[str]:
+    """How complete the job is, for verify: `N of M records committed`, a MISSING line per share that never
+    ran or is behind; without run records, a line only when --complete asks."""
+    if job is None:
+        return ["MISSING     no run records: this store does not say what its job is (written before potstill "
+                "recorded runs), so it cannot be shown complete"] if complete else []
+    first, *shares = job.lines()
+    return [f"job         {first}", *(f"MISSING     {line}" for line in shares)]
 
 
 @app.command("copy")

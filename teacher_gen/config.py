@@ -60,6 +60,10 @@ class GenerateConfig:
     revision: str | None = setting(None, shown_default="the hub's default branch",
                                    help="Model revision (hub branch, tag or commit).")
     trust_remote_code: bool = setting(False, help="Allow the teacher's own modeling code.")
+    license: str | None = setting(
+        None, shown_default="none (required to publish)",
+        help="Licence of the data this run writes: an SPDX id (apache-2.0, cc-by-4.0) or free text; recorded "
+             "in the store's provenance beside the teacher's own licence (from its model card).")
 
     # -- what is captured ----------------------------------------------------------------------
     top_k: int = setting(64, help="Top-k log-probs kept per position.")
@@ -187,6 +191,7 @@ class GenerateConfig:
             (1 <= self.writer_threads <= 16, "--writer-threads must be between 1 and 16"),
             (self.max_length is None or self.max_length >= 2, "--max-length must be at least 2"),
             (self.max_errors is None or self.max_errors >= 0, "--max-errors must be >= 0"),
+            (self.license is None or bool(self.license.strip()), "--license must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
