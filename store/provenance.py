@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import socket
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,8 +149,6 @@ def hardware() -> dict[str, Any]:
         info["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         info["memory_bytes"] = None
-    import sys
-
     torch = sys.modules.get("torch")
     gpus: list[str] = []
     if torch is not None:

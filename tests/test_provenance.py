@@ -124,7 +124,7 @@ def test_provenance_is_written_kept_by_copy_and_resume_and_holds_no_secret(tmp_p
 
     info = run_cli(["store", "info", copy])
     assert info.returncode == 0, info.stderr
-    assert "licence    cc-by-4.0; the teacher's: mit" in info.stdout
+    assert "licence      cc-by-4.0; the teacher's: mit" in info.stdout
     assert f"{N} of {N} records committed" in info.stdout and "complete" in info.stdout
 
 
@@ -183,6 +183,29 @@ def test_a_share_that_never_ran_is_named_until_it_runs(tmp_path, tiny_teacher_di
     done = run_cli(["store", "verify", store, "--complete"])
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{N} of {N} records committed" in done.stdout and "MISSING" not in done.stdout
+
+
+def test_adding_prompts_makes_the_job_the_larger_set(tmp_path, tiny_teacher_dir, capsys):
+    rows = prompt_rows(N + 6, seed=10)
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), rows[:N])
+    store = str(tmp_path / "s")
+    for i in range(2):
+        generate(config(tiny_teacher_dir, prompts, store, workers=2, worker_index=i))
+    status, _ = store_job_status(Store(store))
+    assert status.complete and status.expected == N
+    capsys.readouterr()
+
+    write_jsonl(prompts, rows)  # the user adds 6 prompts and runs share 0 again: allowed, with a note
+    generate(config(tiny_teacher_dir, prompts, store, workers=2, worker_index=0))
+    assert f"({N} prompts then, {N + 6} now)" in capsys.readouterr().err
+    status, _ = store_job_status(Store(store))
+    assert status.prompts["count"] == N + 6 and status.expected == N + 6
+    assert [s.state for s in status.shares] == ["complete", "never ran"]  # share 1 ran only on the old set
+    generate(config(tiny_teacher_dir, prompts, store, workers=2, worker_index=1))
+    status, _ = store_job_status(Store(store))
+    assert status.complete and status.committed == N + 6
+    # the manifest keeps the prompt set the store was created with
+    assert Store(store).manifest.provenance["prompts"]["count"] == N
 
 
 def test_records_skipped_as_too_long_are_not_expected(tmp_path, tiny_teacher_dir):

@@ -103,31 +103,36 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def provenance_lines(info: dict[str, Any]) -> list[str]:
-    """Where the store came from and how complete its job is (format §10); nothing for a store made
-    before either was recorded."""
-    lines = []
+    """`store info`'s lines for `provenance_rows`: a label column, continuation rows indented."""
+    return [f"{label:<13}{text}" if label else f"  {text}" for label, text in provenance_rows(info)]
+
+
+def provenance_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) rows: where the store came from and how complete its job is (format §10); none for a
+    store made before either was recorded. A row with no label continues the one above."""
+    rows: list[tuple[str, str]] = []
     p = info.get("provenance")
     if p:
         teacher = p.get("teacher") or {}
         which = (f"revision {teacher['revision']}" if teacher.get("revision")
                  else f"{str(teacher.get('sha256'))[:23]}" if teacher.get("sha256") else "revision not known")
-        lines.append(f"provenance   teacher {teacher.get('name')} ({which}); created {p.get('created')} by potstill "
-                     f"{p.get('potstill_version')}")
+        rows.append(("provenance", f"teacher {teacher.get('name')} ({which}); created {p.get('created')} by potstill "
+                                   f"{p.get('potstill_version')}"))
         prompts = p.get("prompts") or {}
         if prompts:
-            lines.append(f"  prompts    {prompts.get('count')} ({str(prompts.get('fingerprint'))[:23]}), "
-                         f"{prompts.get('num_samples')} sample(s) each, as first run")
-        lines.append(f"  licence    {p.get('license') or 'not given (--license)'}; the teacher's: "
-                     f"{p.get('teacher_license') or 'not stated by its model card'}")
+            rows.append(("", f"prompts {prompts.get('count')} ({str(prompts.get('fingerprint'))[:23]}), "
+                             f"{prompts.get('num_samples')} sample(s) each, when created"))
+        rows.append(("licence", f"{p.get('license') or 'not given (--license)'}; the teacher's: "
+                                f"{p.get('teacher_license') or 'not stated by its model card'}"))
     if info.get("job_lines"):
         first, *rest = info["job_lines"]
-        lines.append(f"job          {first}")
-        lines += [f"  {line}" for line in rest]
+        rows.append(("job", first))
+        rows += [("", line) for line in rest]
     if info.get("runs"):
         running = len(info["job"]["running"]) if info.get("job") else 0
-        lines.append(f"runs         {info['runs']} recorded in runs/" + (f" ({running} running or killed)" if running else ""))
-    lines += [f"  warning    {w}" for w in info.get("run_warnings", [])]
-    return lines
+        rows.append(("runs", f"{info['runs']} recorded in runs/" + (f" ({running} running or killed)" if running else "")))
+    rows += [("", f"warning: {w}") for w in info.get("run_warnings", [])]
+    return rows
 
 
 def count_answers(store: Store) -> dict[str, Any]:

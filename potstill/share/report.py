@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from potstill.settings import check_settings, setting
-from potstill.share.info import describe_targets, store_info
+from potstill.share.info import describe_targets, provenance_rows, store_info
 from potstill.store.errors import StoreError
 from potstill.store.fs import resolve, write_bytes
 from potstill.store.reader import Store, decode_hidden, open_store
@@ -461,6 +461,7 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
         ("tokens", f"{info['tokens']:,} ({info['scored_tokens']:,} scored)"),
         ("bytes", f"{info['bytes']:,} ({_num(info['bytes_per_token'])} per token, "
                   f"{_num(info['target_bytes_per_scored_token'])} of targets per scored token)"),
+        *provenance_rows(info),  # where it came from, how complete its job is (format §10)
     ]
     parts = [
         "<!DOCTYPE html>",
