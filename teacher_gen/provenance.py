@@ -75,7 +75,7 @@ def _stamp(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=1024)
 def _file_digest(path: str, size: int, mtime: int) -> str:
     """A file's sha256, once per (path, size, mtime): a GGUF teacher's is also its identity's (config hash)."""
     return "sha256:" + file_sha256(path)
