@@ -3,11 +3,13 @@
 The order of a run:
   1. tokenizer and teacher config (no weights yet); read and validate the prompts, keeping this
      worker's share (by a hash of the id, so the split does not depend on file order);
-  2. create the store or reopen it (its manifest must match), remove dead writers' leftovers,
-     skip every id already committed, tokenize the rest (bad inputs are collected);
+  2. create the store (its manifest with the job's provenance) or reopen it (its manifest must
+     match), remove dead writers' leftovers, record the run in `runs/` (format §10), skip every id
+     already committed, tokenize the rest (bad inputs are collected);
   3. only if work is left: load the model, then generate / score batch by batch, handing
      captures to the background writer, which commits shards as they fill;
-  4. write this writer's bad inputs to `errors/<writer>.jsonl` and return a summary.
+  4. write this writer's bad inputs to `errors/<writer>.jsonl`, mark the run's record ended and
+     return a summary.
 
 A crash at any point leaves committed shards (complete) and at most a leftover (invisible,
 cleaned by the next run); rerunning the same command finishes the rest.
