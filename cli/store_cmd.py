@@ -95,11 +95,11 @@ def verify(
             typer.echo(f"{state:<11} {left.path}: {left.kind}; {left.reason}{hint}")
         for warning in report.run_warnings:
             typer.echo(f"warning     {warning}", err=True)
-        for line in job_lines(report.job, cfg.complete):
-            typer.echo(line)
         verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
         how = "" if report.hashed else " (quick: commit records and file sizes only; no checksum computed, no value read)"
         typer.echo(f"{verdict}: {report.shards} shards, {report.records} records, {report.tokens} tokens checked{how}")
+        for line in job_lines(report.job, cfg.complete):  # after the verdict, which scripts read first
+            typer.echo(line)
     if not report.ok or (cfg.complete and (report.job is None or not report.job.complete)):
         raise typer.Exit(1)
 

@@ -258,6 +258,20 @@ def test_an_old_store_without_provenance_still_verifies_and_shows(tmp_path, tiny
     assert verify_store(str(tmp_path / "copy")).ok
 
 
+def test_a_run_records_write_cut_short_is_a_leftover_clean_removes(tmp_path, tiny_teacher_dir):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(4, seed=11))
+    store = str(tmp_path / "s")
+    generate(config(tiny_teacher_dir, prompts, store))
+    dead = 2**22 + 17  # above any pid this machine hands out
+    temp = Path(store, RUNS, f".g000-dead.20260101T000000000000Z.json.{dead}-00ff00ff.tmp")
+    temp.write_text("{")
+    report = verify_store(store)
+    assert report.ok and [x.path for x in report.leftovers] == [f"{RUNS}/{temp.name}"]
+    assert not report.run_warnings  # a temporary file is no run record
+    assert verify_store(store, clean=True).cleaned == [f"{RUNS}/{temp.name}"] and not temp.exists()
+    assert len(read_runs(Store(store).fs, store).runs) == 1
+
+
 @pytest.mark.parametrize("body", [b"{not json", b'{"format": "potstill-run"}', b"[1, 2]"])
 def test_a_malformed_run_file_is_a_warning_not_damage(tmp_path, tiny_teacher_dir, body):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(4, seed=9))
