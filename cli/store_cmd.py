@@ -20,6 +20,7 @@ from potstill.share import ReportConfig, export_store, format_info, store_info, 
 from potstill.share.publish import check_repo_id, publish_store, push_folder
 from potstill.store import Store, copy_store, open_store, verify_store
 from potstill.store.errors import StoreError
+from potstill.store.provenance import JobStatus
 from potstill.store.published import PUBLISHED_FILE, is_published
 from potstill.store.verify import MAX_JOBS, report_json
 
@@ -36,6 +37,9 @@ class VerifyConfig:
                         "The report is the same for any number.")
     quick: bool = setting(False, help="Check only the commit records, the manifest and each file's presence and "
                           "size: no checksum is computed and no value read.")
+    complete: bool = setting(False, help="Also fail while the job is incomplete: records of the latest run's prompt "
+                             "set missing, a --workers share that never ran or is behind (one line each), or no "
+                             "run records to tell.")
 
     def validate(self) -> VerifyConfig:
         check_settings(self, StoreError)
@@ -104,11 +108,25 @@ def verify(
             state = "in progress" if left.live else ("removed" if left.path in report.cleaned else "leftover")
             hint = "" if left.live or left.path in report.cleaned else " (remove with --clean)"
             typer.echo(f"{state:<11} {left.path}: {left.kind}; {left.reason}{hint}")
+        for warning in report.run_warnings:
+            typer.echo(f"warning     {warning}", err=True)
         verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
         how = "" if report.hashed else " (quick: commit records and file sizes only; no checksum computed, no value read)"
         typer.echo(f"{verdict}: {report.shards} shards, {report.records} records, {report.tokens} tokens checked{how}")
-    if not report.ok:
+        for line in job_lines(report.job, cfg.complete):  # after the verdict, which scripts read first
+            typer.echo(line)
+    if not report.ok or (cfg.complete and (report.job is None or not report.job.complete)):
         raise typer.Exit(1)
+
+
+def job_lines(job: JobStatus | None, complete: bool) -> list[str]:
+    """How complete the job is, for verify: `N of M records committed`, a MISSING line per share that never
+    ran or is behind; without run records, a line only when --complete asks."""
+    if job is None:
+        return ["MISSING     no run records: this store does not say what its job is (written before potstill "
+                "recorded runs), so it cannot be shown complete"] if complete else []
+    first, *shares = job.lines()
+    return [f"job         {first}", *(f"MISSING     {line}" for line in shares)]
 
 
 @app.command("copy")

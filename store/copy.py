@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from potstill.store.errors import StoreError
-from potstill.store.fs import is_local, join, read_bytes, resolve, write_bytes
+from potstill.store.fs import is_local, join, listdir_names, read_bytes, resolve, write_bytes
 from potstill.store.leases import WriterLease
 from potstill.store.manifest import FileEntry
+from potstill.store.provenance import RUN_NAME_RE, RUNS
 from potstill.store.reader import MANIFEST, Store, foreign_entries, location_problem
 from potstill.store.verify import clean_leftovers, find_leftovers
 
@@ -39,6 +40,7 @@ class CopyReport:
     shards_skipped: list[str] = field(default_factory=list)  # already committed at the destination
     shards_repaired: list[str] = field(default_factory=list)  # committed there, but its commit record differed
     cleaned: list[str] = field(default_factory=list)  # leftovers of interrupted runs removed at the destination
+    runs: int = 0  # run records (format §10) copied or updated
     records: int = 0
     bytes: int = 0
 
@@ -111,7 +113,25 @@ def copy_store(
     finally:
         if lease is not None:
             lease.release()
+    report.runs = _copy_runs(src, fs, root)
     return report
+
+
+def _copy_runs(src: Store, fs: Any, root: str) -> int:
+    """Copy the run records (format §10) the destination lacks or holds in an older state: small files, no
+    checksum to keep, each written atomically. A run still going at the source is copied as it is now;
+    copying again brings its end."""
+    copied = 0
+    for name in listdir_names(src.fs, join(src.root, RUNS)):
+        if RUN_NAME_RE.match(name) is None:
+            continue  # temporary files, strays
+        body = read_bytes(src.fs, join(src.root, RUNS, name))
+        target = join(root, RUNS, name)
+        if fs.exists(target) and read_bytes(fs, target) == body:
+            continue
+        write_bytes(fs, target, body, atomic=True)
+        copied += 1
+    return copied
 
 
 def _copy_file(src: Store, entry: FileEntry, fs: Any, root: str, where: str) -> None:

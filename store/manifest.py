@@ -171,10 +171,15 @@ class StoreManifest:
     features: list[str] = field(default_factory=list)  # what a reader must know to read it (format §9)
     created_at: str = field(default_factory=utc_now)
     potstill_version: str = field(default_factory=potstill_version)
+    # Where the store came from (format §10), written once with the manifest; optional: a store without
+    # it is as valid, and no reader needs it. Never compared between runs (`differences`).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["targets"] = self.targets.to_dict()
+        if not self.provenance:  # a store made without it keeps its manifest as it was
+            del out["provenance"]
         return out
 
     def to_json(self) -> bytes:
@@ -226,6 +231,8 @@ class StoreManifest:
                 features=list(obj["features"]),
                 created_at=str(obj.get("created_at", "")),
                 potstill_version=str(obj.get("potstill_version", "")),
+                # informative only: a malformed one is left out, never a reason to refuse the store
+                provenance=dict(obj["provenance"]) if isinstance(obj.get("provenance"), dict) else {},
             )
         except StoreError as e:
             raise StoreError(f"{where}: {e}") from None
@@ -237,7 +244,8 @@ class StoreManifest:
 
         A store of a newer minor version is one: its optional parts this potstill does not know it
         would not write (format §9). Sampled draws made by another sampler are: one store must not mix
-        two samplers.
+        two samplers. Provenance is not compared: it records the run that created the store (its time,
+        its prompt set, its machine-dependent settings), which a later run of the same job differs from.
         """
         diffs = []
         if parse_version(self.format_version, "store") > parse_version(other.format_version, "run"):

@@ -29,6 +29,7 @@ from potstill.store.hidden import DATA_KEY, Layout, layout_problem, scan_data_fi
 from potstill.store.ids import ids_problem
 from potstill.store.leases import STALE_AFTER_S, LeaseStatus, all_leases, lease_status
 from potstill.store.pieces import read_pieces
+from potstill.store.provenance import RUN_NAME_RE, RUNS, JobStatus, read_runs, store_job_status
 from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
 
 _BLOCK = 8 << 20
@@ -89,6 +90,10 @@ class VerifyReport:
     leftovers: list[Leftover] = field(default_factory=list)
     cleaned: list[str] = field(default_factory=list)
     hashed: bool = True  # False: a quick verify (sizes and commit records only)
+    # How complete the job is (format §10), None without run records; run files that cannot be read
+    # are warnings, never problems: nothing in them can fail a verify.
+    job: JobStatus | None = None
+    run_warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -123,7 +128,7 @@ def find_leftovers(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[L
         owner = parsed[0] if parsed else None
         live, why = writer(owner)
         out.append(Leftover(f"shards/{name}", "uncommitted shard", owner, live, why))
-    for folder in ("commits", "writers"):  # temporary files of atomic writes cut short
+    for folder in ("commits", "writers", RUNS):  # temporary files of atomic writes cut short
         for name in listdir_names(store.fs, join(store.root, folder)):
             target = temp_target(name)
             if target is None or not target.endswith(".json"):
@@ -131,6 +136,9 @@ def find_leftovers(store: Store, stale_after_s: float = STALE_AFTER_S) -> list[L
             if folder == "commits":
                 parsed = parse_shard_name(target[:-5])
                 owner = parsed[0] if parsed else None
+            elif folder == RUNS:
+                run = RUN_NAME_RE.match(target)
+                owner = run.group("writer") if run else None
             else:
                 owner = target[:-5]
             live, why = writer(owner)
@@ -207,6 +215,12 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
         report.records += commit.records
         report.tokens += commit.tokens
     _check_duplicates(store, report, sound)
+    runs = read_runs(store.fs, store.root)
+    report.run_warnings = list(runs.warnings)
+    try:
+        report.job, _ = store_job_status(store, runs)
+    except StoreError as e:  # damaged ids files are problems above; completeness is then unknown
+        report.run_warnings.append(f"completeness not computed: {e}")
     report.leftovers = find_leftovers(store)
     if clean:
         report.cleaned = clean_leftovers(store, report.leftovers)
@@ -408,6 +422,8 @@ def report_json(report: VerifyReport) -> str:
             "leftovers": [vars(x) for x in report.leftovers],
             "cleaned": report.cleaned,
             "hashed": report.hashed,
+            "job": None if report.job is None else report.job.to_dict(),
+            "run_warnings": report.run_warnings,
         },
         indent=2,
     )

@@ -60,6 +60,10 @@ class GenerateConfig:
     revision: str | None = setting(None, shown_default="the hub's default branch",
                                    help="Model revision (hub branch, tag or commit).")
     trust_remote_code: bool = setting(False, help="Allow the teacher's own modeling code.")
+    license: str | None = setting(
+        None, shown_default="none (required to publish)",
+        help="Licence of the data this run writes: an SPDX id (apache-2.0, cc-by-4.0) or free text; recorded "
+             "in the store's provenance beside the teacher's own licence (from its model card).")
 
     # -- what is captured ----------------------------------------------------------------------
     top_k: int = setting(64, help="Top-k log-probs kept per position.")
@@ -200,6 +204,7 @@ class GenerateConfig:
             (self.num_actors is None or self.num_actors >= 1, f"--num-actors must be at least 1, got {self.num_actors}"),
             (self.gpus_per_actor is None or self.gpus_per_actor >= 0,
              f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}"),
+            (self.license is None or bool(self.license.strip()), "--license must not be empty"),
         ]
         for ok, message in checks:
             if not ok:

@@ -57,6 +57,7 @@ class PromptSet:
     errors: list[InputError] = field(default_factory=list)
     rows: int = 0  # rows read, good and bad, of every worker
     valid: int = 0  # rows that parsed into an item, of every worker
+    per_share: dict[int, int] = field(default_factory=dict)  # valid rows by `share_of` (when given), every worker's
 
 
 def detect_format(path: str) -> str:
@@ -354,8 +355,10 @@ def load_prompts(
     owns: Callable[[str], bool] = lambda key: True,
     max_errors: int | None = None,
     forbid_in_id: str | None = None,
+    share_of: Callable[[str], int] | None = None,
 ) -> PromptSet:
     """Read every row; keep the valid ones and the errors this worker `owns` (by id, else line).
+    `share_of` (an id's worker): the valid rows of every worker are counted by it, in `per_share`.
 
     Duplicate ids are checked over the whole file (whoever owns the row): the first one wins.
     Raises `TooManyInputErrors` as soon as this worker has more than `max_errors` errors.
@@ -386,6 +389,9 @@ def load_prompts(
             continue
         first_line[parsed.id] = number
         out.valid += 1
+        if share_of is not None:
+            share = share_of(parsed.id)
+            out.per_share[share] = out.per_share.get(share, 0) + 1
         if owns(parsed.id):
             out.items.append(parsed)
     return out

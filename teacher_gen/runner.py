@@ -3,11 +3,13 @@
 The order of a run:
   1. tokenizer and teacher config (no weights yet); read and validate the prompts, keeping this
      worker's share (by a hash of the id, so the split does not depend on file order);
-  2. create the store or reopen it (its manifest must match), remove dead writers' leftovers,
-     skip every id already committed, tokenize the rest (bad inputs are collected);
+  2. create the store (its manifest with the job's provenance) or reopen it (its manifest must
+     match), remove dead writers' leftovers, record the run in `runs/` (format §10), skip every id
+     already committed, tokenize the rest (bad inputs are collected);
   3. only if work is left: load the model, then generate / score batch by batch, handing
      captures to the background writer, which commits shards as they fill;
-  4. write this writer's bad inputs to `errors/<writer>.jsonl` and return a summary.
+  4. write this writer's bad inputs to `errors/<writer>.jsonl`, mark the run's record ended and
+     return a summary.
 
 A crash at any point leaves committed shards (complete) and at most a leftover (invisible,
 cleaned by the next run); rerunning the same command finishes the rest.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from potstill.store import (
 from potstill.store.codec import IdOrder
 from potstill.store.fs import join, resolve, write_bytes, write_problem
 from potstill.store.leases import WriterIdInUse, WriterLease, all_leases
+from potstill.store.provenance import read_runs, share_of
 from potstill.store.reader import MANIFEST, foreign_entries, location_problem
 from potstill.store.targets import codec_named, kind_named
 from potstill.store.verify import clean_leftovers
@@ -64,6 +66,13 @@ from potstill.teacher_gen.jobs import (
 )
 from potstill.teacher_gen.model_info import TeacherSpec, describe_teacher
 from potstill.teacher_gen.prompts import FieldMap, load_prompts
+from potstill.teacher_gen.provenance import (
+    finish_run_record,
+    prompt_set_info,
+    start_run_record,
+    store_provenance,
+    update_run_record,
+)
 from potstill.teacher_gen.rationale import split_rationale
 from potstill.teacher_gen.writer import WriterPool
 
@@ -163,7 +172,7 @@ class GenerateSummary:
 
 def owner(key: str, workers: int) -> int:
     """The worker that handles an id (or an error's line): a hash, not a position in the file."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % workers
+    return share_of(key, workers)
 
 
 def record_id(item_id: str, sample_index: int, num_samples: int) -> str:
@@ -403,8 +412,10 @@ class Run:
     """One call of `generate`: the state that its steps share."""
 
     def __init__(self, config: GenerateConfig, should_stop: Callable[[], bool] | None,
-                 on_progress: Callable[[Progress], None] | None, phases: Phases | None = None) -> None:
+                 on_progress: Callable[[Progress], None] | None, phases: Phases | None = None,
+                 command: list[str] | None = None) -> None:
         self.config = config
+        self.command = command  # what the run record names as its command line (None: this process's)
         self.should_stop = should_stop or (lambda: False)
         self.on_progress = on_progress
         self.phases = phases or Phases(show=False)
@@ -417,6 +428,11 @@ class Run:
             workers=self.workers,
         )
         self.claim: WriterLease | None = None  # this run's share of the prompts, announced in the store
+        self.prompt_info: dict[str, Any] | None = None  # the prompt set read (format §10)
+        self.skipped_records = 0  # records of this share skipped as invalid or too long (not tokenizable)
+        self.counted = False  # whether `skipped_records` is known (the prompts were tokenized)
+        self.run_file: Any = None  # this run's record in the store (`runs/`), once the store is open
+        self.failed_commits: list = []  # what a failed run committed before it failed
         self.store: Store | None = None  # opened in `prepare` when it exists, else created after the teacher loads
         self.manifest: StoreManifest | None = None
         self.done = self.total = self.tokens_done = 0
@@ -452,7 +468,9 @@ class Run:
             owns=lambda key: owner(key, self.workers) == self.index,
             max_errors=config.max_errors,
             forbid_in_id=SAMPLE_SEP if config.num_samples > 1 else None,
+            share_of=lambda key: owner(key, self.workers),
         )
+        self.prompt_info = prompt_set_info(config, prompts, self.workers)
         summary.rows_read = prompts.rows
         summary.errors = prompts.errors
         if prompts.valid == 0:  # nothing any worker could write: say so, and create no store
@@ -477,22 +495,51 @@ class Run:
             enc = encode_item(item, tokenizer, config, max_length)
             if isinstance(enc, InputError):
                 summary.errors.append(enc)
+                self.skipped_records += len(todo)
                 if config.max_errors is not None and len(summary.errors) > config.max_errors:
                     raise TooManyInputErrors(summary.errors, config.max_errors)
                 continue
             encoded.append((enc, todo))
         self.total = sum(len(todo) for _, todo in encoded)
+        self.counted = True
+        update_run_record(self.run_file, self.store, skipped=self.skipped_records, already_done=summary.already_done)
         if self.store is None and codec_named(config.codec).uses_id_order:  # a new store: its id order (format §4.3.2)
             self.manifest = with_id_order(self.manifest, encoded)
         phases.end()
         return tokenizer, spec, layers, max_length, encoded
 
     def attach_store(self, tokenizer: Any) -> Store:
-        """Open (or create) the store, claim this run's share of it and clear dead writers' leftovers."""
+        """Open (or create) the store, claim this run's share of it, clear dead writers' leftovers and
+        write this run's record."""
+        existed = store_exists(self.config.store)
+        if not existed:  # provenance is written once, with the manifest of the run that creates the store
+            self.manifest = replace(self.manifest, provenance=store_provenance(self.config, self.manifest, self.prompt_info))
         self.store = open_store_for(self.config, self.manifest, tokenizer)
         self.claim = claim_partition(self.store, self.summary.writer_id, self.workers, self.index)
         self.summary.cleaned_leftovers = clean_leftovers(self.store, find_leftovers(self.store))
+        if existed:
+            self.note_changes(self.store)
+        self.run_file = start_run_record(
+            self.store, self.config, writer_id=self.summary.writer_id, workers=self.workers, worker_index=self.index,
+            prompts=self.prompt_info, command=self.command,
+            skipped=self.skipped_records if self.counted else None, already_done=self.summary.already_done)
         return self.store
+
+    def note_changes(self, store: Store) -> None:
+        """Say when this run's prompt set or --license differs from what the store records: the run goes
+        on (adding prompts to a job and running again is how a job grows), and from now on the store's
+        completeness is judged against this run's prompt set (format §10)."""
+        runs = [r for r in read_runs(store.fs, store.root).runs if r.get("prompts")]
+        last = runs[-1]["prompts"] if runs else store.manifest.provenance.get("prompts")
+        mine = self.prompt_info
+        if isinstance(last, dict) and mine is not None and last.get("fingerprint") != mine["fingerprint"]:
+            print(f"note: the prompt set differs from the one last run on {store.url} ({last.get('count')} prompts "
+                  f"then, {mine['count']} now): the store's completeness is judged against this one from now on",
+                  file=sys.stderr)
+        recorded = store.manifest.provenance.get("license")
+        if self.config.license is not None and store.manifest.provenance and recorded != self.config.license:
+            print(f"note: --license {self.config.license!r} differs from the licence {recorded!r} the store was created "
+                  "with, which its manifest keeps; this run's is in its run record", file=sys.stderr)
 
     def skip_committed(self, encoded: list[tuple[Encoded, list[int]]], store: Store) -> list[tuple[Encoded, list[int]]]:
         """`encoded` without the samples found committed in `store` (counted as already done)."""
@@ -631,6 +678,7 @@ def generate(
     on_progress: Callable[[Progress], None] | None = None,
     phases: Phases | None = None,
     preloaded: Any = None,
+    command: list[str] | None = None,
 ) -> GenerateSummary:
     """Run the teacher over `config.prompts` and fill `config.store`; see the module docstring.
 
@@ -639,14 +687,22 @@ def generate(
     phases as they begin (the CLI's, shown on stderr; by default they are timed only). `preloaded` is a teacher that
     is already loaded (an HF model, or a `vllm.LLM` with `--backend vllm`), so that a long-lived
     process (`potstill serve`) loads it once for many runs; it must be the model `config` names.
+    `command` is what the run's record in the store names as its command line (default: this
+    process's, secrets removed; the job service gives the job's).
     """
     config.validate()
-    run = Run(config, should_stop, on_progress, phases)
+    run = Run(config, should_stop, on_progress, phases, command)
     try:
-        return _generate(run, config, preloaded)
-    except BaseException:
+        summary = _generate(run, config, preloaded)
+    except BaseException as e:
         run.phases.end(failed=True)  # the error's line starts on a line of its own
+        finish_run_record(run.run_file, run.store, "failed", records=sum(c.records for c in run.failed_commits),
+                          error=e)
         raise
+    else:
+        finish_run_record(run.run_file, run.store, "stopped" if summary.stopped else "complete",
+                          records=summary.records, already_done=summary.already_done)
+        return summary
     finally:
         if run.claim is not None:
             run.claim.release()
@@ -695,7 +751,7 @@ def _generate(run: Run, config: GenerateConfig, preloaded: Any) -> GenerateSumma
             run.execute(teacher, writer, encoded)
         except BaseException:
             with contextlib.suppress(Exception):  # keep what was captured: it is complete and correct
-                writer.close()
+                run.failed_commits = writer.close()
             raise
         commits = writer.close()
     finally:

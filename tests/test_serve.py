@@ -287,6 +287,13 @@ def test_auth_with_a_token_every_request_needs_it(tiny_teacher_dir, tmp_path):
         result = jobs_cli(svc, "submit", "--prompts", prompts, "--out", str(tmp_path / "s"), "--wait", token=TOKEN)
         assert result.returncode == 0, result.stderr
         assert "done, 3/3 records" in result.stdout
+        # the job's run is recorded in the store (format §10), naming the job, never the service's token
+        store = tmp_path / "s"
+        (record,) = [json.loads(p.read_text()) for p in (store / "runs").iterdir()]
+        assert record["command"][:2] == ["potstill", "serve"] and record["command"][2].startswith("job ")
+        assert record["state"] == "complete" and record["records"] == 3
+        assert json.loads((store / "manifest.json").read_text())["provenance"]["prompts"]["count"] == 3
+        assert not [p for p in store.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
         by_file = run_cli(["jobs", "list", "--server", svc.url, "--token-file", str(token_file)])
         assert by_file.returncode == 0 and "done" in by_file.stdout
         # the generation image's HEALTHCHECK finds the service from its command line and sends its token

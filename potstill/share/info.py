@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from potstill.store.errors import StoreError
+from potstill.store.provenance import store_job_status
 from potstill.store.reader import Store
 from potstill.store.sizes import store_sizes
 from potstill.store.targets import codec_named
@@ -25,6 +26,7 @@ def store_info(store: Store) -> dict[str, Any]:
     problems = [f"commits/{shard}.json: {why}" for shard, why in store.bad_commits]
     if store.num_duplicates:
         problems.append(f"{store.num_duplicates} record(s) repeat an id committed earlier (readers skip them)")
+    job, runs = store_job_status(store)
     return {
         "store": store.url,
         "format_version": m.format_version,
@@ -55,6 +57,11 @@ def store_info(store: Store) -> dict[str, Any]:
         # info reads only the commit records: it never hashes a file (`potstill store verify` does)
         "verified": False,
         "problems": problems,
+        "provenance": m.provenance or None,  # format §10: absent from stores made before it
+        "job": None if job is None else job.to_dict(),
+        "job_lines": [] if job is None else job.lines(),
+        "runs": len(runs.runs),
+        "run_warnings": runs.warnings,
         "fields": {
             name: {"bytes": size, "per_token": per(size, tokens), "per_scored_token": per(size, scored)}
             for name, size in sorted(field_bytes.items())
@@ -85,6 +92,7 @@ def format_info(info: dict[str, Any]) -> str:
         "integrity    not verified (`potstill store verify` hashes every file)"
         + (f"; {len(info['problems'])} problem(s) found:" if info["problems"] else ""),
         *(f"  BAD  {p}" for p in info["problems"]),
+        *provenance_lines(info),
     ]
     if empty:
         return "\n".join(lines)
@@ -92,6 +100,39 @@ def format_info(info: dict[str, Any]) -> str:
     for name, f in info["fields"].items():
         lines.append(f"{name:<22}{f['bytes']:>14}{_fmt(f['per_token']):>12}{_fmt(f['per_scored_token']):>12}")
     return "\n".join(lines)
+
+
+def provenance_lines(info: dict[str, Any]) -> list[str]:
+    """`store info`'s lines for `provenance_rows`: a label column, continuation rows indented."""
+    return [f"{label:<13}{text}" if label else f"  {text}" for label, text in provenance_rows(info)]
+
+
+def provenance_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) rows: where the store came from and how complete its job is (format §10); none for a
+    store made before either was recorded. A row with no label continues the one above."""
+    rows: list[tuple[str, str]] = []
+    p = info.get("provenance")
+    if p:
+        teacher = p.get("teacher") or {}
+        which = (f"revision {teacher['revision']}" if teacher.get("revision")
+                 else f"{str(teacher.get('sha256'))[:23]}" if teacher.get("sha256") else "revision not known")
+        rows.append(("provenance", f"teacher {teacher.get('name')} ({which}); created {p.get('created')} by potstill "
+                                   f"{p.get('potstill_version')}"))
+        prompts = p.get("prompts") or {}
+        if prompts:
+            rows.append(("", f"prompts {prompts.get('count')} ({str(prompts.get('fingerprint'))[:23]}), "
+                             f"{prompts.get('num_samples')} sample(s) each, when created"))
+        rows.append(("licence", f"{p.get('license') or 'not given (--license)'}; the teacher's: "
+                                f"{p.get('teacher_license') or 'not stated by its model card'}"))
+    if info.get("job_lines"):
+        first, *rest = info["job_lines"]
+        rows.append(("job", first))
+        rows += [("", line) for line in rest]
+    if info.get("runs"):
+        running = len(info["job"]["running"]) if info.get("job") else 0
+        rows.append(("runs", f"{info['runs']} recorded in runs/" + (f" ({running} running or killed)" if running else "")))
+    rows += [("", f"warning: {w}") for w in info.get("run_warnings", [])]
+    return rows
 
 
 def count_answers(store: Store) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from potstill.settings import check_settings, setting
-from potstill.share.info import describe_targets, store_info
+from potstill.share.info import describe_targets, provenance_rows, store_info
 from potstill.store.errors import StoreError
 from potstill.store.fs import resolve, write_bytes
 from potstill.store.reader import Store, decode_hidden, open_store
@@ -487,6 +487,7 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
          + (f" ({info['duplicates']:,} duplicate rows, skipped by every reader)" if info["duplicates"] else "")),
         ("tokens", f"{info['tokens']:,} ({info['scored_tokens']:,} scored)"),
         ("bytes", info["sizes_line"]),
+        *provenance_rows(info),  # where it came from, how complete its job is (format §10)
     ]
     parts = [
         "<!DOCTYPE html>",

@@ -180,8 +180,10 @@ class JobRunner:
             self.queue.record_progress(job.id, p.already_done + p.records, p.already_done + p.total,
                                        tokens_before + p.tokens, rate)
 
+        # The store's run record names the job and its settings, not the service's own command line.
         summary = generate(config, should_stop=lambda: self._stop.is_set() or self._cancel.is_set(),
-                           on_progress=on_progress, preloaded=self.teacher.model)
+                           on_progress=on_progress, preloaded=self.teacher.model,
+                           command=["potstill", "serve", f"job {job.id}"])
         records = summary.already_done + summary.records
         tokens = tokens_before + summary.tokens
         if summary.stopped and not self._cancel.is_set():  # shutdown: resume first at the next start
