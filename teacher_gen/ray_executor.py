@@ -58,6 +58,7 @@ from potstill.teacher_gen.runner import (
     RecordBuilder,
     Run,
     check_backend,
+    close_run_record,
     load_teacher,
     load_tokenizer,
     make_job,
@@ -294,37 +295,17 @@ def generate_on_ray(config: GenerateConfig, *, phases: Phases | None = None,
     run = Run(config, None, on_progress, phases)
     if config.writer_id is None:
         run.summary.writer_id = f"ray-run-{secrets.token_hex(4)}"
-    started_ray = False
+    started_ray: list[bool] = []  # filled once this call started a local Ray instance (to stop it at the end)
     actors: list[Any] = []
     try:
-        tokenizer, _, _, _, encoded = run.prepare()
-        if run.store is not None:
-            if wait_for_block_writers(run.store, run.phases, run.claim.writer_id):  # (their leftovers were theirs)
-                run.summary.cleaned_leftovers += clean_leftovers(run.store, find_leftovers(run.store))
-            run.store.refresh()
-            encoded = run.skip_committed(encoded, run.store)
-        refuse_all_skipped(run, encoded)
-        if not encoded:
-            return run.finish([])
-        if on_progress is not None:
-            on_progress(Progress(0, run.total, 0, 0.0, run.summary.already_done))
-        run.phases.begin("start Ray")
-        started_ray = _connect(ray, config)
-        run.phases.begin("load teacher (on the actors)")
-        pool = ActorPool(ray, config)
-        actors = pool.actors
-        pool.wait_first_ready()
-        if run.store is None:
-            run.phases.begin("create store")
-            encoded = run.skip_committed(encoded, run.attach_store(tokenizer))
-        run.phases.end()
-        blocks = plan_blocks(config, encoded, block_records or config.shard_records)
-        commits = _dispatch(run, pool, blocks, stats if stats is not None else {}) if blocks else []
-        run.write_errors()
-        return run.finish(commits)
-    except BaseException:
+        summary = _generate_on_ray(ray, run, config, actors, started_ray, block_records, stats)
+    except BaseException as e:
         run.phases.end(failed=True)
+        close_run_record(run, None, e)
         raise
+    else:
+        close_run_record(run, summary, None)
+        return summary
     finally:
         if run.claim is not None:
             run.claim.release()
@@ -333,6 +314,36 @@ def generate_on_ray(config: GenerateConfig, *, phases: Phases | None = None,
                 ray.kill(actor, no_restart=True)
         if started_ray:
             ray.shutdown()
+
+
+def _generate_on_ray(ray: Any, run: Run, config: GenerateConfig, actors: list[Any], started_ray: list[bool],
+                     block_records: int | None, stats: dict[str, float] | None) -> GenerateSummary:
+    tokenizer, _, _, _, encoded = run.prepare()
+    if run.store is not None:
+        if wait_for_block_writers(run.store, run.phases, run.claim.writer_id):  # (their leftovers were theirs)
+            run.summary.cleaned_leftovers += clean_leftovers(run.store, find_leftovers(run.store))
+        run.store.refresh()
+        encoded = run.skip_committed(encoded, run.store)
+    refuse_all_skipped(run, encoded)
+    if not encoded:
+        return run.finish([])
+    if run.on_progress is not None:
+        run.on_progress(Progress(0, run.total, 0, 0.0, run.summary.already_done))
+    run.phases.begin("start Ray")
+    if _connect(ray, config):
+        started_ray.append(True)
+    run.phases.begin("load teacher (on the actors)")
+    pool = ActorPool(ray, config)
+    actors.extend(pool.actors)
+    pool.wait_first_ready()
+    if run.store is None:
+        run.phases.begin("create store")
+        encoded = run.skip_committed(encoded, run.attach_store(tokenizer))
+    run.phases.end()
+    blocks = plan_blocks(config, encoded, block_records or config.shard_records)
+    commits = _dispatch(run, pool, blocks, stats if stats is not None else {}) if blocks else []
+    run.write_errors()
+    return run.finish(commits)
 
 
 def _import_ray() -> Any:

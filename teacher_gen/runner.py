@@ -696,16 +696,24 @@ def generate(
         summary = _generate(run, config, preloaded)
     except BaseException as e:
         run.phases.end(failed=True)  # the error's line starts on a line of its own
-        finish_run_record(run.run_file, run.store, "failed", records=sum(c.records for c in run.failed_commits),
-                          error=e)
+        close_run_record(run, None, e)
         raise
     else:
-        finish_run_record(run.run_file, run.store, "stopped" if summary.stopped else "complete",
-                          records=summary.records, already_done=summary.already_done)
+        close_run_record(run, summary, None)
         return summary
     finally:
         if run.claim is not None:
             run.claim.release()
+
+
+def close_run_record(run: Run, summary: GenerateSummary | None, error: BaseException | None) -> None:
+    """Rewrite the run's record in the store with how it ended (every executor calls this once)."""
+    if summary is None:
+        finish_run_record(run.run_file, run.store, "failed", records=sum(c.records for c in run.failed_commits),
+                          error=error)
+    else:
+        finish_run_record(run.run_file, run.store, "stopped" if summary.stopped else "complete",
+                          records=summary.records, already_done=summary.already_done)
 
 
 def refuse_all_skipped(run: Run, encoded: list[tuple[Encoded, list[int]]]) -> None:

@@ -17,6 +17,7 @@ from genhelpers import config, popen_cli
 
 from potstill.store import open_store, verify_store
 from potstill.store.leases import WriterLease
+from potstill.store.provenance import read_runs
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.ray_executor import BLOCK_PREFIX, BlockWorker, generate_on_ray, plan_blocks
 from potstill.teacher_gen.runner import Run, generate
@@ -88,6 +89,12 @@ def test_records_are_the_local_executors_byte_for_byte(tmp_path, tiny_teacher_di
     assert a.manifest.hidden == b.manifest.hidden and a.manifest.teacher == b.manifest.teacher
     _assert_complete(on_ray, store_contents(local)[1])
     assert all(c.writer_id.startswith(BLOCK_PREFIX) for c in b.commits)
+    # The driver's run record says how it ended, and the job is complete by the store's own count.
+    runs = read_runs(b.fs, b.root).runs
+    assert [(r["writer_id"], r["state"], r["records"]) for r in runs] == [(got.writer_id, "complete", got.records)]
+    assert b.manifest.provenance["prompts"]["count"] == (N if mode == "score" else 10)
+    job = verify_store(on_ray).job
+    assert job is not None and job.complete and job.committed == job.expected == got.records
 
 
 def _killer(store: str, stop: threading.Event, killed: list[int]) -> None:
