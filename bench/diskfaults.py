@@ -35,12 +35,12 @@ from faultcampaigns import (
     FINAL,
     REPO,
     Outcome,
-    compare_records,
+    copy_invariants,
     count_entries,
     files_under,
-    repeated,
-    store_contents,
+    store_invariants,
     strays,
+    tally,
     verify_problems,
 )
 
@@ -152,34 +152,18 @@ def generate_trial(args: list[str], store: str, reference: dict[str, Any], fault
     shutil.rmtree(store, ignore_errors=True)
     for fault in faults:
         outcome = run_faulted(args, fault, store)
-        _judge(trial, fault, outcome, _store_checks(store, reference, fault.what, leftovers_allowed=True))
+        _judge(trial, fault, outcome, store_invariants(store, reference, fault.what, leftovers_allowed=True))
     final = run_faulted(args, DiskFault("none"), store)
     if final.returncode != 0:
         trial.violations.append(f"{FINAL}: exit {final.returncode}: {final.tail(3)}")
-    trial.violations += _store_checks(store, reference, FINAL, leftovers_allowed=False)
+    trial.violations += store_invariants(store, reference, FINAL, leftovers_allowed=False)
     trial.violations += [f"{FINAL}: {s} remains in the store" for s in strays(store)]
-    with contextlib.suppress(Exception):
-        ids, records = store_contents(store)
-        trial.lost = len(set(reference) - set(ids))
-        trial.doubled = len(ids) - len(set(ids))
-        trial.altered = sum(1 for rid, content in records.items() if reference.get(rid, content) != content)
+    trial.lost, trial.doubled, trial.altered = tally(store, reference)
     if trial.lost:
         trial.violations.append(f"{FINAL}: {trial.lost} record(s) missing")
     if any(v.startswith(FINAL) for v in trial.violations):
         trial.survived = 0
     return trial
-
-
-def _store_checks(store: str, reference: dict[str, Any], where: str, *, leftovers_allowed: bool) -> list[str]:
-    if not os.path.exists(os.path.join(store, "manifest.json")):
-        return [] if leftovers_allowed else [f"{where}: the store has no manifest"]
-    try:
-        ids, records = store_contents(store)
-    except Exception as e:
-        return [f"{where}: the store does not open: {type(e).__name__}: {e}"]
-    problems = [f"{where}: record {rid!r} is committed more than once" for rid in repeated(ids)]
-    problems += compare_records(records, reference, where)
-    return problems + verify_problems(store, where, leftovers_allowed=leftovers_allowed)
 
 
 def copy_trial(source: str, dest: str, faults: list[DiskFault], name: str) -> DiskTrial:
@@ -191,7 +175,7 @@ def copy_trial(source: str, dest: str, faults: list[DiskFault], name: str) -> Di
     args = ["store", "copy", source, dest]
     for fault in faults:
         outcome = run_faulted(args, fault, dest)
-        _judge(trial, fault, outcome, _copy_checks(dest, want, fault.what))
+        _judge(trial, fault, outcome, copy_invariants(dest, want, fault.what))
     final = run_faulted(args, DiskFault("none"), dest)
     if final.returncode != 0:
         trial.violations.append(f"{FINAL}: exit {final.returncode}: {final.tail(3)}")
@@ -205,24 +189,6 @@ def copy_trial(source: str, dest: str, faults: list[DiskFault], name: str) -> Di
     if any(v.startswith(FINAL) for v in trial.violations):
         trial.survived = 0
     return trial
-
-
-def _copy_checks(dest: str, want: dict[str, bytes], where: str) -> list[str]:
-    from potstill.store import open_store
-
-    if not os.path.exists(os.path.join(dest, "manifest.json")):
-        return []
-    try:
-        store = open_store(dest)
-    except Exception as e:
-        return [f"{where}: the destination does not open: {type(e).__name__}: {e}"]
-    problems = []
-    for commit in store.commits:
-        for rel in [f"commits/{commit.shard}.json"] + [f.path for f in commit.files]:
-            with open(os.path.join(dest, rel), "rb") as f:
-                if f.read() != want.get(rel):
-                    problems.append(f"{where}: committed {rel} differs from the source")
-    return problems + verify_problems(dest, where, leftovers_allowed=True)
 
 
 def export_trial(store: str, to: str, reference: bytes, fsize: int, name: str) -> DiskTrial:

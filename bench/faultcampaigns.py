@@ -34,7 +34,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILLPOINTS = os.path.join(REPO, "bench", "killpoints.py")
 # One torch thread per process: frugal on a shared machine, and the same arithmetic in every run.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": REPO}
+       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
 POLL_S = 0.003
 FINAL = "after the final run"
 
@@ -203,6 +204,18 @@ def compare_records(got: dict[str, Any], want: dict[str, Any], where: str) -> li
     return problems
 
 
+def tally(url: str, reference: dict[str, Any]) -> tuple[int, int, int]:
+    """(lost, doubled, altered) of the store at `url` against `reference` (id -> exact content): the
+    reference's records it lacks, committed records beyond the first of each id, records that differ.
+    A store that does not open (its checks say why) has lost every record."""
+    try:
+        ids, records = store_contents(url)
+    except Exception:
+        return len(reference), 0, 0
+    altered = sum(1 for rid, content in records.items() if reference.get(rid, content) != content)
+    return len(set(reference) - set(ids)), len(ids) - len(set(ids)), altered
+
+
 def repeated(ids: list[str]) -> list[str]:
     seen: set[str] = set()
     return sorted({i for i in ids if i in seen or seen.add(i)})
@@ -274,16 +287,22 @@ def _pick(rng: random.Random, low: int, high: int) -> int:
 
 
 # -- generate --------------------------------------------------------------------------------------
-def generate_args(teacher: str, prompts: str, store: str) -> list[str]:
-    """Small shards, two writer threads, hidden layers with small chunks (so that chunk files are
-    written in the middle of a shard), one record per forward batch (so that a record's bytes do not
-    depend on which other records share its batch)."""
-    return ["generate", "--teacher", teacher, "--prompts", prompts, "--out", store, "--device", "cpu",
-            "--shard-records", "2", "--writer-threads", "2", "--batch-tokens", "1", "--hidden-layers", "0,-1",
-            "--hidden-chunk-tokens", "8", "--targets", "topk", "--top-k", "8", "--no-progress"]
+def generate_args(teacher: str, prompts: str, store: str, backend: str = "hf") -> list[str]:
+    """Small shards, two writer threads, top-k targets. The HF backend: hidden layers with small chunks
+    (so that chunk files are written in the middle of a shard), one record per forward batch (so that
+    a record's bytes do not depend on which other records share its batch). vLLM captures no hidden
+    states and schedules its own batches."""
+    common = ["generate", "--teacher", teacher, "--prompts", prompts, "--out", store, "--shard-records", "2",
+              "--writer-threads", "2", "--targets", "topk", "--top-k", "8", "--no-progress"]
+    if backend == "vllm":
+        return [*common, "--backend", "vllm", "--dtype", "float32"]
+    return [*common, "--device", "cpu", "--batch-tokens", "1", "--hidden-layers", "0,-1", "--hidden-chunk-tokens", "8"]
 
 
 GENERATE_POINTS = ("hidden-chunk", "shard-files", "commit-record", "after-commit", "lease")
+# vLLM captures no hidden states: no chunk files, and no hidden-state shard whose finish marks a
+# shard's files whole (the commit record's kill point comes right after its records file instead)
+VLLM_GENERATE_POINTS = tuple(p for p in GENERATE_POINTS if p not in ("hidden-chunk", "shard-files"))
 
 
 @dataclass
@@ -324,40 +343,39 @@ def generate_trigger(rng: random.Random, kind: str, store: str, remaining: int, 
     return Trigger(f"kill point #{nth} {words}", point=kind, nth=nth)
 
 
-def generate_reference(teacher: str, prompts: str, workdir: str) -> GenerateReference:
+def generate_reference(teacher: str, prompts: str, workdir: str, backend: str = "hf") -> GenerateReference:
     store = os.path.join(workdir, "reference.store")
-    _, span = timed(generate_args(teacher, prompts, store), new_entry(os.path.join(store, "writers"), _writer_lease),
-                    "reference generate")
+    _, span = timed(generate_args(teacher, prompts, store, backend),
+                    new_entry(os.path.join(store, "writers"), _writer_lease), "reference generate")
     ids, records = store_contents(store)
     assert len(ids) == len(set(ids)) == len(records) > 0
     return GenerateReference(records, span)
 
 
 def generate_campaign(teacher: str, prompts: str, workdir: str, kinds: list[str], seed: int,
-                      reference: GenerateReference | None = None,
-                      log: Callable[[str], None] | None = None) -> tuple[Campaign, GenerateReference]:
-    """Kill `potstill generate` once per entry of `kinds` ("delay", "commits", "manifest" or a kill
-    point of GENERATE_POINTS), rerunning the same command each time, then once more without a kill.
-    Returns the campaign and the reference run (pass it back in to reuse it)."""
+                      reference: GenerateReference | None = None, log: Callable[[str], None] | None = None,
+                      backend: str = "hf") -> tuple[Campaign, GenerateReference]:
+    """Kill `potstill generate --backend BACKEND` once per entry of `kinds` ("delay", "commits",
+    "manifest" or a kill point of GENERATE_POINTS; VLLM_GENERATE_POINTS for vLLM), rerunning the same
+    command each time, then once more without a kill. Returns the campaign and the reference run
+    (pass it back in to reuse it)."""
     rng = random.Random(seed)
-    campaign = Campaign("generate")
-    reference = reference or generate_reference(teacher, prompts, workdir)
+    campaign = Campaign("generate" if backend == "hf" else f"generate --backend {backend}")
+    reference = reference or generate_reference(teacher, prompts, workdir, backend)
     store = os.path.join(workdir, f"killed-{seed}.store")
-    args = generate_args(teacher, prompts, store)
+    args = generate_args(teacher, prompts, store, backend)
     for kind in kinds:
         remaining = len(set(reference.records) - set(_committed_ids(store)))
         trigger = generate_trigger(rng, kind, store, remaining, reference)
         campaign.kill(args, trigger, log, store)
-        campaign.violations += _generate_invariants(store, reference.records, campaign.where(), leftovers_allowed=True)
+        campaign.violations += store_invariants(store, reference.records, campaign.where(), leftovers_allowed=True)
         campaign.checks += 1
     campaign.final = run_potstill(args)
     where = FINAL
     if campaign.final.returncode != 0:
         campaign.violations.append(f"{where}: exit {campaign.final.returncode}: {campaign.final.tail(3)}")
-    campaign.violations += _generate_invariants(store, reference.records, where, leftovers_allowed=False)
-    ids = _committed_ids(store)
-    campaign.lost = len(set(reference.records) - set(ids))
-    campaign.doubled = len(ids) - len(set(ids))
+    campaign.violations += store_invariants(store, reference.records, where, leftovers_allowed=False)
+    campaign.lost, campaign.doubled, _ = tally(store, reference.records)  # (altered: violations above)
     if campaign.lost:
         campaign.violations.append(f"{where}: {campaign.lost} record(s) of the reference run are missing")
     campaign.violations += [f"{where}: {s} remains in the store" for s in strays(store)]
@@ -370,7 +388,7 @@ def _committed_ids(store: str) -> list[str]:
     return store_contents(store)[0]
 
 
-def _generate_invariants(store: str, reference: dict[str, Any], where: str, *, leftovers_allowed: bool) -> list[str]:
+def store_invariants(store: str, reference: dict[str, Any], where: str, *, leftovers_allowed: bool) -> list[str]:
     """What is committed is exactly what the reference run wrote, each record once; the store verifies."""
     if not os.path.exists(os.path.join(store, "manifest.json")):
         return [] if leftovers_allowed else [f"{where}: the store has no manifest"]
@@ -450,7 +468,7 @@ def copy_campaign(source: str, workdir: str, kinds: list[str], seed: int,
     for kind in kinds:
         trigger = copy_trigger(rng, kind, source, dest, span)
         campaign.kill(args, trigger, log, dest)
-        campaign.violations += _copy_invariants(source, dest, want, campaign.where())
+        campaign.violations += copy_invariants(dest, want, campaign.where())
         campaign.checks += 1
     campaign.final = run_potstill(args)
     where = FINAL
@@ -471,7 +489,7 @@ def copy_campaign(source: str, workdir: str, kinds: list[str], seed: int,
     return campaign
 
 
-def _copy_invariants(source: str, dest: str, want: dict[str, bytes], where: str) -> list[str]:
+def copy_invariants(dest: str, want: dict[str, bytes], where: str) -> list[str]:
     """Every commit record at the destination is the source's, and every file it names is the
     source's, byte for byte (a reader never sees a half-copied shard); the destination verifies."""
     from potstill.store import open_store

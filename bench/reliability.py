@@ -12,10 +12,11 @@ kills     `kill -9` of `potstill generate` (HF backend, tiny random teacher, hid
           and the campaign ended identical to the reference with nothing left behind. Also from
           outside: `store export` (the file absent or whole after each kill, the rerun's equal to an
           uninterrupted export's) and `potstill serve` mid-job (bench/servefaults.py: restarted on its
-          state, the job finishes once, one attempt per kill, its store the reference's), and
+          state, the job finishes once, one attempt per kill, its store the reference's),
           `generate --executor ray` (bench/rayfaults.py: its driver killed at a seeded delay after its
           first commit, then the rerun's actor killed mid-block, Ray restarting it: every record the
-          local executor's, once, nothing left behind).
+          local executor's, once, nothing left behind), and, where vllm is installed,
+          `generate --backend vllm` (`vllm`: its kill points and from outside).
 disk      bench/diskfaults.py: `generate`, `store copy` and `store export` under a full disk
           (`RLIMIT_FSIZE`, seeded sizes: while the store is created and mid-shard) or with the store's
           shards/ or commits/ folder made read-only after a seeded number of commits; each run fails
@@ -44,11 +45,13 @@ trial, so one reruns alone: `--only bytes --trial 17 --seed 2026`.
     python bench/reliability.py                    # the full run, about 30 minutes on 2 cores
     python bench/reliability.py --quick            # a smoke run, a few minutes
     python bench/reliability.py --only flips,prompts --json reliability.json
+    .venv-vllm/bin/python bench/reliability.py --only vllm    # (a Python where vllm is installed)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -71,6 +74,7 @@ from faultcampaigns import (
     GENERATE_POINTS,
     REPO,
     TRAIN_POINTS,
+    VLLM_GENERATE_POINTS,
     Campaign,
     TrainSetup,
     build_copy_source,
@@ -169,6 +173,32 @@ def kill_generate(ctx: dict[str, Any], kills: int, seed: int, only_round: int | 
     campaigns = until_landed(kills, kind_rounds(["delay", "commits", *GENERATE_POINTS], 6, first=("manifest",)), one,
                              only_round)
     return campaign_row("kill -9 of `potstill generate`", campaigns)
+
+
+def kill_generate_vllm(ctx: dict[str, Any], kills: int, seed: int, only_round: int | None = None) -> Row:
+    """The generate campaign with `--backend vllm` (run with a Python where vllm is installed): the
+    store's kill points (not the hidden-state chunk: vLLM captures none) and kills from outside, which
+    land in the engine's start-up too. Each run starts the engine afresh (tens of seconds)."""
+    from transformers import AutoTokenizer
+
+    workdir = os.path.join(ctx["work"], "kill-generate-vllm")
+    os.makedirs(workdir)
+    # (attention heads of width 32: the smallest vLLM's CPU attention runs)
+    teacher = os.path.join(workdir, "teacher")
+    build_llama(teacher, len(AutoTokenizer.from_pretrained(ctx["tokenizer"])), hidden=64, layers=2, heads=2, seed=1,
+                tokenizer_dir=ctx["tokenizer"])
+    reference = None
+
+    def one(number: int, kinds: list[str]) -> Campaign:
+        nonlocal reference
+        campaign, reference = generate_campaign(teacher, ctx["prompts"], workdir, kinds,
+                                                round_seed(seed, "kill-generate-vllm", number), reference, log=say,
+                                                backend="vllm")
+        return campaign
+
+    campaigns = until_landed(kills, kind_rounds(["delay", "commits", *VLLM_GENERATE_POINTS], 5, first=("manifest",)),
+                             one, only_round)
+    return campaign_row("kill -9 of `potstill generate --backend vllm`", campaigns)
 
 
 def kill_copy(ctx: dict[str, Any], kills: int, seed: int, shards: int, only_round: int | None = None) -> Row:
@@ -668,7 +698,8 @@ def prepare(work: str, seed: int) -> dict[str, Any]:
     made = run_potstill(generate_args(teacher, prompts, train_store))
     if made.returncode != 0:
         raise SystemExit(f"could not generate the store: {made.tail()}")
-    return {"work": work, "teacher": teacher, "student": student, "prompts": prompts, "train_store": train_store}
+    return {"work": work, "tokenizer": tok, "teacher": teacher, "student": student, "prompts": prompts,
+            "train_store": train_store}
 
 
 def table(rows: list[Row]) -> str:
@@ -685,8 +716,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few of each, to check the script runs")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--only", default="kills,disk,s3,clash,flips,bytes,prompts",
-                        help="kills (export, serve, ray among them), export, serve, ray, disk, s3, clash, flips, bytes, "
-                             "prompts (comma separated)")
+                        help="kills (export, serve, ray and, where vllm is installed, vllm among them), export, "
+                        "serve, ray, vllm, disk, s3, clash, flips, bytes, prompts (comma separated)")
     parser.add_argument("--clash-trials", type=int, default=3, help="pairs of runs sharing one --writer-id")
     parser.add_argument("--trial", type=int, help="rerun trial N of each campaign of --only alone (a kill round, "
                         "a damaged copy of each kind, a byte-damage trial), as the table's failures name them")
@@ -697,6 +728,7 @@ def main() -> None:
     parser.add_argument("--export-kills", type=int, default=8)
     parser.add_argument("--serve-kills", type=int, default=6)
     parser.add_argument("--ray-kills", type=int, default=8, help="kills of generate --executor ray (driver, actor)")
+    parser.add_argument("--vllm-kills", type=int, default=8, help="kills of `generate --backend vllm`")
     parser.add_argument("--disk-trials", type=int, default=3, help="trials of each disk fault row, two faults each")
     parser.add_argument("--s3-trials", type=int, default=2, help="trials of each S3 row, two faulted runs each")
     parser.add_argument("--copy-shards", type=int, default=120)
@@ -707,7 +739,7 @@ def main() -> None:
     if args.quick:
         args.generate_kills, args.copy_kills, args.train_kills, args.copy_shards, args.flip_trials = 5, 5, 2, 30, 1
         args.bytes_files, args.clash_trials, args.export_kills, args.disk_trials = 2, 1, 2, 1
-        args.s3_trials, args.serve_kills, args.ray_kills = 1, 2, 2
+        args.s3_trials, args.serve_kills, args.ray_kills, args.vllm_kills = 1, 2, 2, 2
     only = set(args.only.split(","))
     started = time.monotonic()
     say(f"seed {args.seed}")
@@ -725,6 +757,8 @@ def main() -> None:
             rows.append(kill_serve(ctx, args.serve_kills, args.seed, args.trial))
         if only & {"kills", "ray"}:
             rows.append(kill_ray(ctx, args.ray_kills, args.seed, args.trial))
+        if "vllm" in only or ("kills" in only and importlib.util.find_spec("vllm") is not None):
+            rows.append(kill_generate_vllm(ctx, args.vllm_kills, args.seed, args.trial))
         if "disk" in only:
             rows += disk_faults(ctx, args.disk_trials, args.seed, args.trial)
         if "s3" in only:

@@ -15,7 +15,6 @@ Shared by bench/reliability.py (the `s3` campaign) and tests/test_s3_faults.py.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import http.server
 import json
@@ -33,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diskfaults import one_line_refusal
-from faultcampaigns import ENV, FINAL, REPO, Outcome, compare_records, repeated, store_contents
+from faultcampaigns import ENV, FINAL, REPO, Outcome, compare_records, repeated, store_contents, tally
 
 FAULTS = ("500", "503 SlowDown", "timeout", "drop before", "drop after")
 # botocore's read timeout for these runs (FSSPEC_S3 in `client_env`): a held request outlasts it
@@ -227,14 +226,15 @@ def run_through(args: list[str], endpoint: str, timeout: float = 600) -> Outcome
 
 
 def s3_trial(s3: S3Server, args: list[str], url: str, reference: dict[str, Any], rng: random.Random, name: str,
-             faulted_runs: int = 2) -> S3Trial:
+             faulted_runs: int = 2, rates: tuple[float, float] = (0.05, 0.4)) -> S3Trial:
     """`potstill ARGS` (writing the store `url`) through a fault proxy `faulted_runs` times, each at a
-    seeded fault rate (5-40% of requests), then once straight to S3: the store must end holding every
-    record of `reference` once, byte for byte, and verify with nothing left behind. A faulted run
+    seeded fault rate (drawn from `rates`, a share of the requests), then once straight to S3: the
+    store must end holding every record of `reference` once, byte for byte, and verify with nothing
+    left behind. A faulted run
     may give up, in one line; after it what is committed must be the reference's, each once."""
     trial = S3Trial(name)
     for number in range(faulted_runs):
-        proxy = FaultProxy(s3.endpoint, seed=rng.randrange(1 << 31), rate=rng.uniform(0.05, 0.4))
+        proxy = FaultProxy(s3.endpoint, seed=rng.randrange(1 << 31), rate=rng.uniform(*rates))
         endpoint = proxy.start()
         try:
             outcome = run_through(args, endpoint)
@@ -253,11 +253,7 @@ def s3_trial(s3: S3Server, args: list[str], url: str, reference: dict[str, Any],
     if final.returncode != 0:
         trial.violations.append(f"{FINAL}: exit {final.returncode}: {final.tail(3)}")
     trial.violations += store_checks(url, reference, FINAL, leftovers_allowed=False)
-    with contextlib.suppress(Exception):
-        ids, records = store_contents(url)
-        trial.lost = len(set(reference) - set(ids))
-        trial.doubled = len(ids) - len(set(ids))
-        trial.altered = sum(1 for rid, content in records.items() if reference.get(rid, content) != content)
+    trial.lost, trial.doubled, trial.altered = tally(url, reference)
     if trial.lost:
         trial.violations.append(f"{FINAL}: {trial.lost} record(s) missing")
     trial.survived = 0 if trial.violations else trial.injected

@@ -24,12 +24,10 @@ from faultcampaigns import (
     ENV,
     FINAL,
     REPO,
-    compare_records,
     count_entries,
-    repeated,
-    store_contents,
+    store_invariants,
     strays,
-    verify_problems,
+    tally,
 )
 
 # The job's settings: those of faultcampaigns.generate_args, so that its records equal that run's.
@@ -129,7 +127,8 @@ def serve_round(teacher: str, prompts: str, workdir: str, reference: dict[str, A
         if log is not None:
             log(f"  serve {name} kill {len(result.kills)}: {what}")
         if os.path.exists(os.path.join(store, "manifest.json")):
-            result.violations += _store_checks(store, reference, f"after kill {len(result.kills)}", leftovers=True)
+            result.violations += store_invariants(store, reference, f"after kill {len(result.kills)}",
+                                                  leftovers_allowed=True)
         service = start(teacher, state, workdir)
     deadline = time.monotonic() + 600
     status: dict[str, Any] = {}
@@ -149,13 +148,11 @@ def serve_round(teacher: str, prompts: str, workdir: str, reference: dict[str, A
         result.violations.append(f"{FINAL}: the job counts {status.get('records_done')} records of {len(reference)}")
     elif status.get("attempts") != len(result.kills) + 1:
         result.violations.append(f"{FINAL}: {status.get('attempts')} attempts after {len(result.kills)} kills")
-    result.violations += _store_checks(store, reference, FINAL, leftovers=False)
+    result.violations += store_invariants(store, reference, FINAL, leftovers_allowed=False)
     result.violations += [f"{FINAL}: {s} remains in the store" for s in strays(store)]
-    with contextlib.suppress(Exception):
-        ids, records = store_contents(store)
-        result.lost = len(set(reference) - set(ids))
-        result.doubled = len(ids) - len(set(ids))
-        result.altered = sum(1 for rid, content in records.items() if reference.get(rid, content) != content)
+    result.lost, result.doubled, result.altered = tally(store, reference)
+    if result.lost:
+        result.violations.append(f"{FINAL}: {result.lost} record(s) missing")
     return result
 
 
@@ -166,15 +163,3 @@ def _job(url: str, job: str) -> dict[str, Any]:
         return httpx.get(f"{url}/jobs/{job}", timeout=10).json()
     except (httpx.TransportError, ValueError):
         return {}
-
-
-def _store_checks(store: str, reference: dict[str, Any], where: str, *, leftovers: bool) -> list[str]:
-    try:
-        ids, records = store_contents(store)
-    except Exception as e:
-        return [f"{where}: the store does not open: {type(e).__name__}: {e}"]
-    problems = [f"{where}: record {rid!r} is committed more than once" for rid in repeated(ids)]
-    problems += compare_records(records, reference, where)
-    if not leftovers and len(set(ids)) != len(reference):
-        problems.append(f"{where}: {len(reference) - len(set(ids))} record(s) missing")
-    return problems + verify_problems(store, where, leftovers_allowed=leftovers)

@@ -17,9 +17,8 @@ compact coding of sampled draws (§4.3.2).
   by their place in the store's frequency order (`IdOrder`) and stored as Rice-coded gaps with a
   parameter per part and rank bucket, counts Elias-gamma-coded; each code split into a fixed-width
   stream and a unary stream so that decoding stays vectorised. The writer codes a shard's records
-  with the compiled coder (`encode_sampled_compact_many`, `store.encode_kernels`); the numpy
-  one-record coders below (`pack_varbits`, `pack_unary`, `_gamma_stream`, `_rice_k`) are the
-  reference the tests check it and the decoders against.
+  with the compiled coder (`encode_sampled_compact_many`, `store.encode_kernels`); the tests check
+  it and the decoders against numpy one-record coders of their own (the reference).
 
 Nothing here knows about Arrow: `records.py` stores the byte strings these functions make.
 """
@@ -252,16 +251,11 @@ def check_sampled(t: SampledTargets, positions: int, samples: int, vocab: int, w
 
 
 # -- packed layouts ----------------------------------------------------------------------------------
-def encode_sampled(t: SampledTargets, id_bits: int, count_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids stream, counts stream) of a record's sampled targets; positions are implicit (below)."""
-    return pack_bits(t.ids, id_bits), pack_bits(t.counts, count_bits)
-
-
 def decode_sampled(
     ids_data: np.ndarray, counts_data: np.ndarray, entries: int, positions: int, samples: int, id_bits: int,
     count_bits: int, where: str = "packed sampled targets",
 ) -> SampledTargets:
-    """Inverse of `encode_sampled`. Position boundaries need no storage: counts are ≥ 1 and each
+    """Inverse of the packing (`pack_bits`) of ids and counts. Position boundaries need no storage: counts are ≥ 1 and each
     position's sum to N, so the running sum of counts equals a multiple of N exactly at the last
     entry of every position."""
     ids = unpack_bits(ids_data, entries, id_bits).astype(np.int32)
@@ -287,8 +281,8 @@ def _split_positions(counts: np.ndarray, entries: int, positions: int, samples: 
 
 def encode_topk_many(ids: np.ndarray, logprobs: np.ndarray, positions: np.ndarray, id_bits: int, q: LogprobQuantizer
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`encode_topk` of many records at once: [P, K] ids and log-probs (float16 or float32) of the records'
-    positions end to end (record r's: `positions[r]` rows) -> (ids data, ids offsets, log-prob data,
+    """The packed top-k streams of many records at once: [P, K] ids and log-probs (float16 or float32)
+    of the records' positions end to end (record r's: `positions[r]` rows) -> (ids data, ids offsets, log-prob data,
     log-prob offsets)."""
     from potstill.store import encode_kernels as ek
 
@@ -303,14 +297,6 @@ def encode_logprobs_many(logprobs: np.ndarray, counts: np.ndarray, q: LogprobQua
     from potstill.store import encode_kernels as ek
 
     return _pack_many(np.asarray(logprobs).reshape(-1), counts, q.bits, ek.LOGPROBS, q)
-
-
-def encode_topk(ids: np.ndarray, logprobs: np.ndarray, id_bits: int, q: LogprobQuantizer) -> tuple[np.ndarray, np.ndarray]:
-    """(ids stream, log-prob codes stream) of [S, K] top-k targets; an empty slot (id −1) stores id 0
-    and log-prob code 0 (−inf), which is how it is recognised on reading."""
-    lp = np.asarray(logprobs, dtype=np.float32)
-    ids = np.where(np.asarray(ids) < 0, 0, ids)
-    return pack_bits(ids, id_bits), pack_bits(q.encode(lp), q.bits)
 
 
 def decode_topk(
@@ -330,42 +316,6 @@ def decode_topk(
 # and the counts Elias-gamma-coded, each split into a fixed-width stream and a unary stream so that
 # encoding stays vectorised (no per-entry bit loop); the decoder is compiled (`store.kernels`).
 MAX_RICE_K = 31
-
-
-def pack_varbits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """Value i in `widths[i]` bits (0..MAX_BITS, 0 stores nothing), concatenated least significant
-    bit first into bytes, as `pack_bits` does with one width."""
-    v = np.asarray(values).reshape(-1).astype(np.uint64)
-    w = np.asarray(widths).reshape(-1).astype(np.int64)
-    if len(v) == 0 or int(w.max(initial=0)) == 0:
-        return np.zeros(0, dtype=np.uint8)
-    top = int(w.max())
-    planes = ((v[:, None] >> np.arange(top, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(planes[np.arange(top)[None, :] < w[:, None]], bitorder="little")
-
-
-def pack_unary(values: np.ndarray) -> np.ndarray:
-    """Each value q as q zero bits and a one, concatenated least significant bit first."""
-    q = np.asarray(values, dtype=np.int64).reshape(-1)
-    bits = np.zeros(int(q.sum()) + len(q), dtype=np.uint8)
-    bits[np.cumsum(q + 1) - 1] = 1
-    return np.packbits(bits, bitorder="little")
-
-
-def _rice_k(gaps: np.ndarray) -> int:
-    """The Rice parameter that codes `gaps` in the fewest bits: Σ (k + 1 + gap >> k), smallest k on ties."""
-    if len(gaps) == 0:
-        return 0
-    g = gaps.astype(np.uint64)
-    costs = [len(g) * (k + 1) + int((g >> np.uint64(k)).sum()) for k in range(int(g.max()).bit_length() + 1)]
-    return int(np.argmin(costs))
-
-
-def _gamma_stream(counts: np.ndarray) -> np.ndarray:
-    """The counts in Elias gamma, split in two: L = bit_length(count) − 1 for every count in unary
-    (padded to a whole byte), then each count's low L bits (`pack_varbits`)."""
-    lengths = np.floor(np.log2(counts)).astype(np.int64) if len(counts) else np.zeros(0, dtype=np.int64)
-    return np.concatenate([pack_unary(lengths), pack_varbits(counts - (1 << lengths), lengths)])
 
 
 RANK_BUCKETS = 8  # compact: Rice parameters per record, one for each eighth of a position's ids
@@ -432,30 +382,6 @@ class IdOrder:
         return np.where(ranks < m, self.listed[np.minimum(ranks, m - 1)], n + np.searchsorted(self.below, n, side="right"))
 
 
-def _within(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row, j) of every entry of a CSR layout: its position and its index within the position."""
-    offsets = np.asarray(offsets, dtype=np.int64)
-    d = np.diff(offsets)
-    row = np.repeat(np.arange(len(d)), d)
-    return row, np.arange(int(offsets[-1])) - offsets[:-1][row]
-
-
-def _rank_bucket(offsets: np.ndarray, buckets: int, within: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Each entry's bucket by its rank among its position's entries: min(B·j // d, B − 1) for the
-    j-th smallest of d (`within`: `_within(offsets)`, when known). Gaps are small among the first
-    places of an id order (a tokenizer's low ids, or the listed frequent tokens) and large above
-    them, so each bucket gets its own Rice parameter."""
-    row, j = within if within is not None else _within(offsets)
-    return np.minimum(buckets * j // np.maximum(np.diff(offsets)[row], 1), buckets - 1)
-
-
-def _gaps(offsets: np.ndarray, places: np.ndarray) -> np.ndarray:
-    """Gaps of places that rise within each position: place − previous − 1 (the first: its place)."""
-    first = np.zeros(len(places), dtype=bool)
-    first[offsets[:-1][np.diff(offsets) > 0]] = True
-    return places - np.where(first, -1, np.roll(places, 1)) - 1
-
-
 def _csr(lengths: np.ndarray) -> np.ndarray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -469,11 +395,11 @@ def encode_sampled_compact(t: SampledTargets, id_order: IdOrder | None = None,
     Each position's entries are split into its **head** (count ≥ 2) and its **tail** (count 1:
     most entries, whose counts then cost nothing), and ids are replaced by their place in the
     store's `id_order` (identity without one). Each part is kept in ascending place order and coded
-    as gaps, with a Rice parameter per part and rank bucket (`_rank_bucket`).
+    as gaps, with a Rice parameter per part and rank bucket (min(B·j // d, B − 1) for the j-th smallest of a part's d).
     - counts stream: every position's head size h + 1, then the head counts − 1, each in Elias
-      gamma (`_gamma_stream`). A position's tail size is N − the sum of its head counts.
+      gamma (each split into lengths in unary, byte-padded, then low bits). A position's tail size is N − the sum of its head counts.
     - ids stream: one byte B, B bytes (the head's parameters), B bytes (the tail's), the low bits
-      of the head's gaps then the tail's (`pack_varbits`, padded to a whole byte), then their
+      of the head's gaps then the tail's (least significant bit first, padded to a whole byte), then their
       quotients in unary, in the same order.
     """
     places = id_order.rank(t.ids) if id_order is not None else t.ids.astype(np.int64)

@@ -76,7 +76,7 @@ def _bits_at(data: np.ndarray, bit: int, width: int, end: int) -> int:
 
 @_jit
 def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> int:
-    """`count` Elias-gamma values of a `_gamma_stream` at byte `start` into out[:count]: the lengths in
+    """`count` Elias-gamma values of a counts stream at byte `start` into out[:count]: the lengths in
     unary, byte-padded, then the low bits. The byte after them, or -1 where the stream cannot be
     one (too short, a length above 16). The lengths through a bit buffer, the low bits at a bit
     position, as the ids' Rice codes are read (`_compact_record`)."""

@@ -330,10 +330,6 @@ class Store:
         ids = list(ids)
         return contained(ids, id_keys(ids), self.id_index())
 
-    def committed_ids(self) -> set[str]:
-        """Every committed id (a set of every id: for small stores and tests; resume uses `committed_mask`)."""
-        return set(self.id_index().ids().to_pylist())
-
     # -- duplicates ---------------------------------------------------------------------------
     def duplicates(self, shards: list[str] | None = None) -> dict[str, list[tuple[int, str]]]:
         """Ids stored more than once among `shards` (default: every committed shard). Ids are unique

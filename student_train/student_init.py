@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -385,19 +383,13 @@ def init_student(cfg: StudentInitConfig, log: Any = None) -> InitReport:
 
 
 def _save(out: str, student: Any, tokenizer: Any, report: InitReport) -> None:
-    """Write the folder next to `out` and rename it into place: it appears whole or not at all."""
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".student-init-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder is an ordinary model folder
-    try:
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, REPORT_FILE), "w", encoding="utf-8") as f:
+    """The student's folder, whole or not at all."""
+    from potstill.folders import write_folder
+
+    def fill(folder: str) -> None:
+        student.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, REPORT_FILE), "w", encoding="utf-8") as f:
             json.dump(report.to_dict(), f, indent=2)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked): the rename needs the name free
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(out, fill, prefix=".student-init-")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from potstill.teacher_gen.errors import GenerateError
@@ -84,18 +82,13 @@ def convert_gguf(path: str, out_dir: str, dtype: str = "float32") -> str:
         raise GenerateError(f"GGUF file {path}: its weights do not fit a {type(model).__name__} "
                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.generation_config = loaded.generation_config
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".gguf-convert-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder is an ordinary model folder
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    from potstill.folders import write_folder
+
+    def fill(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_folder(out_dir, fill, prefix=".gguf-convert-")
 
 
 def _first_line(e: BaseException) -> str:

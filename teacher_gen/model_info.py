@@ -67,13 +67,20 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 PROBE_SECONDS = 2.0
 
 
+_USABLE: set[tuple[str, str | None]] = set()  # (teacher, revision) found usable in this process
+
+
 def check_hub_teacher(name: str, revision: str | None = None, error: type[Exception] = GenerateError) -> None:
     """Refuse at once, in one line, a hub teacher that is not in the local cache when the hub cannot be
     reached (`HF_HUB_OFFLINE`, or no connection): the hub client would otherwise retry for half a minute.
 
     When the hub cannot be reached but the teacher is cached, offline mode is switched on for this
-    process, so that every later load reads the cache without trying the network first."""
+    process, so that every later load reads the cache without trying the network first. A teacher
+    found usable is not probed again in this process (the command checks before its start-up
+    phases, the runner again for callers of the library)."""
     if os.path.exists(name) or not _HUB_ID.match(name) or name.lower().endswith(".gguf"):
+        return
+    if (name, revision or None) in _USABLE:
         return
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -83,13 +90,12 @@ def check_hub_teacher(name: str, revision: str | None = None, error: type[Except
     if constants.HF_HUB_OFFLINE:
         if not cached:
             raise error(f"{missing}, and HF_HUB_OFFLINE is set: {fix}, or unset HF_HUB_OFFLINE")
-        return
-    if _behind_proxy() or _reachable(constants.ENDPOINT):
-        return
-    if not cached:
-        raise error(f"{missing}, and {constants.ENDPOINT} cannot be reached: {fix}")
-    constants.HF_HUB_OFFLINE = True  # what the hub client reads before each request
-    os.environ["HF_HUB_OFFLINE"] = "1"  # and the processes this one starts
+    elif not (_behind_proxy() or _reachable(constants.ENDPOINT)):
+        if not cached:
+            raise error(f"{missing}, and {constants.ENDPOINT} cannot be reached: {fix}")
+        constants.HF_HUB_OFFLINE = True  # what the hub client reads before each request
+        os.environ["HF_HUB_OFFLINE"] = "1"  # and the processes this one starts
+    _USABLE.add((name, revision or None))
 
 
 def _behind_proxy() -> bool:

@@ -1,6 +1,8 @@
-"""The numpy decoder of the compact codec (format §4.3.2), kept as the reference the compiled one
-(`store.kernels.compact_sampled`, behind `store.codec.decode_sampled_compact`) is tested against: a
-different way to the same targets, vectorised over whole streams, with the inverses of the packers."""
+"""The numpy reference coders the compiled ones are tested against: the decoder of the compact codec
+(format §4.3.2; the compiled one is `store.kernels.compact_sampled`, behind
+`store.codec.decode_sampled_compact`), a different way to the same targets, vectorised over whole
+streams, with the inverses of the packers; and the one-record encoders of the packed and compact
+layouts (the writer codes a shard's records at once with `store.encode_kernels`)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ from potstill.store.codec import (
     MAX_RANK_BUCKETS,
     MAX_RICE_K,
     IdOrder,
+    LogprobQuantizer,
     SampledTargets,
     _csr,
-    _rank_bucket,
-    _within,
+    pack_bits,
 )
 from potstill.store.errors import StoreError
 
@@ -130,3 +132,77 @@ def reference_decode_compact(
     counts = np.ones(entries, dtype=np.uint16)
     counts[head_at] = head_counts[head_order]
     return SampledTargets(offsets, ids, counts)
+
+
+# -- the numpy one-record coders (the compiled coders of store.encode_kernels are checked against them)
+def encode_sampled(t: SampledTargets, id_bits: int, count_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids stream, counts stream) of a record's sampled targets; positions are implicit (below)."""
+    return pack_bits(t.ids, id_bits), pack_bits(t.counts, count_bits)
+
+
+def encode_topk(ids: np.ndarray, logprobs: np.ndarray, id_bits: int, q: LogprobQuantizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids stream, log-prob codes stream) of [S, K] top-k targets; an empty slot (id −1) stores id 0
+    and log-prob code 0 (−inf), which is how it is recognised on reading."""
+    lp = np.asarray(logprobs, dtype=np.float32)
+    ids = np.where(np.asarray(ids) < 0, 0, ids)
+    return pack_bits(ids, id_bits), pack_bits(q.encode(lp), q.bits)
+
+
+def pack_varbits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Value i in `widths[i]` bits (0..MAX_BITS, 0 stores nothing), concatenated least significant
+    bit first into bytes, as `pack_bits` does with one width."""
+    v = np.asarray(values).reshape(-1).astype(np.uint64)
+    w = np.asarray(widths).reshape(-1).astype(np.int64)
+    if len(v) == 0 or int(w.max(initial=0)) == 0:
+        return np.zeros(0, dtype=np.uint8)
+    top = int(w.max())
+    planes = ((v[:, None] >> np.arange(top, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(planes[np.arange(top)[None, :] < w[:, None]], bitorder="little")
+
+
+def pack_unary(values: np.ndarray) -> np.ndarray:
+    """Each value q as q zero bits and a one, concatenated least significant bit first."""
+    q = np.asarray(values, dtype=np.int64).reshape(-1)
+    bits = np.zeros(int(q.sum()) + len(q), dtype=np.uint8)
+    bits[np.cumsum(q + 1) - 1] = 1
+    return np.packbits(bits, bitorder="little")
+
+
+def _rice_k(gaps: np.ndarray) -> int:
+    """The Rice parameter that codes `gaps` in the fewest bits: Σ (k + 1 + gap >> k), smallest k on ties."""
+    if len(gaps) == 0:
+        return 0
+    g = gaps.astype(np.uint64)
+    costs = [len(g) * (k + 1) + int((g >> np.uint64(k)).sum()) for k in range(int(g.max()).bit_length() + 1)]
+    return int(np.argmin(costs))
+
+
+def _gamma_stream(counts: np.ndarray) -> np.ndarray:
+    """The counts in Elias gamma, split in two: L = bit_length(count) − 1 for every count in unary
+    (padded to a whole byte), then each count's low L bits (`pack_varbits`)."""
+    lengths = np.floor(np.log2(counts)).astype(np.int64) if len(counts) else np.zeros(0, dtype=np.int64)
+    return np.concatenate([pack_unary(lengths), pack_varbits(counts - (1 << lengths), lengths)])
+
+
+def _within(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, j) of every entry of a CSR layout: its position and its index within the position."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    d = np.diff(offsets)
+    row = np.repeat(np.arange(len(d)), d)
+    return row, np.arange(int(offsets[-1])) - offsets[:-1][row]
+
+
+def _rank_bucket(offsets: np.ndarray, buckets: int, within: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Each entry's bucket by its rank among its position's entries: min(B·j // d, B − 1) for the
+    j-th smallest of d (`within`: `_within(offsets)`, when known). Gaps are small among the first
+    places of an id order (a tokenizer's low ids, or the listed frequent tokens) and large above
+    them, so each bucket gets its own Rice parameter."""
+    row, j = within if within is not None else _within(offsets)
+    return np.minimum(buckets * j // np.maximum(np.diff(offsets)[row], 1), buckets - 1)
+
+
+def _gaps(offsets: np.ndarray, places: np.ndarray) -> np.ndarray:
+    """Gaps of places that rise within each position: place − previous − 1 (the first: its place)."""
+    first = np.zeros(len(places), dtype=bool)
+    first[offsets[:-1][np.diff(offsets) > 0]] = True
+    return places - np.where(first, -1, np.roll(places, 1)) - 1

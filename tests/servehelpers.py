@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import httpx
 from genhelpers import run_cli
+from storehelpers import committed_ids  # (the serve tests import it from here)
 
-from potstill.store import open_store, verify_store
+from potstill.store import verify_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "test-token-0123456789abcdef"
@@ -98,10 +99,6 @@ def submit(client: httpx.Client, **spec) -> str:
     response = client.post("/jobs", json=spec)
     assert response.status_code == 201, response.text
     return response.json()["id"]
-
-
-def committed_ids(store: str) -> list[str]:
-    return open_store(store).id_index().ids().to_pylist()
 
 
 def assert_complete(store: str, n: int) -> None:

@@ -10,6 +10,7 @@ from common import TOKENIZER_FILES, make_manifest, random_record
 from potstill.store import (
     TargetSpec,
     create_store,
+    open_store,
 )
 from potstill.store.codec import bits_for, sampled_from_draws
 
@@ -51,3 +52,8 @@ def build_store(path: str, kind: str = "topk", codec: str = "none", *, tail_logp
             rec.meta = {"answer": f"work #### {i}" if i % 4 else "wrong"} if meta_answer else {"source": "unit"}
             w.write(copy.deepcopy(rec))
     return path
+
+
+def committed_ids(url: str) -> list[str]:
+    """Every committed id of the store at `url`, in commit order (repeats included)."""
+    return open_store(url).id_index().ids().to_pylist()

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 from common import make_manifest, random_record
+from compact_reference import encode_sampled
 from typer.testing import CliRunner
 
 from potstill.share import store_info
@@ -24,7 +25,6 @@ from potstill.store.codec import (
     bits_for,
     check_sampled,
     decode_sampled,
-    encode_sampled,
     pack_bits,
     packed_size,
     sampled_from_draws,

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 from common import prompt_rows, write_jsonl
-from compact_reference import unpack_unary, unpack_varbits
+from compact_reference import encode_sampled, pack_unary, pack_varbits, unpack_unary, unpack_varbits
 from genhelpers import config, run_cli
 
 from potstill.share import store_info
@@ -28,10 +28,7 @@ from potstill.store.codec import (
     check_sampled,
     decode_sampled,
     decode_sampled_compact,
-    encode_sampled,
     encode_sampled_compact,
-    pack_unary,
-    pack_varbits,
     sampled_from_draws,
 )
 from potstill.store.errors import StoreError

@@ -41,22 +41,21 @@ def test_a_disk_full_while_a_copy_creates_its_destination_is_one_line_and_the_re
 
 
 def test_generate_under_a_full_disk_and_a_read_only_store_ends_complete(tmp_path, tiny_teacher_dir):
-    """Mid-run: the limit hit by a shard's hidden-state file (the tokenizer's 14 KB pass); the shards,
-    then the commits folder made read-only after new commits. After each, what is committed is the
-    uninterrupted run's; the rerun writes every record once, byte for byte, nothing left behind."""
-    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(24, seed=SEED))
+    """Mid-run, one fault after the other into one store of four 12-record shards: the limit hit by a
+    shard's hidden-state file (the tokenizer's 14 KB pass); the shards, then the commits folder made
+    read-only after a new commit. After each, what is committed is the uninterrupted run's; the rerun
+    writes every record once, byte for byte, nothing left behind."""
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(48, seed=SEED))
     reference_store = str(tmp_path / "ref")
     assert run_potstill(generate_args(tiny_teacher_dir, prompts, reference_store)).returncode == 0
     _, reference = store_contents(reference_store)
     store = str(tmp_path / "s")
     args = [*generate_args(tiny_teacher_dir, prompts, store), "--shard-records", "12"]
-    full = generate_trial(args, store, reference, [DiskFault("limit", fsize=15_000)], "full")
-    assert full.injected == 1 and full.survived == 1 and full.violations == [], _report(full)
-    faults = [DiskFault("shards", readonly="shards", after_commits=1),
-              DiskFault("commits", readonly="commits", after_commits=2)]
-    readonly = generate_trial(generate_args(tiny_teacher_dir, prompts, store), store, reference, faults, "read-only")
-    assert readonly.injected == 2 and readonly.survived == 2 and readonly.violations == [], _report(readonly)
-    assert readonly.lost == readonly.doubled == readonly.altered == 0
+    faults = [DiskFault("limit", fsize=15_000), DiskFault("shards", readonly="shards", after_commits=1),
+              DiskFault("commits", readonly="commits", after_commits=1)]
+    trial = generate_trial(args, store, reference, faults, "full, then read-only")
+    assert trial.injected == 3 and trial.survived == 3 and trial.violations == [], _report(trial)
+    assert trial.lost == trial.doubled == trial.altered == 0
 
 
 def test_an_export_under_a_full_disk_leaves_no_file_and_the_rerun_is_whole(tmp_path):

@@ -12,6 +12,7 @@ import os
 import tempfile
 
 import numpy as np
+from compact_reference import encode_sampled, encode_topk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,8 +20,6 @@ from potstill.store.codec import (
     LogprobQuantizer,
     decode_sampled,
     decode_topk,
-    encode_sampled,
-    encode_topk,
     pack_bits,
     sampled_from_draws,
     unpack_bits,

@@ -15,8 +15,7 @@ import pytest
 import torch
 from common import build_llama, build_student, build_tokenizer, write_jsonl
 from teacher_mix import exact_on_buckets, full_kl, measure, topk_rows
-from trainhelpers import arithmetic_items
-from transformers import TrainerCallback
+from trainhelpers import arithmetic_items, crash_at
 
 from potstill.store import open_store
 from potstill.store.codec import sampled_from_draws
@@ -395,22 +394,13 @@ def test_two_stores_train_one_student_from_the_cli_and_eval_takes_both(setup: di
     assert alone["kd_loss"] != pytest.approx(again["kd_loss"], rel=1e-3)  # against one teacher: another number
 
 
-class CrashAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def test_an_interrupted_two_teacher_run_resumes_to_the_same_weights_bit_for_bit(setup: dict) -> None:
     from safetensors.numpy import load_file
 
     settings = dict(max_steps=7, save_steps=3, num_workers=2, shuffle_buffer=4, teacher_weights="2,1", batch_size=5)
     full = train(_config(setup, "full", ["a", "b"], **settings))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(_config(setup, "crashed", ["a", "b"], **settings), callbacks=[CrashAt(5)])
+        train(_config(setup, "crashed", ["a", "b"], **settings), callbacks=[crash_at(5)])
     resumed = train(_config(setup, "crashed", ["a", "b"], resume=True, **settings))
     assert resumed["resumed_from"].endswith("checkpoint-3") and full["loader"]["batches_per_rank_per_epoch"] < 7
     assert [e["loss"] for e in resumed["loss_curve"]] == [e["loss"] for e in full["loss_curve"]]

@@ -14,7 +14,17 @@ import tempfile
 import numpy as np
 import pytest
 from common import make_manifest, random_record
-from compact_reference import _decode_gamma, reference_decode_compact, unpack_unary, unpack_varbits
+from compact_reference import (
+    _decode_gamma,
+    _gamma_stream,
+    encode_sampled,
+    encode_topk,
+    pack_unary,
+    pack_varbits,
+    reference_decode_compact,
+    unpack_unary,
+    unpack_varbits,
+)
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -24,18 +34,13 @@ from potstill.store.codec import (
     IdOrder,
     LogprobQuantizer,
     SampledTargets,
-    _gamma_stream,
     bits_for,
     check_sampled,
     decode_sampled,
     decode_sampled_compact,
     decode_topk,
-    encode_sampled,
     encode_sampled_compact,
-    encode_topk,
     pack_bits,
-    pack_unary,
-    pack_varbits,
     sampled_from_draws,
     unpack_bits,
 )

@@ -43,10 +43,14 @@ def test_an_s3_that_keeps_failing_is_one_line_and_a_clean_rerun_completes_the_co
 
 
 def test_a_copy_to_s3_through_seeded_faults_ends_whole_after_a_clean_rerun(s3, tmp_path):
+    """A seeded slice of the campaign (bench/reliability.py `s3`: more runs, rates up to 40%): a few
+    shards at a rate of 10-15%, so that every fault kind is likely drawn while the retries' backoff
+    (the time such a test takes) stays short."""
     source = str(tmp_path / "src")
-    build_copy_source(source, shards=8, seed=SEED)
+    build_copy_source(source, shards=4, seed=SEED)
     _, reference = store_contents(source)
     url = f"s3://{s3.bucket}/seeded.store"
-    trial = s3_trial(s3, ["store", "copy", source, url], url, reference, random.Random(SEED), "copy", faulted_runs=1)
+    trial = s3_trial(s3, ["store", "copy", source, url], url, reference, random.Random(SEED), "copy", faulted_runs=1,
+                     rates=(0.1, 0.15))
     assert trial.violations == [] and trial.injected > 0, trial
     assert trial.survived == trial.injected and trial.lost == trial.doubled == trial.altered == 0

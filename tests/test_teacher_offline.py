@@ -58,3 +58,22 @@ def test_a_cached_teacher_loads_from_the_cache_when_the_hub_cannot_be_reached(ti
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Retrying" not in proc.stderr
     assert os.path.isfile(tmp_path / "s" / "model.safetensors")
+
+
+def test_a_hub_teacher_found_usable_is_probed_once_per_process(monkeypatch) -> None:
+    """`generate` checks before its start-up phases and the runner again: one network probe, not two."""
+    from huggingface_hub import constants
+
+    from potstill.teacher_gen import model_info
+
+    probes: list[str] = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_info, "_USABLE", set())
+    monkeypatch.setattr(model_info, "_reachable", lambda endpoint: probes.append(endpoint) or True)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    model_info.check_hub_teacher("someone/probed-once")
+    model_info.check_hub_teacher("someone/probed-once")
+    assert len(probes) == 1
+    model_info.check_hub_teacher("someone/probed-once", revision="v2")  # another revision is another check
+    assert len(probes) == 2

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from common import build_student
-from trainhelpers import arithmetic_items, build_teacher_store, copy_teacher
+from trainhelpers import arithmetic_items, build_teacher_store, copy_teacher, crash_at
 from transformers import TrainerCallback
 
 from potstill.student_train import CompatibilityError, ConfigError, TrainConfig, build_config, evaluate, train
@@ -82,23 +82,12 @@ def test_a_short_run_without_the_teacher_lowers_the_held_out_kd_loss(setup: dict
     assert 0.0 <= after["top1_agreement"] <= 1.0 and after["perplexity"] > 1.0
 
 
-class CrashAt(TrainerCallback):
-    """Dies right after an optimizer step, like a killed job (before that step is logged or saved)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def test_an_interrupted_run_resumes_to_exactly_the_same_losses(setup: dict) -> None:
     settings = dict(max_steps=8, save_steps=3, num_workers=2, hidden_map="1:1,2:2", relation_weight=0.5,
                     shuffle_buffer=4, eval_fraction=0.2, batch_size=6)
     full = train(config(setup, "full", **settings))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config(setup, "crashed", **settings), callbacks=[CrashAt(5)])
+        train(config(setup, "crashed", **settings), callbacks=[crash_at(5)])
     resumed = train(config(setup, "crashed", resume=True, **settings))
     assert resumed["resumed_from"].endswith("checkpoint-3")  # 3 batches consumed by 2 workers: roles rotate
     assert full["loader"]["batches_per_rank_per_epoch"] < 8  # the run crosses an epoch boundary

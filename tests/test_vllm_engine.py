@@ -10,13 +10,13 @@ service tests start their own, as a user's would.
 from __future__ import annotations
 
 import os
-import signal
-import time
+import re
 
 import numpy as np
 import pytest
 from common import prompt_rows, write_jsonl
-from genhelpers import assert_topk_close, config, popen_cli, reference_logprobs, run_cli
+from faultcampaigns import generate_campaign, store_contents
+from genhelpers import assert_topk_close, config, reference_logprobs, run_cli
 
 from potstill.store import open_store, verify_store
 from potstill.teacher_gen.runner import generate
@@ -93,33 +93,23 @@ def test_generate_mode_matches_the_hf_backend(tmp_path, vllm_teacher_dir, engine
         _assert_same_targets(rec, want[rid])
 
 
-def test_kill_9_of_a_vllm_run_then_rerun_finishes_exactly_once(tmp_path, vllm_teacher_dir):
-    n = 60
+def test_kill_9_of_a_vllm_run_then_rerun_finishes_with_an_uninterrupted_runs_records(tmp_path, vllm_teacher_dir):
+    """Killed (SIGKILL) from outside just after a new commit record, then at the store's kill point
+    between a commit record's temporary file and its link; rerun after each: every record once, byte
+    for byte an uninterrupted run's, the store verifies after each kill and nothing is left after the
+    last run, which says what it found and wrote (bench/reliability.py `vllm`: many kills, at every
+    kill point and from outside)."""
+    n = 24
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(n, seed=52))
-    store = str(tmp_path / "s")
-    args = ["generate", "--backend", "vllm", "--teacher", vllm_teacher_dir, "--prompts", prompts, "--out", store,
-            "--targets", "topk", "--top-k", "8", "--shard-records", "2", "--writer-threads", "1", "--no-progress"]
-    proc = popen_cli(args)
-    commits = os.path.join(store, "commits")
-    deadline = time.monotonic() + 300
-    while not (os.path.isdir(commits) and sum(n.endswith(".json") for n in os.listdir(commits)) >= 3):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no commit within 300 s"
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = open_store(store).num_records
-    assert 0 < done < n  # really interrupted in the middle
-
-    result = run_cli(args, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert f"already in the store: {done} records" in result.stdout
-    assert f"wrote {n - done} records" in result.stdout
-    s = open_store(store)
-    ids = s.id_index().ids().to_pylist()
-    assert len(ids) == len(set(ids)) == n
-    report = verify_store(store)
-    assert report.ok and not report.leftovers, [str(p) for p in report.problems]
+    campaign, reference = generate_campaign(vllm_teacher_dir, prompts, str(tmp_path), ["commits", "commit-record"],
+                                            seed=52, backend="vllm")
+    assert campaign.violations == [] and campaign.landed == campaign.survived == 2, campaign.violations
+    assert any(s.startswith("commits/.") for s in campaign.left_behind[1]), campaign.left_behind  # landed there
+    ids, records = store_contents(str(tmp_path / "killed-52.store"))
+    assert sorted(ids) == sorted(reference.records) and len(ids) == n and records == reference.records
+    done = re.search(r"already in the store: (\d+) records", campaign.final.stdout)
+    assert done and 0 < int(done[1]) < n and f"wrote {n - int(done[1])} records" in campaign.final.stdout, \
+        campaign.final.stdout
 
 
 def test_vllm_refuses_what_it_cannot_do_in_one_line(tmp_path, vllm_teacher_dir, real_teacher):

@@ -15,6 +15,16 @@ import os
 
 import numpy as np
 import pytest
+from compact_reference import (
+    _gamma_stream,
+    _gaps,
+    _rank_bucket,
+    _rice_k,
+    _within,
+    encode_topk,
+    pack_unary,
+    pack_varbits,
+)
 
 from potstill.store import (
     HiddenLayer,
@@ -32,20 +42,12 @@ from potstill.store.codec import (
     LogprobQuantizer,
     SampledTargets,
     _csr,
-    _gamma_stream,
-    _gaps,
-    _rank_bucket,
-    _rice_k,
-    _within,
     bits_for,
     encode_logprobs_many,
     encode_sampled_compact_many,
-    encode_topk,
     encode_topk_many,
     pack_bits,
     pack_bits_many,
-    pack_unary,
-    pack_varbits,
     sampled_from_draws,
 )
 from potstill.store.columns import surely_sound_topk, unsound_topk

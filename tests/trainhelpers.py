@@ -129,3 +129,16 @@ def copy_teacher(src: str, dst: str) -> str:
 
     shutil.copytree(src, dst)
     return os.path.abspath(dst)
+
+
+def crash_at(step: int):
+    """A Trainer callback that dies right after optimizer step `step`, like a killed job (before that
+    step is logged or saved)."""
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise RuntimeError("simulated crash")
+
+    return CrashAt()
