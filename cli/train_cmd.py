@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         typer.echo("start-up: " + phases.format())
         if ev.get("kd_loss") is not None:
             typer.echo(f"held-out: {_format_eval(ev)}" + (f"; {ev['note']}" if ev.get("note") else ""))
+            _echo_teachers(ev)
         else:
             typer.echo(f"held-out: {ev.get('note') or 'none'}")
 
@@ -81,11 +82,13 @@ def register(app: typer.Typer) -> None:
                        + (f": {result['note']}" if result.get("note") else ""))
         else:
             typer.echo(_format_eval(result))
+            _echo_teachers(result)
 
 
 def _format_eval(ev: dict) -> str:
     parts = [
-        f"kd_loss {ev['kd_loss']:.4f}" + (" (vs sampled targets)" if ev.get("kd_target") == "sampled" else ""),
+        f"kd_loss {ev['kd_loss']:.4f}" + (" (vs sampled targets)" if ev.get("kd_target") == "sampled" else "")
+        + (f" (vs the mixture of {len(ev['teachers'])} teachers)" if ev.get("teachers") else ""),
         f"top1_agreement {ev['top1_agreement']:.4f}",
         f"perplexity {ev['perplexity']:.3f}",
     ]
@@ -93,3 +96,11 @@ def _format_eval(ev: dict) -> str:
         parts.append(f"answer_accuracy {ev['answer_accuracy']:.4f} ({ev['answers_correct']}/{ev['answers_checked']})")
     parts.append(f"({ev['records']} records, {ev['scored_tokens']} scored tokens)")
     return ", ".join(parts)
+
+
+def _echo_teachers(ev: dict) -> None:
+    """Several teachers: the line above is against their mixture; one line per teacher alone."""
+    for teacher in ev.get("teachers", []):
+        if teacher.get("kd_loss") is not None:
+            typer.echo(f"  vs {teacher['store']} alone (weight {teacher['weight']:.3g}): kd_loss {teacher['kd_loss']:.4f}, "
+                       f"top1_agreement {teacher['top1_agreement']:.4f}, perplexity {teacher['perplexity']:.3f}")

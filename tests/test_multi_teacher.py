@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -393,6 +394,65 @@ def test_two_stores_train_one_student_from_the_cli_and_eval_takes_both(setup: di
     assert again["kd_loss"] == pytest.approx(report["final_eval"]["kd_loss"], rel=1e-5)
     alone = evaluate(setup["b"], out, answers=False, max_records=4)
     assert alone["kd_loss"] != pytest.approx(again["kd_loss"], rel=1e-3)  # against one teacher: another number
+    # and against each teacher alone, with its weight: what evaluating against its store alone gives
+    assert [(t["store"], t["weight"]) for t in again["teachers"]] == [(setup["b"], 0.25), (setup["a"], 0.75)]
+    for teacher in again["teachers"]:
+        single = evaluate(teacher["store"], out, answers=False, max_records=4)
+        assert single["records"] == again["records"] == 4
+        for metric in ("kd_loss", "top1_agreement", "perplexity"):
+            assert teacher[metric] == pytest.approx(single[metric], rel=1e-5), metric
+    assert again["teachers"][0]["kd_loss"] != pytest.approx(again["teachers"][1]["kd_loss"], rel=1e-3)
+    result = _cli("eval", "--store", setup["a"], "--store", setup["b"], "--model", out, "--no-answers")
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and "(vs the mixture of 2 teachers)" in lines[0], result.stdout + result.stderr
+    assert lines[1].startswith(f"  vs {setup['a']} alone (weight 0.5): kd_loss ") and setup["b"] in lines[2]
+
+
+def test_store_report_of_two_teachers_compares_them_on_the_records_both_hold(setup: dict) -> None:
+    """The Teachers section's figures against a direct count over the stored records: top-1 agreement
+    where both teachers scored after the same tokens, each one's top-1 = the stored token; records one
+    store lacks and positions after the sequences part are left out; the page from the CLI."""
+    from potstill.share.report import _choose_rows
+    from potstill.share.report_teachers import compare_teachers
+
+    def direct(first: str, other: str) -> tuple[int, int, int, int, int]:
+        agree = compared = hit_a = hit_b = records = 0
+        store = open_store(other)
+        held = store.committed_ids()
+        for rec in open_store(first).iter_records():
+            if rec.id not in held:
+                continue
+            records += 1
+            ids_o, s_o, rows_o = _stored(other, rec.id, "topk")
+            cp = next((i for i, (x, y) in enumerate(zip(rec.input_ids, ids_o, strict=False)) if x != y), min(len(ids_o), len(rec.input_ids)))
+            for p in range(max(rec.score_start, s_o), min(len(rec.input_ids), len(ids_o), cp + 1)):
+                top_a, top_o = int(rec.topk_ids[p - rec.score_start][0]), int(rows_o.ids[p - s_o][0])
+                agree += top_a == top_o
+                hit_a += top_a == int(rec.input_ids[p])
+                hit_b += top_o == int(ids_o[p])
+                compared += 1
+        return records, compared, agree, hit_a, hit_b
+
+    agreement = {}
+    for other, shared in (("b", 36), ("subset", 18), ("diverged", 36)):
+        stores = [open_store(setup["a"], verify_reads=True), open_store(setup[other], verify_reads=True)]
+        got = compare_teachers(stores, _choose_rows(stores[0], 1000, 0))
+        records, compared, agree, hit_a, hit_b = direct(setup["a"], setup[other])
+        assert got.records == records == shared and got.teachers[1].shared == shared and got.teachers[0].shared == 36
+        assert got.compared[0, 1] == compared > 0 and got.agree[0, 1] == got.agree[1, 0] == agree
+        assert got.teachers[0].stored_token == hit_a and got.teachers[1].stored_token == hit_b
+        assert got.agree[0, 0] == compared and agree < compared  # two teachers at random: they differ
+        agreement[other] = f"{agree / compared:.1%}"
+        if other == "diverged":  # past the first differing token nothing is compared
+            assert got.common_positions == compared < got.prefix_positions
+    page = str(setup["root"] / "teachers.html")
+    result = _cli("store", "report", setup["a"], setup["b"], "--out", page)
+    assert result.returncode == 0, result.stderr
+    text = Path(page).read_text()
+    assert "<h2>Teachers</h2>" in text and setup["b"] in text and f"<td class='num'>{agreement['b']}</td>" in text
+    alone = str(setup["root"] / "alone.html")
+    assert _cli("store", "report", setup["a"], "--out", alone).returncode == 0
+    assert "<h2>Teachers</h2>" not in Path(alone).read_text()
 
 
 class CrashAt(TrainerCallback):

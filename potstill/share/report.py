@@ -27,6 +27,7 @@ import numpy as np
 
 from potstill.settings import check_settings, setting
 from potstill.share.info import describe_targets, store_info
+from potstill.share.report_teachers import Comparison, compare_teachers, render_teachers
 from potstill.store.errors import StoreError
 from potstill.store.fs import resolve, write_bytes
 from potstill.store.reader import Store, decode_hidden, open_store
@@ -441,7 +442,7 @@ def _quantiles(values: np.ndarray) -> str:
     return "".join(f"<td class='num'>{x:.4g}</td>" for x in (*q, values.mean()))
 
 
-def render_html(stats: StoreStats, config: ReportConfig) -> str:
+def render_html(stats: StoreStats, config: ReportConfig, teachers: Comparison | None = None) -> str:
     info = stats.info
     t = info["teacher"]
     rows = [
@@ -522,6 +523,8 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
                 parts.append(f"<p class='muted'>No record keeps a reference answer in <code>meta.{_e(stats.reference_field)}</code>, "
                              "so the teacher's accuracy cannot be measured here; <code>--reference-field NAME</code> "
                              "names the prompt file's field that holds it.</p>")
+        if teachers is not None:  # several teachers' stores (share/report_teachers.py)
+            parts.extend(render_teachers(teachers, _figure, _png))
         plots = render_plots(stats)
         if plots:
             parts.append("<h2>Plots</h2>")
@@ -550,14 +553,17 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:,.1f}"
 
 
-def write_report(url: str, out: str | None = None, config: ReportConfig | None = None,
+def write_report(url: str | list[str], out: str | None = None, config: ReportConfig | None = None,
                  storage_options: dict[str, Any] | None = None) -> StoreStats:
-    """Read the store (verified reads) and write the page to `out` (default `config.out`), atomically."""
+    """Read the store (verified reads) and write the page to `out` (default `config.out`), atomically.
+    Several stores (teachers over the same prompts): the page is the first's, with a Teachers section."""
     config = config or ReportConfig()
     out = out or config.out
-    store = open_store(url, storage_options, verify_reads=True)
-    stats = collect_stats(store, config)
-    page = render_html(stats, config)
+    urls = [url] if isinstance(url, str) else list(url)
+    stores = [open_store(u, storage_options, verify_reads=True) for u in urls]
+    stats = collect_stats(stores[0], config)
+    teachers = compare_teachers(stores, _choose_rows(stores[0], config.max_records, config.seed)) if len(stores) > 1 else None
+    page = render_html(stats, config, teachers)
     try:  # atomic: an existing page is replaced whole or kept
         fs, path = resolve(os.path.abspath(out))
         write_bytes(fs, path, page.encode("utf-8"), atomic=True)
