@@ -120,8 +120,9 @@ def train_teacher(out: str, task: str, steps: int, hidden: int, layers: int, see
     tok.save_pretrained(out)
 
 
-def accuracy(model_dir: str, items: list[tuple[str, int, int]], batch: int = 100) -> float:
-    """Greedy answers to `items`, parsed and compared with the true results."""
+def accuracy(model_dir: str, items: list[tuple[str, int, int]], cot: bool = True, batch: int = 100) -> float:
+    """Greedy answers to `items` (prompted as trained: with the worked-solution cue, or without for the
+    answers-only student), parsed and compared with the true results."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,12 +133,12 @@ def accuracy(model_dir: str, items: list[tuple[str, int, int]], batch: int = 100
     correct = 0
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
-        rows = [tok(question(*p) + arithmetic.COT_TRIGGER).input_ids for p in chunk]
+        rows = [tok(question(*p) + (arithmetic.COT_TRIGGER if cot else "")).input_ids for p in chunk]
         width = max(map(len, rows))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=72, do_sample=False,
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=120, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         for p, row in zip(chunk, out[:, width:], strict=True):
             correct += arithmetic.parse_answer(tok.decode(row, skip_special_tokens=True)) == result(*p)
@@ -174,7 +175,7 @@ def make_stores(workdir: str, teachers: dict[str, str], train_items: list[tuple[
     stores = {}
     for name, (teacher, prompts) in {"add": (teachers["add"], solutions), "sub": (teachers["sub"], solutions),
                                       "answers": (teachers["add"], answers)}.items():
-        stores[name] = os.path.join(workdir, f"{name}.store")
+        stores[name] = os.path.join(workdir, f"{name}-{len(train_items)}.store")
         if not os.path.isdir(stores[name]):
             potstill("generate", "--teacher", teacher, "--prompts", prompts, "--out", stores[name], "--mode", "score",
                      "--targets", "topk", "--top-k", "16", "--shard-records", "512", "--device", "cpu",
@@ -212,10 +213,10 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=800)
     parser.add_argument("--teacher-hidden", type=int, default=64)
     parser.add_argument("--teacher-layers", type=int, default=2)
-    parser.add_argument("--problems", type=int, default=400, help="stored training problems, half of each task")
+    parser.add_argument("--problems", type=int, default=800, help="stored training problems, half of each task")
     parser.add_argument("--eval-problems", type=int, default=100, help="held-out problems of each task")
-    parser.add_argument("--student-hidden", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--student-hidden", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--alpha", type=float, default=0.2, help="CE weight on the stored tokens of every KD student")
     parser.add_argument("--seeds", type=int, default=3)
@@ -244,9 +245,9 @@ def main() -> None:
     stores = make_stores(args.workdir, teachers, train_items)
     print(f"teachers and stores: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
 
-    students = {"answers only": (["answers"], 1.0), "KD from the addition teacher": (["add"], args.alpha),
-                "KD from the subtraction teacher": (["sub"], args.alpha),
-                "KD from both (equal weights)": (["add", "sub"], args.alpha)}
+    students = {"KD from both (equal weights)": (["add", "sub"], args.alpha),
+                "KD from the addition teacher": (["add"], args.alpha),
+                "KD from the subtraction teacher": (["sub"], args.alpha), "answers only": (["answers"], 1.0)}
     from potstill.student_train import evaluate
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in students}
@@ -258,7 +259,7 @@ def main() -> None:
             out = os.path.join(args.workdir, "student-" + "-".join(names) + f"-{seed}")
             seconds = train_student([stores[n] for n in names], init, out, args, seed, alpha)
             run: dict[str, Any] = {"seed": seed, "train_seconds": round(seconds, 1),
-                                   "accuracy": {t: accuracy(out, held[t]) for t in TASKS}}
+                                   "accuracy": {t: accuracy(out, held[t], cot=names != ["answers"]) for t in TASKS}}
             run["accuracy"]["mix"] = statistics.fmean(run["accuracy"].values())
             ev = evaluate([stores["add"], stores["sub"]], out, answers=False)
             run["kd_loss"] = {"add": ev["teachers"][0]["kd_loss"], "sub": ev["teachers"][1]["kd_loss"], "mixture": ev["kd_loss"]}

@@ -29,7 +29,11 @@ def register(app: typer.Typer) -> None:
         *,
         flags: dict[str, Any],
     ) -> None:
-        """Train a student from a store (or several teachers' stores) with sparse KD (no teacher is loaded)."""
+        """Train a student from a store (or several teachers' stores) with sparse KD (no teacher is loaded).
+
+        Several teachers, each store made over the same prompts: the student learns their weighted mixture,
+        e.g. `potstill train --store add.store --store sub.store --teacher-weights 2,1 --student ./init --out
+        ./student`; `potstill eval` with the same stores measures it against the mixture and each teacher."""
         cfg = TrainConfig.build(config, flags)
         count = resolve_threads(threads, loader_workers=cfg.num_workers)  # the loader's workers need CPUs too
         # Each start-up phase on stderr as it begins, the first within a second; under torchrun, rank 0's alone.

@@ -496,3 +496,21 @@ def test_a_config_file_lists_the_stores_with_their_weights(tmp_path) -> None:
                      ({"teacher_weights": "1,x"}, "numbers"), ({"hidden_from": "c.store"}, "not one of")):
         with pytest.raises(ConfigError, match=why):
             build_config(str(path), {"student": "m", "out": "o", **bad})
+
+
+def test_the_guides_several_teachers_example_runs_as_written(tmp_path) -> None:
+    """The bash block of docs/guides/train.md's runnable several-teachers example, run as it stands."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    guide = Path(root, "docs", "guides", "train.md").read_text()
+    after = guide[guide.index("**A runnable example**"):]
+    block = after[after.index("```bash\n") + len("```bash\n"): after.index("\n```\n")]
+    assert "--store t1.store --store t2.store" in block and "store report t1.store t2.store" in block
+    env = {**ENV, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [ln for ln in result.stdout.splitlines() if "kd_loss" in ln]
+    assert "(vs the mixture of 2 teachers)" in lines[0] and lines[1].startswith("  vs t1.store alone (weight 0.75): kd_loss")
+    assert lines[2].startswith("  vs t2.store alone (weight 0.25): kd_loss")
+    page = (tmp_path / "teachers.html").read_text()
+    assert "<h2>Teachers</h2>" in page and "t2.store" in page
