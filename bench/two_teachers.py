@@ -17,8 +17,8 @@ single-teacher student and the answers-only baseline, on a held-out mix of both 
    with the true result); the held-out KD loss of each student against each teacher's targets and
    against their mixture is `potstill eval` over both stores (held-out records of the stores).
 
-    python bench/two_teachers.py                       # ~10 min on 2 busy CPU cores, 1 thread
-    python bench/two_teachers.py --seeds 1 --steps 150 # a quick look
+    python bench/two_teachers.py             # ~30 min on 2 busy CPU cores, 1 thread (teachers: 2 × 1-9 min)
+    python bench/two_teachers.py --seeds 3   # medians over 3 seeds
 
 Results: a markdown table on stdout and `--json FILE`. Teachers and stores stay in `--workdir`.
 """
@@ -216,10 +216,10 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=800, help="stored training problems, half of each task")
     parser.add_argument("--eval-problems", type=int, default=100, help="held-out problems of each task")
     parser.add_argument("--student-hidden", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--alpha", type=float, default=0.2, help="CE weight on the stored tokens of every KD student")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 

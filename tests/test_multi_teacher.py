@@ -514,3 +514,21 @@ def test_the_guides_several_teachers_example_runs_as_written(tmp_path) -> None:
     assert lines[2].startswith("  vs t2.store alone (weight 0.25): kd_loss")
     page = (tmp_path / "teachers.html").read_text()
     assert "<h2>Teachers</h2>" in page and "t2.store" in page
+
+
+def test_the_two_teacher_benchs_worked_solutions_are_right_and_its_held_out_problems_unseen() -> None:
+    """bench/two_teachers.py: every written digit of a worked solution, read back, is the true result,
+    and its held-out problems are none of the stored ones."""
+    from two_teachers import TASKS, problems, result, worked_solution
+
+    from potstill.cli.demo import arithmetic
+
+    stored = [p for task in TASKS for p in problems(task, 1, 300)]
+    for task, a, b in stored:
+        text = worked_solution(task, a, b)
+        digits = [line.split("write ")[1][0] for line in text.splitlines()[:-1]]
+        carry = text.splitlines()[-2].rsplit(" ", 1)[1].rstrip(".")
+        written = int("".join(reversed(digits))) + (int(carry) * 10 ** len(digits) if task == "add" else 0)
+        assert written == result(task, a, b) == arithmetic.parse_answer(text) >= 0, text
+    held = [p for task in TASKS for p in problems(task, 2, 100, exclude=set(stored))]
+    assert not set(held) & set(stored) and len(set(held)) == 200
