@@ -17,6 +17,10 @@ yields. Metrics, averaged over every scored position:
   (the tokens before score_start), extract the answer with the store's `generation.answer_pattern`
   and `generation.answer_match` (last or first match), or generation's defaults ("The answer is X" /
   "#### X"; last match), compare normalised with `answer`.
+
+Several stores (teachers over the same prompts, student_train/teachers.py): `kd_loss` and
+`top1_agreement` against their weighted mixture on the held-out records every store holds, and in
+`teachers`, per store with its weight, the same metrics against that teacher alone on those records.
 """
 
 from __future__ import annotations

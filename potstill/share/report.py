@@ -6,7 +6,8 @@ sequence and completion lengths, the sampled ids, the hidden-state norms per lay
 rationale records, and a few examples. Records are read through the public reader with verified
 reads (every shard file read is checked against its commit record's sha256 and its values against
 the format first), never unpickled. A big store is summarised from a seeded random sample of its
-records, which the page says.
+records, which the page says. Given several stores (teachers over the same prompts), the page is the
+first's with a Teachers section comparing them (share/report_teachers.py).
 
 The HTML holds everything: inline CSS, the plots as PNG data URIs, no script and no external URL,
 so it can be mailed, shared or opened offline.
