@@ -183,6 +183,35 @@ def make_stores(workdir: str, teachers: dict[str, str], train_items: list[tuple[
     return stores
 
 
+def mixture_figures(add_store: str, sub_store: str) -> dict[str, dict[str, float]]:
+    """Per task, over every stored position: how often the equal-weight mixture's (and the task's own
+    teacher's) most likely token is the true one, and how often its two most likely tokens lie within
+    0.1 of each other (a near tie, which greedy decoding resolves either way)."""
+    import numpy as np
+
+    from potstill.store import open_store
+    from potstill.store.targets import TopKRows
+    from potstill.student_train.teachers import mix_topk
+
+    def rows(rec: Any) -> TopKRows:
+        return TopKRows(np.asarray(rec.topk_ids), np.asarray(rec.topk_logprobs, np.float32),
+                        np.asarray(rec.token_logprob, np.float32), np.asarray(rec.tail_logprob, np.float32))
+
+    other = {rec.id: rec for rec in open_store(sub_store).iter_records()}
+    counts = {task: np.zeros(4) for task in TASKS}  # positions, mixture right, own teacher right, near ties
+    for rec in open_store(add_store).iter_records():
+        theirs, n = other[rec.id], rec.num_scored
+        mixed = mix_topk([(rows(rec), np.full(n, 0.5)), (rows(theirs), np.full(n, 0.5))], 2 * rec.topk_ids.shape[1])
+        true = np.asarray(rec.input_ids)[rec.score_start :]
+        task = rec.id[:3]
+        p = np.exp(mixed.logprobs.astype(np.float64))
+        own = rec if task == "add" else theirs
+        counts[task] += [n, (mixed.ids[:, 0] == true).sum(), (np.asarray(own.topk_ids)[:, 0] == true).sum(),
+                         (p[:, 0] - p[:, 1] < 0.1).sum()]
+    return {task: {"positions": int(c[0]), "mixture_top1_true": c[1] / c[0], "own_teacher_top1_true": c[2] / c[0],
+                   "mixture_near_tie": c[3] / c[0]} for task, c in counts.items()}
+
+
 def student_init(out: str, tokenizer_dir: str, hidden: int, seed: int) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -244,6 +273,7 @@ def main() -> None:
         print(f"teacher {task}: {results[f'teacher {task}']}", file=sys.stderr, flush=True)
     stores = make_stores(args.workdir, teachers, train_items)
     print(f"teachers and stores: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    results["mixture"] = mixture_figures(stores["add"], stores["sub"])
 
     students = {"KD from both (equal weights)": (["add", "sub"], args.alpha),
                 "KD from the addition teacher": (["add"], args.alpha),
@@ -291,6 +321,11 @@ def main() -> None:
         kds = [median(name, "kd_loss", t) for t in ("add", "sub", "mixture")]
         print(f"| student: {name} | " + " | ".join(f"{a:.1%}" for a in accs) + " | "
               + " | ".join(f"{k:.3f}" for k in kds) + " |")
+    for task, m in results["mixture"].items():
+        print(f"\n{task}: over {m['positions']:,} stored positions the equal-weight mixture's top-1 is the true token at "
+              f"{m['mixture_top1_true']:.1%} (the task's own teacher: {m['own_teacher_top1_true']:.1%}); its two most "
+              f"likely tokens lie within 0.1 of each other at {m['mixture_near_tie']:.1%}", end="")
+    print()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
