@@ -19,6 +19,7 @@ single-teacher student and the answers-only baseline, on a held-out mix of both 
 
     python bench/two_teachers.py             # ~30 min on 2 busy CPU cores, 1 thread (teachers: 2 × 1-9 min)
     python bench/two_teachers.py --seeds 3   # medians over 3 seeds
+    python bench/two_teachers.py --alpha 0.5 # half of each KD student's loss CE on the stored (true) tokens
 
 Results: a markdown table on stdout and `--json FILE`. Teachers and stores stay in `--workdir`.
 """
