@@ -206,9 +206,15 @@ def publish(
 
 @app.command("report")
 @settings_options(ReportConfig)
-def report(store: str = typer.Argument(..., help="Store path or URL."), *, flags: dict[str, Any]) -> None:
+def report(store: list[str] = typer.Argument(..., help="Store path or URL; several: teachers' stores over the same "
+                                             "prompts, compared on the first's records."),
+           *, flags: dict[str, Any]) -> None:
     """An HTML page of what the store holds: teacher, targets, plots of entropy, top-1, tail mass, lengths,
-    sampled ids, hidden-state norms, answers and examples; every file read is checked first."""
+    sampled ids, hidden-state norms, answers and examples; every file read is checked first.
+
+    Several stores (the teachers of `potstill train --store A --store B`): the first's page with a Teachers
+    section, each teacher's targets and how often the teachers agree, e.g. `potstill store report add.store
+    sub.store --out teachers.html`."""
     cfg = load_settings(ReportConfig, None, flags, error=StoreError)
     refuse_published(store)
     stats = write_report(store, config=cfg)

@@ -30,7 +30,11 @@ def register(app: typer.Typer) -> None:
         *,
         flags: dict[str, Any],
     ) -> None:
-        """Train a student from a store (or several teachers' stores) with sparse KD (no teacher is loaded)."""
+        """Train a student from a store (or several teachers' stores) with sparse KD (no teacher is loaded).
+
+        Several teachers, each store made over the same prompts: the student learns their weighted mixture,
+        e.g. `potstill train --store add.store --store sub.store --teacher-weights 2,1 --student ./init --out
+        ./student`; `potstill eval` with the same stores measures it against the mixture and each teacher."""
         cfg = TrainConfig.build(config, flags)
         count = resolve_threads(threads, loader_workers=cfg.num_workers)  # the loader's workers need CPUs too
         # Each start-up phase on stderr as it begins, the first within a second; under torchrun, rank 0's alone.
@@ -49,6 +53,7 @@ def register(app: typer.Typer) -> None:
         typer.echo("start-up: " + phases.format())
         if ev.get("kd_loss") is not None:
             typer.echo(f"held-out: {_format_eval(ev)}" + (f"; {ev['note']}" if ev.get("note") else ""))
+            _echo_teachers(ev)
         else:
             typer.echo(f"held-out: {ev.get('note') or 'none'}")
 
@@ -84,6 +89,7 @@ def register(app: typer.Typer) -> None:
                        + (f": {result['note']}" if result.get("note") else ""))
         else:
             typer.echo(_format_eval(result))
+            _echo_teachers(result)
 
 
 def _read_published(cfg: TrainConfig | EvalConfig, phases: Phases | None = None) -> None:
@@ -108,7 +114,8 @@ def _read_published(cfg: TrainConfig | EvalConfig, phases: Phases | None = None)
 
 def _format_eval(ev: dict) -> str:
     parts = [
-        f"kd_loss {ev['kd_loss']:.4f}" + (" (vs sampled targets)" if ev.get("kd_target") == "sampled" else ""),
+        f"kd_loss {ev['kd_loss']:.4f}" + (" (vs sampled targets)" if ev.get("kd_target") == "sampled" else "")
+        + (f" (vs the mixture of {len(ev['teachers'])} teachers)" if ev.get("teachers") else ""),
         f"top1_agreement {ev['top1_agreement']:.4f}",
         f"perplexity {ev['perplexity']:.3f}",
     ]
@@ -116,3 +123,11 @@ def _format_eval(ev: dict) -> str:
         parts.append(f"answer_accuracy {ev['answer_accuracy']:.4f} ({ev['answers_correct']}/{ev['answers_checked']})")
     parts.append(f"({ev['records']} records, {ev['scored_tokens']} scored tokens)")
     return ", ".join(parts)
+
+
+def _echo_teachers(ev: dict) -> None:
+    """Several teachers: the line above is against their mixture; one line per teacher alone."""
+    for teacher in ev.get("teachers", []):
+        if teacher.get("kd_loss") is not None:
+            typer.echo(f"  vs {teacher['store']} alone (weight {teacher['weight']:.3g}): kd_loss {teacher['kd_loss']:.4f}, "
+                       f"top1_agreement {teacher['top1_agreement']:.4f}, perplexity {teacher['perplexity']:.3f}")

@@ -17,6 +17,10 @@ yields. Metrics, averaged over every scored position:
   (the tokens before score_start), extract the answer with the store's `generation.answer_pattern`
   and `generation.answer_match` (last or first match), or generation's defaults ("The answer is X" /
   "#### X"; last match), compare normalised with `answer`.
+
+Several stores (teachers over the same prompts, student_train/teachers.py): `kd_loss` and
+`top1_agreement` against their weighted mixture on the held-out records every store holds, and in
+`teachers`, per store with its weight, the same metrics against that teacher alone on those records.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -36,6 +40,7 @@ from potstill.student_train.config import TrainConfig
 from potstill.student_train.data import (
     TEACHER_IDS,
     LoaderPlan,
+    Sequence,
     collate,
     held_out_note,
     held_out_rows,
@@ -169,19 +174,37 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    dev = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    kd_sum = top1_sum = ce_sum = 0.0
-    tokens = 0
     stores = [store, *(teachers.stores if teachers else [])]
     offered = set.intersection(*(set(s.manifest.targets.target_kind.train_targets) for s in stores))
     target = "topk" if "topk" in offered else "sampled"  # measured against the top-k where the stores have them
+
+    def mixed(name: str, row: int) -> Sequence:
+        seq = record_sequence(store.shard(name), row, target)
+        return teachers.sequence(seq, name, row, target) if teachers else seq  # several stores: their mixture
+
     width = teachers.width if teachers else store.manifest.targets.k
+    result.update(kd_target=target, **_kd_metrics(model, rows, mixed, width, pad_id, vocab, target, batch_size))
+    if teachers:  # the student against each teacher alone, on that teacher's own tokens of the same records
+        for i, entry in enumerate(result["teachers"]):
+            def alone(name: str, row: int, i: int = i) -> Sequence:
+                return teachers.own_sequence(i, store, name, row, target)
+
+            k = stores[i].manifest.targets.k
+            entry.update(_kd_metrics(model, rows, alone, k, pad_id, vocab, target, batch_size))
+    result.update(_answer_accuracy(store, rows, model, tokenizer, max_new_tokens) if answers else {})
+    model.train(was_training)
+    return result
+
+
+def _kd_metrics(model: Any, rows: list[tuple[str, int]], sequence: Callable[[str, int], Sequence], width: int,
+                pad_id: int, vocab: int, target: str, batch_size: int = 8) -> dict[str, Any]:
+    """kd_loss, top1_agreement and perplexity of `model` over the records `rows`, each read by `sequence`."""
+    dev = next(model.parameters()).device
+    kd_sum = top1_sum = ce_sum = 0.0
+    tokens = 0
     for start in range(0, len(rows), batch_size):
-        seqs = [record_sequence(store.shard(name), row, target) for name, row in rows[start : start + batch_size]]
-        if teachers:  # several stores: against their mixture (student_train/teachers.py)
-            seqs = [teachers.sequence(seq, name, row, target)
-                    for seq, (name, row) in zip(seqs, rows[start : start + batch_size], strict=True)]
+        seqs = [sequence(name, row) for name, row in rows[start : start + batch_size]]
         batch = collate(seqs, k=width, pad_id=pad_id, student_vocab=vocab, targets=target)
         batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -194,16 +217,12 @@ def evaluate(
         ce_sum += ce.sum().item()
         top1_sum += (logits.argmax(-1) == teacher_top1).sum().item()
         tokens += len(kd)
-    result.update(
-        kd_target=target,
-        scored_tokens=tokens,
-        kd_loss=kd_sum / tokens if tokens else None,
-        top1_agreement=top1_sum / tokens if tokens else None,
-        perplexity=math.exp(ce_sum / tokens) if tokens else None,
-    )
-    result.update(_answer_accuracy(store, rows, model, tokenizer, max_new_tokens) if answers else {})
-    model.train(was_training)
-    return result
+    return {
+        "scored_tokens": tokens,
+        "kd_loss": kd_sum / tokens if tokens else None,
+        "top1_agreement": top1_sum / tokens if tokens else None,
+        "perplexity": math.exp(ce_sum / tokens) if tokens else None,
+    }
 
 
 def _failing_shards(store: Store, names: set[str]) -> set[str]:

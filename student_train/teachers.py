@@ -371,6 +371,15 @@ class Teachers:
         mixed = mix_topk(parts, self.width) if targets == "topk" else mix_weighted(parts)
         return dataclasses.replace(whole, targets=mixed)
 
+    def own_sequence(self, teacher: int, primary: Store, name: str, row: int, targets: str) -> Sequence:
+        """The primary's record (shard `name`, `row`) as teacher `teacher` stored it, its targets alone
+        (0: the primary, as in `describe`): how `potstill eval` measures a student against each teacher."""
+        if teacher == 0:
+            return record_sequence(primary.shard(name), row, targets)
+        partner, store = self.partners[teacher - 1], self.stores[teacher - 1]
+        reader, r = self._reader(partner, store, name, row)
+        return record_sequence(reader, r, targets)
+
     def take_counts(self) -> tuple[int, int]:
         counts = (self.positions, self.partial)
         self.positions = self.partial = 0

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -392,6 +393,65 @@ def test_two_stores_train_one_student_from_the_cli_and_eval_takes_both(setup: di
     assert again["kd_loss"] == pytest.approx(report["final_eval"]["kd_loss"], rel=1e-5)
     alone = evaluate(setup["b"], out, answers=False, max_records=4)
     assert alone["kd_loss"] != pytest.approx(again["kd_loss"], rel=1e-3)  # against one teacher: another number
+    # and against each teacher alone, with its weight: what evaluating against its store alone gives
+    assert [(t["store"], t["weight"]) for t in again["teachers"]] == [(setup["b"], 0.25), (setup["a"], 0.75)]
+    for teacher in again["teachers"]:
+        single = evaluate(teacher["store"], out, answers=False, max_records=4)
+        assert single["records"] == again["records"] == 4
+        for metric in ("kd_loss", "top1_agreement", "perplexity"):
+            assert teacher[metric] == pytest.approx(single[metric], rel=1e-5), metric
+    assert again["teachers"][0]["kd_loss"] != pytest.approx(again["teachers"][1]["kd_loss"], rel=1e-3)
+    result = _cli("eval", "--store", setup["a"], "--store", setup["b"], "--model", out, "--no-answers")
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and "(vs the mixture of 2 teachers)" in lines[0], result.stdout + result.stderr
+    assert lines[1].startswith(f"  vs {setup['a']} alone (weight 0.5): kd_loss ") and setup["b"] in lines[2]
+
+
+def test_store_report_of_two_teachers_compares_them_on_the_records_both_hold(setup: dict) -> None:
+    """The Teachers section's figures against a direct count over the stored records: top-1 agreement
+    where both teachers scored after the same tokens, each one's top-1 = the stored token; records one
+    store lacks and positions after the sequences part are left out; the page from the CLI."""
+    from potstill.share.report import _choose_rows
+    from potstill.share.report_teachers import compare_teachers
+
+    def direct(first: str, other: str) -> tuple[int, int, int, int, int]:
+        agree = compared = hit_a = hit_b = records = 0
+        store = open_store(other)
+        held = store.committed_ids()
+        for rec in open_store(first).iter_records():
+            if rec.id not in held:
+                continue
+            records += 1
+            ids_o, s_o, rows_o = _stored(other, rec.id, "topk")
+            cp = next((i for i, (x, y) in enumerate(zip(rec.input_ids, ids_o, strict=False)) if x != y), min(len(ids_o), len(rec.input_ids)))
+            for p in range(max(rec.score_start, s_o), min(len(rec.input_ids), len(ids_o), cp + 1)):
+                top_a, top_o = int(rec.topk_ids[p - rec.score_start][0]), int(rows_o.ids[p - s_o][0])
+                agree += top_a == top_o
+                hit_a += top_a == int(rec.input_ids[p])
+                hit_b += top_o == int(ids_o[p])
+                compared += 1
+        return records, compared, agree, hit_a, hit_b
+
+    agreement = {}
+    for other, shared in (("b", 36), ("subset", 18), ("diverged", 36)):
+        stores = [open_store(setup["a"], verify_reads=True), open_store(setup[other], verify_reads=True)]
+        got = compare_teachers(stores, _choose_rows(stores[0], 1000, 0))
+        records, compared, agree, hit_a, hit_b = direct(setup["a"], setup[other])
+        assert got.records == records == shared and got.teachers[1].shared == shared and got.teachers[0].shared == 36
+        assert got.compared[0, 1] == compared > 0 and got.agree[0, 1] == got.agree[1, 0] == agree
+        assert got.teachers[0].stored_token == hit_a and got.teachers[1].stored_token == hit_b
+        assert got.agree[0, 0] == compared and agree < compared  # two teachers at random: they differ
+        agreement[other] = f"{agree / compared:.1%}"
+        if other == "diverged":  # past the first differing token nothing is compared
+            assert got.common_positions == compared < got.prefix_positions
+    page = str(setup["root"] / "teachers.html")
+    result = _cli("store", "report", setup["a"], setup["b"], "--out", page)
+    assert result.returncode == 0, result.stderr
+    text = Path(page).read_text()
+    assert "<h2>Teachers</h2>" in text and setup["b"] in text and f"<td class='num'>{agreement['b']}</td>" in text
+    alone = str(setup["root"] / "alone.html")
+    assert _cli("store", "report", setup["a"], "--out", alone).returncode == 0
+    assert "<h2>Teachers</h2>" not in Path(alone).read_text()
 
 
 def test_an_interrupted_two_teacher_run_resumes_to_the_same_weights_bit_for_bit(setup: dict) -> None:
@@ -426,3 +486,39 @@ def test_a_config_file_lists_the_stores_with_their_weights(tmp_path) -> None:
                      ({"teacher_weights": "1,x"}, "numbers"), ({"hidden_from": "c.store"}, "not one of")):
         with pytest.raises(ConfigError, match=why):
             build_config(str(path), {"student": "m", "out": "o", **bad})
+
+
+def test_the_guides_several_teachers_example_runs_as_written(tmp_path) -> None:
+    """The bash block of docs/guides/train.md's runnable several-teachers example, run as it stands."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    guide = Path(root, "docs", "guides", "train.md").read_text()
+    after = guide[guide.index("**A runnable example**"):]
+    block = after[after.index("```bash\n") + len("```bash\n"): after.index("\n```\n")]
+    assert "--store t1.store --store t2.store" in block and "store report t1.store t2.store" in block
+    env = {**ENV, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [ln for ln in result.stdout.splitlines() if "kd_loss" in ln]
+    assert "(vs the mixture of 2 teachers)" in lines[0] and lines[1].startswith("  vs t1.store alone (weight 0.75): kd_loss")
+    assert lines[2].startswith("  vs t2.store alone (weight 0.25): kd_loss")
+    page = (tmp_path / "teachers.html").read_text()
+    assert "<h2>Teachers</h2>" in page and "t2.store" in page
+
+
+def test_the_two_teacher_benchs_worked_solutions_are_right_and_its_held_out_problems_unseen() -> None:
+    """bench/two_teachers.py: every written digit of a worked solution, read back, is the true result,
+    and its held-out problems are none of the stored ones."""
+    from two_teachers import TASKS, problems, result, worked_solution
+
+    from potstill.cli.demo import arithmetic
+
+    stored = [p for task in TASKS for p in problems(task, 1, 300)]
+    for task, a, b in stored:
+        text = worked_solution(task, a, b)
+        digits = [line.split("write ")[1][0] for line in text.splitlines()[:-1]]
+        carry = text.splitlines()[-2].rsplit(" ", 1)[1].rstrip(".")
+        written = int("".join(reversed(digits))) + (int(carry) * 10 ** len(digits) if task == "add" else 0)
+        assert written == result(task, a, b) == arithmetic.parse_answer(text) >= 0, text
+    held = [p for task in TASKS for p in problems(task, 2, 100, exclude=set(stored))]
+    assert not set(held) & set(stored) and len(set(held)) == 200

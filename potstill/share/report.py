@@ -6,7 +6,8 @@ sequence and completion lengths, the sampled ids, the hidden-state norms per lay
 rationale records, and a few examples. Records are read through the public reader with verified
 reads (every shard file read is checked against its commit record's sha256 and its values against
 the format first), never unpickled. A big store is summarised from a seeded random sample of its
-records, which the page says.
+records, which the page says. Given several stores (teachers over the same prompts), the page is the
+first's with a Teachers section comparing them (share/report_teachers.py).
 
 The HTML holds everything: inline CSS, the plots as PNG data URIs, no script and no external URL,
 so it can be mailed, shared or opened offline.
@@ -27,6 +28,7 @@ import numpy as np
 
 from potstill.settings import check_settings, setting
 from potstill.share.info import describe_targets, provenance_rows, store_info
+from potstill.share.report_teachers import Comparison, compare_teachers, render_teachers
 from potstill.store.errors import StoreError
 from potstill.store.fs import resolve, write_bytes
 from potstill.store.reader import Store, decode_hidden, open_store
@@ -468,7 +470,7 @@ def _quantiles(values: np.ndarray) -> str:
     return "".join(f"<td class='num'>{x:.4g}</td>" for x in (*q, values.mean()))
 
 
-def render_html(stats: StoreStats, config: ReportConfig) -> str:
+def render_html(stats: StoreStats, config: ReportConfig, teachers: Comparison | None = None) -> str:
     info = stats.info
     t = info["teacher"]
     rows = [
@@ -549,6 +551,8 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
                 parts.append(f"<p class='muted'>No record keeps a reference answer in {_e(reference_name(stats.reference_field))}, "
                              "so the teacher's accuracy cannot be measured here; <code>--reference-field NAME</code> "
                              "names the prompt file's field that holds it.</p>")
+        if teachers is not None:  # several teachers' stores (share/report_teachers.py)
+            parts.extend(render_teachers(teachers, _figure, _png))
         plots = render_plots(stats)
         if plots:
             parts.append("<h2>Plots</h2>")
@@ -573,14 +577,17 @@ def render_html(stats: StoreStats, config: ReportConfig) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(url: str, out: str | None = None, config: ReportConfig | None = None,
+def write_report(url: str | list[str], out: str | None = None, config: ReportConfig | None = None,
                  storage_options: dict[str, Any] | None = None) -> StoreStats:
-    """Read the store (verified reads) and write the page to `out` (default `config.out`), atomically."""
+    """Read the store (verified reads) and write the page to `out` (default `config.out`), atomically.
+    Several stores (teachers over the same prompts): the page is the first's, with a Teachers section."""
     config = config or ReportConfig()
     out = out or config.out
-    store = open_store(url, storage_options, verify_reads=True)
-    stats = collect_stats(store, config)
-    page = render_html(stats, config)
+    urls = [url] if isinstance(url, str) else list(url)
+    stores = [open_store(u, storage_options, verify_reads=True) for u in urls]
+    stats = collect_stats(stores[0], config)
+    teachers = compare_teachers(stores, _choose_rows(stores[0], config.max_records, config.seed)) if len(stores) > 1 else None
+    page = render_html(stats, config, teachers)
     try:  # atomic: an existing page is replaced whole or kept
         fs, path = resolve(os.path.abspath(out))
         write_bytes(fs, path, page.encode("utf-8"), atomic=True)
