@@ -84,8 +84,7 @@ def check_same_tokenizer(stores: list[Store]) -> None:
     for store in stores[1:]:
         if store.manifest.tokenizer.fingerprint != primary.manifest.tokenizer.fingerprint:
             raise ConfigError(f"stores {primary.url} and {store.url} were made with different tokenizers: teachers "
-                              "of one student must share one (distilling across tokenizers, --cross-tokenizer, "
-                              "is not supported yet)")
+                              "of one student must share one (--cross-tokenizer distils from one store at a time)")
 
 
 def resolve_targets(config_targets: str, stores: list[Store], sampled_ok: bool) -> str:
