@@ -14,13 +14,20 @@ PHASE = re.compile(r"^(?P<name>[a-z][a-z ,+()-]*) \.\.\. (?P<seconds>\d+\.\d) s$
 
 
 def phase_lines(stderr: str) -> list[str]:
-    """The phase names in the order printed; every phase line must be complete (name, then duration)."""
-    names = []
+    """The phase names in the order printed; every phase line must be complete (name, then duration),
+    or else be broken by another writer's line (a note) and written again whole right after it."""
+    names, broken = [], None
     for line in stderr.splitlines():
         if " ... " in line and not line.startswith("generate:"):
             m = PHASE.match(line.split("\r")[0])
+            if m is None and broken is None:
+                broken = line.split(" ... ")[0]  # must come again whole, once the other writer's line ends
+                continue
             assert m, f"not a complete phase line: {line!r}"
+            assert broken in (None, m["name"]), f"phase {broken!r} was broken and never written again whole"
             names.append(m["name"])
+            broken = None
+    assert broken is None, f"phase {broken!r} was broken and never written again whole"
     return names
 
 
