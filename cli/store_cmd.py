@@ -216,7 +216,8 @@ def report(store: list[str] = typer.Argument(..., help="Store path or URL; sever
     section, each teacher's targets and how often the teachers agree, e.g. `potstill store report add.store
     sub.store --out teachers.html`."""
     cfg = load_settings(ReportConfig, None, flags, error=StoreError)
-    refuse_published(store)
-    stats = write_report(store, config=cfg)
+    for url in store:
+        refuse_published(url)
+    stats = write_report(store if len(store) > 1 else store[0], config=cfg)
     scope = f"a sample of {stats.records_read} of {stats.records_total}" if stats.sampled else f"{stats.records_read}"
     typer.echo(f"wrote {cfg.out} ({scope} records)")

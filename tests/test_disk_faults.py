@@ -50,7 +50,8 @@ def test_generate_under_a_full_disk_and_a_read_only_store_ends_complete(tmp_path
     assert run_potstill(generate_args(tiny_teacher_dir, prompts, reference_store)).returncode == 0
     _, reference = store_contents(reference_store)
     store = str(tmp_path / "s")
-    args = [*generate_args(tiny_teacher_dir, prompts, store), "--shard-records", "12"]
+    # (one writer thread: the shards commit one after another, so each fault lands after the same commit)
+    args = [*generate_args(tiny_teacher_dir, prompts, store), "--shard-records", "12", "--writer-threads", "1"]
     faults = [DiskFault("limit", fsize=15_000), DiskFault("shards", readonly="shards", after_commits=1),
               DiskFault("commits", readonly="commits", after_commits=1)]
     trial = generate_trial(args, store, reference, faults, "full, then read-only")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from common import build_llama, build_student, build_tokenizer, write_jsonl
+from storehelpers import committed_ids
 from teacher_mix import exact_on_buckets, full_kl, measure, topk_rows
 from trainhelpers import arithmetic_items, crash_at
 
@@ -416,8 +417,7 @@ def test_store_report_of_two_teachers_compares_them_on_the_records_both_hold(set
 
     def direct(first: str, other: str) -> tuple[int, int, int, int, int]:
         agree = compared = hit_a = hit_b = records = 0
-        store = open_store(other)
-        held = store.committed_ids()
+        held = set(committed_ids(other))
         for rec in open_store(first).iter_records():
             if rec.id not in held:
                 continue

@@ -250,12 +250,16 @@ def test_records_read_back_from_real_store_files_in_every_codec(case) -> None:
 # found: entries but no positions (a record with nothing scored) raised IndexError, not a StoreError
 @example(ids_bytes=b"", counts_bytes=b"\x01", entries=1, positions=0, samples=2, vocab=1, listed=[], codec="compact")
 @example(ids_bytes=b"\x00", counts_bytes=b"\x01", entries=1, positions=0, samples=2, vocab=1, listed=[], codec="packed")
+# found: a packed id past the vocabulary (id_bits hold more) passed the test's decode and failed its final check
+@example(ids_bytes=b"\x01", counts_bytes=b"\x01", entries=1, positions=1, samples=1, vocab=1, listed=[], codec="packed")
 def test_sampled_streams_that_no_encoder_made_fail_in_one_line_or_decode_to_valid_targets(
         ids_bytes, counts_bytes, entries, positions, samples, vocab, listed, codec) -> None:
     ids_data, counts_data = np.frombuffer(ids_bytes, np.uint8), np.frombuffer(counts_bytes, np.uint8)
     try:
         if codec == "packed":
             t = decode_sampled(ids_data, counts_data, entries, positions, samples, bits_for(vocab - 1), bits_for(samples))
+            # (id_bits may hold ids past the vocabulary: the reader's record check refuses them, as here)
+            check_sampled(t, positions, samples, vocab, "decoded")
         elif codec == "compact":  # without an id order
             t = decode_sampled_compact(ids_data, counts_data, entries, positions, samples, vocab)
         else:  # with one

@@ -36,6 +36,7 @@ from servehelpers import (
 from potstill.store import open_store, verify_store
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.runner import generate
+from potstill.teacher_gen.service.spec import NOT_IN_SPEC
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,8 @@ def test_bad_specs_get_422_naming_the_field(service, tiny_teacher_dir, tmp_path)
         assert "1,000,000" in c.get("/jobs?limit=" + str(10**23)).json()["detail"]
         schema = c.get("/openapi.json").json()
         fields = schema["components"]["schemas"]["JobSpec"]["properties"]
-        assert set(fields) == {f for f in GenerateConfig.__dataclass_fields__ if f != "progress"}
+        assert set(fields) == {f for f in GenerateConfig.__dataclass_fields__ if f not in NOT_IN_SPEC}
+        assert "progress" in NOT_IN_SPEC and "executor" in NOT_IN_SPEC  # (the service decides where its jobs run)
     result = jobs_cli(service, "submit", "--prompts", prompts, "--out", store, "--top-k", "0")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: the service refused the job: top_k: --top-k must be at least 1, got 0"]
