@@ -119,10 +119,9 @@ def serve_round(teacher: str, prompts: str, workdir: str, reference: dict[str, A
             if time.monotonic() > asked + 0.5:
                 finished, asked = _job(service.url, job).get("state") == "done", time.monotonic()
         time.sleep(delay)
-        finished = finished or _job(service.url, job).get("state") == "done"
+        if finished or _job(service.url, job).get("state") == "done":
+            break  # the job ended first: no kill lands, and the final check asks this service
         kill(service.proc)
-        if finished:  # the job ended first: this kill hit nothing
-            break
         result.kills.append(what)
         if log is not None:
             log(f"  serve {name} kill {len(result.kills)}: {what}")
