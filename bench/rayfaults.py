@@ -26,10 +26,10 @@ from faultcampaigns import (
     Campaign,
     Outcome,
     Trigger,
-    _generate_invariants,
     count_entries,
     generate_args,
     run_potstill,
+    store_invariants,
     strays,
 )
 
@@ -78,7 +78,7 @@ def ray_round(teacher: str, prompts: str, workdir: str, reference: dict[str, Any
     delay = round(rng.uniform(0.0, 1.0), 3)
     campaign.kill(args, Trigger(f"kill -9 of the driver {delay:.3f} s after its first commit record", delay=delay,
                                 ready=lambda: count_entries(commits) >= 1), log, store)
-    campaign.violations += _generate_invariants(store, reference, campaign.where(), leftovers_allowed=True)
+    campaign.violations += store_invariants(store, reference, campaign.where(), leftovers_allowed=True)
     campaign.checks += 1
 
     stop, killed = threading.Event(), []
@@ -97,7 +97,7 @@ def ray_round(teacher: str, prompts: str, workdir: str, reference: dict[str, Any
     where = f"{FINAL} ({campaign.where()})"
     if run.returncode != 0:
         campaign.violations.append(f"{where}: exit {run.returncode}: {run.tail(3)}")
-    campaign.violations += _generate_invariants(store, reference, where, leftovers_allowed=False)
+    campaign.violations += store_invariants(store, reference, where, leftovers_allowed=False)
     ids = [] if not os.path.exists(os.path.join(store, "manifest.json")) else _ids(store)
     campaign.lost = len(set(reference) - set(ids))
     campaign.doubled = len(ids) - len(set(ids))
