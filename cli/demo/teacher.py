@@ -20,8 +20,9 @@ SPECIALS = ["<pad>", "<s>", "</s>"]
 TRAIN_SEED, EVAL_SEED = 1234, 99
 
 
-def build_tokenizer(seed: int = 0, vocab_size: int = 300):
-    """Byte-level BPE with one token per digit (so numbers are read digit by digit), BOS added."""
+def build_tokenizer(seed: int = 0, vocab_size: int = 300, *, split_digits: bool = True):
+    """Byte-level BPE with one token per digit (so numbers are read digit by digit), BOS added.
+    `split_digits=False` lets the merges join digits into multi-digit tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,8 +32,9 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 300):
         a, b = rng.randrange(1000, 10000), rng.randrange(1000, 10000)
         corpus.append(arithmetic.question(a, b) + arithmetic.COT_TRIGGER + arithmetic.worked_solution(a, b))
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
