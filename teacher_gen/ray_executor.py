@@ -58,11 +58,11 @@ from potstill.teacher_gen.runner import (
     RecordBuilder,
     Run,
     check_backend,
-    close_run_record,
     load_teacher,
     load_tokenizer,
     make_job,
     record_id,
+    recorded,
     refuse_all_skipped,
 )
 from potstill.teacher_gen.writer import WriterPool
@@ -298,17 +298,9 @@ def generate_on_ray(config: GenerateConfig, *, phases: Phases | None = None,
     started_ray: list[bool] = []  # filled once this call started a local Ray instance (to stop it at the end)
     actors: list[Any] = []
     try:
-        summary = _generate_on_ray(ray, run, config, actors, started_ray, block_records, stats)
-    except BaseException as e:
-        run.phases.end(failed=True)
-        close_run_record(run, None, e)
-        raise
-    else:
-        close_run_record(run, summary, None)
-        return summary
+        with recorded(run):
+            return _generate_on_ray(ray, run, config, actors, started_ray, block_records, stats)
     finally:
-        if run.claim is not None:
-            run.claim.release()
         for actor in actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)

@@ -26,7 +26,7 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -692,22 +692,30 @@ def generate(
     """
     config.validate()
     run = Run(config, should_stop, on_progress, phases, command)
+    with recorded(run):
+        return _generate(run, config, preloaded)
+
+
+@contextlib.contextmanager
+def recorded(run: Run) -> Iterator[None]:
+    """Around a run's whole execution (every executor's): its record in the store is rewritten with how
+    it ended (complete or stopped, as `run.finish` counted it; failed, with the error) and its claim on
+    its share of the prompts is released, whatever happened."""
     try:
-        summary = _generate(run, config, preloaded)
+        yield
     except BaseException as e:
         run.phases.end(failed=True)  # the error's line starts on a line of its own
         close_run_record(run, None, e)
         raise
     else:
-        close_run_record(run, summary, None)
-        return summary
+        close_run_record(run, run.summary, None)
     finally:
         if run.claim is not None:
             run.claim.release()
 
 
 def close_run_record(run: Run, summary: GenerateSummary | None, error: BaseException | None) -> None:
-    """Rewrite the run's record in the store with how it ended (every executor calls this once)."""
+    """Rewrite the run's record in the store with how it ended."""
     if summary is None:
         finish_run_record(run.run_file, run.store, "failed", records=sum(c.records for c in run.failed_commits),
                           error=error)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from common import prompt_rows, write_jsonl
 from genhelpers import config, run_cli
+from storehelpers import committed_ids
 
 from potstill.store import Store, copy_store, verify_store
 from potstill.store.provenance import (
@@ -152,6 +153,28 @@ def test_a_killed_run_is_resumed_and_both_runs_are_recorded(tmp_path, tiny_teach
     status, _ = store_job_status(Store(store))
     assert status.complete and status.committed == status.expected == N
     assert Store(store).manifest.provenance["prompts"]["count"] == N
+
+
+def test_a_failed_run_is_recorded_with_its_error_and_releases_its_share(tmp_path, tiny_teacher_dir):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(N, seed=4))
+    store = str(tmp_path / "s")
+    calls = {"n": 0}
+
+    def fail_after_first_batch() -> bool:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("the teacher's node went away")
+        return False
+
+    with pytest.raises(RuntimeError, match="node went away"):
+        generate(config(tiny_teacher_dir, prompts, store, shard_records=2, batch_tokens=32), should_stop=fail_after_first_batch)
+    [run] = _runs(store)
+    committed = len(committed_ids(store))
+    assert run["state"] == "failed" and "node went away" in run["error"] and run["records"] == committed
+    # its claim on the share was released: a rerun is not refused as overlapping a live run
+    second = generate(config(tiny_teacher_dir, prompts, store, shard_records=2))
+    assert second.records == N - committed
+    assert [r["state"] for r in _runs(store)] == ["failed", "complete"]
 
 
 # -- completeness of a --workers job -------------------------------------------------------------------
