@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 import torch
+from common import bench_setup
 from student_init import make_store, potstill
 from train_step import BenchConfig, interleaved, loader, optimizer, to_device
 
@@ -207,14 +208,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from transformers.utils import logging
-
-    torch.set_num_threads(1)
-    logging.disable_progress_bar()
     from potstill.cli.demo import arithmetic
     from potstill.cli.demo.run import CHECKPOINT
 
-    os.makedirs(args.workdir, exist_ok=True)
+    bench_setup(args)
     store = make_store(args.workdir, CHECKPOINT, args.problems)
     tok_dir = student_tokenizer(os.path.join(args.workdir, "student-tokenizer"), args.student_vocab)
     report: dict[str, Any] = {"settings": vars(args), "load_average": os.getloadavg()}

@@ -240,12 +240,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    import torch
-    from transformers.utils import logging
+    from common import bench_setup
 
-    torch.set_num_threads(1)
-    logging.disable_progress_bar()
-    os.makedirs(args.workdir, exist_ok=True)
+    bench_setup(args)
     started = time.time()
     teachers = {}
     for task in TASKS:
