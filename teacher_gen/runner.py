@@ -21,7 +21,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import secrets
 import sys
 import tempfile
@@ -68,6 +67,7 @@ from potstill.teacher_gen.model_info import TeacherSpec, describe_teacher
 from potstill.teacher_gen.prompts import FieldMap, load_prompts
 from potstill.teacher_gen.provenance import (
     finish_run_record,
+    local_stamp,
     prompt_set_info,
     start_run_record,
     store_provenance,
@@ -192,19 +192,7 @@ def load_tokenizer(config: GenerateConfig) -> Any:
     name = config.tokenizer or config.teacher
     source, gguf = pretrained_source(name)  # a .gguf file holds its tokenizer
     return _tokenizer(name, source, config.revision, config.trust_remote_code, gguf.get("gguf_file"),
-                      _local_stamp(source, gguf.get("gguf_file")))
-
-
-def _local_stamp(source: str, file: str | None) -> tuple:
-    """(name, size, mtime) of a local tokenizer's files, so that a changed folder is loaded again."""
-    paths = [os.path.join(source, file)] if file else (
-        [os.path.join(source, n) for n in sorted(os.listdir(source))] if os.path.isdir(source) else [])
-    stamp = []
-    for path in paths:
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
-            stamp.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
-    return tuple(stamp)
+                      local_stamp(source, gguf.get("gguf_file")))
 
 
 @functools.lru_cache(maxsize=4)
