@@ -8,6 +8,7 @@ both saved to a folder and loaded back with `from_pretrained`, exactly as a user
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -46,6 +47,17 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
+
+
+def bench_setup(args: argparse.Namespace) -> None:
+    """How a training bench starts: torch on one thread (timings comparable on a shared machine), no
+    Hugging Face progress bars in its output, `args.workdir` made."""
+    import torch
+    from transformers.utils import logging
+
+    torch.set_num_threads(1)
+    logging.disable_progress_bar()
+    os.makedirs(args.workdir, exist_ok=True)
 
 
 def build_tokenizer(path: str, vocab_size: int = 384, corpus: list[str] | None = None):

@@ -30,13 +30,13 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
 from typing import Any
 
 import torch
+from common import bench_setup
 from student_init import make_store, potstill
 from train_step import BenchConfig, interleaved, loader, optimizer, to_device
 
@@ -44,26 +44,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def student_tokenizer(path: str, vocab: int, seed: int = 5) -> str:
-    """A byte-level BPE trained on other additions, numbers not split into digits; BOS added like the teacher's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The demo's byte-level BPE trained on other additions, numbers not split into digits."""
+    from potstill.cli.demo.teacher import build_tokenizer
 
-    from potstill.cli.demo import arithmetic
-
-    rng = random.Random(seed)
-    corpus = []
-    for _ in range(2000):
-        a, b = rng.randrange(1000, 10000), rng.randrange(1000, 10000)
-        corpus.append(arithmetic.question(a, b) + arithmetic.COT_TRIGGER + arithmetic.worked_solution(a, b))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(path)
+    build_tokenizer(seed, vocab, split_digits=False).save_pretrained(path)
     return path
 
 
@@ -224,14 +208,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from transformers.utils import logging
-
-    torch.set_num_threads(1)
-    logging.disable_progress_bar()
     from potstill.cli.demo import arithmetic
     from potstill.cli.demo.run import CHECKPOINT
 
-    os.makedirs(args.workdir, exist_ok=True)
+    bench_setup(args)
     store = make_store(args.workdir, CHECKPOINT, args.problems)
     tok_dir = student_tokenizer(os.path.join(args.workdir, "student-tokenizer"), args.student_vocab)
     report: dict[str, Any] = {"settings": vars(args), "load_average": os.getloadavg()}

@@ -152,15 +152,12 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, for_demo if demo else for_smollm2)
 
-    import torch
-    from transformers.utils import logging
+    from common import bench_setup
 
-    torch.set_num_threads(1)
-    logging.disable_progress_bar()
     from potstill.cli.demo import arithmetic
     from potstill.cli.demo.run import CHECKPOINT
 
-    os.makedirs(args.workdir, exist_ok=True)
+    bench_setup(args)
     started = time.time()
     if demo:
         teacher = CHECKPOINT

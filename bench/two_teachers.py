@@ -89,34 +89,21 @@ def train_teacher(out: str, task: str, steps: int, hidden: int, layers: int, see
     from transformers import LlamaForCausalLM
 
     from potstill.cli.demo import arithmetic
-    from potstill.cli.demo.teacher import build_tokenizer, model_config
+    from potstill.cli.demo.teacher import build_tokenizer, model_config, train_on_pairs
 
     torch.manual_seed(seed)
     rng = random.Random(f"teacher-{task}-{seed}")
     tok = build_tokenizer()
     model = LlamaForCausalLM(model_config(len(tok), hidden=hidden, layers=layers))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    for step in range(steps):
+
+    def make_batch() -> list[tuple[str, str]]:
         batch = [problems(task, rng.randrange(1 << 30), 1)[0] for _ in range(32)]
-        prompts = [tok(question(*p) + arithmetic.COT_TRIGGER).input_ids for p in batch]
-        targets = [[*tok(worked_solution(*p), add_special_tokens=False).input_ids, tok.eos_token_id] for p in batch]
-        width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
-        ids = torch.full((len(batch), width), tok.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-            ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-            labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
-            mask[i, : len(p) + len(t)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  teacher {task} step {step}: loss {loss.item():.4f}", file=sys.stderr, flush=True)
+        return [(question(*p) + arithmetic.COT_TRIGGER, worked_solution(*p)) for p in batch]
+
+    train_on_pairs(
+        model, tok, make_batch, steps,
+        log=lambda step, loss: print(f"  teacher {task} step {step}: loss {loss:.4f}", file=sys.stderr, flush=True),
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -253,12 +240,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    import torch
-    from transformers.utils import logging
+    from common import bench_setup
 
-    torch.set_num_threads(1)
-    logging.disable_progress_bar()
-    os.makedirs(args.workdir, exist_ok=True)
+    bench_setup(args)
     started = time.time()
     teachers = {}
     for task in TASKS:

@@ -12,6 +12,7 @@ batches the original store yields. The folder may be local or any fsspec URL, `h
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ LAYOUT = "potstill-published/1"
 PUBLISHED_FILE = "published.json"  # the folder's index: its shards and every file's size and sha256
 DATA_DIR, HIDDEN_DIR = "data", "hidden"
 WRITER_ID = "published"  # the rebuilt store's one writer: its shards sort in the published order
+LOCK_SUFFIX = ".lock"  # beside a rebuilt store's cache folder: held while one process rebuilds it
 
 
 def sha256_file(path: str) -> str:
@@ -63,7 +65,8 @@ def hub_repo(url: str) -> str | None:
 
 def store_from_published(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """The local path of the store `url` (a published folder) was made from, rebuilt in the cache
-    (`cache_dir()/published/<sha256 of published.json>`) the first time it is asked for."""
+    (`cache_dir()/published/<sha256 of published.json>`) the first time it is asked for, by one process:
+    the others that ask for it meanwhile (a torchrun job's ranks) wait for the finished copy."""
     hub_repo(url)  # refuses a malformed hf:// URL in one line
     fs, root = resolve(url, storage_options)
     try:
@@ -83,19 +86,26 @@ def store_from_published(url: str, storage_options: dict[str, Any] | None = None
     store_path = os.path.join(folder, "store")
     if os.path.isdir(store_path):
         return store_path
-    _remove_dead_builds(folder)
-    building = f"{folder}.building-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    os.makedirs(building)
-    try:
-        _rebuild(fs, root, url, index, os.path.join(building, "store"))
-        try:
-            os.rename(building, folder)
-        except OSError:
-            if not os.path.isdir(store_path):  # not another process's finished copy
-                raise
-    finally:
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    # One rebuild per machine: the other processes that ask for it meanwhile (the ranks of a torchrun job)
+    # wait here for the finished copy. A builder that dies frees the lock, and the next one rebuilds.
+    with open(f"{folder}{LOCK_SUFFIX}", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(store_path):
+            return store_path
+        _remove_dead_builds(folder)
+        building = f"{folder}.building-{os.getpid()}"
         shutil.rmtree(building, ignore_errors=True)
+        os.makedirs(building)
+        try:
+            _rebuild(fs, root, url, index, os.path.join(building, "store"))
+            try:
+                os.rename(building, folder)
+            except OSError:
+                if not os.path.isdir(store_path):  # not a finished copy of a process the lock did not hold off
+                    raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
     return store_path
 
 

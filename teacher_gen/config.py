@@ -64,6 +64,9 @@ class GenerateConfig:
         None, shown_default="none (required to publish)",
         help="Licence of the data this run writes: an SPDX id (apache-2.0, cc-by-4.0) or free text; recorded "
              "in the store's provenance beside the teacher's own licence (from its model card).")
+    hash_teacher: bool = setting(
+        False, help="Record the sha256 of a local teacher's files in the store's provenance (one more read of "
+                    "the whole model); without it a local teacher is recorded by its files' sizes and times.")
 
     # -- what is captured ----------------------------------------------------------------------
     top_k: int = setting(64, help="Top-k log-probs kept per position.")

@@ -1,8 +1,9 @@
 """What a generate run records about where its store came from (format §10, `potstill.store.provenance`).
 
 - `store_provenance`: the manifest's `provenance`, built once by the run that creates the store: the
-  teacher as named (hub id and resolved revision, or the sha256 of its file or folder), tokenizer and
-  chat-template hashes, the prompt set, every setting, `--license` and the teacher's own licence.
+  teacher as named (hub id and resolved revision, or its local files' sizes and times, and with
+  `--hash-teacher` their sha256), tokenizer and chat-template hashes, the prompt set, every setting,
+  `--license` and the teacher's own licence.
 - `start_run_record` / `finish_run_record`: the run's own file, `runs/<writer>.<start>.json`, written
   when it starts and rewritten when it ends. Any executor that runs generate calls these two.
 
@@ -11,6 +12,7 @@ Nothing here reads the environment, and settings and command lines are recorded 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -29,7 +31,7 @@ from potstill.store.provenance import (
     redact_settings,
 )
 from potstill.teacher_gen.config import GenerateConfig
-from potstill.teacher_gen.gguf import file_sha256, is_gguf
+from potstill.teacher_gen.gguf import file_sha256, is_gguf, pretrained_source
 from potstill.teacher_gen.prompts import PromptSet
 
 
@@ -60,14 +62,33 @@ def store_provenance(config: GenerateConfig, manifest: StoreManifest, prompts: d
 
 
 def teacher_identity(config: GenerateConfig) -> dict[str, Any]:
-    """{name, revision, sha256}: a hub teacher by its id and the commit its files came from; a local
-    .gguf file or folder by the sha256 of its bytes (a folder: of its files' paths and sha256s)."""
+    """{name, revision, sha256, files}: a hub teacher by its id and the commit its files came from; a local
+    .gguf file or folder by its files' names, sizes and modification times (`files`), which loading it
+    reads anyway, and with `--hash-teacher` also by the sha256 of its bytes (a folder: of its files'
+    paths and sha256s), one more read of the whole model."""
     name = config.teacher
-    if os.path.isfile(name):
-        return {"name": name, "revision": None, "sha256": _file_digest(os.path.abspath(name), *_stamp(name))}
-    if os.path.isdir(name):
-        return {"name": name, "revision": None, "sha256": folder_sha256(name)}
-    return {"name": redact(name), "revision": hub_revision(name, config.revision) or config.revision, "sha256": None}
+    if os.path.isfile(name) or os.path.isdir(name):
+        source, gguf = pretrained_source(name)
+        files = [{"path": n, "bytes": size, "mtime_ns": mtime} for n, size, mtime in local_stamp(source, gguf.get("gguf_file"))]
+        digest = None
+        if config.hash_teacher:
+            digest = _file_digest(os.path.abspath(name), *_stamp(name)) if os.path.isfile(name) else folder_sha256(name)
+        return {"name": name, "revision": None, "sha256": digest, "files": files}
+    return {"name": redact(name), "revision": hub_revision(name, config.revision) or config.revision, "sha256": None,
+            "files": None}
+
+
+def local_stamp(source: str, file: str | None) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime_ns) of a local model's files: `file` in folder `source`, else the entries of
+    folder `source`; none for a hub name. A changed model changes it without a read of its bytes."""
+    paths = [os.path.join(source, file)] if file else (
+        [os.path.join(source, n) for n in sorted(os.listdir(source))] if os.path.isdir(source) else [])
+    stamp = []
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            stamp.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 def _stamp(path: str) -> tuple[int, int]:

@@ -58,11 +58,11 @@ from potstill.teacher_gen.runner import (
     RecordBuilder,
     Run,
     check_backend,
-    close_run_record,
     load_teacher,
     load_tokenizer,
     make_job,
     record_id,
+    recorded,
     refuse_all_skipped,
 )
 from potstill.teacher_gen.writer import WriterPool
@@ -296,27 +296,17 @@ def generate_on_ray(config: GenerateConfig, *, phases: Phases | None = None,
     if config.writer_id is None:
         run.summary.writer_id = f"ray-run-{secrets.token_hex(4)}"
     started_ray: list[bool] = []  # filled once this call started a local Ray instance (to stop it at the end)
-    actors: list[Any] = []
+    pool = ActorPool(ray)
     try:
-        summary = _generate_on_ray(ray, run, config, actors, started_ray, block_records, stats)
-    except BaseException as e:
-        run.phases.end(failed=True)
-        close_run_record(run, None, e)
-        raise
-    else:
-        close_run_record(run, summary, None)
-        return summary
+        with recorded(run):
+            return _generate_on_ray(ray, run, config, pool, started_ray, block_records, stats)
     finally:
-        if run.claim is not None:
-            run.claim.release()
-        for actor in actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
+        pool.close()
         if started_ray:
             ray.shutdown()
 
 
-def _generate_on_ray(ray: Any, run: Run, config: GenerateConfig, actors: list[Any], started_ray: list[bool],
+def _generate_on_ray(ray: Any, run: Run, config: GenerateConfig, pool: ActorPool, started_ray: list[bool],
                      block_records: int | None, stats: dict[str, float] | None) -> GenerateSummary:
     tokenizer, _, _, _, encoded = run.prepare()
     if run.store is not None:
@@ -333,8 +323,7 @@ def _generate_on_ray(ray: Any, run: Run, config: GenerateConfig, actors: list[An
     if _connect(ray, config):
         started_ray.append(True)
     run.phases.begin("load teacher (on the actors)")
-    pool = ActorPool(ray, config)
-    actors.extend(pool.actors)
+    pool.start(config)
     pool.wait_first_ready()
     if run.store is None:
         run.phases.begin("create store")
@@ -400,8 +389,16 @@ class ActorPool:
     """The teacher actors. They are used as they become ready (an autoscaling cluster adds nodes for
     the ones that do not fit yet); one that Ray cannot restart any more is dropped."""
 
-    def __init__(self, ray: Any, config: GenerateConfig) -> None:
+    def __init__(self, ray: Any) -> None:
         self.ray = ray
+        self.actors: list[Any] = []  # every actor started, ready or not: what `close` kills
+        self.pending: dict[Any, Any] = {}  # ready refs not answered yet, and their actors
+        self.ready: list[Any] = []
+        self.errors: list[str] = []
+
+    def start(self, config: GenerateConfig) -> None:
+        """Start the actors (one per GPU of the cluster by default); each loads the teacher meanwhile."""
+        ray = self.ray
         gpus = config.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -415,10 +412,10 @@ class ActorPool:
         # makes a repeat harmless); a block that fails more often than that comes back to the driver.
         remote = ray.remote(_OverlappingBlockWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                                                  max_task_retries=MAX_ATTEMPTS - 1)
-        self.actors = [remote.remote(actor_config) for _ in range(count)]
-        self.pending = {actor.ready.remote(): actor for actor in self.actors}  # ready refs not answered yet
-        self.ready: list[Any] = []
-        self.errors: list[str] = []
+        for _ in range(count):  # each listed as it starts: one started before a failure is still killed
+            actor = remote.remote(actor_config)
+            self.actors.append(actor)
+            self.pending[actor.ready.remote()] = actor
 
     def poll(self, timeout: float = 0.0) -> None:
         """Take in the actors that answered `ready` (an actor whose teacher did not load is killed)."""
@@ -443,6 +440,12 @@ class ActorPool:
             if not self.pending:
                 raise GenerateError(f"no Ray actor could load the teacher: {self.errors[0] if self.errors else 'unknown'}")
             self.poll(timeout=WAIT_S)
+
+    def close(self) -> None:
+        """Kill every actor this pool started (at the run's end, whatever happened)."""
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor, no_restart=True)
 
     def drop(self, actor: Any) -> None:
         """An actor Ray could not keep alive (restarted too often, its node gone): no more blocks go to it."""

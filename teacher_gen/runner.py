@@ -21,12 +21,11 @@ import contextlib
 import functools
 import json
 import math
-import os
 import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -68,6 +67,7 @@ from potstill.teacher_gen.model_info import TeacherSpec, describe_teacher
 from potstill.teacher_gen.prompts import FieldMap, load_prompts
 from potstill.teacher_gen.provenance import (
     finish_run_record,
+    local_stamp,
     prompt_set_info,
     start_run_record,
     store_provenance,
@@ -192,19 +192,7 @@ def load_tokenizer(config: GenerateConfig) -> Any:
     name = config.tokenizer or config.teacher
     source, gguf = pretrained_source(name)  # a .gguf file holds its tokenizer
     return _tokenizer(name, source, config.revision, config.trust_remote_code, gguf.get("gguf_file"),
-                      _local_stamp(source, gguf.get("gguf_file")))
-
-
-def _local_stamp(source: str, file: str | None) -> tuple:
-    """(name, size, mtime) of a local tokenizer's files, so that a changed folder is loaded again."""
-    paths = [os.path.join(source, file)] if file else (
-        [os.path.join(source, n) for n in sorted(os.listdir(source))] if os.path.isdir(source) else [])
-    stamp = []
-    for path in paths:
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
-            stamp.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
-    return tuple(stamp)
+                      local_stamp(source, gguf.get("gguf_file")))
 
 
 @functools.lru_cache(maxsize=4)
@@ -692,22 +680,30 @@ def generate(
     """
     config.validate()
     run = Run(config, should_stop, on_progress, phases, command)
+    with recorded(run):
+        return _generate(run, config, preloaded)
+
+
+@contextlib.contextmanager
+def recorded(run: Run) -> Iterator[None]:
+    """Around a run's whole execution (every executor's): its record in the store is rewritten with how
+    it ended (complete or stopped, as `run.finish` counted it; failed, with the error) and its claim on
+    its share of the prompts is released, whatever happened."""
     try:
-        summary = _generate(run, config, preloaded)
+        yield
     except BaseException as e:
         run.phases.end(failed=True)  # the error's line starts on a line of its own
         close_run_record(run, None, e)
         raise
     else:
-        close_run_record(run, summary, None)
-        return summary
+        close_run_record(run, run.summary, None)
     finally:
         if run.claim is not None:
             run.claim.release()
 
 
 def close_run_record(run: Run, summary: GenerateSummary | None, error: BaseException | None) -> None:
-    """Rewrite the run's record in the store with how it ended (every executor calls this once)."""
+    """Rewrite the run's record in the store with how it ended."""
     if summary is None:
         finish_run_record(run.run_file, run.store, "failed", records=sum(c.records for c in run.failed_commits),
                           error=error)

@@ -70,3 +70,22 @@ def test_demo_rerun_into_same_folder_starts_over(tmp_path):
     # the store holds this run's problems only (a resumed store would still hold 20), user files stay
     assert len(list(open_store(str(out / "rationale.store")).iter_records())) == 12
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_demo_tokenizer_reads_numbers_digit_by_digit_unless_told_not_to():
+    """build_tokenizer rebuilds the shipped teacher's tokenizer; bench/cross_tokenizer.py's student
+    tokenizer is the same recipe without the digit split, so its merges join a digit
+    to others or to a space."""
+    from transformers import AutoTokenizer
+
+    from potstill.cli.demo.run import CHECKPOINT
+    from potstill.cli.demo.teacher import build_tokenizer
+
+    text = "What is 4821 + 9377?\n8+7+1=16, write 6 carry 1."
+    split = build_tokenizer()
+    assert split.get_vocab() == AutoTokenizer.from_pretrained(CHECKPOINT).get_vocab()
+    digits = [split.decode([t]) for t in split(text, add_special_tokens=False).input_ids]
+    assert [p for p in digits if any(c.isdigit() for c in p)] == list("482193778711661")
+    joined = build_tokenizer(5, 320, split_digits=False)
+    pieces = [joined.decode([t]) for t in joined(text, add_special_tokens=False).input_ids]
+    assert "".join(pieces) == text and {" 4", "16"} <= set(pieces)  # tokens the teacher never names

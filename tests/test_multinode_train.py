@@ -14,14 +14,12 @@ bitwise equal, and the test asserts exactly that.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
-from common import build_student
-from trainhelpers import arithmetic_items, build_teacher_store, copy_teacher
+from trainhelpers import teacherless_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -30,13 +28,7 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_teacher_dir, tiny_tokenizer_dir) -> dict:
-    root = tmp_path_factory.mktemp("nodes")
-    teacher = copy_teacher(tiny_teacher_dir, str(root / "teacher"))
-    store = str(root / "store")
-    build_teacher_store(store, teacher, arithmetic_items(48, seed=2), shard_records=20)
-    shutil.rmtree(teacher)
-    student = build_student(str(root / "student"), tiny_tokenizer_dir, hidden=16)
-    return {"root": root, "store": store, "student": student}
+    return teacherless_setup(tmp_path_factory.mktemp("nodes"), tiny_teacher_dir, tiny_tokenizer_dir, seed=2)
 
 
 def train_args(setup: dict, out: str, *, grad_accum: int, workers: int) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from common import prompt_rows, write_jsonl
 from genhelpers import config, run_cli
+from storehelpers import committed_ids
 
 from potstill.store import Store, copy_store, verify_store
 from potstill.store.provenance import (
@@ -95,7 +96,11 @@ def test_provenance_is_written_kept_by_copy_and_resume_and_holds_no_secret(tmp_p
     manifest = json.loads(Path(store, "manifest.json").read_text())
     p = manifest["provenance"]
     assert p["license"] == "cc-by-4.0" and p["teacher_license"] == "mit"
-    assert p["teacher"]["name"] == teacher and p["teacher"]["sha256"].startswith("sha256:")
+    # a local teacher by its files' sizes and times (what loading it reads), not a hash of its weights
+    assert p["teacher"]["name"] == teacher and p["teacher"]["sha256"] is None
+    assert p["teacher"]["files"] == [{"path": n, "bytes": os.stat(os.path.join(teacher, n)).st_size,
+                                      "mtime_ns": os.stat(os.path.join(teacher, n)).st_mtime_ns}
+                                     for n in sorted(os.listdir(teacher))]
     assert p["prompts"] == {"fingerprint": "sha256:" + hashlib.sha256(Path(prompts).read_bytes()).hexdigest(),
                             "count": N, "num_samples": 1}
     assert p["tokenizer_sha256"] == manifest["tokenizer"]["fingerprint"]
@@ -124,8 +129,26 @@ def test_provenance_is_written_kept_by_copy_and_resume_and_holds_no_secret(tmp_p
 
     info = run_cli(["store", "info", copy])
     assert info.returncode == 0, info.stderr
+    assert f"teacher {teacher} (local, {len(os.listdir(teacher))} files)" in info.stdout
     assert "licence      cc-by-4.0; the teacher's: mit" in info.stdout
     assert f"{N} of {N} records committed" in info.stdout and "complete" in info.stdout
+
+
+def test_hash_teacher_records_the_sha256_of_a_local_teachers_files(tmp_path, tiny_teacher_dir):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(4, seed=3))
+    store = str(tmp_path / "s")
+    proc = run_cli([*_args(tiny_teacher_dir, prompts, store), "--hash-teacher"])
+    assert proc.returncode == 0, proc.stderr
+    teacher = json.loads(Path(store, "manifest.json").read_text())["provenance"]["teacher"]
+    lines = []  # format §10.1: `<relative path> sha256:<hex>` per file, in path order
+    for root, dirs, files in os.walk(tiny_teacher_dir):
+        dirs.sort()
+        for f in sorted(files):
+            full = os.path.join(root, f)
+            rel = os.path.relpath(full, tiny_teacher_dir).replace(os.sep, "/")
+            lines.append(f"{rel} sha256:{hashlib.sha256(Path(full).read_bytes()).hexdigest()}\n")
+    assert teacher["sha256"] == "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+    assert [f["path"] for f in teacher["files"]] == sorted(os.listdir(tiny_teacher_dir))
 
 
 def test_a_killed_run_is_resumed_and_both_runs_are_recorded(tmp_path, tiny_teacher_dir):
@@ -152,6 +175,28 @@ def test_a_killed_run_is_resumed_and_both_runs_are_recorded(tmp_path, tiny_teach
     status, _ = store_job_status(Store(store))
     assert status.complete and status.committed == status.expected == N
     assert Store(store).manifest.provenance["prompts"]["count"] == N
+
+
+def test_a_failed_run_is_recorded_with_its_error_and_releases_its_share(tmp_path, tiny_teacher_dir):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(N, seed=4))
+    store = str(tmp_path / "s")
+    calls = {"n": 0}
+
+    def fail_after_first_batch() -> bool:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("the teacher's node went away")
+        return False
+
+    with pytest.raises(RuntimeError, match="node went away"):
+        generate(config(tiny_teacher_dir, prompts, store, shard_records=2, batch_tokens=32), should_stop=fail_after_first_batch)
+    [run] = _runs(store)
+    committed = len(committed_ids(store))
+    assert run["state"] == "failed" and "node went away" in run["error"] and run["records"] == committed
+    # its claim on the share was released: a rerun is not refused as overlapping a live run
+    second = generate(config(tiny_teacher_dir, prompts, store, shard_records=2))
+    assert second.records == N - committed
+    assert [r["state"] for r in _runs(store)] == ["failed", "complete"]
 
 
 # -- completeness of a --workers job -------------------------------------------------------------------

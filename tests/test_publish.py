@@ -251,18 +251,18 @@ def test_a_damaged_published_file_is_named_in_one_line_and_nothing_is_cached(tmp
     damaged = bytearray(good)
     damaged[len(damaged) // 2] ^= 1
     victim.write_bytes(bytes(damaged))
+    key = hashlib.sha256(Path(folder, "published.json").read_bytes()).hexdigest()[:32]
     with pytest.raises(StoreError, match=f"{index['shards'][1]['hidden']}: fails its sha256 check"):
         store_from_published(folder)
     cache = tmp_path / "cache" / "published"
-    assert os.listdir(cache) == []  # no half-built store left to be found
+    assert os.listdir(cache) == [f"{key}.lock"]  # no half-built store left to be found (the lock of its rebuilds)
 
     # what a rebuild killed part-way left (its process gone) is removed by the next rebuild
     victim.write_bytes(good)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    key = hashlib.sha256(Path(folder, "published.json").read_bytes()).hexdigest()[:32]
     os.makedirs(cache / f"{key}.building-{int(dead.stdout)}" / "store")
     assert store_from_published(folder) == str(cache / key / "store")
-    assert os.listdir(cache) == [key]
+    assert sorted(os.listdir(cache)) == [key, f"{key}.lock"]
 
     Path(folder, "published.json").write_text("not json")
     with pytest.raises(StoreError, match="published.json: not a potstill-published/1 index"):
@@ -283,6 +283,48 @@ def test_hub_urls_are_parsed_and_dispatched_to_the_published_reader():
     phase, error = train.stderr.strip().splitlines()  # the start-up phase that failed, then the error
     assert phase.startswith("rebuild the published dataset's store ... failed"), phase
     assert error.startswith("error: hf://datasets/me/targets: cannot be read") and "offline" in error, error
+
+
+# One process of several asking at once (a torchrun job's ranks) rebuilds; `_rebuild` is wrapped to count its
+# calls and to last long enough for the others to ask meanwhile.
+ASK_AT_ONCE = """
+import os, sys, time
+import potstill.store.published as published
+folder, log, go = sys.argv[1:]
+rebuild = published._rebuild
+def counted(*args):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(1.0)
+    return rebuild(*args)
+published._rebuild = counted
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.01)
+print(published.store_from_published(folder))
+"""
+
+
+def test_processes_asking_for_a_published_folder_at_once_rebuild_it_once(tmp_path):
+    url = make_store(str(tmp_path / "s.store"), "topk", "packed", False)
+    folder = str(tmp_path / "pub")
+    publish_store(open_store(url), folder, license="mit")
+    log, go = tmp_path / "rebuilds", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", ASK_AT_ONCE, folder, str(log), str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 3
+        go.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    [path] = {out.strip() for out, _ in outs}
+    assert len(log.read_text().split()) == 1  # one rebuild; the other two waited for it and use the same copy
+    assert path.startswith(str(tmp_path / "cache")) and verify_store(path).ok
+    assert sorted(r.id for r in open_store(path).iter_records()) == sorted(r.id for r in open_store(url).iter_records())
 
 
 def test_train_reads_a_published_folder_given_as_its_store(tmp_path):

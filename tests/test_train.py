@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from common import build_student
-from trainhelpers import arithmetic_items, build_teacher_store, copy_teacher, crash_at
+from trainhelpers import crash_at, teacherless_setup
 from transformers import TrainerCallback
 
 from potstill.student_train import CompatibilityError, ConfigError, TrainConfig, build_config, evaluate, train
@@ -22,14 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_teacher_dir, tiny_tokenizer_dir) -> dict:
-    """A store made from a private teacher copy, which is then deleted; a student to train."""
-    root = tmp_path_factory.mktemp("train")
-    teacher = copy_teacher(tiny_teacher_dir, str(root / "teacher"))
-    store = str(root / "store")
-    build_teacher_store(store, teacher, arithmetic_items(48, seed=1), shard_records=20)
-    shutil.rmtree(teacher)  # from here on, only the store knows the teacher
-    student = build_student(str(root / "student"), tiny_tokenizer_dir, hidden=16)
-    return {"root": root, "store": store, "student": student, "tokenizer": tiny_tokenizer_dir}
+    return teacherless_setup(tmp_path_factory.mktemp("train"), tiny_teacher_dir, tiny_tokenizer_dir, seed=1)
 
 
 def config(setup: dict, out: str, **overrides) -> TrainConfig:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
+from common import build_student
 
 from potstill.store import (
     HiddenLayer,
@@ -129,6 +132,17 @@ def copy_teacher(src: str, dst: str) -> str:
 
     shutil.copytree(src, dst)
     return os.path.abspath(dst)
+
+
+def teacherless_setup(root: Path, teacher_dir: str, tokenizer_dir: str, *, seed: int) -> dict:
+    """A store of 48 records made from a private teacher copy, which is then deleted (from there on only
+    the store knows the teacher), and a student to train from it."""
+    teacher = copy_teacher(teacher_dir, str(root / "teacher"))
+    store = str(root / "store")
+    build_teacher_store(store, teacher, arithmetic_items(48, seed=seed), shard_records=20)
+    shutil.rmtree(teacher)
+    student = build_student(str(root / "student"), tokenizer_dir, hidden=16)
+    return {"root": root, "store": store, "student": student, "tokenizer": tokenizer_dir}
 
 
 def crash_at(step: int):

@@ -12,6 +12,7 @@ import argparse
 import os
 import random
 import time
+from collections.abc import Callable
 
 from potstill.cli.demo import arithmetic
 
@@ -19,8 +20,9 @@ SPECIALS = ["<pad>", "<s>", "</s>"]
 TRAIN_SEED, EVAL_SEED = 1234, 99
 
 
-def build_tokenizer(seed: int = 0, vocab_size: int = 300):
-    """Byte-level BPE with one token per digit (so numbers are read digit by digit), BOS added."""
+def build_tokenizer(seed: int = 0, vocab_size: int = 300, *, split_digits: bool = True):
+    """Byte-level BPE with one token per digit (so numbers are read digit by digit), BOS added.
+    `split_digits=False` lets the merges join digits into multi-digit tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,8 +32,9 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 300):
         a, b = rng.randrange(1000, 10000), rng.randrange(1000, 10000)
         corpus.append(arithmetic.question(a, b) + arithmetic.COT_TRIGGER + arithmetic.worked_solution(a, b))
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -63,26 +66,25 @@ def model_config(vocab_size: int, hidden: int, layers: int, heads: int = 4):
     )
 
 
-def train_teacher(out: str, *, steps: int = 1600, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> float:
-    """Train the teacher with plain next-token cross-entropy on worked solutions; returns accuracy."""
+def train_on_pairs(
+    model, tok, make_batch: Callable[[], list[tuple[str, str]]], steps: int, *, lr: float = 3e-3,
+    log: Callable[[int, float], None] | None = None,
+) -> None:
+    """Cross-entropy on the answer of each (prompt, answer) pair that `make_batch` returns, the prompt
+    masked out: AdamW, gradients clipped at 1, a one-cycle schedule. `log(step, loss)` every 100 steps
+    and at the last."""
     import torch
-    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    rng = random.Random(TRAIN_SEED)
-    tok = build_tokenizer()
-    model = LlamaForCausalLM(model_config(len(tok), hidden=128, layers=4))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    start = time.time()
     for step in range(steps):
-        pairs = [(rng.randrange(1000, 10000), rng.randrange(1000, 10000)) for _ in range(batch)]
-        prompts = [tok(arithmetic.question(a, b) + arithmetic.COT_TRIGGER).input_ids for a, b in pairs]
-        targets = [[*tok(arithmetic.worked_solution(a, b), add_special_tokens=False).input_ids, tok.eos_token_id] for a, b in pairs]
+        pairs = make_batch()
+        prompts = [tok(p).input_ids for p, _ in pairs]
+        targets = [[*tok(a, add_special_tokens=False).input_ids, tok.eos_token_id] for _, a in pairs]
         width = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
-        ids = torch.full((batch, width), tok.pad_token_id)
-        labels = torch.full((batch, width), -100)
-        mask = torch.zeros((batch, width), dtype=torch.long)
+        ids = torch.full((len(pairs), width), tok.pad_token_id)
+        labels = torch.full((len(pairs), width), -100)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
         for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
             ids[i, : len(p) + len(t)] = torch.tensor(p + t)
             labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
@@ -93,8 +95,29 @@ def train_teacher(out: str, *, steps: int = 1600, batch: int = 32, lr: float = 3
         opt.step()
         sched.step()
         opt.zero_grad()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)
+        if log is not None and (step % 100 == 0 or step == steps - 1):
+            log(step, loss.item())
+
+
+def train_teacher(out: str, *, steps: int = 1600, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> float:
+    """Train the teacher with plain next-token cross-entropy on worked solutions; returns accuracy."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rng = random.Random(TRAIN_SEED)
+    tok = build_tokenizer()
+    model = LlamaForCausalLM(model_config(len(tok), hidden=128, layers=4))
+
+    def make_batch() -> list[tuple[str, str]]:
+        pairs = [(rng.randrange(1000, 10000), rng.randrange(1000, 10000)) for _ in range(batch)]
+        return [(arithmetic.question(a, b) + arithmetic.COT_TRIGGER, arithmetic.worked_solution(a, b)) for a, b in pairs]
+
+    start = time.time()
+    train_on_pairs(
+        model, tok, make_batch, steps, lr=lr,
+        log=lambda step, loss: print(f"step {step:5d}  loss {loss:.4f}  {time.time() - start:.0f}s", flush=True),
+    )
     model.eval()
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)

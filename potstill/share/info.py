@@ -114,8 +114,10 @@ def provenance_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     p = info.get("provenance")
     if p:
         teacher = p.get("teacher") or {}
+        files = teacher.get("files") if isinstance(teacher.get("files"), list) else None
         which = (f"revision {teacher['revision']}" if teacher.get("revision")
-                 else f"{str(teacher.get('sha256'))[:23]}" if teacher.get("sha256") else "revision not known")
+                 else f"{str(teacher.get('sha256'))[:23]}" if teacher.get("sha256")
+                 else f"local, {len(files)} files" if files is not None else "revision not known")
         rows.append(("provenance", f"teacher {teacher.get('name')} ({which}); created {p.get('created')} by potstill "
                                    f"{p.get('potstill_version')}"))
         prompts = p.get("prompts") or {}
