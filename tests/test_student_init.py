@@ -233,7 +233,7 @@ def test_the_bench_runs_on_the_real_teacher_at_a_tiny_size(tmp_path) -> None:
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "student_init.py")
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, bench, "--teacher", "smollm2", "--workdir", str(tmp_path / "w"),
-                           "--records", "6", "--steps", "1", "--batch-size", "2", "--layers", "2", "--json", str(out)],
+                           "--records", "8", "--steps", "1", "--batch-size", "2", "--layers", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
