@@ -349,7 +349,7 @@ def test_potstill_train_from_the_published_folder_matches_training_from_the_stor
     url = str(tmp_path / "t.store")
     build_teacher_store(url, tiny_teacher_dir, arithmetic_items(24), shard_records=8)
     folder = str(tmp_path / "pub")
-    publish_store(open_store(url), folder, license="mit")  # (`store publish` as a command: tests above)
+    assert potstill("store", "publish", url, folder, "--license", "mit").returncode == 0
     student = build_student(str(tmp_path / "student"), tiny_tokenizer_dir, hidden=16)
     curves = []
     for source, out in ((url, "from-store"), (folder, "from-folder")):
