@@ -64,3 +64,11 @@ def real_teacher():
     from realmodel import fetch_real_teacher
 
     return fetch_real_teacher()
+
+
+@pytest.fixture(scope="session")
+def readme_path(tmp_path_factory, tiny_teacher_dir) -> dict:
+    """The README's commands with only their required flags, run once (tests/readmepath.py)."""
+    from readmepath import run_readme_path
+
+    return run_readme_path(tmp_path_factory.mktemp("readme"), tiny_teacher_dir)

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import typing
 
 import click
 import pytest
 import typer
-from common import prompt_rows, write_jsonl
+from readmepath import DEMO_TYPED
 
 from potstill.cli.main import app
 from potstill.cli.reference import COMMANDS
@@ -36,14 +33,6 @@ from potstill.settings import (
 )
 from potstill.student_train.config import EvalConfig, TrainConfig
 from potstill.teacher_gen.config import GenerateConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# `python -m potstill.cli.main`, with every warning raised from potstill's own modules an error
-# (a library's warning attributed to our call, through its stacklevel, counts as ours).
-STRICT = ("import runpy, sys, warnings; warnings.filterwarnings('error', module=r'potstill(\\.|$)'); "
-          "sys.argv = ['potstill', *sys.argv[1:]]; runpy.run_module('potstill.cli.main', run_name='__main__')")
-# What a warning looks like in a run's output, whatever printed it (Python's warnings, a library's logger).
-WARNING_WORDS = ("Warning:", "warning:", "WARNING", "deprecated", "Deprecat")
 
 
 def command(name: str) -> tuple[click.Command, click.Context]:
@@ -90,36 +79,7 @@ def test_help_shows_each_default_and_loading_nothing_keeps_it(name, cls):
         assert "loader workers" not in threads_help
 
 
-# -- the README's path, for real -------------------------------------------------------------------
-def strict_cli(args: list[str], cwd: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """A `potstill` command with potstill's warnings as errors; its output must hold no warning."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run([sys.executable, "-c", STRICT, *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=timeout)
-    assert done.returncode == 0, (args, done.stderr[-3000:])
-    for line in (done.stdout + done.stderr).splitlines():
-        assert not any(word in line for word in WARNING_WORDS), (args, line)
-    return done
-
-
-@pytest.fixture(scope="module")
-def readme_path(tmp_path_factory, tiny_teacher_dir) -> dict[str, typing.Any]:
-    """The README's commands with only their required flags, as a new user types them first."""
-    work = tmp_path_factory.mktemp("readme")
-    write_jsonl(str(work / "prompts.jsonl"), prompt_rows(24, seed=4))
-    out: dict[str, typing.Any] = {"dir": work}
-    strict_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", "prompts.jsonl", "--out", "run1.store"], str(work))
-    strict_cli(["student", "init", "--teacher", tiny_teacher_dir, "--layers", "1", "--out", "student-init"], str(work))
-    strict_cli(["train", "--store", "run1.store", "--student", "student-init", "--out", "student"], str(work))
-    out["eval"] = json.loads(strict_cli(["eval", "--store", "run1.store", "--student", "student", "--json"],
-                                        str(work)).stdout)
-    for args in (["store", "info", "run1.store"], ["store", "verify", "run1.store"],
-                 ["store", "report", "run1.store"], ["store", "export", "run1.store", "--to", "t.parquet"]):
-        strict_cli(args, str(work))
-    strict_cli(["demo", "--train-problems", "24", "--eval-problems", "5", "--student-steps", "2"], str(work))
-    return out
-
-
+# -- the README's path, for real (run once for the session: tests/readmepath.py) ----------------------
 def test_the_readme_path_runs_with_no_warning_and_writes_what_it_says(readme_path):
     work = readme_path["dir"]
     for made in ("run1.store", "student-init/config.json", "student/training_report.json", "report.html",
@@ -173,7 +133,6 @@ def test_the_demo_records_the_defaults_help_shows(readme_path):
     from potstill.cli.demo.run import DemoConfig
 
     report = json.loads((readme_path["dir"] / "potstill-demo" / "report.json").read_text())
-    typed = {"train_problems": 24, "eval_problems": 5, "student_steps": 2}
     for f, _ in fields_of(DemoConfig):
-        assert report["settings"][f.name] == typed.get(f.name, f.default), f.name
+        assert report["settings"][f.name] == DEMO_TYPED.get(f.name, f.default), f.name
     assert report["settings"]["threads"] == auto_threads()  # --threads auto, as its help counts it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from typer.testing import CliRunner
 
@@ -61,13 +62,16 @@ def test_demo_small_run_writes_report_and_real_stores(tmp_path):
         assert (abs(pixels[..., :3] - to_rgb(colour)) < 0.02).all(axis=-1).sum() > 50, colour
 
 
-def test_demo_rerun_into_same_folder_starts_over(tmp_path):
+def test_demo_rerun_into_same_folder_starts_over(readme_path, tmp_path):
+    # The first run is the README path's demo (24 problems), rerun here in a copy of its folder.
     out = tmp_path / "demo"
-    base = ["demo", "--out", str(out), "--student-steps", "1", "--eval-problems", "5", "--threads", "1"]
-    assert CliRunner().invoke(app, [*base, "--train-problems", "20"]).exit_code == 0
+    shutil.copytree(readme_path["dir"] / "potstill-demo", out)
+    assert len(list(open_store(str(out / "rationale.store")).iter_records())) == 24
     (out / "keep.txt").write_text("mine")
-    assert CliRunner().invoke(app, [*base, "--train-problems", "12"]).exit_code == 0
-    # the store holds this run's problems only (a resumed store would still hold 20), user files stay
+    args = ["demo", "--out", str(out), "--student-steps", "1", "--eval-problems", "5", "--threads", "1",
+            "--train-problems", "12"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    # the store holds this run's problems only (a resumed store would still hold 24), user files stay
     assert len(list(open_store(str(out / "rationale.store")).iter_records())) == 12
     assert (out / "keep.txt").read_text() == "mine"
 

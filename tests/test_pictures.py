@@ -14,13 +14,14 @@ import pytest
 from browser import find_chromium, load_page
 from common import write_jsonl
 from figcheck import problems
-from genhelpers import run_cli
+from genhelpers import config
 from storehelpers import build_store
 from test_plots import history
 
 from potstill.share.report import ReportConfig, collect_stats, report_figures, write_report
 from potstill.store import open_store
 from potstill.student_train.plots import comparison_figure, loss_curve_figure
+from potstill.teacher_gen.runner import generate
 
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
@@ -130,9 +131,7 @@ def test_the_default_reference_is_found_in_a_store_made_with_default_field_names
             for i in range(6)]
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), rows)
     store = str(tmp_path / "s")
-    made = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store, "--mode", "generate",
-                    "--rationale", "--max-new-tokens", "6", "--device", "cpu", "--no-progress", "--threads", "1"])
-    assert made.returncode == 0, made.stderr[-2000:]
+    generate(config(tiny_teacher_dir, prompts, store, mode="generate", rationale=True, max_new_tokens=6))
     stats = collect_stats(open_store(store), ReportConfig())
     assert stats.rationale_records == 6 and stats.with_reference == 6
     references = [e["reference"] for e in stats.examples]

@@ -14,7 +14,6 @@ import click
 import pytest
 import typer
 import yaml
-from common import prompt_rows, write_jsonl
 from genhelpers import run_cli
 
 from potstill.cli import reference
@@ -251,25 +250,13 @@ def test_generate_defaults_to_the_measured_best_and_help_says_so():
         "--backend vllm captures top-k targets only, not --targets sampled: add --targets topk, or use --backend hf")
 
 
-def test_train_auto_picks_sampled_targets_from_a_default_store(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir):
-    from common import build_student
-
+def test_train_auto_picks_sampled_targets_from_a_default_store(readme_path):
+    """The README's path: generate with only its required flags, then train with only its own."""
     from potstill.store import open_store
 
-    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(12, seed=4))
-    store = str(tmp_path / "s")
-    made = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store, "--device", "cpu",
-                    "--no-progress", "--threads", "1"])
-    assert made.returncode == 0, made.stderr
-    t = open_store(store).manifest.targets
+    t = open_store(str(readme_path["dir"] / "run1.store")).manifest.targets
     assert (t.kind, t.sampler, t.samples, t.codec) == ("sampled", "systematic", 64, "compact")
-    student = build_student(str(tmp_path / "student"), tiny_tokenizer_dir, hidden=16)
-    out = tmp_path / "run"
-    run = run_cli(["train", "--store", store, "--student", student, "--out", str(out), "--max-steps", "2",
-                   "--batch-size", "2", "--eval-fraction", "0", "--report-to", "none", "--num-workers", "0",
-                   "--threads", "1"])
-    assert run.returncode == 0, run.stderr[-2000:]
-    with open(out / "training_report.json") as f:
+    with open(readme_path["dir"] / "student" / "training_report.json") as f:
         assert json.load(f)["targets"] == "sampled"
 
 

@@ -210,8 +210,8 @@ def test_the_bench_runs_end_to_end_at_a_tiny_size(tmp_path) -> None:
 
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "student_init.py")
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, bench, "--workdir", str(tmp_path / "w"), "--problems", "24",
-                           "--eval-problems", "4", "--steps", "2", "--json", str(out)],
+    proc = subprocess.run([sys.executable, bench, "--workdir", str(tmp_path / "w"), "--problems", "12",
+                           "--eval-problems", "3", "--steps", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
@@ -233,7 +233,7 @@ def test_the_bench_runs_on_the_real_teacher_at_a_tiny_size(tmp_path) -> None:
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "student_init.py")
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, bench, "--teacher", "smollm2", "--workdir", str(tmp_path / "w"),
-                           "--records", "12", "--steps", "1", "--batch-size", "2", "--layers", "2", "--json", str(out)],
+                           "--records", "8", "--steps", "1", "--batch-size", "2", "--layers", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
