@@ -6,13 +6,16 @@ applies the LM head only at the positions that are scored, a chunk at a time. Re
 to pinned host memory without blocking; `score()` returns before they arrive, so the next batch
 is queued on the GPU while the previous one is handed to the writer.
 
-Generation runs HF `model.generate` (KV cache, left padding). A pre-hook on the LM head keeps the
-final hidden state that predicts each new token ([rows, width] per step, not the logits), and
-after decoding the completion is scored from those states by the same `topk_logprobs` as score
-mode. The hidden layers come from the same forwards: the taps keep each step's rows (the prompt's
-at the first step, then one token per step), and one extra decoder step over the last generated
-token, which `generate` never feeds back, gives its row. So there is no second forward over
-prompt + completion; it still runs when the record scores the prompt's tokens (`--score-prompt`).
+Generation runs HF `model.generate` (KV cache, left padding) and captures each step's targets from
+the logits it already computes: a forward hook on the LM head keeps the step's last-position
+logits, and once the step's token is chosen (a stopping criterion, which HF calls with the new
+token appended) the same `topk_logprobs` as score mode turns them into that step's top-K, token
+log-prob, log tail and draws ([rows, K] per step, never [rows, steps, vocab]); the logits are then
+dropped. The hidden layers come from the same forwards: the taps keep each step's rows (the
+prompt's at the first step, then one token per step), and one extra decoder step over the last
+generated token, which `generate` never feeds back, gives its row. So there is no second forward
+over prompt + completion and no second LM head; the second forward still runs when the record
+scores the prompt's tokens (`--score-prompt`).
 """
 
 from __future__ import annotations
@@ -161,7 +164,7 @@ class HFTeacher:
         out = self.body(input_ids=ids_t, attention_mask=mask_t, use_cache=False)
         final = out[0].reshape(b * t, -1)
         device_out = self._targets(final.index_select(0, pred_idx), target_ids,
-                                   [(job.record_id, len(job) - job.score_start) for job in jobs])
+                                   self._uniforms([(job.record_id, len(job) - job.score_start) for job in jobs]))
         if self.hidden_layers:
             hid_idx = self._to_device(np.concatenate(hidden_rows).astype(np.int64))
             for index in self.hidden_layers:
@@ -204,19 +207,20 @@ class HFTeacher:
         if self.config.sampling_temperature > 0:
             processors.append(SeededSampler(self.config.sampling_temperature, self.config.top_p,
                                             [r.seed for r in requests], self.device))
-        # The completion is scored from the decoder's own final states, and its hidden layers are
-        # taken from the same forwards, unless the record scores the prompt's tokens too.
-        finals: list[torch.Tensor] | None = None
+        # The completion's targets come from the logits `generate` computes, and its hidden layers
+        # from the same forwards, unless the record scores the prompt's tokens too.
+        steps = None
         hook = None
-        if self.capture_while_decoding and not self.config.score_prompt:
-            finals = []
-            hook = self.head.register_forward_pre_hook(lambda module, args: finals.append(args[0][:, -1]))
         criteria = StoppingCriteriaList([TokenCounter(b, self.eos_ids, self.device, on_tokens)] if on_tokens else [])
-        steps: dict[int, list[torch.Tensor]] = {}
+        if self.capture_while_decoding and not self.config.score_prompt:
+            steps = StepTargets(self._step_capture(requests, gen_config.max_new_tokens), gen_config.max_new_tokens)
+            hook = self.head.register_forward_hook(steps.keep)
+            criteria.append(steps)
+        layer_steps: dict[int, list[torch.Tensor]] = {}
         ids_t, mask_t = self._to_device(ids), self._to_device(mask)
         with contextlib.ExitStack() as stack:
-            if finals is not None and self.hidden_layers:
-                steps = stack.enter_context(self.taps.over_steps(self.body))
+            if steps is not None and self.hidden_layers:
+                layer_steps = stack.enter_context(self.taps.over_steps(self.body))
             try:
                 out = self.model.generate(
                     input_ids=ids_t,
@@ -230,16 +234,33 @@ class HFTeacher:
                     hook.remove()
             sequences = out.sequences
             new = sequences[:, t:].cpu().numpy()
-            if steps and new.shape[1]:
+            if layer_steps and new.shape[1]:
                 self._last_step(sequences, mask_t, out)
         completions = [cut_at_eos(row, self.eos_ids, req.max_new_tokens) for row, req in zip(new, requests, strict=True)]
-        # One head call per generated token, and one forward per token for the hidden layers; anything
-        # else (a model that calls its head otherwise) is scored by the second pass instead.
-        if (finals is None or len(finals) != new.shape[1]
-                or any(len(states) != new.shape[1] + 1 for states in steps.values())):
+        # One head call and one capture per generated token, and one forward per token for the hidden
+        # layers; anything else (a model that calls its head otherwise) is scored by the second pass instead.
+        if (steps is None or not steps.complete(new.shape[1])
+                or any(len(states) != new.shape[1] + 1 for states in layer_steps.values())):
             return [Generated(c) for c in completions]
-        captures = self._score_decoded(requests, torch.stack(finals, dim=1), completions, steps)
+        captures = self._decoded_captures(requests, steps.stacked(), completions, layer_steps)
         return [Generated(c, cap) for c, cap in zip(completions, captures, strict=True)]
+
+    def _step_capture(self, requests: list[GenRequest],
+                      max_steps: int) -> Callable[[torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]]:
+        """`capture(logits, tokens, step)`: the targets of one decoding step from its [rows, vocab]
+        head output and the tokens chosen, exactly as `_targets` computes them from final hidden
+        states. Draws use row `step` of each record's own uniforms (`target_uniforms` makes a prefix
+        of rows the same whatever the record's final length), kept [steps, rows, N] on the device."""
+        uniforms = None
+        if self.samples and self.kind.capture_chunk is None:
+            uniforms = self._to_device(np.stack([
+                target_uniforms(self.config.seed, r.record_id, max_steps, self.samples) for r in requests
+            ], axis=1))
+
+        def capture(logits: torch.Tensor, tokens: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+            return self._targets(logits, tokens, None if uniforms is None else uniforms[step], head=_LOGITS)
+
+        return capture
 
     def _last_step(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, out: Any) -> None:
         """One more decoder step, over the last generated token, which `generate` never feeds back:
@@ -256,17 +277,16 @@ class HFTeacher:
         self.body(input_ids=sequences[:, -1:], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                   use_cache=True, **cache)
 
-    def _score_decoded(self, requests: list[GenRequest], finals: torch.Tensor, completions: list[np.ndarray],
-                       steps: dict[int, list[torch.Tensor]]) -> list[Capture]:
-        """Targets of each completion from `finals` [rows, steps, width], the final hidden state that
-        predicted generated token `step` of each row, and its hidden layers from `steps` (each layer's
-        states of every forward of the left-padded batch: prompt, then one token per step): what
-        `score` computes from a second forward over prompt + completion."""
-        rows = np.concatenate([row * finals.shape[1] + np.arange(len(c)) for row, c in enumerate(completions)])
-        hidden = finals.reshape(-1, finals.shape[-1]).index_select(0, self._to_device(rows.astype(np.int64)))
-        target_ids = self._to_device(np.concatenate(completions).astype(np.int64))
-        out = self._targets(hidden, target_ids,
-                            [(r.record_id, len(c)) for r, c in zip(requests, completions, strict=True)])
+    def _decoded_captures(self, requests: list[GenRequest], targets: dict[str, torch.Tensor],
+                          completions: list[np.ndarray], layer_steps: dict[int, list[torch.Tensor]]) -> list[Capture]:
+        """Each completion's capture from the decoding steps' `targets` (each [rows, steps, ...]: step
+        j of a row holds the targets of its generated token j) and its hidden layers from
+        `layer_steps` (each layer's states of every forward of the left-padded batch: prompt, then
+        one token per step): what `score` computes from a second forward over prompt + completion."""
+        n_steps = next(iter(targets.values())).shape[1]
+        rows = self._to_device(np.concatenate([row * n_steps + np.arange(len(c))
+                                               for row, c in enumerate(completions)]).astype(np.int64))
+        out = {name: value.flatten(0, 1).index_select(0, rows) for name, value in targets.items()}
         # Rows of token i of a record whose prompt has n tokens: column t - n + i of the padded batch,
         # from its hidden start (the runner's `make_job`: 0, or the first scored token) to its end.
         t = max(len(r.prompt_ids) for r in requests)
@@ -274,34 +294,39 @@ class HFTeacher:
         rows_of = []
         for row, (req, c, start) in enumerate(zip(requests, completions, starts, strict=True)):
             n = len(req.prompt_ids)
-            rows_of.append(row * (t + finals.shape[1]) + t - n + np.arange(start, n + len(c)))
-        if steps:
+            rows_of.append(row * (t + n_steps) + t - n + np.arange(start, n + len(c)))
+        if layer_steps:
             hid_idx = self._to_device(np.concatenate(rows_of).astype(np.int64))
             for index in self.hidden_layers:
-                states = torch.cat(steps[index], dim=1)
+                states = torch.cat(layer_steps[index], dim=1)
                 out[f"hidden{index}"] = to_storage(states.reshape(-1, states.shape[-1]).index_select(0, hid_idx),
                                                    self.hidden_dtype)
         host = {name: value.cpu() for name, value in out.items()}
-        return _split([(len(c), len(req.prompt_ids) + len(c) - start if steps else 0)
+        return _split([(len(c), len(req.prompt_ids) + len(c) - start if layer_steps else 0)
                        for req, c, start in zip(requests, completions, starts, strict=True)],
-                      host, self.hidden_layers if steps else [], self.hidden_dtype)
+                      host, self.hidden_layers if layer_steps else [], self.hidden_dtype)
 
-    def _targets(self, hidden: torch.Tensor, target_ids: torch.Tensor,
-                 records: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        """Top-k ids and log-probs, the token's log-prob, the log tail and (sampled targets) the draws
-        of the positions whose final hidden states are `hidden`; `records`: (record id, scored
-        positions) of each record, in order, whose own uniforms make its draws (never its batch-mates').
-        A kind with a capture of its own gets each chunk's fp32 logits instead (`capture_chunk`)."""
+    def _uniforms(self, records: list[tuple[str, int]]) -> torch.Tensor | None:
+        """The draws' uniforms of `records` ((record id, scored positions) each, in order): each
+        record's own, never its batch-mates'; None without sampled targets."""
+        if not self.samples or self.kind.capture_chunk is not None:
+            return None
+        return self._to_device(np.concatenate([
+            target_uniforms(self.config.seed, record_id, n, self.samples) for record_id, n in records
+        ]))
+
+    def _targets(self, hidden: torch.Tensor, target_ids: torch.Tensor, uniforms: torch.Tensor | None,
+                 head: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Top-k ids and log-probs, the token's log-prob, the log tail and (sampled targets) the draws,
+        from `uniforms`, of the positions whose final hidden states are `hidden` (`head`: the LM head;
+        `_LOGITS` when `hidden` are already its output). A kind with a capture of its own gets each
+        chunk's fp32 logits instead (`capture_chunk`)."""
+        head = self.head if head is None else head
         if self.kind.capture_chunk is not None:
-            return self._kind_targets(hidden, target_ids)
-        uniforms = draws = None
-        if self.samples:
-            uniforms = self._to_device(np.concatenate([
-                target_uniforms(self.config.seed, record_id, n, self.samples) for record_id, n in records
-            ]))
-            draws = torch.empty(uniforms.shape, dtype=torch.int32, device=self.device)
+            return self._kind_targets(hidden, target_ids, head)
+        draws = None if uniforms is None else torch.empty(uniforms.shape, dtype=torch.int32, device=self.device)
         top_ids, top_lp, token_lp, tail = topk_logprobs(
-            hidden, self.head, target_ids, self.k,
+            hidden, head, target_ids, self.k,
             chunk=self.config.chunk_positions, transform=self.transform, out_dtype=self.lp_dtype,
             logsumexp=self.logsumexp, block=self.block, uniforms=uniforms, draws_out=draws, fused=self.fused,
             sampler=self.config.sampler, draw_from_rest=self.draw_from_rest,
@@ -311,13 +336,14 @@ class HFTeacher:
             out["draws"] = draws
         return out
 
-    def _kind_targets(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _kind_targets(self, hidden: torch.Tensor, target_ids: torch.Tensor,
+                      head: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The kind's `capture_chunk` on `chunk_positions` positions at a time: their logits widened to
         fp32 with the model's transform applied, never the whole [positions, vocab] matrix."""
         parts = []
         for start in range(0, hidden.shape[0], self.config.chunk_positions):
             stop = min(start + self.config.chunk_positions, hidden.shape[0])
-            logits = self.head(hidden[start:stop]).float()
+            logits = head(hidden[start:stop]).float()
             if self.transform is not None:
                 logits = self.transform(logits)
             parts.append(self.kind.capture_chunk(logits, target_ids[start:stop]))
@@ -392,6 +418,45 @@ def load_model(config: GenerateConfig, spec: TeacherSpec) -> Any:
         )
     except Exception as e:
         raise GenerateError(f"teacher {config.teacher}: cannot load the model ({describe_load_error(e)})") from None
+
+
+_LOGITS = torch.nn.Identity()  # the "head" of positions given as logits already
+
+
+class StepTargets:
+    """Captures every decoding step's targets from the logits `generate` computes anyway.
+
+    `keep` is a forward hook on the LM head: it holds the step's last-position logits ([rows, vocab],
+    the model's dtype, before its logit transform: what `topk_logprobs` gets from the head in score
+    mode). HF then calls the stopping criteria with the step's token appended, and this one hands
+    both to `capture` and drops the logits, so at most one step's logits are alive. It never stops
+    a row."""
+
+    def __init__(self, capture: Callable[[torch.Tensor, torch.Tensor, int], dict[str, torch.Tensor]],
+                 max_steps: int) -> None:
+        self.capture = capture
+        self.max_steps = max_steps
+        self.pending: torch.Tensor | None = None
+        self.head_calls = 0
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def keep(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.head_calls += 1
+        self.pending = output[:, -1].contiguous()  # a view of the prefill's [rows, tokens, vocab] otherwise
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.pending is not None and len(self.steps) < self.max_steps:
+            self.steps.append(self.capture(self.pending, input_ids[:, -1], len(self.steps)))
+        self.pending = None
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def complete(self, n_steps: int) -> bool:
+        """Whether every one of `n_steps` generated tokens got its targets from exactly one head call."""
+        return n_steps > 0 and self.head_calls == len(self.steps) == n_steps
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """Each target array of every step, [rows, steps, ...]."""
+        return {name: torch.stack([step[name] for step in self.steps], dim=1) for name in self.steps[0]}
 
 
 class TokenCounter:

@@ -434,3 +434,89 @@ def test_generate_mode_hidden_rows_when_rows_stop_early(tmp_path, tiny_teacher_d
         for index in (1, 2):
             np.testing.assert_allclose(decode_hidden(rec.hidden[index], "bfloat16"), want[index][0].numpy(),
                                        rtol=2.0**-7, atol=1e-6)
+
+
+def _decoded_and_second_forward(tmp_path, teacher_dir, monkeypatch, **settings):
+    """The records of one generate-mode run captured while decoding and of the same run scored by a
+    second forward over prompt + completion (the reference), by record id; fails unless the first
+    really captured while decoding."""
+    from potstill.teacher_gen.hf_backend import HFTeacher
+
+    scored: list[str] = []
+    original = HFTeacher.score
+    monkeypatch.setattr(HFTeacher, "score", lambda self, jobs: (scored.extend(j.record_id for j in jobs),
+                                                                 original(self, jobs))[1])
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(8, seed=44, completion=False))
+    common = dict(mode="generate", max_new_tokens=12, seed=7, batch_tokens=200, **settings)
+    generate(config(teacher_dir, prompts, str(tmp_path / "decoded"), **common))
+    assert scored == ["self-check"]
+    monkeypatch.setattr(HFTeacher, "capture_while_decoding", False)
+    generate(config(teacher_dir, prompts, str(tmp_path / "second"), **common))
+    assert len(scored) > 1
+    return [{r.id: r for r in open_store(str(tmp_path / name)).iter_records()} for name in ("decoded", "second")]
+
+
+@pytest.mark.parametrize("settings", [
+    pytest.param(dict(targets="sampled", samples=8, sampling_temperature=0.8, top_p=0.9), id="sampled-top_p"),
+    pytest.param(dict(targets="hybrid", top_k=4, samples=6, sampler="systematic", codec="none",
+                      sampling_temperature=0.0, logprob_dtype="float32"), id="hybrid-greedy"),
+    pytest.param(dict(targets="topk", top_k=8, sampling_temperature=1.0, top_p=0.5, logprob_dtype="float16"),
+                 id="topk-fp16-top_p"),
+])
+def test_targets_taken_from_the_decoding_logits_equal_the_second_forward(tmp_path, tiny_teacher_dir, teacher_model,
+                                                                         monkeypatch, settings):
+    """Every kind's targets captured from the logits `generate` computes, for rows that stop at
+    different steps (a large EOS set) in a left-padded batch, equal those of a second forward and
+    the direct float32 softmax; the draws are the same draws (each record's own uniforms, row by step)."""
+    from potstill.teacher_gen import hf_backend
+
+    monkeypatch.setattr(hf_backend, "_eos_ids", lambda tokenizer, model: set(range(3, 40)))
+    decoded, second = _decoded_and_second_forward(tmp_path, tiny_teacher_dir, monkeypatch, **settings)
+    assert decoded.keys() == second.keys() and len(decoded) == 8
+    assert len({len(r.input_ids) - r.score_start for r in decoded.values()}) > 1  # EOS at different steps
+    assert len({r.score_start for r in decoded.values()}) > 1  # prompts of different lengths: left padding
+    fp16 = settings.get("logprob_dtype") == "float16"
+    for rid, rec in decoded.items():
+        other = second[rid]
+        assert rec.input_ids.tolist() == other.input_ids.tolist() and rec.score_start == other.score_start
+        ref = reference_logprobs(teacher_model, rec.input_ids)[rec.score_start - 1 :]
+        targets = rec.input_ids[rec.score_start :]
+        np.testing.assert_allclose(rec.token_logprob, ref[np.arange(len(targets)), targets], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(rec.token_logprob, other.token_logprob, rtol=0, atol=1e-5)
+        if rec.topk_ids is not None:
+            k = rec.topk_ids.shape[1]
+            top = np.sort(ref, axis=-1)[:, ::-1][:, :k]
+            tol = float(np.abs(top).max()) * 2.0**-10 if fp16 else 1e-4
+            np.testing.assert_allclose(rec.topk_logprobs.astype(np.float32), top, rtol=0, atol=tol)
+            assert_topk_close(rec.topk_ids, rec.topk_logprobs, other.topk_ids, other.topk_logprobs,
+                              atol=tol / 8 if fp16 else 1e-5)
+            want_tail = reference_log_tail(teacher_model, rec.input_ids, rec.topk_ids, rec.score_start)
+            np.testing.assert_allclose(rec.tail_logprob, want_tail, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(rec.tail_logprob, other.tail_logprob, rtol=0, atol=1e-5)
+        if rec.sampled is not None:
+            assert rec.sampled.num_positions == len(targets)
+            for name in ("offsets", "ids", "counts"):
+                assert getattr(rec.sampled, name).tolist() == getattr(other.sampled, name).tolist(), (rid, name)
+
+
+def test_a_kind_with_its_own_capture_gets_the_decoding_logits(tmp_path, tiny_teacher_dir, teacher_model, monkeypatch):
+    """A registered kind's `capture_chunk` in generate mode gets each step's fp32 logits and tokens:
+    the same records as from a second forward, equal to the direct softmax."""
+    from test_target_kind_registry import Top1
+
+    from potstill.store.targets import register_kind, unregister_kind
+
+    register_kind(Top1())
+    try:
+        decoded, second = _decoded_and_second_forward(tmp_path, tiny_teacher_dir, monkeypatch, targets="top1", top_k=1,
+                                                      sampling_temperature=0.7)
+    finally:
+        unregister_kind("top1")
+    for rid, rec in decoded.items():
+        ref = reference_logprobs(teacher_model, rec.input_ids)[rec.score_start - 1 :]
+        targets = rec.input_ids[rec.score_start :]
+        np.testing.assert_array_equal(rec.topk_ids[:, 0], ref.argmax(-1))
+        np.testing.assert_allclose(rec.topk_logprobs[:, 0], ref.max(-1), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(rec.token_logprob, ref[np.arange(len(targets)), targets], rtol=0, atol=1e-4)
+        for name in ("topk_logprobs", "token_logprob", "tail_logprob"):
+            np.testing.assert_allclose(getattr(rec, name), getattr(second[rid], name), rtol=0, atol=1e-5)
