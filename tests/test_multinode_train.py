@@ -96,3 +96,51 @@ def test_two_nodes_train_to_the_weights_of_one_process_with_the_same_global_batc
     unequal = [name for name in a if not a[name].equal(b[name])]
     assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[0]}: max |Δ| " \
                         f"{(a[unequal[0]] - b[unequal[0]]).abs().max().item():.3g}"
+
+
+COUNTING_TRAIN = """
+import sys
+
+from potstill.cli.main import main
+from potstill.store import reader
+
+hash_file = reader._check_digest
+
+
+def logged(data, entry, where):  # every process of the job (ranks, loader workers) appends here
+    if where.endswith("records.arrow"):
+        with open({log!r}, "a") as f:
+            f.write(where + "\\n")
+    return hash_file(data, entry, where)
+
+
+reader._check_digest = logged
+sys.argv[0] = "potstill"
+main()
+"""
+
+
+def test_the_ranks_of_a_torchrun_job_check_each_shard_once(setup: dict, tmp_path) -> None:
+    """Two ranks (torchrun, gloo), each with a loader worker, over two epochs: every rank reads most
+    shards, and the final evaluation reads them all again, yet each records file is hashed once in the
+    whole job; the ranks' shared verdicts are removed when the job ends."""
+    log = tmp_path / "hashed.log"
+    script = tmp_path / "counting_train.py"
+    script.write_text(COUNTING_TRAIN.format(log=str(log)))
+    out = str(tmp_path / "out")
+    args = train_args(setup, out, grad_accum=1, workers=1)
+    args[args.index("--max-steps") + 1] = "14"  # ~2 epochs of each rank's share
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), *args[2:]], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**ENV, "TMPDIR": str(temp)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import collections
+
+    from potstill.store import open_store
+
+    shards = open_store(setup["store"]).shard_names
+    hashed = collections.Counter(log.read_text().splitlines())
+    assert hashed == {f"{setup['store']}/shards/{s}/records.arrow": 1 for s in shards}, hashed
+    assert not [p for p in os.listdir(temp) if p.startswith("potstill-checks-")]
