@@ -13,6 +13,7 @@ bitwise equal, and the test asserts exactly that.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import socket
@@ -120,27 +121,40 @@ main()
 """
 
 
-def test_the_ranks_of_a_torchrun_job_check_each_shard_once(setup: dict, tmp_path) -> None:
-    """Two ranks (torchrun, gloo), each with a loader worker, over two epochs: every rank reads most
-    shards, and the final evaluation reads them all again, yet each records file is hashed once in the
-    whole job; the ranks' shared verdicts are removed when the job ends."""
+def run_counting(setup: dict, tmp_path) -> tuple[subprocess.CompletedProcess, list[str], str]:
+    """A two-rank torchrun job (gloo, one loader worker each, ~2 epochs of each rank's share) whose
+    processes log each records file they hash; its result, that log and its temporary folder."""
     log = tmp_path / "hashed.log"
+    log.touch()
     script = tmp_path / "counting_train.py"
     script.write_text(COUNTING_TRAIN.format(log=str(log)))
-    out = str(tmp_path / "out")
-    args = train_args(setup, out, grad_accum=1, workers=1)
-    args[args.index("--max-steps") + 1] = "14"  # ~2 epochs of each rank's share
+    args = train_args(setup, str(tmp_path / "out"), grad_accum=1, workers=1)
+    args[args.index("--max-steps") + 1] = "14"
     temp = tmp_path / "temp"
     temp.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), *args[2:]], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**ENV, "TMPDIR": str(temp)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import collections
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           *args[2:]]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env={**ENV, "TMPDIR": str(temp)}, start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # (a hung rank: end the whole job, its ranks and workers too)
+        import psutil
 
+        for process in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+            process.kill()
+        out, err = job.communicate()
+        raise AssertionError(f"the job hung: {err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, job.returncode, out, err), log.read_text().splitlines(), str(temp)
+
+
+def test_the_ranks_of_a_torchrun_job_check_each_shard_once(setup: dict, tmp_path) -> None:
+    """Two ranks, each reading most shards, and the final evaluation reading them all again: each
+    records file is hashed once in the whole job; the ranks' shared verdicts go when the job ends."""
+    proc, hashed, temp = run_counting(setup, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     from potstill.store import open_store
 
     shards = open_store(setup["store"]).shard_names
-    hashed = collections.Counter(log.read_text().splitlines())
-    assert hashed == {f"{setup['store']}/shards/{s}/records.arrow": 1 for s in shards}, hashed
+    assert collections.Counter(hashed) == {f"{setup['store']}/shards/{s}/records.arrow": 1 for s in shards}, hashed
     assert not [p for p in os.listdir(temp) if p.startswith("potstill-checks-")]
