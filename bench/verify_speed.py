@@ -8,6 +8,8 @@ interleaved rounds (median of the rounds):
 
 - hash:   sha256 of every file of the store (8 MiB reads, `store.verify.hash_file`), one process;
 - verify: `verify_store` with --jobs 1 (and --jobs 2), every checksum plus the value checks;
+  "in turn": --jobs 1 with each shard hashed and then checked, rather than hashed one shard ahead
+  in a thread while the one before is checked;
 - quick:  `verify_store(quick=True)`: commit records, manifest, file presence and sizes;
 - values by shard / by record: the value checks alone on opened shards, as verify runs them (a
   shard at once) and record by record (how the packed codecs' checks ran before).
@@ -40,6 +42,7 @@ from potstill.store import (
     TokenizerInfo,
     create_store,
     open_store,
+    verify,
 )
 from potstill.store.checks import value_problems
 from potstill.store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws
@@ -124,6 +127,17 @@ def value_checks(url: str, by_record: bool) -> None:
             assert all(views.columns.record_problem(j, tv) is None for j in range(views.num_rows))
 
 
+def in_turn(url: str) -> None:
+    """verify --jobs 1 with each shard's files hashed and then its content checked, one after the
+    other (as before the hashing ran one shard ahead, `store.verify._hash_ahead`)."""
+    ahead = verify._hash_ahead
+    verify._hash_ahead = lambda store, quick: (verify.shard_problems(store, c, quick) for c in store.commits)
+    try:
+        verify_store(url, jobs=1)
+    finally:
+        verify._hash_ahead = ahead
+
+
 def timed(fn, url: str) -> float:
     started = time.perf_counter()
     fn(url)
@@ -155,6 +169,7 @@ def main() -> None:
         contenders = {
             "hash": lambda url: hash_store(url),
             "verify --jobs 1": lambda url: verify_store(url, jobs=1),
+            "--jobs 1 in turn": lambda url: in_turn(url),
             "verify --jobs 2": lambda url: verify_store(url, jobs=2),
             "verify --quick": lambda url: verify_store(url, quick=True),
             "values by shard": lambda url: value_checks(url, by_record=False),

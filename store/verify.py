@@ -9,6 +9,7 @@ and its shard is kept, never deleted.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import multiprocessing
@@ -233,8 +234,7 @@ def _each_shard(store: Store, quick: bool, jobs: int | None) -> Iterator[tuple[l
     store (its time goes to the network, and its file system's event loop must not be forked)."""
     jobs = min(default_jobs() if jobs is None else jobs, len(store.commits))
     if jobs <= 1:
-        for commit in store.commits:
-            yield shard_problems(store, commit, quick)
+        yield from _hash_ahead(store, quick)
         return
     if not is_local(store.fs):
         with ThreadPoolExecutor(jobs) as threads:
@@ -249,6 +249,25 @@ def _each_shard(store: Store, quick: bool, jobs: int | None) -> Iterator[tuple[l
             yield from pool.map(_worker_shard_problems, [(c.shard, quick) for c in store.commits])
     finally:
         _WORKER_STORE = None
+
+
+def _hash_ahead(store: Store, quick: bool) -> Iterator[tuple[list[Problem], bool]]:
+    """`shard_problems` of each shard in one process: a thread hashes the next shard's files while
+    this one's content is checked (sha256 and the compiled value checks both release the GIL), so a
+    shard costs about the longer of the two rather than their sum. One shard ahead, no more: its
+    pages are still in the cache when its content is read."""
+    if quick:
+        for commit in store.commits:
+            yield shard_problems(store, commit, quick)
+        return
+    commits = store.commits
+    with ThreadPoolExecutor(1, thread_name_prefix="potstill-hash") as hasher:
+        ahead = collections.deque([hasher.submit(shard_file_problems, store, commits[0])] if commits else [])
+        for i, commit in enumerate(commits):
+            if i + 1 < len(commits):  # (queued now: hashed as soon as this shard's files are)
+                ahead.append(hasher.submit(shard_file_problems, store, commits[i + 1]))
+            problems = ahead.popleft().result()
+            yield (problems, False) if problems else _content_problems(store, commit)
 
 
 _WORKER_STORE: Store | None = None
@@ -266,9 +285,18 @@ def _worker_shard_problems(task: tuple[str, bool]) -> tuple[list[Problem], bool]
 
 
 def shard_problems(store: Store, commit, quick: bool = False) -> tuple[list[Problem], bool]:
-    """One committed shard against its commit record: its files (sizes; unless `quick`, their sha256),
-    no file beside them, then (unless `quick`, and only when its bytes are sound) its content. Also
-    whether its ids file was read sound (what the duplicates check may then read)."""
+    """One committed shard against its commit record: its files (`shard_file_problems`), then (unless
+    `quick`, and only when its bytes are sound) its content. Also whether its ids file was read sound
+    (what the duplicates check may then read)."""
+    problems = shard_file_problems(store, commit, quick)
+    if problems or quick:
+        return problems, False
+    return _content_problems(store, commit)  # bytes are sound: check content against the format
+
+
+def shard_file_problems(store: Store, commit, quick: bool = False) -> list[Problem]:
+    """A committed shard's files against its commit record: their sizes, unless `quick` their sha256
+    (and each hidden-state chunk's crc32c), and no file beside them."""
     where = f"shard {commit.shard}"
     hidden = store.manifest.hidden
     data_files = {f"{commit.hidden_path}/{layer.array_name}/{DATA_KEY}": layer for layer in hidden.layers}
@@ -281,9 +309,7 @@ def shard_problems(store: Store, commit, quick: bool = False) -> tuple[list[Prob
     for path in _files_under(store, f"shards/{commit.shard}"):
         if path not in listed:
             problems.append(Problem(where, f"file {path} is not in its commit record"))
-    if problems or quick:
-        return problems, False
-    return _content_problems(store, commit)  # bytes are sound: check content against the format
+    return problems
 
 
 def _check_duplicates(store: Store, report: VerifyReport, shards: list[str]) -> None:

@@ -47,10 +47,12 @@ import itertools
 import math
 import os
 import queue
+import shutil
 import tempfile
 import threading
+import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -540,32 +542,138 @@ def check_targets(store: Store, targets: str) -> None:
 
 # -- the dataset -------------------------------------------------------------------------------------
 class CheckedShards:
-    """Which of a plan's shards a process of one loader has checked (`verify_reads`: the records file's
-    sha256 and the values), in memory its worker processes share, forked or spawned: each shard is
-    checked once per job, by the first process to read it, and not again by every worker that meets
-    it in a later epoch. Two workers meeting an unchecked shard at once take turns (a lock per shard,
-    a byte-range lock on one temporary file): the second finds it checked."""
+    """Which of a plan's shards have passed their check (`verify_reads`: the records file's sha256 and
+    the values), so that each is checked once per job, by the first process to read it.
 
-    def __init__(self, count: int) -> None:
-        self.flags = torch.zeros(count, dtype=torch.bool).share_memory_()
-        fd, self.lock_path = tempfile.mkstemp(prefix="potstill-checked-shards-")
-        os.close(fd)
-        weakref.finalize(self, _remove_owned, self.lock_path, os.getpid())
+    The worker processes of one loader (forked or spawned) share flags in memory. The ranks of a job
+    on one node share a folder (`folder`, `job_checks_folder`): one verdict file per shard, written by
+    the process that checked it, empty when the shard passed, else the line naming what is wrong, so
+    every rank refuses a bad shard with the same line (or skips it) without checking it again. Two
+    processes meeting an unchecked shard at once take turns (a byte-range lock per shard on one lock
+    file): the second finds the verdict."""
+
+    def __init__(self, shards: list[str], folder: str | None = None) -> None:
+        self.shards = shards
+        self.flags = torch.zeros(len(shards), dtype=torch.bool).share_memory_()
+        self.folder = folder
+        if folder is None:
+            fd, self.lock_path = tempfile.mkstemp(prefix="potstill-checked-shards-")
+            os.close(fd)
+            weakref.finalize(self, _remove_owned, self.lock_path, os.getpid())
+        else:
+            os.makedirs(folder, exist_ok=True)
+            self.lock_path = os.path.join(folder, "lock")
+            os.close(os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600))
         self._fd: tuple[int, int] | None = None  # (pid, descriptor): locks belong to the process holding them
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"flags": self.flags, "lock_path": self.lock_path, "_fd": None}
+        return {**self.__dict__, "_fd": None}
+
+    def passed(self, index: int) -> bool:
+        """Whether shard `index` has passed its check in this job; raises what is wrong with it when
+        its check failed (in any process of the job on this node)."""
+        if self.flags[index]:
+            return True
+        verdict = self._verdict(index)
+        if verdict is None:
+            return False
+        if verdict:
+            raise StoreError(verdict)
+        self.flags[index] = True
+        return True
+
+    def check(self, index: int, run: Callable[[], None]) -> None:
+        """Check shard `index` with `run` (raises a `StoreError` naming what is wrong) unless this job
+        has a verdict on it; record the verdict for the job's other processes."""
+        if self.passed(index):
+            return
+        with self._claim(index):  # another process checking it now: wait for its verdict
+            if self.passed(index):
+                return
+            try:
+                run()
+            except StoreError as e:
+                self._record(index, str(e))
+                raise
+            self._record(index, "")
+            self.flags[index] = True
+
+    def all_passed(self) -> list[str]:
+        """The shards that passed their check in this job so far (on this node)."""
+        passed = set(np.flatnonzero(self.flags.numpy()).tolist())
+        if self.folder is not None:
+            with contextlib.suppress(FileNotFoundError):  # (the job's folder is gone: only this rank's)
+                names = {name for name in os.listdir(self.folder) if name.endswith(".verdict")
+                         and os.path.getsize(os.path.join(self.folder, name)) == 0}  # (an empty verdict: passed)
+                passed |= {i for i, shard in enumerate(self.shards) if f"{shard}.verdict" in names}
+        return [self.shards[i] for i in sorted(passed)]
+
+    def _verdict(self, index: int) -> str | None:
+        if self.folder is None:
+            return None
+        try:
+            with open(os.path.join(self.folder, f"{self.shards[index]}.verdict"), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:  # not checked yet (or the job's folder is gone: it has ended)
+            return None
+
+    def refuse(self, index: int, why: str) -> None:
+        """Shard `index` failed a check of some of its records (a first batch's, `CheckAhead`): the
+        job's other processes refuse it with this line, unless it already has a verdict."""
+        self._record(index, why)
+
+    def _record(self, index: int, verdict: str) -> None:
+        """Write the shard's verdict unless it has one: the first stands, so every rank gives one line."""
+        if self.folder is None:
+            return
+        path = os.path.join(self.folder, f"{self.shards[index]}.verdict")
+        temp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with contextlib.suppress(FileNotFoundError):  # (the job has ended: nobody reads it)
+            with open(temp, "w", encoding="utf-8") as f:
+                f.write(verdict)
+            with contextlib.suppress(FileExistsError):
+                os.link(temp, path)  # whole or not at all, and never over another verdict
+            os.remove(temp)
 
     @contextlib.contextmanager
-    def claim(self, index: int) -> Iterator[None]:
+    def _claim(self, index: int) -> Iterator[None]:
         if self._fd is None or self._fd[0] != os.getpid():
-            self._fd = (os.getpid(), os.open(self.lock_path, os.O_RDWR))
+            try:
+                self._fd = (os.getpid(), os.open(self.lock_path, os.O_RDWR))
+            except FileNotFoundError:  # the job's folder is gone (it has ended): check without taking turns
+                yield
+                return
         fd = self._fd[1]
         fcntl.lockf(fd, fcntl.LOCK_EX, 1, index)
         try:
             yield
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, index)
+
+
+def job_checks_folder() -> str | None:
+    """Where the ranks of this process's torch.distributed job share their shards' verdicts
+    (`CheckedShards`): a folder in each node's temporary directory, named by an id rank 0 draws and
+    sends to every rank, so each node checks each shard once. None outside a job of several ranks.
+    Every rank must call it (a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    box = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return os.path.join(tempfile.gettempdir(), f"potstill-checks-{box[0]}")
+
+
+def end_job_checks(folder: str | None) -> None:
+    """Once every rank of the job has trained (a barrier: no rank reads a verdict after it), remove
+    its verdicts folder. Every rank must call it."""
+    if folder is None:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class CheckAhead:
@@ -601,7 +709,8 @@ class CheckAhead:
         has failed. On reaching a new shard, check it and the next ones ahead."""
         if index != self._current:
             self._current = index
-            if not self.checked.flags[index] and index not in self._pending:  # (listed before the ones after it)
+            passed = self.checked.passed(index)  # (raises what another process of the job found wrong with it)
+            if not passed and index not in self._pending:  # (listed before the ones after it)
                 self._pending[index] = self._submit(index)
             self._schedule()
         if self.checked.flags[index]:
@@ -640,12 +749,10 @@ class CheckAhead:
                 self._pending[index] = self._submit(index)
 
     def _check(self, index: int) -> None:
-        if self.checked.flags[index]:
-            return
-        with self.checked.claim(index):  # another process checking it now: wait for its result
-            if not self.checked.flags[index]:
-                ShardReader(self.store, self.store.commit(self.shards[index]))  # raises naming what is wrong
-                self.checked.flags[index] = True
+        def check() -> None:
+            ShardReader(self.store, self.store.commit(self.shards[index]))  # raises naming what is wrong
+
+        self.checked.check(index, check)
 
 
 def _remove_owned(path: str, owner: int) -> None:
@@ -674,9 +781,12 @@ class StoreDataset(IterableDataset):
         answer_marker_ids: tuple[int, ...] = (),
         targets: str = "topk",
         skip_bad_shards: bool = False,
+        checks_folder: str | None = None,
     ) -> None:
         """Batches of `store` in the order `plan` fixes (`plan_split` of this store). The store handle
-        is used as is in this process; shards are read through it with its `verify_reads`."""
+        is used as is in this process; shards are read through it with its `verify_reads`, each checked
+        once per job: by one of this loader's processes, or with `checks_folder` (`job_checks_folder`)
+        by one process of all the job's ranks on this node."""
         if not 0 <= rank < plan.world_size:
             raise TrainError(f"rank {rank} outside world size {plan.world_size}")
         check_targets(store, targets)
@@ -698,7 +808,7 @@ class StoreDataset(IterableDataset):
         self.batches_consumed = 0  # by this rank, at the last optimizer step (set by load_state_dict)
         self._store: Store | None = store
         self._store_pid = os.getpid()
-        self._checked = CheckedShards(len(plan.shards))
+        self._checked = CheckedShards(plan.shards, checks_folder)
         self._reopen = (store.url, store.storage_options, store.strict, store.verify_reads)
         self._tokenizer: Any = None
         self._fallbacks = 0  # multitask: records of the current batch used whole (logged as their share)
@@ -835,8 +945,9 @@ class StoreDataset(IterableDataset):
         return self._store
 
     def checked_shards(self) -> list[str]:
-        """The plan's shards that this loader's processes have checked so far (`Store.mark_checked`)."""
-        return [self.plan.shards[i] for i in np.flatnonzero(self._checked.flags.numpy())]
+        """The plan's shards that have passed their check so far, by this loader's processes or (with a
+        `checks_folder`) another rank's on this node (`Store.mark_checked`)."""
+        return self._checked.all_passed()
 
     @property
     def check_ahead(self) -> CheckAhead:
@@ -852,8 +963,12 @@ class StoreDataset(IterableDataset):
         name = self.plan.shards[shard_idx]
         if not self.store.verify_reads or self.check_ahead.use(shard_idx):  # (raises what is wrong with the shard)
             return self.store.shard(name, checked=True)
-        reader = self.store.shard(name, by_record=True)
-        reader.check_records(rows)
+        try:
+            reader = self.store.shard(name, by_record=True)
+            reader.check_records(rows)
+        except StoreError as e:
+            self._checked.refuse(shard_idx, str(e))
+            raise
         return reader
 
     def read_sequences(self, shard_idx: int, row: int, batch_rows: list[int] | None = None) -> list[Sequence]:

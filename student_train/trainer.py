@@ -45,7 +45,14 @@ from potstill.student_train.cross_tokenizer import (
     evaluate_cross,
     student_fingerprint,
 )
-from potstill.student_train.data import LoaderPlan, StoreDataset, check_targets, plan_split
+from potstill.student_train.data import (
+    LoaderPlan,
+    StoreDataset,
+    check_targets,
+    end_job_checks,
+    job_checks_folder,
+    plan_split,
+)
 from potstill.student_train.errors import ConfigError, TrainError
 from potstill.student_train.model import (
     DistillModel,
@@ -576,6 +583,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None, phases: Phase
         trainer = make_trainer(run, student, dataset, max_steps, callbacks)
         train_loss = train_or_resume(run, trainer, max_steps)
         phases.end()  # a run that had already finished takes no step
+        run.store.mark_checked(dataset.checked_shards())  # by the job's loaders: the final evaluation checks no shard again
+        end_job_checks(run.checks_folder)
     except BaseException:
         phases.end(failed=True)  # the error's line starts on a line of its own
         raise
@@ -603,6 +612,7 @@ class Run:
     started: float  # time.time() at the start, for the report's train_seconds
     teachers: Teachers | None = None  # several stores: the ones besides `store`, joined to its plan
     phases: Phases | None = None  # the start-up phases, timed for the report
+    checks_folder: str | None = None  # several ranks: where they share their shards' verdicts (`job_checks_folder`)
 
     def dataset(self, student: Student) -> StoreDataset:
         """This rank's loader over the run's store and plan, at the resumed position when resuming."""
@@ -627,6 +637,7 @@ class Run:
             answer_marker_ids=student.marker_ids,
             targets=self.targets,
             skip_bad_shards=c.skip_bad_shards,
+            checks_folder=self.checks_folder,
         )
         if self.loader_state is not None:
             where = os.path.join(self.checkpoint or "", loader_state_file(self.rank))
@@ -666,6 +677,7 @@ def open_run(config: TrainConfig) -> Run:
     started = time.time()
     state = PartialState(cpu=cpu_only())  # under torchrun: joins the process group, gives rank and world size
     rank, world = state.process_index, state.num_processes
+    checks_folder = job_checks_folder()  # (every rank, before anything that may refuse the run on one rank alone)
     urls, weights = order_stores(config.stores, config.weights(), config.hidden_from)
     stores = [open_store(url, strict=not config.skip_bad_shards, verify_reads=True) for url in urls]
     store = stores[0]  # the primary: sequences, split, hidden states, rationales (student_train/teachers.py)
@@ -689,7 +701,7 @@ def open_run(config: TrainConfig) -> Run:
         teachers, plan = Teachers.open(store, plan, stores[1:], weights[1:],
                                        loader_state.get("teacher_shards") if loader_state else None)
     return Run(config, rank, world, state.is_main_process, store, plan, checkpoint, loader_state, targets,
-               objective, started, teachers)
+               objective, started, teachers, checks_folder=checks_folder)
 
 
 def load_student_for(run: Run) -> Student:
@@ -802,7 +814,6 @@ def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDa
     training report and the loss curve; return the report."""
     config = run.config
     trainer.model.save(config.out, student.tokenizer)
-    run.store.mark_checked(dataset.checked_shards())  # by the loader's workers: checked once per run
     final_eval = final_evaluation(run, student, trainer.skipped_shards)
     report = {
         "potstill_version": potstill_version(),

@@ -13,6 +13,7 @@ bitwise equal, and the test asserts exactly that.
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import subprocess
@@ -88,3 +89,64 @@ def test_two_nodes_train_to_the_weights_of_one_process_with_the_same_global_batc
     unequal = [name for name in a if not a[name].equal(b[name])]
     assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[0]}: max |Δ| " \
                         f"{(a[unequal[0]] - b[unequal[0]]).abs().max().item():.3g}"
+
+
+COUNTING_TRAIN = """
+import sys
+
+from potstill.cli.main import main
+from potstill.store import reader
+
+hash_file = reader._check_digest
+
+
+def logged(data, entry, where):  # every process of the job (ranks, loader workers) appends here
+    if where.endswith("records.arrow"):
+        with open({log!r}, "a") as f:
+            f.write(where + "\\n")
+    return hash_file(data, entry, where)
+
+
+reader._check_digest = logged
+sys.argv[0] = "potstill"
+main()
+"""
+
+
+def run_counting(setup: dict, tmp_path) -> tuple[subprocess.CompletedProcess, list[str], str]:
+    """A two-rank torchrun job (gloo, one loader worker each, ~2 epochs of each rank's share) whose
+    processes log each records file they hash; its result, that log and its temporary folder."""
+    log = tmp_path / "hashed.log"
+    log.touch()
+    script = tmp_path / "counting_train.py"
+    script.write_text(COUNTING_TRAIN.format(log=str(log)))
+    args = train_args(setup, str(tmp_path / "out"), grad_accum=1, workers=1)
+    args[args.index("--max-steps") + 1] = "14"
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           *args[2:]]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env={**ENV, "TMPDIR": str(temp)}, start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # (a hung rank: end the whole job, its ranks and workers too)
+        import psutil
+
+        for process in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+            process.kill()
+        out, err = job.communicate()
+        raise AssertionError(f"the job hung: {err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, job.returncode, out, err), log.read_text().splitlines(), str(temp)
+
+
+def test_the_ranks_of_a_torchrun_job_check_each_shard_once(setup: dict, tmp_path) -> None:
+    """Two ranks, each reading most shards, and the final evaluation reading them all again: each
+    records file is hashed once in the whole job; the ranks' shared verdicts go when the job ends."""
+    proc, hashed, temp = run_counting(setup, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from potstill.store import open_store
+
+    shards = open_store(setup["store"]).shard_names
+    assert collections.Counter(hashed) == {f"{setup['store']}/shards/{s}/records.arrow": 1 for s in shards}, hashed
+    assert not [p for p in os.listdir(temp) if p.startswith("potstill-checks-")]

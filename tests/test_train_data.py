@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from faults import flip_bytes
 from torch.utils.data import DataLoader
 from trainhelpers import arithmetic_items, build_teacher_store
 
@@ -177,6 +178,72 @@ def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(s
     for name in store.shard_names:
         store.shard(name)
     assert len(whole_checks()) == 9 + 2, log.read_text()
+
+
+def test_the_ranks_of_a_job_check_each_shard_once_and_refuse_a_bad_one_alike(store_url: str, tmp_path,
+                                                                            monkeypatch) -> None:
+    """Two ranks of one job on one node, each with two forked loader workers, share a verdicts folder:
+    every records file is hashed once in all four processes, though each rank reads every shard; a
+    damaged shard is hashed once too, and both ranks refuse it with the same line."""
+    from potstill.store import reader
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(store_url, store_dir)
+    log = tmp_path / "hashed.log"
+    hash_file = reader._check_digest
+
+    def logged(data, entry, where):  # the workers are forked: they append to one file
+        if where.endswith("records.arrow"):
+            with open(log, "a") as f:
+                f.write(f"{where}\n")
+        return hash_file(data, entry, where)
+
+    monkeypatch.setattr(reader, "_VERIFIED", set())
+    monkeypatch.setattr(reader, "_check_digest", logged)
+    folder = str(tmp_path / "verdicts")
+
+    def rank(r: int) -> StoreDataset:
+        return StoreDataset.open(str(store_dir), batch_size=4, eval_fraction=0.0, world_size=2, rank=r, num_workers=2,
+                                 shuffle_buffer=4, seed=1, checks_folder=folder)
+
+    ranks = [rank(0), rank(1)]
+    batches = [loader_batches(ds, 2 * 2 * (ds.plan.span // 4 + 1), workers=2, context="fork") for ds in ranks]
+    store = open_store(str(store_dir))
+    shards = store.shard_names
+    shard_of = {rid: name for name in shards for rid in store.shard_ids(name).to_pylist()}
+    for got in batches:  # every rank reads every shard in 2 epochs
+        assert {shard_of[rid] for b in got for rid in b} == set(shards)
+    hashed = log.read_text().splitlines()
+    assert sorted(hashed) == sorted(f"{store_dir}/shards/{s}/records.arrow" for s in shards), hashed
+    assert sorted(ranks[0].checked_shards()) == sorted(ranks[1].checked_shards()) == sorted(shards)
+
+    # a shard damaged on disk, in new jobs: its first reader finds it bad, the other rank is told;
+    # by its whole check, and in a first batch by the check of the records read
+    bad = shards[1]
+    flip_bytes(str(store_dir / "shards" / bad / "records.arrow"))
+    opened: list[tuple[str, bool]] = []
+    open_shard = reader.ShardReader.__init__
+
+    def logged_open(self, store, commit, **kwargs):
+        opened.append((commit.shard, kwargs.get("by_record", False)))
+        open_shard(self, store, commit, **kwargs)
+
+    monkeypatch.setattr(reader.ShardReader, "__init__", logged_open)
+    for job, whole in enumerate((True, False)):
+        log.write_text("")
+        opened.clear()
+        monkeypatch.setattr(reader, "_VERIFIED", set())
+        folder = str(tmp_path / f"verdicts-{job}")
+        ranks = [rank(0), rank(1)]
+        errors = []
+        for ds in ranks:
+            if whole:
+                ds.check_ahead.start()  # (as after a first batch)
+            errors.append(ds.collate_records([(shards.index(bad), row) for row in range(3)])["error"])
+        assert errors[0] == errors[1] and bad in errors[0], errors
+        assert ("fails its sha256 check" in errors[0]) == whole, errors
+        assert log.read_text().splitlines() == ([f"{store_dir}/shards/{bad}/records.arrow"] if whole else [])
+        assert opened == [(bad, not whole)], opened  # read by one rank; the other is told
 
 
 def test_order_is_deterministic_in_seed_and_epoch(store_url: str) -> None:
