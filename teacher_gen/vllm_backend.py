@@ -34,7 +34,15 @@ from potstill.store.targets import codec_named, kind_named
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.devices import vllm_visible_devices
 from potstill.teacher_gen.errors import GenerateError, describe_load_error
-from potstill.teacher_gen.jobs import Capture, Generated, GenRequest, ScoreJob, TopKLogprobs, target_uniforms
+from potstill.teacher_gen.jobs import (
+    Capture,
+    Generated,
+    GenRequest,
+    ScoreJob,
+    TopKLogprobs,
+    target_seed,
+    target_uniforms,
+)
 from potstill.teacher_gen.model_info import TeacherSpec
 from potstill.teacher_gen.vllm_capture import KEY, CaptureSettings, Take
 
@@ -193,6 +201,13 @@ class VLLMTeacher:
         (targets) and `hidden_from` (hidden layers) of this request."""
         return {KEY: {"key": self._key(index), "from": first, "hidden_from": hidden_from}}
 
+    def _decode_args(self, index: int, request: GenRequest) -> dict[str, Any]:
+        """`extra_args` of a request scored while it is decoded: from the sampler's logits of each step
+        from the prompt's last token on, its draws from the record's uniforms (`target_seed`)."""
+        args = self._capture_args(index, len(request.prompt_ids) - 1, len(request.prompt_ids))
+        args[KEY].update(decode=True, seed=str(target_seed(self.config.seed, request.record_id)))
+        return args
+
     def _take(self, takes: list[Take]) -> list[Capture]:
         """The captures of this call's requests, from rank 0 (every rank computes the same)."""
         try:
@@ -239,7 +254,7 @@ class VLLMTeacher:
             sampling_params(
                 self.vllm, max_tokens=r.max_new_tokens, temperature=self.config.sampling_temperature,
                 top_p=self.config.top_p, seed=r.seed,
-                extra_args=self._capture_args(i, len(r.prompt_ids) - 1, len(r.prompt_ids)) if while_decoding else None,
+                extra_args=self._decode_args(i, r) if while_decoding else None,
             )
             for i, r in enumerate(requests)
         ]
@@ -253,8 +268,7 @@ class VLLMTeacher:
             on_tokens(sum(len(c) for c in completions))
         if not while_decoding:
             return [Generated(c) for c in completions]
-        captures = self._take([Take(self._key(i), c, self._uniforms(r.record_id, len(c)))
-                               for i, (r, c) in enumerate(zip(requests, completions, strict=True))])
+        captures = self._take([Take(self._key(i), c) for i, c in enumerate(completions)])
         return [Generated(c, cap) for c, cap in zip(completions, captures, strict=True)]
 
     def close(self) -> None:

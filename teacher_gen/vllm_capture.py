@@ -103,6 +103,22 @@ class EngineCapture:
             return out
 
         runner.execute_model = execute_model
+        self.pending: list[tuple[int, dict, int]] = []  # this step's logits rows to capture: (row, request's ask, position)
+        self.decoded: dict[str, dict[str, _Rows]] = {}  # key -> field -> rows captured from the sampler's logits
+        self._rngs: dict[str, tuple[int, np.random.Generator]] = {}
+        original_sample = runner._sample
+
+        def sample(logits: Any, *args: Any, **kwargs: Any) -> Any:
+            pending, self.pending = self.pending, []
+            if not pending or logits is None:
+                return original_sample(logits, *args, **kwargs)
+            rows = torch.tensor([row for row, _, _ in pending], device=logits.device)
+            kept = logits.index_select(0, rows)  # a copy: the sampler may scale the logits in place
+            out = original_sample(logits, *args, **kwargs)
+            self.capture_decoded(kept, out.sampled_token_ids.index_select(0, rows)[:, 0], pending)
+            return out
+
+        runner._sample = sample
 
     # -- settings and hooks ------------------------------------------------------------------
     def configure(self, settings: CaptureSettings) -> None:
@@ -110,8 +126,7 @@ class EngineCapture:
             handle.remove()
         self._handles.clear()
         self.settings = settings
-        self.finals.clear()
-        self.layers.clear()
+        self.forget()
         wanted = [i for i in settings.hidden_layers if i < self.num_layers]
         if not wanted:
             return
@@ -140,6 +155,7 @@ class EngineCapture:
 
     # -- each engine step ----------------------------------------------------------------------
     def after_forward(self, scheduler_output: Any) -> None:
+        self.pending = []
         state = getattr(self.runner, "execute_model_state", None)
         if state is None or not scheduler_output.total_num_scheduled_tokens:
             return
@@ -156,6 +172,10 @@ class EngineCapture:
             if wanted is None:
                 continue
             row0, pos0 = int(starts[index]), int(batch.num_computed_tokens_cpu[index])
+            if wanted.get("decode"):  # the step's last row, its logits row, predicts the token sampled here
+                if pos0 + count - 1 >= int(wanted["from"]):
+                    self.pending.append((index, wanted, pos0 + count - 1))
+                continue
             self._keep(self.finals, wanted["key"], hidden, row0, pos0, count, int(wanted["from"]))
             for layer in self.settings.hidden_layers:
                 states = hidden if layer == self.num_layers else self.last.get(layer)
@@ -174,6 +194,37 @@ class EngineCapture:
         rows = states[row0 + skip : row0 + count].clone()
         store.setdefault(key, _Rows()).add(pos0 + skip, rows)
 
+    def capture_decoded(self, logits: torch.Tensor, sampled: torch.Tensor, pending: list[tuple[int, dict, int]]) -> None:
+        """Targets from the logits the engine sampled from (no second LM head), kept by position."""
+        s = self.settings
+        uniforms = draws = None
+        if s.samples:
+            rows = [self._uniforms(ask, position - int(ask["from"])) for _, ask, position in pending]
+            uniforms = torch.from_numpy(np.stack(rows)).to(logits.device)
+            draws = torch.empty(uniforms.shape, dtype=torch.int32, device=logits.device)
+        ids, lps, token, tail = topk_logprobs(
+            logits, _identity, sampled, s.top_k, chunk=s.chunk, out_dtype=_dtype(s), uniforms=uniforms,
+            draws_out=draws, sampler=s.sampler, draw_from_rest=s.draw_from_rest)
+        fields = {"ids": ids, "lp": lps, "token": token, "tail": tail}
+        if draws is not None:
+            fields["draws"] = draws
+        for r, (_, ask, position) in enumerate(pending):
+            kept = self.decoded.setdefault(ask["key"], {})
+            for name, t in fields.items():
+                kept.setdefault(name, _Rows()).add(position, t[r : r + 1])
+
+    def _uniforms(self, ask: dict, row: int) -> np.ndarray:
+        """Row `row` of the record's uniforms (`jobs.target_uniforms`: numpy PCG64, N doubles a row,
+        one 64-bit step each), from a generator kept per request, moved when a row is not the next."""
+        n = self.settings.samples
+        at, rng = self._rngs.get(ask["key"], (-1, None))
+        if rng is None or at != row:
+            bits = np.random.PCG64(int(ask["seed"]))
+            bits.advance(row * n)
+            rng = np.random.Generator(bits)
+        self._rngs[ask["key"]] = (row + 1, rng)
+        return rng.random(n)
+
     # -- after a call ----------------------------------------------------------------------------
     @torch.inference_mode()
     def take(self, takes: list[Take]) -> list[dict[str, np.ndarray]]:
@@ -181,6 +232,8 @@ class EngineCapture:
         s = self.settings
         finals, targets, uniforms = [], [], []
         for t in takes:
+            if t.key in self.decoded:
+                continue
             rows = self.finals.pop(t.key, None)
             states = rows.stacked() if rows is not None else None
             n = len(t.targets)
@@ -200,9 +253,8 @@ class EngineCapture:
             if s.samples:
                 u = torch.from_numpy(np.concatenate(uniforms)).to(device)
                 draws = torch.empty(u.shape, dtype=torch.int32, device=device)
-            out_dtype = torch.float16 if s.logprob_dtype == "float16" else torch.float32
             ids, lps, token, tail = topk_logprobs(
-                hidden, self.model.compute_logits, target_ids, s.top_k, chunk=s.chunk, out_dtype=out_dtype,
+                hidden, self.model.compute_logits, target_ids, s.top_k, chunk=s.chunk, out_dtype=_dtype(s),
                 uniforms=u, draws_out=draws, sampler=s.sampler, draw_from_rest=s.draw_from_rest,
             )
             out = {"ids": ids.cpu().numpy(), "lp": lps.cpu().numpy(), "token": token.cpu().numpy(),
@@ -212,6 +264,9 @@ class EngineCapture:
         result = []
         t0 = 0
         for t in takes:
+            if t.key in self.decoded:
+                result.append(self._decoded(t))
+                continue
             t1 = t0 + len(t.targets)
             one = {name: arr[t0:t1] for name, arr in out.items()}
             for layer in s.hidden_layers:
@@ -226,9 +281,33 @@ class EngineCapture:
             t0 = t1
         return result
 
+    def _decoded(self, t: Take) -> dict[str, np.ndarray]:
+        fields = self.decoded.pop(t.key)
+        self._rngs.pop(t.key, None)
+        n = len(t.targets)
+        one = {}
+        for name, rows in fields.items():
+            states = rows.stacked()
+            if states is None or states.shape[0] < n:
+                got = 0 if states is None else states.shape[0]
+                raise RuntimeError(f"potstill capture: request {t.key} decoded {got} rows for {n} tokens")
+            one[name] = states[:n].cpu().numpy()
+        return one
+
     def forget(self) -> None:
         self.finals.clear()
         self.layers.clear()
+        self.decoded.clear()
+        self._rngs.clear()
+        self.pending = []
+
+
+def _identity(logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
+def _dtype(settings: CaptureSettings) -> torch.dtype:
+    return torch.float16 if settings.logprob_dtype == "float16" else torch.float32
 
 
 class PotstillWorkerExtension:
