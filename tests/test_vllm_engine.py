@@ -145,6 +145,28 @@ def test_sampled_targets_and_hidden_layers_in_generate_mode_match_the_hf_backend
     assert verify_store(str(tmp_path / "vllm")).ok
 
 
+def test_sampled_generation_is_scored_from_the_logits_it_was_sampled_from(tmp_path, vllm_teacher_dir, engine):
+    """At temperature 0.7 with top-p, the targets captured from the sampler's logits (raw, before vLLM
+    scales them in place) equal a score-mode pass over the same completions (--score-prompt: the
+    same seeds give the same completions)."""
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=57, completion=False))
+    common = dict(mode="generate", max_new_tokens=12, sampling_temperature=0.7, top_p=0.9, targets="both",
+                  samples=16, top_k=8, logprob_dtype="float32", dtype="float32", backend="vllm", seed=3)
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "decoded"), **common), preloaded=engine)
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "scored"), score_prompt=True, **common),
+             preloaded=engine)
+    decoded, scored = _records(str(tmp_path / "decoded")), _records(str(tmp_path / "scored"))
+    assert decoded.keys() == scored.keys() and len(decoded) == 6
+    for rid, rec in decoded.items():
+        ref = scored[rid]
+        assert rec.input_ids.tolist() == ref.input_ids.tolist()
+        rows = slice(rec.score_start - ref.score_start, None)  # the completion's rows of the scored record
+        np.testing.assert_array_equal(rec.topk_ids, ref.topk_ids[rows])
+        for name in ("topk_logprobs", "token_logprob", "tail_logprob"):
+            np.testing.assert_allclose(getattr(rec, name), getattr(ref, name)[rows], rtol=0, atol=TOL, err_msg=name)
+    assert verify_store(str(tmp_path / "decoded")).ok
+
+
 def test_kill_9_of_a_vllm_run_then_rerun_finishes_with_an_uninterrupted_runs_records(tmp_path, vllm_teacher_dir):
     """Killed (SIGKILL) from outside just after a new commit record, then at the store's kill point
     between a commit record's temporary file and its link; rerun after each: every record once, byte
