@@ -12,6 +12,8 @@ own encoder), in the same batches, greedy:
                     over prompt + completion instead, as before the states were kept while decoding
   vllm plain        vllm.LLM.generate on the same token ids
   vllm potstill     potstill's `generate --backend vllm` with that engine preloaded
+  vllm capture      potstill's vLLM backend alone (`VLLMTeacher.generate`: generation with the
+                    capture inside the engine, the captures fetched), no store: the engine's share
 
 tokens/s counts generated tokens (up to and including EOS) over the wall time of the call; `cpu vs
 plain` compares the CPU time of this process in each call instead (every thread: torch's, the
@@ -134,6 +136,18 @@ class Bench:
                                                                                            strict=True)}
 
     # -- potstill ------------------------------------------------------------------------------
+    def vllm_capture(self, llm: Any) -> tuple[float, dict[str, list[int]]]:
+        from potstill.teacher_gen.model_info import describe_teacher
+        from potstill.teacher_gen.vllm_backend import VLLMTeacher
+
+        cfg = self.config("vllm", "generate")
+        teacher = VLLMTeacher(cfg, describe_teacher(cfg), self.tokenizer, None, llm=llm)
+        start = time.perf_counter()
+        generated = teacher.generate(self.requests)
+        seconds = time.perf_counter() - start
+        assert all(g.capture is not None for g in generated)
+        return seconds, {r.record_id: g.ids.tolist() for r, g in zip(self.requests, generated, strict=True)}
+
     def potstill(self, backend: str, preloaded: Any, second_forward: bool = False,
                  **extra: Any) -> tuple[float, dict[str, list[int]]]:
         import torch
@@ -236,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                               hidden_layers="-1")))
         if "vllm" in backends:
             contenders += [("vllm plain", lambda: bench.vllm_plain(engines["vllm"])),
-                           ("vllm potstill", lambda: bench.potstill("vllm", engines["vllm"]))]
+                           ("vllm potstill", lambda: bench.potstill("vllm", engines["vllm"])),
+                           ("vllm capture", lambda: bench.vllm_capture(engines["vllm"]))]
         for _, run in contenders:  # warm-up: first-call allocations, lazy imports
             run()
         seconds: dict[str, list[float]] = {name: [] for name, _ in contenders}

@@ -117,10 +117,10 @@ class EngineCapture:
             pending, self.pending = self.pending, []
             if not pending or logits is None:
                 return original_sample(logits, *args, **kwargs)
-            rows = torch.tensor([row for row, _, _ in pending], device=logits.device)
-            kept = logits.index_select(0, rows)  # a copy: the sampler may scale the logits in place
+            rows = [row for row, _, _ in pending]
+            kept = _take_rows(logits, rows).clone()  # a copy: the sampler may scale the logits in place
             out = original_sample(logits, *args, **kwargs)
-            self.capture_decoded(kept, out.sampled_token_ids.index_select(0, rows)[:, 0], pending)
+            self.capture_decoded(kept, _take_rows(out.sampled_token_ids, rows)[:, 0], pending)
             return out
 
         runner._sample = sample
@@ -305,6 +305,14 @@ class EngineCapture:
         self.decoded.clear()
         self._rngs.clear()
         self.pending = []
+
+
+def _take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Rows of `t`: a view when they are consecutive (the usual case, every request captured), else
+    stacked. index_select was ~35 ms a call on vLLM's CPU worker threads, against ~1 ms for this."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0] : rows[0] + len(rows)]
+    return torch.stack([t[r] for r in rows])
 
 
 def _identity(logits: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from genhelpers import config
 
 from potstill.teacher_gen.errors import GenerateError
-from potstill.teacher_gen.vllm_capture import _Rows
+from potstill.teacher_gen.vllm_capture import _Rows, _take_rows
 
 
 def _rows(start: int, n: int) -> torch.Tensor:
@@ -31,6 +31,12 @@ def test_rows_come_back_in_position_order_and_a_recomputation_replaces_what_foll
     assert rows.stacked()[:, 0].tolist() == [4, 5, 106, 107]
     rows.add(2, _rows(2, 3))  # a recomputation from before the first kept row replaces them all
     assert rows.stacked()[:, 0].tolist() == [2, 3, 4]
+
+
+def test_the_logits_rows_of_captured_requests_are_taken_in_the_batch_order():
+    logits = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    for rows in ([0, 1, 2, 3, 4, 5], [2, 3], [4], [0, 2, 5], [3, 1]):
+        assert torch.equal(_take_rows(logits, rows), logits[rows]), rows
 
 
 def test_a_vllm_store_forms_its_tails_directly(tmp_path):
