@@ -165,9 +165,14 @@ class VLLMTeacher:
         except AttributeError:
             raise GenerateError("this vLLM engine was started without potstill's worker extension "
                                 f"(worker_extension_cls={EXTENSION!r})") from None
+        except RuntimeError as e:
+            raise GenerateError(f"--backend vllm: {e}") from None
 
     def _start(self, config: GenerateConfig, spec: TeacherSpec, max_length: int | None) -> Any:
         confine_to_own_gpus(config)
+        # The capture wraps the V1 model runner; vLLM 0.32 picks its Model Runner V2 where Triton is
+        # installed (GPUs) unless told otherwise.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         defaults = engine_defaults(config, on_cpu())
         if self.hidden_layers:  # forward hooks do not run inside CUDA graphs
             defaults["enforce_eager"] = True

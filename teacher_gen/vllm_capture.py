@@ -90,6 +90,11 @@ class EngineCapture:
     """The state the extension keeps on one worker's model runner."""
 
     def __init__(self, runner: Any) -> None:
+        missing = [name for name in ("execute_model", "_sample", "input_batch", "query_start_loc", "requests")
+                   if not hasattr(runner, name)]
+        if missing:  # vLLM's Model Runner V2 (vllm/v1/worker/gpu/) is shaped otherwise
+            raise RuntimeError(f"potstill's vLLM capture needs vLLM's V1 model runner ({type(runner).__name__} "
+                               f"has no {', '.join(missing)}): set VLLM_USE_V2_MODEL_RUNNER=0")
         self.runner = runner
         self.settings = CaptureSettings(top_k=0)
         self.finals: dict[str, _Rows] = {}
