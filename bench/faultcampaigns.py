@@ -288,14 +288,15 @@ def _pick(rng: random.Random, low: int, high: int) -> int:
 
 # -- generate --------------------------------------------------------------------------------------
 def generate_args(teacher: str, prompts: str, store: str, backend: str = "hf") -> list[str]:
-    """Small shards, two writer threads, top-k targets. The HF backend: hidden layers with small chunks
+    """Small shards, two writer threads, top-k targets (a later --targets wins). The HF backend: hidden layers with small chunks
     (so that chunk files are written in the middle of a shard), one record per forward batch (so that
-    a record's bytes do not depend on which other records share its batch). vLLM captures no hidden
-    states and schedules its own batches."""
+    a record's bytes do not depend on which other records share its batch). vLLM schedules its own
+    batches; it captures the same hidden layers and, besides the top-k, draws (--targets both)."""
     common = ["generate", "--teacher", teacher, "--prompts", prompts, "--out", store, "--shard-records", "2",
               "--writer-threads", "2", "--targets", "topk", "--top-k", "8", "--no-progress"]
     if backend == "vllm":
-        return [*common, "--backend", "vllm", "--dtype", "float32"]
+        return [*common, "--backend", "vllm", "--dtype", "float32", "--targets", "both", "--samples", "8",
+                "--hidden-layers", "0,-1", "--hidden-chunk-tokens", "8"]
     return [*common, "--device", "cpu", "--batch-tokens", "1", "--hidden-layers", "0,-1", "--hidden-chunk-tokens", "8"]
 
 

@@ -12,13 +12,18 @@ own encoder), in the same batches, greedy:
                     over prompt + completion instead, as before the states were kept while decoding
   vllm plain        vllm.LLM.generate on the same token ids
   vllm potstill     potstill's `generate --backend vllm` with that engine preloaded
+  vllm capture      potstill's vLLM backend alone (`VLLMTeacher.generate`: generation with the
+                    capture inside the engine, the captures fetched), no store: the engine's share
 
 tokens/s counts generated tokens (up to and including EOS) over the wall time of the call; `cpu vs
 plain` compares the CPU time of this process in each call instead (every thread: torch's, the
 writers'), which other programs on a busy machine change far less than the wall time. The
-bench checks that each backend's potstill completions equal its plain ones. With both backends it
-also times score mode (teacher forcing over prompt + the HF completions) on each: the capture
-throughput of the two backends on the same tokens.
+bench checks that each backend's potstill completions equal its plain ones.
+
+Score mode (teacher forcing over prompt + the first backend's plain completions) is timed too, on
+the same token ids: potstill's score mode on each backend, and with vLLM its plain prompt-scoring
+pass (`LLM.generate` with `prompt_logprobs=1`, `max_tokens=1`, prefix cache not read, as potstill's
+requests do), the reference that `vllm potstill score` is compared with.
 
     OMP_NUM_THREADS=2 python bench/generate_speed.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf
     OMP_NUM_THREADS=2 .venv-vllm/bin/python bench/generate_speed.py --teacher FOLDER --backends hf,vllm
@@ -50,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backends", default="hf", help="hf, vllm or hf,vllm")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the HF backend")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (vLLM's CUDA build; bench/gpu.py --vllm-teacher)")
+    p.add_argument("--dtype", default="float32", help="the teacher's dtype (float32 on CPU, bfloat16 on a GPU)")
     p.add_argument("--second-forward", action="store_true",
                    help="also time hf potstill+hid with a second forward instead of capture while decoding")
     p.add_argument("--out", default=None)
@@ -83,8 +90,7 @@ class Bench:
             teacher=self.args.teacher, prompts=prompts or self.args.prompts,
             store=os.path.join(self.workdir, f"s{self.calls}"), backend=backend, mode=mode,
             max_new_tokens=self.args.max_new_tokens, sampling_temperature=0.0, targets="topk", top_k=self.args.top_k,
-            dtype="float32",
-            device="cpu", progress=False, **extra,
+            dtype=self.args.dtype, device=self.args.device, progress=False, **extra,
         )
 
     def cut(self, tokens: list[int]) -> list[int]:
@@ -130,6 +136,18 @@ class Bench:
                                                                                            strict=True)}
 
     # -- potstill ------------------------------------------------------------------------------
+    def vllm_capture(self, llm: Any) -> tuple[float, dict[str, list[int]]]:
+        from potstill.teacher_gen.model_info import describe_teacher
+        from potstill.teacher_gen.vllm_backend import VLLMTeacher
+
+        cfg = self.config("vllm", "generate")
+        teacher = VLLMTeacher(cfg, describe_teacher(cfg), self.tokenizer, None, llm=llm)
+        start = time.perf_counter()
+        generated = teacher.generate(self.requests)
+        seconds = time.perf_counter() - start
+        assert all(g.capture is not None for g in generated)
+        return seconds, {r.record_id: g.ids.tolist() for r, g in zip(self.requests, generated, strict=True)}
+
     def potstill(self, backend: str, preloaded: Any, second_forward: bool = False,
                  **extra: Any) -> tuple[float, dict[str, list[int]]]:
         import torch
@@ -160,6 +178,25 @@ class Bench:
         summary = generate(cfg, preloaded=preloaded)
         return time.perf_counter() - start, summary.tokens
 
+    def vllm_plain_score(self, llm: Any, prompts: str) -> tuple[float, int]:
+        """vLLM's own prompt scoring of the same token ids potstill scores: the log-prob of each token
+        and its rank (`prompt_logprobs=1`), with nothing kept."""
+        import numpy as np
+        import vllm
+        from vllm.inputs import TokensPrompt
+
+        from potstill.teacher_gen.encode import encode_item
+        from potstill.teacher_gen.prompts import FieldMap, load_prompts
+
+        cfg = self.config("vllm", "score", prompts=prompts)
+        encoded = [encode_item(item, self.tokenizer, cfg, None) for item in load_prompts(prompts, FieldMap()).items]
+        ids = [np.concatenate([e.prompt_ids, e.completion_ids]).tolist() for e in encoded]
+        params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False,
+                                     skip_reading_prefix_cache=True)
+        start = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
+        return time.perf_counter() - start, sum(len(e.completion_ids) for e in encoded)
+
     def score_prompts(self, completions: dict[str, list[int]]) -> str:
         """The chat prompts with the given completions as their answers, for score mode."""
         path = os.path.join(self.workdir, "scored.jsonl")
@@ -175,8 +212,8 @@ def load_hf(args: argparse.Namespace) -> Any:
     from potstill.teacher_gen.hf_backend import load_model
     from potstill.teacher_gen.model_info import describe_teacher
 
-    cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", targets="topk", dtype="float32",
-                               device="cpu")
+    cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", targets="topk", dtype=args.dtype,
+                               device=args.device)
     return load_model(cfg, describe_teacher(cfg)).eval()
 
 
@@ -185,8 +222,8 @@ def load_vllm(args: argparse.Namespace, bench: Bench) -> Any:
     from potstill.teacher_gen.model_info import describe_teacher
     from potstill.teacher_gen.vllm_backend import VLLMTeacher
 
-    cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", backend="vllm", dtype="float32",
-                               targets="topk", top_k=args.top_k)
+    cfg = GenerateConfig.build(teacher=args.teacher, prompts="-", store="-", backend="vllm", dtype=args.dtype,
+                               targets="topk", top_k=args.top_k, device=args.device)
     return VLLMTeacher(cfg, describe_teacher(cfg), bench.tokenizer, None).llm
 
 
@@ -213,14 +250,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                               hidden_layers="-1")))
         if "vllm" in backends:
             contenders += [("vllm plain", lambda: bench.vllm_plain(engines["vllm"])),
-                           ("vllm potstill", lambda: bench.potstill("vllm", engines["vllm"]))]
+                           ("vllm potstill", lambda: bench.potstill("vllm", engines["vllm"])),
+                           ("vllm capture", lambda: bench.vllm_capture(engines["vllm"]))]
         for _, run in contenders:  # warm-up: first-call allocations, lazy imports
             run()
         seconds: dict[str, list[float]] = {name: [] for name, _ in contenders}
         cpu: dict[str, list[float]] = {name: [] for name, _ in contenders}
         tokens: dict[str, int] = {}
         completions: dict[str, dict[str, list[int]]] = {}
-        score_seconds: dict[str, list[float]] = {b: [] for b in backends}
+        score_seconds: dict[str, list[float]] = {}
         score_tokens = 0
         for round_ in range(args.rounds):
             order = contenders if round_ % 2 == 0 else contenders[::-1]
@@ -231,15 +269,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 seconds[name].append(took)
                 tokens[name] = sum(len(c) for c in done.values())
                 completions[name] = done
-            if len(backends) == 2:
-                prompts = bench.score_prompts(completions["hf plain"])
-                for backend in backends if round_ % 2 == 0 else backends[::-1]:
-                    took, score_tokens = bench.score(backend, engines[backend], prompts)
-                    score_seconds[backend].append(took)
+            prompts = bench.score_prompts(completions[f"{backends[0]} plain"])
+            scorers = [(f"{b} potstill", lambda b=b, p=prompts: bench.score(b, engines[b], p)) for b in backends]
+            if "vllm" in backends:
+                scorers.append(("vllm plain", lambda p=prompts: bench.vllm_plain_score(engines["vllm"], p)))
+            for name, run in scorers if round_ % 2 == 0 else scorers[::-1]:
+                took, score_tokens = run()
+                score_seconds.setdefault(name, []).append(took)
 
     result: dict[str, Any] = {
         "teacher": args.teacher, "prompts": len(bench.items), "max_new_tokens": args.max_new_tokens,
-        "top_k": args.top_k, "rounds": args.rounds, "threads": args.threads,
+        "top_k": args.top_k, "rounds": args.rounds, "threads": args.threads, "device": args.device,
+        "dtype": args.dtype,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "generate": {},
     }
@@ -255,20 +296,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "vs_plain": round(statistics.median(ratios), 3), "identical_completions": f"{identical}/{len(completions[plain])}",
             "cpu_seconds": [round(s, 3) for s in cpu[name]], "cpu_vs_plain": round(statistics.median(cpu_ratios), 3),
         }
+    result["score"] = {"tokens": score_tokens, **{
+        f"{name} tokens_per_s": round(statistics.median(score_tokens / t for t in took), 1)
+        for name, took in score_seconds.items()}}
+    if "vllm" in backends:  # the same round's pair: the machine's load changes less within a round
+        result["score"]["vllm potstill vs plain"] = round(statistics.median(
+            p / s for p, s in zip(score_seconds["vllm plain"], score_seconds["vllm potstill"], strict=True)), 3)
     if len(backends) == 2:
-        result["score"] = {
-            "tokens": score_tokens,
-            **{f"{b}_tokens_per_s": round(statistics.median(score_tokens / s for s in score_seconds[b]), 1) for b in backends},
-            "vllm_vs_hf": round(statistics.median(h / v for h, v in zip(score_seconds["hf"], score_seconds["vllm"],
-                                                                           strict=True)), 3),
-        }
+        result["score"]["vllm_vs_hf"] = round(statistics.median(
+            h / v for h, v in zip(score_seconds["hf potstill"], score_seconds["vllm potstill"], strict=True)), 3)
     print(f"{'contender':<18} {'tokens':>7} {'tokens/s':>9} {'vs plain':>9} {'cpu vs plain':>13} {'identical':>10}")
     for name, row in result["generate"].items():
         print(f"{name:<18} {row['tokens']:>7} {row['tokens_per_s']:>9.2f} {row['vs_plain']:>8.2f}x "
               f"{row['cpu_vs_plain']:>12.2f}x {row['identical_completions']:>10}")
-    if "score" in result:
-        print(f"score mode, {result['score']['tokens']} tokens: hf {result['score']['hf_tokens_per_s']} tokens/s, "
-              f"vllm {result['score']['vllm_tokens_per_s']} tokens/s, vllm/hf {result['score']['vllm_vs_hf']}x")
+    print(f"score mode, {score_tokens} scored tokens: " + ", ".join(
+        f"{name.removesuffix(' tokens_per_s')} {value} tokens/s" for name, value in result["score"].items()
+        if name.endswith("tokens_per_s")))
+    if "vllm potstill vs plain" in result["score"]:
+        print(f"score mode, vllm potstill vs plain: {result['score']['vllm potstill vs plain']}x")
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

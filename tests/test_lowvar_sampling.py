@@ -23,7 +23,6 @@ from potstill.store.manifest import TargetSpec
 from potstill.student_train.data import hybrid_weights
 from potstill.student_train.losses import sampled_kd
 from potstill.teacher_gen.capture import sample_chunk, topk_logprobs
-from potstill.teacher_gen.config import GenerateConfig
 from potstill.teacher_gen.errors import GenerateError
 from potstill.teacher_gen.runner import generate
 
@@ -204,9 +203,6 @@ def test_a_resumed_run_refuses_another_sampler_and_writes_nothing(tmp_path, tiny
 def test_bad_sampler_settings_are_refused_in_one_line(tmp_path, tiny_teacher_dir, prompts) -> None:
     with pytest.raises(GenerateError, match="--sampler must be one of iid, systematic, stratified; got 'sobol'"):
         config(tiny_teacher_dir, prompts, str(tmp_path / "x"), targets="sampled", sampler="sobol")
-    with pytest.raises(GenerateError, match="--backend vllm captures top-k targets only, not --targets hybrid"):
-        GenerateConfig.build(teacher=tiny_teacher_dir, prompts=prompts, store=str(tmp_path / "y"), targets="hybrid",
-                             backend="vllm")
 
 
 def test_generate_hybrid_then_train_through_the_cli(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir, prompts) -> None:

@@ -139,9 +139,7 @@ def test_both_kinds_in_one_packed_store_through_the_cli(tmp_path, tiny_teacher_d
     assert "top-K=16" in info and "sampled N=50" in info and "topk_ids_packed" in info
 
 
-def test_vllm_refuses_sampled_targets_in_one_line(tmp_path, tiny_teacher_dir, prompts):
-    with pytest.raises(GenerateError, match="--backend vllm captures top-k targets only, not --targets sampled: add --targets topk") as info:
-        config(tiny_teacher_dir, prompts, str(tmp_path / "s"), backend="vllm", targets="sampled")
-    assert "\n" not in str(info.value)
+def test_sampled_settings_are_checked_in_one_line_and_vllm_takes_them(tmp_path, tiny_teacher_dir, prompts):
+    assert config(tiny_teacher_dir, prompts, str(tmp_path / "s"), backend="vllm", targets="sampled").targets == "sampled"
     with pytest.raises(GenerateError, match="--samples must be between 1 and 65535"):
         config(tiny_teacher_dir, prompts, str(tmp_path / "s"), targets="sampled", samples=0)

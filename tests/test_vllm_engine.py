@@ -18,7 +18,7 @@ from common import prompt_rows, write_jsonl
 from faultcampaigns import generate_campaign, store_contents
 from genhelpers import assert_topk_close, config, reference_logprobs, run_cli
 
-from potstill.store import open_store, verify_store
+from potstill.store import decode_hidden, open_store, verify_store
 from potstill.teacher_gen.runner import generate
 
 vllm = pytest.importorskip("vllm")
@@ -46,10 +46,22 @@ def _records(store: str, with_hidden: bool = False) -> dict:
 
 
 def _assert_same_targets(got, want, atol: float = TOL) -> None:
+    """The same record from both backends: top-K ids (ties aside), log-probs, tails and the token's
+    log-prob to `atol`, the same draws (they come from the same uniforms), hidden states equal to the
+    storage dtype's rounding."""
     assert got.input_ids.tolist() == want.input_ids.tolist() and got.score_start == want.score_start
-    assert_topk_close(got.topk_ids, got.topk_logprobs, want.topk_ids, want.topk_logprobs, atol=atol)
+    if want.topk_ids is not None:
+        assert_topk_close(got.topk_ids, got.topk_logprobs, want.topk_ids, want.topk_logprobs, atol=atol)
+        np.testing.assert_allclose(got.tail_logprob, want.tail_logprob, rtol=0, atol=atol)
+        np.testing.assert_allclose(got.tail_mass, want.tail_mass, rtol=0, atol=atol)
     np.testing.assert_allclose(got.token_logprob, want.token_logprob, rtol=0, atol=atol)
-    np.testing.assert_allclose(got.tail_mass, want.tail_mass, rtol=0, atol=atol)
+    if want.sampled is not None:
+        for name in ("offsets", "ids", "counts"):
+            np.testing.assert_array_equal(getattr(got.sampled, name), getattr(want.sampled, name), err_msg=name)
+    assert got.hidden.keys() == want.hidden.keys() and got.hidden_start == want.hidden_start
+    for index, states in want.hidden.items():
+        a, b = decode_hidden(got.hidden[index], "bfloat16"), decode_hidden(states, "bfloat16")
+        np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-6, err_msg=f"hidden layer {index}")
 
 
 def test_the_engine_runs_with_potstills_cpu_defaults(engine):
@@ -93,6 +105,68 @@ def test_generate_mode_matches_the_hf_backend(tmp_path, vllm_teacher_dir, engine
         _assert_same_targets(rec, want[rid])
 
 
+@pytest.mark.parametrize(("targets", "sampler", "layers"), [
+    ("sampled", "iid", [0, 1, -1]), ("both", "systematic", []), ("hybrid", "stratified", [1])])
+def test_sampled_hybrid_and_hidden_layers_in_score_mode_match_the_hf_backend(tmp_path, vllm_teacher_dir, engine,
+                                                                             targets, sampler, layers):
+    """Every target kind, each with another sampler, and hidden layers (0: the embeddings, 1: the
+    first layer's output, -1: after the final norm) captured inside the engine equal the HF backend's."""
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(9, seed=55))
+    common = dict(targets=targets, sampler=sampler, samples=32, top_k=8, logprob_dtype="float32", dtype="float32",
+                  hidden_layers=layers)
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "hf"), **common))
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "vllm"), backend="vllm", **common), preloaded=engine)
+    want, got = _records(str(tmp_path / "hf"), True), _records(str(tmp_path / "vllm"), True)
+    assert got.keys() == want.keys() and len(got) == 9
+    for rid, rec in got.items():
+        _assert_same_targets(rec, want[rid])
+        assert sorted(rec.hidden) == sorted(2 + 1 + i if i < 0 else i for i in layers)
+    assert verify_store(str(tmp_path / "vllm")).ok
+    manifest = open_store(str(tmp_path / "vllm")).manifest
+    assert manifest.targets.tail_logprob == ("direct" if targets != "sampled" else None)
+
+
+@pytest.mark.parametrize(("targets", "layers"), [("hybrid", []), ("both", [0, -1])])
+def test_sampled_targets_and_hidden_layers_in_generate_mode_match_the_hf_backend(tmp_path, vllm_teacher_dir, engine,
+                                                                                 targets, layers):
+    """Greedy completions: draws and hidden layers of the completion (hybrid: captured while decoding;
+    with hidden layers: scored afterwards, the last token's row needs one more forward) equal the HF
+    backend's."""
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=56, completion=False))
+    common = dict(mode="generate", max_new_tokens=9, sampling_temperature=0.0, targets=targets, samples=16, top_k=8,
+                  logprob_dtype="float32", dtype="float32", hidden_layers=layers, hidden_tokens="scored")
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "hf"), **common))
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "vllm"), backend="vllm", **common), preloaded=engine)
+    want, got = _records(str(tmp_path / "hf"), True), _records(str(tmp_path / "vllm"), True)
+    assert got.keys() == want.keys() and len(got) == 6
+    for rid, rec in got.items():
+        assert rec.generated == want[rid].generated
+        _assert_same_targets(rec, want[rid])
+    assert verify_store(str(tmp_path / "vllm")).ok
+
+
+def test_sampled_generation_is_scored_from_the_logits_it_was_sampled_from(tmp_path, vllm_teacher_dir, engine):
+    """At temperature 0.7 with top-p, the targets captured from the sampler's logits (raw, before vLLM
+    scales them in place) equal a score-mode pass over the same completions (--score-prompt: the
+    same seeds give the same completions)."""
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=57, completion=False))
+    common = dict(mode="generate", max_new_tokens=12, sampling_temperature=0.7, top_p=0.9, targets="both",
+                  samples=16, top_k=8, logprob_dtype="float32", dtype="float32", backend="vllm", seed=3)
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "decoded"), **common), preloaded=engine)
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "scored"), score_prompt=True, **common),
+             preloaded=engine)
+    decoded, scored = _records(str(tmp_path / "decoded")), _records(str(tmp_path / "scored"))
+    assert decoded.keys() == scored.keys() and len(decoded) == 6
+    for rid, rec in decoded.items():
+        ref = scored[rid]
+        assert rec.input_ids.tolist() == ref.input_ids.tolist()
+        rows = slice(rec.score_start - ref.score_start, None)  # the completion's rows of the scored record
+        np.testing.assert_array_equal(rec.topk_ids, ref.topk_ids[rows])
+        for name in ("topk_logprobs", "token_logprob", "tail_logprob"):
+            np.testing.assert_allclose(getattr(rec, name), getattr(ref, name)[rows], rtol=0, atol=TOL, err_msg=name)
+    assert verify_store(str(tmp_path / "decoded")).ok
+
+
 def test_kill_9_of_a_vllm_run_then_rerun_finishes_with_an_uninterrupted_runs_records(tmp_path, vllm_teacher_dir):
     """Killed (SIGKILL) from outside just after a new commit record, then at the store's kill point
     between a commit record's temporary file and its link; rerun after each: every record once, byte
@@ -112,21 +186,13 @@ def test_kill_9_of_a_vllm_run_then_rerun_finishes_with_an_uninterrupted_runs_rec
         campaign.final.stdout
 
 
-def test_vllm_refuses_what_it_cannot_do_in_one_line(tmp_path, vllm_teacher_dir, real_teacher):
+def test_vllm_refuses_a_gguf_file_in_one_line(tmp_path, real_teacher):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=53))
-    base = ["generate", "--backend", "vllm", "--prompts", prompts, "--out", str(tmp_path / "s"), "--no-progress"]
-    for extra, message in (
-        (["--teacher", vllm_teacher_dir], "--backend vllm captures top-k targets only, not --targets sampled: "
-                                          "add --targets topk"),  # the default targets
-        (["--teacher", vllm_teacher_dir, "--targets", "both"], "--backend vllm captures top-k targets only"),
-        (["--teacher", vllm_teacher_dir, "--targets", "topk", "--hidden-layers", "-1"],
-         "--backend vllm cannot capture hidden states"),
-        (["--teacher", real_teacher.gguf, "--targets", "topk"], "--backend vllm cannot load the GGUF file"),
-    ):
-        result = run_cli(base + extra)
-        assert result.returncode == 1
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    result = run_cli(["generate", "--backend", "vllm", "--prompts", prompts, "--out", str(tmp_path / "s"),
+                      "--no-progress", "--teacher", real_teacher.gguf])
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--backend vllm cannot load the GGUF file" in lines[0], result.stderr
     assert not os.path.exists(tmp_path / "s")
 
 
