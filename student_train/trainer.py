@@ -89,7 +89,7 @@ class DistillTrainer(Trainer):
         self.batches_consumed = 0  # micro-batches this rank has trained on (its loader position)
         self.skipped_shards: dict[str, str] = {}  # shards left out (--skip-bad-shards), with why
         self._part_sums: dict[str, torch.Tensor] = {}
-        self._part_batches = 0
+        self._part_batches: dict[str, int] = {}  # of each part: the micro-batches that gave it
         self._step_records: list[str] = []  # records of the micro-batches of the current optimizer step
         self._step_losses: list[torch.Tensor] = []
         self._grad_share: dict[str, torch.Tensor] = {}  # of the step about to be logged (`_measure_grad_share`)
@@ -113,9 +113,8 @@ class DistillTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        if inputs.get("empty"):  # every record of the batch was in a skipped shard: train nothing, but
-            # touch every parameter so that DDP ranks still meet in the same all-reduce
-            loss = sum(p.reshape(-1)[0] for p in model.parameters() if p.requires_grad) * 0.0
+        if inputs.get("empty"):  # every record of the batch was in a skipped shard: train nothing
+            loss = self._empty_loss(model)
             return (loss, {}) if return_outputs else loss
         terms: dict[str, torch.Tensor] | None = {} if self._logs_next_step() else None
         loss, parts = distill_loss(model, inputs, self.objective, terms)
@@ -127,8 +126,21 @@ class DistillTrainer(Trainer):
             self._measure_grad_share(model, terms)
         for name, value in parts.items():
             self._part_sums[name] = self._part_sums.get(name, 0.0) + value
-        self._part_batches += 1
+            self._part_batches[name] = self._part_batches.get(name, 0) + 1
         return (loss, parts) if return_outputs else loss
+
+    def _empty_loss(self, model: Any) -> torch.Tensor:
+        """A zero loss for a batch with nothing to train on, made so that the ranks of a DDP job still
+        meet in the same collectives as a rank with a real batch: DDP syncs buffers and arms its
+        gradient all-reduce in the wrapped model's forward (without one, its backward all-reduces
+        nothing), so one token goes through it, and every parameter is touched for the all-reduce."""
+        one = torch.zeros((1, 1), dtype=torch.long, device=self.args.device)
+        first = torch.zeros(1, dtype=torch.long, device=self.args.device)
+        out = model(input_ids=one, attention_mask=torch.ones_like(one), pos_batch=first, pos_index=first,
+                    with_hidden=self.objective.needs_hidden)
+        reached = out["logits"].sum() + sum(v.sum() for v in out.get("projected", {}).values())
+        touched = sum(p.reshape(-1)[0] for p in model.parameters() if p.requires_grad)
+        return (reached + touched) * 0.0
 
     def _logs_next_step(self) -> bool:
         """Whether the optimizer step being computed is a logging step and its gradient share is not
@@ -217,25 +229,42 @@ class DistillTrainer(Trainer):
         """Add each loss part, averaged over the micro-batches since the last log and over ranks, the
         gradient share of each loss term (`_measure_grad_share`), and `epoch` as the passes the loader
         made over this rank's share of the training records."""
-        if "loss" in logs and self._part_batches:
-            sums = {n: torch.as_tensor(v, device=self.args.device) / self._part_batches for n, v in self._part_sums.items()}
-            shares = self._grad_share
-            if self.args.world_size > 1 and not shares:  # not measured here (an empty batch): every rank
-                # must reduce the same names; a 0 share stands in
-                shares = {f"grad_share/{n}": torch.zeros((), device=self.args.device) for n in self._share_terms()}
-            sums.update({n: torch.as_tensor(v, device=self.args.device) for n, v in shares.items()})
-            names = sorted(sums)
-            values = torch.stack([sums[n].float() for n in names])
-            if self.args.world_size > 1:
-                values = self.accelerator.reduce(values, reduction="mean")
-            logs.update(zip(names, values.tolist(), strict=True))
-            self._part_sums, self._part_batches, self._grad_share = {}, 0, {}
+        if "loss" in logs:
+            logs.update(self._logged_parts())
+            self._part_sums, self._part_batches, self._grad_share = {}, {}, {}
         dataset = self.train_dataset
         if isinstance(dataset, StoreDataset) and self.state.epoch is not None:
             # The Trainer's own epoch counts optimizer steps over a length it cannot know for a
             # stream; the loader's position is exact: micro-batches consumed / batches per epoch.
             self.state.epoch = self.batches_consumed / dataset.batches_per_epoch
         super().log(logs, start_time)
+
+    def _logged_parts(self) -> dict[str, float]:
+        """Each loss part's mean over the micro-batches since the last log, of all ranks, and each
+        term's gradient share averaged over the ranks that measured it. Every rank enters the same
+        collectives with the same shapes whatever its batches were: a rank whose batches were all
+        empty (a skipped shard's) or that saw other parts than another adds zeros to the sums and
+        counts, so no rank waits for a reduction another never enters."""
+        device = self.args.device
+        shares = {f"grad_share/{n}": self._grad_share.get(f"grad_share/{n}") for n in self._share_terms()}
+        parts = sorted(self._part_sums)
+        if self.args.world_size > 1:
+            import torch.distributed as dist
+
+            everyone: list[list[str] | None] = [None] * self.args.world_size
+            dist.all_gather_object(everyone, parts)
+            parts = sorted({name for names in everyone for name in names or []})
+        zero = torch.zeros((), device=device)
+        sums = [torch.as_tensor(self._part_sums.get(n, 0.0), device=device).float() for n in parts]
+        sums += [(v if v is not None else zero).float() for v in shares.values()]
+        counts = [float(self._part_batches.get(n, 0)) for n in parts] + [float(v is not None) for v in shares.values()]
+        values = torch.cat([torch.stack(sums) if sums else zero.new_zeros(0), torch.tensor(counts, device=device)])
+        if self.args.world_size > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        n = len(counts)
+        means = values[:n] / values[n:].clamp(min=1)
+        return {name: mean for name, mean, count in zip([*parts, *shares], means.tolist(), values[n:].tolist(),
+                                                        strict=True) if count > 0}
 
     # -- optimizer --------------------------------------------------------------------------------
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
@@ -583,6 +612,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None, phases: Phase
         trainer = make_trainer(run, student, dataset, max_steps, callbacks)
         train_loss = train_or_resume(run, trainer, max_steps)
         phases.end()  # a run that had already finished takes no step
+        share_skipped_shards(run, trainer)
         run.store.mark_checked(dataset.checked_shards())  # by the job's loaders: the final evaluation checks no shard again
         end_job_checks(run.checks_folder)
     except BaseException:
@@ -808,6 +838,23 @@ def train_or_resume(run: Run, trainer: DistillTrainer, max_steps: int) -> float 
                           "(one of the two has --head-lr-scale 1 and the other not); resume with that run's settings") from None
 
 
+def share_skipped_shards(run: Run, trainer: DistillTrainer) -> None:
+    """Several ranks: each learns of the shards the others skipped (each skips those its own batches
+    meet), says the same line for each new one, and so the report names every shard the job left
+    out, as a one-process run's does. Every rank must call it (a collective)."""
+    if run.world_size < 2:
+        return
+    import torch.distributed as dist
+
+    everyone: list[dict[str, str] | None] = [None] * run.world_size
+    dist.all_gather_object(everyone, trainer.skipped_shards)
+    for skipped in everyone:
+        for shard, why in sorted((skipped or {}).items()):
+            if shard not in trainer.skipped_shards:
+                trainer.skipped_shards[shard] = why
+                _say(f"skipping shard {shard}: {why}")
+
+
 def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDataset, max_steps: int,
            train_loss: float | None) -> dict[str, Any]:
     """Main process: save the student to --out, evaluate it on the plan's held-out records, write the
@@ -830,7 +877,7 @@ def finish(run: Run, trainer: DistillTrainer, student: Student, dataset: StoreDa
             "tokenizer": student.tokenizer_source,
         },
         "loader": dataset.describe(),
-        "skipped_shards": trainer.skipped_shards,  # --skip-bad-shards: shards left out, with why (this rank's)
+        "skipped_shards": trainer.skipped_shards,  # --skip-bad-shards: shards left out, with why (by any rank)
         "targets": run.targets,
         "world_size": run.world_size,
         "global_step": trainer.state.global_step,

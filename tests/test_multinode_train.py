@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -150,3 +151,45 @@ def test_the_ranks_of_a_torchrun_job_check_each_shard_once(setup: dict, tmp_path
     shards = open_store(setup["store"]).shard_names
     assert collections.Counter(hashed) == {f"{setup['store']}/shards/{s}/records.arrow": 1 for s in shards}, hashed
     assert not [p for p in os.listdir(temp) if p.startswith("potstill-checks-")]
+
+
+def test_a_torchrun_job_skips_a_bad_shard_on_every_rank_and_trains_to_the_end(setup: dict, tmp_path) -> None:
+    """Two ranks, --skip-bad-shards, one shard with NaN log-probs holding whole micro-batches of a rank:
+    that rank's batch is empty (it trains nothing) while the other's is not, and a log step follows.
+    The job hung there: the ranks entered different collectives at the log step. Now it trains to the
+    end, both ranks say the same skip line, and the report names the shard as a one-rank run does."""
+    import json
+    import shutil
+
+    import numpy as np
+    from faults import rewrite_column
+
+    store = str(tmp_path / "store")
+    shutil.copytree(setup["store"], store)
+    rewrite_column(store, "t0-000000", "topk_logprobs", lambda flat: flat.__setitem__(slice(None), np.nan))
+    args = train_args({**setup, "store": store}, str(tmp_path / "out"), grad_accum=1, workers=0)
+    args[args.index("--batch-size") + 1] = "2"
+    args[args.index("--max-steps") + 1] = "6"
+    args += ["--skip-bad-shards"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--tee", "3",
+           *args]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+                           start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # (a hung rank: end the whole job, its ranks too)
+        import psutil
+
+        for process in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+            process.kill()
+        out, err = job.communicate()
+        raise AssertionError(f"the job hung: {err[-3000:]}") from None
+    assert job.returncode == 0, err[-3000:]
+    with open(tmp_path / "out" / "training_report.json") as f:
+        report = json.load(f)
+    assert report["world_size"] == 2 and report["global_step"] == 6
+    assert list(report["skipped_shards"]) == ["t0-000000"] and "NaN" in report["skipped_shards"]["t0-000000"]
+    assert all(np.isfinite(e["loss"]) for e in report["loss_curve"])
+    said = re.findall(r"\[default(\d)\]:potstill train: (skipping shard t0-000000: [^\n]*)", out + err)
+    assert sorted(rank for rank, _ in said) == ["0", "1"] and len({line for _, line in said}) == 1, err[-3000:]
+    assert said[0][1] == f"skipping shard t0-000000: {report['skipped_shards']['t0-000000']}"
