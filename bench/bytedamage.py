@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 HOWS = ("flip", "zero", "truncate", "extend", "delete")
+JSON_SPACE = b" \t\r\n"  # whitespace between JSON tokens: one for another changes nothing
 THIRDS = ("head", "middle", "tail")
 
 FILE_KINDS: dict[str, Callable[[str], bool]] = {
@@ -90,7 +91,7 @@ def trial_plan(root: str, seed: int, files_per_kind: int, every_third: bool = Tr
 
 def damage(data: bytes, how: str, third: str, rng: random.Random) -> bytes:
     """`data` damaged `how` at an offset drawn in `third` of it. Never a no-op: a zeroed byte is a
-    nonzero one, a cut always removes a non-whitespace byte (a JSON file cut in its trailing newline
+    nonzero one, a flipped byte never turns whitespace into whitespace, a cut always removes a non-whitespace byte (a JSON file cut in its trailing newline
     is the same JSON), an extension is non-whitespace bytes."""
     body = len(data.rstrip()) if how == "truncate" else len(data)
     k = THIRDS.index(third) if third in THIRDS else 2
@@ -106,7 +107,10 @@ def damage(data: bytes, how: str, third: str, rng: random.Random) -> bytes:
             out[rng.choice(nonzero)] = 0
             return bytes(out)
     pos = rng.randrange(low, min(high, len(out)))  # flip (or zero of an all-zero file: flip instead)
-    out[pos] ^= rng.randrange(1, 256)
+    flipped = out[pos] ^ rng.randrange(1, 256)
+    while out[pos] in JSON_SPACE and flipped in JSON_SPACE:  # a newline turned into a space: the same JSON
+        flipped = out[pos] ^ rng.randrange(1, 256)
+    out[pos] = flipped
     return bytes(out)
 
 
