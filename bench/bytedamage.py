@@ -57,6 +57,12 @@ def store_files(root: str) -> list[str]:
                   for d, _, names in os.walk(root) for n in names)
 
 
+def checked_files(root: str) -> list[str]:
+    """The files whose damage a reader must name: all but the run records (runs/: informational, no
+    checksum covers them and nothing reads them as data, store format §10.2)."""
+    return [rel for rel in store_files(root) if not rel.startswith("runs/")]
+
+
 @dataclass(frozen=True)
 class Trial:
     index: int
@@ -78,7 +84,7 @@ def trial_plan(root: str, seed: int, files_per_kind: int, every_third: bool = Tr
     ways = [(how, third) for n, how in enumerate(hows) for i, third in enumerate(THIRDS) if every_third or i == n]
     ways += [("extend", "end"), ("delete", "whole")]
     by_kind: dict[str, list[str]] = {}
-    for rel in store_files(root):
+    for rel in checked_files(root):
         by_kind.setdefault(file_kind(rel), []).append(rel)
     pick = trial_rng(seed, "bytes-files", 0)
     chosen = sorted(rel for rels in by_kind.values() for rel in pick.sample(rels, min(len(rels), files_per_kind)))

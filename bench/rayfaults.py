@@ -66,6 +66,19 @@ def kill_an_actor(store: str, stop: threading.Event, killed: list[int]) -> None:
         time.sleep(0.002)
 
 
+def wait_for_actors_gone(store: str, timeout: float = 60.0) -> None:
+    """Wait until no writer of the store is alive. A killed driver's actors run on until Ray sees
+    their job gone (a second or so); the checks are of what is left once every process of the killed
+    run has ended. An actor still alive after `timeout` is left for the checks to report."""
+    from potstill.store import verify_store
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and os.path.exists(os.path.join(store, "manifest.json")):
+        if not any(left.live for left in verify_store(store).leftovers):
+            return
+        time.sleep(0.5)
+
+
 def ray_round(teacher: str, prompts: str, workdir: str, reference: dict[str, Any], address: str,
               rng: random.Random, name: str, log: Callable[[str], None] | None = None) -> Campaign:
     # The drivers join this process's Ray instance: they need what `ray.init` put in the environment
@@ -78,6 +91,7 @@ def ray_round(teacher: str, prompts: str, workdir: str, reference: dict[str, Any
     delay = round(rng.uniform(0.0, 1.0), 3)
     campaign.kill(args, Trigger(f"kill -9 of the driver {delay:.3f} s after its first commit record", delay=delay,
                                 ready=lambda: count_entries(commits) >= 1), log, store)
+    wait_for_actors_gone(store)
     campaign.violations += store_invariants(store, reference, campaign.where(), leftovers_allowed=True)
     campaign.checks += 1
 
