@@ -42,7 +42,7 @@ prompts   Hostile prompt lines: each bad one skipped with its line number and re
 Every trial draws its randomness from (--seed, campaign, trial number) and failures name their
 trial, so one reruns alone: `--only bytes --trial 17 --seed 2026`.
 
-    python bench/reliability.py                    # the full run, about 30 minutes on 2 cores
+    python bench/reliability.py                    # the full run, about an hour on 2 busy cores
     python bench/reliability.py --quick            # a smoke run, a few minutes
     python bench/reliability.py --only flips,prompts --json reliability.json
     .venv-vllm/bin/python bench/reliability.py --only vllm    # (a Python where vllm is installed)
