@@ -379,14 +379,6 @@ def test_data_settings_exclude_per_worker_settings():
                                                            score_prompt=True).data_settings("tmpl")
 
 
-def test_vllm_with_hidden_layers_is_refused_in_one_line(tmp_path):
-    result = run_cli(["generate", "--teacher", "t", "--prompts", "p.jsonl", "--out", str(tmp_path / "s"),
-                      "--backend", "vllm", "--targets", "topk", "--hidden-layers", "4"])
-    assert result.returncode == 1
-    assert result.stderr.strip() == ("error: --backend vllm cannot capture hidden states: drop --hidden-layers "
-                                     "or use --backend hf")
-
-
 def test_hidden_layer_out_of_range_is_refused(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(1))
     with pytest.raises(GenerateError, match="indices run from -3 to 2"):

@@ -54,8 +54,8 @@ SAMPLES = {"rationale_template": "Q: {prompt}", "beta": 0.25, "alpha": 0.5, "eva
            "head_lr_scale": 2.0, "host": "127.0.0.2", "allow_url_scheme": ["s3"], "max_length": 64,
            "allow_host": ["gpu-box"], "data_root": ["/d"], "read_root": ["/r"], "write_root": ["/w"],
            "teacher_weights": "2,1", "hidden_from": "s"}
-# other settings a sample needs (vLLM captures top-k only; a relation loss needs layer pairs)
-CONTEXT = {"backend": {"targets": "topk"}, "relation_weight": {"hidden_map": "1:2"}, "worker_index": {"workers": 2},
+# other settings a sample needs (a relation loss needs layer pairs)
+CONTEXT = {"relation_weight": {"hidden_map": "1:2"}, "worker_index": {"workers": 2},
            **{name: {"executor": "ray"} for name in ("ray_address", "num_actors", "gpus_per_actor")},
            "teacher_weights": {"store": ["s", "t"]}}
 
