@@ -310,8 +310,10 @@ def _generate_on_ray(ray: Any, run: Run, config: GenerateConfig, pool: ActorPool
                      block_records: int | None, stats: dict[str, float] | None) -> GenerateSummary:
     tokenizer, _, _, _, encoded = run.prepare()
     if run.store is not None:
-        if wait_for_block_writers(run.store, run.phases, run.claim.writer_id):  # (their leftovers were theirs)
-            run.summary.cleaned_leftovers += clean_leftovers(run.store, find_leftovers(run.store))
+        wait_for_block_writers(run.store, run.phases, run.claim.writer_id)
+        # Again after the wait: an earlier run's actor still alive when `prepare` cleaned may have died
+        # since, leaving its lease (only dead writers' leftovers are removed).
+        run.summary.cleaned_leftovers += clean_leftovers(run.store, find_leftovers(run.store))
         run.store.refresh()
         encoded = run.skip_committed(encoded, run.store)
     refuse_all_skipped(run, encoded)
@@ -360,22 +362,21 @@ def _connect(ray: Any, config: GenerateConfig) -> bool:
     return True
 
 
-def wait_for_block_writers(store: Store, phases: Phases, own_claim: str) -> bool:
+def wait_for_block_writers(store: Store, phases: Phases, own_claim: str) -> None:
     """Wait until no block writer of an earlier run holds a live lease (an actor of a killed driver that
     has not died yet): its records would otherwise be planned again and could be committed twice.
-    Returns whether there was one to wait for. While another run is live (on a disjoint share: its
-    claim was checked) its block writers cannot be told from those of a dead run, so none is waited
-    for: Ray ends a dead driver's actors within seconds."""
+    While another run is live (on a disjoint share: its claim was checked) its block writers cannot be
+    told from those of a dead run, so none is waited for: Ray ends a dead driver's actors within seconds."""
     deadline = time.monotonic() + STALE_AFTER_S + 60
     shown = False
     while True:
         leases = [lease for lease in all_leases(store) if lease.live]
         if any(lease.writer_id.endswith(".run") and lease.writer_id != own_claim for lease in leases):
-            return shown
+            return
         live = [lease for lease in leases
                 if lease.writer_id.startswith(BLOCK_PREFIX) and not lease.writer_id.endswith(".run")]
         if not live:
-            return shown
+            return
         if not shown:
             phases.begin(f"wait for {len(live)} block writer(s) of an earlier run to end ({live[0].why})")
             shown = True
