@@ -74,30 +74,50 @@ def _bits_at(data: np.ndarray, bit: int, width: int, end: int) -> int:
     return value
 
 
+@_inline
+def _unary(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> tuple[int, int]:
+    """Up to `count` unary values (zeros, then a one) of data[start:end] into out: (how many there
+    were, the stream bit after the last one read). The ones are found a word at a time, set bit by set
+    bit (`w & (w − 1)`, a trailing-zero count), each value the distance from the one before: no value
+    waits for the one before it, as one read through a bit buffer does."""
+    n = 0
+    before = np.int64(-1)  # the stream bit of the last one
+    pos = start
+    while n < count and pos < end:
+        if pos + 8 <= end:
+            w = _word(data, pos)
+        else:  # (the stream's last bytes)
+            w = np.int64(0)
+            for k in range(end - pos):
+                w |= np.int64(data[pos + k]) << (k << 3)
+        base = (pos - start) << 3
+        while w != 0:
+            one = base + trailing_zeros(w)
+            out[n] = one - before - 1
+            before = one
+            n += 1
+            if n == count:
+                break
+            w &= w - 1
+        pos += 8
+    return n, before + 1
+
+
 @_jit
 def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> int:
     """`count` Elias-gamma values of a counts stream at byte `start` into out[:count]: the lengths in
     unary, byte-padded, then the low bits. The byte after them, or -1 where the stream cannot be
-    one (too short, a length above 16). The lengths through a bit buffer, the low bits at a bit
-    position, as the ids' Rice codes are read (`_compact_record`)."""
-    pos, acc, nb = start, 0, 0
+    one (too short, a length above 16). The lengths set bit by set bit (`_unary`), the low bits at a
+    bit position, as the ids' Rice codes are read (`_compact_record`)."""
+    n, after = _unary(data, start, end, count, out)
+    if n < count:
+        return -1
     total = 0
     for i in range(count):
-        q = 0
-        while acc == 0:  # (unary: zeros, then a one)
-            q += nb
-            if pos >= end:
-                return -1
-            pos, acc, nb = _fill(data, pos, end, 0, 0)
-        zeros = trailing_zeros(acc)
-        acc >>= zeros + 1
-        nb -= zeros + 1
-        q += zeros
-        if q > 16:
+        if out[i] > 16:
             return -1
-        out[i] = q
-        total += q
-    low = start + (((pos - start) * 8 - nb + 7) >> 3)  # the byte after the last length's one
+        total += out[i]
+    low = start + ((after + 7) >> 3)  # the byte after the last length's one
     if low + ((total + 7) >> 3) > end:
         return -1
     bit = low * 8
@@ -141,15 +161,15 @@ def _bucket_starts(buckets: int, table: np.ndarray) -> None:
 def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.ndarray, c0: int, c1: int,
                     entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
                     below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
-                    hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, table: np.ndarray, table_of: np.ndarray,
-                    recip: np.ndarray, sums: np.ndarray) -> int:
+                    hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, table: np.ndarray, state: np.ndarray,
+                    recip: np.ndarray, sums: np.ndarray, qs: np.ndarray, seen: np.ndarray) -> int:
     """What `decode_sampled_compact` finds wrong with one record's streams, OUTSIDE for an id ≥ tv too,
-    or 0. Leaves the record decoded in the scratch: h, tails [positions] (head and tail sizes); hc,
-    hp [entries] (head counts − 1, head places); tp [entries] (tail places); table
-    [min(N, entries) + 1, 65]: `_bucket_starts` of the B in table_of[0]; recip [min(N, entries) + 1]:
-    ceil(2^40 / d), so that entry j of d is in bucket min(B·j · recip[d] >> 40, B − 1) = min(B·j // d,
-    B − 1) without a division (exact for B·j < 2^22, d < 2^17) nor a branch per bucket; sums
-    [min(N, entries) + 1, 2]: the low bits of d head / tail entries."""
+    or 0. Leaves the record decoded in the scratch (`_compact_scratch`): h, tails [positions] (head
+    and tail sizes); hc, hp [entries] (head counts − 1, head places); tp [entries] (tail places).
+
+    Both streams' unary parts are read first, set bit by set bit (`_unary`); then a record is read
+    position by position (`_compact_positions`), and where that walk has any doubt, entry by entry in
+    stream order (`_compact_walk`), which names the first thing wrong as the numpy decoder does."""
     # counts stream: head sizes h + 1, then the head counts − 1, both gamma-coded
     at = _gamma(counts_values, c0, c1, positions, h)
     if at < 0:
@@ -164,14 +184,15 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
         return NO_SPLIT
     if _gamma(counts_values, at, c1, heads, hc) < 0:
         return COUNTS_SHORT
+    drawn = qs  # drawn[e]: the draws of the head entries before e (qs is free until the quotients are read)
+    drawn[0] = 0
+    for e in range(heads):
+        drawn[e + 1] = drawn[e] + hc[e] + 1
     e = 0
     total = heads
     for i in range(positions):
-        drawn = 0
-        for _ in range(h[i]):
-            drawn += hc[e] + 1
-            e += 1
-        tails[i] = samples - drawn
+        tails[i] = samples - (drawn[e + h[i]] - drawn[e])
+        e += h[i]
         if tails[i] < 0:
             return NO_SPLIT
         total += tails[i]
@@ -190,28 +211,101 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     for b in range(2 * buckets):
         if ids_values[ks + b] > 31:
             return PARAM_TOO_BIG
-    if table_of[0] != buckets:
+    if state[0] != buckets:
         _bucket_starts(buckets, table)
-        table_of[0] = buckets
-    for part in range(2):  # the bits of d entries' low parts, for every d this record has
-        for d in range(len(sums)):
-            sums[d, part] = 0
-            for b in range(buckets):
-                sums[d, part] += np.int64(ids_values[ks + part * buckets + b]) * (table[d, b + 1] - table[d, b])
-    width_sum = 0
+        state[0] = buckets
+    for d in range(len(sums)):  # (a d's bits once a position has d entries: a short record has few d)
+        sums[d, 0] = sums[d, 1] = -1
+    head_bits = tail_bits = 0  # the bits of the heads' and of the tails' low parts
     for i in range(positions):
-        width_sum += sums[h[i], 0] + sums[tails[i], 1]
+        for part in range(2):
+            d = h[i] if part == 0 else tails[i]
+            if sums[d, part] < 0:
+                sums[d, part] = 0
+                for b in range(buckets):
+                    sums[d, part] += np.int64(ids_values[ks + part * buckets + b]) * (table[d, b + 1] - table[d, b])
+        head_bits += sums[h[i], 0]
+        tail_bits += sums[tails[i], 1]
     low0 = ks + 2 * buckets
-    q0 = low0 + ((width_sum + 7) >> 3)
+    q0 = low0 + ((head_bits + tail_bits + 7) >> 3)
     if q0 > i1:
         return IDS_SHORT
     bound = min(vocab, tv) if by_place else vocab  # (places from here on: below it, or the record is bad)
-    # The low bits are read at a bit position, one 8-byte load each (its bits are in the load's first
-    # 39: w ≤ 31 after a shift ≤ 7): no buffer to refill at unforeseeable times, and the loads wait
-    # for nothing but the widths. The quotients (a few bits each) through a bit buffer: a load at a
-    # position would put its latency between one quotient and the next.
-    lbit = low0 * 8  # the next low bits
-    qpos, qacc, qnb = q0, 0, 0  # the quotients
+    quotients = _unary(ids_values, q0, i1, entries, qs)[0]
+    # Position by position where every quotient is there and their sum is below 2^30 (no sum of gaps
+    # reaches 2^62: places rise) and places alone judge ids.
+    if quotients == entries and i1 - q0 < 1 << 27 and by_place and _compact_positions(
+            ids_values, i1, ks, buckets, recip, positions, h, tails, hp, tp, qs, heads, low0 * 8, head_bits, bound,
+            seen, state):
+        return 0
+    return _compact_walk(ids_values, i1, ks, buckets, recip, positions, h, tails, hp, tp, qs, quotients, low0 * 8,
+                         bound, by_place, listed, below, tv)
+
+
+@_jit
+def _compact_positions(ids_values: np.ndarray, i1: int, ks: int, buckets: int, recip: np.ndarray, positions: int,
+                       h: np.ndarray, tails: np.ndarray, hp: np.ndarray, tp: np.ndarray, qs: np.ndarray, heads: int,
+                       lbit: int, head_bits: int, bound: int, seen: np.ndarray, state: np.ndarray) -> bool:
+    """Whether a record's places (quotients in qs, low bits from stream bit `lbit`) are sound, read
+    position by position: a position's head entries, then its tail entries (each part with its own
+    cursors into the streams). Places rise within a part, so its last place alone is compared with
+    `bound`; a head stamps its places' slots in `seen` (place mod its size) with the position's
+    stamp, so a tail place in a slot without it is in no head (one in a slot with it is looked for
+    among the head's places). False: some place may be wrong (`_compact_walk` says which)."""
+    mask = len(seen) - 1
+    stamp = state[1]  # (the last position's stamp: unique to every position read with this scratch)
+    hbit, tbit = lbit, lbit + head_bits
+    e = t = 0  # the head and tail entries before the position
+    sound = True
+    for i in range(positions):
+        stamp += 1
+        c, x, place = recip[h[i]], 0, np.int64(-1)  # x: B·j, entry j's bucket min(B·j·c >> 40, B − 1)
+        for j in range(h[i]):
+            w = np.int64(ids_values[ks + min((x * c) >> 40, buckets - 1)])
+            x += buckets
+            if (hbit >> 3) + 8 <= i1:
+                low = (_word(ids_values, hbit >> 3) >> (hbit & 7)) & ((np.int64(1) << w) - 1)
+            else:
+                low = _bits_at(ids_values, hbit, w, i1)
+            hbit += w
+            place += ((qs[e + j] << w) | low) + 1
+            hp[e + j] = place
+            seen[place & mask] = stamp
+        if place >= bound:
+            sound = False
+            break
+        c, x, place = recip[tails[i]], 0, np.int64(-1)
+        for j in range(tails[i]):
+            w = np.int64(ids_values[ks + buckets + min((x * c) >> 40, buckets - 1)])
+            x += buckets
+            if (tbit >> 3) + 8 <= i1:
+                low = (_word(ids_values, tbit >> 3) >> (tbit & 7)) & ((np.int64(1) << w) - 1)
+            else:
+                low = _bits_at(ids_values, tbit, w, i1)
+            tbit += w
+            place += ((qs[heads + t + j] << w) | low) + 1
+            tp[t + j] = place
+            if seen[place & mask] == stamp:  # (mostly another head place in the slot)
+                for k in range(e, e + h[i]):
+                    sound &= hp[k] != place
+        e += h[i]
+        t += tails[i]
+        if place >= bound or not sound:
+            sound = False
+            break
+    state[1] = stamp
+    return sound
+
+
+@_jit
+def _compact_walk(ids_values: np.ndarray, i1: int, ks: int, buckets: int, recip: np.ndarray, positions: int,
+                  h: np.ndarray, tails: np.ndarray, hp: np.ndarray, tp: np.ndarray, qs: np.ndarray, quotients: int,
+                  lbit: int, bound: int, by_place: bool, listed: np.ndarray, below: np.ndarray, tv: int) -> int:
+    """What is first wrong with a record's places, read entry by entry in stream order (every
+    position's head entries, then every position's tail entries; qs[:quotients] the quotients there
+    are), or 0: IDS_SHORT (a quotient missing), OUTSIDE (a place ≥ bound, or its id ≥ tv where places
+    do not say it), TWICE (a place in both a position's head and its tail)."""
+    e = 0  # the entries read
     tail_at = 0
     for part in range(2):  # the head entries of every position, then the tail entries
         head_end = 0
@@ -224,6 +318,8 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
             c = recip[d]
             x = 0  # B·j
             for j in range(d):
+                if e == quotients:
+                    return IDS_SHORT
                 w = np.int64(ids_values[kw + min((x * c) >> 40, buckets - 1)])
                 x += buckets
                 if (lbit >> 3) + 8 <= i1:
@@ -231,16 +327,8 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
                 else:
                     low = _bits_at(ids_values, lbit, w, i1)
                 lbit += w
-                q = 0
-                while qacc == 0:
-                    q += qnb
-                    if qpos >= i1:
-                        return IDS_SHORT  # fewer quotients than entries
-                    qpos, qacc, qnb = _fill(ids_values, qpos, i1, 0, 0)
-                zeros = trailing_zeros(qacc)
-                qacc >>= zeros + 1
-                qnb -= zeros + 1
-                place += (((q + zeros) << w) | low) + 1
+                place += ((qs[e] << w) | low) + 1
+                e += 1
                 if place >= bound or (not by_place and _id_at(place, listed, below) >= tv):
                     return OUTSIDE
                 if part == 0:
@@ -267,28 +355,39 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
     for r in range(records):
         most = max(most, positions[r])
         most_entries = max(most_entries, entries[r])
-    h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(most, most_entries, samples)
+    h, tails, hc, hp, tp, table, state, recip, sums, qs, seen = _compact_scratch(most, most_entries, samples)
     bad = np.zeros(records, dtype=np.bool_)
     for r in range(records):
         bad[r] = _compact_record(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
                                  counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
-                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, table, table_of, recip, sums) != 0
+                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, table, state, recip, sums,
+                                 qs, seen) != 0
     return bad
 
 
 @_jit
 def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
     """The scratch `_compact_record` needs for records of up to these positions and entries (a
-    position's entries, head or tail, are at most N and at most the record's)."""
+    position's entries, head or tail, are at most N and at most the record's): h, tails, hc, hp, tp
+    (`_compact_record`); table [min(N, entries) + 1, 65]: `_bucket_starts` of the B in state[0];
+    state[1]: the last position stamp in `seen`; recip [min(N, entries) + 1]: ceil(2^40 / d), so
+    that entry j of d is in bucket min(B·j · recip[d] >> 40, B − 1) = min(B·j // d, B − 1) without a
+    division (exact for B·j < 2^22, d < 2^17) nor a branch per bucket; sums [min(N, entries) + 1, 2]:
+    the low bits of d head / tail entries; qs [entries + 1]: the quotients; seen: a power of two ≥
+    16 slots per head place a position may have (`_compact_positions`)."""
     entries = max(entries, 0)
     recip = np.zeros(min(samples, entries) + 1, dtype=np.int64)
     for d in range(1, len(recip)):
         recip[d] = ((np.int64(1) << 40) + d - 1) // d
     heads = min(positions * (samples // 2), entries) + 1
+    slots = 64
+    while slots < 2048 and slots < 16 * (min(samples // 2, entries) + 1):
+        slots *= 2
     return (np.empty(positions, dtype=np.int64), np.empty(positions, dtype=np.int64),
             np.empty(heads, dtype=np.int64), np.empty(heads, dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
-            np.empty((min(samples, entries) + 1, 65), dtype=np.int64), np.zeros(1, dtype=np.int64), recip,
-            np.empty((len(recip), 2), dtype=np.int64))
+            np.empty((min(samples, entries) + 1, 65), dtype=np.int64), np.zeros(2, dtype=np.int64), recip,
+            np.empty((len(recip), 2), dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
+            np.zeros(slots, dtype=np.int64))
 
 
 @_jit
@@ -351,11 +450,11 @@ def compact_sampled(ids_data: np.ndarray, counts_data: np.ndarray, entries: int,
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """One record's compact streams decoded: (0, offsets [positions + 1], ids int32, counts uint16) as
     `SampledTargets` holds them, or (what is wrong, empty arrays)."""
-    h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(positions, entries, samples)
+    h, tails, hc, hp, tp, table, state, recip, sums, qs, seen = _compact_scratch(positions, entries, samples)
     offsets = np.zeros(positions + 1, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip,
-                            sums)
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, state, recip,
+                            sums, qs, seen)
     if wrong:
         return wrong, offsets, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint16)
     ids = np.empty(entries, dtype=np.int32)
@@ -373,11 +472,11 @@ def compact_weighted(ids_data: np.ndarray, counts_data: np.ndarray, entries: int
     """One record's compact streams decoded into the loader's rows: (0, ids [positions, U] int64
     padded with −1, weights [positions, U] float32 = count / N padded with 0, entries per position),
     U the most entries a position has; or (what is wrong, empty arrays)."""
-    h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(positions, entries, samples)
+    h, tails, hc, hp, tp, table, state, recip, sums, qs, seen = _compact_scratch(positions, entries, samples)
     lengths = np.zeros(positions, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip,
-                            sums)
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, state, recip,
+                            sums, qs, seen)
     if wrong:
         return wrong, np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32), lengths
     width = 0
