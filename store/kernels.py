@@ -24,6 +24,7 @@ LOGPROB_SLACK32 = np.float32(1e-3)  # store.columns.LOGPROB_SLACK, compared in f
 UNSOUND, REPEATED, RISING, TOO_MUCH = 1, 2, 4, 8
 
 _jit = numba.njit(cache=True, nogil=True)
+_u = np.uint64  # an index known to be ≥ 0: numba adds no wrap-around of negative ones (3 instructions)
 _inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba inlines no jitted function it is not told to)
 
 
@@ -93,7 +94,7 @@ def _unary(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) 
         base = (pos - start) << 3
         while w != 0:
             one = base + trailing_zeros(w)
-            out[n] = one - before - 1
+            out[_u(n)] = one - before - 1
             before = one
             n += 1
             if n == count:
@@ -114,20 +115,20 @@ def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) 
         return -1
     total = 0
     for i in range(count):
-        if out[i] > 16:
+        if out[_u(i)] > 16:
             return -1
-        total += out[i]
+        total += out[_u(i)]
     low = start + ((after + 7) >> 3)  # the byte after the last length's one
     if low + ((total + 7) >> 3) > end:
         return -1
     bit = low * 8
     for i in range(count):
-        length = out[i]
+        length = out[_u(i)]
         if (bit >> 3) + 8 <= end:
             value = (_word(data, bit >> 3) >> (bit & 7)) & ((np.int64(1) << length) - 1)
         else:
             value = _bits_at(data, bit, length, end)
-        out[i] = (np.int64(1) << length) + value
+        out[_u(i)] = (np.int64(1) << length) + value
         bit += length
     return low + ((total + 7) >> 3)
 
@@ -187,11 +188,11 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     drawn = qs  # drawn[e]: the draws of the head entries before e (qs is free until the quotients are read)
     drawn[0] = 0
     for e in range(heads):
-        drawn[e + 1] = drawn[e] + hc[e] + 1
+        drawn[_u(e + 1)] = drawn[_u(e)] + hc[_u(e)] + 1
     e = 0
     total = heads
     for i in range(positions):
-        tails[i] = samples - (drawn[e + h[i]] - drawn[e])
+        tails[i] = samples - (drawn[_u(e + h[i])] - drawn[_u(e)])
         e += h[i]
         if tails[i] < 0:
             return NO_SPLIT
@@ -224,8 +225,8 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
                 sums[d, part] = 0
                 for b in range(buckets):
                     sums[d, part] += np.int64(ids_values[ks + part * buckets + b]) * (table[d, b + 1] - table[d, b])
-        head_bits += sums[h[i], 0]
-        tail_bits += sums[tails[i], 1]
+        head_bits += sums[_u(h[i]), 0]
+        tail_bits += sums[_u(tails[i]), 1]
     low0 = ks + 2 * buckets
     q0 = low0 + ((head_bits + tail_bits + 7) >> 3)
     if q0 > i1:
@@ -234,7 +235,7 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     quotients = _unary(ids_values, q0, i1, entries, qs)[0]
     # Position by position where every quotient is there and their sum is below 2^30 (no sum of gaps
     # reaches 2^62: places rise) and places alone judge ids.
-    if quotients == entries and i1 - q0 < 1 << 27 and by_place and _compact_positions(
+    if quotients == entries and i1 - q0 < 1 << 27 and by_place and q0 + 8 <= len(ids_values) and _compact_positions(
             ids_values, i1, ks, buckets, recip, positions, h, tails, hp, tp, qs, heads, low0 * 8, head_bits, bound,
             seen, state):
         return 0
@@ -259,33 +260,27 @@ def _compact_positions(ids_values: np.ndarray, i1: int, ks: int, buckets: int, r
     sound = True
     for i in range(positions):
         stamp += 1
-        c, x, place = recip[h[i]], 0, np.int64(-1)  # x: B·j, entry j's bucket min(B·j·c >> 40, B − 1)
+        c, x, place = recip[_u(h[i])], 0, np.int64(-1)  # x: B·j, entry j's bucket min(B·j·c >> 40, B − 1)
         for j in range(h[i]):
-            w = np.int64(ids_values[ks + min((x * c) >> 40, buckets - 1)])
+            w = np.int64(ids_values[_u(ks + min((x * c) >> 40, buckets - 1))])
             x += buckets
-            if (hbit >> 3) + 8 <= i1:
-                low = (_word(ids_values, hbit >> 3) >> (hbit & 7)) & ((np.int64(1) << w) - 1)
-            else:
-                low = _bits_at(ids_values, hbit, w, i1)
+            low = (_word(ids_values, hbit >> 3) >> (hbit & 7)) & ((np.int64(1) << w) - 1)
             hbit += w
-            place += ((qs[e + j] << w) | low) + 1
-            hp[e + j] = place
-            seen[place & mask] = stamp
+            place += ((qs[_u(e + j)] << w) | low) + 1
+            hp[_u(e + j)] = place
+            seen[_u(place & mask)] = stamp
         if place >= bound:
             sound = False
             break
-        c, x, place = recip[tails[i]], 0, np.int64(-1)
+        c, x, place = recip[_u(tails[i])], 0, np.int64(-1)
         for j in range(tails[i]):
-            w = np.int64(ids_values[ks + buckets + min((x * c) >> 40, buckets - 1)])
+            w = np.int64(ids_values[_u(ks + buckets + min((x * c) >> 40, buckets - 1))])
             x += buckets
-            if (tbit >> 3) + 8 <= i1:
-                low = (_word(ids_values, tbit >> 3) >> (tbit & 7)) & ((np.int64(1) << w) - 1)
-            else:
-                low = _bits_at(ids_values, tbit, w, i1)
+            low = (_word(ids_values, tbit >> 3) >> (tbit & 7)) & ((np.int64(1) << w) - 1)
             tbit += w
-            place += ((qs[heads + t + j] << w) | low) + 1
-            tp[t + j] = place
-            if seen[place & mask] == stamp:  # (mostly another head place in the slot)
+            place += ((qs[_u(heads + t + j)] << w) | low) + 1
+            tp[_u(t + j)] = place
+            if seen[_u(place & mask)] == stamp:  # (mostly another head place in the slot)
                 for k in range(e, e + h[i]):
                     sound &= hp[k] != place
         e += h[i]
