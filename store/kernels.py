@@ -163,7 +163,7 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
                     entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
                     below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
                     hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, table: np.ndarray, state: np.ndarray,
-                    recip: np.ndarray, sums: np.ndarray, qs: np.ndarray, seen: np.ndarray) -> int:
+                    widths: np.ndarray, sums: np.ndarray, qs: np.ndarray, seen: np.ndarray) -> int:
     """What `decode_sampled_compact` finds wrong with one record's streams, OUTSIDE for an id ≥ tv too,
     or 0. Leaves the record decoded in the scratch (`_compact_scratch`): h, tails [positions] (head
     and tail sizes); hc, hp [entries] (head counts − 1, head places); tp [entries] (tail places).
@@ -215,7 +215,8 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     if state[0] != buckets:
         _bucket_starts(buckets, table)
         state[0] = buckets
-    for d in range(len(sums)):  # (a d's bits once a position has d entries: a short record has few d)
+    span = len(sums) - 1  # (the most entries a head or a tail has; a width row per head / tail size)
+    for d in range(len(sums)):  # (the rows of the sizes the record has: a short record has few)
         sums[d, 0] = sums[d, 1] = -1
     head_bits = tail_bits = 0  # the bits of the heads' and of the tails' low parts
     for i in range(positions):
@@ -223,8 +224,12 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
             d = h[i] if part == 0 else tails[i]
             if sums[d, part] < 0:
                 sums[d, part] = 0
+                row = (part * len(sums) + d) * span
                 for b in range(buckets):
-                    sums[d, part] += np.int64(ids_values[ks + part * buckets + b]) * (table[d, b + 1] - table[d, b])
+                    k = ids_values[ks + part * buckets + b]
+                    sums[d, part] += np.int64(k) * (table[d, b + 1] - table[d, b])
+                    for j in range(table[d, b], table[d, b + 1]):
+                        widths[row + j] = k
         head_bits += sums[_u(h[i]), 0]
         tail_bits += sums[_u(tails[i]), 1]
     low0 = ks + 2 * buckets
@@ -236,23 +241,24 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     # Position by position where every quotient is there and their sum is below 2^30 (no sum of gaps
     # reaches 2^62: places rise) and places alone judge ids.
     if quotients == entries and i1 - q0 < 1 << 27 and by_place and q0 + 8 <= len(ids_values) and _compact_positions(
-            ids_values, i1, ks, buckets, recip, positions, h, tails, hp, tp, qs, heads, low0 * 8, head_bits, bound,
-            seen, state):
+            ids_values, positions, h, tails, hp, tp, qs, heads, low0 * 8, head_bits, bound, widths, span, seen,
+            state):
         return 0
-    return _compact_walk(ids_values, i1, ks, buckets, recip, positions, h, tails, hp, tp, qs, quotients, low0 * 8,
-                         bound, by_place, listed, below, tv)
+    return _compact_walk(ids_values, i1, positions, h, tails, hp, tp, qs, quotients, low0 * 8, widths, span, bound,
+                         by_place, listed, below, tv)
 
 
 @_jit
-def _compact_positions(ids_values: np.ndarray, i1: int, ks: int, buckets: int, recip: np.ndarray, positions: int,
-                       h: np.ndarray, tails: np.ndarray, hp: np.ndarray, tp: np.ndarray, qs: np.ndarray, heads: int,
-                       lbit: int, head_bits: int, bound: int, seen: np.ndarray, state: np.ndarray) -> bool:
-    """Whether a record's places (quotients in qs, low bits from stream bit `lbit`) are sound, read
-    position by position: a position's head entries, then its tail entries (each part with its own
-    cursors into the streams). Places rise within a part, so its last place alone is compared with
-    `bound`; a head stamps its places' slots in `seen` (place mod its size) with the position's
-    stamp, so a tail place in a slot without it is in no head (one in a slot with it is looked for
-    among the head's places). False: some place may be wrong (`_compact_walk` says which)."""
+def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, tails: np.ndarray, hp: np.ndarray,
+                       tp: np.ndarray, qs: np.ndarray, heads: int, lbit: int, head_bits: int, bound: int,
+                       widths: np.ndarray, span: int, seen: np.ndarray, state: np.ndarray) -> bool:
+    """Whether a record's places (quotients in qs, low bits from stream bit `lbit`, widths by
+    `_compact_record`'s rows) are sound, read position by position: a position's head entries, then
+    its tail entries (each part with its own cursors into the streams). Places rise within a part,
+    so its last place alone is compared with `bound`; a head stamps its places' slots in `seen`
+    (place mod its size) with the position's stamp, so a tail place in a slot without it is in no
+    head (one in a slot with it is looked for among the head's places). False: some place may be
+    wrong (`_compact_walk` says which)."""
     mask = len(seen) - 1
     stamp = state[1]  # (the last position's stamp: unique to every position read with this scratch)
     hbit, tbit = lbit, lbit + head_bits
@@ -260,10 +266,9 @@ def _compact_positions(ids_values: np.ndarray, i1: int, ks: int, buckets: int, r
     sound = True
     for i in range(positions):
         stamp += 1
-        c, x, place = recip[_u(h[i])], 0, np.int64(-1)  # x: B·j, entry j's bucket min(B·j·c >> 40, B − 1)
+        row, place = h[i] * span, np.int64(-1)
         for j in range(h[i]):
-            w = np.int64(ids_values[_u(ks + min((x * c) >> 40, buckets - 1))])
-            x += buckets
+            w = np.int64(widths[_u(row + j)])
             low = (_word(ids_values, hbit >> 3) >> (hbit & 7)) & ((np.int64(1) << w) - 1)
             hbit += w
             place += ((qs[_u(e + j)] << w) | low) + 1
@@ -272,10 +277,9 @@ def _compact_positions(ids_values: np.ndarray, i1: int, ks: int, buckets: int, r
         if place >= bound:
             sound = False
             break
-        c, x, place = recip[_u(tails[i])], 0, np.int64(-1)
+        row, place = (span + 1 + tails[i]) * span, np.int64(-1)
         for j in range(tails[i]):
-            w = np.int64(ids_values[_u(ks + buckets + min((x * c) >> 40, buckets - 1))])
-            x += buckets
+            w = np.int64(widths[_u(row + j)])
             low = (_word(ids_values, tbit >> 3) >> (tbit & 7)) & ((np.int64(1) << w) - 1)
             tbit += w
             place += ((qs[_u(heads + t + j)] << w) | low) + 1
@@ -293,9 +297,9 @@ def _compact_positions(ids_values: np.ndarray, i1: int, ks: int, buckets: int, r
 
 
 @_jit
-def _compact_walk(ids_values: np.ndarray, i1: int, ks: int, buckets: int, recip: np.ndarray, positions: int,
-                  h: np.ndarray, tails: np.ndarray, hp: np.ndarray, tp: np.ndarray, qs: np.ndarray, quotients: int,
-                  lbit: int, bound: int, by_place: bool, listed: np.ndarray, below: np.ndarray, tv: int) -> int:
+def _compact_walk(ids_values: np.ndarray, i1: int, positions: int, h: np.ndarray, tails: np.ndarray, hp: np.ndarray,
+                  tp: np.ndarray, qs: np.ndarray, quotients: int, lbit: int, widths: np.ndarray, span: int, bound: int,
+                  by_place: bool, listed: np.ndarray, below: np.ndarray, tv: int) -> int:
     """What is first wrong with a record's places, read entry by entry in stream order (every
     position's head entries, then every position's tail entries; qs[:quotients] the quotients there
     are), or 0: IDS_SHORT (a quotient missing), OUTSIDE (a place ≥ bound, or its id ≥ tv where places
@@ -304,19 +308,16 @@ def _compact_walk(ids_values: np.ndarray, i1: int, ks: int, buckets: int, recip:
     tail_at = 0
     for part in range(2):  # the head entries of every position, then the tail entries
         head_end = 0
-        kw = ks + part * buckets  # this part's Rice parameters
         for i in range(positions):
             d = h[i] if part == 0 else tails[i]
             head_at = head_end  # this position's head places: hp[head_at:head_end]
             head_end += h[i]
             place = np.int64(-1)
-            c = recip[d]
-            x = 0  # B·j
+            row = (part * (span + 1) + d) * span
             for j in range(d):
                 if e == quotients:
                     return IDS_SHORT
-                w = np.int64(ids_values[kw + min((x * c) >> 40, buckets - 1)])
-                x += buckets
+                w = np.int64(widths[row + j])
                 if (lbit >> 3) + 8 <= i1:
                     low = (_word(ids_values, lbit >> 3) >> (lbit & 7)) & ((np.int64(1) << w) - 1)
                 else:
@@ -350,12 +351,12 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
     for r in range(records):
         most = max(most, positions[r])
         most_entries = max(most_entries, entries[r])
-    h, tails, hc, hp, tp, table, state, recip, sums, qs, seen = _compact_scratch(most, most_entries, samples)
+    h, tails, hc, hp, tp, table, state, widths, sums, qs, seen = _compact_scratch(most, most_entries, samples)
     bad = np.zeros(records, dtype=np.bool_)
     for r in range(records):
         bad[r] = _compact_record(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
                                  counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
-                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, table, state, recip, sums,
+                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, table, state, widths, sums,
                                  qs, seen) != 0
     return bad
 
@@ -364,24 +365,23 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
 def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
     """The scratch `_compact_record` needs for records of up to these positions and entries (a
     position's entries, head or tail, are at most N and at most the record's): h, tails, hc, hp, tp
-    (`_compact_record`); table [min(N, entries) + 1, 65]: `_bucket_starts` of the B in state[0];
-    state[1]: the last position stamp in `seen`; recip [min(N, entries) + 1]: ceil(2^40 / d), so
-    that entry j of d is in bucket min(B·j · recip[d] >> 40, B − 1) = min(B·j // d, B − 1) without a
-    division (exact for B·j < 2^22, d < 2^17) nor a branch per bucket; sums [min(N, entries) + 1, 2]:
-    the low bits of d head / tail entries; qs [entries + 1]: the quotients; seen: a power of two ≥
-    16 slots per head place a position may have (`_compact_positions`)."""
+    (`_compact_record`); with D = min(N, entries), the most entries of a head or a tail: table
+    [D + 1, 65]: `_bucket_starts` of the B in state[0]; state[1]: the last position stamp in `seen`;
+    sums [D + 1, 2]: the low bits of d head / tail entries; widths [2 (D + 1) D]: the widths of d head
+    / tail entries from (part (D + 1) + d) D on, so that an entry's width costs one load, not its
+    bucket's arithmetic; qs [entries + 1]: the quotients; seen: a power of two ≥ 16 slots per head
+    place a position may have (`_compact_positions`)."""
     entries = max(entries, 0)
-    recip = np.zeros(min(samples, entries) + 1, dtype=np.int64)
-    for d in range(1, len(recip)):
-        recip[d] = ((np.int64(1) << 40) + d - 1) // d
+    span = min(samples, entries)
     heads = min(positions * (samples // 2), entries) + 1
     slots = 64
     while slots < 2048 and slots < 16 * (min(samples // 2, entries) + 1):
         slots *= 2
     return (np.empty(positions, dtype=np.int64), np.empty(positions, dtype=np.int64),
             np.empty(heads, dtype=np.int64), np.empty(heads, dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
-            np.empty((min(samples, entries) + 1, 65), dtype=np.int64), np.zeros(2, dtype=np.int64), recip,
-            np.empty((len(recip), 2), dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
+            np.empty((span + 1, 65), dtype=np.int64), np.zeros(2, dtype=np.int64),
+            np.empty(2 * (span + 1) * span, dtype=np.uint8), np.empty((span + 1, 2), dtype=np.int64),
+            np.empty(entries + 1, dtype=np.int64),
             np.zeros(slots, dtype=np.int64))
 
 
@@ -445,10 +445,10 @@ def compact_sampled(ids_data: np.ndarray, counts_data: np.ndarray, entries: int,
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """One record's compact streams decoded: (0, offsets [positions + 1], ids int32, counts uint16) as
     `SampledTargets` holds them, or (what is wrong, empty arrays)."""
-    h, tails, hc, hp, tp, table, state, recip, sums, qs, seen = _compact_scratch(positions, entries, samples)
+    h, tails, hc, hp, tp, table, state, widths, sums, qs, seen = _compact_scratch(positions, entries, samples)
     offsets = np.zeros(positions + 1, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, state, recip,
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, state, widths,
                             sums, qs, seen)
     if wrong:
         return wrong, offsets, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint16)
@@ -467,10 +467,10 @@ def compact_weighted(ids_data: np.ndarray, counts_data: np.ndarray, entries: int
     """One record's compact streams decoded into the loader's rows: (0, ids [positions, U] int64
     padded with −1, weights [positions, U] float32 = count / N padded with 0, entries per position),
     U the most entries a position has; or (what is wrong, empty arrays)."""
-    h, tails, hc, hp, tp, table, state, recip, sums, qs, seen = _compact_scratch(positions, entries, samples)
+    h, tails, hc, hp, tp, table, state, widths, sums, qs, seen = _compact_scratch(positions, entries, samples)
     lengths = np.zeros(positions, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, state, recip,
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, state, widths,
                             sums, qs, seen)
     if wrong:
         return wrong, np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32), lengths
