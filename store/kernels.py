@@ -113,24 +113,23 @@ def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) 
     n, after = _unary(data, start, end, count, out)
     if n < count:
         return -1
-    total = 0
-    for i in range(count):
-        if out[_u(i)] > 16:
-            return -1
-        total += out[_u(i)]
     low = start + ((after + 7) >> 3)  # the byte after the last length's one
-    if low + ((total + 7) >> 3) > end:
+    stop = low + ((after - count + 7) >> 3)  # (the lengths' sum: the bits before the last one's end, less the ones)
+    if stop > end:
         return -1
     bit = low * 8
+    loads = stop + 8 <= len(data)  # (every 8-byte load within the array: a loop without the end's test)
     for i in range(count):
         length = out[_u(i)]
-        if (bit >> 3) + 8 <= end:
+        if length > 16:
+            return -1
+        if loads or (bit >> 3) + 8 <= end:
             value = (_word(data, bit >> 3) >> (bit & 7)) & ((np.int64(1) << length) - 1)
         else:
             value = _bits_at(data, bit, length, end)
         out[_u(i)] = (np.int64(1) << length) + value
         bit += length
-    return low + ((total + 7) >> 3)
+    return stop
 
 
 @_jit
