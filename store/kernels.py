@@ -77,12 +77,13 @@ def _bits_at(data: np.ndarray, bit: int, width: int, end: int) -> int:
 
 @_inline
 def _unary(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> tuple[int, int]:
-    """Up to `count` unary values (zeros, then a one) of data[start:end] into out: (how many there
-    were, the stream bit after the last one read). The ones are found a word at a time, set bit by set
-    bit (`w & (w − 1)`, a trailing-zero count), each value the distance from the one before: no value
-    waits for the one before it, as one read through a bit buffer does."""
-    n = 0
-    before = np.int64(-1)  # the stream bit of the last one
+    """Up to `count` unary values (zeros, then a one) of data[start:end] into out, which has room for
+    63 more: (how many there were, the stream bit after the last one read). The ones are found a
+    word at a time, set bit by set bit (`w & (w − 1)`, a trailing-zero count), each value the
+    distance from the one before: no value waits for the one before it, as one read through a bit
+    buffer does. Whole words are read (the values past `count` are written, then dropped)."""
+    n = n0 = 0
+    before = before0 = np.int64(-1)  # the stream bit of the last one (n0, before0: at the word's start)
     pos = start
     while n < count and pos < end:
         if pos + 8 <= end:
@@ -91,16 +92,20 @@ def _unary(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) 
             w = np.int64(0)
             for k in range(end - pos):
                 w |= np.int64(data[pos + k]) << (k << 3)
+        n0, before0 = n, before
         base = (pos - start) << 3
         while w != 0:
             one = base + trailing_zeros(w)
             out[_u(n)] = one - before - 1
             before = one
             n += 1
-            if n == count:
-                break
             w &= w - 1
         pos += 8
+    if n > count:  # the count-th one is in the last word read
+        before = before0
+        for k in range(n0, count):
+            before += out[_u(k)] + 1
+        n = count
     return n, before + 1
 
 
@@ -372,15 +377,15 @@ def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
     place a position may have (`_compact_positions`)."""
     entries = max(entries, 0)
     span = min(samples, entries)
-    heads = min(positions * (samples // 2), entries) + 1
+    heads = min(positions * (samples // 2), entries) + 64  # (`_unary` writes up to 63 values past the last)
     slots = 64
     while slots < 2048 and slots < 16 * (min(samples // 2, entries) + 1):
         slots *= 2
-    return (np.empty(positions, dtype=np.int64), np.empty(positions, dtype=np.int64),
+    return (np.empty(positions + 63, dtype=np.int64), np.empty(positions, dtype=np.int64),
             np.empty(heads, dtype=np.int64), np.empty(heads, dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
             np.empty((span + 1, 65), dtype=np.int64), np.zeros(2, dtype=np.int64),
             np.empty(2 * (span + 1) * span, dtype=np.uint8), np.empty((span + 1, 2), dtype=np.int64),
-            np.empty(entries + 1, dtype=np.int64),
+            np.empty(entries + 64, dtype=np.int64),
             np.zeros(slots, dtype=np.int64))
 
 
