@@ -29,12 +29,13 @@ _inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba inlines 
 
 
 # -- bit reading ------------------------------------------------------------------------------------
-# A stream is read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
+# Fixed-width values (packed top-k) are read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
 # byte to load), topped up to more than 48 bits, so the buffer never reaches the sign bit of an int64
 # and a value of up to 32 bits is there after one top-up. A top-up is one unaligned 8-byte load
 # (`_word`) away from the stream's end, byte by byte near it. The reads are written out where they
 # are used, or inlined (`_inline`): numba calls a jitted helper, counting every array passed to it,
-# which per value costs more than the value.
+# which per value costs more than the value. Variable-width codes (the compact codec) are read at a
+# bit position each, their unary parts set bit by set bit (`_unary`).
 @intrinsic
 def _word(typingctx, data, at):  # type: ignore[no-untyped-def]
     """The little-endian int64 at byte `at` of a uint8 array: one unaligned load (the caller keeps
@@ -174,7 +175,7 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
 
     Both streams' unary parts are read first, set bit by set bit (`_unary`); then a record is read
     position by position (`_compact_positions`), and where that walk has any doubt, entry by entry in
-    stream order (`_compact_walk`), which names the first thing wrong as the numpy decoder does."""
+    stream order (`_compact_walk`), which names the first thing wrong in that order."""
     # counts stream: head sizes h + 1, then the head counts − 1, both gamma-coded
     at = _gamma(counts_values, c0, c1, positions, h)
     if at < 0:
