@@ -28,8 +28,8 @@ docs/guides/train.md), with room to spare.
 the default targets (sampled, systematic draws, N = 64, codec compact with an id order of 4,096 listed
 ids; `bench/verify_speed.py`'s records) of 512-token and of 32-token records, written through the real
 `ShardWriter`; CPU time per drawn entry (a distinct id of a position) over every shard's columns,
-the median of interleaved rounds, next to the walk as it was before its streams were read set bit by
-set bit (`bench/compact_walk_before.py`), on the same columns in the same run:
+the median of interleaved rounds, next to the walk as it was when it read the unary codes through a
+bit buffer, entry by entry (`bench/compact_walk_before.py`), on the same columns in the same run:
 
     python bench/codec_speed.py --walk         # ~1 minute
 """

@@ -1,6 +1,8 @@
-"""The compact codec's check walk as it was before its quotients and counts were read set bit by set
-bit (store/kernels.py before the change): `bench/codec_speed.py --walk` times it side by side with the
-current `store.kernels.compact_bad` on the same shard. A copy, so that the ratio is measured in one run."""
+"""The compact codec's check walk as it was when it read the unary codes through a bit buffer, entry
+by entry, in stream order (store/kernels.py then): `bench/codec_speed.py --walk` times it side by
+side with the current `store.kernels.compact_bad` on the same shard, and tests/test_kernels.py checks
+that the current walk names the same fault for the same damage. A copy, so that both run in one
+process."""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
-from numba.cpython.unsafe.numbers import trailing_zeros  # (llvm.cttz; in numba since 0.47)
 from numba.extending import intrinsic
 
 MASS_BOUND = 1 + 1e-4  # store.columns: 1 + MASS_SLACK
@@ -28,6 +27,24 @@ _u = np.uint64  # an index known to be ≥ 0: numba adds no wrap-around of negat
 _inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba inlines no jitted function it is not told to)
 
 
+def _unary_table() -> np.ndarray:
+    """Per byte value: the unary values its ones end (0..7: the zeros before each one, the first's
+    counted from the byte's start), [8] how many, [9] the zeros after the last one (8 for no one),
+    [10] −1 for no one (the zeros before carry on) else 0, [11..18] the bits of the ones."""
+    table = np.zeros((256, 19), dtype=np.int64)
+    for b in range(256):
+        ones = [k for k in range(8) if b >> k & 1]
+        before = -1
+        for i, one in enumerate(ones):
+            table[b, i], before = one - before - 1, one
+            table[b, 11 + i] = one
+        table[b, 8], table[b, 9], table[b, 10] = len(ones), 7 - before, -1 if not ones else 0
+    return table
+
+
+_UNARY = _unary_table()
+
+
 # -- bit reading ------------------------------------------------------------------------------------
 # Fixed-width values (packed top-k) are read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
 # byte to load), topped up to more than 48 bits, so the buffer never reaches the sign bit of an int64
@@ -35,7 +52,7 @@ _inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba inlines 
 # (`_word`) away from the stream's end, byte by byte near it. The reads are written out where they
 # are used, or inlined (`_inline`): numba calls a jitted helper, counting every array passed to it,
 # which per value costs more than the value. Variable-width codes (the compact codec) are read at a
-# bit position each, their unary parts set bit by set bit (`_unary`).
+# bit position each, their unary parts a byte at a time (`_unary`).
 @intrinsic
 def _word(typingctx, data, at):  # type: ignore[no-untyped-def]
     """The little-endian int64 at byte `at` of a uint8 array: one unaligned load (the caller keeps
@@ -79,42 +96,31 @@ def _bits_at(data: np.ndarray, bit: int, width: int, end: int) -> int:
 @_inline
 def _unary(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> tuple[int, int]:
     """Up to `count` unary values (zeros, then a one) of data[start:end] into out, which has room for
-    63 more: (how many there were, the stream bit after the last one read). The ones are found a
-    word at a time, set bit by set bit (`w & (w − 1)`, a trailing-zero count), each value the
-    distance from the one before: no value waits for the one before it, as one read through a bit
-    buffer does. Whole words are read (the values past `count` are written, then dropped)."""
-    n = n0 = 0
-    before = before0 = np.int64(-1)  # the stream bit of the last one (n0, before0: at the word's start)
-    pos = start
-    while n < count and pos < end:
-        if pos + 8 <= end:
-            w = _word(data, pos)
-        else:  # (the stream's last bytes)
-            w = np.int64(0)
-            for k in range(end - pos):
-                w |= np.int64(data[pos + k]) << (k << 3)
-        n0, before0 = n, before
-        base = (pos - start) << 3
-        while w != 0:
-            one = base + trailing_zeros(w)
-            out[_u(n)] = one - before - 1
-            before = one
-            n += 1
-            w &= w - 1
-        pos += 8
-    if n > count:  # the count-th one is in the last word read
-        before = before0
-        for k in range(n0, count):
-            before += out[_u(k)] + 1
-        n = count
-    return n, before + 1
+    63 more: (how many there were, the stream bit after the last one read). A byte at a time, by
+    `_UNARY`: its values written whole (those past its ones are written over by the next byte's),
+    the zeros after its last one carried to the next."""
+    if count <= 0:
+        return 0, 0
+    n = 0
+    zeros = np.int64(0)  # since the last one
+    table = _UNARY
+    for pos in range(start, end):
+        row = table[_u(data[pos])]
+        out[_u(n)] = zeros + row[0]
+        for k in range(1, 8):
+            out[_u(n + k)] = row[k]
+        zeros = (zeros & row[10]) + row[9]
+        n += row[8]
+        if n >= count:
+            return count, ((pos - start) << 3) + row[11 + count - (n - row[8]) - 1] + 1
+    return n, ((end - start) << 3) - zeros
 
 
 @_jit
 def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> int:
     """`count` Elias-gamma values of a counts stream at byte `start` into out[:count]: the lengths in
     unary, byte-padded, then the low bits. The byte after them, or -1 where the stream cannot be
-    one (too short, a length above 16). The lengths set bit by set bit (`_unary`), the low bits at a
+    one (too short, a length above 16). The lengths a byte at a time (`_unary`), the low bits at a
     bit position, as the ids' Rice codes are read (`_compact_record`)."""
     n, after = _unary(data, start, end, count, out)
     if n < count:
@@ -173,7 +179,7 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     or 0. Leaves the record decoded in the scratch (`_compact_scratch`): h, tails [positions] (head
     and tail sizes); hc, hp [entries] (head counts − 1, head places); tp [entries] (tail places).
 
-    Both streams' unary parts are read first, set bit by set bit (`_unary`); then a record is read
+    Both streams' unary parts are read first, a byte at a time (`_unary`); then a record is read
     position by position (`_compact_positions`), and where that walk has any doubt, entry by entry in
     stream order (`_compact_walk`), which names the first thing wrong in that order."""
     # counts stream: head sizes h + 1, then the head counts − 1, both gamma-coded
