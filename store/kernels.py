@@ -27,32 +27,14 @@ _u = np.uint64  # an index known to be ≥ 0: numba adds no wrap-around of negat
 _inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba inlines no jitted function it is not told to)
 
 
-def _unary_table() -> np.ndarray:
-    """Per byte value: the unary values its ones end (0..7: the zeros before each one, the first's
-    counted from the byte's start), [8] how many, [9] the zeros after the last one (8 for no one),
-    [10] −1 for no one (the zeros before carry on) else 0, [11..18] the bits of the ones."""
-    table = np.zeros((256, 19), dtype=np.int64)
-    for b in range(256):
-        ones = [k for k in range(8) if b >> k & 1]
-        before = -1
-        for i, one in enumerate(ones):
-            table[b, i], before = one - before - 1, one
-            table[b, 11 + i] = one
-        table[b, 8], table[b, 9], table[b, 10] = len(ones), 7 - before, -1 if not ones else 0
-    return table
-
-
-_UNARY = _unary_table()
-
-
 # -- bit reading ------------------------------------------------------------------------------------
-# Fixed-width values (packed top-k) are read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
-# byte to load), topped up to more than 48 bits, so the buffer never reaches the sign bit of an int64
-# and a value of up to 32 bits is there after one top-up. A top-up is one unaligned 8-byte load
-# (`_word`) away from the stream's end, byte by byte near it. The reads are written out where they
-# are used, or inlined (`_inline`): numba calls a jitted helper, counting every array passed to it,
-# which per value costs more than the value. Variable-width codes (the compact codec) are read at a
-# bit position each, their unary parts a byte at a time (`_unary`).
+# Fixed-width values (packed top-k) are read through a bit buffer (acc: its next nb bits, least
+# significant first; pos: the next byte to load), topped up to more than 48 bits, so the buffer never
+# reaches the sign bit of an int64 and a value of up to 32 bits is there after one top-up. A top-up
+# is one unaligned 8-byte load (`_word`) away from the stream's end, byte by byte near it. The reads
+# are written out where they are used, or inlined (`_inline`): numba calls a jitted helper, counting
+# every array passed to it, which per value costs more than the value. Variable-width codes (the
+# compact codec) are read at a bit position each, their unary parts a byte at a time (`_unary`).
 @intrinsic
 def _word(typingctx, data, at):  # type: ignore[no-untyped-def]
     """The little-endian int64 at byte `at` of a uint8 array: one unaligned load (the caller keeps
@@ -93,10 +75,28 @@ def _bits_at(data: np.ndarray, bit: int, width: int, end: int) -> int:
     return value
 
 
+def _unary_table() -> np.ndarray:
+    """Per byte value: the unary values its ones end (0..7: the zeros before each one, the first's
+    counted from the byte's start), [8] how many, [9] the zeros after the last one (8 for no one),
+    [10] −1 for no one (the zeros before carry on) else 0, [11..18] the bits of the ones."""
+    table = np.zeros((256, 19), dtype=np.int64)
+    for b in range(256):
+        ones = [k for k in range(8) if b >> k & 1]
+        before = -1
+        for i, one in enumerate(ones):
+            table[b, i], before = one - before - 1, one
+            table[b, 11 + i] = one
+        table[b, 8], table[b, 9], table[b, 10] = len(ones), 7 - before, -1 if not ones else 0
+    return table
+
+
+_UNARY = _unary_table()
+
+
 @_inline
 def _unary(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> tuple[int, int]:
     """Up to `count` unary values (zeros, then a one) of data[start:end] into out, which has room for
-    63 more: (how many there were, the stream bit after the last one read). A byte at a time, by
+    7 more: (how many there were, the stream bit after the last one read). A byte at a time, by
     `_UNARY`: its values written whole (those past its ones are written over by the next byte's),
     the zeros after its last one carried to the next."""
     if count <= 0:
@@ -384,15 +384,15 @@ def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
     place a position may have (`_compact_positions`)."""
     entries = max(entries, 0)
     span = min(samples, entries)
-    heads = min(positions * (samples // 2), entries) + 64  # (`_unary` writes up to 63 values past the last)
+    heads = min(positions * (samples // 2), entries) + 8  # (`_unary` writes up to 7 values past the last)
     slots = 64
     while slots < 2048 and slots < 16 * (min(samples // 2, entries) + 1):
         slots *= 2
-    return (np.empty(positions + 63, dtype=np.int64), np.empty(positions, dtype=np.int64),
+    return (np.empty(positions + 7, dtype=np.int64), np.empty(positions, dtype=np.int64),
             np.empty(heads, dtype=np.int64), np.empty(heads, dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
             np.empty((span + 1, 65), dtype=np.int64), np.zeros(2, dtype=np.int64),
             np.empty(2 * (span + 1) * span, dtype=np.uint8), np.empty((span + 1, 2), dtype=np.int64),
-            np.empty(entries + 64, dtype=np.int64),
+            np.empty(entries + 8, dtype=np.int64),
             np.zeros(slots, dtype=np.int64))
 
 
