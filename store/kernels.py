@@ -226,21 +226,21 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     if state[0] != buckets:
         _bucket_starts(buckets, table)
         state[0] = buckets
-    span = len(sums) - 1  # (the most entries a head or a tail has; a width row per head / tail size)
-    for d in range(len(sums)):  # (the rows of the sizes the record has: a short record has few)
+    for d in range(len(sums)):  # (the sizes the record has: a short record has few)
         sums[d, 0] = sums[d, 1] = -1
+    rows = 0  # the widths written (a row per head / tail size the record has: at most its entries)
     head_bits = tail_bits = 0  # the bits of the heads' and of the tails' low parts
     for i in range(positions):
         for part in range(2):
             d = h[i] if part == 0 else tails[i]
             if sums[d, part] < 0:
-                sums[d, part] = 0
-                row = (part * len(sums) + d) * span
+                sums[d, part], sums[d, 2 + part] = 0, rows
                 for b in range(buckets):
                     k = ids_values[ks + part * buckets + b]
                     sums[d, part] += np.int64(k) * (table[d, b + 1] - table[d, b])
                     for j in range(table[d, b], table[d, b + 1]):
-                        widths[row + j] = k
+                        widths[rows + j] = k
+                rows += d
         head_bits += sums[_u(h[i]), 0]
         tail_bits += sums[_u(tails[i]), 1]
     low0 = ks + 2 * buckets
@@ -252,18 +252,18 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     # Position by position where every quotient is there and their sum is below 2^30 (no sum of gaps
     # reaches 2^62: places rise) and places alone judge ids.
     if quotients == entries and i1 - q0 < 1 << 27 and by_place and q0 + 8 <= len(ids_values) and _compact_positions(
-            ids_values, positions, h, tails, hp, tp, qs, heads, low0 * 8, head_bits, bound, widths, span, seen,
+            ids_values, positions, h, tails, hp, tp, qs, heads, low0 * 8, head_bits, bound, widths, sums, seen,
             state):
         return 0
-    return _compact_walk(ids_values, i1, positions, h, tails, hp, tp, qs, quotients, low0 * 8, widths, span, bound,
+    return _compact_walk(ids_values, i1, positions, h, tails, hp, tp, qs, quotients, low0 * 8, widths, sums, bound,
                          by_place, listed, below, tv)
 
 
 @_jit
 def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, tails: np.ndarray, hp: np.ndarray,
                        tp: np.ndarray, qs: np.ndarray, heads: int, lbit: int, head_bits: int, bound: int,
-                       widths: np.ndarray, span: int, seen: np.ndarray, state: np.ndarray) -> bool:
-    """Whether a record's places (quotients in qs, low bits from stream bit `lbit`, widths by
+                       widths: np.ndarray, sums: np.ndarray, seen: np.ndarray, state: np.ndarray) -> bool:
+    """Whether a record's places (quotients in qs, low bits from stream bit `lbit`, widths in
     `_compact_record`'s rows) are sound, read position by position: a position's head entries, then
     its tail entries (each part with its own cursors into the streams). Places rise within a part,
     so its last place alone is compared with `bound`; a head stamps its places' slots in `seen`
@@ -277,7 +277,7 @@ def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, ta
     sound = True
     for i in range(positions):
         stamp += 1
-        row, place = h[i] * span, np.int64(-1)
+        row, place = sums[_u(h[i]), 2], np.int64(-1)
         for j in range(h[i]):
             w = np.int64(widths[_u(row + j)])
             low = (_word(ids_values, hbit >> 3) >> (hbit & 7)) & ((np.int64(1) << w) - 1)
@@ -288,7 +288,7 @@ def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, ta
         if place >= bound:
             sound = False
             break
-        row, place = (span + 1 + tails[i]) * span, np.int64(-1)
+        row, place = sums[_u(tails[i]), 3], np.int64(-1)
         for j in range(tails[i]):
             w = np.int64(widths[_u(row + j)])
             low = (_word(ids_values, tbit >> 3) >> (tbit & 7)) & ((np.int64(1) << w) - 1)
@@ -309,7 +309,7 @@ def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, ta
 
 @_jit
 def _compact_walk(ids_values: np.ndarray, i1: int, positions: int, h: np.ndarray, tails: np.ndarray, hp: np.ndarray,
-                  tp: np.ndarray, qs: np.ndarray, quotients: int, lbit: int, widths: np.ndarray, span: int, bound: int,
+                  tp: np.ndarray, qs: np.ndarray, quotients: int, lbit: int, widths: np.ndarray, sums: np.ndarray, bound: int,
                   by_place: bool, listed: np.ndarray, below: np.ndarray, tv: int) -> int:
     """What is first wrong with a record's places, read entry by entry in stream order (every
     position's head entries, then every position's tail entries; qs[:quotients] the quotients there
@@ -324,7 +324,7 @@ def _compact_walk(ids_values: np.ndarray, i1: int, positions: int, h: np.ndarray
             head_at = head_end  # this position's head places: hp[head_at:head_end]
             head_end += h[i]
             place = np.int64(-1)
-            row = (part * (span + 1) + d) * span
+            row = sums[d, 2 + part]
             for j in range(d):
                 if e == quotients:
                     return IDS_SHORT
@@ -378,10 +378,10 @@ def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
     position's entries, head or tail, are at most N and at most the record's): h, tails, hc, hp, tp
     (`_compact_record`); with D = min(N, entries), the most entries of a head or a tail: table
     [D + 1, 65]: `_bucket_starts` of the B in state[0]; state[1]: the last position stamp in `seen`;
-    sums [D + 1, 2]: the low bits of d head / tail entries; widths [2 (D + 1) D]: the widths of d head
-    / tail entries from (part (D + 1) + d) D on, so that an entry's width costs one load, not its
-    bucket's arithmetic; qs [entries + 1]: the quotients; seen: a power of two ≥ 16 slots per head
-    place a position may have (`_compact_positions`)."""
+    sums [D + 1, 4]: the low bits of d head / tail entries, and where in `widths` their widths are
+    (rows of the sizes a record has, so that an entry's width costs one load, not its bucket's
+    arithmetic); qs [entries + 8]: the quotients; seen: a power of two ≥ 16 slots per head place a
+    position may have (`_compact_positions`)."""
     entries = max(entries, 0)
     span = min(samples, entries)
     heads = min(positions * (samples // 2), entries) + 8  # (`_unary` writes up to 7 values past the last)
@@ -391,7 +391,7 @@ def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
     return (np.empty(positions + 7, dtype=np.int64), np.empty(positions, dtype=np.int64),
             np.empty(heads, dtype=np.int64), np.empty(heads, dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
             np.empty((span + 1, 65), dtype=np.int64), np.zeros(2, dtype=np.int64),
-            np.empty(2 * (span + 1) * span, dtype=np.uint8), np.empty((span + 1, 2), dtype=np.int64),
+            np.empty(entries + 1, dtype=np.uint8), np.empty((span + 1, 4), dtype=np.int64),
             np.empty(entries + 8, dtype=np.int64),
             np.zeros(slots, dtype=np.int64))
 
