@@ -117,11 +117,12 @@ def _unary(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) 
 
 
 @_jit
-def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> int:
+def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray, sums: np.ndarray) -> int:
     """`count` Elias-gamma values of a counts stream at byte `start` into out[:count]: the lengths in
     unary, byte-padded, then the low bits. The byte after them, or -1 where the stream cannot be
     one (too short, a length above 16). The lengths a byte at a time (`_unary`), the low bits at a
-    bit position, as the ids' Rice codes are read (`_compact_record`)."""
+    bit position, as the ids' Rice codes are read (`_compact_record`). sums (empty for none): sums[i]
+    the values before out[i]."""
     n, after = _unary(data, start, end, count, out)
     if n < count:
         return -1
@@ -131,6 +132,8 @@ def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) 
         return -1
     bit = low * 8
     loads = stop + 8 <= len(data)  # (every 8-byte load within the array: a loop without the end's test)
+    running = len(sums) > 0
+    total = 0
     for i in range(count):
         length = out[_u(i)]
         if length > 16:
@@ -141,6 +144,9 @@ def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) 
             value = _bits_at(data, bit, length, end)
         out[_u(i)] = (np.int64(1) << length) + value
         bit += length
+        if running:
+            sums[_u(i)] = total
+            total += out[_u(i)]
     return stop
 
 
@@ -183,7 +189,7 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     position by position (`_compact_positions`), and where that walk has any doubt, entry by entry in
     stream order (`_compact_walk`), which names the first thing wrong in that order."""
     # counts stream: head sizes h + 1, then the head counts − 1, both gamma-coded
-    at = _gamma(counts_values, c0, c1, positions, h)
+    at = _gamma(counts_values, c0, c1, positions, h, h[:0])
     if at < 0:
         return COUNTS_SHORT
     heads = 0
@@ -194,16 +200,14 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
         heads += h[i]
     if heads > entries:  # (before the scratch of `entries` head counts overflows)
         return NO_SPLIT
-    if _gamma(counts_values, at, c1, heads, hc) < 0:
+    drawn = qs  # drawn[e]: the draws of the head entries before e, less e (qs is free until the quotients are read)
+    if _gamma(counts_values, at, c1, heads, hc, drawn) < 0:
         return COUNTS_SHORT
-    drawn = qs  # drawn[e]: the draws of the head entries before e (qs is free until the quotients are read)
-    drawn[0] = 0
-    for e in range(heads):
-        drawn[_u(e + 1)] = drawn[_u(e)] + hc[_u(e)] + 1
+    drawn[heads] = drawn[heads - 1] + hc[heads - 1] if heads else 0
     e = 0
     total = heads
     for i in range(positions):
-        tails[i] = samples - (drawn[_u(e + h[i])] - drawn[_u(e)])
+        tails[i] = samples - h[i] - (drawn[_u(e + h[i])] - drawn[_u(e)])
         e += h[i]
         if tails[i] < 0:
             return NO_SPLIT
