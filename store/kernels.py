@@ -160,15 +160,6 @@ def _id_at(place: int, listed: np.ndarray, below: np.ndarray) -> int:
     return n + np.searchsorted(below, n, side="right")
 
 
-@_jit
-def _bucket_starts(buckets: int, table: np.ndarray) -> None:
-    """table[d, b]: the first of d entries in rank bucket b, ceil(b·d / B) (entry j's bucket is
-    min(B·j // d, B − 1)); table[d, B] = d. Looked up so that no entry costs a division."""
-    for d in range(table.shape[0]):
-        for b in range(buckets + 1):
-            table[d, b] = (b * d + buckets - 1) // buckets
-
-
 # -- compact sampled streams (format §4.3.2) ----------------------------------------------------------
 # What `_compact_record` finds wrong with a record's streams (0: nothing); `store.codec` words each.
 (COUNTS_SHORT, HEAD_TOO_BIG, NO_SPLIT, NO_BUCKETS, PARAMS_SHORT, PARAM_TOO_BIG, IDS_SHORT, OUTSIDE,
@@ -179,8 +170,8 @@ def _bucket_starts(buckets: int, table: np.ndarray) -> None:
 def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.ndarray, c0: int, c1: int,
                     entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
                     below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
-                    hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, table: np.ndarray, state: np.ndarray,
-                    widths: np.ndarray, sums: np.ndarray, qs: np.ndarray, seen: np.ndarray) -> int:
+                    hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, state: np.ndarray, widths: np.ndarray,
+                    sums: np.ndarray, qs: np.ndarray, seen: np.ndarray) -> int:
     """What `decode_sampled_compact` finds wrong with one record's streams, OUTSIDE for an id ≥ tv too,
     or 0. Leaves the record decoded in the scratch (`_compact_scratch`): h, tails [positions] (head
     and tail sizes); hc, hp [entries] (head counts − 1, head places); tp [entries] (tail places).
@@ -227,9 +218,6 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     for b in range(2 * buckets):
         if ids_values[ks + b] > 31:
             return PARAM_TOO_BIG
-    if state[0] != buckets:
-        _bucket_starts(buckets, table)
-        state[0] = buckets
     for d in range(len(sums)):  # (the sizes the record has: a short record has few)
         sums[d, 0] = sums[d, 1] = -1
     rows = 0  # the widths written (a row per head / tail size the record has: at most its entries)
@@ -238,12 +226,16 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
         for part in range(2):
             d = h[i] if part == 0 else tails[i]
             if sums[d, part] < 0:
-                sums[d, part], sums[d, 2 + part] = 0, rows
+                # entry j of d is in bucket b = B·j // d, i.e. while B·j < (b + 1)·d: no division
+                bits, j, limit = np.int64(0), np.int64(0), np.int64(0)
                 for b in range(buckets):
-                    k = ids_values[ks + part * buckets + b]
-                    sums[d, part] += np.int64(k) * (table[d, b + 1] - table[d, b])
-                    for j in range(table[d, b], table[d, b + 1]):
+                    k = np.int64(ids_values[ks + part * buckets + b])
+                    limit += d
+                    while j * buckets < limit:
                         widths[rows + j] = k
+                        bits += k
+                        j += 1
+                sums[d, part], sums[d, 2 + part] = bits, rows
                 rows += d
         head_bits += sums[_u(h[i]), 0]
         tail_bits += sums[_u(tails[i]), 1]
@@ -275,7 +267,7 @@ def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, ta
     head (one in a slot with it is looked for among the head's places). False: some place may be
     wrong (`_compact_walk` says which)."""
     mask = len(seen) - 1
-    stamp = state[1]  # (the last position's stamp: unique to every position read with this scratch)
+    stamp = state[0]  # (the last position's stamp: unique to every position read with this scratch)
     hbit, tbit = lbit, lbit + head_bits
     e = t = 0  # the head and tail entries before the position
     sound = True
@@ -307,7 +299,7 @@ def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, ta
         if place >= bound or not sound:
             sound = False
             break
-    state[1] = stamp
+    state[0] = stamp
     return sound
 
 
@@ -366,12 +358,12 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
     for r in range(records):
         most = max(most, positions[r])
         most_entries = max(most_entries, entries[r])
-    h, tails, hc, hp, tp, table, state, widths, sums, qs, seen = _compact_scratch(most, most_entries, samples)
+    h, tails, hc, hp, tp, state, widths, sums, qs, seen = _compact_scratch(most, most_entries, samples)
     bad = np.zeros(records, dtype=np.bool_)
     for r in range(records):
         bad[r] = _compact_record(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
                                  counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
-                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, table, state, widths, sums,
+                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, state, widths, sums,
                                  qs, seen) != 0
     return bad
 
@@ -379,13 +371,13 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
 @_jit
 def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
     """The scratch `_compact_record` needs for records of up to these positions and entries (a
-    position's entries, head or tail, are at most N and at most the record's): h, tails, hc, hp, tp
-    (`_compact_record`); with D = min(N, entries), the most entries of a head or a tail: table
-    [D + 1, 65]: `_bucket_starts` of the B in state[0]; state[1]: the last position stamp in `seen`;
-    sums [D + 1, 4]: the low bits of d head / tail entries, and where in `widths` their widths are
-    (rows of the sizes a record has, so that an entry's width costs one load, not its bucket's
-    arithmetic); qs [entries + 8]: the quotients; seen: a power of two ≥ 16 slots per head place a
-    position may have (`_compact_positions`)."""
+    position's entries, head or tail, are at most N and at most the record's), in all a few dozen
+    bytes per entry and position (a per-record decoder builds it per call): h, tails, hc, hp, tp
+    (`_compact_record`); state[0]: the last position stamp in `seen`; sums [min(N, entries) + 1, 4]:
+    the low bits of d head / tail entries, and where in `widths` their widths are (rows of the sizes
+    a record has, so that an entry's width costs one load, not its bucket's arithmetic); qs
+    [entries + 8]: the quotients; seen: a power of two ≥ 16 slots per head place a position may have,
+    at most 2,048 (`_compact_positions`)."""
     entries = max(entries, 0)
     span = min(samples, entries)
     heads = min(positions * (samples // 2), entries) + 8  # (`_unary` writes up to 7 values past the last)
@@ -394,9 +386,8 @@ def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
         slots *= 2
     return (np.empty(positions + 7, dtype=np.int64), np.empty(positions, dtype=np.int64),
             np.empty(heads, dtype=np.int64), np.empty(heads, dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
-            np.empty((span + 1, 65), dtype=np.int64), np.zeros(2, dtype=np.int64),
-            np.empty(entries + 1, dtype=np.uint8), np.empty((span + 1, 4), dtype=np.int64),
-            np.empty(entries + 8, dtype=np.int64),
+            np.zeros(1, dtype=np.int64), np.empty(entries + 1, dtype=np.uint8),
+            np.empty((span + 1, 4), dtype=np.int64), np.empty(entries + 8, dtype=np.int64),
             np.zeros(slots, dtype=np.int64))
 
 
@@ -460,10 +451,10 @@ def compact_sampled(ids_data: np.ndarray, counts_data: np.ndarray, entries: int,
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """One record's compact streams decoded: (0, offsets [positions + 1], ids int32, counts uint16) as
     `SampledTargets` holds them, or (what is wrong, empty arrays)."""
-    h, tails, hc, hp, tp, table, state, widths, sums, qs, seen = _compact_scratch(positions, entries, samples)
+    h, tails, hc, hp, tp, state, widths, sums, qs, seen = _compact_scratch(positions, entries, samples)
     offsets = np.zeros(positions + 1, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, state, widths,
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, state, widths,
                             sums, qs, seen)
     if wrong:
         return wrong, offsets, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint16)
@@ -482,10 +473,10 @@ def compact_weighted(ids_data: np.ndarray, counts_data: np.ndarray, entries: int
     """One record's compact streams decoded into the loader's rows: (0, ids [positions, U] int64
     padded with −1, weights [positions, U] float32 = count / N padded with 0, entries per position),
     U the most entries a position has; or (what is wrong, empty arrays)."""
-    h, tails, hc, hp, tp, table, state, widths, sums, qs, seen = _compact_scratch(positions, entries, samples)
+    h, tails, hc, hp, tp, state, widths, sums, qs, seen = _compact_scratch(positions, entries, samples)
     lengths = np.zeros(positions, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, state, widths,
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, state, widths,
                             sums, qs, seen)
     if wrong:
         return wrong, np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32), lengths

@@ -120,6 +120,31 @@ def test_the_compiled_compact_decoders_read_what_the_numpy_reference_reads(seed:
     assert decoded and refused
 
 
+def test_a_record_of_the_largest_n_is_decoded_with_scratch_of_its_own_size() -> None:
+    """N = 65,535, the most a store holds: the per-record decoders build their scratch on every call,
+    so it must take a few dozen bytes per entry and position whatever N is (a row per head / tail
+    size up to N is megabytes a record), and they still read what the reference reads."""
+    rng = np.random.default_rng(7)
+    n, vocab = 65535, 1 << 17
+    few = np.minimum(rng.geometric(0.3, size=(3, n)) - 1, 40)  # a few ids per position, counts in the thousands
+    spread = rng.integers(0, vocab, size=(1, n))  # most draws distinct: entries near N
+    for draws in (few, spread):
+        t = sampled_from_draws(draws)
+        a, b = encode_sampled_compact(t)
+        entries, positions = t.num_entries, t.num_positions
+        scratch = kernels._compact_scratch(positions, entries, n)
+        assert sum(x.nbytes for x in scratch) <= 80 * (entries + positions) + 20_000
+        args = (a, b, entries, positions, n, vocab)
+        want = reference_decode_compact(*args)
+        got = decode_sampled_compact(*args)
+        for x, y in ((got.offsets, want.offsets), (got.ids, want.ids), (got.counts, want.counts)):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+        wrong, ids, weights, lengths = kernels.compact_weighted(*args, *compact_order(None, vocab))
+        padded_ids, counts = want.padded()
+        assert wrong == 0 and np.array_equal(lengths, want.lengths()) and np.array_equal(ids, padded_ids)
+        assert np.array_equal(weights, (counts / n).astype(np.float32))
+
+
 def _codes(a: np.ndarray, b: np.ndarray, entries: int, positions: int, n: int, vocab: int, pad: int) -> tuple[int, int]:
     """(the walk's code, the code of the walk before) for one record's streams (0: sound), read from
     arrays with `pad` bytes past them (a shard's columns hold the next records there)."""
