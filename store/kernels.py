@@ -264,8 +264,8 @@ def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, ta
     its tail entries (each part with its own cursors into the streams). Places rise within a part,
     so its last place alone is compared with `bound`; a head stamps its places' slots in `seen`
     (place mod its size) with the position's stamp, so a tail place in a slot without it is in no
-    head (one in a slot with it is looked for among the head's places). False: some place may be
-    wrong (`_compact_walk` says which)."""
+    head (one in a slot with it is looked for among the head's places, by bisection: they rise).
+    False: some place may be wrong (`_compact_walk` says which)."""
     mask = len(seen) - 1
     stamp = state[0]  # (the last position's stamp: unique to every position read with this scratch)
     hbit, tbit = lbit, lbit + head_bits
@@ -291,9 +291,15 @@ def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, ta
             tbit += w
             place += ((qs[_u(heads + t + j)] << w) | low) + 1
             tp[_u(t + j)] = place
-            if seen[_u(place & mask)] == stamp:  # (mostly another head place in the slot)
-                for k in range(e, e + h[i]):
-                    sound &= hp[k] != place
+            if seen[_u(place & mask)] == stamp:  # (mostly another head place in the slot: the head's rise)
+                lo, hi = e, e + h[i]
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if hp[_u(mid)] < place:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                sound &= lo == e + h[i] or hp[_u(lo)] != place
         e += h[i]
         t += tails[i]
         if place >= bound or not sound:
@@ -393,7 +399,12 @@ def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
 
 @_jit
 def _sort(keys: np.ndarray, a: int, b: int) -> None:
-    """keys[a:b] ascending, by insertion: a position's head or tail is a few dozen entries."""
+    """keys[a:b] ascending (the keys are distinct: any sort gives the same order): by insertion, for a
+    position's head or tail is mostly a few dozen entries; numpy's sort where it is longer (N up to
+    65,535 draws may leave thousands, where insertion's quadratic time took 0.1 s a record)."""
+    if b - a > 64:
+        keys[a:b].sort()
+        return
     for x in range(a + 1, b):
         v = keys[x]
         y = x

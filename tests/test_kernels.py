@@ -220,6 +220,24 @@ def test_the_compact_walk_reads_any_rice_parameters_and_names_a_cut_as_before(bu
             assert now == before != 0
 
 
+def test_a_tail_place_in_a_head_of_thousands_is_found() -> None:
+    """N = 65,535 spread draws: a head of thousands of places shares every slot of the walk's stamp
+    table, so a tail place is looked for among them by bisection; one that is the head's first, a
+    middle or its last place is named TWICE, as the walk before and the loader's decoder name it."""
+    rng = np.random.default_rng(8)
+    n, vocab = 65535, 1 << 17
+    t = sampled_from_draws(rng.integers(0, vocab, size=(1, n)))
+    ids, counts = encode_sampled_compact(t)
+    heads, tails = _parts(t)
+    assert len(heads[0]) > 10_000
+    for k in (0, len(heads[0]) // 2 + 1, len(heads[0]) - 1):
+        damaged = [np.unique(np.concatenate([tails[0][1:], heads[0][k:k + 1]]))]
+        a = _ids_stream(heads, damaged, ids[1:1 + 2 * int(ids[0])])
+        assert _codes(a, counts, t.num_entries, 1, n, vocab, pad=16) == (kernels.TWICE, kernels.TWICE)
+        assert kernels.compact_weighted(a, counts, t.num_entries, 1, n, vocab, *compact_order(None, vocab))[0] \
+            == kernels.TWICE
+
+
 def test_the_compact_walk_names_each_fault_the_walk_before_named() -> None:
     """Damaged records (bits flipped, streams cut or lengthened, entries miscounted, a vocabulary too
     small, a tail place that is a head place too, a bad bucket count or Rice parameter, a head too
