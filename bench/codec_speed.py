@@ -22,6 +22,19 @@ docs/guides/train.md), with room to spare.
 
     python bench/codec_speed.py                # ~1 minute
     python bench/codec_speed.py --records 16   # smoke run
+
+`--walk` times the compact codec's compiled check walk alone instead (`store.kernels.compact_bad`, what
+`store verify` runs on the default targets and what the loader's compact decoders share): stores of
+the default targets (sampled, systematic draws, N = 64, codec compact with an id order of 4,096 listed
+ids; `bench/verify_speed.py`'s records) of 512-token and of 32-token records, written through the real
+`ShardWriter`; CPU time per drawn entry (a distinct id of a position) over every shard's columns,
+the median of interleaved rounds, next to the walk as it was when it read the unary codes through a
+bit buffer, entry by entry (`bench/compact_walk_before.py`), on the same columns in the same run; and
+the loader's per-record decoder `compact_weighted` (the walk, its scratch built per call, the rows
+placed and padded) over every record of the same shards, one call per record as `sampled_rows` makes
+them (CPU time per drawn entry; no copy of it before is kept, so its figure stands alone):
+
+    python bench/codec_speed.py --walk         # ~1 minute
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ from potstill.store import (
     create_store,
     open_store,
 )
-from potstill.store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws
+from potstill.store.codec import MAX_ID_ORDER, bits_for, compact_order, sampled_from_draws
 from potstill.student_train.data import collate, record_sequence
 
 VOCAB = 128_256
@@ -119,6 +132,75 @@ def timed(fn: Callable[[], int], min_seconds: float = 0.3) -> float:
             return done / elapsed
 
 
+def walk(rounds: int) -> None:
+    """`--walk`: ns of CPU time per drawn entry of `compact_bad`, now and before, side by side."""
+    import compact_walk_before
+    from verify_speed import build as build_default
+
+    from potstill.store import kernels
+
+    def shard_args(url: str) -> list[tuple]:
+        store = open_store(url)
+        spec, out = store.manifest.targets, []
+        order = spec.id_order_map
+        for name in store.shard_names:
+            columns = store.shard(name).views.columns
+            ids_off, ids_values = columns.streams["sampled_ids_packed"]
+            counts_off, counts_values = columns.streams["sampled_counts_packed"]
+            out.append((ids_values, ids_off.astype(np.int64), counts_values, counts_off.astype(np.int64),
+                        columns.sampled_entries.astype(np.int64), np.diff(columns.tgt_off), spec.samples,
+                        1 << int(spec.id_bits or 0), order.listed, order.below, True, VOCAB))
+        return out
+
+    def record_args(url: str) -> list[tuple]:
+        """`compact_weighted`'s arguments, a tuple per record, as `sampled_rows` passes them."""
+        spec, out = open_store(url).manifest.targets, []
+        vocab = 1 << int(spec.id_bits or 0)
+        order = compact_order(spec.id_order_map, vocab)
+        for ids_values, ids_off, counts_values, counts_off, entries, positions, *_ in shard_args(url):
+            out += [(ids_values[ids_off[r]:ids_off[r + 1]], counts_values[counts_off[r]:counts_off[r + 1]],
+                     int(entries[r]), int(positions[r]), spec.samples, vocab, *order) for r in range(len(entries))]
+        return out
+
+    walks = {"before": compact_walk_before.compact_bad, "now": kernels.compact_bad}
+    with tempfile.TemporaryDirectory(prefix="potstill-walk-") as root:
+        plan = {"512-token records": (256, 512), "32-token records": (4096, 32)}
+        urls = {what: build_default(root, f"sampled64-compact-{length}", records, length, 64, 64)
+                for what, (records, length) in plan.items()}
+        shards = {what: shard_args(url) for what, url in urls.items()}
+        per_record = {what: record_args(url) for what, url in urls.items()}
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(rounds):
+            for what, args in shards.items():
+                for who, fn in walks.items():
+                    assert not any(fn(*a).any() for a in args)  # (sound shards: the whole walk runs)
+                    started = time.process_time()
+                    for a in args:
+                        fn(*a)
+                    times.setdefault((what, who), []).append(time.process_time() - started)
+                assert not any(kernels.compact_weighted(*a)[0] for a in per_record[what])
+                started = time.process_time()
+                for a in per_record[what]:
+                    kernels.compact_weighted(*a)
+                times.setdefault((what, "weighted"), []).append(time.process_time() - started)
+        print(f"compact_bad, CPU time per drawn entry, medians of {rounds} interleaved rounds\n")
+        print("| records | entries | entries per position | before: ns/entry | now: ns/entry | before / now |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for what, args in shards.items():
+            entries = sum(int(a[4].sum()) for a in args)
+            positions = sum(int(a[5].sum()) for a in args)
+            before, now = (statistics.median(times[(what, who)]) * 1e9 / entries for who in walks)
+            print(f"| {what} | {entries:,} | {entries / positions:.1f} | {before:.2f} | {now:.2f} | {before / now:.2f}x |")
+        print(f"\ncompact_weighted (the loader's decoder, a call per record), CPU time per drawn entry, medians of "
+              f"{rounds} interleaved rounds\n")
+        print("| records | records decoded | ns/entry | µs/record |")
+        print("|---|---:|---:|---:|")
+        for what, args in per_record.items():
+            entries = sum(a[2] for a in args)
+            took = statistics.median(times[(what, "weighted")])
+            print(f"| {what} | {len(args):,} | {took * 1e9 / entries:.2f} | {took * 1e6 / len(args):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=64)
@@ -127,7 +209,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--walk", action="store_true", help="time the compact check walk alone, now and before")
     args = parser.parse_args()
+    if args.walk:
+        walk(args.rounds)
+        return
 
     records = make_records(args.records, args.length, args.k, args.samples, seed=0)
     names = ["top64", "top64-packed", "sampled50", "sampled50-packed", "sampled50-compact", "sampled50-compact-order"]

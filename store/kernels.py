@@ -14,7 +14,6 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba.core import types
-from numba.cpython.unsafe.numbers import trailing_zeros  # (llvm.cttz; in numba since 0.47)
 from numba.extending import intrinsic
 
 MASS_BOUND = 1 + 1e-4  # store.columns: 1 + MASS_SLACK
@@ -24,16 +23,18 @@ LOGPROB_SLACK32 = np.float32(1e-3)  # store.columns.LOGPROB_SLACK, compared in f
 UNSOUND, REPEATED, RISING, TOO_MUCH = 1, 2, 4, 8
 
 _jit = numba.njit(cache=True, nogil=True)
+_u = np.uint64  # an index known to be ≥ 0: numba adds no wrap-around of negative ones (3 instructions)
 _inline = numba.njit(cache=True, nogil=True, inline="always")  # (numba inlines no jitted function it is not told to)
 
 
 # -- bit reading ------------------------------------------------------------------------------------
-# A stream is read through a bit buffer (acc: its next nb bits, least significant first; pos: the next
-# byte to load), topped up to more than 48 bits, so the buffer never reaches the sign bit of an int64
-# and a value of up to 32 bits is there after one top-up. A top-up is one unaligned 8-byte load
-# (`_word`) away from the stream's end, byte by byte near it. The reads are written out where they
-# are used, or inlined (`_inline`): numba calls a jitted helper, counting every array passed to it,
-# which per value costs more than the value.
+# Fixed-width values (packed top-k) are read through a bit buffer (acc: its next nb bits, least
+# significant first; pos: the next byte to load), topped up to more than 48 bits, so the buffer never
+# reaches the sign bit of an int64 and a value of up to 32 bits is there after one top-up. A top-up
+# is one unaligned 8-byte load (`_word`) away from the stream's end, byte by byte near it. The reads
+# are written out where they are used, or inlined (`_inline`): numba calls a jitted helper, counting
+# every array passed to it, which per value costs more than the value. Variable-width codes (the
+# compact codec) are read at a bit position each, their unary parts a byte at a time (`_unary`).
 @intrinsic
 def _word(typingctx, data, at):  # type: ignore[no-untyped-def]
     """The little-endian int64 at byte `at` of a uint8 array: one unaligned load (the caller keeps
@@ -74,42 +75,79 @@ def _bits_at(data: np.ndarray, bit: int, width: int, end: int) -> int:
     return value
 
 
+def _unary_table() -> np.ndarray:
+    """Per byte value: the unary values its ones end (0..7: the zeros before each one, the first's
+    counted from the byte's start), [8] how many, [9] the zeros after the last one (8 for no one),
+    [10] −1 for no one (the zeros before carry on) else 0, [11..18] the bits of the ones."""
+    table = np.zeros((256, 19), dtype=np.int64)
+    for b in range(256):
+        ones = [k for k in range(8) if b >> k & 1]
+        before = -1
+        for i, one in enumerate(ones):
+            table[b, i], before = one - before - 1, one
+            table[b, 11 + i] = one
+        table[b, 8], table[b, 9], table[b, 10] = len(ones), 7 - before, -1 if not ones else 0
+    return table
+
+
+_UNARY = _unary_table()
+
+
+@_inline
+def _unary(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> tuple[int, int]:
+    """Up to `count` unary values (zeros, then a one) of data[start:end] into out, which has room for
+    7 more: (how many there were, the stream bit after the last one read). A byte at a time, by
+    `_UNARY`: its values written whole (those past its ones are written over by the next byte's),
+    the zeros after its last one carried to the next."""
+    if count <= 0:
+        return 0, 0
+    n = 0
+    zeros = np.int64(0)  # since the last one
+    table = _UNARY
+    for pos in range(start, end):
+        row = table[_u(data[pos])]
+        out[_u(n)] = zeros + row[0]
+        for k in range(1, 8):
+            out[_u(n + k)] = row[k]
+        zeros = (zeros & row[10]) + row[9]
+        n += row[8]
+        if n >= count:
+            return count, ((pos - start) << 3) + row[11 + count - (n - row[8]) - 1] + 1
+    return n, ((end - start) << 3) - zeros
+
+
 @_jit
-def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray) -> int:
+def _gamma(data: np.ndarray, start: int, end: int, count: int, out: np.ndarray, sums: np.ndarray) -> int:
     """`count` Elias-gamma values of a counts stream at byte `start` into out[:count]: the lengths in
     unary, byte-padded, then the low bits. The byte after them, or -1 where the stream cannot be
-    one (too short, a length above 16). The lengths through a bit buffer, the low bits at a bit
-    position, as the ids' Rice codes are read (`_compact_record`)."""
-    pos, acc, nb = start, 0, 0
-    total = 0
-    for i in range(count):
-        q = 0
-        while acc == 0:  # (unary: zeros, then a one)
-            q += nb
-            if pos >= end:
-                return -1
-            pos, acc, nb = _fill(data, pos, end, 0, 0)
-        zeros = trailing_zeros(acc)
-        acc >>= zeros + 1
-        nb -= zeros + 1
-        q += zeros
-        if q > 16:
-            return -1
-        out[i] = q
-        total += q
-    low = start + (((pos - start) * 8 - nb + 7) >> 3)  # the byte after the last length's one
-    if low + ((total + 7) >> 3) > end:
+    one (too short, a length above 16). The lengths a byte at a time (`_unary`), the low bits at a
+    bit position, as the ids' Rice codes are read (`_compact_record`). sums (empty for none): sums[i]
+    the values before out[i]."""
+    n, after = _unary(data, start, end, count, out)
+    if n < count:
+        return -1
+    low = start + ((after + 7) >> 3)  # the byte after the last length's one
+    stop = low + ((after - count + 7) >> 3)  # (the lengths' sum: the bits before the last one's end, less the ones)
+    if stop > end:
         return -1
     bit = low * 8
+    loads = stop + 8 <= len(data)  # (every 8-byte load within the array: a loop without the end's test)
+    running = len(sums) > 0
+    total = 0
     for i in range(count):
-        length = out[i]
-        if (bit >> 3) + 8 <= end:
+        length = out[_u(i)]
+        if length > 16:
+            return -1
+        if loads or (bit >> 3) + 8 <= end:
             value = (_word(data, bit >> 3) >> (bit & 7)) & ((np.int64(1) << length) - 1)
         else:
             value = _bits_at(data, bit, length, end)
-        out[i] = (np.int64(1) << length) + value
+        out[_u(i)] = (np.int64(1) << length) + value
         bit += length
-    return low + ((total + 7) >> 3)
+        if running:
+            sums[_u(i)] = total
+            total += out[_u(i)]
+    return stop
 
 
 @_jit
@@ -122,15 +160,6 @@ def _id_at(place: int, listed: np.ndarray, below: np.ndarray) -> int:
     return n + np.searchsorted(below, n, side="right")
 
 
-@_jit
-def _bucket_starts(buckets: int, table: np.ndarray) -> None:
-    """table[d, b]: the first of d entries in rank bucket b, ceil(b·d / B) (entry j's bucket is
-    min(B·j // d, B − 1)); table[d, B] = d. Looked up so that no entry costs a division."""
-    for d in range(table.shape[0]):
-        for b in range(buckets + 1):
-            table[d, b] = (b * d + buckets - 1) // buckets
-
-
 # -- compact sampled streams (format §4.3.2) ----------------------------------------------------------
 # What `_compact_record` finds wrong with a record's streams (0: nothing); `store.codec` words each.
 (COUNTS_SHORT, HEAD_TOO_BIG, NO_SPLIT, NO_BUCKETS, PARAMS_SHORT, PARAM_TOO_BIG, IDS_SHORT, OUTSIDE,
@@ -141,17 +170,17 @@ def _bucket_starts(buckets: int, table: np.ndarray) -> None:
 def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.ndarray, c0: int, c1: int,
                     entries: int, positions: int, samples: int, vocab: int, listed: np.ndarray,
                     below: np.ndarray, by_place: bool, tv: int, h: np.ndarray, tails: np.ndarray,
-                    hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, table: np.ndarray, table_of: np.ndarray,
-                    recip: np.ndarray, sums: np.ndarray) -> int:
+                    hc: np.ndarray, hp: np.ndarray, tp: np.ndarray, state: np.ndarray, widths: np.ndarray,
+                    sums: np.ndarray, qs: np.ndarray, seen: np.ndarray) -> int:
     """What `decode_sampled_compact` finds wrong with one record's streams, OUTSIDE for an id ≥ tv too,
-    or 0. Leaves the record decoded in the scratch: h, tails [positions] (head and tail sizes); hc,
-    hp [entries] (head counts − 1, head places); tp [entries] (tail places); table
-    [min(N, entries) + 1, 65]: `_bucket_starts` of the B in table_of[0]; recip [min(N, entries) + 1]:
-    ceil(2^40 / d), so that entry j of d is in bucket min(B·j · recip[d] >> 40, B − 1) = min(B·j // d,
-    B − 1) without a division (exact for B·j < 2^22, d < 2^17) nor a branch per bucket; sums
-    [min(N, entries) + 1, 2]: the low bits of d head / tail entries."""
+    or 0. Leaves the record decoded in the scratch (`_compact_scratch`): h, tails [positions] (head
+    and tail sizes); hc, hp [entries] (head counts − 1, head places); tp [entries] (tail places).
+
+    Both streams' unary parts are read first, a byte at a time (`_unary`); then a record is read
+    position by position (`_compact_positions`), and where that walk has any doubt, entry by entry in
+    stream order (`_compact_walk`), which names the first thing wrong in that order."""
     # counts stream: head sizes h + 1, then the head counts − 1, both gamma-coded
-    at = _gamma(counts_values, c0, c1, positions, h)
+    at = _gamma(counts_values, c0, c1, positions, h, h[:0])
     if at < 0:
         return COUNTS_SHORT
     heads = 0
@@ -162,16 +191,15 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
         heads += h[i]
     if heads > entries:  # (before the scratch of `entries` head counts overflows)
         return NO_SPLIT
-    if _gamma(counts_values, at, c1, heads, hc) < 0:
+    drawn = qs  # drawn[e]: the draws of the head entries before e, less e (qs is free until the quotients are read)
+    if _gamma(counts_values, at, c1, heads, hc, drawn) < 0:
         return COUNTS_SHORT
+    drawn[heads] = drawn[heads - 1] + hc[heads - 1] if heads else 0
     e = 0
     total = heads
     for i in range(positions):
-        drawn = 0
-        for _ in range(h[i]):
-            drawn += hc[e] + 1
-            e += 1
-        tails[i] = samples - drawn
+        tails[i] = samples - h[i] - (drawn[_u(e + h[i])] - drawn[_u(e)])
+        e += h[i]
         if tails[i] < 0:
             return NO_SPLIT
         total += tails[i]
@@ -190,57 +218,126 @@ def _compact_record(ids_values: np.ndarray, i0: int, i1: int, counts_values: np.
     for b in range(2 * buckets):
         if ids_values[ks + b] > 31:
             return PARAM_TOO_BIG
-    if table_of[0] != buckets:
-        _bucket_starts(buckets, table)
-        table_of[0] = buckets
-    for part in range(2):  # the bits of d entries' low parts, for every d this record has
-        for d in range(len(sums)):
-            sums[d, part] = 0
-            for b in range(buckets):
-                sums[d, part] += np.int64(ids_values[ks + part * buckets + b]) * (table[d, b + 1] - table[d, b])
-    width_sum = 0
+    for d in range(len(sums)):  # (the sizes the record has: a short record has few)
+        sums[d, 0] = sums[d, 1] = -1
+    rows = 0  # the widths written (a row per head / tail size the record has: at most its entries)
+    head_bits = tail_bits = 0  # the bits of the heads' and of the tails' low parts
     for i in range(positions):
-        width_sum += sums[h[i], 0] + sums[tails[i], 1]
+        for part in range(2):
+            d = h[i] if part == 0 else tails[i]
+            if sums[d, part] < 0:
+                # entry j of d is in bucket b = B·j // d, i.e. while B·j < (b + 1)·d: no division
+                bits, j, limit = np.int64(0), np.int64(0), np.int64(0)
+                for b in range(buckets):
+                    k = np.int64(ids_values[ks + part * buckets + b])
+                    limit += d
+                    while j * buckets < limit:
+                        widths[rows + j] = k
+                        bits += k
+                        j += 1
+                sums[d, part], sums[d, 2 + part] = bits, rows
+                rows += d
+        head_bits += sums[_u(h[i]), 0]
+        tail_bits += sums[_u(tails[i]), 1]
     low0 = ks + 2 * buckets
-    q0 = low0 + ((width_sum + 7) >> 3)
+    q0 = low0 + ((head_bits + tail_bits + 7) >> 3)
     if q0 > i1:
         return IDS_SHORT
     bound = min(vocab, tv) if by_place else vocab  # (places from here on: below it, or the record is bad)
-    # The low bits are read at a bit position, one 8-byte load each (its bits are in the load's first
-    # 39: w ≤ 31 after a shift ≤ 7): no buffer to refill at unforeseeable times, and the loads wait
-    # for nothing but the widths. The quotients (a few bits each) through a bit buffer: a load at a
-    # position would put its latency between one quotient and the next.
-    lbit = low0 * 8  # the next low bits
-    qpos, qacc, qnb = q0, 0, 0  # the quotients
+    quotients = _unary(ids_values, q0, i1, entries, qs)[0]
+    # Position by position where every quotient is there and their sum is below 2^30 (no sum of gaps
+    # reaches 2^62: places rise) and places alone judge ids.
+    if quotients == entries and i1 - q0 < 1 << 27 and by_place and q0 + 8 <= len(ids_values) and _compact_positions(
+            ids_values, positions, h, tails, hp, tp, qs, heads, low0 * 8, head_bits, bound, widths, sums, seen,
+            state):
+        return 0
+    return _compact_walk(ids_values, i1, positions, h, tails, hp, tp, qs, quotients, low0 * 8, widths, sums, bound,
+                         by_place, listed, below, tv)
+
+
+@_jit
+def _compact_positions(ids_values: np.ndarray, positions: int, h: np.ndarray, tails: np.ndarray, hp: np.ndarray,
+                       tp: np.ndarray, qs: np.ndarray, heads: int, lbit: int, head_bits: int, bound: int,
+                       widths: np.ndarray, sums: np.ndarray, seen: np.ndarray, state: np.ndarray) -> bool:
+    """Whether a record's places (quotients in qs, low bits from stream bit `lbit`, widths in
+    `_compact_record`'s rows) are sound, read position by position: a position's head entries, then
+    its tail entries (each part with its own cursors into the streams). Places rise within a part,
+    so its last place alone is compared with `bound`; a head stamps its places' slots in `seen`
+    (place mod its size) with the position's stamp, so a tail place in a slot without it is in no
+    head (one in a slot with it is looked for among the head's places, by bisection: they rise).
+    False: some place may be wrong (`_compact_walk` says which)."""
+    mask = len(seen) - 1
+    stamp = state[0]  # (the last position's stamp: unique to every position read with this scratch)
+    hbit, tbit = lbit, lbit + head_bits
+    e = t = 0  # the head and tail entries before the position
+    sound = True
+    for i in range(positions):
+        stamp += 1
+        row, place = sums[_u(h[i]), 2], np.int64(-1)
+        for j in range(h[i]):
+            w = np.int64(widths[_u(row + j)])
+            low = (_word(ids_values, hbit >> 3) >> (hbit & 7)) & ((np.int64(1) << w) - 1)
+            hbit += w
+            place += ((qs[_u(e + j)] << w) | low) + 1
+            hp[_u(e + j)] = place
+            seen[_u(place & mask)] = stamp
+        if place >= bound:
+            sound = False
+            break
+        row, place = sums[_u(tails[i]), 3], np.int64(-1)
+        for j in range(tails[i]):
+            w = np.int64(widths[_u(row + j)])
+            low = (_word(ids_values, tbit >> 3) >> (tbit & 7)) & ((np.int64(1) << w) - 1)
+            tbit += w
+            place += ((qs[_u(heads + t + j)] << w) | low) + 1
+            tp[_u(t + j)] = place
+            if seen[_u(place & mask)] == stamp:  # (mostly another head place in the slot: the head's rise)
+                lo, hi = e, e + h[i]
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if hp[_u(mid)] < place:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                sound &= lo == e + h[i] or hp[_u(lo)] != place
+        e += h[i]
+        t += tails[i]
+        if place >= bound or not sound:
+            sound = False
+            break
+    state[0] = stamp
+    return sound
+
+
+@_jit
+def _compact_walk(ids_values: np.ndarray, i1: int, positions: int, h: np.ndarray, tails: np.ndarray, hp: np.ndarray,
+                  tp: np.ndarray, qs: np.ndarray, quotients: int, lbit: int, widths: np.ndarray, sums: np.ndarray, bound: int,
+                  by_place: bool, listed: np.ndarray, below: np.ndarray, tv: int) -> int:
+    """What is first wrong with a record's places, read entry by entry in stream order (every
+    position's head entries, then every position's tail entries; qs[:quotients] the quotients there
+    are), or 0: IDS_SHORT (a quotient missing), OUTSIDE (a place ≥ bound, or its id ≥ tv where places
+    do not say it), TWICE (a place in both a position's head and its tail)."""
+    e = 0  # the entries read
     tail_at = 0
     for part in range(2):  # the head entries of every position, then the tail entries
         head_end = 0
-        kw = ks + part * buckets  # this part's Rice parameters
         for i in range(positions):
             d = h[i] if part == 0 else tails[i]
             head_at = head_end  # this position's head places: hp[head_at:head_end]
             head_end += h[i]
             place = np.int64(-1)
-            c = recip[d]
-            x = 0  # B·j
+            row = sums[d, 2 + part]
             for j in range(d):
-                w = np.int64(ids_values[kw + min((x * c) >> 40, buckets - 1)])
-                x += buckets
+                if e == quotients:
+                    return IDS_SHORT
+                w = np.int64(widths[row + j])
                 if (lbit >> 3) + 8 <= i1:
                     low = (_word(ids_values, lbit >> 3) >> (lbit & 7)) & ((np.int64(1) << w) - 1)
                 else:
                     low = _bits_at(ids_values, lbit, w, i1)
                 lbit += w
-                q = 0
-                while qacc == 0:
-                    q += qnb
-                    if qpos >= i1:
-                        return IDS_SHORT  # fewer quotients than entries
-                    qpos, qacc, qnb = _fill(ids_values, qpos, i1, 0, 0)
-                zeros = trailing_zeros(qacc)
-                qacc >>= zeros + 1
-                qnb -= zeros + 1
-                place += (((q + zeros) << w) | low) + 1
+                place += ((qs[e] << w) | low) + 1
+                e += 1
                 if place >= bound or (not by_place and _id_at(place, listed, below) >= tv):
                     return OUTSIDE
                 if part == 0:
@@ -267,33 +364,53 @@ def compact_bad(ids_values: np.ndarray, ids_offsets: np.ndarray, counts_values: 
     for r in range(records):
         most = max(most, positions[r])
         most_entries = max(most_entries, entries[r])
-    h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(most, most_entries, samples)
+    h, tails, hc, hp, tp, state, widths, sums, qs, seen = _compact_scratch(most, most_entries, samples)
     bad = np.zeros(records, dtype=np.bool_)
     for r in range(records):
         bad[r] = _compact_record(ids_values, ids_offsets[r], ids_offsets[r + 1], counts_values,
                                  counts_offsets[r], counts_offsets[r + 1], entries[r], positions[r], samples,
-                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, table, table_of, recip, sums) != 0
+                                 vocab, listed, below, by_place, tv, h, tails, hc, hp, tp, state, widths, sums,
+                                 qs, seen) != 0
     return bad
 
 
 @_jit
 def _compact_scratch(positions: int, entries: int, samples: int) -> tuple:
     """The scratch `_compact_record` needs for records of up to these positions and entries (a
-    position's entries, head or tail, are at most N and at most the record's)."""
+    position's entries, head or tail, are at most N and at most the record's), in all a few dozen
+    bytes per entry and position (a per-record decoder builds it per call): h, tails, hc, hp, tp
+    (`_compact_record`); state[0]: the last position stamp in `seen`; sums [min(N, entries) + 1, 4]:
+    the low bits of d head / tail entries, and where in `widths` their widths are (rows of the sizes
+    a record has, so that an entry's width costs one load, not its bucket's arithmetic); qs
+    [entries + 8]: the quotients; seen: a power of two ≥ 16 slots per head place a position may have,
+    at most 2,048 (`_compact_positions`)."""
     entries = max(entries, 0)
-    recip = np.zeros(min(samples, entries) + 1, dtype=np.int64)
-    for d in range(1, len(recip)):
-        recip[d] = ((np.int64(1) << 40) + d - 1) // d
-    heads = min(positions * (samples // 2), entries) + 1
-    return (np.empty(positions, dtype=np.int64), np.empty(positions, dtype=np.int64),
+    span = min(samples, entries)
+    heads = min(positions * (samples // 2), entries) + 8  # (`_unary` writes up to 7 values past the last)
+    slots = 64
+    while slots < 2048 and slots < 16 * (min(samples // 2, entries) + 1):
+        slots *= 2
+    return (np.empty(positions + 7, dtype=np.int64), np.empty(positions, dtype=np.int64),
             np.empty(heads, dtype=np.int64), np.empty(heads, dtype=np.int64), np.empty(entries + 1, dtype=np.int64),
-            np.empty((min(samples, entries) + 1, 65), dtype=np.int64), np.zeros(1, dtype=np.int64), recip,
-            np.empty((len(recip), 2), dtype=np.int64))
+            np.zeros(1, dtype=np.int64), np.empty(entries + 1, dtype=np.uint8),
+            np.empty((span + 1, 4), dtype=np.int64), np.empty(entries + 8, dtype=np.int64),
+            np.zeros(slots, dtype=np.int64))
 
 
 @_jit
 def _sort(keys: np.ndarray, a: int, b: int) -> None:
-    """keys[a:b] ascending, by insertion: a position's head or tail is a few dozen entries."""
+    """keys[a:b] ascending (the keys are distinct: any sort gives the same order): by insertion, for a
+    position's head or tail is mostly a few dozen entries; by heap where it is longer (N up to 65,535
+    draws may leave thousands, where insertion's quadratic time took 0.1 s a record). Plain loops:
+    numpy's sort here slows every short sort by a tenth."""
+    n = b - a
+    if n > 64:
+        for root in range(n // 2 - 1, -1, -1):
+            _sift(keys, a, root, n)
+        for end in range(n - 1, 0, -1):
+            keys[a], keys[a + end] = keys[a + end], keys[a]
+            _sift(keys, a, 0, end)
+        return
     for x in range(a + 1, b):
         v = keys[x]
         y = x
@@ -301,6 +418,23 @@ def _sort(keys: np.ndarray, a: int, b: int) -> None:
             keys[y] = keys[y - 1]
             y -= 1
         keys[y] = v
+
+
+@_jit
+def _sift(keys: np.ndarray, a: int, root: int, n: int) -> None:
+    """keys[a + root] moved down the max-heap keys[a:a + n] to its place."""
+    v = keys[a + root]
+    while True:
+        child = 2 * root + 1
+        if child >= n:
+            break
+        if child + 1 < n and keys[a + child + 1] > keys[a + child]:
+            child += 1
+        if keys[a + child] <= v:
+            break
+        keys[a + root] = keys[a + child]
+        root = child
+    keys[a + root] = v
 
 
 @_jit
@@ -351,11 +485,11 @@ def compact_sampled(ids_data: np.ndarray, counts_data: np.ndarray, entries: int,
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """One record's compact streams decoded: (0, offsets [positions + 1], ids int32, counts uint16) as
     `SampledTargets` holds them, or (what is wrong, empty arrays)."""
-    h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(positions, entries, samples)
+    h, tails, hc, hp, tp, state, widths, sums, qs, seen = _compact_scratch(positions, entries, samples)
     offsets = np.zeros(positions + 1, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip,
-                            sums)
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, state, widths,
+                            sums, qs, seen)
     if wrong:
         return wrong, offsets, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint16)
     ids = np.empty(entries, dtype=np.int32)
@@ -373,11 +507,11 @@ def compact_weighted(ids_data: np.ndarray, counts_data: np.ndarray, entries: int
     """One record's compact streams decoded into the loader's rows: (0, ids [positions, U] int64
     padded with −1, weights [positions, U] float32 = count / N padded with 0, entries per position),
     U the most entries a position has; or (what is wrong, empty arrays)."""
-    h, tails, hc, hp, tp, table, table_of, recip, sums = _compact_scratch(positions, entries, samples)
+    h, tails, hc, hp, tp, state, widths, sums, qs, seen = _compact_scratch(positions, entries, samples)
     lengths = np.zeros(positions, dtype=np.int64)
     wrong = _compact_record(ids_data, 0, len(ids_data), counts_data, 0, len(counts_data), entries, positions,
-                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, table, table_of, recip,
-                            sums)
+                            samples, vocab, listed, below, True, vocab, h, tails, hc, hp, tp, state, widths,
+                            sums, qs, seen)
     if wrong:
         return wrong, np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32), lengths
     width = 0

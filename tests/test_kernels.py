@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import itertools
 
+import compact_walk_before
 import numpy as np
 import pytest
-from compact_reference import reference_decode_compact
+from compact_reference import pack_unary, pack_varbits, reference_decode_compact
 from test_shard_checks import _damaged, _flat
 
 from potstill.store import StoreError, kernels
@@ -117,6 +118,164 @@ def test_the_compiled_compact_decoders_read_what_the_numpy_reference_reads(seed:
             assert weights.dtype == np.float32 and np.array_equal(weights, (counts / n).astype(np.float32))
             decoded += 1
     assert decoded and refused
+
+
+def test_a_record_of_the_largest_n_is_decoded_with_scratch_of_its_own_size() -> None:
+    """N = 65,535, the most a store holds: the per-record decoders build their scratch on every call,
+    so it must take a few dozen bytes per entry and position whatever N is (a row per head / tail
+    size up to N is megabytes a record), and they still read what the reference reads."""
+    rng = np.random.default_rng(7)
+    n, vocab = 65535, 1 << 17
+    few = np.minimum(rng.geometric(0.3, size=(3, n)) - 1, 40)  # a few ids per position, counts in the thousands
+    spread = rng.integers(0, vocab, size=(1, n))  # most draws distinct: entries near N
+    for draws in (few, spread):
+        t = sampled_from_draws(draws)
+        a, b = encode_sampled_compact(t)
+        entries, positions = t.num_entries, t.num_positions
+        scratch = kernels._compact_scratch(positions, entries, n)
+        assert sum(x.nbytes for x in scratch) <= 80 * (entries + positions) + 20_000
+        args = (a, b, entries, positions, n, vocab)
+        want = reference_decode_compact(*args)
+        got = decode_sampled_compact(*args)
+        for x, y in ((got.offsets, want.offsets), (got.ids, want.ids), (got.counts, want.counts)):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+        wrong, ids, weights, lengths = kernels.compact_weighted(*args, *compact_order(None, vocab))
+        padded_ids, counts = want.padded()
+        assert wrong == 0 and np.array_equal(lengths, want.lengths()) and np.array_equal(ids, padded_ids)
+        assert np.array_equal(weights, (counts / n).astype(np.float32))
+
+
+def _codes(a: np.ndarray, b: np.ndarray, entries: int, positions: int, n: int, vocab: int, pad: int) -> tuple[int, int]:
+    """(the walk's code, the code of the walk before) for one record's streams (0: sound), read from
+    arrays with `pad` bytes past them (a shard's columns hold the next records there)."""
+    none = np.zeros(0, np.int64)
+    ids, counts = (np.concatenate([x, np.full(pad, 0xA5, np.uint8)]) for x in (a, b))
+    args = (ids, 0, len(a), counts, 0, len(b), entries, positions, n, vocab, none, none, True, vocab)
+    now = kernels._compact_record(*args, *kernels._compact_scratch(positions, entries, n))
+    return now, compact_walk_before._compact_record(*args, *compact_walk_before._compact_scratch(positions, entries, n))
+
+
+def _parts(t) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each position's head places (count ≥ 2) and tail places, ascending (no id order: places are ids)."""
+    heads, tails = [], []
+    for i in range(t.num_positions):
+        ids, counts = t.ids[t.offsets[i]:t.offsets[i + 1]], t.counts[t.offsets[i]:t.offsets[i + 1]]
+        heads.append(np.sort(ids[counts >= 2]).astype(np.int64))
+        tails.append(np.sort(ids[counts == 1]).astype(np.int64))
+    return heads, tails
+
+
+def _ids_stream(heads: list[np.ndarray], tails: list[np.ndarray], ks: np.ndarray) -> np.ndarray:
+    """A compact ids stream (format §4.3.2) of these places with these Rice parameters (B = len(ks) / 2)
+    rather than the encoder's: B, the parameters, the gaps' low bits, their quotients in unary."""
+    buckets = len(ks) // 2
+    gaps, widths = [], []
+    for part, places in enumerate((heads, tails)):
+        for p in places:
+            gaps += (np.diff(p, prepend=-1) - 1).tolist()
+            widths += [int(ks[part * buckets + min(buckets * j // len(p), buckets - 1)]) for j in range(len(p))]
+    g, w = np.array(gaps, np.int64), np.array(widths, np.int64)
+    return np.concatenate([np.array([buckets, *ks], np.uint8), pack_varbits(g & ((1 << w) - 1), w),
+                           pack_unary(g >> w)]).astype(np.uint8)
+
+
+@pytest.mark.parametrize("buckets", [1, 8, 64])
+@pytest.mark.parametrize("widths", ["0", "31", "mixed"])
+def test_the_compact_walk_reads_any_rice_parameters_and_names_a_cut_as_before(buckets: int, widths: str) -> None:
+    """Hand-made streams: Rice parameters 0 (quotients of thousands of bits, across many words), 31
+    (low bits only) or mixed, B = 1, 8, 64; tails with places in the same slot of the walk's stamp
+    table as a head's (a multiple of 2,048 apart). Read as the reference reads them, from an array
+    that ends with the record and from one with more bytes after it; each stream cut at every byte
+    (those near its ends and some between) gets the code the walk before gave, which the reference
+    refuses too."""
+    rng = np.random.default_rng(buckets)
+    n, vocab = 64, 1 << 31 if widths == "31" else 1 << 22
+    for _ in range(2):
+        s = int(rng.integers(1, 6))
+        draws = np.minimum(rng.geometric(0.15, size=(s, n)) - 1, 40) * 7 + 2048 * rng.integers(0, 3, size=(s, 1))
+        draws = np.where(rng.random((s, n)) < 0.2, (draws % 2048) + 2048 * rng.integers(1, 4, size=(s, n)), draws)
+        if widths == "0":
+            draws = draws * 3 + 3000
+        t = sampled_from_draws(draws)
+        counts = encode_sampled_compact(t)[1]
+        ks = {"0": np.zeros(2 * buckets), "31": np.full(2 * buckets, 31),
+              "mixed": rng.integers(0, 32, size=2 * buckets)}[widths].astype(np.uint8)
+        ids = _ids_stream(*_parts(t), ks)
+        args = (t.num_entries, t.num_positions, n, vocab)
+        want = reference_decode_compact(ids, counts, *args)
+        got = decode_sampled_compact(ids, counts, *args)
+        for x, y in ((got.offsets, want.offsets), (got.ids, want.ids), (got.counts, want.counts)):
+            assert np.array_equal(x, y)
+        assert _codes(ids, counts, *args, pad=0) == _codes(ids, counts, *args, pad=16) == (0, 0)
+        ends = range(len(ids) - 40, len(ids))  # (every cut near either end, some between)
+        for cut in sorted({*range(min(len(ids), 40)), *rng.integers(0, len(ids), size=200), *ends}):
+            for pad in (0, 16):
+                now, before = _codes(ids[:cut], counts, *args, pad=pad)
+                assert now == before != 0
+        for cut in rng.integers(0, len(ids), size=8):
+            with pytest.raises(StoreError):
+                reference_decode_compact(ids[:cut], counts, *args)
+        for cut in range(len(counts)):
+            now, before = _codes(ids, counts[:cut], *args, pad=16)
+            assert now == before != 0
+
+
+def test_a_tail_place_in_a_head_of_thousands_is_found() -> None:
+    """N = 65,535 spread draws: a head of thousands of places shares every slot of the walk's stamp
+    table, so a tail place is looked for among them by bisection; one that is the head's first, a
+    middle or its last place is named TWICE, as the walk before and the loader's decoder name it."""
+    rng = np.random.default_rng(8)
+    n, vocab = 65535, 1 << 17
+    t = sampled_from_draws(rng.integers(0, vocab, size=(1, n)))
+    ids, counts = encode_sampled_compact(t)
+    heads, tails = _parts(t)
+    assert len(heads[0]) > 10_000
+    for k in (0, len(heads[0]) // 2 + 1, len(heads[0]) - 1):
+        damaged = [np.unique(np.concatenate([tails[0][1:], heads[0][k:k + 1]]))]
+        a = _ids_stream(heads, damaged, ids[1:1 + 2 * int(ids[0])])
+        assert _codes(a, counts, t.num_entries, 1, n, vocab, pad=16) == (kernels.TWICE, kernels.TWICE)
+        assert kernels.compact_weighted(a, counts, t.num_entries, 1, n, vocab, *compact_order(None, vocab))[0] \
+            == kernels.TWICE
+
+
+def test_the_compact_walk_names_each_fault_the_walk_before_named() -> None:
+    """Damaged records (bits flipped, streams cut or lengthened, entries miscounted, a vocabulary too
+    small, a tail place that is a head place too, a bad bucket count or Rice parameter, a head too
+    big): the same code as the walk before, on records that reach every code."""
+    rng = np.random.default_rng(7)
+    seen = set()
+    for _ in range(1500):
+        n = int(rng.choice([2, 12, 64]))
+        s = int(rng.integers(1, 12))
+        t = sampled_from_draws(np.minimum(rng.geometric(0.2, size=(s, n)) - 1, 300) * 3)
+        ids, counts = encode_sampled_compact(t)
+        entries, vocab = t.num_entries, 1024
+        how = int(rng.integers(0, 7))
+        if how == 0:
+            ids, counts = _damaged(rng, ids, counts)
+        elif how == 1:
+            entries += int(rng.choice([-2, -1, 1, 2]))
+        elif how == 2:
+            vocab = int(rng.integers(1, 1 + int(t.ids.max(initial=0)) + 1))
+        elif how == 3:  # a tail place that is in its position's head too
+            heads, tails = _parts(t)
+            both = [i for i in range(s) if len(heads[i]) and len(tails[i])]
+            if both:
+                i = int(rng.choice(both))
+                tails[i] = np.unique(np.concatenate([tails[i][1:], heads[i][rng.integers(len(heads[i])):][:1]]))
+                ids = _ids_stream(heads, tails, ids[1:1 + 2 * int(ids[0])])
+        elif how == 4:
+            ids = ids.copy()
+            ids[0] = rng.choice([0, 65, int(ids[0])])
+            ids[1 + rng.integers(2 * 8)] = rng.choice([32, 200, ids[1]])
+        elif how == 5:  # a head size above N/2: the first position's head size + 1, gamma-coded anew
+            counts = counts.copy()
+            counts[0] = 0
+        for pad in (0, 16):
+            now, before = _codes(ids, counts, entries, s, n, vocab, pad)
+            assert now == before
+            seen.add(before)
+    assert seen == set(range(10))  # sound, and each code
 
 
 # -- top-k rows --------------------------------------------------------------------------------------
