@@ -131,7 +131,7 @@ def in_turn(url: str) -> None:
     """verify --jobs 1 with each shard's files hashed and then its content checked, one after the
     other (as before the hashing ran one shard ahead, `store.verify._hash_ahead`)."""
     ahead = verify._hash_ahead
-    verify._hash_ahead = lambda store, quick: (verify.shard_problems(store, c, quick) for c in store.commits)
+    verify._hash_ahead = lambda store, files: (verify.shard_problems(store, c, False, files) for c in store.commits)
     try:
         verify_store(url, jobs=1)
     finally:

@@ -169,7 +169,7 @@ def _damaged_store(tmp_path) -> str:
     return url
 
 
-def test_verify_in_two_processes_reports_what_one_process_reports(tmp_path) -> None:
+def test_verify_with_two_jobs_reports_what_one_job_reports(tmp_path) -> None:
     url = _damaged_store(tmp_path)
     one, two = verify_store(url, jobs=1), verify_store(url, jobs=2)
     assert [str(p) for p in one.problems] == [str(p) for p in two.problems] and len(one.problems) == 3
