@@ -233,18 +233,18 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
 
 
 def _each_shard(store: Store, quick: bool, jobs: int | None) -> Iterator[tuple[list[Problem], bool]]:
-    """Each committed shard's problems, in commit order, `jobs` shards at once in threads: sha256 and the
-    compiled value checks release the GIL, so threads keep the cores busy without a process's start, a
-    second copy of the store or numba's kernels loaded again (bench/verify_speed.py measures both). The
-    shards' files are listed once, a single listing where the store is remote."""
+    """Each committed shard's problems, in commit order: `jobs` shards at once, each in a thread (sha256
+    and the compiled value checks release the GIL, so threads use the cores without starting processes
+    that each load numba's kernels again), else one at a time with the next one hashed ahead. The
+    shards' files are listed once, up front: one listing of a remote store, not a request per shard."""
     files = shard_files(store)
     jobs = min(default_jobs() if jobs is None else jobs, len(store.commits))
-    if jobs > 1:
-        with ThreadPoolExecutor(jobs, thread_name_prefix="potstill-verify") as threads:
-            yield from threads.map(lambda commit: shard_problems(store, commit, quick, files), store.commits)
-    elif quick:
+    if quick:  # (the sizes are the listing's: nothing to wait for)
         for commit in store.commits:
             yield shard_problems(store, commit, quick, files)
+    elif jobs > 1:
+        with ThreadPoolExecutor(jobs, thread_name_prefix="potstill-verify") as threads:
+            yield from threads.map(lambda commit: shard_problems(store, commit, quick, files), store.commits)
     else:
         yield from _hash_ahead(store, files)
 
