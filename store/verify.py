@@ -232,6 +232,45 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
     return report
 
 
+ShardFiles = dict[str, dict[str, int]]  # shard -> {path of each file under its folder: bytes}
+
+
+def shard_files(store: Store) -> ShardFiles:
+    """Every file under shards/ with its size, by shard, in one listing. A committed shard's files never
+    change, so one listing taken after the commit records were read serves every shard they name."""
+    top, prefix = join(store.root, "shards"), store.root.rstrip("/") + "/"
+    if is_local(store.fs):  # (fsspec's walk costs several times the system calls it makes)
+        found = _local_files(top)
+    else:
+        store.fs.invalidate_cache(top)  # (writers add shards: never a cached listing)
+        try:
+            found = {path: info["size"] for path, info in store.fs.find(top, detail=True).items()}
+        except FileNotFoundError:
+            found = {}
+    out: ShardFiles = collections.defaultdict(dict)
+    for path, size in found.items():
+        rel = path[len(prefix):] if path.startswith(prefix) else path
+        parts = rel.split("/")
+        if len(parts) >= 2:  # (shards/<shard> itself when it is a file: listed, and in no commit record)
+            out[parts[1]][rel] = int(size)
+    return out
+
+
+def _local_files(top: str) -> dict[str, int]:
+    """Every file under a local folder with its size, as fsspec lists them: links followed, a broken
+    link listed with its own size."""
+    found = {}
+    for folder, _, names in os.walk(top, followlinks=True):
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                found[path] = os.stat(path).st_size
+            except FileNotFoundError:
+                with contextlib.suppress(FileNotFoundError):  # (else a live writer's file, gone since)
+                    found[path] = os.lstat(path).st_size
+    return found
+
+
 def _each_shard(store: Store, quick: bool, jobs: int | None) -> Iterator[tuple[list[Problem], bool]]:
     """Each committed shard's problems, in commit order: `jobs` shards at once, each in a thread (sha256
     and the compiled value checks release the GIL, so threads use the cores without starting processes
@@ -249,7 +288,7 @@ def _each_shard(store: Store, quick: bool, jobs: int | None) -> Iterator[tuple[l
         yield from _hash_ahead(store, files)
 
 
-def _hash_ahead(store: Store, files: dict[str, dict[str, int]]) -> Iterator[tuple[list[Problem], bool]]:
+def _hash_ahead(store: Store, files: ShardFiles) -> Iterator[tuple[list[Problem], bool]]:
     """`shard_problems` of each shard, one at a time: a thread hashes the next shard's files while this
     one's content is checked, so a shard costs about the longer of the two rather than their sum. One
     shard ahead, no more: its pages are still in the cache when its content is read."""
@@ -311,34 +350,6 @@ def _check_duplicates(store: Store, report: VerifyReport, shards: list[str]) -> 
             f"({shown}); readers use the first committed copy and skip these",
         ))
         report.duplicates += len(rows)
-
-
-ShardFiles = dict[str, dict[str, int]]  # shard -> {path of each file under its folder: bytes}
-
-
-def shard_files(store: Store) -> ShardFiles:
-    """Every file under shards/ with its size, by shard, in one listing. A committed shard's files never
-    change, so one listing taken after the commit records were read serves every shard they name."""
-    top, prefix = join(store.root, "shards"), store.root.rstrip("/") + "/"
-    if is_local(store.fs):  # (fsspec's walk costs several times the system calls it makes)
-        found = {}
-        for folder, _, names in os.walk(top):
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):  # (a live writer's file, gone since)
-                    found[os.path.join(folder, name)] = os.stat(os.path.join(folder, name)).st_size
-    else:
-        store.fs.invalidate_cache(top)  # (writers add shards: never a cached listing)
-        try:
-            found = {path: info["size"] for path, info in store.fs.find(top, detail=True).items()}
-        except FileNotFoundError:
-            found = {}
-    out: ShardFiles = collections.defaultdict(dict)
-    for path, size in found.items():
-        rel = path[len(prefix):] if path.startswith(prefix) else path
-        parts = rel.split("/")
-        if len(parts) >= 2:  # (shards/<shard> itself when it is a file: listed, and in no commit record)
-            out[parts[1]][rel] = int(size)
-    return out
 
 
 def _size_problems(rel: str, size: int, got_size: int | None, where: str) -> list[Problem]:
