@@ -36,10 +36,8 @@ from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
 _BLOCK = 8 << 20
 
 
-def hash_file(path: str, opener: Callable[[str, str], Any] = open,
-              on_block: Callable[[memoryview], None] | None = None) -> tuple[int, str]:
-    """(bytes, sha256 hex) of a file, read in 8 MiB blocks into one reused buffer; `on_block` sees
-    each block (verify's check of hidden-state values)."""
+def hash_file(path: str, opener: Callable[[str, str], Any] = open) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a file, read in 8 MiB blocks into one reused buffer."""
     h, size = hashlib.sha256(), 0
     with opener(path, "rb") as f:
         try:  # a buffer no larger than the file: zeroing 8 MiB costs more than hashing a small file
@@ -51,8 +49,6 @@ def hash_file(path: str, opener: Callable[[str, str], Any] = open,
         while got := f.readinto(buf):
             h.update(view[:got])
             size += got
-            if on_block is not None:
-                on_block(view[:got])
     return size, h.hexdigest()
 
 
