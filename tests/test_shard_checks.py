@@ -218,3 +218,21 @@ def test_verify_names_every_file_beside_a_committed_shards_own_in_every_mode(tmp
             f"shard {names[2]}: file shards/{names[2]}/link.json is not in its commit record"]
     for how in ({"jobs": 1}, {"jobs": 2}, {"quick": True}):
         assert [str(p) for p in verify_store(url, **how).problems] == want, how
+
+
+def test_verify_of_a_remote_store_lists_its_shards_once_and_names_the_same(tmp_path) -> None:
+    """memory:// stands for object storage: a stray file and a missing one, named alike in every mode."""
+    import fsspec
+
+    url = _store(f"memory://{tmp_path.name}/s", "compact", records=12, shard_records=4)
+    names = open_store(url).shard_names
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"/{tmp_path.name}/s/shards/{names[1]}/extra/stray.bin", b"x")
+    fs.rm(f"/{tmp_path.name}/s/shards/{names[2]}/ids.arrow")
+    want = [f"shard {names[1]}: file shards/{names[1]}/extra/stray.bin is not in its commit record",
+            f"shard {names[2]}: file shards/{names[2]}/ids.arrow is missing"]
+    try:
+        for how in ({"jobs": 1}, {"jobs": 2}, {"quick": True}):
+            assert [str(p) for p in verify_store(url, **how).problems] == want, how
+    finally:
+        fs.rm(f"/{tmp_path.name}", recursive=True)
