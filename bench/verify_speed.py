@@ -7,7 +7,8 @@ targets plain and packed, plus a short-record variant of the default. Then, per 
 interleaved rounds (median of the rounds):
 
 - hash:   sha256 of every file of the store (8 MiB reads, `store.verify.hash_file`), one process;
-- verify: `verify_store` with --jobs 1 (and --jobs 2), every checksum plus the value checks;
+- verify: `verify_store` with --jobs 1 (and --jobs 2: two shards at once, each in a thread), every
+  checksum plus the value checks;
   "in turn": --jobs 1 with each shard hashed and then checked, rather than hashed one shard ahead
   in a thread while the one before is checked;
 - quick:  `verify_store(quick=True)`: commit records, manifest, file presence and sizes;
@@ -131,7 +132,7 @@ def in_turn(url: str) -> None:
     """verify --jobs 1 with each shard's files hashed and then its content checked, one after the
     other (as before the hashing ran one shard ahead, `store.verify._hash_ahead`)."""
     ahead = verify._hash_ahead
-    verify._hash_ahead = lambda store, quick: (verify.shard_problems(store, c, quick) for c in store.commits)
+    verify._hash_ahead = lambda store, files: (verify.shard_problems(store, c, False, files) for c in store.commits)
     try:
         verify_store(url, jobs=1)
     finally:

@@ -33,7 +33,7 @@ class VerifyConfig:
 
     clean: bool = setting(False, help="Remove what crashed writers left: uncommitted shards, temporary files, "
                           "stale leases (never what a commit record names).")
-    jobs: int = setting(0, help=f"Processes checking shards at once; 0: one per core available, at most {MAX_JOBS}. "
+    jobs: int = setting(0, help=f"Shards checked at once (threads); 0: one per core available, at most {MAX_JOBS}. "
                         "The report is the same for any number.")
     quick: bool = setting(False, help="Check only the commit records, the manifest and each file's presence and "
                           "size: no checksum is computed and no value read.")

@@ -19,6 +19,7 @@ import pyarrow as pa
 import zarr
 
 from potstill.store.checks import value_problems
+from potstill.store.columns import numpy_view
 from potstill.store.commit import CommitRecord, check_writer_id, parse_shard_name, seqs_for_writer
 from potstill.store.errors import FormatVersionError, StoreError
 from potstill.store.fs import (
@@ -287,7 +288,7 @@ class Store:
 
     def shard_keys(self, name: str) -> np.ndarray:
         """The keys (`potstill.store.ids.id_key`) of a committed shard's records, in row order."""
-        return self._ids_batch(name).column(1).to_numpy()
+        return numpy_view(self._ids_batch(name).column(1))
 
     def _ids_batch(self, name: str) -> pa.RecordBatch:
         """A shard's ids file, its sha256 checked against the commit record once per process before

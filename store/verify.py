@@ -10,12 +10,12 @@ and its shard is kept, never deleted.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +36,8 @@ from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
 _BLOCK = 8 << 20
 
 
-def hash_file(path: str, opener: Callable[[str, str], Any] = open,
-              on_block: Callable[[memoryview], None] | None = None) -> tuple[int, str]:
-    """(bytes, sha256 hex) of a file, read in 8 MiB blocks into one reused buffer; `on_block` sees
-    each block (verify's check of hidden-state values)."""
+def hash_file(path: str, opener: Callable[[str, str], Any] = open) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a file, read in 8 MiB blocks into one reused buffer."""
     h, size = hashlib.sha256(), 0
     with opener(path, "rb") as f:
         try:  # a buffer no larger than the file: zeroing 8 MiB costs more than hashing a small file
@@ -51,8 +49,6 @@ def hash_file(path: str, opener: Callable[[str, str], Any] = open,
         while got := f.readinto(buf):
             h.update(view[:got])
             size += got
-            if on_block is not None:
-                on_block(view[:got])
     return size, h.hexdigest()
 
 
@@ -181,7 +177,8 @@ MAX_JOBS = 8
 
 
 def default_jobs() -> int:
-    """Processes `verify` checks shards with: one per core this process may use, at most `MAX_JOBS`."""
+    """Shards `verify` checks at once (each in a thread): one per core this process may use, at most
+    `MAX_JOBS`."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # (not on Linux)
@@ -193,7 +190,7 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
                  quick: bool = False) -> VerifyReport:
     """Check every committed shard against its commit record and the format; optionally clean.
 
-    `jobs`: processes that check shards at once (None: `default_jobs()`); the report is the same
+    `jobs`: shards checked at once, each in a thread (None: `default_jobs()`); the report is the same
     for any number, its problems in shard order. `quick`: only the commit records, the manifest and
     each listed file's presence and size; nothing is hashed and no value is read."""
     store = Store(url, storage_options, strict=False)
@@ -206,7 +203,10 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
     for shard, why in store.bad_commits:
         report.problems.append(Problem(f"commits/{shard}.json", f"{why}; shard {shard} is kept, unread"))
     for entry in store.manifest.tokenizer.files:
-        report.problems += _file_problems(store, entry.path, entry.bytes, entry.sha256, "manifest", quick)
+        if quick:
+            report.problems += _size_problems(entry.path, entry.bytes, _size(store, entry.path), "manifest")
+        else:
+            report.problems += _file_problems(store, entry.path, entry.bytes, entry.sha256, "manifest")
     sound = []  # shards whose files match their commit records: their ids files can be read
     for commit, (problems, ids_readable) in zip(store.commits, _each_shard(store, quick, jobs), strict=True):
         report.shards += 1
@@ -228,85 +228,106 @@ def verify_store(url: str, *, clean: bool = False, storage_options: dict | None 
     return report
 
 
+ShardFiles = dict[str, dict[str, int]]  # shard -> {path of each file under its folder: bytes}
+
+
+def shard_files(store: Store) -> ShardFiles:
+    """Every file under shards/ with its size, by shard, in one listing. A committed shard's files never
+    change, so one listing taken after the commit records were read serves every shard they name."""
+    top, prefix = join(store.root, "shards"), store.root.rstrip("/") + "/"
+    if is_local(store.fs):  # (fsspec's walk costs several times the system calls it makes)
+        found = _local_files(top)
+    else:
+        store.fs.invalidate_cache(top)  # (writers add shards: never a cached listing)
+        try:
+            found = {path: info["size"] for path, info in store.fs.find(top, detail=True).items()}
+        except FileNotFoundError:
+            found = {}
+    out: ShardFiles = collections.defaultdict(dict)
+    for path, size in found.items():
+        rel = path[len(prefix):] if path.startswith(prefix) else path
+        parts = rel.split("/")
+        if len(parts) >= 2:  # (shards/<shard> itself when it is a file: listed, and in no commit record)
+            out[parts[1]][rel] = int(size)
+    return out
+
+
+def _local_files(top: str) -> dict[str, int]:
+    """Every file under a local folder with its size, as fsspec lists them: links followed, a broken
+    link listed with its own size."""
+    found = {}
+    for folder, _, names in os.walk(top, followlinks=True):
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                found[path] = os.stat(path).st_size
+            except FileNotFoundError:
+                with contextlib.suppress(FileNotFoundError):  # (else a live writer's file, gone since)
+                    found[path] = os.lstat(path).st_size
+    return found
+
+
 def _each_shard(store: Store, quick: bool, jobs: int | None) -> Iterator[tuple[list[Problem], bool]]:
-    """Each committed shard's problems, in commit order: here, or in `jobs` processes (each inherits
-    this process's opened store where processes fork, else opens it once), or threads for a remote
-    store (its time goes to the network, and its file system's event loop must not be forked)."""
+    """Each committed shard's problems, in commit order: `jobs` shards at once, each in a thread (sha256
+    and the compiled value checks release the GIL, so threads use the cores without starting processes
+    that each load numba's kernels again), else one at a time with the next one hashed ahead. The
+    shards' files are listed once, up front: one listing of a remote store, not a request per shard."""
+    files = shard_files(store)
     jobs = min(default_jobs() if jobs is None else jobs, len(store.commits))
-    if jobs <= 1:
-        yield from _hash_ahead(store, quick)
-        return
-    if not is_local(store.fs):
-        with ThreadPoolExecutor(jobs) as threads:
-            yield from threads.map(lambda commit: shard_problems(store, commit, quick), store.commits)
-        return
-    global _WORKER_STORE
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    _WORKER_STORE = store if method == "fork" else None
-    try:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method), initializer=_open_in_worker,
-                                 initargs=(store.url, store.storage_options)) as pool:
-            yield from pool.map(_worker_shard_problems, [(c.shard, quick) for c in store.commits])
-    finally:
-        _WORKER_STORE = None
-
-
-def _hash_ahead(store: Store, quick: bool) -> Iterator[tuple[list[Problem], bool]]:
-    """`shard_problems` of each shard in one process: a thread hashes the next shard's files while
-    this one's content is checked (sha256 and the compiled value checks both release the GIL), so a
-    shard costs about the longer of the two rather than their sum. One shard ahead, no more: its
-    pages are still in the cache when its content is read."""
-    if quick:
+    if quick:  # (the sizes are the listing's: nothing to wait for)
         for commit in store.commits:
-            yield shard_problems(store, commit, quick)
-        return
+            yield shard_problems(store, commit, quick, files)
+    elif jobs > 1:
+        with ThreadPoolExecutor(jobs, thread_name_prefix="potstill-verify") as threads:
+            yield from threads.map(lambda commit: shard_problems(store, commit, quick, files), store.commits)
+    else:
+        yield from _hash_ahead(store, files)
+
+
+def _hash_ahead(store: Store, files: ShardFiles) -> Iterator[tuple[list[Problem], bool]]:
+    """`shard_problems` of each shard, one at a time: a thread hashes the next shard's files while this
+    one's content is checked, so a shard costs about the longer of the two rather than their sum. One
+    shard ahead, no more: its pages are still in the cache when its content is read."""
     commits = store.commits
     with ThreadPoolExecutor(1, thread_name_prefix="potstill-hash") as hasher:
-        ahead = collections.deque([hasher.submit(shard_file_problems, store, commits[0])] if commits else [])
+        ahead = collections.deque([hasher.submit(shard_file_problems, store, commits[0], False, files)]
+                                  if commits else [])
         for i, commit in enumerate(commits):
             if i + 1 < len(commits):  # (queued now: hashed as soon as this shard's files are)
-                ahead.append(hasher.submit(shard_file_problems, store, commits[i + 1]))
+                ahead.append(hasher.submit(shard_file_problems, store, commits[i + 1], False, files))
             problems = ahead.popleft().result()
             yield (problems, False) if problems else _content_problems(store, commit)
 
 
-_WORKER_STORE: Store | None = None
-
-
-def _open_in_worker(url: str, storage_options: dict | None) -> None:
-    global _WORKER_STORE
-    if _WORKER_STORE is None or _WORKER_STORE.url != url:
-        _WORKER_STORE = Store(url, storage_options, strict=False)
-
-
-def _worker_shard_problems(task: tuple[str, bool]) -> tuple[list[Problem], bool]:
-    assert _WORKER_STORE is not None
-    return shard_problems(_WORKER_STORE, _WORKER_STORE.commit(task[0]), task[1])
-
-
-def shard_problems(store: Store, commit, quick: bool = False) -> tuple[list[Problem], bool]:
+def shard_problems(store: Store, commit, quick: bool = False, files: ShardFiles | None = None
+                   ) -> tuple[list[Problem], bool]:
     """One committed shard against its commit record: its files (`shard_file_problems`), then (unless
     `quick`, and only when its bytes are sound) its content. Also whether its ids file was read sound
     (what the duplicates check may then read)."""
-    problems = shard_file_problems(store, commit, quick)
+    problems = shard_file_problems(store, commit, quick, files)
     if problems or quick:
         return problems, False
     return _content_problems(store, commit)  # bytes are sound: check content against the format
 
 
-def shard_file_problems(store: Store, commit, quick: bool = False) -> list[Problem]:
+def shard_file_problems(store: Store, commit, quick: bool = False, files: ShardFiles | None = None) -> list[Problem]:
     """A committed shard's files against its commit record: their sizes, unless `quick` their sha256
-    (and each hidden-state chunk's crc32c), and no file beside them."""
+    (and each hidden-state chunk's crc32c), and no file beside them. `files`: the store's listing
+    (`shard_files`), else it is listed here."""
     where = f"shard {commit.shard}"
+    present = (shard_files(store) if files is None else files).get(commit.shard, {})
     hidden = store.manifest.hidden
     data_files = {f"{commit.hidden_path}/{layer.array_name}/{DATA_KEY}": layer for layer in hidden.layers}
     problems: list[Problem] = []
     for entry in commit.files:
+        if quick:
+            problems += _size_problems(entry.path, entry.bytes, present.get(entry.path), where)
+            continue
         layer = data_files.get(entry.path)
         layout = None if layer is None else (Layout(commit.hidden_rows, layer.width, hidden.chunk_tokens), layer.dtype)
-        problems += _file_problems(store, entry.path, entry.bytes, entry.sha256, where, quick, layout)
+        problems += _file_problems(store, entry.path, entry.bytes, entry.sha256, where, layout)
     listed = {f.path for f in commit.files}
-    for path in _files_under(store, f"shards/{commit.shard}"):
+    for path in sorted(present):
         if path not in listed:
             problems.append(Problem(where, f"file {path} is not in its commit record"))
     return problems
@@ -327,29 +348,26 @@ def _check_duplicates(store: Store, report: VerifyReport, shards: list[str]) -> 
         report.duplicates += len(rows)
 
 
-def _files_under(store: Store, rel: str) -> list[str]:
-    root = join(store.root, rel)
+def _size_problems(rel: str, size: int, got_size: int | None, where: str) -> list[Problem]:
+    if got_size is None:
+        return [Problem(where, f"file {rel} is missing")]
+    if got_size != size:
+        return [Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)")]
+    return []
+
+
+def _size(store: Store, rel: str) -> int | None:
     try:
-        found = store.fs.find(root)
+        return store.fs.size(join(store.root, rel))
     except FileNotFoundError:
-        return []
-    prefix = store.root.rstrip("/") + "/"
-    return sorted(p[len(prefix) :] if p.startswith(prefix) else p for p in found)
+        return None
 
 
-def _file_problems(store: Store, rel: str, size: int, digest: str, where: str, quick: bool = False,
+def _file_problems(store: Store, rel: str, size: int, digest: str, where: str,
                    hidden: tuple[Layout, str] | None = None) -> list[Problem]:
-    """Size and sha256 of a file (`quick`: its size alone); for a hidden-state data file (its layout and
-    dtype given) also each inner chunk's crc32c and finite values, and its index, in the same pass."""
+    """Size and sha256 of a file; for a hidden-state data file (its layout and dtype given) also each
+    inner chunk's crc32c and finite values, and its index, in the same pass."""
     path = join(store.root, rel)
-    if quick:
-        try:
-            got_size = store.fs.size(path)
-        except FileNotFoundError:
-            return [Problem(where, f"file {rel} is missing")]
-        if got_size != size:
-            return [Problem(where, f"file {rel} has {got_size} bytes, its record says {size} (truncated?)")]
-        return []
     inside = None
     try:
         if hidden is not None:
@@ -357,8 +375,8 @@ def _file_problems(store: Store, rel: str, size: int, digest: str, where: str, q
             with store.fs.open(path, "rb") as f:
                 got_size, inside = scan_data_file(f.read, *hidden, h)
             got_digest = h.hexdigest()
-        else:
-            got_size, got_digest = hash_file(path, store.fs.open)
+        else:  # (a local file opened directly: fsspec's wrapper costs more than hashing a small file)
+            got_size, got_digest = hash_file(path, open if is_local(store.fs) else store.fs.open)
     except FileNotFoundError:
         return [Problem(where, f"file {rel} is missing")]
     if got_size != size:

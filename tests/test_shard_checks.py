@@ -1,6 +1,6 @@
 """Value checks over whole shards (docs/reference/store-format.md §8): the shard-level decoders read
 every record exactly as the per-record decoders do and refuse exactly the records those refuse;
-verify names the first record at fault; `--jobs N` gives the report of one process; `--quick`
+verify names the first record at fault; `--jobs N` gives the report of one job; `--quick`
 checks commit records and file sizes without hashing."""
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _damaged_store(tmp_path) -> str:
     return url
 
 
-def test_verify_in_two_processes_reports_what_one_process_reports(tmp_path) -> None:
+def test_verify_with_two_jobs_reports_what_one_job_reports(tmp_path) -> None:
     url = _damaged_store(tmp_path)
     one, two = verify_store(url, jobs=1), verify_store(url, jobs=2)
     assert [str(p) for p in one.problems] == [str(p) for p in two.problems] and len(one.problems) == 3
@@ -203,3 +203,36 @@ def test_quick_verify_checks_sizes_and_commit_records_without_hashing(tmp_path) 
     assert problems[0].startswith(f"commits/{names[0]}.json: ") and len(problems) == 3, problems
     out = runner.invoke(app, ["store", "verify", "--quick", "--json", url])
     assert out.exit_code == 1 and json.loads(out.stdout)["hashed"] is False
+
+
+def test_verify_names_every_file_beside_a_committed_shards_own_in_every_mode(tmp_path) -> None:
+    """A file a shard's commit record does not list (nested, or a link) is named with its shard by a
+    full verify with any number of jobs and by a quick one; nothing else is named."""
+    url = _store(str(tmp_path / "s"), "compact", records=12, shard_records=4)
+    names = open_store(url).shard_names
+    os.makedirs(os.path.join(url, "shards", names[1], "extra", "deep"))
+    with open(os.path.join(url, "shards", names[1], "extra", "deep", "stray.bin"), "wb") as f:
+        f.write(b"x")
+    os.symlink(os.path.join(url, "manifest.json"), os.path.join(url, "shards", names[2], "link.json"))
+    want = [f"shard {names[1]}: file shards/{names[1]}/extra/deep/stray.bin is not in its commit record",
+            f"shard {names[2]}: file shards/{names[2]}/link.json is not in its commit record"]
+    for how in ({"jobs": 1}, {"jobs": 2}, {"quick": True}):
+        assert [str(p) for p in verify_store(url, **how).problems] == want, how
+
+
+def test_verify_of_a_remote_store_lists_its_shards_once_and_names_the_same(tmp_path) -> None:
+    """memory:// stands for object storage: a stray file and a missing one, named alike in every mode."""
+    import fsspec
+
+    url = _store(f"memory://{tmp_path.name}/s", "compact", records=12, shard_records=4)
+    names = open_store(url).shard_names
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"/{tmp_path.name}/s/shards/{names[1]}/extra/stray.bin", b"x")
+    fs.rm(f"/{tmp_path.name}/s/shards/{names[2]}/ids.arrow")
+    want = [f"shard {names[1]}: file shards/{names[1]}/extra/stray.bin is not in its commit record",
+            f"shard {names[2]}: file shards/{names[2]}/ids.arrow is missing"]
+    try:
+        for how in ({"jobs": 1}, {"jobs": 2}, {"quick": True}):
+            assert [str(p) for p in verify_store(url, **how).problems] == want, how
+    finally:
+        fs.rm(f"/{tmp_path.name}", recursive=True)

@@ -174,15 +174,15 @@ class PlainColumns(TargetColumns):
     def shape_problems(self, views: ColumnViews, manifest: StoreManifest) -> list[str]:
         problems: list[str] = []
         for name in ("tail_mass", "tail_logprob", "topk_ids", "topk_logprobs") if self.kind.holds_topk else ():
-            if not np.array_equal(self.batch.column(name).offsets.to_numpy(), self.tgt_off):
+            if not np.array_equal(numpy_view(self.batch.column(name).offsets), self.tgt_off):
                 problems.append(f"column {name} has other row counts than token_logprob")
         problems += tail_problems(self, manifest) if not problems and self.kind.holds_topk else []
         if self.kind.holds_sampled:
             if not np.array_equal(self.sampled_rec_off, self.tgt_off):
                 problems.append("column sampled_ids has other row counts than token_logprob")
             counts = self.batch.column("sampled_counts")
-            if not (np.array_equal(counts.offsets.to_numpy(), self.sampled_rec_off)
-                    and np.array_equal(counts.values.offsets.to_numpy(), self.sampled_pos_off)):
+            if not (np.array_equal(numpy_view(counts.offsets), self.sampled_rec_off)
+                    and np.array_equal(numpy_view(counts.values.offsets), self.sampled_pos_off)):
                 problems.append("columns sampled_ids and sampled_counts have different shapes")
         return problems
 
@@ -457,7 +457,7 @@ class PackedColumns(TargetColumns):
             offsets, _ = self.streams[name]
             if not np.array_equal(np.diff(offsets), (bits + 7) // 8):
                 problems.append(f"column {name}: a record's byte length differs from what its counts need")
-        if self.kind.holds_tail and not np.array_equal(self.batch.column("tail_logprob").offsets.to_numpy(), self.tgt_off):
+        if self.kind.holds_tail and not np.array_equal(numpy_view(self.batch.column("tail_logprob").offsets), self.tgt_off):
             problems.append("column tail_logprob has other row counts than the records' scored tokens")
         return problems or (tail_problems(self, manifest) if self.kind.holds_tail else [])
 
