@@ -133,6 +133,25 @@ def test_loader_workers_read_through_their_own_store_handle_forked_or_spawned(st
     assert dataset.store is given  # the main process still reads through the handle it was given
 
 
+def test_a_worker_hands_over_the_batch_it_made_in_one_shared_block(store_url: str) -> None:
+    """Through worker processes a batch is the one made in process, tensor for tensor (dtype, shape,
+    values); its tensors are views of one shared-memory block (one file descriptor to pass), apart
+    from the hidden states, which are made in shared memory of their own."""
+    dataset = StoreDataset.open(store_url, batch_size=4, eval_fraction=0.0, num_workers=2, hidden_layers=(2,))
+    streams = [dataset.batches(worker) for worker in (0, 1)]
+    in_process = [next(streams[worker]) for _ in range(2) for worker in (0, 1)]
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    for got, made in zip(loader, in_process, strict=False):
+        assert got.keys() == made.keys() and got["record_ids"] == made["record_ids"]
+        tensors = {key: value for key, value in made.items() if isinstance(value, torch.Tensor)}
+        assert len(tensors) >= 10, sorted(tensors)
+        for key, want in tensors.items():
+            assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+            assert torch.equal(got[key], want), key
+        blocks = {got[key].untyped_storage().data_ptr() for key in tensors if not key.startswith("teacher_hidden")}
+        assert len(blocks) == 1 and got["topk_ids"].is_shared()
+
+
 def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(store_url: str, tmp_path,
                                                                               monkeypatch) -> None:
     """Over several epochs each of two workers meets most shards; a shard's records file is checked whole
