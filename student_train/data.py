@@ -841,6 +841,23 @@ class StoreDataset(IterableDataset):
         self._tokenizer: Any = None
         self._fallbacks = 0  # multitask: records of the current batch used whole (logged as their share)
         self._ahead: CheckAhead | None = None  # this process's checks of the shards it reads next
+        if plan.num_workers:
+            self._load_kernels()
+
+    def _load_kernels(self) -> None:
+        """Check and read one record here, before the DataLoader forks its workers: the compiled checks
+        and decoders it runs (store.kernels) take numba about 0.5 s of CPU to load in a process, which
+        forked workers then inherit instead of each loading them before its first batch. What it finds
+        wrong is left to the workers to report (in their batches, or skipped)."""
+        shard = next((s for s, rows in enumerate(self.plan.train_rows) if len(rows)), None)
+        if shard is None or self.plan.shards[shard] in self.bad_shards:
+            return
+        store, row = self.store, int(self.plan.train_rows[shard][0])
+        with contextlib.suppress(StoreError):
+            # (not the store's cached reader: the workers open their own, and this one checks one record)
+            reader = ShardReader(store, store.commit(self.plan.shards[shard]), by_record=True)
+            reader.check_records([row])
+            record_sequence(reader, row, self.targets)
 
     @classmethod
     def open(

@@ -152,6 +152,23 @@ def test_a_worker_hands_over_the_batch_it_made_in_one_shared_block(store_url: st
         assert len(blocks) == 1 and got["topk_ids"].is_shared()
 
 
+def test_a_damaged_first_shard_is_reported_by_the_workers_not_when_the_loader_is_made(store_url: str, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """A loader with workers reads one record before they fork (so that they inherit the compiled checks
+    loaded for it); what that finds wrong is not raised there but reported by the batch that reads it."""
+    from potstill.store import reader
+
+    copy = tmp_path / "store"
+    shutil.copytree(store_url, copy)
+    monkeypatch.setattr(reader, "_VERIFIED", set())
+    first = open_store(str(copy)).shard_names[0]
+    flip_bytes(str(copy / "shards" / first / "records.arrow"), count=40)
+    dataset = StoreDataset.open(str(copy), batch_size=16, eval_fraction=0.0, num_workers=2, shuffle_buffer=1)
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    errors = [batch.get("error", "") for batch, _ in zip(loader, range(4), strict=False)]
+    assert any(f"shards/{first}/records.arrow: fails its check" in error for error in errors), errors
+
+
 def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(store_url: str, tmp_path,
                                                                               monkeypatch) -> None:
     """Over several epochs each of two workers meets most shards; a shard's records file is checked whole
@@ -272,6 +289,7 @@ def test_the_ranks_of_a_job_check_each_shard_once_and_refuse_a_bad_one_alike(sto
         monkeypatch.setattr(reader, "_VERIFIED", set())
         folder = str(tmp_path / f"verdicts-{job}")
         ranks = [rank(0), rank(1)]
+        opened.clear()  # (each dataset read a record of its first shard for its workers to inherit: `_load_kernels`)
         errors = []
         for ds in ranks:
             if whole:
