@@ -62,6 +62,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from potstill.store import open_store
 from potstill.store.errors import StoreError
+from potstill.store.fs import is_local
 from potstill.store.ids import id_key, id_keys, key_fractions
 from potstill.store.reader import ShardReader, Store
 from potstill.store.targets import TRAIN_TARGETS, TopKRows, WeightedRows
@@ -848,9 +849,10 @@ class StoreDataset(IterableDataset):
         """Check and read one record here, before the DataLoader forks its workers: the compiled checks
         and decoders it runs (store.kernels) take numba about 0.5 s of CPU to load in a process, which
         forked workers then inherit instead of each loading them before its first batch. What it finds
-        wrong is left to the workers to report (in their batches, or skipped)."""
+        wrong is left to the workers to report (in their batches, or skipped). Local stores only: a
+        remote shard would be downloaded whole for it."""
         shard = next((s for s, rows in enumerate(self.plan.train_rows) if len(rows)), None)
-        if shard is None or self.plan.shards[shard] in self.bad_shards:
+        if shard is None or self.plan.shards[shard] in self.bad_shards or not is_local(self.store.fs):
             return
         store, row = self.store, int(self.plan.train_rows[shard][0])
         with contextlib.suppress(StoreError):
