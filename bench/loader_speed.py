@@ -9,8 +9,8 @@ through MDS's `MDSWriter` (uncompressed, its default shard size), for two target
   (per-position offsets, ids, counts), having no codec of its kind.
 
 Then reads each through a torch DataLoader with 0 and 2 worker processes, batch 8, torch threads 1:
-potstill's `StoreDataset` with its default checks on (every shard file's sha256 and values, checked
-once per job), MDS's `StreamingDataset` (no hash check: its default) with a numpy collate that
+potstill's `StoreDataset` with its default checks on (every shard file against its commit record,
+the records file by its pieces, and its values, checked once per job), MDS's `StreamingDataset` (no hash check: its default) with a numpy collate that
 produces the same tensors (padded input ids and attention mask; the top-k rows with the log tail,
 or the draws as ids and weights padded to the batch's widest position). Both shuffle: potstill its
 default buffer of 1,024 samples, MDS its default algorithm. A pass reads every record once.

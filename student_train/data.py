@@ -62,6 +62,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from potstill.store import open_store
 from potstill.store.errors import StoreError
+from potstill.store.fs import is_local
 from potstill.store.ids import id_key, id_keys, key_fractions
 from potstill.store.reader import ShardReader, Store
 from potstill.store.targets import TRAIN_TARGETS, TopKRows, WeightedRows
@@ -462,6 +463,33 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return elem.new(elem._typed_storage()._new_shared(math.prod(shape))).view(shape)
 
 
+def shared_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """In a DataLoader worker: the batch with its tensors copied into one block of shared memory, as
+    views of it; elsewhere the batch itself. torch hands each tensor storage to the training process
+    through a shared-memory file of its own, a file descriptor sent and mapped per tensor: for a
+    batch's ten or so tensors about 3 ms of CPU between the worker and the training process, more
+    than making the batch (bench/loader_speed.py). One block is one descriptor. Tensors already in
+    shared memory (hidden states, `_batch_tensor`) and empty ones stay as they are."""
+    if get_worker_info() is None:
+        return batch
+    moved = {key: value for key, value in batch.items()
+             if isinstance(value, torch.Tensor) and value.numel() and not value.is_shared()}
+    if not moved:
+        return batch
+    offsets, total = {}, 0
+    for key, tensor in moved.items():
+        offsets[key] = total
+        total += -(-tensor.nbytes // 64) * 64  # (aligned for every dtype's views)
+    block = _batch_tensor((total,), torch.uint8)
+    out = dict(batch)
+    for key, tensor in moved.items():
+        at = offsets[key]
+        view = block[at : at + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        out[key] = view
+    return out
+
+
 # -- multitask (distilling step-by-step) -------------------------------------------------------------
 def split_rationale(tokenizer: Any, ids: np.ndarray, completion_start: int, rationale: str | None) -> int | None:
     """Token index where the rationale ends in a stored sequence, or None when it cannot be found.
@@ -750,7 +778,8 @@ class CheckAhead:
 
     def _check(self, index: int) -> None:
         def check() -> None:
-            ShardReader(self.store, self.store.commit(self.shards[index]))  # raises naming what is wrong
+            # (raises naming what is wrong; the records file's bytes by its pieces, §3.1)
+            ShardReader(self.store, self.store.commit(self.shards[index]), by_pieces=True)
 
         self.checked.check(index, check)
 
@@ -813,6 +842,24 @@ class StoreDataset(IterableDataset):
         self._tokenizer: Any = None
         self._fallbacks = 0  # multitask: records of the current batch used whole (logged as their share)
         self._ahead: CheckAhead | None = None  # this process's checks of the shards it reads next
+        if plan.num_workers:
+            self._load_kernels()
+
+    def _load_kernels(self) -> None:
+        """Check and read one record here, before the DataLoader forks its workers: the compiled checks
+        and decoders it runs (store.kernels) take numba about 0.5 s of CPU to load in a process, which
+        forked workers then inherit instead of each loading them before its first batch. What it finds
+        wrong is left to the workers to report (in their batches, or skipped). Local stores only: a
+        remote shard would be downloaded whole for it."""
+        shard = next((s for s, rows in enumerate(self.plan.train_rows) if len(rows)), None)
+        if shard is None or self.plan.shards[shard] in self.bad_shards or not is_local(self.store.fs):
+            return
+        store, row = self.store, int(self.plan.train_rows[shard][0])
+        with contextlib.suppress(StoreError):
+            # (not the store's cached reader: the workers open their own, and this one checks one record)
+            reader = ShardReader(store, store.commit(self.plan.shards[shard]), by_record=True)
+            reader.check_records([row])
+            record_sequence(reader, row, self.targets)
 
     @classmethod
     def open(
@@ -917,7 +964,7 @@ class StoreDataset(IterableDataset):
         samples = self._samples(self.rank * max(self.plan.num_workers, 1) + worker, start_batch * self.batch_size)
         while True:
             chunk = list(itertools.islice(samples, self.batch_size))
-            yield self.collate_records(chunk)
+            yield shared_batch(self.collate_records(chunk))
             if self.store.verify_reads:
                 self.check_ahead.start()  # (the whole checks wait for the first batch: `CheckAhead`)
 

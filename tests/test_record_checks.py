@@ -181,3 +181,31 @@ def test_the_pieces_file_is_the_one_the_format_describes(store_url: str) -> None
     assert table.schema.metadata == {b"piece_bytes": b"65536"}
     expected = [google_crc32c.value(records[a : a + 65536]) for a in range(0, len(records), 65536)]
     assert table.column("crc32c").to_pylist() == expected
+
+
+def test_the_loaders_whole_check_by_pieces_finds_a_flipped_byte_anywhere(store_url: str, monkeypatch) -> None:
+    """The training loader's whole check of a records file (every piece against the pieces file, not
+    the file's sha256) names the file and the damaged piece wherever the byte lies: Arrow's framing,
+    a record's values, the last byte; an intact file passes and its values are still checked."""
+    from potstill.store import reader
+
+    def whole_check() -> None:  # as a fresh loader process
+        monkeypatch.setattr(reader, "_VERIFIED", set())
+        store = open_store(store_url, verify_reads=True)
+        reader.ShardReader(store, store.commit("w-000000"), by_pieces=True)
+
+    whole_check()  # intact: passes
+    size = os.path.getsize(_records_file(store_url))
+    for at in (20, size // 3, _byte_of(store_url, DAMAGED), size - 1):
+        _flip(store_url, at)
+        with pytest.raises(StoreError) as err:
+            whole_check()
+        message = str(err.value)
+        assert "w-000000/records.arrow: fails its check (corrupted bytes " in message, message
+        first, last = (int(x) for x in message.split("corrupted bytes ")[1].split(" ")[0].split("-"))
+        assert first <= at <= last and last - first < PIECE_BYTES, message
+        _flip(store_url, at)  # (back as it was)
+
+    rewrite_column(store_url, "w-000000", "topk_logprobs", lambda flat: flat.__setitem__(5, np.nan))
+    with pytest.raises(StoreError, match=r"shard w-000000: record 'r000': top-k .*NaN"):  # checksums re-made
+        whole_check()

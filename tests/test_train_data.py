@@ -133,11 +133,48 @@ def test_loader_workers_read_through_their_own_store_handle_forked_or_spawned(st
     assert dataset.store is given  # the main process still reads through the handle it was given
 
 
+def test_a_worker_hands_over_the_batch_it_made_in_one_shared_block(store_url: str) -> None:
+    """Through worker processes a batch is the one made in process, tensor for tensor (dtype, shape,
+    values); its tensors are views of one shared-memory block (one file descriptor to pass), apart
+    from the hidden states, which are made in shared memory of their own."""
+    dataset = StoreDataset.open(store_url, batch_size=4, eval_fraction=0.0, num_workers=2, hidden_layers=(2,))
+    streams = [dataset.batches(worker) for worker in (0, 1)]
+    in_process = [next(streams[worker]) for _ in range(2) for worker in (0, 1)]
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    for got, made in zip(loader, in_process, strict=False):
+        assert got.keys() == made.keys() and got["record_ids"] == made["record_ids"]
+        tensors = {key: value for key, value in made.items() if isinstance(value, torch.Tensor)}
+        assert len(tensors) >= 10, sorted(tensors)
+        for key, want in tensors.items():
+            assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+            assert torch.equal(got[key], want), key
+        blocks = {got[key].untyped_storage().data_ptr() for key in tensors if not key.startswith("teacher_hidden")}
+        assert len(blocks) == 1 and got["topk_ids"].is_shared()
+
+
+def test_a_damaged_first_shard_is_reported_by_the_workers_not_when_the_loader_is_made(store_url: str, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """A loader with workers reads one record before they fork (so that they inherit the compiled checks
+    loaded for it); what that finds wrong is not raised there but reported by the batch that reads it."""
+    from potstill.store import reader
+
+    copy = tmp_path / "store"
+    shutil.copytree(store_url, copy)
+    monkeypatch.setattr(reader, "_VERIFIED", set())
+    first = open_store(str(copy)).shard_names[0]
+    flip_bytes(str(copy / "shards" / first / "records.arrow"), count=40)
+    dataset = StoreDataset.open(str(copy), batch_size=16, eval_fraction=0.0, num_workers=2, shuffle_buffer=1)
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    errors = [batch.get("error", "") for batch, _ in zip(loader, range(4), strict=False)]
+    assert any(f"shards/{first}/records.arrow: fails its check" in error for error in errors), errors
+
+
 def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(store_url: str, tmp_path,
                                                                               monkeypatch) -> None:
-    """Over several epochs each of two workers meets most shards; a shard's file is hashed and its values
-    checked whole once in all, by the first worker process to read it, and every read still sees checked
-    data (the records read before that check is done are checked one by one: `test_shard_checks`)."""
+    """Over several epochs each of two workers meets most shards; a shard's records file is checked whole
+    (every piece against its pieces file) and its values once in all, by the first worker process to
+    read it, and every read still sees checked data (the records read before that check is done are
+    checked one by one: `test_shard_checks`)."""
     from potstill.store import reader
 
     log = tmp_path / "checked.log"
@@ -156,6 +193,14 @@ def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(s
     monkeypatch.setattr(reader, "_VERIFIED", set())  # nothing checked yet in this process (or its forks)
     monkeypatch.setattr(reader, "_check_digest", logged("hash", hash_file))
     monkeypatch.setattr(reader, "value_problems", logged("values", check_values))
+    by_pieces = reader.ShardReader._check_by_pieces  # a loader's whole check of a records file
+
+    def logged_pieces(self, buffer, where: str) -> None:
+        with open(log, "a") as f:
+            f.write(f"hash {where}\n")
+        by_pieces(self, buffer, where)
+
+    monkeypatch.setattr(reader.ShardReader, "_check_by_pieces", logged_pieces)
     ds = StoreDataset.open(store_url, batch_size=4, eval_fraction=0.0, num_workers=2, shuffle_buffer=4, seed=1)
     epochs = 4
     batches = loader_batches(ds, epochs * 2 * (ds.plan.span // 4 + 1), workers=2, context="fork")
@@ -172,7 +217,7 @@ def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(s
     assert sum(line.endswith("ids.arrow") for line in checks) == 3, checks
     assert len(set(checks)) == 9, checks
     # the run's final evaluation reads them in the main process: told what the workers checked, it
-    # checks nothing again, and still checks a shard they did not
+    # checks nothing again, and still checks a shard they did not (its sha256)
     store = open_store(store_url, verify_reads=True)
     store.mark_checked(ds.checked_shards()[1:])
     for name in store.shard_names:
@@ -183,8 +228,8 @@ def test_each_shard_is_checked_once_per_job_by_whichever_worker_reads_it_first(s
 def test_the_ranks_of_a_job_check_each_shard_once_and_refuse_a_bad_one_alike(store_url: str, tmp_path,
                                                                             monkeypatch) -> None:
     """Two ranks of one job on one node, each with two forked loader workers, share a verdicts folder:
-    every records file is hashed once in all four processes, though each rank reads every shard; a
-    damaged shard is hashed once too, and both ranks refuse it with the same line."""
+    every records file is checked once in all four processes, though each rank reads every shard; a
+    damaged shard is checked once too, and both ranks refuse it with the same line."""
     from potstill.store import reader
 
     store_dir = tmp_path / "store"
@@ -192,14 +237,23 @@ def test_the_ranks_of_a_job_check_each_shard_once_and_refuse_a_bad_one_alike(sto
     log = tmp_path / "hashed.log"
     hash_file = reader._check_digest
 
-    def logged(data, entry, where):  # the workers are forked: they append to one file
+    def note(where: str) -> None:  # the workers are forked: they append to one file
         if where.endswith("records.arrow"):
             with open(log, "a") as f:
                 f.write(f"{where}\n")
+
+    def logged(data, entry, where):
+        note(where)
         return hash_file(data, entry, where)
+
+    def logged_pieces(self, buffer, where: str) -> None:
+        note(where)
+        by_pieces(self, buffer, where)
 
     monkeypatch.setattr(reader, "_VERIFIED", set())
     monkeypatch.setattr(reader, "_check_digest", logged)
+    by_pieces = reader.ShardReader._check_by_pieces  # a loader's whole check of a records file
+    monkeypatch.setattr(reader.ShardReader, "_check_by_pieces", logged_pieces)
     folder = str(tmp_path / "verdicts")
 
     def rank(r: int) -> StoreDataset:
@@ -235,13 +289,14 @@ def test_the_ranks_of_a_job_check_each_shard_once_and_refuse_a_bad_one_alike(sto
         monkeypatch.setattr(reader, "_VERIFIED", set())
         folder = str(tmp_path / f"verdicts-{job}")
         ranks = [rank(0), rank(1)]
+        opened.clear()  # (each dataset read a record of its first shard for its workers to inherit: `_load_kernels`)
         errors = []
         for ds in ranks:
             if whole:
                 ds.check_ahead.start()  # (as after a first batch)
             errors.append(ds.collate_records([(shards.index(bad), row) for row in range(3)])["error"])
         assert errors[0] == errors[1] and bad in errors[0], errors
-        assert ("fails its sha256 check" in errors[0]) == whole, errors
+        assert "records.arrow: fails its check (corrupted bytes " in errors[0], errors
         assert log.read_text().splitlines() == ([f"{store_dir}/shards/{bad}/records.arrow"] if whole else [])
         assert opened == [(bad, not whole)], opened  # read by one rank; the other is told
 
