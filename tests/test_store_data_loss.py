@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from common import prompt_rows, write_jsonl
-from genhelpers import popen_cli, run_cli
+from genhelpers import popen_cli, run_cli, run_main
 
 from potstill.store import open_store, verify_store
 
@@ -167,8 +167,9 @@ def test_an_out_that_cannot_be_a_store_is_refused_in_one_line(tmp_path, tiny_tea
     before = _all_files(str(tmp_path))
     commands = [["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", out, "--device", "cpu",
                  "--no-progress"], ["store", "info", out], ["store", "verify", out]]
+    run = run_cli if mistake == "a file" else run_main  # (each command as a process once)
     for command in commands if mistake != "other files" else commands[:1]:
-        result = run_cli(command)
+        result = run(command)
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, (command, result.stderr)
         assert out in lines[0] and what in lines[0], (command, lines[0])
