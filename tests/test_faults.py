@@ -33,7 +33,7 @@ from faultcampaigns import (
     train_campaign,
     train_result,
 )
-from genhelpers import run_cli
+from genhelpers import run_main
 from trainhelpers import arithmetic_items, build_teacher_store
 
 SEED = 11
@@ -86,10 +86,10 @@ def test_a_manifest_temporary_file_of_a_killed_generate_is_a_leftover_verify_cle
     second = run_potstill(args, Trigger("claim", point="lease", nth=1))  # store created, killed before it cleans up
     assert second.killed and os.path.exists(os.path.join(store, "manifest.json")), second.tail()
 
-    listed = run_cli(["store", "verify", store])
+    listed = run_main(["store", "verify", store])  # (the generate runs are the processes this test is about)
     assert listed.returncode == 0, listed.stderr
     assert f"leftover    {temp[0]}: temporary file; never linked" in listed.stdout, listed.stdout
-    cleaned = run_cli(["store", "verify", "--clean", store])
+    cleaned = run_main(["store", "verify", "--clean", store])
     assert cleaned.returncode == 0 and f"removed     {temp[0]}" in cleaned.stdout, cleaned.stdout
     assert strays(store) == [] and os.path.exists(os.path.join(store, "manifest.json"))
 
@@ -169,7 +169,7 @@ def test_generate_killed_at_random_moments_commits_every_record_exactly_once_as_
     assert sorted(ids) == sorted(reference.records) and len(ids) == 24
     assert records == reference.records
     assert strays(store) == []  # the final rerun itself removed every leftover, lease and temporary file
-    verify = run_cli(["store", "verify", "--clean", store])
+    verify = run_main(["store", "verify", "--clean", store])
     assert verify.returncode == 0 and verify.stdout.startswith("OK: "), verify.stdout + verify.stderr
 
 
@@ -193,7 +193,7 @@ def test_store_copy_killed_at_random_moments_ends_identical_to_its_source(tmp_pa
     dest = str(tmp_path / f"copy-{SEED}.store")
     assert files_under(dest) == files_under(source)
     assert strays(dest) == [] and store_contents(dest) == store_contents(source)
-    verify = run_cli(["store", "verify", dest])
+    verify = run_main(["store", "verify", dest])
     assert verify.returncode == 0 and verify.stdout.startswith("OK: 24 shards"), verify.stdout + verify.stderr
 
 
