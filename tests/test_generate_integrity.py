@@ -27,8 +27,9 @@ def test_hostile_lines_are_skipped_with_their_number_and_reason(tmp_path, tiny_t
     ]
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), lines)
     store = str(tmp_path / "s")
-    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
-                      "--device", "cpu", "--no-progress"])
+    # (in the test process, through the command's entry point: test_generate.py's bad inputs run as a process)
+    result = run_main(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
+                       "--device", "cpu", "--no-progress"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     for number, (_, reason) in HOSTILE_LINES.items():
