@@ -35,23 +35,29 @@ Results: a markdown table on stdout and `--json FILE`. The store stays in `--wor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def potstill(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "potstill.cli.main", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"potstill {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    """`potstill ARGS` in this process: torch and transformers are imported once for the whole bench
+    (a fresh process per command paid ~5 s of imports each). What it prints goes to stderr, so that
+    stdout holds the results table alone."""
+    from potstill.cli.main import app
+    from potstill.store.errors import PotstillError
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            code = app(list(args), prog_name="potstill", standalone_mode=False)  # (typer.Exit: its code)
+    except PotstillError as e:
+        raise SystemExit(f"potstill {' '.join(args)} failed: {e}") from None
+    if isinstance(code, int) and code != 0:
+        raise SystemExit(f"potstill {' '.join(args)} failed with exit {code}")
 
 
 def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:

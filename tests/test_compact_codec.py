@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from common import prompt_rows, write_jsonl
 from compact_reference import encode_sampled, pack_unary, pack_varbits, unpack_unary, unpack_varbits
-from genhelpers import config, run_cli
+from genhelpers import config, run_cli, run_main
 
 from potstill.share import store_info
 from potstill.share.info import describe_targets
@@ -281,7 +281,7 @@ def test_generate_compact_then_train_through_the_cli(tmp_path, tiny_teacher_dir,
     out = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", url, "--targets", "sampled",
                    "--samples", "24", "--sampler", "systematic", "--codec", "compact", "--device", "cpu", "--no-progress"])
     assert out.returncode == 0, out.stderr
-    info = run_cli(["store", "info", url])
+    info = run_main(["store", "info", url])
     assert info.returncode == 0 and "compact codec" in info.stdout, info.stdout
     student = build_student(str(tmp_path / "student"), tiny_tokenizer_dir, hidden=16)
     run = run_cli(["train", "--store", url, "--student", student, "--out", str(tmp_path / "run"), "--max-steps", "3",

@@ -33,7 +33,7 @@ from faultcampaigns import (
     train_campaign,
     train_result,
 )
-from genhelpers import run_cli
+from genhelpers import run_main
 from trainhelpers import arithmetic_items, build_teacher_store
 
 SEED = 11
@@ -86,10 +86,10 @@ def test_a_manifest_temporary_file_of_a_killed_generate_is_a_leftover_verify_cle
     second = run_potstill(args, Trigger("claim", point="lease", nth=1))  # store created, killed before it cleans up
     assert second.killed and os.path.exists(os.path.join(store, "manifest.json")), second.tail()
 
-    listed = run_cli(["store", "verify", store])
+    listed = run_main(["store", "verify", store])  # (the generate runs are the processes this test is about)
     assert listed.returncode == 0, listed.stderr
     assert f"leftover    {temp[0]}: temporary file; never linked" in listed.stdout, listed.stdout
-    cleaned = run_cli(["store", "verify", "--clean", store])
+    cleaned = run_main(["store", "verify", "--clean", store])
     assert cleaned.returncode == 0 and f"removed     {temp[0]}" in cleaned.stdout, cleaned.stdout
     assert strays(store) == [] and os.path.exists(os.path.join(store, "manifest.json"))
 
@@ -148,14 +148,15 @@ def _report(campaign) -> str:
 
 def test_generate_killed_at_random_moments_commits_every_record_exactly_once_as_an_uninterrupted_run(
         tmp_path, tiny_teacher_dir):
-    """Four kills: a seeded delay after the writers start, just after the N-th new commit record,
-    after a hidden-state chunk (mid-shard) and between a commit record's temporary file and its link
-    (mid-commit-record); after each, what is committed is what the reference run wrote, each record
-    once, and the store verifies. The final rerun completes the store: identical records (ids,
-    tokens, targets, hidden states, byte for byte), nothing left behind. (A kill at the manifest's
-    creation: the regression test above; every kill point, many times: bench/reliability.py.)"""
+    """Three kills: a seeded delay after the writers start (the random moment), after a hidden-state
+    chunk (mid-shard) and between a commit record's temporary file and its link (mid-commit-record);
+    after each, what is committed is what the reference run wrote, each record once, and the store
+    verifies. The final rerun completes the store: identical records (ids, tokens, targets, hidden
+    states, byte for byte), nothing left behind. (Kills at the manifest's creation and at a lease: the
+    regression test above; a kill just after the N-th commit record and every kill point, many times:
+    bench/reliability.py.)"""
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(24, seed=SEED))
-    kinds = ["delay", "commits", "hidden-chunk", "commit-record"]
+    kinds = ["delay", "hidden-chunk", "commit-record"]
     campaign, reference = generate_campaign(tiny_teacher_dir, prompts, str(tmp_path), kinds, seed=SEED, log=print)
     assert campaign.violations == [], _report(campaign)
     assert campaign.landed >= len(kinds) - 1, _report(campaign)  # (a seeded delay may outlast a fast run)
@@ -168,20 +169,21 @@ def test_generate_killed_at_random_moments_commits_every_record_exactly_once_as_
     assert sorted(ids) == sorted(reference.records) and len(ids) == 24
     assert records == reference.records
     assert strays(store) == []  # the final rerun itself removed every leftover, lease and temporary file
-    verify = run_cli(["store", "verify", "--clean", store])
+    verify = run_main(["store", "verify", "--clean", store])
     assert verify.returncode == 0 and verify.stdout.startswith("OK: "), verify.stdout + verify.stderr
 
 
 def test_store_copy_killed_at_random_moments_ends_identical_to_its_source(tmp_path):
-    """A store of 24 one-record shards (hidden states in several chunk files each), copied with six
-    kills: a seeded delay, mid-shard (after a file; halfway through a file), just after a commit, at
-    a lease, on the N-th new commit. After each, every commit record at the destination and every
-    file it names are the source's; after the final rerun the destination is the source, file for
-    file and byte for byte, and nothing else. (Kills creating the destination and mid-commit-record:
-    the regression tests above; every kill point, many times: bench/reliability.py.)"""
+    """A store of 24 one-record shards (hidden states in several chunk files each), copied with five
+    kills: a seeded delay (the random moment), mid-shard (after a file; halfway through a file), just
+    after a commit, at a lease. After each, every commit record at the destination and every file it
+    names are the source's; after the final rerun the destination is the source, file for file and
+    byte for byte, and nothing else. (Kills creating the destination and mid-commit-record: the
+    regression tests above; a kill on the N-th new commit and every kill point, many times:
+    bench/reliability.py.)"""
     source = str(tmp_path / "source.store")
     build_copy_source(source, shards=24, seed=SEED)
-    kinds = ["delay", "copy-file", "copy-file-torn", "after-commit", "lease", "commits"]
+    kinds = ["delay", "copy-file", "copy-file-torn", "after-commit", "lease"]
     campaign = copy_campaign(source, str(tmp_path), kinds, seed=SEED, log=print)
     assert campaign.violations == [], _report(campaign)
     assert campaign.landed >= len(kinds) - 1, _report(campaign)
@@ -191,7 +193,7 @@ def test_store_copy_killed_at_random_moments_ends_identical_to_its_source(tmp_pa
     dest = str(tmp_path / f"copy-{SEED}.store")
     assert files_under(dest) == files_under(source)
     assert strays(dest) == [] and store_contents(dest) == store_contents(source)
-    verify = run_cli(["store", "verify", dest])
+    verify = run_main(["store", "verify", dest])
     assert verify.returncode == 0 and verify.stdout.startswith("OK: 24 shards"), verify.stdout + verify.stderr
 
 

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 from common import HOSTILE_LINES, prompt_rows, write_jsonl
-from genhelpers import config, popen_cli, run_cli
+from genhelpers import config, popen_cli, run_cli, run_main
 
 from potstill.store import open_store, verify_store
 from potstill.teacher_gen.errors import GenerateError
@@ -27,8 +27,9 @@ def test_hostile_lines_are_skipped_with_their_number_and_reason(tmp_path, tiny_t
     ]
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), lines)
     store = str(tmp_path / "s")
-    result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
-                      "--device", "cpu", "--no-progress"])
+    # (in the test process, through the command's entry point: test_generate.py's bad inputs run as a process)
+    result = run_main(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
+                       "--device", "cpu", "--no-progress"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     for number, (_, reason) in HOSTILE_LINES.items():
@@ -94,7 +95,8 @@ def test_a_live_run_on_an_overlapping_share_makes_a_second_run_refuse(tmp_path, 
                               text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         assert holder.stdout.readline().strip() == "holding"
-        result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
+        run = run_cli if theirs == mine else run_main  # (the command as a process once)
+        result = run(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store,
                           "--device", "cpu", "--targets", "topk", "--top-k", "4", "--no-progress", "--workers", str(mine[0]),
                           "--worker-index", str(mine[1])])
     finally:
@@ -168,7 +170,8 @@ def test_a_fifo_prompt_set_is_refused_in_one_line_without_opening_it(tmp_path, t
 ])
 def test_a_bad_answer_pattern_is_refused_before_any_model_loads(tmp_path, pattern, reason):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2))
-    result = run_cli(["generate", "--teacher", str(tmp_path / "no-such-teacher"), "--prompts", prompts,
+    run = run_cli if pattern == "(" else run_main  # (the command as a process once)
+    result = run(["generate", "--teacher", str(tmp_path / "no-such-teacher"), "--prompts", prompts,
                       "--out", str(tmp_path / "s"), "--rationale", "--answer-pattern", pattern, "--no-progress"])
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == 1 and len(lines) == 1, result.stderr

@@ -360,13 +360,23 @@ def test_a_store_made_over_other_prompts_a_store_given_twice_and_another_tokeniz
         "twice": ("given twice", [setup["a"], setup["a"] + "/"]),
         "tokenizer": ("--cross-tokenizer", [setup["a"], setup["tokenizer"]]),
     }
-    for why, stores in cases.values():
+    from potstill.cli.main import app
+    from potstill.store.errors import PotstillError
+
+    for name, (why, stores) in cases.items():
         args = ["train", "--student", setup["student"], "--out", out, "--max-steps", "1", "--report-to", "none"]
         for store in stores:
             args += ["--store", store]
-        result = _cli(*args)
-        lines = [ln for ln in result.stderr.strip().splitlines() if " ... " not in ln]  # less the start-up phases
-        assert result.returncode == 1 and len(lines) == 1 and why in lines[0] and lines[0].startswith("error: "), result.stderr
+        if name == "other":  # one refusal as the command prints it; the others in this process, as raised
+            result = _cli(*args)
+            lines = [ln for ln in result.stderr.strip().splitlines() if " ... " not in ln]  # less the start-up phases
+            assert result.returncode == 1 and len(lines) == 1 and why in lines[0] and lines[0].startswith("error: "), \
+                result.stderr
+            continue
+        with pytest.raises(PotstillError, match=why) as refused:
+            app(args, standalone_mode=False)
+        assert "\n" not in str(refused.value)
+    assert not os.path.exists(out)
 
 
 def test_two_stores_train_one_student_from_the_cli_and_eval_takes_both(setup: dict) -> None:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+from genhelpers import run_main
 from trainhelpers import teacherless_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +55,8 @@ def weights(folder: str) -> dict:
 
 def test_two_nodes_train_to_the_weights_of_one_process_with_the_same_global_batch(setup: dict) -> None:
     one = str(setup["root"] / "one")
-    proc = subprocess.run([sys.executable, *train_args(setup, one, grad_accum=2, workers=2)], capture_output=True,
-                          text=True, env=ENV, timeout=600, cwd=ROOT)
+    # The one process: `potstill train` through its entry point in this one (the nodes below are the processes)
+    proc = run_main(train_args(setup, one, grad_accum=2, workers=2)[2:])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     two = str(setup["root"] / "two")

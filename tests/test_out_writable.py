@@ -6,7 +6,7 @@ import os
 
 import pytest
 from common import prompt_rows, write_jsonl
-from genhelpers import run_cli
+from genhelpers import run_cli, run_main
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "proc"])
@@ -17,8 +17,9 @@ def test_generate_refuses_an_unwritable_out_before_the_teacher_loads(tmp_path, t
         out = str(tmp_path / "a-file" / "store")
     else:
         out = "/proc/potstill-store"  # not writable, even by root
-    proc = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", out,
-                    "--device", "cpu", "--no-progress"], env={"HF_HUB_OFFLINE": "1"})
+    run = run_cli if where == "under-a-file" else run_main  # (the command as a process once)
+    proc = run(["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", out,
+                    "--device", "cpu", "--no-progress"])
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
     assert out in errors[0] and ("write" in errors[0] or "which is a file" in errors[0]), errors[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from common import prompt_rows, write_jsonl
-from genhelpers import config, run_cli
+from genhelpers import config, run_cli, run_main
 from storehelpers import committed_ids
 
 from potstill.store import Store, copy_store, verify_store
@@ -207,25 +207,26 @@ def test_a_share_that_never_ran_is_named_until_it_runs(tmp_path, tiny_teacher_di
     per_share = [sum(owner(r["id"], 2) == i for r in rows[:N]) for i in range(2)]
     assert min(per_share) > 0
 
+    # (generate and verify's exit 1 as processes; the other commands through the same entry point here)
     ran = run_cli(_args(tiny_teacher_dir, prompts, store, "--workers", "2", "--worker-index", "0"))
     assert ran.returncode == 0, ran.stderr
-    info = run_cli(["store", "info", store])
+    info = run_main(["store", "info", store])
     assert info.returncode == 0, info.stderr
     assert f"{per_share[0]} of {N} records committed" in info.stdout
     assert f"share 1: 0 of {per_share[1]} records committed (never ran)" in info.stdout
-    data = json.loads(run_cli(["store", "info", store, "--json"]).stdout)
+    data = json.loads(run_main(["store", "info", store, "--json"]).stdout)
     assert [s["state"] for s in data["job"]["shares"]] == ["complete", "never ran"]
 
-    plain = run_cli(["store", "verify", store])
+    plain = run_main(["store", "verify", store])
     assert plain.returncode == 0, plain.stdout + plain.stderr  # incomplete is not damage
     incomplete = run_cli(["store", "verify", store, "--complete"])
     assert incomplete.returncode == 1
     assert "MISSING     share 1: 0 of" in incomplete.stdout and "(never ran)" in incomplete.stdout
     assert verify_store(store).ok
 
-    rest = run_cli(_args(tiny_teacher_dir, prompts, store, "--workers", "2", "--worker-index", "1"))
+    rest = run_main(_args(tiny_teacher_dir, prompts, store, "--workers", "2", "--worker-index", "1"))
     assert rest.returncode == 0, rest.stderr
-    done = run_cli(["store", "verify", store, "--complete"])
+    done = run_main(["store", "verify", store, "--complete"])
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{N} of {N} records committed" in done.stdout and "MISSING" not in done.stdout
 
@@ -293,10 +294,10 @@ def test_an_old_store_without_provenance_still_verifies_and_shows(tmp_path, tiny
     shutil.rmtree(os.path.join(store, RUNS))
 
     assert verify_store(store).ok
-    info = run_cli(["store", "info", store])
+    info = run_main(["store", "info", store])
     assert info.returncode == 0, info.stderr
     assert "provenance" not in info.stdout and "records committed" not in info.stdout
-    assert run_cli(["store", "verify", store]).returncode == 0
+    assert run_main(["store", "verify", store]).returncode == 0
     unknown = run_cli(["store", "verify", store, "--complete"])
     assert unknown.returncode == 1 and "no run records" in unknown.stdout
     copy_store(store, str(tmp_path / "copy"))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from genhelpers import run_main
 from storehelpers import build_store
 
 from potstill.cli.demo.run import _store_summary, format_table
@@ -213,14 +214,14 @@ def test_messages_and_meta_become_nested_columns_or_stay_json_where_their_values
 def test_publish_without_a_licence_is_refused_in_one_line_and_writes_nothing(tmp_path):
     url = make_store(str(tmp_path / "s.store"), "topk", "none", False)
     out = str(tmp_path / "pub")
-    one_line_error(potstill("store", "publish", url, out), "names no licence", "--license")
+    one_line_error(potstill("store", "publish", url, out), "names no licence", "--license")  # (as a process once)
     assert not os.path.exists(out)
-    done = potstill("store", "publish", url, out, "--license", "cc-by-4.0")
+    done = run_main(["store", "publish", url, out, "--license", "cc-by-4.0"])
     assert done.returncode == 0 and "14 records" in done.stdout, done.stderr
-    one_line_error(potstill("store", "publish", url, out, "--license", "mit"), "not an empty folder")
-    one_line_error(potstill("store", "publish", url, str(tmp_path / "p2"), "--license", "MIT: or not"), "licence id")
+    one_line_error(run_main(["store", "publish", url, out, "--license", "mit"]), "not an empty folder")
+    one_line_error(run_main(["store", "publish", url, str(tmp_path / "p2"), "--license", "MIT: or not"]), "licence id")
     for command in ("info", "verify"):  # the folder has the manifest but no shards: never taken for an empty store
-        one_line_error(potstill("store", command, out), "is a published dataset folder", "potstill train --store")
+        one_line_error(run_main(["store", command, out]), "is a published dataset folder", "potstill train --store")
 
 
 def test_the_licence_and_provenance_of_the_manifest_reach_the_card_unchanged(tmp_path):
@@ -253,7 +254,7 @@ def test_push_is_refused_in_one_line_offline_or_logged_out_after_the_folder_is_w
     logged_out = {"HF_HUB_OFFLINE": "0", "HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")}
     one_line_error(potstill("store", "publish", url, str(tmp_path / "p2"), "--license", "mit", "--push", "me/t",
                             env=logged_out), "not logged in", "hf auth login")
-    one_line_error(potstill("store", "publish", url, str(tmp_path / "p3"), "--license", "mit", "--push", "nope"),
+    one_line_error(run_main(["store", "publish", url, str(tmp_path / "p3"), "--license", "mit", "--push", "nope"]),
                    "OWNER/NAME")
 
 

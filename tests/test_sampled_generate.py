@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from common import prompt_rows, write_jsonl
-from genhelpers import chi_square, config, reference_logprobs, run_cli
+from genhelpers import chi_square, config, reference_logprobs, run_cli, run_main
 
 from potstill.store import open_store, verify_store
 from potstill.teacher_gen.capture import sample_chunk
@@ -133,9 +133,9 @@ def test_both_kinds_in_one_packed_store_through_the_cli(tmp_path, tiny_teacher_d
         inside = x.topk_logprobs >= -24
         assert np.abs(x.topk_logprobs[inside] - y.topk_logprobs[inside]).max() <= q.max_error + 1e-5
         assert np.abs(x.tail_mass - y.tail_mass).max() <= np.expm1(q.max_error) + 16 * math.exp(-24) + 1e-5
-    proc = run_cli(["store", "verify", packed])
+    proc = run_main(["store", "verify", packed])
     assert proc.returncode == 0 and "OK" in proc.stdout
-    info = run_cli(["store", "info", packed]).stdout
+    info = run_main(["store", "info", packed]).stdout
     assert "top-K=16" in info and "sampled N=50" in info and "topk_ids_packed" in info
 
 

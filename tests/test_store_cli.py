@@ -1,4 +1,5 @@
-"""`potstill store info | verify | export` as a user runs them: real subprocesses."""
+"""`potstill store info | verify | export | copy` as a user runs them: each command, and each exit 1 for
+damage, as a real process; the further cases through the same entry point in this process."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from common import TOKENIZER_FILES, make_manifest, random_record
+from genhelpers import run_main
 
 from potstill.store import create_store
 
 
-def potstill(*args: str) -> subprocess.CompletedProcess:
+def process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "potstill.cli.main", *args], capture_output=True, text=True, timeout=120)
+
+
+def potstill(*args: str) -> subprocess.CompletedProcess:
+    return run_main(list(args))
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -42,7 +48,7 @@ def store_url(tmp_path):
 
 
 def test_info(store_url):
-    out = potstill("store", "info", store_url, "--json")
+    out = process("store", "info", store_url, "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["records"] == 10 and info["shards"] == 3
@@ -54,7 +60,7 @@ def test_info(store_url):
 
 
 def test_verify_and_clean(store_url):
-    out = potstill("store", "verify", store_url)
+    out = process("store", "verify", store_url)
     assert out.returncode == 0 and out.stdout.startswith("OK: 3 shards, 10 records"), out.stdout
     os.makedirs(os.path.join(store_url, "shards", "deadwriter-000000"))
     out = potstill("store", "verify", store_url)
@@ -68,7 +74,7 @@ def test_verify_and_clean(store_url):
     with open(path, "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
-    out = potstill("store", "verify", store_url)
+    out = process("store", "verify", store_url)
     assert out.returncode == 1
     assert "BAD   shard w0-000002: file shards/w0-000002/records.arrow fails its sha256 check" in out.stderr
     assert "FAILED: 1 problem(s)" in out.stdout
@@ -78,7 +84,7 @@ def test_export_parquet_and_jsonl_load_with_datasets(store_url, tmp_path):
     import datasets
 
     pq_path, jl_path = str(tmp_path / "out.parquet"), str(tmp_path / "out.jsonl")
-    assert potstill("store", "export", store_url, "--to", pq_path).returncode == 0
+    assert process("store", "export", store_url, "--to", pq_path).returncode == 0
     assert potstill("store", "export", store_url, "--to", jl_path).returncode == 0
     ds = datasets.load_dataset("parquet", data_files=pq_path, split="train")
     assert ds.num_rows == 10 and ds[3]["id"] == "id3"
@@ -92,7 +98,7 @@ def test_export_parquet_and_jsonl_load_with_datasets(store_url, tmp_path):
 
 
 def test_user_errors_are_one_line(store_url, tmp_path):
-    one_line_error(potstill("store", "info", str(tmp_path / "missing")), "no such store")
+    one_line_error(process("store", "info", str(tmp_path / "missing")), "no such store")
     (tmp_path / "plain").mkdir()
     one_line_error(potstill("store", "verify", str(tmp_path / "plain")), "not a potstill store")
     path = os.path.join(store_url, "manifest.json")
@@ -109,13 +115,13 @@ def test_user_errors_are_one_line(store_url, tmp_path):
     os.remove(os.path.join(store_url, "shards", "w0-000001", "records.arrow"))
     one_line_error(potstill("store", "export", store_url, "--to", str(tmp_path / "o.jsonl")), "w0-000001/records.arrow", "missing")
     assert not os.path.exists(tmp_path / "o.jsonl") and not os.path.exists(tmp_path / "o.jsonl.partial")
-    out = potstill("store", "verify", store_url)
+    out = process("store", "verify", store_url)
     assert out.returncode == 1 and "w0-000001" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_copy_checks_checksums_and_refuses_other_stores(store_url, tmp_path):
     dst = str(tmp_path / "copy.store")
-    proc = potstill("store", "copy", store_url, dst)
+    proc = process("store", "copy", store_url, dst)
     assert proc.returncode == 0, proc.stderr
     assert "copied 3 shards (10 records" in proc.stdout
     assert potstill("store", "verify", dst).returncode == 0
@@ -140,7 +146,7 @@ def test_copy_checks_checksums_and_refuses_other_stores(store_url, tmp_path):
     with open(arrow, "wb") as f:
         f.write(bytes(data))
     fresh = str(tmp_path / "fresh.store")
-    proc = potstill("store", "copy", store_url, fresh)
+    proc = process("store", "copy", store_url, fresh)
     progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("  [")]
     assert progress == ["  [1/3] w0-000000"]  # the progress before it, then the error in one line
     proc.stderr = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("  ["))
@@ -174,7 +180,7 @@ def test_export_never_writes_inside_the_store_and_names_the_accepted_suffixes(st
 def test_info_on_an_empty_store_says_it_holds_no_records_yet(tmp_path):
     url = str(tmp_path / "empty.store")
     create_store(url, make_manifest(chunk_tokens=8), TOKENIZER_FILES)
-    text = potstill("store", "info", url)
+    text = process("store", "info", url)
     assert text.returncode == 0, text.stderr
     assert "None per token" not in text.stdout and "records      0 (no records yet)" in text.stdout, text.stdout
     assert "bytes        " in text.stdout and "field" not in text.stdout

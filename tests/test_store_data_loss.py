@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 from common import prompt_rows, write_jsonl
-from genhelpers import popen_cli, run_cli
+from genhelpers import popen_cli, run_cli, run_main
 
 from potstill.store import open_store, verify_store
 
@@ -59,13 +60,25 @@ def test_a_writer_id_held_in_this_process_is_refused_and_free_once_closed(tmp_pa
     ShardWriter(store, "same").close()
 
 
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, tiny_teacher_dir) -> tuple[str, list[str]]:
+    """A store of 3 shards written by `generate` (in this process: only the commands that meet the
+    damage need their own), and the generate command's flags, less --out."""
+    from potstill.cli.main import app
+
+    root = tmp_path_factory.mktemp("generated")
+    prompts = write_jsonl(str(root / "p.jsonl"), prompt_rows(6, seed=12))
+    flags = ["--teacher", tiny_teacher_dir, "--prompts", prompts, "--device", "cpu", "--no-progress",
+             "--shard-records", "2"]
+    assert not app(["generate", *flags, "--out", str(root / "s")], standalone_mode=False)
+    return str(root / "s"), flags
+
+
 @pytest.mark.parametrize("damage", ["a file", "missing"])
-def test_a_damaged_commits_folder_is_damage_and_no_shard_is_deleted(tmp_path, tiny_teacher_dir, damage):
-    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=12))
+def test_a_damaged_commits_folder_is_damage_and_no_shard_is_deleted(tmp_path, generated, damage):
     store = str(tmp_path / "s")
-    args = ["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", store, "--device", "cpu",
-            "--no-progress", "--shard-records", "2"]
-    assert run_cli(args).returncode == 0
+    shutil.copytree(generated[0], store)
+    args = ["generate", *generated[1], "--out", store]
     os.rename(os.path.join(store, "commits"), str(tmp_path / "commits-away"))
     if damage == "a file":
         with open(os.path.join(store, "commits"), "w") as f:
@@ -154,8 +167,9 @@ def test_an_out_that_cannot_be_a_store_is_refused_in_one_line(tmp_path, tiny_tea
     before = _all_files(str(tmp_path))
     commands = [["generate", "--teacher", tiny_teacher_dir, "--prompts", prompts, "--out", out, "--device", "cpu",
                  "--no-progress"], ["store", "info", out], ["store", "verify", out]]
+    run = run_cli if mistake == "a file" else run_main  # (each command as a process once)
     for command in commands if mistake != "other files" else commands[:1]:
-        result = run_cli(command)
+        result = run(command)
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, (command, result.stderr)
         assert out in lines[0] and what in lines[0], (command, lines[0])

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 from common import TOKENIZER_FILES, make_manifest, random_record
+from genhelpers import run_main
 from storehelpers import committed_ids
 
 from potstill.store import create_store, open_store, verify_store
@@ -80,8 +81,7 @@ def test_s3_round_trip_verify_and_cli(s3_env, tmp_path):
     out = subprocess.run([sys.executable, "-m", "potstill.cli.main", "store", "info", url, "--json"],
                          capture_output=True, text=True, env=env, check=True)
     assert json.loads(out.stdout)["records"] == 11
-    out = subprocess.run([sys.executable, "-m", "potstill.cli.main", "store", "verify", url],
-                         capture_output=True, text=True, env=env)
+    out = run_main(["store", "verify", url])  # (this process's environment is the server's: the fixture set it)
     assert out.returncode == 0, out.stderr
     assert "OK: 3 shards, 11 records" in out.stdout
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 from common import TOKENIZER_FILES, make_manifest, random_record
-from genhelpers import run_cli
+from genhelpers import run_cli, run_main
 
 from potstill.store import (
     FORMAT_VERSION,
@@ -78,8 +78,9 @@ def test_a_pre_1_0_store_is_refused_in_one_line_naming_its_version(tmp_path, ver
     with pytest.raises(FormatVersionError) as info:
         open_store(url)
     assert str(info.value) == f"store {url} " + PRE_1_0.format(version)
+    run = run_cli if version == "2.4" else run_main  # (each command as a process once)
     for args in (["store", "info", url], ["store", "verify", url], ["store", "verify", url, "--clean"]):
-        assert _one_line_error(run_cli(args)) == f"error: store {url} " + PRE_1_0.format(version), args
+        assert _one_line_error(run(args)) == f"error: store {url} " + PRE_1_0.format(version), args
 
 
 def test_training_from_a_pre_1_0_store_is_refused_in_one_line(tmp_path, tiny_tokenizer_dir) -> None:

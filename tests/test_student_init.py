@@ -159,14 +159,17 @@ def test_out_must_be_new_or_empty(teacher, tmp_path) -> None:
         init(teacher, tmp_path / "empty", layers="1")
 
 
-def test_cli_init_then_train_from_the_teachers_store(teacher, tmp_path) -> None:
-    """The whole path a user takes: a store from the teacher, a student from the teacher, `potstill train`."""
+def test_cli_init_then_train_from_the_teachers_store(teacher, tmp_path, capsys) -> None:
+    """The whole path a user takes: a store from the teacher, a student from the teacher, `potstill train`
+    (`student init` in this process: its command line as a process, and its one-line error, below)."""
+    from potstill.cli.main import app
+
     store = str(tmp_path / "store")
     build_teacher_store(store, teacher, arithmetic_items(24, seed=2), layer_indices=(4,), shard_records=12)
     student = str(tmp_path / "student")
-    proc = run_cli(["student", "init", "--teacher", teacher, "--layers", "2", "--out", student])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 of the teacher's 4 layers (0,3)" in proc.stdout
+    capsys.readouterr()
+    assert not app(["student", "init", "--teacher", teacher, "--layers", "2", "--out", student], standalone_mode=False)
+    assert "2 of the teacher's 4 layers (0,3)" in capsys.readouterr().out
     out = str(tmp_path / "trained")
     proc = run_cli(["train", "--store", store, "--student", student, "--out", out, "--max-steps", "3",
                     "--batch-size", "4", "--num-workers", "0", "--report-to", "none", "--eval-fraction", "0.2",

@@ -415,15 +415,17 @@ def test_resume_from_a_truncated_checkpoint_file_is_refused_in_one_line(base, tm
 @pytest.mark.parametrize("where", ["under-a-file", "proc"])
 def test_an_unwritable_out_is_refused_before_any_model_loads(base, tmp_path, where) -> None:
     """train --out where nothing can be written failed only when the Trainer first saved."""
-    from genhelpers import run_cli
+    from genhelpers import run_cli, run_main
 
     if where == "under-a-file":
         (tmp_path / "a-file").write_text("x")
         out = str(tmp_path / "a-file" / "out")
     else:
         out = "/proc/potstill-out"  # not writable, even by root
-    proc = run_cli(["train", "--store", base["store"], "--student", base["student"], "--out", out,
-                    "--max-steps", "1", "--report-to", "none"], env=ENV, timeout=300)
+    args = ["train", "--store", base["store"], "--student", base["student"], "--out", out, "--max-steps", "1",
+            "--report-to", "none"]
+    # (the command as a process once; the other case through its entry point in the test process)
+    proc = run_cli(args, env=ENV, timeout=300) if where == "under-a-file" else run_main(args)
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
     assert f"--out {out}" in errors[0] and "write" in errors[0], errors[0]
