@@ -525,7 +525,7 @@ class CompactCodec(PackedCodec):
         if order is None:
             return
         if (not isinstance(order, list) or len(order) > MAX_ID_ORDER
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in order)):
+                or not all(issubclass(t, int) and not issubclass(t, bool) for t in set(map(type, order)))):
             raise StoreError(f"targets.id_order must be a list of at most {MAX_ID_ORDER} token ids")
         if order and (min(order) < 0 or max(order) >= 1 << int(spec.id_bits or 0) or len(set(order)) != len(order)):
             raise StoreError(f"targets.id_order must list distinct token ids in [0, 2^{spec.id_bits})")
