@@ -89,7 +89,7 @@ def ids_problem(ids_batch: pa.RecordBatch, record_ids: pa.Array) -> str | None:
     ids = ids_batch.column(0)
     if len(ids) != len(record_ids):
         return f"ids file holds {len(ids)} ids, records.arrow {len(record_ids)} records"
-    if not ids.equals(record_ids.cast(pa.string())):
+    if not ids.equals(record_ids if record_ids.type == pa.string() else record_ids.cast(pa.string())):
         row = int(np.flatnonzero(~np.asarray(ids.to_numpy(zero_copy_only=False) == record_ids.to_numpy(
             zero_copy_only=False)))[0])
         return f"ids file differs from the records' ids at row {row} ({ids[row].as_py()!r}, record {record_ids[row].as_py()!r})"

@@ -290,9 +290,10 @@ class Store:
         """The keys (`potstill.store.ids.id_key`) of a committed shard's records, in row order."""
         return numpy_view(self._ids_batch(name).column(1))
 
-    def _ids_batch(self, name: str) -> pa.RecordBatch:
+    def _ids_batch(self, name: str, *, hashed: bool = False) -> pa.RecordBatch:
         """A shard's ids file, its sha256 checked against the commit record once per process before
-        first use: the split, resume and duplicates go by it, so damage must be named, never read."""
+        first use: the split, resume and duplicates go by it, so damage must be named, never read.
+        `hashed`: the caller has just checked that sha256 itself (verify), so it is not hashed again."""
         commit = self.commit(name)
         entry = next(f for f in commit.files if f.path == commit.ids_path)
         path, where = self.path(entry.path), f"{self.url}/{entry.path}"
@@ -304,7 +305,8 @@ class Store:
         except FileNotFoundError:
             raise StoreError(f"{where}: shard file is missing") from None
         if (path, entry.sha256) not in _VERIFIED:
-            _check_digest(buffer, entry, where)
+            if not hashed:
+                _check_digest(buffer, entry, where)
             _VERIFIED.add((path, entry.sha256))
         return read_ids_file(buffer, where, commit.records)
 
@@ -508,6 +510,11 @@ class Store:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    @cached_property
+    def records_schema(self) -> pa.Schema:
+        """The schema every shard's records file must have (built once: it costs more than opening a small shard)."""
+        return arrow_schema(self.manifest)
+
     def __repr__(self) -> str:
         return f"Store({self.url!r}, shards={len(self.commits)}, records={self.num_records})"
 
@@ -555,9 +562,9 @@ class ShardReader:
             raise StoreError(f"{where}: shard file is missing") from None
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"{where}: unreadable Arrow file ({e})") from None
-        expected = arrow_schema(store.manifest)
+        expected = store.records_schema
         got = reader.schema
-        for f in expected:
+        for f in () if got.equals(expected) else expected:  # (equal, as written: no field to look up)
             idx = got.get_field_index(f.name)
             if idx < 0 or not got.field(idx).type.equals(f.type):
                 have = "missing" if idx < 0 else str(got.field(idx).type)

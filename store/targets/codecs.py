@@ -306,6 +306,12 @@ class PackedCodec(Codec):
     def count_keys(self, spec: TargetSpec) -> dict[str, Any]:
         return {"count_bits": spec.count_bits}
 
+    def stream_names(self, kind: TargetKind) -> list[str]:
+        """The byte-stream columns (list<uint8>, one stream per record) of a store of this kind."""
+        return [name for name, held in (("topk_ids_packed", kind.holds_topk), ("topk_logprobs_packed", kind.holds_topk),
+                                        ("token_logprob_packed", True), ("sampled_ids_packed", kind.holds_sampled),
+                                        ("sampled_counts_packed", kind.holds_sampled)) if held]
+
     def fields(self, spec: TargetSpec, kind: TargetKind) -> list[pa.Field]:
         out = []
         if kind.holds_topk:
@@ -401,7 +407,7 @@ class PackedColumns(TargetColumns):
         self.spec, self.kind, self.codec, self.batch, self.views = spec, kind, codec, batch, views
         self.quantizer = spec.quantizer()
         self.tgt_off = np.concatenate([[0], np.cumsum(np.diff(views.tok_off) - views.score_start)]).astype(np.int64)
-        self.streams = {f.name: flat(batch, f.name) for f in codec.fields(spec, kind) if f.type == NESTED_U8}
+        self.streams = {name: flat(batch, name) for name in codec.stream_names(kind)}
         if kind.holds_sampled:
             self.sampled_entries = numpy_view(batch.column("sampled_entries"))
         if kind.holds_tail:
@@ -525,7 +531,7 @@ class CompactCodec(PackedCodec):
         if order is None:
             return
         if (not isinstance(order, list) or len(order) > MAX_ID_ORDER
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in order)):
+                or not all(issubclass(t, int) and not issubclass(t, bool) for t in set(map(type, order)))):
             raise StoreError(f"targets.id_order must be a list of at most {MAX_ID_ORDER} token ids")
         if order and (min(order) < 0 or max(order) >= 1 << int(spec.id_bits or 0) or len(set(order)) != len(order)):
             raise StoreError(f"targets.id_order must list distinct token ids in [0, 2^{spec.id_bits})")
