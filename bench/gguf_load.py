@@ -9,7 +9,7 @@ the weights. Side by side, `--reps` times each, one thread:
 - the teacher's `general.license`, as the `gguf` package's reader finds it and as
   `teacher_gen.gguf.metadata_string` does (walking the header only up to the key).
 
-    python bench/gguf_load.py            # ~2 min on 2 busy CPU cores
+    python bench/gguf_load.py            # ~1 min on 2 busy CPU cores
 """
 
 from __future__ import annotations
@@ -38,12 +38,10 @@ def main() -> None:
     from common import fetch_real_teacher
     from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging
 
     from potstill.teacher_gen.gguf import metadata_string, pretrained_source
 
     torch.set_num_threads(1)
-    logging.disable_progress_bar()
     path = fetch_real_teacher().gguf
     source, gguf = pretrained_source(path)
     config = AutoConfig.from_pretrained(source, **gguf)
