@@ -122,7 +122,7 @@ def convert_gguf(path: str, out_dir: str, dtype: str = "float32") -> str:
     try:
         config = AutoConfig.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype, **kwargs)
     except Exception as e:  # gguf missing, unknown architecture, damaged file...
         raise GenerateError(f"GGUF file {path}: cannot load it ({_first_line(e)})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
