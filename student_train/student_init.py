@@ -359,8 +359,10 @@ def init_student(cfg: StudentInitConfig, log: Any = None) -> InitReport:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=cfg.trust_remote_code,
                                                   **gguf)
-        teacher = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch.float32,
-                                                       trust_remote_code=cfg.trust_remote_code, **gguf)
+        # The config read above, not read again: a GGUF file's header is parsed whole for it (seconds).
+        teacher = AutoModelForCausalLM.from_pretrained(source, config=teacher_config, revision=revision,
+                                                       dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                                                       **gguf)
     except Exception as e:  # unknown architecture, damaged weights, gguf package missing...
         raise TrainError(f"teacher {cfg.teacher}: cannot load it ({describe_load_error(e)})") from None
     torch.manual_seed(cfg.seed)

@@ -39,6 +39,56 @@ def pretrained_source(name: str) -> tuple[str, dict[str, Any]]:
     return folder, {"gguf_file": file}
 
 
+# GGUF metadata value types (gguf's GGUFValueType): fixed widths for the scalars, 8 = string, 9 = array.
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def metadata_string(path: str, key: str) -> str | None:
+    """One string entry of a GGUF file's metadata (`general.license`), None when the file has none.
+
+    Reads the header only as far as the key, skipping the values before it: the `gguf` package's
+    reader decodes every entry, the tokenizer's vocabulary and merges included (seconds for one key).
+    Raises ValueError on a file that is not GGUF v2/v3.
+    """
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+        magic, version, _tensors, count = struct.unpack_from("<4sIQQ", blob, 0)
+        if magic != b"GGUF" or version not in (2, 3):
+            raise ValueError(f"{path} is not a GGUF v2/v3 file")
+        pos = 24
+
+        def string(at: int) -> tuple[bytes, int]:
+            (size,) = struct.unpack_from("<Q", blob, at)
+            return blob[at + 8:at + 8 + size], at + 8 + size
+
+        def skip(kind: int, at: int) -> int:
+            if kind in _SCALAR:
+                return at + struct.calcsize(_SCALAR[kind])
+            if kind == _STRING:
+                return string(at)[1]
+            if kind == _ARRAY:
+                item, length = struct.unpack_from("<IQ", blob, at)
+                at += 12
+                if item in _SCALAR:
+                    return at + length * struct.calcsize(_SCALAR[item])
+                for _ in range(length):
+                    at = skip(item, at)
+                return at
+            raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+        for _ in range(count):
+            name, pos = string(pos)
+            (kind,) = struct.unpack_from("<I", blob, pos)
+            pos += 4
+            if name.decode("utf-8", "replace") == key:
+                return string(pos)[0].decode("utf-8", "replace") if kind == _STRING else None
+            pos = skip(kind, pos)
+    return None
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -72,7 +122,7 @@ def convert_gguf(path: str, out_dir: str, dtype: str = "float32") -> str:
     try:
         config = AutoConfig.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype, **kwargs)
     except Exception as e:  # gguf missing, unknown architecture, damaged file...
         raise GenerateError(f"GGUF file {path}: cannot load it ({_first_line(e)})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)

@@ -411,6 +411,7 @@ def load_model(config: GenerateConfig, spec: TeacherSpec) -> Any:
     try:
         return AutoModelForCausalLM.from_pretrained(
             source,
+            config=spec.hf_config,  # read once by describe_teacher: a GGUF file's header is parsed whole for it
             dtype=TORCH_DTYPES[spec.dtype],
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,

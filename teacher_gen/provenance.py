@@ -17,6 +17,7 @@ import functools
 import hashlib
 import os
 import re
+import struct
 import sys
 from typing import Any
 
@@ -31,7 +32,7 @@ from potstill.store.provenance import (
     redact_settings,
 )
 from potstill.teacher_gen.config import GenerateConfig
-from potstill.teacher_gen.gguf import file_sha256, is_gguf, pretrained_source
+from potstill.teacher_gen.gguf import file_sha256, is_gguf, metadata_string, pretrained_source
 from potstill.teacher_gen.prompts import PromptSet
 
 
@@ -170,11 +171,8 @@ def card_license(path: str) -> str | None:
 
 def _gguf_license(path: str) -> str | None:
     try:
-        from gguf import GGUFReader
-
-        found = GGUFReader(path).fields.get("general.license")
-        return bytes(found.parts[found.data[0]]).decode("utf-8", "replace") if found is not None else None
-    except Exception:  # no gguf package, or a file it cannot parse: no licence to show
+        return metadata_string(path, "general.license")
+    except (OSError, ValueError, struct.error):  # a file that is not GGUF, or cut short: no licence to show
         return None
 
 

@@ -34,3 +34,20 @@ def chat_prompts(n: int | None = None, name: str = "chat_prompts.jsonl") -> list
     with open(os.path.join(os.path.dirname(__file__), "data", name), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return rows[:n]
+
+
+def count_gguf_parses(monkeypatch) -> list[str]:
+    """The files whose whole GGUF header is parsed from now on, one entry a parse: the `gguf` package's
+    reader, which transformers' GGUF loader builds on every call (seconds each for a real vocabulary).
+    The reader stays the real one; only its construction is counted."""
+    import gguf
+
+    parses: list[str] = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs) -> None:
+            parses.append(os.fspath(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    return parses

@@ -25,7 +25,7 @@ from potstill.store.provenance import (
     shares_of_keys,
     store_job_status,
 )
-from potstill.teacher_gen.provenance import card_license
+from potstill.teacher_gen.provenance import card_license, teacher_license
 from potstill.teacher_gen.runner import generate, owner
 
 N = 12
@@ -79,6 +79,43 @@ def test_the_teachers_licence_is_read_from_its_model_card(tmp_path):
     assert card_license(str(card)) == "other (llama3)"
     card.write_text("# no front matter\nlicense: mit\n")
     assert card_license(str(card)) is None
+
+
+def test_a_gguf_teachers_license_is_read_past_the_values_before_it(tmp_path):
+    """The header is walked entry by entry (every value type, arrays of strings and of arrays) up to
+    `general.license`; the `gguf` package's own reader agrees on every string entry."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from potstill.teacher_gen.gguf import metadata_string
+
+    path = str(tmp_path / "m.gguf")
+    writer = GGUFWriter(path, "llama")
+    writer.add_uint8("a.u8", 7)
+    writer.add_int64("a.i64", -5)
+    writer.add_float64("a.f64", 0.5)
+    writer.add_bool("a.bool", True)
+    writer.add_string("a.name", "tiny ü")
+    writer.add_array("a.tokens", ["<s>", "", "héllo"])
+    writer.add_array("a.ids", [1, 2, 3])
+    writer.add_array("a.nested", [["x", "yz"], [1.5]])
+    writer.add_key_value("general.license", "apache-2.0", GGUFValueType.STRING)
+    writer.add_array("a.after", ["z"])
+    writer.add_tensor("w", np.zeros((2, 3), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    fields = GGUFReader(path).fields
+    for key, field in fields.items():
+        if field.types == [GGUFValueType.STRING]:
+            assert metadata_string(path, key) == bytes(field.parts[field.data[0]]).decode(), key
+    assert metadata_string(path, "general.license") == "apache-2.0" == teacher_license(path)
+    assert metadata_string(path, "a.ids") is None and metadata_string(path, "no.such.key") is None
+    Path(path).write_bytes(b"GGUF" + bytes(8))  # cut short: no licence, not an error
+    assert teacher_license(path) is None
+    Path(path).write_bytes(b"")
+    assert teacher_license(path) is None
 
 
 # -- provenance through generate, copy and resume ------------------------------------------------------

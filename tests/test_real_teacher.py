@@ -13,7 +13,7 @@ import pytest
 import torch
 from common import write_jsonl
 from genhelpers import config, reference_logprobs
-from realmodel import EXPECTED, chat_prompts
+from realmodel import EXPECTED, chat_prompts, count_gguf_parses
 
 from potstill.store import decode_hidden, open_store, verify_store
 from potstill.student_train import TrainConfig, evaluate, train
@@ -179,13 +179,19 @@ def test_the_default_answer_pattern_skips_the_template_placeholder_on_real_answe
     assert store.manifest.generation["answer_match"] == "last"
 
 
-def test_a_gguf_file_is_a_teacher_as_it_is(real_teacher, stores, tmp_path):
+def test_a_gguf_file_is_a_teacher_as_it_is(real_teacher, stores, tmp_path, monkeypatch):
     """--teacher model.gguf: dequantized on load, its own tokenizer, the same targets as the converted
-    folder; the store names the file, identifies it by its content and holds the tokenizer files."""
+    folder; the store names the file, identifies it by its content and holds the tokenizer files.
+    The file's header is parsed for the config, the tokenizer's class and the weights, once each."""
+    from potstill.teacher_gen import runner
+
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), chat_prompts(2, "chat_scored.jsonl"))
     store = str(tmp_path / "gguf.store")
     settings = config(real_teacher.gguf, prompts, store, top_k=TOP_K, logprob_dtype="float32")
+    runner._tokenizer.cache_clear()  # a tokenizer an earlier test loaded would be one parse fewer
+    parses = count_gguf_parses(monkeypatch)
     assert generate(settings).records == 2
+    assert parses == [real_teacher.gguf] * 3
     s = open_store(store)
     teacher = s.manifest.teacher
     assert teacher.name_or_path == real_teacher.gguf and teacher.dtype == "float32"
@@ -202,6 +208,7 @@ def test_a_gguf_file_is_a_teacher_as_it_is(real_teacher, stores, tmp_path):
         np.testing.assert_allclose(rec.topk_logprobs, ref.topk_logprobs, rtol=0, atol=1e-5)
     rerun = generate(settings)  # the same file is the same teacher: the store resumes
     assert rerun.already_done == 2 and rerun.records == 0
+    assert len(parses) == 4  # the config only: the tokenizer is kept, nothing is left to generate
 
 
 def _small_student(real_teacher, folder: str) -> str:

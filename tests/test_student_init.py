@@ -185,12 +185,16 @@ def test_cli_init_then_train_from_the_teachers_store(teacher, tmp_path, capsys) 
 
 
 @pytest.mark.slow
-def test_a_gguf_teacher_gives_a_student_of_its_dequantized_weights(real_teacher, tmp_path) -> None:
+def test_a_gguf_teacher_gives_a_student_of_its_dequantized_weights(real_teacher, tmp_path, monkeypatch) -> None:
     """SmolLM2-135M-Instruct as its GGUF file: the student holds the dequantized tensors (those of the
-    folder converted from the same file), the tokenizer and the chat template."""
+    folder converted from the same file), the tokenizer and the chat template. The file's header is
+    parsed for the config, the tokenizer's class and the weights: once each, not again for the model."""
+    from realmodel import count_gguf_parses
     from transformers import AutoTokenizer
 
+    parses = count_gguf_parses(monkeypatch)
     report = init(real_teacher.gguf, tmp_path / "s", layers="4")
+    assert parses == [real_teacher.gguf] * 3
     assert report["layers"] == [0, 10, 19, 29] and not report["sliced"] and not report["initialised"]
     s, t = load(str(tmp_path / "s")), load(real_teacher.folder)
     ss, ts = s.state_dict(), t.state_dict()
