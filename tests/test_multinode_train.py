@@ -100,16 +100,27 @@ from potstill.cli.main import main
 from potstill.store import reader
 
 hash_file = reader._check_digest
+by_pieces = reader.ShardReader._check_by_pieces  # (the loader's whole check of a records file)
 
 
-def logged(data, entry, where):  # every process of the job (ranks, loader workers) appends here
+def note(where):  # every process of the job (ranks, loader workers) appends here
     if where.endswith("records.arrow"):
         with open({log!r}, "a") as f:
             f.write(where + "\\n")
+
+
+def logged(data, entry, where):
+    note(where)
     return hash_file(data, entry, where)
 
 
+def logged_pieces(self, buffer, where):
+    note(where)
+    return by_pieces(self, buffer, where)
+
+
 reader._check_digest = logged
+reader.ShardReader._check_by_pieces = logged_pieces
 sys.argv[0] = "potstill"
 main()
 """
@@ -117,7 +128,8 @@ main()
 
 def run_counting(setup: dict, tmp_path) -> tuple[subprocess.CompletedProcess, list[str], str]:
     """A two-rank torchrun job (gloo, one loader worker each, ~2 epochs of each rank's share) whose
-    processes log each records file they hash; its result, that log and its temporary folder."""
+    processes log each records file they check whole (by its sha256 or by its pieces); its result,
+    that log and its temporary folder."""
     log = tmp_path / "hashed.log"
     log.touch()
     script = tmp_path / "counting_train.py"
@@ -144,7 +156,7 @@ def run_counting(setup: dict, tmp_path) -> tuple[subprocess.CompletedProcess, li
 
 def test_the_ranks_of_a_torchrun_job_check_each_shard_once(setup: dict, tmp_path) -> None:
     """Two ranks, each reading most shards, and the final evaluation reading them all again: each
-    records file is hashed once in the whole job; the ranks' shared verdicts go when the job ends."""
+    records file is checked whole once in the whole job; the ranks' shared verdicts go when the job ends."""
     proc, hashed, temp = run_counting(setup, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from potstill.store import open_store
