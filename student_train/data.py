@@ -62,7 +62,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from potstill.store import open_store
 from potstill.store.errors import StoreError
-from potstill.store.fs import is_local
+from potstill.store.fs import is_local, pid_alive
 from potstill.store.ids import id_key, id_keys, key_fractions
 from potstill.store.reader import ShardReader, Store
 from potstill.store.targets import TRAIN_TARGETS, TopKRows, WeightedRows
@@ -569,6 +569,9 @@ def check_targets(store: Store, targets: str) -> None:
 
 
 # -- the dataset -------------------------------------------------------------------------------------
+LOCK_PREFIX = "potstill-checked-shards-"  # + the owner's pid, "-", a random part: the lock file of a single-process job
+
+
 class CheckedShards:
     """Which of a plan's shards have passed their check (`verify_reads`: the records file's sha256 and
     the values), so that each is checked once per job, by the first process to read it.
@@ -585,7 +588,8 @@ class CheckedShards:
         self.flags = torch.zeros(len(shards), dtype=torch.bool).share_memory_()
         self.folder = folder
         if folder is None:
-            fd, self.lock_path = tempfile.mkstemp(prefix="potstill-checked-shards-")
+            remove_dead_loaders_locks(tempfile.gettempdir())
+            fd, self.lock_path = tempfile.mkstemp(prefix=f"{LOCK_PREFIX}{os.getpid()}-")
             os.close(fd)
             weakref.finalize(self, _remove_owned, self.lock_path, os.getpid())
         else:
@@ -782,6 +786,22 @@ class CheckAhead:
             ShardReader(self.store, self.store.commit(self.shards[index]), by_pieces=True)
 
         self.checked.check(index, check)
+
+
+def remove_dead_loaders_locks(folder: str) -> None:
+    """Remove the lock files (`CheckedShards`) of loaders whose process is gone: a process killed before
+    its exit could remove its own. Each name holds its owner's pid; a live owner's file stays, and so
+    does one named otherwise. A file removed under a worker that still holds it open keeps its locks;
+    a worker opening it later checks without taking turns (`CheckedShards._claim`)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        owner = name[len(LOCK_PREFIX):].split("-", 1)[0] if name.startswith(LOCK_PREFIX) else ""
+        if owner.isdigit() and not pid_alive(int(owner)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
 
 
 def _remove_owned(path: str, owner: int) -> None:

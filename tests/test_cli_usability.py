@@ -90,6 +90,7 @@ def test_an_absurd_thread_count_is_refused_in_one_line_before_torch_starts(tmp_p
     assert not os.path.exists(tmp_path / "s") and not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
 def test_threads_reach_torch_auto_follows_the_affinity_and_openmp_waits_passively(tmp_path, tiny_teacher_dir):
     """A real `potstill generate` under `taskset -c 0`: auto gives torch 1 thread; `--threads 3` gives 3;

@@ -274,6 +274,7 @@ def test_the_old_name_compact2_selects_the_compact_codec_with_a_note(tmp_path, t
     assert err.count("note: --codec compact2 is now called compact") == 1, err
 
 
+@pytest.mark.slow
 def test_generate_compact_then_train_through_the_cli(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir, prompts) -> None:
     from common import build_student
 

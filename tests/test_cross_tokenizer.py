@@ -255,6 +255,7 @@ def test_what_cross_tokenizer_does_not_combine_with_is_refused_in_one_line(setup
         check_cross_settings(cfg, stores)
 
 
+@pytest.mark.slow
 def test_another_tokenizer_without_the_flag_is_refused_in_one_line_naming_it(setup: dict, tmp_path) -> None:
     proc = run_cli("train", "--store", setup["store"], "--student", setup["student"], "--out", str(tmp_path / "out"),
                    "--max-steps", "1", "--report-to", "none")
@@ -263,6 +264,7 @@ def test_another_tokenizer_without_the_flag_is_refused_in_one_line_naming_it(set
     assert "does not match the store's tokenizer" in line and "--cross-tokenizer" in line
 
 
+@pytest.mark.slow
 def test_a_student_with_its_own_tokenizer_trains_from_the_cli_and_resumes_exactly(setup: dict, tmp_path) -> None:
     out = str(tmp_path / "cli")
     proc = run_cli("train", "--cross-tokenizer", "--store", setup["store"], "--student", setup["student"], "--out", out,

@@ -80,6 +80,7 @@ def test_help_shows_each_default_and_loading_nothing_keeps_it(name, cls):
 
 
 # -- the README's path, for real (run once for the session: tests/readmepath.py) ----------------------
+@pytest.mark.slow
 def test_the_readme_path_runs_with_no_warning_and_writes_what_it_says(readme_path):
     work = readme_path["dir"]
     for made in ("run1.store", "student-init/config.json", "student/training_report.json", "report.html",
@@ -87,6 +88,7 @@ def test_the_readme_path_runs_with_no_warning_and_writes_what_it_says(readme_pat
         assert (work / made).exists(), made  # each default output where --help says it goes
 
 
+@pytest.mark.slow
 def test_generate_records_the_defaults_help_shows(readme_path):
     from potstill.store import open_store
 
@@ -108,6 +110,7 @@ def test_generate_records_the_defaults_help_shows(readme_path):
                                              "completion": "completion"}
 
 
+@pytest.mark.slow
 def test_train_eval_and_student_init_record_the_defaults_help_shows(readme_path):
     work = readme_path["dir"]
     report = json.loads((work / "student" / "training_report.json").read_text())
@@ -129,6 +132,7 @@ def test_train_eval_and_student_init_record_the_defaults_help_shows(readme_path)
     assert config["num_hidden_layers"] == 1
 
 
+@pytest.mark.slow
 def test_the_demo_records_the_defaults_help_shows(readme_path):
     from potstill.cli.demo.run import DemoConfig
 

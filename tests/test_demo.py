@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
 from potstill.cli.main import app
@@ -18,6 +19,7 @@ from potstill.share import store_info
 from potstill.store import open_store, verify_store
 
 
+@pytest.mark.slow
 def test_demo_small_run_writes_report_and_real_stores(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--student-steps", "3", "--train-problems", "48", "--eval-problems", "20",
@@ -62,6 +64,7 @@ def test_demo_small_run_writes_report_and_real_stores(tmp_path):
         assert (abs(pixels[..., :3] - to_rgb(colour)) < 0.02).all(axis=-1).sum() > 50, colour
 
 
+@pytest.mark.slow
 def test_demo_rerun_into_same_folder_starts_over(readme_path, tmp_path):
     # The first run is the README path's demo (24 problems), rerun here in a copy of its folder.
     out = tmp_path / "demo"

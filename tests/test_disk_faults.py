@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from common import prompt_rows, write_jsonl
 from diskfaults import DiskFault, copy_trial, export_trial, generate_trial, one_line_refusal, run_faulted
 from faultcampaigns import build_copy_source, files_under, generate_args, run_potstill, store_contents
@@ -17,6 +18,7 @@ def _report(trial) -> str:
     return "\n".join(trial.violations)
 
 
+@pytest.mark.slow
 def test_a_disk_full_before_the_store_exists_is_one_line_and_the_rerun_completes(tmp_path, tiny_teacher_dir):
     """The limit hit while the teacher's tokenizer is saved for the new store ended in a traceback."""
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=SEED))
@@ -40,6 +42,7 @@ def test_a_disk_full_while_a_copy_creates_its_destination_is_one_line_and_the_re
     assert files_under(dest) == files_under(source)
 
 
+@pytest.mark.slow
 def test_generate_under_a_full_disk_and_a_read_only_store_ends_complete(tmp_path, tiny_teacher_dir):
     """Mid-run, one fault after the other into one store of four 12-record shards: the limit hit by a
     shard's hidden-state file (the tokenizer's 14 KB pass); the shards, then the commits folder made

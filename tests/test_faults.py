@@ -73,6 +73,7 @@ def test_a_copy_rerun_removes_what_the_killed_copy_left(tmp_path):
 
 
 # -- generate: regression --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_manifest_temporary_file_of_a_killed_generate_is_a_leftover_verify_cleans(tmp_path, tiny_teacher_dir):
     """Killed between the manifest's temporary file and its link, `generate` left that file in the
     store's root, where `verify` did not look: once a rerun had created the store it stayed for good."""
@@ -146,6 +147,7 @@ def _report(campaign) -> str:
     return "\n".join(["kills:", *kills, "violations:", *campaign.violations])
 
 
+@pytest.mark.slow
 def test_generate_killed_at_random_moments_commits_every_record_exactly_once_as_an_uninterrupted_run(
         tmp_path, tiny_teacher_dir):
     """Three kills: a seeded delay after the writers start (the random moment), after a hidden-state
@@ -173,6 +175,7 @@ def test_generate_killed_at_random_moments_commits_every_record_exactly_once_as_
     assert verify.returncode == 0 and verify.stdout.startswith("OK: "), verify.stdout + verify.stderr
 
 
+@pytest.mark.slow
 def test_store_copy_killed_at_random_moments_ends_identical_to_its_source(tmp_path):
     """A store of 24 one-record shards (hidden states in several chunk files each), copied with five
     kills: a seeded delay (the random moment), mid-shard (after a file; halfway through a file), just
@@ -197,6 +200,7 @@ def test_store_copy_killed_at_random_moments_ends_identical_to_its_source(tmp_pa
     assert verify.returncode == 0 and verify.stdout.startswith("OK: 24 shards"), verify.stdout + verify.stderr
 
 
+@pytest.mark.slow
 def test_train_killed_at_random_moments_resumes_to_the_same_loss_curve_and_weights(
         tmp_path, tiny_teacher_dir, tiny_tokenizer_dir):
     """Three kills of `potstill train` (one loader worker, hidden-state loss, a checkpoint every 3 of

@@ -48,6 +48,7 @@ BAD_REASONS = {
 }
 
 
+@pytest.mark.slow
 def test_every_kind_of_bad_input_is_skipped_and_reported(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), BAD_ROWS)
     store = str(tmp_path / "s")
@@ -84,6 +85,7 @@ def test_truncate_keeps_a_too_long_record(tmp_path, tiny_teacher_dir):
     assert len(rec.input_ids) == 48 and rec.num_scored == 48 - rec.score_start
 
 
+@pytest.mark.slow
 def test_max_errors_fails_fast_in_one_line(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), BAD_ROWS)
     store = str(tmp_path / "s")

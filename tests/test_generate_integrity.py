@@ -41,6 +41,7 @@ def test_hostile_lines_are_skipped_with_their_number_and_reason(tmp_path, tiny_t
     assert verify_store(store).ok
 
 
+@pytest.mark.slow
 def test_top_k_larger_than_the_vocabulary_fails_before_anything_is_written(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2))
     store = str(tmp_path / "s")
@@ -86,6 +87,7 @@ HOLD_CLAIM = textwrap.dedent("""
     ((1, 0), (2, 1), True),   # another --workers count: shares overlap
     ((2, 0), (2, 1), False),  # disjoint shares of one job: both run
 ])
+@pytest.mark.slow
 def test_a_live_run_on_an_overlapping_share_makes_a_second_run_refuse(tmp_path, tiny_teacher_dir, theirs, mine,
                                                                         refused):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(12, seed=6))
@@ -134,6 +136,7 @@ def test_a_run_that_fills_the_store_while_another_loads_its_teacher_is_not_writt
     assert verify_store(store).ok
 
 
+@pytest.mark.slow
 def test_two_identical_runs_started_at_once_never_write_a_record_twice(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(80, seed=7))
     store = str(tmp_path / "s")
@@ -152,6 +155,7 @@ def test_two_identical_runs_started_at_once_never_write_a_record_twice(tmp_path,
     assert report.ok and report.duplicates == 0 and not report.leftovers
 
 
+@pytest.mark.slow
 def test_a_fifo_prompt_set_is_refused_in_one_line_without_opening_it(tmp_path, tiny_teacher_dir):
     fifo = str(tmp_path / "pipe.jsonl")
     os.mkfifo(fifo)  # nobody writes to it: opening it for reading would block forever
@@ -178,6 +182,7 @@ def test_a_bad_answer_pattern_is_refused_before_any_model_loads(tmp_path, patter
     assert lines[0].endswith(f"--answer-pattern {pattern!r} {reason}"), lines[0]
 
 
+@pytest.mark.slow
 def test_a_huge_prompt_is_skipped_by_its_length_before_it_is_tokenized(tmp_path, tiny_teacher_dir):
     """A 10 MB one-line prompt used to be tokenized (gigabytes of memory) before being skipped as too long:
     its byte length alone rules it out, and it is reported by line like any other bad line."""

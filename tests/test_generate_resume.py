@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import pytest
 from common import prompt_rows, write_jsonl
 from genhelpers import popen_cli, run_cli
 
@@ -39,6 +40,7 @@ def _assert_complete(store: str) -> None:
         assert rec.num_scored == len(rec.input_ids) - rec.score_start > 0
 
 
+@pytest.mark.slow
 def test_kill_9_after_a_commit_then_rerun_finishes_exactly_once(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(N, seed=20))
     store = str(tmp_path / "s")
@@ -61,6 +63,7 @@ def test_kill_9_after_a_commit_then_rerun_finishes_exactly_once(tmp_path, tiny_t
     _assert_complete(store)
 
 
+@pytest.mark.slow
 def test_two_worker_processes_fill_one_store_at_once(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(N, seed=21))
     store = str(tmp_path / "s")

@@ -54,6 +54,7 @@ def test_a_teacher_whose_weights_do_not_load_writes_nothing(tmp_path, tiny_teach
     assert not os.path.exists(store)
 
 
+@pytest.mark.slow
 def test_a_differing_setting_is_named_in_one_line(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=3))
     store = str(tmp_path / "s")

@@ -205,6 +205,7 @@ def test_bad_sampler_settings_are_refused_in_one_line(tmp_path, tiny_teacher_dir
         config(tiny_teacher_dir, prompts, str(tmp_path / "x"), targets="sampled", sampler="sobol")
 
 
+@pytest.mark.slow
 def test_generate_hybrid_then_train_through_the_cli(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir, prompts) -> None:
     from common import build_student
 

@@ -58,6 +58,7 @@ def test_a_manifest_without_a_checksum_still_opens_and_verifies(tmp_path) -> Non
     assert open_store(url).num_records == 14 and verify_store(url).ok
 
 
+@pytest.mark.slow
 def test_train_refuses_an_edited_manifest_in_one_line(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir) -> None:
     store = str(tmp_path / "store")
     build_teacher_store(store, tiny_teacher_dir, arithmetic_items(12, seed=3), shard_records=12, layer_indices=())

@@ -353,6 +353,7 @@ def test_records_some_stores_lack_are_left_out_and_counted(setup: dict) -> None:
     assert dataset.plan.num_train + dataset.plan.eval_records == 18 < full.num_train + full.eval_records
 
 
+@pytest.mark.slow
 def test_a_store_made_over_other_prompts_a_store_given_twice_and_another_tokenizer_are_each_one_line(setup: dict) -> None:
     out = str(setup["root"] / "refused")
     cases = {
@@ -379,6 +380,7 @@ def test_a_store_made_over_other_prompts_a_store_given_twice_and_another_tokeniz
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_two_stores_train_one_student_from_the_cli_and_eval_takes_both(setup: dict) -> None:
     out = str(setup["root"] / "cli")
     config_file = setup["root"] / "two.yaml"
@@ -418,6 +420,7 @@ def test_two_stores_train_one_student_from_the_cli_and_eval_takes_both(setup: di
     assert lines[1].startswith(f"  vs {setup['a']} alone (weight 0.5): kd_loss ") and setup["b"] in lines[2]
 
 
+@pytest.mark.slow
 def test_store_report_of_two_teachers_compares_them_on_the_records_both_hold(setup: dict) -> None:
     """The Teachers section's figures against a direct count over the stored records: top-1 agreement
     where both teachers scored after the same tokens, each one's top-1 = the stored token; records one
@@ -464,6 +467,7 @@ def test_store_report_of_two_teachers_compares_them_on_the_records_both_hold(set
     assert "<h2>Teachers</h2>" not in Path(alone).read_text()
 
 
+@pytest.mark.slow
 def test_an_interrupted_two_teacher_run_resumes_to_the_same_weights_bit_for_bit(setup: dict) -> None:
     from safetensors.numpy import load_file
 
@@ -498,6 +502,7 @@ def test_a_config_file_lists_the_stores_with_their_weights(tmp_path) -> None:
             build_config(str(path), {"student": "m", "out": "o", **bad})
 
 
+@pytest.mark.slow
 def test_the_guides_several_teachers_example_runs_as_written(tmp_path) -> None:
     """The bash block of docs/guides/train.md's runnable several-teachers example, run as it stands."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -53,6 +53,7 @@ def weights(folder: str) -> dict:
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_nodes_train_to_the_weights_of_one_process_with_the_same_global_batch(setup: dict) -> None:
     one = str(setup["root"] / "one")
     # The one process: `potstill train` through its entry point in this one (the nodes below are the processes)
@@ -154,6 +155,7 @@ def run_counting(setup: dict, tmp_path) -> tuple[subprocess.CompletedProcess, li
     return subprocess.CompletedProcess(cmd, job.returncode, out, err), log.read_text().splitlines(), str(temp)
 
 
+@pytest.mark.slow
 def test_the_ranks_of_a_torchrun_job_check_each_shard_once(setup: dict, tmp_path) -> None:
     """Two ranks, each reading most shards, and the final evaluation reading them all again: each
     records file is checked whole once in the whole job; the ranks' shared verdicts go when the job ends."""
@@ -166,6 +168,7 @@ def test_the_ranks_of_a_torchrun_job_check_each_shard_once(setup: dict, tmp_path
     assert not [p for p in os.listdir(temp) if p.startswith("potstill-checks-")]
 
 
+@pytest.mark.slow
 def test_a_torchrun_job_skips_a_bad_shard_on_every_rank_and_trains_to_the_end(setup: dict, tmp_path) -> None:
     """Two ranks, --skip-bad-shards, one shard with NaN log-probs holding whole micro-batches of a rank:
     that rank's batch is empty (it trains nothing) while the other's is not, and a log step follows.

@@ -9,6 +9,7 @@ from common import prompt_rows, write_jsonl
 from genhelpers import run_cli, run_main
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["under-a-file", "proc"])
 def test_generate_refuses_an_unwritable_out_before_the_teacher_loads(tmp_path, tiny_teacher_dir, where) -> None:
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2))

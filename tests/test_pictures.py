@@ -87,6 +87,7 @@ def test_the_figure_check_catches_a_covered_curve_a_cut_label_and_a_missing_titl
 
 
 # -- the pages, in a real browser ----------------------------------------------------------------------
+@pytest.mark.slow
 @needs_chromium
 def test_the_report_page_shows_every_plot_whole_in_chromium(tmp_path):
     url = build_store(str(tmp_path / "s"), "both", "none", records=12, layers=((2, 16, "float16"),))

@@ -119,6 +119,7 @@ def test_a_gguf_teachers_license_is_read_past_the_values_before_it(tmp_path):
 
 
 # -- provenance through generate, copy and resume ------------------------------------------------------
+@pytest.mark.slow
 def test_provenance_is_written_kept_by_copy_and_resume_and_holds_no_secret(tmp_path, tiny_teacher_dir):
     teacher = str(tmp_path / "teacher")
     shutil.copytree(tiny_teacher_dir, teacher)
@@ -171,6 +172,7 @@ def test_provenance_is_written_kept_by_copy_and_resume_and_holds_no_secret(tmp_p
     assert f"{N} of {N} records committed" in info.stdout and "complete" in info.stdout
 
 
+@pytest.mark.slow
 def test_hash_teacher_records_the_sha256_of_a_local_teachers_files(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(4, seed=3))
     store = str(tmp_path / "s")
@@ -237,6 +239,7 @@ def test_a_failed_run_is_recorded_with_its_error_and_releases_its_share(tmp_path
 
 
 # -- completeness of a --workers job -------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_share_that_never_ran_is_named_until_it_runs(tmp_path, tiny_teacher_dir):
     rows = [*prompt_rows(N, seed=5), {"id": "bad"}]  # one invalid row: no prompt
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), rows)

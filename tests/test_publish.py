@@ -362,6 +362,7 @@ def test_train_reads_a_published_folder_given_as_its_store(tmp_path):
     assert evaluation.stores == [rebuilt]
 
 
+@pytest.mark.slow
 def test_info_report_and_demo_print_the_same_byte_figures(tmp_path):
     url = make_store(str(tmp_path / "s.store"), "hybrid", "packed", True)
     store = open_store(url)
@@ -384,6 +385,7 @@ def test_info_report_and_demo_print_the_same_byte_figures(tmp_path):
     assert line in table and f"{summary['bytes_per_token']:.0f}" in table
 
 
+@pytest.mark.slow
 def test_potstill_train_from_the_published_folder_matches_training_from_the_store(tmp_path, tiny_teacher_dir,
                                                                                  tiny_tokenizer_dir):
     from common import build_student

@@ -63,6 +63,7 @@ def _assert_complete(store: str, reference: dict) -> None:
     assert not report.leftovers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["score", "generate"])
 def test_records_are_the_local_executors_byte_for_byte(tmp_path, tiny_teacher_dir, prompts, ray_address, mode):
     # Batches of several records (the block plan must reproduce them) and, in generate mode, seeded
@@ -121,6 +122,7 @@ def _killer(store: str, stop: threading.Event, killed: list[int]) -> None:
         time.sleep(0.002)
 
 
+@pytest.mark.slow
 def test_an_actor_killed_mid_block_is_restarted_and_its_block_committed_once(tmp_path, tiny_teacher_dir, prompts,
                                                                              reference, ray_address):
     store = str(tmp_path / "s")
@@ -140,6 +142,7 @@ def test_an_actor_killed_mid_block_is_restarted_and_its_block_committed_once(tmp
     _assert_complete(store, reference)
 
 
+@pytest.mark.slow
 def test_driver_killed_then_rerun_writes_only_the_missing_ids(tmp_path, tiny_teacher_dir, prompts, reference,
                                                               ray_address):
     store = str(tmp_path / "s")
@@ -193,6 +196,7 @@ def test_a_block_written_twice_leaves_one_copy(tmp_path, tiny_teacher_dir, promp
     _assert_complete(store, reference)
 
 
+@pytest.mark.slow
 def test_a_store_started_by_workers_is_finished_by_ray_and_the_reverse(tmp_path, tiny_teacher_dir, prompts,
                                                                        reference, ray_address):
     by_workers = str(tmp_path / "a")

@@ -24,6 +24,7 @@ def s3():
     server.stop()
 
 
+@pytest.mark.slow
 def test_an_s3_that_keeps_failing_is_one_line_and_a_clean_rerun_completes_the_copy(s3, tmp_path):
     """Every request answered 500 or 503 SlowDown: `store copy` to s3:// ended in a traceback."""
     source = str(tmp_path / "src")
@@ -42,6 +43,7 @@ def test_an_s3_that_keeps_failing_is_one_line_and_a_clean_rerun_completes_the_co
     assert store_contents(url) == store_contents(source)
 
 
+@pytest.mark.slow
 def test_a_copy_to_s3_through_seeded_faults_ends_whole_after_a_clean_rerun(s3, tmp_path):
     """A seeded slice of the campaign (bench/reliability.py `s3`: more runs, rates up to 40%): a few
     shards at a rate of 10-15%, so that every fault kind is likely drawn while the retries' backoff

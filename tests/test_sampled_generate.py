@@ -115,6 +115,7 @@ def test_sampling_never_draws_a_token_of_probability_zero():
     assert draws[0].tolist() == [0, 0, 2, 2] and draws[1].tolist() == [1, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_both_kinds_in_one_packed_store_through_the_cli(tmp_path, tiny_teacher_dir, prompts):
     plain = str(tmp_path / "plain.store")
     generate(config(tiny_teacher_dir, prompts, plain, targets="both", samples=50, top_k=16, logprob_dtype="float32"))

@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
+@pytest.mark.slow
 def test_scale_bench_measures_every_step_at_a_tiny_size(tmp_path) -> None:
     out = tmp_path / "scale.json"
     run = subprocess.run([sys.executable, "scale.py", "--sizes", "1500", "--length", "8", "--metadata", "3000",

@@ -49,6 +49,7 @@ def service(tiny_teacher_dir, tmp_path_factory) -> Iterator[Service]:
 
 
 # -- jobs ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_jobs_submitted_at_once_both_complete_and_match_generate(service, tiny_teacher_dir, tmp_path):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(24, seed=1))
     specs = [
@@ -221,6 +222,7 @@ def test_bad_specs_get_422_naming_the_field(service, tiny_teacher_dir, tmp_path)
     assert result.stderr.strip().splitlines() == ["error: the service refused the job: top_k: --top-k must be at least 1, got 0"]
 
 
+@pytest.mark.slow
 def test_load_hundreds_of_submissions_and_polls_lose_no_job(service, tmp_path):
     """4 client threads submit 60 jobs each and poll statuses meanwhile; every job is kept and done."""
     rows = prompt_rows(4, seed=6)
@@ -261,6 +263,7 @@ def test_load_hundreds_of_submissions_and_polls_lose_no_job(service, tmp_path):
 
 
 # -- auth ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_auth_with_a_token_every_request_needs_it(tiny_teacher_dir, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -320,6 +323,7 @@ def test_auth_off_on_loopback_and_a_public_bind_without_token_is_refused(service
 
 
 # -- crash safety -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kill_9_during_a_job_then_restart_finishes_every_id_exactly_once(tiny_teacher_dir, tmp_path):
     n = 300
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(n, seed=8))

@@ -198,6 +198,7 @@ def test_bad_roots_and_unsafe_schemes_stop_the_service_at_start(tmp_path, settin
     assert str(refused.value).startswith(message)
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_missing_root_in_one_line_before_writing_anything(tiny_teacher_dir, tmp_path):
     state = tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if k != "POTSTILL_TOKEN"}

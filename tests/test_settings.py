@@ -251,6 +251,7 @@ def test_generate_defaults_to_the_measured_best_and_help_says_so():
         "teacher t is neither a local folder nor in the local Hugging Face cache")
 
 
+@pytest.mark.slow
 def test_train_auto_picks_sampled_targets_from_a_default_store(readme_path):
     """The README's path: generate with only its required flags, then train with only its own."""
     from potstill.store import open_store

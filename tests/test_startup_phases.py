@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from common import prompt_rows, write_jsonl
 from genhelpers import run_cli
 
@@ -31,6 +32,7 @@ def phase_lines(stderr: str) -> list[str]:
     return names
 
 
+@pytest.mark.slow
 def test_generate_names_its_start_up_phases_in_order_then_counts_tokens(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(6, seed=31, completion=False))
     store = str(tmp_path / "s")
@@ -60,6 +62,7 @@ def test_generate_names_its_start_up_phases_in_order_then_counts_tokens(tmp_path
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_phase_ends_its_line_before_the_error(tmp_path, tiny_teacher_dir):
     result = run_cli(["generate", "--teacher", tiny_teacher_dir, "--prompts", str(tmp_path / "missing.jsonl"),
                       "--out", str(tmp_path / "s"), "--device", "cpu"])
@@ -69,6 +72,7 @@ def test_a_failing_phase_ends_its_line_before_the_error(tmp_path, tiny_teacher_d
     assert lines[-1].startswith("error: ")
 
 
+@pytest.mark.slow
 def test_train_names_its_start_up_phases_in_order_and_reports_them(tmp_path, tiny_teacher_dir, tiny_tokenizer_dir):
     from common import build_student
     from genhelpers import config

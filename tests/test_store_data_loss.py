@@ -17,6 +17,7 @@ def _all_files(root: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names)
 
 
+@pytest.mark.slow
 def test_two_runs_with_one_writer_id_never_destroy_committed_shards(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(80, seed=11))
     store = str(tmp_path / "s")
@@ -74,6 +75,7 @@ def generated(tmp_path_factory, tiny_teacher_dir) -> tuple[str, list[str]]:
     return str(root / "s"), flags
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["a file", "missing"])
 def test_a_damaged_commits_folder_is_damage_and_no_shard_is_deleted(tmp_path, generated, damage):
     store = str(tmp_path / "s")
@@ -161,6 +163,7 @@ def _out_mistake(tmp_path, mistake: str) -> str:
     ("a symlink loop", "symbolic link"),
     ("other files", "is not a potstill store (it holds thesis.tex)"),
 ])
+@pytest.mark.slow
 def test_an_out_that_cannot_be_a_store_is_refused_in_one_line(tmp_path, tiny_teacher_dir, mistake, what):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=14))
     out = _out_mistake(tmp_path, mistake)
@@ -178,6 +181,7 @@ def test_an_out_that_cannot_be_a_store_is_refused_in_one_line(tmp_path, tiny_tea
     assert _all_files(str(tmp_path)) == before
 
 
+@pytest.mark.slow
 def test_a_run_that_writes_nothing_fails_saying_why(tmp_path, tiny_teacher_dir):
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(3, seed=15))
     store = str(tmp_path / "s")

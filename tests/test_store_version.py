@@ -83,6 +83,7 @@ def test_a_pre_1_0_store_is_refused_in_one_line_naming_its_version(tmp_path, ver
         assert _one_line_error(run(args)) == f"error: store {url} " + PRE_1_0.format(version), args
 
 
+@pytest.mark.slow
 def test_training_from_a_pre_1_0_store_is_refused_in_one_line(tmp_path, tiny_tokenizer_dir) -> None:
     from common import build_student
 

@@ -159,6 +159,7 @@ def test_out_must_be_new_or_empty(teacher, tmp_path) -> None:
         init(teacher, tmp_path / "empty", layers="1")
 
 
+@pytest.mark.slow
 def test_cli_init_then_train_from_the_teachers_store(teacher, tmp_path, capsys) -> None:
     """The whole path a user takes: a store from the teacher, a student from the teacher, `potstill train`
     (`student init` in this process: its command line as a process, and its one-line error, below)."""

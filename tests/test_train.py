@@ -167,6 +167,7 @@ def test_the_output_layer_gets_its_own_learning_rate(setup: dict) -> None:
         train(config(setup, "head", resume=True, max_steps=6, save_steps=2, weight_decay=0.1))
 
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_run_the_same_steps_over_uneven_shards(setup: dict) -> None:
     out = str(setup["root"] / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "potstill.cli.main",
@@ -186,6 +187,7 @@ def test_two_torchrun_ranks_run_the_same_steps_over_uneven_shards(setup: dict) -
     assert consumed == [steps * 2, steps * 2]  # both ranks trained on the same number of micro-batches
 
 
+@pytest.mark.slow
 def test_a_student_with_another_tokenizer_is_refused_in_one_line(setup: dict, tmp_path) -> None:
     from common import CORPUS, build_tokenizer
 

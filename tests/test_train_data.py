@@ -4,8 +4,14 @@ and workers, determinism, exact mid-epoch resume, multitask sequences, hidden st
 from __future__ import annotations
 
 import collections
+import gc
+import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -16,8 +22,10 @@ from trainhelpers import arithmetic_items, build_teacher_store
 
 from potstill.store import open_store
 from potstill.student_train.data import (
+    LOCK_PREFIX,
     MAIN_TASK,
     RATIONALE_TASK,
+    CheckedShards,
     StoreDataset,
     _fold_unknown_ids,
     buffer_shuffle,
@@ -375,3 +383,26 @@ def test_ids_outside_the_student_vocabulary_fold_into_the_tail() -> None:
     assert np.isneginf(lp[0, [1, 3]]).all() and np.isneginf(lp[2]).all()
     np.testing.assert_allclose(tail, want, rtol=2**-23, atol=0)
     assert tail[1] == np.float32(np.log(1e-12))  # untouched row
+
+
+def test_a_killed_loaders_lock_file_is_removed_by_the_next_loader_and_a_live_ones_kept(tmp_path, monkeypatch) -> None:
+    """A single-process job's `CheckedShards` keeps its lock in the temporary folder, named by its pid;
+    a process killed before its exit leaves it, and the next loader on the machine removes it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    dead = tmp_path / f"{LOCK_PREFIX}{killed.pid}-abc123"
+    live = tmp_path / f"{LOCK_PREFIX}{os.getppid()}-def456"
+    other = tmp_path / f"{LOCK_PREFIX}xyz"  # (named by another tool: not ours to judge)
+    for path in (dead, live, other):
+        path.write_bytes(b"")
+    checked = CheckedShards(["s0", "s1"])
+    assert os.path.basename(checked.lock_path).startswith(f"{LOCK_PREFIX}{os.getpid()}-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, os.path.basename(checked.lock_path)])
+    checked.check(0, lambda: None)  # the lock is taken and given back
+    assert checked.passed(0) and not checked.passed(1)
+    path = checked.lock_path
+    del checked
+    gc.collect()
+    assert not os.path.exists(path)  # its owner removes it when it is done with it

@@ -66,6 +66,7 @@ def set_first(value: float):
     return change
 
 
+@pytest.mark.slow
 def test_nan_log_probs_stop_training_in_one_line_naming_the_shard(base, tmp_path) -> None:
     """A shard whose checksums hold but whose log-probs are NaN (a buggy producer), read by a loader
     worker process: the CLI stops with exit 1 and one line naming the shard and record."""
@@ -292,6 +293,7 @@ def test_eval_checks_what_it_reads(base, tmp_path) -> None:
         evaluate(store, base["student"], eval_fraction=0.5, answers=False)
 
 
+@pytest.mark.slow
 def test_skip_bad_shards_leaves_the_skipped_shard_out_of_the_final_evaluation(base, tmp_path) -> None:
     """The final evaluation read the shard training had skipped and the run failed with no report."""
     from genhelpers import run_cli
@@ -412,6 +414,7 @@ def test_resume_from_a_truncated_checkpoint_file_is_refused_in_one_line(base, tm
     assert not os.path.exists(os.path.join(out, "checkpoint-3"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["under-a-file", "proc"])
 def test_an_unwritable_out_is_refused_before_any_model_loads(base, tmp_path, where) -> None:
     """train --out where nothing can be written failed only when the Trainer first saved."""

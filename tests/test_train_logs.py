@@ -112,6 +112,7 @@ def test_a_term_a_thousand_times_larger_dominates_the_gradient_share(stores: dic
     assert high["grad_share/hidden"] > 0.9 and low["hidden"] == pytest.approx(high["hidden"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_each_log_step_prints_one_readable_line(stores: dict) -> None:
     import subprocess
     import sys
