@@ -290,10 +290,9 @@ class Store:
         """The keys (`potstill.store.ids.id_key`) of a committed shard's records, in row order."""
         return numpy_view(self._ids_batch(name).column(1))
 
-    def _ids_batch(self, name: str, *, hashed: bool = False) -> pa.RecordBatch:
+    def _ids_batch(self, name: str) -> pa.RecordBatch:
         """A shard's ids file, its sha256 checked against the commit record once per process before
-        first use: the split, resume and duplicates go by it, so damage must be named, never read.
-        `hashed`: the caller has just checked that sha256 itself (verify), so it is not hashed again."""
+        first use: the split, resume and duplicates go by it, so damage must be named, never read."""
         commit = self.commit(name)
         entry = next(f for f in commit.files if f.path == commit.ids_path)
         path, where = self.path(entry.path), f"{self.url}/{entry.path}"
@@ -305,8 +304,7 @@ class Store:
         except FileNotFoundError:
             raise StoreError(f"{where}: shard file is missing") from None
         if (path, entry.sha256) not in _VERIFIED:
-            if not hashed:
-                _check_digest(buffer, entry, where)
+            _check_digest(buffer, entry, where)
             _VERIFIED.add((path, entry.sha256))
         return read_ids_file(buffer, where, commit.records)
 
@@ -451,6 +449,12 @@ class Store:
     def path(self, rel: str) -> str:
         return join(self.root, rel)
 
+    def note_verified(self, rel: str, sha256: str) -> None:
+        """The caller has just found file `rel` to match this sha256 of its commit record (`store
+        verify`, for an ids file): this process's readers take it as checked and do not hash it again.
+        Not for a records file, whose whole check is more than its sha256 (its pieces file, `ShardReader`)."""
+        _VERIFIED.add((self.path(rel), sha256))
+
     @cached_property
     def tokenizer_dir(self) -> str:
         """A local folder holding the stored tokenizer files: the store's own for a local store, else a
@@ -564,11 +568,12 @@ class ShardReader:
             raise StoreError(f"{where}: unreadable Arrow file ({e})") from None
         expected = store.records_schema
         got = reader.schema
-        for f in () if got.equals(expected) else expected:  # (equal, as written: no field to look up)
-            idx = got.get_field_index(f.name)
-            if idx < 0 or not got.field(idx).type.equals(f.type):
-                have = "missing" if idx < 0 else str(got.field(idx).type)
-                raise StoreError(f"{where}: column {f.name} is {have}, expected {f.type}")
+        if not got.equals(expected):  # (equal, as the writer writes it: no field to look up)
+            for f in expected:
+                idx = got.get_field_index(f.name)
+                if idx < 0 or not got.field(idx).type.equals(f.type):
+                    have = "missing" if idx < 0 else str(got.field(idx).type)
+                    raise StoreError(f"{where}: column {f.name} is {have}, expected {f.type}")
         if len(batches) == 1:
             batch = batches[0]
         else:  # other writers may split a shard into several batches; join them once

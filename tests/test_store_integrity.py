@@ -150,3 +150,24 @@ def test_copy_commits_atomically_and_repairs_a_damaged_copy(tmp_path):
     assert report.shards_repaired == ["w-000001"] and report.shards_skipped == ["w-000000", "w-000002"]
     assert verify_store(dst).ok
     assert [r.id for r in open_store(dst).iter_records()] == [f"c{i}" for i in range(9)]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_verify_hashes_every_file_once_and_its_reads_take_them_as_checked(tmp_path, monkeypatch, jobs) -> None:
+    """verify hashes each file of the store once (`hash_file`); the ids files it then reads for their
+    content and the duplicates are not hashed again (`Store.note_verified`)."""
+    from storehelpers import build_store
+
+    from potstill.store import reader, verify
+
+    url = build_store(str(tmp_path / "s"), "sampled", "compact", tail_logprob=None, layers=())
+    hashed, digested = [], []
+    real_hash, real_digest = verify.hash_file, reader._check_digest
+    monkeypatch.setattr(verify, "hash_file", lambda path, *a: hashed.append(path) or real_hash(path, *a))
+    monkeypatch.setattr(reader, "_check_digest", lambda data, entry, where: digested.append(where)
+                        or real_digest(data, entry, where))
+    report = verify_store(url, jobs=jobs)
+    assert report.ok and report.shards == 3, report.problems
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(url, "shards")) for name in names]
+    assert sorted(p for p in hashed if "/shards/" in p) == sorted(files)  # each once
+    assert digested == []  # the ids files: read three times in all (content, duplicates), hashed by verify alone
