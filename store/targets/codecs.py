@@ -308,12 +308,10 @@ class PackedCodec(Codec):
 
     def stream_names(self, kind: TargetKind) -> list[str]:
         """The byte-stream columns (list<uint8>, one stream per record) of a store of this kind."""
-        return [name for name, held in (("topk_ids_packed", kind.holds_topk), ("topk_logprobs_packed", kind.holds_topk),
-                                        ("token_logprob_packed", True), ("sampled_ids_packed", kind.holds_sampled),
-                                        ("sampled_counts_packed", kind.holds_sampled)) if held]
+        return [f.name for f in self.fields(None, kind) if f.type == NESTED_U8]
 
-    def fields(self, spec: TargetSpec, kind: TargetKind) -> list[pa.Field]:
-        out = []
+    def fields(self, spec: TargetSpec | None, kind: TargetKind) -> list[pa.Field]:
+        out = []  # (the columns follow from the kind alone: `stream_names` passes no spec)
         if kind.holds_topk:
             out += [pa.field("topk_ids_packed", NESTED_U8, nullable=False),
                     pa.field("topk_logprobs_packed", NESTED_U8, nullable=False)]
