@@ -276,6 +276,22 @@ def tail_problems(columns: Any, manifest: StoreManifest) -> list[str]:
 
 
 # -- "packed" ---------------------------------------------------------------------------------------
+def _packed_fields(kind: TargetKind) -> list[pa.Field]:
+    """The packed codecs' columns of a store of this kind (they follow from the kind alone)."""
+    out = []
+    if kind.holds_topk:
+        out += [pa.field("topk_ids_packed", NESTED_U8, nullable=False),
+                pa.field("topk_logprobs_packed", NESTED_U8, nullable=False)]
+    out.append(pa.field("token_logprob_packed", NESTED_U8, nullable=False))
+    if kind.holds_tail:
+        out.append(pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False))
+    if kind.holds_sampled:
+        out += [pa.field("sampled_entries", pa.int32(), nullable=False),
+                pa.field("sampled_ids_packed", NESTED_U8, nullable=False),
+                pa.field("sampled_counts_packed", NESTED_U8, nullable=False)]
+    return out
+
+
 class PackedCodec(Codec):
     name = "packed"
 
@@ -308,21 +324,10 @@ class PackedCodec(Codec):
 
     def stream_names(self, kind: TargetKind) -> list[str]:
         """The byte-stream columns (list<uint8>, one stream per record) of a store of this kind."""
-        return [f.name for f in self.fields(None, kind) if f.type == NESTED_U8]
+        return [f.name for f in _packed_fields(kind) if f.type == NESTED_U8]
 
-    def fields(self, spec: TargetSpec | None, kind: TargetKind) -> list[pa.Field]:
-        out = []  # (the columns follow from the kind alone: `stream_names` passes no spec)
-        if kind.holds_topk:
-            out += [pa.field("topk_ids_packed", NESTED_U8, nullable=False),
-                    pa.field("topk_logprobs_packed", NESTED_U8, nullable=False)]
-        out.append(pa.field("token_logprob_packed", NESTED_U8, nullable=False))
-        if kind.holds_tail:
-            out.append(pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False))
-        if kind.holds_sampled:
-            out += [pa.field("sampled_entries", pa.int32(), nullable=False),
-                    pa.field("sampled_ids_packed", NESTED_U8, nullable=False),
-                    pa.field("sampled_counts_packed", NESTED_U8, nullable=False)]
-        return out
+    def fields(self, spec: TargetSpec, kind: TargetKind) -> list[pa.Field]:
+        return _packed_fields(kind)
 
     def encode(self, records: list[Record], spec: TargetSpec, kind: TargetKind) -> dict[str, pa.Array]:
 
