@@ -7,6 +7,9 @@
 #                                  lacks (zarr and its dependencies), as files in bench/_gpu_deps,
 #                                  built for the GPU machine's Python (default 3.12); carry that folder
 #   bench/gpu.sh [FLAGS]           on the GPU machine; FLAGS go to bench/gpu.py (--help)
+#   bench/gpu.sh --verify [FLAGS]  on the GPU machine's CPU cores: `store verify` against hashing
+#                                  (bench/verify_speed.py, FLAGS go there), about 3 minutes; writes
+#                                  $OUT/verify.json (or --json FILE)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +22,13 @@ if [[ "${1:-}" == "--prep" ]]; then
         --platform manylinux2014_x86_64 --upgrade \
         zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
     exit 0
+fi
+
+if [[ "${1:-}" == "--verify" ]]; then
+    shift
+    # verify checks at most 8 shards at once (store.verify.MAX_JOBS): 512-record shards give the
+    # 4,096-record stores 8 of them
+    exec python3 bench/verify_speed.py --shard-records 512 --json "${OUT:-.}/verify.json" "$@"
 fi
 
 exec python3 bench/gpu.py "$@"

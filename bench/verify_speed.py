@@ -23,11 +23,19 @@ loaded from numba's cache after that: the untimed verify before the rounds takes
 
     python bench/verify_speed.py                         # ~4 minutes
     python bench/verify_speed.py --records 64 --rounds 1 # smoke run
+    bench/gpu.sh --verify                                # on the 16-core GPU machine (see gpu.sh)
+
+`--jobs` lists the job counts timed (default: 1 and one per core, verify's default); a count above
+the stores' shards checks no more shards at once, so on many cores give smaller shards
+(`--shard-records`). `--json FILE` writes every median with the machine's core count. Runs from a
+checkout where potstill is not installed (the GPU machine): this checkout's packages are imported,
+with bench/_gpu_deps on the path for zarr where the machine lacks it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -35,8 +43,12 @@ import tempfile
 import time
 
 import numpy as np
+from checkout import import_this_checkout
 
-from potstill.store import (
+import_this_checkout()
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_gpu_deps"))  # (zarr, where missing)
+
+from potstill.store import (  # noqa: E402
     HiddenSpec,
     Record,
     StoreManifest,
@@ -47,11 +59,11 @@ from potstill.store import (
     open_store,
     verify,
 )
-from potstill.store.checks import value_problems
-from potstill.store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws
-from potstill.store.columns import input_vocab
-from potstill.store.targets.codecs import PackedColumns
-from potstill.store.verify import hash_file, verify_store
+from potstill.store.checks import value_problems  # noqa: E402
+from potstill.store.codec import MAX_ID_ORDER, bits_for, sampled_from_draws  # noqa: E402
+from potstill.store.columns import input_vocab  # noqa: E402
+from potstill.store.targets.codecs import PackedColumns  # noqa: E402
+from potstill.store.verify import default_jobs, hash_file, verify_store  # noqa: E402
 
 VOCAB = 128_256
 ID_BITS = bits_for(VOCAB - 1)
@@ -156,29 +168,34 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, nargs="+", default=None,
+                        help=f"verify's job counts to time (default: 1 and one per core, here {default_jobs()})")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the medians to FILE")
     args = parser.parse_args()
+    jobs = sorted(set(args.jobs or [1, default_jobs()]))
 
     plan = [("sampled64-compact", args.records, args.length), ("top64", args.records, args.length),
             ("top64-packed", args.records, args.length),
             (f"sampled64-compact-short{args.short}", args.records * (args.length // args.short), args.short)]
     with tempfile.TemporaryDirectory(prefix="potstill-verify-") as root:
-        urls = {}
+        urls, megabytes = {}, {}
         for name, records, length in plan:
             started = time.perf_counter()
             urls[name] = build(root, name, records, length, args.k, args.samples, args.shard_records)
-            print(f"built {name}: {records} records x {length} tokens, {hash_store(urls[name]) / 1e6:.1f} MB "
+            megabytes[name] = hash_store(urls[name]) / 1e6
+            print(f"built {name}: {records} records x {length} tokens, {megabytes[name]:.1f} MB "
                   f"in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         for url in urls.values():  # every check must pass: a bench of a failing verify times the wrong thing
             assert verify_store(url).ok, url
-        contenders = {
-            "hash": lambda url: hash_store(url),
-            "verify --jobs 1": lambda url: verify_store(url, jobs=1),
+        contenders = {"hash": lambda url: hash_store(url)}
+        for j in jobs:
+            contenders[f"verify --jobs {j}"] = lambda url, j=j: verify_store(url, jobs=j)
+        contenders.update({
             "--jobs 1 in turn": lambda url: in_turn(url),
-            "verify --jobs 2": lambda url: verify_store(url, jobs=2),
             "verify --quick": lambda url: verify_store(url, quick=True),
             "values by shard": lambda url: value_checks(url, by_record=False),
             "values by record": lambda url: value_checks(url, by_record=True),
-        }
+        })
         times: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.rounds):
             for name, url in urls.items():
@@ -186,17 +203,18 @@ def main() -> None:
                     if what == "values by record" and not name.startswith(("sampled", "top64-packed")):
                         continue  # (plain columns were checked a shard at once before too)
                     times.setdefault((name, what), []).append(timed(fn, url))
-        print(f"{'store':<28} {'MB':>7} " + " ".join(f"{w:>20}" for w in contenders))
-        for name, url in urls.items():
-            base = statistics.median(times[(name, "hash")])
-            cells = []
-            for what in contenders:
-                if (name, what) not in times:
-                    cells.append("-")
-                    continue
-                t = statistics.median(times[(name, what)])
-                cells.append(f"{t * 1e3:8.1f} ms {t / base:6.1f}x")
-            print(f"{name:<28} {hash_store(url) / 1e6:7.1f} " + " ".join(f"{c:>20}" for c in cells))
+    medians = {name: {what: statistics.median(times[(name, what)]) for what in contenders if (name, what) in times}
+               for name in urls}
+    print(f"{'store':<28} {'MB':>7} " + " ".join(f"{w:>20}" for w in contenders))
+    for name, row in medians.items():
+        cells = [f"{row[w] * 1e3:8.1f} ms {row[w] / row['hash']:6.1f}x" if w in row else "-" for w in contenders]
+        print(f"{name:<28} {megabytes[name]:7.1f} " + " ".join(f"{c:>20}" for c in cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cores": default_jobs(), "rounds": args.rounds, "shard_records": args.shard_records,
+                       "megabytes": megabytes, "seconds": medians,
+                       "of_hash": {n: {w: t / row["hash"] for w, t in row.items()} for n, row in medians.items()}},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

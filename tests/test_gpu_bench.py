@@ -61,3 +61,22 @@ def test_gpu_bench_runs_from_a_checkout_where_potstill_is_not_installed(tmp_path
                           cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())["rows"]["store"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_sh_verify_times_verify_against_hashing_with_the_jobs_asked(tmp_path):
+    """`bench/gpu.sh --verify` (verify_speed.py on the GPU machine's cores): every store verified sound
+    before it is timed, each job count asked for timed, the medians written with the core count."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--verify", "--records", "16",
+                           "--length", "64", "--short", "16", "--rounds", "1", "--jobs", "2", "1"],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "verify.json").read_text())
+    assert report["cores"] >= 1 and report["shard_records"] == 512
+    assert set(report["seconds"]) == {"sampled64-compact", "top64", "top64-packed", "sampled64-compact-short16"}
+    for store, row in report["seconds"].items():
+        assert {"hash", "verify --jobs 1", "verify --jobs 2", "verify --quick"} <= set(row), store
+        assert all(t > 0 for t in row.values()) and report["of_hash"][store]["hash"] == 1.0
+    assert "verify --jobs 2" in proc.stdout
