@@ -317,6 +317,17 @@ def test_top_k_is_capped_at_the_teachers_vocabulary(in_process, tmp_path):
     assert bad_writer.status_code == 422 and bad_writer.json()["detail"].startswith("writer_id: invalid writer id")
 
 
+def test_max_top_k_caps_a_jobs_top_k_on_any_backend(in_process, tmp_path):
+    prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(2, seed=13))
+    app = in_process(data_root=[str(tmp_path)], max_top_k=16)
+    above = app.client.post("/jobs", json={"prompts": prompts, "store": str(tmp_path / "s"), "top_k": 17})
+    assert above.status_code == 422
+    assert above.json() == {"detail": "top_k: 17 is above this service's --max-top-k 16"}
+    assert app.client.post("/jobs", json={"prompts": prompts, "store": str(tmp_path / "s"), "top_k": 16}).status_code == 201
+    with pytest.raises(ServiceError, match="--max-top-k must be at least 1"):
+        ServeConfig.build(teacher="t", max_top_k=0)
+
+
 def test_paths_are_checked_again_when_the_job_runs(in_process, tmp_path):
     """Files change between submission and run, and a restart may narrow the roots: a job that would
     now leave the roots fails with the policy's reason, and reads or writes nothing outside."""

@@ -25,6 +25,7 @@ vllm = pytest.importorskip("vllm")
 
 TOL = 1e-4  # float32 log-probs: vLLM against the HF backend on the same ids
 TOP_K = 16
+WIDE_K = 96  # above the engine's max_logprobs (64, `potstill generate`'s --top-k)
 
 
 @pytest.fixture(scope="module")
@@ -197,22 +198,24 @@ def test_vllm_refuses_a_gguf_file_in_one_line(tmp_path, real_teacher):
 
 
 def test_serve_with_the_vllm_backend_runs_jobs(tmp_path, vllm_teacher_dir):
+    """Each job its own top_k, above the engine's max_logprobs too (the capture asks vLLM for none);
+    --max-top-k caps it as on any backend."""
     from servehelpers import assert_complete, start_service, submit, wait_job
 
     prompts = write_jsonl(str(tmp_path / "p.jsonl"), prompt_rows(10, seed=54))
     svc = start_service(vllm_teacher_dir, str(tmp_path / "state"), "--backend", "vllm", "--dtype", "float32",
-                        "--max-top-k", "32", "--data-root", str(tmp_path))
+                        "--max-top-k", "100", "--data-root", str(tmp_path))
     try:
         with svc.client() as c:
             health = c.get("/health").json()
             assert (health["backend"], health["device"]) == ("vllm", "cpu")
-            score_id = submit(c, prompts=prompts, store=str(tmp_path / "score"), targets="topk", top_k=TOP_K,
+            score_id = submit(c, prompts=prompts, store=str(tmp_path / "score"), targets="topk", top_k=WIDE_K,
                               logprob_dtype="float32")
             gen_id = submit(c, prompts=prompts, store=str(tmp_path / "gen"), targets="topk", mode="generate",
                             max_new_tokens=6, sampling_temperature=0.0, top_k=8)
             too_big = c.post("/jobs", json={"prompts": prompts, "store": str(tmp_path / "x"), "targets": "topk",
-                                            "top_k": 64})
-            assert too_big.status_code == 422 and "32" in too_big.text
+                                            "top_k": 101})
+            assert too_big.status_code == 422 and "--max-top-k 100" in too_big.text
             for job_id in (score_id, gen_id):
                 status = wait_job(c, job_id, timeout=300)
                 assert status["state"] == "done", status
@@ -220,10 +223,11 @@ def test_serve_with_the_vllm_backend_runs_jobs(tmp_path, vllm_teacher_dir):
         svc.stop()
     assert_complete(str(tmp_path / "score"), 10)
     assert_complete(str(tmp_path / "gen"), 10)
-    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "hf"), top_k=TOP_K, logprob_dtype="float32",
+    generate(config(vllm_teacher_dir, prompts, str(tmp_path / "hf"), top_k=WIDE_K, logprob_dtype="float32",
                     dtype="float32"))
     want = _records(str(tmp_path / "hf"))
     for rid, rec in _records(str(tmp_path / "score")).items():
+        assert rec.topk_ids.shape[1] == WIDE_K
         _assert_same_targets(rec, want[rid])
 
 

@@ -59,7 +59,8 @@ class ServeConfig:
     gpu_memory_utilization: float | None = same_as(GenerateConfig, "gpu_memory_utilization")
     tensor_parallel_size: int = same_as(GenerateConfig, "tensor_parallel_size")
     enforce_eager: bool | None = same_as(GenerateConfig, "enforce_eager")
-    max_top_k: int = setting(256, help="vLLM: largest --top-k a job may ask for (the engine's max_logprobs).")
+    max_top_k: int | None = setting(None, shown_default="none: up to the teacher's vocabulary",
+                                    help="Largest --top-k a job may ask for.")
 
     # -- the service ---------------------------------------------------------------------------
     host: str = setting("127.0.0.1", help="Address to listen on; anything but loopback needs a token.")
@@ -98,7 +99,7 @@ class ServeConfig:
             raise ServiceError(f"--port must be in 0..65535, got {self.port}")
         if self.max_crashes < 1:
             raise ServiceError("--max-crashes must be at least 1")
-        if self.max_top_k < 1:
+        if self.max_top_k is not None and self.max_top_k < 1:
             raise ServiceError("--max-top-k must be at least 1")
         if not self.host:
             raise ServiceError("--host is empty")

@@ -7,7 +7,7 @@ service (and shown in its OpenAPI schema) without any change here. `check_spec` 
 - the settings of the loaded teacher (`LOAD_FIELDS`) may only repeat the service's values, and
   `trust_remote_code` can never be turned on by a job;
 - `GenerateConfig.validate` (ranges, combinations), `top_k` within the teacher's vocabulary (and
-  a vLLM service's `--max-top-k`), a valid `writer_id`;
+  the service's `--max-top-k`, when given), a valid `writer_id`;
 - locations: the path policy (paths.py) first, then a local prompt set must exist, be readable
   and have a known format, and a local store must be a folder or go where one can be created.
 
@@ -99,8 +99,8 @@ def check_spec(given: dict[str, Any], service: ServeConfig, policy: PathPolicy, 
     config = job_config(given, service)
     if vocab_size is not None and config.top_k > vocab_size:
         raise SpecError("top_k", f"{config.top_k} is above the teacher's vocabulary size {vocab_size}")
-    if service.backend == "vllm" and config.top_k > service.max_top_k:
-        raise SpecError("top_k", f"{config.top_k} is above this vLLM service's --max-top-k {service.max_top_k}")
+    if service.max_top_k is not None and config.top_k > service.max_top_k:
+        raise SpecError("top_k", f"{config.top_k} is above this service's --max-top-k {service.max_top_k}")
     if config.writer_id is not None:
         from potstill.store.commit import check_writer_id
 

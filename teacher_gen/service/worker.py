@@ -45,8 +45,8 @@ class ServiceTeacher:
 
     def __init__(self, settings: ServeConfig) -> None:
         self.settings = settings
-        top_k = settings.max_top_k if settings.backend == "vllm" else GenerateConfig.top_k
-        self.config = GenerateConfig(**settings.load_settings(), prompts="-", store="-", top_k=top_k, progress=False)
+        # (each job's top_k is its own: the vLLM capture never asks the engine for log-probs)
+        self.config = GenerateConfig(**settings.load_settings(), prompts="-", store="-", progress=False)
         self.model: Any = None  # an HF PreTrainedModel, or a vllm.LLM
         self.device: str | None = None
 
