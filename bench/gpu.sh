@@ -26,9 +26,9 @@ fi
 
 if [[ "${1:-}" == "--verify" ]]; then
     shift
-    # verify checks at most 8 shards at once (store.verify.MAX_JOBS): 512-record shards give the
-    # 4,096-record stores 8 of them
-    exec python3 bench/verify_speed.py --shard-records 512 --json "${OUT:-.}/verify.json" "$@"
+    # verify checks at most 8 shards at once (store.verify.MAX_JOBS): 8,192 records in the writer's
+    # 1,024-record shards give the 512-token stores 8 of them
+    exec python3 bench/verify_speed.py --records 8192 --json "${OUT:-.}/verify.json" "$@"
 fi
 
 exec python3 bench/gpu.py "$@"

@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from checkout import import_this_checkout
@@ -153,6 +154,35 @@ def in_turn(url: str) -> None:
         verify._hash_ahead = ahead
 
 
+def key_speed(shards: int, ids_per_shard: int, rounds: int) -> None:
+    """`--keys`: the ids' keys of `shards` shards (the check each shard's ids get), hashlib's loop
+    against the compiled kernel, in one thread and in two: ns per id (CPU time spread over the
+    threads is not counted; wall time is). The kernel releases the GIL, so two threads should take
+    half the time; hashlib's loop keeps it."""
+    import pyarrow as pa
+
+    from potstill.store.ids import array_keys, id_keys
+
+    arrays = [pa.array([f"r{s:05d}-{i:07d}" for i in range(ids_per_shard)], pa.string()) for s in range(shards)]
+    ways = {"hashlib": lambda a: id_keys(a.to_pylist()), "compiled": array_keys}
+    array_keys(arrays[0])  # (loads the kernel)
+    times: dict[str, list[float]] = {}
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(rounds):
+            for name, way in ways.items():
+                for threads in (1, 2):
+                    started = time.perf_counter()
+                    if threads == 1:
+                        for a in arrays:
+                            way(a)
+                    else:
+                        list(pool.map(way, arrays))
+                    times.setdefault(f"{name}, {threads} thread(s)", []).append(time.perf_counter() - started)
+    total = shards * ids_per_shard
+    for what, ts in times.items():
+        print(f"{what:<24} {statistics.median(ts) / total * 1e9:7.0f} ns per id")
+
+
 def timed(fn, url: str) -> float:
     started = time.perf_counter()
     fn(url)
@@ -171,7 +201,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, nargs="+", default=None,
                         help=f"verify's job counts to time (default: 1 and one per core, here {default_jobs()})")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the medians to FILE")
+    parser.add_argument("--keys", action="store_true",
+                        help="only time the ids' keys (64 shards of 1,024 ids): hashlib against the compiled kernel")
     args = parser.parse_args()
+    if args.keys:
+        key_speed(64, 1024, args.rounds)
+        return
     jobs = sorted(set(args.jobs or [1, default_jobs()]))
 
     plan = [("sampled64-compact", args.records, args.length), ("top64", args.records, args.length),

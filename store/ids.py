@@ -39,6 +39,20 @@ def id_keys(ids: Iterable[str]) -> np.ndarray:
     return digests[::4].astype(np.uint64)  # each digest is 4 big-endian words: its first
 
 
+def array_keys(ids: pa.Array) -> np.ndarray:
+    """`id_keys` of a string array read by `read_ids_file` (its offsets validated), in one compiled call
+    that releases the GIL (`store.kernels.id_keys`): a shard's check hashes its ids while other threads
+    check theirs."""
+    from potstill.store import kernels  # (here: numba takes 0.2 s to import, which only checks need)
+
+    if not len(ids):  # (an empty array may have no offsets buffer)
+        return np.empty(0, dtype=np.uint64)
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64 if pa.types.is_large_string(ids.type) else np.int32)
+    data = ids.buffers()[2]
+    return kernels.id_keys(np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8),
+                           offsets[ids.offset:ids.offset + len(ids) + 1])
+
+
 def key_fractions(keys: np.ndarray) -> np.ndarray:
     """Keys as numbers in [0, 1) (float64): exactly `id_key(id) / 2.0**64` of each id, rounding included
     (numpy's uint64 -> float64 conversion rounds to nearest like Python's int -> float; the scale is exact)."""
@@ -94,7 +108,7 @@ def ids_problem(ids_batch: pa.RecordBatch, record_ids: pa.Array) -> str | None:
             zero_copy_only=False)))[0])
         return f"ids file differs from the records' ids at row {row} ({ids[row].as_py()!r}, record {record_ids[row].as_py()!r})"
     keys = numpy_view(ids_batch.column(1))  # (pyarrow's to_numpy imports pandas: 0.2 s)
-    bad = np.flatnonzero(keys != id_keys(ids.to_pylist()))
+    bad = np.flatnonzero(keys != array_keys(ids))
     if len(bad):
         return f"ids file's key of id {ids[int(bad[0])].as_py()!r} (row {int(bad[0])}) is not its id's key"
     return None

@@ -1,5 +1,5 @@
-"""Compiled shard checks and the compact codec's decoder (numba): one pass over a shard's bytes per
-check, where the numpy versions make a dozen or more passes over every entry. Each check returns
+"""Compiled shard checks, the compact codec's decoder and the record ids' keys (numba): one pass over
+a shard's bytes per check, where the numpy versions make a dozen or more passes over every entry. Each check returns
 exactly the mask of the numpy check it replaces, and the decoder the numpy reference's targets
 (tests/test_kernels.py compares them); the first record at fault is still named by the per-record
 decoders, so the messages are theirs.
@@ -737,3 +737,91 @@ def topk_packed_bad(id_values: np.ndarray, id_offsets: np.ndarray, lp_values: np
                 bad[r] = True
                 break
     return bad
+
+
+# -- record ids' keys (format §3: the first 8 bytes of sha256(id UTF-8), big-endian) ------------------
+# The checks compare a shard's stored keys with its ids. hashlib's sha256 keeps the GIL for inputs
+# this short, so hashing a shard's ids one call at a time held it for most of a short-record shard's
+# check, and threads checking shards at once waited for each other; this hashes them all in one call
+# that releases it. `store.ids.id_key` (hashlib) is the definition: tests/test_kernels.py compares the two.
+_SHA_K = np.array([
+    0x428A2F98, 0x71374491, 0xB5C0FBCF, 0xE9B5DBA5, 0x3956C25B, 0x59F111F1, 0x923F82A4, 0xAB1C5ED5,
+    0xD807AA98, 0x12835B01, 0x243185BE, 0x550C7DC3, 0x72BE5D74, 0x80DEB1FE, 0x9BDC06A7, 0xC19BF174,
+    0xE49B69C1, 0xEFBE4786, 0x0FC19DC6, 0x240CA1CC, 0x2DE92C6F, 0x4A7484AA, 0x5CB0A9DC, 0x76F988DA,
+    0x983E5152, 0xA831C66D, 0xB00327C8, 0xBF597FC7, 0xC6E00BF3, 0xD5A79147, 0x06CA6351, 0x14292967,
+    0x27B70A85, 0x2E1B2138, 0x4D2C6DFC, 0x53380D13, 0x650A7354, 0x766A0ABB, 0x81C2C92E, 0x92722C85,
+    0xA2BFE8A1, 0xA81A664B, 0xC24B8B70, 0xC76C51A3, 0xD192E819, 0xD6990624, 0xF40E3585, 0x106AA070,
+    0x19A4C116, 0x1E376C08, 0x2748774C, 0x34B0BCB5, 0x391C0CB3, 0x4ED8AA4A, 0x5B9CCA4F, 0x682E6FF3,
+    0x748F82EE, 0x78A5636F, 0x84C87814, 0x8CC70208, 0x90BEFFFA, 0xA4506CEB, 0xBEF9A3F7, 0xC67178F2,
+], dtype=np.uint32)  # FIPS 180-4 §4.2.2
+_SHA_H0 = np.array([0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB,
+                    0x5BE0CD19], dtype=np.uint32)  # FIPS 180-4 §5.3.3
+_u32 = np.uint32
+
+
+@_inline
+def _rotr(x: int, n: int) -> int:
+    return _u32((x >> n) | (x << (32 - n)))
+
+
+@_inline
+def _sha_round(a: int, b: int, c: int, d: int, e: int, f: int, g: int, h: int, kw: int) -> tuple[int, int]:
+    """One round of FIPS 180-4 §6.2.2 step 3: the new e and the new a, which the caller writes into
+    d and h (the other six only move a place, which the caller's naming does instead)."""
+    t1 = _u32(h + _u32(_rotr(e, 6) ^ _rotr(e, 11) ^ _rotr(e, 25)) + _u32((e & f) ^ (~e & g)) + kw)
+    t2 = _u32(_u32(_rotr(a, 2) ^ _rotr(a, 13) ^ _rotr(a, 22)) + _u32((a & b) ^ (a & c) ^ (b & c)))
+    return _u32(d + t1), _u32(t1 + t2)
+
+
+@_jit
+def _sha_block(state: np.ndarray, w: np.ndarray, k: np.ndarray) -> None:
+    """The state after one 64-byte block, whose 16 big-endian words are in w[:16] (w has 64)."""
+    for t in range(16, 64):
+        x, y = w[t - 15], w[t - 2]
+        s0 = _u32(_rotr(x, 7) ^ _rotr(x, 18) ^ (x >> 3))
+        s1 = _u32(_rotr(y, 17) ^ _rotr(y, 19) ^ (y >> 10))
+        w[t] = _u32(w[t - 16] + s0 + w[t - 7] + s1)
+    a, b, c, d, e, f, g, h = state[0], state[1], state[2], state[3], state[4], state[5], state[6], state[7]
+    for t in range(0, 64, 8):  # eight rounds at a time: the eight variables are back under their names
+        d, h = _sha_round(a, b, c, d, e, f, g, h, k[t] + w[t])
+        c, g = _sha_round(h, a, b, c, d, e, f, g, k[t + 1] + w[t + 1])
+        b, f = _sha_round(g, h, a, b, c, d, e, f, k[t + 2] + w[t + 2])
+        a, e = _sha_round(f, g, h, a, b, c, d, e, k[t + 3] + w[t + 3])
+        h, d = _sha_round(e, f, g, h, a, b, c, d, k[t + 4] + w[t + 4])
+        g, c = _sha_round(d, e, f, g, h, a, b, c, k[t + 5] + w[t + 5])
+        f, b = _sha_round(c, d, e, f, g, h, a, b, k[t + 6] + w[t + 6])
+        e, a = _sha_round(b, c, d, e, f, g, h, a, k[t + 7] + w[t + 7])
+    for i, v in enumerate((a, b, c, d, e, f, g, h)):
+        state[i] = _u32(state[i] + v)
+
+
+@_jit
+def id_keys(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """[n] uint64: the key of each of n ids, id i being the UTF-8 bytes data[offsets[i]:offsets[i + 1]]
+    (an Arrow string array's buffers): the first 8 bytes of its sha256, read big-endian."""
+    k, h0 = _SHA_K, _SHA_H0  # (globals: numba compiles them in as constants)
+    out = np.empty(len(offsets) - 1, dtype=np.uint64)
+    w = np.empty(64, dtype=np.uint32)
+    tail = np.zeros(128, dtype=np.uint8)  # the last one or two blocks: the id's rest, 0x80, zeros, its length
+    state = np.empty(8, dtype=np.uint32)
+    for i in range(len(out)):
+        start, size = np.int64(offsets[i]), np.int64(offsets[i + 1]) - np.int64(offsets[i])
+        whole = size // 64
+        blocks = (size + 9 + 63) // 64  # (padding is a 0x80 byte and the 8-byte bit length at least)
+        state[:] = h0
+        tail[:] = 0
+        rest = size - whole * 64
+        for x in range(rest):
+            tail[x] = data[start + whole * 64 + x]
+        tail[rest] = 0x80
+        end = (blocks - whole) * 64
+        for x in range(8):
+            tail[end - 1 - x] = ((size * 8) >> (8 * x)) & 0xFF
+        for b in range(blocks):
+            src, at = (data, start + b * 64) if b < whole else (tail, (b - whole) * 64)
+            for t in range(16):
+                p = at + 4 * t
+                w[t] = (_u32(src[p]) << 24) | (_u32(src[p + 1]) << 16) | (_u32(src[p + 2]) << 8) | _u32(src[p + 3])
+            _sha_block(state, w, k)
+        out[i] = (np.uint64(state[0]) << np.uint64(32)) | np.uint64(state[1])
+    return out

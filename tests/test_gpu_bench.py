@@ -74,7 +74,7 @@ def test_gpu_sh_verify_times_verify_against_hashing_with_the_jobs_asked(tmp_path
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "verify.json").read_text())
-    assert report["cores"] >= 1 and report["shard_records"] == 512
+    assert report["cores"] >= 1 and report["shard_records"] == 1024
     assert set(report["seconds"]) == {"sampled64-compact", "top64", "top64-packed", "sampled64-compact-short16"}
     for store, row in report["seconds"].items():
         assert {"hash", "verify --jobs 1", "verify --jobs 2", "verify --quick"} <= set(row), store

@@ -371,3 +371,26 @@ def test_masses_are_summed_in_numpys_order(n: int) -> None:
     want = x.sum(-1)
     got = np.array([0.0 + kernels._pairwise(row, 0, n) for row in x])
     np.testing.assert_array_equal(got, want)  # exactly: the same additions in the same order
+
+
+def _key_cases() -> list[str]:
+    """Ids of every length around sha256's block and padding edges (55/56, 63/64, 119/120 bytes), in
+    one- to four-byte UTF-8, an empty id, long ones, and random text."""
+    rng = np.random.default_rng(11)
+    cases = [""] + [ch * n for ch in ("a", "é", "☃", "🙂") for n in range(0, 131)]
+    cases += ["z" * 1000, "record-0000042", "a\x00b"]
+    cases += ["".join(chr(int(c)) for c in rng.integers(32, 0xD7FF, size=int(n))) for n in rng.integers(0, 200, 300)]
+    return cases
+
+
+def test_the_compiled_id_keys_are_the_first_8_bytes_of_hashlibs_sha256() -> None:
+    import pyarrow as pa
+
+    from potstill.store.ids import array_keys, id_key
+
+    ids = _key_cases()
+    want = np.array([id_key(i) for i in ids], dtype=np.uint64)
+    assert np.array_equal(array_keys(pa.array(ids, pa.string())), want)
+    assert np.array_equal(array_keys(pa.array(ids, pa.large_string())), want)  # int64 offsets
+    assert np.array_equal(array_keys(pa.array(ids, pa.string()).slice(7, 200)), want[7:207])  # an offset array
+    assert array_keys(pa.array([], pa.string())).dtype == np.uint64 and len(array_keys(pa.array([], pa.string()))) == 0

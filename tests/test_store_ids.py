@@ -165,9 +165,8 @@ def test_a_damaged_ids_file_is_named_by_verify_and_by_every_read_that_uses_it(tm
         open_store(url, verify_reads=True).shard("w-000000")
 
 
-def test_ids_that_differ_from_the_records_are_named_though_their_checksum_matches(tmp_path):
-    url = build(tmp_path, [["r0", "r1", "r2"]])
-    data = ids_file_bytes(["r0", "rX", "r2"]).to_pybytes()
+def _reseal_ids(url: str, data: bytes) -> None:
+    """Shard w-000000's ids file replaced by `data`, its commit record resealed, as a buggy writer would."""
     with open(os.path.join(url, "shards", "w-000000", "ids.arrow"), "wb") as f:
         f.write(data)
     path = os.path.join(url, "commits", "w-000000.json")
@@ -177,12 +176,29 @@ def test_ids_that_differ_from_the_records_are_named_though_their_checksum_matche
         if entry["path"].endswith("ids.arrow"):
             entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
     obj["bytes"] = sum(e["bytes"] for e in obj["files"])
-    write_commit(path, obj)  # resealed, as a buggy writer would
+    write_commit(path, obj)
+
+
+def test_ids_that_differ_from_the_records_are_named_though_their_checksum_matches(tmp_path):
+    url = build(tmp_path, [["r0", "r1", "r2"]])
+    _reseal_ids(url, ids_file_bytes(["r0", "rX", "r2"]).to_pybytes())
     report = verify_store(url)
     assert [str(p) for p in report.problems] == [
         "shard w-000000: ids file differs from the records' ids at row 1 ('rX', record 'r1') "
         "(shards/w-000000/ids.arrow)"]
     with pytest.raises(StoreError, match="ids.arrow: ids file differs from the records' ids at row 1"):
+        open_store(url, verify_reads=True).shard("w-000000")
+
+
+def test_a_key_that_is_not_its_ids_key_is_named_though_its_checksum_matches(tmp_path):
+    url = build(tmp_path, [["r0", "r1", "r2"]])
+    keys = id_keys(["r0", "r1", "r2"])
+    keys[2] ^= np.uint64(1 << 40)
+    _reseal_ids(url, ids_file_bytes(["r0", "r1", "r2"], keys).to_pybytes())
+    report = verify_store(url)
+    assert [str(p) for p in report.problems] == [
+        "shard w-000000: ids file's key of id 'r2' (row 2) is not its id's key (shards/w-000000/ids.arrow)"]
+    with pytest.raises(StoreError, match="ids.arrow: ids file's key of id 'r2' \\(row 2\\) is not its id's key"):
         open_store(url, verify_reads=True).shard("w-000000")
 
 
@@ -205,6 +221,7 @@ def colliding_keys(monkeypatch):
         return np.array([len(i) for i in ids], dtype=np.uint64)
     for module in (ids_module, reader_module):
         monkeypatch.setattr(module, "id_keys", keys)
+    monkeypatch.setattr(ids_module, "array_keys", lambda array: keys(array.to_pylist()))  # (the checks' keys)
 
 
 def test_a_key_collision_never_skips_a_record_nor_makes_a_duplicate(tmp_path, colliding_keys):
