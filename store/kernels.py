@@ -1,8 +1,8 @@
 """Compiled shard checks, the compact codec's decoder and the record ids' keys (numba): one pass over
-a shard's bytes per check, where the numpy versions make a dozen or more passes over every entry. Each check returns
-exactly the mask of the numpy check it replaces, and the decoder the numpy reference's targets
-(tests/test_kernels.py compares them); the first record at fault is still named by the per-record
-decoders, so the messages are theirs.
+a shard's bytes per check, where the numpy versions make a dozen or more passes over every entry.
+Each check returns exactly the mask of the numpy check it replaces, the decoder the numpy
+reference's targets and the keys hashlib's (tests/test_kernels.py compares them); the first record
+at fault is still named by the per-record decoders, so the messages are theirs.
 
 The kernels take flat numpy arrays and plain numbers only. `cache=True` keeps their machine code in
 __pycache__, so a process compiles each signature once per installation, not once per run.
