@@ -72,6 +72,10 @@ class CommitRecord:
         obj[CHECKSUM_KEY] = manifest_checksum(obj)  # the record's own checksum, as the manifest's (format §3)
         return json.dumps(obj, indent=1).encode()
 
+    def entry(self, path: str) -> FileEntry:
+        """The file entry of `path` (one of `files`: records, ids and pieces files are always listed)."""
+        return next(f for f in self.files if f.path == path)
+
     @property
     def arrow_path(self) -> str:
         return f"shards/{self.shard}/records.arrow"

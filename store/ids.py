@@ -41,7 +41,7 @@ def id_keys(ids: Iterable[str]) -> np.ndarray:
 
 def array_keys(ids: pa.Array) -> np.ndarray:
     """`id_keys` of a string array read by `read_ids_file` (its offsets validated), in one compiled call
-    that releases the GIL (`store.kernels.id_keys`): a shard's check hashes its ids while other threads
+    that releases the GIL (`store.kernels.string_keys`): a shard's check hashes its ids while other threads
     check theirs."""
     from potstill.store import kernels  # (here: numba takes 0.2 s to import, which only checks need)
 
@@ -49,7 +49,7 @@ def array_keys(ids: pa.Array) -> np.ndarray:
         return np.empty(0, dtype=np.uint64)
     offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64 if pa.types.is_large_string(ids.type) else np.int32)
     data = ids.buffers()[2]
-    return kernels.id_keys(np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8),
+    return kernels.string_keys(np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8),
                            offsets[ids.offset:ids.offset + len(ids) + 1])
 
 

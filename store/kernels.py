@@ -774,13 +774,14 @@ def _sha_round(a: int, b: int, c: int, d: int, e: int, f: int, g: int, h: int, k
 
 
 @_jit
-def _sha_block(state: np.ndarray, w: np.ndarray, k: np.ndarray) -> None:
+def _sha_block(state: np.ndarray, w: np.ndarray) -> None:
     """The state after one 64-byte block, whose 16 big-endian words are in w[:16] (w has 64)."""
     for t in range(16, 64):
         x, y = w[t - 15], w[t - 2]
         s0 = _u32(_rotr(x, 7) ^ _rotr(x, 18) ^ (x >> 3))
         s1 = _u32(_rotr(y, 17) ^ _rotr(y, 19) ^ (y >> 10))
         w[t] = _u32(w[t - 16] + s0 + w[t - 7] + s1)
+    k = _SHA_K  # (a global: numba compiles it in as a constant; as an argument it costs a call's dispatch)
     a, b, c, d, e, f, g, h = state[0], state[1], state[2], state[3], state[4], state[5], state[6], state[7]
     for t in range(0, 64, 8):  # eight rounds at a time: the eight variables are back under their names
         d, h = _sha_round(a, b, c, d, e, f, g, h, k[t] + w[t])
@@ -796,10 +797,10 @@ def _sha_block(state: np.ndarray, w: np.ndarray, k: np.ndarray) -> None:
 
 
 @_jit
-def id_keys(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """[n] uint64: the key of each of n ids, id i being the UTF-8 bytes data[offsets[i]:offsets[i + 1]]
-    (an Arrow string array's buffers): the first 8 bytes of its sha256, read big-endian."""
-    k, h0 = _SHA_K, _SHA_H0  # (globals: numba compiles them in as constants)
+def string_keys(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """[n] uint64: the key (`store.ids.id_key`) of each of n ids, id i being the UTF-8 bytes
+    data[offsets[i]:offsets[i + 1]] (an Arrow string array's buffers): the first 8 bytes of its
+    sha256, read big-endian."""
     out = np.empty(len(offsets) - 1, dtype=np.uint64)
     w = np.empty(64, dtype=np.uint32)
     tail = np.zeros(128, dtype=np.uint8)  # the last one or two blocks: the id's rest, 0x80, zeros, its length
@@ -808,7 +809,7 @@ def id_keys(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         start, size = np.int64(offsets[i]), np.int64(offsets[i + 1]) - np.int64(offsets[i])
         whole = size // 64
         blocks = (size + 9 + 63) // 64  # (padding is a 0x80 byte and the 8-byte bit length at least)
-        state[:] = h0
+        state[:] = _SHA_H0
         tail[:] = 0
         rest = size - whole * 64
         for x in range(rest):
@@ -822,6 +823,6 @@ def id_keys(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
             for t in range(16):
                 p = at + 4 * t
                 w[t] = (_u32(src[p]) << 24) | (_u32(src[p + 1]) << 16) | (_u32(src[p + 2]) << 8) | _u32(src[p + 3])
-            _sha_block(state, w, k)
+            _sha_block(state, w)
         out[i] = (np.uint64(state[0]) << np.uint64(32)) | np.uint64(state[1])
     return out

@@ -294,7 +294,7 @@ class Store:
         """A shard's ids file, its sha256 checked against the commit record once per process before
         first use: the split, resume and duplicates go by it, so damage must be named, never read."""
         commit = self.commit(name)
-        entry = next(f for f in commit.files if f.path == commit.ids_path)
+        entry = commit.entry(commit.ids_path)
         path, where = self.path(entry.path), f"{self.url}/{entry.path}"
         try:
             if is_local(self.fs):
@@ -449,11 +449,11 @@ class Store:
     def path(self, rel: str) -> str:
         return join(self.root, rel)
 
-    def note_verified(self, rel: str, sha256: str) -> None:
-        """The caller has just found file `rel` to match this sha256 of its commit record (`store
+    def note_verified(self, entry: FileEntry) -> None:
+        """The caller has just found the file of this commit-record entry to match its sha256 (`store
         verify`, for an ids file): this process's readers take it as checked and do not hash it again.
         Not for a records file, whose whole check is more than its sha256 (its pieces file, `ShardReader`)."""
-        _VERIFIED.add((self.path(rel), sha256))
+        _VERIFIED.add((self.path(entry.path), entry.sha256))
 
     @cached_property
     def tokenizer_dir(self) -> str:

@@ -406,8 +406,7 @@ def _content_problems(store: Store, commit) -> tuple[list[Problem], bool]:
     try:
         # (its sha256 matched in `shard_file_problems` just before: the reads below, and the duplicates
         # check's, do not hash it again)
-        entry = next(f for f in commit.files if f.path == commit.ids_path)
-        store.note_verified(entry.path, entry.sha256)
+        store.note_verified(commit.entry(commit.ids_path))
         ids_wrong = ids_problem(store._ids_batch(commit.shard), v.batch.column("id"))
     except StoreError as e:  # sound bytes that are no ids file: another tool wrote it
         ids_wrong, ids_read = str(e).split(": ", 1)[-1], False
@@ -430,7 +429,7 @@ def _content_problems(store: Store, commit) -> tuple[list[Problem], bool]:
         if not ok:
             problems.append(Problem(where, message))
     try:  # (its sha256 is checked above; its pieces' digests are not hashed again: records.arrow's own covers them)
-        size = next(f.bytes for f in commit.files if f.path == commit.arrow_path)
+        size = commit.entry(commit.arrow_path).bytes
         read_pieces(_mapped(store, commit.pieces_path), commit.pieces_path, size)
     except StoreError as e:
         problems.append(Problem(where, str(e)))

@@ -78,5 +78,5 @@ def test_gpu_sh_verify_times_verify_against_hashing_with_the_jobs_asked(tmp_path
     assert set(report["seconds"]) == {"sampled64-compact", "top64", "top64-packed", "sampled64-compact-short16"}
     for store, row in report["seconds"].items():
         assert {"hash", "verify --jobs 1", "verify --jobs 2", "verify --quick"} <= set(row), store
-        assert all(t > 0 for t in row.values()) and report["of_hash"][store]["hash"] == 1.0
+        assert all(t > 0 for t in row.values()), store
     assert "verify --jobs 2" in proc.stdout
